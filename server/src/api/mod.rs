@@ -1,0 +1,141 @@
+//! The gRPC surface: EventBus and Admin services, health and reflection, on one tonic router.
+
+mod admin;
+pub mod convert;
+mod event_bus;
+mod limits;
+pub mod status;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tracing::{info, warn};
+
+pub use admin::AdminApi;
+pub use event_bus::EventBusApi;
+
+use crate::bus::Bus;
+
+/// Generated nerve.v1 messages and services.
+#[expect(clippy::large_enum_variant, reason = "generated code")]
+pub mod pb {
+    tonic::include_proto!("nerve.v1");
+}
+
+/// The official CloudEvents protobuf format.
+pub mod cloudevents {
+    tonic::include_proto!("io.cloudevents.v1");
+}
+
+/// Descriptor set of every .proto, for reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/nerve_descriptor.bin"));
+
+/// Services whose health is reported besides the overall "" entry.
+pub const SERVICES: [&str; 2] = ["nerve.v1.EventBus", "nerve.v1.Admin"];
+
+/// Serves EventBus, Admin, health and reflection (v1 and v1alpha) on the listener until `shutdown`.
+pub async fn serve(
+    bus: Arc<Bus>,
+    listener: TcpListener,
+    limits_bytes: usize,
+    health_interval: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), crate::error::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    // every service has a status from the first call on; the watcher flips it to SERVING
+    set_all(&reporter, false).await;
+    tokio::spawn(watch_health(
+        bus.clone(),
+        reporter,
+        health_interval,
+        shutdown.clone(),
+    ));
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let event_bus = pb::event_bus_server::EventBusServer::new(EventBusApi::new(bus.clone()))
+        .max_decoding_message_size(limits_bytes)
+        .max_encoding_message_size(limits_bytes);
+    let admin = pb::admin_server::AdminServer::new(AdminApi::new(bus))
+        .max_decoding_message_size(limits_bytes)
+        .max_encoding_message_size(limits_bytes);
+    tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            limits::size_limit_status,
+        ))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(1024))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(event_bus)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+/// Reports SERVING only while both backends answer; NOT_SERVING once shutdown begins.
+async fn watch_health(
+    bus: Arc<Bus>,
+    reporter: HealthReporter,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut healthy: Option<bool> = None;
+    loop {
+        let check = tokio::time::timeout(
+            interval.max(Duration::from_millis(100)),
+            bus.check_backends(),
+        );
+        let now_healthy = match check.await {
+            Ok((Ok(()), Ok(()))) => true,
+            Ok((store, streams)) => {
+                if healthy != Some(false) {
+                    warn!(store = ?store.err(), streams = ?streams.err(), "backend check failed");
+                }
+                false
+            }
+            Err(_) => {
+                if healthy != Some(false) {
+                    warn!("backend check timed out");
+                }
+                false
+            }
+        };
+        if healthy != Some(now_healthy) {
+            info!(serving = now_healthy, "health changed");
+            set_all(&reporter, now_healthy).await;
+            healthy = Some(now_healthy);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => {
+                set_all(&reporter, false).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn set_all(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    for service in SERVICES {
+        reporter.set_service_status(service, status).await;
+    }
+}

@@ -1,0 +1,48 @@
+//! The one place where domain errors become gRPC statuses.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::bus::BusError;
+
+/// Maps a bus error to its status; every variant chooses its code here and nowhere else.
+pub fn to_status(error: BusError) -> Status {
+    let message = error.to_string();
+    match error {
+        BusError::Invalid(input) => {
+            let code = if input.too_large {
+                Code::ResourceExhausted
+            } else {
+                Code::InvalidArgument
+            };
+            let mut details = ErrorDetails::new();
+            for v in &input.violations {
+                details.add_bad_request_violation(v.field.clone(), v.description.clone());
+            }
+            Status::with_error_details(code, message, details)
+        }
+        BusError::AlreadyExists { .. } => Status::already_exists(message),
+        BusError::NotFound(_) => Status::not_found(message),
+        BusError::NoResponders { .. } => Status::with_error_details(
+            Code::FailedPrecondition,
+            message,
+            ErrorDetails::with_error_info("NO_RESPONDERS", "nerve.v1", []),
+        ),
+        BusError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+        BusError::FailedPrecondition(_) => Status::failed_precondition(message),
+        BusError::Unavailable(_) => Status::unavailable(message),
+        BusError::ShuttingDown => Status::unavailable(message),
+        BusError::Internal(_) => {
+            tracing::error!(error = %message, "internal error");
+            Status::internal(message)
+        }
+    }
+}
+
+/// Builds an INVALID_ARGUMENT status naming one field.
+pub fn invalid(field: &str, description: &str) -> Status {
+    to_status(BusError::Invalid(crate::event::InvalidInput::field(
+        field,
+        description,
+    )))
+}

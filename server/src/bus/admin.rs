@@ -1,0 +1,170 @@
+use std::{collections::HashMap, sync::Arc};
+
+use super::{Bus, BusError, BusResult};
+use crate::{
+    event::StoredEvent,
+    store::{DeadLetter, EventTypeStats},
+    stream::{GroupKey, GroupStats},
+};
+
+/// A group with its backlog.
+#[derive(Debug, Clone)]
+pub struct GroupSummary {
+    pub stats: GroupStats,
+    pub lag: u64,
+    pub dead_letters: u64,
+}
+
+/// Which dead letters to redrive.
+#[derive(Debug, Clone)]
+pub enum RedriveSelection {
+    All,
+    Sequences(Vec<u64>),
+}
+
+const REDRIVE_PAGE: usize = 500;
+
+impl Bus {
+    /// Finds a stored event by id; `source` is needed only when several sources used the id.
+    pub async fn get_event(
+        &self,
+        tenant: &str,
+        id: &str,
+        source: Option<&str>,
+    ) -> BusResult<Arc<StoredEvent>> {
+        let mut found = self.store.find(tenant, id, source).await?;
+        match found.len() {
+            0 => Err(BusError::NotFound(match source {
+                Some(s) => format!("no event with id {id:?} from source {s:?}"),
+                None => format!("no event with id {id:?}"),
+            })),
+            1 => Ok(found.remove(0)),
+            _ => Err(BusError::FailedPrecondition(format!(
+                "several sources used id {id:?} ({}); pass source to choose",
+                found
+                    .iter()
+                    .map(|e| e.event.source.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// Lists durable groups with pending, lag, consumers and dead letters.
+    pub async fn list_groups(&self, tenant: &str) -> BusResult<Vec<GroupSummary>> {
+        let dead: HashMap<String, u64> = self
+            .store
+            .dead_letter_counts(tenant)
+            .await?
+            .into_iter()
+            .collect();
+        let mut out = Vec::new();
+        for stats in self.streams.groups(tenant).await? {
+            let lag = self
+                .store
+                .count_after(tenant, stats.cursors, &stats.config.selection)
+                .await?;
+            out.push(GroupSummary {
+                dead_letters: dead.get(&stats.key.name).copied().unwrap_or(0),
+                lag,
+                stats,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes a group, its pending deliveries and its dead letters.
+    pub async fn delete_group(&self, tenant: &str, group: &str) -> BusResult<bool> {
+        let key = GroupKey {
+            tenant: tenant.to_owned(),
+            name: group.to_owned(),
+        };
+        let deleted = self.streams.delete_group(&key).await?;
+        let cleared = self.store.clear_dead_letters(tenant, group).await?;
+        Ok(deleted || cleared > 0)
+    }
+
+    /// Lists a group's dead letters after a sequence, with their events.
+    pub async fn dead_letters(
+        &self,
+        tenant: &str,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> BusResult<Vec<(DeadLetter, Arc<StoredEvent>)>> {
+        let letters = self.store.dead_letters(tenant, group, after, limit).await?;
+        let sequences: Vec<u64> = letters.iter().map(|d| d.sequence).collect();
+        let events: HashMap<u64, Arc<StoredEvent>> = self
+            .store
+            .read_sequences(&sequences)
+            .await?
+            .into_iter()
+            .map(|e| (e.sequence, e))
+            .collect();
+        Ok(letters
+            .into_iter()
+            .filter_map(|d| events.get(&d.sequence).cloned().map(|e| (d, e)))
+            .collect())
+    }
+
+    /// Sends dead letters back to their group only, due at once with fresh attempts; returns how many.
+    pub async fn redrive(
+        &self,
+        tenant: &str,
+        group: &str,
+        selection: RedriveSelection,
+    ) -> BusResult<u64> {
+        let key = GroupKey {
+            tenant: tenant.to_owned(),
+            name: group.to_owned(),
+        };
+        if !self
+            .streams
+            .groups(tenant)
+            .await?
+            .iter()
+            .any(|g| g.key == key)
+        {
+            return Err(BusError::NotFound(format!(
+                "group {group:?} does not exist"
+            )));
+        }
+        let mut total = 0;
+        let mut after = 0;
+        loop {
+            let letters = self
+                .store
+                .dead_letters(tenant, group, after, REDRIVE_PAGE)
+                .await?;
+            let Some(last) = letters.last() else { break };
+            after = last.sequence;
+            let chosen: Vec<u64> = letters
+                .iter()
+                .map(|d| d.sequence)
+                .filter(|s| match &selection {
+                    RedriveSelection::All => true,
+                    RedriveSelection::Sequences(list) => list.contains(s),
+                })
+                .collect();
+            if !chosen.is_empty() {
+                let events = self.store.read_sequences(&chosen).await?;
+                // requeue before removing: a crash in between leaves a duplicate dead letter, never a lost one
+                self.streams.requeue(&key, &events).await?;
+                total += self
+                    .store
+                    .remove_dead_letters(tenant, group, &chosen)
+                    .await?;
+            }
+            if letters.len() < REDRIVE_PAGE {
+                break;
+            }
+        }
+        self.streams.wake_group(&key).await?;
+        Ok(total)
+    }
+
+    /// Lists the stored event types.
+    pub async fn event_types(&self, tenant: &str) -> BusResult<Vec<EventTypeStats>> {
+        Ok(self.store.event_types(tenant).await?)
+    }
+}

@@ -1,0 +1,58 @@
+use crate::{event::InvalidInput, store::StoreError, stream::StreamError};
+
+/// Errors of the bus; the api layer maps each to one gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The request is malformed or over a limit.
+    #[error("{0}")]
+    Invalid(#[from] InvalidInput),
+    /// The same (source, id) is stored with different content.
+    #[error("event {id:?} from source {event_source:?} already exists with different content")]
+    AlreadyExists { event_source: String, id: String },
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A request found no subscriber that could receive it.
+    #[error("no responders: no connected subscriber receives type {event_type:?}")]
+    NoResponders { event_type: String },
+    /// No reply came in time.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The call is valid but cannot be carried out in the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A backend does not answer.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The server is shutting down.
+    #[error("server is shutting down")]
+    ShuttingDown,
+    /// An unexpected failure; never caused by input.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Result alias of the bus.
+pub type BusResult<T> = Result<T, BusError>;
+
+impl From<StoreError> for BusError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict { event_source, id } => {
+                BusError::AlreadyExists { event_source, id }
+            }
+            StoreError::Unavailable(_) => BusError::Unavailable(e.to_string()),
+            StoreError::Internal(_) => BusError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<StreamError> for BusError {
+    fn from(e: StreamError) -> Self {
+        match e {
+            StreamError::Unavailable(_) => BusError::Unavailable(e.to_string()),
+            StreamError::NoSuchGroup(_) => BusError::NotFound(e.to_string()),
+            StreamError::Internal(_) => BusError::Internal(e.to_string()),
+        }
+    }
+}

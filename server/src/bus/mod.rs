@@ -1,0 +1,229 @@
+//! The domain: publish, subscribe (private streams and durable groups), request/reply, replay and admin.
+//!
+//! Works against the [`EventStore`] and [`LiveStreams`] traits only; knows nothing of gRPC.
+
+mod admin;
+mod error;
+mod replay;
+mod request;
+mod scheduler;
+mod subscription;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::Utc;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use admin::{GroupSummary, RedriveSelection};
+pub use error::{BusError, BusResult};
+pub use replay::{ReplayPage, ReplayRequest, decode_resume_token, encode_resume_token};
+pub use request::RequestOutcome;
+pub use scheduler::{PriorityScheduler, WEIGHTS};
+pub use subscription::{
+    Command, Delivery, Outbound, Start, SubscribeSpec, delivery_id, parse_delivery_id,
+};
+
+use crate::{
+    event::{Event, InvalidInput, Limits},
+    store::{Appended, EventStore, NewEvent},
+    stream::LiveStreams,
+};
+
+/// Tenant of every caller until authentication assigns tenants.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Defaults and bounds of subscriptions and requests.
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusSettings {
+    /// Deliveries outstanding per subscriber when the open message does not say.
+    pub default_max_in_flight: u32,
+    /// Largest window (outstanding + credits) a subscriber may ask for.
+    pub max_in_flight_limit: u32,
+    /// Ack deadline when the open message does not say.
+    #[serde(with = "humantime_serde")]
+    pub default_ack_deadline: Duration,
+    /// Longest ack deadline or extension accepted.
+    #[serde(with = "humantime_serde")]
+    pub max_ack_deadline: Duration,
+    /// Deliveries of one event before it is dead-lettered, when the open message does not say.
+    pub default_max_attempts: u32,
+    /// Heartbeat interval when the open message does not say.
+    #[serde(with = "humantime_serde")]
+    pub default_heartbeat: Duration,
+    /// Request timeout when the request does not say.
+    #[serde(with = "humantime_serde")]
+    pub default_request_timeout: Duration,
+    /// Longest request timeout accepted.
+    #[serde(with = "humantime_serde")]
+    pub max_request_timeout: Duration,
+}
+
+impl Default for BusSettings {
+    fn default() -> Self {
+        BusSettings {
+            default_max_in_flight: 64,
+            max_in_flight_limit: 10_000,
+            default_ack_deadline: Duration::from_secs(30),
+            max_ack_deadline: Duration::from_secs(600),
+            default_max_attempts: 5,
+            default_heartbeat: Duration::from_secs(10),
+            default_request_timeout: Duration::from_secs(30),
+            max_request_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Counters the bus keeps about itself.
+#[derive(Debug, Default)]
+pub struct BusCounters {
+    /// Replies that arrived after their requester stopped waiting.
+    pub late_replies: AtomicU64,
+    /// Acks or nacks for a delivery that had already been redelivered or settled.
+    pub stale_settlements: AtomicU64,
+}
+
+/// The event bus.
+pub struct Bus {
+    store: Arc<dyn EventStore>,
+    streams: Arc<dyn LiveStreams>,
+    limits: Limits,
+    settings: BusSettings,
+    shutdown: CancellationToken,
+    counters: BusCounters,
+}
+
+impl Bus {
+    /// Creates the bus and starts the relay that feeds committed events to the live streams.
+    pub fn start(
+        store: Arc<dyn EventStore>,
+        streams: Arc<dyn LiveStreams>,
+        limits: Limits,
+        settings: BusSettings,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let bus = Arc::new(Bus {
+            store,
+            streams,
+            limits,
+            settings,
+            shutdown,
+            counters: BusCounters::default(),
+        });
+        tokio::spawn(relay(bus.clone()));
+        bus
+    }
+
+    /// Returns the counters.
+    pub fn counters(&self) -> &BusCounters {
+        &self.counters
+    }
+
+    /// Returns the size limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Commits a batch of events atomically; returns their sequences in order.
+    pub async fn publish(&self, tenant: &str, events: Vec<Event>) -> BusResult<Vec<Appended>> {
+        self.limits.check_batch(&events)?;
+        let now = Utc::now();
+        let batch = events
+            .into_iter()
+            .map(|mut event| {
+                // hashed as sent, so a retry that again leaves time unset is recognized as the same event
+                let content_hash = event.content_hash();
+                event.time.get_or_insert(now);
+                NewEvent {
+                    event,
+                    content_hash,
+                }
+            })
+            .collect();
+        Ok(self.store.append(tenant, batch).await?)
+    }
+
+    /// Answers when both backends answer.
+    pub async fn check_backends(&self) -> (BusResult<()>, BusResult<()>) {
+        let store = self.store.ping().await.map_err(BusError::from);
+        let streams = self.streams.ping().await.map_err(BusError::from);
+        (store, streams)
+    }
+}
+
+/// Validates a durable group name: it becomes part of keys in the stream backend.
+pub fn validate_group_name(name: &str, field: &str) -> Result<(), InvalidInput> {
+    let ok = (1..=128).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidInput::field(
+            field,
+            "group names are 1-128 characters of [A-Za-z0-9_.-], starting with a letter or digit",
+        ))
+    }
+}
+
+/// Feeds every committed event to the live streams, in sequence order, resuming from what the streams hold.
+async fn relay(bus: Arc<Bus>) {
+    let mut committed = bus.store.committed();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let step = async {
+            let last = bus.streams.last_appended().await?;
+            let head = *committed.borrow_and_update();
+            if head <= last {
+                return Ok::<bool, BusError>(false);
+            }
+            let events = bus.store.read_all(last, 1000).await?;
+            if events.is_empty() {
+                return Ok(false);
+            }
+            bus.streams.append(&events).await?;
+            Ok(true)
+        };
+        match step.await {
+            Ok(true) => {
+                backoff = Duration::from_millis(50);
+                continue;
+            }
+            Ok(false) => {
+                backoff = Duration::from_millis(50);
+                tokio::select! {
+                    changed = committed.changed() => if changed.is_err() { return },
+                    _ = bus.shutdown.cancelled() => return,
+                }
+            }
+            Err(error) => {
+                warn!(%error, retry_in = ?backoff, "relay failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {},
+                    _ = bus.shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        info!("bus stopped");
+    }
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}

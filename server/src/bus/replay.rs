@@ -1,0 +1,119 @@
+use std::sync::Arc;
+
+use base64::Engine as _;
+use tokio::sync::mpsc;
+
+use super::{Bus, BusError, BusResult};
+use crate::{
+    event::{InvalidInput, StoredEvent},
+    store::ReadQuery,
+};
+
+const TOKEN_PREFIX: &str = "nerve.replay.v1:";
+/// Events read from the store per query; a replay never holds more than one such page.
+const SCAN_PAGE: usize = 1000;
+
+/// A replay: the history query plus paging.
+#[derive(Debug, Clone)]
+pub struct ReplayRequest {
+    pub query: ReadQuery,
+    /// Most events in total; `None` for all.
+    pub limit: Option<u64>,
+    pub page_size: usize,
+}
+
+/// One page of replayed history.
+#[derive(Debug, Clone)]
+pub struct ReplayPage {
+    pub events: Vec<Arc<StoredEvent>>,
+    pub resume_token: String,
+    pub end_of_history: bool,
+}
+
+/// Encodes the position after which a replay continues.
+pub fn encode_resume_token(after: u64) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{TOKEN_PREFIX}{after}"))
+}
+
+/// Decodes a resume token.
+pub fn decode_resume_token(token: &str) -> Result<u64, InvalidInput> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| text.strip_prefix(TOKEN_PREFIX)?.parse().ok())
+        .ok_or_else(|| {
+            InvalidInput::field(
+                "resume_token",
+                "is not a token returned by an earlier Replay",
+            )
+        })
+}
+
+impl Bus {
+    /// Streams history page by page; the channel holds one page, so memory stays constant.
+    pub fn replay(
+        self: &Arc<Self>,
+        request: ReplayRequest,
+    ) -> mpsc::Receiver<BusResult<ReplayPage>> {
+        let (tx, rx) = mpsc::channel(1);
+        let bus = self.clone();
+        tokio::spawn(async move {
+            let mut query = request.query;
+            let mut remaining = request.limit.unwrap_or(u64::MAX);
+            loop {
+                let mut page = ReplayPage {
+                    events: Vec::new(),
+                    resume_token: String::new(),
+                    end_of_history: false,
+                };
+                // fill one page, scanning past non-matching stretches
+                while page.events.len() < request.page_size && remaining > 0 {
+                    let want = (request.page_size - page.events.len()).min(remaining as usize);
+                    query.limit = SCAN_PAGE.min(want.max(1) * 4).max(want);
+                    let read = match bus.store.read(&query).await {
+                        Ok(read) => read,
+                        Err(e) => {
+                            let _ = tx.send(Err(BusError::from(e))).await;
+                            return;
+                        }
+                    };
+                    let mut cut = false;
+                    for event in read.events {
+                        if page.events.len() >= want.min(request.page_size) && remaining > 0 {
+                            cut = true;
+                            break;
+                        }
+                        query.after = event.sequence;
+                        page.events.push(event);
+                        remaining -= 1;
+                        if remaining == 0 {
+                            cut = true;
+                            break;
+                        }
+                    }
+                    if !cut {
+                        query.after = query.after.max(read.scanned_to);
+                    }
+                    if read.exhausted && !cut {
+                        page.end_of_history = true;
+                        break;
+                    }
+                    if cut {
+                        break;
+                    }
+                }
+                page.resume_token = encode_resume_token(query.after);
+                let done = page.end_of_history || remaining == 0;
+                if bus.shutdown.is_cancelled() {
+                    let _ = tx.send(Err(BusError::ShuttingDown)).await;
+                    return;
+                }
+                if tx.send(Ok(page)).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}

@@ -1,0 +1,166 @@
+use std::{sync::Arc, time::Duration};
+
+use tracing::debug;
+
+use super::{Bus, BusError, BusResult, bump};
+use crate::{
+    event::{Event, InvalidInput, StoredEvent},
+    store::Appended,
+    stream::Inbox,
+};
+
+/// The answer to a request.
+#[derive(Debug)]
+pub struct RequestOutcome {
+    pub reply: Arc<StoredEvent>,
+    pub request_sequence: u64,
+}
+
+struct InboxGuard<'a> {
+    bus: &'a Bus,
+    inbox: String,
+}
+
+impl Drop for InboxGuard<'_> {
+    fn drop(&mut self) {
+        let streams = self.bus.streams.clone();
+        let inbox = std::mem::take(&mut self.inbox);
+        tokio::spawn(async move {
+            let _ = streams.close_inbox(&inbox).await;
+        });
+    }
+}
+
+impl Bus {
+    /// Publishes a request and waits for its reply; fails at once when nobody could receive it.
+    pub async fn request(
+        &self,
+        tenant: &str,
+        mut event: Event,
+        timeout: Option<Duration>,
+    ) -> BusResult<RequestOutcome> {
+        let timeout = timeout.unwrap_or(self.settings.default_request_timeout);
+        if timeout.is_zero() || timeout > self.settings.max_request_timeout {
+            return Err(InvalidInput::field(
+                "timeout",
+                format!(
+                    "must be positive and at most {:?}",
+                    self.settings.max_request_timeout
+                ),
+            )
+            .into());
+        }
+        if event.reply_to.is_some() {
+            return Err(InvalidInput::field(
+                "event.reply_to",
+                "is set by the server on requests; leave it empty",
+            )
+            .into());
+        }
+        self.limits.check_event(&event, "event")?;
+        if !self.streams.has_interest(tenant, &event).await? {
+            return Err(BusError::NoResponders {
+                event_type: event.event_type,
+            });
+        }
+        let correlation_id = event
+            .correlation_id
+            .get_or_insert_with(|| event.id.clone())
+            .clone();
+        let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
+        event.reply_to = Some(inbox.clone());
+        let mut replies = self
+            .streams
+            .open_inbox(
+                &inbox,
+                Inbox {
+                    tenant: tenant.to_owned(),
+                    correlation_id,
+                    request_id: event.id.clone(),
+                    request_source: event.source.clone(),
+                },
+            )
+            .await?;
+        let _guard = InboxGuard {
+            bus: self,
+            inbox: inbox.clone(),
+        };
+        let source = event.source.clone();
+        let id = event.id.clone();
+        let appended = self.publish(tenant, vec![event]).await?;
+        let Some(Appended {
+            sequence,
+            duplicate,
+        }) = appended.first().copied()
+        else {
+            return Err(BusError::Internal("publish returned no result".into()));
+        };
+        if duplicate {
+            return Err(BusError::AlreadyExists {
+                event_source: source,
+                id,
+            });
+        }
+        tokio::select! {
+            reply = replies.recv() => match reply {
+                Some(reply) => Ok(RequestOutcome { reply, request_sequence: sequence }),
+                None => Err(BusError::Unavailable("reply inbox closed".into())),
+            },
+            _ = tokio::time::sleep(timeout) => Err(BusError::DeadlineExceeded(format!(
+                "no reply to request {id:?} within {timeout:?}"
+            ))),
+            _ = self.shutdown.cancelled() => Err(BusError::ShuttingDown),
+        }
+    }
+
+    /// Stores a reply and hands it to the waiting requester. Returns whether it was delivered and its
+    /// sequence; a reply for a requester that stopped waiting is dropped unstored and counted.
+    pub async fn reply(
+        &self,
+        tenant: &str,
+        reply_to: &str,
+        mut event: Event,
+    ) -> BusResult<(bool, Option<u64>)> {
+        if reply_to.is_empty() {
+            return Err(InvalidInput::field("reply_to", "is required").into());
+        }
+        let inbox = match self.streams.inbox(reply_to).await? {
+            Some(inbox) if inbox.tenant == tenant => inbox,
+            _ => {
+                bump(&self.counters.late_replies);
+                debug!(reply_to, "late reply dropped");
+                return Ok((false, None));
+            }
+        };
+        match &event.correlation_id {
+            None => event.correlation_id = Some(inbox.correlation_id.clone()),
+            Some(c) if *c != inbox.correlation_id => {
+                return Err(InvalidInput::field(
+                    "event.correlation_id",
+                    format!(
+                        "does not match the request's correlation id {:?}",
+                        inbox.correlation_id
+                    ),
+                )
+                .into());
+            }
+            Some(_) => {}
+        }
+        event.causation_id.get_or_insert(inbox.request_id);
+        event.reply_to = None;
+        let appended = self.publish(tenant, vec![event.clone()]).await?;
+        let sequence = appended.first().map(|a| a.sequence).unwrap_or_default();
+        let stored = self
+            .store
+            .read_sequences(&[sequence])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| BusError::Internal("stored reply not found".into()))?;
+        let delivered = self.streams.send_reply(reply_to, stored).await?;
+        if !delivered {
+            bump(&self.counters.late_replies);
+        }
+        Ok((delivered, Some(sequence)))
+    }
+}

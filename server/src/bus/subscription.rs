@@ -1,0 +1,801 @@
+//! One Subscribe stream: a private stream (catch-up from the store, then the live tail, in sequence order)
+//! or a member of a durable group (leases, redelivery, dead letters, priority order).
+
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::{sync::mpsc, time::Instant};
+use tracing::{debug, warn};
+
+use super::{Bus, BusError, BusResult, PriorityScheduler, bump, validate_group_name};
+use crate::{
+    event::{Filter, InvalidInput, Priority, Selection, StoredEvent},
+    store::{DeadLetter, ReadQuery},
+    stream::{Claimed, GroupConfig, GroupKey, Interest, TailRead},
+};
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Start {
+    #[default]
+    Latest,
+    Earliest,
+    /// After this sequence: a resume token.
+    AfterSequence(u64),
+    /// At the first event recorded at or after this time.
+    Time(DateTime<Utc>),
+}
+
+/// The open message, in domain terms; zero/`None` fields take the server defaults.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeSpec {
+    pub tenant: String,
+    pub selection: Selection,
+    pub group: Option<String>,
+    pub start: Start,
+    pub max_in_flight: Option<u32>,
+    pub ack_deadline: Option<Duration>,
+    pub max_attempts: Option<u32>,
+    pub heartbeat: Option<Duration>,
+}
+
+/// What the subscriber sends after opening.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Ack(Vec<String>),
+    Nack {
+        delivery_ids: Vec<String>,
+        retry_delay: Duration,
+        dead_letter: bool,
+        reason: Option<String>,
+    },
+    Extend {
+        delivery_ids: Vec<String>,
+        extension: Duration,
+    },
+    Credit(u32),
+    SetFilter(Option<Filter>),
+}
+
+/// One handed-out event.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub event: Arc<StoredEvent>,
+    pub delivery_id: String,
+    pub attempt: u32,
+    /// When it is redelivered unless acked (groups only).
+    pub ack_deadline: Option<DateTime<Utc>>,
+}
+
+/// What the server sends.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Subscribed {
+        subscription_id: String,
+        group: Option<String>,
+        head_sequence: u64,
+    },
+    Delivery(Delivery),
+    Heartbeat {
+        head_sequence: u64,
+        in_flight: u32,
+        credits: u32,
+    },
+    CaughtUp {
+        sequence: u64,
+    },
+}
+
+/// Formats a delivery id: the sequence and the attempt it belongs to.
+pub fn delivery_id(sequence: u64, attempt: u32) -> String {
+    format!("{sequence}-{attempt}")
+}
+
+/// Parses a delivery id.
+pub fn parse_delivery_id(id: &str) -> Option<(u64, u32)> {
+    let (seq, attempt) = id.split_once('-')?;
+    Some((seq.parse().ok()?, attempt.parse().ok()?))
+}
+
+struct Outstanding {
+    attempt: u32,
+    deadline: Option<Instant>,
+}
+
+struct Session {
+    bus: Arc<Bus>,
+    id: String,
+    tenant: String,
+    selection: Selection,
+    group: Option<(GroupKey, u32)>,
+    ack_deadline: Duration,
+    heartbeat: Duration,
+    window_limit: u32,
+    credits: u32,
+    outstanding: HashMap<u64, Outstanding>,
+    deadlines: BinaryHeap<Reverse<(Instant, u64, u32)>>,
+    position: u64,
+    caught_up: bool,
+    scheduler: PriorityScheduler,
+    tx: mpsc::Sender<BusResult<Outbound>>,
+    last_sent: Instant,
+}
+
+/// Most commands handled before the session looks for deliveries again.
+const COMMAND_BATCH: usize = 256;
+/// Most tail entries read at once by a private stream.
+const TAIL_READ: usize = 512;
+
+impl Bus {
+    /// Opens a subscription; the returned channel yields what to send, ending with an error status if any.
+    pub async fn subscribe<S>(
+        self: &Arc<Self>,
+        spec: SubscribeSpec,
+        commands: S,
+    ) -> BusResult<mpsc::Receiver<BusResult<Outbound>>>
+    where
+        S: Stream<Item = BusResult<Command>> + Send + Unpin + 'static,
+    {
+        let s = &self.settings;
+        let max_in_flight = spec.max_in_flight.unwrap_or(s.default_max_in_flight);
+        if max_in_flight == 0 || max_in_flight > s.max_in_flight_limit {
+            return Err(InvalidInput::field(
+                "open.max_in_flight",
+                format!("must be between 1 and {}", s.max_in_flight_limit),
+            )
+            .into());
+        }
+        let ack_deadline = spec.ack_deadline.unwrap_or(s.default_ack_deadline);
+        if ack_deadline < Duration::from_millis(10) || ack_deadline > s.max_ack_deadline {
+            return Err(InvalidInput::field(
+                "open.ack_deadline",
+                format!("must be between 10ms and {:?}", s.max_ack_deadline),
+            )
+            .into());
+        }
+        let max_attempts = spec.max_attempts.unwrap_or(s.default_max_attempts);
+        if max_attempts == 0 || max_attempts > 1000 {
+            return Err(
+                InvalidInput::field("open.max_attempts", "must be between 1 and 1000").into(),
+            );
+        }
+        let heartbeat = spec.heartbeat.unwrap_or(s.default_heartbeat);
+        if heartbeat < Duration::from_millis(100) || heartbeat > Duration::from_secs(300) {
+            return Err(InvalidInput::field(
+                "open.heartbeat_interval",
+                "must be between 100ms and 300s",
+            )
+            .into());
+        }
+        if let Some(filter) = &spec.selection.filter {
+            filter.validate().map_err(|(path, reason)| {
+                InvalidInput::field(format!("open.filter{path}"), reason)
+            })?;
+        }
+        let head = self.streams.last_appended().await?;
+        let start_after = match spec.start {
+            Start::Latest => head,
+            Start::Earliest => 0,
+            Start::AfterSequence(s) => s,
+            Start::Time(t) => self.store.sequence_before(t).await?,
+        };
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let group = match &spec.group {
+            Some(name) => {
+                validate_group_name(name, "open.group")?;
+                let key = GroupKey {
+                    tenant: spec.tenant.clone(),
+                    name: name.clone(),
+                };
+                let config = GroupConfig {
+                    selection: spec.selection.clone(),
+                    max_attempts,
+                };
+                self.streams
+                    .ensure_group(&key, &config, start_after)
+                    .await?;
+                Some((key, max_attempts))
+            }
+            None => None,
+        };
+        self.streams
+            .join(
+                &id,
+                group.as_ref().map(|(k, _)| k),
+                Interest {
+                    tenant: spec.tenant.clone(),
+                    selection: spec.selection.clone(),
+                },
+            )
+            .await?;
+        // deliveries never exceed the window, so this bound only matters for heartbeats and markers
+        let (tx, rx) = mpsc::channel(32);
+        let session = Session {
+            bus: self.clone(),
+            id: id.clone(),
+            tenant: spec.tenant,
+            selection: spec.selection,
+            group,
+            ack_deadline,
+            heartbeat,
+            window_limit: s.max_in_flight_limit,
+            credits: max_in_flight,
+            outstanding: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            position: start_after,
+            caught_up: false,
+            scheduler: PriorityScheduler::default(),
+            tx,
+            last_sent: Instant::now(),
+        };
+        let opened = Outbound::Subscribed {
+            subscription_id: id,
+            group: spec.group,
+            head_sequence: head,
+        };
+        tokio::spawn(session.run(opened, commands));
+        Ok(rx)
+    }
+}
+
+impl Session {
+    async fn run<S>(mut self, opened: Outbound, commands: S)
+    where
+        S: Stream<Item = BusResult<Command>> + Send + Unpin + 'static,
+    {
+        let outcome = self.serve(opened, commands).await;
+        self.release_all().await;
+        let _ = self.bus.streams.leave(&self.id).await;
+        match outcome {
+            Ok(()) => debug!(subscription = %self.id, "subscription closed by client"),
+            Err(error) => {
+                debug!(subscription = %self.id, %error, "subscription ended");
+                let _ = self.tx.send(Err(error)).await;
+            }
+        }
+    }
+
+    async fn serve<S>(&mut self, opened: Outbound, mut commands: S) -> BusResult<()>
+    where
+        S: Stream<Item = BusResult<Command>> + Send + Unpin + 'static,
+    {
+        self.send(opened).await?;
+        let mut head = self.bus.streams.head();
+        let mut wakeups = self
+            .group
+            .as_ref()
+            .map(|(key, _)| self.bus.streams.group_wakeups(key));
+        loop {
+            self.expire_leases();
+            let next_due = self.fill().await?;
+            let wake_at = self.next_wake(next_due);
+            tokio::select! {
+                biased;
+                _ = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
+                command = commands.next() => {
+                    let Some(command) = command else { return Ok(()) };
+                    self.handle(command?).await?;
+                    // settle everything already queued before looking for more work
+                    for _ in 0..COMMAND_BATCH {
+                        match commands.next().now_or_never() {
+                            Some(Some(command)) => self.handle(command?).await?,
+                            Some(None) => return Ok(()),
+                            None => break,
+                        }
+                    }
+                }
+                changed = head.changed() => if changed.is_err() {
+                    return Err(BusError::Unavailable("live stream closed".into()));
+                },
+                _ = async {
+                    match wakeups.as_mut() {
+                        Some(w) => { let _ = w.changed().await; }
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                _ = tokio::time::sleep_until(wake_at) => {
+                    if self.last_sent.elapsed() >= self.heartbeat {
+                        let head_sequence = *head.borrow();
+                        self.send(Outbound::Heartbeat {
+                            head_sequence,
+                            in_flight: self.outstanding.len() as u32,
+                            credits: self.credits,
+                        })
+                        .await?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_wake(&self, next_due: Option<Instant>) -> Instant {
+        let mut wake = self.last_sent + self.heartbeat;
+        if let Some(Reverse((deadline, _, _))) = self.deadlines.peek() {
+            wake = wake.min(*deadline);
+        }
+        if let Some(due) = next_due {
+            wake = wake.min(due);
+        }
+        wake
+    }
+
+    async fn send(&mut self, message: Outbound) -> BusResult<()> {
+        self.tx
+            .send(Ok(message))
+            .await
+            .map_err(|_| BusError::FailedPrecondition("subscriber went away".into()))?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    /// Returns expired leases to the window: the backend already lets another consumer claim them.
+    fn expire_leases(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((deadline, seq, attempt))) = self.deadlines.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop();
+            let current = self
+                .outstanding
+                .get(&seq)
+                .is_some_and(|o| o.attempt == attempt && o.deadline == Some(deadline));
+            if current {
+                self.outstanding.remove(&seq);
+                self.credits += 1;
+            }
+        }
+    }
+
+    /// Sends what the credits allow; returns when group entries next become due, if known.
+    async fn fill(&mut self) -> BusResult<Option<Instant>> {
+        match self.group.clone() {
+            None => {
+                self.fill_private().await?;
+                Ok(None)
+            }
+            Some((key, max_attempts)) => self.fill_group(&key, max_attempts).await,
+        }
+    }
+
+    async fn fill_private(&mut self) -> BusResult<()> {
+        while self.credits > 0 {
+            let events = match self
+                .bus
+                .streams
+                .read_after(self.position, TAIL_READ)
+                .await?
+            {
+                TailRead::Events(events) if events.is_empty() => {
+                    self.mark_caught_up().await?;
+                    return Ok(());
+                }
+                TailRead::Events(events) => events,
+                TailRead::Trimmed { oldest } => {
+                    // history the tail no longer holds comes from the store, up to where the tail begins
+                    let page = self
+                        .bus
+                        .store
+                        .read(&ReadQuery {
+                            tenant: self.tenant.clone(),
+                            after: self.position,
+                            until: Some(oldest.saturating_sub(1)),
+                            types: self.selection.types.clone(),
+                            limit: TAIL_READ,
+                            ..ReadQuery::default()
+                        })
+                        .await?;
+                    let sent_all = self.deliver_private(page.events).await?;
+                    if sent_all {
+                        self.position = self.position.max(page.scanned_to);
+                        if page.exhausted {
+                            self.position = self.position.max(oldest.saturating_sub(1));
+                        }
+                    }
+                    continue;
+                }
+            };
+            let last = events.last().map(|e| e.sequence);
+            if self.deliver_private(events).await?
+                && let Some(last) = last
+            {
+                self.position = self.position.max(last);
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers matching events in order while credits last; returns whether all were consumed.
+    async fn deliver_private(&mut self, events: Vec<Arc<StoredEvent>>) -> BusResult<bool> {
+        for event in events {
+            if event.sequence <= self.position {
+                continue;
+            }
+            if event.tenant == self.tenant && self.selection.matches(&event.event) {
+                if self.credits == 0 {
+                    return Ok(false);
+                }
+                self.credits -= 1;
+                self.outstanding.insert(
+                    event.sequence,
+                    Outstanding {
+                        attempt: 1,
+                        deadline: None,
+                    },
+                );
+                let delivery = Delivery {
+                    delivery_id: delivery_id(event.sequence, 1),
+                    attempt: 1,
+                    ack_deadline: None,
+                    event: event.clone(),
+                };
+                self.position = event.sequence;
+                self.send(Outbound::Delivery(delivery)).await?;
+            } else {
+                self.position = event.sequence;
+            }
+        }
+        Ok(true)
+    }
+
+    async fn mark_caught_up(&mut self) -> BusResult<()> {
+        if !self.caught_up {
+            self.caught_up = true;
+            let sequence = self.position.max(*self.bus.streams.head().borrow());
+            self.send(Outbound::CaughtUp { sequence }).await?;
+        }
+        Ok(())
+    }
+
+    async fn fill_group(
+        &mut self,
+        key: &GroupKey,
+        max_attempts: u32,
+    ) -> BusResult<Option<Instant>> {
+        let streams = self.bus.streams.clone();
+        let mut delivered = 0;
+        if self.credits > 0 {
+            let lease = Utc::now() + self.ack_deadline;
+            let due = streams
+                .claim_due(key, &self.id, self.credits as usize, lease)
+                .await?;
+            for claimed in self.with_events(key, due).await? {
+                if claimed.0.attempt > max_attempts {
+                    self.dead_letter(key, &claimed.0, claimed.0.attempt - 1, None)
+                        .await?;
+                } else {
+                    self.deliver_group(claimed.0, claimed.1, lease).await?;
+                    delivered += 1;
+                }
+            }
+        }
+        let mut backlogged = [true; 4];
+        while self.credits > 0 && backlogged.iter().any(|b| *b) {
+            let share = self.scheduler.allocate(self.credits, backlogged);
+            for (index, level) in Priority::ALL.into_iter().enumerate() {
+                if share[index] == 0 {
+                    continue;
+                }
+                let lease = Utc::now() + self.ack_deadline;
+                let claimed = streams
+                    .claim_new(key, &self.id, level, share[index] as usize, lease)
+                    .await?;
+                if claimed.len() < share[index] as usize {
+                    backlogged[index] = false;
+                    self.scheduler.drained(index);
+                }
+                for (claimed, event) in self.with_events(key, claimed).await? {
+                    self.deliver_group(claimed, event, lease).await?;
+                    delivered += 1;
+                }
+            }
+        }
+        if delivered == 0 && self.credits > 0 {
+            self.mark_caught_up().await?;
+        }
+        let next_due = streams.next_due(key).await?;
+        Ok(next_due.map(|due| {
+            let wait = (due - Utc::now()).to_std().unwrap_or_default();
+            Instant::now() + wait
+        }))
+    }
+
+    /// Pairs claims with their events, reading from the store what the stream no longer holds.
+    async fn with_events(
+        &self,
+        key: &GroupKey,
+        claimed: Vec<Claimed>,
+    ) -> BusResult<Vec<(Claimed, Arc<StoredEvent>)>> {
+        let missing: Vec<u64> = claimed
+            .iter()
+            .filter(|c| c.event.is_none())
+            .map(|c| c.sequence)
+            .collect();
+        let mut from_store: HashMap<u64, Arc<StoredEvent>> = self
+            .bus
+            .store
+            .read_sequences(&missing)
+            .await?
+            .into_iter()
+            .map(|e| (e.sequence, e))
+            .collect();
+        let mut out = Vec::with_capacity(claimed.len());
+        for mut c in claimed {
+            let event = c.event.take().or_else(|| from_store.remove(&c.sequence));
+            match event {
+                Some(event) => out.push((c, event)),
+                None => {
+                    warn!(group = %key.name, sequence = c.sequence, "pending entry has no stored event; dropping it");
+                    self.bus.streams.remove_pending(key, c.sequence).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn deliver_group(
+        &mut self,
+        claimed: Claimed,
+        event: Arc<StoredEvent>,
+        lease: DateTime<Utc>,
+    ) -> BusResult<()> {
+        let deadline = Instant::now() + self.ack_deadline;
+        self.credits = self.credits.saturating_sub(1);
+        self.outstanding.insert(
+            claimed.sequence,
+            Outstanding {
+                attempt: claimed.attempt,
+                deadline: Some(deadline),
+            },
+        );
+        self.deadlines
+            .push(Reverse((deadline, claimed.sequence, claimed.attempt)));
+        self.send(Outbound::Delivery(Delivery {
+            delivery_id: delivery_id(claimed.sequence, claimed.attempt),
+            attempt: claimed.attempt,
+            ack_deadline: Some(lease),
+            event,
+        }))
+        .await
+    }
+
+    async fn dead_letter(
+        &self,
+        key: &GroupKey,
+        claimed: &Claimed,
+        attempts: u32,
+        reason: Option<String>,
+    ) -> BusResult<()> {
+        let reason = reason.unwrap_or_else(|| match &claimed.last_error {
+            Some(e) => format!("gave up after {attempts} attempts; last error: {e}"),
+            None => format!("gave up after {attempts} attempts without an ack"),
+        });
+        self.bus
+            .store
+            .put_dead_letter(&DeadLetter {
+                tenant: key.tenant.clone(),
+                group: key.name.clone(),
+                sequence: claimed.sequence,
+                attempts,
+                reason,
+                dead_lettered_at: Utc::now(),
+            })
+            .await?;
+        self.bus
+            .streams
+            .remove_pending(key, claimed.sequence)
+            .await?;
+        Ok(())
+    }
+
+    fn parse_ids(ids: &[String], field: &str) -> BusResult<Vec<(u64, u32)>> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| {
+                parse_delivery_id(id).ok_or_else(|| {
+                    InvalidInput::field(
+                        format!("{field}.delivery_ids[{i}]"),
+                        format!("{id:?} is not a delivery id this server handed out"),
+                    )
+                    .into()
+                })
+            })
+            .collect()
+    }
+
+    /// Forgets an outstanding delivery and returns its credit; false when it was not outstanding.
+    fn settle(&mut self, seq: u64, attempt: u32) -> bool {
+        match self.outstanding.get(&seq) {
+            Some(o) if o.attempt == attempt => {
+                self.outstanding.remove(&seq);
+                self.credits += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn handle(&mut self, command: Command) -> BusResult<()> {
+        match command {
+            Command::Ack(ids) => {
+                let ids = Self::parse_ids(&ids, "ack")?;
+                for (seq, attempt) in &ids {
+                    self.settle(*seq, *attempt);
+                }
+                if let Some((key, _)) = &self.group {
+                    let acked = self.bus.streams.ack(key, &ids).await?;
+                    for _ in acked.iter().filter(|a| !**a) {
+                        bump(&self.bus.counters.stale_settlements);
+                    }
+                }
+            }
+            Command::Nack {
+                delivery_ids,
+                retry_delay,
+                dead_letter,
+                reason,
+            } => {
+                let ids = Self::parse_ids(&delivery_ids, "nack")?;
+                if retry_delay > self.bus.settings.max_ack_deadline {
+                    return Err(InvalidInput::field(
+                        "nack.retry_delay",
+                        format!("must be at most {:?}", self.bus.settings.max_ack_deadline),
+                    )
+                    .into());
+                }
+                let Some((key, _)) = self.group.clone() else {
+                    for (seq, attempt) in ids {
+                        self.settle(seq, attempt);
+                    }
+                    return Ok(());
+                };
+                for (seq, attempt) in ids {
+                    let was_outstanding = self.settle(seq, attempt);
+                    if dead_letter {
+                        if !was_outstanding {
+                            bump(&self.bus.counters.stale_settlements);
+                            continue;
+                        }
+                        let claimed = Claimed {
+                            sequence: seq,
+                            attempt,
+                            event: None,
+                            priority: Priority::Normal,
+                            last_error: None,
+                        };
+                        let reason = reason
+                            .clone()
+                            .unwrap_or_else(|| "dead-lettered by the subscriber".into());
+                        self.dead_letter(&key, &claimed, attempt, Some(reason))
+                            .await?;
+                    } else {
+                        let visible_at = Utc::now() + retry_delay;
+                        let moved = self
+                            .bus
+                            .streams
+                            .set_visible_at(&key, seq, attempt, visible_at, reason.as_deref())
+                            .await?;
+                        if !moved {
+                            bump(&self.bus.counters.stale_settlements);
+                        }
+                    }
+                }
+                self.bus.streams.wake_group(&key).await?;
+            }
+            Command::Extend {
+                delivery_ids,
+                extension,
+            } => {
+                let ids = Self::parse_ids(&delivery_ids, "extend")?;
+                if extension.is_zero() || extension > self.bus.settings.max_ack_deadline {
+                    return Err(InvalidInput::field(
+                        "extend.extension",
+                        format!(
+                            "must be positive and at most {:?}",
+                            self.bus.settings.max_ack_deadline
+                        ),
+                    )
+                    .into());
+                }
+                let Some((key, _)) = self.group.clone() else {
+                    return Ok(());
+                };
+                for (seq, attempt) in ids {
+                    let Some(o) = self.outstanding.get_mut(&seq) else {
+                        continue;
+                    };
+                    if o.attempt != attempt {
+                        continue;
+                    }
+                    let moved = self
+                        .bus
+                        .streams
+                        .set_visible_at(&key, seq, attempt, Utc::now() + extension, None)
+                        .await?;
+                    if moved {
+                        let deadline = Instant::now() + extension;
+                        o.deadline = Some(deadline);
+                        self.deadlines.push(Reverse((deadline, seq, attempt)));
+                    }
+                }
+            }
+            Command::Credit(n) => {
+                let window = self.credits as u64 + self.outstanding.len() as u64 + n as u64;
+                if window > self.window_limit as u64 {
+                    return Err(InvalidInput::field(
+                        "credit.credits",
+                        format!(
+                            "would open the window to {window}, above the limit of {}",
+                            self.window_limit
+                        ),
+                    )
+                    .into());
+                }
+                self.credits += n;
+            }
+            Command::SetFilter(filter) => {
+                if let Some(f) = &filter {
+                    f.validate().map_err(|(path, reason)| {
+                        InvalidInput::field(format!("set_filter.filter{path}"), reason)
+                    })?;
+                }
+                self.selection.filter = filter;
+                if let Some((key, _)) = &self.group {
+                    self.bus
+                        .streams
+                        .set_group_selection(key, &self.selection)
+                        .await?;
+                }
+                self.bus
+                    .streams
+                    .update_interest(
+                        &self.id,
+                        Interest {
+                            tenant: self.tenant.clone(),
+                            selection: self.selection.clone(),
+                        },
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands every outstanding group delivery back at once: a stream that ends without ack counts as an attempt.
+    async fn release_all(&mut self) {
+        let Some((key, _)) = self.group.clone() else {
+            return;
+        };
+        let now = Utc::now();
+        let outstanding: Vec<(u64, u32)> = self
+            .outstanding
+            .drain()
+            .map(|(seq, o)| (seq, o.attempt))
+            .collect();
+        for (seq, attempt) in &outstanding {
+            if let Err(error) = self
+                .bus
+                .streams
+                .set_visible_at(
+                    &key,
+                    *seq,
+                    *attempt,
+                    now,
+                    Some("subscriber stream ended before ack"),
+                )
+                .await
+            {
+                warn!(%error, group = %key.name, sequence = seq, "release failed; the lease will expire instead");
+            }
+        }
+        if !outstanding.is_empty() {
+            let _ = self.bus.streams.wake_group(&key).await;
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Configuration: compiled defaults, then an optional TOML file, then NERVE_* environment variables,
+//! then command-line flags. Unknown keys in the file are refused by name.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use crate::{bus::BusSettings, error::Error, event::Limits};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Every setting of the server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Directory of the embedded backend's database.
+    pub data_dir: PathBuf,
+    pub log_format: LogFormat,
+    /// Log filter, e.g. "info" or "nerve=debug,info".
+    pub log_level: String,
+    /// How often backends are checked for the health service.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
+    pub limits: Limits,
+    pub bus: BusSettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("nerve-data"),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            health_check_interval: Duration::from_secs(2),
+            limits: Limits::default(),
+            bus: BusSettings::default(),
+        }
+    }
+}
+
+/// Command-line flags; each also reads the environment variable named in --help.
+#[derive(Debug, Parser, Default)]
+#[command(name = "nerve-server", version, about = "Nerve: a gRPC event bus")]
+pub struct Args {
+    /// TOML file with settings (keys as in the environment list below, nested as tables).
+    #[arg(long, env = "NERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "NERVE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory of the embedded database.
+    #[arg(long, env = "NERVE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, env = "NERVE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter.
+    #[arg(long, env = "NERVE_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+const FLAG_VARS: [&str; 5] = [
+    "NERVE_CONFIG",
+    "NERVE_LISTEN",
+    "NERVE_DATA_DIR",
+    "NERVE_LOG_FORMAT",
+    "NERVE_LOG_LEVEL",
+];
+
+fn defaults_table() -> toml::Table {
+    toml::Table::try_from(Config::default()).unwrap_or_default()
+}
+
+/// Lists every setting as its environment variable with the default value.
+pub fn env_help() -> String {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+        for (key, value) in table {
+            let name = format!("{prefix}{}", key.to_uppercase());
+            match value {
+                toml::Value::Table(t) => walk(&format!("{name}__"), t, out),
+                other => out.push(format!("  {name:<44} default {other}")),
+            }
+        }
+    }
+    let mut lines =
+        vec!["Every setting (file key, nested with '__' in the environment):".to_owned()];
+    walk("NERVE_", &defaults_table(), &mut lines);
+    lines.join("\n")
+}
+
+/// Parses the process arguments, with the settings list in --help.
+pub fn parse_args() -> Args {
+    let command = Args::command().after_help(env_help());
+    let matches = command.get_matches();
+    Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+fn env_value(raw: &str) -> toml::Value {
+    // numbers and booleans as such, everything else (durations, paths) as strings
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(raw.to_owned()),
+    }
+}
+
+/// Builds the configuration from the layers; returns it with warnings about ignored variables.
+pub fn load(
+    args: &Args,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(Config, Vec<String>), Error> {
+    let defaults = defaults_table();
+    let mut table = defaults.clone();
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            context: format!("reading config file {}", path.display()),
+            source,
+        })?;
+        let file: toml::Table =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        merge(&mut table, file);
+        // refuse unknown keys in the file by name before env and flags are layered on
+        Config::deserialize(table.clone())
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    }
+    let mut warnings = Vec::new();
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("NERVE_") else {
+            continue;
+        };
+        if FLAG_VARS.contains(&name.as_str()) {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+        if !has_path(&defaults, &path) {
+            // not an error: orchestrators inject NERVE_* variables of their own (Kubernetes service links)
+            warnings.push(format!(
+                "ignoring environment variable {name}: no such setting"
+            ));
+            continue;
+        }
+        set_path(&mut table, &path, env_value(&raw));
+    }
+    let mut config =
+        Config::deserialize(table).map_err(|e| Error::Config(format!("from environment: {e}")))?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(format) = args.log_format {
+        config.log_format = format;
+    }
+    if let Some(level) = &args.log_level {
+        config.log_level = level.clone();
+    }
+    Ok((config, warnings))
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+fn has_path(table: &toml::Table, path: &[String]) -> bool {
+    match path {
+        [] => false,
+        [last] => table.get(last).is_some_and(|v| !v.is_table()),
+        [first, rest @ ..] => table
+            .get(first)
+            .and_then(toml::Value::as_table)
+            .is_some_and(|t| has_path(t, rest)),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    match path {
+        [] => {}
+        [last] => {
+            table.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            if let Some(toml::Value::Table(t)) = table.get_mut(first) {
+                set_path(t, rest, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_and_unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("nerve.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\n[limits]\nmax_batch_events = 7\n",
+        )
+        .expect("write");
+        let args = Args {
+            config: Some(file.clone()),
+            ..Args::default()
+        };
+        let env = [
+            ("NERVE_LIMITS__MAX_BATCH_EVENTS".to_owned(), "9".to_owned()),
+            (
+                "NERVE_BUS__DEFAULT_ACK_DEADLINE".to_owned(),
+                "5s".to_owned(),
+            ),
+            ("NERVE_SERVICE_HOST".to_owned(), "10.0.0.1".to_owned()),
+        ];
+        let (config, warnings) = load(&args, env).expect("loads");
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 1)));
+        assert_eq!(config.limits.max_batch_events, 9);
+        assert_eq!(config.bus.default_ack_deadline, Duration::from_secs(5));
+        assert_eq!(warnings.len(), 1);
+
+        std::fs::write(&file, "[limits]\nmax_batch_event = 7\n").expect("write");
+        let err = load(&args, []).expect_err("unknown key");
+        assert!(err.to_string().contains("max_batch_event"), "{err}");
+    }
+}

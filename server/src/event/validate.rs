@@ -1,0 +1,273 @@
+use serde::Deserialize;
+
+use super::{Event, ExtensionValue, validate_type};
+
+/// One problem with a request, naming the field as the client spelled it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub field: String,
+    pub description: String,
+}
+
+/// Bad input: what is wrong and whether it is malformed or merely too large.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; "))]
+pub struct InvalidInput {
+    pub violations: Vec<Violation>,
+    /// Set when the input is well-formed but exceeds a size limit.
+    pub too_large: bool,
+}
+
+impl InvalidInput {
+    /// Builds a malformed-input error for one field.
+    pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
+        InvalidInput {
+            violations: vec![Violation {
+                field: field.into(),
+                description: description.into(),
+            }],
+            too_large: false,
+        }
+    }
+
+    /// Builds a size-limit error for one field.
+    pub fn too_large(field: impl Into<String>, description: impl Into<String>) -> Self {
+        InvalidInput {
+            too_large: true,
+            ..InvalidInput::field(field, description)
+        }
+    }
+}
+
+/// Size limits applied to every request.
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest event (attributes, extensions and data), in bytes.
+    pub max_event_bytes: usize,
+    /// Most events in one Publish.
+    pub max_batch_events: usize,
+    /// Largest Publish batch, in bytes.
+    pub max_batch_bytes: usize,
+    /// Largest single attribute or extension value, in bytes.
+    pub max_attribute_bytes: usize,
+    /// Most extensions on one event.
+    pub max_extensions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_event_bytes: 1 << 20,
+            max_batch_events: 1000,
+            max_batch_bytes: 4 << 20,
+            max_attribute_bytes: 1024,
+            max_extensions: 32,
+        }
+    }
+}
+
+/// Names that are context or bus attributes in the CloudEvents formats, so not free for extensions.
+pub(crate) const RESERVED_EXTENSIONS: &[&str] = &[
+    "id",
+    "source",
+    "type",
+    "specversion",
+    "subject",
+    "time",
+    "datacontenttype",
+    "dataschema",
+    "data",
+    "database64",
+    "priority",
+    "correlationid",
+    "causationid",
+    "traceparent",
+    "replyto",
+    "sequence",
+    "recordedtime",
+    "protodatatype",
+];
+
+fn valid_extension_name(name: &str) -> bool {
+    (1..=20).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+fn valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1] != "0".repeat(32)
+        && hex(parts[2], 16)
+        && parts[2] != "0".repeat(16)
+        && hex(parts[3], 2)
+}
+
+impl Limits {
+    /// Checks one event; `field` is its path in the request (e.g. `events[2]`).
+    pub fn check_event(&self, event: &Event, field: &str) -> Result<(), InvalidInput> {
+        let mut bad = Vec::new();
+        let mut size_count = 0usize;
+        let mut push = |name: &str, description: String| {
+            bad.push(super::Violation {
+                field: format!("{field}.{name}"),
+                description,
+            })
+        };
+        let required = [
+            ("id", &event.id),
+            ("source", &event.source),
+            ("type", &event.event_type),
+        ];
+        for (name, value) in required {
+            if value.is_empty() {
+                push(name, "is required".into());
+            }
+        }
+        if event.spec_version != "1.0" {
+            push(
+                "spec_version",
+                format!("must be \"1.0\", got {:?}", event.spec_version),
+            );
+        }
+        if !event.event_type.is_empty()
+            && let Err(reason) = validate_type(&event.event_type)
+        {
+            push("type", reason);
+        }
+        let optional = [
+            ("subject", &event.subject),
+            ("data_content_type", &event.data_content_type),
+            ("data_schema", &event.data_schema),
+            ("correlation_id", &event.correlation_id),
+            ("causation_id", &event.causation_id),
+            ("reply_to", &event.reply_to),
+        ];
+        for (name, value) in optional {
+            if value.as_deref() == Some("") {
+                push(name, "must not be empty when present".into());
+            }
+        }
+        if let Some(tp) = &event.traceparent
+            && !valid_traceparent(tp)
+        {
+            push(
+                "traceparent",
+                "is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)".into(),
+            );
+        }
+        if event.extensions.len() > self.max_extensions {
+            push(
+                "extensions",
+                format!("more than {} extensions", self.max_extensions),
+            );
+            size_count += 1;
+        }
+        for (name, value) in &event.extensions {
+            if !valid_extension_name(name) {
+                push(
+                    &format!("extensions[{name:?}]"),
+                    "extension names are [a-z0-9]{1,20}".into(),
+                );
+            } else if RESERVED_EXTENSIONS.contains(&name.as_str()) {
+                push(
+                    &format!("extensions[{name:?}]"),
+                    "is a reserved attribute name; use the event field instead".into(),
+                );
+            }
+            if value.size() > self.max_attribute_bytes {
+                push(
+                    &format!("extensions[{name:?}]"),
+                    format!("value longer than {} bytes", self.max_attribute_bytes),
+                );
+                size_count += 1;
+            }
+            if let ExtensionValue::String(s) | ExtensionValue::Uri(s) | ExtensionValue::UriRef(s) =
+                value
+                && s.is_empty()
+            {
+                push(&format!("extensions[{name:?}]"), "must not be empty".into());
+            }
+        }
+        let attributes = [
+            ("id", Some(&event.id)),
+            ("source", Some(&event.source)),
+            ("subject", event.subject.as_ref()),
+            ("data_content_type", event.data_content_type.as_ref()),
+            ("data_schema", event.data_schema.as_ref()),
+            ("correlation_id", event.correlation_id.as_ref()),
+            ("causation_id", event.causation_id.as_ref()),
+            ("reply_to", event.reply_to.as_ref()),
+        ];
+        for (name, value) in attributes {
+            if value.is_some_and(|v| v.len() > self.max_attribute_bytes) {
+                push(
+                    name,
+                    format!("longer than {} bytes", self.max_attribute_bytes),
+                );
+                size_count += 1;
+            }
+        }
+        let size = event.size();
+        if size > self.max_event_bytes {
+            push(
+                "data",
+                format!(
+                    "event is {size} bytes, more than the limit of {}",
+                    self.max_event_bytes
+                ),
+            );
+            size_count += 1;
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            // Only an event whose every problem is its size counts as RESOURCE_EXHAUSTED.
+            let too_large = size_count == bad.len();
+            Err(InvalidInput {
+                violations: bad,
+                too_large,
+            })
+        }
+    }
+
+    /// Checks a publish batch: count, total size and every event.
+    pub fn check_batch(&self, events: &[Event]) -> Result<(), InvalidInput> {
+        if events.is_empty() {
+            return Err(InvalidInput::field(
+                "events",
+                "at least one event is required",
+            ));
+        }
+        if events.len() > self.max_batch_events {
+            return Err(InvalidInput::too_large(
+                "events",
+                format!(
+                    "{} events, more than the batch limit of {}",
+                    events.len(),
+                    self.max_batch_events
+                ),
+            ));
+        }
+        let total: usize = events.iter().map(Event::size).sum();
+        if total > self.max_batch_bytes {
+            return Err(InvalidInput::too_large(
+                "events",
+                format!(
+                    "batch is {total} bytes, more than the limit of {}",
+                    self.max_batch_bytes
+                ),
+            ));
+        }
+        for (i, event) in events.iter().enumerate() {
+            self.check_event(event, &format!("events[{i}]"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,119 @@
+//! Nerve: a gRPC event bus. Publish, subscribe in load-balanced groups with acks and dead letters,
+//! request/reply with correlation ids, and replay history, on a durable event store.
+
+pub mod api;
+pub mod bus;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod store;
+pub mod stream;
+pub mod telemetry;
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{
+    bus::Bus,
+    config::Config,
+    error::{Error, Result},
+    store::{EventStore, SqliteDb, SqliteStore},
+    stream::{EmbeddedStreams, LiveStreams},
+};
+
+/// The two backends a bus runs on.
+#[derive(Clone)]
+pub struct Backends {
+    pub store: Arc<dyn EventStore>,
+    pub streams: Arc<dyn LiveStreams>,
+}
+
+/// Opens the embedded backends: a SQLite file in `data_dir` and in-process streams.
+pub async fn open_backends(config: &Config) -> Result<Backends> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::Io {
+        context: format!("creating data directory {}", config.data_dir.display()),
+        source,
+    })?;
+    let db = SqliteDb::open(&config.data_dir.join("nerve.db")).await?;
+    let store = SqliteStore::start(db).await?;
+    let streams = EmbeddedStreams::start(store.clone()).await?;
+    Ok(Backends { store, streams })
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<()>>,
+}
+
+impl Server {
+    /// Returns the address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Begins a graceful shutdown: streams end with UNAVAILABLE, no new calls are accepted.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the server has stopped.
+    pub async fn wait(self) -> Result<()> {
+        self.task
+            .await
+            .map_err(|e| Error::Config(format!("server task failed: {e}")))?
+    }
+}
+
+/// Binds the listen address and starts serving on the given backends.
+pub async fn start(config: Config, backends: Backends) -> Result<Server> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Io {
+            context: format!("binding {}", config.listen),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| Error::Io {
+        context: "reading the bound address".into(),
+        source,
+    })?;
+    let shutdown = CancellationToken::new();
+    let bus = Bus::start(
+        backends.store,
+        backends.streams,
+        config.limits.clone(),
+        config.bus.clone(),
+        shutdown.clone(),
+    );
+    // decoding limit: a whole batch plus protobuf framing overhead
+    let message_limit = config.limits.max_batch_bytes + (1 << 20);
+    let task = tokio::spawn(api::serve(
+        bus,
+        listener,
+        message_limit,
+        config.health_check_interval,
+        shutdown.clone(),
+    ));
+    info!(%addr, "nerve listening");
+    Ok(Server {
+        addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Runs the server with the embedded backends until `shutdown` completes, then stops gracefully.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let backends = open_backends(&config).await?;
+    let server = start(config, backends).await?;
+    shutdown.await;
+    info!("shutting down");
+    server.shutdown();
+    server.wait().await?;
+    info!("stopped");
+    Ok(())
+}

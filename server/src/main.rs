@@ -1,0 +1,60 @@
+//! nerve-server: parses flags, loads configuration, starts logging and runs the bus.
+
+use std::process::ExitCode;
+
+use tracing::{error, warn};
+
+fn main() -> ExitCode {
+    let args = nerve::config::parse_args();
+    let (config, warnings) = match nerve::config::load(&args, std::env::vars()) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("nerve-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    nerve::telemetry::init(&config);
+    for warning in warnings {
+        warn!("{warning}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(nerve::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "nerve-server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot listen for SIGTERM");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,171 @@
+//! The event store: the durable, totally ordered log every event is committed to, plus dead letters.
+//!
+//! One trait, two implementations: SQLite (embedded default) and Postgres (production).
+
+pub(crate) mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+pub use sqlite::{SqliteDb, SqliteStore};
+
+use crate::event::{Event, Selection, StoredEvent, TypePattern};
+
+/// Errors of the store layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The same (source, id) is stored with different content.
+    #[error("event {id:?} from source {event_source:?} already exists with different content")]
+    Conflict { event_source: String, id: String },
+    /// The database does not answer.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be decoded, or the database failed in an unexpected way.
+    #[error("event store failure: {0}")]
+    Internal(String),
+}
+
+/// Result alias of the store layer.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What an append did for one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub sequence: u64,
+    /// The (source, id) was already stored with the same content; nothing was written.
+    pub duplicate: bool,
+}
+
+/// An event ready to be committed.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// The event, with its time filled in.
+    pub event: Event,
+    /// Hash of the event as the publisher sent it, before defaults were filled in.
+    pub content_hash: [u8; 32],
+}
+
+/// A history query, read in sequence order after `after`.
+#[derive(Debug, Clone, Default)]
+pub struct ReadQuery {
+    pub tenant: String,
+    pub after: u64,
+    /// Inclusive upper bound.
+    pub until: Option<u64>,
+    pub types: Vec<TypePattern>,
+    pub source: Option<String>,
+    pub subject: Option<String>,
+    pub correlation_id: Option<String>,
+    pub recorded_from: Option<DateTime<Utc>>,
+    pub recorded_before: Option<DateTime<Utc>>,
+    /// Only this priority level.
+    pub priority: Option<crate::event::Priority>,
+    pub limit: usize,
+}
+
+/// One page of history.
+#[derive(Debug, Clone, Default)]
+pub struct ReadPage {
+    pub events: Vec<Arc<StoredEvent>>,
+    /// Highest sequence looked at; the next page starts after it even when nothing matched.
+    pub scanned_to: u64,
+    /// No stored event after `scanned_to` can match.
+    pub exhausted: bool,
+}
+
+/// Per-type statistics.
+#[derive(Debug, Clone)]
+pub struct EventTypeStats {
+    pub event_type: String,
+    pub count: u64,
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    pub last_recorded_at: DateTime<Utc>,
+}
+
+/// An event a group gave up on.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub tenant: String,
+    pub group: String,
+    pub sequence: u64,
+    pub attempts: u32,
+    pub reason: String,
+    pub dead_lettered_at: DateTime<Utc>,
+}
+
+/// The durable event log.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Commits a batch atomically, in order; sequences follow commit order. Duplicates return their original sequence.
+    async fn append(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Vec<Appended>>;
+
+    /// Reads matching events after `query.after`, in sequence order.
+    async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage>;
+
+    /// Reads the given sequences (any tenant), in sequence order; missing ones are left out.
+    async fn read_sequences(&self, sequences: &[u64]) -> StoreResult<Vec<Arc<StoredEvent>>>;
+
+    /// Reads every event after `after` up to `limit`, of all tenants: the relay's and group readers' feed.
+    async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<Arc<StoredEvent>>>;
+
+    /// Finds events by id, optionally narrowed to one source.
+    async fn find(
+        &self,
+        tenant: &str,
+        id: &str,
+        source: Option<&str>,
+    ) -> StoreResult<Vec<Arc<StoredEvent>>>;
+
+    /// Returns the highest committed sequence (0 when empty).
+    async fn head(&self) -> StoreResult<u64>;
+
+    /// Returns the highest sequence recorded before `time` (0 when none).
+    async fn sequence_before(&self, time: DateTime<Utc>) -> StoreResult<u64>;
+
+    /// Counts stored events after `after` per type and priority level, for lag.
+    async fn count_after(
+        &self,
+        tenant: &str,
+        after_by_level: [u64; 4],
+        selection: &Selection,
+    ) -> StoreResult<u64>;
+
+    /// Lists stored event types with counts.
+    async fn event_types(&self, tenant: &str) -> StoreResult<Vec<EventTypeStats>>;
+
+    /// Records a dead letter; recording the same (group, sequence) again replaces it.
+    async fn put_dead_letter(&self, dead_letter: &DeadLetter) -> StoreResult<()>;
+
+    /// Lists a group's dead letters after a sequence, oldest first.
+    async fn dead_letters(
+        &self,
+        tenant: &str,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<DeadLetter>>;
+
+    /// Counts dead letters per group.
+    async fn dead_letter_counts(&self, tenant: &str) -> StoreResult<Vec<(String, u64)>>;
+
+    /// Removes dead letters; returns how many were removed.
+    async fn remove_dead_letters(
+        &self,
+        tenant: &str,
+        group: &str,
+        sequences: &[u64],
+    ) -> StoreResult<u64>;
+
+    /// Removes all dead letters of a group.
+    async fn clear_dead_letters(&self, tenant: &str, group: &str) -> StoreResult<u64>;
+
+    /// Answers when the database is reachable.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Watches the highest sequence committed by this process.
+    fn committed(&self) -> watch::Receiver<u64>;
+}

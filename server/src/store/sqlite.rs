@@ -1,0 +1,599 @@
+//! The embedded event store: one SQLite file in WAL mode, synchronous=FULL, one writer that group-commits.
+
+use std::{path::Path, str::FromStr, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{
+    Connection, QueryBuilder, Row, Sqlite, SqliteConnection,
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    },
+};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tracing::{debug, error};
+
+use super::{
+    Appended, DeadLetter, EventStore, EventTypeStats, NewEvent, ReadPage, ReadQuery, StoreError,
+    StoreResult,
+};
+use crate::event::{Event, Priority, Selection, StoredEvent};
+
+/// Most events one group commit takes in.
+const MAX_GROUP_COMMIT_EVENTS: usize = 10_000;
+
+/// The SQLite database shared by the embedded store and the embedded streams.
+#[derive(Clone)]
+pub struct SqliteDb {
+    /// Readers; WAL lets them run beside the writer.
+    pub pool: SqlitePool,
+    /// The one connection that writes, so writes never wait on SQLite's busy handler.
+    pub writer: Arc<Mutex<SqliteConnection>>,
+}
+
+impl SqliteDb {
+    /// Opens (creating when missing) the database file and applies the migrations.
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // an acknowledged publish must be on disk, not in the OS cache
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10));
+        let mut writer = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(map_err)?;
+        sqlx::migrate!("server/migrations/sqlite")
+            .run(&mut writer)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migrating {}: {e}", path.display())))?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(map_err)?;
+        Ok(SqliteDb {
+            pool,
+            writer: Arc::new(Mutex::new(writer)),
+        })
+    }
+}
+
+/// Translates driver errors at the store boundary.
+pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => StoreError::Unavailable(e.to_string()),
+        other => StoreError::Internal(other.to_string()),
+    }
+}
+
+/// Converts nanoseconds since the epoch.
+pub(crate) fn from_ns(ns: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_nanos(ns)
+}
+
+/// Converts to nanoseconds since the epoch (saturating outside 1677..2262).
+pub(crate) fn to_ns(t: DateTime<Utc>) -> i64 {
+    t.timestamp_nanos_opt().unwrap_or(if t.timestamp() < 0 {
+        i64::MIN
+    } else {
+        i64::MAX
+    })
+}
+
+fn seq_i64(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn decode(row: &sqlx::sqlite::SqliteRow) -> StoreResult<StoredEvent> {
+    let body: String = row.try_get("body").map_err(map_err)?;
+    let event: Event = serde_json::from_str(&body)
+        .map_err(|e| StoreError::Internal(format!("undecodable stored event: {e}")))?;
+    Ok(StoredEvent {
+        tenant: row.try_get("tenant").map_err(map_err)?,
+        sequence: row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
+        recorded_at: from_ns(row.try_get("recorded_ns").map_err(map_err)?),
+        event,
+    })
+}
+
+struct CommitRequest {
+    tenant: String,
+    events: Vec<NewEvent>,
+    reply: oneshot::Sender<StoreResult<Vec<Appended>>>,
+}
+
+/// The embedded event store.
+pub struct SqliteStore {
+    db: SqliteDb,
+    commits: mpsc::Sender<CommitRequest>,
+    committed: watch::Receiver<u64>,
+}
+
+impl SqliteStore {
+    /// Starts the store on an open database, with its group-commit writer task.
+    pub async fn start(db: SqliteDb) -> StoreResult<Arc<Self>> {
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
+            .fetch_one(&db.pool)
+            .await
+            .map_err(map_err)?;
+        let last_ns: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(recorded_ns), 0) FROM events")
+            .fetch_one(&db.pool)
+            .await
+            .map_err(map_err)?;
+        let (committed_tx, committed) = watch::channel(head as u64);
+        let (commits, rx) = mpsc::channel(1024);
+        tokio::spawn(group_commit(db.writer.clone(), rx, committed_tx, last_ns));
+        Ok(Arc::new(SqliteStore {
+            db,
+            commits,
+            committed,
+        }))
+    }
+
+    /// Returns the database, for the embedded streams.
+    pub fn db(&self) -> &SqliteDb {
+        &self.db
+    }
+}
+
+async fn group_commit(
+    writer: Arc<Mutex<SqliteConnection>>,
+    mut rx: mpsc::Receiver<CommitRequest>,
+    committed: watch::Sender<u64>,
+    mut last_ns: i64,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let mut total = batch[0].events.len();
+        while total < MAX_GROUP_COMMIT_EVENTS {
+            match rx.try_recv() {
+                Ok(more) => {
+                    total += more.events.len();
+                    batch.push(more);
+                }
+                Err(_) => break,
+            }
+        }
+        // recorded time never goes backwards, so time positions and sequence order agree
+        last_ns = to_ns(Utc::now()).max(last_ns);
+        let mut conn = writer.lock().await;
+        let outcome = commit_batch(&mut conn, &batch, last_ns).await;
+        drop(conn);
+        match outcome {
+            Ok(results) => {
+                let head = results
+                    .iter()
+                    .filter_map(|r| r.as_ref().ok())
+                    .flatten()
+                    .map(|a| a.sequence)
+                    .max();
+                if let Some(head) = head {
+                    committed.send_if_modified(|h| {
+                        let grew = head > *h;
+                        *h = (*h).max(head);
+                        grew
+                    });
+                }
+                debug!(requests = batch.len(), events = total, "group commit");
+                for (request, result) in batch.into_iter().zip(results) {
+                    let _ = request.reply.send(result);
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "group commit failed");
+                let message = e.to_string();
+                for request in batch {
+                    let _ = request
+                        .reply
+                        .send(Err(StoreError::Unavailable(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Commits every request of the batch in one transaction; a conflicting request is rolled back alone.
+async fn commit_batch(
+    conn: &mut SqliteConnection,
+    batch: &[CommitRequest],
+    recorded_ns: i64,
+) -> Result<Vec<StoreResult<Vec<Appended>>>, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let mut results = Vec::with_capacity(batch.len());
+    for request in batch {
+        let mut savepoint = tx.begin().await?;
+        match append_request(&mut savepoint, request, recorded_ns).await? {
+            Ok(appended) => {
+                savepoint.commit().await?;
+                results.push(Ok(appended));
+            }
+            Err(conflict) => {
+                savepoint.rollback().await?;
+                results.push(Err(conflict));
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+async fn append_request(
+    conn: &mut SqliteConnection,
+    request: &CommitRequest,
+    recorded_ns: i64,
+) -> Result<StoreResult<Vec<Appended>>, sqlx::Error> {
+    let mut out = Vec::with_capacity(request.events.len());
+    for new in &request.events {
+        let e = &new.event;
+        let body = serde_json::to_string(e).map_err(|err| sqlx::Error::Encode(Box::new(err)))?;
+        let inserted: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO events (tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, source, id) DO NOTHING RETURNING seq",
+        )
+        .bind(&request.tenant)
+        .bind(&e.source)
+        .bind(&e.id)
+        .bind(&e.event_type)
+        .bind(&e.subject)
+        .bind(&e.correlation_id)
+        .bind(e.priority.as_i64())
+        .bind(recorded_ns)
+        .bind(&new.content_hash[..])
+        .bind(body)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match inserted {
+            Some(seq) => {
+                sqlx::query(
+                    "INSERT INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns) VALUES (?, ?, 1, ?, ?, ?) \
+                     ON CONFLICT (tenant, type) DO UPDATE SET count = count + 1, last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns",
+                )
+                .bind(&request.tenant)
+                .bind(&e.event_type)
+                .bind(seq)
+                .bind(seq)
+                .bind(recorded_ns)
+                .execute(&mut *conn)
+                .await?;
+                out.push(Appended {
+                    sequence: seq as u64,
+                    duplicate: false,
+                });
+            }
+            None => {
+                let row = sqlx::query(
+                    "SELECT seq, content_hash FROM events WHERE tenant = ? AND source = ? AND id = ?",
+                )
+                .bind(&request.tenant)
+                .bind(&e.source)
+                .bind(&e.id)
+                .fetch_one(&mut *conn)
+                .await?;
+                let hash: Vec<u8> = row.try_get("content_hash")?;
+                if hash != new.content_hash {
+                    return Ok(Err(StoreError::Conflict {
+                        event_source: e.source.clone(),
+                        id: e.id.clone(),
+                    }));
+                }
+                out.push(Appended {
+                    sequence: row.try_get::<i64, _>("seq")? as u64,
+                    duplicate: true,
+                });
+            }
+        }
+    }
+    Ok(Ok(out))
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn append(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Vec<Appended>> {
+        let (reply, rx) = oneshot::channel();
+        self.commits
+            .send(CommitRequest {
+                tenant: tenant.to_owned(),
+                events,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+
+    async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
+        let limit = query.limit.clamp(1, 10_000);
+        let mut sql = QueryBuilder::<Sqlite>::new("SELECT * FROM events WHERE tenant = ");
+        sql.push_bind(&query.tenant);
+        sql.push(" AND seq > ").push_bind(seq_i64(query.after));
+        if let Some(until) = query.until {
+            sql.push(" AND seq <= ").push_bind(seq_i64(until));
+        }
+        if let Some(level) = query.priority {
+            sql.push(" AND priority = ").push_bind(level.as_i64());
+        }
+        let literals: Option<Vec<&str>> = (!query.types.is_empty())
+            .then(|| query.types.iter().map(|t| t.literal()).collect())
+            .flatten();
+        if let Some(literals) = &literals {
+            sql.push(" AND type IN (");
+            let mut list = sql.separated(", ");
+            for t in literals {
+                list.push_bind(*t);
+            }
+            sql.push(")");
+        }
+        for (column, value) in [
+            ("source", &query.source),
+            ("subject", &query.subject),
+            ("correlation_id", &query.correlation_id),
+        ] {
+            if let Some(value) = value {
+                sql.push(format_args!(" AND {column} = ")).push_bind(value);
+            }
+        }
+        if let Some(from) = query.recorded_from {
+            sql.push(" AND recorded_ns >= ").push_bind(to_ns(from));
+        }
+        if let Some(before) = query.recorded_before {
+            sql.push(" AND recorded_ns < ").push_bind(to_ns(before));
+        }
+        sql.push(" ORDER BY seq LIMIT ").push_bind(limit as i64);
+        let rows = sql
+            .build()
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(map_err)?;
+        let exhausted = rows.len() < limit;
+        let mut page = ReadPage {
+            events: Vec::with_capacity(rows.len()),
+            scanned_to: query.after,
+            exhausted,
+        };
+        for row in &rows {
+            let stored = decode(row)?;
+            page.scanned_to = stored.sequence;
+            if literals.is_some()
+                || query
+                    .types
+                    .iter()
+                    .any(|t| t.matches(&stored.event.event_type))
+                || query.types.is_empty()
+            {
+                page.events.push(Arc::new(stored));
+            }
+        }
+        if exhausted && let Some(until) = query.until {
+            page.scanned_to = page.scanned_to.max(until.min(*self.committed.borrow()));
+        }
+        Ok(page)
+    }
+
+    async fn read_sequences(&self, sequences: &[u64]) -> StoreResult<Vec<Arc<StoredEvent>>> {
+        if sequences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = QueryBuilder::<Sqlite>::new("SELECT * FROM events WHERE seq IN (");
+        let mut list = sql.separated(", ");
+        for s in sequences {
+            list.push_bind(seq_i64(*s));
+        }
+        sql.push(") ORDER BY seq");
+        let rows = sql
+            .build()
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(|r| decode(r).map(Arc::new)).collect()
+    }
+
+    async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<Arc<StoredEvent>>> {
+        let rows = sqlx::query("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?")
+            .bind(seq_i64(after))
+            .bind(limit as i64)
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(|r| decode(r).map(Arc::new)).collect()
+    }
+
+    async fn find(
+        &self,
+        tenant: &str,
+        id: &str,
+        source: Option<&str>,
+    ) -> StoreResult<Vec<Arc<StoredEvent>>> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE tenant = ? AND id = ? AND (? IS NULL OR source = ?) ORDER BY seq LIMIT 16",
+        )
+        .bind(tenant)
+        .bind(id)
+        .bind(source)
+        .bind(source)
+        .fetch_all(&self.db.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(|r| decode(r).map(Arc::new)).collect()
+    }
+
+    async fn head(&self) -> StoreResult<u64> {
+        Ok(*self.committed.borrow())
+    }
+
+    async fn sequence_before(&self, time: DateTime<Utc>) -> StoreResult<u64> {
+        let seq: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events WHERE recorded_ns < ?")
+                .bind(to_ns(time))
+                .fetch_one(&self.db.pool)
+                .await
+                .map_err(map_err)?;
+        Ok(seq as u64)
+    }
+
+    async fn count_after(
+        &self,
+        tenant: &str,
+        after_by_level: [u64; 4],
+        selection: &Selection,
+    ) -> StoreResult<u64> {
+        let mut total = 0;
+        for (level, after) in Priority::ALL.iter().zip(after_by_level) {
+            let rows = sqlx::query(
+                "SELECT type, COUNT(*) AS n FROM events WHERE tenant = ? AND priority = ? AND seq > ? GROUP BY type",
+            )
+            .bind(tenant)
+            .bind(level.as_i64())
+            .bind(seq_i64(after))
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(map_err)?;
+            for row in rows {
+                let t: String = row.try_get("type").map_err(map_err)?;
+                if selection.matches_type(&t) {
+                    total += row.try_get::<i64, _>("n").map_err(map_err)? as u64;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    async fn event_types(&self, tenant: &str) -> StoreResult<Vec<EventTypeStats>> {
+        let rows = sqlx::query("SELECT * FROM event_types WHERE tenant = ? ORDER BY type")
+            .bind(tenant)
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(EventTypeStats {
+                    event_type: r.try_get("type").map_err(map_err)?,
+                    count: r.try_get::<i64, _>("count").map_err(map_err)? as u64,
+                    first_sequence: r.try_get::<i64, _>("first_seq").map_err(map_err)? as u64,
+                    last_sequence: r.try_get::<i64, _>("last_seq").map_err(map_err)? as u64,
+                    last_recorded_at: from_ns(r.try_get("last_recorded_ns").map_err(map_err)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
+        let mut conn = self.db.writer.lock().await;
+        sqlx::query(
+            "INSERT INTO dead_letters (tenant, grp, seq, attempts, reason, dead_ns) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant, grp, seq) DO UPDATE SET attempts = excluded.attempts, reason = excluded.reason, dead_ns = excluded.dead_ns",
+        )
+        .bind(&dl.tenant)
+        .bind(&dl.group)
+        .bind(seq_i64(dl.sequence))
+        .bind(i64::from(dl.attempts))
+        .bind(&dl.reason)
+        .bind(to_ns(dl.dead_lettered_at))
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn dead_letters(
+        &self,
+        tenant: &str,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            "SELECT * FROM dead_letters WHERE tenant = ? AND grp = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(tenant)
+        .bind(group)
+        .bind(seq_i64(after))
+        .bind(limit as i64)
+        .fetch_all(&self.db.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeadLetter {
+                    tenant: r.try_get("tenant").map_err(map_err)?,
+                    group: r.try_get("grp").map_err(map_err)?,
+                    sequence: r.try_get::<i64, _>("seq").map_err(map_err)? as u64,
+                    attempts: r.try_get::<i64, _>("attempts").map_err(map_err)? as u32,
+                    reason: r.try_get("reason").map_err(map_err)?,
+                    dead_lettered_at: from_ns(r.try_get("dead_ns").map_err(map_err)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn dead_letter_counts(&self, tenant: &str) -> StoreResult<Vec<(String, u64)>> {
+        let rows = sqlx::query(
+            "SELECT grp, COUNT(*) AS n FROM dead_letters WHERE tenant = ? GROUP BY grp",
+        )
+        .bind(tenant)
+        .fetch_all(&self.db.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("grp").map_err(map_err)?,
+                    r.try_get::<i64, _>("n").map_err(map_err)? as u64,
+                ))
+            })
+            .collect()
+    }
+
+    async fn remove_dead_letters(
+        &self,
+        tenant: &str,
+        group: &str,
+        sequences: &[u64],
+    ) -> StoreResult<u64> {
+        if sequences.is_empty() {
+            return Ok(0);
+        }
+        let mut sql = QueryBuilder::<Sqlite>::new("DELETE FROM dead_letters WHERE tenant = ");
+        sql.push_bind(tenant)
+            .push(" AND grp = ")
+            .push_bind(group)
+            .push(" AND seq IN (");
+        let mut list = sql.separated(", ");
+        for s in sequences {
+            list.push_bind(seq_i64(*s));
+        }
+        sql.push(")");
+        let mut conn = self.db.writer.lock().await;
+        let done = sql.build().execute(&mut *conn).await.map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn clear_dead_letters(&self, tenant: &str, group: &str) -> StoreResult<u64> {
+        let mut conn = self.db.writer.lock().await;
+        let done = sqlx::query("DELETE FROM dead_letters WHERE tenant = ? AND grp = ?")
+            .bind(tenant)
+            .bind(group)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.db.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+}

@@ -1,0 +1,720 @@
+//! In-process live streams for the embedded default. The tail is a bounded in-memory window over the log;
+//! group cursors, pending deliveries and leases live in the SQLite database, so they survive restarts.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex as SyncMutex, RwLock},
+};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{Connection, Row};
+use tokio::sync::{mpsc, watch};
+
+use super::{
+    Claimed, GroupConfig, GroupKey, GroupStats, Inbox, Interest, LiveStreams, StreamError,
+    StreamResult, TailRead,
+};
+use crate::store::sqlite::{from_ns, map_err, to_ns};
+use crate::{
+    event::{Event, Priority, Selection, StoredEvent},
+    store::{EventStore, ReadQuery, SqliteStore, StoreError},
+};
+
+/// Most events the in-memory tail keeps.
+const TAIL_EVENTS: usize = 16_384;
+/// Most payload bytes the in-memory tail keeps.
+const TAIL_BYTES: usize = 64 << 20;
+
+fn db_err(e: sqlx::Error) -> StreamError {
+    map_err(e).into()
+}
+
+type InboxEntry = (Inbox, mpsc::Sender<Arc<StoredEvent>>);
+
+#[derive(Default)]
+struct Tail {
+    events: VecDeque<Arc<StoredEvent>>,
+    bytes: usize,
+    last: u64,
+}
+
+struct GroupState {
+    config: GroupConfig,
+    cursors: [u64; 4],
+}
+
+struct Subscriber {
+    group: Option<GroupKey>,
+    interest: Interest,
+}
+
+/// In-process streams over the embedded SQLite store.
+pub struct EmbeddedStreams {
+    store: Arc<SqliteStore>,
+    tail: RwLock<Tail>,
+    head: watch::Sender<u64>,
+    groups: SyncMutex<HashMap<GroupKey, GroupState>>,
+    subscribers: SyncMutex<HashMap<String, Subscriber>>,
+    inboxes: SyncMutex<HashMap<String, InboxEntry>>,
+    wakeups: SyncMutex<HashMap<GroupKey, watch::Sender<u64>>>,
+}
+
+fn level_index(level: Priority) -> usize {
+    Priority::ALL.iter().position(|p| *p == level).unwrap_or(2)
+}
+
+fn seq_i64(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+impl EmbeddedStreams {
+    /// Starts the streams on the embedded store, loading the durable groups.
+    pub async fn start(store: Arc<SqliteStore>) -> StreamResult<Arc<Self>> {
+        let head = store.head().await?;
+        let mut groups = HashMap::new();
+        let rows = sqlx::query("SELECT tenant, name, selection, max_attempts FROM groups")
+            .fetch_all(&store.db().pool)
+            .await
+            .map_err(db_err)?;
+        for row in rows {
+            let key = GroupKey {
+                tenant: row.try_get("tenant").map_err(db_err)?,
+                name: row.try_get("name").map_err(db_err)?,
+            };
+            let selection: String = row.try_get("selection").map_err(db_err)?;
+            let selection = crate::event::Selection::from_json(&selection)
+                .map_err(|e| StreamError::Internal(format!("group {:?}: {e}", key.name)))?;
+            let mut cursors = [0; 4];
+            let cursor_rows = sqlx::query(
+                "SELECT priority, cursor FROM group_cursors WHERE tenant = ? AND grp = ?",
+            )
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .fetch_all(&store.db().pool)
+            .await
+            .map_err(db_err)?;
+            for c in cursor_rows {
+                let level =
+                    Priority::from_i64(c.try_get("priority").map_err(db_err)?).unwrap_or_default();
+                cursors[level_index(level)] = c.try_get::<i64, _>("cursor").map_err(db_err)? as u64;
+            }
+            let max_attempts = row.try_get::<i64, _>("max_attempts").map_err(db_err)? as u32;
+            groups.insert(
+                key,
+                GroupState {
+                    config: GroupConfig {
+                        selection,
+                        max_attempts,
+                    },
+                    cursors,
+                },
+            );
+        }
+        let (head_tx, _) = watch::channel(head);
+        Ok(Arc::new(EmbeddedStreams {
+            store,
+            tail: RwLock::new(Tail {
+                last: head,
+                ..Tail::default()
+            }),
+            head: head_tx,
+            groups: SyncMutex::new(groups),
+            subscribers: SyncMutex::new(HashMap::new()),
+            inboxes: SyncMutex::new(HashMap::new()),
+            wakeups: SyncMutex::new(HashMap::new()),
+        }))
+    }
+
+    fn cached_events(&self, sequences: &[u64]) -> HashMap<u64, Arc<StoredEvent>> {
+        let tail = self.tail.read().unwrap_or_else(|p| p.into_inner());
+        let Some(first) = tail.events.front().map(|e| e.sequence) else {
+            return HashMap::new();
+        };
+        sequences
+            .iter()
+            .filter(|s| **s >= first)
+            .filter_map(|s| {
+                let i = tail.events.partition_point(|e| e.sequence < *s);
+                tail.events.get(i).filter(|e| e.sequence == *s).cloned()
+            })
+            .map(|e| (e.sequence, e))
+            .collect()
+    }
+
+    fn group_snapshot(&self, key: &GroupKey) -> StreamResult<(GroupConfig, [u64; 4])> {
+        let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        groups
+            .get(key)
+            .map(|g| (g.config.clone(), g.cursors))
+            .ok_or_else(|| StreamError::NoSuchGroup(key.name.clone()))
+    }
+}
+
+#[async_trait]
+impl LiveStreams for EmbeddedStreams {
+    async fn append(&self, events: &[Arc<StoredEvent>]) -> StreamResult<()> {
+        let mut tail = self.tail.write().unwrap_or_else(|p| p.into_inner());
+        let mut last = tail.last;
+        for event in events {
+            if event.sequence <= tail.last {
+                continue;
+            }
+            tail.bytes += event.event.size();
+            tail.last = event.sequence;
+            tail.events.push_back(event.clone());
+            last = event.sequence;
+        }
+        while tail.events.len() > TAIL_EVENTS || (tail.bytes > TAIL_BYTES && tail.events.len() > 1)
+        {
+            if let Some(old) = tail.events.pop_front() {
+                tail.bytes -= old.event.size();
+            }
+        }
+        drop(tail);
+        self.head.send_if_modified(|h| {
+            let grew = last > *h;
+            *h = (*h).max(last);
+            grew
+        });
+        Ok(())
+    }
+
+    async fn last_appended(&self) -> StreamResult<u64> {
+        Ok(self.tail.read().unwrap_or_else(|p| p.into_inner()).last)
+    }
+
+    async fn read_after(&self, after: u64, max: usize) -> StreamResult<TailRead> {
+        let tail = self.tail.read().unwrap_or_else(|p| p.into_inner());
+        if after >= tail.last {
+            return Ok(TailRead::Events(Vec::new()));
+        }
+        match tail.events.front() {
+            Some(first) if after + 1 >= first.sequence => {
+                let start = tail.events.partition_point(|e| e.sequence <= after);
+                Ok(TailRead::Events(
+                    tail.events.range(start..).take(max).cloned().collect(),
+                ))
+            }
+            Some(first) => Ok(TailRead::Trimmed {
+                oldest: first.sequence,
+            }),
+            None => Ok(TailRead::Trimmed {
+                oldest: tail.last + 1,
+            }),
+        }
+    }
+
+    fn head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    async fn ensure_group(
+        &self,
+        key: &GroupKey,
+        config: &GroupConfig,
+        start_after: u64,
+    ) -> StreamResult<bool> {
+        let selection = config.selection.to_json();
+        let mut conn = self.store.db().writer.lock().await;
+        let mut tx = conn.begin().await.map_err(db_err)?;
+        let created = sqlx::query(
+            "INSERT INTO groups (tenant, name, selection, max_attempts, created_ns) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant, name) DO NOTHING",
+        )
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .bind(&selection)
+        .bind(i64::from(config.max_attempts))
+        .bind(to_ns(Utc::now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        if created {
+            for level in Priority::ALL {
+                sqlx::query(
+                    "INSERT INTO group_cursors (tenant, grp, priority, cursor) VALUES (?, ?, ?, ?)",
+                )
+                .bind(&key.tenant)
+                .bind(&key.name)
+                .bind(level.as_i64())
+                .bind(seq_i64(start_after))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            }
+        } else {
+            sqlx::query(
+                "UPDATE groups SET selection = ?, max_attempts = ? WHERE tenant = ? AND name = ?",
+            )
+            .bind(&selection)
+            .bind(i64::from(config.max_attempts))
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        let state = groups.entry(key.clone()).or_insert_with(|| GroupState {
+            config: config.clone(),
+            cursors: [start_after; 4],
+        });
+        state.config = config.clone();
+        Ok(created)
+    }
+
+    async fn set_group_selection(&self, key: &GroupKey, selection: &Selection) -> StreamResult<()> {
+        let mut conn = self.store.db().writer.lock().await;
+        sqlx::query("UPDATE groups SET selection = ? WHERE tenant = ? AND name = ?")
+            .bind(selection.to_json())
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        match groups.get_mut(key) {
+            Some(g) => {
+                g.config.selection = selection.clone();
+                Ok(())
+            }
+            None => Err(StreamError::NoSuchGroup(key.name.clone())),
+        }
+    }
+
+    async fn claim_new(
+        &self,
+        key: &GroupKey,
+        consumer: &str,
+        level: Priority,
+        max: usize,
+        lease_until: DateTime<Utc>,
+    ) -> StreamResult<Vec<Claimed>> {
+        let index = level_index(level);
+        // the writer lock makes read-cursor, insert-pending, move-cursor one step for all consumers
+        let mut conn = self.store.db().writer.lock().await;
+        let (config, cursors) = self.group_snapshot(key)?;
+        let until = self.last_appended().await?;
+        let mut cursor = cursors[index];
+        let mut taken = Vec::new();
+        // bounded scan, so a group whose selection matches little never holds the writer for long
+        for _ in 0..8 {
+            if taken.len() >= max || cursor >= until {
+                break;
+            }
+            let page = self
+                .store
+                .read(&ReadQuery {
+                    tenant: key.tenant.clone(),
+                    after: cursor,
+                    until: Some(until),
+                    priority: Some(level),
+                    types: config.selection.types.clone(),
+                    limit: (max * 2).max(64),
+                    ..ReadQuery::default()
+                })
+                .await?;
+            let mut stopped_early = false;
+            for event in page.events {
+                if taken.len() >= max {
+                    stopped_early = true;
+                    break;
+                }
+                cursor = event.sequence;
+                if config.selection.matches(&event.event) {
+                    taken.push(event);
+                }
+            }
+            if !stopped_early {
+                cursor = cursor.max(page.scanned_to);
+            }
+            if page.exhausted || stopped_early {
+                break;
+            }
+        }
+        if cursor == cursors[index] {
+            return Ok(Vec::new());
+        }
+        let mut tx = conn.begin().await.map_err(db_err)?;
+        for event in &taken {
+            sqlx::query(
+                "INSERT INTO pending (tenant, grp, seq, priority, attempts, visible_ns, consumer) VALUES (?, ?, ?, ?, 1, ?, ?) \
+                 ON CONFLICT (tenant, grp, seq) DO NOTHING",
+            )
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .bind(seq_i64(event.sequence))
+            .bind(level.as_i64())
+            .bind(to_ns(lease_until))
+            .bind(consumer)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        sqlx::query(
+            "UPDATE group_cursors SET cursor = ? WHERE tenant = ? AND grp = ? AND priority = ?",
+        )
+        .bind(seq_i64(cursor))
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .bind(level.as_i64())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        if let Some(g) = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(key)
+        {
+            g.cursors[index] = cursor;
+        }
+        Ok(taken
+            .into_iter()
+            .map(|event| Claimed {
+                sequence: event.sequence,
+                attempt: 1,
+                priority: level,
+                event: Some(event),
+                last_error: None,
+            })
+            .collect())
+    }
+
+    async fn claim_due(
+        &self,
+        key: &GroupKey,
+        consumer: &str,
+        max: usize,
+        lease_until: DateTime<Utc>,
+    ) -> StreamResult<Vec<Claimed>> {
+        let mut conn = self.store.db().writer.lock().await;
+        let mut tx = conn.begin().await.map_err(db_err)?;
+        let rows = sqlx::query(
+            "SELECT seq, priority, attempts, last_error FROM pending WHERE tenant = ? AND grp = ? AND visible_ns <= ? \
+             ORDER BY priority DESC, seq LIMIT ?",
+        )
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .bind(to_ns(Utc::now()))
+        .bind(max as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let sequence = row.try_get::<i64, _>("seq").map_err(db_err)? as u64;
+            let attempt = row.try_get::<i64, _>("attempts").map_err(db_err)? as u32 + 1;
+            sqlx::query(
+                "UPDATE pending SET attempts = ?, visible_ns = ?, consumer = ? WHERE tenant = ? AND grp = ? AND seq = ?",
+            )
+            .bind(i64::from(attempt))
+            .bind(to_ns(lease_until))
+            .bind(consumer)
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .bind(seq_i64(sequence))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            claimed.push(Claimed {
+                sequence,
+                attempt,
+                event: None,
+                priority: Priority::from_i64(row.try_get("priority").map_err(db_err)?)
+                    .unwrap_or_default(),
+                last_error: row.try_get("last_error").map_err(db_err)?,
+            });
+        }
+        tx.commit().await.map_err(db_err)?;
+        drop(conn);
+        let sequences: Vec<u64> = claimed.iter().map(|c| c.sequence).collect();
+        let mut cached = self.cached_events(&sequences);
+        for c in &mut claimed {
+            c.event = cached.remove(&c.sequence);
+        }
+        Ok(claimed)
+    }
+
+    async fn next_due(&self, key: &GroupKey) -> StreamResult<Option<DateTime<Utc>>> {
+        let next: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(visible_ns) FROM pending WHERE tenant = ? AND grp = ?")
+                .bind(&key.tenant)
+                .bind(&key.name)
+                .fetch_one(&self.store.db().pool)
+                .await
+                .map_err(db_err)?;
+        Ok(next.map(from_ns))
+    }
+
+    async fn ack(&self, key: &GroupKey, deliveries: &[(u64, u32)]) -> StreamResult<Vec<bool>> {
+        let mut conn = self.store.db().writer.lock().await;
+        let mut tx = conn.begin().await.map_err(db_err)?;
+        let mut out = Vec::with_capacity(deliveries.len());
+        for (sequence, attempt) in deliveries {
+            let done = sqlx::query(
+                "DELETE FROM pending WHERE tenant = ? AND grp = ? AND seq = ? AND attempts = ?",
+            )
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .bind(seq_i64(*sequence))
+            .bind(i64::from(*attempt))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            out.push(done.rows_affected() == 1);
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(out)
+    }
+
+    async fn set_visible_at(
+        &self,
+        key: &GroupKey,
+        sequence: u64,
+        attempt: u32,
+        visible_at: DateTime<Utc>,
+        error: Option<&str>,
+    ) -> StreamResult<bool> {
+        let mut conn = self.store.db().writer.lock().await;
+        let done = sqlx::query(
+            "UPDATE pending SET visible_ns = ?, last_error = COALESCE(?, last_error) \
+             WHERE tenant = ? AND grp = ? AND seq = ? AND attempts = ?",
+        )
+        .bind(to_ns(visible_at))
+        .bind(error)
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .bind(seq_i64(sequence))
+        .bind(i64::from(attempt))
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn remove_pending(&self, key: &GroupKey, sequence: u64) -> StreamResult<()> {
+        let mut conn = self.store.db().writer.lock().await;
+        sqlx::query("DELETE FROM pending WHERE tenant = ? AND grp = ? AND seq = ?")
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .bind(seq_i64(sequence))
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<u64> {
+        self.group_snapshot(key)?;
+        let now = to_ns(Utc::now());
+        let mut conn = self.store.db().writer.lock().await;
+        let mut tx = conn.begin().await.map_err(db_err)?;
+        let mut added = 0;
+        for event in events {
+            added += sqlx::query(
+                "INSERT INTO pending (tenant, grp, seq, priority, attempts, visible_ns) VALUES (?, ?, ?, ?, 0, ?) \
+                 ON CONFLICT (tenant, grp, seq) DO NOTHING",
+            )
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .bind(seq_i64(event.sequence))
+            .bind(event.event.priority.as_i64())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected();
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(added)
+    }
+
+    fn group_wakeups(&self, key: &GroupKey) -> watch::Receiver<u64> {
+        self.wakeups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    async fn wake_group(&self, key: &GroupKey) -> StreamResult<()> {
+        if let Some(tx) = self
+            .wakeups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            tx.send_modify(|n| *n += 1);
+        }
+        Ok(())
+    }
+
+    async fn groups(&self, tenant: &str) -> StreamResult<Vec<GroupStats>> {
+        let rows =
+            sqlx::query("SELECT grp, COUNT(*) AS n FROM pending WHERE tenant = ? GROUP BY grp")
+                .bind(tenant)
+                .fetch_all(&self.store.db().pool)
+                .await
+                .map_err(db_err)?;
+        let mut pending = HashMap::new();
+        for row in rows {
+            let name: String = row.try_get("grp").map_err(db_err)?;
+            pending.insert(name, row.try_get::<i64, _>("n").map_err(db_err)? as u64);
+        }
+        let mut consumers: HashMap<GroupKey, u32> = HashMap::new();
+        for s in self
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            if let Some(g) = &s.group {
+                *consumers.entry(g.clone()).or_default() += 1;
+            }
+        }
+        let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<GroupStats> = groups
+            .iter()
+            .filter(|(k, _)| k.tenant == tenant)
+            .map(|(k, g)| GroupStats {
+                key: k.clone(),
+                config: g.config.clone(),
+                pending: pending.get(&k.name).copied().unwrap_or(0),
+                cursors: g.cursors,
+                consumers: consumers.get(k).copied().unwrap_or(0),
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.name.cmp(&b.key.name));
+        Ok(out)
+    }
+
+    async fn delete_group(&self, key: &GroupKey) -> StreamResult<bool> {
+        let mut conn = self.store.db().writer.lock().await;
+        let mut tx = conn.begin().await.map_err(db_err)?;
+        let mut deleted = false;
+        for table in [
+            "DELETE FROM groups WHERE tenant = ? AND name = ?",
+            "DELETE FROM group_cursors WHERE tenant = ? AND grp = ?",
+            "DELETE FROM pending WHERE tenant = ? AND grp = ?",
+        ] {
+            let done = sqlx::query(table)
+                .bind(&key.tenant)
+                .bind(&key.name)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            deleted |= done.rows_affected() > 0;
+        }
+        tx.commit().await.map_err(db_err)?;
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        Ok(deleted)
+    }
+
+    async fn join(
+        &self,
+        id: &str,
+        group: Option<&GroupKey>,
+        interest: Interest,
+    ) -> StreamResult<()> {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.to_owned(),
+                Subscriber {
+                    group: group.cloned(),
+                    interest,
+                },
+            );
+        Ok(())
+    }
+
+    async fn update_interest(&self, id: &str, interest: Interest) -> StreamResult<()> {
+        if let Some(s) = self
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(id)
+        {
+            s.interest = interest;
+        }
+        Ok(())
+    }
+
+    async fn leave(&self, id: &str) -> StreamResult<()> {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(())
+    }
+
+    async fn has_interest(&self, tenant: &str, event: &Event) -> StreamResult<bool> {
+        Ok(self
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|s| s.interest.tenant == tenant && s.interest.selection.matches(event)))
+    }
+
+    async fn open_inbox(
+        &self,
+        inbox: &str,
+        info: Inbox,
+    ) -> StreamResult<mpsc::Receiver<Arc<StoredEvent>>> {
+        let (tx, rx) = mpsc::channel(1);
+        self.inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(inbox.to_owned(), (info, tx));
+        Ok(rx)
+    }
+
+    async fn inbox(&self, inbox: &str) -> StreamResult<Option<Inbox>> {
+        Ok(self
+            .inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(inbox)
+            .map(|(info, _)| info.clone()))
+    }
+
+    async fn send_reply(&self, inbox: &str, reply: Arc<StoredEvent>) -> StreamResult<bool> {
+        let sender = self
+            .inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(inbox)
+            .map(|(_, tx)| tx.clone());
+        Ok(match sender {
+            Some(tx) => tx.try_send(reply).is_ok(),
+            None => false,
+        })
+    }
+
+    async fn close_inbox(&self, inbox: &str) -> StreamResult<()> {
+        self.inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(inbox);
+        Ok(())
+    }
+
+    async fn ping(&self) -> StreamResult<()> {
+        self.store.ping().await.map_err(|e| match e {
+            StoreError::Unavailable(m) => StreamError::Unavailable(m),
+            other => StreamError::Internal(other.to_string()),
+        })
+    }
+}

@@ -1,0 +1,224 @@
+//! Live streams: the ordered tail of the log that subscribers follow, durable consumer groups with leases,
+//! who is listening (for "no responders"), and reply inboxes.
+//!
+//! One trait, two implementations: in-process (embedded default, group state in the SQLite database) and
+//! Redis Streams (production). Sequences are the stream positions: entry `<seq>-0` in Redis.
+
+mod embedded;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch};
+
+pub use embedded::EmbeddedStreams;
+
+use crate::event::{Event, Priority, Selection, StoredEvent};
+
+/// Errors of the stream layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The backend does not answer.
+    #[error("stream backend unavailable: {0}")]
+    Unavailable(String),
+    /// The named group does not exist.
+    #[error("group {0:?} does not exist")]
+    NoSuchGroup(String),
+    /// The backend failed in an unexpected way.
+    #[error("stream backend failure: {0}")]
+    Internal(String),
+}
+
+/// Result alias of the stream layer.
+pub type StreamResult<T> = Result<T, StreamError>;
+
+impl From<crate::store::StoreError> for StreamError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Unavailable(m) => StreamError::Unavailable(m),
+            other => StreamError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Identifies a durable group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    pub tenant: String,
+    pub name: String,
+}
+
+/// The settings of a durable group.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// What the group receives; every subscriber that opens or changes the filter replaces it.
+    pub selection: Selection,
+    /// Deliveries of one event before it is dead-lettered.
+    pub max_attempts: u32,
+}
+
+/// A delivery handed to a group consumer under a lease.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub sequence: u64,
+    /// 1 on first delivery.
+    pub attempt: u32,
+    /// The event; `None` when the stream no longer holds it (trimmed), so the caller reads it from the store.
+    pub event: Option<Arc<StoredEvent>>,
+    pub priority: Priority,
+    /// Why the previous attempt failed, when it did.
+    pub last_error: Option<String>,
+}
+
+/// Backlog of one group.
+#[derive(Debug, Clone)]
+pub struct GroupStats {
+    pub key: GroupKey,
+    pub config: GroupConfig,
+    pub pending: u64,
+    /// Per priority level (as in [`Priority::ALL`]), the last sequence handed out.
+    pub cursors: [u64; 4],
+    pub consumers: u32,
+}
+
+/// Result of reading the live tail.
+#[derive(Debug)]
+pub enum TailRead {
+    /// Events after the position, in order (possibly none).
+    Events(Vec<Arc<StoredEvent>>),
+    /// The position is older than the oldest retained entry; read the store up to `oldest`.
+    Trimmed { oldest: u64 },
+}
+
+/// Who requested, for a reply to find its way back.
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    pub tenant: String,
+    pub correlation_id: String,
+    pub request_id: String,
+    pub request_source: String,
+}
+
+/// A live subscription, as far as "no responders" is concerned.
+#[derive(Debug, Clone)]
+pub struct Interest {
+    pub tenant: String,
+    pub selection: Selection,
+}
+
+/// The live stream backend.
+#[async_trait]
+pub trait LiveStreams: Send + Sync + 'static {
+    /// Appends committed events in sequence order; re-adding a sequence already appended is a no-op.
+    async fn append(&self, events: &[Arc<StoredEvent>]) -> StreamResult<()>;
+
+    /// Returns the highest sequence appended.
+    async fn last_appended(&self) -> StreamResult<u64>;
+
+    /// Reads up to `max` entries after `after`.
+    async fn read_after(&self, after: u64, max: usize) -> StreamResult<TailRead>;
+
+    /// Watches the highest appended sequence, to wake readers.
+    fn head(&self) -> watch::Receiver<u64>;
+
+    /// Creates the group at `start_after` when missing, else updates its config; returns whether it was created.
+    async fn ensure_group(
+        &self,
+        key: &GroupKey,
+        config: &GroupConfig,
+        start_after: u64,
+    ) -> StreamResult<bool>;
+
+    /// Replaces the selection of an existing group.
+    async fn set_group_selection(&self, key: &GroupKey, selection: &Selection) -> StreamResult<()>;
+
+    /// Hands out up to `max` new entries of one priority level under a lease until `lease_until`.
+    async fn claim_new(
+        &self,
+        key: &GroupKey,
+        consumer: &str,
+        level: Priority,
+        max: usize,
+        lease_until: DateTime<Utc>,
+    ) -> StreamResult<Vec<Claimed>>;
+
+    /// Hands out up to `max` pending entries whose lease ran out (or that were released), with attempt + 1.
+    async fn claim_due(
+        &self,
+        key: &GroupKey,
+        consumer: &str,
+        max: usize,
+        lease_until: DateTime<Utc>,
+    ) -> StreamResult<Vec<Claimed>>;
+
+    /// Returns when the earliest pending entry of the group becomes due, if any.
+    async fn next_due(&self, key: &GroupKey) -> StreamResult<Option<DateTime<Utc>>>;
+
+    /// Settles deliveries; an entry is removed only if its current attempt matches. Returns which were settled.
+    async fn ack(&self, key: &GroupKey, deliveries: &[(u64, u32)]) -> StreamResult<Vec<bool>>;
+
+    /// Moves the lease of a delivery (nack with delay, extension, release): it becomes due at `visible_at`.
+    async fn set_visible_at(
+        &self,
+        key: &GroupKey,
+        sequence: u64,
+        attempt: u32,
+        visible_at: DateTime<Utc>,
+        error: Option<&str>,
+    ) -> StreamResult<bool>;
+
+    /// Removes a pending entry whatever its attempt (it was dead-lettered).
+    async fn remove_pending(&self, key: &GroupKey, sequence: u64) -> StreamResult<()>;
+
+    /// Puts events back into the group's pending list, due now, with their attempts reset (redrive).
+    async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<u64>;
+
+    /// Watches a counter that moves whenever pending entries of the group became due early (release, nack, redrive).
+    fn group_wakeups(&self, key: &GroupKey) -> watch::Receiver<u64>;
+
+    /// Tells every consumer of the group (on every replica) to look for due entries now.
+    async fn wake_group(&self, key: &GroupKey) -> StreamResult<()>;
+
+    /// Lists a tenant's groups with their backlog.
+    async fn groups(&self, tenant: &str) -> StreamResult<Vec<GroupStats>>;
+
+    /// Deletes a group and its pending entries.
+    async fn delete_group(&self, key: &GroupKey) -> StreamResult<bool>;
+
+    /// Registers a connected subscriber; `group` counts it as a consumer of that group.
+    async fn join(
+        &self,
+        id: &str,
+        group: Option<&GroupKey>,
+        interest: Interest,
+    ) -> StreamResult<()>;
+
+    /// Updates what a connected subscriber listens to.
+    async fn update_interest(&self, id: &str, interest: Interest) -> StreamResult<()>;
+
+    /// Unregisters a subscriber.
+    async fn leave(&self, id: &str) -> StreamResult<()>;
+
+    /// Tells whether any connected subscriber (on any replica) would receive the event.
+    async fn has_interest(&self, tenant: &str, event: &Event) -> StreamResult<bool>;
+
+    /// Opens a reply inbox; replies arrive on the returned channel until [`LiveStreams::close_inbox`].
+    async fn open_inbox(
+        &self,
+        inbox: &str,
+        info: Inbox,
+    ) -> StreamResult<mpsc::Receiver<Arc<StoredEvent>>>;
+
+    /// Looks up a waiting inbox.
+    async fn inbox(&self, inbox: &str) -> StreamResult<Option<Inbox>>;
+
+    /// Delivers a reply to a waiting inbox; false when nobody waits any more.
+    async fn send_reply(&self, inbox: &str, reply: Arc<StoredEvent>) -> StreamResult<bool>;
+
+    /// Closes an inbox.
+    async fn close_inbox(&self, inbox: &str) -> StreamResult<()>;
+
+    /// Answers when the backend is reachable.
+    async fn ping(&self) -> StreamResult<()>;
+}

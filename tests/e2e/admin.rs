@@ -1,0 +1,144 @@
+use tonic::Code;
+
+use crate::harness::*;
+use nerve::api::pb;
+
+#[tokio::test]
+async fn get_event_by_id_and_source() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut other = event("shared", "a.b");
+    other.source = "//other".into();
+    let seqs = publish(
+        &mut bus,
+        vec![event("shared", "a.b"), other, event("unique", "a.b")],
+    )
+    .await;
+    let mut admin = server.admin();
+    let found = admin
+        .get_event(pb::GetEventRequest {
+            id: "unique".into(),
+            source: String::new(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(found.event.expect("event").sequence, seqs[2]);
+    assert_status(
+        admin
+            .get_event(pb::GetEventRequest {
+                id: "shared".into(),
+                source: String::new(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "source",
+    );
+    let chosen = admin
+        .get_event(pb::GetEventRequest {
+            id: "shared".into(),
+            source: "//other".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(chosen.event.expect("event").sequence, seqs[1]);
+    assert_status(
+        admin
+            .get_event(pb::GetEventRequest {
+                id: "missing".into(),
+                source: String::new(),
+            })
+            .await,
+        Code::NotFound,
+        "missing",
+    );
+    assert_status(
+        admin.get_event(pb::GetEventRequest::default()).await,
+        Code::InvalidArgument,
+        "id",
+    );
+}
+
+#[tokio::test]
+async fn lists_event_types_with_counts() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let seqs = publish(
+        &mut bus,
+        vec![
+            event("1", "b.created"),
+            event("2", "a.created"),
+            event("3", "b.created"),
+        ],
+    )
+    .await;
+    let types = server
+        .admin()
+        .list_event_types(pb::ListEventTypesRequest {})
+        .await
+        .expect("types")
+        .into_inner()
+        .types;
+    let summary: Vec<(String, u64, u64, u64)> = types
+        .iter()
+        .map(|t| (t.r#type.clone(), t.count, t.first_sequence, t.last_sequence))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("a.created".to_owned(), 1, seqs[1], seqs[1]),
+            ("b.created".to_owned(), 2, seqs[0], seqs[2])
+        ]
+    );
+}
+
+#[tokio::test]
+async fn delete_group_removes_it_and_redrive_of_unknown_group_is_not_found() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    Subscriber::open(&mut bus, open(&["x"], "doomed"))
+        .await
+        .expect("open")
+        .close();
+    let mut admin = server.admin();
+    assert!(
+        admin
+            .delete_group(pb::DeleteGroupRequest {
+                group: "doomed".into()
+            })
+            .await
+            .expect("delete")
+            .into_inner()
+            .deleted
+    );
+    let groups = admin
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .groups;
+    assert!(groups.iter().all(|g| g.name != "doomed"));
+    assert_status(
+        admin
+            .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+                group: "nope".into(),
+                sequences: vec![],
+                all: true,
+            })
+            .await,
+        Code::NotFound,
+        "nope",
+    );
+    assert_status(
+        admin
+            .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+                group: "g".into(),
+                sequences: vec![],
+                all: false,
+            })
+            .await,
+        Code::InvalidArgument,
+        "sequences",
+    );
+}

@@ -1,0 +1,262 @@
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use nerve::api::pb::{self, event_bus_client::EventBusClient};
+use tonic::Code;
+
+use crate::harness::*;
+
+async fn replay_ids(channel: tonic::transport::Channel) -> Vec<String> {
+    let mut bus = EventBusClient::new(channel);
+    let pages = collect_replay(
+        bus.replay(pb::ReplayRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("replay")
+        .into_inner(),
+    )
+    .await;
+    pages
+        .iter()
+        .flat_map(|p| p.events.iter().map(|e| e.id.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn kill_9_mid_publish_keeps_every_acknowledged_event_and_groups_resume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = ServerProcess::spawn(dir.path(), &HashMap::new()).await;
+    let channel = server.channel().await;
+    let mut bus = EventBusClient::new(channel.clone());
+
+    // a group that acked the first 50 events and holds 5 more unacked when the server dies
+    let mut o = open(&["crash.>"], "survivors");
+    o.start = earliest();
+    o.max_in_flight = 5;
+    o.ack_deadline = millis(3_000);
+    let mut group = Subscriber::open(&mut bus, o.clone())
+        .await
+        .expect("open group");
+    let first = publish_n(&mut bus, "pre", "crash.pre", 55).await;
+    let mut acked_by_group = BTreeSet::new();
+    while acked_by_group.len() < 50 {
+        let d = group.next_delivery().await;
+        acked_by_group.insert(seq(&d));
+        group.ack_one(&d).await;
+    }
+    let held: Vec<pb::Delivery> = group.deliveries(5).await;
+
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let mut bus = EventBusClient::new(channel.clone());
+        let acknowledged = acknowledged.clone();
+        publishers.push(tokio::spawn(async move {
+            for batch in 0.. {
+                let events: Vec<pb::Event> = (0..10)
+                    .map(|i| event(&format!("p{p}-b{batch}-{i}"), "crash.load"))
+                    .collect();
+                let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+                match bus.publish(pb::PublishRequest { events }).await {
+                    Ok(_) => acknowledged.lock().expect("lock").extend(ids),
+                    Err(status) => return status,
+                }
+            }
+            unreachable!()
+        }));
+    }
+    // kill once a good number of publishes were acknowledged, with more in flight
+    eventually("acknowledged publishes", || {
+        let n = acknowledged.lock().expect("lock").len();
+        async move { (n >= 2000).then_some(()) }
+    })
+    .await;
+    server.kill9().await;
+    for p in publishers {
+        let status = p.await.expect("publisher");
+        assert!(
+            matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+            ),
+            "{status:?}"
+        );
+    }
+    drop(group);
+
+    let restarted = ServerProcess::spawn(dir.path(), &HashMap::new()).await;
+    let channel = restarted.channel().await;
+    let stored = replay_ids(channel.clone()).await;
+    let stored_set: BTreeSet<&String> = stored.iter().collect();
+    assert_eq!(stored_set.len(), stored.len(), "no event stored twice");
+    let acknowledged = acknowledged.lock().expect("lock").clone();
+    let missing: Vec<&String> = acknowledged
+        .iter()
+        .filter(|id| !stored_set.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+
+    // the group resumes: every stored event it had not acked arrives (the held ones again once their
+    // lease runs out, with a later attempt), and nothing it acked comes back
+    let mut bus = EventBusClient::new(channel);
+    o.max_in_flight = 500;
+    let mut group = Subscriber::open(&mut bus, o).await.expect("reopen group");
+    let expected: BTreeSet<String> = stored
+        .iter()
+        .filter(|id| {
+            !id.starts_with("pre-") || {
+                let n: usize = id[4..].parse().expect("number");
+                n >= 50
+            }
+        })
+        .cloned()
+        .collect();
+    let mut received = BTreeSet::new();
+    while received.len() < expected.len() {
+        let d = group.next_delivery().await;
+        assert!(
+            !acked_by_group.contains(&seq(&d)),
+            "acked event {} delivered again",
+            seq(&d)
+        );
+        if held.iter().any(|h| seq(h) == seq(&d)) {
+            assert!(
+                d.attempt >= 2,
+                "a held delivery comes back as a new attempt"
+            );
+        }
+        received.insert(id(&d));
+        group.ack_one(&d).await;
+    }
+    assert_eq!(received, expected);
+    assert!(held.iter().all(|h| first.contains(&seq(h))));
+}
+
+#[tokio::test]
+async fn sigterm_ends_streams_with_a_status_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = ServerProcess::spawn(dir.path(), &HashMap::new()).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let mut sub = Subscriber::open(&mut bus, open(&["shutdown.>"], "g"))
+        .await
+        .expect("open");
+    publish(&mut bus, vec![event("s1", "shutdown.now")]).await;
+    let _held = sub.next_delivery().await;
+    server.signal(15);
+    let status = sub
+        .final_status()
+        .await
+        .expect_err("stream ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"));
+    let exit = tokio::time::timeout(WAIT, server.child.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    assert!(exit.success(), "exit status {exit:?}");
+
+    // the unacked delivery was released, not lost
+    let restarted = ServerProcess::spawn(dir.path(), &HashMap::new()).await;
+    let mut bus = EventBusClient::new(restarted.channel().await);
+    let mut sub = Subscriber::open(&mut bus, open(&["shutdown.>"], "g"))
+        .await
+        .expect("reopen");
+    let d = sub.next_delivery().await;
+    assert_eq!((id(&d), d.attempt), ("s1".to_owned(), 2));
+}
+
+#[tokio::test]
+async fn dead_letters_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = ServerProcess::spawn(dir.path(), &HashMap::new()).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let mut sub = Subscriber::open(
+        &mut bus,
+        pb::SubscriptionOpen {
+            start: earliest(),
+            ..open(&["dl.>"], "g")
+        },
+    )
+    .await
+    .expect("open");
+    publish(&mut bus, vec![event("d1", "dl.x")]).await;
+    let d = sub.next_delivery().await;
+    sub.send(pb::subscribe_request::Action::Nack(pb::Nack {
+        delivery_ids: vec![d.delivery_id],
+        retry_delay: None,
+        dead_letter: true,
+        reason: "bad".into(),
+    }))
+    .await;
+    let mut admin = pb::admin_client::AdminClient::new(server.channel().await);
+    eventually("dead letter", || {
+        let mut admin = admin.clone();
+        async move {
+            let list = admin
+                .list_dead_letters(pb::ListDeadLettersRequest {
+                    group: "g".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            (!list.into_inner().dead_letters.is_empty()).then_some(())
+        }
+    })
+    .await;
+    server.kill9().await;
+    let restarted = ServerProcess::spawn(dir.path(), &HashMap::new()).await;
+    admin = pb::admin_client::AdminClient::new(restarted.channel().await);
+    let list = admin
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            group: "g".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(list.dead_letters.len(), 1);
+    assert_eq!(list.dead_letters[0].reason, "bad");
+}
+
+#[tokio::test]
+async fn help_lists_the_environment_variables() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_nerve-server"))
+        .arg("--help")
+        .output()
+        .await
+        .expect("run --help");
+    let text = String::from_utf8_lossy(&output.stdout);
+    for name in [
+        "NERVE_LISTEN",
+        "NERVE_DATA_DIR",
+        "NERVE_LIMITS__MAX_EVENT_BYTES",
+        "NERVE_BUS__DEFAULT_ACK_DEADLINE",
+    ] {
+        assert!(text.contains(name), "--help should list {name}:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn unknown_config_keys_refuse_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("nerve.toml");
+    std::fs::write(&file, "[limits]\nmax_batch_evnts = 3\n").expect("write");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_nerve-server"))
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .await
+        .expect("run");
+    assert!(!output.status.success());
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("max_batch_evnts"), "{text}");
+}

@@ -1,0 +1,163 @@
+use std::collections::HashMap;
+
+use crate::harness::*;
+use nerve::api::pb::{self, filter::Filter as F, subscribe_request::Action};
+
+fn values(pairs: &[(&str, &str)]) -> pb::AttributeValues {
+    pb::AttributeValues {
+        attributes: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
+    }
+}
+
+fn filter(f: F) -> pb::Filter {
+    pb::Filter { filter: Some(f) }
+}
+
+fn tagged(id: &str, subject: &str, source: &str, region: &str) -> pb::Event {
+    let mut e = event(id, "filter.x");
+    e.subject = subject.into();
+    e.source = source.into();
+    e.extensions.insert(
+        "region".into(),
+        pb::ExtensionValue {
+            value: Some(pb::extension_value::Value::StringValue(region.into())),
+        },
+    );
+    e
+}
+
+async fn received_ids(server: &TestServer, f: pb::Filter) -> Vec<String> {
+    let mut bus = server.bus();
+    let mut o = open(&["filter.x"], "");
+    o.start = earliest();
+    o.filter = Some(f);
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    let mut ids: Vec<String> = sub.until_caught_up().await.iter().map(id).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn each_dialect_selects_on_the_server() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    publish(
+        &mut bus,
+        vec![
+            tagged("1", "order-1", "//shop/eu", "eu-west"),
+            tagged("2", "order-2", "//shop/us", "us-east"),
+            tagged("3", "invoice-3", "//billing/eu", "eu-central"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        received_ids(&server, filter(F::Exact(values(&[("subject", "order-2")])))).await,
+        ["2"]
+    );
+    assert_eq!(
+        received_ids(&server, filter(F::Prefix(values(&[("source", "//shop/")])))).await,
+        ["1", "2"]
+    );
+    assert_eq!(
+        received_ids(&server, filter(F::Suffix(values(&[("region", "-east")])))).await,
+        ["2"]
+    );
+    assert_eq!(
+        received_ids(&server, filter(F::Prefix(values(&[("region", "eu-")])))).await,
+        ["1", "3"]
+    );
+    let all = F::All(pb::FilterList {
+        filters: vec![
+            filter(F::Prefix(values(&[("region", "eu-")]))),
+            filter(F::Prefix(values(&[("subject", "order")]))),
+        ],
+    });
+    assert_eq!(received_ids(&server, filter(all)).await, ["1"]);
+    let any = F::Any(pb::FilterList {
+        filters: vec![
+            filter(F::Exact(values(&[("id", "1")]))),
+            filter(F::Exact(values(&[("id", "3")]))),
+        ],
+    });
+    assert_eq!(received_ids(&server, filter(any)).await, ["1", "3"]);
+    let not = F::Negate(Box::new(filter(F::Exact(values(&[("region", "us-east")])))));
+    assert_eq!(received_ids(&server, filter(not)).await, ["1", "3"]);
+    // an attribute the event lacks never matches
+    assert!(
+        received_ids(&server, filter(F::Exact(values(&[("dataschema", "x")]))))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn filter_can_change_mid_stream() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = open(&["filter.x"], "");
+    o.filter = Some(filter(F::Exact(values(&[("region", "eu-west")]))));
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    sub.until_caught_up().await;
+    publish(
+        &mut bus,
+        vec![
+            tagged("a", "s", "//x", "eu-west"),
+            tagged("b", "s", "//x", "us-east"),
+        ],
+    )
+    .await;
+    assert_eq!(id(&sub.next_delivery().await), "a");
+    sub.send(Action::SetFilter(pb::SetFilter {
+        filter: Some(filter(F::Exact(values(&[("region", "us-east")])))),
+    }))
+    .await;
+    sub.expect_idle(1).await;
+    publish(
+        &mut bus,
+        vec![
+            tagged("c", "s", "//x", "eu-west"),
+            tagged("d", "s", "//x", "us-east"),
+        ],
+    )
+    .await;
+    assert_eq!(id(&sub.next_delivery().await), "d");
+}
+
+#[tokio::test]
+async fn bad_filters_are_rejected() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut deep = filter(F::Exact(values(&[("subject", "x")])));
+    for _ in 0..20 {
+        deep = filter(F::Negate(Box::new(deep)));
+    }
+    let cases = [
+        (deep, "deeper"),
+        (
+            filter(F::Exact(values(&[("Subject", "x")]))),
+            "attribute names",
+        ),
+        (
+            filter(F::Exact(values(&[(
+                "subject'; DROP TABLE events; --",
+                "x",
+            )]))),
+            "attribute names",
+        ),
+        (
+            filter(F::All(pb::FilterList { filters: vec![] })),
+            "at least one",
+        ),
+        (pb::Filter { filter: None }, "no dialect"),
+    ];
+    for (f, needle) in cases {
+        let mut o = open(&["filter.x"], "");
+        o.filter = Some(f);
+        let status = Subscriber::open(&mut bus, o).await.err().expect("rejected");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(needle), "{needle}: {status:?}");
+    }
+}

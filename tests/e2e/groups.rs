@@ -1,0 +1,392 @@
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::{Duration, Instant},
+};
+
+use crate::harness::*;
+use nerve::api::pb::{self, subscribe_request::Action};
+
+fn group_open(types: &[&str], group: &str) -> pb::SubscriptionOpen {
+    pb::SubscriptionOpen {
+        start: earliest(),
+        ..open(types, group)
+    }
+}
+
+#[tokio::test]
+async fn one_group_load_balances_across_three_subscribers() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        let mut o = group_open(&["jobs.>"], "workers");
+        o.max_in_flight = 10;
+        let sub = Subscriber::open(&mut bus, o).await.expect("open");
+        assert_eq!(sub.subscribed.group, "workers");
+        subs.push(sub);
+    }
+    publish_n(&mut bus, "j", "jobs.run", 300).await;
+    let mut per_sub = vec![0usize; 3];
+    let mut seen = BTreeSet::new();
+    // hold each delivery unacked until all three have work, so none can take everything
+    'outer: loop {
+        for (i, sub) in subs.iter_mut().enumerate() {
+            if let Some(d) = sub.try_next_delivery(Duration::from_millis(50)).await {
+                assert!(seen.insert(seq(&d)), "delivered twice: {}", seq(&d));
+                per_sub[i] += 1;
+                sub.ack_one(&d).await;
+            }
+            if seen.len() == 300 {
+                break 'outer;
+            }
+        }
+    }
+    assert!(
+        per_sub.iter().all(|n| *n > 0),
+        "every member got work: {per_sub:?}"
+    );
+    for sub in &mut subs {
+        sub.expect_idle(1).await;
+    }
+}
+
+#[tokio::test]
+async fn different_groups_each_get_every_event() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut a = Subscriber::open(&mut bus, group_open(&["fan.>"], "audit"))
+        .await
+        .expect("open a");
+    let mut b = Subscriber::open(&mut bus, group_open(&["fan.>"], "billing"))
+        .await
+        .expect("open b");
+    let seqs = publish_n(&mut bus, "f", "fan.out", 50).await;
+    for sub in [&mut a, &mut b] {
+        let got: BTreeSet<u64> = sub.deliveries(50).await.iter().map(seq).collect();
+        assert_eq!(got, seqs.iter().copied().collect());
+    }
+}
+
+#[tokio::test]
+async fn unacked_delivery_comes_back_after_the_deadline_with_next_attempt() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["retry.x"], "g");
+    o.ack_deadline = millis(300);
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    publish(&mut bus, vec![event("r1", "retry.x")]).await;
+    let first = sub.next_delivery().await;
+    let handed_out = Instant::now();
+    assert_eq!(first.attempt, 1);
+    let second = sub.next_delivery().await;
+    assert_eq!(id(&second), "r1");
+    assert_eq!(second.attempt, 2);
+    assert!(
+        handed_out.elapsed() >= Duration::from_millis(250),
+        "not before the deadline"
+    );
+    sub.ack_one(&second).await;
+    sub.expect_idle(3).await;
+}
+
+#[tokio::test]
+async fn extending_the_deadline_prevents_redelivery() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["ext.x"], "g");
+    o.ack_deadline = millis(300);
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    publish(&mut bus, vec![event("e1", "ext.x")]).await;
+    let d = sub.next_delivery().await;
+    sub.send(Action::Extend(pb::ExtendDeadline {
+        delivery_ids: vec![d.delivery_id.clone()],
+        extension: millis(5000),
+    }))
+    .await;
+    // heartbeats are 200ms apart: five of them span well past the original 300ms deadline
+    sub.expect_idle(5).await;
+    sub.ack_one(&d).await;
+}
+
+#[tokio::test]
+async fn nack_with_delay_redelivers_after_the_delay() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut sub = Subscriber::open(&mut bus, group_open(&["nack.x"], "g"))
+        .await
+        .expect("open");
+    publish(&mut bus, vec![event("n1", "nack.x")]).await;
+    let d = sub.next_delivery().await;
+    let nacked = Instant::now();
+    sub.send(Action::Nack(pb::Nack {
+        delivery_ids: vec![d.delivery_id],
+        retry_delay: millis(500),
+        dead_letter: false,
+        reason: "busy".into(),
+    }))
+    .await;
+    let again = sub.next_delivery().await;
+    assert!(
+        nacked.elapsed() >= Duration::from_millis(450),
+        "redelivered after {:?}",
+        nacked.elapsed()
+    );
+    assert_eq!(again.attempt, 2);
+    assert_eq!(id(&again), "n1");
+    sub.ack_one(&again).await;
+}
+
+async fn dead_letters(server: &TestServer, group: &str) -> Vec<pb::DeadLetter> {
+    server
+        .admin()
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            group: group.into(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .dead_letters
+}
+
+#[tokio::test]
+async fn dead_letters_after_max_attempts_and_redrives_only_to_that_group() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["poison.x"], "fragile");
+    o.max_attempts = 3;
+    let mut fragile = Subscriber::open(&mut bus, o).await.expect("open");
+    let mut other = Subscriber::open(&mut bus, group_open(&["poison.x"], "sturdy"))
+        .await
+        .expect("open other");
+    publish(&mut bus, vec![event("p1", "poison.x")]).await;
+    let d = other.next_delivery().await;
+    other.ack_one(&d).await;
+    for attempt in 1..=3 {
+        let d = fragile.next_delivery().await;
+        assert_eq!(d.attempt, attempt);
+        fragile
+            .send(Action::Nack(pb::Nack {
+                delivery_ids: vec![d.delivery_id],
+                retry_delay: None,
+                dead_letter: false,
+                reason: format!("boom {attempt}"),
+            }))
+            .await;
+    }
+    let letters = eventually("the dead letter", || async {
+        let letters = dead_letters(&server, "fragile").await;
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await;
+    fragile.expect_idle(2).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].attempts, 3);
+    assert!(
+        letters[0].reason.contains("boom 3"),
+        "{:?}",
+        letters[0].reason
+    );
+    assert_eq!(letters[0].event.as_ref().expect("event").id, "p1");
+    let groups = server
+        .admin()
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .expect("groups")
+        .into_inner()
+        .groups;
+    let fragile_info = groups
+        .iter()
+        .find(|g| g.name == "fragile")
+        .expect("group listed");
+    assert_eq!(fragile_info.dead_letters, 1);
+    assert_eq!(fragile_info.pending, 0);
+
+    let redriven = server
+        .admin()
+        .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+            group: "fragile".into(),
+            sequences: vec![],
+            all: true,
+        })
+        .await
+        .expect("redrive")
+        .into_inner()
+        .redriven;
+    assert_eq!(redriven, 1);
+    let back = fragile.next_delivery().await;
+    assert_eq!(id(&back), "p1");
+    assert_eq!(back.attempt, 1, "redrive starts the attempts afresh");
+    fragile.ack_one(&back).await;
+    other.expect_idle(2).await;
+    assert!(dead_letters(&server, "fragile").await.is_empty());
+    // redriving again finds nothing: no duplicates
+    let again = server
+        .admin()
+        .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+            group: "fragile".into(),
+            sequences: vec![],
+            all: true,
+        })
+        .await
+        .expect("redrive again")
+        .into_inner()
+        .redriven;
+    assert_eq!(again, 0);
+}
+
+#[tokio::test]
+async fn nack_to_dead_letter_parks_at_once_with_the_reason() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut sub = Subscriber::open(&mut bus, group_open(&["park.x"], "g"))
+        .await
+        .expect("open");
+    let seqs = publish(&mut bus, vec![event("k1", "park.x"), event("k2", "park.x")]).await;
+    let ds = sub.deliveries(2).await;
+    sub.send(Action::Nack(pb::Nack {
+        delivery_ids: vec![ds[0].delivery_id.clone()],
+        retry_delay: None,
+        dead_letter: true,
+        reason: "schema mismatch".into(),
+    }))
+    .await;
+    sub.ack_one(&ds[1]).await;
+    let letters = eventually("the dead letter", || async {
+        let letters = dead_letters(&server, "g").await;
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "schema mismatch");
+    assert_eq!(letters[0].event.as_ref().expect("event").sequence, seqs[0]);
+    let redriven = server
+        .admin()
+        .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+            group: "g".into(),
+            sequences: vec![seqs[0]],
+            all: false,
+        })
+        .await
+        .expect("redrive")
+        .into_inner()
+        .redriven;
+    assert_eq!(redriven, 1);
+    assert_eq!(seq(&sub.next_delivery().await), seqs[0]);
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_without_ack_counts_as_an_attempt() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["crash.x"], "g");
+    o.max_attempts = 2;
+    o.ack_deadline = millis(60_000);
+    let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    publish(&mut bus, vec![event("c1", "crash.x")]).await;
+    assert_eq!(first.next_delivery().await.attempt, 1);
+    first.close();
+    // released at once, long before the 60s deadline
+    let mut second = Subscriber::open(&mut bus, o.clone()).await.expect("reopen");
+    let d = second.next_delivery().await;
+    assert_eq!((id(&d), d.attempt), ("c1".to_owned(), 2));
+    second.close();
+    let mut third = Subscriber::open(&mut bus, o).await.expect("reopen again");
+    let letters = eventually("the dead letter", || async {
+        let letters = dead_letters(&server, "g").await;
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await;
+    third.expect_idle(2).await;
+    assert_eq!(
+        letters.len(),
+        1,
+        "a poison message is parked, not redelivered forever"
+    );
+    assert!(
+        letters[0].reason.contains("ended before ack"),
+        "{}",
+        letters[0].reason
+    );
+}
+
+#[tokio::test]
+async fn higher_priority_goes_first_and_lower_levels_keep_a_share() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["prio.x"], "g");
+    o.max_in_flight = 1;
+    // create the group first so the backlog below is the group's
+    Subscriber::open(&mut bus, o.clone())
+        .await
+        .expect("create group")
+        .close();
+    let mut events = Vec::new();
+    for i in 0..60 {
+        let mut low = event(&format!("low-{i}"), "prio.x");
+        low.priority = pb::Priority::Low as i32;
+        events.push(low);
+    }
+    for i in 0..60 {
+        let mut critical = event(&format!("crit-{i}"), "prio.x");
+        critical.priority = pb::Priority::Critical as i32;
+        events.push(critical);
+    }
+    publish(&mut bus, events).await;
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    let mut order = Vec::new();
+    for _ in 0..120 {
+        let d = sub.next_delivery().await;
+        order.push(d.event.as_ref().expect("event").priority);
+        sub.ack_one(&d).await;
+    }
+    let critical = pb::Priority::Critical as i32;
+    let first_18: Vec<i32> = order[..18].to_vec();
+    let crit_early = first_18.iter().filter(|p| **p == critical).count();
+    assert!(
+        crit_early >= 15,
+        "critical dominates while backlogged: {first_18:?}"
+    );
+    assert!(
+        first_18.contains(&(pb::Priority::Low as i32)),
+        "low is not starved: {first_18:?}"
+    );
+    let last_critical = order
+        .iter()
+        .rposition(|p| *p == critical)
+        .expect("critical delivered");
+    assert!(
+        last_critical < 75,
+        "critical drains well before low: last at {last_critical}"
+    );
+}
+
+#[tokio::test]
+async fn groups_report_pending_lag_and_consumers() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["stats.x"], "stats");
+    o.max_in_flight = 2;
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    publish_n(&mut bus, "s", "stats.x", 10).await;
+    publish_n(&mut bus, "u", "unrelated.x", 5).await;
+    sub.deliveries(2).await;
+    let groups = server
+        .admin()
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .expect("groups")
+        .into_inner()
+        .groups;
+    let g = groups.iter().find(|g| g.name == "stats").expect("listed");
+    assert_eq!(g.pending, 2);
+    assert_eq!(g.lag, 8, "unrelated types are not lag");
+    assert_eq!(g.consumers, 1);
+    assert_eq!(g.types, vec!["stats.x".to_owned()]);
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for g in &groups {
+        *counts.entry(g.name.clone()).or_default() += 1;
+    }
+    assert_eq!(counts["stats"], 1);
+}

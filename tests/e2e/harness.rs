@@ -1,0 +1,429 @@
+//! Test harness: starts real servers (in-process on 127.0.0.1:0, or as a child process) and talks to
+//! them over real gRPC connections.
+
+use std::{collections::HashMap, path::Path, process::Stdio, time::Duration};
+
+use nerve::{
+    Backends,
+    api::pb::{self, admin_client::AdminClient, event_bus_client::EventBusClient},
+    config::Config,
+};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    sync::mpsc,
+};
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tonic::{Code, Status, Streaming, transport::Channel};
+
+/// Longest any single expected event may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A server started inside the test process.
+pub struct TestServer {
+    pub channel: Channel,
+    _server: nerve::Server,
+    _dir: tempfile::TempDir,
+}
+
+/// Settings tests use unless they say otherwise: fast health checks.
+pub fn test_config(dir: &Path) -> Config {
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
+    config.health_check_interval = Duration::from_millis(100);
+    config
+}
+
+impl TestServer {
+    /// Starts a server with default test settings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server after letting the test adjust the settings.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = test_config(dir.path());
+        adjust(&mut config);
+        let backends = nerve::open_backends(&config).await.expect("backends");
+        Self::start_on(config, backends, dir).await
+    }
+
+    /// Starts a server on given backends (for fault injection).
+    pub async fn start_on(config: Config, backends: Backends, dir: tempfile::TempDir) -> Self {
+        let server = nerve::start(config, backends).await.expect("server starts");
+        let channel = connect(server.local_addr()).await;
+        TestServer {
+            channel,
+            _server: server,
+            _dir: dir,
+        }
+    }
+
+    pub fn bus(&self) -> EventBusClient<Channel> {
+        EventBusClient::new(self.channel.clone())
+    }
+
+    pub fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel.clone())
+    }
+}
+
+/// Connects a channel to a server.
+pub async fn connect(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connects")
+}
+
+/// Builds a valid event.
+pub fn event(id: &str, event_type: &str) -> pb::Event {
+    pb::Event {
+        id: id.to_owned(),
+        source: "//tests".to_owned(),
+        r#type: event_type.to_owned(),
+        spec_version: "1.0".to_owned(),
+        data: Some(pb::event::Data::TextData(format!("payload of {id}"))),
+        ..pb::Event::default()
+    }
+}
+
+/// Publishes events and returns their sequences.
+pub async fn publish(bus: &mut EventBusClient<Channel>, events: Vec<pb::Event>) -> Vec<u64> {
+    bus.publish(pb::PublishRequest { events })
+        .await
+        .expect("publish succeeds")
+        .into_inner()
+        .results
+        .iter()
+        .map(|r| r.sequence)
+        .collect()
+}
+
+/// Publishes `n` events of one type with ids `{prefix}-{i}`.
+pub async fn publish_n(
+    bus: &mut EventBusClient<Channel>,
+    prefix: &str,
+    event_type: &str,
+    n: usize,
+) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    let ids: Vec<usize> = (0..n).collect();
+    for chunk in ids.chunks(500) {
+        let events = chunk
+            .iter()
+            .map(|i| event(&format!("{prefix}-{i}"), event_type))
+            .collect();
+        seqs.extend(publish(bus, events).await);
+    }
+    seqs
+}
+
+/// Builds an open message.
+pub fn open(types: &[&str], group: &str) -> pb::SubscriptionOpen {
+    pb::SubscriptionOpen {
+        types: types.iter().map(|t| t.to_string()).collect(),
+        group: group.to_owned(),
+        heartbeat_interval: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        }),
+        ..pb::SubscriptionOpen::default()
+    }
+}
+
+/// Start position helpers.
+pub fn earliest() -> Option<pb::StartPosition> {
+    Some(pb::StartPosition {
+        position: Some(pb::start_position::Position::Earliest(())),
+    })
+}
+
+pub fn after_sequence(seq: u64) -> Option<pb::StartPosition> {
+    Some(pb::StartPosition {
+        position: Some(pb::start_position::Position::AfterSequence(seq)),
+    })
+}
+
+pub fn millis(ms: i32) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: i64::from(ms / 1000),
+        nanos: (ms % 1000) * 1_000_000,
+    })
+}
+
+/// A subscriber on a real Subscribe stream.
+pub struct Subscriber {
+    tx: mpsc::Sender<pb::SubscribeRequest>,
+    inbound: Streaming<pb::SubscribeResponse>,
+    pub subscribed: pb::Subscribed,
+    pub caught_up: Option<u64>,
+    pub heartbeats: u64,
+}
+
+impl Subscriber {
+    /// Opens a subscription and waits for the server's confirmation.
+    pub async fn open(
+        bus: &mut EventBusClient<Channel>,
+        open: pb::SubscriptionOpen,
+    ) -> Result<Self, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(pb::SubscribeRequest {
+            action: Some(pb::subscribe_request::Action::Open(open)),
+        })
+        .await
+        .expect("queue open");
+        let mut inbound = bus.subscribe(ReceiverStream::new(rx)).await?.into_inner();
+        let first = tokio::time::timeout(WAIT, inbound.message())
+            .await
+            .expect("subscribed in time")?;
+        match first.and_then(|m| m.message) {
+            Some(pb::subscribe_response::Message::Subscribed(subscribed)) => Ok(Subscriber {
+                tx,
+                inbound,
+                subscribed,
+                caught_up: None,
+                heartbeats: 0,
+            }),
+            other => panic!("expected Subscribed first, got {other:?}"),
+        }
+    }
+
+    /// Sends a request message.
+    pub async fn send(&self, action: pb::subscribe_request::Action) {
+        self.tx
+            .send(pb::SubscribeRequest {
+                action: Some(action),
+            })
+            .await
+            .expect("stream open");
+    }
+
+    pub async fn ack(&self, ids: &[String]) {
+        self.send(pb::subscribe_request::Action::Ack(pb::Ack {
+            delivery_ids: ids.to_vec(),
+        }))
+        .await;
+    }
+
+    pub async fn ack_one(&self, d: &pb::Delivery) {
+        self.ack(std::slice::from_ref(&d.delivery_id)).await;
+    }
+
+    /// Receives the next message that is not a heartbeat; caught-up markers are recorded.
+    pub async fn next_delivery(&mut self) -> pb::Delivery {
+        self.try_next_delivery(WAIT)
+            .await
+            .unwrap_or_else(|| panic!("no delivery within {WAIT:?}"))
+    }
+
+    /// Like `next_delivery`, but returns None when `within` passes first.
+    pub async fn try_next_delivery(&mut self, within: Duration) -> Option<pb::Delivery> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.inbound.message())
+                .await
+                .ok()?;
+            match message
+                .expect("stream healthy")
+                .expect("stream open")
+                .message
+            {
+                Some(pb::subscribe_response::Message::Delivery(d)) => return Some(d),
+                Some(pb::subscribe_response::Message::CaughtUp(c)) => {
+                    self.caught_up = Some(c.sequence)
+                }
+                Some(pb::subscribe_response::Message::Heartbeat(_)) => self.heartbeats += 1,
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+    }
+
+    /// Collects deliveries until `n` arrived.
+    pub async fn deliveries(&mut self, n: usize) -> Vec<pb::Delivery> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            out.push(self.next_delivery().await);
+        }
+        out
+    }
+
+    /// Asserts nothing is delivered while the server sends `beats` heartbeats (its own "idle" signal).
+    pub async fn expect_idle(&mut self, beats: u64) {
+        let target = self.heartbeats + beats;
+        while self.heartbeats < target {
+            let message = tokio::time::timeout(WAIT, self.inbound.message())
+                .await
+                .expect("heartbeat in time")
+                .expect("stream healthy")
+                .expect("stream open");
+            match message.message {
+                Some(pb::subscribe_response::Message::Heartbeat(_)) => self.heartbeats += 1,
+                Some(pb::subscribe_response::Message::CaughtUp(c)) => {
+                    self.caught_up = Some(c.sequence)
+                }
+                other => panic!("expected no delivery, got {other:?}"),
+            }
+        }
+    }
+
+    /// Waits until the caught-up marker arrives (deliveries before it are returned).
+    pub async fn until_caught_up(&mut self) -> Vec<pb::Delivery> {
+        let mut out = Vec::new();
+        while self.caught_up.is_none() {
+            let message = tokio::time::timeout(WAIT, self.inbound.message())
+                .await
+                .expect("caught up in time")
+                .expect("stream healthy")
+                .expect("stream open");
+            match message.message {
+                Some(pb::subscribe_response::Message::Delivery(d)) => out.push(d),
+                Some(pb::subscribe_response::Message::CaughtUp(c)) => {
+                    self.caught_up = Some(c.sequence)
+                }
+                Some(pb::subscribe_response::Message::Heartbeat(_)) => self.heartbeats += 1,
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+        out
+    }
+
+    /// Reads until the stream ends; returns its final status (Ok for a clean end).
+    pub async fn final_status(&mut self) -> Result<(), Status> {
+        loop {
+            match tokio::time::timeout(WAIT, self.inbound.message())
+                .await
+                .expect("stream ends in time")
+            {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(()),
+                Err(status) => return Err(status),
+            }
+        }
+    }
+
+    /// Closes the request side, as a client that goes away does.
+    pub fn close(self) {}
+}
+
+/// Asserts a call failed with this code and a message mentioning `needle`.
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<T, Status>,
+    code: Code,
+    needle: &str,
+) -> Status {
+    let status = result.expect_err("call should fail");
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    assert!(
+        status.message().contains(needle),
+        "status message {:?} should mention {needle:?}",
+        status.message()
+    );
+    status
+}
+
+/// The sequence of a delivery's event.
+pub fn seq(d: &pb::Delivery) -> u64 {
+    d.event.as_ref().expect("event").sequence
+}
+
+/// The id of a delivery's event.
+pub fn id(d: &pb::Delivery) -> String {
+    d.event.as_ref().expect("event").id.clone()
+}
+
+/// A server running as a child process (for kill -9 and signal tests).
+pub struct ServerProcess {
+    pub child: tokio::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts `nerve-server` on a free port with the given data directory and extra environment.
+    pub async fn spawn(data_dir: &Path, env: &HashMap<&str, &str>) -> Self {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nerve-server"));
+        command
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("NERVE_LOG_LEVEL", "info")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn nerve-server");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = tokio::time::timeout(WAIT, async {
+            while let Some(line) = lines.next_line().await.expect("read stderr") {
+                if let Some(rest) = line.split("addr=").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or_default();
+                    return addr.parse().expect("listen address");
+                }
+            }
+            panic!("nerve-server exited before listening");
+        })
+        .await
+        .expect("server listens in time");
+        // keep draining stderr so the child never blocks on a full pipe
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ServerProcess { child, addr }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        connect(self.addr).await
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().expect("kill");
+        self.child.wait().await.expect("reap");
+    }
+
+    /// Sends a signal by number.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill command");
+        assert!(status.success());
+    }
+}
+
+/// Collects the stream into a Vec (for small replays).
+pub async fn collect_replay(mut stream: Streaming<pb::ReplayResponse>) -> Vec<pb::ReplayResponse> {
+    let mut out = Vec::new();
+    while let Some(page) = stream.next().await {
+        out.push(page.expect("page"));
+    }
+    out
+}
+
+/// Polls `check` until it returns Some, failing after [`WAIT`]; for server-side effects with no event to await.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,288 @@
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::harness::*;
+use nerve::api::pb;
+
+#[tokio::test]
+async fn publish_returns_sequences_in_order() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let seqs = publish(
+        &mut bus,
+        vec![event("a", "t.created"), event("b", "t.created")],
+    )
+    .await;
+    assert_eq!(seqs.len(), 2);
+    assert_eq!(seqs[1], seqs[0] + 1);
+    let more = publish(&mut bus, vec![event("c", "t.created")]).await;
+    assert_eq!(more[0], seqs[1] + 1);
+}
+
+#[tokio::test]
+async fn retry_of_same_event_returns_original_sequence_and_writes_nothing() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let first = bus
+        .publish(pb::PublishRequest {
+            events: vec![event("dup", "t.created")],
+        })
+        .await
+        .expect("publish")
+        .into_inner();
+    let retry = bus
+        .publish(pb::PublishRequest {
+            events: vec![event("dup", "t.created")],
+        })
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(retry.results[0].sequence, first.results[0].sequence);
+    assert!(retry.results[0].duplicate);
+    assert!(!first.results[0].duplicate);
+    let types = server
+        .admin()
+        .list_event_types(pb::ListEventTypesRequest {})
+        .await
+        .expect("types")
+        .into_inner();
+    assert_eq!(
+        types.types[0].count, 1,
+        "the retry must not be stored twice"
+    );
+}
+
+#[tokio::test]
+async fn same_id_with_different_content_is_already_exists() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    publish(&mut bus, vec![event("x", "t.created")]).await;
+    let mut changed = event("x", "t.created");
+    changed.data = Some(pb::event::Data::TextData("other".into()));
+    let result = bus
+        .publish(pb::PublishRequest {
+            events: vec![changed],
+        })
+        .await;
+    assert_status(result, Code::AlreadyExists, "\"x\"");
+    // the same id from another source is a different event
+    let mut other_source = event("x", "t.created");
+    other_source.source = "//elsewhere".into();
+    publish(&mut bus, vec![other_source]).await;
+}
+
+#[tokio::test]
+async fn batch_is_atomic_when_one_event_conflicts() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    publish(&mut bus, vec![event("taken", "t.created")]).await;
+    let mut conflicting = event("taken", "t.created");
+    conflicting.subject = "changed".into();
+    let result = bus
+        .publish(pb::PublishRequest {
+            events: vec![
+                event("fresh-1", "t.created"),
+                conflicting,
+                event("fresh-2", "t.created"),
+            ],
+        })
+        .await;
+    assert_status(result, Code::AlreadyExists, "taken");
+    let get = server
+        .admin()
+        .get_event(pb::GetEventRequest {
+            id: "fresh-1".into(),
+            source: String::new(),
+        })
+        .await;
+    assert_status(get, Code::NotFound, "fresh-1");
+}
+
+#[tokio::test]
+async fn server_fills_time_and_keeps_client_time() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut with_time = event("timed", "t.created");
+    with_time.time = Some(prost_types::Timestamp {
+        seconds: 1_700_000_000,
+        nanos: 5,
+    });
+    publish(&mut bus, vec![with_time, event("untimed", "t.created")]).await;
+    let mut admin = server.admin();
+    let timed = admin
+        .get_event(pb::GetEventRequest {
+            id: "timed".into(),
+            source: String::new(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .event
+        .expect("event");
+    assert_eq!(
+        timed.time,
+        Some(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 5
+        })
+    );
+    let untimed = admin
+        .get_event(pb::GetEventRequest {
+            id: "untimed".into(),
+            source: String::new(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .event
+        .expect("event");
+    assert!(untimed.time.is_some());
+    assert!(untimed.recorded_time.is_some());
+    // a retry without time is still recognized as the same event
+    let retry = bus
+        .publish(pb::PublishRequest {
+            events: vec![event("untimed", "t.created")],
+        })
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(retry.results[0].duplicate);
+}
+
+fn violations(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn invalid_events_are_rejected_naming_the_field() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    type Mutation = Box<dyn Fn(&mut pb::Event)>;
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("events[0].id", Box::new(|e| e.id.clear())),
+        ("events[0].source", Box::new(|e| e.source.clear())),
+        ("events[0].type", Box::new(|e| e.r#type.clear())),
+        (
+            "events[0].spec_version",
+            Box::new(|e| e.spec_version = "0.3".into()),
+        ),
+        (
+            "events[0].spec_version",
+            Box::new(|e| e.spec_version.clear()),
+        ),
+        ("events[0].type", Box::new(|e| e.r#type = "bad:type".into())),
+        ("events[0].type", Box::new(|e| e.r#type = "a.{b}".into())),
+        ("events[0].type", Box::new(|e| e.r#type = "a.*".into())),
+        ("events[0].priority", Box::new(|e| e.priority = 42)),
+        (
+            "events[0].traceparent",
+            Box::new(|e| e.traceparent = "nope".into()),
+        ),
+        (
+            "events[0].extensions[\"Bad_Name\"]",
+            Box::new(|e| {
+                e.extensions.insert(
+                    "Bad_Name".into(),
+                    pb::ExtensionValue {
+                        value: Some(pb::extension_value::Value::StringValue("x".into())),
+                    },
+                );
+            }),
+        ),
+        (
+            "events[0].extensions[\"priority\"]",
+            Box::new(|e| {
+                e.extensions.insert(
+                    "priority".into(),
+                    pb::ExtensionValue {
+                        value: Some(pb::extension_value::Value::StringValue("x".into())),
+                    },
+                );
+            }),
+        ),
+        (
+            "events[0].time",
+            Box::new(|e| {
+                e.time = Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: -1,
+                })
+            }),
+        ),
+    ];
+    for (field, mutate) in cases {
+        let mut e = event("bad", "t.created");
+        mutate(&mut e);
+        let status = bus
+            .publish(pb::PublishRequest { events: vec![e] })
+            .await
+            .expect_err("rejected");
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            violations(&status).iter().any(|v| v == field),
+            "{field} not named in {status:?}"
+        );
+    }
+    let status = bus
+        .publish(pb::PublishRequest { events: vec![] })
+        .await
+        .expect_err("empty batch");
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn oversized_input_is_resource_exhausted() {
+    let server = TestServer::start_with(|c| {
+        c.limits.max_event_bytes = 10_000;
+        c.limits.max_batch_events = 5;
+    })
+    .await;
+    let mut bus = server.bus();
+    let mut big = event("big", "t.created");
+    big.data = Some(pb::event::Data::BinaryData(vec![0; 20_000]));
+    let status = bus
+        .publish(pb::PublishRequest { events: vec![big] })
+        .await
+        .expect_err("too big");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(violations(&status).contains(&"events[0].data".to_owned()));
+
+    let many = (0..6)
+        .map(|i| event(&format!("m{i}"), "t.created"))
+        .collect();
+    let status = bus
+        .publish(pb::PublishRequest { events: many })
+        .await
+        .expect_err("too many");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(violations(&status).contains(&"events".to_owned()));
+
+    let mut long_subject = event("long", "t.created");
+    long_subject.subject = "s".repeat(2000);
+    let status = bus
+        .publish(pb::PublishRequest {
+            events: vec![long_subject],
+        })
+        .await
+        .expect_err("long attribute");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(violations(&status).contains(&"events[0].subject".to_owned()));
+
+    // a message over the transport limit is refused before decoding, the server stays up
+    let huge = (0..1)
+        .map(|_| {
+            let mut e = event("huge", "t.created");
+            e.data = Some(pb::event::Data::BinaryData(vec![1; 8 << 20]));
+            e
+        })
+        .collect();
+    let status = bus
+        .publish(pb::PublishRequest { events: huge })
+        .await
+        .expect_err("over message limit");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    publish(&mut bus, vec![event("after", "t.created")]).await;
+}

@@ -1,0 +1,133 @@
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+
+use crate::harness::*;
+use nerve::api::pb;
+
+fn request(id: &str, timeout_ms: i32) -> pb::RequestRequest {
+    pb::RequestRequest {
+        event: Some(event(id, "planner.plan.requested")),
+        timeout: millis(timeout_ms),
+    }
+}
+
+#[tokio::test]
+async fn request_gets_the_reply_with_correlation() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut responder = Subscriber::open(&mut bus, open(&["planner.plan.requested"], "planners"))
+        .await
+        .expect("open");
+    let mut requester = server.bus();
+    let call = tokio::spawn(async move { requester.request(request("q1", 5000)).await });
+    let d = responder.next_delivery().await;
+    let asked = d.event.clone().expect("event");
+    assert!(asked.reply_to.starts_with("_inbox."), "{}", asked.reply_to);
+    assert_eq!(
+        asked.correlation_id, "q1",
+        "correlation defaults to the request id"
+    );
+    let reply = bus
+        .reply(pb::ReplyRequest {
+            reply_to: asked.reply_to.clone(),
+            event: Some(event("a1", "planner.plan.ready")),
+        })
+        .await
+        .expect("reply")
+        .into_inner();
+    assert!(reply.delivered);
+    responder.ack_one(&d).await;
+    let answer = call
+        .await
+        .expect("join")
+        .expect("request succeeds")
+        .into_inner();
+    let got = answer.reply.expect("reply event");
+    assert_eq!(got.id, "a1");
+    assert_eq!(got.correlation_id, "q1");
+    assert_eq!(got.causation_id, "q1");
+    assert_eq!(got.sequence, reply.sequence);
+    assert_eq!(answer.request_sequence, asked.sequence);
+    // the conversation is in history, findable by correlation id
+    let pages = collect_replay(
+        bus.replay(pb::ReplayRequest {
+            correlation_id: "q1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("replay")
+        .into_inner(),
+    )
+    .await;
+    let ids: Vec<String> = pages
+        .iter()
+        .flat_map(|p| p.events.iter().map(|e| e.id.clone()))
+        .collect();
+    assert_eq!(ids, ["q1", "a1"]);
+}
+
+#[tokio::test]
+async fn request_without_responders_fails_at_once() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let _unrelated = Subscriber::open(&mut bus, open(&["other.>"], ""))
+        .await
+        .expect("open");
+    let started = Instant::now();
+    let result = bus.request(request("lonely", 10_000)).await;
+    let status = assert_status(result, Code::FailedPrecondition, "no responders");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "fails fast, not at the deadline"
+    );
+    assert!(status.message().contains("planner.plan.requested"));
+}
+
+#[tokio::test]
+async fn request_times_out_with_deadline_exceeded_and_late_reply_is_dropped() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut responder = Subscriber::open(&mut bus, open(&["planner.>"], ""))
+        .await
+        .expect("open");
+    let mut requester = server.bus();
+    let started = Instant::now();
+    let result = requester.request(request("slow", 300)).await;
+    assert_status(result, Code::DeadlineExceeded, "slow");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let d = responder.next_delivery().await;
+    let late = bus
+        .reply(pb::ReplyRequest {
+            reply_to: d.event.expect("event").reply_to,
+            event: Some(event("late", "planner.plan.ready")),
+        })
+        .await
+        .expect("late reply is not an error")
+        .into_inner();
+    assert!(!late.delivered);
+    assert_eq!(late.sequence, 0, "a late reply is not stored");
+}
+
+#[tokio::test]
+async fn reply_validation() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let status = bus
+        .reply(pb::ReplyRequest {
+            reply_to: String::new(),
+            event: Some(event("r", "a.b")),
+        })
+        .await
+        .expect_err("no inbox");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let mut with_reply_to = request("spoof", 1000);
+    if let Some(e) = with_reply_to.event.as_mut() {
+        e.reply_to = "_inbox.someone-else".into();
+    }
+    let status = bus
+        .request(with_reply_to)
+        .await
+        .expect_err("reply_to is the server's");
+    assert_eq!(status.code(), Code::InvalidArgument);
+}

@@ -1,0 +1,190 @@
+use std::collections::BTreeSet;
+
+use tonic::Code;
+
+use crate::harness::*;
+use nerve::api::pb::{self, subscribe_request::Action};
+
+#[tokio::test]
+async fn private_stream_from_latest_gets_only_new_matching_events() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    publish(&mut bus, vec![event("old", "orders.created")]).await;
+    let mut sub = Subscriber::open(&mut bus, open(&["orders.*"], ""))
+        .await
+        .expect("open");
+    sub.until_caught_up().await;
+    publish(
+        &mut bus,
+        vec![
+            event("other", "users.created"),
+            event("new", "orders.created"),
+        ],
+    )
+    .await;
+    let d = sub.next_delivery().await;
+    assert_eq!(id(&d), "new");
+    assert_eq!(d.attempt, 1);
+    sub.ack_one(&d).await;
+    sub.expect_idle(2).await;
+}
+
+#[tokio::test]
+async fn catch_up_from_sequence_zero_reaches_live_with_no_gap_and_no_duplicate() {
+    // a small tail forces the catch-up through the store while publishing continues
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let history = publish_n(&mut bus, "h", "stream.tick", 3000).await;
+    let publisher = {
+        let mut bus = server.bus();
+        tokio::spawn(async move { publish_n(&mut bus, "live", "stream.tick", 2000).await })
+    };
+    let mut o = open(&["stream.tick"], "");
+    o.start = after_sequence(0);
+    o.max_in_flight = 200;
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    let mut seen = Vec::new();
+    while seen.len() < 5000 {
+        let d = sub.next_delivery().await;
+        seen.push(seq(&d));
+        sub.ack_one(&d).await;
+    }
+    let live = publisher.await.expect("publisher");
+    let expected: Vec<u64> = history.into_iter().chain(live).collect();
+    assert_eq!(seen, expected, "every event once, in sequence order");
+    assert!(sub.caught_up.is_some() || sub.until_caught_up().await.is_empty());
+    sub.expect_idle(1).await;
+}
+
+#[tokio::test]
+async fn start_after_sequence_and_at_time_resume_where_asked() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let first = publish_n(&mut bus, "a", "resume.x", 5).await;
+    let mut o = open(&["resume.x"], "");
+    o.start = after_sequence(first[2]);
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    let got: Vec<u64> = sub.deliveries(2).await.iter().map(seq).collect();
+    assert_eq!(got, first[3..].to_vec());
+
+    let stored = server
+        .admin()
+        .get_event(pb::GetEventRequest {
+            id: "a-3".into(),
+            source: String::new(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .event
+        .expect("event");
+    let mut o = open(&["resume.x"], "");
+    o.start = Some(pb::StartPosition {
+        position: Some(pb::start_position::Position::Time(
+            stored.recorded_time.expect("recorded"),
+        )),
+    });
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open at time");
+    let d = sub.next_delivery().await;
+    assert!(
+        seq(&d) <= first[3],
+        "starts at or before the event recorded at that time"
+    );
+}
+
+#[tokio::test]
+async fn credits_bound_what_the_server_sends() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    publish_n(&mut bus, "c", "credit.x", 20).await;
+    let mut o = open(&["credit.x"], "");
+    o.start = earliest();
+    o.max_in_flight = 5;
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    let first = sub.deliveries(5).await;
+    sub.expect_idle(2).await;
+    sub.send(Action::Credit(pb::Credit { credits: 3 })).await;
+    let more = sub.deliveries(3).await;
+    sub.expect_idle(1).await;
+    sub.ack(&[first[0].delivery_id.clone(), more[0].delivery_id.clone()])
+        .await;
+    let after_ack = sub.deliveries(2).await;
+    let all: BTreeSet<u64> = first
+        .iter()
+        .chain(&more)
+        .chain(&after_ack)
+        .map(seq)
+        .collect();
+    assert_eq!(all.len(), 10, "no duplicates");
+    sub.expect_idle(1).await;
+}
+
+#[tokio::test]
+async fn opening_badly_is_invalid_argument() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    for (o, needle) in [
+        (open(&["a.>.b"], ""), "open.types[0]"),
+        (open(&["a"], "bad group!"), "open.group"),
+        (
+            pb::SubscriptionOpen {
+                max_in_flight: 1_000_000,
+                ..open(&["a"], "")
+            },
+            "open.max_in_flight",
+        ),
+        (
+            pb::SubscriptionOpen {
+                ack_deadline: millis(1),
+                ..open(&["a"], "g")
+            },
+            "open.ack_deadline",
+        ),
+    ] {
+        let result = Subscriber::open(&mut bus, o).await;
+        let status = result.err().expect("rejected");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(needle), "{needle}: {status:?}");
+    }
+    // a first message that is not open
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::SubscribeRequest {
+        action: Some(Action::Credit(pb::Credit { credits: 1 })),
+    })
+    .await
+    .expect("send");
+    let result = bus
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    assert_status(result, Code::InvalidArgument, "first message");
+}
+
+#[tokio::test]
+async fn malformed_ack_ends_the_stream_with_invalid_argument() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut sub = Subscriber::open(&mut bus, open(&["a"], ""))
+        .await
+        .expect("open");
+    sub.ack(&["not-an-id".to_owned()]).await;
+    let status = sub.final_status().await.expect_err("ends with error");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("ack.delivery_ids[0]"),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_flow_while_idle() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut sub = Subscriber::open(&mut bus, open(&["quiet.>"], ""))
+        .await
+        .expect("open");
+    sub.expect_idle(3).await;
+    assert!(
+        sub.caught_up.is_some(),
+        "a live stream reports it is caught up"
+    );
+}
