@@ -158,7 +158,7 @@ pub fn millis(ms: i32) -> Option<prost_types::Duration> {
 
 /// A subscriber on a real Subscribe stream.
 pub struct Subscriber {
-    tx: mpsc::Sender<pb::SubscribeRequest>,
+    tx: Option<mpsc::Sender<pb::SubscribeRequest>>,
     inbound: Streaming<pb::SubscribeResponse>,
     pub subscribed: pb::Subscribed,
     pub caught_up: Option<u64>,
@@ -183,7 +183,7 @@ impl Subscriber {
             .expect("subscribed in time")?;
         match first.and_then(|m| m.message) {
             Some(pb::subscribe_response::Message::Subscribed(subscribed)) => Ok(Subscriber {
-                tx,
+                tx: Some(tx),
                 inbound,
                 subscribed,
                 caught_up: None,
@@ -196,6 +196,8 @@ impl Subscriber {
     /// Sends a request message.
     pub async fn send(&self, action: pb::subscribe_request::Action) {
         self.tx
+            .as_ref()
+            .expect("request side open")
             .send(pb::SubscribeRequest {
                 action: Some(action),
             })
@@ -306,8 +308,13 @@ impl Subscriber {
         }
     }
 
-    /// Closes the request side, as a client that goes away does.
+    /// Cancels the call, as a client that goes away does.
     pub fn close(self) {}
+
+    /// Closes only the request side; deliveries keep coming.
+    pub fn half_close(&mut self) {
+        self.tx = None;
+    }
 }
 
 /// Asserts a call failed with this code and a message mentioning `needle`.

@@ -188,3 +188,16 @@ async fn heartbeats_flow_while_idle() {
         "a live stream reports it is caught up"
     );
 }
+
+#[tokio::test]
+async fn half_closing_the_request_side_keeps_deliveries_coming() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut sub = Subscriber::open(&mut bus, open(&["half.x"], ""))
+        .await
+        .expect("open");
+    sub.half_close();
+    sub.until_caught_up().await;
+    publish(&mut bus, vec![event("h1", "half.x")]).await;
+    assert_eq!(id(&sub.next_delivery().await), "h1");
+}

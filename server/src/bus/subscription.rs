@@ -253,7 +253,7 @@ impl Session {
         self.release_all().await;
         let _ = self.bus.streams.leave(&self.id).await;
         match outcome {
-            Ok(()) => debug!(subscription = %self.id, "subscription closed by client"),
+            Ok(()) => debug!(subscription = %self.id, "subscriber cancelled the stream"),
             Err(error) => {
                 debug!(subscription = %self.id, %error, "subscription ended");
                 let _ = self.tx.send(Err(error)).await;
@@ -271,6 +271,8 @@ impl Session {
             .group
             .as_ref()
             .map(|(key, _)| self.bus.streams.group_wakeups(key));
+        // after the subscriber half-closes, deliveries go on until it cancels the call (as grpcurl does)
+        let mut commands_open = true;
         loop {
             self.expire_leases();
             let next_due = self.fill().await?;
@@ -278,14 +280,21 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
-                command = commands.next() => {
-                    let Some(command) = command else { return Ok(()) };
+                _ = self.tx.closed() => return Ok(()),
+                command = commands.next(), if commands_open => {
+                    let Some(command) = command else {
+                        commands_open = false;
+                        continue;
+                    };
                     self.handle(command?).await?;
                     // settle everything already queued before looking for more work
                     for _ in 0..COMMAND_BATCH {
                         match commands.next().now_or_never() {
                             Some(Some(command)) => self.handle(command?).await?,
-                            Some(None) => return Ok(()),
+                            Some(None) => {
+                                commands_open = false;
+                                break;
+                            }
                             None => break,
                         }
                     }
