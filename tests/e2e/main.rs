@@ -7,6 +7,7 @@ mod groups;
 mod harness;
 mod health;
 mod publish;
+mod readme;
 mod replay;
 mod request_reply;
 mod subscribe;

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project: formatting, clippy, proto lint, unit and end-to-end tests
+# (including the README walkthrough against a live server). Installs the tools it needs once, into
+# ~/.cache/nerve-tools (NERVE_TOOLS overrides).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TOOLS="${NERVE_TOOLS:-$HOME/.cache/nerve-tools}"
+GRPCURL_VERSION=v1.9.3
+BUF_VERSION=1.75.0
+
+step() { printf '\n==> %s\n' "$*"; }
+fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
+
+step "tools"
+if [ ! -x "$TOOLS/bin/grpcurl" ]; then
+  echo "installing grpcurl $GRPCURL_VERSION into $TOOLS/bin"
+  GOBIN="$TOOLS/bin" go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION" \
+    || fail "could not install grpcurl (needs Go and the Go module proxy)"
+fi
+BUF="$TOOLS/npm/node_modules/.bin/buf"
+if [ ! -x "$BUF" ] || [ "$("$BUF" --version)" != "$BUF_VERSION" ]; then
+  echo "installing buf $BUF_VERSION into $TOOLS/npm"
+  npm install --silent --no-audit --no-fund --prefix "$TOOLS/npm" "@bufbuild/buf@$BUF_VERSION" \
+    || fail "could not install buf (needs npm)"
+fi
+echo "grpcurl: $("$TOOLS/bin/grpcurl" -version 2>&1)"
+echo "buf: $("$BUF" --version)"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check || fail "formatting differs: run cargo fmt --all"
+
+step "cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings || fail "clippy found problems"
+
+step "buf lint and format"
+(cd proto && "$BUF" lint && "$BUF" format --diff --exit-code) || fail "proto/ is not buf-lint clean"
+
+step "cargo test"
+GRPCURL="$TOOLS/bin/grpcurl" cargo test --locked --workspace || fail "tests failed (the first failure is above)"
+
+step "all checks passed"
