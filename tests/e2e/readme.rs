@@ -14,7 +14,8 @@ struct Step {
 }
 
 fn walkthrough() -> Vec<Step> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
     let section = readme
         .split("<!-- walkthrough -->")
         .nth(1)
@@ -24,9 +25,16 @@ fn walkthrough() -> Vec<Step> {
     for line in section.lines() {
         let line = line.trim();
         if line.starts_with("grpcurl ") {
-            steps.push(Step { command: line.to_owned(), expect: Vec::new() });
+            steps.push(Step {
+                command: line.to_owned(),
+                expect: Vec::new(),
+            });
         } else if let Some(expected) = line.strip_prefix("# =>") {
-            steps.last_mut().expect("an expectation follows a command").expect.push(expected.trim().to_owned());
+            steps
+                .last_mut()
+                .expect("an expectation follows a command")
+                .expect
+                .push(expected.trim().to_owned());
         }
     }
     steps
@@ -34,7 +42,10 @@ fn walkthrough() -> Vec<Step> {
 
 fn grpcurl() -> String {
     let path = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
-    let found = std::process::Command::new(&path).arg("-version").output().is_ok();
+    let found = std::process::Command::new(&path)
+        .arg("-version")
+        .output()
+        .is_ok();
     assert!(
         found,
         "grpcurl not found (set GRPCURL or run scripts/test.sh, which installs it with \
@@ -47,7 +58,10 @@ fn grpcurl() -> String {
 async fn readme_grpcurl_walkthrough_works() {
     let grpcurl = grpcurl();
     let steps = walkthrough();
-    assert!(steps.len() >= 4, "walkthrough lists services, publishes, subscribes and checks health");
+    assert!(
+        steps.len() >= 4,
+        "walkthrough lists services, publishes, subscribes and checks health"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let server = ServerProcess::spawn(dir.path(), &HashMap::new()).await;
     for step in steps {
@@ -55,15 +69,28 @@ async fn readme_grpcurl_walkthrough_works() {
             .command
             .replacen("grpcurl", &grpcurl, 1)
             .replace("localhost:50051", &server.addr.to_string());
-        let output = tokio::process::Command::new("sh").arg("-c").arg(&command).output().await.expect("run sh");
+        let output = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .output()
+            .await
+            .expect("run sh");
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
         // a subscription runs until -max-time ends it; every other command must succeed
         if !command.contains("-max-time") {
-            assert!(output.status.success(), "`{}` failed:\n{stdout}\n{stderr}", step.command);
+            assert!(
+                output.status.success(),
+                "`{}` failed:\n{stdout}\n{stderr}",
+                step.command
+            );
         }
         for expected in &step.expect {
-            assert!(stdout.contains(expected.as_str()), "`{}` should print {expected:?}, printed:\n{stdout}\n{stderr}", step.command);
+            assert!(
+                stdout.contains(expected.as_str()),
+                "`{}` should print {expected:?}, printed:\n{stdout}\n{stderr}",
+                step.command
+            );
         }
     }
 }
