@@ -178,7 +178,8 @@ impl Bus {
                 InvalidInput::field(format!("open.filter{path}"), reason)
             })?;
         }
-        let head = self.streams.last_appended().await?;
+        // the committed head, not the relay's progress: an acknowledged publish is always "before" this open
+        let head = self.store.head().await?;
         let start_after = match spec.start {
             Start::Latest => head,
             Start::Earliest => 0,
@@ -375,46 +376,50 @@ impl Session {
 
     async fn fill_private(&mut self) -> BusResult<()> {
         while self.credits > 0 {
-            let events = match self
+            let tail = self
                 .bus
                 .streams
                 .read_after(self.position, TAIL_READ)
-                .await?
-            {
-                TailRead::Events(events) if events.is_empty() => {
-                    self.mark_caught_up().await?;
-                    return Ok(());
-                }
-                TailRead::Events(events) => events,
-                TailRead::Trimmed { oldest } => {
-                    // history the tail no longer holds comes from the store, up to where the tail begins
-                    let page = self
-                        .bus
-                        .store
-                        .read(&ReadQuery {
-                            tenant: self.tenant.clone(),
-                            after: self.position,
-                            until: Some(oldest.saturating_sub(1)),
-                            types: self.selection.types.clone(),
-                            limit: TAIL_READ,
-                            ..ReadQuery::default()
-                        })
-                        .await?;
-                    let sent_all = self.deliver_private(page.events).await?;
-                    if sent_all {
-                        self.position = self.position.max(page.scanned_to);
-                        if page.exhausted {
-                            self.position = self.position.max(oldest.saturating_sub(1));
-                        }
+                .await?;
+            let history_until = match tail {
+                TailRead::Events(events) if !events.is_empty() => {
+                    let last = events.last().map(|e| e.sequence);
+                    if self.deliver_private(events).await?
+                        && let Some(last) = last
+                    {
+                        self.position = self.position.max(last);
                     }
                     continue;
                 }
+                // the relay may not have appended what is already committed: read that from the store
+                TailRead::Events(_) => {
+                    let committed = self.bus.store.head().await?;
+                    if self.position >= committed {
+                        self.mark_caught_up().await?;
+                        return Ok(());
+                    }
+                    committed
+                }
+                // history the tail no longer holds comes from the store, up to where the tail begins
+                TailRead::Trimmed { oldest } => oldest.saturating_sub(1),
             };
-            let last = events.last().map(|e| e.sequence);
-            if self.deliver_private(events).await?
-                && let Some(last) = last
-            {
-                self.position = self.position.max(last);
+            let page = self
+                .bus
+                .store
+                .read(&ReadQuery {
+                    tenant: self.tenant.clone(),
+                    after: self.position,
+                    until: Some(history_until),
+                    types: self.selection.types.clone(),
+                    limit: TAIL_READ,
+                    ..ReadQuery::default()
+                })
+                .await?;
+            if self.deliver_private(page.events).await? {
+                self.position = self.position.max(page.scanned_to);
+                if page.exhausted {
+                    self.position = self.position.max(history_until);
+                }
             }
         }
         Ok(())
@@ -505,7 +510,11 @@ impl Session {
                 }
             }
         }
-        if delivered == 0 && self.credits > 0 {
+        // caught up only once the relay has brought the group everything already committed
+        if delivered == 0
+            && self.credits > 0
+            && self.bus.streams.last_appended().await? >= self.bus.store.head().await?
+        {
             self.mark_caught_up().await?;
         }
         let next_due = streams.next_due(key).await?;
