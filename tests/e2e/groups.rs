@@ -150,6 +150,28 @@ async fn dead_letters(server: &TestServer, group: &str) -> Vec<pb::DeadLetter> {
         .dead_letters
 }
 
+async fn await_dead_letters(server: &TestServer, group: &str) -> Vec<pb::DeadLetter> {
+    eventually("a dead letter", || async {
+        let letters = dead_letters(server, group).await;
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await
+}
+
+async fn redrive_all(server: &TestServer, group: &str) -> u64 {
+    server
+        .admin()
+        .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+            group: group.into(),
+            sequences: vec![],
+            all: true,
+        })
+        .await
+        .expect("redrive")
+        .into_inner()
+        .redriven
+}
+
 #[tokio::test]
 async fn dead_letters_after_max_attempts_and_redrives_only_to_that_group() {
     let server = TestServer::start().await;
@@ -175,11 +197,7 @@ async fn dead_letters_after_max_attempts_and_redrives_only_to_that_group() {
             }))
             .await;
     }
-    let letters = eventually("the dead letter", || async {
-        let letters = dead_letters(&server, "fragile").await;
-        (!letters.is_empty()).then_some(letters)
-    })
-    .await;
+    let letters = await_dead_letters(&server, "fragile").await;
     fragile.expect_idle(2).await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].attempts, 3);
@@ -203,17 +221,7 @@ async fn dead_letters_after_max_attempts_and_redrives_only_to_that_group() {
     assert_eq!(fragile_info.dead_letters, 1);
     assert_eq!(fragile_info.pending, 0);
 
-    let redriven = server
-        .admin()
-        .redrive_dead_letters(pb::RedriveDeadLettersRequest {
-            group: "fragile".into(),
-            sequences: vec![],
-            all: true,
-        })
-        .await
-        .expect("redrive")
-        .into_inner()
-        .redriven;
+    let redriven = redrive_all(&server, "fragile").await;
     assert_eq!(redriven, 1);
     let back = fragile.next_delivery().await;
     assert_eq!(id(&back), "p1");
@@ -222,17 +230,7 @@ async fn dead_letters_after_max_attempts_and_redrives_only_to_that_group() {
     other.expect_idle(2).await;
     assert!(dead_letters(&server, "fragile").await.is_empty());
     // redriving again finds nothing: no duplicates
-    let again = server
-        .admin()
-        .redrive_dead_letters(pb::RedriveDeadLettersRequest {
-            group: "fragile".into(),
-            sequences: vec![],
-            all: true,
-        })
-        .await
-        .expect("redrive again")
-        .into_inner()
-        .redriven;
+    let again = redrive_all(&server, "fragile").await;
     assert_eq!(again, 0);
 }
 
@@ -253,11 +251,7 @@ async fn nack_to_dead_letter_parks_at_once_with_the_reason() {
     }))
     .await;
     sub.ack_one(&ds[1]).await;
-    let letters = eventually("the dead letter", || async {
-        let letters = dead_letters(&server, "g").await;
-        (!letters.is_empty()).then_some(letters)
-    })
-    .await;
+    let letters = await_dead_letters(&server, "g").await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].reason, "schema mismatch");
     assert_eq!(letters[0].event.as_ref().expect("event").sequence, seqs[0]);
@@ -293,11 +287,7 @@ async fn a_stream_that_ends_without_ack_counts_as_an_attempt() {
     assert_eq!((id(&d), d.attempt), ("c1".to_owned(), 2));
     second.close();
     let mut third = Subscriber::open(&mut bus, o).await.expect("reopen again");
-    let letters = eventually("the dead letter", || async {
-        let letters = dead_letters(&server, "g").await;
-        (!letters.is_empty()).then_some(letters)
-    })
-    .await;
+    let letters = await_dead_letters(&server, "g").await;
     third.expect_idle(2).await;
     assert_eq!(
         letters.len(),

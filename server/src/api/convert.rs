@@ -481,3 +481,94 @@ pub fn from_cloudevent(c: ce::CloudEvent) -> Result<Event> {
     }
     Ok(event)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ce::cloud_event::cloud_event_attribute_value::Attr;
+
+    fn full_event() -> Event {
+        let mut e = Event {
+            id: "e1".into(),
+            source: "//svc".into(),
+            event_type: "a.b.v1".into(),
+            spec_version: "1.0".into(),
+            subject: Some("s".into()),
+            time: DateTime::from_timestamp(1_700_000_000, 7),
+            data_content_type: Some("application/octet-stream".into()),
+            data_schema: Some("https://schemas.example/x".into()),
+            data: Data::Binary(vec![1, 2, 3]),
+            priority: Priority::Critical,
+            correlation_id: Some("c".into()),
+            causation_id: Some("cause".into()),
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            reply_to: Some("_inbox.x".into()),
+            ..Event::default()
+        };
+        let ext = [
+            ("str", ExtensionValue::String("v".into())),
+            ("flag", ExtensionValue::Bool(false)),
+            ("count", ExtensionValue::Integer(-3)),
+            ("blob", ExtensionValue::Bytes(vec![9])),
+            ("link", ExtensionValue::Uri("https://x".into())),
+            ("rel", ExtensionValue::UriRef("/x".into())),
+            (
+                "at",
+                ExtensionValue::Timestamp(DateTime::from_timestamp(5, 6).expect("time")),
+            ),
+        ];
+        for (k, v) in ext {
+            e.extensions.insert(k.into(), v);
+        }
+        e
+    }
+
+    #[test]
+    fn nerve_to_cloudevent_and_back_is_exact() {
+        for data in [
+            Data::None,
+            Data::Binary(vec![0, 1]),
+            Data::Text("hi".into()),
+            Data::Proto {
+                type_url: "type.googleapis.com/x.Y".into(),
+                value: vec![8, 1],
+            },
+        ] {
+            let e = Event {
+                data,
+                ..full_event()
+            };
+            assert_eq!(from_cloudevent(to_cloudevent(&e)).expect("converts"), e);
+        }
+        let minimal = Event {
+            id: "m".into(),
+            source: "//s".into(),
+            event_type: "t".into(),
+            spec_version: "1.0".into(),
+            ..Event::default()
+        };
+        assert_eq!(
+            from_cloudevent(to_cloudevent(&minimal)).expect("converts"),
+            minimal
+        );
+    }
+
+    #[test]
+    fn cloudevent_to_nerve_and_back_is_exact() {
+        let original = to_cloudevent(&full_event());
+        assert!(matches!(
+            original.attributes["count"].attr,
+            Some(Attr::CeInteger(-3))
+        ));
+        let back = to_cloudevent(&from_cloudevent(original.clone()).expect("converts"));
+        assert_eq!(back, original);
+    }
+
+    #[test]
+    fn wrong_attribute_types_are_rejected() {
+        let mut c = to_cloudevent(&full_event());
+        c.attributes
+            .insert("time".into(), ce_value(Attr::CeString("yesterday".into())));
+        assert!(from_cloudevent(c).is_err());
+    }
+}
