@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs every check and test of the project: formatting, clippy, proto lint, unit and end-to-end tests
-# (including the README walkthrough against a live server). Installs the tools it needs once, into
-# ~/.cache/nerve-tools (NERVE_TOOLS overrides).
+# Runs every check and test of the project: formatting, clippy, proto lint, unit and end-to-end tests,
+# the store conformance suite on SQLite and Postgres, the README walkthrough against a live server.
+# Starts Postgres and Redis on 127.0.0.1 when they are not running (scripts/services.sh) and installs the
+# tools it needs once, into ~/.cache/nerve-tools (NERVE_TOOLS overrides).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,11 @@ cargo clippy --locked --all-targets -- -D warnings || fail "clippy found problem
 
 step "buf lint and format"
 (cd proto && "$BUF" lint && "$BUF" format --diff --exit-code) || fail "proto/ is not buf-lint clean"
+
+step "services: postgres and redis on 127.0.0.1"
+exports=$(scripts/services.sh) || fail "could not start postgres and redis (see above)"
+eval "$exports"
+echo "$exports"
 
 step "cargo test"
 GRPCURL="$TOOLS/bin/grpcurl" cargo test --locked --workspace || fail "tests failed (the first failure is above)"

@@ -10,4 +10,5 @@ mod publish;
 mod readme;
 mod replay;
 mod request_reply;
+mod store_conformance;
 mod subscribe;

@@ -2,6 +2,8 @@
 //!
 //! One trait, two implementations: SQLite (embedded default) and Postgres (production).
 
+mod commit;
+mod postgres;
 pub(crate) mod sqlite;
 
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
+pub use postgres::PostgresStore;
 pub use sqlite::{SqliteDb, SqliteStore};
 
 use crate::event::{Event, Selection, StoredEvent, TypePattern};
@@ -166,6 +169,7 @@ pub trait EventStore: Send + Sync + 'static {
     /// Answers when the database is reachable.
     async fn ping(&self) -> StoreResult<()>;
 
-    /// Watches the highest sequence committed by this process.
+    /// Watches the highest committed sequence this process knows of: its own commits, and other
+    /// replicas' where the database announces them.
     fn committed(&self) -> watch::Receiver<u64>;
 }

@@ -10,17 +10,14 @@ use sqlx::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
     },
 };
-use tokio::sync::{Mutex, mpsc, oneshot, watch};
-use tracing::{debug, error};
+use tokio::sync::{Mutex, mpsc, watch};
 
 use super::{
     Appended, DeadLetter, EventStore, EventTypeStats, NewEvent, ReadPage, ReadQuery, StoreError,
     StoreResult,
+    commit::{self, BatchWriter, CommitRequest},
 };
 use crate::event::{Event, Priority, Selection, StoredEvent};
-
-/// Most events one group commit takes in.
-const MAX_GROUP_COMMIT_EVENTS: usize = 10_000;
 
 /// The SQLite database shared by the embedded store and the embedded streams.
 #[derive(Clone)]
@@ -102,12 +99,6 @@ fn decode(row: &sqlx::sqlite::SqliteRow) -> StoreResult<StoredEvent> {
     })
 }
 
-struct CommitRequest {
-    tenant: String,
-    events: Vec<NewEvent>,
-    reply: oneshot::Sender<StoreResult<Vec<Appended>>>,
-}
-
 /// The embedded event store.
 pub struct SqliteStore {
     db: SqliteDb,
@@ -127,8 +118,13 @@ impl SqliteStore {
             .await
             .map_err(map_err)?;
         let (committed_tx, committed) = watch::channel(head as u64);
-        let (commits, rx) = mpsc::channel(1024);
-        tokio::spawn(group_commit(db.writer.clone(), rx, committed_tx, last_ns));
+        let commits = commit::start(
+            SqliteWriter {
+                writer: db.writer.clone(),
+                last_ns,
+            },
+            committed_tx,
+        );
         Ok(Arc::new(SqliteStore {
             db,
             commits,
@@ -142,59 +138,22 @@ impl SqliteStore {
     }
 }
 
-async fn group_commit(
+struct SqliteWriter {
     writer: Arc<Mutex<SqliteConnection>>,
-    mut rx: mpsc::Receiver<CommitRequest>,
-    committed: watch::Sender<u64>,
-    mut last_ns: i64,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        let mut total = batch[0].events.len();
-        while total < MAX_GROUP_COMMIT_EVENTS {
-            match rx.try_recv() {
-                Ok(more) => {
-                    total += more.events.len();
-                    batch.push(more);
-                }
-                Err(_) => break,
-            }
-        }
+    last_ns: i64,
+}
+
+impl BatchWriter for SqliteWriter {
+    async fn commit(
+        &mut self,
+        batch: &[CommitRequest],
+    ) -> StoreResult<Vec<StoreResult<Vec<Appended>>>> {
         // recorded time never goes backwards, so time positions and sequence order agree
-        last_ns = to_ns(Utc::now()).max(last_ns);
-        let mut conn = writer.lock().await;
-        let outcome = commit_batch(&mut conn, &batch, last_ns).await;
-        drop(conn);
-        match outcome {
-            Ok(results) => {
-                let head = results
-                    .iter()
-                    .filter_map(|r| r.as_ref().ok())
-                    .flatten()
-                    .map(|a| a.sequence)
-                    .max();
-                if let Some(head) = head {
-                    committed.send_if_modified(|h| {
-                        let grew = head > *h;
-                        *h = (*h).max(head);
-                        grew
-                    });
-                }
-                debug!(requests = batch.len(), events = total, "group commit");
-                for (request, result) in batch.into_iter().zip(results) {
-                    let _ = request.reply.send(result);
-                }
-            }
-            Err(e) => {
-                error!(error = %e, "group commit failed");
-                let message = e.to_string();
-                for request in batch {
-                    let _ = request
-                        .reply
-                        .send(Err(StoreError::Unavailable(message.clone())));
-                }
-            }
-        }
+        self.last_ns = to_ns(Utc::now()).max(self.last_ns);
+        let mut conn = self.writer.lock().await;
+        commit_batch(&mut conn, batch, self.last_ns)
+            .await
+            .map_err(map_err)
     }
 }
 
@@ -295,17 +254,7 @@ async fn append_request(
 #[async_trait]
 impl EventStore for SqliteStore {
     async fn append(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Vec<Appended>> {
-        let (reply, rx) = oneshot::channel();
-        self.commits
-            .send(CommitRequest {
-                tenant: tenant.to_owned(),
-                events,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+        commit::submit(&self.commits, tenant, events).await
     }
 
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {

@@ -1,0 +1,636 @@
+//! The production event store on Postgres: pooled connections, embedded migrations applied under
+//! sqlx's advisory lock, group commit, and commit notifications for the other replicas.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{
+    Postgres, QueryBuilder, Row,
+    postgres::{PgListener, PgPool, PgPoolOptions, PgRow},
+};
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
+
+use super::{
+    Appended, DeadLetter, EventStore, EventTypeStats, NewEvent, ReadPage, ReadQuery, StoreError,
+    StoreResult,
+    commit::{self, BatchWriter, CommitRequest},
+    sqlite::{from_ns, map_err},
+};
+use crate::event::{Event, Priority, Selection, StoredEvent};
+
+/// Channel other replicas LISTEN on (suffixed with the schema); the payload is the new head sequence.
+const COMMIT_CHANNEL: &str = "nerve_commits";
+
+fn seq_i64(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn decode(row: &PgRow) -> StoreResult<StoredEvent> {
+    let body: String = row.try_get("body").map_err(map_err)?;
+    let event: Event = serde_json::from_str(&body)
+        .map_err(|e| StoreError::Internal(format!("undecodable stored event: {e}")))?;
+    Ok(StoredEvent {
+        tenant: row.try_get("tenant").map_err(map_err)?,
+        sequence: row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
+        recorded_at: from_ns(row.try_get("recorded_ns").map_err(map_err)?),
+        event,
+    })
+}
+
+/// The Postgres event store.
+pub struct PostgresStore {
+    pool: PgPool,
+    commits: mpsc::Sender<CommitRequest>,
+    committed: watch::Receiver<u64>,
+}
+
+impl PostgresStore {
+    /// Connects, applies the migrations and starts the group-commit writer and the commit listener.
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Arc<Self>> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?;
+        sqlx::migrate!("server/migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migrating postgres: {e}")))?;
+        let head: i64 = sqlx::query_scalar("SELECT seq FROM nerve_sequence")
+            .fetch_one(&pool)
+            .await
+            .map_err(map_err)?;
+        // deployments sharing a database in different schemas must not hear each other's commits
+        let schema: String = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(&pool)
+            .await
+            .map_err(map_err)?;
+        let channel = format!("{COMMIT_CHANNEL}_{schema}");
+        let (committed_tx, committed) = watch::channel(head as u64);
+        tokio::spawn(listen_for_commits(
+            pool.clone(),
+            channel.clone(),
+            committed_tx.clone(),
+        ));
+        let commits = commit::start(
+            PostgresWriter {
+                pool: pool.clone(),
+                channel,
+            },
+            committed_tx,
+        );
+        Ok(Arc::new(PostgresStore {
+            pool,
+            commits,
+            committed,
+        }))
+    }
+}
+
+/// Follows other replicas' commits; after a lost connection it re-reads the head, so nothing is missed.
+async fn listen_for_commits(pool: PgPool, channel: String, committed: watch::Sender<u64>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let session = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(&channel).await?;
+            let head: i64 = sqlx::query_scalar("SELECT seq FROM nerve_sequence")
+                .fetch_one(&pool)
+                .await?;
+            commit::advance(&committed, head as u64);
+            loop {
+                let note = listener.recv().await?;
+                if let Ok(head) = note.payload().parse::<u64>() {
+                    commit::advance(&committed, head);
+                }
+            }
+            #[expect(unreachable_code, reason = "names the error type of the async block")]
+            Ok::<(), sqlx::Error>(())
+        };
+        if let Err(error) = session.await {
+            if committed.is_closed() {
+                return;
+            }
+            warn!(%error, retry_in = ?backoff, "commit listener lost its connection");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+struct PostgresWriter {
+    pool: PgPool,
+    channel: String,
+}
+
+struct NewRow {
+    seq: i64,
+    tenant: String,
+    source: String,
+    id: String,
+    event_type: String,
+    subject: Option<String>,
+    correlation_id: Option<String>,
+    priority: i16,
+    hash: Vec<u8>,
+    body: String,
+}
+
+impl BatchWriter for PostgresWriter {
+    async fn commit(
+        &mut self,
+        batch: &[CommitRequest],
+    ) -> StoreResult<Vec<StoreResult<Vec<Appended>>>> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // the row lock orders whole transactions across replicas: sequence order is commit order
+        let head = sqlx::query(
+            "SELECT seq, GREATEST(recorded_ns, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT * 1000) AS now_ns \
+             FROM nerve_sequence FOR UPDATE",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let mut next: i64 = head.try_get("seq").map_err(map_err)?;
+        let recorded_ns: i64 = head.try_get("now_ns").map_err(map_err)?;
+
+        let (tenants, sources, ids): (Vec<&str>, Vec<&str>, Vec<&str>) = batch
+            .iter()
+            .flat_map(|r| {
+                r.events.iter().map(|e| {
+                    (
+                        r.tenant.as_str(),
+                        e.event.source.as_str(),
+                        e.event.id.as_str(),
+                    )
+                })
+            })
+            .fold((vec![], vec![], vec![]), |mut acc, (t, s, i)| {
+                acc.0.push(t);
+                acc.1.push(s);
+                acc.2.push(i);
+                acc
+            });
+        let existing_rows = sqlx::query(
+            "SELECT e.tenant, e.source, e.id, e.seq, e.content_hash FROM events e \
+             JOIN UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[]) AS k(tenant, source, id) \
+             ON e.tenant = k.tenant AND e.source = k.source AND e.id = k.id",
+        )
+        .bind(&tenants)
+        .bind(&sources)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let mut known: HashMap<(String, String, String), (u64, Vec<u8>)> = HashMap::new();
+        for row in existing_rows {
+            known.insert(
+                (
+                    row.try_get("tenant").map_err(map_err)?,
+                    row.try_get("source").map_err(map_err)?,
+                    row.try_get("id").map_err(map_err)?,
+                ),
+                (
+                    row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
+                    row.try_get("content_hash").map_err(map_err)?,
+                ),
+            );
+        }
+
+        let mut rows: Vec<NewRow> = Vec::new();
+        let mut results = Vec::with_capacity(batch.len());
+        for request in batch {
+            let mut appended = Vec::with_capacity(request.events.len());
+            let mut added: Vec<(String, String, String)> = Vec::new();
+            let mut request_rows = Vec::new();
+            let mut conflict = None;
+            for new in &request.events {
+                let e = &new.event;
+                let key = (request.tenant.clone(), e.source.clone(), e.id.clone());
+                if let Some((seq, hash)) = known.get(&key) {
+                    if hash[..] != new.content_hash[..] {
+                        conflict = Some(StoreError::Conflict {
+                            event_source: e.source.clone(),
+                            id: e.id.clone(),
+                        });
+                        break;
+                    }
+                    appended.push(Appended {
+                        sequence: *seq,
+                        duplicate: true,
+                    });
+                    continue;
+                }
+                next += 1;
+                let body = serde_json::to_string(e)
+                    .map_err(|err| StoreError::Internal(format!("encoding event: {err}")))?;
+                known.insert(key.clone(), (next as u64, new.content_hash.to_vec()));
+                added.push(key);
+                request_rows.push(NewRow {
+                    seq: next,
+                    tenant: request.tenant.clone(),
+                    source: e.source.clone(),
+                    id: e.id.clone(),
+                    event_type: e.event_type.clone(),
+                    subject: e.subject.clone(),
+                    correlation_id: e.correlation_id.clone(),
+                    priority: e.priority.as_i64() as i16,
+                    hash: new.content_hash.to_vec(),
+                    body,
+                });
+                appended.push(Appended {
+                    sequence: next as u64,
+                    duplicate: false,
+                });
+            }
+            match conflict {
+                Some(conflict) => {
+                    // the request fails alone: its sequences go to the next request, so none is skipped
+                    next -= request_rows.len() as i64;
+                    for key in added {
+                        known.remove(&key);
+                    }
+                    results.push(Err(conflict));
+                }
+                None => {
+                    rows.extend(request_rows);
+                    results.push(Ok(appended));
+                }
+            }
+        }
+
+        if !rows.is_empty() {
+            insert_rows(&mut tx, &rows, recorded_ns).await?;
+            let head = rows.last().map_or(0, |r| r.seq);
+            sqlx::query("UPDATE nerve_sequence SET seq = $1, recorded_ns = $2")
+                .bind(head)
+                .bind(recorded_ns)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(&self.channel)
+                .bind(head.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(results)
+    }
+}
+
+async fn insert_rows(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    rows: &[NewRow],
+    recorded_ns: i64,
+) -> StoreResult<()> {
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let tenants: Vec<&str> = rows.iter().map(|r| r.tenant.as_str()).collect();
+    let sources: Vec<&str> = rows.iter().map(|r| r.source.as_str()).collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
+    let subjects: Vec<Option<&str>> = rows.iter().map(|r| r.subject.as_deref()).collect();
+    let correlations: Vec<Option<&str>> =
+        rows.iter().map(|r| r.correlation_id.as_deref()).collect();
+    let priorities: Vec<i16> = rows.iter().map(|r| r.priority).collect();
+    let hashes: Vec<&[u8]> = rows.iter().map(|r| r.hash.as_slice()).collect();
+    let bodies: Vec<&str> = rows.iter().map(|r| r.body.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) \
+         SELECT s, t, so, i, ty, su, c, p, $9, h, b FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
+         $6::TEXT[], $7::TEXT[], $8::SMALLINT[], $10::BYTEA[], $11::TEXT[]) AS x(s, t, so, i, ty, su, c, p, h, b)",
+    )
+    .bind(&seqs)
+    .bind(&tenants)
+    .bind(&sources)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&subjects)
+    .bind(&correlations)
+    .bind(&priorities)
+    .bind(recorded_ns)
+    .bind(&hashes)
+    .bind(&bodies)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    // per-type statistics, aggregated in the batch first so each type row is touched once
+    let mut stats: HashMap<(&str, &str), (i64, i64, i64)> = HashMap::new();
+    for r in rows {
+        let entry = stats
+            .entry((r.tenant.as_str(), r.event_type.as_str()))
+            .or_insert((0, r.seq, r.seq));
+        entry.0 += 1;
+        entry.2 = r.seq;
+    }
+    let (mut t, mut ty, mut n, mut first, mut last) = (vec![], vec![], vec![], vec![], vec![]);
+    for ((tenant, event_type), (count, lo, hi)) in stats {
+        t.push(tenant);
+        ty.push(event_type);
+        n.push(count);
+        first.push(lo);
+        last.push(hi);
+    }
+    sqlx::query(
+        "INSERT INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns) \
+         SELECT t, ty, n, f, l, $6 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[]) AS x(t, ty, n, f, l) \
+         ON CONFLICT (tenant, type) DO UPDATE SET count = event_types.count + excluded.count, \
+         last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns",
+    )
+    .bind(&t)
+    .bind(&ty)
+    .bind(&n)
+    .bind(&first)
+    .bind(&last)
+    .bind(recorded_ns)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn append(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Vec<Appended>> {
+        commit::submit(&self.commits, tenant, events).await
+    }
+
+    async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
+        let limit = query.limit.clamp(1, 10_000);
+        let mut sql = QueryBuilder::<Postgres>::new("SELECT * FROM events WHERE tenant = ");
+        sql.push_bind(&query.tenant);
+        sql.push(" AND seq > ").push_bind(seq_i64(query.after));
+        if let Some(until) = query.until {
+            sql.push(" AND seq <= ").push_bind(seq_i64(until));
+        }
+        if let Some(level) = query.priority {
+            sql.push(" AND priority = ")
+                .push_bind(level.as_i64() as i16);
+        }
+        let literals: Option<Vec<&str>> = (!query.types.is_empty())
+            .then(|| query.types.iter().map(|t| t.literal()).collect())
+            .flatten();
+        if let Some(literals) = &literals {
+            sql.push(" AND type = ANY(")
+                .push_bind(literals.clone())
+                .push(")");
+        }
+        for (column, value) in [
+            ("source", &query.source),
+            ("subject", &query.subject),
+            ("correlation_id", &query.correlation_id),
+        ] {
+            if let Some(value) = value {
+                sql.push(format_args!(" AND {column} = ")).push_bind(value);
+            }
+        }
+        if let Some(from) = query.recorded_from {
+            sql.push(" AND recorded_ns >= ")
+                .push_bind(super::sqlite::to_ns(from));
+        }
+        if let Some(before) = query.recorded_before {
+            sql.push(" AND recorded_ns < ")
+                .push_bind(super::sqlite::to_ns(before));
+        }
+        sql.push(" ORDER BY seq LIMIT ").push_bind(limit as i64);
+        let rows = sql.build().fetch_all(&self.pool).await.map_err(map_err)?;
+        let exhausted = rows.len() < limit;
+        let mut page = ReadPage {
+            events: Vec::with_capacity(rows.len()),
+            scanned_to: query.after,
+            exhausted,
+        };
+        for row in &rows {
+            let stored = decode(row)?;
+            page.scanned_to = stored.sequence;
+            if query.types.is_empty()
+                || literals.is_some()
+                || query
+                    .types
+                    .iter()
+                    .any(|t| t.matches(&stored.event.event_type))
+            {
+                page.events.push(Arc::new(stored));
+            }
+        }
+        if exhausted && let Some(until) = query.until {
+            page.scanned_to = page.scanned_to.max(until.min(*self.committed.borrow()));
+        }
+        Ok(page)
+    }
+
+    async fn read_sequences(&self, sequences: &[u64]) -> StoreResult<Vec<Arc<StoredEvent>>> {
+        if sequences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seqs: Vec<i64> = sequences.iter().map(|s| seq_i64(*s)).collect();
+        let rows = sqlx::query("SELECT * FROM events WHERE seq = ANY($1) ORDER BY seq")
+            .bind(&seqs)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(|r| decode(r).map(Arc::new)).collect()
+    }
+
+    async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<Arc<StoredEvent>>> {
+        let rows = sqlx::query("SELECT * FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
+            .bind(seq_i64(after))
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(|r| decode(r).map(Arc::new)).collect()
+    }
+
+    async fn find(
+        &self,
+        tenant: &str,
+        id: &str,
+        source: Option<&str>,
+    ) -> StoreResult<Vec<Arc<StoredEvent>>> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE tenant = $1 AND id = $2 AND ($3::TEXT IS NULL OR source = $3) ORDER BY seq LIMIT 16",
+        )
+        .bind(tenant)
+        .bind(id)
+        .bind(source)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(|r| decode(r).map(Arc::new)).collect()
+    }
+
+    async fn head(&self) -> StoreResult<u64> {
+        let head: i64 = sqlx::query_scalar("SELECT seq FROM nerve_sequence")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(head as u64)
+    }
+
+    async fn sequence_before(&self, time: DateTime<Utc>) -> StoreResult<u64> {
+        let seq: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events WHERE recorded_ns < $1")
+                .bind(super::sqlite::to_ns(time))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map_err)?;
+        Ok(seq as u64)
+    }
+
+    async fn count_after(
+        &self,
+        tenant: &str,
+        after_by_level: [u64; 4],
+        selection: &Selection,
+    ) -> StoreResult<u64> {
+        let mut total = 0;
+        for (level, after) in Priority::ALL.iter().zip(after_by_level) {
+            let rows = sqlx::query(
+                "SELECT type, COUNT(*) AS n FROM events WHERE tenant = $1 AND priority = $2 AND seq > $3 GROUP BY type",
+            )
+            .bind(tenant)
+            .bind(level.as_i64() as i16)
+            .bind(seq_i64(after))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+            for row in rows {
+                let t: String = row.try_get("type").map_err(map_err)?;
+                if selection.matches_type(&t) {
+                    total += row.try_get::<i64, _>("n").map_err(map_err)? as u64;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    async fn event_types(&self, tenant: &str) -> StoreResult<Vec<EventTypeStats>> {
+        let rows = sqlx::query("SELECT * FROM event_types WHERE tenant = $1 ORDER BY type")
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(EventTypeStats {
+                    event_type: r.try_get("type").map_err(map_err)?,
+                    count: r.try_get::<i64, _>("count").map_err(map_err)? as u64,
+                    first_sequence: r.try_get::<i64, _>("first_seq").map_err(map_err)? as u64,
+                    last_sequence: r.try_get::<i64, _>("last_seq").map_err(map_err)? as u64,
+                    last_recorded_at: from_ns(r.try_get("last_recorded_ns").map_err(map_err)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO dead_letters (tenant, grp, seq, attempts, reason, dead_ns) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (tenant, grp, seq) DO UPDATE SET attempts = excluded.attempts, reason = excluded.reason, dead_ns = excluded.dead_ns",
+        )
+        .bind(&dl.tenant)
+        .bind(&dl.group)
+        .bind(seq_i64(dl.sequence))
+        .bind(dl.attempts as i32)
+        .bind(&dl.reason)
+        .bind(super::sqlite::to_ns(dl.dead_lettered_at))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn dead_letters(
+        &self,
+        tenant: &str,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            "SELECT * FROM dead_letters WHERE tenant = $1 AND grp = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+        )
+        .bind(tenant)
+        .bind(group)
+        .bind(seq_i64(after))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeadLetter {
+                    tenant: r.try_get("tenant").map_err(map_err)?,
+                    group: r.try_get("grp").map_err(map_err)?,
+                    sequence: r.try_get::<i64, _>("seq").map_err(map_err)? as u64,
+                    attempts: r.try_get::<i32, _>("attempts").map_err(map_err)? as u32,
+                    reason: r.try_get("reason").map_err(map_err)?,
+                    dead_lettered_at: from_ns(r.try_get("dead_ns").map_err(map_err)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn dead_letter_counts(&self, tenant: &str) -> StoreResult<Vec<(String, u64)>> {
+        let rows = sqlx::query(
+            "SELECT grp, COUNT(*) AS n FROM dead_letters WHERE tenant = $1 GROUP BY grp",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("grp").map_err(map_err)?,
+                    r.try_get::<i64, _>("n").map_err(map_err)? as u64,
+                ))
+            })
+            .collect()
+    }
+
+    async fn remove_dead_letters(
+        &self,
+        tenant: &str,
+        group: &str,
+        sequences: &[u64],
+    ) -> StoreResult<u64> {
+        let seqs: Vec<i64> = sequences.iter().map(|s| seq_i64(*s)).collect();
+        let done = sqlx::query(
+            "DELETE FROM dead_letters WHERE tenant = $1 AND grp = $2 AND seq = ANY($3)",
+        )
+        .bind(tenant)
+        .bind(group)
+        .bind(&seqs)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn clear_dead_letters(&self, tenant: &str, group: &str) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM dead_letters WHERE tenant = $1 AND grp = $2")
+            .bind(tenant)
+            .bind(group)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+}

@@ -1,0 +1,478 @@
+//! The event store contract, run unchanged against every implementation (SQLite and Postgres).
+//!
+//! Postgres tests need NERVE_TEST_DATABASE_URL (scripts/test.sh starts Postgres and sets it); each test
+//! works in a schema of its own, so they run in parallel.
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use nerve::{
+    event::{Event, Priority, Selection, TypePattern},
+    store::{
+        DeadLetter, EventStore, NewEvent, PostgresStore, ReadQuery, SqliteDb, SqliteStore,
+        StoreError,
+    },
+};
+
+/// A store plus whatever must live as long as it.
+pub struct Backend {
+    pub store: Arc<dyn EventStore>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub async fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = SqliteDb::open(&dir.path().join("nerve.db"))
+        .await
+        .expect("open sqlite");
+    Backend {
+        store: SqliteStore::start(db).await.expect("start"),
+        _dir: Some(dir),
+    }
+}
+
+/// The URL of the test database, or a failure that says how to get one.
+pub fn database_url() -> String {
+    std::env::var("NERVE_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!("NERVE_TEST_DATABASE_URL is not set: run scripts/test.sh, or eval \"$(scripts/services.sh)\" first")
+    })
+}
+
+/// A fresh schema in the test database; returns a URL whose connections use it.
+pub async fn fresh_schema_url() -> String {
+    use sqlx::Connection as _;
+    let url = database_url();
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&url)
+        .await
+        .expect("connect to the test database");
+    // the schema name is generated here, never input
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&mut conn)
+        .await
+        .expect("create schema");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-c%20search_path%3D{schema}")
+}
+
+pub async fn postgres() -> Backend {
+    let url = fresh_schema_url().await;
+    Backend {
+        store: PostgresStore::connect(&url, 8)
+            .await
+            .expect("connect postgres store"),
+        _dir: None,
+    }
+}
+
+fn new_event(id: &str, event_type: &str) -> NewEvent {
+    let event = Event {
+        id: id.into(),
+        source: "//conformance".into(),
+        event_type: event_type.into(),
+        spec_version: "1.0".into(),
+        ..Event::default()
+    };
+    NewEvent {
+        content_hash: event.content_hash(),
+        event,
+    }
+}
+
+fn query(after: u64) -> ReadQuery {
+    ReadQuery {
+        tenant: "t".into(),
+        after,
+        limit: 1000,
+        ..ReadQuery::default()
+    }
+}
+
+async fn appends_in_order_and_returns_the_original_sequence_for_duplicates(b: Backend) {
+    let s = &b.store;
+    let first = s
+        .append("t", vec![new_event("a", "x.y"), new_event("b", "x.y")])
+        .await
+        .expect("append");
+    assert_eq!(
+        first
+            .iter()
+            .map(|a| (a.sequence, a.duplicate))
+            .collect::<Vec<_>>(),
+        [(1, false), (2, false)]
+    );
+    let again = s
+        .append("t", vec![new_event("b", "x.y"), new_event("c", "x.y")])
+        .await
+        .expect("append");
+    assert_eq!(
+        again
+            .iter()
+            .map(|a| (a.sequence, a.duplicate))
+            .collect::<Vec<_>>(),
+        [(2, true), (3, false)]
+    );
+    // the same id in another tenant is another event
+    let other = s
+        .append("u", vec![new_event("a", "x.y")])
+        .await
+        .expect("append");
+    assert!(!other[0].duplicate);
+    assert_eq!(s.head().await.expect("head"), 4);
+    let mut changed = new_event("a", "x.y");
+    changed.event.subject = Some("different".into());
+    changed.content_hash = changed.event.content_hash();
+    match s.append("t", vec![changed]).await {
+        Err(StoreError::Conflict { id, .. }) => assert_eq!(id, "a"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+}
+
+async fn a_conflicting_request_fails_alone_and_leaves_no_gap(b: Backend) {
+    let s = b.store.clone();
+    s.append("t", vec![new_event("taken", "x.y")])
+        .await
+        .expect("seed");
+    let mut conflicting = new_event("taken", "x.y");
+    conflicting.event.subject = Some("changed".into());
+    conflicting.content_hash = conflicting.event.content_hash();
+    // concurrent requests land in one group commit more often than not; either way the outcome is the same
+    let (a, bad, c) = tokio::join!(
+        s.append("t", vec![new_event("a1", "x.y"), new_event("a2", "x.y")]),
+        s.append("t", vec![new_event("b1", "x.y"), conflicting]),
+        s.append("t", vec![new_event("c1", "x.y")]),
+    );
+    assert!(matches!(bad, Err(StoreError::Conflict { .. })), "{bad:?}");
+    let mut seqs: Vec<u64> = a
+        .expect("a")
+        .iter()
+        .chain(&c.expect("c"))
+        .map(|x| x.sequence)
+        .collect();
+    seqs.sort();
+    assert_eq!(seqs, [2, 3, 4], "sequences stay gapless");
+    let all = s.read(&query(0)).await.expect("read");
+    let ids: Vec<&str> = all.events.iter().map(|e| e.event.id.as_str()).collect();
+    assert!(
+        !ids.contains(&"b1"),
+        "the failed request wrote nothing: {ids:?}"
+    );
+    assert_eq!(all.events.len(), 4);
+}
+
+async fn concurrent_publishers_get_gapless_sequences_a_follower_sees_in_order(b: Backend) {
+    let s = b.store.clone();
+    let mut committed = s.committed();
+    let follower = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut position = 0;
+            while seen.len() < 3200 {
+                let head = *committed.borrow_and_update();
+                if head <= position {
+                    committed.changed().await.expect("store alive");
+                    continue;
+                }
+                for e in s.read_all(position, 500).await.expect("read") {
+                    assert_eq!(
+                        e.sequence,
+                        position + 1,
+                        "the follower never skips a sequence"
+                    );
+                    position = e.sequence;
+                    seen.push(e.event.id.clone());
+                }
+            }
+            seen
+        })
+    };
+    let mut publishers = Vec::new();
+    for p in 0..16 {
+        let s = s.clone();
+        publishers.push(tokio::spawn(async move {
+            for i in 0..200 {
+                s.append("t", vec![new_event(&format!("p{p}-{i}"), "x.y")])
+                    .await
+                    .expect("append");
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(30), follower)
+        .await
+        .expect("follower done")
+        .expect("follower");
+    assert_eq!(seen.len(), 3200);
+    assert_eq!(
+        seen.iter().collect::<BTreeSet<_>>().len(),
+        3200,
+        "every event once"
+    );
+}
+
+async fn reads_filter_by_type_source_subject_correlation_priority_and_range(b: Backend) {
+    let s = &b.store;
+    let mut a = new_event("a", "shop.order.created");
+    a.event.subject = Some("order-1".into());
+    a.event.correlation_id = Some("conv".into());
+    a.event.priority = Priority::High;
+    let mut c = new_event("c", "shop.refund.created");
+    c.event.source = "//refunds".into();
+    let batch = vec![a, new_event("b", "shop.order.paid"), c];
+    s.append("t", batch).await.expect("append");
+    let ids = |page: nerve::store::ReadPage| {
+        page.events
+            .iter()
+            .map(|e| e.event.id.clone())
+            .collect::<Vec<_>>()
+    };
+    let pattern = |p: &str| TypePattern::parse(p).expect("pattern");
+    assert_eq!(
+        ids(s
+            .read(&ReadQuery {
+                types: vec![pattern("shop.*.created")],
+                ..query(0)
+            })
+            .await
+            .expect("read")),
+        ["a", "c"]
+    );
+    assert_eq!(
+        ids(s
+            .read(&ReadQuery {
+                types: vec![pattern("shop.order.paid")],
+                ..query(0)
+            })
+            .await
+            .expect("read")),
+        ["b"]
+    );
+    assert_eq!(
+        ids(s
+            .read(&ReadQuery {
+                source: Some("//refunds".into()),
+                ..query(0)
+            })
+            .await
+            .expect("read")),
+        ["c"]
+    );
+    assert_eq!(
+        ids(s
+            .read(&ReadQuery {
+                subject: Some("order-1".into()),
+                ..query(0)
+            })
+            .await
+            .expect("read")),
+        ["a"]
+    );
+    assert_eq!(
+        ids(s
+            .read(&ReadQuery {
+                correlation_id: Some("conv".into()),
+                ..query(0)
+            })
+            .await
+            .expect("read")),
+        ["a"]
+    );
+    assert_eq!(
+        ids(s
+            .read(&ReadQuery {
+                priority: Some(Priority::High),
+                ..query(0)
+            })
+            .await
+            .expect("read")),
+        ["a"]
+    );
+    assert_eq!(
+        ids(s
+            .read(&ReadQuery {
+                until: Some(2),
+                ..query(1)
+            })
+            .await
+            .expect("read")),
+        ["b"]
+    );
+    let page = s
+        .read(&ReadQuery {
+            limit: 2,
+            ..query(0)
+        })
+        .await
+        .expect("read");
+    assert!(!page.exhausted);
+    assert_eq!(page.scanned_to, 2);
+    let wild = s
+        .read(&ReadQuery {
+            types: vec![pattern("shop.refund.>")],
+            ..query(0)
+        })
+        .await
+        .expect("read");
+    assert_eq!(wild.scanned_to, 3, "non-matching rows are scanned past");
+    let found = s.find("t", "b", None).await.expect("find");
+    assert_eq!(found[0].sequence, 2);
+    let recorded = found[0].recorded_at;
+    assert_eq!(
+        s.sequence_before(recorded + chrono::Duration::seconds(1))
+            .await
+            .expect("before"),
+        3
+    );
+    assert_eq!(
+        s.sequence_before(recorded - chrono::Duration::days(1))
+            .await
+            .expect("before"),
+        0
+    );
+    let types = s.event_types("t").await.expect("types");
+    assert_eq!(
+        types
+            .iter()
+            .map(|t| (t.event_type.as_str(), t.count))
+            .collect::<Vec<_>>(),
+        [
+            ("shop.order.created", 1),
+            ("shop.order.paid", 1),
+            ("shop.refund.created", 1)
+        ]
+    );
+    let selection = Selection {
+        types: vec![pattern("shop.order.>")],
+        filter: None,
+    };
+    assert_eq!(
+        s.count_after("t", [0; 4], &selection).await.expect("count"),
+        2
+    );
+}
+
+async fn dead_letters_are_recorded_once_listed_and_removed(b: Backend) {
+    let s = &b.store;
+    s.append("t", vec![new_event("d", "x.y"), new_event("e", "x.y")])
+        .await
+        .expect("append");
+    for (seq, attempts) in [(1, 3), (1, 4), (2, 1)] {
+        s.put_dead_letter(&DeadLetter {
+            tenant: "t".into(),
+            group: "g".into(),
+            sequence: seq,
+            attempts,
+            reason: format!("attempt {attempts}"),
+            dead_lettered_at: chrono::Utc::now(),
+        })
+        .await
+        .expect("put");
+    }
+    let letters = s.dead_letters("t", "g", 0, 10).await.expect("list");
+    assert_eq!(
+        letters
+            .iter()
+            .map(|d| (d.sequence, d.attempts))
+            .collect::<Vec<_>>(),
+        [(1, 4), (2, 1)],
+        "one entry per event"
+    );
+    assert_eq!(
+        s.dead_letter_counts("t").await.expect("counts"),
+        [("g".to_owned(), 2)]
+    );
+    assert_eq!(
+        s.remove_dead_letters("t", "g", &[1]).await.expect("remove"),
+        1
+    );
+    assert_eq!(s.clear_dead_letters("t", "g").await.expect("clear"), 1);
+    assert!(
+        s.dead_letters("t", "g", 0, 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(super::sqlite().await).await })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(super::postgres().await).await })*
+        }
+    };
+}
+
+conformance!(
+    appends_in_order_and_returns_the_original_sequence_for_duplicates,
+    a_conflicting_request_fails_alone_and_leaves_no_gap,
+    concurrent_publishers_get_gapless_sequences_a_follower_sees_in_order,
+    reads_filter_by_type_source_subject_correlation_priority_and_range,
+    dead_letters_are_recorded_once_listed_and_removed,
+);
+
+/// Two replicas commit into one database while a follower on the first tails the log: it learns of the
+/// second replica's commits through the database's notifications and skips none of 20,000 events.
+#[tokio::test]
+async fn postgres_replicas_interleave_and_a_follower_skips_nothing() {
+    let url = fresh_schema_url().await;
+    let replicas: [Arc<dyn EventStore>; 2] = [
+        PostgresStore::connect(&url, 8).await.expect("replica 1"),
+        PostgresStore::connect(&url, 8).await.expect("replica 2"),
+    ];
+    const PUBLISHERS: usize = 16;
+    const BATCHES: usize = 125;
+    const BATCH: usize = 10;
+    let total = PUBLISHERS * BATCHES * BATCH;
+    let follower = {
+        let s = replicas[0].clone();
+        let mut committed = s.committed();
+        tokio::spawn(async move {
+            let mut position = 0;
+            let mut seen = BTreeSet::new();
+            while seen.len() < total {
+                if *committed.borrow_and_update() <= position {
+                    committed.changed().await.expect("store alive");
+                    continue;
+                }
+                for e in s.read_all(position, 1000).await.expect("read") {
+                    assert_eq!(
+                        e.sequence,
+                        position + 1,
+                        "the follower never skips a sequence"
+                    );
+                    position = e.sequence;
+                    assert!(seen.insert(e.event.id.clone()), "{} read twice", e.event.id);
+                }
+            }
+            seen
+        })
+    };
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let s = replicas[p % 2].clone();
+        publishers.push(tokio::spawn(async move {
+            for b in 0..BATCHES {
+                // uneven pacing, so the replicas' transactions interleave differently on every run
+                let pause = (p * 7 + b * 13) % 3;
+                tokio::time::sleep(std::time::Duration::from_millis(pause as u64)).await;
+                let batch = (0..BATCH)
+                    .map(|i| new_event(&format!("p{p}-b{b}-{i}"), "x.y"))
+                    .collect();
+                s.append("t", batch).await.expect("append");
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(60), follower)
+        .await
+        .expect("follower done")
+        .expect("follower");
+    assert_eq!(seen.len(), total);
+}
