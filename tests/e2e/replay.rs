@@ -168,3 +168,55 @@ async fn bad_replay_requests_are_invalid_argument() {
         assert_status(bus.replay(r).await, Code::InvalidArgument, needle);
     }
 }
+
+#[tokio::test]
+async fn pages_are_full_even_when_matches_are_sparse() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    // one match in every ten events: filling a page takes several store reads
+    let events = (0..3000)
+        .map(|i| {
+            event(
+                &format!("s{i}"),
+                if i % 10 == 0 {
+                    "sparse.hit"
+                } else {
+                    "sparse.miss"
+                },
+            )
+        })
+        .collect::<Vec<_>>();
+    for chunk in events.chunks(500) {
+        publish(&mut bus, chunk.to_vec()).await;
+    }
+    let pages = collect_replay(
+        bus.replay(pb::ReplayRequest {
+            types: vec!["sparse.*".into()],
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("replay")
+        .into_inner(),
+    )
+    .await;
+    let sizes: Vec<usize> = pages.iter().map(|p| p.events.len()).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 3000);
+    let hits = collect_replay(
+        bus.replay(pb::ReplayRequest {
+            types: vec!["*.hit".into()],
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("replay")
+        .into_inner(),
+    )
+    .await;
+    let hit_sizes: Vec<usize> = hits.iter().map(|p| p.events.len()).collect();
+    assert_eq!(hit_sizes.iter().sum::<usize>(), 300);
+    assert!(
+        hit_sizes[..hit_sizes.len() - 1].iter().all(|n| *n == 100),
+        "every page but the last is full: {hit_sizes:?}"
+    );
+}

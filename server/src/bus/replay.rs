@@ -67,10 +67,12 @@ impl Bus {
                     resume_token: String::new(),
                     end_of_history: false,
                 };
-                // fill one page, scanning past non-matching stretches
+                // fill one page: read what it needs, and read further ahead only while matches are sparse
+                let mut scan = 0;
                 while page.events.len() < request.page_size && remaining > 0 {
                     let want = (request.page_size - page.events.len()).min(remaining as usize);
-                    query.limit = SCAN_PAGE.min(want.max(1) * 4).max(want);
+                    scan = (scan * 2).max(want).min(SCAN_PAGE);
+                    query.limit = scan;
                     let read = match bus.store.read(&query).await {
                         Ok(read) => read,
                         Err(e) => {
@@ -80,7 +82,7 @@ impl Bus {
                     };
                     let mut cut = false;
                     for event in read.events {
-                        if page.events.len() >= want.min(request.page_size) && remaining > 0 {
+                        if page.events.len() >= request.page_size {
                             cut = true;
                             break;
                         }
