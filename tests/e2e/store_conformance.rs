@@ -159,33 +159,35 @@ async fn a_conflicting_request_fails_alone_and_leaves_no_gap(b: Backend) {
     assert_eq!(all.events.len(), 4);
 }
 
+/// Tails the log the way the relay does (committed head, then read after the position) until `total`
+/// events were seen, asserting that no sequence is skipped and no event is read twice.
+fn follow(store: Arc<dyn EventStore>, total: usize) -> tokio::task::JoinHandle<BTreeSet<String>> {
+    let mut committed = store.committed();
+    tokio::spawn(async move {
+        let mut position = 0;
+        let mut seen = BTreeSet::new();
+        while seen.len() < total {
+            if *committed.borrow_and_update() <= position {
+                committed.changed().await.expect("store alive");
+                continue;
+            }
+            for e in store.read_all(position, 1000).await.expect("read") {
+                assert_eq!(
+                    e.sequence,
+                    position + 1,
+                    "the follower never skips a sequence"
+                );
+                position = e.sequence;
+                assert!(seen.insert(e.event.id.clone()), "{} read twice", e.event.id);
+            }
+        }
+        seen
+    })
+}
+
 async fn concurrent_publishers_get_gapless_sequences_a_follower_sees_in_order(b: Backend) {
     let s = b.store.clone();
-    let mut committed = s.committed();
-    let follower = {
-        let s = s.clone();
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            let mut position = 0;
-            while seen.len() < 3200 {
-                let head = *committed.borrow_and_update();
-                if head <= position {
-                    committed.changed().await.expect("store alive");
-                    continue;
-                }
-                for e in s.read_all(position, 500).await.expect("read") {
-                    assert_eq!(
-                        e.sequence,
-                        position + 1,
-                        "the follower never skips a sequence"
-                    );
-                    position = e.sequence;
-                    seen.push(e.event.id.clone());
-                }
-            }
-            seen
-        })
-    };
+    let follower = follow(s.clone(), 3200);
     let mut publishers = Vec::new();
     for p in 0..16 {
         let s = s.clone();
@@ -428,30 +430,7 @@ async fn postgres_replicas_interleave_and_a_follower_skips_nothing() {
     const BATCHES: usize = 125;
     const BATCH: usize = 10;
     let total = PUBLISHERS * BATCHES * BATCH;
-    let follower = {
-        let s = replicas[0].clone();
-        let mut committed = s.committed();
-        tokio::spawn(async move {
-            let mut position = 0;
-            let mut seen = BTreeSet::new();
-            while seen.len() < total {
-                if *committed.borrow_and_update() <= position {
-                    committed.changed().await.expect("store alive");
-                    continue;
-                }
-                for e in s.read_all(position, 1000).await.expect("read") {
-                    assert_eq!(
-                        e.sequence,
-                        position + 1,
-                        "the follower never skips a sequence"
-                    );
-                    position = e.sequence;
-                    assert!(seen.insert(e.event.id.clone()), "{} read twice", e.event.id);
-                }
-            }
-            seen
-        })
-    };
+    let follower = follow(replicas[0].clone(), total);
     let mut publishers = Vec::new();
     for p in 0..PUBLISHERS {
         let s = replicas[p % 2].clone();
