@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project: formatting, clippy, proto lint, unit and end-to-end tests,
-# the store conformance suite on SQLite and Postgres, the README walkthrough against a live server.
+# the store conformance suite on SQLite and Postgres, the README walkthrough against a live server, and
+# the Python and Go clients (codegen drift check, mypy, pytest, go vet, go test).
 # Starts Postgres and Redis on 127.0.0.1 when they are not running (scripts/services.sh) and installs the
 # tools it needs once, into ~/.cache/nerve-tools (NERVE_TOOLS overrides).
 set -euo pipefail
@@ -44,5 +45,17 @@ echo "$exports"
 
 step "cargo test"
 GRPCURL="$TOOLS/bin/grpcurl" cargo test --locked --workspace || fail "tests failed (the first failure is above)"
+
+# the client suites run against the nerve-server binary cargo test just built
+export NERVE_SERVER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/nerve-server"
+
+step "generated Python and Go stubs match proto/"
+scripts/generate-clients.sh --check || fail "generated client code drifted from proto/: run scripts/generate-clients.sh"
+
+step "Python client: mypy --strict and pytest"
+clients/python/test.sh -q || fail "Python client checks failed"
+
+step "Go client: go vet and go test"
+clients/go/test.sh || fail "Go client checks failed"
 
 step "all checks passed"

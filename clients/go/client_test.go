@@ -1,0 +1,210 @@
+package nerve_test
+
+// The client layer beyond the shared scenarios: event building, dead letters and admin, errors, closing.
+
+import (
+	"context"
+	"errors"
+	"maps"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	nerve "github.com/nerve-bus/nerve/clients/go"
+	"github.com/nerve-bus/nerve/clients/go/nervepb"
+)
+
+func TestEventBuilderBuildsCloudEvents(t *testing.T) {
+	when := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	e, err := nerve.NewEvent("//billing", "invoice.paid.v1").
+		JSON(map[string]any{"amount": 12, "currency": "EUR"}).
+		Subject("invoice-7").
+		Priority(nerve.PriorityHigh).
+		CorrelationID("order-7").
+		Time(when).
+		Extension("tenant", "acme").
+		Extension("retries", 3).
+		Extension("urgent", true).
+		Extension("due", when).
+		Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.GetSpecVersion() != "1.0" || e.GetId() == "" || e.GetPriority() != nervepb.Priority_PRIORITY_HIGH {
+		t.Fatalf("event = %v", e)
+	}
+	if e.GetDataContentType() != "application/json" || !e.GetTime().AsTime().Equal(when) {
+		t.Fatalf("event = %v", e)
+	}
+	var data struct {
+		Amount   int
+		Currency string
+	}
+	if err := nerve.UnmarshalData(e, &data); err != nil || data.Amount != 12 || data.Currency != "EUR" {
+		t.Fatalf("data = %+v, %v", data, err)
+	}
+	want := map[string]any{"tenant": "acme", "retries": int32(3), "urgent": true, "due": when}
+	if got := nerve.Extensions(e); !maps.EqualFunc(got, want, func(a, b any) bool {
+		if ta, ok := a.(time.Time); ok {
+			return ta.Equal(b.(time.Time))
+		}
+		return a == b
+	}) {
+		t.Fatalf("extensions = %v", got)
+	}
+	packed := nerve.NewEvent("//s", "t").Proto(durationpb.New(5 * time.Second)).MustBuild()
+	var d durationpb.Duration
+	if err := packed.GetProtoData().UnmarshalTo(&d); err != nil || d.AsDuration() != 5*time.Second {
+		t.Fatalf("proto data = %v, %v", packed.GetProtoData(), err)
+	}
+	if _, err := nerve.NewEvent("//s", "t").Extension("big", int64(1)<<31).Build(); err == nil {
+		t.Fatal("an extension integer beyond 32 bits is an error")
+	}
+	a, b := nerve.NewEvent("//s", "t").MustBuild(), nerve.NewEvent("//s", "t").MustBuild()
+	if a.GetId() == b.GetId() {
+		t.Fatal("default ids are unique")
+	}
+}
+
+func TestDeadLettersAndAdmin(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{
+		Types: []string{"park.*"}, Group: "parkers", HeartbeatInterval: 200 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	stored, err := client.Publish(ctx, ev("k1", "park.x"), ev("k2", "park.y"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, second := next(t, sub), next(t, sub)
+	poison, fine := first, second
+	if first.Event.GetId() != "k1" {
+		poison, fine = second, first
+	}
+	if poison.Event.GetId() != "k1" || fine.Event.GetId() != "k2" {
+		t.Fatalf("deliveries %s, %s", first.Event.GetId(), second.Event.GetId())
+	}
+	if err := poison.DeadLetter("schema mismatch"); err != nil {
+		t.Fatal(err)
+	}
+	if err := fine.Ack(); err != nil {
+		t.Fatal(err)
+	}
+	if beat := expectIdle(t, sub, 1); beat.GetInFlight() != 0 {
+		t.Fatalf("in flight %d", beat.GetInFlight())
+	}
+	letters := eventually(t, "the dead letter", func() ([]*nervepb.DeadLetter, bool) {
+		var out []*nervepb.DeadLetter
+		for d, err := range client.DeadLetters(ctx, "parkers", 0) {
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, d)
+		}
+		return out, len(out) > 0
+	})
+	if len(letters) != 1 || letters[0].GetReason() != "schema mismatch" || letters[0].GetEvent().GetSequence() != stored[0].GetSequence() {
+		t.Fatalf("dead letters = %v", letters)
+	}
+	if n, err := client.RedriveAllDeadLetters(ctx, "parkers"); err != nil || n != 1 {
+		t.Fatalf("redrive = %d, %v", n, err)
+	}
+	back := next(t, sub)
+	if back.Event.GetId() != "k1" {
+		t.Fatalf("redriven = %s", back.Event.GetId())
+	}
+	if err := back.Ack(); err != nil {
+		t.Fatal(err)
+	}
+	sub.Close()
+
+	types, err := client.ListEventTypes(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	counts := map[string]uint64{}
+	for _, ti := range types {
+		counts[ti.GetType()] = ti.GetCount()
+	}
+	if !maps.Equal(counts, map[string]uint64{"park.x": 1, "park.y": 1}) {
+		t.Fatalf("types = %v", counts)
+	}
+	if deleted, err := client.DeleteGroup(ctx, "parkers"); err != nil || !deleted {
+		t.Fatalf("delete = %v, %v", deleted, err)
+	}
+	if g, err := client.Group(ctx, "parkers"); err != nil || g != nil {
+		t.Fatalf("group after delete = %v, %v", g, err)
+	}
+	if _, err := client.GetEvent(ctx, "missing", ""); !errors.Is(err, nerve.ErrNotFound) {
+		t.Fatalf("missing event: %v", err)
+	}
+}
+
+func TestFilterAndBadOpen(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	_, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"a.b"}, Group: "g", AckDeadline: time.Millisecond})
+	var e *nerve.Error
+	if !errors.As(err, &e) || !errors.Is(err, nerve.ErrInvalidArgument) {
+		t.Fatalf("want InvalidArgument, got %v", err)
+	}
+	if _, ok := e.Violation("open.ack_deadline"); !ok {
+		t.Fatalf("violations %v", e.FieldViolations)
+	}
+
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{
+		Types: []string{"filter.x"}, Filter: nerve.Exact(map[string]string{"subject": "keep"}), Start: nerve.StartEarliest(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	kept := ev("keep-me", "filter.x")
+	kept.Subject = "keep"
+	if _, err := client.Publish(ctx, ev("drop-me", "filter.x"), kept); err != nil {
+		t.Fatal(err)
+	}
+	if d := next(t, sub); d.Event.GetId() != "keep-me" {
+		t.Fatalf("filtered delivery = %s", d.Event.GetId())
+	}
+}
+
+func TestClosedSubscriptionEnds(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"closing.x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sub.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sub.Next(context.Background()); !errors.Is(err, nerve.ErrClosed) {
+		t.Fatalf("next after close: %v", err)
+	}
+	if err := sub.AckIDs("1-1"); !errors.Is(err, nerve.ErrClosed) {
+		t.Fatalf("ack after close: %v", err)
+	}
+}
+
+func TestNextGivesUpWithItsContextAndTheStreamStaysUsable(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"patience.x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	short, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := sub.Next(short); !errors.Is(err, context.Canceled) {
+		t.Fatalf("next with a cancelled context: %v", err)
+	}
+	if _, err := client.Publish(ctx, ev("p1", "patience.x")); err != nil {
+		t.Fatal(err)
+	}
+	if d := next(t, sub); d.Event.GetId() != "p1" {
+		t.Fatalf("delivery = %s", d.Event.GetId())
+	}
+}

@@ -1,0 +1,154 @@
+package nerve
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// FieldViolation is one invalid field of a request, from the google.rpc.BadRequest detail
+// (for example "events[0].type").
+type FieldViolation struct {
+	Field       string
+	Description string
+}
+
+// Error is a failed call: its gRPC code and message plus the rich details the server sent.
+//
+// Match kinds with errors.Is against the sentinels (errors.Is(err, nerve.ErrAlreadyExists)) or read
+// Code; status.Code(err) works too.
+type Error struct {
+	Code    codes.Code
+	Message string
+	// FieldViolations names each bad field (google.rpc.BadRequest).
+	FieldViolations []FieldViolation
+	// Reason is the google.rpc.ErrorInfo reason, e.g. "NO_RESPONDERS"; empty when none was sent.
+	Reason string
+	// Metadata is the google.rpc.ErrorInfo metadata.
+	Metadata map[string]string
+	status   *status.Status
+	sentinel bool
+}
+
+// Sentinels for errors.Is.
+var (
+	ErrInvalidArgument    = &Error{Code: codes.InvalidArgument, sentinel: true}
+	ErrResourceExhausted  = &Error{Code: codes.ResourceExhausted, sentinel: true}
+	ErrAlreadyExists      = &Error{Code: codes.AlreadyExists, sentinel: true}
+	ErrNotFound           = &Error{Code: codes.NotFound, sentinel: true}
+	ErrFailedPrecondition = &Error{Code: codes.FailedPrecondition, sentinel: true}
+	// ErrNoResponders: a request no connected subscriber could receive (FailedPrecondition, NO_RESPONDERS).
+	ErrNoResponders     = &Error{Code: codes.FailedPrecondition, Reason: "NO_RESPONDERS", sentinel: true}
+	ErrDeadlineExceeded = &Error{Code: codes.DeadlineExceeded, sentinel: true}
+	ErrUnavailable      = &Error{Code: codes.Unavailable, sentinel: true}
+	ErrPermissionDenied = &Error{Code: codes.PermissionDenied, sentinel: true}
+	ErrUnauthenticated  = &Error{Code: codes.Unauthenticated, sentinel: true}
+)
+
+// ErrClosed is returned by a Subscription that this side closed.
+var ErrClosed = errors.New("nerve: subscription closed")
+
+func (e *Error) Error() string {
+	if e.sentinel {
+		if e.Reason != "" {
+			return fmt.Sprintf("nerve: %s (%s)", e.Code, e.Reason)
+		}
+		return "nerve: " + e.Code.String()
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "nerve: %s: %s", e.Code, e.Message)
+	if len(e.FieldViolations) > 0 {
+		b.WriteString(" (")
+		for i, v := range e.FieldViolations {
+			if i > 0 {
+				b.WriteString("; ")
+			}
+			fmt.Fprintf(&b, "%s: %s", v.Field, v.Description)
+		}
+		b.WriteString(")")
+	}
+	return b.String()
+}
+
+// Is matches the sentinels by code (and reason, for ErrNoResponders).
+func (e *Error) Is(target error) bool {
+	t, ok := target.(*Error)
+	if !ok || !t.sentinel {
+		return false
+	}
+	return t.Code == e.Code && (t.Reason == "" || t.Reason == e.Reason)
+}
+
+// GRPCStatus makes status.FromError and status.Code see the original status.
+func (e *Error) GRPCStatus() *status.Status {
+	if e.status != nil {
+		return e.status
+	}
+	return status.New(e.Code, e.Message)
+}
+
+// Violation returns the violation of field, if the server named it.
+func (e *Error) Violation(field string) (FieldViolation, bool) {
+	for _, v := range e.FieldViolations {
+		if v.Field == field {
+			return v, true
+		}
+	}
+	return FieldViolation{}, false
+}
+
+// Code is the gRPC code of err: codes.OK for nil, codes.Unknown for errors that are not RPC errors.
+func Code(err error) codes.Code {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return status.Code(err)
+}
+
+// wrap turns a failed RPC into an *Error; nil and non-RPC errors pass through.
+func wrap(err error) error {
+	if err == nil {
+		return nil
+	}
+	var already *Error
+	if errors.As(err, &already) {
+		return err
+	}
+	st, ok := status.FromError(err)
+	if !ok {
+		switch {
+		case errors.Is(err, context.Canceled):
+			st = status.New(codes.Canceled, err.Error())
+		case errors.Is(err, context.DeadlineExceeded):
+			st = status.New(codes.DeadlineExceeded, err.Error())
+		default:
+			return err
+		}
+	}
+	e := &Error{Code: st.Code(), Message: st.Message(), status: st}
+	for _, detail := range st.Details() {
+		switch d := detail.(type) {
+		case *errdetails.BadRequest:
+			for _, v := range d.GetFieldViolations() {
+				e.FieldViolations = append(e.FieldViolations, FieldViolation{Field: v.GetField(), Description: v.GetDescription()})
+			}
+		case *errdetails.ErrorInfo:
+			if e.Reason == "" {
+				e.Reason = d.GetReason()
+			}
+			if len(d.GetMetadata()) > 0 && e.Metadata == nil {
+				e.Metadata = map[string]string{}
+			}
+			for k, v := range d.GetMetadata() {
+				e.Metadata[k] = v
+			}
+		}
+	}
+	return e
+}

@@ -1,0 +1,171 @@
+package nerve_test
+
+import (
+	"bufio"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	nerve "github.com/nerve-bus/nerve/clients/go"
+	"github.com/nerve-bus/nerve/clients/go/nervepb"
+)
+
+// wait is the longest any single expected event may take before a test fails.
+const wait = 10 * time.Second
+
+var (
+	ansi     = regexp.MustCompile(`\x1b\[[0-9;]*m`)
+	addrLine = regexp.MustCompile(`addr=(\S+)`)
+)
+
+// serverBinary is $NERVE_SERVER_BIN, or target/debug/nerve-server of the repository.
+func serverBinary(t *testing.T) string {
+	t.Helper()
+	repo, err := filepath.Abs(filepath.Join("..", ".."))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := os.Getenv("NERVE_SERVER_BIN")
+	if bin == "" {
+		bin = filepath.Join(repo, "target", "debug", "nerve-server")
+	}
+	if info, err := os.Stat(bin); err != nil || info.IsDir() || info.Mode()&0o111 == 0 {
+		t.Fatalf("nerve-server binary not found at %s: run `cargo build --bin nerve-server` in %s "+
+			"(or point NERVE_SERVER_BIN at a built nerve-server)", bin, repo)
+	}
+	return bin
+}
+
+// startServer runs its own nerve-server child process on 127.0.0.1:0 with a fresh data dir and returns
+// the address it logged; the process is stopped (SIGTERM) when the test ends.
+func startServer(t *testing.T) string {
+	t.Helper()
+	cmd := exec.Command(serverBinary(t), "--listen", "127.0.0.1:0", "--data-dir", t.TempDir())
+	env := []string{"NERVE_LOG_LEVEL=info", "NO_COLOR=1"}
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "NERVE_") && !strings.HasPrefix(kv, "RUST_LOG=") {
+			env = append(env, kv)
+		}
+	}
+	cmd.Env = env
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start nerve-server: %v", err)
+	}
+	exited := make(chan struct{})
+	addrs := make(chan string, 1)
+	go func() { // read the log until the child exits, so it never blocks on a full pipe
+		scanner := bufio.NewScanner(stderr)
+		found := false
+		for scanner.Scan() {
+			if m := addrLine.FindStringSubmatch(ansi.ReplaceAllString(scanner.Text(), "")); m != nil && !found {
+				found = true
+				addrs <- m[1]
+			}
+		}
+		close(addrs)
+	}()
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(wait):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+	})
+	select {
+	case addr, ok := <-addrs:
+		if !ok {
+			t.Fatal("nerve-server exited before listening")
+		}
+		return addr
+	case <-time.After(wait):
+		t.Fatal("nerve-server did not report its listen address in time")
+	}
+	return ""
+}
+
+// connect starts a server for this test and returns a client connected to it.
+func connect(t *testing.T) *nerve.Client {
+	t.Helper()
+	client, err := nerve.Dial(startServer(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = client.Close() })
+	return client
+}
+
+// testContext is bounded, so that a hung call fails the test instead of the run.
+func testContext(t *testing.T) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 4*wait)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// ev builds a valid event with text data.
+func ev(id, eventType string) *nervepb.Event {
+	return nerve.NewEvent("//tests", eventType).ID(id).Text("payload of " + id).MustBuild()
+}
+
+// next returns the next delivery within wait.
+func next(t *testing.T, sub *nerve.Subscription) *nerve.Delivery {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	d, err := sub.Next(ctx)
+	if err != nil {
+		t.Fatalf("no delivery within %s: %v", wait, err)
+	}
+	return d
+}
+
+// expectIdle asserts nothing is delivered while the server sends `beats` heartbeats (its own idle signal);
+// it returns the last heartbeat.
+func expectIdle(t *testing.T, sub *nerve.Subscription, beats int) *nervepb.Heartbeat {
+	t.Helper()
+	var last *nervepb.Heartbeat
+	for seen := 0; seen < beats; {
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		m, err := sub.NextMessage(ctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("expected heartbeats: %v", err)
+		}
+		if m.Delivery != nil {
+			t.Fatalf("expected no delivery, got %s (attempt %d)", m.Delivery.Event.GetId(), m.Delivery.Attempt)
+		}
+		if m.Heartbeat != nil {
+			last = m.Heartbeat
+			seen++
+		}
+	}
+	return last
+}
+
+// eventually polls a server-side effect that no stream announces, failing after wait.
+func eventually[T any](t *testing.T, what string, check func() (T, bool)) T {
+	t.Helper()
+	deadline := time.Now().Add(wait)
+	for {
+		if v, ok := check(); ok {
+			return v
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

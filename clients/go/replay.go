@@ -1,0 +1,200 @@
+package nerve
+
+import (
+	"context"
+	"errors"
+	"io"
+	"iter"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/nerve-bus/nerve/clients/go/nervepb"
+)
+
+// ReplayOptions select stored history. Zero values mean no bound.
+type ReplayOptions struct {
+	// Types are patterns; empty means all types.
+	Types         []string
+	Source        string
+	Subject       string
+	CorrelationID string
+	// StartTime and EndTime bound the recorded time: [StartTime, EndTime).
+	StartTime time.Time
+	EndTime   time.Time
+	// AfterSequence and UntilSequence bound the sequence: (AfterSequence, UntilSequence].
+	AfterSequence uint64
+	UntilSequence uint64
+	// Limit is the most events to return; zero means all.
+	Limit uint32
+	// PageSize is events per page (default 100, at most 1000).
+	PageSize uint32
+	// ResumeToken continues an earlier replay (Replay.ResumeToken); it overrides AfterSequence.
+	ResumeToken string
+	// MaxResumes is how often in a row a replay whose stream breaks with Unavailable reconnects from its
+	// last resume token; zero means 3, negative means never.
+	MaxResumes int
+}
+
+// Replay is stored history in sequence order, read page by page. Call Next (or NextPage) until io.EOF, or
+// range over All. After each page ResumeToken continues right after it. A stream that breaks with
+// Unavailable is reopened from the last token, so no event is skipped or repeated.
+type Replay struct {
+	ctx          context.Context
+	bus          nervepb.EventBusClient
+	req          *nervepb.ReplayRequest
+	maxResumes   int
+	limit        uint64 // the Limit asked for, across reconnects
+	stream       nervepb.EventBus_ReplayClient
+	cancel       context.CancelFunc
+	page         []*nervepb.Event
+	resumeToken  string
+	endOfHistory bool
+	count        uint64
+	failures     int
+	err          error
+}
+
+// Replay starts a replay; nothing is sent until the first Next. ctx bounds the whole replay.
+func (c *Client) Replay(ctx context.Context, opts ReplayOptions) *Replay {
+	req := &nervepb.ReplayRequest{
+		Types:         opts.Types,
+		Source:        opts.Source,
+		Subject:       opts.Subject,
+		CorrelationId: opts.CorrelationID,
+		AfterSequence: opts.AfterSequence,
+		UntilSequence: opts.UntilSequence,
+		Limit:         opts.Limit,
+		PageSize:      opts.PageSize,
+		ResumeToken:   opts.ResumeToken,
+	}
+	if !opts.StartTime.IsZero() {
+		req.StartTime = timestamppb.New(opts.StartTime)
+	}
+	if !opts.EndTime.IsZero() {
+		req.EndTime = timestamppb.New(opts.EndTime)
+	}
+	maxResumes := opts.MaxResumes
+	if maxResumes == 0 {
+		maxResumes = 3
+	}
+	return &Replay{
+		ctx: ctx, bus: c.bus, req: req, maxResumes: maxResumes, limit: uint64(opts.Limit), resumeToken: opts.ResumeToken,
+	}
+}
+
+// ResumeToken continues after the last page received (empty before the first page).
+func (r *Replay) ResumeToken() string { return r.resumeToken }
+
+// EndOfHistory is true once the server said no more stored events match.
+func (r *Replay) EndOfHistory() bool { return r.endOfHistory }
+
+// Count is the number of events received so far.
+func (r *Replay) Count() uint64 { return r.count }
+
+// NextPage returns the next page as the server sent it, io.EOF at the end, or the replay's *Error.
+func (r *Replay) NextPage() (*nervepb.ReplayResponse, error) {
+	if r.err != nil {
+		return nil, r.err
+	}
+	for {
+		if r.stream == nil {
+			ctx, cancel := context.WithCancel(r.ctx)
+			stream, err := r.bus.Replay(ctx, r.req)
+			if err != nil {
+				cancel()
+				if r.retry(err) {
+					continue
+				}
+				return nil, r.fail(err)
+			}
+			r.stream, r.cancel = stream, cancel
+		}
+		page, err := r.stream.Recv()
+		if err == nil {
+			r.failures = 0
+			r.resumeToken = page.GetResumeToken()
+			r.endOfHistory = page.GetEndOfHistory()
+			r.count += uint64(len(page.GetEvents()))
+			return page, nil
+		}
+		r.cancel()
+		r.stream = nil
+		if errors.Is(err, io.EOF) {
+			r.err = io.EOF
+			return nil, io.EOF
+		}
+		if r.retry(err) {
+			continue
+		}
+		return nil, r.fail(err)
+	}
+}
+
+// retry prepares a reconnect from the last token after an Unavailable error, backing off a little.
+func (r *Replay) retry(err error) bool {
+	if Code(wrap(err)) != codes.Unavailable || r.failures >= r.maxResumes || (r.limit > 0 && r.count >= r.limit) {
+		return false
+	}
+	r.failures++
+	select {
+	case <-time.After(time.Duration(100<<r.failures) * time.Millisecond):
+	case <-r.ctx.Done():
+		return false
+	}
+	req := proto.Clone(r.req).(*nervepb.ReplayRequest)
+	req.ResumeToken = r.resumeToken
+	if r.limit > 0 {
+		req.Limit = uint32(r.limit - r.count)
+	}
+	r.req = req
+	return true
+}
+
+func (r *Replay) fail(err error) error {
+	r.err = wrap(err)
+	return r.err
+}
+
+// Next returns the next event, io.EOF at the end, or the replay's *Error.
+func (r *Replay) Next() (*nervepb.Event, error) {
+	for len(r.page) == 0 {
+		page, err := r.NextPage()
+		if err != nil {
+			return nil, err
+		}
+		r.page = page.GetEvents()
+	}
+	ev := r.page[0]
+	r.page = r.page[1:]
+	return ev, nil
+}
+
+// All ranges over the events; a failure is yielded once as the error, io.EOF ends the range.
+func (r *Replay) All() iter.Seq2[*nervepb.Event, error] {
+	return func(yield func(*nervepb.Event, error) bool) {
+		defer r.Close()
+		for {
+			ev, err := r.Next()
+			if errors.Is(err, io.EOF) {
+				return
+			}
+			if !yield(ev, err) || err != nil {
+				return
+			}
+		}
+	}
+}
+
+// Close stops the replay early.
+func (r *Replay) Close() {
+	if r.cancel != nil {
+		r.cancel()
+	}
+	r.stream = nil
+	if r.err == nil {
+		r.err = io.EOF
+	}
+}

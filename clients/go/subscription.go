@@ -1,0 +1,345 @@
+package nerve
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/nerve-bus/nerve/clients/go/nervepb"
+)
+
+// SubscribeOptions open a subscription. Zero values take the server's defaults.
+type SubscribeOptions struct {
+	// Types are patterns: "*" matches one segment, ">" the rest. Empty means all types.
+	Types []string
+	// Group is the durable group; its members share its events. Empty means a private stream.
+	Group string
+	// Filter runs on the server (see Exact, Prefix, Suffix, All, Any, Not).
+	Filter *nervepb.Filter
+	// Start is where a private stream, or a new group, starts: StartLatest (default), StartEarliest,
+	// StartAfter or StartAt.
+	Start *nervepb.StartPosition
+	// MaxInFlight is the most unsettled deliveries at once (default 64).
+	MaxInFlight uint32
+	// AckDeadline is the time to settle a group delivery before it is redelivered (default 30s).
+	AckDeadline time.Duration
+	// MaxAttempts is how often a group delivers an event before dead-lettering it (default 5).
+	MaxAttempts uint32
+	// HeartbeatInterval is how often an idle stream gets a heartbeat (default 10s).
+	HeartbeatInterval time.Duration
+}
+
+// Delivery is one event handed to a subscriber. Settle it with Ack, Nack or DeadLetter.
+type Delivery struct {
+	Event      *nervepb.Event
+	DeliveryID string
+	// Attempt is 1 on first delivery, then counts redeliveries.
+	Attempt uint32
+	// AckDeadline is when a group redelivers it unless settled; zero on private streams.
+	AckDeadline time.Time
+	sub         *Subscription
+}
+
+// Sequence is the event's global sequence.
+func (d *Delivery) Sequence() uint64 { return d.Event.GetSequence() }
+
+// ReplyTo is the inbox of a request; pass it to Client.Reply.
+func (d *Delivery) ReplyTo() string { return d.Event.GetReplyTo() }
+
+// Ack settles the delivery as processed.
+func (d *Delivery) Ack() error { return d.sub.Ack(d) }
+
+// Nack settles the delivery as failed; it is redelivered after delay (zero: at once).
+func (d *Delivery) Nack(delay time.Duration) error { return d.sub.Nack(delay, d) }
+
+// DeadLetter settles the delivery as failed for good: the group parks it with reason.
+func (d *Delivery) DeadLetter(reason string) error { return d.sub.DeadLetter(reason, d) }
+
+// Extend moves the ack deadline to by from now.
+func (d *Delivery) Extend(by time.Duration) error { return d.sub.Extend(by, d) }
+
+// Message is one message of a subscription stream: exactly one field is set.
+type Message struct {
+	Delivery  *Delivery
+	CaughtUp  *nervepb.CaughtUp
+	Heartbeat *nervepb.Heartbeat
+}
+
+// Subscription is an open Subscribe stream. Next returns deliveries; Ack, Nack, DeadLetter, Extend,
+// Credit and SetFilter steer it; Close ends it. Next is for one goroutine; the rest are safe to call from
+// any goroutine.
+type Subscription struct {
+	stream     nervepb.EventBus_SubscribeClient
+	cancel     context.CancelFunc
+	subscribed *nervepb.Subscribed
+	messages   chan *nervepb.SubscribeResponse
+	done       chan struct{} // closed when the receiver stopped; err is set before
+	err        error
+
+	sendMu sync.Mutex
+	closed bool
+
+	caughtUp      *uint64
+	heartbeats    uint64
+	lastHeartbeat *nervepb.Heartbeat
+}
+
+// Subscribe opens a Subscribe stream and waits for the server to confirm it. ctx bounds the whole stream:
+// cancel it, or call Close, to end it.
+func (c *Client) Subscribe(ctx context.Context, opts SubscribeOptions) (*Subscription, error) {
+	open := &nervepb.SubscriptionOpen{
+		Types:       opts.Types,
+		Group:       opts.Group,
+		Filter:      opts.Filter,
+		Start:       opts.Start,
+		MaxInFlight: opts.MaxInFlight,
+		MaxAttempts: opts.MaxAttempts,
+	}
+	if opts.AckDeadline > 0 {
+		open.AckDeadline = durationpb.New(opts.AckDeadline)
+	}
+	if opts.HeartbeatInterval > 0 {
+		open.HeartbeatInterval = durationpb.New(opts.HeartbeatInterval)
+	}
+	streamCtx, cancel := context.WithCancel(ctx)
+	stream, err := c.bus.Subscribe(streamCtx)
+	if err != nil {
+		cancel()
+		return nil, wrap(err)
+	}
+	if err := stream.Send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Open{Open: open}}); err != nil && !errors.Is(err, io.EOF) {
+		cancel()
+		return nil, wrap(err)
+	}
+	// io.EOF from Send means the server ended the stream already: Recv returns its status
+	first, err := stream.Recv()
+	if err != nil {
+		cancel()
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("nerve: subscribe stream ended before it was confirmed")
+		}
+		return nil, wrap(err)
+	}
+	subscribed := first.GetSubscribed()
+	if subscribed == nil {
+		cancel()
+		return nil, fmt.Errorf("nerve: expected subscribed first, got %T", first.GetMessage())
+	}
+	s := &Subscription{
+		stream:     stream,
+		cancel:     cancel,
+		subscribed: subscribed,
+		messages:   make(chan *nervepb.SubscribeResponse, 16),
+		done:       make(chan struct{}),
+	}
+	go s.receive()
+	return s, nil
+}
+
+// receive reads the stream into s.messages, so that Next can give up on its own context without
+// cancelling the stream.
+func (s *Subscription) receive() {
+	defer close(s.done)
+	for {
+		m, err := s.stream.Recv()
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				s.err = wrap(err)
+			}
+			return
+		}
+		select {
+		case s.messages <- m:
+		case <-s.stream.Context().Done():
+			return
+		}
+	}
+}
+
+// Subscribed is the server's confirmation: subscription id, group and the head sequence at open.
+func (s *Subscription) Subscribed() *nervepb.Subscribed { return s.subscribed }
+
+// CaughtUp reports the caught-up marker's sequence once it was read: every stored match was delivered
+// before it, the rest is live.
+func (s *Subscription) CaughtUp() (uint64, bool) {
+	if s.caughtUp == nil {
+		return 0, false
+	}
+	return *s.caughtUp, true
+}
+
+// Heartbeats counts the heartbeats read so far; LastHeartbeat is the latest (nil before the first).
+func (s *Subscription) Heartbeats() uint64 { return s.heartbeats }
+
+// LastHeartbeat is the latest heartbeat read (nil before the first).
+func (s *Subscription) LastHeartbeat() *nervepb.Heartbeat { return s.lastHeartbeat }
+
+// NextMessage returns the next message of any kind. At the end of the stream it returns io.EOF (ended
+// cleanly), ErrClosed (closed by this side) or the stream's *Error; when ctx ends first, ctx's error (the
+// stream stays usable).
+func (s *Subscription) NextMessage(ctx context.Context) (Message, error) {
+	for {
+		var m *nervepb.SubscribeResponse
+		select {
+		case m = <-s.messages:
+		case <-ctx.Done():
+			return Message{}, ctx.Err()
+		case <-s.done:
+			select { // deliver what was received before the end
+			case m = <-s.messages:
+			default:
+				return Message{}, s.endErr()
+			}
+		}
+		switch msg := m.GetMessage().(type) {
+		case *nervepb.SubscribeResponse_Delivery:
+			d := msg.Delivery
+			out := &Delivery{Event: d.GetEvent(), DeliveryID: d.GetDeliveryId(), Attempt: d.GetAttempt(), sub: s}
+			if d.GetAckDeadline() != nil {
+				out.AckDeadline = d.GetAckDeadline().AsTime()
+			}
+			return Message{Delivery: out}, nil
+		case *nervepb.SubscribeResponse_CaughtUp:
+			seq := msg.CaughtUp.GetSequence()
+			s.caughtUp = &seq
+			return Message{CaughtUp: msg.CaughtUp}, nil
+		case *nervepb.SubscribeResponse_Heartbeat:
+			s.heartbeats++
+			s.lastHeartbeat = msg.Heartbeat
+			return Message{Heartbeat: msg.Heartbeat}, nil
+		default:
+			continue // a kind this client does not know (a newer server): skip it
+		}
+	}
+}
+
+// Next returns the next delivery, reading past heartbeats and recording the caught-up marker. Errors are
+// those of NextMessage.
+func (s *Subscription) Next(ctx context.Context) (*Delivery, error) {
+	for {
+		m, err := s.NextMessage(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if m.Delivery != nil {
+			return m.Delivery, nil
+		}
+	}
+}
+
+// UntilCaughtUp reads until the caught-up marker and returns the deliveries before it, unsettled. With a
+// window of MaxInFlight deliveries this suits backlogs smaller than the window; settle as you go otherwise.
+func (s *Subscription) UntilCaughtUp(ctx context.Context) ([]*Delivery, error) {
+	var out []*Delivery
+	for s.caughtUp == nil {
+		m, err := s.NextMessage(ctx)
+		if err != nil {
+			return out, err
+		}
+		if m.Delivery != nil {
+			out = append(out, m.Delivery)
+		}
+	}
+	return out, nil
+}
+
+func (s *Subscription) endErr() error {
+	s.sendMu.Lock()
+	closed := s.closed
+	s.sendMu.Unlock()
+	switch {
+	case closed:
+		return ErrClosed
+	case s.err != nil:
+		return s.err
+	default:
+		return io.EOF
+	}
+}
+
+func ids(ds []*Delivery) []string {
+	out := make([]string, len(ds))
+	for i, d := range ds {
+		out[i] = d.DeliveryID
+	}
+	return out
+}
+
+// Ack settles deliveries as processed.
+func (s *Subscription) Ack(ds ...*Delivery) error {
+	return s.AckIDs(ids(ds)...)
+}
+
+// AckIDs settles deliveries, named by delivery id, as processed.
+func (s *Subscription) AckIDs(deliveryIDs ...string) error {
+	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Ack{Ack: &nervepb.Ack{DeliveryIds: deliveryIDs}}})
+}
+
+// Nack settles deliveries as failed: each is redelivered after delay (zero: at once).
+func (s *Subscription) Nack(delay time.Duration, ds ...*Delivery) error {
+	nack := &nervepb.Nack{DeliveryIds: ids(ds), RetryDelay: durationpb.New(delay)}
+	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Nack{Nack: nack}})
+}
+
+// DeadLetter settles deliveries as failed for good: dead-lettered now, with reason.
+func (s *Subscription) DeadLetter(reason string, ds ...*Delivery) error {
+	nack := &nervepb.Nack{DeliveryIds: ids(ds), DeadLetter: true, Reason: reason}
+	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Nack{Nack: nack}})
+}
+
+// Extend moves the ack deadline of deliveries to by from now.
+func (s *Subscription) Extend(by time.Duration, ds ...*Delivery) error {
+	extend := &nervepb.ExtendDeadline{DeliveryIds: ids(ds), Extension: durationpb.New(by)}
+	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Extend{Extend: extend}})
+}
+
+// Credit widens the window: the server may send credits more deliveries.
+func (s *Subscription) Credit(credits uint32) error {
+	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Credit{Credit: &nervepb.Credit{Credits: credits}}})
+}
+
+// SetFilter replaces the server-side filter (for a group: the group's filter); nil clears it.
+func (s *Subscription) SetFilter(filter *nervepb.Filter) error {
+	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_SetFilter{SetFilter: &nervepb.SetFilter{Filter: filter}}})
+}
+
+func (s *Subscription) send(req *nervepb.SubscribeRequest) error {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	if err := s.stream.Send(req); err != nil {
+		if errors.Is(err, io.EOF) { // the stream ended: its status comes from the receiver
+			<-s.done
+			if s.err != nil {
+				return s.err
+			}
+			return fmt.Errorf("nerve: subscription stream ended: %w", io.EOF)
+		}
+		return wrap(err)
+	}
+	return nil
+}
+
+// CloseSend half-closes: nothing more can be sent, deliveries keep coming until Close.
+func (s *Subscription) CloseSend() error {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	return s.stream.CloseSend()
+}
+
+// Close cancels the stream. Unsettled group deliveries go back to the group at once (as an attempt).
+func (s *Subscription) Close() error {
+	s.sendMu.Lock()
+	s.closed = true
+	s.sendMu.Unlock()
+	s.cancel()
+	<-s.done
+	return nil
+}

@@ -1,0 +1,292 @@
+"""The client: one gRPC channel, the EventBus and Admin stubs, and an idiomatic async API over them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Generic, Protocol, TypeVar
+
+import grpc
+import grpc.aio
+
+from ._errors import UnavailableError, from_rpc_error
+from ._events import Seconds, Start, duration, seconds, start_position, timestamp
+from ._proto.nerve.v1 import admin_pb2, admin_pb2_grpc, event_bus_pb2, event_bus_pb2_grpc, event_pb2
+from ._replay import Replay
+from ._subscription import Delivery, Subscription
+
+__all__ = ["Client"]
+
+_T = TypeVar("_T")
+_C = TypeVar("_C", bound="_Closable")
+
+#: Extra time the gRPC deadline of a request gets beyond its reply timeout, so the server's own timeout answers.
+_REQUEST_GRACE = 5.0
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+class Opening(Generic[_C]):
+    """Something being opened: ``await`` it, or use it as ``async with`` (closed on exit)."""
+
+    def __init__(self, open: Callable[[], Awaitable[_C]]) -> None:
+        self._open = open
+        self._value: _C | None = None
+
+    def __await__(self) -> Generator[Any, None, _C]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> _C:
+        self._value = await self._open()
+        return self._value
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._value is not None:
+            await self._value.close()
+
+
+async def _call(awaitable: Awaitable[_T]) -> _T:
+    try:
+        return await awaitable
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from e
+
+
+def _types(types: str | Iterable[str]) -> list[str]:
+    return [types] if isinstance(types, str) else list(types)
+
+
+class Client:
+    """A connection to a Nerve server.
+
+    >>> async with Client.connect("127.0.0.1:50051") as client:
+    ...     [result] = await client.publish(event("//svc", "thing.happened.v1", {"n": 1}))
+    """
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        #: The generated stubs, for anything this layer does not cover.
+        self.event_bus_stub: event_bus_pb2_grpc.EventBusAsyncStub = event_bus_pb2_grpc.EventBusStub(channel)
+        self.admin_stub: admin_pb2_grpc.AdminAsyncStub = admin_pb2_grpc.AdminStub(channel)
+
+    @classmethod
+    def connect(
+        cls,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+        ready_timeout: Seconds | None = 10.0,
+    ) -> Opening[Client]:
+        """Connects to ``target`` (``host:port``), plaintext unless ``credentials`` are given.
+
+        Waits up to ``ready_timeout`` for the connection (None: connect lazily on the first call). Await the
+        result, or use it with ``async with`` to close the client on exit.
+        """
+
+        async def open() -> Client:
+            if credentials is None:
+                channel = grpc.aio.insecure_channel(target, options=options)
+            else:
+                channel = grpc.aio.secure_channel(target, credentials, options=options)
+            if ready_timeout is not None:
+                try:
+                    await _wait_ready(channel, seconds(ready_timeout))
+                except BaseException:
+                    await channel.close()
+                    raise
+            return cls(channel)
+
+        return Opening(open)
+
+    async def close(self) -> None:
+        """Closes the channel; open calls are cancelled."""
+        await self.channel.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # --- EventBus -------------------------------------------------------------------------------------------
+
+    async def publish(
+        self, *events: event_pb2.Event, timeout: Seconds | None = None
+    ) -> list[event_bus_pb2.PublishResult]:
+        """Commits the events atomically; one result (id, sequence, duplicate) per event, in order.
+
+        Publishing the same (source, id) again returns the original sequence with ``duplicate`` set.
+        """
+        if not events:
+            raise ValueError("publish needs at least one event")
+        response = await _call(
+            self.event_bus_stub.Publish(
+                event_bus_pb2.PublishRequest(events=events),
+                timeout=None if timeout is None else seconds(timeout),
+            )
+        )
+        return list(response.results)
+
+    def subscribe(
+        self,
+        types: str | Iterable[str] = (),
+        *,
+        group: str = "",
+        filter: event_pb2.Filter | None = None,
+        start: Start | None = None,
+        max_in_flight: int = 0,
+        ack_deadline: Seconds | None = None,
+        max_attempts: int = 0,
+        heartbeat_interval: Seconds | None = None,
+        open_timeout: Seconds = 30.0,
+    ) -> Opening[Subscription]:
+        """Opens a Subscribe stream and waits for the server to confirm it.
+
+        ``types`` are patterns (``*`` one segment, ``>`` the rest; empty: all). Without ``group`` the stream is
+        private and in sequence order; with one, the group's members share its events. ``start``: "latest"
+        (default), "earliest", a sequence to continue after, or a datetime. Zero/None settings take the
+        server's defaults. Await the result, or use it with ``async with`` to close the stream on exit.
+        """
+        request = event_bus_pb2.SubscriptionOpen(
+            types=_types(types),
+            group=group,
+            filter=filter,
+            start=start_position(start),
+            max_in_flight=max_in_flight,
+            ack_deadline=None if ack_deadline is None else duration(ack_deadline),
+            max_attempts=max_attempts,
+            heartbeat_interval=None if heartbeat_interval is None else duration(heartbeat_interval),
+        )
+        return Opening(lambda: Subscription._open(self.event_bus_stub, request, seconds(open_timeout)))
+
+    async def request(self, event: event_pb2.Event, timeout: Seconds = 30.0) -> event_bus_pb2.RequestResponse:
+        """Publishes ``event`` as a request and waits up to ``timeout`` for one reply.
+
+        Returns the response: ``.reply`` (the reply event, with the request's correlation id) and
+        ``.request_sequence``. Raises :class:`NoRespondersError` at once when nobody could receive it and
+        :class:`DeadlineExceededError` when no reply came in time.
+        """
+        wait = seconds(timeout)
+        return await _call(
+            self.event_bus_stub.Request(
+                event_bus_pb2.RequestRequest(event=event, timeout=duration(wait)),
+                timeout=wait + _REQUEST_GRACE,
+            )
+        )
+
+    async def reply(
+        self, reply_to: str | Delivery | event_pb2.Event, event: event_pb2.Event
+    ) -> event_bus_pb2.ReplyResponse:
+        """Answers a request: ``reply_to`` is the request's inbox, or the delivery (or event) of the request.
+
+        ``.delivered`` is False when the requester had stopped waiting (the reply is then dropped).
+        """
+        if isinstance(reply_to, Delivery):
+            reply_to = reply_to.event.reply_to
+        elif isinstance(reply_to, event_pb2.Event):
+            reply_to = reply_to.reply_to
+        if not reply_to:
+            raise ValueError("reply_to is empty: the event is not a request")
+        return await _call(self.event_bus_stub.Reply(event_bus_pb2.ReplyRequest(reply_to=reply_to, event=event)))
+
+    def replay(
+        self,
+        types: str | Iterable[str] = (),
+        *,
+        source: str = "",
+        subject: str = "",
+        correlation_id: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        after_sequence: int = 0,
+        until_sequence: int = 0,
+        limit: int = 0,
+        page_size: int = 0,
+        resume_token: str = "",
+        max_resumes: int = 3,
+    ) -> Replay:
+        """Replays stored history in sequence order (see :class:`Replay`); ``limit`` 0 means everything."""
+        request = event_bus_pb2.ReplayRequest(
+            types=_types(types),
+            source=source,
+            subject=subject,
+            correlation_id=correlation_id,
+            start_time=timestamp(start_time),
+            end_time=timestamp(end_time),
+            after_sequence=after_sequence,
+            until_sequence=until_sequence,
+            limit=limit,
+            page_size=page_size,
+            resume_token=resume_token,
+        )
+        return Replay(self.event_bus_stub, request, max_resumes=max_resumes)
+
+    # --- Admin ----------------------------------------------------------------------------------------------
+
+    async def get_event(self, id: str, source: str = "") -> event_pb2.Event:
+        """A stored event by id (and source, when several sources used the id). Raises NotFoundError."""
+        response = await _call(self.admin_stub.GetEvent(admin_pb2.GetEventRequest(id=id, source=source)))
+        return response.event
+
+    async def list_groups(self) -> list[admin_pb2.GroupInfo]:
+        """Durable groups with their pending, lag, consumers and dead letters."""
+        response = await _call(self.admin_stub.ListGroups(admin_pb2.ListGroupsRequest()))
+        return list(response.groups)
+
+    async def group(self, name: str) -> admin_pb2.GroupInfo | None:
+        """One group's info, or None if it does not exist."""
+        return next((g for g in await self.list_groups() if g.name == name), None)
+
+    async def delete_group(self, group: str) -> bool:
+        """Removes a group with its pending deliveries and dead letters; False if it did not exist."""
+        response = await _call(self.admin_stub.DeleteGroup(admin_pb2.DeleteGroupRequest(group=group)))
+        return response.deleted
+
+    async def dead_letters(self, group: str, *, page_size: int = 0) -> AsyncIterator[admin_pb2.DeadLetter]:
+        """A group's dead letters, oldest first, following page tokens."""
+        token = ""
+        while True:
+            response = await _call(
+                self.admin_stub.ListDeadLetters(
+                    admin_pb2.ListDeadLettersRequest(group=group, page_size=page_size, page_token=token)
+                )
+            )
+            for dead_letter in response.dead_letters:
+                yield dead_letter
+            token = response.next_page_token
+            if not token:
+                return
+
+    async def redrive_dead_letters(self, group: str, sequences: Iterable[int] = (), *, all: bool = False) -> int:
+        """Sends dead letters (by sequence, or ``all``) back to their group, and only to it; returns how many."""
+        response = await _call(
+            self.admin_stub.RedriveDeadLetters(
+                admin_pb2.RedriveDeadLettersRequest(group=group, sequences=list(sequences), all=all)
+            )
+        )
+        return response.redriven
+
+    async def list_event_types(self) -> list[admin_pb2.EventTypeInfo]:
+        """The event types stored so far, with counts and sequence ranges."""
+        response = await _call(self.admin_stub.ListEventTypes(admin_pb2.ListEventTypesRequest()))
+        return list(response.types)
+
+
+async def _wait_ready(channel: grpc.aio.Channel, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+    except asyncio.TimeoutError:
+        state = channel.get_state(try_to_connect=False)
+        raise UnavailableError(
+            grpc.StatusCode.UNAVAILABLE, f"could not connect within {timeout}s (channel {state.name})"
+        ) from None
+

@@ -1,0 +1,96 @@
+"""Replay: stored history as an async iterator that follows resume tokens."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from ._errors import from_rpc_error
+from ._proto.nerve.v1 import event_bus_pb2, event_pb2
+
+__all__ = ["Replay"]
+
+
+class Replay:
+    """A replay of stored history, in sequence order.
+
+    Iterate it for events (``async for event in client.replay(...)``) or :meth:`pages` for whole pages. After
+    each page :attr:`resume_token` continues right after it: pass it to a later ``replay(resume_token=...)``.
+    If the stream breaks with UNAVAILABLE mid-way, the replay reconnects from the last token (up to
+    ``max_resumes`` times in a row), so no event is skipped or repeated. Iterate a Replay once.
+    """
+
+    def __init__(self, stub: Any, request: event_bus_pb2.ReplayRequest, *, max_resumes: int = 3) -> None:
+        self._stub = stub
+        self._request = request
+        self._max_resumes = max_resumes
+        self._started = False
+        self._call: Any = None
+        #: Continues after the last page received; empty before the first page.
+        self.resume_token: str = request.resume_token
+        #: True once the server said no more stored events match.
+        self.end_of_history = False
+        #: Events received so far.
+        self.count = 0
+
+    async def pages(self) -> AsyncIterator[event_bus_pb2.ReplayResponse]:
+        """The pages of the replay, as the server sends them."""
+        if self._started:
+            raise RuntimeError("a Replay can be iterated once; start another with client.replay(...)")
+        self._started = True
+        request = event_bus_pb2.ReplayRequest()
+        request.CopyFrom(self._request)
+        limit = request.limit
+        failures = 0
+        while True:
+            call = self._call = self._stub.Replay(request)
+            try:
+                async for page in call:
+                    failures = 0
+                    self.resume_token = page.resume_token
+                    self.end_of_history = page.end_of_history
+                    self.count += len(page.events)
+                    yield page
+                return
+            except grpc.RpcError as e:
+                error = from_rpc_error(e)
+                left = limit - self.count if limit else 0
+                if (
+                    error.code != grpc.StatusCode.UNAVAILABLE
+                    or failures >= self._max_resumes
+                    or (limit and left <= 0)
+                ):
+                    raise error from e
+                failures += 1
+                await asyncio.sleep(0.1 * 2**failures)  # back off before reconnecting
+                request.resume_token = self.resume_token
+                request.limit = left
+            finally:
+                call.cancel()
+
+    async def events(self) -> AsyncIterator[event_pb2.Event]:
+        """The events of the replay, one at a time."""
+        async for page in self.pages():
+            for e in page.events:
+                yield e
+
+    def __aiter__(self) -> AsyncIterator[event_pb2.Event]:
+        return self.events()
+
+    async def aclose(self) -> None:
+        """Stops the replay early (breaking out of the iteration leaves the stream to the garbage collector)."""
+        if self._call is not None:
+            self._call.cancel()
+
+    async def __aenter__(self) -> Replay:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def collect(self) -> list[event_pb2.Event]:
+        """All events of the replay as a list (for small histories)."""
+        return [e async for e in self.events()]

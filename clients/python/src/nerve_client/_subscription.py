@@ -1,0 +1,358 @@
+"""Subscriptions: one bidirectional Subscribe stream, read by a background task into a queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Union
+
+import grpc
+
+from ._errors import ClosedError, NerveError, from_rpc_error
+from ._events import Seconds, data_of, duration
+from ._proto.nerve.v1 import event_bus_pb2, event_pb2
+
+if TYPE_CHECKING:
+    from google.protobuf import any_pb2
+
+__all__ = ["CaughtUp", "Delivery", "Heartbeat", "Message", "Subscription"]
+
+CaughtUp = event_bus_pb2.CaughtUp
+Heartbeat = event_bus_pb2.Heartbeat
+
+
+class Delivery:
+    """One event handed to this subscriber; settle it with :meth:`ack`, :meth:`nack` or :meth:`dead_letter`."""
+
+    __slots__ = ("_subscription", "ack_deadline", "attempt", "delivery_id", "event")
+
+    def __init__(self, subscription: Subscription, delivery: event_bus_pb2.Delivery) -> None:
+        self._subscription = subscription
+        self.event: event_pb2.Event = delivery.event
+        self.delivery_id: str = delivery.delivery_id
+        #: 1 on first delivery, then counts redeliveries.
+        self.attempt: int = delivery.attempt
+        #: When a group redelivers this unless it is acked; None on private streams.
+        self.ack_deadline: datetime | None = (
+            delivery.ack_deadline.ToDatetime(tzinfo=timezone.utc) if delivery.HasField("ack_deadline") else None
+        )
+
+    @property
+    def sequence(self) -> int:
+        """The event's global sequence (its replay and resume position)."""
+        return self.event.sequence
+
+    @property
+    def reply_to(self) -> str:
+        """The inbox of a request; pass the delivery to :meth:`nerve_client.Client.reply`."""
+        return self.event.reply_to
+
+    @property
+    def data(self) -> bytes | str | any_pb2.Any | None:
+        """The event's payload (see :func:`nerve_client.data_of`)."""
+        return data_of(self.event)
+
+    async def ack(self) -> None:
+        """Settles the delivery as processed."""
+        await self._subscription.ack(self)
+
+    async def nack(self, delay: Seconds = 0) -> None:
+        """Settles the delivery as failed; it is redelivered after ``delay`` (attempt + 1)."""
+        await self._subscription.nack(self, delay=delay)
+
+    async def dead_letter(self, reason: str = "") -> None:
+        """Settles the delivery as failed for good: the group parks it as a dead letter with ``reason``."""
+        await self._subscription.dead_letter(self, reason=reason)
+
+    async def extend(self, by: Seconds) -> None:
+        """Moves the ack deadline to ``by`` from now."""
+        await self._subscription.extend(self, by=by)
+
+    def __repr__(self) -> str:
+        return (
+            f"Delivery(id={self.event.id!r}, type={self.event.type!r}, sequence={self.sequence}, "
+            f"attempt={self.attempt}, delivery_id={self.delivery_id!r})"
+        )
+
+
+#: What :meth:`Subscription.messages` yields.
+Message = Union[Delivery, event_bus_pb2.CaughtUp, event_bus_pb2.Heartbeat]
+
+DeliveryRef = Union[Delivery, str]
+
+
+class _End:
+    __slots__ = ("error",)
+
+    def __init__(self, error: NerveError | None) -> None:
+        self.error = error
+
+
+class Subscription:
+    """An open Subscribe stream.
+
+    Iterate it (``async for delivery in sub``) for deliveries; heartbeats are consumed and the caught-up marker
+    is recorded in :attr:`caught_up` on the way. :meth:`messages` yields every message instead. Iteration ends
+    when the stream ends cleanly; a stream that fails raises the mapped :class:`NerveError`.
+    """
+
+    def __init__(self, call: Any, subscribed: event_bus_pb2.Subscribed, queue: asyncio.Queue[Any], pump: asyncio.Task[None]) -> None:
+        self._call = call
+        self._queue = queue
+        self._pump = pump
+        self._write_lock = asyncio.Lock()
+        self._closed = False
+        self._ended: _End | None = None
+        self.subscribed = subscribed
+        #: Sequence of the caught-up marker once it arrived: history is delivered, live delivery goes on.
+        self.caught_up_sequence: int | None = None
+        #: The last heartbeat seen.
+        self.last_heartbeat: event_bus_pb2.Heartbeat | None = None
+        #: Heartbeats seen so far (the server's signal that it has nothing to deliver).
+        self.heartbeats = 0
+
+    @classmethod
+    async def _open(cls, stub: Any, request: event_bus_pb2.SubscriptionOpen, open_timeout: float) -> Subscription:
+        call = stub.Subscribe()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        pump = asyncio.get_running_loop().create_task(_pump(call, queue))
+        try:
+            try:
+                await call.write(event_bus_pb2.SubscribeRequest(open=request))
+            except grpc.RpcError:
+                pass  # the stream failed already: the pump reports its status
+            except asyncio.InvalidStateError:
+                pass
+            first = await asyncio.wait_for(queue.get(), open_timeout)
+        except BaseException:
+            call.cancel()
+            pump.cancel()
+            raise
+        if isinstance(first, _End):
+            pump.cancel()
+            raise first.error or NerveError(grpc.StatusCode.UNKNOWN, "stream ended before it was subscribed")
+        if first.WhichOneof("message") != "subscribed":
+            call.cancel()
+            pump.cancel()
+            raise NerveError(grpc.StatusCode.INTERNAL, f"expected subscribed first, got {first.WhichOneof('message')}")
+        return cls(call, first.subscribed, queue, pump)
+
+    # --- what the server said -------------------------------------------------------------------------------
+
+    @property
+    def subscription_id(self) -> str:
+        return self.subscribed.subscription_id
+
+    @property
+    def group(self) -> str:
+        return self.subscribed.group
+
+    @property
+    def head_sequence(self) -> int:
+        """Sequence the store had committed when the subscription opened."""
+        return self.subscribed.head_sequence
+
+    @property
+    def caught_up(self) -> bool:
+        """True once the caught-up marker was read: every stored match was delivered, the rest is live."""
+        return self.caught_up_sequence is not None
+
+    # --- reading --------------------------------------------------------------------------------------------
+
+    async def next_message(self, timeout: Seconds | None = None) -> Message | None:
+        """The next message of any kind, or None once the stream ended cleanly.
+
+        Raises :class:`TimeoutError` if nothing arrives within ``timeout`` seconds (the stream stays usable)
+        and :class:`NerveError` if the stream failed.
+        """
+        if self._ended is not None:
+            self._finish()
+            return None
+        if timeout is None:
+            item = await self._queue.get()
+        else:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), _secs(timeout))
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no message from the subscription within {_secs(timeout)}s") from None
+        if isinstance(item, _End):
+            self._ended = item
+            self._finish()
+            return None
+        kind = item.WhichOneof("message")
+        if kind == "delivery":
+            return Delivery(self, item.delivery)
+        if kind == "caught_up":
+            self.caught_up_sequence = item.caught_up.sequence
+            return item.caught_up  # type: ignore[no-any-return]
+        if kind == "heartbeat":
+            self.heartbeats += 1
+            self.last_heartbeat = item.heartbeat
+            return item.heartbeat  # type: ignore[no-any-return]
+        return await self.next_message(timeout)  # an unknown kind from a newer server: skip it
+
+    def _finish(self) -> None:
+        """Raises the error the stream ended with, unless this side closed it."""
+        assert self._ended is not None
+        if self._ended.error is not None and not self._closed:
+            raise self._ended.error
+
+    async def next(self, timeout: Seconds | None = None) -> Delivery:
+        """The next delivery (skipping heartbeats, recording caught-up).
+
+        Raises :class:`TimeoutError` when none arrives within ``timeout``, :class:`ClosedError` when the stream
+        ended cleanly, :class:`NerveError` when it failed.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + _secs(timeout)
+        while True:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            message = await self.next_message(left)
+            if message is None:
+                raise ClosedError("the subscription stream ended")
+            if isinstance(message, Delivery):
+                return message
+
+    def messages(self) -> AsyncIterator[Message]:
+        """Every message in order: deliveries, heartbeats and the caught-up marker."""
+
+        async def gen() -> AsyncIterator[Message]:
+            while (message := await self.next_message()) is not None:
+                yield message
+
+        return gen()
+
+    def __aiter__(self) -> AsyncIterator[Delivery]:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        while True:
+            message = await self.next_message()
+            if message is None:
+                raise StopAsyncIteration
+            if isinstance(message, Delivery):
+                return message
+
+    async def until_caught_up(self, timeout: Seconds | None = None) -> list[Delivery]:
+        """Reads until the caught-up marker and returns the deliveries before it (unsettled).
+
+        With a window of ``max_in_flight`` deliveries, settle them as they come instead when the backlog may be
+        larger than the window; this is for small backlogs. ``timeout`` bounds the whole wait.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + _secs(timeout)
+        out: list[Delivery] = []
+        while not self.caught_up:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            message = await self.next_message(left)
+            if message is None:
+                raise ClosedError("the subscription stream ended before it caught up")
+            if isinstance(message, Delivery):
+                out.append(message)
+        return out
+
+    # --- settling and steering ------------------------------------------------------------------------------
+
+    async def ack(self, *deliveries: DeliveryRef) -> None:
+        """Settles deliveries as processed."""
+        await self._send(event_bus_pb2.SubscribeRequest(ack=event_bus_pb2.Ack(delivery_ids=_ids(deliveries))))
+
+    async def nack(self, *deliveries: DeliveryRef, delay: Seconds = 0) -> None:
+        """Settles deliveries as failed: redelivered after ``delay`` (zero: at once)."""
+        nack = event_bus_pb2.Nack(delivery_ids=_ids(deliveries), retry_delay=duration(delay))
+        await self._send(event_bus_pb2.SubscribeRequest(nack=nack))
+
+    async def dead_letter(self, *deliveries: DeliveryRef, reason: str = "") -> None:
+        """Settles deliveries as failed for good: dead-lettered now, with ``reason``."""
+        nack = event_bus_pb2.Nack(delivery_ids=_ids(deliveries), dead_letter=True, reason=reason)
+        await self._send(event_bus_pb2.SubscribeRequest(nack=nack))
+
+    async def extend(self, *deliveries: DeliveryRef, by: Seconds) -> None:
+        """Moves the ack deadline of deliveries to ``by`` from now."""
+        extend = event_bus_pb2.ExtendDeadline(delivery_ids=_ids(deliveries), extension=duration(by))
+        await self._send(event_bus_pb2.SubscribeRequest(extend=extend))
+
+    async def credit(self, credits: int) -> None:
+        """Widens the window: the server may send ``credits`` more deliveries."""
+        await self._send(event_bus_pb2.SubscribeRequest(credit=event_bus_pb2.Credit(credits=credits)))
+
+    async def set_filter(self, filter: event_pb2.Filter | None) -> None:
+        """Replaces the server-side filter (for a group: the group's filter); None clears it."""
+        set_filter = event_bus_pb2.SetFilter(filter=filter) if filter is not None else event_bus_pb2.SetFilter()
+        await self._send(event_bus_pb2.SubscribeRequest(set_filter=set_filter))
+
+    async def _send(self, request: event_bus_pb2.SubscribeRequest) -> None:
+        if self._closed:
+            raise ClosedError()
+        async with self._write_lock:
+            try:
+                await self._call.write(request)
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from e
+            except asyncio.InvalidStateError:
+                raise ClosedError("the subscription stream has ended") from None
+
+    # --- closing --------------------------------------------------------------------------------------------
+
+    async def done_writing(self) -> None:
+        """Half-closes: no more acks can be sent, deliveries keep coming until :meth:`close`."""
+        async with self._write_lock:
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await self._call.done_writing()
+
+    async def close(self) -> None:
+        """Cancels the stream. Unacked group deliveries go back to the group at once (counting an attempt)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._call.cancel()
+        self._pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._pump
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"Subscription(id={self.subscription_id!r}, group={self.group!r}, caught_up={self.caught_up})"
+
+
+async def _pump(call: Any, queue: asyncio.Queue[Any]) -> None:
+    """Reads the stream into the queue so that a reader's timeout never cancels the call itself."""
+    try:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                queue.put_nowait(_End(None))
+                return
+            queue.put_nowait(message)
+    except grpc.RpcError as e:
+        queue.put_nowait(_End(from_rpc_error(e)))
+    except asyncio.CancelledError:
+        queue.put_nowait(_End(ClosedError()))
+        raise
+    except Exception as e:  # never leave a reader waiting on a queue nobody fills
+        queue.put_nowait(_End(NerveError(grpc.StatusCode.UNKNOWN, f"subscription stream failed: {e!r}")))
+
+
+def _ids(deliveries: Iterable[DeliveryRef]) -> list[str]:
+    ids = [d if isinstance(d, str) else d.delivery_id for d in deliveries]
+    if not ids:
+        raise ValueError("name at least one delivery")
+    return ids
+
+
+def _secs(value: Seconds) -> float:
+    return value if isinstance(value, (int, float)) else value.total_seconds()

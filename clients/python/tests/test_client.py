@@ -1,0 +1,153 @@
+"""The client layer beyond the shared scenarios: event building, dead letters and admin, errors, closing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import TypeVar
+
+import grpc
+import pytest
+from google.protobuf import any_pb2, duration_pb2
+
+from nerve_client import (
+    Client,
+    ClosedError,
+    InvalidArgumentError,
+    NotFoundError,
+    Priority,
+    UnavailableError,
+    data_of,
+    event,
+    exact,
+    extensions_of,
+    json_of,
+    pb,
+)
+
+from .conftest import WAIT
+from .test_scenarios import ev, expect_idle
+
+T = TypeVar("T")
+
+
+async def eventually(what: str, check: Callable[[], Awaitable[T | None]]) -> T:
+    """Polls a server-side effect that no stream announces, failing after WAIT."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while True:
+        value = await check()
+        if value is not None:
+            return value
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_event_helper_builds_cloudevents() -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    e = event(
+        "//billing",
+        "invoice.paid.v1",
+        {"amount": 12, "currency": "EUR"},
+        subject="invoice-7",
+        priority="high",
+        extensions={"tenant": "acme", "retries": 3, "urgent": True, "blob": b"\x01", "due": when},
+        correlation_id="order-7",
+        time=when,
+    )
+    assert e.spec_version == "1.0"
+    assert e.id, "a random id by default"
+    assert Priority(e.priority) is Priority.HIGH
+    assert e.data_content_type == "application/json"
+    assert json_of(e) == {"amount": 12, "currency": "EUR"}
+    assert e.correlation_id == "order-7"
+    assert e.time.ToDatetime(tzinfo=timezone.utc) == when
+    assert extensions_of(e) == {"tenant": "acme", "retries": 3, "urgent": True, "blob": b"\x01", "due": when}
+    assert data_of(event("//s", "t", b"raw")) == b"raw"
+    packed = data_of(event("//s", "t", duration_pb2.Duration(seconds=5)))
+    assert isinstance(packed, any_pb2.Any)
+    unpacked = duration_pb2.Duration()
+    assert packed.Unpack(unpacked)
+    assert unpacked.seconds == 5
+    with pytest.raises(ValueError):
+        event("//s", "t", extensions={"big": 2**31})
+    with pytest.raises(ValueError):
+        event("//s", "t", priority="urgent")
+    assert json.loads(event("//s", "t", [1, 2]).text_data) == [1, 2]
+
+
+async def test_dead_letters_and_admin(client: Client) -> None:
+    async with client.subscribe(["park.*"], group="parkers", heartbeat_interval=0.2) as sub:
+        stored = await client.publish(ev("k1", "park.x"), ev("k2", "park.y"))
+        first, second = await sub.next(timeout=WAIT), await sub.next(timeout=WAIT)
+        assert {first.event.id, second.event.id} == {"k1", "k2"}
+        poison, fine = (first, second) if first.event.id == "k1" else (second, first)
+        await poison.dead_letter("schema mismatch")
+        await fine.ack()
+        beat = await expect_idle(sub, heartbeats=1)
+        assert beat.in_flight == 0
+
+        async def letters() -> list[pb.DeadLetter] | None:
+            found = [d async for d in client.dead_letters("parkers")]
+            return found or None
+
+        [letter] = await eventually("the dead letter", letters)
+        assert letter.reason == "schema mismatch"
+        assert letter.event.sequence == stored[0].sequence
+        group = await client.group("parkers")
+        assert group is not None and group.dead_letters == 1
+
+        assert await client.redrive_dead_letters("parkers", all=True) == 1
+        back = await sub.next(timeout=WAIT)
+        assert back.event.id == "k1"
+        await back.ack()
+
+    types = {t.type: t.count for t in await client.list_event_types()}
+    assert types == {"park.x": 1, "park.y": 1}
+    assert await client.delete_group("parkers")
+    assert await client.group("parkers") is None
+    with pytest.raises(NotFoundError):
+        await client.get_event("missing")
+
+
+async def test_filter_and_bad_open(client: Client) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        await client.subscribe("a.b", group="g", ack_deadline=0.001)
+    assert info.value.violation("open.ack_deadline") is not None, info.value.field_violations
+
+    async with client.subscribe("filter.x", filter=exact(subject="keep"), start="earliest") as sub:
+        kept = ev("keep-me", "filter.x")
+        kept.subject = "keep"
+        await client.publish(ev("drop-me", "filter.x"), kept)
+        d = await sub.next(timeout=WAIT)
+        assert d.event.id == "keep-me"
+
+
+async def test_closed_subscription_ends_iteration(client: Client) -> None:
+    sub = await client.subscribe("closing.x", heartbeat_interval=0.2)
+    await sub.close()
+    assert [d async for d in sub] == []
+    with pytest.raises(ClosedError):
+        await sub.ack("1-1")
+    assert sub.closed
+
+
+async def test_connect_to_nothing_is_unavailable() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UnavailableError) as info:
+        await Client.connect(f"127.0.0.1:{port}", ready_timeout=0.5)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_next_times_out_and_the_stream_stays_usable(client: Client) -> None:
+    async with client.subscribe("patience.x") as sub:
+        with pytest.raises(TimeoutError):
+            await sub.next(timeout=0)
+        await client.publish(ev("p1", "patience.x"))
+        d = await sub.next(timeout=WAIT)
+        assert d.event.id == "p1"

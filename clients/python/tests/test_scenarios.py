@@ -1,0 +1,181 @@
+"""The cross-client scenarios of clients/SCENARIOS.md, each against its own nerve-server process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from nerve_client import (
+    AlreadyExistsError,
+    Client,
+    Delivery,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NoRespondersError,
+    Subscription,
+    event,
+    pb,
+)
+
+from .conftest import WAIT
+
+
+def ev(id: str, type: str) -> pb.Event:
+    """A valid event with text data."""
+    return event("//tests", type, f"payload of {id}", id=id)
+
+
+async def expect_idle(sub: Subscription, heartbeats: int) -> pb.Heartbeat:
+    """Asserts nothing is delivered while the server sends `heartbeats` heartbeats (its own idle signal)."""
+    last = None
+    for _ in range(heartbeats):
+        while True:
+            message = await sub.next_message(timeout=WAIT)
+            assert not isinstance(message, Delivery), f"expected no delivery, got {message!r}"
+            assert message is not None, "stream ended"
+            if isinstance(message, pb.Heartbeat):
+                last = message
+                break
+    assert last is not None
+    return last
+
+
+async def test_publish_returns_sequences(client: Client) -> None:
+    results = await client.publish(ev("a", "scenario.created"), ev("b", "scenario.created"))
+    assert [r.id for r in results] == ["a", "b"]
+    assert results[0].sequence > 0
+    assert results[1].sequence == results[0].sequence + 1
+    assert not any(r.duplicate for r in results)
+    stored = await client.get_event("b")
+    assert stored.sequence == results[1].sequence
+    assert stored.text_data == "payload of b"
+
+
+async def test_publish_retry_is_idempotent(client: Client) -> None:
+    [first] = await client.publish(ev("once", "scenario.created"))
+    assert not first.duplicate
+    [again] = await client.publish(ev("once", "scenario.created"))
+    assert again.sequence == first.sequence
+    assert again.duplicate
+    changed = event("//tests", "scenario.created", "different data", id="once")
+    with pytest.raises(AlreadyExistsError) as info:
+        await client.publish(changed)
+    assert info.value.code == grpc.StatusCode.ALREADY_EXISTS
+    # neither the retry nor the conflict wrote anything
+    [after] = await client.publish(ev("next", "scenario.created"))
+    assert after.sequence == first.sequence + 1
+
+
+async def test_invalid_event_names_the_field(client: Client) -> None:
+    no_type = ev("typeless", "scenario.created")
+    no_type.type = ""
+    with pytest.raises(InvalidArgumentError) as info:
+        await client.publish(no_type)
+    error = info.value
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "events[0].type" in [v.field for v in error.field_violations], error.field_violations
+    violation = error.violation("events[0].type")
+    assert violation is not None and violation.description
+    assert "events[0].type" in str(error)
+
+
+async def test_private_subscription_catches_up_then_goes_live(client: Client) -> None:
+    stored = await client.publish(*(ev(f"h{i}", "orders.created") for i in range(3)))
+    async with client.subscribe("orders.*", start="earliest", heartbeat_interval=0.2) as sub:
+        assert not sub.caught_up
+        history = await sub.until_caught_up(timeout=WAIT)
+        assert [d.event.id for d in history] == ["h0", "h1", "h2"]
+        assert [d.sequence for d in history] == [r.sequence for r in stored]
+        assert sub.caught_up
+        assert sub.caught_up_sequence == stored[-1].sequence
+        await sub.ack(*history)
+
+        [live] = await client.publish(ev("live", "orders.created"))
+        d = await sub.next(timeout=WAIT)
+        assert d.event.id == "live"
+        assert d.sequence == live.sequence
+        assert d.attempt == 1
+        await d.ack()
+
+
+async def test_group_redelivers_after_nack_and_acks(client: Client) -> None:
+    async with client.subscribe("jobs.run", group="workers", heartbeat_interval=0.2) as sub:
+        assert sub.group == "workers"
+        [published] = await client.publish(ev("job-1", "jobs.run"))
+        first = await sub.next(timeout=WAIT)
+        assert first.event.id == "job-1"
+        assert first.sequence == published.sequence
+        assert first.attempt == 1
+        assert first.ack_deadline is not None
+        await first.nack(delay=0.2)
+
+        again = await sub.next(timeout=WAIT)
+        assert again.event.id == "job-1"
+        assert again.attempt == 2
+        await again.ack()
+
+        beat = await expect_idle(sub, heartbeats=2)
+        assert beat.in_flight == 0, "the ack settled the delivery"
+        group = await client.group("workers")
+        assert group is not None
+        assert group.pending == 0
+        assert group.dead_letters == 0
+
+
+async def test_request_reply_round_trip(client: Client) -> None:
+    async with client.subscribe("planner.plan.requested", group="planners") as responder:
+        asked = ev("q1", "planner.plan.requested")
+        asked.correlation_id = "conversation-1"
+        pending = asyncio.create_task(client.request(asked, timeout=WAIT))
+        try:
+            d = await responder.next(timeout=WAIT)
+            assert d.event.id == "q1"
+            assert d.reply_to, "a request carries the server's inbox"
+            assert d.event.correlation_id == "conversation-1"
+            sent = await client.reply(d, ev("a1", "planner.plan.ready"))
+            assert sent.delivered
+            await d.ack()
+            response = await asyncio.wait_for(pending, WAIT)
+        finally:
+            pending.cancel()
+    assert response.reply.id == "a1"
+    assert response.reply.correlation_id == "conversation-1"
+    assert response.reply.causation_id == "q1"
+    assert response.reply.sequence == sent.sequence
+    assert response.request_sequence == d.sequence
+
+
+async def test_request_without_responders_fails_fast(client: Client) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(NoRespondersError) as info:
+        await client.request(ev("lonely", "planner.plan.requested"), timeout=30)
+    elapsed = loop.time() - started
+    error = info.value
+    assert isinstance(error, FailedPreconditionError)
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no responders" in error.message
+    assert error.reason == "NO_RESPONDERS"
+    assert elapsed < 5, f"fails at once, not at the 30s timeout (took {elapsed:.1f}s)"
+
+
+async def test_replay_pages_with_resume_token(client: Client) -> None:
+    results = await client.publish(*(ev(f"r{i}", "replay.tick") for i in range(250)))
+    await client.publish(ev("unrelated", "other.tick"))
+    expected = [r.sequence for r in results]
+
+    first = client.replay("replay.tick", page_size=100, limit=150)
+    pages = [page async for page in first.pages()]
+    assert [len(p.events) for p in pages] == [100, 50]
+    assert not first.end_of_history
+    assert first.resume_token
+
+    rest = client.replay("replay.tick", page_size=100, resume_token=first.resume_token)
+    events = await rest.collect()
+    assert rest.end_of_history
+
+    seen = [e.sequence for p in pages for e in p.events] + [e.sequence for e in events]
+    assert seen == expected, "all 250 once, in order"
+    assert [e.id for p in pages for e in p.events][:3] == ["r0", "r1", "r2"]
