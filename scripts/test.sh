@@ -11,6 +11,9 @@ TOOLS="${NERVE_TOOLS:-$HOME/.cache/nerve-tools}"
 GRPCURL_VERSION=v1.9.3
 BUF_VERSION=1.75.0
 
+# the modules of tests/e2e that assert API behaviour; they run once per backend
+BEHAVIOUR_TESTS="publish:: subscribe:: groups:: filters:: request_reply:: replay:: admin::"
+
 step() { printf '\n==> %s\n' "$*"; }
 fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
 
@@ -43,8 +46,12 @@ exports=$(scripts/services.sh) || fail "could not start postgres and redis (see 
 eval "$exports"
 echo "$exports"
 
-step "cargo test"
+step "cargo test (embedded backend; store conformance and failure tests on Postgres + Redis)"
 GRPCURL="$TOOLS/bin/grpcurl" cargo test --locked --workspace || fail "tests failed (the first failure is above)"
+
+step "behaviour tests again, on Postgres + Redis"
+NERVE_TEST_BACKEND=redis cargo test --locked --test e2e -- $BEHAVIOUR_TESTS \
+  || fail "behaviour tests failed on Postgres + Redis (the first failure is above)"
 
 # the client suites run against the nerve-server binary cargo test just built
 export NERVE_SERVER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/nerve-server"

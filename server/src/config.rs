@@ -17,6 +17,44 @@ pub enum LogFormat {
     Json,
 }
 
+/// The value of `store` and `streams` that selects the built-in backend.
+pub const EMBEDDED: &str = "embedded";
+
+/// Settings of the Postgres store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connections in the pool of each replica.
+    pub max_connections: u32,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            max_connections: 16,
+        }
+    }
+}
+
+/// Settings of the Redis streams.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Prefix of every key and channel, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// Approximate length each stream is trimmed to; older events stay in Postgres.
+    pub stream_max_len: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            key_prefix: "nerve".into(),
+            stream_max_len: 100_000,
+        }
+    }
+}
+
 /// Every setting of the server.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -25,6 +63,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory of the embedded backend's database.
     pub data_dir: PathBuf,
+    /// Event store: "embedded" (SQLite in data_dir) or a postgres:// URL.
+    pub store: String,
+    /// Live streams: "embedded" (in-process) or a redis:// URL; Redis needs the Postgres store.
+    pub streams: String,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
     pub log_format: LogFormat,
     /// Log filter, e.g. "info" or "nerve=debug,info".
     pub log_level: String,
@@ -40,6 +84,10 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("nerve-data"),
+            store: EMBEDDED.into(),
+            streams: EMBEDDED.into(),
+            postgres: PostgresConfig::default(),
+            redis: RedisConfig::default(),
             log_format: LogFormat::Text,
             log_level: "info".into(),
             health_check_interval: Duration::from_secs(2),
@@ -62,6 +110,12 @@ pub struct Args {
     /// Directory of the embedded database.
     #[arg(long, env = "NERVE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Event store: "embedded" or a postgres:// URL.
+    #[arg(long, env = "NERVE_STORE")]
+    pub store: Option<String>,
+    /// Live streams: "embedded" or a redis:// URL.
+    #[arg(long, env = "NERVE_STREAMS")]
+    pub streams: Option<String>,
     /// Log line format.
     #[arg(long, env = "NERVE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -70,10 +124,12 @@ pub struct Args {
     pub log_level: Option<String>,
 }
 
-const FLAG_VARS: [&str; 5] = [
+const FLAG_VARS: [&str; 7] = [
     "NERVE_CONFIG",
     "NERVE_LISTEN",
     "NERVE_DATA_DIR",
+    "NERVE_STORE",
+    "NERVE_STREAMS",
     "NERVE_LOG_FORMAT",
     "NERVE_LOG_LEVEL",
 ];
@@ -162,6 +218,12 @@ pub fn load(
     }
     if let Some(dir) = &args.data_dir {
         config.data_dir = dir.clone();
+    }
+    if let Some(store) = &args.store {
+        config.store = store.clone();
+    }
+    if let Some(streams) = &args.streams {
+        config.streams = streams.clone();
     }
     if let Some(format) = args.log_format {
         config.log_format = format;

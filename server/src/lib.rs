@@ -20,8 +20,8 @@ use crate::{
     bus::Bus,
     config::Config,
     error::{Error, Result},
-    store::{EventStore, SqliteDb, SqliteStore},
-    stream::{EmbeddedStreams, LiveStreams},
+    store::{EventStore, PostgresStore, SqliteDb, SqliteStore},
+    stream::{EmbeddedStreams, LiveStreams, RedisSettings, RedisStreams},
 };
 
 /// The two backends a bus runs on.
@@ -31,8 +31,45 @@ pub struct Backends {
     pub streams: Arc<dyn LiveStreams>,
 }
 
-/// Opens the embedded backends: a SQLite file in `data_dir` and in-process streams.
+/// Opens the configured backends: embedded (SQLite in `data_dir`, in-process streams) or Postgres + Redis.
 pub async fn open_backends(config: &Config) -> Result<Backends> {
+    let embedded_store = config.store == config::EMBEDDED;
+    let embedded_streams = config.streams == config::EMBEDDED;
+    match (embedded_store, embedded_streams) {
+        (true, true) => {}
+        (false, false) => {
+            if !config.store.starts_with("postgres://")
+                && !config.store.starts_with("postgresql://")
+            {
+                return Err(Error::Config(format!(
+                    "store must be \"{}\" or a postgres:// URL",
+                    config::EMBEDDED
+                )));
+            }
+            let store =
+                PostgresStore::connect(&config.store, config.postgres.max_connections).await?;
+            let streams = RedisStreams::start(
+                &RedisSettings {
+                    url: config.streams.clone(),
+                    key_prefix: config.redis.key_prefix.clone(),
+                    stream_max_len: config.redis.stream_max_len,
+                },
+                store.clone(),
+            )
+            .await?;
+            return Ok(Backends { store, streams });
+        }
+        (true, false) => {
+            return Err(Error::Config(
+                "Redis streams need the Postgres store: set store to a postgres:// URL".into(),
+            ));
+        }
+        (false, true) => {
+            return Err(Error::Config(
+                "the Postgres store needs Redis streams: set streams to a redis:// URL".into(),
+            ));
+        }
+    }
     std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::Io {
         context: format!("creating data directory {}", config.data_dir.display()),
         source,

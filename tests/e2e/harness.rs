@@ -36,6 +36,49 @@ pub fn test_config(dir: &Path) -> Config {
     config
 }
 
+/// The URL of the test database, or a failure that says how to get one.
+pub fn database_url() -> String {
+    std::env::var("NERVE_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!("NERVE_TEST_DATABASE_URL is not set: run scripts/test.sh, or eval \"$(scripts/services.sh)\" first")
+    })
+}
+
+/// The URL of the test Redis, or a failure that says how to get one.
+pub fn redis_url() -> String {
+    std::env::var("NERVE_TEST_REDIS_URL").unwrap_or_else(|_| {
+        panic!("NERVE_TEST_REDIS_URL is not set: run scripts/test.sh, or eval \"$(scripts/services.sh)\" first")
+    })
+}
+
+/// A fresh schema in the test database; returns a URL whose connections use it.
+pub async fn fresh_schema_url() -> String {
+    use sqlx::Connection as _;
+    let url = database_url();
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&url)
+        .await
+        .expect("connect to the test database");
+    // the schema name is generated here, never input
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&mut conn)
+        .await
+        .expect("create schema");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-c%20search_path%3D{schema}")
+}
+
+/// Whether in-process servers run on Postgres + Redis (NERVE_TEST_BACKEND=redis) instead of embedded.
+pub fn redis_backend() -> bool {
+    std::env::var("NERVE_TEST_BACKEND").is_ok_and(|b| b == "redis")
+}
+
+/// Points a config at a private Postgres schema and Redis key prefix, so tests run in parallel.
+pub async fn use_production_backend(config: &mut Config) {
+    config.store = fresh_schema_url().await;
+    config.streams = redis_url();
+    config.redis.key_prefix = format!("nerve-test:{}", uuid::Uuid::new_v4().simple());
+}
+
 impl TestServer {
     /// Starts a server with default test settings.
     pub async fn start() -> Self {
@@ -46,6 +89,9 @@ impl TestServer {
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = test_config(dir.path());
+        if redis_backend() {
+            use_production_backend(&mut config).await;
+        }
         adjust(&mut config);
         let backends = nerve::open_backends(&config).await.expect("backends");
         Self::start_on(config, backends, dir).await

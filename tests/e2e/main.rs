@@ -1,4 +1,5 @@
-//! End-to-end tests: real servers, real gRPC connections, the embedded backend.
+//! End-to-end tests: real servers, real gRPC connections. In-process servers use the embedded backend,
+//! or Postgres + Redis with NERVE_TEST_BACKEND=redis (scripts/test.sh runs the behaviour tests both ways).
 
 mod admin;
 mod durability;

@@ -5,6 +5,7 @@
 
 use std::{collections::BTreeSet, sync::Arc};
 
+use crate::harness::fresh_schema_url;
 use nerve::{
     event::{Event, Priority, Selection, TypePattern},
     store::{
@@ -28,30 +29,6 @@ pub async fn sqlite() -> Backend {
         store: SqliteStore::start(db).await.expect("start"),
         _dir: Some(dir),
     }
-}
-
-/// The URL of the test database, or a failure that says how to get one.
-pub fn database_url() -> String {
-    std::env::var("NERVE_TEST_DATABASE_URL").unwrap_or_else(|_| {
-        panic!("NERVE_TEST_DATABASE_URL is not set: run scripts/test.sh, or eval \"$(scripts/services.sh)\" first")
-    })
-}
-
-/// A fresh schema in the test database; returns a URL whose connections use it.
-pub async fn fresh_schema_url() -> String {
-    use sqlx::Connection as _;
-    let url = database_url();
-    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(&url)
-        .await
-        .expect("connect to the test database");
-    // the schema name is generated here, never input
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&mut conn)
-        .await
-        .expect("create schema");
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}options=-c%20search_path%3D{schema}")
 }
 
 pub async fn postgres() -> Backend {

@@ -27,6 +27,11 @@ fn seq_i64(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
+/// The bit of a priority level in `event_types.levels`.
+pub(crate) fn level_bit(priority: i16) -> i16 {
+    1 << (priority.clamp(1, 4) - 1)
+}
+
 fn decode(row: &PgRow) -> StoreResult<StoredEvent> {
     let body: String = row.try_get("body").map_err(map_err)?;
     let event: Event = serde_json::from_str(&body)
@@ -47,6 +52,33 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// The connection pool, for the Redis backend's group bookkeeping.
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Lists a tenant's event types with the priority levels each has used.
+    pub(crate) async fn type_levels(
+        &self,
+        tenant: &str,
+    ) -> StoreResult<Vec<(String, Vec<Priority>)>> {
+        let rows = sqlx::query("SELECT type, levels FROM event_types WHERE tenant = $1")
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let levels: i16 = row.try_get("levels").map_err(map_err)?;
+                let used = Priority::ALL
+                    .into_iter()
+                    .filter(|p| levels & level_bit(p.as_i64() as i16) != 0)
+                    .collect();
+                Ok((row.try_get("type").map_err(map_err)?, used))
+            })
+            .collect()
+    }
+
     /// Connects, applies the migrations and starts the group-commit writer and the commit listener.
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Arc<Self>> {
         let pool = PgPoolOptions::new()
@@ -318,27 +350,31 @@ async fn insert_rows(
     .await
     .map_err(map_err)?;
     // per-type statistics, aggregated in the batch first so each type row is touched once
-    let mut stats: HashMap<(&str, &str), (i64, i64, i64)> = HashMap::new();
+    let mut stats: HashMap<(&str, &str), (i64, i64, i64, i16)> = HashMap::new();
     for r in rows {
         let entry = stats
             .entry((r.tenant.as_str(), r.event_type.as_str()))
-            .or_insert((0, r.seq, r.seq));
+            .or_insert((0, r.seq, r.seq, 0));
         entry.0 += 1;
         entry.2 = r.seq;
+        entry.3 |= level_bit(r.priority);
     }
-    let (mut t, mut ty, mut n, mut first, mut last) = (vec![], vec![], vec![], vec![], vec![]);
-    for ((tenant, event_type), (count, lo, hi)) in stats {
+    let (mut t, mut ty, mut n, mut first, mut last, mut levels) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for ((tenant, event_type), (count, lo, hi, bits)) in stats {
         t.push(tenant);
         ty.push(event_type);
         n.push(count);
         first.push(lo);
         last.push(hi);
+        levels.push(bits);
     }
     sqlx::query(
-        "INSERT INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns) \
-         SELECT t, ty, n, f, l, $6 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[]) AS x(t, ty, n, f, l) \
+        "INSERT INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns, levels) \
+         SELECT t, ty, n, f, l, $6, lv FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $7::SMALLINT[]) AS x(t, ty, n, f, l, lv) \
          ON CONFLICT (tenant, type) DO UPDATE SET count = event_types.count + excluded.count, \
-         last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns",
+         last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns, \
+         levels = event_types.levels | excluded.levels",
     )
     .bind(&t)
     .bind(&ty)
@@ -346,6 +382,7 @@ async fn insert_rows(
     .bind(&first)
     .bind(&last)
     .bind(recorded_ns)
+    .bind(&levels)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;

@@ -2,8 +2,8 @@
 //! group cursors, pending deliveries and leases live in the SQLite database, so they survive restarts.
 
 use std::{
-    collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex as SyncMutex, RwLock},
+    collections::HashMap,
+    sync::{Arc, Mutex as SyncMutex},
 };
 
 use async_trait::async_trait;
@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{
     Claimed, GroupConfig, GroupKey, GroupStats, Inbox, Interest, LiveStreams, StreamError,
-    StreamResult, TailRead,
+    StreamResult, TailRead, tail::Tail,
 };
 use crate::store::sqlite::{from_ns, map_err, to_ns};
 use crate::{
@@ -21,23 +21,11 @@ use crate::{
     store::{EventStore, ReadQuery, SqliteStore, StoreError},
 };
 
-/// Most events the in-memory tail keeps.
-const TAIL_EVENTS: usize = 16_384;
-/// Most payload bytes the in-memory tail keeps.
-const TAIL_BYTES: usize = 64 << 20;
-
 fn db_err(e: sqlx::Error) -> StreamError {
     map_err(e).into()
 }
 
 type InboxEntry = (Inbox, mpsc::Sender<Arc<StoredEvent>>);
-
-#[derive(Default)]
-struct Tail {
-    events: VecDeque<Arc<StoredEvent>>,
-    bytes: usize,
-    last: u64,
-}
 
 struct GroupState {
     config: GroupConfig,
@@ -52,8 +40,7 @@ struct Subscriber {
 /// In-process streams over the embedded SQLite store.
 pub struct EmbeddedStreams {
     store: Arc<SqliteStore>,
-    tail: RwLock<Tail>,
-    head: watch::Sender<u64>,
+    tail: Tail,
     groups: SyncMutex<HashMap<GroupKey, GroupState>>,
     subscribers: SyncMutex<HashMap<String, Subscriber>>,
     inboxes: SyncMutex<HashMap<String, InboxEntry>>,
@@ -111,35 +98,14 @@ impl EmbeddedStreams {
                 },
             );
         }
-        let (head_tx, _) = watch::channel(head);
         Ok(Arc::new(EmbeddedStreams {
             store,
-            tail: RwLock::new(Tail {
-                last: head,
-                ..Tail::default()
-            }),
-            head: head_tx,
+            tail: Tail::new(head),
             groups: SyncMutex::new(groups),
             subscribers: SyncMutex::new(HashMap::new()),
             inboxes: SyncMutex::new(HashMap::new()),
             wakeups: SyncMutex::new(HashMap::new()),
         }))
-    }
-
-    fn cached_events(&self, sequences: &[u64]) -> HashMap<u64, Arc<StoredEvent>> {
-        let tail = self.tail.read().unwrap_or_else(|p| p.into_inner());
-        let Some(first) = tail.events.front().map(|e| e.sequence) else {
-            return HashMap::new();
-        };
-        sequences
-            .iter()
-            .filter(|s| **s >= first)
-            .filter_map(|s| {
-                let i = tail.events.partition_point(|e| e.sequence < *s);
-                tail.events.get(i).filter(|e| e.sequence == *s).cloned()
-            })
-            .map(|e| (e.sequence, e))
-            .collect()
     }
 
     fn group_snapshot(&self, key: &GroupKey) -> StreamResult<(GroupConfig, [u64; 4])> {
@@ -154,59 +120,20 @@ impl EmbeddedStreams {
 #[async_trait]
 impl LiveStreams for EmbeddedStreams {
     async fn append(&self, events: &[Arc<StoredEvent>]) -> StreamResult<()> {
-        let mut tail = self.tail.write().unwrap_or_else(|p| p.into_inner());
-        let mut last = tail.last;
-        for event in events {
-            if event.sequence <= tail.last {
-                continue;
-            }
-            tail.bytes += event.event.size();
-            tail.last = event.sequence;
-            tail.events.push_back(event.clone());
-            last = event.sequence;
-        }
-        while tail.events.len() > TAIL_EVENTS || (tail.bytes > TAIL_BYTES && tail.events.len() > 1)
-        {
-            if let Some(old) = tail.events.pop_front() {
-                tail.bytes -= old.event.size();
-            }
-        }
-        drop(tail);
-        self.head.send_if_modified(|h| {
-            let grew = last > *h;
-            *h = (*h).max(last);
-            grew
-        });
+        self.tail.push(events);
         Ok(())
     }
 
     async fn last_appended(&self) -> StreamResult<u64> {
-        Ok(self.tail.read().unwrap_or_else(|p| p.into_inner()).last)
+        Ok(self.tail.last())
     }
 
     async fn read_after(&self, after: u64, max: usize) -> StreamResult<TailRead> {
-        let tail = self.tail.read().unwrap_or_else(|p| p.into_inner());
-        if after >= tail.last {
-            return Ok(TailRead::Events(Vec::new()));
-        }
-        match tail.events.front() {
-            Some(first) if after + 1 >= first.sequence => {
-                let start = tail.events.partition_point(|e| e.sequence <= after);
-                Ok(TailRead::Events(
-                    tail.events.range(start..).take(max).cloned().collect(),
-                ))
-            }
-            Some(first) => Ok(TailRead::Trimmed {
-                oldest: first.sequence,
-            }),
-            None => Ok(TailRead::Trimmed {
-                oldest: tail.last + 1,
-            }),
-        }
+        Ok(self.tail.read_after(after, max))
     }
 
     fn head(&self) -> watch::Receiver<u64> {
-        self.head.subscribe()
+        self.tail.head()
     }
 
     async fn ensure_group(
@@ -434,7 +361,7 @@ impl LiveStreams for EmbeddedStreams {
         tx.commit().await.map_err(db_err)?;
         drop(conn);
         let sequences: Vec<u64> = claimed.iter().map(|c| c.sequence).collect();
-        let mut cached = self.cached_events(&sequences);
+        let mut cached = self.tail.cached(&sequences);
         for c in &mut claimed {
             c.event = cached.remove(&c.sequence);
         }

@@ -5,6 +5,9 @@
 //! Redis Streams (production). Sequences are the stream positions: entry `<seq>-0` in Redis.
 
 mod embedded;
+mod redis;
+mod redis_scripts;
+mod tail;
 
 use std::sync::Arc;
 
@@ -13,6 +16,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
 
 pub use embedded::EmbeddedStreams;
+pub use redis::{RedisSettings, RedisStreams};
 
 use crate::event::{Event, Priority, Selection, StoredEvent};
 

@@ -1,0 +1,1486 @@
+//! Live streams on Redis Streams, for any number of replicas sharing one Redis and one Postgres.
+//!
+//! - One stream per (tenant, event type, priority level); entry ids are `<sequence>-0`. Every replica's
+//!   relay adds every committed event in order with an idempotent script, so a replica dying between
+//!   commit and `XADD` delays nothing: the others add it, and a restarted one resumes from `relayed`.
+//! - Groups are Redis consumer groups (`XREADGROUP`/`XACK`, redelivery with `XCLAIM`), with a small
+//!   ledger per group and stream holding lease ends and attempts (see `redis_scripts`). Entries the
+//!   stream no longer holds (trimmed, or lost with Redis) are read from the store; nothing is skipped.
+//! - Group settings live in Postgres; each group's position is checkpointed there, so a Redis that comes
+//!   back empty is rebuilt: groups resume from their checkpoint, reading the store for what is missing.
+//! - Private subscribers read this replica's in-memory tail (global order across types).
+//! - Presence (for "no responders" and consumer counts) is a per-tenant hash with expiring entries;
+//!   replies and group wake-ups travel over pub/sub.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::{Arc, Mutex as SyncMutex, Weak},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use redis::{AsyncCommands, aio::ConnectionManager};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+use super::{
+    Claimed, GroupConfig, GroupKey, GroupStats, Inbox, Interest, LiveStreams, StreamError,
+    StreamResult, TailRead, redis_scripts as lua, tail::Tail,
+};
+use crate::{
+    event::{Event, Priority, Selection, StoredEvent},
+    store::{EventStore, PostgresStore, ReadQuery, sqlite::from_ns},
+};
+
+/// Settings of the Redis backend.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URL.
+    pub url: String,
+    /// Prefix of every key and channel, so deployments (and tests) can share one Redis.
+    pub key_prefix: String,
+    /// Approximate length each stream is trimmed to; older events are read from the store.
+    pub stream_max_len: u64,
+}
+
+/// How long a presence entry lives without being refreshed (its replica died).
+const PRESENCE_TTL: Duration = Duration::from_secs(30);
+/// How often presence is refreshed and group positions checkpointed.
+const PRESENCE_REFRESH: Duration = Duration::from_secs(10);
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How long a cached group setting is trusted without a change notice.
+const CONFIG_TTL: Duration = Duration::from_secs(1);
+/// Longest a reply inbox record lives in Redis if its replica dies without closing it.
+const INBOX_TTL_MS: u64 = 15 * 60 * 1000;
+/// Bound of the sequence -> stream cache used to route acks.
+const LOCATIONS_MAX: usize = 200_000;
+
+fn redis_err(e: redis::RedisError) -> StreamError {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        StreamError::Unavailable(format!("redis: {e}"))
+    } else {
+        StreamError::Internal(format!("redis: {e}"))
+    }
+}
+
+fn db_err(e: sqlx::Error) -> StreamError {
+    crate::store::sqlite::map_err(e).into()
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn level_number(level: Priority) -> i64 {
+    level.as_i64()
+}
+
+/// One Redis stream: the events of one type and priority level of a tenant.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct StreamId {
+    event_type: String,
+    level: i64,
+}
+
+impl StreamId {
+    fn priority(&self) -> Priority {
+        Priority::from_i64(self.level).unwrap_or_default()
+    }
+}
+
+/// Key names. The stream's hash tag is shared by its group ledgers.
+#[derive(Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn stream(&self, tenant: &str, s: &StreamId) -> String {
+        format!(
+            "{}:s:{{{}/{}/{}}}",
+            self.prefix, tenant, s.event_type, s.level
+        )
+    }
+    fn ledger(&self, tenant: &str, s: &StreamId, what: &str, group: &str) -> String {
+        format!("{}:{what}:{group}", self.stream(tenant, s))
+    }
+    fn relayed(&self) -> String {
+        format!("{}:relayed", self.prefix)
+    }
+    fn presence(&self, tenant: &str) -> String {
+        format!("{}:presence:{{{tenant}}}", self.prefix)
+    }
+    fn inbox(&self, inbox: &str) -> String {
+        format!("{}:inbox:{inbox}", self.prefix)
+    }
+    fn wake_channel(&self) -> String {
+        format!("{}:wake", self.prefix)
+    }
+    fn reply_channel(&self, replica: &str) -> String {
+        format!("{}:replies:{replica}", self.prefix)
+    }
+}
+
+/// What Redis keeps about a waiting requester.
+#[derive(Serialize, Deserialize)]
+struct InboxRecord {
+    tenant: String,
+    correlation_id: String,
+    request_id: String,
+    request_source: String,
+    replica: String,
+}
+
+/// What Redis keeps about a connected subscriber.
+#[derive(Serialize, Deserialize)]
+struct PresenceRecord {
+    group: Option<String>,
+    selection: String,
+    expires_ms: i64,
+}
+
+struct Subscriber {
+    group: Option<GroupKey>,
+    interest: Interest,
+}
+
+#[derive(Clone)]
+struct GroupRow {
+    config: GroupConfig,
+    start_after: u64,
+}
+
+type InboxEntry = (Inbox, mpsc::Sender<Arc<StoredEvent>>);
+
+/// Live streams on Redis Streams.
+pub struct RedisStreams {
+    conn: ConnectionManager,
+    client: redis::Client,
+    store: Arc<PostgresStore>,
+    keys: Keys,
+    max_len: u64,
+    replica: String,
+    tail: Tail,
+    /// Highest sequence this replica has added to Redis.
+    relayed: SyncMutex<u64>,
+    /// Streams known per tenant: seeded from the store's type statistics, grown by the relay.
+    streams: SyncMutex<HashMap<String, BTreeSet<StreamId>>>,
+    configs: SyncMutex<HashMap<GroupKey, (GroupRow, Instant)>>,
+    /// Sequence -> stream of recent claims, to route acks without reading the store.
+    locations: SyncMutex<HashMap<(String, u64), StreamId>>,
+    subscribers: SyncMutex<HashMap<String, Subscriber>>,
+    inboxes: SyncMutex<HashMap<String, InboxEntry>>,
+    wakeups: SyncMutex<HashMap<GroupKey, watch::Sender<u64>>>,
+    /// Last checkpoint written per (group, stream), to skip unchanged ones.
+    checkpoints: SyncMutex<HashMap<(GroupKey, StreamId), u64>>,
+}
+
+impl RedisStreams {
+    /// Connects to Redis and starts the background tasks (pub/sub, presence refresh, checkpoints).
+    pub async fn start(
+        settings: &RedisSettings,
+        store: Arc<PostgresStore>,
+    ) -> StreamResult<Arc<Self>> {
+        if settings.key_prefix.is_empty()
+            || !settings
+                .key_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+        {
+            return Err(StreamError::Internal(format!(
+                "redis key prefix {:?} must be non-empty [A-Za-z0-9_.:-]",
+                settings.key_prefix
+            )));
+        }
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| StreamError::Internal(format!("redis url: {e}")))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let mut conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(redis_err)?;
+        let keys = Keys {
+            prefix: settings.key_prefix.clone(),
+        };
+        let head = store.head().await?;
+        let relayed: Option<u64> = conn.get(keys.relayed()).await.map_err(redis_err)?;
+        // resume where this deployment last added to Redis; an empty Redis starts at the head, and
+        // groups read what Redis lacks from the store
+        let start = relayed.map_or(head, |r| r.min(head));
+        let streams = Arc::new(RedisStreams {
+            conn,
+            client,
+            store,
+            keys,
+            max_len: settings.stream_max_len.max(1),
+            replica: uuid::Uuid::new_v4().simple().to_string(),
+            tail: Tail::new(start),
+            relayed: SyncMutex::new(start),
+            streams: SyncMutex::new(HashMap::new()),
+            configs: SyncMutex::new(HashMap::new()),
+            locations: SyncMutex::new(HashMap::new()),
+            subscribers: SyncMutex::new(HashMap::new()),
+            inboxes: SyncMutex::new(HashMap::new()),
+            wakeups: SyncMutex::new(HashMap::new()),
+            checkpoints: SyncMutex::new(HashMap::new()),
+        });
+        tokio::spawn(listen(Arc::downgrade(&streams)));
+        tokio::spawn(maintain(Arc::downgrade(&streams)));
+        Ok(streams)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The streams of a tenant, seeded from the store on first use.
+    async fn known_streams(&self, tenant: &str) -> StreamResult<BTreeSet<StreamId>> {
+        if let Some(known) = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+        {
+            return Ok(known.clone());
+        }
+        let seeded: BTreeSet<StreamId> = self
+            .store
+            .type_levels(tenant)
+            .await?
+            .into_iter()
+            .flat_map(|(event_type, levels)| {
+                levels.into_iter().map(move |level| StreamId {
+                    event_type: event_type.clone(),
+                    level: level_number(level),
+                })
+            })
+            .collect();
+        let mut all = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let known = all.entry(tenant.to_owned()).or_default();
+        known.extend(seeded);
+        Ok(known.clone())
+    }
+
+    /// The streams a group reads, optionally of one level.
+    async fn group_streams(
+        &self,
+        key: &GroupKey,
+        selection: &Selection,
+        level: Option<Priority>,
+    ) -> StreamResult<Vec<StreamId>> {
+        Ok(self
+            .known_streams(&key.tenant)
+            .await?
+            .into_iter()
+            .filter(|s| level.is_none_or(|l| level_number(l) == s.level))
+            .filter(|s| selection.matches_type(&s.event_type))
+            .collect())
+    }
+
+    async fn group_row(&self, key: &GroupKey) -> StreamResult<GroupRow> {
+        if let Some((row, at)) = self
+            .configs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            && at.elapsed() < CONFIG_TTL
+        {
+            return Ok(row.clone());
+        }
+        let row = sqlx::query(
+            "SELECT selection, max_attempts, start_after FROM nerve_groups WHERE tenant = $1 AND name = $2",
+        )
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(db_err)?
+        .ok_or_else(|| StreamError::NoSuchGroup(key.name.clone()))?;
+        let selection: String = row.try_get("selection").map_err(db_err)?;
+        let group = GroupRow {
+            config: GroupConfig {
+                selection: Selection::from_json(&selection)
+                    .map_err(|e| StreamError::Internal(format!("group {:?}: {e}", key.name)))?,
+                max_attempts: row.try_get::<i32, _>("max_attempts").map_err(db_err)? as u32,
+            },
+            start_after: row.try_get::<i64, _>("start_after").map_err(db_err)? as u64,
+        };
+        self.configs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), (group.clone(), Instant::now()));
+        Ok(group)
+    }
+
+    fn forget_config(&self, key: &GroupKey) {
+        self.configs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    fn decode(
+        &self,
+        tenant: &str,
+        seq: &str,
+        body: &str,
+        recorded: &str,
+    ) -> Option<Arc<StoredEvent>> {
+        if body.is_empty() {
+            return None;
+        }
+        let event: Event = match serde_json::from_str(body) {
+            Ok(e) => e,
+            Err(error) => {
+                warn!(%error, seq, "undecodable stream entry; reading the store instead");
+                return None;
+            }
+        };
+        Some(Arc::new(StoredEvent {
+            tenant: tenant.to_owned(),
+            sequence: seq.parse().ok()?,
+            recorded_at: from_ns(recorded.parse().unwrap_or_default()),
+            event,
+        }))
+    }
+
+    fn remember(&self, tenant: &str, seqs: impl Iterator<Item = u64>, stream: &StreamId) {
+        let mut locations = self.locations.lock().unwrap_or_else(|p| p.into_inner());
+        if locations.len() > LOCATIONS_MAX {
+            locations.clear();
+        }
+        for seq in seqs {
+            locations.insert((tenant.to_owned(), seq), stream.clone());
+        }
+    }
+
+    /// Finds the streams of pending sequences, from recent claims or else from the store.
+    async fn locate(&self, tenant: &str, seqs: &[u64]) -> StreamResult<HashMap<u64, StreamId>> {
+        let mut found = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let locations = self.locations.lock().unwrap_or_else(|p| p.into_inner());
+            for seq in seqs {
+                match locations.get(&(tenant.to_owned(), *seq)) {
+                    Some(s) => {
+                        found.insert(*seq, s.clone());
+                    }
+                    None => missing.push(*seq),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            for event in self.store.read_sequences(&missing).await? {
+                found.insert(
+                    event.sequence,
+                    StreamId {
+                        event_type: event.event.event_type.clone(),
+                        level: level_number(event.event.priority),
+                    },
+                );
+            }
+        }
+        Ok(found)
+    }
+
+    /// Creates the consumer group on a stream at its checkpoint (or its start).
+    async fn create_group(
+        &self,
+        key: &GroupKey,
+        stream: &StreamId,
+        start_after: u64,
+    ) -> StreamResult<()> {
+        let checkpoint: Option<i64> = sqlx::query_scalar(
+            "SELECT position FROM nerve_group_checkpoints WHERE tenant = $1 AND grp = $2 AND type = $3 AND priority = $4",
+        )
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .bind(&stream.event_type)
+        .bind(stream.level as i16)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(db_err)?;
+        let start = checkpoint.map_or(start_after, |c| (c as u64).max(start_after));
+        let relayed = *self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+        let created: i64 = lua::CREATE_GROUP
+            .key(self.keys.stream(&key.tenant, stream))
+            .key(self.keys.ledger(&key.tenant, stream, "floor", &key.name))
+            .arg(&key.name)
+            .arg(start)
+            .arg(relayed)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        if created == 1 {
+            debug!(group = %key.name, stream = %stream.event_type, start, "consumer group created");
+        }
+        Ok(())
+    }
+
+    /// Claims new entries of one stream: from Redis, or from the store for what Redis lacks.
+    async fn claim_stream(
+        &self,
+        key: &GroupKey,
+        row: &GroupRow,
+        stream: &StreamId,
+        consumer: &str,
+        max: usize,
+        lease_ms: i64,
+    ) -> StreamResult<(Vec<(u64, Option<Arc<StoredEvent>>)>, bool)> {
+        let skey = self.keys.stream(&key.tenant, stream);
+        let ledger = |what| self.keys.ledger(&key.tenant, stream, what, &key.name);
+        for _ in 0..4 {
+            let reply: Vec<String> = lua::CLAIM_NEW
+                .key(&skey)
+                .key(ledger("due"))
+                .key(ledger("att"))
+                .key(ledger("pos"))
+                .key(ledger("floor"))
+                .arg(&key.name)
+                .arg(consumer)
+                .arg(max)
+                .arg(lease_ms)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
+            match reply.first().map(String::as_str) {
+                Some("NOGROUP") => {
+                    self.create_group(key, stream, row.start_after).await?;
+                }
+                Some("GAP") => {
+                    let (Some(last), Some(floor)) = (reply.get(1), reply.get(2)) else {
+                        return Err(StreamError::Internal("malformed gap reply".into()));
+                    };
+                    let (after, until) = (
+                        last.parse::<u64>().unwrap_or_default(),
+                        floor.parse::<u64>().unwrap_or_default(),
+                    );
+                    let page = self
+                        .store
+                        .read(&ReadQuery {
+                            tenant: key.tenant.clone(),
+                            after,
+                            until: Some(until),
+                            priority: Some(stream.priority()),
+                            types: vec![
+                                crate::event::TypePattern::parse(&stream.event_type)
+                                    .map_err(StreamError::Internal)?,
+                            ],
+                            limit: max,
+                            ..ReadQuery::default()
+                        })
+                        .await?;
+                    let moved_to = if page.exhausted {
+                        until
+                    } else {
+                        page.scanned_to.min(until)
+                    };
+                    let mut call = lua::CLAIM_GAP.prepare_invoke();
+                    call.key(&skey)
+                        .key(ledger("due"))
+                        .key(ledger("att"))
+                        .key(ledger("pos"))
+                        .arg(&key.name)
+                        .arg(last)
+                        .arg(moved_to)
+                        .arg(lease_ms);
+                    for e in &page.events {
+                        call.arg(e.sequence);
+                    }
+                    let recorded: i64 = call
+                        .invoke_async(&mut self.conn())
+                        .await
+                        .map_err(redis_err)?;
+                    if recorded == 1 {
+                        debug!(group = %key.name, after, moved_to, read = page.events.len(), "filled a stream gap from the store");
+                        let events = page.events.into_iter().map(|e| (e.sequence, Some(e)));
+                        return Ok((events.collect(), true));
+                    }
+                }
+                Some("OK") => {
+                    let events: Vec<(u64, Option<Arc<StoredEvent>>)> = reply[1..]
+                        .chunks(3)
+                        .filter_map(|c| match c {
+                            [seq, body, recorded] => seq
+                                .parse::<u64>()
+                                .ok()
+                                .map(|s| (s, self.decode(&key.tenant, seq, body, recorded))),
+                            _ => None,
+                        })
+                        .collect();
+                    let full = events.len() >= max;
+                    return Ok((events, full));
+                }
+                other => {
+                    return Err(StreamError::Internal(format!(
+                        "unexpected claim reply {other:?}"
+                    )));
+                }
+            }
+        }
+        Ok((Vec::new(), true))
+    }
+
+    async fn remove(&self, key: &GroupKey, stream: &StreamId, seqs: &[u64]) -> StreamResult<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let mut call = lua::REMOVE.prepare_invoke();
+        call.key(self.keys.stream(&key.tenant, stream));
+        for what in ["due", "att", "err", "pos"] {
+            call.key(self.keys.ledger(&key.tenant, stream, what, &key.name));
+        }
+        call.arg(&key.name);
+        for s in seqs {
+            call.arg(*s);
+        }
+        let _: i64 = call
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    fn bump_wakeup(&self, key: &GroupKey) {
+        if let Some(tx) = self
+            .wakeups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn presence_record(&self, s: &Subscriber) -> String {
+        serde_json::to_string(&PresenceRecord {
+            group: s.group.as_ref().map(|g| g.name.clone()),
+            selection: s.interest.selection.to_json(),
+            expires_ms: ms(Utc::now()) + PRESENCE_TTL.as_millis() as i64,
+        })
+        .unwrap_or_default()
+    }
+
+    async fn publish_presence(&self, id: &str) -> StreamResult<()> {
+        let record = {
+            let subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+            subscribers
+                .get(id)
+                .map(|s| (s.interest.tenant.clone(), self.presence_record(s)))
+        };
+        if let Some((tenant, record)) = record {
+            let _: () = self
+                .conn()
+                .hset(self.keys.presence(&tenant), id, record)
+                .await
+                .map_err(redis_err)?;
+        }
+        Ok(())
+    }
+
+    /// Live presence records of a tenant; expired ones (their replica died) are dropped.
+    async fn presence(&self, tenant: &str) -> StreamResult<Vec<PresenceRecord>> {
+        let key = self.keys.presence(tenant);
+        let all: HashMap<String, String> = self.conn().hgetall(&key).await.map_err(redis_err)?;
+        let now = ms(Utc::now());
+        let mut live = Vec::new();
+        let mut expired = Vec::new();
+        for (id, raw) in all {
+            match serde_json::from_str::<PresenceRecord>(&raw) {
+                Ok(r) if r.expires_ms > now => live.push(r),
+                _ => expired.push(id),
+            }
+        }
+        if !expired.is_empty() {
+            let _: Result<(), _> = self.conn().hdel(&key, expired).await;
+        }
+        Ok(live)
+    }
+
+    /// Writes changed group positions to Postgres: for each group with consumers here, the position at or
+    /// below which its stream has nothing unsettled.
+    async fn checkpoint(&self) -> StreamResult<()> {
+        let groups: HashSet<GroupKey> = self
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|s| s.group.clone())
+            .collect();
+        let mut rows: Vec<(GroupKey, StreamId, u64)> = Vec::new();
+        for key in groups {
+            let Ok(row) = self.group_row(&key).await else {
+                continue;
+            };
+            let streams = self
+                .group_streams(&key, &row.config.selection, None)
+                .await?;
+            let mut pipe = redis::pipe();
+            pipe.load_script(&lua::GROUP_STATE).ignore();
+            for s in &streams {
+                pipe.invoke_script(
+                    lua::GROUP_STATE
+                        .key(self.keys.stream(&key.tenant, s))
+                        .key(self.keys.ledger(&key.tenant, s, "due", &key.name))
+                        .key(self.keys.ledger(&key.tenant, s, "pos", &key.name))
+                        .arg(&key.name),
+                );
+            }
+            let states: Vec<Vec<String>> = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
+            for (s, state) in streams.into_iter().zip(states) {
+                let Some(Ok(last)) = state.first().map(|l| l.parse::<u64>()) else {
+                    continue;
+                };
+                let position = match state.get(1).and_then(|o| o.parse::<u64>().ok()) {
+                    Some(oldest) => last.min(oldest.saturating_sub(1)),
+                    None => last,
+                };
+                let id = (key.clone(), s.clone());
+                let mut written = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+                if written.get(&id) != Some(&position) {
+                    written.insert(id, position);
+                    rows.push((key.clone(), s, position));
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let tenants: Vec<&str> = rows.iter().map(|r| r.0.tenant.as_str()).collect();
+        let groups: Vec<&str> = rows.iter().map(|r| r.0.name.as_str()).collect();
+        let types: Vec<&str> = rows.iter().map(|r| r.1.event_type.as_str()).collect();
+        let levels: Vec<i16> = rows.iter().map(|r| r.1.level as i16).collect();
+        let positions: Vec<i64> = rows.iter().map(|r| r.2 as i64).collect();
+        let written = sqlx::query(
+            "INSERT INTO nerve_group_checkpoints (tenant, grp, type, priority, position) \
+             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::SMALLINT[], $5::BIGINT[]) \
+             ON CONFLICT (tenant, grp, type, priority) DO UPDATE SET position = excluded.position",
+        )
+        .bind(&tenants)
+        .bind(&groups)
+        .bind(&types)
+        .bind(&levels)
+        .bind(&positions)
+        .execute(self.store.pool())
+        .await;
+        if let Err(e) = written {
+            // try again next round
+            self.checkpoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            return Err(db_err(e));
+        }
+        Ok(())
+    }
+}
+
+/// Receives group wake-ups and replies for this replica; resubscribes after a lost connection.
+async fn listen(streams: Weak<RedisStreams>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(this) = streams.upgrade() else {
+            return;
+        };
+        let client = this.client.clone();
+        let wake = this.keys.wake_channel();
+        let replies = this.keys.reply_channel(&this.replica);
+        drop(this);
+        let session = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&wake).await?;
+            pubsub.subscribe(&replies).await?;
+            // anything sent while we were away is covered by waking every local group once
+            if let Some(this) = streams.upgrade() {
+                let keys: Vec<GroupKey> = this
+                    .wakeups
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect();
+                for key in keys {
+                    this.forget_config(&key);
+                    this.bump_wakeup(&key);
+                }
+            }
+            let mut messages = pubsub.into_on_message();
+            while let Some(message) = messages.next().await {
+                let Some(this) = streams.upgrade() else {
+                    return Ok(());
+                };
+                let payload: String = message.get_payload().unwrap_or_default();
+                let Some((a, b)) = payload.split_once('\n') else {
+                    continue;
+                };
+                if message.get_channel_name() == wake {
+                    let key = GroupKey {
+                        tenant: a.to_owned(),
+                        name: b.to_owned(),
+                    };
+                    this.forget_config(&key);
+                    this.bump_wakeup(&key);
+                } else if let Ok(seq) = b.parse::<u64>() {
+                    deliver_reply(&this, a, seq).await;
+                }
+            }
+            Ok::<(), redis::RedisError>(())
+        };
+        match session.await {
+            Ok(()) if streams.strong_count() == 0 => return,
+            Ok(()) => {}
+            Err(error) => warn!(%error, retry_in = ?backoff, "redis pub/sub connection lost"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
+    let sender = this
+        .inboxes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(inbox)
+        .map(|(_, tx)| tx.clone());
+    let Some(sender) = sender else {
+        return;
+    };
+    match this.store.read_sequences(&[seq]).await {
+        Ok(mut events) => {
+            if let Some(reply) = events.pop() {
+                let _ = sender.try_send(reply);
+            }
+        }
+        Err(error) => warn!(%error, inbox, seq, "could not read a routed reply"),
+    }
+}
+
+/// Refreshes presence and checkpoints group positions until the streams are dropped.
+async fn maintain(streams: Weak<RedisStreams>) {
+    let mut last_presence = Instant::now();
+    loop {
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        let Some(this) = streams.upgrade() else {
+            return;
+        };
+        if let Err(error) = this.checkpoint().await {
+            debug!(%error, "group checkpoint failed; retrying");
+        }
+        if last_presence.elapsed() >= PRESENCE_REFRESH {
+            last_presence = Instant::now();
+            let ids: Vec<String> = this
+                .subscribers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            for id in ids {
+                if let Err(error) = this.publish_presence(&id).await {
+                    debug!(%error, "presence refresh failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LiveStreams for RedisStreams {
+    async fn append(&self, events: &[Arc<StoredEvent>]) -> StreamResult<()> {
+        // private subscribers read the tail, which needs no Redis
+        self.tail.push(events);
+        let relayed = *self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh: Vec<&Arc<StoredEvent>> =
+            events.iter().filter(|e| e.sequence > relayed).collect();
+        let Some(last) = fresh.last().map(|e| e.sequence) else {
+            return Ok(());
+        };
+        #[cfg(debug_assertions)]
+        if std::env::var("NERVE_TEST_FAULT").as_deref() == Ok("abort-before-stream-append") {
+            // test-only: a crash between the commit and the stream write
+            std::process::abort();
+        }
+        let mut by_stream: Vec<((String, StreamId), Vec<&Arc<StoredEvent>>)> = Vec::new();
+        let mut index: HashMap<(String, StreamId), usize> = HashMap::new();
+        for event in fresh {
+            let id = (
+                event.tenant.clone(),
+                StreamId {
+                    event_type: event.event.event_type.clone(),
+                    level: level_number(event.event.priority),
+                },
+            );
+            let i = *index.entry(id.clone()).or_insert_with(|| {
+                by_stream.push((id, Vec::new()));
+                by_stream.len() - 1
+            });
+            by_stream[i].1.push(event);
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(&lua::APPEND).ignore();
+        for ((tenant, stream), events) in &by_stream {
+            let mut call = lua::APPEND.prepare_invoke();
+            call.key(self.keys.stream(tenant, stream)).arg(self.max_len);
+            for e in events {
+                let body = serde_json::to_string(&e.event)
+                    .map_err(|err| StreamError::Internal(format!("encoding event: {err}")))?;
+                call.arg(e.sequence)
+                    .arg(body)
+                    .arg(e.recorded_at.timestamp_nanos_opt().unwrap_or_default());
+            }
+            pipe.invoke_script(&call).ignore();
+        }
+        pipe.load_script(&lua::RAISE).ignore();
+        pipe.invoke_script(lua::RAISE.key(self.keys.relayed()).arg(last))
+            .ignore();
+        let _: () = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        {
+            let mut known = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            for ((tenant, stream), _) in by_stream {
+                if let Some(set) = known.get_mut(&tenant) {
+                    set.insert(stream);
+                }
+            }
+        }
+        let mut relayed = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+        *relayed = (*relayed).max(last);
+        Ok(())
+    }
+
+    async fn last_appended(&self) -> StreamResult<u64> {
+        Ok(*self.relayed.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    async fn read_after(&self, after: u64, max: usize) -> StreamResult<TailRead> {
+        Ok(self.tail.read_after(after, max))
+    }
+
+    fn head(&self) -> watch::Receiver<u64> {
+        self.tail.head()
+    }
+
+    async fn ensure_group(
+        &self,
+        key: &GroupKey,
+        config: &GroupConfig,
+        start_after: u64,
+    ) -> StreamResult<bool> {
+        let created: bool = sqlx::query_scalar(
+            "INSERT INTO nerve_groups (tenant, name, selection, max_attempts, start_after, created_ns) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (tenant, name) DO UPDATE SET selection = excluded.selection, max_attempts = excluded.max_attempts \
+             RETURNING (xmax = 0)",
+        )
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .bind(config.selection.to_json())
+        .bind(config.max_attempts as i32)
+        .bind(start_after as i64)
+        .bind(Utc::now().timestamp_nanos_opt().unwrap_or_default())
+        .fetch_one(self.store.pool())
+        .await
+        .map_err(db_err)?;
+        self.forget_config(key);
+        self.wake_group(key).await?;
+        Ok(created)
+    }
+
+    async fn set_group_selection(&self, key: &GroupKey, selection: &Selection) -> StreamResult<()> {
+        let updated =
+            sqlx::query("UPDATE nerve_groups SET selection = $1 WHERE tenant = $2 AND name = $3")
+                .bind(selection.to_json())
+                .bind(&key.tenant)
+                .bind(&key.name)
+                .execute(self.store.pool())
+                .await
+                .map_err(db_err)?;
+        if updated.rows_affected() == 0 {
+            return Err(StreamError::NoSuchGroup(key.name.clone()));
+        }
+        self.forget_config(key);
+        self.wake_group(key).await
+    }
+
+    async fn claim_new(
+        &self,
+        key: &GroupKey,
+        consumer: &str,
+        level: Priority,
+        max: usize,
+        lease_until: DateTime<Utc>,
+    ) -> StreamResult<Vec<Claimed>> {
+        let row = self.group_row(key).await?;
+        let streams = self
+            .group_streams(key, &row.config.selection, Some(level))
+            .await?;
+        let mut taken = Vec::new();
+        // start at a different stream each time so one busy type cannot starve the others
+        let offset = if streams.is_empty() {
+            0
+        } else {
+            (Utc::now().timestamp_subsec_nanos() as usize) % streams.len()
+        };
+        for stream in streams.iter().cycle().skip(offset).take(streams.len()) {
+            loop {
+                let want = max - taken.len();
+                if want == 0 {
+                    break;
+                }
+                let (events, more) = self
+                    .claim_stream(key, &row, stream, consumer, want, ms(lease_until))
+                    .await?;
+                self.remember(&key.tenant, events.iter().map(|e| e.0), stream);
+                // entries the stream could not give us are read from the store, so the filter applies
+                let unreadable: Vec<u64> = events
+                    .iter()
+                    .filter(|e| e.1.is_none())
+                    .map(|e| e.0)
+                    .collect();
+                let mut from_store: HashMap<u64, Arc<StoredEvent>> = self
+                    .store
+                    .read_sequences(&unreadable)
+                    .await?
+                    .into_iter()
+                    .map(|e| (e.sequence, e))
+                    .collect();
+                let mut unwanted = Vec::new();
+                for (sequence, event) in events {
+                    match event.or_else(|| from_store.remove(&sequence)) {
+                        Some(event) if row.config.selection.matches(&event.event) => {
+                            taken.push(Claimed {
+                                sequence,
+                                attempt: 1,
+                                event: Some(event),
+                                priority: level,
+                                last_error: None,
+                            });
+                        }
+                        _ => unwanted.push(sequence),
+                    }
+                }
+                // filtered out: settled at once, as if acknowledged
+                self.remove(key, stream, &unwanted).await?;
+                if !more {
+                    break;
+                }
+            }
+            if taken.len() >= max {
+                break;
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn claim_due(
+        &self,
+        key: &GroupKey,
+        consumer: &str,
+        max: usize,
+        lease_until: DateTime<Utc>,
+    ) -> StreamResult<Vec<Claimed>> {
+        let row = self.group_row(key).await?;
+        let mut streams = self.group_streams(key, &row.config.selection, None).await?;
+        // most urgent level first
+        streams.sort_by_key(|s| std::cmp::Reverse(s.level));
+        let now = ms(Utc::now());
+        let mut claimed = Vec::new();
+        for stream in streams {
+            if claimed.len() >= max {
+                break;
+            }
+            let reply: Vec<String> = lua::CLAIM_DUE
+                .key(self.keys.stream(&key.tenant, &stream))
+                .key(self.keys.ledger(&key.tenant, &stream, "due", &key.name))
+                .key(self.keys.ledger(&key.tenant, &stream, "att", &key.name))
+                .key(self.keys.ledger(&key.tenant, &stream, "err", &key.name))
+                .arg(&key.name)
+                .arg(consumer)
+                .arg(now)
+                .arg(ms(lease_until))
+                .arg(max - claimed.len())
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
+            let mut seqs = Vec::new();
+            for c in reply.chunks(5) {
+                let [seq, attempt, body, recorded, error] = c else {
+                    continue;
+                };
+                let Ok(sequence) = seq.parse::<u64>() else {
+                    continue;
+                };
+                seqs.push(sequence);
+                claimed.push(Claimed {
+                    sequence,
+                    attempt: attempt.parse().unwrap_or(1),
+                    event: self.decode(&key.tenant, seq, body, recorded),
+                    priority: stream.priority(),
+                    last_error: (!error.is_empty()).then(|| error.clone()),
+                });
+            }
+            self.remember(&key.tenant, seqs.into_iter(), &stream);
+        }
+        Ok(claimed)
+    }
+
+    async fn next_due(&self, key: &GroupKey) -> StreamResult<Option<DateTime<Utc>>> {
+        let row = self.group_row(key).await?;
+        let streams = self.group_streams(key, &row.config.selection, None).await?;
+        if streams.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for s in &streams {
+            pipe.cmd("ZRANGE")
+                .arg(self.keys.ledger(&key.tenant, s, "due", &key.name))
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES");
+        }
+        let firsts: Vec<Vec<(String, f64)>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        Ok(firsts
+            .into_iter()
+            .flatten()
+            .map(|(_, score)| score as i64)
+            .min()
+            .and_then(DateTime::from_timestamp_millis))
+    }
+
+    async fn ack(&self, key: &GroupKey, deliveries: &[(u64, u32)]) -> StreamResult<Vec<bool>> {
+        let seqs: Vec<u64> = deliveries.iter().map(|d| d.0).collect();
+        let located = self.locate(&key.tenant, &seqs).await?;
+        let mut by_stream: HashMap<&StreamId, Vec<usize>> = HashMap::new();
+        for (i, (seq, _)) in deliveries.iter().enumerate() {
+            if let Some(s) = located.get(seq) {
+                by_stream.entry(s).or_default().push(i);
+            }
+        }
+        let mut out = vec![false; deliveries.len()];
+        for (stream, indexes) in by_stream {
+            let mut call = lua::ACK.prepare_invoke();
+            call.key(self.keys.stream(&key.tenant, stream));
+            for what in ["due", "att", "err", "pos"] {
+                call.key(self.keys.ledger(&key.tenant, stream, what, &key.name));
+            }
+            call.arg(&key.name);
+            for i in &indexes {
+                call.arg(deliveries[*i].0).arg(deliveries[*i].1);
+            }
+            let settled: Vec<i64> = call
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
+            for (i, done) in indexes.into_iter().zip(settled) {
+                out[i] = done == 1;
+            }
+        }
+        let mut locations = self.locations.lock().unwrap_or_else(|p| p.into_inner());
+        for ((seq, _), done) in deliveries.iter().zip(&out) {
+            if *done {
+                locations.remove(&(key.tenant.clone(), *seq));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn set_visible_at(
+        &self,
+        key: &GroupKey,
+        sequence: u64,
+        attempt: u32,
+        visible_at: DateTime<Utc>,
+        error: Option<&str>,
+    ) -> StreamResult<bool> {
+        let Some(stream) = self
+            .locate(&key.tenant, &[sequence])
+            .await?
+            .remove(&sequence)
+        else {
+            return Ok(false);
+        };
+        let moved: i64 = lua::SET_VISIBLE
+            .key(self.keys.ledger(&key.tenant, &stream, "due", &key.name))
+            .key(self.keys.ledger(&key.tenant, &stream, "att", &key.name))
+            .key(self.keys.ledger(&key.tenant, &stream, "err", &key.name))
+            .arg(sequence)
+            .arg(attempt)
+            .arg(ms(visible_at))
+            .arg(error.unwrap_or(""))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        Ok(moved == 1)
+    }
+
+    async fn remove_pending(&self, key: &GroupKey, sequence: u64) -> StreamResult<()> {
+        if let Some(stream) = self
+            .locate(&key.tenant, &[sequence])
+            .await?
+            .remove(&sequence)
+        {
+            self.remove(key, &stream, &[sequence]).await?;
+        }
+        self.locations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(key.tenant.clone(), sequence));
+        Ok(())
+    }
+
+    async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<u64> {
+        self.group_row(key).await?;
+        let mut by_stream: HashMap<StreamId, Vec<u64>> = HashMap::new();
+        for e in events {
+            by_stream
+                .entry(StreamId {
+                    event_type: e.event.event_type.clone(),
+                    level: level_number(e.event.priority),
+                })
+                .or_default()
+                .push(e.sequence);
+        }
+        let now = ms(Utc::now());
+        let mut added = 0;
+        for (stream, seqs) in by_stream {
+            let mut call = lua::REQUEUE.prepare_invoke();
+            call.key(self.keys.ledger(&key.tenant, &stream, "due", &key.name))
+                .key(self.keys.ledger(&key.tenant, &stream, "att", &key.name))
+                .key(self.keys.ledger(&key.tenant, &stream, "pos", &key.name))
+                .arg(now);
+            for s in &seqs {
+                call.arg(*s);
+            }
+            let n: u64 = call
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
+            added += n;
+            self.remember(&key.tenant, seqs.into_iter(), &stream);
+            self.streams
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key.tenant.clone())
+                .or_default()
+                .insert(stream);
+        }
+        Ok(added)
+    }
+
+    fn group_wakeups(&self, key: &GroupKey) -> watch::Receiver<u64> {
+        self.wakeups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    async fn wake_group(&self, key: &GroupKey) -> StreamResult<()> {
+        self.bump_wakeup(key);
+        let _: i64 = self
+            .conn()
+            .publish(
+                self.keys.wake_channel(),
+                format!("{}\n{}", key.tenant, key.name),
+            )
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn groups(&self, tenant: &str) -> StreamResult<Vec<GroupStats>> {
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM nerve_groups WHERE tenant = $1 ORDER BY name")
+                .bind(tenant)
+                .fetch_all(self.store.pool())
+                .await
+                .map_err(db_err)?;
+        let mut consumers: HashMap<String, u32> = HashMap::new();
+        for record in self.presence(tenant).await? {
+            if let Some(g) = record.group {
+                *consumers.entry(g).or_default() += 1;
+            }
+        }
+        let mut out = Vec::new();
+        for name in names {
+            let key = GroupKey {
+                tenant: tenant.to_owned(),
+                name,
+            };
+            let Ok(row) = self.group_row(&key).await else {
+                continue;
+            };
+            let streams = self
+                .group_streams(&key, &row.config.selection, None)
+                .await?;
+            let mut cursors = [row.start_after; 4];
+            let mut pending = 0;
+            if !streams.is_empty() {
+                let mut pipe = redis::pipe();
+                pipe.load_script(&lua::GROUP_STATE).ignore();
+                for s in &streams {
+                    pipe.invoke_script(
+                        lua::GROUP_STATE
+                            .key(self.keys.stream(tenant, s))
+                            .key(self.keys.ledger(tenant, s, "due", &key.name))
+                            .key(self.keys.ledger(tenant, s, "pos", &key.name))
+                            .arg(&key.name),
+                    );
+                }
+                let states: Vec<Vec<String>> = pipe
+                    .query_async(&mut self.conn())
+                    .await
+                    .map_err(redis_err)?;
+                for (s, state) in streams.iter().zip(states) {
+                    let index = Priority::ALL
+                        .iter()
+                        .position(|p| level_number(*p) == s.level)
+                        .unwrap_or(2);
+                    if let Some(Ok(last)) = state.first().map(|l| l.parse::<u64>()) {
+                        cursors[index] = cursors[index].max(last);
+                    }
+                    pending += state
+                        .get(2)
+                        .and_then(|p| p.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+            }
+            out.push(GroupStats {
+                consumers: consumers.get(&key.name).copied().unwrap_or(0),
+                key,
+                config: row.config,
+                pending,
+                cursors,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn delete_group(&self, key: &GroupKey) -> StreamResult<bool> {
+        let row = match self.group_row(key).await {
+            Ok(row) => row,
+            Err(StreamError::NoSuchGroup(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let streams = self.group_streams(key, &row.config.selection, None).await?;
+        for s in &streams {
+            let mut pipe = redis::pipe();
+            pipe.cmd("XGROUP")
+                .arg("DESTROY")
+                .arg(self.keys.stream(&key.tenant, s))
+                .arg(&key.name)
+                .ignore();
+            for what in ["due", "att", "err", "pos", "floor"] {
+                pipe.del(self.keys.ledger(&key.tenant, s, what, &key.name))
+                    .ignore();
+            }
+            let _: () = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
+        }
+        let mut tx = self.store.pool().begin().await.map_err(db_err)?;
+        let deleted = sqlx::query("DELETE FROM nerve_groups WHERE tenant = $1 AND name = $2")
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected()
+            > 0;
+        sqlx::query("DELETE FROM nerve_group_checkpoints WHERE tenant = $1 AND grp = $2")
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        self.forget_config(key);
+        self.checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(g, _), _| g != key);
+        self.wake_group(key).await?;
+        Ok(deleted)
+    }
+
+    async fn join(
+        &self,
+        id: &str,
+        group: Option<&GroupKey>,
+        interest: Interest,
+    ) -> StreamResult<()> {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.to_owned(),
+                Subscriber {
+                    group: group.cloned(),
+                    interest,
+                },
+            );
+        self.publish_presence(id).await
+    }
+
+    async fn update_interest(&self, id: &str, interest: Interest) -> StreamResult<()> {
+        if let Some(s) = self
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(id)
+        {
+            s.interest = interest;
+        }
+        self.publish_presence(id).await
+    }
+
+    async fn leave(&self, id: &str) -> StreamResult<()> {
+        let removed = self
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(s) = removed {
+            let _: i64 = self
+                .conn()
+                .hdel(self.keys.presence(&s.interest.tenant), id)
+                .await
+                .map_err(redis_err)?;
+        }
+        Ok(())
+    }
+
+    async fn has_interest(&self, tenant: &str, event: &Event) -> StreamResult<bool> {
+        let local = self
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|s| s.interest.tenant == tenant && s.interest.selection.matches(event));
+        if local {
+            return Ok(true);
+        }
+        Ok(self.presence(tenant).await?.iter().any(|r| {
+            Selection::from_json(&r.selection).is_ok_and(|selection| selection.matches(event))
+        }))
+    }
+
+    async fn open_inbox(
+        &self,
+        inbox: &str,
+        info: Inbox,
+    ) -> StreamResult<mpsc::Receiver<Arc<StoredEvent>>> {
+        let record = serde_json::to_string(&InboxRecord {
+            tenant: info.tenant.clone(),
+            correlation_id: info.correlation_id.clone(),
+            request_id: info.request_id.clone(),
+            request_source: info.request_source.clone(),
+            replica: self.replica.clone(),
+        })
+        .map_err(|e| StreamError::Internal(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(1);
+        self.inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(inbox.to_owned(), (info, tx));
+        let _: () = self
+            .conn()
+            .pset_ex(self.keys.inbox(inbox), record, INBOX_TTL_MS)
+            .await
+            .map_err(redis_err)?;
+        Ok(rx)
+    }
+
+    async fn inbox(&self, inbox: &str) -> StreamResult<Option<Inbox>> {
+        if let Some((info, _)) = self
+            .inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(inbox)
+        {
+            return Ok(Some(info.clone()));
+        }
+        let raw: Option<String> = self
+            .conn()
+            .get(self.keys.inbox(inbox))
+            .await
+            .map_err(redis_err)?;
+        Ok(raw
+            .and_then(|r| serde_json::from_str::<InboxRecord>(&r).ok())
+            .map(|r| Inbox {
+                tenant: r.tenant,
+                correlation_id: r.correlation_id,
+                request_id: r.request_id,
+                request_source: r.request_source,
+            }))
+    }
+
+    async fn send_reply(&self, inbox: &str, reply: Arc<StoredEvent>) -> StreamResult<bool> {
+        let local = self
+            .inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(inbox)
+            .map(|(_, tx)| tx.clone());
+        if let Some(tx) = local {
+            return Ok(tx.try_send(reply).is_ok());
+        }
+        let raw: Option<String> = self
+            .conn()
+            .get(self.keys.inbox(inbox))
+            .await
+            .map_err(redis_err)?;
+        let Some(record) = raw.and_then(|r| serde_json::from_str::<InboxRecord>(&r).ok()) else {
+            return Ok(false);
+        };
+        let receivers: i64 = self
+            .conn()
+            .publish(
+                self.keys.reply_channel(&record.replica),
+                format!("{inbox}\n{}", reply.sequence),
+            )
+            .await
+            .map_err(redis_err)?;
+        Ok(receivers > 0)
+    }
+
+    async fn close_inbox(&self, inbox: &str) -> StreamResult<()> {
+        self.inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(inbox);
+        let _: i64 = self
+            .conn()
+            .del(self.keys.inbox(inbox))
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StreamResult<()> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+}
