@@ -1,15 +1,20 @@
 //! Group commit: publishes waiting at the same time are committed in one transaction (one fsync), in the
 //! order they arrived, each inside its own savepoint or check so one conflicting request fails alone.
+//!
+//! When the database stops answering, the writer fails publishes at once (UNAVAILABLE) instead of letting
+//! them queue behind connection attempts, and probes in the background until it answers again.
 
-use std::future::Future;
+use std::{future::Future, time::Duration};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 
 use super::{Appended, NewEvent, StoreError, StoreResult};
 
 /// Most events one group commit takes in.
 const MAX_GROUP_COMMIT_EVENTS: usize = 10_000;
+/// How often an unavailable database is probed.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
 
 /// One publish waiting to be committed.
 pub(crate) struct CommitRequest {
@@ -25,6 +30,9 @@ pub(crate) trait BatchWriter: Send + 'static {
         &mut self,
         batch: &[CommitRequest],
     ) -> impl Future<Output = StoreResult<Vec<StoreResult<Vec<Appended>>>>> + Send;
+
+    /// Returns a check that answers whether the database takes commits again.
+    fn probe(&self) -> impl Future<Output = bool> + Send + 'static;
 }
 
 /// Starts the writer task; returns where to send requests.
@@ -64,17 +72,50 @@ pub(crate) fn start<W: BatchWriter>(
                 }
                 Err(e) => {
                     error!(error = %e, "group commit failed");
+                    let unavailable = matches!(e, StoreError::Unavailable(_));
                     for request in batch {
                         let _ = request.reply.send(Err(match &e {
                             StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
                             other => StoreError::Internal(other.to_string()),
                         }));
                     }
+                    if unavailable && !fail_fast_until_available(&mut writer, &mut rx).await {
+                        return;
+                    }
                 }
             }
         }
     });
     tx
+}
+
+/// Answers every request with UNAVAILABLE at once while probing the database; returns when it answers
+/// again (true) or when every sender is gone (false).
+async fn fail_fast_until_available<W: BatchWriter>(
+    writer: &mut W,
+    rx: &mut mpsc::Receiver<CommitRequest>,
+) -> bool {
+    let mut probe = Box::pin(writer.probe());
+    loop {
+        tokio::select! {
+            request = rx.recv() => match request {
+                Some(request) => {
+                    let _ = request.reply.send(Err(StoreError::Unavailable(
+                        "the database does not answer; not accepting publishes until it does".into(),
+                    )));
+                }
+                None => return false,
+            },
+            answered = &mut probe => {
+                if answered {
+                    info!("the database answers again; accepting publishes");
+                    return true;
+                }
+                tokio::time::sleep(PROBE_EVERY).await;
+                probe = Box::pin(writer.probe());
+            }
+        }
+    }
 }
 
 /// Raises the committed head (never lowers it).

@@ -144,6 +144,11 @@ struct SqliteWriter {
 }
 
 impl BatchWriter for SqliteWriter {
+    fn probe(&self) -> impl Future<Output = bool> + Send + 'static {
+        // a local file: nothing to wait for
+        std::future::ready(true)
+    }
+
     async fn commit(
         &mut self,
         batch: &[CommitRequest],
