@@ -291,6 +291,26 @@ impl Subscriber {
         }
     }
 
+    /// Waits up to `within` for the next delivery; Ok(None) when none came, Err when the stream failed.
+    pub async fn next_message(&mut self, within: Duration) -> Result<Option<pb::Delivery>, Status> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let Ok(message) = tokio::time::timeout_at(deadline, self.inbound.message()).await
+            else {
+                return Ok(None);
+            };
+            match message?.and_then(|m| m.message) {
+                Some(pb::subscribe_response::Message::Delivery(d)) => return Ok(Some(d)),
+                Some(pb::subscribe_response::Message::CaughtUp(c)) => {
+                    self.caught_up = Some(c.sequence)
+                }
+                Some(pb::subscribe_response::Message::Heartbeat(_)) => self.heartbeats += 1,
+                None => return Err(Status::unavailable("stream ended")),
+                Some(other) => panic!("unexpected message {other:?}"),
+            }
+        }
+    }
+
     /// Collects deliveries until `n` arrived.
     pub async fn deliveries(&mut self, n: usize) -> Vec<pb::Delivery> {
         let mut out = Vec::with_capacity(n);
@@ -426,8 +446,15 @@ impl ServerProcess {
         })
         .await
         .expect("server listens in time");
-        // keep draining stderr so the child never blocks on a full pipe
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // keep draining stderr so the child never blocks on a full pipe; NERVE_TEST_SERVER_LOGS=1 shows it
+        let show = std::env::var_os("NERVE_TEST_SERVER_LOGS").is_some();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if show {
+                    eprintln!("[{addr}] {line}");
+                }
+            }
+        });
         ServerProcess { child, addr }
     }
 

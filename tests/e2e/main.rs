@@ -3,6 +3,7 @@
 
 mod admin;
 mod durability;
+mod failover;
 mod filters;
 mod groups;
 mod harness;

@@ -22,6 +22,8 @@ use crate::event::{Event, Priority, Selection, StoredEvent};
 
 /// Channel other replicas LISTEN on (suffixed with the schema); the payload is the new head sequence.
 const COMMIT_CHANNEL: &str = "nerve_commits";
+/// Longest a probe of an unavailable database waits.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn seq_i64(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
@@ -172,11 +174,20 @@ struct NewRow {
 }
 
 impl BatchWriter for PostgresWriter {
+    fn probe(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let pool = self.pool.clone();
+        async move {
+            let answer = sqlx::query("SELECT 1").execute(&pool);
+            matches!(tokio::time::timeout(PROBE_TIMEOUT, answer).await, Ok(Ok(_)))
+        }
+    }
+
     async fn commit(
         &mut self,
         batch: &[CommitRequest],
     ) -> StoreResult<Vec<StoreResult<Vec<Appended>>>> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
+        commit_jitter().await;
         // the row lock orders whole transactions across replicas: sequence order is commit order
         let head = sqlx::query(
             "SELECT seq, GREATEST(recorded_ns, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT * 1000) AS now_ns \
@@ -309,8 +320,19 @@ impl BatchWriter for PostgresWriter {
                 .await
                 .map_err(map_err)?;
         }
+        commit_jitter().await;
         tx.commit().await.map_err(map_err)?;
         Ok(results)
+    }
+}
+
+/// Test-only fault (debug builds, NERVE_TEST_FAULT=commit-jitter): random delays inside each commit, so
+/// transactions of several replicas begin and finish in shuffled order.
+async fn commit_jitter() {
+    #[cfg(debug_assertions)]
+    if std::env::var("NERVE_TEST_FAULT").as_deref() == Ok("commit-jitter") {
+        let micros = (uuid::Uuid::new_v4().as_u128() % 3_000) as u64;
+        tokio::time::sleep(Duration::from_micros(micros)).await;
     }
 }
 

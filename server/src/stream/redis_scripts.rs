@@ -82,7 +82,7 @@ fn with_helpers(body: &str) -> Script {
 /// Hands out new entries to a consumer.
 /// KEYS: stream, due, att, pos, floor. ARGV: group, consumer, count, lease ms.
 /// Returns `{'NOGROUP'}`, `{'GAP', last, floor}` (entries after `last` up to `floor` must come from the
-/// store), or `{'OK', seq, event, recorded, ...}`.
+/// store, because the stream no longer begins before them), or `{'OK', seq, event, recorded, ...}`.
 pub(super) static CLAIM_NEW: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r"
@@ -90,13 +90,13 @@ local last = last_delivered(KEYS[1], ARGV[1])
 if not last then
   return {'NOGROUP'}
 end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local floor = '0'
-for i = 1, #info, 2 do
-  if info[i] == 'max-deleted-entry-id' then floor = string.match(info[i + 1], '^(%d+)') end
+-- everything below the first entry may have been trimmed (or lost with a Redis restart)
+local floor = redis.call('GET', KEYS[5]) or '0'
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if first[1] then
+  local before = string.format('%d', tonumber(string.match(first[1][1], '^(%d+)')) - 1)
+  if tonumber(before) > tonumber(floor) then floor = before end
 end
-local marked = redis.call('GET', KEYS[5])
-if marked and tonumber(marked) > tonumber(floor) then floor = marked end
 if tonumber(last) < tonumber(floor) then
   return {'GAP', last, floor}
 end

@@ -1,0 +1,994 @@
+//! Failure tests of the production backend: real `nerve-server` processes on real Postgres and Redis,
+//! killed, partitioned and restarted. Every test counts duplicates (reported, allowed: delivery is at
+//! least once) and fails on any acknowledged event that is missing.
+//!
+//! Tests that kill Redis or cut Postgres off use their own Redis process or a TCP proxy in front of the
+//! shared Postgres, so they run in parallel with everything else.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use nerve::api::pb::{self, event_bus_client::EventBusClient};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+use tonic::{Code, transport::Channel};
+
+use crate::harness::{
+    ServerProcess, Subscriber, WAIT, earliest, event, fresh_schema_url, millis, open, redis_url,
+    seq,
+};
+
+/// A deployment: one Postgres schema and one Redis key prefix shared by its replicas.
+struct Deployment {
+    database_url: String,
+    redis_url: String,
+    prefix: String,
+    dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    async fn new(redis_url: String) -> Self {
+        Deployment {
+            database_url: fresh_schema_url().await,
+            redis_url,
+            prefix: format!("nerve-test:{}", uuid::Uuid::new_v4().simple()),
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Starts a replica; `extra` adds environment (faults, settings).
+    async fn replica(&self, extra: &[(&str, &str)]) -> ServerProcess {
+        self.replica_on(&self.database_url, extra).await
+    }
+
+    async fn replica_on(&self, database_url: &str, extra: &[(&str, &str)]) -> ServerProcess {
+        let mut env: HashMap<&str, &str> = HashMap::from([
+            ("NERVE_STORE", database_url),
+            ("NERVE_STREAMS", self.redis_url.as_str()),
+            ("NERVE_REDIS__KEY_PREFIX", self.prefix.as_str()),
+            ("NERVE_HEALTH_CHECK_INTERVAL", "100ms"),
+        ]);
+        env.extend(extra.iter().copied());
+        ServerProcess::spawn(self.dir.path(), &env).await
+    }
+
+    /// Counts stored events per id, read from Postgres directly.
+    async fn stored_ids(&self) -> HashMap<String, i64> {
+        use sqlx::{Connection as _, Row as _};
+        let mut conn = sqlx::PgConnection::connect(&self.database_url)
+            .await
+            .expect("connect to postgres");
+        sqlx::query("SELECT id, COUNT(*) AS n FROM events GROUP BY id")
+            .fetch_all(&mut conn)
+            .await
+            .expect("count stored events")
+            .iter()
+            .map(|r| (r.get::<String, _>("id"), r.get::<i64, _>("n")))
+            .collect()
+    }
+}
+
+/// A private redis-server process, so a test can kill and restart it.
+struct RedisProcess {
+    child: Option<tokio::process::Child>,
+    port: u16,
+    persistent: bool,
+    dir: tempfile::TempDir,
+}
+
+impl RedisProcess {
+    async fn start(persistent: bool) -> Self {
+        let mut redis = RedisProcess {
+            child: None,
+            port: free_port().await,
+            persistent,
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        redis.restart().await;
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let mut command = tokio::process::Command::new("redis-server");
+        command
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", ""])
+            .args(["--appendonly", if self.persistent { "yes" } else { "no" }])
+            .args(["--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        self.child = Some(
+            command
+                .spawn()
+                .expect("redis-server (scripts/services.sh installs it)"),
+        );
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("kill redis");
+            child.wait().await.expect("reap redis");
+        }
+    }
+}
+
+async fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A TCP proxy in front of Postgres that the test can take down (connections cut, new ones refused) and
+/// bring back on the same port: to the server it is exactly a database that stopped and restarted.
+struct Proxy {
+    port: u16,
+    upstream: SocketAddr,
+    task: Option<JoinHandle<()>>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let mut proxy = Proxy {
+            port: free_port().await,
+            upstream,
+            task: None,
+            connections: Arc::default(),
+        };
+        proxy.resume().await;
+        proxy
+    }
+
+    async fn resume(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("rebind proxy port");
+        let upstream = self.upstream;
+        let connections = self.connections.clone();
+        self.task = Some(tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let handle = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                connections.lock().expect("lock").push(handle);
+            }
+        }));
+    }
+
+    fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        for c in self.connections.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+    }
+}
+
+/// Channels to the replicas that are up right now (replicas restart on new ports).
+#[derive(Clone, Default)]
+struct Targets(Arc<Mutex<Vec<Channel>>>);
+
+impl Targets {
+    fn set(&self, index: usize, channel: Channel) {
+        let mut all = self.0.lock().expect("lock");
+        if all.len() <= index {
+            all.resize(index + 1, channel.clone());
+        }
+        all[index] = channel;
+    }
+
+    fn pick(&self, n: usize) -> Channel {
+        let all = self.0.lock().expect("lock");
+        all[n % all.len()].clone()
+    }
+}
+
+/// Publishes `count` single-event requests, retrying each on another replica until it is acknowledged.
+async fn publish_until_acked(
+    targets: Targets,
+    publisher: usize,
+    count: usize,
+    event_type: &'static str,
+    acked: Arc<AtomicUsize>,
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(count);
+    for i in 0..count {
+        let id = format!("p{publisher}-{i}");
+        let mut attempt = publisher;
+        loop {
+            let mut bus = EventBusClient::new(targets.pick(attempt));
+            let mut request = tonic::Request::new(pb::PublishRequest {
+                events: vec![event(&id, event_type)],
+            });
+            request.set_timeout(Duration::from_secs(5));
+            match bus.publish(request).await {
+                Ok(_) => break,
+                Err(status) => {
+                    assert!(
+                        matches!(
+                            status.code(),
+                            Code::Unavailable
+                                | Code::Unknown
+                                | Code::Cancelled
+                                | Code::DeadlineExceeded
+                        ),
+                        "publish failed unexpectedly: {status:?}"
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        acked.fetch_add(1, Ordering::Relaxed);
+        ids.push(id);
+    }
+    ids
+}
+
+/// What a group's consumers received: deliveries per event id.
+#[derive(Clone, Default)]
+struct Received(Arc<Mutex<HashMap<String, u32>>>);
+
+impl Received {
+    fn record(&self, id: String) {
+        *self.0.lock().expect("lock").entry(id).or_default() += 1;
+    }
+
+    fn missing<'a>(&self, ids: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+        let got = self.0.lock().expect("lock");
+        ids.into_iter()
+            .filter(|id| !got.contains_key(*id))
+            .cloned()
+            .collect()
+    }
+
+    fn duplicates(&self) -> usize {
+        self.0
+            .lock()
+            .expect("lock")
+            .values()
+            .map(|n| (*n as usize).saturating_sub(1))
+            .sum()
+    }
+
+    fn total(&self) -> usize {
+        self.0.lock().expect("lock").len()
+    }
+}
+
+/// A group consumer that acknowledges everything and reconnects (to whichever replica is up) when its
+/// stream breaks, as a real client does.
+fn consume(
+    targets: Targets,
+    which: usize,
+    types: &'static [&'static str],
+    group: &'static str,
+    received: Received,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut attempt = which;
+        while !stop.load(Ordering::Relaxed) {
+            let mut bus = EventBusClient::new(targets.pick(attempt));
+            attempt += 1;
+            let mut o = open(types, group);
+            o.start = earliest();
+            o.max_in_flight = 256;
+            o.ack_deadline = millis(2000);
+            let Ok(mut sub) = Subscriber::open(&mut bus, o).await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                match sub.next_message(Duration::from_millis(500)).await {
+                    Ok(Some(d)) => {
+                        received.record(crate::harness::id(&d));
+                        sub.ack_one(&d).await;
+                    }
+                    Ok(None) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+    })
+}
+
+async fn wait_for_all(what: &str, received: &Received, ids: &[String], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let missing = received.missing(ids);
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} acknowledged events never delivered, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// 1. Two replicas: a group with a subscriber on each shares the load; a request on one replica is
+///    answered by a responder on the other.
+#[tokio::test]
+async fn two_replicas_share_a_group_and_route_replies() {
+    let deployment = Deployment::new(redis_url()).await;
+    let a = deployment.replica(&[]).await;
+    let b = deployment.replica(&[]).await;
+    let mut bus_a = EventBusClient::new(a.channel().await);
+    let mut bus_b = EventBusClient::new(b.channel().await);
+
+    let mut o = open(&["work.item"], "workers");
+    o.start = earliest();
+    o.max_in_flight = 8;
+    let mut on_a = Subscriber::open(&mut bus_a, o.clone())
+        .await
+        .expect("open on a");
+    let mut on_b = Subscriber::open(&mut bus_b, o).await.expect("open on b");
+    let ids: Vec<String> = (0..200).map(|i| format!("w{i}")).collect();
+    for chunk in ids.chunks(50) {
+        bus_a
+            .publish(pb::PublishRequest {
+                events: chunk.iter().map(|id| event(id, "work.item")).collect(),
+            })
+            .await
+            .expect("publish");
+    }
+    let mut by_replica = [0usize; 2];
+    let mut seen = HashSet::new();
+    while seen.len() < ids.len() {
+        tokio::select! {
+            d = on_a.next_delivery() => { by_replica[0] += 1; assert!(seen.insert(crate::harness::id(&d)), "delivered twice"); on_a.ack_one(&d).await; }
+            d = on_b.next_delivery() => { by_replica[1] += 1; assert!(seen.insert(crate::harness::id(&d)), "delivered twice"); on_b.ack_one(&d).await; }
+        }
+    }
+    assert!(
+        by_replica[0] >= 20 && by_replica[1] >= 20,
+        "both replicas' consumers share the load: {by_replica:?}"
+    );
+
+    // a responder on replica b answers a request made on replica a
+    let mut responder = Subscriber::open(&mut bus_b, open(&["ask.plan"], ""))
+        .await
+        .expect("responder");
+    let mut requester = bus_a.clone();
+    let call = tokio::spawn(async move {
+        requester
+            .request(pb::RequestRequest {
+                event: Some(event("question", "ask.plan")),
+                timeout: millis(5000),
+            })
+            .await
+    });
+    let asked = responder.next_delivery().await;
+    let reply_to = asked.event.expect("event").reply_to;
+    let replied = bus_b
+        .reply(pb::ReplyRequest {
+            reply_to,
+            event: Some(event("answer", "ask.plan.answer")),
+        })
+        .await
+        .expect("reply")
+        .into_inner();
+    assert!(
+        replied.delivered,
+        "the reply reached replica a's waiting requester"
+    );
+    let answer = call
+        .await
+        .expect("join")
+        .expect("request answered")
+        .into_inner();
+    assert_eq!(answer.reply.expect("reply").id, "answer");
+}
+
+/// 2. A replica is killed with SIGKILL three times during 50,000 publishes from 8 concurrent clients:
+///    every acknowledged id is stored exactly once and reaches every group at least once.
+#[tokio::test]
+async fn replica_killed_three_times_loses_nothing() {
+    const PUBLISHERS: usize = 8;
+    const PER_PUBLISHER: usize = 6_250;
+    let deployment = Deployment::new(redis_url()).await;
+    let mut a = deployment.replica(&[]).await;
+    let b = deployment.replica(&[]).await;
+    let targets = Targets::default();
+    targets.set(0, a.channel().await);
+    targets.set(1, b.channel().await);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let groups = [Received::default(), Received::default()];
+    let mut consumers = Vec::new();
+    for (g, name) in [(0, "audit"), (1, "billing")] {
+        for which in 0..2 {
+            consumers.push(consume(
+                targets.clone(),
+                which,
+                &["load.event"],
+                name,
+                groups[g].clone(),
+                stop.clone(),
+            ));
+        }
+    }
+    let acked = Arc::new(AtomicUsize::new(0));
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            tokio::spawn(publish_until_acked(
+                targets.clone(),
+                p,
+                PER_PUBLISHER,
+                "load.event",
+                acked.clone(),
+            ))
+        })
+        .collect();
+    let total = PUBLISHERS * PER_PUBLISHER;
+    for kill in 1..=3 {
+        let at = total * kill / 4;
+        while acked.load(Ordering::Relaxed) < at {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        a.kill9().await;
+        a = deployment.replica(&[]).await;
+        targets.set(0, a.channel().await);
+        eprintln!("killed and restarted replica a at {at} acknowledged publishes");
+    }
+    let mut ids = Vec::with_capacity(total);
+    for p in publishers {
+        ids.extend(p.await.expect("publisher"));
+    }
+    assert_eq!(ids.len(), total);
+
+    let stored = deployment.stored_ids().await;
+    let missing: Vec<&String> = ids.iter().filter(|id| !stored.contains_key(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not stored: {}",
+        missing.len()
+    );
+    let twice: Vec<(&String, &i64)> = stored.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "stored more than once: {twice:?}");
+    assert_eq!(stored.len(), total, "nothing unacknowledged was stored");
+
+    for (g, name) in ["audit", "billing"].iter().enumerate() {
+        wait_for_all(name, &groups[g], &ids, Duration::from_secs(120)).await;
+        eprintln!(
+            "group {name}: {} distinct events delivered, {} redeliveries",
+            groups[g].total(),
+            groups[g].duplicates()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in consumers {
+        let _ = c.await;
+    }
+}
+
+/// 3. A crash between the commit and the stream write (test-only fault): the event is delivered within
+///    2 s of the restart.
+#[tokio::test]
+async fn crash_between_commit_and_stream_write_delivers_after_restart() {
+    let deployment = Deployment::new(redis_url()).await;
+    let mut crashing = deployment
+        .replica(&[("NERVE_TEST_FAULT", "abort-before-stream-append")])
+        .await;
+    let mut bus = EventBusClient::new(crashing.channel().await);
+    let mut o = open(&["fragile.event"], "survivors");
+    o.start = earliest();
+    let sub = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    // the commit happens; the relay then aborts the process before writing to Redis
+    let _ = bus
+        .publish(pb::PublishRequest {
+            events: vec![event("fragile", "fragile.event")],
+        })
+        .await;
+    let status = tokio::time::timeout(WAIT, crashing.child.wait())
+        .await
+        .expect("the fault aborts the server")
+        .expect("exit status");
+    assert!(!status.success());
+    drop(sub);
+    assert_eq!(
+        deployment.stored_ids().await.get("fragile"),
+        Some(&1),
+        "the event was committed before the crash"
+    );
+
+    let restarted = deployment.replica(&[]).await;
+    let started = Instant::now();
+    let mut bus = EventBusClient::new(restarted.channel().await);
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("reopen");
+    let d = sub
+        .try_next_delivery(Duration::from_secs(2))
+        .await
+        .expect("delivered within 2 s of the restart");
+    assert_eq!(crate::harness::id(&d), "fragile");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// 4. 16 publishers on two replicas whose commits are delayed at random (test-only fault), so
+///    transactions start and finish in shuffled order: the relay skips none of 20,000 events.
+#[tokio::test]
+async fn shuffled_commits_skip_nothing() {
+    const PUBLISHERS: usize = 16;
+    const BATCHES: usize = 125;
+    const BATCH: usize = 10;
+    let deployment = Deployment::new(redis_url()).await;
+    let jitter = [("NERVE_TEST_FAULT", "commit-jitter")];
+    let a = deployment.replica(&jitter).await;
+    let b = deployment.replica(&jitter).await;
+    let channels = [a.channel().await, b.channel().await];
+    let mut bus_b = EventBusClient::new(channels[1].clone());
+    let mut o = open(&["shuffle.event"], "ordered");
+    o.start = earliest();
+    o.max_in_flight = 1000;
+    let mut group = Subscriber::open(&mut EventBusClient::new(channels[0].clone()), o)
+        .await
+        .expect("group");
+    let mut private_open = open(&["shuffle.event"], "");
+    private_open.start = earliest();
+    private_open.max_in_flight = 1000;
+    let mut private = Subscriber::open(&mut bus_b, private_open)
+        .await
+        .expect("private");
+
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let mut bus = EventBusClient::new(channels[p % 2].clone());
+            tokio::spawn(async move {
+                for b in 0..BATCHES {
+                    let events = (0..BATCH)
+                        .map(|i| event(&format!("s{p}-{b}-{i}"), "shuffle.event"))
+                        .collect();
+                    bus.publish(pb::PublishRequest { events })
+                        .await
+                        .expect("publish");
+                }
+            })
+        })
+        .collect();
+    let total = PUBLISHERS * BATCHES * BATCH;
+    // the private stream sees every sequence in order (sequences are gapless)
+    let mut expected = 1;
+    let mut group_seen = HashSet::new();
+    while expected <= total as u64 || group_seen.len() < total {
+        tokio::select! {
+            d = private.next_delivery(), if expected <= total as u64 => {
+                assert_eq!(seq(&d), expected, "the private stream skipped or repeated");
+                expected += 1;
+                private.ack_one(&d).await;
+            }
+            d = group.next_delivery(), if group_seen.len() < total => {
+                group_seen.insert(seq(&d));
+                group.ack_one(&d).await;
+            }
+        }
+    }
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    assert_eq!(group_seen.len(), total, "the group got every event");
+}
+
+/// 5. Redis is killed with SIGKILL and restarted, without and with persistence: nothing acknowledged is
+///    lost and the group resumes.
+#[tokio::test]
+async fn redis_killed_and_restarted_empty_loses_nothing() {
+    redis_restart(false).await;
+}
+
+#[tokio::test]
+async fn redis_killed_and_restarted_from_its_log_loses_nothing() {
+    redis_restart(true).await;
+}
+
+async fn redis_restart(persistent: bool) {
+    let mut redis = RedisProcess::start(persistent).await;
+    let deployment = Deployment::new(redis.url()).await;
+    let server = deployment.replica(&[]).await;
+    let targets = Targets::default();
+    targets.set(0, server.channel().await);
+    let received = Received::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = consume(
+        targets.clone(),
+        0,
+        &["order.placed"],
+        "shipping",
+        received.clone(),
+        stop.clone(),
+    );
+    let acked = Arc::new(AtomicUsize::new(0));
+    let publisher = tokio::spawn(publish_until_acked(
+        targets.clone(),
+        0,
+        3_000,
+        "order.placed",
+        acked.clone(),
+    ));
+    while acked.load(Ordering::Relaxed) < 1_000 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // the group has made progress before Redis dies
+    while received.total() < 500 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    redis.kill9().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart().await;
+    let ids = publisher.await.expect("publisher");
+    wait_for_all(
+        "group after redis restart",
+        &received,
+        &ids,
+        Duration::from_secs(60),
+    )
+    .await;
+    eprintln!(
+        "redis restart (persistent: {persistent}): {} events, {} redeliveries",
+        received.total(),
+        received.duplicates()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let _ = consumer.await;
+}
+
+/// 6. Postgres goes away for 10 s under 1,000 publishes/s: publishes fail with UNAVAILABLE within the
+///    client deadline, none succeeds without a stored row, and throughput is back within 5 s.
+#[tokio::test]
+async fn postgres_outage_fails_fast_and_recovers() {
+    let upstream: SocketAddr = {
+        let url = crate::harness::database_url();
+        let host = url
+            .split('@')
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .expect("host:port in NERVE_TEST_DATABASE_URL")
+            .to_owned();
+        tokio::net::lookup_host(host)
+            .await
+            .expect("resolve postgres")
+            .next()
+            .expect("an address")
+    };
+    let mut proxy = Proxy::start(upstream).await;
+    let deployment = Deployment::new(redis_url()).await;
+    let proxied = deployment
+        .database_url
+        .replace(&upstream.to_string(), &format!("127.0.0.1:{}", proxy.port));
+    let server = deployment.replica_on(&proxied, &[]).await;
+    let channel = server.channel().await;
+
+    #[derive(Debug)]
+    struct Outcome {
+        at: Instant,
+        id: String,
+        code: Code,
+        took: Duration,
+    }
+    let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Duration::from_secs(2);
+    // 10 clients x 100 publishes/s
+    let clients: Vec<_> = (0..10)
+        .map(|c| {
+            let (channel, outcomes, stop) = (channel.clone(), outcomes.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut bus = EventBusClient::new(channel);
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let id = format!("c{c}-{i}");
+                    i += 1;
+                    let mut request = tonic::Request::new(pb::PublishRequest {
+                        events: vec![event(&id, "pg.outage")],
+                    });
+                    request.set_timeout(deadline);
+                    let sent = Instant::now();
+                    let code = match bus.publish(request).await {
+                        Ok(_) => Code::Ok,
+                        Err(status) => status.code(),
+                    };
+                    outcomes.lock().expect("lock").push(Outcome {
+                        at: sent,
+                        id,
+                        code,
+                        took: sent.elapsed(),
+                    });
+                }
+            })
+        })
+        .collect();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let serving = |h: &mut tonic_health::pb::health_client::HealthClient<Channel>| {
+        let mut h = h.clone();
+        async move {
+            h.check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .map(|r| r.into_inner().status)
+                .unwrap_or_default()
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let down_at = Instant::now();
+    proxy.stop();
+    crate::harness::eventually("NOT_SERVING while postgres is away", || {
+        let f = serving(&mut health);
+        async move {
+            (f.await == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32)
+                .then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed())).await;
+    proxy.resume().await;
+    let up_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("client");
+    }
+    crate::harness::eventually("SERVING after postgres returned", || {
+        let f = serving(&mut health);
+        async move {
+            (f.await == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                .then_some(())
+        }
+    })
+    .await;
+
+    let outcomes = std::mem::take(&mut *outcomes.lock().expect("lock"));
+    let stored = deployment.stored_ids().await;
+    let mut codes: BTreeMap<String, usize> = BTreeMap::new();
+    for o in &outcomes {
+        *codes.entry(format!("{:?}", o.code)).or_default() += 1;
+        if o.code == Code::Ok {
+            assert_eq!(
+                stored.get(&o.id),
+                Some(&1),
+                "acknowledged {} without a stored row",
+                o.id
+            );
+        } else {
+            assert_eq!(o.code, Code::Unavailable, "failures are UNAVAILABLE: {o:?}");
+            assert!(
+                o.took < deadline,
+                "failed within the client deadline: {o:?}"
+            );
+        }
+    }
+    let before = outcomes
+        .iter()
+        .filter(|o| o.at < down_at && o.code == Code::Ok)
+        .count() as f64
+        / 3.0;
+    let first_ok_after = outcomes
+        .iter()
+        .filter(|o| o.at >= up_at && o.code == Code::Ok)
+        .map(|o| o.at - up_at)
+        .min()
+        .expect("publishes succeed after postgres returns");
+    let recovered_window = outcomes
+        .iter()
+        .filter(|o| o.at >= up_at + Duration::from_secs(5) && o.code == Code::Ok)
+        .count() as f64
+        / 3.0;
+    eprintln!(
+        "postgres outage: outcomes {codes:?}; {before:.0}/s before, first success {first_ok_after:?} after return, {recovered_window:.0}/s from 5 s after"
+    );
+    assert!(
+        first_ok_after < Duration::from_secs(5),
+        "throughput back within 5 s"
+    );
+    assert!(
+        recovered_window >= before * 0.8,
+        "throughput recovered: {recovered_window:.0}/s vs {before:.0}/s"
+    );
+}
+
+/// 7. A consumer holding 500 unacknowledged deliveries dies: all 500 come back after the deadline, and
+///    after max attempts each is dead-lettered exactly once; none is both dead-lettered and acked.
+#[tokio::test]
+async fn dead_consumer_holding_500_is_redelivered_then_dead_lettered_once() {
+    let deployment = Deployment::new(redis_url()).await;
+    let server = deployment.replica(&[]).await;
+    let channel = server.channel().await;
+    let mut bus = EventBusClient::new(channel.clone());
+    let mut o = open(&["held.event"], "holders");
+    o.start = earliest();
+    o.max_in_flight = 500;
+    o.ack_deadline = millis(1000);
+    o.max_attempts = 2;
+    let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    let ids: Vec<String> = (0..500).map(|i| format!("h{i}")).collect();
+    for chunk in ids.chunks(250) {
+        bus.publish(pb::PublishRequest {
+            events: chunk.iter().map(|id| event(id, "held.event")).collect(),
+        })
+        .await
+        .expect("publish");
+    }
+    let held = first.deliveries(500).await;
+    assert!(held.iter().all(|d| d.attempt == 1));
+    drop(first); // the consumer dies holding everything
+
+    let mut second = Subscriber::open(&mut bus, o).await.expect("reopen");
+    let again = second.deliveries(500).await;
+    let again_ids: HashSet<String> = again.iter().map(crate::harness::id).collect();
+    assert_eq!(again_ids.len(), 500, "all 500 redelivered");
+    assert!(again.iter().all(|d| d.attempt == 2));
+    // stale acks of the first attempt settle nothing
+    second
+        .ack(
+            &held
+                .iter()
+                .map(|d| d.delivery_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    // the second attempt runs out too: each goes to dead letters once
+    let mut admin = nerve::api::pb::admin_client::AdminClient::new(channel);
+    let letters = crate::harness::eventually("500 dead letters", || {
+        let mut admin = admin.clone();
+        async move {
+            let letters = admin
+                .list_dead_letters(pb::ListDeadLettersRequest {
+                    group: "holders".into(),
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .expect("list")
+                .into_inner()
+                .dead_letters;
+            (letters.len() >= 500).then_some(letters)
+        }
+    })
+    .await;
+    let dead: HashSet<String> = letters
+        .iter()
+        .map(|l| l.event.as_ref().expect("event").id.clone())
+        .collect();
+    assert_eq!(letters.len(), 500, "each dead-lettered exactly once");
+    assert_eq!(dead, again_ids);
+    // a late ack of the last attempt cannot settle what was dead-lettered
+    second
+        .ack(
+            &again
+                .iter()
+                .map(|d| d.delivery_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    second.expect_idle(2).await;
+    let groups = admin
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .expect("groups")
+        .into_inner()
+        .groups;
+    let g = groups.iter().find(|g| g.name == "holders").expect("group");
+    assert_eq!(g.pending, 0);
+}
+
+/// 8. The stream is trimmed past pending and unread entries (a tiny max length): the pending ones are
+///    redelivered from the store and the unread ones read from it; nothing is silently dropped.
+#[tokio::test]
+async fn trimmed_stream_entries_come_from_the_store() {
+    let deployment = Deployment::new(redis_url()).await;
+    let server = deployment
+        .replica(&[("NERVE_REDIS__STREAM_MAX_LEN", "10")])
+        .await;
+    let channel = server.channel().await;
+    let mut bus = EventBusClient::new(channel.clone());
+    let mut o = open(&["trim.event"], "laggards");
+    o.start = earliest();
+    o.max_in_flight = 50;
+    o.ack_deadline = millis(1000);
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    let ids: Vec<String> = (0..1_000).map(|i| format!("t{i}")).collect();
+    bus.publish(pb::PublishRequest {
+        events: ids[..50].iter().map(|id| event(id, "trim.event")).collect(),
+    })
+    .await
+    .expect("publish");
+    let pending = sub.deliveries(50).await; // held, not acked
+    eprintln!("held 50");
+    for chunk in ids[50..].chunks(190) {
+        bus.publish(pb::PublishRequest {
+            events: chunk.iter().map(|id| event(id, "trim.event")).collect(),
+        })
+        .await
+        .expect("publish");
+    }
+    // Redis really dropped the held entries and most unread ones
+    let client = redis::Client::open(redis_url()).expect("redis");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let key = format!("{}:s:{{default/trim.event/2}}", deployment.prefix);
+    let first: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(&key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .expect("xrange");
+    let first_seq: u64 = first[0]
+        .0
+        .split('-')
+        .next()
+        .expect("id")
+        .parse()
+        .expect("seq");
+    assert!(
+        first_seq > seq(&pending[49]) + 100,
+        "stream trimmed past the held and unread entries (first entry {first_seq})"
+    );
+
+    let mut got: HashMap<String, u32> = HashMap::new();
+    for d in &pending {
+        got.insert(crate::harness::id(d), 1);
+    }
+    // the held ones come back (attempt 2, from the store) and every other event arrives once
+    let mut redelivered = 0;
+    while got.len() < ids.len() || redelivered < 50 {
+        let Some(d) = sub.try_next_delivery(WAIT).await else {
+            panic!(
+                "stuck with {} of {} events, {redelivered} redelivered",
+                got.len(),
+                ids.len()
+            );
+        };
+        if d.attempt == 2 {
+            redelivered += 1;
+        }
+        *got.entry(crate::harness::id(&d)).or_default() += 1;
+        sub.ack_one(&d).await;
+    }
+    assert_eq!(redelivered, 50);
+    let missing: Vec<&String> = ids.iter().filter(|id| !got.contains_key(*id)).collect();
+    assert!(missing.is_empty(), "dropped: {missing:?}");
+}
