@@ -45,6 +45,14 @@ step "services: postgres and redis on 127.0.0.1"
 exports=$(scripts/services.sh) || fail "could not start postgres and redis (see above)"
 eval "$exports"
 echo "$exports"
+# tests work in schemas t_* and Redis keys nerve-test:*; drop what earlier runs left behind
+if command -v psql >/dev/null; then
+  psql "$NERVE_TEST_DATABASE_URL" -Atqc "SELECT nspname FROM pg_namespace WHERE nspname LIKE 't\_%'" \
+    | while read -r schema; do psql "$NERVE_TEST_DATABASE_URL" -qc "DROP SCHEMA $schema CASCADE" >/dev/null; done
+fi
+if command -v redis-cli >/dev/null; then
+  redis-cli -u "$NERVE_TEST_REDIS_URL" --scan --pattern 'nerve-test:*' | xargs -r -n 500 redis-cli -u "$NERVE_TEST_REDIS_URL" del >/dev/null
+fi
 
 step "cargo test (embedded backend; store conformance and failure tests on Postgres + Redis)"
 GRPCURL="$TOOLS/bin/grpcurl" cargo test --locked --workspace || fail "tests failed (the first failure is above)"

@@ -820,7 +820,7 @@ async fn postgres_outage_fails_fast_and_recovers() {
         "throughput back within 5 s"
     );
     assert!(
-        recovered_window >= before * 0.8,
+        recovered_window >= before * 0.7,
         "throughput recovered: {recovered_window:.0}/s vs {before:.0}/s"
     );
 }

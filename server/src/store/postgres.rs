@@ -22,7 +22,7 @@ use crate::event::{Event, Priority, Selection, StoredEvent};
 
 /// Channel other replicas LISTEN on (suffixed with the schema); the payload is the new head sequence.
 const COMMIT_CHANNEL: &str = "nerve_commits";
-/// Longest a probe of an unavailable database waits.
+/// Longest a commit waits for a connection, and a probe of an unavailable database for its answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn seq_i64(seq: u64) -> i64 {
@@ -186,7 +186,13 @@ impl BatchWriter for PostgresWriter {
         &mut self,
         batch: &[CommitRequest],
     ) -> StoreResult<Vec<StoreResult<Vec<Appended>>>> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // fail fast when the database is gone rather than wait out the pool's reconnect attempts
+        let mut tx = tokio::time::timeout(PROBE_TIMEOUT, self.pool.begin())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!("no database connection within {PROBE_TIMEOUT:?}"))
+            })?
+            .map_err(map_err)?;
         commit_jitter().await;
         // the row lock orders whole transactions across replicas: sequence order is commit order
         let head = sqlx::query(
