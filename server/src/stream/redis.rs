@@ -39,7 +39,7 @@ use crate::{
 /// Settings of the Redis backend.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    /// `redis://` or `rediss://` URL.
+    /// `redis://` URL.
     pub url: String,
     /// Prefix of every key and channel, so deployments (and tests) can share one Redis.
     pub key_prefix: String,
