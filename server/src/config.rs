@@ -69,6 +69,7 @@ pub struct Config {
     pub streams: String,
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
+    pub metrics: crate::metrics::MetricsConfig,
     pub log_format: LogFormat,
     /// Log filter, e.g. "info" or "nerve=debug,info".
     pub log_level: String,
@@ -88,6 +89,7 @@ impl Default for Config {
             streams: EMBEDDED.into(),
             postgres: PostgresConfig::default(),
             redis: RedisConfig::default(),
+            metrics: crate::metrics::MetricsConfig::default(),
             log_format: LogFormat::Text,
             log_level: "info".into(),
             health_check_interval: Duration::from_secs(2),

@@ -6,6 +6,7 @@ pub mod bus;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod metrics;
 pub mod store;
 pub mod stream;
 pub mod telemetry;
@@ -83,6 +84,7 @@ pub async fn open_backends(config: &Config) -> Result<Backends> {
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<()>>,
 }
@@ -91,6 +93,11 @@ impl Server {
     /// Returns the address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Returns the address of the /metrics listener, when metrics are on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Begins a graceful shutdown: streams end with UNAVAILABLE, no new calls are accepted.
@@ -119,6 +126,24 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
         source,
     })?;
     let shutdown = CancellationToken::new();
+    let metrics_addr = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        let handle = metrics::install(config.metrics.max_label_values).map_err(Error::Config)?;
+        let listener = TcpListener::bind(&config.metrics.listen)
+            .await
+            .map_err(|source| Error::Io {
+                context: format!("binding the metrics listener {}", config.metrics.listen),
+                source,
+            })?;
+        let metrics_addr = listener.local_addr().map_err(|source| Error::Io {
+            context: "reading the metrics address".into(),
+            source,
+        })?;
+        tokio::spawn(metrics::serve(listener, handle, shutdown.clone()));
+        info!(addr = %metrics_addr, "metrics listening on /metrics");
+        Some(metrics_addr)
+    };
     let bus = Bus::start(
         backends.store,
         backends.streams,
@@ -129,15 +154,23 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
     // decoding limit: a whole batch plus protobuf framing overhead
     let message_limit = config.limits.max_batch_bytes + (1 << 20);
     let task = tokio::spawn(api::serve(
-        bus,
+        bus.clone(),
         listener,
         message_limit,
         config.health_check_interval,
         shutdown.clone(),
     ));
     info!(%addr, "nerve listening");
+    if metrics_addr.is_some() {
+        tokio::spawn(bus::sample_groups(
+            bus.clone(),
+            config.metrics.group_sample_interval,
+            shutdown.clone(),
+        ));
+    }
     Ok(Server {
         addr,
+        metrics_addr,
         shutdown,
         task,
     })

@@ -115,6 +115,32 @@ impl TestServer {
     pub fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel.clone())
     }
+
+    /// Fetches the Prometheus text from the server's /metrics listener.
+    pub async fn scrape(&self) -> String {
+        let addr = self._server.metrics_addr().expect("metrics are on");
+        http_get(addr, "/metrics").await
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns the body of a 200 response.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
 }
 
 /// Connects a channel to a server.

@@ -8,6 +8,7 @@ mod filters;
 mod groups;
 mod harness;
 mod health;
+mod observability;
 mod publish;
 mod readme;
 mod replay;

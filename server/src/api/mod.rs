@@ -98,7 +98,16 @@ async fn watch_health(
             interval.max(Duration::from_millis(100)),
             bus.check_backends(),
         );
-        let now_healthy = match check.await {
+        let checked = check.await;
+        let (store_up, streams_up) = match &checked {
+            Ok((store, streams)) => (store.is_ok(), streams.is_ok()),
+            Err(_) => (false, false),
+        };
+        ::metrics::gauge!(crate::metrics::names::BACKEND_UP, "backend" => "store")
+            .set(f64::from(u8::from(store_up)));
+        ::metrics::gauge!(crate::metrics::names::BACKEND_UP, "backend" => "streams")
+            .set(f64::from(u8::from(streams_up)));
+        let now_healthy = match checked {
             Ok((Ok(()), Ok(()))) => true,
             Ok((store, streams)) => {
                 if healthy != Some(false) {

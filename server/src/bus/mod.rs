@@ -20,7 +20,9 @@ use std::{
 use chrono::Utc;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+use crate::metrics::names;
 
 pub use admin::{GroupSummary, RedriveSelection};
 pub use error::{BusError, BusResult};
@@ -134,6 +136,37 @@ impl Bus {
 
     /// Commits a batch of events atomically; returns their sequences in order.
     pub async fn publish(&self, tenant: &str, events: Vec<Event>) -> BusResult<Vec<Appended>> {
+        let started = std::time::Instant::now();
+        let types: Vec<String> = events
+            .iter()
+            .map(|e| crate::metrics::type_label(&e.event_type))
+            .collect();
+        let outcome = self.commit(tenant, events).await;
+        ::metrics::histogram!(names::PUBLISH_SECONDS).record(started.elapsed());
+        match &outcome {
+            Ok(appended) => {
+                for (event_type, a) in types.into_iter().zip(appended) {
+                    let outcome = if a.duplicate { "duplicate" } else { "stored" };
+                    ::metrics::counter!(names::PUBLISHED, "type" => event_type, "outcome" => outcome)
+                        .increment(1);
+                }
+            }
+            Err(error) => {
+                let outcome = match error {
+                    BusError::Invalid(_) | BusError::AlreadyExists { .. } => "rejected",
+                    BusError::Unavailable(_) => "unavailable",
+                    _ => "failed",
+                };
+                for event_type in types {
+                    ::metrics::counter!(names::PUBLISHED, "type" => event_type, "outcome" => outcome)
+                        .increment(1);
+                }
+            }
+        }
+        outcome
+    }
+
+    async fn commit(&self, tenant: &str, events: Vec<Event>) -> BusResult<Vec<Appended>> {
         self.limits.check_batch(&events)?;
         let now = Utc::now();
         let batch = events
@@ -156,6 +189,29 @@ impl Bus {
         let store = self.store.ping().await.map_err(BusError::from);
         let streams = self.streams.ping().await.map_err(BusError::from);
         (store, streams)
+    }
+}
+
+/// Samples every group's backlog into gauges until `shutdown` (metrics on).
+pub async fn sample_groups(bus: Arc<Bus>, interval: Duration, shutdown: CancellationToken) {
+    loop {
+        match bus.list_groups(DEFAULT_TENANT).await {
+            Ok(groups) => {
+                for g in groups {
+                    let group = crate::metrics::group_label(&g.stats.key.name);
+                    ::metrics::gauge!(names::GROUP_PENDING, "group" => group.clone())
+                        .set(g.stats.pending as f64);
+                    ::metrics::gauge!(names::GROUP_LAG, "group" => group.clone()).set(g.lag as f64);
+                    ::metrics::gauge!(names::GROUP_CONSUMERS, "group" => group)
+                        .set(f64::from(g.stats.consumers));
+                }
+            }
+            Err(error) => debug!(%error, "group sampling failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
 

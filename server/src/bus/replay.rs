@@ -59,6 +59,8 @@ impl Bus {
         let (tx, rx) = mpsc::channel(1);
         let bus = self.clone();
         tokio::spawn(async move {
+            ::metrics::gauge!(crate::metrics::names::REPLAYS).increment(1.0);
+            let _active = active_replay_guard();
             let mut query = request.query;
             let mut remaining = request.limit.unwrap_or(u64::MAX);
             loop {
@@ -118,4 +120,15 @@ impl Bus {
         });
         rx
     }
+}
+
+/// Lowers the active-replay gauge when the replay task ends, however it ends.
+fn active_replay_guard() -> impl Drop {
+    struct Active;
+    impl Drop for Active {
+        fn drop(&mut self) {
+            ::metrics::gauge!(crate::metrics::names::REPLAYS).decrement(1.0);
+        }
+    }
+    Active
 }

@@ -36,6 +36,23 @@ impl Bus {
     pub async fn request(
         &self,
         tenant: &str,
+        event: Event,
+        timeout: Option<Duration>,
+    ) -> BusResult<RequestOutcome> {
+        let outcome = self.ask(tenant, event, timeout).await;
+        let label = match &outcome {
+            Ok(_) => "answered",
+            Err(BusError::NoResponders { .. }) => "no_responders",
+            Err(BusError::DeadlineExceeded(_)) => "timeout",
+            Err(_) => "failed",
+        };
+        ::metrics::counter!(crate::metrics::names::REQUESTS, "outcome" => label).increment(1);
+        outcome
+    }
+
+    async fn ask(
+        &self,
+        tenant: &str,
         mut event: Event,
         timeout: Option<Duration>,
     ) -> BusResult<RequestOutcome> {

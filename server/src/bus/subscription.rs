@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 use super::{Bus, BusError, BusResult, PriorityScheduler, bump, validate_group_name};
 use crate::{
     event::{Filter, InvalidInput, Priority, Selection, StoredEvent},
+    metrics::names,
     store::{DeadLetter, ReadQuery},
     stream::{Claimed, GroupConfig, GroupKey, Interest, TailRead},
 };
@@ -125,6 +126,10 @@ struct Session {
     scheduler: PriorityScheduler,
     tx: mpsc::Sender<BusResult<Outbound>>,
     last_sent: Instant,
+    /// Credits and in-flight count last added to the process-wide gauges.
+    reported: (u32, usize),
+    /// The group's metric label ("" for a private stream).
+    group_label: String,
 }
 
 /// Most commands handled before the session looks for deliveries again.
@@ -234,6 +239,8 @@ impl Bus {
             scheduler: PriorityScheduler::default(),
             tx,
             last_sent: Instant::now(),
+            reported: (0, 0),
+            group_label: crate::metrics::group_label(spec.group.as_deref().unwrap_or_default()),
         };
         let opened = Outbound::Subscribed {
             subscription_id: id,
@@ -250,9 +257,18 @@ impl Session {
     where
         S: Stream<Item = BusResult<Command>> + Send + Unpin + 'static,
     {
+        let kind = if self.group.is_some() {
+            "group"
+        } else {
+            "private"
+        };
+        ::metrics::gauge!(names::SUBSCRIPTIONS, "kind" => kind).increment(1.0);
         let outcome = self.serve(opened, commands).await;
         self.release_all().await;
         let _ = self.bus.streams.leave(&self.id).await;
+        ::metrics::gauge!(names::SUBSCRIPTIONS, "kind" => kind).decrement(1.0);
+        self.credits = 0;
+        self.report_window();
         match outcome {
             Ok(()) => debug!(subscription = %self.id, "subscriber cancelled the stream"),
             Err(error) => {
@@ -277,6 +293,7 @@ impl Session {
         loop {
             self.expire_leases();
             let next_due = self.fill().await?;
+            self.report_window();
             let wake_at = self.next_wake(next_due);
             tokio::select! {
                 biased;
@@ -335,7 +352,29 @@ impl Session {
         wake
     }
 
+    /// Moves the process-wide credit and in-flight gauges by what changed since the last report.
+    fn report_window(&mut self) {
+        let now = (self.credits, self.outstanding.len());
+        ::metrics::gauge!(names::CREDITS).increment(f64::from(now.0) - f64::from(self.reported.0));
+        ::metrics::gauge!(names::IN_FLIGHT).increment(now.1 as f64 - self.reported.1 as f64);
+        self.reported = now;
+    }
+
     async fn send(&mut self, message: Outbound) -> BusResult<()> {
+        if let Outbound::Delivery(d) = &message {
+            let group = self.group_label.clone();
+            ::metrics::counter!(names::DELIVERED, "type" => crate::metrics::type_label(&d.event.event.event_type), "group" => group.clone())
+                .increment(1);
+            if d.attempt == 1 {
+                let since_commit = (Utc::now() - d.event.recorded_at)
+                    .to_std()
+                    .unwrap_or_default();
+                ::metrics::histogram!(names::DELIVERY_SECONDS, "group" => group)
+                    .record(since_commit);
+            } else {
+                ::metrics::counter!(names::REDELIVERIES, "group" => group).increment(1);
+            }
+        }
         self.tx
             .send(Ok(message))
             .await
@@ -359,6 +398,8 @@ impl Session {
             if current {
                 self.outstanding.remove(&seq);
                 self.credits += 1;
+                ::metrics::counter!(names::DELIVERY_FAILURES, "group" => self.group_label.clone(), "reason" => "expired")
+                    .increment(1);
             }
         }
     }
@@ -594,6 +635,7 @@ impl Session {
             Some(e) => format!("gave up after {attempts} attempts; last error: {e}"),
             None => format!("gave up after {attempts} attempts without an ack"),
         });
+        ::metrics::counter!(names::DEAD_LETTERS, "group" => self.group_label.clone()).increment(1);
         self.bus
             .store
             .put_dead_letter(&DeadLetter {
@@ -693,6 +735,8 @@ impl Session {
                         self.dead_letter(&key, &claimed, attempt, Some(reason))
                             .await?;
                     } else {
+                        ::metrics::counter!(names::DELIVERY_FAILURES, "group" => self.group_label.clone(), "reason" => "nack")
+                            .increment(1);
                         let visible_at = Utc::now() + retry_delay;
                         let moved = self
                             .bus
@@ -796,6 +840,8 @@ impl Session {
             .drain()
             .map(|(seq, o)| (seq, o.attempt))
             .collect();
+        ::metrics::counter!(names::DELIVERY_FAILURES, "group" => self.group_label.clone(), "reason" => "released")
+            .increment(outstanding.len() as u64);
         for (seq, attempt) in &outstanding {
             if let Err(error) = self
                 .bus

@@ -54,7 +54,11 @@ pub(crate) fn start<W: BatchWriter>(
                     Err(_) => break,
                 }
             }
-            match writer.commit(&batch).await {
+            let started = std::time::Instant::now();
+            let committed_batch = writer.commit(&batch).await;
+            ::metrics::histogram!(crate::metrics::names::COMMIT_SECONDS).record(started.elapsed());
+            ::metrics::histogram!(crate::metrics::names::COMMIT_BATCH).record(total as f64);
+            match committed_batch {
                 Ok(results) => {
                     let head = results
                         .iter()
