@@ -70,6 +70,7 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub metrics: crate::metrics::MetricsConfig,
+    pub tracing: crate::telemetry::TracingConfig,
     pub log_format: LogFormat,
     /// Log filter, e.g. "info" or "nerve=debug,info".
     pub log_level: String,
@@ -90,6 +91,7 @@ impl Default for Config {
             postgres: PostgresConfig::default(),
             redis: RedisConfig::default(),
             metrics: crate::metrics::MetricsConfig::default(),
+            tracing: crate::telemetry::TracingConfig::default(),
             log_format: LogFormat::Text,
             log_level: "info".into(),
             health_check_interval: Duration::from_secs(2),

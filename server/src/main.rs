@@ -13,21 +13,27 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    nerve::telemetry::init(&config);
-    for warning in warnings {
-        warn!("{warning}");
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            error!(error = %e, "cannot start the async runtime");
+            eprintln!("nerve-server: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(nerve::run(config, shutdown_signal())) {
+    // the OTLP exporter needs the runtime
+    if let Err(e) = runtime.block_on(async { nerve::telemetry::init(&config) }) {
+        eprintln!("nerve-server: {e}");
+        return ExitCode::from(2);
+    }
+    for warning in warnings {
+        warn!("{warning}");
+    }
+    let outcome = runtime.block_on(nerve::run(config, shutdown_signal()));
+    nerve::telemetry::shutdown();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "nerve-server failed");

@@ -99,3 +99,165 @@ async fn metrics_count_publishes_deliveries_failures_and_dead_letters() {
     })
     .await;
 }
+
+const CALLER_TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const CALLER_TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+fn with_traceparent<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("traceparent", CALLER_TRACE.parse().expect("ascii"));
+    request
+}
+
+#[tokio::test]
+async fn trace_context_travels_from_publish_to_delivery_and_from_request_to_reply() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut sub = Subscriber::open(&mut bus, open(&["traced.>"], ""))
+        .await
+        .expect("open");
+    // the call's traceparent header is stored on an event that has none
+    bus.publish(with_traceparent(pb::PublishRequest {
+        events: vec![event("t1", "traced.call")],
+    }))
+    .await
+    .expect("publish");
+    // an event's own trace context is kept
+    let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let mut e = event("t2", "traced.own");
+    e.traceparent = own.into();
+    bus.publish(with_traceparent(pb::PublishRequest { events: vec![e] }))
+        .await
+        .expect("publish");
+    let first = sub.next_delivery().await.event.expect("event");
+    assert_eq!(first.traceparent, CALLER_TRACE);
+    let second = sub.next_delivery().await.event.expect("event");
+    assert_eq!(second.traceparent, own);
+
+    // a request's trace context reaches the responder and comes back on the reply
+    let mut responder = Subscriber::open(&mut bus, open(&["traced.ask"], ""))
+        .await
+        .expect("open");
+    let mut requester = server.bus();
+    let call = tokio::spawn(async move {
+        requester
+            .request(with_traceparent(pb::RequestRequest {
+                event: Some(event("q", "traced.ask")),
+                timeout: crate::harness::millis(5000),
+            }))
+            .await
+    });
+    let asked = responder.next_delivery().await.event.expect("event");
+    assert_eq!(asked.traceparent, CALLER_TRACE);
+    bus.reply(pb::ReplyRequest {
+        reply_to: asked.reply_to,
+        event: Some(event("a", "traced.answer")),
+    })
+    .await
+    .expect("reply");
+    let reply = call
+        .await
+        .expect("join")
+        .expect("answered")
+        .into_inner()
+        .reply
+        .expect("reply");
+    assert_eq!(
+        reply.traceparent, CALLER_TRACE,
+        "the reply continues the request's trace"
+    );
+}
+
+/// Collects exported spans as (name, trace id hex, parent span id hex).
+#[derive(Clone, Default)]
+struct Collector(std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let mut spans = self.0.lock().expect("lock");
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    spans.push((span.name, hex(&span.trace_id), hex(&span.parent_span_id)));
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tokio::test]
+async fn spans_are_exported_over_otlp_in_the_callers_trace() {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let service = opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(collector.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = format!("http://{addr}");
+    let server = crate::harness::ServerProcess::spawn(
+        dir.path(),
+        &std::collections::HashMap::from([
+            ("NERVE_TRACING__OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ]),
+    )
+    .await;
+    let mut bus = nerve::api::pb::event_bus_client::EventBusClient::new(server.channel().await);
+    let mut sub = Subscriber::open(&mut bus, open(&["exported.x"], ""))
+        .await
+        .expect("open");
+    bus.publish(with_traceparent(pb::PublishRequest {
+        events: vec![event("x1", "exported.x")],
+    }))
+    .await
+    .expect("publish");
+    let delivered = sub.next_delivery().await.event.expect("event");
+    // stored with the publish span's context: same trace, the server's span as parent
+    assert!(
+        delivered.traceparent.contains(CALLER_TRACE_ID),
+        "{}",
+        delivered.traceparent
+    );
+    assert_ne!(delivered.traceparent, CALLER_TRACE);
+    let spans = crate::harness::eventually("publish and deliver spans exported", || async {
+        let spans = collector.0.lock().expect("lock").clone();
+        let names: Vec<&str> = spans
+            .iter()
+            .filter(|(_, trace, _)| trace == CALLER_TRACE_ID)
+            .map(|(name, _, _)| name.as_str())
+            .collect();
+        (names.contains(&"nerve.publish") && names.contains(&"nerve.deliver")).then_some(spans)
+    })
+    .await;
+    let publish = spans
+        .iter()
+        .find(|s| s.0 == "nerve.publish")
+        .expect("publish span");
+    assert_eq!(
+        publish.2, "00f067aa0ba902b7",
+        "the publish span is a child of the caller's span"
+    );
+}

@@ -5,6 +5,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 use futures::{Stream, StreamExt, future::ready};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::{
     convert, pb,
@@ -12,8 +13,9 @@ use super::{
 };
 use crate::{
     bus::{Bus, BusError, DEFAULT_TENANT, ReplayRequest, decode_resume_token},
-    event::InvalidInput,
+    event::{Event, InvalidInput},
     store::ReadQuery,
+    telemetry,
 };
 
 /// Implements nerve.v1.EventBus.
@@ -52,18 +54,23 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let header = call_traceparent(&request);
         let request = request.into_inner();
-        let events = request
+        let mut events = request
             .events
             .into_iter()
             .enumerate()
             .map(|(i, e)| convert::event_from_pb(e, &format!("events[{i}]")))
             .collect::<Result<Vec<_>, InvalidInput>>()
             .map_err(|e| to_status(e.into()))?;
+        let span =
+            tracing::info_span!("nerve.publish", otel.kind = "server", events = events.len());
+        trace_events(&span, header.as_deref(), &mut events);
         let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
         let appended = self
             .bus
             .publish(DEFAULT_TENANT, events)
+            .instrument(span)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::PublishResponse {
@@ -119,11 +126,17 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         request: Request<pb::RequestRequest>,
     ) -> Result<Response<pb::RequestResponse>, Status> {
         let deadline = grpc_timeout(&request);
+        let header = call_traceparent(&request);
         let request = request.into_inner();
         let event = request
             .event
             .ok_or_else(|| invalid("event", "is required"))?;
         let event = convert::event_from_pb(event, "event").map_err(|e| to_status(e.into()))?;
+        let span =
+            tracing::info_span!("nerve.request", otel.kind = "server", r#type = %event.event_type);
+        let mut events = [event];
+        trace_events(&span, header.as_deref(), &mut events);
+        let [event] = events;
         let asked = request
             .timeout
             .map(|d| convert::duration_from_pb(&d, "timeout"))
@@ -136,6 +149,7 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         let outcome = self
             .bus
             .request(DEFAULT_TENANT, event, timeout)
+            .instrument(span)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::RequestResponse {
@@ -148,14 +162,23 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         &self,
         request: Request<pb::ReplyRequest>,
     ) -> Result<Response<pb::ReplyResponse>, Status> {
+        let header = call_traceparent(&request);
         let request = request.into_inner();
         let event = request
             .event
             .ok_or_else(|| invalid("event", "is required"))?;
-        let event = convert::event_from_pb(event, "event").map_err(|e| to_status(e.into()))?;
+        let mut event = convert::event_from_pb(event, "event").map_err(|e| to_status(e.into()))?;
+        let span =
+            tracing::info_span!("nerve.reply", otel.kind = "server", r#type = %event.event_type);
+        // a reply without its own context continues the caller's; else the bus gives it the request's
+        telemetry::continue_trace(&span, header.as_deref().or(event.traceparent.as_deref()));
+        if event.traceparent.is_none() && header.is_some() {
+            event.traceparent = telemetry::traceparent_of(&span, header.as_deref());
+        }
         let (delivered, sequence) = self
             .bus
             .reply(DEFAULT_TENANT, &request.reply_to, event)
+            .instrument(span)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ReplyResponse {
@@ -239,5 +262,25 @@ mod tests {
         assert_eq!(with("5x"), None);
         assert_eq!(with("m"), None);
         assert_eq!(grpc_timeout(&Request::new(())), None);
+    }
+}
+
+/// The caller's W3C `traceparent` header, if any.
+fn call_traceparent<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Continues the caller's trace (header, else the first event's) in `span`, and stamps events that
+/// carry no trace context with it, so deliveries and replies continue the same trace.
+fn trace_events(span: &tracing::Span, header: Option<&str>, events: &mut [Event]) {
+    let parent = header.or_else(|| events.iter().find_map(|e| e.traceparent.as_deref()));
+    telemetry::continue_trace(span, parent);
+    let stamp = telemetry::traceparent_of(span, header);
+    for event in events.iter_mut().filter(|e| e.traceparent.is_none()) {
+        event.traceparent = stamp.clone();
     }
 }

@@ -95,6 +95,7 @@ impl Bus {
                     correlation_id,
                     request_id: event.id.clone(),
                     request_source: event.source.clone(),
+                    traceparent: event.traceparent.clone(),
                 },
             )
             .await?;
@@ -164,6 +165,9 @@ impl Bus {
             Some(_) => {}
         }
         event.causation_id.get_or_insert(inbox.request_id);
+        if event.traceparent.is_none() {
+            event.traceparent = inbox.traceparent;
+        }
         event.reply_to = None;
         let appended = self.publish(tenant, vec![event.clone()]).await?;
         let sequence = appended.first().map(|a| a.sequence).unwrap_or_default();

@@ -362,6 +362,18 @@ impl Session {
 
     async fn send(&mut self, message: Outbound) -> BusResult<()> {
         if let Outbound::Delivery(d) = &message {
+            if crate::telemetry::exporting() {
+                let span = tracing::info_span!(
+                    "nerve.deliver",
+                    otel.kind = "producer",
+                    r#type = %d.event.event.event_type,
+                    group = %self.group_label,
+                    sequence = d.event.sequence,
+                    attempt = d.attempt,
+                );
+                crate::telemetry::continue_trace(&span, d.event.event.traceparent.as_deref());
+            }
+            debug!(subscription = %self.id, r#type = %d.event.event.event_type, group = %self.group_label, sequence = d.event.sequence, attempt = d.attempt, "delivering");
             let group = self.group_label.clone();
             ::metrics::counter!(names::DELIVERED, "type" => crate::metrics::type_label(&d.event.event.event_type), "group" => group.clone())
                 .increment(1);

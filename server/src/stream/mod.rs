@@ -102,6 +102,8 @@ pub struct Inbox {
     pub correlation_id: String,
     pub request_id: String,
     pub request_source: String,
+    /// Trace context of the request, which a reply without its own continues.
+    pub traceparent: Option<String>,
 }
 
 /// A live subscription, as far as "no responders" is concerned.

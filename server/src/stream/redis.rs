@@ -132,6 +132,8 @@ struct InboxRecord {
     correlation_id: String,
     request_id: String,
     request_source: String,
+    #[serde(default)]
+    traceparent: Option<String>,
     replica: String,
 }
 
@@ -1394,6 +1396,7 @@ impl LiveStreams for RedisStreams {
             correlation_id: info.correlation_id.clone(),
             request_id: info.request_id.clone(),
             request_source: info.request_source.clone(),
+            traceparent: info.traceparent.clone(),
             replica: self.replica.clone(),
         })
         .map_err(|e| StreamError::Internal(e.to_string()))?;
@@ -1431,6 +1434,7 @@ impl LiveStreams for RedisStreams {
                 correlation_id: r.correlation_id,
                 request_id: r.request_id,
                 request_source: r.request_source,
+                traceparent: r.traceparent,
             }))
     }
 
