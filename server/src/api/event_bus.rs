@@ -244,6 +244,26 @@ impl pb::event_bus_server::EventBus for EventBusApi {
     }
 }
 
+/// The caller's W3C `traceparent` header, if any.
+fn call_traceparent<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Continues the caller's trace (header, else the first event's) in `span`, and stamps events that
+/// carry no trace context with it, so deliveries and replies continue the same trace.
+fn trace_events(span: &tracing::Span, header: Option<&str>, events: &mut [Event]) {
+    let parent = header.or_else(|| events.iter().find_map(|e| e.traceparent.as_deref()));
+    telemetry::continue_trace(span, parent);
+    let stamp = telemetry::traceparent_of(span, header);
+    for event in events.iter_mut().filter(|e| e.traceparent.is_none()) {
+        event.traceparent = stamp.clone();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,25 +282,5 @@ mod tests {
         assert_eq!(with("5x"), None);
         assert_eq!(with("m"), None);
         assert_eq!(grpc_timeout(&Request::new(())), None);
-    }
-}
-
-/// The caller's W3C `traceparent` header, if any.
-fn call_traceparent<T>(request: &Request<T>) -> Option<String> {
-    request
-        .metadata()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-}
-
-/// Continues the caller's trace (header, else the first event's) in `span`, and stamps events that
-/// carry no trace context with it, so deliveries and replies continue the same trace.
-fn trace_events(span: &tracing::Span, header: Option<&str>, events: &mut [Event]) {
-    let parent = header.or_else(|| events.iter().find_map(|e| e.traceparent.as_deref()));
-    telemetry::continue_trace(span, parent);
-    let stamp = telemetry::traceparent_of(span, header);
-    for event in events.iter_mut().filter(|e| e.traceparent.is_none()) {
-        event.traceparent = stamp.clone();
     }
 }
