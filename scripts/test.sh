@@ -12,7 +12,7 @@ GRPCURL_VERSION=v1.9.3
 BUF_VERSION=1.75.0
 
 # the modules of tests/e2e that assert API behaviour; they run once per backend
-BEHAVIOUR_TESTS="publish:: subscribe:: groups:: filters:: request_reply:: replay:: admin::"
+BEHAVIOUR_TESTS="publish:: subscribe:: groups:: filters:: request_reply:: replay:: admin:: observability::"
 
 step() { printf '\n==> %s\n' "$*"; }
 fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
