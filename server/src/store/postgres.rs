@@ -109,9 +109,18 @@ impl PostgresStore {
             channel.clone(),
             committed_tx.clone(),
         ));
+        // the writer's own connections: a commit never queues behind readers for the shared pool, so
+        // waiting for a connection means the database is unreachable, not busy
+        let writer_pool = PgPoolOptions::new()
+            .max_connections(2)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?;
         let commits = commit::start(
             PostgresWriter {
-                pool: pool.clone(),
+                pool: writer_pool,
                 channel,
             },
             committed_tx,
@@ -156,6 +165,7 @@ async fn listen_for_commits(pool: PgPool, channel: String, committed: watch::Sen
 }
 
 struct PostgresWriter {
+    /// Dedicated to commits (and the probe while the database is away).
     pool: PgPool,
     channel: String,
 }
