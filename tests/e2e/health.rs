@@ -9,8 +9,8 @@ use nerve::{
     Backends,
     event::{Selection, StoredEvent},
     store::{
-        Appended, DeadLetter, EventStore, EventTypeStats, NewEvent, ReadPage, ReadQuery,
-        StoreError, StoreResult,
+        Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent,
+        Publisher, ReadPage, ReadQuery, StoreError, StoreResult,
     },
 };
 use tokio::sync::watch;
@@ -120,6 +120,30 @@ impl EventStore for FlakyStore {
     async fn clear_dead_letters(&self, tenant: &str, group: &str) -> StoreResult<u64> {
         self.check()?;
         self.inner.clear_dead_letters(tenant, group).await
+    }
+    async fn insert_publisher(&self, publisher: &Publisher) -> StoreResult<bool> {
+        self.check()?;
+        self.inner.insert_publisher(publisher).await
+    }
+    async fn update_publisher(&self, publisher: &Publisher) -> StoreResult<bool> {
+        self.check()?;
+        self.inner.update_publisher(publisher).await
+    }
+    async fn remove_publisher(&self, tenant: &str, principal: &str) -> StoreResult<bool> {
+        self.check()?;
+        self.inner.remove_publisher(tenant, principal).await
+    }
+    async fn publishers(&self) -> StoreResult<Vec<Publisher>> {
+        self.check()?;
+        self.inner.publishers().await
+    }
+    async fn append_audit(&self, records: &[AuditRecord]) -> StoreResult<()> {
+        self.check()?;
+        self.inner.append_audit(records).await
+    }
+    async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        self.check()?;
+        self.inner.audit(query).await
     }
     async fn ping(&self) -> StoreResult<()> {
         self.check()?;

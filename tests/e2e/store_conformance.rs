@@ -9,8 +9,8 @@ use crate::harness::fresh_schema_url;
 use nerve::{
     event::{Event, Priority, Selection, TypePattern},
     store::{
-        DeadLetter, EventStore, NewEvent, PostgresStore, ReadQuery, SqliteDb, SqliteStore,
-        StoreError,
+        AuditQuery, AuditRecord, DeadLetter, EventStore, NewEvent, PostgresStore, Publisher,
+        ReadQuery, SqliteDb, SqliteStore, StoreError,
     },
 };
 
@@ -375,6 +375,274 @@ async fn dead_letters_are_recorded_once_listed_and_removed(b: Backend) {
     );
 }
 
+fn publisher(tenant: &str, principal: &str, types: &[&str]) -> Publisher {
+    Publisher {
+        tenant: tenant.into(),
+        principal: principal.into(),
+        types: types.iter().map(|t| t.to_string()).collect(),
+        sources: vec!["//shop/*".into(), "//billing".into()],
+        description: format!("{principal} of {tenant}"),
+        updated_at: chrono::Utc::now(),
+    }
+}
+
+async fn publishers_are_registered_once_updated_and_removed(b: Backend) {
+    let s = &b.store;
+    let original = publisher("t", "svc-orders", &["shop.order.*", "shop.>"]);
+    assert!(s.insert_publisher(&original).await.expect("insert"));
+    let mut duplicate = publisher("t", "svc-orders", &["other.>"]);
+    duplicate.description = "second registration".into();
+    assert!(
+        !s.insert_publisher(&duplicate).await.expect("insert again"),
+        "(tenant, principal) is registered once"
+    );
+    assert_eq!(
+        s.publishers().await.expect("list"),
+        std::slice::from_ref(&original),
+        "a refused duplicate changes nothing"
+    );
+    let updated = Publisher {
+        types: vec!["shop.refund.created".into()],
+        sources: Vec::new(),
+        description: "refunds only".into(),
+        updated_at: original.updated_at + chrono::Duration::seconds(5),
+        ..original.clone()
+    };
+    assert!(s.update_publisher(&updated).await.expect("update"));
+    assert_eq!(s.publishers().await.expect("list"), [updated]);
+    assert!(s.remove_publisher("t", "svc-orders").await.expect("remove"));
+    assert!(
+        !s.remove_publisher("t", "svc-orders")
+            .await
+            .expect("remove again")
+    );
+    assert!(s.publishers().await.expect("list").is_empty());
+    assert!(
+        !s.update_publisher(&original).await.expect("update missing"),
+        "an update registers nothing"
+    );
+    assert!(s.publishers().await.expect("list").is_empty());
+}
+
+async fn publishers_of_tenants_are_kept_apart_and_listed_in_order(b: Backend) {
+    let s = &b.store;
+    // inserted out of order; byte order puts upper case first on every backend
+    for (tenant, principal) in [
+        ("u", "b"),
+        ("t", "b"),
+        ("u", "a"),
+        ("t", "a"),
+        ("t", "B"),
+        ("t", "a-2"),
+    ] {
+        assert!(
+            s.insert_publisher(&publisher(tenant, principal, &["x.>"]))
+                .await
+                .expect("insert")
+        );
+    }
+    let listed = |publishers: Vec<Publisher>| {
+        publishers
+            .into_iter()
+            .map(|p| (p.tenant, p.principal))
+            .collect::<Vec<_>>()
+    };
+    let pairs = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(t, p)| (t.to_string(), p.to_string()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(s.publishers().await.expect("list")),
+        pairs(&[
+            ("t", "B"),
+            ("t", "a"),
+            ("t", "a-2"),
+            ("t", "b"),
+            ("u", "a"),
+            ("u", "b")
+        ])
+    );
+    // the same principal in another tenant is another publisher
+    assert!(s.remove_publisher("u", "a").await.expect("remove"));
+    let mut changed = publisher("t", "b", &["y.*"]);
+    changed.description = "changed in t".into();
+    assert!(s.update_publisher(&changed).await.expect("update"));
+    let all = s.publishers().await.expect("list");
+    assert_eq!(
+        listed(all.clone()),
+        pairs(&[("t", "B"), ("t", "a"), ("t", "a-2"), ("t", "b"), ("u", "b")])
+    );
+    let description = |tenant: &str, principal: &str| {
+        all.iter()
+            .find(|p| p.tenant == tenant && p.principal == principal)
+            .map(|p| p.description.clone())
+    };
+    assert_eq!(description("t", "b").as_deref(), Some("changed in t"));
+    assert_eq!(description("u", "b").as_deref(), Some("b of u"));
+}
+
+fn audit_record(tenant: &str, principal: &str, outcome: &str, resource: &str) -> AuditRecord {
+    AuditRecord {
+        id: 0,
+        time: chrono::Utc::now(),
+        tenant: tenant.into(),
+        principal: principal.into(),
+        action: "publish".into(),
+        resource: resource.into(),
+        outcome: outcome.into(),
+        reason: format!("{outcome} for {principal}"),
+    }
+}
+
+async fn audit_records_are_read_by_tenant_in_id_order_with_filters_and_paging(b: Backend) {
+    let s = &b.store;
+    let records = [
+        audit_record("t", "alice", "denied", "r1"),
+        audit_record("u", "bob", "denied", "r2"),
+        audit_record("t", "bob", "allowed", "r3"),
+        audit_record("", "", "unauthenticated", "r4"),
+        audit_record("t", "alice", "allowed", "r5"),
+    ];
+    s.append_audit(&records[..3]).await.expect("append");
+    s.append_audit(&[]).await.expect("append nothing");
+    s.append_audit(&records[3..]).await.expect("append");
+    let read = |query: AuditQuery| async move { s.audit(&query).await.expect("audit") };
+    let of = |tenants: &[&str]| AuditQuery {
+        tenants: tenants.iter().map(|t| t.to_string()).collect(),
+        ..AuditQuery::default()
+    };
+    let resources = |records: &[AuditRecord]| {
+        records
+            .iter()
+            .map(|r| r.resource.clone())
+            .collect::<Vec<_>>()
+    };
+
+    let t = read(of(&["t"])).await;
+    assert_eq!(resources(&t), ["r1", "r3", "r5"], "only tenant t, in order");
+    assert!(
+        t.windows(2).all(|w| w[0].id < w[1].id),
+        "ids increase: {t:?}"
+    );
+    assert!(t[0].id > 0);
+    // everything else is stored as given
+    for (read, given) in t.iter().zip([&records[0], &records[2], &records[4]]) {
+        assert_eq!(
+            read,
+            &AuditRecord {
+                id: read.id,
+                ..given.clone()
+            }
+        );
+    }
+    assert_eq!(resources(&read(of(&["u"])).await), ["r2"]);
+    assert_eq!(
+        resources(&read(of(&[""])).await),
+        ["r4"],
+        "unauthenticated callers have the empty tenant"
+    );
+    let both = read(of(&["t", "u"])).await;
+    assert_eq!(resources(&both), ["r1", "r2", "r3", "r5"]);
+    assert!(
+        both.windows(2).all(|w| w[0].id < w[1].id),
+        "ids follow append order across tenants"
+    );
+    assert!(read(of(&[])).await.is_empty(), "no tenants, no records");
+    assert!(read(of(&["nobody"])).await.is_empty());
+
+    // paging by id
+    let page = read(AuditQuery {
+        limit: 2,
+        ..of(&["t"])
+    })
+    .await;
+    assert_eq!(resources(&page), ["r1", "r3"]);
+    let next = read(AuditQuery {
+        after_id: page[1].id,
+        limit: 2,
+        ..of(&["t"])
+    })
+    .await;
+    assert_eq!(resources(&next), ["r5"]);
+    assert!(
+        read(AuditQuery {
+            after_id: next[0].id,
+            ..of(&["t"])
+        })
+        .await
+        .is_empty()
+    );
+
+    // filters
+    assert_eq!(
+        resources(
+            &read(AuditQuery {
+                principal: Some("alice".into()),
+                ..of(&["t", "u"])
+            })
+            .await
+        ),
+        ["r1", "r5"]
+    );
+    assert_eq!(
+        resources(
+            &read(AuditQuery {
+                outcome: Some("denied".into()),
+                ..of(&["t", "u"])
+            })
+            .await
+        ),
+        ["r1", "r2"]
+    );
+    assert_eq!(
+        resources(
+            &read(AuditQuery {
+                principal: Some("bob".into()),
+                outcome: Some("denied".into()),
+                ..of(&["t", "u"])
+            })
+            .await
+        ),
+        ["r2"]
+    );
+    assert_eq!(
+        resources(
+            &read(AuditQuery {
+                principal: Some("alice".into()),
+                after_id: t[0].id,
+                ..of(&["t"])
+            })
+            .await
+        ),
+        ["r5"]
+    );
+
+    // limit 0 reads up to 100
+    let many: Vec<AuditRecord> = (0..150)
+        .map(|i| audit_record("v", "carol", "denied", &format!("m{i}")))
+        .collect();
+    s.append_audit(&many).await.expect("append many");
+    let first = read(of(&["v"])).await;
+    assert_eq!(first.len(), 100);
+    assert_eq!(
+        resources(&first),
+        (0..100).map(|i| format!("m{i}")).collect::<Vec<_>>(),
+        "ids follow the order of the slice"
+    );
+    let rest = read(AuditQuery {
+        after_id: first[99].id,
+        limit: 1000,
+        ..of(&["v"])
+    })
+    .await;
+    assert_eq!(
+        resources(&rest),
+        (100..150).map(|i| format!("m{i}")).collect::<Vec<_>>()
+    );
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -392,6 +660,9 @@ conformance!(
     concurrent_publishers_get_gapless_sequences_a_follower_sees_in_order,
     reads_filter_by_type_source_subject_correlation_priority_and_range,
     dead_letters_are_recorded_once_listed_and_removed,
+    publishers_are_registered_once_updated_and_removed,
+    publishers_of_tenants_are_kept_apart_and_listed_in_order,
+    audit_records_are_read_by_tenant_in_id_order_with_filters_and_paging,
 );
 
 /// Two replicas commit into one database while a follower on the first tails the log: it learns of the

@@ -1,4 +1,5 @@
-//! The event store: the durable, totally ordered log every event is committed to, plus dead letters.
+//! The event store: the durable, totally ordered log every event is committed to, plus dead letters,
+//! registered publishers and the audit log.
 //!
 //! One trait, two implementations: SQLite (embedded default) and Postgres (production).
 
@@ -100,6 +101,62 @@ pub struct DeadLetter {
     pub dead_lettered_at: DateTime<Utc>,
 }
 
+/// A publisher registered through the Admin API: the event types and sources it may publish in its tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publisher {
+    pub tenant: String,
+    /// The principal (certificate identity or token subject).
+    pub principal: String,
+    /// Event type patterns (`*`, `>`), as text.
+    pub types: Vec<String>,
+    /// Source patterns (`*` matches any run of characters), as text.
+    pub sources: Vec<String>,
+    pub description: String,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One audit record: a denied call or an admin action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Assigned by the store, increasing; 0 when appending.
+    pub id: u64,
+    pub time: DateTime<Utc>,
+    /// Tenant of the principal; empty for callers that did not authenticate.
+    pub tenant: String,
+    pub principal: String,
+    /// e.g. "publish", "subscribe", "admin.delete_group".
+    pub action: String,
+    /// e.g. the event type or group name.
+    pub resource: String,
+    /// "allowed", "denied" or "unauthenticated".
+    pub outcome: String,
+    pub reason: String,
+}
+
+/// Which audit records to read.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Records of these tenants only.
+    pub tenants: Vec<String>,
+    /// Records with a higher id only.
+    pub after_id: u64,
+    pub principal: Option<String>,
+    pub outcome: Option<String>,
+    pub limit: usize,
+}
+
+/// Most audit records one read returns.
+const MAX_AUDIT_LIMIT: usize = 10_000;
+
+/// The number of audit records to read: 0 means 100; capped at [`MAX_AUDIT_LIMIT`].
+fn audit_limit(limit: usize) -> i64 {
+    (if limit == 0 {
+        100
+    } else {
+        limit.min(MAX_AUDIT_LIMIT)
+    }) as i64
+}
+
 /// The durable event log.
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
@@ -165,6 +222,19 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Removes all dead letters of a group.
     async fn clear_dead_letters(&self, tenant: &str, group: &str) -> StoreResult<u64>;
+
+    /// Registers a publisher; false when (tenant, principal) is already registered.
+    async fn insert_publisher(&self, publisher: &Publisher) -> StoreResult<bool>;
+    /// Replaces a registered publisher's types, sources and description; false when it is not registered.
+    async fn update_publisher(&self, publisher: &Publisher) -> StoreResult<bool>;
+    /// Removes a publisher; false when it was not registered.
+    async fn remove_publisher(&self, tenant: &str, principal: &str) -> StoreResult<bool>;
+    /// Lists the publishers of every tenant, ordered by tenant then principal.
+    async fn publishers(&self) -> StoreResult<Vec<Publisher>>;
+    /// Appends audit records in the given order; ids are assigned in that order.
+    async fn append_audit(&self, records: &[AuditRecord]) -> StoreResult<()>;
+    /// Reads matching audit records with id > after_id, oldest first, at most limit (limit 0 = 100).
+    async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
 
     /// Answers when the database is reachable.
     async fn ping(&self) -> StoreResult<()>;

@@ -13,10 +13,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
 use super::{
-    Appended, DeadLetter, EventStore, EventTypeStats, NewEvent, ReadPage, ReadQuery, StoreError,
-    StoreResult,
+    Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
+    ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
     commit::{self, BatchWriter, CommitRequest},
-    sqlite::{from_ns, map_err},
+    sqlite::{from_ns, map_err, to_ns},
 };
 use crate::event::{Event, Priority, Selection, StoredEvent};
 
@@ -43,6 +43,30 @@ fn decode(row: &PgRow) -> StoreResult<StoredEvent> {
         sequence: row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
         recorded_at: from_ns(row.try_get("recorded_ns").map_err(map_err)?),
         event,
+    })
+}
+
+fn decode_publisher(row: &PgRow) -> StoreResult<Publisher> {
+    Ok(Publisher {
+        tenant: row.try_get("tenant").map_err(map_err)?,
+        principal: row.try_get("principal").map_err(map_err)?,
+        types: row.try_get("types").map_err(map_err)?,
+        sources: row.try_get("sources").map_err(map_err)?,
+        description: row.try_get("description").map_err(map_err)?,
+        updated_at: from_ns(row.try_get("updated_ns").map_err(map_err)?),
+    })
+}
+
+fn decode_audit(row: &PgRow) -> StoreResult<AuditRecord> {
+    Ok(AuditRecord {
+        id: row.try_get::<i64, _>("id").map_err(map_err)? as u64,
+        time: from_ns(row.try_get("time_ns").map_err(map_err)?),
+        tenant: row.try_get("tenant").map_err(map_err)?,
+        principal: row.try_get("principal").map_err(map_err)?,
+        action: row.try_get("action").map_err(map_err)?,
+        resource: row.try_get("resource").map_err(map_err)?,
+        outcome: row.try_get("outcome").map_err(map_err)?,
+        reason: row.try_get("reason").map_err(map_err)?,
     })
 }
 
@@ -695,6 +719,108 @@ impl EventStore for PostgresStore {
             .await
             .map_err(map_err)?;
         Ok(done.rows_affected())
+    }
+
+    async fn insert_publisher(&self, p: &Publisher) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO publishers (tenant, principal, types, sources, description, updated_ns) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (tenant, principal) DO NOTHING",
+        )
+        .bind(&p.tenant)
+        .bind(&p.principal)
+        .bind(&p.types)
+        .bind(&p.sources)
+        .bind(&p.description)
+        .bind(to_ns(p.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn update_publisher(&self, p: &Publisher) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE publishers SET types = $3, sources = $4, description = $5, updated_ns = $6 WHERE tenant = $1 AND principal = $2",
+        )
+        .bind(&p.tenant)
+        .bind(&p.principal)
+        .bind(&p.types)
+        .bind(&p.sources)
+        .bind(&p.description)
+        .bind(to_ns(p.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn remove_publisher(&self, tenant: &str, principal: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM publishers WHERE tenant = $1 AND principal = $2")
+            .bind(tenant)
+            .bind(principal)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn publishers(&self) -> StoreResult<Vec<Publisher>> {
+        let rows = sqlx::query("SELECT * FROM publishers ORDER BY tenant, principal")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(decode_publisher).collect()
+    }
+
+    async fn append_audit(&self, records: &[AuditRecord]) -> StoreResult<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let times: Vec<i64> = records.iter().map(|r| to_ns(r.time)).collect();
+        let column = |f: fn(&AuditRecord) -> &str| records.iter().map(f).collect::<Vec<&str>>();
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        // self-exclusive, so appends commit in id order and a reader paging by id never skips one
+        // committed late; readers are not blocked
+        sqlx::query("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO audit_log (time_ns, tenant, principal, action, resource, outcome, reason) \
+             SELECT ti, te, pr, ac, re, ou, rs FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
+             $6::TEXT[], $7::TEXT[]) WITH ORDINALITY AS x(ti, te, pr, ac, re, ou, rs, n) ORDER BY n",
+        )
+        .bind(&times)
+        .bind(column(|r| &r.tenant))
+        .bind(column(|r| &r.principal))
+        .bind(column(|r| &r.action))
+        .bind(column(|r| &r.resource))
+        .bind(column(|r| &r.outcome))
+        .bind(column(|r| &r.reason))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        if query.tenants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT * FROM audit_log WHERE tenant = ANY($1) AND id > $2 \
+             AND ($3::TEXT IS NULL OR principal = $3) AND ($4::TEXT IS NULL OR outcome = $4) ORDER BY id LIMIT $5",
+        )
+        .bind(&query.tenants)
+        .bind(seq_i64(query.after_id))
+        .bind(query.principal.as_deref())
+        .bind(query.outcome.as_deref())
+        .bind(audit_limit(query.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(decode_audit).collect()
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -13,8 +13,8 @@ use sqlx::{
 use tokio::sync::{Mutex, mpsc, watch};
 
 use super::{
-    Appended, DeadLetter, EventStore, EventTypeStats, NewEvent, ReadPage, ReadQuery, StoreError,
-    StoreResult,
+    Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
+    ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
     commit::{self, BatchWriter, CommitRequest},
 };
 use crate::event::{Event, Priority, Selection, StoredEvent};
@@ -96,6 +96,42 @@ fn decode(row: &sqlx::sqlite::SqliteRow) -> StoreResult<StoredEvent> {
         sequence: row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
         recorded_at: from_ns(row.try_get("recorded_ns").map_err(map_err)?),
         event,
+    })
+}
+
+/// Encodes a list of patterns as a JSON array.
+fn encode_patterns(patterns: &[String]) -> StoreResult<String> {
+    serde_json::to_string(patterns)
+        .map_err(|e| StoreError::Internal(format!("encoding patterns: {e}")))
+}
+
+fn decode_publisher(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Publisher> {
+    let patterns = |column: &str| -> StoreResult<Vec<String>> {
+        let text: String = row.try_get(column).map_err(map_err)?;
+        serde_json::from_str(&text).map_err(|e| {
+            StoreError::Internal(format!("undecodable stored publisher {column}: {e}"))
+        })
+    };
+    Ok(Publisher {
+        tenant: row.try_get("tenant").map_err(map_err)?,
+        principal: row.try_get("principal").map_err(map_err)?,
+        types: patterns("types")?,
+        sources: patterns("sources")?,
+        description: row.try_get("description").map_err(map_err)?,
+        updated_at: from_ns(row.try_get("updated_ns").map_err(map_err)?),
+    })
+}
+
+fn decode_audit(row: &sqlx::sqlite::SqliteRow) -> StoreResult<AuditRecord> {
+    Ok(AuditRecord {
+        id: row.try_get::<i64, _>("id").map_err(map_err)? as u64,
+        time: from_ns(row.try_get("time_ns").map_err(map_err)?),
+        tenant: row.try_get("tenant").map_err(map_err)?,
+        principal: row.try_get("principal").map_err(map_err)?,
+        action: row.try_get("action").map_err(map_err)?,
+        resource: row.try_get("resource").map_err(map_err)?,
+        outcome: row.try_get("outcome").map_err(map_err)?,
+        reason: row.try_get("reason").map_err(map_err)?,
     })
 }
 
@@ -537,6 +573,113 @@ impl EventStore for SqliteStore {
             .await
             .map_err(map_err)?;
         Ok(done.rows_affected())
+    }
+
+    async fn insert_publisher(&self, p: &Publisher) -> StoreResult<bool> {
+        let (types, sources) = (encode_patterns(&p.types)?, encode_patterns(&p.sources)?);
+        let mut conn = self.db.writer.lock().await;
+        let done = sqlx::query(
+            "INSERT INTO publishers (tenant, principal, types, sources, description, updated_ns) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant, principal) DO NOTHING",
+        )
+        .bind(&p.tenant)
+        .bind(&p.principal)
+        .bind(types)
+        .bind(sources)
+        .bind(&p.description)
+        .bind(to_ns(p.updated_at))
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn update_publisher(&self, p: &Publisher) -> StoreResult<bool> {
+        let (types, sources) = (encode_patterns(&p.types)?, encode_patterns(&p.sources)?);
+        let mut conn = self.db.writer.lock().await;
+        let done = sqlx::query(
+            "UPDATE publishers SET types = ?, sources = ?, description = ?, updated_ns = ? WHERE tenant = ? AND principal = ?",
+        )
+        .bind(types)
+        .bind(sources)
+        .bind(&p.description)
+        .bind(to_ns(p.updated_at))
+        .bind(&p.tenant)
+        .bind(&p.principal)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn remove_publisher(&self, tenant: &str, principal: &str) -> StoreResult<bool> {
+        let mut conn = self.db.writer.lock().await;
+        let done = sqlx::query("DELETE FROM publishers WHERE tenant = ? AND principal = ?")
+            .bind(tenant)
+            .bind(principal)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn publishers(&self) -> StoreResult<Vec<Publisher>> {
+        let rows = sqlx::query("SELECT * FROM publishers ORDER BY tenant, principal")
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(decode_publisher).collect()
+    }
+
+    async fn append_audit(&self, records: &[AuditRecord]) -> StoreResult<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.db.writer.lock().await;
+        let mut tx = conn.begin().await.map_err(map_err)?;
+        for r in records {
+            sqlx::query(
+                "INSERT INTO audit_log (time_ns, tenant, principal, action, resource, outcome, reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(to_ns(r.time))
+            .bind(&r.tenant)
+            .bind(&r.principal)
+            .bind(&r.action)
+            .bind(&r.resource)
+            .bind(&r.outcome)
+            .bind(&r.reason)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        if query.tenants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = QueryBuilder::<Sqlite>::new("SELECT * FROM audit_log WHERE tenant IN (");
+        let mut list = sql.separated(", ");
+        for tenant in &query.tenants {
+            list.push_bind(tenant);
+        }
+        sql.push(") AND id > ").push_bind(seq_i64(query.after_id));
+        if let Some(principal) = &query.principal {
+            sql.push(" AND principal = ").push_bind(principal);
+        }
+        if let Some(outcome) = &query.outcome {
+            sql.push(" AND outcome = ").push_bind(outcome);
+        }
+        sql.push(" ORDER BY id LIMIT ")
+            .push_bind(audit_limit(query.limit));
+        let rows = sql
+            .build()
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(decode_audit).collect()
     }
 
     async fn ping(&self) -> StoreResult<()> {
