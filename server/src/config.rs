@@ -79,6 +79,13 @@ pub struct Config {
     pub health_check_interval: Duration,
     pub limits: Limits,
     pub bus: BusSettings,
+    /// Allow listening on a non-loopback address without authentication (logged as a warning).
+    pub insecure: bool,
+    /// Plaintext listener serving only grpc.health.v1 (for kubelet probes when gRPC uses TLS); "" = off.
+    pub health_listen: String,
+    pub tls: crate::auth::TlsConfig,
+    pub auth: crate::auth::AuthConfig,
+    pub connections: crate::auth::ConnectionsConfig,
 }
 
 impl Default for Config {
@@ -97,6 +104,11 @@ impl Default for Config {
             health_check_interval: Duration::from_secs(2),
             limits: Limits::default(),
             bus: BusSettings::default(),
+            insecure: false,
+            health_listen: String::new(),
+            tls: crate::auth::TlsConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
+            connections: crate::auth::ConnectionsConfig::default(),
         }
     }
 }
@@ -126,6 +138,9 @@ pub struct Args {
     /// Log filter.
     #[arg(long, env = "NERVE_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Allow a non-loopback listen address without authentication.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 const FLAG_VARS: [&str; 7] = [
@@ -166,7 +181,17 @@ pub fn parse_args() -> Args {
     Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
-fn env_value(raw: &str) -> toml::Value {
+fn env_value(raw: &str, default: Option<&toml::Value>) -> toml::Value {
+    // lists (key files, algorithms) are comma-separated
+    if let Some(toml::Value::Array(_)) = default {
+        return toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        );
+    }
     // numbers and booleans as such, everything else (durations, paths) as strings
     if let Ok(i) = raw.parse::<i64>() {
         return toml::Value::Integer(i);
@@ -213,7 +238,8 @@ pub fn load(
             ));
             continue;
         }
-        set_path(&mut table, &path, env_value(&raw));
+        let value = env_value(&raw, get_path(&defaults, &path));
+        set_path(&mut table, &path, value);
     }
     let mut config =
         Config::deserialize(table).map_err(|e| Error::Config(format!("from environment: {e}")))?;
@@ -235,6 +261,9 @@ pub fn load(
     if let Some(level) = &args.log_level {
         config.log_level = level.clone();
     }
+    if args.insecure {
+        config.insecure = true;
+    }
     Ok((config, warnings))
 }
 
@@ -246,6 +275,14 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
                 base.insert(key, value);
             }
         }
+    }
+}
+
+fn get_path<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
+    match path {
+        [] => None,
+        [last] => table.get(last),
+        [first, rest @ ..] => get_path(table.get(first)?.as_table()?, rest),
     }
 }
 

@@ -2,6 +2,7 @@
 //! request/reply with correlation ids, and replay history, on a durable event store.
 
 pub mod api;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod error;
@@ -10,6 +11,9 @@ pub mod metrics;
 pub mod store;
 pub mod stream;
 pub mod telemetry;
+
+#[cfg(test)]
+mod proptests;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -84,6 +88,7 @@ pub async fn open_backends(config: &Config) -> Result<Backends> {
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    health_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<()>>,
@@ -93,6 +98,11 @@ impl Server {
     /// Returns the address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Returns the address of the plaintext health listener, when configured.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_addr
     }
 
     /// Returns the address of the /metrics listener, when metrics are on.
@@ -115,6 +125,48 @@ impl Server {
 
 /// Binds the listen address and starts serving on the given backends.
 pub async fn start(config: Config, backends: Backends) -> Result<Server> {
+    let authenticated = auth::Auth::configured(&config.tls, &config.auth);
+    if !authenticated && !config.listen.ip().is_loopback() {
+        if !config.insecure {
+            return Err(Error::Config(format!(
+                "refusing to listen on {} without authentication: configure tls.client_ca_file or \
+                 auth.jwt keys, or pass --insecure (NERVE_INSECURE=true) to accept anyone who can connect",
+                config.listen
+            )));
+        }
+        tracing::warn!(listen = %config.listen, "listening without authentication (--insecure): anyone who can connect may publish, read and administer");
+    }
+    let tls = if config.tls.enabled() {
+        Some(Arc::new(
+            auth::Tls::new(&config.tls, config.auth.reload_check_interval)
+                .map_err(Error::Config)?,
+        ))
+    } else if !config.tls.client_ca_file.is_empty() || !config.tls.key_file.is_empty() {
+        return Err(Error::Config(
+            "tls.cert_file is required with tls.key_file or tls.client_ca_file".into(),
+        ));
+    } else {
+        None
+    };
+    let health_listener = if config.health_listen.is_empty() {
+        None
+    } else {
+        Some(
+            TcpListener::bind(&config.health_listen)
+                .await
+                .map_err(|source| Error::Io {
+                    context: format!("binding the health listener {}", config.health_listen),
+                    source,
+                })?,
+        )
+    };
+    let health_addr = match &health_listener {
+        Some(l) => Some(l.local_addr().map_err(|source| Error::Io {
+            context: "reading the health address".into(),
+            source,
+        })?),
+        None => None,
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| Error::Io {
@@ -144,6 +196,15 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
         info!(addr = %metrics_addr, "metrics listening on /metrics");
         Some(metrics_addr)
     };
+    let auth = auth::Auth::start(
+        &config.tls,
+        &config.auth,
+        &config.connections,
+        backends.store.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(Error::Config)?;
     let bus = Bus::start(
         backends.store,
         backends.streams,
@@ -155,12 +216,21 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
     let message_limit = config.limits.max_batch_bytes + (1 << 20);
     let task = tokio::spawn(api::serve(
         bus.clone(),
+        auth,
         listener,
-        message_limit,
-        config.health_check_interval,
+        api::ServeSettings {
+            message_limit,
+            health_interval: config.health_check_interval,
+            connections: config.connections.clone(),
+            tls: tls.clone(),
+            health_listener,
+        },
         shutdown.clone(),
     ));
-    info!(%addr, "nerve listening");
+    info!(%addr, tls = tls.is_some(), "nerve listening");
+    if let Some(health_addr) = health_addr {
+        info!(addr = %health_addr, "health (plaintext, grpc.health.v1 only) listening");
+    }
     if metrics_addr.is_some() {
         tokio::spawn(bus::sample_groups(
             bus.clone(),
@@ -170,6 +240,7 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
     }
     Ok(Server {
         addr,
+        health_addr,
         metrics_addr,
         shutdown,
         task,

@@ -100,12 +100,25 @@ impl TestServer {
     /// Starts a server on given backends (for fault injection).
     pub async fn start_on(config: Config, backends: Backends, dir: tempfile::TempDir) -> Self {
         let server = nerve::start(config, backends).await.expect("server starts");
-        let channel = connect(server.local_addr()).await;
+        // lazy: a TLS server refuses a plaintext connection, and its tests make their own channels
+        let channel = Channel::from_shared(format!("http://{}", server.local_addr()))
+            .expect("uri")
+            .connect_lazy();
         TestServer {
             channel,
             _server: server,
             _dir: dir,
         }
+    }
+
+    /// The gRPC address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self._server.local_addr()
+    }
+
+    /// The plaintext health listener's address, when configured.
+    pub fn health_addr(&self) -> Option<std::net::SocketAddr> {
+        self._server.health_addr()
     }
 
     pub fn bus(&self) -> EventBusClient<Channel> {
@@ -243,13 +256,29 @@ impl Subscriber {
         bus: &mut EventBusClient<Channel>,
         open: pb::SubscriptionOpen,
     ) -> Result<Self, Status> {
+        Self::open_as(bus, open, None).await
+    }
+
+    /// Opens a subscription with a bearer token, when given.
+    pub async fn open_as(
+        bus: &mut EventBusClient<Channel>,
+        open: pb::SubscriptionOpen,
+        token: Option<&str>,
+    ) -> Result<Self, Status> {
         let (tx, rx) = mpsc::channel(64);
         tx.send(pb::SubscribeRequest {
             action: Some(pb::subscribe_request::Action::Open(open)),
         })
         .await
         .expect("queue open");
-        let mut inbound = bus.subscribe(ReceiverStream::new(rx)).await?.into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(token) = token {
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("ascii token"),
+            );
+        }
+        let mut inbound = bus.subscribe(request).await?.into_inner();
         let first = tokio::time::timeout(WAIT, inbound.message())
             .await
             .expect("subscribed in time")?;

@@ -13,5 +13,6 @@ mod publish;
 mod readme;
 mod replay;
 mod request_reply;
+mod security;
 mod store_conformance;
 mod subscribe;

@@ -849,6 +849,664 @@ func (x *EventTypeInfo) GetLastTime() *timestamppb.Timestamp {
 	return nil
 }
 
+// Publisher is a registered publisher: the event types a principal may publish in the tenant, and the
+// sources it may publish them with.
+type Publisher struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Certificate identity (URI or DNS SAN) or token subject of the publishing service.
+	Principal string `protobuf:"bytes,1,opt,name=principal,proto3" json:"principal,omitempty"`
+	// Event type patterns (`*` one segment, `>` the rest).
+	Types []string `protobuf:"bytes,2,rep,name=types,proto3" json:"types,omitempty"`
+	// Source patterns (`*` any run of characters); events must carry a matching source.
+	Sources     []string `protobuf:"bytes,3,rep,name=sources,proto3" json:"sources,omitempty"`
+	Description string   `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
+	// Set by the server.
+	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Publisher) Reset() {
+	*x = Publisher{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Publisher) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Publisher) ProtoMessage() {}
+
+func (x *Publisher) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Publisher.ProtoReflect.Descriptor instead.
+func (*Publisher) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *Publisher) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+func (x *Publisher) GetTypes() []string {
+	if x != nil {
+		return x.Types
+	}
+	return nil
+}
+
+func (x *Publisher) GetSources() []string {
+	if x != nil {
+		return x.Sources
+	}
+	return nil
+}
+
+func (x *Publisher) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *Publisher) GetUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdateTime
+	}
+	return nil
+}
+
+// RegisterPublisherRequest carries the new registration.
+type RegisterPublisherRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Publisher     *Publisher             `protobuf:"bytes,1,opt,name=publisher,proto3" json:"publisher,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterPublisherRequest) Reset() {
+	*x = RegisterPublisherRequest{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterPublisherRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterPublisherRequest) ProtoMessage() {}
+
+func (x *RegisterPublisherRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterPublisherRequest.ProtoReflect.Descriptor instead.
+func (*RegisterPublisherRequest) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *RegisterPublisherRequest) GetPublisher() *Publisher {
+	if x != nil {
+		return x.Publisher
+	}
+	return nil
+}
+
+// RegisterPublisherResponse carries the stored registration.
+type RegisterPublisherResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Publisher     *Publisher             `protobuf:"bytes,1,opt,name=publisher,proto3" json:"publisher,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterPublisherResponse) Reset() {
+	*x = RegisterPublisherResponse{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterPublisherResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterPublisherResponse) ProtoMessage() {}
+
+func (x *RegisterPublisherResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterPublisherResponse.ProtoReflect.Descriptor instead.
+func (*RegisterPublisherResponse) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *RegisterPublisherResponse) GetPublisher() *Publisher {
+	if x != nil {
+		return x.Publisher
+	}
+	return nil
+}
+
+// UpdatePublisherRequest carries the replacement registration.
+type UpdatePublisherRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Publisher     *Publisher             `protobuf:"bytes,1,opt,name=publisher,proto3" json:"publisher,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdatePublisherRequest) Reset() {
+	*x = UpdatePublisherRequest{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdatePublisherRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdatePublisherRequest) ProtoMessage() {}
+
+func (x *UpdatePublisherRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdatePublisherRequest.ProtoReflect.Descriptor instead.
+func (*UpdatePublisherRequest) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *UpdatePublisherRequest) GetPublisher() *Publisher {
+	if x != nil {
+		return x.Publisher
+	}
+	return nil
+}
+
+// UpdatePublisherResponse carries the stored registration.
+type UpdatePublisherResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Publisher     *Publisher             `protobuf:"bytes,1,opt,name=publisher,proto3" json:"publisher,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdatePublisherResponse) Reset() {
+	*x = UpdatePublisherResponse{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdatePublisherResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdatePublisherResponse) ProtoMessage() {}
+
+func (x *UpdatePublisherResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdatePublisherResponse.ProtoReflect.Descriptor instead.
+func (*UpdatePublisherResponse) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *UpdatePublisherResponse) GetPublisher() *Publisher {
+	if x != nil {
+		return x.Publisher
+	}
+	return nil
+}
+
+// ListPublishersRequest lists the caller's tenant's publishers.
+type ListPublishersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPublishersRequest) Reset() {
+	*x = ListPublishersRequest{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPublishersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPublishersRequest) ProtoMessage() {}
+
+func (x *ListPublishersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPublishersRequest.ProtoReflect.Descriptor instead.
+func (*ListPublishersRequest) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{20}
+}
+
+// ListPublishersResponse carries the publishers, by principal.
+type ListPublishersResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Publishers    []*Publisher           `protobuf:"bytes,1,rep,name=publishers,proto3" json:"publishers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPublishersResponse) Reset() {
+	*x = ListPublishersResponse{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPublishersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPublishersResponse) ProtoMessage() {}
+
+func (x *ListPublishersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPublishersResponse.ProtoReflect.Descriptor instead.
+func (*ListPublishersResponse) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ListPublishersResponse) GetPublishers() []*Publisher {
+	if x != nil {
+		return x.Publishers
+	}
+	return nil
+}
+
+// RemovePublisherRequest names the principal.
+type RemovePublisherRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Principal     string                 `protobuf:"bytes,1,opt,name=principal,proto3" json:"principal,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemovePublisherRequest) Reset() {
+	*x = RemovePublisherRequest{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemovePublisherRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemovePublisherRequest) ProtoMessage() {}
+
+func (x *RemovePublisherRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemovePublisherRequest.ProtoReflect.Descriptor instead.
+func (*RemovePublisherRequest) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *RemovePublisherRequest) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+// RemovePublisherResponse tells whether a registration was removed.
+type RemovePublisherResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Removed       bool                   `protobuf:"varint,1,opt,name=removed,proto3" json:"removed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemovePublisherResponse) Reset() {
+	*x = RemovePublisherResponse{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemovePublisherResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemovePublisherResponse) ProtoMessage() {}
+
+func (x *RemovePublisherResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemovePublisherResponse.ProtoReflect.Descriptor instead.
+func (*RemovePublisherResponse) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *RemovePublisherResponse) GetRemoved() bool {
+	if x != nil {
+		return x.Removed
+	}
+	return false
+}
+
+// ListAuditRecordsRequest pages through the audit log.
+type ListAuditRecordsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only records of this principal.
+	Principal string `protobuf:"bytes,1,opt,name=principal,proto3" json:"principal,omitempty"`
+	// Only records with this outcome: "allowed", "denied" or "unauthenticated".
+	Outcome string `protobuf:"bytes,2,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	// At most 1000; 0 means 100.
+	PageSize uint32 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// From a previous response's next_page_token.
+	PageToken     string `protobuf:"bytes,4,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAuditRecordsRequest) Reset() {
+	*x = ListAuditRecordsRequest{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAuditRecordsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAuditRecordsRequest) ProtoMessage() {}
+
+func (x *ListAuditRecordsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAuditRecordsRequest.ProtoReflect.Descriptor instead.
+func (*ListAuditRecordsRequest) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ListAuditRecordsRequest) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+func (x *ListAuditRecordsRequest) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *ListAuditRecordsRequest) GetPageSize() uint32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListAuditRecordsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListAuditRecordsResponse carries one page.
+type ListAuditRecordsResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Records []*AuditRecord         `protobuf:"bytes,1,rep,name=records,proto3" json:"records,omitempty"`
+	// Empty when this was the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAuditRecordsResponse) Reset() {
+	*x = ListAuditRecordsResponse{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAuditRecordsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAuditRecordsResponse) ProtoMessage() {}
+
+func (x *ListAuditRecordsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAuditRecordsResponse.ProtoReflect.Descriptor instead.
+func (*ListAuditRecordsResponse) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ListAuditRecordsResponse) GetRecords() []*AuditRecord {
+	if x != nil {
+		return x.Records
+	}
+	return nil
+}
+
+func (x *ListAuditRecordsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// AuditRecord is a denied call or an admin action.
+type AuditRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Time  *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	// Empty for callers that did not authenticate.
+	Principal string `protobuf:"bytes,3,opt,name=principal,proto3" json:"principal,omitempty"`
+	// e.g. "publish", "subscribe", "admin.delete_group", "call".
+	Action string `protobuf:"bytes,4,opt,name=action,proto3" json:"action,omitempty"`
+	// The event type, group, or method the action was on.
+	Resource string `protobuf:"bytes,5,opt,name=resource,proto3" json:"resource,omitempty"`
+	// "allowed", "denied" or "unauthenticated".
+	Outcome       string `protobuf:"bytes,6,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	Reason        string `protobuf:"bytes,7,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditRecord) Reset() {
+	*x = AuditRecord{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditRecord) ProtoMessage() {}
+
+func (x *AuditRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
+func (*AuditRecord) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *AuditRecord) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *AuditRecord) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *AuditRecord) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetResource() string {
+	if x != nil {
+		return x.Resource
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 var File_nerve_v1_admin_proto protoreflect.FileDescriptor
 
 const file_nerve_v1_admin_proto_rawDesc = "" +
@@ -903,7 +1561,48 @@ const file_nerve_v1_admin_proto_rawDesc = "" +
 	"\x05count\x18\x02 \x01(\x04R\x05count\x12%\n" +
 	"\x0efirst_sequence\x18\x03 \x01(\x04R\rfirstSequence\x12#\n" +
 	"\rlast_sequence\x18\x04 \x01(\x04R\flastSequence\x127\n" +
-	"\tlast_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\blastTime2\xed\x03\n" +
+	"\tlast_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\blastTime\"\xb8\x01\n" +
+	"\tPublisher\x12\x1c\n" +
+	"\tprincipal\x18\x01 \x01(\tR\tprincipal\x12\x14\n" +
+	"\x05types\x18\x02 \x03(\tR\x05types\x12\x18\n" +
+	"\asources\x18\x03 \x03(\tR\asources\x12 \n" +
+	"\vdescription\x18\x04 \x01(\tR\vdescription\x12;\n" +
+	"\vupdate_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"updateTime\"M\n" +
+	"\x18RegisterPublisherRequest\x121\n" +
+	"\tpublisher\x18\x01 \x01(\v2\x13.nerve.v1.PublisherR\tpublisher\"N\n" +
+	"\x19RegisterPublisherResponse\x121\n" +
+	"\tpublisher\x18\x01 \x01(\v2\x13.nerve.v1.PublisherR\tpublisher\"K\n" +
+	"\x16UpdatePublisherRequest\x121\n" +
+	"\tpublisher\x18\x01 \x01(\v2\x13.nerve.v1.PublisherR\tpublisher\"L\n" +
+	"\x17UpdatePublisherResponse\x121\n" +
+	"\tpublisher\x18\x01 \x01(\v2\x13.nerve.v1.PublisherR\tpublisher\"\x17\n" +
+	"\x15ListPublishersRequest\"M\n" +
+	"\x16ListPublishersResponse\x123\n" +
+	"\n" +
+	"publishers\x18\x01 \x03(\v2\x13.nerve.v1.PublisherR\n" +
+	"publishers\"6\n" +
+	"\x16RemovePublisherRequest\x12\x1c\n" +
+	"\tprincipal\x18\x01 \x01(\tR\tprincipal\"3\n" +
+	"\x17RemovePublisherResponse\x12\x18\n" +
+	"\aremoved\x18\x01 \x01(\bR\aremoved\"\x8d\x01\n" +
+	"\x17ListAuditRecordsRequest\x12\x1c\n" +
+	"\tprincipal\x18\x01 \x01(\tR\tprincipal\x12\x18\n" +
+	"\aoutcome\x18\x02 \x01(\tR\aoutcome\x12\x1b\n" +
+	"\tpage_size\x18\x03 \x01(\rR\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x04 \x01(\tR\tpageToken\"s\n" +
+	"\x18ListAuditRecordsResponse\x12/\n" +
+	"\arecords\x18\x01 \x03(\v2\x15.nerve.v1.AuditRecordR\arecords\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xd1\x01\n" +
+	"\vAuditRecord\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x1c\n" +
+	"\tprincipal\x18\x03 \x01(\tR\tprincipal\x12\x16\n" +
+	"\x06action\x18\x04 \x01(\tR\x06action\x12\x1a\n" +
+	"\bresource\x18\x05 \x01(\tR\bresource\x12\x18\n" +
+	"\aoutcome\x18\x06 \x01(\tR\aoutcome\x12\x16\n" +
+	"\x06reason\x18\a \x01(\tR\x06reason2\xab\a\n" +
 	"\x05Admin\x12A\n" +
 	"\bGetEvent\x12\x19.nerve.v1.GetEventRequest\x1a\x1a.nerve.v1.GetEventResponse\x12G\n" +
 	"\n" +
@@ -911,7 +1610,12 @@ const file_nerve_v1_admin_proto_rawDesc = "" +
 	"\vDeleteGroup\x12\x1c.nerve.v1.DeleteGroupRequest\x1a\x1d.nerve.v1.DeleteGroupResponse\x12V\n" +
 	"\x0fListDeadLetters\x12 .nerve.v1.ListDeadLettersRequest\x1a!.nerve.v1.ListDeadLettersResponse\x12_\n" +
 	"\x12RedriveDeadLetters\x12#.nerve.v1.RedriveDeadLettersRequest\x1a$.nerve.v1.RedriveDeadLettersResponse\x12S\n" +
-	"\x0eListEventTypes\x12\x1f.nerve.v1.ListEventTypesRequest\x1a .nerve.v1.ListEventTypesResponseB7Z5github.com/nerve-bus/nerve/clients/go/nervepb;nervepbb\x06proto3"
+	"\x0eListEventTypes\x12\x1f.nerve.v1.ListEventTypesRequest\x1a .nerve.v1.ListEventTypesResponse\x12\\\n" +
+	"\x11RegisterPublisher\x12\".nerve.v1.RegisterPublisherRequest\x1a#.nerve.v1.RegisterPublisherResponse\x12V\n" +
+	"\x0fUpdatePublisher\x12 .nerve.v1.UpdatePublisherRequest\x1a!.nerve.v1.UpdatePublisherResponse\x12S\n" +
+	"\x0eListPublishers\x12\x1f.nerve.v1.ListPublishersRequest\x1a .nerve.v1.ListPublishersResponse\x12V\n" +
+	"\x0fRemovePublisher\x12 .nerve.v1.RemovePublisherRequest\x1a!.nerve.v1.RemovePublisherResponse\x12Y\n" +
+	"\x10ListAuditRecords\x12!.nerve.v1.ListAuditRecordsRequest\x1a\".nerve.v1.ListAuditRecordsResponseB7Z5github.com/nerve-bus/nerve/clients/go/nervepb;nervepbb\x06proto3"
 
 var (
 	file_nerve_v1_admin_proto_rawDescOnce sync.Once
@@ -925,7 +1629,7 @@ func file_nerve_v1_admin_proto_rawDescGZIP() []byte {
 	return file_nerve_v1_admin_proto_rawDescData
 }
 
-var file_nerve_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_nerve_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_nerve_v1_admin_proto_goTypes = []any{
 	(*GetEventRequest)(nil),            // 0: nerve.v1.GetEventRequest
 	(*GetEventResponse)(nil),           // 1: nerve.v1.GetEventResponse
@@ -942,34 +1646,64 @@ var file_nerve_v1_admin_proto_goTypes = []any{
 	(*ListEventTypesRequest)(nil),      // 12: nerve.v1.ListEventTypesRequest
 	(*ListEventTypesResponse)(nil),     // 13: nerve.v1.ListEventTypesResponse
 	(*EventTypeInfo)(nil),              // 14: nerve.v1.EventTypeInfo
-	(*Event)(nil),                      // 15: nerve.v1.Event
-	(*timestamppb.Timestamp)(nil),      // 16: google.protobuf.Timestamp
+	(*Publisher)(nil),                  // 15: nerve.v1.Publisher
+	(*RegisterPublisherRequest)(nil),   // 16: nerve.v1.RegisterPublisherRequest
+	(*RegisterPublisherResponse)(nil),  // 17: nerve.v1.RegisterPublisherResponse
+	(*UpdatePublisherRequest)(nil),     // 18: nerve.v1.UpdatePublisherRequest
+	(*UpdatePublisherResponse)(nil),    // 19: nerve.v1.UpdatePublisherResponse
+	(*ListPublishersRequest)(nil),      // 20: nerve.v1.ListPublishersRequest
+	(*ListPublishersResponse)(nil),     // 21: nerve.v1.ListPublishersResponse
+	(*RemovePublisherRequest)(nil),     // 22: nerve.v1.RemovePublisherRequest
+	(*RemovePublisherResponse)(nil),    // 23: nerve.v1.RemovePublisherResponse
+	(*ListAuditRecordsRequest)(nil),    // 24: nerve.v1.ListAuditRecordsRequest
+	(*ListAuditRecordsResponse)(nil),   // 25: nerve.v1.ListAuditRecordsResponse
+	(*AuditRecord)(nil),                // 26: nerve.v1.AuditRecord
+	(*Event)(nil),                      // 27: nerve.v1.Event
+	(*timestamppb.Timestamp)(nil),      // 28: google.protobuf.Timestamp
 }
 var file_nerve_v1_admin_proto_depIdxs = []int32{
-	15, // 0: nerve.v1.GetEventResponse.event:type_name -> nerve.v1.Event
+	27, // 0: nerve.v1.GetEventResponse.event:type_name -> nerve.v1.Event
 	4,  // 1: nerve.v1.ListGroupsResponse.groups:type_name -> nerve.v1.GroupInfo
 	9,  // 2: nerve.v1.ListDeadLettersResponse.dead_letters:type_name -> nerve.v1.DeadLetter
-	15, // 3: nerve.v1.DeadLetter.event:type_name -> nerve.v1.Event
-	16, // 4: nerve.v1.DeadLetter.dead_lettered_time:type_name -> google.protobuf.Timestamp
+	27, // 3: nerve.v1.DeadLetter.event:type_name -> nerve.v1.Event
+	28, // 4: nerve.v1.DeadLetter.dead_lettered_time:type_name -> google.protobuf.Timestamp
 	14, // 5: nerve.v1.ListEventTypesResponse.types:type_name -> nerve.v1.EventTypeInfo
-	16, // 6: nerve.v1.EventTypeInfo.last_time:type_name -> google.protobuf.Timestamp
-	0,  // 7: nerve.v1.Admin.GetEvent:input_type -> nerve.v1.GetEventRequest
-	2,  // 8: nerve.v1.Admin.ListGroups:input_type -> nerve.v1.ListGroupsRequest
-	5,  // 9: nerve.v1.Admin.DeleteGroup:input_type -> nerve.v1.DeleteGroupRequest
-	7,  // 10: nerve.v1.Admin.ListDeadLetters:input_type -> nerve.v1.ListDeadLettersRequest
-	10, // 11: nerve.v1.Admin.RedriveDeadLetters:input_type -> nerve.v1.RedriveDeadLettersRequest
-	12, // 12: nerve.v1.Admin.ListEventTypes:input_type -> nerve.v1.ListEventTypesRequest
-	1,  // 13: nerve.v1.Admin.GetEvent:output_type -> nerve.v1.GetEventResponse
-	3,  // 14: nerve.v1.Admin.ListGroups:output_type -> nerve.v1.ListGroupsResponse
-	6,  // 15: nerve.v1.Admin.DeleteGroup:output_type -> nerve.v1.DeleteGroupResponse
-	8,  // 16: nerve.v1.Admin.ListDeadLetters:output_type -> nerve.v1.ListDeadLettersResponse
-	11, // 17: nerve.v1.Admin.RedriveDeadLetters:output_type -> nerve.v1.RedriveDeadLettersResponse
-	13, // 18: nerve.v1.Admin.ListEventTypes:output_type -> nerve.v1.ListEventTypesResponse
-	13, // [13:19] is the sub-list for method output_type
-	7,  // [7:13] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	28, // 6: nerve.v1.EventTypeInfo.last_time:type_name -> google.protobuf.Timestamp
+	28, // 7: nerve.v1.Publisher.update_time:type_name -> google.protobuf.Timestamp
+	15, // 8: nerve.v1.RegisterPublisherRequest.publisher:type_name -> nerve.v1.Publisher
+	15, // 9: nerve.v1.RegisterPublisherResponse.publisher:type_name -> nerve.v1.Publisher
+	15, // 10: nerve.v1.UpdatePublisherRequest.publisher:type_name -> nerve.v1.Publisher
+	15, // 11: nerve.v1.UpdatePublisherResponse.publisher:type_name -> nerve.v1.Publisher
+	15, // 12: nerve.v1.ListPublishersResponse.publishers:type_name -> nerve.v1.Publisher
+	26, // 13: nerve.v1.ListAuditRecordsResponse.records:type_name -> nerve.v1.AuditRecord
+	28, // 14: nerve.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	0,  // 15: nerve.v1.Admin.GetEvent:input_type -> nerve.v1.GetEventRequest
+	2,  // 16: nerve.v1.Admin.ListGroups:input_type -> nerve.v1.ListGroupsRequest
+	5,  // 17: nerve.v1.Admin.DeleteGroup:input_type -> nerve.v1.DeleteGroupRequest
+	7,  // 18: nerve.v1.Admin.ListDeadLetters:input_type -> nerve.v1.ListDeadLettersRequest
+	10, // 19: nerve.v1.Admin.RedriveDeadLetters:input_type -> nerve.v1.RedriveDeadLettersRequest
+	12, // 20: nerve.v1.Admin.ListEventTypes:input_type -> nerve.v1.ListEventTypesRequest
+	16, // 21: nerve.v1.Admin.RegisterPublisher:input_type -> nerve.v1.RegisterPublisherRequest
+	18, // 22: nerve.v1.Admin.UpdatePublisher:input_type -> nerve.v1.UpdatePublisherRequest
+	20, // 23: nerve.v1.Admin.ListPublishers:input_type -> nerve.v1.ListPublishersRequest
+	22, // 24: nerve.v1.Admin.RemovePublisher:input_type -> nerve.v1.RemovePublisherRequest
+	24, // 25: nerve.v1.Admin.ListAuditRecords:input_type -> nerve.v1.ListAuditRecordsRequest
+	1,  // 26: nerve.v1.Admin.GetEvent:output_type -> nerve.v1.GetEventResponse
+	3,  // 27: nerve.v1.Admin.ListGroups:output_type -> nerve.v1.ListGroupsResponse
+	6,  // 28: nerve.v1.Admin.DeleteGroup:output_type -> nerve.v1.DeleteGroupResponse
+	8,  // 29: nerve.v1.Admin.ListDeadLetters:output_type -> nerve.v1.ListDeadLettersResponse
+	11, // 30: nerve.v1.Admin.RedriveDeadLetters:output_type -> nerve.v1.RedriveDeadLettersResponse
+	13, // 31: nerve.v1.Admin.ListEventTypes:output_type -> nerve.v1.ListEventTypesResponse
+	17, // 32: nerve.v1.Admin.RegisterPublisher:output_type -> nerve.v1.RegisterPublisherResponse
+	19, // 33: nerve.v1.Admin.UpdatePublisher:output_type -> nerve.v1.UpdatePublisherResponse
+	21, // 34: nerve.v1.Admin.ListPublishers:output_type -> nerve.v1.ListPublishersResponse
+	23, // 35: nerve.v1.Admin.RemovePublisher:output_type -> nerve.v1.RemovePublisherResponse
+	25, // 36: nerve.v1.Admin.ListAuditRecords:output_type -> nerve.v1.ListAuditRecordsResponse
+	26, // [26:37] is the sub-list for method output_type
+	15, // [15:26] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_nerve_v1_admin_proto_init() }
@@ -984,7 +1718,7 @@ func file_nerve_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_nerve_v1_admin_proto_rawDesc), len(file_nerve_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

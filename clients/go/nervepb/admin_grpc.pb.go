@@ -25,6 +25,11 @@ const (
 	Admin_ListDeadLetters_FullMethodName    = "/nerve.v1.Admin/ListDeadLetters"
 	Admin_RedriveDeadLetters_FullMethodName = "/nerve.v1.Admin/RedriveDeadLetters"
 	Admin_ListEventTypes_FullMethodName     = "/nerve.v1.Admin/ListEventTypes"
+	Admin_RegisterPublisher_FullMethodName  = "/nerve.v1.Admin/RegisterPublisher"
+	Admin_UpdatePublisher_FullMethodName    = "/nerve.v1.Admin/UpdatePublisher"
+	Admin_ListPublishers_FullMethodName     = "/nerve.v1.Admin/ListPublishers"
+	Admin_RemovePublisher_FullMethodName    = "/nerve.v1.Admin/RemovePublisher"
+	Admin_ListAuditRecords_FullMethodName   = "/nerve.v1.Admin/ListAuditRecords"
 )
 
 // AdminClient is the client API for Admin service.
@@ -45,6 +50,16 @@ type AdminClient interface {
 	RedriveDeadLetters(ctx context.Context, in *RedriveDeadLettersRequest, opts ...grpc.CallOption) (*RedriveDeadLettersResponse, error)
 	// ListEventTypes lists the event types stored so far.
 	ListEventTypes(ctx context.Context, in *ListEventTypesRequest, opts ...grpc.CallOption) (*ListEventTypesResponse, error)
+	// RegisterPublisher registers a principal as a publisher of event types, with the sources it may use.
+	RegisterPublisher(ctx context.Context, in *RegisterPublisherRequest, opts ...grpc.CallOption) (*RegisterPublisherResponse, error)
+	// UpdatePublisher replaces a registered publisher's types, sources and description.
+	UpdatePublisher(ctx context.Context, in *UpdatePublisherRequest, opts ...grpc.CallOption) (*UpdatePublisherResponse, error)
+	// ListPublishers lists the registered publishers of the caller's tenant.
+	ListPublishers(ctx context.Context, in *ListPublishersRequest, opts ...grpc.CallOption) (*ListPublishersResponse, error)
+	// RemovePublisher removes a publisher registration.
+	RemovePublisher(ctx context.Context, in *RemovePublisherRequest, opts ...grpc.CallOption) (*RemovePublisherResponse, error)
+	// ListAuditRecords lists denied calls and admin actions of the caller's tenant, oldest first.
+	ListAuditRecords(ctx context.Context, in *ListAuditRecordsRequest, opts ...grpc.CallOption) (*ListAuditRecordsResponse, error)
 }
 
 type adminClient struct {
@@ -115,6 +130,56 @@ func (c *adminClient) ListEventTypes(ctx context.Context, in *ListEventTypesRequ
 	return out, nil
 }
 
+func (c *adminClient) RegisterPublisher(ctx context.Context, in *RegisterPublisherRequest, opts ...grpc.CallOption) (*RegisterPublisherResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RegisterPublisherResponse)
+	err := c.cc.Invoke(ctx, Admin_RegisterPublisher_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) UpdatePublisher(ctx context.Context, in *UpdatePublisherRequest, opts ...grpc.CallOption) (*UpdatePublisherResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UpdatePublisherResponse)
+	err := c.cc.Invoke(ctx, Admin_UpdatePublisher_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) ListPublishers(ctx context.Context, in *ListPublishersRequest, opts ...grpc.CallOption) (*ListPublishersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListPublishersResponse)
+	err := c.cc.Invoke(ctx, Admin_ListPublishers_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) RemovePublisher(ctx context.Context, in *RemovePublisherRequest, opts ...grpc.CallOption) (*RemovePublisherResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RemovePublisherResponse)
+	err := c.cc.Invoke(ctx, Admin_RemovePublisher_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) ListAuditRecords(ctx context.Context, in *ListAuditRecordsRequest, opts ...grpc.CallOption) (*ListAuditRecordsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAuditRecordsResponse)
+	err := c.cc.Invoke(ctx, Admin_ListAuditRecords_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -133,6 +198,16 @@ type AdminServer interface {
 	RedriveDeadLetters(context.Context, *RedriveDeadLettersRequest) (*RedriveDeadLettersResponse, error)
 	// ListEventTypes lists the event types stored so far.
 	ListEventTypes(context.Context, *ListEventTypesRequest) (*ListEventTypesResponse, error)
+	// RegisterPublisher registers a principal as a publisher of event types, with the sources it may use.
+	RegisterPublisher(context.Context, *RegisterPublisherRequest) (*RegisterPublisherResponse, error)
+	// UpdatePublisher replaces a registered publisher's types, sources and description.
+	UpdatePublisher(context.Context, *UpdatePublisherRequest) (*UpdatePublisherResponse, error)
+	// ListPublishers lists the registered publishers of the caller's tenant.
+	ListPublishers(context.Context, *ListPublishersRequest) (*ListPublishersResponse, error)
+	// RemovePublisher removes a publisher registration.
+	RemovePublisher(context.Context, *RemovePublisherRequest) (*RemovePublisherResponse, error)
+	// ListAuditRecords lists denied calls and admin actions of the caller's tenant, oldest first.
+	ListAuditRecords(context.Context, *ListAuditRecordsRequest) (*ListAuditRecordsResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -160,6 +235,21 @@ func (UnimplementedAdminServer) RedriveDeadLetters(context.Context, *RedriveDead
 }
 func (UnimplementedAdminServer) ListEventTypes(context.Context, *ListEventTypesRequest) (*ListEventTypesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListEventTypes not implemented")
+}
+func (UnimplementedAdminServer) RegisterPublisher(context.Context, *RegisterPublisherRequest) (*RegisterPublisherResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RegisterPublisher not implemented")
+}
+func (UnimplementedAdminServer) UpdatePublisher(context.Context, *UpdatePublisherRequest) (*UpdatePublisherResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdatePublisher not implemented")
+}
+func (UnimplementedAdminServer) ListPublishers(context.Context, *ListPublishersRequest) (*ListPublishersResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListPublishers not implemented")
+}
+func (UnimplementedAdminServer) RemovePublisher(context.Context, *RemovePublisherRequest) (*RemovePublisherResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RemovePublisher not implemented")
+}
+func (UnimplementedAdminServer) ListAuditRecords(context.Context, *ListAuditRecordsRequest) (*ListAuditRecordsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListAuditRecords not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -290,6 +380,96 @@ func _Admin_ListEventTypes_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_RegisterPublisher_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RegisterPublisherRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RegisterPublisher(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RegisterPublisher_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RegisterPublisher(ctx, req.(*RegisterPublisherRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_UpdatePublisher_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdatePublisherRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).UpdatePublisher(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_UpdatePublisher_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).UpdatePublisher(ctx, req.(*UpdatePublisherRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_ListPublishers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListPublishersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ListPublishers(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ListPublishers_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ListPublishers(ctx, req.(*ListPublishersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_RemovePublisher_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemovePublisherRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RemovePublisher(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RemovePublisher_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RemovePublisher(ctx, req.(*RemovePublisherRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_ListAuditRecords_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAuditRecordsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ListAuditRecords(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ListAuditRecords_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ListAuditRecords(ctx, req.(*ListAuditRecordsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -320,6 +500,26 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListEventTypes",
 			Handler:    _Admin_ListEventTypes_Handler,
+		},
+		{
+			MethodName: "RegisterPublisher",
+			Handler:    _Admin_RegisterPublisher_Handler,
+		},
+		{
+			MethodName: "UpdatePublisher",
+			Handler:    _Admin_UpdatePublisher_Handler,
+		},
+		{
+			MethodName: "ListPublishers",
+			Handler:    _Admin_ListPublishers_Handler,
+		},
+		{
+			MethodName: "RemovePublisher",
+			Handler:    _Admin_RemovePublisher_Handler,
+		},
+		{
+			MethodName: "ListAuditRecords",
+			Handler:    _Admin_ListAuditRecords_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -4,22 +4,62 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::event_bus::principal;
 use super::{
     convert, pb,
     status::{invalid, to_status},
 };
-use crate::bus::{Bus, DEFAULT_TENANT, RedriveSelection, validate_group_name};
+use crate::{
+    auth::{Auth, AuthError, Principal},
+    bus::{Bus, DEFAULT_TENANT, RedriveSelection, validate_group_name},
+    store::{AuditQuery, Publisher},
+};
 
 /// Implements nerve.v1.Admin.
 pub struct AdminApi {
     bus: Arc<Bus>,
+    auth: Arc<Auth>,
 }
 
 impl AdminApi {
-    /// Wraps the bus.
-    pub fn new(bus: Arc<Bus>) -> Self {
-        AdminApi { bus }
+    /// Wraps the bus; every call is checked with `auth`.
+    pub fn new(bus: Arc<Bus>, auth: Arc<Auth>) -> Self {
+        AdminApi { bus, auth }
     }
+
+    /// Checks an admin action on a resource (`groups/<name>`, `types/<type>`, `publishers/<id>`, `audit`).
+    fn allow(&self, principal: &Principal, action: &str, resource: &str) -> Result<(), Status> {
+        self.auth
+            .check(principal, action, resource, |e| e.admin(resource))
+            .map_err(|e: AuthError| to_status(e.into()))
+    }
+
+    /// Records a change an admin made.
+    fn audit(&self, principal: &Principal, action: &str, resource: &str) {
+        self.auth.record(principal, action, resource, "allowed", "");
+    }
+}
+
+fn publisher_to_pb(p: Publisher) -> pb::Publisher {
+    pb::Publisher {
+        principal: p.principal,
+        types: p.types,
+        sources: p.sources,
+        description: p.description,
+        update_time: Some(convert::time_to_pb(p.updated_at)),
+    }
+}
+
+fn publisher_from_pb(p: Option<pb::Publisher>, tenant: &str) -> Result<Publisher, Status> {
+    let p = p.ok_or_else(|| invalid("publisher", "is required"))?;
+    Ok(Publisher {
+        tenant: tenant.to_owned(),
+        principal: p.principal,
+        types: p.types,
+        sources: p.sources,
+        description: p.description,
+        updated_at: chrono::Utc::now(),
+    })
 }
 
 fn group_name(name: &str) -> Result<(), Status> {
@@ -40,6 +80,7 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::GetEventRequest>,
     ) -> Result<Response<pb::GetEventResponse>, Status> {
+        let principal = principal(&request)?;
         let r = request.into_inner();
         if r.id.is_empty() {
             return Err(invalid("id", "is required"));
@@ -47,9 +88,14 @@ impl pb::admin_server::Admin for AdminApi {
         let source = (!r.source.is_empty()).then_some(r.source.as_str());
         let event = self
             .bus
-            .get_event(DEFAULT_TENANT, &r.id, source)
+            .get_event(&principal.tenant, &r.id, source)
             .await
             .map_err(to_status)?;
+        self.allow(
+            &principal,
+            "admin.get_event",
+            &format!("types/{}", event.event.event_type),
+        )?;
         Ok(Response::new(pb::GetEventResponse {
             event: Some(convert::stored_to_pb(&event)),
         }))
@@ -57,16 +103,21 @@ impl pb::admin_server::Admin for AdminApi {
 
     async fn list_groups(
         &self,
-        _request: Request<pb::ListGroupsRequest>,
+        request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let principal = principal(&request)?;
         let groups = self
             .bus
-            .list_groups(DEFAULT_TENANT)
+            .list_groups(&principal.tenant)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ListGroupsResponse {
             groups: groups
                 .into_iter()
+                .filter(|g| {
+                    let resource = format!("groups/{}", g.stats.key.name);
+                    self.auth.permits(&principal, |e| e.admin(&resource))
+                })
                 .map(|g| pb::GroupInfo {
                     name: g.stats.key.name,
                     types: g.stats.config.selection.type_strings(),
@@ -84,13 +135,17 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let principal = principal(&request)?;
         let r = request.into_inner();
         group_name(&r.group)?;
+        let resource = format!("groups/{}", r.group);
+        self.allow(&principal, "admin.delete_group", &resource)?;
         let deleted = self
             .bus
-            .delete_group(DEFAULT_TENANT, &r.group)
+            .delete_group(&principal.tenant, &r.group)
             .await
             .map_err(to_status)?;
+        self.audit(&principal, "admin.delete_group", &resource);
         Ok(Response::new(pb::DeleteGroupResponse { deleted }))
     }
 
@@ -98,8 +153,14 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let principal = principal(&request)?;
         let r = request.into_inner();
         group_name(&r.group)?;
+        self.allow(
+            &principal,
+            "admin.list_dead_letters",
+            &format!("groups/{}", r.group),
+        )?;
         let limit = page_size(r.page_size)?;
         let after = if r.page_token.is_empty() {
             0
@@ -110,7 +171,7 @@ impl pb::admin_server::Admin for AdminApi {
         };
         let letters = self
             .bus
-            .dead_letters(DEFAULT_TENANT, &r.group, after, limit)
+            .dead_letters(&principal.tenant, &r.group, after, limit)
             .await
             .map_err(to_status)?;
         let next_page_token = if letters.len() == limit {
@@ -140,8 +201,11 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         request: Request<pb::RedriveDeadLettersRequest>,
     ) -> Result<Response<pb::RedriveDeadLettersResponse>, Status> {
+        let principal = principal(&request)?;
         let r = request.into_inner();
         group_name(&r.group)?;
+        let resource = format!("groups/{}", r.group);
+        self.allow(&principal, "admin.redrive_dead_letters", &resource)?;
         let selection = match (r.all, r.sequences.is_empty()) {
             (true, true) => RedriveSelection::All,
             (false, false) => RedriveSelection::Sequences(r.sequences),
@@ -155,24 +219,30 @@ impl pb::admin_server::Admin for AdminApi {
         };
         let redriven = self
             .bus
-            .redrive(DEFAULT_TENANT, &r.group, selection)
+            .redrive(&principal.tenant, &r.group, selection)
             .await
             .map_err(to_status)?;
+        self.audit(&principal, "admin.redrive_dead_letters", &resource);
         Ok(Response::new(pb::RedriveDeadLettersResponse { redriven }))
     }
 
     async fn list_event_types(
         &self,
-        _request: Request<pb::ListEventTypesRequest>,
+        request: Request<pb::ListEventTypesRequest>,
     ) -> Result<Response<pb::ListEventTypesResponse>, Status> {
+        let principal = principal(&request)?;
         let types = self
             .bus
-            .event_types(DEFAULT_TENANT)
+            .event_types(&principal.tenant)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ListEventTypesResponse {
             types: types
                 .into_iter()
+                .filter(|t| {
+                    let resource = format!("types/{}", t.event_type);
+                    self.auth.permits(&principal, |e| e.admin(&resource))
+                })
                 .map(|t| pb::EventTypeInfo {
                     r#type: t.event_type,
                     count: t.count,
@@ -181,6 +251,146 @@ impl pb::admin_server::Admin for AdminApi {
                     last_time: Some(convert::time_to_pb(t.last_recorded_at)),
                 })
                 .collect(),
+        }))
+    }
+
+    async fn register_publisher(
+        &self,
+        request: Request<pb::RegisterPublisherRequest>,
+    ) -> Result<Response<pb::RegisterPublisherResponse>, Status> {
+        let principal = principal(&request)?;
+        let publisher = publisher_from_pb(request.into_inner().publisher, &principal.tenant)?;
+        let resource = format!("publishers/{}", publisher.principal);
+        self.allow(&principal, "admin.register_publisher", &resource)?;
+        self.auth
+            .put_publisher(&publisher, false)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        self.audit(&principal, "admin.register_publisher", &resource);
+        Ok(Response::new(pb::RegisterPublisherResponse {
+            publisher: Some(publisher_to_pb(publisher)),
+        }))
+    }
+
+    async fn update_publisher(
+        &self,
+        request: Request<pb::UpdatePublisherRequest>,
+    ) -> Result<Response<pb::UpdatePublisherResponse>, Status> {
+        let principal = principal(&request)?;
+        let publisher = publisher_from_pb(request.into_inner().publisher, &principal.tenant)?;
+        let resource = format!("publishers/{}", publisher.principal);
+        self.allow(&principal, "admin.update_publisher", &resource)?;
+        self.auth
+            .put_publisher(&publisher, true)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        self.audit(&principal, "admin.update_publisher", &resource);
+        Ok(Response::new(pb::UpdatePublisherResponse {
+            publisher: Some(publisher_to_pb(publisher)),
+        }))
+    }
+
+    async fn list_publishers(
+        &self,
+        request: Request<pb::ListPublishersRequest>,
+    ) -> Result<Response<pb::ListPublishersResponse>, Status> {
+        let principal = principal(&request)?;
+        let publishers = self
+            .auth
+            .publishers(&principal.tenant)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        Ok(Response::new(pb::ListPublishersResponse {
+            publishers: publishers
+                .into_iter()
+                .filter(|p| {
+                    let resource = format!("publishers/{}", p.principal);
+                    self.auth.permits(&principal, |e| e.admin(&resource))
+                })
+                .map(publisher_to_pb)
+                .collect(),
+        }))
+    }
+
+    async fn remove_publisher(
+        &self,
+        request: Request<pb::RemovePublisherRequest>,
+    ) -> Result<Response<pb::RemovePublisherResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.into_inner();
+        if r.principal.is_empty() {
+            return Err(invalid("principal", "is required"));
+        }
+        let resource = format!("publishers/{}", r.principal);
+        self.allow(&principal, "admin.remove_publisher", &resource)?;
+        let removed = self
+            .auth
+            .remove_publisher(&principal.tenant, &r.principal)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        self.audit(&principal, "admin.remove_publisher", &resource);
+        Ok(Response::new(pb::RemovePublisherResponse { removed }))
+    }
+
+    async fn list_audit_records(
+        &self,
+        request: Request<pb::ListAuditRecordsRequest>,
+    ) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.into_inner();
+        self.allow(&principal, "admin.list_audit_records", "audit")?;
+        let limit = page_size(r.page_size)?;
+        let after_id = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token
+                .parse()
+                .map_err(|_| invalid("page_token", "is not a token returned by ListAuditRecords"))?
+        };
+        if !matches!(
+            r.outcome.as_str(),
+            "" | "allowed" | "denied" | "unauthenticated"
+        ) {
+            return Err(invalid(
+                "outcome",
+                "must be empty, \"allowed\", \"denied\" or \"unauthenticated\"",
+            ));
+        }
+        // calls that never authenticated have no tenant; the default tenant's admins see them
+        let mut tenants = vec![principal.tenant.clone()];
+        if principal.tenant == DEFAULT_TENANT {
+            tenants.push(String::new());
+        }
+        let records = self
+            .auth
+            .audit_records(&AuditQuery {
+                tenants,
+                after_id,
+                principal: (!r.principal.is_empty()).then_some(r.principal),
+                outcome: (!r.outcome.is_empty()).then_some(r.outcome),
+                limit,
+            })
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        let next_page_token = if records.len() == limit {
+            records.last().map(|a| a.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListAuditRecordsResponse {
+            records: records
+                .into_iter()
+                .map(|a| pb::AuditRecord {
+                    id: a.id,
+                    time: Some(convert::time_to_pb(a.time)),
+                    principal: a.principal,
+                    action: a.action,
+                    resource: a.resource,
+                    outcome: a.outcome,
+                    reason: a.reason,
+                })
+                .collect(),
+            next_page_token,
         }))
     }
 }

@@ -12,8 +12,9 @@ use super::{
     status::{invalid, to_status},
 };
 use crate::{
-    bus::{Bus, BusError, DEFAULT_TENANT, ReplayRequest, decode_resume_token},
-    event::{Event, InvalidInput},
+    auth::{Action, Auth, Principal},
+    bus::{Bus, BusError, ReplayRequest, decode_resume_token},
+    event::{Event, InvalidInput, TypePattern},
     store::ReadQuery,
     telemetry,
 };
@@ -21,13 +22,50 @@ use crate::{
 /// Implements nerve.v1.EventBus.
 pub struct EventBusApi {
     bus: Arc<Bus>,
+    auth: Arc<Auth>,
+    stream_open_timeout: Duration,
 }
 
 impl EventBusApi {
-    /// Wraps the bus.
-    pub fn new(bus: Arc<Bus>) -> Self {
-        EventBusApi { bus }
+    /// Wraps the bus; every call is checked with `auth`.
+    pub fn new(bus: Arc<Bus>, auth: Arc<Auth>, stream_open_timeout: Duration) -> Self {
+        EventBusApi {
+            bus,
+            auth,
+            stream_open_timeout,
+        }
     }
+}
+
+/// The caller the auth layer identified.
+pub(super) fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("the call was not authenticated"))
+}
+
+/// The patterns a selection reads; none means every type.
+fn read_patterns(types: &[TypePattern]) -> Vec<TypePattern> {
+    if types.is_empty() {
+        TypePattern::parse(">").into_iter().collect()
+    } else {
+        types.to_vec()
+    }
+}
+
+/// The patterns as one audit resource, e.g. `task.>,plan.*`.
+fn pattern_list(patterns: &[TypePattern]) -> String {
+    patterns
+        .iter()
+        .map(TypePattern::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn denied(e: crate::auth::AuthError) -> Status {
+    to_status(e.into())
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -55,6 +93,7 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let header = call_traceparent(&request);
+        let principal = principal(&request)?;
         let request = request.into_inner();
         let mut events = request
             .events
@@ -63,13 +102,24 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             .map(|(i, e)| convert::event_from_pb(e, &format!("events[{i}]")))
             .collect::<Result<Vec<_>, InvalidInput>>()
             .map_err(|e| to_status(e.into()))?;
-        let span =
-            tracing::info_span!("nerve.publish", otel.kind = "server", events = events.len());
+        for event in &events {
+            self.auth
+                .check(&principal, "publish", &event.event_type, |e| {
+                    e.publish(&event.event_type, &event.source)
+                })
+                .map_err(denied)?;
+        }
+        let span = tracing::info_span!(
+            "nerve.publish",
+            otel.kind = "server",
+            events = events.len(),
+            principal = %principal.id
+        );
         trace_events(&span, header.as_deref(), &mut events);
         let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
         let appended = self
             .bus
-            .publish(DEFAULT_TENANT, events)
+            .publish(&principal.tenant, events)
             .instrument(span)
             .await
             .map_err(to_status)?;
@@ -92,8 +142,18 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let principal = principal(&request)?;
+        let permit = self.auth.open_stream(&principal).map_err(denied)?;
         let mut inbound = request.into_inner();
-        let open = match inbound.message().await? {
+        let first = tokio::time::timeout(self.stream_open_timeout, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no open message within {:?}",
+                    self.stream_open_timeout
+                ))
+            })??;
+        let open = match first {
             Some(pb::SubscribeRequest {
                 action: Some(pb::subscribe_request::Action::Open(open)),
             }) => open,
@@ -105,7 +165,19 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             }
         };
         let spec =
-            convert::subscribe_spec(open, DEFAULT_TENANT).map_err(|e| to_status(e.into()))?;
+            convert::subscribe_spec(open, &principal.tenant).map_err(|e| to_status(e.into()))?;
+        let patterns = read_patterns(&spec.selection.types);
+        let resource = pattern_list(&patterns);
+        self.auth
+            .check(&principal, "subscribe", &resource, |e| {
+                e.read(Action::Subscribe, &patterns)
+            })
+            .map_err(denied)?;
+        if let Some(group) = &spec.group {
+            self.auth
+                .check(&principal, "subscribe.group", group, |e| e.group(group))
+                .map_err(denied)?;
+        }
         // a broken inbound stream means the subscriber went away: end the command stream
         let commands = inbound.take_while(|m| ready(m.is_ok())).map(|m| match m {
             Ok(m) => convert::command(m).map_err(BusError::from),
@@ -116,8 +188,11 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             .subscribe(spec, Box::pin(commands))
             .await
             .map_err(to_status)?;
-        let stream =
-            ReceiverStream::new(outbound).map(|m| m.map(convert::outbound).map_err(to_status));
+        // the permit counts the stream until the response stream is dropped
+        let stream = ReceiverStream::new(outbound).map(move |m| {
+            let _open = &permit;
+            m.map(convert::outbound).map_err(to_status)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -127,11 +202,18 @@ impl pb::event_bus_server::EventBus for EventBusApi {
     ) -> Result<Response<pb::RequestResponse>, Status> {
         let deadline = grpc_timeout(&request);
         let header = call_traceparent(&request);
+        let principal = principal(&request)?;
         let request = request.into_inner();
         let event = request
             .event
             .ok_or_else(|| invalid("event", "is required"))?;
         let event = convert::event_from_pb(event, "event").map_err(|e| to_status(e.into()))?;
+        self.auth
+            .check(&principal, "request", &event.event_type, |e| {
+                e.typed(Action::Request, &event.event_type)?;
+                e.source(&event.source)
+            })
+            .map_err(denied)?;
         let span =
             tracing::info_span!("nerve.request", otel.kind = "server", r#type = %event.event_type);
         let mut events = [event];
@@ -148,7 +230,7 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         };
         let outcome = self
             .bus
-            .request(DEFAULT_TENANT, event, timeout)
+            .request(&principal.tenant, event, timeout)
             .instrument(span)
             .await
             .map_err(to_status)?;
@@ -163,11 +245,17 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         request: Request<pb::ReplyRequest>,
     ) -> Result<Response<pb::ReplyResponse>, Status> {
         let header = call_traceparent(&request);
+        let principal = principal(&request)?;
         let request = request.into_inner();
         let event = request
             .event
             .ok_or_else(|| invalid("event", "is required"))?;
         let mut event = convert::event_from_pb(event, "event").map_err(|e| to_status(e.into()))?;
+        self.auth
+            .check(&principal, "reply", &event.event_type, |e| {
+                e.source(&event.source)
+            })
+            .map_err(denied)?;
         let span =
             tracing::info_span!("nerve.reply", otel.kind = "server", r#type = %event.event_type);
         // a reply without its own context continues the caller's; else the bus gives it the request's
@@ -177,7 +265,14 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         }
         let (delivered, sequence) = self
             .bus
-            .reply(DEFAULT_TENANT, &request.reply_to, event)
+            .reply(&principal.tenant, &request.reply_to, event, |inbox| {
+                // only a principal allowed to answer this request type may reply to it
+                self.auth
+                    .check(&principal, "reply", &inbox.request_type, |e| {
+                        e.typed(Action::Reply, &inbox.request_type)
+                    })
+                    .map_err(BusError::from)
+            })
             .instrument(span)
             .await
             .map_err(to_status)?;
@@ -193,6 +288,8 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         &self,
         request: Request<pb::ReplayRequest>,
     ) -> Result<Response<Self::ReplayStream>, Status> {
+        let principal = principal(&request)?;
+        let permit = self.auth.open_stream(&principal).map_err(denied)?;
         let r = request.into_inner();
         let bad = |e: InvalidInput| to_status(e.into());
         let after = if r.resume_token.is_empty() {
@@ -206,11 +303,19 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             _ => return Err(invalid("page_size", "must be at most 1000")),
         };
         let opt = |s: String| (!s.is_empty()).then_some(s);
+        let types = convert::patterns(r.types, "types").map_err(bad)?;
+        let patterns = read_patterns(&types);
+        let resource = pattern_list(&patterns);
+        self.auth
+            .check(&principal, "replay", &resource, |e| {
+                e.read(Action::Replay, &patterns)
+            })
+            .map_err(denied)?;
         let query = ReadQuery {
-            tenant: DEFAULT_TENANT.to_owned(),
+            tenant: principal.tenant.clone(),
             after,
             until: (r.until_sequence != 0).then_some(r.until_sequence),
-            types: convert::patterns(r.types, "types").map_err(bad)?,
+            types,
             source: opt(r.source),
             subject: opt(r.subject),
             correlation_id: opt(r.correlation_id),
@@ -232,7 +337,8 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             limit: (r.limit != 0).then_some(u64::from(r.limit)),
             page_size,
         });
-        let stream = ReceiverStream::new(pages).map(|page| {
+        let stream = ReceiverStream::new(pages).map(move |page| {
+            let _open = &permit;
             page.map(|p| pb::ReplayResponse {
                 events: p.events.iter().map(|e| convert::stored_to_pb(e)).collect(),
                 resume_token: p.resume_token,

@@ -17,7 +17,10 @@ use tracing::{info, warn};
 pub use admin::AdminApi;
 pub use event_bus::EventBusApi;
 
-use crate::bus::Bus;
+use crate::{
+    auth::{Auth, AuthLayer},
+    bus::Bus,
+};
 
 /// Generated nerve.v1 messages and services.
 #[expect(clippy::large_enum_variant, reason = "generated code")]
@@ -37,12 +40,25 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// Services whose health is reported besides the overall "" entry.
 pub const SERVICES: [&str; 2] = ["nerve.v1.EventBus", "nerve.v1.Admin"];
 
+/// How the gRPC listener is served.
+#[derive(Debug)]
+pub struct ServeSettings {
+    /// Largest message decoded or encoded, in bytes.
+    pub message_limit: usize,
+    pub health_interval: Duration,
+    pub connections: crate::auth::ConnectionsConfig,
+    /// TLS on the main listener, when configured.
+    pub tls: Option<Arc<crate::auth::Tls>>,
+    /// Plaintext listener for grpc.health.v1 only, when configured.
+    pub health_listener: Option<TcpListener>,
+}
+
 /// Serves EventBus, Admin, health and reflection (v1 and v1alpha) on the listener until `shutdown`.
 pub async fn serve(
     bus: Arc<Bus>,
+    auth: Arc<Auth>,
     listener: TcpListener,
-    limits_bytes: usize,
-    health_interval: Duration,
+    settings: ServeSettings,
     shutdown: CancellationToken,
 ) -> Result<(), crate::error::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -51,9 +67,25 @@ pub async fn serve(
     tokio::spawn(watch_health(
         bus.clone(),
         reporter,
-        health_interval,
+        settings.health_interval,
         shutdown.clone(),
     ));
+    if let Some(health_listener) = settings.health_listener {
+        let health = health.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(health_listener),
+                    shutdown.cancelled_owned(),
+                )
+                .await;
+            if let Err(error) = served {
+                warn!(%error, "health listener failed");
+            }
+        });
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -62,25 +94,33 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let event_bus = pb::event_bus_server::EventBusServer::new(EventBusApi::new(bus.clone()))
-        .max_decoding_message_size(limits_bytes)
-        .max_encoding_message_size(limits_bytes);
-    let admin = pb::admin_server::AdminServer::new(AdminApi::new(bus))
-        .max_decoding_message_size(limits_bytes)
-        .max_encoding_message_size(limits_bytes);
+    let limit = settings.message_limit;
+    let connections = settings.connections;
+    let event_bus = pb::event_bus_server::EventBusServer::new(EventBusApi::new(
+        bus.clone(),
+        auth.clone(),
+        connections.stream_open_timeout,
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let admin = pb::admin_server::AdminServer::new(AdminApi::new(bus, auth.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let incoming = crate::auth::tls::incoming(listener, settings.tls, shutdown.clone());
     tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             limits::size_limit_status,
         ))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .max_concurrent_streams(Some(1024))
+        .layer(AuthLayer::new(auth))
+        .http2_keepalive_interval(Some(connections.keepalive_interval))
+        .http2_keepalive_timeout(Some(connections.keepalive_timeout))
+        .max_concurrent_streams(Some(connections.max_concurrent_streams))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(event_bus)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())
 }

@@ -32,6 +32,9 @@ pub fn to_status(error: BusError) -> Status {
         BusError::FailedPrecondition(_) => Status::failed_precondition(message),
         BusError::Unavailable(_) => Status::unavailable(message),
         BusError::ShuttingDown => Status::unavailable(message),
+        BusError::Unauthenticated(_) => Status::unauthenticated(message),
+        BusError::PermissionDenied(_) => Status::permission_denied(message),
+        BusError::ResourceExhausted(_) => Status::resource_exhausted(message),
         BusError::Internal(_) => {
             tracing::error!(error = %message, "internal error");
             Status::internal(message)

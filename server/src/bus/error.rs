@@ -27,6 +27,15 @@ pub enum BusError {
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// The caller is not identified.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A per-caller limit is reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// An unexpected failure; never caused by input.
     #[error("{0}")]
     Internal(String),
@@ -43,6 +52,17 @@ impl From<StoreError> for BusError {
             }
             StoreError::Unavailable(_) => BusError::Unavailable(e.to_string()),
             StoreError::Internal(_) => BusError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::auth::AuthError> for BusError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError;
+        match e {
+            AuthError::Unauthenticated(m) => BusError::Unauthenticated(m),
+            AuthError::PermissionDenied(m) => BusError::PermissionDenied(m),
+            AuthError::ResourceExhausted(m) => BusError::ResourceExhausted(m),
         }
     }
 }

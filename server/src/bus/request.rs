@@ -95,6 +95,7 @@ impl Bus {
                     correlation_id,
                     request_id: event.id.clone(),
                     request_source: event.source.clone(),
+                    request_type: event.event_type.clone(),
                     traceparent: event.traceparent.clone(),
                 },
             )
@@ -133,17 +134,33 @@ impl Bus {
 
     /// Stores a reply and hands it to the waiting requester. Returns whether it was delivered and its
     /// sequence; a reply for a requester that stopped waiting is dropped unstored and counted.
+    /// `authorize` sees the waiting request before anything is stored.
     pub async fn reply(
         &self,
         tenant: &str,
         reply_to: &str,
         mut event: Event,
+        authorize: impl FnOnce(&Inbox) -> BusResult<()>,
     ) -> BusResult<(bool, Option<u64>)> {
         if reply_to.is_empty() {
             return Err(InvalidInput::field("reply_to", "is required").into());
         }
+        // inbox names become Redis keys: only what `ask` makes, `_inbox.` and 32 hex digits
+        let well_formed = reply_to
+            .strip_prefix("_inbox.")
+            .is_some_and(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !well_formed {
+            return Err(InvalidInput::field(
+                "reply_to",
+                "is not an inbox of a request (take it from the request's reply_to)",
+            )
+            .into());
+        }
         let inbox = match self.streams.inbox(reply_to).await? {
-            Some(inbox) if inbox.tenant == tenant => inbox,
+            Some(inbox) if inbox.tenant == tenant => {
+                authorize(&inbox)?;
+                inbox
+            }
             _ => {
                 bump(&self.counters.late_replies);
                 debug!(reply_to, "late reply dropped");

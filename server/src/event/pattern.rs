@@ -108,9 +108,42 @@ impl TypePattern {
         parts.next().is_none()
     }
 
+    /// Tells whether every type `other` matches is matched by this pattern too.
+    pub fn covers(&self, other: &TypePattern) -> bool {
+        covers(&self.segments, &other.segments)
+    }
+
+    /// Tells whether some type is matched by both patterns.
+    pub fn overlaps(&self, other: &TypePattern) -> bool {
+        overlaps(&self.segments, &other.segments)
+    }
+
     /// Returns the pattern as written.
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+}
+
+fn covers(wide: &[Segment], narrow: &[Segment]) -> bool {
+    match (wide.split_first(), narrow.split_first()) {
+        (None, None) => true,
+        // `>` takes one or more segments: whatever `narrow` has left, as long as something is left
+        (Some((Segment::Rest, _)), Some(_)) => true,
+        (Some((Segment::One, w)), Some((Segment::One | Segment::Literal(_), n))) => covers(w, n),
+        (Some((Segment::Literal(a), w)), Some((Segment::Literal(b), n))) => a == b && covers(w, n),
+        _ => false,
+    }
+}
+
+fn overlaps(a: &[Segment], b: &[Segment]) -> bool {
+    match (a.split_first(), b.split_first()) {
+        (None, None) => true,
+        (Some((Segment::Rest, _)), Some(_)) | (Some(_), Some((Segment::Rest, _))) => true,
+        (Some((Segment::Literal(x), a)), Some((Segment::Literal(y), b))) => {
+            x == y && overlaps(a, b)
+        }
+        (Some((_, a)), Some((_, b))) => overlaps(a, b),
+        _ => false,
     }
 }
 
@@ -148,6 +181,25 @@ mod tests {
         assert!(pattern("a.b").matches("a.b"));
         assert!(!pattern("a.b").matches("a.b.c"));
         assert!(!pattern("a.b").matches("a"));
+    }
+
+    #[test]
+    fn covers_and_overlaps_follow_the_matched_sets() {
+        let covers = |a: &str, b: &str| pattern(a).covers(&pattern(b));
+        let overlaps = |a: &str, b: &str| pattern(a).overlaps(&pattern(b));
+        assert!(covers(">", "a.>"));
+        assert!(covers("a.>", "a.b.*"));
+        assert!(covers("a.*", "a.b"));
+        assert!(covers("a.b", "a.b"));
+        assert!(!covers("a.>", ">"));
+        assert!(!covers("a.*", "a.>"));
+        assert!(!covers("a.b", "a.*"));
+        assert!(!covers("a.*", "a.b.c"));
+        assert!(overlaps("a.>", ">"));
+        assert!(overlaps("a.*.c", "a.b.*"));
+        assert!(!overlaps("a.*", "b.>"));
+        assert!(!overlaps("a.b", "a.b.c"));
+        assert!(!overlaps("a.*", "a"));
     }
 
     #[test]

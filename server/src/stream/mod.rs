@@ -102,6 +102,8 @@ pub struct Inbox {
     pub correlation_id: String,
     pub request_id: String,
     pub request_source: String,
+    /// Type of the request, which repliers must be allowed to answer.
+    pub request_type: String,
     /// Trace context of the request, which a reply without its own continues.
     pub traceparent: Option<String>,
 }

@@ -133,6 +133,8 @@ struct InboxRecord {
     request_id: String,
     request_source: String,
     #[serde(default)]
+    request_type: String,
+    #[serde(default)]
     traceparent: Option<String>,
     replica: String,
 }
@@ -1396,6 +1398,7 @@ impl LiveStreams for RedisStreams {
             correlation_id: info.correlation_id.clone(),
             request_id: info.request_id.clone(),
             request_source: info.request_source.clone(),
+            request_type: info.request_type.clone(),
             traceparent: info.traceparent.clone(),
             replica: self.replica.clone(),
         })
@@ -1434,6 +1437,7 @@ impl LiveStreams for RedisStreams {
                 correlation_id: r.correlation_id,
                 request_id: r.request_id,
                 request_source: r.request_source,
+                request_type: r.request_type,
                 traceparent: r.traceparent,
             }))
     }

@@ -404,3 +404,321 @@ class EventTypeInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventTypeInfo: _TypeAlias = EventTypeInfo  # noqa: Y015
+
+@_typing.final
+class Publisher(_message.Message):
+    """Publisher is a registered publisher: the event types a principal may publish in the tenant, and the
+    sources it may publish them with.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    principal: _builtins.str
+    """Certificate identity (URI or DNS SAN) or token subject of the publishing service."""
+    description: _builtins.str
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Event type patterns (`*` one segment, `>` the rest)."""
+
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Source patterns (`*` any run of characters); events must carry a matching source."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Set by the server."""
+
+    def __init__(
+        self,
+        *,
+        principal: _builtins.str = ...,
+        types: _abc.Iterable[_builtins.str] | None = ...,
+        sources: _abc.Iterable[_builtins.str] | None = ...,
+        description: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "principal", b"principal", "sources", b"sources", "types", b"types", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Publisher: _TypeAlias = Publisher  # noqa: Y015
+
+@_typing.final
+class RegisterPublisherRequest(_message.Message):
+    """RegisterPublisherRequest carries the new registration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLISHER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def publisher(self) -> Global___Publisher: ...
+    def __init__(
+        self,
+        *,
+        publisher: Global___Publisher | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["publisher", b"publisher"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["publisher", b"publisher"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterPublisherRequest: _TypeAlias = RegisterPublisherRequest  # noqa: Y015
+
+@_typing.final
+class RegisterPublisherResponse(_message.Message):
+    """RegisterPublisherResponse carries the stored registration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLISHER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def publisher(self) -> Global___Publisher: ...
+    def __init__(
+        self,
+        *,
+        publisher: Global___Publisher | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["publisher", b"publisher"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["publisher", b"publisher"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterPublisherResponse: _TypeAlias = RegisterPublisherResponse  # noqa: Y015
+
+@_typing.final
+class UpdatePublisherRequest(_message.Message):
+    """UpdatePublisherRequest carries the replacement registration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLISHER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def publisher(self) -> Global___Publisher: ...
+    def __init__(
+        self,
+        *,
+        publisher: Global___Publisher | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["publisher", b"publisher"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["publisher", b"publisher"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdatePublisherRequest: _TypeAlias = UpdatePublisherRequest  # noqa: Y015
+
+@_typing.final
+class UpdatePublisherResponse(_message.Message):
+    """UpdatePublisherResponse carries the stored registration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLISHER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def publisher(self) -> Global___Publisher: ...
+    def __init__(
+        self,
+        *,
+        publisher: Global___Publisher | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["publisher", b"publisher"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["publisher", b"publisher"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdatePublisherResponse: _TypeAlias = UpdatePublisherResponse  # noqa: Y015
+
+@_typing.final
+class ListPublishersRequest(_message.Message):
+    """ListPublishersRequest lists the caller's tenant's publishers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPublishersRequest: _TypeAlias = ListPublishersRequest  # noqa: Y015
+
+@_typing.final
+class ListPublishersResponse(_message.Message):
+    """ListPublishersResponse carries the publishers, by principal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLISHERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def publishers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Publisher]: ...
+    def __init__(
+        self,
+        *,
+        publishers: _abc.Iterable[Global___Publisher] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["publishers", b"publishers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPublishersResponse: _TypeAlias = ListPublishersResponse  # noqa: Y015
+
+@_typing.final
+class RemovePublisherRequest(_message.Message):
+    """RemovePublisherRequest names the principal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    principal: _builtins.str
+    def __init__(
+        self,
+        *,
+        principal: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePublisherRequest: _TypeAlias = RemovePublisherRequest  # noqa: Y015
+
+@_typing.final
+class RemovePublisherResponse(_message.Message):
+    """RemovePublisherResponse tells whether a registration was removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_FIELD_NUMBER: _builtins.int
+    removed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        removed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePublisherResponse: _TypeAlias = RemovePublisherResponse  # noqa: Y015
+
+@_typing.final
+class ListAuditRecordsRequest(_message.Message):
+    """ListAuditRecordsRequest pages through the audit log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    principal: _builtins.str
+    """Only records of this principal."""
+    outcome: _builtins.str
+    """Only records with this outcome: "allowed", "denied" or "unauthenticated"."""
+    page_size: _builtins.int
+    """At most 1000; 0 means 100."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token."""
+    def __init__(
+        self,
+        *,
+        principal: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditRecordsRequest: _TypeAlias = ListAuditRecordsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditRecordsResponse(_message.Message):
+    """ListAuditRecordsResponse carries one page."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty when this was the last page."""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRecord]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___AuditRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditRecordsResponse: _TypeAlias = ListAuditRecordsResponse  # noqa: Y015
+
+@_typing.final
+class AuditRecord(_message.Message):
+    """AuditRecord is a denied call or an admin action."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    principal: _builtins.str
+    """Empty for callers that did not authenticate."""
+    action: _builtins.str
+    """e.g. "publish", "subscribe", "admin.delete_group", "call"."""
+    resource: _builtins.str
+    """The event type, group, or method the action was on."""
+    outcome: _builtins.str
+    """"allowed", "denied" or "unauthenticated"."""
+    reason: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        principal: _builtins.str = ...,
+        action: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "id", b"id", "outcome", b"outcome", "principal", b"principal", "reason", b"reason", "resource", b"resource", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015

@@ -65,6 +65,31 @@ class AdminStub:
                 request_serializer=nerve_dot_v1_dot_admin__pb2.ListEventTypesRequest.SerializeToString,
                 response_deserializer=nerve_dot_v1_dot_admin__pb2.ListEventTypesResponse.FromString,
                 _registered_method=True)
+        self.RegisterPublisher = channel.unary_unary(
+                '/nerve.v1.Admin/RegisterPublisher',
+                request_serializer=nerve_dot_v1_dot_admin__pb2.RegisterPublisherRequest.SerializeToString,
+                response_deserializer=nerve_dot_v1_dot_admin__pb2.RegisterPublisherResponse.FromString,
+                _registered_method=True)
+        self.UpdatePublisher = channel.unary_unary(
+                '/nerve.v1.Admin/UpdatePublisher',
+                request_serializer=nerve_dot_v1_dot_admin__pb2.UpdatePublisherRequest.SerializeToString,
+                response_deserializer=nerve_dot_v1_dot_admin__pb2.UpdatePublisherResponse.FromString,
+                _registered_method=True)
+        self.ListPublishers = channel.unary_unary(
+                '/nerve.v1.Admin/ListPublishers',
+                request_serializer=nerve_dot_v1_dot_admin__pb2.ListPublishersRequest.SerializeToString,
+                response_deserializer=nerve_dot_v1_dot_admin__pb2.ListPublishersResponse.FromString,
+                _registered_method=True)
+        self.RemovePublisher = channel.unary_unary(
+                '/nerve.v1.Admin/RemovePublisher',
+                request_serializer=nerve_dot_v1_dot_admin__pb2.RemovePublisherRequest.SerializeToString,
+                response_deserializer=nerve_dot_v1_dot_admin__pb2.RemovePublisherResponse.FromString,
+                _registered_method=True)
+        self.ListAuditRecords = channel.unary_unary(
+                '/nerve.v1.Admin/ListAuditRecords',
+                request_serializer=nerve_dot_v1_dot_admin__pb2.ListAuditRecordsRequest.SerializeToString,
+                response_deserializer=nerve_dot_v1_dot_admin__pb2.ListAuditRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -113,6 +138,41 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterPublisher(self, request, context):
+        """RegisterPublisher registers a principal as a publisher of event types, with the sources it may use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdatePublisher(self, request, context):
+        """UpdatePublisher replaces a registered publisher's types, sources and description.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPublishers(self, request, context):
+        """ListPublishers lists the registered publishers of the caller's tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemovePublisher(self, request, context):
+        """RemovePublisher removes a publisher registration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditRecords(self, request, context):
+        """ListAuditRecords lists denied calls and admin actions of the caller's tenant, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +205,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListEventTypes,
                     request_deserializer=nerve_dot_v1_dot_admin__pb2.ListEventTypesRequest.FromString,
                     response_serializer=nerve_dot_v1_dot_admin__pb2.ListEventTypesResponse.SerializeToString,
+            ),
+            'RegisterPublisher': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterPublisher,
+                    request_deserializer=nerve_dot_v1_dot_admin__pb2.RegisterPublisherRequest.FromString,
+                    response_serializer=nerve_dot_v1_dot_admin__pb2.RegisterPublisherResponse.SerializeToString,
+            ),
+            'UpdatePublisher': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePublisher,
+                    request_deserializer=nerve_dot_v1_dot_admin__pb2.UpdatePublisherRequest.FromString,
+                    response_serializer=nerve_dot_v1_dot_admin__pb2.UpdatePublisherResponse.SerializeToString,
+            ),
+            'ListPublishers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPublishers,
+                    request_deserializer=nerve_dot_v1_dot_admin__pb2.ListPublishersRequest.FromString,
+                    response_serializer=nerve_dot_v1_dot_admin__pb2.ListPublishersResponse.SerializeToString,
+            ),
+            'RemovePublisher': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemovePublisher,
+                    request_deserializer=nerve_dot_v1_dot_admin__pb2.RemovePublisherRequest.FromString,
+                    response_serializer=nerve_dot_v1_dot_admin__pb2.RemovePublisherResponse.SerializeToString,
+            ),
+            'ListAuditRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditRecords,
+                    request_deserializer=nerve_dot_v1_dot_admin__pb2.ListAuditRecordsRequest.FromString,
+                    response_serializer=nerve_dot_v1_dot_admin__pb2.ListAuditRecordsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +395,141 @@ class Admin:
             '/nerve.v1.Admin/ListEventTypes',
             nerve_dot_v1_dot_admin__pb2.ListEventTypesRequest.SerializeToString,
             nerve_dot_v1_dot_admin__pb2.ListEventTypesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterPublisher(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nerve.v1.Admin/RegisterPublisher',
+            nerve_dot_v1_dot_admin__pb2.RegisterPublisherRequest.SerializeToString,
+            nerve_dot_v1_dot_admin__pb2.RegisterPublisherResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePublisher(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nerve.v1.Admin/UpdatePublisher',
+            nerve_dot_v1_dot_admin__pb2.UpdatePublisherRequest.SerializeToString,
+            nerve_dot_v1_dot_admin__pb2.UpdatePublisherResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPublishers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nerve.v1.Admin/ListPublishers',
+            nerve_dot_v1_dot_admin__pb2.ListPublishersRequest.SerializeToString,
+            nerve_dot_v1_dot_admin__pb2.ListPublishersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemovePublisher(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nerve.v1.Admin/RemovePublisher',
+            nerve_dot_v1_dot_admin__pb2.RemovePublisherRequest.SerializeToString,
+            nerve_dot_v1_dot_admin__pb2.RemovePublisherResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nerve.v1.Admin/ListAuditRecords',
+            nerve_dot_v1_dot_admin__pb2.ListAuditRecordsRequest.SerializeToString,
+            nerve_dot_v1_dot_admin__pb2.ListAuditRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

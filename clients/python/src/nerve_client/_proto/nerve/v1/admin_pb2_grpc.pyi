@@ -45,6 +45,16 @@ class AdminStub:
     """RedriveDeadLetters sends dead letters back to their group, and only to it."""
     ListEventTypes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEventTypesRequest, _admin_pb2.ListEventTypesResponse]
     """ListEventTypes lists the event types stored so far."""
+    RegisterPublisher: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RegisterPublisherRequest, _admin_pb2.RegisterPublisherResponse]
+    """RegisterPublisher registers a principal as a publisher of event types, with the sources it may use."""
+    UpdatePublisher: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdatePublisherRequest, _admin_pb2.UpdatePublisherResponse]
+    """UpdatePublisher replaces a registered publisher's types, sources and description."""
+    ListPublishers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPublishersRequest, _admin_pb2.ListPublishersResponse]
+    """ListPublishers lists the registered publishers of the caller's tenant."""
+    RemovePublisher: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemovePublisherRequest, _admin_pb2.RemovePublisherResponse]
+    """RemovePublisher removes a publisher registration."""
+    ListAuditRecords: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRecordsRequest, _admin_pb2.ListAuditRecordsResponse]
+    """ListAuditRecords lists denied calls and admin actions of the caller's tenant, oldest first."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -63,6 +73,16 @@ class AdminAsyncStub(AdminStub):
     """RedriveDeadLetters sends dead letters back to their group, and only to it."""
     ListEventTypes: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEventTypesRequest, _admin_pb2.ListEventTypesResponse]  # type: ignore[assignment]
     """ListEventTypes lists the event types stored so far."""
+    RegisterPublisher: _aio.UnaryUnaryMultiCallable[_admin_pb2.RegisterPublisherRequest, _admin_pb2.RegisterPublisherResponse]  # type: ignore[assignment]
+    """RegisterPublisher registers a principal as a publisher of event types, with the sources it may use."""
+    UpdatePublisher: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdatePublisherRequest, _admin_pb2.UpdatePublisherResponse]  # type: ignore[assignment]
+    """UpdatePublisher replaces a registered publisher's types, sources and description."""
+    ListPublishers: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPublishersRequest, _admin_pb2.ListPublishersResponse]  # type: ignore[assignment]
+    """ListPublishers lists the registered publishers of the caller's tenant."""
+    RemovePublisher: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemovePublisherRequest, _admin_pb2.RemovePublisherResponse]  # type: ignore[assignment]
+    """RemovePublisher removes a publisher registration."""
+    ListAuditRecords: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRecordsRequest, _admin_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
+    """ListAuditRecords lists denied calls and admin actions of the caller's tenant, oldest first."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Admin inspects and repairs the bus."""
@@ -114,5 +134,45 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListEventTypesResponse, _abc.Awaitable[_admin_pb2.ListEventTypesResponse]]:
         """ListEventTypes lists the event types stored so far."""
+
+    @_abc_1.abstractmethod
+    def RegisterPublisher(
+        self,
+        request: _admin_pb2.RegisterPublisherRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RegisterPublisherResponse, _abc.Awaitable[_admin_pb2.RegisterPublisherResponse]]:
+        """RegisterPublisher registers a principal as a publisher of event types, with the sources it may use."""
+
+    @_abc_1.abstractmethod
+    def UpdatePublisher(
+        self,
+        request: _admin_pb2.UpdatePublisherRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.UpdatePublisherResponse, _abc.Awaitable[_admin_pb2.UpdatePublisherResponse]]:
+        """UpdatePublisher replaces a registered publisher's types, sources and description."""
+
+    @_abc_1.abstractmethod
+    def ListPublishers(
+        self,
+        request: _admin_pb2.ListPublishersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPublishersResponse, _abc.Awaitable[_admin_pb2.ListPublishersResponse]]:
+        """ListPublishers lists the registered publishers of the caller's tenant."""
+
+    @_abc_1.abstractmethod
+    def RemovePublisher(
+        self,
+        request: _admin_pb2.RemovePublisherRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RemovePublisherResponse, _abc.Awaitable[_admin_pb2.RemovePublisherResponse]]:
+        """RemovePublisher removes a publisher registration."""
+
+    @_abc_1.abstractmethod
+    def ListAuditRecords(
+        self,
+        request: _admin_pb2.ListAuditRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAuditRecordsResponse, _abc.Awaitable[_admin_pb2.ListAuditRecordsResponse]]:
+        """ListAuditRecords lists denied calls and admin actions of the caller's tenant, oldest first."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,240 @@
+//! JWT bearer tokens: allowed algorithms only, keys from an HMAC secret, PEM public keys or a JWKS file
+//! (by `kid`), all re-read when their files change; iss, aud, exp and sub required, nbf checked.
+
+use std::{collections::HashMap, str::FromStr};
+
+use jsonwebtoken::{
+    Algorithm, DecodingKey, Validation, decode, decode_header,
+    errors::ErrorKind,
+    jwk::{Jwk, JwkSet},
+};
+use serde_json::{Map, Value};
+
+use super::{AuthError, config::JwtConfig, watched::Watched};
+
+/// Longest leeway accepted in the configuration.
+pub const MAX_LEEWAY_SECS: u64 = 60;
+
+/// What a valid token says about its bearer.
+#[derive(Debug, Clone)]
+pub struct TokenClaims {
+    /// `sub`.
+    pub subject: String,
+    /// The configured tenant claim, when present.
+    pub tenant: Option<String>,
+}
+
+#[derive(Default)]
+struct Keys {
+    /// Keys for tokens without `kid`; each serves the algorithm family it belongs to.
+    static_keys: Vec<DecodingKey>,
+    /// JWKS keys by `kid`, with the algorithm the JWK pins, if any.
+    by_kid: HashMap<String, (DecodingKey, Option<Algorithm>)>,
+}
+
+/// Verifies bearer tokens.
+pub struct JwtVerifier {
+    config: JwtConfig,
+    algorithms: Vec<Algorithm>,
+    keys: Watched<Keys>,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("algorithms", &self.algorithms)
+            .finish()
+    }
+}
+
+fn load_keys(config: &JwtConfig) -> Result<Keys, String> {
+    let mut keys = Keys::default();
+    if let Some(path) = super::config::path(&config.hs_secret_file) {
+        let secret = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let secret = secret.trim_ascii();
+        if secret.len() < 32 {
+            return Err(format!(
+                "{}: an HMAC secret must be at least 32 bytes",
+                path.display()
+            ));
+        }
+        keys.static_keys.push(DecodingKey::from_secret(secret));
+    }
+    for file in &config.public_key_files {
+        let pem = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
+        let key = DecodingKey::from_rsa_pem(&pem)
+            .or_else(|_| DecodingKey::from_ec_pem(&pem))
+            .or_else(|_| DecodingKey::from_ed_pem(&pem))
+            .map_err(|e| format!("{file}: not an RSA, EC or Ed25519 public key in PEM: {e}"))?;
+        keys.static_keys.push(key);
+    }
+    if let Some(path) = super::config::path(&config.jwks_file) {
+        let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let set: JwkSet = serde_json::from_slice(&text)
+            .map_err(|e| format!("{}: not a JWKS document: {e}", path.display()))?;
+        for jwk in set.keys {
+            let Some(kid) = jwk.common.key_id.clone() else {
+                return Err(format!("{}: every key needs a kid", path.display()));
+            };
+            let alg = jwk_algorithm(&jwk);
+            let key = DecodingKey::from_jwk(&jwk)
+                .map_err(|e| format!("{}: key {kid:?}: {e}", path.display()))?;
+            keys.by_kid.insert(kid, (key, alg));
+        }
+    }
+    Ok(keys)
+}
+
+fn jwk_algorithm(jwk: &Jwk) -> Option<Algorithm> {
+    let alg = jwk.common.key_algorithm?;
+    Algorithm::from_str(&alg.to_string()).ok()
+}
+
+impl JwtVerifier {
+    /// Loads the keys; fails with a message naming the bad setting or file.
+    pub fn new(config: &JwtConfig, reload_interval: std::time::Duration) -> Result<Self, String> {
+        if config.issuer.is_empty() || config.audience.is_empty() {
+            return Err("auth.jwt.issuer and auth.jwt.audience are required with JWT keys".into());
+        }
+        if config.algorithms.is_empty() {
+            return Err(
+                "auth.jwt.algorithms must list the accepted algorithms, e.g. [\"RS256\"]".into(),
+            );
+        }
+        if config.leeway.as_secs() > MAX_LEEWAY_SECS {
+            return Err(format!(
+                "auth.jwt.leeway must be at most {MAX_LEEWAY_SECS}s"
+            ));
+        }
+        let algorithms = config
+            .algorithms
+            .iter()
+            .map(|a| {
+                Algorithm::from_str(a)
+                    .map_err(|_| format!("auth.jwt.algorithms: unknown algorithm {a:?}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut files: Vec<std::path::PathBuf> = Vec::new();
+        files.extend(super::config::path(&config.hs_secret_file));
+        files.extend(config.public_key_files.iter().map(std::path::PathBuf::from));
+        files.extend(super::config::path(&config.jwks_file));
+        let owned = config.clone();
+        let keys = Watched::new("jwt keys", files, reload_interval, move || {
+            load_keys(&owned)
+        })?;
+        Ok(JwtVerifier {
+            config: config.clone(),
+            algorithms,
+            keys,
+        })
+    }
+
+    /// Verifies a token and returns its claims.
+    pub fn verify(&self, token: &str) -> Result<TokenClaims, AuthError> {
+        let bad = |m: String| AuthError::Unauthenticated(m);
+        if token.len() > self.config.max_token_bytes {
+            return Err(bad(format!(
+                "token is larger than {} bytes",
+                self.config.max_token_bytes
+            )));
+        }
+        let header = decode_header(token).map_err(|e| bad(format!("malformed token: {e}")))?;
+        if !self.algorithms.contains(&header.alg) {
+            return Err(bad(format!(
+                "token algorithm {:?} is not accepted (accepted: {})",
+                header.alg,
+                self.config.algorithms.join(", ")
+            )));
+        }
+        let keys = self.keys.get(false);
+        let candidates: Vec<DecodingKey> = match &header.kid {
+            Some(kid) => {
+                // an unknown kid may be a key added since the last check: look at the files now
+                let keys = if keys.by_kid.contains_key(kid) {
+                    keys
+                } else {
+                    self.keys.get(true)
+                };
+                match keys.by_kid.get(kid) {
+                    Some((_, Some(pinned))) if *pinned != header.alg => {
+                        return Err(bad(format!(
+                            "key {kid:?} is for {pinned:?}, not {:?}",
+                            header.alg
+                        )));
+                    }
+                    Some((key, _)) => vec![key.clone()],
+                    None => return Err(bad(format!("unknown key id {kid:?}"))),
+                }
+            }
+            None => keys
+                .static_keys
+                .iter()
+                .filter(|k| k.family() == header.alg.family())
+                .cloned()
+                .collect(),
+        };
+        if candidates.is_empty() {
+            return Err(bad(format!(
+                "no key for algorithm {:?} without a kid",
+                header.alg
+            )));
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.algorithms = vec![header.alg];
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_audience(&[&self.config.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = self.config.leeway.as_secs();
+        let mut last = None;
+        for key in &candidates {
+            match decode::<Map<String, Value>>(token, key, &validation) {
+                Ok(data) => return self.claims(data.claims),
+                Err(e) => {
+                    let signature = matches!(e.kind(), ErrorKind::InvalidSignature);
+                    last = Some(e);
+                    if !signature {
+                        break;
+                    }
+                }
+            }
+        }
+        let reason = match last.as_ref().map(|e| e.kind()) {
+            Some(ErrorKind::ExpiredSignature) => "token has expired".to_owned(),
+            Some(ErrorKind::ImmatureSignature) => "token is not valid yet (nbf)".to_owned(),
+            Some(ErrorKind::InvalidAudience) => {
+                format!("token audience is not {:?}", self.config.audience)
+            }
+            Some(ErrorKind::InvalidIssuer) => {
+                format!("token issuer is not {:?}", self.config.issuer)
+            }
+            Some(ErrorKind::MissingRequiredClaim(claim)) => {
+                format!("token lacks the required claim {claim:?}")
+            }
+            Some(ErrorKind::InvalidSignature) => "token signature does not verify".to_owned(),
+            Some(other) => format!("invalid token: {other:?}"),
+            None => "invalid token".to_owned(),
+        };
+        Err(bad(reason))
+    }
+
+    fn claims(&self, claims: Map<String, Value>) -> Result<TokenClaims, AuthError> {
+        let subject = match claims.get("sub") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => {
+                return Err(AuthError::Unauthenticated(
+                    "token sub must be a non-empty string".into(),
+                ));
+            }
+        };
+        let tenant = if self.config.tenant_claim.is_empty() {
+            None
+        } else {
+            match claims.get(&self.config.tenant_claim) {
+                Some(Value::String(s)) => Some(s.clone()),
+                _ => None,
+            }
+        };
+        Ok(TokenClaims { subject, tenant })
+    }
+}

@@ -1,0 +1,667 @@
+//! Service authentication and authorization.
+//!
+//! One tower layer identifies every call (client certificate and/or JWT bearer token) and puts the
+//! [`Principal`] in the request extensions; grpc.health.v1 passes without credentials because the
+//! kubelet probes without any. Handlers ask [`Auth::check`] before acting; denials and admin actions
+//! go to the audit log (structured log lines plus a store table, readable through Admin).
+
+pub mod config;
+pub mod jwt;
+pub mod policy;
+pub mod tls;
+mod watched;
+
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    sync::{Arc, Mutex, RwLock},
+    task::{Context, Poll},
+};
+
+use futures::future::BoxFuture;
+use governor::{DefaultKeyedRateLimiter, Quota};
+use http::HeaderMap;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::{AuthConfig, ClientAuth, ConnectionsConfig, JwtConfig, TlsConfig};
+pub use policy::Action;
+use policy::{Evaluator, Policy, Registry};
+pub use tls::{ConnInfo, Tls};
+use watched::Watched;
+
+use crate::store::{AuditRecord, EventStore};
+
+pub use crate::bus::DEFAULT_TENANT;
+
+/// Errors of authentication and authorization; each maps to one gRPC status.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    /// The caller is not identified.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller is identified but not allowed.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A per-principal limit is reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
+}
+
+/// The verified caller of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Certificate identity or token subject; "anonymous" when auth is off.
+    pub id: String,
+    pub tenant: String,
+    /// True when auth is off: every action is allowed.
+    pub unrestricted: bool,
+}
+
+enum AuditMessage {
+    Record(AuditRecord),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Authentication state shared by the layer and the handlers.
+pub struct Auth {
+    enabled: bool,
+    client_cert_required: bool,
+    jwt: Option<jwt::JwtVerifier>,
+    policy: Option<Watched<Policy>>,
+    registry: RwLock<Arc<Registry>>,
+    store: Arc<dyn EventStore>,
+    audit: mpsc::Sender<AuditMessage>,
+    publish_rate: Option<DefaultKeyedRateLimiter<String>>,
+    streams: Arc<Mutex<HashMap<String, usize>>>,
+    max_streams_per_principal: usize,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts a principal's open streams; dropping it closes one.
+#[derive(Debug)]
+pub struct StreamPermit {
+    streams: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = streams.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Auth {
+    /// True when TLS client certificates or JWT keys are configured.
+    pub fn configured(tls: &TlsConfig, auth: &AuthConfig) -> bool {
+        !tls.client_ca_file.is_empty() || auth.jwt.enabled()
+    }
+
+    /// Loads keys and policy and starts the audit writer and registry refresher; errors name the setting.
+    pub async fn start(
+        tls: &TlsConfig,
+        config: &AuthConfig,
+        connections: &ConnectionsConfig,
+        store: Arc<dyn EventStore>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, String> {
+        let enabled = Auth::configured(tls, config);
+        if !enabled && !config.policy_file.is_empty() {
+            return Err("auth.policy_file needs a way to identify callers: set tls.client_ca_file or auth.jwt keys".into());
+        }
+        let jwt = if config.jwt.enabled() {
+            Some(jwt::JwtVerifier::new(
+                &config.jwt,
+                config.reload_check_interval,
+            )?)
+        } else {
+            None
+        };
+        let policy = if enabled {
+            let files: Vec<_> = config::path(&config.policy_file).into_iter().collect();
+            let path = config::path(&config.policy_file);
+            if path.is_none() {
+                warn!(
+                    "auth is on without auth.policy_file: only registered publishers may publish, nothing else is allowed"
+                );
+            }
+            Some(Watched::new(
+                "policy",
+                files,
+                config.reload_check_interval,
+                move || match &path {
+                    Some(path) => Policy::load(path),
+                    None => Ok(Policy::default()),
+                },
+            )?)
+        } else {
+            None
+        };
+        let publish_rate = NonZeroU32::new(connections.publish_rate_per_principal).map(|rate| {
+            let burst = NonZeroU32::new(connections.publish_burst).unwrap_or(rate);
+            DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        let (audit, audit_rx) = mpsc::channel(10_000);
+        let auth = Arc::new(Auth {
+            enabled,
+            client_cert_required: !tls.client_ca_file.is_empty()
+                && tls.client_auth == ClientAuth::Required,
+            jwt,
+            policy,
+            registry: RwLock::new(Arc::new(Registry::default())),
+            store: store.clone(),
+            audit,
+            publish_rate,
+            streams: Arc::new(Mutex::new(HashMap::new())),
+            max_streams_per_principal: connections.max_streams_per_principal,
+        });
+        tokio::spawn(write_audit(store, audit_rx));
+        if enabled {
+            if let Err(error) = auth.refresh_registry().await {
+                warn!(%error, "could not read the publisher registry; retrying in the background");
+            }
+            tokio::spawn(refresh_registry(
+                auth.clone(),
+                config.registry_refresh_interval,
+                shutdown,
+            ));
+            info!(
+                mtls = !tls.client_ca_file.is_empty(),
+                jwt = config.jwt.enabled(),
+                policy = %config.policy_file,
+                "authentication on"
+            );
+        }
+        Ok(auth)
+    }
+
+    /// True when callers must authenticate.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Re-reads the publisher registry from the store.
+    pub async fn refresh_registry(&self) -> Result<(), String> {
+        let publishers = self.store.publishers().await.map_err(|e| e.to_string())?;
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(Registry::new(&publishers));
+        Ok(())
+    }
+
+    /// Identifies the caller of a request from its connection and metadata.
+    pub fn authenticate(
+        &self,
+        conn: Option<&ConnInfo>,
+        headers: &HeaderMap,
+    ) -> Result<Principal, AuthError> {
+        if !self.enabled {
+            return Ok(Principal {
+                id: "anonymous".into(),
+                tenant: DEFAULT_TENANT.into(),
+                unrestricted: true,
+            });
+        }
+        let unauthenticated = |m: &str| AuthError::Unauthenticated(m.to_owned());
+        let certificate = match conn.and_then(|c| c.peer.clone()) {
+            Some(Ok(id)) => Some(id),
+            Some(Err(reason)) => return Err(AuthError::Unauthenticated(reason)),
+            None => None,
+        };
+        if self.client_cert_required && certificate.is_none() {
+            return Err(unauthenticated(
+                "a client certificate from the configured CA is required (mTLS)",
+            ));
+        }
+        let token = match headers.get(http::header::AUTHORIZATION) {
+            None => None,
+            Some(value) => {
+                let value = value
+                    .to_str()
+                    .map_err(|_| unauthenticated("authorization metadata is not ASCII"))?;
+                let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+                if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+                    return Err(unauthenticated(
+                        "authorization metadata must be \"Bearer <token>\"",
+                    ));
+                }
+                Some(token.trim())
+            }
+        };
+        let claims = match (token, &self.jwt) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(unauthenticated(
+                    "bearer tokens are not accepted here: no JWT keys are configured",
+                ));
+            }
+            (Some(token), Some(jwt)) => Some(jwt.verify(token)?),
+        };
+        let (id, token_tenant) = match (certificate, claims) {
+            (None, None) => {
+                return Err(unauthenticated(
+                    "credentials required: a client certificate or a bearer token",
+                ));
+            }
+            (Some(cert), Some(claims)) if claims.subject != cert => {
+                return Err(AuthError::PermissionDenied(format!(
+                    "token subject {:?} does not match the client certificate identity {cert:?}",
+                    claims.subject
+                )));
+            }
+            (Some(cert), claims) => (cert, claims.and_then(|c| c.tenant)),
+            (None, Some(claims)) => (claims.subject, claims.tenant),
+        };
+        let file_tenant = self
+            .policy
+            .as_ref()
+            .and_then(|p| p.get(false).principal(&id).and_then(|e| e.tenant.clone()));
+        let tenant = match (file_tenant, token_tenant) {
+            (Some(t), _) => t,
+            (None, Some(t)) => {
+                policy::validate_tenant(&t).map_err(AuthError::Unauthenticated)?;
+                t
+            }
+            (None, None) => DEFAULT_TENANT.to_owned(),
+        };
+        Ok(Principal {
+            id,
+            tenant,
+            unrestricted: false,
+        })
+    }
+
+    /// Evaluates with the current policy and registry.
+    fn decide(
+        &self,
+        principal: &Principal,
+        decide: impl FnOnce(&Evaluator<'_>) -> policy::Decision,
+    ) -> policy::Decision {
+        if principal.unrestricted {
+            return Ok(());
+        }
+        let policy = self
+            .policy
+            .as_ref()
+            .map(|p| p.get(false))
+            .unwrap_or_default();
+        let registry = self
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        decide(&Evaluator {
+            id: &principal.id,
+            tenant: &principal.tenant,
+            policy: &policy,
+            registry: &registry,
+        })
+    }
+
+    /// Decides with the current policy and registry; a denial is audited and returned as PERMISSION_DENIED.
+    pub fn check(
+        &self,
+        principal: &Principal,
+        action: &str,
+        resource: &str,
+        decide: impl FnOnce(&Evaluator<'_>) -> policy::Decision,
+    ) -> Result<(), AuthError> {
+        self.decide(principal, decide).map_err(|reason| {
+            self.record(principal, action, resource, "denied", &reason);
+            AuthError::PermissionDenied(format!("permission denied: {reason}"))
+        })
+    }
+
+    /// Tells whether the check passes, without auditing (for filtering lists).
+    pub fn permits(
+        &self,
+        principal: &Principal,
+        decide: impl FnOnce(&Evaluator<'_>) -> policy::Decision,
+    ) -> bool {
+        self.decide(principal, decide).is_ok()
+    }
+
+    /// Counts a publish call against the principal's rate.
+    pub fn check_publish_rate(&self, principal: &Principal) -> Result<(), AuthError> {
+        match &self.publish_rate {
+            Some(limiter) if limiter.check_key(&principal.id).is_err() => {
+                Err(AuthError::ResourceExhausted(format!(
+                    "publish rate limit exceeded for {:?}; retry later",
+                    principal.id
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Opens a stream for the principal, or refuses when it has the most it may have.
+    pub fn open_stream(&self, principal: &Principal) -> Result<StreamPermit, AuthError> {
+        let key = format!("{}\u{0}{}", principal.tenant, principal.id);
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let open = streams.entry(key.clone()).or_default();
+        if *open >= self.max_streams_per_principal {
+            return Err(AuthError::ResourceExhausted(format!(
+                "{:?} already has {} open streams, the most allowed per principal",
+                principal.id, self.max_streams_per_principal
+            )));
+        }
+        *open += 1;
+        Ok(StreamPermit {
+            streams: self.streams.clone(),
+            key,
+        })
+    }
+
+    /// Records an audit entry: a log line now, a store row soon after.
+    pub fn record(
+        &self,
+        principal: &Principal,
+        action: &str,
+        resource: &str,
+        outcome: &str,
+        reason: &str,
+    ) {
+        self.record_raw(
+            &principal.tenant,
+            &principal.id,
+            action,
+            resource,
+            outcome,
+            reason,
+        );
+    }
+
+    fn record_raw(
+        &self,
+        tenant: &str,
+        principal: &str,
+        action: &str,
+        resource: &str,
+        outcome: &str,
+        reason: &str,
+    ) {
+        info!(target: "nerve::audit", tenant, principal, action, resource, outcome, reason, "audit");
+        let record = AuditRecord {
+            id: 0,
+            time: chrono::Utc::now(),
+            tenant: tenant.to_owned(),
+            principal: principal.to_owned(),
+            action: action.to_owned(),
+            resource: resource.to_owned(),
+            outcome: outcome.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if self.audit.try_send(AuditMessage::Record(record)).is_err() {
+            warn!(target: "nerve::audit", "audit queue full; the record above is only in the log");
+        }
+    }
+
+    /// Waits until every audit record made so far is in the store.
+    pub async fn flush_audit(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.audit.send(AuditMessage::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+async fn write_audit(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<AuditMessage>) {
+    while let Some(first) = rx.recv().await {
+        let mut records = Vec::new();
+        let mut flushes = Vec::new();
+        let mut next = Some(first);
+        while let Some(message) = next {
+            match message {
+                AuditMessage::Record(r) => records.push(r),
+                AuditMessage::Flush(tx) => flushes.push(tx),
+            }
+            next = if records.len() < 512 {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if !records.is_empty()
+            && let Err(error) = store.append_audit(&records).await
+        {
+            warn!(target: "nerve::audit", %error, lost = records.len(), "could not store audit records (they are in the log)");
+        }
+        for tx in flushes {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn refresh_registry(
+    auth: Arc<Auth>,
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if let Err(error) = auth.refresh_registry().await {
+            warn!(%error, "could not refresh the publisher registry");
+        }
+    }
+}
+
+/// The tower layer that authenticates every call except health checks.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    auth: Arc<Auth>,
+}
+
+impl AuthLayer {
+    /// Wraps the shared state.
+    pub fn new(auth: Arc<Auth>) -> Self {
+        AuthLayer { auth }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            auth: self.auth.clone(),
+            inner,
+        }
+    }
+}
+
+/// See [`AuthLayer`].
+#[derive(Debug, Clone)]
+pub struct AuthService<S> {
+    auth: Arc<Auth>,
+    inner: S,
+}
+
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+const PUBLISH_PATH: &str = "/nerve.v1.EventBus/Publish";
+
+impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        if !path.starts_with(HEALTH_PREFIX) {
+            let identified = self
+                .auth
+                .authenticate(request.extensions().get::<ConnInfo>(), request.headers())
+                .and_then(|principal| {
+                    if path == PUBLISH_PATH {
+                        self.auth.check_publish_rate(&principal)?;
+                    }
+                    Ok(principal)
+                });
+            match identified {
+                Ok(principal) => {
+                    request.extensions_mut().insert(principal);
+                }
+                Err(error) => {
+                    let (outcome, tenant) = match &error {
+                        AuthError::Unauthenticated(_) => ("unauthenticated", ""),
+                        _ => ("denied", ""),
+                    };
+                    if !matches!(error, AuthError::ResourceExhausted(_)) {
+                        self.auth.record_raw(
+                            tenant,
+                            "",
+                            "call",
+                            &path,
+                            outcome,
+                            &error.to_string(),
+                        );
+                    }
+                    let status = crate::api::status::to_status(error.into());
+                    return Box::pin(async move { Ok(status.into_http()) });
+                }
+            }
+        }
+        // the clone is ready only after poll_ready: call the ready one, keep the clone
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(inner.call(request))
+    }
+}
+
+/// Why a registry change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registration is malformed (field and reason).
+    #[error("{0}: {1}")]
+    Invalid(String, String),
+    /// The principal is already registered.
+    #[error("publisher {0:?} is already registered; use UpdatePublisher")]
+    Exists(String),
+    /// The principal is not registered.
+    #[error("publisher {0:?} is not registered")]
+    Missing(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl From<RegistryError> for crate::bus::BusError {
+    fn from(e: RegistryError) -> Self {
+        use crate::bus::BusError;
+        match e {
+            RegistryError::Invalid(field, reason) => {
+                BusError::Invalid(crate::event::InvalidInput::field(field, reason))
+            }
+            RegistryError::Exists(_) => BusError::FailedPrecondition(e.to_string()),
+            RegistryError::Missing(_) => BusError::NotFound(e.to_string()),
+            RegistryError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl Auth {
+    fn valid_publisher(publisher: &crate::store::Publisher) -> Result<(), RegistryError> {
+        if publisher.principal.is_empty() || publisher.principal.len() > 1024 {
+            return Err(RegistryError::Invalid(
+                "publisher.principal".into(),
+                "must be 1 to 1024 bytes".into(),
+            ));
+        }
+        if publisher.types.len() > 256 || publisher.sources.len() > 256 {
+            return Err(RegistryError::Invalid(
+                "publisher".into(),
+                "at most 256 types and 256 sources".into(),
+            ));
+        }
+        policy::parse_publisher(&publisher.types, &publisher.sources)
+            .map(|_| ())
+            .map_err(|e| {
+                let (field, reason) = e.split_once(": ").unwrap_or(("", e.as_str()));
+                RegistryError::Invalid(format!("publisher.{field}"), reason.to_owned())
+            })
+    }
+
+    /// Registers a publisher (or replaces one, with `update`) and refreshes the registry at once.
+    pub async fn put_publisher(
+        &self,
+        publisher: &crate::store::Publisher,
+        update: bool,
+    ) -> Result<(), RegistryError> {
+        Auth::valid_publisher(publisher)?;
+        let done = if update {
+            self.store.update_publisher(publisher).await?
+        } else {
+            self.store.insert_publisher(publisher).await?
+        };
+        match (done, update) {
+            (true, _) => {}
+            (false, true) => return Err(RegistryError::Missing(publisher.principal.clone())),
+            (false, false) => return Err(RegistryError::Exists(publisher.principal.clone())),
+        }
+        self.refresh_registry()
+            .await
+            .map_err(|e| RegistryError::Store(crate::store::StoreError::Unavailable(e)))
+    }
+
+    /// Removes a publisher; false when it was not registered.
+    pub async fn remove_publisher(
+        &self,
+        tenant: &str,
+        principal: &str,
+    ) -> Result<bool, RegistryError> {
+        let removed = self.store.remove_publisher(tenant, principal).await?;
+        self.refresh_registry()
+            .await
+            .map_err(|e| RegistryError::Store(crate::store::StoreError::Unavailable(e)))?;
+        Ok(removed)
+    }
+
+    /// The registered publishers of a tenant.
+    pub async fn publishers(
+        &self,
+        tenant: &str,
+    ) -> Result<Vec<crate::store::Publisher>, crate::store::StoreError> {
+        Ok(self
+            .store
+            .publishers()
+            .await?
+            .into_iter()
+            .filter(|p| p.tenant == tenant)
+            .collect())
+    }
+
+    /// Reads audit records, after writing out those still queued.
+    pub async fn audit_records(
+        &self,
+        query: &crate::store::AuditQuery,
+    ) -> Result<Vec<AuditRecord>, crate::store::StoreError> {
+        self.flush_audit().await;
+        self.store.audit(query).await
+    }
+}

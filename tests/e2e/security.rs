@@ -1,0 +1,1160 @@
+//! Authentication, authorization, tenants, audit and connection limits, over real TLS and gRPC.
+
+use std::{path::Path, time::Duration};
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use nerve::{api::pb, config::Config};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+use tonic::{
+    Code, Request, Status,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::harness::{Subscriber, TestServer, WAIT, event, open};
+
+const ISSUER: &str = "https://issuer.test";
+const AUDIENCE: &str = "nerve";
+const HS_SECRET: &str = "a-test-secret-that-is-at-least-32-bytes-long";
+const RSA_KEY: &str = include_str!("fixtures/jwt-rsa-test-key.pem");
+const RSA_PUB: &str = include_str!("fixtures/jwt-rsa-test-pub.pem");
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn claims(sub: &str) -> serde_json::Value {
+    json!({"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 600})
+}
+
+fn sign(
+    claims: &serde_json::Value,
+    alg: Algorithm,
+    key: &EncodingKey,
+    kid: Option<&str>,
+) -> String {
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, key).expect("sign")
+}
+
+fn hs_token(claims: &serde_json::Value) -> String {
+    sign(
+        claims,
+        Algorithm::HS256,
+        &EncodingKey::from_secret(HS_SECRET.as_bytes()),
+        None,
+    )
+}
+
+fn authorized<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    request
+}
+
+fn sourced(id: &str, event_type: &str, source: &str) -> pb::Event {
+    let mut e = event(id, event_type);
+    e.source = source.to_owned();
+    e
+}
+
+async fn publish_as(
+    server: &TestServer,
+    token: &str,
+    events: Vec<pb::Event>,
+) -> Result<pb::PublishResponse, Status> {
+    server
+        .bus()
+        .publish(authorized(pb::PublishRequest { events }, token))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn assert_status<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, needle: &str) {
+    let status = result.expect_err("the call must be refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(needle),
+        "{needle:?} not in {:?}",
+        status.message()
+    );
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path.display().to_string()
+}
+
+// ---- JWT ----
+
+fn ec_jwk(key: &KeyPair, kid: &str) -> serde_json::Value {
+    // an uncompressed P-256 point: 0x04, x, y
+    let raw = key.public_key_raw();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+           "x": b64.encode(&raw[1..33]), "y": b64.encode(&raw[33..65])})
+}
+
+fn es_token(key: &KeyPair, kid: &str, claims: &serde_json::Value) -> String {
+    let pem = key.serialize_pem();
+    sign(
+        claims,
+        Algorithm::ES256,
+        &EncodingKey::from_ec_pem(pem.as_bytes()).expect("ec key"),
+        Some(kid),
+    )
+}
+
+const PUBLISHER_POLICY: &str = r#"
+[[principal]]
+id = "svc"
+sources = ["//tests"]
+allow = { publish = ["t.>"] }
+"#;
+
+#[tokio::test]
+async fn bad_tokens_are_unauthenticated_and_rotated_keys_work_without_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k1 = KeyPair::generate().expect("key");
+    let k2 = KeyPair::generate().expect("key");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [ec_jwk(&k1, "k1")]}).to_string()).expect("jwks");
+    let rsa_pub = write(dir.path(), "rsa.pub.pem", RSA_PUB);
+    let policy = write(dir.path(), "policy.toml", PUBLISHER_POLICY);
+    let server = TestServer::start_with(|c| {
+        c.auth.jwt.issuer = ISSUER.into();
+        c.auth.jwt.audience = AUDIENCE.into();
+        c.auth.jwt.algorithms = vec!["RS256".into(), "ES256".into()];
+        c.auth.jwt.public_key_files = vec![rsa_pub.clone()];
+        c.auth.jwt.jwks_file = jwks.display().to_string();
+        c.auth.jwt.max_token_bytes = 4096;
+        // check the key files on every use, so the rotation below needs no waiting
+        c.auth.reload_check_interval = Duration::ZERO;
+        c.auth.policy_file = policy.clone();
+    })
+    .await;
+    let rsa = EncodingKey::from_rsa_pem(RSA_KEY.as_bytes()).expect("rsa key");
+    let ok = |id: &str| vec![event(id, "t.created")];
+
+    // the good tokens work: RS256 from the PEM key, ES256 from the JWKS by kid
+    let good = sign(&claims("svc"), Algorithm::RS256, &rsa, None);
+    publish_as(&server, &good, ok("rs"))
+        .await
+        .expect("RS256 accepted");
+    publish_as(&server, &es_token(&k1, "k1", &claims("svc")), ok("es"))
+        .await
+        .expect("ES256 by kid accepted");
+
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let alg_none = format!(
+        "{}.{}.",
+        b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+        b64.encode(claims("svc").to_string())
+    );
+    let mut no_exp = claims("svc");
+    no_exp.as_object_mut().expect("object").remove("exp");
+    let mut expired = claims("svc");
+    expired["exp"] = json!(now() - 120);
+    let mut early = claims("svc");
+    early["nbf"] = json!(now() + 300);
+    let mut wrong_aud = claims("svc");
+    wrong_aud["aud"] = json!("someone-else");
+    let mut wrong_iss = claims("svc");
+    wrong_iss["iss"] = json!("https://evil.test");
+    let mut huge = claims("svc");
+    huge["padding"] = json!("x".repeat(5000));
+    let cases = [
+        (alg_none, "malformed token"),
+        (
+            // the classic confusion: the server's RSA public key used as an HMAC secret
+            sign(
+                &claims("svc"),
+                Algorithm::HS256,
+                &EncodingKey::from_secret(RSA_PUB.as_bytes()),
+                None,
+            ),
+            "not accepted",
+        ),
+        (sign(&wrong_aud, Algorithm::RS256, &rsa, None), "audience"),
+        (sign(&wrong_iss, Algorithm::RS256, &rsa, None), "issuer"),
+        (sign(&no_exp, Algorithm::RS256, &rsa, None), "exp"),
+        (sign(&expired, Algorithm::RS256, &rsa, None), "expired"),
+        (sign(&early, Algorithm::RS256, &rsa, None), "not valid yet"),
+        (es_token(&k2, "k2", &claims("svc")), "unknown key id"),
+        (sign(&huge, Algorithm::RS256, &rsa, None), "larger than"),
+    ];
+    for (token, needle) in cases {
+        assert_status(
+            publish_as(&server, &token, ok("bad")).await,
+            Code::Unauthenticated,
+            needle,
+        );
+    }
+    assert_status(
+        server
+            .bus()
+            .publish(pb::PublishRequest { events: ok("none") })
+            .await,
+        Code::Unauthenticated,
+        "credentials required",
+    );
+
+    // rotation: k2 added and k1 removed in the JWKS file, no restart
+    std::fs::write(&jwks, json!({"keys": [ec_jwk(&k2, "k2")]}).to_string()).expect("jwks");
+    publish_as(&server, &es_token(&k2, "k2", &claims("svc")), ok("k2"))
+        .await
+        .expect("a newly added key is accepted");
+    assert_status(
+        publish_as(&server, &es_token(&k1, "k1", &claims("svc")), ok("k1")).await,
+        Code::Unauthenticated,
+        "unknown key id",
+    );
+}
+
+// ---- mTLS ----
+
+struct Pki {
+    ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Self {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("ca");
+        Pki {
+            ca_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate and key (PEM) with these SANs and common name.
+    fn issue(&self, sans: Vec<SanType>, cn: &str) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names = sans;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+fn uri(u: &str) -> SanType {
+    SanType::URI(u.try_into().expect("ia5"))
+}
+
+fn dns(d: &str) -> SanType {
+    SanType::DnsName(d.try_into().expect("ia5"))
+}
+
+/// Server certificate files, CA file and an adjusted config for TLS with client certificates.
+fn tls_config(c: &mut Config, dir: &Path, pki: &Pki) {
+    let (cert, key) = pki.issue(vec![dns("localhost")], "server");
+    c.tls.cert_file = write(dir, "server.pem", &cert);
+    c.tls.key_file = write(dir, "server.key", &key);
+    c.tls.client_ca_file = write(dir, "ca.pem", &pki.ca_pem);
+}
+
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    identity: Option<&(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://localhost:{}", addr.port()))
+        .expect("uri")
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+async fn tls_publish(
+    server: &TestServer,
+    ca_pem: &str,
+    identity: Option<&(String, String)>,
+    token: Option<&str>,
+) -> Result<pb::PublishResponse, Status> {
+    let channel = tls_channel(server.addr(), ca_pem, identity)
+        .await
+        .map_err(|e| Status::unavailable(format!("connect: {e:?}")))?;
+    let events = vec![sourced(
+        &uuid::Uuid::new_v4().to_string(),
+        "t.created",
+        "//planner",
+    )];
+    let mut request = Request::new(pb::PublishRequest { events });
+    if let Some(token) = token {
+        request = authorized(request.into_inner(), token);
+    }
+    pb::event_bus_client::EventBusClient::new(channel)
+        .publish(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn client_certificates_are_verified_and_give_the_identity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new("nerve test ca");
+    let policy = write(
+        dir.path(),
+        "policy.toml",
+        r#"
+[[principal]]
+id = "spiffe://nerve.test/planner"
+sources = ["//planner"]
+allow = { publish = ["t.>"] }
+"#,
+    );
+    let rsa_pub = write(dir.path(), "rsa.pub.pem", RSA_PUB);
+    let server = TestServer::start_with(|c| {
+        tls_config(c, dir.path(), &pki);
+        c.health_listen = "127.0.0.1:0".into();
+        c.auth.policy_file = policy.clone();
+        c.auth.jwt.issuer = ISSUER.into();
+        c.auth.jwt.audience = AUDIENCE.into();
+        c.auth.jwt.algorithms = vec!["RS256".into()];
+        c.auth.jwt.public_key_files = vec![rsa_pub.clone()];
+    })
+    .await;
+    let planner = pki.issue(vec![uri("spiffe://nerve.test/planner")], "planner");
+    tls_publish(&server, &pki.ca_pem, Some(&planner), None)
+        .await
+        .expect("a certificate with one URI SAN identifies the caller");
+
+    assert_status(
+        tls_publish(&server, &pki.ca_pem, None, None).await,
+        Code::Unauthenticated,
+        "client certificate",
+    );
+    let two_uris = pki.issue(
+        vec![uri("spiffe://nerve.test/a"), uri("spiffe://nerve.test/b")],
+        "two",
+    );
+    assert_status(
+        tls_publish(&server, &pki.ca_pem, Some(&two_uris), None).await,
+        Code::Unauthenticated,
+        "2 URI SANs",
+    );
+    let cn_only = pki.issue(vec![], "spiffe://nerve.test/planner");
+    assert_status(
+        tls_publish(&server, &pki.ca_pem, Some(&cn_only), None).await,
+        Code::Unauthenticated,
+        "CN-only",
+    );
+    // a certificate from another CA fails the handshake: no call gets through
+    let foreign = Pki::new("foreign ca").issue(vec![uri("spiffe://nerve.test/planner")], "x");
+    let refused = tls_publish(&server, &pki.ca_pem, Some(&foreign), None).await;
+    assert!(refused.is_err(), "foreign CA accepted: {refused:?}");
+    // certificate and token must name the same principal
+    let rsa = EncodingKey::from_rsa_pem(RSA_KEY.as_bytes()).expect("rsa key");
+    let other = sign(
+        &claims("spiffe://nerve.test/tester"),
+        Algorithm::RS256,
+        &rsa,
+        None,
+    );
+    assert_status(
+        tls_publish(&server, &pki.ca_pem, Some(&planner), Some(&other)).await,
+        Code::PermissionDenied,
+        "does not match",
+    );
+    let same = sign(
+        &claims("spiffe://nerve.test/planner"),
+        Algorithm::RS256,
+        &rsa,
+        None,
+    );
+    tls_publish(&server, &pki.ca_pem, Some(&planner), Some(&same))
+        .await
+        .expect("matching token and certificate");
+
+    // health needs no credentials: over TLS without a client certificate, and on the plaintext port
+    let channel = tls_channel(server.addr(), &pki.ca_pem, None)
+        .await
+        .expect("TLS without a client certificate connects");
+    let tls_health = HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("health over TLS without credentials");
+    assert_eq!(tls_health.into_inner().status, 1, "SERVING");
+    let plain = crate::harness::connect(server.health_addr().expect("health listener")).await;
+    let mut health = HealthClient::new(plain.clone());
+    let status = health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("plaintext health")
+        .into_inner();
+    assert_eq!(status.status, 1, "SERVING");
+    // the health port serves nothing else
+    let status = pb::event_bus_client::EventBusClient::new(plain)
+        .publish(pb::PublishRequest { events: vec![] })
+        .await
+        .expect_err("only health on the health port");
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+}
+
+#[tokio::test]
+async fn a_server_certificate_replaced_on_disk_is_served_without_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = Pki::new("first ca");
+    let server = TestServer::start_with(|c| {
+        let (cert, key) = first.issue(vec![dns("localhost")], "server");
+        c.tls.cert_file = write(dir.path(), "server.pem", &cert);
+        c.tls.key_file = write(dir.path(), "server.key", &key);
+        c.auth.reload_check_interval = Duration::ZERO;
+        c.auth.jwt.issuer = ISSUER.into();
+        c.auth.jwt.audience = AUDIENCE.into();
+        c.auth.jwt.algorithms = vec!["HS256".into()];
+        c.auth.jwt.hs_secret_file = write(dir.path(), "hs.secret", HS_SECRET);
+    })
+    .await;
+    tls_channel(server.addr(), &first.ca_pem, None)
+        .await
+        .expect("first certificate served");
+    let second = Pki::new("second ca");
+    let (cert, key) = second.issue(vec![dns("localhost")], "server");
+    // key first, then certificate: a reload between the two writes fails and keeps the old pair
+    write(dir.path(), "server.key", &key);
+    write(dir.path(), "server.pem", &cert);
+    tls_channel(server.addr(), &second.ca_pem, None)
+        .await
+        .expect("the new certificate is served without restart");
+    assert!(
+        tls_channel(server.addr(), &first.ca_pem, None)
+            .await
+            .is_err()
+    );
+}
+
+// ---- authorization, tenants, registry, audit ----
+
+const POLICY: &str = r#"
+[[principal]]
+id = "planner"
+tenant = "acme"
+allow = { publish = ["task.>"], subscribe = ["task.>"], groups = ["planners"], replay = ["task.>"], request = ["tool.*"] }
+
+[[principal]]
+id = "tool"
+tenant = "acme"
+allow = { subscribe = ["tool.>"], reply = ["tool.*"] }
+
+[[principal]]
+id = "intruder"
+tenant = "acme"
+allow = { subscribe = ["tool.>"] }
+
+[[principal]]
+id = "rival"
+tenant = "globex"
+allow = { publish = ["task.>"], subscribe = [">"], replay = [">"] }
+
+[[principal]]
+id = "admin"
+tenant = "acme"
+allow = { admin = ["*"] }
+
+[[principal]]
+id = "root"
+allow = { admin = ["audit"] }
+"#;
+
+async fn policy_server(dir: &Path) -> TestServer {
+    let policy = write(dir, "policy.toml", POLICY);
+    let secret = write(dir, "hs.secret", HS_SECRET);
+    TestServer::start_with(|c| {
+        c.auth.jwt.issuer = ISSUER.into();
+        c.auth.jwt.audience = AUDIENCE.into();
+        c.auth.jwt.algorithms = vec!["HS256".into()];
+        c.auth.jwt.hs_secret_file = secret;
+        c.auth.jwt.tenant_claim = "tenant".into();
+        c.auth.policy_file = policy;
+    })
+    .await
+}
+
+async fn audit_records(server: &TestServer, admin: &str) -> Vec<pb::AuditRecord> {
+    server
+        .admin()
+        .list_audit_records(authorized(
+            pb::ListAuditRecordsRequest {
+                page_size: 1000,
+                ..Default::default()
+            },
+            admin,
+        ))
+        .await
+        .expect("admin reads the audit log")
+        .into_inner()
+        .records
+}
+
+#[tokio::test]
+async fn policy_denies_what_it_does_not_grant_and_audits_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = policy_server(dir.path()).await;
+    let planner = hs_token(&claims("planner"));
+    let admin = hs_token(&claims("admin"));
+    let mut bus = server.bus();
+
+    publish_as(
+        &server,
+        &planner,
+        vec![sourced("p1", "task.created", "planner/1")],
+    )
+    .await
+    .expect("granted type, own source");
+    assert_status(
+        publish_as(
+            &server,
+            &planner,
+            vec![sourced("p2", "plan.created", "planner")],
+        )
+        .await,
+        Code::PermissionDenied,
+        "not registered to publish \"plan.created\"",
+    );
+    assert_status(
+        publish_as(
+            &server,
+            &planner,
+            vec![sourced("p3", "task.created", "tool")],
+        )
+        .await,
+        Code::PermissionDenied,
+        "source \"tool\" does not belong",
+    );
+    assert_status(
+        Subscriber::open_as(&mut bus, open(&[">"], ""), Some(&planner))
+            .await
+            .map(|_| ()),
+        Code::PermissionDenied,
+        "may not subscribe >",
+    );
+    assert_status(
+        Subscriber::open_as(&mut bus, open(&["task.>"], "testers"), Some(&planner))
+            .await
+            .map(|_| ()),
+        Code::PermissionDenied,
+        "join group \"testers\"",
+    );
+    Subscriber::open_as(&mut bus, open(&["task.>"], "planners"), Some(&planner))
+        .await
+        .expect("granted types and group");
+    assert_status(
+        server
+            .admin()
+            .delete_group(authorized(
+                pb::DeleteGroupRequest {
+                    group: "planners".into(),
+                },
+                &planner,
+            ))
+            .await,
+        Code::PermissionDenied,
+        "may not administer \"groups/planners\"",
+    );
+    assert_status(
+        server
+            .admin()
+            .list_audit_records(authorized(pb::ListAuditRecordsRequest::default(), &planner))
+            .await,
+        Code::PermissionDenied,
+        "audit",
+    );
+    // a caller with no credentials at all
+    assert_status(
+        bus.publish(pb::PublishRequest {
+            events: vec![event("anon", "task.created")],
+        })
+        .await,
+        Code::Unauthenticated,
+        "credentials required",
+    );
+
+    let records = audit_records(&server, &admin).await;
+    let has = |principal: &str, action: &str, resource: &str, outcome: &str| {
+        records.iter().any(|r| {
+            r.principal == principal
+                && r.action == action
+                && r.resource == resource
+                && r.outcome == outcome
+                && r.time.is_some()
+        })
+    };
+    assert!(
+        has("planner", "publish", "plan.created", "denied"),
+        "{records:#?}"
+    );
+    assert!(
+        has("planner", "publish", "task.created", "denied"),
+        "{records:#?}"
+    );
+    assert!(has("planner", "subscribe", ">", "denied"), "{records:#?}");
+    assert!(
+        has("planner", "subscribe.group", "testers", "denied"),
+        "{records:#?}"
+    );
+    assert!(
+        has("planner", "admin.delete_group", "groups/planners", "denied"),
+        "{records:#?}"
+    );
+    assert!(
+        !records.iter().any(|r| r.principal.is_empty()),
+        "{records:#?}"
+    );
+    // callers that never authenticated have no tenant: the default tenant's admins see them
+    let root = hs_token(&claims("root"));
+    let records = audit_records(&server, &root).await;
+    assert!(
+        records.iter().any(|r| r.principal.is_empty()
+            && r.action == "call"
+            && r.resource == "/nerve.v1.EventBus/Publish"
+            && r.outcome == "unauthenticated"),
+        "{records:#?}"
+    );
+    assert!(
+        !records.iter().any(|r| r.principal == "planner"),
+        "{records:#?}"
+    );
+    // an admin action is recorded as allowed
+    server
+        .admin()
+        .delete_group(authorized(
+            pb::DeleteGroupRequest {
+                group: "planners".into(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("admin deletes");
+    let records = audit_records(&server, &admin).await;
+    assert!(
+        records.iter().any(|r| r.principal == "admin"
+            && r.action == "admin.delete_group"
+            && r.outcome == "allowed"),
+        "{records:#?}"
+    );
+}
+
+#[tokio::test]
+async fn tenants_never_see_each_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = policy_server(dir.path()).await;
+    let planner = hs_token(&claims("planner"));
+    let rival = hs_token(&claims("rival"));
+    let mut bus = server.bus();
+    // a live subscriber of the other tenant on the same types
+    let mut spy = Subscriber::open_as(&mut bus, crate::harness::open(&[">"], ""), Some(&rival))
+        .await
+        .expect("rival subscribes to its own tenant");
+    publish_as(
+        &server,
+        &planner,
+        vec![sourced("secret-1", "task.created", "planner")],
+    )
+    .await
+    .expect("acme publishes");
+    publish_as(
+        &server,
+        &rival,
+        vec![sourced("own-1", "task.created", "rival")],
+    )
+    .await
+    .expect("globex publishes");
+    // the rival's subscriber gets its own event, and only that
+    let d = spy.next_delivery().await;
+    assert_eq!(d.event.expect("event").id, "own-1");
+    // replay of everything in its tenant shows only its own event
+    let mut replay = server
+        .bus()
+        .replay(authorized(pb::ReplayRequest::default(), &rival))
+        .await
+        .expect("rival replays")
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(page) = replay.message().await.expect("page") {
+        ids.extend(page.events.into_iter().map(|e| e.id));
+        if page.end_of_history {
+            break;
+        }
+    }
+    assert_eq!(ids, vec!["own-1".to_owned()]);
+    // admin lookups stay inside the tenant
+    let admin = hs_token(&claims("admin"));
+    let found = server
+        .admin()
+        .get_event(authorized(
+            pb::GetEventRequest {
+                id: "own-1".into(),
+                source: String::new(),
+            },
+            &admin,
+        ))
+        .await
+        .expect_err("acme's admin cannot see globex's event");
+    assert_eq!(found.code(), Code::NotFound, "{found:?}");
+    // replay outside the grants is refused
+    assert_status(
+        server
+            .bus()
+            .replay(authorized(pb::ReplayRequest::default(), &planner))
+            .await
+            .map(|_| ()),
+        Code::PermissionDenied,
+        "may not replay >",
+    );
+}
+
+#[tokio::test]
+async fn only_a_principal_allowed_to_answer_may_reply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = policy_server(dir.path()).await;
+    let planner = hs_token(&claims("planner"));
+    let tool = hs_token(&claims("tool"));
+    let intruder = hs_token(&claims("intruder"));
+    let mut bus = server.bus();
+    let mut responder = Subscriber::open_as(&mut bus, open(&["tool.>"], ""), Some(&tool))
+        .await
+        .expect("tool subscribes");
+    let asking = {
+        let server_bus = server.bus();
+        let planner = planner.clone();
+        tokio::spawn(async move {
+            let mut server_bus = server_bus;
+            server_bus
+                .request(authorized(
+                    pb::RequestRequest {
+                        event: Some(sourced("ask-1", "tool.run", "planner")),
+                        timeout: crate::harness::millis(10_000),
+                    },
+                    &planner,
+                ))
+                .await
+        })
+    };
+    let d = responder.next_delivery().await;
+    let reply_to = d.event.expect("event").reply_to;
+    let reply = |token: &str, source: &str| {
+        let mut bus = server.bus();
+        let request = authorized(
+            pb::ReplyRequest {
+                reply_to: reply_to.clone(),
+                event: Some(sourced(
+                    &uuid::Uuid::new_v4().to_string(),
+                    "tool.done",
+                    source,
+                )),
+            },
+            token,
+        );
+        async move { bus.reply(request).await }
+    };
+    assert_status(
+        reply(&intruder, "intruder").await,
+        Code::PermissionDenied,
+        "may not reply \"tool.run\"",
+    );
+    let answered = reply(&tool, "tool")
+        .await
+        .expect("tool replies")
+        .into_inner();
+    assert!(answered.delivered);
+    let response = tokio::time::timeout(WAIT, asking)
+        .await
+        .expect("answered in time")
+        .expect("task")
+        .expect("request succeeds")
+        .into_inner();
+    assert_eq!(response.reply.expect("reply").source, "tool");
+}
+
+#[tokio::test]
+async fn registered_publishers_publish_their_types_until_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = policy_server(dir.path()).await;
+    let admin = hs_token(&claims("admin"));
+    let mut billing_claims = claims("billing");
+    billing_claims["tenant"] = json!("acme");
+    let billing = hs_token(&billing_claims);
+    let invoice = |id: &str, source: &str| vec![sourced(id, "invoice.sent", source)];
+    assert_status(
+        publish_as(&server, &billing, invoice("i0", "//billing")).await,
+        Code::PermissionDenied,
+        "not registered",
+    );
+    let registration = pb::Publisher {
+        principal: "billing".into(),
+        types: vec!["invoice.*".into()],
+        sources: vec!["//billing".into()],
+        description: "billing service".into(),
+        update_time: None,
+    };
+    let mut admin_client = server.admin();
+    admin_client
+        .register_publisher(authorized(
+            pb::RegisterPublisherRequest {
+                publisher: Some(registration.clone()),
+            },
+            &admin,
+        ))
+        .await
+        .expect("registered");
+    assert_status(
+        admin_client
+            .register_publisher(authorized(
+                pb::RegisterPublisherRequest {
+                    publisher: Some(registration.clone()),
+                },
+                &admin,
+            ))
+            .await,
+        Code::FailedPrecondition,
+        "already registered",
+    );
+    let mut bad = registration.clone();
+    bad.types = vec!["invoice:{x}".into()];
+    assert_status(
+        admin_client
+            .update_publisher(authorized(
+                pb::UpdatePublisherRequest {
+                    publisher: Some(bad),
+                },
+                &admin,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "types[0]",
+    );
+    publish_as(&server, &billing, invoice("i1", "//billing"))
+        .await
+        .expect("registered type and source");
+    assert_status(
+        publish_as(&server, &billing, invoice("i2", "//payments")).await,
+        Code::PermissionDenied,
+        "does not belong",
+    );
+    let listed = admin_client
+        .list_publishers(authorized(pb::ListPublishersRequest {}, &admin))
+        .await
+        .expect("listed")
+        .into_inner()
+        .publishers;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].types, vec!["invoice.*".to_owned()]);
+    // another tenant's token for the same principal gets nothing from acme's registry
+    let mut elsewhere = claims("billing");
+    elsewhere["tenant"] = json!("globex");
+    assert_status(
+        publish_as(&server, &hs_token(&elsewhere), invoice("i3", "//billing")).await,
+        Code::PermissionDenied,
+        "not registered",
+    );
+    let removed = admin_client
+        .remove_publisher(authorized(
+            pb::RemovePublisherRequest {
+                principal: "billing".into(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("removed")
+        .into_inner();
+    assert!(removed.removed);
+    assert_status(
+        publish_as(&server, &billing, invoice("i4", "//billing")).await,
+        Code::PermissionDenied,
+        "not registered",
+    );
+    let records = audit_records(&server, &admin).await;
+    for action in ["admin.register_publisher", "admin.remove_publisher"] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r.action == action && r.outcome == "allowed" && r.principal == "admin"),
+            "{action}: {records:#?}"
+        );
+    }
+}
+
+// ---- bad input and connection abuse ----
+
+#[tokio::test]
+async fn names_that_could_reach_keys_or_sql_are_refused() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    for bad in [
+        "a:b",
+        "a{b}",
+        "a}",
+        "a.*",
+        "x".repeat(300).as_str(),
+        "a.>",
+        "a b",
+    ] {
+        let status = bus
+            .publish(pb::PublishRequest {
+                events: vec![event("n", bad)],
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}: {status:?}");
+    }
+    for bad in ["g:1", "g{1}", &"g".repeat(200), "g'; DROP TABLE events; --"] {
+        let status = Subscriber::open(&mut bus, open(&["a.b"], bad))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}: {status:?}");
+    }
+    let status = bus
+        .reply(pb::ReplyRequest {
+            reply_to: "nerve:inbox:{x}".into(),
+            event: Some(event("r", "a.b")),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // metadata beyond the HTTP/2 header limit is refused and the server keeps serving
+    let mut request = Request::new(pb::PublishRequest {
+        events: vec![event("meta", "a.b")],
+    });
+    request
+        .metadata_mut()
+        .insert("x-filler", "y".repeat(64 * 1024).parse().expect("ascii"));
+    let status = bus.publish(request).await.expect_err("oversized metadata");
+    assert_ne!(status.code(), Code::Ok);
+    bus.publish(pb::PublishRequest {
+        events: vec![event("after", "a.b")],
+    })
+    .await
+    .expect("still serving");
+}
+
+#[tokio::test]
+async fn streams_per_principal_are_capped() {
+    let server = TestServer::start_with(|c| c.connections.max_streams_per_principal = 3).await;
+    let mut bus = server.bus();
+    let mut open_streams = Vec::new();
+    for i in 0..3 {
+        open_streams.push(
+            Subscriber::open(&mut bus, open(&["cap.x"], &format!("g{i}")))
+                .await
+                .expect("under the cap"),
+        );
+    }
+    let refused = Subscriber::open(&mut bus, open(&["cap.x"], "g3")).await;
+    assert_status(refused.map(|_| ()), Code::ResourceExhausted, "open streams");
+    // closing one frees its place
+    drop(open_streams.pop());
+    let reopened = tokio::time::timeout(WAIT, async {
+        loop {
+            match Subscriber::open(&mut bus, open(&["cap.x"], "g3")).await {
+                Ok(s) => return s,
+                // the server notices the closed stream a moment after the client drops it
+                Err(s) if s.code() == Code::ResourceExhausted => tokio::task::yield_now().await,
+                Err(s) => panic!("{s:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(reopened.is_ok(), "a closed stream's place was not freed");
+}
+
+#[tokio::test]
+async fn concurrent_streams_per_connection_are_capped() {
+    let server = TestServer::start_with(|c| c.connections.max_concurrent_streams = 4).await;
+    let mut bus = server.bus();
+    let mut held = Vec::new();
+    for i in 0..4 {
+        held.push(
+            Subscriber::open(&mut bus, open(&["cap.x"], &format!("g{i}")))
+                .await
+                .expect("within the connection's limit"),
+        );
+    }
+    // the server advertised 4: a 5th call on the same connection is not started
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(300),
+        bus.publish(pb::PublishRequest {
+            events: vec![event("fifth", "cap.x")],
+        }),
+    )
+    .await;
+    assert!(waiting.is_err(), "a 5th concurrent stream was admitted");
+    drop(held.pop());
+    tokio::time::timeout(
+        WAIT,
+        bus.publish(pb::PublishRequest {
+            events: vec![event("fifth", "cap.x")],
+        }),
+    )
+    .await
+    .expect("a slot frees up")
+    .expect("publish succeeds");
+}
+
+#[tokio::test]
+async fn stalled_handshakes_are_dropped_while_clients_keep_working() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new("ca");
+    let server = TestServer::start_with(|c| {
+        let (cert, key) = pki.issue(vec![dns("localhost")], "server");
+        c.tls.cert_file = write(dir.path(), "server.pem", &cert);
+        c.tls.key_file = write(dir.path(), "server.key", &key);
+        c.tls.handshake_timeout = Duration::from_millis(500);
+        c.insecure = true;
+    })
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        stalled.push(
+            tokio::net::TcpStream::connect(server.addr())
+                .await
+                .expect("tcp connect"),
+        );
+    }
+    let channel = tls_channel(server.addr(), &pki.ca_pem, None)
+        .await
+        .expect("a real client connects meanwhile");
+    pb::event_bus_client::EventBusClient::new(channel.clone())
+        .publish(pb::PublishRequest {
+            events: vec![event("during", "a.b")],
+        })
+        .await
+        .expect("and is served");
+    for mut socket in stalled {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(WAIT, socket.read(&mut buf))
+            .await
+            .expect("the server closes a stalled handshake");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    pb::event_bus_client::EventBusClient::new(channel)
+        .publish(pb::PublishRequest {
+            events: vec![event("after", "a.b")],
+        })
+        .await
+        .expect("still served");
+}
+
+#[tokio::test]
+async fn publish_rate_is_limited_per_principal() {
+    let server = TestServer::start_with(|c| {
+        c.connections.publish_rate_per_principal = 1;
+        c.connections.publish_burst = 3;
+    })
+    .await;
+    let mut bus = server.bus();
+    let mut outcomes = Vec::new();
+    for i in 0..6 {
+        outcomes.push(
+            bus.publish(pb::PublishRequest {
+                events: vec![event(&format!("r{i}"), "a.b")],
+            })
+            .await,
+        );
+    }
+    let limited: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(!limited.is_empty(), "no call was limited");
+    assert!(
+        outcomes.iter().take(3).all(Result::is_ok),
+        "the burst passes"
+    );
+    for status in limited {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("rate limit"), "{status:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_never_opens_is_ended() {
+    let server = TestServer::start_with(|c| {
+        c.connections.stream_open_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let (_tx, rx) = tokio::sync::mpsc::channel::<pb::SubscribeRequest>(1);
+    let status = tokio::time::timeout(
+        WAIT,
+        server
+            .bus()
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("ended in time")
+    .expect_err("no open message");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+}
+
+#[tokio::test]
+async fn listening_beyond_loopback_without_auth_needs_insecure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = crate::harness::test_config(dir.path());
+    config.listen = "0.0.0.0:0".parse().expect("addr");
+    let backends = nerve::open_backends(&config).await.expect("backends");
+    let err = nerve::start(config.clone(), backends.clone())
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("--insecure"), "{err}");
+    config.insecure = true;
+    let server = nerve::start(config, backends)
+        .await
+        .expect("starts with --insecure");
+    server.shutdown();
+}
+
+#[tokio::test]
+async fn the_dev_pki_script_makes_a_working_mtls_and_jwt_setup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("pki");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev-pki.sh");
+    let made = std::process::Command::new("bash")
+        .arg(script)
+        .arg(&out)
+        .arg("planner")
+        .output()
+        .expect("run scripts/dev-pki.sh");
+    assert!(made.status.success(), "{made:?}");
+    let args = nerve::config::Args {
+        config: Some(out.join("nerve.toml")),
+        ..Default::default()
+    };
+    let (mut config, _) = nerve::config::load(&args, []).expect("the generated nerve.toml loads");
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.data_dir = dir.path().join("data");
+    let backends = nerve::open_backends(&config).await.expect("backends");
+    let server = TestServer::start_on(config, backends, tempfile::tempdir().expect("dir")).await;
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).expect("generated file");
+    let identity = (read("planner.pem"), read("planner.key"));
+    let channel = tls_channel(server.addr(), &read("ca.pem"), Some(&identity))
+        .await
+        .expect("the generated certificates connect");
+    let token = read("planner.jwt");
+    pb::event_bus_client::EventBusClient::new(channel)
+        .publish(authorized(
+            pb::PublishRequest {
+                events: vec![sourced("hello", "dev.hello", "//planner")],
+            },
+            token.trim(),
+        ))
+        .await
+        .expect("certificate + token + policy let the planner publish");
+}
