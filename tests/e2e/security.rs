@@ -711,7 +711,7 @@ async fn tenants_never_see_each_other() {
         .await
         .expect_err("acme's admin cannot see globex's event");
     assert_eq!(found.code(), Code::NotFound, "{found:?}");
-    // replay outside the grants is refused
+    // replay outside the grants is refused, and audited
     assert_status(
         server
             .bus()
@@ -720,6 +720,14 @@ async fn tenants_never_see_each_other() {
             .map(|_| ()),
         Code::PermissionDenied,
         "may not replay >",
+    );
+    let records = audit_records(&server, &admin).await;
+    assert!(
+        records.iter().any(|r| r.principal == "planner"
+            && r.action == "replay"
+            && r.resource == ">"
+            && r.outcome == "denied"),
+        "{records:#?}"
     );
 }
 
@@ -771,6 +779,15 @@ async fn only_a_principal_allowed_to_answer_may_reply() {
         reply(&intruder, "intruder").await,
         Code::PermissionDenied,
         "may not reply \"tool.run\"",
+    );
+    let admin = hs_token(&claims("admin"));
+    let records = audit_records(&server, &admin).await;
+    assert!(
+        records.iter().any(|r| r.principal == "intruder"
+            && r.action == "reply"
+            && r.resource == "tool.run"
+            && r.outcome == "denied"),
+        "{records:#?}"
     );
     let answered = reply(&tool, "tool")
         .await
