@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project: formatting, clippy, proto lint, unit and end-to-end tests,
-# the store conformance suite on SQLite and Postgres, the README walkthrough against a live server, and
-# the Python and Go clients (codegen drift check, mypy, pytest, go vet, go test).
+# the store conformance suite on SQLite and Postgres, the README walkthrough against a live server, the
+# Python and Go clients (codegen drift check, mypy, pytest, go vet, go test), a smoke run of the
+# benchmark tool and the Helm chart checks.
 # Starts Postgres and Redis on 127.0.0.1 when they are not running (scripts/services.sh) and installs the
 # tools it needs once, into ~/.cache/nerve-tools (NERVE_TOOLS overrides).
 set -euo pipefail
@@ -12,7 +13,7 @@ GRPCURL_VERSION=v1.9.3
 BUF_VERSION=1.75.0
 
 # the modules of tests/e2e that assert API behaviour; they run once per backend
-BEHAVIOUR_TESTS="publish:: subscribe:: groups:: filters:: request_reply:: replay:: admin:: observability::"
+BEHAVIOUR_TESTS="publish:: subscribe:: groups:: filters:: request_reply:: replay:: admin:: observability:: security::"
 
 step() { printf '\n==> %s\n' "$*"; }
 fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
@@ -36,7 +37,7 @@ step "cargo fmt --check"
 cargo fmt --all -- --check || fail "formatting differs: run cargo fmt --all"
 
 step "cargo clippy"
-cargo clippy --locked --all-targets -- -D warnings || fail "clippy found problems"
+cargo clippy --locked --workspace --all-targets -- -D warnings || fail "clippy found problems"
 
 step "buf lint and format"
 (cd proto && "$BUF" lint && "$BUF" format --diff --exit-code) || fail "proto/ is not buf-lint clean"
@@ -72,5 +73,11 @@ clients/python/test.sh -q || fail "Python client checks failed"
 
 step "Go client: go vet and go test"
 clients/go/test.sh || fail "Go client checks failed"
+
+step "benchmark tool smoke run (seconds per scenario, both backends; targets are not checked here)"
+scripts/bench-smoke.sh || fail "nerve-bench smoke run failed"
+
+step "Helm chart: lint, render, Kubernetes schemas, chart tests"
+scripts/helm-check.sh || fail "Helm chart checks failed"
 
 step "all checks passed"

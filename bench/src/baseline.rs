@@ -1,0 +1,454 @@
+//! Same-run baselines on the same Postgres and Redis: the rows Nerve stores, inserted raw; XADD pipelined;
+//! XADD -> XREADGROUP latency.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use nerve::api::pb;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use tokio::sync::watch;
+
+use crate::{
+    procstat::Meter,
+    report::Row,
+    server::{create_schema, drop_schema, url_with_options},
+    util::{Call, Hist, Send1, closed_loop, event, now_ns, open_loop},
+};
+
+/// The events table exactly as Nerve's Postgres migration creates it (columns and indexes).
+const EVENTS_DDL: &[&str] = &[
+    "CREATE TABLE events (
+        seq            BIGINT   PRIMARY KEY,
+        tenant         TEXT     NOT NULL,
+        source         TEXT     NOT NULL,
+        id             TEXT     NOT NULL,
+        type           TEXT     NOT NULL,
+        subject        TEXT,
+        correlation_id TEXT,
+        priority       SMALLINT NOT NULL,
+        recorded_ns    BIGINT   NOT NULL,
+        content_hash   BYTEA    NOT NULL,
+        body           TEXT     NOT NULL
+    )",
+    "CREATE UNIQUE INDEX events_key ON events (tenant, source, id)",
+    "CREATE INDEX events_type ON events (tenant, type, seq)",
+    "CREATE INDEX events_correlation ON events (tenant, correlation_id, seq) WHERE correlation_id IS NOT NULL",
+    "CREATE INDEX events_priority ON events (tenant, priority, seq)",
+    "CREATE INDEX events_recorded ON events (recorded_ns)",
+];
+
+/// One row as Nerve's store writes it.
+pub struct RawRow {
+    seq: i64,
+    source: String,
+    id: String,
+    event_type: String,
+    subject: Option<String>,
+    correlation_id: Option<String>,
+    priority: i16,
+    hash: Vec<u8>,
+    body: String,
+}
+
+/// Turns a protobuf event into the row Nerve would store: the server's own conversion, the content hash
+/// over the event as sent, then the commit time filled in and the JSON body.
+pub fn raw_row(e: pb::Event, seq: i64) -> Result<(RawRow, String)> {
+    let mut event = nerve::api::convert::event_from_pb(e, "events[0]")
+        .map_err(|e| anyhow!("converting a benchmark event: {e}"))?;
+    let hash = event.content_hash().to_vec();
+    event.time.get_or_insert(chrono::Utc::now());
+    let body = serde_json::to_string(&event)?;
+    Ok((
+        RawRow {
+            seq,
+            source: event.source.clone(),
+            id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            subject: event.subject.clone(),
+            correlation_id: event.correlation_id.clone(),
+            priority: event.priority.as_i64() as i16,
+            hash,
+            body: body.clone(),
+        },
+        body,
+    ))
+}
+
+/// A scratch schema with Nerve's events table, dropped by [`Pg::drop`].
+pub struct Pg {
+    pool: PgPool,
+    database_url: String,
+    schema: String,
+    seq: Arc<AtomicI64>,
+    /// `synchronous_commit` and `fsync` as the baseline connections see them.
+    pub settings: String,
+}
+
+impl Pg {
+    pub async fn create(database_url: &str, connections: u32) -> Result<Pg> {
+        let schema = create_schema(database_url, "nerve_bench_raw").await?;
+        let url = url_with_options(database_url, &schema, &[("synchronous_commit", "on")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(connections.max(1))
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&url)
+            .await
+            .context("connecting the baseline pool")?;
+        for ddl in EVENTS_DDL {
+            sqlx::raw_sql(*ddl)
+                .execute(&pool)
+                .await
+                .context("creating the baseline table")?;
+        }
+        let (sync, fsync): (String, String) = sqlx::query_as(
+            "SELECT current_setting('synchronous_commit'), current_setting('fsync')",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok(Pg {
+            pool,
+            database_url: database_url.to_owned(),
+            schema,
+            seq: Arc::new(AtomicI64::new(0)),
+            settings: format!("synchronous_commit={sync} fsync={fsync}"),
+        })
+    }
+
+    /// Removes the scratch schema.
+    pub async fn drop(self) -> Result<()> {
+        self.pool.close().await;
+        drop_schema(&self.database_url, &self.schema).await
+    }
+
+    /// A call that builds `batch` rows (as Nerve would) and inserts them in one autocommit statement:
+    /// a plain INSERT for one row, Nerve's UNNEST insert for more.
+    pub fn insert_call(&self, batch: usize, payload_size: usize, tag: String) -> Call {
+        let pool = self.pool.clone();
+        let seq = self.seq.clone();
+        Arc::new(move |w, k| {
+            let pool = pool.clone();
+            let seq = seq.clone();
+            let tag = tag.clone();
+            Box::pin(async move {
+                let first = seq.fetch_add(batch as i64, Ordering::Relaxed) + 1;
+                let stamp = now_ns();
+                let mut rows = Vec::with_capacity(batch);
+                for j in 0..batch {
+                    let e = event(
+                        format!("{tag}-{w}-{k}-{j}"),
+                        "bench.publish.v1",
+                        k,
+                        payload_size,
+                        stamp,
+                    );
+                    rows.push(raw_row(e, first + j as i64)?.0);
+                }
+                insert(&pool, &rows).await?;
+                Ok(batch as u64)
+            })
+        })
+    }
+}
+
+async fn insert(pool: &PgPool, rows: &[RawRow]) -> Result<()> {
+    let recorded_ns: i64 = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    if let [r] = rows {
+        sqlx::query(
+            "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) \
+             VALUES ($1, 'default', $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(r.seq)
+        .bind(&r.source)
+        .bind(&r.id)
+        .bind(&r.event_type)
+        .bind(&r.subject)
+        .bind(&r.correlation_id)
+        .bind(r.priority)
+        .bind(recorded_ns)
+        .bind(&r.hash)
+        .bind(&r.body)
+        .execute(pool)
+        .await?;
+        return Ok(());
+    }
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let tenants: Vec<&str> = rows.iter().map(|_| "default").collect();
+    let sources: Vec<&str> = rows.iter().map(|r| r.source.as_str()).collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
+    let subjects: Vec<Option<&str>> = rows.iter().map(|r| r.subject.as_deref()).collect();
+    let correlations: Vec<Option<&str>> =
+        rows.iter().map(|r| r.correlation_id.as_deref()).collect();
+    let priorities: Vec<i16> = rows.iter().map(|r| r.priority).collect();
+    let hashes: Vec<&[u8]> = rows.iter().map(|r| r.hash.as_slice()).collect();
+    let bodies: Vec<&str> = rows.iter().map(|r| r.body.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) \
+         SELECT s, t, so, i, ty, su, c, p, $9, h, b FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
+         $6::TEXT[], $7::TEXT[], $8::SMALLINT[], $10::BYTEA[], $11::TEXT[]) AS x(s, t, so, i, ty, su, c, p, h, b)",
+    )
+    .bind(&seqs)
+    .bind(&tenants)
+    .bind(&sources)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&subjects)
+    .bind(&correlations)
+    .bind(&priorities)
+    .bind(recorded_ns)
+    .bind(&hashes)
+    .bind(&bodies)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Raw insert rates for every batch size x writer count of the publish matrix.
+pub async fn postgres_matrix(
+    pg: &Pg,
+    batch_sizes: &[usize],
+    writers: &[usize],
+    duration: Duration,
+    payload_size: usize,
+    run: &str,
+    rows: &mut Vec<Row>,
+) {
+    for &batch in batch_sizes {
+        for &w in writers {
+            let meter = Meter::start(None);
+            let r = closed_loop(
+                w,
+                duration,
+                pg.insert_call(batch, payload_size, format!("{run}-raw-b{batch}-w{w}")),
+            )
+            .await;
+            let mut row = Row::new(
+                "publish",
+                "postgres (raw)",
+                format!("batch={batch} publishers={w}"),
+            );
+            row.events = r.events;
+            row.seconds = r.elapsed.as_secs_f64();
+            row.rate = r.rate();
+            row.latency = r.hist.summary();
+            row.usage = meter.finish();
+            row.errors = r.errors;
+            row.first_error = r.first_error;
+            row.note = if batch == 1 {
+                "single-row INSERT, autocommit, synchronous_commit=on".into()
+            } else {
+                format!(
+                    "{batch}-row UNNEST INSERT per autocommit transaction, synchronous_commit=on"
+                )
+            };
+            rows.push(row);
+        }
+    }
+}
+
+/// The Redis baselines on one scratch key prefix; keys are deleted afterwards by the caller.
+pub struct RedisBase {
+    client: redis::Client,
+    pub prefix: String,
+}
+
+impl RedisBase {
+    pub fn new(url: &str, run: &str) -> Result<Self> {
+        Ok(RedisBase {
+            client: redis::Client::open(url)?,
+            prefix: format!("nerve-bench-raw:{run}:"),
+        })
+    }
+
+    /// The entry Nerve's relay adds: the event JSON and its commit time (plus the send stamp `t`).
+    fn entry_body(payload_size: usize, i: u64, stamp: u64) -> Result<String> {
+        let e = event(
+            format!("raw-{i}"),
+            "bench.publish.v1",
+            i,
+            payload_size,
+            stamp,
+        );
+        Ok(raw_row(e, 0)?.1)
+    }
+
+    /// Pipelined XADD: `workers` tasks, each sending pipelines of `depth` XADDs.
+    pub async fn xadd_pipelined(
+        &self,
+        workers: usize,
+        depth: usize,
+        duration: Duration,
+        payload_size: usize,
+    ) -> Result<Row> {
+        let conn = self.client.get_multiplexed_async_connection().await?;
+        let key = format!("{}xadd", self.prefix);
+        let body = Arc::new(Self::entry_body(payload_size, 0, now_ns())?);
+        let call: Call = Arc::new(move |_, _| {
+            let mut conn = conn.clone();
+            let key = key.clone();
+            let body = body.clone();
+            Box::pin(async move {
+                let mut pipe = redis::pipe();
+                let ns = now_ns();
+                for _ in 0..depth {
+                    pipe.cmd("XADD")
+                        .arg(&key)
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(100_000)
+                        .arg("*")
+                        .arg("e")
+                        .arg(body.as_str())
+                        .arg("r")
+                        .arg(ns)
+                        .ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await?;
+                Ok(depth as u64)
+            })
+        });
+        let meter = Meter::start(None);
+        let r = closed_loop(workers, duration, call).await;
+        let mut row = Row::new(
+            "redis XADD",
+            "redis (raw)",
+            format!("pipelined depth={depth} workers={workers}"),
+        );
+        row.events = r.events;
+        row.seconds = r.elapsed.as_secs_f64();
+        row.rate = r.rate();
+        row.latency = r.hist.summary();
+        row.usage = meter.finish();
+        row.errors = r.errors;
+        row.first_error = r.first_error;
+        row.note = "latency columns = one pipeline round trip".into();
+        Ok(row)
+    }
+
+    /// XADD at a fixed rate (one XADD per event, open loop) -> XREADGROUP on its own connection, XACK.
+    pub async fn xadd_latency(
+        &self,
+        rate: u64,
+        duration: Duration,
+        max_outstanding: usize,
+        payload_size: usize,
+    ) -> Result<Row> {
+        let key = format!("{}lat{rate}", self.prefix);
+        let mut admin = self.client.get_multiplexed_async_connection().await?;
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&key)
+            .arg("g")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async::<()>(&mut admin)
+            .await?;
+        // a blocking XREADGROUP gets a connection of its own
+        let mut reader_conn = self.client.get_multiplexed_async_connection().await?;
+        let received = Arc::new(AtomicU64::new(0));
+        let (stop_tx, mut stop) = watch::channel(false);
+        let reader = {
+            let key = key.clone();
+            let received = received.clone();
+            tokio::spawn(async move {
+                let mut hist = Hist::new();
+                loop {
+                    if *stop.borrow_and_update() {
+                        return Ok::<Hist, anyhow::Error>(hist);
+                    }
+                    let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg("g")
+                        .arg("c")
+                        .arg("COUNT")
+                        .arg(1000)
+                        .arg("BLOCK")
+                        .arg(100)
+                        .arg("STREAMS")
+                        .arg(&key)
+                        .arg(">")
+                        .query_async(&mut reader_conn)
+                        .await?;
+                    let Some(reply) = reply else { continue };
+                    let now = now_ns();
+                    let mut ids = Vec::new();
+                    for k in reply.keys {
+                        for entry in k.ids {
+                            if let Some(v) = entry.map.get("t") {
+                                let t: u64 = redis::from_redis_value_ref(v)?;
+                                hist.record_ns(now.saturating_sub(t));
+                            }
+                            ids.push(entry.id);
+                        }
+                    }
+                    received.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    if !ids.is_empty() {
+                        redis::cmd("XACK")
+                            .arg(&key)
+                            .arg("g")
+                            .arg(&ids)
+                            .query_async::<()>(&mut reader_conn)
+                            .await?;
+                    }
+                }
+            })
+        };
+        let conn = self.client.get_multiplexed_async_connection().await?;
+        let body = Arc::new(Self::entry_body(payload_size, 0, now_ns())?);
+        let send: Send1 = {
+            let key = key.clone();
+            Arc::new(move |_, stamp| {
+                let mut conn = conn.clone();
+                let key = key.clone();
+                let body = body.clone();
+                Box::pin(async move {
+                    redis::cmd("XADD")
+                        .arg(&key)
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(100_000)
+                        .arg("*")
+                        .arg("t")
+                        .arg(stamp)
+                        .arg("e")
+                        .arg(body.as_str())
+                        .arg("r")
+                        .arg(stamp)
+                        .query_async::<()>(&mut conn)
+                        .await?;
+                    Ok(1)
+                })
+            })
+        };
+        let meter = Meter::start(None);
+        let r = open_loop(rate as f64, duration, max_outstanding, send).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while received.load(Ordering::Relaxed) < r.events && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let usage = meter.finish();
+        let _ = stop_tx.send(true);
+        let hist = reader.await??;
+        let got = received.load(Ordering::Relaxed);
+        let mut row = Row::new("latency", "redis (raw)", format!("rate={rate}/s"));
+        row.events = got;
+        row.seconds = r.elapsed.as_secs_f64();
+        row.rate = got as f64 / r.elapsed.as_secs_f64().max(1e-9);
+        row.offered_rate = Some(rate as f64);
+        row.latency = hist.summary();
+        row.usage = usage;
+        row.errors = r.errors + u64::from(got < r.events);
+        row.first_error = r.first_error;
+        row.note = format!(
+            "XADD (one per event) -> XREADGROUP COUNT 1000 BLOCK -> XACK; sent {} of {} planned",
+            r.sent, r.planned
+        );
+        Ok(row)
+    }
+}

@@ -1,0 +1,814 @@
+//! nerve-bench: drives a running Nerve and prints each figure as a ratio to a same-run baseline.
+//!
+//! By default it starts the real `nerve-server` binary (found next to this executable) once per backend
+//! (embedded, then Postgres + Redis), runs every scenario against it over gRPC, measures the raw
+//! baselines on the same Postgres and Redis and NATS JetStream as a peer, and prints one table per
+//! scenario and the targets with PASS / MISS. It exits non-zero when a scenario fails (not when a target
+//! is missed).
+
+mod baseline;
+mod nats;
+mod procstat;
+mod report;
+mod scenarios;
+mod server;
+mod util;
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Result;
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+use crate::{
+    report::{Failure, Ratio, Report, Row, Target},
+    server::{Backend, ServerProcess, redact},
+    util::{fmt_rate, parse_duration},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum BackendArg {
+    /// SQLite + in-process streams (the default backend).
+    Embedded,
+    /// Postgres event store + Redis Streams (--database-url, --redis-url).
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Scenario {
+    /// Durable publish throughput, every batch size x publisher count.
+    Publish,
+    /// Publish -> deliver latency at fixed rates (open loop), one private subscriber.
+    Latency,
+    /// Fan-out of every event to --groups durable groups.
+    Fanout,
+    /// One subscriber drains a stored backlog (private stream, then a group).
+    Drain,
+    /// Slow consumers under load: the server RSS they add.
+    Slow,
+    /// Request / reply round trips.
+    Request,
+    /// Replay of --replay-events stored events.
+    Replay,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum BaselineArg {
+    /// Raw inserts of the same rows into a scratch copy of the events table.
+    Postgres,
+    /// Raw pipelined XADD and XADD -> XREADGROUP latency.
+    Redis,
+    /// NATS JetStream (file storage, acks awaited).
+    Nats,
+    /// No baselines.
+    None,
+}
+
+/// Load tool for Nerve: throughput and latency, with same-run baselines on the same Postgres and Redis,
+/// and NATS JetStream as a peer.
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(version)]
+pub struct Args {
+    /// Backends to start nerve-server on, one after the other.
+    #[arg(long, value_delimiter = ',', default_value = "embedded,postgres")]
+    pub backends: Vec<BackendArg>,
+    /// Drive an already running Nerve at this address instead of starting servers.
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// With --addr: the server's pid, to read its CPU and RSS.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// The nerve-server binary (default: next to this executable).
+    #[arg(long, env = "NERVE_BENCH_SERVER_BIN")]
+    pub server_bin: Option<PathBuf>,
+    /// Postgres for the postgres backend and the raw baselines (a scratch schema is created and dropped).
+    #[arg(long, env = "NERVE_TEST_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Redis for the postgres backend and the raw baselines (scratch keys are deleted afterwards).
+    #[arg(long, env = "NERVE_TEST_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// nats-server binary (default: PATH, /usr/sbin, ~/.cache/nerve-tools/bin).
+    #[arg(long, env = "NERVE_BENCH_NATS_SERVER")]
+    pub nats_server: Option<PathBuf>,
+    /// Scenarios to run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "publish,latency,fanout,drain,slow,request,replay"
+    )]
+    pub scenarios: Vec<Scenario>,
+    /// Baselines to measure ("none" for none).
+    #[arg(long, value_delimiter = ',', default_value = "postgres,redis,nats")]
+    pub baselines: Vec<BaselineArg>,
+    /// Length of each measured cell (publish cells, latency rates, fan-out, request/reply).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    #[serde(with = "secs")]
+    pub duration: Duration,
+    /// Concurrent publishers of the publish matrix.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    pub publishers: Vec<usize>,
+    /// Events per Publish call of the publish matrix.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    pub batch_sizes: Vec<usize>,
+    /// Offered rates (events/s) of the latency scenario.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
+    pub rates: Vec<u64>,
+    /// Bytes of data per event.
+    #[arg(long, default_value_t = 256)]
+    pub payload_size: usize,
+    /// HTTP/2 connections to the server (publishers and subscribers spread over them).
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Open loop: most publishes in flight before the schedule slips.
+    #[arg(long, default_value_t = 4096)]
+    pub max_outstanding: usize,
+    /// Durable groups of the fan-out scenario.
+    #[arg(long, default_value_t = 4)]
+    pub groups: usize,
+    /// Events/s published in the fan-out scenario.
+    #[arg(long, default_value_t = 5000)]
+    pub fanout_rate: u64,
+    /// Backlog the drain scenario stores, then drains.
+    #[arg(long, default_value_t = 200_000)]
+    pub drain_events: u64,
+    /// Length of each phase of the slow-consumer scenario.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    #[serde(with = "secs")]
+    pub slow_duration: Duration,
+    /// Events/s published during the slow-consumer scenario.
+    #[arg(long, default_value_t = 2000)]
+    pub slow_rate: u64,
+    /// Concurrent requesters of the request/reply scenario.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    pub rr_concurrency: Vec<usize>,
+    /// Events the replay scenario stores, then replays.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub replay_events: u64,
+    /// Subscribers of the latency and fan-out scenarios use a server-side filter (prefix on subject,
+    /// matching every event, so counts are unchanged and the filter's cost shows).
+    #[arg(long)]
+    pub filter: bool,
+    /// Also write the results as JSON to this file ("-" for stdout; the tables then go to stderr).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Show every server log line.
+    #[arg(long)]
+    pub server_logs: bool,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nerve-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nerve-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn progress(what: &str) {
+    eprintln!("nerve-bench: {what}");
+}
+
+async fn run(args: Args) -> Result<ExitCode> {
+    let args = Arc::new(args);
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let mut report = Report {
+        settings: settings_json(&args),
+        ..Report::default()
+    };
+    environment(&mut report, &args).await;
+
+    // baselines
+    if args.baselines.contains(&BaselineArg::Postgres) {
+        match &args.database_url {
+            Some(url) => {
+                progress("baseline: raw Postgres inserts");
+                let max = args.publishers.iter().copied().max().unwrap_or(1) as u32;
+                match baseline::Pg::create(url, max + 1).await {
+                    Ok(pg) => {
+                        report.environment.push((
+                            "postgres (baseline connections)".into(),
+                            pg.settings.clone(),
+                        ));
+                        baseline::postgres_matrix(
+                            &pg,
+                            &args.batch_sizes,
+                            &args.publishers,
+                            args.duration,
+                            args.payload_size,
+                            &run_id,
+                            &mut report.rows,
+                        )
+                        .await;
+                        if let Err(e) = pg.drop().await {
+                            fail(
+                                &mut report,
+                                "baseline.postgres",
+                                "postgres (raw)",
+                                e.context("dropping the scratch schema"),
+                            );
+                        }
+                    }
+                    Err(e) => fail(&mut report, "baseline.postgres", "postgres (raw)", e),
+                }
+            }
+            None => report.notes.push(
+                "no --database-url / NERVE_TEST_DATABASE_URL: raw Postgres baselines skipped"
+                    .into(),
+            ),
+        }
+    }
+    if args.baselines.contains(&BaselineArg::Redis) {
+        match &args.redis_url {
+            Some(url) => {
+                progress("baseline: raw Redis XADD");
+                if let Err(e) = redis_baselines(&args, url, &run_id, &mut report).await {
+                    fail(&mut report, "baseline.redis", "redis (raw)", e);
+                }
+            }
+            None => report
+                .notes
+                .push("no --redis-url / NERVE_TEST_REDIS_URL: raw Redis baselines skipped".into()),
+        }
+    }
+    if args.baselines.contains(&BaselineArg::Nats) && args.scenarios.contains(&Scenario::Publish) {
+        nats_comparison(&args, &run_id, &mut report).await;
+    }
+
+    // Nerve
+    if let Some(addr) = &args.addr {
+        let channels = scenarios::connect(addr, args.connections).await?;
+        let ctx = scenarios::Ctx {
+            channels,
+            args: args.clone(),
+            pid: args.server_pid,
+            system: format!("nerve@{addr}"),
+            run: run_id.clone(),
+        };
+        run_scenarios(&ctx, &mut report).await;
+    } else {
+        let binary = server::find_binary(args.server_bin.clone())?;
+        report.environment.push((
+            "nerve-server".into(),
+            format!(
+                "{} ({} build)",
+                binary.display(),
+                if binary.to_string_lossy().contains("/release/") {
+                    "release"
+                } else {
+                    "debug"
+                }
+            ),
+        ));
+        for backend in &args.backends {
+            let backend = match backend {
+                BackendArg::Embedded => Backend::Embedded,
+                BackendArg::Postgres => Backend::Production,
+            };
+            progress(&format!("starting nerve-server ({})", backend.name()));
+            let server = match ServerProcess::spawn(
+                &binary,
+                backend,
+                args.database_url.as_deref(),
+                args.redis_url.as_deref(),
+                args.server_logs,
+            )
+            .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    fail(&mut report, "start", backend.name(), e);
+                    continue;
+                }
+            };
+            match scenarios::connect(&server.addr.to_string(), args.connections).await {
+                Ok(channels) => {
+                    let ctx = scenarios::Ctx {
+                        channels,
+                        args: args.clone(),
+                        pid: Some(server.pid),
+                        system: backend.name().to_owned(),
+                        run: run_id.clone(),
+                    };
+                    run_scenarios(&ctx, &mut report).await;
+                }
+                Err(e) => fail(&mut report, "connect", backend.name(), e),
+            }
+            if let Err(e) = server.stop().await {
+                fail(&mut report, "stop", backend.name(), e);
+            }
+        }
+    }
+
+    if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
+        report.environment.push((
+            "load average at end (1/5/15 min)".into(),
+            l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        ));
+    }
+    compare(&mut report);
+    let mut text = String::new();
+    report::print_tables(&mut text, &report);
+    report::print_summary(&mut text, &report);
+    let to_stdout_json = args.json.as_deref().is_some_and(|p| p.as_os_str() == "-");
+    if to_stdout_json {
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        if to_stdout_json {
+            println!("{json}");
+        } else {
+            std::fs::write(path, json)?;
+        }
+    }
+    let errored = !report.failures.is_empty() || report.rows.iter().any(|r| r.errors > 0);
+    if errored {
+        eprintln!("nerve-bench: some scenarios failed or had errors (see above)");
+        Ok(ExitCode::FAILURE)
+    } else {
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn fail(report: &mut Report, scenario: &str, system: &str, e: anyhow::Error) {
+    eprintln!("nerve-bench: {system} / {scenario} failed: {e:#}");
+    report.failures.push(Failure {
+        scenario: scenario.to_owned(),
+        system: system.to_owned(),
+        error: format!("{e:#}"),
+    });
+}
+
+async fn run_scenarios(ctx: &scenarios::Ctx, report: &mut Report) {
+    for scenario in &ctx.args.scenarios {
+        progress(&format!("{}: {scenario:?}", ctx.system));
+        let outcome = match scenario {
+            Scenario::Publish => scenarios::publish(ctx, &mut report.rows).await,
+            Scenario::Latency => scenarios::latency(ctx, &mut report.rows).await,
+            Scenario::Fanout => scenarios::fanout(ctx, &mut report.rows).await,
+            Scenario::Drain => scenarios::drain(ctx, &mut report.rows).await,
+            Scenario::Slow => scenarios::slow(ctx, &mut report.rows).await,
+            Scenario::Request => scenarios::request_reply(ctx, &mut report.rows).await,
+            Scenario::Replay => scenarios::replay(ctx, &mut report.rows).await,
+        };
+        if let Err(e) = outcome {
+            fail(
+                report,
+                &format!("{scenario:?}").to_lowercase(),
+                &ctx.system,
+                e,
+            );
+        }
+    }
+}
+
+async fn redis_baselines(args: &Args, url: &str, run: &str, report: &mut Report) -> Result<()> {
+    let base = baseline::RedisBase::new(url, run)?;
+    let outcome = async {
+        if args.scenarios.contains(&Scenario::Publish) {
+            report.rows.push(
+                base.xadd_pipelined(4, 100, args.duration, args.payload_size)
+                    .await?,
+            );
+        }
+        if args.scenarios.contains(&Scenario::Latency) {
+            for &rate in &args.rates {
+                report.rows.push(
+                    base.xadd_latency(rate, args.duration, args.max_outstanding, args.payload_size)
+                        .await?,
+                );
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    server::delete_keys(url, &base.prefix).await?;
+    outcome
+}
+
+async fn nats_comparison(args: &Args, run: &str, report: &mut Report) {
+    let Some(binary) = nats::find_binary(args.nats_server.clone()) else {
+        let msg = "nats-server not found (apt-get install nats-server, or pass --nats-server): NATS JetStream comparison skipped";
+        eprintln!("nerve-bench: {msg}");
+        report.notes.push(msg.into());
+        return;
+    };
+    let version = nats::version(&binary);
+    report.environment.push((
+        "nats-server".into(),
+        format!(
+            "{} ({})",
+            binary.display(),
+            version.as_ref().map_or("unknown version", |v| v.2.as_str())
+        ),
+    ));
+    // sync_interval (fsync before every ack) exists from 2.10 on
+    let supports_sync = version
+        .as_ref()
+        .is_some_and(|(ma, mi, _)| (*ma, *mi) >= (2, 10));
+    let mut modes = vec![(false, "nats (file)")];
+    if supports_sync {
+        modes.push((true, "nats (file, fsync always)"));
+    } else {
+        report.notes.push(
+            "nats-server < 2.10 has no sync_interval: only its default mode (no fsync before acks) is measured".into(),
+        );
+    }
+    for (sync, label) in modes {
+        progress(&format!("peer: {label}"));
+        let outcome = async {
+            let server = nats::NatsServer::start(&binary, sync).await?;
+            let r = nats::publish_matrix(
+                &server,
+                label,
+                &args.batch_sizes,
+                &args.publishers,
+                args.connections,
+                args.duration,
+                args.payload_size,
+                run,
+                &mut report.rows,
+            )
+            .await;
+            server.stop().await;
+            r
+        }
+        .await;
+        if let Err(e) = outcome {
+            fail(report, "publish", label, e);
+        }
+    }
+}
+
+fn settings_json(args: &Args) -> serde_json::Value {
+    let mut value = serde_json::to_value(args).unwrap_or_default();
+    for key in ["database_url", "redis_url"] {
+        if let Some(v) = value.get_mut(key)
+            && let Some(s) = v.as_str()
+        {
+            *v = serde_json::Value::String(redact(s));
+        }
+    }
+    value
+}
+
+async fn environment(report: &mut Report, args: &Args) {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default();
+    report
+        .environment
+        .push(("cpus".into(), format!("{cpus} x {model}")));
+    if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
+        report.environment.push((
+            "load average at start (1/5/15 min)".into(),
+            l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        ));
+    }
+    if let Ok(k) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+        report
+            .environment
+            .push(("kernel".into(), k.trim().to_owned()));
+    }
+    if let Some(url) = &args.database_url {
+        use sqlx::Connection as _;
+        if let Ok(mut c) = sqlx::PgConnection::connect(url).await
+            && let Ok((v, f, s)) = sqlx::query_as::<_, (String, String, String)>(
+                "SELECT version(), current_setting('fsync'), current_setting('synchronous_commit')",
+            )
+            .fetch_one(&mut c)
+            .await
+        {
+            report.environment.push((
+                "postgres".into(),
+                format!(
+                    "{} (fsync={f}, synchronous_commit={s})",
+                    v.split(" on ").next().unwrap_or(&v)
+                ),
+            ));
+        }
+    }
+    if let Some(url) = &args.redis_url
+        && let Ok(client) = redis::Client::open(url.as_str())
+        && let Ok(mut c) = client.get_multiplexed_async_connection().await
+        && let Ok(info) = redis::cmd("INFO")
+            .arg("server")
+            .query_async::<String>(&mut c)
+            .await
+        && let Some(v) = info.lines().find_map(|l| l.strip_prefix("redis_version:"))
+    {
+        report
+            .environment
+            .push(("redis".into(), v.trim().to_owned()));
+    }
+    for (k, v) in &report.environment {
+        progress(&format!("{k}: {v}"));
+    }
+}
+
+fn find<'a>(rows: &'a [Row], scenario: &str, system: &str, case: &str) -> Option<&'a Row> {
+    rows.iter()
+        .find(|r| r.scenario == scenario && r.system == system && r.case == case)
+}
+
+fn best<'a>(
+    rows: &'a [Row],
+    scenario: &str,
+    system: &str,
+    pred: impl Fn(&Row) -> bool,
+) -> Option<&'a Row> {
+    rows.iter()
+        .filter(|r| r.scenario == scenario && r.system == system && pred(r))
+        .max_by(|a, b| a.rate.total_cmp(&b.rate))
+}
+
+fn batch_of(r: &Row) -> Option<usize> {
+    r.case
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("batch="))
+        .and_then(|v| v.parse().ok())
+}
+
+fn publishers_of(r: &Row) -> Option<usize> {
+    r.case
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("publishers="))
+        .and_then(|v| v.parse().ok())
+}
+
+const PG: &str = "postgres (raw)";
+const REDIS: &str = "redis (raw)";
+const NATS: &str = "nats (file)";
+const NATS_SYNC: &str = "nats (file, fsync always)";
+
+/// Adds the ratios to baselines and evaluates the targets.
+fn compare(report: &mut Report) {
+    let baseline_rows: Vec<Row> = report
+        .rows
+        .iter()
+        .filter(|r| [PG, REDIS, NATS, NATS_SYNC].contains(&r.system.as_str()))
+        .cloned()
+        .collect();
+    let xadd = baseline_rows
+        .iter()
+        .find(|r| r.scenario == "redis XADD")
+        .map(|r| r.rate);
+    let nerve_systems: Vec<String> = {
+        let mut v: Vec<String> = Vec::new();
+        for r in &report.rows {
+            if ![PG, REDIS, NATS, NATS_SYNC].contains(&r.system.as_str()) && !v.contains(&r.system)
+            {
+                v.push(r.system.clone());
+            }
+        }
+        v
+    };
+    for row in report.rows.iter_mut() {
+        if [PG, REDIS, NATS, NATS_SYNC].contains(&row.system.as_str()) {
+            continue;
+        }
+        match row.scenario.as_str() {
+            "publish" => {
+                for base in [PG, NATS, NATS_SYNC] {
+                    if let Some(b) = find(&baseline_rows, "publish", base, &row.case)
+                        && b.rate > 0.0
+                    {
+                        row.ratios.push(Ratio {
+                            against: base.to_owned(),
+                            ratio: row.rate / b.rate,
+                        });
+                    }
+                }
+                if row.system == Backend::Production.name()
+                    && let Some(x) = xadd.filter(|x| *x > 0.0)
+                {
+                    row.ratios.push(Ratio {
+                        against: "redis XADD pipelined".into(),
+                        ratio: row.rate / x,
+                    });
+                }
+            }
+            "latency" => {
+                if let (Some(b), Some(l)) = (
+                    find(&baseline_rows, "latency", REDIS, &row.case).and_then(|b| b.latency),
+                    row.latency,
+                ) {
+                    if b.p50_ms > 0.0 {
+                        row.ratios.push(Ratio {
+                            against: "p50 of redis XADD->XREADGROUP".into(),
+                            ratio: l.p50_ms / b.p50_ms,
+                        });
+                    }
+                    if b.p99_ms > 0.0 {
+                        row.ratios.push(Ratio {
+                            against: "p99 of redis".into(),
+                            ratio: l.p99_ms / b.p99_ms,
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let rows = report.rows.clone();
+    let max_batch = rows
+        .iter()
+        .filter(|r| r.scenario == "publish")
+        .filter_map(batch_of)
+        .max();
+    let max_publishers = rows
+        .iter()
+        .filter(|r| r.scenario == "publish")
+        .filter_map(publishers_of)
+        .max();
+    let rate = |v: f64| format!("{} ev/s", fmt_rate(v));
+    for system in nerve_systems {
+        let mut add = |name: &str, measured: String, required: String, pass: Option<bool>| {
+            report.targets.push(Target {
+                system: system.clone(),
+                name: name.to_owned(),
+                measured,
+                required,
+                pass,
+            });
+        };
+        // batched durable publish vs raw batched insert, each at its best publisher count
+        match max_batch.filter(|b| *b > 1) {
+            Some(b) => {
+                let n = best(&rows, "publish", &system, |r| batch_of(r) == Some(b));
+                let p = best(&rows, "publish", PG, |r| batch_of(r) == Some(b));
+                match (n, p) {
+                    (Some(n), Some(p)) if p.rate > 0.0 => add(
+                        &format!("batched publish (batch {b}) vs raw batched Postgres insert"),
+                        format!(
+                            "{} ({}) = {:.2}x raw {} ({})",
+                            rate(n.rate),
+                            n.case,
+                            n.rate / p.rate,
+                            rate(p.rate),
+                            p.case
+                        ),
+                        ">= 0.6x".into(),
+                        Some(n.rate / p.rate >= 0.6),
+                    ),
+                    _ => add(
+                        "batched publish vs raw batched Postgres insert",
+                        "not measured".into(),
+                        ">= 0.6x".into(),
+                        None,
+                    ),
+                }
+            }
+            None => add(
+                "batched publish vs raw batched Postgres insert",
+                "no batch > 1 measured".into(),
+                ">= 0.6x".into(),
+                None,
+            ),
+        }
+        // one event per RPC, most publishers, vs single-row sync commit from one connection
+        let single = max_publishers.and_then(|p| {
+            find(
+                &rows,
+                "publish",
+                &system,
+                &format!("batch=1 publishers={p}"),
+            )
+        });
+        let raw_single = find(&rows, "publish", PG, "batch=1 publishers=1");
+        match (single, raw_single) {
+            (Some(n), Some(p)) if p.rate > 0.0 => add(
+                "1 event/RPC at most publishers vs raw single-row sync commit",
+                format!(
+                    "{} ({}) = {:.2}x raw {} (1 connection)",
+                    rate(n.rate),
+                    n.case,
+                    n.rate / p.rate,
+                    rate(p.rate)
+                ),
+                ">= 2x".into(),
+                Some(n.rate / p.rate >= 2.0),
+            ),
+            _ => add(
+                "1 event/RPC at most publishers vs raw single-row sync commit",
+                "not measured".into(),
+                ">= 2x".into(),
+                None,
+            ),
+        }
+        // latency at 10K/s
+        let lat = find(&rows, "latency", &system, "rate=10000/s");
+        let lat_l = lat.and_then(|r| r.latency);
+        add(
+            "publish->deliver p50 at 10K/s",
+            lat_l.map_or("not measured".into(), |l| format!("{:.3} ms", l.p50_ms)),
+            "<= 0.5 ms".into(),
+            lat_l.map(|l| l.p50_ms <= 0.5),
+        );
+        add(
+            "publish->deliver p99 at 10K/s",
+            lat_l.map_or("not measured".into(), |l| format!("{:.3} ms", l.p99_ms)),
+            "<= 2 ms".into(),
+            lat_l.map(|l| l.p99_ms <= 2.0),
+        );
+        let raw_l = find(&rows, "latency", REDIS, "rate=10000/s").and_then(|r| r.latency);
+        match (lat_l, raw_l) {
+            (Some(l), Some(b)) if b.p50_ms > 0.0 => add(
+                "publish->deliver p50 at 10K/s vs raw XADD->XREADGROUP p50",
+                format!(
+                    "{:.3} ms = {:.2}x raw {:.3} ms",
+                    l.p50_ms,
+                    l.p50_ms / b.p50_ms,
+                    b.p50_ms
+                ),
+                "<= 3x".into(),
+                Some(l.p50_ms / b.p50_ms <= 3.0),
+            ),
+            _ => add(
+                "publish->deliver p50 at 10K/s vs raw XADD->XREADGROUP p50",
+                "not measured".into(),
+                "<= 3x".into(),
+                None,
+            ),
+        }
+        for case in ["private stream, backlog", "durable group, backlog"] {
+            let d = find(&rows, "drain", &system, case);
+            add(
+                &format!("one subscriber drains ({case})"),
+                d.map_or("not measured".into(), |r| rate(r.rate)),
+                ">= 100,000 ev/s".into(),
+                d.map(|r| r.rate >= 100_000.0 && r.errors == 0),
+            );
+        }
+        let slow = rows.iter().find(|r| {
+            r.scenario == "slow consumer" && r.system == system && r.rss_added_mb.is_some()
+        });
+        add(
+            "slow consumers add server RSS",
+            slow.and_then(|r| r.rss_added_mb)
+                .map_or("not measured".into(), |v| format!("{v:.1} MB")),
+            "< 64 MB".into(),
+            slow.and_then(|r| r.rss_added_mb).map(|v| v < 64.0),
+        );
+        for base in [NATS, NATS_SYNC] {
+            let n = best(&rows, "publish", &system, |_| true);
+            let j = best(&rows, "publish", base, |_| true);
+            if let (Some(n), Some(j)) = (n, j) {
+                if j.rate > 0.0 {
+                    add(
+                        &format!("best durable publish vs {base}"),
+                        format!(
+                            "{} ({}) = {:.2}x {} ({})",
+                            rate(n.rate),
+                            n.case,
+                            n.rate / j.rate,
+                            rate(j.rate),
+                            j.case
+                        ),
+                        "> 1x".into(),
+                        Some(n.rate / j.rate > 1.0),
+                    );
+                }
+            } else if base == NATS {
+                add(
+                    &format!("best durable publish vs {base}"),
+                    "not measured".into(),
+                    "> 1x".into(),
+                    None,
+                );
+            }
+        }
+    }
+}

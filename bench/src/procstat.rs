@@ -1,0 +1,116 @@
+//! CPU and memory of processes, read from /proc: the Nerve server, the backing services (postgres,
+//! redis-server, nats-server) and this tool itself.
+
+use std::{collections::HashMap, sync::LazyLock, time::Instant};
+
+use serde::Serialize;
+
+/// Clock ticks per second for /proc/<pid>/stat times (`getconf CLK_TCK`, 100 on Linux in practice).
+static CLK_TCK: LazyLock<f64> = LazyLock::new(|| {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .unwrap_or(100.0)
+});
+
+/// Names of the backing services whose CPU is reported as "infra".
+const INFRA: &[&str] = &["postgres", "redis-server", "nats-server"];
+
+/// utime + stime of a process, in ticks.
+pub fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the command name may contain spaces and parentheses: fields start after the last ')'
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Resident set size in MiB (VmRSS).
+pub fn rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn infra_ticks() -> HashMap<u32, u64> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+            continue;
+        };
+        if INFRA.contains(&comm.trim())
+            && let Some(t) = cpu_ticks(&pid.to_string())
+        {
+            out.insert(pid, t);
+        }
+    }
+    out
+}
+
+/// CPU and memory used during one measured phase.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Usage {
+    /// Server CPU, percent of one core (200 = two cores busy).
+    pub server_cpu_pct: Option<f64>,
+    /// Server resident memory at the end of the phase, MiB.
+    pub server_rss_mb: Option<f64>,
+    /// postgres + redis-server + nats-server processes, percent of one core.
+    pub infra_cpu_pct: f64,
+    /// This tool, percent of one core.
+    pub bench_cpu_pct: f64,
+}
+
+/// Snapshot taken at the start of a phase.
+pub struct Meter {
+    started: Instant,
+    server: Option<(u32, u64)>,
+    infra: HashMap<u32, u64>,
+    own: u64,
+}
+
+impl Meter {
+    pub fn start(server_pid: Option<u32>) -> Self {
+        Meter {
+            started: Instant::now(),
+            server: server_pid.and_then(|p| cpu_ticks(&p.to_string()).map(|t| (p, t))),
+            infra: infra_ticks(),
+            own: cpu_ticks("self").unwrap_or(0),
+        }
+    }
+
+    pub fn finish(&self) -> Usage {
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        let pct = |ticks: u64| ticks as f64 / *CLK_TCK / wall * 100.0;
+        let (server_cpu_pct, server_rss_mb) = match self.server {
+            Some((pid, t0)) => (
+                cpu_ticks(&pid.to_string()).map(|t| pct(t.saturating_sub(t0))),
+                rss_mb(pid),
+            ),
+            None => (None, None),
+        };
+        let infra: u64 = infra_ticks()
+            .into_iter()
+            .map(|(pid, t)| t.saturating_sub(self.infra.get(&pid).copied().unwrap_or(0)))
+            .sum();
+        Usage {
+            server_cpu_pct,
+            server_rss_mb,
+            infra_cpu_pct: pct(infra),
+            bench_cpu_pct: pct(cpu_ticks("self").unwrap_or(0).saturating_sub(self.own)),
+        }
+    }
+}

@@ -1,0 +1,842 @@
+//! The Nerve scenarios, driven over gRPC against one running server.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use nerve::api::pb::{
+    self, admin_client::AdminClient, event_bus_client::EventBusClient, subscribe_request::Action,
+    subscribe_response::Message,
+};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Streaming, transport::Channel};
+
+use crate::{
+    Args,
+    procstat::{Meter, rss_mb},
+    report::Row,
+    util::{Call, Hist, LoadResult, Send1, closed_loop, event, now_ns, open_loop, stamp_of},
+};
+
+/// What every scenario needs: connections to one server, and the settings.
+pub struct Ctx {
+    pub channels: Vec<Channel>,
+    pub args: Arc<Args>,
+    /// The server process, when this tool started it (CPU and RSS are read from /proc).
+    pub pid: Option<u32>,
+    /// Backend name for the tables.
+    pub system: String,
+    /// Unique per run, so ids never collide with an earlier run against the same server.
+    pub run: String,
+}
+
+/// Connects `n` HTTP/2 connections to a server.
+pub async fn connect(addr: &str, n: usize) -> Result<Vec<Channel>> {
+    let mut out = Vec::new();
+    for _ in 0..n.max(1) {
+        let channel = Channel::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to nerve at {addr}"))?;
+        out.push(channel);
+    }
+    Ok(out)
+}
+
+impl Ctx {
+    pub fn bus(&self, i: usize) -> EventBusClient<Channel> {
+        EventBusClient::new(self.channels[i % self.channels.len()].clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    fn buses(&self) -> Arc<Vec<EventBusClient<Channel>>> {
+        Arc::new((0..self.channels.len()).map(|i| self.bus(i)).collect())
+    }
+
+    fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channels[0].clone())
+    }
+
+    fn row(&self, scenario: &str, case: impl Into<String>) -> Row {
+        Row::new(scenario, &self.system, case)
+    }
+
+    fn filter(&self) -> Option<pb::Filter> {
+        self.args.filter.then(|| pb::Filter {
+            filter: Some(pb::filter::Filter::Prefix(pb::AttributeValues {
+                attributes: [("subject".to_owned(), "bench/".to_owned())].into(),
+            })),
+        })
+    }
+
+    /// Events per publish for bulk loads: up to 1000, under the default 4 MiB batch limit.
+    fn bulk_batch(&self) -> usize {
+        (3_000_000 / (self.args.payload_size + 200)).clamp(1, 1000)
+    }
+}
+
+/// Fills a row from a load result.
+fn load_row(mut row: Row, r: &LoadResult, meter: &Meter) -> Row {
+    row.events = r.events;
+    row.seconds = r.elapsed.as_secs_f64();
+    row.rate = r.rate();
+    row.latency = r.hist.summary();
+    row.usage = meter.finish();
+    row.errors = r.errors;
+    row.first_error = r.first_error.clone();
+    row
+}
+
+// ---------------------------------------------------------------------------------------------------
+// subscribers
+
+/// An open Subscribe stream.
+pub struct Sub {
+    tx: mpsc::Sender<pb::SubscribeRequest>,
+    inbound: Streaming<pb::SubscribeResponse>,
+}
+
+impl Sub {
+    pub async fn open(mut bus: EventBusClient<Channel>, open: pb::SubscriptionOpen) -> Result<Sub> {
+        let (tx, rx) = mpsc::channel(1024);
+        tx.send(pb::SubscribeRequest {
+            action: Some(Action::Open(open)),
+        })
+        .await
+        .map_err(|_| anyhow!("subscribe request stream closed"))?;
+        let mut inbound = bus
+            .subscribe(ReceiverStream::new(rx))
+            .await
+            .context("Subscribe")?
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| anyhow!("no Subscribed answer within 10 s"))??;
+        match first.and_then(|m| m.message) {
+            Some(Message::Subscribed(_)) => Ok(Sub { tx, inbound }),
+            other => bail!("expected Subscribed first, got {other:?}"),
+        }
+    }
+
+    async fn ack(&self, ids: Vec<String>) -> Result<()> {
+        self.tx
+            .send(pb::SubscribeRequest {
+                action: Some(Action::Ack(pb::Ack { delivery_ids: ids })),
+            })
+            .await
+            .map_err(|_| anyhow!("subscribe request stream closed"))
+    }
+}
+
+fn open_msg(
+    types: &[&str],
+    group: &str,
+    start: Option<pb::start_position::Position>,
+    max_in_flight: u32,
+    filter: Option<pb::Filter>,
+) -> pb::SubscriptionOpen {
+    pb::SubscriptionOpen {
+        types: types.iter().map(|t| (*t).to_owned()).collect(),
+        group: group.to_owned(),
+        filter,
+        start: start.map(|p| pb::StartPosition { position: Some(p) }),
+        max_in_flight,
+        ..pb::SubscriptionOpen::default()
+    }
+}
+
+/// What a reader saw.
+pub struct Outcome {
+    pub delivered: u64,
+    pub hist: Hist,
+    pub error: Option<String>,
+}
+
+/// Reads deliveries until `stop`, recording publish->deliver latency from each event's stamp and acking
+/// in batches of `ack_every` (and at least every 2 ms). With `pace`, waits that long after each delivery
+/// (a slow consumer).
+pub fn spawn_reader(
+    mut sub: Sub,
+    counter: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+    ack_every: usize,
+    pace: Option<Duration>,
+) -> JoinHandle<Outcome> {
+    tokio::spawn(async move {
+        let mut out = Outcome {
+            delivered: 0,
+            hist: Hist::new(),
+            error: None,
+        };
+        let mut pending: Vec<String> = Vec::new();
+        let mut flush = tokio::time::interval(Duration::from_millis(2));
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                message = sub.inbound.message() => match message {
+                    Ok(Some(m)) => {
+                        if let Some(Message::Delivery(d)) = m.message {
+                            let now = now_ns();
+                            if let Some(stamp) = d.event.as_ref().and_then(stamp_of) {
+                                out.hist.record_ns(now.saturating_sub(stamp));
+                            }
+                            out.delivered += 1;
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            pending.push(d.delivery_id);
+                            if let Some(pace) = pace {
+                                tokio::time::sleep(pace).await;
+                            }
+                            if (pending.len() >= ack_every || pace.is_some())
+                                && sub.ack(std::mem::take(&mut pending)).await.is_err()
+                            {
+                                out.error = Some("subscribe request stream closed".into());
+                                break;
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        out.error = Some("the server ended the stream".into());
+                        break;
+                    }
+                    Err(status) => {
+                        out.error = Some(format!("stream failed: {status}"));
+                        break;
+                    }
+                },
+                _ = flush.tick() => {
+                    if !pending.is_empty() && sub.ack(std::mem::take(&mut pending)).await.is_err() {
+                        out.error = Some("subscribe request stream closed".into());
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    })
+}
+
+/// Waits until `counter` reaches `target`; false after `timeout`.
+async fn wait_count(counter: &AtomicU64, target: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while counter.load(Ordering::Relaxed) < target {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    true
+}
+
+/// Publishes one event per call, stamped, round-robin over the connections.
+fn single_sender(ctx: &Ctx, event_type: &'static str, tag: &str) -> Send1 {
+    let buses = ctx.buses();
+    let prefix = format!("{}-{tag}", ctx.run);
+    let size = ctx.args.payload_size;
+    Arc::new(move |i, stamp| {
+        let mut bus = buses[(i as usize) % buses.len()].clone();
+        let e = event(format!("{prefix}-{i}"), event_type, i, size, stamp);
+        Box::pin(async move {
+            let r = bus.publish(pb::PublishRequest { events: vec![e] }).await?;
+            Ok(r.into_inner().results.len() as u64)
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// scenarios
+
+/// Durable publish throughput: closed loop, every batch size x publisher count.
+pub async fn publish(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
+    for &batch in &ctx.args.batch_sizes {
+        for &publishers in &ctx.args.publishers {
+            let buses = ctx.buses();
+            let prefix = format!("{}-pub-b{batch}-p{publishers}", ctx.run);
+            let size = ctx.args.payload_size;
+            let call: Call = Arc::new(move |w, k| {
+                let mut bus = buses[w % buses.len()].clone();
+                let stamp = now_ns();
+                let events = (0..batch)
+                    .map(|j| {
+                        event(
+                            format!("{prefix}-{w}-{k}-{j}"),
+                            "bench.publish.v1",
+                            k,
+                            size,
+                            stamp,
+                        )
+                    })
+                    .collect();
+                Box::pin(async move {
+                    let r = bus.publish(pb::PublishRequest { events }).await?;
+                    Ok(r.into_inner().results.len() as u64)
+                })
+            });
+            let meter = Meter::start(ctx.pid);
+            let r = closed_loop(publishers, ctx.args.duration, call).await;
+            let mut row = load_row(
+                ctx.row("publish", format!("batch={batch} publishers={publishers}")),
+                &r,
+                &meter,
+            );
+            row.note = String::new();
+            rows.push(row);
+        }
+    }
+    Ok(())
+}
+
+/// Publish -> deliver latency at fixed rates (open loop), one private subscriber.
+pub async fn latency(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
+    for &rate in &ctx.args.rates {
+        let counter = Arc::new(AtomicU64::new(0));
+        let (stop_tx, stop) = watch::channel(false);
+        let sub = Sub::open(
+            ctx.bus(0),
+            open_msg(
+                &["bench.latency.v1"],
+                "",
+                Some(pb::start_position::Position::Latest(())),
+                5000,
+                ctx.filter(),
+            ),
+        )
+        .await?;
+        let reader = spawn_reader(sub, counter.clone(), stop, 256, None);
+        let meter = Meter::start(ctx.pid);
+        let r = open_loop(
+            rate as f64,
+            ctx.args.duration,
+            ctx.args.max_outstanding,
+            single_sender(ctx, "bench.latency.v1", &format!("lat{rate}")),
+        )
+        .await;
+        let complete = wait_count(&counter, r.events, Duration::from_secs(10)).await;
+        let usage = meter.finish();
+        let _ = stop_tx.send(true);
+        let out = reader.await?;
+        let mut row = ctx.row("latency", format!("rate={rate}/s"));
+        row.events = out.delivered;
+        row.seconds = r.elapsed.as_secs_f64();
+        row.rate = out.delivered as f64 / r.elapsed.as_secs_f64().max(1e-9);
+        row.offered_rate = Some(rate as f64);
+        row.latency = out.hist.summary();
+        row.usage = usage;
+        row.errors = r.errors + u64::from(out.error.is_some());
+        row.first_error = r.first_error.clone().or(out.error);
+        let ack = r.hist.summary();
+        let lag = r.schedule_lag.summary();
+        row.note = format!(
+            "sent {} of {} planned; publish ack p50 {:.3} ms p99 {:.3} ms; send schedule lag p99 {:.3} ms{}",
+            r.sent,
+            r.planned,
+            ack.map_or(0.0, |l| l.p50_ms),
+            ack.map_or(0.0, |l| l.p99_ms),
+            lag.map_or(0.0, |l| l.p99_ms),
+            if complete {
+                String::new()
+            } else {
+                format!(
+                    "; {} acknowledged events not delivered within 10 s",
+                    r.events.saturating_sub(out.delivered)
+                )
+            }
+        );
+        if !complete {
+            row.errors += 1;
+        }
+        rows.push(row);
+    }
+    Ok(())
+}
+
+/// Fan-out: every event to `groups` durable groups, open loop.
+pub async fn fanout(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
+    let groups = ctx.args.groups;
+    let rate = ctx.args.fanout_rate;
+    let counter = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    let mut readers = Vec::new();
+    let names: Vec<String> = (0..groups)
+        .map(|g| format!("bench-fanout-{}-{g}", ctx.run))
+        .collect();
+    for (g, name) in names.iter().enumerate() {
+        let sub = Sub::open(
+            ctx.bus(g),
+            open_msg(
+                &["bench.fanout.v1"],
+                name,
+                Some(pb::start_position::Position::Latest(())),
+                2000,
+                ctx.filter(),
+            ),
+        )
+        .await?;
+        readers.push(spawn_reader(sub, counter.clone(), stop.clone(), 128, None));
+    }
+    let meter = Meter::start(ctx.pid);
+    let r = open_loop(
+        rate as f64,
+        ctx.args.duration,
+        ctx.args.max_outstanding,
+        single_sender(ctx, "bench.fanout.v1", "fan"),
+    )
+    .await;
+    let expected = r.events * groups as u64;
+    let complete = wait_count(&counter, expected, Duration::from_secs(15)).await;
+    let usage = meter.finish();
+    let _ = stop_tx.send(true);
+    let mut hist = Hist::new();
+    let mut per_group = Vec::new();
+    let mut errors = Vec::new();
+    for reader in readers {
+        let out = reader.await?;
+        hist.merge(&out.hist);
+        per_group.push(out.delivered);
+        errors.extend(out.error);
+    }
+    let delivered: u64 = per_group.iter().sum();
+    let mut row = ctx.row("fanout", format!("groups={groups} rate={rate}/s"));
+    row.events = delivered;
+    row.seconds = r.elapsed.as_secs_f64();
+    row.rate = delivered as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    row.offered_rate = Some((rate * groups as u64) as f64);
+    row.latency = hist.summary();
+    row.usage = usage;
+    row.errors = r.errors + errors.len() as u64 + u64::from(!complete);
+    row.first_error = r.first_error.clone().or(errors.first().cloned());
+    row.note = format!(
+        "{} events published ({} of {} planned sends), deliveries per group {per_group:?}{}",
+        r.events,
+        r.sent,
+        r.planned,
+        if complete {
+            ""
+        } else {
+            "; not all delivered within 15 s"
+        }
+    );
+    rows.push(row);
+    let mut admin = ctx.admin();
+    for name in names {
+        let _ = admin
+            .delete_group(pb::DeleteGroupRequest { group: name })
+            .await;
+    }
+    Ok(())
+}
+
+/// Publishes `n` events of one type as fast as `workers` publishers can, in batches; returns the
+/// lowest sequence and the load row.
+async fn bulk_load(ctx: &Ctx, event_type: &'static str, tag: &str, n: u64) -> Result<(u64, Row)> {
+    let batch = ctx.bulk_batch() as u64;
+    let chunks = n.div_ceil(batch);
+    let next = Arc::new(AtomicU64::new(0));
+    let first = Arc::new(AtomicU64::new(u64::MAX));
+    let buses = ctx.buses();
+    let prefix = format!("{}-{tag}", ctx.run);
+    let size = ctx.args.payload_size;
+    let meter = Meter::start(ctx.pid);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..4usize {
+        let (next, first, buses, prefix) =
+            (next.clone(), first.clone(), buses.clone(), prefix.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut bus = buses[w % buses.len()].clone();
+            let mut hist = Hist::new();
+            let mut done = 0u64;
+            loop {
+                let c = next.fetch_add(1, Ordering::Relaxed);
+                if c >= chunks {
+                    return Ok::<_, anyhow::Error>((done, hist));
+                }
+                let stamp = now_ns();
+                let events: Vec<pb::Event> = (c * batch..((c + 1) * batch).min(n))
+                    .map(|i| event(format!("{prefix}-{i}"), event_type, i, size, stamp))
+                    .collect();
+                let t0 = Instant::now();
+                let results = bus
+                    .publish(pb::PublishRequest { events })
+                    .await
+                    .context("bulk publish")?
+                    .into_inner()
+                    .results;
+                hist.record(t0.elapsed());
+                if let Some(min) = results.iter().map(|r| r.sequence).min() {
+                    first.fetch_min(min, Ordering::Relaxed);
+                }
+                done += results.len() as u64;
+            }
+        }));
+    }
+    let mut r = LoadResult::default();
+    for t in tasks {
+        let (done, hist) = t.await??;
+        r.events += done;
+        r.hist.merge(&hist);
+    }
+    r.elapsed = started.elapsed();
+    let row = load_row(
+        ctx.row(
+            "bulk load",
+            format!("{tag}: {n} events, batch={batch} publishers=4"),
+        ),
+        &r,
+        &meter,
+    );
+    Ok((first.load(Ordering::Relaxed), row))
+}
+
+/// One subscriber drains a stored backlog: a private stream, then a durable group.
+pub async fn drain(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
+    let n = ctx.args.drain_events;
+    let (first, load) = bulk_load(ctx, "bench.drain.v1", "drain", n).await?;
+    rows.push(load);
+    for group in ["", "bench-drain"] {
+        let group = if group.is_empty() {
+            String::new()
+        } else {
+            format!("{group}-{}", ctx.run)
+        };
+        let counter = Arc::new(AtomicU64::new(0));
+        let (stop_tx, stop) = watch::channel(false);
+        let meter = Meter::start(ctx.pid);
+        let started = Instant::now();
+        let sub = Sub::open(
+            ctx.bus(0),
+            open_msg(
+                &["bench.drain.v1"],
+                &group,
+                Some(pb::start_position::Position::AfterSequence(
+                    first.saturating_sub(1),
+                )),
+                10_000,
+                None,
+            ),
+        )
+        .await?;
+        let reader = spawn_reader(sub, counter.clone(), stop, 1000, None);
+        let complete = wait_count(&counter, n, Duration::from_secs(300)).await;
+        let elapsed = started.elapsed();
+        let usage = meter.finish();
+        let _ = stop_tx.send(true);
+        let out = reader.await?;
+        let mut row = ctx.row(
+            "drain",
+            if group.is_empty() {
+                "private stream, backlog".to_owned()
+            } else {
+                "durable group, backlog".to_owned()
+            },
+        );
+        row.events = out.delivered;
+        row.seconds = elapsed.as_secs_f64();
+        row.rate = out.delivered as f64 / elapsed.as_secs_f64().max(1e-9);
+        row.usage = usage;
+        row.errors = u64::from(out.error.is_some()) + u64::from(!complete);
+        row.first_error = out.error.or_else(|| {
+            (!complete).then(|| format!("only {} of {n} delivered in 300 s", out_count(&counter)))
+        });
+        row.note = "rate = backlog / time from open to last delivery; latency column n/a".into();
+        rows.push(row);
+        if !group.is_empty() {
+            let _ = ctx
+                .admin()
+                .delete_group(pb::DeleteGroupRequest { group })
+                .await;
+        }
+    }
+    Ok(())
+}
+
+fn out_count(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Samples the server's RSS every 100 ms until `stop`; returns the peak.
+fn rss_sampler(pid: Option<u32>, mut stop: watch::Receiver<bool>) -> JoinHandle<f64> {
+    tokio::spawn(async move {
+        let mut peak: f64 = 0.0;
+        loop {
+            if let Some(v) = pid.and_then(rss_mb) {
+                peak = peak.max(v);
+            }
+            tokio::select! {
+                _ = stop.changed() => return peak,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    })
+}
+
+/// Slow consumers: the same publish load twice, first without and then with three slow consumers (a
+/// private stream and a group member each acking 100 events/s, and a private stream that never reads);
+/// the RSS they add is the second phase's peak minus the first's.
+pub async fn slow(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
+    let rate = ctx.args.slow_rate as f64;
+    let duration = ctx.args.slow_duration;
+    let before = ctx.pid.and_then(rss_mb);
+
+    // phase 1: the load alone
+    let (stop_tx, stop) = watch::channel(false);
+    let sampler = rss_sampler(ctx.pid, stop);
+    let meter = Meter::start(ctx.pid);
+    let control = open_loop(
+        rate,
+        duration,
+        ctx.args.max_outstanding,
+        single_sender(ctx, "bench.slow.v1", "slow-control"),
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    let control_peak = sampler.await?;
+    let mut row = load_row(ctx.row("slow consumer", "load alone"), &control, &meter);
+    row.offered_rate = Some(rate);
+    row.note = format!(
+        "server RSS before {:.1} MB, peak {control_peak:.1} MB",
+        before.unwrap_or(0.0)
+    );
+    rows.push(row);
+
+    // phase 2: the same load with slow consumers
+    let group = format!("bench-slow-{}", ctx.run);
+    let counter = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    let latest = || Some(pb::start_position::Position::Latest(()));
+    let paced = Some(Duration::from_millis(10));
+    let private = Sub::open(
+        ctx.bus(0),
+        open_msg(&["bench.slow.v1"], "", latest(), 64, None),
+    )
+    .await?;
+    let member = Sub::open(
+        ctx.bus(1),
+        open_msg(&["bench.slow.v1"], &group, latest(), 64, None),
+    )
+    .await?;
+    let stalled = Sub::open(
+        ctx.bus(2),
+        open_msg(&["bench.slow.v1"], "", latest(), 64, None),
+    )
+    .await?;
+    let readers = vec![
+        spawn_reader(private, counter.clone(), stop.clone(), 1, paced),
+        spawn_reader(member, counter.clone(), stop.clone(), 1, paced),
+    ];
+    let start_phase2 = ctx.pid.and_then(rss_mb);
+    let sampler = rss_sampler(ctx.pid, stop.clone());
+    let meter = Meter::start(ctx.pid);
+    let loaded = open_loop(
+        rate,
+        duration,
+        ctx.args.max_outstanding,
+        single_sender(ctx, "bench.slow.v1", "slow-consumers"),
+    )
+    .await;
+    let usage = meter.finish();
+    let _ = stop_tx.send(true);
+    let peak = sampler.await?;
+    let mut errors = Vec::new();
+    for r in readers {
+        let out = r.await?;
+        errors.extend(out.error);
+    }
+    drop(stalled);
+    let mut row = load_row(
+        ctx.row(
+            "slow consumer",
+            "with 3 slow consumers (2 at 100/s, 1 stalled)",
+        ),
+        &loaded,
+        &meter,
+    );
+    row.usage = usage;
+    row.offered_rate = Some(rate);
+    row.errors += errors.len() as u64;
+    row.first_error = row.first_error.or(errors.first().cloned());
+    let added = (peak - control_peak).max(0.0);
+    row.rss_added_mb = ctx.pid.map(|_| added);
+    row.note = format!(
+        "server RSS at start {:.1} MB, peak {peak:.1} MB: {added:.1} MB above the load-alone peak; slow consumers received {}",
+        start_phase2.unwrap_or(0.0),
+        counter.load(Ordering::Relaxed)
+    );
+    rows.push(row);
+    let _ = ctx
+        .admin()
+        .delete_group(pb::DeleteGroupRequest { group })
+        .await;
+    Ok(())
+}
+
+/// Request / reply round trips with one responder, closed loop per concurrency level.
+pub async fn request_reply(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
+    let (stop_tx, mut stop) = watch::channel(false);
+    let mut responder = Sub::open(
+        ctx.bus(0),
+        open_msg(
+            &["bench.request.v1"],
+            "",
+            Some(pb::start_position::Position::Latest(())),
+            2000,
+            None,
+        ),
+    )
+    .await?;
+    let reply_bus = ctx.buses();
+    let responder_task = tokio::spawn(async move {
+        let mut k = 0usize;
+        loop {
+            let message = tokio::select! {
+                _ = stop.changed() => return Ok::<(), anyhow::Error>(()),
+                m = responder.inbound.message() => m?,
+            };
+            let Some(m) = message else {
+                bail!("the server ended the responder stream");
+            };
+            if let Some(Message::Delivery(d)) = m.message {
+                let Some(request) = d.event else { continue };
+                let mut bus = reply_bus[k % reply_bus.len()].clone();
+                k += 1;
+                tokio::spawn(async move {
+                    let reply = pb::Event {
+                        id: format!("{}-reply", request.id),
+                        source: crate::util::SOURCE.to_owned(),
+                        r#type: "bench.reply.v1".to_owned(),
+                        spec_version: "1.0".to_owned(),
+                        data: request.data.clone(),
+                        ..pb::Event::default()
+                    };
+                    let _ = bus
+                        .reply(pb::ReplyRequest {
+                            reply_to: request.reply_to,
+                            event: Some(reply),
+                        })
+                        .await;
+                });
+                responder.ack(vec![d.delivery_id]).await?;
+            }
+        }
+    });
+    let size = ctx.args.payload_size;
+    let request_call = |tag: String| -> Call {
+        let buses = ctx.buses();
+        Arc::new(move |w, k| {
+            let mut bus = buses[w % buses.len()].clone();
+            let e = event(
+                format!("{tag}-{w}-{k}"),
+                "bench.request.v1",
+                k,
+                size,
+                now_ns(),
+            );
+            Box::pin(async move {
+                bus.request(pb::RequestRequest {
+                    event: Some(e),
+                    timeout: Some(prost_types::Duration {
+                        seconds: 10,
+                        nanos: 0,
+                    }),
+                })
+                .await?;
+                Ok(1)
+            })
+        })
+    };
+    // a responder counts once the server knows it (presence may take a moment on Redis)
+    let warm = request_call(format!("{}-rr-warm", ctx.run));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut k = 0;
+    loop {
+        match warm(0, k).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => return Err(e.context("warm-up request")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+        k += 1;
+    }
+    for &c in &ctx.args.rr_concurrency {
+        let meter = Meter::start(ctx.pid);
+        let r = closed_loop(
+            c,
+            ctx.args.duration,
+            request_call(format!("{}-rr-c{c}", ctx.run)),
+        )
+        .await;
+        rows.push(load_row(
+            ctx.row("request/reply", format!("requesters={c}")),
+            &r,
+            &meter,
+        ));
+    }
+    let _ = stop_tx.send(true);
+    responder_task.await??;
+    Ok(())
+}
+
+/// Replays a stored history of `replay_events` events, 1000 per page.
+pub async fn replay(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
+    let n = ctx.args.replay_events;
+    let (first, load) = bulk_load(ctx, "bench.replay.v1", "replay", n).await?;
+    rows.push(load);
+    let meter = Meter::start(ctx.pid);
+    let started = Instant::now();
+    let mut stream = ctx
+        .bus(0)
+        .replay(pb::ReplayRequest {
+            types: vec!["bench.replay.v1".to_owned()],
+            after_sequence: first.saturating_sub(1),
+            page_size: 1000,
+            ..pb::ReplayRequest::default()
+        })
+        .await
+        .context("Replay")?
+        .into_inner();
+    let mut count = 0u64;
+    let mut first_page = None;
+    let mut pages = Hist::new();
+    let mut last = Instant::now();
+    while let Some(page) = stream.message().await.context("replay page")? {
+        let now = Instant::now();
+        first_page.get_or_insert(now - started);
+        pages.record(now - last);
+        last = now;
+        count += page.events.len() as u64;
+        if page.end_of_history {
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    let mut row = ctx.row("replay", format!("{n} events, page_size=1000"));
+    row.events = count;
+    row.seconds = elapsed.as_secs_f64();
+    row.rate = count as f64 / elapsed.as_secs_f64().max(1e-9);
+    row.latency = pages.summary();
+    row.usage = meter.finish();
+    if count != n {
+        row.errors = 1;
+        row.first_error = Some(format!("replayed {count} events, expected {n}"));
+    }
+    row.note = format!(
+        "latency columns = time between pages; first page after {:.1} ms",
+        first_page.map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    );
+    rows.push(row);
+    Ok(())
+}

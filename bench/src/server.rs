@@ -1,0 +1,266 @@
+//! Starts the real `nerve-server` binary as a child process on one backend, and cleans up after it
+//! (its temp data directory, or its Postgres schema and Redis keys).
+
+use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use sqlx::Connection as _;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Which backend a server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite file + in-process streams.
+    Embedded,
+    /// Postgres event store + Redis Streams.
+    Production,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Embedded => "embedded",
+            Backend::Production => "postgres+redis",
+        }
+    }
+}
+
+/// A running `nerve-server`.
+pub struct ServerProcess {
+    child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    _dir: tempfile::TempDir,
+    cleanup: Option<Scratch>,
+}
+
+/// The Postgres schema and Redis key prefix a production-backend server used.
+struct Scratch {
+    database_url: String,
+    schema: String,
+    redis_url: String,
+    key_prefix: String,
+}
+
+/// Returns `url` with its connections using `schema` (and any extra `-c` settings).
+pub fn url_with_options(url: &str, schema: &str, extra: &[(&str, &str)]) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let mut options = format!("-c%20search_path%3D{schema}");
+    for (k, v) in extra {
+        options.push_str(&format!("%20-c%20{k}%3D{v}"));
+    }
+    format!("{url}{separator}options={options}")
+}
+
+/// Creates a schema with a generated name; returns the name.
+pub async fn create_schema(database_url: &str, prefix: &str) -> Result<String> {
+    let schema = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(database_url)
+        .await
+        .with_context(|| format!("connecting to {}", redact(database_url)))?;
+    // the name is generated here, never input
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&mut conn)
+        .await
+        .context("creating a scratch schema")?;
+    Ok(schema)
+}
+
+/// Drops a scratch schema and everything in it.
+pub async fn drop_schema(database_url: &str, schema: &str) -> Result<()> {
+    let mut conn = sqlx::PgConnection::connect(database_url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE"
+    )))
+    .execute(&mut conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes every Redis key that starts with `prefix`.
+pub async fn delete_keys(redis_url: &str, prefix: &str) -> Result<u64> {
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut cursor: u64 = 0;
+    let mut deleted = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let n: u64 = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await?;
+            deleted += n;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
+/// Hides the password of a URL for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Finds the server binary: the flag, or `nerve-server` next to this executable.
+pub fn find_binary(flag: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(path) = flag {
+        if path.is_file() {
+            return Ok(path);
+        }
+        bail!("nerve-server binary {} does not exist", path.display());
+    }
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let sibling = exe
+        .parent()
+        .map(|d| d.join("nerve-server"))
+        .ok_or_else(|| anyhow!("no parent directory of {}", exe.display()))?;
+    if sibling.is_file() {
+        return Ok(sibling);
+    }
+    bail!(
+        "nerve-server not found next to {} (build it with `cargo build -p nerve`, or pass --server-bin)",
+        exe.display()
+    )
+}
+
+impl ServerProcess {
+    /// Starts a server on the given backend and waits until it listens.
+    pub async fn spawn(
+        binary: &std::path::Path,
+        backend: Backend,
+        database_url: Option<&str>,
+        redis_url: Option<&str>,
+        show_logs: bool,
+    ) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("nerve-bench-")
+            .tempdir()
+            .context("creating a data directory")?;
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("NERVE_LOG_LEVEL", "info")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut cleanup = None;
+        if backend == Backend::Production {
+            let database_url = database_url.ok_or_else(|| {
+                anyhow!(
+                    "the postgres+redis backend needs --database-url (or NERVE_TEST_DATABASE_URL)"
+                )
+            })?;
+            let redis_url = redis_url.ok_or_else(|| {
+                anyhow!("the postgres+redis backend needs --redis-url (or NERVE_TEST_REDIS_URL)")
+            })?;
+            let schema = create_schema(database_url, "nerve_bench").await?;
+            let key_prefix = format!("nerve-bench:{}", uuid::Uuid::new_v4().simple());
+            command
+                .arg("--store")
+                .arg(url_with_options(database_url, &schema, &[]))
+                .arg("--streams")
+                .arg(redis_url)
+                .env("NERVE_REDIS__KEY_PREFIX", &key_prefix);
+            cleanup = Some(Scratch {
+                database_url: database_url.to_owned(),
+                schema,
+                redis_url: redis_url.to_owned(),
+                key_prefix,
+            });
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow!("nerve-server exited at once"))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow!("no stderr pipe"))?;
+        let mut lines = BufReader::new(stderr).lines();
+        let mut seen = Vec::new();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.split("addr=").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or_default();
+                    return addr
+                        .parse::<SocketAddr>()
+                        .with_context(|| format!("listen address in {line:?}"));
+                }
+                seen.push(line);
+            }
+            bail!("nerve-server exited before listening:\n{}", seen.join("\n"))
+        })
+        .await
+        .map_err(|_| anyhow!("nerve-server did not listen within 30 s"))??;
+        // keep draining stderr so the server never blocks on a full pipe; show warnings and errors
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if show_logs || line.contains("ERROR") || line.contains(" WARN") {
+                    eprintln!("[nerve-server] {line}");
+                }
+            }
+        });
+        Ok(ServerProcess {
+            child,
+            addr,
+            pid,
+            _dir: dir,
+            cleanup,
+        })
+    }
+
+    /// Stops the server with SIGTERM (SIGKILL after 15 s), then removes its schema and keys.
+    pub async fn stop(mut self) -> Result<()> {
+        let _ = tokio::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .status()
+            .await;
+        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!(
+                "nerve-bench: server {} ignored SIGTERM; killing it",
+                self.pid
+            );
+            self.child.start_kill()?;
+            self.child.wait().await?;
+        }
+        if let Some(s) = self.cleanup.take() {
+            drop_schema(&s.database_url, &s.schema)
+                .await
+                .with_context(|| format!("dropping schema {}", s.schema))?;
+            delete_keys(&s.redis_url, &s.key_prefix)
+                .await
+                .with_context(|| format!("deleting redis keys {}*", s.key_prefix))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,302 @@
+//! Shared pieces: the latency histogram, the events every scenario sends, and the load drivers
+//! (closed loop for throughput, open loop at a fixed rate for latency).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use nerve::api::pb;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+/// One clock for the whole process: send stamps carried in events are nanoseconds since this instant.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Nanoseconds since the process epoch (monotonic).
+pub fn now_ns() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A boxed future, for the per-call closures the drivers take.
+pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Latency histogram in nanoseconds (1 ns .. 10 min, 3 significant digits).
+#[derive(Clone)]
+pub struct Hist(Histogram<u64>);
+
+impl Default for Hist {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Hist {
+    pub fn new() -> Self {
+        // constant bounds that hdrhistogram accepts (low >= 1, high >= 2 * low, 3 significant digits)
+        Hist(Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid histogram bounds"))
+    }
+
+    pub fn record_ns(&mut self, ns: u64) {
+        self.0.saturating_record(ns.max(1));
+    }
+
+    pub fn record(&mut self, d: Duration) {
+        self.record_ns(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    pub fn merge(&mut self, other: &Hist) {
+        // both have the same bounds; a value out of range is impossible, so the error is ignored
+        let _ = self.0.add(&other.0);
+    }
+
+    pub fn summary(&self) -> Option<Latency> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let ms = |v: u64| v as f64 / 1e6;
+        Some(Latency {
+            count: self.0.len(),
+            p50_ms: ms(self.0.value_at_quantile(0.50)),
+            p90_ms: ms(self.0.value_at_quantile(0.90)),
+            p99_ms: ms(self.0.value_at_quantile(0.99)),
+            p999_ms: ms(self.0.value_at_quantile(0.999)),
+            max_ms: ms(self.0.max()),
+            mean_ms: self.0.mean() / 1e6,
+        })
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+}
+
+/// The source every benchmark event carries.
+pub const SOURCE: &str = "//nerve-bench";
+
+/// Builds a benchmark event: `payload_size` bytes of binary data whose first 8 bytes are the send stamp
+/// (nanoseconds since the process epoch), and a subject `bench/<n mod 16>` filters can select on.
+pub fn event(
+    id: String,
+    event_type: &str,
+    n: u64,
+    payload_size: usize,
+    stamp_ns: u64,
+) -> pb::Event {
+    pb::Event {
+        id,
+        source: SOURCE.to_owned(),
+        r#type: event_type.to_owned(),
+        spec_version: "1.0".to_owned(),
+        subject: format!("bench/{}", n % 16),
+        data_content_type: "application/octet-stream".to_owned(),
+        data: Some(pb::event::Data::BinaryData(payload(payload_size, stamp_ns))),
+        ..pb::Event::default()
+    }
+}
+
+/// `size` bytes (at least 8): the stamp, then a repeating pattern.
+pub fn payload(size: usize, stamp_ns: u64) -> Vec<u8> {
+    let mut data: Vec<u8> = (0..size.max(8)).map(|i| (i % 251) as u8).collect();
+    data[..8].copy_from_slice(&stamp_ns.to_le_bytes());
+    data
+}
+
+/// Reads the send stamp of an event built by [`event`].
+pub fn stamp_of(event: &pb::Event) -> Option<u64> {
+    match &event.data {
+        Some(pb::event::Data::BinaryData(b)) => stamp_of_bytes(b),
+        _ => None,
+    }
+}
+
+pub fn stamp_of_bytes(b: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = b.get(..8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(bytes))
+}
+
+/// What a load driver measured.
+#[derive(Default)]
+pub struct LoadResult {
+    /// Events acknowledged.
+    pub events: u64,
+    /// Calls that failed, and the first failure.
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub elapsed: Duration,
+    /// Call latency (closed loop) or send-to-acknowledgement latency (open loop).
+    pub hist: Hist,
+    /// Open loop only: how late sends left compared with their schedule.
+    pub schedule_lag: Hist,
+    /// Open loop only: sends the schedule planned, and sends that left before the deadline.
+    pub planned: u64,
+    pub sent: u64,
+}
+
+impl LoadResult {
+    pub fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// One call of a closed-loop driver: (worker, iteration) -> events acknowledged.
+pub type Call = Arc<dyn Fn(usize, u64) -> BoxFut<anyhow::Result<u64>> + Send + Sync>;
+
+/// Runs `workers` tasks, each calling `call` back to back until `duration` has passed.
+pub async fn closed_loop(workers: usize, duration: Duration, call: Call) -> LoadResult {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for w in 0..workers.max(1) {
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = LoadResult::default();
+            let mut k = 0u64;
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                match call(w, k).await {
+                    Ok(n) => {
+                        r.events += n;
+                        r.hist.record(t0.elapsed());
+                    }
+                    Err(e) => {
+                        r.errors += 1;
+                        if r.first_error.is_none() {
+                            r.first_error = Some(format!("{e:#}"));
+                        }
+                        // a failing backend must not turn the loop into a busy spin
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                k += 1;
+            }
+            r
+        }));
+    }
+    let mut total = LoadResult::default();
+    for t in tasks {
+        match t.await {
+            Ok(r) => absorb(&mut total, r),
+            Err(e) => {
+                total.errors += 1;
+                total
+                    .first_error
+                    .get_or_insert(format!("worker panicked: {e}"));
+            }
+        }
+    }
+    total.elapsed = started.elapsed();
+    total
+}
+
+fn absorb(total: &mut LoadResult, r: LoadResult) {
+    total.events += r.events;
+    total.errors += r.errors;
+    if total.first_error.is_none() {
+        total.first_error = r.first_error;
+    }
+    total.hist.merge(&r.hist);
+    total.schedule_lag.merge(&r.schedule_lag);
+}
+
+/// One send of an open-loop driver: (index, send stamp) -> events acknowledged.
+pub type Send1 = Arc<dyn Fn(u64, u64) -> BoxFut<anyhow::Result<u64>> + Send + Sync>;
+
+/// Sends `rate` events per second for `duration`, on a fixed schedule that does not wait for answers
+/// (open loop); at most `max_outstanding` calls are in flight (beyond that the schedule slips, which
+/// `schedule_lag` shows, and sending stops at the deadline, so `sent` < `planned` means the system did not
+/// keep up). Sends leave in 1 ms ticks (the timer's resolution); each carries the time it actually left
+/// as its stamp.
+pub async fn open_loop(
+    rate: f64,
+    duration: Duration,
+    max_outstanding: usize,
+    send: Send1,
+) -> LoadResult {
+    let total = (rate * duration.as_secs_f64()).round() as u64;
+    let permits = Arc::new(Semaphore::new(max_outstanding.max(1)));
+    let shared = Arc::new(Mutex::new(LoadResult::default()));
+    let acked = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let start_ns = now_ns();
+    let mut i = 0u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    while i < total && started.elapsed() < duration {
+        let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(total);
+        while i < due && started.elapsed() < duration {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let stamp = now_ns();
+            let scheduled = start_ns + (i as f64 * 1e9 / rate) as u64;
+            let send = send.clone();
+            let shared = shared.clone();
+            let acked = acked.clone();
+            let index = i;
+            tasks.spawn(async move {
+                let result = send(index, stamp).await;
+                let took = now_ns().saturating_sub(stamp);
+                drop(permit);
+                let mut r = shared.lock().unwrap_or_else(|p| p.into_inner());
+                r.schedule_lag.record_ns(stamp.saturating_sub(scheduled));
+                match result {
+                    Ok(n) => {
+                        acked.fetch_add(n, Ordering::Relaxed);
+                        r.hist.record_ns(took);
+                    }
+                    Err(e) => {
+                        r.errors += 1;
+                        if r.first_error.is_none() {
+                            r.first_error = Some(format!("{e:#}"));
+                        }
+                    }
+                }
+            });
+            i += 1;
+        }
+        // reap finished sends so the set does not grow without bound
+        while tasks.try_join_next().is_some() {}
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let send_phase = started.elapsed();
+    while tasks.join_next().await.is_some() {}
+    let mut r = std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner()));
+    r.events = acked.load(Ordering::Relaxed);
+    r.elapsed = send_phase;
+    r.planned = total;
+    r.sent = i;
+    r
+}
+
+/// Parses "5s", "500ms", "2m".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Formats a rate: 12345.6 -> "12,346".
+pub fn fmt_rate(v: f64) -> String {
+    let n = v.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
