@@ -123,6 +123,22 @@ impl Server {
     }
 }
 
+/// Binds a listener; the error names what it was for and the address.
+async fn bind(
+    what: &str,
+    addr: impl tokio::net::ToSocketAddrs + std::fmt::Display,
+) -> Result<(TcpListener, SocketAddr)> {
+    let context = format!("binding {what} {addr}");
+    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Io {
+        context: context.clone(),
+        source,
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| Error::Io { context, source })?;
+    Ok((listener, bound))
+}
+
 /// Binds the listen address and starts serving on the given backends.
 pub async fn start(config: Config, backends: Backends) -> Result<Server> {
     let authenticated = auth::Auth::configured(&config.tls, &config.auth);
@@ -148,50 +164,21 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
     } else {
         None
     };
-    let health_listener = if config.health_listen.is_empty() {
+    let health = if config.health_listen.is_empty() {
         None
     } else {
-        Some(
-            TcpListener::bind(&config.health_listen)
-                .await
-                .map_err(|source| Error::Io {
-                    context: format!("binding the health listener {}", config.health_listen),
-                    source,
-                })?,
-        )
+        Some(bind("the health listener", &config.health_listen).await?)
     };
-    let health_addr = match &health_listener {
-        Some(l) => Some(l.local_addr().map_err(|source| Error::Io {
-            context: "reading the health address".into(),
-            source,
-        })?),
-        None => None,
-    };
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Io {
-            context: format!("binding {}", config.listen),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| Error::Io {
-        context: "reading the bound address".into(),
-        source,
-    })?;
+    let health_addr = health.as_ref().map(|(_, addr)| *addr);
+    let health_listener = health.map(|(listener, _)| listener);
+    let (listener, addr) = bind("the gRPC listener", config.listen).await?;
     let shutdown = CancellationToken::new();
     let metrics_addr = if config.metrics.listen.is_empty() {
         None
     } else {
         let handle = metrics::install(config.metrics.max_label_values).map_err(Error::Config)?;
-        let listener = TcpListener::bind(&config.metrics.listen)
-            .await
-            .map_err(|source| Error::Io {
-                context: format!("binding the metrics listener {}", config.metrics.listen),
-                source,
-            })?;
-        let metrics_addr = listener.local_addr().map_err(|source| Error::Io {
-            context: "reading the metrics address".into(),
-            source,
-        })?;
+        let (listener, metrics_addr) =
+            bind("the metrics listener", config.metrics.listen.as_str()).await?;
         tokio::spawn(metrics::serve(listener, handle, shutdown.clone()));
         info!(addr = %metrics_addr, "metrics listening on /metrics");
         Some(metrics_addr)

@@ -189,11 +189,6 @@ impl Auth {
         Ok(auth)
     }
 
-    /// True when callers must authenticate.
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
     /// Re-reads the publisher registry from the store.
     pub async fn refresh_registry(&self) -> Result<(), String> {
         let publishers = self.store.publishers().await.map_err(|e| e.to_string())?;
@@ -512,13 +507,14 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path().to_owned();
+        let path = request.uri().path();
         if !path.starts_with(HEALTH_PREFIX) {
+            let publish = path == PUBLISH_PATH;
             let identified = self
                 .auth
                 .authenticate(request.extensions().get::<ConnInfo>(), request.headers())
                 .and_then(|principal| {
-                    if path == PUBLISH_PATH {
+                    if publish {
                         self.auth.check_publish_rate(&principal)?;
                     }
                     Ok(principal)
@@ -528,16 +524,19 @@ where
                     request.extensions_mut().insert(principal);
                 }
                 Err(error) => {
-                    let (outcome, tenant) = match &error {
-                        AuthError::Unauthenticated(_) => ("unauthenticated", ""),
-                        _ => ("denied", ""),
+                    let outcome = match &error {
+                        AuthError::Unauthenticated(_) => Some("unauthenticated"),
+                        AuthError::PermissionDenied(_) => Some("denied"),
+                        // rate limiting is not an access decision
+                        AuthError::ResourceExhausted(_) => None,
                     };
-                    if !matches!(error, AuthError::ResourceExhausted(_)) {
+                    if let Some(outcome) = outcome {
+                        // the caller is not identified (or not consistently): no tenant, no principal
                         self.auth.record_raw(
-                            tenant,
+                            "",
                             "",
                             "call",
-                            &path,
+                            request.uri().path(),
                             outcome,
                             &error.to_string(),
                         );

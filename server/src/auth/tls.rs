@@ -3,7 +3,6 @@
 
 use std::{
     io,
-    net::SocketAddr,
     path::PathBuf,
     pin::Pin,
     sync::Arc,
@@ -29,11 +28,8 @@ use super::{config::TlsConfig, watched::Watched};
 /// What a connection tells about its peer; every request of the connection carries it.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    pub remote: Option<SocketAddr>,
     /// The client certificate's identity: None without a certificate, Err when it has no usable one.
     pub peer: Option<Result<String, String>>,
-    /// True when the connection is TLS.
-    pub tls: bool,
 }
 
 /// One accepted connection.
@@ -245,11 +241,7 @@ pub fn incoming(
             let Some(tls) = &tls else {
                 let conn = Conn {
                     io: Either::Left(tcp),
-                    info: ConnInfo {
-                        remote: Some(remote),
-                        peer: None,
-                        tls: false,
-                    },
+                    info: ConnInfo { peer: None },
                 };
                 if tx.send(Ok(conn)).await.is_err() {
                     return;
@@ -270,11 +262,7 @@ pub fn incoming(
                             .map(|leaf| certificate_identity(leaf));
                         let conn = Conn {
                             io: Either::Right(stream),
-                            info: ConnInfo {
-                                remote: Some(remote),
-                                peer,
-                                tls: true,
-                            },
+                            info: ConnInfo { peer },
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
