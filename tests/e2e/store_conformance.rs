@@ -41,18 +41,29 @@ pub async fn postgres() -> Backend {
     }
 }
 
-fn new_event(id: &str, event_type: &str) -> NewEvent {
-    let event = Event {
+fn event(id: &str, event_type: &str) -> Event {
+    Event {
         id: id.into(),
         source: "//conformance".into(),
         event_type: event_type.into(),
         spec_version: "1.0".into(),
         ..Event::default()
-    };
-    NewEvent {
-        content_hash: event.content_hash(),
-        event,
     }
+}
+
+fn prepared(event: Event) -> NewEvent {
+    NewEvent::new(event.clone(), event.content_hash()).expect("encodable event")
+}
+
+fn new_event(id: &str, event_type: &str) -> NewEvent {
+    prepared(event(id, event_type))
+}
+
+/// The event with a subject added: same key, different content.
+fn changed(new: &NewEvent, subject: &str) -> NewEvent {
+    let mut event = new.event().clone();
+    event.subject = Some(subject.into());
+    prepared(event)
 }
 
 fn query(after: u64) -> ReadQuery {
@@ -95,10 +106,10 @@ async fn appends_in_order_and_returns_the_original_sequence_for_duplicates(b: Ba
         .expect("append");
     assert!(!other[0].duplicate);
     assert_eq!(s.head().await.expect("head"), 4);
-    let mut changed = new_event("a", "x.y");
-    changed.event.subject = Some("different".into());
-    changed.content_hash = changed.event.content_hash();
-    match s.append("t", vec![changed]).await {
+    match s
+        .append("t", vec![changed(&new_event("a", "x.y"), "different")])
+        .await
+    {
         Err(StoreError::Conflict { id, .. }) => assert_eq!(id, "a"),
         other => panic!("expected a conflict, got {other:?}"),
     }
@@ -109,9 +120,7 @@ async fn a_conflicting_request_fails_alone_and_leaves_no_gap(b: Backend) {
     s.append("t", vec![new_event("taken", "x.y")])
         .await
         .expect("seed");
-    let mut conflicting = new_event("taken", "x.y");
-    conflicting.event.subject = Some("changed".into());
-    conflicting.content_hash = conflicting.event.content_hash();
+    let conflicting = changed(&new_event("taken", "x.y"), "changed");
     // concurrent requests land in one group commit more often than not; either way the outcome is the same
     let (a, bad, c) = tokio::join!(
         s.append("t", vec![new_event("a1", "x.y"), new_event("a2", "x.y")]),
@@ -134,6 +143,64 @@ async fn a_conflicting_request_fails_alone_and_leaves_no_gap(b: Backend) {
         "the failed request wrote nothing: {ids:?}"
     );
     assert_eq!(all.events.len(), 4);
+}
+
+/// A commit larger than one multi-row statement (the SQLite store splits at 500 rows): every event
+/// stored once in order, a key repeated inside the commit answered as a duplicate, statistics exact.
+async fn large_commits_store_every_event_once_with_exact_type_statistics(b: Backend) {
+    let s = &b.store;
+    s.append("t", vec![new_event("e0", "big.a")])
+        .await
+        .expect("seed");
+    let mut events: Vec<NewEvent> = (0..1_300)
+        .map(|i| new_event(&format!("e{i}"), if i % 2 == 0 { "big.a" } else { "big.b" }))
+        .collect();
+    events.push(new_event("e7", "big.b"));
+    let appended = s.append("t", events).await.expect("append");
+    assert_eq!(appended.len(), 1_301);
+    assert_eq!((appended[0].sequence, appended[0].duplicate), (1, true));
+    assert_eq!((appended[1].sequence, appended[1].duplicate), (2, false));
+    assert_eq!(
+        (appended[1_299].sequence, appended[1_299].duplicate),
+        (1_300, false)
+    );
+    assert_eq!(
+        (appended[1_300].sequence, appended[1_300].duplicate),
+        (appended[7].sequence, true),
+        "a key repeated in one request is stored once"
+    );
+    let mut stored = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = s.read(&query(after)).await.expect("read");
+        stored.extend(page.events.iter().map(|e| (e.sequence, e.event.id.clone())));
+        after = page.scanned_to;
+        if page.exhausted {
+            break;
+        }
+    }
+    assert_eq!(
+        stored,
+        (0..1_300)
+            .map(|i| (i as u64 + 1, format!("e{i}")))
+            .collect::<Vec<_>>()
+    );
+    let stats = s.event_types("t").await.expect("event types");
+    let summary: Vec<(&str, u64, u64, u64)> = stats
+        .iter()
+        .map(|t| {
+            (
+                t.event_type.as_str(),
+                t.count,
+                t.first_sequence,
+                t.last_sequence,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("big.a", 650, 1, 1_299), ("big.b", 650, 2, 1_300)]
+    );
 }
 
 /// Tails the log the way the relay does (committed head, then read after the position) until `total`
@@ -193,13 +260,13 @@ async fn concurrent_publishers_get_gapless_sequences_a_follower_sees_in_order(b:
 
 async fn reads_filter_by_type_source_subject_correlation_priority_and_range(b: Backend) {
     let s = &b.store;
-    let mut a = new_event("a", "shop.order.created");
-    a.event.subject = Some("order-1".into());
-    a.event.correlation_id = Some("conv".into());
-    a.event.priority = Priority::High;
-    let mut c = new_event("c", "shop.refund.created");
-    c.event.source = "//refunds".into();
-    let batch = vec![a, new_event("b", "shop.order.paid"), c];
+    let mut a = event("a", "shop.order.created");
+    a.subject = Some("order-1".into());
+    a.correlation_id = Some("conv".into());
+    a.priority = Priority::High;
+    let mut c = event("c", "shop.refund.created");
+    c.source = "//refunds".into();
+    let batch = vec![prepared(a), new_event("b", "shop.order.paid"), prepared(c)];
     s.append("t", batch).await.expect("append");
     let ids = |page: nerve::store::ReadPage| {
         page.events
@@ -227,6 +294,27 @@ async fn reads_filter_by_type_source_subject_correlation_priority_and_range(b: B
             .await
             .expect("read")),
         ["b"]
+    );
+    // several literal types: merged in sequence order, limited, paged
+    let two_types = |after, limit| ReadQuery {
+        types: vec![
+            pattern("shop.refund.created"),
+            pattern("shop.order.created"),
+        ],
+        limit,
+        ..query(after)
+    };
+    assert_eq!(
+        ids(s.read(&two_types(0, 10)).await.expect("read")),
+        ["a", "c"]
+    );
+    let first = s.read(&two_types(0, 1)).await.expect("read");
+    assert!(!first.exhausted);
+    let after = first.scanned_to;
+    assert_eq!(ids(first), ["a"]);
+    assert_eq!(
+        ids(s.read(&two_types(after, 1)).await.expect("read")),
+        ["c"]
     );
     assert_eq!(
         ids(s
@@ -657,6 +745,7 @@ macro_rules! conformance {
 conformance!(
     appends_in_order_and_returns_the_original_sequence_for_duplicates,
     a_conflicting_request_fails_alone_and_leaves_no_gap,
+    large_commits_store_every_event_once_with_exact_type_statistics,
     concurrent_publishers_get_gapless_sequences_a_follower_sees_in_order,
     reads_filter_by_type_source_subject_correlation_priority_and_range,
     dead_letters_are_recorded_once_listed_and_removed,

@@ -128,6 +128,13 @@ async fn opening_badly_is_invalid_argument() {
         (open(&["a"], "bad group!"), "open.group"),
         (
             pb::SubscriptionOpen {
+                types: (0..101).map(|i| format!("t.{i}")).collect(),
+                ..open(&[], "")
+            },
+            "more than the limit of 100",
+        ),
+        (
+            pb::SubscriptionOpen {
                 max_in_flight: 1_000_000,
                 ..open(&["a"], "")
             },

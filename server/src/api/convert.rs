@@ -179,8 +179,20 @@ pub fn stored_to_pb(s: &StoredEvent) -> pb::Event {
     event_to_pb(&s.event, Some(s))
 }
 
+/// Most type patterns one selection may list (each literal type is its own index range in a read).
+pub const MAX_TYPE_PATTERNS: usize = 100;
+
 /// Parses type patterns; `field` is the repeated field's path.
 pub fn patterns(types: Vec<String>, field: &str) -> Result<Vec<TypePattern>> {
+    if types.len() > MAX_TYPE_PATTERNS {
+        return Err(InvalidInput::field(
+            field,
+            format!(
+                "{} type patterns, more than the limit of {MAX_TYPE_PATTERNS}; use wildcards",
+                types.len()
+            ),
+        ));
+    }
     types
         .iter()
         .enumerate()

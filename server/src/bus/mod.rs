@@ -175,12 +175,9 @@ impl Bus {
                 // hashed as sent, so a retry that again leaves time unset is recognized as the same event
                 let content_hash = event.content_hash();
                 event.time.get_or_insert(now);
-                NewEvent {
-                    event,
-                    content_hash,
-                }
+                NewEvent::new(event, content_hash)
             })
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(self.store.append(tenant, batch).await?)
     }
 

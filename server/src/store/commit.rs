@@ -4,7 +4,7 @@
 //! When the database stops answering, the writer fails publishes at once (UNAVAILABLE) instead of letting
 //! them queue behind connection attempts, and probes in the background until it answers again.
 
-use std::{future::Future, time::Duration};
+use std::{collections::HashMap, future::Future, time::Duration};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info};
@@ -21,6 +21,127 @@ pub(crate) struct CommitRequest {
     pub tenant: String,
     pub events: Vec<NewEvent>,
     pub reply: oneshot::Sender<StoreResult<Vec<Appended>>>,
+}
+
+/// A stored row's sequence and content hash, keyed by (tenant, source, id).
+pub(crate) type Known = HashMap<(String, String, String), (u64, Vec<u8>)>;
+
+/// One event row to insert, with its sequence assigned; it borrows from the batch.
+pub(crate) struct NewRow<'a> {
+    pub seq: i64,
+    pub tenant: &'a str,
+    pub event: &'a NewEvent,
+}
+
+impl NewRow<'_> {
+    /// The event's priority level as stored.
+    pub fn priority(&self) -> i64 {
+        self.event.event().priority.as_i64()
+    }
+}
+
+/// What a group commit writes and answers.
+pub(crate) struct Plan<'a> {
+    /// Rows to insert, in sequence order.
+    pub rows: Vec<NewRow<'a>>,
+    /// One result per request, in order.
+    pub results: Vec<StoreResult<Vec<Appended>>>,
+}
+
+/// Decides a batch in memory, given the rows already stored under its keys (`known`) and the current
+/// head: duplicates answer with their stored sequence, a request holding a conflicting event fails alone
+/// (its sequences go to the next request, so none is skipped), everything else gets the next sequences.
+/// Both stores insert the result with a few set-based statements instead of statements per event.
+pub(crate) fn plan(batch: &[CommitRequest], mut known: Known, head: i64) -> Plan<'_> {
+    let mut next = head;
+    let mut rows: Vec<NewRow<'_>> = Vec::new();
+    let mut results = Vec::with_capacity(batch.len());
+    for request in batch {
+        let mut appended = Vec::with_capacity(request.events.len());
+        let mut added: Vec<(String, String, String)> = Vec::new();
+        let mut request_rows = Vec::new();
+        let mut conflict = None;
+        for new in &request.events {
+            let e = new.event();
+            let key = (request.tenant.clone(), e.source.clone(), e.id.clone());
+            if let Some((seq, hash)) = known.get(&key) {
+                if hash[..] != new.content_hash()[..] {
+                    conflict = Some(StoreError::Conflict {
+                        event_source: e.source.clone(),
+                        id: e.id.clone(),
+                    });
+                    break;
+                }
+                appended.push(Appended {
+                    sequence: *seq,
+                    duplicate: true,
+                });
+                continue;
+            }
+            next += 1;
+            known.insert(key.clone(), (next as u64, new.content_hash().to_vec()));
+            added.push(key);
+            request_rows.push(NewRow {
+                seq: next,
+                tenant: &request.tenant,
+                event: new,
+            });
+            appended.push(Appended {
+                sequence: next as u64,
+                duplicate: false,
+            });
+        }
+        match conflict {
+            Some(conflict) => {
+                next -= request_rows.len() as i64;
+                for key in added {
+                    known.remove(&key);
+                }
+                results.push(Err(conflict));
+            }
+            None => {
+                rows.extend(request_rows);
+                results.push(Ok(appended));
+            }
+        }
+    }
+    Plan { rows, results }
+}
+
+/// Per (tenant, type) of the rows: count, first and last sequence, and the priority levels seen.
+pub(crate) struct TypeStats<'a> {
+    pub tenant: &'a str,
+    pub event_type: &'a str,
+    pub count: i64,
+    pub first_seq: i64,
+    pub last_seq: i64,
+    /// Bit `level - 1` set for every priority level seen.
+    pub levels: i16,
+}
+
+/// Aggregates the rows per (tenant, type), so each statistics row is written once per commit.
+pub(crate) fn type_stats<'a>(rows: &[NewRow<'a>]) -> Vec<TypeStats<'a>> {
+    let mut stats: Vec<TypeStats<'a>> = Vec::new();
+    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    for r in rows {
+        let event_type = r.event.event().event_type.as_str();
+        let i = *index.entry((r.tenant, event_type)).or_insert_with(|| {
+            stats.push(TypeStats {
+                tenant: r.tenant,
+                event_type,
+                count: 0,
+                first_seq: r.seq,
+                last_seq: r.seq,
+                levels: 0,
+            });
+            stats.len() - 1
+        });
+        let s = &mut stats[i];
+        s.count += 1;
+        s.last_seq = r.seq;
+        s.levels |= super::postgres::level_bit(r.priority() as i16);
+    }
+    stats
 }
 
 /// Commits a batch of requests in one transaction.

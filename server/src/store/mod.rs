@@ -46,10 +46,39 @@ pub struct Appended {
 /// An event ready to be committed.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
-    /// The event, with its time filled in.
-    pub event: Event,
-    /// Hash of the event as the publisher sent it, before defaults were filled in.
-    pub content_hash: [u8; 32],
+    event: Event,
+    content_hash: [u8; 32],
+    body: String,
+}
+
+impl NewEvent {
+    /// Prepares an event (time filled in) and the hash of it as the publisher sent it, before defaults
+    /// were filled in. Its stored JSON is encoded here, in the caller's task, so the one writer that
+    /// serializes commits does not spend its time encoding.
+    pub fn new(event: Event, content_hash: [u8; 32]) -> StoreResult<Self> {
+        let body = serde_json::to_string(&event)
+            .map_err(|e| StoreError::Internal(format!("encoding event: {e}")))?;
+        Ok(NewEvent {
+            event,
+            content_hash,
+            body,
+        })
+    }
+
+    /// The event.
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// Hash of the event as the publisher sent it.
+    pub fn content_hash(&self) -> &[u8; 32] {
+        &self.content_hash
+    }
+
+    /// The event as stored JSON.
+    pub fn body(&self) -> &str {
+        &self.body
+    }
 }
 
 /// A history query, read in sequence order after `after`.
@@ -68,6 +97,49 @@ pub struct ReadQuery {
     /// Only this priority level.
     pub priority: Option<crate::event::Priority>,
     pub limit: usize,
+}
+
+/// Appends the conditions of a read after `WHERE tenant = ` (binding the tenant first); `literal` limits
+/// it to one event type. Both stores read with it, so a query means the same on either.
+pub(crate) fn push_read_filter<'a, DB>(
+    sql: &mut sqlx::QueryBuilder<DB>,
+    query: &'a ReadQuery,
+    literal: Option<&'a str>,
+) where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let seq = sqlite::seq_i64;
+    sql.push_bind(query.tenant.as_str());
+    sql.push(" AND seq > ").push_bind(seq(query.after));
+    if let Some(until) = query.until {
+        sql.push(" AND seq <= ").push_bind(seq(until));
+    }
+    if let Some(level) = query.priority {
+        sql.push(" AND priority = ").push_bind(level.as_i64());
+    }
+    if let Some(literal) = literal {
+        sql.push(" AND type = ").push_bind(literal);
+    }
+    for (column, value) in [
+        ("source", &query.source),
+        ("subject", &query.subject),
+        ("correlation_id", &query.correlation_id),
+    ] {
+        if let Some(value) = value {
+            sql.push(format_args!(" AND {column} = "))
+                .push_bind(value.as_str());
+        }
+    }
+    if let Some(from) = query.recorded_from {
+        sql.push(" AND recorded_ns >= ")
+            .push_bind(sqlite::to_ns(from));
+    }
+    if let Some(before) = query.recorded_before {
+        sql.push(" AND recorded_ns < ")
+            .push_bind(sqlite::to_ns(before));
+    }
 }
 
 /// One page of history.

@@ -1,7 +1,7 @@
 //! The production event store on Postgres: pooled connections, embedded migrations applied under
 //! sqlx's advisory lock, group commit, and commit notifications for the other replicas.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -15,7 +15,7 @@ use tracing::warn;
 use super::{
     Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
     ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
-    commit::{self, BatchWriter, CommitRequest},
+    commit::{self, BatchWriter, CommitRequest, NewRow},
     sqlite::{from_ns, map_err, to_ns},
 };
 use crate::event::{Event, Priority, Selection, StoredEvent};
@@ -194,19 +194,6 @@ struct PostgresWriter {
     channel: String,
 }
 
-struct NewRow {
-    seq: i64,
-    tenant: String,
-    source: String,
-    id: String,
-    event_type: String,
-    subject: Option<String>,
-    correlation_id: Option<String>,
-    priority: i16,
-    hash: Vec<u8>,
-    body: String,
-}
-
 impl BatchWriter for PostgresWriter {
     fn probe(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
         let pool = self.pool.clone();
@@ -229,15 +216,15 @@ impl BatchWriter for PostgresWriter {
             .map_err(map_err)?;
         commit_jitter().await;
         // the row lock orders whole transactions across replicas: sequence order is commit order
-        let head = sqlx::query(
+        let locked = sqlx::query(
             "SELECT seq, GREATEST(recorded_ns, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT * 1000) AS now_ns \
              FROM nerve_sequence FOR UPDATE",
         )
         .fetch_one(&mut *tx)
         .await
         .map_err(map_err)?;
-        let mut next: i64 = head.try_get("seq").map_err(map_err)?;
-        let recorded_ns: i64 = head.try_get("now_ns").map_err(map_err)?;
+        let head: i64 = locked.try_get("seq").map_err(map_err)?;
+        let recorded_ns: i64 = locked.try_get("now_ns").map_err(map_err)?;
 
         let (tenants, sources, ids): (Vec<&str>, Vec<&str>, Vec<&str>) = batch
             .iter()
@@ -245,8 +232,8 @@ impl BatchWriter for PostgresWriter {
                 r.events.iter().map(|e| {
                     (
                         r.tenant.as_str(),
-                        e.event.source.as_str(),
-                        e.event.id.as_str(),
+                        e.event().source.as_str(),
+                        e.event().id.as_str(),
                     )
                 })
             })
@@ -267,7 +254,7 @@ impl BatchWriter for PostgresWriter {
         .fetch_all(&mut *tx)
         .await
         .map_err(map_err)?;
-        let mut known: HashMap<(String, String, String), (u64, Vec<u8>)> = HashMap::new();
+        let mut known = commit::Known::new();
         for row in existing_rows {
             known.insert(
                 (
@@ -281,88 +268,13 @@ impl BatchWriter for PostgresWriter {
                 ),
             );
         }
-
-        let mut rows: Vec<NewRow> = Vec::new();
-        let mut results = Vec::with_capacity(batch.len());
-        for request in batch {
-            let mut appended = Vec::with_capacity(request.events.len());
-            let mut added: Vec<(String, String, String)> = Vec::new();
-            let mut request_rows = Vec::new();
-            let mut conflict = None;
-            for new in &request.events {
-                let e = &new.event;
-                let key = (request.tenant.clone(), e.source.clone(), e.id.clone());
-                if let Some((seq, hash)) = known.get(&key) {
-                    if hash[..] != new.content_hash[..] {
-                        conflict = Some(StoreError::Conflict {
-                            event_source: e.source.clone(),
-                            id: e.id.clone(),
-                        });
-                        break;
-                    }
-                    appended.push(Appended {
-                        sequence: *seq,
-                        duplicate: true,
-                    });
-                    continue;
-                }
-                next += 1;
-                let body = serde_json::to_string(e)
-                    .map_err(|err| StoreError::Internal(format!("encoding event: {err}")))?;
-                known.insert(key.clone(), (next as u64, new.content_hash.to_vec()));
-                added.push(key);
-                request_rows.push(NewRow {
-                    seq: next,
-                    tenant: request.tenant.clone(),
-                    source: e.source.clone(),
-                    id: e.id.clone(),
-                    event_type: e.event_type.clone(),
-                    subject: e.subject.clone(),
-                    correlation_id: e.correlation_id.clone(),
-                    priority: e.priority.as_i64() as i16,
-                    hash: new.content_hash.to_vec(),
-                    body,
-                });
-                appended.push(Appended {
-                    sequence: next as u64,
-                    duplicate: false,
-                });
-            }
-            match conflict {
-                Some(conflict) => {
-                    // the request fails alone: its sequences go to the next request, so none is skipped
-                    next -= request_rows.len() as i64;
-                    for key in added {
-                        known.remove(&key);
-                    }
-                    results.push(Err(conflict));
-                }
-                None => {
-                    rows.extend(request_rows);
-                    results.push(Ok(appended));
-                }
-            }
-        }
-
-        if !rows.is_empty() {
-            insert_rows(&mut tx, &rows, recorded_ns).await?;
-            let head = rows.last().map_or(0, |r| r.seq);
-            sqlx::query("UPDATE nerve_sequence SET seq = $1, recorded_ns = $2")
-                .bind(head)
-                .bind(recorded_ns)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(&self.channel)
-                .bind(head.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+        let plan = commit::plan(batch, known, head);
+        if !plan.rows.is_empty() {
+            insert_rows(&mut tx, &plan.rows, recorded_ns, &self.channel).await?;
         }
         commit_jitter().await;
         tx.commit().await.map_err(map_err)?;
-        Ok(results)
+        Ok(plan.results)
     }
 }
 
@@ -376,26 +288,39 @@ async fn commit_jitter() {
     }
 }
 
+/// Inserts the rows, updates the per-type statistics and the head, and notifies the other replicas, in
+/// one statement: data-modifying CTEs run whether or not the outer query reads them, so a commit costs
+/// BEGIN, lock, key lookup, this, COMMIT.
 async fn insert_rows(
     tx: &mut sqlx::Transaction<'_, Postgres>,
-    rows: &[NewRow],
+    rows: &[NewRow<'_>],
     recorded_ns: i64,
+    channel: &str,
 ) -> StoreResult<()> {
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    let tenants: Vec<&str> = rows.iter().map(|r| r.tenant.as_str()).collect();
-    let sources: Vec<&str> = rows.iter().map(|r| r.source.as_str()).collect();
-    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-    let types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
-    let subjects: Vec<Option<&str>> = rows.iter().map(|r| r.subject.as_deref()).collect();
-    let correlations: Vec<Option<&str>> =
-        rows.iter().map(|r| r.correlation_id.as_deref()).collect();
-    let priorities: Vec<i16> = rows.iter().map(|r| r.priority).collect();
-    let hashes: Vec<&[u8]> = rows.iter().map(|r| r.hash.as_slice()).collect();
-    let bodies: Vec<&str> = rows.iter().map(|r| r.body.as_str()).collect();
+    let tenants: Vec<&str> = rows.iter().map(|r| r.tenant).collect();
+    let events = || rows.iter().map(|r| r.event.event());
+    let sources: Vec<&str> = events().map(|e| e.source.as_str()).collect();
+    let ids: Vec<&str> = events().map(|e| e.id.as_str()).collect();
+    let types: Vec<&str> = events().map(|e| e.event_type.as_str()).collect();
+    let subjects: Vec<Option<&str>> = events().map(|e| e.subject.as_deref()).collect();
+    let correlations: Vec<Option<&str>> = events().map(|e| e.correlation_id.as_deref()).collect();
+    let priorities: Vec<i16> = rows.iter().map(|r| r.priority() as i16).collect();
+    let hashes: Vec<&[u8]> = rows.iter().map(|r| &r.event.content_hash()[..]).collect();
+    let bodies: Vec<&str> = rows.iter().map(|r| r.event.body()).collect();
+    let stats = commit::type_stats(rows);
+    let head = rows.last().map_or(0, |r| r.seq);
     sqlx::query(
-        "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) \
-         SELECT s, t, so, i, ty, su, c, p, $9, h, b FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
-         $6::TEXT[], $7::TEXT[], $8::SMALLINT[], $10::BYTEA[], $11::TEXT[]) AS x(s, t, so, i, ty, su, c, p, h, b)",
+        "WITH ins AS (INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) \
+           SELECT s, t, so, i, ty, su, c, p, $9, h, b FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
+           $6::TEXT[], $7::TEXT[], $8::SMALLINT[], $10::BYTEA[], $11::TEXT[]) AS x(s, t, so, i, ty, su, c, p, h, b)), \
+         stats AS (INSERT INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns, levels) \
+           SELECT t, ty, n, f, l, $9, lv FROM UNNEST($12::TEXT[], $13::TEXT[], $14::BIGINT[], $15::BIGINT[], $16::BIGINT[], $17::SMALLINT[]) AS x(t, ty, n, f, l, lv) \
+           ON CONFLICT (tenant, type) DO UPDATE SET count = event_types.count + excluded.count, \
+           last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns, \
+           levels = event_types.levels | excluded.levels), \
+         head AS (UPDATE nerve_sequence SET seq = $18, recorded_ns = $9) \
+         SELECT pg_notify($19, $20)",
     )
     .bind(&seqs)
     .bind(&tenants)
@@ -408,43 +333,15 @@ async fn insert_rows(
     .bind(recorded_ns)
     .bind(&hashes)
     .bind(&bodies)
-    .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
-    // per-type statistics, aggregated in the batch first so each type row is touched once
-    let mut stats: HashMap<(&str, &str), (i64, i64, i64, i16)> = HashMap::new();
-    for r in rows {
-        let entry = stats
-            .entry((r.tenant.as_str(), r.event_type.as_str()))
-            .or_insert((0, r.seq, r.seq, 0));
-        entry.0 += 1;
-        entry.2 = r.seq;
-        entry.3 |= level_bit(r.priority);
-    }
-    let (mut t, mut ty, mut n, mut first, mut last, mut levels) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for ((tenant, event_type), (count, lo, hi, bits)) in stats {
-        t.push(tenant);
-        ty.push(event_type);
-        n.push(count);
-        first.push(lo);
-        last.push(hi);
-        levels.push(bits);
-    }
-    sqlx::query(
-        "INSERT INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns, levels) \
-         SELECT t, ty, n, f, l, $6, lv FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $7::SMALLINT[]) AS x(t, ty, n, f, l, lv) \
-         ON CONFLICT (tenant, type) DO UPDATE SET count = event_types.count + excluded.count, \
-         last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns, \
-         levels = event_types.levels | excluded.levels",
-    )
-    .bind(&t)
-    .bind(&ty)
-    .bind(&n)
-    .bind(&first)
-    .bind(&last)
-    .bind(recorded_ns)
-    .bind(&levels)
+    .bind(stats.iter().map(|s| s.tenant).collect::<Vec<_>>())
+    .bind(stats.iter().map(|s| s.event_type).collect::<Vec<_>>())
+    .bind(stats.iter().map(|s| s.count).collect::<Vec<_>>())
+    .bind(stats.iter().map(|s| s.first_seq).collect::<Vec<_>>())
+    .bind(stats.iter().map(|s| s.last_seq).collect::<Vec<_>>())
+    .bind(stats.iter().map(|s| s.levels).collect::<Vec<_>>())
+    .bind(head)
+    .bind(channel)
+    .bind(head.to_string())
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
@@ -459,42 +356,29 @@ impl EventStore for PostgresStore {
 
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
         let limit = query.limit.clamp(1, 10_000);
-        let mut sql = QueryBuilder::<Postgres>::new("SELECT * FROM events WHERE tenant = ");
-        sql.push_bind(&query.tenant);
-        sql.push(" AND seq > ").push_bind(seq_i64(query.after));
-        if let Some(until) = query.until {
-            sql.push(" AND seq <= ").push_bind(seq_i64(until));
-        }
-        if let Some(level) = query.priority {
-            sql.push(" AND priority = ")
-                .push_bind(level.as_i64() as i16);
-        }
         let literals: Option<Vec<&str>> = (!query.types.is_empty())
             .then(|| query.types.iter().map(|t| t.literal()).collect())
             .flatten();
-        if let Some(literals) = &literals {
-            sql.push(" AND type = ANY(")
-                .push_bind(literals.clone())
+        // one ordered, limited index range per literal type, merged: with `type = ANY($n)` a plan made
+        // from stale statistics (a fast-growing table) reads and sorts every match after the position
+        // before applying the limit (63 ms instead of 0.3 ms per 512-event page over 100,000 events)
+        let branches: Vec<Option<&str>> = match &literals {
+            Some(types) => types.iter().map(|t| Some(*t)).collect(),
+            None => vec![None],
+        };
+        let mut sql = QueryBuilder::<Postgres>::new("SELECT * FROM (");
+        for (i, literal) in branches.iter().enumerate() {
+            if i > 0 {
+                sql.push(" UNION ALL ");
+            }
+            sql.push("(SELECT * FROM events WHERE tenant = ");
+            super::push_read_filter(&mut sql, query, *literal);
+            sql.push(" ORDER BY seq LIMIT ")
+                .push_bind(limit as i64)
                 .push(")");
         }
-        for (column, value) in [
-            ("source", &query.source),
-            ("subject", &query.subject),
-            ("correlation_id", &query.correlation_id),
-        ] {
-            if let Some(value) = value {
-                sql.push(format_args!(" AND {column} = ")).push_bind(value);
-            }
-        }
-        if let Some(from) = query.recorded_from {
-            sql.push(" AND recorded_ns >= ")
-                .push_bind(super::sqlite::to_ns(from));
-        }
-        if let Some(before) = query.recorded_before {
-            sql.push(" AND recorded_ns < ")
-                .push_bind(super::sqlite::to_ns(before));
-        }
-        sql.push(" ORDER BY seq LIMIT ").push_bind(limit as i64);
+        sql.push(") AS page ORDER BY seq LIMIT ")
+            .push_bind(limit as i64);
         let rows = sql.build().fetch_all(&self.pool).await.map_err(map_err)?;
         let exhausted = rows.len() < limit;
         let mut page = ReadPage {

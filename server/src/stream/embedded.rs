@@ -2,20 +2,21 @@
 //! group cursors, pending deliveries and leases live in the SQLite database, so they survive restarts.
 
 use std::{
-    collections::HashMap,
+    cmp::Reverse,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex as SyncMutex},
 };
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, Row};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 use tokio::sync::{mpsc, watch};
 
 use super::{
     Claimed, GroupConfig, GroupKey, GroupStats, Inbox, Interest, LiveStreams, StreamError,
     StreamResult, TailRead, tail::Tail,
 };
-use crate::store::sqlite::{from_ns, map_err, to_ns};
+use crate::store::sqlite::{ROWS_PER_STATEMENT, from_ns, map_err, to_ns};
 use crate::{
     event::{Event, Priority, Selection, StoredEvent},
     store::{EventStore, ReadQuery, SqliteStore, StoreError},
@@ -267,20 +268,25 @@ impl LiveStreams for EmbeddedStreams {
             return Ok(Vec::new());
         }
         let mut tx = conn.begin().await.map_err(db_err)?;
-        for event in &taken {
-            sqlx::query(
-                "INSERT INTO pending (tenant, grp, seq, priority, attempts, visible_ns, consumer) VALUES (?, ?, ?, ?, 1, ?, ?) \
-                 ON CONFLICT (tenant, grp, seq) DO NOTHING",
-            )
-            .bind(&key.tenant)
-            .bind(&key.name)
-            .bind(seq_i64(event.sequence))
-            .bind(level.as_i64())
-            .bind(to_ns(lease_until))
-            .bind(consumer)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        for chunk in taken.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO pending (tenant, grp, seq, priority, attempts, visible_ns, consumer) ",
+            );
+            sql.push_values(chunk, |mut row, event| {
+                row.push_bind(&key.tenant)
+                    .push_bind(&key.name)
+                    .push_bind(seq_i64(event.sequence))
+                    .push_bind(level.as_i64())
+                    .push_bind(1_i64)
+                    .push_bind(to_ns(lease_until))
+                    .push_bind(consumer);
+            });
+            sql.push(" ON CONFLICT (tenant, grp, seq) DO NOTHING");
+            sql.build()
+                .persistent(false)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
         }
         sqlx::query(
             "UPDATE group_cursors SET cursor = ? WHERE tenant = ? AND grp = ? AND priority = ?",
@@ -321,45 +327,38 @@ impl LiveStreams for EmbeddedStreams {
         lease_until: DateTime<Utc>,
     ) -> StreamResult<Vec<Claimed>> {
         let mut conn = self.store.db().writer.lock().await;
-        let mut tx = conn.begin().await.map_err(db_err)?;
+        // one statement (so one transaction), not a read plus an update per entry
         let rows = sqlx::query(
-            "SELECT seq, priority, attempts, last_error FROM pending WHERE tenant = ? AND grp = ? AND visible_ns <= ? \
-             ORDER BY priority DESC, seq LIMIT ?",
+            "UPDATE pending SET attempts = attempts + 1, visible_ns = ?, consumer = ? \
+             WHERE tenant = ? AND grp = ? AND seq IN (SELECT seq FROM pending \
+             WHERE tenant = ? AND grp = ? AND visible_ns <= ? ORDER BY priority DESC, seq LIMIT ?) \
+             RETURNING seq, priority, attempts, last_error",
         )
+        .bind(to_ns(lease_until))
+        .bind(consumer)
+        .bind(&key.tenant)
+        .bind(&key.name)
         .bind(&key.tenant)
         .bind(&key.name)
         .bind(to_ns(Utc::now()))
         .bind(max as i64)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await
         .map_err(db_err)?;
+        drop(conn);
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
-            let sequence = row.try_get::<i64, _>("seq").map_err(db_err)? as u64;
-            let attempt = row.try_get::<i64, _>("attempts").map_err(db_err)? as u32 + 1;
-            sqlx::query(
-                "UPDATE pending SET attempts = ?, visible_ns = ?, consumer = ? WHERE tenant = ? AND grp = ? AND seq = ?",
-            )
-            .bind(i64::from(attempt))
-            .bind(to_ns(lease_until))
-            .bind(consumer)
-            .bind(&key.tenant)
-            .bind(&key.name)
-            .bind(seq_i64(sequence))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
             claimed.push(Claimed {
-                sequence,
-                attempt,
+                sequence: row.try_get::<i64, _>("seq").map_err(db_err)? as u64,
+                attempt: row.try_get::<i64, _>("attempts").map_err(db_err)? as u32,
                 event: None,
                 priority: Priority::from_i64(row.try_get("priority").map_err(db_err)?)
                     .unwrap_or_default(),
                 last_error: row.try_get("last_error").map_err(db_err)?,
             });
         }
-        tx.commit().await.map_err(db_err)?;
-        drop(conn);
+        // RETURNING gives no order: hand them out as the selection ranked them
+        claimed.sort_by_key(|c| (Reverse(c.priority.as_i64()), c.sequence));
         let sequences: Vec<u64> = claimed.iter().map(|c| c.sequence).collect();
         let mut cached = self.tail.cached(&sequences);
         for c in &mut claimed {
@@ -382,22 +381,34 @@ impl LiveStreams for EmbeddedStreams {
     async fn ack(&self, key: &GroupKey, deliveries: &[(u64, u32)]) -> StreamResult<Vec<bool>> {
         let mut conn = self.store.db().writer.lock().await;
         let mut tx = conn.begin().await.map_err(db_err)?;
-        let mut out = Vec::with_capacity(deliveries.len());
-        for (sequence, attempt) in deliveries {
-            let done = sqlx::query(
-                "DELETE FROM pending WHERE tenant = ? AND grp = ? AND seq = ? AND attempts = ?",
-            )
-            .bind(&key.tenant)
-            .bind(&key.name)
-            .bind(seq_i64(*sequence))
-            .bind(i64::from(*attempt))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            out.push(done.rows_affected() == 1);
+        let mut removed: HashSet<(u64, u32)> = HashSet::new();
+        for chunk in deliveries.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = QueryBuilder::<Sqlite>::new("DELETE FROM pending WHERE tenant = ");
+            sql.push_bind(&key.tenant)
+                .push(" AND grp = ")
+                .push_bind(&key.name)
+                .push(" AND (seq, attempts) IN (");
+            sql.push_values(chunk, |mut row, (sequence, attempt)| {
+                row.push_bind(seq_i64(*sequence))
+                    .push_bind(i64::from(*attempt));
+            });
+            sql.push(") RETURNING seq, attempts");
+            let rows = sql
+                .build()
+                .persistent(false)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            for row in rows {
+                removed.insert((
+                    row.try_get::<i64, _>("seq").map_err(db_err)? as u64,
+                    row.try_get::<i64, _>("attempts").map_err(db_err)? as u32,
+                ));
+            }
         }
         tx.commit().await.map_err(db_err)?;
-        Ok(out)
+        // an ack repeated in the same call counts once
+        Ok(deliveries.iter().map(|d| removed.remove(d)).collect())
     }
 
     async fn set_visible_at(
