@@ -209,7 +209,38 @@ async fn insert(pool: &PgPool, rows: &[RawRow]) -> Result<()> {
     Ok(())
 }
 
-/// Raw insert rates for every batch size x writer count of the publish matrix.
+/// Inserts batches of `batch` rows from `writers` connections in a closed loop for `duration`.
+#[allow(clippy::too_many_arguments)]
+async fn measure_inserts(
+    pg: &Pg,
+    system: &str,
+    batch: usize,
+    writers: usize,
+    duration: Duration,
+    payload_size: usize,
+    tag: String,
+    note: String,
+) -> Row {
+    let meter = Meter::start(None);
+    let r = closed_loop(writers, duration, pg.insert_call(batch, payload_size, tag)).await;
+    let mut row = Row::new(
+        "publish",
+        system,
+        format!("batch={batch} publishers={writers}"),
+    );
+    row.events = r.events;
+    row.seconds = r.elapsed.as_secs_f64();
+    row.rate = r.rate();
+    row.latency = r.hist.summary();
+    row.usage = meter.finish();
+    row.errors = r.errors;
+    row.first_error = r.first_error;
+    row.note = note;
+    row
+}
+
+/// Raw insert rates for every batch size x writer count of the publish matrix, then the ceiling of
+/// one ordered writer.
 pub async fn postgres_matrix(
     pg: &Pg,
     batch_sizes: &[usize],
@@ -221,36 +252,49 @@ pub async fn postgres_matrix(
 ) {
     for &batch in batch_sizes {
         for &w in writers {
-            let meter = Meter::start(None);
-            let r = closed_loop(
-                w,
-                duration,
-                pg.insert_call(batch, payload_size, format!("{run}-raw-b{batch}-w{w}")),
-            )
-            .await;
-            let mut row = Row::new(
-                "publish",
-                "postgres (raw)",
-                format!("batch={batch} publishers={w}"),
-            );
-            row.events = r.events;
-            row.seconds = r.elapsed.as_secs_f64();
-            row.rate = r.rate();
-            row.latency = r.hist.summary();
-            row.usage = meter.finish();
-            row.errors = r.errors;
-            row.first_error = r.first_error;
-            row.note = if batch == 1 {
+            let note = if batch == 1 {
                 "single-row INSERT, autocommit, synchronous_commit=on".into()
             } else {
                 format!(
                     "{batch}-row UNNEST INSERT per autocommit transaction, synchronous_commit=on"
                 )
             };
-            rows.push(row);
+            let tag = format!("{run}-raw-b{batch}-w{w}");
+            rows.push(
+                measure_inserts(
+                    pg,
+                    "postgres (raw)",
+                    batch,
+                    w,
+                    duration,
+                    payload_size,
+                    tag,
+                    note,
+                )
+                .await,
+            );
         }
     }
+    // Nerve commits in sequence order, so one connection writes each group commit; at the largest
+    // cell a group commit holds up to batch x publishers events. One connection inserting batches of
+    // that size is the ceiling of any design that keeps commit order = sequence order.
+    let (Some(&batch), Some(&w)) = (batch_sizes.iter().max(), writers.iter().max()) else {
+        return;
+    };
+    let group = batch * w;
+    if group <= 1 {
+        return;
+    }
+    let note = format!(
+        "one connection, {group}-row UNNEST INSERT per transaction (a full group commit of the \
+         largest cell): the ceiling of one ordered writer"
+    );
+    let tag = format!("{run}-raw-serial-b{group}");
+    rows.push(measure_inserts(pg, PG_SERIAL, group, 1, duration, payload_size, tag, note).await);
 }
+
+/// System name of the one-ordered-writer ceiling row.
+pub const PG_SERIAL: &str = "postgres (raw, one writer)";
 
 /// The Redis baselines on one scratch key prefix; keys are deleted afterwards by the caller.
 pub struct RedisBase {
