@@ -272,12 +272,13 @@ async fn run(args: Args) -> Result<ExitCode> {
         report.environment.push((
             "nerve-server".into(),
             format!(
-                "{} ({} build)",
+                "{} ({})",
                 binary.display(),
-                if binary.to_string_lossy().contains("/release/") {
-                    "release"
-                } else {
-                    "debug"
+                // the cargo profile directory tells; a copied binary elsewhere does not
+                match binary.to_string_lossy() {
+                    p if p.contains("/release/") => "release build",
+                    p if p.contains("/debug/") => "debug build",
+                    _ => "build profile not known from its path",
                 }
             ),
         ));
@@ -571,13 +572,15 @@ const PG: &str = "postgres (raw)";
 const REDIS: &str = "redis (raw)";
 const NATS: &str = "nats (file)";
 const NATS_SYNC: &str = "nats (file, fsync always)";
+/// Every system measured as a baseline or peer, not as Nerve.
+const BASELINES: [&str; 5] = [PG, baseline::PG_SERIAL, REDIS, NATS, NATS_SYNC];
 
 /// Adds the ratios to baselines and evaluates the targets.
 fn compare(report: &mut Report) {
     let baseline_rows: Vec<Row> = report
         .rows
         .iter()
-        .filter(|r| [PG, REDIS, NATS, NATS_SYNC].contains(&r.system.as_str()))
+        .filter(|r| BASELINES.contains(&r.system.as_str()))
         .cloned()
         .collect();
     let xadd = baseline_rows
@@ -587,15 +590,20 @@ fn compare(report: &mut Report) {
     let nerve_systems: Vec<String> = {
         let mut v: Vec<String> = Vec::new();
         for r in &report.rows {
-            if ![PG, REDIS, NATS, NATS_SYNC].contains(&r.system.as_str()) && !v.contains(&r.system)
-            {
+            if !BASELINES.contains(&r.system.as_str()) && !v.contains(&r.system) {
                 v.push(r.system.clone());
             }
         }
         v
     };
+    let nerve_max_batch = report
+        .rows
+        .iter()
+        .filter(|r| r.scenario == "publish" && !BASELINES.contains(&r.system.as_str()))
+        .filter_map(batch_of)
+        .max();
     for row in report.rows.iter_mut() {
-        if [PG, REDIS, NATS, NATS_SYNC].contains(&row.system.as_str()) {
+        if BASELINES.contains(&row.system.as_str()) {
             continue;
         }
         match row.scenario.as_str() {
@@ -609,6 +617,17 @@ fn compare(report: &mut Report) {
                             ratio: row.rate / b.rate,
                         });
                     }
+                }
+                // the one-writer row holds a whole group commit of the largest cell
+                if let Some(serial) = baseline_rows
+                    .iter()
+                    .find(|b| b.system == baseline::PG_SERIAL && b.rate > 0.0)
+                    && batch_of(row) == nerve_max_batch
+                {
+                    row.ratios.push(Ratio {
+                        against: baseline::PG_SERIAL.to_owned(),
+                        ratio: row.rate / serial.rate,
+                    });
                 }
                 if row.system == Backend::Production.name()
                     && let Some(x) = xadd.filter(|x| *x > 0.0)
@@ -643,14 +662,10 @@ fn compare(report: &mut Report) {
     }
 
     let rows = report.rows.clone();
-    let max_batch = rows
-        .iter()
-        .filter(|r| r.scenario == "publish")
-        .filter_map(batch_of)
-        .max();
+    let max_batch = nerve_max_batch;
     let max_publishers = rows
         .iter()
-        .filter(|r| r.scenario == "publish")
+        .filter(|r| r.scenario == "publish" && !BASELINES.contains(&r.system.as_str()))
         .filter_map(publishers_of)
         .max();
     let rate = |v: f64| format!("{} ev/s", fmt_rate(v));
