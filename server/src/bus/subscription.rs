@@ -17,7 +17,7 @@ use super::{Bus, BusError, BusResult, PriorityScheduler, bump, validate_group_na
 use crate::{
     event::{Filter, InvalidInput, Priority, Selection, StoredEvent},
     metrics::names,
-    store::{DeadLetter, ReadQuery},
+    store::{DeadLetter, ReadPage, ReadQuery, StoreResult},
     stream::{Claimed, GroupConfig, GroupKey, Interest, TailRead},
 };
 
@@ -130,12 +130,24 @@ struct Session {
     reported: (u32, usize),
     /// The group's metric label ("" for a private stream).
     group_label: String,
+    /// The next history page, read while the current one is delivered: (after, until) and the read.
+    prefetch: Option<(u64, u64, tokio::task::JoinHandle<StoreResult<ReadPage>>)>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some((_, _, read)) = self.prefetch.take() {
+            read.abort();
+        }
+    }
 }
 
 /// Most commands handled before the session looks for deliveries again.
 const COMMAND_BATCH: usize = 256;
 /// Most tail entries read at once by a private stream.
 const TAIL_READ: usize = 512;
+/// Events per history page a private stream reads from the store.
+const HISTORY_PAGE: usize = 1024;
 
 impl Bus {
     /// Opens a subscription; the returned channel yields what to send, ending with an error status if any.
@@ -237,6 +249,7 @@ impl Bus {
             position: start_after,
             caught_up: false,
             scheduler: PriorityScheduler::default(),
+            prefetch: None,
             tx,
             last_sent: Instant::now(),
             reported: (0, 0),
@@ -456,18 +469,11 @@ impl Session {
                 // history the tail no longer holds comes from the store, up to where the tail begins
                 TailRead::Trimmed { oldest } => oldest.saturating_sub(1),
             };
-            let page = self
-                .bus
-                .store
-                .read(&ReadQuery {
-                    tenant: self.tenant.clone(),
-                    after: self.position,
-                    until: Some(history_until),
-                    types: self.selection.types.clone(),
-                    limit: TAIL_READ,
-                    ..ReadQuery::default()
-                })
-                .await?;
+            let page = self.history_page(self.position, history_until).await?;
+            if !page.exhausted {
+                // committed history never changes: read the next page while this one is delivered
+                self.start_prefetch(page.scanned_to, history_until);
+            }
             if self.deliver_private(page.events).await? {
                 self.position = self.position.max(page.scanned_to);
                 if page.exhausted {
@@ -476,6 +482,44 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    fn history_query(&self, after: u64, until: u64) -> ReadQuery {
+        ReadQuery {
+            tenant: self.tenant.clone(),
+            after,
+            until: Some(until),
+            types: self.selection.types.clone(),
+            limit: HISTORY_PAGE,
+            ..ReadQuery::default()
+        }
+    }
+
+    /// Reads the history page after `after`, taking the prefetched one when it is that page.
+    async fn history_page(&mut self, after: u64, until: u64) -> BusResult<ReadPage> {
+        if let Some((from, to, read)) = self.prefetch.take() {
+            if (from, to) == (after, until) {
+                return match read.await {
+                    Ok(page) => Ok(page?),
+                    Err(e) => Err(BusError::Internal(format!("history read failed: {e}"))),
+                };
+            }
+            read.abort();
+        }
+        Ok(self
+            .bus
+            .store
+            .read(&self.history_query(after, until))
+            .await?)
+    }
+
+    fn start_prefetch(&mut self, after: u64, until: u64) {
+        let store = self.bus.store.clone();
+        let query = self.history_query(after, until);
+        let read = tokio::spawn(async move { store.read(&query).await });
+        if let Some((_, _, stale)) = self.prefetch.replace((after, until, read)) {
+            stale.abort();
+        }
     }
 
     /// Delivers matching events in order while credits last; returns whether all were consumed.
