@@ -819,8 +819,11 @@ async fn postgres_outage_fails_fast_and_recovers() {
         first_ok_after < Duration::from_secs(5),
         "throughput back within 5 s"
     );
+    // half, not all: the suite runs its tests in parallel on two cores, and a neighbour's load moves a
+    // 3-second window's rate by a third either way; a writer left degraded after the outage (stuck in
+    // fail-fast mode, a broken pool) shows far less
     assert!(
-        recovered_window >= before * 0.7,
+        recovered_window >= before * 0.5,
         "throughput recovered: {recovered_window:.0}/s vs {before:.0}/s"
     );
 }
