@@ -318,44 +318,48 @@ pub fn command(msg: pb::SubscribeRequest) -> Result<Command> {
     }
 }
 
-/// Converts a server message.
-pub fn outbound(message: Outbound) -> pb::SubscribeResponse {
+/// Converts a server message into the responses it stands for, in order.
+pub fn outbound(message: Outbound) -> Vec<pb::SubscribeResponse> {
     use pb::subscribe_response::Message;
-    let message = match message {
+    let response = |message| pb::SubscribeResponse {
+        message: Some(message),
+    };
+    let one = |message| vec![response(message)];
+    match message {
         Outbound::Subscribed {
             subscription_id,
             group,
             head_sequence,
-        } => Message::Subscribed(pb::Subscribed {
+        } => one(Message::Subscribed(pb::Subscribed {
             subscription_id,
             group: group.unwrap_or_default(),
             head_sequence,
-        }),
-        Outbound::Delivery(Delivery {
-            event,
-            delivery_id,
-            attempt,
-            ack_deadline,
-        }) => Message::Delivery(pb::Delivery {
-            event: Some(stored_to_pb(&event)),
-            delivery_id,
-            attempt,
-            ack_deadline: ack_deadline.map(time_to_pb),
-        }),
+        })),
+        Outbound::Delivery(d) => one(Message::Delivery(delivery_to_pb(d))),
+        Outbound::Deliveries(all) => all
+            .into_iter()
+            .map(|d| response(Message::Delivery(delivery_to_pb(d))))
+            .collect(),
         Outbound::Heartbeat {
             head_sequence,
             in_flight,
             credits,
-        } => Message::Heartbeat(pb::Heartbeat {
+        } => one(Message::Heartbeat(pb::Heartbeat {
             time: Some(time_to_pb(Utc::now())),
             head_sequence,
             in_flight,
             credits,
-        }),
-        Outbound::CaughtUp { sequence } => Message::CaughtUp(pb::CaughtUp { sequence }),
-    };
-    pb::SubscribeResponse {
-        message: Some(message),
+        })),
+        Outbound::CaughtUp { sequence } => one(Message::CaughtUp(pb::CaughtUp { sequence })),
+    }
+}
+
+fn delivery_to_pb(d: Delivery) -> pb::Delivery {
+    pb::Delivery {
+        event: Some(stored_to_pb(&d.event)),
+        delivery_id: d.delivery_id,
+        attempt: d.attempt,
+        ack_deadline: d.ack_deadline.map(time_to_pb),
     }
 }
 

@@ -189,9 +189,13 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             .await
             .map_err(to_status)?;
         // the permit counts the stream until the response stream is dropped
-        let stream = ReceiverStream::new(outbound).map(move |m| {
+        let stream = ReceiverStream::new(outbound).flat_map(move |m| {
             let _open = &permit;
-            m.map(convert::outbound).map_err(to_status)
+            let responses: Vec<Result<pb::SubscribeResponse, Status>> = match m {
+                Ok(m) => convert::outbound(m).into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(to_status(e))],
+            };
+            futures::stream::iter(responses)
         });
         Ok(Response::new(Box::pin(stream)))
     }

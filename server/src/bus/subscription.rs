@@ -83,6 +83,8 @@ pub enum Outbound {
         head_sequence: u64,
     },
     Delivery(Delivery),
+    /// Several deliveries in order, handed over at once; each still goes out as its own message.
+    Deliveries(Vec<Delivery>),
     Heartbeat {
         head_sequence: u64,
         in_flight: u32,
@@ -146,6 +148,8 @@ impl Drop for Session {
 const COMMAND_BATCH: usize = 256;
 /// Most tail entries read at once by a private stream.
 const TAIL_READ: usize = 512;
+/// Most deliveries a private stream hands to the response stream at once.
+const DELIVERY_RUN: usize = 64;
 /// Events per history page a private stream reads from the store.
 const HISTORY_PAGE: usize = 1024;
 
@@ -374,31 +378,10 @@ impl Session {
     }
 
     async fn send(&mut self, message: Outbound) -> BusResult<()> {
-        if let Outbound::Delivery(d) = &message {
-            if crate::telemetry::exporting() {
-                let span = tracing::info_span!(
-                    "nerve.deliver",
-                    otel.kind = "producer",
-                    r#type = %d.event.event.event_type,
-                    group = %self.group_label,
-                    sequence = d.event.sequence,
-                    attempt = d.attempt,
-                );
-                crate::telemetry::continue_trace(&span, d.event.event.traceparent.as_deref());
-            }
-            debug!(subscription = %self.id, r#type = %d.event.event.event_type, group = %self.group_label, sequence = d.event.sequence, attempt = d.attempt, "delivering");
-            let group = self.group_label.clone();
-            ::metrics::counter!(names::DELIVERED, "type" => crate::metrics::type_label(&d.event.event.event_type), "group" => group.clone())
-                .increment(1);
-            if d.attempt == 1 {
-                let since_commit = (Utc::now() - d.event.recorded_at)
-                    .to_std()
-                    .unwrap_or_default();
-                ::metrics::histogram!(names::DELIVERY_SECONDS, "group" => group)
-                    .record(since_commit);
-            } else {
-                ::metrics::counter!(names::REDELIVERIES, "group" => group).increment(1);
-            }
+        match &message {
+            Outbound::Delivery(d) => self.record_delivery(d),
+            Outbound::Deliveries(all) => all.iter().for_each(|d| self.record_delivery(d)),
+            _ => {}
         }
         self.tx
             .send(Ok(message))
@@ -406,6 +389,33 @@ impl Session {
             .map_err(|_| BusError::FailedPrecondition("subscriber went away".into()))?;
         self.last_sent = Instant::now();
         Ok(())
+    }
+
+    /// Traces, logs and counts one delivery as it is handed over.
+    fn record_delivery(&self, d: &Delivery) {
+        if crate::telemetry::exporting() {
+            let span = tracing::info_span!(
+                "nerve.deliver",
+                otel.kind = "producer",
+                r#type = %d.event.event.event_type,
+                group = %self.group_label,
+                sequence = d.event.sequence,
+                attempt = d.attempt,
+            );
+            crate::telemetry::continue_trace(&span, d.event.event.traceparent.as_deref());
+        }
+        debug!(subscription = %self.id, r#type = %d.event.event.event_type, group = %self.group_label, sequence = d.event.sequence, attempt = d.attempt, "delivering");
+        let group = self.group_label.clone();
+        ::metrics::counter!(names::DELIVERED, "type" => crate::metrics::type_label(&d.event.event.event_type), "group" => group.clone())
+            .increment(1);
+        if d.attempt == 1 {
+            let since_commit = (Utc::now() - d.event.recorded_at)
+                .to_std()
+                .unwrap_or_default();
+            ::metrics::histogram!(names::DELIVERY_SECONDS, "group" => group).record(since_commit);
+        } else {
+            ::metrics::counter!(names::REDELIVERIES, "group" => group).increment(1);
+        }
     }
 
     /// Returns expired leases to the window: the backend already lets another consumer claim them.
@@ -523,14 +533,19 @@ impl Session {
     }
 
     /// Delivers matching events in order while credits last; returns whether all were consumed.
+    /// Deliveries go to the response stream in runs of [`DELIVERY_RUN`]: one hand-over (and wake-up)
+    /// per run instead of per event.
     async fn deliver_private(&mut self, events: Vec<Arc<StoredEvent>>) -> BusResult<bool> {
+        let mut run = Vec::new();
+        let mut consumed = true;
         for event in events {
             if event.sequence <= self.position {
                 continue;
             }
             if event.tenant == self.tenant && self.selection.matches(&event.event) {
                 if self.credits == 0 {
-                    return Ok(false);
+                    consumed = false;
+                    break;
                 }
                 self.credits -= 1;
                 self.outstanding.insert(
@@ -547,12 +562,19 @@ impl Session {
                     event: event.clone(),
                 };
                 self.position = event.sequence;
-                self.send(Outbound::Delivery(delivery)).await?;
+                run.push(delivery);
+                if run.len() == DELIVERY_RUN {
+                    self.send(Outbound::Deliveries(std::mem::take(&mut run)))
+                        .await?;
+                }
             } else {
                 self.position = event.sequence;
             }
         }
-        Ok(true)
+        if !run.is_empty() {
+            self.send(Outbound::Deliveries(run)).await?;
+        }
+        Ok(consumed)
     }
 
     async fn mark_caught_up(&mut self) -> BusResult<()> {
