@@ -335,7 +335,6 @@ pub fn outbound(message: Outbound) -> Vec<pb::SubscribeResponse> {
             group: group.unwrap_or_default(),
             head_sequence,
         })),
-        Outbound::Delivery(d) => one(Message::Delivery(delivery_to_pb(d))),
         Outbound::Deliveries(all) => all
             .into_iter()
             .map(|d| response(Message::Delivery(delivery_to_pb(d))))

@@ -82,8 +82,7 @@ pub enum Outbound {
         group: Option<String>,
         head_sequence: u64,
     },
-    Delivery(Delivery),
-    /// Several deliveries in order, handed over at once; each still goes out as its own message.
+    /// Deliveries in order, handed over at once; each goes out as its own message.
     Deliveries(Vec<Delivery>),
     Heartbeat {
         head_sequence: u64,
@@ -378,10 +377,8 @@ impl Session {
     }
 
     async fn send(&mut self, message: Outbound) -> BusResult<()> {
-        match &message {
-            Outbound::Delivery(d) => self.record_delivery(d),
-            Outbound::Deliveries(all) => all.iter().for_each(|d| self.record_delivery(d)),
-            _ => {}
+        if let Outbound::Deliveries(all) = &message {
+            all.iter().for_each(|d| self.record_delivery(d));
         }
         self.tx
             .send(Ok(message))
@@ -693,12 +690,12 @@ impl Session {
         );
         self.deadlines
             .push(Reverse((deadline, claimed.sequence, claimed.attempt)));
-        self.send(Outbound::Delivery(Delivery {
+        self.send(Outbound::Deliveries(vec![Delivery {
             delivery_id: delivery_id(claimed.sequence, claimed.attempt),
             attempt: claimed.attempt,
             ack_deadline: Some(lease),
             event,
-        }))
+        }]))
         .await
     }
 

@@ -661,20 +661,24 @@ impl EventStore for SqliteStore {
         }
         let mut conn = self.db.writer.lock().await;
         let mut tx = conn.begin().await.map_err(map_err)?;
-        for r in records {
-            sqlx::query(
-                "INSERT INTO audit_log (time_ns, tenant, principal, action, resource, outcome, reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(to_ns(r.time))
-            .bind(&r.tenant)
-            .bind(&r.principal)
-            .bind(&r.action)
-            .bind(&r.resource)
-            .bind(&r.outcome)
-            .bind(&r.reason)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        for chunk in records.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO audit_log (time_ns, tenant, principal, action, resource, outcome, reason) ",
+            );
+            sql.push_values(chunk, |mut row, r| {
+                row.push_bind(to_ns(r.time))
+                    .push_bind(&r.tenant)
+                    .push_bind(&r.principal)
+                    .push_bind(&r.action)
+                    .push_bind(&r.resource)
+                    .push_bind(&r.outcome)
+                    .push_bind(&r.reason);
+            });
+            sql.build()
+                .persistent(false)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
         }
         tx.commit().await.map_err(map_err)?;
         Ok(())
