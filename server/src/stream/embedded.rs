@@ -242,7 +242,8 @@ impl LiveStreams for EmbeddedStreams {
                     until: Some(until),
                     priority: Some(level),
                     types: config.selection.types.clone(),
-                    limit: (max * 2).max(64),
+                    // most pages match in full (types are filtered in SQL): more would be decoded for nothing
+                    limit: (max - taken.len()).max(64),
                     ..ReadQuery::default()
                 })
                 .await?;
@@ -384,10 +385,16 @@ impl LiveStreams for EmbeddedStreams {
         let mut removed: HashSet<(u64, u32)> = HashSet::new();
         for chunk in deliveries.chunks(ROWS_PER_STATEMENT) {
             let mut sql = QueryBuilder::<Sqlite>::new("DELETE FROM pending WHERE tenant = ");
+            // `seq IN` lets SQLite look the rows up by key; the row-value test alone scans the group
             sql.push_bind(&key.tenant)
                 .push(" AND grp = ")
                 .push_bind(&key.name)
-                .push(" AND (seq, attempts) IN (");
+                .push(" AND seq IN (");
+            let mut seqs = sql.separated(", ");
+            for (sequence, _) in chunk {
+                seqs.push_bind(seq_i64(*sequence));
+            }
+            sql.push(") AND (seq, attempts) IN (");
             sql.push_values(chunk, |mut row, (sequence, attempt)| {
                 row.push_bind(seq_i64(*sequence))
                     .push_bind(i64::from(*attempt));
