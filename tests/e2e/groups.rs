@@ -380,3 +380,66 @@ async fn groups_report_pending_lag_and_consumers() {
     }
     assert_eq!(counts["stats"], 1);
 }
+
+#[tokio::test]
+async fn acks_sent_before_a_failing_command_are_kept() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["keep.x"], "keepers");
+    o.max_in_flight = 10;
+    o.ack_deadline = millis(60_000);
+    let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    let seqs = publish_n(&mut bus, "k", "keep.x", 10).await;
+    let got = first.deliveries(10).await;
+    let (acked, unacked) = got.split_at(6);
+    // the server writes acks once per batch of commands; whether or not it reads the bad ack in the same
+    // batch, the good ones before it must stay written
+    first
+        .ack(
+            &acked
+                .iter()
+                .map(|d| d.delivery_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    first.ack(&["not-a-delivery".to_owned()]).await;
+    let status = first.final_status().await.expect_err("bad id rejected");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("ack.delivery_ids[0]"),
+        "{status:?}"
+    );
+    let mut second = Subscriber::open(&mut bus, o).await.expect("reopen");
+    let redelivered = second.deliveries(4).await;
+    let again: BTreeSet<u64> = redelivered.iter().map(seq).collect();
+    assert_eq!(again, unacked.iter().map(seq).collect::<BTreeSet<_>>());
+    assert!(again.iter().all(|s| seqs.contains(s)));
+    second.expect_idle(2).await;
+    // acks of the first attempt are stale and settle nothing; one current ack settles one
+    second
+        .ack(
+            &unacked
+                .iter()
+                .map(|d| d.delivery_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    second.ack_one(&redelivered[0]).await;
+    let admin = server.admin();
+    eventually("3 still pending after one current ack", || {
+        let mut admin = admin.clone();
+        async move {
+            let groups = admin
+                .list_groups(pb::ListGroupsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .groups;
+            groups
+                .iter()
+                .find(|g| g.name == "keepers" && g.pending == 3)
+                .map(|_| ())
+        }
+    })
+    .await;
+}

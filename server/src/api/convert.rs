@@ -1,6 +1,6 @@
 //! Conversions between protobuf messages and domain types; the only code that knows both.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 
@@ -140,43 +140,55 @@ pub fn event_from_pb(e: pb::Event, field: &str) -> Result<Event> {
 
 /// Converts a domain event, with its sequence and commit time when stored.
 pub fn event_to_pb(e: &Event, stored: Option<&StoredEvent>) -> pb::Event {
+    event_into_pb(e.clone(), stored.map(|s| (s.sequence, s.recorded_at)))
+}
+
+/// Converts an owned event, moving its strings and data; `stored` is its (sequence, recorded time).
+fn event_into_pb(e: Event, stored: Option<(u64, DateTime<Utc>)>) -> pb::Event {
     use pb::event::Data as PbData;
     pb::Event {
-        id: e.id.clone(),
-        source: e.source.clone(),
-        r#type: e.event_type.clone(),
-        spec_version: e.spec_version.clone(),
-        subject: e.subject.clone().unwrap_or_default(),
+        id: e.id,
+        source: e.source,
+        r#type: e.event_type,
+        spec_version: e.spec_version,
+        subject: e.subject.unwrap_or_default(),
         time: e.time.map(time_to_pb),
-        data_content_type: e.data_content_type.clone().unwrap_or_default(),
-        data_schema: e.data_schema.clone().unwrap_or_default(),
-        data: match &e.data {
+        data_content_type: e.data_content_type.unwrap_or_default(),
+        data_schema: e.data_schema.unwrap_or_default(),
+        data: match e.data {
             Data::None => None,
-            Data::Binary(b) => Some(PbData::BinaryData(b.clone())),
-            Data::Text(t) => Some(PbData::TextData(t.clone())),
-            Data::Proto { type_url, value } => Some(PbData::ProtoData(prost_types::Any {
-                type_url: type_url.clone(),
-                value: value.clone(),
-            })),
+            Data::Binary(b) => Some(PbData::BinaryData(b)),
+            Data::Text(t) => Some(PbData::TextData(t)),
+            Data::Proto { type_url, value } => {
+                Some(PbData::ProtoData(prost_types::Any { type_url, value }))
+            }
         },
         extensions: e
             .extensions
-            .iter()
-            .map(|(k, v)| (k.clone(), extension_to_pb(v)))
+            .into_iter()
+            .map(|(k, v)| (k, extension_to_pb(&v)))
             .collect(),
         priority: priority_to_pb(e.priority) as i32,
-        correlation_id: e.correlation_id.clone().unwrap_or_default(),
-        causation_id: e.causation_id.clone().unwrap_or_default(),
-        traceparent: e.traceparent.clone().unwrap_or_default(),
-        reply_to: e.reply_to.clone().unwrap_or_default(),
-        sequence: stored.map_or(0, |s| s.sequence),
-        recorded_time: stored.map(|s| time_to_pb(s.recorded_at)),
+        correlation_id: e.correlation_id.unwrap_or_default(),
+        causation_id: e.causation_id.unwrap_or_default(),
+        traceparent: e.traceparent.unwrap_or_default(),
+        reply_to: e.reply_to.unwrap_or_default(),
+        sequence: stored.map_or(0, |s| s.0),
+        recorded_time: stored.map(|s| time_to_pb(s.1)),
     }
 }
 
 /// Converts a stored event.
 pub fn stored_to_pb(s: &StoredEvent) -> pb::Event {
     event_to_pb(&s.event, Some(s))
+}
+
+/// Converts a stored event, moving out of it when nothing else holds it (history pages; not the live tail).
+fn stored_into_pb(s: Arc<StoredEvent>) -> pb::Event {
+    match Arc::try_unwrap(s) {
+        Ok(s) => event_into_pb(s.event, Some((s.sequence, s.recorded_at))),
+        Err(shared) => stored_to_pb(&shared),
+    }
 }
 
 /// Most type patterns one selection may list (each literal type is its own index range in a read).
@@ -355,7 +367,7 @@ pub fn outbound(message: Outbound) -> Vec<pb::SubscribeResponse> {
 
 fn delivery_to_pb(d: Delivery) -> pb::Delivery {
     pb::Delivery {
-        event: Some(stored_to_pb(&d.event)),
+        event: Some(stored_into_pb(d.event)),
         delivery_id: d.delivery_id,
         attempt: d.attempt,
         ack_deadline: d.ack_deadline.map(time_to_pb),

@@ -131,6 +131,8 @@ struct Session {
     reported: (u32, usize),
     /// The group's metric label ("" for a private stream).
     group_label: String,
+    /// Group acks settled here and not yet written to the backend: one write per batch of commands.
+    unsaved_acks: Vec<(u64, u32)>,
     /// The next history page, read while the current one is delivered: (after, until) and the read.
     prefetch: Option<(u64, u64, tokio::task::JoinHandle<StoreResult<ReadPage>>)>,
 }
@@ -147,7 +149,7 @@ impl Drop for Session {
 const COMMAND_BATCH: usize = 256;
 /// Most tail entries read at once by a private stream.
 const TAIL_READ: usize = 512;
-/// Most deliveries a private stream hands to the response stream at once.
+/// Most deliveries handed to the response stream at once.
 const DELIVERY_RUN: usize = 64;
 /// Events per history page a private stream reads from the store.
 const HISTORY_PAGE: usize = 1024;
@@ -252,6 +254,7 @@ impl Bus {
             position: start_after,
             caught_up: false,
             scheduler: PriorityScheduler::default(),
+            unsaved_acks: Vec::new(),
             prefetch: None,
             tx,
             last_sent: Instant::now(),
@@ -280,6 +283,10 @@ impl Session {
         };
         ::metrics::gauge!(names::SUBSCRIPTIONS, "kind" => kind).increment(1.0);
         let outcome = self.serve(opened, commands).await;
+        // acks read before an error or the end still count
+        if let Err(error) = self.save_acks().await {
+            warn!(subscription = %self.id, %error, "acks not saved; those deliveries will be redelivered");
+        }
         self.release_all().await;
         let _ = self.bus.streams.leave(&self.id).await;
         ::metrics::gauge!(names::SUBSCRIPTIONS, "kind" => kind).decrement(1.0);
@@ -332,6 +339,7 @@ impl Session {
                             None => break,
                         }
                     }
+                    self.save_acks().await?;
                 }
                 changed = head.changed() => if changed.is_err() {
                     return Err(BusError::Unavailable("live stream closed".into()));
@@ -378,7 +386,7 @@ impl Session {
 
     async fn send(&mut self, message: Outbound) -> BusResult<()> {
         if let Outbound::Deliveries(all) = &message {
-            all.iter().for_each(|d| self.record_delivery(d));
+            self.record_deliveries(all);
         }
         self.tx
             .send(Ok(message))
@@ -388,31 +396,55 @@ impl Session {
         Ok(())
     }
 
-    /// Traces, logs and counts one delivery as it is handed over.
-    fn record_delivery(&self, d: &Delivery) {
-        if crate::telemetry::exporting() {
-            let span = tracing::info_span!(
-                "nerve.deliver",
-                otel.kind = "producer",
-                r#type = %d.event.event.event_type,
-                group = %self.group_label,
-                sequence = d.event.sequence,
-                attempt = d.attempt,
-            );
-            crate::telemetry::continue_trace(&span, d.event.event.traceparent.as_deref());
+    /// Traces, logs and counts deliveries as they are handed over; metric handles are looked up once per run.
+    fn record_deliveries(&self, all: &[Delivery]) {
+        let exporting = crate::telemetry::exporting();
+        let now = Utc::now();
+        let latency =
+            ::metrics::histogram!(names::DELIVERY_SECONDS, "group" => self.group_label.clone());
+        let mut redelivered = 0;
+        // runs are usually of one type: count consecutive deliveries of a type under one label lookup
+        let mut counted: Option<(&str, u64)> = None;
+        for d in all {
+            let event = &d.event.event;
+            if exporting {
+                let span = tracing::info_span!(
+                    "nerve.deliver",
+                    otel.kind = "producer",
+                    r#type = %event.event_type,
+                    group = %self.group_label,
+                    sequence = d.event.sequence,
+                    attempt = d.attempt,
+                );
+                crate::telemetry::continue_trace(&span, event.traceparent.as_deref());
+            }
+            debug!(subscription = %self.id, r#type = %event.event_type, group = %self.group_label, sequence = d.event.sequence, attempt = d.attempt, "delivering");
+            match &mut counted {
+                Some((t, n)) if *t == event.event_type => *n += 1,
+                _ => {
+                    if let Some((t, n)) = counted.replace((&event.event_type, 1)) {
+                        self.count_delivered(t, n);
+                    }
+                }
+            }
+            if d.attempt == 1 {
+                latency.record((now - d.event.recorded_at).to_std().unwrap_or_default());
+            } else {
+                redelivered += 1;
+            }
         }
-        debug!(subscription = %self.id, r#type = %d.event.event.event_type, group = %self.group_label, sequence = d.event.sequence, attempt = d.attempt, "delivering");
-        let group = self.group_label.clone();
-        ::metrics::counter!(names::DELIVERED, "type" => crate::metrics::type_label(&d.event.event.event_type), "group" => group.clone())
-            .increment(1);
-        if d.attempt == 1 {
-            let since_commit = (Utc::now() - d.event.recorded_at)
-                .to_std()
-                .unwrap_or_default();
-            ::metrics::histogram!(names::DELIVERY_SECONDS, "group" => group).record(since_commit);
-        } else {
-            ::metrics::counter!(names::REDELIVERIES, "group" => group).increment(1);
+        if let Some((t, n)) = counted {
+            self.count_delivered(t, n);
         }
+        if redelivered > 0 {
+            ::metrics::counter!(names::REDELIVERIES, "group" => self.group_label.clone())
+                .increment(redelivered);
+        }
+    }
+
+    fn count_delivered(&self, event_type: &str, n: u64) {
+        ::metrics::counter!(names::DELIVERED, "type" => crate::metrics::type_label(event_type), "group" => self.group_label.clone())
+            .increment(n);
     }
 
     /// Returns expired leases to the window: the backend already lets another consumer claim them.
@@ -552,14 +584,13 @@ impl Session {
                         deadline: None,
                     },
                 );
-                let delivery = Delivery {
+                self.position = event.sequence;
+                run.push(Delivery {
                     delivery_id: delivery_id(event.sequence, 1),
                     attempt: 1,
                     ack_deadline: None,
-                    event: event.clone(),
-                };
-                self.position = event.sequence;
-                run.push(delivery);
+                    event,
+                });
                 if run.len() == DELIVERY_RUN {
                     self.send(Outbound::Deliveries(std::mem::take(&mut run)))
                         .await?;
@@ -595,15 +626,8 @@ impl Session {
             let due = streams
                 .claim_due(key, &self.id, self.credits as usize, lease)
                 .await?;
-            for claimed in self.with_events(key, due).await? {
-                if claimed.0.attempt > max_attempts {
-                    self.dead_letter(key, &claimed.0, claimed.0.attempt - 1, None)
-                        .await?;
-                } else {
-                    self.deliver_group(claimed.0, claimed.1, lease).await?;
-                    delivered += 1;
-                }
-            }
+            let due = self.with_events(key, due).await?;
+            delivered += self.deliver_group(key, due, lease, max_attempts).await?;
         }
         let mut backlogged = [true; 4];
         while self.credits > 0 && backlogged.iter().any(|b| *b) {
@@ -620,10 +644,10 @@ impl Session {
                     backlogged[index] = false;
                     self.scheduler.drained(index);
                 }
-                for (claimed, event) in self.with_events(key, claimed).await? {
-                    self.deliver_group(claimed, event, lease).await?;
-                    delivered += 1;
-                }
+                let claimed = self.with_events(key, claimed).await?;
+                delivered += self
+                    .deliver_group(key, claimed, lease, max_attempts)
+                    .await?;
             }
         }
         // caught up only once the relay has brought the group everything already committed
@@ -673,30 +697,50 @@ impl Session {
         Ok(out)
     }
 
+    /// Hands claimed entries to the subscriber in runs, dead-lettering those past `max_attempts`;
+    /// returns how many it delivered.
     async fn deliver_group(
         &mut self,
-        claimed: Claimed,
-        event: Arc<StoredEvent>,
+        key: &GroupKey,
+        claimed: Vec<(Claimed, Arc<StoredEvent>)>,
         lease: DateTime<Utc>,
-    ) -> BusResult<()> {
+        max_attempts: u32,
+    ) -> BusResult<usize> {
         let deadline = Instant::now() + self.ack_deadline;
-        self.credits = self.credits.saturating_sub(1);
-        self.outstanding.insert(
-            claimed.sequence,
-            Outstanding {
+        let mut delivered = 0;
+        let mut run = Vec::new();
+        for (claimed, event) in claimed {
+            if claimed.attempt > max_attempts {
+                self.dead_letter(key, &claimed, claimed.attempt - 1, None)
+                    .await?;
+                continue;
+            }
+            self.credits = self.credits.saturating_sub(1);
+            self.outstanding.insert(
+                claimed.sequence,
+                Outstanding {
+                    attempt: claimed.attempt,
+                    deadline: Some(deadline),
+                },
+            );
+            self.deadlines
+                .push(Reverse((deadline, claimed.sequence, claimed.attempt)));
+            run.push(Delivery {
+                delivery_id: delivery_id(claimed.sequence, claimed.attempt),
                 attempt: claimed.attempt,
-                deadline: Some(deadline),
-            },
-        );
-        self.deadlines
-            .push(Reverse((deadline, claimed.sequence, claimed.attempt)));
-        self.send(Outbound::Deliveries(vec![Delivery {
-            delivery_id: delivery_id(claimed.sequence, claimed.attempt),
-            attempt: claimed.attempt,
-            ack_deadline: Some(lease),
-            event,
-        }]))
-        .await
+                ack_deadline: Some(lease),
+                event,
+            });
+            delivered += 1;
+            if run.len() == DELIVERY_RUN {
+                self.send(Outbound::Deliveries(std::mem::take(&mut run)))
+                    .await?;
+            }
+        }
+        if !run.is_empty() {
+            self.send(Outbound::Deliveries(run)).await?;
+        }
+        Ok(delivered)
     }
 
     async fn dead_letter(
@@ -756,18 +800,35 @@ impl Session {
         }
     }
 
+    /// Writes the acks gathered since the last write, in one backend call.
+    async fn save_acks(&mut self) -> BusResult<()> {
+        let Some((key, _)) = &self.group else {
+            return Ok(());
+        };
+        if self.unsaved_acks.is_empty() {
+            return Ok(());
+        }
+        let ids = std::mem::take(&mut self.unsaved_acks);
+        let acked = self.bus.streams.ack(key, &ids).await?;
+        for _ in acked.iter().filter(|a| !**a) {
+            bump(&self.bus.counters.stale_settlements);
+        }
+        Ok(())
+    }
+
     async fn handle(&mut self, command: Command) -> BusResult<()> {
+        if !matches!(command, Command::Ack(_)) {
+            // acks stay ordered before whatever the subscriber sent after them
+            self.save_acks().await?;
+        }
         match command {
             Command::Ack(ids) => {
                 let ids = Self::parse_ids(&ids, "ack")?;
                 for (seq, attempt) in &ids {
                     self.settle(*seq, *attempt);
                 }
-                if let Some((key, _)) = &self.group {
-                    let acked = self.bus.streams.ack(key, &ids).await?;
-                    for _ in acked.iter().filter(|a| !**a) {
-                        bump(&self.bus.counters.stale_settlements);
-                    }
+                if self.group.is_some() {
+                    self.unsaved_acks.extend(ids);
                 }
             }
             Command::Nack {
