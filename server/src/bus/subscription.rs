@@ -657,6 +657,10 @@ impl Session {
         {
             self.mark_caught_up().await?;
         }
+        // with no credits nothing due can be claimed: waking for it would spin until an ack
+        if self.credits == 0 {
+            return Ok(None);
+        }
         let next_due = streams.next_due(key).await?;
         Ok(next_due.map(|due| {
             let wait = (due - Utc::now()).to_std().unwrap_or_default();
