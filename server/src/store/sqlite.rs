@@ -173,6 +173,7 @@ impl SqliteStore {
             SqliteWriter {
                 writer: db.writer.clone(),
                 last_ns,
+                head: Some(head),
             },
             committed_tx,
         );
@@ -192,6 +193,9 @@ impl SqliteStore {
 struct SqliteWriter {
     writer: Arc<Mutex<SqliteConnection>>,
     last_ns: i64,
+    /// The highest stored sequence, kept here because this writer is the only one that inserts events;
+    /// `None` after a failed commit, until it is read again.
+    head: Option<i64>,
 }
 
 impl BatchWriter for SqliteWriter {
@@ -207,7 +211,17 @@ impl BatchWriter for SqliteWriter {
         // recorded time never goes backwards, so time positions and sequence order agree
         self.last_ns = to_ns(Utc::now()).max(self.last_ns);
         let mut conn = self.writer.lock().await;
-        commit_batch(&mut conn, batch, self.last_ns).await
+        let head = match self.head {
+            Some(head) => head,
+            None => sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(map_err)?,
+        };
+        self.head = None;
+        let (results, head) = commit_batch(&mut conn, batch, self.last_ns, head).await?;
+        self.head = Some(head);
+        Ok(results)
     }
 }
 
@@ -215,18 +229,30 @@ impl BatchWriter for SqliteWriter {
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
 
 /// Commits the batch in one transaction with set-based statements: look up the keys already stored,
-/// decide in memory ([`commit::plan`]), insert the rows and the per-type statistics. sqlx hands every
-/// statement to SQLite's worker thread and back, so statements per event, not SQLite, would be the cost.
+/// decide in memory ([`commit::plan`]), insert the rows and the per-type statistics; returns the results
+/// and the new head. sqlx hands every call to SQLite's worker thread and back (two thread wake-ups, the
+/// larger part of a small commit's cost), so the statements go in two calls: the transaction's start
+/// with the key lookup, then the inserts with the commit.
 async fn commit_batch(
     conn: &mut SqliteConnection,
     batch: &[CommitRequest],
     recorded_ns: i64,
-) -> StoreResult<Vec<StoreResult<Vec<Appended>>>> {
-    let mut tx = conn.begin().await.map_err(map_err)?;
-    let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(map_err)?;
+    head: i64,
+) -> StoreResult<(Vec<StoreResult<Vec<Appended>>>, i64)> {
+    let written = write_batch(conn, batch, recorded_ns, head).await;
+    if written.is_err() {
+        // the statements that failed may have left the transaction open; nothing of it may stay
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+    }
+    written
+}
+
+async fn write_batch(
+    conn: &mut SqliteConnection,
+    batch: &[CommitRequest],
+    recorded_ns: i64,
+    head: i64,
+) -> StoreResult<(Vec<StoreResult<Vec<Appended>>>, i64)> {
     let keys: Vec<(&str, &str, &str)> = batch
         .iter()
         .flat_map(|r| {
@@ -239,37 +265,38 @@ async fn commit_batch(
             })
         })
         .collect();
-    let mut known = commit::Known::new();
+    // BEGIN IMMEDIATE takes the write lock now: the transaction writes whatever the lookup finds
+    let mut sql = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE;");
     for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = QueryBuilder::<Sqlite>::new(
-            "SELECT e.tenant, e.source, e.id, e.seq, e.content_hash FROM (",
-        );
+        sql.push(" SELECT e.tenant, e.source, e.id, e.seq, e.content_hash FROM (");
         sql.push_values(chunk, |mut row, (tenant, source, id)| {
             row.push_bind(*tenant).push_bind(*source).push_bind(*id);
         });
         sql.push(
-            ") AS k JOIN events e ON e.tenant = k.column1 AND e.source = k.column2 AND e.id = k.column3",
+            ") AS k JOIN events e ON e.tenant = k.column1 AND e.source = k.column2 AND e.id = k.column3;",
         );
-        let rows = sql
-            .build()
-            .persistent(false)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        for row in rows {
-            let column = |name: &str| row.try_get::<String, _>(name).map_err(map_err);
-            known.insert(
-                (column("tenant")?, column("source")?, column("id")?),
-                (
-                    row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
-                    row.try_get("content_hash").map_err(map_err)?,
-                ),
-            );
-        }
+    }
+    let rows = sql
+        .build()
+        .persistent(false)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    let mut known = commit::Known::new();
+    for row in rows {
+        let column = |name: &str| row.try_get::<String, _>(name).map_err(map_err);
+        known.insert(
+            (column("tenant")?, column("source")?, column("id")?),
+            (
+                row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
+                row.try_get("content_hash").map_err(map_err)?,
+            ),
+        );
     }
     let plan = commit::plan(batch, known, head);
+    let mut sql = QueryBuilder::<Sqlite>::new("");
     for chunk in plan.rows.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = QueryBuilder::<Sqlite>::new(
+        sql.push(
             "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) ",
         );
         sql.push_values(chunk, |mut row, r| {
@@ -286,15 +313,11 @@ async fn commit_batch(
                 .push_bind(&r.event.content_hash()[..])
                 .push_bind(r.event.body());
         });
-        sql.build()
-            .persistent(false)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        sql.push(";");
     }
     let stats = commit::type_stats(&plan.rows);
     for chunk in stats.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = QueryBuilder::<Sqlite>::new(
+        sql.push(
             "INSERT INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns) ",
         );
         sql.push_values(chunk, |mut row, s| {
@@ -307,16 +330,17 @@ async fn commit_batch(
         });
         sql.push(
             " ON CONFLICT (tenant, type) DO UPDATE SET count = count + excluded.count, \
-             last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns",
+             last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns;",
         );
-        sql.build()
-            .persistent(false)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
     }
-    tx.commit().await.map_err(map_err)?;
-    Ok(plan.results)
+    sql.push(" COMMIT;");
+    sql.build()
+        .persistent(false)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    let head = plan.rows.iter().map(|r| r.seq).max().unwrap_or(head);
+    Ok((plan.results, head))
 }
 
 #[async_trait]
