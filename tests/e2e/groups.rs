@@ -443,3 +443,36 @@ async fn acks_sent_before_a_failing_command_are_kept() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_whole_window_comes_back_when_its_stream_ends_and_when_nacked_at_once() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["window.x"], "windows");
+    o.max_in_flight = 300;
+    o.ack_deadline = millis(60_000);
+    let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    let seqs: BTreeSet<u64> = publish_n(&mut bus, "w", "window.x", 300)
+        .await
+        .into_iter()
+        .collect();
+    let held: BTreeSet<u64> = first.deliveries(300).await.iter().map(seq).collect();
+    assert_eq!(held, seqs);
+    first.close();
+    // released at once, long before the 60 s deadline
+    let mut second = Subscriber::open(&mut bus, o).await.expect("reopen");
+    let again = second.deliveries(300).await;
+    assert!(again.iter().all(|d| d.attempt == 2));
+    assert_eq!(again.iter().map(seq).collect::<BTreeSet<_>>(), seqs);
+    second
+        .send(Action::Nack(pb::Nack {
+            delivery_ids: again.iter().map(|d| d.delivery_id.clone()).collect(),
+            retry_delay: millis(0),
+            dead_letter: false,
+            reason: "all at once".into(),
+        }))
+        .await;
+    let third = second.deliveries(300).await;
+    assert!(third.iter().all(|d| d.attempt == 3));
+    assert_eq!(third.iter().map(seq).collect::<BTreeSet<_>>(), seqs);
+}

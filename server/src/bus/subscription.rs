@@ -855,6 +855,8 @@ impl Session {
                     }
                     return Ok(());
                 };
+                // one backend call for every delivery to retry later
+                let mut retries = Vec::new();
                 for (seq, attempt) in ids {
                     let was_outstanding = self.settle(seq, attempt);
                     if dead_letter {
@@ -875,17 +877,19 @@ impl Session {
                         self.dead_letter(&key, &claimed, attempt, Some(reason))
                             .await?;
                     } else {
-                        ::metrics::counter!(names::DELIVERY_FAILURES, "group" => self.group_label.clone(), "reason" => "nack")
-                            .increment(1);
-                        let visible_at = Utc::now() + retry_delay;
-                        let moved = self
-                            .bus
-                            .streams
-                            .set_visible_at(&key, seq, attempt, visible_at, reason.as_deref())
-                            .await?;
-                        if !moved {
-                            bump(&self.bus.counters.stale_settlements);
-                        }
+                        retries.push((seq, attempt));
+                    }
+                }
+                if !retries.is_empty() {
+                    ::metrics::counter!(names::DELIVERY_FAILURES, "group" => self.group_label.clone(), "reason" => "nack")
+                        .increment(retries.len() as u64);
+                    let moved = self
+                        .bus
+                        .streams
+                        .set_visible_at(&key, &retries, Utc::now() + retry_delay, reason.as_deref())
+                        .await?;
+                    for _ in moved.iter().filter(|m| !**m) {
+                        bump(&self.bus.counters.stale_settlements);
                     }
                 }
                 self.bus.streams.wake_group(&key).await?;
@@ -908,20 +912,25 @@ impl Session {
                 let Some((key, _)) = self.group.clone() else {
                     return Ok(());
                 };
-                for (seq, attempt) in ids {
-                    let Some(o) = self.outstanding.get_mut(&seq) else {
-                        continue;
-                    };
-                    if o.attempt != attempt {
-                        continue;
-                    }
-                    let moved = self
-                        .bus
-                        .streams
-                        .set_visible_at(&key, seq, attempt, Utc::now() + extension, None)
-                        .await?;
-                    if moved {
-                        let deadline = Instant::now() + extension;
+                let current: Vec<(u64, u32)> = ids
+                    .into_iter()
+                    .filter(|(seq, attempt)| {
+                        self.outstanding
+                            .get(seq)
+                            .is_some_and(|o| o.attempt == *attempt)
+                    })
+                    .collect();
+                if current.is_empty() {
+                    return Ok(());
+                }
+                let moved = self
+                    .bus
+                    .streams
+                    .set_visible_at(&key, &current, Utc::now() + extension, None)
+                    .await?;
+                let deadline = Instant::now() + extension;
+                for ((seq, attempt), moved) in current.into_iter().zip(moved) {
+                    if let (true, Some(o)) = (moved, self.outstanding.get_mut(&seq)) {
                         o.deadline = Some(deadline);
                         self.deadlines.push(Reverse((deadline, seq, attempt)));
                     }
@@ -982,23 +991,23 @@ impl Session {
             .collect();
         ::metrics::counter!(names::DELIVERY_FAILURES, "group" => self.group_label.clone(), "reason" => "released")
             .increment(outstanding.len() as u64);
-        for (seq, attempt) in &outstanding {
-            if let Err(error) = self
-                .bus
-                .streams
-                .set_visible_at(
-                    &key,
-                    *seq,
-                    *attempt,
-                    now,
-                    Some("subscriber stream ended before ack"),
-                )
-                .await
-            {
-                warn!(%error, group = %key.name, sequence = seq, "release failed; the lease will expire instead");
-            }
+        if outstanding.is_empty() {
+            return;
         }
-        if !outstanding.is_empty() {
+        // one backend call for the whole window, however large
+        if let Err(error) = self
+            .bus
+            .streams
+            .set_visible_at(
+                &key,
+                &outstanding,
+                now,
+                Some("subscriber stream ended before ack"),
+            )
+            .await
+        {
+            warn!(%error, group = %key.name, deliveries = outstanding.len(), "release failed; the leases will expire instead");
+        } else {
             let _ = self.bus.streams.wake_group(&key).await;
         }
     }

@@ -109,6 +109,53 @@ impl EmbeddedStreams {
         }))
     }
 
+    /// Runs a `DELETE` or `UPDATE` of pending entries (`statement` writes up to its WHERE) on the entries
+    /// whose current attempt is the one given, in one transaction; returns the (sequence, attempt) changed.
+    async fn change_current(
+        &self,
+        key: &GroupKey,
+        deliveries: &[(u64, u32)],
+        statement: impl Fn(&mut QueryBuilder<Sqlite>),
+    ) -> StreamResult<HashSet<(u64, u32)>> {
+        let mut conn = self.store.db().writer.lock().await;
+        let mut tx = conn.begin().await.map_err(db_err)?;
+        let mut changed = HashSet::new();
+        for chunk in deliveries.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = QueryBuilder::<Sqlite>::new("");
+            statement(&mut sql);
+            // `seq IN` lets SQLite look the rows up by key; the row-value test alone scans the group
+            sql.push(" WHERE tenant = ")
+                .push_bind(&key.tenant)
+                .push(" AND grp = ")
+                .push_bind(&key.name)
+                .push(" AND seq IN (");
+            let mut seqs = sql.separated(", ");
+            for (sequence, _) in chunk {
+                seqs.push_bind(seq_i64(*sequence));
+            }
+            sql.push(") AND (seq, attempts) IN (");
+            sql.push_values(chunk, |mut row, (sequence, attempt)| {
+                row.push_bind(seq_i64(*sequence))
+                    .push_bind(i64::from(*attempt));
+            });
+            sql.push(") RETURNING seq, attempts");
+            let rows = sql
+                .build()
+                .persistent(false)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            for row in rows {
+                changed.insert((
+                    row.try_get::<i64, _>("seq").map_err(db_err)? as u64,
+                    row.try_get::<i64, _>("attempts").map_err(db_err)? as u32,
+                ));
+            }
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(changed)
+    }
+
     fn group_snapshot(&self, key: &GroupKey) -> StreamResult<(GroupConfig, [u64; 4])> {
         let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
         groups
@@ -380,40 +427,11 @@ impl LiveStreams for EmbeddedStreams {
     }
 
     async fn ack(&self, key: &GroupKey, deliveries: &[(u64, u32)]) -> StreamResult<Vec<bool>> {
-        let mut conn = self.store.db().writer.lock().await;
-        let mut tx = conn.begin().await.map_err(db_err)?;
-        let mut removed: HashSet<(u64, u32)> = HashSet::new();
-        for chunk in deliveries.chunks(ROWS_PER_STATEMENT) {
-            let mut sql = QueryBuilder::<Sqlite>::new("DELETE FROM pending WHERE tenant = ");
-            // `seq IN` lets SQLite look the rows up by key; the row-value test alone scans the group
-            sql.push_bind(&key.tenant)
-                .push(" AND grp = ")
-                .push_bind(&key.name)
-                .push(" AND seq IN (");
-            let mut seqs = sql.separated(", ");
-            for (sequence, _) in chunk {
-                seqs.push_bind(seq_i64(*sequence));
-            }
-            sql.push(") AND (seq, attempts) IN (");
-            sql.push_values(chunk, |mut row, (sequence, attempt)| {
-                row.push_bind(seq_i64(*sequence))
-                    .push_bind(i64::from(*attempt));
-            });
-            sql.push(") RETURNING seq, attempts");
-            let rows = sql
-                .build()
-                .persistent(false)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db_err)?;
-            for row in rows {
-                removed.insert((
-                    row.try_get::<i64, _>("seq").map_err(db_err)? as u64,
-                    row.try_get::<i64, _>("attempts").map_err(db_err)? as u32,
-                ));
-            }
-        }
-        tx.commit().await.map_err(db_err)?;
+        let mut removed = self
+            .change_current(key, deliveries, |sql| {
+                sql.push("DELETE FROM pending");
+            })
+            .await?;
         // an ack repeated in the same call counts once
         Ok(deliveries.iter().map(|d| removed.remove(d)).collect())
     }
@@ -421,26 +439,20 @@ impl LiveStreams for EmbeddedStreams {
     async fn set_visible_at(
         &self,
         key: &GroupKey,
-        sequence: u64,
-        attempt: u32,
+        deliveries: &[(u64, u32)],
         visible_at: DateTime<Utc>,
         error: Option<&str>,
-    ) -> StreamResult<bool> {
-        let mut conn = self.store.db().writer.lock().await;
-        let done = sqlx::query(
-            "UPDATE pending SET visible_ns = ?, last_error = COALESCE(?, last_error) \
-             WHERE tenant = ? AND grp = ? AND seq = ? AND attempts = ?",
-        )
-        .bind(to_ns(visible_at))
-        .bind(error)
-        .bind(&key.tenant)
-        .bind(&key.name)
-        .bind(seq_i64(sequence))
-        .bind(i64::from(attempt))
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+    ) -> StreamResult<Vec<bool>> {
+        let moved = self
+            .change_current(key, deliveries, |sql| {
+                sql.push("UPDATE pending SET visible_ns = ")
+                    .push_bind(to_ns(visible_at))
+                    .push(", last_error = COALESCE(")
+                    .push_bind(error.map(str::to_owned))
+                    .push(", last_error)");
+            })
+            .await?;
+        Ok(deliveries.iter().map(|d| moved.contains(d)).collect())
     }
 
     async fn remove_pending(&self, key: &GroupKey, sequence: u64) -> StreamResult<()> {

@@ -166,15 +166,15 @@ pub trait LiveStreams: Send + Sync + 'static {
     /// Settles deliveries; an entry is removed only if its current attempt matches. Returns which were settled.
     async fn ack(&self, key: &GroupKey, deliveries: &[(u64, u32)]) -> StreamResult<Vec<bool>>;
 
-    /// Moves the lease of a delivery (nack with delay, extension, release): it becomes due at `visible_at`.
+    /// Moves the leases of deliveries (nack with delay, extension, release): they become due at
+    /// `visible_at`. Only an entry whose current attempt matches moves; returns which moved.
     async fn set_visible_at(
         &self,
         key: &GroupKey,
-        sequence: u64,
-        attempt: u32,
+        deliveries: &[(u64, u32)],
         visible_at: DateTime<Utc>,
         error: Option<&str>,
-    ) -> StreamResult<bool>;
+    ) -> StreamResult<Vec<bool>>;
 
     /// Removes a pending entry whatever its attempt (it was dead-lettered).
     async fn remove_pending(&self, key: &GroupKey, sequence: u64) -> StreamResult<()>;

@@ -394,6 +394,24 @@ impl RedisStreams {
         Ok(found)
     }
 
+    /// Groups deliveries by the stream that holds them, as indexes into `deliveries`; deliveries whose
+    /// stream is unknown (no longer pending) are left out.
+    async fn by_stream(
+        &self,
+        tenant: &str,
+        deliveries: &[(u64, u32)],
+    ) -> StreamResult<HashMap<StreamId, Vec<usize>>> {
+        let seqs: Vec<u64> = deliveries.iter().map(|d| d.0).collect();
+        let located = self.locate(tenant, &seqs).await?;
+        let mut by_stream: HashMap<StreamId, Vec<usize>> = HashMap::new();
+        for (i, (seq, _)) in deliveries.iter().enumerate() {
+            if let Some(s) = located.get(seq) {
+                by_stream.entry(s.clone()).or_default().push(i);
+            }
+        }
+        Ok(by_stream)
+    }
+
     /// Creates the consumer group on a stream at its checkpoint (or its start).
     async fn create_group(
         &self,
@@ -1069,20 +1087,12 @@ impl LiveStreams for RedisStreams {
     }
 
     async fn ack(&self, key: &GroupKey, deliveries: &[(u64, u32)]) -> StreamResult<Vec<bool>> {
-        let seqs: Vec<u64> = deliveries.iter().map(|d| d.0).collect();
-        let located = self.locate(&key.tenant, &seqs).await?;
-        let mut by_stream: HashMap<&StreamId, Vec<usize>> = HashMap::new();
-        for (i, (seq, _)) in deliveries.iter().enumerate() {
-            if let Some(s) = located.get(seq) {
-                by_stream.entry(s).or_default().push(i);
-            }
-        }
         let mut out = vec![false; deliveries.len()];
-        for (stream, indexes) in by_stream {
+        for (stream, indexes) in self.by_stream(&key.tenant, deliveries).await? {
             let mut call = lua::ACK.prepare_invoke();
-            call.key(self.keys.stream(&key.tenant, stream));
+            call.key(self.keys.stream(&key.tenant, &stream));
             for what in ["due", "att", "err", "pos"] {
-                call.key(self.keys.ledger(&key.tenant, stream, what, &key.name));
+                call.key(self.keys.ledger(&key.tenant, &stream, what, &key.name));
             }
             call.arg(&key.name);
             for i in &indexes {
@@ -1108,30 +1118,29 @@ impl LiveStreams for RedisStreams {
     async fn set_visible_at(
         &self,
         key: &GroupKey,
-        sequence: u64,
-        attempt: u32,
+        deliveries: &[(u64, u32)],
         visible_at: DateTime<Utc>,
         error: Option<&str>,
-    ) -> StreamResult<bool> {
-        let Some(stream) = self
-            .locate(&key.tenant, &[sequence])
-            .await?
-            .remove(&sequence)
-        else {
-            return Ok(false);
-        };
-        let moved: i64 = lua::SET_VISIBLE
-            .key(self.keys.ledger(&key.tenant, &stream, "due", &key.name))
-            .key(self.keys.ledger(&key.tenant, &stream, "att", &key.name))
-            .key(self.keys.ledger(&key.tenant, &stream, "err", &key.name))
-            .arg(sequence)
-            .arg(attempt)
-            .arg(ms(visible_at))
-            .arg(error.unwrap_or(""))
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(redis_err)?;
-        Ok(moved == 1)
+    ) -> StreamResult<Vec<bool>> {
+        let mut out = vec![false; deliveries.len()];
+        for (stream, indexes) in self.by_stream(&key.tenant, deliveries).await? {
+            let mut call = lua::SET_VISIBLE.prepare_invoke();
+            for what in ["due", "att", "err"] {
+                call.key(self.keys.ledger(&key.tenant, &stream, what, &key.name));
+            }
+            call.arg(ms(visible_at)).arg(error.unwrap_or(""));
+            for i in &indexes {
+                call.arg(deliveries[*i].0).arg(deliveries[*i].1);
+            }
+            let moved: Vec<i64> = call
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
+            for (i, done) in indexes.into_iter().zip(moved) {
+                out[i] = done == 1;
+            }
+        }
+        Ok(out)
     }
 
     async fn remove_pending(&self, key: &GroupKey, sequence: u64) -> StreamResult<()> {

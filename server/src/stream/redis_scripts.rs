@@ -239,19 +239,25 @@ return 1
     )
 });
 
-/// Moves the lease end of a delivery whose attempt is current. KEYS: due, att, err.
-/// ARGV: sequence, attempt, visible ms, error or ''. Returns 1 when moved.
+/// Moves the lease ends of deliveries whose attempt is current. KEYS: due, att, err.
+/// ARGV: visible ms, error or '', then sequence, attempt pairs. Returns 1 per pair that moved, else 0.
 pub(super) static SET_VISIBLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then
-  return 0
+local out = {}
+for i = 3, #ARGV, 2 do
+  local seq = ARGV[i]
+  if redis.call('HGET', KEYS[2], seq) == ARGV[i + 1] then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[1], seq)
+    if ARGV[2] ~= '' then
+      redis.call('HSET', KEYS[3], seq, ARGV[2])
+    end
+    table.insert(out, 1)
+  else
+    table.insert(out, 0)
+  end
 end
-redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
-end
-return 1
+return out
 ",
     )
 });
