@@ -18,7 +18,7 @@ use crate::{
     procstat::Meter,
     report::Row,
     server::{create_schema, drop_schema, url_with_options},
-    util::{Call, Hist, Send1, closed_loop, event, now_ns, open_loop},
+    util::{Call, Hist, Send1, closed_loop, event, load_row, now_ns, open_loop},
 };
 
 /// The events table exactly as Nerve's Postgres migration creates it (columns and indexes).
@@ -223,18 +223,12 @@ async fn measure_inserts(
 ) -> Row {
     let meter = Meter::start(None);
     let r = closed_loop(writers, duration, pg.insert_call(batch, payload_size, tag)).await;
-    let mut row = Row::new(
+    let row = Row::new(
         "publish",
         system,
         format!("batch={batch} publishers={writers}"),
     );
-    row.events = r.events;
-    row.seconds = r.elapsed.as_secs_f64();
-    row.rate = r.rate();
-    row.latency = r.hist.summary();
-    row.usage = meter.finish();
-    row.errors = r.errors;
-    row.first_error = r.first_error;
+    let mut row = load_row(row, &r, &meter);
     row.note = note;
     row
 }
@@ -359,18 +353,12 @@ impl RedisBase {
         });
         let meter = Meter::start(None);
         let r = closed_loop(workers, duration, call).await;
-        let mut row = Row::new(
+        let row = Row::new(
             "redis XADD",
             "redis (raw)",
             format!("pipelined depth={depth} workers={workers}"),
         );
-        row.events = r.events;
-        row.seconds = r.elapsed.as_secs_f64();
-        row.rate = r.rate();
-        row.latency = r.hist.summary();
-        row.usage = meter.finish();
-        row.errors = r.errors;
-        row.first_error = r.first_error;
+        let mut row = load_row(row, &r, &meter);
         row.note = "latency columns = one pipeline round trip".into();
         Ok(row)
     }

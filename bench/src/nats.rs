@@ -11,7 +11,7 @@ use prost::Message as _;
 use crate::{
     procstat::Meter,
     report::Row,
-    util::{Call, closed_loop, event, now_ns},
+    util::{Call, closed_loop, event, load_row, now_ns},
 };
 
 /// Finds nats-server: the flag, PATH, or ~/.cache/nerve-tools/bin.
@@ -197,15 +197,8 @@ pub async fn publish_matrix(
             });
             let meter = Meter::start(server.pid());
             let r = closed_loop(p, duration, call).await;
-            let mut row = Row::new("publish", label, format!("batch={batch} publishers={p}"));
-            row.events = r.events;
-            row.seconds = r.elapsed.as_secs_f64();
-            row.rate = r.rate();
-            row.latency = r.hist.summary();
-            row.usage = meter.finish();
-            row.errors = r.errors;
-            row.first_error = r.first_error;
-            rows.push(row);
+            let row = Row::new("publish", label, format!("batch={batch} publishers={p}"));
+            rows.push(load_row(row, &r, &meter));
         }
     }
     Ok(())

@@ -24,7 +24,9 @@ use crate::{
     Args,
     procstat::{Meter, rss_mb},
     report::Row,
-    util::{Call, Hist, LoadResult, Send1, closed_loop, event, now_ns, open_loop, stamp_of},
+    util::{
+        Call, Hist, LoadResult, Send1, closed_loop, event, load_row, now_ns, open_loop, stamp_of,
+    },
 };
 
 /// What every scenario needs: connections to one server, and the settings.
@@ -84,18 +86,6 @@ impl Ctx {
     fn bulk_batch(&self) -> usize {
         (3_000_000 / (self.args.payload_size + 200)).clamp(1, 1000)
     }
-}
-
-/// Fills a row from a load result.
-fn load_row(mut row: Row, r: &LoadResult, meter: &Meter) -> Row {
-    row.events = r.events;
-    row.seconds = r.elapsed.as_secs_f64();
-    row.rate = r.rate();
-    row.latency = r.hist.summary();
-    row.usage = meter.finish();
-    row.errors = r.errors;
-    row.first_error = r.first_error.clone();
-    row
 }
 
 // ---------------------------------------------------------------------------------------------------

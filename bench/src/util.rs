@@ -16,12 +16,26 @@ use nerve::api::pb;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::{procstat::Meter, report::Row};
+
 /// One clock for the whole process: send stamps carried in events are nanoseconds since this instant.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 /// Nanoseconds since the process epoch (monotonic).
 pub fn now_ns() -> u64 {
     u64::try_from(EPOCH.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Fills a row from a load result and the meter that watched it.
+pub fn load_row(mut row: Row, r: &LoadResult, meter: &Meter) -> Row {
+    row.events = r.events;
+    row.seconds = r.elapsed.as_secs_f64();
+    row.rate = r.rate();
+    row.latency = r.hist.summary();
+    row.usage = meter.finish();
+    row.errors = r.errors;
+    row.first_error = r.first_error.clone();
+    row
 }
 
 /// A boxed future, for the per-call closures the drivers take.

@@ -108,6 +108,24 @@ pub(crate) fn plan(batch: &[CommitRequest], mut known: Known, head: i64) -> Plan
     Plan { rows, results }
 }
 
+/// The keys of every event of the batch, in order: (tenant, source, id).
+pub(crate) fn keys(batch: &[CommitRequest]) -> Vec<(&str, &str, &str)> {
+    batch
+        .iter()
+        .flat_map(|r| {
+            r.events.iter().map(|e| {
+                let e = e.event();
+                (r.tenant.as_str(), e.source.as_str(), e.id.as_str())
+            })
+        })
+        .collect()
+}
+
+/// The bit of a priority level in the per-type `levels` set.
+pub(crate) fn level_bit(priority: i16) -> i16 {
+    1 << (priority.clamp(1, 4) - 1)
+}
+
 /// Per (tenant, type) of the rows: count, first and last sequence, and the priority levels seen.
 pub(crate) struct TypeStats<'a> {
     pub tenant: &'a str,
@@ -139,7 +157,7 @@ pub(crate) fn type_stats<'a>(rows: &[NewRow<'a>]) -> Vec<TypeStats<'a>> {
         let s = &mut stats[i];
         s.count += 1;
         s.last_seq = r.seq;
-        s.levels |= super::postgres::level_bit(r.priority() as i16);
+        s.levels |= level_bit(r.priority() as i16);
     }
     stats
 }

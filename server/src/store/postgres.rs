@@ -16,7 +16,7 @@ use super::{
     Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
     ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
     commit::{self, BatchWriter, CommitRequest, NewRow},
-    sqlite::{from_ns, map_err, to_ns},
+    sqlite::{from_ns, map_err, seq_i64, to_ns},
 };
 use crate::event::{Event, Priority, Selection, StoredEvent};
 
@@ -24,15 +24,6 @@ use crate::event::{Event, Priority, Selection, StoredEvent};
 const COMMIT_CHANNEL: &str = "nerve_commits";
 /// Longest a commit waits for a connection, and a probe of an unavailable database for its answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-
-fn seq_i64(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
-}
-
-/// The bit of a priority level in `event_types.levels`.
-pub(crate) fn level_bit(priority: i16) -> i16 {
-    1 << (priority.clamp(1, 4) - 1)
-}
 
 fn decode(row: &PgRow) -> StoreResult<StoredEvent> {
     let body: String = row.try_get("body").map_err(map_err)?;
@@ -98,7 +89,7 @@ impl PostgresStore {
                 let levels: i16 = row.try_get("levels").map_err(map_err)?;
                 let used = Priority::ALL
                     .into_iter()
-                    .filter(|p| levels & level_bit(p.as_i64() as i16) != 0)
+                    .filter(|p| levels & commit::level_bit(p.as_i64() as i16) != 0)
                     .collect();
                 Ok((row.try_get("type").map_err(map_err)?, used))
             })
@@ -226,17 +217,8 @@ impl BatchWriter for PostgresWriter {
         let head: i64 = locked.try_get("seq").map_err(map_err)?;
         let recorded_ns: i64 = locked.try_get("now_ns").map_err(map_err)?;
 
-        let (tenants, sources, ids): (Vec<&str>, Vec<&str>, Vec<&str>) = batch
-            .iter()
-            .flat_map(|r| {
-                r.events.iter().map(|e| {
-                    (
-                        r.tenant.as_str(),
-                        e.event().source.as_str(),
-                        e.event().id.as_str(),
-                    )
-                })
-            })
+        let (tenants, sources, ids): (Vec<&str>, Vec<&str>, Vec<&str>) = commit::keys(batch)
+            .into_iter()
             .fold((vec![], vec![], vec![]), |mut acc, (t, s, i)| {
                 acc.0.push(t);
                 acc.1.push(s);

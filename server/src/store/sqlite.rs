@@ -253,18 +253,7 @@ async fn write_batch(
     recorded_ns: i64,
     head: i64,
 ) -> StoreResult<(Vec<StoreResult<Vec<Appended>>>, i64)> {
-    let keys: Vec<(&str, &str, &str)> = batch
-        .iter()
-        .flat_map(|r| {
-            r.events.iter().map(|e| {
-                (
-                    r.tenant.as_str(),
-                    e.event.source.as_str(),
-                    e.event.id.as_str(),
-                )
-            })
-        })
-        .collect();
+    let keys = commit::keys(batch);
     // BEGIN IMMEDIATE takes the write lock now: the transaction writes whatever the lookup finds
     let mut sql = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE;");
     for chunk in keys.chunks(ROWS_PER_STATEMENT) {
@@ -339,7 +328,8 @@ async fn write_batch(
         .execute(&mut *conn)
         .await
         .map_err(map_err)?;
-    let head = plan.rows.iter().map(|r| r.seq).max().unwrap_or(head);
+    // rows are in sequence order
+    let head = plan.rows.last().map_or(head, |r| r.seq);
     Ok((plan.results, head))
 }
 
