@@ -114,6 +114,60 @@ fn decode_line(tenant: &str, line: &str) -> StoreResult<StoredEvent> {
     })
 }
 
+/// The literal types of a selection made only of literal types, else None (read every type, filter here).
+fn literal_types(query: &ReadQuery) -> Option<Vec<&str>> {
+    (!query.types.is_empty())
+        .then(|| query.types.iter().map(|t| t.literal()).collect())
+        .flatten()
+}
+
+/// Appends a page read: `(COUNT(*), events joined by U+001E)` rows in sequence order.
+///
+/// One result row per 64 events: sqlx hands every row from SQLite's worker thread to this task on its
+/// own (a thread wake-up each), which made reads cost more in hand-offs than in SQLite. Rows group
+/// events by `seq >> 6` (at most 64 sequences each; a window function numbering them would be
+/// materialized and sorted twice); 64 events of at most 1 MiB stay far below SQLite's 1 GB string
+/// limit. Stored bodies are JSON, which never holds a raw control character, so U+001E separates the
+/// events of a row.
+fn push_page_read<'a>(
+    sql: &mut QueryBuilder<Sqlite>,
+    query: &'a ReadQuery,
+    literals: Option<&[&'a str]>,
+    limit: usize,
+) {
+    sql.push("SELECT COUNT(*), group_concat(line, char(30)) FROM (SELECT * FROM (");
+    // one ordered, limited index range per literal type, merged: `type IN (...)` would make SQLite
+    // collect and sort every match after the position before it could apply the limit
+    let branches: Vec<Option<&str>> = match literals {
+        Some(types) => types.iter().map(|t| Some(*t)).collect(),
+        None => vec![None],
+    };
+    // Without statistics SQLite reads `tenant = ?` alone through the (tenant, priority, seq) index,
+    // visiting every event of the tenant and sorting the matches, for each page. Where no index
+    // column follows the tenant, `+tenant` leaves it the primary key's range after the position.
+    let by_sequence = query.priority.is_none() && query.correlation_id.is_none();
+    for (i, literal) in branches.into_iter().enumerate() {
+        if i > 0 {
+            sql.push(" UNION ALL ");
+        }
+        sql.push(
+            "SELECT * FROM (SELECT seq, seq || ' ' || recorded_ns || ' ' || body AS line FROM events WHERE ",
+        );
+        sql.push(if literal.is_none() && by_sequence {
+            "+tenant = "
+        } else {
+            "tenant = "
+        });
+        super::push_read_filter(sql, query, literal);
+        sql.push(" ORDER BY seq LIMIT ")
+            .push_bind(limit as i64)
+            .push(")");
+    }
+    sql.push(" ORDER BY seq LIMIT ")
+        .push_bind(limit as i64)
+        .push(")) GROUP BY seq >> 6 ORDER BY seq >> 6");
+}
+
 /// Encodes a list of patterns as a JSON array.
 fn encode_patterns(patterns: &[String]) -> StoreResult<String> {
     serde_json::to_string(patterns)
@@ -341,38 +395,9 @@ impl EventStore for SqliteStore {
 
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
         let limit = query.limit.clamp(1, 10_000);
-        // One result row per 64 events: sqlx hands every row from SQLite's worker thread to this task on
-        // its own (a thread wake-up each), which made reads cost more in hand-offs than in SQLite. 64
-        // events of at most 1 MiB stay far below SQLite's 1 GB string limit. Stored bodies are JSON,
-        // which never holds a raw control character, so U+001E separates the events of a row.
-        let literals: Option<Vec<&str>> = (!query.types.is_empty())
-            .then(|| query.types.iter().map(|t| t.literal()).collect())
-            .flatten();
-        let mut sql = QueryBuilder::<Sqlite>::new(
-            "SELECT COUNT(*), group_concat(line, char(30) ORDER BY seq) FROM \
-             (SELECT seq, line, (row_number() OVER (ORDER BY seq) - 1) / 64 AS chunk FROM (",
-        );
-        // one ordered, limited index range per literal type, merged: `type IN (...)` would make SQLite
-        // collect and sort every match after the position before it could apply the limit
-        let branches: Vec<Option<&str>> = match &literals {
-            Some(types) => types.iter().map(|t| Some(*t)).collect(),
-            None => vec![None],
-        };
-        for (i, literal) in branches.iter().enumerate() {
-            if i > 0 {
-                sql.push(" UNION ALL ");
-            }
-            sql.push(
-                "SELECT * FROM (SELECT seq, seq || ' ' || recorded_ns || ' ' || body AS line FROM events WHERE tenant = ",
-            );
-            super::push_read_filter(&mut sql, query, *literal);
-            sql.push(" ORDER BY seq LIMIT ")
-                .push_bind(limit as i64)
-                .push(")");
-        }
-        sql.push(" ORDER BY seq LIMIT ")
-            .push_bind(limit as i64)
-            .push(")) GROUP BY chunk ORDER BY chunk");
+        let literals = literal_types(query);
+        let mut sql = QueryBuilder::<Sqlite>::new("");
+        push_page_read(&mut sql, query, literals.as_deref(), limit);
         let chunks: Vec<(i64, String)> = sql
             .build_query_as()
             .fetch_all(&self.db.pool)
@@ -387,7 +412,7 @@ impl EventStore for SqliteStore {
         };
         for line in chunks.iter().flat_map(|(_, joined)| joined.split('\u{1e}')) {
             let stored = decode_line(&query.tenant, line)?;
-            page.scanned_to = stored.sequence;
+            page.scanned_to = page.scanned_to.max(stored.sequence);
             if literals.is_some()
                 || query
                     .types
@@ -398,6 +423,8 @@ impl EventStore for SqliteStore {
                 page.events.push(Arc::new(stored));
             }
         }
+        // rows come in sequence order, the events inside one row in no promised order
+        page.events.sort_unstable_by_key(|e| e.sequence);
         if exhausted && let Some(until) = query.until {
             page.scanned_to = page.scanned_to.max(until.min(*self.committed.borrow()));
         }
@@ -734,5 +761,83 @@ impl EventStore for SqliteStore {
 
     fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::TypePattern;
+
+    /// The steps of the plan SQLite chooses for a page read, one per line.
+    async fn plan(db: &SqliteDb, query: &ReadQuery) -> String {
+        let literals = literal_types(query);
+        let mut sql = QueryBuilder::<Sqlite>::new("EXPLAIN QUERY PLAN ");
+        push_page_read(&mut sql, query, literals.as_deref(), 1024);
+        let steps = sql.build().fetch_all(&db.pool).await.expect("explain");
+        let steps: Vec<String> = steps
+            .iter()
+            .map(|row| row.try_get("detail").expect("detail"))
+            .collect();
+        steps.join("\n")
+    }
+
+    fn query(types: &[&str], priority: Option<Priority>) -> ReadQuery {
+        ReadQuery {
+            tenant: "t".into(),
+            after: 10,
+            until: Some(5000),
+            types: types
+                .iter()
+                .map(|t| TypePattern::parse(t).expect("pattern"))
+                .collect(),
+            priority,
+            limit: 1024,
+            ..ReadQuery::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn page_reads_search_the_range_of_positions_through_an_index() {
+        // a fresh database has no statistics, as every store has until it is analyzed
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = SqliteDb::open(&dir.path().join("plan.db"))
+            .await
+            .expect("open");
+        for (what, query, index) in [
+            ("every type", query(&[], None), "USING INTEGER PRIMARY KEY"),
+            (
+                "patterns",
+                query(&["a.*", "b.>"], None),
+                "USING INTEGER PRIMARY KEY",
+            ),
+            (
+                "literal types",
+                query(&["a.b", "c.d"], None),
+                "USING INDEX events_type",
+            ),
+            (
+                "one priority",
+                query(&[], Some(Priority::High)),
+                "USING INDEX events_priority",
+            ),
+        ] {
+            let plan = plan(&db, &query).await;
+            // the bad plan: `SEARCH events USING INDEX events_priority (tenant=?)`, then every match
+            // after the position sorted before the limit applies
+            let searches: Vec<&str> = plan
+                .lines()
+                .filter(|step| step.starts_with("SEARCH events"))
+                .collect();
+            assert!(!searches.is_empty(), "{what}: no index search in\n{plan}");
+            for search in searches {
+                assert!(
+                    search.contains(index)
+                        && (search.contains("rowid>? AND rowid<?")
+                            || search.contains("seq>? AND seq<?")),
+                    "{what}: expected {index} over the range of positions in\n{plan}"
+                );
+            }
+        }
     }
 }
