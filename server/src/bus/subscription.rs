@@ -3,7 +3,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
+    collections::{BinaryHeap, HashMap, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -133,13 +133,13 @@ struct Session {
     group_label: String,
     /// Group acks settled here and not yet written to the backend: one write per batch of commands.
     unsaved_acks: Vec<(u64, u32)>,
-    /// The next history page, read while the current one is delivered: (after, until) and the read.
-    prefetch: Option<(u64, u64, tokio::task::JoinHandle<StoreResult<ReadPage>>)>,
+    /// History pages read while the current one is delivered, in order: (after, until) and the read.
+    prefetch: VecDeque<(u64, u64, tokio::task::JoinHandle<StoreResult<ReadPage>>)>,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Some((_, _, read)) = self.prefetch.take() {
+        for (_, _, read) in self.prefetch.drain(..) {
             read.abort();
         }
     }
@@ -153,6 +153,8 @@ const TAIL_READ: usize = 512;
 const DELIVERY_RUN: usize = 64;
 /// Events per history page a private stream reads from the store.
 const HISTORY_PAGE: usize = 1024;
+/// History pages a private stream reads ahead when most sequences of its history match it.
+const DENSE_READ_AHEAD: usize = 2;
 
 impl Bus {
     /// Opens a subscription; the returned channel yields what to send, ending with an error status if any.
@@ -255,7 +257,7 @@ impl Bus {
             caught_up: false,
             scheduler: PriorityScheduler::default(),
             unsaved_acks: Vec::new(),
-            prefetch: None,
+            prefetch: VecDeque::new(),
             tx,
             last_sent: Instant::now(),
             reported: (0, 0),
@@ -508,15 +510,15 @@ impl Session {
                 // history the tail no longer holds comes from the store, up to where the tail begins
                 TailRead::Trimmed { oldest } => oldest.saturating_sub(1),
             };
-            let page = self.history_page(self.position, history_until).await?;
-            if !page.exhausted {
-                // committed history never changes: read the next page while this one is delivered
-                self.start_prefetch(page.scanned_to, history_until);
-            }
+            let after = self.position;
+            let (page, until) = self.history_page(after, history_until).await?;
+            // at least half of the sequences read matched: read the next ranges of sequences at once
+            let dense = page.events.len() as u64 * 2 >= page.scanned_to.saturating_sub(after);
+            self.read_ahead(&page, until, history_until, dense);
             if self.deliver_private(page.events).await? {
                 self.position = self.position.max(page.scanned_to);
                 if page.exhausted {
-                    self.position = self.position.max(history_until);
+                    self.position = self.position.max(until);
                 }
             }
         }
@@ -534,30 +536,57 @@ impl Session {
         }
     }
 
-    /// Reads the history page after `after`, taking the prefetched one when it is that page.
-    async fn history_page(&mut self, after: u64, until: u64) -> BusResult<ReadPage> {
-        if let Some((from, to, read)) = self.prefetch.take() {
-            if (from, to) == (after, until) {
-                return match read.await {
-                    Ok(page) => Ok(page?),
-                    Err(e) => Err(BusError::Internal(format!("history read failed: {e}"))),
-                };
-            }
-            read.abort();
+    /// Reads the history page after `after`, taking a read-ahead one when it starts there and ends by
+    /// `until`; returns it with the bound it was read up to.
+    async fn history_page(&mut self, after: u64, until: u64) -> BusResult<(ReadPage, u64)> {
+        if let Some((from, to, _)) = self.prefetch.front()
+            && *from == after
+            && *to <= until
+            && let Some((_, to, read)) = self.prefetch.pop_front()
+        {
+            return match read.await {
+                Ok(page) => Ok((page?, to)),
+                Err(e) => Err(BusError::Internal(format!("history read failed: {e}"))),
+            };
         }
-        Ok(self
+        for (_, _, stale) in self.prefetch.drain(..) {
+            stale.abort();
+        }
+        let page = self
             .bus
             .store
             .read(&self.history_query(after, until))
-            .await?)
+            .await?;
+        Ok((page, until))
     }
 
-    fn start_prefetch(&mut self, after: u64, until: u64) {
-        let store = self.bus.store.clone();
-        let query = self.history_query(after, until);
-        let read = tokio::spawn(async move { store.read(&query).await });
-        if let Some((_, _, stale)) = self.prefetch.replace((after, until, read)) {
-            stale.abort();
+    /// Starts reading the history after `page` (read up to `until`) while it is delivered. Committed
+    /// history never changes, so a page read ahead is as good as one read later. A dense history is
+    /// read as ranges of [`HISTORY_PAGE`] sequences, several at once: each holds at most a page, so
+    /// where one ends is known before it is read. A sparse one is read one page of matches ahead.
+    fn read_ahead(&mut self, page: &ReadPage, until: u64, history_until: u64, dense: bool) {
+        let depth = if dense { DENSE_READ_AHEAD } else { 1 };
+        while self.prefetch.len() < depth {
+            let after = match self.prefetch.back() {
+                Some((_, to, _)) => *to,
+                None if page.exhausted => until,
+                None => page.scanned_to,
+            };
+            if after >= history_until {
+                break;
+            }
+            let to = if dense {
+                history_until.min(after + HISTORY_PAGE as u64)
+            } else {
+                history_until
+            };
+            let store = self.bus.store.clone();
+            let query = self.history_query(after, to);
+            self.prefetch.push_back((
+                after,
+                to,
+                tokio::spawn(async move { store.read(&query).await }),
+            ));
         }
     }
 
