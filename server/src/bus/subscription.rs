@@ -133,14 +133,24 @@ struct Session {
     group_label: String,
     /// Group acks settled here and not yet written to the backend: one write per batch of commands.
     unsaved_acks: Vec<(u64, u32)>,
-    /// History pages read while the current one is delivered, in order: (after, until) and the read.
-    prefetch: VecDeque<(u64, u64, tokio::task::JoinHandle<StoreResult<ReadPage>>)>,
+    /// History pages read while the current one is delivered, in order.
+    prefetch: VecDeque<ReadAhead>,
+}
+
+/// A history page being read before the session needs it.
+struct ReadAhead {
+    /// The page holds the matches after this sequence...
+    after: u64,
+    /// ...up to this one, at most `limit` of them.
+    until: u64,
+    limit: usize,
+    read: tokio::task::JoinHandle<StoreResult<ReadPage>>,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for (_, _, read) in self.prefetch.drain(..) {
-            read.abort();
+        for ahead in self.prefetch.drain(..) {
+            ahead.read.abort();
         }
     }
 }
@@ -153,7 +163,8 @@ const TAIL_READ: usize = 512;
 const DELIVERY_RUN: usize = 64;
 /// Events per history page a private stream reads from the store.
 const HISTORY_PAGE: usize = 1024;
-/// History pages a private stream reads ahead when most sequences of its history match it.
+/// History pages a private stream reads ahead when most sequences of its history match it (each
+/// within its credits: it never reads more than its window could take).
 const DENSE_READ_AHEAD: usize = 2;
 
 impl Bus {
@@ -514,7 +525,8 @@ impl Session {
             let (page, until) = self.history_page(after, history_until).await?;
             // at least half of the sequences read matched: read the next ranges of sequences at once
             let dense = page.events.len() as u64 * 2 >= page.scanned_to.saturating_sub(after);
-            self.read_ahead(&page, until, history_until, dense);
+            let spare = (self.credits as usize).saturating_sub(page.events.len());
+            self.read_ahead(&page, until, history_until, dense, spare);
             if self.deliver_private(page.events).await? {
                 self.position = self.position.max(page.scanned_to);
                 if page.exhausted {
@@ -525,13 +537,13 @@ impl Session {
         Ok(())
     }
 
-    fn history_query(&self, after: u64, until: u64) -> ReadQuery {
+    fn history_query(&self, after: u64, until: u64, limit: usize) -> ReadQuery {
         ReadQuery {
             tenant: self.tenant.clone(),
             after,
             until: Some(until),
             types: self.selection.types.clone(),
-            limit: HISTORY_PAGE,
+            limit,
             ..ReadQuery::default()
         }
     }
@@ -539,54 +551,68 @@ impl Session {
     /// Reads the history page after `after`, taking a read-ahead one when it starts there and ends by
     /// `until`; returns it with the bound it was read up to.
     async fn history_page(&mut self, after: u64, until: u64) -> BusResult<(ReadPage, u64)> {
-        if let Some((from, to, _)) = self.prefetch.front()
-            && *from == after
-            && *to <= until
-            && let Some((_, to, read)) = self.prefetch.pop_front()
+        if let Some(ahead) = self.prefetch.front()
+            && ahead.after == after
+            && ahead.until <= until
+            && let Some(ahead) = self.prefetch.pop_front()
         {
-            return match read.await {
-                Ok(page) => Ok((page?, to)),
+            return match ahead.read.await {
+                Ok(page) => Ok((page?, ahead.until)),
                 Err(e) => Err(BusError::Internal(format!("history read failed: {e}"))),
             };
         }
-        for (_, _, stale) in self.prefetch.drain(..) {
-            stale.abort();
+        for stale in self.prefetch.drain(..) {
+            stale.read.abort();
         }
+        // no more than the window takes: the rest would be read again after the next acks
+        let limit = HISTORY_PAGE.min(self.credits as usize);
         let page = self
             .bus
             .store
-            .read(&self.history_query(after, until))
+            .read(&self.history_query(after, until, limit))
             .await?;
         Ok((page, until))
     }
 
-    /// Starts reading the history after `page` (read up to `until`) while it is delivered. Committed
-    /// history never changes, so a page read ahead is as good as one read later. A dense history is
-    /// read as ranges of [`HISTORY_PAGE`] sequences, several at once: each holds at most a page, so
-    /// where one ends is known before it is read. A sparse one is read one page of matches ahead.
-    fn read_ahead(&mut self, page: &ReadPage, until: u64, history_until: u64, dense: bool) {
+    /// Starts reading the history after `page` (read up to `until`) while it is delivered, at most
+    /// `spare` events: the credits left once `page` is delivered. Committed history never changes, so
+    /// a page read ahead is as good as one read later. A dense history is read as ranges of sequences,
+    /// several at once: a range holds at most as many events as sequences, so where one ends is known
+    /// before it is read. A sparse one is read one page of matches ahead.
+    fn read_ahead(
+        &mut self,
+        page: &ReadPage,
+        until: u64,
+        history_until: u64,
+        dense: bool,
+        spare: usize,
+    ) {
         let depth = if dense { DENSE_READ_AHEAD } else { 1 };
-        while self.prefetch.len() < depth {
+        let mut budget = spare.saturating_sub(self.prefetch.iter().map(|a| a.limit).sum());
+        while self.prefetch.len() < depth && budget > 0 {
             let after = match self.prefetch.back() {
-                Some((_, to, _)) => *to,
+                Some(ahead) => ahead.until,
                 None if page.exhausted => until,
                 None => page.scanned_to,
             };
             if after >= history_until {
                 break;
             }
+            let limit = HISTORY_PAGE.min(budget);
             let to = if dense {
-                history_until.min(after + HISTORY_PAGE as u64)
+                history_until.min(after + limit as u64)
             } else {
                 history_until
             };
+            budget -= limit;
             let store = self.bus.store.clone();
-            let query = self.history_query(after, to);
-            self.prefetch.push_back((
+            let query = self.history_query(after, to, limit);
+            self.prefetch.push_back(ReadAhead {
                 after,
-                to,
-                tokio::spawn(async move { store.read(&query).await }),
-            ));
+                until: to,
+                limit,
+                read: tokio::spawn(async move { store.read(&query).await }),
+            });
         }
     }
 
