@@ -258,6 +258,91 @@ async fn concurrent_publishers_get_gapless_sequences_a_follower_sees_in_order(b:
     );
 }
 
+/// An event with every attribute set, extensions of every type and a time with nanoseconds.
+fn rich_event(id: &str) -> Event {
+    use nerve::event::{Data, ExtensionValue};
+    let time = chrono::DateTime::from_timestamp(1_764_000_000, 123_456_789).expect("valid time");
+    Event {
+        subject: Some("orders/42".into()),
+        time: Some(time),
+        data_content_type: Some("application/octet-stream".into()),
+        data_schema: Some("https://example.com/schema".into()),
+        data: Data::Binary(vec![0, 1, 2, 254, 255]),
+        extensions: [
+            ("s", ExtensionValue::String("text \u{e9} \"quoted\"".into())),
+            ("b", ExtensionValue::Bool(true)),
+            ("i", ExtensionValue::Integer(-7)),
+            ("by", ExtensionValue::Bytes(vec![9, 8, 7])),
+            ("u", ExtensionValue::Uri("https://example.com/x".into())),
+            ("ur", ExtensionValue::UriRef("/x?y=1".into())),
+            ("ts", ExtensionValue::Timestamp(time)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        priority: Priority::High,
+        correlation_id: Some("corr".into()),
+        causation_id: Some("cause".into()),
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        reply_to: Some("inbox-1".into()),
+        ..event(id, "x.rich")
+    }
+}
+
+/// The relay's feed (`read_all`, served from the events the store just committed where it can) returns
+/// exactly what a read from the database returns: same sequences, recorded times and contents, no
+/// duplicate twice, nothing of a failed request.
+async fn the_feed_of_fresh_commits_equals_what_the_database_holds(b: Backend) {
+    let s = &b.store;
+    s.append("t", vec![new_event("taken", "x.y")])
+        .await
+        .expect("append");
+    let batch = vec![
+        prepared(rich_event("r1")),
+        new_event("taken", "x.y"),
+        prepared(Event {
+            data: nerve::event::Data::Text("plain".into()),
+            ..event("r2", "x.text")
+        }),
+        prepared(rich_event("r1")),
+    ];
+    let appended = s.append("t", batch).await.expect("append");
+    assert_eq!(
+        appended
+            .iter()
+            .map(|a| (a.sequence, a.duplicate))
+            .collect::<Vec<_>>(),
+        [(2, false), (1, true), (3, false), (2, true)]
+    );
+    assert!(
+        s.append("t", vec![changed(&new_event("taken", "x.y"), "other")])
+            .await
+            .is_err(),
+        "a conflicting request fails"
+    );
+    s.append("u", vec![prepared(rich_event("r1"))])
+        .await
+        .expect("append");
+    let fed = s.read_all(0, 1000).await.expect("read_all");
+    let mut stored = s.read(&query(0)).await.expect("read").events;
+    stored.extend(
+        s.read(&ReadQuery {
+            tenant: "u".into(),
+            ..query(0)
+        })
+        .await
+        .expect("read")
+        .events,
+    );
+    stored.sort_by_key(|e| e.sequence);
+    assert_eq!(fed.len(), 4);
+    assert_eq!(fed, stored);
+    assert_eq!(fed[1].event, rich_event("r1"));
+    // and from any position, in pieces
+    let tail = s.read_all(2, 1).await.expect("read_all");
+    assert_eq!(tail, stored[2..3]);
+}
+
 async fn reads_filter_by_type_source_subject_correlation_priority_and_range(b: Backend) {
     let s = &b.store;
     let mut a = event("a", "shop.order.created");
@@ -747,6 +832,7 @@ conformance!(
     a_conflicting_request_fails_alone_and_leaves_no_gap,
     large_commits_store_every_event_once_with_exact_type_statistics,
     concurrent_publishers_get_gapless_sequences_a_follower_sees_in_order,
+    the_feed_of_fresh_commits_equals_what_the_database_holds,
     reads_filter_by_type_source_subject_correlation_priority_and_range,
     dead_letters_are_recorded_once_listed_and_removed,
     publishers_are_registered_once_updated_and_removed,

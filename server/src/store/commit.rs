@@ -4,12 +4,18 @@
 //! When the database stops answering, the writer fails publishes at once (UNAVAILABLE) instead of letting
 //! them queue behind connection attempts, and probes in the background until it answers again.
 
-use std::{collections::HashMap, future::Future, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info};
 
 use super::{Appended, NewEvent, StoreError, StoreResult};
+use crate::event::StoredEvent;
 
 /// Most events one group commit takes in.
 const MAX_GROUP_COMMIT_EVENTS: usize = 10_000;
@@ -162,22 +168,97 @@ pub(crate) fn type_stats<'a>(rows: &[NewRow<'a>]) -> Vec<TypeStats<'a>> {
     stats
 }
 
+/// What a group commit wrote.
+pub(crate) struct Committed {
+    /// One result per request, in order.
+    pub results: Vec<StoreResult<Vec<Appended>>>,
+    /// The recorded time of every event it stored (ns since the epoch).
+    pub recorded_ns: i64,
+}
+
 /// Commits a batch of requests in one transaction.
 pub(crate) trait BatchWriter: Send + 'static {
     /// Returns one result per request, in order; `Err` when the whole transaction failed.
     fn commit(
         &mut self,
         batch: &[CommitRequest],
-    ) -> impl Future<Output = StoreResult<Vec<StoreResult<Vec<Appended>>>>> + Send;
+    ) -> impl Future<Output = StoreResult<Committed>> + Send;
 
     /// Returns a check that answers whether the database takes commits again.
     fn probe(&self) -> impl Future<Output = bool> + Send + 'static;
 }
 
-/// Starts the writer task; returns where to send requests.
+/// Most events [`RecentCommits`] holds.
+const RECENT_EVENTS: usize = 16_384;
+/// Most bytes of stored JSON [`RecentCommits`] holds, so large events cannot make it large.
+const RECENT_BYTES: usize = 32 << 20;
+
+/// The events this process committed last, in sequence order. The relay feeds the live streams from
+/// here instead of reading every event back from the database and decoding it again; other replicas'
+/// commits, and anything older, are read from the database.
+#[derive(Default)]
+pub(crate) struct RecentCommits {
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    /// (event, size of its stored JSON), sequences increasing.
+    events: VecDeque<(Arc<StoredEvent>, usize)>,
+    /// Sum of the sizes.
+    bytes: usize,
+}
+
+impl RecentCommits {
+    /// Adds committed events (sequences increasing), dropping the oldest beyond the bounds.
+    fn push(&self, fresh: Vec<(Arc<StoredEvent>, usize)>) {
+        let mut guard = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let Held { events, bytes } = &mut *guard;
+        for (event, size) in fresh {
+            if events
+                .back()
+                .is_some_and(|(last, _)| last.sequence >= event.sequence)
+            {
+                // cannot happen while this process is the only writer of its sequences; stay ordered anyway
+                events.clear();
+                *bytes = 0;
+            }
+            *bytes += size;
+            events.push_back((event, size));
+        }
+        while events.len() > RECENT_EVENTS || (*bytes > RECENT_BYTES && events.len() > 1) {
+            if let Some((_, size)) = events.pop_front() {
+                *bytes -= size;
+            }
+        }
+    }
+
+    /// The events from `after + 1` on without a gap, at most `limit`; `None` unless `after + 1` is held.
+    pub(crate) fn read_after(&self, after: u64, limit: usize) -> Option<Vec<Arc<StoredEvent>>> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let events = &held.events;
+        let next = after.checked_add(1)?;
+        // other replicas' commits leave gaps, so the position is searched for, not computed
+        let start = events
+            .binary_search_by_key(&next, |(e, _)| e.sequence)
+            .ok()?;
+        let mut out = Vec::new();
+        for (event, _) in events.range(start..) {
+            if out.len() >= limit || event.sequence != next + out.len() as u64 {
+                break;
+            }
+            out.push(event.clone());
+        }
+        (!out.is_empty()).then_some(out)
+    }
+}
+
+/// Starts the writer task; returns where to send requests. Committed events go to `recent` before the
+/// committed head moves, so whoever the head wakes finds them there.
 pub(crate) fn start<W: BatchWriter>(
     mut writer: W,
     committed: watch::Sender<u64>,
+    recent: Arc<RecentCommits>,
 ) -> mpsc::Sender<CommitRequest> {
     let (tx, mut rx) = mpsc::channel::<CommitRequest>(1024);
     tokio::spawn(async move {
@@ -198,13 +279,13 @@ pub(crate) fn start<W: BatchWriter>(
             ::metrics::histogram!(crate::metrics::names::COMMIT_SECONDS).record(started.elapsed());
             ::metrics::histogram!(crate::metrics::names::COMMIT_BATCH).record(total as f64);
             match committed_batch {
-                Ok(results) => {
-                    let head = results
-                        .iter()
-                        .filter_map(|r| r.as_ref().ok())
-                        .flatten()
-                        .map(|a| a.sequence)
-                        .max();
+                Ok(Committed {
+                    results,
+                    recorded_ns,
+                }) => {
+                    let fresh = stored_events(&mut batch, &results, recorded_ns);
+                    let head = fresh.last().map(|(e, _)| e.sequence);
+                    recent.push(fresh);
                     if let Some(head) = head {
                         advance(&committed, head);
                     }
@@ -230,6 +311,34 @@ pub(crate) fn start<W: BatchWriter>(
         }
     });
     tx
+}
+
+/// Moves the events a commit stored out of its requests, as read back later would return them.
+fn stored_events(
+    batch: &mut [CommitRequest],
+    results: &[StoreResult<Vec<Appended>>],
+    recorded_ns: i64,
+) -> Vec<(Arc<StoredEvent>, usize)> {
+    let recorded_at = super::sqlite::from_ns(recorded_ns);
+    let mut fresh = Vec::new();
+    for (request, result) in batch.iter_mut().zip(results) {
+        let Ok(appended) = result else { continue };
+        for (new, a) in request.events.drain(..).zip(appended) {
+            if a.duplicate {
+                continue;
+            }
+            let size = new.body.len();
+            let stored = StoredEvent {
+                tenant: request.tenant.clone(),
+                sequence: a.sequence,
+                recorded_at,
+                event: new.event,
+            };
+            fresh.push((Arc::new(stored), size));
+        }
+    }
+    // plan() numbers stored events in request order, so these are in sequence order
+    fresh
 }
 
 /// Answers every request with UNAVAILABLE at once while probing the database; returns when it answers
@@ -287,4 +396,63 @@ pub(crate) async fn submit(
         .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
     rx.await
         .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(sequence: u64) -> (Arc<StoredEvent>, usize) {
+        let event = StoredEvent {
+            tenant: "t".into(),
+            sequence,
+            recorded_at: chrono::DateTime::UNIX_EPOCH,
+            event: crate::event::Event::default(),
+        };
+        (Arc::new(event), 1 << 20)
+    }
+
+    fn sequences(events: Option<Vec<Arc<StoredEvent>>>) -> Option<Vec<u64>> {
+        events.map(|events| events.iter().map(|e| e.sequence).collect())
+    }
+
+    #[test]
+    fn recent_commits_answer_only_for_a_gapless_run_from_the_position() {
+        let recent = RecentCommits::default();
+        // another replica committed 13: this process holds 10-12 and 14-15
+        recent.push([10, 11, 12, 14, 15].into_iter().map(stored).collect());
+        assert_eq!(sequences(recent.read_after(9, 100)), Some(vec![10, 11, 12]));
+        assert_eq!(sequences(recent.read_after(10, 1)), Some(vec![11]));
+        assert_eq!(
+            sequences(recent.read_after(12, 100)),
+            None,
+            "13 is not held"
+        );
+        assert_eq!(sequences(recent.read_after(13, 100)), Some(vec![14, 15]));
+        assert_eq!(sequences(recent.read_after(8, 100)), None, "9 is not held");
+        assert_eq!(sequences(recent.read_after(15, 100)), None);
+        assert_eq!(sequences(recent.read_after(u64::MAX, 100)), None);
+    }
+
+    #[test]
+    fn recent_commits_stay_within_their_bounds() {
+        let recent = RecentCommits::default();
+        // 1 MiB each: the byte bound keeps the last 32
+        recent.push((1..=100).map(stored).collect());
+        assert_eq!(
+            sequences(recent.read_after(68, 1000)).map(|s| s.len()),
+            Some(32)
+        );
+        assert_eq!(sequences(recent.read_after(67, 1000)), None);
+        let small = |sequence| (stored(sequence).0, 1);
+        recent.push((101..=20_100).map(small).collect());
+        assert_eq!(
+            sequences(recent.read_after(20_100 - RECENT_EVENTS as u64, 100_000)).map(|s| s.len()),
+            Some(RECENT_EVENTS)
+        );
+        assert_eq!(
+            sequences(recent.read_after(20_099 - RECENT_EVENTS as u64, 100)),
+            None
+        );
+    }
 }

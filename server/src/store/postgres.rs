@@ -15,7 +15,7 @@ use tracing::warn;
 use super::{
     Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
     ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
-    commit::{self, BatchWriter, CommitRequest, NewRow},
+    commit::{self, BatchWriter, CommitRequest, Committed, NewRow, RecentCommits},
     sqlite::{from_ns, map_err, seq_i64, to_ns},
 };
 use crate::event::{Event, Priority, Selection, StoredEvent};
@@ -66,6 +66,7 @@ pub struct PostgresStore {
     pool: PgPool,
     commits: mpsc::Sender<CommitRequest>,
     committed: watch::Receiver<u64>,
+    recent: Arc<RecentCommits>,
 }
 
 impl PostgresStore {
@@ -133,17 +134,20 @@ impl PostgresStore {
             .connect(url)
             .await
             .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?;
+        let recent = Arc::new(RecentCommits::default());
         let commits = commit::start(
             PostgresWriter {
                 pool: writer_pool,
                 channel,
             },
             committed_tx,
+            recent.clone(),
         );
         Ok(Arc::new(PostgresStore {
             pool,
             commits,
             committed,
+            recent,
         }))
     }
 }
@@ -194,10 +198,7 @@ impl BatchWriter for PostgresWriter {
         }
     }
 
-    async fn commit(
-        &mut self,
-        batch: &[CommitRequest],
-    ) -> StoreResult<Vec<StoreResult<Vec<Appended>>>> {
+    async fn commit(&mut self, batch: &[CommitRequest]) -> StoreResult<Committed> {
         // fail fast when the database is gone rather than wait out the pool's reconnect attempts
         let mut tx = tokio::time::timeout(PROBE_TIMEOUT, self.pool.begin())
             .await
@@ -256,7 +257,10 @@ impl BatchWriter for PostgresWriter {
         }
         commit_jitter().await;
         tx.commit().await.map_err(map_err)?;
-        Ok(plan.results)
+        Ok(Committed {
+            results: plan.results,
+            recorded_ns,
+        })
     }
 }
 
@@ -401,6 +405,9 @@ impl EventStore for PostgresStore {
     }
 
     async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<Arc<StoredEvent>>> {
+        if let Some(events) = self.recent.read_after(after, limit) {
+            return Ok(events);
+        }
         let rows = sqlx::query("SELECT * FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
             .bind(seq_i64(after))
             .bind(limit as i64)

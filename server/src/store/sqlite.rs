@@ -15,7 +15,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 use super::{
     Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
     ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
-    commit::{self, BatchWriter, CommitRequest},
+    commit::{self, BatchWriter, CommitRequest, Committed, RecentCommits},
 };
 use crate::event::{Event, Priority, Selection, StoredEvent};
 
@@ -209,6 +209,7 @@ pub struct SqliteStore {
     db: SqliteDb,
     commits: mpsc::Sender<CommitRequest>,
     committed: watch::Receiver<u64>,
+    recent: Arc<RecentCommits>,
 }
 
 impl SqliteStore {
@@ -223,6 +224,7 @@ impl SqliteStore {
             .await
             .map_err(map_err)?;
         let (committed_tx, committed) = watch::channel(head as u64);
+        let recent = Arc::new(RecentCommits::default());
         let commits = commit::start(
             SqliteWriter {
                 writer: db.writer.clone(),
@@ -230,11 +232,13 @@ impl SqliteStore {
                 head: Some(head),
             },
             committed_tx,
+            recent.clone(),
         );
         Ok(Arc::new(SqliteStore {
             db,
             commits,
             committed,
+            recent,
         }))
     }
 
@@ -258,10 +262,7 @@ impl BatchWriter for SqliteWriter {
         std::future::ready(true)
     }
 
-    async fn commit(
-        &mut self,
-        batch: &[CommitRequest],
-    ) -> StoreResult<Vec<StoreResult<Vec<Appended>>>> {
+    async fn commit(&mut self, batch: &[CommitRequest]) -> StoreResult<Committed> {
         // recorded time never goes backwards, so time positions and sequence order agree
         self.last_ns = to_ns(Utc::now()).max(self.last_ns);
         let mut conn = self.writer.lock().await;
@@ -275,7 +276,10 @@ impl BatchWriter for SqliteWriter {
         self.head = None;
         let (results, head) = commit_batch(&mut conn, batch, self.last_ns, head).await?;
         self.head = Some(head);
-        Ok(results)
+        Ok(Committed {
+            results,
+            recorded_ns: self.last_ns,
+        })
     }
 }
 
@@ -450,6 +454,9 @@ impl EventStore for SqliteStore {
     }
 
     async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<Arc<StoredEvent>>> {
+        if let Some(events) = self.recent.read_after(after, limit) {
+            return Ok(events);
+        }
         let rows = sqlx::query("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?")
             .bind(seq_i64(after))
             .bind(limit as i64)
