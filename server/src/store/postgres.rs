@@ -139,6 +139,7 @@ impl PostgresStore {
             PostgresWriter {
                 pool: writer_pool,
                 channel,
+                lookups_left: 0,
             },
             committed_tx,
             recent.clone(),
@@ -187,6 +188,25 @@ struct PostgresWriter {
     /// Dedicated to commits (and the probe while the database is away).
     pool: PgPool,
     channel: String,
+    /// Commits still to look up their keys first, since a batch last held an event already stored.
+    lookups_left: u32,
+}
+
+/// Commits that look up their keys first after a batch held an event already stored: retries of
+/// publishes come in bursts, and each such batch would otherwise be written twice.
+const LOOKUPS_AFTER_A_STORED_KEY: u32 = 64;
+
+/// How one attempt at a group commit ended, short of success.
+enum Attempt {
+    /// Written without looking up the keys, and one was already stored: nothing was written.
+    KeyStored,
+    Failed(StoreError),
+}
+
+impl From<StoreError> for Attempt {
+    fn from(e: StoreError) -> Self {
+        Attempt::Failed(e)
+    }
 }
 
 impl BatchWriter for PostgresWriter {
@@ -198,7 +218,35 @@ impl BatchWriter for PostgresWriter {
         }
     }
 
+    /// Most batches hold no event already stored, so the key lookup (about a tenth of a large commit,
+    /// measured) is skipped: the insert itself fails on the unique key if one was stored, and then the
+    /// batch is committed again with the lookup, which answers duplicates and conflicts.
     async fn commit(&mut self, batch: &[CommitRequest]) -> StoreResult<Committed> {
+        if self.lookups_left == 0 {
+            match self.attempt(batch, false).await {
+                Ok(committed) => return Ok(committed),
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::KeyStored) => self.lookups_left = LOOKUPS_AFTER_A_STORED_KEY,
+            }
+        }
+        self.lookups_left = self.lookups_left.saturating_sub(1);
+        match self.attempt(batch, true).await {
+            Ok(committed) => Ok(committed),
+            Err(Attempt::Failed(e)) => Err(e),
+            Err(Attempt::KeyStored) => Err(StoreError::Internal(
+                "an event key was stored between the lookup and the insert under the sequence lock"
+                    .into(),
+            )),
+        }
+    }
+}
+
+impl PostgresWriter {
+    async fn attempt(
+        &mut self,
+        batch: &[CommitRequest],
+        look_up_keys: bool,
+    ) -> Result<Committed, Attempt> {
         // fail fast when the database is gone rather than wait out the pool's reconnect attempts
         let mut tx = tokio::time::timeout(PROBE_TIMEOUT, self.pool.begin())
             .await
@@ -217,43 +265,22 @@ impl BatchWriter for PostgresWriter {
         .map_err(map_err)?;
         let head: i64 = locked.try_get("seq").map_err(map_err)?;
         let recorded_ns: i64 = locked.try_get("now_ns").map_err(map_err)?;
-
-        let (tenants, sources, ids): (Vec<&str>, Vec<&str>, Vec<&str>) = commit::keys(batch)
-            .into_iter()
-            .fold((vec![], vec![], vec![]), |mut acc, (t, s, i)| {
-                acc.0.push(t);
-                acc.1.push(s);
-                acc.2.push(i);
-                acc
-            });
-        let existing_rows = sqlx::query(
-            "SELECT e.tenant, e.source, e.id, e.seq, e.content_hash FROM events e \
-             JOIN UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[]) AS k(tenant, source, id) \
-             ON e.tenant = k.tenant AND e.source = k.source AND e.id = k.id",
-        )
-        .bind(&tenants)
-        .bind(&sources)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let mut known = commit::Known::new();
-        for row in existing_rows {
-            known.insert(
-                (
-                    row.try_get("tenant").map_err(map_err)?,
-                    row.try_get("source").map_err(map_err)?,
-                    row.try_get("id").map_err(map_err)?,
-                ),
-                (
-                    row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
-                    row.try_get("content_hash").map_err(map_err)?,
-                ),
-            );
-        }
+        let known = if look_up_keys {
+            stored_keys(&mut tx, batch).await?
+        } else {
+            commit::Known::new()
+        };
         let plan = commit::plan(batch, known, head);
         if !plan.rows.is_empty() {
-            insert_rows(&mut tx, &plan.rows, recorded_ns, &self.channel).await?;
+            match insert_rows(&mut tx, &plan.rows, recorded_ns, &self.channel).await {
+                Ok(()) => {}
+                Err(sqlx::Error::Database(e)) if e.constraint() == Some("events_key") => {
+                    // before the next attempt: the sequence lock goes with the transaction
+                    tx.rollback().await.map_err(map_err)?;
+                    return Err(Attempt::KeyStored);
+                }
+                Err(e) => return Err(map_err(e).into()),
+            }
         }
         commit_jitter().await;
         tx.commit().await.map_err(map_err)?;
@@ -262,6 +289,52 @@ impl BatchWriter for PostgresWriter {
             recorded_ns,
         })
     }
+}
+
+/// The rows already stored under the batch's keys.
+async fn stored_keys(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    batch: &[CommitRequest],
+) -> StoreResult<commit::Known> {
+    let (tenants, sources, ids): (Vec<&str>, Vec<&str>, Vec<&str>) = commit::keys(batch)
+        .into_iter()
+        .fold((vec![], vec![], vec![]), |mut acc, (t, s, i)| {
+            acc.0.push(t);
+            acc.1.push(s);
+            acc.2.push(i);
+            acc
+        });
+    // Planned for each call (unnamed statement), with the table's size at that moment: a plan cached
+    // while the table was small (a new deployment) stays a hash join over a sequential scan of every
+    // stored event as the table grows (46 ms per 100 keys at 100,000 events, against 1.2 ms with the
+    // unique index, EXPLAIN ANALYZE).
+    let existing_rows = sqlx::query(
+        "SELECT e.tenant, e.source, e.id, e.seq, e.content_hash FROM events e \
+         JOIN UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[]) AS k(tenant, source, id) \
+         ON e.tenant = k.tenant AND e.source = k.source AND e.id = k.id",
+    )
+    .persistent(false)
+    .bind(&tenants)
+    .bind(&sources)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    let mut known = commit::Known::new();
+    for row in existing_rows {
+        known.insert(
+            (
+                row.try_get("tenant").map_err(map_err)?,
+                row.try_get("source").map_err(map_err)?,
+                row.try_get("id").map_err(map_err)?,
+            ),
+            (
+                row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
+                row.try_get("content_hash").map_err(map_err)?,
+            ),
+        );
+    }
+    Ok(known)
 }
 
 /// Test-only fault (debug builds, NERVE_TEST_FAULT=commit-jitter): random delays inside each commit, so
@@ -282,7 +355,7 @@ async fn insert_rows(
     rows: &[NewRow<'_>],
     recorded_ns: i64,
     channel: &str,
-) -> StoreResult<()> {
+) -> Result<(), sqlx::Error> {
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
     let tenants: Vec<&str> = rows.iter().map(|r| r.tenant).collect();
     let events = || rows.iter().map(|r| r.event.event());
@@ -329,8 +402,7 @@ async fn insert_rows(
     .bind(channel)
     .bind(head.to_string())
     .execute(&mut **tx)
-    .await
-    .map_err(map_err)?;
+    .await?;
     Ok(())
 }
 
