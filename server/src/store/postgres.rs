@@ -25,6 +25,13 @@ const COMMIT_CHANNEL: &str = "nerve_commits";
 /// Longest a commit waits for a connection, and a probe of an unavailable database for its answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The columns [`decode`] reads: event reads fetch only these, not the key, indexed and hash columns.
+macro_rules! event_columns {
+    () => {
+        "seq, tenant, recorded_ns, body"
+    };
+}
+
 fn decode(row: &PgRow) -> StoreResult<StoredEvent> {
     let body: String = row.try_get("body").map_err(map_err)?;
     let event: Event = serde_json::from_str(&body)
@@ -429,7 +436,11 @@ impl EventStore for PostgresStore {
             if i > 0 {
                 sql.push(" UNION ALL ");
             }
-            sql.push("(SELECT * FROM events WHERE tenant = ");
+            sql.push(concat!(
+                "(SELECT ",
+                event_columns!(),
+                " FROM events WHERE tenant = "
+            ));
             super::push_read_filter(&mut sql, query, *literal);
             sql.push(" ORDER BY seq LIMIT ")
                 .push_bind(limit as i64)
@@ -468,11 +479,15 @@ impl EventStore for PostgresStore {
             return Ok(Vec::new());
         }
         let seqs: Vec<i64> = sequences.iter().map(|s| seq_i64(*s)).collect();
-        let rows = sqlx::query("SELECT * FROM events WHERE seq = ANY($1) ORDER BY seq")
-            .bind(&seqs)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE seq = ANY($1) ORDER BY seq"
+        ))
+        .bind(&seqs)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
         rows.iter().map(|r| decode(r).map(Arc::new)).collect()
     }
 
@@ -480,12 +495,16 @@ impl EventStore for PostgresStore {
         if let Some(events) = self.recent.read_after(after, limit) {
             return Ok(events);
         }
-        let rows = sqlx::query("SELECT * FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
-            .bind(seq_i64(after))
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(seq_i64(after))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
         rows.iter().map(|r| decode(r).map(Arc::new)).collect()
     }
 
@@ -496,7 +515,11 @@ impl EventStore for PostgresStore {
         source: Option<&str>,
     ) -> StoreResult<Vec<Arc<StoredEvent>>> {
         let rows = sqlx::query(
-            "SELECT * FROM events WHERE tenant = $1 AND id = $2 AND ($3::TEXT IS NULL OR source = $3) ORDER BY seq LIMIT 16",
+            concat!(
+                "SELECT ",
+                event_columns!(),
+                " FROM events WHERE tenant = $1 AND id = $2 AND ($3::TEXT IS NULL OR source = $3) ORDER BY seq LIMIT 16"
+            ),
         )
         .bind(tenant)
         .bind(id)
