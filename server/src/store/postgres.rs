@@ -225,9 +225,9 @@ impl BatchWriter for PostgresWriter {
         }
     }
 
-    /// Most batches hold no event already stored, so the key lookup (about a tenth of a large commit,
-    /// measured) is skipped: the insert itself fails on the unique key if one was stored, and then the
-    /// batch is committed again with the lookup, which answers duplicates and conflicts.
+    /// Most batches hold no event already stored, so the key lookup (a round trip and a unique-index
+    /// probe per key) is skipped: the insert itself fails on the unique key if one was stored, and then
+    /// the batch is committed again with the lookup, which answers duplicates and conflicts.
     async fn commit(&mut self, batch: &[CommitRequest]) -> StoreResult<Committed> {
         if self.lookups_left == 0 {
             match self.attempt(batch, false).await {
