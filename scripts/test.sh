@@ -49,7 +49,10 @@ echo "$exports"
 # tests work in schemas t_* and Redis keys nerve-test:*; drop what earlier runs left behind
 if command -v psql >/dev/null; then
   psql "$NERVE_TEST_DATABASE_URL" -Atqc "SELECT nspname FROM pg_namespace WHERE nspname LIKE 't\_%'" \
-    | while read -r schema; do psql "$NERVE_TEST_DATABASE_URL" -qc "DROP SCHEMA $schema CASCADE" >/dev/null; done
+    | while read -r schema; do
+        # without the NOTICE per dropped table, which buried the test output of CI runs
+        psql "$NERVE_TEST_DATABASE_URL" -qc "SET client_min_messages = warning; DROP SCHEMA $schema CASCADE" >/dev/null
+      done
 fi
 if command -v redis-cli >/dev/null; then
   redis-cli -u "$NERVE_TEST_REDIS_URL" --scan --pattern 'nerve-test:*' | xargs -r -n 500 redis-cli -u "$NERVE_TEST_REDIS_URL" del >/dev/null
