@@ -99,6 +99,14 @@ pub struct ReadQuery {
     pub limit: usize,
 }
 
+/// The literal types of a selection made only of literal types, else None (read every type, filter
+/// after reading). Both stores read literal types as one ordered index range each.
+pub(crate) fn literal_types(query: &ReadQuery) -> Option<Vec<&str>> {
+    (!query.types.is_empty())
+        .then(|| query.types.iter().map(|t| t.literal()).collect())
+        .flatten()
+}
+
 /// Appends the conditions of a read after `WHERE tenant = ` (binding the tenant first); `literal` limits
 /// it to one event type. Both stores read with it, so a query means the same on either.
 pub(crate) fn push_read_filter<'a, DB>(

@@ -16,6 +16,7 @@ use super::{
     Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
     ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
     commit::{self, BatchWriter, CommitRequest, Committed, NewRow, RecentCommits},
+    literal_types,
     sqlite::{from_ns, map_err, seq_i64, to_ns},
 };
 use crate::event::{Event, Priority, Selection, StoredEvent};
@@ -421,9 +422,7 @@ impl EventStore for PostgresStore {
 
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
         let limit = query.limit.clamp(1, 10_000);
-        let literals: Option<Vec<&str>> = (!query.types.is_empty())
-            .then(|| query.types.iter().map(|t| t.literal()).collect())
-            .flatten();
+        let literals = literal_types(query);
         // one ordered, limited index range per literal type, merged: with `type = ANY($n)` a plan made
         // from stale statistics (a fast-growing table) reads and sorts every match after the position
         // before applying the limit (63 ms instead of 0.3 ms per 512-event page over 100,000 events)

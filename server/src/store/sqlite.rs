@@ -16,6 +16,7 @@ use super::{
     Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
     ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
     commit::{self, BatchWriter, CommitRequest, Committed, RecentCommits},
+    literal_types,
 };
 use crate::event::{Event, Priority, Selection, StoredEvent};
 
@@ -112,13 +113,6 @@ fn decode_line(tenant: &str, line: &str) -> StoreResult<StoredEvent> {
         recorded_at: from_ns(recorded_ns.parse().map_err(|_| undecodable())?),
         event,
     })
-}
-
-/// The literal types of a selection made only of literal types, else None (read every type, filter here).
-fn literal_types(query: &ReadQuery) -> Option<Vec<&str>> {
-    (!query.types.is_empty())
-        .then(|| query.types.iter().map(|t| t.literal()).collect())
-        .flatten()
 }
 
 /// Appends a page read: `(COUNT(*), events joined by U+001E)` rows in sequence order.
