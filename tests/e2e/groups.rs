@@ -50,6 +50,53 @@ async fn one_group_load_balances_across_three_subscribers() {
     }
 }
 
+/// Members claiming one backlog at once: each claim reads its events before it takes the group's
+/// cursor, so a read overtaken by another member's claim must hand out only what is still unclaimed.
+#[tokio::test]
+async fn a_backlog_claimed_by_competing_members_is_delivered_once() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    // another type in between, so the claims also skip what the group does not select
+    let mut expected = BTreeSet::new();
+    for round in 0..4 {
+        expected.extend(publish_n(&mut bus, &format!("b{round}"), "backlog.item", 500).await);
+        publish_n(&mut bus, &format!("o{round}"), "other.item", 100).await;
+    }
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        let mut o = group_open(&["backlog.>"], "drainers");
+        o.max_in_flight = 64;
+        subs.push(Subscriber::open(&mut bus, o).await.expect("open"));
+    }
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < expected.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} delivered in 60 s",
+            seen.len(),
+            expected.len()
+        );
+        for sub in &mut subs {
+            let mut ids = Vec::new();
+            while let Some(d) = sub.try_next_delivery(Duration::from_millis(20)).await {
+                assert!(seen.insert(seq(&d)), "delivered twice: {}", seq(&d));
+                ids.push(d.delivery_id.clone());
+                if ids.len() == 64 {
+                    break;
+                }
+            }
+            if !ids.is_empty() {
+                sub.ack(&ids).await;
+            }
+        }
+    }
+    assert_eq!(seen, expected);
+    for sub in &mut subs {
+        sub.expect_idle(1).await;
+    }
+}
+
 #[tokio::test]
 async fn different_groups_each_get_every_event() {
     let server = TestServer::start().await;

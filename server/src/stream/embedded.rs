@@ -3,7 +3,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex as SyncMutex},
 };
 
@@ -18,8 +18,8 @@ use super::{
 };
 use crate::store::sqlite::{ROWS_PER_STATEMENT, from_ns, map_err, to_ns};
 use crate::{
-    event::{Event, Priority, Selection, StoredEvent},
-    store::{EventStore, ReadQuery, SqliteStore, StoreError},
+    event::{Event, Priority, Selection, StoredEvent, TypePattern},
+    store::{EventStore, ReadPage, ReadQuery, SqliteStore, StoreError},
 };
 
 fn db_err(e: sqlx::Error) -> StreamError {
@@ -31,6 +31,19 @@ type InboxEntry = (Inbox, mpsc::Sender<Arc<StoredEvent>>);
 struct GroupState {
     config: GroupConfig,
     cursors: [u64; 4],
+}
+
+/// Events of a group's backlog at one priority level, read ahead of its claims while the claim
+/// before is written and delivered. Committed history never changes, so they are as good as a read
+/// made later for the same range and types.
+struct ClaimAhead {
+    /// `ready` holds, in order, every event of `types` at the level in (after, scanned_to].
+    after: u64,
+    scanned_to: u64,
+    types: Vec<TypePattern>,
+    ready: VecDeque<Arc<StoredEvent>>,
+    /// The read of the page after `scanned_to`, when one is under way.
+    reading: Option<tokio::task::JoinHandle<Result<ReadPage, StoreError>>>,
 }
 
 struct Subscriber {
@@ -46,6 +59,7 @@ pub struct EmbeddedStreams {
     subscribers: SyncMutex<HashMap<String, Subscriber>>,
     inboxes: SyncMutex<HashMap<String, InboxEntry>>,
     wakeups: SyncMutex<HashMap<GroupKey, watch::Sender<u64>>>,
+    claim_ahead: SyncMutex<HashMap<(GroupKey, usize), ClaimAhead>>,
 }
 
 fn level_index(level: Priority) -> usize {
@@ -106,6 +120,7 @@ impl EmbeddedStreams {
             subscribers: SyncMutex::new(HashMap::new()),
             inboxes: SyncMutex::new(HashMap::new()),
             wakeups: SyncMutex::new(HashMap::new()),
+            claim_ahead: SyncMutex::new(HashMap::new()),
         }))
     }
 
@@ -154,6 +169,23 @@ impl EmbeddedStreams {
         }
         tx.commit().await.map_err(db_err)?;
         Ok(changed)
+    }
+
+    /// Takes what was read ahead for this group and level if it continues `after` with the same
+    /// types; a read-ahead that does not is dropped.
+    fn take_claim_ahead(
+        &self,
+        key: &GroupKey,
+        index: usize,
+        after: u64,
+        types: &[TypePattern],
+    ) -> Option<ClaimAhead> {
+        let ahead = self
+            .claim_ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(key.clone(), index))?;
+        (ahead.after == after && ahead.types == types).then_some(ahead)
     }
 
     fn group_snapshot(&self, key: &GroupKey) -> StreamResult<(GroupConfig, [u64; 4])> {
@@ -270,49 +302,71 @@ impl LiveStreams for EmbeddedStreams {
         lease_until: DateTime<Utc>,
     ) -> StreamResult<Vec<Claimed>> {
         let index = level_index(level);
-        // the writer lock makes read-cursor, insert-pending, move-cursor one step for all consumers
-        let mut conn = self.store.db().writer.lock().await;
+        // pages are read without the writer lock, so acks and commits go on meanwhile; the lock
+        // then makes check-cursor, insert-pending, move-cursor one step for all consumers
         let (config, cursors) = self.group_snapshot(key)?;
         let until = self.last_appended().await?;
         let mut cursor = cursors[index];
+        let query = |after: u64, limit: usize| ReadQuery {
+            tenant: key.tenant.clone(),
+            after,
+            until: Some(until),
+            priority: Some(level),
+            types: config.selection.types.clone(),
+            limit,
+            ..ReadQuery::default()
+        };
+        let mut ahead = self
+            .take_claim_ahead(key, index, cursor, &config.selection.types)
+            .unwrap_or_else(|| ClaimAhead {
+                after: cursor,
+                scanned_to: cursor,
+                types: config.selection.types.clone(),
+                ready: VecDeque::new(),
+                reading: None,
+            });
         let mut taken = Vec::new();
-        // bounded scan, so a group whose selection matches little never holds the writer for long
+        // bounded, so a group whose selection matches little answers its consumer in time
         for _ in 0..8 {
-            if taken.len() >= max || cursor >= until {
-                break;
-            }
-            let page = self
-                .store
-                .read(&ReadQuery {
-                    tenant: key.tenant.clone(),
-                    after: cursor,
-                    until: Some(until),
-                    priority: Some(level),
-                    types: config.selection.types.clone(),
-                    // most pages match in full (types are filtered in SQL): more would be decoded for nothing
-                    limit: (max - taken.len()).max(64),
-                    ..ReadQuery::default()
-                })
-                .await?;
-            let mut stopped_early = false;
-            for event in page.events {
-                if taken.len() >= max {
-                    stopped_early = true;
-                    break;
-                }
+            while taken.len() < max
+                && let Some(event) = ahead.ready.pop_front()
+            {
                 cursor = event.sequence;
                 if config.selection.matches(&event.event) {
                     taken.push(event);
                 }
             }
-            if !stopped_early {
-                cursor = cursor.max(page.scanned_to);
-            }
-            if page.exhausted || stopped_early {
+            if taken.len() >= max {
                 break;
             }
+            cursor = cursor.max(ahead.scanned_to);
+            if ahead.scanned_to >= until {
+                break;
+            }
+            let page = match ahead.reading.take() {
+                Some(read) => read.await.map_err(|e| {
+                    StreamError::Internal(format!("group read-ahead failed: {e}"))
+                })??,
+                // most pages match in full (types are filtered in SQL): more would be decoded for nothing
+                None => {
+                    self.store
+                        .read(&query(ahead.scanned_to, (max - taken.len()).max(64)))
+                        .await?
+                }
+            };
+            ahead.ready.extend(page.events);
+            ahead.scanned_to = page.scanned_to;
         }
-        if cursor == cursors[index] {
+        let mut conn = self.store.db().writer.lock().await;
+        // another consumer of the group may have claimed part of what was read: what it took is
+        // not handed out again (committed history never changes, so the rest of the page stands)
+        let (_, now) = self.group_snapshot(key)?;
+        if now[index] < cursors[index] {
+            // the group was deleted and made again meanwhile: claim from its new cursor next time
+            return Ok(Vec::new());
+        }
+        taken.retain(|event| event.sequence > now[index]);
+        if cursor <= now[index] {
             return Ok(Vec::new());
         }
         let mut tx = conn.begin().await.map_err(db_err)?;
@@ -355,6 +409,18 @@ impl LiveStreams for EmbeddedStreams {
         {
             g.cursors[index] = cursor;
         }
+        drop(conn);
+        // with backlog left, the next claim's events are read while this one is delivered and acked
+        ahead.after = cursor;
+        if ahead.reading.is_none() && ahead.scanned_to < until && ahead.ready.len() < max {
+            let store = self.store.clone();
+            let query = query(ahead.scanned_to, max.max(64));
+            ahead.reading = Some(tokio::spawn(async move { store.read(&query).await }));
+        }
+        self.claim_ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((key.clone(), index), ahead);
         Ok(taken
             .into_iter()
             .map(|event| Claimed {
@@ -554,6 +620,10 @@ impl LiveStreams for EmbeddedStreams {
 
     async fn delete_group(&self, key: &GroupKey) -> StreamResult<bool> {
         let mut conn = self.store.db().writer.lock().await;
+        self.claim_ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(group, _), _| group != key);
         let mut tx = conn.begin().await.map_err(db_err)?;
         let mut deleted = false;
         for table in [
