@@ -97,6 +97,47 @@ async fn a_backlog_claimed_by_competing_members_is_delivered_once() {
     }
 }
 
+/// A window larger than the backends' chunks (1,000 entries per Redis call): one claim and one ack
+/// message cover all of it, with an ack repeated inside the message.
+#[tokio::test]
+async fn a_window_of_thousands_is_claimed_and_settled_in_one_go() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let expected: BTreeSet<u64> = publish_n(&mut bus, "big", "bulk.item", 2_500)
+        .await
+        .into_iter()
+        .collect();
+    let mut o = group_open(&["bulk.item"], "bulk");
+    o.max_in_flight = 2_500;
+    let mut sub = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    let got = sub.deliveries(2_500).await;
+    assert_eq!(got.iter().map(seq).collect::<BTreeSet<_>>(), expected);
+    let mut ids: Vec<String> = got.iter().map(|d| d.delivery_id.clone()).collect();
+    ids.push(ids[0].clone());
+    sub.ack(&ids).await;
+    let admin = server.admin();
+    eventually("nothing pending after one ack of the whole window", || {
+        let mut admin = admin.clone();
+        async move {
+            let groups = admin
+                .list_groups(pb::ListGroupsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .groups;
+            groups
+                .iter()
+                .find(|g| g.name == "bulk" && g.pending == 0)
+                .map(|_| ())
+        }
+    })
+    .await;
+    sub.close();
+    // settled, not released: a new member gets nothing back
+    let mut again = Subscriber::open(&mut bus, o).await.expect("reopen");
+    again.expect_idle(1).await;
+}
+
 #[tokio::test]
 async fn different_groups_each_get_every_event() {
     let server = TestServer::start().await;

@@ -48,8 +48,9 @@ return 1
     )
 });
 
-/// Shared Lua: the last-delivered sequence (string) of group ARGV[1] on KEYS[1], or nil without the group.
-const LAST_DELIVERED: &str = r"
+/// Shared Lua: `last_delivered` (the last-delivered sequence, as a string, of a group on a stream, or nil
+/// without the group), `chunked` (one command over many arguments) and `fields` (an entry's event and time).
+const HELPERS: &str = r"
 local function last_delivered(stream, group)
   local groups = redis.pcall('XINFO', 'GROUPS', stream)
   if type(groups) == 'table' and groups.err then
@@ -66,6 +67,13 @@ local function last_delivered(stream, group)
   end
   return nil
 end
+-- Calls `command key args...` in chunks of at most 2,000 arguments (an even number, so pairs stay
+-- together): one call per chunk, never more than Lua's unpack can take.
+local function chunked(command, key, args)
+  for start = 1, #args, 2000 do
+    redis.call(command, key, unpack(args, start, math.min(#args, start + 1999)))
+  end
+end
 local function fields(entry)
   local e, r = '', '0'
   for i = 1, #entry, 2 do
@@ -76,7 +84,7 @@ end
 ";
 
 fn with_helpers(body: &str) -> Script {
-    Script::new(&format!("{LAST_DELIVERED}\n{body}"))
+    Script::new(&format!("{HELPERS}\n{body}"))
 }
 
 /// Hands out new entries to a consumer.
@@ -103,16 +111,24 @@ end
 local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
 local out = {'OK'}
 if read then
+  -- the ledgers are written with one call per chunk of entries, not three calls per entry
+  local due, pos, att = {}, {}, {}
   for _, entry in ipairs(read[1][2]) do
     local seq = string.match(entry[1], '^(%d+)')
-    redis.call('ZADD', KEYS[2], ARGV[4], seq)
-    redis.call('ZADD', KEYS[4], seq, seq)
-    redis.call('HSET', KEYS[3], seq, 1)
+    due[#due + 1] = ARGV[4]
+    due[#due + 1] = seq
+    pos[#pos + 1] = seq
+    pos[#pos + 1] = seq
+    att[#att + 1] = seq
+    att[#att + 1] = 1
     local e, r = fields(entry[2])
     table.insert(out, seq)
     table.insert(out, e)
     table.insert(out, r)
   end
+  chunked('ZADD', KEYS[2], due)
+  chunked('ZADD', KEYS[4], pos)
+  chunked('HSET', KEYS[3], att)
 end
 return out
 ",
@@ -203,18 +219,33 @@ return out
 pub(super) static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+-- one call per command per chunk of 1,000 deliveries, not six calls per delivery
 local out = {}
-for i = 2, #ARGV, 2 do
-  local seq = ARGV[i]
-  if redis.call('HGET', KEYS[3], seq) == ARGV[i + 1] then
-    redis.pcall('XACK', KEYS[1], ARGV[1], seq .. '-0')
-    redis.call('ZREM', KEYS[2], seq)
-    redis.call('ZREM', KEYS[5], seq)
-    redis.call('HDEL', KEYS[3], seq)
-    redis.call('HDEL', KEYS[4], seq)
-    table.insert(out, 1)
-  else
-    table.insert(out, 0)
+local done = {}
+for start = 2, #ARGV, 2000 do
+  local seqs = {}
+  for i = start, math.min(#ARGV, start + 1999), 2 do
+    seqs[#seqs + 1] = ARGV[i]
+  end
+  local attempts = redis.call('HMGET', KEYS[3], unpack(seqs))
+  local settled, ids = {}, {}
+  for j, seq in ipairs(seqs) do
+    -- an ack repeated in the same call counts once
+    if attempts[j] == ARGV[start + 2 * j - 1] and not done[seq] then
+      done[seq] = true
+      settled[#settled + 1] = seq
+      ids[#ids + 1] = seq .. '-0'
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
+  end
+  if #settled > 0 then
+    redis.pcall('XACK', KEYS[1], ARGV[1], unpack(ids))
+    redis.call('ZREM', KEYS[2], unpack(settled))
+    redis.call('ZREM', KEYS[5], unpack(settled))
+    redis.call('HDEL', KEYS[3], unpack(settled))
+    redis.call('HDEL', KEYS[4], unpack(settled))
   end
 end
 return out
@@ -226,13 +257,17 @@ return out
 pub(super) static REMOVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-for i = 2, #ARGV do
-  local seq = ARGV[i]
-  redis.pcall('XACK', KEYS[1], ARGV[1], seq .. '-0')
-  redis.call('ZREM', KEYS[2], seq)
-  redis.call('ZREM', KEYS[5], seq)
-  redis.call('HDEL', KEYS[3], seq)
-  redis.call('HDEL', KEYS[4], seq)
+for start = 2, #ARGV, 1000 do
+  local seqs, ids = {}, {}
+  for i = start, math.min(#ARGV, start + 999) do
+    seqs[#seqs + 1] = ARGV[i]
+    ids[#ids + 1] = ARGV[i] .. '-0'
+  end
+  redis.pcall('XACK', KEYS[1], ARGV[1], unpack(ids))
+  redis.call('ZREM', KEYS[2], unpack(seqs))
+  redis.call('ZREM', KEYS[5], unpack(seqs))
+  redis.call('HDEL', KEYS[3], unpack(seqs))
+  redis.call('HDEL', KEYS[4], unpack(seqs))
 end
 return 1
 ",
