@@ -188,6 +188,14 @@ impl EmbeddedStreams {
         (ahead.after == after && ahead.types == types).then_some(ahead)
     }
 
+    /// Drops what was read ahead for a group's claims.
+    fn forget_claim_ahead(&self, key: &GroupKey) {
+        self.claim_ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(group, _), _| group != key);
+    }
+
     fn group_snapshot(&self, key: &GroupKey) -> StreamResult<(GroupConfig, [u64; 4])> {
         let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
         groups
@@ -620,10 +628,7 @@ impl LiveStreams for EmbeddedStreams {
 
     async fn delete_group(&self, key: &GroupKey) -> StreamResult<bool> {
         let mut conn = self.store.db().writer.lock().await;
-        self.claim_ahead
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(group, _), _| group != key);
+        self.forget_claim_ahead(key);
         let mut tx = conn.begin().await.map_err(db_err)?;
         let mut deleted = false;
         for table in [
@@ -679,10 +684,17 @@ impl LiveStreams for EmbeddedStreams {
     }
 
     async fn leave(&self, id: &str) -> StreamResult<()> {
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        let left = subscribers.remove(id).and_then(|s| s.group);
+        // what was read ahead for a group is held only while a member is connected
+        if let Some(group) = left
+            && !subscribers
+                .values()
+                .any(|s| s.group.as_ref() == Some(&group))
+        {
+            drop(subscribers);
+            self.forget_claim_ahead(&group);
+        }
         Ok(())
     }
 
@@ -743,5 +755,100 @@ impl LiveStreams for EmbeddedStreams {
             StoreError::Unavailable(m) => StreamError::Unavailable(m),
             other => StreamError::Internal(other.to_string()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewEvent, sqlite::SqliteDb};
+
+    /// A store holding `n` events of type `job`, and streams whose tail holds them too.
+    async fn streams_with_backlog(dir: &std::path::Path, n: usize) -> Arc<EmbeddedStreams> {
+        let store = SqliteStore::start(SqliteDb::open(&dir.join("t.db")).await.expect("open"))
+            .await
+            .expect("store");
+        let events = (0..n)
+            .map(|i| {
+                let event = Event {
+                    id: format!("e{i}"),
+                    source: "test".into(),
+                    event_type: "job".into(),
+                    ..Event::default()
+                };
+                let hash = event.content_hash();
+                NewEvent::new(event, hash).expect("event")
+            })
+            .collect();
+        store.append("t", events).await.expect("append");
+        let streams = EmbeddedStreams::start(store.clone())
+            .await
+            .expect("streams");
+        let stored = store
+            .read(&ReadQuery {
+                tenant: "t".into(),
+                limit: n,
+                ..ReadQuery::default()
+            })
+            .await
+            .expect("read");
+        streams.append(&stored.events).await.expect("tail");
+        streams
+    }
+
+    #[tokio::test]
+    async fn a_groups_read_ahead_lives_only_while_a_member_is_connected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let streams = streams_with_backlog(dir.path(), 300).await;
+        let key = GroupKey {
+            tenant: "t".into(),
+            name: "g".into(),
+        };
+        let selection = Selection {
+            types: vec![TypePattern::parse("job").expect("pattern")],
+            filter: None,
+        };
+        let config = GroupConfig {
+            selection: selection.clone(),
+            max_attempts: 5,
+        };
+        streams.ensure_group(&key, &config, 0).await.expect("group");
+        let interest = Interest {
+            tenant: "t".into(),
+            selection,
+        };
+        for member in ["a", "b"] {
+            streams
+                .join(member, Some(&key), interest.clone())
+                .await
+                .expect("join");
+        }
+        let lease = Utc::now() + chrono::Duration::seconds(30);
+        let first = streams
+            .claim_new(&key, "a", Priority::Normal, 100, lease)
+            .await
+            .expect("claim");
+        let second = streams
+            .claim_new(&key, "b", Priority::Normal, 100, lease)
+            .await
+            .expect("claim");
+        let sequences: Vec<u64> = first.iter().chain(&second).map(|c| c.sequence).collect();
+        assert_eq!(
+            sequences,
+            (1..=200).collect::<Vec<u64>>(),
+            "claims continue in order"
+        );
+        let held = |streams: &EmbeddedStreams| {
+            streams
+                .claim_ahead
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&(key.clone(), level_index(Priority::Normal)))
+        };
+        assert!(held(&streams), "a full claim reads the next one ahead");
+        streams.leave("a").await.expect("leave");
+        assert!(held(&streams), "kept while another member is connected");
+        streams.leave("b").await.expect("leave");
+        assert!(!held(&streams), "dropped with the last member");
     }
 }
