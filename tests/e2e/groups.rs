@@ -13,6 +13,27 @@ fn group_open(types: &[&str], group: &str) -> pb::SubscriptionOpen {
     }
 }
 
+/// Waits until the group reports `n` pending deliveries.
+async fn await_pending(server: &TestServer, group: &str, n: u64) {
+    let admin = server.admin();
+    eventually(&format!("{n} pending in group {group}"), || {
+        let mut admin = admin.clone();
+        async move {
+            let groups = admin
+                .list_groups(pb::ListGroupsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .groups;
+            groups
+                .iter()
+                .find(|g| g.name == group && g.pending == n)
+                .map(|_| ())
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn one_group_load_balances_across_three_subscribers() {
     let server = TestServer::start().await;
@@ -115,23 +136,7 @@ async fn a_window_of_thousands_is_claimed_and_settled_in_one_go() {
     let mut ids: Vec<String> = got.iter().map(|d| d.delivery_id.clone()).collect();
     ids.push(ids[0].clone());
     sub.ack(&ids).await;
-    let admin = server.admin();
-    eventually("nothing pending after one ack of the whole window", || {
-        let mut admin = admin.clone();
-        async move {
-            let groups = admin
-                .list_groups(pb::ListGroupsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .groups;
-            groups
-                .iter()
-                .find(|g| g.name == "bulk" && g.pending == 0)
-                .map(|_| ())
-        }
-    })
-    .await;
+    await_pending(&server, "bulk", 0).await;
     sub.close();
     // settled, not released: a new member gets nothing back
     let mut again = Subscriber::open(&mut bus, o).await.expect("reopen");
@@ -513,23 +518,7 @@ async fn acks_sent_before_a_failing_command_are_kept() {
         )
         .await;
     second.ack_one(&redelivered[0]).await;
-    let admin = server.admin();
-    eventually("3 still pending after one current ack", || {
-        let mut admin = admin.clone();
-        async move {
-            let groups = admin
-                .list_groups(pb::ListGroupsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .groups;
-            groups
-                .iter()
-                .find(|g| g.name == "keepers" && g.pending == 3)
-                .map(|_| ())
-        }
-    })
-    .await;
+    await_pending(&server, "keepers", 3).await;
 }
 
 #[tokio::test]
