@@ -1,20 +1,22 @@
 //! In-process live streams for the embedded default. The tail is a bounded in-memory window over the log;
 //! group cursors, pending deliveries and leases live in the SQLite database, so they survive restarts.
+//! First deliveries are leased in runs, one row per claim (see [`LeasedRun`]); entries whose lease
+//! moved on its own, and redeliveries, have a `pending` row each.
 
 use std::{
     cmp::Reverse,
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex as SyncMutex},
 };
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, QueryBuilder, Row, Sqlite};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, watch};
 
 use super::{
     Claimed, GroupConfig, GroupKey, GroupStats, Inbox, Interest, LiveStreams, StreamError,
-    StreamResult, TailRead, tail::Tail,
+    StreamResult, TailRead, leased_run::LeasedRun, tail::Tail,
 };
 use crate::store::sqlite::{ROWS_PER_STATEMENT, from_ns, map_err, to_ns};
 use crate::{
@@ -46,6 +48,25 @@ struct ClaimAhead {
     reading: Option<tokio::task::JoinHandle<Result<ReadPage, StoreError>>>,
 }
 
+/// A group's leased runs per priority level (as in [`Priority::ALL`]), keyed by their first sequence.
+/// Runs of one level never overlap: each claim starts after the cursor the one before it moved.
+type GroupRuns = [BTreeMap<u64, LeasedRun>; 4];
+
+/// Runs copied and changed by one operation, keyed by (level index, first sequence): written in its
+/// transaction and put in memory once that commits. A run with no entry left is deleted.
+type RunChanges = HashMap<(usize, u64), LeasedRun>;
+
+/// What [`EmbeddedStreams::change_current`] does to the deliveries it finds.
+enum PendingChange<'a> {
+    /// Settles them (ack).
+    Remove,
+    /// Moves their lease end (nack, extension, release), recording the error if one is given.
+    Move {
+        visible_ns: i64,
+        error: Option<&'a str>,
+    },
+}
+
 struct Subscriber {
     group: Option<GroupKey>,
     interest: Interest,
@@ -60,6 +81,8 @@ pub struct EmbeddedStreams {
     inboxes: SyncMutex<HashMap<String, InboxEntry>>,
     wakeups: SyncMutex<HashMap<GroupKey, watch::Sender<u64>>>,
     claim_ahead: SyncMutex<HashMap<(GroupKey, usize), ClaimAhead>>,
+    /// Every group's leased runs, as `leased_runs` holds them; changed only under the writer lock.
+    runs: SyncMutex<HashMap<GroupKey, GroupRuns>>,
 }
 
 fn level_index(level: Priority) -> usize {
@@ -68,6 +91,63 @@ fn level_index(level: Priority) -> usize {
 
 fn seq_i64(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+/// Gives entries taken out of runs a `pending` row each, on their first attempt, due at `visible_ns`.
+async fn insert_pending(
+    conn: &mut SqliteConnection,
+    key: &GroupKey,
+    entries: &[(u64, usize)],
+    visible_ns: i64,
+    error: Option<&str>,
+) -> StreamResult<()> {
+    for chunk in entries.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO pending (tenant, grp, seq, priority, attempts, visible_ns, last_error) ",
+        );
+        sql.push_values(chunk, |mut row, (seq, index)| {
+            row.push_bind(&key.tenant)
+                .push_bind(&key.name)
+                .push_bind(seq_i64(*seq))
+                .push_bind(Priority::ALL[*index].as_i64())
+                .push_bind(1_i64)
+                .push_bind(visible_ns)
+                .push_bind(error);
+        });
+        sql.push(" ON CONFLICT (tenant, grp, seq) DO NOTHING");
+        sql.build()
+            .persistent(false)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// Writes changed runs: what is left of each, or its deletion when nothing is.
+async fn write_runs(
+    conn: &mut SqliteConnection,
+    key: &GroupKey,
+    changes: &RunChanges,
+) -> StreamResult<()> {
+    for ((_, first), run) in changes {
+        let statement = if run.open() == 0 {
+            sqlx::query("DELETE FROM leased_runs WHERE tenant = ? AND grp = ? AND first_seq = ?")
+        } else {
+            sqlx::query(
+                "UPDATE leased_runs SET settled = ? WHERE tenant = ? AND grp = ? AND first_seq = ?",
+            )
+            .bind(run.encode_left())
+        };
+        statement
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .bind(seq_i64(*first))
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(())
 }
 
 impl EmbeddedStreams {
@@ -113,6 +193,29 @@ impl EmbeddedStreams {
                 },
             );
         }
+        let mut runs: HashMap<GroupKey, GroupRuns> = HashMap::new();
+        let rows = sqlx::query(
+            "SELECT tenant, grp, first_seq, priority, visible_ns, seqs, settled FROM leased_runs",
+        )
+        .fetch_all(&store.db().pool)
+        .await
+        .map_err(db_err)?;
+        for row in rows {
+            let key = GroupKey {
+                tenant: row.try_get("tenant").map_err(db_err)?,
+                name: row.try_get("grp").map_err(db_err)?,
+            };
+            let first = row.try_get::<i64, _>("first_seq").map_err(db_err)? as u64;
+            let level =
+                Priority::from_i64(row.try_get("priority").map_err(db_err)?).unwrap_or_default();
+            let seqs: Vec<u8> = row.try_get("seqs").map_err(db_err)?;
+            let settled: Vec<u8> = row.try_get("settled").map_err(db_err)?;
+            let visible_ns = row.try_get::<i64, _>("visible_ns").map_err(db_err)?;
+            let run = LeasedRun::decode(first, &seqs, &settled, visible_ns).map_err(|e| {
+                StreamError::Internal(format!("group {:?}: leased run at {first}: {e}", key.name))
+            })?;
+            runs.entry(key).or_default()[level_index(level)].insert(first, run);
+        }
         Ok(Arc::new(EmbeddedStreams {
             store,
             tail: Tail::new(head),
@@ -121,23 +224,53 @@ impl EmbeddedStreams {
             inboxes: SyncMutex::new(HashMap::new()),
             wakeups: SyncMutex::new(HashMap::new()),
             claim_ahead: SyncMutex::new(HashMap::new()),
+            runs: SyncMutex::new(runs),
         }))
     }
 
-    /// Runs a `DELETE` or `UPDATE` of pending entries (`statement` writes up to its WHERE) on the entries
-    /// whose current attempt is the one given, in one transaction; returns the (sequence, attempt) changed.
+    /// Settles or moves the lease of the deliveries whose current attempt is the one given, in one
+    /// transaction; returns the (sequence, attempt) changed. Entries of leased runs leave their run;
+    /// moved ones get a `pending` row with the new lease end.
     async fn change_current(
         &self,
         key: &GroupKey,
         deliveries: &[(u64, u32)],
-        statement: impl Fn(&mut QueryBuilder<Sqlite>),
+        change: PendingChange<'_>,
     ) -> StreamResult<HashSet<(u64, u32)>> {
         let mut conn = self.store.db().writer.lock().await;
+        // what is in a run is there on its first attempt
+        let (runs, taken) = self.take_from_runs(
+            key,
+            deliveries
+                .iter()
+                .filter(|(_, attempt)| *attempt == 1)
+                .map(|(sequence, _)| *sequence),
+        );
         let mut tx = conn.begin().await.map_err(db_err)?;
-        let mut changed = HashSet::new();
-        for chunk in deliveries.chunks(ROWS_PER_STATEMENT) {
+        let mut changed: HashSet<(u64, u32)> = taken.iter().map(|(seq, _)| (*seq, 1)).collect();
+        if let PendingChange::Move { visible_ns, error } = &change {
+            insert_pending(&mut tx, key, &taken, *visible_ns, *error).await?;
+        }
+        write_runs(&mut tx, key, &runs).await?;
+        let rest: Vec<(u64, u32)> = deliveries
+            .iter()
+            .filter(|d| !changed.contains(d))
+            .copied()
+            .collect();
+        for chunk in rest.chunks(ROWS_PER_STATEMENT) {
             let mut sql = QueryBuilder::<Sqlite>::new("");
-            statement(&mut sql);
+            match &change {
+                PendingChange::Remove => {
+                    sql.push("DELETE FROM pending");
+                }
+                PendingChange::Move { visible_ns, error } => {
+                    sql.push("UPDATE pending SET visible_ns = ")
+                        .push_bind(*visible_ns)
+                        .push(", last_error = COALESCE(")
+                        .push_bind(error.map(str::to_owned))
+                        .push(", last_error)");
+                }
+            }
             // `seq IN` lets SQLite look the rows up by key; the row-value test alone scans the group
             sql.push(" WHERE tenant = ")
                 .push_bind(&key.tenant)
@@ -168,7 +301,60 @@ impl EmbeddedStreams {
             }
         }
         tx.commit().await.map_err(db_err)?;
+        self.apply_runs(key, runs);
         Ok(changed)
+    }
+
+    /// Takes the given sequences out of the group's leased runs, on copies of the runs; returns the
+    /// changed copies and the (sequence, level index) of each entry taken.
+    fn take_from_runs(
+        &self,
+        key: &GroupKey,
+        sequences: impl Iterator<Item = u64>,
+    ) -> (RunChanges, Vec<(u64, usize)>) {
+        let all = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changes = RunChanges::new();
+        let mut taken = Vec::new();
+        let Some(group) = all.get(key) else {
+            return (changes, taken);
+        };
+        for seq in sequences {
+            for (index, level) in group.iter().enumerate() {
+                let Some((first, run)) = level.range(..=seq).next_back() else {
+                    continue;
+                };
+                if run.last() < seq {
+                    continue;
+                }
+                let copy = changes
+                    .entry((index, *first))
+                    .or_insert_with(|| run.clone());
+                if copy.take(seq) {
+                    taken.push((seq, index));
+                }
+                break;
+            }
+        }
+        (changes, taken)
+    }
+
+    /// Puts runs changed by a committed operation in memory.
+    fn apply_runs(&self, key: &GroupKey, changes: RunChanges) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut all = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let group = all.entry(key.clone()).or_default();
+        for ((index, first), run) in changes {
+            if run.open() == 0 {
+                group[index].remove(&first);
+            } else {
+                group[index].insert(first, run);
+            }
+        }
+        if group.iter().all(BTreeMap::is_empty) {
+            all.remove(key);
+        }
     }
 
     /// Takes what was read ahead for this group and level if it continues `after` with the same
@@ -304,7 +490,7 @@ impl LiveStreams for EmbeddedStreams {
     async fn claim_new(
         &self,
         key: &GroupKey,
-        consumer: &str,
+        _consumer: &str,
         level: Priority,
         max: usize,
         lease_until: DateTime<Utc>,
@@ -378,25 +564,28 @@ impl LiveStreams for EmbeddedStreams {
             return Ok(Vec::new());
         }
         let mut tx = conn.begin().await.map_err(db_err)?;
-        for chunk in taken.chunks(ROWS_PER_STATEMENT) {
-            let mut sql = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO pending (tenant, grp, seq, priority, attempts, visible_ns, consumer) ",
-            );
-            sql.push_values(chunk, |mut row, event| {
-                row.push_bind(&key.tenant)
-                    .push_bind(&key.name)
-                    .push_bind(seq_i64(event.sequence))
-                    .push_bind(level.as_i64())
-                    .push_bind(1_i64)
-                    .push_bind(to_ns(lease_until))
-                    .push_bind(consumer);
-            });
-            sql.push(" ON CONFLICT (tenant, grp, seq) DO NOTHING");
-            sql.build()
-                .persistent(false)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
+        // one row leases the whole claim: acks then update its bitmap, not a row per event
+        let run = (!taken.is_empty()).then(|| {
+            LeasedRun::new(
+                taken.iter().map(|e| e.sequence).collect(),
+                to_ns(lease_until),
+            )
+        });
+        if let Some(run) = &run {
+            sqlx::query(
+                "INSERT INTO leased_runs (tenant, grp, first_seq, priority, visible_ns, seqs, settled) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .bind(seq_i64(run.first()))
+            .bind(level.as_i64())
+            .bind(run.visible_ns)
+            .bind(run.encode_seqs())
+            .bind(run.encode_left())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
         }
         sqlx::query(
             "UPDATE group_cursors SET cursor = ? WHERE tenant = ? AND grp = ? AND priority = ?",
@@ -416,6 +605,14 @@ impl LiveStreams for EmbeddedStreams {
             .get_mut(key)
         {
             g.cursors[index] = cursor;
+        }
+        if let Some(run) = run {
+            self.runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key.clone())
+                .or_default()[index]
+                .insert(run.first(), run);
         }
         drop(conn);
         // with backlog left, the next claim's events are read while this one is delivered and acked
@@ -448,7 +645,54 @@ impl LiveStreams for EmbeddedStreams {
         max: usize,
         lease_until: DateTime<Utc>,
     ) -> StreamResult<Vec<Claimed>> {
+        let now = to_ns(Utc::now());
         let mut conn = self.store.db().writer.lock().await;
+        // runs whose lease ran out become pending entries, due, to be claimed like any other
+        let expired: Vec<((usize, u64), Vec<(u64, usize)>, i64)> = self
+            .runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .map(|group| {
+                group
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(index, level)| {
+                        level.iter().filter(|(_, run)| run.visible_ns <= now).map(
+                            move |(first, run)| {
+                                let open = run.open_seqs().map(|seq| (seq, index)).collect();
+                                ((index, *first), open, run.visible_ns)
+                            },
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !expired.is_empty() {
+            let mut tx = conn.begin().await.map_err(db_err)?;
+            for ((_, first), open, visible_ns) in &expired {
+                insert_pending(&mut tx, key, open, *visible_ns, None).await?;
+                sqlx::query(
+                    "DELETE FROM leased_runs WHERE tenant = ? AND grp = ? AND first_seq = ?",
+                )
+                .bind(&key.tenant)
+                .bind(&key.name)
+                .bind(seq_i64(*first))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            }
+            tx.commit().await.map_err(db_err)?;
+            let mut all = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(group) = all.get_mut(key) {
+                for ((index, first), _, _) in &expired {
+                    group[*index].remove(first);
+                }
+                if group.iter().all(BTreeMap::is_empty) {
+                    all.remove(key);
+                }
+            }
+        }
         // one statement (so one transaction), not a read plus an update per entry
         let rows = sqlx::query(
             "UPDATE pending SET attempts = attempts + 1, visible_ns = ?, consumer = ? \
@@ -462,7 +706,7 @@ impl LiveStreams for EmbeddedStreams {
         .bind(&key.name)
         .bind(&key.tenant)
         .bind(&key.name)
-        .bind(to_ns(Utc::now()))
+        .bind(now)
         .bind(max as i64)
         .fetch_all(&mut *conn)
         .await
@@ -497,14 +741,23 @@ impl LiveStreams for EmbeddedStreams {
                 .fetch_one(&self.store.db().pool)
                 .await
                 .map_err(db_err)?;
-        Ok(next.map(from_ns))
+        let in_runs = self
+            .runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .and_then(|group| {
+                group
+                    .iter()
+                    .flat_map(|level| level.values().map(|run| run.visible_ns))
+                    .min()
+            });
+        Ok(next.into_iter().chain(in_runs).min().map(from_ns))
     }
 
     async fn ack(&self, key: &GroupKey, deliveries: &[(u64, u32)]) -> StreamResult<Vec<bool>> {
         let mut removed = self
-            .change_current(key, deliveries, |sql| {
-                sql.push("DELETE FROM pending");
-            })
+            .change_current(key, deliveries, PendingChange::Remove)
             .await?;
         // an ack repeated in the same call counts once
         Ok(deliveries.iter().map(|d| removed.remove(d)).collect())
@@ -518,26 +771,32 @@ impl LiveStreams for EmbeddedStreams {
         error: Option<&str>,
     ) -> StreamResult<Vec<bool>> {
         let moved = self
-            .change_current(key, deliveries, |sql| {
-                sql.push("UPDATE pending SET visible_ns = ")
-                    .push_bind(to_ns(visible_at))
-                    .push(", last_error = COALESCE(")
-                    .push_bind(error.map(str::to_owned))
-                    .push(", last_error)");
-            })
+            .change_current(
+                key,
+                deliveries,
+                PendingChange::Move {
+                    visible_ns: to_ns(visible_at),
+                    error,
+                },
+            )
             .await?;
         Ok(deliveries.iter().map(|d| moved.contains(d)).collect())
     }
 
     async fn remove_pending(&self, key: &GroupKey, sequence: u64) -> StreamResult<()> {
         let mut conn = self.store.db().writer.lock().await;
+        let (runs, _) = self.take_from_runs(key, std::iter::once(sequence));
+        let mut tx = conn.begin().await.map_err(db_err)?;
+        write_runs(&mut tx, key, &runs).await?;
         sqlx::query("DELETE FROM pending WHERE tenant = ? AND grp = ? AND seq = ?")
             .bind(&key.tenant)
             .bind(&key.name)
             .bind(seq_i64(sequence))
-            .execute(&mut *conn)
+            .execute(&mut *tx)
             .await
             .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        self.apply_runs(key, runs);
         Ok(())
     }
 
@@ -545,9 +804,12 @@ impl LiveStreams for EmbeddedStreams {
         self.group_snapshot(key)?;
         let now = to_ns(Utc::now());
         let mut conn = self.store.db().writer.lock().await;
+        // an entry still leased in a run is pending already, as a `pending` row would be
+        let (_, leased) = self.take_from_runs(key, events.iter().map(|e| e.sequence));
+        let leased: HashSet<u64> = leased.into_iter().map(|(seq, _)| seq).collect();
         let mut tx = conn.begin().await.map_err(db_err)?;
         let mut added = 0;
-        for event in events {
+        for event in events.iter().filter(|e| !leased.contains(&e.sequence)) {
             added += sqlx::query(
                 "INSERT INTO pending (tenant, grp, seq, priority, attempts, visible_ns) VALUES (?, ?, ?, ?, 0, ?) \
                  ON CONFLICT (tenant, grp, seq) DO NOTHING",
@@ -599,6 +861,19 @@ impl LiveStreams for EmbeddedStreams {
             let name: String = row.try_get("grp").map_err(db_err)?;
             pending.insert(name, row.try_get::<i64, _>("n").map_err(db_err)? as u64);
         }
+        for (key, group) in self
+            .runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(k, _)| k.tenant == tenant)
+        {
+            let open: usize = group
+                .iter()
+                .flat_map(|level| level.values().map(LeasedRun::open))
+                .sum();
+            *pending.entry(key.name.clone()).or_default() += open as u64;
+        }
         let mut consumers: HashMap<GroupKey, u32> = HashMap::new();
         for s in self
             .subscribers
@@ -635,6 +910,7 @@ impl LiveStreams for EmbeddedStreams {
             "DELETE FROM groups WHERE tenant = ? AND name = ?",
             "DELETE FROM group_cursors WHERE tenant = ? AND grp = ?",
             "DELETE FROM pending WHERE tenant = ? AND grp = ?",
+            "DELETE FROM leased_runs WHERE tenant = ? AND grp = ?",
         ] {
             let done = sqlx::query(table)
                 .bind(&key.tenant)
@@ -645,6 +921,10 @@ impl LiveStreams for EmbeddedStreams {
             deleted |= done.rows_affected() > 0;
         }
         tx.commit().await.map_err(db_err)?;
+        self.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
         self.groups
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -794,6 +1074,66 @@ mod tests {
             .expect("read");
         streams.append(&stored.events).await.expect("tail");
         streams
+    }
+
+    #[tokio::test]
+    async fn a_leased_run_keeps_what_left_it_across_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let streams = streams_with_backlog(dir.path(), 10).await;
+        let key = GroupKey {
+            tenant: "t".into(),
+            name: "g".into(),
+        };
+        let config = GroupConfig {
+            selection: Selection {
+                types: vec![TypePattern::parse("job").expect("pattern")],
+                filter: None,
+            },
+            max_attempts: 5,
+        };
+        streams.ensure_group(&key, &config, 0).await.expect("group");
+        // a lease that already ran out: the run's open entries are due at once
+        let lease = Utc::now() - chrono::Duration::seconds(1);
+        let claimed = streams
+            .claim_new(&key, "a", Priority::Normal, 100, lease)
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len(), 10);
+        let acked = streams
+            .ack(&key, &[(1, 1), (2, 1), (3, 1), (4, 1), (4, 1), (6, 2)])
+            .await
+            .expect("ack");
+        assert_eq!(acked, [true, true, true, true, false, false]);
+        let later = Utc::now() + chrono::Duration::seconds(10);
+        let moved = streams
+            .set_visible_at(&key, &[(5, 1)], later, Some("boom"))
+            .await
+            .expect("nack");
+        assert_eq!(moved, [true]);
+
+        let store = streams.store.clone();
+        drop(streams);
+        let streams = EmbeddedStreams::start(store).await.expect("restart");
+        let stats = streams.groups("t").await.expect("groups");
+        assert_eq!(stats[0].pending, 6, "5 moved, 6..=10 in the run");
+        let lease = Utc::now() + chrono::Duration::seconds(30);
+        let due = streams
+            .claim_due(&key, "b", 100, lease)
+            .await
+            .expect("claim due");
+        let due: Vec<(u64, u32)> = due.iter().map(|c| (c.sequence, c.attempt)).collect();
+        assert_eq!(due, [(6, 2), (7, 2), (8, 2), (9, 2), (10, 2)]);
+        assert_eq!(
+            streams.next_due(&key).await.expect("next due").map(to_ns),
+            Some(to_ns(later)),
+            "the moved entry keeps its own lease"
+        );
+        let acked = streams
+            .ack(&key, &[(5, 1), (6, 1), (6, 2)])
+            .await
+            .expect("ack");
+        assert_eq!(acked, [true, false, true]);
+        assert_eq!(streams.groups("t").await.expect("groups")[0].pending, 4);
     }
 
     #[tokio::test]

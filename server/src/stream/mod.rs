@@ -5,6 +5,7 @@
 //! Redis Streams (production). Sequences are the stream positions: entry `<seq>-0` in Redis.
 
 mod embedded;
+mod leased_run;
 mod redis;
 mod redis_scripts;
 mod tail;
