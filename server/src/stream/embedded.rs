@@ -1043,8 +1043,12 @@ mod tests {
     use super::*;
     use crate::store::{NewEvent, sqlite::SqliteDb};
 
-    /// A store holding `n` events of type `job`, and streams whose tail holds them too.
-    async fn streams_with_backlog(dir: &std::path::Path, n: usize) -> Arc<EmbeddedStreams> {
+    /// A store holding `n` events of type `job`, streams whose tail holds them too, and group `g`
+    /// of tenant `t` selecting them from the start.
+    async fn group_with_backlog(
+        dir: &std::path::Path,
+        n: usize,
+    ) -> (Arc<EmbeddedStreams>, GroupKey, Selection) {
         let store = SqliteStore::start(SqliteDb::open(&dir.join("t.db")).await.expect("open"))
             .await
             .expect("store");
@@ -1073,25 +1077,26 @@ mod tests {
             .await
             .expect("read");
         streams.append(&stored.events).await.expect("tail");
-        streams
+        let key = GroupKey {
+            tenant: "t".into(),
+            name: "g".into(),
+        };
+        let selection = Selection {
+            types: vec![TypePattern::parse("job").expect("pattern")],
+            filter: None,
+        };
+        let config = GroupConfig {
+            selection: selection.clone(),
+            max_attempts: 5,
+        };
+        streams.ensure_group(&key, &config, 0).await.expect("group");
+        (streams, key, selection)
     }
 
     #[tokio::test]
     async fn a_leased_run_keeps_what_left_it_across_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let streams = streams_with_backlog(dir.path(), 10).await;
-        let key = GroupKey {
-            tenant: "t".into(),
-            name: "g".into(),
-        };
-        let config = GroupConfig {
-            selection: Selection {
-                types: vec![TypePattern::parse("job").expect("pattern")],
-                filter: None,
-            },
-            max_attempts: 5,
-        };
-        streams.ensure_group(&key, &config, 0).await.expect("group");
+        let (streams, key, _) = group_with_backlog(dir.path(), 10).await;
         // a lease that already ran out: the run's open entries are due at once
         let lease = Utc::now() - chrono::Duration::seconds(1);
         let claimed = streams
@@ -1139,20 +1144,7 @@ mod tests {
     #[tokio::test]
     async fn a_groups_read_ahead_lives_only_while_a_member_is_connected() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let streams = streams_with_backlog(dir.path(), 300).await;
-        let key = GroupKey {
-            tenant: "t".into(),
-            name: "g".into(),
-        };
-        let selection = Selection {
-            types: vec![TypePattern::parse("job").expect("pattern")],
-            filter: None,
-        };
-        let config = GroupConfig {
-            selection: selection.clone(),
-            max_attempts: 5,
-        };
-        streams.ensure_group(&key, &config, 0).await.expect("group");
+        let (streams, key, selection) = group_with_backlog(dir.path(), 300).await;
         let interest = Interest {
             tenant: "t".into(),
             selection,
