@@ -16,7 +16,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::{
     Claimed, GroupConfig, GroupKey, GroupStats, Inbox, Interest, LiveStreams, StreamError,
-    StreamResult, TailRead, leased_run::LeasedRun, tail::Tail,
+    StreamResult, TailRead,
+    leased_run::{LeasedRun, Left, RUN_ENTRIES},
+    tail::Tail,
 };
 use crate::store::sqlite::{ROWS_PER_STATEMENT, from_ns, map_err, to_ns};
 use crate::{
@@ -52,9 +54,9 @@ struct ClaimAhead {
 /// Runs of one level never overlap: each claim starts after the cursor the one before it moved.
 type GroupRuns = [BTreeMap<u64, LeasedRun>; 4];
 
-/// Runs copied and changed by one operation, keyed by (level index, first sequence): written in its
-/// transaction and put in memory once that commits. A run with no entry left is deleted.
-type RunChanges = HashMap<(usize, u64), LeasedRun>;
+/// What one operation leaves of the runs it changed, keyed by (level index, first sequence): written
+/// in its transaction and put in memory once that commits. A run with no entry left is deleted.
+type RunChanges = HashMap<(usize, u64), Left>;
 
 /// What [`EmbeddedStreams::change_current`] does to the deliveries it finds.
 enum PendingChange<'a> {
@@ -130,14 +132,14 @@ async fn write_runs(
     key: &GroupKey,
     changes: &RunChanges,
 ) -> StreamResult<()> {
-    for ((_, first), run) in changes {
-        let statement = if run.open() == 0 {
+    for ((_, first), left) in changes {
+        let statement = if left.open() == 0 {
             sqlx::query("DELETE FROM leased_runs WHERE tenant = ? AND grp = ? AND first_seq = ?")
         } else {
             sqlx::query(
                 "UPDATE leased_runs SET settled = ? WHERE tenant = ? AND grp = ? AND first_seq = ?",
             )
-            .bind(run.encode_left())
+            .bind(left.bytes())
         };
         statement
             .bind(&key.tenant)
@@ -319,17 +321,18 @@ impl EmbeddedStreams {
             return (changes, taken);
         };
         for seq in sequences {
+            // runs of different levels overlap in sequences: the one holding `seq` is the one
             for (index, level) in group.iter().enumerate() {
                 let Some((first, run)) = level.range(..=seq).next_back() else {
                     continue;
                 };
-                if run.last() < seq {
+                let Some(i) = run.index(seq) else {
                     continue;
-                }
-                let copy = changes
+                };
+                let left = changes
                     .entry((index, *first))
-                    .or_insert_with(|| run.clone());
-                if copy.take(seq) {
+                    .or_insert_with(|| run.left().clone());
+                if left.take(i) {
                     taken.push((seq, index));
                 }
                 break;
@@ -345,11 +348,11 @@ impl EmbeddedStreams {
         }
         let mut all = self.runs.lock().unwrap_or_else(|p| p.into_inner());
         let group = all.entry(key.clone()).or_default();
-        for ((index, first), run) in changes {
-            if run.open() == 0 {
+        for ((index, first), left) in changes {
+            if left.open() == 0 {
                 group[index].remove(&first);
-            } else {
-                group[index].insert(first, run);
+            } else if let Some(run) = group[index].get_mut(&first) {
+                run.set_left(left);
             }
         }
         if group.iter().all(BTreeMap::is_empty) {
@@ -564,14 +567,17 @@ impl LiveStreams for EmbeddedStreams {
             return Ok(Vec::new());
         }
         let mut tx = conn.begin().await.map_err(db_err)?;
-        // one row leases the whole claim: acks then update its bitmap, not a row per event
-        let run = (!taken.is_empty()).then(|| {
-            LeasedRun::new(
-                taken.iter().map(|e| e.sequence).collect(),
-                to_ns(lease_until),
-            )
-        });
-        if let Some(run) = &run {
+        // a row per run leases the claim: acks then update its bitmap, not a row per event
+        let runs: Vec<LeasedRun> = taken
+            .chunks(RUN_ENTRIES)
+            .map(|chunk| {
+                LeasedRun::new(
+                    chunk.iter().map(|e| e.sequence).collect(),
+                    to_ns(lease_until),
+                )
+            })
+            .collect();
+        for run in &runs {
             sqlx::query(
                 "INSERT INTO leased_runs (tenant, grp, first_seq, priority, visible_ns, seqs, settled) \
                  VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -582,7 +588,7 @@ impl LiveStreams for EmbeddedStreams {
             .bind(level.as_i64())
             .bind(run.visible_ns)
             .bind(run.encode_seqs())
-            .bind(run.encode_left())
+            .bind(run.left().bytes())
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
@@ -606,13 +612,12 @@ impl LiveStreams for EmbeddedStreams {
         {
             g.cursors[index] = cursor;
         }
-        if let Some(run) = run {
-            self.runs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(key.clone())
-                .or_default()[index]
-                .insert(run.first(), run);
+        if !runs.is_empty() {
+            let mut all = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+            let level_runs = &mut all.entry(key.clone()).or_default()[index];
+            for run in runs {
+                level_runs.insert(run.first(), run);
+            }
         }
         drop(conn);
         // with backlog left, the next claim's events are read while this one is delivered and acked
@@ -1043,11 +1048,12 @@ mod tests {
     use super::*;
     use crate::store::{NewEvent, sqlite::SqliteDb};
 
-    /// A store holding `n` events of type `job`, streams whose tail holds them too, and group `g`
-    /// of tenant `t` selecting them from the start.
+    /// A store holding `n` events of type `job` (event `i` at `priority(i)`), streams whose tail
+    /// holds them too, and group `g` of tenant `t` selecting them from the start.
     async fn group_with_backlog(
         dir: &std::path::Path,
         n: usize,
+        priority: impl Fn(usize) -> Priority,
     ) -> (Arc<EmbeddedStreams>, GroupKey, Selection) {
         let store = SqliteStore::start(SqliteDb::open(&dir.join("t.db")).await.expect("open"))
             .await
@@ -1058,6 +1064,7 @@ mod tests {
                     id: format!("e{i}"),
                     source: "test".into(),
                     event_type: "job".into(),
+                    priority: priority(i),
                     ..Event::default()
                 };
                 let hash = event.content_hash();
@@ -1096,7 +1103,7 @@ mod tests {
     #[tokio::test]
     async fn a_leased_run_keeps_what_left_it_across_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (streams, key, _) = group_with_backlog(dir.path(), 10).await;
+        let (streams, key, _) = group_with_backlog(dir.path(), 10, |_| Priority::Normal).await;
         // a lease that already ran out: the run's open entries are due at once
         let lease = Utc::now() - chrono::Duration::seconds(1);
         let claimed = streams
@@ -1142,9 +1149,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn acks_find_their_run_among_the_levels_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // every other event is high priority: the two levels' runs span the same sequences
+        let (streams, key, _) = group_with_backlog(dir.path(), 3000, |i| {
+            if i % 2 == 0 {
+                Priority::High
+            } else {
+                Priority::Normal
+            }
+        })
+        .await;
+        let lease = Utc::now() + chrono::Duration::seconds(30);
+        let mut claimed = Vec::new();
+        for level in [Priority::High, Priority::Normal] {
+            claimed.extend(
+                streams
+                    .claim_new(&key, "a", level, 5000, lease)
+                    .await
+                    .expect("claim"),
+            );
+        }
+        assert_eq!(claimed.len(), 3000);
+        assert_eq!(streams.groups("t").await.expect("groups")[0].pending, 3000);
+        let mut deliveries: Vec<(u64, u32)> = claimed.iter().map(|c| (c.sequence, 1)).collect();
+        deliveries.sort();
+        let acked = streams.ack(&key, &deliveries).await.expect("ack");
+        assert!(acked.iter().all(|a| *a), "every delivery acked");
+        assert_eq!(streams.groups("t").await.expect("groups")[0].pending, 0);
+        assert!(
+            streams
+                .runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty(),
+            "settled runs are gone"
+        );
+    }
+
+    #[tokio::test]
     async fn a_groups_read_ahead_lives_only_while_a_member_is_connected() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (streams, key, selection) = group_with_backlog(dir.path(), 300).await;
+        let (streams, key, selection) =
+            group_with_backlog(dir.path(), 300, |_| Priority::Normal).await;
         let interest = Interest {
             tenant: "t".into(),
             selection,

@@ -3,6 +3,10 @@
 //! and deleting a row per event. Entries leave a run when they are settled (acked, dead-lettered)
 //! or when their lease moves on its own (nack, extension, release, expiry: they go to `pending`).
 
+/// At most this many entries per run: a claim of more is leased as several runs, so an ack that
+/// settles a single entry rewrites a row of a few kB, not one as large as the window.
+pub(super) const RUN_ENTRIES: usize = 1024;
+
 /// The first deliveries handed out by one claim at one priority level.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct LeasedRun {
@@ -10,9 +14,42 @@ pub(super) struct LeasedRun {
     pub visible_ns: i64,
     /// The claimed sequences, ascending; the first one keys the run.
     seqs: Vec<u64>,
-    /// One bit per entry of `seqs`, set once the entry left the run.
-    left: Vec<u8>,
+    left: Left,
+}
+
+/// Which entries of a run left it: one bit per entry, and how many are still in it. Changes are
+/// made on a copy of this (not of the whole run) until their transaction commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Left {
+    bits: Vec<u8>,
     open: usize,
+}
+
+impl Left {
+    /// Marks entry `i` as gone; false when it already was.
+    pub fn take(&mut self, i: usize) -> bool {
+        let (byte, bit) = (i / 8, 1u8 << (i % 8));
+        if self.bits[byte] & bit != 0 {
+            return false;
+        }
+        self.bits[byte] |= bit;
+        self.open -= 1;
+        true
+    }
+
+    fn has(&self, i: usize) -> bool {
+        self.bits[i / 8] & (1 << (i % 8)) != 0
+    }
+
+    /// How many entries are still in the run.
+    pub fn open(&self) -> usize {
+        self.open
+    }
+
+    /// The `settled` column.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bits
+    }
 }
 
 /// Why a stored run could not be read back.
@@ -29,12 +66,13 @@ pub(super) enum RunDecodeError {
 impl LeasedRun {
     /// A run of `seqs` (ascending, not empty) leased until `visible_ns`.
     pub fn new(seqs: Vec<u64>, visible_ns: i64) -> Self {
-        let open = seqs.len();
         LeasedRun {
             visible_ns,
-            left: vec![0; open.div_ceil(8)],
+            left: Left {
+                bits: vec![0; seqs.len().div_ceil(8)],
+                open: seqs.len(),
+            },
             seqs,
-            open,
         }
     }
 
@@ -43,28 +81,31 @@ impl LeasedRun {
         self.seqs.first().copied().unwrap_or(0)
     }
 
-    /// The last sequence of the run.
-    pub fn last(&self) -> u64 {
-        self.seqs.last().copied().unwrap_or(0)
-    }
-
     /// How many entries are still in the run.
     pub fn open(&self) -> usize {
-        self.open
+        self.left.open
+    }
+
+    /// Where `seq` is among the run's entries, whether or not it left.
+    pub fn index(&self, seq: u64) -> Option<usize> {
+        self.seqs.binary_search(&seq).ok()
+    }
+
+    /// Which entries left the run.
+    pub fn left(&self) -> &Left {
+        &self.left
+    }
+
+    /// Puts in what a committed change left of the run.
+    pub fn set_left(&mut self, left: Left) {
+        debug_assert_eq!(left.bits.len(), self.left.bits.len());
+        self.left = left;
     }
 
     /// Takes `seq` out of the run; false when it is not in it (any more).
+    #[cfg(test)]
     pub fn take(&mut self, seq: u64) -> bool {
-        let Ok(i) = self.seqs.binary_search(&seq) else {
-            return false;
-        };
-        let (byte, bit) = (i / 8, 1u8 << (i % 8));
-        if self.left[byte] & bit != 0 {
-            return false;
-        }
-        self.left[byte] |= bit;
-        self.open -= 1;
-        true
+        self.index(seq).is_some_and(|i| self.left.take(i))
     }
 
     /// The sequences still in the run, ascending.
@@ -72,7 +113,7 @@ impl LeasedRun {
         self.seqs
             .iter()
             .enumerate()
-            .filter(|(i, _)| self.left[i / 8] & (1 << (i % 8)) == 0)
+            .filter(|(i, _)| !self.left.has(*i))
             .map(|(_, s)| *s)
     }
 
@@ -92,11 +133,6 @@ impl LeasedRun {
             }
         }
         out
-    }
-
-    /// The `settled` column.
-    pub fn encode_left(&self) -> &[u8] {
-        &self.left
     }
 
     /// Reads a run back from its row.
@@ -135,14 +171,15 @@ impl LeasedRun {
                 entries: all.len(),
             });
         }
-        let taken: usize = (0..all.len())
-            .filter(|i| left[i / 8] & (1 << (i % 8)) != 0)
-            .count();
+        let left = Left {
+            bits: left.to_vec(),
+            open: all.len(),
+        };
+        let open = all.len() - (0..all.len()).filter(|i| left.has(*i)).count();
         Ok(LeasedRun {
             visible_ns,
-            open: all.len() - taken,
             seqs: all,
-            left: left.to_vec(),
+            left: Left { open, ..left },
         })
     }
 }
@@ -157,14 +194,15 @@ mod tests {
         let mut run = LeasedRun::new(seqs.clone(), 42);
         assert!(run.take(200));
         assert!(run.take(u64::from(u32::MAX) * 4));
-        let back = LeasedRun::decode(5, &run.encode_seqs(), run.encode_left(), 42).expect("decode");
+        let back =
+            LeasedRun::decode(5, &run.encode_seqs(), run.left().bytes(), 42).expect("decode");
         assert_eq!(back, run);
         assert_eq!(back.open(), 6);
         assert_eq!(
             back.open_seqs().collect::<Vec<_>>(),
             vec![5, 6, 7, 201, 70_000, 70_001]
         );
-        assert_eq!((back.first(), back.last()), (5, u64::from(u32::MAX) * 4));
+        assert_eq!(back.first(), 5);
     }
 
     #[test]
@@ -183,7 +221,7 @@ mod tests {
         let run = LeasedRun::new(vec![1, 2, 300], 0);
         let seqs = run.encode_seqs();
         assert!(matches!(
-            LeasedRun::decode(1, &seqs[..seqs.len() - 1], run.encode_left(), 0),
+            LeasedRun::decode(1, &seqs[..seqs.len() - 1], run.left().bytes(), 0),
             Err(RunDecodeError::Truncated)
         ));
         assert!(matches!(
