@@ -11,7 +11,7 @@ use std::{
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection, sqlite::SqliteRow};
 use tokio::sync::{mpsc, watch};
 
 use super::{
@@ -152,6 +152,20 @@ async fn write_runs(
     Ok(())
 }
 
+/// The group a row belongs to: its `tenant` column and the group name in `name_column`.
+fn row_group_key(row: &SqliteRow, name_column: &str) -> StreamResult<GroupKey> {
+    Ok(GroupKey {
+        tenant: row.try_get("tenant").map_err(db_err)?,
+        name: row.try_get(name_column).map_err(db_err)?,
+    })
+}
+
+/// The level index of a row's `priority` column.
+fn row_level(row: &SqliteRow) -> StreamResult<usize> {
+    let priority = Priority::from_i64(row.try_get("priority").map_err(db_err)?);
+    Ok(level_index(priority.unwrap_or_default()))
+}
+
 impl EmbeddedStreams {
     /// Starts the streams on the embedded store, loading the durable groups.
     pub async fn start(store: Arc<SqliteStore>) -> StreamResult<Arc<Self>> {
@@ -162,10 +176,7 @@ impl EmbeddedStreams {
             .await
             .map_err(db_err)?;
         for row in rows {
-            let key = GroupKey {
-                tenant: row.try_get("tenant").map_err(db_err)?,
-                name: row.try_get("name").map_err(db_err)?,
-            };
+            let key = row_group_key(&row, "name")?;
             let selection: String = row.try_get("selection").map_err(db_err)?;
             let selection = crate::event::Selection::from_json(&selection)
                 .map_err(|e| StreamError::Internal(format!("group {:?}: {e}", key.name)))?;
@@ -179,9 +190,7 @@ impl EmbeddedStreams {
             .await
             .map_err(db_err)?;
             for c in cursor_rows {
-                let level =
-                    Priority::from_i64(c.try_get("priority").map_err(db_err)?).unwrap_or_default();
-                cursors[level_index(level)] = c.try_get::<i64, _>("cursor").map_err(db_err)? as u64;
+                cursors[row_level(&c)?] = c.try_get::<i64, _>("cursor").map_err(db_err)? as u64;
             }
             let max_attempts = row.try_get::<i64, _>("max_attempts").map_err(db_err)? as u32;
             groups.insert(
@@ -203,20 +212,16 @@ impl EmbeddedStreams {
         .await
         .map_err(db_err)?;
         for row in rows {
-            let key = GroupKey {
-                tenant: row.try_get("tenant").map_err(db_err)?,
-                name: row.try_get("grp").map_err(db_err)?,
-            };
+            let key = row_group_key(&row, "grp")?;
             let first = row.try_get::<i64, _>("first_seq").map_err(db_err)? as u64;
-            let level =
-                Priority::from_i64(row.try_get("priority").map_err(db_err)?).unwrap_or_default();
+            let level = row_level(&row)?;
             let seqs: Vec<u8> = row.try_get("seqs").map_err(db_err)?;
             let settled: Vec<u8> = row.try_get("settled").map_err(db_err)?;
             let visible_ns = row.try_get::<i64, _>("visible_ns").map_err(db_err)?;
             let run = LeasedRun::decode(first, &seqs, &settled, visible_ns).map_err(|e| {
                 StreamError::Internal(format!("group {:?}: leased run at {first}: {e}", key.name))
             })?;
-            runs.entry(key).or_default()[level_index(level)].insert(first, run);
+            runs.entry(key).or_default()[level].insert(first, run);
         }
         Ok(Arc::new(EmbeddedStreams {
             store,
