@@ -657,8 +657,8 @@ impl LiveStreams for EmbeddedStreams {
     ) -> StreamResult<Vec<Claimed>> {
         let now = to_ns(Utc::now());
         let mut conn = self.store.db().writer.lock().await;
-        // runs whose lease ran out become pending entries, due, to be claimed like any other
-        let expired: Vec<((usize, u64), Vec<(u64, usize)>, i64)> = self
+        // what is still in runs whose lease ran out becomes pending entries, due, claimed like any other
+        let expired: Vec<u64> = self
             .runs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -666,42 +666,19 @@ impl LiveStreams for EmbeddedStreams {
             .map(|group| {
                 group
                     .iter()
-                    .enumerate()
-                    .flat_map(|(index, level)| {
-                        level.iter().filter(|(_, run)| run.visible_ns <= now).map(
-                            move |(first, run)| {
-                                let open = run.open_seqs().map(|seq| (seq, index)).collect();
-                                ((index, *first), open, run.visible_ns)
-                            },
-                        )
-                    })
+                    .flat_map(|level| level.values())
+                    .filter(|run| run.visible_ns <= now)
+                    .flat_map(LeasedRun::open_seqs)
                     .collect()
             })
             .unwrap_or_default();
         if !expired.is_empty() {
+            let (runs, taken) = self.take_from_runs(key, expired.into_iter());
             let mut tx = conn.begin().await.map_err(db_err)?;
-            for ((_, first), open, visible_ns) in &expired {
-                insert_pending(&mut tx, key, open, *visible_ns, None).await?;
-                sqlx::query(
-                    "DELETE FROM leased_runs WHERE tenant = ? AND grp = ? AND first_seq = ?",
-                )
-                .bind(&key.tenant)
-                .bind(&key.name)
-                .bind(seq_i64(*first))
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-            }
+            insert_pending(&mut tx, key, &taken, now, None).await?;
+            write_runs(&mut tx, key, &runs).await?;
             tx.commit().await.map_err(db_err)?;
-            let mut all = self.runs.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(group) = all.get_mut(key) {
-                for ((index, first), _, _) in &expired {
-                    group[*index].remove(first);
-                }
-                if group.iter().all(BTreeMap::is_empty) {
-                    all.remove(key);
-                }
-            }
+            self.apply_runs(key, runs);
         }
         // one statement (so one transaction), not a read plus an update per entry
         let rows = sqlx::query(
