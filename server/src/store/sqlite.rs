@@ -835,12 +835,17 @@ mod tests {
             (
                 "literal types",
                 query(&["a.b", "c.d"], None),
-                "INDEX events_type",
+                "INDEX events_type (",
+            ),
+            (
+                "literal types at one priority, as a group claims them",
+                query(&["a.b", "c.d"], Some(Priority::High)),
+                "COVERING INDEX events_type_priority (",
             ),
             (
                 "one priority",
                 query(&[], Some(Priority::High)),
-                "INDEX events_priority",
+                "INDEX events_priority (",
             ),
         ] {
             let plan = plan(&db, &query).await;
