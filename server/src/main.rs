@@ -4,6 +4,11 @@ use std::process::ExitCode;
 
 use tracing::{error, warn};
 
+/// mimalloc instead of the system allocator: deliveries allocate and free many small buffers
+/// across threads, where glibc's malloc spent about a tenth of a group drain's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = nerve::config::parse_args();
     let (config, warnings) = match nerve::config::load(&args, std::env::vars()) {
