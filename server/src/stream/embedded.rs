@@ -1131,6 +1131,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_change_the_database_refuses_leaves_the_runs_as_they_were() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (streams, key, _) = group_with_backlog(dir.path(), 10, |_| Priority::Normal).await;
+        let lease = Utc::now() + chrono::Duration::seconds(30);
+        let claimed = streams
+            .claim_new(&key, "a", Priority::Normal, 100, lease)
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len(), 10);
+        let query_only = |on: bool| {
+            let streams = streams.clone();
+            async move {
+                let mut writer = streams.store.db().writer.lock().await;
+                sqlx::query(if on {
+                    "PRAGMA query_only = ON"
+                } else {
+                    "PRAGMA query_only = OFF"
+                })
+                .execute(&mut *writer)
+                .await
+                .expect("pragma");
+            }
+        };
+        query_only(true).await;
+        let later = Utc::now() + chrono::Duration::seconds(10);
+        assert!(streams.ack(&key, &[(1, 1), (2, 1)]).await.is_err());
+        assert!(
+            streams
+                .set_visible_at(&key, &[(3, 1)], later, Some("boom"))
+                .await
+                .is_err()
+        );
+        query_only(false).await;
+        // the refused transaction rolled back, and memory did not move ahead of the database
+        assert_eq!(streams.groups("t").await.expect("groups")[0].pending, 10);
+        let acked = streams
+            .ack(&key, &[(1, 1), (2, 1), (3, 1)])
+            .await
+            .expect("ack");
+        assert_eq!(acked, [true, true, true]);
+
+        let store = streams.store.clone();
+        drop(streams);
+        let streams = EmbeddedStreams::start(store).await.expect("restart");
+        assert_eq!(streams.groups("t").await.expect("groups")[0].pending, 7);
+        assert_eq!(
+            streams.next_due(&key).await.expect("next due").map(to_ns),
+            Some(to_ns(lease)),
+            "no entry kept the refused move's lease"
+        );
+    }
+
+    #[tokio::test]
     async fn acks_find_their_run_among_the_levels_runs() {
         let dir = tempfile::tempdir().expect("tempdir");
         // every other event is high priority: the two levels' runs span the same sequences
