@@ -135,17 +135,6 @@ fn push_page_read<'a>(
     literals: Option<&[&'a str]>,
     limit: usize,
 ) {
-    // Without statistics SQLite reads `tenant = ?` alone through the (tenant, priority, seq) index,
-    // visiting every event of the tenant and sorting the matches, for each page. Where no index
-    // column follows the tenant, `+tenant` leaves it the primary key's range after the position.
-    let by_sequence = query.priority.is_none() && query.correlation_id.is_none();
-    let tenant = |literal: Option<&str>| {
-        if literal.is_none() && by_sequence {
-            "+tenant = "
-        } else {
-            "tenant = "
-        }
-    };
     // A group spans at most 64 sequences: its events are read along the primary key, one b-tree
     // descent per group; `+` keeps SQLite off the indexes, which would cost one descent per event.
     sql.push("SELECT n, (SELECT group_concat(seq || ' ' || recorded_ns || ' ' || body, char(30)) FROM events WHERE +tenant = ");
@@ -166,12 +155,20 @@ fn push_page_read<'a>(
         Some(types) => types.iter().map(|t| Some(*t)).collect(),
         None => vec![None],
     };
+    // Without statistics SQLite reads `tenant = ?` alone through the (tenant, priority, seq) index,
+    // visiting every event of the tenant and sorting the matches, for each page. Where no index
+    // column follows the tenant, `+tenant` leaves it the primary key's range after the position.
+    let by_sequence = query.priority.is_none() && query.correlation_id.is_none();
     for (i, literal) in branches.into_iter().enumerate() {
         if i > 0 {
             sql.push(" UNION ALL ");
         }
         sql.push("SELECT * FROM (SELECT seq FROM events WHERE ");
-        sql.push(tenant(literal));
+        sql.push(if literal.is_none() && by_sequence {
+            "+tenant = "
+        } else {
+            "tenant = "
+        });
         super::push_read_filter(sql, query, literal);
         sql.push(" ORDER BY seq LIMIT ")
             .push_bind(limit as i64)
