@@ -34,7 +34,9 @@ const EVENTS_DDL: &[&str] = &[
         priority       SMALLINT NOT NULL,
         recorded_ns    BIGINT   NOT NULL,
         content_hash   BYTEA    NOT NULL,
-        body           TEXT     NOT NULL
+        body           TEXT,
+        body_binary    BYTEA,
+        CONSTRAINT events_one_body CHECK ((body IS NULL) <> (body_binary IS NULL))
     )",
     "CREATE UNIQUE INDEX events_key ON events (tenant, source, id)",
     "CREATE INDEX events_type ON events (tenant, type, seq)",
@@ -53,17 +55,18 @@ pub struct RawRow {
     correlation_id: Option<String>,
     priority: i16,
     hash: Vec<u8>,
-    body: String,
+    body: Vec<u8>,
 }
 
 /// Turns a protobuf event into the row Nerve would store: the server's own conversion, the content hash
-/// over the event as sent, then the commit time filled in and the JSON body.
+/// over the event as sent, then the commit time filled in and the stored body; also the event's JSON,
+/// as Nerve's relay adds it to a Redis stream.
 pub fn raw_row(e: pb::Event, seq: i64) -> Result<(RawRow, String)> {
     let mut event = nerve::api::convert::event_from_pb(e, "events[0]")
         .map_err(|e| anyhow!("converting a benchmark event: {e}"))?;
     let hash = event.content_hash().to_vec();
     event.time.get_or_insert(chrono::Utc::now());
-    let body = serde_json::to_string(&event)?;
+    let json = serde_json::to_string(&event)?;
     Ok((
         RawRow {
             seq,
@@ -74,9 +77,9 @@ pub fn raw_row(e: pb::Event, seq: i64) -> Result<(RawRow, String)> {
             correlation_id: event.correlation_id.clone(),
             priority: event.priority.as_i64() as i16,
             hash,
-            body: body.clone(),
+            body: nerve::store::body::encode(&event),
         },
-        body,
+        json,
     ))
 }
 
@@ -160,7 +163,7 @@ async fn insert(pool: &PgPool, rows: &[RawRow]) -> Result<()> {
     let recorded_ns: i64 = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
     if let [r] = rows {
         sqlx::query(
-            "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) \
+            "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body_binary) \
              VALUES ($1, 'default', $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(r.seq)
@@ -187,11 +190,11 @@ async fn insert(pool: &PgPool, rows: &[RawRow]) -> Result<()> {
         rows.iter().map(|r| r.correlation_id.as_deref()).collect();
     let priorities: Vec<i16> = rows.iter().map(|r| r.priority).collect();
     let hashes: Vec<&[u8]> = rows.iter().map(|r| r.hash.as_slice()).collect();
-    let bodies: Vec<&str> = rows.iter().map(|r| r.body.as_str()).collect();
+    let bodies: Vec<&[u8]> = rows.iter().map(|r| r.body.as_slice()).collect();
     sqlx::query(
-        "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) \
+        "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body_binary) \
          SELECT s, t, so, i, ty, su, c, p, $9, h, b FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
-         $6::TEXT[], $7::TEXT[], $8::SMALLINT[], $10::BYTEA[], $11::TEXT[]) AS x(s, t, so, i, ty, su, c, p, h, b)",
+         $6::TEXT[], $7::TEXT[], $8::SMALLINT[], $10::BYTEA[], $11::BYTEA[]) AS x(s, t, so, i, ty, su, c, p, h, b)",
     )
     .bind(&seqs)
     .bind(&tenants)

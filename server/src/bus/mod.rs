@@ -177,7 +177,7 @@ impl Bus {
                 event.time.get_or_insert(now);
                 NewEvent::new(event, content_hash)
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect();
         Ok(self.store.append(tenant, batch).await?)
     }
 

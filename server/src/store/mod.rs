@@ -3,6 +3,7 @@
 //!
 //! One trait, two implementations: SQLite (embedded default) and Postgres (production).
 
+pub mod body;
 mod commit;
 mod postgres;
 pub(crate) mod sqlite;
@@ -35,6 +36,11 @@ pub enum StoreError {
 /// Result alias of the store layer.
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Decodes a stored body; one that cannot be decoded is a store failure.
+pub(crate) fn decode_body(bytes: &[u8]) -> StoreResult<Event> {
+    body::decode(bytes).map_err(|e| StoreError::Internal(format!("undecodable stored event: {e}")))
+}
+
 /// What an append did for one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -48,21 +54,20 @@ pub struct Appended {
 pub struct NewEvent {
     event: Event,
     content_hash: [u8; 32],
-    body: String,
+    body: Vec<u8>,
 }
 
 impl NewEvent {
     /// Prepares an event (time filled in) and the hash of it as the publisher sent it, before defaults
-    /// were filled in. Its stored JSON is encoded here, in the caller's task, so the one writer that
+    /// were filled in. Its stored body is encoded here, in the caller's task, so the one writer that
     /// serializes commits does not spend its time encoding.
-    pub fn new(event: Event, content_hash: [u8; 32]) -> StoreResult<Self> {
-        let body = serde_json::to_string(&event)
-            .map_err(|e| StoreError::Internal(format!("encoding event: {e}")))?;
-        Ok(NewEvent {
+    pub fn new(event: Event, content_hash: [u8; 32]) -> Self {
+        let body = body::encode(&event);
+        NewEvent {
             event,
             content_hash,
             body,
-        })
+        }
     }
 
     /// The event.
@@ -75,8 +80,8 @@ impl NewEvent {
         &self.content_hash
     }
 
-    /// The event as stored JSON.
-    pub fn body(&self) -> &str {
+    /// The event as stored ([`body::encode`]).
+    pub fn body(&self) -> &[u8] {
         &self.body
     }
 }

@@ -19,7 +19,7 @@ use super::{
     literal_types,
     sqlite::{from_ns, map_err, seq_i64, to_ns},
 };
-use crate::event::{Event, Priority, Selection, StoredEvent};
+use crate::event::{Priority, Selection, StoredEvent};
 
 /// Channel other replicas LISTEN on (suffixed with the schema); the payload is the new head sequence.
 const COMMIT_CHANNEL: &str = "nerve_commits";
@@ -27,21 +27,19 @@ const COMMIT_CHANNEL: &str = "nerve_commits";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The columns [`decode`] reads: event reads fetch only these, not the key, indexed and hash columns.
+/// Events committed before migration 0004 have their JSON in `body`; [`super::body::decode`] reads both.
 macro_rules! event_columns {
     () => {
-        "seq, tenant, recorded_ns, body"
+        "seq, tenant, recorded_ns, coalesce(body_binary, convert_to(body, 'UTF8')) AS body"
     };
 }
 
 fn decode(row: &PgRow) -> StoreResult<StoredEvent> {
-    let body: String = row.try_get("body").map_err(map_err)?;
-    let event: Event = serde_json::from_str(&body)
-        .map_err(|e| StoreError::Internal(format!("undecodable stored event: {e}")))?;
     Ok(StoredEvent {
         tenant: row.try_get("tenant").map_err(map_err)?,
         sequence: row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
         recorded_at: from_ns(row.try_get("recorded_ns").map_err(map_err)?),
-        event,
+        event: super::decode_body(row.try_get::<&[u8], _>("body").map_err(map_err)?)?,
     })
 }
 
@@ -374,13 +372,13 @@ async fn insert_rows(
     let correlations: Vec<Option<&str>> = events().map(|e| e.correlation_id.as_deref()).collect();
     let priorities: Vec<i16> = rows.iter().map(|r| r.priority() as i16).collect();
     let hashes: Vec<&[u8]> = rows.iter().map(|r| &r.event.content_hash()[..]).collect();
-    let bodies: Vec<&str> = rows.iter().map(|r| r.event.body()).collect();
+    let bodies: Vec<&[u8]> = rows.iter().map(|r| r.event.body()).collect();
     let stats = commit::type_stats(rows);
     let head = rows.last().map_or(0, |r| r.seq);
     sqlx::query(
-        "WITH ins AS (INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) \
+        "WITH ins AS (INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body_binary) \
            SELECT s, t, so, i, ty, su, c, p, $9, h, b FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
-           $6::TEXT[], $7::TEXT[], $8::SMALLINT[], $10::BYTEA[], $11::TEXT[]) AS x(s, t, so, i, ty, su, c, p, h, b)), \
+           $6::TEXT[], $7::TEXT[], $8::SMALLINT[], $10::BYTEA[], $11::BYTEA[]) AS x(s, t, so, i, ty, su, c, p, h, b)), \
          stats AS (INSERT INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns, levels) \
            SELECT t, ty, n, f, l, $9, lv FROM UNNEST($12::TEXT[], $13::TEXT[], $14::BIGINT[], $15::BIGINT[], $16::BIGINT[], $17::SMALLINT[]) AS x(t, ty, n, f, l, lv) \
            ON CONFLICT (tenant, type) DO UPDATE SET count = event_types.count + excluded.count, \

@@ -18,7 +18,7 @@ use super::{
     commit::{self, BatchWriter, CommitRequest, Committed, RecentCommits},
     literal_types,
 };
-use crate::event::{Event, Priority, Selection, StoredEvent};
+use crate::event::{Priority, Selection, StoredEvent};
 
 /// The SQLite database shared by the embedded store and the embedded streams.
 #[derive(Clone)]
@@ -89,40 +89,55 @@ pub(crate) fn seq_i64(seq: u64) -> i64 {
 }
 
 fn decode(row: &sqlx::sqlite::SqliteRow) -> StoreResult<StoredEvent> {
-    let body: String = row.try_get("body").map_err(map_err)?;
-    let event: Event = serde_json::from_str(&body)
-        .map_err(|e| StoreError::Internal(format!("undecodable stored event: {e}")))?;
     Ok(StoredEvent {
         tenant: row.try_get("tenant").map_err(map_err)?,
         sequence: row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
         recorded_at: from_ns(row.try_get("recorded_ns").map_err(map_err)?),
-        event,
+        event: super::decode_body(row.try_get::<&[u8], _>("body").map_err(map_err)?)?,
     })
 }
 
-/// Decodes one `seq recorded_ns body` line of a page read.
-fn decode_line(tenant: &str, line: &str) -> StoreResult<StoredEvent> {
-    let undecodable = || StoreError::Internal(format!("undecodable stored page line {line:.40}"));
-    let (seq, rest) = line.split_once(' ').ok_or_else(undecodable)?;
-    let (recorded_ns, body) = rest.split_once(' ').ok_or_else(undecodable)?;
-    let event: Event = serde_json::from_str(body)
-        .map_err(|e| StoreError::Internal(format!("undecodable stored event: {e}")))?;
-    Ok(StoredEvent {
-        tenant: tenant.to_owned(),
-        sequence: seq.parse().map_err(|_| undecodable())?,
-        recorded_at: from_ns(recorded_ns.parse().map_err(|_| undecodable())?),
-        event,
-    })
+/// Decodes the events of one page-read row: each `seq recorded_ns length body`, back to back, where
+/// `length` is the body's size in bytes.
+fn decode_page_row(tenant: &str, mut row: &[u8]) -> StoreResult<Vec<StoredEvent>> {
+    let undecodable = || StoreError::Internal("undecodable stored page row".to_owned());
+    let number = |row: &mut &[u8]| -> StoreResult<i64> {
+        let end = row
+            .iter()
+            .position(|b| *b == b' ')
+            .ok_or_else(undecodable)?;
+        let value = std::str::from_utf8(&row[..end])
+            .ok()
+            .and_then(|digits| digits.parse().ok())
+            .ok_or_else(undecodable)?;
+        *row = &row[end + 1..];
+        Ok(value)
+    };
+    let mut events = Vec::new();
+    while !row.is_empty() {
+        let seq = number(&mut row)?;
+        let recorded_ns = number(&mut row)?;
+        let length = usize::try_from(number(&mut row)?).map_err(|_| undecodable())?;
+        let body = row.get(..length).ok_or_else(undecodable)?;
+        row = &row[length..];
+        events.push(StoredEvent {
+            tenant: tenant.to_owned(),
+            sequence: seq as u64,
+            recorded_at: from_ns(recorded_ns),
+            event: super::decode_body(body)?,
+        });
+    }
+    Ok(events)
 }
 
-/// Appends a page read: `(COUNT(*), events joined by U+001E)` rows, in no promised order.
+/// Appends a page read: `(COUNT(*), events)` rows in no promised order, decoded by [`decode_page_row`].
 ///
 /// One result row per 64 events: sqlx hands every row from SQLite's worker thread to this task on its
 /// own (a thread wake-up each), which made reads cost more in hand-offs than in SQLite. Rows group
 /// events by `seq >> 6` (at most 64 sequences each; a window function numbering them would be
 /// materialized and sorted twice); 64 events of at most 1 MiB stay far below SQLite's 1 GB string
-/// limit. Stored bodies are JSON, which never holds a raw control character, so U+001E separates the
-/// events of a row.
+/// limit. Bodies are binary, so each event carries its body's length in bytes (`||` and
+/// `group_concat` copy bytes as they are).
 ///
 /// The page is chosen and grouped by sequence alone; each group's events are then concatenated by a
 /// subquery over its `lo..=hi` range with the same filter. Grouping or ordering the concatenated lines
@@ -137,7 +152,7 @@ fn push_page_read<'a>(
 ) {
     // A group spans at most 64 sequences: its events are read along the primary key, one b-tree
     // descent per group; `+` keeps SQLite off the indexes, which would cost one descent per event.
-    sql.push("SELECT n, (SELECT group_concat(seq || ' ' || recorded_ns || ' ' || body, char(30)) FROM events WHERE +tenant = ");
+    sql.push("SELECT n, (SELECT group_concat(seq || ' ' || recorded_ns || ' ' || octet_length(body) || ' ' || body, '') FROM events WHERE +tenant = ");
     super::push_read_filter(sql, query, None);
     if let Some(types) = literals {
         sql.push(" AND +type IN (");
@@ -413,7 +428,7 @@ impl EventStore for SqliteStore {
         let literals = literal_types(query);
         let mut sql = QueryBuilder::<Sqlite>::new("");
         push_page_read(&mut sql, query, literals.as_deref(), limit);
-        let chunks: Vec<(i64, String)> = sql
+        let chunks: Vec<(i64, Vec<u8>)> = sql
             .build_query_as()
             .fetch_all(&self.db.pool)
             .await
@@ -425,17 +440,18 @@ impl EventStore for SqliteStore {
             scanned_to: query.after,
             exhausted,
         };
-        for line in chunks.iter().flat_map(|(_, joined)| joined.split('\u{1e}')) {
-            let stored = decode_line(&query.tenant, line)?;
-            page.scanned_to = page.scanned_to.max(stored.sequence);
-            if literals.is_some()
-                || query
-                    .types
-                    .iter()
-                    .any(|t| t.matches(&stored.event.event_type))
-                || query.types.is_empty()
-            {
-                page.events.push(Arc::new(stored));
+        for (_, row) in &chunks {
+            for stored in decode_page_row(&query.tenant, row)? {
+                page.scanned_to = page.scanned_to.max(stored.sequence);
+                if literals.is_some()
+                    || query
+                        .types
+                        .iter()
+                        .any(|t| t.matches(&stored.event.event_type))
+                    || query.types.is_empty()
+                {
+                    page.events.push(Arc::new(stored));
+                }
             }
         }
         // neither the rows nor the events inside one row come in a promised order

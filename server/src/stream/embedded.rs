@@ -1050,7 +1050,7 @@ mod tests {
                     ..Event::default()
                 };
                 let hash = event.content_hash();
-                NewEvent::new(event, hash).expect("event")
+                NewEvent::new(event, hash)
             })
             .collect();
         store.append("t", events).await.expect("append");
