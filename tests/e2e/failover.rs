@@ -950,7 +950,8 @@ async fn trimmed_stream_entries_come_from_the_store() {
         .await
         .expect("redis");
     let key = format!("{}:s:{{default/trim.event/2}}", deployment.prefix);
-    let first: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+    // the fields hold the stored event, which is binary
+    let first: Vec<(String, redis::Value)> = redis::cmd("XRANGE")
         .arg(&key)
         .arg("-")
         .arg("+")

@@ -33,7 +33,7 @@ use super::{
 };
 use crate::{
     event::{Event, Priority, Selection, StoredEvent},
-    store::{EventStore, PostgresStore, ReadQuery, sqlite::from_ns},
+    store::{EventStore, PostgresStore, ReadQuery, body, sqlite::from_ns},
 };
 
 /// Settings of the Redis backend.
@@ -69,6 +69,11 @@ fn redis_err(e: redis::RedisError) -> StreamError {
 
 fn db_err(e: sqlx::Error) -> StreamError {
     crate::store::sqlite::map_err(e).into()
+}
+
+/// Parses a number a script returned as a bulk string.
+fn number<T: std::str::FromStr>(bytes: &[u8]) -> Option<T> {
+    std::str::from_utf8(bytes).ok()?.parse().ok()
 }
 
 fn ms(t: DateTime<Utc>) -> i64 {
@@ -330,27 +335,29 @@ impl RedisStreams {
             .remove(key);
     }
 
+    /// Decodes a stream entry's event (the store's encoding, [`body::encode`]); `None` sends the
+    /// caller to the store.
     fn decode(
         &self,
         tenant: &str,
-        seq: &str,
-        body: &str,
-        recorded: &str,
+        sequence: u64,
+        body: &[u8],
+        recorded: &[u8],
     ) -> Option<Arc<StoredEvent>> {
         if body.is_empty() {
             return None;
         }
-        let event: Event = match serde_json::from_str(body) {
+        let event = match body::decode(body) {
             Ok(e) => e,
             Err(error) => {
-                warn!(%error, seq, "undecodable stream entry; reading the store instead");
+                warn!(%error, sequence, "undecodable stream entry; reading the store instead");
                 return None;
             }
         };
         Some(Arc::new(StoredEvent {
             tenant: tenant.to_owned(),
-            sequence: seq.parse().ok()?,
-            recorded_at: from_ns(recorded.parse().unwrap_or_default()),
+            sequence,
+            recorded_at: from_ns(number(recorded).unwrap_or_default()),
             event,
         }))
     }
@@ -459,7 +466,8 @@ impl RedisStreams {
         let skey = self.keys.stream(&key.tenant, stream);
         let ledger = |what| self.keys.ledger(&key.tenant, stream, what, &key.name);
         for _ in 0..4 {
-            let reply: Vec<String> = lua::CLAIM_NEW
+            // bulk strings, not `String`s: events are binary
+            let reply: Vec<Vec<u8>> = lua::CLAIM_NEW
                 .key(&skey)
                 .key(ledger("due"))
                 .key(ledger("att"))
@@ -472,17 +480,17 @@ impl RedisStreams {
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(redis_err)?;
-            match reply.first().map(String::as_str) {
-                Some("NOGROUP") => {
+            match reply.first().map(Vec::as_slice) {
+                Some(b"NOGROUP") => {
                     self.create_group(key, stream, row.start_after).await?;
                 }
-                Some("GAP") => {
+                Some(b"GAP") => {
                     let (Some(last), Some(floor)) = (reply.get(1), reply.get(2)) else {
                         return Err(StreamError::Internal("malformed gap reply".into()));
                     };
                     let (after, until) = (
-                        last.parse::<u64>().unwrap_or_default(),
-                        floor.parse::<u64>().unwrap_or_default(),
+                        number(last).unwrap_or_default(),
+                        number(floor).unwrap_or_default(),
                     );
                     let page = self
                         .store
@@ -526,14 +534,12 @@ impl RedisStreams {
                         return Ok((events.collect(), true));
                     }
                 }
-                Some("OK") => {
+                Some(b"OK") => {
                     let events: Vec<(u64, Option<Arc<StoredEvent>>)> = reply[1..]
                         .chunks(3)
                         .filter_map(|c| match c {
-                            [seq, body, recorded] => seq
-                                .parse::<u64>()
-                                .ok()
-                                .map(|s| (s, self.decode(&key.tenant, seq, body, recorded))),
+                            [seq, body, recorded] => number(seq)
+                                .map(|s| (s, self.decode(&key.tenant, s, body, recorded))),
                             _ => None,
                         })
                         .collect();
@@ -856,8 +862,7 @@ impl LiveStreams for RedisStreams {
             let mut call = lua::APPEND.prepare_invoke();
             call.key(self.keys.stream(tenant, stream)).arg(self.max_len);
             for e in events {
-                let body = serde_json::to_string(&e.event)
-                    .map_err(|err| StreamError::Internal(format!("encoding event: {err}")))?;
+                let body = body::encode(&e.event);
                 call.arg(e.sequence)
                     .arg(body)
                     .arg(e.recorded_at.timestamp_nanos_opt().unwrap_or_default());
@@ -1025,7 +1030,7 @@ impl LiveStreams for RedisStreams {
             if claimed.len() >= max {
                 break;
             }
-            let reply: Vec<String> = lua::CLAIM_DUE
+            let reply: Vec<Vec<u8>> = lua::CLAIM_DUE
                 .key(self.keys.stream(&key.tenant, &stream))
                 .key(self.keys.ledger(&key.tenant, &stream, "due", &key.name))
                 .key(self.keys.ledger(&key.tenant, &stream, "att", &key.name))
@@ -1043,16 +1048,17 @@ impl LiveStreams for RedisStreams {
                 let [seq, attempt, body, recorded, error] = c else {
                     continue;
                 };
-                let Ok(sequence) = seq.parse::<u64>() else {
+                let Some(sequence) = number(seq) else {
                     continue;
                 };
                 seqs.push(sequence);
                 claimed.push(Claimed {
                     sequence,
-                    attempt: attempt.parse().unwrap_or(1),
-                    event: self.decode(&key.tenant, seq, body, recorded),
+                    attempt: number(attempt).unwrap_or(1),
+                    event: self.decode(&key.tenant, sequence, body, recorded),
                     priority: stream.priority(),
-                    last_error: (!error.is_empty()).then(|| error.clone()),
+                    last_error: (!error.is_empty())
+                        .then(|| String::from_utf8_lossy(error).into_owned()),
                 });
             }
             self.remember(&key.tenant, seqs.into_iter(), &stream);

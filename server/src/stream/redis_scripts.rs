@@ -15,7 +15,7 @@ use std::sync::LazyLock;
 use redis::Script;
 
 /// Adds entries `<seq>-0` in order; an id at or below the stream's top was added before and is skipped.
-/// KEYS: stream. ARGV: max length, then (sequence, event json, recorded ns) triples. Returns how many were added.
+/// KEYS: stream. ARGV: max length, then (sequence, event as the store encodes it, recorded ns) triples. Returns how many were added.
 pub(super) static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
