@@ -59,28 +59,23 @@ pub struct RawRow {
 }
 
 /// Turns a protobuf event into the row Nerve would store: the server's own conversion, the content hash
-/// over the event as sent, then the commit time filled in and the stored body; also the event's JSON,
-/// as Nerve's relay adds it to a Redis stream.
-pub fn raw_row(e: pb::Event, seq: i64) -> Result<(RawRow, String)> {
+/// over the event as sent, then the commit time filled in and the stored body.
+pub fn raw_row(e: pb::Event, seq: i64) -> Result<RawRow> {
     let mut event = nerve::api::convert::event_from_pb(e, "events[0]")
         .map_err(|e| anyhow!("converting a benchmark event: {e}"))?;
     let hash = event.content_hash().to_vec();
     event.time.get_or_insert(chrono::Utc::now());
-    let json = serde_json::to_string(&event)?;
-    Ok((
-        RawRow {
-            seq,
-            source: event.source.clone(),
-            id: event.id.clone(),
-            event_type: event.event_type.clone(),
-            subject: event.subject.clone(),
-            correlation_id: event.correlation_id.clone(),
-            priority: event.priority.as_i64() as i16,
-            hash,
-            body: nerve::store::body::encode(&event),
-        },
-        json,
-    ))
+    Ok(RawRow {
+        seq,
+        source: event.source.clone(),
+        id: event.id.clone(),
+        event_type: event.event_type.clone(),
+        subject: event.subject.clone(),
+        correlation_id: event.correlation_id.clone(),
+        priority: event.priority.as_i64() as i16,
+        hash,
+        body: nerve::store::body::encode(&event),
+    })
 }
 
 /// A scratch schema with Nerve's events table, dropped by [`Pg::drop`].
@@ -150,7 +145,7 @@ impl Pg {
                         payload_size,
                         stamp,
                     );
-                    rows.push(raw_row(e, first + j as i64)?.0);
+                    rows.push(raw_row(e, first + j as i64)?);
                 }
                 insert(&pool, &rows).await?;
                 Ok(batch as u64)
@@ -307,8 +302,9 @@ impl RedisBase {
         })
     }
 
-    /// The entry Nerve's relay adds: the event JSON and its commit time (plus the send stamp `t`).
-    fn entry_body(payload_size: usize, i: u64, stamp: u64) -> Result<String> {
+    /// The entry Nerve's relay adds: the event as the store encodes it and its commit time (plus the
+    /// send stamp `t`).
+    fn entry_body(payload_size: usize, i: u64, stamp: u64) -> Result<Vec<u8>> {
         let e = event(
             format!("raw-{i}"),
             "bench.publish.v1",
@@ -316,7 +312,7 @@ impl RedisBase {
             payload_size,
             stamp,
         );
-        Ok(raw_row(e, 0)?.1)
+        Ok(raw_row(e, 0)?.body)
     }
 
     /// Pipelined XADD: `workers` tasks, each sending pipelines of `depth` XADDs.
@@ -345,7 +341,7 @@ impl RedisBase {
                         .arg(100_000)
                         .arg("*")
                         .arg("e")
-                        .arg(body.as_str())
+                        .arg(body.as_slice())
                         .arg("r")
                         .arg(ns)
                         .ignore();
@@ -452,7 +448,7 @@ impl RedisBase {
                         .arg("t")
                         .arg(stamp)
                         .arg("e")
-                        .arg(body.as_str())
+                        .arg(body.as_slice())
                         .arg("r")
                         .arg(stamp)
                         .query_async::<()>(&mut conn)
