@@ -21,16 +21,22 @@ const FORMAT_JSON: u8 = b'{';
 /// Why a stored body could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
+    /// Not even a format byte.
     #[error("empty body")]
     Empty,
+    /// A first byte that is neither format.
     #[error("unknown body format byte {0:#04x}")]
     UnknownFormat(u8),
+    /// A damaged protobuf body.
     #[error("{0}")]
     Protobuf(#[from] prost::DecodeError),
+    /// A damaged JSON body.
     #[error("{0}")]
     Json(#[from] serde_json::Error),
+    /// A field decoded to a value the event cannot hold.
     #[error("{0} is out of range")]
     OutOfRange(&'static str),
+    /// A field every stored event has is absent.
     #[error("{0} is missing")]
     Missing(&'static str),
 }
