@@ -547,6 +547,8 @@ impl RedisStreams {
                     return Ok((events, full));
                 }
                 other => {
+                    // replies are bytes now: show them as text, not as a list of numbers
+                    let other = other.map(String::from_utf8_lossy);
                     return Err(StreamError::Internal(format!(
                         "unexpected claim reply {other:?}"
                     )));
