@@ -996,3 +996,74 @@ async fn trimmed_stream_entries_come_from_the_store() {
     let missing: Vec<&String> = ids.iter().filter(|id| !got.contains_key(*id)).collect();
     assert!(missing.is_empty(), "dropped: {missing:?}");
 }
+
+/// 9. A member acks the first and last entries of one claim and holds the middle ones when Redis dies
+///    and comes back empty: the group's checkpoint stopped below the held entries, so they are
+///    delivered again.
+#[tokio::test]
+async fn entries_held_within_a_claim_survive_redis_restarted_empty() {
+    let mut redis = RedisProcess::start(false).await;
+    let deployment = Deployment::new(redis.url()).await;
+    let server = deployment.replica(&[]).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let ids: Vec<String> = (0..15).map(|i| format!("k{i}")).collect();
+    bus.publish(pb::PublishRequest {
+        events: ids.iter().map(|id| event(id, "kept.event")).collect(),
+    })
+    .await
+    .expect("publish");
+    let mut o = open(&["kept.event"], "keepers");
+    o.start = earliest();
+    o.max_in_flight = 15;
+    o.ack_deadline = millis(60_000);
+    let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    let mut got = first.deliveries(15).await;
+    got.sort_by_key(seq);
+    let (held, acked): (Vec<_>, Vec<_>) = got
+        .iter()
+        .enumerate()
+        .partition(|(i, _)| (5..10).contains(i));
+    first
+        .ack(
+            &acked
+                .iter()
+                .map(|(_, d)| d.delivery_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    let below_held = seq(&got[4]) as i64;
+    let position = crate::harness::eventually("a checkpoint after the acks", || {
+        let url = deployment.database_url.clone();
+        async move {
+            use sqlx::Connection as _;
+            let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
+            let position: Option<i64> = sqlx::query_scalar(
+                "SELECT position FROM nerve_group_checkpoints WHERE grp = 'keepers'",
+            )
+            .fetch_optional(&mut conn)
+            .await
+            .ok()?;
+            position.filter(|p| *p >= below_held)
+        }
+    })
+    .await;
+    assert_eq!(
+        position, below_held,
+        "the checkpoint stops before the first held entry"
+    );
+    drop(first);
+    redis.kill9().await;
+    redis.restart().await;
+
+    let mut second = Subscriber::open(&mut bus, o).await.expect("reopen");
+    let again: HashSet<String> = second
+        .deliveries(10)
+        .await
+        .iter()
+        .map(crate::harness::id)
+        .collect();
+    for (_, d) in &held {
+        let id = crate::harness::id(d);
+        assert!(again.contains(&id), "{id} was held and not delivered again");
+    }
+}

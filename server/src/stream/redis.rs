@@ -3,8 +3,9 @@
 //! - One stream per (tenant, event type, priority level); entry ids are `<sequence>-0`. Every replica's
 //!   relay adds every committed event in order with an idempotent script, so a replica dying between
 //!   commit and `XADD` delays nothing: the others add it, and a restarted one resumes from `relayed`.
-//! - Groups are Redis consumer groups (`XREADGROUP`/`XACK`, redelivery with `XCLAIM`), with a small
-//!   ledger per group and stream holding lease ends and attempts (see `redis_scripts`). Entries the
+//! - A group's consumer group on each stream holds its cursor. New entries are read with `XRANGE` and
+//!   leased as runs (one record per claim, a bit per entry to settle); entries nacked, extended or
+//!   expired get ledger entries of their own with lease ends and attempts (see `redis_scripts`). Entries the
 //!   stream no longer holds (trimmed, or lost with Redis) are read from the store; nothing is skipped.
 //! - Group settings live in Postgres; each group's position is checkpointed there, so a Redis that comes
 //!   back empty is rebuilt: groups resume from their checkpoint, reading the store for what is missing.
@@ -56,6 +57,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 const CONFIG_TTL: Duration = Duration::from_secs(1);
 /// Longest a reply inbox record lives in Redis if its replica dies without closing it.
 const INBOX_TTL_MS: u64 = 15 * 60 * 1000;
+/// The ledgers of a group on a stream that settle and lease entries, in the order scripts take them.
+const LEDGERS: &[&str] = &["due", "att", "err", "pos", "runs", "bits"];
 /// Bound of the sequence -> stream cache used to route acks.
 const LOCATIONS_MAX: usize = 200_000;
 
@@ -83,6 +86,9 @@ fn ms(t: DateTime<Utc>) -> i64 {
 fn level_number(level: Priority) -> i64 {
     level.as_i64()
 }
+
+/// A sequence read from a stream, with its event when the entry could be decoded.
+type StreamEntry = (u64, Option<Arc<StoredEvent>>);
 
 /// One Redis stream: the events of one type and priority level of a tenant.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -112,6 +118,13 @@ impl Keys {
     }
     fn ledger(&self, tenant: &str, s: &StreamId, what: &str, group: &str) -> String {
         format!("{}:{what}:{group}", self.stream(tenant, s))
+    }
+    /// Several ledger keys of a group on a stream, in the order a script takes them.
+    fn ledgers(&self, key: &GroupKey, s: &StreamId, whats: &[&str]) -> Vec<String> {
+        whats
+            .iter()
+            .map(|what| self.ledger(&key.tenant, s, what, &key.name))
+            .collect()
     }
     fn relayed(&self) -> String {
         format!("{}:relayed", self.prefix)
@@ -362,6 +375,33 @@ impl RedisStreams {
         }))
     }
 
+    /// Reads one entry as `XRANGE` gives it, `[id, [field, value, ...]]`; the event is None when it
+    /// cannot be decoded (it is read from the store instead).
+    fn stream_entry(&self, tenant: &str, entry: &redis::Value) -> Option<StreamEntry> {
+        let redis::Value::Array(parts) = entry else {
+            return None;
+        };
+        let [redis::Value::BulkString(id), redis::Value::Array(fields)] = parts.as_slice() else {
+            return None;
+        };
+        let sequence = number(id.split(|b| *b == b'-').next()?)?;
+        let (mut body, mut recorded): (&[u8], &[u8]) = (&[], b"0");
+        for pair in fields.chunks(2) {
+            if let [
+                redis::Value::BulkString(name),
+                redis::Value::BulkString(value),
+            ] = pair
+            {
+                match name.as_slice() {
+                    b"e" => body = value,
+                    b"r" => recorded = value,
+                    _ => {}
+                }
+            }
+        }
+        Some((sequence, self.decode(tenant, sequence, body, recorded)))
+    }
+
     fn remember(&self, tenant: &str, seqs: impl Iterator<Item = u64>, stream: &StreamId) {
         let mut locations = self.locations.lock().unwrap_or_else(|p| p.into_inner());
         if locations.len() > LOCATIONS_MAX {
@@ -459,33 +499,46 @@ impl RedisStreams {
         key: &GroupKey,
         row: &GroupRow,
         stream: &StreamId,
-        consumer: &str,
         max: usize,
         lease_ms: i64,
-    ) -> StreamResult<(Vec<(u64, Option<Arc<StoredEvent>>)>, bool)> {
+    ) -> StreamResult<(Vec<StreamEntry>, bool)> {
         let skey = self.keys.stream(&key.tenant, stream);
-        let ledger = |what| self.keys.ledger(&key.tenant, stream, what, &key.name);
-        for _ in 0..4 {
-            // bulk strings, not `String`s: events are binary
-            let reply: Vec<Vec<u8>> = lua::CLAIM_NEW
-                .key(&skey)
-                .key(ledger("due"))
-                .key(ledger("att"))
-                .key(ledger("pos"))
-                .key(ledger("floor"))
+        // the cursor the entries were read after, and what was read
+        let mut read: Option<(String, Vec<StreamEntry>)> = None;
+        for _ in 0..8 {
+            let mut call = lua::CLAIM_NEW.prepare_invoke();
+            call.key(&skey)
+                .key(
+                    self.keys
+                        .ledgers(key, stream, &["due", "floor", "runs", "bits"]),
+                )
                 .arg(&key.name)
-                .arg(consumer)
-                .arg(max)
-                .arg(lease_ms)
+                .arg(lease_ms);
+            match &read {
+                Some((after, entries)) => {
+                    call.arg(after);
+                    for (sequence, _) in entries {
+                        call.arg(*sequence);
+                    }
+                }
+                None => {
+                    call.arg("");
+                }
+            }
+            let reply: Vec<redis::Value> = call
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(redis_err)?;
-            match reply.first().map(Vec::as_slice) {
+            let word = |i: usize| match reply.get(i) {
+                Some(redis::Value::BulkString(b)) => Some(b.as_slice()),
+                _ => None,
+            };
+            match word(0) {
                 Some(b"NOGROUP") => {
                     self.create_group(key, stream, row.start_after).await?;
                 }
                 Some(b"GAP") => {
-                    let (Some(last), Some(floor)) = (reply.get(1), reply.get(2)) else {
+                    let (Some(last), Some(floor)) = (word(1), word(2)) else {
                         return Err(StreamError::Internal("malformed gap reply".into()));
                     };
                     let (after, until) = (
@@ -514,9 +567,7 @@ impl RedisStreams {
                     };
                     let mut call = lua::CLAIM_GAP.prepare_invoke();
                     call.key(&skey)
-                        .key(ledger("due"))
-                        .key(ledger("att"))
-                        .key(ledger("pos"))
+                        .key(self.keys.ledgers(key, stream, &["due", "runs", "bits"]))
                         .arg(&key.name)
                         .arg(last)
                         .arg(moved_to)
@@ -534,23 +585,38 @@ impl RedisStreams {
                         return Ok((events.collect(), true));
                     }
                 }
-                Some(b"OK") => {
-                    let events: Vec<(u64, Option<Arc<StoredEvent>>)> = reply[1..]
-                        .chunks(3)
-                        .filter_map(|c| match c {
-                            [seq, body, recorded] => number(seq)
-                                .map(|s| (s, self.decode(&key.tenant, s, body, recorded))),
-                            _ => None,
-                        })
+                Some(b"AT") => {
+                    let Some(after) = word(1).map(|a| String::from_utf8_lossy(a).into_owned())
+                    else {
+                        return Err(StreamError::Internal("malformed cursor reply".into()));
+                    };
+                    let entries: Vec<redis::Value> = redis::cmd("XRANGE")
+                        .arg(&skey)
+                        .arg(format!("({after}-0"))
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(max)
+                        .query_async(&mut self.conn())
+                        .await
+                        .map_err(redis_err)?;
+                    let entries = entries
+                        .iter()
+                        .filter_map(|entry| self.stream_entry(&key.tenant, entry))
                         .collect();
+                    read = Some((after, entries));
+                }
+                Some(b"OK") => {
+                    // entries up to `from` went to another consumer meanwhile
+                    let from: u64 = word(1).and_then(number).unwrap_or_default();
+                    let mut events = read.map(|(_, entries)| entries).unwrap_or_default();
+                    events.retain(|(sequence, _)| *sequence > from);
                     let full = events.len() >= max;
                     return Ok((events, full));
                 }
-                other => {
-                    // replies are bytes now: show them as text, not as a list of numbers
-                    let other = other.map(String::from_utf8_lossy);
+                _ => {
                     return Err(StreamError::Internal(format!(
-                        "unexpected claim reply {other:?}"
+                        "unexpected claim reply {:?}",
+                        reply.first()
                     )));
                 }
             }
@@ -563,11 +629,9 @@ impl RedisStreams {
             return Ok(());
         }
         let mut call = lua::REMOVE.prepare_invoke();
-        call.key(self.keys.stream(&key.tenant, stream));
-        for what in ["due", "att", "err", "pos"] {
-            call.key(self.keys.ledger(&key.tenant, stream, what, &key.name));
-        }
-        call.arg(&key.name);
+        call.key(self.keys.stream(&key.tenant, stream))
+            .key(self.keys.ledgers(key, stream, LEDGERS))
+            .arg(&key.name);
         for s in seqs {
             call.arg(*s);
         }
@@ -658,8 +722,7 @@ impl RedisStreams {
                 pipe.invoke_script(
                     lua::GROUP_STATE
                         .key(self.keys.stream(&key.tenant, s))
-                        .key(self.keys.ledger(&key.tenant, s, "due", &key.name))
-                        .key(self.keys.ledger(&key.tenant, s, "pos", &key.name))
+                        .key(self.keys.ledgers(&key, s, &["due", "pos", "runs", "bits"]))
                         .arg(&key.name),
                 );
             }
@@ -948,7 +1011,7 @@ impl LiveStreams for RedisStreams {
     async fn claim_new(
         &self,
         key: &GroupKey,
-        consumer: &str,
+        _consumer: &str,
         level: Priority,
         max: usize,
         lease_until: DateTime<Utc>,
@@ -971,7 +1034,7 @@ impl LiveStreams for RedisStreams {
                     break;
                 }
                 let (events, more) = self
-                    .claim_stream(key, &row, stream, consumer, want, ms(lease_until))
+                    .claim_stream(key, &row, stream, want, ms(lease_until))
                     .await?;
                 self.remember(&key.tenant, events.iter().map(|e| e.0), stream);
                 // entries the stream could not give us are read from the store, so the filter applies
@@ -1018,7 +1081,7 @@ impl LiveStreams for RedisStreams {
     async fn claim_due(
         &self,
         key: &GroupKey,
-        consumer: &str,
+        _consumer: &str,
         max: usize,
         lease_until: DateTime<Utc>,
     ) -> StreamResult<Vec<Claimed>> {
@@ -1034,11 +1097,7 @@ impl LiveStreams for RedisStreams {
             }
             let reply: Vec<Vec<u8>> = lua::CLAIM_DUE
                 .key(self.keys.stream(&key.tenant, &stream))
-                .key(self.keys.ledger(&key.tenant, &stream, "due", &key.name))
-                .key(self.keys.ledger(&key.tenant, &stream, "att", &key.name))
-                .key(self.keys.ledger(&key.tenant, &stream, "err", &key.name))
-                .arg(&key.name)
-                .arg(consumer)
+                .key(self.keys.ledgers(key, &stream, LEDGERS))
                 .arg(now)
                 .arg(ms(lease_until))
                 .arg(max - claimed.len())
@@ -1098,11 +1157,9 @@ impl LiveStreams for RedisStreams {
         let mut out = vec![false; deliveries.len()];
         for (stream, indexes) in self.by_stream(&key.tenant, deliveries).await? {
             let mut call = lua::ACK.prepare_invoke();
-            call.key(self.keys.stream(&key.tenant, &stream));
-            for what in ["due", "att", "err", "pos"] {
-                call.key(self.keys.ledger(&key.tenant, &stream, what, &key.name));
-            }
-            call.arg(&key.name);
+            call.key(self.keys.stream(&key.tenant, &stream))
+                .key(self.keys.ledgers(key, &stream, LEDGERS))
+                .arg(&key.name);
             for i in &indexes {
                 call.arg(deliveries[*i].0).arg(deliveries[*i].1);
             }
@@ -1133,10 +1190,9 @@ impl LiveStreams for RedisStreams {
         let mut out = vec![false; deliveries.len()];
         for (stream, indexes) in self.by_stream(&key.tenant, deliveries).await? {
             let mut call = lua::SET_VISIBLE.prepare_invoke();
-            for what in ["due", "att", "err"] {
-                call.key(self.keys.ledger(&key.tenant, &stream, what, &key.name));
-            }
-            call.arg(ms(visible_at)).arg(error.unwrap_or(""));
+            call.key(self.keys.ledgers(key, &stream, LEDGERS))
+                .arg(ms(visible_at))
+                .arg(error.unwrap_or(""));
             for i in &indexes {
                 call.arg(deliveries[*i].0).arg(deliveries[*i].1);
             }
@@ -1182,10 +1238,11 @@ impl LiveStreams for RedisStreams {
         let mut added = 0;
         for (stream, seqs) in by_stream {
             let mut call = lua::REQUEUE.prepare_invoke();
-            call.key(self.keys.ledger(&key.tenant, &stream, "due", &key.name))
-                .key(self.keys.ledger(&key.tenant, &stream, "att", &key.name))
-                .key(self.keys.ledger(&key.tenant, &stream, "pos", &key.name))
-                .arg(now);
+            call.key(
+                self.keys
+                    .ledgers(key, &stream, &["due", "att", "pos", "runs", "bits"]),
+            )
+            .arg(now);
             for s in &seqs {
                 call.arg(*s);
             }
@@ -1261,8 +1318,7 @@ impl LiveStreams for RedisStreams {
                     pipe.invoke_script(
                         lua::GROUP_STATE
                             .key(self.keys.stream(tenant, s))
-                            .key(self.keys.ledger(tenant, s, "due", &key.name))
-                            .key(self.keys.ledger(tenant, s, "pos", &key.name))
+                            .key(self.keys.ledgers(&key, s, &["due", "pos", "runs", "bits"]))
                             .arg(&key.name),
                     );
                 }
@@ -1309,7 +1365,7 @@ impl LiveStreams for RedisStreams {
                 .arg(self.keys.stream(&key.tenant, s))
                 .arg(&key.name)
                 .ignore();
-            for what in ["due", "att", "err", "pos", "floor"] {
+            for what in LEDGERS.iter().chain(&["floor"]) {
                 pipe.del(self.keys.ledger(&key.tenant, s, what, &key.name))
                     .ignore();
             }

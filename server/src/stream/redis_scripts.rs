@@ -1,14 +1,20 @@
 //! Lua scripts of the Redis Streams backend. Each touches only keys that share one hash tag (a stream and
 //! its group ledgers), so each runs unchanged on Redis Cluster.
 //!
+//! A group's consumer group on a stream is only its cursor (last-delivered id): new entries are read
+//! with `XRANGE` and leased as runs, so Redis keeps no pending entry list per delivery.
+//!
 //! Ledger keys of a group on a stream `S` (all `S:<what>:<group>`):
-//! - `due`  sorted set: sequence -> when its lease ends (ms since the epoch)
-//! - `pos`  sorted set: sequence -> sequence, to find the oldest unsettled one for checkpoints
-//! - `att`  hash: sequence -> attempt, the authority for stale-ack checks
+//! - `runs` sorted set: first sequence of each leased run -> itself
+//! - `bits` hash: first sequence of a run -> its bitmap (see `lease_runs` below)
+//! - `due`  sorted set: sequence, or `r<first>` for a run, -> when its lease ends (ms since the epoch)
+//! - `pos`  sorted set: sequence -> sequence, to find the oldest unsettled entry outside runs
+//! - `att`  hash: sequence -> attempt of an entry outside runs, the authority for stale-ack checks
 //! - `err`  hash: sequence -> the last nack's error
 //! - `floor` string: entries at or below it may be missing from the stream and are read from the store
 //!
-//! Sequences are returned as the strings Redis holds, never through Lua numbers (doubles).
+//! Sequences are returned as the strings Redis holds. Run arithmetic uses Lua numbers (doubles), exact
+//! for sequences below 2^53.
 
 use std::sync::LazyLock;
 
@@ -49,7 +55,8 @@ return 1
 });
 
 /// Shared Lua: `last_delivered` (the last-delivered sequence, as a string, of a group on a stream, or nil
-/// without the group), `chunked` (one command over many arguments) and `fields` (an entry's event and time).
+/// without the group), `chunked` (one command over many arguments), `fields` (an entry's event and time),
+/// and the leased runs (below).
 const HELPERS: &str = r"
 local function last_delivered(stream, group)
   local groups = redis.pcall('XINFO', 'GROUPS', stream)
@@ -81,16 +88,129 @@ local function fields(entry)
   end
   return e, r
 end
+local function seqstr(n)
+  return string.format('%d', n)
+end
+-- The least and greatest of the sequences ARGV[from], ARGV[from + step], ... (nil without any).
+local function bounds(from, step)
+  local lo, hi
+  for i = from, #ARGV, step do
+    local n = tonumber(ARGV[i])
+    if not lo or n < lo then lo = n end
+    if not hi or n > hi then hi = n end
+  end
+  return lo, hi
+end
+-- Leased runs: the new entries one claim hands out, leased together, so a claim writes a record per run
+-- and an ack sets a bit, not a ledger entry per delivery. A run is keyed by its first sequence: a
+-- `runs` member scored by it, a `bits` field and a `due` member 'r<first>' scored by its lease end.
+-- Its bitmap holds a bit per sequence from the first on (at most RUN_SPAN of them), set where that
+-- sequence is not an open entry of the run: another stream's, or an entry settled or gone to a lease
+-- of its own (nack, extension, expiry). Every entry a run holds has attempt 1.
+local RUN_SPAN = 16384
+-- Leases ascending sequences `seqs` (numbers) until `lease` as runs.
+local function lease_runs(due, runs, bits, seqs, lease)
+  local i = 1
+  while i <= #seqs do
+    local first, j = seqs[i], i
+    while j < #seqs and seqs[j + 1] - first < RUN_SPAN do j = j + 1 end
+    local b = {}
+    for k = 1, math.floor((seqs[j] - first) / 8) + 1 do b[k] = 255 end
+    for k = i, j do
+      local o = seqs[k] - first
+      local at = math.floor(o / 8) + 1
+      b[at] = bit.band(b[at], bit.bnot(bit.lshift(1, 7 - o % 8)))
+    end
+    local id = seqstr(first)
+    -- at most RUN_SPAN / 8 bytes: within what unpack can take
+    redis.call('HSET', bits, id, string.char(unpack(b)))
+    redis.call('ZADD', runs, id, id)
+    redis.call('ZADD', due, lease, 'r' .. id)
+    i = j + 1
+  end
+end
+-- The runs that may hold sequences lo..hi (numbers), ascending; bitmaps are read when first needed.
+local function load_runs(runs, lo, hi)
+  local list = {}
+  if not lo then return list end
+  local ids = redis.call('ZRANGE', runs, seqstr(lo), '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, 1)
+  for _, id in ipairs(redis.call('ZRANGE', runs, '(' .. seqstr(lo), seqstr(hi), 'BYSCORE')) do
+    ids[#ids + 1] = id
+  end
+  for k, id in ipairs(ids) do
+    list[k] = {first = tonumber(id), id = id}
+  end
+  return list
+end
+-- Whether sequence n is an open entry of its run in `list`; with `take`, it leaves the run.
+local function in_run(bits, list, n, take)
+  local lo, hi, run = 1, #list, nil
+  while lo <= hi do
+    local mid = math.floor((lo + hi) / 2)
+    if list[mid].first <= n then run = list[mid]; lo = mid + 1 else hi = mid - 1 end
+  end
+  if not run then return false end
+  if not run.b then
+    local map = redis.call('HGET', bits, run.id)
+    run.b = map and {string.byte(map, 1, -1)} or {}
+  end
+  local o = n - run.first
+  local at = math.floor(o / 8) + 1
+  local mask = bit.lshift(1, 7 - o % 8)
+  if at > #run.b or bit.band(run.b[at], mask) ~= 0 then return false end
+  if take then
+    run.b[at] = bit.bor(run.b[at], mask)
+    run.changed = true
+  end
+  return true
+end
+-- Writes back the runs entries left; a run left with no open entries is deleted.
+local function save_runs(due, runs, bits, list)
+  for _, run in ipairs(list) do
+    if run.changed then
+      local open = false
+      for k = 1, #run.b do
+        if run.b[k] ~= 255 then open = true; break end
+      end
+      if open then
+        redis.call('HSET', bits, run.id, string.char(unpack(run.b)))
+      else
+        redis.call('HDEL', bits, run.id)
+        redis.call('ZREM', runs, run.id)
+        redis.call('ZREM', due, 'r' .. run.id)
+      end
+    end
+  end
+end
+-- The open entries (sequence strings, ascending) of the run starting at `first` with bitmap `map`.
+local function open_entries(first, map)
+  local out = {}
+  for k = 1, #map do
+    local byte = string.byte(map, k)
+    if byte ~= 255 then
+      for o = 0, 7 do
+        if bit.band(byte, bit.lshift(1, 7 - o)) == 0 then
+          out[#out + 1] = seqstr(first + (k - 1) * 8 + o)
+        end
+      end
+    end
+  end
+  return out
+end
 ";
 
 fn with_helpers(body: &str) -> Script {
     Script::new(&format!("{HELPERS}\n{body}"))
 }
 
-/// Hands out new entries to a consumer.
-/// KEYS: stream, due, att, pos, floor. ARGV: group, consumer, count, lease ms.
-/// Returns `{'NOGROUP'}`, `{'GAP', last, floor}` (entries after `last` up to `floor` must come from the
-/// store, because the stream no longer begins before them), or `{'OK', seq, event, recorded, ...}`.
+/// Leases new entries as runs and moves the group's cursor past them. The caller reads them with a plain
+/// `XRANGE` after the cursor first: entries read inside a script are copied into Lua and back, which
+/// cost more than everything else a claim does. KEYS: stream, due, floor, runs, bits.
+/// ARGV: group, lease ms, the cursor the entries were read after ('' when not known), their ascending
+/// sequences... Returns `{'NOGROUP'}`, `{'GAP', last, floor}` (entries after `last` up to `floor` must
+/// come from the store, because the stream no longer begins before them), `{'AT', last}` (nothing read
+/// is still free: read after `last` and call again) or `{'OK', last}` (the entries read after `last`
+/// are the caller's).
 pub(super) static CLAIM_NEW: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r"
@@ -99,7 +219,7 @@ if not last then
   return {'NOGROUP'}
 end
 -- everything below the first entry may have been trimmed (or lost with a Redis restart)
-local floor = redis.call('GET', KEYS[5]) or '0'
+local floor = redis.call('GET', KEYS[3]) or '0'
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 if first[1] then
   local before = string.format('%d', tonumber(string.match(first[1][1], '^(%d+)')) - 1)
@@ -108,36 +228,31 @@ end
 if tonumber(last) < tonumber(floor) then
   return {'GAP', last, floor}
 end
-local read = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
-local out = {'OK'}
-if read then
-  -- the ledgers are written with one call per chunk of entries, not three calls per entry
-  local due, pos, att = {}, {}, {}
-  for _, entry in ipairs(read[1][2]) do
-    local seq = string.match(entry[1], '^(%d+)')
-    due[#due + 1] = ARGV[4]
-    due[#due + 1] = seq
-    pos[#pos + 1] = seq
-    pos[#pos + 1] = seq
-    att[#att + 1] = seq
-    att[#att + 1] = 1
-    local e, r = fields(entry[2])
-    table.insert(out, seq)
-    table.insert(out, e)
-    table.insert(out, r)
-  end
-  chunked('ZADD', KEYS[2], due)
-  chunked('ZADD', KEYS[4], pos)
-  chunked('HSET', KEYS[3], att)
+if ARGV[3] == '' or tonumber(last) < tonumber(ARGV[3]) then
+  return {'AT', last}
 end
-return out
+-- another consumer may have moved the cursor into what was read: the entries after it are still
+-- free, and are all there is up to the last one read
+local seqs = {}
+for i = 4, #ARGV do
+  local n = tonumber(ARGV[i])
+  if n > tonumber(last) then seqs[#seqs + 1] = n end
+end
+if #seqs == 0 then
+  if last == ARGV[3] then return {'OK', last} end
+  return {'AT', last}
+end
+-- the group is only a cursor: leases live in the runs, not in a pending entry list per delivery
+lease_runs(KEYS[2], KEYS[4], KEYS[5], seqs, ARGV[2])
+redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], ARGV[#ARGV] .. '-0')
+return {'OK', last}
 ",
     )
 });
 
-/// Records entries read from the store for a gap and moves the group past them, if nobody did meanwhile.
-/// KEYS: stream, due, att, pos. ARGV: group, expected last, new last, lease ms, sequences...
-/// Returns 1 when recorded, 0 when another consumer moved the group first.
+/// Leases entries read from the store for a gap as runs and moves the group past them, if nobody did
+/// meanwhile. KEYS: stream, due, runs, bits. ARGV: group, expected last, new last, lease ms, ascending
+/// sequences... Returns 1 when recorded, 0 when another consumer moved the group first.
 pub(super) static CLAIM_GAP: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r"
@@ -145,11 +260,11 @@ if last_delivered(KEYS[1], ARGV[1]) ~= ARGV[2] then
   return 0
 end
 redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], ARGV[3] .. '-0')
+local seqs = {}
 for i = 5, #ARGV do
-  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[i])
-  redis.call('ZADD', KEYS[4], ARGV[i], ARGV[i])
-  redis.call('HSET', KEYS[3], ARGV[i], 1)
+  seqs[#seqs + 1] = tonumber(ARGV[i])
 end
+lease_runs(KEYS[2], KEYS[3], KEYS[4], seqs, ARGV[4])
 return 1
 ",
     )
@@ -182,27 +297,51 @@ return 1
     )
 });
 
-/// Hands out entries whose lease ended, counting the attempt.
-/// KEYS: stream, due, att, err. ARGV: group, consumer, now ms, lease ms, count.
-/// Returns (seq, attempt, event or '', recorded, last error or '') quintuples; an empty event means the
-/// stream no longer holds it.
+/// Hands out entries whose lease ended, counting the attempt. Runs whose lease ended first give each
+/// open entry a lease of its own. KEYS: stream, due, att, err, pos, runs, bits. ARGV: now ms, lease ms,
+/// count. Returns (seq, attempt, event or '', recorded, last error or '') quintuples; an empty event
+/// means the stream no longer holds it.
 pub(super) static CLAIM_DUE: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r"
-local seqs = redis.call('ZRANGE', KEYS[2], '-inf', ARGV[3], 'BYSCORE', 'LIMIT', 0, ARGV[5])
+-- each round ends at least one run, so this ends
+while true do
+  local page = redis.call('ZRANGE', KEYS[2], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[3], 'WITHSCORES')
+  local ended = false
+  for k = 1, #page, 2 do
+    if string.sub(page[k], 1, 1) == 'r' then
+      local id = string.sub(page[k], 2)
+      local map = redis.call('HGET', KEYS[7], id)
+      if map then
+        local due, pos, att = {}, {}, {}
+        for _, seq in ipairs(open_entries(tonumber(id), map)) do
+          due[#due + 1] = page[k + 1]
+          due[#due + 1] = seq
+          pos[#pos + 1] = seq
+          pos[#pos + 1] = seq
+          att[#att + 1] = seq
+          att[#att + 1] = 1
+        end
+        chunked('ZADD', KEYS[2], due)
+        chunked('ZADD', KEYS[5], pos)
+        chunked('HSET', KEYS[3], att)
+      end
+      redis.call('HDEL', KEYS[7], id)
+      redis.call('ZREM', KEYS[6], id)
+      redis.call('ZREM', KEYS[2], page[k])
+      ended = true
+    end
+  end
+  if not ended then break end
+end
+local seqs = redis.call('ZRANGE', KEYS[2], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[3])
 local out = {}
 for _, seq in ipairs(seqs) do
   local attempt = redis.call('HINCRBY', KEYS[3], seq, 1)
-  redis.call('ZADD', KEYS[2], ARGV[4], seq)
-  local id = seq .. '-0'
+  redis.call('ZADD', KEYS[2], ARGV[2], seq)
   local e, r = '', '0'
-  local claimed = redis.pcall('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
-  if type(claimed) == 'table' and not claimed.err and claimed[1] then
-    e, r = fields(claimed[1][2])
-  else
-    local entry = redis.call('XRANGE', KEYS[1], id, id)
-    if entry[1] then e, r = fields(entry[1][2]) end
-  end
+  local entry = redis.call('XRANGE', KEYS[1], seq .. '-0', seq .. '-0')
+  if entry[1] then e, r = fields(entry[1][2]) end
   table.insert(out, seq)
   table.insert(out, tostring(attempt))
   table.insert(out, e)
@@ -214,33 +353,44 @@ return out
     )
 });
 
-/// Settles deliveries whose attempt is current. KEYS: stream, due, att, err, pos.
+/// Settles deliveries whose attempt is current. KEYS: stream, due, att, err, pos, runs, bits.
 /// ARGV: group, then (sequence, attempt) pairs. Returns 1 or 0 per pair.
 pub(super) static ACK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_helpers(
         r"
--- one call per command per chunk of 1,000 deliveries, not six calls per delivery
-local out = {}
+local out, rest = {}, {}
+local list = load_runs(KEYS[6], bounds(2, 2))
+for i = 2, #ARGV, 2 do
+  -- a first delivery still in its run is settled in the run's bitmap; an ack repeated in the same
+  -- call finds its bit set and counts once
+  if ARGV[i + 1] == '1' and in_run(KEYS[7], list, tonumber(ARGV[i]), true) then
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+    rest[#rest + 1] = i
+  end
+end
+save_runs(KEYS[2], KEYS[6], KEYS[7], list)
+-- the others by their own ledger entries, one call per command per chunk of 1,000
 local done = {}
-for start = 2, #ARGV, 2000 do
+for start = 1, #rest, 1000 do
   local seqs = {}
-  for i = start, math.min(#ARGV, start + 1999), 2 do
-    seqs[#seqs + 1] = ARGV[i]
+  for k = start, math.min(#rest, start + 999) do
+    seqs[#seqs + 1] = ARGV[rest[k]]
   end
   local attempts = redis.call('HMGET', KEYS[3], unpack(seqs))
   local settled, ids = {}, {}
   for j, seq in ipairs(seqs) do
-    -- an ack repeated in the same call counts once
-    if attempts[j] == ARGV[start + 2 * j - 1] and not done[seq] then
+    local i = rest[start + j - 1]
+    if attempts[j] == ARGV[i + 1] and not done[seq] then
       done[seq] = true
       settled[#settled + 1] = seq
       ids[#ids + 1] = seq .. '-0'
-      out[#out + 1] = 1
-    else
-      out[#out + 1] = 0
+      out[i / 2] = 1
     end
   end
   if #settled > 0 then
+    -- entries claimed before leased runs are in the group's pending entry list
     redis.pcall('XACK', KEYS[1], ARGV[1], unpack(ids))
     redis.call('ZREM', KEYS[2], unpack(settled))
     redis.call('ZREM', KEYS[5], unpack(settled))
@@ -253,15 +403,24 @@ return out
     )
 });
 
-/// Removes pending entries whatever their attempt. KEYS: stream, due, att, err, pos. ARGV: group, sequences...
+/// Removes pending entries whatever their attempt. KEYS: stream, due, att, err, pos, runs, bits.
+/// ARGV: group, sequences...
 pub(super) static REMOVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_helpers(
         r"
-for start = 2, #ARGV, 1000 do
+local list = load_runs(KEYS[6], bounds(2, 1))
+local rest = {}
+for i = 2, #ARGV do
+  if not in_run(KEYS[7], list, tonumber(ARGV[i]), true) then
+    rest[#rest + 1] = ARGV[i]
+  end
+end
+save_runs(KEYS[2], KEYS[6], KEYS[7], list)
+for start = 1, #rest, 1000 do
   local seqs, ids = {}, {}
-  for i = start, math.min(#ARGV, start + 999) do
-    seqs[#seqs + 1] = ARGV[i]
-    ids[#ids + 1] = ARGV[i] .. '-0'
+  for i = start, math.min(#rest, start + 999) do
+    seqs[#seqs + 1] = rest[i]
+    ids[#ids + 1] = rest[i] .. '-0'
   end
   redis.pcall('XACK', KEYS[1], ARGV[1], unpack(ids))
   redis.call('ZREM', KEYS[2], unpack(seqs))
@@ -274,37 +433,47 @@ return 1
     )
 });
 
-/// Moves the lease ends of deliveries whose attempt is current. KEYS: due, att, err.
+/// Moves the lease ends of deliveries whose attempt is current; one still in its run leaves it for a
+/// lease of its own. KEYS: due, att, err, pos, runs, bits.
 /// ARGV: visible ms, error or '', then sequence, attempt pairs. Returns 1 per pair that moved, else 0.
 pub(super) static SET_VISIBLE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_helpers(
         r"
+local list = load_runs(KEYS[5], bounds(3, 2))
 local out = {}
 for i = 3, #ARGV, 2 do
   local seq = ARGV[i]
-  if redis.call('HGET', KEYS[2], seq) == ARGV[i + 1] then
+  local moved = false
+  if ARGV[i + 1] == '1' and in_run(KEYS[6], list, tonumber(seq), true) then
+    redis.call('HSET', KEYS[2], seq, 1)
+    redis.call('ZADD', KEYS[4], seq, seq)
+    redis.call('ZADD', KEYS[1], ARGV[1], seq)
+    moved = true
+  elseif redis.call('HGET', KEYS[2], seq) == ARGV[i + 1] then
     redis.call('ZADD', KEYS[1], 'XX', ARGV[1], seq)
-    if ARGV[2] ~= '' then
-      redis.call('HSET', KEYS[3], seq, ARGV[2])
-    end
-    table.insert(out, 1)
-  else
-    table.insert(out, 0)
+    moved = true
   end
+  if moved and ARGV[2] ~= '' then
+    redis.call('HSET', KEYS[3], seq, ARGV[2])
+  end
+  table.insert(out, moved and 1 or 0)
 end
+save_runs(KEYS[1], KEYS[5], KEYS[6], list)
 return out
 ",
     )
 });
 
-/// Puts sequences back as due now with no attempts (redrive). KEYS: due, att, pos. ARGV: now ms, sequences...
-/// Returns how many were not pending already.
+/// Puts sequences back as due now with no attempts (redrive). KEYS: due, att, pos, runs, bits.
+/// ARGV: now ms, sequences... Returns how many were not pending already.
 pub(super) static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_helpers(
         r"
+local list = load_runs(KEYS[4], bounds(2, 1))
 local added = 0
 for i = 2, #ARGV do
-  if redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[i]) == 1 then
+  if not in_run(KEYS[5], list, tonumber(ARGV[i]), false)
+    and redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[i]) == 1 then
     redis.call('HSET', KEYS[2], ARGV[i], 0)
     redis.call('ZADD', KEYS[3], ARGV[i], ARGV[i])
     added = added + 1
@@ -315,14 +484,27 @@ return added
     )
 });
 
-/// The state of a group on a stream. KEYS: stream, due, pos. ARGV: group.
+/// The state of a group on a stream. KEYS: stream, due, pos, runs, bits. ARGV: group.
 /// Returns {last delivered or '', oldest unsettled or '', pending count as a string}.
 pub(super) static GROUP_STATE: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r"
 local last = last_delivered(KEYS[1], ARGV[1]) or ''
-local oldest = redis.call('ZRANGE', KEYS[3], 0, 0)[1] or ''
-return {last, oldest, tostring(redis.call('ZCARD', KEYS[2]))}
+local oldest = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+-- a run is one `due` member, counted as its open entries
+local pending = redis.call('ZCARD', KEYS[2])
+for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+  pending = pending - 1
+  local map = redis.call('HGET', KEYS[5], id)
+  if map then
+    local open = open_entries(tonumber(id), map)
+    pending = pending + #open
+    if open[1] and (not oldest or tonumber(open[1]) < tonumber(oldest)) then
+      oldest = open[1]
+    end
+  end
+end
+return {last, oldest or '', tostring(pending)}
 ",
     )
 });
