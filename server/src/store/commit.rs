@@ -176,16 +176,62 @@ pub(crate) struct Committed {
     pub recorded_ns: i64,
 }
 
+/// How one attempt at a group commit ended, short of success.
+pub(crate) enum Attempt {
+    /// Written without looking up the keys, and one was already stored: nothing was written.
+    KeyStored,
+    Failed(StoreError),
+}
+
+impl From<StoreError> for Attempt {
+    fn from(e: StoreError) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
 /// Commits a batch of requests in one transaction.
 pub(crate) trait BatchWriter: Send + 'static {
-    /// Returns one result per request, in order; `Err` when the whole transaction failed.
-    fn commit(
+    /// Returns one result per request, in order. With `look_up_keys` it first reads the rows stored
+    /// under the batch's keys; without, it decides the batch as if none were stored and answers
+    /// [`Attempt::KeyStored`], having written nothing, when the unique index refuses a row.
+    fn attempt(
         &mut self,
         batch: &[CommitRequest],
-    ) -> impl Future<Output = StoreResult<Committed>> + Send;
+        look_up_keys: bool,
+    ) -> impl Future<Output = Result<Committed, Attempt>> + Send;
 
     /// Returns a check that answers whether the database takes commits again.
     fn probe(&self) -> impl Future<Output = bool> + Send + 'static;
+}
+
+/// Commits that look up their keys first after a batch held an event already stored: retries of
+/// publishes come in bursts, and each such batch would otherwise be written twice.
+const LOOKUPS_AFTER_A_STORED_KEY: u32 = 64;
+
+/// Commits a batch. Most batches hold no event already stored, so the key lookup (a round trip, or a
+/// hand-off to SQLite's thread, and a unique-index probe per key) is skipped: the insert itself fails
+/// on the unique key if one was stored, and then the batch is committed again with the lookup, which
+/// answers duplicates and conflicts. `lookups_left` counts the commits still to look up first.
+async fn commit<W: BatchWriter>(
+    writer: &mut W,
+    batch: &[CommitRequest],
+    lookups_left: &mut u32,
+) -> StoreResult<Committed> {
+    if *lookups_left == 0 {
+        match writer.attempt(batch, false).await {
+            Ok(committed) => return Ok(committed),
+            Err(Attempt::Failed(e)) => return Err(e),
+            Err(Attempt::KeyStored) => *lookups_left = LOOKUPS_AFTER_A_STORED_KEY,
+        }
+    }
+    *lookups_left = lookups_left.saturating_sub(1);
+    match writer.attempt(batch, true).await {
+        Ok(committed) => Ok(committed),
+        Err(Attempt::Failed(e)) => Err(e),
+        Err(Attempt::KeyStored) => Err(StoreError::Internal(
+            "an event key was stored between the lookup and the insert".into(),
+        )),
+    }
 }
 
 /// Most events [`RecentCommits`] holds.
@@ -262,6 +308,7 @@ pub(crate) fn start<W: BatchWriter>(
 ) -> mpsc::Sender<CommitRequest> {
     let (tx, mut rx) = mpsc::channel::<CommitRequest>(1024);
     tokio::spawn(async move {
+        let mut lookups_left = 0;
         while let Some(first) = rx.recv().await {
             let mut total = first.events.len();
             let mut batch = vec![first];
@@ -275,7 +322,7 @@ pub(crate) fn start<W: BatchWriter>(
                 }
             }
             let started = std::time::Instant::now();
-            let committed_batch = writer.commit(&batch).await;
+            let committed_batch = commit(&mut writer, &batch, &mut lookups_left).await;
             ::metrics::histogram!(crate::metrics::names::COMMIT_SECONDS).record(started.elapsed());
             ::metrics::histogram!(crate::metrics::names::COMMIT_BATCH).record(total as f64);
             match committed_batch {

@@ -15,7 +15,7 @@ use tracing::warn;
 use super::{
     Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
     ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
-    commit::{self, BatchWriter, CommitRequest, Committed, NewRow, RecentCommits},
+    commit::{self, Attempt, BatchWriter, CommitRequest, Committed, NewRow, RecentCommits},
     literal_types,
     sqlite::{from_ns, map_err, seq_i64, to_ns},
 };
@@ -145,7 +145,6 @@ impl PostgresStore {
             PostgresWriter {
                 pool: writer_pool,
                 channel,
-                lookups_left: 0,
             },
             committed_tx,
             recent.clone(),
@@ -194,25 +193,6 @@ struct PostgresWriter {
     /// Dedicated to commits (and the probe while the database is away).
     pool: PgPool,
     channel: String,
-    /// Commits still to look up their keys first, since a batch last held an event already stored.
-    lookups_left: u32,
-}
-
-/// Commits that look up their keys first after a batch held an event already stored: retries of
-/// publishes come in bursts, and each such batch would otherwise be written twice.
-const LOOKUPS_AFTER_A_STORED_KEY: u32 = 64;
-
-/// How one attempt at a group commit ended, short of success.
-enum Attempt {
-    /// Written without looking up the keys, and one was already stored: nothing was written.
-    KeyStored,
-    Failed(StoreError),
-}
-
-impl From<StoreError> for Attempt {
-    fn from(e: StoreError) -> Self {
-        Attempt::Failed(e)
-    }
 }
 
 impl BatchWriter for PostgresWriter {
@@ -224,30 +204,6 @@ impl BatchWriter for PostgresWriter {
         }
     }
 
-    /// Most batches hold no event already stored, so the key lookup (a round trip and a unique-index
-    /// probe per key) is skipped: the insert itself fails on the unique key if one was stored, and then
-    /// the batch is committed again with the lookup, which answers duplicates and conflicts.
-    async fn commit(&mut self, batch: &[CommitRequest]) -> StoreResult<Committed> {
-        if self.lookups_left == 0 {
-            match self.attempt(batch, false).await {
-                Ok(committed) => return Ok(committed),
-                Err(Attempt::Failed(e)) => return Err(e),
-                Err(Attempt::KeyStored) => self.lookups_left = LOOKUPS_AFTER_A_STORED_KEY,
-            }
-        }
-        self.lookups_left = self.lookups_left.saturating_sub(1);
-        match self.attempt(batch, true).await {
-            Ok(committed) => Ok(committed),
-            Err(Attempt::Failed(e)) => Err(e),
-            Err(Attempt::KeyStored) => Err(StoreError::Internal(
-                "an event key was stored between the lookup and the insert under the sequence lock"
-                    .into(),
-            )),
-        }
-    }
-}
-
-impl PostgresWriter {
     async fn attempt(
         &mut self,
         batch: &[CommitRequest],

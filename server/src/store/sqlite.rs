@@ -15,7 +15,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 use super::{
     Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
     ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
-    commit::{self, BatchWriter, CommitRequest, Committed, RecentCommits},
+    commit::{self, Attempt, BatchWriter, CommitRequest, Committed, RecentCommits},
     literal_types,
 };
 use crate::event::{Priority, Selection, StoredEvent};
@@ -288,7 +288,11 @@ impl BatchWriter for SqliteWriter {
         std::future::ready(true)
     }
 
-    async fn commit(&mut self, batch: &[CommitRequest]) -> StoreResult<Committed> {
+    async fn attempt(
+        &mut self,
+        batch: &[CommitRequest],
+        look_up_keys: bool,
+    ) -> Result<Committed, Attempt> {
         // recorded time never goes backwards, so time positions and sequence order agree
         self.last_ns = to_ns(Utc::now()).max(self.last_ns);
         let mut conn = self.writer.lock().await;
@@ -300,10 +304,15 @@ impl BatchWriter for SqliteWriter {
                 .map_err(map_err)?,
         };
         self.head = None;
-        let (results, head) = commit_batch(&mut conn, batch, self.last_ns, head).await?;
-        self.head = Some(head);
+        let written = write_batch(&mut conn, batch, self.last_ns, head, look_up_keys).await;
+        if written.is_err() {
+            // the statements that failed may have left the transaction open; nothing of it may stay
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        }
+        let plan = written?;
+        self.head = Some(plan.rows.last().map_or(head, |r| r.seq));
         Ok(Committed {
-            results,
+            results: plan.results,
             recorded_ns: self.last_ns,
         })
     }
@@ -312,65 +321,68 @@ impl BatchWriter for SqliteWriter {
 /// Rows per multi-row statement: 11 parameters each stays far below SQLite's 32,766.
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
 
-/// Commits the batch in one transaction with set-based statements: look up the keys already stored,
-/// decide in memory ([`commit::plan`]), insert the rows and the per-type statistics; returns the results
-/// and the new head. sqlx hands every call to SQLite's worker thread and back (two thread wake-ups, the
-/// larger part of a small commit's cost), so the statements go in two calls: the transaction's start
-/// with the key lookup, then the inserts with the commit.
-async fn commit_batch(
+/// Writes the batch in one transaction with set-based statements (see [`BatchWriter::attempt`]): look
+/// up the keys already stored when asked to, decide in memory ([`commit::plan`]), insert the rows and
+/// the per-type statistics, commit; returns the plan written (its rows are in sequence order). sqlx
+/// hands every call to SQLite's worker thread and back, two thread wake-ups that are the larger part of
+/// a small commit's cost: without the lookup a commit is one call, with it two (the transaction's
+/// start with the lookup, then the inserts with the commit).
+async fn write_batch<'a>(
     conn: &mut SqliteConnection,
-    batch: &[CommitRequest],
+    batch: &'a [CommitRequest],
     recorded_ns: i64,
     head: i64,
-) -> StoreResult<(Vec<StoreResult<Vec<Appended>>>, i64)> {
-    let written = write_batch(conn, batch, recorded_ns, head).await;
-    if written.is_err() {
-        // the statements that failed may have left the transaction open; nothing of it may stay
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-    }
-    written
-}
-
-async fn write_batch(
-    conn: &mut SqliteConnection,
-    batch: &[CommitRequest],
-    recorded_ns: i64,
-    head: i64,
-) -> StoreResult<(Vec<StoreResult<Vec<Appended>>>, i64)> {
-    let keys = commit::keys(batch);
+    look_up_keys: bool,
+) -> Result<commit::Plan<'a>, Attempt> {
     // BEGIN IMMEDIATE takes the write lock now: the transaction writes whatever the lookup finds
     let mut sql = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE;");
-    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-        sql.push(" SELECT e.tenant, e.source, e.id, e.seq, e.content_hash FROM (");
-        sql.push_values(chunk, |mut row, (tenant, source, id)| {
-            row.push_bind(*tenant).push_bind(*source).push_bind(*id);
-        });
-        sql.push(
-            ") AS k JOIN events e ON e.tenant = k.column1 AND e.source = k.column2 AND e.id = k.column3;",
-        );
-    }
-    let rows = sql
-        .build()
-        .persistent(false)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(map_err)?;
     let mut known = commit::Known::new();
-    for row in rows {
-        let column = |name: &str| row.try_get::<String, _>(name).map_err(map_err);
-        known.insert(
-            (column("tenant")?, column("source")?, column("id")?),
-            (
-                row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
-                row.try_get("content_hash").map_err(map_err)?,
-            ),
-        );
+    if look_up_keys {
+        for chunk in commit::keys(batch).chunks(ROWS_PER_STATEMENT) {
+            sql.push(" SELECT e.tenant, e.source, e.id, e.seq, e.content_hash FROM (");
+            sql.push_values(chunk, |mut row, (tenant, source, id)| {
+                row.push_bind(*tenant).push_bind(*source).push_bind(*id);
+            });
+            sql.push(
+                ") AS k JOIN events e ON e.tenant = k.column1 AND e.source = k.column2 AND e.id = k.column3;",
+            );
+        }
+        let rows = sql
+            .build()
+            .persistent(false)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        for row in rows {
+            let column = |name: &str| row.try_get::<String, _>(name).map_err(map_err);
+            known.insert(
+                (column("tenant")?, column("source")?, column("id")?),
+                (
+                    row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
+                    row.try_get("content_hash").map_err(map_err)?,
+                ),
+            );
+        }
+        sql = QueryBuilder::new("");
     }
     let plan = commit::plan(batch, known, head);
-    let mut sql = QueryBuilder::<Sqlite>::new("");
+    push_inserts(&mut sql, &plan, recorded_ns);
+    match sql.build().persistent(false).execute(&mut *conn).await {
+        Ok(_) => Ok(plan),
+        Err(sqlx::Error::Database(e))
+            if !look_up_keys && e.kind() == sqlx::error::ErrorKind::UniqueViolation =>
+        {
+            Err(Attempt::KeyStored)
+        }
+        Err(e) => Err(map_err(e).into()),
+    }
+}
+
+/// Appends the plan's event rows and per-type statistics, then `COMMIT`.
+fn push_inserts(sql: &mut QueryBuilder<Sqlite>, plan: &commit::Plan<'_>, recorded_ns: i64) {
     for chunk in plan.rows.chunks(ROWS_PER_STATEMENT) {
         sql.push(
-            "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) ",
+            " INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) ",
         );
         sql.push_values(chunk, |mut row, r| {
             let e = r.event.event();
@@ -391,7 +403,7 @@ async fn write_batch(
     let stats = commit::type_stats(&plan.rows);
     for chunk in stats.chunks(ROWS_PER_STATEMENT) {
         sql.push(
-            "INSERT INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns) ",
+            " INSERT INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns) ",
         );
         sql.push_values(chunk, |mut row, s| {
             row.push_bind(s.tenant)
@@ -407,14 +419,6 @@ async fn write_batch(
         );
     }
     sql.push(" COMMIT;");
-    sql.build()
-        .persistent(false)
-        .execute(&mut *conn)
-        .await
-        .map_err(map_err)?;
-    // rows are in sequence order
-    let head = plan.rows.last().map_or(head, |r| r.seq);
-    Ok((plan.results, head))
 }
 
 #[async_trait]
