@@ -1,13 +1,13 @@
 //! The production event store on Postgres: pooled connections, embedded migrations applied under
 //! sqlx's advisory lock, group commit, and commit notifications for the other replicas.
 
-use std::{sync::Arc, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{
-    Postgres, QueryBuilder, Row,
-    postgres::{PgListener, PgPool, PgPoolOptions, PgRow},
+    Connection, PgConnection, Postgres, QueryBuilder, Row,
+    postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow},
 };
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
@@ -131,19 +131,13 @@ impl PostgresStore {
             channel.clone(),
             committed_tx.clone(),
         ));
-        // the writer's own connections: a commit never queues behind readers for the shared pool, so
-        // waiting for a connection means the database is unreachable, not busy
-        let writer_pool = PgPoolOptions::new()
-            .max_connections(2)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
-            .await
+        let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?;
         let recent = Arc::new(RecentCommits::default());
         let commits = commit::start(
             PostgresWriter {
-                pool: writer_pool,
+                options,
+                conn: None,
                 channel,
             },
             committed_tx,
@@ -190,17 +184,29 @@ async fn listen_for_commits(pool: PgPool, channel: String, committed: watch::Sen
 }
 
 struct PostgresWriter {
-    /// Dedicated to commits (and the probe while the database is away).
-    pool: PgPool,
+    /// Where the writer connects.
+    options: PgConnectOptions,
+    /// The writer's own connection, kept from commit to commit (a pool pings a connection when it hands
+    /// it out and again when it comes back: two more round trips per commit); `None` after a failure,
+    /// until the next commit connects again. A commit never queues behind readers for it, so failing
+    /// to connect means the database is unreachable, not busy.
+    conn: Option<PgConnection>,
     channel: String,
 }
 
 impl BatchWriter for PostgresWriter {
     fn probe(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
-        let pool = self.pool.clone();
+        let options = self.options.clone();
         async move {
-            let answer = sqlx::query("SELECT 1").execute(&pool);
-            matches!(tokio::time::timeout(PROBE_TIMEOUT, answer).await, Ok(Ok(_)))
+            let answer = async {
+                let mut conn = PgConnection::connect_with(&options).await?;
+                sqlx::query("SELECT 1").execute(&mut conn).await?;
+                conn.close().await
+            };
+            matches!(
+                tokio::time::timeout(PROBE_TIMEOUT, answer).await,
+                Ok(Ok(()))
+            )
         }
     }
 
@@ -209,53 +215,85 @@ impl BatchWriter for PostgresWriter {
         batch: &[CommitRequest],
         look_up_keys: bool,
     ) -> Result<Committed, Attempt> {
-        // fail fast when the database is gone rather than wait out the pool's reconnect attempts
-        let mut tx = tokio::time::timeout(PROBE_TIMEOUT, self.pool.begin())
-            .await
-            .map_err(|_| {
-                StoreError::Unavailable(format!("no database connection within {PROBE_TIMEOUT:?}"))
-            })?
-            .map_err(map_err)?;
-        commit_jitter().await;
-        // the row lock orders whole transactions across replicas: sequence order is commit order
-        let locked = sqlx::query(
-            "SELECT seq, GREATEST(recorded_ns, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT * 1000) AS now_ns \
-             FROM nerve_sequence FOR UPDATE",
-        )
-        .fetch_one(&mut *tx)
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            // fail fast when the database is gone rather than wait out connection attempts
+            None => tokio::time::timeout(PROBE_TIMEOUT, PgConnection::connect_with(&self.options))
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable(format!(
+                        "no database connection within {PROBE_TIMEOUT:?}"
+                    ))
+                })?
+                .map_err(map_err)?,
+        };
+        let written = write_batch(&mut conn, batch, look_up_keys, &self.channel).await;
+        // After a failure the connection may be broken, or still inside the transaction: dropping it
+        // ends both (Postgres rolls back what the transaction held, the sequence lock with it).
+        if !matches!(written, Err(Attempt::Failed(_))) {
+            self.conn = Some(conn);
+        }
+        written
+    }
+}
+
+/// Writes the batch in one transaction (see [`BatchWriter::attempt`]): `BEGIN` with the sequence lock,
+/// the key lookup when asked to, one statement for the rows, `COMMIT`.
+async fn write_batch(
+    conn: &mut PgConnection,
+    batch: &[CommitRequest],
+    look_up_keys: bool,
+    channel: &str,
+) -> Result<Committed, Attempt> {
+    commit_jitter().await;
+    // One round trip (simple query protocol). The row lock orders whole transactions across replicas:
+    // sequence order is commit order.
+    let locked = sqlx::raw_sql(
+        "BEGIN; SELECT seq, GREATEST(recorded_ns, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT * 1000) AS now_ns \
+         FROM nerve_sequence FOR UPDATE",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(map_err)?;
+    let locked = locked
+        .first()
+        .ok_or_else(|| StoreError::Internal("the nerve_sequence row is missing".into()))?;
+    let head: i64 = locked.try_get("seq").map_err(map_err)?;
+    let recorded_ns: i64 = locked.try_get("now_ns").map_err(map_err)?;
+    let known = if look_up_keys {
+        stored_keys(conn, batch).await?
+    } else {
+        commit::Known::new()
+    };
+    let plan = commit::plan(batch, known, head);
+    if !plan.rows.is_empty() {
+        match insert_rows(conn, &plan.rows, recorded_ns, channel).await {
+            Ok(()) => {}
+            Err(sqlx::Error::Database(e)) if e.constraint() == Some("events_key") => {
+                // before the next attempt: the sequence lock goes with the transaction
+                sqlx::raw_sql("ROLLBACK")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_err)?;
+                return Err(Attempt::KeyStored);
+            }
+            Err(e) => return Err(map_err(e).into()),
+        }
+    }
+    commit_jitter().await;
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut *conn)
         .await
         .map_err(map_err)?;
-        let head: i64 = locked.try_get("seq").map_err(map_err)?;
-        let recorded_ns: i64 = locked.try_get("now_ns").map_err(map_err)?;
-        let known = if look_up_keys {
-            stored_keys(&mut tx, batch).await?
-        } else {
-            commit::Known::new()
-        };
-        let plan = commit::plan(batch, known, head);
-        if !plan.rows.is_empty() {
-            match insert_rows(&mut tx, &plan.rows, recorded_ns, &self.channel).await {
-                Ok(()) => {}
-                Err(sqlx::Error::Database(e)) if e.constraint() == Some("events_key") => {
-                    // before the next attempt: the sequence lock goes with the transaction
-                    tx.rollback().await.map_err(map_err)?;
-                    return Err(Attempt::KeyStored);
-                }
-                Err(e) => return Err(map_err(e).into()),
-            }
-        }
-        commit_jitter().await;
-        tx.commit().await.map_err(map_err)?;
-        Ok(Committed {
-            results: plan.results,
-            recorded_ns,
-        })
-    }
+    Ok(Committed {
+        results: plan.results,
+        recorded_ns,
+    })
 }
 
 /// The rows already stored under the batch's keys.
 async fn stored_keys(
-    tx: &mut sqlx::Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     batch: &[CommitRequest],
 ) -> StoreResult<commit::Known> {
     let (tenants, sources, ids): (Vec<&str>, Vec<&str>, Vec<&str>) = commit::keys(batch)
@@ -279,7 +317,7 @@ async fn stored_keys(
     .bind(&tenants)
     .bind(&sources)
     .bind(&ids)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *conn)
     .await
     .map_err(map_err)?;
     let mut known = commit::Known::new();
@@ -313,7 +351,7 @@ async fn commit_jitter() {
 /// one statement: data-modifying CTEs run whether or not the outer query reads them, so a commit costs
 /// BEGIN, lock, key lookup, this, COMMIT.
 async fn insert_rows(
-    tx: &mut sqlx::Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     rows: &[NewRow<'_>],
     recorded_ns: i64,
     channel: &str,
@@ -363,7 +401,7 @@ async fn insert_rows(
     .bind(head)
     .bind(channel)
     .bind(head.to_string())
-    .execute(&mut **tx)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
