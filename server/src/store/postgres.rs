@@ -132,7 +132,10 @@ impl PostgresStore {
             committed_tx.clone(),
         ));
         let options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?
+            // Without statistics (a new deployment) the commit statement's estimates cross the JIT
+            // threshold, and compiling it cost ~15 ms per commit; it never pays off for one commit.
+            .options([("jit", "off")]);
         let recent = Arc::new(RecentCommits::default());
         let commits = commit::start(
             PostgresWriter {
@@ -237,8 +240,10 @@ impl BatchWriter for PostgresWriter {
     }
 }
 
-/// Writes the batch in one transaction (see [`BatchWriter::attempt`]): `BEGIN` with the sequence lock,
-/// the key lookup when asked to, one statement for the rows, `COMMIT`.
+/// Writes the batch (see [`BatchWriter::attempt`]). Without the key lookup, the commit is one
+/// statement in a transaction of its own ([`insert_rows`]: it takes the sequence lock, numbers the rows
+/// from the head it finds, and commits): one round trip. With the lookup, the transaction is explicit:
+/// `BEGIN` with the sequence lock, the lookup, the same statement, `COMMIT`.
 async fn write_batch(
     conn: &mut PgConnection,
     batch: &[CommitRequest],
@@ -246,29 +251,54 @@ async fn write_batch(
     channel: &str,
 ) -> Result<Committed, Attempt> {
     commit_jitter().await;
+    if !look_up_keys {
+        // numbered from 0: the statement adds the head it locks
+        let plan = commit::plan(batch, commit::Known::new(), 0);
+        if plan.rows.is_empty() {
+            return Ok(Committed {
+                results: plan.results,
+                recorded_ns: 0,
+            });
+        }
+        let (head, recorded_ns) = match insert_rows(conn, &plan.rows, 0, channel).await {
+            Ok(written) => written,
+            // the statement's transaction is rolled back with it, the sequence lock released
+            Err(sqlx::Error::Database(e)) if e.constraint() == Some("events_key") => {
+                return Err(Attempt::KeyStored);
+            }
+            Err(e) => return Err(map_err(e).into()),
+        };
+        let offset = |appended: Vec<Appended>| {
+            appended
+                .into_iter()
+                .map(|a| Appended {
+                    sequence: a.sequence + head as u64,
+                    ..a
+                })
+                .collect()
+        };
+        return Ok(Committed {
+            results: plan.results.into_iter().map(|r| r.map(offset)).collect(),
+            recorded_ns,
+        });
+    }
     // One round trip (simple query protocol). The row lock orders whole transactions across replicas:
     // sequence order is commit order.
-    let locked = sqlx::raw_sql(
-        "BEGIN; SELECT seq, GREATEST(recorded_ns, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT * 1000) AS now_ns \
-         FROM nerve_sequence FOR UPDATE",
-    )
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(map_err)?;
-    let locked = locked
+    let locked = sqlx::raw_sql("BEGIN; SELECT seq FROM nerve_sequence FOR UPDATE")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    let head: i64 = locked
         .first()
-        .ok_or_else(|| StoreError::Internal("the nerve_sequence row is missing".into()))?;
-    let head: i64 = locked.try_get("seq").map_err(map_err)?;
-    let recorded_ns: i64 = locked.try_get("now_ns").map_err(map_err)?;
-    let known = if look_up_keys {
-        stored_keys(conn, batch).await?
-    } else {
-        commit::Known::new()
-    };
+        .ok_or_else(|| StoreError::Internal("the nerve_sequence row is missing".into()))?
+        .try_get("seq")
+        .map_err(map_err)?;
+    let known = stored_keys(conn, batch).await?;
     let plan = commit::plan(batch, known, head);
+    let mut recorded_ns = 0;
     if !plan.rows.is_empty() {
-        match insert_rows(conn, &plan.rows, recorded_ns, channel).await {
-            Ok(()) => {}
+        match insert_rows(conn, &plan.rows, head, channel).await {
+            Ok((_, now_ns)) => recorded_ns = now_ns,
             Err(sqlx::Error::Database(e)) if e.constraint() == Some("events_key") => {
                 // before the next attempt: the sequence lock goes with the transaction
                 sqlx::raw_sql("ROLLBACK")
@@ -348,15 +378,17 @@ async fn commit_jitter() {
 }
 
 /// Inserts the rows, updates the per-type statistics and the head, and notifies the other replicas, in
-/// one statement: data-modifying CTEs run whether or not the outer query reads them, so a commit costs
-/// BEGIN, lock, key lookup, this, COMMIT.
+/// one statement; returns the head it found and the recorded time of the rows (ns since the epoch). It
+/// locks the sequence row itself, and the rows' sequences are `head + (seq - base)`: with `base` 0 the
+/// rows are numbered from whatever head it finds, with `base` the head an open transaction has locked
+/// they keep their sequences. Data-modifying CTEs run whether or not the outer query reads them.
 async fn insert_rows(
     conn: &mut PgConnection,
     rows: &[NewRow<'_>],
-    recorded_ns: i64,
+    base: i64,
     channel: &str,
-) -> Result<(), sqlx::Error> {
-    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+) -> Result<(i64, i64), sqlx::Error> {
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq - base).collect();
     let tenants: Vec<&str> = rows.iter().map(|r| r.tenant).collect();
     let events = || rows.iter().map(|r| r.event.event());
     let sources: Vec<&str> = events().map(|e| e.source.as_str()).collect();
@@ -368,18 +400,23 @@ async fn insert_rows(
     let hashes: Vec<&[u8]> = rows.iter().map(|r| &r.event.content_hash()[..]).collect();
     let bodies: Vec<&[u8]> = rows.iter().map(|r| r.event.body()).collect();
     let stats = commit::type_stats(rows);
-    let head = rows.last().map_or(0, |r| r.seq);
-    sqlx::query(
-        "WITH ins AS (INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body_binary) \
-           SELECT s, t, so, i, ty, su, c, p, $9, h, b FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
-           $6::TEXT[], $7::TEXT[], $8::SMALLINT[], $10::BYTEA[], $11::BYTEA[]) AS x(s, t, so, i, ty, su, c, p, h, b)), \
+    let last = rows.last().map_or(0, |r| r.seq - base);
+    let row = sqlx::query(
+        "WITH lock AS (SELECT seq AS head, \
+           GREATEST(recorded_ns, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT * 1000) AS now_ns \
+           FROM nerve_sequence FOR UPDATE), \
+         ins AS (INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body_binary) \
+           SELECT lock.head + s, t, so, i, ty, su, c, p, lock.now_ns, h, b FROM lock, UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
+           $6::TEXT[], $7::TEXT[], $8::SMALLINT[], $9::BYTEA[], $10::BYTEA[]) AS x(s, t, so, i, ty, su, c, p, h, b)), \
          stats AS (INSERT INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns, levels) \
-           SELECT t, ty, n, f, l, $9, lv FROM UNNEST($12::TEXT[], $13::TEXT[], $14::BIGINT[], $15::BIGINT[], $16::BIGINT[], $17::SMALLINT[]) AS x(t, ty, n, f, l, lv) \
+           SELECT t, ty, n, lock.head + f, lock.head + l, lock.now_ns, lv FROM lock, \
+           UNNEST($11::TEXT[], $12::TEXT[], $13::BIGINT[], $14::BIGINT[], $15::BIGINT[], $16::SMALLINT[]) AS x(t, ty, n, f, l, lv) \
            ON CONFLICT (tenant, type) DO UPDATE SET count = event_types.count + excluded.count, \
            last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns, \
            levels = event_types.levels | excluded.levels), \
-         head AS (UPDATE nerve_sequence SET seq = $18, recorded_ns = $9) \
-         SELECT pg_notify($19, $20)",
+         head AS (UPDATE nerve_sequence SET seq = lock.head + $17, recorded_ns = lock.now_ns FROM lock), \
+         notify AS (SELECT pg_notify($18, (lock.head + $17)::TEXT) FROM lock) \
+         SELECT lock.head, lock.now_ns FROM lock, notify",
     )
     .bind(&seqs)
     .bind(&tenants)
@@ -389,21 +426,19 @@ async fn insert_rows(
     .bind(&subjects)
     .bind(&correlations)
     .bind(&priorities)
-    .bind(recorded_ns)
     .bind(&hashes)
     .bind(&bodies)
     .bind(stats.iter().map(|s| s.tenant).collect::<Vec<_>>())
     .bind(stats.iter().map(|s| s.event_type).collect::<Vec<_>>())
     .bind(stats.iter().map(|s| s.count).collect::<Vec<_>>())
-    .bind(stats.iter().map(|s| s.first_seq).collect::<Vec<_>>())
-    .bind(stats.iter().map(|s| s.last_seq).collect::<Vec<_>>())
+    .bind(stats.iter().map(|s| s.first_seq - base).collect::<Vec<_>>())
+    .bind(stats.iter().map(|s| s.last_seq - base).collect::<Vec<_>>())
     .bind(stats.iter().map(|s| s.levels).collect::<Vec<_>>())
-    .bind(head)
+    .bind(last)
     .bind(channel)
-    .bind(head.to_string())
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(())
+    Ok((row.try_get("head")?, row.try_get("now_ns")?))
 }
 
 #[async_trait]
