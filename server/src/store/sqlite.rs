@@ -320,6 +320,8 @@ impl BatchWriter for SqliteWriter {
 
 /// Rows per multi-row statement: 11 parameters each stays far below SQLite's 32,766.
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
+/// Most rows of a commit whose statement is kept prepared.
+const KEEP_PREPARED_ROWS: usize = 16;
 
 /// Writes the batch in one transaction with set-based statements (see [`BatchWriter::attempt`]): look
 /// up the keys already stored when asked to, decide in memory ([`commit::plan`]), insert the rows and
@@ -367,7 +369,16 @@ async fn write_batch<'a>(
     }
     let plan = commit::plan(batch, known, head);
     push_inserts(&mut sql, &plan, recorded_ns);
-    match sql.build().persistent(false).execute(&mut *conn).await {
+    // Small commits come in few shapes (rows x types) and stay prepared (sqlx keeps the last 100
+    // statements): parsing them on every commit cost ~12 % of the server's CPU at 1K single-event
+    // publishes/s. Larger ones come in many shapes, and their rows cost more than their parsing.
+    let keep_prepared = plan.rows.len() <= KEEP_PREPARED_ROWS;
+    match sql
+        .build()
+        .persistent(keep_prepared)
+        .execute(&mut *conn)
+        .await
+    {
         Ok(_) => Ok(plan),
         Err(sqlx::Error::Database(e))
             if !look_up_keys && e.kind() == sqlx::error::ErrorKind::UniqueViolation =>
