@@ -1,5 +1,5 @@
 //! Same-run baselines on the same Postgres and Redis: the rows Nerve stores, inserted raw; XADD pipelined;
-//! XADD -> XREADGROUP latency.
+//! XADD -> XREADGROUP latency; and the disk: `fdatasync` after one small write.
 
 use std::{
     sync::{
@@ -482,4 +482,55 @@ impl RedisBase {
         );
         Ok(row)
     }
+}
+
+/// The system of the disk baseline's row.
+pub const DISK: &str = "disk (raw)";
+
+/// Bytes written before each `fdatasync` of the disk baseline: one page, the least a commit writes.
+const DISK_WRITE: usize = 4096;
+/// The region of the disk baseline's file that writes cycle through, allocated (and synced) first, so
+/// the file never grows: as SQLite's write-ahead log, which is overwritten once checkpointed.
+const DISK_REGION: u64 = 1 << 20;
+
+/// Latency of `fdatasync` after one 4 KiB write, back to back for `duration`, in a file of the
+/// temporary directory (where the embedded server keeps its data): the least one durable commit adds
+/// to publish -> deliver on this machine.
+pub async fn fdatasync_latency(duration: Duration) -> Result<Row> {
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt as _;
+        let file = tempfile::Builder::new()
+            .prefix("nerve-bench-disk-")
+            .tempfile()
+            .context("creating the disk baseline's file")?;
+        let handle = file.as_file();
+        let zeros = vec![0u8; DISK_REGION as usize];
+        handle.write_all_at(&zeros, 0)?;
+        handle.sync_all()?;
+        let page = vec![0x5au8; DISK_WRITE];
+        let mut hist = Hist::new();
+        let started = std::time::Instant::now();
+        let mut samples = 0u64;
+        while started.elapsed() < duration {
+            let at = (samples * DISK_WRITE as u64) % DISK_REGION;
+            let t = std::time::Instant::now();
+            handle.write_all_at(&page, at)?;
+            handle.sync_data()?;
+            hist.record(t.elapsed());
+            samples += 1;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let mut row = Row::new("latency", DISK, "fdatasync after a 4 KiB write");
+        row.events = samples;
+        row.seconds = seconds;
+        row.rate = samples as f64 / seconds;
+        row.latency = hist.summary();
+        row.note = format!(
+            "one 4 KiB pwrite + fdatasync, back to back, in {} (where the embedded server keeps its data): the least a durable commit adds",
+            std::env::temp_dir().display()
+        );
+        Ok(row)
+    })
+    .await
+    .context("the disk baseline's thread")?
 }
