@@ -63,8 +63,13 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static TYPES: OnceLock<LabelCap> = OnceLock::new();
 static GROUPS: OnceLock<LabelCap> = OnceLock::new();
 
+/// Held while the recorder is installed: a second server starting at the same time in this process
+/// (tests) would otherwise find the global recorder set and `HANDLE` not yet, and fail to start.
+static INSTALLING: Mutex<()> = Mutex::new(());
+
 /// Installs the process-wide recorder once; later calls return the same handle.
 pub fn install(max_label_values: usize) -> Result<PrometheusHandle, String> {
+    let _installing = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }

@@ -5,7 +5,7 @@ use nerve::api::pb;
 use crate::harness::{Subscriber, TestServer, event, open, publish};
 
 /// The value of the series `name{labels}` where every given label matches, or 0.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {

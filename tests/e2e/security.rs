@@ -490,7 +490,16 @@ allow = { admin = ["audit"] }
 "#;
 
 async fn policy_server(dir: &Path) -> TestServer {
-    let policy = write(dir, "policy.toml", POLICY);
+    server_with_policy(dir, POLICY, |_| {}).await
+}
+
+/// A server taking HS256 tokens (tenant claim `tenant`) under the given policy, adjusted further.
+async fn server_with_policy(
+    dir: &Path,
+    policy: &str,
+    adjust: impl FnOnce(&mut Config),
+) -> TestServer {
+    let policy = write(dir, "policy.toml", policy);
     let secret = write(dir, "hs.secret", HS_SECRET);
     TestServer::start_with(|c| {
         c.auth.jwt.issuer = ISSUER.into();
@@ -499,6 +508,7 @@ async fn policy_server(dir: &Path) -> TestServer {
         c.auth.jwt.hs_secret_file = secret;
         c.auth.jwt.tenant_claim = "tenant".into();
         c.auth.policy_file = policy;
+        adjust(c);
     })
     .await
 }
@@ -1187,4 +1197,56 @@ async fn the_dev_pki_script_makes_a_working_mtls_and_jwt_setup() {
         ))
         .await
         .expect("certificate + token + policy let the planner publish");
+}
+
+const GAUGE_POLICY: &str = r#"
+[[principal]]
+id = "ann"
+tenant = "acme"
+allow = { publish = ["gauge.>"], subscribe = ["gauge.>"], groups = ["*"] }
+
+[[principal]]
+id = "bob"
+tenant = "globex"
+allow = { publish = ["gauge.>"], subscribe = ["gauge.>"], groups = ["*"] }
+"#;
+
+/// The sampled group gauges cover every tenant's groups (not only the default tenant's), and groups of
+/// one name in two tenants add up, as the counters do.
+#[tokio::test]
+async fn group_gauges_cover_every_tenant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = server_with_policy(dir.path(), GAUGE_POLICY, |c| {
+        c.metrics.listen = "127.0.0.1:0".into();
+        c.metrics.group_sample_interval = Duration::from_millis(100);
+    })
+    .await;
+    let ann = hs_token(&claims("ann"));
+    let bob = hs_token(&claims("bob"));
+    let mut bus = server.bus();
+    // the groups exist once a member has opened them; with no member left, what follows is their lag
+    for (token, group) in [(&ann, "shared"), (&bob, "shared"), (&bob, "globex-only")] {
+        let member = Subscriber::open_as(&mut bus, open(&["gauge.>"], group), Some(token))
+            .await
+            .expect("member opens");
+        drop(member);
+    }
+    let events = |prefix: &str, source: &str, n: usize| {
+        (0..n)
+            .map(|i| sourced(&format!("{prefix}{i}"), "gauge.tick", source))
+            .collect::<Vec<_>>()
+    };
+    publish_as(&server, &ann, events("a", "ann", 2))
+        .await
+        .expect("acme publishes");
+    publish_as(&server, &bob, events("b", "bob", 3))
+        .await
+        .expect("globex publishes");
+    crate::harness::eventually("every tenant's groups sampled", || async {
+        let text = server.scrape().await;
+        let lag =
+            |group| crate::observability::value(&text, "nerve_group_lag", &[("group", group)]);
+        (lag("shared") == 5.0 && lag("globex-only") == 3.0).then_some(())
+    })
+    .await;
 }

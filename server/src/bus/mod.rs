@@ -10,6 +10,7 @@ mod scheduler;
 mod subscription;
 
 use std::{
+    collections::{HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -189,18 +190,20 @@ impl Bus {
     }
 }
 
-/// Samples every group's backlog into gauges until `shutdown` (metrics on).
+/// Samples every group's backlog into gauges until `shutdown` (metrics on). Groups of every tenant are
+/// sampled; like the counters, the gauges carry no tenant, so groups that share a label (one name in
+/// several tenants, or names folded into "other") add up. A label whose groups are gone drops to 0.
 pub async fn sample_groups(bus: Arc<Bus>, interval: Duration, shutdown: CancellationToken) {
+    let mut labelled: HashSet<String> = HashSet::new();
     loop {
-        match bus.list_groups(DEFAULT_TENANT).await {
-            Ok(groups) => {
-                for g in groups {
-                    let group = crate::metrics::group_label(&g.stats.key.name);
-                    ::metrics::gauge!(names::GROUP_PENDING, "group" => group.clone())
-                        .set(g.stats.pending as f64);
-                    ::metrics::gauge!(names::GROUP_LAG, "group" => group.clone()).set(g.lag as f64);
-                    ::metrics::gauge!(names::GROUP_CONSUMERS, "group" => group)
-                        .set(f64::from(g.stats.consumers));
+        match backlog_by_label(&bus).await {
+            Ok(backlog) => {
+                for gone in labelled.difference(&backlog.keys().cloned().collect()) {
+                    set_group_gauges(gone, GroupBacklog::default());
+                }
+                labelled = backlog.keys().cloned().collect();
+                for (group, sums) in backlog {
+                    set_group_gauges(&group, sums);
                 }
             }
             Err(error) => debug!(%error, "group sampling failed"),
@@ -210,6 +213,37 @@ pub async fn sample_groups(bus: Arc<Bus>, interval: Duration, shutdown: Cancella
             _ = shutdown.cancelled() => return,
         }
     }
+}
+
+/// Pending, lag and consumers summed over the groups of one label.
+#[derive(Debug, Default, Clone, Copy)]
+struct GroupBacklog {
+    pending: u64,
+    lag: u64,
+    consumers: u64,
+}
+
+async fn backlog_by_label(bus: &Bus) -> BusResult<HashMap<String, GroupBacklog>> {
+    let mut backlog: HashMap<String, GroupBacklog> = HashMap::new();
+    for tenant in bus.streams.group_tenants().await? {
+        for g in bus.list_groups(&tenant).await? {
+            let sums = backlog
+                .entry(crate::metrics::group_label(&g.stats.key.name))
+                .or_default();
+            sums.pending += g.stats.pending;
+            sums.lag += g.lag;
+            sums.consumers += u64::from(g.stats.consumers);
+        }
+    }
+    Ok(backlog)
+}
+
+fn set_group_gauges(group: &str, backlog: GroupBacklog) {
+    ::metrics::gauge!(names::GROUP_PENDING, "group" => group.to_owned())
+        .set(backlog.pending as f64);
+    ::metrics::gauge!(names::GROUP_LAG, "group" => group.to_owned()).set(backlog.lag as f64);
+    ::metrics::gauge!(names::GROUP_CONSUMERS, "group" => group.to_owned())
+        .set(backlog.consumers as f64);
 }
 
 /// Validates a durable group name: it becomes part of keys in the stream backend.

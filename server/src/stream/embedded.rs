@@ -836,6 +836,13 @@ impl LiveStreams for EmbeddedStreams {
         Ok(())
     }
 
+    async fn group_tenants(&self) -> StreamResult<Vec<String>> {
+        sqlx::query_scalar("SELECT DISTINCT tenant FROM groups ORDER BY tenant")
+            .fetch_all(&self.store.db().pool)
+            .await
+            .map_err(db_err)
+    }
+
     async fn groups(&self, tenant: &str) -> StreamResult<Vec<GroupStats>> {
         let rows =
             sqlx::query("SELECT grp, COUNT(*) AS n FROM pending WHERE tenant = ? GROUP BY grp")

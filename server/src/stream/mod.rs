@@ -192,6 +192,9 @@ pub trait LiveStreams: Send + Sync + 'static {
     /// Lists a tenant's groups with their backlog.
     async fn groups(&self, tenant: &str) -> StreamResult<Vec<GroupStats>>;
 
+    /// The tenants that have durable groups.
+    async fn group_tenants(&self) -> StreamResult<Vec<String>>;
+
     /// Deletes a group and its pending entries.
     async fn delete_group(&self, key: &GroupKey) -> StreamResult<bool>;
 

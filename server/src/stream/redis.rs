@@ -1284,6 +1284,13 @@ impl LiveStreams for RedisStreams {
         Ok(())
     }
 
+    async fn group_tenants(&self) -> StreamResult<Vec<String>> {
+        sqlx::query_scalar("SELECT DISTINCT tenant FROM nerve_groups ORDER BY tenant")
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(db_err)
+    }
+
     async fn groups(&self, tenant: &str) -> StreamResult<Vec<GroupStats>> {
         let names: Vec<String> =
             sqlx::query_scalar("SELECT name FROM nerve_groups WHERE tenant = $1 ORDER BY name")
