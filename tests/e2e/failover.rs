@@ -141,6 +141,26 @@ impl RedisProcess {
     }
 }
 
+/// Copies bytes from `from` to `to` until either side closes, holding them while `frozen` is true.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if frozen.wait_for(|f| !f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
 async fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .await
@@ -157,6 +177,9 @@ struct Proxy {
     upstream: SocketAddr,
     task: Option<JoinHandle<()>>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// While true, connections stay open (and new ones are accepted) but no byte is forwarded: a
+    /// network partition, as opposed to a database that closes its connections.
+    frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -166,6 +189,7 @@ impl Proxy {
             upstream,
             task: None,
             connections: Arc::default(),
+            frozen: tokio::sync::watch::channel(false).0,
         };
         proxy.resume().await;
         proxy
@@ -177,16 +201,28 @@ impl Proxy {
             .expect("rebind proxy port");
         let upstream = self.upstream;
         let connections = self.connections.clone();
+        let frozen = self.frozen.clone();
         self.task = Some(tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let frozen = frozen.clone();
                 let handle = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = TcpStream::connect(upstream).await {
+                        let (from_client, to_client) = inbound.into_split();
+                        let (from_server, to_server) = outbound.into_split();
+                        tokio::join!(
+                            pump(from_client, to_server, frozen.subscribe()),
+                            pump(from_server, to_client, frozen.subscribe()),
+                        );
                     }
                 });
                 connections.lock().expect("lock").push(handle);
             }
         }));
+    }
+
+    /// Stops forwarding (true) or forwards again (false), keeping every connection open.
+    fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
     }
 
     fn stop(&mut self) {
@@ -670,10 +706,8 @@ async fn redis_restart(persistent: bool) {
     let _ = consumer.await;
 }
 
-/// 6. Postgres goes away for 10 s under 1,000 publishes/s: publishes fail with UNAVAILABLE within the
-///    client deadline, none succeeds without a stored row, and throughput is back within 5 s.
-#[tokio::test]
-async fn postgres_outage_fails_fast_and_recovers() {
+/// A deployment with one replica that reaches Postgres through a [`Proxy`].
+async fn replica_behind_proxy() -> (Proxy, Deployment, ServerProcess) {
     let upstream: SocketAddr = {
         let url = crate::harness::database_url();
         let host = url
@@ -688,12 +722,63 @@ async fn postgres_outage_fails_fast_and_recovers() {
             .next()
             .expect("an address")
     };
-    let mut proxy = Proxy::start(upstream).await;
+    let proxy = Proxy::start(upstream).await;
     let deployment = Deployment::new(redis_url()).await;
     let proxied = deployment
         .database_url
         .replace(&upstream.to_string(), &format!("127.0.0.1:{}", proxy.port));
     let server = deployment.replica_on(&proxied, &[]).await;
+    (proxy, deployment, server)
+}
+
+/// Postgres stops answering without closing its connections (a network partition): a publish waiting
+/// on the commit fails with UNAVAILABLE after the writer's commit timeout (5 s), not when TCP gives up,
+/// and publishing works again once the network does.
+#[tokio::test]
+async fn postgres_partition_fails_a_waiting_publish_within_the_commit_timeout() {
+    let (proxy, deployment, server) = replica_behind_proxy().await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let publish = |id: &str| {
+        let mut request = tonic::Request::new(pb::PublishRequest {
+            events: vec![event(id, "pg.partition")],
+        });
+        request.set_timeout(Duration::from_secs(20));
+        request
+    };
+    bus.publish(publish("before"))
+        .await
+        .expect("the writer's connection is up");
+
+    proxy.freeze(true);
+    let sent = Instant::now();
+    let status = bus
+        .publish(publish("during"))
+        .await
+        .expect_err("nothing can commit while the network is down");
+    let took = sent.elapsed();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "failed after {took:?}: the commit timeout is 5 s, the client deadline 20 s"
+    );
+
+    proxy.freeze(false);
+    // the writer answers UNAVAILABLE at once until its probe reaches the database again
+    crate::harness::eventually("publishing works again", || {
+        let mut bus = bus.clone();
+        async move { bus.publish(publish("after")).await.ok() }
+    })
+    .await;
+    let stored = deployment.stored_ids().await;
+    assert_eq!(stored.get("after"), Some(&1));
+    assert_eq!(stored.get("before"), Some(&1));
+}
+
+/// 6. Postgres goes away for 10 s under 1,000 publishes/s: publishes fail with UNAVAILABLE within the
+///    client deadline, none succeeds without a stored row, and throughput is back within 5 s.
+#[tokio::test]
+async fn postgres_outage_fails_fast_and_recovers() {
+    let (mut proxy, deployment, server) = replica_behind_proxy().await;
     let channel = server.channel().await;
 
     #[derive(Debug)]

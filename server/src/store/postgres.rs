@@ -25,6 +25,10 @@ use crate::event::{Priority, Selection, StoredEvent};
 const COMMIT_CHANNEL: &str = "nerve_commits";
 /// Longest a commit waits for a connection, and a probe of an unavailable database for its answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest one commit may take before its connection is given up on. The writer's connection is kept
+/// from commit to commit, so a database that stops answering without closing it (a network partition)
+/// would otherwise hold every publish until TCP gives up.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The columns [`decode`] reads: event reads fetch only these, not the key, indexed and hash columns.
 /// Events committed before migration 0004 have their JSON in `body`; [`super::body::decode`] reads both.
@@ -230,7 +234,16 @@ impl BatchWriter for PostgresWriter {
                 })?
                 .map_err(map_err)?,
         };
-        let written = write_batch(&mut conn, batch, look_up_keys, &self.channel).await;
+        let written = tokio::time::timeout(
+            COMMIT_TIMEOUT,
+            write_batch(&mut conn, batch, look_up_keys, &self.channel),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Attempt::Failed(StoreError::Unavailable(format!(
+                "the database did not finish a commit within {COMMIT_TIMEOUT:?}"
+            ))))
+        });
         // After a failure the connection may be broken, or still inside the transaction: dropping it
         // ends both (Postgres rolls back what the transaction held, the sequence lock with it).
         if !matches!(written, Err(Attempt::Failed(_))) {
