@@ -604,8 +604,16 @@ fn durable_floor(raw: Option<util::Latency>, sync: Option<util::Latency>) -> Str
         raw.p50_ms, sync.p50_ms, floor
     )
 }
+
 /// Every system measured as a baseline or peer, not as Nerve.
-const BASELINES: [&str; 5] = [PG, baseline::PG_SERIAL, REDIS, NATS, NATS_SYNC];
+const BASELINES: [&str; 6] = [
+    PG,
+    baseline::PG_SERIAL,
+    REDIS,
+    NATS,
+    NATS_SYNC,
+    baseline::DISK,
+];
 
 /// Adds the ratios to baselines and evaluates the targets.
 fn compare(report: &mut Report) {

@@ -198,10 +198,11 @@ pub async fn sample_groups(bus: Arc<Bus>, interval: Duration, shutdown: Cancella
     loop {
         match backlog_by_label(&bus).await {
             Ok(backlog) => {
-                for gone in labelled.difference(&backlog.keys().cloned().collect()) {
+                let current: HashSet<String> = backlog.keys().cloned().collect();
+                for gone in labelled.difference(&current) {
                     set_group_gauges(gone, GroupBacklog::default());
                 }
-                labelled = backlog.keys().cloned().collect();
+                labelled = current;
                 for (group, sums) in backlog {
                     set_group_gauges(&group, sums);
                 }
