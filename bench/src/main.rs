@@ -7,6 +7,7 @@
 //! is missed).
 
 mod baseline;
+mod floor;
 mod nats;
 mod procstat;
 mod report;
@@ -62,6 +63,11 @@ pub enum BaselineArg {
     Nats,
     /// fdatasync after one 4 KiB write, in the temporary directory: the least a durable commit adds.
     Disk,
+    /// The latency scenario against two gRPC servers of Nerve's protocol that hand events on from
+    /// memory: one stores nothing (what tonic, HTTP/2 and this tool cost before any bus work), one
+    /// first group-commits them to a log file with one fdatasync per batch (the least a durable bus
+    /// over gRPC does).
+    Grpc,
     /// No baselines.
     None,
 }
@@ -103,7 +109,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "postgres,redis,nats,disk"
+        default_value = "postgres,redis,nats,disk,grpc"
     )]
     pub baselines: Vec<BaselineArg>,
     /// Length of each measured cell (publish cells, latency rates, fan-out, request/reply).
@@ -160,6 +166,12 @@ pub struct Args {
     /// Show every server log line.
     #[arg(long)]
     pub server_logs: bool,
+    /// Serve the gRPC floor baseline (the tool starts itself with this; not for use by hand).
+    #[arg(long, hide = true)]
+    pub serve_grpc_floor: bool,
+    /// With --serve-grpc-floor: group-commit to a log file in this directory.
+    #[arg(long, hide = true)]
+    pub floor_log_dir: Option<PathBuf>,
 }
 
 mod secs {
@@ -183,6 +195,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.serve_grpc_floor {
+        return match runtime.block_on(floor::serve(args.floor_log_dir.as_deref())) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nerve-bench: gRPC floor server: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(run(args)) {
         Ok(code) => code,
         Err(e) => {
@@ -263,6 +284,14 @@ async fn run(args: Args) -> Result<ExitCode> {
         match baseline::fdatasync_latency(args.duration).await {
             Ok(row) => report.rows.push(row),
             Err(e) => fail(&mut report, "baseline.disk", baseline::DISK, e),
+        }
+    }
+    if args.baselines.contains(&BaselineArg::Grpc) && args.scenarios.contains(&Scenario::Latency) {
+        for (durable, system) in [(false, floor::SYSTEM), (true, floor::DURABLE_SYSTEM)] {
+            progress(&format!("baseline: {system}"));
+            if let Err(e) = grpc_floor(&args, durable, &run_id, &mut report).await {
+                fail(&mut report, "baseline.grpc", system, e);
+            }
         }
     }
     if args.baselines.contains(&BaselineArg::Nats) && args.scenarios.contains(&Scenario::Publish) {
@@ -366,6 +395,29 @@ async fn run(args: Args) -> Result<ExitCode> {
     } else {
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Runs the latency scenario against a gRPC floor server, in a process of its own.
+async fn grpc_floor(
+    args: &Arc<Args>,
+    durable: bool,
+    run_id: &str,
+    report: &mut Report,
+) -> Result<()> {
+    let server = floor::FloorProcess::spawn(durable).await?;
+    let ctx = scenarios::Ctx {
+        channels: scenarios::connect(&server.addr, args.connections).await?,
+        args: args.clone(),
+        pid: Some(server.pid),
+        system: if durable {
+            floor::DURABLE_SYSTEM
+        } else {
+            floor::SYSTEM
+        }
+        .to_owned(),
+        run: run_id.to_owned(),
+    };
+    scenarios::latency(&ctx, &mut report.rows).await
 }
 
 fn fail(report: &mut Report, scenario: &str, system: &str, e: anyhow::Error) {
@@ -586,6 +638,15 @@ const REDIS: &str = "redis (raw)";
 const NATS: &str = "nats (file)";
 const NATS_SYNC: &str = "nats (file, fsync always)";
 
+/// Says "out of reach on this machine" when a floor measured in the same run misses the target alone.
+fn verdict(floor: f64, within: impl Fn(f64) -> bool) -> &'static str {
+    if within(floor) {
+        ""
+    } else {
+        ": out of reach on this machine"
+    }
+}
+
 /// The least a durable publish -> deliver p50 can be on this machine, from the same run: the raw Redis
 /// hand-off (no durability, no gRPC) plus one fdatasync; says so when that alone exceeds the 0.5 ms
 /// target.
@@ -594,25 +655,25 @@ fn durable_floor(raw: Option<util::Latency>, sync: Option<util::Latency>) -> Str
         return String::new();
     };
     let floor = raw.p50_ms + sync.p50_ms;
-    let verdict = if floor > 0.5 {
-        ": out of reach on this machine"
-    } else {
-        ""
-    };
     format!(
-        " (floor: raw XADD->XREADGROUP {:.3} + fdatasync {:.3} = {:.3} ms{verdict})",
-        raw.p50_ms, sync.p50_ms, floor
+        " (floor: raw XADD->XREADGROUP {:.3} + fdatasync {:.3} = {:.3} ms{})",
+        raw.p50_ms,
+        sync.p50_ms,
+        floor,
+        verdict(floor, |f| f <= 0.5)
     )
 }
 
 /// Every system measured as a baseline or peer, not as Nerve.
-const BASELINES: [&str; 6] = [
+const BASELINES: [&str; 8] = [
     PG,
     baseline::PG_SERIAL,
     REDIS,
     NATS,
     NATS_SYNC,
     baseline::DISK,
+    floor::SYSTEM,
+    floor::DURABLE_SYSTEM,
 ];
 
 /// Adds the ratios to baselines and evaluates the targets.
@@ -791,6 +852,9 @@ fn compare(report: &mut Report) {
             .iter()
             .find(|r| r.scenario == "latency" && r.system == baseline::DISK)
             .and_then(|r| r.latency);
+        // the least durable bus over gRPC, at the same rate
+        let floor_l =
+            find(&rows, "latency", floor::DURABLE_SYSTEM, "rate=10000/s").and_then(|r| r.latency);
         add(
             "publish->deliver p50 at 10K/s",
             lat_l.map_or("not measured".into(), |l| {
@@ -801,7 +865,17 @@ fn compare(report: &mut Report) {
         );
         add(
             "publish->deliver p99 at 10K/s",
-            lat_l.map_or("not measured".into(), |l| format!("{:.3} ms", l.p99_ms)),
+            lat_l.map_or("not measured".into(), |l| {
+                let floor = floor_l.map_or(String::new(), |f| {
+                    format!(
+                        " (floor: {} p99 {:.3} ms{})",
+                        floor::DURABLE_SYSTEM,
+                        f.p99_ms,
+                        verdict(f.p99_ms, |f| f <= 2.0)
+                    )
+                });
+                format!("{:.3} ms{floor}", l.p99_ms)
+            }),
             "<= 2 ms".into(),
             lat_l.map(|l| l.p99_ms <= 2.0),
         );
@@ -809,10 +883,17 @@ fn compare(report: &mut Report) {
             (Some(l), Some(b)) if b.p50_ms > 0.0 => add(
                 "publish->deliver p50 at 10K/s vs raw XADD->XREADGROUP p50",
                 format!(
-                    "{:.3} ms = {:.2}x raw {:.3} ms",
+                    "{:.3} ms = {:.2}x raw {:.3} ms{}",
                     l.p50_ms,
                     l.p50_ms / b.p50_ms,
-                    b.p50_ms
+                    b.p50_ms,
+                    floor_l.map_or(String::new(), |f| format!(
+                        " (floor: {} p50 {:.3} ms = {:.2}x raw{})",
+                        floor::DURABLE_SYSTEM,
+                        f.p50_ms,
+                        f.p50_ms / b.p50_ms,
+                        verdict(f.p50_ms / b.p50_ms, |r| r <= 3.0)
+                    ))
                 ),
                 "<= 3x".into(),
                 Some(l.p50_ms / b.p50_ms <= 3.0),

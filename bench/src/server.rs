@@ -142,6 +142,52 @@ pub fn find_binary(flag: Option<PathBuf>) -> Result<PathBuf> {
     )
 }
 
+/// Starts a server process whose stderr announces `addr=<socket address>` once it listens, and waits
+/// for that line; then keeps draining stderr (so the server never blocks on a full pipe), echoing the
+/// lines `echo` picks.
+pub async fn spawn_listening(
+    mut command: tokio::process::Command,
+    name: &'static str,
+    echo: impl Fn(&str) -> bool + Send + 'static,
+) -> Result<(tokio::process::Child, u32, SocketAddr)> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let pid = child.id().ok_or_else(|| anyhow!("{name} exited at once"))?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow!("no stderr pipe"))?;
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(rest) = line.split("addr=").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                return addr
+                    .parse::<SocketAddr>()
+                    .with_context(|| format!("listen address in {line:?}"));
+            }
+            seen.push(line);
+        }
+        bail!("{name} exited before listening:\n{}", seen.join("\n"))
+    })
+    .await
+    .map_err(|_| anyhow!("{name} did not listen within 30 s"))??;
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if echo(&line) {
+                eprintln!("[{name}] {line}");
+            }
+        }
+    });
+    Ok((child, pid, addr))
+}
+
 impl ServerProcess {
     /// Starts a server on the given backend and waits until it listens.
     pub async fn spawn(
@@ -162,11 +208,7 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(dir.path())
             .env("NERVE_LOG_LEVEL", "info")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .env_remove("RUST_LOG");
         let mut cleanup = None;
         if backend == Backend::Production {
             let database_url = database_url.ok_or_else(|| {
@@ -192,40 +234,10 @@ impl ServerProcess {
                 key_prefix,
             });
         }
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let pid = child
-            .id()
-            .ok_or_else(|| anyhow!("nerve-server exited at once"))?;
-        let stderr = child
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow!("no stderr pipe"))?;
-        let mut lines = BufReader::new(stderr).lines();
-        let mut seen = Vec::new();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(rest) = line.split("addr=").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
-                    return addr
-                        .parse::<SocketAddr>()
-                        .with_context(|| format!("listen address in {line:?}"));
-                }
-                seen.push(line);
-            }
-            bail!("nerve-server exited before listening:\n{}", seen.join("\n"))
+        let (child, pid, addr) = spawn_listening(command, "nerve-server", move |line| {
+            show_logs || line.contains("ERROR") || line.contains(" WARN")
         })
-        .await
-        .map_err(|_| anyhow!("nerve-server did not listen within 30 s"))??;
-        // keep draining stderr so the server never blocks on a full pipe; show warnings and errors
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if show_logs || line.contains("ERROR") || line.contains(" WARN") {
-                    eprintln!("[nerve-server] {line}");
-                }
-            }
-        });
+        .await?;
         Ok(ServerProcess {
             child,
             addr,
