@@ -5,13 +5,14 @@
 //!   work.
 //! - [`DURABLE_SYSTEM`] also group-commits: one thread appends each batch of waiting publishes to a log
 //!   file (one `pwrite` into a preallocated region, so no commit changes the file's size) and
-//!   `fdatasync`s it once, then answers the publishes and hands their events on. That is the least a
+//!   `fdatasync`s it once, then hands their events on and answers the publishes. That is the least a
 //!   durable event bus served over gRPC does, with no index, no sequence bookkeeping and no checks.
 //!
 //! Each runs in a process of its own (this executable, started with `--serve-grpc-floor`), as
 //! `nerve-server` does, so it does not share the tool's runtime.
 
 use std::{
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -45,7 +46,8 @@ pub const DURABLE_SYSTEM: &str = "grpc floor + fdatasync (raw)";
 /// Bytes of the durable floor's log region, written round and round.
 const LOG_REGION: u64 = 64 << 20;
 
-/// Published events waiting for slow subscriptions; a subscription further behind ends.
+/// Published events waiting for slow subscriptions; a subscription further behind ends with an error
+/// (Nerve has flow control instead; the latency scenario's one reader keeps up, or the row says so).
 const BACKLOG: usize = 65_536;
 
 struct Floor {
@@ -81,6 +83,8 @@ fn log_thread(
                 event.encode_length_delimited(&mut buf)?;
             }
         }
+        // a batch above the whole region (64 MiB of events at once) would grow the file; the
+        // latency scenario's batches are a few KiB
         if at + buf.len() as u64 > LOG_REGION {
             at = 0;
         }
@@ -272,7 +276,9 @@ fn unserved() -> Status {
 /// A running floor server.
 pub struct FloorProcess {
     _child: tokio::process::Child,
-    pub addr: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its process id, for its CPU and RSS.
     pub pid: u32,
 }
 
@@ -290,7 +296,7 @@ impl FloorProcess {
             crate::server::spawn_listening(command, "grpc floor", |_| true).await?;
         Ok(FloorProcess {
             _child: child,
-            addr: addr.to_string(),
+            addr,
             pid,
         })
     }

@@ -237,7 +237,8 @@ impl ServerProcess {
         let (child, pid, addr) = spawn_listening(command, "nerve-server", move |line| {
             show_logs || line.contains("ERROR") || line.contains(" WARN")
         })
-        .await?;
+        .await
+        .with_context(|| binary.display().to_string())?;
         Ok(ServerProcess {
             child,
             addr,
