@@ -309,7 +309,15 @@ impl BatchWriter for SqliteWriter {
             // the statements that failed may have left the transaction open; nothing of it may stay
             let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
         }
-        let plan = written?;
+        let plan = match written {
+            Ok(plan) => plan,
+            Err(Attempt::KeyStored) => {
+                // the unique index refused the batch before anything committed: the head stands
+                self.head = Some(head);
+                return Err(Attempt::KeyStored);
+            }
+            Err(failed) => return Err(failed),
+        };
         self.head = Some(plan.rows.last().map_or(head, |r| r.seq));
         Ok(Committed {
             results: plan.results,
