@@ -493,6 +493,20 @@ const DISK_WRITE: usize = 4096;
 /// the file never grows: as SQLite's write-ahead log, which is overwritten once checkpointed.
 const DISK_REGION: u64 = 1 << 20;
 
+/// Writes `bytes` of zeros from the start of `file` and syncs it, so later writes within them never
+/// change the file's size (an `fdatasync` then flushes data only, as for a log that is overwritten).
+pub fn preallocate(file: &std::fs::File, bytes: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let chunk = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < bytes {
+        let n = (bytes - at).min(chunk.len() as u64);
+        file.write_all_at(&chunk[..n as usize], at)?;
+        at += n;
+    }
+    file.sync_all()
+}
+
 /// Latency of `fdatasync` after one 4 KiB write, back to back for `duration`, in a file of the
 /// temporary directory (where the embedded server keeps its data): the least one durable commit adds
 /// to publish -> deliver on this machine.
@@ -504,9 +518,7 @@ pub async fn fdatasync_latency(duration: Duration) -> Result<Row> {
             .tempfile()
             .context("creating the disk baseline's file")?;
         let handle = file.as_file();
-        let zeros = vec![0u8; DISK_REGION as usize];
-        handle.write_all_at(&zeros, 0)?;
-        handle.sync_all()?;
+        preallocate(handle, DISK_REGION)?;
         let page = vec![0x5au8; DISK_WRITE];
         let mut hist = Hist::new();
         let started = std::time::Instant::now();

@@ -224,15 +224,9 @@ pub async fn serve(log_dir: Option<&std::path::Path>) -> Result<()> {
     let (events, _) = broadcast::channel(BACKLOG);
     let log = match log_dir {
         Some(dir) => {
-            use std::os::unix::fs::FileExt as _;
             // unnamed: gone with the process, which the tool kills
             let file = tempfile::tempfile_in(dir).context("creating the floor's log")?;
-            // written once, so no commit changes the file's size (fdatasync then flushes data only)
-            let chunk = vec![0u8; 1 << 20];
-            for i in 0..LOG_REGION / chunk.len() as u64 {
-                file.write_all_at(&chunk, i * chunk.len() as u64)?;
-            }
-            file.sync_all()?;
+            crate::baseline::preallocate(&file, LOG_REGION)?;
             let (tx, rx) = std::sync::mpsc::channel();
             let events = events.clone();
             std::thread::spawn(move || {

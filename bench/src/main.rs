@@ -305,6 +305,16 @@ async fn run(args: Args) -> Result<ExitCode> {
         nats_comparison(&args, &run_id, &mut report).await;
     }
 
+    report.environment.push((
+        "nerve-bench".into(),
+        // the gRPC floors run in this executable, so its profile decides theirs
+        if cfg!(debug_assertions) {
+            "debug build (the gRPC floors are not shown as floors)".into()
+        } else {
+            "release build".into()
+        },
+    ));
+
     // Nerve
     if let Some(addr) = &args.addr {
         let channels = scenarios::connect(addr, args.connections).await?;
@@ -318,15 +328,6 @@ async fn run(args: Args) -> Result<ExitCode> {
         run_scenarios(&ctx, &mut report).await;
     } else {
         let binary = server::find_binary(args.server_bin.clone())?;
-        report.environment.push((
-            "nerve-bench".into(),
-            // the gRPC floors run in this executable, so its profile decides theirs
-            if cfg!(debug_assertions) {
-                "debug build (the gRPC floors are not shown as floors)".into()
-            } else {
-                "release build".into()
-            },
-        ));
         report.environment.push((
             "nerve-server".into(),
             format!(
