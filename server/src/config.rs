@@ -74,7 +74,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter, e.g. "info" or "nerve=debug,info".
     pub log_level: String,
-    /// How often backends are checked for the health service.
+    /// How often backends are checked for the health service; one that does not answer within the
+    /// interval (at least 1 s) counts as down.
     #[serde(with = "humantime_serde")]
     pub health_check_interval: Duration,
     pub limits: Limits,
