@@ -139,6 +139,84 @@ async fn replay_filters_by_type_source_subject_and_ranges() {
 }
 
 #[tokio::test]
+async fn time_ranges_select_by_recorded_time_with_any_other_filter() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    // four commits; events of one commit share its recorded time
+    for (i, ids) in [&["a", "b"][..], &["c"], &["d", "e"], &["f"]]
+        .iter()
+        .enumerate()
+    {
+        let t = if i % 2 == 0 {
+            "audit.kept"
+        } else {
+            "audit.other"
+        };
+        publish(&mut bus, ids.iter().map(|id| event(id, t)).collect()).await;
+    }
+    let replay = |r: pb::ReplayRequest| {
+        let mut bus = server.bus();
+        async move {
+            collect_replay(bus.replay(r).await.expect("replay").into_inner())
+                .await
+                .into_iter()
+                .flat_map(|p| p.events)
+                .collect::<Vec<_>>()
+        }
+    };
+    let all = replay(pb::ReplayRequest::default()).await;
+    let at = |e: &pb::Event| {
+        let t = e.recorded_time.expect("recorded time");
+        (t.seconds, t.nanos)
+    };
+    let mut times: Vec<prost_types::Timestamp> = all
+        .iter()
+        .map(|e| e.recorded_time.expect("recorded time"))
+        .collect();
+    times.push(prost_types::Timestamp {
+        seconds: 4_000_000_000,
+        nanos: 0,
+    });
+    // every bound at an event's own time (the edges), with and without a type filter
+    for start in &times {
+        for end in &times {
+            for types in [vec![], vec!["audit.kept".to_string()]] {
+                let want: Vec<&str> = all
+                    .iter()
+                    .filter(|e| {
+                        (at(e) >= (start.seconds, start.nanos))
+                            && (at(e) < (end.seconds, end.nanos))
+                            && (types.is_empty() || types[0] == e.r#type)
+                    })
+                    .map(|e| e.id.as_str())
+                    .collect();
+                let got = replay(pb::ReplayRequest {
+                    start_time: Some(*start),
+                    end_time: Some(*end),
+                    types: types.clone(),
+                    ..Default::default()
+                })
+                .await;
+                let got: Vec<&str> = got.iter().map(|e| e.id.as_str()).collect();
+                assert_eq!(got, want, "from {start:?} before {end:?}, types {types:?}");
+            }
+        }
+    }
+    // a sequence bound narrows a time range further
+    let of_c = all[2].recorded_time;
+    let got = replay(pb::ReplayRequest {
+        start_time: of_c,
+        after_sequence: all[3].sequence,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        got.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["e", "f"]
+    );
+}
+
+#[tokio::test]
 async fn bad_replay_requests_are_invalid_argument() {
     let server = TestServer::start().await;
     let mut bus = server.bus();

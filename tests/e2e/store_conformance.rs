@@ -503,6 +503,34 @@ async fn reads_filter_by_type_source_subject_correlation_priority_and_range(b: B
         s.count_after("t", [0; 4], &selection).await.expect("count"),
         2
     );
+    // the three share their commit's time: none of them is before it
+    assert_eq!(s.sequence_before(recorded).await.expect("before"), 0);
+    s.append(
+        "t",
+        vec![
+            new_event("d", "shop.order.paid"),
+            new_event("e", "shop.order.paid"),
+        ],
+    )
+    .await
+    .expect("append");
+    let later = s.find("t", "e", None).await.expect("find")[0].recorded_at;
+    assert!(later >= recorded, "recorded time never goes backwards");
+    let before_later = s.sequence_before(later).await.expect("before");
+    if later > recorded {
+        assert_eq!(
+            before_later, 3,
+            "the position before the later commit's first event"
+        );
+    } else {
+        assert_eq!(before_later, 0, "one clock reading: all five share a time");
+    }
+    assert_eq!(
+        s.sequence_before(later + chrono::Duration::nanoseconds(1))
+            .await
+            .expect("before"),
+        5
+    );
 }
 
 async fn dead_letters_are_recorded_once_listed_and_removed(b: Backend) {

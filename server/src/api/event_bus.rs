@@ -323,6 +323,11 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             source: opt(r.source),
             subject: opt(r.subject),
             correlation_id: opt(r.correlation_id),
+            priority: None,
+            limit: 0,
+        };
+        let pages = self.bus.replay(ReplayRequest {
+            query,
             recorded_from: r
                 .start_time
                 .map(|t| convert::time_from_pb(&t, "start_time"))
@@ -333,11 +338,6 @@ impl pb::event_bus_server::EventBus for EventBusApi {
                 .map(|t| convert::time_from_pb(&t, "end_time"))
                 .transpose()
                 .map_err(bad)?,
-            priority: None,
-            limit: 0,
-        };
-        let pages = self.bus.replay(ReplayRequest {
-            query,
             limit: (r.limit != 0).then_some(u64::from(r.limit)),
             page_size,
         });

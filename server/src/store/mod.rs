@@ -97,8 +97,6 @@ pub struct ReadQuery {
     pub source: Option<String>,
     pub subject: Option<String>,
     pub correlation_id: Option<String>,
-    pub recorded_from: Option<DateTime<Utc>>,
-    pub recorded_before: Option<DateTime<Utc>>,
     /// Only this priority level.
     pub priority: Option<crate::event::Priority>,
     pub limit: usize,
@@ -145,15 +143,16 @@ pub(crate) fn push_read_filter<'a, DB>(
                 .push_bind(value.as_str());
         }
     }
-    if let Some(from) = query.recorded_from {
-        sql.push(" AND recorded_ns >= ")
-            .push_bind(sqlite::to_ns(from));
-    }
-    if let Some(before) = query.recorded_before {
-        sql.push(" AND recorded_ns < ")
-            .push_bind(sqlite::to_ns(before));
-    }
 }
+
+/// `Store::sequence_before` in SQL both stores run (`$1`: the time in ns). It looks the time up in
+/// the recorded-time index, O(log n), where `MAX(seq) WHERE recorded_ns < $1` reads every index
+/// entry before the time. The first event at or after the time is the smallest sequence of its
+/// commit, whose events share one recorded time; when there is none, every event is before it.
+pub(crate) const SEQUENCE_BEFORE_SQL: &str = "SELECT COALESCE(\
+     (SELECT MIN(seq) FROM events WHERE recorded_ns = \
+       (SELECT MIN(recorded_ns) FROM events WHERE recorded_ns >= $1)) - 1, \
+     (SELECT MAX(seq) FROM events), 0)";
 
 /// One page of history.
 #[derive(Debug, Clone, Default)]
@@ -268,7 +267,8 @@ pub trait EventStore: Send + Sync + 'static {
     /// Returns the highest committed sequence (0 when empty).
     async fn head(&self) -> StoreResult<u64>;
 
-    /// Returns the highest sequence recorded before `time` (0 when none).
+    /// Returns the highest sequence recorded before `time` (0 when none): recorded time never goes
+    /// backwards with the sequence, so every event after it was recorded at or after `time`.
     async fn sequence_before(&self, time: DateTime<Utc>) -> StoreResult<u64>;
 
     /// Counts stored events after `after` per type and priority level, for lag.

@@ -540,12 +540,11 @@ impl EventStore for SqliteStore {
     }
 
     async fn sequence_before(&self, time: DateTime<Utc>) -> StoreResult<u64> {
-        let seq: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events WHERE recorded_ns < ?")
-                .bind(to_ns(time))
-                .fetch_one(&self.db.pool)
-                .await
-                .map_err(map_err)?;
+        let seq: i64 = sqlx::query_scalar(super::SEQUENCE_BEFORE_SQL)
+            .bind(to_ns(time))
+            .fetch_one(&self.db.pool)
+            .await
+            .map_err(map_err)?;
         Ok(seq as u64)
     }
 
