@@ -501,7 +501,16 @@ impl EventStore for PostgresStore {
         }
         sql.push(") AS page ORDER BY seq LIMIT ")
             .push_bind(limit as i64);
-        let rows = sql.build().fetch_all(&self.pool).await.map_err(map_err)?;
+        // planned for each call (unnamed statement), like the key lookup: the generic plan of a cached
+        // statement cannot see which level or type a branch asks for, and walked the primary key with
+        // a filter, reading the whole range after the position for each empty branch (757 ms per page
+        // 400,000 events into 1,000,000 with three empty levels, against 1.0 ms planned for the call)
+        let rows = sql
+            .build()
+            .persistent(false)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
         let exhausted = rows.len() < limit;
         let mut page = ReadPage {
             events: Vec::with_capacity(rows.len()),
