@@ -138,9 +138,7 @@ impl Bus {
         });
         rx
     }
-}
 
-impl Bus {
     /// Narrows a query's sequence range to a time range. Recorded time never goes backwards with the
     /// sequence, so the range is exact, and the reads walk only the events inside it: a time filter
     /// in the reads let the database pick the recorded-time index and sort what followed for each
