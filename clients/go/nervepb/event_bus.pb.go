@@ -1400,8 +1400,8 @@ type ReplayRequest struct {
 	CorrelationId string   `protobuf:"bytes,4,opt,name=correlation_id,json=correlationId,proto3" json:"correlation_id,omitempty"`
 	// Events recorded at or after this time.
 	StartTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
-	// Events recorded before this time. The time range becomes a sequence range when the call starts:
-	// an end time still to come ends the replay at the newest event stored then.
+	// Events recorded before this time; not before start_time. The time range becomes a sequence range
+	// when the call starts: an end time still to come ends the replay at the newest event stored then.
 	EndTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
 	// Events after this sequence.
 	AfterSequence uint64 `protobuf:"varint,7,opt,name=after_sequence,json=afterSequence,proto3" json:"after_sequence,omitempty"`

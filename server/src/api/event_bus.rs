@@ -326,18 +326,25 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             priority: None,
             limit: 0,
         };
+        let recorded_from = r
+            .start_time
+            .map(|t| convert::time_from_pb(&t, "start_time"))
+            .transpose()
+            .map_err(bad)?;
+        let recorded_before = r
+            .end_time
+            .map(|t| convert::time_from_pb(&t, "end_time"))
+            .transpose()
+            .map_err(bad)?;
+        if let (Some(from), Some(before)) = (recorded_from, recorded_before)
+            && before < from
+        {
+            return Err(invalid("end_time", "is before start_time"));
+        }
         let pages = self.bus.replay(ReplayRequest {
             query,
-            recorded_from: r
-                .start_time
-                .map(|t| convert::time_from_pb(&t, "start_time"))
-                .transpose()
-                .map_err(bad)?,
-            recorded_before: r
-                .end_time
-                .map(|t| convert::time_from_pb(&t, "end_time"))
-                .transpose()
-                .map_err(bad)?,
+            recorded_from,
+            recorded_before,
             limit: (r.limit != 0).then_some(u64::from(r.limit)),
             page_size,
         });

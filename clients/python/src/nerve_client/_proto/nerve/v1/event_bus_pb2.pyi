@@ -665,8 +665,8 @@ class ReplayRequest(_message.Message):
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Events recorded before this time. The time range becomes a sequence range when the call starts:
-        an end time still to come ends the replay at the newest event stored then.
+        """Events recorded before this time; not before start_time. The time range becomes a sequence range
+        when the call starts: an end time still to come ends the replay at the newest event stored then.
         """
 
     def __init__(
