@@ -198,7 +198,32 @@ async fn extending_the_deadline_prevents_redelivery() {
     .await;
     // heartbeats are 200ms apart: five of them span well past the original 300ms deadline
     sub.expect_idle(5).await;
+    // the extension gave the delivery a lease of its own; the ack settles it there
+    await_pending(&server, "g", 1).await;
     sub.ack_one(&d).await;
+    await_pending(&server, "g", 0).await;
+}
+
+#[tokio::test]
+async fn an_extended_delivery_is_settled_by_its_ack_beside_its_claims_open_ones() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    // published before the group exists, so one claim hands out both
+    publish(&mut bus, vec![event("x1", "ext.y"), event("x2", "ext.y")]).await;
+    let mut sub = Subscriber::open(&mut bus, group_open(&["ext.y"], "g"))
+        .await
+        .expect("open");
+    let first = sub.next_delivery().await;
+    let second = sub.next_delivery().await;
+    sub.send(Action::Extend(pb::ExtendDeadline {
+        delivery_ids: vec![first.delivery_id.clone()],
+        extension: millis(60_000),
+    }))
+    .await;
+    sub.ack_one(&first).await;
+    await_pending(&server, "g", 1).await;
+    sub.ack_one(&second).await;
+    await_pending(&server, "g", 0).await;
 }
 
 #[tokio::test]

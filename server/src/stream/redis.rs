@@ -79,6 +79,20 @@ fn number<T: std::str::FromStr>(bytes: &[u8]) -> Option<T> {
     std::str::from_utf8(bytes).ok()?.parse().ok()
 }
 
+/// Ascending sequences as (first, last) ranges of consecutive ones: what the claim and ack scripts take,
+/// so a dense claim of thousands of entries is two arguments instead of thousands.
+fn seq_ranges(ascending: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for seq in ascending {
+        match out.last_mut() {
+            Some((_, last)) if *last + 1 == seq => *last = seq,
+            Some((_, last)) if *last == seq => {}
+            _ => out.push((seq, seq)),
+        }
+    }
+    out
+}
+
 fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
@@ -89,6 +103,44 @@ fn level_number(level: Priority) -> i64 {
 
 /// A sequence read from a stream, with its event when the entry could be decoded.
 type StreamEntry = (u64, Option<Arc<StoredEvent>>);
+
+/// Sequence -> stream of recent claims per tenant; a claim's entries share one `StreamId`, so
+/// remembering and routing thousands of them allocates nothing per entry.
+#[derive(Default)]
+struct Locations {
+    by_tenant: HashMap<String, HashMap<u64, Arc<StreamId>>>,
+    len: usize,
+}
+
+impl Locations {
+    fn insert(&mut self, tenant: &str, seqs: impl Iterator<Item = u64>, stream: &StreamId) {
+        if self.len > LOCATIONS_MAX {
+            *self = Self::default();
+        }
+        let stream = Arc::new(stream.clone());
+        let map = match self.by_tenant.get_mut(tenant) {
+            Some(map) => map,
+            None => self.by_tenant.entry(tenant.to_owned()).or_default(),
+        };
+        for seq in seqs {
+            if map.insert(seq, stream.clone()).is_none() {
+                self.len += 1;
+            }
+        }
+    }
+
+    fn get(&self, tenant: &str, seq: u64) -> Option<&Arc<StreamId>> {
+        self.by_tenant.get(tenant)?.get(&seq)
+    }
+
+    fn remove(&mut self, tenant: &str, seq: u64) {
+        if let Some(map) = self.by_tenant.get_mut(tenant)
+            && map.remove(&seq).is_some()
+        {
+            self.len -= 1;
+        }
+    }
+}
 
 /// One Redis stream: the events of one type and priority level of a tenant.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -193,7 +245,7 @@ pub struct RedisStreams {
     streams: SyncMutex<HashMap<String, BTreeSet<StreamId>>>,
     configs: SyncMutex<HashMap<GroupKey, (GroupRow, Instant)>>,
     /// Sequence -> stream of recent claims, to route acks without reading the store.
-    locations: SyncMutex<HashMap<(String, u64), StreamId>>,
+    locations: SyncMutex<Locations>,
     subscribers: SyncMutex<HashMap<String, Subscriber>>,
     inboxes: SyncMutex<HashMap<String, InboxEntry>>,
     wakeups: SyncMutex<HashMap<GroupKey, watch::Sender<u64>>>,
@@ -247,7 +299,7 @@ impl RedisStreams {
             relayed: SyncMutex::new(start),
             streams: SyncMutex::new(HashMap::new()),
             configs: SyncMutex::new(HashMap::new()),
-            locations: SyncMutex::new(HashMap::new()),
+            locations: SyncMutex::new(Locations::default()),
             subscribers: SyncMutex::new(HashMap::new()),
             inboxes: SyncMutex::new(HashMap::new()),
             wakeups: SyncMutex::new(HashMap::new()),
@@ -403,57 +455,56 @@ impl RedisStreams {
     }
 
     fn remember(&self, tenant: &str, seqs: impl Iterator<Item = u64>, stream: &StreamId) {
+        self.locations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant, seqs, stream);
+    }
+
+    fn forget(&self, tenant: &str, seqs: impl Iterator<Item = u64>) {
         let mut locations = self.locations.lock().unwrap_or_else(|p| p.into_inner());
-        if locations.len() > LOCATIONS_MAX {
-            locations.clear();
-        }
         for seq in seqs {
-            locations.insert((tenant.to_owned(), seq), stream.clone());
+            locations.remove(tenant, seq);
         }
     }
 
-    /// Finds the streams of pending sequences, from recent claims or else from the store.
-    async fn locate(&self, tenant: &str, seqs: &[u64]) -> StreamResult<HashMap<u64, StreamId>> {
-        let mut found = HashMap::new();
-        let mut missing = Vec::new();
-        {
-            let locations = self.locations.lock().unwrap_or_else(|p| p.into_inner());
-            for seq in seqs {
-                match locations.get(&(tenant.to_owned(), *seq)) {
-                    Some(s) => {
-                        found.insert(*seq, s.clone());
-                    }
-                    None => missing.push(*seq),
-                }
-            }
-        }
-        if !missing.is_empty() {
-            for event in self.store.read_sequences(&missing).await? {
-                found.insert(
-                    event.sequence,
-                    StreamId {
-                        event_type: event.event.event_type.clone(),
-                        level: level_number(event.event.priority),
-                    },
-                );
-            }
-        }
-        Ok(found)
-    }
-
-    /// Groups deliveries by the stream that holds them, as indexes into `deliveries`; deliveries whose
-    /// stream is unknown (no longer pending) are left out.
+    /// Groups deliveries by the stream that holds them, as indexes into `deliveries`, from recent claims
+    /// or else from the store; deliveries whose stream is unknown (no longer pending) are left out.
     async fn by_stream(
         &self,
         tenant: &str,
         deliveries: &[(u64, u32)],
-    ) -> StreamResult<HashMap<StreamId, Vec<usize>>> {
-        let seqs: Vec<u64> = deliveries.iter().map(|d| d.0).collect();
-        let located = self.locate(tenant, &seqs).await?;
-        let mut by_stream: HashMap<StreamId, Vec<usize>> = HashMap::new();
-        for (i, (seq, _)) in deliveries.iter().enumerate() {
-            if let Some(s) = located.get(seq) {
-                by_stream.entry(s.clone()).or_default().push(i);
+    ) -> StreamResult<HashMap<Arc<StreamId>, Vec<usize>>> {
+        let mut by_stream: HashMap<Arc<StreamId>, Vec<usize>> = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let locations = self.locations.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, (seq, _)) in deliveries.iter().enumerate() {
+                match locations.get(tenant, *seq) {
+                    Some(s) => by_stream.entry(s.clone()).or_default().push(i),
+                    None => missing.push(i),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let seqs: Vec<u64> = missing.iter().map(|i| deliveries[*i].0).collect();
+            let found: HashMap<u64, Arc<StreamId>> = self
+                .store
+                .read_sequences(&seqs)
+                .await?
+                .into_iter()
+                .map(|event| {
+                    let stream = StreamId {
+                        event_type: event.event.event_type.clone(),
+                        level: level_number(event.event.priority),
+                    };
+                    (event.sequence, Arc::new(stream))
+                })
+                .collect();
+            for i in missing {
+                if let Some(s) = found.get(&deliveries[i].0) {
+                    by_stream.entry(s.clone()).or_default().push(i);
+                }
             }
         }
         Ok(by_stream)
@@ -517,8 +568,8 @@ impl RedisStreams {
             match &read {
                 Some((after, entries)) => {
                     call.arg(after);
-                    for (sequence, _) in entries {
-                        call.arg(*sequence);
+                    for (first, last) in seq_ranges(entries.iter().map(|e| e.0)) {
+                        call.arg(first).arg(last);
                     }
                 }
                 None => {
@@ -572,8 +623,8 @@ impl RedisStreams {
                         .arg(last)
                         .arg(moved_to)
                         .arg(lease_ms);
-                    for e in &page.events {
-                        call.arg(e.sequence);
+                    for (first, last) in seq_ranges(page.events.iter().map(|e| e.sequence)) {
+                        call.arg(first).arg(last);
                     }
                     let recorded: i64 = call
                         .invoke_async(&mut self.conn())
@@ -1156,27 +1207,41 @@ impl LiveStreams for RedisStreams {
     async fn ack(&self, key: &GroupKey, deliveries: &[(u64, u32)]) -> StreamResult<Vec<bool>> {
         let mut out = vec![false; deliveries.len()];
         for (stream, indexes) in self.by_stream(&key.tenant, deliveries).await? {
+            // first deliveries go as ranges of sequences, later attempts as (sequence, attempt) pairs
+            let (firsts, later): (Vec<usize>, Vec<usize>) =
+                indexes.into_iter().partition(|i| deliveries[*i].1 == 1);
+            let mut first_seqs: Vec<u64> = firsts.iter().map(|i| deliveries[*i].0).collect();
+            first_seqs.sort_unstable();
+            let ranges = seq_ranges(first_seqs.iter().copied());
             let mut call = lua::ACK.prepare_invoke();
             call.key(self.keys.stream(&key.tenant, &stream))
                 .key(self.keys.ledgers(key, &stream, LEDGERS))
-                .arg(&key.name);
-            for i in &indexes {
+                .arg(&key.name)
+                .arg(ranges.len() * 2);
+            for (first, last) in &ranges {
+                call.arg(*first).arg(*last);
+            }
+            for i in &later {
                 call.arg(deliveries[*i].0).arg(deliveries[*i].1);
             }
-            let settled: Vec<i64> = call
+            let (unsettled, flags): (Vec<u64>, Vec<i64>) = call
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(redis_err)?;
-            for (i, done) in indexes.into_iter().zip(settled) {
-                out[i] = done == 1;
+            let unsettled: HashSet<u64> = unsettled.into_iter().collect();
+            // an ack repeated in the same call counts once
+            let repeated = first_seqs.windows(2).any(|w| w[0] == w[1]);
+            let mut counted = HashSet::new();
+            for i in firsts {
+                let seq = deliveries[i].0;
+                out[i] = !unsettled.contains(&seq) && (!repeated || counted.insert(seq));
+            }
+            for (i, flag) in later.into_iter().zip(flags) {
+                out[i] = flag == 1;
             }
         }
-        let mut locations = self.locations.lock().unwrap_or_else(|p| p.into_inner());
-        for ((seq, _), done) in deliveries.iter().zip(&out) {
-            if *done {
-                locations.remove(&(key.tenant.clone(), *seq));
-            }
-        }
+        let settled = deliveries.iter().zip(&out).filter(|(_, done)| **done);
+        self.forget(&key.tenant, settled.map(|((seq, _), _)| *seq));
         Ok(out)
     }
 
@@ -1209,16 +1274,14 @@ impl LiveStreams for RedisStreams {
 
     async fn remove_pending(&self, key: &GroupKey, sequence: u64) -> StreamResult<()> {
         if let Some(stream) = self
-            .locate(&key.tenant, &[sequence])
+            .by_stream(&key.tenant, &[(sequence, 0)])
             .await?
-            .remove(&sequence)
+            .into_keys()
+            .next()
         {
             self.remove(key, &stream, &[sequence]).await?;
         }
-        self.locations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(key.tenant.clone(), sequence));
+        self.forget(&key.tenant, std::iter::once(sequence));
         Ok(())
     }
 
@@ -1570,5 +1633,19 @@ impl LiveStreams for RedisStreams {
             .await
             .map_err(redis_err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seq_ranges;
+
+    #[test]
+    fn sequences_become_ranges_of_consecutive_ones() {
+        assert_eq!(seq_ranges([]), Vec::<(u64, u64)>::new());
+        assert_eq!(seq_ranges([7]), vec![(7, 7)]);
+        assert_eq!(seq_ranges([1, 2, 3, 5, 6, 9]), vec![(1, 3), (5, 6), (9, 9)]);
+        // a repeated sequence stays in its range
+        assert_eq!(seq_ranges([4, 4, 5]), vec![(4, 5)]);
     }
 }

@@ -108,25 +108,54 @@ end
 -- sequence is not an open entry of the run: another stream's, or an entry settled or gone to a lease
 -- of its own (nack, extension, expiry). Every entry a run holds has attempt 1.
 local RUN_SPAN = 16384
--- Leases ascending sequences `seqs` (numbers) until `lease` as runs.
-local function lease_runs(due, runs, bits, seqs, lease)
-  local i = 1
-  while i <= #seqs do
-    local first, j = seqs[i], i
-    while j < #seqs and seqs[j + 1] - first < RUN_SPAN do j = j + 1 end
-    local b = {}
-    for k = 1, math.floor((seqs[j] - first) / 8) + 1 do b[k] = 255 end
-    for k = i, j do
-      local o = seqs[k] - first
-      local at = math.floor(o / 8) + 1
+-- The (lo, hi) ranges of sequences in ARGV[from], ARGV[from + 1], ... ARGV[to], as {lo, hi} numbers.
+local function ranges(from, to)
+  local list = {}
+  for i = from, to - 1, 2 do
+    list[#list + 1] = {tonumber(ARGV[i]), tonumber(ARGV[i + 1])}
+  end
+  return list
+end
+-- Clears the bits of offsets o1..o2 in bitmap `b` (a table of bytes), a byte at a time where it can.
+local function clear_bits(b, o1, o2)
+  local o = o1
+  while o <= o2 do
+    local at = math.floor(o / 8) + 1
+    if o % 8 == 0 and o + 7 <= o2 then
+      b[at] = 0
+      o = o + 8
+    else
       b[at] = bit.band(b[at], bit.bnot(bit.lshift(1, 7 - o % 8)))
+      o = o + 1
     end
+  end
+end
+-- Leases the sequences of ascending, disjoint ranges `list` ({lo, hi} numbers) until `lease` as runs.
+local function lease_runs(due, runs, bits, list, lease)
+  local k, lo = 1, list[1] and list[1][1]
+  while k <= #list do
+    local first = lo
+    local limit = first + RUN_SPAN - 1
+    -- the parts of the ranges this run holds
+    local parts = {}
+    while k <= #list and lo <= limit do
+      local hi = math.min(list[k][2], limit)
+      parts[#parts + 1] = {lo, hi}
+      if hi == list[k][2] then
+        k = k + 1
+        lo = list[k] and list[k][1]
+      else
+        lo = hi + 1
+      end
+    end
+    local b = {}
+    for i = 1, math.floor((parts[#parts][2] - first) / 8) + 1 do b[i] = 255 end
+    for _, p in ipairs(parts) do clear_bits(b, p[1] - first, p[2] - first) end
     local id = seqstr(first)
     -- at most RUN_SPAN / 8 bytes: within what unpack can take
     redis.call('HSET', bits, id, string.char(unpack(b)))
     redis.call('ZADD', runs, id, id)
     redis.call('ZADD', due, lease, 'r' .. id)
-    i = j + 1
   end
 end
 -- The runs that may hold sequences lo..hi (numbers), ascending; bitmaps are read when first needed.
@@ -163,6 +192,50 @@ local function in_run(bits, list, n, take)
     run.changed = true
   end
   return true
+end
+-- Takes sequences lo..hi (numbers) out of their runs in `list` where they are open entries; appends the
+-- others to `missed`. Works a byte of the bitmap at a time where it can.
+local function take_range(bits, list, lo, hi, missed)
+  local n = lo
+  while n <= hi do
+    local a, z, idx = 1, #list, nil
+    while a <= z do
+      local mid = math.floor((a + z) / 2)
+      if list[mid].first <= n then idx = mid; a = mid + 1 else z = mid - 1 end
+    end
+    -- n..stop lie in one run's span at most: the next run starts after stop
+    local stop = hi
+    local nxt = list[(idx or 0) + 1]
+    if nxt then stop = math.min(stop, nxt.first - 1) end
+    local run, e = idx and list[idx], n - 1
+    if run then
+      if not run.b then
+        local map = redis.call('HGET', bits, run.id)
+        run.b = map and {string.byte(map, 1, -1)} or {}
+      end
+      e = math.min(stop, run.first + #run.b * 8 - 1)
+      local o, oe = n - run.first, e - run.first
+      while o <= oe do
+        local at = math.floor(o / 8) + 1
+        if o % 8 == 0 and o + 7 <= oe and run.b[at] == 0 then
+          run.b[at] = 255
+          run.changed = true
+          o = o + 8
+        else
+          local mask = bit.lshift(1, 7 - o % 8)
+          if bit.band(run.b[at], mask) == 0 then
+            run.b[at] = bit.bor(run.b[at], mask)
+            run.changed = true
+          else
+            missed[#missed + 1] = run.first + o
+          end
+          o = o + 1
+        end
+      end
+    end
+    for m = math.max(n, e + 1), stop do missed[#missed + 1] = m end
+    n = stop + 1
+  end
 end
 -- Writes back the runs entries left; a run left with no open entries is deleted.
 local function save_runs(due, runs, bits, list)
@@ -206,8 +279,8 @@ fn with_helpers(body: &str) -> Script {
 /// Leases new entries as runs and moves the group's cursor past them. The caller reads them with a plain
 /// `XRANGE` after the cursor first: entries read inside a script are copied into Lua and back, which
 /// cost more than everything else a claim does. KEYS: stream, due, floor, runs, bits.
-/// ARGV: group, lease ms, the cursor the entries were read after ('' when not known), their ascending
-/// sequences... Returns `{'NOGROUP'}`, `{'GAP', last, floor}` (entries after `last` up to `floor` must
+/// ARGV: group, lease ms, the cursor the entries were read after ('' when not known), then their
+/// sequences as ascending, disjoint (first, last) ranges... Returns `{'NOGROUP'}`, `{'GAP', last, floor}` (entries after `last` up to `floor` must
 /// come from the store, because the stream no longer begins before them), `{'AT', last}` (nothing read
 /// is still free: read after `last` and call again) or `{'OK', last}` (the entries read after `last`
 /// are the caller's).
@@ -233,17 +306,16 @@ if ARGV[3] == '' or tonumber(last) < tonumber(ARGV[3]) then
 end
 -- another consumer may have moved the cursor into what was read: the entries after it are still
 -- free, and are all there is up to the last one read
-local seqs = {}
-for i = 4, #ARGV do
-  local n = tonumber(ARGV[i])
-  if n > tonumber(last) then seqs[#seqs + 1] = n end
+local after, list = tonumber(last), {}
+for _, r in ipairs(ranges(4, #ARGV)) do
+  if r[2] > after then list[#list + 1] = {math.max(r[1], after + 1), r[2]} end
 end
-if #seqs == 0 then
+if #list == 0 then
   if last == ARGV[3] then return {'OK', last} end
   return {'AT', last}
 end
 -- the group is only a cursor: leases live in the runs, not in a pending entry list per delivery
-lease_runs(KEYS[2], KEYS[4], KEYS[5], seqs, ARGV[2])
+lease_runs(KEYS[2], KEYS[4], KEYS[5], list, ARGV[2])
 redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], ARGV[#ARGV] .. '-0')
 return {'OK', last}
 ",
@@ -251,8 +323,8 @@ return {'OK', last}
 });
 
 /// Leases entries read from the store for a gap as runs and moves the group past them, if nobody did
-/// meanwhile. KEYS: stream, due, runs, bits. ARGV: group, expected last, new last, lease ms, ascending
-/// sequences... Returns 1 when recorded, 0 when another consumer moved the group first.
+/// meanwhile. KEYS: stream, due, runs, bits. ARGV: group, expected last, new last, lease ms, then the
+/// sequences as ascending, disjoint (first, last) ranges... Returns 1 when recorded, 0 when another consumer moved the group first.
 pub(super) static CLAIM_GAP: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r"
@@ -260,11 +332,7 @@ if last_delivered(KEYS[1], ARGV[1]) ~= ARGV[2] then
   return 0
 end
 redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], ARGV[3] .. '-0')
-local seqs = {}
-for i = 5, #ARGV do
-  seqs[#seqs + 1] = tonumber(ARGV[i])
-end
-lease_runs(KEYS[2], KEYS[3], KEYS[4], seqs, ARGV[4])
+lease_runs(KEYS[2], KEYS[3], KEYS[4], ranges(5, #ARGV), ARGV[4])
 return 1
 ",
     )
@@ -354,39 +422,52 @@ return out
 });
 
 /// Settles deliveries whose attempt is current. KEYS: stream, due, att, err, pos, runs, bits.
-/// ARGV: group, then (sequence, attempt) pairs. Returns 1 or 0 per pair.
+/// ARGV: group, the number N of range arguments, N arguments that are the first deliveries' sequences as
+/// ascending, disjoint (first, last) ranges, then (sequence, attempt) pairs of later attempts. Returns
+/// {first deliveries not settled (sequences), 1 or 0 per pair}.
 pub(super) static ACK: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r"
-local out, rest = {}, {}
-local list = load_runs(KEYS[6], bounds(2, 2))
-for i = 2, #ARGV, 2 do
-  -- a first delivery still in its run is settled in the run's bitmap; an ack repeated in the same
-  -- call finds its bit set and counts once
-  if ARGV[i + 1] == '1' and in_run(KEYS[7], list, tonumber(ARGV[i]), true) then
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-    rest[#rest + 1] = i
-  end
+local n = tonumber(ARGV[2])
+local firsts = ranges(3, 2 + n)
+local list = load_runs(KEYS[6], firsts[1] and firsts[1][1], firsts[#firsts] and firsts[#firsts][2])
+-- a first delivery still in its run is settled in the run's bitmap
+local missed = {}
+for _, r in ipairs(firsts) do
+  take_range(KEYS[7], list, r[1], r[2], missed)
 end
 save_runs(KEYS[2], KEYS[6], KEYS[7], list)
--- the others by their own ledger entries, one call per command per chunk of 1,000
+-- the others by their own ledger entries: {sequence, attempt, index of the pair or nil}
+local rest, flags, unsettled = {}, {}, {}
+for _, seq in ipairs(missed) do
+  rest[#rest + 1] = {seqstr(seq), '1'}
+end
+for i = 3 + n, #ARGV, 2 do
+  local pair = (i - 1 - n) / 2
+  flags[pair] = 0
+  rest[#rest + 1] = {ARGV[i], ARGV[i + 1], pair}
+end
+-- one call per command per chunk of 1,000; an ack repeated in the same call counts once
 local done = {}
 for start = 1, #rest, 1000 do
   local seqs = {}
   for k = start, math.min(#rest, start + 999) do
-    seqs[#seqs + 1] = ARGV[rest[k]]
+    seqs[#seqs + 1] = rest[k][1]
   end
   local attempts = redis.call('HMGET', KEYS[3], unpack(seqs))
   local settled, ids = {}, {}
   for j, seq in ipairs(seqs) do
-    local i = rest[start + j - 1]
-    if attempts[j] == ARGV[i + 1] and not done[seq] then
+    local r = rest[start + j - 1]
+    local ok = attempts[j] == r[2] and not done[seq]
+    if ok then
       done[seq] = true
       settled[#settled + 1] = seq
       ids[#ids + 1] = seq .. '-0'
-      out[i / 2] = 1
+    end
+    if r[3] then
+      if ok then flags[r[3]] = 1 end
+    elseif not ok then
+      unsettled[#unsettled + 1] = seq
     end
   end
   if #settled > 0 then
@@ -398,7 +479,7 @@ for start = 1, #rest, 1000 do
     redis.call('HDEL', KEYS[4], unpack(settled))
   end
 end
-return out
+return {unsettled, flags}
 ",
     )
 });
