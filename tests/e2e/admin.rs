@@ -94,6 +94,44 @@ async fn lists_event_types_with_counts() {
 }
 
 #[tokio::test]
+async fn a_deleted_groups_member_gets_nothing_more_and_its_stream_ends_not_found() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut sub = Subscriber::open(&mut bus, open(&["doomed.x"], "doomed"))
+        .await
+        .expect("open");
+    publish(&mut bus, vec![event("k1", "doomed.x")]).await;
+    let first = sub.next_delivery().await;
+    sub.ack_one(&first).await;
+    let mut admin = server.admin();
+    let deleted = admin
+        .delete_group(pb::DeleteGroupRequest {
+            group: "doomed".into(),
+        })
+        .await
+        .expect("delete")
+        .into_inner()
+        .deleted;
+    assert!(deleted);
+    publish(&mut bus, vec![event("k2", "doomed.x")]).await;
+    // the member must not bring the group back (nor hand out its events) when it next claims
+    let end = match sub.next_message(WAIT).await {
+        Ok(Some(d)) => panic!("the deleted group delivered {:?}", id(&d)),
+        Ok(None) => panic!("the member's stream is still open {WAIT:?} after the delete"),
+        Err(status) => status,
+    };
+    assert_eq!(end.code(), Code::NotFound, "unexpected status: {end:?}");
+    assert!(end.message().contains("doomed"), "{end:?}");
+    let groups = admin
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .groups;
+    assert!(groups.iter().all(|g| g.name != "doomed"), "{groups:?}");
+}
+
+#[tokio::test]
 async fn delete_group_removes_it_and_redrive_of_unknown_group_is_not_found() {
     let server = TestServer::start().await;
     let mut bus = server.bus();

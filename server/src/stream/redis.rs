@@ -548,7 +548,6 @@ impl RedisStreams {
     async fn claim_stream(
         &self,
         key: &GroupKey,
-        row: &GroupRow,
         stream: &StreamId,
         max: usize,
         lease_ms: i64,
@@ -586,6 +585,9 @@ impl RedisStreams {
             };
             match word(0) {
                 Some(b"NOGROUP") => {
+                    // a group deleted meanwhile must stay deleted: ask the store, not the cache
+                    self.forget_config(key);
+                    let row = self.group_row(key).await?;
                     self.create_group(key, stream, row.start_after).await?;
                 }
                 Some(b"GAP") => {
@@ -1085,7 +1087,7 @@ impl LiveStreams for RedisStreams {
                     break;
                 }
                 let (events, more) = self
-                    .claim_stream(key, &row, stream, want, ms(lease_until))
+                    .claim_stream(key, stream, want, ms(lease_until))
                     .await?;
                 self.remember(&key.tenant, events.iter().map(|e| e.0), stream);
                 // entries the stream could not give us are read from the store, so the filter applies
@@ -1428,22 +1430,8 @@ impl LiveStreams for RedisStreams {
             Err(e) => return Err(e),
         };
         let streams = self.group_streams(key, &row.config.selection, None).await?;
-        for s in &streams {
-            let mut pipe = redis::pipe();
-            pipe.cmd("XGROUP")
-                .arg("DESTROY")
-                .arg(self.keys.stream(&key.tenant, s))
-                .arg(&key.name)
-                .ignore();
-            for what in LEDGERS.iter().chain(&["floor"]) {
-                pipe.del(self.keys.ledger(&key.tenant, s, what, &key.name))
-                    .ignore();
-            }
-            let _: () = pipe
-                .query_async(&mut self.conn())
-                .await
-                .map_err(redis_err)?;
-        }
+        // the store's row first: a member that then finds its consumer group gone does not create it
+        // again (claim_stream asks the store), so no ledger outlives the group
         let mut tx = self.store.pool().begin().await.map_err(db_err)?;
         let deleted = sqlx::query("DELETE FROM nerve_groups WHERE tenant = $1 AND name = $2")
             .bind(&key.tenant)
@@ -1461,6 +1449,22 @@ impl LiveStreams for RedisStreams {
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
         self.forget_config(key);
+        for s in &streams {
+            let mut pipe = redis::pipe();
+            pipe.cmd("XGROUP")
+                .arg("DESTROY")
+                .arg(self.keys.stream(&key.tenant, s))
+                .arg(&key.name)
+                .ignore();
+            for what in LEDGERS.iter().chain(&["floor"]) {
+                pipe.del(self.keys.ledger(&key.tenant, s, what, &key.name))
+                    .ignore();
+            }
+            let _: () = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
+        }
         self.checkpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner())
