@@ -93,6 +93,20 @@ async fn lists_event_types_with_counts() {
     );
 }
 
+/// Asserts the admin API no longer lists `group`.
+async fn assert_group_gone(
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    group: &str,
+) {
+    let groups = admin
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .groups;
+    assert!(groups.iter().all(|g| g.name != group), "{groups:?}");
+}
+
 #[tokio::test]
 async fn a_deleted_groups_member_gets_nothing_more_and_its_stream_ends_not_found() {
     let server = TestServer::start().await;
@@ -122,13 +136,7 @@ async fn a_deleted_groups_member_gets_nothing_more_and_its_stream_ends_not_found
     };
     assert_eq!(end.code(), Code::NotFound, "unexpected status: {end:?}");
     assert!(end.message().contains("doomed"), "{end:?}");
-    let groups = admin
-        .list_groups(pb::ListGroupsRequest {})
-        .await
-        .expect("list")
-        .into_inner()
-        .groups;
-    assert!(groups.iter().all(|g| g.name != "doomed"), "{groups:?}");
+    assert_group_gone(&mut admin, "doomed").await;
 }
 
 #[tokio::test]
@@ -150,13 +158,7 @@ async fn delete_group_removes_it_and_redrive_of_unknown_group_is_not_found() {
             .into_inner()
             .deleted
     );
-    let groups = admin
-        .list_groups(pb::ListGroupsRequest {})
-        .await
-        .expect("list")
-        .into_inner()
-        .groups;
-    assert!(groups.iter().all(|g| g.name != "doomed"));
+    assert_group_gone(&mut admin, "doomed").await;
     assert_status(
         admin
             .redrive_dead_letters(pb::RedriveDeadLettersRequest {
