@@ -393,6 +393,23 @@ impl RedisStreams {
         Ok(group)
     }
 
+    /// Removes a group's consumer group and ledgers from one stream.
+    async fn destroy_on(&self, key: &GroupKey, stream: &StreamId) -> StreamResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(self.keys.stream(&key.tenant, stream))
+            .arg(&key.name)
+            .ignore();
+        for what in LEDGERS.iter().chain(&["floor"]) {
+            pipe.del(self.keys.ledger(&key.tenant, stream, what, &key.name))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn())
+            .await
+            .map_err(redis_err)
+    }
+
     fn forget_config(&self, key: &GroupKey) {
         self.configs
             .lock()
@@ -585,10 +602,18 @@ impl RedisStreams {
             };
             match word(0) {
                 Some(b"NOGROUP") => {
-                    // a group deleted meanwhile must stay deleted: ask the store, not the cache
+                    // a group deleted meanwhile must stay deleted: ask the store (not the cache)
+                    // before creating, and after, in case the delete cleared Redis in between
                     self.forget_config(key);
                     let row = self.group_row(key).await?;
                     self.create_group(key, stream, row.start_after).await?;
+                    self.forget_config(key);
+                    if let Err(e) = self.group_row(key).await {
+                        if matches!(e, StreamError::NoSuchGroup(_)) {
+                            self.destroy_on(key, stream).await?;
+                        }
+                        return Err(e);
+                    }
                 }
                 Some(b"GAP") => {
                     let (Some(last), Some(floor)) = (word(1), word(2)) else {
@@ -808,8 +833,13 @@ impl RedisStreams {
         let levels: Vec<i16> = rows.iter().map(|r| r.1.level as i16).collect();
         let positions: Vec<i64> = rows.iter().map(|r| r.2 as i64).collect();
         let written = sqlx::query(
+            // only for groups that still exist: the row lock waits out a delete in flight, so a group
+            // created again under the same name never starts from a deleted one's checkpoint
             "INSERT INTO nerve_group_checkpoints (tenant, grp, type, priority, position) \
-             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::SMALLINT[], $5::BIGINT[]) \
+             SELECT c.* FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::SMALLINT[], $5::BIGINT[]) \
+               AS c(tenant, grp, type, priority, position) \
+             WHERE EXISTS (SELECT 1 FROM nerve_groups g WHERE g.tenant = c.tenant AND g.name = c.grp \
+               FOR KEY SHARE) \
              ON CONFLICT (tenant, grp, type, priority) DO UPDATE SET position = excluded.position",
         )
         .bind(&tenants)
@@ -1450,20 +1480,7 @@ impl LiveStreams for RedisStreams {
         tx.commit().await.map_err(db_err)?;
         self.forget_config(key);
         for s in &streams {
-            let mut pipe = redis::pipe();
-            pipe.cmd("XGROUP")
-                .arg("DESTROY")
-                .arg(self.keys.stream(&key.tenant, s))
-                .arg(&key.name)
-                .ignore();
-            for what in LEDGERS.iter().chain(&["floor"]) {
-                pipe.del(self.keys.ledger(&key.tenant, s, what, &key.name))
-                    .ignore();
-            }
-            let _: () = pipe
-                .query_async(&mut self.conn())
-                .await
-                .map_err(redis_err)?;
+            self.destroy_on(key, s).await?;
         }
         self.checkpoints
             .lock()
