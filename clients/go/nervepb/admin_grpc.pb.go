@@ -42,7 +42,8 @@ type AdminClient interface {
 	GetEvent(ctx context.Context, in *GetEventRequest, opts ...grpc.CallOption) (*GetEventResponse, error)
 	// ListGroups lists durable groups with their backlog.
 	ListGroups(ctx context.Context, in *ListGroupsRequest, opts ...grpc.CallOption) (*ListGroupsResponse, error)
-	// DeleteGroup removes a durable group, its pending deliveries and its dead letters.
+	// DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
+	// connected get nothing more: their streams end with NOT_FOUND when they next look for deliveries.
 	DeleteGroup(ctx context.Context, in *DeleteGroupRequest, opts ...grpc.CallOption) (*DeleteGroupResponse, error)
 	// ListDeadLetters lists a group's dead letters, oldest first.
 	ListDeadLetters(ctx context.Context, in *ListDeadLettersRequest, opts ...grpc.CallOption) (*ListDeadLettersResponse, error)
@@ -190,7 +191,8 @@ type AdminServer interface {
 	GetEvent(context.Context, *GetEventRequest) (*GetEventResponse, error)
 	// ListGroups lists durable groups with their backlog.
 	ListGroups(context.Context, *ListGroupsRequest) (*ListGroupsResponse, error)
-	// DeleteGroup removes a durable group, its pending deliveries and its dead letters.
+	// DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
+	// connected get nothing more: their streams end with NOT_FOUND when they next look for deliveries.
 	DeleteGroup(context.Context, *DeleteGroupRequest) (*DeleteGroupResponse, error)
 	// ListDeadLetters lists a group's dead letters, oldest first.
 	ListDeadLetters(context.Context, *ListDeadLettersRequest) (*ListDeadLettersResponse, error)

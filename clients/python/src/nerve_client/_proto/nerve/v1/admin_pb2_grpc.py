@@ -111,7 +111,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteGroup(self, request, context):
-        """DeleteGroup removes a durable group, its pending deliveries and its dead letters.
+        """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
+        connected get nothing more: their streams end with NOT_FOUND when they next look for deliveries.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,7 +38,9 @@ class AdminStub:
     ListGroups: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListGroupsRequest, _admin_pb2.ListGroupsResponse]
     """ListGroups lists durable groups with their backlog."""
     DeleteGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteGroupRequest, _admin_pb2.DeleteGroupResponse]
-    """DeleteGroup removes a durable group, its pending deliveries and its dead letters."""
+    """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
+    connected get nothing more: their streams end with NOT_FOUND when they next look for deliveries.
+    """
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]
     """ListDeadLetters lists a group's dead letters, oldest first."""
     RedriveDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RedriveDeadLettersRequest, _admin_pb2.RedriveDeadLettersResponse]
@@ -66,7 +68,9 @@ class AdminAsyncStub(AdminStub):
     ListGroups: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListGroupsRequest, _admin_pb2.ListGroupsResponse]  # type: ignore[assignment]
     """ListGroups lists durable groups with their backlog."""
     DeleteGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteGroupRequest, _admin_pb2.DeleteGroupResponse]  # type: ignore[assignment]
-    """DeleteGroup removes a durable group, its pending deliveries and its dead letters."""
+    """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
+    connected get nothing more: their streams end with NOT_FOUND when they next look for deliveries.
+    """
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     """ListDeadLetters lists a group's dead letters, oldest first."""
     RedriveDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_pb2.RedriveDeadLettersRequest, _admin_pb2.RedriveDeadLettersResponse]  # type: ignore[assignment]
@@ -109,7 +113,9 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.DeleteGroupRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.DeleteGroupResponse, _abc.Awaitable[_admin_pb2.DeleteGroupResponse]]:
-        """DeleteGroup removes a durable group, its pending deliveries and its dead letters."""
+        """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
+        connected get nothing more: their streams end with NOT_FOUND when they next look for deliveries.
+        """
 
     @_abc_1.abstractmethod
     def ListDeadLetters(
