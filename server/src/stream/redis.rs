@@ -150,6 +150,14 @@ struct StreamId {
 }
 
 impl StreamId {
+    /// The stream that holds an event.
+    fn of(event: &crate::event::Event) -> Self {
+        Self {
+            event_type: event.event_type.clone(),
+            level: level_number(event.priority),
+        }
+    }
+
     fn priority(&self) -> Priority {
         Priority::from_i64(self.level).unwrap_or_default()
     }
@@ -510,13 +518,7 @@ impl RedisStreams {
                 .read_sequences(&seqs)
                 .await?
                 .into_iter()
-                .map(|event| {
-                    let stream = StreamId {
-                        event_type: event.event.event_type.clone(),
-                        level: level_number(event.event.priority),
-                    };
-                    (event.sequence, Arc::new(stream))
-                })
+                .map(|event| (event.sequence, Arc::new(StreamId::of(&event.event))))
                 .collect();
             for i in missing {
                 if let Some(s) = found.get(&deliveries[i].0) {
@@ -991,13 +993,7 @@ impl LiveStreams for RedisStreams {
         let mut by_stream: Vec<((String, StreamId), Vec<&Arc<StoredEvent>>)> = Vec::new();
         let mut index: HashMap<(String, StreamId), usize> = HashMap::new();
         for event in fresh {
-            let id = (
-                event.tenant.clone(),
-                StreamId {
-                    event_type: event.event.event_type.clone(),
-                    level: level_number(event.event.priority),
-                },
-            );
+            let id = (event.tenant.clone(), StreamId::of(&event.event));
             let i = *index.entry(id.clone()).or_insert_with(|| {
                 by_stream.push((id, Vec::new()));
                 by_stream.len() - 1
@@ -1322,10 +1318,7 @@ impl LiveStreams for RedisStreams {
         let mut by_stream: HashMap<StreamId, Vec<u64>> = HashMap::new();
         for e in events {
             by_stream
-                .entry(StreamId {
-                    event_type: e.event.event_type.clone(),
-                    level: level_number(e.event.priority),
-                })
+                .entry(StreamId::of(&e.event))
                 .or_default()
                 .push(e.sequence);
         }

@@ -171,18 +171,28 @@ local function load_runs(runs, lo, hi)
   end
   return list
 end
--- Whether sequence n is an open entry of its run in `list`; with `take`, it leaves the run.
-local function in_run(bits, list, n, take)
-  local lo, hi, run = 1, #list, nil
+-- The index in `list` of the last run starting at or before sequence n (nil when none does).
+local function run_index(list, n)
+  local lo, hi, idx = 1, #list, nil
   while lo <= hi do
     local mid = math.floor((lo + hi) / 2)
-    if list[mid].first <= n then run = list[mid]; lo = mid + 1 else hi = mid - 1 end
+    if list[mid].first <= n then idx = mid; lo = mid + 1 else hi = mid - 1 end
   end
-  if not run then return false end
+  return idx
+end
+-- Reads a run's bitmap into `run.b` (a table of bytes) the first time it is needed.
+local function load_bitmap(bits, run)
   if not run.b then
     local map = redis.call('HGET', bits, run.id)
     run.b = map and {string.byte(map, 1, -1)} or {}
   end
+end
+-- Whether sequence n is an open entry of its run in `list`; with `take`, it leaves the run.
+local function in_run(bits, list, n, take)
+  local idx = run_index(list, n)
+  if not idx then return false end
+  local run = list[idx]
+  load_bitmap(bits, run)
   local o = n - run.first
   local at = math.floor(o / 8) + 1
   local mask = bit.lshift(1, 7 - o % 8)
@@ -198,21 +208,14 @@ end
 local function take_range(bits, list, lo, hi, missed)
   local n = lo
   while n <= hi do
-    local a, z, idx = 1, #list, nil
-    while a <= z do
-      local mid = math.floor((a + z) / 2)
-      if list[mid].first <= n then idx = mid; a = mid + 1 else z = mid - 1 end
-    end
+    local idx = run_index(list, n)
     -- n..stop lie in one run's span at most: the next run starts after stop
     local stop = hi
     local nxt = list[(idx or 0) + 1]
     if nxt then stop = math.min(stop, nxt.first - 1) end
     local run, e = idx and list[idx], n - 1
     if run then
-      if not run.b then
-        local map = redis.call('HGET', bits, run.id)
-        run.b = map and {string.byte(map, 1, -1)} or {}
-      end
+      load_bitmap(bits, run)
       e = math.min(stop, run.first + #run.b * 8 - 1)
       local o, oe = n - run.first, e - run.first
       while o <= oe do
@@ -280,10 +283,10 @@ fn with_helpers(body: &str) -> Script {
 /// `XRANGE` after the cursor first: entries read inside a script are copied into Lua and back, which
 /// cost more than everything else a claim does. KEYS: stream, due, floor, runs, bits.
 /// ARGV: group, lease ms, the cursor the entries were read after ('' when not known), then their
-/// sequences as ascending, disjoint (first, last) ranges... Returns `{'NOGROUP'}`, `{'GAP', last, floor}` (entries after `last` up to `floor` must
-/// come from the store, because the stream no longer begins before them), `{'AT', last}` (nothing read
-/// is still free: read after `last` and call again) or `{'OK', last}` (the entries read after `last`
-/// are the caller's).
+/// sequences as ascending, disjoint (first, last) ranges... Returns `{'NOGROUP'}`, `{'GAP', last,
+/// floor}` (entries after `last` up to `floor` must come from the store, because the stream no longer
+/// begins before them), `{'AT', last}` (nothing read is still free: read after `last` and call again)
+/// or `{'OK', last}` (the entries read after `last` are the caller's).
 pub(super) static CLAIM_NEW: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r"
@@ -324,7 +327,8 @@ return {'OK', last}
 
 /// Leases entries read from the store for a gap as runs and moves the group past them, if nobody did
 /// meanwhile. KEYS: stream, due, runs, bits. ARGV: group, expected last, new last, lease ms, then the
-/// sequences as ascending, disjoint (first, last) ranges... Returns 1 when recorded, 0 when another consumer moved the group first.
+/// sequences as ascending, disjoint (first, last) ranges... Returns 1 when recorded, 0 when another
+/// consumer moved the group first.
 pub(super) static CLAIM_GAP: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r"
