@@ -393,7 +393,8 @@ async fn two_replicas_share_a_group_and_route_replies() {
 
     let mut o = open(&["work.item"], "workers");
     o.start = earliest();
-    o.max_in_flight = 8;
+    let window = 8;
+    o.max_in_flight = window as u32;
     let mut on_a = Subscriber::open(&mut bus_a, o.clone())
         .await
         .expect("open on a");
@@ -412,10 +413,10 @@ async fn two_replicas_share_a_group_and_route_replies() {
     // events (counting shares after acking raced replica b's relay under load: [194, 6]).
     let mut seen = HashSet::new();
     let (mut held_a, mut held_b) = (Vec::new(), Vec::new());
-    while held_a.len() < 8 || held_b.len() < 8 {
+    while held_a.len() < window || held_b.len() < window {
         tokio::select! {
-            d = on_a.next_delivery(), if held_a.len() < 8 => { assert!(seen.insert(crate::harness::id(&d)), "delivered twice"); held_a.push(d); }
-            d = on_b.next_delivery(), if held_b.len() < 8 => { assert!(seen.insert(crate::harness::id(&d)), "delivered twice"); held_b.push(d); }
+            d = on_a.next_delivery(), if held_a.len() < window => { assert!(seen.insert(crate::harness::id(&d)), "delivered twice"); held_a.push(d); }
+            d = on_b.next_delivery(), if held_b.len() < window => { assert!(seen.insert(crate::harness::id(&d)), "delivered twice"); held_b.push(d); }
         }
     }
     for (member, held) in [(&on_a, &held_a), (&on_b, &held_b)] {
