@@ -9,8 +9,8 @@ use nerve::{
     Backends,
     event::{Selection, StoredEvent},
     store::{
-        Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent,
-        Publisher, ReadPage, ReadQuery, StoreError, StoreResult,
+        AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
+        Queued, ReadPage, ReadQuery, StoreError, StoreResult,
     },
 };
 use tokio::sync::watch;
@@ -42,9 +42,9 @@ impl FlakyStore {
 
 #[async_trait]
 impl EventStore for FlakyStore {
-    async fn append(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Vec<Appended>> {
+    async fn queue(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Queued> {
         self.check()?;
-        self.inner.append(tenant, events).await
+        self.inner.queue(tenant, events).await
     }
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
         self.check()?;

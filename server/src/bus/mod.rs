@@ -36,7 +36,7 @@ pub use subscription::{
 
 use crate::{
     event::{Event, InvalidInput, Limits},
-    store::{Appended, EventStore, NewEvent},
+    store::{Appended, EventStore, NewEvent, Queued},
     stream::LiveStreams,
 };
 
@@ -137,37 +137,35 @@ impl Bus {
 
     /// Commits a batch of events atomically; returns their sequences in order.
     pub async fn publish(&self, tenant: &str, events: Vec<Event>) -> BusResult<Vec<Appended>> {
+        self.queue_publish(tenant, events).await?.committed().await
+    }
+
+    /// Checks a batch and queues it for commit after every batch queued before it, so batches queued
+    /// one after another get increasing sequences; [`QueuedPublish::committed`] waits for the commit.
+    pub async fn queue_publish(
+        &self,
+        tenant: &str,
+        events: Vec<Event>,
+    ) -> BusResult<QueuedPublish> {
         let started = std::time::Instant::now();
         let types: Vec<String> = events
             .iter()
             .map(|e| crate::metrics::type_label(&e.event_type))
             .collect();
-        let outcome = self.commit(tenant, events).await;
-        ::metrics::histogram!(names::PUBLISH_SECONDS).record(started.elapsed());
-        match &outcome {
-            Ok(appended) => {
-                for (event_type, a) in types.into_iter().zip(appended) {
-                    let outcome = if a.duplicate { "duplicate" } else { "stored" };
-                    ::metrics::counter!(names::PUBLISHED, "type" => event_type, "outcome" => outcome)
-                        .increment(1);
-                }
-            }
+        match self.queue_commit(tenant, events).await {
+            Ok(queued) => Ok(QueuedPublish {
+                started,
+                types,
+                queued,
+            }),
             Err(error) => {
-                let outcome = match error {
-                    BusError::Invalid(_) | BusError::AlreadyExists { .. } => "rejected",
-                    BusError::Unavailable(_) => "unavailable",
-                    _ => "failed",
-                };
-                for event_type in types {
-                    ::metrics::counter!(names::PUBLISHED, "type" => event_type, "outcome" => outcome)
-                        .increment(1);
-                }
+                record_publish(started, types, Err(&error));
+                Err(error)
             }
         }
-        outcome
     }
 
-    async fn commit(&self, tenant: &str, events: Vec<Event>) -> BusResult<Vec<Appended>> {
+    async fn queue_commit(&self, tenant: &str, events: Vec<Event>) -> BusResult<Queued> {
         self.limits.check_batch(&events)?;
         let now = Utc::now();
         let batch = events
@@ -179,7 +177,7 @@ impl Bus {
                 NewEvent::new(event, content_hash)
             })
             .collect();
-        Ok(self.store.append(tenant, batch).await?)
+        Ok(self.store.queue(tenant, batch).await?)
     }
 
     /// Answers when both backends answer.
@@ -187,6 +185,52 @@ impl Bus {
         let store = self.store.ping().await.map_err(BusError::from);
         let streams = self.streams.ping().await.map_err(BusError::from);
         (store, streams)
+    }
+}
+
+/// A checked batch in the commit queue.
+pub struct QueuedPublish {
+    started: std::time::Instant,
+    /// Metric labels of the events' types, in order.
+    types: Vec<String>,
+    queued: Queued,
+}
+
+impl QueuedPublish {
+    /// Waits for the commit; returns the events' sequences in order.
+    pub async fn committed(self) -> BusResult<Vec<Appended>> {
+        let outcome = self.queued.committed().await.map_err(BusError::from);
+        record_publish(self.started, self.types, outcome.as_ref());
+        outcome
+    }
+}
+
+/// Counts a publish's events by outcome and records its duration.
+fn record_publish(
+    started: std::time::Instant,
+    types: Vec<String>,
+    outcome: Result<&Vec<Appended>, &BusError>,
+) {
+    ::metrics::histogram!(names::PUBLISH_SECONDS).record(started.elapsed());
+    match outcome {
+        Ok(appended) => {
+            for (event_type, a) in types.into_iter().zip(appended) {
+                let outcome = if a.duplicate { "duplicate" } else { "stored" };
+                ::metrics::counter!(names::PUBLISHED, "type" => event_type, "outcome" => outcome)
+                    .increment(1);
+            }
+        }
+        Err(error) => {
+            let outcome = match error {
+                BusError::Invalid(_) | BusError::AlreadyExists { .. } => "rejected",
+                BusError::Unavailable(_) => "unavailable",
+                _ => "failed",
+            };
+            for event_type in types {
+                ::metrics::counter!(names::PUBLISHED, "type" => event_type, "outcome" => outcome)
+                    .increment(1);
+            }
+        }
     }
 }
 

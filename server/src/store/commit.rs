@@ -426,12 +426,24 @@ pub(crate) fn advance(committed: &watch::Sender<u64>, head: u64) {
     });
 }
 
-/// Queues a publish and waits for its commit.
-pub(crate) async fn submit(
+/// A batch in the commit queue: it commits after every batch queued before it.
+pub struct Queued(oneshot::Receiver<StoreResult<Vec<Appended>>>);
+
+impl Queued {
+    /// Waits for the batch's commit; one result per event, in order.
+    pub async fn committed(self) -> StoreResult<Vec<Appended>> {
+        self.0
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+}
+
+/// Queues a publish for the writer; it is committed in queue order.
+pub(crate) async fn queue(
     commits: &mpsc::Sender<CommitRequest>,
     tenant: &str,
     events: Vec<NewEvent>,
-) -> StoreResult<Vec<Appended>> {
+) -> StoreResult<Queued> {
     let (reply, rx) = oneshot::channel();
     commits
         .send(CommitRequest {
@@ -441,8 +453,7 @@ pub(crate) async fn submit(
         })
         .await
         .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
-    rx.await
-        .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    Ok(Queued(rx))
 }
 
 #[cfg(test)]

@@ -36,6 +36,8 @@ pub enum StoreError {
 /// Result alias of the store layer.
 pub type StoreResult<T> = Result<T, StoreError>;
 
+pub use commit::Queued;
+
 /// Decodes a stored body; one that cannot be decoded is a store failure.
 pub(crate) fn decode_body(bytes: &[u8]) -> StoreResult<Event> {
     body::decode(bytes).map_err(|e| StoreError::Internal(format!("undecodable stored event: {e}")))
@@ -245,8 +247,14 @@ fn audit_limit(limit: usize) -> i64 {
 /// The durable event log.
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
-    /// Commits a batch atomically, in order; sequences follow commit order. Duplicates return their original sequence.
-    async fn append(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Vec<Appended>>;
+    /// Queues a batch to be committed atomically after every batch queued before it, so sequences follow
+    /// queue order; [`Queued::committed`] waits for the commit. Duplicates return their original sequence.
+    async fn queue(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Queued>;
+
+    /// Commits a batch and waits for the commit: [`EventStore::queue`], then [`Queued::committed`].
+    async fn append(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Vec<Appended>> {
+        self.queue(tenant, events).await?.committed().await
+    }
 
     /// Reads matching events after `query.after`, in sequence order.
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage>;

@@ -14,7 +14,7 @@ use tracing::warn;
 
 use super::{
     Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
-    ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
+    Queued, ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
     commit::{self, Attempt, BatchWriter, CommitRequest, Committed, NewRow, RecentCommits},
     literal_types,
     sqlite::{from_ns, map_err, seq_i64, to_ns},
@@ -456,8 +456,8 @@ async fn insert_rows(
 
 #[async_trait]
 impl EventStore for PostgresStore {
-    async fn append(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Vec<Appended>> {
-        commit::submit(&self.commits, tenant, events).await
+    async fn queue(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Queued> {
+        commit::queue(&self.commits, tenant, events).await
     }
 
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {

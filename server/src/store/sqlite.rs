@@ -13,7 +13,7 @@ use sqlx::{
 use tokio::sync::{Mutex, mpsc, watch};
 
 use super::{
-    Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
+    AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher, Queued,
     ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
     commit::{self, Attempt, BatchWriter, CommitRequest, Committed, RecentCommits},
     literal_types,
@@ -442,8 +442,8 @@ fn push_inserts(sql: &mut QueryBuilder<Sqlite>, plan: &commit::Plan<'_>, recorde
 
 #[async_trait]
 impl EventStore for SqliteStore {
-    async fn append(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Vec<Appended>> {
-        commit::submit(&self.commits, tenant, events).await
+    async fn queue(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Queued> {
+        commit::queue(&self.commits, tenant, events).await
     }
 
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
