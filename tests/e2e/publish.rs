@@ -1,8 +1,8 @@
-use tonic::Code;
+use tonic::{Code, transport::Channel};
 use tonic_types::StatusExt;
 
 use crate::harness::*;
-use nerve::api::pb;
+use nerve::api::pb::{self, event_bus_client::EventBusClient};
 
 #[tokio::test]
 async fn publish_returns_sequences_in_order() {
@@ -285,4 +285,161 @@ async fn oversized_input_is_resource_exhausted() {
         .expect_err("over message limit");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     publish(&mut bus, vec![event("after", "t.created")]).await;
+}
+
+/// Opens a PublishStream; returns where to send requests and the answers.
+async fn publish_stream(
+    bus: &mut EventBusClient<Channel>,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<pb::PublishStreamRequest>,
+    tonic::Streaming<pb::PublishStreamResponse>,
+) {
+    let (requests, rx) = tokio::sync::mpsc::unbounded_channel();
+    let answers = bus
+        .publish_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .expect("PublishStream opens")
+        .into_inner();
+    (requests, answers)
+}
+
+/// The next answer of a PublishStream, within [`WAIT`].
+async fn next_answer(
+    answers: &mut tonic::Streaming<pb::PublishStreamResponse>,
+) -> pb::PublishStreamResponse {
+    tokio::time::timeout(WAIT, answers.message())
+        .await
+        .expect("an answer within the wait")
+        .expect("the stream is healthy")
+        .expect("the stream is open")
+}
+
+fn published(answer: &pb::PublishStreamResponse) -> &pb::PublishResponse {
+    match &answer.outcome {
+        Some(pb::publish_stream_response::Outcome::Published(p)) => p,
+        other => panic!("request {} not published: {other:?}", answer.request_id),
+    }
+}
+
+fn refused(answer: &pb::PublishStreamResponse) -> &pb::PublishError {
+    match &answer.outcome {
+        Some(pb::publish_stream_response::Outcome::Error(e)) => e,
+        other => panic!("request {} not refused: {other:?}", answer.request_id),
+    }
+}
+
+#[tokio::test]
+async fn publish_stream_commits_in_the_order_sent_and_answers_in_that_order() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let (requests, mut answers) = publish_stream(&mut bus).await;
+    // every request is sent before any answer is read: the server must take them in order
+    // even while earlier ones are still being committed
+    let sent: Vec<(u64, Vec<String>)> = (0..300u64)
+        .map(|r| {
+            let ids: Vec<String> = (0..1 + r % 3).map(|k| format!("s{r}-{k}")).collect();
+            // ids the client picks, in no particular order
+            (r * 7919 % 1000, ids)
+        })
+        .collect();
+    for (request_id, ids) in &sent {
+        let events = ids.iter().map(|id| event(id, "stream.t")).collect();
+        requests
+            .send(pb::PublishStreamRequest {
+                request_id: *request_id,
+                events,
+            })
+            .expect("send");
+    }
+    let mut last = 0;
+    for (request_id, ids) in &sent {
+        let answer = next_answer(&mut answers).await;
+        assert_eq!(
+            answer.request_id, *request_id,
+            "answers come in request order"
+        );
+        let results = &published(&answer).results;
+        let got: Vec<&str> = results.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(got, *ids, "one result per event, in order");
+        for r in results {
+            assert!(r.sequence > last, "sequences follow the order sent");
+            assert!(!r.duplicate);
+            last = r.sequence;
+        }
+    }
+    // the publisher closes its side: the server ends the stream cleanly once everything is answered
+    drop(requests);
+    let end = tokio::time::timeout(WAIT, answers.message())
+        .await
+        .expect("ends");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    // what was answered is stored and readable like any publish
+    let first = server
+        .admin()
+        .get_event(pb::GetEventRequest {
+            id: "s0-0".into(),
+            source: String::new(),
+        })
+        .await
+        .expect("stored")
+        .into_inner();
+    assert_eq!(first.event.expect("event").id, "s0-0");
+}
+
+#[tokio::test]
+async fn a_refused_request_on_a_publish_stream_is_answered_and_the_stream_goes_on() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    publish(&mut bus, vec![event("taken", "stream.t")]).await;
+    let (requests, mut answers) = publish_stream(&mut bus).await;
+    let mut conflicting = event("taken", "stream.t");
+    conflicting.subject = "changed".into();
+    let mut invalid = event("bad", "stream.t");
+    invalid.r#type = String::new();
+    let batches = vec![
+        vec![event("ok-1", "stream.t")],
+        vec![event("fresh", "stream.t"), invalid],
+        vec![conflicting, event("fresh-2", "stream.t")],
+        vec![event("taken", "stream.t")],
+        vec![event("ok-2", "stream.t")],
+    ];
+    for (request_id, events) in batches.into_iter().enumerate() {
+        requests
+            .send(pb::PublishStreamRequest {
+                request_id: request_id as u64,
+                events,
+            })
+            .expect("send");
+    }
+    let ok_1 = next_answer(&mut answers).await;
+    let ok_1 = published(&ok_1).results[0].sequence;
+    let bad = next_answer(&mut answers).await;
+    let error = refused(&bad);
+    assert_eq!(error.code, Code::InvalidArgument as i32, "{error:?}");
+    assert!(error.message.contains("events[1].type"), "{error:?}");
+    let conflict = next_answer(&mut answers).await;
+    let error = refused(&conflict);
+    assert_eq!(error.code, Code::AlreadyExists as i32, "{error:?}");
+    assert!(error.message.contains("taken"), "{error:?}");
+    let retry = next_answer(&mut answers).await;
+    assert!(
+        published(&retry).results[0].duplicate,
+        "a retry is a duplicate"
+    );
+    let ok_2 = next_answer(&mut answers).await;
+    assert_eq!(
+        published(&ok_2).results[0].sequence,
+        ok_1 + 1,
+        "refused requests stored nothing and took no sequence"
+    );
+    for id in ["fresh", "fresh-2"] {
+        let get = server
+            .admin()
+            .get_event(pb::GetEventRequest {
+                id: id.into(),
+                source: String::new(),
+            })
+            .await;
+        assert_status(get, Code::NotFound, id);
+    }
 }

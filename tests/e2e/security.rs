@@ -564,6 +564,45 @@ async fn policy_denies_what_it_does_not_grant_and_audits_it() {
         Code::PermissionDenied,
         "source \"tool\" does not belong",
     );
+    // on a PublishStream each request is authorized as a Publish call is, and a refusal ends only it
+    let batches = [
+        sourced("s1", "plan.created", "planner"),
+        sourced("s2", "task.created", "planner/2"),
+    ];
+    let requests = batches
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| pb::PublishStreamRequest {
+            request_id: i as u64,
+            events: vec![e],
+        });
+    let mut answers = bus
+        .publish_stream(authorized(tokio_stream::iter(requests), &planner))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let denied = answers.message().await.expect("answer").expect("open");
+    match denied.outcome {
+        Some(pb::publish_stream_response::Outcome::Error(e)) => {
+            assert_eq!(e.code, Code::PermissionDenied as i32, "{e:?}");
+            assert!(e.message.contains("\"plan.created\""), "{e:?}");
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+    let granted = answers.message().await.expect("answer").expect("open");
+    assert!(
+        matches!(
+            granted.outcome,
+            Some(pb::publish_stream_response::Outcome::Published(_))
+        ),
+        "{granted:?}"
+    );
+    assert_status(
+        bus.publish_stream(tokio_stream::iter(Vec::<pb::PublishStreamRequest>::new()))
+            .await,
+        Code::Unauthenticated,
+        "",
+    );
     assert_status(
         Subscriber::open_as(&mut bus, open(&[">"], ""), Some(&planner))
             .await
@@ -1122,6 +1161,43 @@ async fn publish_rate_is_limited_per_principal() {
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
         assert!(status.message().contains("rate limit"), "{status:?}");
     }
+}
+
+#[tokio::test]
+async fn publish_stream_requests_count_against_the_publish_rate() {
+    let server = TestServer::start_with(|c| {
+        c.connections.publish_rate_per_principal = 1;
+        c.connections.publish_burst = 3;
+    })
+    .await;
+    let requests = (0..6u64).map(|i| pb::PublishStreamRequest {
+        request_id: i,
+        events: vec![event(&format!("r{i}"), "a.b")],
+    });
+    let mut answers = server
+        .bus()
+        .publish_stream(tokio_stream::iter(requests))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let mut limited = 0;
+    for i in 0..6u64 {
+        let answer = answers.message().await.expect("answer").expect("open");
+        assert_eq!(answer.request_id, i);
+        match answer.outcome {
+            Some(pb::publish_stream_response::Outcome::Published(_)) => {
+                assert!(limited == 0 || i >= 3, "published after a refusal: {i}")
+            }
+            Some(pb::publish_stream_response::Outcome::Error(e)) => {
+                assert!(i >= 3, "the burst passes: {e:?}");
+                assert_eq!(e.code, Code::ResourceExhausted as i32, "{e:?}");
+                assert!(e.message.contains("rate limit"), "{e:?}");
+                limited += 1;
+            }
+            None => panic!("no outcome"),
+        }
+    }
+    assert!(limited > 0, "no request was limited");
 }
 
 #[tokio::test]

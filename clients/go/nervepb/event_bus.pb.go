@@ -176,6 +176,207 @@ func (x *PublishResult) GetDuplicate() bool {
 	return false
 }
 
+// PublishStreamRequest is one atomic batch on a PublishStream.
+type PublishStreamRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the publisher and echoed in the answer; the server does not interpret it.
+	RequestId     uint64   `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Events        []*Event `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublishStreamRequest) Reset() {
+	*x = PublishStreamRequest{}
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishStreamRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishStreamRequest) ProtoMessage() {}
+
+func (x *PublishStreamRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishStreamRequest.ProtoReflect.Descriptor instead.
+func (*PublishStreamRequest) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *PublishStreamRequest) GetRequestId() uint64 {
+	if x != nil {
+		return x.RequestId
+	}
+	return 0
+}
+
+func (x *PublishStreamRequest) GetEvents() []*Event {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+// PublishStreamResponse answers one PublishStreamRequest; answers come in the order requests were sent.
+type PublishStreamResponse struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	RequestId uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Types that are valid to be assigned to Outcome:
+	//
+	//	*PublishStreamResponse_Published
+	//	*PublishStreamResponse_Error
+	Outcome       isPublishStreamResponse_Outcome `protobuf_oneof:"outcome"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublishStreamResponse) Reset() {
+	*x = PublishStreamResponse{}
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishStreamResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishStreamResponse) ProtoMessage() {}
+
+func (x *PublishStreamResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishStreamResponse.ProtoReflect.Descriptor instead.
+func (*PublishStreamResponse) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *PublishStreamResponse) GetRequestId() uint64 {
+	if x != nil {
+		return x.RequestId
+	}
+	return 0
+}
+
+func (x *PublishStreamResponse) GetOutcome() isPublishStreamResponse_Outcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return nil
+}
+
+func (x *PublishStreamResponse) GetPublished() *PublishResponse {
+	if x != nil {
+		if x, ok := x.Outcome.(*PublishStreamResponse_Published); ok {
+			return x.Published
+		}
+	}
+	return nil
+}
+
+func (x *PublishStreamResponse) GetError() *PublishError {
+	if x != nil {
+		if x, ok := x.Outcome.(*PublishStreamResponse_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isPublishStreamResponse_Outcome interface {
+	isPublishStreamResponse_Outcome()
+}
+
+type PublishStreamResponse_Published struct {
+	// The batch is committed: one result per event, in request order.
+	Published *PublishResponse `protobuf:"bytes,2,opt,name=published,proto3,oneof"`
+}
+
+type PublishStreamResponse_Error struct {
+	// Nothing of the batch was stored: the status a Publish call would have ended with.
+	Error *PublishError `protobuf:"bytes,3,opt,name=error,proto3,oneof"`
+}
+
+func (*PublishStreamResponse_Published) isPublishStreamResponse_Outcome() {}
+
+func (*PublishStreamResponse_Error) isPublishStreamResponse_Outcome() {}
+
+// PublishError is why one request of a PublishStream was not stored.
+type PublishError struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The gRPC status code (google.rpc.Code), e.g. 3 INVALID_ARGUMENT, 7 PERMISSION_DENIED, 14 UNAVAILABLE.
+	Code          int32  `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublishError) Reset() {
+	*x = PublishError{}
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishError) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishError) ProtoMessage() {}
+
+func (x *PublishError) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishError.ProtoReflect.Descriptor instead.
+func (*PublishError) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *PublishError) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *PublishError) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 // SubscribeRequest is one message from the subscriber.
 type SubscribeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -194,7 +395,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[3]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -206,7 +407,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[3]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -219,7 +420,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{3}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *SubscribeRequest) GetAction() isSubscribeRequest_Action {
@@ -348,7 +549,7 @@ type SubscriptionOpen struct {
 
 func (x *SubscriptionOpen) Reset() {
 	*x = SubscriptionOpen{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[4]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -360,7 +561,7 @@ func (x *SubscriptionOpen) String() string {
 func (*SubscriptionOpen) ProtoMessage() {}
 
 func (x *SubscriptionOpen) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[4]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -373,7 +574,7 @@ func (x *SubscriptionOpen) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionOpen.ProtoReflect.Descriptor instead.
 func (*SubscriptionOpen) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{4}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *SubscriptionOpen) GetTypes() []string {
@@ -448,7 +649,7 @@ type StartPosition struct {
 
 func (x *StartPosition) Reset() {
 	*x = StartPosition{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[5]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -460,7 +661,7 @@ func (x *StartPosition) String() string {
 func (*StartPosition) ProtoMessage() {}
 
 func (x *StartPosition) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[5]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -473,7 +674,7 @@ func (x *StartPosition) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartPosition.ProtoReflect.Descriptor instead.
 func (*StartPosition) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{5}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StartPosition) GetPosition() isStartPosition_Position {
@@ -561,7 +762,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[6]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -573,7 +774,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[6]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -586,7 +787,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{6}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Ack) GetDeliveryIds() []string {
@@ -612,7 +813,7 @@ type Nack struct {
 
 func (x *Nack) Reset() {
 	*x = Nack{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[7]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -624,7 +825,7 @@ func (x *Nack) String() string {
 func (*Nack) ProtoMessage() {}
 
 func (x *Nack) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[7]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -637,7 +838,7 @@ func (x *Nack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Nack.ProtoReflect.Descriptor instead.
 func (*Nack) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{7}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Nack) GetDeliveryIds() []string {
@@ -680,7 +881,7 @@ type ExtendDeadline struct {
 
 func (x *ExtendDeadline) Reset() {
 	*x = ExtendDeadline{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[8]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -692,7 +893,7 @@ func (x *ExtendDeadline) String() string {
 func (*ExtendDeadline) ProtoMessage() {}
 
 func (x *ExtendDeadline) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[8]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -705,7 +906,7 @@ func (x *ExtendDeadline) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendDeadline.ProtoReflect.Descriptor instead.
 func (*ExtendDeadline) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{8}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ExtendDeadline) GetDeliveryIds() []string {
@@ -732,7 +933,7 @@ type Credit struct {
 
 func (x *Credit) Reset() {
 	*x = Credit{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[9]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -744,7 +945,7 @@ func (x *Credit) String() string {
 func (*Credit) ProtoMessage() {}
 
 func (x *Credit) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[9]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -757,7 +958,7 @@ func (x *Credit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Credit.ProtoReflect.Descriptor instead.
 func (*Credit) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{9}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Credit) GetCredits() uint32 {
@@ -777,7 +978,7 @@ type SetFilter struct {
 
 func (x *SetFilter) Reset() {
 	*x = SetFilter{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[10]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -789,7 +990,7 @@ func (x *SetFilter) String() string {
 func (*SetFilter) ProtoMessage() {}
 
 func (x *SetFilter) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[10]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -802,7 +1003,7 @@ func (x *SetFilter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetFilter.ProtoReflect.Descriptor instead.
 func (*SetFilter) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{10}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetFilter) GetFilter() *Filter {
@@ -828,7 +1029,7 @@ type SubscribeResponse struct {
 
 func (x *SubscribeResponse) Reset() {
 	*x = SubscribeResponse{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[11]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -840,7 +1041,7 @@ func (x *SubscribeResponse) String() string {
 func (*SubscribeResponse) ProtoMessage() {}
 
 func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[11]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -853,7 +1054,7 @@ func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{11}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SubscribeResponse) GetMessage() isSubscribeResponse_Message {
@@ -940,7 +1141,7 @@ type Subscribed struct {
 
 func (x *Subscribed) Reset() {
 	*x = Subscribed{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[12]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1153,7 @@ func (x *Subscribed) String() string {
 func (*Subscribed) ProtoMessage() {}
 
 func (x *Subscribed) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[12]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1166,7 @@ func (x *Subscribed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Subscribed.ProtoReflect.Descriptor instead.
 func (*Subscribed) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{12}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Subscribed) GetSubscriptionId() string {
@@ -1005,7 +1206,7 @@ type Delivery struct {
 
 func (x *Delivery) Reset() {
 	*x = Delivery{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[13]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1017,7 +1218,7 @@ func (x *Delivery) String() string {
 func (*Delivery) ProtoMessage() {}
 
 func (x *Delivery) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[13]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1030,7 +1231,7 @@ func (x *Delivery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Delivery.ProtoReflect.Descriptor instead.
 func (*Delivery) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{13}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Delivery) GetEvent() *Event {
@@ -1074,7 +1275,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[14]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1086,7 +1287,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[14]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1099,7 +1300,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{14}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
@@ -1140,7 +1341,7 @@ type CaughtUp struct {
 
 func (x *CaughtUp) Reset() {
 	*x = CaughtUp{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[15]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1152,7 +1353,7 @@ func (x *CaughtUp) String() string {
 func (*CaughtUp) ProtoMessage() {}
 
 func (x *CaughtUp) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[15]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1165,7 +1366,7 @@ func (x *CaughtUp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CaughtUp.ProtoReflect.Descriptor instead.
 func (*CaughtUp) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{15}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CaughtUp) GetSequence() uint64 {
@@ -1187,7 +1388,7 @@ type RequestRequest struct {
 
 func (x *RequestRequest) Reset() {
 	*x = RequestRequest{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[16]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1199,7 +1400,7 @@ func (x *RequestRequest) String() string {
 func (*RequestRequest) ProtoMessage() {}
 
 func (x *RequestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[16]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1212,7 +1413,7 @@ func (x *RequestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRequest.ProtoReflect.Descriptor instead.
 func (*RequestRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{16}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RequestRequest) GetEvent() *Event {
@@ -1240,7 +1441,7 @@ type RequestResponse struct {
 
 func (x *RequestResponse) Reset() {
 	*x = RequestResponse{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[17]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1252,7 +1453,7 @@ func (x *RequestResponse) String() string {
 func (*RequestResponse) ProtoMessage() {}
 
 func (x *RequestResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[17]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1265,7 +1466,7 @@ func (x *RequestResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestResponse.ProtoReflect.Descriptor instead.
 func (*RequestResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{17}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RequestResponse) GetReply() *Event {
@@ -1294,7 +1495,7 @@ type ReplyRequest struct {
 
 func (x *ReplyRequest) Reset() {
 	*x = ReplyRequest{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[18]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1306,7 +1507,7 @@ func (x *ReplyRequest) String() string {
 func (*ReplyRequest) ProtoMessage() {}
 
 func (x *ReplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[18]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1319,7 +1520,7 @@ func (x *ReplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplyRequest.ProtoReflect.Descriptor instead.
 func (*ReplyRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{18}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ReplyRequest) GetReplyTo() string {
@@ -1348,7 +1549,7 @@ type ReplyResponse struct {
 
 func (x *ReplyResponse) Reset() {
 	*x = ReplyResponse{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[19]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1360,7 +1561,7 @@ func (x *ReplyResponse) String() string {
 func (*ReplyResponse) ProtoMessage() {}
 
 func (x *ReplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[19]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1373,7 +1574,7 @@ func (x *ReplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplyResponse.ProtoReflect.Descriptor instead.
 func (*ReplyResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{19}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ReplyResponse) GetDelivered() bool {
@@ -1419,7 +1620,7 @@ type ReplayRequest struct {
 
 func (x *ReplayRequest) Reset() {
 	*x = ReplayRequest{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[20]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1431,7 +1632,7 @@ func (x *ReplayRequest) String() string {
 func (*ReplayRequest) ProtoMessage() {}
 
 func (x *ReplayRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[20]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1444,7 +1645,7 @@ func (x *ReplayRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayRequest.ProtoReflect.Descriptor instead.
 func (*ReplayRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{20}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ReplayRequest) GetTypes() []string {
@@ -1538,7 +1739,7 @@ type ReplayResponse struct {
 
 func (x *ReplayResponse) Reset() {
 	*x = ReplayResponse{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[21]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1550,7 +1751,7 @@ func (x *ReplayResponse) String() string {
 func (*ReplayResponse) ProtoMessage() {}
 
 func (x *ReplayResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[21]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1563,7 +1764,7 @@ func (x *ReplayResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayResponse.ProtoReflect.Descriptor instead.
 func (*ReplayResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{21}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ReplayResponse) GetEvents() []*Event {
@@ -1599,7 +1800,20 @@ const file_nerve_v1_event_bus_proto_rawDesc = "" +
 	"\rPublishResult\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
 	"\bsequence\x18\x02 \x01(\x04R\bsequence\x12\x1c\n" +
-	"\tduplicate\x18\x03 \x01(\bR\tduplicate\"\xad\x02\n" +
+	"\tduplicate\x18\x03 \x01(\bR\tduplicate\"^\n" +
+	"\x14PublishStreamRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\x04R\trequestId\x12'\n" +
+	"\x06events\x18\x02 \x03(\v2\x0f.nerve.v1.EventR\x06events\"\xac\x01\n" +
+	"\x15PublishStreamResponse\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\x04R\trequestId\x129\n" +
+	"\tpublished\x18\x02 \x01(\v2\x19.nerve.v1.PublishResponseH\x00R\tpublished\x12.\n" +
+	"\x05error\x18\x03 \x01(\v2\x16.nerve.v1.PublishErrorH\x00R\x05errorB\t\n" +
+	"\aoutcome\"<\n" +
+	"\fPublishError\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\xad\x02\n" +
 	"\x10SubscribeRequest\x120\n" +
 	"\x04open\x18\x01 \x01(\v2\x1a.nerve.v1.SubscriptionOpenH\x00R\x04open\x12!\n" +
 	"\x03ack\x18\x02 \x01(\v2\r.nerve.v1.AckH\x00R\x03ack\x12$\n" +
@@ -1696,9 +1910,10 @@ const file_nerve_v1_event_bus_proto_rawDesc = "" +
 	"\x0eReplayResponse\x12'\n" +
 	"\x06events\x18\x01 \x03(\v2\x0f.nerve.v1.EventR\x06events\x12!\n" +
 	"\fresume_token\x18\x02 \x01(\tR\vresumeToken\x12$\n" +
-	"\x0eend_of_history\x18\x03 \x01(\bR\fendOfHistory2\xcd\x02\n" +
+	"\x0eend_of_history\x18\x03 \x01(\bR\fendOfHistory2\xa3\x03\n" +
 	"\bEventBus\x12>\n" +
-	"\aPublish\x12\x18.nerve.v1.PublishRequest\x1a\x19.nerve.v1.PublishResponse\x12H\n" +
+	"\aPublish\x12\x18.nerve.v1.PublishRequest\x1a\x19.nerve.v1.PublishResponse\x12T\n" +
+	"\rPublishStream\x12\x1e.nerve.v1.PublishStreamRequest\x1a\x1f.nerve.v1.PublishStreamResponse(\x010\x01\x12H\n" +
 	"\tSubscribe\x12\x1a.nerve.v1.SubscribeRequest\x1a\x1b.nerve.v1.SubscribeResponse(\x010\x01\x12>\n" +
 	"\aRequest\x12\x18.nerve.v1.RequestRequest\x1a\x19.nerve.v1.RequestResponse\x128\n" +
 	"\x05Reply\x12\x16.nerve.v1.ReplyRequest\x1a\x17.nerve.v1.ReplyResponse\x12=\n" +
@@ -1716,84 +1931,92 @@ func file_nerve_v1_event_bus_proto_rawDescGZIP() []byte {
 	return file_nerve_v1_event_bus_proto_rawDescData
 }
 
-var file_nerve_v1_event_bus_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_nerve_v1_event_bus_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_nerve_v1_event_bus_proto_goTypes = []any{
 	(*PublishRequest)(nil),        // 0: nerve.v1.PublishRequest
 	(*PublishResponse)(nil),       // 1: nerve.v1.PublishResponse
 	(*PublishResult)(nil),         // 2: nerve.v1.PublishResult
-	(*SubscribeRequest)(nil),      // 3: nerve.v1.SubscribeRequest
-	(*SubscriptionOpen)(nil),      // 4: nerve.v1.SubscriptionOpen
-	(*StartPosition)(nil),         // 5: nerve.v1.StartPosition
-	(*Ack)(nil),                   // 6: nerve.v1.Ack
-	(*Nack)(nil),                  // 7: nerve.v1.Nack
-	(*ExtendDeadline)(nil),        // 8: nerve.v1.ExtendDeadline
-	(*Credit)(nil),                // 9: nerve.v1.Credit
-	(*SetFilter)(nil),             // 10: nerve.v1.SetFilter
-	(*SubscribeResponse)(nil),     // 11: nerve.v1.SubscribeResponse
-	(*Subscribed)(nil),            // 12: nerve.v1.Subscribed
-	(*Delivery)(nil),              // 13: nerve.v1.Delivery
-	(*Heartbeat)(nil),             // 14: nerve.v1.Heartbeat
-	(*CaughtUp)(nil),              // 15: nerve.v1.CaughtUp
-	(*RequestRequest)(nil),        // 16: nerve.v1.RequestRequest
-	(*RequestResponse)(nil),       // 17: nerve.v1.RequestResponse
-	(*ReplyRequest)(nil),          // 18: nerve.v1.ReplyRequest
-	(*ReplyResponse)(nil),         // 19: nerve.v1.ReplyResponse
-	(*ReplayRequest)(nil),         // 20: nerve.v1.ReplayRequest
-	(*ReplayResponse)(nil),        // 21: nerve.v1.ReplayResponse
-	(*Event)(nil),                 // 22: nerve.v1.Event
-	(*Filter)(nil),                // 23: nerve.v1.Filter
-	(*durationpb.Duration)(nil),   // 24: google.protobuf.Duration
-	(*emptypb.Empty)(nil),         // 25: google.protobuf.Empty
-	(*timestamppb.Timestamp)(nil), // 26: google.protobuf.Timestamp
+	(*PublishStreamRequest)(nil),  // 3: nerve.v1.PublishStreamRequest
+	(*PublishStreamResponse)(nil), // 4: nerve.v1.PublishStreamResponse
+	(*PublishError)(nil),          // 5: nerve.v1.PublishError
+	(*SubscribeRequest)(nil),      // 6: nerve.v1.SubscribeRequest
+	(*SubscriptionOpen)(nil),      // 7: nerve.v1.SubscriptionOpen
+	(*StartPosition)(nil),         // 8: nerve.v1.StartPosition
+	(*Ack)(nil),                   // 9: nerve.v1.Ack
+	(*Nack)(nil),                  // 10: nerve.v1.Nack
+	(*ExtendDeadline)(nil),        // 11: nerve.v1.ExtendDeadline
+	(*Credit)(nil),                // 12: nerve.v1.Credit
+	(*SetFilter)(nil),             // 13: nerve.v1.SetFilter
+	(*SubscribeResponse)(nil),     // 14: nerve.v1.SubscribeResponse
+	(*Subscribed)(nil),            // 15: nerve.v1.Subscribed
+	(*Delivery)(nil),              // 16: nerve.v1.Delivery
+	(*Heartbeat)(nil),             // 17: nerve.v1.Heartbeat
+	(*CaughtUp)(nil),              // 18: nerve.v1.CaughtUp
+	(*RequestRequest)(nil),        // 19: nerve.v1.RequestRequest
+	(*RequestResponse)(nil),       // 20: nerve.v1.RequestResponse
+	(*ReplyRequest)(nil),          // 21: nerve.v1.ReplyRequest
+	(*ReplyResponse)(nil),         // 22: nerve.v1.ReplyResponse
+	(*ReplayRequest)(nil),         // 23: nerve.v1.ReplayRequest
+	(*ReplayResponse)(nil),        // 24: nerve.v1.ReplayResponse
+	(*Event)(nil),                 // 25: nerve.v1.Event
+	(*Filter)(nil),                // 26: nerve.v1.Filter
+	(*durationpb.Duration)(nil),   // 27: google.protobuf.Duration
+	(*emptypb.Empty)(nil),         // 28: google.protobuf.Empty
+	(*timestamppb.Timestamp)(nil), // 29: google.protobuf.Timestamp
 }
 var file_nerve_v1_event_bus_proto_depIdxs = []int32{
-	22, // 0: nerve.v1.PublishRequest.events:type_name -> nerve.v1.Event
+	25, // 0: nerve.v1.PublishRequest.events:type_name -> nerve.v1.Event
 	2,  // 1: nerve.v1.PublishResponse.results:type_name -> nerve.v1.PublishResult
-	4,  // 2: nerve.v1.SubscribeRequest.open:type_name -> nerve.v1.SubscriptionOpen
-	6,  // 3: nerve.v1.SubscribeRequest.ack:type_name -> nerve.v1.Ack
-	7,  // 4: nerve.v1.SubscribeRequest.nack:type_name -> nerve.v1.Nack
-	8,  // 5: nerve.v1.SubscribeRequest.extend:type_name -> nerve.v1.ExtendDeadline
-	9,  // 6: nerve.v1.SubscribeRequest.credit:type_name -> nerve.v1.Credit
-	10, // 7: nerve.v1.SubscribeRequest.set_filter:type_name -> nerve.v1.SetFilter
-	23, // 8: nerve.v1.SubscriptionOpen.filter:type_name -> nerve.v1.Filter
-	5,  // 9: nerve.v1.SubscriptionOpen.start:type_name -> nerve.v1.StartPosition
-	24, // 10: nerve.v1.SubscriptionOpen.ack_deadline:type_name -> google.protobuf.Duration
-	24, // 11: nerve.v1.SubscriptionOpen.heartbeat_interval:type_name -> google.protobuf.Duration
-	25, // 12: nerve.v1.StartPosition.latest:type_name -> google.protobuf.Empty
-	25, // 13: nerve.v1.StartPosition.earliest:type_name -> google.protobuf.Empty
-	26, // 14: nerve.v1.StartPosition.time:type_name -> google.protobuf.Timestamp
-	24, // 15: nerve.v1.Nack.retry_delay:type_name -> google.protobuf.Duration
-	24, // 16: nerve.v1.ExtendDeadline.extension:type_name -> google.protobuf.Duration
-	23, // 17: nerve.v1.SetFilter.filter:type_name -> nerve.v1.Filter
-	12, // 18: nerve.v1.SubscribeResponse.subscribed:type_name -> nerve.v1.Subscribed
-	13, // 19: nerve.v1.SubscribeResponse.delivery:type_name -> nerve.v1.Delivery
-	14, // 20: nerve.v1.SubscribeResponse.heartbeat:type_name -> nerve.v1.Heartbeat
-	15, // 21: nerve.v1.SubscribeResponse.caught_up:type_name -> nerve.v1.CaughtUp
-	22, // 22: nerve.v1.Delivery.event:type_name -> nerve.v1.Event
-	26, // 23: nerve.v1.Delivery.ack_deadline:type_name -> google.protobuf.Timestamp
-	26, // 24: nerve.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	22, // 25: nerve.v1.RequestRequest.event:type_name -> nerve.v1.Event
-	24, // 26: nerve.v1.RequestRequest.timeout:type_name -> google.protobuf.Duration
-	22, // 27: nerve.v1.RequestResponse.reply:type_name -> nerve.v1.Event
-	22, // 28: nerve.v1.ReplyRequest.event:type_name -> nerve.v1.Event
-	26, // 29: nerve.v1.ReplayRequest.start_time:type_name -> google.protobuf.Timestamp
-	26, // 30: nerve.v1.ReplayRequest.end_time:type_name -> google.protobuf.Timestamp
-	22, // 31: nerve.v1.ReplayResponse.events:type_name -> nerve.v1.Event
-	0,  // 32: nerve.v1.EventBus.Publish:input_type -> nerve.v1.PublishRequest
-	3,  // 33: nerve.v1.EventBus.Subscribe:input_type -> nerve.v1.SubscribeRequest
-	16, // 34: nerve.v1.EventBus.Request:input_type -> nerve.v1.RequestRequest
-	18, // 35: nerve.v1.EventBus.Reply:input_type -> nerve.v1.ReplyRequest
-	20, // 36: nerve.v1.EventBus.Replay:input_type -> nerve.v1.ReplayRequest
-	1,  // 37: nerve.v1.EventBus.Publish:output_type -> nerve.v1.PublishResponse
-	11, // 38: nerve.v1.EventBus.Subscribe:output_type -> nerve.v1.SubscribeResponse
-	17, // 39: nerve.v1.EventBus.Request:output_type -> nerve.v1.RequestResponse
-	19, // 40: nerve.v1.EventBus.Reply:output_type -> nerve.v1.ReplyResponse
-	21, // 41: nerve.v1.EventBus.Replay:output_type -> nerve.v1.ReplayResponse
-	37, // [37:42] is the sub-list for method output_type
-	32, // [32:37] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	25, // 2: nerve.v1.PublishStreamRequest.events:type_name -> nerve.v1.Event
+	1,  // 3: nerve.v1.PublishStreamResponse.published:type_name -> nerve.v1.PublishResponse
+	5,  // 4: nerve.v1.PublishStreamResponse.error:type_name -> nerve.v1.PublishError
+	7,  // 5: nerve.v1.SubscribeRequest.open:type_name -> nerve.v1.SubscriptionOpen
+	9,  // 6: nerve.v1.SubscribeRequest.ack:type_name -> nerve.v1.Ack
+	10, // 7: nerve.v1.SubscribeRequest.nack:type_name -> nerve.v1.Nack
+	11, // 8: nerve.v1.SubscribeRequest.extend:type_name -> nerve.v1.ExtendDeadline
+	12, // 9: nerve.v1.SubscribeRequest.credit:type_name -> nerve.v1.Credit
+	13, // 10: nerve.v1.SubscribeRequest.set_filter:type_name -> nerve.v1.SetFilter
+	26, // 11: nerve.v1.SubscriptionOpen.filter:type_name -> nerve.v1.Filter
+	8,  // 12: nerve.v1.SubscriptionOpen.start:type_name -> nerve.v1.StartPosition
+	27, // 13: nerve.v1.SubscriptionOpen.ack_deadline:type_name -> google.protobuf.Duration
+	27, // 14: nerve.v1.SubscriptionOpen.heartbeat_interval:type_name -> google.protobuf.Duration
+	28, // 15: nerve.v1.StartPosition.latest:type_name -> google.protobuf.Empty
+	28, // 16: nerve.v1.StartPosition.earliest:type_name -> google.protobuf.Empty
+	29, // 17: nerve.v1.StartPosition.time:type_name -> google.protobuf.Timestamp
+	27, // 18: nerve.v1.Nack.retry_delay:type_name -> google.protobuf.Duration
+	27, // 19: nerve.v1.ExtendDeadline.extension:type_name -> google.protobuf.Duration
+	26, // 20: nerve.v1.SetFilter.filter:type_name -> nerve.v1.Filter
+	15, // 21: nerve.v1.SubscribeResponse.subscribed:type_name -> nerve.v1.Subscribed
+	16, // 22: nerve.v1.SubscribeResponse.delivery:type_name -> nerve.v1.Delivery
+	17, // 23: nerve.v1.SubscribeResponse.heartbeat:type_name -> nerve.v1.Heartbeat
+	18, // 24: nerve.v1.SubscribeResponse.caught_up:type_name -> nerve.v1.CaughtUp
+	25, // 25: nerve.v1.Delivery.event:type_name -> nerve.v1.Event
+	29, // 26: nerve.v1.Delivery.ack_deadline:type_name -> google.protobuf.Timestamp
+	29, // 27: nerve.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	25, // 28: nerve.v1.RequestRequest.event:type_name -> nerve.v1.Event
+	27, // 29: nerve.v1.RequestRequest.timeout:type_name -> google.protobuf.Duration
+	25, // 30: nerve.v1.RequestResponse.reply:type_name -> nerve.v1.Event
+	25, // 31: nerve.v1.ReplyRequest.event:type_name -> nerve.v1.Event
+	29, // 32: nerve.v1.ReplayRequest.start_time:type_name -> google.protobuf.Timestamp
+	29, // 33: nerve.v1.ReplayRequest.end_time:type_name -> google.protobuf.Timestamp
+	25, // 34: nerve.v1.ReplayResponse.events:type_name -> nerve.v1.Event
+	0,  // 35: nerve.v1.EventBus.Publish:input_type -> nerve.v1.PublishRequest
+	3,  // 36: nerve.v1.EventBus.PublishStream:input_type -> nerve.v1.PublishStreamRequest
+	6,  // 37: nerve.v1.EventBus.Subscribe:input_type -> nerve.v1.SubscribeRequest
+	19, // 38: nerve.v1.EventBus.Request:input_type -> nerve.v1.RequestRequest
+	21, // 39: nerve.v1.EventBus.Reply:input_type -> nerve.v1.ReplyRequest
+	23, // 40: nerve.v1.EventBus.Replay:input_type -> nerve.v1.ReplayRequest
+	1,  // 41: nerve.v1.EventBus.Publish:output_type -> nerve.v1.PublishResponse
+	4,  // 42: nerve.v1.EventBus.PublishStream:output_type -> nerve.v1.PublishStreamResponse
+	14, // 43: nerve.v1.EventBus.Subscribe:output_type -> nerve.v1.SubscribeResponse
+	20, // 44: nerve.v1.EventBus.Request:output_type -> nerve.v1.RequestResponse
+	22, // 45: nerve.v1.EventBus.Reply:output_type -> nerve.v1.ReplyResponse
+	24, // 46: nerve.v1.EventBus.Replay:output_type -> nerve.v1.ReplayResponse
+	41, // [41:47] is the sub-list for method output_type
+	35, // [35:41] is the sub-list for method input_type
+	35, // [35:35] is the sub-list for extension type_name
+	35, // [35:35] is the sub-list for extension extendee
+	0,  // [0:35] is the sub-list for field type_name
 }
 
 func init() { file_nerve_v1_event_bus_proto_init() }
@@ -1802,7 +2025,11 @@ func file_nerve_v1_event_bus_proto_init() {
 		return
 	}
 	file_nerve_v1_event_proto_init()
-	file_nerve_v1_event_bus_proto_msgTypes[3].OneofWrappers = []any{
+	file_nerve_v1_event_bus_proto_msgTypes[4].OneofWrappers = []any{
+		(*PublishStreamResponse_Published)(nil),
+		(*PublishStreamResponse_Error)(nil),
+	}
+	file_nerve_v1_event_bus_proto_msgTypes[6].OneofWrappers = []any{
 		(*SubscribeRequest_Open)(nil),
 		(*SubscribeRequest_Ack)(nil),
 		(*SubscribeRequest_Nack)(nil),
@@ -1810,13 +2037,13 @@ func file_nerve_v1_event_bus_proto_init() {
 		(*SubscribeRequest_Credit)(nil),
 		(*SubscribeRequest_SetFilter)(nil),
 	}
-	file_nerve_v1_event_bus_proto_msgTypes[5].OneofWrappers = []any{
+	file_nerve_v1_event_bus_proto_msgTypes[8].OneofWrappers = []any{
 		(*StartPosition_Latest)(nil),
 		(*StartPosition_Earliest)(nil),
 		(*StartPosition_AfterSequence)(nil),
 		(*StartPosition_Time)(nil),
 	}
-	file_nerve_v1_event_bus_proto_msgTypes[11].OneofWrappers = []any{
+	file_nerve_v1_event_bus_proto_msgTypes[14].OneofWrappers = []any{
 		(*SubscribeResponse_Subscribed)(nil),
 		(*SubscribeResponse_Delivery)(nil),
 		(*SubscribeResponse_Heartbeat)(nil),
@@ -1828,7 +2055,7 @@ func file_nerve_v1_event_bus_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_nerve_v1_event_bus_proto_rawDesc), len(file_nerve_v1_event_bus_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   22,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

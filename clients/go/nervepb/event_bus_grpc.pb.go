@@ -19,11 +19,12 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	EventBus_Publish_FullMethodName   = "/nerve.v1.EventBus/Publish"
-	EventBus_Subscribe_FullMethodName = "/nerve.v1.EventBus/Subscribe"
-	EventBus_Request_FullMethodName   = "/nerve.v1.EventBus/Request"
-	EventBus_Reply_FullMethodName     = "/nerve.v1.EventBus/Reply"
-	EventBus_Replay_FullMethodName    = "/nerve.v1.EventBus/Replay"
+	EventBus_Publish_FullMethodName       = "/nerve.v1.EventBus/Publish"
+	EventBus_PublishStream_FullMethodName = "/nerve.v1.EventBus/PublishStream"
+	EventBus_Subscribe_FullMethodName     = "/nerve.v1.EventBus/Subscribe"
+	EventBus_Request_FullMethodName       = "/nerve.v1.EventBus/Request"
+	EventBus_Reply_FullMethodName         = "/nerve.v1.EventBus/Reply"
+	EventBus_Replay_FullMethodName        = "/nerve.v1.EventBus/Replay"
 )
 
 // EventBusClient is the client API for EventBus service.
@@ -34,6 +35,10 @@ const (
 type EventBusClient interface {
 	// Publish commits one or many events atomically; a retry of the same (source, id) returns the original sequence.
 	Publish(ctx context.Context, in *PublishRequest, opts ...grpc.CallOption) (*PublishResponse, error)
+	// PublishStream publishes batch after batch on one stream, without a call per batch: each request is
+	// committed like a Publish call, after every request sent before it, and answered in the order sent.
+	// A request that fails is answered with its error and the stream goes on.
+	PublishStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PublishStreamRequest, PublishStreamResponse], error)
 	// Subscribe opens a delivery stream: the first message opens it, later ones ack, nack, extend and grant credits.
 	Subscribe(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SubscribeRequest, SubscribeResponse], error)
 	// Request publishes an event and waits for one reply to it.
@@ -62,9 +67,22 @@ func (c *eventBusClient) Publish(ctx context.Context, in *PublishRequest, opts .
 	return out, nil
 }
 
+func (c *eventBusClient) PublishStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PublishStreamRequest, PublishStreamResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &EventBus_ServiceDesc.Streams[0], EventBus_PublishStream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[PublishStreamRequest, PublishStreamResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type EventBus_PublishStreamClient = grpc.BidiStreamingClient[PublishStreamRequest, PublishStreamResponse]
+
 func (c *eventBusClient) Subscribe(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SubscribeRequest, SubscribeResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &EventBus_ServiceDesc.Streams[0], EventBus_Subscribe_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &EventBus_ServiceDesc.Streams[1], EventBus_Subscribe_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -97,7 +115,7 @@ func (c *eventBusClient) Reply(ctx context.Context, in *ReplyRequest, opts ...gr
 
 func (c *eventBusClient) Replay(ctx context.Context, in *ReplayRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ReplayResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &EventBus_ServiceDesc.Streams[1], EventBus_Replay_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &EventBus_ServiceDesc.Streams[2], EventBus_Replay_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -122,6 +140,10 @@ type EventBus_ReplayClient = grpc.ServerStreamingClient[ReplayResponse]
 type EventBusServer interface {
 	// Publish commits one or many events atomically; a retry of the same (source, id) returns the original sequence.
 	Publish(context.Context, *PublishRequest) (*PublishResponse, error)
+	// PublishStream publishes batch after batch on one stream, without a call per batch: each request is
+	// committed like a Publish call, after every request sent before it, and answered in the order sent.
+	// A request that fails is answered with its error and the stream goes on.
+	PublishStream(grpc.BidiStreamingServer[PublishStreamRequest, PublishStreamResponse]) error
 	// Subscribe opens a delivery stream: the first message opens it, later ones ack, nack, extend and grant credits.
 	Subscribe(grpc.BidiStreamingServer[SubscribeRequest, SubscribeResponse]) error
 	// Request publishes an event and waits for one reply to it.
@@ -142,6 +164,9 @@ type UnimplementedEventBusServer struct{}
 
 func (UnimplementedEventBusServer) Publish(context.Context, *PublishRequest) (*PublishResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Publish not implemented")
+}
+func (UnimplementedEventBusServer) PublishStream(grpc.BidiStreamingServer[PublishStreamRequest, PublishStreamResponse]) error {
+	return status.Error(codes.Unimplemented, "method PublishStream not implemented")
 }
 func (UnimplementedEventBusServer) Subscribe(grpc.BidiStreamingServer[SubscribeRequest, SubscribeResponse]) error {
 	return status.Error(codes.Unimplemented, "method Subscribe not implemented")
@@ -193,6 +218,13 @@ func _EventBus_Publish_Handler(srv interface{}, ctx context.Context, dec func(in
 	}
 	return interceptor(ctx, in, info, handler)
 }
+
+func _EventBus_PublishStream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(EventBusServer).PublishStream(&grpc.GenericServerStream[PublishStreamRequest, PublishStreamResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type EventBus_PublishStreamServer = grpc.BidiStreamingServer[PublishStreamRequest, PublishStreamResponse]
 
 func _EventBus_Subscribe_Handler(srv interface{}, stream grpc.ServerStream) error {
 	return srv.(EventBusServer).Subscribe(&grpc.GenericServerStream[SubscribeRequest, SubscribeResponse]{ServerStream: stream})
@@ -269,6 +301,12 @@ var EventBus_ServiceDesc = grpc.ServiceDesc{
 		},
 	},
 	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "PublishStream",
+			Handler:       _EventBus_PublishStream_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
 		{
 			StreamName:    "Subscribe",
 			Handler:       _EventBus_Subscribe_Handler,

@@ -20,6 +20,7 @@ use crate::{
 };
 
 /// Implements nerve.v1.EventBus.
+#[derive(Clone)]
 pub struct EventBusApi {
     bus: Arc<Bus>,
     auth: Arc<Auth>,
@@ -34,6 +35,142 @@ impl EventBusApi {
             auth,
             stream_open_timeout,
         }
+    }
+}
+
+/// Requests of one PublishStream queued for commit and not yet answered; beyond this the stream is not
+/// read until answers go out, so a publisher cannot queue without bound.
+const PUBLISH_STREAM_IN_FLIGHT: usize = 1024;
+/// Answers of one PublishStream waiting for the publisher to read them.
+const PUBLISH_STREAM_ANSWERS: usize = 256;
+
+impl EventBusApi {
+    /// Converts and authorizes a batch as sent; returns its events and the span of its publish.
+    fn checked_batch(
+        &self,
+        principal: &Principal,
+        header: Option<&str>,
+        events: Vec<pb::Event>,
+    ) -> Result<(Vec<Event>, tracing::Span), Status> {
+        let mut events = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| convert::event_from_pb(e, &format!("events[{i}]")))
+            .collect::<Result<Vec<_>, InvalidInput>>()
+            .map_err(|e| to_status(e.into()))?;
+        for event in &events {
+            self.auth
+                .check(principal, "publish", &event.event_type, |e| {
+                    e.publish(&event.event_type, &event.source)
+                })
+                .map_err(denied)?;
+        }
+        let span = tracing::info_span!(
+            "nerve.publish",
+            otel.kind = "server",
+            events = events.len(),
+            principal = %principal.id
+        );
+        trace_events(&span, header, &mut events);
+        Ok((events, span))
+    }
+
+    /// Serves one PublishStream: checks and queues each request in the order received (so commits keep
+    /// that order), and answers each as its commit ends, in the same order. Ends when the publisher
+    /// closes its side and every answer is out, or when either side goes away.
+    async fn serve_publish_stream(
+        self,
+        principal: Principal,
+        header: Option<String>,
+        mut inbound: Streaming<pb::PublishStreamRequest>,
+        answers: tokio::sync::mpsc::Sender<Result<pb::PublishStreamResponse, Status>>,
+    ) {
+        let mut queued = futures::stream::FuturesOrdered::new();
+        let mut reading = true;
+        loop {
+            tokio::select! {
+                message = inbound.message(), if reading && queued.len() < PUBLISH_STREAM_IN_FLIGHT => {
+                    match message {
+                        Ok(Some(request)) => {
+                            let answer = self.queue_stream_request(&principal, header.as_deref(), request).await;
+                            queued.push_back(answer);
+                        }
+                        Ok(None) => reading = false,
+                        // the publisher went away or broke the stream: nobody is left to answer
+                        Err(_) => return,
+                    }
+                }
+                Some(answer) = queued.next() => {
+                    if answers.send(Ok(answer)).await.is_err() {
+                        return;
+                    }
+                }
+                else => return,
+            }
+        }
+    }
+
+    /// Checks and queues one request of a PublishStream; the returned future answers it once committed.
+    async fn queue_stream_request(
+        &self,
+        principal: &Principal,
+        header: Option<&str>,
+        request: pb::PublishStreamRequest,
+    ) -> futures::future::BoxFuture<'static, pb::PublishStreamResponse> {
+        let request_id = request.request_id;
+        let answer =
+            move |outcome: Result<pb::PublishResponse, Status>| pb::PublishStreamResponse {
+                request_id,
+                outcome: Some(match outcome {
+                    Ok(published) => pb::publish_stream_response::Outcome::Published(published),
+                    Err(status) => pb::publish_stream_response::Outcome::Error(pb::PublishError {
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                    }),
+                }),
+            };
+        let checked = self
+            .auth
+            .check_publish_rate(principal)
+            .map_err(denied)
+            .and_then(|()| self.checked_batch(principal, header, request.events));
+        let (events, span) = match checked {
+            Ok(checked) => checked,
+            Err(status) => return Box::pin(futures::future::ready(answer(Err(status)))),
+        };
+        let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+        let queued = self
+            .bus
+            .queue_publish(&principal.tenant, events)
+            .instrument(span.clone())
+            .await;
+        Box::pin(async move {
+            let outcome = match queued {
+                Ok(queued) => queued
+                    .committed()
+                    .instrument(span)
+                    .await
+                    .map(|appended| published(ids, appended))
+                    .map_err(to_status),
+                Err(error) => Err(to_status(error)),
+            };
+            answer(outcome)
+        })
+    }
+}
+
+/// The answer to a committed batch: one result per event, in order.
+fn published(ids: Vec<String>, appended: Vec<crate::store::Appended>) -> pb::PublishResponse {
+    pb::PublishResponse {
+        results: ids
+            .into_iter()
+            .zip(appended)
+            .map(|(id, a)| pb::PublishResult {
+                id,
+                sequence: a.sequence,
+                duplicate: a.duplicate,
+            })
+            .collect(),
     }
 }
 
@@ -94,28 +231,8 @@ impl pb::event_bus_server::EventBus for EventBusApi {
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let header = call_traceparent(&request);
         let principal = principal(&request)?;
-        let request = request.into_inner();
-        let mut events = request
-            .events
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| convert::event_from_pb(e, &format!("events[{i}]")))
-            .collect::<Result<Vec<_>, InvalidInput>>()
-            .map_err(|e| to_status(e.into()))?;
-        for event in &events {
-            self.auth
-                .check(&principal, "publish", &event.event_type, |e| {
-                    e.publish(&event.event_type, &event.source)
-                })
-                .map_err(denied)?;
-        }
-        let span = tracing::info_span!(
-            "nerve.publish",
-            otel.kind = "server",
-            events = events.len(),
-            principal = %principal.id
-        );
-        trace_events(&span, header.as_deref(), &mut events);
+        let (events, span) =
+            self.checked_batch(&principal, header.as_deref(), request.into_inner().events)?;
         let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
         let appended = self
             .bus
@@ -123,17 +240,26 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             .instrument(span)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::PublishResponse {
-            results: ids
-                .into_iter()
-                .zip(appended)
-                .map(|(id, a)| pb::PublishResult {
-                    id,
-                    sequence: a.sequence,
-                    duplicate: a.duplicate,
-                })
-                .collect(),
-        }))
+        Ok(Response::new(published(ids, appended)))
+    }
+
+    type PublishStreamStream = ResponseStream<pb::PublishStreamResponse>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let header = call_traceparent(&request);
+        let principal = principal(&request)?;
+        let permit = self.auth.open_stream(&principal).map_err(denied)?;
+        let api = self.clone();
+        let (answers, outbound) = tokio::sync::mpsc::channel(PUBLISH_STREAM_ANSWERS);
+        tokio::spawn(async move {
+            let _open = permit;
+            api.serve_publish_stream(principal, header, request.into_inner(), answers)
+                .await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
     }
 
     type SubscribeStream = ResponseStream<pb::SubscribeResponse>;

@@ -133,11 +133,11 @@ impl Default for AuthConfig {
 pub struct ConnectionsConfig {
     /// Concurrent HTTP/2 streams (calls) per connection.
     pub max_concurrent_streams: u32,
-    /// Open Subscribe and Replay streams per principal, over all connections.
+    /// Open Subscribe, Replay and PublishStream streams per principal, over all connections.
     pub max_streams_per_principal: usize,
-    /// Publish calls per second per principal; 0 = unlimited.
+    /// Publish calls and PublishStream requests per second per principal; 0 = unlimited.
     pub publish_rate_per_principal: u32,
-    /// Publish calls a principal may make at once above the rate.
+    /// Publish calls and PublishStream requests a principal may make at once above the rate.
     pub publish_burst: u32,
     /// A Subscribe stream must send its open message within this time.
     #[serde(with = "humantime_serde")]

@@ -40,6 +40,11 @@ class EventBusStub:
                 request_serializer=nerve_dot_v1_dot_event__bus__pb2.PublishRequest.SerializeToString,
                 response_deserializer=nerve_dot_v1_dot_event__bus__pb2.PublishResponse.FromString,
                 _registered_method=True)
+        self.PublishStream = channel.stream_stream(
+                '/nerve.v1.EventBus/PublishStream',
+                request_serializer=nerve_dot_v1_dot_event__bus__pb2.PublishStreamRequest.SerializeToString,
+                response_deserializer=nerve_dot_v1_dot_event__bus__pb2.PublishStreamResponse.FromString,
+                _registered_method=True)
         self.Subscribe = channel.stream_stream(
                 '/nerve.v1.EventBus/Subscribe',
                 request_serializer=nerve_dot_v1_dot_event__bus__pb2.SubscribeRequest.SerializeToString,
@@ -68,6 +73,15 @@ class EventBusServicer:
 
     def Publish(self, request, context):
         """Publish commits one or many events atomically; a retry of the same (source, id) returns the original sequence.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishStream(self, request_iterator, context):
+        """PublishStream publishes batch after batch on one stream, without a call per batch: each request is
+        committed like a Publish call, after every request sent before it, and answered in the order sent.
+        A request that fails is answered with its error and the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +122,11 @@ def add_EventBusServicer_to_server(servicer, server):
                     servicer.Publish,
                     request_deserializer=nerve_dot_v1_dot_event__bus__pb2.PublishRequest.FromString,
                     response_serializer=nerve_dot_v1_dot_event__bus__pb2.PublishResponse.SerializeToString,
+            ),
+            'PublishStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PublishStream,
+                    request_deserializer=nerve_dot_v1_dot_event__bus__pb2.PublishStreamRequest.FromString,
+                    response_serializer=nerve_dot_v1_dot_event__bus__pb2.PublishStreamResponse.SerializeToString,
             ),
             'Subscribe': grpc.stream_stream_rpc_method_handler(
                     servicer.Subscribe,
@@ -158,6 +177,33 @@ class EventBus:
             '/nerve.v1.EventBus/Publish',
             nerve_dot_v1_dot_event__bus__pb2.PublishRequest.SerializeToString,
             nerve_dot_v1_dot_event__bus__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/nerve.v1.EventBus/PublishStream',
+            nerve_dot_v1_dot_event__bus__pb2.PublishStreamRequest.SerializeToString,
+            nerve_dot_v1_dot_event__bus__pb2.PublishStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,11 @@ class EventBusStub:
     def __new__(cls, channel: _aio.Channel) -> EventBusAsyncStub: ...
     Publish: _grpc.UnaryUnaryMultiCallable[_event_bus_pb2.PublishRequest, _event_bus_pb2.PublishResponse]
     """Publish commits one or many events atomically; a retry of the same (source, id) returns the original sequence."""
+    PublishStream: _grpc.StreamStreamMultiCallable[_event_bus_pb2.PublishStreamRequest, _event_bus_pb2.PublishStreamResponse]
+    """PublishStream publishes batch after batch on one stream, without a call per batch: each request is
+    committed like a Publish call, after every request sent before it, and answered in the order sent.
+    A request that fails is answered with its error and the stream goes on.
+    """
     Subscribe: _grpc.StreamStreamMultiCallable[_event_bus_pb2.SubscribeRequest, _event_bus_pb2.SubscribeResponse]
     """Subscribe opens a delivery stream: the first message opens it, later ones ack, nack, extend and grant credits."""
     Request: _grpc.UnaryUnaryMultiCallable[_event_bus_pb2.RequestRequest, _event_bus_pb2.RequestResponse]
@@ -51,6 +56,11 @@ class EventBusAsyncStub(EventBusStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Publish: _aio.UnaryUnaryMultiCallable[_event_bus_pb2.PublishRequest, _event_bus_pb2.PublishResponse]  # type: ignore[assignment]
     """Publish commits one or many events atomically; a retry of the same (source, id) returns the original sequence."""
+    PublishStream: _aio.StreamStreamMultiCallable[_event_bus_pb2.PublishStreamRequest, _event_bus_pb2.PublishStreamResponse]  # type: ignore[assignment]
+    """PublishStream publishes batch after batch on one stream, without a call per batch: each request is
+    committed like a Publish call, after every request sent before it, and answered in the order sent.
+    A request that fails is answered with its error and the stream goes on.
+    """
     Subscribe: _aio.StreamStreamMultiCallable[_event_bus_pb2.SubscribeRequest, _event_bus_pb2.SubscribeResponse]  # type: ignore[assignment]
     """Subscribe opens a delivery stream: the first message opens it, later ones ack, nack, extend and grant credits."""
     Request: _aio.UnaryUnaryMultiCallable[_event_bus_pb2.RequestRequest, _event_bus_pb2.RequestResponse]  # type: ignore[assignment]
@@ -70,6 +80,17 @@ class EventBusServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_event_bus_pb2.PublishResponse, _abc.Awaitable[_event_bus_pb2.PublishResponse]]:
         """Publish commits one or many events atomically; a retry of the same (source, id) returns the original sequence."""
+
+    @_abc_1.abstractmethod
+    def PublishStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_event_bus_pb2.PublishStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_event_bus_pb2.PublishStreamResponse], _abc.AsyncIterator[_event_bus_pb2.PublishStreamResponse]]:
+        """PublishStream publishes batch after batch on one stream, without a call per batch: each request is
+        committed like a Publish call, after every request sent before it, and answered in the order sent.
+        A request that fails is answered with its error and the stream goes on.
+        """
 
     @_abc_1.abstractmethod
     def Subscribe(
