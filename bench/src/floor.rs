@@ -1,6 +1,6 @@
 //! The gRPC floors: servers of Nerve's own `EventBus` protocol that check nothing and hand every
 //! published event to every open subscription from memory. The latency scenario runs against them
-//! unchanged.
+//! unchanged, over Publish calls or a PublishStream as it does against Nerve.
 //! - [`SYSTEM`] stores nothing: what tonic, HTTP/2 and this tool cost on this machine before any bus
 //!   work.
 //! - [`DURABLE_SYSTEM`] also group-commits: one thread appends each batch of waiting publishes to a log
@@ -50,9 +50,10 @@ const LOG_REGION: u64 = 64 << 20;
 /// (Nerve has flow control instead; the latency scenario's one reader keeps up, or the row says so).
 const BACKLOG: usize = 65_536;
 
+#[derive(Clone)]
 struct Floor {
     events: broadcast::Sender<Arc<pb::Event>>,
-    sequence: AtomicU64,
+    sequence: Arc<AtomicU64>,
     /// The durable floor's log thread.
     log: Option<std::sync::mpsc::Sender<Append>>,
 }
@@ -101,15 +102,16 @@ fn log_thread(
     Ok(())
 }
 
-type Deliveries = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl EventBus for Floor {
-    async fn publish(
+impl Floor {
+    /// Numbers a batch and hands it to the log (or straight on, in memory); the future answers it once
+    /// it is stored.
+    fn queue(
         &self,
-        request: Request<pb::PublishRequest>,
-    ) -> Result<Response<pb::PublishResponse>, Status> {
-        let events = request.into_inner().events;
+        events: Vec<pb::Event>,
+    ) -> Result<
+        impl std::future::Future<Output = Result<pb::PublishResponse, Status>> + use<>,
+        Status,
+    > {
         let first = self
             .sequence
             .fetch_add(events.len() as u64, Ordering::Relaxed);
@@ -122,23 +124,104 @@ impl EventBus for Floor {
                 duplicate: false,
             })
             .collect();
-        match &self.log {
+        let stored = match &self.log {
             Some(log) => {
                 let (done, stored) = oneshot::channel();
                 log.send(Append { events, done })
                     .map_err(|_| Status::unavailable("the log thread stopped"))?;
-                stored
-                    .await
-                    .map_err(|_| Status::unavailable("the log thread failed"))?;
+                Some(stored)
             }
             None => {
                 for event in events {
                     // no subscription open is not an error: the event is simply not delivered
                     let _ = self.events.send(Arc::new(event));
                 }
+                None
             }
-        }
-        Ok(Response::new(pb::PublishResponse { results }))
+        };
+        Ok(async move {
+            if let Some(stored) = stored {
+                stored
+                    .await
+                    .map_err(|_| Status::unavailable("the log thread failed"))?;
+            }
+            Ok(pb::PublishResponse { results })
+        })
+    }
+}
+
+/// A PublishStream answer.
+fn answer(
+    request_id: u64,
+    published: Result<pb::PublishResponse, Status>,
+) -> pb::PublishStreamResponse {
+    use pb::publish_stream_response::Outcome;
+    pb::PublishStreamResponse {
+        request_id,
+        outcome: Some(match published {
+            Ok(published) => Outcome::Published(published),
+            Err(status) => Outcome::Error(pb::PublishError {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+            }),
+        }),
+    }
+}
+
+type Deliveries = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EventBus for Floor {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        Ok(Response::new(
+            self.queue(request.into_inner().events)?.await?,
+        ))
+    }
+
+    type PublishStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::PublishStreamResponse, Status>> + Send>>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let floor = self.clone();
+        let (tx, rx) = mpsc::channel(256);
+        // as Nerve does: requests queued in the order read, answered in that order as they are stored
+        tokio::spawn(async move {
+            let mut queued = futures::stream::FuturesOrdered::new();
+            let mut reading = true;
+            loop {
+                tokio::select! {
+                    message = inbound.message(), if reading && queued.len() < 1024 => match message {
+                        Ok(Some(request)) => {
+                            let request_id = request.request_id;
+                            let stored = floor.queue(request.events);
+                            queued.push_back(async move {
+                                let published = match stored {
+                                    Ok(stored) => stored.await,
+                                    Err(status) => Err(status),
+                                };
+                                answer(request_id, published)
+                            });
+                        }
+                        Ok(None) => reading = false,
+                        Err(_) => return,
+                    },
+                    Some(answer) = queued.next() => {
+                        if tx.send(Ok(answer)).await.is_err() {
+                            return;
+                        }
+                    }
+                    else => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     type SubscribeStream = Deliveries;
@@ -242,7 +325,7 @@ pub async fn serve(log_dir: Option<&std::path::Path>) -> Result<()> {
     eprintln!("listening addr={}", listener.local_addr()?);
     let floor = Floor {
         events,
-        sequence: AtomicU64::new(0),
+        sequence: Arc::new(AtomicU64::new(0)),
         log,
     };
     tonic::transport::Server::builder()

@@ -40,6 +40,15 @@ pub enum BackendArg {
     Postgres,
 }
 
+/// How the open-loop scenarios (latency, fan-out, slow consumers) publish; one event per request either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum PublishVia {
+    /// One PublishStream per connection, as a high-rate publisher does.
+    Stream,
+    /// One Publish call per event.
+    Call,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 pub enum Scenario {
     /// Durable publish throughput, every batch size x publisher count.
@@ -136,6 +145,9 @@ pub struct Args {
     /// HTTP/2 connections to the server (publishers and subscribers spread over them).
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
+    /// How the open-loop scenarios publish.
+    #[arg(long, value_enum, default_value = "stream")]
+    pub publish_via: PublishVia,
     /// Open loop: most publishes in flight before the schedule slips.
     #[arg(long, default_value_t = 4096)]
     pub max_outstanding: usize,

@@ -10,18 +10,19 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use nerve::api::pb::{
-    self, admin_client::AdminClient, event_bus_client::EventBusClient, subscribe_request::Action,
+    self, admin_client::AdminClient, event_bus_client::EventBusClient,
+    publish_stream_response::Outcome as Answer, subscribe_request::Action,
     subscribe_response::Message,
 };
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{mpsc, oneshot, watch},
     task::JoinHandle,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Streaming, transport::Channel};
 
 use crate::{
-    Args,
+    Args, PublishVia,
     procstat::{Meter, Usage, rss_mb},
     report::{Ratio, Row},
     util::{
@@ -250,8 +251,117 @@ async fn wait_count(counter: &AtomicU64, target: u64, timeout: Duration) -> bool
     true
 }
 
+/// Publishes one event per request, stamped, round-robin over the connections, as `--publish-via` says.
+async fn single_sender(ctx: &Ctx, event_type: &'static str, tag: &str) -> Result<Send1> {
+    match ctx.args.publish_via {
+        PublishVia::Call => Ok(call_sender(ctx, event_type, tag)),
+        PublishVia::Stream => stream_sender(ctx, event_type, tag).await,
+    }
+}
+
+/// How the open-loop scenarios published, for their rows' notes.
+fn publish_note(ctx: &Ctx) -> &'static str {
+    match ctx.args.publish_via {
+        PublishVia::Call => "one Publish call per event",
+        PublishVia::Stream => "one event per request on a PublishStream per connection",
+    }
+}
+
+/// Publishes one event per request on a PublishStream per connection.
+async fn stream_sender(ctx: &Ctx, event_type: &'static str, tag: &str) -> Result<Send1> {
+    let mut streams = Vec::new();
+    for i in 0..ctx.channels.len() {
+        streams.push(PublishStream::open(ctx.bus(i)).await?);
+    }
+    let prefix = format!("{}-{tag}", ctx.run);
+    let size = ctx.args.payload_size;
+    Ok(Arc::new(move |i, stamp| {
+        let stream = &streams[(i as usize) % streams.len()];
+        let e = event(format!("{prefix}-{i}"), event_type, i, size, stamp);
+        let answer = stream.send(i, vec![e]);
+        Box::pin(async move {
+            answer
+                .await
+                .map_err(|_| anyhow!("the PublishStream ended before answering"))?
+        })
+    }))
+}
+
+/// Waiters of one PublishStream's answers, in the order their requests were sent.
+type Waiters = std::collections::VecDeque<(u64, oneshot::Sender<Result<u64>>)>;
+
+/// One PublishStream: requests go out in order and their answers come back in that order.
+struct PublishStream {
+    /// The stream's sender and the waiters; one lock keeps both in the same order.
+    sending: Arc<std::sync::Mutex<(mpsc::UnboundedSender<pb::PublishStreamRequest>, Waiters)>>,
+}
+
+impl PublishStream {
+    async fn open(mut bus: EventBusClient<Channel>) -> Result<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut answers = bus
+            .publish_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+            .context("opening a PublishStream")?
+            .into_inner();
+        let sending = Arc::new(std::sync::Mutex::new((tx, Waiters::new())));
+        let waiters = sending.clone();
+        tokio::spawn(async move {
+            let ended = loop {
+                let answer = match answers.message().await {
+                    Ok(Some(answer)) => answer,
+                    Ok(None) => break anyhow!("the PublishStream ended"),
+                    Err(status) => break anyhow!("the PublishStream failed: {status}"),
+                };
+                let waiter = waiters
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .1
+                    .pop_front();
+                let Some((request_id, waiter)) = waiter else {
+                    break anyhow!("an answer to no request: {}", answer.request_id);
+                };
+                let outcome = if answer.request_id != request_id {
+                    Err(anyhow!(
+                        "answer to request {} where {request_id} was next",
+                        answer.request_id
+                    ))
+                } else {
+                    match answer.outcome {
+                        Some(Answer::Published(p)) => Ok(p.results.len() as u64),
+                        Some(Answer::Error(e)) => Err(anyhow!("code {}: {}", e.code, e.message)),
+                        None => Err(anyhow!("an answer without an outcome")),
+                    }
+                };
+                let _ = waiter.send(outcome);
+            };
+            // fail whoever still waits
+            let mut guard = waiters.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, waiter) in guard.1.drain(..) {
+                let _ = waiter.send(Err(anyhow!("{ended}")));
+            }
+        });
+        Ok(PublishStream { sending })
+    }
+
+    /// Sends one request; the receiver gets its answer.
+    fn send(&self, request_id: u64, events: Vec<pb::Event>) -> oneshot::Receiver<Result<u64>> {
+        let (done, answer) = oneshot::channel();
+        let mut guard = self.sending.lock().unwrap_or_else(|p| p.into_inner());
+        let (tx, waiters) = &mut *guard;
+        // a closed stream drops `done`, which the caller sees as an error
+        if tx
+            .send(pb::PublishStreamRequest { request_id, events })
+            .is_ok()
+        {
+            waiters.push_back((request_id, done));
+        }
+        answer
+    }
+}
+
 /// Publishes one event per call, stamped, round-robin over the connections.
-fn single_sender(ctx: &Ctx, event_type: &'static str, tag: &str) -> Send1 {
+fn call_sender(ctx: &Ctx, event_type: &'static str, tag: &str) -> Send1 {
     let buses = ctx.buses();
     let prefix = format!("{}-{tag}", ctx.run);
     let size = ctx.args.payload_size;
@@ -330,7 +440,7 @@ pub async fn latency(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
             rate as f64,
             ctx.args.duration,
             ctx.args.max_outstanding,
-            single_sender(ctx, "bench.latency.v1", &format!("lat{rate}")),
+            single_sender(ctx, "bench.latency.v1", &format!("lat{rate}")).await?,
         )
         .await;
         let (complete, usage) =
@@ -349,7 +459,8 @@ pub async fn latency(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         let ack = r.hist.summary();
         let lag = r.schedule_lag.summary();
         row.note = format!(
-            "sent {} of {} planned; publish ack p50 {:.3} ms p99 {:.3} ms; send schedule lag p99 {:.3} ms{}",
+            "{}; sent {} of {} planned; publish ack p50 {:.3} ms p99 {:.3} ms; send schedule lag p99 {:.3} ms{}",
+            publish_note(ctx),
             r.sent,
             r.planned,
             ack.map_or(0.0, |l| l.p50_ms),
@@ -401,7 +512,7 @@ pub async fn fanout(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         rate as f64,
         ctx.args.duration,
         ctx.args.max_outstanding,
-        single_sender(ctx, "bench.fanout.v1", "fan"),
+        single_sender(ctx, "bench.fanout.v1", "fan").await?,
     )
     .await;
     let expected = r.events * groups as u64;
@@ -428,7 +539,8 @@ pub async fn fanout(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
     row.errors = r.errors + errors.len() as u64 + u64::from(!complete);
     row.first_error = r.first_error.clone().or(errors.first().cloned());
     row.note = format!(
-        "{} events published ({} of {} planned sends), deliveries per group {per_group:?}{}",
+        "{}: {} events published ({} of {} planned sends), deliveries per group {per_group:?}{}",
+        publish_note(ctx),
         r.events,
         r.sent,
         r.planned,
@@ -608,7 +720,7 @@ pub async fn slow(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         rate,
         duration,
         ctx.args.max_outstanding,
-        single_sender(ctx, "bench.slow.v1", "slow-control"),
+        single_sender(ctx, "bench.slow.v1", "slow-control").await?,
     )
     .await;
     let _ = stop_tx.send(true);
@@ -616,7 +728,8 @@ pub async fn slow(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
     let mut row = load_row(ctx.row("slow consumer", "load alone"), &control, &meter);
     row.offered_rate = Some(rate);
     row.note = format!(
-        "server RSS before {:.1} MB, peak {control_peak:.1} MB",
+        "{}; server RSS before {:.1} MB, peak {control_peak:.1} MB",
+        publish_note(ctx),
         before.unwrap_or(0.0)
     );
     rows.push(row);
@@ -653,7 +766,7 @@ pub async fn slow(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         rate,
         duration,
         ctx.args.max_outstanding,
-        single_sender(ctx, "bench.slow.v1", "slow-consumers"),
+        single_sender(ctx, "bench.slow.v1", "slow-consumers").await?,
     )
     .await;
     let usage = meter.finish();
