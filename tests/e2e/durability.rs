@@ -151,6 +151,26 @@ async fn sigterm_ends_streams_with_a_status_and_exits_zero() {
         .expect("open");
     publish(&mut bus, vec![event("s1", "shutdown.now")]).await;
     let _held = sub.next_delivery().await;
+    let (requests, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut answers = bus
+        .publish_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .expect("PublishStream opens")
+        .into_inner();
+    requests
+        .send(pb::PublishStreamRequest {
+            request_id: 1,
+            events: vec![event("s2", "shutdown.now")],
+        })
+        .expect("send");
+    let answer = answers.message().await.expect("answer").expect("open");
+    assert!(
+        matches!(
+            answer.outcome,
+            Some(pb::publish_stream_response::Outcome::Published(_))
+        ),
+        "{answer:?}"
+    );
     server.signal(15);
     let status = sub
         .final_status()
@@ -158,6 +178,14 @@ async fn sigterm_ends_streams_with_a_status_and_exits_zero() {
         .expect_err("stream ends with a status");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("shutting down"));
+    // an open PublishStream ends too, though its publisher still holds its side open
+    let status = tokio::time::timeout(WAIT, answers.message())
+        .await
+        .expect("the PublishStream ends in time")
+        .expect_err("PublishStream ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"));
+    drop(requests);
     let exit = tokio::time::timeout(WAIT, server.child.wait())
         .await
         .expect("exits in time")

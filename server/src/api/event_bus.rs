@@ -77,7 +77,8 @@ impl EventBusApi {
 
     /// Serves one PublishStream: checks and queues each request in the order received (so commits keep
     /// that order), and answers each as its commit ends, in the same order. Ends when the publisher
-    /// closes its side and every answer is out, or when either side goes away.
+    /// closes its side and every answer is out, or when either side goes away. When the server shuts
+    /// down it reads no more requests, answers the ones it read, then ends the stream with UNAVAILABLE.
     async fn serve_publish_stream(
         self,
         principal: Principal,
@@ -87,8 +88,14 @@ impl EventBusApi {
     ) {
         let mut queued = futures::stream::FuturesOrdered::new();
         let mut reading = true;
+        let mut shutting_down = false;
         loop {
             tokio::select! {
+                () = self.bus.shutting_down(), if reading => {
+                    // requests not read were not taken: the publisher sends them again elsewhere
+                    reading = false;
+                    shutting_down = true;
+                }
                 message = inbound.message(), if reading && queued.len() < PUBLISH_STREAM_IN_FLIGHT => {
                     match message {
                         Ok(Some(request)) => {
@@ -105,8 +112,11 @@ impl EventBusApi {
                         return;
                     }
                 }
-                else => return,
+                else => break,
             }
+        }
+        if shutting_down {
+            let _ = answers.send(Err(to_status(BusError::ShuttingDown))).await;
         }
     }
 

@@ -130,6 +130,11 @@ impl Bus {
         &self.counters
     }
 
+    /// Completes when the server begins to shut down.
+    pub async fn shutting_down(&self) {
+        self.shutdown.cancelled().await
+    }
+
     /// Returns the size limits.
     pub fn limits(&self) -> &Limits {
         &self.limits
