@@ -41,6 +41,7 @@ from ._events import (
     prefix,
     suffix,
 )
+from ._publisher import Publisher
 from ._replay import Replay
 from ._subscription import CaughtUp, Delivery, Heartbeat, Message, Subscription
 from .pb import Event
@@ -65,6 +66,7 @@ __all__ = [
     "Opening",
     "PermissionDeniedError",
     "Priority",
+    "Publisher",
     "Replay",
     "ResourceExhaustedError",
     "Start",

@@ -1,0 +1,160 @@
+"""Publisher: many publish calls pipelined on one PublishStream, answered in the order sent."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nerve_client import (
+    AlreadyExistsError,
+    Client,
+    ClosedError,
+    InvalidArgumentError,
+    NerveError,
+    Publisher,
+    event,
+    pb,
+)
+
+from .conftest import WAIT, ServerProcess
+from .test_scenarios import ev
+
+TASKS = 20
+CALLS = 25
+
+
+async def test_concurrent_tasks_share_one_publisher(client: Client) -> None:
+    async with client.publisher() as publisher:
+
+        async def task(t: int) -> list[int]:
+            sequences = []
+            for c in range(CALLS):
+                [result] = await publisher.publish(ev(f"t{t}-c{c}", "pipe.x"))
+                assert result.id == f"t{t}-c{c}" and not result.duplicate
+                sequences.append(result.sequence)
+            return sequences
+
+        per_task = await asyncio.wait_for(asyncio.gather(*(task(t) for t in range(TASKS))), WAIT)
+
+        batch = await publisher.publish(ev("b1", "pipe.x"), ev("b2", "pipe.x"))
+        assert [r.id for r in batch] == ["b1", "b2"]
+        assert batch[1].sequence == batch[0].sequence + 1, "one request is one atomic batch"
+
+    for sequences in per_task:
+        assert sequences == sorted(sequences) and len(set(sequences)) == CALLS, "one task's calls commit in order"
+    every = [s for sequences in per_task for s in sequences]
+    assert len(set(every)) == TASKS * CALLS, "every call got its own sequence"
+    types = {t.type: t.count for t in await client.list_event_types()}
+    assert types == {"pipe.x": TASKS * CALLS + 2}
+
+
+async def test_refused_request_raises_and_the_stream_goes_on(client: Client) -> None:
+    async with client.publisher() as publisher:
+        [first] = await publisher.publish(ev("same", "refuse.x"))
+
+        with pytest.raises(InvalidArgumentError):
+            await publisher.publish(event("//tests", "", "no type"))
+        changed = event("//tests", "refuse.x", "other content", id="same")
+        with pytest.raises(AlreadyExistsError):
+            await publisher.publish(changed)
+
+        [again] = await publisher.publish(ev("same", "refuse.x"))
+        assert again.duplicate and again.sequence == first.sequence
+        [later] = await publisher.publish(ev("later", "refuse.x"))
+        assert later.sequence > first.sequence and not later.duplicate
+
+        # refused and accepted requests in flight at once: each gets its own answer
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(
+                publisher.publish(ev("mixed-1", "refuse.x")),
+                publisher.publish(event("//tests", "", "no type")),
+                publisher.publish(ev("mixed-2", "refuse.x")),
+                return_exceptions=True,
+            ),
+            WAIT,
+        )
+        assert isinstance(outcomes[1], InvalidArgumentError)
+        assert [r.id for o in (outcomes[0], outcomes[2]) if isinstance(o, list) for r in o] == ["mixed-1", "mixed-2"]
+
+    with pytest.raises(ValueError):
+        await publisher.publish()
+
+
+async def test_close_waits_for_outstanding_answers(client: Client) -> None:
+    publisher = await client.publisher()
+    assert isinstance(publisher, Publisher) and not publisher.closed
+    calls = [asyncio.ensure_future(publisher.publish(ev(f"c{i}", "close.x"))) for i in range(50)]
+    await asyncio.sleep(0)  # every call is sent (queued in send order) before the close
+    assert publisher.in_flight == 50
+    await asyncio.wait_for(publisher.close(), WAIT)
+    assert publisher.closed and publisher.in_flight == 0
+    assert all(call.done() for call in calls), "close returned before every answer"
+    results: list[pb.PublishResult] = [r for call in calls for r in call.result()]
+    sequences = [r.sequence for r in results]
+    assert [r.id for r in results] == [f"c{i}" for i in range(50)]
+    assert sequences == sorted(sequences) and len(set(sequences)) == 50, "committed in the order sent"
+
+    with pytest.raises(ClosedError):
+        await publisher.publish(ev("too-late", "close.x"))
+    await publisher.close()  # closing again is a no-op
+    stored = {t.type: t.count for t in await client.list_event_types()}
+    assert stored == {"close.x": 50}
+
+
+async def test_a_broken_stream_fails_outstanding_and_later_calls(client: Client) -> None:
+    publisher = await client.publisher()
+    await publisher.publish(ev("before", "broken.x"))
+    await client.close()  # cancels the stream with the channel
+    with pytest.raises(ClosedError):
+        await asyncio.wait_for(publisher.publish(ev("after", "broken.x")), WAIT)
+    assert publisher.closed
+    with pytest.raises(ClosedError):
+        await publisher.publish(ev("later", "broken.x"))
+    await asyncio.wait_for(publisher.close(), WAIT)
+
+
+async def test_server_going_away_fails_the_publisher(server: ServerProcess) -> None:
+    async with Client.connect(server.addr, ready_timeout=WAIT) as client:
+        publisher = await client.publisher()
+        await publisher.publish(ev("before", "gone.x"))
+        server.process.kill()  # a crash: a graceful stop would wait for the open stream
+        server.process.wait()
+        with pytest.raises(NerveError) as info:
+            await asyncio.wait_for(publisher.publish(ev("after", "gone.x")), WAIT)
+        with pytest.raises(type(info.value)):
+            await publisher.publish(ev("later", "gone.x"))
+        await asyncio.wait_for(publisher.close(), WAIT)
+
+
+class _MisorderedCall:
+    """A stand-in PublishStream call whose server answers request 2 where request 1 was next."""
+
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue[pb.event_bus_pb2.PublishStreamResponse] = asyncio.Queue()
+        self.cancelled = False
+
+    async def write(self, request: pb.event_bus_pb2.PublishStreamRequest) -> None:
+        self.answers.put_nowait(pb.event_bus_pb2.PublishStreamResponse(request_id=request.request_id + 1))
+
+    async def read(self) -> pb.event_bus_pb2.PublishStreamResponse:
+        return await self.answers.get()
+
+    async def done_writing(self) -> None:
+        pass
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        self.answers.put_nowait(pb.event_bus_pb2.PublishStreamResponse(request_id=0))  # never read: the reader stopped
+        return True
+
+
+async def test_an_answer_out_of_order_fails_the_stream() -> None:
+    call = _MisorderedCall()
+    publisher = Publisher(call)  # type: ignore[arg-type]
+    with pytest.raises(NerveError, match="answer to request 2 where request 1 was next"):
+        await asyncio.wait_for(publisher.publish(ev("x", "misorder.x")), WAIT)
+    assert call.cancelled and publisher.closed
+    with pytest.raises(NerveError, match="where request 1 was next"):
+        await publisher.publish(ev("y", "misorder.x"))
+    await asyncio.wait_for(publisher.close(), WAIT)
