@@ -1,0 +1,203 @@
+package nerve
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/nerve-bus/nerve/clients/go/nervepb"
+)
+
+// ErrPublisherClosed is returned by Publisher.Publish after Close.
+var ErrPublisherClosed = errors.New("nerve: publisher closed")
+
+// Publisher publishes batch after batch on one PublishStream, without a call per batch. It is safe for
+// concurrent use: calls from many goroutines are pipelined on the one stream. Each Publish is one atomic
+// batch, committed after every batch sent before it on the stream (so sequences follow send order), and
+// answered in that order. Close it when done; the context given to OpenPublisher bounds the stream.
+type Publisher struct {
+	stream nervepb.EventBus_PublishStreamClient
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the receiver stopped; ended and err are set before
+
+	// sendLock (one slot) keeps "send a request" and "queue its waiter" in the same order; it is a channel
+	// so that a Publish whose context ends while another call is held by flow control can give up.
+	sendLock chan struct{}
+	nextID   uint64 // guarded by sendLock
+
+	mu      sync.Mutex
+	pending []*publishWaiter // sent and unanswered, in send order
+	closed  bool             // Close was called
+	ended   bool             // the receiver stopped
+	err     error            // the stream's final error; nil when it ended OK
+}
+
+// publishWaiter is one sent request waiting for its answer.
+type publishWaiter struct {
+	id     uint64
+	answer chan publishOutcome // buffered: the receiver never waits for an abandoned call
+}
+
+type publishOutcome struct {
+	results []*nervepb.PublishResult
+	err     error
+}
+
+// OpenPublisher opens a PublishStream. ctx bounds the whole stream: cancel it, or call Close, to end it.
+// The stream carries no confirmation, so a stream-level refusal (unauthenticated, too many open streams)
+// is returned by the first Publish and by Close.
+func (c *Client) OpenPublisher(ctx context.Context) (*Publisher, error) {
+	streamCtx, cancel := context.WithCancel(ctx)
+	stream, err := c.bus.PublishStream(streamCtx)
+	if err != nil {
+		cancel()
+		return nil, wrap(err)
+	}
+	p := &Publisher{
+		stream:   stream,
+		cancel:   cancel,
+		done:     make(chan struct{}),
+		sendLock: make(chan struct{}, 1),
+	}
+	go p.receive()
+	return p, nil
+}
+
+// Publish commits the events atomically, like Client.Publish, and returns one result per event, in order.
+// A refused batch (an invalid event, a conflicting id, permission denied, a rate limit, ...) returns the
+// same *Error that Client.Publish would, minus rich details the stream does not carry, and the stream goes
+// on. When ctx ends first, Publish stops waiting and returns its error, but the batch, once sent, may
+// still be committed; a request being written while the server holds the stream (flow control, beyond
+// its 1024 unanswered requests) finishes writing first.
+// After Close it returns ErrPublisherClosed; after the stream broke, the stream's error.
+func (p *Publisher) Publish(ctx context.Context, events ...*nervepb.Event) ([]*nervepb.PublishResult, error) {
+	if len(events) == 0 {
+		return nil, errors.New("nerve: publish needs at least one event")
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, wrap(err)
+	}
+	select {
+	case p.sendLock <- struct{}{}:
+	case <-ctx.Done():
+		return nil, wrap(ctx.Err())
+	}
+	p.mu.Lock()
+	if err := p.unusableLocked(); err != nil {
+		p.mu.Unlock()
+		<-p.sendLock
+		return nil, err
+	}
+	p.nextID++
+	w := &publishWaiter{id: p.nextID, answer: make(chan publishOutcome, 1)}
+	p.pending = append(p.pending, w)
+	p.mu.Unlock()
+	// A failed Send ends the stream (io.EOF: the server ended it; otherwise the client did): either way the
+	// receiver stops and answers w with the stream's error.
+	_ = p.stream.Send(&nervepb.PublishStreamRequest{RequestId: w.id, Events: events})
+	<-p.sendLock
+
+	select {
+	case out := <-w.answer:
+		return out.results, out.err
+	case <-ctx.Done():
+		return nil, wrap(ctx.Err())
+	}
+}
+
+// unusableLocked is why no request can be sent now, or nil; p.mu is held.
+func (p *Publisher) unusableLocked() error {
+	switch {
+	case p.closed:
+		return ErrPublisherClosed
+	case p.ended && p.err != nil:
+		return p.err
+	case p.ended:
+		return fmt.Errorf("nerve: publish stream ended: %w", io.EOF)
+	}
+	return nil
+}
+
+// receive reads answers and hands each to the oldest waiter; answers come in send order.
+func (p *Publisher) receive() {
+	defer close(p.done)
+	for {
+		resp, err := p.stream.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = nil
+			}
+			p.end(wrap(err))
+			return
+		}
+		p.mu.Lock()
+		if len(p.pending) == 0 || p.pending[0].id != resp.GetRequestId() {
+			expected := "none"
+			if len(p.pending) > 0 {
+				expected = fmt.Sprint(p.pending[0].id)
+			}
+			p.mu.Unlock()
+			p.cancel()
+			p.end(fmt.Errorf("nerve: publish stream answered request %d, expected %s", resp.GetRequestId(), expected))
+			return
+		}
+		w := p.pending[0]
+		p.pending[0] = nil
+		p.pending = p.pending[1:]
+		p.mu.Unlock()
+		w.answer <- outcomeOf(resp)
+	}
+}
+
+// outcomeOf turns an answer into a call's return values: a refusal goes through wrap like Publish's status.
+func outcomeOf(resp *nervepb.PublishStreamResponse) publishOutcome {
+	switch outcome := resp.GetOutcome().(type) {
+	case *nervepb.PublishStreamResponse_Published:
+		return publishOutcome{results: outcome.Published.GetResults()}
+	case *nervepb.PublishStreamResponse_Error:
+		st := status.New(codes.Code(outcome.Error.GetCode()), outcome.Error.GetMessage())
+		return publishOutcome{err: wrap(st.Err())}
+	default:
+		return publishOutcome{err: fmt.Errorf("nerve: publish stream answered request %d without an outcome", resp.GetRequestId())}
+	}
+}
+
+// end records the stream's final error (nil: ended OK) and fails every unanswered call.
+func (p *Publisher) end(err error) {
+	p.mu.Lock()
+	p.ended = true
+	p.err = err
+	pending := p.pending
+	p.pending = nil
+	p.mu.Unlock()
+	for _, w := range pending {
+		failure := err
+		if failure == nil {
+			failure = fmt.Errorf("nerve: publish stream ended before answering request %d: %w", w.id, io.EOF)
+		}
+		w.answer <- publishOutcome{err: failure}
+	}
+}
+
+// Close closes the send side, waits for the answers to every call already sent (those calls return
+// them), and ends the stream. It returns the stream's final error, nil when it ended OK. Close again
+// returns the same; Publish after Close returns ErrPublisherClosed.
+func (p *Publisher) Close() error {
+	p.sendLock <- struct{}{} // no Send is in progress while the send side closes
+	p.mu.Lock()
+	already := p.closed
+	p.closed = true
+	p.mu.Unlock()
+	if !already {
+		_ = p.stream.CloseSend()
+	}
+	<-p.sendLock
+	<-p.done
+	p.cancel()
+	return p.err
+}

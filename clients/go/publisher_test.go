@@ -1,0 +1,305 @@
+package nerve_test
+
+// The Publisher: pipelined publishing on one PublishStream.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	nerve "github.com/nerve-bus/nerve/clients/go"
+	"github.com/nerve-bus/nerve/clients/go/nervepb"
+)
+
+// openPublisher opens a Publisher for the test and closes it when the test ends.
+func openPublisher(t *testing.T, client *nerve.Client, ctx context.Context) *nerve.Publisher {
+	t.Helper()
+	pub, err := client.OpenPublisher(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	return pub
+}
+
+func TestPublisherPipelinesConcurrentCalls(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	pub := openPublisher(t, client, ctx)
+	const goroutines, calls = 20, 25
+	sequences := make([][]uint64, goroutines) // per goroutine, in call order
+	errs := make(chan error, goroutines)
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Go(func() {
+			for i := range calls {
+				// every third call is a batch of two: one request, consecutive sequences
+				batch := []*nervepb.Event{ev(fmt.Sprintf("g%d-c%d-a", g, i), "pipe.x")}
+				if i%3 == 0 {
+					batch = append(batch, ev(fmt.Sprintf("g%d-c%d-b", g, i), "pipe.x"))
+				}
+				results, err := pub.Publish(ctx, batch...)
+				if err != nil {
+					errs <- fmt.Errorf("goroutine %d call %d: %w", g, i, err)
+					return
+				}
+				if len(results) != len(batch) {
+					errs <- fmt.Errorf("goroutine %d call %d: %d results for %d events", g, i, len(results), len(batch))
+					return
+				}
+				for j, r := range results {
+					if r.GetId() != batch[j].GetId() || r.GetDuplicate() {
+						errs <- fmt.Errorf("goroutine %d call %d: result %v for %s", g, i, r, batch[j].GetId())
+						return
+					}
+					if j > 0 && r.GetSequence() != results[j-1].GetSequence()+1 {
+						errs <- fmt.Errorf("goroutine %d call %d: batch sequences %v", g, i, results)
+						return
+					}
+					sequences[g] = append(sequences[g], r.GetSequence())
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if t.Failed() {
+		return
+	}
+	seen := map[uint64]bool{}
+	for g, seqs := range sequences {
+		for i, seq := range seqs {
+			if seen[seq] {
+				t.Fatalf("sequence %d given twice", seq)
+			}
+			seen[seq] = true
+			if i > 0 && seq <= seqs[i-1] {
+				t.Fatalf("goroutine %d: sequences not increasing: %v", g, seqs)
+			}
+		}
+	}
+	want := goroutines * (calls + (calls+2)/3)
+	if len(seen) != want {
+		t.Fatalf("%d sequences, want %d", len(seen), want)
+	}
+	if err := pub.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+}
+
+func TestPublisherRefusedRequestKeepsTheStream(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	pub := openPublisher(t, client, ctx)
+
+	if _, err := pub.Publish(ctx); err == nil {
+		t.Fatal("publishing no events is an error")
+	} else if _, direct := client.Publish(ctx); direct == nil || err.Error() != direct.Error() {
+		t.Fatalf("no events: %v, Client.Publish: %v", err, direct)
+	}
+
+	bad := nerve.NewEvent("//tests", "").ID("no-type").MustBuild()
+	_, err := pub.Publish(ctx, bad)
+	var e *nerve.Error
+	if !errors.As(err, &e) || !errors.Is(err, nerve.ErrInvalidArgument) || nerve.Code(err) != codes.InvalidArgument ||
+		status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("empty type: want InvalidArgument, got %v", err)
+	}
+	_, direct := client.Publish(ctx, bad)
+	var de *nerve.Error
+	if !errors.As(direct, &de) || de.Code != e.Code || de.Message != e.Message {
+		t.Fatalf("stream refusal %v differs from Client.Publish %v", err, direct)
+	}
+
+	first, err := pub.Publish(ctx, ev("same-id", "refuse.x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := pub.Publish(ctx, ev("same-id", "refuse.x"))
+	if err != nil || !again[0].GetDuplicate() || again[0].GetSequence() != first[0].GetSequence() {
+		t.Fatalf("retry: %v, %v", again, err)
+	}
+	changed := nerve.NewEvent("//tests", "refuse.x").ID("same-id").Text("other content").MustBuild()
+	if _, err := pub.Publish(ctx, changed); !errors.Is(err, nerve.ErrAlreadyExists) {
+		t.Fatalf("conflicting reuse: want AlreadyExists, got %v", err)
+	}
+
+	later, err := pub.Publish(ctx, ev("after-refusals", "refuse.x"))
+	if err != nil {
+		t.Fatalf("publish after refusals: %v", err)
+	}
+	if later[0].GetSequence() <= first[0].GetSequence() {
+		t.Fatalf("sequence %d after %d", later[0].GetSequence(), first[0].GetSequence())
+	}
+	if err := pub.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+}
+
+func TestPublisherCloseWaitsForOutstandingAnswers(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	pub, err := client.OpenPublisher(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const goroutines, batch = 20, 10
+	var published atomic.Int64 // successful calls
+	errs := make(chan error, goroutines)
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				events := make([]*nervepb.Event, batch)
+				for j := range events {
+					events[j] = ev(fmt.Sprintf("g%d-c%d-e%d", g, i, j), "closing.pub")
+				}
+				results, err := pub.Publish(ctx, events...)
+				switch {
+				case errors.Is(err, nerve.ErrPublisherClosed):
+					return
+				case err != nil: // a call sent before Close must be answered, not failed
+					errs <- fmt.Errorf("goroutine %d call %d: %w", g, i, err)
+					return
+				case len(results) != batch:
+					errs <- fmt.Errorf("goroutine %d call %d: %d results", g, i, len(results))
+					return
+				}
+				published.Add(1)
+			}
+		})
+	}
+	eventually(t, "calls to be answered", func() (int64, bool) { n := published.Load(); return n, n >= 100 })
+	if err := pub.Close(); err != nil { // with calls in flight on every goroutine
+		t.Fatalf("close: %v", err)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	// every answered call was stored, and no call was stored unanswered
+	types, err := client.ListEventTypes(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(types) != 1 || types[0].GetCount() != uint64(published.Load()*batch) {
+		t.Fatalf("stored %v, answered %d calls of %d", types, published.Load(), batch)
+	}
+
+	start := time.Now()
+	if _, err := pub.Publish(ctx, ev("too-late", "closing.pub")); !errors.Is(err, nerve.ErrPublisherClosed) {
+		t.Fatalf("publish after close: %v", err)
+	}
+	if time.Since(start) > time.Second {
+		t.Fatal("publish after close did not fail at once")
+	}
+	if err := pub.Close(); err != nil {
+		t.Fatalf("second close: %v", err)
+	}
+}
+
+func TestPublisherFailsOnceTheStreamBroke(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	streamCtx, cancel := context.WithCancel(ctx)
+	pub, err := client.OpenPublisher(streamCtx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pub.Publish(ctx, ev("before-break", "broken.x")); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	if _, err := pub.Publish(ctx, ev("after-break", "broken.x")); nerve.Code(err) != codes.Canceled {
+		t.Fatalf("publish on a cancelled stream: %v", err)
+	}
+	if err := pub.Close(); nerve.Code(err) != codes.Canceled {
+		t.Fatalf("close of a cancelled stream: %v", err)
+	}
+}
+
+// fakeBus serves PublishStream in a way the real server never does: refusing the stream at once with
+// refuse, or else answering each request with the wrong request id.
+type fakeBus struct {
+	nervepb.UnimplementedEventBusServer
+	refuse error
+}
+
+func (b fakeBus) PublishStream(stream grpc.BidiStreamingServer[nervepb.PublishStreamRequest, nervepb.PublishStreamResponse]) error {
+	if b.refuse != nil {
+		return b.refuse
+	}
+	for {
+		req, err := stream.Recv()
+		if err != nil {
+			return nil
+		}
+		published := &nervepb.PublishStreamResponse_Published{Published: &nervepb.PublishResponse{}}
+		if err := stream.Send(&nervepb.PublishStreamResponse{RequestId: req.GetRequestId() + 1, Outcome: published}); err != nil {
+			return err
+		}
+	}
+}
+
+// connectFake serves bus on a local port for this test and returns a client connected to it.
+func connectFake(t *testing.T, bus fakeBus) *nerve.Client {
+	t.Helper()
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := grpc.NewServer()
+	nervepb.RegisterEventBusServer(server, bus)
+	go func() { _ = server.Serve(listener) }()
+	t.Cleanup(server.Stop)
+	client, err := nerve.Dial(listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = client.Close() })
+	return client
+}
+
+func TestPublisherFailsTheStreamOnAMisnumberedAnswer(t *testing.T) {
+	client, ctx := connectFake(t, fakeBus{}), testContext(t)
+	pub, err := client.OpenPublisher(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pub.Publish(ctx, ev("m1", "misnumbered.x")); err == nil {
+		t.Fatal("an answer to another request was taken")
+	}
+	if _, err := pub.Publish(ctx, ev("m2", "misnumbered.x")); err == nil {
+		t.Fatal("the publisher kept a misnumbered stream")
+	}
+	if err := pub.Close(); err == nil {
+		t.Fatal("close hid the misnumbered stream")
+	}
+}
+
+func TestPublisherReportsAStreamLevelRefusal(t *testing.T) {
+	refusal := status.Error(codes.Unauthenticated, "no credentials")
+	client, ctx := connectFake(t, fakeBus{refuse: refusal}), testContext(t)
+	pub, err := client.OpenPublisher(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pub.Publish(ctx, ev("u1", "refused.x")); !errors.Is(err, nerve.ErrUnauthenticated) {
+		t.Fatalf("publish on a refused stream: %v", err)
+	}
+	if _, err := pub.Publish(ctx, ev("u2", "refused.x")); !errors.Is(err, nerve.ErrUnauthenticated) {
+		t.Fatalf("later publish on a refused stream: %v", err)
+	}
+	if err := pub.Close(); !errors.Is(err, nerve.ErrUnauthenticated) {
+		t.Fatalf("close of a refused stream: %v", err)
+	}
+}
