@@ -25,6 +25,8 @@ WORKDIR /build
 # bench/ is a member of the workspace (a load tool, not in the image): cargo needs its manifest to load
 # the workspace, and a placeholder main; its sources stay out of the build context (.dockerignore).
 COPY Cargo.toml Cargo.lock build.rs ./
+# .cargo/config.toml sets how the bundled SQLite is compiled (fdatasync)
+COPY .cargo ./.cargo
 COPY bench/Cargo.toml ./bench/Cargo.toml
 COPY proto ./proto
 RUN mkdir -p server/src bench/src \
