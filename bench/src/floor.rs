@@ -150,24 +150,6 @@ impl Floor {
     }
 }
 
-/// A PublishStream answer.
-fn answer(
-    request_id: u64,
-    published: Result<pb::PublishResponse, Status>,
-) -> pb::PublishStreamResponse {
-    use pb::publish_stream_response::Outcome;
-    pb::PublishStreamResponse {
-        request_id,
-        outcome: Some(match published {
-            Ok(published) => Outcome::Published(published),
-            Err(status) => Outcome::Error(pb::PublishError {
-                code: status.code() as i32,
-                message: status.message().to_owned(),
-            }),
-        }),
-    }
-}
-
 type Deliveries = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -206,7 +188,7 @@ impl EventBus for Floor {
                                     Ok(stored) => stored.await,
                                     Err(status) => Err(status),
                                 };
-                                answer(request_id, published)
+                                nerve::api::convert::publish_answer(request_id, published)
                             });
                         }
                         Ok(None) => reading = false,

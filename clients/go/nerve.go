@@ -65,7 +65,7 @@ func (c *Client) AdminStub() nervepb.AdminClient { return c.admin }
 // (source, id) with different content fails with codes.AlreadyExists.
 func (c *Client) Publish(ctx context.Context, events ...*nervepb.Event) ([]*nervepb.PublishResult, error) {
 	if len(events) == 0 {
-		return nil, errors.New("nerve: publish needs at least one event")
+		return nil, errNoEvents
 	}
 	resp, err := c.bus.Publish(ctx, &nervepb.PublishRequest{Events: events})
 	if err != nil {

@@ -16,6 +16,9 @@ import (
 // ErrPublisherClosed is returned by Publisher.Publish after Close.
 var ErrPublisherClosed = errors.New("nerve: publisher closed")
 
+// errNoEvents is Client.Publish's and Publisher.Publish's answer to a call without events.
+var errNoEvents = errors.New("nerve: publish needs at least one event")
+
 // Publisher publishes batch after batch on one PublishStream, without a call per batch. It is safe for
 // concurrent use: calls from many goroutines are pipelined on the one stream. Each Publish is one atomic
 // batch, committed after every batch sent before it on the stream (so sequences follow send order), and
@@ -77,7 +80,7 @@ func (c *Client) OpenPublisher(ctx context.Context) (*Publisher, error) {
 // After Close it returns ErrPublisherClosed; after the stream broke, the stream's error.
 func (p *Publisher) Publish(ctx context.Context, events ...*nervepb.Event) ([]*nervepb.PublishResult, error) {
 	if len(events) == 0 {
-		return nil, errors.New("nerve: publish needs at least one event")
+		return nil, errNoEvents
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, wrap(err)

@@ -1185,9 +1185,8 @@ async fn publish_stream_requests_count_against_the_publish_rate() {
         let answer = answers.message().await.expect("answer").expect("open");
         assert_eq!(answer.request_id, i);
         match answer.outcome {
-            Some(pb::publish_stream_response::Outcome::Published(_)) => {
-                assert!(limited == 0 || i >= 3, "published after a refusal: {i}")
-            }
+            // the bucket refills at 1/s, so a later request may pass again
+            Some(pb::publish_stream_response::Outcome::Published(_)) => {}
             Some(pb::publish_stream_response::Outcome::Error(e)) => {
                 assert!(i >= 3, "the burst passes: {e:?}");
                 assert_eq!(e.code, Code::ResourceExhausted as i32, "{e:?}");

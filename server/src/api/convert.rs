@@ -194,6 +194,25 @@ fn stored_into_pb(s: Arc<StoredEvent>) -> pb::Event {
 /// Most type patterns one selection may list (each literal type is its own index range in a read).
 pub const MAX_TYPE_PATTERNS: usize = 100;
 
+/// The answer to one PublishStream request: its results, or the status a Publish call would have ended
+/// with.
+pub fn publish_answer(
+    request_id: u64,
+    outcome: std::result::Result<pb::PublishResponse, tonic::Status>,
+) -> pb::PublishStreamResponse {
+    use pb::publish_stream_response::Outcome;
+    pb::PublishStreamResponse {
+        request_id,
+        outcome: Some(match outcome {
+            Ok(published) => Outcome::Published(published),
+            Err(status) => Outcome::Error(pb::PublishError {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+            }),
+        }),
+    }
+}
+
 /// Parses type patterns; `field` is the repeated field's path.
 pub fn patterns(types: Vec<String>, field: &str) -> Result<Vec<TypePattern>> {
     if types.len() > MAX_TYPE_PATTERNS {

@@ -128,17 +128,7 @@ impl EventBusApi {
         request: pb::PublishStreamRequest,
     ) -> futures::future::BoxFuture<'static, pb::PublishStreamResponse> {
         let request_id = request.request_id;
-        let answer =
-            move |outcome: Result<pb::PublishResponse, Status>| pb::PublishStreamResponse {
-                request_id,
-                outcome: Some(match outcome {
-                    Ok(published) => pb::publish_stream_response::Outcome::Published(published),
-                    Err(status) => pb::publish_stream_response::Outcome::Error(pb::PublishError {
-                        code: status.code() as i32,
-                        message: status.message().to_owned(),
-                    }),
-                }),
-            };
+        let answer = move |outcome| convert::publish_answer(request_id, outcome);
         let checked = self
             .auth
             .check_publish_rate(principal)

@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 
 from ._errors import _BY_CODE, ClosedError, NerveError, from_rpc_error
-from ._events import Seconds
+from ._events import Seconds, seconds
 from ._proto.nerve.v1 import event_bus_pb2, event_bus_pb2_grpc, event_pb2
 
 __all__ = ["Publisher"]
@@ -194,7 +194,7 @@ class Publisher:
         if not self._closing:
             self._closing = True
             self._outbox.put_nowait(_DoneWriting())
-        wait = None if timeout is None else (timeout if isinstance(timeout, (int, float)) else timeout.total_seconds())
+        wait = None if timeout is None else seconds(timeout)
         try:
             await asyncio.wait_for(self._ended_event.wait(), wait)
         except asyncio.TimeoutError:
