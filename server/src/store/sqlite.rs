@@ -397,11 +397,15 @@ async fn write_batch<'a>(
     }
 }
 
-/// Appends the plan's event rows and per-type statistics, then `COMMIT`.
+/// Appends the plan's event rows and per-type statistics, then `COMMIT`. `OR ROLLBACK`: a refused row
+/// ends the whole transaction (the caller rolls back anyway), so SQLite keeps no statement journal to
+/// undo one statement alone. That journal copied every page a commit touched (~16 at 10 events) and
+/// spilled past 64 KiB to a temporary file; without it a commit at 10K events/s took 0.55 instead of
+/// 0.63 ms.
 fn push_inserts(sql: &mut QueryBuilder<Sqlite>, plan: &commit::Plan<'_>, recorded_ns: i64) {
     for chunk in plan.rows.chunks(ROWS_PER_STATEMENT) {
         sql.push(
-            " INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) ",
+            " INSERT OR ROLLBACK INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) ",
         );
         sql.push_values(chunk, |mut row, r| {
             let e = r.event.event();
@@ -422,7 +426,7 @@ fn push_inserts(sql: &mut QueryBuilder<Sqlite>, plan: &commit::Plan<'_>, recorde
     let stats = commit::type_stats(&plan.rows);
     for chunk in stats.chunks(ROWS_PER_STATEMENT) {
         sql.push(
-            " INSERT INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns) ",
+            " INSERT OR ROLLBACK INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns) ",
         );
         sql.push_values(chunk, |mut row, s| {
             row.push_bind(s.tenant)
