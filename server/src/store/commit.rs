@@ -299,15 +299,20 @@ impl RecentCommits {
     }
 }
 
-/// Starts the writer task; returns where to send requests. Committed events go to `recent` before the
-/// committed head moves, so whoever the head wakes finds them there.
+/// Starts the writer on a thread of its own; returns where to send requests. Committed events go to
+/// `recent` before the committed head moves, so whoever the head wakes finds them there.
+///
+/// The writer is the one serial step every publish waits for. As a task of the server's runtime it
+/// waited behind gRPC tasks each time its database call returned; on its own thread (with a runtime
+/// of its own for its database calls) it goes on at once (docs/benchmarks.md, cause 4: the p50 at 10K
+/// events/s fell in six of seven alternated pairs).
 pub(crate) fn start<W: BatchWriter>(
     mut writer: W,
     committed: watch::Sender<u64>,
     recent: Arc<RecentCommits>,
-) -> mpsc::Sender<CommitRequest> {
+) -> StoreResult<mpsc::Sender<CommitRequest>> {
     let (tx, mut rx) = mpsc::channel::<CommitRequest>(1024);
-    tokio::spawn(async move {
+    let writer_loop = async move {
         let mut lookups_left = 0;
         while let Some(first) = rx.recv().await {
             let mut total = first.events.len();
@@ -356,8 +361,17 @@ pub(crate) fn start<W: BatchWriter>(
                 }
             }
         }
-    });
-    tx
+    };
+    let unstarted = |e: std::io::Error| StoreError::Internal(format!("starting the writer: {e}"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(unstarted)?;
+    std::thread::Builder::new()
+        .name("nerve-commit".into())
+        .spawn(move || runtime.block_on(writer_loop))
+        .map_err(unstarted)?;
+    Ok(tx)
 }
 
 /// Moves the events a commit stored out of its requests, as read back later would return them.

@@ -149,7 +149,7 @@ impl PostgresStore {
             },
             committed_tx,
             recent.clone(),
-        );
+        )?;
         Ok(Arc::new(PostgresStore {
             pool,
             commits,

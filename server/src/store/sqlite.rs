@@ -239,7 +239,7 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Starts the store on an open database, with its group-commit writer task.
+    /// Starts the store on an open database, with its group-commit writer.
     pub async fn start(db: SqliteDb) -> StoreResult<Arc<Self>> {
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
             .fetch_one(&db.pool)
@@ -259,7 +259,7 @@ impl SqliteStore {
             },
             committed_tx,
             recent.clone(),
-        );
+        )?;
         Ok(Arc::new(SqliteStore {
             db,
             commits,
