@@ -24,7 +24,7 @@ TASKS = 20
 CALLS = 25
 
 
-async def test_concurrent_tasks_share_one_publisher(client: Client) -> None:
+async def test_publisher_pipelines_concurrent_calls(client: Client) -> None:
     async with client.publisher() as publisher:
 
         async def task(t: int) -> list[int]:
@@ -49,7 +49,7 @@ async def test_concurrent_tasks_share_one_publisher(client: Client) -> None:
     assert types == {"pipe.x": TASKS * CALLS + 2}
 
 
-async def test_refused_request_raises_and_the_stream_goes_on(client: Client) -> None:
+async def test_publisher_refused_request_keeps_the_stream(client: Client) -> None:
     async with client.publisher() as publisher:
         [first] = await publisher.publish(ev("same", "refuse.x"))
 
@@ -81,7 +81,7 @@ async def test_refused_request_raises_and_the_stream_goes_on(client: Client) -> 
         await publisher.publish()
 
 
-async def test_close_waits_for_outstanding_answers(client: Client) -> None:
+async def test_publisher_close_waits_for_outstanding_answers(client: Client) -> None:
     publisher = await client.publisher()
     assert isinstance(publisher, Publisher) and not publisher.closed
     calls = [asyncio.ensure_future(publisher.publish(ev(f"c{i}", "close.x"))) for i in range(50)]
