@@ -7,8 +7,9 @@ import (
 	"io"
 	"sync"
 
-	"google.golang.org/grpc/codes"
+	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/nerve-bus/nerve/clients/go/nervepb"
 )
@@ -73,8 +74,7 @@ func (c *Client) OpenPublisher(ctx context.Context) (*Publisher, error) {
 
 // Publish commits the events atomically, like Client.Publish, and returns one result per event, in order.
 // A refused batch (an invalid event, a conflicting id, permission denied, a rate limit, ...) returns the
-// same *Error that Client.Publish would, minus rich details the stream does not carry, and the stream goes
-// on. When ctx ends first, Publish stops waiting and returns its error, but the batch, once sent, may
+// same *Error that Client.Publish would, field violations and reason included, and the stream goes on. When ctx ends first, Publish stops waiting and returns its error, but the batch, once sent, may
 // still be committed; a request being written while the server holds the stream (flow control, beyond
 // its 1024 unanswered requests) finishes writing first.
 // After Close it returns ErrPublisherClosed; after the stream broke, the stream's error.
@@ -163,8 +163,14 @@ func outcomeOf(resp *nervepb.PublishStreamResponse) publishOutcome {
 	case *nervepb.PublishStreamResponse_Published:
 		return publishOutcome{results: outcome.Published.GetResults()}
 	case *nervepb.PublishStreamResponse_Error:
-		st := status.New(codes.Code(outcome.Error.GetCode()), outcome.Error.GetMessage())
-		return publishOutcome{err: wrap(st.Err())}
+		refusal := &spb.Status{}
+		// the details are the google.rpc.Status a Publish call's trailer would carry; without them (or
+		// unreadable) the code and message still stand
+		if err := proto.Unmarshal(outcome.Error.GetDetails(), refusal); err != nil {
+			refusal = &spb.Status{}
+		}
+		refusal.Code, refusal.Message = outcome.Error.GetCode(), outcome.Error.GetMessage()
+		return publishOutcome{err: wrap(status.ErrorProto(refusal))}
 	default:
 		return publishOutcome{err: fmt.Errorf("nerve: publish stream answered request %d without an outcome", resp.GetRequestId())}
 	}

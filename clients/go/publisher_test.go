@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -117,8 +118,12 @@ func TestPublisherRefusedRequestKeepsTheStream(t *testing.T) {
 	}
 	_, direct := client.Publish(ctx, bad)
 	var de *nerve.Error
-	if !errors.As(direct, &de) || de.Code != e.Code || de.Message != e.Message {
+	if !errors.As(direct, &de) || de.Code != e.Code || de.Message != e.Message ||
+		!slices.Equal(de.FieldViolations, e.FieldViolations) {
 		t.Fatalf("stream refusal %v differs from Client.Publish %v", err, direct)
+	}
+	if _, ok := e.Violation("events[0].type"); !ok {
+		t.Fatalf("no violation of events[0].type in %v", e.FieldViolations)
 	}
 
 	first, err := pub.Publish(ctx, ev("same-id", "refuse.x"))

@@ -417,6 +417,10 @@ async fn a_refused_request_on_a_publish_stream_is_answered_and_the_stream_goes_o
     let error = refused(&bad);
     assert_eq!(error.code, Code::InvalidArgument as i32, "{error:?}");
     assert!(error.message.contains("events[1].type"), "{error:?}");
+    // the same details a Publish call's status carries, as a google.rpc.Status
+    let status =
+        tonic::Status::with_details(Code::InvalidArgument, "", error.details.clone().into());
+    assert_eq!(violations(&status), ["events[1].type"], "{error:?}");
     let conflict = next_answer(&mut answers).await;
     let error = refused(&conflict);
     assert_eq!(error.code, Code::AlreadyExists as i32, "{error:?}");

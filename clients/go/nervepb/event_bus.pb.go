@@ -327,8 +327,12 @@ func (*PublishStreamResponse_Error) isPublishStreamResponse_Outcome() {}
 type PublishError struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The gRPC status code (google.rpc.Code), e.g. 3 INVALID_ARGUMENT, 7 PERMISSION_DENIED, 14 UNAVAILABLE.
-	Code          int32  `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
-	Message       string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	Code    int32  `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	Message string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	// The whole status with its details, a serialized google.rpc.Status (what the grpc-status-details-bin
+	// trailer of a failed Publish call carries): a google.rpc.BadRequest naming each bad field, a
+	// google.rpc.ErrorInfo. Empty when the status has no details.
+	Details       []byte `protobuf:"bytes,3,opt,name=details,proto3" json:"details,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -375,6 +379,13 @@ func (x *PublishError) GetMessage() string {
 		return x.Message
 	}
 	return ""
+}
+
+func (x *PublishError) GetDetails() []byte {
+	if x != nil {
+		return x.Details
+	}
+	return nil
 }
 
 // SubscribeRequest is one message from the subscriber.
@@ -1810,10 +1821,11 @@ const file_nerve_v1_event_bus_proto_rawDesc = "" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x129\n" +
 	"\tpublished\x18\x02 \x01(\v2\x19.nerve.v1.PublishResponseH\x00R\tpublished\x12.\n" +
 	"\x05error\x18\x03 \x01(\v2\x16.nerve.v1.PublishErrorH\x00R\x05errorB\t\n" +
-	"\aoutcome\"<\n" +
+	"\aoutcome\"V\n" +
 	"\fPublishError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"\xad\x02\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12\x18\n" +
+	"\adetails\x18\x03 \x01(\fR\adetails\"\xad\x02\n" +
 	"\x10SubscribeRequest\x120\n" +
 	"\x04open\x18\x01 \x01(\v2\x1a.nerve.v1.SubscriptionOpenH\x00R\x04open\x12!\n" +
 	"\x03ack\x18\x02 \x01(\v2\r.nerve.v1.AckH\x00R\x03ack\x12$\n" +

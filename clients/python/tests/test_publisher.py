@@ -53,8 +53,13 @@ async def test_publisher_refused_request_keeps_the_stream(client: Client) -> Non
     async with client.publisher() as publisher:
         [first] = await publisher.publish(ev("same", "refuse.x"))
 
-        with pytest.raises(InvalidArgumentError):
-            await publisher.publish(event("//tests", "", "no type"))
+        typeless = event("//tests", "", "no type")
+        with pytest.raises(InvalidArgumentError) as refused:
+            await publisher.publish(typeless)
+        assert refused.value.violation("events[0].type") is not None, refused.value
+        with pytest.raises(InvalidArgumentError) as direct:
+            await client.publish(typeless)
+        assert str(refused.value) == str(direct.value), "the stream refuses as a Publish call does"
         changed = event("//tests", "refuse.x", "other content", id="same")
         with pytest.raises(AlreadyExistsError):
             await publisher.publish(changed)

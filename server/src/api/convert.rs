@@ -208,6 +208,7 @@ pub fn publish_answer(
             Err(status) => Outcome::Error(pb::PublishError {
                 code: status.code() as i32,
                 message: status.message().to_owned(),
+                details: status.details().to_vec(),
             }),
         }),
     }

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "from_rpc_error",
+    "from_status",
 ]
 
 
@@ -140,14 +141,20 @@ def from_rpc_error(error: grpc.RpcError) -> NerveError:
     call: Any = error
     code: grpc.StatusCode = call.code() if callable(getattr(call, "code", None)) else grpc.StatusCode.UNKNOWN
     message: str = (call.details() if callable(getattr(call, "details", None)) else None) or ""
-    violations: list[FieldViolation] = []
-    reason = ""
-    metadata: dict[str, str] = {}
-    details: tuple[any_pb2.Any, ...] = ()
     try:
         status = rpc_status.from_call(call)
     except (ValueError, AttributeError, TypeError):
         status = None
+    return from_status(code, message, status)
+
+
+def from_status(code: grpc.StatusCode, message: str, status: status_pb2.Status | None) -> NerveError:
+    """The :class:`NerveError` for a status code and message, with the details of ``status`` (a
+    ``google.rpc.Status``) when there is one."""
+    violations: list[FieldViolation] = []
+    reason = ""
+    metadata: dict[str, str] = {}
+    details: tuple[any_pb2.Any, ...] = ()
     if status is not None:
         details = tuple(status.details)
         for detail in status.details:

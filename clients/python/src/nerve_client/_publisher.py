@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Union
 
 import grpc
 import grpc.aio
+from google.rpc import status_pb2
 
-from ._errors import _BY_CODE, ClosedError, NerveError, from_rpc_error
+from ._errors import ClosedError, NerveError, from_rpc_error, from_status
 from ._events import Seconds, seconds
 from ._proto.nerve.v1 import event_bus_pb2, event_bus_pb2_grpc, event_pb2
 
@@ -34,7 +35,8 @@ _Outgoing = Union[event_bus_pb2.PublishStreamRequest, _DoneWriting]
 def _refused(error: event_bus_pb2.PublishError) -> NerveError:
     """The exception :meth:`nerve_client.Client.publish` raises for the status a refused request carries."""
     code = _STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN)
-    return _BY_CODE.get(code, NerveError)(code, error.message)
+    status = status_pb2.Status.FromString(error.details) if error.details else None
+    return from_status(code, error.message, status)
 
 
 class Publisher:

@@ -163,18 +163,25 @@ class PublishError(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """The gRPC status code (google.rpc.Code), e.g. 3 INVALID_ARGUMENT, 7 PERMISSION_DENIED, 14 UNAVAILABLE."""
     message: _builtins.str
+    details: _builtins.bytes
+    """The whole status with its details, a serialized google.rpc.Status (what the grpc-status-details-bin
+    trailer of a failed Publish call carries): a google.rpc.BadRequest naming each bad field, a
+    google.rpc.ErrorInfo. Empty when the status has no details.
+    """
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
+        details: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
