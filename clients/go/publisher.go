@@ -74,9 +74,10 @@ func (c *Client) OpenPublisher(ctx context.Context) (*Publisher, error) {
 
 // Publish commits the events atomically, like Client.Publish, and returns one result per event, in order.
 // A refused batch (an invalid event, a conflicting id, permission denied, a rate limit, ...) returns the
-// same *Error that Client.Publish would, field violations and reason included, and the stream goes on. When ctx ends first, Publish stops waiting and returns its error, but the batch, once sent, may
-// still be committed; a request being written while the server holds the stream (flow control, beyond
-// its 1024 unanswered requests) finishes writing first.
+// same *Error that Client.Publish would, field violations and reason included, and the stream goes on.
+// When ctx ends first, Publish stops waiting and returns its error, but the batch, once sent, may still
+// be committed; a request being written while the server holds the stream (flow control, beyond its 1024
+// unanswered requests) finishes writing first.
 // After Close it returns ErrPublisherClosed; after the stream broke, the stream's error.
 func (p *Publisher) Publish(ctx context.Context, events ...*nervepb.Event) ([]*nervepb.PublishResult, error) {
 	if len(events) == 0 {

@@ -25,7 +25,6 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "from_rpc_error",
-    "from_status",
 ]
 
 

@@ -74,9 +74,9 @@ class Publisher:
         """Commits the events atomically; one result (id, sequence, duplicate) per event, in order.
 
         Like :meth:`nerve_client.Client.publish`, on the publisher's stream: a refused request raises the
-        same :class:`NerveError` subclass (with the status code and message; the stream carries no rich
-        details such as field violations). Raises :class:`ClosedError` once the publisher is closed, and the
-        stream's error once it broke. Cancelling a call stops the wait only: the request may still commit.
+        same :class:`NerveError` subclass, with the same message, field violations, reason and metadata.
+        Raises :class:`ClosedError` once the publisher is closed, and the stream's error once it broke.
+        Cancelling a call stops the wait only: the request may still commit.
         """
         if not events:
             raise ValueError("publish needs at least one event")
