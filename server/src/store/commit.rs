@@ -208,8 +208,8 @@ pub(crate) trait BatchWriter: Send + 'static {
 /// publishes come in bursts, and each such batch would otherwise be written twice.
 const LOOKUPS_AFTER_A_STORED_KEY: u32 = 64;
 
-/// Commits a batch. Most batches hold no event already stored, so the key lookup (a round trip, or a
-/// hand-off to SQLite's thread, and a unique-index probe per key) is skipped: the insert itself fails
+/// Commits a batch. Most batches hold no event already stored, so the key lookup (a round trip to
+/// Postgres, and a unique-index probe per key) is skipped: the insert itself fails
 /// on the unique key if one was stored, and then the batch is committed again with the lookup, which
 /// answers duplicates and conflicts. `lookups_left` counts the commits still to look up first.
 async fn commit<W: BatchWriter>(

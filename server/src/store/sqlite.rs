@@ -1,6 +1,11 @@
 //! The embedded event store: one SQLite file in WAL mode, synchronous=FULL, one writer that group-commits.
 
-use std::{path::Path, str::FromStr, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -25,8 +30,11 @@ use crate::event::{Priority, Selection, StoredEvent};
 pub struct SqliteDb {
     /// Readers; WAL lets them run beside the writer.
     pub pool: SqlitePool,
-    /// The one connection that writes, so writes never wait on SQLite's busy handler.
+    /// The one connection that writes, so writes never wait on SQLite's busy handler. The group
+    /// commit writes events on a connection of its own, holding this one's lock while it does.
     pub writer: Arc<Mutex<SqliteConnection>>,
+    /// The database file.
+    path: PathBuf,
 }
 
 impl SqliteDb {
@@ -54,6 +62,7 @@ impl SqliteDb {
         Ok(SqliteDb {
             pool,
             writer: Arc::new(Mutex::new(writer)),
+            path: path.to_owned(),
         })
     }
 }
@@ -253,6 +262,7 @@ impl SqliteStore {
         let recent = Arc::new(RecentCommits::default());
         let commits = commit::start(
             SqliteWriter {
+                conn: open_event_writer(&db.path)?,
                 writer: db.writer.clone(),
                 last_ns,
                 head: Some(head),
@@ -274,7 +284,62 @@ impl SqliteStore {
     }
 }
 
+/// How long a write waits for SQLite's lock when something outside this process holds it (the sqlite3
+/// shell, a backup); within the process every write holds [`SqliteDb::writer`]'s lock first.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens the group commit's own connection to the migrated database, as durable as the others.
+///
+/// sqlx runs each connection's statements on a thread of its own and answers every statement of a
+/// call with a message of its own, so each commit (`BEGIN`, the inserts, `COMMIT`) crossed to that
+/// thread and woke the writer once per statement; this connection runs on the writer's thread itself
+/// (docs/benchmarks.md, cause 4: "Fixed: the commit crossed threads").
+fn open_event_writer(path: &Path) -> StoreResult<rusqlite::Connection> {
+    let unopened =
+        |e: rusqlite::Error| StoreError::Unavailable(format!("opening {}: {e}", path.display()));
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(unopened)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(unopened)?;
+    // an acknowledged publish must be on disk, not in the OS cache
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(unopened)?;
+    let journal: String = conn
+        .pragma_query_value(None, "journal_mode", |row| row.get(0))
+        .map_err(unopened)?;
+    if !journal.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Internal(format!(
+            "{} is in journal mode {journal}, not WAL",
+            path.display()
+        )));
+    }
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+/// Translates errors of the group commit's connection: a full or failing disk is worth a retry.
+fn map_write_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(DiskFull | SystemIoFailure | CannotOpen | DatabaseBusy | DatabaseLocked) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+/// Whether the unique key of events refused a row.
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
+}
+
+/// The embedded group commit's writer ([`BatchWriter`]).
 struct SqliteWriter {
+    /// The group commit's own connection; see [`open_event_writer`].
+    conn: rusqlite::Connection,
+    /// Held while committing, so no other write of the process takes SQLite's write lock meanwhile.
     writer: Arc<Mutex<SqliteConnection>>,
     last_ns: i64,
     /// The highest stored sequence, kept here because this writer is the only one that inserts events;
@@ -295,21 +360,18 @@ impl BatchWriter for SqliteWriter {
     ) -> Result<Committed, Attempt> {
         // recorded time never goes backwards, so time positions and sequence order agree
         self.last_ns = to_ns(Utc::now()).max(self.last_ns);
-        let mut conn = self.writer.lock().await;
+        let _writing = self.writer.lock().await;
         let head = match self.head {
             Some(head) => head,
-            None => sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(map_err)?,
+            None => self
+                .conn
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |row| {
+                    row.get(0)
+                })
+                .map_err(map_write_err)?,
         };
         self.head = None;
-        let written = write_batch(&mut conn, batch, self.last_ns, head, look_up_keys).await;
-        if written.is_err() {
-            // the statements that failed may have left the transaction open; nothing of it may stay
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        }
-        let plan = match written {
+        let plan = match write_batch(&mut self.conn, batch, self.last_ns, head, look_up_keys) {
             Ok(plan) => plan,
             Err(Attempt::KeyStored) => {
                 // the unique index refused the batch before anything committed: the head stands
@@ -328,120 +390,149 @@ impl BatchWriter for SqliteWriter {
 
 /// Rows per multi-row statement: 11 parameters each stays far below SQLite's 32,766.
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
-/// Most rows of a commit whose statement is kept prepared.
+/// Most rows of a commit whose statements are kept prepared.
 const KEEP_PREPARED_ROWS: usize = 16;
+/// Statements the group commit's connection keeps prepared: small commits come in few shapes.
+const STATEMENT_CACHE: usize = 64;
 
 /// Writes the batch in one transaction with set-based statements (see [`BatchWriter::attempt`]): look
 /// up the keys already stored when asked to, decide in memory ([`commit::plan`]), insert the rows and
-/// the per-type statistics, commit; returns the plan written (its rows are in sequence order). sqlx
-/// hands every call to SQLite's worker thread and back, two thread wake-ups that are the larger part of
-/// a small commit's cost: without the lookup a commit is one call, with it two (the transaction's
-/// start with the lookup, then the inserts with the commit).
-async fn write_batch<'a>(
-    conn: &mut SqliteConnection,
+/// the per-type statistics, commit; returns the plan written (its rows are in sequence order). A
+/// failure leaves nothing: the transaction rolls back when it is dropped uncommitted.
+fn write_batch<'a>(
+    conn: &mut rusqlite::Connection,
     batch: &'a [CommitRequest],
     recorded_ns: i64,
     head: i64,
     look_up_keys: bool,
 ) -> Result<commit::Plan<'a>, Attempt> {
-    // BEGIN IMMEDIATE takes the write lock now: the transaction writes whatever the lookup finds
-    let mut sql = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE;");
+    // IMMEDIATE takes the write lock now: the transaction writes whatever the lookup finds
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(map_write_err)?;
     let mut known = commit::Known::new();
     if look_up_keys {
         for chunk in commit::keys(batch).chunks(ROWS_PER_STATEMENT) {
-            sql.push(" SELECT e.tenant, e.source, e.id, e.seq, e.content_hash FROM (");
-            sql.push_values(chunk, |mut row, (tenant, source, id)| {
-                row.push_bind(*tenant).push_bind(*source).push_bind(*id);
-            });
-            sql.push(
-                ") AS k JOIN events e ON e.tenant = k.column1 AND e.source = k.column2 AND e.id = k.column3;",
+            let sql = format!(
+                "SELECT e.tenant, e.source, e.id, e.seq, e.content_hash FROM (VALUES {}) AS k \
+                 JOIN events e ON e.tenant = k.column1 AND e.source = k.column2 AND e.id = k.column3",
+                placeholders(chunk.len(), 3)
             );
+            let mut statement = tx.prepare(&sql).map_err(map_write_err)?;
+            let keys = chunk
+                .iter()
+                .flat_map(|(tenant, source, id)| [tenant, source, id]);
+            let mut rows = statement
+                .query(rusqlite::params_from_iter(keys))
+                .map_err(map_write_err)?;
+            while let Some(row) = rows.next().map_err(map_write_err)? {
+                let seq: i64 = row.get(3).map_err(map_write_err)?;
+                known.insert(
+                    (
+                        row.get(0).map_err(map_write_err)?,
+                        row.get(1).map_err(map_write_err)?,
+                        row.get(2).map_err(map_write_err)?,
+                    ),
+                    (seq as u64, row.get(4).map_err(map_write_err)?),
+                );
+            }
         }
-        let rows = sql
-            .build()
-            .persistent(false)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(map_err)?;
-        for row in rows {
-            let column = |name: &str| row.try_get::<String, _>(name).map_err(map_err);
-            known.insert(
-                (column("tenant")?, column("source")?, column("id")?),
-                (
-                    row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
-                    row.try_get("content_hash").map_err(map_err)?,
-                ),
-            );
-        }
-        sql = QueryBuilder::new("");
     }
     let plan = commit::plan(batch, known, head);
-    push_inserts(&mut sql, &plan, recorded_ns);
-    // Small commits come in few shapes (rows x types) and stay prepared (sqlx keeps the last 100
-    // statements): parsing them on every commit cost ~12 % of the server's CPU at 1K single-event
-    // publishes/s. Larger ones come in many shapes, and their rows cost more than their parsing.
-    let keep_prepared = plan.rows.len() <= KEEP_PREPARED_ROWS;
-    match sql
-        .build()
-        .persistent(keep_prepared)
-        .execute(&mut *conn)
-        .await
-    {
-        Ok(_) => Ok(plan),
-        Err(sqlx::Error::Database(e))
-            if !look_up_keys && e.kind() == sqlx::error::ErrorKind::UniqueViolation =>
-        {
-            Err(Attempt::KeyStored)
-        }
-        Err(e) => Err(map_err(e).into()),
+    match insert_rows(&tx, &plan, recorded_ns) {
+        Ok(()) => {}
+        Err(e) if !look_up_keys && is_unique_violation(&e) => return Err(Attempt::KeyStored),
+        Err(e) => return Err(map_write_err(e).into()),
     }
+    tx.commit().map_err(map_write_err)?;
+    Ok(plan)
 }
 
-/// Appends the plan's event rows and per-type statistics, then `COMMIT`. `OR ROLLBACK`: a refused row
-/// ends the whole transaction (the caller rolls back anyway), so SQLite keeps no statement journal to
-/// undo one statement alone. That journal copied every page a commit touched (~16 at 10 events) and
-/// spilled past 64 KiB to a temporary file; without it a commit at 10K events/s took 0.55 instead of
-/// 0.63 ms.
-fn push_inserts(sql: &mut QueryBuilder<Sqlite>, plan: &commit::Plan<'_>, recorded_ns: i64) {
+/// `(?, ?, ?), (?, ?, ?)`: `rows` rows of `columns` placeholders.
+fn placeholders(rows: usize, columns: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    vec![row; rows].join(", ")
+}
+
+/// Runs a statement with its parameters bound by `bind` (one call per parameter, in order). Statements
+/// of a small commit's shape stay prepared: parsing them on every commit cost ~12 % of the server's CPU
+/// at 1K single-event publishes/s; larger commits come in many shapes, and their rows cost more than
+/// their parsing.
+fn execute_rows(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    rows: usize,
+    bind: impl FnOnce(
+        &mut dyn FnMut(&dyn rusqlite::ToSql) -> rusqlite::Result<()>,
+    ) -> rusqlite::Result<()>,
+) -> rusqlite::Result<()> {
+    let mut statement = conn.prepare_cached(sql)?;
+    let mut i = 0;
+    bind(&mut |value| {
+        i += 1;
+        statement.raw_bind_parameter(i, value)
+    })?;
+    statement.raw_execute()?;
+    if rows > KEEP_PREPARED_ROWS {
+        statement.discard();
+    }
+    Ok(())
+}
+
+/// Inserts the plan's event rows and per-type statistics. `OR ROLLBACK`: a refused row ends the whole
+/// transaction (nothing of a failed commit stays anyway), so SQLite keeps no statement journal to undo
+/// one statement alone. That journal copied every page a commit touched (~16 at 10 events) and spilled
+/// past 64 KiB to a temporary file; without it a commit at 10K events/s took 0.55 instead of 0.63 ms.
+fn insert_rows(
+    conn: &rusqlite::Connection,
+    plan: &commit::Plan<'_>,
+    recorded_ns: i64,
+) -> rusqlite::Result<()> {
     for chunk in plan.rows.chunks(ROWS_PER_STATEMENT) {
-        sql.push(
-            " INSERT OR ROLLBACK INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body) ",
+        let sql = format!(
+            "INSERT OR ROLLBACK INTO events (seq, tenant, source, id, type, subject, correlation_id, \
+             priority, recorded_ns, content_hash, body) VALUES {}",
+            placeholders(chunk.len(), 11)
         );
-        sql.push_values(chunk, |mut row, r| {
-            let e = r.event.event();
-            row.push_bind(r.seq)
-                .push_bind(r.tenant)
-                .push_bind(&e.source)
-                .push_bind(&e.id)
-                .push_bind(&e.event_type)
-                .push_bind(&e.subject)
-                .push_bind(&e.correlation_id)
-                .push_bind(r.priority())
-                .push_bind(recorded_ns)
-                .push_bind(&r.event.content_hash()[..])
-                .push_bind(r.event.body());
-        });
-        sql.push(";");
+        execute_rows(conn, &sql, chunk.len(), |bind| {
+            for r in chunk {
+                let e = r.event.event();
+                bind(&r.seq)?;
+                bind(&r.tenant)?;
+                bind(&e.source)?;
+                bind(&e.id)?;
+                bind(&e.event_type)?;
+                bind(&e.subject)?;
+                bind(&e.correlation_id)?;
+                bind(&r.priority())?;
+                bind(&recorded_ns)?;
+                bind(&&r.event.content_hash()[..])?;
+                bind(&r.event.body())?;
+            }
+            Ok(())
+        })?;
     }
     let stats = commit::type_stats(&plan.rows);
     for chunk in stats.chunks(ROWS_PER_STATEMENT) {
-        sql.push(
-            " INSERT OR ROLLBACK INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns) ",
+        let sql = format!(
+            "INSERT OR ROLLBACK INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns) \
+             VALUES {} ON CONFLICT (tenant, type) DO UPDATE SET count = count + excluded.count, \
+             last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns",
+            placeholders(chunk.len(), 6)
         );
-        sql.push_values(chunk, |mut row, s| {
-            row.push_bind(s.tenant)
-                .push_bind(s.event_type)
-                .push_bind(s.count)
-                .push_bind(s.first_seq)
-                .push_bind(s.last_seq)
-                .push_bind(recorded_ns);
-        });
-        sql.push(
-            " ON CONFLICT (tenant, type) DO UPDATE SET count = count + excluded.count, \
-             last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns;",
-        );
+        execute_rows(conn, &sql, chunk.len(), |bind| {
+            for s in chunk {
+                bind(&s.tenant)?;
+                bind(&s.event_type)?;
+                bind(&s.count)?;
+                bind(&s.first_seq)?;
+                bind(&s.last_seq)?;
+                bind(&recorded_ns)?;
+            }
+            Ok(())
+        })?;
     }
-    sql.push(" COMMIT;");
+    Ok(())
 }
 
 #[async_trait]
