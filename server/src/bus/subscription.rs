@@ -511,6 +511,12 @@ impl Session {
                 }
                 // the relay may not have appended what is already committed: read that from the store
                 TailRead::Events(_) => {
+                    // Once caught up, what commits next comes through the tail, which wakes this
+                    // stream; the store's head (a round trip on Postgres, after every delivery) is
+                    // asked only before CaughtUp or while this process knows of commits the tail lacks.
+                    if self.caught_up && self.position >= *self.bus.store.committed().borrow() {
+                        return Ok(());
+                    }
                     let committed = self.bus.store.head().await?;
                     if self.position >= committed {
                         self.mark_caught_up().await?;
@@ -706,7 +712,8 @@ impl Session {
             }
         }
         // caught up only once the relay has brought the group everything already committed
-        if delivered == 0
+        if !self.caught_up
+            && delivered == 0
             && self.credits > 0
             && self.bus.streams.last_appended().await? >= self.bus.store.head().await?
         {
