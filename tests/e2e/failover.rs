@@ -716,6 +716,38 @@ async fn redis_restart(persistent: bool) {
     let _ = consumer.await;
 }
 
+/// 5b. While Redis is down, publishes and private streams go on: the tail that private streams read is
+///     fed from the store, and adding the events to Redis is retried behind it. 2,500 events are more
+///     than one relay step takes (1,000), so a tail that waited for Redis would stop short of them.
+#[tokio::test]
+async fn private_streams_go_on_while_redis_is_down() {
+    const BATCHES: usize = 25;
+    const BATCH: usize = 100;
+    let mut redis = RedisProcess::start(false).await;
+    let deployment = Deployment::new(redis.url()).await;
+    let server = deployment.replica(&[]).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let mut o = open(&["down.event"], "");
+    o.max_in_flight = 1000;
+    let mut private = Subscriber::open(&mut bus, o).await.expect("private");
+    redis.kill9().await;
+    for b in 0..BATCHES {
+        let events = (0..BATCH)
+            .map(|i| event(&format!("down-{b}-{i}"), "down.event"))
+            .collect();
+        bus.publish(pb::PublishRequest { events })
+            .await
+            .expect("publishing needs only Postgres");
+    }
+    let mut last = 0;
+    for _ in 0..BATCHES * BATCH {
+        let d = private.next_delivery().await;
+        assert!(seq(&d) > last, "the private stream went backwards");
+        last = seq(&d);
+        private.ack_one(&d).await;
+    }
+}
+
 /// A deployment with one replica that reaches Postgres through a [`Proxy`].
 async fn replica_behind_proxy() -> (Proxy, Deployment, ServerProcess) {
     let upstream: SocketAddr = {

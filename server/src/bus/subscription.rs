@@ -319,7 +319,11 @@ impl Session {
         S: Stream<Item = BusResult<Command>> + Send + Unpin + 'static,
     {
         self.send(opened).await?;
-        let mut head = self.bus.streams.head();
+        // a group consumer wakes when its group can claim more, a private one when the tail grew
+        let mut head = match self.group {
+            Some(_) => self.bus.streams.group_head(),
+            None => self.bus.streams.head(),
+        };
         let mut wakeups = self
             .group
             .as_ref()
@@ -511,10 +515,10 @@ impl Session {
                 }
                 // the relay may not have appended what is already committed: read that from the store
                 TailRead::Events(_) => {
-                    // Once caught up, what commits next comes through the tail, which wakes this
-                    // stream; the store's head (a round trip on Postgres, after every delivery) is
-                    // asked only before CaughtUp or while this process knows of commits the tail lacks.
-                    if self.caught_up && self.position >= *self.bus.store.committed().borrow() {
+                    // Once caught up, what commits next comes through the tail: the relay feeds it
+                    // and waits for nothing else, and its growth wakes this stream. The store (its
+                    // head a round trip on Postgres, after every delivery) is read only to catch up.
+                    if self.caught_up {
                         return Ok(());
                     }
                     let committed = self.bus.store.head().await?;
@@ -666,6 +670,11 @@ impl Session {
         Ok(consumed)
     }
 
+    /// The highest sequence groups can claim (what the relay has brought them).
+    fn claimable(&self) -> u64 {
+        *self.bus.streams.group_head().borrow()
+    }
+
     async fn mark_caught_up(&mut self) -> BusResult<()> {
         if !self.caught_up {
             self.caught_up = true;
@@ -715,7 +724,7 @@ impl Session {
         if !self.caught_up
             && delivered == 0
             && self.credits > 0
-            && self.bus.streams.last_appended().await? >= self.bus.store.head().await?
+            && self.claimable() >= self.bus.store.head().await?
         {
             self.mark_caught_up().await?;
         }

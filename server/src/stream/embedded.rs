@@ -418,6 +418,11 @@ impl LiveStreams for EmbeddedStreams {
         self.tail.head()
     }
 
+    fn group_head(&self) -> watch::Receiver<u64> {
+        // claims read the store, which holds whatever the tail does
+        self.tail.head()
+    }
+
     async fn ensure_group(
         &self,
         key: &GroupKey,

@@ -119,17 +119,22 @@ pub struct Interest {
 /// The live stream backend.
 #[async_trait]
 pub trait LiveStreams: Send + Sync + 'static {
-    /// Appends committed events in sequence order; re-adding a sequence already appended is a no-op.
+    /// Appends committed events in sequence order to the live tail (and, behind it, to whatever
+    /// groups claim from); re-adding a sequence already appended is a no-op.
     async fn append(&self, events: &[Arc<StoredEvent>]) -> StreamResult<()>;
 
-    /// Returns the highest sequence appended.
+    /// Returns the highest sequence appended to the tail.
     async fn last_appended(&self) -> StreamResult<u64>;
 
     /// Reads up to `max` entries after `after`.
     async fn read_after(&self, after: u64, max: usize) -> StreamResult<TailRead>;
 
-    /// Watches the highest appended sequence, to wake readers.
+    /// Watches the highest sequence appended to the tail, to wake private readers.
     fn head(&self) -> watch::Receiver<u64>;
+
+    /// Watches the highest sequence groups can claim, to wake group consumers; it may follow
+    /// [`LiveStreams::head`].
+    fn group_head(&self) -> watch::Receiver<u64>;
 
     /// Creates the group at `start_after` when missing, else updates its config; returns whether it was created.
     async fn ensure_group(

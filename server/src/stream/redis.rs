@@ -1,8 +1,9 @@
 //! Live streams on Redis Streams, for any number of replicas sharing one Redis and one Postgres.
 //!
-//! - One stream per (tenant, event type, priority level); entry ids are `<sequence>-0`. Every replica's
-//!   relay adds every committed event in order with an idempotent script, so a replica dying between
-//!   commit and `XADD` delays nothing: the others add it, and a restarted one resumes from `relayed`.
+//! - One stream per (tenant, event type, priority level); entry ids are `<sequence>-0`. Every replica
+//!   adds every committed event in order with an idempotent script, behind its in-memory tail, so a
+//!   replica dying between commit and `XADD` delays nothing: the others add it, and a restarted one
+//!   resumes from `relayed`.
 //! - A group's consumer group on each stream holds its cursor. New entries are read with `XRANGE` and
 //!   leased as runs (one record per claim, a bit per entry to settle); entries nacked, extended or
 //!   expired get ledger entries of their own with lease ends and attempts (see `redis_scripts`). Entries the
@@ -247,8 +248,8 @@ pub struct RedisStreams {
     max_len: u64,
     replica: String,
     tail: Tail,
-    /// Highest sequence this replica has added to Redis.
-    relayed: SyncMutex<u64>,
+    /// Highest sequence this replica has added to Redis; group consumers wake on it.
+    relayed: watch::Sender<u64>,
     /// Streams known per tenant: seeded from the store's type statistics, grown by the relay.
     streams: SyncMutex<HashMap<String, BTreeSet<StreamId>>>,
     configs: SyncMutex<HashMap<GroupKey, (GroupRow, Instant)>>,
@@ -304,7 +305,7 @@ impl RedisStreams {
             max_len: settings.stream_max_len.max(1),
             replica: uuid::Uuid::new_v4().simple().to_string(),
             tail: Tail::new(start),
-            relayed: SyncMutex::new(start),
+            relayed: watch::channel(start).0,
             streams: SyncMutex::new(HashMap::new()),
             configs: SyncMutex::new(HashMap::new()),
             locations: SyncMutex::new(Locations::default()),
@@ -315,6 +316,7 @@ impl RedisStreams {
         });
         tokio::spawn(listen(Arc::downgrade(&streams)));
         tokio::spawn(maintain(Arc::downgrade(&streams)));
+        tokio::spawn(relay(Arc::downgrade(&streams)));
         Ok(streams)
     }
 
@@ -547,7 +549,7 @@ impl RedisStreams {
         .await
         .map_err(db_err)?;
         let start = checkpoint.map_or(start_after, |c| (c as u64).max(start_after));
-        let relayed = *self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+        let relayed = *self.relayed.borrow();
         let created: i64 = lua::CREATE_GROUP
             .key(self.keys.stream(&key.tenant, stream))
             .key(self.keys.ledger(&key.tenant, stream, "floor", &key.name))
@@ -944,55 +946,67 @@ async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
     }
 }
 
-/// Refreshes presence and checkpoints group positions until the streams are dropped.
-async fn maintain(streams: Weak<RedisStreams>) {
-    let mut last_presence = Instant::now();
+/// One (tenant, stream)'s events of a relay step, in sequence order.
+type StreamEvents<'a> = ((String, StreamId), Vec<&'a Arc<StoredEvent>>);
+
+/// Most events one step of [`relay`] adds to Redis.
+const RELAY_BATCH: usize = 1_000;
+
+/// Adds the events of the tail to Redis, in sequence order, until the streams are dropped. It follows
+/// the tail instead of leading it: private subscribers read the tail, so they wait neither for a
+/// Redis round trip nor, while Redis is down, for its retries.
+async fn relay(streams: Weak<RedisStreams>) {
+    let Some(mut appended) = streams.upgrade().map(|s| s.tail.head()) else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(50);
     loop {
-        tokio::time::sleep(CHECKPOINT_EVERY).await;
-        let Some(this) = streams.upgrade() else {
-            return;
+        let target = *appended.borrow_and_update();
+        let step = match streams.upgrade() {
+            Some(this) => this.relay_up_to(target).await,
+            None => return,
         };
-        if let Err(error) = this.checkpoint().await {
-            debug!(%error, "group checkpoint failed; retrying");
-        }
-        if last_presence.elapsed() >= PRESENCE_REFRESH {
-            last_presence = Instant::now();
-            let ids: Vec<String> = this
-                .subscribers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .cloned()
-                .collect();
-            for id in ids {
-                if let Err(error) = this.publish_presence(&id).await {
-                    debug!(%error, "presence refresh failed");
-                    break;
+        match step {
+            Ok(true) => backoff = Duration::from_millis(50),
+            Ok(false) => {
+                backoff = Duration::from_millis(50);
+                // the tail's sender goes with the streams
+                if appended.changed().await.is_err() {
+                    return;
                 }
+            }
+            Err(error) => {
+                warn!(%error, retry_in = ?backoff, "adding events to redis failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
 }
 
-#[async_trait]
-impl LiveStreams for RedisStreams {
-    async fn append(&self, events: &[Arc<StoredEvent>]) -> StreamResult<()> {
-        // private subscribers read the tail, which needs no Redis
-        self.tail.push(events);
-        let relayed = *self.relayed.lock().unwrap_or_else(|p| p.into_inner());
-        let fresh: Vec<&Arc<StoredEvent>> =
-            events.iter().filter(|e| e.sequence > relayed).collect();
-        let Some(last) = fresh.last().map(|e| e.sequence) else {
-            return Ok(());
+impl RedisStreams {
+    /// Adds the next events after what this replica relayed, up to `target`; returns whether it added any.
+    async fn relay_up_to(&self, target: u64) -> StreamResult<bool> {
+        let relayed = *self.relayed.borrow();
+        if relayed >= target {
+            return Ok(false);
+        }
+        let events = match self.tail.read_after(relayed, RELAY_BATCH) {
+            TailRead::Events(events) => events,
+            // Redis fell behind the tail's window (a long outage): read the store
+            TailRead::Trimmed { .. } => self.store.read_all(relayed, RELAY_BATCH).await?,
+        };
+        let Some(last) = events.last().map(|e| e.sequence) else {
+            return Ok(false);
         };
         #[cfg(debug_assertions)]
         if std::env::var("NERVE_TEST_FAULT").as_deref() == Ok("abort-before-stream-append") {
             // test-only: a crash between the commit and the stream write
             std::process::abort();
         }
-        let mut by_stream: Vec<((String, StreamId), Vec<&Arc<StoredEvent>>)> = Vec::new();
+        let mut by_stream: Vec<StreamEvents<'_>> = Vec::new();
         let mut index: HashMap<(String, StreamId), usize> = HashMap::new();
-        for event in fresh {
+        for event in &events {
             let id = (event.tenant.clone(), StreamId::of(&event.event));
             let i = *index.entry(id.clone()).or_insert_with(|| {
                 by_stream.push((id, Vec::new()));
@@ -1028,13 +1042,55 @@ impl LiveStreams for RedisStreams {
                 }
             }
         }
-        let mut relayed = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
-        *relayed = (*relayed).max(last);
+        self.relayed.send_if_modified(|r| {
+            let moved = last > *r;
+            *r = (*r).max(last);
+            moved
+        });
+        Ok(true)
+    }
+}
+
+/// Refreshes presence and checkpoints group positions until the streams are dropped.
+async fn maintain(streams: Weak<RedisStreams>) {
+    let mut last_presence = Instant::now();
+    loop {
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        let Some(this) = streams.upgrade() else {
+            return;
+        };
+        if let Err(error) = this.checkpoint().await {
+            debug!(%error, "group checkpoint failed; retrying");
+        }
+        if last_presence.elapsed() >= PRESENCE_REFRESH {
+            last_presence = Instant::now();
+            let ids: Vec<String> = this
+                .subscribers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            for id in ids {
+                if let Err(error) = this.publish_presence(&id).await {
+                    debug!(%error, "presence refresh failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LiveStreams for RedisStreams {
+    async fn append(&self, events: &[Arc<StoredEvent>]) -> StreamResult<()> {
+        // private subscribers read the tail, which needs no Redis; `relay` adds the events to Redis
+        self.tail.push(events);
         Ok(())
     }
 
     async fn last_appended(&self) -> StreamResult<u64> {
-        Ok(*self.relayed.lock().unwrap_or_else(|p| p.into_inner()))
+        Ok(self.tail.last())
     }
 
     async fn read_after(&self, after: u64, max: usize) -> StreamResult<TailRead> {
@@ -1043,6 +1099,10 @@ impl LiveStreams for RedisStreams {
 
     fn head(&self) -> watch::Receiver<u64> {
         self.tail.head()
+    }
+
+    fn group_head(&self) -> watch::Receiver<u64> {
+        self.relayed.subscribe()
     }
 
     async fn ensure_group(
