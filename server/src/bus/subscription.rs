@@ -369,7 +369,7 @@ impl Session {
                 } => {}
                 _ = tokio::time::sleep_until(wake_at) => {
                     if self.last_sent.elapsed() >= self.heartbeat {
-                        let head_sequence = *head.borrow();
+                        let head_sequence = *self.bus.streams.head().borrow();
                         self.send(Outbound::Heartbeat {
                             head_sequence,
                             in_flight: self.outstanding.len() as u32,
