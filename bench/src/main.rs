@@ -27,8 +27,8 @@ use crate::{
     util::{fmt_rate, parse_duration},
 };
 
-/// The allocator nerve-server uses, so the gRPC floors (this executable) allocate as a server would,
-/// and the client side costs the same for every system measured.
+/// The allocator nerve-server uses, configured alike (`no_thp`), so the gRPC floors (this
+/// executable) allocate as a server would, and the client side costs the same for every system measured.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
