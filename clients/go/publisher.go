@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	spb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -171,6 +172,10 @@ func outcomeOf(resp *nervepb.PublishStreamResponse) publishOutcome {
 			refusal = &spb.Status{}
 		}
 		refusal.Code, refusal.Message = outcome.Error.GetCode(), outcome.Error.GetMessage()
+		if codes.Code(refusal.Code) == codes.OK {
+			// a refusal is never a success, whatever code it carries; status.ErrorProto would give nil
+			refusal.Code = int32(codes.Unknown)
+		}
 		return publishOutcome{err: wrap(status.ErrorProto(refusal))}
 	default:
 		return publishOutcome{err: fmt.Errorf("nerve: publish stream answered request %d without an outcome", resp.GetRequestId())}

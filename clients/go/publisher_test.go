@@ -233,10 +233,12 @@ func TestPublisherFailsOnceTheStreamBroke(t *testing.T) {
 }
 
 // fakeBus serves PublishStream in a way the real server never does: refusing the stream at once with
-// refuse, or else answering each request with the wrong request id.
+// refuse, answering each request with a refusal whose code is OK (okRefusal), or else answering each
+// request with the wrong request id.
 type fakeBus struct {
 	nervepb.UnimplementedEventBusServer
-	refuse error
+	refuse    error
+	okRefusal bool
 }
 
 func (b fakeBus) PublishStream(stream grpc.BidiStreamingServer[nervepb.PublishStreamRequest, nervepb.PublishStreamResponse]) error {
@@ -247,6 +249,13 @@ func (b fakeBus) PublishStream(stream grpc.BidiStreamingServer[nervepb.PublishSt
 		req, err := stream.Recv()
 		if err != nil {
 			return nil
+		}
+		if b.okRefusal {
+			refusal := &nervepb.PublishStreamResponse_Error{Error: &nervepb.PublishError{Code: 0, Message: "refused, code OK"}}
+			if err := stream.Send(&nervepb.PublishStreamResponse{RequestId: req.GetRequestId(), Outcome: refusal}); err != nil {
+				return err
+			}
+			continue
 		}
 		published := &nervepb.PublishStreamResponse_Published{Published: &nervepb.PublishResponse{}}
 		if err := stream.Send(&nervepb.PublishStreamResponse{RequestId: req.GetRequestId() + 1, Outcome: published}); err != nil {
@@ -306,5 +315,14 @@ func TestPublisherReportsAStreamLevelRefusal(t *testing.T) {
 	}
 	if err := pub.Close(); !errors.Is(err, nerve.ErrUnauthenticated) {
 		t.Fatalf("close of a refused stream: %v", err)
+	}
+}
+
+func TestPublisherTakesARefusalWithCodeOKAsAnError(t *testing.T) {
+	client, ctx := connectFake(t, fakeBus{okRefusal: true}), testContext(t)
+	pub := openPublisher(t, client, ctx)
+	results, err := pub.Publish(ctx, ev("ok1", "okrefusal.x"))
+	if nerve.Code(err) != codes.Unknown {
+		t.Fatalf("a refusal with code OK read as %v, results %v", err, results)
 	}
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from nerve_client import (
@@ -163,3 +164,11 @@ async def test_an_answer_out_of_order_fails_the_stream() -> None:
     with pytest.raises(NerveError, match="where request 1 was next"):
         await publisher.publish(ev("y", "misorder.x"))
     await asyncio.wait_for(publisher.close(), WAIT)
+
+
+def test_a_refusal_with_code_ok_raises_unknown() -> None:
+    from nerve_client._proto.nerve.v1 import event_bus_pb2
+    from nerve_client._publisher import _refused
+
+    refusal = _refused(event_bus_pb2.PublishError(code=0, message="refused, code OK"))
+    assert refusal.code is grpc.StatusCode.UNKNOWN

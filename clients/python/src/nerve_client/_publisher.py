@@ -35,6 +35,9 @@ _Outgoing = Union[event_bus_pb2.PublishStreamRequest, _DoneWriting]
 def _refused(error: event_bus_pb2.PublishError) -> NerveError:
     """The exception :meth:`nerve_client.Client.publish` raises for the status a refused request carries."""
     code = _STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN)
+    if code is grpc.StatusCode.OK:
+        # a refusal is never a success, whatever code it carries
+        code = grpc.StatusCode.UNKNOWN
     status = status_pb2.Status.FromString(error.details) if error.details else None
     return from_status(code, error.message, status)
 
