@@ -17,6 +17,8 @@ from nerve_client import (
     event,
     pb,
 )
+from nerve_client._proto.nerve.v1 import event_bus_pb2
+from nerve_client._publisher import _refused
 
 from .conftest import WAIT, ServerProcess
 from .test_scenarios import ev
@@ -167,8 +169,5 @@ async def test_an_answer_out_of_order_fails_the_stream() -> None:
 
 
 def test_a_refusal_with_code_ok_raises_unknown() -> None:
-    from nerve_client._proto.nerve.v1 import event_bus_pb2
-    from nerve_client._publisher import _refused
-
     refusal = _refused(event_bus_pb2.PublishError(code=0, message="refused, code OK"))
     assert refusal.code is grpc.StatusCode.UNKNOWN

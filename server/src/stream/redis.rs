@@ -946,6 +946,36 @@ async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
     }
 }
 
+/// Refreshes presence and checkpoints group positions until the streams are dropped.
+async fn maintain(streams: Weak<RedisStreams>) {
+    let mut last_presence = Instant::now();
+    loop {
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        let Some(this) = streams.upgrade() else {
+            return;
+        };
+        if let Err(error) = this.checkpoint().await {
+            debug!(%error, "group checkpoint failed; retrying");
+        }
+        if last_presence.elapsed() >= PRESENCE_REFRESH {
+            last_presence = Instant::now();
+            let ids: Vec<String> = this
+                .subscribers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            for id in ids {
+                if let Err(error) = this.publish_presence(&id).await {
+                    debug!(%error, "presence refresh failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// One (tenant, stream)'s events of a relay step, in sequence order.
 type StreamEvents<'a> = ((String, StreamId), Vec<&'a Arc<StoredEvent>>);
 
@@ -1048,36 +1078,6 @@ impl RedisStreams {
             moved
         });
         Ok(true)
-    }
-}
-
-/// Refreshes presence and checkpoints group positions until the streams are dropped.
-async fn maintain(streams: Weak<RedisStreams>) {
-    let mut last_presence = Instant::now();
-    loop {
-        tokio::time::sleep(CHECKPOINT_EVERY).await;
-        let Some(this) = streams.upgrade() else {
-            return;
-        };
-        if let Err(error) = this.checkpoint().await {
-            debug!(%error, "group checkpoint failed; retrying");
-        }
-        if last_presence.elapsed() >= PRESENCE_REFRESH {
-            last_presence = Instant::now();
-            let ids: Vec<String> = this
-                .subscribers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .cloned()
-                .collect();
-            for id in ids {
-                if let Err(error) = this.publish_presence(&id).await {
-                    debug!(%error, "presence refresh failed");
-                    break;
-                }
-            }
-        }
     }
 }
 
