@@ -693,6 +693,24 @@ fn durable_floor(raw: Option<util::Latency>, sync: Option<util::Latency>) -> Str
     )
 }
 
+/// Host CPU steal (percent) from which a latency target names it: its cell ran on a disturbed host.
+const STEAL_NOTICE_PCT: f64 = 5.0;
+
+/// "; host CPU steal N % in the cell of X" for each cell the target compares that ran with at least
+/// [`STEAL_NOTICE_PCT`] of the host's CPU time taken by other guests.
+fn steal_note(cells: &[Option<&Row>]) -> String {
+    cells
+        .iter()
+        .flatten()
+        .filter_map(|r| {
+            r.usage
+                .steal_pct
+                .filter(|s| *s >= STEAL_NOTICE_PCT)
+                .map(|s| format!("; host CPU steal {s:.0} % in the cell of {}", r.system))
+        })
+        .collect()
+}
+
 /// Every system measured as a baseline or peer, not as Nerve.
 const BASELINES: [&str; 8] = [
     PG,
@@ -876,20 +894,26 @@ fn compare(report: &mut Report) {
         // latency at 10K/s
         let lat = find(&rows, "latency", &system, "rate=10000/s");
         let lat_l = lat.and_then(|r| r.latency);
-        let raw_l = find(&rows, "latency", REDIS, "rate=10000/s").and_then(|r| r.latency);
         let sync_l = rows
             .iter()
             .find(|r| r.scenario == "latency" && r.system == baseline::DISK)
             .and_then(|r| r.latency);
         // the least durable bus over gRPC, at the same rate; only a complete run of an optimized build
         // can show a target out of reach
-        let floor_l = find(&rows, "latency", floor::DURABLE_SYSTEM, "rate=10000/s")
-            .filter(|r| r.errors == 0 && !cfg!(debug_assertions))
-            .and_then(|r| r.latency);
+        let floor_row = find(&rows, "latency", floor::DURABLE_SYSTEM, "rate=10000/s")
+            .filter(|r| r.errors == 0 && !cfg!(debug_assertions));
+        let floor_l = floor_row.and_then(|r| r.latency);
+        let raw = find(&rows, "latency", REDIS, "rate=10000/s");
+        let raw_l = raw.and_then(|r| r.latency);
         add(
             "publish->deliver p50 at 10K/s",
             lat_l.map_or("not measured".into(), |l| {
-                format!("{:.3} ms{}", l.p50_ms, durable_floor(raw_l, sync_l))
+                format!(
+                    "{:.3} ms{}{}",
+                    l.p50_ms,
+                    durable_floor(raw_l, sync_l),
+                    steal_note(&[lat, raw])
+                )
             }),
             "<= 0.5 ms".into(),
             lat_l.map(|l| l.p50_ms <= 0.5),
@@ -905,7 +929,7 @@ fn compare(report: &mut Report) {
                         verdict(f.p99_ms, |f| f <= 2.0)
                     )
                 });
-                format!("{:.3} ms{floor}", l.p99_ms)
+                format!("{:.3} ms{floor}{}", l.p99_ms, steal_note(&[lat, floor_row]))
             }),
             "<= 2 ms".into(),
             lat_l.map(|l| l.p99_ms <= 2.0),
@@ -914,7 +938,7 @@ fn compare(report: &mut Report) {
             (Some(l), Some(b)) if b.p50_ms > 0.0 => add(
                 "publish->deliver p50 at 10K/s vs raw XADD->XREADGROUP p50",
                 format!(
-                    "{:.3} ms = {:.2}x raw {:.3} ms{}",
+                    "{:.3} ms = {:.2}x raw {:.3} ms{}{}",
                     l.p50_ms,
                     l.p50_ms / b.p50_ms,
                     b.p50_ms,
@@ -924,7 +948,8 @@ fn compare(report: &mut Report) {
                         f.p50_ms,
                         f.p50_ms / b.p50_ms,
                         verdict(f.p50_ms / b.p50_ms, |r| r <= 3.0)
-                    ))
+                    )),
+                    steal_note(&[lat, raw, floor_row])
                 ),
                 "<= 3x".into(),
                 Some(l.p50_ms / b.p50_ms <= 3.0),

@@ -1,5 +1,5 @@
 //! CPU and memory of processes, read from /proc: the Nerve server, the backing services (postgres,
-//! redis-server, nats-server) and this tool itself.
+//! redis-server, nats-server) and this tool itself; and the host's CPU steal.
 
 use std::{collections::HashMap, sync::LazyLock, time::Instant};
 
@@ -39,6 +39,22 @@ pub fn rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// (steal, total) ticks of all CPUs from the first line of /proc/stat. Total is user + nice + system +
+/// idle + iowait + irq + softirq + steal (guest time is already counted in user and nice).
+fn host_ticks(proc_stat: &str) -> Option<(u64, u64)> {
+    let line = proc_stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    (fields.len() == 8).then(|| (fields[7], fields.iter().sum()))
+}
+
+fn read_host_ticks() -> Option<(u64, u64)> {
+    host_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
 fn infra_ticks() -> HashMap<u32, u64> {
     let mut out = HashMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -72,6 +88,9 @@ pub struct Usage {
     pub infra_cpu_pct: f64,
     /// This tool, percent of one core.
     pub bench_cpu_pct: f64,
+    /// CPU time the hypervisor gave to other guests (steal), percent of the host's CPU time: a phase
+    /// measured while it is high ran on cores that were not all there.
+    pub steal_pct: Option<f64>,
 }
 
 /// Snapshot taken at the start of a phase.
@@ -80,6 +99,7 @@ pub struct Meter {
     server: Option<(u32, u64)>,
     infra: HashMap<u32, u64>,
     own: u64,
+    host: Option<(u64, u64)>,
 }
 
 impl Meter {
@@ -89,6 +109,7 @@ impl Meter {
             server: server_pid.and_then(|p| cpu_ticks(&p.to_string()).map(|t| (p, t))),
             infra: infra_ticks(),
             own: cpu_ticks("self").unwrap_or(0),
+            host: read_host_ticks(),
         }
     }
 
@@ -111,6 +132,25 @@ impl Meter {
             server_rss_mb,
             infra_cpu_pct: pct(infra),
             bench_cpu_pct: pct(cpu_ticks("self").unwrap_or(0).saturating_sub(self.own)),
+            steal_pct: self.host.zip(read_host_ticks()).and_then(
+                |((steal0, total0), (steal1, total1))| {
+                    let total = total1.saturating_sub(total0);
+                    (total > 0).then(|| steal1.saturating_sub(steal0) as f64 / total as f64 * 100.0)
+                },
+            ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_ticks;
+
+    #[test]
+    fn host_ticks_reads_steal_and_the_total_of_the_cpu_line() {
+        let stat = "cpu  100 5 50 800 20 1 4 20 7 0\ncpu0 50 2 25 400 10 0 2 10 3 0\n";
+        assert_eq!(host_ticks(stat), Some((20, 1000)));
+        assert_eq!(host_ticks("cpu  1 2 3\n"), None);
+        assert_eq!(host_ticks("intr 1 2 3 4 5 6 7 8\n"), None);
     }
 }

@@ -133,6 +133,7 @@ pub fn print_tables(out: &mut String, report: &Report) {
             "srv RSS MB",
             "infra CPU%",
             "bench CPU%",
+            "steal%",
             "errors",
             "vs baseline",
         ];
@@ -162,6 +163,7 @@ pub fn print_tables(out: &mut String, report: &Report) {
                     .map_or("-".into(), |v| format!("{v:.0}")),
                 format!("{:.0}", r.usage.infra_cpu_pct),
                 format!("{:.0}", r.usage.bench_cpu_pct),
+                r.usage.steal_pct.map_or("-".into(), |v| format!("{v:.0}")),
                 r.errors.to_string(),
                 r.ratios
                     .iter()
