@@ -57,7 +57,8 @@ pub(crate) struct Plan<'a> {
 /// Decides a batch in memory, given the rows already stored under its keys (`known`) and the current
 /// head: duplicates answer with their stored sequence, a request holding a conflicting event fails alone
 /// (its sequences go to the next request, so none is skipped), everything else gets the next sequences.
-/// Both stores insert the result with a few set-based statements instead of statements per event.
+/// Postgres inserts the result in one set-based statement (one round trip); SQLite, in process, runs
+/// one prepared statement per row.
 pub(crate) fn plan(batch: &[CommitRequest], mut known: Known, head: i64) -> Plan<'_> {
     let mut next = head;
     let mut rows: Vec<NewRow<'_>> = Vec::new();

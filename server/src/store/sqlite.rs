@@ -388,17 +388,16 @@ impl BatchWriter for SqliteWriter {
     }
 }
 
-/// Rows per multi-row statement: 11 parameters each stays far below SQLite's 32,766.
+/// Rows per multi-row statement (key lookups, audit records, stream entries): at a dozen parameters
+/// per row, far below SQLite's 32,766.
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
-/// Most rows of a commit whose statements are kept prepared.
-const KEEP_PREPARED_ROWS: usize = 16;
-/// Statements the group commit's connection keeps prepared: small commits come in few shapes.
-const STATEMENT_CACHE: usize = 64;
+/// Statements the group commit's connection keeps prepared: its two inserts, and room to spare.
+const STATEMENT_CACHE: usize = 16;
 
-/// Writes the batch in one transaction with set-based statements (see [`BatchWriter::attempt`]): look
-/// up the keys already stored when asked to, decide in memory ([`commit::plan`]), insert the rows and
-/// the per-type statistics, commit; returns the plan written (its rows are in sequence order). A
-/// failure leaves nothing: the transaction rolls back when it is dropped uncommitted.
+/// Writes the batch in one transaction (see [`BatchWriter::attempt`]): look up the keys already stored
+/// when asked to, decide in memory ([`commit::plan`]), insert the rows and the per-type statistics,
+/// commit; returns the plan written (its rows are in sequence order). A failure leaves nothing: the
+/// transaction rolls back when it is dropped uncommitted.
 fn write_batch<'a>(
     conn: &mut rusqlite::Connection,
     batch: &'a [CommitRequest],
@@ -454,83 +453,54 @@ fn placeholders(rows: usize, columns: usize) -> String {
     vec![row; rows].join(", ")
 }
 
-/// Runs a statement with its parameters bound by `bind` (one call per parameter, in order). Statements
-/// of a small commit's shape stay prepared: parsing them on every commit cost ~12 % of the server's CPU
-/// at 1K single-event publishes/s; larger commits come in many shapes, and their rows cost more than
-/// their parsing.
-fn execute_rows(
-    conn: &rusqlite::Connection,
-    sql: &str,
-    rows: usize,
-    bind: impl FnOnce(
-        &mut dyn FnMut(&dyn rusqlite::ToSql) -> rusqlite::Result<()>,
-    ) -> rusqlite::Result<()>,
-) -> rusqlite::Result<()> {
-    let mut statement = conn.prepare_cached(sql)?;
-    let mut i = 0;
-    bind(&mut |value| {
-        i += 1;
-        statement.raw_bind_parameter(i, value)
-    })?;
-    statement.raw_execute()?;
-    if rows > KEEP_PREPARED_ROWS {
-        statement.discard();
-    }
-    Ok(())
-}
-
-/// Inserts the plan's event rows and per-type statistics. `OR ROLLBACK`: a refused row ends the whole
-/// transaction (nothing of a failed commit stays anyway), so SQLite keeps no statement journal to undo
-/// one statement alone. That journal copied every page a commit touched (~16 at 10 events) and spilled
-/// past 64 KiB to a temporary file; without it a commit at 10K events/s took 0.55 instead of 0.63 ms.
+/// Inserts the plan's event rows and per-type statistics, one row per execution of a statement that
+/// stays prepared. This connection runs on the writer's own thread, so a statement per row costs no
+/// hand-off; multi-row statements came in one shape per row count and were parsed again for most
+/// commits of more than a few rows (~15 % of the writer thread's samples at 10K events/s).
+///
+/// `OR ROLLBACK`: a refused row ends the whole transaction (nothing of a failed commit stays anyway),
+/// so SQLite keeps no statement journal to undo one statement alone. That journal copied every page a
+/// commit touched (~16 at 10 events) and spilled past 64 KiB to a temporary file; without it a commit at
+/// 10K events/s took 0.55 instead of 0.63 ms.
 fn insert_rows(
     conn: &rusqlite::Connection,
     plan: &commit::Plan<'_>,
     recorded_ns: i64,
 ) -> rusqlite::Result<()> {
-    for chunk in plan.rows.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT OR ROLLBACK INTO events (seq, tenant, source, id, type, subject, correlation_id, \
-             priority, recorded_ns, content_hash, body) VALUES {}",
-            placeholders(chunk.len(), 11)
-        );
-        execute_rows(conn, &sql, chunk.len(), |bind| {
-            for r in chunk {
-                let e = r.event.event();
-                bind(&r.seq)?;
-                bind(&r.tenant)?;
-                bind(&e.source)?;
-                bind(&e.id)?;
-                bind(&e.event_type)?;
-                bind(&e.subject)?;
-                bind(&e.correlation_id)?;
-                bind(&r.priority())?;
-                bind(&recorded_ns)?;
-                bind(&&r.event.content_hash()[..])?;
-                bind(&r.event.body())?;
-            }
-            Ok(())
-        })?;
+    let mut insert = conn.prepare_cached(
+        "INSERT OR ROLLBACK INTO events (seq, tenant, source, id, type, subject, correlation_id, \
+         priority, recorded_ns, content_hash, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )?;
+    for r in &plan.rows {
+        let e = r.event.event();
+        insert.execute(rusqlite::params![
+            r.seq,
+            r.tenant,
+            e.source,
+            e.id,
+            e.event_type,
+            e.subject,
+            e.correlation_id,
+            r.priority(),
+            recorded_ns,
+            &r.event.content_hash()[..],
+            r.event.body(),
+        ])?;
     }
-    let stats = commit::type_stats(&plan.rows);
-    for chunk in stats.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT OR ROLLBACK INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns) \
-             VALUES {} ON CONFLICT (tenant, type) DO UPDATE SET count = count + excluded.count, \
-             last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns",
-            placeholders(chunk.len(), 6)
-        );
-        execute_rows(conn, &sql, chunk.len(), |bind| {
-            for s in chunk {
-                bind(&s.tenant)?;
-                bind(&s.event_type)?;
-                bind(&s.count)?;
-                bind(&s.first_seq)?;
-                bind(&s.last_seq)?;
-                bind(&recorded_ns)?;
-            }
-            Ok(())
-        })?;
+    let mut count = conn.prepare_cached(
+        "INSERT OR ROLLBACK INTO event_types (tenant, type, count, first_seq, last_seq, last_recorded_ns) \
+         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, type) DO UPDATE SET count = count + excluded.count, \
+         last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns",
+    )?;
+    for s in commit::type_stats(&plan.rows) {
+        count.execute(rusqlite::params![
+            s.tenant,
+            s.event_type,
+            s.count,
+            s.first_seq,
+            s.last_seq,
+            recorded_ns
+        ])?;
     }
     Ok(())
 }
