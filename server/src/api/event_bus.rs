@@ -65,12 +65,19 @@ impl EventBusApi {
                 })
                 .map_err(denied)?;
         }
-        let span = tracing::info_span!(
-            "nerve.publish",
-            otel.kind = "server",
-            events = events.len(),
-            principal = %principal.id
-        );
+        // The log layer keeps a formatted copy of every enabled span's fields: ~4 % of the server's
+        // samples at 10K one-event publishes/s. Unless spans are exported, this one is made at debug
+        // level, so it costs nothing at the default level and still gives debug logs their context.
+        let span = if telemetry::exporting() {
+            tracing::info_span!(
+                "nerve.publish",
+                otel.kind = "server",
+                events = events.len(),
+                principal = %principal.id
+            )
+        } else {
+            tracing::debug_span!("nerve.publish", events = events.len(), principal = %principal.id)
+        };
         trace_events(&span, header, &mut events);
         Ok((events, span))
     }
