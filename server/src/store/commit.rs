@@ -5,7 +5,7 @@
 //! them queue behind connection attempts, and probes in the background until it answers again.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, VecDeque, hash_map::Entry},
     future::Future,
     sync::{Arc, Mutex},
     time::Duration,
@@ -59,57 +59,71 @@ pub(crate) struct Plan<'a> {
 /// (its sequences go to the next request, so none is skipped), everything else gets the next sequences.
 /// Postgres inserts the result in one set-based statement (one round trip); SQLite, in process, runs
 /// one prepared statement per row.
-pub(crate) fn plan(batch: &[CommitRequest], mut known: Known, head: i64) -> Plan<'_> {
+///
+/// Keys are borrowed from the batch, so deciding an event allocates nothing: with owned keys, cloning
+/// them took ~7 % of the writer thread at 100-event publishes (docs/benchmarks.md, cause 6).
+pub(crate) fn plan(batch: &[CommitRequest], known: Known, head: i64) -> Plan<'_> {
+    // every key stored or decided so far, with its sequence and content hash
+    let mut decided: HashMap<(&str, &str, &str), (u64, &[u8])> = known
+        .iter()
+        .map(|((tenant, source, id), (seq, hash))| {
+            (
+                (tenant.as_str(), source.as_str(), id.as_str()),
+                (*seq, hash.as_slice()),
+            )
+        })
+        .collect();
     let mut next = head;
     let mut rows: Vec<NewRow<'_>> = Vec::new();
     let mut results = Vec::with_capacity(batch.len());
     for request in batch {
+        let first_row = rows.len();
         let mut appended = Vec::with_capacity(request.events.len());
-        let mut added: Vec<(String, String, String)> = Vec::new();
-        let mut request_rows = Vec::new();
         let mut conflict = None;
         for new in &request.events {
             let e = new.event();
-            let key = (request.tenant.clone(), e.source.clone(), e.id.clone());
-            if let Some((seq, hash)) = known.get(&key) {
-                if hash[..] != new.content_hash()[..] {
-                    conflict = Some(StoreError::Conflict {
-                        event_source: e.source.clone(),
-                        id: e.id.clone(),
+            let hash = &new.content_hash()[..];
+            match decided.entry((request.tenant.as_str(), e.source.as_str(), e.id.as_str())) {
+                Entry::Occupied(stored) => {
+                    let (sequence, stored_hash) = *stored.get();
+                    if stored_hash != hash {
+                        conflict = Some(StoreError::Conflict {
+                            event_source: e.source.clone(),
+                            id: e.id.clone(),
+                        });
+                        break;
+                    }
+                    appended.push(Appended {
+                        sequence,
+                        duplicate: true,
                     });
-                    break;
                 }
-                appended.push(Appended {
-                    sequence: *seq,
-                    duplicate: true,
-                });
-                continue;
+                Entry::Vacant(slot) => {
+                    next += 1;
+                    slot.insert((next as u64, hash));
+                    rows.push(NewRow {
+                        seq: next,
+                        tenant: &request.tenant,
+                        event: new,
+                    });
+                    appended.push(Appended {
+                        sequence: next as u64,
+                        duplicate: false,
+                    });
+                }
             }
-            next += 1;
-            known.insert(key.clone(), (next as u64, new.content_hash().to_vec()));
-            added.push(key);
-            request_rows.push(NewRow {
-                seq: next,
-                tenant: &request.tenant,
-                event: new,
-            });
-            appended.push(Appended {
-                sequence: next as u64,
-                duplicate: false,
-            });
         }
         match conflict {
             Some(conflict) => {
-                next -= request_rows.len() as i64;
-                for key in added {
-                    known.remove(&key);
+                // the request fails alone: its rows go, and the next request takes their sequences
+                for row in rows.drain(first_row..) {
+                    let e = row.event.event();
+                    decided.remove(&(row.tenant, e.source.as_str(), e.id.as_str()));
+                    next -= 1;
                 }
                 results.push(Err(conflict));
             }
-            None => {
-                rows.extend(request_rows);
-                results.push(Ok(appended));
-            }
+            None => results.push(Ok(appended)),
         }
     }
     Plan { rows, results }
@@ -148,19 +162,26 @@ pub(crate) struct TypeStats<'a> {
 pub(crate) fn type_stats<'a>(rows: &[NewRow<'a>]) -> Vec<TypeStats<'a>> {
     let mut stats: Vec<TypeStats<'a>> = Vec::new();
     let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut last = None;
     for r in rows {
         let event_type = r.event.event().event_type.as_str();
-        let i = *index.entry((r.tenant, event_type)).or_insert_with(|| {
-            stats.push(TypeStats {
-                tenant: r.tenant,
-                event_type,
-                count: 0,
-                first_seq: r.seq,
-                last_seq: r.seq,
-                levels: 0,
-            });
-            stats.len() - 1
-        });
+        // rows of one type usually come in runs: look up only when the type changes
+        let same = |i: &usize| stats[*i].tenant == r.tenant && stats[*i].event_type == event_type;
+        let i = match last.filter(same) {
+            Some(i) => i,
+            None => *index.entry((r.tenant, event_type)).or_insert_with(|| {
+                stats.push(TypeStats {
+                    tenant: r.tenant,
+                    event_type,
+                    count: 0,
+                    first_seq: r.seq,
+                    last_seq: r.seq,
+                    levels: 0,
+                });
+                stats.len() - 1
+            }),
+        };
+        last = Some(i);
         let s = &mut stats[i];
         s.count += 1;
         s.last_seq = r.seq;
