@@ -358,12 +358,23 @@ fn start_checkpoints(path: &Path, committed: watch::Receiver<u64>) -> StoreResul
     std::thread::Builder::new()
         .name("nerve-checkpoint".into())
         .spawn(move || {
+            let mut failing = false;
             // a closed channel means the writer stopped: the store was dropped
             while committed.has_changed().is_ok() {
                 std::thread::sleep(CHECKPOINT_EVERY);
                 // PASSIVE copies what no reader still needs and never waits for a lock
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(database = %path, error = %e, "checkpointing the log failed");
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    // once per failure, not every 50 ms; commits still checkpoint past the backstop
+                    Err(e) if !failing => {
+                        tracing::warn!(database = %path, error = %e, "checkpointing the log failed");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                    Ok(()) if failing => {
+                        tracing::info!(database = %path, "checkpointing the log works again");
+                        failing = false;
+                    }
+                    Ok(()) => {}
                 }
             }
         })
