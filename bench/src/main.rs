@@ -980,15 +980,27 @@ fn compare(report: &mut Report) {
             "< 64 MB".into(),
             slow.and_then(|r| r.rss_added_mb).map(|v| v < 64.0),
         );
+        // on Postgres + Redis every event is a Postgres row: the raw insert of the same rows shows
+        // how far Postgres itself gets on this machine
+        let raw_insert = (system == Backend::Production.name())
+            .then(|| best(&rows, "publish", PG, |_| true))
+            .flatten();
         for base in [NATS, NATS_SYNC] {
             let n = best(&rows, "publish", &system, |_| true);
             let j = best(&rows, "publish", base, |_| true);
             if let (Some(n), Some(j)) = (n, j) {
                 if j.rate > 0.0 {
+                    let postgres = raw_insert.map_or(String::new(), |p| {
+                        format!(
+                            " (raw Postgres insert of the same rows, best cell: {} = {:.2}x)",
+                            rate(p.rate),
+                            p.rate / j.rate
+                        )
+                    });
                     add(
                         &format!("best durable publish vs {base}"),
                         format!(
-                            "{} ({}) = {:.2}x {} ({})",
+                            "{} ({}) = {:.2}x {} ({}){postgres}",
                             rate(n.rate),
                             n.case,
                             n.rate / j.rate,
@@ -1008,5 +1020,48 @@ fn compare(report: &mut Report) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(system: &str, case: &str, rate: f64) -> Row {
+        let mut row = Row::new("publish", system, case);
+        row.rate = rate;
+        row
+    }
+
+    #[test]
+    fn the_nats_target_of_postgres_names_the_raw_insert_rate_of_the_same_run() {
+        let mut report = Report {
+            rows: vec![
+                publish(PG, "batch=100 publishers=16", 55_000.0),
+                publish(PG, "batch=100 publishers=64", 40_000.0),
+                publish(NATS, "batch=100 publishers=64", 85_000.0),
+                publish("embedded", "batch=100 publishers=64", 90_000.0),
+                publish("postgres+redis", "batch=100 publishers=64", 50_000.0),
+            ],
+            ..Report::default()
+        };
+        compare(&mut report);
+        let measured = |system: &str| {
+            report
+                .targets
+                .iter()
+                .find(|t| t.system == system && t.name == "best durable publish vs nats (file)")
+                .map(|t| t.measured.clone())
+                .unwrap_or_else(|| panic!("no NATS target for {system}"))
+        };
+        assert_eq!(
+            measured("postgres+redis"),
+            "50,000 ev/s (batch=100 publishers=64) = 0.59x 85,000 ev/s (batch=100 publishers=64) \
+             (raw Postgres insert of the same rows, best cell: 55,000 ev/s = 0.65x)"
+        );
+        assert!(
+            !measured("embedded").contains("raw Postgres"),
+            "the embedded backend stores no Postgres rows"
+        );
     }
 }
