@@ -7,6 +7,10 @@
 //!   file (one `pwrite` into a preallocated region, so no commit changes the file's size) and
 //!   `fdatasync`s it once, then hands their events on and answers the publishes. That is the least a
 //!   durable event bus served over gRPC does, with no index, no sequence bookkeeping and no checks.
+//! - [`POSTGRES_SYSTEM`] group-commits to Postgres instead: one connection inserts each batch of
+//!   waiting publishes as rows of a two-column table (sequence, encoded event) in one statement, with
+//!   `synchronous_commit=on`, then hands their events on. The least a durable bus whose log is a
+//!   Postgres table does, as Nerve's Postgres + Redis backend is.
 //!
 //! Each runs in a process of its own (this executable, started with `--serve-grpc-floor`), as
 //! `nerve-server` does, so it does not share the tool's runtime.
@@ -42,6 +46,36 @@ use tonic::{Request, Response, Status, Streaming};
 pub const SYSTEM: &str = "grpc floor (raw)";
 /// The row name of the group-committing floor's measurements.
 pub const DURABLE_SYSTEM: &str = "grpc floor + fdatasync (raw)";
+/// The row name of the floor that group-commits to Postgres.
+pub const POSTGRES_SYSTEM: &str = "grpc floor + Postgres commit (raw)";
+
+/// What a floor does with the events it is given before it hands them on.
+pub enum Durability {
+    /// Nothing: hands them on at once.
+    Memory,
+    /// Group-commits them to a log file in the temporary directory.
+    Fdatasync,
+    /// Group-commits them to a table of a scratch schema; the URL selects the schema.
+    Postgres(String),
+}
+
+impl Durability {
+    /// The row name of the floor's measurements.
+    pub fn system(&self) -> &'static str {
+        match self {
+            Durability::Memory => SYSTEM,
+            Durability::Fdatasync => DURABLE_SYSTEM,
+            Durability::Postgres(_) => POSTGRES_SYSTEM,
+        }
+    }
+}
+
+/// The variable that gives the Postgres floor its database (URL with the scratch schema).
+pub const FLOOR_DATABASE_URL: &str = "NERVE_BENCH_FLOOR_DATABASE_URL";
+
+/// The Postgres floor's table, in the scratch schema the tool creates for it.
+pub const POSTGRES_DDL: &str =
+    "CREATE TABLE floor_log (seq BIGINT PRIMARY KEY, event BYTEA NOT NULL)";
 
 /// Bytes of the durable floor's log region, written round and round.
 const LOG_REGION: u64 = 64 << 20;
@@ -54,8 +88,8 @@ const BACKLOG: usize = 65_536;
 struct Floor {
     events: broadcast::Sender<Arc<pb::Event>>,
     sequence: Arc<AtomicU64>,
-    /// The durable floor's log thread.
-    log: Option<std::sync::mpsc::Sender<Append>>,
+    /// The durable floors' group commit (a thread for the file, a task for Postgres).
+    log: Option<mpsc::UnboundedSender<Append>>,
 }
 
 /// Published events waiting for the log.
@@ -68,16 +102,15 @@ struct Append {
 /// `pwrite`, syncs once, then hands the events on and answers the publishes.
 fn log_thread(
     log: std::fs::File,
-    appends: std::sync::mpsc::Receiver<Append>,
+    mut appends: mpsc::UnboundedReceiver<Append>,
     events: broadcast::Sender<Arc<pb::Event>>,
 ) -> std::io::Result<()> {
     use prost::Message as _;
     use std::os::unix::fs::FileExt as _;
     let mut at = 0u64;
     let mut buf = Vec::new();
-    while let Ok(first) = appends.recv() {
-        let mut batch = vec![first];
-        batch.extend(appends.try_iter());
+    while let Some(first) = appends.blocking_recv() {
+        let batch = with_waiting(first, &mut appends);
         buf.clear();
         for append in &batch {
             for event in &append.events {
@@ -92,14 +125,62 @@ fn log_thread(
         log.write_all_at(&buf, at)?;
         log.sync_data()?;
         at += buf.len() as u64;
-        for append in batch {
-            for event in append.events {
-                let _ = events.send(Arc::new(event));
-            }
-            let _ = append.done.send(());
-        }
+        hand_on(batch, &events);
     }
     Ok(())
+}
+
+/// The Postgres floor's group commit: takes every waiting publish, inserts their events in one
+/// autocommit statement (so the commit is synced before it returns), then hands them on and answers
+/// the publishes. One connection, one commit at a time: Nerve's shape, where sequence order is commit
+/// order.
+async fn postgres_commits(
+    mut conn: sqlx::PgConnection,
+    mut appends: mpsc::UnboundedReceiver<Append>,
+    events: broadcast::Sender<Arc<pb::Event>>,
+) -> Result<()> {
+    use prost::Message as _;
+    let mut seq = 0i64;
+    while let Some(first) = appends.recv().await {
+        let batch = with_waiting(first, &mut appends);
+        let mut seqs = Vec::new();
+        let mut encoded = Vec::new();
+        for event in batch.iter().flat_map(|a| &a.events) {
+            seq += 1;
+            seqs.push(seq);
+            encoded.push(event.encode_to_vec());
+        }
+        sqlx::query(
+            "INSERT INTO floor_log (seq, event) SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[])",
+        )
+        .bind(&seqs)
+        .bind(&encoded)
+        .execute(&mut conn)
+        .await
+        .context("inserting into the floor's table")?;
+        hand_on(batch, &events);
+    }
+    Ok(())
+}
+
+/// `first` and every append waiting behind it: one group commit.
+fn with_waiting(first: Append, appends: &mut mpsc::UnboundedReceiver<Append>) -> Vec<Append> {
+    let mut batch = vec![first];
+    while let Ok(append) = appends.try_recv() {
+        batch.push(append);
+    }
+    batch
+}
+
+/// Hands a committed batch's events to the subscriptions and answers its publishes.
+fn hand_on(batch: Vec<Append>, events: &broadcast::Sender<Arc<pb::Event>>) {
+    for append in batch {
+        for event in append.events {
+            // no subscription open is not an error: the event is simply not delivered
+            let _ = events.send(Arc::new(event));
+        }
+        let _ = append.done.send(());
+    }
 }
 
 impl Floor {
@@ -284,24 +365,47 @@ impl EventBus for Floor {
 }
 
 /// Serves a floor on a free loopback port until killed; prints `addr=<address>` on stderr once it
-/// listens, as `nerve-server` does. With `log_dir`, the durable floor, its log file in that directory.
-pub async fn serve(log_dir: Option<&std::path::Path>) -> Result<()> {
+/// listens, as `nerve-server` does. With `log_dir`, the fdatasync floor, its log file in that
+/// directory; with `database_url`, the Postgres floor, its table in the schema the URL selects.
+pub async fn serve(log_dir: Option<&std::path::Path>, database_url: Option<&str>) -> Result<()> {
     let (events, _) = broadcast::channel(BACKLOG);
-    let log = match log_dir {
-        Some(dir) => {
-            // unnamed: gone with the process, which the tool kills
-            let file = tempfile::tempfile_in(dir).context("creating the floor's log")?;
-            crate::baseline::preallocate(&file, LOG_REGION)?;
-            let (tx, rx) = std::sync::mpsc::channel();
-            let events = events.clone();
-            std::thread::spawn(move || {
-                if let Err(e) = log_thread(file, rx, events) {
-                    eprintln!("the log thread failed: {e}");
-                }
-            });
-            Some(tx)
-        }
-        None => None,
+    let log = if let Some(dir) = log_dir {
+        // unnamed: gone with the process, which the tool kills
+        let file = tempfile::tempfile_in(dir).context("creating the floor's log")?;
+        crate::baseline::preallocate(&file, LOG_REGION)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let events = events.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = log_thread(file, rx, events) {
+                eprintln!("the log thread failed: {e}");
+            }
+        });
+        Some(tx)
+    } else if let Some(url) = database_url {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(url)
+            .await
+            .context("connecting the floor to Postgres")?;
+        // a floor that skipped the sync would not be one
+        let (sync, fsync): (String, String) = sqlx::query_as(
+            "SELECT current_setting('synchronous_commit'), current_setting('fsync')",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        anyhow::ensure!(
+            sync == "on" && fsync == "on",
+            "the floor's connection has synchronous_commit={sync} fsync={fsync}; both must be on"
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        let events = events.clone();
+        tokio::spawn(async move {
+            if let Err(e) = postgres_commits(conn, rx, events).await {
+                eprintln!("the Postgres commits failed: {e:#}");
+            }
+        });
+        Some(tx)
+    } else {
+        None
     };
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     eprintln!("listening addr={}", listener.local_addr()?);
@@ -342,14 +446,21 @@ pub struct FloorProcess {
 }
 
 impl FloorProcess {
-    /// Starts this executable as a floor server and waits until it listens; `durable` for the
-    /// group-committing one, its log in the temporary directory (where the embedded server's data is).
-    pub async fn spawn(durable: bool) -> Result<Self> {
+    /// Starts this executable as a floor server and waits until it listens. The fdatasync floor's log
+    /// is in the temporary directory (where the embedded server's data is).
+    pub async fn spawn(durability: &Durability) -> Result<Self> {
         let exe = std::env::current_exe().context("locating this executable")?;
         let mut command = tokio::process::Command::new(exe);
         command.arg("--serve-grpc-floor");
-        if durable {
-            command.arg("--floor-log-dir").arg(std::env::temp_dir());
+        match durability {
+            Durability::Memory => {}
+            Durability::Fdatasync => {
+                command.arg("--floor-log-dir").arg(std::env::temp_dir());
+            }
+            // in the environment, not the command line, where any user could read its password
+            Durability::Postgres(url) => {
+                command.env(FLOOR_DATABASE_URL, url);
+            }
         }
         let (child, pid, addr) =
             crate::server::spawn_listening(command, "grpc floor", |_| true).await?;

@@ -17,9 +17,10 @@ mod util;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
+use sqlx::Connection as _;
 
 use crate::{
     report::{Failure, Ratio, Report, Row, Target},
@@ -191,6 +192,10 @@ pub struct Args {
     #[arg(long, hide = true)]
     #[serde(skip)]
     pub floor_log_dir: Option<PathBuf>,
+    /// With --serve-grpc-floor: group-commit to Postgres, in the schema this URL selects.
+    #[arg(long, hide = true, env = floor::FLOOR_DATABASE_URL)]
+    #[serde(skip)]
+    pub floor_database_url: Option<String>,
 }
 
 mod secs {
@@ -215,7 +220,10 @@ fn main() -> ExitCode {
         }
     };
     if args.serve_grpc_floor {
-        return match runtime.block_on(floor::serve(args.floor_log_dir.as_deref())) {
+        return match runtime.block_on(floor::serve(
+            args.floor_log_dir.as_deref(),
+            args.floor_database_url.as_deref(),
+        )) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("nerve-bench: gRPC floor server: {e:#}");
@@ -306,10 +314,25 @@ async fn run(args: Args) -> Result<ExitCode> {
         }
     }
     if args.baselines.contains(&BaselineArg::Grpc) && args.scenarios.contains(&Scenario::Latency) {
-        for (durable, system) in [(false, floor::SYSTEM), (true, floor::DURABLE_SYSTEM)] {
-            progress(&format!("baseline: {system}"));
-            if let Err(e) = grpc_floor(&args, durable, &run_id, &mut report).await {
-                fail(&mut report, "baseline.grpc", system, e);
+        for durability in [floor::Durability::Memory, floor::Durability::Fdatasync] {
+            progress(&format!("baseline: {}", durability.system()));
+            if let Err(e) = grpc_floor(&args, &durability, &run_id, &mut report).await {
+                fail(&mut report, "baseline.grpc", durability.system(), e);
+            }
+        }
+        // the floor under Postgres + Redis' latency, where every event is a Postgres commit first
+        if args.backends.contains(&BackendArg::Postgres) {
+            match &args.database_url {
+                Some(url) => {
+                    progress(&format!("baseline: {}", floor::POSTGRES_SYSTEM));
+                    if let Err(e) = postgres_floor(&args, url, &run_id, &mut report).await {
+                        fail(&mut report, "baseline.grpc", floor::POSTGRES_SYSTEM, e);
+                    }
+                }
+                None => report.notes.push(format!(
+                    "no --database-url / NERVE_TEST_DATABASE_URL: {} skipped",
+                    floor::POSTGRES_SYSTEM
+                )),
             }
         }
     }
@@ -399,7 +422,7 @@ async fn run(args: Args) -> Result<ExitCode> {
             l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         ));
     }
-    compare(&mut report);
+    compare(&mut report, !cfg!(debug_assertions));
     let mut text = String::new();
     report::print_tables(&mut text, &report);
     report::print_summary(&mut text, &report);
@@ -429,24 +452,44 @@ async fn run(args: Args) -> Result<ExitCode> {
 /// Runs the latency scenario against a gRPC floor server, in a process of its own.
 async fn grpc_floor(
     args: &Arc<Args>,
-    durable: bool,
+    durability: &floor::Durability,
     run_id: &str,
     report: &mut Report,
 ) -> Result<()> {
-    let server = floor::FloorProcess::spawn(durable).await?;
+    let server = floor::FloorProcess::spawn(durability).await?;
     let ctx = scenarios::Ctx {
         channels: scenarios::connect(&server.addr.to_string(), args.connections).await?,
         args: args.clone(),
         pid: Some(server.pid),
-        system: if durable {
-            floor::DURABLE_SYSTEM
-        } else {
-            floor::SYSTEM
-        }
-        .to_owned(),
+        system: durability.system().to_owned(),
         run: run_id.to_owned(),
     };
     scenarios::latency(&ctx, &mut report.rows).await
+}
+
+/// Runs the Postgres floor against a scratch schema of its own, then drops the schema.
+async fn postgres_floor(
+    args: &Arc<Args>,
+    database_url: &str,
+    run_id: &str,
+    report: &mut Report,
+) -> Result<()> {
+    let schema = server::create_schema(database_url, "nerve_bench_floor").await?;
+    let measured = async {
+        let url = server::url_with_options(database_url, &schema, &[("synchronous_commit", "on")]);
+        let mut conn = sqlx::PgConnection::connect(&url).await?;
+        sqlx::raw_sql(floor::POSTGRES_DDL)
+            .execute(&mut conn)
+            .await
+            .context("creating the floor's table")?;
+        conn.close().await?;
+        grpc_floor(args, &floor::Durability::Postgres(url), run_id, report).await
+    }
+    .await;
+    let dropped = server::drop_schema(database_url, &schema)
+        .await
+        .context("dropping the floor's scratch schema");
+    measured.and(dropped)
 }
 
 fn fail(report: &mut Report, scenario: &str, system: &str, e: anyhow::Error) {
@@ -712,7 +755,7 @@ fn steal_note(cells: &[Option<&Row>]) -> String {
 }
 
 /// Every system measured as a baseline or peer, not as Nerve.
-const BASELINES: [&str; 8] = [
+const BASELINES: [&str; 9] = [
     PG,
     baseline::PG_SERIAL,
     REDIS,
@@ -721,10 +764,12 @@ const BASELINES: [&str; 8] = [
     baseline::DISK,
     floor::SYSTEM,
     floor::DURABLE_SYSTEM,
+    floor::POSTGRES_SYSTEM,
 ];
 
-/// Adds the ratios to baselines and evaluates the targets.
-fn compare(report: &mut Report) {
+/// Adds the ratios to baselines and evaluates the targets. The gRPC floors run in this executable, so
+/// only an `optimized` one's can show a target out of reach.
+fn compare(report: &mut Report, optimized: bool) {
     let baseline_rows: Vec<Row> = report
         .rows
         .iter()
@@ -898,10 +943,15 @@ fn compare(report: &mut Report) {
             .iter()
             .find(|r| r.scenario == "latency" && r.system == baseline::DISK)
             .and_then(|r| r.latency);
-        // the least durable bus over gRPC, at the same rate; only a complete run of an optimized build
-        // can show a target out of reach
-        let floor_row = find(&rows, "latency", floor::DURABLE_SYSTEM, "rate=10000/s")
-            .filter(|r| r.errors == 0 && !cfg!(debug_assertions));
+        // the least durable bus over gRPC on the same storage, at the same rate; only a complete run
+        // of an optimized build can show a target out of reach
+        let floor_system = if system == Backend::Production.name() {
+            floor::POSTGRES_SYSTEM
+        } else {
+            floor::DURABLE_SYSTEM
+        };
+        let floor_row = find(&rows, "latency", floor_system, "rate=10000/s")
+            .filter(|r| r.errors == 0 && optimized);
         let floor_l = floor_row.and_then(|r| r.latency);
         let raw = find(&rows, "latency", REDIS, "rate=10000/s");
         let raw_l = raw.and_then(|r| r.latency);
@@ -924,7 +974,7 @@ fn compare(report: &mut Report) {
                 let floor = floor_l.map_or(String::new(), |f| {
                     format!(
                         " (floor: {} p99 {:.3} ms{})",
-                        floor::DURABLE_SYSTEM,
+                        floor_system,
                         f.p99_ms,
                         verdict(f.p99_ms, |f| f <= 2.0)
                     )
@@ -944,7 +994,7 @@ fn compare(report: &mut Report) {
                     b.p50_ms,
                     floor_l.map_or(String::new(), |f| format!(
                         " (floor: {} p50 {:.3} ms = {:.2}x raw{})",
-                        floor::DURABLE_SYSTEM,
+                        floor_system,
                         f.p50_ms,
                         f.p50_ms / b.p50_ms,
                         verdict(f.p50_ms / b.p50_ms, |r| r <= 3.0)
@@ -1048,7 +1098,7 @@ mod tests {
             ],
             ..Report::default()
         };
-        compare(&mut report);
+        compare(&mut report, true);
         let measured = |system: &str| {
             report
                 .targets
@@ -1065,6 +1115,57 @@ mod tests {
         assert!(
             !measured("embedded").contains("raw Postgres"),
             "the embedded backend stores no Postgres rows"
+        );
+    }
+
+    fn latency(system: &str, p50_ms: f64, p99_ms: f64) -> Row {
+        let mut row = Row::new("latency", system, "rate=10000/s");
+        row.latency = Some(util::Latency {
+            count: 50_000,
+            p50_ms,
+            p90_ms: p50_ms,
+            p99_ms,
+            p999_ms: p99_ms,
+            max_ms: p99_ms,
+            mean_ms: p50_ms,
+        });
+        row
+    }
+
+    #[test]
+    fn each_backend_is_held_to_the_floor_of_its_own_storage() {
+        let mut report = Report {
+            rows: vec![
+                latency(REDIS, 0.5, 1.0),
+                latency(floor::DURABLE_SYSTEM, 1.0, 2.5),
+                latency(floor::POSTGRES_SYSTEM, 2.0, 4.0),
+                latency("embedded", 1.2, 3.0),
+                latency("postgres+redis", 2.5, 6.0),
+            ],
+            ..Report::default()
+        };
+        compare(&mut report, true);
+        let measured = |system: &str, name: &str| {
+            report
+                .targets
+                .iter()
+                .find(|t| t.system == system && t.name == name)
+                .map(|t| t.measured.clone())
+                .unwrap_or_else(|| panic!("no target {name} for {system}"))
+        };
+        let vs_raw = "publish->deliver p50 at 10K/s vs raw XADD->XREADGROUP p50";
+        assert_eq!(
+            measured("embedded", vs_raw),
+            "1.200 ms = 2.40x raw 0.500 ms (floor: grpc floor + fdatasync (raw) p50 1.000 ms = 2.00x raw)"
+        );
+        assert_eq!(
+            measured("postgres+redis", vs_raw),
+            "2.500 ms = 5.00x raw 0.500 ms (floor: grpc floor + Postgres commit (raw) p50 2.000 ms \
+             = 4.00x raw: out of reach on this machine)"
+        );
+        assert_eq!(
+            measured("postgres+redis", "publish->deliver p99 at 10K/s"),
+            "6.000 ms (floor: grpc floor + Postgres commit (raw) p99 4.000 ms: out of reach on this machine)"
         );
     }
 }
