@@ -78,6 +78,14 @@ pub fn raw_row(e: pb::Event, seq: i64) -> Result<RawRow> {
     })
 }
 
+/// `synchronous_commit` and `fsync` as a connection sees them.
+pub async fn commit_settings<'e>(executor: impl sqlx::PgExecutor<'e>) -> Result<(String, String)> {
+    sqlx::query_as("SELECT current_setting('synchronous_commit'), current_setting('fsync')")
+        .fetch_one(executor)
+        .await
+        .context("reading synchronous_commit and fsync")
+}
+
 /// A scratch schema with Nerve's events table, dropped by [`Pg::drop`].
 pub struct Pg {
     pool: PgPool,
@@ -104,11 +112,7 @@ impl Pg {
                 .await
                 .context("creating the baseline table")?;
         }
-        let (sync, fsync): (String, String) = sqlx::query_as(
-            "SELECT current_setting('synchronous_commit'), current_setting('fsync')",
-        )
-        .fetch_one(&pool)
-        .await?;
+        let (sync, fsync) = commit_settings(&pool).await?;
         Ok(Pg {
             pool,
             database_url: database_url.to_owned(),

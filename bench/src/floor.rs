@@ -387,11 +387,7 @@ pub async fn serve(log_dir: Option<&std::path::Path>, database_url: Option<&str>
             .await
             .context("connecting the floor to Postgres")?;
         // a floor that skipped the sync would not be one
-        let (sync, fsync): (String, String) = sqlx::query_as(
-            "SELECT current_setting('synchronous_commit'), current_setting('fsync')",
-        )
-        .fetch_one(&mut conn)
-        .await?;
+        let (sync, fsync) = crate::baseline::commit_settings(&mut conn).await?;
         anyhow::ensure!(
             sync == "on" && fsync == "on",
             "the floor's connection has synchronous_commit={sync} fsync={fsync}; both must be on"
