@@ -557,7 +557,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<Arc<StoredEvent>>> {
-        if let Some(events) = self.recent.read_after(after, limit) {
+        if let Some(events) = self.recent.read_after_settled(after, limit).await {
             return Ok(events);
         }
         let rows = sqlx::query(concat!(
