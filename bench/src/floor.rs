@@ -459,7 +459,7 @@ impl FloorProcess {
             }
         }
         let (child, pid, addr) =
-            crate::server::spawn_listening(command, "grpc floor", |_| true).await?;
+            crate::server::spawn_listening(command, "grpc floor", "listening", |_| true).await?;
         Ok(FloorProcess {
             _child: child,
             addr,

@@ -142,12 +142,14 @@ pub fn find_binary(flag: Option<PathBuf>) -> Result<PathBuf> {
     )
 }
 
-/// Starts a server process whose stderr announces `addr=<socket address>` once it listens, and waits
+/// Starts a server process whose stderr announces `addr=<socket address>` on a line containing
+/// `announcement` once it listens (other listeners, such as metrics, announce theirs too), and waits
 /// for that line; then keeps draining stderr (so the server never blocks on a full pipe), echoing the
 /// lines `echo` picks.
 pub async fn spawn_listening(
     mut command: tokio::process::Command,
     name: &'static str,
+    announcement: &'static str,
     echo: impl Fn(&str) -> bool + Send + 'static,
 ) -> Result<(tokio::process::Child, u32, SocketAddr)> {
     let mut child = command
@@ -166,7 +168,11 @@ pub async fn spawn_listening(
     let mut seen = Vec::new();
     let addr = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await? {
-            if let Some(rest) = line.split("addr=").nth(1) {
+            if let Some(rest) = line
+                .contains(announcement)
+                .then(|| line.split("addr=").nth(1))
+                .flatten()
+            {
                 let addr = rest.split_whitespace().next().unwrap_or_default();
                 return addr
                     .parse::<SocketAddr>()
@@ -208,7 +214,9 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(dir.path())
             .env("NERVE_LOG_LEVEL", "info")
-            .env_remove("RUST_LOG");
+            .env_remove("RUST_LOG")
+            // recording metrics costs the server CPU: every figure is measured without them
+            .env_remove("NERVE_METRICS__LISTEN");
         let mut cleanup = None;
         if backend == Backend::Production {
             let database_url = database_url.ok_or_else(|| {
@@ -234,11 +242,12 @@ impl ServerProcess {
                 key_prefix,
             });
         }
-        let (child, pid, addr) = spawn_listening(command, "nerve-server", move |line| {
-            show_logs || line.contains("ERROR") || line.contains(" WARN")
-        })
-        .await
-        .with_context(|| binary.display().to_string())?;
+        let (child, pid, addr) =
+            spawn_listening(command, "nerve-server", "nerve listening", move |line| {
+                show_logs || line.contains("ERROR") || line.contains(" WARN")
+            })
+            .await
+            .with_context(|| binary.display().to_string())?;
         Ok(ServerProcess {
             child,
             addr,
@@ -275,5 +284,24 @@ impl ServerProcess {
                 .with_context(|| format!("deleting redis keys {}*", s.key_prefix))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_address_is_read_from_the_line_that_announces_the_server() {
+        // nerve-server with metrics on announces the metrics listener first
+        let mut command = tokio::process::Command::new("sh");
+        command.arg("-c").arg(
+            "echo 'INFO metrics listening on /metrics addr=127.0.0.1:9001' >&2; \
+             echo 'INFO nerve listening addr=127.0.0.1:9002 tls=false' >&2; sleep 30",
+        );
+        let (_child, _pid, addr) = spawn_listening(command, "sh", "nerve listening", |_| false)
+            .await
+            .expect("spawn");
+        assert_eq!(addr, SocketAddr::from(([127, 0, 0, 1], 9002)));
     }
 }
