@@ -619,6 +619,10 @@ mod tests {
             let recent = recent.clone();
             async move { recent.read_after_settled(14, 100).await }
         });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!reader.is_finished(), "the read did not wait");
         recent.finish(Vec::new());
         assert_eq!(sequences(reader.await.expect("reader")), None);
     }
