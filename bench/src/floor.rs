@@ -7,6 +7,10 @@
 //!   file (one `pwrite` into a preallocated region, so no commit changes the file's size) and
 //!   `fdatasync`s it once, then hands their events on and answers the publishes. That is the least a
 //!   durable event bus served over gRPC does, with no index, no sequence bookkeeping and no checks.
+//! - [`SQLITE_SYSTEM`] group-commits to SQLite instead: one thread inserts each batch of waiting
+//!   publishes as rows of a two-column table (sequence, encoded event) in one transaction, in WAL mode
+//!   with `synchronous=FULL` and the log checkpointed as `nerve-server`'s embedded store does it. The
+//!   least a durable bus whose log is a SQLite table does, as Nerve's embedded backend is.
 //! - [`POSTGRES_SYSTEM`] group-commits to Postgres instead: one connection inserts each batch of
 //!   waiting publishes as rows of a two-column table (sequence, encoded event) in one statement, with
 //!   `synchronous_commit=on`, then hands their events on. The least a durable bus whose log is a
@@ -46,6 +50,8 @@ use tonic::{Request, Response, Status, Streaming};
 pub const SYSTEM: &str = "grpc floor (raw)";
 /// The row name of the group-committing floor's measurements.
 pub const DURABLE_SYSTEM: &str = "grpc floor + fdatasync (raw)";
+/// The row name of the floor that group-commits to SQLite.
+pub const SQLITE_SYSTEM: &str = "grpc floor + SQLite commit (raw)";
 /// The row name of the floor that group-commits to Postgres.
 pub const POSTGRES_SYSTEM: &str = "grpc floor + Postgres commit (raw)";
 
@@ -55,6 +61,8 @@ pub enum Durability {
     Memory,
     /// Group-commits them to a log file in the temporary directory.
     Fdatasync,
+    /// Group-commits them to a SQLite database in a directory of the temporary directory.
+    Sqlite,
     /// Group-commits them to a table of a scratch schema; the URL selects the schema.
     Postgres(String),
 }
@@ -65,6 +73,7 @@ impl Durability {
         match self {
             Durability::Memory => SYSTEM,
             Durability::Fdatasync => DURABLE_SYSTEM,
+            Durability::Sqlite => SQLITE_SYSTEM,
             Durability::Postgres(_) => POSTGRES_SYSTEM,
         }
     }
@@ -76,6 +85,17 @@ pub const FLOOR_DATABASE_URL: &str = "NERVE_BENCH_FLOOR_DATABASE_URL";
 /// The Postgres floor's table, in the scratch schema the tool creates for it.
 pub const POSTGRES_DDL: &str =
     "CREATE TABLE floor_log (seq BIGINT PRIMARY KEY, event BYTEA NOT NULL)";
+
+/// The SQLite floor's table.
+const SQLITE_DDL: &str = "CREATE TABLE floor_log (seq INTEGER PRIMARY KEY, event BLOB NOT NULL)";
+
+/// How `nerve-server`'s embedded store keeps its log (server/src/store/sqlite.rs): a passive
+/// checkpoint every 50 ms on a connection of its own, a commit checkpointing by itself only past
+/// 10,000 log pages, and the log cut back to 64 MiB when it starts over. The SQLite floor does the
+/// same, so it differs from Nerve only in what a commit writes.
+const SQLITE_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+const SQLITE_BACKSTOP_PAGES: i64 = 10_000;
+const SQLITE_SIZE_LIMIT: i64 = 64 << 20;
 
 /// Bytes of the durable floor's log region, written round and round.
 const LOG_REGION: u64 = 64 << 20;
@@ -161,6 +181,64 @@ async fn postgres_commits(
         hand_on(batch, &events);
     }
     Ok(())
+}
+
+/// Opens the SQLite floor's database in `dir` as durable as `nerve-server`'s: WAL mode,
+/// `synchronous=FULL` (checked, or the floor refuses to start).
+fn open_sqlite(dir: &std::path::Path) -> Result<rusqlite::Connection> {
+    let conn =
+        rusqlite::Connection::open(dir.join("floor.db")).context("opening the floor's database")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let journal: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let synchronous: i64 = conn.pragma_query_value(None, "synchronous", |row| row.get(0))?;
+    // a floor that skipped the sync would not be one (2 is FULL)
+    anyhow::ensure!(
+        journal.eq_ignore_ascii_case("wal") && synchronous == 2,
+        "the floor's database has journal_mode={journal} synchronous={synchronous}; it must be WAL and FULL (2)"
+    );
+    Ok(conn)
+}
+
+/// The SQLite floor's group commit: takes every waiting publish, inserts their events in one
+/// transaction (synced before `COMMIT` returns), then hands them on and answers the publishes. One
+/// connection on a thread of its own, with one prepared statement run per row, as Nerve's embedded
+/// writer does.
+fn sqlite_commits(
+    mut conn: rusqlite::Connection,
+    mut appends: mpsc::UnboundedReceiver<Append>,
+    events: broadcast::Sender<Arc<pb::Event>>,
+) -> Result<()> {
+    use prost::Message as _;
+    let mut seq = 0i64;
+    while let Some(first) = appends.blocking_recv() {
+        let batch = with_waiting(first, &mut appends);
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            // OR ROLLBACK, as Nerve's inserts: no statement journal
+            let mut insert =
+                tx.prepare_cached("INSERT OR ROLLBACK INTO floor_log (seq, event) VALUES (?, ?)")?;
+            for event in batch.iter().flat_map(|a| &a.events) {
+                seq += 1;
+                insert.execute(rusqlite::params![seq, event.encode_to_vec()])?;
+            }
+        }
+        tx.commit().context("committing to the floor's database")?;
+        hand_on(batch, &events);
+    }
+    Ok(())
+}
+
+/// Checkpoints the SQLite floor's log every [`SQLITE_CHECKPOINT_EVERY`], as `nerve-server` does,
+/// until the process ends.
+fn sqlite_checkpoints(conn: rusqlite::Connection) {
+    loop {
+        std::thread::sleep(SQLITE_CHECKPOINT_EVERY);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            eprintln!("checkpointing the floor's log failed: {e}");
+        }
+    }
 }
 
 /// `first` and every append waiting behind it: one group commit.
@@ -366,8 +444,13 @@ impl EventBus for Floor {
 
 /// Serves a floor on a free loopback port until killed; prints `addr=<address>` on stderr once it
 /// listens, as `nerve-server` does. With `log_dir`, the fdatasync floor, its log file in that
-/// directory; with `database_url`, the Postgres floor, its table in the schema the URL selects.
-pub async fn serve(log_dir: Option<&std::path::Path>, database_url: Option<&str>) -> Result<()> {
+/// directory; with `sqlite_dir`, the SQLite floor, its database in that directory; with
+/// `database_url`, the Postgres floor, its table in the schema the URL selects.
+pub async fn serve(
+    log_dir: Option<&std::path::Path>,
+    sqlite_dir: Option<&std::path::Path>,
+    database_url: Option<&str>,
+) -> Result<()> {
     let (events, _) = broadcast::channel(BACKLOG);
     let log = if let Some(dir) = log_dir {
         // unnamed: gone with the process, which the tool kills
@@ -378,6 +461,23 @@ pub async fn serve(log_dir: Option<&std::path::Path>, database_url: Option<&str>
         std::thread::spawn(move || {
             if let Err(e) = log_thread(file, rx, events) {
                 eprintln!("the log thread failed: {e}");
+            }
+        });
+        Some(tx)
+    } else if let Some(dir) = sqlite_dir {
+        let conn = open_sqlite(dir)?;
+        conn.pragma_update(None, "wal_autocheckpoint", SQLITE_BACKSTOP_PAGES)?;
+        conn.pragma_update(None, "journal_size_limit", SQLITE_SIZE_LIMIT)?;
+        conn.set_prepared_statement_cache_capacity(16);
+        conn.execute_batch(SQLITE_DDL)
+            .context("creating the floor's table")?;
+        let checkpoints = open_sqlite(dir)?;
+        std::thread::spawn(move || sqlite_checkpoints(checkpoints));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let events = events.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = sqlite_commits(conn, rx, events) {
+                eprintln!("the SQLite commits failed: {e:#}");
             }
         });
         Some(tx)
@@ -434,7 +534,10 @@ fn unserved() -> Status {
 
 /// A running floor server.
 pub struct FloorProcess {
+    /// Killed when dropped, before its data directory is removed.
     _child: tokio::process::Child,
+    /// The SQLite floor's database directory, removed when dropped.
+    _data_dir: Option<tempfile::TempDir>,
     /// Where it listens.
     pub addr: SocketAddr,
     /// Its process id, for its CPU and RSS.
@@ -443,15 +546,26 @@ pub struct FloorProcess {
 
 impl FloorProcess {
     /// Starts this executable as a floor server and waits until it listens. The fdatasync floor's log
-    /// is in the temporary directory (where the embedded server's data is).
+    /// and the SQLite floor's database are in the temporary directory (where the embedded server's
+    /// data is).
     pub async fn spawn(durability: &Durability) -> Result<Self> {
         let exe = std::env::current_exe().context("locating this executable")?;
         let mut command = tokio::process::Command::new(exe);
         command.arg("--serve-grpc-floor");
+        let mut data_dir = None;
         match durability {
             Durability::Memory => {}
             Durability::Fdatasync => {
                 command.arg("--floor-log-dir").arg(std::env::temp_dir());
+            }
+            // the process is killed, so this process removes the database it leaves
+            Durability::Sqlite => {
+                let dir = tempfile::Builder::new()
+                    .prefix("nerve-bench-floor-")
+                    .tempdir()
+                    .context("creating the SQLite floor's directory")?;
+                command.arg("--floor-sqlite-dir").arg(dir.path());
+                data_dir = Some(dir);
             }
             // in the environment, not the command line, where any user could read its password
             Durability::Postgres(url) => {
@@ -462,8 +576,65 @@ impl FloorProcess {
             crate::server::spawn_listening(command, "grpc floor", "listening", |_| true).await?;
         Ok(FloorProcess {
             _child: child,
+            _data_dir: data_dir,
             addr,
             pid,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str) -> pb::Event {
+        pb::Event {
+            id: id.into(),
+            ..pb::Event::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sqlite_floor_commits_a_batch_before_it_hands_the_events_on() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let conn = open_sqlite(dir.path())?;
+        conn.execute_batch(SQLITE_DDL)?;
+        let (events, mut delivered) = broadcast::channel(16);
+        let (appends, rx) = mpsc::unbounded_channel();
+        let committing = std::thread::spawn(move || sqlite_commits(conn, rx, events));
+
+        let (done, stored) = oneshot::channel();
+        let batch = vec![event("a"), event("b"), event("c")];
+        if appends
+            .send(Append {
+                events: batch,
+                done,
+            })
+            .is_err()
+        {
+            anyhow::bail!("the commit thread stopped");
+        }
+        stored.await?;
+
+        // answered only once the rows are committed: another connection sees all three, in order
+        let reader = open_sqlite(dir.path())?;
+        let rows: Vec<(i64, Vec<u8>)> = reader
+            .prepare("SELECT seq, event FROM floor_log ORDER BY seq")?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let ids = rows
+            .into_iter()
+            .map(|(seq, bytes)| {
+                use prost::Message as _;
+                Ok((seq, pb::Event::decode(&bytes[..])?.id))
+            })
+            .collect::<Result<Vec<(i64, String)>>>()?;
+        assert_eq!(ids, [(1, "a".into()), (2, "b".into()), (3, "c".into())]);
+        for id in ["a", "b", "c"] {
+            assert_eq!(delivered.try_recv()?.id, id);
+        }
+
+        drop(appends);
+        committing.join().expect("the commit thread panicked")
     }
 }
