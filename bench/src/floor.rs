@@ -201,6 +201,28 @@ fn open_sqlite(dir: &std::path::Path) -> Result<rusqlite::Connection> {
     Ok(conn)
 }
 
+/// Grows the SQLite floor's log file to the size at which a commit checkpoints by itself, then lets
+/// the log start over in it. As in the fdatasync floor's preallocated region, no later commit then
+/// changes the log file's size (a commit that does also syncs the file's size); Nerve's log has that
+/// size by its latency cells, which follow the publish matrix. The database keeps the freed pages,
+/// which the floor's rows then reuse.
+fn grow_sqlite_log(conn: &rusqlite::Connection) -> Result<()> {
+    conn.execute_batch("CREATE TABLE floor_fill (page BLOB NOT NULL)")?;
+    let tx = conn.unchecked_transaction()?;
+    {
+        // a row of 4,000 bytes fills a 4 KiB page
+        let mut insert = tx.prepare("INSERT INTO floor_fill (page) VALUES (zeroblob(4000))")?;
+        for _ in 0..SQLITE_BACKSTOP_PAGES {
+            insert.execute([])?;
+        }
+    }
+    // past the backstop: this commit checkpoints the whole log by itself
+    tx.commit()?;
+    // and this write starts the log over from its beginning
+    conn.execute_batch("DROP TABLE floor_fill")?;
+    Ok(())
+}
+
 /// The SQLite floor's group commit: takes every waiting publish, inserts their events in one
 /// transaction (synced before `COMMIT` returns), then hands them on and answers the publishes. One
 /// connection on a thread of its own, with one prepared statement run per row, as Nerve's embedded
@@ -471,6 +493,7 @@ pub async fn serve(
         conn.set_prepared_statement_cache_capacity(16);
         conn.execute_batch(SQLITE_DDL)
             .context("creating the floor's table")?;
+        grow_sqlite_log(&conn).context("growing the floor's log")?;
         let checkpoints = open_sqlite(dir)?;
         std::thread::spawn(move || sqlite_checkpoints(checkpoints));
         let (tx, rx) = mpsc::unbounded_channel();
