@@ -579,19 +579,32 @@ impl EventStore for PostgresStore {
         id: &str,
         source: Option<&str>,
     ) -> StoreResult<Vec<Arc<StoredEvent>>> {
-        let rows = sqlx::query(
-            concat!(
+        let query = match source {
+            Some(source) => sqlx::query(concat!(
                 "SELECT ",
                 event_columns!(),
-                " FROM events WHERE tenant = $1 AND id = $2 AND ($3::TEXT IS NULL OR source = $3) ORDER BY seq LIMIT 16"
-            ),
-        )
-        .bind(tenant)
-        .bind(id)
-        .bind(source)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
+                " FROM events WHERE tenant = $1 AND source = $2 AND id = $3"
+            ))
+            .bind(tenant)
+            .bind(source)
+            .bind(id),
+            // each source of the tenant found with one seek of events_key, then the id under it:
+            // Postgres 15 does not skip over the key's leading source by itself, so a lookup by id
+            // alone read every event of the tenant
+            None => sqlx::query(concat!(
+                "WITH RECURSIVE sources(source) AS (\
+                 SELECT MIN(source) FROM events WHERE tenant = $1 \
+                 UNION ALL SELECT (SELECT MIN(source) FROM events WHERE tenant = $1 AND source > sources.source) \
+                 FROM sources WHERE sources.source IS NOT NULL) \
+                 SELECT ",
+                event_columns!(),
+                " FROM sources JOIN events e ON e.tenant = $1 AND e.source = sources.source AND e.id = $2 \
+                 ORDER BY seq LIMIT 16"
+            ))
+            .bind(tenant)
+            .bind(id),
+        };
+        let rows = query.fetch_all(&self.pool).await.map_err(map_err)?;
         rows.iter().map(|r| decode(r).map(Arc::new)).collect()
     }
 

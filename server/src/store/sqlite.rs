@@ -382,6 +382,17 @@ fn start_checkpoints(path: &Path, committed: watch::Receiver<u64>) -> StoreResul
     Ok(())
 }
 
+/// Events of a tenant with an id, from any source (`?1` tenant, `?2` id): each source of the tenant
+/// found with one seek of `events_key`, then the id looked up under it. The key leads with the source,
+/// and SQLite does not skip over a leading column by itself: a lookup by id alone read every event of
+/// the tenant (70-100 ms at 300,000 events, against 0.5 ms this way).
+const FIND_IN_EVERY_SOURCE: &str = "WITH RECURSIVE sources(source) AS (\
+     SELECT MIN(source) FROM events WHERE tenant = ?1 \
+     UNION ALL SELECT (SELECT MIN(source) FROM events WHERE tenant = ?1 AND source > sources.source) \
+     FROM sources WHERE sources.source IS NOT NULL) \
+     SELECT e.* FROM sources JOIN events e ON e.tenant = ?1 AND e.source = sources.source AND e.id = ?2 \
+     ORDER BY e.seq LIMIT 16";
+
 /// Translates errors of the group commit's connection: a full or failing disk is worth a retry.
 fn map_write_err(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode::*;
@@ -650,16 +661,16 @@ impl EventStore for SqliteStore {
         id: &str,
         source: Option<&str>,
     ) -> StoreResult<Vec<Arc<StoredEvent>>> {
-        let rows = sqlx::query(
-            "SELECT * FROM events WHERE tenant = ? AND id = ? AND (? IS NULL OR source = ?) ORDER BY seq LIMIT 16",
-        )
-        .bind(tenant)
-        .bind(id)
-        .bind(source)
-        .bind(source)
-        .fetch_all(&self.db.pool)
-        .await
-        .map_err(map_err)?;
+        let query = match source {
+            Some(source) => {
+                sqlx::query("SELECT * FROM events WHERE tenant = ? AND source = ? AND id = ?")
+                    .bind(tenant)
+                    .bind(source)
+                    .bind(id)
+            }
+            None => sqlx::query(FIND_IN_EVERY_SOURCE).bind(tenant).bind(id),
+        };
+        let rows = query.fetch_all(&self.db.pool).await.map_err(map_err)?;
         rows.iter().map(|r| decode(r).map(Arc::new)).collect()
     }
 
@@ -1022,6 +1033,41 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_lookup_by_id_alone_seeks_the_key_under_each_source() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = SqliteDb::open(&dir.path().join("find.db"))
+            .await
+            .expect("open");
+        let steps: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {FIND_IN_EVERY_SOURCE}"
+        )))
+        .bind("t")
+        .bind("id")
+        .fetch_all(&db.pool)
+        .await
+        .expect("explain")
+        .iter()
+        .map(|row| row.try_get("detail").expect("detail"))
+        .collect();
+        let plan = steps.join("\n");
+        // the bad plan read every event of the tenant: `SEARCH events USING INDEX ... (tenant=?)`
+        for step in &steps {
+            let seeks_key = step.contains("INDEX events_key (tenant=?")
+                || step.starts_with("SCAN sources")
+                || step.starts_with("MATERIALIZE")
+                || !step.contains("events");
+            assert!(
+                seeks_key,
+                "a step that does not seek events_key: {step}\n{plan}"
+            );
+        }
+        assert!(
+            plan.contains("INDEX events_key (tenant=? AND source=? AND id=?)"),
+            "the id is not looked up under each source in\n{plan}"
+        );
     }
 
     #[tokio::test]
