@@ -291,36 +291,35 @@ impl RecentCommits {
         self.writer.send_modify(|w| w.committing = true);
     }
 
-    /// Adds the events a commit stored (none when it failed) and marks it finished.
+    /// Adds the events a commit stored (sequences increasing; none when it failed), dropping the
+    /// oldest beyond the bounds, and marks the commit finished.
     fn finish(&self, fresh: Vec<(Arc<StoredEvent>, usize)>) {
-        self.push(fresh);
+        {
+            let mut guard = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            let Held { events, bytes } = &mut *guard;
+            for (event, size) in fresh {
+                if events
+                    .back()
+                    .is_some_and(|(last, _)| last.sequence >= event.sequence)
+                {
+                    // cannot happen while this process is the only writer of its sequences; stay ordered anyway
+                    events.clear();
+                    *bytes = 0;
+                }
+                *bytes += size;
+                events.push_back((event, size));
+            }
+            while events.len() > RECENT_EVENTS || (*bytes > RECENT_BYTES && events.len() > 1) {
+                if let Some((_, size)) = events.pop_front() {
+                    *bytes -= size;
+                }
+            }
+        }
+        // after the events are held: a read woken by this finds them
         self.writer.send_modify(|w| {
             w.committing = false;
             w.finished += 1;
         });
-    }
-
-    /// Adds committed events (sequences increasing), dropping the oldest beyond the bounds.
-    fn push(&self, fresh: Vec<(Arc<StoredEvent>, usize)>) {
-        let mut guard = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let Held { events, bytes } = &mut *guard;
-        for (event, size) in fresh {
-            if events
-                .back()
-                .is_some_and(|(last, _)| last.sequence >= event.sequence)
-            {
-                // cannot happen while this process is the only writer of its sequences; stay ordered anyway
-                events.clear();
-                *bytes = 0;
-            }
-            *bytes += size;
-            events.push_back((event, size));
-        }
-        while events.len() > RECENT_EVENTS || (*bytes > RECENT_BYTES && events.len() > 1) {
-            if let Some((_, size)) = events.pop_front() {
-                *bytes -= size;
-            }
-        }
     }
 
     /// The events from `after + 1` on without a gap, at most `limit`; `None` unless `after + 1` is held.
@@ -571,7 +570,7 @@ mod tests {
     fn recent_commits_answer_only_for_a_gapless_run_from_the_position() {
         let recent = RecentCommits::default();
         // another replica committed 13: this process holds 10-12 and 14-15
-        recent.push([10, 11, 12, 14, 15].into_iter().map(stored).collect());
+        recent.finish([10, 11, 12, 14, 15].into_iter().map(stored).collect());
         assert_eq!(sequences(recent.read_after(9, 100)), Some(vec![10, 11, 12]));
         assert_eq!(sequences(recent.read_after(10, 1)), Some(vec![11]));
         assert_eq!(
@@ -631,14 +630,14 @@ mod tests {
     fn recent_commits_stay_within_their_bounds() {
         let recent = RecentCommits::default();
         // 1 MiB each: the byte bound keeps the last 32
-        recent.push((1..=100).map(stored).collect());
+        recent.finish((1..=100).map(stored).collect());
         assert_eq!(
             sequences(recent.read_after(68, 1000)).map(|s| s.len()),
             Some(32)
         );
         assert_eq!(sequences(recent.read_after(67, 1000)), None);
         let small = |sequence| (stored(sequence).0, 1);
-        recent.push((101..=20_100).map(small).collect());
+        recent.finish((101..=20_100).map(small).collect());
         assert_eq!(
             sequences(recent.read_after(20_100 - RECENT_EVENTS as u64, 100_000)).map(|s| s.len()),
             Some(RECENT_EVENTS)
