@@ -191,7 +191,8 @@ fn stored_into_pb(s: Arc<StoredEvent>) -> pb::Event {
     }
 }
 
-/// Most type patterns one selection may list (each literal type is its own index range in a read).
+/// Most type patterns one selection may list: each literal type is its own index range in a read, one
+/// per priority level on the embedded store, and SQLite merges at most 500 ranges in one statement.
 pub const MAX_TYPE_PATTERNS: usize = 100;
 
 /// The answer to one PublishStream request: its results, or the status a Publish call would have ended

@@ -175,16 +175,25 @@ fn push_page_read<'a>(
     sql.push(" AND seq BETWEEN lo AND hi)");
     sql.push(" FROM (SELECT COUNT(*) AS n, min(seq) AS lo, max(seq) AS hi FROM (SELECT seq FROM (");
     // one ordered, limited index range per literal type, merged: `type IN (...)` would make SQLite
-    // collect and sort every match after the position before it could apply the limit
-    let branches: Vec<Option<&str>> = match literals {
-        Some(types) => types.iter().map(|t| Some(*t)).collect(),
-        None => vec![None],
+    // collect and sort every match after the position before it could apply the limit. Types are
+    // indexed only under their priority (events_type_priority), so a read of every level takes one
+    // range per level and type.
+    let levels: Vec<Option<Priority>> = match query.priority {
+        None if literals.is_some() => Priority::ALL.into_iter().map(Some).collect(),
+        _ => vec![None],
+    };
+    let branches: Vec<(Option<&str>, Option<Priority>)> = match literals {
+        Some(types) => types
+            .iter()
+            .flat_map(|t| levels.iter().map(move |level| (Some(*t), *level)))
+            .collect(),
+        None => vec![(None, None)],
     };
     // Without statistics SQLite reads `tenant = ?` alone through the (tenant, priority, seq) index,
     // visiting every event of the tenant and sorting the matches, for each page. Where no index
     // column follows the tenant, `+tenant` leaves it the primary key's range after the position.
     let by_sequence = query.priority.is_none() && query.correlation_id.is_none();
-    for (i, literal) in branches.into_iter().enumerate() {
+    for (i, (literal, level)) in branches.into_iter().enumerate() {
         if i > 0 {
             sql.push(" UNION ALL ");
         }
@@ -195,6 +204,9 @@ fn push_page_read<'a>(
             "tenant = "
         });
         super::push_read_filter(sql, query, literal);
+        if let Some(level) = level {
+            sql.push(" AND priority = ").push_bind(level.as_i64());
+        }
         sql.push(" ORDER BY seq LIMIT ")
             .push_bind(limit as i64)
             .push(")");
@@ -255,10 +267,13 @@ impl SqliteStore {
             .fetch_one(&db.pool)
             .await
             .map_err(map_err)?;
-        let last_ns: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(recorded_ns), 0) FROM events")
-            .fetch_one(&db.pool)
-            .await
-            .map_err(map_err)?;
+        // the last event's time is the latest: recorded times never go backwards
+        let last_ns: i64 = sqlx::query_scalar(
+            "SELECT COALESCE((SELECT recorded_ns FROM events ORDER BY seq DESC LIMIT 1), 0)",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .map_err(map_err)?;
         let (committed_tx, committed) = watch::channel(head as u64);
         let recent = Arc::new(RecentCommits::default());
         let commits = commit::start(
@@ -381,6 +396,24 @@ fn start_checkpoints(path: &Path, committed: watch::Receiver<u64>) -> StoreResul
         .map_err(|e| StoreError::Internal(format!("starting the checkpoints: {e}")))?;
     Ok(())
 }
+
+/// `EventStore::sequence_before` (`?1`: the time in ns): the sequence before the first event recorded
+/// at or after the time, or the last sequence when there is none. The writer records times that never
+/// go backwards, so sequence order is time order and the primary key is halved until the first such
+/// event is found: about 2 log2(n) seeks, with no index on the recorded time for every commit to
+/// update (it wrote two log pages per commit; docs/benchmarks.md, cause 4). `lo..=hi` holds the lowest
+/// position whose next stored event is recorded at or after the time, `MAX(seq) + 1` when none is.
+const SEQUENCE_BEFORE: &str = "WITH RECURSIVE halves(lo, hi) AS (\
+     SELECT COALESCE((SELECT MIN(seq) FROM events), 1), COALESCE((SELECT MAX(seq) FROM events), 0) + 1 \
+     UNION ALL SELECT \
+     CASE WHEN (SELECT recorded_ns FROM events WHERE seq >= (lo + hi) / 2 ORDER BY seq LIMIT 1) >= ?1 \
+     THEN lo ELSE (lo + hi) / 2 + 1 END, \
+     CASE WHEN (SELECT recorded_ns FROM events WHERE seq >= (lo + hi) / 2 ORDER BY seq LIMIT 1) >= ?1 \
+     THEN (lo + hi) / 2 ELSE hi END \
+     FROM halves WHERE lo < hi) \
+     SELECT COALESCE(\
+     (SELECT seq FROM events WHERE seq >= (SELECT lo FROM halves WHERE lo = hi) ORDER BY seq LIMIT 1) - 1, \
+     (SELECT MAX(seq) FROM events), 0)";
 
 /// Events of a tenant with an id, from any source (`?1` tenant, `?2` id): each source of the tenant
 /// found with one seek of `events_key`, then the id looked up under it. The key leads with the source,
@@ -679,7 +712,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn sequence_before(&self, time: DateTime<Utc>) -> StoreResult<u64> {
-        let seq: i64 = sqlx::query_scalar(super::SEQUENCE_BEFORE_SQL)
+        let seq: i64 = sqlx::query_scalar(SEQUENCE_BEFORE)
             .bind(to_ns(time))
             .fetch_one(&self.db.pool)
             .await
@@ -1035,6 +1068,145 @@ mod tests {
         }
     }
 
+    /// Events `e{first}..` of the given types and priorities, as one request.
+    fn new_events(first: usize, kinds: &[(&str, Priority)]) -> Vec<NewEvent> {
+        kinds
+            .iter()
+            .enumerate()
+            .map(|(i, (event_type, priority))| {
+                let event = crate::event::Event {
+                    id: format!("e{}", first + i),
+                    source: "test".into(),
+                    event_type: (*event_type).into(),
+                    priority: *priority,
+                    ..crate::event::Event::default()
+                };
+                let hash = event.content_hash();
+                NewEvent::new(event, hash)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_read_of_literal_types_merges_their_priority_levels_in_sequence_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::start(
+            SqliteDb::open(&dir.path().join("levels.db"))
+                .await
+                .expect("open"),
+        )
+        .await
+        .expect("store");
+        // "a" at every level in turn, "b" between them
+        let kinds: Vec<(&str, Priority)> = (0..40)
+            .map(|i| match i % 2 {
+                0 => ("a", Priority::ALL[(i / 2) % 4]),
+                _ => ("b", Priority::ALL[3 - (i / 2) % 4]),
+            })
+            .collect();
+        store
+            .append("t", new_events(0, &kinds))
+            .await
+            .expect("append");
+        let ids = |page: &ReadPage| -> Vec<String> {
+            page.events.iter().map(|e| e.event.id.clone()).collect()
+        };
+        let mut read = ReadQuery {
+            tenant: "t".into(),
+            types: vec![TypePattern::parse("a").expect("pattern")],
+            limit: 7,
+            ..ReadQuery::default()
+        };
+        let first = store.read(&read).await.expect("read");
+        let expected: Vec<String> = (0..14).step_by(2).map(|i| format!("e{i}")).collect();
+        assert_eq!(ids(&first), expected, "the first page of type a");
+        assert!(!first.exhausted);
+        read.after = first.scanned_to;
+        read.limit = 100;
+        let rest = store.read(&read).await.expect("read");
+        let expected: Vec<String> = (14..40).step_by(2).map(|i| format!("e{i}")).collect();
+        assert_eq!(ids(&rest), expected, "the rest of type a");
+        // the most literal types a selection may hold, each read at every level: 400 ranges merged
+        let mut types = vec!["b".to_owned(), "a".to_owned()];
+        types.extend((2..crate::api::convert::MAX_TYPE_PATTERNS).map(|i| format!("other{i}")));
+        let every = ReadQuery {
+            tenant: "t".into(),
+            types: types
+                .iter()
+                .map(|t| TypePattern::parse(t).expect("pattern"))
+                .collect(),
+            limit: 100,
+            ..ReadQuery::default()
+        };
+        let all = store
+            .read(&every)
+            .await
+            .expect("read of the most literal types");
+        let expected: Vec<String> = (0..40).map(|i| format!("e{i}")).collect();
+        assert_eq!(ids(&all), expected);
+    }
+
+    #[tokio::test]
+    async fn a_time_is_found_by_halving_the_primary_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("times.db");
+        let store = SqliteStore::start(SqliteDb::open(&path).await.expect("open"))
+            .await
+            .expect("store");
+        assert_eq!(
+            store.sequence_before(Utc::now()).await.expect("before"),
+            0,
+            "an empty store"
+        );
+        // 200 commits of 50 events: each commit's events share one recorded time
+        for commit in 0..200 {
+            let kinds = vec![("job", Priority::Normal); 50];
+            store
+                .append("t", new_events(commit * 50, &kinds))
+                .await
+                .expect("append");
+        }
+        let mut stored = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store.read_all(after, 1000).await.expect("read");
+            let Some(last) = page.last() else { break };
+            after = last.sequence;
+            stored.extend(page.iter().map(|e| (e.sequence, to_ns(e.recorded_at))));
+        }
+        assert_eq!(stored.len(), 10_000);
+        let last_seq = stored.last().expect("events").0;
+        // what the recorded-time index answered: the sequence before the first event at or after
+        let expected = |ns: i64| {
+            stored
+                .iter()
+                .find(|(_, recorded)| *recorded >= ns)
+                .map_or(last_seq, |(seq, _)| seq - 1)
+        };
+        let mut times: Vec<i64> = stored.iter().map(|(_, ns)| *ns).collect();
+        times.dedup();
+        for ns in times.iter().flat_map(|ns| [ns - 1, *ns, ns + 1]) {
+            assert_eq!(
+                store.sequence_before(from_ns(ns)).await.expect("before"),
+                expected(ns),
+                "the sequence before {ns}"
+            );
+        }
+        // a lookup seeks: a few dozen rows visited, not the 10,000 a scan of the times would read
+        let conn = open_rusqlite(&path).expect("connection");
+        let mut lookup = conn.prepare(SEQUENCE_BEFORE).expect("prepare");
+        let middle = times[times.len() / 2];
+        let seq: i64 = lookup
+            .query_row([middle], |row| row.get(0))
+            .expect("lookup");
+        assert_eq!(seq as u64, expected(middle));
+        let steps = lookup.get_status(rusqlite::StatementStatus::VmStep);
+        assert!(
+            steps < 2_000,
+            "{steps} virtual machine steps for one lookup"
+        );
+    }
+
     #[tokio::test]
     async fn a_lookup_by_id_alone_seeks_the_key_under_each_source() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1085,9 +1257,9 @@ mod tests {
                 "USING INTEGER PRIMARY KEY",
             ),
             (
-                "literal types",
+                "literal types, one range per priority level",
                 query(&["a.b", "c.d"], None),
-                "INDEX events_type (",
+                "COVERING INDEX events_type_priority (",
             ),
             (
                 "literal types at one priority, as a group claims them",
