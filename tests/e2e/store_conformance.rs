@@ -533,6 +533,39 @@ async fn reads_filter_by_type_source_subject_correlation_priority_and_range(b: B
     );
 }
 
+/// Time positions: the sequence before the first event recorded at or after a time, found without an
+/// index on the time, is the one a scan of every event finds, for every commit's time and either side.
+async fn each_time_is_the_position_before_the_first_event_recorded_at_it(b: Backend) {
+    let s = &b.store;
+    let now = chrono::Utc::now();
+    assert_eq!(s.sequence_before(now).await.expect("before"), 0, "empty");
+    for commit in 0..40 {
+        let events = (0..3)
+            .map(|i| new_event(&format!("c{commit}-{i}"), "shop.order.created"))
+            .collect();
+        s.append("t", events).await.expect("append");
+    }
+    let stored = s.read(&query(0)).await.expect("read").events;
+    assert_eq!(stored.len(), 120);
+    let last = stored[119].sequence;
+    let scanned = |time: chrono::DateTime<chrono::Utc>| {
+        stored
+            .iter()
+            .find(|e| e.recorded_at >= time)
+            .map_or(last, |e| e.sequence - 1)
+    };
+    let tick = chrono::Duration::nanoseconds(1);
+    for e in &stored {
+        for time in [e.recorded_at - tick, e.recorded_at, e.recorded_at + tick] {
+            assert_eq!(
+                s.sequence_before(time).await.expect("before"),
+                scanned(time),
+                "the position before {time:?}"
+            );
+        }
+    }
+}
+
 async fn dead_letters_are_recorded_once_listed_and_removed(b: Backend) {
     let s = &b.store;
     s.append("t", vec![new_event("d", "x.y"), new_event("e", "x.y")])
@@ -975,6 +1008,7 @@ conformance!(
     concurrent_publishers_get_gapless_sequences_a_follower_sees_in_order,
     the_feed_of_fresh_commits_equals_what_the_database_holds,
     reads_filter_by_type_source_subject_correlation_priority_and_range,
+    each_time_is_the_position_before_the_first_event_recorded_at_it,
     dead_letters_are_recorded_once_listed_and_removed,
     publishers_are_registered_once_updated_and_removed,
     publishers_of_tenants_are_kept_apart_and_listed_in_order,

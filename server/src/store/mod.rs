@@ -147,6 +147,25 @@ pub(crate) fn push_read_filter<'a, DB>(
     }
 }
 
+/// `EventStore::sequence_before` in SQL both stores run (`$1`: the time in ns): the sequence before
+/// the first event recorded at or after the time, or the last sequence when there is none. Both
+/// stores record times that never go backwards with the sequence (one writer at a time, which never
+/// records a time before the last), so the primary key is halved until the first such event is
+/// found: about 2 log2(n) seeks, and no index on the recorded time for every commit to update (on
+/// SQLite it wrote two log pages per commit; docs/benchmarks.md, cause 4). `lo..=hi` holds the lowest
+/// position whose next stored event is recorded at or after the time, `MAX(seq) + 1` when none is.
+pub(crate) const SEQUENCE_BEFORE_SQL: &str = "WITH RECURSIVE halves(lo, hi) AS (\
+     SELECT COALESCE((SELECT MIN(seq) FROM events), 1), COALESCE((SELECT MAX(seq) FROM events), 0) + 1 \
+     UNION ALL SELECT \
+     CASE WHEN (SELECT recorded_ns FROM events WHERE seq >= (lo + hi) / 2 ORDER BY seq LIMIT 1) >= $1 \
+     THEN lo ELSE (lo + hi) / 2 + 1 END, \
+     CASE WHEN (SELECT recorded_ns FROM events WHERE seq >= (lo + hi) / 2 ORDER BY seq LIMIT 1) >= $1 \
+     THEN (lo + hi) / 2 ELSE hi END \
+     FROM halves WHERE lo < hi) \
+     SELECT COALESCE(\
+     (SELECT seq FROM events WHERE seq >= (SELECT lo FROM halves WHERE lo = hi) ORDER BY seq LIMIT 1) - 1, \
+     (SELECT MAX(seq) FROM events), 0)";
+
 /// One page of history.
 #[derive(Debug, Clone, Default)]
 pub struct ReadPage {
