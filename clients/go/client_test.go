@@ -6,6 +6,8 @@ import (
 	"context"
 	"errors"
 	"maps"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -64,6 +66,15 @@ func TestEventBuilderBuildsCloudEvents(t *testing.T) {
 	a, b := nerve.NewEvent("//s", "t").MustBuild(), nerve.NewEvent("//s", "t").MustBuild()
 	if a.GetId() == b.GetId() {
 		t.Fatal("default ids are unique")
+	}
+	before := time.Now().UnixMilli()
+	id := nerve.NewEvent("//s", "t").MustBuild().GetId()
+	after := time.Now().UnixMilli()
+	digits := strings.ReplaceAll(id, "-", "")
+	ms, err := strconv.ParseInt(digits[:12], 16, 64)
+	if err != nil || len(id) != 36 || digits[12] != '7' || !strings.ContainsRune("89ab", rune(digits[16])) ||
+		ms < before || ms > after {
+		t.Fatalf("default id %q is not a UUIDv7 of the time it was built (%d..%d ms)", id, before, after)
 	}
 }
 

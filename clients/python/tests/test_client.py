@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import TypeVar
@@ -59,7 +61,12 @@ def test_event_helper_builds_cloudevents() -> None:
         time=when,
     )
     assert e.spec_version == "1.0"
-    assert e.id, "a random id by default"
+    assert e.id, "an id by default"
+    before = time.time_ns() // 1_000_000
+    default_id = uuid.UUID(event("//s", "t").id)
+    after = time.time_ns() // 1_000_000
+    assert default_id.version == 7 and default_id.variant == uuid.RFC_4122, default_id
+    assert before <= default_id.int >> 80 <= after, "the id begins with the time it was made"
     assert Priority(e.priority) is Priority.HIGH
     assert e.data_content_type == "application/json"
     assert json_of(e) == {"amount": 12, "currency": "EUR"}

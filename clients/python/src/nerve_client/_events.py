@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import json
+import os
+import time as _time
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
@@ -60,6 +62,18 @@ class Priority(enum.IntEnum):
     CRITICAL = event_pb2.PRIORITY_CRITICAL
 
 
+def _uuid7() -> str:
+    """A UUIDv7 (RFC 9562): the Unix time in milliseconds, then random bits.
+
+    Ids that grow with time keep the server's key index appending; random ones made each commit
+    rewrite about one page of it per event (the repository's docs/benchmarks.md, cause 4).
+    """
+    value = (_time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # the RFC 4122 variant
+    return str(uuid.UUID(int=value))
+
+
 def event(
     source: str,
     type: str,
@@ -76,12 +90,12 @@ def event(
     data_schema: str = "",
     time: datetime | None = None,
 ) -> event_pb2.Event:
-    """Builds a CloudEvents 1.0 event (``spec_version`` "1.0"); ``id`` defaults to a random UUID.
+    """Builds a CloudEvents 1.0 event (``spec_version`` "1.0"); ``id`` defaults to a UUIDv7.
 
     >>> e = event("//billing", "invoice.paid.v1", {"amount": 12}, priority="high", correlation_id="order-7")
     """
     e = event_pb2.Event(
-        id=id if id is not None else str(uuid.uuid4()),
+        id=id if id is not None else _uuid7(),
         source=source,
         type=type,
         spec_version="1.0",
