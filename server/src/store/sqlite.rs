@@ -1007,49 +1007,6 @@ mod tests {
         }
     }
 
-    /// How many events the database file holds by itself: `immutable` makes SQLite ignore the log.
-    /// An error (no table yet, a page read mid-copy) counts as none.
-    fn events_in_database_file(path: &Path) -> i64 {
-        let uri = format!("file:{}?immutable=1", path.display());
-        let flags =
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
-        rusqlite::Connection::open_with_flags(uri, flags)
-            .and_then(|conn| conn.query_row("SELECT COUNT(*) FROM events", [], |row| row.get(0)))
-            .unwrap_or(0)
-    }
-
-    #[tokio::test]
-    async fn the_log_is_checkpointed_into_the_database_file_beside_the_writer() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("checkpoint.db");
-        let store = SqliteStore::start(SqliteDb::open(&path).await.expect("open"))
-            .await
-            .expect("store");
-        let events = (0..10)
-            .map(|i| {
-                let event = crate::event::Event {
-                    id: format!("e{i}"),
-                    source: "test".into(),
-                    event_type: "job".into(),
-                    ..crate::event::Event::default()
-                };
-                let hash = event.content_hash();
-                NewEvent::new(event, hash)
-            })
-            .collect();
-        store.append("t", events).await.expect("append");
-        // ten events are a few pages of log, far below the threshold at which a commit checkpoints
-        // by itself: only the checkpoint thread copies them into the database file
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while events_in_database_file(&path) != 10 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the events did not reach the database file within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     /// Events `e{first}..` of the given types and priorities, as one request.
     fn new_events(first: usize, kinds: &[(&str, Priority)]) -> Vec<NewEvent> {
         kinds
@@ -1069,16 +1026,49 @@ mod tests {
             .collect()
     }
 
+    /// A store started on a new database file at `path`.
+    async fn started(path: &Path) -> Arc<SqliteStore> {
+        SqliteStore::start(SqliteDb::open(path).await.expect("open"))
+            .await
+            .expect("store")
+    }
+
+    /// How many events the database file holds by itself: `immutable` makes SQLite ignore the log.
+    /// An error (no table yet, a page read mid-copy) counts as none.
+    fn events_in_database_file(path: &Path) -> i64 {
+        let uri = format!("file:{}?immutable=1", path.display());
+        let flags =
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        rusqlite::Connection::open_with_flags(uri, flags)
+            .and_then(|conn| conn.query_row("SELECT COUNT(*) FROM events", [], |row| row.get(0)))
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn the_log_is_checkpointed_into_the_database_file_beside_the_writer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("checkpoint.db");
+        let store = started(&path).await;
+        store
+            .append("t", new_events(0, &[("job", Priority::Normal); 10]))
+            .await
+            .expect("append");
+        // ten events are a few pages of log, far below the threshold at which a commit checkpoints
+        // by itself: only the checkpoint thread copies them into the database file
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while events_in_database_file(&path) != 10 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the events did not reach the database file within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     #[tokio::test]
     async fn a_read_of_literal_types_merges_their_priority_levels_in_sequence_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::start(
-            SqliteDb::open(&dir.path().join("levels.db"))
-                .await
-                .expect("open"),
-        )
-        .await
-        .expect("store");
+        let store = started(&dir.path().join("levels.db")).await;
         // "a" at every level in turn, "b" between them
         let kinds: Vec<(&str, Priority)> = (0..40)
             .map(|i| match i % 2 {
@@ -1133,9 +1123,7 @@ mod tests {
         // correctness on both stores: tests/e2e/store_conformance.rs; here, that a lookup seeks
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("times.db");
-        let store = SqliteStore::start(SqliteDb::open(&path).await.expect("open"))
-            .await
-            .expect("store");
+        let store = started(&path).await;
         // 200 commits of 50 events: each commit's events share one recorded time
         for commit in 0..200 {
             let kinds = vec![("job", Priority::Normal); 50];
@@ -1154,7 +1142,7 @@ mod tests {
             .expect("lookup");
         assert_eq!(
             seq, 5_050,
-            "the position before the commit after event 5,001's"
+            "one nanosecond after the commit of events 5,001-5,050"
         );
         // a scan of the times would visit all 10,000 events (60,019 steps for the query that used
         // the recorded-time index, without it)
