@@ -15,6 +15,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::sync::watch;
 
 use crate::{
+    Ids,
     procstat::Meter,
     report::Row,
     server::{create_schema, drop_schema, url_with_options},
@@ -130,7 +131,7 @@ impl Pg {
 
     /// A call that builds `batch` rows (as Nerve would) and inserts them in one autocommit statement:
     /// a plain INSERT for one row, Nerve's UNNEST insert for more.
-    pub fn insert_call(&self, batch: usize, payload_size: usize, tag: String) -> Call {
+    pub fn insert_call(&self, batch: usize, payload_size: usize, ids: Ids, tag: String) -> Call {
         let pool = self.pool.clone();
         let seq = self.seq.clone();
         Arc::new(move |w, k| {
@@ -143,7 +144,7 @@ impl Pg {
                 let mut rows = Vec::with_capacity(batch);
                 for j in 0..batch {
                     let e = event(
-                        format!("{tag}-{w}-{k}-{j}"),
+                        ids.name(|| format!("{tag}-{w}-{k}-{j}")),
                         "bench.publish.v1",
                         k,
                         payload_size,
@@ -220,11 +221,17 @@ async fn measure_inserts(
     writers: usize,
     duration: Duration,
     payload_size: usize,
+    ids: Ids,
     tag: String,
     note: String,
 ) -> Row {
     let meter = Meter::start(None);
-    let r = closed_loop(writers, duration, pg.insert_call(batch, payload_size, tag)).await;
+    let r = closed_loop(
+        writers,
+        duration,
+        pg.insert_call(batch, payload_size, ids, tag),
+    )
+    .await;
     let row = Row::new(
         "publish",
         system,
@@ -237,12 +244,14 @@ async fn measure_inserts(
 
 /// Raw insert rates for every batch size x writer count of the publish matrix, then the ceiling of
 /// one ordered writer.
+#[allow(clippy::too_many_arguments)]
 pub async fn postgres_matrix(
     pg: &Pg,
     batch_sizes: &[usize],
     writers: &[usize],
     duration: Duration,
     payload_size: usize,
+    ids: Ids,
     run: &str,
     rows: &mut Vec<Row>,
 ) {
@@ -264,6 +273,7 @@ pub async fn postgres_matrix(
                     w,
                     duration,
                     payload_size,
+                    ids,
                     tag,
                     note,
                 )
@@ -286,7 +296,20 @@ pub async fn postgres_matrix(
          largest cell): the ceiling of one ordered writer"
     );
     let tag = format!("{run}-raw-serial-b{group}");
-    rows.push(measure_inserts(pg, PG_SERIAL, group, 1, duration, payload_size, tag, note).await);
+    rows.push(
+        measure_inserts(
+            pg,
+            PG_SERIAL,
+            group,
+            1,
+            duration,
+            payload_size,
+            ids,
+            tag,
+            note,
+        )
+        .await,
+    );
 }
 
 /// System name of the one-ordered-writer ceiling row.

@@ -50,6 +50,30 @@ pub enum PublishVia {
     Call,
 }
 
+/// How the tool names the events it publishes (`--ids`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Ids {
+    /// `<run>-<tag>-<n>`: unique to the run, and near one another in the key index, as ids that grow
+    /// with time are.
+    Tool,
+    /// Random UUIDs (version 4), as publishers that make random ids send: each lands anywhere in the
+    /// key index.
+    Uuid4,
+    /// UUIDv7 (the time, then random bits), the ids the Go and Python clients make by default.
+    Uuid7,
+}
+
+impl Ids {
+    /// One event's id: the tool's own name for it (`tool`), unless the scheme replaces it.
+    pub fn name(self, tool: impl FnOnce() -> String) -> String {
+        match self {
+            Ids::Tool => tool(),
+            Ids::Uuid4 => uuid::Uuid::new_v4().to_string(),
+            Ids::Uuid7 => uuid::Uuid::now_v7().to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 pub enum Scenario {
     /// Durable publish throughput, every batch size x publisher count.
@@ -149,6 +173,9 @@ pub struct Args {
     /// How the open-loop scenarios publish.
     #[arg(long, value_enum, default_value = "stream")]
     pub publish_via: PublishVia,
+    /// How events are named, in Nerve's cells and in the raw Postgres and NATS baselines alike.
+    #[arg(long, value_enum, default_value = "tool")]
+    pub ids: Ids,
     /// Open loop: most publishes in flight before the schedule slips.
     #[arg(long, default_value_t = 4096)]
     pub max_outstanding: usize,
@@ -276,6 +303,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                             &args.publishers,
                             args.duration,
                             args.payload_size,
+                            args.ids,
                             &run_id,
                             &mut report.rows,
                         )
@@ -598,6 +626,7 @@ async fn nats_comparison(args: &Args, run: &str, report: &mut Report) {
                 args.connections,
                 args.duration,
                 args.payload_size,
+                args.ids,
                 run,
                 &mut report.rows,
             )
@@ -1114,6 +1143,16 @@ fn compare(report: &mut Report, optimized: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_are_named_by_the_scheme_asked_for() {
+        assert_eq!(Ids::Tool.name(|| "run-lat-7".into()), "run-lat-7");
+        for (ids, version) in [(Ids::Uuid4, 4), (Ids::Uuid7, 7)] {
+            let id = ids.name(|| unreachable!("a UUID scheme does not use the tool's name"));
+            let parsed = uuid::Uuid::parse_str(&id).expect("a UUID");
+            assert_eq!(parsed.get_version_num(), version, "{id}");
+        }
+    }
 
     fn publish(system: &str, case: &str, rate: f64) -> Row {
         let mut row = Row::new("publish", system, case);

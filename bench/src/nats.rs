@@ -9,6 +9,7 @@ use bytes::Bytes;
 use prost::Message as _;
 
 use crate::{
+    Ids,
     procstat::Meter,
     report::Row,
     util::{Call, closed_loop, event, load_row, now_ns},
@@ -140,6 +141,7 @@ pub async fn publish_matrix(
     connections: usize,
     duration: Duration,
     payload_size: usize,
+    ids: Ids,
     run: &str,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
@@ -171,7 +173,7 @@ pub async fn publish_matrix(
                 let stamp = now_ns();
                 let messages: Vec<(String, Bytes)> = (0..batch)
                     .map(|j| {
-                        let id = format!("{prefix}-{w}-{k}-{j}");
+                        let id = ids.name(|| format!("{prefix}-{w}-{k}-{j}"));
                         let e = event(id.clone(), "bench.publish.v1", k, payload_size, stamp);
                         (id, Bytes::from(e.encode_to_vec()))
                     })

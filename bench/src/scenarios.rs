@@ -275,9 +275,16 @@ async fn stream_sender(ctx: &Ctx, event_type: &'static str, tag: &str) -> Result
     }
     let prefix = format!("{}-{tag}", ctx.run);
     let size = ctx.args.payload_size;
+    let ids = ctx.args.ids;
     Ok(Arc::new(move |i, stamp| {
         let stream = &streams[(i as usize) % streams.len()];
-        let e = event(format!("{prefix}-{i}"), event_type, i, size, stamp);
+        let e = event(
+            ids.name(|| format!("{prefix}-{i}")),
+            event_type,
+            i,
+            size,
+            stamp,
+        );
         let answer = stream.send(i, vec![e]);
         Box::pin(async move {
             answer
@@ -365,9 +372,16 @@ fn call_sender(ctx: &Ctx, event_type: &'static str, tag: &str) -> Send1 {
     let buses = ctx.buses();
     let prefix = format!("{}-{tag}", ctx.run);
     let size = ctx.args.payload_size;
+    let ids = ctx.args.ids;
     Arc::new(move |i, stamp| {
         let mut bus = buses[(i as usize) % buses.len()].clone();
-        let e = event(format!("{prefix}-{i}"), event_type, i, size, stamp);
+        let e = event(
+            ids.name(|| format!("{prefix}-{i}")),
+            event_type,
+            i,
+            size,
+            stamp,
+        );
         Box::pin(async move {
             let r = bus.publish(pb::PublishRequest { events: vec![e] }).await?;
             Ok(r.into_inner().results.len() as u64)
@@ -385,13 +399,14 @@ pub async fn publish(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
             let buses = ctx.buses();
             let prefix = format!("{}-pub-b{batch}-p{publishers}", ctx.run);
             let size = ctx.args.payload_size;
+            let ids = ctx.args.ids;
             let call: Call = Arc::new(move |w, k| {
                 let mut bus = buses[w % buses.len()].clone();
                 let stamp = now_ns();
                 let events = (0..batch)
                     .map(|j| {
                         event(
-                            format!("{prefix}-{w}-{k}-{j}"),
+                            ids.name(|| format!("{prefix}-{w}-{k}-{j}")),
                             "bench.publish.v1",
                             k,
                             size,
@@ -570,6 +585,7 @@ async fn bulk_load(ctx: &Ctx, event_type: &'static str, tag: &str, n: u64) -> Re
     let buses = ctx.buses();
     let prefix = format!("{}-{tag}", ctx.run);
     let size = ctx.args.payload_size;
+    let ids = ctx.args.ids;
     let meter = Meter::start(ctx.pid);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -587,7 +603,15 @@ async fn bulk_load(ctx: &Ctx, event_type: &'static str, tag: &str, n: u64) -> Re
                 }
                 let stamp = now_ns();
                 let events: Vec<pb::Event> = (c * batch..((c + 1) * batch).min(n))
-                    .map(|i| event(format!("{prefix}-{i}"), event_type, i, size, stamp))
+                    .map(|i| {
+                        event(
+                            ids.name(|| format!("{prefix}-{i}")),
+                            event_type,
+                            i,
+                            size,
+                            stamp,
+                        )
+                    })
                     .collect();
                 let t0 = Instant::now();
                 let results = bus
@@ -855,12 +879,13 @@ pub async fn request_reply(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         }
     });
     let size = ctx.args.payload_size;
+    let ids = ctx.args.ids;
     let request_call = |tag: String| -> Call {
         let buses = ctx.buses();
         Arc::new(move |w, k| {
             let mut bus = buses[w % buses.len()].clone();
             let e = event(
-                format!("{tag}-{w}-{k}"),
+                ids.name(|| format!("{tag}-{w}-{k}")),
                 "bench.request.v1",
                 k,
                 size,
