@@ -79,6 +79,19 @@ impl Durability {
     }
 }
 
+/// Where a floor server started by [`FloorProcess::spawn`] commits, from its hidden flags: the
+/// serving side of a [`Durability`].
+pub enum Storage<'a> {
+    /// Nowhere.
+    Memory,
+    /// A log file in this directory.
+    Log(&'a std::path::Path),
+    /// A SQLite database in this directory.
+    Sqlite(&'a std::path::Path),
+    /// Postgres, in the schema this URL selects.
+    Postgres(&'a str),
+}
+
 /// The variable that gives the Postgres floor its database (URL with the scratch schema).
 pub const FLOOR_DATABASE_URL: &str = "NERVE_BENCH_FLOOR_DATABASE_URL";
 
@@ -464,67 +477,64 @@ impl EventBus for Floor {
     }
 }
 
-/// Serves a floor on a free loopback port until killed; prints `addr=<address>` on stderr once it
-/// listens, as `nerve-server` does. With `log_dir`, the fdatasync floor, its log file in that
-/// directory; with `sqlite_dir`, the SQLite floor, its database in that directory; with
-/// `database_url`, the Postgres floor, its table in the schema the URL selects.
-pub async fn serve(
-    log_dir: Option<&std::path::Path>,
-    sqlite_dir: Option<&std::path::Path>,
-    database_url: Option<&str>,
-) -> Result<()> {
+/// Serves a floor that commits to `storage` on a free loopback port until killed; prints
+/// `addr=<address>` on stderr once it listens, as `nerve-server` does.
+pub async fn serve(storage: Storage<'_>) -> Result<()> {
     let (events, _) = broadcast::channel(BACKLOG);
-    let log = if let Some(dir) = log_dir {
-        // unnamed: gone with the process, which the tool kills
-        let file = tempfile::tempfile_in(dir).context("creating the floor's log")?;
-        crate::baseline::preallocate(&file, LOG_REGION)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let events = events.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = log_thread(file, rx, events) {
-                eprintln!("the log thread failed: {e}");
-            }
-        });
-        Some(tx)
-    } else if let Some(dir) = sqlite_dir {
-        let conn = open_sqlite(dir)?;
-        conn.pragma_update(None, "wal_autocheckpoint", SQLITE_BACKSTOP_PAGES)?;
-        conn.pragma_update(None, "journal_size_limit", SQLITE_SIZE_LIMIT)?;
-        conn.set_prepared_statement_cache_capacity(16);
-        conn.execute_batch(SQLITE_DDL)
-            .context("creating the floor's table")?;
-        grow_sqlite_log(&conn).context("growing the floor's log")?;
-        let checkpoints = open_sqlite(dir)?;
-        std::thread::spawn(move || sqlite_checkpoints(checkpoints));
-        let (tx, rx) = mpsc::unbounded_channel();
-        let events = events.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = sqlite_commits(conn, rx, events) {
-                eprintln!("the SQLite commits failed: {e:#}");
-            }
-        });
-        Some(tx)
-    } else if let Some(url) = database_url {
-        use sqlx::Connection as _;
-        let mut conn = sqlx::PgConnection::connect(url)
-            .await
-            .context("connecting the floor to Postgres")?;
-        // a floor that skipped the sync would not be one
-        let (sync, fsync) = crate::baseline::commit_settings(&mut conn).await?;
-        anyhow::ensure!(
-            sync == "on" && fsync == "on",
-            "the floor's connection has synchronous_commit={sync} fsync={fsync}; both must be on"
-        );
-        let (tx, rx) = mpsc::unbounded_channel();
-        let events = events.clone();
-        tokio::spawn(async move {
-            if let Err(e) = postgres_commits(conn, rx, events).await {
-                eprintln!("the Postgres commits failed: {e:#}");
-            }
-        });
-        Some(tx)
-    } else {
-        None
+    let log = match storage {
+        Storage::Memory => None,
+        Storage::Log(dir) => {
+            // unnamed: gone with the process, which the tool kills
+            let file = tempfile::tempfile_in(dir).context("creating the floor's log")?;
+            crate::baseline::preallocate(&file, LOG_REGION)?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let events = events.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = log_thread(file, rx, events) {
+                    eprintln!("the log thread failed: {e}");
+                }
+            });
+            Some(tx)
+        }
+        Storage::Sqlite(dir) => {
+            let conn = open_sqlite(dir)?;
+            conn.pragma_update(None, "wal_autocheckpoint", SQLITE_BACKSTOP_PAGES)?;
+            conn.pragma_update(None, "journal_size_limit", SQLITE_SIZE_LIMIT)?;
+            conn.set_prepared_statement_cache_capacity(16);
+            conn.execute_batch(SQLITE_DDL)
+                .context("creating the floor's table")?;
+            grow_sqlite_log(&conn).context("growing the floor's log")?;
+            let checkpoints = open_sqlite(dir)?;
+            std::thread::spawn(move || sqlite_checkpoints(checkpoints));
+            let (tx, rx) = mpsc::unbounded_channel();
+            let events = events.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = sqlite_commits(conn, rx, events) {
+                    eprintln!("the SQLite commits failed: {e:#}");
+                }
+            });
+            Some(tx)
+        }
+        Storage::Postgres(url) => {
+            use sqlx::Connection as _;
+            let mut conn = sqlx::PgConnection::connect(url)
+                .await
+                .context("connecting the floor to Postgres")?;
+            // a floor that skipped the sync would not be one
+            let (sync, fsync) = crate::baseline::commit_settings(&mut conn).await?;
+            anyhow::ensure!(
+                sync == "on" && fsync == "on",
+                "the floor's connection has synchronous_commit={sync} fsync={fsync}; both must be on"
+            );
+            let (tx, rx) = mpsc::unbounded_channel();
+            let events = events.clone();
+            tokio::spawn(async move {
+                if let Err(e) = postgres_commits(conn, rx, events).await {
+                    eprintln!("the Postgres commits failed: {e:#}");
+                }
+            });
+            Some(tx)
+        }
     };
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     eprintln!("listening addr={}", listener.local_addr()?);

@@ -216,17 +216,33 @@ pub struct Args {
     #[serde(skip)]
     pub serve_grpc_floor: bool,
     /// With --serve-grpc-floor: group-commit to a log file in this directory.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, group = "floor_storage")]
     #[serde(skip)]
     pub floor_log_dir: Option<PathBuf>,
     /// With --serve-grpc-floor: group-commit to a SQLite database in this directory.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, group = "floor_storage")]
     #[serde(skip)]
     pub floor_sqlite_dir: Option<PathBuf>,
     /// With --serve-grpc-floor: group-commit to Postgres, in the schema this URL selects.
-    #[arg(long, hide = true, env = floor::FLOOR_DATABASE_URL)]
+    #[arg(long, hide = true, env = floor::FLOOR_DATABASE_URL, group = "floor_storage")]
     #[serde(skip)]
     pub floor_database_url: Option<String>,
+}
+
+impl Args {
+    /// Where a floor server commits: clap's `floor_storage` group admits at most one of its flags.
+    fn floor_storage(&self) -> floor::Storage<'_> {
+        match (
+            &self.floor_log_dir,
+            &self.floor_sqlite_dir,
+            &self.floor_database_url,
+        ) {
+            (Some(dir), _, _) => floor::Storage::Log(dir),
+            (_, Some(dir), _) => floor::Storage::Sqlite(dir),
+            (_, _, Some(url)) => floor::Storage::Postgres(url),
+            (None, None, None) => floor::Storage::Memory,
+        }
+    }
 }
 
 mod secs {
@@ -251,11 +267,7 @@ fn main() -> ExitCode {
         }
     };
     if args.serve_grpc_floor {
-        return match runtime.block_on(floor::serve(
-            args.floor_log_dir.as_deref(),
-            args.floor_sqlite_dir.as_deref(),
-            args.floor_database_url.as_deref(),
-        )) {
+        return match runtime.block_on(floor::serve(args.floor_storage())) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("nerve-bench: gRPC floor server: {e:#}");
