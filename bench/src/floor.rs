@@ -477,6 +477,27 @@ impl EventBus for Floor {
     }
 }
 
+/// Where a floor hands the events it committed on to its subscribers.
+type Handoff = broadcast::Sender<Arc<pb::Event>>;
+
+/// Runs a floor's group commits (`commits`, on `state`) on a thread of their own, fed by the sender
+/// it returns; `what` names them in the message if they fail.
+fn commit_thread<S: Send + 'static, E: std::fmt::Display + 'static>(
+    what: &'static str,
+    state: S,
+    events: &Handoff,
+    commits: fn(S, mpsc::UnboundedReceiver<Append>, Handoff) -> std::result::Result<(), E>,
+) -> mpsc::UnboundedSender<Append> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let events = events.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = commits(state, rx, events) {
+            eprintln!("{what} failed: {e:#}");
+        }
+    });
+    tx
+}
+
 /// Serves a floor that commits to `storage` on a free loopback port until killed; prints
 /// `addr=<address>` on stderr once it listens, as `nerve-server` does.
 pub async fn serve(storage: Storage<'_>) -> Result<()> {
@@ -487,14 +508,7 @@ pub async fn serve(storage: Storage<'_>) -> Result<()> {
             // unnamed: gone with the process, which the tool kills
             let file = tempfile::tempfile_in(dir).context("creating the floor's log")?;
             crate::baseline::preallocate(&file, LOG_REGION)?;
-            let (tx, rx) = mpsc::unbounded_channel();
-            let events = events.clone();
-            std::thread::spawn(move || {
-                if let Err(e) = log_thread(file, rx, events) {
-                    eprintln!("the log thread failed: {e}");
-                }
-            });
-            Some(tx)
+            Some(commit_thread("the log thread", file, &events, log_thread))
         }
         Storage::Sqlite(dir) => {
             let conn = open_sqlite(dir)?;
@@ -506,14 +520,12 @@ pub async fn serve(storage: Storage<'_>) -> Result<()> {
             grow_sqlite_log(&conn).context("growing the floor's log")?;
             let checkpoints = open_sqlite(dir)?;
             std::thread::spawn(move || sqlite_checkpoints(checkpoints));
-            let (tx, rx) = mpsc::unbounded_channel();
-            let events = events.clone();
-            std::thread::spawn(move || {
-                if let Err(e) = sqlite_commits(conn, rx, events) {
-                    eprintln!("the SQLite commits failed: {e:#}");
-                }
-            });
-            Some(tx)
+            Some(commit_thread(
+                "the SQLite commits",
+                conn,
+                &events,
+                sqlite_commits,
+            ))
         }
         Storage::Postgres(url) => {
             use sqlx::Connection as _;
