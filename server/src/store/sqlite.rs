@@ -1,6 +1,9 @@
-//! The embedded event store: one SQLite file in WAL mode, synchronous=FULL, one writer that group-commits.
+//! The embedded event store: one SQLite file in WAL mode, one writer that group-commits. Every commit
+//! syncs the log (`synchronous=FULL`) except those of groups' delivery state
+//! ([`SqliteDb::lock_delivery_writer`]).
 
 use std::{
+    ops::{Deref, DerefMut},
     path::{Path, PathBuf},
     str::FromStr,
     sync::Arc,
@@ -15,7 +18,7 @@ use sqlx::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
     },
 };
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::{Mutex, MutexGuard, mpsc, watch};
 
 use super::{
     AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher, Queued,
@@ -33,6 +36,12 @@ pub struct SqliteDb {
     /// The one connection that writes, so writes never wait on SQLite's busy handler. The group
     /// commit writes events on a connection of its own, holding this one's lock while it does.
     pub writer: Arc<Mutex<SqliteConnection>>,
+    /// The connection that writes groups' delivery state (claims, acks, lease changes), only while
+    /// `writer` is held ([`SqliteDb::lock_delivery_writer`]). It commits with `synchronous=NORMAL`: a
+    /// commit is in the log at once, so it survives the process, and on the disk with the next
+    /// commit that syncs the log (every event commit does; so does a checkpoint, every 50 ms). A
+    /// sync of its own made each claim and each ack wait for the disk (docs/benchmarks.md, cause 5 (q)).
+    delivery_writer: Arc<Mutex<SqliteConnection>>,
     /// The database file.
     path: PathBuf,
 }
@@ -55,6 +64,10 @@ impl SqliteDb {
             .run(&mut writer)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migrating {}: {e}", path.display())))?;
+        let delivery_writer =
+            SqliteConnection::connect_with(&options.clone().synchronous(SqliteSynchronous::Normal))
+                .await
+                .map_err(map_err)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
@@ -63,8 +76,39 @@ impl SqliteDb {
         Ok(SqliteDb {
             pool,
             writer: Arc::new(Mutex::new(writer)),
+            delivery_writer: Arc::new(Mutex::new(delivery_writer)),
             path: path.to_owned(),
         })
+    }
+
+    /// The delivery-state connection, with the writer's lock held for as long as it is used.
+    pub async fn lock_delivery_writer(&self) -> DeliveryWriter<'_> {
+        let writing = self.writer.lock().await;
+        DeliveryWriter {
+            conn: self.delivery_writer.lock().await,
+            _writing: writing,
+        }
+    }
+}
+
+/// [`SqliteDb::delivery_writer`], locked, and the writer's lock: SQLite lets one connection write at a
+/// time, and every write takes the writer's lock first.
+pub struct DeliveryWriter<'a> {
+    conn: MutexGuard<'a, SqliteConnection>,
+    _writing: MutexGuard<'a, SqliteConnection>,
+}
+
+impl Deref for DeliveryWriter<'_> {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for DeliveryWriter<'_> {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
     }
 }
 
@@ -1031,6 +1075,28 @@ mod tests {
         SqliteStore::start(SqliteDb::open(path).await.expect("open"))
             .await
             .expect("store")
+    }
+
+    /// The connection's `synchronous` level: 2 is FULL (every commit syncs the log), 1 NORMAL.
+    async fn synchronous(conn: &mut SqliteConnection) -> i64 {
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(conn)
+            .await
+            .expect("synchronous")
+    }
+
+    #[tokio::test]
+    async fn only_groups_delivery_state_commits_without_a_sync_of_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nerve.db");
+        let db = SqliteDb::open(&path).await.expect("open");
+        assert_eq!(synchronous(&mut *db.writer.lock().await).await, 2);
+        assert_eq!(synchronous(&mut *db.lock_delivery_writer().await).await, 1);
+        let events = open_rusqlite(&path).expect("events connection");
+        let level: i64 = events
+            .pragma_query_value(None, "synchronous", |row| row.get(0))
+            .expect("synchronous");
+        assert_eq!(level, 2);
     }
 
     /// How many events the database file holds by itself: `immutable` makes SQLite ignore the log.

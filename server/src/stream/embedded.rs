@@ -244,7 +244,7 @@ impl EmbeddedStreams {
         deliveries: &[(u64, u32)],
         change: PendingChange<'_>,
     ) -> StreamResult<HashSet<(u64, u32)>> {
-        let mut conn = self.store.db().writer.lock().await;
+        let mut conn = self.store.db().lock_delivery_writer().await;
         // what is in a run is there on its first attempt
         let (runs, taken) = self.take_from_runs(
             key,
@@ -564,7 +564,7 @@ impl LiveStreams for EmbeddedStreams {
             ahead.ready.extend(page.events);
             ahead.scanned_to = page.scanned_to;
         }
-        let mut conn = self.store.db().writer.lock().await;
+        let mut conn = self.store.db().lock_delivery_writer().await;
         // another consumer of the group may have claimed part of what was read: what it took is
         // not handed out again (committed history never changes, so the rest of the page stands)
         let (_, now) = self.group_snapshot(key)?;
@@ -661,7 +661,7 @@ impl LiveStreams for EmbeddedStreams {
         lease_until: DateTime<Utc>,
     ) -> StreamResult<Vec<Claimed>> {
         let now = to_ns(Utc::now());
-        let mut conn = self.store.db().writer.lock().await;
+        let mut conn = self.store.db().lock_delivery_writer().await;
         // what is still in runs whose lease ran out becomes pending entries, due, claimed like any other
         let expired: Vec<u64> = self
             .runs
@@ -1155,7 +1155,7 @@ mod tests {
         let query_only = |on: bool| {
             let streams = streams.clone();
             async move {
-                let mut writer = streams.store.db().writer.lock().await;
+                let mut writer = streams.store.db().lock_delivery_writer().await;
                 sqlx::query(if on {
                     "PRAGMA query_only = ON"
                 } else {
