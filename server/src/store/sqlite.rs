@@ -41,7 +41,9 @@ pub struct SqliteDb {
     /// commit is in the log at once, so it survives the process, and on the disk with the next
     /// commit that syncs the log (every event commit does; so does a checkpoint, every 50 ms). A
     /// sync of its own made each claim and each ack wait for the disk (docs/benchmarks.md, cause 5 (q)).
-    delivery_writer: Arc<Mutex<SqliteConnection>>,
+    /// A rusqlite connection, run on the caller's thread: through sqlx every statement crossed to a
+    /// thread of its own and back.
+    delivery_writer: Arc<Mutex<rusqlite::Connection>>,
     /// The database file.
     path: PathBuf,
 }
@@ -64,10 +66,7 @@ impl SqliteDb {
             .run(&mut writer)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migrating {}: {e}", path.display())))?;
-        let delivery_writer =
-            SqliteConnection::connect_with(&options.clone().synchronous(SqliteSynchronous::Normal))
-                .await
-                .map_err(map_err)?;
+        let delivery_writer = open_delivery_writer(path)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
@@ -94,20 +93,20 @@ impl SqliteDb {
 /// [`SqliteDb::delivery_writer`], locked, and the writer's lock: SQLite lets one connection write at a
 /// time, and every write takes the writer's lock first.
 pub struct DeliveryWriter<'a> {
-    conn: MutexGuard<'a, SqliteConnection>,
+    conn: MutexGuard<'a, rusqlite::Connection>,
     _writing: MutexGuard<'a, SqliteConnection>,
 }
 
 impl Deref for DeliveryWriter<'_> {
-    type Target = SqliteConnection;
+    type Target = rusqlite::Connection;
 
-    fn deref(&self) -> &SqliteConnection {
+    fn deref(&self) -> &rusqlite::Connection {
         &self.conn
     }
 }
 
 impl DerefMut for DeliveryWriter<'_> {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
+    fn deref_mut(&mut self) -> &mut rusqlite::Connection {
         &mut self.conn
     }
 }
@@ -369,6 +368,22 @@ fn open_rusqlite(path: &Path) -> StoreResult<rusqlite::Connection> {
     Ok(conn)
 }
 
+/// Opens the connection of groups' delivery state ([`SqliteDb::lock_delivery_writer`]): its commits
+/// do not sync the log, and it never checkpoints, since its statements run on the server's runtime
+/// (the event writer and the checkpoint thread do that work).
+fn open_delivery_writer(path: &Path) -> StoreResult<rusqlite::Connection> {
+    let unopened = unopened(path);
+    let conn = open_rusqlite(path)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(unopened)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(unopened)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+        .map_err(unopened)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
 /// Opens the group commit's own connection to the migrated database, as durable as the others.
 ///
 /// sqlx runs each connection's statements on a thread of its own and answers every statement of a
@@ -453,7 +468,7 @@ const FIND_IN_EVERY_SOURCE: &str = "WITH RECURSIVE sources(source) AS (\
      ORDER BY e.seq LIMIT 16";
 
 /// Translates errors of the group commit's connection: a full or failing disk is worth a retry.
-fn map_write_err(e: rusqlite::Error) -> StoreError {
+pub(crate) fn map_write_err(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode::*;
     match e.sqlite_error_code() {
         Some(DiskFull | SystemIoFailure | CannotOpen | DatabaseBusy | DatabaseLocked) => {
@@ -524,7 +539,8 @@ impl BatchWriter for SqliteWriter {
 /// Rows per multi-row statement (key lookups, audit records, stream entries): at a dozen parameters
 /// per row, far below SQLite's 32,766.
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
-/// Statements the group commit's connection keeps prepared: its two inserts, and room to spare.
+/// Statements each rusqlite writer keeps prepared: the group commit's two inserts, the delivery
+/// state's eight, and room to spare.
 const STATEMENT_CACHE: usize = 16;
 
 /// Writes the batch in one transaction (see [`BatchWriter::attempt`]): look up the keys already stored
@@ -1091,12 +1107,15 @@ mod tests {
         let path = dir.path().join("nerve.db");
         let db = SqliteDb::open(&path).await.expect("open");
         assert_eq!(synchronous(&mut *db.writer.lock().await).await, 2);
-        assert_eq!(synchronous(&mut *db.lock_delivery_writer().await).await, 1);
-        let events = open_rusqlite(&path).expect("events connection");
-        let level: i64 = events
-            .pragma_query_value(None, "synchronous", |row| row.get(0))
-            .expect("synchronous");
-        assert_eq!(level, 2);
+        let level = |conn: &rusqlite::Connection| -> i64 {
+            conn.pragma_query_value(None, "synchronous", |row| row.get(0))
+                .expect("synchronous")
+        };
+        assert_eq!(level(&*db.lock_delivery_writer().await), 1);
+        assert_eq!(
+            level(&open_event_writer(&path).expect("events connection")),
+            2
+        );
     }
 
     /// How many events the database file holds by itself: `immutable` makes SQLite ignore the log.

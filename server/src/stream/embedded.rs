@@ -11,7 +11,7 @@ use std::{
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection, sqlite::SqliteRow};
+use sqlx::{Connection, Row, sqlite::SqliteRow};
 use tokio::sync::{mpsc, watch};
 
 use super::{
@@ -20,7 +20,7 @@ use super::{
     leased_run::{LeasedRun, Left, RUN_ENTRIES},
     tail::Tail,
 };
-use crate::store::sqlite::{ROWS_PER_STATEMENT, from_ns, map_err, to_ns};
+use crate::store::sqlite::{from_ns, map_err, map_write_err, to_ns};
 use crate::{
     event::{Event, Priority, Selection, StoredEvent, TypePattern},
     store::{EventStore, ReadPage, ReadQuery, SqliteStore, StoreError},
@@ -95,59 +95,62 @@ fn seq_i64(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
+/// Errors of the delivery-state connection ([`crate::store::SqliteDb::lock_delivery_writer`]).
+fn write_err(e: rusqlite::Error) -> StreamError {
+    map_write_err(e).into()
+}
+
 /// Gives entries taken out of runs a `pending` row each, on their first attempt, due at `visible_ns`.
-async fn insert_pending(
-    conn: &mut SqliteConnection,
+fn insert_pending(
+    tx: &rusqlite::Transaction<'_>,
     key: &GroupKey,
     entries: &[(u64, usize)],
     visible_ns: i64,
     error: Option<&str>,
 ) -> StreamResult<()> {
-    for chunk in entries.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO pending (tenant, grp, seq, priority, attempts, visible_ns, last_error) ",
-        );
-        sql.push_values(chunk, |mut row, (seq, index)| {
-            row.push_bind(&key.tenant)
-                .push_bind(&key.name)
-                .push_bind(seq_i64(*seq))
-                .push_bind(Priority::ALL[*index].as_i64())
-                .push_bind(1_i64)
-                .push_bind(visible_ns)
-                .push_bind(error);
-        });
-        sql.push(" ON CONFLICT (tenant, grp, seq) DO NOTHING");
-        sql.build()
-            .persistent(false)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO pending (tenant, grp, seq, priority, attempts, visible_ns, last_error) \
+             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6) ON CONFLICT (tenant, grp, seq) DO NOTHING",
+        )
+        .map_err(write_err)?;
+    for (seq, index) in entries {
+        insert
+            .execute(rusqlite::params![
+                key.tenant,
+                key.name,
+                seq_i64(*seq),
+                Priority::ALL[*index].as_i64(),
+                visible_ns,
+                error
+            ])
+            .map_err(write_err)?;
     }
     Ok(())
 }
 
 /// Writes changed runs: what is left of each, or its deletion when nothing is.
-async fn write_runs(
-    conn: &mut SqliteConnection,
+fn write_runs(
+    tx: &rusqlite::Transaction<'_>,
     key: &GroupKey,
     changes: &RunChanges,
 ) -> StreamResult<()> {
     for ((_, first), left) in changes {
-        let statement = if left.open() == 0 {
-            sqlx::query("DELETE FROM leased_runs WHERE tenant = ? AND grp = ? AND first_seq = ?")
-        } else {
-            sqlx::query(
-                "UPDATE leased_runs SET settled = ? WHERE tenant = ? AND grp = ? AND first_seq = ?",
+        let first = seq_i64(*first);
+        if left.open() == 0 {
+            tx.prepare_cached(
+                "DELETE FROM leased_runs WHERE tenant = ?1 AND grp = ?2 AND first_seq = ?3",
             )
-            .bind(left.bytes())
-        };
-        statement
-            .bind(&key.tenant)
-            .bind(&key.name)
-            .bind(seq_i64(*first))
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
+            .and_then(|mut delete| delete.execute(rusqlite::params![key.tenant, key.name, first]))
+        } else {
+            tx.prepare_cached(
+                "UPDATE leased_runs SET settled = ?4 WHERE tenant = ?1 AND grp = ?2 AND first_seq = ?3",
+            )
+            .and_then(|mut update| {
+                update.execute(rusqlite::params![key.tenant, key.name, first, left.bytes()])
+            })
+        }
+        .map_err(write_err)?;
     }
     Ok(())
 }
@@ -253,61 +256,54 @@ impl EmbeddedStreams {
                 .filter(|(_, attempt)| *attempt == 1)
                 .map(|(sequence, _)| *sequence),
         );
-        let mut tx = conn.begin().await.map_err(db_err)?;
+        let tx = conn.transaction().map_err(write_err)?;
         let mut changed: HashSet<(u64, u32)> = taken.iter().map(|(seq, _)| (*seq, 1)).collect();
         if let PendingChange::Move { visible_ns, error } = &change {
-            insert_pending(&mut tx, key, &taken, *visible_ns, *error).await?;
+            insert_pending(&tx, key, &taken, *visible_ns, *error)?;
         }
-        write_runs(&mut tx, key, &runs).await?;
+        write_runs(&tx, key, &runs)?;
         let rest: Vec<(u64, u32)> = deliveries
             .iter()
             .filter(|d| !changed.contains(d))
             .copied()
             .collect();
-        for chunk in rest.chunks(ROWS_PER_STATEMENT) {
-            let mut sql = QueryBuilder::<Sqlite>::new("");
-            match &change {
-                PendingChange::Remove => {
-                    sql.push("DELETE FROM pending");
-                }
-                PendingChange::Move { visible_ns, error } => {
-                    sql.push("UPDATE pending SET visible_ns = ")
-                        .push_bind(*visible_ns)
-                        .push(", last_error = COALESCE(")
-                        .push_bind(error.map(str::to_owned))
-                        .push(", last_error)");
-                }
+        // one row each, looked up by key; a delivery repeated in the call changes its row once
+        for (sequence, attempt) in rest {
+            let found = match &change {
+                PendingChange::Remove => tx
+                    .prepare_cached(
+                        "DELETE FROM pending WHERE tenant = ?1 AND grp = ?2 AND seq = ?3 AND attempts = ?4",
+                    )
+                    .and_then(|mut delete| {
+                        delete.execute(rusqlite::params![
+                            key.tenant,
+                            key.name,
+                            seq_i64(sequence),
+                            attempt
+                        ])
+                    }),
+                PendingChange::Move { visible_ns, error } => tx
+                    .prepare_cached(
+                        "UPDATE pending SET visible_ns = ?5, last_error = COALESCE(?6, last_error) \
+                         WHERE tenant = ?1 AND grp = ?2 AND seq = ?3 AND attempts = ?4",
+                    )
+                    .and_then(|mut update| {
+                        update.execute(rusqlite::params![
+                            key.tenant,
+                            key.name,
+                            seq_i64(sequence),
+                            attempt,
+                            visible_ns,
+                            error
+                        ])
+                    }),
             }
-            // `seq IN` lets SQLite look the rows up by key; the row-value test alone scans the group
-            sql.push(" WHERE tenant = ")
-                .push_bind(&key.tenant)
-                .push(" AND grp = ")
-                .push_bind(&key.name)
-                .push(" AND seq IN (");
-            let mut seqs = sql.separated(", ");
-            for (sequence, _) in chunk {
-                seqs.push_bind(seq_i64(*sequence));
-            }
-            sql.push(") AND (seq, attempts) IN (");
-            sql.push_values(chunk, |mut row, (sequence, attempt)| {
-                row.push_bind(seq_i64(*sequence))
-                    .push_bind(i64::from(*attempt));
-            });
-            sql.push(") RETURNING seq, attempts");
-            let rows = sql
-                .build()
-                .persistent(false)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db_err)?;
-            for row in rows {
-                changed.insert((
-                    row.try_get::<i64, _>("seq").map_err(db_err)? as u64,
-                    row.try_get::<i64, _>("attempts").map_err(db_err)? as u32,
-                ));
+            .map_err(write_err)?;
+            if found > 0 {
+                changed.insert((sequence, attempt));
             }
         }
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().map_err(write_err)?;
         self.apply_runs(key, runs);
         Ok(changed)
     }
@@ -576,7 +572,7 @@ impl LiveStreams for EmbeddedStreams {
         if cursor <= now[index] {
             return Ok(Vec::new());
         }
-        let mut tx = conn.begin().await.map_err(db_err)?;
+        let tx = conn.transaction().map_err(write_err)?;
         // a row per run leases the claim: acks then update its bitmap, not a row per event
         let runs: Vec<LeasedRun> = taken
             .chunks(RUN_ENTRIES)
@@ -588,32 +584,36 @@ impl LiveStreams for EmbeddedStreams {
             })
             .collect();
         for run in &runs {
-            sqlx::query(
+            tx.prepare_cached(
                 "INSERT INTO leased_runs (tenant, grp, first_seq, priority, visible_ns, seqs, settled) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
-            .bind(&key.tenant)
-            .bind(&key.name)
-            .bind(seq_i64(run.first()))
-            .bind(level.as_i64())
-            .bind(run.visible_ns)
-            .bind(run.encode_seqs())
-            .bind(run.left().bytes())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            .and_then(|mut insert| {
+                insert.execute(rusqlite::params![
+                    key.tenant,
+                    key.name,
+                    seq_i64(run.first()),
+                    level.as_i64(),
+                    run.visible_ns,
+                    run.encode_seqs(),
+                    run.left().bytes()
+                ])
+            })
+            .map_err(write_err)?;
         }
-        sqlx::query(
-            "UPDATE group_cursors SET cursor = ? WHERE tenant = ? AND grp = ? AND priority = ?",
+        tx.prepare_cached(
+            "UPDATE group_cursors SET cursor = ?1 WHERE tenant = ?2 AND grp = ?3 AND priority = ?4",
         )
-        .bind(seq_i64(cursor))
-        .bind(&key.tenant)
-        .bind(&key.name)
-        .bind(level.as_i64())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
+        .and_then(|mut update| {
+            update.execute(rusqlite::params![
+                seq_i64(cursor),
+                key.tenant,
+                key.name,
+                level.as_i64()
+            ])
+        })
+        .map_err(write_err)?;
+        tx.commit().map_err(write_err)?;
         if let Some(g) = self
             .groups
             .lock()
@@ -679,42 +679,54 @@ impl LiveStreams for EmbeddedStreams {
             .unwrap_or_default();
         if !expired.is_empty() {
             let (runs, taken) = self.take_from_runs(key, expired.into_iter());
-            let mut tx = conn.begin().await.map_err(db_err)?;
-            insert_pending(&mut tx, key, &taken, now, None).await?;
-            write_runs(&mut tx, key, &runs).await?;
-            tx.commit().await.map_err(db_err)?;
+            let tx = conn.transaction().map_err(write_err)?;
+            insert_pending(&tx, key, &taken, now, None)?;
+            write_runs(&tx, key, &runs)?;
+            tx.commit().map_err(write_err)?;
             self.apply_runs(key, runs);
         }
         // one statement (so one transaction), not a read plus an update per entry
-        let rows = sqlx::query(
-            "UPDATE pending SET attempts = attempts + 1, visible_ns = ?, consumer = ? \
-             WHERE tenant = ? AND grp = ? AND seq IN (SELECT seq FROM pending \
-             WHERE tenant = ? AND grp = ? AND visible_ns <= ? ORDER BY priority DESC, seq LIMIT ?) \
-             RETURNING seq, priority, attempts, last_error",
-        )
-        .bind(to_ns(lease_until))
-        .bind(consumer)
-        .bind(&key.tenant)
-        .bind(&key.name)
-        .bind(&key.tenant)
-        .bind(&key.name)
-        .bind(now)
-        .bind(max as i64)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db_err)?;
+        let rows = conn
+            .prepare_cached(
+                "UPDATE pending SET attempts = attempts + 1, visible_ns = ?1, consumer = ?2 \
+                 WHERE tenant = ?3 AND grp = ?4 AND seq IN (SELECT seq FROM pending \
+                 WHERE tenant = ?3 AND grp = ?4 AND visible_ns <= ?5 ORDER BY priority DESC, seq LIMIT ?6) \
+                 RETURNING seq, priority, attempts, last_error",
+            )
+            .and_then(|mut claim| {
+                claim
+                    .query_map(
+                        rusqlite::params![
+                            to_ns(lease_until),
+                            consumer,
+                            key.tenant,
+                            key.name,
+                            now,
+                            max as i64
+                        ],
+                        |row| {
+                            Ok((
+                                row.get::<_, i64>(0)?,
+                                row.get::<_, i64>(1)?,
+                                row.get::<_, i64>(2)?,
+                                row.get::<_, Option<String>>(3)?,
+                            ))
+                        },
+                    )?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(write_err)?;
         drop(conn);
-        let mut claimed = Vec::with_capacity(rows.len());
-        for row in rows {
-            claimed.push(Claimed {
-                sequence: row.try_get::<i64, _>("seq").map_err(db_err)? as u64,
-                attempt: row.try_get::<i64, _>("attempts").map_err(db_err)? as u32,
+        let mut claimed: Vec<Claimed> = rows
+            .into_iter()
+            .map(|(sequence, priority, attempt, last_error)| Claimed {
+                sequence: sequence as u64,
+                attempt: attempt as u32,
                 event: None,
-                priority: Priority::from_i64(row.try_get("priority").map_err(db_err)?)
-                    .unwrap_or_default(),
-                last_error: row.try_get("last_error").map_err(db_err)?,
-            });
-        }
+                priority: Priority::from_i64(priority).unwrap_or_default(),
+                last_error,
+            })
+            .collect();
         // RETURNING gives no order: hand them out as the selection ranked them
         claimed.sort_by_key(|c| (Reverse(c.priority.as_i64()), c.sequence));
         let sequences: Vec<u64> = claimed.iter().map(|c| c.sequence).collect();
@@ -776,18 +788,16 @@ impl LiveStreams for EmbeddedStreams {
     }
 
     async fn remove_pending(&self, key: &GroupKey, sequence: u64) -> StreamResult<()> {
-        let mut conn = self.store.db().writer.lock().await;
+        let mut conn = self.store.db().lock_delivery_writer().await;
         let (runs, _) = self.take_from_runs(key, std::iter::once(sequence));
-        let mut tx = conn.begin().await.map_err(db_err)?;
-        write_runs(&mut tx, key, &runs).await?;
-        sqlx::query("DELETE FROM pending WHERE tenant = ? AND grp = ? AND seq = ?")
-            .bind(&key.tenant)
-            .bind(&key.name)
-            .bind(seq_i64(sequence))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
+        let tx = conn.transaction().map_err(write_err)?;
+        write_runs(&tx, key, &runs)?;
+        tx.prepare_cached("DELETE FROM pending WHERE tenant = ?1 AND grp = ?2 AND seq = ?3")
+            .and_then(|mut delete| {
+                delete.execute(rusqlite::params![key.tenant, key.name, seq_i64(sequence)])
+            })
+            .map_err(write_err)?;
+        tx.commit().map_err(write_err)?;
         self.apply_runs(key, runs);
         Ok(())
     }
@@ -1155,15 +1165,10 @@ mod tests {
         let query_only = |on: bool| {
             let streams = streams.clone();
             async move {
-                let mut writer = streams.store.db().lock_delivery_writer().await;
-                sqlx::query(if on {
-                    "PRAGMA query_only = ON"
-                } else {
-                    "PRAGMA query_only = OFF"
-                })
-                .execute(&mut *writer)
-                .await
-                .expect("pragma");
+                let writer = streams.store.db().lock_delivery_writer().await;
+                writer
+                    .pragma_update(None, "query_only", on)
+                    .expect("pragma");
             }
         };
         query_only(true).await;
