@@ -467,7 +467,8 @@ const FIND_IN_EVERY_SOURCE: &str = "WITH RECURSIVE sources(source) AS (\
      SELECT e.* FROM sources JOIN events e ON e.tenant = ?1 AND e.source = sources.source AND e.id = ?2 \
      ORDER BY e.seq LIMIT 16";
 
-/// Translates errors of the group commit's connection: a full or failing disk is worth a retry.
+/// Translates errors of the rusqlite writers (events, delivery state): a full or failing disk is worth
+/// a retry.
 pub(crate) fn map_write_err(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode::*;
     match e.sqlite_error_code() {
@@ -540,7 +541,7 @@ impl BatchWriter for SqliteWriter {
 /// per row, far below SQLite's 32,766.
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
 /// Statements each rusqlite writer keeps prepared: the group commit's two inserts, the delivery
-/// state's eight, and room to spare.
+/// state's nine, and room to spare.
 const STATEMENT_CACHE: usize = 16;
 
 /// Writes the batch in one transaction (see [`BatchWriter::attempt`]): look up the keys already stored
@@ -1093,20 +1094,17 @@ mod tests {
             .expect("store")
     }
 
-    /// The connection's `synchronous` level: 2 is FULL (every commit syncs the log), 1 NORMAL.
-    async fn synchronous(conn: &mut SqliteConnection) -> i64 {
-        sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(conn)
-            .await
-            .expect("synchronous")
-    }
-
     #[tokio::test]
     async fn only_groups_delivery_state_commits_without_a_sync_of_its_own() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("nerve.db");
         let db = SqliteDb::open(&path).await.expect("open");
-        assert_eq!(synchronous(&mut *db.writer.lock().await).await, 2);
+        // 2 is FULL (every commit syncs the log), 1 NORMAL
+        let writer: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *db.writer.lock().await)
+            .await
+            .expect("synchronous");
+        assert_eq!(writer, 2);
         let level = |conn: &rusqlite::Connection| -> i64 {
             conn.pragma_query_value(None, "synchronous", |row| row.get(0))
                 .expect("synchronous")
