@@ -15,7 +15,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::sync::watch;
 
 use crate::{
-    Ids,
+    Args, Ids,
     procstat::Meter,
     report::Row,
     server::{create_schema, drop_schema, url_with_options},
@@ -212,26 +212,18 @@ async fn insert(pool: &PgPool, rows: &[RawRow]) -> Result<()> {
     Ok(())
 }
 
-/// Inserts batches of `batch` rows from `writers` connections in a closed loop for `duration`.
-#[allow(clippy::too_many_arguments)]
+/// Runs `insert` (a call inserting `batch` rows) from `writers` connections in a closed loop for
+/// `duration`.
 async fn measure_inserts(
-    pg: &Pg,
     system: &str,
     batch: usize,
     writers: usize,
     duration: Duration,
-    payload_size: usize,
-    ids: Ids,
-    tag: String,
+    insert: Call,
     note: String,
 ) -> Row {
     let meter = Meter::start(None);
-    let r = closed_loop(
-        writers,
-        duration,
-        pg.insert_call(batch, payload_size, ids, tag),
-    )
-    .await;
+    let r = closed_loop(writers, duration, insert).await;
     let row = Row::new(
         "publish",
         system,
@@ -242,21 +234,13 @@ async fn measure_inserts(
     row
 }
 
-/// Raw insert rates for every batch size x writer count of the publish matrix, then the ceiling of
-/// one ordered writer.
-#[allow(clippy::too_many_arguments)]
-pub async fn postgres_matrix(
-    pg: &Pg,
-    batch_sizes: &[usize],
-    writers: &[usize],
-    duration: Duration,
-    payload_size: usize,
-    ids: Ids,
-    run: &str,
-    rows: &mut Vec<Row>,
-) {
-    for &batch in batch_sizes {
-        for &w in writers {
+/// Raw insert rates for every batch size x publisher count of the publish matrix, then the ceiling
+/// of one ordered writer.
+pub async fn postgres_matrix(pg: &Pg, args: &Args, run: &str, rows: &mut Vec<Row>) {
+    let insert =
+        |batch: usize, tag: String| pg.insert_call(batch, args.payload_size, args.ids, tag);
+    for &batch in &args.batch_sizes {
+        for &w in &args.publishers {
             let note = if batch == 1 {
                 "single-row INSERT, autocommit, synchronous_commit=on".into()
             } else {
@@ -264,27 +248,15 @@ pub async fn postgres_matrix(
                     "{batch}-row UNNEST INSERT per autocommit transaction, synchronous_commit=on"
                 )
             };
-            let tag = format!("{run}-raw-b{batch}-w{w}");
-            rows.push(
-                measure_inserts(
-                    pg,
-                    "postgres (raw)",
-                    batch,
-                    w,
-                    duration,
-                    payload_size,
-                    ids,
-                    tag,
-                    note,
-                )
-                .await,
-            );
+            let call = insert(batch, format!("{run}-raw-b{batch}-w{w}"));
+            rows.push(measure_inserts("postgres (raw)", batch, w, args.duration, call, note).await);
         }
     }
     // Nerve commits in sequence order, so one connection writes each group commit; at the largest
     // cell a group commit holds up to batch x publishers events. One connection inserting batches of
     // that size is the ceiling of any design that keeps commit order = sequence order.
-    let (Some(&batch), Some(&w)) = (batch_sizes.iter().max(), writers.iter().max()) else {
+    let (Some(&batch), Some(&w)) = (args.batch_sizes.iter().max(), args.publishers.iter().max())
+    else {
         return;
     };
     let group = batch * w;
@@ -295,21 +267,8 @@ pub async fn postgres_matrix(
         "one connection, {group}-row UNNEST INSERT per transaction (a full group commit of the \
          largest cell): the ceiling of one ordered writer"
     );
-    let tag = format!("{run}-raw-serial-b{group}");
-    rows.push(
-        measure_inserts(
-            pg,
-            PG_SERIAL,
-            group,
-            1,
-            duration,
-            payload_size,
-            ids,
-            tag,
-            note,
-        )
-        .await,
-    );
+    let call = insert(group, format!("{run}-raw-serial-b{group}"));
+    rows.push(measure_inserts(PG_SERIAL, group, 1, args.duration, call, note).await);
 }
 
 /// System name of the one-ordered-writer ceiling row.

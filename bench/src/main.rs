@@ -309,17 +309,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                             "postgres (baseline connections)".into(),
                             pg.settings.clone(),
                         ));
-                        baseline::postgres_matrix(
-                            &pg,
-                            &args.batch_sizes,
-                            &args.publishers,
-                            args.duration,
-                            args.payload_size,
-                            args.ids,
-                            &run_id,
-                            &mut report.rows,
-                        )
-                        .await;
+                        baseline::postgres_matrix(&pg, &args, &run_id, &mut report.rows).await;
                         if let Err(e) = pg.drop().await {
                             fail(
                                 &mut report,
@@ -630,19 +620,7 @@ async fn nats_comparison(args: &Args, run: &str, report: &mut Report) {
         progress(&format!("peer: {label}"));
         let outcome = async {
             let server = nats::NatsServer::start(&binary, sync).await?;
-            let r = nats::publish_matrix(
-                &server,
-                label,
-                &args.batch_sizes,
-                &args.publishers,
-                args.connections,
-                args.duration,
-                args.payload_size,
-                args.ids,
-                run,
-                &mut report.rows,
-            )
-            .await;
+            let r = nats::publish_matrix(&server, label, args, run, &mut report.rows).await;
             server.stop().await;
             r
         }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use prost::Message as _;
 
 use crate::{
-    Ids,
+    Args,
     procstat::Meter,
     report::Row,
     util::{Call, closed_loop, event, load_row, now_ns},
@@ -132,21 +132,16 @@ impl NatsServer {
 /// Publish throughput on JetStream for every batch size x publisher count: a batch is `batch`
 /// publishes sent back to back whose acks are then awaited together (JetStream has no atomic batch in
 /// this client; this is its fastest way to have `batch` messages acknowledged).
-#[allow(clippy::too_many_arguments)]
 pub async fn publish_matrix(
     server: &NatsServer,
     label: &str,
-    batch_sizes: &[usize],
-    publishers: &[usize],
-    connections: usize,
-    duration: Duration,
-    payload_size: usize,
-    ids: Ids,
+    args: &Args,
     run: &str,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
+    let (payload_size, ids) = (args.payload_size, args.ids);
     let mut clients = Vec::new();
-    for _ in 0..connections.max(1) {
+    for _ in 0..args.connections.max(1) {
         clients.push(
             async_nats::connect(&server.url)
                 .await
@@ -164,8 +159,8 @@ pub async fn publish_matrix(
     .map_err(|e| anyhow!("creating the JetStream stream: {e}"))?;
     let contexts: Arc<Vec<jetstream::Context>> =
         Arc::new(clients.iter().map(|c| jetstream::new(c.clone())).collect());
-    for &batch in batch_sizes {
-        for &p in publishers {
+    for &batch in &args.batch_sizes {
+        for &p in &args.publishers {
             let contexts = contexts.clone();
             let prefix = format!("{run}-nats-b{batch}-p{p}");
             let call: Call = Arc::new(move |w, k| {
@@ -198,7 +193,7 @@ pub async fn publish_matrix(
                 })
             });
             let meter = Meter::start(server.pid());
-            let r = closed_loop(p, duration, call).await;
+            let r = closed_loop(p, args.duration, call).await;
             let row = Row::new("publish", label, format!("batch={batch} publishers={p}"));
             rows.push(load_row(row, &r, &meter));
         }
