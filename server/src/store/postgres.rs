@@ -135,11 +135,7 @@ impl PostgresStore {
             channel.clone(),
             committed_tx.clone(),
         ));
-        let options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?
-            // Without statistics (a new deployment) the commit statement's estimates cross the JIT
-            // threshold, and compiling it cost ~15 ms per commit; it never pays off for one commit.
-            .options([("jit", "off")]);
+        let options = writer_options(url)?;
         let recent = Arc::new(RecentCommits::default());
         let commits = commit::start(
             PostgresWriter {
@@ -157,6 +153,22 @@ impl PostgresStore {
             recent,
         }))
     }
+}
+
+/// Where the group-commit writer connects: the store's URL with the settings its commit statement needs.
+fn writer_options(url: &str) -> StoreResult<PgConnectOptions> {
+    Ok(PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?
+        .options([
+            // Without statistics (a new deployment) the commit statement's estimates cross the JIT
+            // threshold, and compiling it cost ~15 ms per commit; it never pays off for one commit.
+            ("jit", "off"),
+            // The commit statement's plan does not depend on its parameters (arrays unnested into
+            // inserts, one locked row), yet Postgres' default chose a custom plan for every commit:
+            // planning its five CTEs was about a quarter of the writer backend's CPU (docs/benchmarks.md,
+            // cause 4). The key lookup, whose plan does depend on the table, sets the default back.
+            ("plan_cache_mode", "force_generic_plan"),
+        ]))
 }
 
 /// Follows other replicas' commits; after a lost connection it re-reads the head, so nothing is missed.
@@ -297,10 +309,12 @@ async fn write_batch(
     }
     // One round trip (simple query protocol). The row lock orders whole transactions across replicas:
     // sequence order is commit order.
-    let locked = sqlx::raw_sql("BEGIN; SELECT seq FROM nerve_sequence FOR UPDATE")
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(map_err)?;
+    let locked = sqlx::raw_sql(
+        "BEGIN; SET LOCAL plan_cache_mode = auto; SELECT seq FROM nerve_sequence FOR UPDATE",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(map_err)?;
     let head: i64 = locked
         .first()
         .ok_or_else(|| StoreError::Internal("the nerve_sequence row is missing".into()))?
@@ -878,5 +892,72 @@ impl EventStore for PostgresStore {
 
     fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    /// Needs NERVE_TEST_DATABASE_URL (scripts/test.sh starts Postgres and sets it).
+    async fn fresh_schema_url() -> String {
+        let url = std::env::var("NERVE_TEST_DATABASE_URL")
+            .expect("NERVE_TEST_DATABASE_URL is not set: run scripts/test.sh");
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect(&url).await.expect("connect");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&mut conn)
+            .await
+            .expect("create schema");
+        format!("{url}?options=-c%20search_path%3D{schema}")
+    }
+
+    #[tokio::test]
+    async fn the_writer_plans_its_commit_statement_once_not_per_commit() {
+        let url = fresh_schema_url().await;
+        // migrates the schema
+        let _store = PostgresStore::connect(&url, 2)
+            .await
+            .expect("connect store");
+        let mut conn = PgConnection::connect_with(&writer_options(&url).expect("options"))
+            .await
+            .expect("connect writer");
+        for commit in 0..8 {
+            let (reply, _) = tokio::sync::oneshot::channel();
+            let events = (0..3)
+                .map(|i| {
+                    let event = Event {
+                        id: format!("{commit}-{i}"),
+                        source: "//plans".into(),
+                        event_type: "plan.checked".into(),
+                        spec_version: "1.0".into(),
+                        ..Event::default()
+                    };
+                    NewEvent::new(event.clone(), event.content_hash())
+                })
+                .collect();
+            let batch = [CommitRequest {
+                tenant: "t".into(),
+                events,
+                reply,
+            }];
+            assert!(
+                write_batch(&mut conn, &batch, false, "plans").await.is_ok(),
+                "commit {commit} failed"
+            );
+        }
+        let (generic, custom): (i64, i64) = sqlx::query_as(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+             WHERE statement LIKE 'WITH lock AS%'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("the commit statement is prepared");
+        assert_eq!(
+            (generic, custom),
+            (8, 0),
+            "(generic, custom) plans of 8 commits"
+        );
     }
 }
