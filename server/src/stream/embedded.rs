@@ -386,6 +386,28 @@ impl EmbeddedStreams {
             .retain(|(group, _), _| group != key);
     }
 
+    /// The page a claim's `query` reads, taken from the tail when it holds the whole range: live
+    /// groups then claim without a read on the store's threads, which cost each claim two thread
+    /// hand-offs (docs/benchmarks.md, cause 5 (r)). It returns every matching event up to where it
+    /// looked, as [`EventStore::read`] does; `None` for what the tail does not hold or cannot filter.
+    fn page_from_tail(&self, query: &ReadQuery) -> Option<ReadPage> {
+        if query.source.is_some() || query.subject.is_some() || query.correlation_id.is_some() {
+            return None;
+        }
+        let limit = query.limit.clamp(1, 10_000);
+        let (events, scanned_to) = self.tail.scan(query.after, query.until?, limit, |e| {
+            e.tenant == query.tenant
+                && query.priority.is_none_or(|level| e.event.priority == level)
+                && (query.types.is_empty()
+                    || query.types.iter().any(|t| t.matches(&e.event.event_type)))
+        })?;
+        Some(ReadPage {
+            exhausted: events.len() < limit,
+            events,
+            scanned_to,
+        })
+    }
+
     fn group_snapshot(&self, key: &GroupKey) -> StreamResult<(GroupConfig, [u64; 4])> {
         let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
         groups
@@ -552,9 +574,11 @@ impl LiveStreams for EmbeddedStreams {
                 })??,
                 // most pages match in full (types are filtered in SQL): more would be decoded for nothing
                 None => {
-                    self.store
-                        .read(&query(ahead.scanned_to, (max - taken.len()).max(64)))
-                        .await?
+                    let page = query(ahead.scanned_to, (max - taken.len()).max(64));
+                    match self.page_from_tail(&page) {
+                        Some(page) => page,
+                        None => self.store.read(&page).await?,
+                    }
                 }
             };
             ahead.ready.extend(page.events);
@@ -632,7 +656,12 @@ impl LiveStreams for EmbeddedStreams {
         drop(conn);
         // with backlog left, the next claim's events are read while this one is delivered and acked
         ahead.after = cursor;
-        if ahead.reading.is_none() && ahead.scanned_to < until && ahead.ready.len() < max {
+        // (the tail's events cost no read: the next claim takes them from there)
+        if ahead.reading.is_none()
+            && ahead.scanned_to < until
+            && ahead.ready.len() < max
+            && !self.tail.holds(ahead.scanned_to, until)
+        {
             let store = self.store.clone();
             let query = query(ahead.scanned_to, max.max(64));
             ahead.reading = Some(tokio::spawn(async move { store.read(&query).await }));
@@ -1102,6 +1131,102 @@ mod tests {
         };
         streams.ensure_group(&key, &config, 0).await.expect("group");
         (streams, key, selection)
+    }
+
+    /// Every page of `query` from `after` on until `until`, read by `read`: the sequences in order.
+    async fn page_through<F, Fut>(mut query: ReadQuery, until: u64, read: F) -> Vec<u64>
+    where
+        F: Fn(ReadQuery) -> Fut,
+        Fut: std::future::Future<Output = ReadPage>,
+    {
+        let mut sequences = Vec::new();
+        while query.after < until {
+            let page = read(query.clone()).await;
+            sequences.extend(page.events.iter().map(|e| e.sequence));
+            assert!(page.scanned_to > query.after, "a page must move on");
+            query.after = page.scanned_to;
+        }
+        sequences
+    }
+
+    #[tokio::test]
+    async fn claim_pages_from_the_tail_hold_what_the_store_reads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::start(
+            SqliteDb::open(&dir.path().join("t.db"))
+                .await
+                .expect("open"),
+        )
+        .await
+        .expect("store");
+        let streams = EmbeddedStreams::start(store.clone())
+            .await
+            .expect("streams");
+        let types = ["job", "job.big", "other"];
+        for tenant in ["t", "u"] {
+            let events = (0..90)
+                .map(|i| {
+                    let event = Event {
+                        id: format!("{tenant}{i}"),
+                        source: "test".into(),
+                        event_type: types[i % 3].into(),
+                        priority: Priority::ALL[(i / 3) % 4],
+                        ..Event::default()
+                    };
+                    let hash = event.content_hash();
+                    NewEvent::new(event, hash)
+                })
+                .collect();
+            store.append(tenant, events).await.expect("append");
+        }
+        let head = store.head().await.expect("head");
+        let all = store.read_all(0, 1000).await.expect("read");
+        streams.append(&all).await.expect("tail");
+        let pattern = |p: &str| TypePattern::parse(p).expect("pattern");
+        let selections = [
+            vec![pattern("job")],
+            vec![pattern("job.>")],
+            vec![pattern("*")],
+            vec![],
+        ];
+        for tenant in ["t", "u"] {
+            for level in Priority::ALL {
+                for types in &selections {
+                    for limit in [1, 7, 64] {
+                        let query = ReadQuery {
+                            tenant: tenant.into(),
+                            until: Some(head),
+                            priority: Some(level),
+                            types: types.clone(),
+                            limit,
+                            ..ReadQuery::default()
+                        };
+                        let from_tail = page_through(query.clone(), head, |q| {
+                            let page = streams.page_from_tail(&q).expect("the tail holds it");
+                            async move { page }
+                        })
+                        .await;
+                        let from_store = page_through(query, head, |q| {
+                            let store = store.clone();
+                            async move { store.read(&q).await.expect("read") }
+                        })
+                        .await;
+                        assert_eq!(
+                            from_tail, from_store,
+                            "{tenant} {level:?} {types:?} limit {limit}"
+                        );
+                    }
+                }
+            }
+        }
+        // what the window does not hold is left to the store
+        let beyond = ReadQuery {
+            tenant: "t".into(),
+            until: Some(head + 1),
+            limit: 10,
+            ..ReadQuery::default()
+        };
+        assert!(streams.page_from_tail(&beyond).is_none());
     }
 
     #[tokio::test]

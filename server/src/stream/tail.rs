@@ -20,6 +20,14 @@ struct Window {
     last: u64,
 }
 
+impl Window {
+    /// Whether every event in (`after`, `until`] is here: the window is a gapless run of the log.
+    fn holds(&self, after: u64, until: u64) -> bool {
+        let first = self.events.front().map_or(self.last + 1, |e| e.sequence);
+        after + 1 >= first && until <= self.last
+    }
+}
+
 /// A bounded window over the log's newest events with a watch on its last sequence.
 pub(crate) struct Tail {
     window: RwLock<Window>,
@@ -93,6 +101,44 @@ impl Tail {
                 oldest: window.last + 1,
             },
         }
+    }
+
+    /// Up to `limit` events in (`after`, `until`] that `keep` accepts, in order, and the last sequence
+    /// looked at (`until` when fewer than `limit` were kept); `None` unless the window holds every
+    /// event in that range.
+    pub(crate) fn scan(
+        &self,
+        after: u64,
+        until: u64,
+        limit: usize,
+        keep: impl Fn(&StoredEvent) -> bool,
+    ) -> Option<(Vec<Arc<StoredEvent>>, u64)> {
+        let window = self.window.read().unwrap_or_else(|p| p.into_inner());
+        if !window.holds(after, until) {
+            return None;
+        }
+        let start = window.events.partition_point(|e| e.sequence <= after);
+        let mut kept = Vec::new();
+        for event in window.events.range(start..) {
+            if event.sequence > until {
+                break;
+            }
+            if keep(event) {
+                kept.push(event.clone());
+                if kept.len() >= limit {
+                    return Some((kept, event.sequence));
+                }
+            }
+        }
+        Some((kept, until))
+    }
+
+    /// Whether the window holds every event in (`after`, `until`].
+    pub(crate) fn holds(&self, after: u64, until: u64) -> bool {
+        self.window
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .holds(after, until)
     }
 
     /// Returns the events of the given sequences that the window still holds.
