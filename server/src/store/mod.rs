@@ -104,6 +104,14 @@ pub struct ReadQuery {
     pub limit: usize,
 }
 
+impl ReadQuery {
+    /// The most events one page of this query holds: its limit, within 1..=10,000. Every reader of a
+    /// page (both stores, and embedded claims served from the tail) bounds it alike.
+    pub(crate) fn page_limit(&self) -> usize {
+        self.limit.clamp(1, 10_000)
+    }
+}
+
 /// The literal types of a selection made only of literal types, else None (read every type, filter
 /// after reading). Both stores read literal types as one ordered index range each.
 pub(crate) fn literal_types(query: &ReadQuery) -> Option<Vec<&str>> {

@@ -475,7 +475,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
-        let limit = query.limit.clamp(1, 10_000);
+        let limit = query.page_limit();
         let literals = literal_types(query);
         // one ordered, limited index range per literal type, merged: with `type = ANY($n)` a plan made
         // from stale statistics (a fast-growing table) reads and sorts every match after the position

@@ -662,7 +662,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
-        let limit = query.limit.clamp(1, 10_000);
+        let limit = query.page_limit();
         let literals = literal_types(query);
         let mut sql = QueryBuilder::<Sqlite>::new("");
         push_page_read(&mut sql, query, literals.as_deref(), limit);

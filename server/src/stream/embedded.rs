@@ -394,7 +394,7 @@ impl EmbeddedStreams {
         if query.source.is_some() || query.subject.is_some() || query.correlation_id.is_some() {
             return None;
         }
-        let limit = query.limit.clamp(1, 10_000);
+        let limit = query.page_limit();
         let (events, scanned_to) = self.tail.scan(query.after, query.until?, limit, |e| {
             e.tenant == query.tenant
                 && query.priority.is_none_or(|level| e.event.priority == level)
