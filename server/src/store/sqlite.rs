@@ -80,6 +80,12 @@ impl SqliteDb {
         })
     }
 
+    /// The delivery-state connection for reads only, without the writer's lock: WAL lets it read
+    /// beside any writer, so a check that finds nothing to write waits for no commit.
+    pub async fn lock_delivery_reads(&self) -> MutexGuard<'_, rusqlite::Connection> {
+        self.delivery_writer.lock().await
+    }
+
     /// The delivery-state connection, with the writer's lock held for as long as it is used.
     pub async fn lock_delivery_writer(&self) -> DeliveryWriter<'_> {
         let writing = self.writer.lock().await;

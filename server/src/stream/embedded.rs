@@ -95,7 +95,8 @@ fn seq_i64(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
-/// Errors of the delivery-state connection ([`crate::store::SqliteDb::lock_delivery_writer`]).
+/// Errors of the delivery-state connection ([`crate::store::SqliteDb::lock_delivery_writer`], and its
+/// reads without the lock).
 fn write_err(e: rusqlite::Error) -> StreamError {
     map_write_err(e).into()
 }
@@ -408,6 +409,44 @@ impl EmbeddedStreams {
         })
     }
 
+    /// When the group's earliest pending entry (outside runs) is due, in ns since the epoch. Read on
+    /// the delivery connection without the writer's lock: every fill asks, and through sqlx's pool
+    /// each ask was two thread hand-offs (docs/benchmarks.md, cause 5 (s)).
+    async fn next_pending_due(&self, key: &GroupKey) -> StreamResult<Option<i64>> {
+        let conn = self.store.db().lock_delivery_reads().await;
+        conn.prepare_cached("SELECT MIN(visible_ns) FROM pending WHERE tenant = ?1 AND grp = ?2")
+            .and_then(|mut next| {
+                next.query_row(rusqlite::params![key.tenant, key.name], |row| row.get(0))
+            })
+            .map_err(write_err)
+    }
+
+    /// When the group's earliest leased run's lease ends, in ns since the epoch.
+    fn next_run_due(&self, key: &GroupKey) -> Option<i64> {
+        self.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .and_then(|group| {
+                group
+                    .iter()
+                    .flat_map(|level| level.values().map(|run| run.visible_ns))
+                    .min()
+            })
+    }
+
+    /// Whether a claim of due entries at `now` can find any. Most fills find none, and the claim
+    /// itself takes the writer's lock, so it waited for the event commit in flight for nothing.
+    async fn anything_due(&self, key: &GroupKey, now: i64) -> StreamResult<bool> {
+        if self.next_run_due(key).is_some_and(|due| due <= now) {
+            return Ok(true);
+        }
+        Ok(self
+            .next_pending_due(key)
+            .await?
+            .is_some_and(|due| due <= now))
+    }
+
     fn group_snapshot(&self, key: &GroupKey) -> StreamResult<(GroupConfig, [u64; 4])> {
         let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
         groups
@@ -551,11 +590,14 @@ impl LiveStreams for EmbeddedStreams {
                 reading: None,
             });
         let mut taken = Vec::new();
+        // whether the range read holds any event of the level and types
+        let mut passed_any = false;
         // bounded, so a group whose selection matches little answers its consumer in time
         for _ in 0..8 {
             while taken.len() < max
                 && let Some(event) = ahead.ready.pop_front()
             {
+                passed_any = true;
                 cursor = event.sequence;
                 if config.selection.matches(&event.event) {
                     taken.push(event);
@@ -583,6 +625,16 @@ impl LiveStreams for EmbeddedStreams {
             };
             ahead.ready.extend(page.events);
             ahead.scanned_to = page.scanned_to;
+        }
+        if !passed_any {
+            // No event of the level and types past the cursor: nothing to lease, and the cursor need
+            // not move (the group's lag counts none there), so no writer's lock, which would wait for
+            // the event commit in flight. The read-ahead keeps how far this claim looked.
+            self.claim_ahead
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((key.clone(), index), ahead);
+            return Ok(Vec::new());
         }
         let mut conn = self.store.db().lock_delivery_writer().await;
         // another consumer of the group may have claimed part of what was read: what it took is
@@ -690,6 +742,9 @@ impl LiveStreams for EmbeddedStreams {
         lease_until: DateTime<Utc>,
     ) -> StreamResult<Vec<Claimed>> {
         let now = to_ns(Utc::now());
+        if !self.anything_due(key, now).await? {
+            return Ok(Vec::new());
+        }
         let mut conn = self.store.db().lock_delivery_writer().await;
         // what is still in runs whose lease ran out becomes pending entries, due, claimed like any other
         let expired: Vec<u64> = self
@@ -767,25 +822,12 @@ impl LiveStreams for EmbeddedStreams {
     }
 
     async fn next_due(&self, key: &GroupKey) -> StreamResult<Option<DateTime<Utc>>> {
-        let next: Option<i64> =
-            sqlx::query_scalar("SELECT MIN(visible_ns) FROM pending WHERE tenant = ? AND grp = ?")
-                .bind(&key.tenant)
-                .bind(&key.name)
-                .fetch_one(&self.store.db().pool)
-                .await
-                .map_err(db_err)?;
-        let in_runs = self
-            .runs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .and_then(|group| {
-                group
-                    .iter()
-                    .flat_map(|level| level.values().map(|run| run.visible_ns))
-                    .min()
-            });
-        Ok(next.into_iter().chain(in_runs).min().map(from_ns))
+        let next = self.next_pending_due(key).await?;
+        Ok(next
+            .into_iter()
+            .chain(self.next_run_due(key))
+            .min()
+            .map(from_ns))
     }
 
     async fn ack(&self, key: &GroupKey, deliveries: &[(u64, u32)]) -> StreamResult<Vec<bool>> {
@@ -1275,6 +1317,58 @@ mod tests {
             .expect("ack");
         assert_eq!(acked, [true, false, true]);
         assert_eq!(streams.groups("t").await.expect("groups")[0].pending, 4);
+    }
+
+    #[tokio::test]
+    async fn claims_with_nothing_to_claim_wait_for_no_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (streams, key, _) = group_with_backlog(dir.path(), 3, |_| Priority::Normal).await;
+        let lease = Utc::now() + chrono::Duration::seconds(30);
+        let claimed = streams
+            .claim_new(&key, "a", Priority::Normal, 100, lease)
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len(), 3);
+        // an event commit in flight holds the writer's lock
+        let db = streams.store.db().clone();
+        let commit = db.writer.lock().await;
+        let quick = std::time::Duration::from_secs(5);
+        let due = tokio::time::timeout(quick, streams.claim_due(&key, "b", 100, lease))
+            .await
+            .expect("nothing is due: the claim must not wait for the commit")
+            .expect("claim due");
+        assert!(due.is_empty());
+        for level in Priority::ALL {
+            let new = tokio::time::timeout(quick, streams.claim_new(&key, "b", level, 100, lease))
+                .await
+                .expect("nothing is new: the claim must not wait for the commit")
+                .expect("claim new");
+            assert!(new.is_empty());
+        }
+        let next = tokio::time::timeout(quick, streams.next_due(&key))
+            .await
+            .expect("asking when something is due must not wait for the commit")
+            .expect("next due");
+        assert_eq!(next.map(to_ns), Some(to_ns(lease)), "the run's lease");
+        drop(commit);
+
+        // something due still takes the lock and is claimed
+        let moved = streams
+            .set_visible_at(
+                &key,
+                &[(2, 1)],
+                Utc::now() - chrono::Duration::seconds(1),
+                None,
+            )
+            .await
+            .expect("nack");
+        assert_eq!(moved, [true]);
+        let due = streams
+            .claim_due(&key, "b", 100, lease)
+            .await
+            .expect("claim due");
+        let due: Vec<(u64, u32)> = due.iter().map(|c| (c.sequence, c.attempt)).collect();
+        assert_eq!(due, [(2, 2)]);
     }
 
     #[tokio::test]
