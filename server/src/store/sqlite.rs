@@ -547,7 +547,7 @@ impl BatchWriter for SqliteWriter {
 /// per row, far below SQLite's 32,766.
 pub(crate) const ROWS_PER_STATEMENT: usize = 500;
 /// Statements each rusqlite writer keeps prepared: the group commit's two inserts, the delivery
-/// state's nine, and room to spare.
+/// state's ten, and room to spare.
 const STATEMENT_CACHE: usize = 16;
 
 /// Writes the batch in one transaction (see [`BatchWriter::attempt`]): look up the keys already stored
