@@ -15,11 +15,11 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::sync::watch;
 
 use crate::{
-    Args, Ids,
+    Args, Ids, Pacing,
     procstat::Meter,
     report::Row,
     server::{create_schema, drop_schema, url_with_options},
-    util::{Call, Hist, Send1, closed_loop, event, load_row, now_ns, open_loop},
+    util::{Call, Hist, Send1, closed_loop, event, load_row, now_ns, open_loop, pacing_note},
 };
 
 /// The events table exactly as Nerve's Postgres migration creates it (columns and indexes).
@@ -354,6 +354,7 @@ impl RedisBase {
         rate: u64,
         duration: Duration,
         max_outstanding: usize,
+        pacing: Pacing,
         payload_size: usize,
     ) -> Result<Row> {
         let key = format!("{}lat{rate}", self.prefix);
@@ -444,7 +445,7 @@ impl RedisBase {
             })
         };
         let meter = Meter::start(None);
-        let r = open_loop(rate as f64, duration, max_outstanding, send).await;
+        let r = open_loop(rate as f64, duration, max_outstanding, pacing, send).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while received.load(Ordering::Relaxed) < r.events && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -463,8 +464,10 @@ impl RedisBase {
         row.errors = r.errors + u64::from(got < r.events);
         row.first_error = r.first_error;
         row.note = format!(
-            "XADD (one per event) -> XREADGROUP COUNT 1000 BLOCK -> XACK; sent {} of {} planned",
-            r.sent, r.planned
+            "XADD (one per event) -> XREADGROUP COUNT 1000 BLOCK -> XACK; {}; sent {} of {} planned",
+            pacing_note(pacing),
+            r.sent,
+            r.planned
         );
         Ok(row)
     }

@@ -50,6 +50,17 @@ pub enum PublishVia {
     Call,
 }
 
+/// When an open loop's sends leave (`--pacing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Pacing {
+    /// On the runtime's 1 ms timer: each wake sends what fell due since the last, 10-20 events at
+    /// 10K/s. Cheap for the tool (a thousand wakes a second), bursty for the system measured.
+    Tick,
+    /// Evenly spaced, one event per period (a timerfd of period 1/rate): at 10K/s one send every
+    /// 100 µs, and as many wakes of the tool.
+    Even,
+}
+
 /// How the tool names the events it publishes (`--ids`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 pub enum Ids {
@@ -176,6 +187,9 @@ pub struct Args {
     /// How events are named, in Nerve's cells and in the raw Postgres and NATS baselines alike.
     #[arg(long, value_enum, default_value = "tool")]
     pub ids: Ids,
+    /// When the open loops' sends leave (latency, fan-out, slow consumers, and the raw XADD latency).
+    #[arg(long, value_enum, default_value = "tick")]
+    pub pacing: Pacing,
     /// Open loop: most publishes in flight before the schedule slips.
     #[arg(long, default_value_t = 4096)]
     pub max_outstanding: usize,
@@ -576,8 +590,14 @@ async fn redis_baselines(args: &Args, url: &str, run: &str, report: &mut Report)
         if args.scenarios.contains(&Scenario::Latency) {
             for &rate in &args.rates {
                 report.rows.push(
-                    base.xadd_latency(rate, args.duration, args.max_outstanding, args.payload_size)
-                        .await?,
+                    base.xadd_latency(
+                        rate,
+                        args.duration,
+                        args.max_outstanding,
+                        args.pacing,
+                        args.payload_size,
+                    )
+                    .await?,
                 );
             }
         }

@@ -26,7 +26,8 @@ use crate::{
     procstat::{Meter, Usage, rss_mb},
     report::{Ratio, Row},
     util::{
-        Call, Hist, LoadResult, Send1, closed_loop, event, load_row, now_ns, open_loop, stamp_of,
+        Call, Hist, LoadResult, Send1, closed_loop, event, load_row, now_ns, open_loop,
+        pacing_note, stamp_of,
     },
 };
 
@@ -260,11 +261,12 @@ async fn single_sender(ctx: &Ctx, event_type: &'static str, tag: &str) -> Result
 }
 
 /// How the open-loop scenarios published, for their rows' notes.
-fn publish_note(ctx: &Ctx) -> &'static str {
-    match ctx.args.publish_via {
+fn publish_note(ctx: &Ctx) -> String {
+    let via = match ctx.args.publish_via {
         PublishVia::Call => "one Publish call per event",
         PublishVia::Stream => "one event per request on a PublishStream per connection",
-    }
+    };
+    format!("{via}, {}", pacing_note(ctx.args.pacing))
 }
 
 /// Publishes one event per request on a PublishStream per connection.
@@ -455,6 +457,7 @@ pub async fn latency(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
             rate as f64,
             ctx.args.duration,
             ctx.args.max_outstanding,
+            ctx.args.pacing,
             single_sender(ctx, "bench.latency.v1", &format!("lat{rate}")).await?,
         )
         .await;
@@ -527,6 +530,7 @@ pub async fn fanout(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         rate as f64,
         ctx.args.duration,
         ctx.args.max_outstanding,
+        ctx.args.pacing,
         single_sender(ctx, "bench.fanout.v1", "fan").await?,
     )
     .await;
@@ -744,6 +748,7 @@ pub async fn slow(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         rate,
         duration,
         ctx.args.max_outstanding,
+        ctx.args.pacing,
         single_sender(ctx, "bench.slow.v1", "slow-control").await?,
     )
     .await;
@@ -790,6 +795,7 @@ pub async fn slow(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         rate,
         duration,
         ctx.args.max_outstanding,
+        ctx.args.pacing,
         single_sender(ctx, "bench.slow.v1", "slow-consumers").await?,
     )
     .await;

@@ -14,9 +14,10 @@ use std::{
 use hdrhistogram::Histogram;
 use nerve::api::pb;
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use std::os::fd::OwnedFd;
+use tokio::{io::unix::AsyncFd, sync::Semaphore};
 
-use crate::{procstat::Meter, report::Row};
+use crate::{Pacing, procstat::Meter, report::Row};
 
 /// One clock for the whole process: send stamps carried in events are nanoseconds since this instant.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -230,18 +231,89 @@ fn absorb(total: &mut LoadResult, r: LoadResult) {
 /// One send of an open-loop driver: (index, send stamp) -> events acknowledged.
 pub type Send1 = Arc<dyn Fn(u64, u64) -> BoxFut<anyhow::Result<u64>> + Send + Sync>;
 
+/// How a row's open loop paced its sends, for its note.
+pub fn pacing_note(pacing: Pacing) -> &'static str {
+    match pacing {
+        Pacing::Tick => "sends in 1 ms ticks",
+        Pacing::Even => "sends evenly spaced",
+    }
+}
+
+/// A periodic timerfd on the runtime's reactor: tokio's own timer has 1 ms resolution, a timerfd
+/// expires on the period (no timer slack), and a wake that comes late reads every expiry it missed.
+struct Metronome(AsyncFd<OwnedFd>);
+
+impl Metronome {
+    fn start(period: Duration) -> std::io::Result<Self> {
+        use rustix::time::{
+            Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, timerfd_create,
+            timerfd_settime,
+        };
+        let fd = timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )?;
+        // a zero value disarms a timerfd: the period is at least 1 ns
+        let period = Timespec {
+            tv_sec: period.as_secs() as _,
+            tv_nsec: period.subsec_nanos().max(u32::from(period.as_secs() == 0)) as _,
+        };
+        timerfd_settime(
+            &fd,
+            TimerfdTimerFlags::empty(),
+            &Itimerspec {
+                it_interval: period,
+                it_value: period,
+            },
+        )?;
+        // `new` is deprecated because it accepts any raw fd (tokio#8587); this one is an `OwnedFd` the
+        // metronome owns and never replaces, the case that is sound (`register` is `unsafe`, which
+        // the workspace forbids)
+        #[allow(deprecated)]
+        let registered = AsyncFd::new(fd)?;
+        Ok(Self(registered))
+    }
+
+    /// Waits for the next expiry (or returns at once when some passed unread).
+    async fn tick(&self) -> std::io::Result<()> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            let mut expiries = [0u8; 8];
+            match ready.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut expiries)?)) {
+                Ok(read) => return read.map(|_| ()),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
 /// Sends `rate` events per second for `duration`, on a fixed schedule that does not wait for answers
 /// (open loop); at most `max_outstanding` calls are in flight (beyond that the schedule slips, which
 /// `schedule_lag` shows, and sending stops at the deadline, so `sent` < `planned` means the system did not
-/// keep up). Sends leave in 1 ms ticks (the timer's resolution); each carries the time it actually left
-/// as its stamp.
+/// keep up). `pacing` says when sends leave: in the runtime timer's 1 ms ticks, or evenly spaced; each
+/// carries the time it actually left as its stamp.
 pub async fn open_loop(
     rate: f64,
     duration: Duration,
     max_outstanding: usize,
+    pacing: Pacing,
     send: Send1,
 ) -> LoadResult {
     let total = (rate * duration.as_secs_f64()).round() as u64;
+    let metronome = match pacing {
+        Pacing::Tick => None,
+        Pacing::Even => match Metronome::start(Duration::from_secs_f64(1.0 / rate.max(1e-3))) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                return LoadResult {
+                    errors: 1,
+                    first_error: Some(format!("starting the even pacing's timerfd: {e}")),
+                    planned: total,
+                    ..LoadResult::default()
+                };
+            }
+        },
+    };
     let permits = Arc::new(Semaphore::new(max_outstanding.max(1)));
     let shared = Arc::new(Mutex::new(LoadResult::default()));
     let acked = Arc::new(AtomicU64::new(0));
@@ -284,7 +356,18 @@ pub async fn open_loop(
         }
         // reap finished sends so the set does not grow without bound
         while tasks.try_join_next().is_some() {}
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        match &metronome {
+            None => tokio::time::sleep(Duration::from_millis(1)).await,
+            Some(m) => {
+                if let Err(e) = m.tick().await {
+                    let mut r = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    r.errors += 1;
+                    r.first_error
+                        .get_or_insert_with(|| format!("reading the even pacing's timerfd: {e}"));
+                    break;
+                }
+            }
+        }
     }
     let send_phase = started.elapsed();
     while tasks.join_next().await.is_some() {}
@@ -313,4 +396,53 @@ pub fn fmt_rate(v: f64) -> String {
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The send stamps of an open loop at 10,000 events/s for 200 ms, in order.
+    async fn send_stamps(pacing: Pacing) -> Vec<u64> {
+        let stamps = Arc::new(Mutex::new(Vec::new()));
+        let record = stamps.clone();
+        let send: Send1 = Arc::new(move |_, stamp| {
+            record.lock().unwrap_or_else(|p| p.into_inner()).push(stamp);
+            Box::pin(async { Ok(1) })
+        });
+        let r = open_loop(10_000.0, Duration::from_millis(200), 4096, pacing, send).await;
+        assert_eq!(r.errors, 0, "{:?}", r.first_error);
+        let mut stamps = std::mem::take(&mut *stamps.lock().unwrap_or_else(|p| p.into_inner()));
+        stamps.sort_unstable();
+        stamps
+    }
+
+    fn median_gap_ns(stamps: &[u64]) -> u64 {
+        let mut gaps: Vec<u64> = stamps.windows(2).map(|w| w[1] - w[0]).collect();
+        gaps.sort_unstable();
+        gaps.get(gaps.len() / 2).copied().unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn even_pacing_spaces_the_sends_that_ticks_send_in_bursts() {
+        let even = send_stamps(Pacing::Even).await;
+        let tick = send_stamps(Pacing::Tick).await;
+        // 10,000/s is one send per 100 µs
+        assert!(
+            even.len() > 1_500 && tick.len() > 1_500,
+            "{} / {} sends",
+            even.len(),
+            tick.len()
+        );
+        assert!(
+            median_gap_ns(&even) >= 40_000,
+            "evenly paced sends left {} ns apart (median)",
+            median_gap_ns(&even)
+        );
+        assert!(
+            median_gap_ns(&tick) < 40_000,
+            "sends on 1 ms ticks left {} ns apart (median), not in bursts",
+            median_gap_ns(&tick)
+        );
+    }
 }
