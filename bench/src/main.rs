@@ -56,9 +56,12 @@ pub enum Pacing {
     /// On the runtime's 1 ms timer: each wake sends what fell due since the last, 10-20 events at
     /// 10K/s. Cheap for the tool (a thousand wakes a second), bursty for the system measured.
     Tick,
-    /// Evenly spaced, one event per period (a timerfd of period 1/rate): at 10K/s one send every
-    /// 100 µs, and as many wakes of the tool.
+    /// Evenly spaced, one per 1/rate (a timerfd): at 10K/s one send every 100 µs, and as many wakes
+    /// of the tool.
     Even,
+    /// At random times, as arrivals from many independent publishers come (a Poisson process with
+    /// the planned count in the duration; a timerfd).
+    Poisson,
 }
 
 /// How the tool names the events it publishes (`--ids`).

@@ -236,46 +236,88 @@ pub fn pacing_note(pacing: Pacing) -> &'static str {
     match pacing {
         Pacing::Tick => "sends in 1 ms ticks",
         Pacing::Even => "sends evenly spaced",
+        Pacing::Poisson => "sends at random times (Poisson)",
     }
 }
 
-/// A periodic timerfd on the runtime's reactor: tokio's own timer has 1 ms resolution, a timerfd
-/// expires on the period (no timer slack), and a wake that comes late reads every expiry it missed.
-struct Metronome(AsyncFd<OwnedFd>);
+/// When an open loop's sends fall due, in nanoseconds after its start.
+enum Arrivals {
+    /// Every 1/rate.
+    Even { period_ns: f64 },
+    /// A Poisson process with `total` arrivals in the duration: as many uniform random times, sorted
+    /// (a Poisson process given its count is exactly that), so the count is the planned one.
+    Poisson(Vec<u64>),
+}
 
-impl Metronome {
-    fn start(period: Duration) -> std::io::Result<Self> {
-        use rustix::time::{
-            Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, timerfd_create,
-            timerfd_settime,
-        };
+impl Arrivals {
+    fn new(pacing: Pacing, rate: f64, total: u64, duration: Duration) -> Self {
+        match pacing {
+            Pacing::Tick | Pacing::Even => Self::Even {
+                period_ns: 1e9 / rate.max(1e-3),
+            },
+            Pacing::Poisson => {
+                let span = u64::try_from(duration.as_nanos())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                let mut rng = fastrand::Rng::new();
+                let mut at: Vec<u64> = (0..total).map(|_| rng.u64(0..span)).collect();
+                at.sort_unstable();
+                Self::Poisson(at)
+            }
+        }
+    }
+
+    /// When send `i` falls due.
+    fn at_ns(&self, i: u64) -> u64 {
+        match self {
+            Self::Even { period_ns } => (i as f64 * period_ns) as u64,
+            Self::Poisson(at) => at.get(i as usize).copied().unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// A one-shot timerfd on the runtime's reactor: tokio's own timer has 1 ms resolution, a timerfd
+/// expires when it is set to (no timer slack).
+struct Alarm(AsyncFd<OwnedFd>);
+
+impl Alarm {
+    fn new() -> std::io::Result<Self> {
+        use rustix::time::{TimerfdClockId, TimerfdFlags, timerfd_create};
         let fd = timerfd_create(
             TimerfdClockId::Monotonic,
             TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
         )?;
-        // a zero value disarms a timerfd: the period is at least 1 ns
-        let period = Timespec {
-            tv_sec: period.as_secs() as _,
-            tv_nsec: period.subsec_nanos().max(u32::from(period.as_secs() == 0)) as _,
-        };
-        timerfd_settime(
-            &fd,
-            TimerfdTimerFlags::empty(),
-            &Itimerspec {
-                it_interval: period,
-                it_value: period,
-            },
-        )?;
         // `new` is deprecated because it accepts any raw fd (tokio#8587); this one is an `OwnedFd` the
-        // metronome owns and never replaces, the case that is sound (`register` is `unsafe`, which
-        // the workspace forbids)
+        // alarm owns and never replaces, the case that is sound (`register` is `unsafe`, which the
+        // workspace forbids)
         #[allow(deprecated)]
         let registered = AsyncFd::new(fd)?;
         Ok(Self(registered))
     }
 
-    /// Waits for the next expiry (or returns at once when some passed unread).
-    async fn tick(&self) -> std::io::Result<()> {
+    /// Returns after `wait` (at once when it is zero).
+    async fn sleep(&self, wait: Duration) -> std::io::Result<()> {
+        use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
+        if wait.is_zero() {
+            return Ok(());
+        }
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let value = Timespec {
+            tv_sec: wait.as_secs() as _,
+            tv_nsec: wait.subsec_nanos() as _,
+        };
+        // one-shot: no interval
+        timerfd_settime(
+            self.0.get_ref(),
+            TimerfdTimerFlags::empty(),
+            &Itimerspec {
+                it_interval: zero,
+                it_value: value,
+            },
+        )?;
         loop {
             let mut ready = self.0.readable().await?;
             let mut expiries = [0u8; 8];
@@ -300,14 +342,15 @@ pub async fn open_loop(
     send: Send1,
 ) -> LoadResult {
     let total = (rate * duration.as_secs_f64()).round() as u64;
-    let metronome = match pacing {
+    let arrivals = Arrivals::new(pacing, rate, total, duration);
+    let alarm = match pacing {
         Pacing::Tick => None,
-        Pacing::Even => match Metronome::start(Duration::from_secs_f64(1.0 / rate.max(1e-3))) {
-            Ok(m) => Some(m),
+        Pacing::Even | Pacing::Poisson => match Alarm::new() {
+            Ok(alarm) => Some(alarm),
             Err(e) => {
                 return LoadResult {
                     errors: 1,
-                    first_error: Some(format!("starting the even pacing's timerfd: {e}")),
+                    first_error: Some(format!("creating the pacing's timerfd: {e}")),
                     planned: total,
                     ..LoadResult::default()
                 };
@@ -322,13 +365,13 @@ pub async fn open_loop(
     let mut i = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
     while i < total && started.elapsed() < duration {
-        let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(total);
-        while i < due && started.elapsed() < duration {
+        let elapsed_ns = || u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        while i < total && arrivals.at_ns(i) <= elapsed_ns() && started.elapsed() < duration {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
             let stamp = now_ns();
-            let scheduled = start_ns + (i as f64 * 1e9 / rate) as u64;
+            let scheduled = start_ns + arrivals.at_ns(i);
             let send = send.clone();
             let shared = shared.clone();
             let acked = acked.clone();
@@ -356,14 +399,15 @@ pub async fn open_loop(
         }
         // reap finished sends so the set does not grow without bound
         while tasks.try_join_next().is_some() {}
-        match &metronome {
+        match &alarm {
             None => tokio::time::sleep(Duration::from_millis(1)).await,
-            Some(m) => {
-                if let Err(e) = m.tick().await {
+            Some(alarm) => {
+                let next = Duration::from_nanos(arrivals.at_ns(i)).min(duration);
+                if let Err(e) = alarm.sleep(next.saturating_sub(started.elapsed())).await {
                     let mut r = shared.lock().unwrap_or_else(|p| p.into_inner());
                     r.errors += 1;
                     r.first_error
-                        .get_or_insert_with(|| format!("reading the even pacing's timerfd: {e}"));
+                        .get_or_insert_with(|| format!("waiting on the pacing's timerfd: {e}"));
                     break;
                 }
             }
@@ -423,8 +467,40 @@ mod tests {
         gaps.get(gaps.len() / 2).copied().unwrap_or(0)
     }
 
+    #[test]
+    fn poisson_arrivals_are_the_planned_count_at_exponential_gaps() {
+        let span = Duration::from_secs(2);
+        let Arrivals::Poisson(at) = Arrivals::new(Pacing::Poisson, 10_000.0, 20_000, span) else {
+            panic!("poisson pacing made another schedule");
+        };
+        assert_eq!(at.len(), 20_000);
+        assert!(at.windows(2).all(|w| w[0] <= w[1]), "not in order");
+        assert!(
+            at.last().is_some_and(|&t| t < 2_000_000_000),
+            "beyond the duration"
+        );
+        // exponential gaps: the standard deviation equals the mean (100 µs); evenly spaced it is 0
+        let gaps: Vec<f64> = at.windows(2).map(|w| (w[1] - w[0]) as f64).collect();
+        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+        let sd = (gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / gaps.len() as f64).sqrt();
+        assert!((90_000.0..110_000.0).contains(&mean), "mean gap {mean} ns");
+        assert!(
+            (0.9..1.1).contains(&(sd / mean)),
+            "gaps' sd / mean {}",
+            sd / mean
+        );
+    }
+
     #[tokio::test]
-    async fn even_pacing_spaces_the_sends_that_ticks_send_in_bursts() {
+    async fn even_and_poisson_pacing_space_the_sends_that_ticks_send_in_bursts() {
+        let poisson = send_stamps(Pacing::Poisson).await;
+        // the send phase ends at the deadline, a send due just before it may not leave
+        assert!(poisson.len() > 1_950, "{} of 2,000 sends", poisson.len());
+        assert!(
+            median_gap_ns(&poisson) >= 20_000,
+            "sends at random times left {} ns apart (median)",
+            median_gap_ns(&poisson)
+        );
         let even = send_stamps(Pacing::Even).await;
         let tick = send_stamps(Pacing::Tick).await;
         // 10,000/s is one send per 100 µs
