@@ -36,6 +36,11 @@ use nerve::api::pb::{
     subscribe_request::Action,
     subscribe_response::Message,
 };
+// How `nerve-server`'s embedded store keeps its log, with its own constants (a passive checkpoint
+// every 50 ms on a connection of its own, a commit checkpointing by itself only past 10,000 log pages,
+// the log cut back to 64 MiB when it starts over): the SQLite floor keeps its own alike, so it differs
+// from Nerve only in what a commit writes.
+use nerve::store::{SQLITE_BACKSTOP_PAGES, SQLITE_CHECKPOINT_EVERY, SQLITE_SIZE_LIMIT};
 use tokio::{
     net::TcpListener,
     sync::{broadcast, mpsc, oneshot},
@@ -101,14 +106,6 @@ pub const POSTGRES_DDL: &str =
 
 /// The SQLite floor's table.
 const SQLITE_DDL: &str = "CREATE TABLE floor_log (seq INTEGER PRIMARY KEY, event BLOB NOT NULL)";
-
-/// How `nerve-server`'s embedded store keeps its log (server/src/store/sqlite.rs): a passive
-/// checkpoint every 50 ms on a connection of its own, a commit checkpointing by itself only past
-/// 10,000 log pages, and the log cut back to 64 MiB when it starts over. The SQLite floor does the
-/// same, so it differs from Nerve only in what a commit writes.
-const SQLITE_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
-const SQLITE_BACKSTOP_PAGES: i64 = 10_000;
-const SQLITE_SIZE_LIMIT: i64 = 64 << 20;
 
 /// Bytes of the durable floor's log region, written round and round.
 const LOG_REGION: u64 = 64 << 20;

@@ -15,6 +15,11 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
 pub use postgres::PostgresStore;
+/// How the embedded store keeps its log, for the benchmark tool's SQLite floor to keep its own alike.
+pub use sqlite::{
+    CHECKPOINT_EVERY as SQLITE_CHECKPOINT_EVERY, WAL_BACKSTOP_PAGES as SQLITE_BACKSTOP_PAGES,
+    WAL_SIZE_LIMIT as SQLITE_SIZE_LIMIT,
+};
 pub use sqlite::{SqliteDb, SqliteStore};
 
 use crate::event::{Event, Selection, StoredEvent, TypePattern};

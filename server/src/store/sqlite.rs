@@ -417,13 +417,13 @@ fn open_event_writer(path: &Path) -> StoreResult<rusqlite::Connection> {
 }
 
 /// How often the log (`-wal` file) is checkpointed into the database file, off the writer's thread.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 /// Log pages (4 KiB) past which a commit checkpoints by itself, as SQLite does by default past 1,000:
 /// the backstop for when the background checkpoints cannot finish. Under continuous writes they never
 /// do (frames are appended while one runs), and only a finished checkpoint lets the log start over.
-const WAL_BACKSTOP_PAGES: i64 = 10_000;
+pub const WAL_BACKSTOP_PAGES: i64 = 10_000;
 /// Bytes the log file is cut back to when it starts over after growing past them.
-const WAL_SIZE_LIMIT: i64 = 64 << 20;
+pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
 /// Starts a thread that checkpoints the log every [`CHECKPOINT_EVERY`] on a connection of its own,
 /// until the writer stops (`committed` closes).
