@@ -3,6 +3,7 @@
 
 use std::{
     future::Future,
+    os::fd::OwnedFd,
     pin::Pin,
     sync::{
         Arc, LazyLock, Mutex,
@@ -14,7 +15,6 @@ use std::{
 use hdrhistogram::Histogram;
 use nerve::api::pb;
 use serde::Serialize;
-use std::os::fd::OwnedFd;
 use tokio::{io::unix::AsyncFd, sync::Semaphore};
 
 use crate::{Pacing, procstat::Meter, report::Row};
@@ -332,8 +332,8 @@ impl Alarm {
 /// Sends `rate` events per second for `duration`, on a fixed schedule that does not wait for answers
 /// (open loop); at most `max_outstanding` calls are in flight (beyond that the schedule slips, which
 /// `schedule_lag` shows, and sending stops at the deadline, so `sent` < `planned` means the system did not
-/// keep up). `pacing` says when sends leave: in the runtime timer's 1 ms ticks, or evenly spaced; each
-/// carries the time it actually left as its stamp.
+/// keep up). `pacing` says when sends leave: in the runtime timer's 1 ms ticks, evenly spaced, or at
+/// random times; each carries the time it actually left as its stamp.
 pub async fn open_loop(
     rate: f64,
     duration: Duration,
@@ -364,8 +364,8 @@ pub async fn open_loop(
     let start_ns = now_ns();
     let mut i = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
+    let elapsed_ns = || u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
     while i < total && started.elapsed() < duration {
-        let elapsed_ns = || u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         while i < total && arrivals.at_ns(i) <= elapsed_ns() && started.elapsed() < duration {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
