@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod metrics;
+mod retry;
 pub mod store;
 pub mod stream;
 pub mod telemetry;

@@ -21,7 +21,7 @@ use std::{
 use chrono::Utc;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::metrics::names;
 
@@ -315,44 +315,28 @@ pub fn validate_group_name(name: &str, field: &str) -> Result<(), InvalidInput> 
 
 /// Feeds every committed event to the live streams, in sequence order, resuming from what the streams hold.
 async fn relay(bus: Arc<Bus>) {
-    let mut committed = bus.store.committed();
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let step = async {
-            let last = bus.streams.last_appended().await?;
-            let head = *committed.borrow_and_update();
-            if head <= last {
-                return Ok::<bool, BusError>(false);
-            }
-            let events = bus.store.read_all(last, 1000).await?;
-            if events.is_empty() {
-                return Ok(false);
-            }
-            bus.streams.append(&events).await?;
-            Ok(true)
-        };
-        match step.await {
-            Ok(true) => {
-                backoff = Duration::from_millis(50);
-                continue;
-            }
-            Ok(false) => {
-                backoff = Duration::from_millis(50);
-                tokio::select! {
-                    changed = committed.changed() => if changed.is_err() { return },
-                    _ = bus.shutdown.cancelled() => return,
-                }
-            }
-            Err(error) => {
-                warn!(%error, retry_in = ?backoff, "relay failed");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {},
-                    _ = bus.shutdown.cancelled() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+    let bus = &bus;
+    crate::retry::follow(
+        bus.store.committed(),
+        "relaying committed events to the live streams",
+        bus.shutdown.cancelled(),
+        |head| async move { Some(relay_step(bus, head).await) },
+    )
+    .await;
+}
+
+/// Appends the next committed events after what the streams hold, up to 1000; returns whether there were any.
+async fn relay_step(bus: &Bus, head: u64) -> BusResult<bool> {
+    let last = bus.streams.last_appended().await?;
+    if head <= last {
+        return Ok(false);
     }
+    let events = bus.store.read_all(last, 1000).await?;
+    if events.is_empty() {
+        return Ok(false);
+    }
+    bus.streams.append(&events).await?;
+    Ok(true)
 }
 
 impl Drop for Bus {

@@ -19,7 +19,10 @@ use super::{
     literal_types,
     sqlite::{from_ns, map_err, seq_i64, to_ns},
 };
-use crate::event::{Priority, Selection, StoredEvent};
+use crate::{
+    event::{Priority, Selection, StoredEvent},
+    retry::Backoff,
+};
 
 /// Channel other replicas LISTEN on (suffixed with the schema); the payload is the new head sequence.
 const COMMIT_CHANNEL: &str = "nerve_commits";
@@ -173,7 +176,7 @@ fn writer_options(url: &str) -> StoreResult<PgConnectOptions> {
 
 /// Follows other replicas' commits; after a lost connection it re-reads the head, so nothing is missed.
 async fn listen_for_commits(pool: PgPool, channel: String, committed: watch::Sender<u64>) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let session = async {
             let mut listener = PgListener::connect_with(&pool).await?;
@@ -195,9 +198,9 @@ async fn listen_for_commits(pool: PgPool, channel: String, committed: watch::Sen
             if committed.is_closed() {
                 return;
             }
-            warn!(%error, retry_in = ?backoff, "commit listener lost its connection");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            let wait = backoff.next_wait();
+            warn!(%error, retry_in = ?wait, "commit listener lost its connection");
+            tokio::time::sleep(wait).await;
         }
     }
 }

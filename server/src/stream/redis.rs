@@ -35,6 +35,7 @@ use super::{
 };
 use crate::{
     event::{Event, Priority, Selection, StoredEvent},
+    retry::Backoff,
     store::{EventStore, PostgresStore, ReadQuery, body, sqlite::from_ns},
 };
 
@@ -867,7 +868,7 @@ impl RedisStreams {
 
 /// Receives group wake-ups and replies for this replica; resubscribes after a lost connection.
 async fn listen(streams: Weak<RedisStreams>) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let Some(this) = streams.upgrade() else {
             return;
@@ -916,13 +917,13 @@ async fn listen(streams: Weak<RedisStreams>) {
             }
             Ok::<(), redis::RedisError>(())
         };
+        let wait = backoff.next_wait();
         match session.await {
             Ok(()) if streams.strong_count() == 0 => return,
             Ok(()) => {}
-            Err(error) => warn!(%error, retry_in = ?backoff, "redis pub/sub connection lost"),
+            Err(error) => warn!(%error, retry_in = ?wait, "redis pub/sub connection lost"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -986,32 +987,20 @@ const RELAY_BATCH: usize = 1_000;
 /// the tail instead of leading it: private subscribers read the tail, so they wait neither for a
 /// Redis round trip nor, while Redis is down, for its retries.
 async fn relay(streams: Weak<RedisStreams>) {
-    let Some(mut appended) = streams.upgrade().map(|s| s.tail.head()) else {
+    let Some(appended) = streams.upgrade().map(|s| s.tail.head()) else {
         return;
     };
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let target = *appended.borrow_and_update();
-        let step = match streams.upgrade() {
-            Some(this) => this.relay_up_to(target).await,
-            None => return,
-        };
-        match step {
-            Ok(true) => backoff = Duration::from_millis(50),
-            Ok(false) => {
-                backoff = Duration::from_millis(50);
-                // the tail's sender goes with the streams
-                if appended.changed().await.is_err() {
-                    return;
-                }
-            }
-            Err(error) => {
-                warn!(%error, retry_in = ?backoff, "adding events to redis failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    // ends when the streams are dropped: the tail's sender goes with them
+    crate::retry::follow(
+        appended,
+        "adding events to redis",
+        std::future::pending(),
+        |target| {
+            let streams = streams.clone();
+            async move { Some(streams.upgrade()?.relay_up_to(target).await) }
+        },
+    )
+    .await;
 }
 
 impl RedisStreams {
