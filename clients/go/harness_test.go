@@ -43,11 +43,12 @@ func serverBinary(t *testing.T) string {
 }
 
 // startServer runs its own nerve-server child process on 127.0.0.1:0 with a fresh data dir and returns
-// the address it logged; the process is stopped (SIGTERM) when the test ends.
-func startServer(t *testing.T) string {
+// the address it logged; the process is stopped (SIGTERM) when the test ends. settings are extra
+// environment variables for it ("NERVE_CONNECTIONS__MAX_STREAMS_PER_PRINCIPAL=1").
+func startServer(t *testing.T, settings ...string) string {
 	t.Helper()
 	cmd := exec.Command(serverBinary(t), "--listen", "127.0.0.1:0", "--data-dir", t.TempDir())
-	env := []string{"NERVE_LOG_LEVEL=info", "NO_COLOR=1"}
+	env := append([]string{"NERVE_LOG_LEVEL=info", "NO_COLOR=1"}, settings...)
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "NERVE_") && !strings.HasPrefix(kv, "RUST_LOG=") {
 			env = append(env, kv)
@@ -96,10 +97,11 @@ func startServer(t *testing.T) string {
 	return ""
 }
 
-// connect starts a server for this test and returns a client connected to it.
-func connect(t *testing.T) *nerve.Client {
+// connect starts a server for this test, with the extra settings of startServer, and returns a client
+// connected to it.
+func connect(t *testing.T, settings ...string) *nerve.Client {
 	t.Helper()
-	client, err := nerve.Dial(startServer(t))
+	client, err := nerve.Dial(startServer(t, settings...))
 	if err != nil {
 		t.Fatal(err)
 	}

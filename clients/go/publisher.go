@@ -53,12 +53,16 @@ type publishOutcome struct {
 	err     error
 }
 
-// OpenPublisher opens a PublishStream. ctx bounds the whole stream: cancel it, or call Close, to end it.
-// The stream carries no confirmation, so a stream-level refusal (unauthenticated, too many open streams)
-// is returned by the first Publish and by Close.
+// OpenPublisher opens a PublishStream and waits for the server's answer to the opening (one round trip),
+// so that a stream-level refusal (unauthenticated, too many open streams) is returned here, as the same
+// *Error a Publish on the stream would get. ctx bounds the wait and the whole stream: cancel it, or call
+// Close, to end it.
 func (c *Client) OpenPublisher(ctx context.Context) (*Publisher, error) {
 	streamCtx, cancel := context.WithCancel(ctx)
 	stream, err := c.bus.PublishStream(streamCtx)
+	if err == nil {
+		err = opened(stream)
+	}
 	if err != nil {
 		cancel()
 		return nil, wrap(err)
@@ -71,6 +75,20 @@ func (c *Client) OpenPublisher(ctx context.Context) (*Publisher, error) {
 	}
 	go p.receive()
 	return p, nil
+}
+
+// opened waits for the server's answer to the opening of stream: nil once its response headers came,
+// else why the stream ended (a refusal comes as a response without headers; Recv has its status). The
+// server answers before reading any request, and the stream's context bounds the wait.
+func opened(stream nervepb.EventBus_PublishStreamClient) error {
+	header, err := stream.Header()
+	if err != nil || header != nil {
+		return err
+	}
+	if _, err := stream.Recv(); err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	return fmt.Errorf("nerve: publish stream ended as it opened: %w", io.EOF)
 }
 
 // Publish commits the events atomically, like Client.Publish, and returns one result per event, in order.

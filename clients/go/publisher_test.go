@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -15,6 +16,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	nerve "github.com/nerve-bus/nerve/clients/go"
@@ -233,17 +235,26 @@ func TestPublisherFailsOnceTheStreamBroke(t *testing.T) {
 }
 
 // fakeBus serves PublishStream in a way the real server never does: refusing the stream at once with
-// refuse, answering each request with a refusal whose code is OK (okRefusal), or else answering each
-// request with the wrong request id.
+// refuse, never answering the opening (silent), answering each request with a refusal whose code is OK
+// (okRefusal), or else answering each request with the wrong request id.
 type fakeBus struct {
 	nervepb.UnimplementedEventBusServer
 	refuse    error
+	silent    bool
 	okRefusal bool
 }
 
 func (b fakeBus) PublishStream(stream grpc.BidiStreamingServer[nervepb.PublishStreamRequest, nervepb.PublishStreamResponse]) error {
 	if b.refuse != nil {
 		return b.refuse
+	}
+	if b.silent {
+		<-stream.Context().Done()
+		return stream.Context().Err()
+	}
+	// like the real server, answer the opening at once (grpc-go would send the headers with the first answer)
+	if err := stream.SendHeader(metadata.MD{}); err != nil {
+		return err
 	}
 	for {
 		req, err := stream.Recv()
@@ -300,21 +311,61 @@ func TestPublisherFailsTheStreamOnAMisnumberedAnswer(t *testing.T) {
 	}
 }
 
-func TestPublisherReportsAStreamLevelRefusal(t *testing.T) {
+func TestOpenPublisherReturnsAStreamLevelRefusal(t *testing.T) {
 	refusal := status.Error(codes.Unauthenticated, "no credentials")
 	client, ctx := connectFake(t, fakeBus{refuse: refusal}), testContext(t)
 	pub, err := client.OpenPublisher(ctx)
+	var e *nerve.Error
+	if pub != nil || !errors.As(err, &e) || !errors.Is(err, nerve.ErrUnauthenticated) || e.Message != "no credentials" {
+		t.Fatalf("opening a refused stream: publisher %t, error %v", pub != nil, err)
+	}
+}
+
+func TestOpenPublisherWaitsForTheOpeningOnlyAsLongAsItsContext(t *testing.T) {
+	client := connectFake(t, fakeBus{silent: true})
+	ctx, cancel := context.WithTimeout(testContext(t), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	pub, err := client.OpenPublisher(ctx)
+	if pub != nil || !errors.Is(err, nerve.ErrDeadlineExceeded) {
+		t.Fatalf("opening a stream the server never answers: publisher %t, error %v", pub != nil, err)
+	}
+	if waited := time.Since(start); waited > wait {
+		t.Fatalf("the open waited %s past its context", waited)
+	}
+}
+
+func TestOpenPublisherReturnsTheStreamLimitRefusal(t *testing.T) {
+	client, ctx := connect(t, "NERVE_CONNECTIONS__MAX_STREAMS_PER_PRINCIPAL=1"), testContext(t)
+	first, err := client.OpenPublisher(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := pub.Publish(ctx, ev("u1", "refused.x")); !errors.Is(err, nerve.ErrUnauthenticated) {
-		t.Fatalf("publish on a refused stream: %v", err)
+	second, err := client.OpenPublisher(ctx)
+	var e *nerve.Error
+	if second != nil || !errors.As(err, &e) || !errors.Is(err, nerve.ErrResourceExhausted) ||
+		!strings.Contains(e.Message, "open streams, the most allowed per principal") {
+		t.Fatalf("a second stream over a limit of one: publisher %t, error %v", second != nil, err)
 	}
-	if _, err := pub.Publish(ctx, ev("u2", "refused.x")); !errors.Is(err, nerve.ErrUnauthenticated) {
-		t.Fatalf("later publish on a refused stream: %v", err)
+	if _, err := first.Publish(ctx, ev("held", "limit.x")); err != nil {
+		t.Fatalf("publish on the stream that holds the limit: %v", err)
 	}
-	if err := pub.Close(); !errors.Is(err, nerve.ErrUnauthenticated) {
-		t.Fatalf("close of a refused stream: %v", err)
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// the server frees the stream's slot as its stream task ends, just after the stream ended
+	again := eventually(t, "a publisher to open after the first closed", func() (*nerve.Publisher, bool) {
+		pub, err := client.OpenPublisher(ctx)
+		if err != nil && !errors.Is(err, nerve.ErrResourceExhausted) {
+			t.Fatalf("reopening: %v", err)
+		}
+		return pub, err == nil
+	})
+	if _, err := again.Publish(ctx, ev("after", "limit.x")); err != nil {
+		t.Fatalf("publish on the reopened stream: %v", err)
+	}
+	if err := again.Close(); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -26,12 +26,16 @@ _ADDR = re.compile(r"addr=(\S+)")
 
 
 class ServerProcess:
-    """A `nerve-server` started with `--listen 127.0.0.1:0` on a fresh data dir; `addr` comes from its log."""
+    """A `nerve-server` started with `--listen 127.0.0.1:0` on a fresh data dir; `addr` comes from its log.
 
-    def __init__(self, binary: Path) -> None:
+    ``settings`` are extra environment variables for it (``NERVE_CONNECTIONS__MAX_STREAMS_PER_PRINCIPAL``).
+    """
+
+    def __init__(self, binary: Path, settings: dict[str, str] | None = None) -> None:
         self.data_dir = tempfile.mkdtemp(prefix="nerve-py-test-")
         env = {k: v for k, v in os.environ.items() if k != "RUST_LOG" and not k.startswith("NERVE_")}
         env.update(NERVE_LOG_LEVEL="info", NO_COLOR="1")
+        env.update(settings or {})
         self.process = subprocess.Popen(
             [str(binary), "--listen", "127.0.0.1:0", "--data-dir", self.data_dir],
             stdout=subprocess.DEVNULL,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -14,13 +16,15 @@ from nerve_client import (
     InvalidArgumentError,
     NerveError,
     Publisher,
+    ResourceExhaustedError,
     event,
     pb,
 )
 from nerve_client._proto.nerve.v1 import event_bus_pb2
 from nerve_client._publisher import _refused
 
-from .conftest import WAIT, ServerProcess
+from .conftest import WAIT, ServerProcess, server_binary
+from .test_client import eventually
 from .test_scenarios import ev
 
 TASKS = 20
@@ -133,6 +137,66 @@ async def test_server_going_away_fails_the_publisher(server: ServerProcess) -> N
         with pytest.raises(type(info.value)):
             await publisher.publish(ev("later", "gone.x"))
         await asyncio.wait_for(publisher.close(), WAIT)
+
+
+async def test_opening_a_publisher_over_the_stream_limit_raises() -> None:
+    server = ServerProcess(server_binary(), {"NERVE_CONNECTIONS__MAX_STREAMS_PER_PRINCIPAL": "1"})
+    try:
+        async with Client.connect(server.addr, ready_timeout=WAIT) as client:
+            async with client.subscribe("limit.x"):  # the one stream the principal may have
+                with pytest.raises(ResourceExhaustedError, match="open streams, the most allowed per principal"):
+                    await asyncio.wait_for(client.publisher(), WAIT)
+
+            async def reopened() -> Publisher | None:
+                try:
+                    return await asyncio.wait_for(client.publisher(), WAIT)
+                except ResourceExhaustedError:  # the server frees the slot as the stream's task ends
+                    return None
+
+            publisher = await eventually("a publisher to open after the subscription closed", reopened)
+            async with publisher:
+                [result] = await asyncio.wait_for(publisher.publish(ev("after", "limit.x")), WAIT)
+                assert not result.duplicate
+    finally:
+        server.stop()
+
+
+async def test_opening_waits_for_the_server_until_cancelled() -> None:
+    opened = asyncio.Event()
+    ended = asyncio.Event()
+
+    async def silent(
+        requests: AsyncIterator[event_bus_pb2.PublishStreamRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[event_bus_pb2.PublishStreamResponse]:
+        opened.set()
+        try:
+            await asyncio.Event().wait()  # never answers the opening: no response headers
+        finally:
+            ended.set()
+        yield event_bus_pb2.PublishStreamResponse()
+
+    server = grpc.aio.server()
+    handler = grpc.stream_stream_rpc_method_handler(
+        silent,
+        request_deserializer=event_bus_pb2.PublishStreamRequest.FromString,
+        response_serializer=event_bus_pb2.PublishStreamResponse.SerializeToString,
+    )
+    bus = grpc.method_handlers_generic_handler("nerve.v1.EventBus", {"PublishStream": handler})
+    server.add_generic_rpc_handlers((bus,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with Client.connect(f"127.0.0.1:{port}", ready_timeout=WAIT) as client:
+            opening = asyncio.ensure_future(client.publisher())
+            await asyncio.wait_for(opened.wait(), WAIT)
+            await asyncio.sleep(0.1)
+            assert not opening.done(), "the open did not wait for the server's answer"
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            await asyncio.wait_for(ended.wait(), WAIT)  # the stream was cancelled with the open
+    finally:
+        await server.stop(None)
 
 
 class _MisorderedCall:

@@ -140,9 +140,11 @@ class Client:
     def publisher(self) -> Opening[Publisher]:
         """Opens a PublishStream: a :class:`Publisher` whose ``publish`` calls share one stream, pipelined.
 
-        For high publish rates: no gRPC call per batch. Requests commit and are answered in the order sent; a
-        refused one raises like :meth:`publish` and the stream goes on. Await the result, or use it with
-        ``async with`` to close it on exit (waiting for outstanding answers).
+        For high publish rates: no gRPC call per batch. Opening waits for the server's answer to it (one round
+        trip), so a refusal of the stream itself (unauthenticated, too many open streams) raises here, as the
+        :class:`NerveError` subclass a ``publish`` on it would raise. Requests commit and are answered in the
+        order sent; a refused one raises like :meth:`publish` and the stream goes on. Await the result, or use
+        it with ``async with`` to close it on exit (waiting for outstanding answers).
         """
         return Opening(lambda: Publisher._open(self.event_bus_stub))
 

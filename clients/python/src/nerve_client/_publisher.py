@@ -69,7 +69,22 @@ class Publisher:
 
     @classmethod
     async def _open(cls, stub: event_bus_pb2_grpc.EventBusAsyncStub) -> Publisher:
-        return cls(stub.PublishStream())
+        call = stub.PublishStream()
+        try:
+            # The server answers the opening before it reads any request: response headers when the stream is
+            # open; a refusal (unauthenticated, too many open streams) is a response without headers, whose
+            # status has ended the call by the time its (empty) initial metadata is read. (Were the status ever
+            # to come later, the refusal would fail the first publish instead, as a broken stream does.)
+            await call.initial_metadata()
+            if call.done():
+                await call.read()  # raises the call's status
+                raise NerveError(grpc.StatusCode.UNKNOWN, "the publish stream ended as it opened")
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        except BaseException:
+            call.cancel()
+            raise
+        return cls(call)
 
     # --- publishing -----------------------------------------------------------------------------------------
 
