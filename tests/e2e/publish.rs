@@ -234,6 +234,92 @@ async fn invalid_events_are_rejected_naming_the_field() {
 }
 
 #[tokio::test]
+async fn control_characters_in_text_are_refused_naming_the_field_while_other_publishes_commit() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    type Mutation = Box<dyn Fn(&mut pb::Event)>;
+    let text = |s: &str| pb::ExtensionValue {
+        value: Some(pb::extension_value::Value::StringValue(s.into())),
+    };
+    let cases: Vec<(&str, Mutation)> = vec![
+        (
+            "events[0].subject",
+            Box::new(|e| e.subject = "eu\0west".into()),
+        ),
+        ("events[0].id", Box::new(|e| e.id = "id\u{1}".into())),
+        (
+            "events[0].source",
+            Box::new(|e| e.source = "//s\u{7f}".into()),
+        ),
+        (
+            "events[0].correlation_id",
+            Box::new(|e| e.correlation_id = "c\0".into()),
+        ),
+        (
+            "events[0].extensions[\"region\"]",
+            Box::new(move |e| {
+                e.extensions.insert("region".into(), text("eu\u{85}"));
+            }),
+        ),
+    ];
+    let mut committed = 0;
+    for (case, (field, mutate)) in cases.into_iter().enumerate() {
+        let mut bad = event(&format!("bad{case}"), "t.created");
+        mutate(&mut bad);
+        // sent with other publishes, which may share its group commit: on Postgres a stored U+0000 failed
+        // the whole commit, every publisher in it
+        let others = (0..8).map(|i| {
+            let mut bus = server.bus();
+            let e = event(&format!("ok{case}-{i}"), "t.created");
+            async move { bus.publish(pb::PublishRequest { events: vec![e] }).await }
+        });
+        let (refused, others) = tokio::join!(
+            bus.publish(pb::PublishRequest { events: vec![bad] }),
+            futures::future::join_all(others)
+        );
+        let status = refused.expect_err("a control character is refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            violations(&status).iter().any(|v| v == field),
+            "{field} not named in {status:?}"
+        );
+        for other in others {
+            other.expect("the other publishes commit");
+            committed += 1;
+        }
+    }
+    let stored: u64 = server
+        .admin()
+        .list_event_types(pb::ListEventTypesRequest::default())
+        .await
+        .expect("types")
+        .into_inner()
+        .types
+        .iter()
+        .map(|t| t.count)
+        .sum();
+    assert_eq!(stored, committed, "only the other publishes were stored");
+
+    // reads name the field too, instead of failing in the store
+    let replay = bus
+        .replay(pb::ReplayRequest {
+            subject: "eu\0west".into(),
+            ..Default::default()
+        })
+        .await;
+    let status = assert_status(replay, Code::InvalidArgument, "subject");
+    assert!(violations(&status).contains(&"subject".to_owned()));
+    let get = server
+        .admin()
+        .get_event(pb::GetEventRequest {
+            id: "bad\0".into(),
+            source: String::new(),
+        })
+        .await;
+    assert_status(get, Code::InvalidArgument, "id");
+}
+
+#[tokio::test]
 async fn oversized_input_is_resource_exhausted() {
     let server = TestServer::start_with(|c| {
         c.limits.max_event_bytes = 10_000;

@@ -12,6 +12,7 @@ use super::{
 use crate::{
     auth::{Auth, AuthError, Principal},
     bus::{Bus, DEFAULT_TENANT, RedriveSelection, validate_group_name},
+    event::check_text,
     store::{AuditQuery, Publisher},
 };
 
@@ -84,6 +85,9 @@ impl pb::admin_server::Admin for AdminApi {
         let r = request.into_inner();
         if r.id.is_empty() {
             return Err(invalid("id", "is required"));
+        }
+        for (field, value) in [("id", &r.id), ("source", &r.source)] {
+            check_text(field, value).map_err(|e| to_status(e.into()))?;
         }
         let source = (!r.source.is_empty()).then_some(r.source.as_str());
         let event = self

@@ -14,7 +14,7 @@ use super::{
 use crate::{
     auth::{Action, Auth, Principal},
     bus::{Bus, BusError, ReplayRequest, decode_resume_token},
-    event::{Event, InvalidInput, TypePattern},
+    event::{Event, InvalidInput, TypePattern, check_text},
     store::ReadQuery,
     telemetry,
 };
@@ -440,6 +440,13 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             _ => return Err(invalid("page_size", "must be at most 1000")),
         };
         let opt = |s: String| (!s.is_empty()).then_some(s);
+        for (field, value) in [
+            ("source", &r.source),
+            ("subject", &r.subject),
+            ("correlation_id", &r.correlation_id),
+        ] {
+            check_text(field, value).map_err(bad)?;
+        }
         let types = convert::patterns(r.types, "types").map_err(bad)?;
         let patterns = read_patterns(&types);
         let resource = pattern_list(&patterns);

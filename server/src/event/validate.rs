@@ -89,6 +89,23 @@ pub(crate) const RESERVED_EXTENSIONS: &[&str] = &[
     "protodatatype",
 ];
 
+/// Why a text attribute cannot hold `value`, if it holds a control character (U+0000-U+001F,
+/// U+007F-U+009F). CloudEvents forbids them in string attributes, and Postgres cannot store U+0000 in
+/// a text column: stored, it failed the whole group commit it came in, other publishers' events too.
+pub fn control_character(value: &str) -> Option<String> {
+    value.chars().find(|c| c.is_control()).map(|c| {
+        format!(
+            "must not contain control characters (found U+{:04X})",
+            c as u32
+        )
+    })
+}
+
+/// Checks that a text field of a request holds no control character (see [`control_character`]).
+pub fn check_text(field: &str, value: &str) -> Result<(), InvalidInput> {
+    control_character(value).map_or(Ok(()), |reason| Err(InvalidInput::field(field, reason)))
+}
+
 fn valid_extension_name(name: &str) -> bool {
     (1..=20).contains(&name.len())
         && name
@@ -190,9 +207,12 @@ impl Limits {
             }
             if let ExtensionValue::String(s) | ExtensionValue::Uri(s) | ExtensionValue::UriRef(s) =
                 value
-                && s.is_empty()
             {
-                push(&format!("extensions[{name:?}]"), "must not be empty".into());
+                if s.is_empty() {
+                    push(&format!("extensions[{name:?}]"), "must not be empty".into());
+                } else if let Some(reason) = control_character(s) {
+                    push(&format!("extensions[{name:?}]"), reason);
+                }
             }
         }
         let attributes = [
@@ -212,6 +232,8 @@ impl Limits {
                     format!("longer than {} bytes", self.max_attribute_bytes),
                 );
                 size_count += 1;
+            } else if let Some(reason) = value.and_then(|v| control_character(v)) {
+                push(name, reason);
             }
         }
         let size = event.size();
