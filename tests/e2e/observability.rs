@@ -174,6 +174,51 @@ async fn trace_context_travels_from_publish_to_delivery_and_from_request_to_repl
     );
 }
 
+#[tokio::test]
+async fn a_retry_under_another_span_is_the_same_event() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let call = |span_id: &str, e: pb::Event| {
+        let mut request = tonic::Request::new(pb::PublishRequest { events: vec![e] });
+        let header = format!("00-{CALLER_TRACE_ID}-{span_id}-01");
+        request
+            .metadata_mut()
+            .insert("traceparent", header.parse().expect("ascii"));
+        request
+    };
+    let first = bus
+        .publish(call("00f067aa0ba902b7", event("r1", "traced.retry")))
+        .await
+        .expect("publish")
+        .into_inner()
+        .results;
+    // the client's tracing starts a span per attempt: the retry's header differs, its event does not
+    let retry = bus
+        .publish(call("00f067aa0ba902b8", event("r1", "traced.retry")))
+        .await
+        .expect("a retry is not a conflict")
+        .into_inner()
+        .results;
+    assert!(retry[0].duplicate, "{retry:?}");
+    assert_eq!(retry[0].sequence, first[0].sequence);
+    let stored = server
+        .admin()
+        .get_event(pb::GetEventRequest {
+            id: "r1".into(),
+            source: String::new(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .event
+        .expect("event");
+    assert_eq!(
+        stored.traceparent,
+        format!("00-{CALLER_TRACE_ID}-00f067aa0ba902b7-01"),
+        "the first call's trace context is the one kept"
+    );
+}
+
 /// Collects exported spans as (name, trace id hex, parent span id hex).
 #[derive(Clone, Default)]
 struct Collector(std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>);
@@ -246,6 +291,16 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
         delivered.traceparent
     );
     assert_ne!(delivered.traceparent, CALLER_TRACE);
+    // each call has a span of its own, recorded on events without a traceparent: a retry is still the same event
+    let retry = bus
+        .publish(with_traceparent(pb::PublishRequest {
+            events: vec![event("x1", "exported.x")],
+        }))
+        .await
+        .expect("a retry is not a conflict")
+        .into_inner()
+        .results;
+    assert!(retry[0].duplicate, "{retry:?}");
     let spans = crate::harness::eventually("publish and deliver spans exported", || async {
         let spans = collector.0.lock().expect("lock").clone();
         let names: Vec<&str> = spans

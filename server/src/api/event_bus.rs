@@ -45,14 +45,15 @@ const PUBLISH_STREAM_IN_FLIGHT: usize = 1024;
 const PUBLISH_STREAM_ANSWERS: usize = 256;
 
 impl EventBusApi {
-    /// Converts and authorizes a batch as sent; returns its events and the span of its publish.
+    /// Converts and authorizes a batch as sent; returns its events, the span of its publish and the
+    /// traceparent to record on its events that carry none.
     fn checked_batch(
         &self,
         principal: &Principal,
         header: Option<&str>,
         events: Vec<pb::Event>,
-    ) -> Result<(Vec<Event>, tracing::Span), Status> {
-        let mut events = events
+    ) -> Result<(Vec<Event>, tracing::Span, Option<String>), Status> {
+        let events = events
             .into_iter()
             .enumerate()
             .map(|(i, e)| convert::event_from_pb(e, &format!("events[{i}]")))
@@ -78,8 +79,8 @@ impl EventBusApi {
         } else {
             tracing::debug_span!("nerve.publish", events = events.len(), principal = %principal.id)
         };
-        trace_events(&span, header, &mut events);
-        Ok((events, span))
+        let trace = trace_events(&span, header, &events);
+        Ok((events, span, trace))
     }
 
     /// Serves one PublishStream: checks and queues each request in the order received (so commits keep
@@ -141,14 +142,14 @@ impl EventBusApi {
             .check_publish_rate(principal)
             .map_err(denied)
             .and_then(|()| self.checked_batch(principal, header, request.events));
-        let (events, span) = match checked {
+        let (events, span, trace) = match checked {
             Ok(checked) => checked,
             Err(status) => return Box::pin(futures::future::ready(answer(Err(status)))),
         };
         let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
         let queued = self
             .bus
-            .queue_publish(&principal.tenant, events)
+            .queue_publish(&principal.tenant, events, trace)
             .instrument(span.clone())
             .await;
         Box::pin(async move {
@@ -238,12 +239,12 @@ impl pb::event_bus_server::EventBus for EventBusApi {
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let header = call_traceparent(&request);
         let principal = principal(&request)?;
-        let (events, span) =
+        let (events, span, trace) =
             self.checked_batch(&principal, header.as_deref(), request.into_inner().events)?;
         let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
         let appended = self
             .bus
-            .publish(&principal.tenant, events)
+            .publish(&principal.tenant, events, trace)
             .instrument(span)
             .await
             .map_err(to_status)?;
@@ -353,9 +354,12 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             .map_err(denied)?;
         let span =
             tracing::info_span!("nerve.request", otel.kind = "server", r#type = %event.event_type);
-        let mut events = [event];
-        trace_events(&span, header.as_deref(), &mut events);
-        let [event] = events;
+        let mut event = event;
+        // a request's inbox differs on every call, so its content does too: the stamp may be part of it
+        let trace = trace_events(&span, header.as_deref(), std::slice::from_ref(&event));
+        if event.traceparent.is_none() {
+            event.traceparent = trace;
+        }
         let asked = request
             .timeout
             .map(|d| convert::duration_from_pb(&d, "timeout"))
@@ -512,13 +516,10 @@ fn call_traceparent<T>(request: &Request<T>) -> Option<String> {
 
 /// Continues the caller's trace (header, else the first event's) in `span`, and stamps events that
 /// carry no trace context with it, so deliveries and replies continue the same trace.
-fn trace_events(span: &tracing::Span, header: Option<&str>, events: &mut [Event]) {
+fn trace_events(span: &tracing::Span, header: Option<&str>, events: &[Event]) -> Option<String> {
     let parent = header.or_else(|| events.iter().find_map(|e| e.traceparent.as_deref()));
     telemetry::continue_trace(span, parent);
-    let stamp = telemetry::traceparent_of(span, header);
-    for event in events.iter_mut().filter(|e| e.traceparent.is_none()) {
-        event.traceparent = stamp.clone();
-    }
+    telemetry::traceparent_of(span, header)
 }
 
 #[cfg(test)]

@@ -140,24 +140,36 @@ impl Bus {
         &self.limits
     }
 
-    /// Commits a batch of events atomically; returns their sequences in order.
-    pub async fn publish(&self, tenant: &str, events: Vec<Event>) -> BusResult<Vec<Appended>> {
-        self.queue_publish(tenant, events).await?.committed().await
+    /// Commits a batch of events atomically; returns their sequences in order. `trace` is recorded as
+    /// the traceparent of events that carry none (see [`Bus::queue_publish`]).
+    pub async fn publish(
+        &self,
+        tenant: &str,
+        events: Vec<Event>,
+        trace: Option<String>,
+    ) -> BusResult<Vec<Appended>> {
+        self.queue_publish(tenant, events, trace)
+            .await?
+            .committed()
+            .await
     }
 
     /// Checks a batch and queues it for commit after every batch queued before it, so batches queued
     /// one after another get increasing sequences; [`QueuedPublish::committed`] waits for the commit.
+    /// `trace` is recorded as the traceparent of events that carry none, after their content is hashed:
+    /// it is the call's, and differs between a publish and its retry.
     pub async fn queue_publish(
         &self,
         tenant: &str,
         events: Vec<Event>,
+        trace: Option<String>,
     ) -> BusResult<QueuedPublish> {
         let started = std::time::Instant::now();
         let types: Vec<String> = events
             .iter()
             .map(|e| crate::metrics::type_label(&e.event_type))
             .collect();
-        match self.queue_commit(tenant, events).await {
+        match self.queue_commit(tenant, events, trace).await {
             Ok(queued) => Ok(QueuedPublish {
                 started,
                 types,
@@ -170,15 +182,24 @@ impl Bus {
         }
     }
 
-    async fn queue_commit(&self, tenant: &str, events: Vec<Event>) -> BusResult<Queued> {
+    async fn queue_commit(
+        &self,
+        tenant: &str,
+        events: Vec<Event>,
+        trace: Option<String>,
+    ) -> BusResult<Queued> {
         self.limits.check_batch(&events)?;
         let now = Utc::now();
         let batch = events
             .into_iter()
             .map(|mut event| {
-                // hashed as sent, so a retry that again leaves time unset is recognized as the same event
+                // hashed as sent, so a retry that again leaves time or traceparent unset is recognized
+                // as the same event
                 let content_hash = event.content_hash();
                 event.time.get_or_insert(now);
+                if event.traceparent.is_none() {
+                    event.traceparent.clone_from(&trace);
+                }
                 NewEvent::new(event, content_hash)
             })
             .collect();

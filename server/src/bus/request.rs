@@ -106,7 +106,7 @@ impl Bus {
         };
         let source = event.source.clone();
         let id = event.id.clone();
-        let appended = self.publish(tenant, vec![event]).await?;
+        let appended = self.publish(tenant, vec![event], None).await?;
         let Some(Appended {
             sequence,
             duplicate,
@@ -186,7 +186,7 @@ impl Bus {
             event.traceparent = inbox.traceparent;
         }
         event.reply_to = None;
-        let appended = self.publish(tenant, vec![event.clone()]).await?;
+        let appended = self.publish(tenant, vec![event.clone()], None).await?;
         let sequence = appended.first().map(|a| a.sequence).unwrap_or_default();
         let stored = self
             .store
