@@ -68,6 +68,38 @@ async fn request_gets_the_reply_with_correlation() {
 }
 
 #[tokio::test]
+async fn a_call_deadline_past_the_longest_timeout_only_bounds_the_wait() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut responder = Subscriber::open(&mut bus, open(&["planner.plan.requested"], ""))
+        .await
+        .expect("open");
+    let mut requester = server.bus();
+    let call = tokio::spawn(async move {
+        // no timeout field; a deadline past the server's longest timeout (300 s) is not a bad field
+        let mut ask = tonic::Request::new(pb::RequestRequest {
+            event: Some(event("long", "planner.plan.requested")),
+            timeout: None,
+        });
+        ask.set_timeout(Duration::from_secs(600));
+        requester.request(ask).await
+    });
+    let asked = responder.next_delivery().await.event.expect("event");
+    bus.reply(pb::ReplyRequest {
+        reply_to: asked.reply_to,
+        event: Some(event("long-answer", "planner.plan.ready")),
+    })
+    .await
+    .expect("reply");
+    let answer = call
+        .await
+        .expect("join")
+        .expect("a long deadline is not refused")
+        .into_inner();
+    assert_eq!(answer.reply.expect("reply").id, "long-answer");
+}
+
+#[tokio::test]
 async fn request_without_responders_fails_at_once() {
     let server = TestServer::start().await;
     let mut bus = server.bus();

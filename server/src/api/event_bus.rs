@@ -365,13 +365,9 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             .map(|d| convert::duration_from_pb(&d, "timeout"))
             .transpose()
             .map_err(|e| to_status(e.into()))?;
-        let timeout = match (asked, deadline) {
-            (Some(a), Some(d)) => Some(a.min(d)),
-            (a, d) => a.or(d),
-        };
         let outcome = self
             .bus
-            .request(&principal.tenant, event, timeout)
+            .request(&principal.tenant, event, asked, deadline)
             .instrument(span)
             .await
             .map_err(to_status)?;

@@ -32,14 +32,16 @@ impl Drop for InboxGuard<'_> {
 }
 
 impl Bus {
-    /// Publishes a request and waits for its reply; fails at once when nobody could receive it.
+    /// Publishes a request and waits for its reply, at most `timeout` (the request's field, or the
+    /// default) and at most the call's `deadline`; fails at once when nobody could receive it.
     pub async fn request(
         &self,
         tenant: &str,
         event: Event,
         timeout: Option<Duration>,
+        deadline: Option<Duration>,
     ) -> BusResult<RequestOutcome> {
-        let outcome = self.ask(tenant, event, timeout).await;
+        let outcome = self.ask(tenant, event, timeout, deadline).await;
         let label = match &outcome {
             Ok(_) => "answered",
             Err(BusError::NoResponders { .. }) => "no_responders",
@@ -55,6 +57,7 @@ impl Bus {
         tenant: &str,
         mut event: Event,
         timeout: Option<Duration>,
+        deadline: Option<Duration>,
     ) -> BusResult<RequestOutcome> {
         let timeout = timeout.unwrap_or(self.settings.default_request_timeout);
         if timeout.is_zero() || timeout > self.settings.max_request_timeout {
@@ -67,6 +70,16 @@ impl Bus {
             )
             .into());
         }
+        // the call's deadline is not a field the client set: it only shortens the wait
+        let timeout = match deadline {
+            Some(deadline) if deadline.is_zero() => {
+                return Err(BusError::DeadlineExceeded(
+                    "the call's deadline passed before the request was published".into(),
+                ));
+            }
+            Some(deadline) => timeout.min(deadline),
+            None => timeout,
+        };
         if event.reply_to.is_some() {
             return Err(InvalidInput::field(
                 "event.reply_to",
