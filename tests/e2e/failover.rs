@@ -748,6 +748,39 @@ async fn private_streams_go_on_while_redis_is_down() {
     }
 }
 
+#[tokio::test]
+async fn a_subscription_refused_while_redis_is_down_leaves_no_consumer_behind() {
+    let mut redis = RedisProcess::start(false).await;
+    let deployment = Deployment::new(redis.url()).await;
+    let server = deployment.replica(&[]).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    redis.kill9().await;
+    let refused = Subscriber::open(&mut bus, open(&["ghost.req"], "")).await;
+    assert!(
+        refused.is_err(),
+        "a subscription cannot announce itself without redis"
+    );
+    redis.restart().await;
+    let ask = pb::RequestRequest {
+        event: Some(event("ghost-1", "ghost.req")),
+        timeout: crate::harness::millis(2000),
+    };
+    // the refused subscriber must not count as one who could answer
+    let status = crate::harness::eventually("redis to take requests again", || {
+        let mut bus = bus.clone();
+        let ask = ask.clone();
+        async move {
+            match bus.request(ask).await {
+                Err(status) if status.code() == Code::Unavailable => None,
+                other => Some(other),
+            }
+        }
+    })
+    .await
+    .expect_err("nobody can answer");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+}
+
 /// A deployment with one replica that reaches Postgres through a [`Proxy`].
 async fn replica_behind_proxy() -> (Proxy, Deployment, ServerProcess) {
     let upstream: SocketAddr = {

@@ -1548,7 +1548,16 @@ impl LiveStreams for RedisStreams {
                     interest,
                 },
             );
-        self.publish_presence(id).await
+        let published = self.publish_presence(id).await;
+        if published.is_err() {
+            // the open fails and the session never starts, so nothing else would remove it; kept, it
+            // would count as a consumer and have its presence refreshed for ever
+            self.subscribers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+        }
+        published
     }
 
     async fn update_interest(&self, id: &str, interest: Interest) -> StreamResult<()> {
@@ -1614,11 +1623,18 @@ impl LiveStreams for RedisStreams {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(inbox.to_owned(), (info, tx));
-        let _: () = self
+        let stored: Result<(), _> = self
             .conn()
             .pset_ex(self.keys.inbox(inbox), record, INBOX_TTL_MS)
-            .await
-            .map_err(redis_err)?;
+            .await;
+        if let Err(error) = stored {
+            // the request fails before it has an inbox guard to remove this
+            self.inboxes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(inbox);
+            return Err(redis_err(error));
+        }
         Ok(rx)
     }
 
