@@ -315,3 +315,64 @@ async fn pages_are_full_even_when_matches_are_sparse() {
         "every page but the last is full: {hit_sizes:?}"
     );
 }
+
+#[tokio::test]
+async fn resuming_a_replay_open_to_the_future_while_publishers_commit_skips_nothing() {
+    const PUBLISHERS: usize = 4;
+    const EACH: usize = 500;
+    let server = TestServer::start().await;
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let mut bus = server.bus();
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    publish(&mut bus, vec![event(&format!("f{p}-{i}"), "future.x")]).await;
+                }
+            })
+        })
+        .collect();
+    let bus = server.bus();
+    let mut token = String::new();
+    let mut seen = std::collections::BTreeSet::new();
+    // each call reads to the head and hands back a token; the next resumes from it, as a tailing reader does
+    let replay_to_the_end = |token: String| {
+        let mut bus = bus.clone();
+        async move {
+            let pages = collect_replay(
+                bus.replay(pb::ReplayRequest {
+                    until_sequence: u64::MAX,
+                    resume_token: token,
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .expect("replay")
+                .into_inner(),
+            )
+            .await;
+            let last = pages.last().expect("a page").resume_token.clone();
+            let sequences: Vec<u64> = pages
+                .iter()
+                .flat_map(|p| p.events.iter().map(|e| e.sequence))
+                .collect();
+            (sequences, last)
+        }
+    };
+    while publishers.iter().any(|p| !p.is_finished()) {
+        let (sequences, next) = replay_to_the_end(token).await;
+        seen.extend(sequences);
+        token = next;
+    }
+    let (sequences, _) = replay_to_the_end(token).await;
+    seen.extend(sequences);
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    let total = (PUBLISHERS * EACH) as u64;
+    let missing: Vec<u64> = (1..=total).filter(|s| !seen.contains(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "resumed past {} events: {missing:?}",
+        missing.len()
+    );
+}

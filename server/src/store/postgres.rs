@@ -478,6 +478,8 @@ impl EventStore for PostgresStore {
     }
 
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
+        // the head before the read: every event up to it is committed, so the read sees it
+        let committed = *self.committed.borrow();
         let limit = query.page_limit();
         let literals = literal_types(query);
         // one ordered, limited index range per literal type, merged: with `type = ANY($n)` a plan made
@@ -551,7 +553,7 @@ impl EventStore for PostgresStore {
             }
         }
         if exhausted && let Some(until) = query.until {
-            page.scanned_to = page.scanned_to.max(until.min(*self.committed.borrow()));
+            page.scanned_to = page.scanned_to.max(until.min(committed));
         }
         Ok(page)
     }

@@ -668,6 +668,8 @@ impl EventStore for SqliteStore {
     }
 
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
+        // the head before the read: every event up to it is committed, so the read sees it
+        let committed = *self.committed.borrow();
         let limit = query.page_limit();
         let literals = literal_types(query);
         let mut sql = QueryBuilder::<Sqlite>::new("");
@@ -701,7 +703,7 @@ impl EventStore for SqliteStore {
         // neither the rows nor the events inside one row come in a promised order
         page.events.sort_unstable_by_key(|e| e.sequence);
         if exhausted && let Some(until) = query.until {
-            page.scanned_to = page.scanned_to.max(until.min(*self.committed.borrow()));
+            page.scanned_to = page.scanned_to.max(until.min(committed));
         }
         Ok(page)
     }
