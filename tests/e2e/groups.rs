@@ -578,3 +578,36 @@ async fn a_whole_window_comes_back_when_its_stream_ends_and_when_nacked_at_once(
     assert!(third.iter().all(|d| d.attempt == 3));
     assert_eq!(third.iter().map(seq).collect::<BTreeSet<_>>(), seqs);
 }
+
+#[tokio::test]
+async fn a_sparse_group_reads_its_backlog_without_waiting_for_a_commit() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    for b in 0..20 {
+        let noise = (0..1000)
+            .map(|i| event(&format!("noise-{b}-{i}"), "noise.a"))
+            .collect();
+        publish(&mut bus, noise).await;
+    }
+    let [job] = publish(&mut bus, vec![event("job-1", "job.x")]).await[..] else {
+        panic!("one sequence")
+    };
+    // a wildcard: the types cannot narrow the read, so the claims read the noise too
+    let mut o = open(&["job.>"], "sparse");
+    o.start = earliest();
+    o.heartbeat_interval = Some(prost_types::Duration {
+        seconds: 10,
+        nanos: 0,
+    });
+    let mut member = Subscriber::open(&mut bus, o).await.expect("open");
+    // nothing is committed meanwhile: the claims must go on by themselves, not at the next heartbeat
+    let d = member
+        .try_next_delivery(std::time::Duration::from_secs(8))
+        .await
+        .expect("the job within 8 s, not one claim's reading per heartbeat");
+    assert_eq!(d.event.as_ref().expect("event").sequence, job);
+    assert_eq!(
+        member.caught_up, None,
+        "caught up before the backlog was read"
+    );
+}

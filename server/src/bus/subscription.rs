@@ -700,6 +700,9 @@ impl Session {
             delivered += self.deliver_group(key, due, lease, max_attempts).await?;
         }
         let mut backlogged = [true; 4];
+        // a claim stopped reading before the head (a selection that matches little of a long
+        // backlog): the session goes on with it after its other work, not at the next commit
+        let mut scanning = false;
         while self.credits > 0 && backlogged.iter().any(|b| *b) {
             let share = self.scheduler.allocate(self.credits, backlogged);
             for (index, level) in Priority::ALL.into_iter().enumerate() {
@@ -707,14 +710,18 @@ impl Session {
                     continue;
                 }
                 let lease = Utc::now() + self.ack_deadline;
-                let claimed = streams
+                let claim = streams
                     .claim_new(key, &self.id, level, share[index] as usize, lease)
                     .await?;
-                if claimed.len() < share[index] as usize {
+                if claim.entries.len() < share[index] as usize {
                     backlogged[index] = false;
-                    self.scheduler.drained(index);
+                    if claim.more {
+                        scanning = true;
+                    } else {
+                        self.scheduler.drained(index);
+                    }
                 }
-                let claimed = self.with_events(key, claimed).await?;
+                let claimed = self.with_events(key, claim.entries).await?;
                 delivered += self
                     .deliver_group(key, claimed, lease, max_attempts)
                     .await?;
@@ -723,6 +730,7 @@ impl Session {
         // caught up only once the relay has brought the group everything already committed
         if !self.caught_up
             && delivered == 0
+            && !scanning
             && self.credits > 0
             && self.claimable() >= self.bus.store.head().await?
         {
@@ -731,6 +739,9 @@ impl Session {
         // with no credits nothing due can be claimed: waking for it would spin until an ack
         if self.credits == 0 {
             return Ok(None);
+        }
+        if scanning {
+            return Ok(Some(Instant::now()));
         }
         let next_due = streams.next_due(key).await?;
         Ok(next_due.map(|due| {

@@ -15,8 +15,8 @@ use sqlx::{Connection, Row, sqlite::SqliteRow};
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    Claimed, GroupConfig, GroupKey, GroupStats, Inbox, Interest, LiveStreams, StreamError,
-    StreamResult, TailRead,
+    Claimed, GroupConfig, GroupKey, GroupStats, Inbox, Interest, LiveStreams, NewClaim,
+    StreamError, StreamResult, TailRead,
     leased_run::{LeasedRun, Left, RUN_ENTRIES},
     tail::Tail,
 };
@@ -564,7 +564,7 @@ impl LiveStreams for EmbeddedStreams {
         level: Priority,
         max: usize,
         lease_until: DateTime<Utc>,
-    ) -> StreamResult<Vec<Claimed>> {
+    ) -> StreamResult<NewClaim> {
         let index = level_index(level);
         // pages are read without the writer lock, so acks and commits go on meanwhile; the lock
         // then makes check-cursor, insert-pending, move-cursor one step for all consumers
@@ -630,11 +630,15 @@ impl LiveStreams for EmbeddedStreams {
             // No event of the level and types past the cursor: nothing to lease, and the cursor need
             // not move (the group's lag counts none there), so no writer's lock, which would wait for
             // the event commit in flight. The read-ahead keeps how far this claim looked.
+            let more = ahead.scanned_to < until;
             self.claim_ahead
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert((key.clone(), index), ahead);
-            return Ok(Vec::new());
+            return Ok(NewClaim {
+                entries: Vec::new(),
+                more,
+            });
         }
         let mut conn = self.store.db().lock_delivery_writer().await;
         // another consumer of the group may have claimed part of what was read: what it took is
@@ -642,11 +646,11 @@ impl LiveStreams for EmbeddedStreams {
         let (_, now) = self.group_snapshot(key)?;
         if now[index] < cursors[index] {
             // the group was deleted and made again meanwhile: claim from its new cursor next time
-            return Ok(Vec::new());
+            return Ok(NewClaim::default());
         }
         taken.retain(|event| event.sequence > now[index]);
         if cursor <= now[index] {
-            return Ok(Vec::new());
+            return Ok(NewClaim::default());
         }
         let tx = conn.transaction().map_err(write_err)?;
         // a row per run leases the claim: acks then update its bitmap, not a row per event
@@ -722,16 +726,20 @@ impl LiveStreams for EmbeddedStreams {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert((key.clone(), index), ahead);
-        Ok(taken
-            .into_iter()
-            .map(|event| Claimed {
-                sequence: event.sequence,
-                attempt: 1,
-                priority: level,
-                event: Some(event),
-                last_error: None,
-            })
-            .collect())
+        Ok(NewClaim {
+            entries: taken
+                .into_iter()
+                .map(|event| Claimed {
+                    sequence: event.sequence,
+                    attempt: 1,
+                    priority: level,
+                    event: Some(event),
+                    last_error: None,
+                })
+                .collect(),
+            // the bound on pages read stopped it before the head
+            more: cursor < until,
+        })
     }
 
     async fn claim_due(
@@ -1280,7 +1288,8 @@ mod tests {
         let claimed = streams
             .claim_new(&key, "a", Priority::Normal, 100, lease)
             .await
-            .expect("claim");
+            .expect("claim")
+            .entries;
         assert_eq!(claimed.len(), 10);
         let acked = streams
             .ack(&key, &[(1, 1), (2, 1), (3, 1), (4, 1), (4, 1), (6, 2)])
@@ -1327,7 +1336,8 @@ mod tests {
         let claimed = streams
             .claim_new(&key, "a", Priority::Normal, 100, lease)
             .await
-            .expect("claim");
+            .expect("claim")
+            .entries;
         assert_eq!(claimed.len(), 3);
         // an event commit in flight holds the writer's lock
         let db = streams.store.db().clone();
@@ -1342,7 +1352,8 @@ mod tests {
             let new = tokio::time::timeout(quick, streams.claim_new(&key, "b", level, 100, lease))
                 .await
                 .expect("nothing is new: the claim must not wait for the commit")
-                .expect("claim new");
+                .expect("claim new")
+                .entries;
             assert!(new.is_empty());
         }
         let next = tokio::time::timeout(quick, streams.next_due(&key))
@@ -1379,7 +1390,8 @@ mod tests {
         let claimed = streams
             .claim_new(&key, "a", Priority::Normal, 100, lease)
             .await
-            .expect("claim");
+            .expect("claim")
+            .entries;
         assert_eq!(claimed.len(), 10);
         let query_only = |on: bool| {
             let streams = streams.clone();
@@ -1438,7 +1450,8 @@ mod tests {
                 streams
                     .claim_new(&key, "a", level, 5000, lease)
                     .await
-                    .expect("claim"),
+                    .expect("claim")
+                    .entries,
             );
         }
         assert_eq!(claimed.len(), 3000);
@@ -1477,11 +1490,13 @@ mod tests {
         let first = streams
             .claim_new(&key, "a", Priority::Normal, 100, lease)
             .await
-            .expect("claim");
+            .expect("claim")
+            .entries;
         let second = streams
             .claim_new(&key, "b", Priority::Normal, 100, lease)
             .await
-            .expect("claim");
+            .expect("claim")
+            .entries;
         let sequences: Vec<u64> = first.iter().chain(&second).map(|c| c.sequence).collect();
         assert_eq!(
             sequences,

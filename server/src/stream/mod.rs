@@ -76,6 +76,16 @@ pub struct Claimed {
     pub last_error: Option<String>,
 }
 
+/// What [`LiveStreams::claim_new`] handed out.
+#[derive(Debug, Default)]
+pub struct NewClaim {
+    /// The leased entries, at most as many as asked for.
+    pub entries: Vec<Claimed>,
+    /// Whether the claim stopped reading before the head (a bound on one claim's reading): fewer
+    /// entries than asked then does not mean the level has no more.
+    pub more: bool,
+}
+
 /// Backlog of one group.
 #[derive(Debug, Clone)]
 pub struct GroupStats {
@@ -155,7 +165,7 @@ pub trait LiveStreams: Send + Sync + 'static {
         level: Priority,
         max: usize,
         lease_until: DateTime<Utc>,
-    ) -> StreamResult<Vec<Claimed>>;
+    ) -> StreamResult<NewClaim>;
 
     /// Hands out up to `max` pending entries whose lease ran out (or that were released), with attempt + 1.
     async fn claim_due(

@@ -30,8 +30,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use super::{
-    Claimed, GroupConfig, GroupKey, GroupStats, Inbox, Interest, LiveStreams, StreamError,
-    StreamResult, TailRead, redis_scripts as lua, tail::Tail,
+    Claimed, GroupConfig, GroupKey, GroupStats, Inbox, Interest, LiveStreams, NewClaim,
+    StreamError, StreamResult, TailRead, redis_scripts as lua, tail::Tail,
 };
 use crate::{
     event::{Event, Priority, Selection, StoredEvent},
@@ -1143,7 +1143,7 @@ impl LiveStreams for RedisStreams {
         level: Priority,
         max: usize,
         lease_until: DateTime<Utc>,
-    ) -> StreamResult<Vec<Claimed>> {
+    ) -> StreamResult<NewClaim> {
         let row = self.group_row(key).await?;
         let streams = self
             .group_streams(key, &row.config.selection, Some(level))
@@ -1203,7 +1203,11 @@ impl LiveStreams for RedisStreams {
                 break;
             }
         }
-        Ok(taken)
+        // every stream was read to its end or the claim is full
+        Ok(NewClaim {
+            entries: taken,
+            more: false,
+        })
     }
 
     async fn claim_due(
