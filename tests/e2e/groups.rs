@@ -611,3 +611,40 @@ async fn a_sparse_group_reads_its_backlog_without_waiting_for_a_commit() {
         "caught up before the backlog was read"
     );
 }
+
+#[tokio::test]
+async fn deliveries_claimed_but_not_sent_when_a_member_leaves_go_to_the_next_member_at_once() {
+    const EVENTS: usize = 5000;
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    for b in 0..EVENTS / 1000 {
+        // 2 KiB each: more than the connection's flow-control windows hold, so sending takes reading
+        let events = (0..1000)
+            .map(|i| {
+                let mut e = event(&format!("handoff-{b}-{i}"), "handoff.x");
+                e.data = Some(pb::event::Data::BinaryData(vec![7; 2048]));
+                e
+            })
+            .collect();
+        publish(&mut bus, events).await;
+    }
+    let mut o = open(&["handoff.x"], "handoff");
+    o.start = earliest();
+    o.max_in_flight = EVENTS as u32;
+    o.ack_deadline = Some(prost_types::Duration {
+        seconds: 60,
+        nanos: 0,
+    });
+    // the first member is claimed the whole backlog, reads one run and goes away while the rest is
+    // still being sent to it
+    let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    first.next_delivery().await;
+    drop(first);
+    let mut next = Subscriber::open(&mut bus, o).await.expect("open");
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < EVENTS {
+        // within the harness's wait, not the 60 s lease of what the first member never got
+        let d = next.next_delivery().await;
+        seen.insert(d.event.expect("event").sequence);
+    }
+}

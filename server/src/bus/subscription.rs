@@ -794,6 +794,10 @@ impl Session {
     ) -> BusResult<usize> {
         let deadline = Instant::now() + self.ack_deadline;
         let mut delivered = 0;
+        // every entry is outstanding before the first run is sent: if the subscriber goes away
+        // meanwhile, the session's end releases the unsent ones with the rest, instead of leaving them
+        // leased, to nobody, until the lease ends
+        let mut runs = Vec::new();
         let mut run = Vec::new();
         for (claimed, event) in claimed {
             if claimed.attempt > max_attempts {
@@ -819,11 +823,13 @@ impl Session {
             });
             delivered += 1;
             if run.len() == DELIVERY_RUN {
-                self.send(Outbound::Deliveries(std::mem::take(&mut run)))
-                    .await?;
+                runs.push(std::mem::take(&mut run));
             }
         }
         if !run.is_empty() {
+            runs.push(run);
+        }
+        for run in runs {
             self.send(Outbound::Deliveries(run)).await?;
         }
         Ok(delivered)
