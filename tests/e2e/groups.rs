@@ -648,3 +648,79 @@ async fn deliveries_claimed_but_not_sent_when_a_member_leaves_go_to_the_next_mem
         seen.insert(d.event.expect("event").sequence);
     }
 }
+
+#[tokio::test]
+async fn large_events_replay_and_list_as_dead_letters_in_pages_that_fit_a_message() {
+    const EVENTS: usize = 12;
+    const DATA: usize = 900 << 10;
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["big.x"], "big");
+    o.max_in_flight = EVENTS as u32;
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    let mut seqs = Vec::new();
+    for b in 0..EVENTS / 3 {
+        let events = (0..3)
+            .map(|i| {
+                let mut e = event(&format!("big-{b}-{i}"), "big.x");
+                e.data = Some(pb::event::Data::BinaryData(vec![b as u8; DATA]));
+                e
+            })
+            .collect();
+        seqs.extend(publish(&mut bus, events).await);
+    }
+    // the default page of 100 would be 10.8 MB, over the 5 MiB message limit
+    let pages = collect_replay(
+        bus.replay(pb::ReplayRequest {
+            types: vec!["big.x".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("replay")
+        .into_inner(),
+    )
+    .await;
+    let replayed: Vec<u64> = pages
+        .iter()
+        .flat_map(|p| p.events.iter().map(|e| e.sequence))
+        .collect();
+    assert_eq!(replayed, seqs, "every event, in order");
+    assert!(pages.len() > 1, "large events end pages early");
+
+    let ds = sub.deliveries(EVENTS).await;
+    sub.send(Action::Nack(pb::Nack {
+        delivery_ids: ds.iter().map(|d| d.delivery_id.clone()).collect(),
+        retry_delay: None,
+        dead_letter: true,
+        reason: "too big to handle".into(),
+    }))
+    .await;
+    let listed = eventually("every dead letter, page by page", || async {
+        let mut token = String::new();
+        let mut listed = Vec::new();
+        loop {
+            let page = server
+                .admin()
+                .list_dead_letters(pb::ListDeadLettersRequest {
+                    group: "big".into(),
+                    page_size: 0,
+                    page_token: token,
+                })
+                .await
+                .expect("a page that fits a message")
+                .into_inner();
+            listed.extend(
+                page.dead_letters
+                    .iter()
+                    .map(|d| d.event.as_ref().expect("event").sequence),
+            );
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        (listed.len() == EVENTS).then_some(listed)
+    })
+    .await;
+    assert_eq!(listed, seqs);
+}

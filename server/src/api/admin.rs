@@ -173,12 +173,19 @@ impl pb::admin_server::Admin for AdminApi {
                 .parse()
                 .map_err(|_| invalid("page_token", "is not a token returned by ListDeadLetters"))?
         };
-        let letters = self
+        let mut letters = self
             .bus
             .dead_letters(&principal.tenant, &r.group, after, limit)
             .await
             .map_err(to_status)?;
-        let next_page_token = if letters.len() == limit {
+        // large events end a page early, so it fits one message
+        let fits = self
+            .bus
+            .limits()
+            .page_fits(letters.iter().map(|(_, e)| e.event.size()));
+        let full = letters.len() == limit || fits < letters.len();
+        letters.truncate(fits);
+        let next_page_token = if full {
             letters
                 .last()
                 .map(|(d, _)| d.sequence.to_string())

@@ -81,6 +81,9 @@ impl Bus {
                 }
             };
             let mut remaining = request.limit.unwrap_or(u64::MAX);
+            // the largest mean event size of a read so far: later reads ask for no more than a page's
+            // bytes of such events, so large events do not fill memory with what the page cannot take
+            let mut event_bytes = 1;
             loop {
                 let mut page = ReplayPage {
                     events: Vec::new(),
@@ -89,9 +92,13 @@ impl Bus {
                 };
                 // fill one page: read what it needs, and read further ahead only while matches are sparse
                 let mut scan = 0;
+                let mut bytes = 0;
                 while page.events.len() < request.page_size && remaining > 0 {
-                    let want = (request.page_size - page.events.len()).min(remaining as usize);
-                    scan = (scan * 2).max(want).min(SCAN_PAGE);
+                    let fit = (bus.limits.page_bytes() / event_bytes).max(1);
+                    let want = (request.page_size - page.events.len())
+                        .min(remaining as usize)
+                        .min(fit);
+                    scan = (scan * 2).max(want).min(SCAN_PAGE).min(fit);
                     query.limit = scan;
                     let read = match bus.store.read(&query).await {
                         Ok(read) => read,
@@ -100,9 +107,17 @@ impl Bus {
                             return;
                         }
                     };
+                    if !read.events.is_empty() {
+                        let read_bytes: usize = read.events.iter().map(|e| e.event.size()).sum();
+                        event_bytes = event_bytes.max(read_bytes / read.events.len());
+                    }
                     let mut cut = false;
                     for event in read.events {
-                        if page.events.len() >= request.page_size {
+                        // large events end a page early: it must fit one message, and memory stays bounded
+                        bytes += event.event.size();
+                        if page.events.len() >= request.page_size
+                            || (!page.events.is_empty() && bytes > bus.limits.page_bytes())
+                        {
                             cut = true;
                             break;
                         }

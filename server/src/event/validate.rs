@@ -127,6 +127,27 @@ fn valid_traceparent(value: &str) -> bool {
 }
 
 impl Limits {
+    /// Most event bytes one answer page carries (a replay page, a page of dead letters): what one
+    /// publish may carry, so a page of any events fits the message limit (`max_batch_bytes` + 1 MiB).
+    pub fn page_bytes(&self) -> usize {
+        self.max_batch_bytes
+    }
+
+    /// How many of `sizes` (event sizes, in order) one answer page takes: all of them while their sum
+    /// stays within [`Limits::page_bytes`], and always the first.
+    pub fn page_fits(&self, sizes: impl IntoIterator<Item = usize>) -> usize {
+        let mut bytes = 0;
+        let mut count = 0;
+        for size in sizes {
+            bytes += size;
+            if count > 0 && bytes > self.page_bytes() {
+                break;
+            }
+            count += 1;
+        }
+        count
+    }
+
     /// Checks one event; `field` is its path in the request (e.g. `events[2]`).
     pub fn check_event(&self, event: &Event, field: &str) -> Result<(), InvalidInput> {
         let mut bad = Vec::new();
