@@ -165,6 +165,10 @@ func TestFilterAndBadOpen(t *testing.T) {
 	if _, ok := e.Violation("open.ack_deadline"); !ok {
 		t.Fatalf("violations %v", e.FieldViolations)
 	}
+	// a start past the last stored sequence (a position kept from a store since wiped)
+	if _, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"a.b"}, Start: nerve.StartAfter(1 << 40)}); !errors.Is(err, nerve.ErrOutOfRange) {
+		t.Fatalf("want OutOfRange, got %v", err)
+	}
 
 	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{
 		Types: []string{"filter.x"}, Filter: nerve.Exact(map[string]string{"subject": "keep"}), Start: nerve.StartEarliest(),

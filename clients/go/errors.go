@@ -42,6 +42,8 @@ var (
 	ErrAlreadyExists      = &Error{Code: codes.AlreadyExists, sentinel: true}
 	ErrNotFound           = &Error{Code: codes.NotFound, sentinel: true}
 	ErrFailedPrecondition = &Error{Code: codes.FailedPrecondition, sentinel: true}
+	// ErrOutOfRange: a position past what is stored yet, e.g. a subscription's start after the head.
+	ErrOutOfRange = &Error{Code: codes.OutOfRange, sentinel: true}
 	// ErrNoResponders: a request no connected subscriber could receive (FailedPrecondition, NO_RESPONDERS).
 	ErrNoResponders     = &Error{Code: codes.FailedPrecondition, Reason: "NO_RESPONDERS", sentinel: true}
 	ErrDeadlineExceeded = &Error{Code: codes.DeadlineExceeded, sentinel: true}

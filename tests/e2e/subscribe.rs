@@ -251,3 +251,30 @@ async fn half_closing_the_request_side_keeps_deliveries_coming() {
     publish(&mut bus, vec![event("h1", "half.x")]).await;
     assert_eq!(id(&sub.next_delivery().await), "h1");
 }
+
+#[tokio::test]
+async fn a_start_past_the_head_is_out_of_range_instead_of_skipping_what_comes() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let stored = publish_n(&mut bus, "p", "past.x", 3).await;
+    let head = stored[2];
+    for group in ["", "past-group"] {
+        let mut o = open(&["past.x"], group);
+        // e.g. a position kept from a store since wiped
+        o.start = after_sequence(head + 100);
+        let status = Subscriber::open(&mut bus, o).await.err().expect("refused");
+        assert_eq!(status.code(), Code::OutOfRange, "{group:?}: {status:?}");
+        assert!(
+            status.message().contains("open.start.after_sequence"),
+            "{status:?}"
+        );
+    }
+    // at the head it is the live tail: the next event comes
+    let mut o = open(&["past.x"], "");
+    o.start = after_sequence(head);
+    let mut sub = Subscriber::open(&mut bus, o)
+        .await
+        .expect("open at the head");
+    let next = publish_n(&mut bus, "q", "past.x", 1).await;
+    assert_eq!(seq(&sub.next_delivery().await), next[0]);
+}

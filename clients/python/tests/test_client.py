@@ -20,6 +20,7 @@ from nerve_client import (
     ClosedError,
     InvalidArgumentError,
     NotFoundError,
+    OutOfRangeError,
     Priority,
     UnavailableError,
     data_of,
@@ -124,6 +125,10 @@ async def test_filter_and_bad_open(client: Client) -> None:
     with pytest.raises(InvalidArgumentError) as info:
         await client.subscribe("a.b", group="g", ack_deadline=0.001)
     assert info.value.violation("open.ack_deadline") is not None, info.value.field_violations
+    # a start past the last stored sequence (a position kept from a store since wiped)
+    with pytest.raises(OutOfRangeError) as past:
+        await client.subscribe("a.b", start=1 << 40)
+    assert past.value.violation("open.start.after_sequence") is not None, past.value.field_violations
 
     async with client.subscribe("filter.x", filter=exact(subject="keep"), start="earliest") as sub:
         kept = ev("keep-me", "filter.x")

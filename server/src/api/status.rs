@@ -15,12 +15,9 @@ pub fn to_status(error: BusError) -> Status {
             } else {
                 Code::InvalidArgument
             };
-            let mut details = ErrorDetails::new();
-            for v in &input.violations {
-                details.add_bad_request_violation(v.field.clone(), v.description.clone());
-            }
-            Status::with_error_details(code, message, details)
+            violations(code, message, &input)
         }
+        BusError::OutOfRange(input) => violations(Code::OutOfRange, message, &input),
         BusError::AlreadyExists { .. } => Status::already_exists(message),
         BusError::NotFound(_) => Status::not_found(message),
         BusError::NoResponders { .. } => Status::with_error_details(
@@ -48,4 +45,13 @@ pub fn invalid(field: &str, description: &str) -> Status {
         field,
         description,
     )))
+}
+
+/// A status whose `BadRequest` detail names each field of `input`.
+fn violations(code: Code, message: String, input: &crate::event::InvalidInput) -> Status {
+    let mut details = ErrorDetails::new();
+    for v in &input.violations {
+        details.add_bad_request_violation(v.field.clone(), v.description.clone());
+    }
+    Status::with_error_details(code, message, details)
 }

@@ -6,6 +6,9 @@ pub enum BusError {
     /// The request is malformed or over a limit.
     #[error("{0}")]
     Invalid(#[from] InvalidInput),
+    /// A position past what is stored yet (a sequence after the head), naming the field.
+    #[error("{0}")]
+    OutOfRange(InvalidInput),
     /// The same (source, id) is stored with different content.
     #[error("event {id:?} from source {event_source:?} already exists with different content")]
     AlreadyExists { event_source: String, id: String },

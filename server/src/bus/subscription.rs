@@ -218,6 +218,14 @@ impl Bus {
         let start_after = match spec.start {
             Start::Latest => head,
             Start::Earliest => 0,
+            // past the head it would silently skip the events up to it when they come (a position
+            // kept from a store since wiped, or from another deployment)
+            Start::AfterSequence(s) if s > head => {
+                return Err(BusError::OutOfRange(InvalidInput::field(
+                    "open.start.after_sequence",
+                    format!("{s} is past the last stored sequence, {head}"),
+                )));
+            }
             Start::AfterSequence(s) => s,
             Start::Time(t) => self.store.sequence_before(t).await?,
         };

@@ -99,6 +99,10 @@ class NoRespondersError(FailedPreconditionError):
     """FAILED_PRECONDITION with reason ``NO_RESPONDERS``: no connected subscriber could receive the request."""
 
 
+class OutOfRangeError(NerveError):
+    """OUT_OF_RANGE: a position past what is stored yet, e.g. a subscription's start after the head."""
+
+
 class DeadlineExceededError(NerveError):
     """DEADLINE_EXCEEDED: e.g. a request got no reply in time."""
 
@@ -128,6 +132,7 @@ _BY_CODE: dict[grpc.StatusCode, type[NerveError]] = {
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
