@@ -129,6 +129,20 @@ impl TestServer {
         AdminClient::new(self.channel.clone())
     }
 
+    /// The stored event with `id` (one source only), read back with GetEvent.
+    pub async fn stored_event(&self, id: &str) -> pb::Event {
+        self.admin()
+            .get_event(pb::GetEventRequest {
+                id: id.into(),
+                source: String::new(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .event
+            .expect("event")
+    }
+
     /// Fetches the Prometheus text from the server's /metrics listener.
     pub async fn scrape(&self) -> String {
         let addr = self._server.metrics_addr().expect("metrics are on");

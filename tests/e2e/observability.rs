@@ -201,17 +201,7 @@ async fn a_retry_under_another_span_is_the_same_event() {
         .results;
     assert!(retry[0].duplicate, "{retry:?}");
     assert_eq!(retry[0].sequence, first[0].sequence);
-    let stored = server
-        .admin()
-        .get_event(pb::GetEventRequest {
-            id: "r1".into(),
-            source: String::new(),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .event
-        .expect("event");
+    let stored = server.stored_event("r1").await;
     assert_eq!(
         stored.traceparent,
         format!("00-{CALLER_TRACE_ID}-00f067aa0ba902b7-01"),

@@ -108,17 +108,7 @@ async fn server_fills_time_and_keeps_client_time() {
         nanos: 5,
     });
     publish(&mut bus, vec![with_time, event("untimed", "t.created")]).await;
-    let mut admin = server.admin();
-    let timed = admin
-        .get_event(pb::GetEventRequest {
-            id: "timed".into(),
-            source: String::new(),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .event
-        .expect("event");
+    let timed = server.stored_event("timed").await;
     assert_eq!(
         timed.time,
         Some(prost_types::Timestamp {
@@ -126,16 +116,7 @@ async fn server_fills_time_and_keeps_client_time() {
             nanos: 5
         })
     );
-    let untimed = admin
-        .get_event(pb::GetEventRequest {
-            id: "untimed".into(),
-            source: String::new(),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .event
-        .expect("event");
+    let untimed = server.stored_event("untimed").await;
     assert!(untimed.time.is_some());
     assert!(untimed.recorded_time.is_some());
     // a retry without time is still recognized as the same event

@@ -110,17 +110,7 @@ async fn start_after_sequence_and_at_time_resume_where_asked() {
     let got: Vec<u64> = sub.deliveries(2).await.iter().map(seq).collect();
     assert_eq!(got, first[3..].to_vec());
 
-    let stored = server
-        .admin()
-        .get_event(pb::GetEventRequest {
-            id: "a-3".into(),
-            source: String::new(),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .event
-        .expect("event");
+    let stored = server.stored_event("a-3").await;
     let mut o = open(&["resume.x"], "");
     o.start = Some(pb::StartPosition {
         position: Some(pb::start_position::Position::Time(
