@@ -6,7 +6,7 @@
 //! shared Postgres, so they run in parallel with everything else.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -23,8 +23,8 @@ use tokio::{
 use tonic::{Code, transport::Channel};
 
 use crate::harness::{
-    ServerProcess, Subscriber, WAIT, earliest, event, fresh_schema_url, millis, open, redis_url,
-    seq,
+    ServerProcess, Subscriber, WAIT, earliest, event, eventually, fresh_schema_url, millis, open,
+    publish_n, redis_url, seq,
 };
 
 /// A deployment: one Postgres schema and one Redis key prefix shared by its replicas.
@@ -714,6 +714,70 @@ async fn redis_restart(persistent: bool) {
     );
     stop.store(true, Ordering::Relaxed);
     let _ = consumer.await;
+}
+
+/// 5c. A Redis that comes back from an older snapshot lost entries the relay had added: the relay sees
+///     the stream end before what it added last, and adds them again, so the group misses nothing.
+#[tokio::test]
+async fn redis_back_from_an_older_snapshot_gets_the_lost_entries_again() {
+    let mut redis = RedisProcess::start(false).await;
+    let deployment = Deployment::new(redis.url()).await;
+    let server = deployment.replica(&[]).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let mut o = open(&["snap.x"], "snapshots");
+    o.start = earliest();
+    o.max_in_flight = 1000;
+    let mut member = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    let before = publish_n(&mut bus, "before", "snap.x", 10).await;
+    for d in member.deliveries(before.len()).await {
+        member.ack_one(&d).await;
+    }
+    member.close();
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut conn)
+        .await
+        .expect("save");
+    // added to Redis after the snapshot, and lost with it
+    let lost = publish_n(&mut bus, "lost", "snap.x", 50).await;
+    let last = *lost.last().expect("sequences");
+    eventually("the relay to add the events after the snapshot", || {
+        let mut conn = conn.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("*:s:{*snap.x*")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            let key = keys.into_iter().find(|k| k.ends_with('}'))?;
+            let top: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XREVRANGE")
+                .arg(&key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (top.first()?.0 == format!("{last}-0")).then_some(())
+        }
+    })
+    .await;
+    redis.kill9().await;
+    redis.restart().await;
+    // the next commit's relay step finds the stream short of what it added
+    let after = publish_n(&mut bus, "after", "snap.x", 1).await;
+    let mut member = Subscriber::open(&mut bus, o).await.expect("reopen");
+    let mut missing: BTreeSet<u64> = lost.iter().chain(&after).copied().collect();
+    while !missing.is_empty() {
+        let d = member.next_delivery().await;
+        missing.remove(&seq(&d));
+        member.ack_one(&d).await;
+    }
 }
 
 /// 5b. While Redis is down, publishes and private streams go on: the tail that private streams read is

@@ -261,6 +261,9 @@ pub struct RedisStreams {
     wakeups: SyncMutex<HashMap<GroupKey, watch::Sender<u64>>>,
     /// Last checkpoint written per (group, stream), to skip unchanged ones.
     checkpoints: SyncMutex<HashMap<(GroupKey, StreamId), u64>>,
+    /// The last sequence this replica added to each (tenant, stream): a stream that ends before it
+    /// lost entries (Redis came back from an older snapshot or log), and the relay goes back for them.
+    added: SyncMutex<HashMap<(String, StreamId), u64>>,
 }
 
 impl RedisStreams {
@@ -314,6 +317,7 @@ impl RedisStreams {
             inboxes: SyncMutex::new(HashMap::new()),
             wakeups: SyncMutex::new(HashMap::new()),
             checkpoints: SyncMutex::new(HashMap::new()),
+            added: SyncMutex::new(HashMap::new()),
         });
         tokio::spawn(listen(Arc::downgrade(&streams)));
         tokio::spawn(maintain(Arc::downgrade(&streams)));
@@ -1035,31 +1039,56 @@ impl RedisStreams {
         }
         let mut pipe = redis::pipe();
         pipe.load_script(&lua::APPEND).ignore();
-        for ((tenant, stream), events) in &by_stream {
-            let mut call = lua::APPEND.prepare_invoke();
-            call.key(self.keys.stream(tenant, stream)).arg(self.max_len);
-            for e in events {
-                let body = body::encode(&e.event);
-                call.arg(e.sequence)
-                    .arg(body)
-                    .arg(e.recorded_at.timestamp_nanos_opt().unwrap_or_default());
+        {
+            let added = self.added.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, events) in &by_stream {
+                let mut call = lua::APPEND.prepare_invoke();
+                call.key(self.keys.stream(&id.0, &id.1))
+                    .arg(self.max_len)
+                    .arg(added.get(id).copied().unwrap_or(0));
+                for e in events {
+                    let body = body::encode(&e.event);
+                    call.arg(e.sequence)
+                        .arg(body)
+                        .arg(e.recorded_at.timestamp_nanos_opt().unwrap_or_default());
+                }
+                pipe.invoke_script(&call);
             }
-            pipe.invoke_script(&call).ignore();
         }
         pipe.load_script(&lua::RAISE).ignore();
         pipe.invoke_script(lua::RAISE.key(self.keys.relayed()).arg(last))
             .ignore();
-        let _: () = pipe
+        let appended: Vec<i64> = pipe
             .query_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
+        // where to go back to when a stream lost entries this replica had added
+        let mut back_to: Option<u64> = None;
         {
+            let mut added = self.added.lock().unwrap_or_else(|p| p.into_inner());
             let mut known = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-            for ((tenant, stream), _) in by_stream {
-                if let Some(set) = known.get_mut(&tenant) {
-                    set.insert(stream);
+            for ((id, events), result) in by_stream.into_iter().zip(appended) {
+                if result < 0 {
+                    let top = (-1 - result) as u64;
+                    // an empty stream is a Redis that came back empty: groups read the store for
+                    // what it lacks, so only this batch is added again; else from the stream's top
+                    let from = if top == 0 { relayed } else { top };
+                    warn!(tenant = %id.0, stream = %id.1.event_type, top, from, "a redis stream lost entries it had; adding them again");
+                    back_to = Some(back_to.map_or(from, |b| b.min(from)));
+                    added.remove(&id);
+                    continue;
+                }
+                if let Some(last) = events.last() {
+                    added.insert(id.clone(), last.sequence);
+                }
+                if let Some(set) = known.get_mut(&id.0) {
+                    set.insert(id.1);
                 }
             }
+        }
+        if let Some(from) = back_to {
+            self.relayed.send_replace(from.min(relayed));
+            return Ok(true);
         }
         self.relayed.send_if_modified(|r| {
             let moved = last > *r;

@@ -21,12 +21,27 @@ use std::sync::LazyLock;
 use redis::Script;
 
 /// Adds entries `<seq>-0` in order; an id at or below the stream's top was added before and is skipped.
-/// KEYS: stream. ARGV: max length, then (sequence, event as the store encodes it, recorded ns) triples. Returns how many were added.
+/// KEYS: stream. ARGV: max length, the last sequence the caller added to this stream before (0: none
+/// known), then (sequence, event as the store encodes it, recorded ns) triples. Returns how many were
+/// added; or, adding nothing, -1 - the stream's top sequence when the stream ends before the caller's
+/// last one: Redis lost entries it had (restarted from an older snapshot or log), and adding past
+/// them would hide the hole from every group.
 pub(super) static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+local expected = tonumber(ARGV[2])
+if expected > 0 then
+  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  local have = 0
+  if #top > 0 then
+    have = tonumber(string.match(top[1][1], '^(%d+)'))
+  end
+  if have < expected then
+    return -1 - have
+  end
+end
 local added = 0
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'r', ARGV[i + 2])
   if type(r) == 'table' and r.err then
     if not string.find(r.err, 'equal or smaller', 1, true) then
