@@ -75,7 +75,8 @@ step "Python client: mypy --strict and pytest"
 clients/python/test.sh -q || fail "Python client checks failed"
 
 step "Go client: go vet and go test"
-clients/go/test.sh || fail "Go client checks failed"
+# -count=1: go's test cache does not see the nerve-server binary change, so a cached pass could hide a server change
+clients/go/test.sh -count=1 || fail "Go client checks failed"
 
 step "benchmark tool smoke run (seconds per scenario, both backends; targets are not checked here)"
 scripts/bench-smoke.sh || fail "nerve-bench smoke run failed"
