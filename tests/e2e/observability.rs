@@ -108,10 +108,15 @@ const CALLER_TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7
 const CALLER_TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 fn with_traceparent<T>(message: T) -> tonic::Request<T> {
+    with_trace_header(message, CALLER_TRACE)
+}
+
+/// A call carrying `traceparent` as its header.
+fn with_trace_header<T>(message: T, traceparent: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request
         .metadata_mut()
-        .insert("traceparent", CALLER_TRACE.parse().expect("ascii"));
+        .insert("traceparent", traceparent.parse().expect("ascii"));
     request
 }
 
@@ -179,12 +184,8 @@ async fn a_retry_under_another_span_is_the_same_event() {
     let server = TestServer::start().await;
     let mut bus = server.bus();
     let call = |span_id: &str, e: pb::Event| {
-        let mut request = tonic::Request::new(pb::PublishRequest { events: vec![e] });
         let header = format!("00-{CALLER_TRACE_ID}-{span_id}-01");
-        request
-            .metadata_mut()
-            .insert("traceparent", header.parse().expect("ascii"));
-        request
+        with_trace_header(pb::PublishRequest { events: vec![e] }, &header)
     };
     let first = bus
         .publish(call("00f067aa0ba902b7", event("r1", "traced.retry")))

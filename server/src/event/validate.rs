@@ -92,7 +92,7 @@ pub(crate) const RESERVED_EXTENSIONS: &[&str] = &[
 /// Why a text attribute cannot hold `value`, if it holds a control character (U+0000-U+001F,
 /// U+007F-U+009F). CloudEvents forbids them in string attributes, and Postgres cannot store U+0000 in
 /// a text column: stored, it failed the whole group commit it came in, other publishers' events too.
-pub fn control_character(value: &str) -> Option<String> {
+fn control_character(value: &str) -> Option<String> {
     value.chars().find(|c| c.is_control()).map(|c| {
         format!(
             "must not contain control characters (found U+{:04X})",
