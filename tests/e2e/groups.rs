@@ -3,7 +3,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::harness::*;
+use crate::{harness::*, injected_store::start_injected};
 use nerve::api::pb::{self, subscribe_request::Action};
 
 fn group_open(types: &[&str], group: &str) -> pb::SubscriptionOpen {
@@ -350,6 +350,133 @@ async fn dead_letters_after_max_attempts_and_redrives_only_to_that_group() {
     // redriving again finds nothing: no duplicates
     let again = redrive_all(&server, "fragile").await;
     assert_eq!(again, 0);
+}
+
+async fn nack_to_dead_letter(sub: &Subscriber, d: &pb::Delivery, reason: &str) {
+    sub.send(Action::Nack(pb::Nack {
+        delivery_ids: vec![d.delivery_id.clone()],
+        retry_delay: None,
+        dead_letter: true,
+        reason: reason.into(),
+    }))
+    .await;
+}
+
+#[tokio::test]
+async fn a_redrive_while_a_member_dead_letters_the_event_keeps_the_letter() {
+    let (server, injection) = start_injected().await;
+    let mut bus = server.bus();
+    let mut sub = Subscriber::open(&mut bus, group_open(&["race.x"], "g"))
+        .await
+        .expect("open");
+    publish(&mut bus, vec![event("r1", "race.x")]).await;
+    let d = sub.next_delivery().await;
+    let (reached, go) = injection.after_put_dead_letter.arm();
+    nack_to_dead_letter(&sub, &d, "unreadable").await;
+    reached.await.expect("the member records the letter");
+    // the letter is recorded, and the event is still in the group: the member takes it out next
+    assert_eq!(
+        redrive_all(&server, "g").await,
+        0,
+        "a letter whose event is still pending stays"
+    );
+    drop(go);
+    // once the member has taken the event out, the letter is all there is of it, and it redrives
+    eventually("the letter redriven", || async {
+        (redrive_all(&server, "g").await == 1).then_some(())
+    })
+    .await;
+    let back = sub.next_delivery().await;
+    assert_eq!((id(&back).as_str(), back.attempt), ("r1", 1));
+    sub.ack_one(&back).await;
+    await_pending(&server, "g", 0).await;
+}
+
+#[tokio::test]
+async fn a_redriven_event_dead_lettered_again_at_once_keeps_its_new_letter() {
+    let (server, injection) = start_injected().await;
+    let mut bus = server.bus();
+    let mut sub = Subscriber::open(&mut bus, group_open(&["race.x"], "g"))
+        .await
+        .expect("open");
+    publish(&mut bus, vec![event("r2", "race.x")]).await;
+    let d = sub.next_delivery().await;
+    nack_to_dead_letter(&sub, &d, "first").await;
+    await_dead_letters(&server, "g").await;
+
+    let (reached, go) = injection.before_remove_dead_letters.arm();
+    let mut admin = server.admin();
+    let redrive = tokio::spawn(async move {
+        admin
+            .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+                group: "g".into(),
+                sequences: vec![],
+                all: true,
+            })
+            .await
+            .expect("redrive")
+            .into_inner()
+            .redriven
+    });
+    reached.await.expect("the redrive requeues the event");
+    // the redrive has put the event back but not yet removed its letter; a commit wakes the member
+    publish(&mut bus, vec![event("nudge", "race.x")]).await;
+    for d in sub.deliveries(2).await {
+        if id(&d) == "r2" {
+            assert_eq!(d.attempt, 1);
+            nack_to_dead_letter(&sub, &d, "second").await;
+        } else {
+            sub.ack_one(&d).await;
+        }
+    }
+    eventually("the member's new letter", || async {
+        let letters = dead_letters(&server, "g").await;
+        letters.iter().any(|l| l.reason == "second").then_some(())
+    })
+    .await;
+    drop(go);
+    assert_eq!(
+        redrive.await.expect("redrive task"),
+        0,
+        "the letter recorded after the listing is not the one redriven"
+    );
+    let letters = dead_letters(&server, "g").await;
+    assert_eq!(
+        letters
+            .iter()
+            .map(|l| l.reason.as_str())
+            .collect::<Vec<_>>(),
+        ["second"]
+    );
+    await_pending(&server, "g", 0).await;
+}
+
+#[tokio::test]
+async fn a_late_dead_letter_of_an_attempt_another_member_holds_is_taken_back() {
+    let (server, injection) = start_injected().await;
+    let mut bus = server.bus();
+    let mut short = group_open(&["late.x"], "g");
+    short.ack_deadline = millis(300);
+    let mut slow = Subscriber::open(&mut bus, short.clone())
+        .await
+        .expect("open slow");
+    publish(&mut bus, vec![event("l1", "late.x")]).await;
+    let d = slow.next_delivery().await;
+    let mut other = Subscriber::open(&mut bus, short).await.expect("open other");
+    let (reached, go) = injection.after_put_dead_letter.arm();
+    nack_to_dead_letter(&slow, &d, "too late").await;
+    reached.await.expect("the slow member records the letter");
+    // between recording its letter and taking the event out, the slow member's lease ends and the
+    // other member gets the next attempt
+    let again = other.next_delivery().await;
+    assert_eq!((id(&again).as_str(), again.attempt), ("l1", 2));
+    drop(go);
+    other.ack_one(&again).await;
+    eventually("the late letter taken back", || async {
+        dead_letters(&server, "g").await.is_empty().then_some(())
+    })
+    .await;
+    await_pending(&server, "g", 0).await;
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ mod filters;
 mod groups;
 mod harness;
 mod health;
+mod injected_store;
 mod observability;
 mod publish;
 mod readme;

@@ -596,9 +596,33 @@ async fn dead_letters_are_recorded_once_listed_and_removed(b: Backend) {
         s.dead_letter_counts("t").await.expect("counts"),
         [("g".to_owned(), 2)]
     );
+    // a letter goes only as it was listed: recorded again since, it stays
+    let listed: Vec<_> = letters
+        .iter()
+        .map(|d| (d.sequence, d.dead_lettered_at))
+        .collect();
+    s.put_dead_letter(&DeadLetter {
+        tenant: "t".into(),
+        group: "g".into(),
+        sequence: 2,
+        attempts: 2,
+        reason: "again".into(),
+        dead_lettered_at: chrono::Utc::now(),
+    })
+    .await
+    .expect("put again");
     assert_eq!(
-        s.remove_dead_letters("t", "g", &[1]).await.expect("remove"),
+        s.remove_dead_letters("t", "g", &listed)
+            .await
+            .expect("remove"),
         1
+    );
+    let left = s.dead_letters("t", "g", 0, 10).await.expect("list");
+    assert_eq!(
+        left.iter()
+            .map(|d| (d.sequence, d.reason.as_str()))
+            .collect::<Vec<_>>(),
+        [(2, "again")]
     );
     assert_eq!(s.clear_dead_letters("t", "g").await.expect("clear"), 1);
     assert!(

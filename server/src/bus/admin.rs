@@ -1,4 +1,9 @@
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use chrono::{DateTime, Utc};
 
 use super::{Bus, BusError, BusResult};
 use crate::{
@@ -138,21 +143,35 @@ impl Bus {
                 .await?;
             let Some(last) = letters.last() else { break };
             after = last.sequence;
-            let chosen: Vec<u64> = letters
+            let chosen: Vec<&DeadLetter> = letters
                 .iter()
-                .map(|d| d.sequence)
-                .filter(|s| match &selection {
+                .filter(|d| match &selection {
                     RedriveSelection::All => true,
-                    RedriveSelection::Sequences(list) => list.contains(s),
+                    RedriveSelection::Sequences(list) => list.contains(&d.sequence),
                 })
                 .collect();
             if !chosen.is_empty() {
-                let events = self.store.read_sequences(&chosen).await?;
-                // requeue before removing: a crash in between leaves a duplicate dead letter, never a lost one
-                self.streams.requeue(&key, &events).await?;
+                let sequences: Vec<u64> = chosen.iter().map(|d| d.sequence).collect();
+                let events = self.store.read_sequences(&sequences).await?;
+                // requeue before removing: a crash in between leaves a duplicate dead letter, never
+                // a lost one. An event still pending stays a dead letter: a member is dead-lettering
+                // it right now and will remove it from the group next. Each letter goes only as it
+                // was listed: one the event got again since the requeue (a member gave up on it at
+                // once) stays.
+                let requeued: HashSet<u64> = self
+                    .streams
+                    .requeue(&key, &events)
+                    .await?
+                    .into_iter()
+                    .collect();
+                let redriven: Vec<(u64, DateTime<Utc>)> = chosen
+                    .iter()
+                    .filter(|d| requeued.contains(&d.sequence))
+                    .map(|d| (d.sequence, d.dead_lettered_at))
+                    .collect();
                 total += self
                     .store
-                    .remove_dead_letters(tenant, group, &chosen)
+                    .remove_dead_letters(tenant, group, &redriven)
                     .await?;
             }
             if letters.len() < REDRIVE_PAGE {

@@ -784,7 +784,10 @@ impl Session {
                 Some(event) => out.push((c, event)),
                 None => {
                     warn!(group = %key.name, sequence = c.sequence, "pending entry has no stored event; dropping it");
-                    self.bus.streams.remove_pending(key, c.sequence).await?;
+                    self.bus
+                        .streams
+                        .ack(key, &[(c.sequence, c.attempt)])
+                        .await?;
                 }
             }
         }
@@ -843,6 +846,10 @@ impl Session {
         Ok(delivered)
     }
 
+    /// Records a dead letter, then takes the entry out of the group if it is still at this attempt.
+    /// The letter comes first: a crash in between leaves it both pending and dead-lettered, never
+    /// neither. An entry that moved on meanwhile (its lease ran out and another member holds the
+    /// next attempt, or it was settled) keeps going, and its letter is taken back.
     async fn dead_letter(
         &self,
         key: &GroupKey,
@@ -854,22 +861,34 @@ impl Session {
             Some(e) => format!("gave up after {attempts} attempts; last error: {e}"),
             None => format!("gave up after {attempts} attempts without an ack"),
         });
-        ::metrics::counter!(names::DEAD_LETTERS, "group" => self.group_label.clone()).increment(1);
-        self.bus
-            .store
-            .put_dead_letter(&DeadLetter {
-                tenant: key.tenant.clone(),
-                group: key.name.clone(),
-                sequence: claimed.sequence,
-                attempts,
-                reason,
-                dead_lettered_at: Utc::now(),
-            })
-            .await?;
-        self.bus
+        let letter = DeadLetter {
+            tenant: key.tenant.clone(),
+            group: key.name.clone(),
+            sequence: claimed.sequence,
+            attempts,
+            reason,
+            dead_lettered_at: Utc::now(),
+        };
+        self.bus.store.put_dead_letter(&letter).await?;
+        let removed = self
+            .bus
             .streams
-            .remove_pending(key, claimed.sequence)
+            .ack(key, &[(claimed.sequence, claimed.attempt)])
             .await?;
+        if removed.first().copied().unwrap_or(false) {
+            ::metrics::counter!(names::DEAD_LETTERS, "group" => self.group_label.clone())
+                .increment(1);
+        } else {
+            bump(&self.bus.counters.stale_settlements);
+            self.bus
+                .store
+                .remove_dead_letters(
+                    &key.tenant,
+                    &key.name,
+                    &[(letter.sequence, letter.dead_lettered_at)],
+                )
+                .await?;
+        }
         Ok(())
     }
 

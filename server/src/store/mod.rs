@@ -328,12 +328,14 @@ pub trait EventStore: Send + Sync + 'static {
     /// Counts dead letters per group.
     async fn dead_letter_counts(&self, tenant: &str) -> StoreResult<Vec<(String, u64)>>;
 
-    /// Removes dead letters; returns how many were removed.
+    /// Removes dead letters, each given as (sequence, when it was dead-lettered): one recorded again
+    /// since stays, so a redrive never takes away a newer dead letter of the same event. Returns how
+    /// many were removed.
     async fn remove_dead_letters(
         &self,
         tenant: &str,
         group: &str,
-        sequences: &[u64],
+        letters: &[(u64, DateTime<Utc>)],
     ) -> StoreResult<u64>;
 
     /// Removes all dead letters of a group.

@@ -760,15 +760,20 @@ impl EventStore for PostgresStore {
         &self,
         tenant: &str,
         group: &str,
-        sequences: &[u64],
+        letters: &[(u64, DateTime<Utc>)],
     ) -> StoreResult<u64> {
-        let seqs: Vec<i64> = sequences.iter().map(|s| seq_i64(*s)).collect();
+        let (seqs, times): (Vec<i64>, Vec<i64>) = letters
+            .iter()
+            .map(|(seq, at)| (seq_i64(*seq), super::sqlite::to_ns(*at)))
+            .unzip();
         let done = sqlx::query(
-            "DELETE FROM dead_letters WHERE tenant = $1 AND grp = $2 AND seq = ANY($3)",
+            "DELETE FROM dead_letters d USING unnest($3::bigint[], $4::bigint[]) AS l(seq, dead_ns) \
+             WHERE d.tenant = $1 AND d.grp = $2 AND d.seq = l.seq AND d.dead_ns = l.dead_ns",
         )
         .bind(tenant)
         .bind(group)
         .bind(&seqs)
+        .bind(&times)
         .execute(&self.pool)
         .await
         .map_err(map_err)?;

@@ -888,19 +888,23 @@ impl EventStore for SqliteStore {
         &self,
         tenant: &str,
         group: &str,
-        sequences: &[u64],
+        letters: &[(u64, DateTime<Utc>)],
     ) -> StoreResult<u64> {
-        if sequences.is_empty() {
+        if letters.is_empty() {
             return Ok(0);
         }
         let mut sql = QueryBuilder::<Sqlite>::new("DELETE FROM dead_letters WHERE tenant = ");
         sql.push_bind(tenant)
             .push(" AND grp = ")
             .push_bind(group)
-            .push(" AND seq IN (");
+            .push(" AND (seq, dead_ns) IN (VALUES ");
         let mut list = sql.separated(", ");
-        for s in sequences {
-            list.push_bind(seq_i64(*s));
+        for (seq, at) in letters {
+            list.push("(")
+                .push_bind_unseparated(seq_i64(*seq))
+                .push_unseparated(", ")
+                .push_bind_unseparated(to_ns(*at))
+                .push_unseparated(")");
         }
         sql.push(")");
         let mut conn = self.db.writer.lock().await;

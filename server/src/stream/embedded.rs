@@ -866,22 +866,7 @@ impl LiveStreams for EmbeddedStreams {
         Ok(deliveries.iter().map(|d| moved.contains(d)).collect())
     }
 
-    async fn remove_pending(&self, key: &GroupKey, sequence: u64) -> StreamResult<()> {
-        let mut conn = self.store.db().lock_delivery_writer().await;
-        let (runs, _) = self.take_from_runs(key, std::iter::once(sequence));
-        let tx = conn.transaction().map_err(write_err)?;
-        write_runs(&tx, key, &runs)?;
-        tx.prepare_cached("DELETE FROM pending WHERE tenant = ?1 AND grp = ?2 AND seq = ?3")
-            .and_then(|mut delete| {
-                delete.execute(rusqlite::params![key.tenant, key.name, seq_i64(sequence)])
-            })
-            .map_err(write_err)?;
-        tx.commit().map_err(write_err)?;
-        self.apply_runs(key, runs);
-        Ok(())
-    }
-
-    async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<u64> {
+    async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>> {
         self.group_snapshot(key)?;
         let now = to_ns(Utc::now());
         let mut conn = self.store.db().writer.lock().await;
@@ -889,9 +874,9 @@ impl LiveStreams for EmbeddedStreams {
         let (_, leased) = self.take_from_runs(key, events.iter().map(|e| e.sequence));
         let leased: HashSet<u64> = leased.into_iter().map(|(seq, _)| seq).collect();
         let mut tx = conn.begin().await.map_err(db_err)?;
-        let mut added = 0;
+        let mut added = Vec::new();
         for event in events.iter().filter(|e| !leased.contains(&e.sequence)) {
-            added += sqlx::query(
+            let inserted = sqlx::query(
                 "INSERT INTO pending (tenant, grp, seq, priority, attempts, visible_ns) VALUES (?, ?, ?, ?, 0, ?) \
                  ON CONFLICT (tenant, grp, seq) DO NOTHING",
             )
@@ -904,6 +889,9 @@ impl LiveStreams for EmbeddedStreams {
             .await
             .map_err(db_err)?
             .rows_affected();
+            if inserted == 1 {
+                added.push(event.sequence);
+            }
         }
         tx.commit().await.map_err(db_err)?;
         Ok(added)

@@ -192,11 +192,9 @@ pub trait LiveStreams: Send + Sync + 'static {
         error: Option<&str>,
     ) -> StreamResult<Vec<bool>>;
 
-    /// Removes a pending entry whatever its attempt (it was dead-lettered).
-    async fn remove_pending(&self, key: &GroupKey, sequence: u64) -> StreamResult<()>;
-
-    /// Puts events back into the group's pending list, due now, with their attempts reset (redrive).
-    async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<u64>;
+    /// Puts events back into the group's pending list, due now, with their attempts reset (redrive);
+    /// returns the sequences put back. One still pending (leased, or due) is left as it is.
+    async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>>;
 
     /// Watches a counter that moves whenever pending entries of the group became due early (release, nack, redrive).
     fn group_wakeups(&self, key: &GroupKey) -> watch::Receiver<u64>;

@@ -1382,20 +1382,7 @@ impl LiveStreams for RedisStreams {
         Ok(out)
     }
 
-    async fn remove_pending(&self, key: &GroupKey, sequence: u64) -> StreamResult<()> {
-        if let Some(stream) = self
-            .by_stream(&key.tenant, &[(sequence, 0)])
-            .await?
-            .into_keys()
-            .next()
-        {
-            self.remove(key, &stream, &[sequence]).await?;
-        }
-        self.forget(&key.tenant, std::iter::once(sequence));
-        Ok(())
-    }
-
-    async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<u64> {
+    async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>> {
         self.group_row(key).await?;
         let mut by_stream: HashMap<StreamId, Vec<u64>> = HashMap::new();
         for e in events {
@@ -1405,7 +1392,7 @@ impl LiveStreams for RedisStreams {
                 .push(e.sequence);
         }
         let now = ms(Utc::now());
-        let mut added = 0;
+        let mut added = Vec::new();
         for (stream, seqs) in by_stream {
             let mut call = lua::REQUEUE.prepare_invoke();
             call.key(
@@ -1416,11 +1403,11 @@ impl LiveStreams for RedisStreams {
             for s in &seqs {
                 call.arg(*s);
             }
-            let n: u64 = call
+            let put_back: Vec<u64> = call
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(redis_err)?;
-            added += n;
+            added.extend(put_back);
             self.remember(&key.tenant, seqs.into_iter(), &stream);
             self.streams
                 .lock()

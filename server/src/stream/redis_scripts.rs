@@ -565,18 +565,18 @@ return out
 });
 
 /// Puts sequences back as due now with no attempts (redrive). KEYS: due, att, pos, runs, bits.
-/// ARGV: now ms, sequences... Returns how many were not pending already.
+/// ARGV: now ms, sequences... Returns those that were not pending already.
 pub(super) static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r"
 local list = load_runs(KEYS[4], bounds(2, 1))
-local added = 0
+local added = {}
 for i = 2, #ARGV do
   if not in_run(KEYS[5], list, tonumber(ARGV[i]), false)
     and redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[i]) == 1 then
     redis.call('HSET', KEYS[2], ARGV[i], 0)
     redis.call('ZADD', KEYS[3], ARGV[i], ARGV[i])
-    added = added + 1
+    added[#added + 1] = ARGV[i]
   end
 end
 return added

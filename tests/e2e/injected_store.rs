@@ -1,0 +1,210 @@
+//! Fault injection for in-process servers: a store wrapper that fails or stops on command, so tests
+//! can put a server into states that otherwise need bad luck (a database going away, one call
+//! landing between two steps of another).
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, Ordering},
+};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use nerve::{
+    Backends,
+    event::{Selection, StoredEvent},
+    store::{
+        AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
+        Queued, ReadPage, ReadQuery, StoreError, StoreResult,
+    },
+};
+use tokio::sync::{oneshot, watch};
+
+use crate::harness::*;
+
+/// What a test can do to the store of a server started with [`start_injected`].
+#[derive(Default)]
+pub struct Injection {
+    /// While set, every call fails with UNAVAILABLE.
+    pub down: AtomicBool,
+    /// Stops a `put_dead_letter` after it recorded the letter.
+    pub after_put_dead_letter: Gate,
+    /// Stops a `remove_dead_letters` before it removes anything.
+    pub before_remove_dead_letters: Gate,
+}
+
+/// A point in a store call where, once armed, the next call to reach it waits for the test.
+#[derive(Default)]
+pub struct Gate(Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>);
+
+impl Gate {
+    /// Arms the gate for the next call: returns what fires when a call reaches it, and what lets
+    /// that call go on (dropping it does too).
+    pub fn arm(&self) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
+        let (reached_tx, reached) = oneshot::channel();
+        let (go, go_rx) = oneshot::channel();
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((reached_tx, go_rx));
+        (reached, go)
+    }
+
+    async fn pass(&self) {
+        let armed = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((reached, go)) = armed {
+            let _ = reached.send(());
+            let _ = go.await;
+        }
+    }
+}
+
+/// Starts a server (on the backend the tests run on) whose store the returned [`Injection`] controls.
+pub async fn start_injected() -> (TestServer, Arc<Injection>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    if redis_backend() {
+        use_production_backend(&mut config).await;
+    }
+    let real = nerve::open_backends(&config).await.expect("backends");
+    let injection = Arc::new(Injection::default());
+    let store: Arc<dyn EventStore> = Arc::new(InjectedStore {
+        inner: real.store.clone(),
+        injection: injection.clone(),
+    });
+    let backends = Backends {
+        store,
+        streams: real.streams,
+    };
+    (TestServer::start_on(config, backends, dir).await, injection)
+}
+
+/// A store that forwards to a real one, with faults a test switches on: it stops answering, as a
+/// database that went away does, or it stops in a call at a [`Gate`].
+struct InjectedStore {
+    inner: Arc<dyn EventStore>,
+    injection: Arc<Injection>,
+}
+
+impl InjectedStore {
+    fn check(&self) -> StoreResult<()> {
+        if self.injection.down.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable(
+                "connection refused (injected)".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl EventStore for InjectedStore {
+    async fn queue(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Queued> {
+        self.check()?;
+        self.inner.queue(tenant, events).await
+    }
+    async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
+        self.check()?;
+        self.inner.read(query).await
+    }
+    async fn read_sequences(&self, sequences: &[u64]) -> StoreResult<Vec<Arc<StoredEvent>>> {
+        self.check()?;
+        self.inner.read_sequences(sequences).await
+    }
+    async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<Arc<StoredEvent>>> {
+        self.check()?;
+        self.inner.read_all(after, limit).await
+    }
+    async fn find(
+        &self,
+        tenant: &str,
+        id: &str,
+        source: Option<&str>,
+    ) -> StoreResult<Vec<Arc<StoredEvent>>> {
+        self.check()?;
+        self.inner.find(tenant, id, source).await
+    }
+    async fn head(&self) -> StoreResult<u64> {
+        self.check()?;
+        self.inner.head().await
+    }
+    async fn sequence_before(&self, time: DateTime<Utc>) -> StoreResult<u64> {
+        self.check()?;
+        self.inner.sequence_before(time).await
+    }
+    async fn count_after(
+        &self,
+        tenant: &str,
+        after: [u64; 4],
+        selection: &Selection,
+    ) -> StoreResult<u64> {
+        self.check()?;
+        self.inner.count_after(tenant, after, selection).await
+    }
+    async fn event_types(&self, tenant: &str) -> StoreResult<Vec<EventTypeStats>> {
+        self.check()?;
+        self.inner.event_types(tenant).await
+    }
+    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
+        self.check()?;
+        self.inner.put_dead_letter(dl).await?;
+        self.injection.after_put_dead_letter.pass().await;
+        Ok(())
+    }
+    async fn dead_letters(
+        &self,
+        tenant: &str,
+        group: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<DeadLetter>> {
+        self.check()?;
+        self.inner.dead_letters(tenant, group, after, limit).await
+    }
+    async fn dead_letter_counts(&self, tenant: &str) -> StoreResult<Vec<(String, u64)>> {
+        self.check()?;
+        self.inner.dead_letter_counts(tenant).await
+    }
+    async fn remove_dead_letters(
+        &self,
+        tenant: &str,
+        group: &str,
+        letters: &[(u64, DateTime<Utc>)],
+    ) -> StoreResult<u64> {
+        self.check()?;
+        self.injection.before_remove_dead_letters.pass().await;
+        self.inner.remove_dead_letters(tenant, group, letters).await
+    }
+    async fn clear_dead_letters(&self, tenant: &str, group: &str) -> StoreResult<u64> {
+        self.check()?;
+        self.inner.clear_dead_letters(tenant, group).await
+    }
+    async fn insert_publisher(&self, publisher: &Publisher) -> StoreResult<bool> {
+        self.check()?;
+        self.inner.insert_publisher(publisher).await
+    }
+    async fn update_publisher(&self, publisher: &Publisher) -> StoreResult<bool> {
+        self.check()?;
+        self.inner.update_publisher(publisher).await
+    }
+    async fn remove_publisher(&self, tenant: &str, principal: &str) -> StoreResult<bool> {
+        self.check()?;
+        self.inner.remove_publisher(tenant, principal).await
+    }
+    async fn publishers(&self) -> StoreResult<Vec<Publisher>> {
+        self.check()?;
+        self.inner.publishers().await
+    }
+    async fn append_audit(&self, records: &[AuditRecord]) -> StoreResult<()> {
+        self.check()?;
+        self.inner.append_audit(records).await
+    }
+    async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        self.check()?;
+        self.inner.audit(query).await
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.check()?;
+        self.inner.ping().await
+    }
+    fn committed(&self) -> watch::Receiver<u64> {
+        self.inner.committed()
+    }
+}
