@@ -140,6 +140,48 @@ async fn a_deleted_groups_member_gets_nothing_more_and_its_stream_ends_not_found
 }
 
 #[tokio::test]
+async fn a_group_deleted_after_its_types_changed_comes_back_without_its_old_entries() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    publish(&mut bus, vec![event("old", "kept.a")]).await;
+    let mut first = Subscriber::open(
+        &mut bus,
+        pb::SubscriptionOpen {
+            start: earliest(),
+            ack_deadline: millis(10),
+            ..open(&["kept.a"], "g")
+        },
+    )
+    .await
+    .expect("open");
+    assert_eq!(id(&first.next_delivery().await), "old");
+    // not acked: the entry stays with the group, due again once its lease ends
+    first.close();
+    // the group's types change, then the group is deleted
+    Subscriber::open(&mut bus, open(&["kept.b"], "g"))
+        .await
+        .expect("open with other types")
+        .close();
+    let deleted = server
+        .admin()
+        .delete_group(pb::DeleteGroupRequest { group: "g".into() })
+        .await
+        .expect("delete")
+        .into_inner()
+        .deleted;
+    assert!(deleted);
+    // a group of the same name is a new group: nothing of the old one comes back
+    let mut again = Subscriber::open(&mut bus, open(&["kept.a"], "g"))
+        .await
+        .expect("open again");
+    publish(&mut bus, vec![event("new", "kept.a")]).await;
+    let d = again.next_delivery().await;
+    assert_eq!((id(&d).as_str(), d.attempt), ("new", 1));
+    again.ack_one(&d).await;
+    again.expect_idle(3).await;
+}
+
+#[tokio::test]
 async fn delete_group_removes_it_and_redrive_of_unknown_group_is_not_found() {
     let server = TestServer::start().await;
     let mut bus = server.bus();

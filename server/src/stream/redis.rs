@@ -408,17 +408,22 @@ impl RedisStreams {
         Ok(group)
     }
 
-    /// Removes a group's consumer group and ledgers from one stream.
-    async fn destroy_on(&self, key: &GroupKey, stream: &StreamId) -> StreamResult<()> {
+    /// Removes a group's consumer group and ledgers from streams.
+    async fn destroy_on(&self, key: &GroupKey, streams: &[StreamId]) -> StreamResult<()> {
+        if streams.is_empty() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
-        pipe.cmd("XGROUP")
-            .arg("DESTROY")
-            .arg(self.keys.stream(&key.tenant, stream))
-            .arg(&key.name)
+        pipe.load_script(&lua::DESTROY_GROUP).ignore();
+        let ledgers: Vec<&str> = LEDGERS.iter().chain(&["floor"]).copied().collect();
+        for s in streams {
+            pipe.invoke_script(
+                lua::DESTROY_GROUP
+                    .key(self.keys.stream(&key.tenant, s))
+                    .key(self.keys.ledgers(key, s, &ledgers))
+                    .arg(&key.name),
+            )
             .ignore();
-        for what in LEDGERS.iter().chain(&["floor"]) {
-            pipe.del(self.keys.ledger(&key.tenant, stream, what, &key.name))
-                .ignore();
         }
         pipe.query_async::<()>(&mut self.conn())
             .await
@@ -619,7 +624,7 @@ impl RedisStreams {
                     self.forget_config(key);
                     if let Err(e) = self.group_row(key).await {
                         if matches!(e, StreamError::NoSuchGroup(_)) {
-                            self.destroy_on(key, stream).await?;
+                            self.destroy_on(key, std::slice::from_ref(stream)).await?;
                         }
                         return Err(e);
                     }
@@ -1516,12 +1521,15 @@ impl LiveStreams for RedisStreams {
     }
 
     async fn delete_group(&self, key: &GroupKey) -> StreamResult<bool> {
-        let row = match self.group_row(key).await {
-            Ok(row) => row,
+        match self.group_row(key).await {
+            Ok(_) => {}
             Err(StreamError::NoSuchGroup(_)) => return Ok(false),
             Err(e) => return Err(e),
-        };
-        let streams = self.group_streams(key, &row.config.selection, None).await?;
+        }
+        // every stream of the tenant, not only those of the group's types: a member that opened
+        // with other types left consumer groups and pending entries there, which a group created
+        // again under the name would otherwise take over
+        let streams: Vec<StreamId> = self.known_streams(&key.tenant).await?.into_iter().collect();
         // the store's row first: a member that then finds its consumer group gone does not create it
         // again (claim_stream asks the store), so no ledger outlives the group
         let mut tx = self.store.pool().begin().await.map_err(db_err)?;
@@ -1541,9 +1549,7 @@ impl LiveStreams for RedisStreams {
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
         self.forget_config(key);
-        for s in &streams {
-            self.destroy_on(key, s).await?;
-        }
+        self.destroy_on(key, &streams).await?;
         self.checkpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner())

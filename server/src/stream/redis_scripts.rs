@@ -357,6 +357,22 @@ return 1
     )
 });
 
+/// Removes a group from one stream: its consumer group (when the stream exists) and its ledgers.
+/// KEYS: stream, ledgers... ARGV: group.
+pub(super) static DESTROY_GROUP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('XGROUP', 'DESTROY', KEYS[1], ARGV[1])
+end
+for i = 2, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
+return 1
+",
+    )
+});
+
 /// Creates the consumer group at a position and marks what the stream may be missing after it.
 /// KEYS: stream, floor. ARGV: group, start sequence, relayed sequence (used when the stream is empty).
 /// Returns 1 when created, 0 when it existed.
