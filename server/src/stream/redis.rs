@@ -264,6 +264,8 @@ pub struct RedisStreams {
     /// The last sequence this replica added to each (tenant, stream): a stream that ends before it
     /// lost entries (Redis came back from an older snapshot or log), and the relay goes back for them.
     added: SyncMutex<HashMap<(String, StreamId), u64>>,
+    /// Held by each relay step: the relay task and a check after a reconnect both step.
+    relaying: tokio::sync::Mutex<()>,
 }
 
 impl RedisStreams {
@@ -318,6 +320,7 @@ impl RedisStreams {
             wakeups: SyncMutex::new(HashMap::new()),
             checkpoints: SyncMutex::new(HashMap::new()),
             added: SyncMutex::new(HashMap::new()),
+            relaying: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(listen(Arc::downgrade(&streams)));
         tokio::spawn(maintain(Arc::downgrade(&streams)));
@@ -887,9 +890,14 @@ async fn listen(streams: Weak<RedisStreams>) {
         let replies = this.keys.reply_channel(&this.replica);
         drop(this);
         let session = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&wake).await?;
-            pubsub.subscribe(&replies).await?;
+            let mut pubsub = client.get_async_pubsub().await.map_err(redis_err)?;
+            pubsub.subscribe(&wake).await.map_err(redis_err)?;
+            pubsub.subscribe(&replies).await.map_err(redis_err)?;
+            // a Redis that went away may be back from an older snapshot, holding streams shorter
+            // than what was added to them: a stream that gets no new event would keep its hole
+            if let Some(this) = streams.upgrade() {
+                this.add_lost_entries_again().await?;
+            }
             // anything sent while we were away is covered by waking every local group once
             if let Some(this) = streams.upgrade() {
                 let keys: Vec<GroupKey> = this
@@ -924,7 +932,7 @@ async fn listen(streams: Weak<RedisStreams>) {
                     deliver_reply(&this, a, seq).await;
                 }
             }
-            Ok::<(), redis::RedisError>(())
+            Ok::<(), StreamError>(())
         };
         let wait = backoff.next_wait();
         match session.await {
@@ -1013,8 +1021,69 @@ async fn relay(streams: Weak<RedisStreams>) {
 }
 
 impl RedisStreams {
+    /// Checks every stream this replica added to for entries it lost (one pipeline), and adds them
+    /// again from where the shortest one ends, before returning.
+    async fn add_lost_entries_again(&self) -> StreamResult<()> {
+        let remembered: Vec<((String, StreamId), u64)> = self
+            .added
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, last)| (id.clone(), *last))
+            .collect();
+        if remembered.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(&lua::APPEND).ignore();
+        for ((tenant, stream), last) in &remembered {
+            // no events: only the check of the stream's end against what was added
+            pipe.invoke_script(
+                lua::APPEND
+                    .key(self.keys.stream(tenant, stream))
+                    .arg(self.max_len)
+                    .arg(*last),
+            );
+        }
+        let results: Vec<i64> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        let mut back_to: Option<u64> = None;
+        {
+            let mut added = self.added.lock().unwrap_or_else(|p| p.into_inner());
+            for ((id, _), result) in remembered.into_iter().zip(results) {
+                if result >= 0 {
+                    continue;
+                }
+                added.remove(&id);
+                let top = (-1 - result) as u64;
+                // an empty stream is a Redis that came back empty: groups read the store for it
+                if top > 0 {
+                    warn!(tenant = %id.0, stream = %id.1.event_type, top, "a redis stream lost entries it had; adding them again");
+                    back_to = Some(back_to.map_or(top, |b| b.min(top)));
+                }
+            }
+        }
+        let Some(from) = back_to else {
+            return Ok(());
+        };
+        {
+            let _step = self.relaying.lock().await;
+            self.relayed.send_if_modified(|r| {
+                let lower = from < *r;
+                *r = (*r).min(from);
+                lower
+            });
+        }
+        let target = *self.tail.head().borrow();
+        while self.relay_up_to(target).await? {}
+        Ok(())
+    }
+
     /// Adds the next events after what this replica relayed, up to `target`; returns whether it added any.
     async fn relay_up_to(&self, target: u64) -> StreamResult<bool> {
+        let _step = self.relaying.lock().await;
         let relayed = *self.relayed.borrow();
         if relayed >= target {
             return Ok(false);
