@@ -216,6 +216,9 @@ impl LabelCap {
     }
 }
 
+/// The type label of events refused before they were stored (invalid or over a limit).
+pub const INVALID_TYPE: &str = "invalid";
+
 /// The label value for an event type.
 pub fn type_label(event_type: &str) -> String {
     TYPES

@@ -39,6 +39,17 @@ async fn metrics_count_publishes_deliveries_failures_and_dead_letters() {
     )
     .await;
     publish(&mut bus, vec![event("m1", "metrics.probe")]).await; // a retry: duplicate
+    // a refused type takes no label value: labels are capped, and junk would crowd out real types
+    let junk = format!("metrics.junk {}", uuid::Uuid::new_v4().simple());
+    let refused = bus
+        .publish(pb::PublishRequest {
+            events: vec![event("j1", &junk)],
+        })
+        .await;
+    assert_eq!(
+        refused.expect_err("invalid type").code(),
+        tonic::Code::InvalidArgument
+    );
     let first = sub.next_delivery().await;
     let second = sub.next_delivery().await;
     sub.ack_one(&first).await;
@@ -53,6 +64,12 @@ async fn metrics_count_publishes_deliveries_failures_and_dead_letters() {
         (value(&text, "nerve_dead_letters_total", &[("group", "metered")]) >= 1.0).then_some(text)
     })
     .await;
+    assert!(!after.contains(&junk), "a refused type became a label");
+    let invalid = [("type", "invalid"), ("outcome", "rejected")];
+    assert!(
+        value(&after, "nerve_events_published_total", &invalid)
+            > value(&before, "nerve_events_published_total", &invalid)
+    );
     let stored = [("type", "metrics.probe"), ("outcome", "stored")];
     let duplicate = [("type", "metrics.probe"), ("outcome", "duplicate")];
     assert_eq!(

@@ -165,6 +165,14 @@ impl Bus {
         trace: Option<String>,
     ) -> BusResult<QueuedPublish> {
         let started = std::time::Instant::now();
+        // only checked events name their type: a refused one (any string, up to the message limit)
+        // must not take one of the capped label values for good
+        if let Err(invalid) = self.limits.check_batch(&events) {
+            let error = BusError::from(invalid);
+            let types = vec![crate::metrics::INVALID_TYPE.to_owned(); events.len()];
+            record_publish(started, types, Err(&error));
+            return Err(error);
+        }
         let types: Vec<String> = events
             .iter()
             .map(|e| crate::metrics::type_label(&e.event_type))
@@ -188,7 +196,6 @@ impl Bus {
         events: Vec<Event>,
         trace: Option<String>,
     ) -> BusResult<Queued> {
-        self.limits.check_batch(&events)?;
         let now = Utc::now();
         let batch = events
             .into_iter()
