@@ -851,3 +851,28 @@ async fn large_events_replay_and_list_as_dead_letters_in_pages_that_fit_a_messag
     .await;
     assert_eq!(listed, seqs);
 }
+
+#[tokio::test]
+async fn acks_sent_right_before_a_graceful_close_all_count() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["close.x"], "closers");
+    o.max_in_flight = 1;
+    for i in 0..50 {
+        let mut sub = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+        publish(&mut bus, vec![event(&format!("c{i}"), "close.x")]).await;
+        let d = sub.next_delivery().await;
+        assert_eq!(
+            (id(&d), d.attempt),
+            (format!("c{i}"), 1),
+            "nothing comes twice"
+        );
+        // the ack and the close leave together; the stream ends only after the ack is saved
+        sub.ack_one(&d).await;
+        sub.send(Action::Close(pb::Close {})).await;
+        sub.final_status()
+            .await
+            .expect("a graceful close ends with OK");
+        await_pending(&server, "closers", 0).await;
+    }
+}

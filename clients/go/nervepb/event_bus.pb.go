@@ -399,6 +399,7 @@ type SubscribeRequest struct {
 	//	*SubscribeRequest_Extend
 	//	*SubscribeRequest_Credit
 	//	*SubscribeRequest_SetFilter
+	//	*SubscribeRequest_Close
 	Action        isSubscribeRequest_Action `protobuf_oneof:"action"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -495,6 +496,15 @@ func (x *SubscribeRequest) GetSetFilter() *SetFilter {
 	return nil
 }
 
+func (x *SubscribeRequest) GetClose() *Close {
+	if x != nil {
+		if x, ok := x.Action.(*SubscribeRequest_Close); ok {
+			return x.Close
+		}
+	}
+	return nil
+}
+
 type isSubscribeRequest_Action interface {
 	isSubscribeRequest_Action()
 }
@@ -523,6 +533,10 @@ type SubscribeRequest_SetFilter struct {
 	SetFilter *SetFilter `protobuf:"bytes,6,opt,name=set_filter,json=setFilter,proto3,oneof"`
 }
 
+type SubscribeRequest_Close struct {
+	Close *Close `protobuf:"bytes,7,opt,name=close,proto3,oneof"`
+}
+
 func (*SubscribeRequest_Open) isSubscribeRequest_Action() {}
 
 func (*SubscribeRequest_Ack) isSubscribeRequest_Action() {}
@@ -534,6 +548,8 @@ func (*SubscribeRequest_Extend) isSubscribeRequest_Action() {}
 func (*SubscribeRequest_Credit) isSubscribeRequest_Action() {}
 
 func (*SubscribeRequest_SetFilter) isSubscribeRequest_Action() {}
+
+func (*SubscribeRequest_Close) isSubscribeRequest_Action() {}
 
 // SubscriptionOpen must be the first message of a Subscribe stream.
 type SubscriptionOpen struct {
@@ -1024,6 +1040,45 @@ func (x *SetFilter) GetFilter() *Filter {
 	return nil
 }
 
+// Close ends the subscription gracefully: the server settles everything sent before it, hands back
+// what is still outstanding (as any end of the stream does), and ends the stream with OK. Cancelling
+// the call instead may drop acks still in flight, which then come back as redeliveries.
+type Close struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Close) Reset() {
+	*x = Close{}
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Close) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Close) ProtoMessage() {}
+
+func (x *Close) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Close.ProtoReflect.Descriptor instead.
+func (*Close) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{14}
+}
+
 // SubscribeResponse is one message from the server.
 type SubscribeResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1040,7 +1095,7 @@ type SubscribeResponse struct {
 
 func (x *SubscribeResponse) Reset() {
 	*x = SubscribeResponse{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[14]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1052,7 +1107,7 @@ func (x *SubscribeResponse) String() string {
 func (*SubscribeResponse) ProtoMessage() {}
 
 func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[14]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1065,7 +1120,7 @@ func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{14}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SubscribeResponse) GetMessage() isSubscribeResponse_Message {
@@ -1152,7 +1207,7 @@ type Subscribed struct {
 
 func (x *Subscribed) Reset() {
 	*x = Subscribed{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[15]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1164,7 +1219,7 @@ func (x *Subscribed) String() string {
 func (*Subscribed) ProtoMessage() {}
 
 func (x *Subscribed) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[15]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1177,7 +1232,7 @@ func (x *Subscribed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Subscribed.ProtoReflect.Descriptor instead.
 func (*Subscribed) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{15}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Subscribed) GetSubscriptionId() string {
@@ -1217,7 +1272,7 @@ type Delivery struct {
 
 func (x *Delivery) Reset() {
 	*x = Delivery{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[16]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1229,7 +1284,7 @@ func (x *Delivery) String() string {
 func (*Delivery) ProtoMessage() {}
 
 func (x *Delivery) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[16]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1242,7 +1297,7 @@ func (x *Delivery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Delivery.ProtoReflect.Descriptor instead.
 func (*Delivery) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{16}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Delivery) GetEvent() *Event {
@@ -1286,7 +1341,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[17]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1298,7 +1353,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[17]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1311,7 +1366,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{17}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
@@ -1352,7 +1407,7 @@ type CaughtUp struct {
 
 func (x *CaughtUp) Reset() {
 	*x = CaughtUp{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[18]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1364,7 +1419,7 @@ func (x *CaughtUp) String() string {
 func (*CaughtUp) ProtoMessage() {}
 
 func (x *CaughtUp) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[18]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1377,7 +1432,7 @@ func (x *CaughtUp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CaughtUp.ProtoReflect.Descriptor instead.
 func (*CaughtUp) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{18}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CaughtUp) GetSequence() uint64 {
@@ -1399,7 +1454,7 @@ type RequestRequest struct {
 
 func (x *RequestRequest) Reset() {
 	*x = RequestRequest{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[19]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1411,7 +1466,7 @@ func (x *RequestRequest) String() string {
 func (*RequestRequest) ProtoMessage() {}
 
 func (x *RequestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[19]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1424,7 +1479,7 @@ func (x *RequestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRequest.ProtoReflect.Descriptor instead.
 func (*RequestRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{19}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RequestRequest) GetEvent() *Event {
@@ -1452,7 +1507,7 @@ type RequestResponse struct {
 
 func (x *RequestResponse) Reset() {
 	*x = RequestResponse{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[20]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1464,7 +1519,7 @@ func (x *RequestResponse) String() string {
 func (*RequestResponse) ProtoMessage() {}
 
 func (x *RequestResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[20]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1477,7 +1532,7 @@ func (x *RequestResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestResponse.ProtoReflect.Descriptor instead.
 func (*RequestResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{20}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RequestResponse) GetReply() *Event {
@@ -1506,7 +1561,7 @@ type ReplyRequest struct {
 
 func (x *ReplyRequest) Reset() {
 	*x = ReplyRequest{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[21]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1518,7 +1573,7 @@ func (x *ReplyRequest) String() string {
 func (*ReplyRequest) ProtoMessage() {}
 
 func (x *ReplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[21]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1531,7 +1586,7 @@ func (x *ReplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplyRequest.ProtoReflect.Descriptor instead.
 func (*ReplyRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{21}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ReplyRequest) GetReplyTo() string {
@@ -1560,7 +1615,7 @@ type ReplyResponse struct {
 
 func (x *ReplyResponse) Reset() {
 	*x = ReplyResponse{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[22]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1572,7 +1627,7 @@ func (x *ReplyResponse) String() string {
 func (*ReplyResponse) ProtoMessage() {}
 
 func (x *ReplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[22]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1585,7 +1640,7 @@ func (x *ReplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplyResponse.ProtoReflect.Descriptor instead.
 func (*ReplyResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{22}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ReplyResponse) GetDelivered() bool {
@@ -1631,7 +1686,7 @@ type ReplayRequest struct {
 
 func (x *ReplayRequest) Reset() {
 	*x = ReplayRequest{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[23]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1643,7 +1698,7 @@ func (x *ReplayRequest) String() string {
 func (*ReplayRequest) ProtoMessage() {}
 
 func (x *ReplayRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[23]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1656,7 +1711,7 @@ func (x *ReplayRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayRequest.ProtoReflect.Descriptor instead.
 func (*ReplayRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{23}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ReplayRequest) GetTypes() []string {
@@ -1750,7 +1805,7 @@ type ReplayResponse struct {
 
 func (x *ReplayResponse) Reset() {
 	*x = ReplayResponse{}
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[24]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1762,7 +1817,7 @@ func (x *ReplayResponse) String() string {
 func (*ReplayResponse) ProtoMessage() {}
 
 func (x *ReplayResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_event_bus_proto_msgTypes[24]
+	mi := &file_nerve_v1_event_bus_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1775,7 +1830,7 @@ func (x *ReplayResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayResponse.ProtoReflect.Descriptor instead.
 func (*ReplayResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{24}
+	return file_nerve_v1_event_bus_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ReplayResponse) GetEvents() []*Event {
@@ -1825,7 +1880,7 @@ const file_nerve_v1_event_bus_proto_rawDesc = "" +
 	"\fPublishError\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x18\n" +
-	"\adetails\x18\x03 \x01(\fR\adetails\"\xad\x02\n" +
+	"\adetails\x18\x03 \x01(\fR\adetails\"\xd6\x02\n" +
 	"\x10SubscribeRequest\x120\n" +
 	"\x04open\x18\x01 \x01(\v2\x1a.nerve.v1.SubscriptionOpenH\x00R\x04open\x12!\n" +
 	"\x03ack\x18\x02 \x01(\v2\r.nerve.v1.AckH\x00R\x03ack\x12$\n" +
@@ -1833,7 +1888,8 @@ const file_nerve_v1_event_bus_proto_rawDesc = "" +
 	"\x06extend\x18\x04 \x01(\v2\x18.nerve.v1.ExtendDeadlineH\x00R\x06extend\x12*\n" +
 	"\x06credit\x18\x05 \x01(\v2\x10.nerve.v1.CreditH\x00R\x06credit\x124\n" +
 	"\n" +
-	"set_filter\x18\x06 \x01(\v2\x13.nerve.v1.SetFilterH\x00R\tsetFilterB\b\n" +
+	"set_filter\x18\x06 \x01(\v2\x13.nerve.v1.SetFilterH\x00R\tsetFilter\x12'\n" +
+	"\x05close\x18\a \x01(\v2\x0f.nerve.v1.CloseH\x00R\x05closeB\b\n" +
 	"\x06action\"\xe6\x02\n" +
 	"\x10SubscriptionOpen\x12\x14\n" +
 	"\x05types\x18\x01 \x03(\tR\x05types\x12\x14\n" +
@@ -1866,7 +1922,8 @@ const file_nerve_v1_event_bus_proto_rawDesc = "" +
 	"\x06Credit\x12\x18\n" +
 	"\acredits\x18\x01 \x01(\rR\acredits\"5\n" +
 	"\tSetFilter\x12(\n" +
-	"\x06filter\x18\x01 \x01(\v2\x10.nerve.v1.FilterR\x06filter\"\xf0\x01\n" +
+	"\x06filter\x18\x01 \x01(\v2\x10.nerve.v1.FilterR\x06filter\"\a\n" +
+	"\x05Close\"\xf0\x01\n" +
 	"\x11SubscribeResponse\x126\n" +
 	"\n" +
 	"subscribed\x18\x01 \x01(\v2\x14.nerve.v1.SubscribedH\x00R\n" +
@@ -1943,7 +2000,7 @@ func file_nerve_v1_event_bus_proto_rawDescGZIP() []byte {
 	return file_nerve_v1_event_bus_proto_rawDescData
 }
 
-var file_nerve_v1_event_bus_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_nerve_v1_event_bus_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_nerve_v1_event_bus_proto_goTypes = []any{
 	(*PublishRequest)(nil),        // 0: nerve.v1.PublishRequest
 	(*PublishResponse)(nil),       // 1: nerve.v1.PublishResponse
@@ -1959,27 +2016,28 @@ var file_nerve_v1_event_bus_proto_goTypes = []any{
 	(*ExtendDeadline)(nil),        // 11: nerve.v1.ExtendDeadline
 	(*Credit)(nil),                // 12: nerve.v1.Credit
 	(*SetFilter)(nil),             // 13: nerve.v1.SetFilter
-	(*SubscribeResponse)(nil),     // 14: nerve.v1.SubscribeResponse
-	(*Subscribed)(nil),            // 15: nerve.v1.Subscribed
-	(*Delivery)(nil),              // 16: nerve.v1.Delivery
-	(*Heartbeat)(nil),             // 17: nerve.v1.Heartbeat
-	(*CaughtUp)(nil),              // 18: nerve.v1.CaughtUp
-	(*RequestRequest)(nil),        // 19: nerve.v1.RequestRequest
-	(*RequestResponse)(nil),       // 20: nerve.v1.RequestResponse
-	(*ReplyRequest)(nil),          // 21: nerve.v1.ReplyRequest
-	(*ReplyResponse)(nil),         // 22: nerve.v1.ReplyResponse
-	(*ReplayRequest)(nil),         // 23: nerve.v1.ReplayRequest
-	(*ReplayResponse)(nil),        // 24: nerve.v1.ReplayResponse
-	(*Event)(nil),                 // 25: nerve.v1.Event
-	(*Filter)(nil),                // 26: nerve.v1.Filter
-	(*durationpb.Duration)(nil),   // 27: google.protobuf.Duration
-	(*emptypb.Empty)(nil),         // 28: google.protobuf.Empty
-	(*timestamppb.Timestamp)(nil), // 29: google.protobuf.Timestamp
+	(*Close)(nil),                 // 14: nerve.v1.Close
+	(*SubscribeResponse)(nil),     // 15: nerve.v1.SubscribeResponse
+	(*Subscribed)(nil),            // 16: nerve.v1.Subscribed
+	(*Delivery)(nil),              // 17: nerve.v1.Delivery
+	(*Heartbeat)(nil),             // 18: nerve.v1.Heartbeat
+	(*CaughtUp)(nil),              // 19: nerve.v1.CaughtUp
+	(*RequestRequest)(nil),        // 20: nerve.v1.RequestRequest
+	(*RequestResponse)(nil),       // 21: nerve.v1.RequestResponse
+	(*ReplyRequest)(nil),          // 22: nerve.v1.ReplyRequest
+	(*ReplyResponse)(nil),         // 23: nerve.v1.ReplyResponse
+	(*ReplayRequest)(nil),         // 24: nerve.v1.ReplayRequest
+	(*ReplayResponse)(nil),        // 25: nerve.v1.ReplayResponse
+	(*Event)(nil),                 // 26: nerve.v1.Event
+	(*Filter)(nil),                // 27: nerve.v1.Filter
+	(*durationpb.Duration)(nil),   // 28: google.protobuf.Duration
+	(*emptypb.Empty)(nil),         // 29: google.protobuf.Empty
+	(*timestamppb.Timestamp)(nil), // 30: google.protobuf.Timestamp
 }
 var file_nerve_v1_event_bus_proto_depIdxs = []int32{
-	25, // 0: nerve.v1.PublishRequest.events:type_name -> nerve.v1.Event
+	26, // 0: nerve.v1.PublishRequest.events:type_name -> nerve.v1.Event
 	2,  // 1: nerve.v1.PublishResponse.results:type_name -> nerve.v1.PublishResult
-	25, // 2: nerve.v1.PublishStreamRequest.events:type_name -> nerve.v1.Event
+	26, // 2: nerve.v1.PublishStreamRequest.events:type_name -> nerve.v1.Event
 	1,  // 3: nerve.v1.PublishStreamResponse.published:type_name -> nerve.v1.PublishResponse
 	5,  // 4: nerve.v1.PublishStreamResponse.error:type_name -> nerve.v1.PublishError
 	7,  // 5: nerve.v1.SubscribeRequest.open:type_name -> nerve.v1.SubscriptionOpen
@@ -1988,47 +2046,48 @@ var file_nerve_v1_event_bus_proto_depIdxs = []int32{
 	11, // 8: nerve.v1.SubscribeRequest.extend:type_name -> nerve.v1.ExtendDeadline
 	12, // 9: nerve.v1.SubscribeRequest.credit:type_name -> nerve.v1.Credit
 	13, // 10: nerve.v1.SubscribeRequest.set_filter:type_name -> nerve.v1.SetFilter
-	26, // 11: nerve.v1.SubscriptionOpen.filter:type_name -> nerve.v1.Filter
-	8,  // 12: nerve.v1.SubscriptionOpen.start:type_name -> nerve.v1.StartPosition
-	27, // 13: nerve.v1.SubscriptionOpen.ack_deadline:type_name -> google.protobuf.Duration
-	27, // 14: nerve.v1.SubscriptionOpen.heartbeat_interval:type_name -> google.protobuf.Duration
-	28, // 15: nerve.v1.StartPosition.latest:type_name -> google.protobuf.Empty
-	28, // 16: nerve.v1.StartPosition.earliest:type_name -> google.protobuf.Empty
-	29, // 17: nerve.v1.StartPosition.time:type_name -> google.protobuf.Timestamp
-	27, // 18: nerve.v1.Nack.retry_delay:type_name -> google.protobuf.Duration
-	27, // 19: nerve.v1.ExtendDeadline.extension:type_name -> google.protobuf.Duration
-	26, // 20: nerve.v1.SetFilter.filter:type_name -> nerve.v1.Filter
-	15, // 21: nerve.v1.SubscribeResponse.subscribed:type_name -> nerve.v1.Subscribed
-	16, // 22: nerve.v1.SubscribeResponse.delivery:type_name -> nerve.v1.Delivery
-	17, // 23: nerve.v1.SubscribeResponse.heartbeat:type_name -> nerve.v1.Heartbeat
-	18, // 24: nerve.v1.SubscribeResponse.caught_up:type_name -> nerve.v1.CaughtUp
-	25, // 25: nerve.v1.Delivery.event:type_name -> nerve.v1.Event
-	29, // 26: nerve.v1.Delivery.ack_deadline:type_name -> google.protobuf.Timestamp
-	29, // 27: nerve.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	25, // 28: nerve.v1.RequestRequest.event:type_name -> nerve.v1.Event
-	27, // 29: nerve.v1.RequestRequest.timeout:type_name -> google.protobuf.Duration
-	25, // 30: nerve.v1.RequestResponse.reply:type_name -> nerve.v1.Event
-	25, // 31: nerve.v1.ReplyRequest.event:type_name -> nerve.v1.Event
-	29, // 32: nerve.v1.ReplayRequest.start_time:type_name -> google.protobuf.Timestamp
-	29, // 33: nerve.v1.ReplayRequest.end_time:type_name -> google.protobuf.Timestamp
-	25, // 34: nerve.v1.ReplayResponse.events:type_name -> nerve.v1.Event
-	0,  // 35: nerve.v1.EventBus.Publish:input_type -> nerve.v1.PublishRequest
-	3,  // 36: nerve.v1.EventBus.PublishStream:input_type -> nerve.v1.PublishStreamRequest
-	6,  // 37: nerve.v1.EventBus.Subscribe:input_type -> nerve.v1.SubscribeRequest
-	19, // 38: nerve.v1.EventBus.Request:input_type -> nerve.v1.RequestRequest
-	21, // 39: nerve.v1.EventBus.Reply:input_type -> nerve.v1.ReplyRequest
-	23, // 40: nerve.v1.EventBus.Replay:input_type -> nerve.v1.ReplayRequest
-	1,  // 41: nerve.v1.EventBus.Publish:output_type -> nerve.v1.PublishResponse
-	4,  // 42: nerve.v1.EventBus.PublishStream:output_type -> nerve.v1.PublishStreamResponse
-	14, // 43: nerve.v1.EventBus.Subscribe:output_type -> nerve.v1.SubscribeResponse
-	20, // 44: nerve.v1.EventBus.Request:output_type -> nerve.v1.RequestResponse
-	22, // 45: nerve.v1.EventBus.Reply:output_type -> nerve.v1.ReplyResponse
-	24, // 46: nerve.v1.EventBus.Replay:output_type -> nerve.v1.ReplayResponse
-	41, // [41:47] is the sub-list for method output_type
-	35, // [35:41] is the sub-list for method input_type
-	35, // [35:35] is the sub-list for extension type_name
-	35, // [35:35] is the sub-list for extension extendee
-	0,  // [0:35] is the sub-list for field type_name
+	14, // 11: nerve.v1.SubscribeRequest.close:type_name -> nerve.v1.Close
+	27, // 12: nerve.v1.SubscriptionOpen.filter:type_name -> nerve.v1.Filter
+	8,  // 13: nerve.v1.SubscriptionOpen.start:type_name -> nerve.v1.StartPosition
+	28, // 14: nerve.v1.SubscriptionOpen.ack_deadline:type_name -> google.protobuf.Duration
+	28, // 15: nerve.v1.SubscriptionOpen.heartbeat_interval:type_name -> google.protobuf.Duration
+	29, // 16: nerve.v1.StartPosition.latest:type_name -> google.protobuf.Empty
+	29, // 17: nerve.v1.StartPosition.earliest:type_name -> google.protobuf.Empty
+	30, // 18: nerve.v1.StartPosition.time:type_name -> google.protobuf.Timestamp
+	28, // 19: nerve.v1.Nack.retry_delay:type_name -> google.protobuf.Duration
+	28, // 20: nerve.v1.ExtendDeadline.extension:type_name -> google.protobuf.Duration
+	27, // 21: nerve.v1.SetFilter.filter:type_name -> nerve.v1.Filter
+	16, // 22: nerve.v1.SubscribeResponse.subscribed:type_name -> nerve.v1.Subscribed
+	17, // 23: nerve.v1.SubscribeResponse.delivery:type_name -> nerve.v1.Delivery
+	18, // 24: nerve.v1.SubscribeResponse.heartbeat:type_name -> nerve.v1.Heartbeat
+	19, // 25: nerve.v1.SubscribeResponse.caught_up:type_name -> nerve.v1.CaughtUp
+	26, // 26: nerve.v1.Delivery.event:type_name -> nerve.v1.Event
+	30, // 27: nerve.v1.Delivery.ack_deadline:type_name -> google.protobuf.Timestamp
+	30, // 28: nerve.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	26, // 29: nerve.v1.RequestRequest.event:type_name -> nerve.v1.Event
+	28, // 30: nerve.v1.RequestRequest.timeout:type_name -> google.protobuf.Duration
+	26, // 31: nerve.v1.RequestResponse.reply:type_name -> nerve.v1.Event
+	26, // 32: nerve.v1.ReplyRequest.event:type_name -> nerve.v1.Event
+	30, // 33: nerve.v1.ReplayRequest.start_time:type_name -> google.protobuf.Timestamp
+	30, // 34: nerve.v1.ReplayRequest.end_time:type_name -> google.protobuf.Timestamp
+	26, // 35: nerve.v1.ReplayResponse.events:type_name -> nerve.v1.Event
+	0,  // 36: nerve.v1.EventBus.Publish:input_type -> nerve.v1.PublishRequest
+	3,  // 37: nerve.v1.EventBus.PublishStream:input_type -> nerve.v1.PublishStreamRequest
+	6,  // 38: nerve.v1.EventBus.Subscribe:input_type -> nerve.v1.SubscribeRequest
+	20, // 39: nerve.v1.EventBus.Request:input_type -> nerve.v1.RequestRequest
+	22, // 40: nerve.v1.EventBus.Reply:input_type -> nerve.v1.ReplyRequest
+	24, // 41: nerve.v1.EventBus.Replay:input_type -> nerve.v1.ReplayRequest
+	1,  // 42: nerve.v1.EventBus.Publish:output_type -> nerve.v1.PublishResponse
+	4,  // 43: nerve.v1.EventBus.PublishStream:output_type -> nerve.v1.PublishStreamResponse
+	15, // 44: nerve.v1.EventBus.Subscribe:output_type -> nerve.v1.SubscribeResponse
+	21, // 45: nerve.v1.EventBus.Request:output_type -> nerve.v1.RequestResponse
+	23, // 46: nerve.v1.EventBus.Reply:output_type -> nerve.v1.ReplyResponse
+	25, // 47: nerve.v1.EventBus.Replay:output_type -> nerve.v1.ReplayResponse
+	42, // [42:48] is the sub-list for method output_type
+	36, // [36:42] is the sub-list for method input_type
+	36, // [36:36] is the sub-list for extension type_name
+	36, // [36:36] is the sub-list for extension extendee
+	0,  // [0:36] is the sub-list for field type_name
 }
 
 func init() { file_nerve_v1_event_bus_proto_init() }
@@ -2048,6 +2107,7 @@ func file_nerve_v1_event_bus_proto_init() {
 		(*SubscribeRequest_Extend)(nil),
 		(*SubscribeRequest_Credit)(nil),
 		(*SubscribeRequest_SetFilter)(nil),
+		(*SubscribeRequest_Close)(nil),
 	}
 	file_nerve_v1_event_bus_proto_msgTypes[8].OneofWrappers = []any{
 		(*StartPosition_Latest)(nil),
@@ -2055,7 +2115,7 @@ func file_nerve_v1_event_bus_proto_init() {
 		(*StartPosition_AfterSequence)(nil),
 		(*StartPosition_Time)(nil),
 	}
-	file_nerve_v1_event_bus_proto_msgTypes[14].OneofWrappers = []any{
+	file_nerve_v1_event_bus_proto_msgTypes[15].OneofWrappers = []any{
 		(*SubscribeResponse_Subscribed)(nil),
 		(*SubscribeResponse_Delivery)(nil),
 		(*SubscribeResponse_Heartbeat)(nil),
@@ -2067,7 +2127,7 @@ func file_nerve_v1_event_bus_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_nerve_v1_event_bus_proto_rawDesc), len(file_nerve_v1_event_bus_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   25,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -348,6 +348,7 @@ pub fn command(msg: pb::SubscribeRequest) -> Result<Command> {
                 .map(|f| filter_from_pb(f, "set_filter.filter"))
                 .transpose()?,
         )),
+        Some(Action::Close(_)) => Ok(Command::Close),
     }
 }
 

@@ -62,6 +62,15 @@ pub enum Command {
     },
     Credit(u32),
     SetFilter(Option<Filter>),
+    /// Ends the subscription after what was sent before it; the stream ends with OK.
+    Close,
+}
+
+/// Whether a session goes on after a command.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Go,
+    Close,
 }
 
 /// One handed-out event.
@@ -352,11 +361,17 @@ impl Session {
                         commands_open = false;
                         continue;
                     };
-                    self.handle(command?).await?;
+                    if self.handle(command?).await? == Flow::Close {
+                        return Ok(());
+                    }
                     // settle everything already queued before looking for more work
                     for _ in 0..COMMAND_BATCH {
                         match commands.next().now_or_never() {
-                            Some(Some(command)) => self.handle(command?).await?,
+                            Some(Some(command)) => {
+                                if self.handle(command?).await? == Flow::Close {
+                                    return Ok(());
+                                }
+                            }
                             Some(None) => {
                                 commands_open = false;
                                 break;
@@ -935,12 +950,14 @@ impl Session {
         Ok(())
     }
 
-    async fn handle(&mut self, command: Command) -> BusResult<()> {
+    async fn handle(&mut self, command: Command) -> BusResult<Flow> {
         if !matches!(command, Command::Ack(_)) {
             // acks stay ordered before whatever the subscriber sent after them
             self.save_acks().await?;
         }
         match command {
+            // the acks before it are saved above; `run` releases the rest as at any end
+            Command::Close => return Ok(Flow::Close),
             Command::Ack(ids) => {
                 let ids = Self::parse_ids(&ids, "ack")?;
                 for (seq, attempt) in &ids {
@@ -968,7 +985,7 @@ impl Session {
                     for (seq, attempt) in ids {
                         self.settle(seq, attempt);
                     }
-                    return Ok(());
+                    return Ok(Flow::Go);
                 };
                 // one backend call for every delivery to retry later
                 let mut retries = Vec::new();
@@ -1025,7 +1042,7 @@ impl Session {
                     .into());
                 }
                 let Some((key, _)) = self.group.clone() else {
-                    return Ok(());
+                    return Ok(Flow::Go);
                 };
                 let current: Vec<(u64, u32)> = ids
                     .into_iter()
@@ -1036,7 +1053,7 @@ impl Session {
                     })
                     .collect();
                 if current.is_empty() {
-                    return Ok(());
+                    return Ok(Flow::Go);
                 }
                 let moved = self
                     .bus
@@ -1090,7 +1107,7 @@ impl Session {
                     .await?;
             }
         }
-        Ok(())
+        Ok(Flow::Go)
     }
 
     /// Hands every outstanding group delivery back at once: a stream that ends without ack counts as an attempt.

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from nerve_client._proto.nerve.v1 import event_pb2 as nerve_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nerve/v1/event_bus.proto\x12\x08nerve.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14nerve/v1/event.proto\"1\n\x0ePublishRequest\x12\x1f\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x0f.nerve.v1.Event\";\n\x0fPublishResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.nerve.v1.PublishResult\"@\n\rPublishResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"K\n\x14PublishStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x1f\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x0f.nerve.v1.Event\"\x8f\x01\n\x15PublishStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12.\n\tpublished\x18\x02 \x01(\x0b\x32\x19.nerve.v1.PublishResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.nerve.v1.PublishErrorH\x00\x42\t\n\x07outcome\">\n\x0cPublishError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x03 \x01(\x0c\"\x81\x02\n\x10SubscribeRequest\x12*\n\x04open\x18\x01 \x01(\x0b\x32\x1a.nerve.v1.SubscriptionOpenH\x00\x12\x1c\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\r.nerve.v1.AckH\x00\x12\x1e\n\x04nack\x18\x03 \x01(\x0b\x32\x0e.nerve.v1.NackH\x00\x12*\n\x06\x65xtend\x18\x04 \x01(\x0b\x32\x18.nerve.v1.ExtendDeadlineH\x00\x12\"\n\x06\x63redit\x18\x05 \x01(\x0b\x32\x10.nerve.v1.CreditH\x00\x12)\n\nset_filter\x18\x06 \x01(\x0b\x32\x13.nerve.v1.SetFilterH\x00\x42\x08\n\x06\x61\x63tion\"\x8f\x02\n\x10SubscriptionOpen\x12\r\n\x05types\x18\x01 \x03(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12 \n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x10.nerve.v1.Filter\x12&\n\x05start\x18\x04 \x01(\x0b\x32\x17.nerve.v1.StartPosition\x12\x15\n\rmax_in_flight\x18\x05 \x01(\r\x12/\n\x0c\x61\x63k_deadline\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\r\x12\x35\n\x12heartbeat_interval\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb7\x01\n\rStartPosition\x12(\n\x06latest\x18\x01 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12*\n\x08\x65\x61rliest\x18\x02 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12\x18\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x04H\x00\x12*\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x42\n\n\x08position\"\x1b\n\x03\x41\x63k\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\"q\n\x04Nack\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\x12.\n\x0bretry_delay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0b\x64\x65\x61\x64_letter\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"T\n\x0e\x45xtendDeadline\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\x12,\n\textension\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x19\n\x06\x43redit\x12\x0f\n\x07\x63redits\x18\x01 \x01(\r\"-\n\tSetFilter\x12 \n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x10.nerve.v1.Filter\"\xc5\x01\n\x11SubscribeResponse\x12*\n\nsubscribed\x18\x01 \x01(\x0b\x32\x14.nerve.v1.SubscribedH\x00\x12&\n\x08\x64\x65livery\x18\x02 \x01(\x0b\x32\x12.nerve.v1.DeliveryH\x00\x12(\n\theartbeat\x18\x03 \x01(\x0b\x32\x13.nerve.v1.HeartbeatH\x00\x12\'\n\tcaught_up\x18\x04 \x01(\x0b\x32\x12.nerve.v1.CaughtUpH\x00\x42\t\n\x07message\"K\n\nSubscribed\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x15\n\rhead_sequence\x18\x03 \x01(\x04\"\x82\x01\n\x08\x44\x65livery\x12\x1e\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0f.nerve.v1.Event\x12\x13\n\x0b\x64\x65livery_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x30\n\x0c\x61\x63k_deadline\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"p\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rhead_sequence\x18\x02 \x01(\x04\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x0f\n\x07\x63redits\x18\x04 \x01(\r\"\x1c\n\x08\x43\x61ughtUp\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\\\n\x0eRequestRequest\x12\x1e\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0f.nerve.v1.Event\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"K\n\x0fRequestResponse\x12\x1e\n\x05reply\x18\x01 \x01(\x0b\x32\x0f.nerve.v1.Event\x12\x18\n\x10request_sequence\x18\x02 \x01(\x04\"@\n\x0cReplyRequest\x12\x10\n\x08reply_to\x18\x01 \x01(\t\x12\x1e\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x0f.nerve.v1.Event\"4\n\rReplyResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x08\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"\x9d\x02\n\rReplayRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61\x66ter_sequence\x18\x07 \x01(\x04\x12\x16\n\x0euntil_sequence\x18\x08 \x01(\x04\x12\r\n\x05limit\x18\t \x01(\r\x12\x11\n\tpage_size\x18\n \x01(\r\x12\x14\n\x0cresume_token\x18\x0b \x01(\t\"_\n\x0eReplayResponse\x12\x1f\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x0f.nerve.v1.Event\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12\x16\n\x0e\x65nd_of_history\x18\x03 \x01(\x08\x32\xa3\x03\n\x08\x45ventBus\x12>\n\x07Publish\x12\x18.nerve.v1.PublishRequest\x1a\x19.nerve.v1.PublishResponse\x12T\n\rPublishStream\x12\x1e.nerve.v1.PublishStreamRequest\x1a\x1f.nerve.v1.PublishStreamResponse(\x01\x30\x01\x12H\n\tSubscribe\x12\x1a.nerve.v1.SubscribeRequest\x1a\x1b.nerve.v1.SubscribeResponse(\x01\x30\x01\x12>\n\x07Request\x12\x18.nerve.v1.RequestRequest\x1a\x19.nerve.v1.RequestResponse\x12\x38\n\x05Reply\x12\x16.nerve.v1.ReplyRequest\x1a\x17.nerve.v1.ReplyResponse\x12=\n\x06Replay\x12\x17.nerve.v1.ReplayRequest\x1a\x18.nerve.v1.ReplayResponse0\x01\x42\x37Z5github.com/nerve-bus/nerve/clients/go/nervepb;nervepbb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nerve/v1/event_bus.proto\x12\x08nerve.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14nerve/v1/event.proto\"1\n\x0ePublishRequest\x12\x1f\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x0f.nerve.v1.Event\";\n\x0fPublishResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.nerve.v1.PublishResult\"@\n\rPublishResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"K\n\x14PublishStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x1f\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x0f.nerve.v1.Event\"\x8f\x01\n\x15PublishStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12.\n\tpublished\x18\x02 \x01(\x0b\x32\x19.nerve.v1.PublishResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.nerve.v1.PublishErrorH\x00\x42\t\n\x07outcome\">\n\x0cPublishError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x03 \x01(\x0c\"\xa3\x02\n\x10SubscribeRequest\x12*\n\x04open\x18\x01 \x01(\x0b\x32\x1a.nerve.v1.SubscriptionOpenH\x00\x12\x1c\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\r.nerve.v1.AckH\x00\x12\x1e\n\x04nack\x18\x03 \x01(\x0b\x32\x0e.nerve.v1.NackH\x00\x12*\n\x06\x65xtend\x18\x04 \x01(\x0b\x32\x18.nerve.v1.ExtendDeadlineH\x00\x12\"\n\x06\x63redit\x18\x05 \x01(\x0b\x32\x10.nerve.v1.CreditH\x00\x12)\n\nset_filter\x18\x06 \x01(\x0b\x32\x13.nerve.v1.SetFilterH\x00\x12 \n\x05\x63lose\x18\x07 \x01(\x0b\x32\x0f.nerve.v1.CloseH\x00\x42\x08\n\x06\x61\x63tion\"\x8f\x02\n\x10SubscriptionOpen\x12\r\n\x05types\x18\x01 \x03(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12 \n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x10.nerve.v1.Filter\x12&\n\x05start\x18\x04 \x01(\x0b\x32\x17.nerve.v1.StartPosition\x12\x15\n\rmax_in_flight\x18\x05 \x01(\r\x12/\n\x0c\x61\x63k_deadline\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\r\x12\x35\n\x12heartbeat_interval\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb7\x01\n\rStartPosition\x12(\n\x06latest\x18\x01 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12*\n\x08\x65\x61rliest\x18\x02 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12\x18\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x04H\x00\x12*\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x42\n\n\x08position\"\x1b\n\x03\x41\x63k\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\"q\n\x04Nack\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\x12.\n\x0bretry_delay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0b\x64\x65\x61\x64_letter\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"T\n\x0e\x45xtendDeadline\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\x12,\n\textension\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x19\n\x06\x43redit\x12\x0f\n\x07\x63redits\x18\x01 \x01(\r\"-\n\tSetFilter\x12 \n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x10.nerve.v1.Filter\"\x07\n\x05\x43lose\"\xc5\x01\n\x11SubscribeResponse\x12*\n\nsubscribed\x18\x01 \x01(\x0b\x32\x14.nerve.v1.SubscribedH\x00\x12&\n\x08\x64\x65livery\x18\x02 \x01(\x0b\x32\x12.nerve.v1.DeliveryH\x00\x12(\n\theartbeat\x18\x03 \x01(\x0b\x32\x13.nerve.v1.HeartbeatH\x00\x12\'\n\tcaught_up\x18\x04 \x01(\x0b\x32\x12.nerve.v1.CaughtUpH\x00\x42\t\n\x07message\"K\n\nSubscribed\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x15\n\rhead_sequence\x18\x03 \x01(\x04\"\x82\x01\n\x08\x44\x65livery\x12\x1e\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0f.nerve.v1.Event\x12\x13\n\x0b\x64\x65livery_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x30\n\x0c\x61\x63k_deadline\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"p\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rhead_sequence\x18\x02 \x01(\x04\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x0f\n\x07\x63redits\x18\x04 \x01(\r\"\x1c\n\x08\x43\x61ughtUp\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\\\n\x0eRequestRequest\x12\x1e\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0f.nerve.v1.Event\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"K\n\x0fRequestResponse\x12\x1e\n\x05reply\x18\x01 \x01(\x0b\x32\x0f.nerve.v1.Event\x12\x18\n\x10request_sequence\x18\x02 \x01(\x04\"@\n\x0cReplyRequest\x12\x10\n\x08reply_to\x18\x01 \x01(\t\x12\x1e\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x0f.nerve.v1.Event\"4\n\rReplyResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x08\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"\x9d\x02\n\rReplayRequest\x12\r\n\x05types\x18\x01 \x03(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61\x66ter_sequence\x18\x07 \x01(\x04\x12\x16\n\x0euntil_sequence\x18\x08 \x01(\x04\x12\r\n\x05limit\x18\t \x01(\r\x12\x11\n\tpage_size\x18\n \x01(\r\x12\x14\n\x0cresume_token\x18\x0b \x01(\t\"_\n\x0eReplayResponse\x12\x1f\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x0f.nerve.v1.Event\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12\x16\n\x0e\x65nd_of_history\x18\x03 \x01(\x08\x32\xa3\x03\n\x08\x45ventBus\x12>\n\x07Publish\x12\x18.nerve.v1.PublishRequest\x1a\x19.nerve.v1.PublishResponse\x12T\n\rPublishStream\x12\x1e.nerve.v1.PublishStreamRequest\x1a\x1f.nerve.v1.PublishStreamResponse(\x01\x30\x01\x12H\n\tSubscribe\x12\x1a.nerve.v1.SubscribeRequest\x1a\x1b.nerve.v1.SubscribeResponse(\x01\x30\x01\x12>\n\x07Request\x12\x18.nerve.v1.RequestRequest\x1a\x19.nerve.v1.RequestResponse\x12\x38\n\x05Reply\x12\x16.nerve.v1.ReplyRequest\x1a\x17.nerve.v1.ReplyResponse\x12=\n\x06Replay\x12\x17.nerve.v1.ReplayRequest\x1a\x18.nerve.v1.ReplayResponse0\x01\x42\x37Z5github.com/nerve-bus/nerve/clients/go/nervepb;nervepbb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,43 +49,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHERROR']._serialized_start=555
   _globals['_PUBLISHERROR']._serialized_end=617
   _globals['_SUBSCRIBEREQUEST']._serialized_start=620
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=877
-  _globals['_SUBSCRIPTIONOPEN']._serialized_start=880
-  _globals['_SUBSCRIPTIONOPEN']._serialized_end=1151
-  _globals['_STARTPOSITION']._serialized_start=1154
-  _globals['_STARTPOSITION']._serialized_end=1337
-  _globals['_ACK']._serialized_start=1339
-  _globals['_ACK']._serialized_end=1366
-  _globals['_NACK']._serialized_start=1368
-  _globals['_NACK']._serialized_end=1481
-  _globals['_EXTENDDEADLINE']._serialized_start=1483
-  _globals['_EXTENDDEADLINE']._serialized_end=1567
-  _globals['_CREDIT']._serialized_start=1569
-  _globals['_CREDIT']._serialized_end=1594
-  _globals['_SETFILTER']._serialized_start=1596
-  _globals['_SETFILTER']._serialized_end=1641
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1644
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1841
-  _globals['_SUBSCRIBED']._serialized_start=1843
-  _globals['_SUBSCRIBED']._serialized_end=1918
-  _globals['_DELIVERY']._serialized_start=1921
-  _globals['_DELIVERY']._serialized_end=2051
-  _globals['_HEARTBEAT']._serialized_start=2053
-  _globals['_HEARTBEAT']._serialized_end=2165
-  _globals['_CAUGHTUP']._serialized_start=2167
-  _globals['_CAUGHTUP']._serialized_end=2195
-  _globals['_REQUESTREQUEST']._serialized_start=2197
-  _globals['_REQUESTREQUEST']._serialized_end=2289
-  _globals['_REQUESTRESPONSE']._serialized_start=2291
-  _globals['_REQUESTRESPONSE']._serialized_end=2366
-  _globals['_REPLYREQUEST']._serialized_start=2368
-  _globals['_REPLYREQUEST']._serialized_end=2432
-  _globals['_REPLYRESPONSE']._serialized_start=2434
-  _globals['_REPLYRESPONSE']._serialized_end=2486
-  _globals['_REPLAYREQUEST']._serialized_start=2489
-  _globals['_REPLAYREQUEST']._serialized_end=2774
-  _globals['_REPLAYRESPONSE']._serialized_start=2776
-  _globals['_REPLAYRESPONSE']._serialized_end=2871
-  _globals['_EVENTBUS']._serialized_start=2874
-  _globals['_EVENTBUS']._serialized_end=3293
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=911
+  _globals['_SUBSCRIPTIONOPEN']._serialized_start=914
+  _globals['_SUBSCRIPTIONOPEN']._serialized_end=1185
+  _globals['_STARTPOSITION']._serialized_start=1188
+  _globals['_STARTPOSITION']._serialized_end=1371
+  _globals['_ACK']._serialized_start=1373
+  _globals['_ACK']._serialized_end=1400
+  _globals['_NACK']._serialized_start=1402
+  _globals['_NACK']._serialized_end=1515
+  _globals['_EXTENDDEADLINE']._serialized_start=1517
+  _globals['_EXTENDDEADLINE']._serialized_end=1601
+  _globals['_CREDIT']._serialized_start=1603
+  _globals['_CREDIT']._serialized_end=1628
+  _globals['_SETFILTER']._serialized_start=1630
+  _globals['_SETFILTER']._serialized_end=1675
+  _globals['_CLOSE']._serialized_start=1677
+  _globals['_CLOSE']._serialized_end=1684
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1687
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1884
+  _globals['_SUBSCRIBED']._serialized_start=1886
+  _globals['_SUBSCRIBED']._serialized_end=1961
+  _globals['_DELIVERY']._serialized_start=1964
+  _globals['_DELIVERY']._serialized_end=2094
+  _globals['_HEARTBEAT']._serialized_start=2096
+  _globals['_HEARTBEAT']._serialized_end=2208
+  _globals['_CAUGHTUP']._serialized_start=2210
+  _globals['_CAUGHTUP']._serialized_end=2238
+  _globals['_REQUESTREQUEST']._serialized_start=2240
+  _globals['_REQUESTREQUEST']._serialized_end=2332
+  _globals['_REQUESTRESPONSE']._serialized_start=2334
+  _globals['_REQUESTRESPONSE']._serialized_end=2409
+  _globals['_REPLYREQUEST']._serialized_start=2411
+  _globals['_REPLYREQUEST']._serialized_end=2475
+  _globals['_REPLYRESPONSE']._serialized_start=2477
+  _globals['_REPLYRESPONSE']._serialized_end=2529
+  _globals['_REPLAYREQUEST']._serialized_start=2532
+  _globals['_REPLAYREQUEST']._serialized_end=2817
+  _globals['_REPLAYRESPONSE']._serialized_start=2819
+  _globals['_REPLAYRESPONSE']._serialized_end=2914
+  _globals['_EVENTBUS']._serialized_start=2917
+  _globals['_EVENTBUS']._serialized_end=3336
 # @@protoc_insertion_point(module_scope)

@@ -199,6 +199,7 @@ class SubscribeRequest(_message.Message):
     EXTEND_FIELD_NUMBER: _builtins.int
     CREDIT_FIELD_NUMBER: _builtins.int
     SET_FILTER_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___SubscriptionOpen: ...
     @_builtins.property
@@ -211,6 +212,8 @@ class SubscribeRequest(_message.Message):
     def credit(self) -> Global___Credit: ...
     @_builtins.property
     def set_filter(self) -> Global___SetFilter: ...
+    @_builtins.property
+    def close(self) -> Global___Close: ...
     def __init__(
         self,
         *,
@@ -220,12 +223,13 @@ class SubscribeRequest(_message.Message):
         extend: Global___ExtendDeadline | None = ...,
         credit: Global___Credit | None = ...,
         set_filter: Global___SetFilter | None = ...,
+        close: Global___Close | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "action", b"action", "credit", b"credit", "extend", b"extend", "nack", b"nack", "open", b"open", "set_filter", b"set_filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "action", b"action", "close", b"close", "credit", b"credit", "extend", b"extend", "nack", b"nack", "open", b"open", "set_filter", b"set_filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "action", b"action", "credit", b"credit", "extend", b"extend", "nack", b"nack", "open", b"open", "set_filter", b"set_filter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "action", b"action", "close", b"close", "credit", b"credit", "extend", b"extend", "nack", b"nack", "open", b"open", "set_filter", b"set_filter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["open", "ack", "nack", "extend", "credit", "set_filter"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["open", "ack", "nack", "extend", "credit", "set_filter", "close"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
@@ -461,6 +465,26 @@ class SetFilter(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetFilter: _TypeAlias = SetFilter  # noqa: Y015
+
+@_typing.final
+class Close(_message.Message):
+    """Close ends the subscription gracefully: the server settles everything sent before it, hands back
+    what is still outstanding (as any end of the stream does), and ends the stream with OK. Cancelling
+    the call instead may drop acks still in flight, which then come back as redeliveries.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Close: _TypeAlias = Close  # noqa: Y015
 
 @_typing.final
 class SubscribeResponse(_message.Message):
