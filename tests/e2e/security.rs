@@ -468,6 +468,7 @@ allow = { publish = ["task.>"], subscribe = ["task.>"], groups = ["planners"], r
 id = "tool"
 tenant = "acme"
 allow = { subscribe = ["tool.>"], reply = ["tool.*"] }
+deny = { publish = ["billing.>"] }
 
 [[principal]]
 id = "intruder"
@@ -822,14 +823,14 @@ async fn only_a_principal_allowed_to_answer_may_reply() {
     };
     let d = responder.next_delivery().await;
     let reply_to = d.event.expect("event").reply_to;
-    let reply = |token: &str, source: &str| {
+    let reply = |token: &str, source: &str, event_type: &str| {
         let mut bus = server.bus();
         let request = authorized(
             pb::ReplyRequest {
                 reply_to: reply_to.clone(),
                 event: Some(sourced(
                     &uuid::Uuid::new_v4().to_string(),
-                    "tool.done",
+                    event_type,
                     source,
                 )),
             },
@@ -838,9 +839,15 @@ async fn only_a_principal_allowed_to_answer_may_reply() {
         async move { bus.reply(request).await }
     };
     assert_status(
-        reply(&intruder, "intruder").await,
+        reply(&intruder, "intruder", "tool.done").await,
         Code::PermissionDenied,
         "may not reply \"tool.run\"",
+    );
+    // a reply is stored as an event of its own type: a type the replier may not publish stays out
+    assert_status(
+        reply(&tool, "tool", "billing.refund.approved").await,
+        Code::PermissionDenied,
+        "publishing \"billing.refund.approved\" is denied",
     );
     let admin = hs_token(&claims("admin"));
     let records = audit_records(&server, &admin).await;
@@ -851,7 +858,7 @@ async fn only_a_principal_allowed_to_answer_may_reply() {
             && r.outcome == "denied"),
         "{records:#?}"
     );
-    let answered = reply(&tool, "tool")
+    let answered = reply(&tool, "tool", "tool.done")
         .await
         .expect("tool replies")
         .into_inner();

@@ -391,6 +391,7 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         self.auth
             .check(&principal, "reply", &event.event_type, |e| {
                 e.source(&event.source)
+                    .and_then(|()| e.publish_not_denied(&event.event_type))
             })
             .map_err(denied)?;
         let span =

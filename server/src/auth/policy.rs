@@ -299,17 +299,25 @@ impl Evaluator<'_> {
             .get(&(self.tenant.to_owned(), self.id.to_owned()))
     }
 
-    /// May the principal publish an event of this type with this source?
-    pub fn publish(&self, event_type: &str, source: &str) -> Decision {
-        let file = self.file();
-        let registered = self.registered();
-        if let Some(deny) = file
+    /// Is storing an event of this type kept from the principal by its `deny.publish`? A reply is
+    /// checked so too: its own type is stored like a published one.
+    pub fn publish_not_denied(&self, event_type: &str) -> Decision {
+        match self
+            .file()
             .into_iter()
             .flat_map(|f| f.deny.patterns(Action::Publish))
             .find(|p| p.matches(event_type))
         {
-            return Err(format!("publishing {event_type:?} is denied by {deny}"));
+            Some(deny) => Err(format!("publishing {event_type:?} is denied by {deny}")),
+            None => Ok(()),
         }
+    }
+
+    /// May the principal publish an event of this type with this source?
+    pub fn publish(&self, event_type: &str, source: &str) -> Decision {
+        self.publish_not_denied(event_type)?;
+        let file = self.file();
+        let registered = self.registered();
         let allowed = file
             .into_iter()
             .flat_map(|f| f.allow.patterns(Action::Publish))
