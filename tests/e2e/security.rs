@@ -774,6 +774,20 @@ async fn tenants_never_see_each_other() {
         .await
         .expect_err("acme's admin cannot see globex's event");
     assert_eq!(found.code(), Code::NotFound, "{found:?}");
+    // nor does one of its own tenant without a grant on the type learn that the event exists
+    let hidden = server
+        .admin()
+        .get_event(authorized(
+            pb::GetEventRequest {
+                id: "secret-1".into(),
+                source: String::new(),
+            },
+            &planner,
+        ))
+        .await
+        .expect_err("the planner administers no types");
+    assert_eq!(hidden.code(), Code::NotFound, "{hidden:?}");
+    assert!(!hidden.message().contains("task.created"), "{hidden:?}");
     // replay outside the grants is refused, and audited
     assert_status(
         server
@@ -789,6 +803,13 @@ async fn tenants_never_see_each_other() {
         records.iter().any(|r| r.principal == "planner"
             && r.action == "replay"
             && r.resource == ">"
+            && r.outcome == "denied"),
+        "{records:#?}"
+    );
+    assert!(
+        records.iter().any(|r| r.principal == "planner"
+            && r.action == "admin.get_event"
+            && r.resource == "types/task.created"
             && r.outcome == "denied"),
         "{records:#?}"
     );

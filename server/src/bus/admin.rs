@@ -30,14 +30,19 @@ pub enum RedriveSelection {
 const REDRIVE_PAGE: usize = 500;
 
 impl Bus {
-    /// Finds a stored event by id; `source` is needed only when several sources used the id.
+    /// Finds a stored event by id among those `may_see` lets through; `source` is needed only when
+    /// several sources used the id.
     pub async fn get_event(
         &self,
         tenant: &str,
         id: &str,
         source: Option<&str>,
+        may_see: impl Fn(&StoredEvent) -> bool,
     ) -> BusResult<Arc<StoredEvent>> {
         let mut found = self.store.find(tenant, id, source).await?;
+        // an event the caller may not see is answered as missing: nothing of it (its type, its
+        // sources, that it exists) shows
+        found.retain(|e| may_see(e));
         match found.len() {
             0 => Err(BusError::NotFound(match source {
                 Some(s) => format!("no event with id {id:?} from source {s:?}"),
