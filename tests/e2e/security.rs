@@ -1192,6 +1192,40 @@ async fn publish_rate_is_limited_per_principal() {
 }
 
 #[tokio::test]
+async fn one_subject_in_two_tenants_has_a_publish_rate_in_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // no tenant in the policy: each token's tenant claim decides
+    let policy = r#"
+[[principal]]
+id = "multi"
+allow = { publish = ["task.>"] }
+"#;
+    let server = server_with_policy(dir.path(), policy, |c| {
+        c.connections.publish_rate_per_principal = 1;
+        c.connections.publish_burst = 1;
+    })
+    .await;
+    let in_tenant = |tenant: &str| {
+        let mut claims = claims("multi");
+        claims["tenant"] = json!(tenant);
+        hs_token(&claims)
+    };
+    let (a, b) = (in_tenant("alpha"), in_tenant("beta"));
+    let one = |id: &str| vec![sourced(id, "task.created", "multi")];
+    publish_as(&server, &a, one("a1"))
+        .await
+        .expect("alpha's burst");
+    assert_status(
+        publish_as(&server, &a, one("a2")).await,
+        Code::ResourceExhausted,
+        "rate limit",
+    );
+    publish_as(&server, &b, one("b1"))
+        .await
+        .expect("beta's calls do not use alpha's rate");
+}
+
+#[tokio::test]
 async fn publish_stream_requests_count_against_the_publish_rate() {
     let server = TestServer::start_with(|c| {
         c.connections.publish_rate_per_principal = 1;

@@ -59,6 +59,13 @@ pub struct Principal {
     pub unrestricted: bool,
 }
 
+impl Principal {
+    /// The principal's key for per-principal limits: its id within its tenant.
+    fn key(&self) -> String {
+        format!("{}\u{0}{}", self.tenant, self.id)
+    }
+}
+
 enum AuditMessage {
     Record(AuditRecord),
     Flush(oneshot::Sender<()>),
@@ -329,10 +336,11 @@ impl Auth {
         self.decide(principal, decide).is_ok()
     }
 
-    /// Counts a publish call against the principal's rate.
+    /// Counts a publish call against the principal's rate in its tenant: one subject that tokens put
+    /// in several tenants is a principal in each, as for open streams.
     pub fn check_publish_rate(&self, principal: &Principal) -> Result<(), AuthError> {
         match &self.publish_rate {
-            Some(limiter) if limiter.check_key(&principal.id).is_err() => {
+            Some(limiter) if limiter.check_key(&principal.key()).is_err() => {
                 Err(AuthError::ResourceExhausted(format!(
                     "publish rate limit exceeded for {:?}; retry later",
                     principal.id
@@ -344,7 +352,7 @@ impl Auth {
 
     /// Opens a stream for the principal, or refuses when it has the most it may have.
     pub fn open_stream(&self, principal: &Principal) -> Result<StreamPermit, AuthError> {
-        let key = format!("{}\u{0}{}", principal.tenant, principal.id);
+        let key = principal.key();
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         let open = streams.entry(key.clone()).or_default();
         if *open >= self.max_streams_per_principal {
