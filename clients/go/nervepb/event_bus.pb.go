@@ -557,6 +557,8 @@ type SubscriptionOpen struct {
 	// Type patterns: "*" matches one segment, ">" the rest (last segment only). Empty means all types.
 	Types []string `protobuf:"bytes,1,rep,name=types,proto3" json:"types,omitempty"`
 	// Durable group name; subscribers of one group share its events. Empty means a private stream.
+	// The open that creates a group sets its types until the group is deleted: an open with other
+	// types gets FAILED_PRECONDITION.
 	Group string `protobuf:"bytes,2,opt,name=group,proto3" json:"group,omitempty"`
 	// Server-side filter on attributes and extensions.
 	Filter *Filter `protobuf:"bytes,3,opt,name=filter,proto3" json:"filter,omitempty"`

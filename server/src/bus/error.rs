@@ -75,6 +75,7 @@ impl From<StreamError> for BusError {
         match e {
             StreamError::Unavailable(_) => BusError::Unavailable(e.to_string()),
             StreamError::NoSuchGroup(_) => BusError::NotFound(e.to_string()),
+            StreamError::OtherTypes { .. } => BusError::FailedPrecondition(e.to_string()),
             StreamError::Internal(_) => BusError::Internal(e.to_string()),
         }
     }

@@ -130,6 +130,17 @@ impl Selection {
         self.types.iter().map(|t| t.as_str().to_owned()).collect()
     }
 
+    /// Whether both select the same type patterns, in any order.
+    pub fn same_types(&self, other: &Selection) -> bool {
+        let set = |s: &Selection| {
+            s.types
+                .iter()
+                .map(|t| t.as_str().to_owned())
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        set(self) == set(other)
+    }
+
     /// Serializes for storage with a durable group.
     pub fn to_json(&self) -> String {
         serde_json::json!({ "types": self.type_strings(), "filter": self.filter }).to_string()

@@ -517,6 +517,21 @@ impl LiveStreams for EmbeddedStreams {
                 .map_err(db_err)?;
             }
         } else {
+            let stored: String =
+                sqlx::query_scalar("SELECT selection FROM groups WHERE tenant = ? AND name = ?")
+                    .bind(&key.tenant)
+                    .bind(&key.name)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            let stored = Selection::from_json(&stored)
+                .map_err(|e| StreamError::Internal(format!("group {:?}: {e}", key.name)))?;
+            if !stored.same_types(&config.selection) {
+                return Err(StreamError::OtherTypes {
+                    group: key.name.clone(),
+                    types: stored.type_strings(),
+                });
+            }
             sqlx::query(
                 "UPDATE groups SET selection = ?, max_attempts = ? WHERE tenant = ? AND name = ?",
             )

@@ -30,6 +30,11 @@ pub enum StreamError {
     /// The named group does not exist.
     #[error("group {0:?} does not exist")]
     NoSuchGroup(String),
+    /// An open asked an existing group for other types than it has.
+    #[error(
+        "open.types: group {group:?} selects {types:?}; open it with those types, or delete the group to change them"
+    )]
+    OtherTypes { group: String, types: Vec<String> },
     /// The backend failed in an unexpected way.
     #[error("stream backend failure: {0}")]
     Internal(String),
@@ -146,7 +151,9 @@ pub trait LiveStreams: Send + Sync + 'static {
     /// [`LiveStreams::head`].
     fn group_head(&self) -> watch::Receiver<u64>;
 
-    /// Creates the group at `start_after` when missing, else updates its config; returns whether it was created.
+    /// Creates the group at `start_after` when missing, else updates its filter and max attempts;
+    /// returns whether it was created. A group keeps the types it was created with: an open with
+    /// others is [`StreamError::OtherTypes`], so no member receives types it did not ask for.
     async fn ensure_group(
         &self,
         key: &GroupKey,

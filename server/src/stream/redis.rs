@@ -1203,11 +1203,10 @@ impl LiveStreams for RedisStreams {
         config: &GroupConfig,
         start_after: u64,
     ) -> StreamResult<bool> {
-        let created: bool = sqlx::query_scalar(
+        let mut tx = self.store.pool().begin().await.map_err(db_err)?;
+        let created = sqlx::query(
             "INSERT INTO nerve_groups (tenant, name, selection, max_attempts, start_after, created_ns) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (tenant, name) DO UPDATE SET selection = excluded.selection, max_attempts = excluded.max_attempts \
-             RETURNING (xmax = 0)",
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, name) DO NOTHING",
         )
         .bind(&key.tenant)
         .bind(&key.name)
@@ -1215,9 +1214,41 @@ impl LiveStreams for RedisStreams {
         .bind(config.max_attempts as i32)
         .bind(start_after as i64)
         .bind(Utc::now().timestamp_nanos_opt().unwrap_or_default())
-        .fetch_one(self.store.pool())
+        .execute(&mut *tx)
         .await
-        .map_err(db_err)?;
+        .map_err(db_err)?
+        .rows_affected()
+            == 1;
+        if !created {
+            // locked until the update: an open with other types cannot slip in between
+            let stored: String = sqlx::query_scalar(
+                "SELECT selection FROM nerve_groups WHERE tenant = $1 AND name = $2 FOR UPDATE",
+            )
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            let stored = Selection::from_json(&stored)
+                .map_err(|e| StreamError::Internal(format!("group {:?}: {e}", key.name)))?;
+            if !stored.same_types(&config.selection) {
+                return Err(StreamError::OtherTypes {
+                    group: key.name.clone(),
+                    types: stored.type_strings(),
+                });
+            }
+            sqlx::query(
+                "UPDATE nerve_groups SET selection = $3, max_attempts = $4 WHERE tenant = $1 AND name = $2",
+            )
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .bind(config.selection.to_json())
+            .bind(config.max_attempts as i32)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
         self.forget_config(key);
         self.wake_group(key).await?;
         Ok(created)

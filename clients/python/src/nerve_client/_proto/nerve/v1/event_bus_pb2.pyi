@@ -250,7 +250,10 @@ class SubscriptionOpen(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     group: _builtins.str
-    """Durable group name; subscribers of one group share its events. Empty means a private stream."""
+    """Durable group name; subscribers of one group share its events. Empty means a private stream.
+    The open that creates a group sets its types until the group is deleted: an open with other
+    types gets FAILED_PRECONDITION.
+    """
     max_in_flight: _builtins.int
     """Most unacknowledged deliveries outstanding at once; the initial credit. Default 64."""
     max_attempts: _builtins.int
