@@ -32,6 +32,7 @@ type Error struct {
 	// Metadata is the google.rpc.ErrorInfo metadata.
 	Metadata map[string]string
 	status   *status.Status
+	cause    error // the context error the call gave up on; nil for an RPC error
 	sentinel bool
 }
 
@@ -86,6 +87,10 @@ func (e *Error) Is(target error) bool {
 	return t.Code == e.Code && (t.Reason == "" || t.Reason == e.Reason)
 }
 
+// Unwrap is the context error the call gave up on, so that errors.Is(err, context.DeadlineExceeded)
+// holds; nil for an RPC error.
+func (e *Error) Unwrap() error { return e.cause }
+
 // GRPCStatus makes status.FromError and status.Code see the original status.
 func (e *Error) GRPCStatus() *status.Status {
 	if e.status != nil {
@@ -104,16 +109,27 @@ func (e *Error) Violation(field string) (FieldViolation, bool) {
 	return FieldViolation{}, false
 }
 
-// Code is the gRPC code of err: codes.OK for nil, codes.Unknown for errors that are not RPC errors.
+// Code is the gRPC code of err: codes.OK for nil, codes.Canceled or codes.DeadlineExceeded for a
+// context's error, codes.Unknown for other errors that are not RPC errors.
 func Code(err error) codes.Code {
 	var e *Error
-	if errors.As(err, &e) {
+	if errors.As(wrap(err), &e) { // wrap gives a bare context error its code
 		return e.Code
 	}
 	return status.Code(err)
 }
 
-// wrap turns a failed RPC into an *Error; nil and non-RPC errors pass through.
+// invalidArgument is the error the server would give for a bad field, for a request not sent because of it.
+func invalidArgument(field, description string) error {
+	return &Error{
+		Code:            codes.InvalidArgument,
+		Message:         field + ": " + description,
+		FieldViolations: []FieldViolation{{Field: field, Description: description}},
+	}
+}
+
+// wrap turns a failed RPC, or a context error, into an *Error (the context error stays its cause); nil and
+// other errors pass through.
 func wrap(err error) error {
 	if err == nil {
 		return nil
@@ -122,6 +138,7 @@ func wrap(err error) error {
 	if errors.As(err, &already) {
 		return err
 	}
+	var cause error
 	st, ok := status.FromError(err)
 	if !ok {
 		switch {
@@ -132,8 +149,9 @@ func wrap(err error) error {
 		default:
 			return err
 		}
+		cause = err
 	}
-	e := &Error{Code: st.Code(), Message: st.Message(), status: st}
+	e := &Error{Code: st.Code(), Message: st.Message(), status: st, cause: cause}
 	for _, detail := range st.Details() {
 		switch d := detail.(type) {
 		case *errdetails.BadRequest:

@@ -377,3 +377,24 @@ func TestPublisherTakesARefusalWithCodeOKAsAnError(t *testing.T) {
 		t.Fatalf("a refusal with code OK read as %v, results %v", err, results)
 	}
 }
+
+func TestPublisherReturnsTheContextsError(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	pub := openPublisher(t, client, ctx)
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	_, err := pub.Publish(cancelled, ev("never", "ctx.x"))
+	if !errors.Is(err, context.Canceled) || nerve.Code(err) != codes.Canceled {
+		t.Fatalf("publish with a cancelled context: %v", err)
+	}
+	expired, cancel := context.WithDeadline(ctx, time.Now().Add(-time.Second))
+	defer cancel()
+	_, err = pub.Publish(expired, ev("never", "ctx.x"))
+	if !errors.Is(err, context.DeadlineExceeded) || !errors.Is(err, nerve.ErrDeadlineExceeded) ||
+		nerve.Code(err) != codes.DeadlineExceeded || status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("publish with an expired context: %v", err)
+	}
+	if _, err := pub.Publish(ctx, ev("after", "ctx.x")); err != nil {
+		t.Fatalf("publish after calls that gave up: %v", err)
+	}
+}

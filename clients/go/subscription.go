@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -78,15 +79,21 @@ type Subscription struct {
 	cancel     context.CancelFunc
 	subscribed *nervepb.Subscribed
 	messages   chan *nervepb.SubscribeResponse
-	done       chan struct{} // closed when the receiver stopped; err is set before
-	err        error
+	// rest is what the receiver read past a full messages after a send found the stream ended; it is the
+	// receiver's until done closes, then Next's, after messages
+	rest    []*nervepb.SubscribeResponse
+	ended   chan struct{} // closed when a send found the stream ended
+	endOnce sync.Once
+	done    chan struct{} // closed when the receiver stopped; err and rest are set before
+	err     error
+	closed  atomic.Bool
 
-	sendMu sync.Mutex
-	closed bool
+	sendMu sync.Mutex // one Send or CloseSend at a time, as gRPC requires
 
-	caughtUp      *uint64
-	heartbeats    uint64
-	lastHeartbeat *nervepb.Heartbeat
+	// written by Next, read from any goroutine
+	caughtUp      atomic.Pointer[uint64]
+	heartbeats    atomic.Uint64
+	lastHeartbeat atomic.Pointer[nervepb.Heartbeat]
 }
 
 // Subscribe opens a Subscribe stream and waits for the server to confirm it. ctx bounds the whole stream:
@@ -135,6 +142,7 @@ func (c *Client) Subscribe(ctx context.Context, opts SubscribeOptions) (*Subscri
 		cancel:     cancel,
 		subscribed: subscribed,
 		messages:   make(chan *nervepb.SubscribeResponse, 16),
+		ended:      make(chan struct{}),
 		done:       make(chan struct{}),
 	}
 	go s.receive()
@@ -153,8 +161,16 @@ func (s *Subscription) receive() {
 			}
 			return
 		}
+		if len(s.rest) > 0 { // keep the order: once one message went to rest, the others follow it
+			s.rest = append(s.rest, m)
+			continue
+		}
 		select {
 		case s.messages <- m:
+		case <-s.ended:
+			// a send waits for the stream's status, which Recv gives only after the messages still
+			// unread: keep them for Next rather than wait for it to make room
+			s.rest = append(s.rest, m)
 		case <-s.stream.Context().Done():
 			return
 		}
@@ -167,17 +183,18 @@ func (s *Subscription) Subscribed() *nervepb.Subscribed { return s.subscribed }
 // CaughtUp reports the caught-up marker's sequence once it was read: every stored match was delivered
 // before it, the rest is live.
 func (s *Subscription) CaughtUp() (uint64, bool) {
-	if s.caughtUp == nil {
+	seq := s.caughtUp.Load()
+	if seq == nil {
 		return 0, false
 	}
-	return *s.caughtUp, true
+	return *seq, true
 }
 
 // Heartbeats counts the heartbeats read so far; LastHeartbeat is the latest (nil before the first).
-func (s *Subscription) Heartbeats() uint64 { return s.heartbeats }
+func (s *Subscription) Heartbeats() uint64 { return s.heartbeats.Load() }
 
 // LastHeartbeat is the latest heartbeat read (nil before the first).
-func (s *Subscription) LastHeartbeat() *nervepb.Heartbeat { return s.lastHeartbeat }
+func (s *Subscription) LastHeartbeat() *nervepb.Heartbeat { return s.lastHeartbeat.Load() }
 
 // NextMessage returns the next message of any kind. At the end of the stream it returns io.EOF (ended
 // cleanly), ErrClosed (closed by this side) or the stream's *Error; when ctx ends first, ctx's error (the
@@ -190,9 +207,7 @@ func (s *Subscription) NextMessage(ctx context.Context) (Message, error) {
 		case <-ctx.Done():
 			return Message{}, ctx.Err()
 		case <-s.done:
-			select { // deliver what was received before the end
-			case m = <-s.messages:
-			default:
+			if m = s.unread(); m == nil {
 				return Message{}, s.endErr()
 			}
 		}
@@ -206,11 +221,11 @@ func (s *Subscription) NextMessage(ctx context.Context) (Message, error) {
 			return Message{Delivery: out}, nil
 		case *nervepb.SubscribeResponse_CaughtUp:
 			seq := msg.CaughtUp.GetSequence()
-			s.caughtUp = &seq
+			s.caughtUp.Store(&seq)
 			return Message{CaughtUp: msg.CaughtUp}, nil
 		case *nervepb.SubscribeResponse_Heartbeat:
-			s.heartbeats++
-			s.lastHeartbeat = msg.Heartbeat
+			s.lastHeartbeat.Store(msg.Heartbeat) // first, so that LastHeartbeat is never older than the count
+			s.heartbeats.Add(1)
 			return Message{Heartbeat: msg.Heartbeat}, nil
 		default:
 			continue // a kind this client does not know (a newer server): skip it
@@ -236,7 +251,7 @@ func (s *Subscription) Next(ctx context.Context) (*Delivery, error) {
 // window of MaxInFlight deliveries this suits backlogs smaller than the window; settle as you go otherwise.
 func (s *Subscription) UntilCaughtUp(ctx context.Context) ([]*Delivery, error) {
 	var out []*Delivery
-	for s.caughtUp == nil {
+	for s.caughtUp.Load() == nil {
 		m, err := s.NextMessage(ctx)
 		if err != nil {
 			return out, err
@@ -248,12 +263,25 @@ func (s *Subscription) UntilCaughtUp(ctx context.Context) ([]*Delivery, error) {
 	return out, nil
 }
 
+// unread returns the next message received before the stream ended, or nil; only once done is closed.
+func (s *Subscription) unread() *nervepb.SubscribeResponse {
+	select {
+	case m := <-s.messages:
+		return m
+	default:
+	}
+	if len(s.rest) == 0 {
+		return nil
+	}
+	m := s.rest[0]
+	s.rest[0] = nil
+	s.rest = s.rest[1:]
+	return m
+}
+
 func (s *Subscription) endErr() error {
-	s.sendMu.Lock()
-	closed := s.closed
-	s.sendMu.Unlock()
 	switch {
-	case closed:
+	case s.closed.Load():
 		return ErrClosed
 	case s.err != nil:
 		return s.err
@@ -280,8 +308,12 @@ func (s *Subscription) AckIDs(deliveryIDs ...string) error {
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Ack{Ack: &nervepb.Ack{DeliveryIds: deliveryIDs}}})
 }
 
-// Nack settles deliveries as failed: each is redelivered after delay (zero: at once).
+// Nack settles deliveries as failed: each is redelivered after delay (zero: at once). A negative delay is
+// ErrInvalidArgument, returned without sending.
 func (s *Subscription) Nack(delay time.Duration, ds ...*Delivery) error {
+	if delay < 0 { // the server would end the whole stream for it
+		return invalidArgument("nack.retry_delay", "must be a non-negative duration")
+	}
 	nack := &nervepb.Nack{DeliveryIds: ids(ds), RetryDelay: durationpb.New(delay)}
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Nack{Nack: nack}})
 }
@@ -292,8 +324,12 @@ func (s *Subscription) DeadLetter(reason string, ds ...*Delivery) error {
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Nack{Nack: nack}})
 }
 
-// Extend moves the ack deadline of deliveries to by from now.
+// Extend moves the ack deadline of deliveries to by from now. A by that is not positive is
+// ErrInvalidArgument, returned without sending.
 func (s *Subscription) Extend(by time.Duration, ds ...*Delivery) error {
+	if by <= 0 { // the server would end the whole stream for it
+		return invalidArgument("extend.extension", "must be positive")
+	}
 	extend := &nervepb.ExtendDeadline{DeliveryIds: ids(ds), Extension: durationpb.New(by)}
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Extend{Extend: extend}})
 }
@@ -309,22 +345,28 @@ func (s *Subscription) SetFilter(filter *nervepb.Filter) error {
 }
 
 func (s *Subscription) send(req *nervepb.SubscribeRequest) error {
-	s.sendMu.Lock()
-	defer s.sendMu.Unlock()
-	if s.closed {
+	if s.closed.Load() {
 		return ErrClosed
 	}
-	if err := s.stream.Send(req); err != nil {
-		if errors.Is(err, io.EOF) { // the stream ended: its status comes from the receiver
-			<-s.done
-			if s.err != nil {
-				return s.err
-			}
-			return fmt.Errorf("nerve: subscription stream ended: %w", io.EOF)
-		}
+	s.sendMu.Lock()
+	err := s.stream.Send(req)
+	s.sendMu.Unlock()
+	switch {
+	case err == nil:
+		return nil
+	case s.closed.Load(): // Close cancelled the stream under this send
+		return ErrClosed
+	case !errors.Is(err, io.EOF):
 		return wrap(err)
 	}
-	return nil
+	// io.EOF: the stream ended and its status comes from the receiver, which must not wait for room in
+	// messages to read it (Next may be called from this very goroutine, after this returns)
+	s.endOnce.Do(func() { close(s.ended) })
+	<-s.done
+	if err := s.endErr(); !errors.Is(err, io.EOF) {
+		return err
+	}
+	return fmt.Errorf("nerve: subscription stream ended: %w", io.EOF)
 }
 
 // CloseSend half-closes: nothing more can be sent, deliveries keep coming until Close.
@@ -334,11 +376,12 @@ func (s *Subscription) CloseSend() error {
 	return s.stream.CloseSend()
 }
 
-// Close cancels the stream. Unsettled group deliveries go back to the group at once (as an attempt).
+// Close cancels the stream. Unsettled group deliveries go back to the group at once (as an attempt); so
+// may one settled just before, when the server sees the cancellation before the settlement.
 func (s *Subscription) Close() error {
-	s.sendMu.Lock()
-	s.closed = true
-	s.sendMu.Unlock()
+	s.closed.Store(true)
+	// cancel before waiting on anything: it ends a send held by flow control and a receiver waiting
+	// for room in messages
 	s.cancel()
 	<-s.done
 	return nil

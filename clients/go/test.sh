@@ -5,4 +5,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 go vet ./...
-go test "$@" ./...
+# the race detector costs about a second here and needs cgo (a C compiler)
+race=-race
+if [ "$(go env CGO_ENABLED)" != 1 ]; then
+  echo "cgo is off: testing without the race detector" >&2
+  race=
+fi
+# shellcheck disable=SC2086 # $race is one word or none
+go test $race "$@" ./...
