@@ -8,7 +8,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
 import grpc
@@ -163,3 +163,106 @@ async def test_next_times_out_and_the_stream_stays_usable(client: Client) -> Non
         await client.publish(ev("p1", "patience.x"))
         d = await sub.next(timeout=WAIT)
         assert d.event.id == "p1"
+
+
+async def test_cancelling_an_ack_keeps_the_subscription(client: Client) -> None:
+    async with client.subscribe("cancel.x", group="cancellers", heartbeat_interval=0.2) as sub:
+        await client.publish(ev("c1", "cancel.x"))
+        first = await sub.next(timeout=WAIT)
+        # a handler under wait_for, or a TaskGroup member, cancelled while its ack is on its way
+        acking = asyncio.create_task(first.ack())
+        await asyncio.sleep(0)
+        acking.cancel()
+        await asyncio.wait([acking])
+        assert acking.cancelled()
+
+        await client.publish(ev("c2", "cancel.x"))
+        second = await sub.next(timeout=WAIT)
+        assert second.event.id == "c2" and second.attempt == 1, "the stream went on"
+        await second.ack()
+        beat = await expect_idle(sub, heartbeats=2)
+        assert beat.in_flight == 0, "the cancelled ack was still sent: cancelling stops only the wait"
+
+
+async def test_sending_after_the_server_ended_the_stream_raises_its_status(client: Client) -> None:
+    async with client.subscribe("doomed.x", group="doomed", heartbeat_interval=0.2) as sub:
+        await client.publish(ev("d1", "doomed.x"))
+        d = await sub.next(timeout=WAIT)
+        assert await client.delete_group("doomed")
+
+        async def drain() -> None:
+            while await sub.next_message() is not None:
+                pass
+
+        with pytest.raises(NotFoundError):
+            await asyncio.wait_for(drain(), WAIT)
+        with pytest.raises(NotFoundError):
+            await d.ack()
+
+
+async def test_settling_no_deliveries_sends_nothing(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with client.subscribe("empty.x", start="earliest") as sub:
+        history = await sub.until_caught_up(timeout=WAIT)
+        assert history == []
+        writes: list[pb.SubscribeRequest] = []
+        write = sub._call.write
+
+        async def counted(request: pb.SubscribeRequest) -> None:
+            writes.append(request)
+            await write(request)
+
+        monkeypatch.setattr(sub._call, "write", counted)
+        await sub.ack(*history)
+        await sub.nack(delay=1)
+        await sub.dead_letter(reason="none")
+        await sub.extend(by=1)
+        assert writes == []
+
+        await client.publish(ev("e1", "empty.x"))
+        d = await sub.next(timeout=WAIT)
+        await d.ack()
+        assert [w.WhichOneof("action") for w in writes] == ["ack"]
+
+
+async def test_request_without_a_timeout_takes_the_server_default(client: Client) -> None:
+    async with client.subscribe("default.asked", group="responders") as responder:
+        for n, timeout in enumerate((0, None)):
+
+            async def answer() -> None:
+                asked = await responder.next()
+                await client.reply(asked, ev(f"a{n}", "default.answered"))
+                await asked.ack()
+
+            answering = asyncio.create_task(answer())
+            try:
+                response = await asyncio.wait_for(client.request(ev(f"q{n}", "default.asked"), timeout=timeout), WAIT)
+            finally:
+                answering.cancel()
+            assert response.reply.id == f"a{n}"
+
+
+async def test_cancelling_close_is_not_swallowed(client: Client) -> None:
+    sub = await client.subscribe("closing.y")
+    closing = asyncio.create_task(sub.close())
+    await asyncio.sleep(0)  # close() is waiting for the stream's tasks to stop
+    closing.cancel()
+    await asyncio.wait([closing])
+    assert closing.cancelled(), "the closing task's own cancellation propagates"
+    assert sub.closed
+
+
+async def test_negative_durations_are_refused_locally(client: Client) -> None:
+    with pytest.raises(ValueError):
+        client.subscribe("negative.x", ack_deadline=timedelta(seconds=-1))
+    with pytest.raises(ValueError):
+        await client.request(ev("q", "negative.x"), timeout=timedelta(seconds=-1))
+    async with client.subscribe("negative.x", group="negative", heartbeat_interval=0.2) as sub:
+        await client.publish(ev("n1", "negative.x"))
+        d = await sub.next(timeout=WAIT)
+        with pytest.raises(ValueError):
+            await d.nack(delay=timedelta(seconds=-1))
+        with pytest.raises(ValueError):
+            await d.extend(timedelta(milliseconds=-5))
+        await d.ack()  # the stream is still open
+        beat = await expect_idle(sub, heartbeats=1)
+        assert beat.in_flight == 0

@@ -25,6 +25,8 @@ _C = TypeVar("_C", bound="_Closable")
 
 #: Extra time the gRPC deadline of a request gets beyond its reply timeout, so the server's own timeout answers.
 _REQUEST_GRACE = 5.0
+#: The server's default reply timeout: what the gRPC deadline of a request without a timeout allows for.
+_DEFAULT_REQUEST_TIMEOUT = 30.0
 
 
 class _Closable(Protocol):
@@ -180,17 +182,22 @@ class Client:
         )
         return Opening(lambda: Subscription._open(self.event_bus_stub, request, seconds(open_timeout)))
 
-    async def request(self, event: event_pb2.Event, timeout: Seconds = 30.0) -> event_bus_pb2.RequestResponse:
+    async def request(
+        self, event: event_pb2.Event, timeout: Seconds | None = None
+    ) -> event_bus_pb2.RequestResponse:
         """Publishes ``event`` as a request and waits up to ``timeout`` for one reply.
 
-        Returns the response: ``.reply`` (the reply event, with the request's correlation id) and
+        A ``timeout`` of 0 or None takes the server's default (30 s unless configured otherwise), as in the
+        Go client. Returns the response: ``.reply`` (the reply event, with the request's correlation id) and
         ``.request_sequence``. Raises :class:`NoRespondersError` at once when nobody could receive it and
         :class:`DeadlineExceededError` when no reply came in time.
         """
-        wait = seconds(timeout)
+        # the server refuses a zero timeout: leave the field unset instead, so that the server's default applies
+        asked = duration(timeout) if timeout else None
+        wait = seconds(timeout) if timeout else _DEFAULT_REQUEST_TIMEOUT
         return await _call(
             self.event_bus_stub.Request(
-                event_bus_pb2.RequestRequest(event=event, timeout=duration(wait)),
+                event_bus_pb2.RequestRequest(event=event, timeout=asked),
                 timeout=wait + _REQUEST_GRACE,
             )
         )

@@ -245,12 +245,14 @@ def start_position(start: Start | None) -> event_bus_pb2.StartPosition | None:
 
 
 def duration(value: Seconds) -> duration_pb2.Duration:
+    # refused here, not by the server: on a subscription its refusal would end the whole stream
+    negative = value < timedelta(0) if isinstance(value, timedelta) else value < 0
+    if negative:
+        raise ValueError(f"negative duration {value}")
     d = duration_pb2.Duration()
     if isinstance(value, timedelta):
         d.FromTimedelta(value)
     else:
-        if value < 0:
-            raise ValueError(f"negative duration {value}")
         d.FromNanoseconds(round(value * 1e9))
     return d
 

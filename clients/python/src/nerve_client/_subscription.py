@@ -1,4 +1,5 @@
-"""Subscriptions: one bidirectional Subscribe stream, read by a background task into a queue."""
+"""Subscriptions: one bidirectional Subscribe stream, read by a background task into a queue and written by
+another from an outbox."""
 
 from __future__ import annotations
 
@@ -91,20 +92,45 @@ class _End:
         self.error = error
 
 
+class _DoneWriting:
+    """Queued after the last message: the writer half-closes the stream when it gets here."""
+
+
+_Outgoing = Union[event_bus_pb2.SubscribeRequest, _DoneWriting]
+
+
 class Subscription:
     """An open Subscribe stream.
 
     Iterate it (``async for delivery in sub``) for deliveries; heartbeats are consumed and the caught-up marker
     is recorded in :attr:`caught_up` on the way. :meth:`messages` yields every message instead. Iteration ends
     when the stream ends cleanly; a stream that fails raises the mapped :class:`NerveError`.
+
+    Settling and steering (:meth:`ack`, :meth:`nack`, ...) is safe from many tasks at once: one writer task
+    sends their messages in order. Cancelling a task while it waits for its message to be written only stops
+    its wait; the message is still sent and the stream goes on.
     """
 
-    def __init__(self, call: Any, subscribed: event_bus_pb2.Subscribed, queue: asyncio.Queue[Any], pump: asyncio.Task[None]) -> None:
+    def __init__(
+        self,
+        call: Any,
+        subscribed: event_bus_pb2.Subscribed,
+        queue: asyncio.Queue[Any],
+        pump: asyncio.Task[None],
+        stream_end: asyncio.Future[NerveError | None],
+    ) -> None:
         self._call = call
         self._queue = queue
         self._pump = pump
-        self._write_lock = asyncio.Lock()
+        #: Set by the pump when the stream ends: the error it ended with, None after a clean end.
+        self._stream_end = stream_end
+        #: Messages to send, each with the future its sender waits on, written in order by the writer task.
+        self._outbox: asyncio.Queue[tuple[_Outgoing, asyncio.Future[None]]] = asyncio.Queue()
+        self._writer = asyncio.get_running_loop().create_task(self._write())
+        # once the stream ended nothing more can be written: the writer stops, and what it had left fails
+        stream_end.add_done_callback(lambda _: self._stop_writer())
         self._closed = False
+        self._half_closed = False
         self._ended: _End | None = None
         self.subscribed = subscribed
         #: Sequence of the caught-up marker once it arrived: history is delivered, live delivery goes on.
@@ -118,7 +144,9 @@ class Subscription:
     async def _open(cls, stub: Any, request: event_bus_pb2.SubscriptionOpen, open_timeout: float) -> Subscription:
         call = stub.Subscribe()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        pump = asyncio.get_running_loop().create_task(_pump(call, queue))
+        loop = asyncio.get_running_loop()
+        stream_end: asyncio.Future[NerveError | None] = loop.create_future()
+        pump = loop.create_task(_pump(call, queue, stream_end))
         try:
             try:
                 await call.write(event_bus_pb2.SubscribeRequest(open=request))
@@ -138,7 +166,7 @@ class Subscription:
             call.cancel()
             pump.cancel()
             raise NerveError(grpc.StatusCode.INTERNAL, f"expected subscribed first, got {first.WhichOneof('message')}")
-        return cls(call, first.subscribed, queue, pump)
+        return cls(call, first.subscribed, queue, pump, stream_end)
 
     # --- what the server said -------------------------------------------------------------------------------
 
@@ -256,24 +284,32 @@ class Subscription:
 
     # --- settling and steering ------------------------------------------------------------------------------
 
+    # Naming no delivery sends nothing, so ``await sub.ack(*history)`` works for an empty history too.
+
     async def ack(self, *deliveries: DeliveryRef) -> None:
-        """Settles deliveries as processed."""
-        await self._send(event_bus_pb2.SubscribeRequest(ack=event_bus_pb2.Ack(delivery_ids=_ids(deliveries))))
+        """Settles deliveries as processed (none: does nothing)."""
+        if ids := _ids(deliveries):
+            await self._send(event_bus_pb2.SubscribeRequest(ack=event_bus_pb2.Ack(delivery_ids=ids)))
 
     async def nack(self, *deliveries: DeliveryRef, delay: Seconds = 0) -> None:
-        """Settles deliveries as failed: redelivered after ``delay`` (zero: at once)."""
-        nack = event_bus_pb2.Nack(delivery_ids=_ids(deliveries), retry_delay=duration(delay))
-        await self._send(event_bus_pb2.SubscribeRequest(nack=nack))
+        """Settles deliveries as failed: redelivered after ``delay`` (zero: at once). None: does nothing."""
+        retry_delay = duration(delay)
+        if ids := _ids(deliveries):
+            nack = event_bus_pb2.Nack(delivery_ids=ids, retry_delay=retry_delay)
+            await self._send(event_bus_pb2.SubscribeRequest(nack=nack))
 
     async def dead_letter(self, *deliveries: DeliveryRef, reason: str = "") -> None:
-        """Settles deliveries as failed for good: dead-lettered now, with ``reason``."""
-        nack = event_bus_pb2.Nack(delivery_ids=_ids(deliveries), dead_letter=True, reason=reason)
-        await self._send(event_bus_pb2.SubscribeRequest(nack=nack))
+        """Settles deliveries as failed for good: dead-lettered now, with ``reason``. None: does nothing."""
+        if ids := _ids(deliveries):
+            nack = event_bus_pb2.Nack(delivery_ids=ids, dead_letter=True, reason=reason)
+            await self._send(event_bus_pb2.SubscribeRequest(nack=nack))
 
     async def extend(self, *deliveries: DeliveryRef, by: Seconds) -> None:
-        """Moves the ack deadline of deliveries to ``by`` from now."""
-        extend = event_bus_pb2.ExtendDeadline(delivery_ids=_ids(deliveries), extension=duration(by))
-        await self._send(event_bus_pb2.SubscribeRequest(extend=extend))
+        """Moves the ack deadline of deliveries to ``by`` from now. None: does nothing."""
+        extension = duration(by)
+        if ids := _ids(deliveries):
+            extend = event_bus_pb2.ExtendDeadline(delivery_ids=ids, extension=extension)
+            await self._send(event_bus_pb2.SubscribeRequest(extend=extend))
 
     async def credit(self, credits: int) -> None:
         """Widens the window: the server may send ``credits`` more deliveries."""
@@ -285,33 +321,93 @@ class Subscription:
         await self._send(event_bus_pb2.SubscribeRequest(set_filter=set_filter))
 
     async def _send(self, request: event_bus_pb2.SubscribeRequest) -> None:
+        """Sends ``request`` through the writer task and waits until it is written.
+
+        Raises :class:`ClosedError` once this side closed or half-closed the stream, and the error the server
+        ended the stream with once it did (e.g. :class:`NotFoundError` after the group was deleted).
+        """
         if self._closed:
             raise ClosedError()
-        async with self._write_lock:
+        if self._half_closed:
+            raise ClosedError("the subscription is half-closed: nothing more can be sent")
+        if self._stream_end.done():
+            raise self._end_error()
+        await self._enqueue(request)
+
+    def _enqueue(self, item: _Outgoing) -> asyncio.Future[None]:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.put_nowait((item, waiter))
+        return waiter
+
+    async def _write(self) -> None:
+        """Writes the outbox in order, settling each sender's future.
+
+        The writes happen here, never in a sender's task: grpc.aio cancels the whole call when a write is
+        cancelled, so a sender cancelled mid-ack would end the stream for every task using it.
+        """
+        while True:
+            item, waiter = await self._outbox.get()
             try:
-                await self._call.write(request)
-            except grpc.RpcError as e:
-                raise from_rpc_error(e) from e
-            except asyncio.InvalidStateError:
-                raise ClosedError("the subscription stream has ended") from None
+                error = await self._write_one(item)
+            except asyncio.CancelledError:  # the stream ended or was closed
+                _settle(waiter, self._end_error())
+                raise
+            _settle(waiter, error)
+
+    async def _write_one(self, item: _Outgoing) -> NerveError | None:
+        """Writes one message; returns what its sender raises (None: written)."""
+        try:
+            if isinstance(item, _DoneWriting):
+                await self._call.done_writing()
+            else:
+                await self._call.write(item)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            # the stream has ended (writing to it raises InvalidStateError): the pump reads why
+            await asyncio.wait([self._stream_end])
+            return self._end_error()
+        except Exception as e:
+            return NerveError(grpc.StatusCode.UNKNOWN, f"subscription stream write failed: {e!r}")
+        return None
+
+    def _end_error(self) -> NerveError:
+        """What sending raises once the stream ended: the error the server ended it with, as reading raises."""
+        if self._closed:
+            return ClosedError()
+        error = self._stream_end.result() if self._stream_end.done() else None
+        return error or ClosedError("the subscription stream ended")
+
+    def _stop_writer(self) -> None:
+        """Cancels the writer and fails the messages it had not taken yet (it takes no more once cancelled)."""
+        self._writer.cancel()
+        while not self._outbox.empty():
+            _, waiter = self._outbox.get_nowait()
+            _settle(waiter, self._end_error())
 
     # --- closing --------------------------------------------------------------------------------------------
 
     async def done_writing(self) -> None:
-        """Half-closes: no more acks can be sent, deliveries keep coming until :meth:`close`."""
-        async with self._write_lock:
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                await self._call.done_writing()
+        """Half-closes after the messages already sent: later sends raise :class:`ClosedError`, deliveries
+        keep coming until :meth:`close`."""
+        if self._closed or self._half_closed or self._stream_end.done():
+            return
+        self._half_closed = True
+        # a stream that has ended has nothing left to half-close
+        with contextlib.suppress(NerveError):
+            await self._enqueue(_DoneWriting())
 
     async def close(self) -> None:
-        """Cancels the stream. Unacked group deliveries go back to the group at once (counting an attempt)."""
+        """Cancels the stream. Unacked group deliveries go back to the group at once (counting an attempt).
+
+        Messages still waiting to be written raise :class:`ClosedError` in their senders.
+        """
         if self._closed:
             return
         self._closed = True
         self._call.cancel()
         self._pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._pump
+        self._stop_writer()
+        # asyncio.wait neither raises the tasks' own cancellation nor swallows one of the task closing
+        await asyncio.wait([self._pump, self._writer])
 
     @property
     def closed(self) -> bool:
@@ -329,29 +425,40 @@ class Subscription:
         return f"Subscription(id={self.subscription_id!r}, group={self.group!r}, caught_up={self.caught_up})"
 
 
-async def _pump(call: Any, queue: asyncio.Queue[Any]) -> None:
-    """Reads the stream into the queue so that a reader's timeout never cancels the call itself."""
+async def _pump(call: Any, queue: asyncio.Queue[Any], stream_end: asyncio.Future[NerveError | None]) -> None:
+    """Reads the stream into the queue so that a reader's timeout never cancels the call itself; when the
+    stream ends, queues its end and sets ``stream_end`` to the error it ended with (None: cleanly)."""
+    error: NerveError | None = None
     try:
         while True:
             message = await call.read()
             if message is grpc.aio.EOF:
-                queue.put_nowait(_End(None))
                 return
             queue.put_nowait(message)
     except grpc.RpcError as e:
-        queue.put_nowait(_End(from_rpc_error(e)))
+        error = from_rpc_error(e)
     except asyncio.CancelledError:
-        queue.put_nowait(_End(ClosedError()))
+        error = ClosedError()
         raise
-    except Exception as e:  # never leave a reader waiting on a queue nobody fills
-        queue.put_nowait(_End(NerveError(grpc.StatusCode.UNKNOWN, f"subscription stream failed: {e!r}")))
+    except Exception as e:
+        error = NerveError(grpc.StatusCode.UNKNOWN, f"subscription stream failed: {e!r}")
+    finally:  # never leave a reader waiting on a queue nobody fills, nor a writer on an end nobody sets
+        queue.put_nowait(_End(error))
+        if not stream_end.done():
+            stream_end.set_result(error)
+
+
+def _settle(waiter: asyncio.Future[None], error: NerveError | None) -> None:
+    if waiter.done():  # its sender stopped waiting
+        return
+    if error is None:
+        waiter.set_result(None)
+    else:
+        waiter.set_exception(error)
 
 
 def _ids(deliveries: Iterable[DeliveryRef]) -> list[str]:
-    ids = [d if isinstance(d, str) else d.delivery_id for d in deliveries]
-    if not ids:
-        raise ValueError("name at least one delivery")
-    return ids
+    return [d if isinstance(d, str) else d.delivery_id for d in deliveries]
 
 
 def _secs(value: Seconds) -> float:
