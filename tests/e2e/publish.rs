@@ -162,6 +162,11 @@ async fn invalid_events_are_rejected_naming_the_field() {
             "events[0].traceparent",
             Box::new(|e| e.traceparent = "nope".into()),
         ),
+        // an inbox is the server's to give, on Request
+        (
+            "events[0].reply_to",
+            Box::new(|e| e.reply_to = "_inbox.0123456789abcdef0123456789abcdef".into()),
+        ),
         (
             "events[0].extensions[\"Bad_Name\"]",
             Box::new(|e| {
