@@ -565,6 +565,34 @@ async fn policy_denies_what_it_does_not_grant_and_audits_it() {
         Code::PermissionDenied,
         "source \"tool\" does not belong",
     );
+    // a type is authorized before it is validated: the answer and the audit keep a bounded head of
+    // a huge one (the whole of it overflowed the response's headers)
+    let huge = format!("plan.{}", "x".repeat(200_000));
+    let status = publish_as(&server, &planner, vec![sourced("p4", &huge, "planner")])
+        .await
+        .expect_err("a type outside the grant");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("not registered to publish") && status.message().len() < 2200,
+        "{} bytes",
+        status.message().len()
+    );
+    let records = audit_records(&server, &admin).await;
+    let record = records
+        .iter()
+        .find(|r| r.principal == "planner" && r.resource.starts_with("plan.xxx"))
+        .expect("the huge type's denial is audited");
+    assert!(
+        record.resource.len() < 600 && record.reason.len() < 1200,
+        "{} / {} bytes",
+        record.resource.len(),
+        record.reason.len()
+    );
+    assert!(
+        record.resource.ends_with("(200005 bytes)"),
+        "{}",
+        &record.resource[500..]
+    );
     // on a PublishStream each request is authorized as a Publish call is, and a refusal ends only it
     let batches = [
         sourced("s1", "plan.created", "planner"),

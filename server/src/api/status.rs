@@ -5,9 +5,26 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::bus::BusError;
 
+/// Most bytes of a status message; a violation's field and description get a quarter each.
+const MAX_MESSAGE: usize = 2048;
+
+/// `text` when it has at most `max` bytes, else its head (cut at a character) and its length. What a
+/// caller sent is quoted in messages and audit records before it is validated, and a message of
+/// megabytes would overflow the response's headers (the client then sees a protocol error).
+pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len()).into()
+}
+
 /// Maps a bus error to its status; every variant chooses its code here and nowhere else.
 pub fn to_status(error: BusError) -> Status {
-    let message = error.to_string();
+    let message = bounded(&error.to_string(), MAX_MESSAGE).into_owned();
     match error {
         BusError::Invalid(input) => {
             let code = if input.too_large {
@@ -51,7 +68,10 @@ pub fn invalid(field: &str, description: &str) -> Status {
 fn violations(code: Code, message: String, input: &crate::event::InvalidInput) -> Status {
     let mut details = ErrorDetails::new();
     for v in &input.violations {
-        details.add_bad_request_violation(v.field.clone(), v.description.clone());
+        details.add_bad_request_violation(
+            bounded(&v.field, MAX_MESSAGE / 4),
+            bounded(&v.description, MAX_MESSAGE / 4),
+        );
     }
     Status::with_error_details(code, message, details)
 }

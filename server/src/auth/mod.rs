@@ -396,6 +396,10 @@ impl Auth {
         outcome: &str,
         reason: &str,
     ) {
+        // what a caller sent ends up here before it is validated (a type of megabytes, a path of the
+        // whole header limit): the log and the table keep a bounded head of it
+        let resource = &*crate::api::status::bounded(resource, MAX_AUDIT_RESOURCE);
+        let reason = &*crate::api::status::bounded(reason, MAX_AUDIT_REASON);
         info!(target: "nerve::audit", tenant, principal, action, resource, outcome, reason, "audit");
         let record = AuditRecord {
             id: 0,
@@ -420,6 +424,11 @@ impl Auth {
         }
     }
 }
+
+/// Most bytes of an audit record's resource; longer ones keep their head and say how long they were.
+const MAX_AUDIT_RESOURCE: usize = 512;
+/// Most bytes of an audit record's reason (it may quote the resource).
+const MAX_AUDIT_REASON: usize = 1024;
 
 async fn write_audit(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<AuditMessage>) {
     while let Some(first) = rx.recv().await {
