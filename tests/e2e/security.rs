@@ -746,6 +746,57 @@ async fn policy_denies_what_it_does_not_grant_and_audits_it() {
 }
 
 #[tokio::test]
+async fn refusals_of_unidentified_callers_are_audited_within_a_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 2 a second, bursts of 20: anyone can make these records, so a flood must not fill the table
+    let server =
+        server_with_policy(dir.path(), POLICY, |c| c.auth.unidentified_audit_rate = 2).await;
+    let started = std::time::Instant::now();
+    for i in 0..200 {
+        let refused = server
+            .bus()
+            .publish(pb::PublishRequest {
+                events: vec![event(&format!("anon-{i}"), "task.created")],
+            })
+            .await;
+        assert_eq!(
+            refused.expect_err("no credentials").code(),
+            Code::Unauthenticated
+        );
+    }
+    let allowed = 20 + 2 * (started.elapsed().as_secs() + 1) as usize;
+    // an identified caller's refusal is always recorded
+    let planner = hs_token(&claims("planner"));
+    assert_status(
+        publish_as(
+            &server,
+            &planner,
+            vec![sourced("p", "plan.created", "planner")],
+        )
+        .await,
+        Code::PermissionDenied,
+        "not registered",
+    );
+    let root = hs_token(&claims("root"));
+    let unidentified = audit_records(&server, &root)
+        .await
+        .iter()
+        .filter(|r| r.outcome == "unauthenticated")
+        .count();
+    assert!(
+        (1..=allowed).contains(&unidentified),
+        "{unidentified} records of 200 refusals, at most {allowed} allowed"
+    );
+    let admin = hs_token(&claims("admin"));
+    assert!(
+        audit_records(&server, &admin)
+            .await
+            .iter()
+            .any(|r| r.principal == "planner" && r.outcome == "denied")
+    );
+}
+
+#[tokio::test]
 async fn tenants_never_see_each_other() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = policy_server(dir.path()).await;

@@ -113,6 +113,9 @@ pub struct AuthConfig {
     /// How often the publisher registry is re-read from the store (other replicas' changes).
     #[serde(with = "humantime_serde")]
     pub registry_refresh_interval: Duration,
+    /// Audit records per second of calls whose caller could not be identified (bursts of ten times
+    /// as many); the rest are counted, not recorded. 0 records them all.
+    pub unidentified_audit_rate: u32,
     pub jwt: JwtConfig,
 }
 
@@ -122,6 +125,7 @@ impl Default for AuthConfig {
             policy_file: String::new(),
             reload_check_interval: Duration::from_secs(1),
             registry_refresh_interval: Duration::from_secs(5),
+            unidentified_audit_rate: 100,
             jwt: JwtConfig::default(),
         }
     }

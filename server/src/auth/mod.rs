@@ -19,7 +19,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use governor::{DefaultKeyedRateLimiter, Quota};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use http::HeaderMap;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -81,6 +81,10 @@ pub struct Auth {
     store: Arc<dyn EventStore>,
     audit: mpsc::Sender<AuditMessage>,
     publish_rate: Option<DefaultKeyedRateLimiter<String>>,
+    /// Bounds the audit records of callers that could not be identified: anyone can make those.
+    unidentified_audit: Option<DefaultDirectRateLimiter>,
+    /// Such records not made since the last warning about them.
+    unidentified_suppressed: std::sync::atomic::AtomicU64,
     streams: Arc<Mutex<HashMap<String, usize>>>,
     max_streams_per_principal: usize,
 }
@@ -173,6 +177,11 @@ impl Auth {
             store: store.clone(),
             audit,
             publish_rate,
+            unidentified_audit: NonZeroU32::new(config.unidentified_audit_rate).map(|rate| {
+                let burst = NonZeroU32::new(rate.get().saturating_mul(10)).unwrap_or(rate);
+                DefaultDirectRateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+            }),
+            unidentified_suppressed: std::sync::atomic::AtomicU64::new(0),
             streams: Arc::new(Mutex::new(HashMap::new())),
             max_streams_per_principal: connections.max_streams_per_principal,
         });
@@ -416,6 +425,33 @@ impl Auth {
         }
     }
 
+    /// Records a refused call of a caller that could not be identified, within the rate allowed for
+    /// those; beyond it the records are only counted, and the count is logged with the next one made.
+    fn record_unidentified(
+        &self,
+        tenant: &str,
+        principal: &str,
+        action: &str,
+        resource: &str,
+        outcome: &str,
+        reason: &str,
+    ) {
+        use std::sync::atomic::Ordering;
+        if self
+            .unidentified_audit
+            .as_ref()
+            .is_none_or(|limit| limit.check().is_ok())
+        {
+            let suppressed = self.unidentified_suppressed.swap(0, Ordering::Relaxed);
+            if suppressed > 0 {
+                warn!(target: "nerve::audit", suppressed, "audit records of unidentified callers over auth.unidentified_audit_rate were not made");
+            }
+            self.record_raw(tenant, principal, action, resource, outcome, reason);
+        } else {
+            self.unidentified_suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Waits until every audit record made so far is in the store.
     pub async fn flush_audit(&self) {
         let (tx, rx) = oneshot::channel();
@@ -549,7 +585,7 @@ where
                     };
                     if let Some(outcome) = outcome {
                         // the caller is not identified (or not consistently): no tenant, no principal
-                        self.auth.record_raw(
+                        self.auth.record_unidentified(
                             "",
                             "",
                             "call",
