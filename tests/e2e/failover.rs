@@ -815,6 +815,34 @@ async fn private_streams_go_on_while_redis_is_down() {
     o.max_in_flight = 1000;
     let mut private = Subscriber::open(&mut bus, o).await.expect("private");
     redis.kill9().await;
+    // the replica is not all there (groups, requests), but it takes publishes: it stays ready, and
+    // alive, while its overall health says what is missing
+    let health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let status = |service: &'static str| {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+                .unwrap_or_default()
+        }
+    };
+    use tonic_health::pb::health_check_response::ServingStatus;
+    crate::harness::eventually("NOT_SERVING while redis is away", || async {
+        (status("").await == ServingStatus::NotServing as i32).then_some(())
+    })
+    .await;
+    assert_eq!(
+        status(nerve::api::READINESS).await,
+        ServingStatus::Serving as i32
+    );
+    assert_eq!(
+        status(nerve::api::LIVENESS).await,
+        ServingStatus::Serving as i32
+    );
     for b in 0..BATCHES {
         let events = (0..BATCH)
             .map(|i| event(&format!("down-{b}-{i}"), "down.event"))

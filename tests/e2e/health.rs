@@ -100,6 +100,15 @@ async fn health_turns_not_serving_while_the_store_is_down_and_recovers() {
     }
     injection.down.store(true, Ordering::SeqCst);
     assert_eq!(next_status(&mut watch).await, ServingStatus::NotServing);
+    // without its store a replica takes no publishes: not ready; but a restart would not help it
+    assert_eq!(
+        status_of(&mut health, nerve::api::READINESS).await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        status_of(&mut health, nerve::api::LIVENESS).await,
+        ServingStatus::Serving
+    );
     let mut bus = server.bus();
     let result = bus
         .publish(nerve::api::pb::PublishRequest {
@@ -109,5 +118,9 @@ async fn health_turns_not_serving_while_the_store_is_down_and_recovers() {
     assert_status(result, Code::Unavailable, "unavailable");
     injection.down.store(false, Ordering::SeqCst);
     assert_eq!(next_status(&mut watch).await, ServingStatus::Serving);
+    assert_eq!(
+        status_of(&mut health, nerve::api::READINESS).await,
+        ServingStatus::Serving
+    );
     publish(&mut bus, vec![event("after", "a.b")]).await;
 }

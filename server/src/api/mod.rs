@@ -37,8 +37,17 @@ pub mod cloudevents {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/nerve_descriptor.bin"));
 
-/// Services whose health is reported besides the overall "" entry.
+/// Services whose health is reported besides the overall "" entry: SERVING while both backends answer.
 pub const SERVICES: [&str; 2] = ["nerve.v1.EventBus", "nerve.v1.Admin"];
+
+/// Health entry for liveness probes: SERVING from the start until shutdown, whatever the backends do.
+/// A backend outage is not cured by a restart, and a replica restarted while a backend is down cannot
+/// start at all, so liveness must not follow the backends.
+pub const LIVENESS: &str = "nerve.v1.Liveness";
+
+/// Health entry for readiness probes: SERVING while the event store answers. Publishes commit without
+/// Redis, so a Redis outage must not take every replica out of a load balancer.
+pub const READINESS: &str = "nerve.v1.Readiness";
 
 /// How the gRPC listener is served.
 #[derive(Debug)]
@@ -63,7 +72,10 @@ pub async fn serve(
 ) -> Result<(), crate::error::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     // every service has a status from the first call on; the watcher flips it to SERVING
-    set_all(&reporter, false).await;
+    report(&reporter, Backends::DOWN).await;
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
     tokio::spawn(watch_health(
         bus.clone(),
         reporter,
@@ -130,63 +142,88 @@ pub async fn serve(
 /// is not down.
 const MIN_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Reports SERVING only while both backends answer; NOT_SERVING once shutdown begins.
+/// Which backends answered the last check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Backends {
+    store: bool,
+    streams: bool,
+}
+
+impl Backends {
+    const DOWN: Backends = Backends {
+        store: false,
+        streams: false,
+    };
+    const UP: Backends = Backends {
+        store: true,
+        streams: true,
+    };
+}
+
+/// Reports the overall entry and [`SERVICES`] SERVING only while both backends answer, and
+/// [`READINESS`] while the store does; everything (with [`LIVENESS`]) NOT_SERVING once shutdown begins.
 async fn watch_health(
     bus: Arc<Bus>,
     reporter: HealthReporter,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut healthy: Option<bool> = None;
+    let mut last: Option<Backends> = None;
     loop {
         let check = tokio::time::timeout(interval.max(MIN_CHECK_TIMEOUT), bus.check_backends());
-        let checked = check.await;
-        let (store_up, streams_up) = match &checked {
-            Ok((store, streams)) => (store.is_ok(), streams.is_ok()),
-            Err(_) => (false, false),
-        };
-        ::metrics::gauge!(crate::metrics::names::BACKEND_UP, "backend" => "store")
-            .set(f64::from(u8::from(store_up)));
-        ::metrics::gauge!(crate::metrics::names::BACKEND_UP, "backend" => "streams")
-            .set(f64::from(u8::from(streams_up)));
-        let now_healthy = match checked {
-            Ok((Ok(()), Ok(()))) => true,
+        let now = match check.await {
             Ok((store, streams)) => {
-                if healthy != Some(false) {
+                let now = Backends {
+                    store: store.is_ok(),
+                    streams: streams.is_ok(),
+                };
+                if now != Backends::UP && last != Some(now) {
                     warn!(store = ?store.err(), streams = ?streams.err(), "backend check failed");
                 }
-                false
+                now
             }
             Err(_) => {
-                if healthy != Some(false) {
+                if last != Some(Backends::DOWN) {
                     warn!("backend check timed out");
                 }
-                false
+                Backends::DOWN
             }
         };
-        if healthy != Some(now_healthy) {
-            info!(serving = now_healthy, "health changed");
-            set_all(&reporter, now_healthy).await;
-            healthy = Some(now_healthy);
+        ::metrics::gauge!(crate::metrics::names::BACKEND_UP, "backend" => "store")
+            .set(f64::from(u8::from(now.store)));
+        ::metrics::gauge!(crate::metrics::names::BACKEND_UP, "backend" => "streams")
+            .set(f64::from(u8::from(now.streams)));
+        if last != Some(now) {
+            info!(store = now.store, streams = now.streams, "health changed");
+            report(&reporter, now).await;
+            last = Some(now);
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.cancelled() => {
-                set_all(&reporter, false).await;
+                report(&reporter, Backends::DOWN).await;
+                reporter.set_service_status(LIVENESS, ServingStatus::NotServing).await;
                 return;
             }
         }
     }
 }
 
-async fn set_all(reporter: &HealthReporter, serving: bool) {
-    let status = if serving {
-        ServingStatus::Serving
-    } else {
-        ServingStatus::NotServing
+async fn report(reporter: &HealthReporter, backends: Backends) {
+    let status = |serving: bool| {
+        if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
     };
-    reporter.set_service_status("", status).await;
+    // readiness first: once an overall entry shows a change, readiness shows it too
+    reporter
+        .set_service_status(READINESS, status(backends.store))
+        .await;
+    let all = status(backends.store && backends.streams);
+    reporter.set_service_status("", all).await;
     for service in SERVICES {
-        reporter.set_service_status(service, status).await;
+        reporter.set_service_status(service, all).await;
     }
 }
