@@ -193,6 +193,10 @@ fn env_value(raw: &str, default: Option<&toml::Value>) -> toml::Value {
                 .collect(),
         );
     }
+    // a text setting stays text even when it looks like a number (an audience "123456")
+    if let Some(toml::Value::String(_)) = default {
+        return toml::Value::String(raw.to_owned());
+    }
     // numbers and booleans as such, everything else (durations, paths) as strings
     if let Ok(i) = raw.parse::<i64>() {
         return toml::Value::Integer(i);
@@ -346,5 +350,16 @@ mod tests {
         std::fs::write(&file, "[limits]\nmax_batch_event = 7\n").expect("write");
         let err = load(&args, []).expect_err("unknown key");
         assert!(err.to_string().contains("max_batch_event"), "{err}");
+    }
+
+    #[test]
+    fn a_text_setting_from_the_environment_stays_text_when_it_looks_like_a_number() {
+        let env = [
+            ("NERVE_AUTH__JWT__AUDIENCE".to_owned(), "123456".to_owned()),
+            ("NERVE_AUTH__JWT__ISSUER".to_owned(), "true".to_owned()),
+        ];
+        let (config, _) = load(&Args::default(), env).expect("loads");
+        assert_eq!(config.auth.jwt.audience, "123456");
+        assert_eq!(config.auth.jwt.issuer, "true");
     }
 }
