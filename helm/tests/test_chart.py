@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,15 @@ def _probes(m: Manifests) -> dict[str, dict]:
     return {k: c[k] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
 
 
+# the health entry each probe checks by default: nerve.v1.Liveness is SERVING from start until shutdown
+# whatever the backends do, nerve.v1.Readiness while the event store answers
+PROBE_SERVICES = {
+    "startupProbe": "nerve.v1.Liveness",
+    "readinessProbe": "nerve.v1.Readiness",
+    "livenessProbe": "nerve.v1.Liveness",
+}
+
+
 def test_probes_are_native_grpc_on_the_plaintext_health_port(any_values: tuple[str, ...]) -> None:
     m = render(*any_values)
     ports = {p["name"]: p["containerPort"] for p in m.container["ports"]}
@@ -168,7 +178,7 @@ def test_probes_are_native_grpc_on_the_plaintext_health_port(any_values: tuple[s
     for name, probe in _probes(m).items():
         timing = {"periodSeconds", "timeoutSeconds", "failureThreshold", "successThreshold"}
         assert set(probe) - timing == {"grpc"}, name
-        assert probe["grpc"] == {"port": health, "service": ""}, name
+        assert probe["grpc"] == {"port": health, "service": PROBE_SERVICES[name]}, name
     # kubelet-only: not in the Service
     service_ports = m.one("Service")["spec"]["ports"]
     assert "health" not in {p["name"] for p in service_ports}
@@ -197,12 +207,29 @@ def test_probe_service_and_switches() -> None:
     m = render(sets=["probes.liveness.service=nerve.v1.EventBus", "probes.startup.enabled=false"])
     assert m.container["livenessProbe"]["grpc"]["service"] == "nerve.v1.EventBus"
     assert "startupProbe" not in m.container
+    overall = render(sets=["probes.readiness.service=", "probes.startup.service=nerve.v1.Readiness"])
+    assert overall.container["readinessProbe"]["grpc"]["service"] == ""
+    assert overall.container["startupProbe"]["grpc"]["service"] == "nerve.v1.Readiness"
     assert "/probes/readiness/service" in render_error(sets=["probes.readiness.service=nope"])
 
 
-def test_liveness_outlasts_short_backend_outages() -> None:
+def test_liveness_restarts_only_a_hung_process() -> None:
+    """nerve.v1.Liveness does not follow the backends, so a liveness failure means the process did not
+    answer: restart it within a minute, but not for one slow answer."""
     live = render().container["livenessProbe"]
-    assert live["periodSeconds"] * live["failureThreshold"] >= 60
+    assert live["grpc"]["service"] == "nerve.v1.Liveness"
+    assert 2 <= live["failureThreshold"]
+    assert live["periodSeconds"] * live["failureThreshold"] <= 60
+    assert live["timeoutSeconds"] < live["periodSeconds"]
+
+
+def test_readiness_follows_the_event_store_and_startup_allows_the_migrations() -> None:
+    c = render(sets=PROD_SETS).container
+    # a Redis outage must not take every replica out of the Service: publishes commit without Redis
+    assert c["readinessProbe"]["grpc"]["service"] == "nerve.v1.Readiness"
+    startup = c["startupProbe"]
+    assert startup["grpc"]["service"] == "nerve.v1.Liveness"  # the port opens after migrations and connects
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
 
 
 # ---------------------------------------------------------------- security
@@ -506,18 +533,30 @@ def test_topology_spread_gets_the_selector() -> None:
         (["auth.jwt.enabled=true", "auth.jwt.existingSecret=j"], "needs auth.jwt.issuer and auth.jwt.audience"),
         (["auth.jwt.enabled=true", "auth.jwt.issuer=i", "auth.jwt.audience=a"], "needs auth.jwt.existingSecret"),
         (
-            ["auth.jwt.enabled=true", "auth.jwt.issuer=i", "auth.jwt.audience=a", "auth.jwt.existingSecret=j",
-             "auth.jwt.jwksKey="],
+            # no key by default: the chart names no Secret key the Secret might not hold
+            ["auth.jwt.enabled=true", "auth.jwt.issuer=i", "auth.jwt.audience=a", "auth.jwt.existingSecret=j"],
             "auth.jwt.enabled needs a key",
         ),
         (
             ["auth.jwt.enabled=true", "auth.jwt.issuer=i", "auth.jwt.audience=a", "auth.jwt.existingSecret=j",
-             "auth.jwt.algorithms={HS256}"],
+             "auth.jwt.jwksKey=jwks.json", "auth.jwt.algorithms={HS256}"],
             "HS* algorithm but auth.jwt.hsSecretKey is empty",
         ),
         (
             ["auth.policy.existingConfigMap=p", "auth.policy.inline=x"],
             "set only one of auth.policy.existingConfigMap and auth.policy.inline",
+        ),
+        # the server refuses a policy it cannot apply to anyone ("auth.policy_file needs a way to identify
+        # callers") and would crash-loop
+        (["auth.policy.inline=x = 1"], "auth.policy.existingConfigMap or auth.policy.inline is set, but no caller"),
+        (["auth.policy.existingConfigMap=p"], "no caller can be identified"),
+        (
+            ["tls.enabled=true", "tls.existingSecret=t", "auth.policy.inline=x = 1"],  # TLS alone identifies nobody
+            "Configure mTLS (tls.enabled, tls.existingSecret, tls.clientCA.existingSecret) or JWT",
+        ),
+        (
+            [*PROD_SETS, "auth.allowInsecure=false", "auth.policy.existingConfigMap=p"],
+            "no caller can be identified",
         ),
     ],
 )
@@ -540,6 +579,11 @@ def test_embedded_replicas_fail_even_from_a_values_file(tmp_path: Path) -> None:
         ["config.logFormat=xml"],
         ["postgres.url=mysql://x"],
         ["redis.keyPrefix=123"],
+        ["redis.keyPrefix="],
+        ["redis.keyPrefix=nerve prod"],
+        ["redis.keyPrefix=nerve/prod"],
+        ["redis.keyPrefix=nerve{prod}"],
+        ["redis.keyPrefix=nérve"],
         ["image.digest=latest"],
         ["config.limits.unknown=1"],
         ["config.connections.unknown=1"],
@@ -594,6 +638,94 @@ def test_every_value_is_documented_and_in_the_readme_table() -> None:
     )
 
 
+def _readme_commands(program: str) -> list[list[str]]:
+    """The commands of the README's sh blocks that run `program`, continuation lines joined, split as the
+    shell splits them."""
+    readme = (CHART / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", readme, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip().startswith(program + " "):
+                commands.append(shlex.split(line))
+    return commands
+
+
+def _install_sets(command: list[str]) -> list[str]:
+    """`helm install` flags as --set values (a --set-file gets a stand-in for the file's text)."""
+    sets = []
+    for flag, value in zip(command, command[1:]):
+        if flag == "--set":
+            sets.append(value)
+        elif flag == "--set-file":
+            sets.append(value.split("=", 1)[0] + "=x = 1")
+    return sets
+
+
+def _created_secret_keys() -> set[tuple[str, str]]:
+    """(Secret, key) pairs that the README's `kubectl create secret` commands create."""
+    created = set()
+    for command in _readme_commands("kubectl"):
+        if command[1:3] != ["create", "secret"]:
+            continue
+        kind, name = command[3], command[4]
+        if kind == "tls":
+            created |= {(name, "tls.crt"), (name, "tls.key")}
+        for arg in command[5:]:
+            flag, _, rest = arg.partition("=")
+            if flag in ("--from-literal", "--from-file"):
+                created.add((name, rest.split("=", 1)[0]))
+    return created
+
+
+def test_readme_install_examples_render_and_create_the_secret_keys_they_read() -> None:
+    """Every `helm install` of the README renders, and every Secret key its pods read (backend URLs, TLS,
+    client CA and JWT key files) is created by a `kubectl create secret` of the README."""
+    installs = [c for c in _readme_commands("helm") if c[1] == "install"]
+    assert len(installs) >= 4
+    created = _created_secret_keys()
+    for command in installs:
+        m = render(sets=_install_sets(command))
+        read = {
+            (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in m.env.values()
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+        secret_dirs = {
+            mount["mountPath"]: _volumes(m)[name]["secret"]["secretName"]
+            for name, mount in _mounts(m).items()
+            if "secret" in _volumes(m)[name]
+        }
+        for paths in _file_settings(m.config).values():
+            for path in paths:
+                directory, _, key = path.rpartition("/")
+                if directory in secret_dirs:
+                    read.add((secret_dirs[directory], key))
+        assert read <= created, f"{shlex.join(command)} reads Secret keys no command creates: {read - created}"
+
+
+def test_readme_shows_building_and_pushing_the_image() -> None:
+    """No pipeline publishes the image: the README builds and pushes it, and installs the pushed one."""
+    pushed = [c[2] for c in _readme_commands("docker") if c[1] == "push"]
+    built = [c[c.index("-t") + 1] for c in _readme_commands("docker") if c[1] == "build"]
+    assert pushed and pushed == built
+    images = {
+        render(sets=_install_sets(c)).container["image"]
+        for c in _readme_commands("helm")
+        if c[1] == "install" and any(s.startswith("image.repository=") for s in _install_sets(c))
+    }
+    assert images == set(pushed)
+
+
+def test_health_port_commands_do_not_rely_on_reflection(tmp_path: Path) -> None:
+    """The health listener has no reflection: grpcurl against it needs -proto (README and NOTES)."""
+    readme = [shlex.join(c) for c in _readme_commands("grpcurl")]
+    notes = [line.strip() for line in render_notes(tmp_path).splitlines() if line.strip().startswith("grpcurl")]
+    health = [c for c in readme + notes if "localhost:8081" in c]
+    assert len(health) >= 4
+    for command in health:
+        assert " -proto health.proto " in command, command
+
+
 def test_schema_covers_every_value() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     values = yaml.safe_load(VALUES_FILE.read_text())
@@ -619,6 +751,7 @@ JWT_SETS = [
     "auth.jwt.issuer=https://issuer",
     "auth.jwt.audience=nerve",
     "auth.jwt.existingSecret=jwt-keys",
+    "auth.jwt.jwksKey=jwks.json",
 ]
 TLS_SETS = ["tls.enabled=true", "tls.existingSecret=server-tls"]
 MTLS_SETS = [*TLS_SETS, "tls.clientCA.existingSecret=client-ca"]
@@ -720,6 +853,43 @@ def test_jwt_public_keys_and_tenant_claim() -> None:
     assert _volumes(m)["jwt"]["secret"]["secretName"] == "nerve-jwt-keys"
 
 
+def test_only_the_jwt_keys_given_are_read() -> None:
+    """An HMAC-only or PEM-only setup must not name a JWKS file the Secret does not hold (the server would
+    not start without it)."""
+    base = [s for s in JWT_SETS if not s.startswith("auth.jwt.jwksKey=")]
+    hmac = render(sets=[*base, "auth.jwt.algorithms={HS256}", "auth.jwt.hsSecretKey=hs-secret"]).config
+    assert hmac["NERVE_AUTH__JWT__HS_SECRET_FILE"] == "/etc/nerve/jwt/hs-secret"
+    assert "NERVE_AUTH__JWT__JWKS_FILE" not in hmac and "NERVE_AUTH__JWT__PUBLIC_KEY_FILES" not in hmac
+    pem = render(sets=[*base, "auth.jwt.publicKeyKeys={key.pem}"]).config
+    assert pem["NERVE_AUTH__JWT__PUBLIC_KEY_FILES"] == "/etc/nerve/jwt/key.pem"
+    assert "NERVE_AUTH__JWT__JWKS_FILE" not in pem and "NERVE_AUTH__JWT__HS_SECRET_FILE" not in pem
+    jwks = render(sets=JWT_SETS).config
+    assert jwks["NERVE_AUTH__JWT__JWKS_FILE"] == "/etc/nerve/jwt/jwks.json"
+    assert yaml.safe_load(VALUES_FILE.read_text())["auth"]["jwt"]["jwksKey"] == ""
+
+
+def test_policy_with_authentication_renders() -> None:
+    jwt = render(sets=[*JWT_SETS, "auth.policy.inline=x = 1"]).config
+    assert jwt["NERVE_AUTH__POLICY_FILE"] == "/etc/nerve/policy/policy.toml"
+    mtls = render(sets=[*MTLS_SETS, "auth.policy.existingConfigMap=p"]).config
+    assert mtls["NERVE_AUTH__POLICY_FILE"] == "/etc/nerve/policy/policy.toml"
+
+
+def test_strings_that_look_like_numbers_stay_strings(tmp_path: Path) -> None:
+    """Quoted in a values file they are strings, accepted by the schema and rendered as given."""
+    f = tmp_path / "numeric.yaml"
+    f.write_text(
+        'redis:\n  keyPrefix: "42"\nauth:\n  jwt:\n    audience: "123456"\n'
+        "    enabled: true\n    issuer: https://issuer\n    existingSecret: jwt-keys\n    jwksKey: jwks.json\n"
+    )
+    m = render(f, sets=PROD_SETS)
+    assert m.config["NERVE_REDIS__KEY_PREFIX"] == "42"
+    assert m.config["NERVE_AUTH__JWT__AUDIENCE"] == "123456"
+    assert render(sets=[*PROD_SETS, "redis.keyPrefix=team-a:nerve.v1_x"]).config["NERVE_REDIS__KEY_PREFIX"] == (
+        "team-a:nerve.v1_x"
+    )
+
+
 def test_no_tls_or_auth_settings_by_default() -> None:
     m = render()
     assert not any(k.startswith(("NERVE_TLS__", "NERVE_AUTH__")) for k in m.config)
@@ -758,7 +928,6 @@ def test_policy_edits_do_not_restart_pods() -> None:
         ((PRODUCTION,), [], "false"),
         ((HA,), [], "false"),
         ((SECURE,), [], "false"),
-        ((), ["auth.policy.inline=x = 1"], "true"),  # a policy alone is no authentication
     ],
 )
 def test_insecure_only_without_authentication(values: tuple[str, ...], sets: list[str], insecure: str) -> None:
@@ -831,7 +1000,29 @@ def test_notes_plaintext_without_tls(tmp_path: Path) -> None:
     lines = _grpcurl_lines(notes)
     assert lines and all(line.startswith("grpcurl -plaintext ") for line in lines)
     assert "WARNING: no authentication" in notes and "NERVE_INSECURE=true" in notes
-    assert "grpcurl -plaintext localhost:8081 grpc.health.v1.Health/Check" in notes
+
+
+def _health_lines(notes: str) -> list[str]:
+    return [line.strip() for line in notes.splitlines() if "localhost:8081" in line]
+
+
+def test_notes_health_commands_need_no_reflection(tmp_path: Path) -> None:
+    """The health listener serves grpc.health.v1 without reflection: grpcurl needs health.proto."""
+    notes = render_notes(tmp_path)
+    check = "localhost:8081 grpc.health.v1.Health/Check"
+    assert _health_lines(notes) == [
+        f"""grpcurl -plaintext -proto health.proto -d '{{"service":"nerve.v1.Readiness"}}' {check}""",
+        f"""grpcurl -plaintext -proto health.proto -d '{{"service":"nerve.v1.Liveness"}}' {check}""",
+        "grpc_health_probe -addr=localhost:8081 -service=nerve.v1.Readiness",
+    ]
+    assert "https://raw.githubusercontent.com/grpc/grpc-proto/master/grpc/health/v1/health.proto" in notes
+    # the entries of the enabled probes, as configured
+    custom = _health_lines(render_notes(tmp_path / "custom", sets=["probes.readiness.service=", "probes.liveness.enabled=false"]))
+    assert [line.split("-d ")[1].split(" ")[0] for line in custom if line.startswith("grpcurl")] == [
+        """'{"service":""}'""",
+        """'{"service":"nerve.v1.Liveness"}'""",
+    ]
+    assert custom[-1] == "grpc_health_probe -addr=localhost:8081 -service="
 
 
 def test_notes_with_mtls_and_jwt(tmp_path: Path) -> None:

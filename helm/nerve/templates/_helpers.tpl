@@ -229,6 +229,9 @@ values otherwise.
 {{- if and $v.auth.policy.existingConfigMap (not $v.auth.policy.key) }}
   {{- fail "\n\nauth.policy.key must name the key of the policy in auth.policy.existingConfigMap." }}
 {{- end }}
+{{- if and (include "nerve.policyEnabled" .) (not (include "nerve.authEnabled" .)) }}
+  {{- fail "\n\nauth.policy.existingConfigMap or auth.policy.inline is set, but no caller can be identified: the policy names principals (client certificates, JWT subjects),\nand the server refuses a policy without authentication (\"auth.policy_file needs a way to identify callers\") and would not start.\nConfigure mTLS (tls.enabled, tls.existingSecret, tls.clientCA.existingSecret) or JWT (auth.jwt.enabled, auth.jwt.existingSecret, ...), or leave the policy out." }}
+{{- end }}
 {{- /* no authentication at all: only when asked for */}}
 {{- if and (not (include "nerve.authEnabled" .)) (not $v.auth.allowInsecure) }}
   {{- fail "\n\nno authentication is configured and auth.allowInsecure=false: the server would refuse to listen.\nConfigure mTLS (tls.enabled, tls.existingSecret, tls.clientCA.existingSecret) or JWT (auth.jwt.enabled, auth.jwt.existingSecret, ...),\nor set auth.allowInsecure=true to run without authentication (NERVE_INSECURE=true; anyone who reaches the gRPC port may publish and subscribe)." }}
