@@ -355,7 +355,16 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
-                _ = self.tx.closed() => return Ok(()),
+                _ = self.tx.closed() => {
+                    // the subscriber cancelled: what it sent before (acks, most often) arrived ahead
+                    // of the cancel and still counts, instead of coming back as failed attempts
+                    while let Some(Some(Ok(command))) = commands.next().now_or_never() {
+                        if self.handle(command).await? == Flow::Close {
+                            break;
+                        }
+                    }
+                    return Ok(());
+                }
                 command = commands.next(), if commands_open => {
                     let Some(command) = command else {
                         commands_open = false;
