@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/nerve-bus/nerve/clients/go/nervepb"
@@ -71,6 +73,12 @@ type Message struct {
 	Heartbeat *nervepb.Heartbeat
 }
 
+// closeWait bounds how long Close waits for the server to end the stream after the Close message: ending
+// it takes the server one write (the acks) and the hand-back of what is outstanding, milliseconds on a
+// healthy server, so a few seconds cover a loaded one, while a caller shutting down is not held for long
+// by a server that does not answer.
+var closeWait = 5 * time.Second
+
 // Subscription is an open Subscribe stream. Next returns deliveries; Ack, Nack, DeadLetter, Extend,
 // Credit and SetFilter steer it; Close ends it. Next is for one goroutine; the rest are safe to call from
 // any goroutine.
@@ -88,7 +96,13 @@ type Subscription struct {
 	err     error
 	closed  atomic.Bool
 
-	sendMu sync.Mutex // one Send or CloseSend at a time, as gRPC requires
+	closing   chan struct{} // closed when Close starts: from then on the receiver drops what it reads
+	closeOnce sync.Once
+	closeErr  error // Close's result, set once
+	closeWait time.Duration
+
+	sendMu     sync.Mutex // one Send or CloseSend at a time, as gRPC requires
+	sendClosed bool       // CloseSend was called; guarded by sendMu
 
 	// written by Next, read from any goroutine
 	caughtUp      atomic.Pointer[uint64]
@@ -97,7 +111,7 @@ type Subscription struct {
 }
 
 // Subscribe opens a Subscribe stream and waits for the server to confirm it. ctx bounds the whole stream:
-// cancel it, or call Close, to end it.
+// cancelling it ends the stream at once; Close ends it gracefully.
 func (c *Client) Subscribe(ctx context.Context, opts SubscribeOptions) (*Subscription, error) {
 	open := &nervepb.SubscriptionOpen{
 		Types:       opts.Types,
@@ -144,6 +158,8 @@ func (c *Client) Subscribe(ctx context.Context, opts SubscribeOptions) (*Subscri
 		messages:   make(chan *nervepb.SubscribeResponse, 16),
 		ended:      make(chan struct{}),
 		done:       make(chan struct{}),
+		closing:    make(chan struct{}),
+		closeWait:  closeWait,
 	}
 	go s.receive()
 	return s, nil
@@ -161,6 +177,14 @@ func (s *Subscription) receive() {
 			}
 			return
 		}
+		select {
+		case <-s.closing:
+			// Close waits for the end of the stream and nobody reads this any more: drop it (the server
+			// hands back what is outstanding when the stream ends), and keep reading, as a server held
+			// by flow control would not get to the Close message
+			continue
+		default:
+		}
 		if len(s.rest) > 0 { // keep the order: once one message went to rest, the others follow it
 			s.rest = append(s.rest, m)
 			continue
@@ -171,7 +195,10 @@ func (s *Subscription) receive() {
 			// a send waits for the stream's status, which Recv gives only after the messages still
 			// unread: keep them for Next rather than wait for it to make room
 			s.rest = append(s.rest, m)
+		case <-s.closing: // dropped, as above
 		case <-s.stream.Context().Done():
+			// cancelled while waiting for room: the status Recv would have given, not a clean end
+			s.err = wrap(status.FromContextError(s.stream.Context().Err()).Err())
 			return
 		}
 	}
@@ -197,15 +224,20 @@ func (s *Subscription) Heartbeats() uint64 { return s.heartbeats.Load() }
 func (s *Subscription) LastHeartbeat() *nervepb.Heartbeat { return s.lastHeartbeat.Load() }
 
 // NextMessage returns the next message of any kind. At the end of the stream it returns io.EOF (ended
-// cleanly), ErrClosed (closed by this side) or the stream's *Error; when ctx ends first, ctx's error (the
-// stream stays usable).
+// cleanly), ErrClosed (closed by this side: at once, also while Close waits) or the stream's *Error; when
+// ctx ends first, ctx's error (the stream stays usable).
 func (s *Subscription) NextMessage(ctx context.Context) (Message, error) {
 	for {
+		if s.closed.Load() { // what is still buffered goes back to the server with the end of the stream
+			return Message{}, ErrClosed
+		}
 		var m *nervepb.SubscribeResponse
 		select {
 		case m = <-s.messages:
 		case <-ctx.Done():
 			return Message{}, ctx.Err()
+		case <-s.closing:
+			return Message{}, ErrClosed
 		case <-s.done:
 			if m = s.unread(); m == nil {
 				return Message{}, s.endErr()
@@ -349,12 +381,16 @@ func (s *Subscription) send(req *nervepb.SubscribeRequest) error {
 		return ErrClosed
 	}
 	s.sendMu.Lock()
+	if s.closed.Load() { // Close came first: its message ends what the server reads, so this would be lost
+		s.sendMu.Unlock()
+		return ErrClosed
+	}
 	err := s.stream.Send(req)
 	s.sendMu.Unlock()
 	switch {
 	case err == nil:
 		return nil
-	case s.closed.Load(): // Close cancelled the stream under this send
+	case s.closed.Load(): // Close cancelled the stream under this send (it was held by flow control)
 		return ErrClosed
 	case !errors.Is(err, io.EOF):
 		return wrap(err)
@@ -369,20 +405,62 @@ func (s *Subscription) send(req *nervepb.SubscribeRequest) error {
 	return fmt.Errorf("nerve: subscription stream ended: %w", io.EOF)
 }
 
-// CloseSend half-closes: nothing more can be sent, deliveries keep coming until Close.
+// CloseSend half-closes: nothing more can be sent, deliveries keep coming until Close (which then
+// cancels the stream at once, as it can no longer ask the server to end it).
 func (s *Subscription) CloseSend() error {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()
+	s.sendClosed = true
 	return s.stream.CloseSend()
 }
 
-// Close cancels the stream. Unsettled group deliveries go back to the group at once (as an attempt); so
-// may one settled just before, when the server sees the cancellation before the settlement.
+// Close ends the stream gracefully: it sends a Close message, so that the server saves every settlement
+// sent before it, hands the unsettled deliveries back (as an attempt) and ends the stream; it waits for that
+// end, at most 5s, dropping deliveries that arrive meanwhile, then cancels the call. It returns nil once the
+// server ended the stream with OK, or when there was nothing to send the message on (the stream had ended,
+// or CloseSend half-closed it: it cancels at once); else ErrDeadlineExceeded (no end in time) or the
+// stream's *Error, and settlements sent just before may come back. Safe from any goroutine; later calls
+// return the same.
 func (s *Subscription) Close() error {
-	s.closed.Store(true)
-	// cancel before waiting on anything: it ends a send held by flow control and a receiver waiting
-	// for room in messages
-	s.cancel()
+	s.closeOnce.Do(func() { s.closeErr = s.closeGracefully() })
+	return s.closeErr
+}
+
+func (s *Subscription) closeGracefully() error {
+	s.closed.Store(true) // first: a settle that did not take sendMu before now is refused, not sent after
+	close(s.closing)
+	defer s.cancel()
+	select {
+	case <-s.done:
+		return nil // the stream had ended: nothing reads a Close message
+	default:
+	}
+	// the bound covers the send too: a server that reads nothing holds it (and any settle under sendMu) by
+	// flow control, and only the cancel ends that
+	var timedOut atomic.Bool
+	timer := time.AfterFunc(s.closeWait, func() {
+		timedOut.Store(true)
+		s.cancel()
+	})
+	defer timer.Stop()
+	sent := false
+	s.sendMu.Lock()
+	if !s.sendClosed { // after CloseSend the server reads nothing more; it ends the stream only on a cancel
+		sent = s.stream.Send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Close{Close: &nervepb.Close{}}}) == nil
+	}
+	s.sendMu.Unlock()
+	if !sent {
+		// half-closed, or the stream ended under this send: nothing will answer a Close
+		s.cancel()
+	}
 	<-s.done
-	return nil
+	switch {
+	case timedOut.Load():
+		return &Error{Code: codes.DeadlineExceeded, Message: fmt.Sprintf(
+			"the server did not end the subscription within %s of Close; settlements sent just before may come back", s.closeWait)}
+	case !sent:
+		return nil
+	default:
+		return s.err // nil when the server ended the stream with OK, after the settlements before the Close
+	}
 }

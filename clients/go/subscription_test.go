@@ -1,15 +1,19 @@
 package nerve_test
 
-// The Subscription beyond the shared scenarios: a stream that ends with deliveries unread, concurrent
-// readers of its state, settle arguments checked before sending.
+// The Subscription beyond the shared scenarios: a stream that ends with deliveries unread, acks sent just
+// before the end (Close, a cancel), Close's bound, concurrent readers of its state, settle arguments
+// checked before sending.
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc"
 
 	nerve "github.com/nerve-bus/nerve/clients/go"
 	"github.com/nerve-bus/nerve/clients/go/nervepb"
@@ -120,6 +124,152 @@ func TestCloseReturnsWhileASettleWaitsOnAnEndedStream(t *testing.T) {
 	}
 	if err := within(t, "the ack after close", func() error { return <-acked }); err == nil {
 		t.Fatal("an ack on an ended stream succeeded")
+	}
+}
+
+// rounds is how often the tests of an ack sent just before the end repeat it: the ack races the end, so
+// one round would rarely show a lost one.
+const rounds = 50
+
+// settledGroup opens a subscription of a new group (window 1) to eventType, publishes one event of that type
+// and acks its delivery.
+func settledGroup(t *testing.T, client *nerve.Client, ctx context.Context, group, eventType string) *nerve.Subscription {
+	t.Helper()
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{eventType}, Group: group, MaxInFlight: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Close() })
+	if _, err := client.Publish(ctx, ev(group, eventType)); err != nil {
+		t.Fatal(err)
+	}
+	d := next(t, sub)
+	if d.Event.GetId() != group || d.Attempt != 1 {
+		t.Fatalf("delivery %s, attempt %d", d.Event.GetId(), d.Attempt)
+	}
+	if err := d.Ack(); err != nil {
+		t.Fatal(err)
+	}
+	return sub
+}
+
+func TestCloseKeepsTheAcksSentBeforeIt(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	unsettled := 0
+	for i := range rounds {
+		group := fmt.Sprintf("graceful-%d", i)
+		sub := settledGroup(t, client, ctx, group, fmt.Sprintf("graceful.%d", i))
+		if err := within(t, "close", sub.Close); err != nil {
+			t.Fatal(err)
+		}
+		// no waiting: the server ends the stream only after it saved the ack and let go of the member
+		g, err := client.Group(ctx, group)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if g.GetPending() != 0 || g.GetConsumers() != 0 {
+			unsettled++
+		}
+	}
+	if unsettled > 0 {
+		t.Fatalf("%d of %d groups still held their acked event, or their member, when Close returned", unsettled, rounds)
+	}
+}
+
+func TestAcksSentBeforeACancelCount(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	lost := 0
+	for i := range rounds {
+		group := fmt.Sprintf("cancelled-%d", i)
+		subCtx, cancel := context.WithCancel(ctx)
+		settledGroup(t, client, subCtx, group, fmt.Sprintf("cancelled.%d", i))
+		cancel() // no Close message: the call ends with the ack just sent
+		// nothing answers a cancel: the member is gone once the server has handled the end
+		g := eventually(t, "the cancelled member to leave", func() (*nervepb.GroupInfo, bool) {
+			g, err := client.Group(ctx, group)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return g, g.GetConsumers() == 0
+		})
+		if g.GetPending() != 0 {
+			lost++
+		}
+	}
+	if lost > 0 {
+		t.Fatalf("%d of %d acks sent before a cancel were lost", lost, rounds)
+	}
+}
+
+func TestCloseDropsWhatArrivesWhileItWaits(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	// more unread than the client and its transport take in, so the server waits on flow control, and
+	// reads the Close message only once the client reads on
+	const events, size = unreadWindow, 64 << 10
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"flood.x"}, Group: "flooded", MaxInFlight: events})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range events / 8 {
+		batch := make([]*nervepb.Event, 8)
+		for j := range batch {
+			id := fmt.Sprintf("f%d", i*8+j)
+			batch[j] = nerve.NewEvent("//tests", "flood.x").ID(id).Text(strings.Repeat("x", size)).MustBuild()
+		}
+		if _, err := client.Publish(ctx, batch...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d := next(t, sub)
+	if err := d.Ack(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := within(t, "close with deliveries unread", sub.Close); err != nil {
+		t.Fatalf("close after %s: %v", time.Since(start), err)
+	}
+	g, err := client.Group(ctx, "flooded")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// everything but the acked one is back in the group
+	if g.GetPending()+g.GetLag() != events-1 || g.GetConsumers() != 0 {
+		t.Fatalf("after close: pending %d, lag %d, consumers %d", g.GetPending(), g.GetLag(), g.GetConsumers())
+	}
+}
+
+// Subscribe confirms the subscription, then neither reads nor ends the stream: a server that never
+// answers a Close.
+func (fakeBus) Subscribe(stream grpc.BidiStreamingServer[nervepb.SubscribeRequest, nervepb.SubscribeResponse]) error {
+	if _, err := stream.Recv(); err != nil {
+		return err
+	}
+	subscribed := &nervepb.SubscribeResponse_Subscribed{Subscribed: &nervepb.Subscribed{SubscriptionId: "silent"}}
+	if err := stream.Send(&nervepb.SubscribeResponse{Message: subscribed}); err != nil {
+		return err
+	}
+	<-stream.Context().Done()
+	return stream.Context().Err()
+}
+
+func TestCloseGivesUpOnAServerThatNeverEndsTheStream(t *testing.T) {
+	defer func(was time.Duration) { *nerve.CloseWait = was }(*nerve.CloseWait)
+	*nerve.CloseWait = 300 * time.Millisecond // instead of the real bound of seconds
+	client, ctx := connectFake(t, fakeBus{}), testContext(t)
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"silent.x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	err = within(t, "close on a server that never ends the stream", sub.Close)
+	if took := time.Since(start); !errors.Is(err, nerve.ErrDeadlineExceeded) || took < *nerve.CloseWait {
+		t.Fatalf("close returned %v after %s", err, took)
+	}
+	if again := within(t, "a second close", sub.Close); again != err {
+		t.Fatalf("second close: %v, first: %v", again, err)
+	}
+	if _, err := sub.Next(ctx); !errors.Is(err, nerve.ErrClosed) {
+		t.Fatalf("next after close: %v", err)
 	}
 }
 

@@ -1,0 +1,5 @@
+package nerve
+
+// CloseWait is the bound of Subscription.Close, for tests that check it without waiting its full length; it
+// applies to subscriptions opened after it is set.
+var CloseWait = &closeWait
