@@ -22,6 +22,7 @@ from nerve_client import (
     NotFoundError,
     OutOfRangeError,
     Priority,
+    Subscription,
     UnavailableError,
     data_of,
     event,
@@ -263,6 +264,83 @@ async def test_negative_durations_are_refused_locally(client: Client) -> None:
             await d.nack(delay=timedelta(seconds=-1))
         with pytest.raises(ValueError):
             await d.extend(timedelta(milliseconds=-5))
+        with pytest.raises(ValueError):
+            await sub.close(timeout=-1)
         await d.ack()  # the stream is still open
         beat = await expect_idle(sub, heartbeats=1)
         assert beat.in_flight == 0
+
+
+async def test_close_keeps_the_last_acks(client: Client) -> None:
+    async def ack_one(sub: Subscription, n: int) -> None:
+        await client.publish(ev(f"g{n}", "graceful.x"))
+        d = await sub.next(timeout=WAIT)
+        assert (d.event.id, d.attempt) == (f"g{n}", 1), f"round {n}: an earlier ack was lost, got {d}"
+        await d.ack()
+
+    for n in range(50):
+        if n % 2:
+            sub = await client.subscribe("graceful.x", group="graceful", max_in_flight=1)
+            await ack_one(sub, n)
+            await sub.close()
+        else:  # leaving `async with` closes the same way
+            async with client.subscribe("graceful.x", group="graceful", max_in_flight=1) as sub:
+                await ack_one(sub, n)
+        group = await client.group("graceful")
+        assert group is not None and group.pending == 0, f"round {n}: the ack was not saved when close returned"
+        # the server ended the stream after the Close message (a cancelled call reports CANCELLED): that is
+        # what makes the ack count before close returns, where a cancel leaves it to the server's drain
+        assert await asyncio.wait_for(sub._call.code(), WAIT) == grpc.StatusCode.OK
+
+
+async def test_acks_that_reached_the_server_before_a_cancel_count(client: Client) -> None:
+    for n in range(50):
+        sub = await client.subscribe("abrupt.x", group="abrupt", max_in_flight=1)
+        await client.publish(ev(f"a{n}", "abrupt.x"))
+        d = await sub.next(timeout=WAIT)
+        # a lost ack comes back as a redelivery of an event acked before. The new event may come with attempt
+        # 2: the server handles a cancel after the fact, so it can hand it to the last, cancelled, subscriber
+        assert d.event.id == f"a{n}", f"round {n}: an ack was lost, got {d}"
+        await d.ack()  # written: it is on its way when the call is cancelled
+        await sub.close(timeout=0)  # cancels the call at once, without the Close message
+        # the call's status shows that no Close message ended it: the server saw only the cancel
+        assert await asyncio.wait_for(sub._call.code(), WAIT) == grpc.StatusCode.CANCELLED
+
+    async def left() -> pb.GroupInfo | None:  # the server settles a cancelled stream after the fact
+        group = await client.group("abrupt")
+        return group if group is not None and group.consumers == 0 else None
+
+    group = await eventually("the last subscriber to leave", left)
+    assert group.pending == 0, "an ack sent before the cancel was lost"
+
+
+async def test_close_discards_what_is_unread_and_the_server_hands_it_back(client: Client) -> None:
+    sub = await client.subscribe("handback.x", group="handback", max_in_flight=4)
+    await client.publish(ev("h1", "handback.x"), ev("h2", "handback.x"))
+    first = await sub.next(timeout=WAIT)
+    assert first.event.id == "h1"
+
+    async def both_handed_out() -> pb.GroupInfo | None:
+        group = await client.group("handback")
+        return group if group is not None and group.pending == 2 and group.lag == 0 else None
+
+    await eventually("both deliveries to be handed out", both_handed_out)
+    await sub.close()
+    assert [m async for m in sub.messages()] == [], "h2, sent to this subscriber, is discarded"
+    with pytest.raises(ClosedError):
+        await first.ack()
+
+    async with client.subscribe("handback.x", group="handback", max_in_flight=4) as again:
+        redelivered = sorted((d.event.id, d.attempt) for d in [await again.next(timeout=WAIT) for _ in range(2)])
+        assert redelivered == [("h1", 2), ("h2", 2)], "the server handed both back"
+
+
+async def test_close_from_several_tasks_ends_a_waiting_reader(client: Client) -> None:
+    sub = await client.subscribe("closing.z", group="closers")
+    reading = asyncio.create_task(sub.next())
+    await asyncio.sleep(0)  # waiting for a delivery
+    await asyncio.wait_for(asyncio.gather(sub.close(), sub.close(), sub.close()), WAIT)
+    assert sub._pump.done() and sub._writer.done(), "no close returned before the stream had ended"
+    with pytest.raises(ClosedError):
+        await asyncio.wait_for(reading, WAIT)
+    await sub.close()  # closing again does nothing

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Union
 import grpc
 
 from ._errors import ClosedError, NerveError, from_rpc_error
-from ._events import Seconds, data_of, duration
+from ._events import Seconds, data_of, duration, seconds
 from ._proto.nerve.v1 import event_bus_pb2, event_pb2
 
 if TYPE_CHECKING:
@@ -23,6 +23,11 @@ __all__ = ["CaughtUp", "Delivery", "Heartbeat", "Message", "Subscription"]
 
 CaughtUp = event_bus_pb2.CaughtUp
 Heartbeat = event_bus_pb2.Heartbeat
+
+#: How long :meth:`Subscription.close` waits, by default, for the server to end the stream after the Close
+#: message before it cancels the call. Settling what was sent before it takes a round trip and a write to
+#: disk, milliseconds when all is well: seconds leave room for a loaded server and still bound a shutdown.
+_CLOSE_TIMEOUT = 5.0
 
 
 class Delivery:
@@ -109,6 +114,9 @@ class Subscription:
     Settling and steering (:meth:`ack`, :meth:`nack`, ...) is safe from many tasks at once: one writer task
     sends their messages in order. Cancelling a task while it waits for its message to be written only stops
     its wait; the message is still sent and the stream goes on.
+
+    :meth:`close` (or leaving ``async with``) ends the stream gracefully: the server settles everything sent
+    before it, so the last acks are not lost.
     """
 
     def __init__(
@@ -194,8 +202,11 @@ class Subscription:
         """The next message of any kind, or None once the stream ended cleanly.
 
         Raises :class:`TimeoutError` if nothing arrives within ``timeout`` seconds (the stream stays usable)
-        and :class:`NerveError` if the stream failed.
+        and :class:`NerveError` if the stream failed. After :meth:`close` it returns None: what is still
+        queued, or arrives while the stream ends, is discarded (the server releases it).
         """
+        if self._closed:
+            return None
         if self._ended is not None:
             self._finish()
             return None
@@ -209,6 +220,8 @@ class Subscription:
         if isinstance(item, _End):
             self._ended = item
             self._finish()
+            return None
+        if self._closed:  # closed while this reader waited
             return None
         kind = item.WhichOneof("message")
         if kind == "delivery":
@@ -395,17 +408,38 @@ class Subscription:
         with contextlib.suppress(NerveError):
             await self._enqueue(_DoneWriting())
 
-    async def close(self) -> None:
-        """Cancels the stream. Unacked group deliveries go back to the group at once (counting an attempt).
+    async def close(self, timeout: Seconds = _CLOSE_TIMEOUT) -> None:
+        """Ends the stream gracefully, then cancels the call.
 
-        Messages still waiting to be written raise :class:`ClosedError` in their senders.
+        Sends a Close message behind everything already sent or queued: the server settles all of that (the
+        last acks are saved), hands back what is still unacked (a group redelivers it at once, counting an
+        attempt) and ends the stream. ``close`` waits up to ``timeout`` seconds (5 by default) for that end,
+        then cancels the call in any case, so it never hangs. A ``timeout`` of 0, or a stream half-closed
+        by :meth:`done_writing`, skips the Close message and cancels at once: the server still handles what
+        reached it before the cancel, but a message still on its way is lost (an ack lost so comes back as a
+        redelivery).
+
+        Later sends raise :class:`ClosedError`, as do queued messages the stream ended before writing.
+        Reading returns the end at once: deliveries still queued or arriving meanwhile are discarded (the
+        server releases them). Closing again, or from several tasks, waits for the same end. Cancelling the
+        closing task cancels the call at once and raises in that task.
         """
-        if self._closed:
-            return
-        self._closed = True
-        self._call.cancel()
-        self._pump.cancel()
-        self._stop_writer()
+        wait = seconds(timeout)
+        if wait < 0:
+            raise ValueError(f"negative timeout {timeout}")
+        if not self._closed:
+            self._closed = True
+            self._queue.put_nowait(_End(None))  # wakes a reader waiting now
+            try:
+                if wait > 0 and not self._half_closed and not self._stream_end.done():
+                    # behind whatever is queued: the writer sends it last, and the server settles all before it
+                    sent = self._enqueue(event_bus_pb2.SubscribeRequest(close=event_bus_pb2.Close()))
+                    sent.add_done_callback(_retrieve)  # nobody awaits it: the stream's end is what counts
+                    await asyncio.wait([self._stream_end], timeout=wait)
+            finally:
+                self._call.cancel()
+                self._pump.cancel()
+                self._stop_writer()
         # asyncio.wait neither raises the tasks' own cancellation nor swallows one of the task closing
         await asyncio.wait([self._pump, self._writer])
 
@@ -419,7 +453,7 @@ class Subscription:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        await self.close()  # graceful, as close() is
 
     def __repr__(self) -> str:
         return f"Subscription(id={self.subscription_id!r}, group={self.group!r}, caught_up={self.caught_up})"
@@ -455,6 +489,12 @@ def _settle(waiter: asyncio.Future[None], error: NerveError | None) -> None:
         waiter.set_result(None)
     else:
         waiter.set_exception(error)
+
+
+def _retrieve(waiter: asyncio.Future[None]) -> None:
+    """Marks the error of a future nobody awaits as seen, so asyncio does not log it."""
+    if not waiter.cancelled():
+        waiter.exception()
 
 
 def _ids(deliveries: Iterable[DeliveryRef]) -> list[str]:
