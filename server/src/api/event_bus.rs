@@ -59,6 +59,14 @@ impl EventBusApi {
             .map(|(i, e)| convert::event_from_pb(e, &format!("events[{i}]")))
             .collect::<Result<Vec<_>, InvalidInput>>()
             .map_err(|e| to_status(e.into()))?;
+        // an inbox in a published event would route a responder's answer into someone else's waiting
+        // Request: inboxes are the server's to give, on Request (which publishes through the bus)
+        if let Some(i) = events.iter().position(|e| e.reply_to.is_some()) {
+            return Err(invalid(
+                &format!("events[{i}].reply_to"),
+                "is set by the server on requests; send requests with Request",
+            ));
+        }
         for event in &events {
             self.auth
                 .check(principal, "publish", &event.event_type, |e| {

@@ -427,15 +427,7 @@ impl Auth {
 
     /// Records a refused call of a caller that could not be identified, within the rate allowed for
     /// those; beyond it the records are only counted, and the count is logged with the next one made.
-    fn record_unidentified(
-        &self,
-        tenant: &str,
-        principal: &str,
-        action: &str,
-        resource: &str,
-        outcome: &str,
-        reason: &str,
-    ) {
+    fn record_unidentified(&self, resource: &str, outcome: &str, reason: &str) {
         use std::sync::atomic::Ordering;
         if self
             .unidentified_audit
@@ -446,7 +438,8 @@ impl Auth {
             if suppressed > 0 {
                 warn!(target: "nerve::audit", suppressed, "audit records of unidentified callers over auth.unidentified_audit_rate were not made");
             }
-            self.record_raw(tenant, principal, action, resource, outcome, reason);
+            // no tenant, no principal: the caller is not identified (or not consistently)
+            self.record_raw("", "", "call", resource, outcome, reason);
         } else {
             self.unidentified_suppressed.fetch_add(1, Ordering::Relaxed);
         }
@@ -584,11 +577,7 @@ where
                         AuthError::ResourceExhausted(_) => None,
                     };
                     if let Some(outcome) = outcome {
-                        // the caller is not identified (or not consistently): no tenant, no principal
                         self.auth.record_unidentified(
-                            "",
-                            "",
-                            "call",
                             request.uri().path(),
                             outcome,
                             &error.to_string(),

@@ -310,14 +310,6 @@ impl Limits {
         }
         for (i, event) in events.iter().enumerate() {
             self.check_event(event, &format!("events[{i}]"))?;
-            // an inbox in a published event would route a responder's answer into someone else's
-            // waiting Request
-            if event.reply_to.is_some() {
-                return Err(InvalidInput::field(
-                    format!("events[{i}].reply_to"),
-                    "is set by the server on requests; send requests with Request",
-                ));
-            }
         }
         Ok(())
     }

@@ -524,14 +524,7 @@ impl LiveStreams for EmbeddedStreams {
                     .fetch_one(&mut *tx)
                     .await
                     .map_err(db_err)?;
-            let stored = Selection::from_json(&stored)
-                .map_err(|e| StreamError::Internal(format!("group {:?}: {e}", key.name)))?;
-            if !stored.same_types(&config.selection) {
-                return Err(StreamError::OtherTypes {
-                    group: key.name.clone(),
-                    types: stored.type_strings(),
-                });
-            }
+            super::check_group_types(key, &stored, &config.selection)?;
             sqlx::query(
                 "UPDATE groups SET selection = ?, max_attempts = ? WHERE tenant = ? AND name = ?",
             )

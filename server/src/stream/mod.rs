@@ -43,6 +43,25 @@ pub enum StreamError {
 /// Result alias of the stream layer.
 pub type StreamResult<T> = Result<T, StreamError>;
 
+/// Checks an open's selection against the one stored with an existing group (as
+/// [`crate::event::Selection::to_json`] wrote it): a group keeps the types it was created with.
+pub(crate) fn check_group_types(
+    key: &GroupKey,
+    stored: &str,
+    asked: &crate::event::Selection,
+) -> StreamResult<()> {
+    let stored = crate::event::Selection::from_json(stored)
+        .map_err(|e| StreamError::Internal(format!("group {:?}: {e}", key.name)))?;
+    if stored.same_types(asked) {
+        Ok(())
+    } else {
+        Err(StreamError::OtherTypes {
+            group: key.name.clone(),
+            types: stored.type_strings(),
+        })
+    }
+}
+
 impl From<crate::store::StoreError> for StreamError {
     fn from(e: crate::store::StoreError) -> Self {
         match e {
