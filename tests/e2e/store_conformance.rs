@@ -535,6 +535,30 @@ async fn reads_filter_by_type_source_subject_correlation_priority_and_range(b: B
 
 /// Time positions: the sequence before the first event recorded at or after a time, found without an
 /// index on the time, is the one a scan of every event finds, for every commit's time and either side.
+async fn a_type_asked_for_twice_reads_its_events_once(b: Backend) {
+    let s = &b.store;
+    s.append(
+        "t",
+        vec![
+            new_event("r1", "a.b"),
+            new_event("r2", "c.d"),
+            new_event("r3", "a.b"),
+        ],
+    )
+    .await
+    .expect("append");
+    let pattern = |t: &str| TypePattern::parse(t).expect("pattern");
+    let page = s
+        .read(&ReadQuery {
+            types: vec![pattern("a.b"), pattern("c.d"), pattern("a.b")],
+            ..query(0)
+        })
+        .await
+        .expect("read");
+    let ids: Vec<&str> = page.events.iter().map(|e| e.event.id.as_str()).collect();
+    assert_eq!(ids, ["r1", "r2", "r3"]);
+}
+
 async fn each_time_is_the_position_before_the_first_event_recorded_at_it(b: Backend) {
     let s = &b.store;
     let now = chrono::Utc::now();
@@ -1032,6 +1056,7 @@ conformance!(
     concurrent_publishers_get_gapless_sequences_a_follower_sees_in_order,
     the_feed_of_fresh_commits_equals_what_the_database_holds,
     reads_filter_by_type_source_subject_correlation_priority_and_range,
+    a_type_asked_for_twice_reads_its_events_once,
     each_time_is_the_position_before_the_first_event_recorded_at_it,
     dead_letters_are_recorded_once_listed_and_removed,
     publishers_are_registered_once_updated_and_removed,

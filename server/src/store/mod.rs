@@ -120,9 +120,14 @@ impl ReadQuery {
 /// The literal types of a selection made only of literal types, else None (read every type, filter
 /// after reading). Both stores read literal types as one ordered index range each.
 pub(crate) fn literal_types(query: &ReadQuery) -> Option<Vec<&str>> {
-    (!query.types.is_empty())
+    let mut literals: Vec<&str> = (!query.types.is_empty())
         .then(|| query.types.iter().map(|t| t.literal()).collect())
-        .flatten()
+        .flatten()?;
+    // each literal becomes a branch of its own (Postgres unions them): a repeated one would read
+    // its events twice
+    literals.sort_unstable();
+    literals.dedup();
+    Some(literals)
 }
 
 /// Appends the conditions of a read after `WHERE tenant = ` (binding the tenant first); `literal` limits
