@@ -459,6 +459,36 @@ async fn publish_stream_commits_in_the_order_sent_and_answers_in_that_order() {
 }
 
 #[tokio::test]
+async fn a_publish_stream_message_over_the_limit_ends_the_stream_after_the_answers_before_it() {
+    let server = TestServer::start_with(|c| c.limits.max_batch_bytes = 64 << 10).await;
+    let mut bus = server.bus();
+    let (requests, mut answers) = publish_stream(&mut bus).await;
+    let mut huge = event("huge", "stream.t");
+    huge.data = Some(pb::event::Data::BinaryData(vec![7; 2 << 20]));
+    for (request_id, events) in [vec![event("before", "stream.t")], vec![huge]]
+        .into_iter()
+        .enumerate()
+    {
+        requests
+            .send(pb::PublishStreamRequest {
+                request_id: request_id as u64,
+                events,
+            })
+            .expect("send");
+    }
+    // the message cannot be read, so nothing after it can: the request before it is answered, then
+    // the stream ends with the reason
+    let before = next_answer(&mut answers).await;
+    assert_eq!(before.request_id, 0);
+    published(&before);
+    let end = tokio::time::timeout(WAIT, answers.message())
+        .await
+        .expect("the stream ends in time");
+    let status = end.expect_err("the stream ends with an error, not OK");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+#[tokio::test]
 async fn a_refused_request_on_a_publish_stream_is_answered_and_the_stream_goes_on() {
     let server = TestServer::start().await;
     let mut bus = server.bus();

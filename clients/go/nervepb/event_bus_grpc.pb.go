@@ -37,7 +37,9 @@ type EventBusClient interface {
 	Publish(ctx context.Context, in *PublishRequest, opts ...grpc.CallOption) (*PublishResponse, error)
 	// PublishStream publishes batch after batch on one stream, without a call per batch: each request is
 	// committed like a Publish call, after every request sent before it, and answered in the order sent.
-	// A request that fails is answered with its error and the stream goes on.
+	// A request that fails is answered with its error and the stream goes on; a message that cannot be
+	// read at all (over the size limit: RESOURCE_EXHAUSTED) ends the stream with that status once the
+	// requests before it are answered.
 	PublishStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[PublishStreamRequest, PublishStreamResponse], error)
 	// Subscribe opens a delivery stream: the first message opens it, later ones ack, nack, extend and grant credits.
 	Subscribe(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SubscribeRequest, SubscribeResponse], error)
@@ -142,7 +144,9 @@ type EventBusServer interface {
 	Publish(context.Context, *PublishRequest) (*PublishResponse, error)
 	// PublishStream publishes batch after batch on one stream, without a call per batch: each request is
 	// committed like a Publish call, after every request sent before it, and answered in the order sent.
-	// A request that fails is answered with its error and the stream goes on.
+	// A request that fails is answered with its error and the stream goes on; a message that cannot be
+	// read at all (over the size limit: RESOURCE_EXHAUSTED) ends the stream with that status once the
+	// requests before it are answered.
 	PublishStream(grpc.BidiStreamingServer[PublishStreamRequest, PublishStreamResponse]) error
 	// Subscribe opens a delivery stream: the first message opens it, later ones ack, nack, extend and grant credits.
 	Subscribe(grpc.BidiStreamingServer[SubscribeRequest, SubscribeResponse]) error

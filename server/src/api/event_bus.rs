@@ -105,6 +105,9 @@ impl EventBusApi {
         let mut queued = futures::stream::FuturesOrdered::new();
         let mut reading = true;
         let mut shutting_down = false;
+        // a message that could not be read (over the size limit, not protobuf) ends the stream
+        // with its status, once the requests before it are answered
+        let mut unreadable = None;
         loop {
             tokio::select! {
                 () = self.bus.shutting_down(), if reading => {
@@ -119,8 +122,11 @@ impl EventBusApi {
                             queued.push_back(answer);
                         }
                         Ok(None) => reading = false,
-                        // the publisher went away or broke the stream: nobody is left to answer
-                        Err(_) => return,
+                        // when the publisher went away, sending the answers fails and ends this
+                        Err(status) => {
+                            reading = false;
+                            unreadable = Some(status);
+                        }
                     }
                 }
                 Some(answer) = queued.next() => {
@@ -133,6 +139,8 @@ impl EventBusApi {
         }
         if shutting_down {
             let _ = answers.send(Err(to_status(BusError::ShuttingDown))).await;
+        } else if let Some(status) = unreadable {
+            let _ = answers.send(Err(status)).await;
         }
     }
 

@@ -81,7 +81,9 @@ class EventBusServicer:
     def PublishStream(self, request_iterator, context):
         """PublishStream publishes batch after batch on one stream, without a call per batch: each request is
         committed like a Publish call, after every request sent before it, and answered in the order sent.
-        A request that fails is answered with its error and the stream goes on.
+        A request that fails is answered with its error and the stream goes on; a message that cannot be
+        read at all (over the size limit: RESOURCE_EXHAUSTED) ends the stream with that status once the
+        requests before it are answered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

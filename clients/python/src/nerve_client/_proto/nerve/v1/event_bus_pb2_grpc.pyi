@@ -38,7 +38,9 @@ class EventBusStub:
     PublishStream: _grpc.StreamStreamMultiCallable[_event_bus_pb2.PublishStreamRequest, _event_bus_pb2.PublishStreamResponse]
     """PublishStream publishes batch after batch on one stream, without a call per batch: each request is
     committed like a Publish call, after every request sent before it, and answered in the order sent.
-    A request that fails is answered with its error and the stream goes on.
+    A request that fails is answered with its error and the stream goes on; a message that cannot be
+    read at all (over the size limit: RESOURCE_EXHAUSTED) ends the stream with that status once the
+    requests before it are answered.
     """
     Subscribe: _grpc.StreamStreamMultiCallable[_event_bus_pb2.SubscribeRequest, _event_bus_pb2.SubscribeResponse]
     """Subscribe opens a delivery stream: the first message opens it, later ones ack, nack, extend and grant credits."""
@@ -59,7 +61,9 @@ class EventBusAsyncStub(EventBusStub):
     PublishStream: _aio.StreamStreamMultiCallable[_event_bus_pb2.PublishStreamRequest, _event_bus_pb2.PublishStreamResponse]  # type: ignore[assignment]
     """PublishStream publishes batch after batch on one stream, without a call per batch: each request is
     committed like a Publish call, after every request sent before it, and answered in the order sent.
-    A request that fails is answered with its error and the stream goes on.
+    A request that fails is answered with its error and the stream goes on; a message that cannot be
+    read at all (over the size limit: RESOURCE_EXHAUSTED) ends the stream with that status once the
+    requests before it are answered.
     """
     Subscribe: _aio.StreamStreamMultiCallable[_event_bus_pb2.SubscribeRequest, _event_bus_pb2.SubscribeResponse]  # type: ignore[assignment]
     """Subscribe opens a delivery stream: the first message opens it, later ones ack, nack, extend and grant credits."""
@@ -89,7 +93,9 @@ class EventBusServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_event_bus_pb2.PublishStreamResponse], _abc.AsyncIterator[_event_bus_pb2.PublishStreamResponse]]:
         """PublishStream publishes batch after batch on one stream, without a call per batch: each request is
         committed like a Publish call, after every request sent before it, and answered in the order sent.
-        A request that fails is answered with its error and the stream goes on.
+        A request that fails is answered with its error and the stream goes on; a message that cannot be
+        read at all (over the size limit: RESOURCE_EXHAUSTED) ends the stream with that status once the
+        requests before it are answered.
         """
 
     @_abc_1.abstractmethod
