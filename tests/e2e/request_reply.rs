@@ -117,6 +117,42 @@ async fn request_without_responders_fails_at_once() {
 }
 
 #[tokio::test]
+async fn a_responder_that_filters_on_the_inbox_counts_as_one() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    // takes only requests: events whose replyto is a server-made inbox
+    let only_requests = pb::Filter {
+        filter: Some(pb::filter::Filter::Prefix(pb::AttributeValues {
+            attributes: [("replyto".to_owned(), "_inbox.".to_owned())].into(),
+        })),
+    };
+    let mut responder = Subscriber::open(
+        &mut bus,
+        pb::SubscriptionOpen {
+            filter: Some(only_requests),
+            ..open(&["planner.plan.requested"], "")
+        },
+    )
+    .await
+    .expect("open");
+    let mut requester = server.bus();
+    let call = tokio::spawn(async move { requester.request(request("q-f", 5000)).await });
+    let d = responder.next_delivery().await;
+    let asked = d.event.expect("event");
+    bus.reply(pb::ReplyRequest {
+        reply_to: asked.reply_to,
+        event: Some(event("a-f", "planner.plan.ready")),
+    })
+    .await
+    .expect("reply");
+    let answer = call
+        .await
+        .expect("join")
+        .expect("answered, not 'no responders'");
+    assert_eq!(answer.into_inner().reply.expect("reply").id, "a-f");
+}
+
+#[tokio::test]
 async fn request_times_out_with_deadline_exceeded_and_late_reply_is_dropped() {
     let server = TestServer::start().await;
     let mut bus = server.bus();

@@ -88,17 +88,19 @@ impl Bus {
             .into());
         }
         self.limits.check_event(&event, "event")?;
-        if !self.streams.has_interest(tenant, &event).await? {
-            return Err(BusError::NoResponders {
-                event_type: event.event_type,
-            });
-        }
         let correlation_id = event
             .correlation_id
             .get_or_insert_with(|| event.id.clone())
             .clone();
         let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
         event.reply_to = Some(inbox.clone());
+        // asked of the request as subscribers will see it (with its inbox and correlation id), so a
+        // responder whose filter looks at those counts
+        if !self.streams.has_interest(tenant, &event).await? {
+            return Err(BusError::NoResponders {
+                event_type: event.event_type,
+            });
+        }
         let mut replies = self
             .streams
             .open_inbox(
