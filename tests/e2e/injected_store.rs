@@ -30,6 +30,8 @@ pub struct Injection {
     pub after_put_dead_letter: Gate,
     /// Stops a `remove_dead_letters` before it removes anything.
     pub before_remove_dead_letters: Gate,
+    /// Fails the next `read_sequences` with UNAVAILABLE.
+    pub fail_next_read_sequences: AtomicBool,
 }
 
 /// A point in a store call where, once armed, the next call to reach it waits for the test.
@@ -106,6 +108,13 @@ impl EventStore for InjectedStore {
     }
     async fn read_sequences(&self, sequences: &[u64]) -> StoreResult<Vec<Arc<StoredEvent>>> {
         self.check()?;
+        if self
+            .injection
+            .fail_next_read_sequences
+            .swap(false, Ordering::SeqCst)
+        {
+            return Err(StoreError::Unavailable("read failed (injected)".into()));
+        }
         self.inner.read_sequences(sequences).await
     }
     async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<Arc<StoredEvent>>> {

@@ -260,6 +260,53 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
 }
 
 #[tokio::test]
+async fn a_reply_retried_under_another_span_is_the_same_reply() {
+    let (server, injection) = crate::injected_store::start_injected().await;
+    let mut bus = server.bus();
+    let mut responder = Subscriber::open(&mut bus, open(&["svc.ask"], ""))
+        .await
+        .expect("open");
+    let mut requester = server.bus();
+    let call = tokio::spawn(async move {
+        requester
+            .request(pb::RequestRequest {
+                event: Some(event("ask-r", "svc.ask")),
+                timeout: crate::harness::millis(10_000),
+            })
+            .await
+    });
+    let asked = responder.next_delivery().await.event.expect("event");
+    let reply = |traceparent: &str| {
+        let mut bus = server.bus();
+        let request = with_trace_header(
+            pb::ReplyRequest {
+                reply_to: asked.reply_to.clone(),
+                event: Some(event("answer-r", "svc.answer")),
+            },
+            traceparent,
+        );
+        async move { bus.reply(request).await }
+    };
+    // the first attempt is stored, then fails before it reaches the requester
+    injection
+        .fail_next_read_sequences
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = reply("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").await;
+    assert_eq!(
+        failed.expect_err("the injected failure").code(),
+        tonic::Code::Unavailable
+    );
+    // the client retries under a span of its own: the same reply, delivered
+    let retried = reply("00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01")
+        .await
+        .expect("the retry is the same reply, not another with the same id")
+        .into_inner();
+    assert!(retried.delivered);
+    let answer = call.await.expect("join").expect("answered").into_inner();
+    assert_eq!(answer.reply.expect("reply").id, "answer-r");
+}
+
+#[tokio::test]
 async fn spans_are_exported_over_otlp_in_the_callers_trace() {
     let collector = Collector::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

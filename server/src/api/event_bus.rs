@@ -403,7 +403,7 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         let event = request
             .event
             .ok_or_else(|| invalid("event", "is required"))?;
-        let mut event = convert::event_from_pb(event, "event").map_err(|e| to_status(e.into()))?;
+        let event = convert::event_from_pb(event, "event").map_err(|e| to_status(e.into()))?;
         self.auth
             .check(&principal, "reply", &event.event_type, |e| {
                 e.source(&event.source)
@@ -414,19 +414,26 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             tracing::info_span!("nerve.reply", otel.kind = "server", r#type = %event.event_type);
         // a reply without its own context continues the caller's; else the bus gives it the request's
         telemetry::continue_trace(&span, header.as_deref().or(event.traceparent.as_deref()));
-        if event.traceparent.is_none() && header.is_some() {
-            event.traceparent = telemetry::traceparent_of(&span, header.as_deref());
-        }
+        let trace = header
+            .is_some()
+            .then(|| telemetry::traceparent_of(&span, header.as_deref()))
+            .flatten();
         let (delivered, sequence) = self
             .bus
-            .reply(&principal.tenant, &request.reply_to, event, |inbox| {
-                // only a principal allowed to answer this request type may reply to it
-                self.auth
-                    .check(&principal, "reply", &inbox.request_type, |e| {
-                        e.typed(Action::Reply, &inbox.request_type)
-                    })
-                    .map_err(BusError::from)
-            })
+            .reply(
+                &principal.tenant,
+                &request.reply_to,
+                event,
+                trace,
+                |inbox| {
+                    // only a principal allowed to answer this request type may reply to it
+                    self.auth
+                        .check(&principal, "reply", &inbox.request_type, |e| {
+                            e.typed(Action::Reply, &inbox.request_type)
+                        })
+                        .map_err(BusError::from)
+                },
+            )
             .instrument(span)
             .await
             .map_err(to_status)?;

@@ -149,12 +149,14 @@ impl Bus {
 
     /// Stores a reply and hands it to the waiting requester. Returns whether it was delivered and its
     /// sequence; a reply for a requester that stopped waiting is dropped unstored and counted.
-    /// `authorize` sees the waiting request before anything is stored.
+    /// `authorize` sees the waiting request before anything is stored. A reply without a traceparent
+    /// gets `trace` (the call's), else the request's, after its content is hashed, as a publish does.
     pub async fn reply(
         &self,
         tenant: &str,
         reply_to: &str,
         mut event: Event,
+        trace: Option<String>,
         authorize: impl FnOnce(&Inbox) -> BusResult<()>,
     ) -> BusResult<(bool, Option<u64>)> {
         if reply_to.is_empty() {
@@ -197,11 +199,10 @@ impl Bus {
             Some(_) => {}
         }
         event.causation_id.get_or_insert(inbox.request_id);
-        if event.traceparent.is_none() {
-            event.traceparent = inbox.traceparent;
-        }
         event.reply_to = None;
-        let appended = self.publish(tenant, vec![event.clone()], None).await?;
+        // stamped after hashing: a retry under another span is the same reply
+        let trace = trace.or(inbox.traceparent);
+        let appended = self.publish(tenant, vec![event], trace).await?;
         let sequence = appended.first().map(|a| a.sequence).unwrap_or_default();
         let stored = self
             .store
