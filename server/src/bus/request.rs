@@ -101,6 +101,12 @@ impl Bus {
                 event_type: event.event_type,
             });
         }
+        // guarded before it is opened: a requester that goes away while the inbox is being written
+        // (to Redis) leaves nothing behind, nor does a failed write
+        let _guard = InboxGuard {
+            bus: self,
+            inbox: inbox.clone(),
+        };
         let mut replies = self
             .streams
             .open_inbox(
@@ -115,10 +121,6 @@ impl Bus {
                 },
             )
             .await?;
-        let _guard = InboxGuard {
-            bus: self,
-            inbox: inbox.clone(),
-        };
         let source = event.source.clone();
         let id = event.id.clone();
         let appended = self.publish(tenant, vec![event], None).await?;

@@ -1742,18 +1742,12 @@ impl LiveStreams for RedisStreams {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(inbox.to_owned(), (info, tx));
-        let stored: Result<(), _> = self
+        // on failure (or when the requester goes away meanwhile) the request's inbox guard closes it
+        let _: () = self
             .conn()
             .pset_ex(self.keys.inbox(inbox), record, INBOX_TTL_MS)
-            .await;
-        if let Err(error) = stored {
-            // the request fails before it has an inbox guard to remove this
-            self.inboxes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(inbox);
-            return Err(redis_err(error));
-        }
+            .await
+            .map_err(redis_err)?;
         Ok(rx)
     }
 
