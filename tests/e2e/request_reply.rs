@@ -153,6 +153,53 @@ async fn a_responder_that_filters_on_the_inbox_counts_as_one() {
 }
 
 #[tokio::test]
+async fn a_group_member_counts_as_a_responder_by_its_groups_filter() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let subject = |s: &str| pb::Filter {
+        filter: Some(pb::filter::Filter::Exact(pb::AttributeValues {
+            attributes: [("subject".to_owned(), s.to_owned())].into(),
+        })),
+    };
+    let mut member = Subscriber::open(
+        &mut bus,
+        pb::SubscriptionOpen {
+            filter: Some(subject("a")),
+            ..open(&["planner.plan.requested"], "answerers")
+        },
+    )
+    .await
+    .expect("open");
+    // another member opens the group without a filter, which becomes the group's, and leaves
+    let mut other = Subscriber::open(&mut bus, open(&["planner.plan.requested"], "answerers"))
+        .await
+        .expect("open other");
+    other
+        .send(pb::subscribe_request::Action::Close(pb::Close {}))
+        .await;
+    other.final_status().await.expect("closed");
+    // the member opened with subject "a", but the group now delivers every subject to it
+    let mut asking = request("q-g", 5000);
+    asking.event.as_mut().expect("event").subject = "b".into();
+    let mut requester = server.bus();
+    let call = tokio::spawn(async move { requester.request(asking).await });
+    let d = member.next_delivery().await;
+    let asked = d.event.expect("event");
+    assert_eq!(asked.subject, "b");
+    bus.reply(pb::ReplyRequest {
+        reply_to: asked.reply_to,
+        event: Some(event("a-g", "planner.plan.ready")),
+    })
+    .await
+    .expect("reply");
+    let answer = call
+        .await
+        .expect("join")
+        .expect("answered, not 'no responders'");
+    assert_eq!(answer.into_inner().reply.expect("reply").id, "a-g");
+}
+
+#[tokio::test]
 async fn request_times_out_with_deadline_exceeded_and_late_reply_is_dropped() {
     let server = TestServer::start().await;
     let mut bus = server.bus();

@@ -1063,12 +1063,21 @@ impl LiveStreams for EmbeddedStreams {
     }
 
     async fn has_interest(&self, tenant: &str, event: &Event) -> StreamResult<bool> {
+        let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
         Ok(self
             .subscribers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .any(|s| s.interest.tenant == tenant && s.interest.selection.matches(event)))
+            .filter(|s| s.interest.tenant == tenant)
+            .any(|s| {
+                // a member receives what its group selects: the latest open or setFilter of any
+                // member decides the group's filter
+                let group = s.group.as_ref().and_then(|key| groups.get(key));
+                group
+                    .map_or(&s.interest.selection, |g| &g.config.selection)
+                    .matches(event)
+            }))
     }
 
     async fn open_inbox(

@@ -1708,18 +1708,49 @@ impl LiveStreams for RedisStreams {
     }
 
     async fn has_interest(&self, tenant: &str, event: &Event) -> StreamResult<bool> {
+        // a member receives what its group selects: the latest open or setFilter of any member
+        // decides the group's filter, so a group member counts by its group's selection
+        let mut groups = BTreeSet::new();
         let local = self
             .subscribers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .any(|s| s.interest.tenant == tenant && s.interest.selection.matches(event));
+            .filter(|s| s.interest.tenant == tenant)
+            .any(|s| match &s.group {
+                Some(key) => {
+                    groups.insert(key.name.clone());
+                    false
+                }
+                None => s.interest.selection.matches(event),
+            });
         if local {
             return Ok(true);
         }
-        Ok(self.presence(tenant).await?.iter().any(|r| {
-            Selection::from_json(&r.selection).is_ok_and(|selection| selection.matches(event))
-        }))
+        for record in self.presence(tenant).await? {
+            match record.group {
+                Some(name) => {
+                    groups.insert(name);
+                }
+                None => {
+                    if Selection::from_json(&record.selection).is_ok_and(|s| s.matches(event)) {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        for name in groups {
+            let key = GroupKey {
+                tenant: tenant.to_owned(),
+                name,
+            };
+            match self.group_row(&key).await {
+                Ok(row) if row.config.selection.matches(event) => return Ok(true),
+                Ok(_) | Err(StreamError::NoSuchGroup(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
     }
 
     async fn open_inbox(
