@@ -3,7 +3,8 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 
 use crate::harness::*;
-use nerve::api::pb;
+use nerve::api::pb::{self, event_bus_client::EventBusClient};
+use tonic::transport::Channel;
 
 fn request(id: &str, timeout_ms: i32) -> pb::RequestRequest {
     pb::RequestRequest {
@@ -116,6 +117,26 @@ async fn request_without_responders_fails_at_once() {
     assert!(status.message().contains("planner.plan.requested"));
 }
 
+/// Replies to `asked` with the event `reply_id`; the requester's `call` must get that reply.
+async fn reply_and_expect_answer(
+    bus: &mut EventBusClient<Channel>,
+    asked: pb::Event,
+    call: tokio::task::JoinHandle<Result<tonic::Response<pb::RequestResponse>, tonic::Status>>,
+    reply_id: &str,
+) {
+    bus.reply(pb::ReplyRequest {
+        reply_to: asked.reply_to,
+        event: Some(event(reply_id, "planner.plan.ready")),
+    })
+    .await
+    .expect("reply");
+    let answer = call
+        .await
+        .expect("join")
+        .expect("answered, not 'no responders'");
+    assert_eq!(answer.into_inner().reply.expect("reply").id, reply_id);
+}
+
 #[tokio::test]
 async fn a_responder_that_filters_on_the_inbox_counts_as_one() {
     let server = TestServer::start().await;
@@ -139,17 +160,7 @@ async fn a_responder_that_filters_on_the_inbox_counts_as_one() {
     let call = tokio::spawn(async move { requester.request(request("q-f", 5000)).await });
     let d = responder.next_delivery().await;
     let asked = d.event.expect("event");
-    bus.reply(pb::ReplyRequest {
-        reply_to: asked.reply_to,
-        event: Some(event("a-f", "planner.plan.ready")),
-    })
-    .await
-    .expect("reply");
-    let answer = call
-        .await
-        .expect("join")
-        .expect("answered, not 'no responders'");
-    assert_eq!(answer.into_inner().reply.expect("reply").id, "a-f");
+    reply_and_expect_answer(&mut bus, asked, call, "a-f").await;
 }
 
 #[tokio::test]
@@ -186,17 +197,7 @@ async fn a_group_member_counts_as_a_responder_by_its_groups_filter() {
     let d = member.next_delivery().await;
     let asked = d.event.expect("event");
     assert_eq!(asked.subject, "b");
-    bus.reply(pb::ReplyRequest {
-        reply_to: asked.reply_to,
-        event: Some(event("a-g", "planner.plan.ready")),
-    })
-    .await
-    .expect("reply");
-    let answer = call
-        .await
-        .expect("join")
-        .expect("answered, not 'no responders'");
-    assert_eq!(answer.into_inner().reply.expect("reply").id, "a-g");
+    reply_and_expect_answer(&mut bus, asked, call, "a-g").await;
 }
 
 #[tokio::test]
