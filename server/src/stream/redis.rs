@@ -765,11 +765,22 @@ impl RedisStreams {
                 .map(|s| (s.interest.tenant.clone(), self.presence_record(s)))
         };
         if let Some((tenant, record)) = record {
+            let key = self.keys.presence(&tenant);
             let _: () = self
                 .conn()
-                .hset(self.keys.presence(&tenant), id, record)
+                .hset(&key, id, record)
                 .await
                 .map_err(redis_err)?;
+            // a subscriber that left while this was written had its record removed before it: take
+            // the one just written away again, or it would count as a responder until it expires
+            let gone = !self
+                .subscribers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(id);
+            if gone {
+                let _: i64 = self.conn().hdel(&key, id).await.map_err(redis_err)?;
+            }
         }
         Ok(())
     }
