@@ -59,6 +59,8 @@ pub async fn open_backends(config: &Config) -> Result<Backends> {
                     url: config.streams.clone(),
                     key_prefix: config.redis.key_prefix.clone(),
                     stream_max_len: config.redis.stream_max_len,
+                    // a request waits at most this long: its inbox must outlive the wait
+                    inbox_ttl: config.bus.max_request_timeout + std::time::Duration::from_secs(60),
                 },
                 store.clone(),
             )

@@ -48,6 +48,9 @@ pub struct RedisSettings {
     pub key_prefix: String,
     /// Approximate length each stream is trimmed to; older events are read from the store.
     pub stream_max_len: u64,
+    /// How long a reply inbox record lives, so a replica that dies leaves none for good: longer
+    /// than any request waits, or replies from other replicas to a longer wait are dropped as late.
+    pub inbox_ttl: Duration,
 }
 
 /// How long a presence entry lives without being refreshed (its replica died).
@@ -57,8 +60,6 @@ const PRESENCE_REFRESH: Duration = Duration::from_secs(10);
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How long a cached group setting is trusted without a change notice.
 const CONFIG_TTL: Duration = Duration::from_secs(1);
-/// Longest a reply inbox record lives in Redis if its replica dies without closing it.
-const INBOX_TTL_MS: u64 = 15 * 60 * 1000;
 /// The ledgers of a group on a stream that settle and lease entries, in the order scripts take them.
 const LEDGERS: &[&str] = &["due", "att", "err", "pos", "runs", "bits"];
 /// Bound of the sequence -> stream cache used to route acks.
@@ -247,6 +248,7 @@ pub struct RedisStreams {
     store: Arc<PostgresStore>,
     keys: Keys,
     max_len: u64,
+    inbox_ttl_ms: u64,
     replica: String,
     tail: Tail,
     /// Highest sequence this replica has added to Redis; group consumers wake on it.
@@ -309,6 +311,7 @@ impl RedisStreams {
             store,
             keys,
             max_len: settings.stream_max_len.max(1),
+            inbox_ttl_ms: settings.inbox_ttl.as_millis().max(1) as u64,
             replica: uuid::Uuid::new_v4().simple().to_string(),
             tail: Tail::new(start),
             relayed: watch::channel(start).0,
@@ -1787,7 +1790,7 @@ impl LiveStreams for RedisStreams {
         // on failure (or when the requester goes away meanwhile) the request's inbox guard closes it
         let _: () = self
             .conn()
-            .pset_ex(self.keys.inbox(inbox), record, INBOX_TTL_MS)
+            .pset_ex(self.keys.inbox(inbox), record, self.inbox_ttl_ms)
             .await
             .map_err(redis_err)?;
         Ok(rx)
