@@ -480,6 +480,35 @@ async fn a_late_dead_letter_of_an_attempt_another_member_holds_is_taken_back() {
 }
 
 #[tokio::test]
+async fn every_member_gives_up_after_the_groups_latest_max_attempts() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut member = Subscriber::open(&mut bus, group_open(&["tries.x"], "g"))
+        .await
+        .expect("open with the default of 5 attempts");
+    publish(&mut bus, vec![event("t1", "tries.x")]).await;
+    let d = member.next_delivery().await;
+    // another member opens the group with 1 attempt, which becomes the group's, and leaves
+    let mut once = group_open(&["tries.x"], "g");
+    once.max_attempts = 1;
+    let mut other = Subscriber::open(&mut bus, once).await.expect("open other");
+    other.send(Action::Close(pb::Close {})).await;
+    other.final_status().await.expect("closed");
+    // the redelivery would be attempt 2: past the group's 1, so it is dead-lettered, not sent
+    member
+        .send(Action::Nack(pb::Nack {
+            delivery_ids: vec![d.delivery_id],
+            retry_delay: None,
+            dead_letter: false,
+            reason: "boom".into(),
+        }))
+        .await;
+    let letters = await_dead_letters(&server, "g").await;
+    assert_eq!(letters[0].attempts, 1, "{letters:?}");
+    member.expect_idle(2).await;
+}
+
+#[tokio::test]
 async fn nack_to_dead_letter_parks_at_once_with_the_reason() {
     let server = TestServer::start().await;
     let mut bus = server.bus();

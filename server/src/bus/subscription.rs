@@ -124,7 +124,7 @@ struct Session {
     id: String,
     tenant: String,
     selection: Selection,
-    group: Option<(GroupKey, u32)>,
+    group: Option<GroupKey>,
     ack_deadline: Duration,
     heartbeat: Duration,
     window_limit: u32,
@@ -253,14 +253,14 @@ impl Bus {
                 self.streams
                     .ensure_group(&key, &config, start_after)
                     .await?;
-                Some((key, max_attempts))
+                Some(key)
             }
             None => None,
         };
         self.streams
             .join(
                 &id,
-                group.as_ref().map(|(k, _)| k),
+                group.as_ref(),
                 Interest {
                     tenant: spec.tenant.clone(),
                     selection: spec.selection.clone(),
@@ -344,7 +344,7 @@ impl Session {
         let mut wakeups = self
             .group
             .as_ref()
-            .map(|(key, _)| self.bus.streams.group_wakeups(key));
+            .map(|key| self.bus.streams.group_wakeups(key));
         // after the subscriber half-closes, deliveries go on until it cancels the call (as grpcurl does)
         let mut commands_open = true;
         loop {
@@ -524,7 +524,7 @@ impl Session {
                 self.fill_private().await?;
                 Ok(None)
             }
-            Some((key, max_attempts)) => self.fill_group(&key, max_attempts).await,
+            Some(key) => self.fill_group(&key).await,
         }
     }
 
@@ -716,12 +716,10 @@ impl Session {
         Ok(())
     }
 
-    async fn fill_group(
-        &mut self,
-        key: &GroupKey,
-        max_attempts: u32,
-    ) -> BusResult<Option<Instant>> {
+    async fn fill_group(&mut self, key: &GroupKey) -> BusResult<Option<Instant>> {
         let streams = self.bus.streams.clone();
+        // the group's, which the latest open set: every member gives up after the same attempts
+        let max_attempts = streams.group_max_attempts(key).await?;
         let mut delivered = 0;
         if self.credits > 0 {
             let lease = Utc::now() + self.ack_deadline;
@@ -945,7 +943,7 @@ impl Session {
 
     /// Writes the acks gathered since the last write, in one backend call.
     async fn save_acks(&mut self) -> BusResult<()> {
-        let Some((key, _)) = &self.group else {
+        let Some(key) = &self.group else {
             return Ok(());
         };
         if self.unsaved_acks.is_empty() {
@@ -990,7 +988,7 @@ impl Session {
                     )
                     .into());
                 }
-                let Some((key, _)) = self.group.clone() else {
+                let Some(key) = self.group.clone() else {
                     for (seq, attempt) in ids {
                         self.settle(seq, attempt);
                     }
@@ -1050,7 +1048,7 @@ impl Session {
                     )
                     .into());
                 }
-                let Some((key, _)) = self.group.clone() else {
+                let Some(key) = self.group.clone() else {
                     return Ok(Flow::Go);
                 };
                 let current: Vec<(u64, u32)> = ids
@@ -1098,7 +1096,7 @@ impl Session {
                     })?;
                 }
                 self.selection.filter = filter;
-                if let Some((key, _)) = &self.group {
+                if let Some(key) = &self.group {
                     self.bus
                         .streams
                         .set_group_selection(key, &self.selection)
@@ -1121,7 +1119,7 @@ impl Session {
 
     /// Hands every outstanding group delivery back at once: a stream that ends without ack counts as an attempt.
     async fn release_all(&mut self) {
-        let Some((key, _)) = self.group.clone() else {
+        let Some(key) = self.group.clone() else {
             return;
         };
         let now = Utc::now();

@@ -546,6 +546,15 @@ impl LiveStreams for EmbeddedStreams {
         Ok(created)
     }
 
+    async fn group_max_attempts(&self, key: &GroupKey) -> StreamResult<u32> {
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .map(|g| g.config.max_attempts)
+            .ok_or_else(|| StreamError::NoSuchGroup(key.name.clone()))
+    }
+
     async fn set_group_selection(&self, key: &GroupKey, selection: &Selection) -> StreamResult<()> {
         let mut conn = self.store.db().writer.lock().await;
         sqlx::query("UPDATE groups SET selection = ? WHERE tenant = ? AND name = ?")

@@ -180,6 +180,9 @@ pub trait LiveStreams: Send + Sync + 'static {
         start_after: u64,
     ) -> StreamResult<bool>;
 
+    /// The deliveries of one event a group makes before it is dead-lettered (the latest open's).
+    async fn group_max_attempts(&self, key: &GroupKey) -> StreamResult<u32>;
+
     /// Replaces the selection of an existing group.
     async fn set_group_selection(&self, key: &GroupKey, selection: &Selection) -> StreamResult<()>;
 

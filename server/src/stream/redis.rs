@@ -1261,6 +1261,10 @@ impl LiveStreams for RedisStreams {
         Ok(created)
     }
 
+    async fn group_max_attempts(&self, key: &GroupKey) -> StreamResult<u32> {
+        Ok(self.group_row(key).await?.config.max_attempts)
+    }
+
     async fn set_group_selection(&self, key: &GroupKey, selection: &Selection) -> StreamResult<()> {
         let updated =
             sqlx::query("UPDATE nerve_groups SET selection = $1 WHERE tenant = $2 AND name = $3")
