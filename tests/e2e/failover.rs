@@ -1341,10 +1341,7 @@ async fn entries_held_within_a_claim_survive_redis_restarted_empty() {
     // gone for good before Redis goes: a release of the held entries landing on the emptied Redis
     // would find the next member's leases of them (attempts start again at 1 there) and make them
     // due again, sending duplicates ahead of the rest
-    first
-        .send(pb::subscribe_request::Action::Close(pb::Close {}))
-        .await;
-    first.final_status().await.expect("closed");
+    first.close_gracefully().await.expect("closed");
     redis.kill9().await;
     redis.restart().await;
 

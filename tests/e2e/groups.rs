@@ -492,8 +492,7 @@ async fn every_member_gives_up_after_the_groups_latest_max_attempts() {
     let mut once = group_open(&["tries.x"], "g");
     once.max_attempts = 1;
     let mut other = Subscriber::open(&mut bus, once).await.expect("open other");
-    other.send(Action::Close(pb::Close {})).await;
-    other.final_status().await.expect("closed");
+    other.close_gracefully().await.expect("closed");
     // the redelivery would be attempt 2: past the group's 1, so it is dead-lettered, not sent
     member
         .send(Action::Nack(pb::Nack {
@@ -898,8 +897,7 @@ async fn acks_sent_right_before_a_graceful_close_all_count() {
         );
         // the ack and the close leave together; the stream ends only after the ack is saved
         sub.ack_one(&d).await;
-        sub.send(Action::Close(pb::Close {})).await;
-        sub.final_status()
+        sub.close_gracefully()
             .await
             .expect("a graceful close ends with OK");
         await_pending(&server, "closers", 0).await;

@@ -429,6 +429,14 @@ impl Subscriber {
         out
     }
 
+    /// Sends Close and reads until the stream ends: by then the server has settled what was sent
+    /// before and handed back the rest. Returns the final status (Ok for a graceful end).
+    pub async fn close_gracefully(&mut self) -> Result<(), Status> {
+        self.send(pb::subscribe_request::Action::Close(pb::Close {}))
+            .await;
+        self.final_status().await
+    }
+
     /// Reads until the stream ends; returns its final status (Ok for a clean end).
     pub async fn final_status(&mut self) -> Result<(), Status> {
         loop {

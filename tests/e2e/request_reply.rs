@@ -185,10 +185,7 @@ async fn a_group_member_counts_as_a_responder_by_its_groups_filter() {
     let mut other = Subscriber::open(&mut bus, open(&["planner.plan.requested"], "answerers"))
         .await
         .expect("open other");
-    other
-        .send(pb::subscribe_request::Action::Close(pb::Close {}))
-        .await;
-    other.final_status().await.expect("closed");
+    other.close_gracefully().await.expect("closed");
     // the member opened with subject "a", but the group now delivers every subject to it
     let mut asking = request("q-g", 5000);
     asking.event.as_mut().expect("event").subject = "b".into();
