@@ -149,6 +149,12 @@ async fn sigterm_ends_streams_with_a_status_and_exits_zero() {
     let mut sub = Subscriber::open(&mut bus, open(&["shutdown.>"], "g"))
         .await
         .expect("open");
+    // a health watcher (grpcurl, a mesh's checker) must not hold the shutdown either
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await)
+        .watch(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health watch")
+        .into_inner();
     publish(&mut bus, vec![event("s1", "shutdown.now")]).await;
     let _held = sub.next_delivery().await;
     let (requests, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -185,6 +191,16 @@ async fn sigterm_ends_streams_with_a_status_and_exits_zero() {
         .expect_err("PublishStream ends with a status");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("shutting down"));
+    let status = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Err(status) = health.message().await {
+                return status;
+            }
+        }
+    })
+    .await
+    .expect("the health watch ends in time");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     drop(requests);
     let exit = tokio::time::timeout(WAIT, server.child.wait())
         .await

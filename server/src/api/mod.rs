@@ -3,6 +3,7 @@
 mod admin;
 pub mod convert;
 mod event_bus;
+mod health;
 mod limits;
 pub mod status;
 
@@ -70,7 +71,11 @@ pub async fn serve(
     settings: ServeSettings,
     shutdown: CancellationToken,
 ) -> Result<(), crate::error::Error> {
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let reporter = HealthReporter::new();
+    let health = tonic_health::pb::health_server::HealthServer::new(health::HealthService::new(
+        reporter.clone(),
+        shutdown.clone(),
+    ));
     // every service has a status from the first call on; the watcher flips it to SERVING
     report(&reporter, Backends::DOWN).await;
     reporter
