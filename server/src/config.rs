@@ -78,6 +78,11 @@ pub struct Config {
     /// interval (at least 1 s) counts as down.
     #[serde(with = "humantime_serde")]
     pub health_check_interval: Duration,
+    /// After the first SIGTERM/SIGINT, how long the server reports itself not ready while it still
+    /// serves, so load balancers stop routing to it before its listeners close; a second signal ends
+    /// the wait. 0s = stop at once.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
     pub limits: Limits,
     pub bus: BusSettings,
     /// Allow listening on a non-loopback address without authentication (logged as a warning).
@@ -103,6 +108,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             health_check_interval: Duration::from_secs(2),
+            shutdown_delay: Duration::ZERO,
             limits: Limits::default(),
             bus: BusSettings::default(),
             insecure: false,

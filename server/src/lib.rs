@@ -93,6 +93,7 @@ pub struct Server {
     addr: SocketAddr,
     health_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
+    draining: CancellationToken,
     shutdown: CancellationToken,
     task: JoinHandle<Result<()>>,
 }
@@ -111,6 +112,12 @@ impl Server {
     /// Returns the address of the /metrics listener, when metrics are on.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Stops reporting ready (readiness and overall health NOT_SERVING) while still serving every call,
+    /// so load balancers route new calls elsewhere before [`Server::shutdown`].
+    pub fn drain(&self) {
+        self.draining.cancel();
     }
 
     /// Begins a graceful shutdown: streams end with UNAVAILABLE, no new calls are accepted.
@@ -176,6 +183,7 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
     let health_listener = health.map(|(listener, _)| listener);
     let (listener, addr) = bind("the gRPC listener", config.listen).await?;
     let shutdown = CancellationToken::new();
+    let draining = shutdown.child_token();
     let metrics_addr = if config.metrics.listen.is_empty() {
         None
     } else {
@@ -214,6 +222,7 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
             connections: config.connections.clone(),
             tls: tls.clone(),
             health_listener,
+            draining: draining.clone(),
         },
         shutdown.clone(),
     ));
@@ -232,16 +241,30 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
         addr,
         health_addr,
         metrics_addr,
+        draining,
         shutdown,
         task,
     })
 }
 
-/// Runs the server with the embedded backends until `shutdown` completes, then stops gracefully.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+/// Runs the server until `signal` completes, drains for `shutdown_delay` (or until `signal` completes
+/// again), then stops gracefully.
+pub async fn run<F: Future<Output = ()>>(
+    config: Config,
+    mut signal: impl FnMut() -> F,
+) -> Result<()> {
+    let delay = config.shutdown_delay;
     let backends = open_backends(&config).await?;
     let server = start(config, backends).await?;
-    shutdown.await;
+    signal().await;
+    if !delay.is_zero() {
+        info!(delay = %humantime::format_duration(delay), "draining: not ready, still serving");
+        server.drain();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = signal() => info!("second signal: draining cut short"),
+        }
+    }
     info!("shutting down");
     server.shutdown();
     server.wait().await?;

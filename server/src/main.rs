@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     for warning in warnings {
         warn!("{warning}");
     }
-    let outcome = runtime.block_on(nerve::run(config, shutdown_signal()));
+    let outcome = runtime.block_on(nerve::run(config, shutdown_signal));
     nerve::telemetry::shutdown();
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
+/// Completes on the next SIGINT or SIGTERM.
 async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]

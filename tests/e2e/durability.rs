@@ -218,6 +218,79 @@ async fn sigterm_ends_streams_with_a_status_and_exits_zero() {
     assert_eq!((id(&d), d.attempt), ("s1".to_owned(), 2));
 }
 
+/// With a shutdown delay the first SIGTERM only takes readiness away: calls are still served (a new
+/// connection publishes, an open subscription receives it) until a second signal stops the server.
+#[tokio::test]
+async fn sigterm_with_a_shutdown_delay_drains_while_serving_until_a_second_signal() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = HashMap::from([("NERVE_SHUTDOWN_DELAY", "10m")]);
+    let mut server = ServerProcess::spawn(dir.path(), &env).await;
+    let channel = server.channel().await;
+    let mut health = HealthClient::new(channel.clone());
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let mut readiness = health
+        .watch(check("nerve.v1.Readiness"))
+        .await
+        .expect("watch readiness")
+        .into_inner();
+    let mut next_readiness = async || {
+        let update = tokio::time::timeout(WAIT, readiness.message())
+            .await
+            .expect("a readiness update in time")
+            .expect("watch")
+            .expect("watch open");
+        ServingStatus::try_from(update.status).expect("known status")
+    };
+    while next_readiness().await != ServingStatus::Serving {}
+    let mut bus = EventBusClient::new(channel);
+    let mut sub = Subscriber::open(&mut bus, open(&["drain.>"], ""))
+        .await
+        .expect("open");
+
+    server.signal(15);
+    assert_eq!(next_readiness().await, ServingStatus::NotServing);
+    let liveness = health
+        .check(check("nerve.v1.Liveness"))
+        .await
+        .expect("liveness")
+        .into_inner();
+    assert_eq!(liveness.status, ServingStatus::Serving as i32);
+    let mut fresh = EventBusClient::new(server.channel().await);
+    publish(&mut fresh, vec![event("d1", "drain.now")]).await;
+    assert_eq!(id(&sub.next_delivery().await), "d1");
+
+    server.signal(15);
+    let status = sub
+        .final_status()
+        .await
+        .expect_err("stream ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let exit = tokio::time::timeout(WAIT, server.child.wait())
+        .await
+        .expect("exits well before the delay ends")
+        .expect("wait");
+    assert!(exit.success(), "exit status {exit:?}");
+}
+
+/// A shutdown delay ends on its own.
+#[tokio::test]
+async fn a_shutdown_delay_ends_on_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = HashMap::from([("NERVE_SHUTDOWN_DELAY", "1s")]);
+    let mut server = ServerProcess::spawn(dir.path(), &env).await;
+    server.signal(15);
+    let exit = tokio::time::timeout(WAIT, server.child.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    assert!(exit.success(), "exit status {exit:?}");
+}
+
 #[tokio::test]
 async fn dead_letters_survive_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -61,6 +61,8 @@ pub struct ServeSettings {
     pub tls: Option<Arc<crate::auth::Tls>>,
     /// Plaintext listener for grpc.health.v1 only, when configured.
     pub health_listener: Option<TcpListener>,
+    /// Cancelled when the server stops being ready before it shuts down (a child of `shutdown`).
+    pub draining: CancellationToken,
 }
 
 /// Serves EventBus, Admin, health and reflection (v1 and v1alpha) on the listener until `shutdown`.
@@ -85,6 +87,7 @@ pub async fn serve(
         bus.clone(),
         reporter,
         settings.health_interval,
+        settings.draining,
         shutdown.clone(),
     ));
     if let Some(health_listener) = settings.health_listener {
@@ -166,11 +169,13 @@ impl Backends {
 }
 
 /// Reports the overall entry and [`SERVICES`] SERVING only while both backends answer, and
-/// [`READINESS`] while the store does; everything (with [`LIVENESS`]) NOT_SERVING once shutdown begins.
+/// [`READINESS`] while the store does; all but [`LIVENESS`] NOT_SERVING once draining begins, and
+/// [`LIVENESS`] too once shutdown begins.
 async fn watch_health(
     bus: Arc<Bus>,
     reporter: HealthReporter,
     interval: Duration,
+    draining: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let mut last: Option<Backends> = None;
@@ -205,8 +210,10 @@ async fn watch_health(
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.cancelled() => {
+            // shutdown cancels draining too
+            _ = draining.cancelled() => {
                 report(&reporter, Backends::DOWN).await;
+                shutdown.cancelled().await;
                 reporter.set_service_status(LIVENESS, ServingStatus::NotServing).await;
                 return;
             }
