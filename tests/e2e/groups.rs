@@ -903,3 +903,67 @@ async fn acks_sent_right_before_a_graceful_close_all_count() {
         await_pending(&server, "closers", 0).await;
     }
 }
+
+/// A nack's reason is stored with the entry and its dead letter: one with a control character (which
+/// Postgres refuses, failing the write for good) or over 1 KiB ends the stream with INVALID_ARGUMENT
+/// naming the field, and the event is delivered again; a plain reason reaches the dead letter.
+#[tokio::test]
+async fn a_nack_reason_must_be_printable_text_of_at_most_1_kib() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["reason.x"], "reasoners");
+    o.max_attempts = 5;
+    o.ack_deadline = millis(60_000);
+    publish(&mut bus, vec![event("r1", "reason.x")]).await;
+    for (reason, needle) in [
+        ("bad\u{0}input".to_owned(), "control character"),
+        ("x".repeat(1025), "1025 bytes"),
+    ] {
+        let mut member = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+        let d = member.next_delivery().await;
+        assert_eq!(id(&d), "r1");
+        member
+            .send(pb::subscribe_request::Action::Nack(pb::Nack {
+                delivery_ids: vec![d.delivery_id],
+                retry_delay: None,
+                dead_letter: true,
+                reason,
+            }))
+            .await;
+        let status = member.final_status().await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("nack.reason"), "{status:?}");
+        assert!(status.message().contains(needle), "{status:?}");
+    }
+    let mut member = Subscriber::open(&mut bus, o).await.expect("open");
+    let d = member.next_delivery().await;
+    assert_eq!(id(&d), "r1", "the event is not lost");
+    member
+        .send(pb::subscribe_request::Action::Nack(pb::Nack {
+            delivery_ids: vec![d.delivery_id],
+            retry_delay: None,
+            dead_letter: true,
+            reason: "bad input, all ünïcode".into(),
+        }))
+        .await;
+    let letters = eventually("the dead letter", || {
+        let mut admin = server.admin();
+        async move {
+            let letters = admin
+                .list_dead_letters(pb::ListDeadLettersRequest {
+                    group: "reasoners".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .dead_letters;
+            (!letters.is_empty()).then_some(letters)
+        }
+    })
+    .await;
+    assert!(
+        letters[0].reason.contains("bad input, all ünïcode"),
+        "{letters:?}"
+    );
+}

@@ -10,7 +10,7 @@ use crate::{
     bus::{Command, Delivery, Outbound, Start, SubscribeSpec},
     event::{
         Data, Event, ExtensionValue, Filter, FilterKind, InvalidInput, MAX_FILTER_DEPTH, Priority,
-        Selection, StoredEvent, TypePattern,
+        Selection, StoredEvent, TypePattern, check_text,
     },
 };
 
@@ -325,6 +325,7 @@ pub fn command(msg: pb::SubscribeRequest) -> Result<Command> {
         )),
         Some(Action::Ack(a)) => Ok(Command::Ack(a.delivery_ids)),
         Some(Action::Nack(n)) => Ok(Command::Nack {
+            reason: nack_reason(n.reason)?,
             delivery_ids: n.delivery_ids,
             retry_delay: n
                 .retry_delay
@@ -332,7 +333,6 @@ pub fn command(msg: pb::SubscribeRequest) -> Result<Command> {
                 .transpose()?
                 .unwrap_or_default(),
             dead_letter: n.dead_letter,
-            reason: opt(n.reason),
         }),
         Some(Action::Extend(e)) => Ok(Command::Extend {
             delivery_ids: e.delivery_ids,
@@ -529,6 +529,21 @@ pub fn from_cloudevent(c: ce::CloudEvent) -> Result<Event> {
         }
     }
     Ok(event)
+}
+
+/// Most bytes of a nack's reason; it is stored with the entry and its dead letter.
+const MAX_NACK_REASON: usize = 1024;
+
+/// A nack's reason, if any: printable text of at most [`MAX_NACK_REASON`] bytes.
+fn nack_reason(reason: String) -> Result<Option<String>> {
+    check_text("nack.reason", &reason)?;
+    if reason.len() > MAX_NACK_REASON {
+        return Err(InvalidInput::field(
+            "nack.reason",
+            format!("has {} bytes; at most {MAX_NACK_REASON}", reason.len()),
+        ));
+    }
+    Ok(opt(reason))
 }
 
 #[cfg(test)]
