@@ -1466,3 +1466,64 @@ async fn group_gauges_cover_every_tenant() {
     })
     .await;
 }
+
+/// What a refused caller sent is audited before it is validated: control characters in it are escaped,
+/// so a NUL (which Postgres refuses) neither loses that record nor the others written with it.
+#[tokio::test]
+async fn a_refused_call_with_control_characters_is_audited_escaped_with_the_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = policy_server(dir.path()).await;
+    let planner = hs_token(&claims("planner"));
+    let admin = hs_token(&claims("admin"));
+    let refusals = ["plan\u{0}created", "plan.created", "plan\u{7}bell"].map(|event_type| {
+        let server = &server;
+        let planner = &planner;
+        async move {
+            publish_as(server, planner, vec![sourced("x", event_type, "planner")])
+                .await
+                .expect_err("refused")
+        }
+    });
+    for status in futures::future::join_all(refusals).await {
+        assert!(
+            matches!(
+                status.code(),
+                Code::PermissionDenied | Code::InvalidArgument
+            ),
+            "{status:?}"
+        );
+    }
+    let records = audit_records(&server, &admin).await;
+    for resource in ["plan\\u{0}created", "plan.created", "plan\\u{7}bell"] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r.principal == "planner" && r.resource == resource),
+            "{resource} in {records:#?}"
+        );
+    }
+}
+
+/// A token whose subject or tenant holds a control character names no identity the bus can store.
+#[tokio::test]
+async fn a_token_with_a_control_character_in_its_identity_is_unauthenticated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = policy_server(dir.path()).await;
+    let mut tenant = claims("planner");
+    tenant["tenant"] = "acme\u{0}".into();
+    for (token, needle) in [
+        (hs_token(&claims("plan\u{0}ner")), "sub"),
+        (hs_token(&tenant), "tenant"),
+    ] {
+        assert_status(
+            publish_as(
+                &server,
+                &token,
+                vec![sourced("x", "task.created", "planner")],
+            )
+            .await,
+            Code::Unauthenticated,
+            needle,
+        );
+    }
+}

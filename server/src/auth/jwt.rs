@@ -219,11 +219,13 @@ impl JwtVerifier {
     }
 
     fn claims(&self, claims: Map<String, Value>) -> Result<TokenClaims, AuthError> {
+        // identities are stored (publishers, audit records, presence): no control characters
+        let printable = |s: &str| !s.chars().any(char::is_control);
         let subject = match claims.get("sub") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::String(s)) if !s.is_empty() && printable(s) => s.clone(),
             _ => {
                 return Err(AuthError::Unauthenticated(
-                    "token sub must be a non-empty string".into(),
+                    "token sub must be a non-empty string without control characters".into(),
                 ));
             }
         };
@@ -231,7 +233,13 @@ impl JwtVerifier {
             None
         } else {
             match claims.get(&self.config.tenant_claim) {
-                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::String(s)) if printable(s) => Some(s.clone()),
+                Some(Value::String(_)) => {
+                    return Err(AuthError::Unauthenticated(format!(
+                        "token claim {} must not contain control characters",
+                        self.config.tenant_claim
+                    )));
+                }
                 _ => None,
             }
         };

@@ -406,19 +406,22 @@ impl Auth {
         reason: &str,
     ) {
         // what a caller sent ends up here before it is validated (a type of megabytes, a path of the
-        // whole header limit): the log and the table keep a bounded head of it
-        let resource = &*crate::api::status::bounded(resource, MAX_AUDIT_RESOURCE);
-        let reason = &*crate::api::status::bounded(reason, MAX_AUDIT_REASON);
+        // whole header limit, a NUL Postgres refuses, which failed the whole batch of records): the
+        // log and the table keep a bounded head of it with control characters escaped
+        let resource = &audit_text(resource, MAX_AUDIT_RESOURCE);
+        let reason = &audit_text(reason, MAX_AUDIT_REASON);
+        let tenant = &audit_text(tenant, MAX_AUDIT_RESOURCE);
+        let principal = &audit_text(principal, MAX_AUDIT_RESOURCE);
         info!(target: "nerve::audit", tenant, principal, action, resource, outcome, reason, "audit");
         let record = AuditRecord {
             id: 0,
             time: chrono::Utc::now(),
-            tenant: tenant.to_owned(),
-            principal: principal.to_owned(),
+            tenant: tenant.clone(),
+            principal: principal.clone(),
             action: action.to_owned(),
-            resource: resource.to_owned(),
+            resource: resource.clone(),
             outcome: outcome.to_owned(),
-            reason: reason.to_owned(),
+            reason: reason.clone(),
         };
         if self.audit.try_send(AuditMessage::Record(record)).is_err() {
             warn!(target: "nerve::audit", "audit queue full; the record above is only in the log");
@@ -705,4 +708,21 @@ impl Auth {
         self.flush_audit().await;
         self.store.audit(query).await
     }
+}
+
+/// A bounded head of `text` with control characters escaped (`\u{0}`), as audit records keep it.
+fn audit_text(text: &str, max: usize) -> String {
+    let head = crate::api::status::bounded(text, max);
+    if !head.chars().any(char::is_control) {
+        return head.into_owned();
+    }
+    head.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
