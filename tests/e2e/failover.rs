@@ -225,12 +225,16 @@ impl Proxy {
         self.frozen.send_replace(frozen);
     }
 
-    fn stop(&mut self) {
+    /// Closes the listener and every connection, and waits until they are closed.
+    async fn stop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
+            let _ = task.await;
         }
-        for c in self.connections.lock().expect("lock").drain(..) {
+        let connections: Vec<_> = self.connections.lock().expect("lock").drain(..).collect();
+        for c in connections {
             c.abort();
+            let _ = c.await;
         }
     }
 }
@@ -968,6 +972,95 @@ async fn postgres_partition_fails_a_waiting_publish_within_the_commit_timeout() 
     assert_eq!(stored.get("before"), Some(&1));
 }
 
+/// Postgres ends the replica's connections (a restart, a failover, `pg_terminate_backend`): the next
+/// commit reads the server's FATAL message instead of an I/O error, and publishes say UNAVAILABLE (a
+/// retry will do) until the writer is connected again, never INTERNAL.
+#[tokio::test]
+async fn postgres_ending_the_connections_is_unavailable_never_internal() {
+    use sqlx::Connection as _;
+    let deployment = Deployment::new(redis_url()).await;
+    let application = format!("nerve-test-{}", uuid::Uuid::new_v4().simple());
+    let url = format!("{}&application_name={application}", deployment.database_url);
+    let server = deployment.replica_on(&url, &[]).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let publish = |id: &str| pb::PublishRequest {
+        events: vec![event(id, "pg.ended")],
+    };
+    bus.publish(publish("before")).await.expect("publishes");
+
+    let mut admin = sqlx::PgConnection::connect(&deployment.database_url)
+        .await
+        .expect("connect to postgres");
+    let ended: Vec<i32> = sqlx::query_scalar(
+        "WITH mine AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE application_name = $1)
+         SELECT pid FROM mine WHERE pg_terminate_backend(pid)",
+    )
+    .bind(&application)
+    .fetch_all(&mut admin)
+    .await
+    .expect("end the replica's connections");
+    assert!(!ended.is_empty(), "the replica has connections");
+    eventually("the ended backends to be gone", || {
+        let url = deployment.database_url.clone();
+        let ended = ended.clone();
+        async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
+            let left: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+                    .bind(&ended)
+                    .fetch_one(&mut conn)
+                    .await
+                    .ok()?;
+            (left == 0).then_some(())
+        }
+    })
+    .await;
+    let mut unavailable = 0;
+    let mut committed = 0;
+    while committed < 3 {
+        match bus.publish(publish(&format!("after-{committed}"))).await {
+            Ok(_) => committed += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                unavailable += 1;
+                assert!(unavailable < 100, "publishing does not come back");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A replica whose commit listener lost its connection without an error it could see (sqlx reconnects
+/// by itself) still hears of the commits other replicas made meanwhile: its private subscribers get them.
+#[tokio::test]
+async fn a_replica_hears_of_commits_made_while_its_listener_was_away() {
+    let (mut proxy, deployment, behind) = replica_behind_proxy().await;
+    let direct = deployment.replica(&[]).await;
+    let mut publisher = EventBusClient::new(direct.channel().await);
+    let mut subscriber = Subscriber::open(
+        &mut EventBusClient::new(behind.channel().await),
+        open(&["heard.x"], ""),
+    )
+    .await
+    .expect("open");
+    publish_n(&mut publisher, "first", "heard.x", 1).await;
+    assert_eq!(
+        crate::harness::id(&subscriber.next_delivery().await),
+        "first-0"
+    );
+
+    // the notification of this commit is held by the proxy, then lost with the connection
+    proxy.freeze(true);
+    publish_n(&mut publisher, "missed", "heard.x", 1).await;
+    proxy.stop().await;
+    proxy.freeze(false);
+    proxy.resume().await;
+    assert_eq!(
+        crate::harness::id(&subscriber.next_delivery().await),
+        "missed-0"
+    );
+}
+
 /// 6. Postgres goes away for 10 s under 1,000 publishes/s: publishes fail with UNAVAILABLE within the
 ///    client deadline, none succeeds without a stored row, publishing is back within 5 s, and none
 ///    fails from 5 s after.
@@ -1030,7 +1123,7 @@ async fn postgres_outage_fails_fast_and_recovers() {
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
     let down_at = Instant::now();
-    proxy.stop();
+    proxy.stop().await;
     crate::harness::eventually("NOT_SERVING while postgres is away", || {
         let f = serving(&mut health);
         async move {

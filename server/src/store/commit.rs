@@ -430,6 +430,7 @@ pub(crate) fn start<W: BatchWriter>(
                     for request in batch {
                         let _ = request.reply.send(Err(match &e {
                             StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+                            StoreError::Internal(m) => StoreError::Internal(m.clone()),
                             other => StoreError::Internal(other.to_string()),
                         }));
                     }

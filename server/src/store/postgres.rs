@@ -174,21 +174,50 @@ fn writer_options(url: &str) -> StoreResult<PgConnectOptions> {
         ]))
 }
 
-/// Follows other replicas' commits; after a lost connection it re-reads the head, so nothing is missed.
+/// How often the head is re-read whatever the commit listener heard: a connection dropped silently (an
+/// idle timeout in a NAT or firewall) never reports itself, and notifications sent while the listener
+/// was away are gone.
+const HEAD_REREAD: Duration = Duration::from_secs(1);
+
+async fn read_head(pool: &PgPool, committed: &watch::Sender<u64>) -> Result<(), sqlx::Error> {
+    let head: i64 = sqlx::query_scalar("SELECT seq FROM nerve_sequence")
+        .fetch_one(pool)
+        .await?;
+    commit::advance(committed, head as u64);
+    Ok(())
+}
+
+/// Follows other replicas' commits; after a lost connection, and every [`HEAD_REREAD`], the head is
+/// re-read, so nothing is missed for long.
 async fn listen_for_commits(pool: PgPool, channel: String, committed: watch::Sender<u64>) {
+    tokio::spawn({
+        let (pool, committed) = (pool.clone(), committed.clone());
+        async move {
+            let mut reread = tokio::time::interval(HEAD_REREAD);
+            reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !committed.is_closed() {
+                reread.tick().await;
+                // a failure shows in the listener's log and the health checks
+                let _ = read_head(&pool, &committed).await;
+            }
+        }
+    });
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let session = async {
             let mut listener = PgListener::connect_with(&pool).await?;
             listener.listen(&channel).await?;
-            let head: i64 = sqlx::query_scalar("SELECT seq FROM nerve_sequence")
-                .fetch_one(&pool)
-                .await?;
-            commit::advance(&committed, head as u64);
+            read_head(&pool, &committed).await?;
             loop {
-                let note = listener.recv().await?;
-                if let Ok(head) = note.payload().parse::<u64>() {
-                    commit::advance(&committed, head);
+                match listener.try_recv().await? {
+                    Some(note) => {
+                        if let Ok(head) = note.payload().parse::<u64>() {
+                            commit::advance(&committed, head);
+                        }
+                    }
+                    // the connection was lost (the next call reconnects), and with it whatever
+                    // was sent meanwhile
+                    None => read_head(&pool, &committed).await?,
                 }
             }
             #[expect(unreachable_code, reason = "names the error type of the async block")]

@@ -125,8 +125,32 @@ pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_) => StoreError::Unavailable(e.to_string()),
+        sqlx::Error::Database(ref db) if away_or_busy(db.code().as_deref()) => {
+            StoreError::Unavailable(e.to_string())
+        }
         other => StoreError::Internal(other.to_string()),
     }
+}
+
+/// Whether a database error's code says the database is away or busy (a retry may succeed), not that
+/// the statement is at fault. Postgres (SQLSTATE): connection errors (08), out of resources (53),
+/// shutting down, restarting or starting up (57P), a standby after a failover (25006), serialization
+/// failures and deadlocks (40001, 40P01), lock and statement timeouts (55P03, 57014), and the idle
+/// transaction timeout (25P03). SQLite: see [`sqlite_away_or_busy`].
+fn away_or_busy(code: Option<&str>) -> bool {
+    let Some(code) = code else {
+        return false;
+    };
+    if let Ok(sqlite) = code.parse::<i32>() {
+        return sqlite_away_or_busy(sqlite);
+    }
+    ["08", "53", "57P"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || matches!(
+            code,
+            "25006" | "40001" | "40P01" | "55P03" | "57014" | "25P03"
+        )
 }
 
 /// Converts nanoseconds since the epoch.
@@ -476,13 +500,26 @@ const FIND_IN_EVERY_SOURCE: &str = "WITH RECURSIVE sources(source) AS (\
 /// Translates errors of the rusqlite writers (events, delivery state): a full or failing disk is worth
 /// a retry.
 pub(crate) fn map_write_err(e: rusqlite::Error) -> StoreError {
-    use rusqlite::ErrorCode::*;
-    match e.sqlite_error_code() {
-        Some(DiskFull | SystemIoFailure | CannotOpen | DatabaseBusy | DatabaseLocked) => {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) if sqlite_away_or_busy(f.extended_code) => {
             StoreError::Unavailable(e.to_string())
         }
         _ => StoreError::Internal(e.to_string()),
     }
+}
+
+/// Whether an SQLite result code says the database is busy or its disk failed (a retry may succeed):
+/// busy, locked, I/O error, disk full, cannot open. Extended codes carry the primary one in their low
+/// byte.
+fn sqlite_away_or_busy(code: i32) -> bool {
+    matches!(
+        code & 0xff,
+        rusqlite::ffi::SQLITE_BUSY
+            | rusqlite::ffi::SQLITE_LOCKED
+            | rusqlite::ffi::SQLITE_IOERR
+            | rusqlite::ffi::SQLITE_FULL
+            | rusqlite::ffi::SQLITE_CANTOPEN
+    )
 }
 
 /// Whether the unique key of events refused a row.
