@@ -190,6 +190,43 @@ async fn a_group_keeps_its_types_until_deleted_and_comes_back_without_its_old_en
     again.expect_idle(3).await;
 }
 
+/// A member of a deleted group ends with NOT_FOUND at once, not when it next looks: a group created
+/// again under the name is another group, with types the old member may not be allowed to read.
+#[tokio::test]
+async fn a_member_of_a_deleted_group_never_joins_a_group_created_again_under_its_name() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = open(&["z.task"], "reused");
+    o.heartbeat_interval = Some(prost_types::Duration {
+        seconds: 300,
+        nanos: 0,
+    });
+    let mut member = Subscriber::open(&mut bus, o).await.expect("open");
+    assert!(
+        server
+            .admin()
+            .delete_group(pb::DeleteGroupRequest {
+                group: "reused".into()
+            })
+            .await
+            .expect("delete")
+            .into_inner()
+            .deleted
+    );
+    Subscriber::open(&mut bus, open(&["z.secret"], "reused"))
+        .await
+        .expect("created again with other types")
+        .close();
+    publish(&mut bus, vec![event("secret", "z.secret")]).await;
+    match member.next_message(WAIT).await {
+        Err(status) => {
+            assert_eq!(status.code(), Code::NotFound, "{status:?}");
+            assert!(status.message().contains("reused"), "{status:?}");
+        }
+        Ok(delivery) => panic!("the old member went on: {delivery:?}"),
+    }
+}
+
 #[tokio::test]
 async fn delete_group_removes_it_and_redrive_of_unknown_group_is_not_found() {
     let server = TestServer::start().await;

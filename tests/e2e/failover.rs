@@ -811,6 +811,48 @@ async fn back_from_an_older_snapshot(next_event: bool) {
     }
 }
 
+/// A DeleteGroup that failed on Redis after the store's row went, retried once Redis is back, clears
+/// what Redis kept of the group: a group created again under the name starts at the latest event,
+/// without the old group's cursor and entries.
+#[tokio::test]
+async fn a_delete_group_retried_after_redis_failed_leaves_nothing_behind() {
+    // append-only, so the consumer group comes back with Redis
+    let mut redis = RedisProcess::start(true).await;
+    let deployment = Deployment::new(redis.url()).await;
+    let server = deployment.replica(&[]).await;
+    let channel = server.channel().await;
+    let mut bus = EventBusClient::new(channel.clone());
+    let mut admin = pb::admin_client::AdminClient::new(channel);
+    let delete = || pb::DeleteGroupRequest {
+        group: "undead".into(),
+    };
+    // an entry the old group handed out and got back unacked: a group created again must not get it
+    let mut member = Subscriber::open(&mut bus, open(&["undead.x"], "undead"))
+        .await
+        .expect("open");
+    publish_n(&mut bus, "old", "undead.x", 1).await;
+    let _unacked = member.next_delivery().await;
+    member.close_gracefully().await.expect("closed");
+
+    redis.kill9().await;
+    let status = admin
+        .delete_group(delete())
+        .await
+        .expect_err("redis is down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    redis.restart().await;
+    eventually("the delete to go through once redis is back", || {
+        let mut admin = admin.clone();
+        async move { admin.delete_group(delete()).await.ok() }
+    })
+    .await;
+
+    let mut member = reopen_after_a_redis_restart(&bus, open(&["undead.x"], "undead")).await;
+    publish_n(&mut bus, "new", "undead.x", 1).await;
+    let d = member.next_delivery().await;
+    assert_eq!((crate::harness::id(&d).as_str(), d.attempt), ("new-0", 1));
+}
+
 /// 5b. While Redis is down, publishes and private streams go on: the tail that private streams read is
 ///     fed from the store, and adding the events to Redis is retried behind it. 2,500 events are more
 ///     than one relay step takes (1,000), so a tail that waited for Redis would stop short of them.

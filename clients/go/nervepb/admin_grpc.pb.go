@@ -43,7 +43,8 @@ type AdminClient interface {
 	// ListGroups lists durable groups with their backlog.
 	ListGroups(ctx context.Context, in *ListGroupsRequest, opts ...grpc.CallOption) (*ListGroupsResponse, error)
 	// DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
-	// connected get nothing more: their streams end with NOT_FOUND when they next look for deliveries.
+	// connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
+	// pub/sub tells them), so none goes on in a group created again under the name.
 	DeleteGroup(ctx context.Context, in *DeleteGroupRequest, opts ...grpc.CallOption) (*DeleteGroupResponse, error)
 	// ListDeadLetters lists a group's dead letters, oldest first.
 	ListDeadLetters(ctx context.Context, in *ListDeadLettersRequest, opts ...grpc.CallOption) (*ListDeadLettersResponse, error)
@@ -192,7 +193,8 @@ type AdminServer interface {
 	// ListGroups lists durable groups with their backlog.
 	ListGroups(context.Context, *ListGroupsRequest) (*ListGroupsResponse, error)
 	// DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
-	// connected get nothing more: their streams end with NOT_FOUND when they next look for deliveries.
+	// connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
+	// pub/sub tells them), so none goes on in a group created again under the name.
 	DeleteGroup(context.Context, *DeleteGroupRequest) (*DeleteGroupResponse, error)
 	// ListDeadLetters lists a group's dead letters, oldest first.
 	ListDeadLetters(context.Context, *ListDeadLettersRequest) (*ListDeadLettersResponse, error)

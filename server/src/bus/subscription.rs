@@ -393,12 +393,16 @@ impl Session {
                 changed = head.changed() => if changed.is_err() {
                     return Err(BusError::Unavailable("live stream closed".into()));
                 },
-                _ = async {
+                deleted = async {
                     match wakeups.as_mut() {
-                        Some(w) => { let _ = w.changed().await; }
+                        Some(w) => w.changed().await.is_err(),
                         None => std::future::pending().await,
                     }
-                } => {}
+                } => if deleted {
+                    // a group created again under the name is another group
+                    let name = self.group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+                    return Err(crate::stream::StreamError::NoSuchGroup(name).into());
+                },
                 _ = tokio::time::sleep_until(wake_at) => {
                     if self.last_sent.elapsed() >= self.heartbeat {
                         let head_sequence = *self.bus.streams.head().borrow();

@@ -1022,6 +1022,11 @@ impl LiveStreams for EmbeddedStreams {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
+        // ends the members' streams (see `group_wakeups`)
+        self.wakeups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
         Ok(deleted)
     }
 

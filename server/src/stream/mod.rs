@@ -225,7 +225,9 @@ pub trait LiveStreams: Send + Sync + 'static {
     /// returns the sequences put back. One still pending (leased, or due) is left as it is.
     async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>>;
 
-    /// Watches a counter that moves whenever pending entries of the group became due early (release, nack, redrive).
+    /// Watches a counter that moves whenever pending entries of the group became due early (release, nack,
+    /// redrive). Its sender is dropped when the group is deleted, so a member never goes on in a group
+    /// created again under the name (whose types it may not be allowed to read).
     fn group_wakeups(&self, key: &GroupKey) -> watch::Receiver<u64>;
 
     /// Tells every consumer of the group (on every replica) to look for due entries now.

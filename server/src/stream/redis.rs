@@ -740,6 +740,14 @@ impl RedisStreams {
         Ok(())
     }
 
+    /// Drops the group's wakeup sender: its members' streams end (the group was deleted).
+    fn end_wakeups(&self, key: &GroupKey) {
+        self.wakeups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
     fn bump_wakeup(&self, key: &GroupKey) {
         if let Some(tx) = self
             .wakeups
@@ -936,12 +944,20 @@ async fn listen(streams: Weak<RedisStreams>) {
                     continue;
                 };
                 if message.get_channel_name() == wake {
+                    let (name, deleted) = match b.split_once('\n') {
+                        Some((name, DELETED)) => (name, true),
+                        _ => (b, false),
+                    };
                     let key = GroupKey {
                         tenant: a.to_owned(),
-                        name: b.to_owned(),
+                        name: name.to_owned(),
                     };
                     this.forget_config(&key);
-                    this.bump_wakeup(&key);
+                    if deleted {
+                        this.end_wakeups(&key);
+                    } else {
+                        this.bump_wakeup(&key);
+                    }
                 } else if let Ok(seq) = b.parse::<u64>() {
                     deliver_reply(&this, a, seq).await;
                 }
@@ -1010,6 +1026,10 @@ async fn maintain(streams: Weak<RedisStreams>) {
 
 /// One (tenant, stream)'s events of a relay step, in sequence order.
 type StreamEvents<'a> = ((String, StreamId), Vec<&'a Arc<StoredEvent>>);
+
+/// Third line of a wake message that says the group was deleted (tenants and group names have no
+/// line breaks).
+const DELETED: &str = "deleted";
 
 /// Most events one step of [`relay`] adds to Redis.
 const RELAY_BATCH: usize = 1_000;
@@ -1632,11 +1652,8 @@ impl LiveStreams for RedisStreams {
     }
 
     async fn delete_group(&self, key: &GroupKey) -> StreamResult<bool> {
-        match self.group_row(key).await {
-            Ok(_) => {}
-            Err(StreamError::NoSuchGroup(_)) => return Ok(false),
-            Err(e) => return Err(e),
-        }
+        // no early return for a group the store no longer has: a delete that failed on Redis after
+        // the store's row went is retried, and must still clear what Redis holds of the group
         // every stream of the tenant, not only those of the group's types: a member that opened
         // with other types left consumer groups and pending entries there, which a group created
         // again under the name would otherwise take over
@@ -1665,7 +1682,16 @@ impl LiveStreams for RedisStreams {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(g, _), _| g != key);
-        self.wake_group(key).await?;
+        // ends the members' streams here and on every other replica (see `group_wakeups`)
+        self.end_wakeups(key);
+        let _: i64 = self
+            .conn()
+            .publish(
+                self.keys.wake_channel(),
+                format!("{}\n{}\n{DELETED}", key.tenant, key.name),
+            )
+            .await
+            .map_err(redis_err)?;
         Ok(deleted)
     }
 

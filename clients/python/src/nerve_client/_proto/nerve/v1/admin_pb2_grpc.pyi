@@ -39,7 +39,8 @@ class AdminStub:
     """ListGroups lists durable groups with their backlog."""
     DeleteGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteGroupRequest, _admin_pb2.DeleteGroupResponse]
     """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
-    connected get nothing more: their streams end with NOT_FOUND when they next look for deliveries.
+    connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
+    pub/sub tells them), so none goes on in a group created again under the name.
     """
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]
     """ListDeadLetters lists a group's dead letters, oldest first."""
@@ -69,7 +70,8 @@ class AdminAsyncStub(AdminStub):
     """ListGroups lists durable groups with their backlog."""
     DeleteGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteGroupRequest, _admin_pb2.DeleteGroupResponse]  # type: ignore[assignment]
     """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
-    connected get nothing more: their streams end with NOT_FOUND when they next look for deliveries.
+    connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
+    pub/sub tells them), so none goes on in a group created again under the name.
     """
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     """ListDeadLetters lists a group's dead letters, oldest first."""
@@ -114,7 +116,8 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.DeleteGroupResponse, _abc.Awaitable[_admin_pb2.DeleteGroupResponse]]:
         """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
-        connected get nothing more: their streams end with NOT_FOUND when they next look for deliveries.
+        connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
+        pub/sub tells them), so none goes on in a group created again under the name.
         """
 
     @_abc_1.abstractmethod
