@@ -125,25 +125,33 @@ pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_) => StoreError::Unavailable(e.to_string()),
-        sqlx::Error::Database(ref db) if away_or_busy(db.code().as_deref()) => {
+        sqlx::Error::Database(ref db) if away_or_busy(db.as_ref()) => {
             StoreError::Unavailable(e.to_string())
         }
         other => StoreError::Internal(other.to_string()),
     }
 }
 
-/// Whether a database error's code says the database is away or busy (a retry may succeed), not that
-/// the statement is at fault. Postgres (SQLSTATE): connection errors (08), out of resources (53),
-/// shutting down, restarting or starting up (57P), a standby after a failover (25006), serialization
-/// failures and deadlocks (40001, 40P01), lock and statement timeouts (55P03, 57014), and the idle
-/// transaction timeout (25P03). SQLite: see [`sqlite_away_or_busy`].
-fn away_or_busy(code: Option<&str>) -> bool {
-    let Some(code) = code else {
-        return false;
-    };
-    if let Ok(sqlite) = code.parse::<i32>() {
-        return sqlite_away_or_busy(sqlite);
+/// Whether a database error says the database is away or busy (a retry may succeed), not that the
+/// statement is at fault.
+fn away_or_busy(db: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return postgres_away_or_busy(pg.code());
     }
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        return db
+            .code()
+            .and_then(|code| code.parse().ok())
+            .is_some_and(sqlite_away_or_busy);
+    }
+    false
+}
+
+/// Whether a Postgres SQLSTATE says the database is away or busy: connection errors (08), out of
+/// resources (53), shutting down, restarting or starting up (57P), a standby after a failover (25006),
+/// serialization failures and deadlocks (40001, 40P01), lock and statement timeouts (55P03, 57014),
+/// and the idle transaction timeout (25P03).
+pub(crate) fn postgres_away_or_busy(code: &str) -> bool {
     ["08", "53", "57P"]
         .iter()
         .any(|class| code.starts_with(class))
@@ -1086,6 +1094,20 @@ impl EventStore for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn postgres_codes_of_a_database_away_or_busy_are_told_from_faults_of_the_statement() {
+        use super::postgres_away_or_busy as away;
+        for code in [
+            "57P01", "57P03", "08006", "53300", "25006", "40001", "40P01", "55P03",
+        ] {
+            assert!(away(code), "{code}");
+        }
+        // faults of the statement (invalid text, unique and check violations), some all digits
+        for code in ["22021", "23505", "23514", "42P01", "XX000"] {
+            assert!(!away(code), "{code}");
+        }
+    }
+
     use super::*;
     use crate::event::TypePattern;
 
