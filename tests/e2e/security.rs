@@ -1527,3 +1527,82 @@ async fn a_token_with_a_control_character_in_its_identity_is_unauthenticated() {
         );
     }
 }
+
+/// Admin text that is stored or matched against stored text: a control character (which Postgres
+/// refuses, an INTERNAL error where SQLite stored it) or an oversized description is INVALID_ARGUMENT
+/// naming the field, on every call that takes it.
+#[tokio::test]
+async fn admin_text_with_control_characters_is_invalid_argument_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = policy_server(dir.path()).await;
+    let admin = hs_token(&claims("admin"));
+    let root = hs_token(&claims("root"));
+    let mut client = server.admin();
+    let registration = pb::Publisher {
+        principal: "billing".into(),
+        types: vec!["invoice.*".into()],
+        sources: vec!["//billing".into()],
+        description: "billing service".into(),
+        update_time: None,
+    };
+    type Spoil = fn(&mut pb::Publisher);
+    let spoilt: [(Spoil, &str); 4] = [
+        (
+            |p| p.principal = "bill\u{0}ing".into(),
+            "publisher.principal",
+        ),
+        (
+            |p| p.description = "a\u{0}b".into(),
+            "publisher.description",
+        ),
+        (
+            |p| p.description = "x".repeat(4097),
+            "publisher.description",
+        ),
+        (
+            |p| p.sources = vec!["//bill\u{0}ing".into()],
+            "publisher.sources",
+        ),
+    ];
+    for (spoil, field) in spoilt {
+        let mut publisher = registration.clone();
+        spoil(&mut publisher);
+        assert_status(
+            client
+                .register_publisher(authorized(
+                    pb::RegisterPublisherRequest {
+                        publisher: Some(publisher),
+                    },
+                    &admin,
+                ))
+                .await,
+            Code::InvalidArgument,
+            field,
+        );
+    }
+    assert_status(
+        client
+            .remove_publisher(authorized(
+                pb::RemovePublisherRequest {
+                    principal: "bill\u{0}ing".into(),
+                },
+                &admin,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "principal",
+    );
+    assert_status(
+        client
+            .list_audit_records(authorized(
+                pb::ListAuditRecordsRequest {
+                    principal: "\u{0}".into(),
+                    ..Default::default()
+                },
+                &root,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "principal",
+    );
+}

@@ -458,6 +458,8 @@ impl Auth {
 }
 
 /// Most bytes of an audit record's resource; longer ones keep their head and say how long they were.
+/// Most bytes of a registered publisher's description.
+const MAX_PUBLISHER_DESCRIPTION: usize = 4096;
 const MAX_AUDIT_RESOURCE: usize = 512;
 /// Most bytes of an audit record's reason (it may quote the resource).
 const MAX_AUDIT_REASON: usize = 1024;
@@ -642,6 +644,26 @@ impl Auth {
                 "publisher".into(),
                 "at most 256 types and 256 sources".into(),
             ));
+        }
+        if publisher.description.len() > MAX_PUBLISHER_DESCRIPTION {
+            return Err(RegistryError::Invalid(
+                "publisher.description".into(),
+                format!("must be at most {MAX_PUBLISHER_DESCRIPTION} bytes"),
+            ));
+        }
+        // stored text: Postgres refuses NUL (INTERNAL where SQLite stored it)
+        let texts = [
+            ("publisher.principal", &publisher.principal),
+            ("publisher.description", &publisher.description),
+        ]
+        .into_iter()
+        .chain(publisher.sources.iter().map(|s| ("publisher.sources", s)))
+        .chain(publisher.types.iter().map(|t| ("publisher.types", t)));
+        for (field, text) in texts {
+            crate::event::check_text(field, text).map_err(|e| {
+                let reason = e.violations.first().map(|v| v.description.clone());
+                RegistryError::Invalid(field.into(), reason.unwrap_or_default())
+            })?;
         }
         policy::parse_publisher(&publisher.types, &publisher.sources)
             .map(|_| ())
