@@ -24,7 +24,7 @@ pub const EMBEDDED: &str = "embedded";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PostgresConfig {
-    /// Connections in the pool of each replica.
+    /// Connections in the pool of each replica; at least 2, since the commit listener holds one.
     pub max_connections: u32,
 }
 

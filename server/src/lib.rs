@@ -52,6 +52,12 @@ pub async fn open_backends(config: &Config) -> Result<Backends> {
                     config::EMBEDDED
                 )));
             }
+            if config.postgres.max_connections < 2 {
+                return Err(Error::Config(
+                    "postgres.max_connections must be at least 2: the commit listener holds one"
+                        .into(),
+                ));
+            }
             let store =
                 PostgresStore::connect(&config.store, config.postgres.max_connections).await?;
             let streams = RedisStreams::start(

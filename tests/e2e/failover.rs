@@ -1492,3 +1492,20 @@ async fn entries_held_within_a_claim_survive_redis_restarted_empty() {
         assert!(again.contains(&id), "{id} was held and not delivered again");
     }
 }
+
+/// The commit listener holds one connection of the pool for good: a pool of one would leave none for
+/// reads, so every read timed out. The server refuses it at start, naming the setting.
+#[tokio::test]
+async fn a_postgres_pool_of_one_connection_is_refused_at_start() {
+    let mut config = nerve::config::Config {
+        store: fresh_schema_url().await,
+        streams: redis_url(),
+        ..Default::default()
+    };
+    config.postgres.max_connections = 1;
+    let error = match nerve::open_backends(&config).await {
+        Ok(_) => panic!("a pool of one connection was accepted"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("postgres.max_connections"), "{error}");
+}

@@ -131,7 +131,7 @@ impl PostgresStore {
             .fetch_one(&pool)
             .await
             .map_err(map_err)?;
-        let channel = format!("{COMMIT_CHANNEL}_{schema}");
+        let channel = commit_channel(&schema);
         let (committed_tx, committed) = watch::channel(head as u64);
         tokio::spawn(listen_for_commits(
             pool.clone(),
@@ -158,6 +158,20 @@ impl PostgresStore {
     }
 }
 
+/// The channel of a schema's commit notifications: `nerve_commits_<schema>`, or for a schema name too
+/// long for that (channel names have at most 63 bytes; `pg_notify` refuses longer ones, which failed
+/// every commit, while LISTEN cuts them short) a hash of it in its place.
+fn commit_channel(schema: &str) -> String {
+    let channel = format!("{COMMIT_CHANNEL}_{schema}");
+    if channel.len() <= 63 {
+        return channel;
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(schema.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{COMMIT_CHANNEL}_{hex}")
+}
+
 /// Where the group-commit writer connects: the store's URL with the settings its commit statement needs.
 fn writer_options(url: &str) -> StoreResult<PgConnectOptions> {
     Ok(PgConnectOptions::from_str(url)
@@ -171,6 +185,10 @@ fn writer_options(url: &str) -> StoreResult<PgConnectOptions> {
             // planning its five CTEs was about a quarter of the writer backend's CPU (docs/benchmarks.md,
             // cause 4). The key lookup, whose plan does depend on the table, sets the default back.
             ("plan_cache_mode", "force_generic_plan"),
+            // A replica that dies or is cut off inside the key lookup's explicit transaction would
+            // hold the sequence lock, and so every replica's commits, until the server's TCP
+            // keepalive notices (hours); the transaction never idles this long otherwise.
+            ("idle_in_transaction_session_timeout", "10s"),
         ]))
 }
 
@@ -950,6 +968,40 @@ mod tests {
             .await
             .expect("create schema");
         format!("{url}?options=-c%20search_path%3D{schema}")
+    }
+
+    #[tokio::test]
+    async fn a_schema_whose_name_makes_a_long_channel_commits() {
+        let url = fresh_schema_url().await;
+        let (base, short) = url
+            .split_once("?options=-c%20search_path%3D")
+            .expect("schema url");
+        // 55 bytes: "nerve_commits_" and it are over Postgres' 63-byte names
+        let schema = format!("{short}_{}", "x".repeat(20));
+        let mut conn = PgConnection::connect(base).await.expect("connect");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&mut conn)
+            .await
+            .expect("create schema");
+        let store =
+            PostgresStore::connect(&format!("{base}?options=-c%20search_path%3D{schema}"), 2)
+                .await
+                .expect("connect store");
+        let event = Event {
+            id: "long".into(),
+            source: "//schemas".into(),
+            event_type: "schema.long".into(),
+            spec_version: "1.0".into(),
+            ..Event::default()
+        };
+        let appended = store
+            .append(
+                "t",
+                vec![NewEvent::new(event.clone(), event.content_hash())],
+            )
+            .await
+            .expect("commits");
+        assert_eq!(appended.len(), 1);
     }
 
     #[tokio::test]
