@@ -218,7 +218,7 @@ impl pb::admin_server::Admin for AdminApi {
         self.allow(&principal, "admin.redrive_dead_letters", &resource)?;
         let selection = match (r.all, r.sequences.is_empty()) {
             (true, true) => RedriveSelection::All,
-            (false, false) => RedriveSelection::Sequences(r.sequences),
+            (false, false) => RedriveSelection::Sequences(r.sequences.into_iter().collect()),
             (true, false) => return Err(invalid("sequences", "must be empty when all is set")),
             (false, true) => {
                 return Err(invalid(

@@ -24,7 +24,7 @@ pub struct GroupSummary {
 #[derive(Debug, Clone)]
 pub enum RedriveSelection {
     All,
-    Sequences(Vec<u64>),
+    Sequences(HashSet<u64>),
 }
 
 const REDRIVE_PAGE: usize = 500;
@@ -139,6 +139,11 @@ impl Bus {
                 "group {group:?} does not exist"
             )));
         }
+        // letters are read in sequence order: none after the last one named is needed
+        let last_named = match &selection {
+            RedriveSelection::All => None,
+            RedriveSelection::Sequences(list) => Some(list.iter().max().copied().unwrap_or(0)),
+        };
         let mut total = 0;
         let mut after = 0;
         loop {
@@ -179,7 +184,7 @@ impl Bus {
                     .remove_dead_letters(tenant, group, &redriven)
                     .await?;
             }
-            if letters.len() < REDRIVE_PAGE {
+            if letters.len() < REDRIVE_PAGE || last_named.is_some_and(|last| last <= after) {
                 break;
             }
         }

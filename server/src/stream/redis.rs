@@ -827,8 +827,12 @@ impl RedisStreams {
             .collect();
         let mut rows: Vec<(GroupKey, StreamId, u64)> = Vec::new();
         for key in groups {
-            let Ok(row) = self.group_row(&key).await else {
-                continue;
+            let row = match self.group_row(&key).await {
+                Ok(row) => row,
+                // deleted since the names were read
+                Err(StreamError::NoSuchGroup(_)) => continue,
+                // a failed read is not an empty answer
+                Err(e) => return Err(e),
             };
             let streams = self
                 .group_streams(&key, &row.config.selection, None)
