@@ -719,11 +719,12 @@ impl EventStore for PostgresStore {
     }
 
     async fn event_types(&self, tenant: &str) -> StoreResult<Vec<EventTypeStats>> {
-        let rows = sqlx::query("SELECT * FROM event_types WHERE tenant = $1 ORDER BY type")
-            .bind(tenant)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
+        let rows =
+            sqlx::query("SELECT * FROM event_types WHERE tenant = $1 ORDER BY type COLLATE \"C\"")
+                .bind(tenant)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_err)?;
         rows.iter()
             .map(|r| {
                 Ok(EventTypeStats {

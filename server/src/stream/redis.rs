@@ -1589,12 +1589,13 @@ impl LiveStreams for RedisStreams {
     }
 
     async fn groups(&self, tenant: &str) -> StreamResult<Vec<GroupStats>> {
-        let names: Vec<String> =
-            sqlx::query_scalar("SELECT name FROM nerve_groups WHERE tenant = $1 ORDER BY name")
-                .bind(tenant)
-                .fetch_all(self.store.pool())
-                .await
-                .map_err(db_err)?;
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM nerve_groups WHERE tenant = $1 ORDER BY name COLLATE \"C\"",
+        )
+        .bind(tenant)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(db_err)?;
         let mut consumers: HashMap<String, u32> = HashMap::new();
         for record in self.presence(tenant).await? {
             if let Some(g) = record.group {
