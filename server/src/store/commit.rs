@@ -19,6 +19,9 @@ use crate::event::StoredEvent;
 
 /// Most events one group commit takes in.
 const MAX_GROUP_COMMIT_EVENTS: usize = 10_000;
+/// Most event bytes one group commit takes in (more requests wait for the next): Postgres binds all
+/// bodies as one array, and refuses one over 1 GiB, which 256 concurrent 4 MiB publishes reached.
+const MAX_GROUP_COMMIT_BYTES: usize = 64 << 20;
 /// How often an unavailable database is probed.
 const PROBE_EVERY: Duration = Duration::from_millis(200);
 
@@ -391,12 +394,15 @@ pub(crate) fn start<W: BatchWriter>(
     let writer_loop = async move {
         let mut lookups_left = 0;
         while let Some(first) = rx.recv().await {
+            let size = |r: &CommitRequest| r.events.iter().map(|e| e.body().len()).sum::<usize>();
             let mut total = first.events.len();
+            let mut bytes = size(&first);
             let mut batch = vec![first];
-            while total < MAX_GROUP_COMMIT_EVENTS {
+            while total < MAX_GROUP_COMMIT_EVENTS && bytes < MAX_GROUP_COMMIT_BYTES {
                 match rx.try_recv() {
                     Ok(more) => {
                         total += more.events.len();
+                        bytes += size(&more);
                         batch.push(more);
                     }
                     Err(_) => break,
