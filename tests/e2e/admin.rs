@@ -93,6 +93,37 @@ async fn lists_event_types_with_counts() {
     );
 }
 
+/// A group's lag counts every matching event not yet handed out, whichever of its types it started on:
+/// on Redis each type is a stream with a cursor of its own, and the group starts on a random one.
+#[tokio::test]
+async fn lag_counts_every_event_not_yet_handed_out_whatever_type_went_first() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    publish_n(&mut bus, "b", "lag.b", 5).await;
+    publish_n(&mut bus, "a", "lag.a", 5).await;
+    let mut admin = server.admin();
+    // a few groups, so that on Redis some start on each stream
+    for g in 0..6 {
+        let name = format!("lagging-{g}");
+        let mut o = open(&["lag.*"], &name);
+        o.start = earliest();
+        o.max_in_flight = 1;
+        let mut member = Subscriber::open(&mut bus, o).await.expect("open");
+        let _held = member.next_delivery().await;
+        let groups = admin
+            .list_groups(pb::ListGroupsRequest {})
+            .await
+            .expect("list")
+            .into_inner()
+            .groups;
+        let group = groups
+            .iter()
+            .find(|i| i.name == name)
+            .expect("the group is listed");
+        assert_eq!(group.lag + group.pending, 10, "{group:?}");
+    }
+}
+
 /// Asserts the admin API no longer lists `group`.
 async fn assert_group_gone(
     admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,

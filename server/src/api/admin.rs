@@ -111,16 +111,15 @@ impl pb::admin_server::Admin for AdminApi {
         let principal = principal(&request)?;
         let groups = self
             .bus
-            .list_groups(&principal.tenant)
+            .list_groups(&principal.tenant, |name| {
+                let resource = format!("groups/{name}");
+                self.auth.permits(&principal, |e| e.admin(&resource))
+            })
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ListGroupsResponse {
             groups: groups
                 .into_iter()
-                .filter(|g| {
-                    let resource = format!("groups/{}", g.stats.key.name);
-                    self.auth.permits(&principal, |e| e.admin(&resource))
-                })
                 .map(|g| pb::GroupInfo {
                     name: g.stats.key.name,
                     types: g.stats.config.selection.type_strings(),

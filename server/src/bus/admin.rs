@@ -60,8 +60,13 @@ impl Bus {
         }
     }
 
-    /// Lists durable groups with pending, lag, consumers and dead letters.
-    pub async fn list_groups(&self, tenant: &str) -> BusResult<Vec<GroupSummary>> {
+    /// Lists the durable groups `may_see` lets through (by name), with pending, lag, consumers and
+    /// dead letters; the lag of the others is not counted (it scans what they have not received).
+    pub async fn list_groups(
+        &self,
+        tenant: &str,
+        may_see: impl Fn(&str) -> bool,
+    ) -> BusResult<Vec<GroupSummary>> {
         let dead: HashMap<String, u64> = self
             .store
             .dead_letter_counts(tenant)
@@ -70,10 +75,13 @@ impl Bus {
             .collect();
         let mut out = Vec::new();
         for stats in self.streams.groups(tenant).await? {
-            let lag = self
-                .store
-                .count_after(tenant, stats.cursors, &stats.config.selection)
-                .await?;
+            if !may_see(&stats.key.name) {
+                continue;
+            }
+            let mut lag = 0;
+            for (selection, cursors) in &stats.positions {
+                lag += self.store.count_after(tenant, *cursors, selection).await?;
+            }
             out.push(GroupSummary {
                 dead_letters: dead.get(&stats.key.name).copied().unwrap_or(0),
                 lag,

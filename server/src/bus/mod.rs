@@ -304,7 +304,7 @@ struct GroupBacklog {
 async fn backlog_by_label(bus: &Bus) -> BusResult<HashMap<String, GroupBacklog>> {
     let mut backlog: HashMap<String, GroupBacklog> = HashMap::new();
     for tenant in bus.streams.group_tenants().await? {
-        for g in bus.list_groups(&tenant).await? {
+        for g in bus.list_groups(&tenant, |_| true).await? {
             let sums = backlog
                 .entry(crate::metrics::group_label(&g.stats.key.name))
                 .or_default();

@@ -986,7 +986,7 @@ impl LiveStreams for EmbeddedStreams {
                 key: k.clone(),
                 config: g.config.clone(),
                 pending: pending.get(&k.name).copied().unwrap_or(0),
-                cursors: g.cursors,
+                positions: vec![(g.config.selection.clone(), g.cursors)],
                 consumers: consumers.get(k).copied().unwrap_or(0),
             })
             .collect();

@@ -116,8 +116,10 @@ pub struct GroupStats {
     pub key: GroupKey,
     pub config: GroupConfig,
     pub pending: u64,
-    /// Per priority level (as in [`Priority::ALL`]), the last sequence handed out.
-    pub cursors: [u64; 4],
+    /// How far the group has handed out events: per selection, the last sequence per priority level
+    /// (as in [`Priority::ALL`]; `u64::MAX` for a level the selection does not cover there). One for
+    /// the whole group embedded; one per stream (type and level) on Redis, whose cursors move apart.
+    pub positions: Vec<(Selection, [u64; 4])>,
     pub consumers: u32,
 }
 

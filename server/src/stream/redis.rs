@@ -34,7 +34,7 @@ use super::{
     StreamError, StreamResult, TailRead, redis_scripts as lua, tail::Tail,
 };
 use crate::{
-    event::{Event, Priority, Selection, StoredEvent},
+    event::{Event, Priority, Selection, StoredEvent, TypePattern},
     retry::Backoff,
     store::{EventStore, PostgresStore, ReadQuery, body, sqlite::from_ns},
 };
@@ -1614,7 +1614,7 @@ impl LiveStreams for RedisStreams {
             let streams = self
                 .group_streams(&key, &row.config.selection, None)
                 .await?;
-            let mut cursors = [row.start_after; 4];
+            let mut positions = Vec::with_capacity(streams.len());
             let mut pending = 0;
             if !streams.is_empty() {
                 let mut pipe = redis::pipe();
@@ -1636,9 +1636,22 @@ impl LiveStreams for RedisStreams {
                         .iter()
                         .position(|p| level_number(*p) == s.level)
                         .unwrap_or(2);
-                    if let Some(Ok(last)) = state.first().map(|l| l.parse::<u64>()) {
-                        cursors[index] = cursors[index].max(last);
-                    }
+                    // each stream's own cursor: a group claims stream by stream, so one stream of a
+                    // level can be far behind another
+                    let last = state
+                        .first()
+                        .and_then(|l| l.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    let mut cursors = [u64::MAX; 4];
+                    cursors[index] = last.max(row.start_after);
+                    let literal = TypePattern::parse(&s.event_type).map_err(|e| {
+                        StreamError::Internal(format!("stream type {:?}: {e}", s.event_type))
+                    })?;
+                    let selection = Selection {
+                        types: vec![literal],
+                        filter: row.config.selection.filter.clone(),
+                    };
+                    positions.push((selection, cursors));
                     pending += state
                         .get(2)
                         .and_then(|p| p.parse::<u64>().ok())
@@ -1650,7 +1663,7 @@ impl LiveStreams for RedisStreams {
                 key,
                 config: row.config,
                 pending,
-                cursors,
+                positions,
             });
         }
         Ok(out)
