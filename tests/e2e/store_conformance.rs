@@ -145,6 +145,28 @@ async fn a_conflicting_request_fails_alone_and_leaves_no_gap(b: Backend) {
     assert_eq!(all.events.len(), 4);
 }
 
+/// A request the database refuses for a reason of its own (on Postgres: an idempotency key longer than
+/// its index takes, which settings allow with a raised `limits.max_attribute_bytes`) fails alone: the
+/// requests committed with it are stored.
+async fn a_request_the_database_refuses_fails_alone(b: Backend) {
+    let s = b.store.clone();
+    // random text compresses little: a key of several KiB even after Postgres compresses it
+    let long: String = (0..250)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    let mut refused = event(&long, "x.y");
+    refused.source = format!("//{long}");
+    let (first, maybe, last) = tokio::join!(
+        s.append("t", vec![new_event("before", "x.y")]),
+        s.append("t", vec![prepared(refused)]),
+        s.append("t", vec![new_event("after", "x.y")]),
+    );
+    first.expect("the request before is stored");
+    last.expect("the request after is stored");
+    let stored = s.read(&query(0)).await.expect("read").events.len();
+    assert_eq!(stored, if maybe.is_ok() { 3 } else { 2 }, "{maybe:?}");
+}
+
 /// A commit larger than one multi-row statement (the SQLite store splits at 500 rows): every event
 /// stored once in order, a key repeated inside the commit answered as a duplicate, statistics exact.
 async fn large_commits_store_every_event_once_with_exact_type_statistics(b: Backend) {
@@ -1052,6 +1074,7 @@ macro_rules! conformance {
 conformance!(
     appends_in_order_and_returns_the_original_sequence_for_duplicates,
     a_conflicting_request_fails_alone_and_leaves_no_gap,
+    a_request_the_database_refuses_fails_alone,
     large_commits_store_every_event_once_with_exact_type_statistics,
     concurrent_publishers_get_gapless_sequences_a_follower_sees_in_order,
     the_feed_of_fresh_commits_equals_what_the_database_holds,

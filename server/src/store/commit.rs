@@ -12,7 +12,7 @@ use std::{
 };
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use super::{Appended, NewEvent, StoreError, StoreResult};
 use crate::event::StoredEvent;
@@ -408,42 +408,53 @@ pub(crate) fn start<W: BatchWriter>(
                     Err(_) => break,
                 }
             }
-            let started = std::time::Instant::now();
-            recent.begin();
-            let committed_batch = commit(&mut writer, &batch, &mut lookups_left).await;
-            ::metrics::histogram!(crate::metrics::names::COMMIT_SECONDS).record(started.elapsed());
-            ::metrics::histogram!(crate::metrics::names::COMMIT_BATCH).record(total as f64);
-            match committed_batch {
-                Ok(Committed {
-                    results,
-                    recorded_ns,
-                }) => {
-                    let fresh = stored_events(&mut batch, &results, recorded_ns);
-                    let head = fresh.last().map(|(e, _)| e.sequence);
-                    recent.finish(fresh);
-                    if let Some(head) = head {
-                        advance(&committed, head);
-                    }
-                    debug!(requests = batch.len(), events = total, "group commit");
-                    for (request, result) in batch.into_iter().zip(results) {
-                        let _ = request.reply.send(result);
-                    }
-                }
-                Err(e) => {
-                    recent.finish(Vec::new());
-                    error!(error = %e, "group commit failed");
-                    let unavailable = matches!(e, StoreError::Unavailable(_));
+            let failed = match commit_and_answer(
+                &mut writer,
+                batch,
+                &mut lookups_left,
+                &recent,
+                &committed,
+            )
+            .await
+            {
+                Ok(()) => None,
+                // one bad request (an event key too long for Postgres' index, say) would fail the
+                // whole batch, and the same traffic forms the same batch again: each request alone
+                Err((batch, StoreError::Internal(e))) if batch.len() > 1 => {
+                    warn!(error = %e, requests = batch.len(), "group commit failed; committing its requests one by one");
+                    let mut failed = None;
                     for request in batch {
-                        let _ = request.reply.send(Err(match &e {
-                            StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-                            StoreError::Internal(m) => StoreError::Internal(m.clone()),
-                            other => StoreError::Internal(other.to_string()),
-                        }));
+                        if let Some(e) = &failed {
+                            answer(vec![request], e);
+                            continue;
+                        }
+                        let single = commit_and_answer(
+                            &mut writer,
+                            vec![request],
+                            &mut lookups_left,
+                            &recent,
+                            &committed,
+                        )
+                        .await;
+                        if let Err((single, e)) = single {
+                            answer(single, &e);
+                            // once the database is away, the rest get the same answer at once
+                            if matches!(e, StoreError::Unavailable(_)) {
+                                failed = Some(e);
+                            }
+                        }
                     }
-                    if unavailable && !fail_fast_until_available(&mut writer, &mut rx).await {
-                        return;
-                    }
+                    failed
                 }
+                Err((batch, e)) => {
+                    answer(batch, &e);
+                    Some(e)
+                }
+            };
+            if matches!(failed, Some(StoreError::Unavailable(_)))
+                && !fail_fast_until_available(&mut writer, &mut rx).await
+            {
+                return;
             }
         }
     };
@@ -457,6 +468,56 @@ pub(crate) fn start<W: BatchWriter>(
         .spawn(move || runtime.block_on(writer_loop))
         .map_err(unstarted)?;
     Ok(tx)
+}
+
+/// Commits one batch and answers its requests; on failure it hands the batch back unanswered.
+async fn commit_and_answer<W: BatchWriter>(
+    writer: &mut W,
+    mut batch: Vec<CommitRequest>,
+    lookups_left: &mut u32,
+    recent: &RecentCommits,
+    committed: &watch::Sender<u64>,
+) -> Result<(), (Vec<CommitRequest>, StoreError)> {
+    let total: usize = batch.iter().map(|r| r.events.len()).sum();
+    let started = std::time::Instant::now();
+    recent.begin();
+    let result = commit(writer, &batch, lookups_left).await;
+    ::metrics::histogram!(crate::metrics::names::COMMIT_SECONDS).record(started.elapsed());
+    ::metrics::histogram!(crate::metrics::names::COMMIT_BATCH).record(total as f64);
+    match result {
+        Ok(Committed {
+            results,
+            recorded_ns,
+        }) => {
+            let fresh = stored_events(&mut batch, &results, recorded_ns);
+            let head = fresh.last().map(|(e, _)| e.sequence);
+            recent.finish(fresh);
+            if let Some(head) = head {
+                advance(committed, head);
+            }
+            debug!(requests = batch.len(), events = total, "group commit");
+            for (request, result) in batch.into_iter().zip(results) {
+                let _ = request.reply.send(result);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            recent.finish(Vec::new());
+            error!(error = %e, requests = batch.len(), "group commit failed");
+            Err((batch, e))
+        }
+    }
+}
+
+/// Answers every request of a failed commit with its error.
+fn answer(batch: Vec<CommitRequest>, e: &StoreError) {
+    for request in batch {
+        let _ = request.reply.send(Err(match e {
+            StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+            StoreError::Internal(m) => StoreError::Internal(m.clone()),
+            other => StoreError::Internal(other.to_string()),
+        }));
+    }
 }
 
 /// Moves the events a commit stored out of its requests, as read back later would return them.
