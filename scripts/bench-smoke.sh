@@ -1,22 +1,41 @@
 #!/usr/bin/env bash
 # Smoke run of the benchmark tool: every scenario and baseline for about a second each, with tiny counts,
 # on both backends (embedded, then Postgres + Redis). Proves nerve-bench works end to end; it exits
-# non-zero when a scenario errors, never because a performance target is missed.
+# non-zero when a scenario errors or a row of results counted no events, never because a performance
+# target is missed.
 #
 # Assumes scripts/services.sh already ran (NERVE_TEST_DATABASE_URL and NERVE_TEST_REDIS_URL set):
 #   eval "$(scripts/services.sh)" && scripts/bench-smoke.sh
 # Uses ${CARGO_TARGET_DIR:-target}/debug/{nerve-server,nerve-bench}, building them when needed. The NATS
-# comparison runs when nats-server is installed and is skipped (with a message) otherwise.
+# comparison needs a nats-server: the tool looks on PATH, in /usr/sbin and in ~/.cache/nerve-tools/bin
+# (or takes NERVE_BENCH_NATS_SERVER); when there is none, this script installs Debian's package as root,
+# as scripts/services.sh installs Postgres and Redis. The end of the output says whether NATS ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 : "${NERVE_TEST_DATABASE_URL:?not set: run eval \"\$(scripts/services.sh)\" first}"
 : "${NERVE_TEST_REDIS_URL:?not set: run eval \"\$(scripts/services.sh)\" first}"
 
+nats_found() {
+  [ -n "${NERVE_BENCH_NATS_SERVER:-}" ] || command -v nats-server >/dev/null \
+    || [ -x /usr/sbin/nats-server ] || [ -x "$HOME/.cache/nerve-tools/bin/nats-server" ]
+}
+if ! nats_found; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "bench-smoke: installing nats-server (Debian package)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nats-server; } >&2 \
+      || echo "bench-smoke: could not install nats-server" >&2
+  else
+    echo "bench-smoke: no nats-server and not root: not installing it" >&2
+  fi
+fi
+
 target=${CARGO_TARGET_DIR:-target}
 cargo build --quiet -p nerve -p nerve-bench
 
 out="$target/bench-smoke.json"
+rm -f "$out"
+status=0
 "$target/debug/nerve-bench" \
   --server-bin "$target/debug/nerve-server" \
   --backends embedded,postgres \
@@ -32,5 +51,37 @@ out="$target/bench-smoke.json"
   --rr-concurrency 1,4 \
   --replay-events 3000 \
   --filter \
-  --json "$out"
+  --json "$out" || status=$?
+
+# what the exit status does not show: rows that counted nothing, and whether the NATS path ran
+checks=0
+if [ -f "$out" ]; then
+  python3 - "$out" <<'PY' || checks=$?
+import json, sys
+report = json.load(open(sys.argv[1]))
+rows = report["rows"]
+failed = False
+empty = [f'{r["scenario"]} / {r["system"]} / {r["case"]}' for r in rows if r["events"] == 0]
+if not rows:
+    print("bench-smoke: FAILED: the run produced no rows of results")
+    failed = True
+for e in empty:
+    print(f"bench-smoke: FAILED: 0 events in {e}")
+    failed = True
+nats = sorted({r["system"] for r in rows if r["system"].startswith("nats")})
+if nats:
+    print(f"bench-smoke: NATS JetStream exercised: {', '.join(nats)}")
+else:
+    why = [n for n in report["notes"] if "nats" in n.lower()] or ["no NATS rows in the results"]
+    print("bench-smoke: NATS JetStream NOT exercised: " + "; ".join(why))
+sys.exit(1 if failed else 0)
+PY
+else
+  echo "bench-smoke: FAILED: nerve-bench wrote no results to $out"
+  checks=1
+fi
+if [ "$status" != 0 ] || [ "$checks" != 0 ]; then
+  echo "bench-smoke: FAILED (nerve-bench exit status $status; see above)"
+  exit 1
+fi
 echo "bench-smoke: ok (results in $out)"

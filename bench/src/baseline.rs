@@ -12,39 +12,58 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use nerve::api::pb;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::{
     Args, Ids, Pacing,
     procstat::Meter,
     report::Row,
     server::{create_schema, drop_schema, url_with_options},
-    util::{Call, Hist, Send1, closed_loop, event, load_row, now_ns, open_loop, pacing_note},
+    util::{
+        Call, Hist, Send1, closed_loop, delivery_rate, event, from_schedule_note, load_row, now_ns,
+        open_loop, pacing_note,
+    },
 };
 
-/// The events table exactly as Nerve's Postgres migration creates it (columns and indexes).
-const EVENTS_DDL: &[&str] = &[
-    "CREATE TABLE events (
-        seq            BIGINT   PRIMARY KEY,
-        tenant         TEXT     NOT NULL,
-        source         TEXT     NOT NULL,
-        id             TEXT     NOT NULL,
-        type           TEXT     NOT NULL,
-        subject        TEXT,
-        correlation_id TEXT,
-        priority       SMALLINT NOT NULL,
-        recorded_ns    BIGINT   NOT NULL,
-        content_hash   BYTEA    NOT NULL,
-        body           TEXT,
-        body_binary    BYTEA,
-        CONSTRAINT events_one_body CHECK ((body IS NULL) <> (body_binary IS NULL))
-    )",
-    "CREATE UNIQUE INDEX events_key ON events (tenant, source, id)",
-    "CREATE INDEX events_type ON events (tenant, type, seq)",
-    "CREATE INDEX events_correlation ON events (tenant, correlation_id, seq) WHERE correlation_id IS NOT NULL",
-    "CREATE INDEX events_priority ON events (tenant, priority, seq)",
-    "CREATE INDEX events_recorded ON events (recorded_ns)",
-];
+/// Nerve's own Postgres migrations (`server/migrations/postgres`, embedded at build time as the server
+/// embeds them; `build.rs` rebuilds this crate when one is added). The raw baseline runs all of them in
+/// its scratch schema, so its events table is Nerve's as the server's migrations leave it: columns,
+/// constraints and indexes, whatever a later migration changes.
+static NERVE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../server/migrations/postgres");
+
+/// The events table of a schema as one line per column and per index (the index's definition with
+/// the schema's name taken out), sorted: two schemas made by the same migrations read the same.
+pub async fn events_table_shape(
+    conn: &mut sqlx::PgConnection,
+    schema: &str,
+) -> Result<Vec<String>> {
+    let columns: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text, is_nullable::text FROM information_schema.columns \
+         WHERE table_schema = $1 AND table_name = 'events'",
+    )
+    .bind(schema)
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading the events table's columns")?;
+    let indexes: Vec<(String,)> = sqlx::query_as(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = 'events'",
+    )
+    .bind(schema)
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading the events table's indexes")?;
+    let mut shape: Vec<String> = columns
+        .into_iter()
+        .map(|(name, data_type, nullable)| format!("column {name} {data_type} nullable={nullable}"))
+        .chain(
+            indexes
+                .into_iter()
+                .map(|(def,)| format!("index {}", def.replace(&format!("{schema}."), ""))),
+        )
+        .collect();
+    shape.sort();
+    Ok(shape)
+}
 
 /// One row as Nerve's store writes it.
 pub struct RawRow {
@@ -95,6 +114,9 @@ pub struct Pg {
     seq: Arc<AtomicI64>,
     /// `synchronous_commit` and `fsync` as the baseline connections see them.
     pub settings: String,
+    /// The events table's columns and indexes ([`events_table_shape`]), to compare with the table of
+    /// the Nerve server measured in the same run.
+    pub shape: Vec<String>,
 }
 
 impl Pg {
@@ -107,12 +129,11 @@ impl Pg {
             .connect(&url)
             .await
             .context("connecting the baseline pool")?;
-        for ddl in EVENTS_DDL {
-            sqlx::raw_sql(*ddl)
-                .execute(&pool)
-                .await
-                .context("creating the baseline table")?;
-        }
+        NERVE_MIGRATIONS
+            .run(&pool)
+            .await
+            .context("running Nerve's migrations in the baseline's schema")?;
+        let shape = events_table_shape(&mut *pool.acquire().await?, &schema).await?;
         let (sync, fsync) = commit_settings(&pool).await?;
         Ok(Pg {
             pool,
@@ -120,6 +141,7 @@ impl Pg {
             schema,
             seq: Arc::new(AtomicI64::new(0)),
             settings: format!("synchronous_commit={sync} fsync={fsync}"),
+            shape,
         })
     }
 
@@ -348,7 +370,9 @@ impl RedisBase {
         Ok(row)
     }
 
-    /// XADD at a fixed rate (one XADD per event, open loop) -> XREADGROUP on its own connection, XACK.
+    /// XADD at a fixed rate (one XADD per event, open loop) -> XREADGROUP on its own connection; the
+    /// reader hands the ids it read to a task that XACKs them on a third connection and reads again at
+    /// once, as Nerve's subscribers send their acks without waiting for an answer.
     pub async fn xadd_latency(
         &self,
         rate: u64,
@@ -367,8 +391,25 @@ impl RedisBase {
             .arg("MKSTREAM")
             .query_async::<()>(&mut admin)
             .await?;
-        // a blocking XREADGROUP gets a connection of its own
+        // a blocking XREADGROUP gets a connection of its own, and so do the acks: on the reader's,
+        // an XACK would wait behind the next blocking read
         let mut reader_conn = self.client.get_multiplexed_async_connection().await?;
+        let mut ack_conn = self.client.get_multiplexed_async_connection().await?;
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<String>>();
+        let acker = {
+            let key = key.clone();
+            tokio::spawn(async move {
+                while let Some(ids) = ack_rx.recv().await {
+                    redis::cmd("XACK")
+                        .arg(&key)
+                        .arg("g")
+                        .arg(&ids)
+                        .query_async::<()>(&mut ack_conn)
+                        .await?;
+                }
+                Ok::<(), anyhow::Error>(())
+            })
+        };
         let received = Arc::new(AtomicU64::new(0));
         let (stop_tx, mut stop) = watch::channel(false);
         let reader = {
@@ -376,9 +417,12 @@ impl RedisBase {
             let received = received.clone();
             tokio::spawn(async move {
                 let mut hist = Hist::new();
+                let mut from_schedule = Hist::new();
+                let mut last_ns = 0;
                 loop {
                     if *stop.borrow_and_update() {
-                        return Ok::<Hist, anyhow::Error>(hist);
+                        // dropping the sender lets the ack task finish
+                        return Ok::<_, anyhow::Error>((hist, from_schedule, last_ns));
                     }
                     let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
                         .arg("GROUP")
@@ -402,17 +446,19 @@ impl RedisBase {
                                 let t: u64 = redis::from_redis_value_ref(v)?;
                                 hist.record_ns(now.saturating_sub(t));
                             }
+                            if let Some(v) = entry.map.get("s") {
+                                let s: u64 = redis::from_redis_value_ref(v)?;
+                                from_schedule.record_ns(now.saturating_sub(s));
+                            }
                             ids.push(entry.id);
                         }
                     }
-                    received.fetch_add(ids.len() as u64, Ordering::Relaxed);
                     if !ids.is_empty() {
-                        redis::cmd("XACK")
-                            .arg(&key)
-                            .arg("g")
-                            .arg(&ids)
-                            .query_async::<()>(&mut reader_conn)
-                            .await?;
+                        last_ns = now;
+                        received.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                        ack_tx
+                            .send(ids)
+                            .map_err(|_| anyhow!("the XACK task ended early"))?;
                     }
                 }
             })
@@ -421,7 +467,7 @@ impl RedisBase {
         let body = Arc::new(Self::entry_body(payload_size, 0, now_ns())?);
         let send: Send1 = {
             let key = key.clone();
-            Arc::new(move |_, stamp| {
+            Arc::new(move |_, stamp, scheduled| {
                 let mut conn = conn.clone();
                 let key = key.clone();
                 let body = body.clone();
@@ -434,6 +480,8 @@ impl RedisBase {
                         .arg("*")
                         .arg("t")
                         .arg(stamp)
+                        .arg("s")
+                        .arg(scheduled)
                         .arg("e")
                         .arg(body.as_slice())
                         .arg("r")
@@ -452,22 +500,27 @@ impl RedisBase {
         }
         let usage = meter.finish();
         let _ = stop_tx.send(true);
-        let hist = reader.await??;
+        let (hist, from_schedule, last_ns) = reader.await??;
+        acker.await??;
         let got = received.load(Ordering::Relaxed);
         let mut row = Row::new("latency", "redis (raw)", format!("rate={rate}/s"));
         row.events = got;
-        row.seconds = r.elapsed.as_secs_f64();
-        row.rate = got as f64 / r.elapsed.as_secs_f64().max(1e-9);
+        (row.seconds, row.rate) = delivery_rate(got, r.first_send_ns, last_ns);
         row.offered_rate = Some(rate as f64);
+        row.planned = Some(r.planned);
+        row.sent = Some(r.sent);
         row.latency = hist.summary();
+        row.latency_from_schedule = from_schedule.summary();
         row.usage = usage;
         row.errors = r.errors + u64::from(got < r.events);
         row.first_error = r.first_error;
         row.note = format!(
-            "XADD (one per event) -> XREADGROUP COUNT 1000 BLOCK -> XACK; {}; sent {} of {} planned",
+            "XADD (one per event) -> XREADGROUP COUNT 1000 BLOCK, XACK sent from another task and \
+             connection without waiting; {}; sent {} of {} planned; {}",
             pacing_note(pacing),
             r.sent,
-            r.planned
+            r.planned,
+            from_schedule_note(row.latency_from_schedule),
         );
         Ok(row)
     }
@@ -534,4 +587,52 @@ pub async fn fdatasync_latency(duration: Duration) -> Result<Row> {
     })
     .await
     .context("the disk baseline's thread")?
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection as _;
+
+    use super::*;
+
+    /// Needs NERVE_TEST_DATABASE_URL (scripts/test.sh starts Postgres and sets it).
+    #[tokio::test]
+    async fn the_raw_baseline_table_is_the_one_nerve_server_migrates() {
+        let url = std::env::var("NERVE_TEST_DATABASE_URL")
+            .expect("NERVE_TEST_DATABASE_URL is not set: run scripts/test.sh");
+        let pg = Pg::create(&url, 1).await.expect("the baseline's schema");
+        // Nerve's store migrates a schema of its own, as nerve-server does when it starts
+        let schema = create_schema(&url, "nerve_bench_test")
+            .await
+            .expect("schema");
+        let store = nerve::store::PostgresStore::connect(&url_with_options(&url, &schema, &[]), 2)
+            .await
+            .map_err(|e| anyhow!("{e}"));
+        let nerve = async {
+            store?;
+            let mut conn = sqlx::PgConnection::connect(&url).await?;
+            events_table_shape(&mut conn, &schema).await
+        }
+        .await;
+        let raw = pg.shape.clone();
+        drop_schema(&url, &schema).await.expect("drop schema");
+        pg.drop().await.expect("drop the baseline's schema");
+        let nerve = nerve.expect("nerve-server's events table");
+        assert_eq!(raw, nerve);
+        // what the shape holds: migration 0005 dropped the recorded-time index
+        assert!(
+            raw.iter()
+                .any(|l| l.starts_with("index CREATE UNIQUE INDEX events_pkey")),
+            "{raw:#?}"
+        );
+        assert!(
+            raw.iter()
+                .any(|l| l.starts_with("column body_binary bytea")),
+            "{raw:#?}"
+        );
+        assert!(
+            !raw.iter().any(|l| l.contains("events_recorded")),
+            "{raw:#?}"
+        );
+    }
 }

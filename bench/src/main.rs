@@ -212,6 +212,11 @@ pub struct Args {
     /// Events/s published during the slow-consumer scenario.
     #[arg(long, default_value_t = 2000)]
     pub slow_rate: u64,
+    /// Bytes of data per event in the slow-consumer scenario: at the defaults (2,000/s for 10 s) a
+    /// phase publishes 320 MiB, five times the 64 MB the target allows, so a server that kept every
+    /// event for the stalled reader would miss it.
+    #[arg(long, default_value_t = 16_384)]
+    pub slow_payload_size: usize,
     /// Concurrent requesters of the request/reply scenario.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     pub rr_concurrency: Vec<usize>,
@@ -313,6 +318,8 @@ async fn run(args: Args) -> Result<ExitCode> {
         ..Report::default()
     };
     environment(&mut report, &args).await;
+    // the raw baseline's events table, to compare with the one nerve-server migrates in this run
+    let mut baseline_shape = None;
 
     // baselines
     if args.baselines.contains(&BaselineArg::Postgres) {
@@ -326,6 +333,7 @@ async fn run(args: Args) -> Result<ExitCode> {
                             "postgres (baseline connections)".into(),
                             pg.settings.clone(),
                         ));
+                        baseline_shape = Some(pg.shape.clone());
                         baseline::postgres_matrix(&pg, &args, &run_id, &mut report.rows).await;
                         if let Err(e) = pg.drop().await {
                             fail(
@@ -454,6 +462,17 @@ async fn run(args: Args) -> Result<ExitCode> {
                     continue;
                 }
             };
+            if let Some(settings) = &server.commit_settings {
+                report.environment.push((
+                    "postgres (nerve-server's connections)".into(),
+                    settings.clone(),
+                ));
+            }
+            if let (Some(expected), Some((url, schema))) = (&baseline_shape, server.store_schema())
+                && let Err(e) = same_events_table(expected, url, schema).await
+            {
+                fail(&mut report, "baseline.postgres", PG, e);
+            }
             match scenarios::connect(&server.addr.to_string(), args.connections).await {
                 Ok(channels) => {
                     let ctx = scenarios::Ctx {
@@ -504,6 +523,25 @@ async fn run(args: Args) -> Result<ExitCode> {
     } else {
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Checks that the raw baseline's events table (`expected`, [`baseline::events_table_shape`]) is the one
+/// nerve-server migrated in `schema`: the same columns and the same indexes.
+async fn same_events_table(expected: &[String], database_url: &str, schema: &str) -> Result<()> {
+    let mut conn = sqlx::PgConnection::connect(database_url).await?;
+    let nerve = baseline::events_table_shape(&mut conn, schema).await?;
+    let _ = conn.close().await;
+    let only = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|x| !b.contains(x)).cloned().collect()
+    };
+    let (raw_only, nerve_only) = (only(expected, &nerve), only(&nerve, expected));
+    if raw_only.is_empty() && nerve_only.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the raw baseline's events table is not nerve-server's: only in the baseline's {raw_only:?}, \
+         only in nerve-server's {nerve_only:?}"
+    )
 }
 
 /// Runs the latency scenario against a gRPC floor server, in a process of its own.
@@ -789,6 +827,49 @@ fn durable_floor(raw: Option<util::Latency>, sync: Option<util::Latency>) -> Opt
     ))
 }
 
+/// Why a cell cannot carry a verdict: it had errors, or its open loop sent fewer events than it
+/// planned (the system did not keep up). None for a complete cell.
+fn incomplete(r: &Row) -> Option<String> {
+    let mut why = Vec::new();
+    if r.errors > 0 {
+        why.push(format!("{} errors", r.errors));
+    }
+    if let (Some(sent), Some(planned)) = (r.sent, r.planned)
+        && sent < planned
+    {
+        why.push(format!("sent {sent} of {planned} planned"));
+    }
+    (!why.is_empty()).then(|| format!("{}: {}", r.system, why.join(", ")))
+}
+
+/// A target's verdict, given whether its figure meets it (`pass`), and the text appended to its
+/// measurement: a MISS when Nerve's own cell is incomplete (a cell that lost events or fell short of
+/// its plan cannot pass), none (n/a) when a baseline it is compared with is, with the reason either way.
+fn judged(
+    pass: Option<bool>,
+    nerve: Option<&Row>,
+    baselines: &[Option<&Row>],
+) -> (Option<bool>, String) {
+    if let Some(why) = nerve.and_then(incomplete) {
+        return (Some(false), format!("; incomplete cell ({why})"));
+    }
+    let why: Vec<String> = baselines
+        .iter()
+        .flatten()
+        .filter_map(|r| incomplete(r))
+        .collect();
+    if !why.is_empty() {
+        return (
+            None,
+            format!(
+                "; not judged: incomplete baseline cell ({})",
+                why.join("; ")
+            ),
+        );
+    }
+    (pass, String::new())
+}
+
 /// " (floor: A)" or " (floors: A; B)", or nothing without a floor.
 fn floors_note(parts: Vec<String>) -> String {
     match parts.len() {
@@ -983,11 +1064,28 @@ fn compare(report: &mut Report, optimized: bool) {
             (Some(n), Some(p)) if p.rate > 0.0 => add(
                 "1 event/RPC at most publishers vs raw single-row sync commit",
                 format!(
-                    "{} ({}) = {:.2}x raw {} (1 connection)",
+                    "{} ({}) = {:.2}x raw {} (1 connection; the verdict's){}",
                     rate(n.rate),
                     n.case,
                     n.rate / p.rate,
-                    rate(p.rate)
+                    rate(p.rate),
+                    // informative: as many connections, each committing its own rows, where
+                    // Postgres' own WAL group flush shares the syncs
+                    publishers_of(n)
+                        .filter(|&c| c > 1)
+                        .and_then(|c| find(
+                            &rows,
+                            "publish",
+                            PG,
+                            &format!("batch=1 publishers={c}")
+                        ))
+                        .filter(|r| r.rate > 0.0)
+                        .map_or(String::new(), |r| format!(
+                            "; {:.2}x raw {} ({} connections)",
+                            n.rate / r.rate,
+                            rate(r.rate),
+                            publishers_of(r).unwrap_or(0)
+                        ))
                 ),
                 ">= 2x".into(),
                 Some(n.rate / p.rate >= 2.0),
@@ -1018,7 +1116,7 @@ fn compare(report: &mut Report, optimized: bool) {
             .iter()
             .filter_map(|&f| {
                 let row = find(&rows, "latency", f, "rate=10000/s")
-                    .filter(|r| r.errors == 0 && optimized)?;
+                    .filter(|r| incomplete(r).is_none() && optimized)?;
                 Some((f, row, row.latency?))
             })
             .collect();
@@ -1032,11 +1130,16 @@ fn compare(report: &mut Report, optimized: bool) {
             |part: &dyn Fn(&str, util::Latency) -> String| floors_note(floor_parts(part));
         let raw = find(&rows, "latency", REDIS, "rate=10000/s");
         let raw_l = raw.and_then(|r| r.latency);
+        // a floor is only drawn from a complete cell
+        let raw_floor_l = raw
+            .filter(|r| incomplete(r).is_none())
+            .and_then(|r| r.latency);
+        let (p50_pass, p50_why) = judged(lat_l.map(|l| l.p50_ms <= 0.5), lat, &[]);
         add(
             "publish->deliver p50 at 10K/s",
-            lat_l.map_or("not measured".into(), |l| {
+            lat_l.map_or(format!("not measured{p50_why}"), |l| {
                 // without gRPC (raw Redis + fdatasync), then the least durable buses over gRPC
-                let parts = durable_floor(raw_l, sync_l)
+                let parts = durable_floor(raw_floor_l, sync_l)
                     .into_iter()
                     .chain(floor_parts(&|f, fl| {
                         format!(
@@ -1049,18 +1152,19 @@ fn compare(report: &mut Report, optimized: bool) {
                 let cells: Vec<Option<&Row>> =
                     [lat, raw].into_iter().chain(floor_rows.clone()).collect();
                 format!(
-                    "{:.3} ms{}{}",
+                    "{:.3} ms{}{}{p50_why}",
                     l.p50_ms,
                     floors_note(parts),
                     steal_note(&cells)
                 )
             }),
             "<= 0.5 ms".into(),
-            lat_l.map(|l| l.p50_ms <= 0.5),
+            p50_pass,
         );
+        let (p99_pass, p99_why) = judged(lat_l.map(|l| l.p99_ms <= 2.0), lat, &[]);
         add(
             "publish->deliver p99 at 10K/s",
-            lat_l.map_or("not measured".into(), |l| {
+            lat_l.map_or(format!("not measured{p99_why}"), |l| {
                 let floor = floor_note(&|f, fl| {
                     format!(
                         "{f} p99 {:.3} ms{}",
@@ -1070,35 +1174,38 @@ fn compare(report: &mut Report, optimized: bool) {
                 });
                 let cells: Vec<Option<&Row>> =
                     [lat].into_iter().chain(floor_rows.clone()).collect();
-                format!("{:.3} ms{floor}{}", l.p99_ms, steal_note(&cells))
+                format!("{:.3} ms{floor}{}{p99_why}", l.p99_ms, steal_note(&cells))
             }),
             "<= 2 ms".into(),
-            lat_l.map(|l| l.p99_ms <= 2.0),
+            p99_pass,
         );
         match (lat_l, raw_l) {
-            (Some(l), Some(b)) if b.p50_ms > 0.0 => add(
-                "publish->deliver p50 at 10K/s vs raw XADD->XREADGROUP p50",
-                format!(
-                    "{:.3} ms = {:.2}x raw {:.3} ms{}{}",
-                    l.p50_ms,
-                    l.p50_ms / b.p50_ms,
-                    b.p50_ms,
-                    floor_note(&|f, fl| format!(
-                        "{f} p50 {:.3} ms = {:.2}x raw{}",
-                        fl.p50_ms,
-                        fl.p50_ms / b.p50_ms,
-                        verdict(fl.p50_ms / b.p50_ms, |r| r <= 3.0)
-                    )),
-                    steal_note(
-                        &[lat, raw]
-                            .into_iter()
-                            .chain(floor_rows.clone())
-                            .collect::<Vec<_>>()
-                    )
-                ),
-                "<= 3x".into(),
-                Some(l.p50_ms / b.p50_ms <= 3.0),
-            ),
+            (Some(l), Some(b)) if b.p50_ms > 0.0 => {
+                let (pass, why) = judged(Some(l.p50_ms / b.p50_ms <= 3.0), lat, &[raw]);
+                add(
+                    "publish->deliver p50 at 10K/s vs raw XADD->XREADGROUP p50",
+                    format!(
+                        "{:.3} ms = {:.2}x raw {:.3} ms{}{}{why}",
+                        l.p50_ms,
+                        l.p50_ms / b.p50_ms,
+                        b.p50_ms,
+                        floor_note(&|f, fl| format!(
+                            "{f} p50 {:.3} ms = {:.2}x raw{}",
+                            fl.p50_ms,
+                            fl.p50_ms / b.p50_ms,
+                            verdict(fl.p50_ms / b.p50_ms, |r| r <= 3.0)
+                        )),
+                        steal_note(
+                            &[lat, raw]
+                                .into_iter()
+                                .chain(floor_rows.clone())
+                                .collect::<Vec<_>>()
+                        )
+                    ),
+                    "<= 3x".into(),
+                    pass,
+                )
+            }
             _ => add(
                 "publish->deliver p50 at 10K/s vs raw XADD->XREADGROUP p50",
                 "not measured".into(),
@@ -1118,12 +1225,14 @@ fn compare(report: &mut Report, optimized: bool) {
         let slow = rows.iter().find(|r| {
             r.scenario == "slow consumer" && r.system == system && r.rss_added_mb.is_some()
         });
+        // signed, judged as it is: below zero, the second phase peaked lower than the first
+        let added = slow.and_then(|r| r.rss_added_mb);
+        let (pass, why) = judged(added.map(|v| v < 64.0), slow, &[]);
         add(
             "slow consumers add server RSS",
-            slow.and_then(|r| r.rss_added_mb)
-                .map_or("not measured".into(), |v| format!("{v:.1} MB")),
+            added.map_or("not measured".into(), |v| format!("{v:+.1} MB{why}")),
             "< 64 MB".into(),
-            slow.and_then(|r| r.rss_added_mb).map(|v| v < 64.0),
+            pass,
         );
         // on Postgres + Redis every event is a Postgres row: the raw insert of the same rows shows
         // how far Postgres itself gets on this machine
@@ -1287,6 +1396,135 @@ mod tests {
         assert_eq!(
             measured("postgres+redis", "publish->deliver p99 at 10K/s"),
             "6.000 ms (floor: grpc floor + Postgres commit (raw) p99 4.000 ms, out of reach on this machine)"
+        );
+    }
+
+    fn target<'a>(report: &'a Report, system: &str, name: &str) -> &'a Target {
+        report
+            .targets
+            .iter()
+            .find(|t| t.system == system && t.name == name)
+            .unwrap_or_else(|| panic!("no target {name} for {system}"))
+    }
+
+    const P50: &str = "publish->deliver p50 at 10K/s";
+    const P99: &str = "publish->deliver p99 at 10K/s";
+    const VS_RAW: &str = "publish->deliver p50 at 10K/s vs raw XADD->XREADGROUP p50";
+
+    /// A latency cell whose figures meet every target, as its open loop left it.
+    fn fast(system: &str, sent: u64, errors: u64) -> Row {
+        let mut row = latency(system, 0.2, 0.5);
+        row.planned = Some(50_000);
+        row.sent = Some(sent);
+        row.errors = errors;
+        row
+    }
+
+    #[test]
+    fn a_latency_cell_that_lost_events_or_fell_short_of_its_plan_misses() {
+        for (sent, errors, why) in [
+            (50_000, 3, "embedded: 3 errors"),
+            (49_000, 0, "embedded: sent 49000 of 50000 planned"),
+        ] {
+            let mut report = Report {
+                rows: vec![fast(REDIS, 50_000, 0), fast("embedded", sent, errors)],
+                ..Report::default()
+            };
+            compare(&mut report, true);
+            for name in [P50, P99, VS_RAW] {
+                let t = target(&report, "embedded", name);
+                assert_eq!(t.pass, Some(false), "{name}: {}", t.measured);
+                assert!(t.measured.contains(why), "{name}: {}", t.measured);
+            }
+        }
+        // the same figures from a complete cell pass
+        let mut report = Report {
+            rows: vec![fast(REDIS, 50_000, 0), fast("embedded", 50_000, 0)],
+            ..Report::default()
+        };
+        compare(&mut report, true);
+        for name in [P50, P99, VS_RAW] {
+            assert_eq!(target(&report, "embedded", name).pass, Some(true), "{name}");
+        }
+    }
+
+    #[test]
+    fn an_incomplete_raw_redis_cell_judges_no_ratio_to_it() {
+        let mut report = Report {
+            rows: vec![fast(REDIS, 40_000, 0), fast("embedded", 50_000, 0)],
+            ..Report::default()
+        };
+        compare(&mut report, true);
+        let t = target(&report, "embedded", VS_RAW);
+        assert_eq!(t.pass, None, "{}", t.measured);
+        assert!(
+            t.measured.ends_with(
+                "not judged: incomplete baseline cell (redis (raw): sent 40000 of 50000 planned)"
+            ),
+            "{}",
+            t.measured
+        );
+        // the p50 target does not depend on it, and its floor is not drawn from it
+        let t = target(&report, "embedded", P50);
+        assert_eq!(t.pass, Some(true));
+        assert!(!t.measured.contains("XADD"), "{}", t.measured);
+    }
+
+    #[test]
+    fn the_one_event_per_rpc_target_names_both_raw_rates_and_judges_on_one_connection() {
+        let mut report = Report {
+            rows: vec![
+                publish(PG, "batch=1 publishers=1", 3_000.0),
+                publish(PG, "batch=1 publishers=64", 10_000.0),
+                publish("embedded", "batch=1 publishers=1", 2_000.0),
+                publish("embedded", "batch=1 publishers=64", 15_000.0),
+            ],
+            ..Report::default()
+        };
+        compare(&mut report, true);
+        let t = target(
+            &report,
+            "embedded",
+            "1 event/RPC at most publishers vs raw single-row sync commit",
+        );
+        assert_eq!(
+            t.measured,
+            "15,000 ev/s (batch=1 publishers=64) = 5.00x raw 3,000 ev/s (1 connection; the verdict's); \
+             1.50x raw 10,000 ev/s (64 connections)"
+        );
+        assert_eq!(t.pass, Some(true));
+    }
+
+    fn slow_row(added: f64, errors: u64) -> Row {
+        let mut row = Row::new(
+            "slow consumer",
+            "embedded",
+            "with 3 slow consumers (2 at 100/s, 1 stalled)",
+        );
+        row.rss_added_mb = Some(added);
+        row.errors = errors;
+        row
+    }
+
+    #[test]
+    fn the_slow_consumer_target_judges_the_signed_rss_delta_of_a_complete_cell() {
+        let verdict = |row: Row| {
+            let mut report = Report {
+                rows: vec![row],
+                ..Report::default()
+            };
+            compare(&mut report, true);
+            let t = target(&report, "embedded", "slow consumers add server RSS");
+            (t.pass, t.measured.clone())
+        };
+        assert_eq!(verdict(slow_row(-3.25, 0)), (Some(true), "-3.2 MB".into()));
+        assert_eq!(verdict(slow_row(70.0, 0)), (Some(false), "+70.0 MB".into()));
+        assert_eq!(
+            verdict(slow_row(1.0, 1)),
+            (
+                Some(false),
+                "+1.0 MB; incomplete cell (embedded: 1 errors)".into()
+            )
         );
     }
 }

@@ -24,14 +24,25 @@ pub struct Row {
     pub rate: f64,
     /// Target rate of open-loop scenarios.
     pub offered_rate: Option<f64>,
+    /// Open loops: sends the schedule planned, and sends that left.
+    pub planned: Option<u64>,
+    pub sent: Option<u64>,
     pub latency: Option<Latency>,
+    /// Open loops with a subscriber: publish -> deliver latency from the time each send was
+    /// scheduled (`latency` starts when it left), so it also counts the waits for the tool's timer
+    /// and for a free slot under `--max-outstanding`.
+    pub latency_from_schedule: Option<Latency>,
     pub usage: Usage,
     pub errors: u64,
     pub first_error: Option<String>,
     /// Comparisons with baseline figures of the same run.
     pub ratios: Vec<Ratio>,
-    /// Slow-consumer scenario: server RSS the slow consumers added, MiB.
+    /// Slow-consumer scenario: server RSS the slow consumers added, MiB (signed: below zero when
+    /// the second phase's peak was lower).
     pub rss_added_mb: Option<f64>,
+    /// Slow-consumer scenario: server RSS over the phase, (seconds since its start, MiB), every 100 ms.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rss_over_time: Vec<(f64, f64)>,
     /// Extra facts (RSS growth, lost events, ...).
     pub note: String,
 }
@@ -46,12 +57,16 @@ impl Row {
             seconds: 0.0,
             rate: 0.0,
             offered_rate: None,
+            planned: None,
+            sent: None,
             latency: None,
+            latency_from_schedule: None,
             usage: Usage::default(),
             errors: 0,
             first_error: None,
             ratios: Vec::new(),
             rss_added_mb: None,
+            rss_over_time: Vec::new(),
             note: String::new(),
         }
     }

@@ -26,8 +26,8 @@ use crate::{
     procstat::{Meter, Usage, rss_mb},
     report::{Ratio, Row},
     util::{
-        Call, Hist, LoadResult, Send1, closed_loop, event, load_row, now_ns, open_loop,
-        pacing_note, stamp_of,
+        Call, Hist, LoadResult, Send1, closed_loop, delivery_rate, event, from_schedule_note,
+        load_row, now_ns, open_loop, pacing_note, scheduled_event, stamps_of,
     },
 };
 
@@ -151,11 +151,17 @@ fn open_msg(
 /// What a reader saw.
 pub struct Outcome {
     pub delivered: u64,
+    /// Publish -> deliver latency from the time each send left.
     pub hist: Hist,
+    /// Publish -> deliver latency from the time each send was scheduled.
+    pub from_schedule: Hist,
+    /// When the last delivery was read (nanoseconds since the process epoch; 0 before any).
+    pub last_ns: u64,
     pub error: Option<String>,
 }
 
-/// Reads deliveries until `stop`, recording publish->deliver latency from each event's stamp and acking
+/// Reads deliveries until `stop`, recording publish->deliver latency from each event's stamps (the
+/// time its send left, and the time it was scheduled) and acking
 /// in batches of `ack_every` (and at least every 2 ms). With `pace`, waits that long after each delivery
 /// (a slow consumer).
 pub fn spawn_reader(
@@ -169,6 +175,8 @@ pub fn spawn_reader(
         let mut out = Outcome {
             delivered: 0,
             hist: Hist::new(),
+            from_schedule: Hist::new(),
+            last_ns: 0,
             error: None,
         };
         let mut pending: Vec<String> = Vec::new();
@@ -185,9 +193,11 @@ pub fn spawn_reader(
                     Ok(Some(m)) => {
                         if let Some(Message::Delivery(d)) = m.message {
                             let now = now_ns();
-                            if let Some(stamp) = d.event.as_ref().and_then(stamp_of) {
+                            if let Some((stamp, scheduled)) = d.event.as_ref().and_then(stamps_of) {
                                 out.hist.record_ns(now.saturating_sub(stamp));
+                                out.from_schedule.record_ns(now.saturating_sub(scheduled));
                             }
+                            out.last_ns = now;
                             out.delivered += 1;
                             counter.fetch_add(1, Ordering::Relaxed);
                             pending.push(d.delivery_id);
@@ -252,12 +262,24 @@ async fn wait_count(counter: &AtomicU64, target: u64, timeout: Duration) -> bool
     true
 }
 
-/// Publishes one event per request, stamped, round-robin over the connections, as `--publish-via` says.
-async fn single_sender(ctx: &Ctx, event_type: &'static str, tag: &str) -> Result<Send1> {
+/// Publishes one event of `size` bytes of data per request, stamped, round-robin over the
+/// connections, as `--publish-via` says.
+async fn single_sender(
+    ctx: &Ctx,
+    event_type: &'static str,
+    tag: &str,
+    size: usize,
+) -> Result<Send1> {
     match ctx.args.publish_via {
-        PublishVia::Call => Ok(call_sender(ctx, event_type, tag)),
-        PublishVia::Stream => stream_sender(ctx, event_type, tag).await,
+        PublishVia::Call => Ok(call_sender(ctx, event_type, tag, size)),
+        PublishVia::Stream => stream_sender(ctx, event_type, tag, size).await,
     }
+}
+
+/// Events acknowledged as committed by a publish's results: a duplicate of an event already stored
+/// wrote nothing.
+fn committed(results: &[pb::PublishResult]) -> u64 {
+    results.iter().filter(|r| !r.duplicate).count() as u64
 }
 
 /// How the open-loop scenarios published, for their rows' notes.
@@ -270,22 +292,27 @@ fn publish_note(ctx: &Ctx) -> String {
 }
 
 /// Publishes one event per request on a PublishStream per connection.
-async fn stream_sender(ctx: &Ctx, event_type: &'static str, tag: &str) -> Result<Send1> {
+async fn stream_sender(
+    ctx: &Ctx,
+    event_type: &'static str,
+    tag: &str,
+    size: usize,
+) -> Result<Send1> {
     let mut streams = Vec::new();
     for i in 0..ctx.channels.len() {
         streams.push(PublishStream::open(ctx.bus(i)).await?);
     }
     let prefix = format!("{}-{tag}", ctx.run);
-    let size = ctx.args.payload_size;
     let ids = ctx.args.ids;
-    Ok(Arc::new(move |i, stamp| {
+    Ok(Arc::new(move |i, stamp, scheduled| {
         let stream = &streams[(i as usize) % streams.len()];
-        let e = event(
+        let e = scheduled_event(
             ids.name(|| format!("{prefix}-{i}")),
             event_type,
             i,
             size,
             stamp,
+            scheduled,
         );
         let answer = stream.send(i, vec![e]);
         Box::pin(async move {
@@ -337,7 +364,7 @@ impl PublishStream {
                     ))
                 } else {
                     match answer.outcome {
-                        Some(Answer::Published(p)) => Ok(p.results.len() as u64),
+                        Some(Answer::Published(p)) => Ok(committed(&p.results)),
                         Some(Answer::Error(e)) => Err(anyhow!("code {}: {}", e.code, e.message)),
                         None => Err(anyhow!("an answer without an outcome")),
                     }
@@ -370,23 +397,23 @@ impl PublishStream {
 }
 
 /// Publishes one event per call, stamped, round-robin over the connections.
-fn call_sender(ctx: &Ctx, event_type: &'static str, tag: &str) -> Send1 {
+fn call_sender(ctx: &Ctx, event_type: &'static str, tag: &str, size: usize) -> Send1 {
     let buses = ctx.buses();
     let prefix = format!("{}-{tag}", ctx.run);
-    let size = ctx.args.payload_size;
     let ids = ctx.args.ids;
-    Arc::new(move |i, stamp| {
+    Arc::new(move |i, stamp, scheduled| {
         let mut bus = buses[(i as usize) % buses.len()].clone();
-        let e = event(
+        let e = scheduled_event(
             ids.name(|| format!("{prefix}-{i}")),
             event_type,
             i,
             size,
             stamp,
+            scheduled,
         );
         Box::pin(async move {
             let r = bus.publish(pb::PublishRequest { events: vec![e] }).await?;
-            Ok(r.into_inner().results.len() as u64)
+            Ok(committed(&r.into_inner().results))
         })
     })
 }
@@ -418,7 +445,7 @@ pub async fn publish(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
                     .collect();
                 Box::pin(async move {
                     let r = bus.publish(pb::PublishRequest { events }).await?;
-                    Ok(r.into_inner().results.len() as u64)
+                    Ok(committed(&r.into_inner().results))
                 })
             });
             let meter = Meter::start(ctx.pid);
@@ -458,7 +485,13 @@ pub async fn latency(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
             ctx.args.duration,
             ctx.args.max_outstanding,
             ctx.args.pacing,
-            single_sender(ctx, "bench.latency.v1", &format!("lat{rate}")).await?,
+            single_sender(
+                ctx,
+                "bench.latency.v1",
+                &format!("lat{rate}"),
+                ctx.args.payload_size,
+            )
+            .await?,
         )
         .await;
         let (complete, usage) =
@@ -467,20 +500,23 @@ pub async fn latency(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         let out = reader.await?;
         let mut row = ctx.row("latency", format!("rate={rate}/s"));
         row.events = out.delivered;
-        row.seconds = r.elapsed.as_secs_f64();
-        row.rate = out.delivered as f64 / r.elapsed.as_secs_f64().max(1e-9);
+        (row.seconds, row.rate) = delivery_rate(out.delivered, r.first_send_ns, out.last_ns);
         row.offered_rate = Some(rate as f64);
+        row.planned = Some(r.planned);
+        row.sent = Some(r.sent);
         row.latency = out.hist.summary();
+        row.latency_from_schedule = out.from_schedule.summary();
         row.usage = usage;
         row.errors = r.errors + u64::from(out.error.is_some());
         row.first_error = r.first_error.clone().or(out.error);
         let ack = r.hist.summary();
         let lag = r.schedule_lag.summary();
         row.note = format!(
-            "{}; sent {} of {} planned; publish ack p50 {:.3} ms p99 {:.3} ms; send schedule lag p99 {:.3} ms{}",
+            "{}; sent {} of {} planned; {}; publish ack p50 {:.3} ms p99 {:.3} ms; send schedule lag p99 {:.3} ms{}",
             publish_note(ctx),
             r.sent,
             r.planned,
+            from_schedule_note(row.latency_from_schedule),
             ack.map_or(0.0, |l| l.p50_ms),
             ack.map_or(0.0, |l| l.p99_ms),
             lag.map_or(0.0, |l| l.p99_ms),
@@ -531,7 +567,7 @@ pub async fn fanout(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         ctx.args.duration,
         ctx.args.max_outstanding,
         ctx.args.pacing,
-        single_sender(ctx, "bench.fanout.v1", "fan").await?,
+        single_sender(ctx, "bench.fanout.v1", "fan", ctx.args.payload_size).await?,
     )
     .await;
     let expected = r.events * groups as u64;
@@ -539,30 +575,38 @@ pub async fn fanout(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         wait_deliveries(&meter, &counter, expected, Duration::from_secs(15)).await;
     let _ = stop_tx.send(true);
     let mut hist = Hist::new();
+    let mut from_schedule = Hist::new();
+    let mut last_ns = 0;
     let mut per_group = Vec::new();
     let mut errors = Vec::new();
     for reader in readers {
         let out = reader.await?;
         hist.merge(&out.hist);
+        from_schedule.merge(&out.from_schedule);
+        last_ns = last_ns.max(out.last_ns);
         per_group.push(out.delivered);
         errors.extend(out.error);
     }
     let delivered: u64 = per_group.iter().sum();
     let mut row = ctx.row("fanout", format!("groups={groups} rate={rate}/s"));
     row.events = delivered;
-    row.seconds = r.elapsed.as_secs_f64();
-    row.rate = delivered as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    (row.seconds, row.rate) = delivery_rate(delivered, r.first_send_ns, last_ns);
     row.offered_rate = Some((rate * groups as u64) as f64);
+    row.planned = Some(r.planned);
+    row.sent = Some(r.sent);
     row.latency = hist.summary();
+    row.latency_from_schedule = from_schedule.summary();
     row.usage = usage;
     row.errors = r.errors + errors.len() as u64 + u64::from(!complete);
     row.first_error = r.first_error.clone().or(errors.first().cloned());
     row.note = format!(
-        "{}: {} events published ({} of {} planned sends), deliveries per group {per_group:?}{}",
+        "{}: {} events published ({} of {} planned sends), deliveries per group {per_group:?}; \
+         deliveries/s over first send -> last delivery; {}{}",
         publish_note(ctx),
         r.events,
         r.sent,
         r.planned,
+        from_schedule_note(row.latency_from_schedule),
         if complete {
             ""
         } else {
@@ -628,7 +672,7 @@ async fn bulk_load(ctx: &Ctx, event_type: &'static str, tag: &str, n: u64) -> Re
                 if let Some(min) = results.iter().map(|r| r.sequence).min() {
                     first.fetch_min(min, Ordering::Relaxed);
                 }
-                done += results.len() as u64;
+                done += committed(&results);
             }
         }));
     }
@@ -716,28 +760,90 @@ fn out_count(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
-/// Samples the server's RSS every 100 ms until `stop`; returns the peak.
-fn rss_sampler(pid: Option<u32>, mut stop: watch::Receiver<bool>) -> JoinHandle<f64> {
+/// How often the slow-consumer scenario samples the server's RSS.
+const RSS_EVERY: Duration = Duration::from_millis(100);
+
+/// Samples the server's RSS every [`RSS_EVERY`] until `stop`; returns (seconds since the start, MiB)
+/// of each sample.
+fn rss_sampler(pid: Option<u32>, mut stop: watch::Receiver<bool>) -> JoinHandle<Vec<(f64, f64)>> {
     tokio::spawn(async move {
-        let mut peak: f64 = 0.0;
+        let started = Instant::now();
+        let mut samples = Vec::new();
+        let mut every = tokio::time::interval(RSS_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if let Some(v) = pid.and_then(rss_mb) {
-                peak = peak.max(v);
-            }
             tokio::select! {
-                _ = stop.changed() => return peak,
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stop.changed() => break,
+                _ = every.tick() => {}
+            }
+            if let Some(v) = pid.and_then(rss_mb) {
+                samples.push((started.elapsed().as_secs_f64(), v));
             }
         }
+        // one at the end, so the trace covers the whole phase
+        if let Some(v) = pid.and_then(rss_mb) {
+            samples.push((started.elapsed().as_secs_f64(), v));
+        }
+        samples
     })
+}
+
+/// The highest sample, MiB.
+fn rss_peak(samples: &[(f64, f64)]) -> Option<f64> {
+    samples.iter().map(|s| s.1).max_by(f64::total_cmp)
+}
+
+/// The least-squares slope of RSS over time, MiB per second: how fast the server's memory grew.
+fn rss_slope(samples: &[(f64, f64)]) -> Option<f64> {
+    let n = samples.len() as f64;
+    if samples.len() < 2 {
+        return None;
+    }
+    let mean_t = samples.iter().map(|s| s.0).sum::<f64>() / n;
+    let mean_m = samples.iter().map(|s| s.1).sum::<f64>() / n;
+    let var = samples.iter().map(|s| (s.0 - mean_t).powi(2)).sum::<f64>();
+    (var > 0.0).then(|| {
+        samples
+            .iter()
+            .map(|s| (s.0 - mean_t) * (s.1 - mean_m))
+            .sum::<f64>()
+            / var
+    })
+}
+
+/// RSS over a phase in a few points and its slope: "RSS 40.1 MB at 0.1 s, 45.0 at 2.5 s, ..., slope
+/// +1.20 MB/s".
+fn rss_trace(samples: &[(f64, f64)]) -> String {
+    let Some(&last) = samples.last() else {
+        return "RSS not read".into();
+    };
+    let points = 5usize.min(samples.len());
+    let picked: Vec<String> = (0..points)
+        .map(|k| {
+            let at = if points == 1 {
+                last
+            } else {
+                samples[k * (samples.len() - 1) / (points - 1)]
+            };
+            format!("{:.1} at {:.1} s", at.1, at.0)
+        })
+        .collect();
+    format!(
+        "RSS MB {}, slope {}",
+        picked.join(", "),
+        rss_slope(samples).map_or("n/a".into(), |v| format!("{v:+.2} MB/s"))
+    )
 }
 
 /// Slow consumers: the same publish load twice, first without and then with three slow consumers (a
 /// private stream and a group member each acking 100 events/s, and a private stream that never reads);
-/// the RSS they add is the second phase's peak minus the first's.
+/// the RSS they add is the second phase's peak minus the first's. Each event carries
+/// `--slow-payload-size` bytes, so that a server keeping every event for the stalled reader would grow
+/// by several times the 64 MB the target allows.
 pub async fn slow(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
     let rate = ctx.args.slow_rate as f64;
     let duration = ctx.args.slow_duration;
+    let size = ctx.args.slow_payload_size;
     let before = ctx.pid.and_then(rss_mb);
 
     // phase 1: the load alone
@@ -749,18 +855,22 @@ pub async fn slow(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         duration,
         ctx.args.max_outstanding,
         ctx.args.pacing,
-        single_sender(ctx, "bench.slow.v1", "slow-control").await?,
+        single_sender(ctx, "bench.slow.v1", "slow-control", size).await?,
     )
     .await;
     let _ = stop_tx.send(true);
-    let control_peak = sampler.await?;
+    let control_samples = sampler.await?;
+    let control_peak = rss_peak(&control_samples);
     let mut row = load_row(ctx.row("slow consumer", "load alone"), &control, &meter);
     row.offered_rate = Some(rate);
     row.note = format!(
-        "{}; server RSS before {:.1} MB, peak {control_peak:.1} MB",
+        "{}, {size}-byte data; server RSS before {:.1} MB, peak {:.1} MB; {}",
         publish_note(ctx),
-        before.unwrap_or(0.0)
+        before.unwrap_or(0.0),
+        control_peak.unwrap_or(0.0),
+        rss_trace(&control_samples),
     );
+    row.rss_over_time = control_samples;
     rows.push(row);
 
     // phase 2: the same load with slow consumers
@@ -796,18 +906,26 @@ pub async fn slow(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         duration,
         ctx.args.max_outstanding,
         ctx.args.pacing,
-        single_sender(ctx, "bench.slow.v1", "slow-consumers").await?,
+        single_sender(ctx, "bench.slow.v1", "slow-consumers", size).await?,
     )
     .await;
     let usage = meter.finish();
     let _ = stop_tx.send(true);
-    let peak = sampler.await?;
+    let samples = sampler.await?;
+    let peak = rss_peak(&samples);
     let mut errors = Vec::new();
     for r in readers {
         let out = r.await?;
         errors.extend(out.error);
     }
     drop(stalled);
+    let received = counter.load(Ordering::Relaxed);
+    if received == 0 && loaded.events > 0 {
+        errors.push(format!(
+            "the slow consumers received none of the {} events published",
+            loaded.events
+        ));
+    }
     let mut row = load_row(
         ctx.row(
             "slow consumer",
@@ -820,13 +938,22 @@ pub async fn slow(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
     row.offered_rate = Some(rate);
     row.errors += errors.len() as u64;
     row.first_error = row.first_error.or(errors.first().cloned());
-    let added = (peak - control_peak).max(0.0);
-    row.rss_added_mb = ctx.pid.map(|_| added);
+    // signed: a second peak below the first is noise in the reading, shown as it is
+    let added = peak.zip(control_peak).map(|(p, c)| p - c);
+    row.rss_added_mb = added;
+    // what the stalled reader alone would pin if the server kept every event published for it
+    let published_mb = loaded.events as f64 * size as f64 / (1024.0 * 1024.0);
     row.note = format!(
-        "server RSS at start {:.1} MB, peak {peak:.1} MB: {added:.1} MB above the load-alone peak; slow consumers received {}",
+        "server RSS at start {:.1} MB, peak {:.1} MB: {} MB against the load-alone peak; {}; \
+         {} events x {size} bytes published = {published_mb:.0} MB, what the stalled reader would \
+         hold if the server buffered every event for it; slow consumers received {received}",
         start_phase2.unwrap_or(0.0),
-        counter.load(Ordering::Relaxed)
+        peak.unwrap_or(0.0),
+        added.map_or("n/a".into(), |v| format!("{v:+.1}")),
+        rss_trace(&samples),
+        loaded.events,
     );
+    row.rss_over_time = samples;
     rows.push(row);
     let _ = ctx
         .admin()
@@ -1035,4 +1162,40 @@ async fn timed_replay(
         first_page.map_or(0.0, |d| d.as_secs_f64() * 1e3)
     );
     Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rss_over_time_is_traced_in_five_points_with_its_slope() {
+        // 2 MB/s for 4 s, sampled every 100 ms
+        let samples: Vec<(f64, f64)> = (0..=40)
+            .map(|k| (f64::from(k) / 10.0, 50.0 + f64::from(k) / 5.0))
+            .collect();
+        let slope = rss_slope(&samples).expect("a slope");
+        assert!((slope - 2.0).abs() < 1e-9, "slope {slope}");
+        assert_eq!(rss_peak(&samples), Some(58.0));
+        assert_eq!(
+            rss_trace(&samples),
+            "RSS MB 50.0 at 0.0 s, 52.0 at 1.0 s, 54.0 at 2.0 s, 56.0 at 3.0 s, 58.0 at 4.0 s, \
+             slope +2.00 MB/s"
+        );
+        // shrinking memory has a negative slope, shown as it is
+        let falling: Vec<(f64, f64)> = samples.iter().map(|&(t, m)| (t, 100.0 - m)).collect();
+        assert!(rss_trace(&falling).ends_with("slope -2.00 MB/s"));
+        assert_eq!(rss_slope(&samples[..1]), None);
+        assert_eq!(rss_trace(&[]), "RSS not read");
+    }
+
+    #[test]
+    fn duplicates_are_not_counted_as_committed() {
+        let result = |duplicate| pb::PublishResult {
+            duplicate,
+            ..pb::PublishResult::default()
+        };
+        assert_eq!(committed(&[result(false), result(true), result(false)]), 2);
+        assert_eq!(committed(&[result(true)]), 0);
+    }
 }

@@ -32,6 +32,8 @@ pub struct ServerProcess {
     pub pid: u32,
     _dir: tempfile::TempDir,
     cleanup: Option<Scratch>,
+    /// Postgres + Redis: `synchronous_commit` and `fsync` as the server's connection URL sees them.
+    pub commit_settings: Option<String>,
 }
 
 /// The Postgres schema and Redis key prefix a production-backend server used.
@@ -104,6 +106,23 @@ pub async fn delete_keys(redis_url: &str, prefix: &str) -> Result<u64> {
         }
         cursor = next;
     }
+}
+
+/// Reads `synchronous_commit` and `fsync` through `url`, the URL the server is given; refuses both
+/// off, as the Postgres floor does: the figures compare durable commits only.
+async fn durable_commits(url: &str) -> Result<String> {
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connecting to {}", redact(url)))?;
+    let (sync, fsync) = crate::baseline::commit_settings(&mut conn).await?;
+    let _ = conn.close().await;
+    if sync != "on" || fsync != "on" {
+        bail!(
+            "nerve-server's Postgres connections would have synchronous_commit={sync} fsync={fsync}; \
+             both must be on for its commits to be durable (as the raw baseline's and the floor's are)"
+        );
+    }
+    Ok(format!("synchronous_commit={sync} fsync={fsync}"))
 }
 
 /// Hides the password of a URL for messages.
@@ -218,6 +237,7 @@ impl ServerProcess {
             // recording metrics costs the server CPU: every figure is measured without them
             .env_remove("NERVE_METRICS__LISTEN");
         let mut cleanup = None;
+        let mut commit_settings = None;
         if backend == Backend::Production {
             let database_url = database_url.ok_or_else(|| {
                 anyhow!(
@@ -228,10 +248,21 @@ impl ServerProcess {
                 anyhow!("the postgres+redis backend needs --redis-url (or NERVE_TEST_REDIS_URL)")
             })?;
             let schema = create_schema(database_url, "nerve_bench").await?;
+            // as the raw baseline's and the floor's connections: every commit waits for its WAL flush
+            let store_url =
+                url_with_options(database_url, &schema, &[("synchronous_commit", "on")]);
+            let settings = match durable_commits(&store_url).await {
+                Ok(settings) => settings,
+                Err(e) => {
+                    let _ = drop_schema(database_url, &schema).await;
+                    return Err(e);
+                }
+            };
+            commit_settings = Some(settings);
             let key_prefix = format!("nerve-bench:{}", uuid::Uuid::new_v4().simple());
             command
                 .arg("--store")
-                .arg(url_with_options(database_url, &schema, &[]))
+                .arg(&store_url)
                 .arg("--streams")
                 .arg(redis_url)
                 .env("NERVE_REDIS__KEY_PREFIX", &key_prefix);
@@ -254,7 +285,15 @@ impl ServerProcess {
             pid,
             _dir: dir,
             cleanup,
+            commit_settings,
         })
+    }
+
+    /// Postgres + Redis: the database URL and the schema the server stores in.
+    pub fn store_schema(&self) -> Option<(&str, &str)> {
+        self.cleanup
+            .as_ref()
+            .map(|s| (s.database_url.as_str(), s.schema.as_str()))
     }
 
     /// Stops the server with SIGTERM (SIGKILL after 15 s), then removes its schema and keys.
@@ -303,5 +342,23 @@ mod tests {
             .await
             .expect("spawn");
         assert_eq!(addr, SocketAddr::from(([127, 0, 0, 1], 9002)));
+    }
+
+    /// Needs NERVE_TEST_DATABASE_URL (scripts/test.sh starts Postgres and sets it).
+    #[tokio::test]
+    async fn a_server_url_whose_commits_do_not_wait_for_the_wal_is_refused() {
+        let url = std::env::var("NERVE_TEST_DATABASE_URL")
+            .expect("NERVE_TEST_DATABASE_URL is not set: run scripts/test.sh");
+        let on = url_with_options(&url, "public", &[("synchronous_commit", "on")]);
+        assert_eq!(
+            durable_commits(&on).await.expect("durable"),
+            "synchronous_commit=on fsync=on"
+        );
+        let off = url_with_options(&url, "public", &[("synchronous_commit", "off")]);
+        let refused = durable_commits(&off).await.expect_err("refused");
+        assert!(
+            refused.to_string().contains("synchronous_commit=off"),
+            "{refused}"
+        );
     }
 }

@@ -36,7 +36,38 @@ pub fn load_row(mut row: Row, r: &LoadResult, meter: &Meter) -> Row {
     row.usage = meter.finish();
     row.errors = r.errors;
     row.first_error = r.first_error.clone();
+    if r.planned > 0 {
+        row.planned = Some(r.planned);
+        row.sent = Some(r.sent);
+    }
     row
+}
+
+/// "from schedule p50 X ms p99 Y ms": the row's publish -> deliver latency counted from the time each
+/// send was scheduled (the row's columns count from the time it left).
+pub fn from_schedule_note(l: Option<Latency>) -> String {
+    l.map_or("from schedule: no deliveries".into(), |l| {
+        format!(
+            "from schedule p50 {:.3} ms p99 {:.3} ms",
+            l.p50_ms, l.p99_ms
+        )
+    })
+}
+
+/// Seconds from an open loop's first send to the last delivery, and deliveries per second over them:
+/// deliveries that arrive after the sending ended count in the time they took.
+pub fn delivery_rate(
+    delivered: u64,
+    first_send_ns: Option<u64>,
+    last_delivery_ns: u64,
+) -> (f64, f64) {
+    match first_send_ns {
+        Some(first) if delivered > 0 && last_delivery_ns > first => {
+            let seconds = (last_delivery_ns - first) as f64 / 1e9;
+            (seconds, delivered as f64 / seconds)
+        }
+        _ => (0.0, 0.0),
+    }
 }
 
 /// A boxed future, for the per-call closures the drivers take.
@@ -104,13 +135,27 @@ pub struct Latency {
 pub const SOURCE: &str = "//nerve-bench";
 
 /// Builds a benchmark event: `payload_size` bytes of binary data whose first 8 bytes are the send stamp
-/// (nanoseconds since the process epoch), and a subject `bench/<n mod 16>` filters can select on.
+/// (nanoseconds since the process epoch), and a subject `bench/<n mod 16>` filters can select on. Its
+/// send counts as scheduled when it left (closed loops have no schedule); see [`scheduled_event`].
 pub fn event(
     id: String,
     event_type: &str,
     n: u64,
     payload_size: usize,
     stamp_ns: u64,
+) -> pb::Event {
+    scheduled_event(id, event_type, n, payload_size, stamp_ns, stamp_ns)
+}
+
+/// [`event`] sent by an open loop: bytes 8..16 of its data are the time its schedule planned the send
+/// (`scheduled_ns`, at or before `stamp_ns`), so a reader can measure latency from either.
+pub fn scheduled_event(
+    id: String,
+    event_type: &str,
+    n: u64,
+    payload_size: usize,
+    stamp_ns: u64,
+    scheduled_ns: u64,
 ) -> pb::Event {
     pb::Event {
         id,
@@ -119,29 +164,41 @@ pub fn event(
         spec_version: "1.0".to_owned(),
         subject: format!("bench/{}", n % 16),
         data_content_type: "application/octet-stream".to_owned(),
-        data: Some(pb::event::Data::BinaryData(payload(payload_size, stamp_ns))),
+        data: Some(pb::event::Data::BinaryData(payload(
+            payload_size,
+            stamp_ns,
+            scheduled_ns,
+        ))),
         ..pb::Event::default()
     }
 }
 
-/// `size` bytes (at least 8): the stamp, then a repeating pattern.
-pub fn payload(size: usize, stamp_ns: u64) -> Vec<u8> {
-    let mut data: Vec<u8> = (0..size.max(8)).map(|i| (i % 251) as u8).collect();
+/// The fewest bytes of data an event carries: its two stamps.
+pub const STAMPS_LEN: usize = 16;
+
+/// `size` bytes (at least [`STAMPS_LEN`]): the send stamp, the scheduled time, then a repeating
+/// pattern.
+pub fn payload(size: usize, stamp_ns: u64, scheduled_ns: u64) -> Vec<u8> {
+    let mut data: Vec<u8> = (0..size.max(STAMPS_LEN)).map(|i| (i % 251) as u8).collect();
     data[..8].copy_from_slice(&stamp_ns.to_le_bytes());
+    data[8..16].copy_from_slice(&scheduled_ns.to_le_bytes());
     data
 }
 
-/// Reads the send stamp of an event built by [`event`].
-pub fn stamp_of(event: &pb::Event) -> Option<u64> {
+/// Reads the send stamp and the scheduled time of an event built by [`scheduled_event`] or [`event`].
+pub fn stamps_of(event: &pb::Event) -> Option<(u64, u64)> {
     match &event.data {
-        Some(pb::event::Data::BinaryData(b)) => stamp_of_bytes(b),
+        Some(pb::event::Data::BinaryData(b)) => stamps_of_bytes(b),
         _ => None,
     }
 }
 
-pub fn stamp_of_bytes(b: &[u8]) -> Option<u64> {
-    let bytes: [u8; 8] = b.get(..8)?.try_into().ok()?;
-    Some(u64::from_le_bytes(bytes))
+/// The send stamp and scheduled time at the start of an event's data.
+pub fn stamps_of_bytes(b: &[u8]) -> Option<(u64, u64)> {
+    let at = |range: std::ops::Range<usize>| -> Option<u64> {
+        Some(u64::from_le_bytes(b.get(range)?.try_into().ok()?))
+    };
+    Some((at(0..8)?, at(8..16)?))
 }
 
 /// What a load driver measured.
@@ -157,9 +214,11 @@ pub struct LoadResult {
     pub hist: Hist,
     /// Open loop only: how late sends left compared with their schedule.
     pub schedule_lag: Hist,
-    /// Open loop only: sends the schedule planned, and sends that left before the deadline.
+    /// Open loop only: sends the schedule planned, and sends that left.
     pub planned: u64,
     pub sent: u64,
+    /// Open loop only: when the first send left (nanoseconds since the process epoch).
+    pub first_send_ns: Option<u64>,
 }
 
 impl LoadResult {
@@ -228,8 +287,10 @@ fn absorb(total: &mut LoadResult, r: LoadResult) {
     total.schedule_lag.merge(&r.schedule_lag);
 }
 
-/// One send of an open-loop driver: (index, send stamp) -> events acknowledged.
-pub type Send1 = Arc<dyn Fn(u64, u64) -> BoxFut<anyhow::Result<u64>> + Send + Sync>;
+/// One send of an open-loop driver: (index, send stamp, the time the schedule planned it) -> events
+/// acknowledged. Both times are nanoseconds since the process epoch; the send stamp is when the send
+/// actually left, at or after its planned time.
+pub type Send1 = Arc<dyn Fn(u64, u64, u64) -> BoxFut<anyhow::Result<u64>> + Send + Sync>;
 
 /// How a row's open loop paced its sends, for its note.
 pub fn pacing_note(pacing: Pacing) -> &'static str {
@@ -330,10 +391,13 @@ impl Alarm {
 }
 
 /// Sends `rate` events per second for `duration`, on a fixed schedule that does not wait for answers
-/// (open loop); at most `max_outstanding` calls are in flight (beyond that the schedule slips, which
-/// `schedule_lag` shows, and sending stops at the deadline, so `sent` < `planned` means the system did not
-/// keep up). `pacing` says when sends leave: in the runtime timer's 1 ms ticks, evenly spaced, or at
-/// random times; each carries the time it actually left as its stamp.
+/// (open loop); at most `max_outstanding` calls are in flight. Every send that falls due before the
+/// deadline leaves, late when the schedule slipped (`schedule_lag` shows it), except once
+/// `max_outstanding` calls are unanswered at the deadline: sending then stops, so `sent` < `planned`
+/// means the system did not keep up. (A send that fell due in the timer's last tick leaves just after
+/// the deadline.) `pacing` says when sends leave: in the runtime timer's 1 ms ticks, evenly spaced, or
+/// at random times; each carries the time it actually left as its stamp, and the time the schedule
+/// planned it.
 pub async fn open_loop(
     rate: f64,
     duration: Duration,
@@ -361,23 +425,36 @@ pub async fn open_loop(
     let shared = Arc::new(Mutex::new(LoadResult::default()));
     let acked = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started + duration);
     let start_ns = now_ns();
+    let mut first_send_ns = None;
     let mut i = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
-    let elapsed_ns = || u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    while i < total && started.elapsed() < duration {
-        while i < total && arrivals.at_ns(i) <= elapsed_ns() && started.elapsed() < duration {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                break;
+    // on the clock of the stamps, so no send's stamp is before its planned time
+    let elapsed_ns = || now_ns().saturating_sub(start_ns);
+    'sending: while i < total {
+        while i < total && arrivals.at_ns(i) <= elapsed_ns() {
+            // a permit is waited for until the deadline; after it, only one free at once is taken
+            let permit = if tokio::time::Instant::now() < deadline {
+                match tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => break 'sending,
+                }
+            } else {
+                match permits.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => break 'sending,
+                }
             };
             let stamp = now_ns();
+            first_send_ns.get_or_insert(stamp);
             let scheduled = start_ns + arrivals.at_ns(i);
             let send = send.clone();
             let shared = shared.clone();
             let acked = acked.clone();
             let index = i;
             tasks.spawn(async move {
-                let result = send(index, stamp).await;
+                let result = send(index, stamp, scheduled).await;
                 let took = now_ns().saturating_sub(stamp);
                 drop(permit);
                 let mut r = shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -397,12 +474,15 @@ pub async fn open_loop(
             });
             i += 1;
         }
+        if i >= total {
+            break;
+        }
         // reap finished sends so the set does not grow without bound
         while tasks.try_join_next().is_some() {}
         match &alarm {
             None => tokio::time::sleep(Duration::from_millis(1)).await,
             Some(alarm) => {
-                let next = Duration::from_nanos(arrivals.at_ns(i)).min(duration);
+                let next = Duration::from_nanos(arrivals.at_ns(i));
                 if let Err(e) = alarm.sleep(next.saturating_sub(started.elapsed())).await {
                     let mut r = shared.lock().unwrap_or_else(|p| p.into_inner());
                     r.errors += 1;
@@ -413,13 +493,15 @@ pub async fn open_loop(
             }
         }
     }
-    let send_phase = started.elapsed();
+    // the schedule spans the duration even when its last send left before the deadline
+    let send_phase = started.elapsed().max(duration);
     while tasks.join_next().await.is_some() {}
     let mut r = std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner()));
     r.events = acked.load(Ordering::Relaxed);
     r.elapsed = send_phase;
     r.planned = total;
     r.sent = i;
+    r.first_send_ns = first_send_ns;
     r
 }
 
@@ -446,16 +528,22 @@ pub fn fmt_rate(v: f64) -> String {
 mod tests {
     use super::*;
 
+    /// The tests that time an open loop's sends run one at a time: on a machine of two cores, two
+    /// loops at once delay each other's wakes, and the sends of a late wake leave in a burst.
+    static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     /// The send stamps of an open loop at 10,000 events/s for 200 ms, in order.
     async fn send_stamps(pacing: Pacing) -> Vec<u64> {
         let stamps = Arc::new(Mutex::new(Vec::new()));
         let record = stamps.clone();
-        let send: Send1 = Arc::new(move |_, stamp| {
+        let send: Send1 = Arc::new(move |_, stamp, _| {
             record.lock().unwrap_or_else(|p| p.into_inner()).push(stamp);
             Box::pin(async { Ok(1) })
         });
         let r = open_loop(10_000.0, Duration::from_millis(200), 4096, pacing, send).await;
         assert_eq!(r.errors, 0, "{:?}", r.first_error);
+        // a system that keeps up is sent every planned event, the timer's last tick included
+        assert_eq!((r.sent, r.planned), (2_000, 2_000), "{pacing:?}");
         let mut stamps = std::mem::take(&mut *stamps.lock().unwrap_or_else(|p| p.into_inner()));
         stamps.sort_unstable();
         stamps
@@ -493,9 +581,9 @@ mod tests {
 
     #[tokio::test]
     async fn even_and_poisson_pacing_space_the_sends_that_ticks_send_in_bursts() {
+        let _one_at_a_time = TIMED.lock().await;
         let poisson = send_stamps(Pacing::Poisson).await;
-        // the send phase ends at the deadline, a send due just before it may not leave
-        assert!(poisson.len() > 1_950, "{} of 2,000 sends", poisson.len());
+        assert_eq!(poisson.len(), 2_000);
         assert!(
             median_gap_ns(&poisson) >= 20_000,
             "sends at random times left {} ns apart (median)",
@@ -504,12 +592,7 @@ mod tests {
         let even = send_stamps(Pacing::Even).await;
         let tick = send_stamps(Pacing::Tick).await;
         // 10,000/s is one send per 100 µs
-        assert!(
-            even.len() > 1_500 && tick.len() > 1_500,
-            "{} / {} sends",
-            even.len(),
-            tick.len()
-        );
+        assert_eq!((even.len(), tick.len()), (2_000, 2_000));
         assert!(
             median_gap_ns(&even) >= 40_000,
             "evenly paced sends left {} ns apart (median)",
@@ -520,5 +603,74 @@ mod tests {
             "sends on 1 ms ticks left {} ns apart (median), not in bursts",
             median_gap_ns(&tick)
         );
+    }
+
+    #[tokio::test]
+    async fn each_send_carries_its_planned_time_which_ticks_send_late() {
+        let _one_at_a_time = TIMED.lock().await;
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let record = times.clone();
+        let send: Send1 = Arc::new(move |i, stamp, scheduled| {
+            record
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((i, stamp, scheduled));
+            Box::pin(async { Ok(1) })
+        });
+        let r = open_loop(
+            10_000.0,
+            Duration::from_millis(100),
+            4096,
+            Pacing::Tick,
+            send,
+        )
+        .await;
+        let mut times = std::mem::take(&mut *times.lock().unwrap_or_else(|p| p.into_inner()));
+        times.sort_unstable();
+        assert_eq!(times.len(), 1_000);
+        assert!(
+            times
+                .iter()
+                .all(|&(_, stamp, scheduled)| scheduled <= stamp),
+            "a send left before its planned time"
+        );
+        // planned one per 100 µs from the first
+        let first = times[0].2;
+        for &(i, _, scheduled) in &times {
+            let planned = scheduled - first;
+            assert!(
+                planned.abs_diff(i * 100_000) <= 1,
+                "send {i} planned {planned} ns after the first"
+            );
+        }
+        // in 1 ms ticks most sends leave after their planned time, the lag the second figure includes
+        let late = times.iter().filter(|&&(_, s, p)| s - p > 50_000).count();
+        assert!(late > 300, "only {late} of 1,000 sends left > 50 µs late");
+        assert_eq!(
+            r.first_send_ns,
+            Some(times.iter().map(|t| t.1).min().unwrap_or(0))
+        );
+    }
+
+    #[tokio::test]
+    async fn sending_stops_at_the_deadline_when_max_outstanding_calls_are_unanswered() {
+        let _one_at_a_time = TIMED.lock().await;
+        // every send hangs until well after the loop's deadline: a system that stalled
+        let duration = Duration::from_millis(100);
+        let (open_tx, open) = tokio::sync::watch::channel(false);
+        let send: Send1 = Arc::new(move |_, _, _| {
+            let mut open = open.clone();
+            Box::pin(async move {
+                open.wait_for(|o| *o).await?;
+                Ok(1)
+            })
+        });
+        let gate = tokio::spawn(async move {
+            tokio::time::sleep(duration * 3).await;
+            let _ = open_tx.send(true);
+        });
+        let r = open_loop(10_000.0, duration, 10, Pacing::Tick, send).await;
+        gate.await.expect("the gate's task");
+        assert_eq!((r.sent, r.planned, r.events), (10, 1_000, 10));
     }
 }
