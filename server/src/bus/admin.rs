@@ -136,17 +136,18 @@ impl Bus {
             tenant: tenant.to_owned(),
             name: group.to_owned(),
         };
-        if !self
+        let Some(group_selection) = self
             .streams
             .groups(tenant)
             .await?
-            .iter()
-            .any(|g| g.key == key)
-        {
+            .into_iter()
+            .find(|g| g.key == key)
+            .map(|g| g.config.selection)
+        else {
             return Err(BusError::NotFound(format!(
                 "group {group:?} does not exist"
             )));
-        }
+        };
         // letters are read in sequence order: none after the last one named is needed
         let last_named = match &selection {
             RedriveSelection::All => None,
@@ -170,7 +171,10 @@ impl Bus {
                 .collect();
             if !chosen.is_empty() {
                 let sequences: Vec<u64> = chosen.iter().map(|d| d.sequence).collect();
-                let events = self.store.read_sequences(&sequences).await?;
+                // a letter of a type the group does not read (left from before groups kept their
+                // types) would be requeued where no member claims it: it stays a letter
+                let mut events = self.store.read_sequences(&sequences).await?;
+                events.retain(|e| group_selection.matches_type(&e.event.event_type));
                 // requeue before removing: a crash in between leaves a duplicate dead letter, never
                 // a lost one. An event still pending stays a dead letter: a member is dead-lettering
                 // it right now and will remove it from the group next. Each letter goes only as it

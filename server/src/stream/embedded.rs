@@ -884,9 +884,11 @@ impl LiveStreams for EmbeddedStreams {
     }
 
     async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>> {
-        self.group_snapshot(key)?;
         let now = to_ns(Utc::now());
         let mut conn = self.store.db().writer.lock().await;
+        // under the writer lock, which a delete holds until the group is gone: no pending rows are
+        // written for a group deleted meanwhile
+        self.group_snapshot(key)?;
         // an entry still leased in a run is pending already, as a `pending` row would be
         let (_, leased) = self.take_from_runs(key, events.iter().map(|e| e.sequence));
         let leased: HashSet<u64> = leased.into_iter().map(|(seq, _)| seq).collect();
