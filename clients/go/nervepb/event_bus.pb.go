@@ -834,7 +834,7 @@ type Nack struct {
 	RetryDelay *durationpb.Duration `protobuf:"bytes,2,opt,name=retry_delay,json=retryDelay,proto3" json:"retry_delay,omitempty"`
 	// Dead-letter now instead of retrying.
 	DeadLetter bool `protobuf:"varint,3,opt,name=dead_letter,json=deadLetter,proto3" json:"dead_letter,omitempty"`
-	// Why processing failed; kept with the dead letter.
+	// Why processing failed; kept with the dead letter (its first 1 KiB, a NUL escaped as \u{0}).
 	Reason        string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

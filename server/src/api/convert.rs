@@ -10,7 +10,7 @@ use crate::{
     bus::{Command, Delivery, Outbound, Start, SubscribeSpec},
     event::{
         Data, Event, ExtensionValue, Filter, FilterKind, InvalidInput, MAX_FILTER_DEPTH, Priority,
-        Selection, StoredEvent, TypePattern, check_text,
+        Selection, StoredEvent, TypePattern,
     },
 };
 
@@ -325,7 +325,7 @@ pub fn command(msg: pb::SubscribeRequest) -> Result<Command> {
         )),
         Some(Action::Ack(a)) => Ok(Command::Ack(a.delivery_ids)),
         Some(Action::Nack(n)) => Ok(Command::Nack {
-            reason: nack_reason(n.reason)?,
+            reason: nack_reason(n.reason),
             delivery_ids: n.delivery_ids,
             retry_delay: n
                 .retry_delay
@@ -531,19 +531,15 @@ pub fn from_cloudevent(c: ce::CloudEvent) -> Result<Event> {
     Ok(event)
 }
 
-/// Most bytes of a nack's reason; it is stored with the entry and its dead letter.
+/// Most bytes of a nack's reason kept; it is stored with the entry and its dead letter.
 const MAX_NACK_REASON: usize = 1024;
 
-/// A nack's reason, if any: printable text of at most [`MAX_NACK_REASON`] bytes.
-fn nack_reason(reason: String) -> Result<Option<String>> {
-    check_text("nack.reason", &reason)?;
-    if reason.len() > MAX_NACK_REASON {
-        return Err(InvalidInput::field(
-            "nack.reason",
-            format!("has {} bytes; at most {MAX_NACK_REASON}", reason.len()),
-        ));
-    }
-    Ok(opt(reason))
+/// A nack's reason, if any, as it is stored: its first [`MAX_NACK_REASON`] bytes, NUL escaped (Postgres
+/// refuses it in text). A reason is what a failing consumer had at hand (an exception's text, a
+/// traceback): refusing it would end the stream and cost every delivery in flight an attempt.
+fn nack_reason(reason: String) -> Option<String> {
+    let head = super::status::bounded(&reason, MAX_NACK_REASON);
+    opt(head.replace('\0', "\\u{0}"))
 }
 
 #[cfg(test)]

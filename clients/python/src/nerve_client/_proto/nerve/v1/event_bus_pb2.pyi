@@ -375,7 +375,7 @@ class Nack(_message.Message):
     dead_letter: _builtins.bool
     """Dead-letter now instead of retrying."""
     reason: _builtins.str
-    """Why processing failed; kept with the dead letter."""
+    """Why processing failed; kept with the dead letter (its first 1 KiB, a NUL escaped as \\u{0})."""
     @_builtins.property
     def delivery_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
