@@ -1509,3 +1509,54 @@ async fn a_postgres_pool_of_one_connection_is_refused_at_start() {
     };
     assert!(error.contains("postgres.max_connections"), "{error}");
 }
+
+/// A group whose settings cannot be read makes ListGroups fail, rather than answer a list without it
+/// (redrive then called the group missing, and metrics set its backlog to 0).
+#[tokio::test]
+async fn a_group_that_cannot_be_read_fails_list_groups() {
+    use sqlx::Connection as _;
+    let deployment = Deployment::new(redis_url()).await;
+    let server = deployment.replica(&[]).await;
+    let mut admin = pb::admin_client::AdminClient::new(server.channel().await);
+    let mut conn = sqlx::PgConnection::connect(&deployment.database_url)
+        .await
+        .expect("connect to postgres");
+    sqlx::query(
+        "INSERT INTO nerve_groups (tenant, name, selection, max_attempts, start_after, created_ns) \
+         VALUES ('default', 'unreadable', 'not json', 5, 0, 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("a group row that does not parse");
+    let status = admin
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .expect_err("no partial list");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("unreadable"), "{status:?}");
+}
+
+/// A replica told late that a group was deleted (the message crossed a DeleteGroup and a new open of
+/// the name elsewhere) does not end the members of the group that exists now.
+#[tokio::test]
+async fn a_late_group_deleted_message_leaves_the_members_of_the_group_that_exists_now() {
+    let deployment = Deployment::new(redis_url()).await;
+    let server = deployment.replica(&[]).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let mut member = Subscriber::open(&mut bus, open(&["late.x"], "reborn"))
+        .await
+        .expect("open");
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{}:wake", deployment.prefix))
+        .arg("default\nreborn\ndeleted")
+        .query_async(&mut conn)
+        .await
+        .expect("publish the late message");
+    publish_n(&mut bus, "after", "late.x", 1).await;
+    assert_eq!(crate::harness::id(&member.next_delivery().await), "after-0");
+}

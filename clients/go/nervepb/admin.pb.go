@@ -646,7 +646,8 @@ func (x *RedriveDeadLettersRequest) GetAll() bool {
 }
 
 // RedriveDeadLettersResponse counts what went back. A dead letter whose event is still pending in the
-// group (a member is dead-lettering it at that moment) stays, and is not counted.
+// group (a member is dead-lettering it at that moment), or whose type the group does not read, stays,
+// and is not counted.
 type RedriveDeadLettersResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Redriven      uint64                 `protobuf:"varint,1,opt,name=redriven,proto3" json:"redriven,omitempty"`

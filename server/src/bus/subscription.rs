@@ -125,6 +125,8 @@ struct Session {
     tenant: String,
     selection: Selection,
     group: Option<GroupKey>,
+    /// The group's wakeups (see [`LiveStreams::group_wakeups`]), watched since before the open.
+    wakeups: Option<tokio::sync::watch::Receiver<u64>>,
     ack_deadline: Duration,
     heartbeat: Duration,
     window_limit: u32,
@@ -250,13 +252,17 @@ impl Bus {
                     selection: spec.selection.clone(),
                     max_attempts,
                 };
+                // watched before the group is looked up: a delete after that ends this member, so it
+                // never goes on in a group created again under the name meanwhile
+                let wakeups = self.streams.group_wakeups(&key);
                 self.streams
                     .ensure_group(&key, &config, start_after)
                     .await?;
-                Some(key)
+                Some((key, wakeups))
             }
             None => None,
         };
+        let (group, wakeups) = group.unzip();
         self.streams
             .join(
                 &id,
@@ -275,6 +281,7 @@ impl Bus {
             tenant: spec.tenant,
             selection: spec.selection,
             group,
+            wakeups,
             ack_deadline,
             heartbeat,
             window_limit: s.max_in_flight_limit,
@@ -341,10 +348,7 @@ impl Session {
             Some(_) => self.bus.streams.group_head(),
             None => self.bus.streams.head(),
         };
-        let mut wakeups = self
-            .group
-            .as_ref()
-            .map(|key| self.bus.streams.group_wakeups(key));
+        let mut wakeups = self.wakeups.take();
         // after the subscriber half-closes, deliveries go on until it cancels the call (as grpcurl does)
         let mut commands_open = true;
         loop {

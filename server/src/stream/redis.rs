@@ -827,12 +827,8 @@ impl RedisStreams {
             .collect();
         let mut rows: Vec<(GroupKey, StreamId, u64)> = Vec::new();
         for key in groups {
-            let row = match self.group_row(&key).await {
-                Ok(row) => row,
-                // deleted since the names were read
-                Err(StreamError::NoSuchGroup(_)) => continue,
-                // a failed read is not an empty answer
-                Err(e) => return Err(e),
+            let Ok(row) = self.group_row(&key).await else {
+                continue;
             };
             let streams = self
                 .group_streams(&key, &row.config.selection, None)
@@ -957,7 +953,10 @@ async fn listen(streams: Weak<RedisStreams>) {
                         name: name.to_owned(),
                     };
                     this.forget_config(&key);
-                    if deleted {
+                    // a group created again since (here or elsewhere) has members this must not end
+                    if deleted
+                        && matches!(this.group_row(&key).await, Err(StreamError::NoSuchGroup(_)))
+                    {
                         this.end_wakeups(&key);
                     } else {
                         this.bump_wakeup(&key);
@@ -1608,8 +1607,12 @@ impl LiveStreams for RedisStreams {
                 tenant: tenant.to_owned(),
                 name,
             };
-            let Ok(row) = self.group_row(&key).await else {
-                continue;
+            let row = match self.group_row(&key).await {
+                Ok(row) => row,
+                // deleted since the names were read
+                Err(StreamError::NoSuchGroup(_)) => continue,
+                // a failed read is not an empty answer
+                Err(e) => return Err(e),
             };
             let streams = self
                 .group_streams(&key, &row.config.selection, None)
@@ -1700,14 +1703,22 @@ impl LiveStreams for RedisStreams {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(g, _), _| g != key);
-        // ends the members' streams here and on every other replica (see `group_wakeups`)
+        // ends the members' streams here, and on the other replicas when the message arrives (see
+        // `group_wakeups`); the plain wake too, for replicas of a version that does not know the
+        // other: their members look and find the group gone
         self.end_wakeups(key);
-        let _: i64 = self
-            .conn()
-            .publish(
-                self.keys.wake_channel(),
-                format!("{}\n{}\n{DELETED}", key.tenant, key.name),
-            )
+        let mut pipe = redis::pipe();
+        pipe.publish(
+            self.keys.wake_channel(),
+            format!("{}\n{}\n{DELETED}", key.tenant, key.name),
+        )
+        .ignore()
+        .publish(
+            self.keys.wake_channel(),
+            format!("{}\n{}", key.tenant, key.name),
+        )
+        .ignore();
+        pipe.query_async::<()>(&mut self.conn())
             .await
             .map_err(redis_err)?;
         Ok(deleted)

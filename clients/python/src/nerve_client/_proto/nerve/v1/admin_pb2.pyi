@@ -314,7 +314,8 @@ Global___RedriveDeadLettersRequest: _TypeAlias = RedriveDeadLettersRequest  # no
 @_typing.final
 class RedriveDeadLettersResponse(_message.Message):
     """RedriveDeadLettersResponse counts what went back. A dead letter whose event is still pending in the
-    group (a member is dead-lettering it at that moment) stays, and is not counted.
+    group (a member is dead-lettering it at that moment), or whose type the group does not read, stays,
+    and is not counted.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
