@@ -698,13 +698,26 @@ impl EventStore for PostgresStore {
         selection: &Selection,
     ) -> StoreResult<u64> {
         let mut total = 0;
+        // literal types (a Redis group's stream, most groups) read their own types' index entries
+        // instead of every type's after the position
+        let literals: Option<Vec<&str>> = selection
+            .types
+            .iter()
+            .map(|p| p.literal())
+            .collect::<Option<Vec<_>>>()
+            .filter(|l| !l.is_empty());
         for (level, after) in Priority::ALL.iter().zip(after_by_level) {
+            if after == u64::MAX {
+                continue;
+            }
             let rows = sqlx::query(
-                "SELECT type, COUNT(*) AS n FROM events WHERE tenant = $1 AND priority = $2 AND seq > $3 GROUP BY type",
+                "SELECT type, COUNT(*) AS n FROM events WHERE tenant = $1 AND priority = $2 AND seq > $3 \
+                 AND ($4::TEXT[] IS NULL OR type = ANY($4)) GROUP BY type",
             )
             .bind(tenant)
             .bind(level.as_i64() as i16)
             .bind(seq_i64(after))
+            .bind(literals.as_deref())
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;
