@@ -411,7 +411,8 @@ impl Auth {
         let resource = &audit_text(resource, MAX_AUDIT_RESOURCE);
         let reason = &audit_text(reason, MAX_AUDIT_REASON);
         let tenant = &audit_text(tenant, MAX_AUDIT_RESOURCE);
-        let principal = &audit_text(principal, MAX_AUDIT_RESOURCE);
+        // as long as a registered publisher's may be, so a filter by it finds its records
+        let principal = &audit_text(principal, MAX_PRINCIPAL);
         info!(target: "nerve::audit", tenant, principal, action, resource, outcome, reason, "audit");
         let record = AuditRecord {
             id: 0,
@@ -457,9 +458,11 @@ impl Auth {
     }
 }
 
-/// Most bytes of an audit record's resource; longer ones keep their head and say how long they were.
 /// Most bytes of a registered publisher's description.
 const MAX_PUBLISHER_DESCRIPTION: usize = 4096;
+/// Most bytes of a registered publisher's principal.
+const MAX_PRINCIPAL: usize = 1024;
+/// Most bytes of an audit record's resource; longer ones keep their head and say how long they were.
 const MAX_AUDIT_RESOURCE: usize = 512;
 /// Most bytes of an audit record's reason (it may quote the resource).
 const MAX_AUDIT_REASON: usize = 1024;
@@ -633,7 +636,7 @@ impl From<RegistryError> for crate::bus::BusError {
 
 impl Auth {
     fn valid_publisher(publisher: &crate::store::Publisher) -> Result<(), RegistryError> {
-        if publisher.principal.is_empty() || publisher.principal.len() > 1024 {
+        if publisher.principal.is_empty() || publisher.principal.len() > MAX_PRINCIPAL {
             return Err(RegistryError::Invalid(
                 "publisher.principal".into(),
                 "must be 1 to 1024 bytes".into(),
