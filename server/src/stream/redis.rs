@@ -1522,7 +1522,20 @@ impl LiveStreams for RedisStreams {
     }
 
     async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>> {
-        self.group_row(key).await?;
+        // the group's row held (FOR SHARE) while Redis is written: a delete waits for it, and then
+        // clears what this put back, instead of leaving it to a group created again under the name
+        let mut tx = self.store.pool().begin().await.map_err(db_err)?;
+        let exists: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM nerve_groups WHERE tenant = $1 AND name = $2 FOR SHARE",
+        )
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if exists.is_none() {
+            return Err(StreamError::NoSuchGroup(key.name.clone()));
+        }
         let mut by_stream: HashMap<StreamId, Vec<u64>> = HashMap::new();
         for e in events {
             by_stream
@@ -1555,6 +1568,7 @@ impl LiveStreams for RedisStreams {
                 .or_default()
                 .insert(stream);
         }
+        tx.commit().await.map_err(db_err)?;
         Ok(added)
     }
 
