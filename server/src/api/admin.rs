@@ -330,9 +330,10 @@ impl pb::admin_server::Admin for AdminApi {
         if r.principal.is_empty() {
             return Err(invalid("principal", "is required"));
         }
-        check_text("principal", &r.principal).map_err(|e| to_status(e.into()))?;
         let resource = format!("publishers/{}", r.principal);
+        // authorized first, so a refusal is audited whatever was sent
         self.allow(&principal, "admin.remove_publisher", &resource)?;
+        check_text("principal", &r.principal).map_err(|e| to_status(e.into()))?;
         let removed = self
             .auth
             .remove_publisher(&principal.tenant, &r.principal)
