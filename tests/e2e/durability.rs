@@ -202,11 +202,7 @@ async fn sigterm_ends_streams_with_a_status_and_exits_zero() {
     .expect("the health watch ends in time");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     drop(requests);
-    let exit = tokio::time::timeout(WAIT, server.child.wait())
-        .await
-        .expect("exits in time")
-        .expect("wait");
-    assert!(exit.success(), "exit status {exit:?}");
+    server.exits_zero().await;
 
     // the unacked delivery was released, not lost
     let restarted = ServerProcess::spawn(dir.path(), &HashMap::new()).await;
@@ -270,11 +266,7 @@ async fn sigterm_with_a_shutdown_delay_drains_while_serving_until_a_second_signa
         .await
         .expect_err("stream ends with a status");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    let exit = tokio::time::timeout(WAIT, server.child.wait())
-        .await
-        .expect("exits well before the delay ends")
-        .expect("wait");
-    assert!(exit.success(), "exit status {exit:?}");
+    server.exits_zero().await;
 }
 
 /// A shutdown delay ends on its own.
@@ -284,11 +276,7 @@ async fn a_shutdown_delay_ends_on_its_own() {
     let env = HashMap::from([("NERVE_SHUTDOWN_DELAY", "1s")]);
     let mut server = ServerProcess::spawn(dir.path(), &env).await;
     server.signal(15);
-    let exit = tokio::time::timeout(WAIT, server.child.wait())
-        .await
-        .expect("exits in time")
-        .expect("wait");
-    assert!(exit.success(), "exit status {exit:?}");
+    server.exits_zero().await;
 }
 
 #[tokio::test]

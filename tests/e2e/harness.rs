@@ -545,6 +545,15 @@ impl ServerProcess {
         self.child.wait().await.expect("reap");
     }
 
+    /// Waits (up to [`WAIT`]) for the process to exit, and asserts it exited 0.
+    pub async fn exits_zero(&mut self) {
+        let exit = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("exits in time")
+            .expect("wait");
+        assert!(exit.success(), "exit status {exit:?}");
+    }
+
     /// Sends a signal by number.
     pub fn signal(&self, signal: i32) {
         let pid = self.child.id().expect("running");
