@@ -1560,3 +1560,41 @@ async fn a_late_group_deleted_message_leaves_the_members_of_the_group_that_exist
     publish_n(&mut bus, "after", "late.x", 1).await;
     assert_eq!(crate::harness::id(&member.next_delivery().await), "after-0");
 }
+
+/// A replica that never heard of a delete (its pub/sub message lost) still ends the old members once
+/// it reads the group again: a group created again under the name (another creation time) is not
+/// theirs.
+#[tokio::test]
+async fn an_old_member_ends_when_its_group_was_created_again_unheard() {
+    use sqlx::Connection as _;
+    let deployment = Deployment::new(redis_url()).await;
+    let server = deployment.replica(&[]).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let mut member = Subscriber::open(&mut bus, open(&["again.x"], "again"))
+        .await
+        .expect("open");
+    // deleted and created again elsewhere, with no message to this replica
+    let mut conn = sqlx::PgConnection::connect(&deployment.database_url)
+        .await
+        .expect("connect to postgres");
+    sqlx::query("UPDATE nerve_groups SET created_ns = created_ns + 1 WHERE name = 'again'")
+        .execute(&mut conn)
+        .await
+        .expect("the group created again");
+    // a plain wake (any open or settle elsewhere sends one): the replica reads the group again
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{}:wake", deployment.prefix))
+        .arg("default\nagain")
+        .query_async(&mut redis)
+        .await
+        .expect("publish a wake");
+    match member.next_message(WAIT).await {
+        Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+        Ok(delivery) => panic!("the old member went on in the new group: {delivery:?}"),
+    }
+}

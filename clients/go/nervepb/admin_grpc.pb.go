@@ -44,7 +44,8 @@ type AdminClient interface {
 	ListGroups(ctx context.Context, in *ListGroupsRequest, opts ...grpc.CallOption) (*ListGroupsResponse, error)
 	// DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
 	// connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
-	// pub/sub tells them; one that hears only after the name was opened again goes on in the new group).
+	// pub/sub tells them, else when they next read the group); none goes on in a group created again
+	// under the name.
 	DeleteGroup(ctx context.Context, in *DeleteGroupRequest, opts ...grpc.CallOption) (*DeleteGroupResponse, error)
 	// ListDeadLetters lists a group's dead letters, oldest first.
 	ListDeadLetters(ctx context.Context, in *ListDeadLettersRequest, opts ...grpc.CallOption) (*ListDeadLettersResponse, error)
@@ -194,7 +195,8 @@ type AdminServer interface {
 	ListGroups(context.Context, *ListGroupsRequest) (*ListGroupsResponse, error)
 	// DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
 	// connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
-	// pub/sub tells them; one that hears only after the name was opened again goes on in the new group).
+	// pub/sub tells them, else when they next read the group); none goes on in a group created again
+	// under the name.
 	DeleteGroup(context.Context, *DeleteGroupRequest) (*DeleteGroupResponse, error)
 	// ListDeadLetters lists a group's dead letters, oldest first.
 	ListDeadLetters(context.Context, *ListDeadLettersRequest) (*ListDeadLettersResponse, error)

@@ -127,6 +127,8 @@ struct Session {
     group: Option<GroupKey>,
     /// The group's wakeups (see [`LiveStreams::group_wakeups`]), watched since before the open.
     wakeups: Option<tokio::sync::watch::Receiver<u64>>,
+    /// When the group it joined was created: one created again under the name is another group.
+    group_created_ns: i64,
     ack_deadline: Duration,
     heartbeat: Duration,
     window_limit: u32,
@@ -255,14 +257,16 @@ impl Bus {
                 // watched before the group is looked up: a delete after that ends this member, so it
                 // never goes on in a group created again under the name meanwhile
                 let wakeups = self.streams.group_wakeups(&key);
-                self.streams
+                let settings = self
+                    .streams
                     .ensure_group(&key, &config, start_after)
                     .await?;
-                Some((key, wakeups))
+                Some((key, (wakeups, settings.created_ns)))
             }
             None => None,
         };
-        let (group, wakeups) = group.unzip();
+        let (group, joined) = group.unzip();
+        let (wakeups, group_created_ns) = joined.unzip();
         self.streams
             .join(
                 &id,
@@ -282,6 +286,7 @@ impl Bus {
             selection: spec.selection,
             group,
             wakeups,
+            group_created_ns: group_created_ns.unwrap_or_default(),
             ack_deadline,
             heartbeat,
             window_limit: s.max_in_flight_limit,
@@ -727,7 +732,12 @@ impl Session {
     async fn fill_group(&mut self, key: &GroupKey) -> BusResult<Option<Instant>> {
         let streams = self.bus.streams.clone();
         // the group's, which the latest open set: every member gives up after the same attempts
-        let max_attempts = streams.group_max_attempts(key).await?;
+        let settings = streams.group_settings(key).await?;
+        if settings.created_ns != self.group_created_ns {
+            // deleted and created again (a replica hears of deletes late): not this member's group
+            return Err(crate::stream::StreamError::NoSuchGroup(key.name.clone()).into());
+        }
+        let max_attempts = settings.max_attempts;
         let mut delivered = 0;
         if self.credits > 0 {
             let lease = Utc::now() + self.ack_deadline;

@@ -15,8 +15,8 @@ use sqlx::{Connection, Row, sqlite::SqliteRow};
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    Claimed, GroupConfig, GroupKey, GroupStats, Inbox, Interest, LiveStreams, NewClaim,
-    StreamError, StreamResult, TailRead,
+    Claimed, GroupConfig, GroupKey, GroupSettings, GroupStats, Inbox, Interest, LiveStreams,
+    NewClaim, StreamError, StreamResult, TailRead,
     leased_run::{LeasedRun, Left, RUN_ENTRIES},
     tail::Tail,
 };
@@ -35,6 +35,7 @@ type InboxEntry = (Inbox, mpsc::Sender<Arc<StoredEvent>>);
 struct GroupState {
     config: GroupConfig,
     cursors: [u64; 4],
+    created_ns: i64,
 }
 
 /// Events of a group's backlog at one priority level, read ahead of its claims while the claim
@@ -175,10 +176,11 @@ impl EmbeddedStreams {
     pub async fn start(store: Arc<SqliteStore>) -> StreamResult<Arc<Self>> {
         let head = store.head().await?;
         let mut groups = HashMap::new();
-        let rows = sqlx::query("SELECT tenant, name, selection, max_attempts FROM groups")
-            .fetch_all(&store.db().pool)
-            .await
-            .map_err(db_err)?;
+        let rows =
+            sqlx::query("SELECT tenant, name, selection, max_attempts, created_ns FROM groups")
+                .fetch_all(&store.db().pool)
+                .await
+                .map_err(db_err)?;
         for row in rows {
             let key = row_group_key(&row, "name")?;
             let selection: String = row.try_get("selection").map_err(db_err)?;
@@ -205,6 +207,7 @@ impl EmbeddedStreams {
                         max_attempts,
                     },
                     cursors,
+                    created_ns: row.try_get("created_ns").map_err(db_err)?,
                 },
             );
         }
@@ -485,10 +488,11 @@ impl LiveStreams for EmbeddedStreams {
         key: &GroupKey,
         config: &GroupConfig,
         start_after: u64,
-    ) -> StreamResult<bool> {
+    ) -> StreamResult<GroupSettings> {
         let selection = config.selection.to_json();
         let mut conn = self.store.db().writer.lock().await;
         let mut tx = conn.begin().await.map_err(db_err)?;
+        let now_ns = to_ns(Utc::now());
         let created = sqlx::query(
             "INSERT INTO groups (tenant, name, selection, max_attempts, created_ns) VALUES (?, ?, ?, ?, ?) \
              ON CONFLICT (tenant, name) DO NOTHING",
@@ -497,12 +501,13 @@ impl LiveStreams for EmbeddedStreams {
         .bind(&key.name)
         .bind(&selection)
         .bind(i64::from(config.max_attempts))
-        .bind(to_ns(Utc::now()))
+        .bind(now_ns)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?
         .rows_affected()
             == 1;
+        let mut created_ns = now_ns;
         if created {
             for level in Priority::ALL {
                 sqlx::query(
@@ -517,13 +522,15 @@ impl LiveStreams for EmbeddedStreams {
                 .map_err(db_err)?;
             }
         } else {
-            let stored: String =
-                sqlx::query_scalar("SELECT selection FROM groups WHERE tenant = ? AND name = ?")
-                    .bind(&key.tenant)
-                    .bind(&key.name)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
+            let (stored, created): (String, i64) = sqlx::query_as(
+                "SELECT selection, created_ns FROM groups WHERE tenant = ? AND name = ?",
+            )
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            created_ns = created;
             super::check_group_types(key, &stored, &config.selection)?;
             sqlx::query(
                 "UPDATE groups SET selection = ?, max_attempts = ? WHERE tenant = ? AND name = ?",
@@ -541,17 +548,24 @@ impl LiveStreams for EmbeddedStreams {
         let state = groups.entry(key.clone()).or_insert_with(|| GroupState {
             config: config.clone(),
             cursors: [start_after; 4],
+            created_ns,
         });
         state.config = config.clone();
-        Ok(created)
+        Ok(GroupSettings {
+            max_attempts: config.max_attempts,
+            created_ns,
+        })
     }
 
-    async fn group_max_attempts(&self, key: &GroupKey) -> StreamResult<u32> {
+    async fn group_settings(&self, key: &GroupKey) -> StreamResult<GroupSettings> {
         self.groups
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(key)
-            .map(|g| g.config.max_attempts)
+            .map(|g| GroupSettings {
+                max_attempts: g.config.max_attempts,
+                created_ns: g.created_ns,
+            })
             .ok_or_else(|| StreamError::NoSuchGroup(key.name.clone()))
     }
 

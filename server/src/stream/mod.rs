@@ -123,6 +123,16 @@ pub struct GroupStats {
     pub consumers: u32,
 }
 
+/// What a member reads of its group at each fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupSettings {
+    /// The deliveries of one event the group makes before it is dead-lettered (the latest open's).
+    pub max_attempts: u32,
+    /// When the group was created (ns): a group deleted and created again under its name is another
+    /// group, whose members its old ones must not become.
+    pub created_ns: i64,
+}
+
 /// Result of reading the live tail.
 #[derive(Debug)]
 pub enum TailRead {
@@ -173,17 +183,17 @@ pub trait LiveStreams: Send + Sync + 'static {
     fn group_head(&self) -> watch::Receiver<u64>;
 
     /// Creates the group at `start_after` when missing, else updates its filter and max attempts;
-    /// returns whether it was created. A group keeps the types it was created with: an open with
+    /// returns its settings, which tell this group from one created again under its name. A group keeps the types it was created with: an open with
     /// others is [`StreamError::OtherTypes`], so no member receives types it did not ask for.
     async fn ensure_group(
         &self,
         key: &GroupKey,
         config: &GroupConfig,
         start_after: u64,
-    ) -> StreamResult<bool>;
+    ) -> StreamResult<GroupSettings>;
 
-    /// The deliveries of one event a group makes before it is dead-lettered (the latest open's).
-    async fn group_max_attempts(&self, key: &GroupKey) -> StreamResult<u32>;
+    /// What a member reads of its group at each fill.
+    async fn group_settings(&self, key: &GroupKey) -> StreamResult<GroupSettings>;
 
     /// Replaces the selection of an existing group.
     async fn set_group_selection(&self, key: &GroupKey, selection: &Selection) -> StreamResult<()>;

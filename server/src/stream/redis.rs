@@ -30,8 +30,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use super::{
-    Claimed, GroupConfig, GroupKey, GroupStats, Inbox, Interest, LiveStreams, NewClaim,
-    StreamError, StreamResult, TailRead, redis_scripts as lua, tail::Tail,
+    Claimed, GroupConfig, GroupKey, GroupSettings, GroupStats, Inbox, Interest, LiveStreams,
+    NewClaim, StreamError, StreamResult, TailRead, redis_scripts as lua, tail::Tail,
 };
 use crate::{
     event::{Event, Priority, Selection, StoredEvent, TypePattern},
@@ -237,6 +237,7 @@ struct Subscriber {
 struct GroupRow {
     config: GroupConfig,
     start_after: u64,
+    created_ns: i64,
 }
 
 type InboxEntry = (Inbox, mpsc::Sender<Arc<StoredEvent>>);
@@ -390,7 +391,7 @@ impl RedisStreams {
             return Ok(row.clone());
         }
         let row = sqlx::query(
-            "SELECT selection, max_attempts, start_after FROM nerve_groups WHERE tenant = $1 AND name = $2",
+            "SELECT selection, max_attempts, start_after, created_ns FROM nerve_groups WHERE tenant = $1 AND name = $2",
         )
         .bind(&key.tenant)
         .bind(&key.name)
@@ -406,6 +407,7 @@ impl RedisStreams {
                 max_attempts: row.try_get::<i32, _>("max_attempts").map_err(db_err)? as u32,
             },
             start_after: row.try_get::<i64, _>("start_after").map_err(db_err)? as u64,
+            created_ns: row.try_get("created_ns").map_err(db_err)?,
         };
         self.configs
             .lock()
@@ -1239,8 +1241,10 @@ impl LiveStreams for RedisStreams {
         key: &GroupKey,
         config: &GroupConfig,
         start_after: u64,
-    ) -> StreamResult<bool> {
+    ) -> StreamResult<GroupSettings> {
         let mut tx = self.store.pool().begin().await.map_err(db_err)?;
+        let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+        let mut created_ns = now_ns;
         let created = sqlx::query(
             "INSERT INTO nerve_groups (tenant, name, selection, max_attempts, start_after, created_ns) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, name) DO NOTHING",
@@ -1250,7 +1254,7 @@ impl LiveStreams for RedisStreams {
         .bind(config.selection.to_json())
         .bind(config.max_attempts as i32)
         .bind(start_after as i64)
-        .bind(Utc::now().timestamp_nanos_opt().unwrap_or_default())
+        .bind(now_ns)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?
@@ -1258,14 +1262,15 @@ impl LiveStreams for RedisStreams {
             == 1;
         if !created {
             // locked until the update: an open with other types cannot slip in between
-            let stored: String = sqlx::query_scalar(
-                "SELECT selection FROM nerve_groups WHERE tenant = $1 AND name = $2 FOR UPDATE",
+            let (stored, created): (String, i64) = sqlx::query_as(
+                "SELECT selection, created_ns FROM nerve_groups WHERE tenant = $1 AND name = $2 FOR UPDATE",
             )
             .bind(&key.tenant)
             .bind(&key.name)
             .fetch_one(&mut *tx)
             .await
             .map_err(db_err)?;
+            created_ns = created;
             super::check_group_types(key, &stored, &config.selection)?;
             sqlx::query(
                 "UPDATE nerve_groups SET selection = $3, max_attempts = $4 WHERE tenant = $1 AND name = $2",
@@ -1281,11 +1286,18 @@ impl LiveStreams for RedisStreams {
         tx.commit().await.map_err(db_err)?;
         self.forget_config(key);
         self.wake_group(key).await?;
-        Ok(created)
+        Ok(GroupSettings {
+            max_attempts: config.max_attempts,
+            created_ns,
+        })
     }
 
-    async fn group_max_attempts(&self, key: &GroupKey) -> StreamResult<u32> {
-        Ok(self.group_row(key).await?.config.max_attempts)
+    async fn group_settings(&self, key: &GroupKey) -> StreamResult<GroupSettings> {
+        let row = self.group_row(key).await?;
+        Ok(GroupSettings {
+            max_attempts: row.config.max_attempts,
+            created_ns: row.created_ns,
+        })
     }
 
     async fn set_group_selection(&self, key: &GroupKey, selection: &Selection) -> StreamResult<()> {

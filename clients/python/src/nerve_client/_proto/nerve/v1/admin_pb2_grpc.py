@@ -113,7 +113,8 @@ class AdminServicer:
     def DeleteGroup(self, request, context):
         """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
         connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
-        pub/sub tells them; one that hears only after the name was opened again goes on in the new group).
+        pub/sub tells them, else when they next read the group); none goes on in a group created again
+        under the name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,7 +40,8 @@ class AdminStub:
     DeleteGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteGroupRequest, _admin_pb2.DeleteGroupResponse]
     """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
     connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
-    pub/sub tells them; one that hears only after the name was opened again goes on in the new group).
+    pub/sub tells them, else when they next read the group); none goes on in a group created again
+    under the name.
     """
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]
     """ListDeadLetters lists a group's dead letters, oldest first."""
@@ -71,7 +72,8 @@ class AdminAsyncStub(AdminStub):
     DeleteGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteGroupRequest, _admin_pb2.DeleteGroupResponse]  # type: ignore[assignment]
     """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
     connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
-    pub/sub tells them; one that hears only after the name was opened again goes on in the new group).
+    pub/sub tells them, else when they next read the group); none goes on in a group created again
+    under the name.
     """
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDeadLettersRequest, _admin_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     """ListDeadLetters lists a group's dead letters, oldest first."""
@@ -117,7 +119,8 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.DeleteGroupResponse, _abc.Awaitable[_admin_pb2.DeleteGroupResponse]]:
         """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
         connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
-        pub/sub tells them; one that hears only after the name was opened again goes on in the new group).
+        pub/sub tells them, else when they next read the group); none goes on in a group created again
+        under the name.
         """
 
     @_abc_1.abstractmethod
