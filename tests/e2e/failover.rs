@@ -61,12 +61,33 @@ impl Deployment {
         ServerProcess::spawn(self.dir.path(), &env).await
     }
 
+    /// A connection to the deployment's Postgres schema, to read or change it behind the replicas.
+    async fn postgres(&self) -> sqlx::PgConnection {
+        use sqlx::Connection as _;
+        sqlx::PgConnection::connect(&self.database_url)
+            .await
+            .expect("connect to postgres")
+    }
+
+    /// Publishes `payload` on the deployment's group wake channel, as a replica does.
+    async fn publish_wake(&self, payload: &str) {
+        let client = redis::Client::open(self.redis_url.as_str()).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(format!("{}:wake", self.prefix))
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .expect("publish on the wake channel");
+    }
+
     /// Counts stored events per id, read from Postgres directly.
     async fn stored_ids(&self) -> HashMap<String, i64> {
-        use sqlx::{Connection as _, Row as _};
-        let mut conn = sqlx::PgConnection::connect(&self.database_url)
-            .await
-            .expect("connect to postgres");
+        use sqlx::Row as _;
+        let mut conn = self.postgres().await;
         sqlx::query("SELECT id, COUNT(*) AS n FROM events GROUP BY id")
             .fetch_all(&mut conn)
             .await
@@ -1030,9 +1051,7 @@ async fn postgres_ending_the_connections_is_unavailable_never_internal() {
     };
     bus.publish(publish("before")).await.expect("publishes");
 
-    let mut admin = sqlx::PgConnection::connect(&deployment.database_url)
-        .await
-        .expect("connect to postgres");
+    let mut admin = deployment.postgres().await;
     let ended: Vec<i32> = sqlx::query_scalar(
         "WITH mine AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE application_name = $1)
          SELECT pid FROM mine WHERE pg_terminate_backend(pid)",
@@ -1514,13 +1533,10 @@ async fn a_postgres_pool_of_one_connection_is_refused_at_start() {
 /// (redrive then called the group missing, and metrics set its backlog to 0).
 #[tokio::test]
 async fn a_group_that_cannot_be_read_fails_list_groups() {
-    use sqlx::Connection as _;
     let deployment = Deployment::new(redis_url()).await;
     let server = deployment.replica(&[]).await;
     let mut admin = pb::admin_client::AdminClient::new(server.channel().await);
-    let mut conn = sqlx::PgConnection::connect(&deployment.database_url)
-        .await
-        .expect("connect to postgres");
+    let mut conn = deployment.postgres().await;
     sqlx::query(
         "INSERT INTO nerve_groups (tenant, name, selection, max_attempts, start_after, created_ns) \
          VALUES ('default', 'unreadable', 'not json', 5, 0, 0)",
@@ -1546,17 +1562,7 @@ async fn a_late_group_deleted_message_leaves_the_members_of_the_group_that_exist
     let mut member = Subscriber::open(&mut bus, open(&["late.x"], "reborn"))
         .await
         .expect("open");
-    let client = redis::Client::open(redis_url()).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(format!("{}:wake", deployment.prefix))
-        .arg("default\nreborn\ndeleted")
-        .query_async(&mut conn)
-        .await
-        .expect("publish the late message");
+    deployment.publish_wake("default\nreborn\ndeleted").await;
     publish_n(&mut bus, "after", "late.x", 1).await;
     assert_eq!(crate::harness::id(&member.next_delivery().await), "after-0");
 }
@@ -1566,7 +1572,6 @@ async fn a_late_group_deleted_message_leaves_the_members_of_the_group_that_exist
 /// theirs.
 #[tokio::test]
 async fn an_old_member_ends_when_its_group_was_created_again_unheard() {
-    use sqlx::Connection as _;
     let deployment = Deployment::new(redis_url()).await;
     let server = deployment.replica(&[]).await;
     let mut bus = EventBusClient::new(server.channel().await);
@@ -1574,25 +1579,13 @@ async fn an_old_member_ends_when_its_group_was_created_again_unheard() {
         .await
         .expect("open");
     // deleted and created again elsewhere, with no message to this replica
-    let mut conn = sqlx::PgConnection::connect(&deployment.database_url)
-        .await
-        .expect("connect to postgres");
+    let mut conn = deployment.postgres().await;
     sqlx::query("UPDATE nerve_groups SET created_ns = created_ns + 1 WHERE name = 'again'")
         .execute(&mut conn)
         .await
         .expect("the group created again");
     // a plain wake (any open or settle elsewhere sends one): the replica reads the group again
-    let client = redis::Client::open(redis_url()).expect("redis url");
-    let mut redis = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(format!("{}:wake", deployment.prefix))
-        .arg("default\nagain")
-        .query_async(&mut redis)
-        .await
-        .expect("publish a wake");
+    deployment.publish_wake("default\nagain").await;
     match member.next_message(WAIT).await {
         Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
         Ok(delivery) => panic!("the old member went on in the new group: {delivery:?}"),
