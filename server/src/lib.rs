@@ -16,7 +16,7 @@ pub mod telemetry;
 #[cfg(test)]
 mod proptests;
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -253,22 +253,22 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
     })
 }
 
-/// Runs the server until `signal` completes, drains for `shutdown_delay` (or until `signal` completes
-/// again), then stops gracefully.
-pub async fn run<F: Future<Output = ()>>(
+/// Runs the server until the first of `signals` (or their end), drains for `shutdown_delay` (or
+/// until the next), then stops gracefully.
+pub async fn run(
     config: Config,
-    mut signal: impl FnMut() -> F,
+    mut signals: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<()> {
     let delay = config.shutdown_delay;
     let backends = open_backends(&config).await?;
     let server = start(config, backends).await?;
-    signal().await;
+    signals.recv().await;
     if !delay.is_zero() {
         info!(delay = %humantime::format_duration(delay), "draining: not ready, still serving");
         server.drain();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = signal() => info!("second signal: draining cut short"),
+            _ = signals.recv() => info!("second signal: draining cut short"),
         }
     }
     info!("shutting down");

@@ -38,7 +38,18 @@ fn main() -> ExitCode {
     for warning in warnings {
         warn!("{warning}");
     }
-    let outcome = runtime.block_on(nerve::run(config, shutdown_signal));
+    let outcome = runtime.block_on(async {
+        let signals = match shutdown_signals() {
+            Ok(signals) => signals,
+            Err(e) => {
+                return Err(nerve::error::Error::Io {
+                    context: "listening for SIGINT and SIGTERM".into(),
+                    source: e,
+                });
+            }
+        };
+        nerve::run(config, signals).await
+    });
     nerve::telemetry::shutdown();
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -49,25 +60,23 @@ fn main() -> ExitCode {
     }
 }
 
-/// Completes on the next SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Listens for SIGINT and SIGTERM from now on and forwards each. Called before the server opens its
+/// ports: a signal that arrived before the listeners existed killed the process ungracefully, or
+/// (between tokio installing its handler and a listener subscribing) was lost.
+fn shutdown_signals() -> std::io::Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "cannot listen for SIGTERM");
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = term.recv() => {}
-        }
+    for kind in [
+        tokio::signal::unix::SignalKind::interrupt(),
+        tokio::signal::unix::SignalKind::terminate(),
+    ] {
+        let mut signal = tokio::signal::unix::signal(kind)?;
+        let tx = tx.clone();
+        tokio::spawn(async move { while signal.recv().await.is_some() && tx.send(()).is_ok() {} });
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    tokio::spawn(
+        async move { while tokio::signal::ctrl_c().await.is_ok() && tx.send(()).is_ok() {} },
+    );
+    Ok(rx)
 }
