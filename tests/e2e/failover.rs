@@ -1567,6 +1567,35 @@ async fn a_late_group_deleted_message_leaves_the_members_of_the_group_that_exist
     assert_eq!(crate::harness::id(&member.next_delivery().await), "after-0");
 }
 
+/// A group deleted through one replica ends its members on another at once: the wake makes them read
+/// the group, which is gone. A heartbeat five minutes away shows they did not wait for it.
+#[tokio::test]
+async fn a_group_deleted_through_one_replica_ends_its_members_on_another() {
+    let deployment = Deployment::new(redis_url()).await;
+    let deleting = deployment.replica(&[]).await;
+    let serving = deployment.replica(&[]).await;
+    let mut bus = EventBusClient::new(serving.channel().await);
+    let mut o = open(&["gone.x"], "gone");
+    o.heartbeat_interval = Some(prost_types::Duration {
+        seconds: 300,
+        nanos: 0,
+    });
+    let mut member = Subscriber::open(&mut bus, o).await.expect("open");
+    let deleted = pb::admin_client::AdminClient::new(deleting.channel().await)
+        .delete_group(pb::DeleteGroupRequest {
+            group: "gone".into(),
+        })
+        .await
+        .expect("delete")
+        .into_inner()
+        .deleted;
+    assert!(deleted);
+    match member.next_message(WAIT).await {
+        Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+        Ok(message) => panic!("the member of a deleted group went on: {message:?}"),
+    }
+}
+
 /// A replica that never heard of a delete (its pub/sub message lost) still ends the old members once
 /// it reads the group again: a group created again under the name (another creation time) is not
 /// theirs.

@@ -946,23 +946,19 @@ async fn listen(streams: Weak<RedisStreams>) {
                     continue;
                 };
                 if message.get_channel_name() == wake {
-                    let (name, deleted) = match b.split_once('\n') {
-                        Some((name, DELETED)) => (name, true),
-                        _ => (b, false),
-                    };
+                    // a previous version sent "<name>\ndeleted" besides the plain wake: the name
+                    // is the first line either way
+                    let name = b.split_once('\n').map_or(b, |(name, _)| name);
                     let key = GroupKey {
                         tenant: a.to_owned(),
                         name: name.to_owned(),
                     };
+                    // members read the group again at once: a deleted group's end with NOT_FOUND,
+                    // and so do those of a group created again since (another creation time).
+                    // The message itself ends nobody: it may arrive after a new open of the name
+                    // here, whose member must go on.
                     this.forget_config(&key);
-                    // a group created again since (here or elsewhere) has members this must not end
-                    if deleted
-                        && matches!(this.group_row(&key).await, Err(StreamError::NoSuchGroup(_)))
-                    {
-                        this.end_wakeups(&key);
-                    } else {
-                        this.bump_wakeup(&key);
-                    }
+                    this.bump_wakeup(&key);
                 } else if let Ok(seq) = b.parse::<u64>() {
                     deliver_reply(&this, a, seq).await;
                 }
@@ -1031,10 +1027,6 @@ async fn maintain(streams: Weak<RedisStreams>) {
 
 /// One (tenant, stream)'s events of a relay step, in sequence order.
 type StreamEvents<'a> = ((String, StreamId), Vec<&'a Arc<StoredEvent>>);
-
-/// Third line of a wake message that says the group was deleted (tenants and group names have no
-/// line breaks).
-const DELETED: &str = "deleted";
 
 /// Most events one step of [`relay`] adds to Redis.
 const RELAY_BATCH: usize = 1_000;
@@ -1729,22 +1721,15 @@ impl LiveStreams for RedisStreams {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(g, _), _| g != key);
-        // ends the members' streams here, and on the other replicas when the message arrives (see
-        // `group_wakeups`); the plain wake too, for replicas of a version that does not know the
-        // other: their members look and find the group gone
+        // ends the members' streams here; on the other replicas the wake makes them read the group,
+        // which is gone (or another group, created again since), and they end
         self.end_wakeups(key);
-        let mut pipe = redis::pipe();
-        pipe.publish(
-            self.keys.wake_channel(),
-            format!("{}\n{}\n{DELETED}", key.tenant, key.name),
-        )
-        .ignore()
-        .publish(
-            self.keys.wake_channel(),
-            format!("{}\n{}", key.tenant, key.name),
-        )
-        .ignore();
-        pipe.query_async::<()>(&mut self.conn())
+        let _: i64 = self
+            .conn()
+            .publish(
+                self.keys.wake_channel(),
+                format!("{}\n{}", key.tenant, key.name),
+            )
             .await
             .map_err(redis_err)?;
         Ok(deleted)
