@@ -17,27 +17,62 @@ func (c *Client) GetEvent(ctx context.Context, id, source string) (*nervepb.Even
 	return resp.GetEvent(), nil
 }
 
-// ListGroups lists the durable groups with their pending, lag, consumers and dead letters.
+// ListGroups lists the durable groups the caller may administer, by name, with their pending, lag,
+// consumers and dead letters. It reads every page.
 func (c *Client) ListGroups(ctx context.Context) ([]*nervepb.GroupInfo, error) {
-	resp, err := c.admin.ListGroups(ctx, &nervepb.ListGroupsRequest{})
-	if err != nil {
-		return nil, wrap(err)
+	var all []*nervepb.GroupInfo
+	for g, err := range c.groups(ctx) {
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, g)
 	}
-	return resp.GetGroups(), nil
+	return all, nil
 }
 
 // Group returns one group's info, or nil when it does not exist.
 func (c *Client) Group(ctx context.Context, name string) (*nervepb.GroupInfo, error) {
-	groups, err := c.ListGroups(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for _, g := range groups {
+	for g, err := range c.groups(ctx) {
+		if err != nil {
+			return nil, err
+		}
 		if g.GetName() == name {
 			return g, nil
 		}
 	}
 	return nil, nil
+}
+
+// groups ranges over the groups page by page.
+func (c *Client) groups(ctx context.Context) iter.Seq2[*nervepb.GroupInfo, error] {
+	return pages(func(token string) ([]*nervepb.GroupInfo, string, error) {
+		resp, err := c.admin.ListGroups(ctx, &nervepb.ListGroupsRequest{PageToken: token})
+		return resp.GetGroups(), resp.GetNextPageToken(), err
+	})
+}
+
+// pages ranges over a listing's items, following its page tokens; a failure is yielded once as the
+// error.
+func pages[T any](page func(token string) ([]T, string, error)) iter.Seq2[T, error] {
+	return func(yield func(T, error) bool) {
+		token := ""
+		for {
+			items, next, err := page(token)
+			if err != nil {
+				var zero T
+				yield(zero, wrap(err))
+				return
+			}
+			for _, item := range items {
+				if !yield(item, nil) {
+					return
+				}
+			}
+			if token = next; token == "" {
+				return
+			}
+		}
+	}
 }
 
 // DeleteGroup removes a group with its pending deliveries and dead letters; false when it did not exist.
@@ -52,24 +87,10 @@ func (c *Client) DeleteGroup(ctx context.Context, group string) (bool, error) {
 // DeadLetters ranges over a group's dead letters, oldest first, following page tokens (pageSize zero:
 // the server's default). A failure is yielded once as the error.
 func (c *Client) DeadLetters(ctx context.Context, group string, pageSize uint32) iter.Seq2[*nervepb.DeadLetter, error] {
-	return func(yield func(*nervepb.DeadLetter, error) bool) {
-		token := ""
-		for {
-			resp, err := c.admin.ListDeadLetters(ctx, &nervepb.ListDeadLettersRequest{Group: group, PageSize: pageSize, PageToken: token})
-			if err != nil {
-				yield(nil, wrap(err))
-				return
-			}
-			for _, d := range resp.GetDeadLetters() {
-				if !yield(d, nil) {
-					return
-				}
-			}
-			if token = resp.GetNextPageToken(); token == "" {
-				return
-			}
-		}
-	}
+	return pages(func(token string) ([]*nervepb.DeadLetter, string, error) {
+		resp, err := c.admin.ListDeadLetters(ctx, &nervepb.ListDeadLettersRequest{Group: group, PageSize: pageSize, PageToken: token})
+		return resp.GetDeadLetters(), resp.GetNextPageToken(), err
+	})
 }
 
 // RedriveDeadLetters sends the dead letters with these sequences back to their group, and only to it;
@@ -91,11 +112,18 @@ func (c *Client) redrive(ctx context.Context, req *nervepb.RedriveDeadLettersReq
 	return resp.GetRedriven(), nil
 }
 
-// ListEventTypes lists the event types stored so far, with counts and sequence ranges.
+// ListEventTypes lists the event types stored so far that the caller may administer, by name, with
+// counts and sequence ranges. It reads every page.
 func (c *Client) ListEventTypes(ctx context.Context) ([]*nervepb.EventTypeInfo, error) {
-	resp, err := c.admin.ListEventTypes(ctx, &nervepb.ListEventTypesRequest{})
-	if err != nil {
-		return nil, wrap(err)
+	var all []*nervepb.EventTypeInfo
+	for t, err := range pages(func(token string) ([]*nervepb.EventTypeInfo, string, error) {
+		resp, err := c.admin.ListEventTypes(ctx, &nervepb.ListEventTypesRequest{PageToken: token})
+		return resp.GetTypes(), resp.GetNextPageToken(), err
+	}) {
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, t)
 	}
-	return resp.GetTypes(), nil
+	return all, nil
 }

@@ -5,7 +5,9 @@ package nerve_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -152,6 +154,54 @@ func TestDeadLettersAndAdmin(t *testing.T) {
 	}
 	if _, err := client.GetEvent(ctx, "missing", ""); !errors.Is(err, nerve.ErrNotFound) {
 		t.Fatalf("missing event: %v", err)
+	}
+}
+
+func TestAdminListsReadEveryPage(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	// more than one page of each (the server's default page is 100)
+	var types []string
+	var events []*nervepb.Event
+	for i := range 150 {
+		types = append(types, fmt.Sprintf("paged.t%03d", i))
+		events = append(events, ev(fmt.Sprintf("p%d", i), types[i]))
+	}
+	if _, err := client.Publish(ctx, events...); err != nil {
+		t.Fatal(err)
+	}
+	listed, err := client.ListEventTypes(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, ti := range listed {
+		got = append(got, ti.GetType())
+	}
+	if !slices.Equal(got, types) {
+		t.Fatalf("types = %v", got)
+	}
+	var groups []string
+	for i := range 101 {
+		groups = append(groups, fmt.Sprintf("paged-%03d", i))
+		sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"paged.t000"}, Group: groups[i]})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sub.Close()
+	}
+	infos, err := client.ListGroups(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got = got[:0]
+	for _, g := range infos {
+		got = append(got, g.GetName())
+	}
+	if !slices.Equal(got, groups) {
+		t.Fatalf("groups = %v", got)
+	}
+	if g, err := client.Group(ctx, "paged-100"); err != nil || g.GetName() != "paged-100" {
+		t.Fatalf("group on the second page = %v, %v", g, err)
 	}
 }
 

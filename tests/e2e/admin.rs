@@ -75,7 +75,7 @@ async fn lists_event_types_with_counts() {
     .await;
     let types = server
         .admin()
-        .list_event_types(pb::ListEventTypesRequest {})
+        .list_event_types(pb::ListEventTypesRequest::default())
         .await
         .expect("types")
         .into_inner()
@@ -111,7 +111,7 @@ async fn lag_counts_every_event_not_yet_handed_out_whatever_type_went_first() {
         let mut member = Subscriber::open(&mut bus, o).await.expect("open");
         let _held = member.next_delivery().await;
         let groups = admin
-            .list_groups(pb::ListGroupsRequest {})
+            .list_groups(pb::ListGroupsRequest::default())
             .await
             .expect("list")
             .into_inner()
@@ -130,7 +130,7 @@ async fn assert_group_gone(
     group: &str,
 ) {
     let groups = admin
-        .list_groups(pb::ListGroupsRequest {})
+        .list_groups(pb::ListGroupsRequest::default())
         .await
         .expect("list")
         .into_inner()

@@ -1345,7 +1345,7 @@ async fn dead_consumer_holding_500_is_redelivered_then_dead_lettered_once() {
         .await;
     second.expect_idle(2).await;
     let groups = admin
-        .list_groups(pb::ListGroupsRequest {})
+        .list_groups(pb::ListGroupsRequest::default())
         .await
         .expect("groups")
         .into_inner()
@@ -1545,7 +1545,7 @@ async fn a_group_that_cannot_be_read_fails_list_groups() {
     .await
     .expect("a group row that does not parse");
     let status = admin
-        .list_groups(pb::ListGroupsRequest {})
+        .list_groups(pb::ListGroupsRequest::default())
         .await
         .expect_err("no partial list");
     assert_eq!(status.code(), Code::Internal, "{status:?}");

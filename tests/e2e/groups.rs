@@ -20,7 +20,7 @@ async fn await_pending(server: &TestServer, group: &str, n: u64) {
         let mut admin = admin.clone();
         async move {
             let groups = admin
-                .list_groups(pb::ListGroupsRequest {})
+                .list_groups(pb::ListGroupsRequest::default())
                 .await
                 .ok()?
                 .into_inner()
@@ -327,7 +327,7 @@ async fn dead_letters_after_max_attempts_and_redrives_only_to_that_group() {
     assert_eq!(letters[0].event.as_ref().expect("event").id, "p1");
     let groups = server
         .admin()
-        .list_groups(pb::ListGroupsRequest {})
+        .list_groups(pb::ListGroupsRequest::default())
         .await
         .expect("groups")
         .into_inner()
@@ -637,7 +637,7 @@ async fn groups_report_pending_lag_and_consumers() {
     sub.deliveries(2).await;
     let groups = server
         .admin()
-        .list_groups(pb::ListGroupsRequest {})
+        .list_groups(pb::ListGroupsRequest::default())
         .await
         .expect("groups")
         .into_inner()

@@ -147,9 +147,14 @@ impl EventStore for InjectedStore {
         self.check()?;
         self.inner.count_after(tenant, after, selection).await
     }
-    async fn event_types(&self, tenant: &str) -> StoreResult<Vec<EventTypeStats>> {
+    async fn event_types(
+        &self,
+        tenant: &str,
+        after: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<EventTypeStats>> {
         self.check()?;
-        self.inner.event_types(tenant).await
+        self.inner.event_types(tenant, after, limit).await
     }
     async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
         self.check()?;

@@ -42,7 +42,7 @@ async fn retry_of_same_event_returns_original_sequence_and_writes_nothing() {
     assert!(!first.results[0].duplicate);
     let types = server
         .admin()
-        .list_event_types(pb::ListEventTypesRequest {})
+        .list_event_types(pb::ListEventTypesRequest::default())
         .await
         .expect("types")
         .into_inner();

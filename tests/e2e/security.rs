@@ -1038,7 +1038,7 @@ async fn registered_publishers_publish_their_types_until_removed() {
         "does not belong",
     );
     let listed = admin_client
-        .list_publishers(authorized(pb::ListPublishersRequest {}, &admin))
+        .list_publishers(authorized(pb::ListPublishersRequest::default(), &admin))
         .await
         .expect("listed")
         .into_inner()
@@ -1604,5 +1604,215 @@ async fn admin_text_with_control_characters_is_invalid_argument_naming_the_field
             .await,
         Code::InvalidArgument,
         "principal",
+    );
+}
+
+/// The admin lists (ListEventTypes, ListGroups, ListPublishers) come a page at a time in name order,
+/// each page starting after the last name of the one before, with only what the caller may
+/// administer: hidden names between shown ones neither shorten a page nor show. The last page has no
+/// token, even when it is exactly full; a page ends early to fit one message.
+#[tokio::test]
+async fn admin_lists_page_through_what_the_caller_may_administer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = format!(
+        r#"{POLICY}
+[[principal]]
+id = "writer"
+tenant = "acme"
+sources = ["//tests"]
+allow = {{ publish = [">"], subscribe = [">"], groups = ["*"] }}
+
+[[principal]]
+id = "curator"
+tenant = "acme"
+allow = {{ admin = ["types/*.shown", "groups/*-shown", "publishers/*-shown"] }}
+"#
+    );
+    // pages carry 12 KiB: two publishers with 4 KiB descriptions each
+    let server =
+        server_with_policy(dir.path(), &policy, |c| c.limits.max_batch_bytes = 12 << 10).await;
+    let token = |sub: &str| {
+        let mut c = claims(sub);
+        c["tenant"] = json!("acme");
+        hs_token(&c)
+    };
+    let (writer, curator, admin) = (token("writer"), token("curator"), token("admin"));
+    let types = [
+        "a.shown", "b.hidden", "c.shown", "d.hidden", "e.shown", "f.hidden", "g.shown", "h.shown",
+    ];
+    for (i, t) in types.iter().enumerate() {
+        publish_as(&server, &writer, vec![event(&format!("e{i}"), t)])
+            .await
+            .expect("published");
+    }
+    let mut bus = server.bus();
+    for g in ["a-shown", "b-hidden", "c-shown", "d-hidden", "e-shown"] {
+        Subscriber::open_as(&mut bus, open(&["a.shown"], g), Some(&writer))
+            .await
+            .expect("group created")
+            .close();
+    }
+    let mut admin_client = server.admin();
+    for p in [
+        "a-shown", "b-hidden", "c-shown", "d-shown", "e-shown", "f-shown",
+    ] {
+        admin_client
+            .register_publisher(authorized(
+                pb::RegisterPublisherRequest {
+                    publisher: Some(pb::Publisher {
+                        principal: p.into(),
+                        types: vec!["a.shown".into()],
+                        sources: vec!["//x".into()],
+                        description: "d".repeat(4096),
+                        update_time: None,
+                    }),
+                },
+                &admin,
+            ))
+            .await
+            .expect("registered");
+    }
+
+    // the names on each page of a list, following its tokens to the end
+    async fn pages<F, Fut>(mut list: F) -> Vec<Vec<String>>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = (Vec<String>, String)>,
+    {
+        let mut pages = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (names, next) = list(token).await;
+            pages.push(names);
+            if next.is_empty() {
+                return pages;
+            }
+            assert!(pages.len() < 20, "the pages never end: {pages:?}");
+            token = next;
+        }
+    }
+    let event_types = |who: &str, page_size: u32| {
+        let (client, who) = (server.admin(), who.to_owned());
+        pages(move |page_token| {
+            let (mut client, who) = (client.clone(), who.clone());
+            async move {
+                let r = client
+                    .list_event_types(authorized(
+                        pb::ListEventTypesRequest {
+                            page_size,
+                            page_token,
+                        },
+                        &who,
+                    ))
+                    .await
+                    .expect("types")
+                    .into_inner();
+                (
+                    r.types.into_iter().map(|t| t.r#type).collect(),
+                    r.next_page_token,
+                )
+            }
+        })
+    };
+    let groups = |who: &str, page_size: u32| {
+        let (client, who) = (server.admin(), who.to_owned());
+        pages(move |page_token| {
+            let (mut client, who) = (client.clone(), who.clone());
+            async move {
+                let r = client
+                    .list_groups(authorized(
+                        pb::ListGroupsRequest {
+                            page_size,
+                            page_token,
+                        },
+                        &who,
+                    ))
+                    .await
+                    .expect("groups")
+                    .into_inner();
+                (
+                    r.groups.into_iter().map(|g| g.name).collect(),
+                    r.next_page_token,
+                )
+            }
+        })
+    };
+    let publishers = |who: &str, page_size: u32| {
+        let (client, who) = (server.admin(), who.to_owned());
+        pages(move |page_token| {
+            let (mut client, who) = (client.clone(), who.clone());
+            async move {
+                let r = client
+                    .list_publishers(authorized(
+                        pb::ListPublishersRequest {
+                            page_size,
+                            page_token,
+                        },
+                        &who,
+                    ))
+                    .await
+                    .expect("publishers")
+                    .into_inner();
+                (
+                    r.publishers.into_iter().map(|p| p.principal).collect(),
+                    r.next_page_token,
+                )
+            }
+        })
+    };
+    assert_eq!(
+        event_types(&curator, 2).await,
+        [
+            vec!["a.shown", "c.shown"],
+            vec!["e.shown", "g.shown"],
+            vec!["h.shown"]
+        ]
+    );
+    assert_eq!(event_types(&admin, 0).await, [types.to_vec()]);
+    assert_eq!(event_types(&admin, 8).await, [types.to_vec()]);
+    assert_eq!(
+        groups(&curator, 2).await,
+        [vec!["a-shown", "c-shown"], vec!["e-shown"]]
+    );
+    assert_eq!(
+        groups(&curator, 3).await,
+        [vec!["a-shown", "c-shown", "e-shown"]]
+    );
+    // three of 4 KiB do not fit 12 KiB: the pages end early, and nothing is skipped
+    assert_eq!(
+        publishers(&curator, 1000).await,
+        [
+            vec!["a-shown", "c-shown"],
+            vec!["d-shown", "e-shown"],
+            vec!["f-shown"]
+        ]
+    );
+
+    let mut client = server.admin();
+    assert_status(
+        client
+            .list_groups(authorized(
+                pb::ListGroupsRequest {
+                    page_size: 1001,
+                    ..Default::default()
+                },
+                &admin,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "page_size",
+    );
+    assert_status(
+        client
+            .list_event_types(authorized(
+                pb::ListEventTypesRequest {
+                    page_token: "a\0".into(),
+                    ..Default::default()
+                },
+                &admin,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "page_token",
     );
 }

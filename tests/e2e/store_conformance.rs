@@ -207,7 +207,7 @@ async fn large_commits_store_every_event_once_with_exact_type_statistics(b: Back
             .map(|i| (i as u64 + 1, format!("e{i}")))
             .collect::<Vec<_>>()
     );
-    let stats = s.event_types("t").await.expect("event types");
+    let stats = s.event_types("t", "", 100).await.expect("event types");
     let summary: Vec<(&str, u64, u64, u64)> = stats
         .iter()
         .map(|t| {
@@ -505,7 +505,7 @@ async fn reads_filter_by_type_source_subject_correlation_priority_and_range(b: B
             .expect("before"),
         0
     );
-    let types = s.event_types("t").await.expect("types");
+    let types = s.event_types("t", "", 100).await.expect("types");
     assert_eq!(
         types
             .iter()
@@ -516,6 +516,17 @@ async fn reads_filter_by_type_source_subject_correlation_priority_and_range(b: B
             ("shop.order.paid", 1),
             ("shop.refund.created", 1)
         ]
+    );
+    // a page: the types named after the last one of the previous page, in byte order
+    let page = s
+        .event_types("t", "shop.order.created", 1)
+        .await
+        .expect("a page of types");
+    assert_eq!(
+        page.iter()
+            .map(|t| t.event_type.as_str())
+            .collect::<Vec<_>>(),
+        ["shop.order.paid"]
     );
     let selection = Selection {
         types: vec![pattern("shop.order.>")],

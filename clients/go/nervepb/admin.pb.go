@@ -121,9 +121,13 @@ func (x *GetEventResponse) GetEvent() *Event {
 	return nil
 }
 
-// ListGroupsRequest lists all groups.
+// ListGroupsRequest pages through the groups the caller may administer, by name.
 type ListGroupsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// At most 1000; 0 means 100. A page ends early to fit one message.
+	PageSize uint32 `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// From a previous response's next_page_token.
+	PageToken     string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -158,10 +162,26 @@ func (*ListGroupsRequest) Descriptor() ([]byte, []int) {
 	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{2}
 }
 
-// ListGroupsResponse carries the groups.
+func (x *ListGroupsRequest) GetPageSize() uint32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListGroupsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListGroupsResponse carries one page of groups.
 type ListGroupsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Groups        []*GroupInfo           `protobuf:"bytes,1,rep,name=groups,proto3" json:"groups,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Groups []*GroupInfo           `protobuf:"bytes,1,rep,name=groups,proto3" json:"groups,omitempty"`
+	// Empty when this was the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -201,6 +221,13 @@ func (x *ListGroupsResponse) GetGroups() []*GroupInfo {
 		return x.Groups
 	}
 	return nil
+}
+
+func (x *ListGroupsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 // GroupInfo describes a durable group.
@@ -692,9 +719,13 @@ func (x *RedriveDeadLettersResponse) GetRedriven() uint64 {
 	return 0
 }
 
-// ListEventTypesRequest lists all types.
+// ListEventTypesRequest pages through the stored event types the caller may administer, by name.
 type ListEventTypesRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// At most 1000; 0 means 100. A page ends early to fit one message.
+	PageSize uint32 `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// From a previous response's next_page_token.
+	PageToken     string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -729,10 +760,26 @@ func (*ListEventTypesRequest) Descriptor() ([]byte, []int) {
 	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
-// ListEventTypesResponse carries the types.
+func (x *ListEventTypesRequest) GetPageSize() uint32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListEventTypesRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListEventTypesResponse carries one page of types.
 type ListEventTypesResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Types         []*EventTypeInfo       `protobuf:"bytes,1,rep,name=types,proto3" json:"types,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Types []*EventTypeInfo       `protobuf:"bytes,1,rep,name=types,proto3" json:"types,omitempty"`
+	// Empty when this was the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -772,6 +819,13 @@ func (x *ListEventTypesResponse) GetTypes() []*EventTypeInfo {
 		return x.Types
 	}
 	return nil
+}
+
+func (x *ListEventTypesResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 // EventTypeInfo summarizes one stored type.
@@ -1113,9 +1167,14 @@ func (x *UpdatePublisherResponse) GetPublisher() *Publisher {
 	return nil
 }
 
-// ListPublishersRequest lists the caller's tenant's publishers.
+// ListPublishersRequest pages through the caller's tenant's publishers the caller may administer, by
+// principal.
 type ListPublishersRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// At most 1000; 0 means 100. A page ends early to fit one message.
+	PageSize uint32 `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// From a previous response's next_page_token.
+	PageToken     string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1150,10 +1209,26 @@ func (*ListPublishersRequest) Descriptor() ([]byte, []int) {
 	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{20}
 }
 
-// ListPublishersResponse carries the publishers, by principal.
+func (x *ListPublishersRequest) GetPageSize() uint32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListPublishersRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListPublishersResponse carries one page of publishers.
 type ListPublishersResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Publishers    []*Publisher           `protobuf:"bytes,1,rep,name=publishers,proto3" json:"publishers,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Publishers []*Publisher           `protobuf:"bytes,1,rep,name=publishers,proto3" json:"publishers,omitempty"`
+	// Empty when this was the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1193,6 +1268,13 @@ func (x *ListPublishersResponse) GetPublishers() []*Publisher {
 		return x.Publishers
 	}
 	return nil
+}
+
+func (x *ListPublishersResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 // RemovePublisherRequest names the principal.
@@ -1518,10 +1600,14 @@ const file_nerve_v1_admin_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06source\x18\x02 \x01(\tR\x06source\"9\n" +
 	"\x10GetEventResponse\x12%\n" +
-	"\x05event\x18\x01 \x01(\v2\x0f.nerve.v1.EventR\x05event\"\x13\n" +
-	"\x11ListGroupsRequest\"A\n" +
+	"\x05event\x18\x01 \x01(\v2\x0f.nerve.v1.EventR\x05event\"O\n" +
+	"\x11ListGroupsRequest\x12\x1b\n" +
+	"\tpage_size\x18\x01 \x01(\rR\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x02 \x01(\tR\tpageToken\"i\n" +
 	"\x12ListGroupsResponse\x12+\n" +
-	"\x06groups\x18\x01 \x03(\v2\x13.nerve.v1.GroupInfoR\x06groups\"\xc5\x01\n" +
+	"\x06groups\x18\x01 \x03(\v2\x13.nerve.v1.GroupInfoR\x06groups\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xc5\x01\n" +
 	"\tGroupInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05types\x18\x02 \x03(\tR\x05types\x12\x18\n" +
@@ -1554,10 +1640,14 @@ const file_nerve_v1_admin_proto_rawDesc = "" +
 	"\tsequences\x18\x02 \x03(\x04R\tsequences\x12\x10\n" +
 	"\x03all\x18\x03 \x01(\bR\x03all\"8\n" +
 	"\x1aRedriveDeadLettersResponse\x12\x1a\n" +
-	"\bredriven\x18\x01 \x01(\x04R\bredriven\"\x17\n" +
-	"\x15ListEventTypesRequest\"G\n" +
+	"\bredriven\x18\x01 \x01(\x04R\bredriven\"S\n" +
+	"\x15ListEventTypesRequest\x12\x1b\n" +
+	"\tpage_size\x18\x01 \x01(\rR\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x02 \x01(\tR\tpageToken\"o\n" +
 	"\x16ListEventTypesResponse\x12-\n" +
-	"\x05types\x18\x01 \x03(\v2\x17.nerve.v1.EventTypeInfoR\x05types\"\xbe\x01\n" +
+	"\x05types\x18\x01 \x03(\v2\x17.nerve.v1.EventTypeInfoR\x05types\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xbe\x01\n" +
 	"\rEventTypeInfo\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\tR\x04type\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\x04R\x05count\x12%\n" +
@@ -1578,12 +1668,16 @@ const file_nerve_v1_admin_proto_rawDesc = "" +
 	"\x16UpdatePublisherRequest\x121\n" +
 	"\tpublisher\x18\x01 \x01(\v2\x13.nerve.v1.PublisherR\tpublisher\"L\n" +
 	"\x17UpdatePublisherResponse\x121\n" +
-	"\tpublisher\x18\x01 \x01(\v2\x13.nerve.v1.PublisherR\tpublisher\"\x17\n" +
-	"\x15ListPublishersRequest\"M\n" +
+	"\tpublisher\x18\x01 \x01(\v2\x13.nerve.v1.PublisherR\tpublisher\"S\n" +
+	"\x15ListPublishersRequest\x12\x1b\n" +
+	"\tpage_size\x18\x01 \x01(\rR\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x02 \x01(\tR\tpageToken\"u\n" +
 	"\x16ListPublishersResponse\x123\n" +
 	"\n" +
 	"publishers\x18\x01 \x03(\v2\x13.nerve.v1.PublisherR\n" +
-	"publishers\"6\n" +
+	"publishers\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"6\n" +
 	"\x16RemovePublisherRequest\x12\x1c\n" +
 	"\tprincipal\x18\x01 \x01(\tR\tprincipal\"3\n" +
 	"\x17RemovePublisherResponse\x12\x18\n" +

@@ -40,7 +40,7 @@ const (
 type AdminClient interface {
 	// GetEvent looks up a stored event by id (and source when ids repeat across sources).
 	GetEvent(ctx context.Context, in *GetEventRequest, opts ...grpc.CallOption) (*GetEventResponse, error)
-	// ListGroups lists durable groups with their backlog.
+	// ListGroups lists durable groups with their backlog, a page at a time.
 	ListGroups(ctx context.Context, in *ListGroupsRequest, opts ...grpc.CallOption) (*ListGroupsResponse, error)
 	// DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
 	// connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
@@ -51,13 +51,13 @@ type AdminClient interface {
 	ListDeadLetters(ctx context.Context, in *ListDeadLettersRequest, opts ...grpc.CallOption) (*ListDeadLettersResponse, error)
 	// RedriveDeadLetters sends dead letters back to their group, and only to it.
 	RedriveDeadLetters(ctx context.Context, in *RedriveDeadLettersRequest, opts ...grpc.CallOption) (*RedriveDeadLettersResponse, error)
-	// ListEventTypes lists the event types stored so far.
+	// ListEventTypes lists the event types stored so far, a page at a time.
 	ListEventTypes(ctx context.Context, in *ListEventTypesRequest, opts ...grpc.CallOption) (*ListEventTypesResponse, error)
 	// RegisterPublisher registers a principal as a publisher of event types, with the sources it may use.
 	RegisterPublisher(ctx context.Context, in *RegisterPublisherRequest, opts ...grpc.CallOption) (*RegisterPublisherResponse, error)
 	// UpdatePublisher replaces a registered publisher's types, sources and description.
 	UpdatePublisher(ctx context.Context, in *UpdatePublisherRequest, opts ...grpc.CallOption) (*UpdatePublisherResponse, error)
-	// ListPublishers lists the registered publishers of the caller's tenant.
+	// ListPublishers lists the registered publishers of the caller's tenant, a page at a time.
 	ListPublishers(ctx context.Context, in *ListPublishersRequest, opts ...grpc.CallOption) (*ListPublishersResponse, error)
 	// RemovePublisher removes a publisher registration.
 	RemovePublisher(ctx context.Context, in *RemovePublisherRequest, opts ...grpc.CallOption) (*RemovePublisherResponse, error)
@@ -191,7 +191,7 @@ func (c *adminClient) ListAuditRecords(ctx context.Context, in *ListAuditRecords
 type AdminServer interface {
 	// GetEvent looks up a stored event by id (and source when ids repeat across sources).
 	GetEvent(context.Context, *GetEventRequest) (*GetEventResponse, error)
-	// ListGroups lists durable groups with their backlog.
+	// ListGroups lists durable groups with their backlog, a page at a time.
 	ListGroups(context.Context, *ListGroupsRequest) (*ListGroupsResponse, error)
 	// DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
 	// connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
@@ -202,13 +202,13 @@ type AdminServer interface {
 	ListDeadLetters(context.Context, *ListDeadLettersRequest) (*ListDeadLettersResponse, error)
 	// RedriveDeadLetters sends dead letters back to their group, and only to it.
 	RedriveDeadLetters(context.Context, *RedriveDeadLettersRequest) (*RedriveDeadLettersResponse, error)
-	// ListEventTypes lists the event types stored so far.
+	// ListEventTypes lists the event types stored so far, a page at a time.
 	ListEventTypes(context.Context, *ListEventTypesRequest) (*ListEventTypesResponse, error)
 	// RegisterPublisher registers a principal as a publisher of event types, with the sources it may use.
 	RegisterPublisher(context.Context, *RegisterPublisherRequest) (*RegisterPublisherResponse, error)
 	// UpdatePublisher replaces a registered publisher's types, sources and description.
 	UpdatePublisher(context.Context, *UpdatePublisherRequest) (*UpdatePublisherResponse, error)
-	// ListPublishers lists the registered publishers of the caller's tenant.
+	// ListPublishers lists the registered publishers of the caller's tenant, a page at a time.
 	ListPublishers(context.Context, *ListPublishersRequest) (*ListPublishersResponse, error)
 	// RemovePublisher removes a publisher registration.
 	RemovePublisher(context.Context, *RemovePublisherRequest) (*RemovePublisherResponse, error)

@@ -122,6 +122,20 @@ async def test_dead_letters_and_admin(client: Client) -> None:
         await client.get_event("missing")
 
 
+async def test_admin_lists_read_every_page(client: Client) -> None:
+    # more than one page of each (the server's default page is 100)
+    names = [f"paged.t{i:03}" for i in range(150)]
+    await client.publish(*(ev(f"p{i}", t) for i, t in enumerate(names)))
+    assert [t.type for t in await client.list_event_types()] == names
+    groups = [f"paged-{i:03}" for i in range(101)]
+    for g in groups:
+        sub = await client.subscribe("paged.t000", group=g)
+        await sub.close()
+    assert [g.name for g in await client.list_groups()] == groups
+    last = await client.group("paged-100")
+    assert last is not None and last.name == "paged-100"
+
+
 async def test_filter_and_bad_open(client: Client) -> None:
     with pytest.raises(InvalidArgumentError) as info:
         await client.subscribe("a.b", group="g", ack_deadline=0.001)

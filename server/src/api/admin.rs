@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     auth::{Auth, AuthError, Principal},
-    bus::{Bus, DEFAULT_TENANT, RedriveSelection, validate_group_name},
+    bus::{Bus, DEFAULT_TENANT, Page, RedriveSelection, validate_group_name},
     event::check_text,
     store::{AuditQuery, Publisher},
 };
@@ -23,6 +23,26 @@ pub struct AdminApi {
 }
 
 impl AdminApi {
+    /// Ends a page of a listing by name: cut short to fit one message, with the token of the next
+    /// page (the name it starts after), empty when no more follow.
+    fn finish_page<T: prost::Message>(
+        &self,
+        mut items: Vec<T>,
+        next_after: Option<String>,
+        name: impl Fn(&T) -> &str,
+    ) -> (Vec<T>, String) {
+        let fits = self
+            .bus
+            .limits()
+            .page_fits(items.iter().map(|i| i.encoded_len()));
+        if fits < items.len() {
+            items.truncate(fits);
+            let token = items.last().map(|last| name(last).to_owned());
+            return (items, token.unwrap_or_default());
+        }
+        (items, next_after.unwrap_or_default())
+    }
+
     /// Wraps the bus; every call is checked with `auth`.
     pub fn new(bus: Arc<Bus>, auth: Arc<Auth>) -> Self {
         AdminApi { bus, auth }
@@ -61,6 +81,13 @@ fn publisher_from_pb(p: Option<pb::Publisher>, tenant: &str) -> Result<Publisher
         description: p.description,
         updated_at: chrono::Utc::now(),
     })
+}
+
+/// Reads a list call's page size and token (the last name of the previous page).
+fn page_request(size: u32, page_token: &str) -> Result<(usize, &str), Status> {
+    let limit = page_size(size)?;
+    check_text("page_token", page_token).map_err(|e| to_status(e.into()))?;
+    Ok((limit, page_token))
 }
 
 fn group_name(name: &str) -> Result<(), Status> {
@@ -109,27 +136,33 @@ impl pb::admin_server::Admin for AdminApi {
         request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         let principal = principal(&request)?;
-        let groups = self
+        let r = request.into_inner();
+        let (limit, after) = page_request(r.page_size, &r.page_token)?;
+        let page = self
             .bus
-            .list_groups(&principal.tenant, |name| {
+            .list_groups(&principal.tenant, after, limit, |name| {
                 let resource = format!("groups/{name}");
                 self.auth.permits(&principal, |e| e.admin(&resource))
             })
             .await
             .map_err(to_status)?;
+        let groups = page
+            .items
+            .into_iter()
+            .map(|g| pb::GroupInfo {
+                name: g.stats.key.name,
+                types: g.stats.config.selection.type_strings(),
+                pending: g.stats.pending,
+                lag: g.lag,
+                consumers: g.stats.consumers,
+                dead_letters: g.dead_letters,
+                max_attempts: g.stats.config.max_attempts,
+            })
+            .collect();
+        let (groups, next_page_token) = self.finish_page(groups, page.next_after, |g| &g.name);
         Ok(Response::new(pb::ListGroupsResponse {
-            groups: groups
-                .into_iter()
-                .map(|g| pb::GroupInfo {
-                    name: g.stats.key.name,
-                    types: g.stats.config.selection.type_strings(),
-                    pending: g.stats.pending,
-                    lag: g.lag,
-                    consumers: g.stats.consumers,
-                    dead_letters: g.dead_letters,
-                    max_attempts: g.stats.config.max_attempts,
-                })
-                .collect(),
+            groups,
+            next_page_token,
         }))
     }
 
@@ -240,26 +273,31 @@ impl pb::admin_server::Admin for AdminApi {
         request: Request<pb::ListEventTypesRequest>,
     ) -> Result<Response<pb::ListEventTypesResponse>, Status> {
         let principal = principal(&request)?;
-        let types = self
+        let r = request.into_inner();
+        let (limit, after) = page_request(r.page_size, &r.page_token)?;
+        let page = self
             .bus
-            .event_types(&principal.tenant)
+            .event_types(&principal.tenant, after, limit, |event_type| {
+                let resource = format!("types/{event_type}");
+                self.auth.permits(&principal, |e| e.admin(&resource))
+            })
             .await
             .map_err(to_status)?;
+        let types = page
+            .items
+            .into_iter()
+            .map(|t| pb::EventTypeInfo {
+                r#type: t.event_type,
+                count: t.count,
+                first_sequence: t.first_sequence,
+                last_sequence: t.last_sequence,
+                last_time: Some(convert::time_to_pb(t.last_recorded_at)),
+            })
+            .collect();
+        let (types, next_page_token) = self.finish_page(types, page.next_after, |t| &t.r#type);
         Ok(Response::new(pb::ListEventTypesResponse {
-            types: types
-                .into_iter()
-                .filter(|t| {
-                    let resource = format!("types/{}", t.event_type);
-                    self.auth.permits(&principal, |e| e.admin(&resource))
-                })
-                .map(|t| pb::EventTypeInfo {
-                    r#type: t.event_type,
-                    count: t.count,
-                    first_sequence: t.first_sequence,
-                    last_sequence: t.last_sequence,
-                    last_time: Some(convert::time_to_pb(t.last_recorded_at)),
-                })
-                .collect(),
+            types,
+            next_page_token,
         }))
     }
 
@@ -304,20 +342,30 @@ impl pb::admin_server::Admin for AdminApi {
         request: Request<pb::ListPublishersRequest>,
     ) -> Result<Response<pb::ListPublishersResponse>, Status> {
         let principal = principal(&request)?;
-        let publishers = self
+        let r = request.into_inner();
+        let (limit, after) = page_request(r.page_size, &r.page_token)?;
+        let mut publishers = self
             .auth
             .publishers(&principal.tenant)
             .await
             .map_err(|e| to_status(e.into()))?;
+        publishers.sort_by(|a, b| a.principal.cmp(&b.principal));
+        let page = Page::after(
+            publishers,
+            |p| &p.principal,
+            after,
+            limit,
+            |p| {
+                let resource = format!("publishers/{}", p.principal);
+                self.auth.permits(&principal, |e| e.admin(&resource))
+            },
+        );
+        let publishers = page.items.into_iter().map(publisher_to_pb).collect();
+        let (publishers, next_page_token) =
+            self.finish_page(publishers, page.next_after, |p| &p.principal);
         Ok(Response::new(pb::ListPublishersResponse {
-            publishers: publishers
-                .into_iter()
-                .filter(|p| {
-                    let resource = format!("publishers/{}", p.principal);
-                    self.auth.permits(&principal, |e| e.admin(&resource))
-                })
-                .map(publisher_to_pb)
-                .collect(),
+            publishers,
+            next_page_token,
         }))
     }
 

@@ -29,6 +29,47 @@ pub enum RedriveSelection {
 
 const REDRIVE_PAGE: usize = 500;
 
+/// Event types read from the store at a time while a page of them is gathered.
+const TYPE_SCAN: usize = 1_000;
+
+/// One page of a listing in byte order of names.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The name the next page starts after, when items the caller may see follow this one.
+    pub next_after: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// The first `limit` of `items` (in byte order of `name`) named after `after` that `may_see`
+    /// lets through.
+    pub fn after(
+        items: impl IntoIterator<Item = T>,
+        name: impl Fn(&T) -> &str,
+        after: &str,
+        limit: usize,
+        may_see: impl Fn(&T) -> bool,
+    ) -> Self {
+        let items: Vec<T> = items
+            .into_iter()
+            .filter(|item| name(item) > after && may_see(item))
+            .take(limit + 1)
+            .collect();
+        Self::of(items, limit, name)
+    }
+
+    /// The first `limit` of `items` (in byte order), which hold one more when another page follows.
+    fn of(mut items: Vec<T>, limit: usize, name: impl Fn(&T) -> &str) -> Self {
+        let more = items.len() > limit;
+        items.truncate(limit);
+        let next_after = items
+            .last()
+            .filter(|_| more)
+            .map(|last| name(last).to_owned());
+        Page { items, next_after }
+    }
+}
+
 impl Bus {
     /// Finds a stored event by id among those `may_see` lets through; `source` is needed only when
     /// several sources used the id.
@@ -60,35 +101,46 @@ impl Bus {
         }
     }
 
-    /// Lists the durable groups `may_see` lets through (by name), with pending, lag, consumers and
-    /// dead letters; the lag of the others is not counted (it scans what they have not received).
+    /// A page of the durable groups named after `after` that `may_see` lets through (by name), with
+    /// pending, lag, consumers and dead letters; the lag of the others is not counted (it scans what
+    /// they have not received).
     pub async fn list_groups(
         &self,
         tenant: &str,
+        after: &str,
+        limit: usize,
         may_see: impl Fn(&str) -> bool,
-    ) -> BusResult<Vec<GroupSummary>> {
+    ) -> BusResult<Page<GroupSummary>> {
+        let names = Page::after(
+            self.streams.group_names(tenant).await?,
+            |n| n.as_str(),
+            after,
+            limit,
+            |n| may_see(n),
+        );
         let dead: HashMap<String, u64> = self
             .store
             .dead_letter_counts(tenant)
             .await?
             .into_iter()
             .collect();
-        let mut out = Vec::new();
-        for stats in self.streams.groups(tenant).await? {
-            if !may_see(&stats.key.name) {
-                continue;
-            }
+        let mut items = Vec::with_capacity(names.items.len());
+        for stats in self.streams.groups(tenant, &names.items).await? {
             let mut lag = 0;
             for (selection, cursors) in &stats.positions {
                 lag += self.store.count_after(tenant, *cursors, selection).await?;
             }
-            out.push(GroupSummary {
+            items.push(GroupSummary {
                 dead_letters: dead.get(&stats.key.name).copied().unwrap_or(0),
                 lag,
                 stats,
             });
         }
-        Ok(out)
+        Ok(Page {
+            items,
+            // the names', not the last group's: a group deleted meanwhile is not on the page
+            next_after: names.next_after,
+        })
     }
 
     /// Deletes a group, its pending deliveries and its dead letters.
@@ -138,10 +190,9 @@ impl Bus {
         };
         let Some(group_selection) = self
             .streams
-            .groups(tenant)
+            .groups(tenant, std::slice::from_ref(&key.name))
             .await?
-            .into_iter()
-            .find(|g| g.key == key)
+            .pop()
             .map(|g| g.config.selection)
         else {
             return Err(BusError::NotFound(format!(
@@ -204,8 +255,28 @@ impl Bus {
         Ok(total)
     }
 
-    /// Lists the stored event types.
-    pub async fn event_types(&self, tenant: &str) -> BusResult<Vec<EventTypeStats>> {
-        Ok(self.store.event_types(tenant).await?)
+    /// A page of the stored event types named after `after` that `may_see` lets through.
+    pub async fn event_types(
+        &self,
+        tenant: &str,
+        after: &str,
+        limit: usize,
+        may_see: impl Fn(&str) -> bool,
+    ) -> BusResult<Page<EventTypeStats>> {
+        let mut items = Vec::new();
+        let mut scanned = after.to_owned();
+        loop {
+            let chunk = self.store.event_types(tenant, &scanned, TYPE_SCAN).await?;
+            let exhausted = chunk.len() < TYPE_SCAN;
+            if let Some(last) = chunk.last() {
+                scanned.clone_from(&last.event_type);
+            }
+            items.extend(chunk.into_iter().filter(|t| may_see(&t.event_type)));
+            // one more than the page tells whether another follows
+            if items.len() > limit || exhausted {
+                break;
+            }
+        }
+        Ok(Page::of(items, limit, |t| &t.event_type))
     }
 }

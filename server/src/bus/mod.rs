@@ -25,7 +25,7 @@ use tracing::{debug, info};
 
 use crate::metrics::names;
 
-pub use admin::{GroupSummary, RedriveSelection};
+pub use admin::{GroupSummary, Page, RedriveSelection};
 pub use error::{BusError, BusResult};
 pub use replay::{ReplayPage, ReplayRequest, decode_resume_token, encode_resume_token};
 pub use request::RequestOutcome;
@@ -304,13 +304,21 @@ struct GroupBacklog {
 async fn backlog_by_label(bus: &Bus) -> BusResult<HashMap<String, GroupBacklog>> {
     let mut backlog: HashMap<String, GroupBacklog> = HashMap::new();
     for tenant in bus.streams.group_tenants().await? {
-        for g in bus.list_groups(&tenant, |_| true).await? {
-            let sums = backlog
-                .entry(crate::metrics::group_label(&g.stats.key.name))
-                .or_default();
-            sums.pending += g.stats.pending;
-            sums.lag += g.lag;
-            sums.consumers += u64::from(g.stats.consumers);
+        let mut after = String::new();
+        loop {
+            let page = bus.list_groups(&tenant, &after, 1_000, |_| true).await?;
+            for g in page.items {
+                let sums = backlog
+                    .entry(crate::metrics::group_label(&g.stats.key.name))
+                    .or_default();
+                sums.pending += g.stats.pending;
+                sums.lag += g.lag;
+                sums.consumers += u64::from(g.stats.consumers);
+            }
+            match page.next_after {
+                Some(next) => after = next,
+                None => break,
+            }
         }
     }
     Ok(backlog)

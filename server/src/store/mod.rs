@@ -315,8 +315,14 @@ pub trait EventStore: Send + Sync + 'static {
         selection: &Selection,
     ) -> StoreResult<u64>;
 
-    /// Lists stored event types with counts.
-    async fn event_types(&self, tenant: &str) -> StoreResult<Vec<EventTypeStats>>;
+    /// Lists stored event types with counts: at most `limit` of those named after `after`, in byte
+    /// order of their names.
+    async fn event_types(
+        &self,
+        tenant: &str,
+        after: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<EventTypeStats>>;
 
     /// Records a dead letter; recording the same (group, sequence) again replaces it.
     async fn put_dead_letter(&self, dead_letter: &DeadLetter) -> StoreResult<()>;

@@ -731,13 +731,22 @@ impl EventStore for PostgresStore {
         Ok(total)
     }
 
-    async fn event_types(&self, tenant: &str) -> StoreResult<Vec<EventTypeStats>> {
-        let rows =
-            sqlx::query("SELECT * FROM event_types WHERE tenant = $1 ORDER BY type COLLATE \"C\"")
-                .bind(tenant)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(map_err)?;
+    async fn event_types(
+        &self,
+        tenant: &str,
+        after: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<EventTypeStats>> {
+        let rows = sqlx::query(
+            "SELECT * FROM event_types WHERE tenant = $1 AND type COLLATE \"C\" > $2 \
+             ORDER BY type COLLATE \"C\" LIMIT $3",
+        )
+        .bind(tenant)
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
         rows.iter()
             .map(|r| {
                 Ok(EventTypeStats {

@@ -845,12 +845,21 @@ impl EventStore for SqliteStore {
         Ok(total)
     }
 
-    async fn event_types(&self, tenant: &str) -> StoreResult<Vec<EventTypeStats>> {
-        let rows = sqlx::query("SELECT * FROM event_types WHERE tenant = ? ORDER BY type")
-            .bind(tenant)
-            .fetch_all(&self.db.pool)
-            .await
-            .map_err(map_err)?;
+    async fn event_types(
+        &self,
+        tenant: &str,
+        after: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<EventTypeStats>> {
+        let rows = sqlx::query(
+            "SELECT * FROM event_types WHERE tenant = ? AND type > ? ORDER BY type LIMIT ?",
+        )
+        .bind(tenant)
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.db.pool)
+        .await
+        .map_err(map_err)?;
         rows.iter()
             .map(|r| {
                 Ok(EventTypeStats {

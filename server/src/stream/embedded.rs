@@ -958,31 +958,20 @@ impl LiveStreams for EmbeddedStreams {
             .map_err(db_err)
     }
 
-    async fn groups(&self, tenant: &str) -> StreamResult<Vec<GroupStats>> {
-        let rows =
-            sqlx::query("SELECT grp, COUNT(*) AS n FROM pending WHERE tenant = ? GROUP BY grp")
-                .bind(tenant)
-                .fetch_all(&self.store.db().pool)
-                .await
-                .map_err(db_err)?;
-        let mut pending = HashMap::new();
-        for row in rows {
-            let name: String = row.try_get("grp").map_err(db_err)?;
-            pending.insert(name, row.try_get::<i64, _>("n").map_err(db_err)? as u64);
-        }
-        for (key, group) in self
-            .runs
+    async fn group_names(&self, tenant: &str) -> StreamResult<Vec<String>> {
+        let mut names: Vec<String> = self
+            .groups
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(k, _)| k.tenant == tenant)
-        {
-            let open: usize = group
-                .iter()
-                .flat_map(|level| level.values().map(LeasedRun::open))
-                .sum();
-            *pending.entry(key.name.clone()).or_default() += open as u64;
-        }
+            .keys()
+            .filter(|k| k.tenant == tenant)
+            .map(|k| k.name.clone())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    async fn groups(&self, tenant: &str, names: &[String]) -> StreamResult<Vec<GroupStats>> {
         let mut consumers: HashMap<GroupKey, u32> = HashMap::new();
         for s in self
             .subscribers
@@ -994,19 +983,48 @@ impl LiveStreams for EmbeddedStreams {
                 *consumers.entry(g.clone()).or_default() += 1;
             }
         }
-        let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<GroupStats> = groups
-            .iter()
-            .filter(|(k, _)| k.tenant == tenant)
-            .map(|(k, g)| GroupStats {
-                key: k.clone(),
-                config: g.config.clone(),
-                pending: pending.get(&k.name).copied().unwrap_or(0),
-                positions: vec![(g.config.selection.clone(), g.cursors)],
-                consumers: consumers.get(k).copied().unwrap_or(0),
-            })
-            .collect();
-        out.sort_by(|a, b| a.key.name.cmp(&b.key.name));
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let key = GroupKey {
+                tenant: tenant.to_owned(),
+                name: name.clone(),
+            };
+            // entries handed out and settled back to the table, then those leased in runs
+            let stored: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM pending WHERE tenant = ? AND grp = ?")
+                    .bind(tenant)
+                    .bind(name)
+                    .fetch_one(&self.store.db().pool)
+                    .await
+                    .map_err(db_err)?;
+            let leased: usize = self
+                .runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .map_or(0, |group| {
+                    group
+                        .iter()
+                        .flat_map(|level| level.values().map(LeasedRun::open))
+                        .sum()
+                });
+            let Some((config, cursors)) = self
+                .groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .map(|g| (g.config.clone(), g.cursors))
+            else {
+                continue;
+            };
+            out.push(GroupStats {
+                consumers: consumers.get(&key).copied().unwrap_or(0),
+                key,
+                pending: stored as u64 + leased as u64,
+                positions: vec![(config.selection.clone(), cursors)],
+                config,
+            });
+        }
         Ok(out)
     }
 
@@ -1341,7 +1359,10 @@ mod tests {
         let store = streams.store.clone();
         drop(streams);
         let streams = EmbeddedStreams::start(store).await.expect("restart");
-        let stats = streams.groups("t").await.expect("groups");
+        let stats = streams
+            .groups("t", std::slice::from_ref(&key.name))
+            .await
+            .expect("groups");
         assert_eq!(stats[0].pending, 6, "5 moved, 6..=10 in the run");
         let lease = Utc::now() + chrono::Duration::seconds(30);
         let due = streams
@@ -1360,7 +1381,14 @@ mod tests {
             .await
             .expect("ack");
         assert_eq!(acked, [true, false, true]);
-        assert_eq!(streams.groups("t").await.expect("groups")[0].pending, 4);
+        assert_eq!(
+            streams
+                .groups("t", std::slice::from_ref(&key.name))
+                .await
+                .expect("groups")[0]
+                .pending,
+            4
+        );
     }
 
     #[tokio::test]
@@ -1448,7 +1476,14 @@ mod tests {
         );
         query_only(false).await;
         // the refused transaction rolled back, and memory did not move ahead of the database
-        assert_eq!(streams.groups("t").await.expect("groups")[0].pending, 10);
+        assert_eq!(
+            streams
+                .groups("t", std::slice::from_ref(&key.name))
+                .await
+                .expect("groups")[0]
+                .pending,
+            10
+        );
         let acked = streams
             .ack(&key, &[(1, 1), (2, 1), (3, 1)])
             .await
@@ -1458,7 +1493,14 @@ mod tests {
         let store = streams.store.clone();
         drop(streams);
         let streams = EmbeddedStreams::start(store).await.expect("restart");
-        assert_eq!(streams.groups("t").await.expect("groups")[0].pending, 7);
+        assert_eq!(
+            streams
+                .groups("t", std::slice::from_ref(&key.name))
+                .await
+                .expect("groups")[0]
+                .pending,
+            7
+        );
         assert_eq!(
             streams.next_due(&key).await.expect("next due").map(to_ns),
             Some(to_ns(lease)),
@@ -1490,12 +1532,26 @@ mod tests {
             );
         }
         assert_eq!(claimed.len(), 3000);
-        assert_eq!(streams.groups("t").await.expect("groups")[0].pending, 3000);
+        assert_eq!(
+            streams
+                .groups("t", std::slice::from_ref(&key.name))
+                .await
+                .expect("groups")[0]
+                .pending,
+            3000
+        );
         let mut deliveries: Vec<(u64, u32)> = claimed.iter().map(|c| (c.sequence, 1)).collect();
         deliveries.sort();
         let acked = streams.ack(&key, &deliveries).await.expect("ack");
         assert!(acked.iter().all(|a| *a), "every delivery acked");
-        assert_eq!(streams.groups("t").await.expect("groups")[0].pending, 0);
+        assert_eq!(
+            streams
+                .groups("t", std::slice::from_ref(&key.name))
+                .await
+                .expect("groups")[0]
+                .pending,
+            0
+        );
         assert!(
             streams
                 .runs

@@ -246,8 +246,12 @@ pub trait LiveStreams: Send + Sync + 'static {
     /// Tells every consumer of the group (on every replica) to look for due entries now.
     async fn wake_group(&self, key: &GroupKey) -> StreamResult<()>;
 
-    /// Lists a tenant's groups with their backlog.
-    async fn groups(&self, tenant: &str) -> StreamResult<Vec<GroupStats>>;
+    /// The names of a tenant's groups, in byte order.
+    async fn group_names(&self, tenant: &str) -> StreamResult<Vec<String>>;
+
+    /// The named groups of a tenant with their backlog, in the order named; a name with no group
+    /// (deleted since it was listed) is left out.
+    async fn groups(&self, tenant: &str, names: &[String]) -> StreamResult<Vec<GroupStats>>;
 
     /// The tenants that have durable groups.
     async fn group_tenants(&self) -> StreamResult<Vec<String>>;

@@ -1605,14 +1605,17 @@ impl LiveStreams for RedisStreams {
             .map_err(db_err)
     }
 
-    async fn groups(&self, tenant: &str) -> StreamResult<Vec<GroupStats>> {
-        let names: Vec<String> = sqlx::query_scalar(
+    async fn group_names(&self, tenant: &str) -> StreamResult<Vec<String>> {
+        sqlx::query_scalar(
             "SELECT name FROM nerve_groups WHERE tenant = $1 ORDER BY name COLLATE \"C\"",
         )
         .bind(tenant)
         .fetch_all(self.store.pool())
         .await
-        .map_err(db_err)?;
+        .map_err(db_err)
+    }
+
+    async fn groups(&self, tenant: &str, names: &[String]) -> StreamResult<Vec<GroupStats>> {
         let mut consumers: HashMap<String, u32> = HashMap::new();
         for record in self.presence(tenant).await? {
             if let Some(g) = record.group {
@@ -1623,7 +1626,7 @@ impl LiveStreams for RedisStreams {
         for name in names {
             let key = GroupKey {
                 tenant: tenant.to_owned(),
-                name,
+                name: name.clone(),
             };
             let row = match self.group_row(&key).await {
                 Ok(row) => row,

@@ -257,13 +257,26 @@ class Client:
         return response.event
 
     async def list_groups(self) -> list[admin_pb2.GroupInfo]:
-        """Durable groups with their pending, lag, consumers and dead letters."""
-        response = await _call(self.admin_stub.ListGroups(admin_pb2.ListGroupsRequest()))
-        return list(response.groups)
+        """Durable groups the caller may administer, by name, with their pending, lag, consumers and
+        dead letters; every page."""
+        return [g async for g in self._groups()]
 
     async def group(self, name: str) -> admin_pb2.GroupInfo | None:
         """One group's info, or None if it does not exist."""
-        return next((g for g in await self.list_groups() if g.name == name), None)
+        async for g in self._groups():
+            if g.name == name:
+                return g
+        return None
+
+    async def _groups(self) -> AsyncIterator[admin_pb2.GroupInfo]:
+        token = ""
+        while True:
+            response = await _call(self.admin_stub.ListGroups(admin_pb2.ListGroupsRequest(page_token=token)))
+            for g in response.groups:
+                yield g
+            token = response.next_page_token
+            if not token:
+                return
 
     async def delete_group(self, group: str) -> bool:
         """Removes a group with its pending deliveries and dead letters; False if it did not exist."""
@@ -295,9 +308,16 @@ class Client:
         return response.redriven
 
     async def list_event_types(self) -> list[admin_pb2.EventTypeInfo]:
-        """The event types stored so far, with counts and sequence ranges."""
-        response = await _call(self.admin_stub.ListEventTypes(admin_pb2.ListEventTypesRequest()))
-        return list(response.types)
+        """The event types stored so far that the caller may administer, by name, with counts and
+        sequence ranges; every page."""
+        types: list[admin_pb2.EventTypeInfo] = []
+        token = ""
+        while True:
+            response = await _call(self.admin_stub.ListEventTypes(admin_pb2.ListEventTypesRequest(page_token=token)))
+            types.extend(response.types)
+            token = response.next_page_token
+            if not token:
+                return types
 
 
 async def _wait_ready(channel: grpc.aio.Channel, timeout: float) -> None:

@@ -69,16 +69,25 @@ Global___GetEventResponse: _TypeAlias = GetEventResponse  # noqa: Y015
 
 @_typing.final
 class ListGroupsRequest(_message.Message):
-    """ListGroupsRequest lists all groups."""
+    """ListGroupsRequest pages through the groups the caller may administer, by name."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most 1000; 0 means 100. A page ends early to fit one message."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -86,21 +95,25 @@ Global___ListGroupsRequest: _TypeAlias = ListGroupsRequest  # noqa: Y015
 
 @_typing.final
 class ListGroupsResponse(_message.Message):
-    """ListGroupsResponse carries the groups."""
+    """ListGroupsResponse carries one page of groups."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     GROUPS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty when this was the last page."""
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupInfo]: ...
     def __init__(
         self,
         *,
         groups: _abc.Iterable[Global___GroupInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -337,16 +350,25 @@ Global___RedriveDeadLettersResponse: _TypeAlias = RedriveDeadLettersResponse  # 
 
 @_typing.final
 class ListEventTypesRequest(_message.Message):
-    """ListEventTypesRequest lists all types."""
+    """ListEventTypesRequest pages through the stored event types the caller may administer, by name."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most 1000; 0 means 100. A page ends early to fit one message."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -354,21 +376,25 @@ Global___ListEventTypesRequest: _TypeAlias = ListEventTypesRequest  # noqa: Y015
 
 @_typing.final
 class ListEventTypesResponse(_message.Message):
-    """ListEventTypesResponse carries the types."""
+    """ListEventTypesResponse carries one page of types."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TYPES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty when this was the last page."""
     @_builtins.property
     def types(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventTypeInfo]: ...
     def __init__(
         self,
         *,
         types: _abc.Iterable[Global___EventTypeInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -543,16 +569,27 @@ Global___UpdatePublisherResponse: _TypeAlias = UpdatePublisherResponse  # noqa: 
 
 @_typing.final
 class ListPublishersRequest(_message.Message):
-    """ListPublishersRequest lists the caller's tenant's publishers."""
+    """ListPublishersRequest pages through the caller's tenant's publishers the caller may administer, by
+    principal.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most 1000; 0 means 100. A page ends early to fit one message."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -560,21 +597,25 @@ Global___ListPublishersRequest: _TypeAlias = ListPublishersRequest  # noqa: Y015
 
 @_typing.final
 class ListPublishersResponse(_message.Message):
-    """ListPublishersResponse carries the publishers, by principal."""
+    """ListPublishersResponse carries one page of publishers."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PUBLISHERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty when this was the last page."""
     @_builtins.property
     def publishers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Publisher]: ...
     def __init__(
         self,
         *,
         publishers: _abc.Iterable[Global___Publisher] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["publishers", b"publishers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "publishers", b"publishers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

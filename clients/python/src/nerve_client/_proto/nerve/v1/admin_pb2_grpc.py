@@ -104,7 +104,7 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListGroups(self, request, context):
-        """ListGroups lists durable groups with their backlog.
+        """ListGroups lists durable groups with their backlog, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,7 +135,7 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEventTypes(self, request, context):
-        """ListEventTypes lists the event types stored so far.
+        """ListEventTypes lists the event types stored so far, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,7 +156,7 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListPublishers(self, request, context):
-        """ListPublishers lists the registered publishers of the caller's tenant.
+        """ListPublishers lists the registered publishers of the caller's tenant, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,7 +36,7 @@ class AdminStub:
     GetEvent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetEventRequest, _admin_pb2.GetEventResponse]
     """GetEvent looks up a stored event by id (and source when ids repeat across sources)."""
     ListGroups: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListGroupsRequest, _admin_pb2.ListGroupsResponse]
-    """ListGroups lists durable groups with their backlog."""
+    """ListGroups lists durable groups with their backlog, a page at a time."""
     DeleteGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteGroupRequest, _admin_pb2.DeleteGroupResponse]
     """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
     connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
@@ -48,13 +48,13 @@ class AdminStub:
     RedriveDeadLetters: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RedriveDeadLettersRequest, _admin_pb2.RedriveDeadLettersResponse]
     """RedriveDeadLetters sends dead letters back to their group, and only to it."""
     ListEventTypes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEventTypesRequest, _admin_pb2.ListEventTypesResponse]
-    """ListEventTypes lists the event types stored so far."""
+    """ListEventTypes lists the event types stored so far, a page at a time."""
     RegisterPublisher: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RegisterPublisherRequest, _admin_pb2.RegisterPublisherResponse]
     """RegisterPublisher registers a principal as a publisher of event types, with the sources it may use."""
     UpdatePublisher: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdatePublisherRequest, _admin_pb2.UpdatePublisherResponse]
     """UpdatePublisher replaces a registered publisher's types, sources and description."""
     ListPublishers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPublishersRequest, _admin_pb2.ListPublishersResponse]
-    """ListPublishers lists the registered publishers of the caller's tenant."""
+    """ListPublishers lists the registered publishers of the caller's tenant, a page at a time."""
     RemovePublisher: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemovePublisherRequest, _admin_pb2.RemovePublisherResponse]
     """RemovePublisher removes a publisher registration."""
     ListAuditRecords: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRecordsRequest, _admin_pb2.ListAuditRecordsResponse]
@@ -68,7 +68,7 @@ class AdminAsyncStub(AdminStub):
     GetEvent: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetEventRequest, _admin_pb2.GetEventResponse]  # type: ignore[assignment]
     """GetEvent looks up a stored event by id (and source when ids repeat across sources)."""
     ListGroups: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListGroupsRequest, _admin_pb2.ListGroupsResponse]  # type: ignore[assignment]
-    """ListGroups lists durable groups with their backlog."""
+    """ListGroups lists durable groups with their backlog, a page at a time."""
     DeleteGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteGroupRequest, _admin_pb2.DeleteGroupResponse]  # type: ignore[assignment]
     """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
     connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
@@ -80,13 +80,13 @@ class AdminAsyncStub(AdminStub):
     RedriveDeadLetters: _aio.UnaryUnaryMultiCallable[_admin_pb2.RedriveDeadLettersRequest, _admin_pb2.RedriveDeadLettersResponse]  # type: ignore[assignment]
     """RedriveDeadLetters sends dead letters back to their group, and only to it."""
     ListEventTypes: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEventTypesRequest, _admin_pb2.ListEventTypesResponse]  # type: ignore[assignment]
-    """ListEventTypes lists the event types stored so far."""
+    """ListEventTypes lists the event types stored so far, a page at a time."""
     RegisterPublisher: _aio.UnaryUnaryMultiCallable[_admin_pb2.RegisterPublisherRequest, _admin_pb2.RegisterPublisherResponse]  # type: ignore[assignment]
     """RegisterPublisher registers a principal as a publisher of event types, with the sources it may use."""
     UpdatePublisher: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdatePublisherRequest, _admin_pb2.UpdatePublisherResponse]  # type: ignore[assignment]
     """UpdatePublisher replaces a registered publisher's types, sources and description."""
     ListPublishers: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPublishersRequest, _admin_pb2.ListPublishersResponse]  # type: ignore[assignment]
-    """ListPublishers lists the registered publishers of the caller's tenant."""
+    """ListPublishers lists the registered publishers of the caller's tenant, a page at a time."""
     RemovePublisher: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemovePublisherRequest, _admin_pb2.RemovePublisherResponse]  # type: ignore[assignment]
     """RemovePublisher removes a publisher registration."""
     ListAuditRecords: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditRecordsRequest, _admin_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
@@ -109,7 +109,7 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListGroupsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListGroupsResponse, _abc.Awaitable[_admin_pb2.ListGroupsResponse]]:
-        """ListGroups lists durable groups with their backlog."""
+        """ListGroups lists durable groups with their backlog, a page at a time."""
 
     @_abc_1.abstractmethod
     def DeleteGroup(
@@ -145,7 +145,7 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListEventTypesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListEventTypesResponse, _abc.Awaitable[_admin_pb2.ListEventTypesResponse]]:
-        """ListEventTypes lists the event types stored so far."""
+        """ListEventTypes lists the event types stored so far, a page at a time."""
 
     @_abc_1.abstractmethod
     def RegisterPublisher(
@@ -169,7 +169,7 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListPublishersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListPublishersResponse, _abc.Awaitable[_admin_pb2.ListPublishersResponse]]:
-        """ListPublishers lists the registered publishers of the caller's tenant."""
+        """ListPublishers lists the registered publishers of the caller's tenant, a page at a time."""
 
     @_abc_1.abstractmethod
     def RemovePublisher(
