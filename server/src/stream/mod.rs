@@ -238,9 +238,9 @@ pub trait LiveStreams: Send + Sync + 'static {
     async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>>;
 
     /// Watches a counter that moves whenever pending entries of the group became due early (release, nack,
-    /// redrive). Its sender is dropped when this replica deletes the group; members elsewhere are woken
-    /// and end when they read the group again (gone, or created again: another `created_ns`), so a
-    /// member never goes on in a group created again under the name (whose types it may not read).
+    /// redrive, delete). A delete wakes the members, which end when they read the group again (gone,
+    /// or created again: another `created_ns`), so a member never goes on in a group created again
+    /// under the name (whose types it may not read); a backend may also drop the sender to end them.
     fn group_wakeups(&self, key: &GroupKey) -> watch::Receiver<u64>;
 
     /// Tells every consumer of the group (on every replica) to look for due entries now.

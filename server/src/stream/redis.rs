@@ -16,7 +16,10 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    sync::{Arc, Mutex as SyncMutex, Weak},
+    sync::{
+        Arc, Mutex as SyncMutex, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -256,7 +259,11 @@ pub struct RedisStreams {
     relayed: watch::Sender<u64>,
     /// Streams known per tenant: seeded from the store's type statistics, grown by the relay.
     streams: SyncMutex<HashMap<String, BTreeSet<StreamId>>>,
+    /// Groups' rows as last read, kept for [`CONFIG_TTL`].
     configs: SyncMutex<HashMap<GroupKey, (GroupRow, Instant)>>,
+    /// Rows forgotten so far (any group's): a read that saw it move while it ran does not keep its
+    /// answer, which may be the row of a group deleted (or created again) meanwhile.
+    forgotten: AtomicU64,
     /// Sequence -> stream of recent claims, to route acks without reading the store.
     locations: SyncMutex<Locations>,
     subscribers: SyncMutex<HashMap<String, Subscriber>>,
@@ -318,6 +325,7 @@ impl RedisStreams {
             relayed: watch::channel(start).0,
             streams: SyncMutex::new(HashMap::new()),
             configs: SyncMutex::new(HashMap::new()),
+            forgotten: AtomicU64::new(0),
             locations: SyncMutex::new(Locations::default()),
             subscribers: SyncMutex::new(HashMap::new()),
             inboxes: SyncMutex::new(HashMap::new()),
@@ -381,15 +389,16 @@ impl RedisStreams {
     }
 
     async fn group_row(&self, key: &GroupKey) -> StreamResult<GroupRow> {
-        if let Some((row, at)) = self
-            .configs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            && at.elapsed() < CONFIG_TTL
-        {
-            return Ok(row.clone());
-        }
+        let forgotten = {
+            let configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((row, at)) = configs.get(key)
+                && at.elapsed() < CONFIG_TTL
+            {
+                return Ok(row.clone());
+            }
+            // read under the lock forget_config takes: a forget after this moves it
+            self.forgotten.load(Ordering::SeqCst)
+        };
         let row = sqlx::query(
             "SELECT selection, max_attempts, start_after, created_ns FROM nerve_groups WHERE tenant = $1 AND name = $2",
         )
@@ -409,10 +418,12 @@ impl RedisStreams {
             start_after: row.try_get::<i64, _>("start_after").map_err(db_err)? as u64,
             created_ns: row.try_get("created_ns").map_err(db_err)?,
         };
-        self.configs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), (group.clone(), Instant::now()));
+        // a read that began before a forget (the group deleted, created again) may hold the old
+        // row: it answers this caller, which asked before, but is not kept for later ones
+        let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        if self.forgotten.load(Ordering::SeqCst) == forgotten {
+            configs.insert(key.clone(), (group.clone(), Instant::now()));
+        }
         Ok(group)
     }
 
@@ -439,10 +450,9 @@ impl RedisStreams {
     }
 
     fn forget_config(&self, key: &GroupKey) {
-        self.configs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        configs.remove(key);
+        self.forgotten.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Decodes a stream entry's event (the store's encoding, [`body::encode`]); `None` sends the
@@ -740,14 +750,6 @@ impl RedisStreams {
             .await
             .map_err(redis_err)?;
         Ok(())
-    }
-
-    /// Drops the group's wakeup sender: its members' streams end (the group was deleted).
-    fn end_wakeups(&self, key: &GroupKey) {
-        self.wakeups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
     }
 
     fn bump_wakeup(&self, key: &GroupKey) {
@@ -1577,9 +1579,10 @@ impl LiveStreams for RedisStreams {
     }
 
     fn group_wakeups(&self, key: &GroupKey) -> watch::Receiver<u64> {
-        self.wakeups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut wakeups = self.wakeups.lock().unwrap_or_else(|p| p.into_inner());
+        // groups every member left (or deleted ones): nobody to wake
+        wakeups.retain(|k, tx| k == key || tx.receiver_count() > 0);
+        wakeups
             .entry(key.clone())
             .or_insert_with(|| watch::channel(0).0)
             .subscribe()
@@ -1719,22 +1722,15 @@ impl LiveStreams for RedisStreams {
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
         self.forget_config(key);
+        // the members, here and on the other replicas, read the group at once: it is gone (or
+        // another group, created again since), and they end. Nobody is ended here directly: an
+        // open of the name since the commit is a member of the new group, and goes on.
+        self.wake_group(key).await?;
         self.destroy_on(key, &streams).await?;
         self.checkpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(g, _), _| g != key);
-        // ends the members' streams here; on the other replicas the wake makes them read the group,
-        // which is gone (or another group, created again since), and they end
-        self.end_wakeups(key);
-        let _: i64 = self
-            .conn()
-            .publish(
-                self.keys.wake_channel(),
-                format!("{}\n{}", key.tenant, key.name),
-            )
-            .await
-            .map_err(redis_err)?;
         Ok(deleted)
     }
 
