@@ -254,21 +254,32 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
 }
 
 /// Runs the server until the first of `signals` (or their end), drains for `shutdown_delay` (or
-/// until the next), then stops gracefully.
+/// until the next signal), then stops gracefully; a signal while starting stops it there.
 pub async fn run(
     config: Config,
     mut signals: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<()> {
     let delay = config.shutdown_delay;
-    let backends = open_backends(&config).await?;
-    let server = start(config, backends).await?;
+    // a signal while starting (migrations waiting on another replica's lock, a slow open) stops
+    // there: the ports never open
+    let server = tokio::select! {
+        started = async {
+            let backends = open_backends(&config).await?;
+            start(config, backends).await
+        } => started?,
+        _ = signals.recv() => {
+            info!("stopped while starting");
+            return Ok(());
+        }
+    };
     signals.recv().await;
     if !delay.is_zero() {
         info!(delay = %humantime::format_duration(delay), "draining: not ready, still serving");
         server.drain();
+        // only a signal cuts it short: senders that went away leave the full delay
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = signals.recv() => info!("second signal: draining cut short"),
+            Some(()) = signals.recv() => info!("second signal: draining cut short"),
         }
     }
     info!("shutting down");

@@ -365,3 +365,44 @@ async fn unknown_config_keys_refuse_to_start() {
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("max_batch_evnts"), "{text}");
 }
+
+/// A signal while the server starts (here its store accepts the connection and never answers, as a
+/// replica waiting for another's migration lock would see) stops it there, cleanly and at once, not
+/// when the start gives up or finishes and opens the ports.
+#[tokio::test]
+async fn a_signal_while_starting_stops_the_server_there() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a store that never answers");
+    let store = format!(
+        "postgres://nerve:nerve@{}/nerve",
+        silent.local_addr().expect("addr")
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Redis is never reached: the store is opened first
+    let env = HashMap::from([
+        ("NERVE_STORE", store.as_str()),
+        ("NERVE_STREAMS", "redis://127.0.0.1:1"),
+    ]);
+    let mut child = ServerProcess::command(dir.path(), &env)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn nerve-server");
+    // the server is opening its store: its signal handlers are in place (they come first)
+    let _connection = tokio::time::timeout(WAIT, silent.accept())
+        .await
+        .expect("the server connects to its store")
+        .expect("accept");
+    let pid = child.id().expect("running");
+    let killed = std::process::Command::new("kill")
+        .arg("-15")
+        .arg(pid.to_string())
+        .status()
+        .expect("kill command");
+    assert!(killed.success());
+    let exit = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("stops while starting")
+        .expect("wait");
+    assert!(exit.success(), "exit status {exit:?}");
+}

@@ -495,21 +495,9 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `nerve-server` on a free port with the given data directory and extra environment.
     pub async fn spawn(data_dir: &Path, env: &HashMap<&str, &str>) -> Self {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nerve-server"));
-        command
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("NERVE_LOG_LEVEL", "info")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("spawn nerve-server");
+        let mut child = Self::command(data_dir, env)
+            .spawn()
+            .expect("spawn nerve-server");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
         let addr = tokio::time::timeout(WAIT, async {
@@ -533,6 +521,25 @@ impl ServerProcess {
             }
         });
         ServerProcess { child, addr }
+    }
+
+    /// The command [`ServerProcess::spawn`] runs: on a free port, logging to a pipe.
+    pub fn command(data_dir: &Path, env: &HashMap<&str, &str>) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nerve-server"));
+        command
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("NERVE_LOG_LEVEL", "info")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command
     }
 
     pub async fn channel(&self) -> Channel {
