@@ -332,6 +332,8 @@ impl Session {
         self.release_all().await;
         let _ = self.bus.streams.leave(&self.id).await;
         ::metrics::gauge!(names::SUBSCRIPTIONS, "kind" => kind).decrement(1.0);
+        // a private stream's unacked deliveries are not released anywhere: they leave the gauges too
+        self.outstanding.clear();
         self.credits = 0;
         self.report_window();
         match outcome {
@@ -490,7 +492,10 @@ impl Session {
                 }
             }
             if d.attempt == 1 {
-                latency.record((now - d.event.recorded_at).to_std().unwrap_or_default());
+                // history read to catch up is not latency: its age would swamp the live figures
+                if self.caught_up {
+                    latency.record((now - d.event.recorded_at).to_std().unwrap_or_default());
+                }
             } else {
                 redelivered += 1;
             }

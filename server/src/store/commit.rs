@@ -482,13 +482,14 @@ async fn commit_and_answer<W: BatchWriter>(
     let started = std::time::Instant::now();
     recent.begin();
     let result = commit(writer, &batch, lookups_left).await;
-    ::metrics::histogram!(crate::metrics::names::COMMIT_SECONDS).record(started.elapsed());
-    ::metrics::histogram!(crate::metrics::names::COMMIT_BATCH).record(total as f64);
     match result {
         Ok(Committed {
             results,
             recorded_ns,
         }) => {
+            // commits only: a failed batch is tried again, and would count its events twice
+            ::metrics::histogram!(crate::metrics::names::COMMIT_SECONDS).record(started.elapsed());
+            ::metrics::histogram!(crate::metrics::names::COMMIT_BATCH).record(total as f64);
             let fresh = stored_events(&mut batch, &results, recorded_ns);
             let head = fresh.last().map(|(e, _)| e.sequence);
             recent.finish(fresh);
