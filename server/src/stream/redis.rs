@@ -16,10 +16,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    sync::{
-        Arc, Mutex as SyncMutex, Weak,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex as SyncMutex, Weak},
     time::{Duration, Instant},
 };
 
@@ -259,11 +256,8 @@ pub struct RedisStreams {
     relayed: watch::Sender<u64>,
     /// Streams known per tenant: seeded from the store's type statistics, grown by the relay.
     streams: SyncMutex<HashMap<String, BTreeSet<StreamId>>>,
-    /// Groups' rows as last read, kept for [`CONFIG_TTL`].
-    configs: SyncMutex<HashMap<GroupKey, (GroupRow, Instant)>>,
-    /// Rows forgotten so far (any group's): a read that saw it move while it ran does not keep its
-    /// answer, which may be the row of a group deleted (or created again) meanwhile.
-    forgotten: AtomicU64,
+    /// Groups' rows as last read, kept for [`CONFIG_TTL`], and the reads in flight.
+    configs: SyncMutex<HashMap<GroupKey, CachedGroup>>,
     /// Sequence -> stream of recent claims, to route acks without reading the store.
     locations: SyncMutex<Locations>,
     subscribers: SyncMutex<HashMap<String, Subscriber>>,
@@ -325,7 +319,6 @@ impl RedisStreams {
             relayed: watch::channel(start).0,
             streams: SyncMutex::new(HashMap::new()),
             configs: SyncMutex::new(HashMap::new()),
-            forgotten: AtomicU64::new(0),
             locations: SyncMutex::new(Locations::default()),
             subscribers: SyncMutex::new(HashMap::new()),
             inboxes: SyncMutex::new(HashMap::new()),
@@ -389,16 +382,39 @@ impl RedisStreams {
     }
 
     async fn group_row(&self, key: &GroupKey) -> StreamResult<GroupRow> {
-        let forgotten = {
-            let configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((row, at)) = configs.get(key)
+        let forgets = {
+            let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+            let cached = configs.entry(key.clone()).or_default();
+            if let Some((row, at)) = &cached.row
                 && at.elapsed() < CONFIG_TTL
             {
                 return Ok(row.clone());
             }
-            // read under the lock forget_config takes: a forget after this moves it
-            self.forgotten.load(Ordering::SeqCst)
+            cached.reads += 1;
+            cached.forgets
         };
+        let _reading = GroupRead {
+            configs: &self.configs,
+            key,
+        };
+        let read = self.read_group_row(key).await;
+        let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cached) = configs.get_mut(key) {
+            match &read {
+                // a read that began before a forget (the group deleted, created again) may hold the
+                // old row: it answers this caller, which asked before, but is not kept for later ones
+                Ok(group) if cached.forgets == forgets => {
+                    cached.row = Some((group.clone(), Instant::now()));
+                }
+                Err(StreamError::NoSuchGroup(_)) => cached.row = None,
+                _ => {}
+            }
+        }
+        read
+    }
+
+    /// Reads a group's row from the store.
+    async fn read_group_row(&self, key: &GroupKey) -> StreamResult<GroupRow> {
         let row = sqlx::query(
             "SELECT selection, max_attempts, start_after, created_ns FROM nerve_groups WHERE tenant = $1 AND name = $2",
         )
@@ -409,7 +425,7 @@ impl RedisStreams {
         .map_err(db_err)?
         .ok_or_else(|| StreamError::NoSuchGroup(key.name.clone()))?;
         let selection: String = row.try_get("selection").map_err(db_err)?;
-        let group = GroupRow {
+        Ok(GroupRow {
             config: GroupConfig {
                 selection: Selection::from_json(&selection)
                     .map_err(|e| StreamError::Internal(format!("group {:?}: {e}", key.name)))?,
@@ -417,14 +433,7 @@ impl RedisStreams {
             },
             start_after: row.try_get::<i64, _>("start_after").map_err(db_err)? as u64,
             created_ns: row.try_get("created_ns").map_err(db_err)?,
-        };
-        // a read that began before a forget (the group deleted, created again) may hold the old
-        // row: it answers this caller, which asked before, but is not kept for later ones
-        let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
-        if self.forgotten.load(Ordering::SeqCst) == forgotten {
-            configs.insert(key.clone(), (group.clone(), Instant::now()));
-        }
-        Ok(group)
+        })
     }
 
     /// Removes a group's consumer group and ledgers from streams.
@@ -451,8 +460,15 @@ impl RedisStreams {
 
     fn forget_config(&self, key: &GroupKey) {
         let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
-        configs.remove(key);
-        self.forgotten.fetch_add(1, Ordering::SeqCst);
+        if let Some(cached) = configs.get_mut(key) {
+            if cached.reads == 0 {
+                configs.remove(key);
+            } else {
+                // kept, so the reads in flight see the count move
+                cached.row = None;
+                cached.forgets += 1;
+            }
+        }
     }
 
     /// Decodes a stream entry's event (the store's encoding, [`body::encode`]); `None` sends the
@@ -1029,6 +1045,35 @@ async fn maintain(streams: Weak<RedisStreams>) {
 
 /// One (tenant, stream)'s events of a relay step, in sequence order.
 type StreamEvents<'a> = ((String, StreamId), Vec<&'a Arc<StoredEvent>>);
+
+/// A group's row as last read, with the reads of it in flight and how often it was forgotten while
+/// they ran: a read keeps its answer only if the count did not move. The entry goes once it holds
+/// no row and no read.
+#[derive(Default)]
+struct CachedGroup {
+    row: Option<(GroupRow, Instant)>,
+    reads: u32,
+    forgets: u64,
+}
+
+/// One read of a group's row in flight (see [`CachedGroup`]); ends with the read, even a cancelled
+/// one.
+struct GroupRead<'a> {
+    configs: &'a SyncMutex<HashMap<GroupKey, CachedGroup>>,
+    key: &'a GroupKey,
+}
+
+impl Drop for GroupRead<'_> {
+    fn drop(&mut self) {
+        let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cached) = configs.get_mut(self.key) {
+            cached.reads -= 1;
+            if cached.reads == 0 && cached.row.is_none() {
+                configs.remove(self.key);
+            }
+        }
+    }
+}
 
 /// Most events one step of [`relay`] adds to Redis.
 const RELAY_BATCH: usize = 1_000;
