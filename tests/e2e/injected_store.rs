@@ -172,9 +172,13 @@ impl EventStore for InjectedStore {
         self.check()?;
         self.inner.dead_letters(tenant, group, after, limit).await
     }
-    async fn dead_letter_counts(&self, tenant: &str) -> StoreResult<Vec<(String, u64)>> {
+    async fn dead_letter_counts(
+        &self,
+        tenant: &str,
+        groups: &[String],
+    ) -> StoreResult<Vec<(String, u64)>> {
         self.check()?;
-        self.inner.dead_letter_counts(tenant).await
+        self.inner.dead_letter_counts(tenant, groups).await
     }
     async fn remove_dead_letters(
         &self,

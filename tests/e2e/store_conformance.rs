@@ -650,8 +650,16 @@ async fn dead_letters_are_recorded_once_listed_and_removed(b: Backend) {
         "one entry per event"
     );
     assert_eq!(
-        s.dead_letter_counts("t").await.expect("counts"),
+        s.dead_letter_counts("t", &["g".to_owned(), "none".to_owned()])
+            .await
+            .expect("counts"),
         [("g".to_owned(), 2)]
+    );
+    assert!(
+        s.dead_letter_counts("t", &["none".to_owned()])
+            .await
+            .expect("counts of a group with none")
+            .is_empty()
     );
     // a letter goes only as it was listed: recorded again since, it stays
     let listed: Vec<_> = letters

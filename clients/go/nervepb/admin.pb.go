@@ -178,8 +178,9 @@ func (x *ListGroupsRequest) GetPageToken() string {
 
 // ListGroupsResponse carries one page of groups.
 type ListGroupsResponse struct {
-	state  protoimpl.MessageState `protogen:"open.v1"`
-	Groups []*GroupInfo           `protobuf:"bytes,1,rep,name=groups,proto3" json:"groups,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Fewer than page_size, even none, when groups were deleted while the page was read.
+	Groups []*GroupInfo `protobuf:"bytes,1,rep,name=groups,proto3" json:"groups,omitempty"`
 	// Empty when this was the last page.
 	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields

@@ -120,7 +120,7 @@ impl Bus {
         );
         let dead: HashMap<String, u64> = self
             .store
-            .dead_letter_counts(tenant)
+            .dead_letter_counts(tenant, &names.items)
             .await?
             .into_iter()
             .collect();

@@ -336,8 +336,12 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<DeadLetter>>;
 
-    /// Counts dead letters per group.
-    async fn dead_letter_counts(&self, tenant: &str) -> StoreResult<Vec<(String, u64)>>;
+    /// Counts the dead letters of the named groups (those with none are left out).
+    async fn dead_letter_counts(
+        &self,
+        tenant: &str,
+        groups: &[String],
+    ) -> StoreResult<Vec<(String, u64)>>;
 
     /// Removes dead letters, each given as (sequence, when it was dead-lettered): one recorded again
     /// since stays, so a redrive never takes away a newer dead letter of the same event. Returns how

@@ -808,11 +808,16 @@ impl EventStore for PostgresStore {
             .collect()
     }
 
-    async fn dead_letter_counts(&self, tenant: &str) -> StoreResult<Vec<(String, u64)>> {
+    async fn dead_letter_counts(
+        &self,
+        tenant: &str,
+        groups: &[String],
+    ) -> StoreResult<Vec<(String, u64)>> {
         let rows = sqlx::query(
-            "SELECT grp, COUNT(*) AS n FROM dead_letters WHERE tenant = $1 GROUP BY grp",
+            "SELECT grp, COUNT(*) AS n FROM dead_letters WHERE tenant = $1 AND grp = ANY($2) GROUP BY grp",
         )
         .bind(tenant)
+        .bind(groups)
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;

@@ -983,20 +983,28 @@ impl LiveStreams for EmbeddedStreams {
                 *consumers.entry(g.clone()).or_default() += 1;
             }
         }
+        // entries handed out and settled back to the table (the names as one JSON array, so a page
+        // is one statement), then those leased in runs
+        let rows = sqlx::query(
+            "SELECT grp, COUNT(*) AS n FROM pending \
+             WHERE tenant = ? AND grp IN (SELECT value FROM json_each(?)) GROUP BY grp",
+        )
+        .bind(tenant)
+        .bind(serde_json::to_string(names).map_err(|e| StreamError::Internal(e.to_string()))?)
+        .fetch_all(&self.store.db().pool)
+        .await
+        .map_err(db_err)?;
+        let mut stored: HashMap<String, u64> = HashMap::new();
+        for row in rows {
+            let name: String = row.try_get("grp").map_err(db_err)?;
+            stored.insert(name, row.try_get::<i64, _>("n").map_err(db_err)? as u64);
+        }
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             let key = GroupKey {
                 tenant: tenant.to_owned(),
                 name: name.clone(),
             };
-            // entries handed out and settled back to the table, then those leased in runs
-            let stored: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM pending WHERE tenant = ? AND grp = ?")
-                    .bind(tenant)
-                    .bind(name)
-                    .fetch_one(&self.store.db().pool)
-                    .await
-                    .map_err(db_err)?;
             let leased: usize = self
                 .runs
                 .lock()
@@ -1020,7 +1028,7 @@ impl LiveStreams for EmbeddedStreams {
             out.push(GroupStats {
                 consumers: consumers.get(&key).copied().unwrap_or(0),
                 key,
-                pending: stored as u64 + leased as u64,
+                pending: stored.get(name).copied().unwrap_or(0) + leased as u64,
                 positions: vec![(config.selection.clone(), cursors)],
                 config,
             });

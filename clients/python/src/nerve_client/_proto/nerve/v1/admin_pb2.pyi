@@ -104,7 +104,9 @@ class ListGroupsResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty when this was the last page."""
     @_builtins.property
-    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupInfo]: ...
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupInfo]:
+        """Fewer than page_size, even none, when groups were deleted while the page was read."""
+
     def __init__(
         self,
         *,
