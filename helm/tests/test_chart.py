@@ -70,6 +70,7 @@ KNOWN_SETTINGS = {
     "NERVE_AUTH__JWT__TENANT_CLAIM",
     "NERVE_AUTH__POLICY_FILE",
     "NERVE_AUTH__RELOAD_CHECK_INTERVAL",
+    "NERVE_AUTH__AUDIT_RETENTION",
 }
 
 
@@ -893,6 +894,8 @@ def test_strings_that_look_like_numbers_stay_strings(tmp_path: Path) -> None:
 
 def test_no_tls_or_auth_settings_by_default() -> None:
     m = render()
+    # the audit log is kept with or without authentication (admin changes are audited)
+    assert m.config.pop("NERVE_AUTH__AUDIT_RETENTION") == "30days"
     assert not any(k.startswith(("NERVE_TLS__", "NERVE_AUTH__")) for k in m.config)
     assert set(_mounts(m)) == {"data", "tmp"}
 

@@ -218,6 +218,10 @@ impl EventStore for InjectedStore {
         self.check()?;
         self.inner.audit(query).await
     }
+    async fn prune_audit(&self, before: DateTime<Utc>, max: usize) -> StoreResult<u64> {
+        self.check()?;
+        self.inner.prune_audit(before, max).await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.check()?;
         self.inner.ping().await

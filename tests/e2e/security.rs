@@ -14,7 +14,7 @@ use tonic::{
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::harness::{Subscriber, TestServer, WAIT, event, open};
+use crate::harness::{Subscriber, TestServer, WAIT, event, eventually, open};
 
 const ISSUER: &str = "https://issuer.test";
 const AUDIENCE: &str = "nerve";
@@ -1814,5 +1814,48 @@ allow = {{ admin = ["types/*.shown", "groups/*-shown", "publishers/*-shown"] }}
             .await,
         Code::InvalidArgument,
         "page_token",
+    );
+}
+
+/// Audit records older than `auth.audit_retention` are deleted as they age out; newer ones stay.
+#[tokio::test]
+async fn audit_records_older_than_the_retention_are_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let retention = Duration::from_secs(3);
+    let server =
+        server_with_policy(dir.path(), POLICY, |c| c.auth.audit_retention = retention).await;
+    let planner = hs_token(&claims("planner"));
+    let admin = hs_token(&claims("admin"));
+    let denied = |resource: &'static str| {
+        let server = &server;
+        let planner = planner.clone();
+        async move {
+            let refused = publish_as(server, &planner, vec![event("x", resource)]).await;
+            assert_eq!(refused.expect_err("denied").code(), Code::PermissionDenied);
+        }
+    };
+    let resources = |records: Vec<pb::AuditRecord>| -> Vec<String> {
+        records
+            .into_iter()
+            .filter(|r| r.principal == "planner")
+            .map(|r| r.resource)
+            .collect()
+    };
+    denied("aged.first").await;
+    assert_eq!(
+        resources(audit_records(&server, &admin).await),
+        ["aged.first"]
+    );
+    eventually("the old record to be deleted", || async {
+        resources(audit_records(&server, &admin).await)
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    denied("aged.second").await;
+    assert_eq!(
+        resources(audit_records(&server, &admin).await),
+        ["aged.second"],
+        "a record younger than the retention stays"
     );
 }

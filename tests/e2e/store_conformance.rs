@@ -966,6 +966,42 @@ async fn audit_records_are_read_by_tenant_in_id_order_with_filters_and_paging(b:
     );
 }
 
+/// Pruning deletes the oldest records made before the cutoff, no more than asked, and reads no further
+/// than the oldest `max`: a record made later in the log is kept even if older than the cutoff.
+async fn audit_records_are_pruned_oldest_first_before_a_time(b: Backend) {
+    let s = &b.store;
+    let now = chrono::Utc::now();
+    let aged = |resource: &str, age_hours: i64| AuditRecord {
+        time: now - chrono::Duration::hours(age_hours),
+        ..audit_record("t", "alice", "denied", resource)
+    };
+    s.append_audit(&[
+        aged("old1", 3),
+        aged("old2", 3),
+        aged("new", 0),
+        aged("late", 3),
+    ])
+    .await
+    .expect("append");
+    let cutoff = now - chrono::Duration::hours(1);
+    assert_eq!(s.prune_audit(cutoff, 1).await.expect("prune one"), 1);
+    // the oldest two are "old2" and "new", which is kept; "late", beyond them, waits for a later round
+    assert_eq!(s.prune_audit(cutoff, 2).await.expect("prune"), 1);
+    let left: Vec<String> = s
+        .audit(&AuditQuery {
+            tenants: vec!["t".into()],
+            limit: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("audit")
+        .into_iter()
+        .map(|r| r.resource)
+        .collect();
+    assert_eq!(left, ["new", "late"]);
+    assert_eq!(s.prune_audit(cutoff, 10).await.expect("prune all"), 1);
+}
+
 /// The columns of a row as stores wrote it before bodies were binary: the body is the event's JSON.
 const LEGACY_ROW: &str = "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, \
      priority, recorded_ns, content_hash, body) VALUES (1, 't', '//conformance', 'legacy', 'x.rich', \
@@ -1104,6 +1140,7 @@ conformance!(
     publishers_are_registered_once_updated_and_removed,
     publishers_of_tenants_are_kept_apart_and_listed_in_order,
     audit_records_are_read_by_tenant_in_id_order_with_filters_and_paging,
+    audit_records_are_pruned_oldest_first_before_a_time,
 );
 
 /// Two replicas commit into one database while a follower on the first tails the log: it learns of the

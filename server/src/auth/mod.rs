@@ -185,7 +185,10 @@ impl Auth {
             streams: Arc::new(Mutex::new(HashMap::new())),
             max_streams_per_principal: connections.max_streams_per_principal,
         });
-        tokio::spawn(write_audit(store, audit_rx));
+        tokio::spawn(write_audit(store.clone(), audit_rx));
+        if !config.audit_retention.is_zero() {
+            tokio::spawn(prune_audit(store, config.audit_retention, shutdown.clone()));
+        }
         if enabled {
             if let Err(error) = auth.refresh_registry().await {
                 warn!(%error, "could not read the publisher registry; retrying in the background");
@@ -490,6 +493,46 @@ async fn write_audit(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<AuditMes
         }
         for tx in flushes {
             let _ = tx.send(());
+        }
+    }
+}
+
+/// Audit records one pruning statement deletes at most.
+const AUDIT_PRUNE_BATCH: usize = 10_000;
+
+/// Deletes audit records older than `retention`, checking a tenth as often as it keeps them (at most
+/// hourly); every replica does it, and deleting what another deleted first is no harm.
+async fn prune_audit(
+    store: Arc<dyn EventStore>,
+    retention: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let every = (retention / 10).clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(3600),
+    );
+    loop {
+        // a retention past the calendar's reach keeps everything
+        let Some(before) = chrono::Duration::from_std(retention)
+            .ok()
+            .and_then(|kept| chrono::Utc::now().checked_sub_signed(kept))
+        else {
+            return;
+        };
+        // batch after batch while each comes back full: the log may be far behind after a pause
+        loop {
+            match store.prune_audit(before, AUDIT_PRUNE_BATCH).await {
+                Ok(n) if n as usize == AUDIT_PRUNE_BATCH && !shutdown.is_cancelled() => continue,
+                Ok(_) => break,
+                Err(error) => {
+                    warn!(target: "nerve::audit", %error, "could not delete audit records past auth.audit_retention");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
         }
     }
 }

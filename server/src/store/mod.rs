@@ -368,6 +368,9 @@ pub trait EventStore: Send + Sync + 'static {
     async fn append_audit(&self, records: &[AuditRecord]) -> StoreResult<()>;
     /// Reads matching audit records with id > after_id, oldest first, at most limit (limit 0 = 100).
     async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
+    /// Deletes those of the `max` oldest audit records (by id) made before `before`; returns how
+    /// many went. Reads no more than `max` records, however large the log.
+    async fn prune_audit(&self, before: DateTime<Utc>, max: usize) -> StoreResult<u64>;
 
     /// Answers when the database is reachable.
     async fn ping(&self) -> StoreResult<()>;

@@ -948,6 +948,19 @@ impl EventStore for PostgresStore {
         Ok(())
     }
 
+    async fn prune_audit(&self, before: DateTime<Utc>, max: usize) -> StoreResult<u64> {
+        let deleted = sqlx::query(
+            "DELETE FROM audit_log WHERE id IN (SELECT id FROM \
+             (SELECT id, time_ns FROM audit_log ORDER BY id LIMIT $2) oldest WHERE time_ns < $1)",
+        )
+        .bind(to_ns(before))
+        .bind(max as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(deleted.rows_affected())
+    }
+
     async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
         if query.tenants.is_empty() {
             return Ok(Vec::new());

@@ -1071,6 +1071,20 @@ impl EventStore for SqliteStore {
         Ok(())
     }
 
+    async fn prune_audit(&self, before: DateTime<Utc>, max: usize) -> StoreResult<u64> {
+        let mut conn = self.db.writer.lock().await;
+        let deleted = sqlx::query(
+            "DELETE FROM audit_log WHERE id IN (SELECT id FROM \
+             (SELECT id, time_ns FROM audit_log ORDER BY id LIMIT ?) WHERE time_ns < ?)",
+        )
+        .bind(max as i64)
+        .bind(to_ns(before))
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        Ok(deleted.rows_affected())
+    }
+
     async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
         if query.tenants.is_empty() {
             return Ok(Vec::new());
