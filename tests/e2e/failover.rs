@@ -1529,6 +1529,35 @@ async fn a_postgres_pool_of_one_connection_is_refused_at_start() {
     assert!(error.contains("postgres.max_connections"), "{error}");
 }
 
+/// A database that takes no writes (a standby a failover left the address on, or
+/// `default_transaction_read_only`) is refused at start, saying so and what is needed, not with the
+/// migrator's failure to create its table.
+#[tokio::test]
+async fn a_read_only_database_is_refused_at_start_naming_why() {
+    let url = fresh_schema_url().await;
+    let mut config = nerve::config::Config {
+        store: url.clone(),
+        streams: redis_url(),
+        ..Default::default()
+    };
+    config.redis.key_prefix = format!("nerve-test:{}", uuid::Uuid::new_v4().simple());
+    drop(
+        nerve::open_backends(&config)
+            .await
+            .expect("migrated on a writable database"),
+    );
+    // the URL's options already set the search path: one more setting joins them
+    config.store = format!("{url}%20-c%20default_transaction_read_only%3Don");
+    let error = match nerve::open_backends(&config).await {
+        Ok(_) => panic!("a read-only database was taken as the store"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains("postgres is read-only") && error.contains("commits need the primary"),
+        "{error}"
+    );
+}
+
 /// A group whose settings cannot be read makes ListGroups fail, rather than answer a list without it
 /// (redrive then called the group missing, and metrics set its backlog to 0).
 #[tokio::test]

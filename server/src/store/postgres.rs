@@ -118,6 +118,7 @@ impl PostgresStore {
             .connect(url)
             .await
             .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?;
+        writable(&pool).await?;
         sqlx::migrate!("server/migrations/postgres")
             .run(&pool)
             .await
@@ -156,6 +157,23 @@ impl PostgresStore {
             recent,
         }))
     }
+}
+
+/// Fails UNAVAILABLE, saying why, when the database takes no writes: a standby (a failover left the
+/// address on the old primary, or a read replica was given), or `default_transaction_read_only`.
+/// Every commit would fail there, so the server must not start on it, and health says so.
+async fn writable<'c>(conn: impl sqlx::PgExecutor<'c>) -> StoreResult<()> {
+    let read_only: String = sqlx::query_scalar("SELECT current_setting('transaction_read_only')")
+        .fetch_one(conn)
+        .await
+        .map_err(map_err)?;
+    if read_only == "on" {
+        return Err(StoreError::Unavailable(
+            "postgres is read-only (a standby, or default_transaction_read_only): commits need the primary"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The channel of a schema's commit notifications: `nerve_commits_<schema>`, or for a schema name too
@@ -267,10 +285,13 @@ impl BatchWriter for PostgresWriter {
     fn probe(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
         let options = self.options.clone();
         async move {
+            // answered, and by a database that takes writes: a standby answers too
             let answer = async {
-                let mut conn = PgConnection::connect_with(&options).await?;
-                sqlx::query("SELECT 1").execute(&mut conn).await?;
-                conn.close().await
+                let mut conn = PgConnection::connect_with(&options)
+                    .await
+                    .map_err(map_err)?;
+                writable(&mut conn).await?;
+                conn.close().await.map_err(map_err)
             };
             matches!(
                 tokio::time::timeout(PROBE_TIMEOUT, answer).await,
@@ -981,11 +1002,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(map_err)?;
-        Ok(())
+        writable(&self.pool).await
     }
 
     fn committed(&self) -> watch::Receiver<u64> {
