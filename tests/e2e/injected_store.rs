@@ -13,8 +13,8 @@ use nerve::{
     Backends,
     event::{Selection, StoredEvent},
     store::{
-        AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
-        Queued, ReadPage, ReadQuery, StoreError, StoreResult,
+        AuditPruned, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent,
+        Publisher, Queued, ReadPage, ReadQuery, StoreError, StoreResult,
     },
 };
 use tokio::sync::{oneshot, watch};
@@ -218,9 +218,14 @@ impl EventStore for InjectedStore {
         self.check()?;
         self.inner.audit(query).await
     }
-    async fn prune_audit(&self, before: DateTime<Utc>, max: usize) -> StoreResult<u64> {
+    async fn prune_audit(
+        &self,
+        before: DateTime<Utc>,
+        after_id: u64,
+        max: usize,
+    ) -> StoreResult<AuditPruned> {
         self.check()?;
-        self.inner.prune_audit(before, max).await
+        self.inner.prune_audit(before, after_id, max).await
     }
     async fn ping(&self) -> StoreResult<()> {
         self.check()?;

@@ -9,8 +9,8 @@ use crate::harness::fresh_schema_url;
 use nerve::{
     event::{Event, Priority, Selection, TypePattern},
     store::{
-        AuditQuery, AuditRecord, DeadLetter, EventStore, NewEvent, PostgresStore, Publisher,
-        ReadQuery, SqliteDb, SqliteStore, StoreError,
+        AuditPruned, AuditQuery, AuditRecord, DeadLetter, EventStore, NewEvent, PostgresStore,
+        Publisher, ReadQuery, SqliteDb, SqliteStore, StoreError,
     },
 };
 
@@ -966,8 +966,9 @@ async fn audit_records_are_read_by_tenant_in_id_order_with_filters_and_paging(b:
     );
 }
 
-/// Pruning deletes the oldest records made before the cutoff, no more than asked, and reads no further
-/// than the oldest `max`: a record made later in the log is kept even if older than the cutoff.
+/// Pruning goes step by step from the oldest record: each step reads the next `max` records after a
+/// position, deletes those made before the cutoff (a newer one among them stays), and says where it
+/// stopped; past the last record there is no step.
 async fn audit_records_are_pruned_oldest_first_before_a_time(b: Backend) {
     let s = &b.store;
     let now = chrono::Utc::now();
@@ -983,10 +984,28 @@ async fn audit_records_are_pruned_oldest_first_before_a_time(b: Backend) {
     ])
     .await
     .expect("append");
+    let ids: Vec<u64> = s
+        .audit(&AuditQuery {
+            tenants: vec!["t".into()],
+            limit: 100,
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("audit")
+        .iter()
+        .map(|r| r.id)
+        .collect();
     let cutoff = now - chrono::Duration::hours(1);
-    assert_eq!(s.prune_audit(cutoff, 1).await.expect("prune one"), 1);
-    // the oldest two are "old2" and "new", which is kept; "late", beyond them, waits for a later round
-    assert_eq!(s.prune_audit(cutoff, 2).await.expect("prune"), 1);
+    let step = |after_id: u64, max: usize| async move {
+        s.prune_audit(cutoff, after_id, max).await.expect("prune")
+    };
+    let pruned = |deleted: u64, last: usize| AuditPruned {
+        deleted,
+        last_id: Some(ids[last]),
+    };
+    assert_eq!(step(0, 1).await, pruned(1, 0));
+    // "old2" and "new": the newer one stays
+    assert_eq!(step(ids[0], 2).await, pruned(1, 2));
     let left: Vec<String> = s
         .audit(&AuditQuery {
             tenants: vec!["t".into()],
@@ -999,7 +1018,14 @@ async fn audit_records_are_pruned_oldest_first_before_a_time(b: Backend) {
         .map(|r| r.resource)
         .collect();
     assert_eq!(left, ["new", "late"]);
-    assert_eq!(s.prune_audit(cutoff, 10).await.expect("prune all"), 1);
+    assert_eq!(step(ids[2], 10).await, pruned(1, 3));
+    assert_eq!(
+        step(ids[3], 10).await,
+        AuditPruned {
+            deleted: 0,
+            last_id: None
+        }
+    );
 }
 
 /// The columns of a row as stores wrote it before bodies were binary: the body is the event's JSON.

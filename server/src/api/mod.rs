@@ -146,7 +146,7 @@ pub async fn serve(
 }
 
 /// How long a backend check may take before the backend counts as down, when the interval is shorter:
-/// a short interval makes an outage show sooner, but a loaded database answering `SELECT 1` in 200 ms
+/// a short interval makes an outage show sooner, but a loaded database answering its check in 200 ms
 /// is not down.
 const MIN_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 

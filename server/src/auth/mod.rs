@@ -31,7 +31,7 @@ use policy::{Evaluator, Policy, Registry};
 pub use tls::{ConnInfo, Tls};
 use watched::Watched;
 
-use crate::store::{AuditRecord, EventStore};
+use crate::store::{AuditPruned, AuditRecord, EventStore};
 
 pub use crate::bus::DEFAULT_TENANT;
 
@@ -497,11 +497,11 @@ async fn write_audit(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<AuditMes
     }
 }
 
-/// Audit records one pruning statement deletes at most.
-const AUDIT_PRUNE_BATCH: usize = 10_000;
+/// Audit records one pruning step reads at most (a short hold of SQLite's single writer).
+const AUDIT_PRUNE_STEP: usize = 1_000;
 
-/// Deletes audit records older than `retention`, checking a tenth as often as it keeps them (at most
-/// hourly); every replica does it, and deleting what another deleted first is no harm.
+/// Deletes audit records older than `retention`, checking a tenth as often as it keeps them (and at
+/// least hourly); every replica does it, and deleting what another deleted first is no harm.
 async fn prune_audit(
     store: Arc<dyn EventStore>,
     retention: std::time::Duration,
@@ -519,10 +519,16 @@ async fn prune_audit(
         else {
             return;
         };
-        // batch after batch while each comes back full: the log may be far behind after a pause
-        loop {
-            match store.prune_audit(before, AUDIT_PRUNE_BATCH).await {
-                Ok(n) if n as usize == AUDIT_PRUNE_BATCH && !shutdown.is_cancelled() => continue,
+        // step by step from the oldest, while steps still find records to delete: ids follow the
+        // records' times only roughly (replicas' clocks differ), so a newer record among old ones
+        // does not end the pass; a step that deletes nothing does, as the rest is newer still
+        let mut after_id = 0;
+        while !shutdown.is_cancelled() {
+            match store.prune_audit(before, after_id, AUDIT_PRUNE_STEP).await {
+                Ok(AuditPruned {
+                    deleted,
+                    last_id: Some(last),
+                }) if deleted > 0 => after_id = last,
                 Ok(_) => break,
                 Err(error) => {
                     warn!(target: "nerve::audit", %error, "could not delete audit records past auth.audit_retention");

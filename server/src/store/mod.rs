@@ -247,6 +247,15 @@ pub struct AuditRecord {
     pub reason: String,
 }
 
+/// What one step of audit pruning did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditPruned {
+    /// Records deleted.
+    pub deleted: u64,
+    /// The highest id the step looked at, where the next starts; `None` when none was left.
+    pub last_id: Option<u64>,
+}
+
 /// Which audit records to read.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
@@ -368,9 +377,14 @@ pub trait EventStore: Send + Sync + 'static {
     async fn append_audit(&self, records: &[AuditRecord]) -> StoreResult<()>;
     /// Reads matching audit records with id > after_id, oldest first, at most limit (limit 0 = 100).
     async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
-    /// Deletes those of the `max` oldest audit records (by id) made before `before`; returns how
-    /// many went. Reads no more than `max` records, however large the log.
-    async fn prune_audit(&self, before: DateTime<Utc>, max: usize) -> StoreResult<u64>;
+    /// Deletes those of the next `max` audit records after `after_id` (by id) made before `before`.
+    /// Reads no more than `max` records, however large the log.
+    async fn prune_audit(
+        &self,
+        before: DateTime<Utc>,
+        after_id: u64,
+        max: usize,
+    ) -> StoreResult<AuditPruned>;
 
     /// Answers when the database is reachable.
     async fn ping(&self) -> StoreResult<()>;

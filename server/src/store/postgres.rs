@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
 use super::{
-    Appended, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher,
-    Queued, ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
+    Appended, AuditPruned, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats,
+    NewEvent, Publisher, Queued, ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
     commit::{self, Attempt, BatchWriter, CommitRequest, Committed, NewRow, RecentCommits},
     literal_types,
     sqlite::{from_ns, map_err, seq_i64, to_ns},
@@ -969,17 +969,38 @@ impl EventStore for PostgresStore {
         Ok(())
     }
 
-    async fn prune_audit(&self, before: DateTime<Utc>, max: usize) -> StoreResult<u64> {
-        let deleted = sqlx::query(
-            "DELETE FROM audit_log WHERE id IN (SELECT id FROM \
-             (SELECT id, time_ns FROM audit_log ORDER BY id LIMIT $2) oldest WHERE time_ns < $1)",
+    async fn prune_audit(
+        &self,
+        before: DateTime<Utc>,
+        after_id: u64,
+        max: usize,
+    ) -> StoreResult<AuditPruned> {
+        let last: Option<i64> = sqlx::query_scalar(
+            "SELECT max(id) FROM (SELECT id FROM audit_log WHERE id > $1 ORDER BY id LIMIT $2) step",
         )
-        .bind(to_ns(before))
+        .bind(seq_i64(after_id))
         .bind(max as i64)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(map_err)?;
-        Ok(deleted.rows_affected())
+        let Some(last) = last else {
+            return Ok(AuditPruned {
+                deleted: 0,
+                last_id: None,
+            });
+        };
+        let deleted =
+            sqlx::query("DELETE FROM audit_log WHERE id > $1 AND id <= $2 AND time_ns < $3")
+                .bind(seq_i64(after_id))
+                .bind(last)
+                .bind(to_ns(before))
+                .execute(&self.pool)
+                .await
+                .map_err(map_err)?;
+        Ok(AuditPruned {
+            deleted: deleted.rows_affected(),
+            last_id: Some(last as u64),
+        })
     }
 
     async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {

@@ -21,8 +21,8 @@ use sqlx::{
 use tokio::sync::{Mutex, MutexGuard, mpsc, watch};
 
 use super::{
-    AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent, Publisher, Queued,
-    ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
+    AuditPruned, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent,
+    Publisher, Queued, ReadPage, ReadQuery, StoreError, StoreResult, audit_limit,
     commit::{self, Attempt, BatchWriter, CommitRequest, Committed, RecentCommits},
     literal_types,
 };
@@ -1071,18 +1071,38 @@ impl EventStore for SqliteStore {
         Ok(())
     }
 
-    async fn prune_audit(&self, before: DateTime<Utc>, max: usize) -> StoreResult<u64> {
-        let mut conn = self.db.writer.lock().await;
-        let deleted = sqlx::query(
-            "DELETE FROM audit_log WHERE id IN (SELECT id FROM \
-             (SELECT id, time_ns FROM audit_log ORDER BY id LIMIT ?) WHERE time_ns < ?)",
+    async fn prune_audit(
+        &self,
+        before: DateTime<Utc>,
+        after_id: u64,
+        max: usize,
+    ) -> StoreResult<AuditPruned> {
+        let last: Option<i64> = sqlx::query_scalar(
+            "SELECT max(id) FROM (SELECT id FROM audit_log WHERE id > ? ORDER BY id LIMIT ?)",
         )
+        .bind(seq_i64(after_id))
         .bind(max as i64)
-        .bind(to_ns(before))
-        .execute(&mut *conn)
+        .fetch_one(&self.db.pool)
         .await
         .map_err(map_err)?;
-        Ok(deleted.rows_affected())
+        let Some(last) = last else {
+            return Ok(AuditPruned {
+                deleted: 0,
+                last_id: None,
+            });
+        };
+        let mut conn = self.db.writer.lock().await;
+        let deleted = sqlx::query("DELETE FROM audit_log WHERE id > ? AND id <= ? AND time_ns < ?")
+            .bind(seq_i64(after_id))
+            .bind(last)
+            .bind(to_ns(before))
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        Ok(AuditPruned {
+            deleted: deleted.rows_affected(),
+            last_id: Some(last as u64),
+        })
     }
 
     async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
