@@ -549,10 +549,13 @@ mod tests {
         stamps
     }
 
-    fn median_gap_ns(stamps: &[u64]) -> u64 {
-        let mut gaps: Vec<u64> = stamps.windows(2).map(|w| w[1] - w[0]).collect();
-        gaps.sort_unstable();
-        gaps.get(gaps.len() / 2).copied().unwrap_or(0)
+    /// The share of consecutive sends at least 10 µs apart: a send of its own rather than one of a
+    /// burst. At 10,000/s, sends at random times are 90% of them, evenly paced ones all, 1 ms ticks
+    /// one in ten (the first of each burst of ten).
+    fn spread(stamps: &[u64]) -> f64 {
+        let gaps = stamps.len().saturating_sub(1).max(1);
+        let apart = stamps.windows(2).filter(|w| w[1] - w[0] >= 10_000).count();
+        apart as f64 / gaps as f64
     }
 
     #[test]
@@ -583,25 +586,27 @@ mod tests {
     async fn even_and_poisson_pacing_space_the_sends_that_ticks_send_in_bursts() {
         let _one_at_a_time = TIMED.lock().await;
         let poisson = send_stamps(Pacing::Poisson).await;
-        assert_eq!(poisson.len(), 2_000);
-        assert!(
-            median_gap_ns(&poisson) >= 20_000,
-            "sends at random times left {} ns apart (median)",
-            median_gap_ns(&poisson)
-        );
         let even = send_stamps(Pacing::Even).await;
         let tick = send_stamps(Pacing::Tick).await;
-        // 10,000/s is one send per 100 µs
-        assert_eq!((even.len(), tick.len()), (2_000, 2_000));
+        assert_eq!(
+            (poisson.len(), even.len(), tick.len()),
+            (2_000, 2_000, 2_000)
+        );
+        // bounds far from the ideal (0.9, 1.0, 0.1): a loaded host wakes late and sends planned sends
+        // together (with two busy loops on this 2-core host: 0.39-0.46, 0.56-0.59 and 0.04), which
+        // once left the median gap of random sends at 19 µs
+        let (poisson, even, tick) = (spread(&poisson), spread(&even), spread(&tick));
         assert!(
-            median_gap_ns(&even) >= 40_000,
-            "evenly paced sends left {} ns apart (median)",
-            median_gap_ns(&even)
+            poisson >= 0.2,
+            "only {poisson:.2} of the sends at random times were 10 µs or more apart"
         );
         assert!(
-            median_gap_ns(&tick) < 40_000,
-            "sends on 1 ms ticks left {} ns apart (median), not in bursts",
-            median_gap_ns(&tick)
+            even >= 0.2,
+            "only {even:.2} of the evenly paced sends were 10 µs or more apart"
+        );
+        assert!(
+            tick <= 0.15,
+            "{tick:.2} of the sends on 1 ms ticks were 10 µs or more apart: not in bursts"
         );
     }
 
