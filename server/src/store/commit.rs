@@ -225,8 +225,8 @@ pub(crate) trait BatchWriter: Send + 'static {
         look_up_keys: bool,
     ) -> impl Future<Output = Result<Committed, Attempt>> + Send;
 
-    /// Returns a check that answers whether the database takes commits again.
-    fn probe(&self) -> impl Future<Output = bool> + Send + 'static;
+    /// Returns a check that answers whether the database takes commits again, and if not, why.
+    fn probe(&self) -> impl Future<Output = StoreResult<()>> + Send + 'static;
 }
 
 /// Commits that look up their keys first after a batch held an event already stored: retries of
@@ -556,20 +556,28 @@ async fn fail_fast_until_available<W: BatchWriter>(
     rx: &mut mpsc::Receiver<CommitRequest>,
 ) -> bool {
     let mut probe = Box::pin(writer.probe());
+    // the last probe's answer once there is one (a standby answers, but takes no commits)
+    let mut why = "the database does not answer".to_owned();
     loop {
         tokio::select! {
             request = rx.recv() => match request {
                 Some(request) => {
-                    let _ = request.reply.send(Err(StoreError::Unavailable(
-                        "the database does not answer; not accepting publishes until it does".into(),
-                    )));
+                    let _ = request.reply.send(Err(StoreError::Unavailable(format!(
+                        "{why}; not accepting publishes until it takes commits again"
+                    ))));
                 }
                 None => return false,
             },
             answered = &mut probe => {
-                if answered {
-                    info!("the database answers again; accepting publishes");
-                    return true;
+                match answered {
+                    Ok(()) => {
+                        info!("the database takes commits again; accepting publishes");
+                        return true;
+                    }
+                    Err(StoreError::Unavailable(reason) | StoreError::Internal(reason)) => {
+                        why = reason;
+                    }
+                    Err(other) => why = other.to_string(),
                 }
                 tokio::time::sleep(PROBE_EVERY).await;
                 probe = Box::pin(writer.probe());

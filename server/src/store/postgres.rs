@@ -282,7 +282,7 @@ struct PostgresWriter {
 }
 
 impl BatchWriter for PostgresWriter {
-    fn probe(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+    fn probe(&self) -> impl std::future::Future<Output = StoreResult<()>> + Send + 'static {
         let options = self.options.clone();
         async move {
             // answered, and by a database that takes writes: a standby answers too
@@ -293,10 +293,13 @@ impl BatchWriter for PostgresWriter {
                 writable(&mut conn).await?;
                 conn.close().await.map_err(map_err)
             };
-            matches!(
-                tokio::time::timeout(PROBE_TIMEOUT, answer).await,
-                Ok(Ok(()))
-            )
+            tokio::time::timeout(PROBE_TIMEOUT, answer)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(format!(
+                        "no answer within {PROBE_TIMEOUT:?}"
+                    )))
+                })
         }
     }
 

@@ -546,9 +546,9 @@ struct SqliteWriter {
 }
 
 impl BatchWriter for SqliteWriter {
-    fn probe(&self) -> impl Future<Output = bool> + Send + 'static {
+    fn probe(&self) -> impl Future<Output = StoreResult<()>> + Send + 'static {
         // a local file: nothing to wait for
-        std::future::ready(true)
+        std::future::ready(Ok(()))
     }
 
     async fn attempt(
