@@ -1673,114 +1673,94 @@ allow = {{ admin = ["types/*.shown", "groups/*-shown", "publishers/*-shown"] }}
             .expect("registered");
     }
 
+    #[derive(Clone, Copy)]
+    enum List {
+        Types,
+        Groups,
+        Publishers,
+    }
     // the names on each page of a list, following its tokens to the end
-    async fn pages<F, Fut>(mut list: F) -> Vec<Vec<String>>
-    where
-        F: FnMut(String) -> Fut,
-        Fut: std::future::Future<Output = (Vec<String>, String)>,
-    {
+    async fn pages(server: &TestServer, list: List, who: &str, page_size: u32) -> Vec<Vec<String>> {
+        let mut client = server.admin();
         let mut pages = Vec::new();
-        let mut token = String::new();
+        let mut page_token = String::new();
         loop {
-            let (names, next) = list(token).await;
+            let (names, next): (Vec<String>, String) = match list {
+                List::Types => {
+                    let request = pb::ListEventTypesRequest {
+                        page_size,
+                        page_token,
+                    };
+                    let r = client
+                        .list_event_types(authorized(request, who))
+                        .await
+                        .expect("types")
+                        .into_inner();
+                    let names = r.types.into_iter().map(|t| t.r#type).collect();
+                    (names, r.next_page_token)
+                }
+                List::Groups => {
+                    let request = pb::ListGroupsRequest {
+                        page_size,
+                        page_token,
+                    };
+                    let r = client
+                        .list_groups(authorized(request, who))
+                        .await
+                        .expect("groups")
+                        .into_inner();
+                    let names = r.groups.into_iter().map(|g| g.name).collect();
+                    (names, r.next_page_token)
+                }
+                List::Publishers => {
+                    let request = pb::ListPublishersRequest {
+                        page_size,
+                        page_token,
+                    };
+                    let r = client
+                        .list_publishers(authorized(request, who))
+                        .await
+                        .expect("publishers")
+                        .into_inner();
+                    let names = r.publishers.into_iter().map(|p| p.principal).collect();
+                    (names, r.next_page_token)
+                }
+            };
             pages.push(names);
             if next.is_empty() {
                 return pages;
             }
             assert!(pages.len() < 20, "the pages never end: {pages:?}");
-            token = next;
+            page_token = next;
         }
     }
-    let event_types = |who: &str, page_size: u32| {
-        let (client, who) = (server.admin(), who.to_owned());
-        pages(move |page_token| {
-            let (mut client, who) = (client.clone(), who.clone());
-            async move {
-                let r = client
-                    .list_event_types(authorized(
-                        pb::ListEventTypesRequest {
-                            page_size,
-                            page_token,
-                        },
-                        &who,
-                    ))
-                    .await
-                    .expect("types")
-                    .into_inner();
-                (
-                    r.types.into_iter().map(|t| t.r#type).collect(),
-                    r.next_page_token,
-                )
-            }
-        })
-    };
-    let groups = |who: &str, page_size: u32| {
-        let (client, who) = (server.admin(), who.to_owned());
-        pages(move |page_token| {
-            let (mut client, who) = (client.clone(), who.clone());
-            async move {
-                let r = client
-                    .list_groups(authorized(
-                        pb::ListGroupsRequest {
-                            page_size,
-                            page_token,
-                        },
-                        &who,
-                    ))
-                    .await
-                    .expect("groups")
-                    .into_inner();
-                (
-                    r.groups.into_iter().map(|g| g.name).collect(),
-                    r.next_page_token,
-                )
-            }
-        })
-    };
-    let publishers = |who: &str, page_size: u32| {
-        let (client, who) = (server.admin(), who.to_owned());
-        pages(move |page_token| {
-            let (mut client, who) = (client.clone(), who.clone());
-            async move {
-                let r = client
-                    .list_publishers(authorized(
-                        pb::ListPublishersRequest {
-                            page_size,
-                            page_token,
-                        },
-                        &who,
-                    ))
-                    .await
-                    .expect("publishers")
-                    .into_inner();
-                (
-                    r.publishers.into_iter().map(|p| p.principal).collect(),
-                    r.next_page_token,
-                )
-            }
-        })
-    };
     assert_eq!(
-        event_types(&curator, 2).await,
+        pages(&server, List::Types, &curator, 2).await,
         [
             vec!["a.shown", "c.shown"],
             vec!["e.shown", "g.shown"],
             vec!["h.shown"]
         ]
     );
-    assert_eq!(event_types(&admin, 0).await, [types.to_vec()]);
-    assert_eq!(event_types(&admin, 8).await, [types.to_vec()]);
     assert_eq!(
-        groups(&curator, 2).await,
+        pages(&server, List::Types, &admin, 0).await,
+        [types.to_vec()]
+    );
+    assert_eq!(
+        pages(&server, List::Types, &admin, 8).await,
+        [types.to_vec()]
+    );
+    assert_eq!(
+        pages(&server, List::Groups, &curator, 2).await,
         [vec!["a-shown", "c-shown"], vec!["e-shown"]]
     );
     assert_eq!(
-        groups(&curator, 3).await,
+        pages(&server, List::Groups, &curator, 3).await,
         [vec!["a-shown", "c-shown", "e-shown"]]
     );
     // three of 4 KiB do not fit 12 KiB: the pages end early, and nothing is skipped
     assert_eq!(
-        publishers(&curator, 1000).await,
+        pages(&server, List::Publishers, &curator, 1000).await,
         [
             vec!["a-shown", "c-shown"],
             vec!["d-shown", "e-shown"],

@@ -984,17 +984,16 @@ async fn audit_records_are_pruned_oldest_first_before_a_time(b: Backend) {
     ])
     .await
     .expect("append");
-    let ids: Vec<u64> = s
-        .audit(&AuditQuery {
+    let stored = || async {
+        s.audit(&AuditQuery {
             tenants: vec!["t".into()],
             limit: 100,
             ..AuditQuery::default()
         })
         .await
         .expect("audit")
-        .iter()
-        .map(|r| r.id)
-        .collect();
+    };
+    let ids: Vec<u64> = stored().await.iter().map(|r| r.id).collect();
     let cutoff = now - chrono::Duration::hours(1);
     let step = |after_id: u64, max: usize| async move {
         s.prune_audit(cutoff, after_id, max).await.expect("prune")
@@ -1006,17 +1005,7 @@ async fn audit_records_are_pruned_oldest_first_before_a_time(b: Backend) {
     assert_eq!(step(0, 1).await, pruned(1, 0));
     // "old2" and "new": the newer one stays
     assert_eq!(step(ids[0], 2).await, pruned(1, 2));
-    let left: Vec<String> = s
-        .audit(&AuditQuery {
-            tenants: vec!["t".into()],
-            limit: 100,
-            ..AuditQuery::default()
-        })
-        .await
-        .expect("audit")
-        .into_iter()
-        .map(|r| r.resource)
-        .collect();
+    let left: Vec<String> = stored().await.into_iter().map(|r| r.resource).collect();
     assert_eq!(left, ["new", "late"]);
     assert_eq!(step(ids[2], 10).await, pruned(1, 3));
     assert_eq!(
