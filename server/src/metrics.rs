@@ -139,9 +139,13 @@ fn describe() {
     describe_histogram!(
         COMMIT_SECONDS,
         Unit::Seconds,
-        "Group commits of the event store."
+        "Group commits of the event store that succeeded."
     );
-    describe_histogram!(COMMIT_BATCH, Unit::Count, "Events per group commit.");
+    describe_histogram!(
+        COMMIT_BATCH,
+        Unit::Count,
+        "Events per group commit that succeeded."
+    );
     describe_counter!(
         DELIVERED,
         "Deliveries to subscribers, by type and group (\"\" for private streams)."
@@ -149,7 +153,7 @@ fn describe() {
     describe_histogram!(
         DELIVERY_SECONDS,
         Unit::Seconds,
-        "From commit to first delivery, by group."
+        "From commit to first delivery, by group, once the subscription has caught up."
     );
     describe_counter!(
         REDELIVERIES,
