@@ -1244,6 +1244,15 @@ mod tests {
         (streams, key, selection)
     }
 
+    /// The group's pending entries, as ListGroups reports them.
+    async fn pending(streams: &EmbeddedStreams, key: &GroupKey) -> u64 {
+        streams
+            .groups(&key.tenant, std::slice::from_ref(&key.name))
+            .await
+            .expect("groups")[0]
+            .pending
+    }
+
     /// Every page of `query` from `after` on until `until`, read by `read`: the sequences in order.
     async fn page_through<F, Fut>(mut query: ReadQuery, until: u64, read: F) -> Vec<u64>
     where
@@ -1367,11 +1376,11 @@ mod tests {
         let store = streams.store.clone();
         drop(streams);
         let streams = EmbeddedStreams::start(store).await.expect("restart");
-        let stats = streams
-            .groups("t", std::slice::from_ref(&key.name))
-            .await
-            .expect("groups");
-        assert_eq!(stats[0].pending, 6, "5 moved, 6..=10 in the run");
+        assert_eq!(
+            pending(&streams, &key).await,
+            6,
+            "5 moved, 6..=10 in the run"
+        );
         let lease = Utc::now() + chrono::Duration::seconds(30);
         let due = streams
             .claim_due(&key, "b", 100, lease)
@@ -1389,14 +1398,7 @@ mod tests {
             .await
             .expect("ack");
         assert_eq!(acked, [true, false, true]);
-        assert_eq!(
-            streams
-                .groups("t", std::slice::from_ref(&key.name))
-                .await
-                .expect("groups")[0]
-                .pending,
-            4
-        );
+        assert_eq!(pending(&streams, &key).await, 4);
     }
 
     #[tokio::test]
@@ -1484,14 +1486,7 @@ mod tests {
         );
         query_only(false).await;
         // the refused transaction rolled back, and memory did not move ahead of the database
-        assert_eq!(
-            streams
-                .groups("t", std::slice::from_ref(&key.name))
-                .await
-                .expect("groups")[0]
-                .pending,
-            10
-        );
+        assert_eq!(pending(&streams, &key).await, 10);
         let acked = streams
             .ack(&key, &[(1, 1), (2, 1), (3, 1)])
             .await
@@ -1501,14 +1496,7 @@ mod tests {
         let store = streams.store.clone();
         drop(streams);
         let streams = EmbeddedStreams::start(store).await.expect("restart");
-        assert_eq!(
-            streams
-                .groups("t", std::slice::from_ref(&key.name))
-                .await
-                .expect("groups")[0]
-                .pending,
-            7
-        );
+        assert_eq!(pending(&streams, &key).await, 7);
         assert_eq!(
             streams.next_due(&key).await.expect("next due").map(to_ns),
             Some(to_ns(lease)),
@@ -1540,26 +1528,12 @@ mod tests {
             );
         }
         assert_eq!(claimed.len(), 3000);
-        assert_eq!(
-            streams
-                .groups("t", std::slice::from_ref(&key.name))
-                .await
-                .expect("groups")[0]
-                .pending,
-            3000
-        );
+        assert_eq!(pending(&streams, &key).await, 3000);
         let mut deliveries: Vec<(u64, u32)> = claimed.iter().map(|c| (c.sequence, 1)).collect();
         deliveries.sort();
         let acked = streams.ack(&key, &deliveries).await.expect("ack");
         assert!(acked.iter().all(|a| *a), "every delivery acked");
-        assert_eq!(
-            streams
-                .groups("t", std::slice::from_ref(&key.name))
-                .await
-                .expect("groups")[0]
-                .pending,
-            0
-        );
+        assert_eq!(pending(&streams, &key).await, 0);
         assert!(
             streams
                 .runs
