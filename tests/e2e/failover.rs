@@ -874,6 +874,17 @@ async fn a_delete_group_retried_after_redis_failed_leaves_nothing_behind() {
     assert_eq!((crate::harness::id(&d).as_str(), d.attempt), ("new-0", 1));
 }
 
+/// The status a replica's health service reports for `service` (0, unknown, when it does not answer).
+async fn health_status(server: &ServerProcess, service: &str) -> i32 {
+    tonic_health::pb::health_client::HealthClient::new(server.channel().await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or_default()
+}
+
 /// 5b. While Redis is down, publishes and private streams go on: the tail that private streams read is
 ///     fed from the store, and adding the events to Redis is retried behind it. 2,500 events are more
 ///     than one relay step takes (1,000), so a tail that waited for Redis would stop short of them.
@@ -891,19 +902,7 @@ async fn private_streams_go_on_while_redis_is_down() {
     redis.kill9().await;
     // the replica is not all there (groups, requests), but it takes publishes: it stays ready, and
     // alive, while its overall health says what is missing
-    let health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
-    let status = |service: &'static str| {
-        let mut health = health.clone();
-        async move {
-            health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: service.into(),
-                })
-                .await
-                .map(|r| r.into_inner().status)
-                .unwrap_or_default()
-        }
-    };
+    let status = |service: &'static str| health_status(&server, service);
     use tonic_health::pb::health_check_response::ServingStatus;
     crate::harness::eventually("NOT_SERVING while redis is away", || async {
         (status("").await == ServingStatus::NotServing as i32).then_some(())
@@ -932,6 +931,33 @@ async fn private_streams_go_on_while_redis_is_down() {
         last = seq(&d);
         private.ack_one(&d).await;
     }
+}
+
+/// Redis stops answering without closing its connections (a partition): the replica is NOT_SERVING
+/// overall, but its readiness follows the store alone. The Redis check hangs; it must neither fail nor
+/// delay the store's (both were one check under one timeout, so readiness went NOT_SERVING too).
+#[tokio::test]
+async fn readiness_follows_the_store_while_redis_hangs() {
+    let redis = RedisProcess::start(false).await;
+    let proxy = Proxy::start(([127, 0, 0, 1], redis.port).into()).await;
+    let deployment = Deployment::new(format!("redis://127.0.0.1:{}", proxy.port)).await;
+    let server = deployment.replica(&[]).await;
+    let status = |service: &'static str| health_status(&server, service);
+    use tonic_health::pb::health_check_response::ServingStatus;
+    crate::harness::eventually("SERVING once both backends answered", || async {
+        (status("").await == ServingStatus::Serving as i32).then_some(())
+    })
+    .await;
+    proxy.freeze(true);
+    crate::harness::eventually("NOT_SERVING while redis hangs", || async {
+        (status("").await == ServingStatus::NotServing as i32).then_some(())
+    })
+    .await;
+    assert_eq!(
+        status(nerve::api::READINESS).await,
+        ServingStatus::Serving as i32,
+        "the store answers: the replica takes publishes"
+    );
 }
 
 #[tokio::test]

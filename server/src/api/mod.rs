@@ -180,25 +180,14 @@ async fn watch_health(
 ) {
     let mut last: Option<Backends> = None;
     loop {
-        let check = tokio::time::timeout(interval.max(MIN_CHECK_TIMEOUT), bus.check_backends());
-        let now = match check.await {
-            Ok((store, streams)) => {
-                let now = Backends {
-                    store: store.is_ok(),
-                    streams: streams.is_ok(),
-                };
-                if now != Backends::UP && last != Some(now) {
-                    warn!(store = ?store.err(), streams = ?streams.err(), "backend check failed");
-                }
-                now
-            }
-            Err(_) => {
-                if last != Some(Backends::DOWN) {
-                    warn!("backend check timed out");
-                }
-                Backends::DOWN
-            }
+        let (store, streams) = bus.check_backends(interval.max(MIN_CHECK_TIMEOUT)).await;
+        let now = Backends {
+            store: store.is_ok(),
+            streams: streams.is_ok(),
         };
+        if now != Backends::UP && last != Some(now) {
+            warn!(store = ?store.err(), streams = ?streams.err(), "backend check failed");
+        }
         ::metrics::gauge!(crate::metrics::names::BACKEND_UP, "backend" => "store")
             .set(f64::from(u8::from(now.store)));
         ::metrics::gauge!(crate::metrics::names::BACKEND_UP, "backend" => "streams")

@@ -213,11 +213,28 @@ impl Bus {
         Ok(self.store.queue(tenant, batch).await?)
     }
 
-    /// Answers when both backends answer.
-    pub async fn check_backends(&self) -> (BusResult<()>, BusResult<()>) {
-        let store = self.store.ping().await.map_err(BusError::from);
-        let streams = self.streams.ping().await.map_err(BusError::from);
-        (store, streams)
+    /// Checks both backends at once, each given `within` to answer: one that hangs (Redis killed
+    /// mid-reconnect) neither delays nor fails the other's answer.
+    pub async fn check_backends(
+        &self,
+        within: std::time::Duration,
+    ) -> (BusResult<()>, BusResult<()>) {
+        let late = |backend: &str| {
+            BusError::Unavailable(format!("the {backend} did not answer within {within:?}"))
+        };
+        let store = async {
+            match tokio::time::timeout(within, self.store.ping()).await {
+                Ok(answer) => answer.map_err(BusError::from),
+                Err(_) => Err(late("event store")),
+            }
+        };
+        let streams = async {
+            match tokio::time::timeout(within, self.streams.ping()).await {
+                Ok(answer) => answer.map_err(BusError::from),
+                Err(_) => Err(late("live streams backend")),
+            }
+        };
+        tokio::join!(store, streams)
     }
 }
 
