@@ -43,6 +43,8 @@ status=0
   --publishers 1,4 \
   --batch-sizes 1,10 \
   --rates 100,500 \
+  --rounds 2 \
+  --warm-up 100ms \
   --fanout-rate 100 \
   --groups 2 \
   --drain-events 2000 \

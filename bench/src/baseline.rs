@@ -16,13 +16,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     Args, Ids, Pacing,
+    latency::Slice,
     procstat::Meter,
     report::Row,
     server::{create_schema, drop_schema, url_with_options},
-    util::{
-        Call, Hist, Send1, closed_loop, delivery_rate, event, from_schedule_note, load_row, now_ns,
-        open_loop, pacing_note,
-    },
+    util::{Call, Hist, Send1, closed_loop, event, load_row, now_ns, open_loop, pacing_note},
 };
 
 /// Nerve's own Postgres migrations (`server/migrations/postgres`, embedded at build time as the server
@@ -293,6 +291,9 @@ pub async fn postgres_matrix(pg: &Pg, args: &Args, run: &str, rows: &mut Vec<Row
     rows.push(measure_inserts(PG_SERIAL, group, 1, args.duration, call, note).await);
 }
 
+/// System name of the raw Redis rows.
+pub const REDIS_SYSTEM: &str = "redis (raw)";
+
 /// System name of the one-ordered-writer ceiling row.
 pub const PG_SERIAL: &str = "postgres (raw, one writer)";
 
@@ -362,7 +363,7 @@ impl RedisBase {
         let r = closed_loop(workers, duration, call).await;
         let row = Row::new(
             "redis XADD",
-            "redis (raw)",
+            REDIS_SYSTEM,
             format!("pipelined depth={depth} workers={workers}"),
         );
         let mut row = load_row(row, &r, &meter);
@@ -370,18 +371,19 @@ impl RedisBase {
         Ok(row)
     }
 
-    /// XADD at a fixed rate (one XADD per event, open loop) -> XREADGROUP on its own connection; the
-    /// reader hands the ids it read to a task that XACKs them on a third connection and reads again at
-    /// once, as Nerve's subscribers send their acks without waiting for an answer.
+    /// One slice of the latency scenario ([`crate::latency`]): XADD at a fixed rate (one XADD per
+    /// event, open loop) -> XREADGROUP on its own connection; the reader hands the ids it read to a task
+    /// that XACKs them on a third connection and reads again at once, as Nerve's subscribers send their
+    /// acks without waiting for an answer. Each slice has a stream of its own (named by `tag`), deleted
+    /// at its end.
     pub async fn xadd_latency(
         &self,
+        args: &Args,
         rate: u64,
+        tag: &str,
         duration: Duration,
-        max_outstanding: usize,
-        pacing: Pacing,
-        payload_size: usize,
-    ) -> Result<Row> {
-        let key = format!("{}lat{rate}", self.prefix);
+    ) -> Result<Slice> {
+        let key = format!("{}{tag}", self.prefix);
         let mut admin = self.client.get_multiplexed_async_connection().await?;
         redis::cmd("XGROUP")
             .arg("CREATE")
@@ -464,7 +466,7 @@ impl RedisBase {
             })
         };
         let conn = self.client.get_multiplexed_async_connection().await?;
-        let body = Arc::new(Self::entry_body(payload_size, 0, now_ns())?);
+        let body = Arc::new(Self::entry_body(args.payload_size, 0, now_ns())?);
         let send: Send1 = {
             let key = key.clone();
             Arc::new(move |_, stamp, scheduled| {
@@ -493,37 +495,48 @@ impl RedisBase {
             })
         };
         let meter = Meter::start(None);
-        let r = open_loop(rate as f64, duration, max_outstanding, pacing, send).await;
+        let load = open_loop(
+            rate as f64,
+            duration,
+            args.max_outstanding,
+            args.pacing,
+            send,
+        )
+        .await;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while received.load(Ordering::Relaxed) < r.events && std::time::Instant::now() < deadline {
+        while received.load(Ordering::Relaxed) < load.events && std::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let usage = meter.finish();
         let _ = stop_tx.send(true);
         let (hist, from_schedule, last_ns) = reader.await??;
         acker.await??;
-        let got = received.load(Ordering::Relaxed);
-        let mut row = Row::new("latency", "redis (raw)", format!("rate={rate}/s"));
-        row.events = got;
-        (row.seconds, row.rate) = delivery_rate(got, r.first_send_ns, last_ns);
-        row.offered_rate = Some(rate as f64);
-        row.planned = Some(r.planned);
-        row.sent = Some(r.sent);
-        row.latency = hist.summary();
-        row.latency_from_schedule = from_schedule.summary();
-        row.usage = usage;
-        row.errors = r.errors + u64::from(got < r.events);
-        row.first_error = r.first_error;
-        row.note = format!(
-            "XADD (one per event) -> XREADGROUP COUNT 1000 BLOCK, XACK sent from another task and \
-             connection without waiting; {}; sent {} of {} planned; {}",
-            pacing_note(pacing),
-            r.sent,
-            r.planned,
-            from_schedule_note(row.latency_from_schedule),
-        );
-        Ok(row)
+        redis::cmd("DEL")
+            .arg(&key)
+            .query_async::<()>(&mut admin)
+            .await?;
+        let delivered = received.load(Ordering::Relaxed);
+        Ok(Slice {
+            complete: delivered >= load.events,
+            load,
+            delivered,
+            hist,
+            from_schedule,
+            last_ns,
+            reader_error: None,
+            usage,
+        })
     }
+}
+
+/// How the raw Redis latency baseline sends and reads, for its row's note.
+pub fn xadd_latency_note(pacing: Pacing) -> String {
+    format!(
+        "XADD (one per event) -> XREADGROUP COUNT 1000 BLOCK, XACK sent from another task and \
+         connection without waiting; {}",
+        pacing_note(pacing)
+    )
 }
 
 /// The system of the disk baseline's row.

@@ -101,8 +101,33 @@ pub enum Storage<'a> {
 pub const FLOOR_DATABASE_URL: &str = "NERVE_BENCH_FLOOR_DATABASE_URL";
 
 /// The Postgres floor's table, in the scratch schema the tool creates for it.
-pub const POSTGRES_DDL: &str =
-    "CREATE TABLE floor_log (seq BIGINT PRIMARY KEY, event BYTEA NOT NULL)";
+const POSTGRES_DDL: &str = "CREATE TABLE floor_log (seq BIGINT PRIMARY KEY, event BYTEA NOT NULL)";
+
+/// Creates the Postgres floor's scratch schema (`nerve_bench_floor_<uuid>`) and its table; returns
+/// the schema, to drop afterwards, and the URL whose connections use it with synchronous commits.
+pub async fn postgres_schema(database_url: &str) -> Result<(String, String)> {
+    use sqlx::Connection as _;
+    let schema = crate::server::create_schema(database_url, "nerve_bench_floor").await?;
+    let url =
+        crate::server::url_with_options(database_url, &schema, &[("synchronous_commit", "on")]);
+    let created = async {
+        let mut conn = sqlx::PgConnection::connect(&url).await?;
+        sqlx::raw_sql(POSTGRES_DDL)
+            .execute(&mut conn)
+            .await
+            .context("creating the floor's table")?;
+        conn.close().await?;
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    match created {
+        Ok(()) => Ok((schema, url)),
+        Err(e) => {
+            let _ = crate::server::drop_schema(database_url, &schema).await;
+            Err(e)
+        }
+    }
+}
 
 /// The SQLite floor's table.
 const SQLITE_DDL: &str = "CREATE TABLE floor_log (seq INTEGER PRIMARY KEY, event BLOB NOT NULL)";

@@ -8,6 +8,7 @@
 
 mod baseline;
 mod floor;
+mod latency;
 mod nats;
 mod procstat;
 mod report;
@@ -17,7 +18,7 @@ mod util;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 use sqlx::Connection as _;
@@ -169,6 +170,16 @@ pub struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     #[serde(with = "secs")]
     pub duration: Duration,
+    /// The latency scenario measures each rate in this many rounds of --duration / N; each round takes
+    /// every system (Nerve's servers, raw Redis, the gRPC floors) in turn, so that a host whose speed
+    /// changes during the run slows them alike.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
+    /// Before each measured slice of the latency scenario, the same open loop runs this long,
+    /// unmeasured, on a subscription of its own ("0s": no warm-up).
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    #[serde(with = "secs")]
+    pub warm_up: Duration,
     /// Concurrent publishers of the publish matrix.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     pub publishers: Vec<usize>,
@@ -353,12 +364,13 @@ async fn run(args: Args) -> Result<ExitCode> {
             ),
         }
     }
-    if args.baselines.contains(&BaselineArg::Redis) {
+    // raw Redis latency is measured with the latency scenario (`latency.rs`)
+    if args.baselines.contains(&BaselineArg::Redis) && args.scenarios.contains(&Scenario::Publish) {
         match &args.redis_url {
             Some(url) => {
                 progress("baseline: raw Redis XADD");
                 if let Err(e) = redis_baselines(&args, url, &run_id, &mut report).await {
-                    fail(&mut report, "baseline.redis", "redis (raw)", e);
+                    fail(&mut report, "baseline.redis", REDIS, e);
                 }
             }
             None => report
@@ -371,34 +383,6 @@ async fn run(args: Args) -> Result<ExitCode> {
         match baseline::fdatasync_latency(args.duration).await {
             Ok(row) => report.rows.push(row),
             Err(e) => fail(&mut report, "baseline.disk", baseline::DISK, e),
-        }
-    }
-    if args.baselines.contains(&BaselineArg::Grpc) && args.scenarios.contains(&Scenario::Latency) {
-        let mut floors = vec![floor::Durability::Memory, floor::Durability::Fdatasync];
-        // the floor under the embedded backend's latency, where every event is a SQLite commit first
-        if args.backends.contains(&BackendArg::Embedded) {
-            floors.push(floor::Durability::Sqlite);
-        }
-        for durability in floors {
-            progress(&format!("baseline: {}", durability.system()));
-            if let Err(e) = grpc_floor(&args, &durability, &run_id, &mut report).await {
-                fail(&mut report, "baseline.grpc", durability.system(), e);
-            }
-        }
-        // the floor under Postgres + Redis' latency, where every event is a Postgres commit first
-        if args.backends.contains(&BackendArg::Postgres) {
-            match &args.database_url {
-                Some(url) => {
-                    progress(&format!("baseline: {}", floor::POSTGRES_SYSTEM));
-                    if let Err(e) = postgres_floor(&args, url, &run_id, &mut report).await {
-                        fail(&mut report, "baseline.grpc", floor::POSTGRES_SYSTEM, e);
-                    }
-                }
-                None => report.notes.push(format!(
-                    "no --database-url / NERVE_TEST_DATABASE_URL: {} skipped",
-                    floor::POSTGRES_SYSTEM
-                )),
-            }
         }
     }
     if args.baselines.contains(&BaselineArg::Nats) && args.scenarios.contains(&Scenario::Publish) {
@@ -415,17 +399,18 @@ async fn run(args: Args) -> Result<ExitCode> {
         },
     ));
 
-    // Nerve
+    // Nerve: every server is started first and runs until the end, so that the latency scenario can
+    // take them in turn with its baselines
+    let mut servers = Vec::new();
+    let mut buses = Vec::new();
     if let Some(addr) = &args.addr {
-        let channels = scenarios::connect(addr, args.connections).await?;
-        let ctx = scenarios::Ctx {
-            channels,
+        buses.push(scenarios::Ctx {
+            channels: scenarios::connect(addr, args.connections).await?,
             args: args.clone(),
             pid: args.server_pid,
             system: format!("nerve@{addr}"),
             run: run_id.clone(),
-        };
-        run_scenarios(&ctx, &mut report).await;
+        });
     } else {
         let binary = server::find_binary(args.server_bin.clone())?;
         report.environment.push((
@@ -446,49 +431,33 @@ async fn run(args: Args) -> Result<ExitCode> {
                 BackendArg::Embedded => Backend::Embedded,
                 BackendArg::Postgres => Backend::Production,
             };
-            progress(&format!("starting nerve-server ({})", backend.name()));
-            let server = match ServerProcess::spawn(
+            if let Some((server, ctx)) = start_server(
+                &args,
                 &binary,
                 backend,
-                args.database_url.as_deref(),
-                args.redis_url.as_deref(),
-                args.server_logs,
+                &baseline_shape,
+                &run_id,
+                &mut report,
             )
             .await
             {
-                Ok(s) => s,
-                Err(e) => {
-                    fail(&mut report, "start", backend.name(), e);
-                    continue;
-                }
-            };
-            if let Some(settings) = &server.commit_settings {
-                report.environment.push((
-                    "postgres (nerve-server's connections)".into(),
-                    settings.clone(),
-                ));
+                servers.push(server);
+                buses.push(ctx);
             }
-            if let (Some(expected), Some((url, schema))) = (&baseline_shape, server.store_schema())
-                && let Err(e) = same_events_table(expected, url, schema).await
-            {
-                fail(&mut report, "baseline.postgres", PG, e);
+        }
+    }
+    for scenario in &args.scenarios {
+        if *scenario == Scenario::Latency {
+            latency::run(&args, &buses, &run_id, &mut report).await;
+        } else {
+            for ctx in &buses {
+                run_scenario(ctx, *scenario, &mut report).await;
             }
-            match scenarios::connect(&server.addr.to_string(), args.connections).await {
-                Ok(channels) => {
-                    let ctx = scenarios::Ctx {
-                        channels,
-                        args: args.clone(),
-                        pid: Some(server.pid),
-                        system: backend.name().to_owned(),
-                        run: run_id.clone(),
-                    };
-                    run_scenarios(&ctx, &mut report).await;
-                }
-                Err(e) => fail(&mut report, "connect", backend.name(), e),
-            }
-            if let Err(e) = server.stop().await {
-                fail(&mut report, "stop", backend.name(), e);
-            }
+        }
+    }
+    for (server, ctx) in servers.into_iter().zip(&buses) {
+        if let Err(e) = server.stop().await {
+            fail(&mut report, "stop", &ctx.system, e);
         }
     }
 
@@ -544,47 +513,61 @@ async fn same_events_table(expected: &[String], database_url: &str, schema: &str
     )
 }
 
-/// Runs the latency scenario against a gRPC floor server, in a process of its own.
-async fn grpc_floor(
+/// Starts nerve-server on `backend` and connects to it; a failure is reported and gives `None`.
+async fn start_server(
     args: &Arc<Args>,
-    durability: &floor::Durability,
+    binary: &std::path::Path,
+    backend: Backend,
+    baseline_shape: &Option<Vec<String>>,
     run_id: &str,
     report: &mut Report,
-) -> Result<()> {
-    let server = floor::FloorProcess::spawn(durability).await?;
-    let ctx = scenarios::Ctx {
-        channels: scenarios::connect(&server.addr.to_string(), args.connections).await?,
-        args: args.clone(),
-        pid: Some(server.pid),
-        system: durability.system().to_owned(),
-        run: run_id.to_owned(),
+) -> Option<(ServerProcess, scenarios::Ctx)> {
+    progress(&format!("starting nerve-server ({})", backend.name()));
+    let server = match ServerProcess::spawn(
+        binary,
+        backend,
+        args.database_url.as_deref(),
+        args.redis_url.as_deref(),
+        args.server_logs,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            fail(report, "start", backend.name(), e);
+            return None;
+        }
     };
-    scenarios::latency(&ctx, &mut report.rows).await
-}
-
-/// Runs the Postgres floor against a scratch schema of its own, then drops the schema.
-async fn postgres_floor(
-    args: &Arc<Args>,
-    database_url: &str,
-    run_id: &str,
-    report: &mut Report,
-) -> Result<()> {
-    let schema = server::create_schema(database_url, "nerve_bench_floor").await?;
-    let measured = async {
-        let url = server::url_with_options(database_url, &schema, &[("synchronous_commit", "on")]);
-        let mut conn = sqlx::PgConnection::connect(&url).await?;
-        sqlx::raw_sql(floor::POSTGRES_DDL)
-            .execute(&mut conn)
-            .await
-            .context("creating the floor's table")?;
-        conn.close().await?;
-        grpc_floor(args, &floor::Durability::Postgres(url), run_id, report).await
+    if let Some(settings) = &server.commit_settings {
+        report.environment.push((
+            "postgres (nerve-server's connections)".into(),
+            settings.clone(),
+        ));
     }
-    .await;
-    let dropped = server::drop_schema(database_url, &schema)
-        .await
-        .context("dropping the floor's scratch schema");
-    measured.and(dropped)
+    if let (Some(expected), Some((url, schema))) = (baseline_shape, server.store_schema())
+        && let Err(e) = same_events_table(expected, url, schema).await
+    {
+        fail(report, "baseline.postgres", PG, e);
+    }
+    match scenarios::connect(&server.addr.to_string(), args.connections).await {
+        Ok(channels) => {
+            let ctx = scenarios::Ctx {
+                channels,
+                args: args.clone(),
+                pid: Some(server.pid),
+                system: backend.name().to_owned(),
+                run: run_id.to_owned(),
+            };
+            Some((server, ctx))
+        }
+        Err(e) => {
+            fail(report, "connect", backend.name(), e);
+            if let Err(e) = server.stop().await {
+                fail(report, "stop", backend.name(), e);
+            }
+            None
+        }
+    }
 }
 
 fn fail(report: &mut Report, scenario: &str, system: &str, e: anyhow::Error) {
@@ -596,55 +579,35 @@ fn fail(report: &mut Report, scenario: &str, system: &str, e: anyhow::Error) {
     });
 }
 
-async fn run_scenarios(ctx: &scenarios::Ctx, report: &mut Report) {
-    for scenario in &ctx.args.scenarios {
-        progress(&format!("{}: {scenario:?}", ctx.system));
-        let outcome = match scenario {
-            Scenario::Publish => scenarios::publish(ctx, &mut report.rows).await,
-            Scenario::Latency => scenarios::latency(ctx, &mut report.rows).await,
-            Scenario::Fanout => scenarios::fanout(ctx, &mut report.rows).await,
-            Scenario::Drain => scenarios::drain(ctx, &mut report.rows).await,
-            Scenario::Slow => scenarios::slow(ctx, &mut report.rows).await,
-            Scenario::Request => scenarios::request_reply(ctx, &mut report.rows).await,
-            Scenario::Replay => scenarios::replay(ctx, &mut report.rows).await,
-        };
-        if let Err(e) = outcome {
-            fail(
-                report,
-                &format!("{scenario:?}").to_lowercase(),
-                &ctx.system,
-                e,
-            );
-        }
+/// Runs one scenario other than latency (which takes every server at once, `latency.rs`) on one server.
+async fn run_scenario(ctx: &scenarios::Ctx, scenario: Scenario, report: &mut Report) {
+    progress(&format!("{}: {scenario:?}", ctx.system));
+    let outcome = match scenario {
+        Scenario::Publish => scenarios::publish(ctx, &mut report.rows).await,
+        // measured for every server at once, with its baselines, by `latency::run`
+        Scenario::Latency => return,
+        Scenario::Fanout => scenarios::fanout(ctx, &mut report.rows).await,
+        Scenario::Drain => scenarios::drain(ctx, &mut report.rows).await,
+        Scenario::Slow => scenarios::slow(ctx, &mut report.rows).await,
+        Scenario::Request => scenarios::request_reply(ctx, &mut report.rows).await,
+        Scenario::Replay => scenarios::replay(ctx, &mut report.rows).await,
+    };
+    if let Err(e) = outcome {
+        fail(
+            report,
+            &format!("{scenario:?}").to_lowercase(),
+            &ctx.system,
+            e,
+        );
     }
 }
 
 async fn redis_baselines(args: &Args, url: &str, run: &str, report: &mut Report) -> Result<()> {
     let base = baseline::RedisBase::new(url, run)?;
-    let outcome = async {
-        if args.scenarios.contains(&Scenario::Publish) {
-            report.rows.push(
-                base.xadd_pipelined(4, 100, args.duration, args.payload_size)
-                    .await?,
-            );
-        }
-        if args.scenarios.contains(&Scenario::Latency) {
-            for &rate in &args.rates {
-                report.rows.push(
-                    base.xadd_latency(
-                        rate,
-                        args.duration,
-                        args.max_outstanding,
-                        args.pacing,
-                        args.payload_size,
-                    )
-                    .await?,
-                );
-            }
-        }
-        Ok::<(), anyhow::Error>(())
-    }
-    .await;
+    let outcome = base
+        .xadd_pipelined(4, 100, args.duration, args.payload_size)
+        .await
+        .map(|row| report.rows.push(row));
     server::delete_keys(url, &base.prefix).await?;
     outcome
 }
@@ -796,7 +759,7 @@ fn publishers_of(r: &Row) -> Option<usize> {
 }
 
 const PG: &str = "postgres (raw)";
-const REDIS: &str = "redis (raw)";
+const REDIS: &str = baseline::REDIS_SYSTEM;
 const NATS: &str = "nats (file)";
 const NATS_SYNC: &str = "nats (file, fsync always)";
 

@@ -91,6 +91,32 @@ pub struct Usage {
     /// CPU time the hypervisor gave to other guests (steal), percent of the host's CPU time: a phase
     /// measured while it is high ran on cores that were not all there.
     pub steal_pct: Option<f64>,
+    /// Seconds of wall time the figures cover, to weigh them when phases are merged.
+    #[serde(skip)]
+    pub wall_s: f64,
+}
+
+impl Usage {
+    /// The usage of phases measured one after another as one: CPU and steal weighed by each phase's
+    /// wall time, RSS as at the end of the last phase that read it.
+    pub fn merged(parts: &[Usage]) -> Usage {
+        let wall: f64 = parts.iter().map(|u| u.wall_s).sum();
+        let mean = |f: fn(&Usage) -> Option<f64>| {
+            let (sum, weight) = parts
+                .iter()
+                .filter_map(|u| f(u).map(|v| (v * u.wall_s, u.wall_s)))
+                .fold((0.0, 0.0), |(s, w), (v, uw)| (s + v, w + uw));
+            (weight > 0.0).then(|| sum / weight)
+        };
+        Usage {
+            server_cpu_pct: mean(|u| u.server_cpu_pct),
+            server_rss_mb: parts.iter().rev().find_map(|u| u.server_rss_mb),
+            infra_cpu_pct: mean(|u| Some(u.infra_cpu_pct)).unwrap_or(0.0),
+            bench_cpu_pct: mean(|u| Some(u.bench_cpu_pct)).unwrap_or(0.0),
+            steal_pct: mean(|u| u.steal_pct),
+            wall_s: wall,
+        }
+    }
 }
 
 /// Snapshot taken at the start of a phase.
@@ -138,13 +164,39 @@ impl Meter {
                     (total > 0).then(|| steal1.saturating_sub(steal0) as f64 / total as f64 * 100.0)
                 },
             ),
+            wall_s: wall,
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::host_ticks;
+    use super::{Usage, host_ticks};
+
+    #[test]
+    fn merged_usage_weighs_each_phase_by_its_wall_time() {
+        let phase = |cpu: Option<f64>, rss: Option<f64>, steal: f64, wall_s: f64| Usage {
+            server_cpu_pct: cpu,
+            server_rss_mb: rss,
+            infra_cpu_pct: 10.0,
+            bench_cpu_pct: cpu.unwrap_or(0.0) / 2.0,
+            steal_pct: Some(steal),
+            wall_s,
+        };
+        let u = Usage::merged(&[
+            phase(Some(30.0), Some(50.0), 0.0, 3.0),
+            phase(Some(70.0), Some(60.0), 40.0, 1.0),
+            // a phase that could not read the server's figures counts in neither
+            phase(None, None, 0.0, 1.0),
+        ]);
+        assert_eq!(u.server_cpu_pct, Some(40.0));
+        assert_eq!(u.server_rss_mb, Some(60.0));
+        assert_eq!(u.infra_cpu_pct, 10.0);
+        assert_eq!(u.bench_cpu_pct, 16.0);
+        assert_eq!(u.steal_pct, Some(8.0));
+        assert_eq!(u.wall_s, 5.0);
+        assert_eq!(Usage::merged(&[]).server_cpu_pct, None);
+    }
 
     #[test]
     fn host_ticks_reads_steal_and_the_total_of_the_cpu_line() {

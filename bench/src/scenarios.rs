@@ -23,6 +23,7 @@ use tonic::{Streaming, transport::Channel};
 
 use crate::{
     Args, PublishVia,
+    latency::Slice,
     procstat::{Meter, Usage, rss_mb},
     report::{Ratio, Row},
     util::{
@@ -32,6 +33,7 @@ use crate::{
 };
 
 /// What every scenario needs: connections to one server, and the settings.
+#[derive(Clone)]
 pub struct Ctx {
     pub channels: Vec<Channel>,
     pub args: Arc<Args>,
@@ -283,7 +285,7 @@ fn committed(results: &[pb::PublishResult]) -> u64 {
 }
 
 /// How the open-loop scenarios published, for their rows' notes.
-fn publish_note(ctx: &Ctx) -> String {
+pub fn publish_note(ctx: &Ctx) -> String {
     let via = match ctx.args.publish_via {
         PublishVia::Call => "one Publish call per event",
         PublishVia::Stream => "one event per request on a PublishStream per connection",
@@ -462,79 +464,46 @@ pub async fn publish(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// Publish -> deliver latency at fixed rates (open loop), one private subscriber.
-pub async fn latency(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
-    for &rate in &ctx.args.rates {
-        let counter = Arc::new(AtomicU64::new(0));
-        let (stop_tx, stop) = watch::channel(false);
-        let sub = Sub::open(
-            ctx.bus(0),
-            open_msg(
-                &["bench.latency.v1"],
-                "",
-                Some(pb::start_position::Position::Latest(())),
-                5000,
-                ctx.filter(),
-            ),
-        )
-        .await?;
-        let reader = spawn_reader(sub, counter.clone(), stop, 256, None);
-        let meter = Meter::start(ctx.pid);
-        let r = open_loop(
-            rate as f64,
-            ctx.args.duration,
-            ctx.args.max_outstanding,
-            ctx.args.pacing,
-            single_sender(
-                ctx,
-                "bench.latency.v1",
-                &format!("lat{rate}"),
-                ctx.args.payload_size,
-            )
-            .await?,
-        )
-        .await;
-        let (complete, usage) =
-            wait_deliveries(&meter, &counter, r.events, Duration::from_secs(10)).await;
-        let _ = stop_tx.send(true);
-        let out = reader.await?;
-        let mut row = ctx.row("latency", format!("rate={rate}/s"));
-        row.events = out.delivered;
-        (row.seconds, row.rate) = delivery_rate(out.delivered, r.first_send_ns, out.last_ns);
-        row.offered_rate = Some(rate as f64);
-        row.planned = Some(r.planned);
-        row.sent = Some(r.sent);
-        row.latency = out.hist.summary();
-        row.latency_from_schedule = out.from_schedule.summary();
-        row.usage = usage;
-        row.errors = r.errors + u64::from(out.error.is_some());
-        row.first_error = r.first_error.clone().or(out.error);
-        let ack = r.hist.summary();
-        let lag = r.schedule_lag.summary();
-        row.note = format!(
-            "{}; sent {} of {} planned; {}; publish ack p50 {:.3} ms p99 {:.3} ms; send schedule lag p99 {:.3} ms{}",
-            publish_note(ctx),
-            r.sent,
-            r.planned,
-            from_schedule_note(row.latency_from_schedule),
-            ack.map_or(0.0, |l| l.p50_ms),
-            ack.map_or(0.0, |l| l.p99_ms),
-            lag.map_or(0.0, |l| l.p99_ms),
-            if complete {
-                String::new()
-            } else {
-                format!(
-                    "; {} acknowledged events not delivered within 10 s (CPU figures cover the sending)",
-                    r.events.saturating_sub(out.delivered)
-                )
-            }
-        );
-        if !complete {
-            row.errors += 1;
-        }
-        rows.push(row);
-    }
-    Ok(())
+/// One slice of the latency scenario ([`crate::latency`]): an open loop at `rate` for `duration`, one
+/// private subscriber from the latest event; `tag` names the events.
+pub async fn latency_slice(ctx: &Ctx, rate: u64, tag: &str, duration: Duration) -> Result<Slice> {
+    let counter = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    let sub = Sub::open(
+        ctx.bus(0),
+        open_msg(
+            &["bench.latency.v1"],
+            "",
+            Some(pb::start_position::Position::Latest(())),
+            5000,
+            ctx.filter(),
+        ),
+    )
+    .await?;
+    let reader = spawn_reader(sub, counter.clone(), stop, 256, None);
+    let meter = Meter::start(ctx.pid);
+    let load = open_loop(
+        rate as f64,
+        duration,
+        ctx.args.max_outstanding,
+        ctx.args.pacing,
+        single_sender(ctx, "bench.latency.v1", tag, ctx.args.payload_size).await?,
+    )
+    .await;
+    let (complete, usage) =
+        wait_deliveries(&meter, &counter, load.events, Duration::from_secs(10)).await;
+    let _ = stop_tx.send(true);
+    let out = reader.await?;
+    Ok(Slice {
+        load,
+        delivered: out.delivered,
+        hist: out.hist,
+        from_schedule: out.from_schedule,
+        last_ns: out.last_ns,
+        reader_error: out.error,
+        complete,
+        usage,
+    })
 }
 
 /// Fan-out: every event to `groups` durable groups, open loop.

@@ -1,0 +1,435 @@
+//! The latency scenario: publish -> deliver at fixed rates, against Nerve and its baselines in turn.
+//!
+//! Each rate is measured in rounds. A round gives every system (raw Redis, the gRPC floors, each
+//! Nerve server) one slice of `--duration / --rounds`, each after an unmeasured warm-up, starting one
+//! system further along each round. A host whose speed changes during the run (CPU steal, other
+//! guests' disk writes) then slows every system alike, and the ratios between them hold.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::{
+    Args, BackendArg, BaselineArg, baseline, fail, floor,
+    procstat::Usage,
+    progress,
+    report::{Report, Row},
+    scenarios, server,
+    util::{Hist, LoadResult, delivery_rate, from_schedule_note},
+};
+
+/// What one slice of an open loop measured: the sending, and what the subscriber read.
+pub struct Slice {
+    pub load: LoadResult,
+    pub delivered: u64,
+    /// Publish -> deliver latency from the time each send left.
+    pub hist: Hist,
+    /// Publish -> deliver latency from the time each send was scheduled.
+    pub from_schedule: Hist,
+    /// When the last delivery was read (nanoseconds since the process epoch; 0 before any).
+    pub last_ns: u64,
+    /// Why the subscriber stopped early, if it did.
+    pub reader_error: Option<String>,
+    /// Every acknowledged event was delivered within the wait after the last send.
+    pub complete: bool,
+    pub usage: Usage,
+}
+
+/// The slices of one system at one rate, merged.
+#[derive(Default)]
+struct Cell {
+    slices: u32,
+    planned: u64,
+    sent: u64,
+    delivered: u64,
+    /// Acknowledged events never delivered, over every slice and warm-up.
+    undelivered: u64,
+    /// First send -> last delivery, summed over the slices.
+    seconds: f64,
+    hist: Hist,
+    from_schedule: Hist,
+    ack: Hist,
+    lag: Hist,
+    usage: Vec<Usage>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Cell {
+    /// Adds a warm-up: its figures are not kept, but what went wrong in it is.
+    fn add_warm_up(&mut self, s: &Slice) {
+        self.count_errors(s);
+    }
+
+    fn add(&mut self, s: Slice) {
+        self.count_errors(&s);
+        self.slices += 1;
+        self.planned += s.load.planned;
+        self.sent += s.load.sent;
+        self.delivered += s.delivered;
+        self.seconds += delivery_rate(s.delivered, s.load.first_send_ns, s.last_ns).0;
+        self.hist.merge(&s.hist);
+        self.from_schedule.merge(&s.from_schedule);
+        self.ack.merge(&s.load.hist);
+        self.lag.merge(&s.load.schedule_lag);
+        self.usage.push(s.usage);
+    }
+
+    fn count_errors(&mut self, s: &Slice) {
+        self.errors += s.load.errors + u64::from(s.reader_error.is_some()) + u64::from(!s.complete);
+        if !s.complete {
+            self.undelivered += s.load.events.saturating_sub(s.delivered);
+        }
+        if self.first_error.is_none() {
+            self.first_error = s.load.first_error.clone().or(s.reader_error.clone());
+        }
+    }
+
+    /// The row of the merged slices; `how` says how the system sent and read.
+    fn row(self, system: &str, rate: u64, how: &str, args: &Args) -> Row {
+        let mut row = Row::new("latency", system, format!("rate={rate}/s"));
+        row.events = self.delivered;
+        row.seconds = self.seconds;
+        row.rate = if self.seconds > 0.0 {
+            self.delivered as f64 / self.seconds
+        } else {
+            0.0
+        };
+        row.offered_rate = Some(rate as f64);
+        row.planned = Some(self.planned);
+        row.sent = Some(self.sent);
+        row.latency = self.hist.summary();
+        row.latency_from_schedule = self.from_schedule.summary();
+        row.usage = Usage::merged(&self.usage);
+        row.errors = self.errors;
+        row.first_error = self.first_error;
+        let ack = self.ack.summary();
+        let lag = self.lag.summary();
+        row.note = format!(
+            "{how}; {}; sent {} of {} planned; {}; publish ack p50 {:.3} ms p99 {:.3} ms; send schedule lag p99 {:.3} ms{}",
+            rounds_note(args, self.slices),
+            self.sent,
+            self.planned,
+            from_schedule_note(row.latency_from_schedule),
+            ack.map_or(0.0, |l| l.p50_ms),
+            ack.map_or(0.0, |l| l.p99_ms),
+            lag.map_or(0.0, |l| l.p99_ms),
+            if self.undelivered == 0 {
+                String::new()
+            } else {
+                format!(
+                    "; {} acknowledged events not delivered within 10 s of their slice's last send (CPU figures of such a slice cover its sending)",
+                    self.undelivered
+                )
+            }
+        );
+        row
+    }
+}
+
+/// "N interleaved slices of D s, each after a W warm-up".
+fn rounds_note(args: &Args, slices: u32) -> String {
+    let warm_up = if args.warm_up.is_zero() {
+        "no warm-up".to_owned()
+    } else {
+        format!(
+            "each after a {} warm-up",
+            humantime::format_duration(args.warm_up)
+        )
+    };
+    format!(
+        "{slices} interleaved slices of {}, {warm_up}",
+        humantime::format_duration(slice_duration(args))
+    )
+}
+
+/// The measured length of each slice.
+fn slice_duration(args: &Args) -> Duration {
+    args.duration / args.rounds.max(1)
+}
+
+/// A system the latency scenario measures.
+pub enum System {
+    /// A gRPC server of Nerve's protocol: nerve-server, or a floor.
+    Bus(scenarios::Ctx),
+    /// XADD -> XREADGROUP on Redis itself.
+    RawRedis(baseline::RedisBase),
+}
+
+impl System {
+    fn name(&self) -> &str {
+        match self {
+            System::Bus(ctx) => &ctx.system,
+            System::RawRedis(_) => baseline::REDIS_SYSTEM,
+        }
+    }
+
+    /// How this system's sends and reads are made, for its row's note.
+    fn how(&self, args: &Args) -> String {
+        match self {
+            System::Bus(ctx) => scenarios::publish_note(ctx),
+            System::RawRedis(_) => baseline::xadd_latency_note(args.pacing),
+        }
+    }
+
+    /// One slice of `duration` at `rate`; `tag` names its events (unique in the run).
+    async fn slice(&self, args: &Args, rate: u64, tag: &str, duration: Duration) -> Result<Slice> {
+        match self {
+            System::Bus(ctx) => scenarios::latency_slice(ctx, rate, tag, duration).await,
+            System::RawRedis(base) => base.xadd_latency(args, rate, tag, duration).await,
+        }
+    }
+}
+
+/// Runs the latency scenario against `buses` (the Nerve servers) and, as `--baselines` asks, raw Redis
+/// and the gRPC floors, which are started here and stopped at the end.
+pub async fn run(
+    args: &std::sync::Arc<Args>,
+    buses: &[scenarios::Ctx],
+    run_id: &str,
+    report: &mut Report,
+) {
+    let mut systems = Vec::new();
+    let mut redis_prefix = None;
+    if args.baselines.contains(&BaselineArg::Redis) {
+        match &args.redis_url {
+            Some(url) => match baseline::RedisBase::new(url, run_id) {
+                Ok(base) => {
+                    redis_prefix = Some((url.clone(), base.prefix.clone()));
+                    systems.push(System::RawRedis(base));
+                }
+                Err(e) => fail(report, "latency", baseline::REDIS_SYSTEM, e),
+            },
+            None => report
+                .notes
+                .push("no --redis-url / NERVE_TEST_REDIS_URL: raw Redis latency skipped".into()),
+        }
+    }
+    // kept running until every round is done
+    let mut floors = Vec::new();
+    let mut floor_schema = None;
+    if args.baselines.contains(&BaselineArg::Grpc) {
+        let mut kinds = vec![floor::Durability::Memory, floor::Durability::Fdatasync];
+        // the floor under the embedded backend's latency, where every event is a SQLite commit first
+        if args.backends.contains(&BackendArg::Embedded) {
+            kinds.push(floor::Durability::Sqlite);
+        }
+        // the floor under Postgres + Redis' latency, where every event is a Postgres commit first
+        if args.backends.contains(&BackendArg::Postgres) {
+            match &args.database_url {
+                Some(url) => match floor::postgres_schema(url).await {
+                    Ok((schema, floor_url)) => {
+                        floor_schema = Some((url.clone(), schema));
+                        kinds.push(floor::Durability::Postgres(floor_url));
+                    }
+                    Err(e) => fail(report, "latency", floor::POSTGRES_SYSTEM, e),
+                },
+                None => report.notes.push(format!(
+                    "no --database-url / NERVE_TEST_DATABASE_URL: {} skipped",
+                    floor::POSTGRES_SYSTEM
+                )),
+            }
+        }
+        for durability in kinds {
+            progress(&format!("starting {}", durability.system()));
+            match floor_system(args, &durability, run_id).await {
+                Ok((process, ctx)) => {
+                    floors.push(process);
+                    systems.push(System::Bus(ctx));
+                }
+                Err(e) => fail(report, "latency", durability.system(), e),
+            }
+        }
+    }
+    let bus_systems: Vec<System> = buses.iter().map(|ctx| System::Bus(ctx.clone())).collect();
+    systems.extend(bus_systems);
+
+    interleave(args, &systems, report).await;
+
+    drop(systems);
+    // killed before their scratch schema and keys go
+    drop(floors);
+    if let Some((url, schema)) = floor_schema
+        && let Err(e) = server::drop_schema(&url, &schema).await
+    {
+        fail(
+            report,
+            "latency",
+            floor::POSTGRES_SYSTEM,
+            e.context("dropping the floor's scratch schema"),
+        );
+    }
+    if let Some((url, prefix)) = redis_prefix
+        && let Err(e) = server::delete_keys(&url, &prefix).await
+    {
+        fail(report, "latency", baseline::REDIS_SYSTEM, e);
+    }
+}
+
+/// Starts a floor server in a process of its own and connects to it.
+async fn floor_system(
+    args: &std::sync::Arc<Args>,
+    durability: &floor::Durability,
+    run_id: &str,
+) -> Result<(floor::FloorProcess, scenarios::Ctx)> {
+    let process = floor::FloorProcess::spawn(durability).await?;
+    let ctx = scenarios::Ctx {
+        channels: scenarios::connect(&process.addr.to_string(), args.connections).await?,
+        args: args.clone(),
+        pid: Some(process.pid),
+        system: durability.system().to_owned(),
+        run: run_id.to_owned(),
+    };
+    Ok((process, ctx))
+}
+
+/// Measures every rate in `--rounds` rounds; each round takes every system in turn, one further along
+/// each round. A system that fails is reported and left out from then on.
+async fn interleave(args: &Args, systems: &[System], report: &mut Report) {
+    let rounds = args.rounds.max(1) as usize;
+    let mut failed = vec![false; systems.len()];
+    for &rate in &args.rates {
+        let mut cells: Vec<Cell> = systems.iter().map(|_| Cell::default()).collect();
+        for round in 0..rounds {
+            for k in 0..systems.len() {
+                let i = (k + round) % systems.len();
+                if failed[i] {
+                    continue;
+                }
+                let system = &systems[i];
+                progress(&format!(
+                    "{}: latency at {rate}/s, round {} of {rounds}",
+                    system.name(),
+                    round + 1
+                ));
+                let outcome = async {
+                    if !args.warm_up.is_zero() {
+                        let warm = system
+                            .slice(args, rate, &format!("lat{rate}w{round}"), args.warm_up)
+                            .await?;
+                        cells[i].add_warm_up(&warm);
+                    }
+                    system
+                        .slice(
+                            args,
+                            rate,
+                            &format!("lat{rate}r{round}"),
+                            slice_duration(args),
+                        )
+                        .await
+                }
+                .await;
+                match outcome {
+                    Ok(slice) => cells[i].add(slice),
+                    Err(e) => {
+                        failed[i] = true;
+                        fail(report, "latency", system.name(), e);
+                    }
+                }
+            }
+        }
+        for (i, cell) in cells.into_iter().enumerate() {
+            if !failed[i] {
+                let system = &systems[i];
+                report
+                    .rows
+                    .push(cell.row(system.name(), rate, &system.how(args), args));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(
+        events: u64,
+        delivered: u64,
+        first_ns: u64,
+        last_ns: u64,
+        latency_ms: &[u64],
+    ) -> Slice {
+        let mut hist = Hist::new();
+        for ms in latency_ms {
+            hist.record_ns(ms * 1_000_000);
+        }
+        Slice {
+            load: LoadResult {
+                events,
+                planned: events,
+                sent: events,
+                first_send_ns: Some(first_ns),
+                ..LoadResult::default()
+            },
+            delivered,
+            from_schedule: hist.clone(),
+            hist,
+            last_ns,
+            reader_error: None,
+            complete: delivered >= events,
+            usage: Usage {
+                server_cpu_pct: Some(50.0),
+                wall_s: 1.0,
+                ..Usage::default()
+            },
+        }
+    }
+
+    fn args() -> Args {
+        use clap::Parser as _;
+        Args::parse_from([
+            "nerve-bench",
+            "--duration",
+            "4s",
+            "--rounds",
+            "2",
+            "--warm-up",
+            "100ms",
+        ])
+    }
+
+    #[test]
+    fn slices_merge_into_one_row_over_the_time_they_took() {
+        let mut cell = Cell::default();
+        cell.add_warm_up(&slice(10, 10, 0, 1, &[100]));
+        cell.add(slice(100, 100, 1_000_000_000, 2_000_000_000, &[1, 1, 3]));
+        cell.add(slice(300, 300, 5_000_000_000, 7_000_000_000, &[2, 4]));
+        let row = cell.row("embedded", 100, "how", &args());
+        assert_eq!(
+            (row.events, row.planned, row.sent),
+            (400, Some(400), Some(400))
+        );
+        // 400 deliveries over 1 s + 2 s: the gaps between slices are not counted
+        assert_eq!(row.seconds, 3.0);
+        assert!((row.rate - 400.0 / 3.0).abs() < 1e-9);
+        let latency = row.latency.expect("latency of the measured slices");
+        // the warm-up's 100 ms is not among them
+        assert_eq!(latency.count, 5);
+        assert!(latency.max_ms < 5.0, "{latency:?}");
+        assert_eq!(row.usage.server_cpu_pct, Some(50.0));
+        assert_eq!(row.errors, 0);
+        assert!(
+            row.note.starts_with("how; 2 interleaved slices of 2s, each after a 100ms warm-up; sent 400 of 400 planned"),
+            "{}",
+            row.note
+        );
+    }
+
+    #[test]
+    fn what_a_warm_up_or_a_slice_lost_is_an_error_of_the_row() {
+        let mut cell = Cell::default();
+        cell.add_warm_up(&slice(10, 7, 0, 1, &[1]));
+        cell.add(slice(100, 100, 0, 1_000_000_000, &[1]));
+        cell.add(slice(100, 98, 0, 1_000_000_000, &[1]));
+        let row = cell.row("embedded", 100, "how", &args());
+        assert_eq!(row.errors, 2);
+        assert!(
+            row.note.ends_with(
+                "; 5 acknowledged events not delivered within 10 s of their slice's last send (CPU figures of such a slice cover its sending)"
+            ),
+            "{}",
+            row.note
+        );
+    }
+}
