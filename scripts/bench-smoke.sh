@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Smoke run of the benchmark tool: every scenario and baseline for about a second each, with tiny counts,
-# on both backends (embedded, then Postgres + Redis). Proves nerve-bench works end to end; it exits
+# on both backends (embedded and Postgres + Redis; the latency scenario in 2 interleaved rounds). Proves nerve-bench works end to end; it exits
 # non-zero when a scenario errors or a row of results counted no events, never because a performance
 # target is missed.
 #

@@ -283,16 +283,25 @@ async fn floor_system(
     Ok((process, ctx))
 }
 
-/// Measures every rate in `--rounds` rounds; each round takes every system in turn, one further along
-/// each round. A system that fails is reported and left out from then on.
+/// The order of the systems in `round`: starting one further along each round, and backwards in odd
+/// rounds, so that no system always follows the same one (whose leftover work, a relay's writes or a
+/// database's checkpoint, would then always fall on it).
+fn round_order(systems: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..systems).map(move |k| {
+        let step = if round.is_multiple_of(2) { k } else { systems - k };
+        (round + step) % systems
+    })
+}
+
+/// Measures every rate in `--rounds` rounds; each round takes every system in turn ([`round_order`]).
+/// A system that fails is reported and left out from then on.
 async fn interleave(args: &Args, systems: &[System], report: &mut Report) {
     let rounds = args.rounds.max(1) as usize;
     let mut failed = vec![false; systems.len()];
     for &rate in &args.rates {
         let mut cells: Vec<Cell> = systems.iter().map(|_| Cell::default()).collect();
         for round in 0..rounds {
-            for k in 0..systems.len() {
-                let i = (k + round) % systems.len();
+            for i in round_order(systems.len(), round) {
                 if failed[i] {
                     continue;
                 }
@@ -414,6 +423,25 @@ mod tests {
             "{}",
             row.note
         );
+    }
+
+    #[test]
+    fn each_round_takes_every_system_once_and_changes_who_follows_whom() {
+        let rounds: Vec<Vec<usize>> = (0..4).map(|r| round_order(4, r).collect()).collect();
+        assert_eq!(rounds[0], [0, 1, 2, 3]);
+        assert_eq!(rounds[1], [1, 0, 3, 2]);
+        assert_eq!(rounds[2], [2, 3, 0, 1]);
+        assert_eq!(rounds[3], [3, 2, 1, 0]);
+        // over the rounds, system 0 follows different systems, not always the same one
+        let before_0: std::collections::HashSet<usize> = rounds
+            .iter()
+            .filter_map(|order| {
+                let at = order.iter().position(|&s| s == 0)?;
+                at.checked_sub(1).map(|p| order[p])
+            })
+            .collect();
+        assert_eq!(before_0, [1, 3].into(), "{rounds:?}");
+        assert_eq!(round_order(1, 3).collect::<Vec<_>>(), [0]);
     }
 
     #[test]

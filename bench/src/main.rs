@@ -1,7 +1,9 @@
 //! nerve-bench: drives a running Nerve and prints each figure as a ratio to a same-run baseline.
 //!
 //! By default it starts the real `nerve-server` binary (found next to this executable) once per backend
-//! (embedded, then Postgres + Redis), runs every scenario against it over gRPC, measures the raw
+//! (embedded and Postgres + Redis, both running for the whole run), runs each scenario against each
+//! server in turn over gRPC (the latency scenario takes the servers and its baselines in turn within
+//! each round, `latency.rs`), measures the raw
 //! baselines on the same Postgres and Redis and NATS JetStream as a peer, and prints one table per
 //! scenario and the targets with PASS / MISS. It exits non-zero when a scenario fails (not when a target
 //! is missed).
@@ -131,7 +133,7 @@ pub enum BaselineArg {
 #[derive(Debug, Clone, Parser, Serialize)]
 #[command(version)]
 pub struct Args {
-    /// Backends to start nerve-server on, one after the other.
+    /// Backends to start nerve-server on; each runs for the whole run, and each scenario runs on each in turn.
     #[arg(long, value_delimiter = ',', default_value = "embedded,postgres")]
     pub backends: Vec<BackendArg>,
     /// Drive an already running Nerve at this address instead of starting servers.
