@@ -117,6 +117,9 @@ pub fn parse_delivery_id(id: &str) -> Option<(u64, u32)> {
 struct Outstanding {
     attempt: u32,
     deadline: Option<Instant>,
+    /// Handed to the response stream; a group delivery claimed but never sent does not count as an
+    /// attempt when it is released.
+    sent: bool,
 }
 
 struct Session {
@@ -697,6 +700,7 @@ impl Session {
                     Outstanding {
                         attempt: 1,
                         deadline: None,
+                        sent: true,
                     },
                 );
                 self.position = event.sequence;
@@ -852,7 +856,7 @@ impl Session {
         let mut delivered = 0;
         // every entry is outstanding before the first run is sent: if the subscriber goes away
         // meanwhile, the session's end releases the unsent ones with the rest, instead of leaving them
-        // leased, to nobody, until the lease ends
+        // leased, to nobody, until the lease ends (and without counting the attempt nobody saw)
         let mut runs = Vec::new();
         let mut run = Vec::new();
         for (claimed, event) in claimed {
@@ -867,6 +871,7 @@ impl Session {
                 Outstanding {
                     attempt: claimed.attempt,
                     deadline: Some(deadline),
+                    sent: false,
                 },
             );
             self.deadlines
@@ -886,7 +891,13 @@ impl Session {
             runs.push(run);
         }
         for run in runs {
+            let sequences: Vec<u64> = run.iter().map(|d| d.event.sequence).collect();
             self.send(Outbound::Deliveries(run)).await?;
+            for seq in sequences {
+                if let Some(o) = self.outstanding.get_mut(&seq) {
+                    o.sent = true;
+                }
+            }
         }
         Ok(delivered)
     }
@@ -1140,36 +1151,49 @@ impl Session {
         Ok(Flow::Go)
     }
 
-    /// Hands every outstanding group delivery back at once: a stream that ends without ack counts as an attempt.
+    /// Hands every outstanding group delivery back at once: one sent that the stream ended without
+    /// acking counts as an attempt; one claimed but never sent does not.
     async fn release_all(&mut self) {
         let Some(key) = self.group.clone() else {
             return;
         };
-        let now = Utc::now();
-        let outstanding: Vec<(u64, u32)> = self
-            .outstanding
-            .drain()
+        let (sent, unsent): (Vec<_>, Vec<_>) = self.outstanding.drain().partition(|(_, o)| o.sent);
+        let sent: Vec<(u64, u32)> = sent.into_iter().map(|(seq, o)| (seq, o.attempt)).collect();
+        let unsent: Vec<(u64, u32)> = unsent
+            .into_iter()
             .map(|(seq, o)| (seq, o.attempt))
             .collect();
         ::metrics::counter!(names::DELIVERY_FAILURES, "group" => self.group_label.clone(), "reason" => "released")
-            .increment(outstanding.len() as u64);
-        if outstanding.is_empty() {
-            return;
+            .increment(sent.len() as u64);
+        let mut released = false;
+        // one backend call for each kind, however large the window
+        if !sent.is_empty() {
+            match self
+                .bus
+                .streams
+                .set_visible_at(
+                    &key,
+                    &sent,
+                    Utc::now(),
+                    Some("subscriber stream ended before ack"),
+                )
+                .await
+            {
+                Ok(_) => released = true,
+                Err(error) => {
+                    warn!(%error, group = %key.name, deliveries = sent.len(), "release failed; the leases will expire instead")
+                }
+            }
         }
-        // one backend call for the whole window, however large
-        if let Err(error) = self
-            .bus
-            .streams
-            .set_visible_at(
-                &key,
-                &outstanding,
-                now,
-                Some("subscriber stream ended before ack"),
-            )
-            .await
-        {
-            warn!(%error, group = %key.name, deliveries = outstanding.len(), "release failed; the leases will expire instead");
-        } else {
+        if !unsent.is_empty() {
+            match self.bus.streams.release_unsent(&key, &unsent).await {
+                Ok(_) => released = true,
+                Err(error) => {
+                    warn!(%error, group = %key.name, deliveries = unsent.len(), "release of unsent deliveries failed; the leases will expire instead (counting an attempt)")
+                }
+            }
+        }
+        if released {
             let _ = self.bus.streams.wake_group(&key).await;
         }
     }

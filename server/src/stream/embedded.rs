@@ -63,10 +63,12 @@ type RunChanges = HashMap<(usize, u64), Left>;
 enum PendingChange<'a> {
     /// Settles them (ack).
     Remove,
-    /// Moves their lease end (nack, extension, release), recording the error if one is given.
+    /// Moves their lease end (nack, extension, release), recording the error if one is given; an
+    /// attempt that does not count (never sent) is taken back.
     Move {
         visible_ns: i64,
         error: Option<&'a str>,
+        counts: bool,
     },
 }
 
@@ -102,18 +104,20 @@ fn write_err(e: rusqlite::Error) -> StreamError {
     map_write_err(e).into()
 }
 
-/// Gives entries taken out of runs a `pending` row each, on their first attempt, due at `visible_ns`.
+/// Gives entries taken out of runs a `pending` row each, with `attempts` made (1 for their first, 0
+/// when it does not count), due at `visible_ns`.
 fn insert_pending(
     tx: &rusqlite::Transaction<'_>,
     key: &GroupKey,
     entries: &[(u64, usize)],
+    attempts: u32,
     visible_ns: i64,
     error: Option<&str>,
 ) -> StreamResult<()> {
     let mut insert = tx
         .prepare_cached(
             "INSERT INTO pending (tenant, grp, seq, priority, attempts, visible_ns, last_error) \
-             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6) ON CONFLICT (tenant, grp, seq) DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?7, ?5, ?6) ON CONFLICT (tenant, grp, seq) DO NOTHING",
         )
         .map_err(write_err)?;
     for (seq, index) in entries {
@@ -124,7 +128,8 @@ fn insert_pending(
                 seq_i64(*seq),
                 Priority::ALL[*index].as_i64(),
                 visible_ns,
-                error
+                error,
+                attempts
             ])
             .map_err(write_err)?;
     }
@@ -262,8 +267,13 @@ impl EmbeddedStreams {
         );
         let tx = conn.transaction().map_err(write_err)?;
         let mut changed: HashSet<(u64, u32)> = taken.iter().map(|(seq, _)| (*seq, 1)).collect();
-        if let PendingChange::Move { visible_ns, error } = &change {
-            insert_pending(&tx, key, &taken, *visible_ns, *error)?;
+        if let PendingChange::Move {
+            visible_ns,
+            error,
+            counts,
+        } = &change
+        {
+            insert_pending(&tx, key, &taken, u32::from(*counts), *visible_ns, *error)?;
         }
         write_runs(&tx, key, &runs)?;
         let rest: Vec<(u64, u32)> = deliveries
@@ -286,9 +296,14 @@ impl EmbeddedStreams {
                             attempt
                         ])
                     }),
-                PendingChange::Move { visible_ns, error } => tx
+                PendingChange::Move {
+                    visible_ns,
+                    error,
+                    counts,
+                } => tx
                     .prepare_cached(
-                        "UPDATE pending SET visible_ns = ?5, last_error = COALESCE(?6, last_error) \
+                        "UPDATE pending SET visible_ns = ?5, last_error = COALESCE(?6, last_error), \
+                         attempts = attempts - ?7 \
                          WHERE tenant = ?1 AND grp = ?2 AND seq = ?3 AND attempts = ?4",
                     )
                     .and_then(|mut update| {
@@ -298,7 +313,8 @@ impl EmbeddedStreams {
                             seq_i64(sequence),
                             attempt,
                             visible_ns,
-                            error
+                            error,
+                            u32::from(!*counts)
                         ])
                     }),
             }
@@ -803,7 +819,7 @@ impl LiveStreams for EmbeddedStreams {
         if !expired.is_empty() {
             let (runs, taken) = self.take_from_runs(key, expired.into_iter());
             let tx = conn.transaction().map_err(write_err)?;
-            insert_pending(&tx, key, &taken, now, None)?;
+            insert_pending(&tx, key, &taken, 1, now, None)?;
             write_runs(&tx, key, &runs)?;
             tx.commit().map_err(write_err)?;
             self.apply_runs(key, runs);
@@ -891,6 +907,26 @@ impl LiveStreams for EmbeddedStreams {
                 PendingChange::Move {
                     visible_ns: to_ns(visible_at),
                     error,
+                    counts: true,
+                },
+            )
+            .await?;
+        Ok(deliveries.iter().map(|d| moved.contains(d)).collect())
+    }
+
+    async fn release_unsent(
+        &self,
+        key: &GroupKey,
+        deliveries: &[(u64, u32)],
+    ) -> StreamResult<Vec<bool>> {
+        let moved = self
+            .change_current(
+                key,
+                deliveries,
+                PendingChange::Move {
+                    visible_ns: to_ns(Utc::now()),
+                    error: None,
+                    counts: false,
                 },
             )
             .await?;
@@ -1399,6 +1435,51 @@ mod tests {
             .expect("ack");
         assert_eq!(acked, [true, false, true]);
         assert_eq!(pending(&streams, &key).await, 4);
+    }
+
+    #[tokio::test]
+    async fn a_release_of_deliveries_never_sent_takes_their_attempt_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (streams, key, _) = group_with_backlog(dir.path(), 3, |_| Priority::Normal).await;
+        let lease = Utc::now() + chrono::Duration::seconds(30);
+        let claimed = streams
+            .claim_new(&key, "a", Priority::Normal, 100, lease)
+            .await
+            .expect("claim")
+            .entries;
+        assert_eq!(claimed.len(), 3);
+        // 1 was sent and comes back (an attempt), 2 was never sent (from its run), 3 stays leased;
+        // an attempt that is not current moves nothing
+        let released = streams
+            .set_visible_at(&key, &[(1, 1)], Utc::now(), None)
+            .await
+            .expect("release");
+        assert_eq!(released, [true]);
+        let unsent = streams
+            .release_unsent(&key, &[(2, 1), (3, 2)])
+            .await
+            .expect("release unsent");
+        assert_eq!(unsent, [true, false]);
+        let claim_due = || async {
+            let mut due: Vec<(u64, u32)> = streams
+                .claim_due(&key, "b", 100, lease)
+                .await
+                .expect("claim due")
+                .iter()
+                .map(|c| (c.sequence, c.attempt))
+                .collect();
+            due.sort();
+            due
+        };
+        assert_eq!(claim_due().await, [(1, 2), (2, 1)]);
+        // a later attempt never sent (a pending row, not a run) is taken back too
+        let unsent = streams
+            .release_unsent(&key, &[(1, 2)])
+            .await
+            .expect("release unsent");
+        assert_eq!(unsent, [true]);
+        assert_eq!(claim_due().await, [(1, 2)]);
+        assert_eq!(pending(&streams, &key).await, 3);
     }
 
     #[tokio::test]

@@ -233,6 +233,15 @@ pub trait LiveStreams: Send + Sync + 'static {
         error: Option<&str>,
     ) -> StreamResult<Vec<bool>>;
 
+    /// Hands back deliveries that were claimed but never sent to a subscriber (its stream ended first):
+    /// due now, and the attempt they were claimed for does not count, so the next claim makes it
+    /// again. Only an entry whose current attempt matches moves; returns which moved.
+    async fn release_unsent(
+        &self,
+        key: &GroupKey,
+        deliveries: &[(u64, u32)],
+    ) -> StreamResult<Vec<bool>>;
+
     /// Puts events back into the group's pending list, due now, with their attempts reset (redrive);
     /// returns the sequences put back. One still pending (leased, or due) is left as it is.
     async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>>;

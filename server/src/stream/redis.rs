@@ -539,6 +539,37 @@ impl RedisStreams {
         }
     }
 
+    /// Moves the lease ends of deliveries whose attempt is current to `visible_at` (`SET_VISIBLE`);
+    /// unless `counts`, the attempt is taken back. Returns which moved.
+    async fn move_leases(
+        &self,
+        key: &GroupKey,
+        deliveries: &[(u64, u32)],
+        visible_at: DateTime<Utc>,
+        error: Option<&str>,
+        counts: bool,
+    ) -> StreamResult<Vec<bool>> {
+        let mut out = vec![false; deliveries.len()];
+        for (stream, indexes) in self.by_stream(&key.tenant, deliveries).await? {
+            let mut call = lua::SET_VISIBLE.prepare_invoke();
+            call.key(self.keys.ledgers(key, &stream, LEDGERS))
+                .arg(ms(visible_at))
+                .arg(error.unwrap_or(""))
+                .arg(if counts { "1" } else { "0" });
+            for i in &indexes {
+                call.arg(deliveries[*i].0).arg(deliveries[*i].1);
+            }
+            let moved: Vec<i64> = call
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
+            for (i, done) in indexes.into_iter().zip(moved) {
+                out[i] = done == 1;
+            }
+        }
+        Ok(out)
+    }
+
     /// Groups deliveries by the stream that holds them, as indexes into `deliveries`, from recent claims
     /// or else from the store; deliveries whose stream is unknown (no longer pending) are left out.
     async fn by_stream(
@@ -1552,24 +1583,17 @@ impl LiveStreams for RedisStreams {
         visible_at: DateTime<Utc>,
         error: Option<&str>,
     ) -> StreamResult<Vec<bool>> {
-        let mut out = vec![false; deliveries.len()];
-        for (stream, indexes) in self.by_stream(&key.tenant, deliveries).await? {
-            let mut call = lua::SET_VISIBLE.prepare_invoke();
-            call.key(self.keys.ledgers(key, &stream, LEDGERS))
-                .arg(ms(visible_at))
-                .arg(error.unwrap_or(""));
-            for i in &indexes {
-                call.arg(deliveries[*i].0).arg(deliveries[*i].1);
-            }
-            let moved: Vec<i64> = call
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(redis_err)?;
-            for (i, done) in indexes.into_iter().zip(moved) {
-                out[i] = done == 1;
-            }
-        }
-        Ok(out)
+        self.move_leases(key, deliveries, visible_at, error, true)
+            .await
+    }
+
+    async fn release_unsent(
+        &self,
+        key: &GroupKey,
+        deliveries: &[(u64, u32)],
+    ) -> StreamResult<Vec<bool>> {
+        self.move_leases(key, deliveries, Utc::now(), None, false)
+            .await
     }
 
     async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>> {

@@ -550,23 +550,26 @@ return 1
 });
 
 /// Moves the lease ends of deliveries whose attempt is current; one still in its run leaves it for a
-/// lease of its own. KEYS: due, att, err, pos, runs, bits.
-/// ARGV: visible ms, error or '', then sequence, attempt pairs. Returns 1 per pair that moved, else 0.
+/// lease of its own. With ARGV[3] '0' the attempt does not count (it was never sent) and is taken back.
+/// KEYS: due, att, err, pos, runs, bits. ARGV: visible ms, error or '', '1' or '0' (the attempt counts),
+/// then sequence, attempt pairs. Returns 1 per pair that moved, else 0.
 pub(super) static SET_VISIBLE: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r"
-local list = load_runs(KEYS[5], bounds(3, 2))
+local list = load_runs(KEYS[5], bounds(4, 2))
+local taken_back = ARGV[3] == '0' and 1 or 0
 local out = {}
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local seq = ARGV[i]
   local moved = false
   if ARGV[i + 1] == '1' and in_run(KEYS[6], list, tonumber(seq), true) then
-    redis.call('HSET', KEYS[2], seq, 1)
+    redis.call('HSET', KEYS[2], seq, 1 - taken_back)
     redis.call('ZADD', KEYS[4], seq, seq)
     redis.call('ZADD', KEYS[1], ARGV[1], seq)
     moved = true
   elseif redis.call('HGET', KEYS[2], seq) == ARGV[i + 1] then
     redis.call('ZADD', KEYS[1], 'XX', ARGV[1], seq)
+    if taken_back == 1 then redis.call('HINCRBY', KEYS[2], seq, -1) end
     moved = true
   end
   if moved and ARGV[2] ~= '' then
