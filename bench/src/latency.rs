@@ -288,7 +288,11 @@ async fn floor_system(
 /// database's checkpoint, would then always fall on it).
 fn round_order(systems: usize, round: usize) -> impl Iterator<Item = usize> {
     (0..systems).map(move |k| {
-        let step = if round.is_multiple_of(2) { k } else { systems - k };
+        let step = if round.is_multiple_of(2) {
+            k
+        } else {
+            systems - k
+        };
         (round + step) % systems
     })
 }

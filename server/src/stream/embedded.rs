@@ -328,6 +328,17 @@ impl EmbeddedStreams {
         Ok(changed)
     }
 
+    /// Applies a [`PendingChange::Move`]; returns, per delivery, whether it moved.
+    async fn moved(
+        &self,
+        key: &GroupKey,
+        deliveries: &[(u64, u32)],
+        change: PendingChange<'_>,
+    ) -> StreamResult<Vec<bool>> {
+        let moved = self.change_current(key, deliveries, change).await?;
+        Ok(deliveries.iter().map(|d| moved.contains(d)).collect())
+    }
+
     /// Takes the given sequences out of the group's leased runs, on copies of the runs; returns the
     /// changed copies and the (sequence, level index) of each entry taken.
     fn take_from_runs(
@@ -900,18 +911,12 @@ impl LiveStreams for EmbeddedStreams {
         visible_at: DateTime<Utc>,
         error: Option<&str>,
     ) -> StreamResult<Vec<bool>> {
-        let moved = self
-            .change_current(
-                key,
-                deliveries,
-                PendingChange::Move {
-                    visible_ns: to_ns(visible_at),
-                    error,
-                    counts: true,
-                },
-            )
-            .await?;
-        Ok(deliveries.iter().map(|d| moved.contains(d)).collect())
+        let change = PendingChange::Move {
+            visible_ns: to_ns(visible_at),
+            error,
+            counts: true,
+        };
+        self.moved(key, deliveries, change).await
     }
 
     async fn release_unsent(
@@ -919,18 +924,12 @@ impl LiveStreams for EmbeddedStreams {
         key: &GroupKey,
         deliveries: &[(u64, u32)],
     ) -> StreamResult<Vec<bool>> {
-        let moved = self
-            .change_current(
-                key,
-                deliveries,
-                PendingChange::Move {
-                    visible_ns: to_ns(Utc::now()),
-                    error: None,
-                    counts: false,
-                },
-            )
-            .await?;
-        Ok(deliveries.iter().map(|d| moved.contains(d)).collect())
+        let change = PendingChange::Move {
+            visible_ns: to_ns(Utc::now()),
+            error: None,
+            counts: false,
+        };
+        self.moved(key, deliveries, change).await
     }
 
     async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>> {
@@ -1280,6 +1279,22 @@ mod tests {
         (streams, key, selection)
     }
 
+    /// A group with a backlog of `n` events, every one claimed by member "a"; returns its lease end.
+    async fn all_claimed(
+        dir: &std::path::Path,
+        n: usize,
+    ) -> (Arc<EmbeddedStreams>, GroupKey, DateTime<Utc>) {
+        let (streams, key, _) = group_with_backlog(dir, n, |_| Priority::Normal).await;
+        let lease = Utc::now() + chrono::Duration::seconds(30);
+        let claimed = streams
+            .claim_new(&key, "a", Priority::Normal, 100, lease)
+            .await
+            .expect("claim")
+            .entries;
+        assert_eq!(claimed.len(), n);
+        (streams, key, lease)
+    }
+
     /// The group's pending entries, as ListGroups reports them.
     async fn pending(streams: &EmbeddedStreams, key: &GroupKey) -> u64 {
         streams
@@ -1440,14 +1455,7 @@ mod tests {
     #[tokio::test]
     async fn a_release_of_deliveries_never_sent_takes_their_attempt_back() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (streams, key, _) = group_with_backlog(dir.path(), 3, |_| Priority::Normal).await;
-        let lease = Utc::now() + chrono::Duration::seconds(30);
-        let claimed = streams
-            .claim_new(&key, "a", Priority::Normal, 100, lease)
-            .await
-            .expect("claim")
-            .entries;
-        assert_eq!(claimed.len(), 3);
+        let (streams, key, lease) = all_claimed(dir.path(), 3).await;
         // 1 was sent and comes back (an attempt), 2 was never sent (from its run), 3 stays leased;
         // an attempt that is not current moves nothing
         let released = streams
@@ -1485,14 +1493,7 @@ mod tests {
     #[tokio::test]
     async fn claims_with_nothing_to_claim_wait_for_no_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (streams, key, _) = group_with_backlog(dir.path(), 3, |_| Priority::Normal).await;
-        let lease = Utc::now() + chrono::Duration::seconds(30);
-        let claimed = streams
-            .claim_new(&key, "a", Priority::Normal, 100, lease)
-            .await
-            .expect("claim")
-            .entries;
-        assert_eq!(claimed.len(), 3);
+        let (streams, key, lease) = all_claimed(dir.path(), 3).await;
         // an event commit in flight holds the writer's lock
         let db = streams.store.db().clone();
         let commit = db.writer.lock().await;
@@ -1539,14 +1540,7 @@ mod tests {
     #[tokio::test]
     async fn a_change_the_database_refuses_leaves_the_runs_as_they_were() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (streams, key, _) = group_with_backlog(dir.path(), 10, |_| Priority::Normal).await;
-        let lease = Utc::now() + chrono::Duration::seconds(30);
-        let claimed = streams
-            .claim_new(&key, "a", Priority::Normal, 100, lease)
-            .await
-            .expect("claim")
-            .entries;
-        assert_eq!(claimed.len(), 10);
+        let (streams, key, lease) = all_claimed(dir.path(), 10).await;
         let query_only = |on: bool| {
             let streams = streams.clone();
             async move {
