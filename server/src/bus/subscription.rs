@@ -452,13 +452,16 @@ impl Session {
     }
 
     async fn send(&mut self, message: Outbound) -> BusResult<()> {
+        // a place in the queue first: deliveries a gone subscriber never got are not counted as sent
+        let permit = self
+            .tx
+            .reserve()
+            .await
+            .map_err(|_| BusError::FailedPrecondition("subscriber went away".into()))?;
         if let Outbound::Deliveries(all) = &message {
             self.record_deliveries(all);
         }
-        self.tx
-            .send(Ok(message))
-            .await
-            .map_err(|_| BusError::FailedPrecondition("subscriber went away".into()))?;
+        permit.send(Ok(message));
         self.last_sent = Instant::now();
         Ok(())
     }
@@ -866,7 +869,7 @@ impl Session {
                 continue;
             }
             self.credits = self.credits.saturating_sub(1);
-            self.outstanding.insert(
+            let replaced = self.outstanding.insert(
                 claimed.sequence,
                 Outstanding {
                     attempt: claimed.attempt,
@@ -874,6 +877,11 @@ impl Session {
                     sent: false,
                 },
             );
+            // this member's own earlier attempt, claimed again as its lease ran out just before the
+            // session's deadline: one entry holds one slot, so the earlier one's comes back
+            if replaced.is_some() {
+                self.credits += 1;
+            }
             self.deadlines
                 .push(Reverse((deadline, claimed.sequence, claimed.attempt)));
             run.push(Delivery {
