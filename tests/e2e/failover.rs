@@ -874,6 +874,18 @@ async fn a_delete_group_retried_after_redis_failed_leaves_nothing_behind() {
     assert_eq!((crate::harness::id(&d).as_str(), d.attempt), ("new-0", 1));
 }
 
+/// Waits until a replica's overall health reports `status` (`what` names the wait in a failure).
+async fn overall_health_becomes(
+    server: &ServerProcess,
+    status: tonic_health::pb::health_check_response::ServingStatus,
+    what: &str,
+) {
+    crate::harness::eventually(what, || async {
+        (health_status(server, "").await == status as i32).then_some(())
+    })
+    .await;
+}
+
 /// The status a replica's health service reports for `service` (0, unknown, when it does not answer).
 async fn health_status(server: &ServerProcess, service: &str) -> i32 {
     tonic_health::pb::health_client::HealthClient::new(server.channel().await)
@@ -899,14 +911,23 @@ async fn private_streams_go_on_while_redis_is_down() {
     let mut o = open(&["down.event"], "");
     o.max_in_flight = 1000;
     let mut private = Subscriber::open(&mut bus, o).await.expect("private");
+    use tonic_health::pb::health_check_response::ServingStatus;
+    // a replica reports NOT_SERVING until its first check: that must not pass for Redis' absence
+    overall_health_becomes(
+        &server,
+        ServingStatus::Serving,
+        "SERVING once both backends answered",
+    )
+    .await;
     redis.kill9().await;
     // the replica is not all there (groups, requests), but it takes publishes: it stays ready, and
     // alive, while its overall health says what is missing
     let status = |service: &'static str| health_status(&server, service);
-    use tonic_health::pb::health_check_response::ServingStatus;
-    crate::harness::eventually("NOT_SERVING while redis is away", || async {
-        (status("").await == ServingStatus::NotServing as i32).then_some(())
-    })
+    overall_health_becomes(
+        &server,
+        ServingStatus::NotServing,
+        "NOT_SERVING while redis is away",
+    )
     .await;
     assert_eq!(
         status(nerve::api::READINESS).await,
@@ -942,19 +963,22 @@ async fn readiness_follows_the_store_while_redis_hangs() {
     let proxy = Proxy::start(([127, 0, 0, 1], redis.port).into()).await;
     let deployment = Deployment::new(format!("redis://127.0.0.1:{}", proxy.port)).await;
     let server = deployment.replica(&[]).await;
-    let status = |service: &'static str| health_status(&server, service);
     use tonic_health::pb::health_check_response::ServingStatus;
-    crate::harness::eventually("SERVING once both backends answered", || async {
-        (status("").await == ServingStatus::Serving as i32).then_some(())
-    })
+    overall_health_becomes(
+        &server,
+        ServingStatus::Serving,
+        "SERVING once both backends answered",
+    )
     .await;
     proxy.freeze(true);
-    crate::harness::eventually("NOT_SERVING while redis hangs", || async {
-        (status("").await == ServingStatus::NotServing as i32).then_some(())
-    })
+    overall_health_becomes(
+        &server,
+        ServingStatus::NotServing,
+        "NOT_SERVING while redis hangs",
+    )
     .await;
     assert_eq!(
-        status(nerve::api::READINESS).await,
+        health_status(&server, nerve::api::READINESS).await,
         ServingStatus::Serving as i32,
         "the store answers: the replica takes publishes"
     );
