@@ -16,4 +16,5 @@ mod replay;
 mod request_reply;
 mod security;
 mod store_conformance;
+mod stream_conformance;
 mod subscribe;

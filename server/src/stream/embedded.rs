@@ -1453,44 +1453,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_release_of_deliveries_never_sent_takes_their_attempt_back() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (streams, key, lease) = all_claimed(dir.path(), 3).await;
-        // 1 was sent and comes back (an attempt), 2 was never sent (from its run), 3 stays leased;
-        // an attempt that is not current moves nothing
-        let released = streams
-            .set_visible_at(&key, &[(1, 1)], Utc::now(), None)
-            .await
-            .expect("release");
-        assert_eq!(released, [true]);
-        let unsent = streams
-            .release_unsent(&key, &[(2, 1), (3, 2)])
-            .await
-            .expect("release unsent");
-        assert_eq!(unsent, [true, false]);
-        let claim_due = || async {
-            let mut due: Vec<(u64, u32)> = streams
-                .claim_due(&key, "b", 100, lease)
-                .await
-                .expect("claim due")
-                .iter()
-                .map(|c| (c.sequence, c.attempt))
-                .collect();
-            due.sort();
-            due
-        };
-        assert_eq!(claim_due().await, [(1, 2), (2, 1)]);
-        // a later attempt never sent (a pending row, not a run) is taken back too
-        let unsent = streams
-            .release_unsent(&key, &[(1, 2)])
-            .await
-            .expect("release unsent");
-        assert_eq!(unsent, [true]);
-        assert_eq!(claim_due().await, [(1, 2)]);
-        assert_eq!(pending(&streams, &key).await, 3);
-    }
-
-    #[tokio::test]
     async fn claims_with_nothing_to_claim_wait_for_no_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (streams, key, lease) = all_claimed(dir.path(), 3).await;
