@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project: formatting, clippy, proto lint, unit and end-to-end tests,
-# the store conformance suite on SQLite and Postgres, the README walkthrough against a live server, the
+# the store conformance suite on SQLite and Postgres, the live streams' on embedded and Redis, the README walkthrough against a live server, the
 # Python and Go clients (codegen drift check, mypy, pytest, go vet, go test), a smoke run of the
 # benchmark tool and the Helm chart checks.
 # Starts Postgres and Redis on 127.0.0.1 when they are not running (scripts/services.sh) and installs the
@@ -58,7 +58,7 @@ if command -v redis-cli >/dev/null; then
   redis-cli -u "$NERVE_TEST_REDIS_URL" --scan --pattern 'nerve-test:*' | xargs -r -n 500 redis-cli -u "$NERVE_TEST_REDIS_URL" del >/dev/null
 fi
 
-step "cargo test (embedded backend; store conformance and failure tests on Postgres + Redis)"
+step "cargo test (embedded backend; store and stream conformance and failure tests on Postgres + Redis)"
 GRPCURL="$TOOLS/bin/grpcurl" cargo test --locked --workspace || fail "tests failed (the first failure is above)"
 
 step "behaviour tests again, on Postgres + Redis"
