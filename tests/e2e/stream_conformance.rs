@@ -1,6 +1,6 @@
-//! The live streams' delivery-state contract, run unchanged against both implementations: embedded
-//! (SQLite) and Redis over Postgres. Each test works in a store, schema and key prefix of its own, so
-//! they run in parallel.
+//! Delivery-state calls of the live streams, run unchanged against both implementations: embedded
+//! (SQLite) and Redis over Postgres, through the `LiveStreams` trait. Each test works in a store,
+//! schema and key prefix of its own, so they run in parallel.
 
 use std::{sync::Arc, time::Duration};
 
@@ -153,6 +153,11 @@ async fn a_release_of_deliveries_never_sent_takes_their_attempt_back(b: Backend)
         .expect("release unsent");
     assert_eq!(unsent, [true]);
     assert_eq!(claim_due(&b, &key, lease).await, [(1, 2)]);
+    assert_eq!(
+        pending(&b, &key).await,
+        3,
+        "each entry counted once, wherever it moved"
+    );
     // and only the current attempt settles it
     let acked = b
         .streams
@@ -160,6 +165,16 @@ async fn a_release_of_deliveries_never_sent_takes_their_attempt_back(b: Backend)
         .await
         .expect("ack");
     assert_eq!(acked, [false, true, true, true]);
+    assert_eq!(pending(&b, &key).await, 0);
+}
+
+/// The group's pending entries, as ListGroups reports them.
+async fn pending(b: &Backend, key: &GroupKey) -> u64 {
+    b.streams
+        .groups(&key.tenant, std::slice::from_ref(&key.name))
+        .await
+        .expect("groups")[0]
+        .pending
 }
 
 #[tokio::test]
