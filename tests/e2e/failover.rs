@@ -1222,26 +1222,18 @@ async fn postgres_outage_fails_fast_and_recovers() {
             })
         })
         .collect();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let serving = |h: &mut tonic_health::pb::health_client::HealthClient<Channel>| {
-        let mut h = h.clone();
-        async move {
-            h.check(tonic_health::pb::HealthCheckRequest::default())
-                .await
-                .map(|r| r.into_inner().status)
-                .unwrap_or_default()
-        }
-    };
+    use tonic_health::pb::health_check_response::ServingStatus;
+    // a replica reports NOT_SERVING until its first check: that must not pass for the outage
+    overall_health_becomes(&server, ServingStatus::Serving, "SERVING before the outage").await;
+    // three seconds of publishes before the outage, to compare with those during and after it
     tokio::time::sleep(Duration::from_secs(3)).await;
     let down_at = Instant::now();
     proxy.stop().await;
-    crate::harness::eventually("NOT_SERVING while postgres is away", || {
-        let f = serving(&mut health);
-        async move {
-            (f.await == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32)
-                .then_some(())
-        }
-    })
+    overall_health_becomes(
+        &server,
+        ServingStatus::NotServing,
+        "NOT_SERVING while postgres is away",
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed())).await;
     proxy.resume().await;
@@ -1251,13 +1243,11 @@ async fn postgres_outage_fails_fast_and_recovers() {
     for c in clients {
         c.await.expect("client");
     }
-    crate::harness::eventually("SERVING after postgres returned", || {
-        let f = serving(&mut health);
-        async move {
-            (f.await == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
-                .then_some(())
-        }
-    })
+    overall_health_becomes(
+        &server,
+        ServingStatus::Serving,
+        "SERVING after postgres returned",
+    )
     .await;
 
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("lock"));
