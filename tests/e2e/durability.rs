@@ -406,3 +406,38 @@ async fn a_signal_while_starting_stops_the_server_there() {
         .expect("wait");
     assert!(exit.success(), "exit status {exit:?}");
 }
+
+/// A member whose claimed events cannot be read (the store failed under it) ends with UNAVAILABLE,
+/// and what it claimed goes back at once, on the same attempt: nobody saw it. Embedded group claims
+/// of redeliveries read their events from the store, where the failure is injected (Redis claims
+/// carry them), so this runs on the embedded backend only, with the other failure tests.
+#[tokio::test]
+async fn claims_whose_events_cannot_be_read_go_back_at_once_uncounted() {
+    let (server, injection) = crate::injected_store::start_injected().await;
+    let mut bus = server.bus();
+    publish(&mut bus, vec![event("unread-1", "unread.x")]).await;
+    let mut o = open(&["unread.x"], "unread");
+    o.start = earliest();
+    o.ack_deadline = Some(prost_types::Duration {
+        seconds: 60,
+        nanos: 0,
+    });
+    // a first member gets it and goes away: it is due again, for attempt 2
+    let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    assert_eq!(first.next_delivery().await.attempt, 1);
+    drop(first);
+    // the next member claims it, but cannot read its event
+    injection
+        .fail_next_read_sequences
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut failing = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    let ended = failing
+        .next_message(WAIT)
+        .await
+        .expect_err("the store failed under the claim");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    // the member after it gets it at once, not after the 60 s lease, and still on attempt 2
+    let mut next = Subscriber::open(&mut bus, o).await.expect("open");
+    let d = next.next_delivery().await;
+    assert_eq!((id(&d).as_str(), d.attempt), ("unread-1", 2));
+}

@@ -756,7 +756,7 @@ impl Session {
             let due = streams
                 .claim_due(key, &self.id, self.credits as usize, lease)
                 .await?;
-            let due = self.with_events(key, due).await?;
+            let due = self.events_or_release(key, due).await?;
             delivered += self.deliver_group(key, due, lease, max_attempts).await?;
         }
         let mut backlogged = [true; 4];
@@ -781,7 +781,7 @@ impl Session {
                         self.scheduler.drained(index);
                     }
                 }
-                let claimed = self.with_events(key, claim.entries).await?;
+                let claimed = self.events_or_release(key, claim.entries).await?;
                 delivered += self
                     .deliver_group(key, claimed, lease, max_attempts)
                     .await?;
@@ -808,6 +808,28 @@ impl Session {
             let wait = (due - Utc::now()).to_std().unwrap_or_default();
             Instant::now() + wait
         }))
+    }
+
+    /// [`Session::with_events`]; when the events cannot be read, the claims go back at once and
+    /// uncounted (nobody saw them) instead of waiting out their lease, and the error ends the session.
+    async fn events_or_release(
+        &self,
+        key: &GroupKey,
+        claimed: Vec<Claimed>,
+    ) -> BusResult<Vec<(Claimed, Arc<StoredEvent>)>> {
+        let deliveries: Vec<(u64, u32)> = claimed.iter().map(|c| (c.sequence, c.attempt)).collect();
+        let read = self.with_events(key, claimed).await;
+        if read.is_err() {
+            match self.bus.streams.release_unsent(key, &deliveries).await {
+                Ok(_) => {
+                    let _ = self.bus.streams.wake_group(key).await;
+                }
+                Err(error) => {
+                    warn!(%error, group = %key.name, deliveries = deliveries.len(), "claims whose events could not be read were not released; their leases will expire instead")
+                }
+            }
+        }
+        read
     }
 
     /// Pairs claims with their events, reading from the store what the stream no longer holds.
