@@ -241,8 +241,7 @@ pub async fn run(
             }
         }
     }
-    let bus_systems: Vec<System> = buses.iter().map(|ctx| System::Bus(ctx.clone())).collect();
-    systems.extend(bus_systems);
+    systems.extend(buses.iter().map(|ctx| System::Bus(ctx.clone())));
 
     interleave(args, &systems, report).await;
 
@@ -273,13 +272,14 @@ async fn floor_system(
     run_id: &str,
 ) -> Result<(floor::FloorProcess, scenarios::Ctx)> {
     let process = floor::FloorProcess::spawn(durability).await?;
-    let ctx = scenarios::Ctx {
-        channels: scenarios::connect(&process.addr.to_string(), args.connections).await?,
-        args: args.clone(),
-        pid: Some(process.pid),
-        system: durability.system().to_owned(),
-        run: run_id.to_owned(),
-    };
+    let ctx = scenarios::Ctx::connect(
+        &process.addr.to_string(),
+        args,
+        Some(process.pid),
+        durability.system().to_owned(),
+        run_id,
+    )
+    .await?;
     Ok((process, ctx))
 }
 

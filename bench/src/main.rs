@@ -406,13 +406,16 @@ async fn run(args: Args) -> Result<ExitCode> {
     let mut servers = Vec::new();
     let mut buses = Vec::new();
     if let Some(addr) = &args.addr {
-        buses.push(scenarios::Ctx {
-            channels: scenarios::connect(addr, args.connections).await?,
-            args: args.clone(),
-            pid: args.server_pid,
-            system: format!("nerve@{addr}"),
-            run: run_id.clone(),
-        });
+        buses.push(
+            scenarios::Ctx::connect(
+                addr,
+                &args,
+                args.server_pid,
+                format!("nerve@{addr}"),
+                &run_id,
+            )
+            .await?,
+        );
     } else {
         let binary = server::find_binary(args.server_bin.clone())?;
         report.environment.push((
@@ -551,17 +554,17 @@ async fn start_server(
     {
         fail(report, "baseline.postgres", PG, e);
     }
-    match scenarios::connect(&server.addr.to_string(), args.connections).await {
-        Ok(channels) => {
-            let ctx = scenarios::Ctx {
-                channels,
-                args: args.clone(),
-                pid: Some(server.pid),
-                system: backend.name().to_owned(),
-                run: run_id.to_owned(),
-            };
-            Some((server, ctx))
-        }
+    let system = backend.name().to_owned();
+    match scenarios::Ctx::connect(
+        &server.addr.to_string(),
+        args,
+        Some(server.pid),
+        system,
+        run_id,
+    )
+    .await
+    {
+        Ok(ctx) => Some((server, ctx)),
         Err(e) => {
             fail(report, "connect", backend.name(), e);
             if let Err(e) = server.stop().await {

@@ -45,21 +45,34 @@ pub struct Ctx {
     pub run: String,
 }
 
-/// Connects `n` HTTP/2 connections to a server.
-pub async fn connect(addr: &str, n: usize) -> Result<Vec<Channel>> {
-    let mut out = Vec::new();
-    for _ in 0..n.max(1) {
-        let channel = Channel::from_shared(format!("http://{addr}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("connecting to nerve at {addr}"))?;
-        out.push(channel);
-    }
-    Ok(out)
-}
-
 impl Ctx {
+    /// Connects `--connections` HTTP/2 connections to the server at `addr`, named `system` in the
+    /// tables; `pid` is its process, when known.
+    pub async fn connect(
+        addr: &str,
+        args: &Arc<Args>,
+        pid: Option<u32>,
+        system: String,
+        run: &str,
+    ) -> Result<Ctx> {
+        let mut channels = Vec::new();
+        for _ in 0..args.connections.max(1) {
+            let channel = Channel::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| format!("connecting to nerve at {addr}"))?;
+            channels.push(channel);
+        }
+        Ok(Ctx {
+            channels,
+            args: args.clone(),
+            pid,
+            system,
+            run: run.to_owned(),
+        })
+    }
+
     pub fn bus(&self, i: usize) -> EventBusClient<Channel> {
         EventBusClient::new(self.channels[i % self.channels.len()].clone())
             .max_decoding_message_size(64 << 20)

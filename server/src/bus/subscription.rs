@@ -819,17 +819,22 @@ impl Session {
     ) -> BusResult<Vec<(Claimed, Arc<StoredEvent>)>> {
         let deliveries: Vec<(u64, u32)> = claimed.iter().map(|c| (c.sequence, c.attempt)).collect();
         let read = self.with_events(key, claimed).await;
-        if read.is_err() {
-            match self.bus.streams.release_unsent(key, &deliveries).await {
-                Ok(_) => {
-                    let _ = self.bus.streams.wake_group(key).await;
-                }
-                Err(error) => {
-                    warn!(%error, group = %key.name, deliveries = deliveries.len(), "claims whose events could not be read were not released; their leases will expire instead")
-                }
-            }
+        if read.is_err() && self.release_unsent(key, &deliveries).await {
+            let _ = self.bus.streams.wake_group(key).await;
         }
         read
+    }
+
+    /// Hands back deliveries nobody was sent, uncounted ([`LiveStreams::release_unsent`]); false
+    /// (and a warning) when the backend failed, and their leases will expire instead.
+    async fn release_unsent(&self, key: &GroupKey, deliveries: &[(u64, u32)]) -> bool {
+        match self.bus.streams.release_unsent(key, deliveries).await {
+            Ok(_) => true,
+            Err(error) => {
+                warn!(%error, group = %key.name, deliveries = deliveries.len(), "release of deliveries never sent failed; their leases will expire instead (counting an attempt)");
+                false
+            }
+        }
     }
 
     /// Pairs claims with their events, reading from the store what the stream no longer holds.
@@ -1187,12 +1192,10 @@ impl Session {
         let Some(key) = self.group.clone() else {
             return;
         };
-        let (sent, unsent): (Vec<_>, Vec<_>) = self.outstanding.drain().partition(|(_, o)| o.sent);
-        let sent: Vec<(u64, u32)> = sent.into_iter().map(|(seq, o)| (seq, o.attempt)).collect();
-        let unsent: Vec<(u64, u32)> = unsent
-            .into_iter()
-            .map(|(seq, o)| (seq, o.attempt))
-            .collect();
+        let (mut sent, mut unsent) = (Vec::new(), Vec::new());
+        for (seq, o) in self.outstanding.drain() {
+            if o.sent { &mut sent } else { &mut unsent }.push((seq, o.attempt));
+        }
         ::metrics::counter!(names::DELIVERY_FAILURES, "group" => self.group_label.clone(), "reason" => "released")
             .increment(sent.len() as u64);
         let mut released = false;
@@ -1215,13 +1218,8 @@ impl Session {
                 }
             }
         }
-        if !unsent.is_empty() {
-            match self.bus.streams.release_unsent(&key, &unsent).await {
-                Ok(_) => released = true,
-                Err(error) => {
-                    warn!(%error, group = %key.name, deliveries = unsent.len(), "release of unsent deliveries failed; the leases will expire instead (counting an attempt)")
-                }
-            }
+        if !unsent.is_empty() && self.release_unsent(&key, &unsent).await {
+            released = true;
         }
         if released {
             let _ = self.bus.streams.wake_group(&key).await;
