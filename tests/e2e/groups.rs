@@ -479,6 +479,47 @@ async fn a_late_dead_letter_of_an_attempt_another_member_holds_is_taken_back() {
     await_pending(&server, "g", 0).await;
 }
 
+/// A member that cannot record a dead letter ends with UNAVAILABLE, and what it had claimed goes
+/// back at once on the same attempt (nobody was sent it): the next member dead-letters it after the
+/// same attempts, not after the lease.
+#[tokio::test]
+async fn claims_left_by_a_failed_dead_letter_go_back_at_once_uncounted() {
+    let (server, injection) = start_injected().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["dlfail.x"], "g");
+    o.max_attempts = 1;
+    o.ack_deadline = millis(60_000);
+    publish(
+        &mut bus,
+        vec![event("dlfail-1", "dlfail.x"), event("dlfail-2", "dlfail.x")],
+    )
+    .await;
+    // a first member gets both and goes away: both are due again, past the one attempt
+    let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    assert!(first.deliveries(2).await.iter().all(|d| d.attempt == 1));
+    drop(first);
+    // the next member claims them and fails to record the first letter
+    injection
+        .fail_next_put_dead_letter
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut failing = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    let ended = failing
+        .next_message(WAIT)
+        .await
+        .expect_err("the store failed under the dead letter");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    // the member after it dead-letters both at once, not after the 60 s lease, after 1 attempt each
+    let mut last = Subscriber::open(&mut bus, o).await.expect("open");
+    let letters = eventually("both dead letters", || async {
+        let letters = dead_letters(&server, "g").await;
+        (letters.len() == 2).then_some(letters)
+    })
+    .await;
+    assert!(letters.iter().all(|l| l.attempts == 1), "{letters:?}");
+    last.expect_idle(1).await;
+    await_pending(&server, "g", 0).await;
+}
+
 #[tokio::test]
 async fn every_member_gives_up_after_the_groups_latest_max_attempts() {
     let server = TestServer::start().await;

@@ -32,6 +32,8 @@ pub struct Injection {
     pub before_remove_dead_letters: Gate,
     /// Fails the next `read_sequences` with UNAVAILABLE.
     pub fail_next_read_sequences: AtomicBool,
+    /// Fails the next `put_dead_letter` with UNAVAILABLE, recording nothing.
+    pub fail_next_put_dead_letter: AtomicBool,
 }
 
 /// A point in a store call where, once armed, the next call to reach it waits for the test.
@@ -158,6 +160,15 @@ impl EventStore for InjectedStore {
     }
     async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
         self.check()?;
+        if self
+            .injection
+            .fail_next_put_dead_letter
+            .swap(false, Ordering::SeqCst)
+        {
+            return Err(StoreError::Unavailable(
+                "dead letter not recorded (injected)".into(),
+            ));
+        }
         self.inner.put_dead_letter(dl).await?;
         self.injection.after_put_dead_letter.pass().await;
         Ok(())

@@ -889,17 +889,29 @@ impl Session {
         // leased, to nobody, until the lease ends (and without counting the attempt nobody saw)
         let mut runs = Vec::new();
         let mut run = Vec::new();
-        for (claimed, event) in claimed {
-            if claimed.attempt > max_attempts {
-                self.dead_letter(key, &claimed, claimed.attempt - 1, None)
-                    .await?;
+        let mut claimed = claimed.into_iter();
+        while let Some((entry, event)) = claimed.next() {
+            if entry.attempt > max_attempts {
+                if let Err(error) = self.dead_letter(key, &entry, entry.attempt - 1, None).await {
+                    // this entry and the rest are leased to this member and were never sent: the
+                    // session's end hands them back with its unsent deliveries, uncounted
+                    for left in std::iter::once(entry).chain(claimed.map(|(c, _)| c)) {
+                        let unsent = Outstanding {
+                            attempt: left.attempt,
+                            deadline: None,
+                            sent: false,
+                        };
+                        self.outstanding.insert(left.sequence, unsent);
+                    }
+                    return Err(error);
+                }
                 continue;
             }
             self.credits = self.credits.saturating_sub(1);
             let replaced = self.outstanding.insert(
-                claimed.sequence,
+                entry.sequence,
                 Outstanding {
-                    attempt: claimed.attempt,
+                    attempt: entry.attempt,
                     deadline: Some(deadline),
                     sent: false,
                 },
@@ -910,10 +922,10 @@ impl Session {
                 self.credits += 1;
             }
             self.deadlines
-                .push(Reverse((deadline, claimed.sequence, claimed.attempt)));
+                .push(Reverse((deadline, entry.sequence, entry.attempt)));
             run.push(Delivery {
-                delivery_id: delivery_id(claimed.sequence, claimed.attempt),
-                attempt: claimed.attempt,
+                delivery_id: delivery_id(entry.sequence, entry.attempt),
+                attempt: entry.attempt,
                 ack_deadline: Some(lease),
                 event,
             });
