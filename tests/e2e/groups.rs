@@ -520,6 +520,33 @@ async fn claims_left_by_a_failed_dead_letter_go_back_at_once_uncounted() {
     await_pending(&server, "g", 0).await;
 }
 
+/// A message the server cannot read (here, over the message size limit) ends the stream with the
+/// reason, after the acks before it: a stream that read on without it would drop every later ack
+/// and let the leases of processed deliveries run out.
+#[tokio::test]
+async fn an_unreadable_message_ends_the_stream_after_the_acks_before_it() {
+    let server = TestServer::start_with(|c| c.limits.max_batch_bytes = 64 << 10).await;
+    let mut bus = server.bus();
+    let mut sub = Subscriber::open(&mut bus, group_open(&["unread.msg"], "g"))
+        .await
+        .expect("open");
+    publish(&mut bus, vec![event("um-1", "unread.msg")]).await;
+    let d = sub.next_delivery().await;
+    sub.ack_one(&d).await;
+    // over the message limit (max_batch_bytes + 1 MiB)
+    sub.send(Action::Ack(pb::Ack {
+        delivery_ids: vec!["x".repeat(2 << 20)],
+    }))
+    .await;
+    let ended = sub
+        .next_message(WAIT)
+        .await
+        .expect_err("the stream ends with the reason");
+    assert_eq!(ended.code(), tonic::Code::ResourceExhausted, "{ended:?}");
+    assert!(ended.message().contains("could not be read"), "{ended:?}");
+    await_pending(&server, "g", 0).await;
+}
+
 #[tokio::test]
 async fn every_member_gives_up_after_the_groups_latest_max_attempts() {
     let server = TestServer::start().await;

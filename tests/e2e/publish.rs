@@ -1,5 +1,4 @@
 use tonic::{Code, transport::Channel};
-use tonic_types::StatusExt;
 
 use crate::harness::*;
 use nerve::api::pb::{self, event_bus_client::EventBusClient};
@@ -130,13 +129,6 @@ async fn server_fills_time_and_keeps_client_time() {
     assert!(retry.results[0].duplicate);
 }
 
-fn violations(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn invalid_events_are_rejected_naming_the_field() {
     let server = TestServer::start().await;
@@ -196,6 +188,32 @@ async fn invalid_events_are_rejected_naming_the_field() {
                     seconds: 0,
                     nanos: -1,
                 })
+            }),
+        ),
+        // past the range of a protobuf Timestamp: 10000-01-01, and one second before 0001-01-01
+        (
+            "events[0].time",
+            Box::new(|e| {
+                e.time = Some(prost_types::Timestamp {
+                    seconds: 253_402_300_800,
+                    nanos: 0,
+                })
+            }),
+        ),
+        (
+            "events[0].extensions[\"at\"]",
+            Box::new(|e| {
+                e.extensions.insert(
+                    "at".into(),
+                    pb::ExtensionValue {
+                        value: Some(pb::extension_value::Value::TimestampValue(
+                            prost_types::Timestamp {
+                                seconds: -62_135_596_801,
+                                nanos: 0,
+                            },
+                        )),
+                    },
+                );
             }),
         ),
     ];

@@ -244,3 +244,40 @@ async fn reply_validation() {
         .expect_err("reply_to is the server's");
     assert_eq!(status.code(), Code::InvalidArgument);
 }
+
+/// A reply's event is checked before its inbox is looked up, and named as the caller sent it
+/// (`event`): a bad one is refused whether its requester still waits or not.
+#[tokio::test]
+async fn a_bad_reply_event_is_refused_by_its_own_name_whether_or_not_anyone_waits() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut bad = event("bad-reply", "planner.plan.ready");
+    bad.r#type = "not a type".into();
+    // nobody waits on this inbox
+    let status = bus
+        .reply(pb::ReplyRequest {
+            reply_to: format!("_inbox.{}", "0".repeat(32)),
+            event: Some(bad.clone()),
+        })
+        .await
+        .expect_err("a bad event is refused even when nobody waits");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(violations(&status), ["event.type"], "{status:?}");
+    // a requester waits
+    let mut responder = Subscriber::open(&mut bus, open(&["planner.plan.requested"], "planners"))
+        .await
+        .expect("open");
+    let mut requester = server.bus();
+    let _call = tokio::spawn(async move { requester.request(request("q-bad", 5000)).await });
+    let d = responder.next_delivery().await;
+    bad.correlation_id = String::new();
+    let status = bus
+        .reply(pb::ReplyRequest {
+            reply_to: d.event.expect("event").reply_to,
+            event: Some(bad),
+        })
+        .await
+        .expect_err("a bad event is refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(violations(&status), ["event.type"], "{status:?}");
+}

@@ -20,8 +20,18 @@ fn opt(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// Seconds of 0001-01-01T00:00:00Z and of 9999-12-31T23:59:59Z: the range of a protobuf Timestamp,
+/// outside which JSON encoders (grpcurl's, protobuf's own) refuse it and RFC 3339 cannot write it.
+const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+
 /// Converts a protobuf timestamp, rejecting out-of-range values.
 pub fn time_from_pb(t: &prost_types::Timestamp, field: &str) -> Result<DateTime<Utc>> {
+    if !TIMESTAMP_SECONDS.contains(&t.seconds) {
+        return Err(InvalidInput::field(
+            field,
+            "is outside 0001-01-01T00:00:00Z..9999-12-31T23:59:59Z, the range of a timestamp",
+        ));
+    }
     u32::try_from(t.nanos)
         .ok()
         .filter(|n| *n < 1_000_000_000)

@@ -2,7 +2,7 @@
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
-use futures::{Stream, StreamExt, future::ready};
+use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -53,6 +53,11 @@ impl EventBusApi {
         header: Option<&str>,
         events: Vec<pb::Event>,
     ) -> Result<(Vec<Event>, tracing::Span, Option<String>), Status> {
+        // before converting: a message of millions of empty events would otherwise be copied whole
+        self.bus
+            .limits()
+            .check_batch_count(events.len())
+            .map_err(|e| to_status(e.into()))?;
         let events = events
             .into_iter()
             .enumerate()
@@ -225,6 +230,17 @@ fn pattern_list(patterns: &[TypePattern]) -> String {
         .join(",")
 }
 
+/// Why a subscriber's message could not be read: over the message size limit (tonic's OUT_OF_RANGE,
+/// reported as RESOURCE_EXHAUSTED like Nerve's own limits), or not a valid message.
+fn unreadable(status: &Status) -> BusError {
+    let reason = format!("could not be read: {}", status.message());
+    BusError::Invalid(if status.code() == tonic::Code::OutOfRange {
+        InvalidInput::too_large("message", reason)
+    } else {
+        InvalidInput::field("message", reason)
+    })
+}
+
 fn denied(e: crate::auth::AuthError) -> Status {
     to_status(e.into())
 }
@@ -328,10 +344,12 @@ impl pb::event_bus_server::EventBus for EventBusApi {
                 .check(&principal, "subscribe.group", group, |e| e.group(group))
                 .map_err(denied)?;
         }
-        // a broken inbound stream means the subscriber went away: end the command stream
-        let commands = inbound.take_while(|m| ready(m.is_ok())).map(|m| match m {
+        // A message that cannot be read (over the size limit, not a SubscribeRequest) ends the
+        // stream with the reason, after the commands before it: dropping it silently would lose its
+        // acks, and every later one. A subscriber that went away never reads the status.
+        let commands = inbound.map(|m| match m {
             Ok(m) => convert::command(m).map_err(BusError::from),
-            Err(status) => Err(BusError::FailedPrecondition(status.message().to_owned())),
+            Err(status) => Err(unreadable(&status)),
         });
         let outbound = self
             .bus

@@ -183,6 +183,8 @@ impl Bus {
             )
             .into());
         }
+        // named as the caller sent it, and checked whether or not anyone still waits
+        self.limits.check_event(&event, "event")?;
         let inbox = match self.streams.inbox(reply_to).await? {
             Some(inbox) if inbox.tenant == tenant => {
                 authorize(&inbox)?;

@@ -280,24 +280,29 @@ impl Limits {
         }
     }
 
-    /// Checks a publish batch: count, total size and every event.
-    pub fn check_batch(&self, events: &[Event]) -> Result<(), InvalidInput> {
-        if events.is_empty() {
+    /// Checks a publish batch's count: at least one event, at most the batch limit.
+    pub fn check_batch_count(&self, count: usize) -> Result<(), InvalidInput> {
+        if count == 0 {
             return Err(InvalidInput::field(
                 "events",
                 "at least one event is required",
             ));
         }
-        if events.len() > self.max_batch_events {
+        if count > self.max_batch_events {
             return Err(InvalidInput::too_large(
                 "events",
                 format!(
-                    "{} events, more than the batch limit of {}",
-                    events.len(),
+                    "{count} events, more than the batch limit of {}",
                     self.max_batch_events
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Checks a publish batch: count, total size and every event.
+    pub fn check_batch(&self, events: &[Event]) -> Result<(), InvalidInput> {
+        self.check_batch_count(events.len())?;
         let total: usize = events.iter().map(Event::size).sum();
         if total > self.max_batch_bytes {
             return Err(InvalidInput::too_large(
