@@ -594,6 +594,7 @@ def test_embedded_replicas_fail_even_from_a_values_file(tmp_path: Path) -> None:
         ["tls.handshakeTimeout=soon"],
         ["auth.jwt.leeway=2m"],
         ["auth.jwt.leeway=61s"],
+        ["auth.jwt.leeway=500ms"],
         ["auth.jwt.algorithms={none}"],
         ["auth.jwt.algorithms={RS256,RS256}"],
         ["auth.allowInsecure=maybe"],

@@ -67,7 +67,7 @@ pub struct JwtConfig {
     pub public_key_files: Vec<String>,
     /// JWKS file; tokens with a `kid` are checked against its key of that id.
     pub jwks_file: String,
-    /// Clock skew allowed on exp and nbf; at most 60 s.
+    /// Clock skew allowed on exp and nbf; whole seconds, at most 60 s.
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
     /// Largest token accepted, in bytes.

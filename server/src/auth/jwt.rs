@@ -106,6 +106,13 @@ impl JwtVerifier {
                 "auth.jwt.leeway must be at most {MAX_LEEWAY_SECS}s"
             ));
         }
+        // the token library counts leeway in whole seconds: 500ms would silently be none
+        if config.leeway.subsec_nanos() != 0 {
+            return Err(format!(
+                "auth.jwt.leeway must be whole seconds, not {:?}",
+                config.leeway
+            ));
+        }
         let algorithms = config
             .algorithms
             .iter()
@@ -244,5 +251,31 @@ impl JwtVerifier {
             }
         };
         Ok(TokenClaims { subject, tenant })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_leeway(leeway: std::time::Duration) -> Result<JwtVerifier, String> {
+        let config = JwtConfig {
+            issuer: "i".into(),
+            audience: "a".into(),
+            algorithms: vec!["HS256".into()],
+            leeway,
+            ..JwtConfig::default()
+        };
+        JwtVerifier::new(&config, std::time::Duration::from_secs(60))
+    }
+
+    #[test]
+    fn leeway_is_whole_seconds_up_to_a_minute() {
+        let refused = |leeway| with_leeway(leeway).err().unwrap_or_default();
+        assert!(refused(std::time::Duration::from_millis(500)).contains("whole seconds"));
+        assert!(refused(std::time::Duration::from_millis(60_500)).contains("whole seconds"));
+        assert!(refused(std::time::Duration::from_secs(61)).contains("at most 60s"));
+        // a minute passes the leeway checks (and fails later, on the missing keys)
+        assert!(!refused(std::time::Duration::from_secs(60)).contains("leeway"));
     }
 }
