@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -18,10 +18,12 @@ from google.protobuf import any_pb2, duration_pb2
 from nerve_client import (
     Client,
     ClosedError,
+    DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
     OutOfRangeError,
     Priority,
+    ResourceExhaustedError,
     Subscription,
     UnavailableError,
     data_of,
@@ -32,7 +34,7 @@ from nerve_client import (
     pb,
 )
 
-from .conftest import WAIT
+from .conftest import WAIT, ServerProcess, server_binary
 from .test_scenarios import ev, expect_idle
 
 T = TypeVar("T")
@@ -358,3 +360,88 @@ async def test_close_from_several_tasks_ends_a_waiting_reader(client: Client) ->
     with pytest.raises(ClosedError):
         await asyncio.wait_for(reading, WAIT)
     await sub.close()  # closing again does nothing
+
+
+async def test_zero_settings_take_the_server_defaults(client: Client) -> None:
+    # the server refuses a set zero ack deadline or heartbeat interval: 0 must leave them unset, as None does
+    async with client.subscribe("zero.x", group="zeros", ack_deadline=0, heartbeat_interval=0) as sub:
+        await client.publish(ev("z1", "zero.x"))
+        d = await sub.next(timeout=WAIT)
+        assert d.event.id == "z1"
+        assert d.ack_deadline is not None
+        left = d.ack_deadline - datetime.now(timezone.utc)
+        assert timedelta(seconds=20) < left <= timedelta(seconds=30), f"not the default 30s ack deadline: {left}"
+        await d.ack()
+    async with client.subscribe(
+        "zero.x", start="earliest", ack_deadline=timedelta(0), heartbeat_interval=timedelta(0)
+    ) as private:
+        d = await private.next(timeout=WAIT)
+        assert d.event.id == "z1"
+
+
+async def test_zero_extension_is_refused_locally(client: Client) -> None:
+    async with client.subscribe("extend.x", group="extenders", heartbeat_interval=0.2) as sub:
+        await client.publish(ev("x1", "extend.x"))
+        d = await sub.next(timeout=WAIT)
+        # the server refuses a zero extension by ending the whole stream: it must not be sent
+        for by in (0, 0.0, timedelta(0), 1e-12):
+            with pytest.raises(ValueError):
+                await d.extend(by)
+            with pytest.raises(ValueError):
+                await sub.extend(d, by=by)
+        with pytest.raises(ValueError):
+            await sub.extend(by=0)  # refused even naming no delivery, as a negative one is
+        await d.extend(timedelta(seconds=60))
+        await d.ack()  # the stream is still open
+        beat = await expect_idle(sub, heartbeats=1)
+        assert beat.in_flight == 0
+
+
+class _Deadlines(grpc.aio.UnaryUnaryClientInterceptor):
+    """Records the gRPC deadline (``timeout``) each unary call is made with."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float | None] = []
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        self.timeouts.append(client_call_details.timeout)
+        return await continuation(client_call_details, request)
+
+
+async def test_request_without_a_timeout_waits_for_the_servers_answer() -> None:
+    # a server whose default request timeout is not the usual 30s: the client cannot know it, so a request
+    # without a timeout must carry no deadline and end with the server's own answer
+    server = ServerProcess(server_binary(), {"NERVE_BUS__DEFAULT_REQUEST_TIMEOUT": "1s"})
+    deadlines = _Deadlines()
+    try:
+        async with Client(grpc.aio.insecure_channel(server.addr, interceptors=[deadlines])) as client:
+            async with client.subscribe("silent.asked", group="silent"):  # a responder that never answers
+                for n, (timeout, waited) in enumerate(((None, "1s"), (0, "1s"), (0.5, "500ms"))):
+                    deadlines.timeouts.clear()
+                    started = time.monotonic()
+                    with pytest.raises(DeadlineExceededError) as info:
+                        await asyncio.wait_for(client.request(ev(f"q{n}", "silent.asked"), timeout=timeout), WAIT)
+                    assert f"within {waited}" in info.value.message, f"not the server's answer: {info.value}"
+                    assert time.monotonic() - started < 5
+                    expected = None if not timeout else timeout + 5
+                    assert deadlines.timeouts == [expected], f"timeout={timeout}: call deadline {deadlines.timeouts}"
+    finally:
+        server.stop()
+
+
+async def test_replay_receives_pages_over_4_mib(server: ServerProcess, client: Client) -> None:
+    # the server fills a page with up to max_batch_bytes (4 MiB) of events by its own count (attributes and
+    # data); sequences, times and framing come on top, so a full page encodes to more than gRPC's default limit
+    data = bytes(4194 - len("big-0000") - len("//tests") - len("big.x") - len("1.0"))
+    events = [event("//tests", "big.x", data, id=f"big-{i:04}") for i in range(1000)]
+    for batch in range(4):
+        await client.publish(*events[batch * 250 : (batch + 1) * 250])
+    pages = [page async for page in client.replay("big.x", page_size=1000).pages()]
+    assert len(pages[0].events) == 1000, [len(p.events) for p in pages]
+    assert pages[0].ByteSize() > 4 << 20, "the page does not test the limit"
+    assert [e.id for p in pages for e in p.events] == [e.id for e in events]
+
+    # options given to connect win: a receive limit set again refuses the page
+    async with Client.connect(server.addr, options=[("grpc.max_receive_message_length", 4 << 20)]) as limited:
+        with pytest.raises(ResourceExhaustedError):
+            await asyncio.wait_for(limited.replay("big.x", page_size=1000).collect(), WAIT)

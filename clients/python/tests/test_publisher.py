@@ -235,3 +235,28 @@ async def test_an_answer_out_of_order_fails_the_stream() -> None:
 def test_a_refusal_with_code_ok_raises_unknown() -> None:
     refusal = _refused(event_bus_pb2.PublishError(code=0, message="refused, code OK"))
     assert refusal.code is grpc.StatusCode.UNKNOWN
+
+
+async def test_a_message_over_the_limit_ends_the_publisher(client: Client) -> None:
+    # 4.5 MB: over max_batch_bytes (4 MiB) but within the server's message limit (max_batch_bytes + 1 MiB):
+    # a refused request, the stream goes on. 6 MiB: a message the server cannot read at all
+    fits = [event("//tests", "limit.x", bytes(900_000), id=f"fits-{i}") for i in range(5)]
+    big = [event("//tests", "limit.x", bytes((1 << 20) - 100), id=f"big-{i}") for i in range(6)]
+    async with client.publisher() as publisher:
+        with pytest.raises(ResourceExhaustedError):
+            await asyncio.wait_for(publisher.publish(*fits), WAIT)
+        before, over, after = await asyncio.wait_for(
+            asyncio.gather(
+                publisher.publish(ev("before", "limit.x")),
+                publisher.publish(*big),
+                publisher.publish(ev("after", "limit.x")),
+                return_exceptions=True,
+            ),
+            WAIT,
+        )
+        assert isinstance(before, list) and [r.id for r in before] == ["before"], "answered before the end"
+        assert isinstance(over, ResourceExhaustedError) and "message length too large" in over.message, over
+        assert isinstance(after, ResourceExhaustedError), "the stream ended with the oversized message"
+        with pytest.raises(ResourceExhaustedError):
+            await publisher.publish(ev("later", "limit.x"))
+    assert {t.type: t.count for t in await client.list_event_types()} == {"limit.x": 1}

@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 
 from ._errors import UnavailableError, from_rpc_error
-from ._events import Seconds, Start, duration, seconds, start_position, timestamp
+from ._events import Seconds, Start, optional_duration, seconds, start_position, timestamp
 from ._proto.nerve.v1 import admin_pb2, admin_pb2_grpc, event_bus_pb2, event_bus_pb2_grpc, event_pb2
 from ._publisher import Publisher
 from ._replay import Replay
@@ -25,8 +25,11 @@ _C = TypeVar("_C", bound="_Closable")
 
 #: Extra time the gRPC deadline of a request gets beyond its reply timeout, so the server's own timeout answers.
 _REQUEST_GRACE = 5.0
-#: The server's default reply timeout: what the gRPC deadline of a request without a timeout allows for.
-_DEFAULT_REQUEST_TIMEOUT = 30.0
+
+#: Channel options the client sets unless the caller's ``options`` name them. gRPC receives at most 4 MiB a
+#: message by default, but a server page (Replay, ListDeadLetters) holds up to ``max_batch_bytes`` of events
+#: (4 MiB by default, configurable) plus framing; the server bounds its own messages, so no limit here.
+_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.max_receive_message_length", -1),)
 
 
 class _Closable(Protocol):
@@ -90,14 +93,19 @@ class Client:
         """Connects to ``target`` (``host:port``), plaintext unless ``credentials`` are given.
 
         Waits up to ``ready_timeout`` for the connection (None: connect lazily on the first call). Await the
-        result, or use it with ``async with`` to close the client on exit.
+        result, or use it with ``async with`` to close the client on exit. The channel receives messages of
+        any size (the server bounds its own) unless ``options`` set ``grpc.max_receive_message_length``;
+        ``options`` win over every channel option the client sets.
         """
+        given = list(options or ())
+        named = {name for name, _ in given}
+        channel_options = [option for option in _CHANNEL_OPTIONS if option[0] not in named] + given
 
         async def open() -> Client:
             if credentials is None:
-                channel = grpc.aio.insecure_channel(target, options=options)
+                channel = grpc.aio.insecure_channel(target, options=channel_options)
             else:
-                channel = grpc.aio.secure_channel(target, credentials, options=options)
+                channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
             if ready_timeout is not None:
                 try:
                     await _wait_ready(channel, seconds(ready_timeout))
@@ -145,8 +153,10 @@ class Client:
         For high publish rates: no gRPC call per batch. Opening waits for the server's answer to it (one round
         trip), so a refusal of the stream itself (unauthenticated, too many open streams) raises here, as the
         :class:`NerveError` subclass a ``publish`` on it would raise. Requests commit and are answered in the
-        order sent; a refused one raises like :meth:`publish` and the stream goes on. Await the result, or use
-        it with ``async with`` to close it on exit (waiting for outstanding answers).
+        order sent; a refused one raises like :meth:`publish` and the stream goes on. One message over the
+        server's message limit (``max_batch_bytes`` + 1 MiB) ends the stream instead: it and every call after
+        it raise :class:`ResourceExhaustedError`. Await the result, or use it with ``async with`` to close it
+        on exit (waiting for outstanding answers).
         """
         return Opening(lambda: Publisher._open(self.event_bus_stub))
 
@@ -168,7 +178,8 @@ class Client:
         ``types`` are patterns (``*`` one segment, ``>`` the rest; empty: all). Without ``group`` the stream is
         private and in sequence order; with one, the group's members share its events. ``start``: "latest"
         (default), "earliest", a sequence to continue after, or a datetime. Zero/None settings take the
-        server's defaults. Await the result, or use it with ``async with`` to close the stream on exit.
+        server's defaults (``open_timeout`` excepted: it is this side's wait for the confirmation). Await the
+        result, or use it with ``async with`` to close the stream on exit.
         """
         request = event_bus_pb2.SubscriptionOpen(
             types=_types(types),
@@ -176,9 +187,10 @@ class Client:
             filter=filter,
             start=start_position(start),
             max_in_flight=max_in_flight,
-            ack_deadline=None if ack_deadline is None else duration(ack_deadline),
+            # zero is left unset like None: the server refuses a set zero, and its default is what 0 means here
+            ack_deadline=optional_duration(ack_deadline),
             max_attempts=max_attempts,
-            heartbeat_interval=None if heartbeat_interval is None else duration(heartbeat_interval),
+            heartbeat_interval=optional_duration(heartbeat_interval),
         )
         return Opening(lambda: Subscription._open(self.event_bus_stub, request, seconds(open_timeout)))
 
@@ -188,18 +200,19 @@ class Client:
         """Publishes ``event`` as a request and waits up to ``timeout`` for one reply.
 
         A ``timeout`` of 0 or None takes the server's default (30 s unless configured otherwise), as in the
-        Go client. Returns the response: ``.reply`` (the reply event, with the request's correlation id) and
-        ``.request_sequence``. Raises :class:`NoRespondersError` at once when nobody could receive it and
+        Go client; the call then has no gRPC deadline and waits for the server's answer. With a ``timeout``
+        the call's deadline is ``timeout`` plus 5 s, so the server's own answer comes first. Returns the
+        response: ``.reply`` (the reply event, with the request's correlation id) and ``.request_sequence``.
+        Raises :class:`NoRespondersError` at once when nobody could receive it and
         :class:`DeadlineExceededError` when no reply came in time.
         """
         # the server refuses a zero timeout: leave the field unset instead, so that the server's default applies
-        asked = duration(timeout) if timeout else None
-        wait = seconds(timeout) if timeout else _DEFAULT_REQUEST_TIMEOUT
+        asked = optional_duration(timeout)
+        # without a timeout no deadline: the server's default is its own setting, and it always answers once that
+        # has passed; a deadline guessed here would cut short a server configured to wait longer
+        deadline = seconds(timeout) + _REQUEST_GRACE if timeout else None
         return await _call(
-            self.event_bus_stub.Request(
-                event_bus_pb2.RequestRequest(event=event, timeout=asked),
-                timeout=wait + _REQUEST_GRACE,
-            )
+            self.event_bus_stub.Request(event_bus_pb2.RequestRequest(event=event, timeout=asked), timeout=deadline)
         )
 
     async def reply(

@@ -244,17 +244,25 @@ def start_position(start: Start | None) -> event_bus_pb2.StartPosition | None:
     raise ValueError(f"bad start {start!r}: 'latest', 'earliest', a sequence >= 0 or a datetime")
 
 
-def duration(value: Seconds) -> duration_pb2.Duration:
+def duration(value: Seconds, *, positive: bool = False) -> duration_pb2.Duration:
+    """``value`` as a Duration; negative (or, with ``positive``, zero) raises ValueError."""
     # refused here, not by the server: on a subscription its refusal would end the whole stream
-    negative = value < timedelta(0) if isinstance(value, timedelta) else value < 0
-    if negative:
+    if seconds(value) < 0:
         raise ValueError(f"negative duration {value}")
     d = duration_pb2.Duration()
     if isinstance(value, timedelta):
         d.FromTimedelta(value)
     else:
         d.FromNanoseconds(round(value * 1e9))
+    if positive and d.seconds == d.nanos == 0:  # checked after rounding: less than half a nanosecond is zero too
+        raise ValueError(f"zero duration {value}: it must be positive")
     return d
+
+
+def optional_duration(value: Seconds | None) -> duration_pb2.Duration | None:
+    """A setting with a server default: None or zero leaves the field unset, so that default applies (the
+    server refuses a set zero); negative raises ValueError."""
+    return duration(value) if value else None
 
 
 def seconds(value: Seconds) -> float:

@@ -66,15 +66,17 @@ class Delivery:
         await self._subscription.ack(self)
 
     async def nack(self, delay: Seconds = 0) -> None:
-        """Settles the delivery as failed; it is redelivered after ``delay`` (attempt + 1)."""
+        """Settles the delivery as failed; a group redelivers it after ``delay`` (attempt + 1). On a private
+        stream it only frees the window slot: there is no redelivery."""
         await self._subscription.nack(self, delay=delay)
 
     async def dead_letter(self, reason: str = "") -> None:
-        """Settles the delivery as failed for good: the group parks it as a dead letter with ``reason``."""
+        """Settles the delivery as failed for good: a group parks it as a dead letter with ``reason``. On a
+        private stream it only frees the window slot: nothing is parked."""
         await self._subscription.dead_letter(self, reason=reason)
 
     async def extend(self, by: Seconds) -> None:
-        """Moves the ack deadline to ``by`` from now."""
+        """Moves the ack deadline to ``by`` from now (groups only); a zero or negative ``by`` raises ValueError."""
         await self._subscription.extend(self, by=by)
 
     def __repr__(self) -> str:
@@ -305,21 +307,25 @@ class Subscription:
             await self._send(event_bus_pb2.SubscribeRequest(ack=event_bus_pb2.Ack(delivery_ids=ids)))
 
     async def nack(self, *deliveries: DeliveryRef, delay: Seconds = 0) -> None:
-        """Settles deliveries as failed: redelivered after ``delay`` (zero: at once). None: does nothing."""
+        """Settles deliveries as failed: a group redelivers them after ``delay`` (zero: at once); a private
+        stream only frees their window slots. None: does nothing."""
         retry_delay = duration(delay)
         if ids := _ids(deliveries):
             nack = event_bus_pb2.Nack(delivery_ids=ids, retry_delay=retry_delay)
             await self._send(event_bus_pb2.SubscribeRequest(nack=nack))
 
     async def dead_letter(self, *deliveries: DeliveryRef, reason: str = "") -> None:
-        """Settles deliveries as failed for good: dead-lettered now, with ``reason``. None: does nothing."""
+        """Settles deliveries as failed for good: a group dead-letters them now, with ``reason``; a private
+        stream only frees their window slots. None: does nothing."""
         if ids := _ids(deliveries):
             nack = event_bus_pb2.Nack(delivery_ids=ids, dead_letter=True, reason=reason)
             await self._send(event_bus_pb2.SubscribeRequest(nack=nack))
 
     async def extend(self, *deliveries: DeliveryRef, by: Seconds) -> None:
-        """Moves the ack deadline of deliveries to ``by`` from now. None: does nothing."""
-        extension = duration(by)
+        """Moves the ack deadline of deliveries to ``by`` from now (groups only; a private stream has none).
+        ``by`` must be positive: zero or negative raises ValueError. None: does nothing."""
+        # the server refuses a zero extension by ending the whole stream
+        extension = duration(by, positive=True)
         if ids := _ids(deliveries):
             extend = event_bus_pb2.ExtendDeadline(delivery_ids=ids, extension=extension)
             await self._send(event_bus_pb2.SubscribeRequest(extend=extend))
