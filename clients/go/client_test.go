@@ -13,6 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	nerve "github.com/nerve-bus/nerve/clients/go"
@@ -271,5 +274,111 @@ func TestNextGivesUpWithItsContextAndTheStreamStaysUsable(t *testing.T) {
 	}
 	if d := next(t, sub); d.Event.GetId() != "p1" {
 		t.Fatalf("delivery = %s", d.Event.GetId())
+	}
+}
+
+func TestRequestWithoutTimeoutLeavesTheWaitToTheServer(t *testing.T) {
+	// a short server default, so that its answer comes at once; a client that guessed a default of its own
+	// would send that as the call's deadline, cutting short a server default longer than the guess
+	addr := startServer(t, "NERVE_BUS__DEFAULT_REQUEST_TIMEOUT=300ms")
+	sent := make(chan time.Duration, 1) // the deadline each Request call went out with; -1: none
+	record := grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
+		cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if method == nervepb.EventBus_Request_FullMethodName {
+			left := time.Duration(-1)
+			if deadline, ok := ctx.Deadline(); ok {
+				left = time.Until(deadline)
+			}
+			sent <- left
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	})
+	client, err := nerve.Dial(addr, record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	// no deadline: only what Request itself sets bounds the call (the select below bounds the test)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	silent, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"silent.requested"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+
+	ask := func(timeout time.Duration) error {
+		t.Helper()
+		done := make(chan error, 1)
+		go func() {
+			_, err := client.Request(ctx, ev("q-"+timeout.String(), "silent.requested"), timeout)
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			return err
+		case <-time.After(wait):
+			t.Fatalf("the request with timeout %s got no answer", timeout)
+			return nil
+		}
+	}
+	// the server's own timeout answers, with its message, and the call carried no deadline
+	err = ask(0)
+	var e *nerve.Error
+	if !errors.As(err, &e) || e.Code != codes.DeadlineExceeded || !strings.Contains(e.Message, "within 300ms") {
+		t.Fatalf("want the server's DeadlineExceeded after its default of 300ms, got %v", err)
+	}
+	if left := <-sent; left != -1 {
+		t.Fatalf("a request without timeout went out with a deadline %s away; the server's default decides", left)
+	}
+	// with a timeout, the call's deadline is a grace beyond it, so the server still answers first
+	err = ask(200 * time.Millisecond)
+	if !errors.As(err, &e) || e.Code != codes.DeadlineExceeded || !strings.Contains(e.Message, "within 200ms") {
+		t.Fatalf("want the server's DeadlineExceeded after 200ms, got %v", err)
+	}
+	if left := <-sent; left < time.Second || left > 200*time.Millisecond+5*time.Second {
+		t.Fatalf("a request with a 200ms timeout went out with a deadline %s away", left)
+	}
+}
+
+func TestReplayReceivesAPageOverGRPCsDefaultLimit(t *testing.T) {
+	addr := startServer(t)
+	client, err := nerve.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	ctx := testContext(t)
+	// 1000 events of 4,190 bytes as the server counts them (id, source, type, spec version and data): one
+	// page, bounded by the default max_batch_bytes of 4 MiB, holds them all, and with the fields the
+	// server does not count (sequence, recorded time) and the protobuf framing it is over 4 MiB
+	const events, size = 1000, 4190
+	for batch := range 4 {
+		evs := make([]*nervepb.Event, events/4)
+		for i := range evs {
+			id := fmt.Sprintf("big-%04d", batch*len(evs)+i)
+			data := strings.Repeat("x", size-len(id)-len("//tests")-len("big.v1")-len("1.0"))
+			evs[i] = nerve.NewEvent("//tests", "big.v1").ID(id).Text(data).MustBuild()
+		}
+		if _, err := client.Publish(ctx, evs...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	opts := nerve.ReplayOptions{Types: []string{"big.v1"}, PageSize: events}
+	page, err := client.Replay(ctx, opts).NextPage()
+	if err != nil {
+		t.Fatalf("replay of a page over 4 MiB: %v", err)
+	}
+	if len(page.GetEvents()) != events || proto.Size(page) <= 4<<20 {
+		t.Fatalf("page of %d events, %d bytes: want all %d in one page over 4 MiB", len(page.GetEvents()), proto.Size(page), events)
+	}
+	// grpc-go's default limit refuses that page; a limit given to Dial overrides the client's own
+	limited, err := nerve.Dial(addr, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4<<20)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer limited.Close()
+	if _, err := limited.Replay(ctx, opts).NextPage(); nerve.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("with a 4 MiB receive limit: want ResourceExhausted, got %v", err)
 	}
 }

@@ -119,7 +119,7 @@ func (b *EventBuilder) Extension(name string, value any) *EventBuilder {
 	return b
 }
 
-// Build returns the event, or the first error a setter met.
+// Build returns the event, or every error the setters met, joined (errors.Join).
 func (b *EventBuilder) Build() (*nervepb.Event, error) {
 	if len(b.errs) > 0 {
 		return nil, errors.Join(b.errs...)

@@ -50,6 +50,30 @@ func Example() {
 	}
 }
 
+func ExampleClient_OpenPublisher() {
+	ctx := context.Background()
+	client, _ := nerve.Dial("127.0.0.1:50051")
+	pub, err := client.OpenPublisher(ctx) // one PublishStream; ctx bounds the whole stream
+	if err != nil {
+		// the server refused the stream, e.g. nerve.ErrResourceExhausted: too many open streams
+		log.Fatal(err)
+	}
+	ev1 := nerve.NewEvent("//billing", "invoice.paid.v1").ID("inv-8").JSON(map[string]int{"amount": 30}).MustBuild()
+	ev2 := nerve.NewEvent("//billing", "invoice.paid.v1").ID("inv-9").JSON(map[string]int{"amount": 7}).MustBuild()
+	// from any number of goroutines; one atomic batch, like client.Publish
+	results, err := pub.Publish(ctx, ev1, ev2)
+	if errors.Is(err, nerve.ErrAlreadyExists) { // a refused batch; the stream goes on
+		log.Print(err)
+	} else if err != nil { // another refusal, or the stream's error once it ended
+		log.Fatal(err)
+	} else {
+		fmt.Println(results[0].GetSequence(), results[1].GetSequence()) // sequences follow send order
+	}
+	if err := pub.Close(); err != nil { // waits for the answers to every call already sent
+		log.Fatal(err)
+	}
+}
+
 func ExampleClient_Subscribe() {
 	ctx := context.Background()
 	client, _ := nerve.Dial("127.0.0.1:50051")
@@ -153,6 +177,41 @@ func ExampleClient_DeadLetters() {
 	}
 	n, _ := client.RedriveAllDeadLetters(ctx, "mailer") // or RedriveDeadLetters(ctx, "mailer", seq1, seq2)
 	fmt.Println(n)
+}
+
+// The README's Admin block, but for the dead letters (ExampleClient_DeadLetters).
+func ExampleClient_GetEvent() {
+	ctx := context.Background()
+	client, _ := nerve.Dial("127.0.0.1:50051")
+	ev, err := client.GetEvent(ctx, "inv-7", "//billing")
+	if err != nil { // nerve.ErrNotFound when no such event is stored
+		log.Fatal(err)
+	}
+	fmt.Println(ev.GetSequence(), ev.GetType())
+	groups, err := client.ListGroups(ctx) // every page
+	if err != nil {
+		log.Fatal(err)
+	}
+	for _, g := range groups {
+		fmt.Println(g.GetName(), g.GetPending(), g.GetLag(), g.GetConsumers(), g.GetDeadLetters())
+	}
+	mailer, err := client.Group(ctx, "mailer") // nil when it does not exist
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(mailer.GetPending())
+	deleted, err := client.DeleteGroup(ctx, "mailer") // false when it did not exist
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(deleted)
+	types, err := client.ListEventTypes(ctx) // every page
+	if err != nil {
+		log.Fatal(err)
+	}
+	for _, t := range types {
+		fmt.Println(t.GetType(), t.GetCount(), t.GetFirstSequence(), t.GetLastSequence())
+	}
 }
 
 func ExampleError() {

@@ -16,6 +16,7 @@ package nerve
 import (
 	"context"
 	"errors"
+	"math"
 	"time"
 
 	"google.golang.org/grpc"
@@ -25,8 +26,8 @@ import (
 	"github.com/nerve-bus/nerve/clients/go/nervepb"
 )
 
-// requestGrace is the extra time a request's gRPC deadline gets beyond its reply timeout, so that the
-// server's own timeout answers first (with its message) when the caller's context has no deadline.
+// requestGrace is the extra time a request's gRPC deadline gets beyond the timeout it asks for, so that
+// the server's own timeout answers first (with its message) when the caller's context has no deadline.
 const requestGrace = 5 * time.Second
 
 // Client is a connection to a Nerve server. It is safe for concurrent use.
@@ -38,9 +39,15 @@ type Client struct {
 
 // Dial connects to target ("host:port"). Without options the connection is plaintext; pass
 // grpc.WithTransportCredentials (and any other grpc.DialOption) to change that. The connection is made
-// lazily and re-made when it breaks.
+// lazily and re-made when it breaks. It receives messages of any size, as the server bounds its own
+// (max_batch_bytes + 1 MiB); grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(n)) in opts sets a limit.
 func Dial(target string, opts ...grpc.DialOption) (*Client, error) {
-	all := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, opts...)
+	all := append([]grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		// a page of replay or dead letters holds up to max_batch_bytes (4 MiB by default) of events plus
+		// their framing, more than grpc-go's default 4 MiB receive limit. opts come after, so they override
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32)),
+	}, opts...)
 	conn, err := grpc.NewClient(target, all...)
 	if err != nil {
 		return nil, err
@@ -74,23 +81,24 @@ func (c *Client) Publish(ctx context.Context, events ...*nervepb.Event) ([]*nerv
 	return resp.GetResults(), nil
 }
 
-// Request publishes ev as a request and waits up to timeout (zero: the server's default, 30s) for one
-// reply. The response carries the reply event (with the request's correlation id) and the request's
-// sequence. It fails at once with ErrNoResponders when no connected subscriber could receive the request,
-// and with codes.DeadlineExceeded when no reply came in time.
+// Request publishes ev as a request and waits up to timeout (zero: the server's default request timeout,
+// 30s unless configured otherwise) for one reply. The response carries the reply event (with the request's
+// correlation id) and the request's sequence. It fails at once with ErrNoResponders when no connected
+// subscriber could receive the request, and with codes.DeadlineExceeded when no reply came in time. A
+// deadline of ctx shortens the wait. When ctx has none, the call gets timeout plus a few seconds as its
+// deadline, so that the server's answer comes first; with a zero timeout it gets none, and the server
+// answers at its own timeout.
 func (c *Client) Request(ctx context.Context, ev *nervepb.Event, timeout time.Duration) (*nervepb.RequestResponse, error) {
 	req := &nervepb.RequestRequest{Event: ev}
 	if timeout > 0 {
 		req.Timeout = durationpb.New(timeout)
-	}
-	if _, ok := ctx.Deadline(); !ok {
-		wait := timeout
-		if wait <= 0 {
-			wait = 30 * time.Second
+		if _, ok := ctx.Deadline(); !ok {
+			// only a bound against a server that never answers; without a timeout the client cannot know
+			// the server's default, and a guess shorter than it would cut the wait short
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, timeout+requestGrace)
+			defer cancel()
 		}
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, wait+requestGrace)
-		defer cancel()
 	}
 	resp, err := c.bus.Request(ctx, req)
 	if err != nil {

@@ -93,7 +93,10 @@ func opened(stream nervepb.EventBus_PublishStreamClient) error {
 
 // Publish commits the events atomically, like Client.Publish, and returns one result per event, in order.
 // A refused batch (an invalid event, a conflicting id, permission denied, a rate limit, ...) returns the
-// same *Error that Client.Publish would, field violations and reason included, and the stream goes on.
+// same *Error that Client.Publish would, field violations and reason included, and the stream goes on. A
+// batch whose message is over the server's message limit (max_batch_bytes + 1 MiB) cannot be read: the
+// server answers the requests before it and ends the stream with codes.ResourceExhausted, which this call,
+// every later one and Close return.
 // When ctx ends first, Publish stops waiting and returns its error, but the batch, once sent, may still
 // be committed; a request being written while the server holds the stream (flow control, beyond its 1024
 // unanswered requests) finishes writing first.

@@ -153,6 +153,40 @@ func TestPublisherRefusedRequestKeepsTheStream(t *testing.T) {
 	}
 }
 
+func TestPublisherMessageOverTheServersLimitEndsTheStream(t *testing.T) {
+	// batches of at most 64 KiB, so messages of at most 1 MiB + 64 KiB
+	client, ctx := connect(t, "NERVE_LIMITS__MAX_BATCH_BYTES=65536", "NERVE_LIMITS__MAX_EVENT_BYTES=65536"), testContext(t)
+	pub := openPublisher(t, client, ctx)
+	batch := func(prefix string, n, size int) []*nervepb.Event {
+		evs := make([]*nervepb.Event, n)
+		for i := range evs {
+			evs[i] = nerve.NewEvent("//tests", "limit.x").ID(fmt.Sprint(prefix, i)).Text(strings.Repeat("x", size)).MustBuild()
+		}
+		return evs
+	}
+	// over the batch limit but readable: that request is refused, the stream goes on
+	if _, err := pub.Publish(ctx, batch("large-", 2, 40_000)...); !errors.Is(err, nerve.ErrResourceExhausted) {
+		t.Fatalf("a batch over max_batch_bytes: want ResourceExhausted, got %v", err)
+	}
+	if _, err := pub.Publish(ctx, ev("before", "limit.x")); err != nil {
+		t.Fatalf("publish after a refused batch: %v", err)
+	}
+	// a message over the limit cannot be read: the server ends the stream with RESOURCE_EXHAUSTED, which
+	// that call, every later one and Close return
+	if _, err := pub.Publish(ctx, batch("huge-", 20, 60_000)...); !errors.Is(err, nerve.ErrResourceExhausted) {
+		t.Fatalf("a message over the server's limit: want ResourceExhausted, got %v", err)
+	}
+	if _, err := pub.Publish(ctx, ev("after", "limit.x")); !errors.Is(err, nerve.ErrResourceExhausted) {
+		t.Fatalf("publish after the stream ended: want ResourceExhausted, got %v", err)
+	}
+	if err := pub.Close(); !errors.Is(err, nerve.ErrResourceExhausted) {
+		t.Fatalf("close: want ResourceExhausted, got %v", err)
+	}
+	if _, err := client.GetEvent(ctx, "after", "//tests"); !errors.Is(err, nerve.ErrNotFound) {
+		t.Fatalf("the call after the end was not sent: want NotFound, got %v", err)
+	}
+}
+
 func TestPublisherCloseWaitsForOutstandingAnswers(t *testing.T) {
 	client, ctx := connect(t), testContext(t)
 	pub, err := client.OpenPublisher(ctx)

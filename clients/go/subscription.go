@@ -57,10 +57,12 @@ func (d *Delivery) ReplyTo() string { return d.Event.GetReplyTo() }
 // Ack settles the delivery as processed.
 func (d *Delivery) Ack() error { return d.sub.Ack(d) }
 
-// Nack settles the delivery as failed; it is redelivered after delay (zero: at once).
+// Nack settles the delivery as failed; a group redelivers it after delay (zero: at once). On a private
+// stream, which has no redelivery, it only frees the delivery's window slot.
 func (d *Delivery) Nack(delay time.Duration) error { return d.sub.Nack(delay, d) }
 
-// DeadLetter settles the delivery as failed for good: the group parks it with reason.
+// DeadLetter settles the delivery as failed for good: a group parks it as a dead letter with reason. On a
+// private stream, which has no dead letters, it only frees the delivery's window slot.
 func (d *Delivery) DeadLetter(reason string) error { return d.sub.DeadLetter(reason, d) }
 
 // Extend moves the ack deadline to by from now.
@@ -340,7 +342,8 @@ func (s *Subscription) AckIDs(deliveryIDs ...string) error {
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Ack{Ack: &nervepb.Ack{DeliveryIds: deliveryIDs}}})
 }
 
-// Nack settles deliveries as failed: each is redelivered after delay (zero: at once). A negative delay is
+// Nack settles deliveries as failed: a group redelivers each after delay (zero: at once); on a private
+// stream, which has no redelivery, a nack only frees the delivery's window slot. A negative delay is
 // ErrInvalidArgument, returned without sending.
 func (s *Subscription) Nack(delay time.Duration, ds ...*Delivery) error {
 	if delay < 0 { // the server would end the whole stream for it
@@ -350,7 +353,8 @@ func (s *Subscription) Nack(delay time.Duration, ds ...*Delivery) error {
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Nack{Nack: nack}})
 }
 
-// DeadLetter settles deliveries as failed for good: dead-lettered now, with reason.
+// DeadLetter settles deliveries as failed for good: a group dead-letters them now, with reason; on a
+// private stream, which has no dead letters, it only frees their window slots.
 func (s *Subscription) DeadLetter(reason string, ds ...*Delivery) error {
 	nack := &nervepb.Nack{DeliveryIds: ids(ds), DeadLetter: true, Reason: reason}
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Nack{Nack: nack}})
