@@ -2,7 +2,7 @@
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, future::ready};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -231,14 +231,18 @@ fn pattern_list(patterns: &[TypePattern]) -> String {
 }
 
 /// Why a subscriber's message could not be read: over the message size limit (tonic's OUT_OF_RANGE,
-/// reported as RESOURCE_EXHAUSTED like Nerve's own limits), or not a valid message.
-fn unreadable(status: &Status) -> BusError {
+/// reported as RESOURCE_EXHAUSTED like Nerve's own limits), or not a valid message (a decoding error:
+/// INTERNAL without a transport error beneath it). `None` for a broken connection or stream.
+fn unreadable(status: &Status) -> Option<BusError> {
     let reason = format!("could not be read: {}", status.message());
-    BusError::Invalid(if status.code() == tonic::Code::OutOfRange {
-        InvalidInput::too_large("message", reason)
-    } else {
-        InvalidInput::field("message", reason)
-    })
+    match status.code() {
+        tonic::Code::OutOfRange => Some(InvalidInput::too_large("message", reason)),
+        tonic::Code::Internal if std::error::Error::source(status).is_none() => {
+            Some(InvalidInput::field("message", reason))
+        }
+        _ => None,
+    }
+    .map(BusError::Invalid)
 }
 
 fn denied(e: crate::auth::AuthError) -> Status {
@@ -347,10 +351,14 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         // A message that cannot be read (over the size limit, not a SubscribeRequest) ends the
         // stream with the reason, after the commands before it: dropping it silently would lose its
         // acks, and every later one. A subscriber that went away never reads the status.
-        let commands = inbound.map(|m| match m {
-            Ok(m) => convert::command(m).map_err(BusError::from),
-            Err(status) => Err(unreadable(&status)),
-        });
+        // Any other read error means the subscriber went away: the commands end, as at a half-close.
+        let commands = inbound
+            .map(|m| match m {
+                Ok(m) => Some(convert::command(m).map_err(BusError::from)),
+                Err(status) => unreadable(&status).map(Err),
+            })
+            .take_while(|c| ready(c.is_some()))
+            .filter_map(ready);
         let outbound = self
             .bus
             .subscribe(spec, Box::pin(commands))
