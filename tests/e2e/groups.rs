@@ -722,6 +722,33 @@ async fn groups_report_pending_lag_and_consumers() {
     assert_eq!(counts["stats"], 1);
 }
 
+/// An ack message with one id the server never handed out ends the stream naming it, but the ids
+/// beside it in the same message are settled: those deliveries were processed.
+#[tokio::test]
+async fn the_good_ids_of_an_ack_with_a_bad_one_are_kept() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["mixed.x"], "mixed");
+    o.ack_deadline = millis(60_000);
+    let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    publish_n(&mut bus, "m", "mixed.x", 2).await;
+    let got = first.deliveries(2).await;
+    first
+        .ack(&[got[0].delivery_id.clone(), "not-a-delivery".to_owned()])
+        .await;
+    let status = first.final_status().await.expect_err("bad id rejected");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("ack.delivery_ids[1]"),
+        "{status:?}"
+    );
+    // only the other delivery comes back
+    let mut second = Subscriber::open(&mut bus, o).await.expect("reopen");
+    let again = second.next_delivery().await;
+    assert_eq!(seq(&again), seq(&got[1]));
+    second.expect_idle(2).await;
+}
+
 #[tokio::test]
 async fn acks_sent_before_a_failing_command_are_kept() {
     let server = TestServer::start().await;
@@ -938,34 +965,70 @@ async fn large_events_replay_and_list_as_dead_letters_in_pages_that_fit_a_messag
         reason: "too big to handle".into(),
     }))
     .await;
-    let listed = eventually("every dead letter, page by page", || async {
-        let mut token = String::new();
-        let mut listed = Vec::new();
-        loop {
-            let page = server
-                .admin()
-                .list_dead_letters(pb::ListDeadLettersRequest {
-                    group: "big".into(),
-                    page_size: 0,
-                    page_token: token,
-                })
-                .await
-                .expect("a page that fits a message")
-                .into_inner();
-            listed.extend(
-                page.dead_letters
-                    .iter()
-                    .map(|d| d.event.as_ref().expect("event").sequence),
-            );
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            token = page.next_page_token;
-        }
-        (listed.len() == EVENTS).then_some(listed)
+    let (listed, _) = eventually("every dead letter, page by page", || async {
+        let (listed, pages) = every_dead_letter(&server, "big", 0).await;
+        (listed.len() == EVENTS).then_some((listed, pages))
     })
     .await;
     assert_eq!(listed, seqs);
+}
+
+/// The sequences of a group's dead letters, read page by page, and how many pages that took.
+async fn every_dead_letter(server: &TestServer, group: &str, page_size: u32) -> (Vec<u64>, usize) {
+    let mut token = String::new();
+    let mut listed = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = server
+            .admin()
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                group: group.into(),
+                page_size,
+                page_token: token,
+            })
+            .await
+            .expect("a page that fits a message")
+            .into_inner();
+        pages += 1;
+        listed.extend(
+            page.dead_letters
+                .iter()
+                .map(|d| d.event.as_ref().expect("event").sequence),
+        );
+        if page.next_page_token.is_empty() {
+            return (listed, pages);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Long reasons end a page of dead letters early too, even when its events are small: each NUL of
+/// a reason is kept escaped (5 bytes), so 1 KiB of them outweighs a small event fifty times.
+#[tokio::test]
+async fn dead_letters_with_long_reasons_come_in_pages_that_fit_a_message() {
+    const EVENTS: usize = 300;
+    // message limit: 64 KiB + 1 MiB; 300 letters with 5 KiB reasons are 1.5 MB, their events 50 KB
+    let server = TestServer::start_with(|c| c.limits.max_batch_bytes = 64 << 10).await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["reasons.x"], "reasons");
+    o.max_in_flight = EVENTS as u32;
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    let seqs = publish_n(&mut bus, "why", "reasons.x", EVENTS).await;
+    let ds = sub.deliveries(EVENTS).await;
+    sub.send(Action::Nack(pb::Nack {
+        delivery_ids: ds.iter().map(|d| d.delivery_id.clone()).collect(),
+        retry_delay: None,
+        dead_letter: true,
+        reason: "\0".repeat(1024),
+    }))
+    .await;
+    let (listed, pages) = eventually("every dead letter, page by page", || async {
+        let (listed, pages) = every_dead_letter(&server, "reasons", EVENTS as u32).await;
+        (listed.len() == EVENTS).then_some((listed, pages))
+    })
+    .await;
+    assert_eq!(listed, seqs);
+    assert!(pages > 1, "long reasons end pages early");
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::event_bus::principal;
@@ -204,37 +205,43 @@ impl pb::admin_server::Admin for AdminApi {
                 .parse()
                 .map_err(|_| invalid("page_token", "is not a token returned by ListDeadLetters"))?
         };
-        let mut letters = self
+        let letters = self
             .bus
             .dead_letters(&principal.tenant, &r.group, after, limit)
             .await
             .map_err(to_status)?;
-        // large events end a page early, so it fits one message
-        let fits = self
-            .bus
-            .limits()
-            .page_fits(letters.iter().map(|(_, e)| e.event.size()));
-        let full = letters.len() == limit || fits < letters.len();
-        letters.truncate(fits);
-        let next_page_token = if full {
-            letters
-                .last()
-                .map(|(d, _)| d.sequence.to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(Response::new(pb::ListDeadLettersResponse {
-            dead_letters: letters
-                .into_iter()
-                .map(|(d, e)| pb::DeadLetter {
+        let full = letters.len() == limit;
+        let mut letters: Vec<(u64, pb::DeadLetter)> = letters
+            .into_iter()
+            .map(|(d, e)| {
+                let letter = pb::DeadLetter {
                     event: Some(convert::stored_to_pb(&e)),
                     group: d.group,
                     attempts: d.attempts,
                     reason: d.reason,
                     dead_lettered_time: Some(convert::time_to_pb(d.dead_lettered_at)),
-                })
-                .collect(),
+                };
+                (d.sequence, letter)
+            })
+            .collect();
+        // large letters end a page early, so it fits one message: counted encoded, since a reason
+        // (up to 1 KiB, each NUL in it escaped to 5 bytes) can outweigh its event
+        let fits = self
+            .bus
+            .limits()
+            .page_fits(letters.iter().map(|(_, l)| l.encoded_len()));
+        let full = full || fits < letters.len();
+        letters.truncate(fits);
+        let next_page_token = if full {
+            letters
+                .last()
+                .map(|(sequence, _)| sequence.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            dead_letters: letters.into_iter().map(|(_, l)| l).collect(),
             next_page_token,
         }))
     }

@@ -1047,12 +1047,19 @@ impl Session {
             // the acks before it are saved above; `run` releases the rest as at any end
             Command::Close => return Ok(Flow::Close),
             Command::Ack(ids) => {
-                let ids = Self::parse_ids(&ids, "ack")?;
-                for (seq, attempt) in &ids {
+                // the ids that parse are settled even beside one that does not: its error ends the
+                // stream, and deliveries already processed must not come back as attempts
+                let valid: Vec<(u64, u32)> =
+                    ids.iter().filter_map(|id| parse_delivery_id(id)).collect();
+                for (seq, attempt) in &valid {
                     self.settle(*seq, *attempt);
                 }
+                let refused = valid.len() < ids.len();
                 if self.group.is_some() {
-                    self.unsaved_acks.extend(ids);
+                    self.unsaved_acks.extend(valid);
+                }
+                if refused {
+                    Self::parse_ids(&ids, "ack")?;
                 }
             }
             Command::Nack {
