@@ -160,4 +160,15 @@ async fn bad_filters_are_rejected() {
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         assert!(status.message().contains(needle), "{needle}: {status:?}");
     }
+    // the offending field is named by its protobuf path, dialects included
+    let mut o = open(&["filter.x"], "");
+    o.filter = Some(filter(F::Any(pb::FilterList {
+        filters: vec![filter(F::Exact(values(&[("Subject", "x")])))],
+    })));
+    let status = Subscriber::open(&mut bus, o).await.err().expect("rejected");
+    assert_eq!(
+        violations(&status),
+        [r#"open.filter.any.filters[0].exact.attributes["Subject"]"#],
+        "{status:?}"
+    );
 }

@@ -52,6 +52,16 @@ impl Filter {
         if depth > MAX_FILTER_DEPTH {
             return Err((path, format!("filter nests deeper than {MAX_FILTER_DEPTH}")));
         }
+        // paths name the protobuf fields: open.filter.any.filters[0].exact.attributes["x"]
+        let dialect = match &self.0 {
+            FilterKind::Exact(_) => "exact",
+            FilterKind::Prefix(_) => "prefix",
+            FilterKind::Suffix(_) => "suffix",
+            FilterKind::All(_) => "all",
+            FilterKind::Any(_) => "any",
+            FilterKind::Not(_) => "negate",
+        };
+        let path = format!("{path}.{dialect}");
         match &self.0 {
             FilterKind::Exact(map) | FilterKind::Prefix(map) | FilterKind::Suffix(map) => {
                 if map.is_empty() {
@@ -82,7 +92,7 @@ impl Filter {
                 }
                 Ok(())
             }
-            FilterKind::Not(inner) => inner.check(format!("{path}.negate"), depth + 1, nodes),
+            FilterKind::Not(inner) => inner.check(path, depth + 1, nodes),
         }
     }
 
