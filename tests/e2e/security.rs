@@ -1012,7 +1012,7 @@ async fn registered_publishers_publish_their_types_until_removed() {
                 &admin,
             ))
             .await,
-        Code::FailedPrecondition,
+        Code::AlreadyExists,
         "already registered",
     );
     let mut bad = registration.clone();

@@ -37,6 +37,7 @@ pub fn to_status(error: BusError) -> Status {
         BusError::OutOfRange(input) => violations(Code::OutOfRange, message, &input),
         BusError::AlreadyExists { .. } => Status::already_exists(message),
         BusError::NotFound(_) => Status::not_found(message),
+        BusError::Exists(_) => Status::already_exists(message),
         BusError::NoResponders { .. } => Status::with_error_details(
             Code::FailedPrecondition,
             message,

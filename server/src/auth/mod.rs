@@ -676,7 +676,7 @@ impl From<RegistryError> for crate::bus::BusError {
             RegistryError::Invalid(field, reason) => {
                 BusError::Invalid(crate::event::InvalidInput::field(field, reason))
             }
-            RegistryError::Exists(_) => BusError::FailedPrecondition(e.to_string()),
+            RegistryError::Exists(_) => BusError::Exists(e.to_string()),
             RegistryError::Missing(_) => BusError::NotFound(e.to_string()),
             RegistryError::Store(s) => s.into(),
         }

@@ -15,6 +15,9 @@ pub enum BusError {
     /// The named thing does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// What the call would create exists already (a registration, say).
+    #[error("{0}")]
+    Exists(String),
     /// A request found no subscriber that could receive it.
     #[error("no responders: no connected subscriber receives type {event_type:?}")]
     NoResponders { event_type: String },
