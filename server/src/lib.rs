@@ -168,6 +168,10 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
         }
         tracing::warn!(listen = %config.listen, "listening without authentication (--insecure): anyone who can connect may publish, read and administer");
     }
+    // not refused: TLS may end before the server (a mesh sidecar, a proxy), which the server cannot see
+    if authenticated && !config.tls.enabled() && !config.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.listen, "JWTs arrive without TLS: unless TLS ends in front of this server, anyone on the path can read and replay them");
+    }
     let tls = if config.tls.enabled() {
         Some(Arc::new(
             auth::Tls::new(&config.tls, config.auth.reload_check_interval)

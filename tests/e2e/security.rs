@@ -14,7 +14,9 @@ use tonic::{
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::harness::{Subscriber, TestServer, WAIT, event, eventually, open};
+use crate::harness::{
+    Subscriber, TestServer, WAIT, after_sequence, earliest, event, eventually, millis, open,
+};
 
 const ISSUER: &str = "https://issuer.test";
 const AUDIENCE: &str = "nerve";
@@ -528,6 +530,81 @@ async fn audit_records(server: &TestServer, admin: &str) -> Vec<pb::AuditRecord>
         .expect("admin reads the audit log")
         .into_inner()
         .records
+}
+
+/// `deny.replay` keeps a type's history from a principal through subscriptions too: one that starts
+/// before the latest event reads history. From the latest on, the subscribe grant is enough.
+#[tokio::test]
+async fn a_subscription_that_starts_in_history_is_held_to_replay_denials() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = r#"
+[[principal]]
+id = "planner"
+tenant = "acme"
+allow = { subscribe = ["task.>"] }
+deny = { replay = ["task.audit.>"] }
+"#;
+    let server = server_with_policy(dir.path(), policy, |_| {}).await;
+    let planner = hs_token(&claims("planner"));
+    let mut bus = server.bus();
+    let from = |start: pb::StartPosition| {
+        let mut o = open(&["task.audit.>"], "");
+        o.start = Some(start);
+        o
+    };
+    for start in [earliest(), after_sequence(0)].into_iter().flatten() {
+        assert_status(
+            Subscriber::open_as(&mut bus, from(start), Some(&planner))
+                .await
+                .map(|_| ()),
+            Code::PermissionDenied,
+            "replay of task.audit.> is denied by task.audit.>",
+        );
+    }
+    Subscriber::open_as(&mut bus, open(&["task.audit.>"], ""), Some(&planner))
+        .await
+        .expect("from the latest event on, the subscribe grant is enough");
+    let mut o = open(&["task.created"], "");
+    o.start = earliest();
+    Subscriber::open_as(&mut bus, o, Some(&planner))
+        .await
+        .expect("history of types not denied");
+}
+
+/// A request is stored as an event of its type, so `deny.publish` applies to it as to a reply.
+#[tokio::test]
+async fn a_request_of_a_type_the_caller_may_not_publish_is_denied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = r#"
+[[principal]]
+id = "planner"
+tenant = "acme"
+allow = { request = ["tool.*"] }
+deny = { publish = ["tool.secret"] }
+"#;
+    let server = server_with_policy(dir.path(), policy, |_| {}).await;
+    let planner = hs_token(&claims("planner"));
+    let mut bus = server.bus();
+    let ask = |event_type: &str| {
+        authorized(
+            pb::RequestRequest {
+                event: Some(sourced("q", event_type, "planner")),
+                timeout: millis(100),
+            },
+            &planner,
+        )
+    };
+    assert_status(
+        bus.request(ask("tool.secret")).await,
+        Code::PermissionDenied,
+        "publishing \"tool.secret\" is denied by tool.secret",
+    );
+    // the grant itself holds: nobody answers this one
+    assert_status(
+        bus.request(ask("tool.run")).await,
+        Code::FailedPrecondition,
+        "no responders",
+    );
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     auth::{Action, Auth, Principal},
-    bus::{Bus, BusError, ReplayRequest, decode_resume_token},
+    bus::{Bus, BusError, ReplayRequest, Start, decode_resume_token},
     event::{Event, InvalidInput, TypePattern, check_text},
     store::ReadQuery,
     telemetry,
@@ -343,6 +343,15 @@ impl pb::event_bus_server::EventBus for EventBusApi {
                 e.read(Action::Subscribe, &patterns)
             })
             .map_err(denied)?;
+        // a start before the latest event reads history: what `deny.replay` keeps from the caller
+        // stays kept (the subscribe grant covers history otherwise, as a consumer's does elsewhere)
+        if !matches!(spec.start, Start::Latest) {
+            self.auth
+                .check(&principal, "subscribe.history", &resource, |e| {
+                    e.read_not_denied(Action::Replay, &patterns)
+                })
+                .map_err(denied)?;
+        }
         if let Some(group) = &spec.group {
             self.auth
                 .check(&principal, "subscribe.group", group, |e| e.group(group))
@@ -391,6 +400,8 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         self.auth
             .check(&principal, "request", &event.event_type, |e| {
                 e.typed(Action::Request, &event.event_type)?;
+                // stored as an event of its type, as a reply is: what the caller may not publish stays out
+                e.publish_not_denied(&event.event_type)?;
                 e.source(&event.source)
             })
             .map_err(denied)?;

@@ -247,7 +247,14 @@ impl JwtVerifier {
                         self.config.tenant_claim
                     )));
                 }
-                _ => None,
+                // present but not a string: refused, not read as absent (the default tenant)
+                Some(_) => {
+                    return Err(AuthError::Unauthenticated(format!(
+                        "token claim {} must be a string",
+                        self.config.tenant_claim
+                    )));
+                }
+                None => None,
             }
         };
         Ok(TokenClaims { subject, tenant })
@@ -267,6 +274,44 @@ mod tests {
             ..JwtConfig::default()
         };
         JwtVerifier::new(&config, std::time::Duration::from_secs(60))
+    }
+
+    #[test]
+    fn a_tenant_claim_that_is_not_a_string_is_refused_not_read_as_absent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "x".repeat(40)).expect("secret");
+        let config = JwtConfig {
+            issuer: "i".into(),
+            audience: "a".into(),
+            algorithms: vec!["HS256".into()],
+            hs_secret_file: secret.display().to_string(),
+            tenant_claim: "tenant".into(),
+            ..JwtConfig::default()
+        };
+        let verifier =
+            JwtVerifier::new(&config, std::time::Duration::from_secs(60)).expect("verifier");
+        let tenant_of = |tenant: Option<Value>| {
+            let mut claims = Map::new();
+            claims.insert("sub".into(), Value::String("svc".into()));
+            if let Some(tenant) = tenant {
+                claims.insert("tenant".into(), tenant);
+            }
+            verifier.claims(claims).map(|c| c.tenant)
+        };
+        assert_eq!(
+            tenant_of(Some(Value::String("acme".into()))).ok(),
+            Some(Some("acme".to_owned()))
+        );
+        assert_eq!(tenant_of(None).ok(), Some(None));
+        for wrong in [
+            serde_json::json!(["acme"]),
+            serde_json::json!({"id": "acme"}),
+            serde_json::json!(42),
+            Value::Null,
+        ] {
+            assert!(tenant_of(Some(wrong.clone())).is_err(), "{wrong}");
+        }
     }
 
     #[test]

@@ -334,16 +334,23 @@ impl Evaluator<'_> {
 
     /// May the principal send events (publishes, requests, replies) with this source?
     pub fn source(&self, source: &str) -> Decision {
-        // the principal's own sources: the file's list, else its id and what lies under it
-        let own = [Glob(self.id.to_owned()), Glob(format!("{}/*", self.id))];
-        let file_sources = match self.file().and_then(|f| f.sources.as_ref()) {
-            Some(list) => list.as_slice(),
-            None => &own,
+        // the principal's own sources: the file's list, else its id and what lies under it, taken
+        // literally (an id is no glob: a certificate for *.agents.example must not own every agent's)
+        let own = match self.file().and_then(|f| f.sources.as_ref()) {
+            Some(list) => list.iter().any(|g| g.matches(source)),
+            None => {
+                source == self.id
+                    || source
+                        .strip_prefix(self.id)
+                        .is_some_and(|under| under.starts_with('/'))
+            }
         };
-        let source_ok = file_sources
-            .iter()
-            .chain(self.registered().into_iter().flat_map(|r| &r.sources))
-            .any(|g| g.matches(source));
+        let source_ok = own
+            || self
+                .registered()
+                .into_iter()
+                .flat_map(|r| &r.sources)
+                .any(|g| g.matches(source));
         if source_ok {
             Ok(())
         } else {
@@ -354,10 +361,10 @@ impl Evaluator<'_> {
         }
     }
 
-    /// May the principal receive every type the patterns select (subscribe, request-side reads, replay)?
-    pub fn read(&self, action: Action, patterns: &[TypePattern]) -> Decision {
+    /// Does no `deny` pattern of `action` overlap what the patterns select?
+    pub fn read_not_denied(&self, action: Action, patterns: &[TypePattern]) -> Decision {
         let Some(file) = self.file() else {
-            return Err(format!("{:?} has no {} grants", self.id, action.as_str()));
+            return Ok(());
         };
         for pattern in patterns {
             if let Some(deny) = file
@@ -371,6 +378,17 @@ impl Evaluator<'_> {
                     action.as_str()
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// May the principal receive every type the patterns select (subscribe, request-side reads, replay)?
+    pub fn read(&self, action: Action, patterns: &[TypePattern]) -> Decision {
+        let Some(file) = self.file() else {
+            return Err(format!("{:?} has no {} grants", self.id, action.as_str()));
+        };
+        self.read_not_denied(action, patterns)?;
+        for pattern in patterns {
             if !file
                 .allow
                 .patterns(action)
@@ -522,6 +540,22 @@ deny = { publish = ["task.secret.>"], replay = ["audit.>"] }
         assert!(e("acme").publish("order.placed", "//other").is_err());
         assert!(e("acme").publish("invoice.sent", "//orders").is_err());
         assert!(e("globex").publish("order.placed", "//orders").is_err());
+    }
+
+    #[test]
+    fn an_id_owns_its_sources_literally_not_as_a_glob() {
+        let (policy, registry) = (Policy::default(), Registry::new(&[]));
+        let e = Evaluator {
+            id: "*.agents.example",
+            tenant: "default",
+            policy: &policy,
+            registry: &registry,
+        };
+        assert!(e.source("*.agents.example").is_ok());
+        assert!(e.source("*.agents.example/worker-1").is_ok());
+        assert!(e.source("planner.agents.example").is_err());
+        assert!(e.source("x/planner.agents.example/y").is_err());
+        assert!(e.source("*.agents.examplex").is_err());
     }
 
     #[test]
