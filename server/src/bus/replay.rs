@@ -94,6 +94,10 @@ impl Bus {
                 let mut scan = 0;
                 let mut bytes = 0;
                 while page.events.len() < request.page_size && remaining > 0 {
+                    // a selection that matches little scans on between pages: not for a caller gone
+                    if tx.is_closed() {
+                        return;
+                    }
                     let fit = (bus.limits.page_bytes() / event_bytes).max(1);
                     let want = (request.page_size - page.events.len())
                         .min(remaining as usize)

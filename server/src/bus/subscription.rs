@@ -553,7 +553,9 @@ impl Session {
     }
 
     async fn fill_private(&mut self) -> BusResult<()> {
-        while self.credits > 0 {
+        // a selection that matches little reads history for a while without sending: not for a
+        // subscriber gone meanwhile (`serve` then sees the closed stream)
+        while self.credits > 0 && !self.tx.is_closed() {
             let tail = self
                 .bus
                 .streams
@@ -735,7 +737,14 @@ impl Session {
     async fn mark_caught_up(&mut self) -> BusResult<()> {
         if !self.caught_up {
             self.caught_up = true;
-            let sequence = self.position.max(*self.bus.streams.head().borrow());
+            // A private stream has delivered every match up to its position and no further: the tail
+            // may already hold later events, which follow the marker, so a client resuming after the
+            // marker's sequence must not skip them. A group member has no position of its own.
+            let sequence = if self.group.is_some() {
+                *self.bus.streams.head().borrow()
+            } else {
+                self.position
+            };
             self.send(Outbound::CaughtUp { sequence }).await?;
         }
         Ok(())
