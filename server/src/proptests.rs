@@ -5,7 +5,7 @@ use proptest::prelude::*;
 
 use crate::{
     api::{convert, pb},
-    auth::{JwtConfig, jwt::JwtVerifier, policy::Policy, tls::certificate_identity},
+    auth::{jwt::JwtVerifier, policy::Policy, tls::certificate_identity},
     event::{TypePattern, validate_type},
 };
 
@@ -16,17 +16,7 @@ fn verifier() -> &'static JwtVerifier {
     &VERIFIER
         .get_or_init(|| {
             let dir = tempfile::tempdir().expect("tempdir");
-            let secret = dir.path().join("secret");
-            std::fs::write(&secret, "x".repeat(40)).expect("secret");
-            let config = JwtConfig {
-                issuer: "i".into(),
-                audience: "a".into(),
-                algorithms: vec!["HS256".into()],
-                hs_secret_file: secret.display().to_string(),
-                ..JwtConfig::default()
-            };
-            let verifier =
-                JwtVerifier::new(&config, std::time::Duration::from_secs(60)).expect("verifier");
+            let verifier = crate::auth::jwt::tests::hs_verifier(dir.path(), "");
             (dir, verifier)
         })
         .1

@@ -262,8 +262,23 @@ impl JwtVerifier {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A verifier of HS256 tokens (issuer "i", audience "a") with a secret written into `dir`.
+    pub(crate) fn hs_verifier(dir: &std::path::Path, tenant_claim: &str) -> JwtVerifier {
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "x".repeat(40)).expect("secret");
+        let config = JwtConfig {
+            issuer: "i".into(),
+            audience: "a".into(),
+            algorithms: vec!["HS256".into()],
+            hs_secret_file: secret.display().to_string(),
+            tenant_claim: tenant_claim.into(),
+            ..JwtConfig::default()
+        };
+        JwtVerifier::new(&config, std::time::Duration::from_secs(60)).expect("verifier")
+    }
 
     fn with_leeway(leeway: std::time::Duration) -> Result<JwtVerifier, String> {
         let config = JwtConfig {
@@ -279,18 +294,7 @@ mod tests {
     #[test]
     fn a_tenant_claim_that_is_not_a_string_is_refused_not_read_as_absent() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, "x".repeat(40)).expect("secret");
-        let config = JwtConfig {
-            issuer: "i".into(),
-            audience: "a".into(),
-            algorithms: vec!["HS256".into()],
-            hs_secret_file: secret.display().to_string(),
-            tenant_claim: "tenant".into(),
-            ..JwtConfig::default()
-        };
-        let verifier =
-            JwtVerifier::new(&config, std::time::Duration::from_secs(60)).expect("verifier");
+        let verifier = hs_verifier(dir.path(), "tenant");
         let tenant_of = |tenant: Option<Value>| {
             let mut claims = Map::new();
             claims.insert("sub".into(), Value::String("svc".into()));
