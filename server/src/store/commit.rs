@@ -344,6 +344,20 @@ impl RecentCommits {
         (!out.is_empty()).then_some(out)
     }
 
+    /// Waits for this process' commit in flight, if any. Its events carry a recorded time taken when it
+    /// began, so a time bound turned into a sequence right after this counts them.
+    pub(crate) async fn settled(&self) {
+        let state = *self.writer.borrow();
+        if state.committing {
+            // an error means the writer is gone: nothing is in flight any more
+            let _ = self
+                .writer
+                .subscribe()
+                .wait_for(|w| w.finished > state.finished)
+                .await;
+        }
+    }
+
     /// [`RecentCommits::read_after`], except that a read past every held event, while a commit is in
     /// flight, first waits for that commit. A replica's commit listener can hear its own commit before
     /// the writer has put the events here; reading them back from the database instead cost a round
@@ -659,6 +673,26 @@ mod tests {
         assert_eq!(sequences(recent.read_after(8, 100)), None, "9 is not held");
         assert_eq!(sequences(recent.read_after(15, 100)), None);
         assert_eq!(sequences(recent.read_after(u64::MAX, 100)), None);
+    }
+
+    #[tokio::test]
+    async fn settling_waits_for_the_commit_in_flight_only() {
+        let recent = Arc::new(RecentCommits::default());
+        recent.settled().await;
+        recent.begin();
+        let settling = tokio::spawn({
+            let recent = recent.clone();
+            async move { recent.settled().await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !settling.is_finished(),
+            "settled before the commit finished"
+        );
+        recent.finish(Vec::new());
+        settling.await.expect("settled");
     }
 
     #[tokio::test]

@@ -707,6 +707,13 @@ impl EventStore for PostgresStore {
     }
 
     async fn sequence_before(&self, time: DateTime<Utc>) -> StoreResult<u64> {
+        // Any replica's commit in flight holds the sequence row from its recorded time until it
+        // shows; taking the row (and letting go at once) waits for it, so the search below counts
+        // its events, and every later commit is stamped after this moment.
+        sqlx::query("SELECT seq FROM nerve_sequence FOR SHARE")
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
         let seq: i64 = sqlx::query_scalar(super::SEQUENCE_BEFORE_SQL)
             .bind(super::sqlite::to_ns(time))
             .fetch_one(&self.pool)

@@ -806,6 +806,9 @@ impl EventStore for SqliteStore {
     }
 
     async fn sequence_before(&self, time: DateTime<Utc>) -> StoreResult<u64> {
+        // a commit in flight is stamped before it takes the writer's lock and shows at its end: a
+        // bound computed meanwhile would leave out its events, stamped before the bound
+        self.recent.settled().await;
         let seq: i64 = sqlx::query_scalar(super::SEQUENCE_BEFORE_SQL)
             .bind(to_ns(time))
             .fetch_one(&self.db.pool)
