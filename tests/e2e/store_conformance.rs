@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeSet, sync::Arc};
 
-use crate::harness::fresh_schema_url;
+use crate::harness::{eventually, fresh_schema_url};
 use nerve::{
     event::{Event, Priority, Selection, TypePattern},
     store::{
@@ -1195,4 +1195,70 @@ async fn postgres_replicas_interleave_and_a_follower_skips_nothing() {
         .expect("follower done")
         .expect("follower");
     assert_eq!(seen.len(), total);
+}
+
+/// A Postgres commit takes its recorded time once it holds the sequence row, not before it waits for
+/// it: a time lookup that waits for the row (Replay's end time) then counts every commit stamped
+/// before it. Here the row is held by another transaction while a commit waits for it.
+#[tokio::test]
+async fn postgres_a_commit_is_stamped_once_it_holds_the_sequence_row() {
+    use sqlx::Connection as _;
+    let url = fresh_schema_url().await;
+    let store = PostgresStore::connect(&url, 8).await.expect("store");
+    // the writer's connection is made by its first commit
+    store
+        .append("t", vec![new_event("first", "x.y")])
+        .await
+        .expect("append");
+    let mut holder = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await
+        .expect("pid");
+    sqlx::query("BEGIN")
+        .execute(&mut holder)
+        .await
+        .expect("begin");
+    sqlx::query("SELECT seq FROM nerve_sequence FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .expect("hold the sequence row");
+    let commit = tokio::spawn({
+        let store = store.clone();
+        async move { store.append("t", vec![new_event("held", "x.y")]).await }
+    });
+    let mut watcher = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let watcher = tokio::sync::Mutex::new(&mut watcher);
+    eventually("the commit waits for the sequence row", || async {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(holder_pid)
+        .fetch_one(&mut **watcher.lock().await)
+        .await
+        .expect("blocked backends");
+        (blocked > 0).then_some(())
+    })
+    .await;
+    let released_ns: i64 = sqlx::query_scalar(
+        "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT * 1000",
+    )
+    .fetch_one(&mut holder)
+    .await
+    .expect("time");
+    sqlx::query("COMMIT")
+        .execute(&mut holder)
+        .await
+        .expect("let go");
+    let appended = commit.await.expect("join").expect("committed");
+    let stored = store
+        .read_sequences(&[appended[0].sequence])
+        .await
+        .expect("read");
+    let recorded_ns = stored[0].recorded_at.timestamp_nanos_opt().expect("ns");
+    assert!(
+        recorded_ns >= released_ns,
+        "stamped {} ns before the row was free",
+        released_ns - recorded_ns
+    );
 }

@@ -480,9 +480,12 @@ async fn commit_jitter() {
 
 /// Inserts the rows, updates the per-type statistics and the head, and notifies the other replicas, in
 /// one statement; returns the head it found and the recorded time of the rows (ns since the epoch). It
-/// locks the sequence row itself, and the rows' sequences are `head + (seq - base)`: with `base` 0 the
-/// rows are numbered from whatever head it finds, with `base` the head an open transaction has locked
-/// they keep their sequences. Data-modifying CTEs run whether or not the outer query reads them.
+/// locks the sequence row itself, and takes the time once it holds the row (a locking scan computes its
+/// columns before it waits for the lock, so the time is read from the locked row's materialized
+/// result): a time lookup that waits for the row then counts every commit stamped before it. The
+/// rows' sequences are `head + (seq - base)`: with `base` 0 the rows are numbered from whatever head
+/// it finds, with `base` the head an open transaction has locked they keep their sequences.
+/// Data-modifying CTEs run whether or not the outer query reads them.
 async fn insert_rows(
     conn: &mut PgConnection,
     rows: &[NewRow<'_>],
@@ -503,9 +506,10 @@ async fn insert_rows(
     let stats = commit::type_stats(rows);
     let last = rows.last().map_or(0, |r| r.seq - base);
     let row = sqlx::query(
-        "WITH lock AS (SELECT seq AS head, \
+        "WITH locked AS MATERIALIZED (SELECT seq, recorded_ns FROM nerve_sequence FOR UPDATE), \
+         lock AS (SELECT seq AS head, \
            GREATEST(recorded_ns, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT * 1000) AS now_ns \
-           FROM nerve_sequence FOR UPDATE), \
+           FROM locked), \
          ins AS (INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body_binary) \
            SELECT lock.head + s, t, so, i, ty, su, c, p, lock.now_ns, h, b FROM lock, UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
            $6::TEXT[], $7::TEXT[], $8::SMALLINT[], $9::BYTEA[], $10::BYTEA[]) AS x(s, t, so, i, ty, su, c, p, h, b)), \
@@ -709,8 +713,9 @@ impl EventStore for PostgresStore {
     async fn sequence_before(&self, time: DateTime<Utc>) -> StoreResult<u64> {
         // Any replica's commit in flight holds the sequence row from its recorded time until it
         // shows; taking the row (and letting go at once) waits for it, so the search below counts
-        // its events, and every later commit is stamped after this moment.
-        sqlx::query("SELECT seq FROM nerve_sequence FOR SHARE")
+        // its events, and every later commit is stamped after this moment. FOR UPDATE, not FOR
+        // SHARE: a share lock may pass writers already waiting, and a stream of lookups starve them.
+        sqlx::query("SELECT seq FROM nerve_sequence FOR UPDATE")
             .execute(&self.pool)
             .await
             .map_err(map_err)?;
@@ -1129,7 +1134,7 @@ mod tests {
         }
         let (generic, custom): (i64, i64) = sqlx::query_as(
             "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
-             WHERE statement LIKE 'WITH lock AS%'",
+             WHERE statement LIKE 'WITH locked AS%'",
         )
         .fetch_one(&mut conn)
         .await
