@@ -532,8 +532,9 @@ async fn audit_records(server: &TestServer, admin: &str) -> Vec<pb::AuditRecord>
         .records
 }
 
-/// `deny.replay` keeps a type's history from a principal through subscriptions too: one that starts
-/// before the latest event reads history. From the latest on, the subscribe grant is enough.
+/// `deny.replay` keeps a type's history from a principal through private subscriptions too: one that
+/// starts before the latest event reads history. From the latest on, the subscribe grant is enough; a
+/// group's backlog is the group's (its grant decides).
 #[tokio::test]
 async fn a_subscription_that_starts_in_history_is_held_to_replay_denials() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -541,7 +542,7 @@ async fn a_subscription_that_starts_in_history_is_held_to_replay_denials() {
 [[principal]]
 id = "planner"
 tenant = "acme"
-allow = { subscribe = ["task.>"] }
+allow = { subscribe = ["task.>"], groups = ["auditors"] }
 deny = { replay = ["task.audit.>"] }
 "#;
     let server = server_with_policy(dir.path(), policy, |_| {}).await;
@@ -569,6 +570,11 @@ deny = { replay = ["task.audit.>"] }
     Subscriber::open_as(&mut bus, o, Some(&planner))
         .await
         .expect("history of types not denied");
+    let mut o = open(&["task.audit.>"], "auditors");
+    o.start = earliest();
+    Subscriber::open_as(&mut bus, o, Some(&planner))
+        .await
+        .expect("a group's start is the group's");
 }
 
 /// A request is stored as an event of its type, so `deny.publish` applies to it as to a reply.

@@ -343,9 +343,11 @@ impl pb::event_bus_server::EventBus for EventBusApi {
                 e.read(Action::Subscribe, &patterns)
             })
             .map_err(denied)?;
-        // a start before the latest event reads history: what `deny.replay` keeps from the caller
-        // stays kept (the subscribe grant covers history otherwise, as a consumer's does elsewhere)
-        if !matches!(spec.start, Start::Latest) {
+        // a private stream that starts before the latest event reads history: what `deny.replay`
+        // keeps from the caller stays kept (the subscribe grant covers history otherwise, as a
+        // consumer's does elsewhere). A group's start is its creator's, and its backlog is shared:
+        // that falls under the group grant.
+        if spec.group.is_none() && !matches!(spec.start, Start::Latest) {
             self.auth
                 .check(&principal, "subscribe.history", &resource, |e| {
                     e.read_not_denied(Action::Replay, &patterns)
@@ -359,8 +361,8 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         }
         // A message that cannot be read (over the size limit, not a SubscribeRequest) ends the
         // stream with the reason, after the commands before it: dropping it silently would lose its
-        // acks, and every later one. A subscriber that went away never reads the status.
-        // Any other read error means the subscriber went away: the commands end, as at a half-close.
+        // acks, and every later one. Any other read error means the subscriber went away: the
+        // commands end, as at a half-close.
         let commands = inbound
             .map(|m| match m {
                 Ok(m) => Some(convert::command(m).map_err(BusError::from)),
