@@ -172,3 +172,29 @@ async fn bad_filters_are_rejected() {
         "{status:?}"
     );
 }
+
+/// A private stream whose filter matches nothing of a long history still hears its commands while it
+/// reads that history: a close sent during the read ends it long before the history is read through.
+#[tokio::test]
+async fn a_history_that_matches_nothing_is_read_in_turns_with_the_commands() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (server, injection) = crate::injected_store::start_injected().await;
+    let mut bus = server.bus();
+    // past the live tail (16,384 events), with the default window of 64: about 370 history pages
+    publish_n(&mut bus, "scan", "scan.x", 40_000).await;
+    let mut o = open(&["scan.x"], "");
+    o.start = earliest();
+    o.filter = Some(filter(F::Exact(values(&[("subject", "never")]))));
+    let (reached, go) = injection.before_read.arm();
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    reached.await.expect("the stream reads its history");
+    let before = injection.reads.load(SeqCst);
+    sub.send(Action::Close(pb::Close {})).await;
+    drop(go);
+    sub.final_status().await.expect("closed");
+    let read = injection.reads.load(SeqCst) - before;
+    assert!(
+        read < 100,
+        "{read} history pages read before the close was heard"
+    );
+}

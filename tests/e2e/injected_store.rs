@@ -4,7 +4,7 @@
 
 use std::sync::{
     Arc, Mutex,
-    atomic::{AtomicBool, Ordering},
+    atomic::{AtomicBool, AtomicUsize, Ordering},
 };
 
 use async_trait::async_trait;
@@ -34,6 +34,10 @@ pub struct Injection {
     pub fail_next_read_sequences: AtomicBool,
     /// Fails the next `put_dead_letter` with UNAVAILABLE, recording nothing.
     pub fail_next_put_dead_letter: AtomicBool,
+    /// Stops a `read` before it reads.
+    pub before_read: Gate,
+    /// How many `read` calls reached the store.
+    pub reads: AtomicUsize,
 }
 
 /// A point in a store call where, once armed, the next call to reach it waits for the test.
@@ -106,6 +110,8 @@ impl EventStore for InjectedStore {
     }
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
         self.check()?;
+        self.injection.before_read.pass().await;
+        self.injection.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.read(query).await
     }
     async fn read_sequences(&self, sequences: &[u64]) -> StoreResult<Vec<Arc<StoredEvent>>> {

@@ -179,6 +179,9 @@ const TAIL_READ: usize = 512;
 const DELIVERY_RUN: usize = 64;
 /// Events per history page a private stream reads from the store.
 const HISTORY_PAGE: usize = 1024;
+/// History pages a private stream reads in one fill before it turns to its commands and heartbeats:
+/// a selection that matches little can read a long history without sending anything.
+const HISTORY_PAGES_PER_FILL: usize = 16;
 /// History pages a private stream reads ahead when most sequences of its history match it (each
 /// within its credits: it never reads more than its window could take).
 const DENSE_READ_AHEAD: usize = 2;
@@ -544,15 +547,16 @@ impl Session {
     /// Sends what the credits allow; returns when group entries next become due, if known.
     async fn fill(&mut self) -> BusResult<Option<Instant>> {
         match self.group.clone() {
-            None => {
-                self.fill_private().await?;
-                Ok(None)
-            }
+            // history left to read: again at once, after the commands
+            None => Ok(self.fill_private().await?.then(Instant::now)),
             Some(key) => self.fill_group(&key).await,
         }
     }
 
-    async fn fill_private(&mut self) -> BusResult<()> {
+    /// Sends what the credits allow from the tail or history; true when it stopped with history left
+    /// to read ([`HISTORY_PAGES_PER_FILL`]).
+    async fn fill_private(&mut self) -> BusResult<bool> {
+        let mut pages = 0;
         // a selection that matches little reads history for a while without sending: not for a
         // subscriber gone meanwhile (`serve` then sees the closed stream)
         while self.credits > 0 && !self.tx.is_closed() {
@@ -577,12 +581,12 @@ impl Session {
                     // and waits for nothing else, and its growth wakes this stream. The store (its
                     // head a round trip on Postgres, after every delivery) is read only to catch up.
                     if self.caught_up {
-                        return Ok(());
+                        return Ok(false);
                     }
                     let committed = self.bus.store.head().await?;
                     if self.position >= committed {
                         self.mark_caught_up().await?;
-                        return Ok(());
+                        return Ok(false);
                     }
                     committed
                 }
@@ -601,8 +605,12 @@ impl Session {
                     self.position = self.position.max(until);
                 }
             }
+            pages += 1;
+            if pages == HISTORY_PAGES_PER_FILL {
+                return Ok(true);
+            }
         }
-        Ok(())
+        Ok(false)
     }
 
     fn history_query(&self, after: u64, until: u64, limit: usize) -> ReadQuery {
