@@ -836,10 +836,17 @@ impl Session {
     ) -> BusResult<Vec<(Claimed, Arc<StoredEvent>)>> {
         let deliveries: Vec<(u64, u32)> = claimed.iter().map(|c| (c.sequence, c.attempt)).collect();
         let read = self.with_events(key, claimed).await;
-        if read.is_err() && self.release_unsent(key, &deliveries).await {
-            let _ = self.bus.streams.wake_group(key).await;
+        if read.is_err() {
+            self.hand_back_unsent(key, &deliveries).await;
         }
         read
+    }
+
+    /// Claims a failure left unsent go back at once, uncounted, and the group is woken for them.
+    async fn hand_back_unsent(&self, key: &GroupKey, deliveries: &[(u64, u32)]) {
+        if self.release_unsent(key, deliveries).await {
+            let _ = self.bus.streams.wake_group(key).await;
+        }
     }
 
     /// Hands back deliveries nobody was sent, uncounted ([`LiveStreams::release_unsent`]); false
@@ -910,16 +917,12 @@ impl Session {
         while let Some((entry, event)) = claimed.next() {
             if entry.attempt > max_attempts {
                 if let Err(error) = self.dead_letter(key, &entry, entry.attempt - 1, None).await {
-                    // this entry and the rest are leased to this member and were never sent: the
-                    // session's end hands them back with its unsent deliveries, uncounted
-                    for left in std::iter::once(entry).chain(claimed.map(|(c, _)| c)) {
-                        let unsent = Outstanding {
-                            attempt: left.attempt,
-                            deadline: None,
-                            sent: false,
-                        };
-                        self.outstanding.insert(left.sequence, unsent);
-                    }
+                    // this entry and the rest are leased to this member and were never sent
+                    let left: Vec<(u64, u32)> = std::iter::once(&entry)
+                        .chain(claimed.as_slice().iter().map(|(c, _)| c))
+                        .map(|c| (c.sequence, c.attempt))
+                        .collect();
+                    self.hand_back_unsent(key, &left).await;
                     return Err(error);
                 }
                 continue;
