@@ -940,21 +940,15 @@ async fn large_events_replay_and_list_as_dead_letters_in_pages_that_fit_a_messag
         seqs.extend(publish(&mut bus, events).await);
     }
     // the default page of 100 would be 10.8 MB, over the 5 MiB message limit
-    let pages = collect_replay(
-        bus.replay(pb::ReplayRequest {
+    let pages = replay_pages(
+        &mut bus,
+        pb::ReplayRequest {
             types: vec!["big.x".into()],
             ..Default::default()
-        })
-        .await
-        .expect("replay")
-        .into_inner(),
+        },
     )
     .await;
-    let replayed: Vec<u64> = pages
-        .iter()
-        .flat_map(|p| p.events.iter().map(|e| e.sequence))
-        .collect();
-    assert_eq!(replayed, seqs, "every event, in order");
+    assert_eq!(page_sequences(&pages), seqs, "every event, in order");
     assert!(pages.len() > 1, "large events end pages early");
 
     let ds = sub.deliveries(EVENTS).await;

@@ -582,6 +582,22 @@ pub async fn collect_replay(mut stream: Streaming<pb::ReplayResponse>) -> Vec<pb
     out
 }
 
+/// Replays `request` to its end and returns every page.
+pub async fn replay_pages(
+    bus: &mut EventBusClient<Channel>,
+    request: pb::ReplayRequest,
+) -> Vec<pb::ReplayResponse> {
+    collect_replay(bus.replay(request).await.expect("replay").into_inner()).await
+}
+
+/// The sequences of the pages' events, in order.
+pub fn page_sequences(pages: &[pb::ReplayResponse]) -> Vec<u64> {
+    pages
+        .iter()
+        .flat_map(|p| p.events.iter().map(|e| e.sequence))
+        .collect()
+}
+
 /// Polls `check` until it returns Some, failing after [`WAIT`]; for server-side effects with no event to await.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where

@@ -38,6 +38,8 @@ pub struct Injection {
     pub before_read: Gate,
     /// How many `read` calls reached the store.
     pub reads: AtomicUsize,
+    /// The most events one `read` returned.
+    pub most_events_read: AtomicUsize,
 }
 
 /// A point in a store call where, once armed, the next call to reach it waits for the test.
@@ -112,7 +114,11 @@ impl EventStore for InjectedStore {
         self.check()?;
         self.injection.before_read.pass().await;
         self.injection.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.read(query).await
+        let page = self.inner.read(query).await?;
+        self.injection
+            .most_events_read
+            .fetch_max(page.events.len(), Ordering::SeqCst);
+        Ok(page)
     }
     async fn read_sequences(&self, sequences: &[u64]) -> StoreResult<Vec<Arc<StoredEvent>>> {
         self.check()?;

@@ -351,11 +351,7 @@ async fn resuming_a_replay_open_to_the_future_while_publishers_commit_skips_noth
             )
             .await;
             let last = pages.last().expect("a page").resume_token.clone();
-            let sequences: Vec<u64> = pages
-                .iter()
-                .flat_map(|p| p.events.iter().map(|e| e.sequence))
-                .collect();
-            (sequences, last)
+            (page_sequences(&pages), last)
         }
     };
     while publishers.iter().any(|p| !p.is_finished()) {
@@ -375,4 +371,75 @@ async fn resuming_a_replay_open_to_the_future_while_publishers_commit_skips_noth
         "resumed past {} events: {missing:?}",
         missing.len()
     );
+}
+
+/// A selection that matches little still answers page by page: after a bounded scan the replay sends
+/// what it found, possibly nothing, with a token to continue from, rather than scanning the whole
+/// history before its first answer (which a caller's deadline may not wait for).
+#[tokio::test]
+async fn a_selection_that_matches_little_answers_with_pages_while_it_scans() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    // more than one page's scan of sequences (16 reads of 4,096) before the only match
+    publish_n(&mut bus, "hay", "rare.x", 70_000).await;
+    let mut needle = event("needle", "rare.x");
+    needle.subject = "needle".into();
+    let needle_seq = publish(&mut bus, vec![needle]).await[0];
+    let request = pb::ReplayRequest {
+        types: vec!["rare.x".into()],
+        subject: "needle".into(),
+        page_size: 100,
+        ..Default::default()
+    };
+    let pages = replay_pages(&mut bus, request.clone()).await;
+    let first = pages.first().expect("a page");
+    assert!(
+        first.events.is_empty() && !first.end_of_history && !first.resume_token.is_empty(),
+        "the first page answers before the scan reaches the match: {} events, end {}",
+        first.events.len(),
+        first.end_of_history
+    );
+    assert_eq!(page_sequences(&pages), vec![needle_seq]);
+    assert!(pages.last().expect("a page").end_of_history);
+    // the empty page's token continues the scan where it stopped
+    let resumed = replay_pages(
+        &mut bus,
+        pb::ReplayRequest {
+            resume_token: first.resume_token.clone(),
+            ..request
+        },
+    )
+    .await;
+    assert_eq!(page_sequences(&resumed), vec![needle_seq]);
+}
+
+/// Large events are read a page's bytes at a time: a replay asking for pages of 1,000 does not make
+/// the server read 1,000 events of 600 KiB (600 MB) at once.
+#[tokio::test]
+async fn large_events_are_read_a_page_of_bytes_at_a_time() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (server, injection) = crate::injected_store::start_injected().await;
+    let mut bus = server.bus();
+    let large = |i: usize| {
+        let mut e = event(&format!("large-{i}"), "large.x");
+        e.data = Some(pb::event::Data::BinaryData(vec![7; 600 << 10]));
+        e
+    };
+    let mut stored = Vec::new();
+    for chunk in (0..30).collect::<Vec<_>>().chunks(6) {
+        stored.extend(publish(&mut bus, chunk.iter().map(|i| large(*i)).collect()).await);
+    }
+    let pages = replay_pages(
+        &mut bus,
+        pb::ReplayRequest {
+            types: vec!["large.x".into()],
+            page_size: 1000,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(page_sequences(&pages), stored);
+    // a page carries 4 MiB: six such events, and one more to learn that the seventh does not fit
+    let most = injection.most_events_read.load(SeqCst);
+    assert!(most <= 7, "one read returned {most} events of 600 KiB");
 }

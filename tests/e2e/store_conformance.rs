@@ -7,10 +7,10 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use crate::harness::{eventually, fresh_schema_url};
 use nerve::{
-    event::{Event, Priority, Selection, TypePattern},
+    event::{Data, Event, Priority, Selection, TypePattern},
     store::{
         AuditPruned, AuditQuery, AuditRecord, DeadLetter, EventStore, NewEvent, PostgresStore,
-        Publisher, ReadQuery, SqliteDb, SqliteStore, StoreError,
+        Publisher, READ_BYTES, ReadQuery, SqliteDb, SqliteStore, StoreError,
     },
 };
 
@@ -566,8 +566,6 @@ async fn reads_filter_by_type_source_subject_correlation_priority_and_range(b: B
     );
 }
 
-/// Time positions: the sequence before the first event recorded at or after a time, found without an
-/// index on the time, is the one a scan of every event finds, for every commit's time and either side.
 async fn a_type_asked_for_twice_reads_its_events_once(b: Backend) {
     let s = &b.store;
     s.append(
@@ -592,6 +590,56 @@ async fn a_type_asked_for_twice_reads_its_events_once(b: Backend) {
     assert_eq!(ids, ["r1", "r2", "r3"]);
 }
 
+/// A read of large events holds no more than [`READ_BYTES`] of them (whatever its limit), is then not
+/// exhausted, and the next read goes on after them.
+async fn a_read_holds_at_most_its_bytes_and_the_next_goes_on_after_them(b: Backend) {
+    let s = &b.store;
+    let large = |i: usize| {
+        let mut e = event(&format!("large-{i}"), "large.x");
+        e.data = Data::Binary(vec![7; 1_000_000]);
+        prepared(e)
+    };
+    let mut stored = Vec::new();
+    for first in (0..24).step_by(4) {
+        let appended = s
+            .append("t", (first..first + 4).map(large).collect())
+            .await
+            .expect("append");
+        stored.extend(appended.iter().map(|a| a.sequence));
+    }
+    let size = large(0).event().size();
+    let mut read = Vec::new();
+    let mut after = 0;
+    let exhausted = loop {
+        let page = s
+            .read(&ReadQuery {
+                until: stored.last().copied(),
+                ..query(after)
+            })
+            .await
+            .expect("read");
+        assert!(
+            page.events.len() <= (READ_BYTES / size).max(1),
+            "one read held {} events of {size} bytes",
+            page.events.len()
+        );
+        read.extend(page.events.iter().map(|e| e.sequence));
+        if page.exhausted || page.events.is_empty() {
+            break page.exhausted;
+        }
+        assert_eq!(page.scanned_to, read.last().copied().unwrap_or_default());
+        after = page.scanned_to;
+    };
+    assert!(exhausted, "the last read is exhausted");
+    assert_eq!(read, stored, "every event once, in order");
+    assert!(
+        stored.len() > READ_BYTES / size,
+        "the events fill more than one read"
+    );
+}
+
+/// Time positions: the sequence before the first event recorded at or after a time, found without an
+/// index on the time, is the one a scan of every event finds, for every commit's time and either side.
 async fn each_time_is_the_position_before_the_first_event_recorded_at_it(b: Backend) {
     let s = &b.store;
     let now = chrono::Utc::now();
@@ -1150,6 +1198,7 @@ conformance!(
     the_feed_of_fresh_commits_equals_what_the_database_holds,
     reads_filter_by_type_source_subject_correlation_priority_and_range,
     a_type_asked_for_twice_reads_its_events_once,
+    a_read_holds_at_most_its_bytes_and_the_next_goes_on_after_them,
     each_time_is_the_position_before_the_first_event_recorded_at_it,
     dead_letters_are_recorded_once_listed_and_removed,
     publishers_are_registered_once_updated_and_removed,

@@ -1793,7 +1793,9 @@ func (x *ReplayRequest) GetResumeToken() string {
 	return ""
 }
 
-// ReplayResponse is one page of history.
+// ReplayResponse is one page of history. A page may hold fewer events than page_size, or none: a
+// selection that matches little of a long history still gets a page (with its resume token) every
+// few store reads while the server scans on.
 type ReplayResponse struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Events []*Event               `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`

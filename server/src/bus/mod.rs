@@ -4,6 +4,7 @@
 
 mod admin;
 mod error;
+mod history;
 mod replay;
 mod request;
 mod scheduler;

@@ -4,7 +4,10 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
-use super::{Bus, BusError, BusResult};
+use super::{
+    Bus, BusError, BusResult,
+    history::{HISTORY_READS_PER_TURN, ReadSizer},
+};
 use crate::{
     event::{InvalidInput, StoredEvent},
     store::ReadQuery,
@@ -13,6 +16,9 @@ use crate::{
 const TOKEN_PREFIX: &str = "nerve.replay.v1:";
 /// Events read from the store per query; a replay never holds more than one such page.
 const SCAN_PAGE: usize = 1000;
+/// Sequences one read looks at when the replay filters by source or subject, which no index
+/// answers: unbounded, such a read would scan on until it found a page of matches.
+const FILTERED_SPAN: u64 = 4096;
 
 /// A replay: the history query plus paging.
 #[derive(Debug, Clone)]
@@ -81,29 +87,40 @@ impl Bus {
                 }
             };
             let mut remaining = request.limit.unwrap_or(u64::MAX);
-            // the largest mean event size of a read so far: later reads ask for no more than a page's
-            // bytes of such events, so large events do not fill memory with what the page cannot take
-            let mut event_bytes = 1;
+            let bound = query.until;
+            let filtered = query.source.is_some() || query.subject.is_some();
+            let mut sizer = ReadSizer::new(&bus.limits);
             loop {
                 let mut page = ReplayPage {
                     events: Vec::new(),
                     resume_token: String::new(),
                     end_of_history: false,
                 };
-                // fill one page: read what it needs, and read further ahead only while matches are sparse
+                // fill one page: read what it needs, and read further ahead only while matches are
+                // sparse; after a few reads, answer with what was found, so a selection that matches
+                // little still sends pages (and tokens) at a steady pace
                 let mut scan = 0;
                 let mut bytes = 0;
-                while page.events.len() < request.page_size && remaining > 0 {
+                let mut reads = 0;
+                while page.events.len() < request.page_size
+                    && remaining > 0
+                    && reads < HISTORY_READS_PER_TURN
+                {
                     // a selection that matches little scans on between pages: not for a caller gone
                     if tx.is_closed() {
                         return;
                     }
-                    let fit = (bus.limits.page_bytes() / event_bytes).max(1);
+                    reads += 1;
+                    let fit = sizer.fit();
                     let want = (request.page_size - page.events.len())
                         .min(remaining as usize)
                         .min(fit);
                     scan = (scan * 2).max(want).min(SCAN_PAGE).min(fit);
                     query.limit = scan;
+                    if filtered {
+                        let span = query.after.saturating_add(FILTERED_SPAN);
+                        query.until = Some(bound.map_or(span, |bound| bound.min(span)));
+                    }
                     let read = match bus.store.read(&query).await {
                         Ok(read) => read,
                         Err(e) => {
@@ -111,10 +128,7 @@ impl Bus {
                             return;
                         }
                     };
-                    if !read.events.is_empty() {
-                        let read_bytes: usize = read.events.iter().map(|e| e.event.size()).sum();
-                        event_bytes = event_bytes.max(read_bytes / read.events.len());
-                    }
+                    sizer.observe(&read.events);
                     let mut cut = false;
                     for event in read.events {
                         // large events end a page early: it must fit one message, and memory stays bounded
@@ -133,14 +147,16 @@ impl Bus {
                             break;
                         }
                     }
-                    if !cut {
-                        query.after = query.after.max(read.scanned_to);
-                    }
-                    if read.exhausted && !cut {
-                        page.end_of_history = true;
+                    if cut {
                         break;
                     }
-                    if cut {
+                    query.after = query.after.max(read.scanned_to);
+                    // A read that found all it could ends the history unless it stopped at its span
+                    // (it then scanned to the span's end, and the history may go on past it): one
+                    // bounded by the replay's own end, or short of its span, reached the newest event.
+                    let read_until = query.until.unwrap_or(u64::MAX);
+                    if read.exhausted && (query.until == bound || read.scanned_to < read_until) {
+                        page.end_of_history = true;
                         break;
                     }
                 }

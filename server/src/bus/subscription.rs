@@ -13,7 +13,11 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::{sync::mpsc, time::Instant};
 use tracing::{debug, warn};
 
-use super::{Bus, BusError, BusResult, PriorityScheduler, bump, validate_group_name};
+use super::{
+    Bus, BusError, BusResult, PriorityScheduler, bump,
+    history::{HISTORY_READS_PER_TURN, ReadSizer},
+    validate_group_name,
+};
 use crate::{
     event::{Filter, InvalidInput, Priority, Selection, StoredEvent},
     metrics::names,
@@ -151,6 +155,8 @@ struct Session {
     unsaved_acks: Vec<(u64, u32)>,
     /// History pages read while the current one is delivered, in order.
     prefetch: VecDeque<ReadAhead>,
+    /// How many events a tail or history read may ask for, by the sizes read so far.
+    sizer: ReadSizer,
 }
 
 /// A history page being read before the session needs it.
@@ -179,9 +185,6 @@ const TAIL_READ: usize = 512;
 const DELIVERY_RUN: usize = 64;
 /// Events per history page a private stream reads from the store.
 const HISTORY_PAGE: usize = 1024;
-/// History pages a private stream reads in one fill before it turns to its commands and heartbeats:
-/// a selection that matches little can read a long history without sending anything.
-const HISTORY_PAGES_PER_FILL: usize = 16;
 /// History pages a private stream reads ahead when most sequences of its history match it (each
 /// within its credits: it never reads more than its window could take).
 const DENSE_READ_AHEAD: usize = 2;
@@ -304,6 +307,7 @@ impl Bus {
             scheduler: PriorityScheduler::default(),
             unsaved_acks: Vec::new(),
             prefetch: VecDeque::new(),
+            sizer: ReadSizer::new(&self.limits),
             tx,
             last_sent: Instant::now(),
             reported: (0, 0),
@@ -554,7 +558,7 @@ impl Session {
     }
 
     /// Sends what the credits allow from the tail or history; true when it stopped with history left
-    /// to read ([`HISTORY_PAGES_PER_FILL`]).
+    /// to read ([`HISTORY_READS_PER_TURN`]).
     async fn fill_private(&mut self) -> BusResult<bool> {
         let mut pages = 0;
         // a selection that matches little reads history for a while without sending: not for a
@@ -563,7 +567,7 @@ impl Session {
             let tail = self
                 .bus
                 .streams
-                .read_after(self.position, TAIL_READ)
+                .read_after(self.position, TAIL_READ.min(self.sizer.fit()))
                 .await?;
             let history_until = match tail {
                 TailRead::Events(events) if !events.is_empty() => {
@@ -606,7 +610,7 @@ impl Session {
                 }
             }
             pages += 1;
-            if pages == HISTORY_PAGES_PER_FILL {
+            if pages == HISTORY_READS_PER_TURN {
                 return Ok(true);
             }
         }
@@ -633,20 +637,28 @@ impl Session {
             && let Some(ahead) = self.prefetch.pop_front()
         {
             return match ahead.read.await {
-                Ok(page) => Ok((page?, ahead.until)),
+                Ok(page) => {
+                    let page = page?;
+                    self.sizer.observe(&page.events);
+                    Ok((page, ahead.until))
+                }
                 Err(e) => Err(BusError::Internal(format!("history read failed: {e}"))),
             };
         }
         for stale in self.prefetch.drain(..) {
             stale.read.abort();
         }
-        // no more than the window takes: the rest would be read again after the next acks
-        let limit = HISTORY_PAGE.min(self.credits as usize);
+        // no more than the window takes (the rest would be read again after the next acks), nor than
+        // a page's bytes of events
+        let limit = HISTORY_PAGE
+            .min(self.credits as usize)
+            .min(self.sizer.fit());
         let page = self
             .bus
             .store
             .read(&self.history_query(after, until, limit))
             .await?;
+        self.sizer.observe(&page.events);
         Ok((page, until))
     }
 
@@ -674,7 +686,7 @@ impl Session {
             if after >= history_until {
                 break;
             }
-            let limit = HISTORY_PAGE.min(budget);
+            let limit = HISTORY_PAGE.min(budget).min(self.sizer.fit());
             let to = if dense {
                 history_until.min(after + limit as u64)
             } else {

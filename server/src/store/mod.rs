@@ -194,6 +194,69 @@ pub struct ReadPage {
     pub exhausted: bool,
 }
 
+/// Most event bytes ([`Event::size`]) one read holds: it stops before the event that would take it
+/// past them, keeping at least one, and is then not exhausted. Readers size their reads to fit
+/// (`bus::history`); this bounds a read whose events are larger than its reader expected.
+pub const READ_BYTES: usize = 8 << 20;
+
+/// A read's page filled from its rows in sequence order, up to [`READ_BYTES`]; both stores read
+/// through it.
+pub(crate) struct PageFill {
+    page: ReadPage,
+    bytes: usize,
+    full: bool,
+}
+
+impl PageFill {
+    /// An empty page of the events after `after`.
+    pub(crate) fn new(after: u64) -> Self {
+        PageFill {
+            page: ReadPage {
+                events: Vec::new(),
+                scanned_to: after,
+                exhausted: false,
+            },
+            bytes: 0,
+            full: false,
+        }
+    }
+
+    /// Takes the next row looked at, as an event of the page when it `matches`; false when the page
+    /// had no room for it (nothing more is taken then).
+    pub(crate) fn take(&mut self, event: StoredEvent, matches: bool) -> bool {
+        if self.full {
+            return false;
+        }
+        if matches {
+            let size = event.event.size();
+            if !self.page.events.is_empty() && self.bytes + size > READ_BYTES {
+                self.full = true;
+                return false;
+            }
+            self.bytes += size;
+        }
+        self.page.scanned_to = self.page.scanned_to.max(event.sequence);
+        if matches {
+            self.page.events.push(Arc::new(event));
+        }
+        true
+    }
+
+    /// The page. `rows_left` says the query may have had more rows than it returned (it returned its
+    /// limit); a page cut for its bytes is not exhausted either. An exhausted read of a range has
+    /// looked at all of it that was committed (`committed`: the head before the read).
+    pub(crate) fn finish(self, rows_left: bool, until: Option<u64>, committed: u64) -> ReadPage {
+        let mut page = self.page;
+        page.exhausted = !rows_left && !self.full;
+        if page.exhausted
+            && let Some(until) = until
+        {
+            page.scanned_to = page.scanned_to.max(until.min(committed));
+        }
+        page
+    }
+}
+
 /// Per-type statistics.
 #[derive(Debug, Clone)]
 pub struct EventTypeStats {

@@ -814,7 +814,10 @@ Global___ReplayRequest: _TypeAlias = ReplayRequest  # noqa: Y015
 
 @_typing.final
 class ReplayResponse(_message.Message):
-    """ReplayResponse is one page of history."""
+    """ReplayResponse is one page of history. A page may hold fewer events than page_size, or none: a
+    selection that matches little of a long history still gets a page (with its resume token) every
+    few store reads while the server scans on.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -1,0 +1,85 @@
+//! What every history scan shares: how many store reads it makes before it answers, and how many
+//! events one read may ask for.
+
+use std::sync::Arc;
+
+use crate::event::{Limits, StoredEvent};
+
+/// Store reads a history scan makes before it answers with what it found (a Replay page, possibly
+/// empty; a private stream's turn to its commands and heartbeats): a selection that matches little
+/// can read a long history without finding anything to send.
+pub(super) const HISTORY_READS_PER_TURN: usize = 16;
+
+/// Sizes history reads by bytes as well as by count, so a read of large events does not ask for many
+/// more than an answer page's bytes ([`Limits::page_bytes`]) can take. Until a read has returned
+/// events it assumes the largest event allowed; after that, the mean size of the last read's events.
+/// Where sizes change from one read to the next, the store's own bound holds
+/// ([`crate::store::READ_BYTES`]).
+#[derive(Debug, Clone)]
+pub(super) struct ReadSizer {
+    budget: usize,
+    largest_allowed: usize,
+    event_bytes: Option<usize>,
+}
+
+impl ReadSizer {
+    /// A sizer that knows nothing yet of the history it reads.
+    pub(super) fn new(limits: &Limits) -> Self {
+        ReadSizer {
+            budget: limits.page_bytes(),
+            largest_allowed: limits.max_event_bytes.max(1),
+            event_bytes: None,
+        }
+    }
+
+    /// The most events the next read may ask for: at least one.
+    pub(super) fn fit(&self) -> usize {
+        let event_bytes = self.event_bytes.unwrap_or(self.largest_allowed).max(1);
+        (self.budget / event_bytes).max(1)
+    }
+
+    /// Learns the events' mean size from a read that returned any.
+    pub(super) fn observe(&mut self, events: &[Arc<StoredEvent>]) {
+        if events.is_empty() {
+            return;
+        }
+        let bytes: usize = events.iter().map(|e| e.event.size()).sum();
+        self.event_bytes = Some(bytes / events.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(data_bytes: usize) -> Arc<StoredEvent> {
+        Arc::new(StoredEvent {
+            tenant: "t".into(),
+            sequence: 1,
+            recorded_at: chrono::DateTime::UNIX_EPOCH,
+            event: crate::event::Event {
+                data: crate::event::Data::Binary(vec![0; data_bytes]),
+                ..Default::default()
+            },
+        })
+    }
+
+    #[test]
+    fn reads_ask_for_a_page_of_the_last_read_events_or_of_the_largest_allowed() {
+        let limits = Limits::default();
+        let mut sizer = ReadSizer::new(&limits);
+        assert_eq!(sizer.fit(), limits.page_bytes() / limits.max_event_bytes);
+        sizer.observe(&[]);
+        assert_eq!(sizer.fit(), limits.page_bytes() / limits.max_event_bytes);
+        // events of about 1 KiB: a page's bytes of them
+        sizer.observe(&[stored(1000), stored(1048)]);
+        let small = sizer.fit();
+        assert!(small > 3000, "{small} events of about 1 KiB");
+        // a read of large events lowers the fit, and a later read of small ones raises it again
+        sizer.observe(&[stored(512 << 10)]);
+        let large = sizer.fit();
+        assert!((7..=8).contains(&large), "{large} events of 512 KiB");
+        sizer.observe(&[stored(1000), stored(1048)]);
+        assert_eq!(sizer.fit(), small);
+    }
+}
