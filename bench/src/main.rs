@@ -67,6 +67,15 @@ pub enum Pacing {
     Poisson,
 }
 
+/// Where the slow-consumer scenario's stalled reader starts (`--slow-stalled-start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum StalledStart {
+    /// At the newest event: it is handed the second phase's events as they come.
+    Latest,
+    /// At the oldest: it also has the first phase's events, a backlog handed over in full runs.
+    Earliest,
+}
+
 /// How the tool names the events it publishes (`--ids`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 pub enum Ids {
@@ -230,6 +239,13 @@ pub struct Args {
     /// event for the stalled reader would miss it.
     #[arg(long, default_value_t = 16_384)]
     pub slow_payload_size: usize,
+    /// Window (`maxInFlight`) of each slow consumer: with a wide one and large events, what the
+    /// server holds for the stalled reader shows (the window bounds deliveries, not their bytes).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub slow_window: u32,
+    /// Where the stalled slow consumer starts.
+    #[arg(long, value_enum, default_value = "latest")]
+    pub slow_stalled_start: StalledStart,
     /// Concurrent requesters of the request/reply scenario.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     pub rr_concurrency: Vec<usize>,

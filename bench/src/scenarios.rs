@@ -861,19 +861,24 @@ pub async fn slow(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
     let (stop_tx, stop) = watch::channel(false);
     let latest = || Some(pb::start_position::Position::Latest(()));
     let paced = Some(Duration::from_millis(10));
+    let window = ctx.args.slow_window;
     let private = Sub::open(
         ctx.bus(0),
-        open_msg(&["bench.slow.v1"], "", latest(), 64, None),
+        open_msg(&["bench.slow.v1"], "", latest(), window, None),
     )
     .await?;
     let member = Sub::open(
         ctx.bus(1),
-        open_msg(&["bench.slow.v1"], &group, latest(), 64, None),
+        open_msg(&["bench.slow.v1"], &group, latest(), window, None),
     )
     .await?;
+    let stalled_start = match ctx.args.slow_stalled_start {
+        crate::StalledStart::Latest => latest(),
+        crate::StalledStart::Earliest => Some(pb::start_position::Position::Earliest(())),
+    };
     let stalled = Sub::open(
         ctx.bus(2),
-        open_msg(&["bench.slow.v1"], "", latest(), 64, None),
+        open_msg(&["bench.slow.v1"], "", stalled_start, window, None),
     )
     .await?;
     let readers = vec![
@@ -928,12 +933,14 @@ pub async fn slow(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
     row.note = format!(
         "server RSS at start {:.1} MB, peak {:.1} MB: {} MB against the load-alone peak; {}; \
          {} events x {size} bytes published = {published_mb:.0} MB, what the stalled reader would \
-         hold if the server buffered every event for it; slow consumers received {received}",
+         hold if the server buffered every event for it; windows of {window}, the stalled reader \
+         from {stalled_from:?}; slow consumers received {received}",
         start_phase2.unwrap_or(0.0),
         peak.unwrap_or(0.0),
         added.map_or("n/a".into(), |v| format!("{v:+.1}")),
         rss_trace(&samples),
         loaded.events,
+        stalled_from = ctx.args.slow_stalled_start,
     );
     row.rss_over_time = samples;
     rows.push(row);

@@ -407,6 +407,56 @@ async fn a_signal_while_starting_stops_the_server_there() {
     assert!(exit.success(), "exit status {exit:?}");
 }
 
+/// A group member with a wide window claims large events a page's bytes at a time: 30 redelivered
+/// events of 900 KiB, which embedded claims read from the store once the live tail (64 MiB) has let
+/// them go, are read a few at a time, not all at once. Embedded only, with the failure tests: Redis
+/// claims carry their events.
+#[tokio::test]
+async fn group_claims_of_large_events_take_a_page_of_bytes_at_a_time() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (server, injection) = crate::injected_store::start_injected().await;
+    let mut bus = server.bus();
+    let large = |id: String, event_type: &str| {
+        let mut e = event(&id, event_type);
+        e.data = Some(pb::event::Data::BinaryData(vec![7; 900 << 10]));
+        e
+    };
+    let publish_large = |prefix: &'static str, event_type: &'static str, n: usize| {
+        let mut bus = server.bus();
+        async move {
+            for first in (0..n).step_by(4) {
+                let events = (first..(first + 4).min(n))
+                    .map(|i| large(format!("{prefix}-{i}"), event_type))
+                    .collect();
+                publish(&mut bus, events).await;
+            }
+        }
+    };
+    publish_large("claimed", "claimed.x", 30).await;
+    let mut o = open(&["claimed.x"], "claimed");
+    o.start = earliest();
+    o.max_in_flight = 1000;
+    o.ack_deadline = Some(prost_types::Duration {
+        seconds: 60,
+        nanos: 0,
+    });
+    // a first member gets them all; 72 MB of other events push them out of the tail; the member goes
+    // away without acking, so they are due again at once
+    let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    first.deliveries(30).await;
+    publish_large("filler", "filler.x", 80).await;
+    drop(first);
+    let mut next = Subscriber::open(&mut bus, o).await.expect("open");
+    let again = next.deliveries(30).await;
+    assert!(again.iter().all(|d| d.attempt == 2), "every event again");
+    // a page carries 4 MiB: four such events
+    let most = injection.most_sequences_read.load(SeqCst);
+    assert!(
+        (1..=5).contains(&most),
+        "one claim read {most} events of 900 KiB"
+    );
+}
+
 /// A member whose claimed events cannot be read (the store failed under it) ends with UNAVAILABLE,
 /// and what it claimed goes back at once, on the same attempt: nobody saw it. Embedded group claims
 /// of redeliveries read their events from the store, where the failure is injected (Redis claims

@@ -40,6 +40,8 @@ pub struct Injection {
     pub reads: AtomicUsize,
     /// The most events one `read` returned.
     pub most_events_read: AtomicUsize,
+    /// The most sequences one `read_sequences` asked for.
+    pub most_sequences_read: AtomicUsize,
 }
 
 /// A point in a store call where, once armed, the next call to reach it waits for the test.
@@ -122,6 +124,9 @@ impl EventStore for InjectedStore {
     }
     async fn read_sequences(&self, sequences: &[u64]) -> StoreResult<Vec<Arc<StoredEvent>>> {
         self.check()?;
+        self.injection
+            .most_sequences_read
+            .fetch_max(sequences.len(), Ordering::SeqCst);
         if self
             .injection
             .fail_next_read_sequences

@@ -1,5 +1,5 @@
 //! What every history scan shares: how many store reads it makes before it answers, and how many
-//! events one read may ask for.
+//! events one read (or group claim) may ask for.
 
 use std::sync::Arc;
 
@@ -10,11 +10,10 @@ use crate::event::{Limits, StoredEvent};
 /// can read a long history without finding anything to send.
 pub(super) const HISTORY_READS_PER_TURN: usize = 16;
 
-/// Sizes history reads by bytes as well as by count, so a read of large events does not ask for many
-/// more than an answer page's bytes ([`Limits::page_bytes`]) can take. Until a read has returned
-/// events it assumes the largest event allowed; after that, the mean size of the last read's events.
-/// Where sizes change from one read to the next, the store's own bound holds
-/// ([`crate::store::READ_BYTES`]).
+/// Sizes history reads and group claims by bytes as well as by count: each asks for no more events
+/// than an answer page's bytes ([`Limits::page_bytes`]) of the events read last, or, before any, of
+/// the largest event allowed. Where sizes change from one read to the next, a store read still holds
+/// at most [`crate::store::READ_BYTES`]; a claim, one page's count of the events claimed last.
 #[derive(Debug, Clone)]
 pub(super) struct ReadSizer {
     budget: usize,
@@ -39,12 +38,13 @@ impl ReadSizer {
     }
 
     /// Learns the events' mean size from a read that returned any.
-    pub(super) fn observe(&mut self, events: &[Arc<StoredEvent>]) {
-        if events.is_empty() {
-            return;
+    pub(super) fn observe<'a>(&mut self, events: impl IntoIterator<Item = &'a Arc<StoredEvent>>) {
+        let (count, bytes) = events.into_iter().fold((0, 0), |(count, bytes), e| {
+            (count + 1, bytes + e.event.size())
+        });
+        if let Some(mean) = bytes.checked_div(count) {
+            self.event_bytes = Some(mean);
         }
-        let bytes: usize = events.iter().map(|e| e.event.size()).sum();
-        self.event_bytes = Some(bytes / events.len());
     }
 }
 

@@ -169,6 +169,31 @@ struct ReadAhead {
     read: tokio::task::JoinHandle<StoreResult<ReadPage>>,
 }
 
+/// Deliveries gathered for one hand-over to the response stream, within [`DELIVERY_RUN`] and
+/// [`DELIVERY_RUN_BYTES`].
+#[derive(Default)]
+struct Run {
+    deliveries: Vec<Delivery>,
+    bytes: usize,
+}
+
+impl Run {
+    /// Adds a delivery; returns the run to hand over when this one filled it.
+    fn push(&mut self, delivery: Delivery) -> Option<Vec<Delivery>> {
+        self.bytes += delivery.event.event.size();
+        self.deliveries.push(delivery);
+        (self.deliveries.len() == DELIVERY_RUN || self.bytes >= DELIVERY_RUN_BYTES)
+            .then(|| self.finish())
+            .flatten()
+    }
+
+    /// What is left to hand over, if anything.
+    fn finish(&mut self) -> Option<Vec<Delivery>> {
+        self.bytes = 0;
+        (!self.deliveries.is_empty()).then(|| std::mem::take(&mut self.deliveries))
+    }
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
         for ahead in self.prefetch.drain(..) {
@@ -183,6 +208,9 @@ const COMMAND_BATCH: usize = 256;
 const TAIL_READ: usize = 512;
 /// Most deliveries handed to the response stream at once.
 const DELIVERY_RUN: usize = 64;
+/// Most event bytes in one run past its first delivery: the response stream holds 32 runs, so a
+/// subscriber that reads slowly with a wide window pins at most about 32 MiB of large events there.
+const DELIVERY_RUN_BYTES: usize = 1 << 20;
 /// Events per history page a private stream reads from the store.
 const HISTORY_PAGE: usize = 1024;
 /// History pages a private stream reads ahead when most sequences of its history match it (each
@@ -705,10 +733,10 @@ impl Session {
     }
 
     /// Delivers matching events in order while credits last; returns whether all were consumed.
-    /// Deliveries go to the response stream in runs of [`DELIVERY_RUN`]: one hand-over (and wake-up)
-    /// per run instead of per event.
+    /// Deliveries go to the response stream in runs ([`Run`]): one hand-over (and wake-up) per run
+    /// instead of per event.
     async fn deliver_private(&mut self, events: Vec<Arc<StoredEvent>>) -> BusResult<bool> {
-        let mut run = Vec::new();
+        let mut run = Run::default();
         let mut consumed = true;
         for event in events {
             if event.sequence <= self.position {
@@ -729,22 +757,21 @@ impl Session {
                     },
                 );
                 self.position = event.sequence;
-                run.push(Delivery {
+                let full = run.push(Delivery {
                     delivery_id: delivery_id(event.sequence, 1),
                     attempt: 1,
                     ack_deadline: None,
                     event,
                 });
-                if run.len() == DELIVERY_RUN {
-                    self.send(Outbound::Deliveries(std::mem::take(&mut run)))
-                        .await?;
+                if let Some(full) = full {
+                    self.send(Outbound::Deliveries(full)).await?;
                 }
             } else {
                 self.position = event.sequence;
             }
         }
-        if !run.is_empty() {
-            self.send(Outbound::Deliveries(run)).await?;
+        if let Some(rest) = run.finish() {
+            self.send(Outbound::Deliveries(rest)).await?;
         }
         Ok(consumed)
     }
@@ -770,6 +797,13 @@ impl Session {
         Ok(())
     }
 
+    /// How many entries the next group claim may take: what the credits allow, within a page's bytes
+    /// of the events claimed last (Redis claims carry their events).
+    fn claim_budget(&self) -> u32 {
+        self.credits
+            .min(u32::try_from(self.sizer.fit()).unwrap_or(u32::MAX))
+    }
+
     async fn fill_group(&mut self, key: &GroupKey) -> BusResult<Option<Instant>> {
         let streams = self.bus.streams.clone();
         // the group's, which the latest open set: every member gives up after the same attempts
@@ -783,9 +817,10 @@ impl Session {
         if self.credits > 0 {
             let lease = Utc::now() + self.ack_deadline;
             let due = streams
-                .claim_due(key, &self.id, self.credits as usize, lease)
+                .claim_due(key, &self.id, self.claim_budget() as usize, lease)
                 .await?;
             let due = self.events_or_release(key, due).await?;
+            self.sizer.observe(due.iter().map(|(_, event)| event));
             delivered += self.deliver_group(key, due, lease, max_attempts).await?;
         }
         let mut backlogged = [true; 4];
@@ -793,7 +828,7 @@ impl Session {
         // backlog): the session goes on with it after its other work, not at the next commit
         let mut scanning = false;
         while self.credits > 0 && backlogged.iter().any(|b| *b) {
-            let share = self.scheduler.allocate(self.credits, backlogged);
+            let share = self.scheduler.allocate(self.claim_budget(), backlogged);
             for (index, level) in Priority::ALL.into_iter().enumerate() {
                 if share[index] == 0 {
                     continue;
@@ -811,6 +846,7 @@ impl Session {
                     }
                 }
                 let claimed = self.events_or_release(key, claim.entries).await?;
+                self.sizer.observe(claimed.iter().map(|(_, event)| event));
                 delivered += self
                     .deliver_group(key, claimed, lease, max_attempts)
                     .await?;
@@ -924,7 +960,7 @@ impl Session {
         // meanwhile, the session's end releases the unsent ones with the rest, instead of leaving them
         // leased, to nobody, until the lease ends (and without counting the attempt nobody saw)
         let mut runs = Vec::new();
-        let mut run = Vec::new();
+        let mut run = Run::default();
         let mut claimed = claimed.into_iter();
         while let Some((entry, event)) = claimed.next() {
             if entry.attempt > max_attempts {
@@ -955,20 +991,15 @@ impl Session {
             }
             self.deadlines
                 .push(Reverse((deadline, entry.sequence, entry.attempt)));
-            run.push(Delivery {
+            delivered += 1;
+            runs.extend(run.push(Delivery {
                 delivery_id: delivery_id(entry.sequence, entry.attempt),
                 attempt: entry.attempt,
                 ack_deadline: Some(lease),
                 event,
-            });
-            delivered += 1;
-            if run.len() == DELIVERY_RUN {
-                runs.push(std::mem::take(&mut run));
-            }
+            }));
         }
-        if !run.is_empty() {
-            runs.push(run);
-        }
+        runs.extend(run.finish());
         for run in runs {
             let sequences: Vec<u64> = run.iter().map(|d| d.event.sequence).collect();
             self.send(Outbound::Deliveries(run)).await?;
@@ -1275,5 +1306,49 @@ impl Session {
         if released {
             let _ = self.bus.streams.wake_group(&key).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(data_bytes: usize) -> Delivery {
+        Delivery {
+            event: Arc::new(StoredEvent {
+                tenant: "t".into(),
+                sequence: 1,
+                recorded_at: DateTime::UNIX_EPOCH,
+                event: crate::event::Event {
+                    data: crate::event::Data::Binary(vec![0; data_bytes]),
+                    ..Default::default()
+                },
+            }),
+            delivery_id: String::new(),
+            attempt: 1,
+            ack_deadline: None,
+        }
+    }
+
+    /// Hands `sizes` to a run and returns the lengths of the runs handed over, the rest last.
+    fn runs(sizes: &[usize]) -> Vec<usize> {
+        let mut run = Run::default();
+        let mut lengths: Vec<usize> = sizes
+            .iter()
+            .filter_map(|size| run.push(delivery(*size)))
+            .map(|full| full.len())
+            .collect();
+        lengths.extend(run.finish().map(|rest| rest.len()));
+        lengths
+    }
+
+    #[test]
+    fn runs_end_at_their_count_or_their_bytes() {
+        assert_eq!(runs(&[100; 130]), [64, 64, 2]);
+        // 300 KiB events: the fourth takes a run past 1 MiB
+        assert_eq!(runs(&[300 << 10; 10]), [4, 4, 2]);
+        // an event larger than a run's bytes goes alone
+        assert_eq!(runs(&[10, 2 << 20, 10]), [2, 1]);
+        assert_eq!(runs(&[]), Vec::<usize>::new());
     }
 }
