@@ -443,3 +443,52 @@ async fn large_events_are_read_a_page_of_bytes_at_a_time() {
     let most = injection.most_events_read.load(SeqCst);
     assert!(most <= 7, "one read returned {most} events of 600 KiB");
 }
+
+/// A replay with an end and a subject filter ends at its end: the scan in spans stops there.
+#[tokio::test]
+async fn a_filtered_replay_with_an_end_reaches_it_and_ends() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut needle = event("needle", "ended.x");
+    needle.subject = "needle".into();
+    let needle_seq = publish(&mut bus, vec![needle]).await[0];
+    let hay = publish_n(&mut bus, "hay", "ended.x", 9_000).await;
+    let pages = tokio::time::timeout(
+        WAIT,
+        replay_pages(
+            &mut bus,
+            pb::ReplayRequest {
+                subject: "needle".into(),
+                until_sequence: hay[4_500],
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect("the replay ends");
+    assert_eq!(page_sequences(&pages), vec![needle_seq]);
+    assert!(pages.last().expect("a page").end_of_history);
+}
+
+/// A type pattern that matches nothing of a long history reads it in large reads: the rows it
+/// looks at, not the matches it finds, size them.
+#[tokio::test]
+async fn a_pattern_that_matches_nothing_reads_history_in_large_reads() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (server, injection) = crate::injected_store::start_injected().await;
+    let mut bus = server.bus();
+    publish_n(&mut bus, "other", "other.x", 20_000).await;
+    let before = injection.reads.load(SeqCst);
+    let pages = replay_pages(
+        &mut bus,
+        pb::ReplayRequest {
+            types: vec!["orders.>".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(page_sequences(&pages).is_empty());
+    assert!(pages.last().expect("a page").end_of_history);
+    let reads = injection.reads.load(SeqCst) - before;
+    assert!(reads < 100, "{reads} reads for 20,000 events");
+}

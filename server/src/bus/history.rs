@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use crate::event::{Limits, StoredEvent};
+use crate::{
+    event::{Limits, StoredEvent},
+    store::ReadPage,
+};
 
 /// Store reads a history scan makes before it answers with what it found (a Replay page, possibly
 /// empty; a private stream's turn to its commands and heartbeats): a selection that matches little
@@ -37,11 +40,21 @@ impl ReadSizer {
         (self.budget / event_bytes).max(1)
     }
 
-    /// Learns the events' mean size from a read that returned any.
+    /// Learns the events' mean size from a read or claim that returned any.
     pub(super) fn observe<'a>(&mut self, events: impl IntoIterator<Item = &'a Arc<StoredEvent>>) {
         let (count, bytes) = events.into_iter().fold((0, 0), |(count, bytes), e| {
             (count + 1, bytes + e.event.size())
         });
+        self.learn(count, bytes);
+    }
+
+    /// Learns from a store read: from every row it looked at, which its limit counts, matching or
+    /// not (a selection filtered after reading may match none of them).
+    pub(super) fn observe_read(&mut self, page: &ReadPage) {
+        self.learn(page.rows_read, page.bytes_read);
+    }
+
+    fn learn(&mut self, count: usize, bytes: usize) {
         if let Some(mean) = bytes.checked_div(count) {
             self.event_bytes = Some(mean);
         }

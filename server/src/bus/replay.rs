@@ -128,7 +128,7 @@ impl Bus {
                             return;
                         }
                     };
-                    sizer.observe(&read.events);
+                    sizer.observe_read(&read);
                     let mut cut = false;
                     for event in read.events {
                         // large events end a page early: it must fit one message, and memory stays bounded
@@ -156,6 +156,18 @@ impl Bus {
                     // bounded by the replay's own end, or short of its span, reached the newest event.
                     let read_until = query.until.unwrap_or(u64::MAX);
                     if read.exhausted && (query.until == bound || read.scanned_to < read_until) {
+                        // short of its span at this replica's view of the head, which other
+                        // replicas' commits may have passed: the store's own head decides
+                        if query.until != bound {
+                            match bus.store.head().await {
+                                Ok(head) if head > query.after => continue,
+                                Ok(_) => {}
+                                Err(e) => {
+                                    let _ = tx.send(Err(BusError::from(e))).await;
+                                    return;
+                                }
+                            }
+                        }
                         page.end_of_history = true;
                         break;
                     }

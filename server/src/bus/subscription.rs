@@ -178,13 +178,20 @@ struct Run {
 }
 
 impl Run {
-    /// Adds a delivery; returns the run to hand over when this one filled it.
-    fn push(&mut self, delivery: Delivery) -> Option<Vec<Delivery>> {
-        self.bytes += delivery.event.event.size();
+    /// Adds a delivery; returns the runs to hand over: the one it closed, when this delivery would
+    /// have taken it past its bytes, and the one this delivery filled.
+    fn push(&mut self, delivery: Delivery) -> Vec<Vec<Delivery>> {
+        let size = delivery.event.event.size();
+        let mut full = Vec::new();
+        if self.bytes + size > DELIVERY_RUN_BYTES {
+            full.extend(self.finish());
+        }
+        self.bytes += size;
         self.deliveries.push(delivery);
-        (self.deliveries.len() == DELIVERY_RUN || self.bytes >= DELIVERY_RUN_BYTES)
-            .then(|| self.finish())
-            .flatten()
+        if self.deliveries.len() == DELIVERY_RUN || self.bytes >= DELIVERY_RUN_BYTES {
+            full.extend(self.finish());
+        }
+        full
     }
 
     /// What is left to hand over, if anything.
@@ -208,8 +215,9 @@ const COMMAND_BATCH: usize = 256;
 const TAIL_READ: usize = 512;
 /// Most deliveries handed to the response stream at once.
 const DELIVERY_RUN: usize = 64;
-/// Most event bytes in one run past its first delivery: the response stream holds 32 runs, so a
-/// subscriber that reads slowly with a wide window pins at most about 32 MiB of large events there.
+/// Most event bytes in one run, unless one event alone is larger: the response stream holds 32
+/// runs, so a subscriber that reads slowly with a wide window pins at most about 32 MiB there (or 32
+/// events, where each is larger).
 const DELIVERY_RUN_BYTES: usize = 1 << 20;
 /// Events per history page a private stream reads from the store.
 const HISTORY_PAGE: usize = 1024;
@@ -599,6 +607,7 @@ impl Session {
                 .await?;
             let history_until = match tail {
                 TailRead::Events(events) if !events.is_empty() => {
+                    self.sizer.observe(&events);
                     let last = events.last().map(|e| e.sequence);
                     if self.deliver_private(events).await?
                         && let Some(last) = last
@@ -667,7 +676,7 @@ impl Session {
             return match ahead.read.await {
                 Ok(page) => {
                     let page = page?;
-                    self.sizer.observe(&page.events);
+                    self.sizer.observe_read(&page);
                     Ok((page, ahead.until))
                 }
                 Err(e) => Err(BusError::Internal(format!("history read failed: {e}"))),
@@ -686,7 +695,7 @@ impl Session {
             .store
             .read(&self.history_query(after, until, limit))
             .await?;
-        self.sizer.observe(&page.events);
+        self.sizer.observe_read(&page);
         Ok((page, until))
     }
 
@@ -763,7 +772,7 @@ impl Session {
                     ack_deadline: None,
                     event,
                 });
-                if let Some(full) = full {
+                for full in full {
                     self.send(Outbound::Deliveries(full)).await?;
                 }
             } else {
@@ -814,14 +823,18 @@ impl Session {
         }
         let max_attempts = settings.max_attempts;
         let mut delivered = 0;
-        if self.credits > 0 {
+        // what is due again first, a claim's budget at a time, before anything new
+        while self.credits > 0 {
+            let budget = self.claim_budget() as usize;
             let lease = Utc::now() + self.ack_deadline;
-            let due = streams
-                .claim_due(key, &self.id, self.claim_budget() as usize, lease)
-                .await?;
+            let due = streams.claim_due(key, &self.id, budget, lease).await?;
+            let more = due.len() == budget;
             let due = self.events_or_release(key, due).await?;
             self.sizer.observe(due.iter().map(|(_, event)| event));
             delivered += self.deliver_group(key, due, lease, max_attempts).await?;
+            if !more {
+                break;
+            }
         }
         let mut backlogged = [true; 4];
         // a claim stopped reading before the head (a selection that matches little of a long
@@ -1335,7 +1348,7 @@ mod tests {
         let mut run = Run::default();
         let mut lengths: Vec<usize> = sizes
             .iter()
-            .filter_map(|size| run.push(delivery(*size)))
+            .flat_map(|size| run.push(delivery(*size)))
             .map(|full| full.len())
             .collect();
         lengths.extend(run.finish().map(|rest| rest.len()));
@@ -1345,10 +1358,11 @@ mod tests {
     #[test]
     fn runs_end_at_their_count_or_their_bytes() {
         assert_eq!(runs(&[100; 130]), [64, 64, 2]);
-        // 300 KiB events: the fourth takes a run past 1 MiB
-        assert_eq!(runs(&[300 << 10; 10]), [4, 4, 2]);
+        // 300 KiB events: a fourth would take a run past 1 MiB
+        assert_eq!(runs(&[300 << 10; 10]), [3, 3, 3, 1]);
         // an event larger than a run's bytes goes alone
-        assert_eq!(runs(&[10, 2 << 20, 10]), [2, 1]);
+        assert_eq!(runs(&[10, 2 << 20, 10]), [1, 1, 1]);
+        assert_eq!(runs(&[1 << 20, 1 << 20]), [1, 1]);
         assert_eq!(runs(&[]), Vec::<usize>::new());
     }
 }

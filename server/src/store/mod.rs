@@ -192,6 +192,10 @@ pub struct ReadPage {
     pub scanned_to: u64,
     /// No stored event after `scanned_to` can match.
     pub exhausted: bool,
+    /// Rows the read looked at, matching or not, and their events' bytes: what a read of the same
+    /// kind costs per row.
+    pub rows_read: usize,
+    pub bytes_read: usize,
 }
 
 /// Most event bytes ([`Event::size`]) one read holds: it stops before the event that would take it
@@ -215,6 +219,8 @@ impl PageFill {
                 events: Vec::new(),
                 scanned_to: after,
                 exhausted: false,
+                rows_read: 0,
+                bytes_read: 0,
             },
             bytes: 0,
             full: false,
@@ -227,14 +233,16 @@ impl PageFill {
         if self.full {
             return false;
         }
+        let size = event.event.size();
         if matches {
-            let size = event.event.size();
             if !self.page.events.is_empty() && self.bytes + size > READ_BYTES {
                 self.full = true;
                 return false;
             }
             self.bytes += size;
         }
+        self.page.rows_read += 1;
+        self.page.bytes_read += size;
         self.page.scanned_to = self.page.scanned_to.max(event.sequence);
         if matches {
             self.page.events.push(Arc::new(event));

@@ -436,6 +436,7 @@ impl EmbeddedStreams {
             exhausted: events.len() < limit,
             events,
             scanned_to,
+            ..ReadPage::default()
         })
     }
 
