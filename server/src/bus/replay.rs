@@ -87,7 +87,9 @@ impl Bus {
                 }
             };
             let mut remaining = request.limit.unwrap_or(u64::MAX);
-            let bound = query.until;
+            // the replay's end; a filtered one without an end takes the store's head as it once
+            // reaches this replica's view of it (below)
+            let mut bound = query.until;
             let filtered = query.source.is_some() || query.subject.is_some();
             let mut sizer = ReadSizer::new(&bus.limits);
             loop {
@@ -156,11 +158,15 @@ impl Bus {
                     // bounded by the replay's own end, or short of its span, reached the newest event.
                     let read_until = query.until.unwrap_or(u64::MAX);
                     if read.exhausted && (query.until == bound || read.scanned_to < read_until) {
-                        // short of its span at this replica's view of the head, which other
-                        // replicas' commits may have passed: the store's own head decides
+                        // Short of its span, at this replica's view of the head, which other
+                        // replicas' commits may have passed: the scan goes on to the store's head
+                        // of now, once, and ends there (every event up to it is committed).
                         if query.until != bound {
                             match bus.store.head().await {
-                                Ok(head) if head > query.after => continue,
+                                Ok(head) if head > query.after => {
+                                    bound = Some(bound.map_or(head, |bound| bound.min(head)));
+                                    continue;
+                                }
                                 Ok(_) => {}
                                 Err(e) => {
                                     let _ = tx.send(Err(BusError::from(e))).await;

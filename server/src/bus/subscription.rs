@@ -823,16 +823,19 @@ impl Session {
         }
         let max_attempts = settings.max_attempts;
         let mut delivered = 0;
-        // what is due again first, a claim's budget at a time, before anything new
-        while self.credits > 0 {
+        // What is due again goes first, a claim's budget at a time, before anything new. A claim
+        // that delivered nothing (its entries were dead-lettered) ends the run of claims: the next
+        // fill goes on after the session's commands.
+        while self.credits > 0 && !self.tx.is_closed() {
             let budget = self.claim_budget() as usize;
             let lease = Utc::now() + self.ack_deadline;
             let due = streams.claim_due(key, &self.id, budget, lease).await?;
             let more = due.len() == budget;
             let due = self.events_or_release(key, due).await?;
             self.sizer.observe(due.iter().map(|(_, event)| event));
-            delivered += self.deliver_group(key, due, lease, max_attempts).await?;
-            if !more {
+            let sent = self.deliver_group(key, due, lease, max_attempts).await?;
+            delivered += sent;
+            if !more || sent == 0 {
                 break;
             }
         }
