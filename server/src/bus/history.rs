@@ -13,9 +13,9 @@ use crate::{
 /// can read a long history without finding anything to send.
 pub(super) const HISTORY_READS_PER_TURN: usize = 16;
 
-/// Sizes history reads and group claims by bytes as well as by count: each asks for no more events
-/// than an answer page's bytes ([`Limits::page_bytes`]) of the events read last, or, before any, of
-/// the largest event allowed. Where sizes change from one read to the next, a store read still holds
+/// Sizes history reads and group claims by bytes as well as by count: each asks for no more rows
+/// than an answer page's bytes ([`Limits::page_bytes`]) of the rows last read (matching or not) or
+/// events last claimed, or, before any, of the largest event allowed. Where sizes change from one read to the next, a store read still holds
 /// at most [`crate::store::READ_BYTES`]; a claim, one page's count of the events claimed last.
 #[derive(Debug, Clone)]
 pub(super) struct ReadSizer {
