@@ -1217,6 +1217,145 @@ async fn names_that_could_reach_keys_or_sql_are_refused() {
     .expect("still serving");
 }
 
+/// A stream goes on no longer than the token it was opened with is accepted (no leeway here): a
+/// subscription, a replay and a publish stream opened with a token about to expire end with
+/// UNAUTHENTICATED naming the expiry, after what they had sent, and the group delivery left unsettled
+/// goes to a member whose token is still good.
+#[tokio::test]
+async fn streams_end_with_unauthenticated_when_their_token_expires() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server =
+        server_with_policy(dir.path(), POLICY, |c| c.auth.jwt.leeway = Duration::ZERO).await;
+    let mut bus = server.bus();
+    let planner =
+        |exp: i64| hs_token(&json!({"sub": "planner", "iss": ISSUER, "aud": AUDIENCE, "exp": exp}));
+    let lasting = planner(now() + 600);
+    // 4 MB of history: more than the server and a connection with small windows hold for a replay
+    // that is not read
+    let text = "x".repeat(1_000);
+    for batch in 0..40 {
+        let events = (0..100)
+            .map(|i| {
+                let mut e = sourced(&format!("h{batch}-{i}"), "task.history", "planner");
+                e.data = Some(pb::event::Data::TextData(text.clone()));
+                e
+            })
+            .collect();
+        publish_as(&server, &lasting, events)
+            .await
+            .expect("history");
+    }
+    let expiring = planner(now() + 3);
+
+    let mut member =
+        Subscriber::open_as(&mut bus, open(&["task.held"], "planners"), Some(&expiring))
+            .await
+            .expect("the group member opens");
+    let held = publish_as(
+        &server,
+        &lasting,
+        vec![sourced("held", "task.held", "planner")],
+    )
+    .await
+    .expect("published")
+    .results[0]
+        .sequence;
+    assert_eq!(
+        member.next_delivery().await.event.expect("event").sequence,
+        held
+    );
+    let mut other = Subscriber::open_as(&mut bus, open(&["task.held"], "planners"), Some(&lasting))
+        .await
+        .expect("a second member opens");
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr()))
+        .expect("uri")
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect()
+        .await
+        .expect("connects");
+    let mut replay = pb::event_bus_client::EventBusClient::new(channel)
+        .replay(authorized(
+            pb::ReplayRequest {
+                types: vec!["task.history".into()],
+                page_size: 100,
+                ..Default::default()
+            },
+            &expiring,
+        ))
+        .await
+        .expect("the replay opens")
+        .into_inner();
+    let first = replay.message().await.expect("a page").expect("open");
+    assert_eq!(first.events.len(), 100);
+
+    let (requests, queued) = tokio::sync::mpsc::channel(4);
+    let mut answers = bus
+        .publish_stream(authorized(
+            tokio_stream::wrappers::ReceiverStream::new(queued),
+            &expiring,
+        ))
+        .await
+        .expect("the publish stream opens")
+        .into_inner();
+    requests
+        .send(pb::PublishStreamRequest {
+            request_id: 1,
+            events: vec![sourced("sent", "task.sent", "planner")],
+        })
+        .await
+        .expect("queued");
+    let answer = answers.message().await.expect("answered").expect("open");
+    assert!(
+        matches!(
+            answer.outcome,
+            Some(pb::publish_stream_response::Outcome::Published(_))
+        ),
+        "{answer:?}"
+    );
+
+    // nothing is read from the replay until the token has expired
+    let ended = member.next_message(WAIT).await;
+    assert_status(ended, Code::Unauthenticated, "has expired");
+    let ended = tokio::time::timeout(WAIT, answers.message())
+        .await
+        .expect("the publish stream ends");
+    assert_status(ended, Code::Unauthenticated, "has expired");
+    let mut replayed = first.events.len();
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match replay.message().await {
+                Ok(Some(page)) => {
+                    assert!(
+                        !page.end_of_history,
+                        "replayed to the end after the token expired"
+                    );
+                    replayed += page.events.len();
+                }
+                Ok(None) => panic!("the replay ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the replay ends");
+    assert_status(Err::<(), _>(ended), Code::Unauthenticated, "has expired");
+    assert!(replayed < 4_000, "{replayed} events replayed");
+
+    let redelivered = other.next_delivery().await;
+    assert_eq!(redelivered.event.expect("event").sequence, held);
+    assert_eq!(redelivered.attempt, 2);
+    // the expired token opens nothing more
+    assert_status(
+        Subscriber::open_as(&mut bus, open(&["task.held"], "planners"), Some(&expiring))
+            .await
+            .map(|_| ()),
+        Code::Unauthenticated,
+        "expired",
+    );
+}
+
 #[tokio::test]
 async fn streams_per_principal_are_capped() {
     let server = TestServer::start_with(|c| c.connections.max_streams_per_principal = 3).await;

@@ -109,16 +109,21 @@ impl EventBusApi {
     ) {
         let mut queued = futures::stream::FuturesOrdered::new();
         let mut reading = true;
-        let mut shutting_down = false;
-        // a message that could not be read (over the size limit, not protobuf) ends the stream
-        // with its status, once the requests before it are answered
-        let mut unreadable = None;
+        // why the stream ends, when not at the publisher's close: it is sent once the requests read
+        // before are answered
+        let mut ending = None;
+        let token_expiry = principal.token_expiry();
+        tokio::pin!(token_expiry);
         loop {
             tokio::select! {
                 () = self.bus.shutting_down(), if reading => {
                     // requests not read were not taken: the publisher sends them again elsewhere
                     reading = false;
-                    shutting_down = true;
+                    ending = Some(to_status(BusError::ShuttingDown));
+                }
+                () = &mut token_expiry, if reading => {
+                    reading = false;
+                    ending = Some(denied(principal.token_expired()));
                 }
                 message = inbound.message(), if reading && queued.len() < PUBLISH_STREAM_IN_FLIGHT => {
                     match message {
@@ -127,10 +132,11 @@ impl EventBusApi {
                             queued.push_back(answer);
                         }
                         Ok(None) => reading = false,
+                        // a message that could not be read (over the size limit, not protobuf);
                         // when the publisher went away, sending the answers fails and ends this
                         Err(status) => {
                             reading = false;
-                            unreadable = Some(status);
+                            ending = Some(status);
                         }
                     }
                 }
@@ -142,9 +148,7 @@ impl EventBusApi {
                 else => break,
             }
         }
-        if shutting_down {
-            let _ = answers.send(Err(to_status(BusError::ShuttingDown))).await;
-        } else if let Some(status) = unreadable {
+        if let Some(status) = ending {
             let _ = answers.send(Err(status)).await;
         }
     }
@@ -384,7 +388,10 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             };
             futures::stream::iter(responses)
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(until_token_expires(
+            Box::pin(stream),
+            &principal,
+        )))
     }
 
     async fn request(
@@ -560,8 +567,37 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             })
             .map_err(to_status)
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(until_token_expires(
+            Box::pin(stream),
+            &principal,
+        )))
     }
+}
+
+/// Ends a response stream with UNAUTHENTICATED when the caller's token expires: a stream goes on
+/// under the credentials it was opened with, no longer than they are accepted. Dropping the stream
+/// ends what serves it, as when the caller goes away.
+fn until_token_expires<T: Send + 'static>(
+    stream: ResponseStream<T>,
+    principal: &Principal,
+) -> ResponseStream<T> {
+    if principal.expires.is_none() {
+        return stream;
+    }
+    let expired = denied(principal.token_expired());
+    let expiry = Box::pin(principal.token_expiry());
+    Box::pin(futures::stream::unfold(
+        Some((stream, expiry, expired)),
+        |state| async move {
+            let (mut stream, mut expiry, expired) = state?;
+            tokio::select! {
+                // first: a stream that always has a message ready must still end
+                biased;
+                () = &mut expiry => Some((Err(expired), None)),
+                item = stream.next() => item.map(|item| (item, Some((stream, expiry, expired)))),
+            }
+        },
+    ))
 }
 
 /// The caller's W3C `traceparent` header, if any.

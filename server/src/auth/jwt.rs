@@ -1,7 +1,11 @@
 //! JWT bearer tokens: allowed algorithms only, keys from an HMAC secret, PEM public keys or a JWKS file
 //! (by `kid`), all re-read when their files change; iss, aud, exp and sub required, nbf checked.
 
-use std::{collections::HashMap, str::FromStr};
+use std::{
+    collections::HashMap,
+    str::FromStr,
+    time::{Duration, SystemTime},
+};
 
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation, decode, decode_header,
@@ -22,6 +26,9 @@ pub struct TokenClaims {
     pub subject: String,
     /// The configured tenant claim, when present.
     pub tenant: Option<String>,
+    /// When the token stops being accepted: its `exp` plus the leeway. `None` when that lies beyond
+    /// what the clock can represent.
+    pub expires: Option<SystemTime>,
 }
 
 #[derive(Default)]
@@ -257,7 +264,22 @@ impl JwtVerifier {
                 None => None,
             }
         };
-        Ok(TokenClaims { subject, tenant })
+        // validation has checked that exp is a whole number of seconds, not before this second (within
+        // the leeway); a token is accepted only before that instant, as RFC 7519 says, so that a new
+        // call is refused from the moment the caller's open streams end
+        let expires = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .and_then(|exp| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(exp)))
+            .and_then(|exp| exp.checked_add(self.config.leeway));
+        if expires.is_some_and(|at| at <= SystemTime::now()) {
+            return Err(AuthError::Unauthenticated("token has expired".into()));
+        }
+        Ok(TokenClaims {
+            subject,
+            tenant,
+            expires,
+        })
     }
 }
 
@@ -316,6 +338,50 @@ pub(crate) mod tests {
         ] {
             assert!(tenant_of(Some(wrong.clone())).is_err(), "{wrong}");
         }
+    }
+
+    #[test]
+    fn a_token_is_accepted_only_before_its_exp_plus_the_leeway() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "x".repeat(40)).expect("secret");
+        let verifier = |leeway| {
+            let config = JwtConfig {
+                issuer: "i".into(),
+                audience: "a".into(),
+                algorithms: vec!["HS256".into()],
+                hs_secret_file: secret.display().to_string(),
+                leeway,
+                ..JwtConfig::default()
+            };
+            JwtVerifier::new(&config, Duration::from_secs(60)).expect("verifier")
+        };
+        let token = |exp: u64| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::HS256),
+                &serde_json::json!({"sub": "svc", "iss": "i", "aud": "a", "exp": exp}),
+                &jsonwebtoken::EncodingKey::from_secret("x".repeat(40).as_bytes()),
+            )
+            .expect("token")
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let at = |secs| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+        let strict = verifier(Duration::ZERO);
+        // the token library still accepts it during its exp second
+        let refused = strict.verify(&token(now)).expect_err("exp reached");
+        assert!(refused.to_string().contains("expired"), "{refused}");
+        assert_eq!(
+            strict.verify(&token(now + 5)).expect("valid").expires,
+            at(now + 5)
+        );
+        let lenient = verifier(Duration::from_secs(30));
+        assert_eq!(
+            lenient.verify(&token(now)).expect("in the leeway").expires,
+            at(now + 30)
+        );
     }
 
     #[test]

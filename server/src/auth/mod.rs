@@ -16,6 +16,7 @@ use std::{
     num::NonZeroU32,
     sync::{Arc, Mutex, RwLock},
     task::{Context, Poll},
+    time::SystemTime,
 };
 
 use futures::future::BoxFuture;
@@ -57,12 +58,37 @@ pub struct Principal {
     pub tenant: String,
     /// True when auth is off: every action is allowed.
     pub unrestricted: bool,
+    /// When the bearer token that identified the caller stops being accepted; its streams end then.
+    /// `None` without a token (a certificate is checked once, at the handshake, as TLS does).
+    pub expires: Option<SystemTime>,
 }
 
 impl Principal {
     /// The principal's key for per-principal limits: its id within its tenant.
     fn key(&self) -> String {
         format!("{}\u{0}{}", self.tenant, self.id)
+    }
+
+    /// Resolves when the caller's token stops being accepted; never for a caller without a token.
+    pub fn token_expiry(&self) -> impl Future<Output = ()> + Send + 'static {
+        let deadline = self.expires.and_then(|at| {
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::Instant::now().checked_add(left)
+        });
+        async move {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// What ends a stream when the caller's token expires.
+    pub fn token_expired(&self) -> AuthError {
+        AuthError::Unauthenticated(format!(
+            "the token of {:?} has expired; open the stream again with a fresh token",
+            self.id
+        ))
     }
 }
 
@@ -227,6 +253,7 @@ impl Auth {
                 id: "anonymous".into(),
                 tenant: DEFAULT_TENANT.into(),
                 unrestricted: true,
+                expires: None,
             });
         }
         let unauthenticated = |m: &str| AuthError::Unauthenticated(m.to_owned());
@@ -264,6 +291,7 @@ impl Auth {
             }
             (Some(token), Some(jwt)) => Some(jwt.verify(token)?),
         };
+        let expires = claims.as_ref().and_then(|c| c.expires);
         let (id, token_tenant) = match (certificate, claims) {
             (None, None) => {
                 return Err(unauthenticated(
@@ -295,6 +323,7 @@ impl Auth {
             id,
             tenant,
             unrestricted: false,
+            expires,
         })
     }
 
