@@ -1202,9 +1202,12 @@ type Subscribed struct {
 	SubscriptionId string                 `protobuf:"bytes,1,opt,name=subscription_id,json=subscriptionId,proto3" json:"subscription_id,omitempty"`
 	Group          string                 `protobuf:"bytes,2,opt,name=group,proto3" json:"group,omitempty"`
 	// Sequence the store had committed when the subscription opened.
-	HeadSequence  uint64 `protobuf:"varint,3,opt,name=head_sequence,json=headSequence,proto3" json:"head_sequence,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	HeadSequence uint64 `protobuf:"varint,3,opt,name=head_sequence,json=headSequence,proto3" json:"head_sequence,omitempty"`
+	// The heartbeat interval in effect: while nothing else is sent, a heartbeat comes at least this
+	// often, so a subscriber that hears nothing for a few intervals can take its connection for dead.
+	HeartbeatInterval *durationpb.Duration `protobuf:"bytes,4,opt,name=heartbeat_interval,json=heartbeatInterval,proto3" json:"heartbeat_interval,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Subscribed) Reset() {
@@ -1256,6 +1259,13 @@ func (x *Subscribed) GetHeadSequence() uint64 {
 		return x.HeadSequence
 	}
 	return 0
+}
+
+func (x *Subscribed) GetHeartbeatInterval() *durationpb.Duration {
+	if x != nil {
+		return x.HeartbeatInterval
+	}
+	return nil
 }
 
 // Delivery hands one event to the subscriber.
@@ -1935,12 +1945,13 @@ const file_nerve_v1_event_bus_proto_rawDesc = "" +
 	"\bdelivery\x18\x02 \x01(\v2\x12.nerve.v1.DeliveryH\x00R\bdelivery\x123\n" +
 	"\theartbeat\x18\x03 \x01(\v2\x13.nerve.v1.HeartbeatH\x00R\theartbeat\x121\n" +
 	"\tcaught_up\x18\x04 \x01(\v2\x12.nerve.v1.CaughtUpH\x00R\bcaughtUpB\t\n" +
-	"\amessage\"p\n" +
+	"\amessage\"\xba\x01\n" +
 	"\n" +
 	"Subscribed\x12'\n" +
 	"\x0fsubscription_id\x18\x01 \x01(\tR\x0esubscriptionId\x12\x14\n" +
 	"\x05group\x18\x02 \x01(\tR\x05group\x12#\n" +
-	"\rhead_sequence\x18\x03 \x01(\x04R\fheadSequence\"\xab\x01\n" +
+	"\rhead_sequence\x18\x03 \x01(\x04R\fheadSequence\x12H\n" +
+	"\x12heartbeat_interval\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x11heartbeatInterval\"\xab\x01\n" +
 	"\bDelivery\x12%\n" +
 	"\x05event\x18\x01 \x01(\v2\x0f.nerve.v1.EventR\x05event\x12\x1f\n" +
 	"\vdelivery_id\x18\x02 \x01(\tR\n" +
@@ -2065,33 +2076,34 @@ var file_nerve_v1_event_bus_proto_depIdxs = []int32{
 	17, // 23: nerve.v1.SubscribeResponse.delivery:type_name -> nerve.v1.Delivery
 	18, // 24: nerve.v1.SubscribeResponse.heartbeat:type_name -> nerve.v1.Heartbeat
 	19, // 25: nerve.v1.SubscribeResponse.caught_up:type_name -> nerve.v1.CaughtUp
-	26, // 26: nerve.v1.Delivery.event:type_name -> nerve.v1.Event
-	30, // 27: nerve.v1.Delivery.ack_deadline:type_name -> google.protobuf.Timestamp
-	30, // 28: nerve.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	26, // 29: nerve.v1.RequestRequest.event:type_name -> nerve.v1.Event
-	28, // 30: nerve.v1.RequestRequest.timeout:type_name -> google.protobuf.Duration
-	26, // 31: nerve.v1.RequestResponse.reply:type_name -> nerve.v1.Event
-	26, // 32: nerve.v1.ReplyRequest.event:type_name -> nerve.v1.Event
-	30, // 33: nerve.v1.ReplayRequest.start_time:type_name -> google.protobuf.Timestamp
-	30, // 34: nerve.v1.ReplayRequest.end_time:type_name -> google.protobuf.Timestamp
-	26, // 35: nerve.v1.ReplayResponse.events:type_name -> nerve.v1.Event
-	0,  // 36: nerve.v1.EventBus.Publish:input_type -> nerve.v1.PublishRequest
-	3,  // 37: nerve.v1.EventBus.PublishStream:input_type -> nerve.v1.PublishStreamRequest
-	6,  // 38: nerve.v1.EventBus.Subscribe:input_type -> nerve.v1.SubscribeRequest
-	20, // 39: nerve.v1.EventBus.Request:input_type -> nerve.v1.RequestRequest
-	22, // 40: nerve.v1.EventBus.Reply:input_type -> nerve.v1.ReplyRequest
-	24, // 41: nerve.v1.EventBus.Replay:input_type -> nerve.v1.ReplayRequest
-	1,  // 42: nerve.v1.EventBus.Publish:output_type -> nerve.v1.PublishResponse
-	4,  // 43: nerve.v1.EventBus.PublishStream:output_type -> nerve.v1.PublishStreamResponse
-	15, // 44: nerve.v1.EventBus.Subscribe:output_type -> nerve.v1.SubscribeResponse
-	21, // 45: nerve.v1.EventBus.Request:output_type -> nerve.v1.RequestResponse
-	23, // 46: nerve.v1.EventBus.Reply:output_type -> nerve.v1.ReplyResponse
-	25, // 47: nerve.v1.EventBus.Replay:output_type -> nerve.v1.ReplayResponse
-	42, // [42:48] is the sub-list for method output_type
-	36, // [36:42] is the sub-list for method input_type
-	36, // [36:36] is the sub-list for extension type_name
-	36, // [36:36] is the sub-list for extension extendee
-	0,  // [0:36] is the sub-list for field type_name
+	28, // 26: nerve.v1.Subscribed.heartbeat_interval:type_name -> google.protobuf.Duration
+	26, // 27: nerve.v1.Delivery.event:type_name -> nerve.v1.Event
+	30, // 28: nerve.v1.Delivery.ack_deadline:type_name -> google.protobuf.Timestamp
+	30, // 29: nerve.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	26, // 30: nerve.v1.RequestRequest.event:type_name -> nerve.v1.Event
+	28, // 31: nerve.v1.RequestRequest.timeout:type_name -> google.protobuf.Duration
+	26, // 32: nerve.v1.RequestResponse.reply:type_name -> nerve.v1.Event
+	26, // 33: nerve.v1.ReplyRequest.event:type_name -> nerve.v1.Event
+	30, // 34: nerve.v1.ReplayRequest.start_time:type_name -> google.protobuf.Timestamp
+	30, // 35: nerve.v1.ReplayRequest.end_time:type_name -> google.protobuf.Timestamp
+	26, // 36: nerve.v1.ReplayResponse.events:type_name -> nerve.v1.Event
+	0,  // 37: nerve.v1.EventBus.Publish:input_type -> nerve.v1.PublishRequest
+	3,  // 38: nerve.v1.EventBus.PublishStream:input_type -> nerve.v1.PublishStreamRequest
+	6,  // 39: nerve.v1.EventBus.Subscribe:input_type -> nerve.v1.SubscribeRequest
+	20, // 40: nerve.v1.EventBus.Request:input_type -> nerve.v1.RequestRequest
+	22, // 41: nerve.v1.EventBus.Reply:input_type -> nerve.v1.ReplyRequest
+	24, // 42: nerve.v1.EventBus.Replay:input_type -> nerve.v1.ReplayRequest
+	1,  // 43: nerve.v1.EventBus.Publish:output_type -> nerve.v1.PublishResponse
+	4,  // 44: nerve.v1.EventBus.PublishStream:output_type -> nerve.v1.PublishStreamResponse
+	15, // 45: nerve.v1.EventBus.Subscribe:output_type -> nerve.v1.SubscribeResponse
+	21, // 46: nerve.v1.EventBus.Request:output_type -> nerve.v1.RequestResponse
+	23, // 47: nerve.v1.EventBus.Reply:output_type -> nerve.v1.ReplyResponse
+	25, // 48: nerve.v1.EventBus.Replay:output_type -> nerve.v1.ReplayResponse
+	43, // [43:49] is the sub-list for method output_type
+	37, // [37:43] is the sub-list for method input_type
+	37, // [37:37] is the sub-list for extension type_name
+	37, // [37:37] is the sub-list for extension extendee
+	0,  // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_nerve_v1_event_bus_proto_init() }

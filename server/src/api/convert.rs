@@ -374,10 +374,12 @@ pub fn outbound(message: Outbound) -> Vec<pb::SubscribeResponse> {
             subscription_id,
             group,
             head_sequence,
+            heartbeat,
         } => one(Message::Subscribed(pb::Subscribed {
             subscription_id,
             group: group.unwrap_or_default(),
             head_sequence,
+            heartbeat_interval: prost_types::Duration::try_from(heartbeat).ok(),
         })),
         Outbound::Deliveries(all) => all
             .into_iter()

@@ -94,6 +94,8 @@ pub enum Outbound {
         subscription_id: String,
         group: Option<String>,
         head_sequence: u64,
+        /// The heartbeat interval in effect.
+        heartbeat: Duration,
     },
     /// Deliveries in order, handed over at once; each goes out as its own message.
     Deliveries(Vec<Delivery>),
@@ -353,6 +355,7 @@ impl Bus {
             subscription_id: id,
             group: spec.group,
             head_sequence: head,
+            heartbeat,
         };
         tokio::spawn(session.run(opened, commands));
         Ok(rx)

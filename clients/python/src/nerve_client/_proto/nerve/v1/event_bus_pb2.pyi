@@ -534,20 +534,28 @@ class Subscribed(_message.Message):
     SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     HEAD_SEQUENCE_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.str
     group: _builtins.str
     head_sequence: _builtins.int
     """Sequence the store had committed when the subscription opened."""
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """The heartbeat interval in effect: while nothing else is sent, a heartbeat comes at least this
+        often, so a subscriber that hears nothing for a few intervals can take its connection for dead.
+        """
+
     def __init__(
         self,
         *,
         subscription_id: _builtins.str = ...,
         group: _builtins.str = ...,
         head_sequence: _builtins.int = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "head_sequence", b"head_sequence", "subscription_id", b"subscription_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "head_sequence", b"head_sequence", "heartbeat_interval", b"heartbeat_interval", "subscription_id", b"subscription_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
