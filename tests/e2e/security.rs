@@ -1032,6 +1032,12 @@ async fn only_a_principal_allowed_to_answer_may_reply() {
         Code::PermissionDenied,
         "publishing \"billing.refund.approved\" is denied",
     );
+    // nor one it may neither publish nor answer: subscribers of that type would receive it
+    assert_status(
+        reply(&tool, "tool", "task.created").await,
+        Code::PermissionDenied,
+        "may neither publish nor answer \"task.created\"",
+    );
     let admin = hs_token(&claims("admin"));
     let records = audit_records(&server, &admin).await;
     assert!(

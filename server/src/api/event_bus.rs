@@ -456,6 +456,7 @@ impl pb::event_bus_server::EventBus for EventBusApi {
                     .and_then(|()| e.publish_not_denied(&event.event_type))
             })
             .map_err(denied)?;
+        let reply_type = event.event_type.clone();
         let span =
             tracing::info_span!("nerve.reply", otel.kind = "server", r#type = %event.event_type);
         // a reply without its own context continues the caller's; else the bus gives it the request's
@@ -472,10 +473,16 @@ impl pb::event_bus_server::EventBus for EventBusApi {
                 event,
                 trace,
                 |inbox| {
-                    // only a principal allowed to answer this request type may reply to it
+                    // only a principal allowed to answer this request type may reply to it, and only
+                    // with a type it may store (subscribers of that type receive the reply)
                     self.auth
                         .check(&principal, "reply", &inbox.request_type, |e| {
                             e.typed(Action::Reply, &inbox.request_type)
+                        })
+                        .and_then(|()| {
+                            self.auth.check(&principal, "reply", &reply_type, |e| {
+                                e.reply_type(&reply_type)
+                            })
                         })
                         .map_err(BusError::from)
                 },

@@ -313,23 +313,45 @@ impl Evaluator<'_> {
         }
     }
 
+    /// Do the principal's publish grants (file or registry) cover this type? Denials aside.
+    fn publish_granted(&self, event_type: &str) -> bool {
+        self.file()
+            .into_iter()
+            .flat_map(|f| f.allow.patterns(Action::Publish))
+            .chain(self.registered().into_iter().flat_map(|r| &r.types))
+            .any(|p| p.matches(event_type))
+    }
+
     /// May the principal publish an event of this type with this source?
     pub fn publish(&self, event_type: &str, source: &str) -> Decision {
         self.publish_not_denied(event_type)?;
-        let file = self.file();
-        let registered = self.registered();
-        let allowed = file
-            .into_iter()
-            .flat_map(|f| f.allow.patterns(Action::Publish))
-            .chain(registered.into_iter().flat_map(|r| &r.types))
-            .any(|p| p.matches(event_type));
-        if !allowed {
+        if !self.publish_granted(event_type) {
             return Err(format!(
                 "{:?} is not registered to publish {event_type:?}",
                 self.id
             ));
         }
         self.source(source)
+    }
+
+    /// May the principal store a reply of this type? A reply is an event in the log like a published
+    /// one, which subscribers of its type receive: its type must be one the principal may publish or
+    /// answer (its `reply` grant), and not one its `deny.publish` names.
+    pub fn reply_type(&self, event_type: &str) -> Decision {
+        self.publish_not_denied(event_type)?;
+        let answerable = self
+            .file()
+            .into_iter()
+            .flat_map(|f| f.allow.patterns(Action::Reply))
+            .any(|p| p.matches(event_type));
+        if answerable || self.publish_granted(event_type) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{:?} may neither publish nor answer {event_type:?}, so may not reply with it",
+                self.id
+            ))
+        }
     }
 
     /// May the principal send events (publishes, requests, replies) with this source?
@@ -514,6 +536,11 @@ deny = { publish = ["task.secret.>"], replay = ["audit.>"] }
         assert!(e.group("testers").is_err());
         assert!(e.typed(Action::Request, "tool.run").is_ok());
         assert!(e.typed(Action::Reply, "tool.run").is_err());
+        // a reply's own type: one it may publish or answer, never a denied one
+        assert!(e.reply_type("task.done").is_ok());
+        assert!(e.reply_type("plan.ask").is_ok());
+        assert!(e.reply_type("task.secret.answer").is_err());
+        assert!(e.reply_type("billing.paid").is_err());
         assert!(e.admin("groups/planners").is_ok());
         assert!(e.admin("audit").is_err());
     }
