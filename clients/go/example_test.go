@@ -85,6 +85,7 @@ func ExampleClient_Subscribe() {
 		AckDeadline:       30 * time.Second,
 		MaxAttempts:       5,
 		HeartbeatInterval: 10 * time.Second,
+		HeartbeatTimeout:  30 * time.Second, // default: 3 intervals; negative: never
 	})
 	if err != nil {
 		log.Fatal(err)

@@ -3,11 +3,13 @@ package nerve_test
 import (
 	"bufio"
 	"context"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -169,5 +171,79 @@ func eventually[T any](t *testing.T, what string, check func() (T, bool)) T {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// proxy forwards TCP connections to a server until freeze.
+type proxy struct {
+	addr   string
+	frozen chan struct{}
+	freeze func()
+	closed chan struct{}
+}
+
+// startProxy listens on 127.0.0.1:0 and forwards every connection to target; the listener and the
+// connections are closed when the test ends. freeze stops it forwarding, in both directions, without
+// closing anything: to either end, the connection dies silently (no FIN, no RST), as in a partition.
+func startProxy(t *testing.T, target string) *proxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proxy{addr: ln.Addr().String(), frozen: make(chan struct{}), closed: make(chan struct{})}
+	p.freeze = sync.OnceFunc(func() { close(p.frozen) })
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		close(p.closed)
+		_ = ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			_ = c.Close()
+		}
+	})
+	go func() {
+		for {
+			client, err := ln.Accept()
+			if err != nil {
+				return // closed
+			}
+			server, err := net.Dial("tcp", target)
+			if err != nil {
+				_ = client.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, client, server)
+			mu.Unlock()
+			go p.forward(server, client)
+			go p.forward(client, server)
+		}
+	}()
+	return p
+}
+
+// forward copies from src to dst until either fails; once frozen it holds what it read, without writing
+// or closing, until the test ends.
+func (p *proxy) forward(dst, src net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		select {
+		case <-p.frozen:
+			<-p.closed
+			return
+		default:
+		}
+		if n > 0 {
+			if _, err := dst.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
 	}
 }

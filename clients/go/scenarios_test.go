@@ -158,7 +158,7 @@ func TestGroupRedeliversAfterNackAndAcks(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sub.Close()
-	if sub.Subscribed().GetGroup() != "workers" {
+	if sub.Subscribed().GetGroup() != "workers" || sub.Subscribed().GetHeartbeatInterval().AsDuration() != 200*time.Millisecond {
 		t.Fatalf("subscribed = %v", sub.Subscribed())
 	}
 	published, err := client.Publish(ctx, ev("job-1", "jobs.run"))
@@ -319,5 +319,39 @@ func TestReplayPagesWithResumeToken(t *testing.T) {
 	}
 	if !slices.Equal(seen, expected) {
 		t.Fatalf("saw %d events, want all 250 once in order", len(seen))
+	}
+}
+
+func TestSilentConnectionIsDetected(t *testing.T) {
+	ctx := testContext(t)
+	through := startProxy(t, startServer(t))
+	client, err := nerve.Dial(through.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = client.Close() })
+	const interval = 200 * time.Millisecond
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"quiet.x"}, HeartbeatInterval: interval})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	if got := sub.Subscribed().GetHeartbeatInterval().AsDuration(); got != interval {
+		t.Fatalf("subscribed with a heartbeat interval of %s, want %s", got, interval)
+	}
+	// idle for 5 intervals, longer than the timeout of 3: the heartbeats keep the stream open
+	expectIdle(t, sub, 5)
+
+	through.freeze()
+	waitCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	for err == nil { // heartbeats that got through before the freeze come first
+		var m nerve.Message
+		if m, err = sub.NextMessage(waitCtx); m.Delivery != nil {
+			t.Fatalf("unexpected delivery %s", m.Delivery.Event.GetId())
+		}
+	}
+	if !errors.Is(err, nerve.ErrUnavailable) || !strings.Contains(err.Error(), "heartbeats") {
+		t.Fatalf("after the connection went silent: %v, want Unavailable naming the heartbeats", err)
 	}
 }

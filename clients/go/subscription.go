@@ -35,6 +35,10 @@ type SubscribeOptions struct {
 	MaxAttempts uint32
 	// HeartbeatInterval is how often an idle stream gets a heartbeat (default 10s).
 	HeartbeatInterval time.Duration
+	// HeartbeatTimeout is how long the subscription waits for anything from the server before it takes the
+	// connection for dead and ends with ErrUnavailable. Zero: 3 heartbeat intervals (none when an older
+	// server does not confirm its interval and HeartbeatInterval is unset); negative: never.
+	HeartbeatTimeout time.Duration
 }
 
 // Delivery is one event handed to a subscriber. Settle it with Ack, Nack or DeadLetter.
@@ -97,6 +101,12 @@ type Subscription struct {
 	done    chan struct{} // closed when the receiver stopped; err and rest are set before
 	err     error
 	closed  atomic.Bool
+
+	// the watchdog: a stream silent for silence (zero: no watchdog) while the receiver waits on the
+	// network is cancelled, with dead set first so that the receiver reports it rather than the cancel
+	silence  time.Duration
+	interval time.Duration // the heartbeat interval in effect; zero: unknown
+	dead     atomic.Bool
 
 	closing   chan struct{} // closed when Close starts: from then on the receiver drops what it reads
 	closeOnce sync.Once
@@ -163,19 +173,54 @@ func (c *Client) Subscribe(ctx context.Context, opts SubscribeOptions) (*Subscri
 		closing:    make(chan struct{}),
 		closeWait:  closeWait,
 	}
+	s.interval, s.silence = heartbeatTimeout(opts, subscribed)
 	go s.receive()
 	return s, nil
+}
+
+// heartbeatTimeout gives the heartbeat interval in effect (zero: unknown) and the watchdog's timeout
+// (zero: none). The interval is the one the server confirms; an older server does not, and then only the
+// one asked for is known.
+func heartbeatTimeout(opts SubscribeOptions, subscribed *nervepb.Subscribed) (interval, timeout time.Duration) {
+	interval = max(opts.HeartbeatInterval, 0)
+	if confirmed := subscribed.GetHeartbeatInterval(); confirmed != nil {
+		interval = max(confirmed.AsDuration(), 0)
+	}
+	switch {
+	case opts.HeartbeatTimeout < 0:
+		return interval, 0
+	case opts.HeartbeatTimeout > 0:
+		return interval, opts.HeartbeatTimeout
+	default:
+		return interval, 3 * interval
+	}
 }
 
 // receive reads the stream into s.messages, so that Next can give up on its own context without
 // cancelling the stream.
 func (s *Subscription) receive() {
 	defer close(s.done)
+	var watchdog *time.Timer
+	if s.silence > 0 {
+		watchdog = time.AfterFunc(s.silence, func() {
+			s.dead.Store(true)
+			s.cancel()
+		})
+		defer watchdog.Stop()
+	}
 	for {
+		// the watchdog runs only while Recv waits on the network, not while the application does not
+		// read (below, waiting for room in messages)
+		if watchdog != nil {
+			watchdog.Reset(s.silence)
+		}
 		m, err := s.stream.Recv()
+		if watchdog != nil {
+			watchdog.Stop()
+		}
 		if err != nil {
 			if !errors.Is(err, io.EOF) {
-				s.err = wrap(err)
+				s.err = s.failure(err)
 			}
 			return
 		}
@@ -200,13 +245,27 @@ func (s *Subscription) receive() {
 		case <-s.closing: // dropped, as above
 		case <-s.stream.Context().Done():
 			// cancelled while waiting for room: the status Recv would have given, not a clean end
-			s.err = wrap(status.FromContextError(s.stream.Context().Err()).Err())
+			s.err = s.failure(status.FromContextError(s.stream.Context().Err()).Err())
 			return
 		}
 	}
 }
 
-// Subscribed is the server's confirmation: subscription id, group and the head sequence at open.
+// failure is the stream's error for err, the error Recv gave: the watchdog's when it cancelled the stream.
+func (s *Subscription) failure(err error) error {
+	if !s.dead.Load() {
+		return wrap(err)
+	}
+	due := ""
+	if s.interval > 0 {
+		due = fmt.Sprintf(" (heartbeats are due every %s)", s.interval)
+	}
+	return &Error{Code: codes.Unavailable, Message: fmt.Sprintf(
+		"no message from the server for %s%s: the connection is taken for dead; subscribe again", s.silence, due)}
+}
+
+// Subscribed is the server's confirmation: subscription id, group, the head sequence at open and the heartbeat
+// interval in effect (unset by older servers).
 func (s *Subscription) Subscribed() *nervepb.Subscribed { return s.subscribed }
 
 // CaughtUp reports the caught-up marker's sequence once it was read: every stored match was delivered

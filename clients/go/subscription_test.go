@@ -1,8 +1,8 @@
 package nerve_test
 
 // The Subscription beyond the shared scenarios: a stream that ends with deliveries unread, acks sent just
-// before the end (Close, a cancel), Close's bound, concurrent readers of its state, settle arguments
-// checked before sending.
+// before the end (Close, a cancel), Close's bound, concurrent readers of its state, the heartbeat timeout
+// with an application that does not read, settle arguments checked before sending.
 
 import (
 	"context"
@@ -310,6 +310,19 @@ func TestSubscriptionStateIsSafeToReadWhileNextRuns(t *testing.T) {
 	if _, ok := sub.CaughtUp(); !ok || sub.Heartbeats() < 3 || sub.LastHeartbeat() == nil {
 		t.Fatalf("caught up %v, %d heartbeats, last %v", ok, sub.Heartbeats(), sub.LastHeartbeat())
 	}
+}
+
+func TestHeartbeatTimeoutIgnoresAnApplicationThatDoesNotRead(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"slow.x"}, HeartbeatInterval: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	// an application busy elsewhere: the heartbeats fill what the subscription buffers, well before this
+	// is over, and it then stops reading the network for longer than the timeout (300ms)
+	time.Sleep(3 * time.Second)
+	expectIdle(t, sub, 40) // what was buffered, then live ones: the stream is still open
 }
 
 func TestBadSettleArgumentsAreRefusedWithoutEndingTheStream(t *testing.T) {

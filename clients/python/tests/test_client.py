@@ -33,6 +33,7 @@ from nerve_client import (
     json_of,
     pb,
 )
+from nerve_client._subscription import _watchdog
 
 from .conftest import WAIT, ServerProcess, server_binary
 from .test_scenarios import ev, expect_idle
@@ -272,6 +273,8 @@ async def test_negative_durations_are_refused_locally(client: Client) -> None:
     with pytest.raises(ValueError):
         client.subscribe("negative.x", ack_deadline=timedelta(seconds=-1))
     with pytest.raises(ValueError):
+        client.subscribe("negative.x", heartbeat_timeout=-1)
+    with pytest.raises(ValueError):
         await client.request(ev("q", "negative.x"), timeout=timedelta(seconds=-1))
     async with client.subscribe("negative.x", group="negative", heartbeat_interval=0.2) as sub:
         await client.publish(ev("n1", "negative.x"))
@@ -377,6 +380,28 @@ async def test_zero_settings_take_the_server_defaults(client: Client) -> None:
     ) as private:
         d = await private.next(timeout=WAIT)
         assert d.event.id == "z1"
+
+
+def test_heartbeat_timeout_defaults_to_three_intervals_in_effect() -> None:
+    def interval(secs: float) -> duration_pb2.Duration:
+        d = duration_pb2.Duration()
+        d.FromTimedelta(timedelta(seconds=secs))
+        return d
+
+    def watch(confirmed: float | None, asked: float | None, timeout: float | None) -> float | None:
+        subscribed = pb.Subscribed(heartbeat_interval=None if confirmed is None else interval(confirmed))
+        found = _watchdog(subscribed, None if asked is None else interval(asked), timeout)
+        return None if found is None else found[0]
+
+    assert watch(10, None, None) == 30, "the server's default interval, confirmed"
+    assert watch(0.2, 0.2, None) == pytest.approx(0.6)
+    assert watch(None, 5, None) == 15, "an older server confirms none: the interval asked for"
+    assert watch(None, None, None) is None, "no interval known: no watchdog by default"
+    assert watch(None, None, 7) == 7, "but one given applies"
+    assert watch(10, None, 0) is None, "0 turns it off"
+    found = _watchdog(pb.Subscribed(heartbeat_interval=interval(0.2)), None, None)
+    assert found is not None
+    assert found[1].startswith("no message from the server for 0.6s (heartbeats are due every 0.2s)"), found[1]
 
 
 async def test_zero_extension_is_refused_locally(client: Client) -> None:

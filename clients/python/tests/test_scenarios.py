@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
+from types import TracebackType
 
 import grpc
 import pytest
@@ -15,11 +17,12 @@ from nerve_client import (
     InvalidArgumentError,
     NoRespondersError,
     Subscription,
+    UnavailableError,
     event,
     pb,
 )
 
-from .conftest import WAIT
+from .conftest import WAIT, ServerProcess
 
 
 def ev(id: str, type: str) -> pb.Event:
@@ -40,6 +43,55 @@ async def expect_idle(sub: Subscription, heartbeats: int) -> pb.Heartbeat:
                 break
     assert last is not None
     return last
+
+
+class FreezableProxy:
+    """A TCP proxy to ``target`` on 127.0.0.1; :meth:`freeze` stops forwarding in both directions without
+    closing any socket, as a partition or a vanished host would: neither side hears anything, not even an end."""
+
+    def __init__(self, target: str) -> None:
+        self._host, _, port = target.rpartition(":")
+        self._port = int(port)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.addr = ""
+
+    async def __aenter__(self) -> FreezableProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.addr = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:
+            writer.close()
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(self._host, self._port)
+        self._writers += [client_writer, server_writer]
+        for source, sink in ((client_reader, server_writer), (server_reader, client_writer)):
+            task = asyncio.get_running_loop().create_task(self._forward(source, sink))
+            self._tasks.add(task)
+
+    async def _forward(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            await self._flowing.wait()  # frozen: the data is held, and nothing more is read once buffers fill
+            sink.write(data)
+            await sink.drain()
+        await self._flowing.wait()  # frozen: not even the end is passed on
+        sink.close()
 
 
 async def test_publish_returns_sequences(client: Client) -> None:
@@ -84,6 +136,7 @@ async def test_invalid_event_names_the_field(client: Client) -> None:
 async def test_private_subscription_catches_up_then_goes_live(client: Client) -> None:
     stored = await client.publish(*(ev(f"h{i}", "orders.created") for i in range(3)))
     async with client.subscribe("orders.*", start="earliest", heartbeat_interval=0.2) as sub:
+        assert sub.subscribed.heartbeat_interval.ToTimedelta() == timedelta(milliseconds=200), "the interval asked"
         assert not sub.caught_up
         history = await sub.until_caught_up(timeout=WAIT)
         assert [d.event.id for d in history] == ["h0", "h1", "h2"]
@@ -179,3 +232,18 @@ async def test_replay_pages_with_resume_token(client: Client) -> None:
     seen = [e.sequence for p in pages for e in p.events] + [e.sequence for e in events]
     assert seen == expected, "all 250 once, in order"
     assert [e.id for p in pages for e in p.events][:3] == ["r0", "r1", "r2"]
+
+
+async def test_silent_connection_is_detected(server: ServerProcess) -> None:
+    async with FreezableProxy(server.addr) as proxy, Client.connect(proxy.addr, ready_timeout=WAIT) as client:
+        async with client.subscribe("quiet.>", heartbeat_interval=0.2) as sub:  # the default heartbeat_timeout
+            # idle for 5 intervals: the heartbeats keep the stream alive
+            await expect_idle(sub, heartbeats=5)
+
+            proxy.freeze()
+            # bounded: without a watchdog this raises TimeoutError instead of hanging
+            with pytest.raises(UnavailableError) as info:
+                await sub.next_message(timeout=5)
+            error = info.value
+            assert error.code == grpc.StatusCode.UNAVAILABLE
+            assert "heartbeats" in error.message, error.message

@@ -171,6 +171,7 @@ class Client:
         ack_deadline: Seconds | None = None,
         max_attempts: int = 0,
         heartbeat_interval: Seconds | None = None,
+        heartbeat_timeout: Seconds | None = None,
         open_timeout: Seconds = 30.0,
     ) -> Opening[Subscription]:
         """Opens a Subscribe stream and waits for the server to confirm it.
@@ -180,7 +181,16 @@ class Client:
         (default), "earliest", a sequence to continue after, or a datetime. Zero/None settings take the
         server's defaults (``open_timeout`` excepted: it is this side's wait for the confirmation). Await the
         result, or use it with ``async with`` to close the stream on exit.
+
+        ``heartbeat_timeout`` is this side's watchdog: when the server sends nothing (no heartbeat, delivery or
+        marker) for that long, the connection is taken for dead (it may have died silently, with no reset)
+        and the stream ends with :class:`UnavailableError` after the messages already received: subscribe
+        again. None (the default) is 3 heartbeat intervals, the interval the server confirms (or the one
+        asked for, with an older server that confirms none; with neither known, no watchdog); 0 turns the
+        watchdog off, as ``max_resumes=0`` does resuming on a replay.
         """
+        if heartbeat_timeout is not None and seconds(heartbeat_timeout) < 0:
+            raise ValueError(f"negative heartbeat_timeout {heartbeat_timeout}")
         request = event_bus_pb2.SubscriptionOpen(
             types=_types(types),
             group=group,
@@ -192,7 +202,9 @@ class Client:
             max_attempts=max_attempts,
             heartbeat_interval=optional_duration(heartbeat_interval),
         )
-        return Opening(lambda: Subscription._open(self.event_bus_stub, request, seconds(open_timeout)))
+        return Opening(
+            lambda: Subscription._open(self.event_bus_stub, request, seconds(open_timeout), heartbeat_timeout)
+        )
 
     async def request(
         self, event: event_pb2.Event, timeout: Seconds | None = None

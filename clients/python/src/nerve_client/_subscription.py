@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Union
 
 import grpc
 
-from ._errors import ClosedError, NerveError, from_rpc_error
+from ._errors import ClosedError, NerveError, UnavailableError, from_rpc_error
 from ._events import Seconds, data_of, duration, seconds
 from ._proto.nerve.v1 import event_bus_pb2, event_pb2
 
 if TYPE_CHECKING:
-    from google.protobuf import any_pb2
+    from google.protobuf import any_pb2, duration_pb2
 
 __all__ = ["CaughtUp", "Delivery", "Heartbeat", "Message", "Subscription"]
 
@@ -28,6 +28,9 @@ Heartbeat = event_bus_pb2.Heartbeat
 #: message before it cancels the call. Settling what was sent before it takes a round trip and a write to
 #: disk, milliseconds when all is well: seconds leave room for a loaded server and still bound a shutdown.
 _CLOSE_TIMEOUT = 5.0
+
+#: The default heartbeat timeout, in heartbeat intervals: one late heartbeat is no proof of a dead connection.
+_HEARTBEATS_MISSED = 3
 
 
 class Delivery:
@@ -119,6 +122,10 @@ class Subscription:
 
     :meth:`close` (or leaving ``async with``) ends the stream gracefully: the server settles everything sent
     before it, so the last acks are not lost.
+
+    A connection that dies silently (no FIN, no RST) is noticed by the heartbeat timeout: when the server sends
+    nothing for that long (heartbeats come at least every heartbeat interval), the call is cancelled and the
+    stream ends with :class:`UnavailableError` after the messages already received.
     """
 
     def __init__(
@@ -151,12 +158,19 @@ class Subscription:
         self.heartbeats = 0
 
     @classmethod
-    async def _open(cls, stub: Any, request: event_bus_pb2.SubscriptionOpen, open_timeout: float) -> Subscription:
+    async def _open(
+        cls,
+        stub: Any,
+        request: event_bus_pb2.SubscriptionOpen,
+        open_timeout: float,
+        heartbeat_timeout: Seconds | None = None,
+    ) -> Subscription:
         call = stub.Subscribe()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         stream_end: asyncio.Future[NerveError | None] = loop.create_future()
-        pump = loop.create_task(_pump(call, queue, stream_end))
+        asked = request.heartbeat_interval if request.HasField("heartbeat_interval") else None
+        pump = loop.create_task(_pump(call, queue, stream_end, lambda s: _watchdog(s, asked, heartbeat_timeout)))
         try:
             try:
                 await call.write(event_bus_pb2.SubscribeRequest(open=request))
@@ -204,7 +218,8 @@ class Subscription:
         """The next message of any kind, or None once the stream ended cleanly.
 
         Raises :class:`TimeoutError` if nothing arrives within ``timeout`` seconds (the stream stays usable)
-        and :class:`NerveError` if the stream failed. After :meth:`close` it returns None: what is still
+        and :class:`NerveError` if the stream failed (:class:`UnavailableError` when the heartbeat timeout
+        took the connection for dead). After :meth:`close` it returns None: what is still
         queued, or arrives while the stream ends, is discarded (the server releases it).
         """
         if self._closed:
@@ -465,15 +480,37 @@ class Subscription:
         return f"Subscription(id={self.subscription_id!r}, group={self.group!r}, caught_up={self.caught_up})"
 
 
-async def _pump(call: Any, queue: asyncio.Queue[Any], stream_end: asyncio.Future[NerveError | None]) -> None:
+async def _pump(
+    call: Any,
+    queue: asyncio.Queue[Any],
+    stream_end: asyncio.Future[NerveError | None],
+    watchdog: Callable[[event_bus_pb2.Subscribed], tuple[float, str] | None],
+) -> None:
     """Reads the stream into the queue so that a reader's timeout never cancels the call itself; when the
-    stream ends, queues its end and sets ``stream_end`` to the error it ended with (None: cleanly)."""
+    stream ends, queues its end and sets ``stream_end`` to the error it ended with (None: cleanly).
+
+    Once the confirmation arrived, ``watchdog`` says how long each read may wait (the heartbeat timeout) and
+    what the stream ends with when one waits longer. The queue is unbounded, so that wait is on the network
+    only, never on a reader that is slow to take the next message.
+    """
     error: NerveError | None = None
+    watch: tuple[float, str] | None = None  # none before the confirmation: the open's own timeout bounds that
     try:
         while True:
-            message = await call.read()
+            if watch is None:
+                message = await call.read()
+            else:
+                timeout, silence = watch
+                try:
+                    message = await asyncio.wait_for(call.read(), timeout)
+                except asyncio.TimeoutError:
+                    call.cancel()  # cancelling the read did already; this says so
+                    error = UnavailableError(grpc.StatusCode.UNAVAILABLE, silence)
+                    return
             if message is grpc.aio.EOF:
                 return
+            if message.WhichOneof("message") == "subscribed":
+                watch = watchdog(message.subscribed)
             queue.put_nowait(message)
     except grpc.RpcError as e:
         error = from_rpc_error(e)
@@ -486,6 +523,28 @@ async def _pump(call: Any, queue: asyncio.Queue[Any], stream_end: asyncio.Future
         queue.put_nowait(_End(error))
         if not stream_end.done():
             stream_end.set_result(error)
+
+
+def _watchdog(
+    subscribed: event_bus_pb2.Subscribed, asked: duration_pb2.Duration | None, heartbeat_timeout: Seconds | None
+) -> tuple[float, str] | None:
+    """The heartbeat timeout of a subscription and the message its stream ends with when it expires; None: no
+    watchdog. The interval in effect is the one the server confirms, else the one asked for (an older server
+    confirms none); unknown, the default is no watchdog."""
+    interval = subscribed.heartbeat_interval if subscribed.HasField("heartbeat_interval") else asked
+    every = interval.ToTimedelta().total_seconds() if interval is not None else 0.0
+    if heartbeat_timeout is None:
+        if every <= 0:
+            return None
+        timeout = _HEARTBEATS_MISSED * every
+    else:
+        timeout = seconds(heartbeat_timeout)
+        if timeout == 0:
+            return None
+    due = f" (heartbeats are due every {every:g}s)" if every > 0 else ""
+    return timeout, (
+        f"no message from the server for {timeout:g}s{due}: the connection is taken for dead; subscribe again"
+    )
 
 
 def _settle(waiter: asyncio.Future[None], error: NerveError | None) -> None:
