@@ -4,7 +4,7 @@
 
 use std::sync::{
     Arc, Mutex,
-    atomic::{AtomicBool, AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
 };
 
 use async_trait::async_trait;
@@ -36,6 +36,8 @@ pub struct Injection {
     pub fail_next_put_dead_letter: AtomicBool,
     /// Stops a `read` before it reads.
     pub before_read: Gate,
+    /// Milliseconds each `read` takes first, as a slow store's do.
+    pub read_delay_ms: AtomicU64,
     /// How many `read` calls reached the store.
     pub reads: AtomicUsize,
     /// The most events one `read` returned.
@@ -115,6 +117,10 @@ impl EventStore for InjectedStore {
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
         self.check()?;
         self.injection.before_read.pass().await;
+        let delay = self.injection.read_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         self.injection.reads.fetch_add(1, Ordering::SeqCst);
         let page = self.inner.read(query).await?;
         self.injection

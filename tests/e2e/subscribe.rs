@@ -239,6 +239,42 @@ async fn heartbeats_flow_while_idle() {
     );
 }
 
+/// Heartbeats keep coming while a private stream reads history that matches nothing on a busy bus:
+/// a head that changes on every publish wakes the stream's loop before its heartbeat timer, turn after
+/// turn, and a client takes a stream silent for a few intervals for a dead connection.
+#[tokio::test]
+async fn heartbeats_come_while_history_that_matches_nothing_is_read_on_a_busy_bus() {
+    let (server, injection) = crate::injected_store::start_injected().await;
+    let mut bus = server.bus();
+    publish_n(&mut bus, "hay", "hay.x", 30_000).await;
+    // reads of the window (64 events) at 30 ms each: seconds of reading, nothing to deliver
+    injection
+        .read_delay_ms
+        .store(30, std::sync::atomic::Ordering::SeqCst);
+    let busy = {
+        let mut bus = server.bus();
+        tokio::spawn(async move {
+            for i in 0.. {
+                publish(&mut bus, vec![event(&format!("noise-{i}"), "noise.x")]).await;
+            }
+        })
+    };
+    let mut o = open(&["hay.x"], "");
+    o.start = earliest();
+    o.filter = Some(pb::Filter {
+        filter: Some(pb::filter::Filter::Exact(pb::AttributeValues {
+            attributes: [("subject".to_owned(), "never".to_owned())].into(),
+        })),
+    });
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    sub.expect_idle(10).await;
+    busy.abort();
+    assert!(
+        sub.caught_up.is_none(),
+        "the history was read before 10 heartbeats (200 ms each) came: they came only afterwards"
+    );
+}
+
 #[tokio::test]
 async fn half_closing_the_request_side_keeps_deliveries_coming() {
     let server = TestServer::start().await;

@@ -411,6 +411,7 @@ impl Session {
             self.expire_leases();
             let next_due = self.fill().await?;
             self.report_window();
+            self.heartbeat_if_due().await?;
             let wake_at = self.next_wake(next_due);
             tokio::select! {
                 biased;
@@ -463,19 +464,26 @@ impl Session {
                     let name = self.group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
                     return Err(crate::stream::StreamError::NoSuchGroup(name).into());
                 },
-                _ = tokio::time::sleep_until(wake_at) => {
-                    if self.last_sent.elapsed() >= self.heartbeat {
-                        let head_sequence = *self.bus.streams.head().borrow();
-                        self.send(Outbound::Heartbeat {
-                            head_sequence,
-                            in_flight: self.outstanding.len() as u32,
-                            credits: self.credits,
-                        })
-                        .await?;
-                    }
-                }
+                _ = tokio::time::sleep_until(wake_at) => self.heartbeat_if_due().await?,
             }
         }
+    }
+
+    /// Sends a heartbeat when nothing was sent for the interval. Called from the loop's timer, and
+    /// also at the top of each turn and between history reads: a head that changes on every publish
+    /// wakes the loop before its timer, and a subscriber takes a stream silent for a few intervals
+    /// for a dead connection.
+    async fn heartbeat_if_due(&mut self) -> BusResult<()> {
+        if self.last_sent.elapsed() < self.heartbeat {
+            return Ok(());
+        }
+        let head_sequence = *self.bus.streams.head().borrow();
+        self.send(Outbound::Heartbeat {
+            head_sequence,
+            in_flight: self.outstanding.len() as u32,
+            credits: self.credits,
+        })
+        .await
     }
 
     fn next_wake(&self, next_due: Option<Instant>) -> Instant {
@@ -653,6 +661,7 @@ impl Session {
             if pages == HISTORY_READS_PER_TURN {
                 return Ok(true);
             }
+            self.heartbeat_if_due().await?;
         }
         Ok(false)
     }
