@@ -1251,7 +1251,7 @@ async fn streams_end_with_unauthenticated_when_their_token_expires() {
             .await
             .expect("history");
     }
-    let expiring = planner(now() + 3);
+    let expiring = planner(now() + 5);
 
     let mut member =
         Subscriber::open_as(&mut bus, open(&["task.held"], "planners"), Some(&expiring))

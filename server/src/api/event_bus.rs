@@ -162,6 +162,11 @@ impl EventBusApi {
     ) -> futures::future::BoxFuture<'static, pb::PublishStreamResponse> {
         let request_id = request.request_id;
         let answer = move |outcome| convert::publish_answer(request_id, outcome);
+        // read in the moment the token expired, before the stream stopped reading
+        if principal.token_has_expired() {
+            let expired = Err(denied(principal.token_expired()));
+            return Box::pin(futures::future::ready(answer(expired)));
+        }
         let checked = self
             .auth
             .check_publish_rate(principal)

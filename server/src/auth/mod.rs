@@ -83,6 +83,11 @@ impl Principal {
         }
     }
 
+    /// Has the caller's token stopped being accepted?
+    pub fn token_has_expired(&self) -> bool {
+        self.expires.is_some_and(|at| at <= SystemTime::now())
+    }
+
     /// What ends a stream when the caller's token expires.
     pub fn token_expired(&self) -> AuthError {
         AuthError::Unauthenticated(format!(

@@ -339,12 +339,7 @@ impl Evaluator<'_> {
     /// answer (its `reply` grant), and not one its `deny.publish` names.
     pub fn reply_type(&self, event_type: &str) -> Decision {
         self.publish_not_denied(event_type)?;
-        let answerable = self
-            .file()
-            .into_iter()
-            .flat_map(|f| f.allow.patterns(Action::Reply))
-            .any(|p| p.matches(event_type));
-        if answerable || self.publish_granted(event_type) {
+        if self.typed(Action::Reply, event_type).is_ok() || self.publish_granted(event_type) {
             Ok(())
         } else {
             Err(format!(
@@ -541,6 +536,25 @@ deny = { publish = ["task.secret.>"], replay = ["audit.>"] }
         assert!(e.reply_type("plan.ask").is_ok());
         assert!(e.reply_type("task.secret.answer").is_err());
         assert!(e.reply_type("billing.paid").is_err());
+        let denying = Policy::parse(
+            r#"
+[[principal]]
+id = "tool"
+allow = { reply = ["tool.>"] }
+deny = { reply = ["tool.admin.>"] }
+"#,
+        )
+        .expect("parses");
+        let tool = Evaluator {
+            id: "tool",
+            policy: &denying,
+            ..e
+        };
+        assert!(tool.reply_type("tool.run.result").is_ok());
+        assert!(
+            tool.reply_type("tool.admin.reset").is_err(),
+            "a type it may not answer"
+        );
         assert!(e.admin("groups/planners").is_ok());
         assert!(e.admin("audit").is_err());
     }
