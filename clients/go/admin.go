@@ -2,6 +2,7 @@ package nerve
 
 import (
 	"context"
+	"errors"
 	"iter"
 
 	"github.com/nerve-bus/nerve/clients/go/nervepb"
@@ -32,15 +33,14 @@ func (c *Client) ListGroups(ctx context.Context) ([]*nervepb.GroupInfo, error) {
 
 // Group returns one group's info, or nil when it does not exist.
 func (c *Client) Group(ctx context.Context, name string) (*nervepb.GroupInfo, error) {
-	for g, err := range c.groups(ctx) {
-		if err != nil {
+	resp, err := c.admin.GetGroup(ctx, &nervepb.GetGroupRequest{Group: name})
+	if err != nil {
+		if err := wrap(err); !errors.Is(err, ErrNotFound) {
 			return nil, err
 		}
-		if g.GetName() == name {
-			return g, nil
-		}
+		return nil, nil
 	}
-	return nil, nil
+	return resp.GetGroup(), nil
 }
 
 // groups ranges over the groups page by page.

@@ -121,10 +121,19 @@ async fn lag_counts_every_event_not_yet_handed_out_whatever_type_went_first() {
             .find(|i| i.name == name)
             .expect("the group is listed");
         assert_eq!(group.lag + group.pending, 10, "{group:?}");
+        let got = admin
+            .get_group(pb::GetGroupRequest {
+                group: name.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .group;
+        assert_eq!(got.as_ref(), Some(group), "GetGroup describes it as listed");
     }
 }
 
-/// Asserts the admin API no longer lists `group`.
+/// Asserts the admin API no longer lists `group`, nor finds it.
 async fn assert_group_gone(
     admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
     group: &str,
@@ -136,6 +145,15 @@ async fn assert_group_gone(
         .into_inner()
         .groups;
     assert!(groups.iter().all(|g| g.name != group), "{groups:?}");
+    assert_status(
+        admin
+            .get_group(pb::GetGroupRequest {
+                group: group.to_owned(),
+            })
+            .await,
+        Code::NotFound,
+        "does not exist",
+    );
 }
 
 #[tokio::test]

@@ -745,6 +745,20 @@ async fn policy_denies_what_it_does_not_grant_and_audits_it() {
         Code::PermissionDenied,
         "may not administer \"groups/planners\"",
     );
+    // a member may not read the group's admin view either
+    assert_status(
+        server
+            .admin()
+            .get_group(authorized(
+                pb::GetGroupRequest {
+                    group: "planners".into(),
+                },
+                &planner,
+            ))
+            .await,
+        Code::PermissionDenied,
+        "may not administer \"groups/planners\"",
+    );
     assert_status(
         server
             .admin()

@@ -327,6 +327,96 @@ func (x *GroupInfo) GetMaxAttempts() uint32 {
 	return 0
 }
 
+// GetGroupRequest names the group.
+type GetGroupRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Group         string                 `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetGroupRequest) Reset() {
+	*x = GetGroupRequest{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetGroupRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetGroupRequest) ProtoMessage() {}
+
+func (x *GetGroupRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetGroupRequest.ProtoReflect.Descriptor instead.
+func (*GetGroupRequest) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *GetGroupRequest) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+// GetGroupResponse describes the group.
+type GetGroupResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Group         *GroupInfo             `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetGroupResponse) Reset() {
+	*x = GetGroupResponse{}
+	mi := &file_nerve_v1_admin_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetGroupResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetGroupResponse) ProtoMessage() {}
+
+func (x *GetGroupResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_nerve_v1_admin_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetGroupResponse.ProtoReflect.Descriptor instead.
+func (*GetGroupResponse) Descriptor() ([]byte, []int) {
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *GetGroupResponse) GetGroup() *GroupInfo {
+	if x != nil {
+		return x.Group
+	}
+	return nil
+}
+
 // DeleteGroupRequest names the group.
 type DeleteGroupRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -337,7 +427,7 @@ type DeleteGroupRequest struct {
 
 func (x *DeleteGroupRequest) Reset() {
 	*x = DeleteGroupRequest{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[5]
+	mi := &file_nerve_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -349,7 +439,7 @@ func (x *DeleteGroupRequest) String() string {
 func (*DeleteGroupRequest) ProtoMessage() {}
 
 func (x *DeleteGroupRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[5]
+	mi := &file_nerve_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -362,7 +452,7 @@ func (x *DeleteGroupRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteGroupRequest.ProtoReflect.Descriptor instead.
 func (*DeleteGroupRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DeleteGroupRequest) GetGroup() string {
@@ -382,7 +472,7 @@ type DeleteGroupResponse struct {
 
 func (x *DeleteGroupResponse) Reset() {
 	*x = DeleteGroupResponse{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[6]
+	mi := &file_nerve_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -394,7 +484,7 @@ func (x *DeleteGroupResponse) String() string {
 func (*DeleteGroupResponse) ProtoMessage() {}
 
 func (x *DeleteGroupResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[6]
+	mi := &file_nerve_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -407,7 +497,7 @@ func (x *DeleteGroupResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteGroupResponse.ProtoReflect.Descriptor instead.
 func (*DeleteGroupResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DeleteGroupResponse) GetDeleted() bool {
@@ -430,7 +520,7 @@ type ListDeadLettersRequest struct {
 
 func (x *ListDeadLettersRequest) Reset() {
 	*x = ListDeadLettersRequest{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[7]
+	mi := &file_nerve_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -442,7 +532,7 @@ func (x *ListDeadLettersRequest) String() string {
 func (*ListDeadLettersRequest) ProtoMessage() {}
 
 func (x *ListDeadLettersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[7]
+	mi := &file_nerve_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -455,7 +545,7 @@ func (x *ListDeadLettersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeadLettersRequest.ProtoReflect.Descriptor instead.
 func (*ListDeadLettersRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListDeadLettersRequest) GetGroup() string {
@@ -491,7 +581,7 @@ type ListDeadLettersResponse struct {
 
 func (x *ListDeadLettersResponse) Reset() {
 	*x = ListDeadLettersResponse{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[8]
+	mi := &file_nerve_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -503,7 +593,7 @@ func (x *ListDeadLettersResponse) String() string {
 func (*ListDeadLettersResponse) ProtoMessage() {}
 
 func (x *ListDeadLettersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[8]
+	mi := &file_nerve_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -516,7 +606,7 @@ func (x *ListDeadLettersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeadLettersResponse.ProtoReflect.Descriptor instead.
 func (*ListDeadLettersResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListDeadLettersResponse) GetDeadLetters() []*DeadLetter {
@@ -547,7 +637,7 @@ type DeadLetter struct {
 
 func (x *DeadLetter) Reset() {
 	*x = DeadLetter{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[9]
+	mi := &file_nerve_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -559,7 +649,7 @@ func (x *DeadLetter) String() string {
 func (*DeadLetter) ProtoMessage() {}
 
 func (x *DeadLetter) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[9]
+	mi := &file_nerve_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -572,7 +662,7 @@ func (x *DeadLetter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeadLetter.ProtoReflect.Descriptor instead.
 func (*DeadLetter) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *DeadLetter) GetEvent() *Event {
@@ -624,7 +714,7 @@ type RedriveDeadLettersRequest struct {
 
 func (x *RedriveDeadLettersRequest) Reset() {
 	*x = RedriveDeadLettersRequest{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[10]
+	mi := &file_nerve_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -636,7 +726,7 @@ func (x *RedriveDeadLettersRequest) String() string {
 func (*RedriveDeadLettersRequest) ProtoMessage() {}
 
 func (x *RedriveDeadLettersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[10]
+	mi := &file_nerve_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -649,7 +739,7 @@ func (x *RedriveDeadLettersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RedriveDeadLettersRequest.ProtoReflect.Descriptor instead.
 func (*RedriveDeadLettersRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RedriveDeadLettersRequest) GetGroup() string {
@@ -685,7 +775,7 @@ type RedriveDeadLettersResponse struct {
 
 func (x *RedriveDeadLettersResponse) Reset() {
 	*x = RedriveDeadLettersResponse{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[11]
+	mi := &file_nerve_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -697,7 +787,7 @@ func (x *RedriveDeadLettersResponse) String() string {
 func (*RedriveDeadLettersResponse) ProtoMessage() {}
 
 func (x *RedriveDeadLettersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[11]
+	mi := &file_nerve_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -710,7 +800,7 @@ func (x *RedriveDeadLettersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RedriveDeadLettersResponse.ProtoReflect.Descriptor instead.
 func (*RedriveDeadLettersResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RedriveDeadLettersResponse) GetRedriven() uint64 {
@@ -733,7 +823,7 @@ type ListEventTypesRequest struct {
 
 func (x *ListEventTypesRequest) Reset() {
 	*x = ListEventTypesRequest{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[12]
+	mi := &file_nerve_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -745,7 +835,7 @@ func (x *ListEventTypesRequest) String() string {
 func (*ListEventTypesRequest) ProtoMessage() {}
 
 func (x *ListEventTypesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[12]
+	mi := &file_nerve_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -758,7 +848,7 @@ func (x *ListEventTypesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventTypesRequest.ProtoReflect.Descriptor instead.
 func (*ListEventTypesRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListEventTypesRequest) GetPageSize() uint32 {
@@ -787,7 +877,7 @@ type ListEventTypesResponse struct {
 
 func (x *ListEventTypesResponse) Reset() {
 	*x = ListEventTypesResponse{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[13]
+	mi := &file_nerve_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -799,7 +889,7 @@ func (x *ListEventTypesResponse) String() string {
 func (*ListEventTypesResponse) ProtoMessage() {}
 
 func (x *ListEventTypesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[13]
+	mi := &file_nerve_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -812,7 +902,7 @@ func (x *ListEventTypesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventTypesResponse.ProtoReflect.Descriptor instead.
 func (*ListEventTypesResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{13}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListEventTypesResponse) GetTypes() []*EventTypeInfo {
@@ -843,7 +933,7 @@ type EventTypeInfo struct {
 
 func (x *EventTypeInfo) Reset() {
 	*x = EventTypeInfo{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[14]
+	mi := &file_nerve_v1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -855,7 +945,7 @@ func (x *EventTypeInfo) String() string {
 func (*EventTypeInfo) ProtoMessage() {}
 
 func (x *EventTypeInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[14]
+	mi := &file_nerve_v1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -868,7 +958,7 @@ func (x *EventTypeInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventTypeInfo.ProtoReflect.Descriptor instead.
 func (*EventTypeInfo) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{14}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *EventTypeInfo) GetType() string {
@@ -925,7 +1015,7 @@ type Publisher struct {
 
 func (x *Publisher) Reset() {
 	*x = Publisher{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[15]
+	mi := &file_nerve_v1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -937,7 +1027,7 @@ func (x *Publisher) String() string {
 func (*Publisher) ProtoMessage() {}
 
 func (x *Publisher) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[15]
+	mi := &file_nerve_v1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -950,7 +1040,7 @@ func (x *Publisher) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Publisher.ProtoReflect.Descriptor instead.
 func (*Publisher) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{15}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Publisher) GetPrincipal() string {
@@ -998,7 +1088,7 @@ type RegisterPublisherRequest struct {
 
 func (x *RegisterPublisherRequest) Reset() {
 	*x = RegisterPublisherRequest{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[16]
+	mi := &file_nerve_v1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1010,7 +1100,7 @@ func (x *RegisterPublisherRequest) String() string {
 func (*RegisterPublisherRequest) ProtoMessage() {}
 
 func (x *RegisterPublisherRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[16]
+	mi := &file_nerve_v1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1023,7 +1113,7 @@ func (x *RegisterPublisherRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterPublisherRequest.ProtoReflect.Descriptor instead.
 func (*RegisterPublisherRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{16}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RegisterPublisherRequest) GetPublisher() *Publisher {
@@ -1043,7 +1133,7 @@ type RegisterPublisherResponse struct {
 
 func (x *RegisterPublisherResponse) Reset() {
 	*x = RegisterPublisherResponse{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[17]
+	mi := &file_nerve_v1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1055,7 +1145,7 @@ func (x *RegisterPublisherResponse) String() string {
 func (*RegisterPublisherResponse) ProtoMessage() {}
 
 func (x *RegisterPublisherResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[17]
+	mi := &file_nerve_v1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1068,7 +1158,7 @@ func (x *RegisterPublisherResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterPublisherResponse.ProtoReflect.Descriptor instead.
 func (*RegisterPublisherResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{17}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RegisterPublisherResponse) GetPublisher() *Publisher {
@@ -1088,7 +1178,7 @@ type UpdatePublisherRequest struct {
 
 func (x *UpdatePublisherRequest) Reset() {
 	*x = UpdatePublisherRequest{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[18]
+	mi := &file_nerve_v1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1100,7 +1190,7 @@ func (x *UpdatePublisherRequest) String() string {
 func (*UpdatePublisherRequest) ProtoMessage() {}
 
 func (x *UpdatePublisherRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[18]
+	mi := &file_nerve_v1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1113,7 +1203,7 @@ func (x *UpdatePublisherRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdatePublisherRequest.ProtoReflect.Descriptor instead.
 func (*UpdatePublisherRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{18}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *UpdatePublisherRequest) GetPublisher() *Publisher {
@@ -1133,7 +1223,7 @@ type UpdatePublisherResponse struct {
 
 func (x *UpdatePublisherResponse) Reset() {
 	*x = UpdatePublisherResponse{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[19]
+	mi := &file_nerve_v1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1145,7 +1235,7 @@ func (x *UpdatePublisherResponse) String() string {
 func (*UpdatePublisherResponse) ProtoMessage() {}
 
 func (x *UpdatePublisherResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[19]
+	mi := &file_nerve_v1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1158,7 +1248,7 @@ func (x *UpdatePublisherResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdatePublisherResponse.ProtoReflect.Descriptor instead.
 func (*UpdatePublisherResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{19}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *UpdatePublisherResponse) GetPublisher() *Publisher {
@@ -1182,7 +1272,7 @@ type ListPublishersRequest struct {
 
 func (x *ListPublishersRequest) Reset() {
 	*x = ListPublishersRequest{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[20]
+	mi := &file_nerve_v1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1194,7 +1284,7 @@ func (x *ListPublishersRequest) String() string {
 func (*ListPublishersRequest) ProtoMessage() {}
 
 func (x *ListPublishersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[20]
+	mi := &file_nerve_v1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1207,7 +1297,7 @@ func (x *ListPublishersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPublishersRequest.ProtoReflect.Descriptor instead.
 func (*ListPublishersRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{20}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListPublishersRequest) GetPageSize() uint32 {
@@ -1236,7 +1326,7 @@ type ListPublishersResponse struct {
 
 func (x *ListPublishersResponse) Reset() {
 	*x = ListPublishersResponse{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[21]
+	mi := &file_nerve_v1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1248,7 +1338,7 @@ func (x *ListPublishersResponse) String() string {
 func (*ListPublishersResponse) ProtoMessage() {}
 
 func (x *ListPublishersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[21]
+	mi := &file_nerve_v1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1261,7 +1351,7 @@ func (x *ListPublishersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPublishersResponse.ProtoReflect.Descriptor instead.
 func (*ListPublishersResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{21}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListPublishersResponse) GetPublishers() []*Publisher {
@@ -1288,7 +1378,7 @@ type RemovePublisherRequest struct {
 
 func (x *RemovePublisherRequest) Reset() {
 	*x = RemovePublisherRequest{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[22]
+	mi := &file_nerve_v1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1300,7 +1390,7 @@ func (x *RemovePublisherRequest) String() string {
 func (*RemovePublisherRequest) ProtoMessage() {}
 
 func (x *RemovePublisherRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[22]
+	mi := &file_nerve_v1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1313,7 +1403,7 @@ func (x *RemovePublisherRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePublisherRequest.ProtoReflect.Descriptor instead.
 func (*RemovePublisherRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{22}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RemovePublisherRequest) GetPrincipal() string {
@@ -1333,7 +1423,7 @@ type RemovePublisherResponse struct {
 
 func (x *RemovePublisherResponse) Reset() {
 	*x = RemovePublisherResponse{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[23]
+	mi := &file_nerve_v1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1345,7 +1435,7 @@ func (x *RemovePublisherResponse) String() string {
 func (*RemovePublisherResponse) ProtoMessage() {}
 
 func (x *RemovePublisherResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[23]
+	mi := &file_nerve_v1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1358,7 +1448,7 @@ func (x *RemovePublisherResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemovePublisherResponse.ProtoReflect.Descriptor instead.
 func (*RemovePublisherResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{23}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RemovePublisherResponse) GetRemoved() bool {
@@ -1385,7 +1475,7 @@ type ListAuditRecordsRequest struct {
 
 func (x *ListAuditRecordsRequest) Reset() {
 	*x = ListAuditRecordsRequest{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[24]
+	mi := &file_nerve_v1_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1397,7 +1487,7 @@ func (x *ListAuditRecordsRequest) String() string {
 func (*ListAuditRecordsRequest) ProtoMessage() {}
 
 func (x *ListAuditRecordsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[24]
+	mi := &file_nerve_v1_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1410,7 +1500,7 @@ func (x *ListAuditRecordsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditRecordsRequest.ProtoReflect.Descriptor instead.
 func (*ListAuditRecordsRequest) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{24}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListAuditRecordsRequest) GetPrincipal() string {
@@ -1453,7 +1543,7 @@ type ListAuditRecordsResponse struct {
 
 func (x *ListAuditRecordsResponse) Reset() {
 	*x = ListAuditRecordsResponse{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[25]
+	mi := &file_nerve_v1_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1465,7 +1555,7 @@ func (x *ListAuditRecordsResponse) String() string {
 func (*ListAuditRecordsResponse) ProtoMessage() {}
 
 func (x *ListAuditRecordsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[25]
+	mi := &file_nerve_v1_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1478,7 +1568,7 @@ func (x *ListAuditRecordsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditRecordsResponse.ProtoReflect.Descriptor instead.
 func (*ListAuditRecordsResponse) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{25}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListAuditRecordsResponse) GetRecords() []*AuditRecord {
@@ -1515,7 +1605,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_nerve_v1_admin_proto_msgTypes[26]
+	mi := &file_nerve_v1_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1527,7 +1617,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_nerve_v1_admin_proto_msgTypes[26]
+	mi := &file_nerve_v1_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1540,7 +1630,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{26}
+	return file_nerve_v1_admin_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *AuditRecord) GetId() uint64 {
@@ -1616,7 +1706,11 @@ const file_nerve_v1_admin_proto_rawDesc = "" +
 	"\x03lag\x18\x04 \x01(\x04R\x03lag\x12\x1c\n" +
 	"\tconsumers\x18\x05 \x01(\rR\tconsumers\x12!\n" +
 	"\fdead_letters\x18\x06 \x01(\x04R\vdeadLetters\x12!\n" +
-	"\fmax_attempts\x18\a \x01(\rR\vmaxAttempts\"*\n" +
+	"\fmax_attempts\x18\a \x01(\rR\vmaxAttempts\"'\n" +
+	"\x0fGetGroupRequest\x12\x14\n" +
+	"\x05group\x18\x01 \x01(\tR\x05group\"=\n" +
+	"\x10GetGroupResponse\x12)\n" +
+	"\x05group\x18\x01 \x01(\v2\x13.nerve.v1.GroupInfoR\x05group\"*\n" +
 	"\x12DeleteGroupRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\"/\n" +
 	"\x13DeleteGroupResponse\x12\x18\n" +
@@ -1699,11 +1793,12 @@ const file_nerve_v1_admin_proto_rawDesc = "" +
 	"\x06action\x18\x04 \x01(\tR\x06action\x12\x1a\n" +
 	"\bresource\x18\x05 \x01(\tR\bresource\x12\x18\n" +
 	"\aoutcome\x18\x06 \x01(\tR\aoutcome\x12\x16\n" +
-	"\x06reason\x18\a \x01(\tR\x06reason2\xab\a\n" +
+	"\x06reason\x18\a \x01(\tR\x06reason2\xee\a\n" +
 	"\x05Admin\x12A\n" +
 	"\bGetEvent\x12\x19.nerve.v1.GetEventRequest\x1a\x1a.nerve.v1.GetEventResponse\x12G\n" +
 	"\n" +
-	"ListGroups\x12\x1b.nerve.v1.ListGroupsRequest\x1a\x1c.nerve.v1.ListGroupsResponse\x12J\n" +
+	"ListGroups\x12\x1b.nerve.v1.ListGroupsRequest\x1a\x1c.nerve.v1.ListGroupsResponse\x12A\n" +
+	"\bGetGroup\x12\x19.nerve.v1.GetGroupRequest\x1a\x1a.nerve.v1.GetGroupResponse\x12J\n" +
 	"\vDeleteGroup\x12\x1c.nerve.v1.DeleteGroupRequest\x1a\x1d.nerve.v1.DeleteGroupResponse\x12V\n" +
 	"\x0fListDeadLetters\x12 .nerve.v1.ListDeadLettersRequest\x1a!.nerve.v1.ListDeadLettersResponse\x12_\n" +
 	"\x12RedriveDeadLetters\x12#.nerve.v1.RedriveDeadLettersRequest\x1a$.nerve.v1.RedriveDeadLettersResponse\x12S\n" +
@@ -1726,81 +1821,86 @@ func file_nerve_v1_admin_proto_rawDescGZIP() []byte {
 	return file_nerve_v1_admin_proto_rawDescData
 }
 
-var file_nerve_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_nerve_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_nerve_v1_admin_proto_goTypes = []any{
 	(*GetEventRequest)(nil),            // 0: nerve.v1.GetEventRequest
 	(*GetEventResponse)(nil),           // 1: nerve.v1.GetEventResponse
 	(*ListGroupsRequest)(nil),          // 2: nerve.v1.ListGroupsRequest
 	(*ListGroupsResponse)(nil),         // 3: nerve.v1.ListGroupsResponse
 	(*GroupInfo)(nil),                  // 4: nerve.v1.GroupInfo
-	(*DeleteGroupRequest)(nil),         // 5: nerve.v1.DeleteGroupRequest
-	(*DeleteGroupResponse)(nil),        // 6: nerve.v1.DeleteGroupResponse
-	(*ListDeadLettersRequest)(nil),     // 7: nerve.v1.ListDeadLettersRequest
-	(*ListDeadLettersResponse)(nil),    // 8: nerve.v1.ListDeadLettersResponse
-	(*DeadLetter)(nil),                 // 9: nerve.v1.DeadLetter
-	(*RedriveDeadLettersRequest)(nil),  // 10: nerve.v1.RedriveDeadLettersRequest
-	(*RedriveDeadLettersResponse)(nil), // 11: nerve.v1.RedriveDeadLettersResponse
-	(*ListEventTypesRequest)(nil),      // 12: nerve.v1.ListEventTypesRequest
-	(*ListEventTypesResponse)(nil),     // 13: nerve.v1.ListEventTypesResponse
-	(*EventTypeInfo)(nil),              // 14: nerve.v1.EventTypeInfo
-	(*Publisher)(nil),                  // 15: nerve.v1.Publisher
-	(*RegisterPublisherRequest)(nil),   // 16: nerve.v1.RegisterPublisherRequest
-	(*RegisterPublisherResponse)(nil),  // 17: nerve.v1.RegisterPublisherResponse
-	(*UpdatePublisherRequest)(nil),     // 18: nerve.v1.UpdatePublisherRequest
-	(*UpdatePublisherResponse)(nil),    // 19: nerve.v1.UpdatePublisherResponse
-	(*ListPublishersRequest)(nil),      // 20: nerve.v1.ListPublishersRequest
-	(*ListPublishersResponse)(nil),     // 21: nerve.v1.ListPublishersResponse
-	(*RemovePublisherRequest)(nil),     // 22: nerve.v1.RemovePublisherRequest
-	(*RemovePublisherResponse)(nil),    // 23: nerve.v1.RemovePublisherResponse
-	(*ListAuditRecordsRequest)(nil),    // 24: nerve.v1.ListAuditRecordsRequest
-	(*ListAuditRecordsResponse)(nil),   // 25: nerve.v1.ListAuditRecordsResponse
-	(*AuditRecord)(nil),                // 26: nerve.v1.AuditRecord
-	(*Event)(nil),                      // 27: nerve.v1.Event
-	(*timestamppb.Timestamp)(nil),      // 28: google.protobuf.Timestamp
+	(*GetGroupRequest)(nil),            // 5: nerve.v1.GetGroupRequest
+	(*GetGroupResponse)(nil),           // 6: nerve.v1.GetGroupResponse
+	(*DeleteGroupRequest)(nil),         // 7: nerve.v1.DeleteGroupRequest
+	(*DeleteGroupResponse)(nil),        // 8: nerve.v1.DeleteGroupResponse
+	(*ListDeadLettersRequest)(nil),     // 9: nerve.v1.ListDeadLettersRequest
+	(*ListDeadLettersResponse)(nil),    // 10: nerve.v1.ListDeadLettersResponse
+	(*DeadLetter)(nil),                 // 11: nerve.v1.DeadLetter
+	(*RedriveDeadLettersRequest)(nil),  // 12: nerve.v1.RedriveDeadLettersRequest
+	(*RedriveDeadLettersResponse)(nil), // 13: nerve.v1.RedriveDeadLettersResponse
+	(*ListEventTypesRequest)(nil),      // 14: nerve.v1.ListEventTypesRequest
+	(*ListEventTypesResponse)(nil),     // 15: nerve.v1.ListEventTypesResponse
+	(*EventTypeInfo)(nil),              // 16: nerve.v1.EventTypeInfo
+	(*Publisher)(nil),                  // 17: nerve.v1.Publisher
+	(*RegisterPublisherRequest)(nil),   // 18: nerve.v1.RegisterPublisherRequest
+	(*RegisterPublisherResponse)(nil),  // 19: nerve.v1.RegisterPublisherResponse
+	(*UpdatePublisherRequest)(nil),     // 20: nerve.v1.UpdatePublisherRequest
+	(*UpdatePublisherResponse)(nil),    // 21: nerve.v1.UpdatePublisherResponse
+	(*ListPublishersRequest)(nil),      // 22: nerve.v1.ListPublishersRequest
+	(*ListPublishersResponse)(nil),     // 23: nerve.v1.ListPublishersResponse
+	(*RemovePublisherRequest)(nil),     // 24: nerve.v1.RemovePublisherRequest
+	(*RemovePublisherResponse)(nil),    // 25: nerve.v1.RemovePublisherResponse
+	(*ListAuditRecordsRequest)(nil),    // 26: nerve.v1.ListAuditRecordsRequest
+	(*ListAuditRecordsResponse)(nil),   // 27: nerve.v1.ListAuditRecordsResponse
+	(*AuditRecord)(nil),                // 28: nerve.v1.AuditRecord
+	(*Event)(nil),                      // 29: nerve.v1.Event
+	(*timestamppb.Timestamp)(nil),      // 30: google.protobuf.Timestamp
 }
 var file_nerve_v1_admin_proto_depIdxs = []int32{
-	27, // 0: nerve.v1.GetEventResponse.event:type_name -> nerve.v1.Event
+	29, // 0: nerve.v1.GetEventResponse.event:type_name -> nerve.v1.Event
 	4,  // 1: nerve.v1.ListGroupsResponse.groups:type_name -> nerve.v1.GroupInfo
-	9,  // 2: nerve.v1.ListDeadLettersResponse.dead_letters:type_name -> nerve.v1.DeadLetter
-	27, // 3: nerve.v1.DeadLetter.event:type_name -> nerve.v1.Event
-	28, // 4: nerve.v1.DeadLetter.dead_lettered_time:type_name -> google.protobuf.Timestamp
-	14, // 5: nerve.v1.ListEventTypesResponse.types:type_name -> nerve.v1.EventTypeInfo
-	28, // 6: nerve.v1.EventTypeInfo.last_time:type_name -> google.protobuf.Timestamp
-	28, // 7: nerve.v1.Publisher.update_time:type_name -> google.protobuf.Timestamp
-	15, // 8: nerve.v1.RegisterPublisherRequest.publisher:type_name -> nerve.v1.Publisher
-	15, // 9: nerve.v1.RegisterPublisherResponse.publisher:type_name -> nerve.v1.Publisher
-	15, // 10: nerve.v1.UpdatePublisherRequest.publisher:type_name -> nerve.v1.Publisher
-	15, // 11: nerve.v1.UpdatePublisherResponse.publisher:type_name -> nerve.v1.Publisher
-	15, // 12: nerve.v1.ListPublishersResponse.publishers:type_name -> nerve.v1.Publisher
-	26, // 13: nerve.v1.ListAuditRecordsResponse.records:type_name -> nerve.v1.AuditRecord
-	28, // 14: nerve.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
-	0,  // 15: nerve.v1.Admin.GetEvent:input_type -> nerve.v1.GetEventRequest
-	2,  // 16: nerve.v1.Admin.ListGroups:input_type -> nerve.v1.ListGroupsRequest
-	5,  // 17: nerve.v1.Admin.DeleteGroup:input_type -> nerve.v1.DeleteGroupRequest
-	7,  // 18: nerve.v1.Admin.ListDeadLetters:input_type -> nerve.v1.ListDeadLettersRequest
-	10, // 19: nerve.v1.Admin.RedriveDeadLetters:input_type -> nerve.v1.RedriveDeadLettersRequest
-	12, // 20: nerve.v1.Admin.ListEventTypes:input_type -> nerve.v1.ListEventTypesRequest
-	16, // 21: nerve.v1.Admin.RegisterPublisher:input_type -> nerve.v1.RegisterPublisherRequest
-	18, // 22: nerve.v1.Admin.UpdatePublisher:input_type -> nerve.v1.UpdatePublisherRequest
-	20, // 23: nerve.v1.Admin.ListPublishers:input_type -> nerve.v1.ListPublishersRequest
-	22, // 24: nerve.v1.Admin.RemovePublisher:input_type -> nerve.v1.RemovePublisherRequest
-	24, // 25: nerve.v1.Admin.ListAuditRecords:input_type -> nerve.v1.ListAuditRecordsRequest
-	1,  // 26: nerve.v1.Admin.GetEvent:output_type -> nerve.v1.GetEventResponse
-	3,  // 27: nerve.v1.Admin.ListGroups:output_type -> nerve.v1.ListGroupsResponse
-	6,  // 28: nerve.v1.Admin.DeleteGroup:output_type -> nerve.v1.DeleteGroupResponse
-	8,  // 29: nerve.v1.Admin.ListDeadLetters:output_type -> nerve.v1.ListDeadLettersResponse
-	11, // 30: nerve.v1.Admin.RedriveDeadLetters:output_type -> nerve.v1.RedriveDeadLettersResponse
-	13, // 31: nerve.v1.Admin.ListEventTypes:output_type -> nerve.v1.ListEventTypesResponse
-	17, // 32: nerve.v1.Admin.RegisterPublisher:output_type -> nerve.v1.RegisterPublisherResponse
-	19, // 33: nerve.v1.Admin.UpdatePublisher:output_type -> nerve.v1.UpdatePublisherResponse
-	21, // 34: nerve.v1.Admin.ListPublishers:output_type -> nerve.v1.ListPublishersResponse
-	23, // 35: nerve.v1.Admin.RemovePublisher:output_type -> nerve.v1.RemovePublisherResponse
-	25, // 36: nerve.v1.Admin.ListAuditRecords:output_type -> nerve.v1.ListAuditRecordsResponse
-	26, // [26:37] is the sub-list for method output_type
-	15, // [15:26] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	4,  // 2: nerve.v1.GetGroupResponse.group:type_name -> nerve.v1.GroupInfo
+	11, // 3: nerve.v1.ListDeadLettersResponse.dead_letters:type_name -> nerve.v1.DeadLetter
+	29, // 4: nerve.v1.DeadLetter.event:type_name -> nerve.v1.Event
+	30, // 5: nerve.v1.DeadLetter.dead_lettered_time:type_name -> google.protobuf.Timestamp
+	16, // 6: nerve.v1.ListEventTypesResponse.types:type_name -> nerve.v1.EventTypeInfo
+	30, // 7: nerve.v1.EventTypeInfo.last_time:type_name -> google.protobuf.Timestamp
+	30, // 8: nerve.v1.Publisher.update_time:type_name -> google.protobuf.Timestamp
+	17, // 9: nerve.v1.RegisterPublisherRequest.publisher:type_name -> nerve.v1.Publisher
+	17, // 10: nerve.v1.RegisterPublisherResponse.publisher:type_name -> nerve.v1.Publisher
+	17, // 11: nerve.v1.UpdatePublisherRequest.publisher:type_name -> nerve.v1.Publisher
+	17, // 12: nerve.v1.UpdatePublisherResponse.publisher:type_name -> nerve.v1.Publisher
+	17, // 13: nerve.v1.ListPublishersResponse.publishers:type_name -> nerve.v1.Publisher
+	28, // 14: nerve.v1.ListAuditRecordsResponse.records:type_name -> nerve.v1.AuditRecord
+	30, // 15: nerve.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	0,  // 16: nerve.v1.Admin.GetEvent:input_type -> nerve.v1.GetEventRequest
+	2,  // 17: nerve.v1.Admin.ListGroups:input_type -> nerve.v1.ListGroupsRequest
+	5,  // 18: nerve.v1.Admin.GetGroup:input_type -> nerve.v1.GetGroupRequest
+	7,  // 19: nerve.v1.Admin.DeleteGroup:input_type -> nerve.v1.DeleteGroupRequest
+	9,  // 20: nerve.v1.Admin.ListDeadLetters:input_type -> nerve.v1.ListDeadLettersRequest
+	12, // 21: nerve.v1.Admin.RedriveDeadLetters:input_type -> nerve.v1.RedriveDeadLettersRequest
+	14, // 22: nerve.v1.Admin.ListEventTypes:input_type -> nerve.v1.ListEventTypesRequest
+	18, // 23: nerve.v1.Admin.RegisterPublisher:input_type -> nerve.v1.RegisterPublisherRequest
+	20, // 24: nerve.v1.Admin.UpdatePublisher:input_type -> nerve.v1.UpdatePublisherRequest
+	22, // 25: nerve.v1.Admin.ListPublishers:input_type -> nerve.v1.ListPublishersRequest
+	24, // 26: nerve.v1.Admin.RemovePublisher:input_type -> nerve.v1.RemovePublisherRequest
+	26, // 27: nerve.v1.Admin.ListAuditRecords:input_type -> nerve.v1.ListAuditRecordsRequest
+	1,  // 28: nerve.v1.Admin.GetEvent:output_type -> nerve.v1.GetEventResponse
+	3,  // 29: nerve.v1.Admin.ListGroups:output_type -> nerve.v1.ListGroupsResponse
+	6,  // 30: nerve.v1.Admin.GetGroup:output_type -> nerve.v1.GetGroupResponse
+	8,  // 31: nerve.v1.Admin.DeleteGroup:output_type -> nerve.v1.DeleteGroupResponse
+	10, // 32: nerve.v1.Admin.ListDeadLetters:output_type -> nerve.v1.ListDeadLettersResponse
+	13, // 33: nerve.v1.Admin.RedriveDeadLetters:output_type -> nerve.v1.RedriveDeadLettersResponse
+	15, // 34: nerve.v1.Admin.ListEventTypes:output_type -> nerve.v1.ListEventTypesResponse
+	19, // 35: nerve.v1.Admin.RegisterPublisher:output_type -> nerve.v1.RegisterPublisherResponse
+	21, // 36: nerve.v1.Admin.UpdatePublisher:output_type -> nerve.v1.UpdatePublisherResponse
+	23, // 37: nerve.v1.Admin.ListPublishers:output_type -> nerve.v1.ListPublishersResponse
+	25, // 38: nerve.v1.Admin.RemovePublisher:output_type -> nerve.v1.RemovePublisherResponse
+	27, // 39: nerve.v1.Admin.ListAuditRecords:output_type -> nerve.v1.ListAuditRecordsResponse
+	28, // [28:40] is the sub-list for method output_type
+	16, // [16:28] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_nerve_v1_admin_proto_init() }
@@ -1815,7 +1915,7 @@ func file_nerve_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_nerve_v1_admin_proto_rawDesc), len(file_nerve_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

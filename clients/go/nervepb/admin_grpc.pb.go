@@ -21,6 +21,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	Admin_GetEvent_FullMethodName           = "/nerve.v1.Admin/GetEvent"
 	Admin_ListGroups_FullMethodName         = "/nerve.v1.Admin/ListGroups"
+	Admin_GetGroup_FullMethodName           = "/nerve.v1.Admin/GetGroup"
 	Admin_DeleteGroup_FullMethodName        = "/nerve.v1.Admin/DeleteGroup"
 	Admin_ListDeadLetters_FullMethodName    = "/nerve.v1.Admin/ListDeadLetters"
 	Admin_RedriveDeadLetters_FullMethodName = "/nerve.v1.Admin/RedriveDeadLetters"
@@ -42,6 +43,8 @@ type AdminClient interface {
 	GetEvent(ctx context.Context, in *GetEventRequest, opts ...grpc.CallOption) (*GetEventResponse, error)
 	// ListGroups lists durable groups with their backlog, a page at a time.
 	ListGroups(ctx context.Context, in *ListGroupsRequest, opts ...grpc.CallOption) (*ListGroupsResponse, error)
+	// GetGroup describes one durable group as ListGroups does; NOT_FOUND when it does not exist.
+	GetGroup(ctx context.Context, in *GetGroupRequest, opts ...grpc.CallOption) (*GetGroupResponse, error)
 	// DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
 	// connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
 	// pub/sub tells them, else when they next read the group); none goes on in a group created again
@@ -87,6 +90,16 @@ func (c *adminClient) ListGroups(ctx context.Context, in *ListGroupsRequest, opt
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListGroupsResponse)
 	err := c.cc.Invoke(ctx, Admin_ListGroups_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) GetGroup(ctx context.Context, in *GetGroupRequest, opts ...grpc.CallOption) (*GetGroupResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetGroupResponse)
+	err := c.cc.Invoke(ctx, Admin_GetGroup_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -193,6 +206,8 @@ type AdminServer interface {
 	GetEvent(context.Context, *GetEventRequest) (*GetEventResponse, error)
 	// ListGroups lists durable groups with their backlog, a page at a time.
 	ListGroups(context.Context, *ListGroupsRequest) (*ListGroupsResponse, error)
+	// GetGroup describes one durable group as ListGroups does; NOT_FOUND when it does not exist.
+	GetGroup(context.Context, *GetGroupRequest) (*GetGroupResponse, error)
 	// DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
 	// connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
 	// pub/sub tells them, else when they next read the group); none goes on in a group created again
@@ -229,6 +244,9 @@ func (UnimplementedAdminServer) GetEvent(context.Context, *GetEventRequest) (*Ge
 }
 func (UnimplementedAdminServer) ListGroups(context.Context, *ListGroupsRequest) (*ListGroupsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListGroups not implemented")
+}
+func (UnimplementedAdminServer) GetGroup(context.Context, *GetGroupRequest) (*GetGroupResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetGroup not implemented")
 }
 func (UnimplementedAdminServer) DeleteGroup(context.Context, *DeleteGroupRequest) (*DeleteGroupResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteGroup not implemented")
@@ -310,6 +328,24 @@ func _Admin_ListGroups_Handler(srv interface{}, ctx context.Context, dec func(in
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(AdminServer).ListGroups(ctx, req.(*ListGroupsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_GetGroup_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetGroupRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).GetGroup(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_GetGroup_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).GetGroup(ctx, req.(*GetGroupRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -490,6 +526,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListGroups",
 			Handler:    _Admin_ListGroups_Handler,
+		},
+		{
+			MethodName: "GetGroup",
+			Handler:    _Admin_GetGroup_Handler,
 		},
 		{
 			MethodName: "DeleteGroup",

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     auth::{Auth, AuthError, Principal},
-    bus::{Bus, DEFAULT_TENANT, Page, RedriveSelection, validate_group_name},
+    bus::{Bus, DEFAULT_TENANT, GroupSummary, Page, RedriveSelection, validate_group_name},
     event::check_text,
     store::{AuditQuery, Publisher},
 };
@@ -91,6 +91,18 @@ fn page_request(size: u32, page_token: &str) -> Result<(usize, &str), Status> {
     Ok((limit, page_token))
 }
 
+fn group_to_pb(g: GroupSummary) -> pb::GroupInfo {
+    pb::GroupInfo {
+        name: g.stats.key.name,
+        types: g.stats.config.selection.type_strings(),
+        pending: g.stats.pending,
+        lag: g.lag,
+        consumers: g.stats.consumers,
+        dead_letters: g.dead_letters,
+        max_attempts: g.stats.config.max_attempts,
+    }
+}
+
 fn group_name(name: &str) -> Result<(), Status> {
     validate_group_name(name, "group").map_err(|e| to_status(e.into()))
 }
@@ -147,23 +159,33 @@ impl pb::admin_server::Admin for AdminApi {
             })
             .await
             .map_err(to_status)?;
-        let groups = page
-            .items
-            .into_iter()
-            .map(|g| pb::GroupInfo {
-                name: g.stats.key.name,
-                types: g.stats.config.selection.type_strings(),
-                pending: g.stats.pending,
-                lag: g.lag,
-                consumers: g.stats.consumers,
-                dead_letters: g.dead_letters,
-                max_attempts: g.stats.config.max_attempts,
-            })
-            .collect();
+        let groups = page.items.into_iter().map(group_to_pb).collect();
         let (groups, next_page_token) = self.finish_page(groups, page.next_after, |g| &g.name);
         Ok(Response::new(pb::ListGroupsResponse {
             groups,
             next_page_token,
+        }))
+    }
+
+    async fn get_group(
+        &self,
+        request: Request<pb::GetGroupRequest>,
+    ) -> Result<Response<pb::GetGroupResponse>, Status> {
+        let principal = principal(&request)?;
+        let r = request.into_inner();
+        group_name(&r.group)?;
+        self.allow(
+            &principal,
+            "admin.get_group",
+            &format!("groups/{}", r.group),
+        )?;
+        let group = self
+            .bus
+            .group(&principal.tenant, &r.group)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetGroupResponse {
+            group: Some(group_to_pb(group)),
         }))
     }
 

@@ -118,14 +118,35 @@ impl Bus {
             limit,
             |n| may_see(n),
         );
+        Ok(Page {
+            items: self.group_summaries(tenant, &names.items).await?,
+            // the names', not the last group's: a group deleted meanwhile is not on the page
+            next_after: names.next_after,
+        })
+    }
+
+    /// One durable group with pending, lag, consumers and dead letters, as [`Bus::list_groups`] gives it.
+    pub async fn group(&self, tenant: &str, name: &str) -> BusResult<GroupSummary> {
+        self.group_summaries(tenant, &[name.to_owned()])
+            .await?
+            .pop()
+            .ok_or_else(|| BusError::NotFound(format!("group {name:?} does not exist")))
+    }
+
+    /// The summaries of the named groups that exist.
+    async fn group_summaries(
+        &self,
+        tenant: &str,
+        names: &[String],
+    ) -> BusResult<Vec<GroupSummary>> {
         let dead: HashMap<String, u64> = self
             .store
-            .dead_letter_counts(tenant, &names.items)
+            .dead_letter_counts(tenant, names)
             .await?
             .into_iter()
             .collect();
-        let mut items = Vec::with_capacity(names.items.len());
-        for stats in self.streams.groups(tenant, &names.items).await? {
+        let mut items = Vec::with_capacity(names.len());
+        for stats in self.streams.groups(tenant, names).await? {
             let mut lag = 0;
             for (selection, cursors) in &stats.positions {
                 lag += self.store.count_after(tenant, *cursors, selection).await?;
@@ -136,11 +157,7 @@ impl Bus {
                 stats,
             });
         }
-        Ok(Page {
-            items,
-            // the names', not the last group's: a group deleted meanwhile is not on the page
-            next_after: names.next_after,
-        })
+        Ok(items)
     }
 
     /// Deletes a group, its pending deliveries and its dead letters.

@@ -11,7 +11,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import grpc
 import grpc.aio
 
-from ._errors import UnavailableError, from_rpc_error
+from ._errors import NotFoundError, UnavailableError, from_rpc_error
 from ._events import Seconds, Start, optional_duration, seconds, start_position, timestamp
 from ._proto.nerve.v1 import admin_pb2, admin_pb2_grpc, event_bus_pb2, event_bus_pb2_grpc, event_pb2
 from ._publisher import Publisher
@@ -288,10 +288,11 @@ class Client:
 
     async def group(self, name: str) -> admin_pb2.GroupInfo | None:
         """One group's info, or None if it does not exist."""
-        async for g in self._groups():
-            if g.name == name:
-                return g
-        return None
+        try:
+            response = await _call(self.admin_stub.GetGroup(admin_pb2.GetGroupRequest(group=name)))
+        except NotFoundError:
+            return None
+        return response.group
 
     async def _groups(self) -> AsyncIterator[admin_pb2.GroupInfo]:
         token = ""

@@ -45,6 +45,11 @@ class AdminStub:
                 request_serializer=nerve_dot_v1_dot_admin__pb2.ListGroupsRequest.SerializeToString,
                 response_deserializer=nerve_dot_v1_dot_admin__pb2.ListGroupsResponse.FromString,
                 _registered_method=True)
+        self.GetGroup = channel.unary_unary(
+                '/nerve.v1.Admin/GetGroup',
+                request_serializer=nerve_dot_v1_dot_admin__pb2.GetGroupRequest.SerializeToString,
+                response_deserializer=nerve_dot_v1_dot_admin__pb2.GetGroupResponse.FromString,
+                _registered_method=True)
         self.DeleteGroup = channel.unary_unary(
                 '/nerve.v1.Admin/DeleteGroup',
                 request_serializer=nerve_dot_v1_dot_admin__pb2.DeleteGroupRequest.SerializeToString,
@@ -105,6 +110,13 @@ class AdminServicer:
 
     def ListGroups(self, request, context):
         """ListGroups lists durable groups with their backlog, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGroup(self, request, context):
+        """GetGroup describes one durable group as ListGroups does; NOT_FOUND when it does not exist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -188,6 +200,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListGroups,
                     request_deserializer=nerve_dot_v1_dot_admin__pb2.ListGroupsRequest.FromString,
                     response_serializer=nerve_dot_v1_dot_admin__pb2.ListGroupsResponse.SerializeToString,
+            ),
+            'GetGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGroup,
+                    request_deserializer=nerve_dot_v1_dot_admin__pb2.GetGroupRequest.FromString,
+                    response_serializer=nerve_dot_v1_dot_admin__pb2.GetGroupResponse.SerializeToString,
             ),
             'DeleteGroup': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteGroup,
@@ -290,6 +307,33 @@ class Admin:
             '/nerve.v1.Admin/ListGroups',
             nerve_dot_v1_dot_admin__pb2.ListGroupsRequest.SerializeToString,
             nerve_dot_v1_dot_admin__pb2.ListGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nerve.v1.Admin/GetGroup',
+            nerve_dot_v1_dot_admin__pb2.GetGroupRequest.SerializeToString,
+            nerve_dot_v1_dot_admin__pb2.GetGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

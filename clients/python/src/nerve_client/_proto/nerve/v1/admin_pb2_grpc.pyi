@@ -37,6 +37,8 @@ class AdminStub:
     """GetEvent looks up a stored event by id (and source when ids repeat across sources)."""
     ListGroups: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListGroupsRequest, _admin_pb2.ListGroupsResponse]
     """ListGroups lists durable groups with their backlog, a page at a time."""
+    GetGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetGroupRequest, _admin_pb2.GetGroupResponse]
+    """GetGroup describes one durable group as ListGroups does; NOT_FOUND when it does not exist."""
     DeleteGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteGroupRequest, _admin_pb2.DeleteGroupResponse]
     """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
     connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
@@ -69,6 +71,8 @@ class AdminAsyncStub(AdminStub):
     """GetEvent looks up a stored event by id (and source when ids repeat across sources)."""
     ListGroups: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListGroupsRequest, _admin_pb2.ListGroupsResponse]  # type: ignore[assignment]
     """ListGroups lists durable groups with their backlog, a page at a time."""
+    GetGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetGroupRequest, _admin_pb2.GetGroupResponse]  # type: ignore[assignment]
+    """GetGroup describes one durable group as ListGroups does; NOT_FOUND when it does not exist."""
     DeleteGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteGroupRequest, _admin_pb2.DeleteGroupResponse]  # type: ignore[assignment]
     """DeleteGroup removes a durable group, its pending deliveries and its dead letters. Members still
     connected get nothing more: their streams end with NOT_FOUND at once (on other replicas when Redis
@@ -110,6 +114,14 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListGroupsResponse, _abc.Awaitable[_admin_pb2.ListGroupsResponse]]:
         """ListGroups lists durable groups with their backlog, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetGroup(
+        self,
+        request: _admin_pb2.GetGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetGroupResponse, _abc.Awaitable[_admin_pb2.GetGroupResponse]]:
+        """GetGroup describes one durable group as ListGroups does; NOT_FOUND when it does not exist."""
 
     @_abc_1.abstractmethod
     def DeleteGroup(
