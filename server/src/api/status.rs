@@ -48,6 +48,12 @@ pub fn to_status(error: BusError) -> Status {
         BusError::Unavailable(_) => Status::unavailable(message),
         BusError::ShuttingDown => Status::unavailable(message),
         BusError::Unauthenticated(_) => Status::unauthenticated(message),
+        // clients whose credentials refresh may reopen at once (a replay resumes from its token)
+        BusError::TokenExpired(_) => Status::with_error_details(
+            Code::Unauthenticated,
+            message,
+            ErrorDetails::with_error_info("TOKEN_EXPIRED", "nerve.v1", []),
+        ),
         BusError::PermissionDenied(_) => Status::permission_denied(message),
         BusError::ResourceExhausted(_) => Status::resource_exhausted(message),
         BusError::Internal(_) => {

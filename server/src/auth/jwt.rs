@@ -214,7 +214,9 @@ impl JwtVerifier {
             }
         }
         let reason = match last.as_ref().map(|e| e.kind()) {
-            Some(ErrorKind::ExpiredSignature) => "token has expired".to_owned(),
+            Some(ErrorKind::ExpiredSignature) => {
+                return Err(AuthError::TokenExpired("token has expired".into()));
+            }
             Some(ErrorKind::ImmatureSignature) => "token is not valid yet (nbf)".to_owned(),
             Some(ErrorKind::InvalidAudience) => {
                 format!("token audience is not {:?}", self.config.audience)
@@ -273,7 +275,7 @@ impl JwtVerifier {
             .and_then(|exp| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(exp)))
             .and_then(|exp| exp.checked_add(self.config.leeway));
         if expires.is_some_and(|at| at <= SystemTime::now()) {
-            return Err(AuthError::Unauthenticated("token has expired".into()));
+            return Err(AuthError::TokenExpired("token has expired".into()));
         }
         Ok(TokenClaims {
             subject,

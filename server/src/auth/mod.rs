@@ -42,6 +42,9 @@ pub enum AuthError {
     /// The caller is not identified.
     #[error("{0}")]
     Unauthenticated(String),
+    /// The caller's bearer token has expired: a call with a fresh one may succeed.
+    #[error("{0}")]
+    TokenExpired(String),
     /// The caller is identified but not allowed.
     #[error("{0}")]
     PermissionDenied(String),
@@ -90,7 +93,7 @@ impl Principal {
 
     /// What ends a stream when the caller's token expires.
     pub fn token_expired(&self) -> AuthError {
-        AuthError::Unauthenticated(format!(
+        AuthError::TokenExpired(format!(
             "the token of {:?} has expired; open the stream again with a fresh token",
             self.id
         ))
@@ -662,7 +665,9 @@ where
                 }
                 Err(error) => {
                     let outcome = match &error {
-                        AuthError::Unauthenticated(_) => Some("unauthenticated"),
+                        AuthError::Unauthenticated(_) | AuthError::TokenExpired(_) => {
+                            Some("unauthenticated")
+                        }
                         AuthError::PermissionDenied(_) => Some("denied"),
                         // rate limiting is not an access decision
                         AuthError::ResourceExhausted(_) => None,

@@ -36,6 +36,9 @@ pub enum BusError {
     /// The caller is not identified.
     #[error("{0}")]
     Unauthenticated(String),
+    /// The caller's bearer token has expired.
+    #[error("{0}")]
+    TokenExpired(String),
     /// The caller may not do this.
     #[error("{0}")]
     PermissionDenied(String),
@@ -67,6 +70,7 @@ impl From<crate::auth::AuthError> for BusError {
         use crate::auth::AuthError;
         match e {
             AuthError::Unauthenticated(m) => BusError::Unauthenticated(m),
+            AuthError::TokenExpired(m) => BusError::TokenExpired(m),
             AuthError::PermissionDenied(m) => BusError::PermissionDenied(m),
             AuthError::ResourceExhausted(m) => BusError::ResourceExhausted(m),
         }
