@@ -360,6 +360,30 @@ impl Subscriber {
         }
     }
 
+    /// Waits up to `within` for the next delivery or heartbeat: the delivery, or None for a heartbeat
+    /// (counted); caught-up markers are recorded on the way. Panics when neither comes in time.
+    pub async fn next_delivery_or_heartbeat(&mut self, within: Duration) -> Option<pb::Delivery> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.inbound.message())
+                .await
+                .unwrap_or_else(|_| panic!("no delivery nor heartbeat within {within:?}"))
+                .expect("stream healthy")
+                .expect("stream open");
+            match message.message {
+                Some(pb::subscribe_response::Message::Delivery(d)) => return Some(d),
+                Some(pb::subscribe_response::Message::Heartbeat(_)) => {
+                    self.heartbeats += 1;
+                    return None;
+                }
+                Some(pb::subscribe_response::Message::CaughtUp(c)) => {
+                    self.caught_up = Some(c.sequence)
+                }
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+    }
+
     /// Waits up to `within` for the next delivery; Ok(None) when none came, Err when the stream failed.
     pub async fn next_message(&mut self, within: Duration) -> Result<Option<pb::Delivery>, Status> {
         let deadline = tokio::time::Instant::now() + within;

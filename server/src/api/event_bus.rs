@@ -130,6 +130,11 @@ impl EventBusApi {
                         Ok(Some(request)) => {
                             let answer = self.queue_stream_request(&principal, header.as_deref(), request).await;
                             queued.push_back(answer);
+                            // the wall clock may pass the expiry before the stream's timer does
+                            if principal.token_has_expired() {
+                                reading = false;
+                                ending = Some(denied(principal.token_expired()));
+                            }
                         }
                         Ok(None) => reading = false,
                         // a message that could not be read (over the size limit, not protobuf);

@@ -474,7 +474,8 @@ impl Session {
     /// wakes the loop before its timer, and a subscriber takes a stream silent for a few intervals
     /// for a dead connection.
     async fn heartbeat_if_due(&mut self) -> BusResult<()> {
-        if self.last_sent.elapsed() < self.heartbeat {
+        // a gone subscriber is `serve`'s to see: it still settles the commands sent before
+        if self.last_sent.elapsed() < self.heartbeat || self.tx.is_closed() {
             return Ok(());
         }
         let head_sequence = *self.bus.streams.head().borrow();

@@ -53,6 +53,10 @@ pub struct RedisSettings {
     pub inbox_ttl: Duration,
 }
 
+/// Stream reads one new claim makes at most. A filter that matches little of a long backlog is read a
+/// bounded step at a time (the claim says it stopped early), so that between steps the session reads
+/// its commands and sends its heartbeats, as the embedded backend's claims do.
+const CLAIM_ROUNDS: usize = 8;
 /// How long a presence entry lives without being refreshed (its replica died).
 const PRESENCE_TTL: Duration = Duration::from_secs(30);
 /// How often presence is refreshed and group positions checkpointed.
@@ -1405,12 +1409,20 @@ impl LiveStreams for RedisStreams {
         } else {
             (Utc::now().timestamp_subsec_nanos() as usize) % streams.len()
         };
+        let mut rounds = 0;
         for stream in streams.iter().cycle().skip(offset).take(streams.len()) {
             loop {
                 let want = max - taken.len();
                 if want == 0 {
                     break;
                 }
+                if rounds == CLAIM_ROUNDS {
+                    return Ok(NewClaim {
+                        entries: taken,
+                        more: true,
+                    });
+                }
+                rounds += 1;
                 let (events, more) = self
                     .claim_stream(key, stream, want, ms(lease_until))
                     .await?;
