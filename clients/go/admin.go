@@ -5,6 +5,8 @@ import (
 	"errors"
 	"iter"
 
+	"google.golang.org/grpc/codes"
+
 	"github.com/nerve-bus/nerve/clients/go/nervepb"
 )
 
@@ -34,13 +36,30 @@ func (c *Client) ListGroups(ctx context.Context) ([]*nervepb.GroupInfo, error) {
 // Group returns one group's info, or nil when it does not exist.
 func (c *Client) Group(ctx context.Context, name string) (*nervepb.GroupInfo, error) {
 	resp, err := c.admin.GetGroup(ctx, &nervepb.GetGroupRequest{Group: name})
-	if err != nil {
-		if err := wrap(err); !errors.Is(err, ErrNotFound) {
+	switch err := wrap(err); {
+	case err == nil:
+		return resp.GetGroup(), nil
+	case errors.Is(err, ErrNotFound):
+		return nil, nil
+	case Code(err) == codes.Unimplemented:
+		// a server older than GetGroup (during a rolling upgrade too): look through the list
+		return c.listedGroup(ctx, name)
+	default:
+		return nil, err
+	}
+}
+
+// listedGroup finds a group by paging through ListGroups; nil when it is not listed.
+func (c *Client) listedGroup(ctx context.Context, name string) (*nervepb.GroupInfo, error) {
+	for g, err := range c.groups(ctx) {
+		if err != nil {
 			return nil, err
 		}
-		return nil, nil
+		if g.GetName() == name {
+			return g, nil
+		}
 	}
-	return resp.GetGroup(), nil
+	return nil, nil
 }
 
 // groups ranges over the groups page by page.

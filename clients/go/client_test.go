@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net"
 	"slices"
 	"strconv"
 	"strings"
@@ -380,5 +381,49 @@ func TestReplayReceivesAPageOverGRPCsDefaultLimit(t *testing.T) {
 	defer limited.Close()
 	if _, err := limited.Replay(ctx, opts).NextPage(); nerve.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("with a 4 MiB receive limit: want ResourceExhausted, got %v", err)
+	}
+}
+
+// olderAdmin is an Admin server from before GetGroup: it lists groups, one per page.
+type olderAdmin struct {
+	nervepb.UnimplementedAdminServer
+	names []string
+}
+
+func (a *olderAdmin) ListGroups(_ context.Context, req *nervepb.ListGroupsRequest) (*nervepb.ListGroupsResponse, error) {
+	i := 0
+	if req.GetPageToken() != "" {
+		i = slices.Index(a.names, req.GetPageToken()) + 1
+	}
+	if i >= len(a.names) {
+		return &nervepb.ListGroupsResponse{}, nil
+	}
+	resp := &nervepb.ListGroupsResponse{Groups: []*nervepb.GroupInfo{{Name: a.names[i]}}}
+	if i+1 < len(a.names) {
+		resp.NextPageToken = a.names[i]
+	}
+	return resp, nil
+}
+
+func TestGroupFallsBackToTheListOnAServerWithoutGetGroup(t *testing.T) {
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := grpc.NewServer()
+	nervepb.RegisterAdminServer(server, &olderAdmin{names: []string{"first", "second"}})
+	go func() { _ = server.Serve(listener) }()
+	t.Cleanup(server.Stop)
+	client, err := nerve.Dial(listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = client.Close() })
+	ctx := context.Background()
+	if g, err := client.Group(ctx, "second"); err != nil || g.GetName() != "second" {
+		t.Fatalf("group on the second page = %v, %v", g, err)
+	}
+	if g, err := client.Group(ctx, "third"); err != nil || g != nil {
+		t.Fatalf("missing group = %v, %v; want nil, nil", g, err)
 	}
 }

@@ -51,6 +51,8 @@ var (
 	ErrUnavailable      = &Error{Code: codes.Unavailable, sentinel: true}
 	ErrPermissionDenied = &Error{Code: codes.PermissionDenied, sentinel: true}
 	ErrUnauthenticated  = &Error{Code: codes.Unauthenticated, sentinel: true}
+	// ErrTokenExpired: the bearer token a call or stream was made with expired (Unauthenticated, TOKEN_EXPIRED).
+	ErrTokenExpired = &Error{Code: codes.Unauthenticated, Reason: "TOKEN_EXPIRED", sentinel: true}
 )
 
 // ErrClosed is returned by a Subscription that this side closed.
@@ -78,7 +80,8 @@ func (e *Error) Error() string {
 	return b.String()
 }
 
-// Is matches the sentinels by code (and reason, for ErrNoResponders).
+// Is matches the sentinels by code (and reason, for ErrNoResponders and ErrTokenExpired; an error with a
+// reason still matches the sentinel of its code alone, ErrUnauthenticated for an expired token).
 func (e *Error) Is(target error) bool {
 	t, ok := target.(*Error)
 	if !ok || !t.sentinel {

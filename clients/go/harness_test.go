@@ -3,6 +3,8 @@ package nerve_test
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"net"
 	"os"
 	"os/exec"
@@ -13,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/golang-jwt/jwt/v5"
 
 	nerve "github.com/nerve-bus/nerve/clients/go"
 	"github.com/nerve-bus/nerve/clients/go/nervepb"
@@ -110,6 +114,70 @@ func connect(t *testing.T, settings ...string) *nerve.Client {
 	t.Cleanup(func() { _ = client.Close() })
 	return client
 }
+
+// The issuer and audience the servers of startAuthServer expect in a token.
+const (
+	tokenIssuer   = "https://issuer.nerve.test"
+	tokenAudience = "nerve-tests"
+)
+
+// authServer is a server of startAuthServer: its address and the HMAC secret its tokens are signed with.
+type authServer struct {
+	addr   string
+	secret []byte
+}
+
+// startAuthServer runs a server as startServer does, with JWT authentication on: HS256 tokens of
+// tokenIssuer for tokenAudience, no leeway (a token is refused, and a stream opened with it ended, from
+// its exp on), and policy (TOML [[principal]] entries) as the policy file. settings are extra variables.
+func startAuthServer(t *testing.T, policy string, settings ...string) *authServer {
+	t.Helper()
+	dir := t.TempDir()
+	raw := make([]byte, 32)
+	_, _ = rand.Read(raw)
+	secret := []byte(hex.EncodeToString(raw)) // text: the server trims whitespace around the secret
+	secretFile, policyFile := filepath.Join(dir, "hs-secret"), filepath.Join(dir, "policy.toml")
+	if err := os.WriteFile(secretFile, secret, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(policyFile, []byte(policy), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	addr := startServer(t, append([]string{
+		"NERVE_AUTH__JWT__ISSUER=" + tokenIssuer,
+		"NERVE_AUTH__JWT__AUDIENCE=" + tokenAudience,
+		"NERVE_AUTH__JWT__ALGORITHMS=HS256",
+		"NERVE_AUTH__JWT__HS_SECRET_FILE=" + secretFile,
+		"NERVE_AUTH__JWT__LEEWAY=0s",
+		"NERVE_AUTH__POLICY_FILE=" + policyFile,
+	}, settings...)...)
+	return &authServer{addr: addr, secret: secret}
+}
+
+// mint signs a token of subject that expires at exp (whole seconds, as a JWT carries it).
+func (s *authServer) mint(t *testing.T, subject string, exp time.Time) string {
+	t.Helper()
+	token, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
+		"sub": subject,
+		"iss": tokenIssuer,
+		"aud": tokenAudience,
+		"exp": exp.Unix(),
+	}).SignedString(s.secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return token
+}
+
+// bearer is per-RPC credentials (grpc.WithPerRPCCredentials) that ask token for the token of each call,
+// as it starts, and send it over plaintext too.
+type bearer func() string
+
+func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + b()}, nil
+}
+
+func (bearer) RequireTransportSecurity() bool { return false }
 
 // testContext is bounded, so that a hung call fails the test instead of the run.
 func testContext(t *testing.T) context.Context {

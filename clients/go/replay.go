@@ -33,14 +33,17 @@ type ReplayOptions struct {
 	PageSize uint32
 	// ResumeToken continues an earlier replay (Replay.ResumeToken); it overrides AfterSequence.
 	ResumeToken string
-	// MaxResumes is how often in a row a replay whose stream breaks with Unavailable reconnects from its
-	// last resume token; zero means 3, negative means never.
+	// MaxResumes is how often in a row a replay whose stream breaks with Unavailable, or ends with
+	// ErrTokenExpired, reconnects from its last resume token; zero means 3, negative means never.
 	MaxResumes int
 }
 
 // Replay is stored history in sequence order, read page by page. Call Next (or NextPage) until io.EOF, or
 // range over All. After each page ResumeToken continues right after it. A stream that breaks with
-// Unavailable is reopened from the last token, so no event is skipped or repeated.
+// Unavailable, or that the server ends with ErrTokenExpired when the token it was opened with expires, is
+// reopened from the last token, so no event is skipped or repeated: with per-RPC credentials that refresh
+// (an oauth2.ReuseTokenSource, say) the new stream carries a fresh token; a token that stays expired fails
+// after MaxResumes attempts.
 type Replay struct {
 	ctx          context.Context
 	bus          nervepb.EventBusClient
@@ -133,9 +136,12 @@ func (r *Replay) NextPage() (*nervepb.ReplayResponse, error) {
 	}
 }
 
-// retry prepares a reconnect from the last token after an Unavailable error, backing off a little.
+// retry prepares a reconnect from the last token after an Unavailable error or an expired token (the new
+// call asks the per-RPC credentials again), backing off a little.
 func (r *Replay) retry(err error) bool {
-	if Code(wrap(err)) != codes.Unavailable || r.failures >= r.maxResumes || (r.limit > 0 && r.count >= r.limit) {
+	err = wrap(err)
+	resumable := Code(err) == codes.Unavailable || errors.Is(err, ErrTokenExpired)
+	if !resumable || r.failures >= r.maxResumes || (r.limit > 0 && r.count >= r.limit) {
 		return false
 	}
 	r.failures++

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -71,6 +76,55 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class JwtServer(ServerProcess):
+    """A `nerve-server` with JWT authentication on: HS256 tokens of :attr:`issuer` for :attr:`audience`, no
+    leeway, and ``policy`` (TOML) as its policy file. :meth:`token` mints tokens it accepts.
+
+    Without TLS on a loopback address the server starts, warning that tokens travel in the clear.
+    """
+
+    issuer = "https://issuer.nerve.test"
+    audience = "nerve"
+
+    def __init__(self, binary: Path, policy: str, settings: dict[str, str] | None = None) -> None:
+        self.config_dir = Path(tempfile.mkdtemp(prefix="nerve-py-auth-"))
+        self.secret = secrets.token_hex(32).encode()  # the server trims the file: no whitespace in it
+        secret_file = self.config_dir / "hs256.secret"
+        secret_file.write_bytes(self.secret)
+        policy_file = self.config_dir / "policy.toml"
+        policy_file.write_text(policy)
+        auth = {
+            "NERVE_AUTH__JWT__ISSUER": self.issuer,
+            "NERVE_AUTH__JWT__AUDIENCE": self.audience,
+            "NERVE_AUTH__JWT__ALGORITHMS": "HS256",
+            "NERVE_AUTH__JWT__HS_SECRET_FILE": str(secret_file),
+            "NERVE_AUTH__JWT__LEEWAY": "0s",
+            "NERVE_AUTH__POLICY_FILE": str(policy_file),
+        }
+        try:
+            super().__init__(binary, {**auth, **(settings or {})})
+        except BaseException:
+            shutil.rmtree(self.config_dir, ignore_errors=True)
+            raise
+
+    def token(self, subject: str, expires: int, *, secret: bytes | None = None) -> str:
+        """An HS256 JWT for ``subject`` that expires at ``expires`` (unix seconds), signed with the server's
+        secret unless another is given."""
+        header = {"alg": "HS256", "typ": "JWT"}
+        claims = {"sub": subject, "iss": self.issuer, "aud": self.audience, "exp": expires}
+        signed = ".".join(_b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims))
+        signature = hmac.new(self.secret if secret is None else secret, signed.encode(), hashlib.sha256).digest()
+        return f"{signed}.{_b64url(signature)}"
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.config_dir, ignore_errors=True)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def server_binary() -> Path:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import grpc
 import pytest
 from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from nerve_client import (
     Client,
@@ -22,9 +24,12 @@ from nerve_client import (
     InvalidArgumentError,
     NotFoundError,
     OutOfRangeError,
+    PermissionDeniedError,
     Priority,
     ResourceExhaustedError,
     Subscription,
+    TokenExpiredError,
+    UnauthenticatedError,
     UnavailableError,
     data_of,
     event,
@@ -33,9 +38,11 @@ from nerve_client import (
     json_of,
     pb,
 )
+from nerve_client._errors import from_status
+from nerve_client._proto.nerve.v1 import admin_pb2, admin_pb2_grpc
 from nerve_client._subscription import _watchdog
 
-from .conftest import WAIT, ServerProcess, server_binary
+from .conftest import WAIT, JwtServer, ServerProcess, server_binary
 from .test_scenarios import ev, expect_idle
 
 T = TypeVar("T")
@@ -470,3 +477,179 @@ async def test_replay_receives_pages_over_4_mib(server: ServerProcess, client: C
     async with Client.connect(server.addr, options=[("grpc.max_receive_message_length", 4 << 20)]) as limited:
         with pytest.raises(ResourceExhaustedError):
             await asyncio.wait_for(limited.replay("big.x", page_size=1000).collect(), WAIT)
+
+
+def test_token_expired_reason_maps_to_its_class() -> None:
+    def status(code: grpc.StatusCode, reason: str) -> status_pb2.Status:
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="nerve.v1"))
+        return status_pb2.Status(code=code.value[0], message="m", details=[packed])
+
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+    expired = from_status(unauthenticated, "m", status(unauthenticated, "TOKEN_EXPIRED"))
+    assert isinstance(expired, TokenExpiredError) and isinstance(expired, UnauthenticatedError)
+    assert expired.reason == "TOKEN_EXPIRED"
+    assert type(from_status(unauthenticated, "m", None)) is UnauthenticatedError
+    assert type(from_status(unauthenticated, "m", status(unauthenticated, "OTHER"))) is UnauthenticatedError
+    # the reason names the class only under its status code
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert type(from_status(denied, "m", status(denied, "TOKEN_EXPIRED"))) is PermissionDeniedError
+
+
+#: The principal of the token tests: it publishes (as source "replayer", its id) and replays everything.
+_REPLAYER_POLICY = """
+[[principal]]
+id = "replayer"
+allow = { publish = [">"], replay = [">"] }
+"""
+
+#: Small HTTP/2 windows (no BDP probing to widen them): an unread replay holds the server back after a few
+#: pages, so it cannot push the whole history into this side's buffers while a test waits.
+_SMALL_WINDOWS = [("grpc.http2.lookahead_bytes", 16 * 1024), ("grpc.http2.bdp_probe", 0)]
+
+
+@pytest.fixture
+def jwt_server() -> Iterator[JwtServer]:
+    server = JwtServer(server_binary(), _REPLAYER_POLICY)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class _Tokens(grpc.AuthMetadataPlugin):
+    """Call credentials that take a bearer token from ``mint`` for every call, as a refreshing credential
+    fetches the current one; records when each call asked and the expiry of the token it got."""
+
+    def __init__(self, mint: Callable[[], tuple[str, int]]) -> None:
+        self._mint = mint
+        self.asked: list[float] = []
+        self.expiries: list[int] = []
+
+    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+        token, expires = self._mint()
+        self.asked.append(time.time())
+        self.expiries.append(expires)
+        callback((("authorization", f"Bearer {token}"),), None)
+
+
+def _bearer(tokens: grpc.AuthMetadataPlugin) -> grpc.ChannelCredentials:
+    # gRPC sends call credentials only on a secure channel; local credentials allow them over plaintext
+    # loopback TCP, which the test server listens on
+    return grpc.composite_channel_credentials(grpc.local_channel_credentials(), grpc.metadata_call_credentials(tokens))
+
+
+def _in(seconds: float) -> int:
+    """A token expiry (whole unix seconds, as ``exp``) at least ``seconds`` from now."""
+    return math.ceil(time.time() + seconds)
+
+
+async def _until_expired(expires: int) -> None:
+    """Waits until a token of expiry ``expires`` is refused (the server allows no leeway), bounded."""
+    wait = expires - time.time() + 0.2
+    assert wait < 5, f"the token expires in {wait:.1f}s"
+    await asyncio.sleep(max(wait, 0))
+
+
+async def _publish_history(server: JwtServer, count: int) -> list[int]:
+    """Publishes ``count`` events of about 1 KB of type ``history.x`` with a long-lived token."""
+    long_lived = _Tokens(lambda: (server.token("replayer", _in(600)), _in(600)))
+    async with Client.connect(server.addr, credentials=_bearer(long_lived), ready_timeout=WAIT) as client:
+        sequences: list[int] = []
+        for batch in range(0, count, 500):
+            ids = range(batch, min(batch + 500, count))
+            results = await client.publish(*(event("replayer", "history.x", bytes(1000), id=f"h{i:05}") for i in ids))
+            sequences.extend(r.sequence for r in results)
+        return sequences
+
+
+async def _read(pages: AsyncIterator[pb.ReplayResponse], into: list[int]) -> None:
+    async for page in pages:
+        into.extend(e.sequence for e in page.events)
+
+
+async def test_replay_resumes_when_its_token_expires(jwt_server: JwtServer) -> None:
+    expected = await _publish_history(jwt_server, 3000)
+    # each call gets a token that expires about 2s after it is made, as from a refreshing credential
+    tokens = _Tokens(lambda: (jwt_server.token("replayer", _in(2)), _in(2)))
+    async with Client.connect(
+        jwt_server.addr, credentials=_bearer(tokens), options=_SMALL_WINDOWS, ready_timeout=WAIT
+    ) as client:
+        replay = client.replay("history.x", page_size=100)
+        pages = replay.pages()
+        first = await asyncio.wait_for(anext(pages), WAIT)
+        seen = [e.sequence for e in first.events]
+        assert len(seen) == 100 and len(tokens.expiries) == 1
+        # the server ends the stream when the first token expires; the replay reopens it with a fresh one
+        await _until_expired(tokens.expiries[0])
+        await asyncio.wait_for(_read(pages, seen), WAIT)
+
+    assert len(tokens.expiries) > 1, "the first call's stream did not end: nothing was resumed"
+    assert tokens.asked[1] >= tokens.expiries[0], "reopened before the first token expired"
+    assert seen == expected, "all 3,000 events, each once, in order"
+    assert replay.end_of_history and replay.count == 3000
+
+
+async def test_replay_with_a_static_token_raises_token_expired_after_its_resumes(jwt_server: JwtServer) -> None:
+    await _publish_history(jwt_server, 3000)
+    expires = _in(2)
+    token = jwt_server.token("replayer", expires)
+    tokens = _Tokens(lambda: (token, expires))  # a token that never refreshes
+    async with Client.connect(
+        jwt_server.addr, credentials=_bearer(tokens), options=_SMALL_WINDOWS, ready_timeout=WAIT
+    ) as client:
+        replay = client.replay("history.x", page_size=100, max_resumes=2)
+        pages = replay.pages()
+        seen = [e.sequence for e in (await asyncio.wait_for(anext(pages), WAIT)).events]
+        await _until_expired(expires)
+        with pytest.raises(TokenExpiredError) as info:
+            await asyncio.wait_for(_read(pages, seen), WAIT)
+        error = info.value
+        assert isinstance(error, UnauthenticatedError) and error.code == grpc.StatusCode.UNAUTHENTICATED
+        assert error.reason == "TOKEN_EXPIRED", error
+        # the call the stream ended on, then max_resumes reopenings refused with the same expired token
+        assert len(tokens.asked) == 1 + 2, tokens.asked
+        assert len(seen) == replay.count < 3000 and not replay.end_of_history
+
+        # any call made with an expired token is refused the same way
+        with pytest.raises(TokenExpiredError):
+            await client.publish(event("replayer", "history.x", "late"))
+
+    # a token that does not verify is refused, but not as expired
+    forged = jwt_server.token("replayer", _in(600), secret=b"0" * 64)
+    async with Client.connect(
+        jwt_server.addr, credentials=_bearer(_Tokens(lambda: (forged, 0))), ready_timeout=WAIT
+    ) as client:
+        with pytest.raises(UnauthenticatedError) as refused:
+            await client.publish(event("replayer", "history.x", "forged"))
+        assert not isinstance(refused.value, TokenExpiredError) and refused.value.reason != "TOKEN_EXPIRED"
+
+
+class _OlderAdmin(admin_pb2_grpc.AdminServicer):
+    """An Admin server from before GetGroup: it lists groups, one per page."""
+
+    names = ["first", "second"]
+
+    async def ListGroups(  # noqa: N802 (the generated servicer's name)
+        self, request: admin_pb2.ListGroupsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.ListGroupsResponse:
+        i = self.names.index(request.page_token) + 1 if request.page_token else 0
+        if i >= len(self.names):
+            return admin_pb2.ListGroupsResponse()
+        token = self.names[i] if i + 1 < len(self.names) else ""
+        return admin_pb2.ListGroupsResponse(groups=[admin_pb2.GroupInfo(name=self.names[i])], next_page_token=token)
+
+
+async def test_group_falls_back_to_the_list_on_a_server_without_get_group() -> None:
+    server = grpc.aio.server()
+    # only ListGroups: the servicer answers every other method UNIMPLEMENTED, as an older server does GetGroup
+    admin_pb2_grpc.add_AdminServicer_to_server(_OlderAdmin(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with Client.connect(f"127.0.0.1:{port}", ready_timeout=WAIT) as client:
+            group = await client.group("second")
+            assert group is not None and group.name == "second"
+            assert await client.group("third") is None
+    finally:
+        await server.stop(None)

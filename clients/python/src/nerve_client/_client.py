@@ -11,7 +11,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import grpc
 import grpc.aio
 
-from ._errors import NotFoundError, UnavailableError, from_rpc_error
+from ._errors import NerveError, NotFoundError, UnavailableError, from_rpc_error
 from ._events import Seconds, Start, optional_duration, seconds, start_position, timestamp
 from ._proto.nerve.v1 import admin_pb2, admin_pb2_grpc, event_bus_pb2, event_bus_pb2_grpc, event_pb2
 from ._publisher import Publisher
@@ -258,7 +258,11 @@ class Client:
         resume_token: str = "",
         max_resumes: int = 3,
     ) -> Replay:
-        """Replays stored history in sequence order (see :class:`Replay`); ``limit`` 0 means everything."""
+        """Replays stored history in sequence order (see :class:`Replay`); ``limit`` 0 means everything.
+
+        A stream that breaks with UNAVAILABLE or ends with :class:`TokenExpiredError` is reopened from its last
+        resume token, up to ``max_resumes`` times in a row (0: never).
+        """
         request = event_bus_pb2.ReplayRequest(
             types=_types(types),
             source=source,
@@ -291,6 +295,14 @@ class Client:
         try:
             response = await _call(self.admin_stub.GetGroup(admin_pb2.GetGroupRequest(group=name)))
         except NotFoundError:
+            return None
+        except NerveError as e:
+            if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            # a server older than GetGroup (during a rolling upgrade too): look through the list
+            async for g in self._groups():
+                if g.name == name:
+                    return g
             return None
         return response.group
 

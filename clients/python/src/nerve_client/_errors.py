@@ -22,6 +22,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "TokenExpiredError",
     "UnauthenticatedError",
     "UnavailableError",
     "from_rpc_error",
@@ -119,6 +120,14 @@ class UnauthenticatedError(NerveError):
     """UNAUTHENTICATED."""
 
 
+class TokenExpiredError(UnauthenticatedError):
+    """UNAUTHENTICATED with reason ``TOKEN_EXPIRED``: the bearer token expired. The server ends a stream
+    (Subscribe, PublishStream, Replay) this way when the token it was opened with expires, and refuses any
+    call made with an expired token. Credentials that refresh (``grpc.metadata_call_credentials`` with a
+    plugin that fetches the current token) bring a fresh one on the next call: a replay resumes by itself,
+    a subscription or publisher is opened again by the caller."""
+
+
 class ClosedError(NerveError):
     """The subscription (or client) was closed by this side; nothing more can be sent on it."""
 
@@ -137,6 +146,12 @@ _BY_CODE: dict[grpc.StatusCode, type[NerveError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+}
+
+#: Finer classes for a status code with a ``google.rpc.ErrorInfo`` reason (domain ``nerve.v1``).
+_BY_REASON: dict[tuple[grpc.StatusCode, str], type[NerveError]] = {
+    (grpc.StatusCode.FAILED_PRECONDITION, "NO_RESPONDERS"): NoRespondersError,
+    (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_EXPIRED"): TokenExpiredError,
 }
 
 
@@ -171,9 +186,7 @@ def from_status(code: grpc.StatusCode, message: str, status: status_pb2.Status |
                 detail.Unpack(info)
                 reason = reason or info.reason
                 metadata.update(info.metadata)
-    cls = _BY_CODE.get(code, NerveError)
-    if cls is FailedPreconditionError and reason == "NO_RESPONDERS":
-        cls = NoRespondersError
+    cls = _BY_REASON.get((code, reason)) or _BY_CODE.get(code, NerveError)
     return cls(
         code,
         message,

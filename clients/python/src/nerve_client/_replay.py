@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from ._errors import from_rpc_error
+from ._errors import NerveError, TokenExpiredError, from_rpc_error
 from ._proto.nerve.v1 import event_bus_pb2, event_pb2
 
 __all__ = ["Replay"]
@@ -19,8 +19,11 @@ class Replay:
 
     Iterate it for events (``async for event in client.replay(...)``) or :meth:`pages` for whole pages. After
     each page :attr:`resume_token` continues right after it: pass it to a later ``replay(resume_token=...)``.
-    If the stream breaks with UNAVAILABLE mid-way, the replay reconnects from the last token (up to
-    ``max_resumes`` times in a row), so no event is skipped or repeated. Iterate a Replay once.
+    If the stream breaks mid-way with UNAVAILABLE, or ends with :class:`TokenExpiredError` (the token it
+    was opened with expired), the replay reopens it from the last token, up to ``max_resumes`` times in a
+    row (a page received starts the count again), so no event is skipped or repeated. Credentials that
+    refresh bring a fresh token to the reopened call; a static token that has expired is refused again,
+    and the last refusal is raised. Iterate a Replay once.
     """
 
     def __init__(self, stub: Any, request: event_bus_pb2.ReplayRequest, *, max_resumes: int = 3) -> None:
@@ -58,11 +61,7 @@ class Replay:
             except grpc.RpcError as e:
                 error = from_rpc_error(e)
                 left = limit - self.count if limit else 0
-                if (
-                    error.code != grpc.StatusCode.UNAVAILABLE
-                    or failures >= self._max_resumes
-                    or (limit and left <= 0)
-                ):
+                if not _resumable(error) or failures >= self._max_resumes or (limit and left <= 0):
                     raise error from e
                 failures += 1
                 await asyncio.sleep(0.1 * 2**failures)  # back off before reconnecting
@@ -94,3 +93,10 @@ class Replay:
     async def collect(self) -> list[event_pb2.Event]:
         """All events of the replay as a list (for small histories)."""
         return [e async for e in self.events()]
+
+
+def _resumable(error: NerveError) -> bool:
+    """Whether a replay that ended with ``error`` is reopened from its last resume token: the connection
+    broke or the server is going away (UNAVAILABLE), or the call's token expired (a refreshing credential
+    brings a fresh one)."""
+    return error.code == grpc.StatusCode.UNAVAILABLE or isinstance(error, TokenExpiredError)
