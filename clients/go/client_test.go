@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net"
 	"slices"
 	"strconv"
 	"strings"
@@ -406,19 +405,9 @@ func (a *olderAdmin) ListGroups(_ context.Context, req *nervepb.ListGroupsReques
 }
 
 func TestGroupFallsBackToTheListOnAServerWithoutGetGroup(t *testing.T) {
-	listener, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	server := grpc.NewServer()
-	nervepb.RegisterAdminServer(server, &olderAdmin{names: []string{"first", "second"}})
-	go func() { _ = server.Serve(listener) }()
-	t.Cleanup(server.Stop)
-	client, err := nerve.Dial(listener.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = client.Close() })
+	client := connectServing(t, func(s *grpc.Server) {
+		nervepb.RegisterAdminServer(s, &olderAdmin{names: []string{"first", "second"}})
+	})
 	ctx := context.Background()
 	if g, err := client.Group(ctx, "second"); err != nil || g.GetName() != "second" {
 		t.Fatalf("group on the second page = %v, %v", g, err)

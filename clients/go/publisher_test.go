@@ -312,12 +312,19 @@ func (b fakeBus) PublishStream(stream grpc.BidiStreamingServer[nervepb.PublishSt
 // connectFake serves bus on a local port for this test and returns a client connected to it.
 func connectFake(t *testing.T, bus fakeBus) *nerve.Client {
 	t.Helper()
+	return connectServing(t, func(s *grpc.Server) { nervepb.RegisterEventBusServer(s, bus) })
+}
+
+// connectServing serves what register adds on a local port for this test and returns a client connected
+// to it.
+func connectServing(t *testing.T, register func(*grpc.Server)) *nerve.Client {
+	t.Helper()
 	listener, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	server := grpc.NewServer()
-	nervepb.RegisterEventBusServer(server, bus)
+	register(server)
 	go func() { _ = server.Serve(listener) }()
 	t.Cleanup(server.Stop)
 	client, err := nerve.Dial(listener.Addr().String())

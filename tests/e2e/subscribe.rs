@@ -252,19 +252,27 @@ async fn longest_silence(sub: &mut Subscriber, n: usize) -> std::time::Duration 
     longest
 }
 
-/// Starts publishing events nobody selects, one call after another, until the handle is aborted: the
-/// head changes all the time.
-fn keep_publishing(server: &TestServer) -> tokio::task::JoinHandle<()> {
+/// Opens a subscription (in `group`, or private) from the earliest of 30,000 events, with a filter
+/// that matches none of them, on a store whose reads take 50 ms and a bus that keeps publishing
+/// events nobody selects (the head changes all the time). Returns the longest silence between its
+/// first 10 heartbeats, and whether it caught up meanwhile.
+async fn silence_while_reading_nothing(group: &str) -> (std::time::Duration, bool) {
+    let (server, injection) = crate::injected_store::start_injected().await;
     let mut bus = server.bus();
-    tokio::spawn(async move {
-        for i in 0.. {
-            publish(&mut bus, vec![event(&format!("noise-{i}"), "noise.x")]).await;
-        }
-    })
-}
-
-/// Opens a subscription from the earliest event whose filter matches nothing of `hay.x`.
-fn matching_nothing(group: &str) -> pb::SubscriptionOpen {
+    publish_n(&mut bus, "hay", "hay.x", 30_000).await;
+    // private reads of the window (64 events) at 50 ms each: a turn of 16 reads takes 800 ms, the
+    // whole history many seconds
+    injection
+        .read_delay_ms
+        .store(50, std::sync::atomic::Ordering::SeqCst);
+    let busy = {
+        let mut bus = server.bus();
+        tokio::spawn(async move {
+            for i in 0.. {
+                publish(&mut bus, vec![event(&format!("noise-{i}"), "noise.x")]).await;
+            }
+        })
+    };
     let mut o = open(&["hay.x"], group);
     o.start = earliest();
     o.filter = Some(pb::Filter {
@@ -272,7 +280,10 @@ fn matching_nothing(group: &str) -> pb::SubscriptionOpen {
             attributes: [("subject".to_owned(), "never".to_owned())].into(),
         })),
     });
-    o
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    let longest = longest_silence(&mut sub, 10).await;
+    busy.abort();
+    (longest, sub.caught_up.is_some())
 }
 
 /// Heartbeats keep coming, well within 3 intervals of each other (what the clients wait before they
@@ -281,24 +292,8 @@ fn matching_nothing(group: &str) -> pb::SubscriptionOpen {
 /// turn of the loop reads for longer than 3 intervals here.
 #[tokio::test]
 async fn heartbeats_come_while_history_that_matches_nothing_is_read_on_a_busy_bus() {
-    let (server, injection) = crate::injected_store::start_injected().await;
-    let mut bus = server.bus();
-    publish_n(&mut bus, "hay", "hay.x", 30_000).await;
-    // reads of the window (64 events) at 50 ms each: a turn of 16 reads takes 800 ms, the whole
-    // history many seconds, and nothing is delivered
-    injection
-        .read_delay_ms
-        .store(50, std::sync::atomic::Ordering::SeqCst);
-    let busy = keep_publishing(&server);
-    let mut sub = Subscriber::open(&mut bus, matching_nothing(""))
-        .await
-        .expect("open");
-    let longest = longest_silence(&mut sub, 10).await;
-    busy.abort();
-    assert!(
-        sub.caught_up.is_none(),
-        "the history was read before 10 heartbeats came"
-    );
+    let (longest, caught_up) = silence_while_reading_nothing("").await;
+    assert!(!caught_up, "the history was read before 10 heartbeats came");
     assert!(
         longest < std::time::Duration::from_millis(600),
         "{longest:?} between heartbeats of 200 ms"
@@ -309,22 +304,11 @@ async fn heartbeats_come_while_history_that_matches_nothing_is_read_on_a_busy_bu
 /// whole backlog, 64 entries a round trip, before the session could send anything.
 #[tokio::test]
 async fn heartbeats_come_while_a_group_claims_a_backlog_that_matches_nothing() {
-    let (server, injection) = crate::injected_store::start_injected().await;
-    let mut bus = server.bus();
-    publish_n(&mut bus, "hay", "hay.x", 30_000).await;
-    injection
-        .read_delay_ms
-        .store(50, std::sync::atomic::Ordering::SeqCst);
-    let busy = keep_publishing(&server);
-    let mut sub = Subscriber::open(&mut bus, matching_nothing("sparse-heartbeats"))
-        .await
-        .expect("open");
-    let longest = longest_silence(&mut sub, 10).await;
-    busy.abort();
+    let (longest, caught_up) = silence_while_reading_nothing("sparse-heartbeats").await;
     // embedded claims read the store a page of bytes at a time: this backlog in a few reads
     if redis_backend() {
         assert!(
-            sub.caught_up.is_none(),
+            !caught_up,
             "the backlog was claimed before 10 heartbeats came"
         );
     }
