@@ -409,23 +409,21 @@ impl Session {
         let mut commands_open = true;
         loop {
             self.expire_leases();
-            let next_due = self.fill().await?;
+            let next_due = match self.fill().await {
+                Ok(next_due) => next_due,
+                // the subscriber went away while something was sent to it
+                Err(_) if self.tx.is_closed() => {
+                    return self.settle_before_cancel(&mut commands).await;
+                }
+                Err(e) => return Err(e),
+            };
             self.report_window();
             self.heartbeat_if_due().await?;
             let wake_at = self.next_wake(next_due);
             tokio::select! {
                 biased;
                 _ = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
-                _ = self.tx.closed() => {
-                    // the subscriber cancelled: what it sent before (acks, most often) arrived ahead
-                    // of the cancel and still counts, instead of coming back as failed attempts
-                    while let Some(Some(Ok(command))) = commands.next().now_or_never() {
-                        if self.handle(command).await? == Flow::Close {
-                            break;
-                        }
-                    }
-                    return Ok(());
-                }
+                _ = self.tx.closed() => return self.settle_before_cancel(&mut commands).await,
                 command = commands.next(), if commands_open => {
                     let Some(command) = command else {
                         commands_open = false;
@@ -467,6 +465,20 @@ impl Session {
                 _ = tokio::time::sleep_until(wake_at) => self.heartbeat_if_due().await?,
             }
         }
+    }
+
+    /// Settles what a subscriber that cancelled sent before (acks, most often): it arrived ahead of the
+    /// cancel and still counts, instead of coming back as failed attempts.
+    async fn settle_before_cancel<S>(&mut self, commands: &mut S) -> BusResult<()>
+    where
+        S: Stream<Item = BusResult<Command>> + Unpin,
+    {
+        while let Some(Some(Ok(command))) = commands.next().now_or_never() {
+            if self.handle(command).await? == Flow::Close {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Sends a heartbeat when nothing was sent for the interval. Called from the loop's timer, and

@@ -53,9 +53,10 @@ pub struct RedisSettings {
     pub inbox_ttl: Duration,
 }
 
-/// Stream reads one new claim makes at most. A filter that matches little of a long backlog is read a
-/// bounded step at a time (the claim says it stopped early), so that between steps the session reads
-/// its commands and sends its heartbeats, as the embedded backend's claims do.
+/// Further reads of a stream one new claim makes at most, beyond the first read of each. A filter that
+/// matches little of a long backlog is read a bounded step at a time (the claim says it stopped early),
+/// so that between steps the session reads its commands and sends its heartbeats, as the embedded
+/// backend's claims do.
 const CLAIM_ROUNDS: usize = 8;
 /// How long a presence entry lives without being refreshed (its replica died).
 const PRESENCE_TTL: Duration = Duration::from_secs(30);
@@ -1416,13 +1417,6 @@ impl LiveStreams for RedisStreams {
                 if want == 0 {
                     break;
                 }
-                if rounds == CLAIM_ROUNDS {
-                    return Ok(NewClaim {
-                        entries: taken,
-                        more: true,
-                    });
-                }
-                rounds += 1;
                 let (events, more) = self
                     .claim_stream(key, stream, want, ms(lease_until))
                     .await?;
@@ -1459,6 +1453,14 @@ impl LiveStreams for RedisStreams {
                 self.remove(key, stream, &unwanted).await?;
                 if !more {
                     break;
+                }
+                // only reads that leave more of a stream behind count: every stream is read once
+                rounds += 1;
+                if rounds >= CLAIM_ROUNDS && taken.len() < max {
+                    return Ok(NewClaim {
+                        entries: taken,
+                        more: true,
+                    });
                 }
             }
             if taken.len() >= max {
