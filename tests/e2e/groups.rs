@@ -829,9 +829,9 @@ async fn a_whole_window_comes_back_when_its_stream_ends_and_when_nacked_at_once(
     assert_eq!(third.iter().map(seq).collect::<BTreeSet<_>>(), seqs);
 }
 
-/// A group over many types (on Redis, a stream each) delivers its backlog and catches up: a claim
-/// reads every stream once whatever bounds its further reads, so a claim that read them all reports
-/// no more and the caught-up marker comes.
+/// A group over many types (on Redis, a stream each) delivers its backlog and catches up: the bound
+/// on a claim's reads counts only reads that leave more of a stream behind, so a claim over streams
+/// read to their ends reports no more, and the caught-up marker comes.
 #[tokio::test]
 async fn a_group_over_many_types_catches_up() {
     let server = TestServer::start().await;

@@ -491,12 +491,18 @@ impl Session {
             return Ok(());
         }
         let head_sequence = *self.bus.streams.head().borrow();
-        self.send(Outbound::Heartbeat {
-            head_sequence,
-            in_flight: self.outstanding.len() as u32,
-            credits: self.credits,
-        })
-        .await
+        let sent = self
+            .send(Outbound::Heartbeat {
+                head_sequence,
+                in_flight: self.outstanding.len() as u32,
+                credits: self.credits,
+            })
+            .await;
+        match sent {
+            // gone while this waited for room: `serve` sees the closed stream and settles
+            Err(_) if self.tx.is_closed() => Ok(()),
+            other => other,
+        }
     }
 
     fn next_wake(&self, next_due: Option<Instant>) -> Instant {

@@ -53,10 +53,10 @@ pub struct RedisSettings {
     pub inbox_ttl: Duration,
 }
 
-/// Further reads of a stream one new claim makes at most, beyond the first read of each. A filter that
-/// matches little of a long backlog is read a bounded step at a time (the claim says it stopped early),
-/// so that between steps the session reads its commands and sends its heartbeats, as the embedded
-/// backend's claims do.
+/// Reads that leave more of their stream behind one new claim makes at most; a read that reaches a
+/// stream's end does not count, so empty streams never stop a claim. A filter that matches little of a
+/// long backlog is then read a bounded step at a time (the claim says it stopped early), and between
+/// steps the session reads its commands and sends its heartbeats, as the embedded backend's claims do.
 const CLAIM_ROUNDS: usize = 8;
 /// How long a presence entry lives without being refreshed (its replica died).
 const PRESENCE_TTL: Duration = Duration::from_secs(30);
@@ -1454,7 +1454,7 @@ impl LiveStreams for RedisStreams {
                 if !more {
                     break;
                 }
-                // only reads that leave more of a stream behind count: every stream is read once
+                // only reads that leave more of their stream behind count
                 rounds += 1;
                 if rounds >= CLAIM_ROUNDS && taken.len() < max {
                     return Ok(NewClaim {
