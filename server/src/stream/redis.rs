@@ -654,8 +654,9 @@ impl RedisStreams {
         lease_ms: i64,
     ) -> StreamResult<(Vec<StreamEntry>, bool)> {
         let skey = self.keys.stream(&key.tenant, stream);
-        // the cursor the entries were read after, and what was read
-        let mut read: Option<(String, Vec<StreamEntry>)> = None;
+        // the cursor the entries were read after, what was read, and how many entries the page held
+        // (a full page: the stream may go on after it)
+        let mut read: Option<(String, Vec<StreamEntry>, usize)> = None;
         for _ in 0..8 {
             let mut call = lua::CLAIM_NEW.prepare_invoke();
             call.key(&skey)
@@ -666,7 +667,7 @@ impl RedisStreams {
                 .arg(&key.name)
                 .arg(lease_ms);
             match &read {
-                Some((after, entries)) => {
+                Some((after, entries, _)) => {
                     call.arg(after);
                     for (first, last) in seq_ranges(entries.iter().map(|e| e.0)) {
                         call.arg(first).arg(last);
@@ -761,19 +762,22 @@ impl RedisStreams {
                         .query_async(&mut self.conn())
                         .await
                         .map_err(redis_err)?;
+                    let page = entries.len();
                     let entries = entries
                         .iter()
                         .filter_map(|entry| self.stream_entry(&key.tenant, entry))
                         .collect();
-                    read = Some((after, entries));
+                    read = Some((after, entries, page));
                 }
                 Some(b"OK") => {
                     // entries up to `from` went to another consumer meanwhile
                     let from: u64 = word(1).and_then(number).unwrap_or_default();
-                    let mut events = read.map(|(_, entries)| entries).unwrap_or_default();
+                    let (mut events, page) = read
+                        .map(|(_, entries, page)| (entries, page))
+                        .unwrap_or_default();
                     events.retain(|(sequence, _)| *sequence > from);
-                    let full = events.len() >= max;
-                    return Ok((events, full));
+                    // the page read, not what is left of it, tells whether the stream goes on
+                    return Ok((events, page >= max));
                 }
                 _ => {
                     return Err(StreamError::Internal(format!(
