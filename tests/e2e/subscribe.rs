@@ -125,6 +125,34 @@ async fn start_after_sequence_and_at_time_resume_where_asked() {
     );
 }
 
+/// A private stream that starts at a time still ahead gets only what is recorded from then on: an
+/// event published before that time is not delivered, one published after it is.
+#[tokio::test]
+async fn a_start_time_ahead_delivers_only_events_recorded_from_then() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let start = std::time::SystemTime::now() + std::time::Duration::from_millis(1_500);
+    let mut o = open(&["ahead.x"], "");
+    o.start = Some(pb::StartPosition {
+        position: Some(pb::start_position::Position::Time(start.into())),
+    });
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    publish(&mut bus, vec![event("early", "ahead.x")]).await;
+    // the clock itself is what this waits for
+    let left = start
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(left + std::time::Duration::from_millis(50)).await;
+    let late = publish(&mut bus, vec![event("late", "ahead.x")]).await[0];
+    let d = sub.next_delivery().await;
+    assert_eq!(
+        seq(&d),
+        late,
+        "{:?} was recorded before the start",
+        d.event.as_ref().map(|e| &e.id)
+    );
+}
+
 #[tokio::test]
 async fn credits_bound_what_the_server_sends() {
     let server = TestServer::start().await;

@@ -145,6 +145,10 @@ struct Session {
     outstanding: HashMap<u64, Outstanding>,
     deadlines: BinaryHeap<Reverse<(Instant, u64, u32)>>,
     position: u64,
+    /// A private stream's start time while events before it may still come: one in the future when
+    /// it opened, or a commit in flight then recorded just before it. Recorded times never go
+    /// backwards, so it is cleared at the first event recorded at or after it.
+    recorded_from: Option<DateTime<Utc>>,
     caught_up: bool,
     scheduler: PriorityScheduler,
     tx: mpsc::Sender<BusResult<Outbound>>,
@@ -313,6 +317,11 @@ impl Bus {
             None => None,
         };
         let (group, joined) = group.unzip();
+        // a group's start is its creator's, resolved once: see docs/design.md
+        let recorded_from = match spec.start {
+            Start::Time(t) if group.is_none() => Some(t),
+            _ => None,
+        };
         let (wakeups, group_created_ns) = joined.unzip();
         self.streams
             .join(
@@ -341,6 +350,7 @@ impl Bus {
             outstanding: HashMap::new(),
             deadlines: BinaryHeap::new(),
             position: start_after,
+            recorded_from,
             caught_up: false,
             scheduler: PriorityScheduler::default(),
             unsaved_acks: Vec::new(),
@@ -781,6 +791,12 @@ impl Session {
         for event in events {
             if event.sequence <= self.position {
                 continue;
+            }
+            if let Some(from) = self.recorded_from {
+                if event.recorded_at < from {
+                    continue;
+                }
+                self.recorded_from = None;
             }
             if event.tenant == self.tenant && self.selection.matches(&event.event) {
                 if self.credits == 0 {
