@@ -825,6 +825,10 @@ async fn policy_denies_what_it_does_not_grant_and_audits_it() {
         "{records:#?}"
     );
     assert!(
+        has("planner", "admin.get_group", "groups/planners", "denied"),
+        "{records:#?}"
+    );
+    assert!(
         !records.iter().any(|r| r.principal.is_empty()),
         "{records:#?}"
     );
