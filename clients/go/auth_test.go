@@ -132,9 +132,8 @@ func TestReplayResumesWhenItsTokenExpires(t *testing.T) {
 		token := server.mint(t, "replayer", exp)
 		var calls atomic.Int32
 		creds := bearer(func() string { calls.Add(1); return token })
-		withResumes := opts
-		withResumes.MaxResumes = 1
-		replay := dialWith(t, server.addr, append(small, grpc.WithPerRPCCredentials(creds))...).Replay(ctx, withResumes)
+		client := dialWith(t, server.addr, append(small, grpc.WithPerRPCCredentials(creds))...)
+		replay := client.Replay(ctx, opts)
 		defer replay.Close()
 		first, err := replay.NextPage()
 		if err != nil {
@@ -158,8 +157,17 @@ func TestReplayResumesWhenItsTokenExpires(t *testing.T) {
 			t.Fatalf("all %d events arrived: the replay finished before its token expired", n)
 		}
 		t.Logf("%d events before the token expired", n)
+		// the default MaxResumes is 3, but a second refusal as expired with no page between ends it
 		if c := calls.Load(); c != 2 {
-			t.Fatalf("%d calls, want 2: the stream and one resume (MaxResumes 1)", c)
+			t.Fatalf("%d calls, want 2: the stream, then one reopening refused", c)
+		}
+		// a replay whose token has already expired is refused at once, and reopened only once
+		_, err = client.Replay(ctx, opts).NextPage()
+		if !errors.Is(err, nerve.ErrTokenExpired) {
+			t.Fatalf("a replay opened with an expired token: %v, want ErrTokenExpired", err)
+		}
+		if c := calls.Load(); c != 4 {
+			t.Fatalf("%d calls in all, want 4: two more for the replay opened after expiry", c)
 		}
 	})
 }

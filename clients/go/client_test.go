@@ -10,11 +10,13 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -414,5 +416,53 @@ func TestGroupFallsBackToTheListOnAServerWithoutGetGroup(t *testing.T) {
 	}
 	if g, err := client.Group(ctx, "third"); err != nil || g != nil {
 		t.Fatalf("missing group = %v, %v; want nil, nil", g, err)
+	}
+}
+
+// brokenReplay sends its one page of two events, then breaks the stream with Unavailable instead of ending
+// it with OK, as a connection lost right after the last page does; it counts the calls.
+type brokenReplay struct {
+	nervepb.UnimplementedEventBusServer
+	endOfHistory bool
+	calls        atomic.Int32
+}
+
+func (b *brokenReplay) Replay(req *nervepb.ReplayRequest, stream grpc.ServerStreamingServer[nervepb.ReplayResponse]) error {
+	b.calls.Add(1)
+	page := &nervepb.ReplayResponse{
+		Events:       []*nervepb.Event{ev("r1", "history.v1"), ev("r2", "history.v1")},
+		ResumeToken:  "after-r2",
+		EndOfHistory: b.endOfHistory,
+	}
+	if err := stream.Send(page); err != nil {
+		return err
+	}
+	return status.Error(codes.Unavailable, "connection lost after the last page")
+}
+
+func TestAReplayThatBreaksAfterItsLastPageEndsCleanly(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		bus  *brokenReplay
+		opts nerve.ReplayOptions
+	}{
+		{"at the end of history", &brokenReplay{endOfHistory: true}, nerve.ReplayOptions{}},
+		{"at its limit", &brokenReplay{}, nerve.ReplayOptions{Limit: 2}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			bus := c.bus
+			client := connectServing(t, func(s *grpc.Server) { nervepb.RegisterEventBusServer(s, bus) })
+			replay := client.Replay(testContext(t), c.opts)
+			var ids []string
+			for e, err := range replay.All() {
+				if err != nil {
+					t.Fatalf("after %v: %v; the replay had everything it asked for", ids, err)
+				}
+				ids = append(ids, e.GetId())
+			}
+			if !slices.Equal(ids, []string{"r1", "r2"}) || bus.calls.Load() != 1 {
+				t.Fatalf("events %v in %d calls, want [r1 r2] in one call", ids, bus.calls.Load())
+			}
+		})
 	}
 }

@@ -34,7 +34,8 @@ type ReplayOptions struct {
 	// ResumeToken continues an earlier replay (Replay.ResumeToken); it overrides AfterSequence.
 	ResumeToken string
 	// MaxResumes is how often in a row a replay whose stream breaks with Unavailable, or ends with
-	// ErrTokenExpired, reconnects from its last resume token; zero means 3, negative means never.
+	// ErrTokenExpired, reconnects from its last resume token; zero means 3, negative means never. A second
+	// ErrTokenExpired with no page between ends the replay sooner: its credentials gave no fresh token.
 	MaxResumes int
 }
 
@@ -43,7 +44,8 @@ type ReplayOptions struct {
 // Unavailable, or that the server ends with ErrTokenExpired when the token it was opened with expires, is
 // reopened from the last token, so no event is skipped or repeated: with per-RPC credentials that refresh
 // (an oauth2.ReuseTokenSource, say) the new stream carries a fresh token; a token that stays expired fails
-// after MaxResumes attempts.
+// at the first reopening it is refused on. A stream that breaks after the last page (EndOfHistory, or the
+// Limit reached) ends the replay cleanly: nothing was left to read.
 type Replay struct {
 	ctx          context.Context
 	bus          nervepb.EventBusClient
@@ -57,7 +59,9 @@ type Replay struct {
 	endOfHistory bool
 	count        uint64
 	failures     int
-	err          error
+	// expired: the last failure was ErrTokenExpired and no page came since
+	expired bool
+	err     error
 }
 
 // Replay starts a replay; nothing is sent until the first Next. ctx bounds the whole replay.
@@ -117,7 +121,7 @@ func (r *Replay) NextPage() (*nervepb.ReplayResponse, error) {
 		}
 		page, err := r.stream.Recv()
 		if err == nil {
-			r.failures = 0
+			r.failures, r.expired = 0, false
 			r.resumeToken = page.GetResumeToken()
 			r.endOfHistory = page.GetEndOfHistory()
 			r.count += uint64(len(page.GetEvents()))
@@ -125,7 +129,8 @@ func (r *Replay) NextPage() (*nervepb.ReplayResponse, error) {
 		}
 		r.cancel()
 		r.stream = nil
-		if errors.Is(err, io.EOF) {
+		// after the last page only the server's OK was missing
+		if errors.Is(err, io.EOF) || r.endOfHistory || (r.limit > 0 && r.count >= r.limit) {
 			r.err = io.EOF
 			return nil, io.EOF
 		}
@@ -137,14 +142,17 @@ func (r *Replay) NextPage() (*nervepb.ReplayResponse, error) {
 }
 
 // retry prepares a reconnect from the last token after an Unavailable error or an expired token (the new
-// call asks the per-RPC credentials again), backing off a little.
+// call asks the per-RPC credentials again), backing off a little. An expired token right after another,
+// with no page between, is not retried: the credentials gave the same or another expired token.
 func (r *Replay) retry(err error) bool {
 	err = wrap(err)
-	resumable := Code(err) == codes.Unavailable || errors.Is(err, ErrTokenExpired)
-	if !resumable || r.failures >= r.maxResumes || (r.limit > 0 && r.count >= r.limit) {
+	expired := errors.Is(err, ErrTokenExpired)
+	resumable := Code(err) == codes.Unavailable || (expired && !r.expired)
+	if !resumable || r.failures >= r.maxResumes {
 		return false
 	}
 	r.failures++
+	r.expired = expired
 	select {
 	case <-time.After(time.Duration(100<<r.failures) * time.Millisecond):
 	case <-r.ctx.Done():

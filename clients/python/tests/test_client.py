@@ -590,7 +590,7 @@ async def test_replay_resumes_when_its_token_expires(jwt_server: JwtServer) -> N
     assert replay.end_of_history and replay.count == 3000
 
 
-async def test_replay_with_a_static_token_raises_token_expired_after_its_resumes(jwt_server: JwtServer) -> None:
+async def test_replay_with_a_static_token_raises_token_expired_at_its_first_refusal(jwt_server: JwtServer) -> None:
     await _publish_history(jwt_server, 3000)
     expires = _in(2)
     token = jwt_server.token("replayer", expires)
@@ -598,7 +598,7 @@ async def test_replay_with_a_static_token_raises_token_expired_after_its_resumes
     async with Client.connect(
         jwt_server.addr, credentials=_bearer(tokens), options=_SMALL_WINDOWS, ready_timeout=WAIT
     ) as client:
-        replay = client.replay("history.x", page_size=100, max_resumes=2)
+        replay = client.replay("history.x", page_size=100)
         pages = replay.pages()
         seen = [e.sequence for e in (await asyncio.wait_for(anext(pages), WAIT)).events]
         await _until_expired(expires)
@@ -607,9 +607,15 @@ async def test_replay_with_a_static_token_raises_token_expired_after_its_resumes
         error = info.value
         assert isinstance(error, UnauthenticatedError) and error.code == grpc.StatusCode.UNAUTHENTICATED
         assert error.reason == "TOKEN_EXPIRED", error
-        # the call the stream ended on, then max_resumes reopenings refused with the same expired token
-        assert len(tokens.asked) == 1 + 2, tokens.asked
+        # the call the stream ended on, then one reopening refused with the same expired token: a second
+        # refusal as expired with no page between is raised, though max_resumes (3) would allow more
+        assert len(tokens.asked) == 1 + 1, tokens.asked
         assert len(seen) == replay.count < 3000 and not replay.end_of_history
+
+        # a replay whose token has already expired is refused at once, and reopened only once
+        with pytest.raises(TokenExpiredError):
+            await asyncio.wait_for(client.replay("history.x").collect(), WAIT)
+        assert len(tokens.asked) == 2 + 2, tokens.asked
 
         # any call made with an expired token is refused the same way
         with pytest.raises(TokenExpiredError):
@@ -623,6 +629,42 @@ async def test_replay_with_a_static_token_raises_token_expired_after_its_resumes
         with pytest.raises(UnauthenticatedError) as refused:
             await client.publish(event("replayer", "history.x", "forged"))
         assert not isinstance(refused.value, TokenExpiredError) and refused.value.reason != "TOKEN_EXPIRED"
+
+
+@pytest.mark.parametrize(
+    ("end_of_history", "limit"), [(True, 0), (False, 2)], ids=["at-the-end-of-history", "at-its-limit"]
+)
+async def test_a_replay_that_breaks_after_its_last_page_ends_cleanly(end_of_history: bool, limit: int) -> None:
+    calls = 0
+
+    async def broken(
+        request: pb.ReplayRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ReplayResponse]:
+        # one page of two events, then the stream breaks instead of ending with OK, as a connection lost
+        # right after the last page does
+        nonlocal calls
+        calls += 1
+        yield pb.ReplayResponse(
+            events=[ev("r1", "history.x"), ev("r2", "history.x")], resume_token="after-r2", end_of_history=end_of_history
+        )
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost after the last page")
+
+    server = grpc.aio.server()
+    handler = grpc.unary_stream_rpc_method_handler(
+        broken,
+        request_deserializer=pb.ReplayRequest.FromString,
+        response_serializer=pb.ReplayResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("nerve.v1.EventBus", {"Replay": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with Client.connect(f"127.0.0.1:{port}", ready_timeout=WAIT) as client:
+            replay = client.replay(limit=limit)
+            events = await asyncio.wait_for(replay.collect(), WAIT)
+            assert [e.id for e in events] == ["r1", "r2"] and calls == 1, calls
+    finally:
+        await server.stop(None)
 
 
 class _OlderAdmin(admin_pb2_grpc.AdminServicer):

@@ -23,7 +23,9 @@ class Replay:
     was opened with expired), the replay reopens it from the last token, up to ``max_resumes`` times in a
     row (a page received starts the count again), so no event is skipped or repeated. Credentials that
     refresh bring a fresh token to the reopened call; a static token that has expired is refused again,
-    and the last refusal is raised. Iterate a Replay once.
+    and that refusal is raised: a second :class:`TokenExpiredError` with no page between is not retried.
+    A stream that breaks after the last page (:attr:`end_of_history`, or ``limit`` reached) ends the
+    replay cleanly: nothing was left to read. Iterate a Replay once.
     """
 
     def __init__(self, stub: Any, request: event_bus_pb2.ReplayRequest, *, max_resumes: int = 3) -> None:
@@ -48,21 +50,26 @@ class Replay:
         request.CopyFrom(self._request)
         limit = request.limit
         failures = 0
+        expired = False  # the last failure was an expired token, and no page came since
         while True:
             call = self._call = self._stub.Replay(request)
             try:
                 async for page in call:
-                    failures = 0
+                    failures, expired = 0, False
                     self.resume_token = page.resume_token
                     self.end_of_history = page.end_of_history
                     self.count += len(page.events)
                     yield page
                 return
             except grpc.RpcError as e:
-                error = from_rpc_error(e)
                 left = limit - self.count if limit else 0
-                if not _resumable(error) or failures >= self._max_resumes or (limit and left <= 0):
+                if self.end_of_history or (limit and left <= 0):
+                    return  # after the last page only the server's OK was missing
+                error = from_rpc_error(e)
+                token_expired = isinstance(error, TokenExpiredError)
+                if not _resumable(error) or (token_expired and expired) or failures >= self._max_resumes:
                     raise error from e
+                expired = token_expired
                 failures += 1
                 await asyncio.sleep(0.1 * 2**failures)  # back off before reconnecting
                 request.resume_token = self.resume_token
