@@ -119,9 +119,9 @@ impl ReadQuery {
 
 /// The literal types of a selection made only of literal types, else None (read every type, filter
 /// after reading). Both stores read literal types as one ordered index range each.
-pub(crate) fn literal_types(query: &ReadQuery) -> Option<Vec<&str>> {
-    let mut literals: Vec<&str> = (!query.types.is_empty())
-        .then(|| query.types.iter().map(|t| t.literal()).collect())
+pub(crate) fn literal_types(types: &[TypePattern]) -> Option<Vec<&str>> {
+    let mut literals: Vec<&str> = (!types.is_empty())
+        .then(|| types.iter().map(|t| t.literal()).collect())
         .flatten()?;
     // each literal becomes a branch of its own (Postgres unions them): a repeated one would read
     // its events twice

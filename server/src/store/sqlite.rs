@@ -298,6 +298,34 @@ fn push_page_read<'a>(
 }
 
 /// Encodes a list of patterns as a JSON array.
+/// One statement counting the events of `literals` after each level's position, as a sum of one index
+/// range per type and level (at most 100 types, `MAX_TYPE_PATTERNS`, so 400 terms: within SQLite's
+/// expression depth of 1,000). A level at `u64::MAX` is not counted.
+fn literal_count<'a>(
+    sql: &mut QueryBuilder<Sqlite>,
+    tenant: &'a str,
+    literals: &[&'a str],
+    after_by_level: [u64; 4],
+) {
+    sql.push("SELECT 0");
+    for event_type in literals {
+        for (level, after) in Priority::ALL.iter().zip(after_by_level) {
+            if after == u64::MAX {
+                continue;
+            }
+            sql.push(" + (SELECT COUNT(*) FROM events WHERE tenant = ")
+                .push_bind(tenant)
+                .push(" AND type = ")
+                .push_bind(*event_type)
+                .push(" AND priority = ")
+                .push_bind(level.as_i64())
+                .push(" AND seq > ")
+                .push_bind(seq_i64(after))
+                .push(")");
+        }
+    }
+}
+
 fn encode_patterns(patterns: &[String]) -> StoreResult<String> {
     serde_json::to_string(patterns)
         .map_err(|e| StoreError::Internal(format!("encoding patterns: {e}")))
@@ -716,7 +744,7 @@ impl EventStore for SqliteStore {
         // the head before the read: every event up to it is committed, so the read sees it
         let committed = *self.committed.borrow();
         let limit = query.page_limit();
-        let literals = literal_types(query);
+        let literals = literal_types(&query.types);
         let mut sql = QueryBuilder::<Sqlite>::new("");
         push_page_read(&mut sql, query, literals.as_deref(), limit);
         let mut chunks = sql.build_query_as::<(i64, Vec<u8>)>().fetch(&self.db.pool);
@@ -825,6 +853,19 @@ impl EventStore for SqliteStore {
         after_by_level: [u64; 4],
         selection: &Selection,
     ) -> StoreResult<u64> {
+        // literal types (most groups) count their own index ranges, one per type and level, in one
+        // statement, instead of every type's events after the position
+        if let Some(literals) = literal_types(&selection.types) {
+            let mut sql = QueryBuilder::<Sqlite>::default();
+            literal_count(&mut sql, tenant, &literals, after_by_level);
+            let count: i64 = sql
+                .build()
+                .fetch_one(&self.db.pool)
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(map_err)?;
+            return Ok(count as u64);
+        }
         let mut total = 0;
         for (level, after) in Priority::ALL.iter().zip(after_by_level) {
             // a level the selection does not cover here
@@ -1170,7 +1211,7 @@ mod tests {
 
     /// The steps of the plan SQLite chooses for a page read, one per line.
     async fn plan(db: &SqliteDb, query: &ReadQuery) -> String {
-        let literals = literal_types(query);
+        let literals = literal_types(&query.types);
         let mut sql = QueryBuilder::<Sqlite>::new("EXPLAIN QUERY PLAN ");
         push_page_read(&mut sql, query, literals.as_deref(), 1024);
         let steps = sql.build().fetch_all(&db.pool).await.expect("explain");
@@ -1397,6 +1438,79 @@ mod tests {
             plan.contains("INDEX events_key (tenant=? AND source=? AND id=?)"),
             "the id is not looked up under each source in\n{plan}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_lag_of_literal_types_counts_their_index_ranges_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = started(&dir.path().join("lag.db")).await;
+        // 60 events: "a" at every level in turn, "b" at every other level, "c" in between
+        let kinds: Vec<(&str, Priority)> = (0..60)
+            .map(|i| match i % 3 {
+                0 => ("a", Priority::ALL[(i / 3) % 4]),
+                1 => ("b", Priority::ALL[(i / 3) % 2 * 2]),
+                _ => ("c", Priority::Normal),
+            })
+            .collect();
+        store
+            .append("t", new_events(0, &kinds))
+            .await
+            .expect("append");
+        let selection = |types: &[&str]| Selection {
+            types: types
+                .iter()
+                .map(|t| TypePattern::parse(t).expect("pattern"))
+                .collect(),
+            filter: None,
+        };
+        // the most literal types a selection may hold, and a level not covered (u64::MAX)
+        let mut most: Vec<String> = vec!["b".into(), "a".into()];
+        most.extend((2..crate::api::convert::MAX_TYPE_PATTERNS).map(|i| format!("other{i}")));
+        let most: Vec<&str> = most.iter().map(String::as_str).collect();
+        for after in [
+            [0; 4],
+            [7, 20, 33, 58],
+            [59; 4],
+            [0, u64::MAX, 30, u64::MAX],
+        ] {
+            for types in [&["a"][..], &["a", "b", "a"], &most] {
+                // counted by hand: events of the types at each level after that level's position
+                let expected = kinds
+                    .iter()
+                    .enumerate()
+                    .filter(|(seq0, (t, level))| {
+                        let index = Priority::ALL.iter().position(|l| l == level);
+                        let after = after[index.expect("a level")];
+                        types.contains(t) && after != u64::MAX && *seq0 as u64 + 1 > after
+                    })
+                    .count() as u64;
+                let counted = store
+                    .count_after("t", after, &selection(types))
+                    .await
+                    .expect("count");
+                assert_eq!(counted, expected, "{} types after {after:?}", types.len());
+            }
+        }
+        // each type and level is one range of events_type_priority, not a scan of the positions
+        let mut sql = QueryBuilder::<Sqlite>::new("EXPLAIN QUERY PLAN ");
+        literal_count(&mut sql, "t", &["a", "b"], [0; 4]);
+        let steps = sql
+            .build()
+            .fetch_all(&store.db().pool)
+            .await
+            .expect("explain");
+        let searches: Vec<String> = steps
+            .iter()
+            .map(|row| row.try_get("detail").expect("detail"))
+            .filter(|step: &String| step.contains("events"))
+            .collect();
+        assert_eq!(searches.len(), 8, "{searches:?}");
+        for search in searches {
+            assert!(
+                search.contains("COVERING INDEX events_type_priority (tenant=? AND type=? AND priority=? AND seq>?)"),
+                "{search}"
+            );
+        }
     }
 
     #[tokio::test]
