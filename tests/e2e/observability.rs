@@ -121,6 +121,127 @@ async fn metrics_count_publishes_deliveries_failures_and_dead_letters() {
     .await;
 }
 
+/// Holds the lock the store's writer commits under (SQLite's write lock, or Postgres' sequence row),
+/// so a publish waits for the test.
+enum CommitLock {
+    Sqlite(rusqlite::Connection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl CommitLock {
+    async fn hold(store_url: &str, data_dir: &std::path::Path) -> Self {
+        use sqlx::Connection;
+        if !store_url.starts_with("postgres") {
+            let conn =
+                rusqlite::Connection::open(data_dir.join("nerve.db")).expect("open the database");
+            conn.execute_batch("BEGIN IMMEDIATE")
+                .expect("take the write lock");
+            return CommitLock::Sqlite(conn);
+        }
+        let mut conn = sqlx::PgConnection::connect(store_url)
+            .await
+            .expect("connect");
+        sqlx::raw_sql("BEGIN; SELECT seq FROM nerve_sequence FOR UPDATE")
+            .execute(&mut conn)
+            .await
+            .expect("lock the sequence row");
+        CommitLock::Postgres(conn)
+    }
+
+    async fn release(self) {
+        match self {
+            CommitLock::Sqlite(conn) => conn.execute_batch("COMMIT").expect("release"),
+            CommitLock::Postgres(mut conn) => {
+                sqlx::raw_sql("COMMIT")
+                    .execute(&mut conn)
+                    .await
+                    .expect("release");
+            }
+        }
+    }
+}
+
+/// Publishes over a bare HTTP/2 stream whose `grpc-timeout` only the server keeps (a tonic client ends
+/// the call at the same moment), and returns the `grpc-status` the server answered.
+async fn publish_with_server_deadline(
+    addr: std::net::SocketAddr,
+    request: pb::PublishRequest,
+    timeout: &str,
+) -> String {
+    use prost::Message;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let head = http::Request::post(format!("http://{addr}/nerve.v1.EventBus/Publish"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .expect("request");
+    let (response, mut body) = client.send_request(head, false).expect("send");
+    // one uncompressed gRPC message: flag, length, bytes
+    let message = request.encode_to_vec();
+    let mut frame = vec![0];
+    frame.extend(u32::try_from(message.len()).expect("small").to_be_bytes());
+    frame.extend(message);
+    body.send_data(frame.into(), true)
+        .expect("send the message");
+    let response = response.await.expect("response");
+    let status = |headers: &http::HeaderMap| {
+        headers
+            .get("grpc-status")
+            .map(|s| s.to_str().expect("ascii").to_owned())
+    };
+    if let Some(status) = status(response.headers()) {
+        return status; // trailers only
+    }
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        data.expect("data");
+    }
+    let trailers = body.trailers().await.expect("trailers");
+    status(&trailers.expect("trailers")).expect("grpc-status")
+}
+
+/// A publish whose caller gave up before its commit answered is counted all the same: it was stored.
+#[tokio::test]
+async fn a_publish_is_counted_when_its_caller_gave_up_before_the_commit_answered() {
+    let (mut store_url, mut data_dir) = (String::new(), std::path::PathBuf::new());
+    let server = TestServer::start_with(|c| {
+        c.metrics.listen = "127.0.0.1:0".into();
+        store_url.clone_from(&c.store);
+        data_dir.clone_from(&c.data_dir);
+    })
+    .await;
+    // labels are capped per process, first come first served: take this one before other tests
+    let label = nerve::metrics::type_label("metrics.abandoned");
+    let stored = [("type", label.as_str()), ("outcome", "stored")];
+    let before = value(
+        &server.scrape().await,
+        "nerve_events_published_total",
+        &stored,
+    );
+    let lock = CommitLock::hold(&store_url, &data_dir).await;
+    let request = pb::PublishRequest {
+        events: vec![event("abandoned-1", "metrics.abandoned")],
+    };
+    // the server's deadline ends the call, and it drops the handler before it answers so
+    let status = publish_with_server_deadline(server.addr(), request, "300m").await;
+    // tonic answers an expired deadline CANCELLED ("Timeout expired"); DEADLINE_EXCEEDED would do
+    assert!(
+        status == "1" || status == "4",
+        "grpc-status {status}, want the deadline's"
+    );
+    lock.release().await;
+    crate::harness::eventually("the abandoned publish counted as stored", || async {
+        let text = server.scrape().await;
+        (value(&text, "nerve_events_published_total", &stored) - before == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(server.stored_event("abandoned-1").await.id, "abandoned-1");
+}
+
 const CALLER_TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const CALLER_TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 

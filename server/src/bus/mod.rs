@@ -239,20 +239,47 @@ impl Bus {
     }
 }
 
-/// A checked batch in the commit queue.
+/// A checked batch in the commit queue. Its events are counted when the commit answers, also when
+/// the caller went away before that: the batch commits all the same.
 pub struct QueuedPublish {
     started: std::time::Instant,
-    /// Metric labels of the events' types, in order.
+    /// Metric labels of the events' types, in order; taken when they are counted.
     types: Vec<String>,
     queued: Queued,
 }
 
 impl QueuedPublish {
     /// Waits for the commit; returns the events' sequences in order.
-    pub async fn committed(self) -> BusResult<Vec<Appended>> {
-        let outcome = self.queued.committed().await.map_err(BusError::from);
-        record_publish(self.started, self.types, outcome.as_ref());
+    pub async fn committed(mut self) -> BusResult<Vec<Appended>> {
+        let outcome = self.queued.answer().await.map_err(BusError::from);
+        record_publish(
+            self.started,
+            std::mem::take(&mut self.types),
+            outcome.as_ref(),
+        );
         outcome
+    }
+}
+
+impl Drop for QueuedPublish {
+    fn drop(&mut self) {
+        if self.types.is_empty() {
+            return;
+        }
+        // dropped before the answer (a caller gone, a deadline passed): count the events when the
+        // commit answers
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (started, types, queued) = (
+            self.started,
+            std::mem::take(&mut self.types),
+            self.queued.take(),
+        );
+        runtime.spawn(async move {
+            let outcome = queued.committed().await.map_err(BusError::from);
+            record_publish(started, types, outcome.as_ref());
+        });
     }
 }
 

@@ -614,10 +614,21 @@ pub struct Queued(oneshot::Receiver<StoreResult<Vec<Appended>>>);
 
 impl Queued {
     /// Waits for the batch's commit; one result per event, in order.
-    pub async fn committed(self) -> StoreResult<Vec<Appended>> {
-        self.0
+    pub async fn committed(mut self) -> StoreResult<Vec<Appended>> {
+        self.answer().await
+    }
+
+    /// Waits for the batch's commit, leaving the wait in place if dropped before the answer.
+    pub async fn answer(&mut self) -> StoreResult<Vec<Appended>> {
+        (&mut self.0)
             .await
             .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+
+    /// Moves the wait out, leaving one that answers at once as if the writer had stopped.
+    pub fn take(&mut self) -> Queued {
+        let (_, stopped) = oneshot::channel();
+        Queued(std::mem::replace(&mut self.0, stopped))
     }
 }
 
