@@ -1811,7 +1811,8 @@ type ReplayResponse struct {
 	Events []*Event               `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
 	// Passing this back continues after this page.
 	ResumeToken string `protobuf:"bytes,2,opt,name=resume_token,json=resumeToken,proto3" json:"resume_token,omitempty"`
-	// True on the last page when no more stored events match.
+	// True on the last page when no more stored events match, also when the limit ended the replay on
+	// the last match (unless it filters by source or subject: then false, as when more may match).
 	EndOfHistory  bool `protobuf:"varint,3,opt,name=end_of_history,json=endOfHistory,proto3" json:"end_of_history,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -178,6 +178,17 @@ impl Bus {
                         break;
                     }
                 }
+                // a replay that reached its limit ends the history too when nothing after its last
+                // event matches; a filtered one's span may stop the look short, and it then says not
+                if remaining == 0 && !filtered && !page.end_of_history {
+                    match bus.history_ends_after(&query, bound).await {
+                        Ok(ends) => page.end_of_history = ends,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    }
+                }
                 page.resume_token = encode_resume_token(query.after);
                 let done = page.end_of_history || remaining == 0;
                 if bus.shutdown.is_cancelled() {
@@ -190,6 +201,23 @@ impl Bus {
             }
         });
         rx
+    }
+
+    /// Whether no stored event after `query.after`, up to `bound` (or the store's head), matches:
+    /// one read of one event looks.
+    async fn history_ends_after(&self, query: &ReadQuery, bound: Option<u64>) -> BusResult<bool> {
+        let probe = ReadQuery {
+            until: bound,
+            limit: 1,
+            ..query.clone()
+        };
+        let read = self.store.read(&probe).await?;
+        if !read.events.is_empty() || !read.exhausted {
+            return Ok(false);
+        }
+        // without a bound, the read ended at this replica's view of the head, which other
+        // replicas' commits may have passed
+        Ok(bound.is_some() || self.store.head().await? <= read.scanned_to.max(query.after))
     }
 
     /// Narrows a query's sequence range to a time range. Recorded time never goes backwards with the

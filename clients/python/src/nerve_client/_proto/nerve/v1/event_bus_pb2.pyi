@@ -835,7 +835,9 @@ class ReplayResponse(_message.Message):
     resume_token: _builtins.str
     """Passing this back continues after this page."""
     end_of_history: _builtins.bool
-    """True on the last page when no more stored events match."""
+    """True on the last page when no more stored events match, also when the limit ended the replay on
+    the last match (unless it filters by source or subject: then false, as when more may match).
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]: ...
     def __init__(
