@@ -59,7 +59,7 @@ type Replay struct {
 	endOfHistory bool
 	count        uint64
 	failures     int
-	// expired: the last failure was ErrTokenExpired and no page came since
+	// expired: a failure since the last page was ErrTokenExpired
 	expired bool
 	err     error
 }
@@ -152,7 +152,7 @@ func (r *Replay) retry(err error) bool {
 		return false
 	}
 	r.failures++
-	r.expired = expired
+	r.expired = r.expired || expired
 	select {
 	case <-time.After(time.Duration(100<<r.failures) * time.Millisecond):
 	case <-r.ctx.Done():

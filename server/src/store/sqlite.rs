@@ -297,10 +297,9 @@ fn push_page_read<'a>(
         .push(") GROUP BY seq >> 6 ORDER BY seq >> 6)");
 }
 
-/// Encodes a list of patterns as a JSON array.
 /// One statement counting the events of `literals` after each level's position, as a sum of one index
-/// range per type and level (at most 100 types, `MAX_TYPE_PATTERNS`, so 400 terms: within SQLite's
-/// expression depth of 1,000). A level at `u64::MAX` is not counted.
+/// range per type and level. The API takes at most 100 types (`MAX_TYPE_PATTERNS`), so 400 terms: well
+/// within SQLite's expression depth of 1,000. A level at `u64::MAX` is not counted.
 fn literal_count<'a>(
     sql: &mut QueryBuilder<Sqlite>,
     tenant: &'a str,
@@ -326,6 +325,7 @@ fn literal_count<'a>(
     }
 }
 
+/// Encodes a list of patterns as a JSON array.
 fn encode_patterns(patterns: &[String]) -> StoreResult<String> {
     serde_json::to_string(patterns)
         .map_err(|e| StoreError::Internal(format!("encoding patterns: {e}")))

@@ -50,7 +50,7 @@ class Replay:
         request.CopyFrom(self._request)
         limit = request.limit
         failures = 0
-        expired = False  # the last failure was an expired token, and no page came since
+        expired = False  # a failure since the last page was an expired token
         while True:
             call = self._call = self._stub.Replay(request)
             try:
@@ -69,7 +69,7 @@ class Replay:
                 token_expired = isinstance(error, TokenExpiredError)
                 if not _resumable(error) or (token_expired and expired) or failures >= self._max_resumes:
                     raise error from e
-                expired = token_expired
+                expired = expired or token_expired
                 failures += 1
                 await asyncio.sleep(0.1 * 2**failures)  # back off before reconnecting
                 request.resume_token = self.resume_token
