@@ -1408,74 +1408,92 @@ impl LiveStreams for RedisStreams {
             .group_streams(key, &row.config.selection, Some(level))
             .await?;
         let mut taken = Vec::new();
+        // every entry this claim leased, taken or not yet: if the claim fails part way, they go back
+        let mut leased: Vec<(u64, u32)> = Vec::new();
         // start at a different stream each time so one busy type cannot starve the others
         let offset = if streams.is_empty() {
             0
         } else {
             (Utc::now().timestamp_subsec_nanos() as usize) % streams.len()
         };
-        let mut rounds = 0;
-        for stream in streams.iter().cycle().skip(offset).take(streams.len()) {
-            loop {
-                let want = max - taken.len();
-                if want == 0 {
-                    break;
-                }
-                let (events, more) = self
-                    .claim_stream(key, stream, want, ms(lease_until))
-                    .await?;
-                self.remember(&key.tenant, events.iter().map(|e| e.0), stream);
-                // entries the stream could not give us are read from the store, so the filter applies
-                let unreadable: Vec<u64> = events
-                    .iter()
-                    .filter(|e| e.1.is_none())
-                    .map(|e| e.0)
-                    .collect();
-                let mut from_store: HashMap<u64, Arc<StoredEvent>> = self
-                    .store
-                    .read_sequences(&unreadable)
-                    .await?
-                    .into_iter()
-                    .map(|e| (e.sequence, e))
-                    .collect();
-                let mut unwanted = Vec::new();
-                for (sequence, event) in events {
-                    match event.or_else(|| from_store.remove(&sequence)) {
-                        Some(event) if row.config.selection.matches(&event.event) => {
-                            taken.push(Claimed {
-                                sequence,
-                                attempt: 1,
-                                event: Some(event),
-                                priority: level,
-                                last_error: None,
-                            });
+        let claimed: StreamResult<bool> = async {
+            let mut rounds = 0;
+            for stream in streams.iter().cycle().skip(offset).take(streams.len()) {
+                loop {
+                    let want = max - taken.len();
+                    if want == 0 {
+                        break;
+                    }
+                    let (events, more) = self
+                        .claim_stream(key, stream, want, ms(lease_until))
+                        .await?;
+                    self.remember(&key.tenant, events.iter().map(|e| e.0), stream);
+                    leased.extend(events.iter().map(|e| (e.0, 1)));
+                    // entries the stream could not give us are read from the store, so the filter
+                    // applies
+                    let unreadable: Vec<u64> = events
+                        .iter()
+                        .filter(|e| e.1.is_none())
+                        .map(|e| e.0)
+                        .collect();
+                    let mut from_store: HashMap<u64, Arc<StoredEvent>> = self
+                        .store
+                        .read_sequences(&unreadable)
+                        .await?
+                        .into_iter()
+                        .map(|e| (e.sequence, e))
+                        .collect();
+                    let mut unwanted = Vec::new();
+                    for (sequence, event) in events {
+                        match event.or_else(|| from_store.remove(&sequence)) {
+                            Some(event) if row.config.selection.matches(&event.event) => {
+                                taken.push(Claimed {
+                                    sequence,
+                                    attempt: 1,
+                                    event: Some(event),
+                                    priority: level,
+                                    last_error: None,
+                                });
+                            }
+                            _ => unwanted.push(sequence),
                         }
-                        _ => unwanted.push(sequence),
+                    }
+                    // filtered out: settled at once, as if acknowledged
+                    self.remove(key, stream, &unwanted).await?;
+                    if !more {
+                        break;
+                    }
+                    // only reads that leave more of their stream behind count
+                    rounds += 1;
+                    if rounds >= CLAIM_ROUNDS && taken.len() < max {
+                        return Ok(true);
                     }
                 }
-                // filtered out: settled at once, as if acknowledged
-                self.remove(key, stream, &unwanted).await?;
-                if !more {
+                if taken.len() >= max {
                     break;
                 }
-                // only reads that leave more of their stream behind count
-                rounds += 1;
-                if rounds >= CLAIM_ROUNDS && taken.len() < max {
-                    return Ok(NewClaim {
-                        entries: taken,
-                        more: true,
-                    });
-                }
             }
-            if taken.len() >= max {
-                break;
+            // every stream was read to its end or the claim is full
+            Ok(false)
+        }
+        .await;
+        match claimed {
+            Ok(more) => Ok(NewClaim {
+                entries: taken,
+                more,
+            }),
+            Err(error) => {
+                // leased, never handed out: back at once and uncounted, as the session hands back
+                // claims whose events it cannot read, instead of waiting out their lease as an
+                // attempt nobody saw
+                if !leased.is_empty()
+                    && let Err(release) = self.release_unsent(key, &leased).await
+                {
+                    warn!(%release, group = %key.name, entries = leased.len(), "claimed entries not handed back; they wait out their lease");
+                }
+                Err(error)
             }
         }
-        // every stream was read to its end or the claim is full
-        Ok(NewClaim {
-            entries: taken,
-            more: false,
-        })
     }
 
     async fn claim_due(
