@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timezone
 from types import TracebackType
@@ -502,7 +503,7 @@ async def _pump(
             else:
                 timeout, silence = watch
                 try:
-                    message = await asyncio.wait_for(call.read(), timeout)
+                    message = await _read_within(call, timeout)
                 except asyncio.TimeoutError:
                     call.cancel()  # cancelling the read did already; this says so
                     error = UnavailableError(grpc.StatusCode.UNAVAILABLE, silence)
@@ -523,6 +524,21 @@ async def _pump(
         queue.put_nowait(_End(error))
         if not stream_end.done():
             stream_end.set_result(error)
+
+
+if sys.version_info >= (3, 11):
+
+    async def _read_within(call: Any, timeout: float) -> Any:
+        """The call's next message, or TimeoutError after ``timeout`` seconds; a timer on this task, not
+        a task per message as ``wait_for`` makes before Python 3.12."""
+        async with asyncio.timeout(timeout):
+            return await call.read()
+
+else:
+
+    async def _read_within(call: Any, timeout: float) -> Any:
+        """The call's next message, or TimeoutError after ``timeout`` seconds."""
+        return await asyncio.wait_for(call.read(), timeout)
 
 
 def _watchdog(
