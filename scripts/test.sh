@@ -30,6 +30,15 @@ if [ ! -x "$BUF" ] || [ "$("$BUF" --version)" != "$BUF_VERSION" ]; then
   npm install --silent --no-audit --no-fund --prefix "$TOOLS/npm" "@bufbuild/buf@$BUF_VERSION" \
     || fail "could not install buf (needs npm)"
 fi
+# programs the tests start themselves: the failure tests run redis-server processes of their own, the
+# TLS tests make their keys with openssl (scripts/dev-pki.sh); each binary is its Debian package's name
+for program in redis-server openssl; do
+  command -v "$program" >/dev/null && continue
+  [ "$(id -u)" = 0 ] || fail "$program is missing: install Debian's $program package, or run as root"
+  echo "installing $program"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$program"; } >&2 \
+    || fail "could not install $program"
+done
 echo "grpcurl: $("$TOOLS/bin/grpcurl" -version 2>&1)"
 echo "buf: $("$BUF" --version)"
 
