@@ -565,44 +565,73 @@ pub fn preallocate(file: &std::fs::File, bytes: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// Latency of `fdatasync` after one 4 KiB write, back to back for `duration`, in a file of the
-/// temporary directory (where the embedded server keeps its data): the least one durable commit adds
-/// to publish -> deliver on this machine.
-pub async fn fdatasync_latency(duration: Duration) -> Result<Row> {
-    tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::FileExt as _;
-        let file = tempfile::Builder::new()
-            .prefix("nerve-bench-disk-")
-            .tempfile()
-            .context("creating the disk baseline's file")?;
-        let handle = file.as_file();
-        preallocate(handle, DISK_REGION)?;
-        let page = vec![0x5au8; DISK_WRITE];
-        let mut hist = Hist::new();
-        let started = std::time::Instant::now();
-        let mut samples = 0u64;
-        while started.elapsed() < duration {
-            let at = (samples * DISK_WRITE as u64) % DISK_REGION;
-            let t = std::time::Instant::now();
-            handle.write_all_at(&page, at)?;
-            handle.sync_data()?;
-            hist.record(t.elapsed());
-            samples += 1;
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        let mut row = Row::new("latency", DISK, "fdatasync after a 4 KiB write");
-        row.events = samples;
-        row.seconds = seconds;
-        row.rate = samples as f64 / seconds;
-        row.latency = hist.summary();
-        row.note = format!(
-            "one 4 KiB pwrite + fdatasync, back to back, in {} (where the embedded server keeps its data): the least a durable commit adds",
-            std::env::temp_dir().display()
-        );
-        Ok(row)
-    })
-    .await
-    .context("the disk baseline's thread")?
+/// The disk baseline: one 4 KiB write then `fdatasync`, back to back, in a file of the temporary
+/// directory (where the embedded server keeps its data): the least one durable commit adds to publish ->
+/// deliver on this machine. The latency scenario measures it in slices among its other systems.
+pub struct DiskBase {
+    file: std::sync::Arc<tempfile::NamedTempFile>,
+}
+
+/// What one slice of the disk baseline measured.
+pub struct DiskSlice {
+    pub hist: Hist,
+    pub samples: u64,
+    pub seconds: f64,
+}
+
+impl DiskBase {
+    /// Creates the file and allocates the region its writes cycle through.
+    pub async fn new() -> Result<Self> {
+        let file = tokio::task::spawn_blocking(|| -> Result<tempfile::NamedTempFile> {
+            let file = tempfile::Builder::new()
+                .prefix("nerve-bench-disk-")
+                .tempfile()
+                .context("creating the disk baseline's file")?;
+            preallocate(file.as_file(), DISK_REGION)?;
+            Ok(file)
+        })
+        .await
+        .context("the disk baseline's thread")??;
+        Ok(DiskBase {
+            file: std::sync::Arc::new(file),
+        })
+    }
+
+    /// Writes and syncs back to back for `duration`, on a thread of its own.
+    pub async fn slice(&self, duration: Duration) -> Result<DiskSlice> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt as _;
+            let handle = file.as_file();
+            let page = vec![0x5au8; DISK_WRITE];
+            let mut hist = Hist::new();
+            let started = std::time::Instant::now();
+            let mut samples = 0u64;
+            while started.elapsed() < duration {
+                let at = (samples * DISK_WRITE as u64) % DISK_REGION;
+                let t = std::time::Instant::now();
+                handle.write_all_at(&page, at)?;
+                handle.sync_data()?;
+                hist.record(t.elapsed());
+                samples += 1;
+            }
+            Ok(DiskSlice {
+                hist,
+                samples,
+                seconds: started.elapsed().as_secs_f64(),
+            })
+        })
+        .await
+        .context("the disk baseline's thread")?
+    }
+}
+
+/// How the disk baseline measures, for its rows' notes.
+pub fn disk_note() -> String {
+    format!(
+        "one 4 KiB pwrite + fdatasync, back to back, in {} (where the embedded server keeps its data): the least a durable commit adds",
+        std::env::temp_dir().display()
+    )
 }
 
 #[cfg(test)]

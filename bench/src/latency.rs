@@ -1,9 +1,10 @@
 //! The latency scenario: publish -> deliver at fixed rates, against Nerve and its baselines in turn.
 //!
-//! Each rate is measured in rounds. A round gives every system (raw Redis, the gRPC floors, each
-//! Nerve server) one slice of `--duration / --rounds`, each after an unmeasured warm-up, starting one
-//! system further along each round. A host whose speed changes during the run (CPU steal, other
-//! guests' disk writes) then slows every system alike, and the ratios between them hold.
+//! Each rate is measured in rounds. A round gives every system (raw Redis, the raw disk, the gRPC
+//! floors, each Nerve server) one slice of `--duration / --rounds`, each after an unmeasured warm-up
+//! (the disk's without), starting one system further along each round. A host whose speed changes
+//! during the run (CPU steal, other guests' disk writes) then slows every system alike, and the ratios
+//! between them hold.
 
 use std::time::Duration;
 
@@ -148,12 +149,58 @@ fn slice_duration(args: &Args) -> Duration {
     args.duration / args.rounds.max(1)
 }
 
+/// The disk baseline's slices at one rate's rounds, merged.
+#[derive(Default)]
+struct DiskCell {
+    slices: u32,
+    samples: u64,
+    seconds: f64,
+    hist: Hist,
+}
+
+impl DiskCell {
+    fn add(&mut self, s: baseline::DiskSlice) {
+        self.slices += 1;
+        self.samples += s.samples;
+        self.seconds += s.seconds;
+        self.hist.merge(&s.hist);
+    }
+
+    /// The row of the merged slices, named for the rate whose rounds they were measured in.
+    fn row(self, rate: u64, args: &Args) -> Row {
+        let mut row = Row::new("latency", baseline::DISK, format!("rate={rate}/s"));
+        row.events = self.samples;
+        row.seconds = self.seconds;
+        row.rate = if self.seconds > 0.0 {
+            self.samples as f64 / self.seconds
+        } else {
+            0.0
+        };
+        row.latency = self.hist.summary();
+        row.note = format!(
+            "{}; {} interleaved slices of {} in the rounds of {rate}/s, no warm-up",
+            baseline::disk_note(),
+            self.slices,
+            humantime::format_duration(slice_duration(args))
+        );
+        row
+    }
+}
+
 /// A system the latency scenario measures.
 pub enum System {
     /// A gRPC server of Nerve's protocol: nerve-server, or a floor.
     Bus(scenarios::Ctx),
     /// XADD -> XREADGROUP on Redis itself.
     RawRedis(baseline::RedisBase),
+    /// A write and `fdatasync` of a file, back to back: no rate, no events.
+    Disk(baseline::DiskBase),
+}
+
+/// What one system measured at one rate.
+enum Measured {
+    Loop(Box<Cell>),
+    Disk(DiskCell),
 }
 
 impl System {
@@ -161,6 +208,7 @@ impl System {
         match self {
             System::Bus(ctx) => &ctx.system,
             System::RawRedis(_) => baseline::REDIS_SYSTEM,
+            System::Disk(_) => baseline::DISK,
         }
     }
 
@@ -169,6 +217,7 @@ impl System {
         match self {
             System::Bus(ctx) => scenarios::publish_note(ctx),
             System::RawRedis(_) => baseline::xadd_latency_note(args.pacing),
+            System::Disk(_) => baseline::disk_note(),
         }
     }
 
@@ -177,7 +226,42 @@ impl System {
         match self {
             System::Bus(ctx) => scenarios::latency_slice(ctx, rate, tag, duration).await,
             System::RawRedis(base) => base.xadd_latency(args, rate, tag, duration).await,
+            System::Disk(_) => anyhow::bail!("the disk baseline has no open loop"),
         }
+    }
+
+    /// This system's slice of one round: an open loop after its warm-up, or the disk's writes.
+    async fn measure(
+        &self,
+        args: &Args,
+        rate: u64,
+        round: usize,
+        measured: &mut Measured,
+    ) -> Result<()> {
+        match (self, measured) {
+            (System::Disk(disk), Measured::Disk(cell)) => {
+                cell.add(disk.slice(slice_duration(args)).await?);
+            }
+            (_, Measured::Loop(cell)) => {
+                if !args.warm_up.is_zero() {
+                    let warm = self
+                        .slice(args, rate, &format!("lat{rate}w{round}"), args.warm_up)
+                        .await?;
+                    cell.add_warm_up(&warm);
+                }
+                let slice = self
+                    .slice(
+                        args,
+                        rate,
+                        &format!("lat{rate}r{round}"),
+                        slice_duration(args),
+                    )
+                    .await?;
+                cell.add(slice);
+            }
+            (_, Measured::Disk(_)) => anyhow::bail!("an open loop measured as the disk"),
+        }
+        Ok(())
     }
 }
 
@@ -203,6 +287,12 @@ pub async fn run(
             None => report
                 .notes
                 .push("no --redis-url / NERVE_TEST_REDIS_URL: raw Redis latency skipped".into()),
+        }
+    }
+    if args.baselines.contains(&BaselineArg::Disk) {
+        match baseline::DiskBase::new().await {
+            Ok(disk) => systems.push(System::Disk(disk)),
+            Err(e) => fail(report, "latency", baseline::DISK, e),
         }
     }
     // kept running until every round is done
@@ -303,7 +393,13 @@ async fn interleave(args: &Args, systems: &[System], report: &mut Report) {
     let rounds = args.rounds.max(1) as usize;
     let mut failed = vec![false; systems.len()];
     for &rate in &args.rates {
-        let mut cells: Vec<Cell> = systems.iter().map(|_| Cell::default()).collect();
+        let mut cells: Vec<Measured> = systems
+            .iter()
+            .map(|system| match system {
+                System::Disk(_) => Measured::Disk(DiskCell::default()),
+                _ => Measured::Loop(Box::default()),
+            })
+            .collect();
         for round in 0..rounds {
             for i in round_order(systems.len(), round) {
                 if failed[i] {
@@ -315,38 +411,19 @@ async fn interleave(args: &Args, systems: &[System], report: &mut Report) {
                     system.name(),
                     round + 1
                 ));
-                let outcome = async {
-                    if !args.warm_up.is_zero() {
-                        let warm = system
-                            .slice(args, rate, &format!("lat{rate}w{round}"), args.warm_up)
-                            .await?;
-                        cells[i].add_warm_up(&warm);
-                    }
-                    system
-                        .slice(
-                            args,
-                            rate,
-                            &format!("lat{rate}r{round}"),
-                            slice_duration(args),
-                        )
-                        .await
-                }
-                .await;
-                match outcome {
-                    Ok(slice) => cells[i].add(slice),
-                    Err(e) => {
-                        failed[i] = true;
-                        fail(report, "latency", system.name(), e);
-                    }
+                if let Err(e) = system.measure(args, rate, round, &mut cells[i]).await {
+                    failed[i] = true;
+                    fail(report, "latency", system.name(), e);
                 }
             }
         }
         for (i, cell) in cells.into_iter().enumerate() {
             if !failed[i] {
                 let system = &systems[i];
-                report
-                    .rows
-                    .push(cell.row(system.name(), rate, &system.how(args), args));
+                report.rows.push(match cell {
+                    Measured::Loop(cell) => cell.row(system.name(), rate, &system.how(args), args),
+                    Measured::Disk(cell) => cell.row(rate, args),
+                });
             }
         }
     }
@@ -424,6 +501,39 @@ mod tests {
         assert_eq!(row.errors, 0);
         assert!(
             row.note.starts_with("how; 2 interleaved slices of 2s, each after a 100ms warm-up; sent 400 of 400 planned"),
+            "{}",
+            row.note
+        );
+    }
+
+    #[test]
+    fn disk_slices_merge_into_one_row_named_for_their_rate() {
+        let disk_slice = |latency_us: &[u64], seconds: f64| {
+            let mut hist = Hist::new();
+            for us in latency_us {
+                hist.record_ns(us * 1_000);
+            }
+            baseline::DiskSlice {
+                samples: latency_us.len() as u64,
+                hist,
+                seconds,
+            }
+        };
+        let mut cell = DiskCell::default();
+        cell.add(disk_slice(&[100, 100, 300], 1.0));
+        cell.add(disk_slice(&[200], 0.5));
+        let row = cell.row(10_000, &args());
+        assert_eq!(
+            (row.system.as_str(), row.case.as_str()),
+            (baseline::DISK, "rate=10000/s")
+        );
+        assert_eq!((row.events, row.seconds), (4, 1.5));
+        let latency = row.latency.expect("latency");
+        assert_eq!(latency.count, 4);
+        assert!((0.09..0.11).contains(&latency.p50_ms), "{latency:?}");
+        assert!(
+            row.note
+                .ends_with("2 interleaved slices of 2s in the rounds of 10000/s, no warm-up"),
             "{}",
             row.note
         );

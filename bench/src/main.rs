@@ -396,13 +396,6 @@ async fn run(args: Args) -> Result<ExitCode> {
                 .push("no --redis-url / NERVE_TEST_REDIS_URL: raw Redis baselines skipped".into()),
         }
     }
-    if args.baselines.contains(&BaselineArg::Disk) && args.scenarios.contains(&Scenario::Latency) {
-        progress("baseline: raw fdatasync");
-        match baseline::fdatasync_latency(args.duration).await {
-            Ok(row) => report.rows.push(row),
-            Err(e) => fail(&mut report, "baseline.disk", baseline::DISK, e),
-        }
-    }
     if args.baselines.contains(&BaselineArg::Nats) && args.scenarios.contains(&Scenario::Publish) {
         nats_comparison(&args, &run_id, &mut report).await;
     }
@@ -1084,10 +1077,8 @@ fn compare(report: &mut Report, optimized: bool) {
         // latency at 10K/s
         let lat = find(&rows, "latency", &system, "rate=10000/s");
         let lat_l = lat.and_then(|r| r.latency);
-        let sync_l = rows
-            .iter()
-            .find(|r| r.scenario == "latency" && r.system == baseline::DISK)
-            .and_then(|r| r.latency);
+        // measured in the same rounds as raw Redis' and Nerve's cells at this rate
+        let sync_l = find(&rows, "latency", baseline::DISK, "rate=10000/s").and_then(|r| r.latency);
         // the least durable buses over gRPC on the same storage, at the same rate; only a complete run
         // of an optimized build can show a target out of reach. Embedded has two: the least durable
         // log (fdatasync), and the least one that is a SQLite table, as its own is.
