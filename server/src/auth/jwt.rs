@@ -199,6 +199,9 @@ impl JwtVerifier {
         validation.set_audience(&[&self.config.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
+        // exp is checked last (`claims`): a token that fails another check is refused for that, not
+        // as expired, which would have its caller fetch a fresh token only to be refused again
+        validation.validate_exp = false;
         validation.leeway = self.config.leeway.as_secs();
         let mut last = None;
         for key in &candidates {
@@ -214,9 +217,6 @@ impl JwtVerifier {
             }
         }
         let reason = match last.as_ref().map(|e| e.kind()) {
-            Some(ErrorKind::ExpiredSignature) => {
-                return Err(AuthError::TokenExpired("token has expired".into()));
-            }
             Some(ErrorKind::ImmatureSignature) => "token is not valid yet (nbf)".to_owned(),
             Some(ErrorKind::InvalidAudience) => {
                 format!("token audience is not {:?}", self.config.audience)
@@ -266,13 +266,14 @@ impl JwtVerifier {
                 None => None,
             }
         };
-        // validation has checked that exp is a whole number of seconds, not before this second (within
-        // the leeway); a token is accepted only before that instant, as RFC 7519 says, so that a new
-        // call is refused from the moment the caller's open streams end
-        let expires = claims
-            .get("exp")
-            .and_then(Value::as_u64)
-            .and_then(|exp| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(exp)))
+        // validation has checked that exp is there and everything else holds; a token is accepted
+        // only before exp plus the leeway, as RFC 7519 says, so that a new call is refused from the
+        // moment the caller's open streams end
+        let exp = claims.get("exp").and_then(Value::as_u64).ok_or_else(|| {
+            AuthError::Unauthenticated("token exp must be a whole number of seconds".into())
+        })?;
+        let expires = SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(exp))
             .and_then(|exp| exp.checked_add(self.config.leeway));
         if expires.is_some_and(|at| at <= SystemTime::now()) {
             return Err(AuthError::TokenExpired("token has expired".into()));
@@ -322,6 +323,7 @@ pub(crate) mod tests {
         let tenant_of = |tenant: Option<Value>| {
             let mut claims = Map::new();
             claims.insert("sub".into(), Value::String("svc".into()));
+            claims.insert("exp".into(), serde_json::json!(u32::MAX));
             if let Some(tenant) = tenant {
                 claims.insert("tenant".into(), tenant);
             }
@@ -384,6 +386,69 @@ pub(crate) mod tests {
             lenient.verify(&token(now)).expect("in the leeway").expires,
             at(now + 30)
         );
+    }
+
+    #[test]
+    fn an_expired_token_that_fails_another_check_is_refused_for_that() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let verifier = hs_verifier(dir.path(), "");
+        let token = |claims: Value, secret: &str| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .expect("token")
+        };
+        let good = "x".repeat(40);
+        let past = 1_000_000_000u64; // 2001
+        let refusal = |claims: Value, secret: &str| {
+            verifier
+                .verify(&token(claims, secret))
+                .map(|_| ())
+                .expect_err("refused")
+        };
+        let reasons = [
+            (
+                serde_json::json!({"sub": "svc", "iss": "i", "aud": "other", "exp": past}),
+                "audience",
+            ),
+            (
+                serde_json::json!({"sub": "svc", "iss": "other", "aud": "a", "exp": past}),
+                "issuer",
+            ),
+            (
+                serde_json::json!({"sub": "svc", "iss": "i", "aud": "a", "exp": past, "nbf": u32::MAX}),
+                "not valid yet",
+            ),
+        ];
+        for (claims, reason) in reasons {
+            let refused = refusal(claims, &good);
+            assert!(
+                matches!(&refused, AuthError::Unauthenticated(m) if m.contains(reason)),
+                "{refused:?}, want {reason}"
+            );
+        }
+        let forged = refusal(
+            serde_json::json!({"sub": "svc", "iss": "i", "aud": "a", "exp": past}),
+            &"y".repeat(40),
+        );
+        assert!(
+            matches!(&forged, AuthError::Unauthenticated(m) if m.contains("signature")),
+            "{forged:?}"
+        );
+        // expired, and nothing else wrong
+        let expired = refusal(
+            serde_json::json!({"sub": "svc", "iss": "i", "aud": "a", "exp": past}),
+            &good,
+        );
+        assert!(matches!(expired, AuthError::TokenExpired(_)), "{expired:?}");
+        // an exp that is not a whole number of seconds is refused, not read as no expiry
+        let odd = refusal(
+            serde_json::json!({"sub": "svc", "iss": "i", "aud": "a", "exp": "never"}),
+            &good,
+        );
+        assert!(matches!(odd, AuthError::Unauthenticated(_)), "{odd:?}");
     }
 
     #[test]
