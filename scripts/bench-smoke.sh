@@ -52,6 +52,7 @@ status=0
   --slow-rate 100 \
   --rr-concurrency 1,4 \
   --replay-events 3000 \
+  --wide-types 20 \
   --filter \
   --json "$out" || status=$?
 

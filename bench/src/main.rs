@@ -116,6 +116,8 @@ pub enum Scenario {
     Request,
     /// Replay of --replay-events stored events.
     Replay,
+    /// A durable group over every type of a bus that stores --wide-types types, one event at a time.
+    Wide,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -167,7 +169,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "publish,latency,fanout,drain,slow,request,replay"
+        default_value = "publish,latency,fanout,drain,slow,request,replay,wide"
     )]
     pub scenarios: Vec<Scenario>,
     /// Baselines to measure ("none" for none).
@@ -252,6 +254,9 @@ pub struct Args {
     /// Events the replay scenario stores, then replays.
     #[arg(long, default_value_t = 1_000_000)]
     pub replay_events: u64,
+    /// Event types the wide scenario stores before its group over all of them opens.
+    #[arg(long, default_value_t = 200)]
+    pub wide_types: usize,
     /// Subscribers of the latency and fan-out scenarios use a server-side filter (prefix on subject,
     /// matching every event, so counts are unchanged and the filter's cost shows).
     #[arg(long)]
@@ -605,6 +610,7 @@ async fn run_scenario(ctx: &scenarios::Ctx, scenario: Scenario, report: &mut Rep
         Scenario::Slow => scenarios::slow(ctx, &mut report.rows).await,
         Scenario::Request => scenarios::request_reply(ctx, &mut report.rows).await,
         Scenario::Replay => scenarios::replay(ctx, &mut report.rows).await,
+        Scenario::Wide => scenarios::wide_group(ctx, &mut report.rows).await,
     };
     if let Err(e) = outcome {
         fail(

@@ -605,6 +605,104 @@ pub async fn fanout(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// A durable group over every type of a bus that stores `--wide-types` of them: one event of each type is
+/// stored first, then, for `--duration`, one event at a time is published (to the first three types in
+/// turn), its delivery to the group awaited and acknowledged. Each publish wakes the group, whose
+/// claims look at every stream its pattern matches: this measures what a group pays per type.
+pub async fn wide_group(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
+    let types = ctx.args.wide_types.max(1);
+    let type_of = |i: usize| format!("bench.wide.t{i}.v1");
+    let size = ctx.args.payload_size;
+    let ids = ctx.args.ids;
+    let mut bus = ctx.bus(0);
+    let names: Vec<String> = (0..types).map(type_of).collect();
+    for (c, chunk) in names.chunks(100).enumerate() {
+        let events = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let n = (c * 100 + i) as u64;
+                event(
+                    ids.name(|| format!("{}-wide-seed-{n}", ctx.run)),
+                    t,
+                    n,
+                    size,
+                    now_ns(),
+                )
+            })
+            .collect();
+        bus.publish(pb::PublishRequest { events })
+            .await
+            .context("storing one event of each type")?;
+    }
+    let group = format!("bench-wide-{}", ctx.run);
+    let mut sub = Sub::open(
+        ctx.bus(1),
+        open_msg(
+            &["bench.wide.>"],
+            &group,
+            Some(pb::start_position::Position::Latest(())),
+            16,
+            None,
+        ),
+    )
+    .await?;
+    let meter = Meter::start(ctx.pid);
+    let started = Instant::now();
+    let mut hist = Hist::new();
+    let mut k = 0u64;
+    let outcome: Result<()> = async {
+        while started.elapsed() < ctx.args.duration {
+            let sent = now_ns();
+            let e = event(
+                ids.name(|| format!("{}-wide-{k}", ctx.run)),
+                &type_of((k % 3) as usize % types),
+                k,
+                size,
+                sent,
+            );
+            bus.publish(pb::PublishRequest { events: vec![e] }).await?;
+            let delivery = loop {
+                let message = tokio::time::timeout(Duration::from_secs(10), sub.inbound.message())
+                    .await
+                    .map_err(|_| anyhow!("event {k} not delivered to the group within 10 s"))??;
+                match message.and_then(|m| m.message) {
+                    Some(Message::Delivery(d)) => break d,
+                    Some(_) => continue,
+                    None => bail!("the server ended the group's stream"),
+                }
+            };
+            hist.record_ns(now_ns().saturating_sub(sent));
+            sub.ack(vec![delivery.delivery_id]).await?;
+            k += 1;
+        }
+        Ok(())
+    }
+    .await;
+    let usage = meter.finish();
+    let seconds = started.elapsed().as_secs_f64();
+    let mut row = ctx.row("wide", format!("group over {types} types"));
+    row.events = k;
+    row.seconds = seconds;
+    row.rate = k as f64 / seconds;
+    row.latency = hist.summary();
+    row.usage = usage;
+    if let Err(e) = &outcome {
+        row.errors = 1;
+        row.first_error = Some(format!("{e:#}"));
+    }
+    row.note = format!(
+        "one event of each of {types} types stored, then a group over bench.wide.> (start latest); closed loop: \
+         one event published, its delivery awaited and acked; latency = publish -> delivery read"
+    );
+    rows.push(row);
+    let _ = ctx
+        .admin()
+        .delete_group(pb::DeleteGroupRequest { group })
+        .await;
+    Ok(())
+}
+
 /// Publishes `n` events of one type as fast as `workers` publishers can, in batches; returns the
 /// lowest sequence and the load row.
 async fn bulk_load(ctx: &Ctx, event_type: &'static str, tag: &str, n: u64) -> Result<(u64, Row)> {
