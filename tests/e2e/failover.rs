@@ -1395,7 +1395,9 @@ async fn dead_consumer_holding_500_is_redelivered_then_dead_lettered_once() {
 }
 
 /// 8. The stream is trimmed past pending and unread entries (a tiny max length): the pending ones are
-///    redelivered from the store and the unread ones read from it; nothing is silently dropped.
+///    redelivered from the store and the unread ones read from it; nothing is silently dropped. The
+///    group covers a second type, so its claims first ask which of its streams have anything new or
+///    due (`HAS_NEW`, the due counts), and a trimmed stream must answer that it does.
 #[tokio::test]
 async fn trimmed_stream_entries_come_from_the_store() {
     let deployment = Deployment::new(redis_url()).await;
@@ -1404,7 +1406,7 @@ async fn trimmed_stream_entries_come_from_the_store() {
         .await;
     let channel = server.channel().await;
     let mut bus = EventBusClient::new(channel.clone());
-    let mut o = open(&["trim.event"], "laggards");
+    let mut o = open(&["trim.event", "trim.other"], "laggards");
     o.start = earliest();
     o.max_in_flight = 50;
     o.ack_deadline = millis(1000);
@@ -1417,6 +1419,12 @@ async fn trimmed_stream_entries_come_from_the_store() {
     .expect("publish");
     let pending = sub.deliveries(50).await; // held, not acked
     eprintln!("held 50");
+    // a second stream of the group's, at the same level: from now on its claims go through the checks
+    bus.publish(pb::PublishRequest {
+        events: vec![event("other-0", "trim.other")],
+    })
+    .await
+    .expect("publish");
     for chunk in ids[50..].chunks(190) {
         bus.publish(pb::PublishRequest {
             events: chunk.iter().map(|id| event(id, "trim.event")).collect(),
@@ -1459,7 +1467,7 @@ async fn trimmed_stream_entries_come_from_the_store() {
     }
     // the held ones come back (attempt 2, from the store) and every other event arrives once
     let mut redelivered = 0;
-    while got.len() < ids.len() || redelivered < 50 {
+    while got.len() < ids.len() + 1 || redelivered < 50 {
         let Some(d) = sub.try_next_delivery(WAIT).await else {
             panic!(
                 "stuck with {} of {} events, {redelivered} redelivered",
@@ -1476,6 +1484,7 @@ async fn trimmed_stream_entries_come_from_the_store() {
     assert_eq!(redelivered, 50);
     let missing: Vec<&String> = ids.iter().filter(|id| !got.contains_key(*id)).collect();
     assert!(missing.is_empty(), "dropped: {missing:?}");
+    assert_eq!(got.get("other-0"), Some(&1));
 }
 
 /// 9. A member acks the first and last entries of one claim and holds the middle ones when Redis dies

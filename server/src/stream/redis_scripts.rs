@@ -294,6 +294,35 @@ fn with_helpers(body: &str) -> Script {
     Script::new(&format!("{HELPERS}\n{body}"))
 }
 
+/// Whether a claim of new entries could find anything in a stream, without changing anything: 1 when the
+/// group has no consumer group there yet, when entries after its cursor must come from the store (as
+/// `CLAIM_NEW` tells a gap), or when an entry follows its cursor; else 0. KEYS: stream, floor. ARGV:
+/// group. A group over many types asks this of all its streams in one pipeline, then claims only from
+/// those that answer 1.
+pub(super) static HAS_NEW: LazyLock<Script> = LazyLock::new(|| {
+    with_helpers(
+        r"
+local last = last_delivered(KEYS[1], ARGV[1])
+if not last then
+  return 1
+end
+local floor = tonumber(redis.call('GET', KEYS[2]) or '0')
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if first[1] then
+  local before = tonumber(string.match(first[1][1], '^(%d+)')) - 1
+  if before > floor then floor = before end
+end
+if tonumber(last) < floor then
+  return 1
+end
+if redis.call('XRANGE', KEYS[1], '(' .. last .. '-0', '+', 'COUNT', 1)[1] then
+  return 1
+end
+return 0
+",
+    )
+});
+
 /// Leases new entries as runs and moves the group's cursor past them. The caller reads them with a plain
 /// `XRANGE` after the cursor first: entries read inside a script are copied into Lua and back, which
 /// cost more than everything else a claim does. KEYS: stream, due, floor, runs, bits.
