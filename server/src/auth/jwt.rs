@@ -269,11 +269,20 @@ impl JwtVerifier {
         // validation has checked that exp is there and everything else holds; a token is accepted
         // only before exp plus the leeway, as RFC 7519 says, so that a new call is refused from the
         // moment the caller's open streams end
-        let exp = claims.get("exp").and_then(Value::as_u64).ok_or_else(|| {
-            AuthError::Unauthenticated("token exp must be a whole number of seconds".into())
-        })?;
+        // a NumericDate may have a fraction (RFC 7519)
+        let exp = claims
+            .get("exp")
+            .and_then(|exp| {
+                exp.as_u64().map(Duration::from_secs).or_else(|| {
+                    exp.as_f64()
+                        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+                })
+            })
+            .ok_or_else(|| {
+                AuthError::Unauthenticated("token exp must be a number of seconds".into())
+            })?;
         let expires = SystemTime::UNIX_EPOCH
-            .checked_add(Duration::from_secs(exp))
+            .checked_add(exp)
             .and_then(|exp| exp.checked_add(self.config.leeway));
         if expires.is_some_and(|at| at <= SystemTime::now()) {
             return Err(AuthError::TokenExpired("token has expired".into()));
@@ -443,7 +452,30 @@ pub(crate) mod tests {
             &good,
         );
         assert!(matches!(expired, AuthError::TokenExpired(_)), "{expired:?}");
-        // an exp that is not a whole number of seconds is refused, not read as no expiry
+        // an exp with a fraction (a NumericDate may have one) expires at it, not never
+        let fraction = refusal(
+            serde_json::json!({"sub": "svc", "iss": "i", "aud": "a", "exp": 1_000_000_000.5}),
+            &good,
+        );
+        assert!(
+            matches!(fraction, AuthError::TokenExpired(_)),
+            "{fraction:?}"
+        );
+        let later = verifier
+            .verify(&token(
+                serde_json::json!({"sub": "svc", "iss": "i", "aud": "a", "exp": 4_102_444_800.5}),
+                &good,
+            ))
+            .expect("a fractional exp ahead");
+        assert_eq!(
+            later.expires,
+            Some(
+                SystemTime::UNIX_EPOCH
+                    + Duration::from_millis(4_102_444_800_500)
+                    + JwtConfig::default().leeway
+            )
+        );
+        // one that is not a number is refused
         let odd = refusal(
             serde_json::json!({"sub": "svc", "iss": "i", "aud": "a", "exp": "never"}),
             &good,

@@ -1555,10 +1555,16 @@ impl LiveStreams for RedisStreams {
                 // leased, never handed out: back at once and uncounted, as the session hands back
                 // claims whose events it cannot read, instead of waiting out their lease as an
                 // attempt nobody saw
-                if !leased.is_empty()
-                    && let Err(release) = self.release_unsent(key, &leased).await
-                {
-                    warn!(%release, group = %key.name, entries = leased.len(), "claimed entries not handed back; they wait out their lease");
+                if !leased.is_empty() {
+                    match self.release_unsent(key, &leased).await {
+                        // due now: the group's other members are woken for them
+                        Ok(_) => {
+                            let _ = self.wake_group(key).await;
+                        }
+                        Err(release) => {
+                            warn!(%release, group = %key.name, entries = leased.len(), "claimed entries not handed back; they wait out their lease");
+                        }
+                    }
                 }
                 Err(error)
             }
