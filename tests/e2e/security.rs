@@ -1097,6 +1097,18 @@ async fn only_a_principal_allowed_to_answer_may_reply() {
         .expect("request succeeds")
         .into_inner();
     assert_eq!(response.reply.expect("reply").source, "tool");
+    // with its requester gone the inbox is too: a reply is undelivered, and a type the replier may
+    // not reply with is still refused, not answered as merely undelivered
+    let late = reply(&tool, "tool", "tool.done")
+        .await
+        .expect("a late reply")
+        .into_inner();
+    assert!(!late.delivered);
+    assert_status(
+        reply(&tool, "tool", "task.created").await,
+        Code::PermissionDenied,
+        "may neither publish nor answer \"task.created\"",
+    );
 }
 
 #[tokio::test]
