@@ -667,15 +667,7 @@ impl RedisStreams {
                     .arg(&key.name),
             );
         }
-        let answers: Vec<i64> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(redis_err)?;
-        Ok(streams
-            .into_iter()
-            .zip(answers)
-            .filter_map(|(stream, has)| (has != 0).then_some(stream))
-            .collect())
+        self.streams_answering(streams, pipe).await
     }
 
     /// The streams among `streams` where an entry of the group is due by `now` (ms), asked of all in
@@ -697,14 +689,24 @@ impl RedisStreams {
                 now,
             );
         }
-        let due: Vec<u64> = pipe
+        self.streams_answering(streams, pipe).await
+    }
+
+    /// Runs `pipe`, which asks one number of each of `streams` in order, and keeps the streams whose
+    /// number is above zero.
+    async fn streams_answering(
+        &self,
+        streams: Vec<StreamId>,
+        pipe: redis::Pipeline,
+    ) -> StreamResult<Vec<StreamId>> {
+        let answers: Vec<u64> = pipe
             .query_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
         Ok(streams
             .into_iter()
-            .zip(due)
-            .filter_map(|(stream, due)| (due > 0).then_some(stream))
+            .zip(answers)
+            .filter_map(|(stream, answer)| (answer > 0).then_some(stream))
             .collect())
     }
 
