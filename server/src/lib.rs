@@ -67,6 +67,7 @@ pub async fn open_backends(config: &Config) -> Result<Backends> {
                     stream_max_len: config.redis.stream_max_len,
                     // a request waits at most this long: its inbox must outlive the wait
                     inbox_ttl: config.bus.max_request_timeout + std::time::Duration::from_secs(60),
+                    quiet_ttl: crate::stream::QUIET_TTL,
                 },
                 store.clone(),
             )

@@ -6,6 +6,7 @@
 
 mod embedded;
 mod leased_run;
+mod quiet;
 mod redis;
 mod redis_scripts;
 mod tail;
@@ -17,6 +18,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
 
 pub use embedded::EmbeddedStreams;
+pub use quiet::QUIET_TTL;
 pub use redis::{RedisSettings, RedisStreams};
 
 use crate::event::{Event, Priority, Selection, StoredEvent};

@@ -31,7 +31,10 @@ use tracing::{debug, warn};
 
 use super::{
     Claimed, GroupConfig, GroupKey, GroupSettings, GroupStats, Inbox, Interest, LiveStreams,
-    NewClaim, StreamError, StreamResult, TailRead, redis_scripts as lua, tail::Tail,
+    NewClaim, StreamError, StreamResult, TailRead,
+    quiet::{Asked, QuietStreams},
+    redis_scripts as lua,
+    tail::Tail,
 };
 use crate::{
     event::{Event, Priority, Selection, StoredEvent, TypePattern},
@@ -51,6 +54,9 @@ pub struct RedisSettings {
     /// How long a reply inbox record lives, so a replica that dies leaves none for good: longer
     /// than any request waits, or replies from other replicas to a longer wait are dropped as late.
     pub inbox_ttl: Duration,
+    /// How long a stream found with nothing new for a group is passed over by the group's claims
+    /// without asking Redis, unless an event is relayed there (see `stream::quiet`).
+    pub quiet_ttl: Duration,
 }
 
 /// Reads that leave more of their stream behind one new claim makes at most; a read that reaches a
@@ -275,6 +281,8 @@ pub struct RedisStreams {
     added: SyncMutex<HashMap<(String, StreamId), u64>>,
     /// Held by each relay step: the relay task and a check after a reconnect both step.
     relaying: tokio::sync::Mutex<()>,
+    /// Streams where a group's claims found nothing new, passed over until an event is relayed there.
+    quiet: SyncMutex<QuietStreams<StreamId>>,
 }
 
 impl RedisStreams {
@@ -331,6 +339,7 @@ impl RedisStreams {
             checkpoints: SyncMutex::new(HashMap::new()),
             added: SyncMutex::new(HashMap::new()),
             relaying: tokio::sync::Mutex::new(()),
+            quiet: SyncMutex::new(QuietStreams::new(settings.quiet_ttl)),
         });
         tokio::spawn(listen(Arc::downgrade(&streams)));
         tokio::spawn(maintain(Arc::downgrade(&streams)));
@@ -340,6 +349,10 @@ impl RedisStreams {
 
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    fn quiet(&self) -> std::sync::MutexGuard<'_, QuietStreams<StreamId>> {
+        self.quiet.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The streams of a tenant, seeded from the store on first use.
@@ -464,6 +477,8 @@ impl RedisStreams {
     }
 
     fn forget_config(&self, key: &GroupKey) {
+        // what changed may have moved the group's cursors back
+        self.quiet().forget(key);
         let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cached) = configs.get_mut(key) {
             if cached.reads == 0 {
@@ -645,15 +660,25 @@ impl RedisStreams {
         Ok(())
     }
 
-    /// The streams among `streams` where a claim of new entries could find anything (`lua::HAS_NEW`),
-    /// asked of all in one round trip. A claim otherwise spends two round trips on each stream with
-    /// nothing new, and a group over many types claims from every stream of a level on every fill.
-    /// One stream is claimed from without asking.
+    /// The streams among `streams` where a claim of new entries could find anything: those not
+    /// known quiet (see [`QuietStreams`]) are asked (`lua::HAS_NEW`) in one round trip, and those
+    /// that answer no are marked quiet as of `asked`. A claim otherwise spends two round trips on
+    /// each stream with nothing new, and a group over many types claims from every stream of a level
+    /// on every fill. One stream left is claimed from without asking.
     async fn streams_with_new(
         &self,
         key: &GroupKey,
+        created_ns: i64,
         streams: Vec<StreamId>,
+        asked: Asked,
     ) -> StreamResult<Vec<StreamId>> {
+        let streams: Vec<StreamId> = {
+            let quiet = self.quiet();
+            streams
+                .into_iter()
+                .filter(|s| !quiet.is_quiet(key, created_ns, s))
+                .collect()
+        };
         if streams.len() < 2 {
             return Ok(streams);
         }
@@ -667,7 +692,12 @@ impl RedisStreams {
                     .arg(&key.name),
             );
         }
-        self.streams_answering(streams, pipe).await
+        let (with_new, quiet) = self.streams_answering(streams, pipe).await?;
+        let mut marks = self.quiet();
+        for stream in quiet {
+            marks.mark(asked, key, created_ns, stream);
+        }
+        Ok(with_new)
     }
 
     /// The streams among `streams` where an entry of the group is due by `now` (ms), asked of all in
@@ -689,25 +719,27 @@ impl RedisStreams {
                 now,
             );
         }
-        self.streams_answering(streams, pipe).await
+        Ok(self.streams_answering(streams, pipe).await?.0)
     }
 
-    /// Runs `pipe`, which asks one number of each of `streams` in order, and keeps the streams whose
-    /// number is above zero.
+    /// Runs `pipe`, which asks one number of each of `streams` in order, and parts the streams whose
+    /// number is above zero from the others.
     async fn streams_answering(
         &self,
         streams: Vec<StreamId>,
         pipe: redis::Pipeline,
-    ) -> StreamResult<Vec<StreamId>> {
+    ) -> StreamResult<(Vec<StreamId>, Vec<StreamId>)> {
         let answers: Vec<u64> = pipe
             .query_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
-        Ok(streams
+        let (above, zero): (Vec<_>, Vec<_>) = streams
             .into_iter()
             .zip(answers)
-            .filter_map(|(stream, answer)| (answer > 0).then_some(stream))
-            .collect())
+            .partition(|(_, answer)| *answer > 0);
+        let streams =
+            |answered: Vec<(StreamId, u64)>| answered.into_iter().map(|(s, _)| s).collect();
+        Ok((streams(above), streams(zero)))
     }
 
     /// Claims new entries of one stream: from Redis, or from the store for what Redis lacks.
@@ -1245,6 +1277,7 @@ impl RedisStreams {
                     continue;
                 }
                 added.remove(&id);
+                self.quiet().forget_all();
                 let top = (-1 - result) as u64;
                 // an empty stream is a Redis that came back empty: groups read the store for it
                 if top > 0 {
@@ -1329,8 +1362,11 @@ impl RedisStreams {
         {
             let mut added = self.added.lock().unwrap_or_else(|p| p.into_inner());
             let mut known = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            let mut quiet = self.quiet();
             for ((id, events), result) in by_stream.into_iter().zip(appended) {
                 if result < 0 {
+                    // entries added again may land behind cursors that passed them
+                    quiet.forget_all();
                     let top = (-1 - result) as u64;
                     // an empty stream is a Redis that came back empty: groups read the store for
                     // what it lacks, so only this batch is added again; else from the stream's top
@@ -1342,6 +1378,7 @@ impl RedisStreams {
                 }
                 if let Some(last) = events.last() {
                     added.insert(id.clone(), last.sequence);
+                    quiet.relayed(&id.0, &id.1, last.sequence);
                 }
                 if let Some(set) = known.get_mut(&id.0) {
                     set.insert(id.1);
@@ -1477,7 +1514,11 @@ impl LiveStreams for RedisStreams {
         let streams = self
             .group_streams(key, &row.config.selection, Some(level))
             .await?;
-        let streams = self.streams_with_new(key, streams).await?;
+        // before anything is asked: what a stream is found quiet as of
+        let asked = self.quiet().ask(*self.relayed.borrow());
+        let streams = self
+            .streams_with_new(key, row.created_ns, streams, asked)
+            .await?;
         let mut taken = Vec::new();
         // every entry this claim leased, taken or not yet: if the claim fails part way, they go back
         let mut leased: Vec<(u64, u32)> = Vec::new();
@@ -1532,6 +1573,9 @@ impl LiveStreams for RedisStreams {
                     // filtered out: settled at once, as if acknowledged
                     self.remove(key, stream, &unwanted).await?;
                     if !more {
+                        // read to its end after `asked`: what was there then is behind the cursor
+                        self.quiet()
+                            .mark(asked, key, row.created_ns, stream.clone());
                         break;
                     }
                     // only reads that leave more of their stream behind count
