@@ -209,12 +209,12 @@ async fn redis_release_of_deliveries_never_sent_takes_their_attempt_back() {
     a_release_of_deliveries_never_sent_takes_their_attempt_back(redis().await).await;
 }
 
-/// Claims new entries for member "a" and acks them; returns their sequences, sorted.
-async fn claim_and_ack(b: &Backend, key: &GroupKey) -> Vec<u64> {
+/// Claims at most `max` new entries for member "a" and acks them; returns their sequences, sorted.
+async fn claim_and_ack(b: &Backend, key: &GroupKey, max: usize) -> Vec<u64> {
     let lease = Utc::now() + chrono::Duration::seconds(30);
     let mut claimed: Vec<u64> = b
         .streams
-        .claim_new(key, "a", Priority::Normal, 100, lease)
+        .claim_new(key, "a", Priority::Normal, max, lease)
         .await
         .expect("claim")
         .entries
@@ -233,21 +233,44 @@ async fn claim_and_ack(b: &Backend, key: &GroupKey) -> Vec<u64> {
 /// everything from its start. (Redis passes over streams it found quiet; these tests' servers trust
 /// such a mark for an hour, so a mark wrongly kept fails them.)
 async fn a_group_claims_what_comes_to_streams_it_found_quiet(b: Backend) {
-    let key = group(&b, "g", &["q.>"]).await;
     let ev = |id: &str, t: &'static str| (id.to_owned(), t);
-    let mut all = stored(&b, &[ev("1", "q.a"), ev("2", "q.b"), ev("3", "q.c")]).await;
-    assert_eq!(claim_and_ack(&b, &key).await, all);
-    assert_eq!(claim_and_ack(&b, &key).await, [0u64; 0], "nothing new");
-    assert_eq!(claim_and_ack(&b, &key).await, [0u64; 0], "nothing new");
-    for later in [vec![ev("4", "q.b")], vec![ev("5", "q.c"), ev("6", "q.a")]] {
+    let types = ["q.>"];
+    let key = group(&b, "g", &types).await;
+    let mut all = stored(
+        &b,
+        &[
+            ev("a1", "q.a"),
+            ev("a2", "q.a"),
+            ev("b1", "q.b"),
+            ev("b2", "q.b"),
+        ],
+    )
+    .await;
+    // every stream has something: a claim that stops at its first entry leaves the rest to the next
+    let first = claim_and_ack(&b, &key, 1).await;
+    assert_eq!(first.len(), 1);
+    let rest = claim_and_ack(&b, &key, 100).await;
+    assert_eq!(rest.len(), 3, "after {first:?}");
+    let later = stored(&b, &[ev("c1", "q.c")]).await;
+    assert_eq!(claim_and_ack(&b, &key, 100).await, later);
+    all.extend(later);
+    assert_eq!(claim_and_ack(&b, &key, 100).await, [0u64; 0], "nothing new");
+    // opened again: the marks go, and the next claim asks every stream, which all have nothing new
+    group(&b, "g", &types).await;
+    assert_eq!(claim_and_ack(&b, &key, 100).await, [0u64; 0], "nothing new");
+    for later in [
+        vec![ev("b3", "q.b")],
+        vec![ev("c2", "q.c"), ev("a3", "q.a")],
+    ] {
         let later = stored(&b, &later).await;
-        assert_eq!(claim_and_ack(&b, &key).await, later);
+        assert_eq!(claim_and_ack(&b, &key, 100).await, later);
         all.extend(later);
     }
+    all.sort_unstable();
     assert!(b.streams.delete_group(&key).await.expect("delete"));
-    let key = group(&b, "g", &["q.>"]).await;
+    let key = group(&b, "g", &types).await;
     assert_eq!(
-        claim_and_ack(&b, &key).await,
+        claim_and_ack(&b, &key, 100).await,
         all,
         "the new group from its start"
     );

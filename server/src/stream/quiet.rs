@@ -1,17 +1,19 @@
 //! Which streams a group's claim of new entries may pass over without asking Redis.
 //!
 //! A group over many types claims from every stream its patterns match, and asking each one whether
-//! it holds anything after the group's cursor costs Redis a script per stream on every fill (6.5 ms a
+//! it holds anything after the group's cursor costs Redis a script per stream on every fill (6 ms a
 //! delivery with 200 types). A stream found to hold nothing new is marked with the position this
 //! replica had relayed when it was asked: every entry up to there was in Redis then and is behind the
 //! cursor. The cursor only moves forward while the group lives, so the stream stays quiet until this
-//! replica relays an event of it past that position. A claim never waits for this replica's relay
-//! anyway (group members wake on it), so nothing is delivered later than before.
+//! replica relays an event of it past that position. Group members wake when this replica's relay
+//! moves, so that is when they would look anyway; only a fill for another reason (an ack, a wake-up)
+//! no longer finds an entry another replica added before this one relayed it.
 //!
 //! What could move a cursor back (the group deleted and created again, its settings changed, Redis
 //! losing entries or coming back from an older snapshot) forgets the marks, and a mark is not made
-//! from an answer asked before such a change. Marks also expire (after [`QUIET_TTL`] in the server),
-//! so a change this replica is not told of costs at most that long.
+//! from an answer asked before such a change. Marks also expire (after [`QUIET_TTL`] in the server):
+//! a change this replica is not told of (another replica adding again entries Redis lost) is found
+//! by the group's first fill after that (the next event, ack or heartbeat).
 
 use std::{
     collections::HashMap,
@@ -40,7 +42,7 @@ pub(super) struct QuietStreams<S> {
 struct QuietGroup<S> {
     /// The group's creation time: a group created again under the name has other cursors.
     created_ns: i64,
-    /// Per stream: the relayed position it held nothing new at, and when that was found.
+    /// Per stream: the relayed position it held nothing new at, and when that was asked.
     streams: HashMap<S, (u64, Instant)>,
 }
 
@@ -49,6 +51,7 @@ struct QuietGroup<S> {
 pub(super) struct Asked {
     relayed: u64,
     epoch: u64,
+    at: Instant,
 }
 
 impl<S: Hash + Eq + Clone> QuietStreams<S> {
@@ -68,6 +71,7 @@ impl<S: Hash + Eq + Clone> QuietStreams<S> {
         Asked {
             relayed,
             epoch: self.epoch,
+            at: Instant::now(),
         }
     }
 
@@ -106,9 +110,7 @@ impl<S: Hash + Eq + Clone> QuietStreams<S> {
             group.created_ns = created_ns;
             group.streams.clear();
         }
-        group
-            .streams
-            .insert(stream, (asked.relayed, Instant::now()));
+        group.streams.insert(stream, (asked.relayed, asked.at));
     }
 
     /// Records that this replica relayed events to `stream`, up to `last`.

@@ -1270,6 +1270,7 @@ impl RedisStreams {
             .await
             .map_err(redis_err)?;
         let mut back_to: Option<u64> = None;
+        let mut lost = false;
         {
             let mut added = self.added.lock().unwrap_or_else(|p| p.into_inner());
             for ((id, _), result) in remembered.into_iter().zip(results) {
@@ -1277,7 +1278,7 @@ impl RedisStreams {
                     continue;
                 }
                 added.remove(&id);
-                self.quiet().forget_all();
+                lost = true;
                 let top = (-1 - result) as u64;
                 // an empty stream is a Redis that came back empty: groups read the store for it
                 if top > 0 {
@@ -1287,6 +1288,9 @@ impl RedisStreams {
             }
         }
         let Some(from) = back_to else {
+            if lost {
+                self.quiet().forget_all();
+            }
             return Ok(());
         };
         {
@@ -1296,6 +1300,8 @@ impl RedisStreams {
                 *r = (*r).min(from);
                 lower
             });
+            // after the lowering: a claim asking from now on is marked at most as of `from`
+            self.quiet().forget_all();
         }
         let target = *self.tail.head().borrow();
         while self.relay_up_to(target).await? {}
@@ -1365,8 +1371,6 @@ impl RedisStreams {
             let mut quiet = self.quiet();
             for ((id, events), result) in by_stream.into_iter().zip(appended) {
                 if result < 0 {
-                    // entries added again may land behind cursors that passed them
-                    quiet.forget_all();
                     let top = (-1 - result) as u64;
                     // an empty stream is a Redis that came back empty: groups read the store for
                     // what it lacks, so only this batch is added again; else from the stream's top
@@ -1387,6 +1391,9 @@ impl RedisStreams {
         }
         if let Some(from) = back_to {
             self.relayed.send_replace(from.min(relayed));
+            // entries added again may land behind cursors that passed them; after the lowering, so
+            // a claim asking from now on is marked at most as of `from`
+            self.quiet().forget_all();
             return Ok(true);
         }
         self.relayed.send_if_modified(|r| {
@@ -1954,6 +1961,10 @@ impl LiveStreams for RedisStreams {
         // open of the name since the commit is a member of the new group, and goes on.
         self.wake_group(key).await?;
         self.destroy_on(key, &streams).await?;
+        // a group created again meanwhile may have found the old consumer groups' cursors with
+        // nothing new, here or elsewhere: those marks go with the consumer groups they came from
+        self.forget_config(key);
+        self.wake_group(key).await?;
         self.checkpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner())
