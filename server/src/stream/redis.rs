@@ -1865,7 +1865,9 @@ impl LiveStreams for RedisStreams {
                 tenant: tenant.to_owned(),
                 name: name.clone(),
             };
-            let row = match self.group_row(&key).await {
+            // the store's row, not the cached one: a group deleted on another replica is gone at
+            // once, not when this replica hears of it
+            let row = match self.read_group_row(&key).await {
                 Ok(row) => row,
                 // deleted since the names were read
                 Err(StreamError::NoSuchGroup(_)) => continue,
