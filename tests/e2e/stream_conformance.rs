@@ -36,24 +36,31 @@ async fn embedded() -> Backend {
 }
 
 async fn redis() -> Backend {
+    redis_with_prefix().await.0
+}
+
+/// A Redis backend and the prefix of its keys.
+async fn redis_with_prefix() -> (Backend, String) {
     let store = PostgresStore::connect(&fresh_schema_url().await, 8)
         .await
         .expect("connect postgres store");
+    let prefix = format!("nerve-test:{}", uuid::Uuid::new_v4().simple());
     let settings = RedisSettings {
         url: redis_url(),
-        key_prefix: format!("nerve-test:{}", uuid::Uuid::new_v4().simple()),
+        key_prefix: prefix.clone(),
         stream_max_len: 100_000,
         inbox_ttl: Duration::from_secs(60),
         // a stream wrongly passed over as quiet stays so for the whole test
         quiet_ttl: Duration::from_secs(3600),
     };
-    Backend {
+    let backend = Backend {
         streams: RedisStreams::start(&settings, store.clone())
             .await
             .expect("start redis streams"),
         store,
         _dir: None,
-    }
+    };
+    (backend, prefix)
 }
 
 /// Stores events of tenant "t" (id, type), hands them to the streams and waits until groups can
@@ -284,4 +291,46 @@ async fn embedded_group_claims_what_comes_to_streams_it_found_quiet() {
 #[tokio::test]
 async fn redis_group_claims_what_comes_to_streams_it_found_quiet() {
     a_group_claims_what_comes_to_streams_it_found_quiet(redis().await).await;
+}
+
+/// A stream Redis lost (its entries, its consumer groups and ledgers), with events the group never
+/// claimed: they come from the store, a page at a time. Once a claim has taken the first, the stream
+/// holds the group's cursor and no entry after it, and the check that picks the streams a claim
+/// reads from must still answer for it (`HAS_NEW`'s gap branch).
+#[tokio::test]
+async fn redis_group_claims_from_the_store_a_stream_redis_lost() {
+    let (b, prefix) = redis_with_prefix().await;
+    let key = group(&b, "g", &["lost.>"]).await;
+    let ev = |id: &str, t: &'static str| (id.to_owned(), t);
+    let b1 = stored(&b, &[ev("b1", "lost.b")]).await;
+    assert_eq!(claim_and_ack(&b, &key, 100).await, b1);
+    let a = stored(
+        &b,
+        &[ev("a1", "lost.a"), ev("a2", "lost.a"), ev("a3", "lost.a")],
+    )
+    .await;
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let lost: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:s:{{t/lost.a/*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    assert!(!lost.is_empty(), "no keys of stream lost.a");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&lost)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    // the stream is made again for the group, and its first page comes from the store
+    assert_eq!(claim_and_ack(&b, &key, 1).await, a[..1]);
+    // with another stream to ask about, the lost one must answer for its gap
+    let b2 = stored(&b, &[ev("b2", "lost.b")]).await;
+    let mut rest = a[1..].to_vec();
+    rest.extend(b2);
+    rest.sort_unstable();
+    assert_eq!(claim_and_ack(&b, &key, 100).await, rest);
 }
