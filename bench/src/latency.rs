@@ -16,7 +16,7 @@ use crate::{
     progress,
     report::{Report, Row},
     scenarios, server,
-    util::{Hist, LoadResult, delivery_rate, from_schedule_note},
+    util::{Hist, LoadResult, delivery_rate, from_schedule_note, per_second},
 };
 
 /// What one slice of an open loop measured: the sending, and what the subscriber read.
@@ -91,11 +91,7 @@ impl Cell {
         let mut row = Row::new("latency", system, format!("rate={rate}/s"));
         row.events = self.delivered;
         row.seconds = self.seconds;
-        row.rate = if self.seconds > 0.0 {
-            self.delivered as f64 / self.seconds
-        } else {
-            0.0
-        };
+        row.rate = per_second(self.delivered, self.seconds);
         row.offered_rate = Some(rate as f64);
         row.planned = Some(self.planned);
         row.sent = Some(self.sent);
@@ -171,11 +167,7 @@ impl DiskCell {
         let mut row = Row::new("latency", baseline::DISK, format!("rate={rate}/s"));
         row.events = self.samples;
         row.seconds = self.seconds;
-        row.rate = if self.seconds > 0.0 {
-            self.samples as f64 / self.seconds
-        } else {
-            0.0
-        };
+        row.rate = per_second(self.samples, self.seconds);
         row.latency = self.hist.summary();
         row.note = format!(
             "{}; {} interleaved slices of {} in the rounds of {rate}/s, no warm-up",

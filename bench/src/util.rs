@@ -70,6 +70,15 @@ pub fn delivery_rate(
     }
 }
 
+/// Events per second over `seconds` of merged slices; 0 when no time was measured.
+pub fn per_second(events: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        events as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
 /// A boxed future, for the per-call closures the drivers take.
 pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
