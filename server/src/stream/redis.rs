@@ -115,8 +115,37 @@ fn level_number(level: Priority) -> i64 {
     level.as_i64()
 }
 
+/// The streams of a tenant this replica knows of.
+#[derive(Default)]
+struct KnownStreams {
+    /// Whether the store's type statistics were read into `streams` (the relay adds to it before).
+    seeded: bool,
+    streams: BTreeSet<StreamId>,
+}
+
 /// A sequence read from a stream, with its event when the entry could be decoded.
 type StreamEntry = (u64, Option<Arc<StoredEvent>>);
+
+/// What a claim of new entries read before it leases: the cursor it read after, the last sequence
+/// read, the entries among them it wants (with their events), and how many entries the page held (a
+/// full page: the stream may go on after it).
+struct Read {
+    after: String,
+    to: u64,
+    wanted: Vec<StreamEntry>,
+    page: usize,
+}
+
+/// The sequence of an entry as `XRANGE` gives it, `[id, fields]`, from its id `<sequence>-0`.
+fn entry_sequence(entry: &redis::Value) -> Option<u64> {
+    let redis::Value::Array(parts) = entry else {
+        return None;
+    };
+    let Some(redis::Value::BulkString(id)) = parts.first() else {
+        return None;
+    };
+    number(id.split(|b| *b == b'-').next()?)
+}
 
 /// Sequence -> stream of recent claims per tenant; a claim's entries share one `StreamId`, so
 /// remembering and routing thousands of them allocates nothing per entry.
@@ -266,7 +295,7 @@ pub struct RedisStreams {
     /// Highest sequence this replica has added to Redis; group consumers wake on it.
     relayed: watch::Sender<u64>,
     /// Streams known per tenant: seeded from the store's type statistics, grown by the relay.
-    streams: SyncMutex<HashMap<String, BTreeSet<StreamId>>>,
+    streams: SyncMutex<HashMap<String, KnownStreams>>,
     /// Groups' rows as last read, kept for [`CONFIG_TTL`], and the reads in flight.
     configs: SyncMutex<HashMap<GroupKey, CachedGroup>>,
     /// Sequence -> stream of recent claims, to route acks without reading the store.
@@ -362,8 +391,9 @@ impl RedisStreams {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(tenant)
+            .filter(|known| known.seeded)
         {
-            return Ok(known.clone());
+            return Ok(known.streams.clone());
         }
         let seeded: BTreeSet<StreamId> = self
             .store
@@ -377,10 +407,12 @@ impl RedisStreams {
                 })
             })
             .collect();
+        // what the relay added while the statistics were read stays: they may predate it
         let mut all = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         let known = all.entry(tenant.to_owned()).or_default();
-        known.extend(seeded);
-        Ok(known.clone())
+        known.streams.extend(seeded);
+        known.seeded = true;
+        Ok(known.streams.clone())
     }
 
     /// The streams a group reads, optionally of one level.
@@ -521,13 +553,13 @@ impl RedisStreams {
     /// Reads one entry as `XRANGE` gives it, `[id, [field, value, ...]]`; the event is None when it
     /// cannot be decoded (it is read from the store instead).
     fn stream_entry(&self, tenant: &str, entry: &redis::Value) -> Option<StreamEntry> {
+        let sequence = entry_sequence(entry)?;
         let redis::Value::Array(parts) = entry else {
             return None;
         };
-        let [redis::Value::BulkString(id), redis::Value::Array(fields)] = parts.as_slice() else {
+        let [_, redis::Value::Array(fields)] = parts.as_slice() else {
             return None;
         };
-        let sequence = number(id.split(|b| *b == b'-').next()?)?;
         let (mut body, mut recorded): (&[u8], &[u8]) = (&[], b"0");
         for pair in fields.chunks(2) {
             if let [
@@ -742,18 +774,70 @@ impl RedisStreams {
         Ok((streams(above), streams(zero)))
     }
 
-    /// Claims new entries of one stream: from Redis, or from the store for what Redis lacks.
+    /// Hands back what a claim that failed part way had leased: at once and uncounted, as the session
+    /// hands back claims whose events it cannot read, instead of waiting out their lease as an attempt
+    /// nobody saw; the group's members are woken for them.
+    async fn hand_back(&self, key: &GroupKey, leased: &[(u64, u32)]) {
+        if leased.is_empty() {
+            return;
+        }
+        match self.release_unsent(key, leased).await {
+            Ok(_) => {
+                let _ = self.wake_group(key).await;
+            }
+            Err(release) => {
+                warn!(%release, group = %key.name, entries = leased.len(), "claimed entries not handed back; they wait out their lease");
+            }
+        }
+    }
+
+    /// The entries of a read that `selection` matches, each with its event: those the stream could not
+    /// give are read from the store (one neither has is passed over).
+    async fn wanted(
+        &self,
+        selection: &Selection,
+        entries: Vec<StreamEntry>,
+    ) -> StreamResult<Vec<StreamEntry>> {
+        let unreadable: Vec<u64> = entries
+            .iter()
+            .filter(|e| e.1.is_none())
+            .map(|e| e.0)
+            .collect();
+        let mut from_store: HashMap<u64, Arc<StoredEvent>> = if unreadable.is_empty() {
+            HashMap::new()
+        } else {
+            self.store
+                .read_sequences(&unreadable)
+                .await?
+                .into_iter()
+                .map(|e| (e.sequence, e))
+                .collect()
+        };
+        Ok(entries
+            .into_iter()
+            .filter_map(|(sequence, event)| {
+                let event = event.or_else(|| from_store.remove(&sequence))?;
+                selection
+                    .matches(&event.event)
+                    .then_some((sequence, Some(event)))
+            })
+            .collect())
+    }
+
+    /// Claims new entries of one stream that `selection` matches: from Redis, or from the store for
+    /// what Redis lacks. Entries it does not match are passed over (the cursor moves past them), never
+    /// leased, so no member can be handed one, whatever fails afterwards. Every entry returned has its
+    /// event.
     async fn claim_stream(
         &self,
         key: &GroupKey,
         stream: &StreamId,
+        selection: &Selection,
         max: usize,
         lease_ms: i64,
     ) -> StreamResult<(Vec<StreamEntry>, bool)> {
         let skey = self.keys.stream(&key.tenant, stream);
-        // the cursor the entries were read after, what was read, and how many entries the page held
-        // (a full page: the stream may go on after it)
-        let mut read: Option<(String, Vec<StreamEntry>, usize)> = None;
+        let mut read: Option<Read> = None;
         for _ in 0..8 {
             let mut call = lua::CLAIM_NEW.prepare_invoke();
             call.key(&skey)
@@ -764,14 +848,14 @@ impl RedisStreams {
                 .arg(&key.name)
                 .arg(lease_ms);
             match &read {
-                Some((after, entries, _)) => {
-                    call.arg(after);
-                    for (first, last) in seq_ranges(entries.iter().map(|e| e.0)) {
+                Some(read) => {
+                    call.arg(&read.after).arg(read.to);
+                    for (first, last) in seq_ranges(read.wanted.iter().map(|e| e.0)) {
                         call.arg(first).arg(last);
                     }
                 }
                 None => {
-                    call.arg("");
+                    call.arg("").arg("");
                 }
             }
             let reply: Vec<redis::Value> = call
@@ -825,6 +909,8 @@ impl RedisStreams {
                     } else {
                         page.scanned_to.min(until)
                     };
+                    let mut wanted = page.events;
+                    wanted.retain(|e| selection.matches(&e.event));
                     let mut call = lua::CLAIM_GAP.prepare_invoke();
                     call.key(&skey)
                         .key(self.keys.ledgers(key, stream, &["due", "runs", "bits"]))
@@ -832,7 +918,7 @@ impl RedisStreams {
                         .arg(last)
                         .arg(moved_to)
                         .arg(lease_ms);
-                    for (first, last) in seq_ranges(page.events.iter().map(|e| e.sequence)) {
+                    for (first, last) in seq_ranges(wanted.iter().map(|e| e.sequence)) {
                         call.arg(first).arg(last);
                     }
                     let recorded: i64 = call
@@ -840,8 +926,8 @@ impl RedisStreams {
                         .await
                         .map_err(redis_err)?;
                     if recorded == 1 {
-                        debug!(group = %key.name, after, moved_to, read = page.events.len(), "filled a stream gap from the store");
-                        let events = page.events.into_iter().map(|e| (e.sequence, Some(e)));
+                        debug!(group = %key.name, after, moved_to, taken = wanted.len(), "filled a stream gap from the store");
+                        let events = wanted.into_iter().map(|e| (e.sequence, Some(e)));
                         return Ok((events.collect(), true));
                     }
                 }
@@ -865,21 +951,34 @@ impl RedisStreams {
                         return Ok((Vec::new(), false));
                     }
                     let page = entries.len();
-                    let entries = entries
+                    // the cursor goes past everything read, an entry that could not be read too
+                    let last_read = entries.last().and_then(entry_sequence);
+                    let entries: Vec<StreamEntry> = entries
                         .iter()
                         .filter_map(|entry| self.stream_entry(&key.tenant, entry))
                         .collect();
-                    read = Some((after, entries, page));
+                    let to = last_read
+                        .or(entries.last().map(|e| e.0))
+                        .unwrap_or_default();
+                    read = Some(Read {
+                        after,
+                        to,
+                        wanted: self.wanted(selection, entries).await?,
+                        page,
+                    });
                 }
                 Some(b"OK") => {
                     // entries up to `from` went to another consumer meanwhile
                     let from: u64 = word(1).and_then(number).unwrap_or_default();
-                    let (mut events, page) = read
-                        .map(|(_, entries, page)| (entries, page))
-                        .unwrap_or_default();
-                    events.retain(|(sequence, _)| *sequence > from);
+                    let Some(Read {
+                        mut wanted, page, ..
+                    }) = read
+                    else {
+                        return Ok((Vec::new(), false));
+                    };
+                    wanted.retain(|(sequence, _)| *sequence > from);
                     // the page read, not what is left of it, tells whether the stream goes on
-                    return Ok((events, page >= max));
+                    return Ok((wanted, page >= max));
                 }
                 _ => {
                     return Err(StreamError::Internal(format!(
@@ -890,24 +989,6 @@ impl RedisStreams {
             }
         }
         Ok((Vec::new(), true))
-    }
-
-    async fn remove(&self, key: &GroupKey, stream: &StreamId, seqs: &[u64]) -> StreamResult<()> {
-        if seqs.is_empty() {
-            return Ok(());
-        }
-        let mut call = lua::REMOVE.prepare_invoke();
-        call.key(self.keys.stream(&key.tenant, stream))
-            .key(self.keys.ledgers(key, stream, LEDGERS))
-            .arg(&key.name);
-        for s in seqs {
-            call.arg(*s);
-        }
-        let _: i64 = call
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(redis_err)?;
-        Ok(())
     }
 
     fn bump_wakeup(&self, key: &GroupKey) {
@@ -1384,9 +1465,9 @@ impl RedisStreams {
                     added.insert(id.clone(), last.sequence);
                     quiet.relayed(&id.0, &id.1, last.sequence);
                 }
-                if let Some(set) = known.get_mut(&id.0) {
-                    set.insert(id.1);
-                }
+                // also before the tenant is seeded: a read of its statistics in flight may not
+                // hold this stream yet
+                known.entry(id.0).or_default().streams.insert(id.1);
             }
         }
         if let Some(from) = back_to {
@@ -1544,41 +1625,17 @@ impl LiveStreams for RedisStreams {
                         break;
                     }
                     let (events, more) = self
-                        .claim_stream(key, stream, want, ms(lease_until))
+                        .claim_stream(key, stream, &row.config.selection, want, ms(lease_until))
                         .await?;
                     self.remember(&key.tenant, events.iter().map(|e| e.0), stream);
                     leased.extend(events.iter().map(|e| (e.0, 1)));
-                    // entries the stream could not give us are read from the store, so the filter
-                    // applies
-                    let unreadable: Vec<u64> = events
-                        .iter()
-                        .filter(|e| e.1.is_none())
-                        .map(|e| e.0)
-                        .collect();
-                    let mut from_store: HashMap<u64, Arc<StoredEvent>> = self
-                        .store
-                        .read_sequences(&unreadable)
-                        .await?
-                        .into_iter()
-                        .map(|e| (e.sequence, e))
-                        .collect();
-                    let mut unwanted = Vec::new();
-                    for (sequence, event) in events {
-                        match event.or_else(|| from_store.remove(&sequence)) {
-                            Some(event) if row.config.selection.matches(&event.event) => {
-                                taken.push(Claimed {
-                                    sequence,
-                                    attempt: 1,
-                                    event: Some(event),
-                                    priority: level,
-                                    last_error: None,
-                                });
-                            }
-                            _ => unwanted.push(sequence),
-                        }
-                    }
-                    // filtered out: settled at once, as if acknowledged
-                    self.remove(key, stream, &unwanted).await?;
+                    taken.extend(events.into_iter().map(|(sequence, event)| Claimed {
+                        sequence,
+                        attempt: 1,
+                        event,
+                        priority: level,
+                        last_error: None,
+                    }));
                     if !more {
                         // read to its end after `asked`: what was there then is behind the cursor
                         self.quiet()
@@ -1605,20 +1662,7 @@ impl LiveStreams for RedisStreams {
                 more,
             }),
             Err(error) => {
-                // leased, never handed out: back at once and uncounted, as the session hands back
-                // claims whose events it cannot read, instead of waiting out their lease as an
-                // attempt nobody saw
-                if !leased.is_empty() {
-                    match self.release_unsent(key, &leased).await {
-                        // due now: the group's other members are woken for them
-                        Ok(_) => {
-                            let _ = self.wake_group(key).await;
-                        }
-                        Err(release) => {
-                            warn!(%release, group = %key.name, entries = leased.len(), "claimed entries not handed back; they wait out their lease");
-                        }
-                    }
-                }
+                self.hand_back(key, &leased).await;
                 Err(error)
             }
         }
@@ -1637,12 +1681,12 @@ impl LiveStreams for RedisStreams {
         let mut streams = self.streams_with_due(key, streams, now).await?;
         // most urgent level first
         streams.sort_by_key(|s| std::cmp::Reverse(s.level));
-        let mut claimed = Vec::new();
+        let mut claimed: Vec<Claimed> = Vec::new();
         for stream in streams {
             if claimed.len() >= max {
                 break;
             }
-            let reply: Vec<Vec<u8>> = lua::CLAIM_DUE
+            let reply: Vec<Vec<u8>> = match lua::CLAIM_DUE
                 .key(self.keys.stream(&key.tenant, &stream))
                 .key(self.keys.ledgers(key, &stream, LEDGERS))
                 .arg(now)
@@ -1650,7 +1694,15 @@ impl LiveStreams for RedisStreams {
                 .arg(max - claimed.len())
                 .invoke_async(&mut self.conn())
                 .await
-                .map_err(redis_err)?;
+            {
+                Ok(reply) => reply,
+                Err(error) => {
+                    let leased: Vec<(u64, u32)> =
+                        claimed.iter().map(|c| (c.sequence, c.attempt)).collect();
+                    self.hand_back(key, &leased).await;
+                    return Err(redis_err(error));
+                }
+            };
             let mut seqs = Vec::new();
             for c in reply.chunks(5) {
                 let [seq, attempt, body, recorded, error] = c else {
@@ -1806,6 +1858,7 @@ impl LiveStreams for RedisStreams {
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(key.tenant.clone())
                 .or_default()
+                .streams
                 .insert(stream);
         }
         tx.commit().await.map_err(db_err)?;

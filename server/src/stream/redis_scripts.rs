@@ -323,14 +323,16 @@ return 0
     )
 });
 
-/// Leases new entries as runs and moves the group's cursor past them. The caller reads them with a plain
-/// `XRANGE` after the cursor first: entries read inside a script are copied into Lua and back, which
-/// cost more than everything else a claim does. KEYS: stream, due, floor, runs, bits.
-/// ARGV: group, lease ms, the cursor the entries were read after ('' when not known), then their
-/// sequences as ascending, disjoint (first, last) ranges... Returns `{'NOGROUP'}`, `{'GAP', last,
-/// floor}` (entries after `last` up to `floor` must come from the store, because the stream no longer
-/// begins before them), `{'AT', last}` (nothing read is still free: read after `last` and call again)
-/// or `{'OK', last}` (the entries read after `last` are the caller's).
+/// Leases new entries as runs and moves the group's cursor past what was read. The caller reads them
+/// with a plain `XRANGE` after the cursor first: entries read inside a script are copied into Lua and
+/// back, which cost more than everything else a claim does. KEYS: stream, due, floor, runs, bits.
+/// ARGV: group, lease ms, the cursor the entries were read after ('' when not known), the last
+/// sequence read ('' when not known), then the sequences to lease (those the group's selection
+/// matches; the others are passed over) as ascending, disjoint (first, last) ranges... Returns
+/// `{'NOGROUP'}`, `{'GAP', last, floor}` (entries after `last` up to `floor` must come from the store,
+/// because the stream no longer begins before them), `{'AT', last}` (nothing read is still free: read
+/// after `last` and call again) or `{'OK', last}` (the entries to lease after `last` are the
+/// caller's).
 pub(super) static CLAIM_NEW: LazyLock<Script> = LazyLock::new(|| {
     with_helpers(
         r"
@@ -353,17 +355,19 @@ if ARGV[3] == '' or tonumber(last) < tonumber(ARGV[3]) then
 end
 -- another consumer may have moved the cursor into what was read: the entries after it are still
 -- free, and are all there is up to the last one read
-local after, list = tonumber(last), {}
-for _, r in ipairs(ranges(4, #ARGV)) do
-  if r[2] > after then list[#list + 1] = {math.max(r[1], after + 1), r[2]} end
-end
-if #list == 0 then
-  if last == ARGV[3] then return {'OK', last} end
+local after = tonumber(last)
+if after >= tonumber(ARGV[4]) then
   return {'AT', last}
 end
+local list = {}
+for _, r in ipairs(ranges(5, #ARGV)) do
+  if r[2] > after then list[#list + 1] = {math.max(r[1], after + 1), r[2]} end
+end
 -- the group is only a cursor: leases live in the runs, not in a pending entry list per delivery
-lease_runs(KEYS[2], KEYS[4], KEYS[5], list, ARGV[2])
-redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], ARGV[#ARGV] .. '-0')
+if #list > 0 then
+  lease_runs(KEYS[2], KEYS[4], KEYS[5], list, ARGV[2])
+end
+redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], ARGV[4] .. '-0')
 return {'OK', last}
 ",
     )
@@ -544,36 +548,6 @@ for start = 1, #rest, 1000 do
   end
 end
 return {unsettled, flags}
-",
-    )
-});
-
-/// Removes pending entries whatever their attempt. KEYS: stream, due, att, err, pos, runs, bits.
-/// ARGV: group, sequences...
-pub(super) static REMOVE: LazyLock<Script> = LazyLock::new(|| {
-    with_helpers(
-        r"
-local list = load_runs(KEYS[6], bounds(2, 1))
-local rest = {}
-for i = 2, #ARGV do
-  if not in_run(KEYS[7], list, tonumber(ARGV[i]), true) then
-    rest[#rest + 1] = ARGV[i]
-  end
-end
-save_runs(KEYS[2], KEYS[6], KEYS[7], list)
-for start = 1, #rest, 1000 do
-  local seqs, ids = {}, {}
-  for i = start, math.min(#rest, start + 999) do
-    seqs[#seqs + 1] = rest[i]
-    ids[#ids + 1] = rest[i] .. '-0'
-  end
-  redis.pcall('XACK', KEYS[1], ARGV[1], unpack(ids))
-  redis.call('ZREM', KEYS[2], unpack(seqs))
-  redis.call('ZREM', KEYS[5], unpack(seqs))
-  redis.call('HDEL', KEYS[3], unpack(seqs))
-  redis.call('HDEL', KEYS[4], unpack(seqs))
-end
-return 1
 ",
     )
 });
