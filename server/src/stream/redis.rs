@@ -834,8 +834,12 @@ impl RedisStreams {
         stream: &StreamId,
         selection: &Selection,
         max: usize,
-        lease_ms: i64,
+        lease: chrono::Duration,
     ) -> StreamResult<(Vec<StreamEntry>, bool)> {
+        // each call leases for the whole time from when it runs: a claim of several round trips
+        // must not write a lease end already past (ack deadlines go down to 10 ms), which another
+        // member would take at once
+        let lease_ms = || ms(Utc::now() + lease);
         let skey = self.keys.stream(&key.tenant, stream);
         let mut read: Option<Read> = None;
         for _ in 0..8 {
@@ -846,7 +850,7 @@ impl RedisStreams {
                         .ledgers(key, stream, &["due", "floor", "runs", "bits"]),
                 )
                 .arg(&key.name)
-                .arg(lease_ms);
+                .arg(lease_ms());
             match &read {
                 Some(read) => {
                     call.arg(&read.after).arg(read.to);
@@ -917,7 +921,7 @@ impl RedisStreams {
                         .arg(&key.name)
                         .arg(last)
                         .arg(moved_to)
-                        .arg(lease_ms);
+                        .arg(lease_ms());
                     for (first, last) in seq_ranges(wanted.iter().map(|e| e.sequence)) {
                         call.arg(first).arg(last);
                     }
@@ -1598,6 +1602,8 @@ impl LiveStreams for RedisStreams {
         max: usize,
         lease_until: DateTime<Utc>,
     ) -> StreamResult<NewClaim> {
+        // how long what this claim leases stays leased, from when each of its calls runs
+        let lease = (lease_until - Utc::now()).max(chrono::Duration::zero());
         let row = self.group_row(key).await?;
         let streams = self
             .group_streams(key, &row.config.selection, Some(level))
@@ -1625,7 +1631,7 @@ impl LiveStreams for RedisStreams {
                         break;
                     }
                     let (events, more) = self
-                        .claim_stream(key, stream, &row.config.selection, want, ms(lease_until))
+                        .claim_stream(key, stream, &row.config.selection, want, lease)
                         .await?;
                     self.remember(&key.tenant, events.iter().map(|e| e.0), stream);
                     leased.extend(events.iter().map(|e| (e.0, 1)));
@@ -1675,6 +1681,8 @@ impl LiveStreams for RedisStreams {
         max: usize,
         lease_until: DateTime<Utc>,
     ) -> StreamResult<Vec<Claimed>> {
+        // as a claim of new entries: each call leases for the whole time from when it runs
+        let lease = (lease_until - Utc::now()).max(chrono::Duration::zero());
         let row = self.group_row(key).await?;
         let streams = self.group_streams(key, &row.config.selection, None).await?;
         let now = ms(Utc::now());
@@ -1690,7 +1698,7 @@ impl LiveStreams for RedisStreams {
                 .key(self.keys.stream(&key.tenant, &stream))
                 .key(self.keys.ledgers(key, &stream, LEDGERS))
                 .arg(now)
-                .arg(ms(lease_until))
+                .arg(ms(Utc::now() + lease))
                 .arg(max - claimed.len())
                 .invoke_async(&mut self.conn())
                 .await
