@@ -961,9 +961,11 @@ impl RedisStreams {
                         .iter()
                         .filter_map(|entry| self.stream_entry(&key.tenant, entry))
                         .collect();
-                    let to = last_read
-                        .or(entries.last().map(|e| e.0))
-                        .unwrap_or_default();
+                    let to = last_read.or(entries.last().map(|e| e.0)).ok_or_else(|| {
+                        StreamError::Internal(format!(
+                            "stream {skey}: no entry id in a page of {page}"
+                        ))
+                    })?;
                     read = Some(Read {
                         after,
                         to,
