@@ -2,7 +2,7 @@
 //! (SQLite) and Redis over Postgres, through the `LiveStreams` trait. Each test works in a store,
 //! schema and key prefix of its own, so they run in parallel.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use nerve::{
@@ -333,4 +333,73 @@ async fn redis_group_claims_from_the_store_a_stream_redis_lost() {
     rest.extend(b2);
     rest.sort_unstable();
     assert_eq!(claim_and_ack(&b, &key, 100).await, rest);
+}
+
+/// Redis came back from an older snapshot or log: its relayed position and a stream went back. The
+/// next relay step, of another stream, finds the position lower than this replica saw it, and adds
+/// every event after it again: the stream that got no new event is mended without waiting for a
+/// reconnect, and the position moves on only once it is.
+#[tokio::test]
+async fn redis_relay_adds_again_what_redis_lost_when_its_relayed_position_went_back() {
+    let (b, prefix) = redis_with_prefix().await;
+    let ev = |id: &str, t: &'static str| (id.to_owned(), t);
+    let kept = stored(&b, &[ev("a1", "back.a")]).await;
+    let lost = stored(&b, &[ev("a2", "back.a"), ev("a3", "back.a")]).await;
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:s:{{t/back.a/*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    let stream = keys
+        .into_iter()
+        .find(|k| k.ends_with('}'))
+        .expect("the stream of back.a");
+    let ids = |seqs: &[u64]| -> Vec<String> { seqs.iter().map(|s| format!("{s}-0")).collect() };
+    // what an older snapshot holds: the stream and the relayed position as of `kept`
+    let _: i64 = redis::cmd("XDEL")
+        .arg(&stream)
+        .arg(ids(&lost))
+        .query_async(&mut conn)
+        .await
+        .expect("xdel");
+    let _: () = redis::cmd("XSETID")
+        .arg(&stream)
+        .arg(ids(&kept))
+        .query_async(&mut conn)
+        .await
+        .expect("xsetid");
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}:relayed"))
+        .arg(kept[0])
+        .query_async(&mut conn)
+        .await
+        .expect("set");
+
+    let other = stored(&b, &[ev("b1", "back.b")]).await;
+    let held: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("xrange");
+    let held: Vec<String> = held.into_iter().map(|(id, _)| id).collect();
+    let mut all = kept.clone();
+    all.extend(&lost);
+    assert_eq!(
+        held,
+        ids(&all),
+        "what the stream holds once the relay moved on"
+    );
+    let relayed: u64 = redis::cmd("GET")
+        .arg(format!("{prefix}:relayed"))
+        .query_async(&mut conn)
+        .await
+        .expect("get");
+    assert_eq!(relayed, other[0], "the relayed position");
 }

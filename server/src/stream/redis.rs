@@ -16,7 +16,10 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    sync::{Arc, Mutex as SyncMutex, Weak},
+    sync::{
+        Arc, Mutex as SyncMutex, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -294,6 +297,9 @@ pub struct RedisStreams {
     tail: Tail,
     /// Highest sequence this replica has added to Redis; group consumers wake on it.
     relayed: watch::Sender<u64>,
+    /// What this replica last saw `<prefix>:relayed` hold: a key found lower is a Redis that went back
+    /// to an older snapshot or log (see `redis_scripts::RAISE`).
+    raised: AtomicU64,
     /// Streams known per tenant: seeded from the store's type statistics, grown by the relay.
     streams: SyncMutex<HashMap<String, KnownStreams>>,
     /// Groups' rows as last read, kept for [`CONFIG_TTL`], and the reads in flight.
@@ -359,6 +365,7 @@ impl RedisStreams {
             replica: uuid::Uuid::new_v4().simple().to_string(),
             tail: Tail::new(start),
             relayed: watch::channel(start).0,
+            raised: AtomicU64::new(relayed.unwrap_or(0)),
             streams: SyncMutex::new(HashMap::new()),
             configs: SyncMutex::new(HashMap::new()),
             locations: SyncMutex::new(Locations::default()),
@@ -1328,8 +1335,8 @@ async fn relay(streams: Weak<RedisStreams>) {
 }
 
 impl RedisStreams {
-    /// Checks every stream this replica added to for entries it lost (one pipeline), and adds them
-    /// again from where the shortest one ends, before returning.
+    /// Checks the relayed position and every stream this replica added to for entries Redis lost (one
+    /// pipeline), and adds them again from where the shortest one ends, before returning.
     async fn add_lost_entries_again(&self) -> StreamResult<()> {
         let remembered: Vec<((String, StreamId), u64)> = self
             .added
@@ -1338,9 +1345,6 @@ impl RedisStreams {
             .iter()
             .map(|(id, last)| (id.clone(), *last))
             .collect();
-        if remembered.is_empty() {
-            return Ok(());
-        }
         let mut pipe = redis::pipe();
         pipe.load_script(&lua::APPEND).ignore();
         for ((tenant, stream), last) in &remembered {
@@ -1352,15 +1356,28 @@ impl RedisStreams {
                     .arg(*last),
             );
         }
+        pipe.load_script(&lua::RAISE).ignore();
+        pipe.invoke_script(
+            lua::RAISE
+                .key(self.keys.relayed())
+                .arg(0)
+                .arg(self.raised.load(Ordering::Relaxed)),
+        );
         let results: Vec<i64> = pipe
             .query_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
-        let mut back_to: Option<u64> = None;
+        let Some((&raised, results)) = results.split_last() else {
+            return Err(StreamError::Internal(
+                "redis answered the check of lost entries with nothing".into(),
+            ));
+        };
+        let mut back_to = self.key_went_back(raised);
+        let key_at = back_to;
         let mut lost = false;
         {
             let mut added = self.added.lock().unwrap_or_else(|p| p.into_inner());
-            for ((id, _), result) in remembered.into_iter().zip(results) {
+            for ((id, _), &result) in remembered.into_iter().zip(results) {
                 if result >= 0 {
                     continue;
                 }
@@ -1382,17 +1399,45 @@ impl RedisStreams {
         };
         {
             let _step = self.relaying.lock().await;
-            self.relayed.send_if_modified(|r| {
-                let lower = from < *r;
-                *r = (*r).min(from);
-                lower
-            });
-            // after the lowering: a claim asking from now on is marked at most as of `from`
-            self.quiet().forget_all();
+            self.go_back(from, key_at);
         }
         let target = *self.tail.head().borrow();
         while self.relay_up_to(target).await? {}
         Ok(())
+    }
+
+    /// Reads `RAISE`'s answer: the relayed position Redis went back to, if it did; else notes what
+    /// the key holds.
+    fn key_went_back(&self, raised: i64) -> Option<u64> {
+        if raised >= 0 {
+            self.raised.fetch_max(raised as u64, Ordering::Relaxed);
+            return None;
+        }
+        let at = (-1 - raised) as u64;
+        warn!(
+            relayed = at,
+            seen = self.raised.load(Ordering::Relaxed),
+            "redis holds an older relayed position than it did: it came back from an older snapshot \
+             or log; adding every event after it again"
+        );
+        Some(at)
+    }
+
+    /// Goes back to `from` to add again what Redis lost after it. `key_at` is where Redis' relayed
+    /// position went back to, if it did: any stream may lack entries after it (the append script
+    /// still finds, and goes back for, each that lacks some this replica added). Called holding
+    /// `relaying`.
+    fn go_back(&self, from: u64, key_at: Option<u64>) {
+        self.relayed.send_if_modified(|r| {
+            let lower = from < *r;
+            *r = (*r).min(from);
+            lower
+        });
+        if let Some(at) = key_at {
+            self.raised.store(at, Ordering::Relaxed);
+        }
+        // after the lowering: a claim asking from now on is marked at most as of `from`
+        self.quiet().forget_all();
     }
 
     /// Adds the next events after what this replica relayed, up to `target`; returns whether it added any.
@@ -1443,20 +1488,32 @@ impl RedisStreams {
                 pipe.invoke_script(&call);
             }
         }
+        // after the appends: a Redis that lost entries this replica added also lost this replica's
+        // raise past them, so the script refuses, and the key never claims more than streams hold
         pipe.load_script(&lua::RAISE).ignore();
-        pipe.invoke_script(lua::RAISE.key(self.keys.relayed()).arg(last))
-            .ignore();
-        let appended: Vec<i64> = pipe
+        pipe.invoke_script(
+            lua::RAISE
+                .key(self.keys.relayed())
+                .arg(last)
+                .arg(self.raised.load(Ordering::Relaxed)),
+        );
+        let results: Vec<i64> = pipe
             .query_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
-        // where to go back to when a stream lost entries this replica had added
-        let mut back_to: Option<u64> = None;
+        let Some((&raised, appended)) = results.split_last() else {
+            return Err(StreamError::Internal(
+                "redis answered a relay step with nothing".into(),
+            ));
+        };
+        // where to go back to when Redis lost entries this replica had added
+        let mut back_to = self.key_went_back(raised);
+        let key_at = back_to;
         {
             let mut added = self.added.lock().unwrap_or_else(|p| p.into_inner());
             let mut known = self.streams.lock().unwrap_or_else(|p| p.into_inner());
             let mut quiet = self.quiet();
-            for ((id, events), result) in by_stream.into_iter().zip(appended) {
+            for ((id, events), &result) in by_stream.into_iter().zip(appended) {
                 if result < 0 {
                     let top = (-1 - result) as u64;
                     // an empty stream is a Redis that came back empty: groups read the store for
@@ -1477,10 +1534,8 @@ impl RedisStreams {
             }
         }
         if let Some(from) = back_to {
-            self.relayed.send_replace(from.min(relayed));
-            // entries added again may land behind cursors that passed them; after the lowering, so
-            // a claim asking from now on is marked at most as of `from`
-            self.quiet().forget_all();
+            // entries added again may land behind cursors that passed them
+            self.go_back(from, key_at);
             return Ok(true);
         }
         self.relayed.send_if_modified(|r| {

@@ -56,15 +56,24 @@ return added
     )
 });
 
-/// Raises a counter to ARGV[1] when that is higher. KEYS: counter.
+/// Raises the relayed position to ARGV[1] when that is higher, unless Redis lost what it had.
+/// KEYS: counter. ARGV: position (0: only the check), what the caller last saw it hold (0: nothing).
+/// Returns the counter after the call; or, raising nothing, -1 - the counter when it holds less than
+/// the caller saw: Redis came back from an older snapshot or log, and its streams may lack anything
+/// past the counter. A missing counter is a Redis that came back empty (groups read the store).
 pub(super) static RAISE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local current = redis.call('GET', KEYS[1])
-if not current or tonumber(ARGV[1]) > tonumber(current) then
-  redis.call('SET', KEYS[1], ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
+local wanted = tonumber(ARGV[1])
+if current >= 0 and current < tonumber(ARGV[2]) then
+  return -1 - current
 end
-return 1
+if wanted > current and wanted > 0 then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return wanted
+end
+return math.max(current, 0)
 ",
     )
 });
