@@ -293,6 +293,25 @@ async fn redis_group_claims_what_comes_to_streams_it_found_quiet() {
     a_group_claims_what_comes_to_streams_it_found_quiet(redis().await).await;
 }
 
+/// A connection to the test Redis, and the keys of tenant "t"'s stream of `event_type` (the stream
+/// itself ends with `}`; the others are its groups' ledgers).
+async fn stream_keys(
+    prefix: &str,
+    event_type: &str,
+) -> (redis::aio::MultiplexedConnection, Vec<String>) {
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:s:{{t/{event_type}/*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    (conn, keys)
+}
+
 /// A stream Redis lost (its entries, its consumer groups and ledgers), with events the group never
 /// claimed: they come from the store, a page at a time. Once a claim has taken the first, the stream
 /// holds the group's cursor and no entry after it, and the check that picks the streams a claim
@@ -309,16 +328,7 @@ async fn redis_group_claims_from_the_store_a_stream_redis_lost() {
         &[ev("a1", "lost.a"), ev("a2", "lost.a"), ev("a3", "lost.a")],
     )
     .await;
-    let client = redis::Client::open(redis_url()).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let lost: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:s:{{t/lost.a/*"))
-        .query_async(&mut conn)
-        .await
-        .expect("keys");
+    let (mut conn, lost) = stream_keys(&prefix, "lost.a").await;
     assert!(!lost.is_empty(), "no keys of stream lost.a");
     let _: i64 = redis::cmd("DEL")
         .arg(&lost)
@@ -345,16 +355,7 @@ async fn redis_relay_adds_again_what_redis_lost_when_its_relayed_position_went_b
     let ev = |id: &str, t: &'static str| (id.to_owned(), t);
     let kept = stored(&b, &[ev("a1", "back.a")]).await;
     let lost = stored(&b, &[ev("a2", "back.a"), ev("a3", "back.a")]).await;
-    let client = redis::Client::open(redis_url()).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:s:{{t/back.a/*"))
-        .query_async(&mut conn)
-        .await
-        .expect("keys");
+    let (mut conn, keys) = stream_keys(&prefix, "back.a").await;
     let stream = keys
         .into_iter()
         .find(|k| k.ends_with('}'))
