@@ -5,6 +5,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use nerve::{
     event::{Event, Priority, Selection, TypePattern},
     store::{EventStore, NewEvent, PostgresStore, ReadQuery, SqliteDb, SqliteStore},
@@ -348,7 +349,8 @@ async fn redis_group_claims_from_the_store_a_stream_redis_lost() {
 /// Redis came back from an older snapshot or log: its relayed position and a stream went back. The
 /// next relay step, of another stream, finds the position lower than this replica saw it, and adds
 /// every event after it again: the stream that got no new event is mended without waiting for a
-/// reconnect, and the position moves on only once it is.
+/// reconnect, and Redis' relayed position is never raised past an entry the stream lacks (a replica
+/// started then would begin there), as every command Redis ran shows (`MONITOR`).
 #[tokio::test]
 async fn redis_relay_adds_again_what_redis_lost_when_its_relayed_position_went_back() {
     let (b, prefix) = redis_with_prefix().await;
@@ -381,7 +383,48 @@ async fn redis_relay_adds_again_what_redis_lost_when_its_relayed_position_went_b
         .await
         .expect("set");
 
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut commands = client
+        .get_async_monitor()
+        .await
+        .expect("monitor")
+        .into_on_message::<String>();
     let other = stored(&b, &[ev("b1", "back.b")]).await;
+    // every command Redis ran before this marker has reached the monitor once the marker has
+    let marker = format!("{prefix}:seen-all");
+    let _: String = redis::cmd("ECHO")
+        .arg(&marker)
+        .query_async(&mut conn)
+        .await
+        .expect("echo");
+    let relayed_key = format!("{prefix}:relayed");
+    let mut added_again = Vec::new();
+    loop {
+        let line = tokio::time::timeout(WAIT, commands.next())
+            .await
+            .expect("the monitor's lines in time")
+            .expect("monitor open");
+        if line.contains(&marker) {
+            break;
+        }
+        // e.g. 1700000000.000001 [0 lua] "XADD" "<stream>" "MAXLEN" "~" "100000" "2-0" "e" ...
+        let args: Vec<&str> = line.split("\" \"").collect();
+        match args.as_slice() {
+            [command, key, _, _, _, id, ..] if command.ends_with("\"XADD") && *key == stream => {
+                added_again.push((*id).to_owned());
+            }
+            [command, key, value] if command.ends_with("\"SET") && *key == relayed_key => {
+                let value: u64 = value.trim_end_matches('"').parse().expect("a sequence");
+                for seq in lost.iter().filter(|s| **s <= value) {
+                    assert!(
+                        added_again.contains(&format!("{seq}-0")),
+                        "relayed raised to {value} before {seq} was added again"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
     let held: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
         .arg(&stream)
         .arg("-")

@@ -1406,11 +1406,9 @@ impl RedisStreams {
         Ok(())
     }
 
-    /// Reads `RAISE`'s answer: the relayed position Redis went back to, if it did; else notes what
-    /// the key holds.
+    /// Reads `RAISE`'s answer: the relayed position Redis went back to, if it did.
     fn key_went_back(&self, raised: i64) -> Option<u64> {
         if raised >= 0 {
-            self.raised.fetch_max(raised as u64, Ordering::Relaxed);
             return None;
         }
         let at = (-1 - raised) as u64;
@@ -1424,9 +1422,10 @@ impl RedisStreams {
     }
 
     /// Goes back to `from` to add again what Redis lost after it. `key_at` is where Redis' relayed
-    /// position went back to, if it did: any stream may lack entries after it (the append script
-    /// still finds, and goes back for, each that lacks some this replica added). Called holding
-    /// `relaying`.
+    /// position went back to, if it did: any stream may lack entries after it, so each is added to
+    /// again without the check against what this replica added before it went back (a check that
+    /// refused would leave the raise in the same step to claim the entries it refused). Called
+    /// holding `relaying`.
     fn go_back(&self, from: u64, key_at: Option<u64>) {
         self.relayed.send_if_modified(|r| {
             let lower = from < *r;
@@ -1434,6 +1433,7 @@ impl RedisStreams {
             lower
         });
         if let Some(at) = key_at {
+            self.added.lock().unwrap_or_else(|p| p.into_inner()).clear();
             self.raised.store(at, Ordering::Relaxed);
         }
         // after the lowering: a claim asking from now on is marked at most as of `from`
@@ -1509,6 +1509,10 @@ impl RedisStreams {
         // where to go back to when Redis lost entries this replica had added
         let mut back_to = self.key_went_back(raised);
         let key_at = back_to;
+        if key_at.is_none() {
+            // only the relay's own steps move it up: a check's answer may predate a go-back
+            self.raised.fetch_max(raised as u64, Ordering::Relaxed);
+        }
         {
             let mut added = self.added.lock().unwrap_or_else(|p| p.into_inner());
             let mut known = self.streams.lock().unwrap_or_else(|p| p.into_inner());
