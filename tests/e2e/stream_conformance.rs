@@ -42,26 +42,38 @@ async fn redis() -> Backend {
 
 /// A Redis backend and the prefix of its keys.
 async fn redis_with_prefix() -> (Backend, String) {
+    let (store, prefix) = redis_deployment().await;
+    (redis_replica(store, &prefix).await, prefix)
+}
+
+/// A store of its own and a key prefix of its own, for the replicas of one deployment.
+async fn redis_deployment() -> (Arc<PostgresStore>, String) {
     let store = PostgresStore::connect(&fresh_schema_url().await, 8)
         .await
         .expect("connect postgres store");
-    let prefix = format!("nerve-test:{}", uuid::Uuid::new_v4().simple());
+    (
+        store,
+        format!("nerve-test:{}", uuid::Uuid::new_v4().simple()),
+    )
+}
+
+/// A replica of a deployment: Redis streams of its own over the deployment's store and keys.
+async fn redis_replica(store: Arc<PostgresStore>, prefix: &str) -> Backend {
     let settings = RedisSettings {
         url: redis_url(),
-        key_prefix: prefix.clone(),
+        key_prefix: prefix.to_owned(),
         stream_max_len: 100_000,
         inbox_ttl: Duration::from_secs(60),
         // a stream wrongly passed over as quiet stays so for the whole test
         quiet_ttl: Duration::from_secs(3600),
     };
-    let backend = Backend {
+    Backend {
         streams: RedisStreams::start(&settings, store.clone())
             .await
             .expect("start redis streams"),
         store,
         _dir: None,
-    };
-    (backend, prefix)
+    }
 }
 
 /// Stores events of tenant "t" (id, type), hands them to the streams and waits until groups can
@@ -357,31 +369,7 @@ async fn redis_relay_adds_again_what_redis_lost_when_its_relayed_position_went_b
     let ev = |id: &str, t: &'static str| (id.to_owned(), t);
     let kept = stored(&b, &[ev("a1", "back.a")]).await;
     let lost = stored(&b, &[ev("a2", "back.a"), ev("a3", "back.a")]).await;
-    let (mut conn, keys) = stream_keys(&prefix, "back.a").await;
-    let stream = keys
-        .into_iter()
-        .find(|k| k.ends_with('}'))
-        .expect("the stream of back.a");
-    let ids = |seqs: &[u64]| -> Vec<String> { seqs.iter().map(|s| format!("{s}-0")).collect() };
-    // what an older snapshot holds: the stream and the relayed position as of `kept`
-    let _: i64 = redis::cmd("XDEL")
-        .arg(&stream)
-        .arg(ids(&lost))
-        .query_async(&mut conn)
-        .await
-        .expect("xdel");
-    let _: () = redis::cmd("XSETID")
-        .arg(&stream)
-        .arg(ids(&kept))
-        .query_async(&mut conn)
-        .await
-        .expect("xsetid");
-    let _: () = redis::cmd("SET")
-        .arg(format!("{prefix}:relayed"))
-        .arg(kept[0])
-        .query_async(&mut conn)
-        .await
-        .expect("set");
+    let (mut conn, stream) = back_to_a_snapshot(&prefix, "back.a", &kept, &lost).await;
 
     let client = redis::Client::open(redis_url()).expect("redis url");
     let mut commands = client
@@ -425,19 +413,11 @@ async fn redis_relay_adds_again_what_redis_lost_when_its_relayed_position_went_b
             _ => {}
         }
     }
-    let held: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .expect("xrange");
-    let held: Vec<String> = held.into_iter().map(|(id, _)| id).collect();
     let mut all = kept.clone();
     all.extend(&lost);
     assert_eq!(
-        held,
-        ids(&all),
+        held_ids(&mut conn, &stream).await,
+        entry_ids(&all),
         "what the stream holds once the relay moved on"
     );
     let relayed: u64 = redis::cmd("GET")
@@ -446,4 +426,81 @@ async fn redis_relay_adds_again_what_redis_lost_when_its_relayed_position_went_b
         .await
         .expect("get");
     assert_eq!(relayed, other[0], "the relayed position");
+}
+
+/// A replica started after entries were added (so it never added them) is the first to add to their
+/// stream once Redis went back past them: it checks Redis' relayed position before its first append
+/// there, finds it lower than it saw, and adds the lost entries again before the new one, which would
+/// otherwise hide them for good.
+#[tokio::test]
+async fn redis_replica_started_later_adds_again_what_redis_lost_before_it_started() {
+    let (store, prefix) = redis_deployment().await;
+    let first = redis_replica(store.clone(), &prefix).await;
+    let ev = |id: &str| (id.to_owned(), "late.a");
+    let kept = stored(&first, &[ev("a1")]).await;
+    let lost = stored(&first, &[ev("a2"), ev("a3")]).await;
+    let second = redis_replica(store, &prefix).await;
+    let (mut conn, stream) = back_to_a_snapshot(&prefix, "late.a", &kept, &lost).await;
+
+    let new = stored(&second, &[ev("a4")]).await;
+    let mut all = kept;
+    all.extend(lost.iter().chain(&new));
+    assert_eq!(
+        held_ids(&mut conn, &stream).await,
+        entry_ids(&all),
+        "what the stream holds once the later replica added to it"
+    );
+}
+
+/// The entry ids of sequences.
+fn entry_ids(sequences: &[u64]) -> Vec<String> {
+    sequences.iter().map(|s| format!("{s}-0")).collect()
+}
+
+/// The ids of the entries a stream holds.
+async fn held_ids(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> Vec<String> {
+    let held: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .expect("xrange");
+    held.into_iter().map(|(id, _)| id).collect()
+}
+
+/// Makes Redis what an older snapshot of it holds: tenant "t"'s stream of `event_type` ends at `kept`
+/// (its entries `lost` gone, as if never added) and the relayed position is `kept`'s. Returns a
+/// connection and the stream's key.
+async fn back_to_a_snapshot(
+    prefix: &str,
+    event_type: &str,
+    kept: &[u64],
+    lost: &[u64],
+) -> (redis::aio::MultiplexedConnection, String) {
+    let (mut conn, keys) = stream_keys(prefix, event_type).await;
+    let stream = keys
+        .into_iter()
+        .find(|k| k.ends_with('}'))
+        .expect("the stream");
+    let _: i64 = redis::cmd("XDEL")
+        .arg(&stream)
+        .arg(entry_ids(lost))
+        .query_async(&mut conn)
+        .await
+        .expect("xdel");
+    let last_kept = *kept.last().expect("an entry kept");
+    let _: () = redis::cmd("XSETID")
+        .arg(&stream)
+        .arg(format!("{last_kept}-0"))
+        .query_async(&mut conn)
+        .await
+        .expect("xsetid");
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}:relayed"))
+        .arg(last_kept)
+        .query_async(&mut conn)
+        .await
+        .expect("set");
+    (conn, stream)
 }

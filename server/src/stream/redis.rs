@@ -1356,13 +1356,7 @@ impl RedisStreams {
                     .arg(*last),
             );
         }
-        pipe.load_script(&lua::RAISE).ignore();
-        pipe.invoke_script(
-            lua::RAISE
-                .key(self.keys.relayed())
-                .arg(0)
-                .arg(self.raised.load(Ordering::Relaxed)),
-        );
+        self.raise_relayed(&mut pipe, 0);
         let results: Vec<i64> = pipe
             .query_async(&mut self.conn())
             .await
@@ -1404,6 +1398,17 @@ impl RedisStreams {
         let target = *self.tail.head().borrow();
         while self.relay_up_to(target).await? {}
         Ok(())
+    }
+
+    /// Adds `RAISE` of the relayed position to `to` (0: only the check) to a pipeline.
+    fn raise_relayed(&self, pipe: &mut redis::Pipeline, to: u64) {
+        pipe.load_script(&lua::RAISE).ignore();
+        pipe.invoke_script(
+            lua::RAISE
+                .key(self.keys.relayed())
+                .arg(to)
+                .arg(self.raised.load(Ordering::Relaxed)),
+        );
     }
 
     /// Reads `RAISE`'s answer: the relayed position Redis went back to, if it did.
@@ -1470,6 +1475,26 @@ impl RedisStreams {
             });
             by_stream[i].1.push(event);
         }
+        let unchecked = {
+            let added = self.added.lock().unwrap_or_else(|p| p.into_inner());
+            by_stream.iter().any(|(id, _)| !added.contains_key(id))
+        };
+        if unchecked {
+            // a stream this replica has not added to since it started (or went back) has nothing
+            // to check its end against: it may have lost entries added before then, which an append
+            // would hide for good, so Redis' relayed position is checked first (a round trip, in
+            // the steps that first add to a stream since the start or since going back)
+            let mut check = redis::pipe();
+            self.raise_relayed(&mut check, 0);
+            let (raised,): (i64,) = check
+                .query_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
+            if let Some(at) = self.key_went_back(raised) {
+                self.go_back(at, Some(at));
+                return Ok(true);
+            }
+        }
         let mut pipe = redis::pipe();
         pipe.load_script(&lua::APPEND).ignore();
         {
@@ -1490,13 +1515,7 @@ impl RedisStreams {
         }
         // after the appends: a Redis that lost entries this replica added also lost this replica's
         // raise past them, so the script refuses, and the key never claims more than streams hold
-        pipe.load_script(&lua::RAISE).ignore();
-        pipe.invoke_script(
-            lua::RAISE
-                .key(self.keys.relayed())
-                .arg(last)
-                .arg(self.raised.load(Ordering::Relaxed)),
-        );
+        self.raise_relayed(&mut pipe, last);
         let results: Vec<i64> = pipe
             .query_async(&mut self.conn())
             .await
