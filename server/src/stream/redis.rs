@@ -1159,6 +1159,9 @@ impl RedisStreams {
 /// Receives group wake-ups and replies for this replica; resubscribes after a lost connection.
 async fn listen(streams: Weak<RedisStreams>) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    // the first session has nothing to check: this replica has added nothing yet, and it read
+    // Redis' relayed position at start (its relay checks it again before it first adds to a stream)
+    let mut reconnected = false;
     loop {
         let Some(this) = streams.upgrade() else {
             return;
@@ -1173,7 +1176,7 @@ async fn listen(streams: Weak<RedisStreams>) {
             pubsub.subscribe(&replies).await.map_err(redis_err)?;
             // a Redis that went away may be back from an older snapshot, holding streams shorter
             // than what was added to them: a stream that gets no new event would keep its hole
-            if let Some(this) = streams.upgrade() {
+            if let Some(this) = streams.upgrade().filter(|_| reconnected) {
                 this.add_lost_entries_again().await?;
             }
             // anything sent while we were away is covered by waking every local group once
@@ -1220,7 +1223,9 @@ async fn listen(streams: Weak<RedisStreams>) {
             Ok::<(), StreamError>(())
         };
         let wait = backoff.next_wait();
-        match session.await {
+        let ended = session.await;
+        reconnected = true;
+        match ended {
             Ok(()) if streams.strong_count() == 0 => return,
             Ok(()) => {}
             Err(error) => warn!(%error, retry_in = ?wait, "redis pub/sub connection lost"),
