@@ -369,7 +369,8 @@ async fn redis_relay_adds_again_what_redis_lost_when_its_relayed_position_went_b
     let ev = |id: &str, t: &'static str| (id.to_owned(), t);
     let kept = stored(&b, &[ev("a1", "back.a")]).await;
     let lost = stored(&b, &[ev("a2", "back.a"), ev("a3", "back.a")]).await;
-    let (mut conn, stream) = back_to_a_snapshot(&prefix, "back.a", &kept, &lost).await;
+    let (mut conn, stream) =
+        back_to_a_snapshot(&prefix, "back.a", &kept, &lost, RelayedKey::WentBack).await;
 
     let client = redis::Client::open(redis_url()).expect("redis url");
     let mut commands = client
@@ -429,18 +430,29 @@ async fn redis_relay_adds_again_what_redis_lost_when_its_relayed_position_went_b
 }
 
 /// A replica started after entries were added (so it never added them) is the first to add to their
-/// stream once Redis went back past them: it checks Redis' relayed position before its first append
-/// there, finds it lower than it saw, and adds the lost entries again before the new one, which would
-/// otherwise hide them for good.
+/// stream once Redis went back past them: its first append there checks the stream against the last
+/// event the store has for it, finds it shorter, and the relay adds the lost entries again before the
+/// new one, which would otherwise hide them for good.
 #[tokio::test]
 async fn redis_replica_started_later_adds_again_what_redis_lost_before_it_started() {
+    a_replica_started_later_adds_again_what_a_stream_lost(RelayedKey::WentBack).await;
+}
+
+/// The same after a Redis that came back empty (no relayed position to check), where a lagging
+/// replica has already refilled the stream in part: the append must not go past what it lacks.
+#[tokio::test]
+async fn redis_replica_started_later_adds_again_what_a_stream_refilled_in_part_lacks() {
+    a_replica_started_later_adds_again_what_a_stream_lost(RelayedKey::Gone).await;
+}
+
+async fn a_replica_started_later_adds_again_what_a_stream_lost(key: RelayedKey) {
     let (store, prefix) = redis_deployment().await;
     let first = redis_replica(store.clone(), &prefix).await;
     let ev = |id: &str| (id.to_owned(), "late.a");
     let kept = stored(&first, &[ev("a1")]).await;
     let lost = stored(&first, &[ev("a2"), ev("a3")]).await;
     let second = redis_replica(store, &prefix).await;
-    let (mut conn, stream) = back_to_a_snapshot(&prefix, "late.a", &kept, &lost).await;
+    let (mut conn, stream) = back_to_a_snapshot(&prefix, "late.a", &kept, &lost, key).await;
 
     let new = stored(&second, &[ev("a4")]).await;
     let mut all = kept;
@@ -469,14 +481,24 @@ async fn held_ids(conn: &mut redis::aio::MultiplexedConnection, stream: &str) ->
     held.into_iter().map(|(id, _)| id).collect()
 }
 
+/// What Redis' relayed position holds after [`back_to_a_snapshot`].
+#[derive(Clone, Copy)]
+enum RelayedKey {
+    /// As old as the stream: an older snapshot or log.
+    WentBack,
+    /// Nothing: a Redis that came back empty, where a lagging replica refilled the stream in part.
+    Gone,
+}
+
 /// Makes Redis what an older snapshot of it holds: tenant "t"'s stream of `event_type` ends at `kept`
-/// (its entries `lost` gone, as if never added) and the relayed position is `kept`'s. Returns a
-/// connection and the stream's key.
+/// (its entries `lost` gone, as if never added), and the relayed position is as `key` says. Returns
+/// a connection and the stream's key.
 async fn back_to_a_snapshot(
     prefix: &str,
     event_type: &str,
     kept: &[u64],
     lost: &[u64],
+    key: RelayedKey,
 ) -> (redis::aio::MultiplexedConnection, String) {
     let (mut conn, keys) = stream_keys(prefix, event_type).await;
     let stream = keys
@@ -496,11 +518,18 @@ async fn back_to_a_snapshot(
         .query_async(&mut conn)
         .await
         .expect("xsetid");
-    let _: () = redis::cmd("SET")
-        .arg(format!("{prefix}:relayed"))
-        .arg(last_kept)
+    let relayed = format!("{prefix}:relayed");
+    let mut command = match key {
+        RelayedKey::WentBack => redis::cmd("SET"),
+        RelayedKey::Gone => redis::cmd("DEL"),
+    };
+    command.arg(&relayed);
+    if let RelayedKey::WentBack = key {
+        command.arg(last_kept);
+    }
+    let _: () = command
         .query_async(&mut conn)
         .await
-        .expect("set");
+        .expect("set the relayed position");
     (conn, stream)
 }

@@ -112,6 +112,40 @@ impl PostgresStore {
             .collect()
     }
 
+    /// The last sequence at or below `at_most` of each (tenant, type, priority), if it has one: what
+    /// the Redis stream of each must hold before anything after `at_most` is added to it.
+    pub(crate) async fn stream_ends(
+        &self,
+        streams: &[(&str, &str, i16)],
+        at_most: u64,
+    ) -> StoreResult<Vec<Option<u64>>> {
+        let tenants: Vec<&str> = streams.iter().map(|s| s.0).collect();
+        let types: Vec<&str> = streams.iter().map(|s| s.1).collect();
+        let priorities: Vec<i16> = streams.iter().map(|s| s.2).collect();
+        let rows: Vec<(i64, Option<i64>)> = sqlx::query_as(
+            // each by the (tenant, type, seq) index, newest first, to the first of its priority
+            "SELECT s.i, (SELECT e.seq FROM events e \
+               WHERE e.tenant = s.tenant AND e.type = s.type AND e.priority = s.priority \
+                 AND e.seq <= $4 ORDER BY e.seq DESC LIMIT 1) \
+             FROM UNNEST($1::TEXT[], $2::TEXT[], $3::SMALLINT[]) WITH ORDINALITY \
+               AS s(tenant, type, priority, i)",
+        )
+        .bind(&tenants)
+        .bind(&types)
+        .bind(&priorities)
+        .bind(seq_i64(at_most))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let mut ends = vec![None; streams.len()];
+        for (i, end) in rows {
+            if let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| ends.get_mut(i)) {
+                *slot = end.map(|e| e as u64);
+            }
+        }
+        Ok(ends)
+    }
+
     /// Connects, applies the migrations and starts the group-commit writer and the commit listener.
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Arc<Self>> {
         let pool = PgPoolOptions::new()

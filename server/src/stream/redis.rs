@@ -1160,7 +1160,8 @@ impl RedisStreams {
 async fn listen(streams: Weak<RedisStreams>) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     // the first session has nothing to check: this replica has added nothing yet, and it read
-    // Redis' relayed position at start (its relay checks it again before it first adds to a stream)
+    // Redis' relayed position at start (its relay checks each stream against the store before it
+    // first adds to it)
     let mut reconnected = false;
     loop {
         let Some(this) = streams.upgrade() else {
@@ -1480,35 +1481,51 @@ impl RedisStreams {
             });
             by_stream[i].1.push(event);
         }
-        let unchecked = {
+        // a stream this replica has not added to since it started (or went back) is checked against
+        // the store instead: it must hold its last event up to `relayed`, or it lost entries (added
+        // before then) that this batch would hide for good; a store read in the steps that first
+        // add to a stream since the start or since going back
+        let unchecked: Vec<usize> = {
             let added = self.added.lock().unwrap_or_else(|p| p.into_inner());
-            by_stream.iter().any(|(id, _)| !added.contains_key(id))
+            (0..by_stream.len())
+                .filter(|&i| !added.contains_key(&by_stream[i].0))
+                .collect()
         };
-        if unchecked {
-            // a stream this replica has not added to since it started (or went back) has nothing
-            // to check its end against: it may have lost entries added before then, which an append
-            // would hide for good, so Redis' relayed position is checked first (a round trip, in
-            // the steps that first add to a stream since the start or since going back)
-            let mut check = redis::pipe();
-            self.raise_relayed(&mut check, 0);
-            let (raised,): (i64,) = check
-                .query_async(&mut self.conn())
-                .await
-                .map_err(redis_err)?;
-            if let Some(at) = self.key_went_back(raised) {
-                self.go_back(at, Some(at));
-                return Ok(true);
+        let mut must_hold: HashMap<usize, u64> = HashMap::new();
+        if !unchecked.is_empty() {
+            let streams: Vec<(&str, &str, i16)> = unchecked
+                .iter()
+                .map(|&i| {
+                    let (tenant, stream) = &by_stream[i].0;
+                    (
+                        tenant.as_str(),
+                        stream.event_type.as_str(),
+                        stream.level as i16,
+                    )
+                })
+                .collect();
+            let ends = self.store.stream_ends(&streams, relayed).await?;
+            for (&i, end) in unchecked.iter().zip(ends) {
+                if let Some(end) = end {
+                    must_hold.insert(i, end);
+                }
             }
         }
         let mut pipe = redis::pipe();
         pipe.load_script(&lua::APPEND).ignore();
         {
             let added = self.added.lock().unwrap_or_else(|p| p.into_inner());
-            for (id, events) in &by_stream {
+            for (i, (id, events)) in by_stream.iter().enumerate() {
+                // what this replica added last, or minus what the store says the stream must hold
+                let expected = match (added.get(id), must_hold.get(&i)) {
+                    (Some(&last), _) => last as i64,
+                    (None, Some(&end)) => -(end as i64),
+                    (None, None) => 0,
+                };
                 let mut call = lua::APPEND.prepare_invoke();
                 call.key(self.keys.stream(&id.0, &id.1))
                     .arg(self.max_len)
-                    .arg(added.get(id).copied().unwrap_or(0));
+                    .arg(expected);
                 for e in events {
                     let body = body::encode(&e.event);
                     call.arg(e.sequence)

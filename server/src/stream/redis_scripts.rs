@@ -21,22 +21,28 @@ use std::sync::LazyLock;
 use redis::Script;
 
 /// Adds entries `<seq>-0` in order; an id at or below the stream's top was added before and is skipped.
-/// KEYS: stream. ARGV: max length, the last sequence the caller added to this stream before (0: none
-/// known), then (sequence, event as the store encodes it, recorded ns) triples. Returns how many were
-/// added; or, adding nothing, -1 - the stream's top sequence when the stream ends before the caller's
-/// last one: Redis lost entries it had (restarted from an older snapshot or log), and adding past
-/// them would hide the hole from every group.
+/// KEYS: stream. ARGV: max length; the last sequence the caller added to this stream before, or minus
+/// the last sequence the stream must hold (the store's, for a stream the caller has not added to: an
+/// empty stream takes the entries, since groups read from the store what comes before a stream's
+/// first entry), or 0 (nothing to check); then (sequence, event as the store encodes it, recorded ns)
+/// triples. Returns how many were added; or, adding nothing, -1 - the stream's top sequence when the
+/// stream ends before that sequence: Redis lost entries it had (restarted from an older snapshot or
+/// log), and adding past them would hide the hole from every group.
 pub(super) static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local expected = tonumber(ARGV[2])
+local empty_takes = expected < 0
+if empty_takes then
+  expected = -expected
+end
 if expected > 0 then
   local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
   local have = 0
   if #top > 0 then
     have = tonumber(string.match(top[1][1], '^(%d+)'))
   end
-  if have < expected then
+  if have < expected and not (empty_takes and have == 0) then
     return -1 - have
   end
 end
