@@ -1485,12 +1485,18 @@ impl RedisStreams {
         // the store instead: it must hold its last event up to `relayed`, or it lost entries (added
         // before then) that this batch would hide for good; a store read in the steps that first
         // add to a stream since the start or since going back
-        let unchecked: Vec<usize> = {
+        // read once: a reconnect check may forget a stream while the store is read, and what was
+        // read stays a valid check
+        let last_added: Vec<Option<u64>> = {
             let added = self.added.lock().unwrap_or_else(|p| p.into_inner());
-            (0..by_stream.len())
-                .filter(|&i| !added.contains_key(&by_stream[i].0))
+            by_stream
+                .iter()
+                .map(|(id, _)| added.get(id).copied())
                 .collect()
         };
+        let unchecked: Vec<usize> = (0..by_stream.len())
+            .filter(|&i| last_added[i].is_none())
+            .collect();
         let mut must_hold: HashMap<usize, u64> = HashMap::new();
         if !unchecked.is_empty() {
             let streams: Vec<(&str, &str, i16)> = unchecked
@@ -1513,30 +1519,28 @@ impl RedisStreams {
         }
         let mut pipe = redis::pipe();
         pipe.load_script(&lua::APPEND).ignore();
-        {
-            let added = self.added.lock().unwrap_or_else(|p| p.into_inner());
-            for (i, (id, events)) in by_stream.iter().enumerate() {
-                // what this replica added last, or minus what the store says the stream must hold
-                let expected = match (added.get(id), must_hold.get(&i)) {
-                    (Some(&last), _) => last as i64,
-                    (None, Some(&end)) => -(end as i64),
-                    (None, None) => 0,
-                };
-                let mut call = lua::APPEND.prepare_invoke();
-                call.key(self.keys.stream(&id.0, &id.1))
-                    .arg(self.max_len)
-                    .arg(expected);
-                for e in events {
-                    let body = body::encode(&e.event);
-                    call.arg(e.sequence)
-                        .arg(body)
-                        .arg(e.recorded_at.timestamp_nanos_opt().unwrap_or_default());
-                }
-                pipe.invoke_script(&call);
+        for (i, (id, events)) in by_stream.iter().enumerate() {
+            // what this replica added last, or minus what the store says the stream must hold
+            let expected = match (last_added[i], must_hold.get(&i)) {
+                (Some(last), _) => last as i64,
+                (None, Some(&end)) => -(end as i64),
+                (None, None) => 0,
+            };
+            let mut call = lua::APPEND.prepare_invoke();
+            call.key(self.keys.stream(&id.0, &id.1))
+                .arg(self.max_len)
+                .arg(expected);
+            for e in events {
+                let body = body::encode(&e.event);
+                call.arg(e.sequence)
+                    .arg(body)
+                    .arg(e.recorded_at.timestamp_nanos_opt().unwrap_or_default());
             }
+            pipe.invoke_script(&call);
         }
         // after the appends: a Redis that lost entries this replica added also lost this replica's
-        // raise past them, so the script refuses, and the key never claims more than streams hold
+        // raise past them, so the script refuses then (a Redis back empty has no key to refuse with:
+        // there the appends' checks alone keep streams whole)
         self.raise_relayed(&mut pipe, last);
         let results: Vec<i64> = pipe
             .query_async(&mut self.conn())
