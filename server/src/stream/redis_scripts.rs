@@ -27,7 +27,8 @@ use redis::Script;
 /// first entry), or 0 (nothing to check); then (sequence, event as the store encodes it, recorded ns)
 /// triples. Returns how many were added; or, adding nothing, -1 - the stream's top sequence when the
 /// stream ends before that sequence: Redis lost entries it had (restarted from an older snapshot or
-/// log), and adding past them would hide the hole from every group.
+/// log), and adding past them would hide the hole from every group. A stream whose last id reached
+/// that sequence had entries deleted (`XDEL`), not lost, and takes the entries.
 pub(super) static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -43,7 +44,20 @@ if expected > 0 then
     have = tonumber(string.match(top[1][1], '^(%d+)'))
   end
   if have < expected and not (empty_takes and have == 0) then
-    return -1 - have
+    -- entries deleted (XDEL) leave the stream's last id where it was, and adding again from its top
+    -- would skip them forever; a Redis that lost them holds an older last id
+    local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
+    local generated = 0
+    if type(info) == 'table' and not info.err then
+      for i = 1, #info, 2 do
+        if info[i] == 'last-generated-id' then
+          generated = tonumber(string.match(info[i + 1], '^(%d+)'))
+        end
+      end
+    end
+    if generated < expected then
+      return -1 - have
+    end
   end
 end
 local added = 0
