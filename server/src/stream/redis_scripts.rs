@@ -28,7 +28,9 @@ use redis::Script;
 /// triples. Returns how many were added; or, adding nothing, -1 - the stream's top sequence when the
 /// stream ends before that sequence: Redis lost entries it had (restarted from an older snapshot or
 /// log), and adding past them would hide the hole from every group. A stream whose last id reached
-/// that sequence had entries deleted (`XDEL`), not lost, and takes the entries.
+/// that sequence had entries deleted by an operator (`XDEL`, `XTRIM`), not lost, and takes the
+/// entries: going back could never add the deleted ones again (groups that had not passed entries
+/// deleted with `XDEL` never get them).
 pub(super) static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
