@@ -1481,12 +1481,8 @@ impl RedisStreams {
             });
             by_stream[i].1.push(event);
         }
-        // a stream this replica has not added to since it started (or went back) is checked against
-        // the store instead: it must hold its last event up to `relayed`, or it lost entries (added
-        // before then) that this batch would hide for good; a store read in the steps that first
-        // add to a stream since the start or since going back
-        // read once: a reconnect check may forget a stream while the store is read, and what was
-        // read stays a valid check
+        // what this replica added last to each stream, read once: a reconnect check may forget a
+        // stream while the store is read below, and what was read stays a valid check
         let last_added: Vec<Option<u64>> = {
             let added = self.added.lock().unwrap_or_else(|p| p.into_inner());
             by_stream
@@ -1494,10 +1490,14 @@ impl RedisStreams {
                 .map(|(id, _)| added.get(id).copied())
                 .collect()
         };
+        // a stream this replica has not added to since it started (or went back) is checked against
+        // the store instead: it must hold its last event up to `relayed`, or it lost entries (added
+        // before then) that this batch would hide for good; a store read in the steps that first
+        // add to a stream since the start or since going back
         let unchecked: Vec<usize> = (0..by_stream.len())
             .filter(|&i| last_added[i].is_none())
             .collect();
-        let mut must_hold: HashMap<usize, u64> = HashMap::new();
+        let mut must_hold: Vec<Option<u64>> = vec![None; by_stream.len()];
         if !unchecked.is_empty() {
             let streams: Vec<(&str, &str, i16)> = unchecked
                 .iter()
@@ -1512,18 +1512,16 @@ impl RedisStreams {
                 .collect();
             let ends = self.store.stream_ends(&streams, relayed).await?;
             for (&i, end) in unchecked.iter().zip(ends) {
-                if let Some(end) = end {
-                    must_hold.insert(i, end);
-                }
+                must_hold[i] = end;
             }
         }
         let mut pipe = redis::pipe();
         pipe.load_script(&lua::APPEND).ignore();
         for (i, (id, events)) in by_stream.iter().enumerate() {
             // what this replica added last, or minus what the store says the stream must hold
-            let expected = match (last_added[i], must_hold.get(&i)) {
+            let expected = match (last_added[i], must_hold[i]) {
                 (Some(last), _) => last as i64,
-                (None, Some(&end)) => -(end as i64),
+                (None, Some(end)) => -(end as i64),
                 (None, None) => 0,
             };
             let mut call = lua::APPEND.prepare_invoke();
