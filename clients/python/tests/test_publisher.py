@@ -255,8 +255,22 @@ async def test_a_message_over_the_limit_ends_the_publisher(client: Client) -> No
             WAIT,
         )
         assert isinstance(before, list) and [r.id for r in before] == ["before"], "answered before the end"
-        assert isinstance(over, ResourceExhaustedError) and "message length too large" in over.message, over
-        assert isinstance(after, ResourceExhaustedError), "the stream ended with the oversized message"
-        with pytest.raises(ResourceExhaustedError):
+        assert _ended_by_the_oversized_message(over), over
+        assert _ended_by_the_oversized_message(after), "the stream ended with the oversized message"
+        with pytest.raises(NerveError) as later:
             await publisher.publish(ev("later", "limit.x"))
+        assert _ended_by_the_oversized_message(later.value), later.value
     assert {t.type: t.count for t in await client.list_event_types()} == {"limit.x": 1}
+
+
+def _ended_by_the_oversized_message(error: object) -> bool:
+    """The server's RESOURCE_EXHAUSTED, or what grpcio's aio layer makes of it when it ends the call while the
+    message is still being written: it sets INTERNAL "Internal error from Core" for the failed write, racing
+    the server's status (about one time in ten on the test machine; the client README says so)."""
+    if isinstance(error, ResourceExhaustedError):
+        return "message length too large" in error.message
+    return (
+        isinstance(error, NerveError)
+        and error.code == grpc.StatusCode.INTERNAL
+        and error.message == "Internal error from Core"
+    )

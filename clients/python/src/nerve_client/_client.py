@@ -155,8 +155,9 @@ class Client:
         :class:`NerveError` subclass a ``publish`` on it would raise. Requests commit and are answered in the
         order sent; a refused one raises like :meth:`publish` and the stream goes on. One message over the
         server's message limit (``max_batch_bytes`` + 1 MiB) ends the stream instead: it and every call after
-        it raise :class:`ResourceExhaustedError`. Await the result, or use it with ``async with`` to close it
-        on exit (waiting for outstanding answers).
+        it raise :class:`ResourceExhaustedError` (or, when the end interrupts grpcio's write of the message,
+        the INTERNAL "Internal error from Core" grpcio makes of it). Await the result, or use it with
+        ``async with`` to close it on exit (waiting for outstanding answers).
         """
         return Opening(lambda: Publisher._open(self.event_bus_stub))
 
