@@ -1718,12 +1718,14 @@ async fn group_gauges_cover_every_tenant() {
     let ann = hs_token(&claims("ann"));
     let bob = hs_token(&claims("bob"));
     let mut bus = server.bus();
-    // the groups exist once a member has opened them; with no member left, what follows is their lag
+    // the groups exist once a member has opened them; with no member left, what follows is their
+    // lag. Each member ends before the events come: one whose session outlived its cancelled call
+    // would claim them, and they would be pending, not lag
     for (token, group) in [(&ann, "shared"), (&bob, "shared"), (&bob, "globex-only")] {
-        let member = Subscriber::open_as(&mut bus, open(&["gauge.>"], group), Some(token))
+        let mut member = Subscriber::open_as(&mut bus, open(&["gauge.>"], group), Some(token))
             .await
             .expect("member opens");
-        drop(member);
+        member.close_gracefully().await.expect("member closes");
     }
     let events = |prefix: &str, source: &str, n: usize| {
         (0..n)
