@@ -11,6 +11,7 @@ use nerve::{
     store::{EventStore, NewEvent, PostgresStore, ReadQuery, SqliteDb, SqliteStore},
     stream::{EmbeddedStreams, GroupConfig, GroupKey, LiveStreams, RedisSettings, RedisStreams},
 };
+use redis::AsyncCommands;
 
 use crate::harness::{WAIT, fresh_schema_url, redis_url};
 
@@ -421,11 +422,7 @@ async fn redis_relay_adds_again_what_redis_lost_when_its_relayed_position_went_b
         entry_ids(&all),
         "what the stream holds once the relay moved on"
     );
-    let relayed: u64 = redis::cmd("GET")
-        .arg(format!("{prefix}:relayed"))
-        .query_async(&mut conn)
-        .await
-        .expect("get");
+    let relayed: u64 = conn.get(&relayed_key).await.expect("get");
     assert_eq!(relayed, other[0], "the relayed position");
 }
 
@@ -503,7 +500,6 @@ async fn delete_entries(
 }
 
 /// What Redis' relayed position holds after [`back_to_a_snapshot`].
-#[derive(Clone, Copy)]
 enum RelayedKey {
     /// As old as the stream: an older snapshot or log.
     WentBack,
@@ -530,18 +526,11 @@ async fn back_to_a_snapshot(
         .await
         .expect("xsetid");
     let relayed = format!("{prefix}:relayed");
-    let mut command = match key {
-        RelayedKey::WentBack => redis::cmd("SET"),
-        RelayedKey::Gone => redis::cmd("DEL"),
-    };
-    command.arg(&relayed);
-    if let RelayedKey::WentBack = key {
-        command.arg(last_kept);
+    let _: () = match key {
+        RelayedKey::WentBack => conn.set(&relayed, last_kept).await,
+        RelayedKey::Gone => conn.del(&relayed).await,
     }
-    let _: () = command
-        .query_async(&mut conn)
-        .await
-        .expect("set the relayed position");
+    .expect("set the relayed position");
     (conn, stream)
 }
 
