@@ -159,6 +159,8 @@ pub(crate) struct TypeStats<'a> {
     pub last_seq: i64,
     /// Bit `level - 1` set for every priority level seen.
     pub levels: i16,
+    /// The first sequence of each level seen, at index `level - 1`.
+    pub level_first_seqs: [Option<i64>; 4],
 }
 
 /// Aggregates the rows per (tenant, type), so each statistics row is written once per commit.
@@ -180,6 +182,7 @@ pub(crate) fn type_stats<'a>(rows: &[NewRow<'a>]) -> Vec<TypeStats<'a>> {
                     first_seq: r.seq,
                     last_seq: r.seq,
                     levels: 0,
+                    level_first_seqs: [None; 4],
                 });
                 stats.len() - 1
             }),
@@ -188,7 +191,9 @@ pub(crate) fn type_stats<'a>(rows: &[NewRow<'a>]) -> Vec<TypeStats<'a>> {
         let s = &mut stats[i];
         s.count += 1;
         s.last_seq = r.seq;
-        s.levels |= level_bit(r.priority() as i16);
+        let level = r.priority() as i16;
+        s.levels |= level_bit(level);
+        s.level_first_seqs[level_bit(level).trailing_zeros() as usize].get_or_insert(r.seq);
     }
     stats
 }

@@ -551,6 +551,13 @@ async fn insert_rows(
            ON CONFLICT (tenant, type) DO UPDATE SET count = event_types.count + excluded.count, \
            last_seq = excluded.last_seq, last_recorded_ns = excluded.last_recorded_ns, \
            levels = event_types.levels | excluded.levels), \
+         firsts AS (INSERT INTO event_type_levels (tenant, type, level, first_seq) \
+           SELECT x.t, x.ty, v.level, lock.head + v.f FROM lock, \
+           UNNEST($11::TEXT[], $12::TEXT[], $19::BIGINT[], $20::BIGINT[], $21::BIGINT[], $22::BIGINT[]) AS x(t, ty, f1, f2, f3, f4), \
+           LATERAL (VALUES (1::SMALLINT, x.f1), (2::SMALLINT, x.f2), (3::SMALLINT, x.f3), (4::SMALLINT, x.f4)) AS v(level, f) \
+           WHERE v.f IS NOT NULL AND NOT EXISTS (SELECT 1 FROM event_types o WHERE o.tenant = x.t AND o.type = x.ty \
+             AND o.levels & (1::SMALLINT << (v.level - 1)) <> 0) \
+           ON CONFLICT DO NOTHING), \
          head AS (UPDATE nerve_sequence SET seq = lock.head + $17, recorded_ns = lock.now_ns FROM lock), \
          notify AS (SELECT pg_notify($18, (lock.head + $17)::TEXT) FROM lock) \
          SELECT lock.head, lock.now_ns FROM lock, notify",
@@ -573,27 +580,41 @@ async fn insert_rows(
     .bind(stats.iter().map(|s| s.levels).collect::<Vec<_>>())
     .bind(last)
     .bind(channel)
+    .bind(level_firsts(&stats, 0, base))
+    .bind(level_firsts(&stats, 1, base))
+    .bind(level_firsts(&stats, 2, base))
+    .bind(level_firsts(&stats, 3, base))
     .fetch_one(&mut *conn)
     .await?;
     Ok((row.try_get("head")?, row.try_get("now_ns")?))
 }
 
+/// The first sequence of priority level `index + 1` in each statistics row, relative to `base`.
+fn level_firsts(stats: &[commit::TypeStats], index: usize, base: i64) -> Vec<Option<i64>> {
+    stats
+        .iter()
+        .map(|s| s.level_first_seqs[index].map(|seq| seq - base))
+        .collect()
+}
+
 /// The last event up to `$4` of each stream (tenant `$1`, type `$2`, priority `$3`, whose level bit
 /// is `$5`), for [`PostgresStore::stream_ends`].
 ///
-/// A stream whose statistics row says its type has no event up to `$4`, or none of its priority, is
-/// not looked up: the walk back would read every event up to `$4` and find nothing (11 s for each
-/// new type of a benchmark, after 10M events). The others walk back by the (tenant, type, seq) index
-/// to the last event of their priority; `priority + 0` keeps the planner from walking back by
-/// (tenant, priority, seq) instead, which it chose without statistics, passing every event of the
-/// priority up to `$4` for a type that has none.
+/// A stream is not looked up when its type's statistics show no event of the type up to `$4`, none
+/// of its priority, or the first of its priority after `$4` (`event_type_levels`; a level used
+/// without a row there is not known, and is looked up): a walk back would read every event of the
+/// type up to `$4` to find none (11 s for each new type of a benchmark after 10M events, when the
+/// planner walked the priority's events instead). The others walk back by the (tenant, type, seq)
+/// index to the last event of their priority; `priority + 0` keeps the planner from walking back by
+/// (tenant, priority, seq) instead, which it chose without statistics.
 const STREAM_ENDS: &str = "SELECT s.i, (SELECT e.seq FROM events e \
        WHERE e.tenant = s.tenant AND e.type = s.type AND e.priority + 0 = s.priority \
          AND e.seq <= $4 ORDER BY e.seq DESC LIMIT 1) \
      FROM UNNEST($1::TEXT[], $2::TEXT[], $3::SMALLINT[], $5::SMALLINT[]) WITH ORDINALITY \
        AS s(tenant, type, priority, level_bit, i) \
      JOIN event_types t ON t.tenant = s.tenant AND t.type = s.type \
-     WHERE t.first_seq <= $4 AND t.levels & s.level_bit <> 0";
+     LEFT JOIN event_type_levels l ON l.tenant = s.tenant AND l.type = s.type AND l.level = s.priority \
+     WHERE t.first_seq <= $4 AND t.levels & s.level_bit <> 0 AND COALESCE(l.first_seq, 0) <= $4";
 
 #[async_trait]
 impl EventStore for PostgresStore {
@@ -1196,72 +1217,110 @@ mod tests {
             };
             NewEvent::new(event.clone(), event.content_hash())
         };
-        // sequences 1-5: three normal and one high event of ends.a, then the first of ends.b
-        let appended = store
-            .append(
-                "t",
-                vec![
-                    event(1, "ends.a", Priority::Normal),
-                    event(2, "ends.a", Priority::Normal),
-                    event(3, "ends.a", Priority::Normal),
-                    event(4, "ends.a", Priority::High),
-                    event(5, "ends.b", Priority::Normal),
-                ],
-            )
-            .await
-            .expect("commits");
-        let seqs: Vec<u64> = appended.iter().map(|a| a.sequence).collect();
+        // three normal events and one high of ends.a, then the first event of ends.b and the first
+        // critical one of ends.a, both after the position asked about (the fourth event); the
+        // second batch repeats the first event, so its commit numbers its rows from a locked head
+        let mut seqs = Vec::new();
+        for batch in [
+            vec![
+                event(1, "ends.a", Priority::Normal),
+                event(2, "ends.a", Priority::Normal),
+                event(3, "ends.a", Priority::Normal),
+                event(4, "ends.a", Priority::High),
+            ],
+            vec![
+                event(1, "ends.a", Priority::Normal),
+                event(5, "ends.b", Priority::Normal),
+                event(6, "ends.a", Priority::Critical),
+                event(7, "ends.a", Priority::High),
+            ],
+        ] {
+            let appended = store.append("t", batch).await.expect("commits");
+            seqs.extend(appended.iter().filter(|a| !a.duplicate).map(|a| a.sequence));
+        }
+        assert_eq!(seqs.len(), 7, "one duplicate in {seqs:?}");
+        let at_most = seqs[3];
         let streams = [
             ("t", "ends.a", Priority::Normal as i16),
             ("t", "ends.a", Priority::High as i16),
             // never used by ends.a
             ("t", "ends.a", Priority::Low as i16),
-            // its first event is after the position asked about
+            // first used after the position
+            ("t", "ends.a", Priority::Critical as i16),
             ("t", "ends.b", Priority::Normal as i16),
             // not stored at all
             ("t", "ends.c", Priority::Normal as i16),
             ("u", "ends.a", Priority::Normal as i16),
         ];
+        let expected = [Some(seqs[2]), Some(at_most), None, None, None, None, None];
         let ends = store
-            .stream_ends(&streams, seqs[3])
+            .stream_ends(&streams, at_most)
+            .await
+            .expect("reads the ends");
+        assert_eq!(ends, expected, "ends up to {at_most}");
+
+        // how many streams the lookup walked back through the events for
+        let walks = || async {
+            let plan: (serde_json::Value,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "EXPLAIN (ANALYZE, FORMAT JSON) {STREAM_ENDS}"
+            )))
+            .bind(streams.iter().map(|s| s.0).collect::<Vec<_>>())
+            .bind(streams.iter().map(|s| s.1).collect::<Vec<_>>())
+            .bind(streams.iter().map(|s| s.2).collect::<Vec<_>>())
+            .bind(seq_i64(at_most))
+            .bind(
+                streams
+                    .iter()
+                    .map(|s| commit::level_bit(s.2))
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_one(&store.pool)
+            .await
+            .expect("explains the lookup");
+            fn subplan_loops(node: &serde_json::Value) -> Option<u64> {
+                if node["Subplan Name"].as_str().is_some() {
+                    return node["Actual Loops"].as_u64();
+                }
+                node["Plans"].as_array()?.iter().find_map(subplan_loops)
+            }
+            (subplan_loops(&plan.0[0]["Plan"]), plan.0)
+        };
+        // only the first two: a walk for the others would read every event of the type up to the
+        // position and find none (seconds on a large store)
+        let (loops, plan) = walks().await;
+        assert_eq!(loops, Some(2), "walks of the events in {plan:#}");
+
+        // a level's first sequence is the one that first set its bit; a later event leaves it
+        let firsts: Vec<(i16, i64)> = sqlx::query_as(
+            "SELECT level, first_seq FROM event_type_levels \
+             WHERE tenant = 't' AND type = 'ends.a' ORDER BY level",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .expect("reads the first sequences");
+        let seq = |i: usize| seqs[i] as i64;
+        assert_eq!(firsts, [(2, seq(0)), (3, seq(3)), (4, seq(5))]);
+
+        // levels whose first sequence is not known (first used before it was kept) are walked, and
+        // a later event of such a level does not make its own sequence the level's first; ends.b's
+        // first event is still after the position
+        sqlx::query("DELETE FROM event_type_levels")
+            .execute(&store.pool)
+            .await
+            .expect("forgets the first sequences");
+        store
+            .append("t", vec![event(8, "ends.a", Priority::High)])
+            .await
+            .expect("commits");
+        let ends = store
+            .stream_ends(&streams, at_most)
             .await
             .expect("reads the ends");
         assert_eq!(
-            ends,
-            [Some(seqs[2]), Some(seqs[3]), None, None, None, None],
-            "ends up to {}",
-            seqs[3]
+            ends, expected,
+            "ends up to {at_most}, first sequences unknown"
         );
-
-        // the events are walked for the first two streams only: a walk for the others would read
-        // every event up to the position and find nothing (seconds on a large store)
-        let plan: (serde_json::Value,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN (ANALYZE, FORMAT JSON) {STREAM_ENDS}"
-        )))
-        .bind(streams.iter().map(|s| s.0).collect::<Vec<_>>())
-        .bind(streams.iter().map(|s| s.1).collect::<Vec<_>>())
-        .bind(streams.iter().map(|s| s.2).collect::<Vec<_>>())
-        .bind(seq_i64(seqs[3]))
-        .bind(
-            streams
-                .iter()
-                .map(|s| commit::level_bit(s.2))
-                .collect::<Vec<_>>(),
-        )
-        .fetch_one(&store.pool)
-        .await
-        .expect("explains the lookup");
-        fn subplan_loops(node: &serde_json::Value) -> Option<u64> {
-            if node["Subplan Name"].as_str().is_some() {
-                return node["Actual Loops"].as_u64();
-            }
-            node["Plans"].as_array()?.iter().find_map(subplan_loops)
-        }
-        assert_eq!(
-            subplan_loops(&plan.0[0]["Plan"]),
-            Some(2),
-            "walks of the events in {:#}",
-            plan.0
-        );
+        let (loops, plan) = walks().await;
+        assert_eq!(loops, Some(3), "walks of the events in {plan:#}");
     }
 }
