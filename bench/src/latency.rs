@@ -16,7 +16,7 @@ use crate::{
     progress,
     report::{Report, Row},
     scenarios, server,
-    util::{Hist, LoadResult, delivery_rate, from_schedule_note, per_second},
+    util::{DiskSettles, Hist, LoadResult, delivery_rate, from_schedule_note, per_second},
 };
 
 /// What one slice of an open loop measured: the sending, and what the subscriber read.
@@ -385,6 +385,7 @@ async fn interleave(args: &Args, systems: &[System], report: &mut Report) {
     let rounds = args.rounds.max(1) as usize;
     let mut failed = vec![false; systems.len()];
     for &rate in &args.rates {
+        let mut settles = DiskSettles::default();
         let mut cells: Vec<Measured> = systems
             .iter()
             .map(|system| match system {
@@ -403,12 +404,18 @@ async fn interleave(args: &Args, systems: &[System], report: &mut Report) {
                     system.name(),
                     round + 1
                 ));
+                // what the system before wrote (a Postgres checkpoint's worth after a publish
+                // matrix) would otherwise be flushed in this one's slice
+                settles.settle().await;
                 if let Err(e) = system.measure(args, rate, round, &mut cells[i]).await {
                     failed[i] = true;
                     fail(report, "latency", system.name(), e);
                 }
             }
         }
+        report
+            .notes
+            .extend(settles.note(&format!("the latency slices at {rate}/s (one before each)")));
         for (i, cell) in cells.into_iter().enumerate() {
             if !failed[i] {
                 let system = &systems[i];

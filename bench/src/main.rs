@@ -465,15 +465,20 @@ async fn run(args: Args) -> Result<ExitCode> {
             }
         }
     }
+    let mut settles = util::DiskSettles::default();
     for scenario in &args.scenarios {
         if *scenario == Scenario::Latency {
             latency::run(&args, &buses, &run_id, &mut report).await;
         } else {
             for ctx in &buses {
+                settles.settle().await;
                 run_scenario(ctx, *scenario, &mut report).await;
             }
         }
     }
+    report
+        .notes
+        .extend(settles.note("every other scenario on each server"));
     for (server, ctx) in servers.into_iter().zip(&buses) {
         if let Err(e) = server.stop().await {
             fail(&mut report, "stop", &ctx.system, e);

@@ -27,6 +27,37 @@ pub fn now_ns() -> u64 {
     u64::try_from(EPOCH.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// The host's dirty pages written to disk (`sync(2)`) before each measured part, and how long each
+/// took. Postgres' checkpoints and the kernel's writeback flush what a system wrote seconds or minutes
+/// before (a publish matrix leaves gigabytes); settled first, those writes do not land in another
+/// system's measurement.
+#[derive(Default)]
+pub struct DiskSettles(Vec<Duration>);
+
+impl DiskSettles {
+    /// Writes every dirty page of the host to disk and waits for it.
+    pub async fn settle(&mut self) {
+        let started = Instant::now();
+        // sync(2) returns once the writes are done: off the runtime's threads
+        let _ = tokio::task::spawn_blocking(rustix::fs::sync).await;
+        self.0.push(started.elapsed());
+    }
+
+    /// "N syncs before <what>: p50 X ms, max Y ms", or `None` before any.
+    pub fn note(&self, what: &str) -> Option<String> {
+        let mut took = self.0.clone();
+        took.sort();
+        let max = *took.last()?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        Some(format!(
+            "{} syncs of the host's dirty pages before {what}, not measured in any cell: p50 {:.1} ms, max {:.1} ms",
+            took.len(),
+            ms(took[took.len() / 2]),
+            ms(max)
+        ))
+    }
+}
+
 /// Fills a row from a load result and the meter that watched it.
 pub fn load_row(mut row: Row, r: &LoadResult, meter: &Meter) -> Row {
     row.events = r.events;
@@ -536,6 +567,21 @@ pub fn fmt_rate(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn each_settle_is_timed_and_the_note_gives_their_median_and_max() {
+        let mut settles = DiskSettles::default();
+        assert_eq!(settles.note("x"), None, "no note before any sync");
+        settles.settle().await;
+        assert_eq!(settles.0.len(), 1);
+        settles.0 = [3, 1, 2].map(Duration::from_millis).to_vec();
+        assert_eq!(
+            settles.note("the slices").as_deref(),
+            Some(
+                "3 syncs of the host's dirty pages before the slices, not measured in any cell: p50 2.0 ms, max 3.0 ms"
+            )
+        );
+    }
 
     /// The tests that time an open loop's sends run one at a time: on a machine of two cores, two
     /// loops at once delay each other's wakes, and the sends of a late wake leave in a burst.
