@@ -603,8 +603,8 @@ fn level_firsts(stats: &[commit::TypeStats], index: usize, base: i64) -> Vec<Opt
 /// A stream is not looked up when its type's statistics show no event of the type up to `$4`, none
 /// of its priority, or the first of its priority after `$4` (`event_type_levels`; a level used
 /// without a row there is not known, and is looked up): a walk back would read every event of the
-/// type up to `$4` to find none (11 s for each new type of a benchmark after 10M events, when the
-/// planner walked the priority's events instead). The others walk back by the (tenant, type, seq)
+/// type up to `$4` to find none (11.5 s for a relay step's new types in a benchmark, when the
+/// planner walked the priority's 6M events instead). The others walk back by the (tenant, type, seq)
 /// index to the last event of their priority; `priority + 0` keeps the planner from walking back by
 /// (tenant, priority, seq) instead, which it chose without statistics.
 const STREAM_ENDS: &str = "SELECT s.i, (SELECT e.seq FROM events e \
