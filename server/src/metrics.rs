@@ -139,7 +139,7 @@ fn describe() {
     describe_histogram!(
         COMMIT_SECONDS,
         Unit::Seconds,
-        "Group commits of the event store that succeeded."
+        "Group commits of the event store that succeeded, from their start until they are on disk."
     );
     describe_histogram!(
         COMMIT_BATCH,

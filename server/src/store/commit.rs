@@ -232,7 +232,18 @@ pub(crate) trait BatchWriter: Send + 'static {
 
     /// Returns a check that answers whether the database takes commits again, and if not, why.
     fn probe(&self) -> impl Future<Output = StoreResult<()>> + Send + 'static;
+
+    /// For a writer whose commits are not durable when [`BatchWriter::attempt`] returns: the sync
+    /// that makes every commit returned before it durable. A thread of its own runs it while the
+    /// writer goes on with the next batch, and a commit is shown and answered only after a sync that
+    /// began after it returned.
+    fn log_sync(&mut self) -> Option<LogSync> {
+        None
+    }
 }
+
+/// Makes every commit a writer returned before the call durable; see [`BatchWriter::log_sync`].
+pub(crate) type LogSync = Box<dyn FnMut() -> std::io::Result<()> + Send>;
 
 /// Commits that look up their keys first after a batch held an event already stored: retries of
 /// publishes come in bursts, and each such batch would otherwise be written twice.
@@ -281,8 +292,16 @@ pub(crate) struct RecentCommits {
 
 #[derive(Default, Clone, Copy)]
 struct WriterState {
-    committing: bool,
+    /// Commits begun; more than `finished` while some are in flight (one being written, others
+    /// waiting for their sync).
+    begun: u64,
     finished: u64,
+}
+
+impl WriterState {
+    fn committing(&self) -> bool {
+        self.begun > self.finished
+    }
 }
 
 #[derive(Default)]
@@ -296,11 +315,12 @@ struct Held {
 impl RecentCommits {
     /// Marks a commit as in flight, until [`RecentCommits::finish`].
     fn begin(&self) {
-        self.writer.send_modify(|w| w.committing = true);
+        self.writer.send_modify(|w| w.begun += 1);
     }
 
     /// Adds the events a commit stored (sequences increasing; none when it failed), dropping the
-    /// oldest beyond the bounds, and marks the commit finished.
+    /// oldest beyond the bounds, and marks the commit finished. Commits finish in the order they
+    /// began.
     fn finish(&self, fresh: Vec<(Arc<StoredEvent>, usize)>) {
         {
             let mut guard = self.held.lock().unwrap_or_else(|p| p.into_inner());
@@ -325,8 +345,8 @@ impl RecentCommits {
         }
         // after the events are held: a read woken by this finds them
         self.writer.send_modify(|w| {
-            w.committing = false;
             w.finished += 1;
+            w.begun = w.begun.max(w.finished);
         });
     }
 
@@ -349,16 +369,16 @@ impl RecentCommits {
         (!out.is_empty()).then_some(out)
     }
 
-    /// Waits for this process' commit in flight, if any. Its events carry a recorded time taken when it
-    /// began, so a time bound turned into a sequence right after this counts them.
+    /// Waits for this process' commits in flight, if any. Their events carry a recorded time taken when
+    /// they began, so a time bound turned into a sequence right after this counts them.
     pub(crate) async fn settled(&self) {
         let state = *self.writer.borrow();
-        if state.committing {
+        if state.committing() {
             // an error means the writer is gone: nothing is in flight any more
             let _ = self
                 .writer
                 .subscribe()
-                .wait_for(|w| w.finished > state.finished)
+                .wait_for(|w| w.finished >= state.begun)
                 .await;
         }
     }
@@ -384,7 +404,7 @@ impl RecentCommits {
                 .back()
                 .is_none_or(|(last, _)| last.sequence <= after)
         };
-        if !state.committing || !past_held {
+        if !state.committing() || !past_held {
             return None;
         }
         // an error means the writer is gone: the caller reads the database
@@ -410,6 +430,13 @@ pub(crate) fn start<W: BatchWriter>(
     recent: Arc<RecentCommits>,
 ) -> StoreResult<mpsc::Sender<CommitRequest>> {
     let (tx, mut rx) = mpsc::channel::<CommitRequest>(1024);
+    let finishing = match writer.log_sync() {
+        None => Finishing::AtOnce {
+            recent: recent.clone(),
+            committed,
+        },
+        Some(sync) => Finishing::AfterSync(start_syncs(sync, recent.clone(), committed)?),
+    };
     let writer_loop = async move {
         let mut lookups_left = 0;
         while let Some(first) = rx.recv().await {
@@ -432,7 +459,7 @@ pub(crate) fn start<W: BatchWriter>(
                 batch,
                 &mut lookups_left,
                 &recent,
-                &committed,
+                &finishing,
             )
             .await
             {
@@ -452,7 +479,7 @@ pub(crate) fn start<W: BatchWriter>(
                             vec![request],
                             &mut lookups_left,
                             &recent,
-                            &committed,
+                            &finishing,
                         )
                         .await;
                         if let Err((single, e)) = single {
@@ -489,40 +516,154 @@ pub(crate) fn start<W: BatchWriter>(
     Ok(tx)
 }
 
-/// Commits one batch and answers its requests; on failure it hands the batch back unanswered.
+/// Commits written and waiting for their sync, at most, before the writer waits for the sync too.
+/// One sync covers every commit waiting, so more would only hold more memory.
+const COMMITS_AWAITING_SYNC: usize = 2;
+
+/// Starts the thread that syncs the writer's log ([`BatchWriter::log_sync`]) and then shows and
+/// answers the commits written before the sync began, in the order they were written; returns where
+/// to send them. It ends when the writer does, after syncing what was written last.
+///
+/// With the sync inside the commit, a publish waited for the commit in progress, its sync included,
+/// and then for its own: the sync was on the writer's path twice (docs/benchmarks.md, cause 4).
+fn start_syncs(
+    mut sync: LogSync,
+    recent: Arc<RecentCommits>,
+    committed: watch::Sender<u64>,
+) -> StoreResult<std::sync::mpsc::SyncSender<Written>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Written>(COMMITS_AWAITING_SYNC);
+    std::thread::Builder::new()
+        .name("nerve-sync".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut written = vec![first];
+                written.extend(rx.try_iter());
+                if written.iter().any(|w| w.started.is_some())
+                    && let Err(e) = sync()
+                {
+                    // The kernel may mark the pages it could not write clean, so a later sync
+                    // would succeed without writing them: which commits reached the disk cannot be
+                    // known, and none of these was shown or answered (Postgres stops alike).
+                    stop_unsynced(&e.to_string());
+                }
+                for w in written {
+                    w.finish(&recent, &committed);
+                }
+            }
+        })
+        .map_err(|e| StoreError::Internal(format!("starting the log sync: {e}")))?;
+    Ok(tx)
+}
+
+/// Ends the process when written commits cannot be synced: it cannot answer them, nor tell which
+/// reached the disk.
+fn stop_unsynced(why: &str) -> ! {
+    error!(
+        error = why,
+        "syncing the event log failed; stopping the process"
+    );
+    eprintln!("nerve: syncing the event log failed ({why}); stopping the process");
+    std::process::abort()
+}
+
+/// Where a written commit goes to be shown and answered.
+enum Finishing {
+    /// The commit was durable when written: at once, on the writer's thread.
+    AtOnce {
+        recent: Arc<RecentCommits>,
+        committed: watch::Sender<u64>,
+    },
+    /// To the thread that syncs the log first ([`start_syncs`]).
+    AfterSync(std::sync::mpsc::SyncSender<Written>),
+}
+
+impl Finishing {
+    fn finish(&self, written: Written) {
+        match self {
+            Finishing::AtOnce { recent, committed } => written.finish(recent, committed),
+            Finishing::AfterSync(syncs) => {
+                // the sync thread ends after the writer, unless it panicked: commits would then be
+                // written and never shown, and a wait for them would never end
+                if syncs.send(written).is_err() {
+                    stop_unsynced("the sync thread has stopped");
+                }
+            }
+        }
+    }
+}
+
+/// A commit written (or failed), to be shown and answered in the order commits began.
+struct Written {
+    batch: Vec<CommitRequest>,
+    results: Vec<StoreResult<Vec<Appended>>>,
+    fresh: Vec<(Arc<StoredEvent>, usize)>,
+    events: usize,
+    /// When the commit began; `None` for a failed one, which only ends its turn in flight.
+    started: Option<std::time::Instant>,
+}
+
+impl Written {
+    fn failed() -> Self {
+        Written {
+            batch: Vec::new(),
+            results: Vec::new(),
+            fresh: Vec::new(),
+            events: 0,
+            started: None,
+        }
+    }
+
+    /// Holds the commit's events for the relay, raises the committed head, answers the requests.
+    fn finish(self, recent: &RecentCommits, committed: &watch::Sender<u64>) {
+        if let Some(started) = self.started {
+            // commits only: a failed batch is tried again, and would count its events twice
+            ::metrics::histogram!(crate::metrics::names::COMMIT_SECONDS).record(started.elapsed());
+            ::metrics::histogram!(crate::metrics::names::COMMIT_BATCH).record(self.events as f64);
+            debug!(
+                requests = self.batch.len(),
+                events = self.events,
+                "group commit"
+            );
+        }
+        let head = self.fresh.last().map(|(e, _)| e.sequence);
+        recent.finish(self.fresh);
+        if let Some(head) = head {
+            advance(committed, head);
+        }
+        for (request, result) in self.batch.into_iter().zip(self.results) {
+            let _ = request.reply.send(result);
+        }
+    }
+}
+
+/// Commits one batch and hands it on to be answered; on failure it hands the batch back unanswered.
 async fn commit_and_answer<W: BatchWriter>(
     writer: &mut W,
     mut batch: Vec<CommitRequest>,
     lookups_left: &mut u32,
     recent: &RecentCommits,
-    committed: &watch::Sender<u64>,
+    finishing: &Finishing,
 ) -> Result<(), (Vec<CommitRequest>, StoreError)> {
-    let total: usize = batch.iter().map(|r| r.events.len()).sum();
+    let events: usize = batch.iter().map(|r| r.events.len()).sum();
     let started = std::time::Instant::now();
     recent.begin();
-    let result = commit(writer, &batch, lookups_left).await;
-    match result {
+    match commit(writer, &batch, lookups_left).await {
         Ok(Committed {
             results,
             recorded_ns,
         }) => {
-            // commits only: a failed batch is tried again, and would count its events twice
-            ::metrics::histogram!(crate::metrics::names::COMMIT_SECONDS).record(started.elapsed());
-            ::metrics::histogram!(crate::metrics::names::COMMIT_BATCH).record(total as f64);
             let fresh = stored_events(&mut batch, &results, recorded_ns);
-            let head = fresh.last().map(|(e, _)| e.sequence);
-            recent.finish(fresh);
-            if let Some(head) = head {
-                advance(committed, head);
-            }
-            debug!(requests = batch.len(), events = total, "group commit");
-            for (request, result) in batch.into_iter().zip(results) {
-                let _ = request.reply.send(result);
-            }
+            finishing.finish(Written {
+                batch,
+                results,
+                fresh,
+                events,
+                started: Some(started),
+            });
             Ok(())
         }
         Err(e) => {
-            recent.finish(Vec::new());
+            finishing.finish(Written::failed());
             error!(error = %e, requests = batch.len(), "group commit failed");
             Err((batch, e))
         }

@@ -1,6 +1,7 @@
-//! The embedded event store: one SQLite file in WAL mode, one writer that group-commits. Every commit
-//! syncs the log (`synchronous=FULL`) except those of groups' delivery state
-//! ([`SqliteDb::lock_delivery_writer`]).
+//! The embedded event store: one SQLite file in WAL mode, one writer that group-commits. Event commits
+//! are synced by a thread of their own before they are answered or read ([`open_event_writer`]);
+//! groups' delivery state goes to the disk with the next sync ([`SqliteDb::lock_delivery_writer`]);
+//! every other commit syncs the log itself (`synchronous=FULL`).
 
 use std::{
     ops::{Deref, DerefMut},
@@ -40,7 +41,7 @@ pub struct SqliteDb {
     /// The connection that writes groups' delivery state (claims, acks, lease changes), only while
     /// `writer` is held ([`SqliteDb::lock_delivery_writer`]). It commits with `synchronous=NORMAL`: a
     /// commit is in the log at once, so it survives the process, and on the disk with the next
-    /// commit that syncs the log (every event commit does; so does a checkpoint, every 50 ms). A
+    /// sync of the log (every event commit's; a checkpoint's, every 50 ms). A
     /// sync of its own made each claim and each ack wait for the disk (docs/benchmarks.md, cause 5 (q)).
     /// A rusqlite connection, run on the caller's thread: through sqlx every statement crossed to a
     /// thread of its own and back.
@@ -56,7 +57,7 @@ impl SqliteDb {
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // an acknowledged publish must be on disk, not in the OS cache
+            // what this connection writes is answered once it is on disk, not in the OS cache
             .synchronous(SqliteSynchronous::Full)
             .pragma("wal_autocheckpoint", WAL_BACKSTOP_PAGES.to_string())
             .busy_timeout(Duration::from_secs(10));
@@ -305,6 +306,7 @@ fn literal_count<'a>(
     tenant: &'a str,
     literals: &[&'a str],
     after_by_level: [u64; 4],
+    durable: u64,
 ) {
     sql.push("SELECT 0");
     for event_type in literals {
@@ -320,6 +322,8 @@ fn literal_count<'a>(
                 .push_bind(level.as_i64())
                 .push(" AND seq > ")
                 .push_bind(seq_i64(after))
+                .push(" AND seq <= ")
+                .push_bind(seq_i64(durable))
                 .push(")");
         }
     }
@@ -372,6 +376,33 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Starts the store on an open database, with its group-commit writer.
     pub async fn start(db: SqliteDb) -> StoreResult<Arc<Self>> {
+        Self::start_with(db, |sync| sync).await
+    }
+
+    /// [`SqliteStore::start`], with the log sync wrapped (tests hold it back).
+    async fn start_with(
+        db: SqliteDb,
+        wrap: impl FnOnce(commit::LogSync) -> commit::LogSync,
+    ) -> StoreResult<Arc<Self>> {
+        let conn = open_event_writer(&db.path)?;
+        // The writer's connection has read the database in WAL mode, so the log file exists. Every
+        // frame a commit wrote is in it, and SQLite's recovery keeps every commit whose frames are
+        // whole, so its `fdatasync` makes the commits written before it durable. It stays the same
+        // file while this process has the database open: SQLite deletes it only when its last
+        // connection closes, and a restart of the log rewrites it in place. Its name comes from
+        // SQLite, which resolves a database path through symbolic links.
+        let log_path = format!(
+            "{}-wal",
+            conn.path()
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| StoreError::Internal("the database has no file name".into()))?
+        );
+        let log = std::fs::File::open(&log_path)
+            .map_err(|e| StoreError::Unavailable(format!("opening the log {log_path}: {e}")))?;
+        // A process that stopped between a commit and its sync left that commit in the log, maybe
+        // only in the OS cache; everything up to the head read below is shown as durable.
+        log.sync_data()
+            .map_err(|e| StoreError::Unavailable(format!("syncing the log {log_path}: {e}")))?;
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events")
             .fetch_one(&db.pool)
             .await
@@ -387,10 +418,11 @@ impl SqliteStore {
         let recent = Arc::new(RecentCommits::default());
         let commits = commit::start(
             SqliteWriter {
-                conn: open_event_writer(&db.path)?,
+                conn,
                 writer: db.writer.clone(),
                 last_ns,
                 head: Some(head),
+                log_sync: Some(wrap(Box::new(move || log.sync_data()))),
             },
             committed_tx,
             recent.clone(),
@@ -407,6 +439,12 @@ impl SqliteStore {
     /// Returns the database, for the embedded streams.
     pub fn db(&self) -> &SqliteDb {
         &self.db
+    }
+
+    /// The committed head: the last event whose commit is synced. The writer's commits are in the
+    /// database before their sync ([`open_event_writer`]), so every read of events stops here.
+    fn durable(&self) -> u64 {
+        *self.committed.borrow()
     }
 }
 
@@ -450,15 +488,22 @@ fn open_delivery_writer(path: &Path) -> StoreResult<rusqlite::Connection> {
     Ok(conn)
 }
 
-/// Opens the group commit's own connection to the migrated database, as durable as the others.
+/// Opens the group commit's own connection to the migrated database.
 ///
 /// sqlx runs each connection's statements on a thread of its own and answers every statement of a
 /// call with a message of its own, so each commit (`BEGIN`, the inserts, `COMMIT`) crossed to that
 /// thread and woke the writer once per statement; this connection runs on the writer's thread itself
 /// (docs/benchmarks.md, cause 4: "Fixed: the commit crossed threads").
+///
+/// Its commits do not sync the log (`synchronous=NORMAL`): the log sync thread does, while the writer
+/// writes the next commit ([`SqliteWriter::log_sync`]). A commit is shown and answered only after
+/// that sync, and readers see no event past the committed head ([`SqliteStore::durable`]), so what
+/// a power loss can take back was never answered or read. SQLite keeps the log consistent either way.
 fn open_event_writer(path: &Path) -> StoreResult<rusqlite::Connection> {
     let unopened = unopened(path);
     let conn = open_rusqlite(path)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(unopened)?;
     conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)
         .map_err(unopened)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
@@ -522,7 +567,7 @@ fn start_checkpoints(path: &Path, committed: watch::Receiver<u64>) -> StoreResul
     Ok(())
 }
 
-/// Events of a tenant with an id, from any source (`?1` tenant, `?2` id): each source of the tenant
+/// Events of a tenant with an id, from any source (`?1` tenant, `?2` id, `?3` the committed head): each source of the tenant
 /// found with one seek of `events_key`, then the id looked up under it. The key leads with the source,
 /// and SQLite does not skip over a leading column by itself: a lookup by id alone read every event of
 /// the tenant (70-100 ms at 300,000 events, against 0.5 ms this way).
@@ -531,7 +576,7 @@ const FIND_IN_EVERY_SOURCE: &str = "WITH RECURSIVE sources(source) AS (\
      UNION ALL SELECT (SELECT MIN(source) FROM events WHERE tenant = ?1 AND source > sources.source) \
      FROM sources WHERE sources.source IS NOT NULL) \
      SELECT e.* FROM sources JOIN events e ON e.tenant = ?1 AND e.source = sources.source AND e.id = ?2 \
-     ORDER BY e.seq LIMIT 16";
+     AND e.seq <= ?3 ORDER BY e.seq LIMIT 16";
 
 /// Translates errors of the rusqlite writers (events, delivery state): a full or failing disk is worth
 /// a retry.
@@ -573,12 +618,18 @@ struct SqliteWriter {
     /// The highest stored sequence, kept here because this writer is the only one that inserts events;
     /// `None` after a failed commit, until it is read again.
     head: Option<i64>,
+    /// The sync of the log (`-wal`) file, for [`BatchWriter::log_sync`].
+    log_sync: Option<commit::LogSync>,
 }
 
 impl BatchWriter for SqliteWriter {
     fn probe(&self) -> impl Future<Output = StoreResult<()>> + Send + 'static {
         // a local file: nothing to wait for
         std::future::ready(Ok(()))
+    }
+
+    fn log_sync(&mut self) -> Option<commit::LogSync> {
+        self.log_sync.take()
     }
 
     async fn attempt(
@@ -741,12 +792,17 @@ impl EventStore for SqliteStore {
     }
 
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {
-        // the head before the read: every event up to it is committed, so the read sees it
-        let committed = *self.committed.borrow();
+        // the head before the read: every event up to it is committed, so the read sees it, and
+        // none after it is read (it may not be synced yet)
+        let committed = self.durable();
         let limit = query.page_limit();
         let literals = literal_types(&query.types);
+        let bounded = ReadQuery {
+            until: Some(query.until.map_or(committed, |until| until.min(committed))),
+            ..query.clone()
+        };
         let mut sql = QueryBuilder::<Sqlite>::new("");
-        push_page_read(&mut sql, query, literals.as_deref(), limit);
+        push_page_read(&mut sql, &bounded, literals.as_deref(), limit);
         let mut chunks = sql.build_query_as::<(i64, Vec<u8>)>().fetch(&self.db.pool);
         let mut fill = PageFill::new(query.after);
         let mut count = 0;
@@ -790,7 +846,9 @@ impl EventStore for SqliteStore {
         for s in sequences {
             list.push_bind(seq_i64(*s));
         }
-        sql.push(") ORDER BY seq");
+        sql.push(") AND seq <= ")
+            .push_bind(seq_i64(self.durable()))
+            .push(" ORDER BY seq");
         let rows = sql
             .build()
             .fetch_all(&self.db.pool)
@@ -803,12 +861,14 @@ impl EventStore for SqliteStore {
         if let Some(events) = self.recent.read_after(after, limit) {
             return Ok(events);
         }
-        let rows = sqlx::query("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?")
-            .bind(seq_i64(after))
-            .bind(limit as i64)
-            .fetch_all(&self.db.pool)
-            .await
-            .map_err(map_err)?;
+        let rows =
+            sqlx::query("SELECT * FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?")
+                .bind(seq_i64(after))
+                .bind(seq_i64(self.durable()))
+                .bind(limit as i64)
+                .fetch_all(&self.db.pool)
+                .await
+                .map_err(map_err)?;
         rows.iter().map(|r| decode(r).map(Arc::new)).collect()
     }
 
@@ -818,14 +878,19 @@ impl EventStore for SqliteStore {
         id: &str,
         source: Option<&str>,
     ) -> StoreResult<Vec<Arc<StoredEvent>>> {
+        let durable = seq_i64(self.durable());
         let query = match source {
-            Some(source) => {
-                sqlx::query("SELECT * FROM events WHERE tenant = ? AND source = ? AND id = ?")
-                    .bind(tenant)
-                    .bind(source)
-                    .bind(id)
-            }
-            None => sqlx::query(FIND_IN_EVERY_SOURCE).bind(tenant).bind(id),
+            Some(source) => sqlx::query(
+                "SELECT * FROM events WHERE tenant = ? AND source = ? AND id = ? AND seq <= ?",
+            )
+            .bind(tenant)
+            .bind(source)
+            .bind(id)
+            .bind(durable),
+            None => sqlx::query(FIND_IN_EVERY_SOURCE)
+                .bind(tenant)
+                .bind(id)
+                .bind(durable),
         };
         let rows = query.fetch_all(&self.db.pool).await.map_err(map_err)?;
         rows.iter().map(|r| decode(r).map(Arc::new)).collect()
@@ -839,12 +904,14 @@ impl EventStore for SqliteStore {
         // a commit in flight is stamped before it takes the writer's lock and shows at its end: a
         // bound computed meanwhile would leave out its events, stamped before the bound
         self.recent.settled().await;
+        let durable = self.durable();
         let seq: i64 = sqlx::query_scalar(super::SEQUENCE_BEFORE_SQL)
             .bind(to_ns(time))
             .fetch_one(&self.db.pool)
             .await
             .map_err(map_err)?;
-        Ok(seq as u64)
+        // a commit begun since has events in the database before its sync
+        Ok((seq as u64).min(durable))
     }
 
     async fn count_after(
@@ -857,7 +924,7 @@ impl EventStore for SqliteStore {
         // statement, instead of every type's events after the position
         if let Some(literals) = literal_types(&selection.types) {
             let mut sql = QueryBuilder::<Sqlite>::default();
-            literal_count(&mut sql, tenant, &literals, after_by_level);
+            literal_count(&mut sql, tenant, &literals, after_by_level, self.durable());
             let count: i64 = sql
                 .build()
                 .fetch_one(&self.db.pool)
@@ -867,17 +934,19 @@ impl EventStore for SqliteStore {
             return Ok(count as u64);
         }
         let mut total = 0;
+        let durable = self.durable();
         for (level, after) in Priority::ALL.iter().zip(after_by_level) {
             // a level the selection does not cover here
             if after == u64::MAX {
                 continue;
             }
             let rows = sqlx::query(
-                "SELECT type, COUNT(*) AS n FROM events WHERE tenant = ? AND priority = ? AND seq > ? GROUP BY type",
+                "SELECT type, COUNT(*) AS n FROM events WHERE tenant = ? AND priority = ? AND seq > ? AND seq <= ? GROUP BY type",
             )
             .bind(tenant)
             .bind(level.as_i64())
             .bind(seq_i64(after))
+            .bind(seq_i64(durable))
             .fetch_all(&self.db.pool)
             .await
             .map_err(map_err)?;
@@ -906,7 +975,8 @@ impl EventStore for SqliteStore {
         .fetch_all(&self.db.pool)
         .await
         .map_err(map_err)?;
-        rows.iter()
+        let stats = rows
+            .iter()
             .map(|r| {
                 Ok(EventTypeStats {
                     event_type: r.try_get("type").map_err(map_err)?,
@@ -916,7 +986,18 @@ impl EventStore for SqliteStore {
                     last_recorded_at: from_ns(r.try_get("last_recorded_ns").map_err(map_err)?),
                 })
             })
-            .collect()
+            .collect::<StoreResult<Vec<_>>>()?;
+        // A commit's statistics are in the table before its sync: answer once what they name is on
+        // the disk (the sync in flight, at most).
+        let newest = stats.iter().map(|s| s.last_sequence).max().unwrap_or(0);
+        if newest > self.durable() {
+            let mut committed = self.committed.clone();
+            committed
+                .wait_for(|head| *head >= newest)
+                .await
+                .map_err(|_| StoreError::Unavailable("the event writer has stopped".into()))?;
+        }
+        Ok(stats)
     }
 
     async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
@@ -1264,7 +1345,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_groups_delivery_state_commits_without_a_sync_of_its_own() {
+    async fn only_the_connection_of_other_writes_syncs_its_own_commits() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("nerve.db");
         let db = SqliteDb::open(&path).await.expect("open");
@@ -1279,10 +1360,151 @@ mod tests {
                 .expect("synchronous")
         };
         assert_eq!(level(&*db.lock_delivery_writer().await), 1);
+        // event commits are synced by the log sync (the test below)
         assert_eq!(
             level(&open_event_writer(&path).expect("events connection")),
-            2
+            1
         );
+    }
+
+    #[tokio::test]
+    async fn a_commit_is_answered_and_read_only_after_the_log_sync_that_follows_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nerve.db");
+        let (asked, sync_asked) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let db = SqliteDb::open(&path).await.expect("open");
+        let store = SqliteStore::start_with(db, move |mut sync| {
+            Box::new(move || {
+                let _ = asked.send(());
+                // held until the test lets it go (or ends)
+                let _ = released.recv();
+                sync()
+            })
+        })
+        .await
+        .expect("store");
+        let sync_asked = Arc::new(std::sync::Mutex::new(sync_asked));
+        let next_sync = || {
+            let sync_asked = sync_asked.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    sync_asked
+                        .lock()
+                        .expect("receiver")
+                        .recv_timeout(Duration::from_secs(10))
+                })
+                .await
+                .expect("join")
+                .expect("no sync was asked for within 10 s")
+            }
+        };
+        let raw = rusqlite::Connection::open(&path).expect("raw connection");
+        let rows = || -> i64 {
+            raw.query_row("SELECT COUNT(*) FROM events", [], |row| row.get(0))
+                .expect("count")
+        };
+        let mut first = store
+            .queue("t", new_events(0, &[("a", Priority::Normal)]))
+            .await
+            .expect("queued");
+        next_sync().await;
+        // the commit is in the database before its sync...
+        assert_eq!(rows(), 1, "the commit was not written before its sync");
+        // ...but neither answered nor read through the store
+        assert!(
+            futures::FutureExt::now_or_never(first.answer()).is_none(),
+            "answered before the sync"
+        );
+        assert_eq!(store.head().await.expect("head"), 0);
+        assert!(store.read_all(0, 10).await.expect("read_all").is_empty());
+        let from_start = |types: &[&str]| ReadQuery {
+            after: 0,
+            until: None,
+            ..query(types, None)
+        };
+        let page = store.read(&from_start(&[])).await.expect("read");
+        assert!(page.events.is_empty(), "a page read an unsynced event");
+        let literal = store.read(&from_start(&["a"])).await.expect("read");
+        assert!(literal.events.is_empty(), "a page read an unsynced event");
+        assert!(
+            store
+                .read_sequences(&[1])
+                .await
+                .expect("by sequence")
+                .is_empty()
+        );
+        assert!(
+            store
+                .find("t", "e0", Some("test"))
+                .await
+                .expect("find")
+                .is_empty()
+        );
+        assert!(store.find("t", "e0", None).await.expect("find").is_empty());
+        let lag = store
+            .count_after("t", [0; 4], &Selection::default())
+            .await
+            .expect("count");
+        assert_eq!(lag, 0, "an unsynced event was counted");
+        // the type statistics name the sequence: they answer once it is synced (a wait that ends
+        // by itself would have read them at once)
+        let mut listing = tokio::spawn({
+            let store = store.clone();
+            async move { store.event_types("t", "", 10).await }
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut listing)
+                .await
+                .is_err(),
+            "the type statistics answered before the sync"
+        );
+        // a commit written while the sync is held waits for the next sync, not that one
+        let mut second = store
+            .queue("t", new_events(1, &[("a", Priority::Normal)]))
+            .await
+            .expect("queued");
+        // nothing tells when the writer has written it: look
+        let written = std::time::Instant::now();
+        while rows() < 2 {
+            assert!(
+                written.elapsed() < Duration::from_secs(10),
+                "the second commit was not written within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        release.send(()).expect("release");
+        assert_eq!(first.committed().await.expect("committed")[0].sequence, 1);
+        let types = listing.await.expect("join").expect("event types");
+        assert_eq!(types[0].last_sequence, 1);
+        next_sync().await;
+        assert!(
+            futures::FutureExt::now_or_never(second.answer()).is_none(),
+            "answered before its own sync"
+        );
+        assert_eq!(store.head().await.expect("head"), 1);
+        let read: Vec<u64> = store
+            .read_all(0, 10)
+            .await
+            .expect("read_all")
+            .iter()
+            .map(|e| e.sequence)
+            .collect();
+        assert_eq!(read, [1]);
+        assert_eq!(
+            store
+                .read_sequences(&[1, 2])
+                .await
+                .expect("by sequence")
+                .len(),
+            1
+        );
+        release.send(()).expect("release");
+        assert_eq!(second.committed().await.expect("committed")[0].sequence, 2);
+        assert_eq!(store.head().await.expect("head"), 2);
+        assert_eq!(store.find("t", "e1", None).await.expect("find").len(), 1);
+        let page = store.read(&from_start(&["a"])).await.expect("read");
+        assert_eq!(page.events.len(), 2);
     }
 
     /// How many events the database file holds by itself: `immutable` makes SQLite ignore the log.
@@ -1416,6 +1638,7 @@ mod tests {
         )))
         .bind("t")
         .bind("id")
+        .bind(i64::MAX)
         .fetch_all(&db.pool)
         .await
         .expect("explain")
@@ -1435,7 +1658,8 @@ mod tests {
             );
         }
         assert!(
-            plan.contains("INDEX events_key (tenant=? AND source=? AND id=?)"),
+            // the committed head bounds the key's rows by sequence (`rowid`)
+            plan.contains("INDEX events_key (tenant=? AND source=? AND id=?"),
             "the id is not looked up under each source in\n{plan}"
         );
     }
@@ -1493,7 +1717,7 @@ mod tests {
         }
         // each type and level is one range of events_type_priority, not a scan of the positions
         let mut sql = QueryBuilder::<Sqlite>::new("EXPLAIN QUERY PLAN ");
-        literal_count(&mut sql, "t", &["a", "b"], [0; 4]);
+        literal_count(&mut sql, "t", &["a", "b"], [0; 4], 60);
         let steps = sql
             .build()
             .fetch_all(&store.db().pool)
@@ -1507,7 +1731,8 @@ mod tests {
         assert_eq!(searches.len(), 8, "{searches:?}");
         for search in searches {
             assert!(
-                search.contains("COVERING INDEX events_type_priority (tenant=? AND type=? AND priority=? AND seq>?)"),
+                // the range ends at the committed head
+                search.contains("COVERING INDEX events_type_priority (tenant=? AND type=? AND priority=? AND seq>? AND seq<?)"),
                 "{search}"
             );
         }
