@@ -4,13 +4,15 @@
 //! - [`SYSTEM`] stores nothing: what tonic, HTTP/2 and this tool cost on this machine before any bus
 //!   work.
 //! - [`DURABLE_SYSTEM`] also group-commits: one thread appends each batch of waiting publishes to a log
-//!   file (one `pwrite` into a preallocated region, so no commit changes the file's size) and
-//!   `fdatasync`s it once, then hands their events on and answers the publishes. That is the least a
-//!   durable event bus served over gRPC does, with no index, no sequence bookkeeping and no checks.
+//!   file (one `pwrite` into a preallocated region, so no commit changes the file's size); a second
+//!   `fdatasync`s it once for every batch written before the sync began, then hands their events on
+//!   and answers the publishes, while the first writes the next batch. That is the least a durable
+//!   event bus served over gRPC does, with no index, no sequence bookkeeping and no checks.
 //! - [`SQLITE_SYSTEM`] group-commits to SQLite instead: one thread inserts each batch of waiting
 //!   publishes as rows of a two-column table (sequence, encoded event) in one transaction, in WAL mode
-//!   with `synchronous=FULL` and the log checkpointed as `nerve-server`'s embedded store does it. The
-//!   least a durable bus whose log is a SQLite table does, as Nerve's embedded backend is.
+//!   with the log checkpointed as `nerve-server`'s embedded store does it, and a second syncs the log
+//!   file as above (`COMMIT` does not sync, at `synchronous=NORMAL`, as in Nerve's writer). The least
+//!   a durable bus whose log is a SQLite table does, as Nerve's embedded backend is.
 //! - [`POSTGRES_SYSTEM`] group-commits to Postgres instead: one connection inserts each batch of
 //!   waiting publishes as rows of a two-column table (sequence, encoded event) in one statement, with
 //!   `synchronous_commit=on`, then hands their events on. The least a durable bus whose log is a
@@ -153,8 +155,38 @@ struct Append {
     done: oneshot::Sender<()>,
 }
 
-/// The durable floor's group commit: takes every waiting publish, writes their events with one
-/// `pwrite`, syncs once, then hands the events on and answers the publishes.
+/// Batches written and waiting for their sync, at most, before the writer waits for it too (as
+/// nerve-server's embedded writer does).
+const BATCHES_AWAITING_SYNC: usize = 4;
+
+/// Starts the thread that syncs a durable floor's log beside its writer: one `sync` for every batch
+/// written before it began, then their events handed on and their publishes answered, in order. The
+/// floors write and sync as nerve-server's embedded store does, so a batch waits for its own sync,
+/// not also for the one of the batch written before it. The thread ends when the writer does, or
+/// when a sync fails (the writer's next send then fails).
+fn start_syncs(
+    mut sync: impl FnMut() -> std::io::Result<()> + Send + 'static,
+    events: Handoff,
+) -> std::sync::mpsc::SyncSender<Vec<Append>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Append>>(BATCHES_AWAITING_SYNC);
+    std::thread::spawn(move || {
+        while let Ok(first) = rx.recv() {
+            let mut written = vec![first];
+            written.extend(rx.try_iter());
+            if let Err(e) = sync() {
+                eprintln!("syncing the floor's log failed: {e}");
+                return;
+            }
+            for batch in written {
+                hand_on(batch, &events);
+            }
+        }
+    });
+    tx
+}
+
+/// The durable floor's group commit: takes every waiting publish and writes their events with one
+/// `pwrite`; [`start_syncs`] syncs the file, then hands the events on and answers the publishes.
 fn log_thread(
     log: std::fs::File,
     mut appends: mpsc::UnboundedReceiver<Append>,
@@ -162,6 +194,10 @@ fn log_thread(
 ) -> std::io::Result<()> {
     use prost::Message as _;
     use std::os::unix::fs::FileExt as _;
+    let synced = {
+        let log = log.try_clone()?;
+        start_syncs(move || log.sync_data(), events)
+    };
     let mut at = 0u64;
     let mut buf = Vec::new();
     while let Some(first) = appends.blocking_recv() {
@@ -178,9 +214,10 @@ fn log_thread(
             at = 0;
         }
         log.write_all_at(&buf, at)?;
-        log.sync_data()?;
         at += buf.len() as u64;
-        hand_on(batch, &events);
+        if synced.send(batch).is_err() {
+            return Err(std::io::Error::other("the log's sync stopped"));
+        }
     }
     Ok(())
 }
@@ -218,8 +255,8 @@ async fn postgres_commits(
     Ok(())
 }
 
-/// Opens the SQLite floor's database in `dir` as durable as `nerve-server`'s: WAL mode,
-/// `synchronous=FULL` (checked, or the floor refuses to start).
+/// Opens the SQLite floor's database in `dir`: WAL mode, `synchronous=FULL` (checked, or the floor
+/// refuses to start); the commit thread's connection syncs through [`start_syncs`] instead.
 fn open_sqlite(dir: &std::path::Path) -> Result<rusqlite::Connection> {
     let conn =
         rusqlite::Connection::open(dir.join("floor.db")).context("opening the floor's database")?;
@@ -258,16 +295,23 @@ fn grow_sqlite_log(conn: &rusqlite::Connection) -> Result<()> {
     Ok(())
 }
 
-/// The SQLite floor's group commit: takes every waiting publish, inserts their events in one
-/// transaction (synced before `COMMIT` returns), then hands them on and answers the publishes. One
-/// connection on a thread of its own, with one prepared statement run per row, as Nerve's embedded
-/// writer does.
+/// The SQLite floor's group commit: takes every waiting publish and inserts their events in one
+/// transaction; [`start_syncs`] syncs the log file (`fdatasync`: `COMMIT` does not, at
+/// `synchronous=NORMAL`), then hands them on and answers the publishes. One connection on a thread of
+/// its own, with one prepared statement run per row, as Nerve's embedded writer does.
 fn sqlite_commits(
     mut conn: rusqlite::Connection,
     mut appends: mpsc::UnboundedReceiver<Append>,
     events: broadcast::Sender<Arc<pb::Event>>,
 ) -> Result<()> {
     use prost::Message as _;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let db = conn
+        .path()
+        .context("the floor's database has no file")?
+        .to_owned();
+    let log = std::fs::File::open(format!("{db}-wal")).context("opening the floor's log")?;
+    let synced = start_syncs(move || log.sync_data(), events);
     let mut seq = 0i64;
     while let Some(first) = appends.blocking_recv() {
         let batch = with_waiting(first, &mut appends);
@@ -282,7 +326,9 @@ fn sqlite_commits(
             }
         }
         tx.commit().context("committing to the floor's database")?;
-        hand_on(batch, &events);
+        if synced.send(batch).is_err() {
+            anyhow::bail!("the floor's log sync stopped");
+        }
     }
     Ok(())
 }
