@@ -40,9 +40,12 @@ use nerve::api::pb::{
 };
 // How `nerve-server`'s embedded store keeps its log, with its own constants (a passive checkpoint
 // every 50 ms on a connection of its own, a commit checkpointing by itself only past 10,000 log pages,
-// the log cut back to 64 MiB when it starts over): the SQLite floor keeps its own alike, so it differs
-// from Nerve only in what a commit writes.
-use nerve::store::{SQLITE_BACKSTOP_PAGES, SQLITE_CHECKPOINT_EVERY, SQLITE_SIZE_LIMIT};
+// the log cut back to 64 MiB when it starts over), and how many commits its writer runs ahead of the
+// log's sync: the durable floors keep theirs alike, so the SQLite floor differs from Nerve only in
+// what a commit writes.
+use nerve::store::{
+    COMMITS_AWAITING_SYNC, SQLITE_BACKSTOP_PAGES, SQLITE_CHECKPOINT_EVERY, SQLITE_SIZE_LIMIT,
+};
 use tokio::{
     net::TcpListener,
     sync::{broadcast, mpsc, oneshot},
@@ -155,20 +158,17 @@ struct Append {
     done: oneshot::Sender<()>,
 }
 
-/// Batches written and waiting for their sync, at most, before the writer waits for it too (as
-/// nerve-server's embedded writer does).
-const BATCHES_AWAITING_SYNC: usize = 4;
-
 /// Starts the thread that syncs a durable floor's log beside its writer: one `sync` for every batch
 /// written before it began, then their events handed on and their publishes answered, in order. The
-/// floors write and sync as nerve-server's embedded store does, so a batch waits for its own sync,
-/// not also for the one of the batch written before it. The thread ends when the writer does, or
-/// when a sync fails (the writer's next send then fails).
+/// floors write and sync as nerve-server's embedded store does: the writer writes the next batch while
+/// the last one syncs (at most [`COMMITS_AWAITING_SYNC`] batches ahead), so a batch no longer waits
+/// for the write and sync of the one before it, only for the sync in progress and its own. The thread
+/// ends when the writer does, or when a sync fails (the writer's next send then fails).
 fn start_syncs(
     mut sync: impl FnMut() -> std::io::Result<()> + Send + 'static,
     events: Handoff,
 ) -> std::sync::mpsc::SyncSender<Vec<Append>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Append>>(BATCHES_AWAITING_SYNC);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Append>>(COMMITS_AWAITING_SYNC);
     std::thread::spawn(move || {
         while let Ok(first) = rx.recv() {
             let mut written = vec![first];
@@ -256,7 +256,8 @@ async fn postgres_commits(
 }
 
 /// Opens the SQLite floor's database in `dir`: WAL mode, `synchronous=FULL` (checked, or the floor
-/// refuses to start); the commit thread's connection syncs through [`start_syncs`] instead.
+/// refuses to start), as the set-up and checkpoints run; the commit thread's connection then runs at
+/// `NORMAL` and syncs through [`start_syncs`].
 fn open_sqlite(dir: &std::path::Path) -> Result<rusqlite::Connection> {
     let conn =
         rusqlite::Connection::open(dir.join("floor.db")).context("opening the floor's database")?;
@@ -300,9 +301,22 @@ fn grow_sqlite_log(conn: &rusqlite::Connection) -> Result<()> {
 /// `synchronous=NORMAL`), then hands them on and answers the publishes. One connection on a thread of
 /// its own, with one prepared statement run per row, as Nerve's embedded writer does.
 fn sqlite_commits(
+    conn: rusqlite::Connection,
+    appends: mpsc::UnboundedReceiver<Append>,
+    events: broadcast::Sender<Arc<pb::Event>>,
+) -> Result<()> {
+    sqlite_commits_synced(conn, appends, events, |sync| sync)
+}
+
+/// A sync of a floor's log.
+type LogSync = Box<dyn FnMut() -> std::io::Result<()> + Send>;
+
+/// [`sqlite_commits`], with the log's sync wrapped (the test holds it back).
+fn sqlite_commits_synced(
     mut conn: rusqlite::Connection,
     mut appends: mpsc::UnboundedReceiver<Append>,
     events: broadcast::Sender<Arc<pb::Event>>,
+    wrap: impl FnOnce(LogSync) -> LogSync,
 ) -> Result<()> {
     use prost::Message as _;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -311,7 +325,7 @@ fn sqlite_commits(
         .context("the floor's database has no file")?
         .to_owned();
     let log = std::fs::File::open(format!("{db}-wal")).context("opening the floor's log")?;
-    let synced = start_syncs(move || log.sync_data(), events);
+    let synced = start_syncs(wrap(Box::new(move || log.sync_data())), events);
     let mut seq = 0i64;
     while let Some(first) = appends.blocking_recv() {
         let batch = with_waiting(first, &mut appends);
@@ -708,13 +722,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_sqlite_floor_commits_a_batch_before_it_hands_the_events_on() -> Result<()> {
+    async fn the_sqlite_floor_hands_a_batch_on_only_after_the_sync_that_follows_its_commit()
+    -> Result<()> {
         let dir = tempfile::tempdir()?;
         let conn = open_sqlite(dir.path())?;
         conn.execute_batch(SQLITE_DDL)?;
         let (events, mut delivered) = broadcast::channel(16);
         let (appends, rx) = mpsc::unbounded_channel();
-        let committing = std::thread::spawn(move || sqlite_commits(conn, rx, events));
+        let (asked, sync_asked) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let committing = std::thread::spawn(move || {
+            sqlite_commits_synced(conn, rx, events, move |mut sync| {
+                Box::new(move || {
+                    let _ = asked.send(());
+                    // held until the test lets it go (or ends)
+                    let _ = released.recv();
+                    sync()
+                })
+            })
+        });
 
         let (done, stored) = oneshot::channel();
         let batch = vec![event("a"), event("b"), event("c")];
@@ -727,10 +753,26 @@ mod tests {
         {
             anyhow::bail!("the commit thread stopped");
         }
+        let mut stored = stored;
+        tokio::task::spawn_blocking(move || {
+            sync_asked.recv_timeout(std::time::Duration::from_secs(10))
+        })
+        .await?
+        .context("no sync was asked for within 10 s")?;
+        // committed before the sync, answered and handed on only after it
+        let reader = open_sqlite(dir.path())?;
+        let count: i64 =
+            reader.query_row("SELECT COUNT(*) FROM floor_log", [], |row| row.get(0))?;
+        assert_eq!(count, 3, "the batch was not committed before its sync");
+        assert!(
+            futures::FutureExt::now_or_never(&mut stored).is_none(),
+            "answered before the sync"
+        );
+        assert!(delivered.try_recv().is_err(), "handed on before the sync");
+        release.send(())?;
         stored.await?;
 
-        // answered only once the rows are committed: another connection sees all three, in order
-        let reader = open_sqlite(dir.path())?;
+        // another connection sees all three, in order
         let rows: Vec<(i64, Vec<u8>)> = reader
             .prepare("SELECT seq, event FROM floor_log ORDER BY seq")?
             .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?

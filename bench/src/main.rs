@@ -130,10 +130,11 @@ pub enum BaselineArg {
     Nats,
     /// fdatasync after one 4 KiB write, in the temporary directory: the least a durable commit adds.
     Disk,
-    /// The latency scenario against two gRPC servers of Nerve's protocol that hand events on from
-    /// memory: one stores nothing (what tonic, HTTP/2 and this tool cost before any bus work), one
-    /// first group-commits them to a log file with one fdatasync per batch (the least a durable bus
-    /// over gRPC does).
+    /// The latency scenario against gRPC servers of Nerve's protocol that hand events on from
+    /// memory: one stores nothing (what tonic, HTTP/2 and this tool cost before any bus work); one
+    /// first group-commits them to a log file, a second thread fdatasyncing what was written before
+    /// each sync (the least a durable bus over gRPC does); with embedded, one that commits to SQLite
+    /// alike; with postgres, one that commits to Postgres.
     Grpc,
     /// No baselines.
     None,

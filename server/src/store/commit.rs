@@ -1,8 +1,10 @@
-//! Group commit: publishes waiting at the same time are committed in one transaction (one fsync), in the
-//! order they arrived, each inside its own savepoint or check so one conflicting request fails alone.
+//! Group commit: publishes waiting at the same time are committed in one transaction (one sync of the
+//! log; on SQLite a sync on a thread of its own may cover several), in the order they arrived, each
+//! inside its own savepoint or check so one conflicting request fails alone.
 //!
 //! When the database stops answering, the writer fails publishes at once (UNAVAILABLE) instead of letting
-//! them queue behind connection attempts, and probes in the background until it answers again.
+//! them queue behind connection attempts, and probes in the background until it answers again. A
+//! failed sync of SQLite's log stops the process instead ([`start_syncs`]).
 
 use std::{
     collections::{HashMap, VecDeque, hash_map::Entry},
@@ -518,7 +520,7 @@ pub(crate) fn start<W: BatchWriter>(
 
 /// Commits written and waiting for their sync, at most, before the writer waits for the sync too.
 /// One sync covers every commit waiting, so more would only hold more memory.
-const COMMITS_AWAITING_SYNC: usize = 2;
+pub const COMMITS_AWAITING_SYNC: usize = 2;
 
 /// Starts the thread that syncs the writer's log ([`BatchWriter::log_sync`]) and then shows and
 /// answers the commits written before the sync began, in the order they were written; returns where

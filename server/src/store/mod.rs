@@ -14,6 +14,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
+/// Commits the embedded writer runs ahead of its log sync, for the benchmark tool's floors.
+pub use commit::COMMITS_AWAITING_SYNC;
 pub use postgres::PostgresStore;
 /// How the embedded store keeps its log, for the benchmark tool's SQLite floor to keep its own alike.
 pub use sqlite::{

@@ -41,7 +41,7 @@ pub struct SqliteDb {
     /// The connection that writes groups' delivery state (claims, acks, lease changes), only while
     /// `writer` is held ([`SqliteDb::lock_delivery_writer`]). It commits with `synchronous=NORMAL`: a
     /// commit is in the log at once, so it survives the process, and on the disk with the next
-    /// sync of the log (every event commit's; a checkpoint's, every 50 ms). A
+    /// sync of the log (the one after each batch of event commits; a checkpoint's, every 50 ms). A
     /// sync of its own made each claim and each ack wait for the disk (docs/benchmarks.md, cause 5 (q)).
     /// A rusqlite connection, run on the caller's thread: through sqlx every statement crossed to a
     /// thread of its own and back.
@@ -457,9 +457,9 @@ fn unopened(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
     move |e| StoreError::Unavailable(format!("opening {}: {e}", path.display()))
 }
 
-/// Opens a rusqlite connection to the database, as durable as sqlx's: `synchronous=FULL` (an
-/// acknowledged publish must be on disk, not in the OS cache; a checkpoint syncs the log before
-/// copying it, and the database file after).
+/// Opens a rusqlite connection to the database, as durable as sqlx's: `synchronous=FULL` (the
+/// checkpoint thread's: a checkpoint syncs the log before copying it, and the database file after).
+/// The event and delivery-state writers set `NORMAL` on theirs; their commits are synced otherwise.
 fn open_rusqlite(path: &Path) -> StoreResult<rusqlite::Connection> {
     let conn = rusqlite::Connection::open_with_flags(
         path,
@@ -474,7 +474,8 @@ fn open_rusqlite(path: &Path) -> StoreResult<rusqlite::Connection> {
 
 /// Opens the connection of groups' delivery state ([`SqliteDb::lock_delivery_writer`]): its commits
 /// do not sync the log, and it never checkpoints, since its statements run on the server's runtime
-/// (the event writer and the checkpoint thread do that work).
+/// (the log sync thread syncs; the checkpoint thread, and the event writer past the backstop,
+/// checkpoint).
 fn open_delivery_writer(path: &Path) -> StoreResult<rusqlite::Connection> {
     let unopened = unopened(path);
     let conn = open_rusqlite(path)?;
