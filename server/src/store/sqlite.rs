@@ -568,10 +568,10 @@ fn start_checkpoints(path: &Path, committed: watch::Receiver<u64>) -> StoreResul
     Ok(())
 }
 
-/// Events of a tenant with an id, from any source (`?1` tenant, `?2` id, `?3` the committed head): each source of the tenant
-/// found with one seek of `events_key`, then the id looked up under it. The key leads with the source,
-/// and SQLite does not skip over a leading column by itself: a lookup by id alone read every event of
-/// the tenant (70-100 ms at 300,000 events, against 0.5 ms this way).
+/// Events of a tenant with an id, from any source (`?1` tenant, `?2` id, `?3` the committed head): each
+/// source of the tenant found with one seek of `events_key`, then the id looked up under it. The key
+/// leads with the source, and SQLite does not skip over a leading column by itself: a lookup by id
+/// alone read every event of the tenant (70-100 ms at 300,000 events, against 0.5 ms this way).
 const FIND_IN_EVERY_SOURCE: &str = "WITH RECURSIVE sources(source) AS (\
      SELECT MIN(source) FROM events WHERE tenant = ?1 \
      UNION ALL SELECT (SELECT MIN(source) FROM events WHERE tenant = ?1 AND source > sources.source) \
