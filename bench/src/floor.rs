@@ -742,37 +742,69 @@ mod tests {
             })
         });
 
-        let (done, stored) = oneshot::channel();
-        let batch = vec![event("a"), event("b"), event("c")];
-        if appends
-            .send(Append {
-                events: batch,
-                done,
-            })
-            .is_err()
-        {
-            anyhow::bail!("the commit thread stopped");
-        }
-        let mut stored = stored;
-        tokio::task::spawn_blocking(move || {
-            sync_asked.recv_timeout(std::time::Duration::from_secs(10))
-        })
-        .await?
-        .context("no sync was asked for within 10 s")?;
-        // committed before the sync, answered and handed on only after it
+        let append = |ids: [&str; 3]| -> Result<oneshot::Receiver<()>> {
+            let (done, stored) = oneshot::channel();
+            let events = ids.into_iter().map(event).collect();
+            if appends.send(Append { events, done }).is_err() {
+                anyhow::bail!("the commit thread stopped");
+            }
+            Ok(stored)
+        };
+        let sync_asked = std::sync::Arc::new(std::sync::Mutex::new(sync_asked));
+        let next_sync = || {
+            let sync_asked = sync_asked.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let asked = sync_asked.lock().expect("receiver");
+                    asked.recv_timeout(std::time::Duration::from_secs(10))
+                })
+                .await?
+                .context("no sync was asked for within 10 s")
+            }
+        };
         let reader = open_sqlite(dir.path())?;
-        let count: i64 =
-            reader.query_row("SELECT COUNT(*) FROM floor_log", [], |row| row.get(0))?;
-        assert_eq!(count, 3, "the batch was not committed before its sync");
+        let count = || -> Result<i64> {
+            Ok(reader.query_row("SELECT COUNT(*) FROM floor_log", [], |row| row.get(0))?)
+        };
+
+        let mut first = append(["a", "b", "c"])?;
+        next_sync().await?;
+        // committed before the sync, answered and handed on only after it
+        assert_eq!(count()?, 3, "the batch was not committed before its sync");
         assert!(
-            futures::FutureExt::now_or_never(&mut stored).is_none(),
+            futures::FutureExt::now_or_never(&mut first).is_none(),
             "answered before the sync"
         );
         assert!(delivered.try_recv().is_err(), "handed on before the sync");
+        // a batch committed while that sync is held waits for the next one
+        let mut second = append(["d", "e", "f"])?;
+        // nothing tells when the commit thread has written it: look
+        let written = std::time::Instant::now();
+        while count()? < 6 {
+            anyhow::ensure!(
+                written.elapsed() < std::time::Duration::from_secs(10),
+                "the second batch was not committed within 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         release.send(())?;
-        stored.await?;
+        first.await?;
+        next_sync().await?;
+        assert!(
+            futures::FutureExt::now_or_never(&mut second).is_none(),
+            "answered by the sync before its own"
+        );
+        for id in ["a", "b", "c"] {
+            assert_eq!(delivered.try_recv()?.id, id);
+        }
+        assert!(
+            delivered.try_recv().is_err(),
+            "handed on before its own sync"
+        );
+        release.send(())?;
+        second.await?;
 
-        // another connection sees all three, in order
+        // another connection sees all six, in order
         let rows: Vec<(i64, Vec<u8>)> = reader
             .prepare("SELECT seq, event FROM floor_log ORDER BY seq")?
             .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
@@ -784,8 +816,13 @@ mod tests {
                 Ok((seq, pb::Event::decode(&bytes[..])?.id))
             })
             .collect::<Result<Vec<(i64, String)>>>()?;
-        assert_eq!(ids, [(1, "a".into()), (2, "b".into()), (3, "c".into())]);
-        for id in ["a", "b", "c"] {
+        let expected: Vec<(i64, String)> = ["a", "b", "c", "d", "e", "f"]
+            .into_iter()
+            .zip(1..)
+            .map(|(id, seq)| (seq, id.to_owned()))
+            .collect();
+        assert_eq!(ids, expected);
+        for id in ["d", "e", "f"] {
             assert_eq!(delivered.try_recv()?.id, id);
         }
 

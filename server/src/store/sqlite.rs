@@ -446,6 +446,19 @@ impl SqliteStore {
     fn durable(&self) -> u64 {
         *self.committed.borrow()
     }
+
+    /// Waits until the committed head reaches `seq`: an answer that names a sequence read from a
+    /// commit not yet synced (the sync in flight, at most) waits for it.
+    async fn synced_through(&self, seq: u64) -> StoreResult<()> {
+        if seq > self.durable() {
+            let mut committed = self.committed.clone();
+            committed
+                .wait_for(|head| *head >= seq)
+                .await
+                .map_err(|_| StoreError::Unavailable("the event writer has stopped".into()))?;
+        }
+        Ok(())
+    }
 }
 
 /// How long a write waits for SQLite's lock when something outside this process holds it (the sqlite3
@@ -905,14 +918,15 @@ impl EventStore for SqliteStore {
         // a commit in flight is stamped before it takes the writer's lock and shows at its end: a
         // bound computed meanwhile would leave out its events, stamped before the bound
         self.recent.settled().await;
-        let durable = self.durable();
         let seq: i64 = sqlx::query_scalar(super::SEQUENCE_BEFORE_SQL)
             .bind(to_ns(time))
             .fetch_one(&self.db.pool)
             .await
             .map_err(map_err)?;
-        // a commit begun since has events in the database before its sync
-        Ok((seq as u64).min(durable))
+        // a commit begun since is in the database before its sync: its events are stamped before
+        // `time` (a time ahead of this clock), so the answer counts them, once they are synced
+        self.synced_through(seq as u64).await?;
+        Ok(seq as u64)
     }
 
     async fn count_after(
@@ -990,14 +1004,8 @@ impl EventStore for SqliteStore {
             .collect::<StoreResult<Vec<_>>>()?;
         // A commit's statistics are in the table before its sync: answer once what they name is on
         // the disk (the sync in flight, at most).
-        let newest = stats.iter().map(|s| s.last_sequence).max().unwrap_or(0);
-        if newest > self.durable() {
-            let mut committed = self.committed.clone();
-            committed
-                .wait_for(|head| *head >= newest)
-                .await
-                .map_err(|_| StoreError::Unavailable("the event writer has stopped".into()))?;
-        }
+        self.synced_through(stats.iter().map(|s| s.last_sequence).max().unwrap_or(0))
+            .await?;
         Ok(stats)
     }
 
@@ -1428,6 +1436,21 @@ mod tests {
         assert!(page.events.is_empty(), "a page read an unsynced event");
         let literal = store.read(&from_start(&["a"])).await.expect("read");
         assert!(literal.events.is_empty(), "a page read an unsynced event");
+        // a range past the head is read, and reported scanned, only up to the head
+        for until in [1, u64::MAX] {
+            for types in [&[][..], &["a"]] {
+                let page = store
+                    .read(&ReadQuery {
+                        until: Some(until),
+                        ..from_start(types)
+                    })
+                    .await
+                    .expect("read");
+                assert!(page.events.is_empty(), "a range read an unsynced event");
+                assert!(page.exhausted);
+                assert_eq!(page.scanned_to, 0, "a range was scanned past the head");
+            }
+        }
         assert!(
             store
                 .read_sequences(&[1])
@@ -1478,6 +1501,13 @@ mod tests {
         assert_eq!(first.committed().await.expect("committed")[0].sequence, 1);
         let types = listing.await.expect("join").expect("event types");
         assert_eq!(types[0].last_sequence, 1);
+        let range = ReadQuery {
+            until: Some(u64::MAX),
+            ..from_start(&["a"])
+        };
+        let page = store.read(&range).await.expect("read");
+        assert_eq!(page.events.len(), 1);
+        assert_eq!(page.scanned_to, 1, "a range was scanned past the head");
         next_sync().await;
         assert!(
             futures::FutureExt::now_or_never(second.answer()).is_none(),
