@@ -511,11 +511,24 @@ pub(crate) fn start<W: BatchWriter>(
         .enable_all()
         .build()
         .map_err(unstarted)?;
-    std::thread::Builder::new()
-        .name("nerve-commit".into())
-        .spawn(move || runtime.block_on(writer_loop))
-        .map_err(unstarted)?;
+    spawn_vital("nerve-commit", move || runtime.block_on(writer_loop)).map_err(unstarted)?;
     Ok(tx)
+}
+
+/// Starts one of the threads every commit passes through (the writer, the log sync). A panic in one
+/// stops the process: the commit it held would be neither answered nor shown, waits for it
+/// ([`RecentCommits::settled`]) would not end, and every later publish would fail, in a process that
+/// still looks alive to its probes.
+fn spawn_vital(name: &'static str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            // the panic hook has already printed what panicked and where
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
+                stop_process(&format!("the {name} thread panicked"));
+            }
+        })
+        .map(|_| ())
 }
 
 /// Commits written and waiting for their sync, at most, before the writer waits for the sync too.
@@ -534,37 +547,32 @@ fn start_syncs(
     committed: watch::Sender<u64>,
 ) -> StoreResult<std::sync::mpsc::SyncSender<Written>> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Written>(COMMITS_AWAITING_SYNC);
-    std::thread::Builder::new()
-        .name("nerve-sync".into())
-        .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut written = vec![first];
-                written.extend(rx.try_iter());
-                if written.iter().any(|w| w.started.is_some())
-                    && let Err(e) = sync()
-                {
-                    // The kernel may mark the pages it could not write clean, so a later sync
-                    // would succeed without writing them: which commits reached the disk cannot be
-                    // known, and none of these was shown or answered (Postgres stops alike).
-                    stop_unsynced(&e.to_string());
-                }
-                for w in written {
-                    w.finish(&recent, &committed);
-                }
+    spawn_vital("nerve-sync", move || {
+        while let Ok(first) = rx.recv() {
+            let mut written = vec![first];
+            written.extend(rx.try_iter());
+            if written.iter().any(|w| w.started.is_some())
+                && let Err(e) = sync()
+            {
+                // The kernel may mark the pages it could not write clean, so a later sync
+                // would succeed without writing them: which commits reached the disk cannot be
+                // known, and none of these was shown or answered (Postgres stops alike).
+                stop_process(&format!("syncing the event log failed ({e})"));
             }
-        })
-        .map_err(|e| StoreError::Internal(format!("starting the log sync: {e}")))?;
+            for w in written {
+                w.finish(&recent, &committed);
+            }
+        }
+    })
+    .map_err(|e| StoreError::Internal(format!("starting the log sync: {e}")))?;
     Ok(tx)
 }
 
-/// Ends the process when written commits cannot be synced: it cannot answer them, nor tell which
-/// reached the disk.
-fn stop_unsynced(why: &str) -> ! {
-    error!(
-        error = why,
-        "syncing the event log failed; stopping the process"
-    );
-    eprintln!("nerve: syncing the event log failed ({why}); stopping the process");
+/// Ends the process when commits can no longer be synced, shown and answered: it cannot tell which
+/// of those in flight reached the disk, nor go on without them.
+fn stop_process(why: &str) -> ! {
+    error!(reason = why, "stopping the process");
+    eprintln!("nerve: {why}; stopping the process");
     std::process::abort()
 }
 
@@ -584,10 +592,10 @@ impl Finishing {
         match self {
             Finishing::AtOnce { recent, committed } => written.finish(recent, committed),
             Finishing::AfterSync(syncs) => {
-                // the sync thread ends after the writer, unless it panicked: commits would then be
-                // written and never shown, and a wait for them would never end
+                // the sync thread ends after the writer, but for a panic, which stops the process
+                // ([`spawn_vital`]) once it has unwound; a commit written meanwhile stops it here
                 if syncs.send(written).is_err() {
-                    stop_unsynced("the sync thread has stopped");
+                    stop_process("the nerve-sync thread has stopped");
                 }
             }
         }

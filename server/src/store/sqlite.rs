@@ -1376,6 +1376,57 @@ mod tests {
         );
     }
 
+    /// Set for the child process of the test below, which runs that test alone: the directory of its
+    /// database (the parent's, which removes it; the child is aborted before it could).
+    const SYNC_PANIC_CHILD: &str = "NERVE_TEST_SYNC_PANIC_CHILD";
+
+    #[tokio::test]
+    async fn a_panic_in_the_log_sync_thread_stops_the_process() {
+        const NAME: &str = "store::sqlite::tests::a_panic_in_the_log_sync_thread_stops_the_process";
+        if let Some(dir) = std::env::var_os(SYNC_PANIC_CHILD) {
+            let db = SqliteDb::open(&Path::new(&dir).join("nerve.db"))
+                .await
+                .expect("open");
+            let store = SqliteStore::start_with(db, |_| Box::new(|| panic!("a sync panicked")))
+                .await
+                .expect("store");
+            let mut commit = store
+                .queue("t", new_events(0, &[("a", Priority::Normal)]))
+                .await
+                .expect("queued");
+            // The process stops while the sync thread unwinds, which may first drop the commit's
+            // answer: the wait ends, and the child waits on for the stop. Were the process not
+            // stopped, the child would end normally, and the test fail.
+            let ended = tokio::time::timeout(Duration::from_secs(10), commit.answer()).await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            println!(
+                "the child went on (the wait for the commit ended: {})",
+                ended.is_ok()
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env(SYNC_PANIC_CHILD, dir.path())
+            .output()
+            .expect("running the test alone in a child process");
+        let stdout = String::from_utf8_lossy(&child.stdout);
+        let stderr = String::from_utf8_lossy(&child.stderr);
+        use std::os::unix::process::ExitStatusExt as _;
+        const SIGABRT: i32 = 6;
+        assert_eq!(
+            child.status.signal(),
+            Some(SIGABRT),
+            "the process went on after its sync thread panicked ({});\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            child.status
+        );
+        assert!(
+            stderr.contains("the nerve-sync thread panicked; stopping the process"),
+            "stderr does not say why the process stopped:\n{stderr}"
+        );
+    }
+
     #[tokio::test]
     async fn a_commit_is_answered_and_read_only_after_the_log_sync_that_follows_it() {
         let dir = tempfile::tempdir().expect("tempdir");
