@@ -675,16 +675,15 @@ impl Session {
                 TailRead::Trimmed { oldest } => oldest.saturating_sub(1),
             };
             let after = self.position;
-            let (page, until) = self.history_page(after, history_until).await?;
+            let page = self.history_page(after, history_until).await?;
             // at least half of the sequences read matched: read the next ranges of sequences at once
             let dense = page.events.len() as u64 * 2 >= page.scanned_to.saturating_sub(after);
             let spare = (self.credits as usize).saturating_sub(page.events.len());
-            self.read_ahead(&page, until, history_until, dense, spare);
+            self.read_ahead(&page, history_until, dense, spare);
+            // an exhausted page was scanned to the end of its range, or to the committed head
+            // where that came first: never past what a later commit could still add
             if self.deliver_private(page.events).await? {
                 self.position = self.position.max(page.scanned_to);
-                if page.exhausted {
-                    self.position = self.position.max(until);
-                }
             }
             pages += 1;
             if pages == HISTORY_READS_PER_TURN {
@@ -707,8 +706,8 @@ impl Session {
     }
 
     /// Reads the history page after `after`, taking a read-ahead one when it starts there and ends by
-    /// `until`; returns it with the bound it was read up to.
-    async fn history_page(&mut self, after: u64, until: u64) -> BusResult<(ReadPage, u64)> {
+    /// `until`.
+    async fn history_page(&mut self, after: u64, until: u64) -> BusResult<ReadPage> {
         if let Some(ahead) = self.prefetch.front()
             && ahead.after == after
             && ahead.until <= until
@@ -718,7 +717,7 @@ impl Session {
                 Ok(page) => {
                     let page = page?;
                     self.sizer.observe_read(&page);
-                    Ok((page, ahead.until))
+                    Ok(page)
                 }
                 Err(e) => Err(BusError::Internal(format!("history read failed: {e}"))),
             };
@@ -737,28 +736,20 @@ impl Session {
             .read(&self.history_query(after, until, limit))
             .await?;
         self.sizer.observe_read(&page);
-        Ok((page, until))
+        Ok(page)
     }
 
-    /// Starts reading the history after `page` (read up to `until`) while it is delivered, at most
-    /// `spare` events: the credits left once `page` is delivered. Committed history never changes, so
-    /// a page read ahead is as good as one read later. A dense history is read as ranges of sequences,
-    /// several at once: a range holds at most as many events as sequences, so where one ends is known
-    /// before it is read. A sparse one is read one page of matches ahead.
-    fn read_ahead(
-        &mut self,
-        page: &ReadPage,
-        until: u64,
-        history_until: u64,
-        dense: bool,
-        spare: usize,
-    ) {
+    /// Starts reading the history after `page` while it is delivered, at most `spare` events: the
+    /// credits left once `page` is delivered. Committed history never changes, so a page read ahead
+    /// is as good as one read later. A dense history is read as ranges of sequences, several at once:
+    /// a range holds at most as many events as sequences, so where one ends is known before it is
+    /// read. A sparse one is read one page of matches ahead.
+    fn read_ahead(&mut self, page: &ReadPage, history_until: u64, dense: bool, spare: usize) {
         let depth = if dense { DENSE_READ_AHEAD } else { 1 };
         let mut budget = spare.saturating_sub(self.prefetch.iter().map(|a| a.limit).sum());
         while self.prefetch.len() < depth && budget > 0 {
             let after = match self.prefetch.back() {
                 Some(ahead) => ahead.until,
-                None if page.exhausted => until,
                 None => page.scanned_to,
             };
             if after >= history_until {

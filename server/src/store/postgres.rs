@@ -81,6 +81,8 @@ pub struct PostgresStore {
     pool: PgPool,
     commits: mpsc::Sender<CommitRequest>,
     committed: watch::Receiver<u64>,
+    /// Raised by [`EventStore::head`] as well: a head read from the database is committed.
+    committed_tx: watch::Sender<u64>,
     recent: Arc<RecentCommits>,
 }
 
@@ -179,13 +181,14 @@ impl PostgresStore {
                 conn: None,
                 channel,
             },
-            committed_tx,
+            committed_tx.clone(),
             recent.clone(),
         )?;
         Ok(Arc::new(PostgresStore {
             pool,
             commits,
             committed,
+            committed_tx,
             recent,
         }))
     }
@@ -247,12 +250,13 @@ fn writer_options(url: &str) -> StoreResult<PgConnectOptions> {
 /// was away are gone.
 const HEAD_REREAD: Duration = Duration::from_secs(1);
 
-async fn read_head(pool: &PgPool, committed: &watch::Sender<u64>) -> Result<(), sqlx::Error> {
+/// Reads the head from the database and raises `committed` to it; returns it.
+async fn read_head(pool: &PgPool, committed: &watch::Sender<u64>) -> Result<u64, sqlx::Error> {
     let head: i64 = sqlx::query_scalar("SELECT seq FROM nerve_sequence")
         .fetch_one(pool)
         .await?;
     commit::advance(committed, head as u64);
-    Ok(())
+    Ok(head as u64)
 }
 
 /// Follows other replicas' commits; after a lost connection, and every [`HEAD_REREAD`], the head is
@@ -285,7 +289,9 @@ async fn listen_for_commits(pool: PgPool, channel: String, committed: watch::Sen
                     }
                     // the connection was lost (the next call reconnects), and with it whatever
                     // was sent meanwhile
-                    None => read_head(&pool, &committed).await?,
+                    None => {
+                        read_head(&pool, &committed).await?;
+                    }
                 }
             }
             #[expect(unreachable_code, reason = "names the error type of the async block")]
@@ -762,11 +768,12 @@ impl EventStore for PostgresStore {
     }
 
     async fn head(&self) -> StoreResult<u64> {
-        let head: i64 = sqlx::query_scalar("SELECT seq FROM nerve_sequence")
-            .fetch_one(&self.pool)
+        // Raised here too: a read bounds what it reports scanned by the watched head, so a reader
+        // that caught up to a head other replicas' commits had not yet raised (their notification on
+        // its way) would read the same range again and again until it was
+        read_head(&self.pool, &self.committed_tx)
             .await
-            .map_err(map_err)?;
-        Ok(head as u64)
+            .map_err(map_err)
     }
 
     async fn sequence_before(&self, time: DateTime<Utc>) -> StoreResult<u64> {
@@ -1150,6 +1157,38 @@ mod tests {
             .await
             .expect("commits");
         assert_eq!(appended.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_head_read_from_the_database_is_what_a_later_read_scans_to() {
+        let url = fresh_schema_url().await;
+        let store = PostgresStore::connect(&url, 2)
+            .await
+            .expect("connect store");
+        // another replica's commit (of events of other tenants) whose notification has not arrived
+        let mut conn = PgConnection::connect(&url).await.expect("connect");
+        sqlx::query("UPDATE nerve_sequence SET seq = seq + 5")
+            .execute(&mut conn)
+            .await
+            .expect("move the sequence on");
+        let head = store.head().await.expect("head");
+        assert_eq!(head, 5);
+        let page = store
+            .read(&ReadQuery {
+                tenant: "t".into(),
+                after: 0,
+                until: Some(head),
+                limit: 10,
+                ..ReadQuery::default()
+            })
+            .await
+            .expect("read");
+        // a subscription catching up to `head` moves on to it, instead of reading (0, 5] again
+        assert!(page.exhausted && page.events.is_empty());
+        assert_eq!(
+            page.scanned_to, head,
+            "the read did not count the head it was asked to read up to as scanned"
+        );
     }
 
     #[tokio::test]
