@@ -769,8 +769,8 @@ impl EventStore for PostgresStore {
 
     async fn head(&self) -> StoreResult<u64> {
         // Raised here too: a read bounds what it reports scanned by the watched head, so a reader
-        // that caught up to a head other replicas' commits had not yet raised (their notification on
-        // its way) would read the same range again and again until it was
+        // that caught up to a head the watch did not have yet (other replicas' commits, their
+        // notification on its way) would read the same range again and again until it came
         read_head(&self.pool, &self.committed_tx)
             .await
             .map_err(map_err)
