@@ -271,10 +271,13 @@ fn push_page_read<'a>(
             .collect(),
         None => vec![(None, None)],
     };
-    // Without statistics SQLite reads `tenant = ?` alone through the (tenant, priority, seq) index,
+    // Without statistics SQLite reads `tenant = ?` alone through an index that starts with it,
     // visiting every event of the tenant and sorting the matches, for each page. Where no index
-    // column follows the tenant, `+tenant` leaves it the primary key's range after the position.
-    let by_sequence = query.priority.is_none() && query.correlation_id.is_none();
+    // column follows the tenant, `+tenant` leaves it the primary key's range after the position. The
+    // normal level, most events, has no index of its own (migration 0006): read by priority alone,
+    // it walks the primary key too.
+    let by_sequence =
+        matches!(query.priority, None | Some(Priority::Normal)) && query.correlation_id.is_none();
     for (i, (literal, level)) in branches.into_iter().enumerate() {
         if i > 0 {
             sql.push(" UNION ALL ");
@@ -289,6 +292,9 @@ fn push_page_read<'a>(
         if let Some(level) = level {
             sql.push(" AND priority = ").push_bind(level.as_i64());
         }
+        if literal.is_none() && query.priority.is_some_and(|p| p != Priority::Normal) {
+            sql.push(" AND ").push(NOT_NORMAL_PRIORITY);
+        }
         sql.push(" ORDER BY seq LIMIT ")
             .push_bind(limit as i64)
             .push(")");
@@ -296,6 +302,27 @@ fn push_page_read<'a>(
     sql.push(") ORDER BY seq LIMIT ")
         .push_bind(limit as i64)
         .push(") GROUP BY seq >> 6 ORDER BY seq >> 6)");
+}
+
+/// The condition of the index of the levels other than normal, `events_priority_not_normal`
+/// (migration 0006). A query that repeats it can use the index: SQLite uses a partial index only for
+/// a WHERE clause that contains the index's own condition, and `priority = ?` does not imply it.
+const NOT_NORMAL_PRIORITY: &str = "priority <> 2";
+
+/// Counts one priority level's events of a tenant in `(after, until]`, per type: the levels other than
+/// normal through their index (the statement repeats [`NOT_NORMAL_PRIORITY`]), the normal level (most
+/// events) along the primary key, as its reads go.
+fn level_count_sql(level: Priority) -> &'static str {
+    match level {
+        Priority::Normal => {
+            "SELECT type, COUNT(*) AS n FROM events WHERE +tenant = ? AND priority = ? \
+             AND seq > ? AND seq <= ? GROUP BY type"
+        }
+        _ => {
+            "SELECT type, COUNT(*) AS n FROM events WHERE tenant = ? AND priority = ? \
+             AND priority <> 2 AND seq > ? AND seq <= ? GROUP BY type"
+        }
+    }
 }
 
 /// One statement counting the events of `literals` after each level's position, as a sum of one index
@@ -955,16 +982,14 @@ impl EventStore for SqliteStore {
             if after == u64::MAX {
                 continue;
             }
-            let rows = sqlx::query(
-                "SELECT type, COUNT(*) AS n FROM events WHERE tenant = ? AND priority = ? AND seq > ? AND seq <= ? GROUP BY type",
-            )
-            .bind(tenant)
-            .bind(level.as_i64())
-            .bind(seq_i64(after))
-            .bind(seq_i64(durable))
-            .fetch_all(&self.db.pool)
-            .await
-            .map_err(map_err)?;
+            let rows = sqlx::query(level_count_sql(*level))
+                .bind(tenant)
+                .bind(level.as_i64())
+                .bind(seq_i64(after))
+                .bind(seq_i64(durable))
+                .fetch_all(&self.db.pool)
+                .await
+                .map_err(map_err)?;
             for row in rows {
                 let t: String = row.try_get("type").map_err(map_err)?;
                 if selection.matches_type(&t) {
@@ -1845,9 +1870,24 @@ mod tests {
                 "COVERING INDEX events_type_priority (",
             ),
             (
-                "one priority",
+                "one priority but normal, through the index of those levels",
                 query(&[], Some(Priority::High)),
-                "INDEX events_priority (",
+                "INDEX events_priority_not_normal (",
+            ),
+            (
+                "patterns at one priority but normal",
+                query(&["a.*"], Some(Priority::Low)),
+                "INDEX events_priority_not_normal (",
+            ),
+            (
+                "the normal priority, which has no index of its own",
+                query(&[], Some(Priority::Normal)),
+                "USING INTEGER PRIMARY KEY",
+            ),
+            (
+                "patterns at the normal priority",
+                query(&["a.*"], Some(Priority::Normal)),
+                "USING INTEGER PRIMARY KEY",
             ),
         ] {
             let plan = plan(&db, &query).await;
@@ -1887,6 +1927,47 @@ mod tests {
             assert!(
                 !groups.contains("TEMP B-TREE"),
                 "{what}: the groups are sorted again, with their events, in\n{plan}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_of_one_level_search_the_range_of_positions() {
+        // a fresh database has no statistics, as every store has until it is analyzed
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = SqliteDb::open(&dir.path().join("count.db"))
+            .await
+            .expect("open");
+        let migration = include_str!("../../migrations/sqlite/0006_events_priority_not_normal.sql");
+        assert!(
+            migration.contains(&format!("WHERE {NOT_NORMAL_PRIORITY};"))
+                && NOT_NORMAL_PRIORITY.ends_with(&Priority::Normal.as_i64().to_string()),
+            "the reads repeat the index's condition as the migration wrote it"
+        );
+        for level in Priority::ALL {
+            let sql = level_count_sql(level);
+            let index = if level == Priority::Normal {
+                "USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"
+            } else {
+                assert!(sql.contains(NOT_NORMAL_PRIORITY), "{sql}");
+                "INDEX events_priority_not_normal (tenant=? AND priority=? AND seq>? AND seq<?)"
+            };
+            let steps = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                .bind("t")
+                .bind(level.as_i64())
+                .bind(10_i64)
+                .bind(5000_i64)
+                .fetch_all(&db.pool)
+                .await
+                .expect("explain");
+            let plan: Vec<String> = steps
+                .iter()
+                .map(|row| row.try_get("detail").expect("detail"))
+                .collect();
+            assert!(
+                plan.iter()
+                    .any(|step| step.starts_with("SEARCH events") && step.contains(index)),
+                "{level:?}: expected {index} in {plan:?}"
             );
         }
     }
