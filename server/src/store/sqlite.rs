@@ -309,18 +309,25 @@ fn push_page_read<'a>(
 /// a WHERE clause that contains the index's own condition, and `priority = ?` does not imply it.
 const NOT_NORMAL_PRIORITY: &str = "priority <> 2";
 
+/// Sequences a read of the normal level by priority alone looks at for a page of `limit` events
+/// (see [`SqliteStore::read`]): enough for a page where most events are of that level.
+fn normal_level_span(limit: usize) -> u64 {
+    (limit as u64).saturating_mul(4).max(4096)
+}
+
 /// Counts one priority level's events of a tenant in `(after, until]`, per type: the levels other than
-/// normal through their index (the statement repeats [`NOT_NORMAL_PRIORITY`]), the normal level (most
-/// events) along the primary key, as its reads go.
+/// normal through their index (the statement repeats [`NOT_NORMAL_PRIORITY`]); the normal level, which
+/// has no index of its own, as one range of `events_type_priority` per type the tenant has, so a
+/// level rare in the tenant is not counted by walking every event after the position.
 fn level_count_sql(level: Priority) -> &'static str {
     match level {
         Priority::Normal => {
-            "SELECT type, COUNT(*) AS n FROM events WHERE +tenant = ? AND priority = ? \
-             AND seq > ? AND seq <= ? GROUP BY type"
+            "SELECT t.type, (SELECT COUNT(*) FROM events e WHERE e.tenant = t.tenant AND e.type = t.type \
+             AND e.priority = ?2 AND e.seq > ?3 AND e.seq <= ?4) AS n FROM event_types t WHERE t.tenant = ?1"
         }
         _ => {
-            "SELECT type, COUNT(*) AS n FROM events WHERE tenant = ? AND priority = ? \
-             AND priority <> 2 AND seq > ? AND seq <= ? GROUP BY type"
+            "SELECT type, COUNT(*) AS n FROM events WHERE tenant = ?1 AND priority = ?2 \
+             AND priority <> 2 AND seq > ?3 AND seq <= ?4 GROUP BY type"
         }
     }
 }
@@ -838,8 +845,17 @@ impl EventStore for SqliteStore {
         let committed = self.durable();
         let limit = query.page_limit();
         let literals = literal_types(&query.types);
+        let until = query.until.map_or(committed, |until| until.min(committed));
+        // The normal level has no index of its own: read by priority alone it walks the primary key,
+        // every level's and tenant's events. Where it is rare that walk would go on to the head for a
+        // page, so it looks at a span of sequences; the page then ends where the span does.
+        let span_end = (query.priority == Some(Priority::Normal)
+            && literals.is_none()
+            && query.correlation_id.is_none())
+        .then(|| query.after.saturating_add(normal_level_span(limit)))
+        .filter(|end| *end < until);
         let bounded = ReadQuery {
-            until: Some(query.until.map_or(committed, |until| until.min(committed))),
+            until: Some(span_end.unwrap_or(until)),
             ..query.clone()
         };
         let mut sql = QueryBuilder::<Sqlite>::new("");
@@ -874,6 +890,13 @@ impl EventStore for SqliteStore {
                     break 'rows;
                 }
             }
+        }
+        if let Some(end) = span_end {
+            // the span's rows were all looked at when fewer than a page came back: it ends the page,
+            // and events past it may still match
+            let mut page = fill.finish(count >= limit, Some(end), committed);
+            page.exhausted = false;
+            return Ok(page);
         }
         Ok(fill.finish(count >= limit, query.until, committed))
     }
@@ -1700,6 +1723,74 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_read_of_a_rare_normal_level_looks_at_a_span_and_goes_on_from_its_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = started(&dir.path().join("normal.db")).await;
+        // 10,000 events of another level and tenant, then one of the normal level, then more
+        let span = normal_level_span(64);
+        let mut others = vec![("job", Priority::High); 10_000];
+        others.push(("job", Priority::Normal));
+        store
+            .append("t", new_events(0, &others))
+            .await
+            .expect("append");
+        store
+            .append("u", new_events(10_001, &[("job", Priority::Normal); 5]))
+            .await
+            .expect("append");
+        let selection = Selection {
+            types: vec![TypePattern::parse("*").expect("pattern")],
+            ..Selection::default()
+        };
+        let mut read = ReadQuery {
+            tenant: "t".into(),
+            types: selection.types.clone(),
+            priority: Some(Priority::Normal),
+            limit: 64,
+            ..ReadQuery::default()
+        };
+        let mut pages = 0;
+        let found = loop {
+            let page = store.read(&read).await.expect("read");
+            pages += 1;
+            assert!(page.scanned_to > read.after, "a read moves on");
+            assert!(
+                page.scanned_to <= read.after + span,
+                "a read looks at {span} sequences at most"
+            );
+            if !page.events.is_empty() {
+                assert!(!page.exhausted || page.scanned_to >= 10_001);
+                break page;
+            }
+            assert!(!page.exhausted, "events past the span may still match");
+            read.after = page.scanned_to;
+        };
+        let ids: Vec<&str> = found.events.iter().map(|e| e.event.id.as_str()).collect();
+        assert_eq!(ids, ["e10000"], "tenant u's events are not tenant t's");
+        assert_eq!(pages as u64, 10_000 / span + 1);
+        // the rest of the history holds nothing more for tenant t at this level
+        read.after = found.scanned_to;
+        let rest = store.read(&read).await.expect("read");
+        assert!(rest.events.is_empty() && rest.exhausted, "{rest:?}");
+        // the lag of a group over the pattern, at each level from the start
+        let lag = |after: [u64; 4]| {
+            let store = store.clone();
+            let selection = selection.clone();
+            async move {
+                store
+                    .count_after("t", after, &selection)
+                    .await
+                    .expect("count")
+            }
+        };
+        assert_eq!(lag([0; 4]).await, 10_001);
+        // the normal level alone (levels run critical, high, normal, low)
+        assert_eq!(lag([u64::MAX, u64::MAX, 0, u64::MAX]).await, 1);
+        assert_eq!(lag([u64::MAX, u64::MAX, 10_001, u64::MAX]).await, 0);
+        assert_eq!(lag([u64::MAX, 9_000, u64::MAX, u64::MAX]).await, 1_000);
+    }
+
+    #[tokio::test]
     async fn a_time_is_found_by_halving_the_primary_key() {
         // correctness on both stores: tests/e2e/store_conformance.rs; here, that a lookup seeks
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1889,13 +1980,35 @@ mod tests {
                 query(&["a.*"], Some(Priority::Normal)),
                 "USING INTEGER PRIMARY KEY",
             ),
+            (
+                "literal types at the normal priority",
+                query(&["a.b"], Some(Priority::Normal)),
+                "COVERING INDEX events_type_priority (",
+            ),
+            (
+                "a correlation id at the normal priority",
+                ReadQuery {
+                    correlation_id: Some("c".into()),
+                    ..query(&[], Some(Priority::Normal))
+                },
+                "INDEX events_correlation (",
+            ),
+            (
+                "a source at one priority but normal",
+                ReadQuery {
+                    source: Some("s".into()),
+                    ..query(&[], Some(Priority::High))
+                },
+                "INDEX events_priority_not_normal (",
+            ),
         ] {
             let plan = plan(&db, &query).await;
             let (page, groups) = plan
                 .split_once("CORRELATED SCALAR SUBQUERY")
                 .unwrap_or_else(|| panic!("{what}: no per-group subquery in\n{plan}"));
-            // the bad plan: `SEARCH events USING INDEX events_priority (tenant=?)`, then every match
-            // after the position sorted before the limit applies
+            // the bad plan: `SEARCH events USING INDEX events_type_priority (tenant=?)`, or any index
+            // that starts with the tenant, then every match after the position sorted before the limit
+            // applies
             let searches: Vec<&str> = page
                 .lines()
                 .filter(|step| step.starts_with("SEARCH events"))
@@ -1947,7 +2060,8 @@ mod tests {
         for level in Priority::ALL {
             let sql = level_count_sql(level);
             let index = if level == Priority::Normal {
-                "USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"
+                // one range per type of the tenant
+                "COVERING INDEX events_type_priority (tenant=? AND type=? AND priority=? AND seq>? AND seq<?)"
             } else {
                 assert!(sql.contains(NOT_NORMAL_PRIORITY), "{sql}");
                 "INDEX events_priority_not_normal (tenant=? AND priority=? AND seq>? AND seq<?)"
@@ -1966,8 +2080,9 @@ mod tests {
                 .collect();
             assert!(
                 plan.iter()
-                    .any(|step| step.starts_with("SEARCH events") && step.contains(index)),
-                "{level:?}: expected {index} in {plan:?}"
+                    .any(|step| step.starts_with("SEARCH") && step.contains(index))
+                    && !plan.iter().any(|step| step.starts_with("SCAN")),
+                "{level:?}: expected {index}, and no scan, in {plan:?}"
             );
         }
     }
