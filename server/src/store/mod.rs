@@ -190,7 +190,8 @@ pub(crate) const SEQUENCE_BEFORE_SQL: &str = "WITH RECURSIVE halves(lo, hi) AS (
 #[derive(Debug, Clone, Default)]
 pub struct ReadPage {
     pub events: Vec<Arc<StoredEvent>>,
-    /// Highest sequence looked at; the next page starts after it even when nothing matched.
+    /// Highest sequence looked at; the next page starts after it even when nothing matched. A page
+    /// may hold no event and not be exhausted (a read that looks at a bounded span): read on from here.
     pub scanned_to: u64,
     /// No stored event after `scanned_to` can match.
     pub exhausted: bool,

@@ -1726,7 +1726,8 @@ mod tests {
     async fn a_read_of_a_rare_normal_level_looks_at_a_span_and_goes_on_from_its_end() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = started(&dir.path().join("normal.db")).await;
-        // 10,000 events of another level and tenant, then one of the normal level, then more
+        // 10,000 events of the high level, then one of the normal level, then five of the normal
+        // level of another tenant
         let span = normal_level_span(64);
         let mut others = vec![("job", Priority::High); 10_000];
         others.push(("job", Priority::Normal));

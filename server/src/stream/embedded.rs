@@ -32,6 +32,10 @@ fn db_err(e: sqlx::Error) -> StreamError {
 
 type InboxEntry = (Inbox, mpsc::Sender<Arc<StoredEvent>>);
 
+/// Sequences past its cursor a claim that found no event of its level must have looked at before it
+/// moves the cursor there (taking the writer's lock, which waits for the event commit in flight).
+const RECORD_LOOK: u64 = 4096;
+
 struct GroupState {
     config: GroupConfig,
     cursors: [u64; 4],
@@ -690,6 +694,38 @@ impl LiveStreams for EmbeddedStreams {
             // not move (the group's lag counts none there), so no writer's lock, which would wait for
             // the event commit in flight. The read-ahead keeps how far this claim looked.
             let more = ahead.scanned_to < until;
+            if ahead.ready.is_empty()
+                && ahead.scanned_to >= cursors[index].saturating_add(RECORD_LOOK)
+            {
+                // Looked far: the cursor moves there, so that another member's claim, which finds
+                // no read-ahead while this one holds it, or the next after the last member left,
+                // does not look at the same sequences again (no event of the level is in between).
+                let conn = self.store.db().lock_delivery_writer().await;
+                let (_, now) = self.group_snapshot(key)?;
+                if now[index] == cursors[index] {
+                    conn.prepare_cached(
+                        "UPDATE group_cursors SET cursor = ?1 WHERE tenant = ?2 AND grp = ?3 AND priority = ?4",
+                    )
+                    .and_then(|mut update| {
+                        update.execute(rusqlite::params![
+                            seq_i64(ahead.scanned_to),
+                            key.tenant,
+                            key.name,
+                            level.as_i64()
+                        ])
+                    })
+                    .map_err(write_err)?;
+                    if let Some(g) = self
+                        .groups
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_mut(key)
+                    {
+                        g.cursors[index] = ahead.scanned_to;
+                    }
+                    ahead.after = ahead.scanned_to;
+                }
+            }
             self.claim_ahead
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -1451,6 +1487,91 @@ mod tests {
             .expect("ack");
         assert_eq!(acked, [true, false, true]);
         assert_eq!(pending(&streams, &key).await, 4);
+    }
+
+    #[tokio::test]
+    async fn a_claim_that_looked_far_for_its_level_moves_the_cursor_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::start(
+            SqliteDb::open(&dir.path().join("t.db"))
+                .await
+                .expect("open"),
+        )
+        .await
+        .expect("store");
+        // 40,000 events of the high level, then one of the normal level, which has no index of its
+        // own: a claim of it over every type reads spans of sequences along the primary key
+        let n: u64 = 40_001;
+        let events = (1..=n)
+            .map(|seq| {
+                let event = Event {
+                    id: format!("e{seq}"),
+                    source: "test".into(),
+                    event_type: "job".into(),
+                    priority: if seq == n {
+                        Priority::Normal
+                    } else {
+                        Priority::High
+                    },
+                    ..Event::default()
+                };
+                let hash = event.content_hash();
+                NewEvent::new(event, hash)
+            })
+            .collect();
+        store.append("t", events).await.expect("append");
+        let streams = EmbeddedStreams::start(store.clone())
+            .await
+            .expect("streams");
+        // the tail holds only the last events, so the claims read the store
+        let last = store
+            .read(&ReadQuery {
+                tenant: "t".into(),
+                after: n - 10,
+                limit: 10,
+                ..ReadQuery::default()
+            })
+            .await
+            .expect("read");
+        streams.append(&last.events).await.expect("tail");
+        let key = GroupKey {
+            tenant: "t".into(),
+            name: "every".into(),
+        };
+        let config = GroupConfig {
+            selection: Selection {
+                types: vec![TypePattern::parse("*").expect("pattern")],
+                filter: None,
+            },
+            max_attempts: 5,
+        };
+        streams.ensure_group(&key, &config, 0).await.expect("group");
+        let lease = Utc::now() + chrono::Duration::seconds(30);
+        let normal = level_index(Priority::Normal);
+
+        let first = streams
+            .claim_new(&key, "a", Priority::Normal, 100, lease)
+            .await
+            .expect("claim");
+        assert!(
+            first.entries.is_empty() && first.more,
+            "eight spans hold no event of the level"
+        );
+        let (_, cursors) = streams.group_snapshot(&key).expect("group");
+        assert!(
+            cursors[normal] >= RECORD_LOOK && cursors[normal] < n,
+            "the cursor moved to where the claim looked: {}",
+            cursors[normal]
+        );
+        // without what was read ahead, as for another member's claim meanwhile, or the next after the
+        // last member left, the claim goes on from the cursor
+        streams.forget_claim_ahead(&key);
+        let second = streams
+            .claim_new(&key, "b", Priority::Normal, 100, lease)
+            .await
+            .expect("claim");
+        let claimed: Vec<u64> = second.entries.iter().map(|c| c.sequence).collect();
+        assert_eq!(claimed, [n]);
     }
 
     #[tokio::test]
