@@ -1264,13 +1264,12 @@ mod tests {
     use super::*;
     use crate::store::{NewEvent, sqlite::SqliteDb};
 
-    /// A store holding `n` events of type `job` (event `i` at `priority(i)`), streams whose tail
-    /// holds them too, and group `g` of tenant `t` selecting them from the start.
-    async fn group_with_backlog(
+    /// A store holding `n` events of type `job` of tenant `t`, event `i` at `priority(i)` (sequence `i + 1`).
+    async fn stored_jobs(
         dir: &std::path::Path,
         n: usize,
         priority: impl Fn(usize) -> Priority,
-    ) -> (Arc<EmbeddedStreams>, GroupKey, Selection) {
+    ) -> Arc<SqliteStore> {
         let store = SqliteStore::start(SqliteDb::open(&dir.join("t.db")).await.expect("open"))
             .await
             .expect("store");
@@ -1288,6 +1287,17 @@ mod tests {
             })
             .collect();
         store.append("t", events).await.expect("append");
+        store
+    }
+
+    /// A store holding `n` events of type `job` (event `i` at `priority(i)`), streams whose tail
+    /// holds them too, and group `g` of tenant `t` selecting them from the start.
+    async fn group_with_backlog(
+        dir: &std::path::Path,
+        n: usize,
+        priority: impl Fn(usize) -> Priority,
+    ) -> (Arc<EmbeddedStreams>, GroupKey, Selection) {
+        let store = stored_jobs(dir, n, priority).await;
         let streams = EmbeddedStreams::start(store.clone())
             .await
             .expect("streams");
@@ -1492,34 +1502,17 @@ mod tests {
     #[tokio::test]
     async fn a_claim_that_looked_far_for_its_level_moves_the_cursor_there() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::start(
-            SqliteDb::open(&dir.path().join("t.db"))
-                .await
-                .expect("open"),
-        )
-        .await
-        .expect("store");
         // 40,000 events of the high level, then one of the normal level, which has no index of its
         // own: a claim of it over every type reads spans of sequences along the primary key
         let n: u64 = 40_001;
-        let events = (1..=n)
-            .map(|seq| {
-                let event = Event {
-                    id: format!("e{seq}"),
-                    source: "test".into(),
-                    event_type: "job".into(),
-                    priority: if seq == n {
-                        Priority::Normal
-                    } else {
-                        Priority::High
-                    },
-                    ..Event::default()
-                };
-                let hash = event.content_hash();
-                NewEvent::new(event, hash)
-            })
-            .collect();
-        store.append("t", events).await.expect("append");
+        let store = stored_jobs(dir.path(), n as usize, |i| {
+            if i as u64 + 1 == n {
+                Priority::Normal
+            } else {
+                Priority::High
+            }
+        })
+        .await;
         let streams = EmbeddedStreams::start(store.clone())
             .await
             .expect("streams");
