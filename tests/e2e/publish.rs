@@ -324,6 +324,52 @@ async fn control_characters_in_text_are_refused_naming_the_field_while_other_pub
 }
 
 #[tokio::test]
+async fn a_request_with_many_problems_gets_a_status_listing_the_first() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let empty = || pb::ExtensionValue {
+        value: Some(pb::extension_value::Value::StringValue(String::new())),
+    };
+    // two problems per extension, at the extension limit (32): a bad name and an empty value
+    let mut bad = event("bad", "t.created");
+    for i in 0..32 {
+        bad.extensions.insert(format!("Bad_{i:02}"), empty());
+    }
+    let status = bus
+        .publish(pb::PublishRequest { events: vec![bad] })
+        .await
+        .expect_err("bad extensions are refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let named = violations(&status);
+    assert_eq!(
+        named.len(),
+        21,
+        "twenty listed and one counting the rest: {named:?}"
+    );
+    assert_eq!(named[0], "events[0].extensions[\"Bad_00\"]");
+    assert_eq!(named[20], "...");
+    assert!(
+        status.message().ends_with("; and 44 more"),
+        "{}",
+        status.message()
+    );
+
+    // past the limit, the count is the one problem named, not each of thousands
+    let mut crowded = event("crowded", "t.created");
+    for i in 0..10_000 {
+        crowded.extensions.insert(format!("Bad_{i}"), empty());
+    }
+    let status = bus
+        .publish(pb::PublishRequest {
+            events: vec![crowded],
+        })
+        .await
+        .expect_err("too many extensions are refused");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(violations(&status), ["events[0].extensions"]);
+}
+
+#[tokio::test]
 async fn oversized_input_is_resource_exhausted() {
     let server = TestServer::start_with(|c| {
         c.limits.max_event_bytes = 10_000;

@@ -3,7 +3,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::bus::BusError;
+use crate::{bus::BusError, event::LISTED_VIOLATIONS};
 
 /// Most bytes of a status message; a violation's field and description get a quarter each.
 const MAX_MESSAGE: usize = 2048;
@@ -71,14 +71,18 @@ pub fn invalid(field: &str, description: &str) -> Status {
     )))
 }
 
-/// A status whose `BadRequest` detail names each field of `input`.
+/// A status whose `BadRequest` detail names the fields of `input`, the first [`LISTED_VIOLATIONS`] of
+/// them, with one more entry (field "...") counting the rest.
 fn violations(code: Code, message: String, input: &crate::event::InvalidInput) -> Status {
     let mut details = ErrorDetails::new();
-    for v in &input.violations {
+    for v in input.violations.iter().take(LISTED_VIOLATIONS) {
         details.add_bad_request_violation(
             bounded(&v.field, MAX_MESSAGE / 4),
             bounded(&v.description, MAX_MESSAGE / 4),
         );
+    }
+    if input.unlisted() > 0 {
+        details.add_bad_request_violation("...", format!("{} more not listed", input.unlisted()));
     }
     Status::with_error_details(code, message, details)
 }

@@ -9,14 +9,35 @@ pub struct Violation {
     pub description: String,
 }
 
+/// Most violations an error lists; the rest are counted. One request can hold thousands (a bad name
+/// per extension, per event of a batch), and each listed one goes into the response's headers, where
+/// clients refuse more than 8-16 KiB and would see a protocol error instead of the status.
+pub const LISTED_VIOLATIONS: usize = 20;
+
 /// Bad input: what is wrong and whether it is malformed or merely too large.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}", .violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; "))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidInput {
     pub violations: Vec<Violation>,
     /// Set when the input is well-formed but exceeds a size limit.
     pub too_large: bool,
 }
+
+impl std::fmt::Display for InvalidInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, v) in self.violations.iter().take(LISTED_VIOLATIONS).enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", v.field, v.description)?;
+        }
+        match self.unlisted() {
+            0 => Ok(()),
+            more => write!(f, "; and {more} more"),
+        }
+    }
+}
+
+impl std::error::Error for InvalidInput {}
 
 impl InvalidInput {
     /// Builds a malformed-input error for one field.
@@ -36,6 +57,11 @@ impl InvalidInput {
             too_large: true,
             ..InvalidInput::field(field, description)
         }
+    }
+
+    /// How many violations are past the [`LISTED_VIOLATIONS`] an error lists.
+    pub fn unlisted(&self) -> usize {
+        self.violations.len().saturating_sub(LISTED_VIOLATIONS)
     }
 }
 
@@ -200,14 +226,17 @@ impl Limits {
                 "is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)".into(),
             );
         }
-        if event.extensions.len() > self.max_extensions {
+        let too_many_extensions = event.extensions.len() > self.max_extensions;
+        if too_many_extensions {
             push(
                 "extensions",
                 format!("more than {} extensions", self.max_extensions),
             );
             size_count += 1;
         }
-        for (name, value) in &event.extensions {
+        // past the limit, the count is the problem: each of thousands would otherwise be checked and named
+        let checked_extensions = if too_many_extensions { 0 } else { usize::MAX };
+        for (name, value) in event.extensions.iter().take(checked_extensions) {
             if !valid_extension_name(name) {
                 push(
                     &format!("extensions[{name:?}]"),
