@@ -114,10 +114,12 @@ pub fn delivery_id(sequence: u64, attempt: u32) -> String {
     format!("{sequence}-{attempt}")
 }
 
-/// Parses a delivery id.
+/// Parses a delivery id. Attempts handed out count from 1: an entry at attempt 0 was never delivered
+/// (released unsent, or redriven), and an ack naming it would take it out of the group undelivered.
 pub fn parse_delivery_id(id: &str) -> Option<(u64, u32)> {
     let (seq, attempt) = id.split_once('-')?;
-    Some((seq.parse().ok()?, attempt.parse().ok()?))
+    let attempt = attempt.parse().ok().filter(|a| *a > 0)?;
+    Some((seq.parse().ok()?, attempt))
 }
 
 struct Outstanding {
