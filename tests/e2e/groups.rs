@@ -479,6 +479,53 @@ async fn a_late_dead_letter_of_an_attempt_another_member_holds_is_taken_back() {
     await_pending(&server, "g", 0).await;
 }
 
+/// Two members dead-letter the same event at successive attempts, the later one first: the earlier
+/// one's letter replaces it, and that one's attempt is stale. Taking its letter back would leave the
+/// event neither pending nor dead-lettered, so the letter stays.
+#[tokio::test]
+async fn a_stale_dead_letter_that_replaced_a_current_one_stays() {
+    let (server, injection) = start_injected().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["twice.x"], "g");
+    o.max_attempts = 1;
+    o.ack_deadline = millis(300);
+    publish(&mut bus, vec![event("twice-1", "twice.x")]).await;
+    // a first member gets the one attempt and goes away: the event is due again, past it
+    let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    assert_eq!(first.next_delivery().await.attempt, 1);
+    drop(first);
+    // the next member claims it to dead-letter it, and stops before recording the letter
+    let (reached, go) = injection.before_put_dead_letter.arm();
+    let _stalled = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    reached
+        .await
+        .expect("the stalled member is about to record its letter");
+    // its lease runs out: the member after it claims the next attempt, dead-letters it and takes it
+    // out of the group
+    let _last = Subscriber::open(&mut bus, o).await.expect("open");
+    eventually("the current letter", || async {
+        (dead_letters(&server, "g").await.len() == 1).then_some(())
+    })
+    .await;
+    await_pending(&server, "g", 0).await;
+    // the stalled member's letter replaces it, and its attempt is gone from the group
+    let (replaced, replaced_go) = injection.after_put_dead_letter.arm();
+    drop(go);
+    replaced.await.expect("the stale letter is recorded");
+    let (removing, _removal_go) = injection.before_remove_dead_letters.arm();
+    drop(replaced_go);
+    // its next step would be taking its letter back; a bounded wait, since what is checked is that
+    // nothing comes
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), removing)
+            .await
+            .is_err(),
+        "the stale member took its letter back"
+    );
+    assert_eq!(dead_letters(&server, "g").await.len(), 1);
+    await_pending(&server, "g", 0).await;
+}
+
 /// A member that cannot record a dead letter ends with UNAVAILABLE, and what it had claimed goes
 /// back at once on the same attempt (nobody was sent it): the next member dead-letters it after the
 /// same attempts, not after the lease.

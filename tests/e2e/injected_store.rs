@@ -26,6 +26,8 @@ use crate::harness::*;
 pub struct Injection {
     /// While set, every call fails with UNAVAILABLE.
     pub down: AtomicBool,
+    /// Stops a `put_dead_letter` before it records the letter.
+    pub before_put_dead_letter: Gate,
     /// Stops a `put_dead_letter` after it recorded the letter.
     pub after_put_dead_letter: Gate,
     /// Stops a `remove_dead_letters` before it removes anything.
@@ -181,8 +183,9 @@ impl EventStore for InjectedStore {
         self.check()?;
         self.inner.event_types(tenant, after, limit).await
     }
-    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
+    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<bool> {
         self.check()?;
+        self.injection.before_put_dead_letter.pass().await;
         if self
             .injection
             .fail_next_put_dead_letter
@@ -192,9 +195,9 @@ impl EventStore for InjectedStore {
                 "dead letter not recorded (injected)".into(),
             ));
         }
-        self.inner.put_dead_letter(dl).await?;
+        let replaced = self.inner.put_dead_letter(dl).await?;
         self.injection.after_put_dead_letter.pass().await;
-        Ok(())
+        Ok(replaced)
     }
     async fn dead_letters(
         &self,

@@ -407,8 +407,9 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<EventTypeStats>>;
 
-    /// Records a dead letter; recording the same (group, sequence) again replaces it.
-    async fn put_dead_letter(&self, dead_letter: &DeadLetter) -> StoreResult<()>;
+    /// Records a dead letter; recording the same (group, sequence) again replaces it. Returns whether
+    /// it replaced one.
+    async fn put_dead_letter(&self, dead_letter: &DeadLetter) -> StoreResult<bool>;
 
     /// Lists a group's dead letters after a sequence, oldest first.
     async fn dead_letters(
