@@ -245,6 +245,12 @@ impl JwtVerifier {
                 ));
             }
         };
+        // RFC 7519 makes iss one string; the validation takes an array holding the issuer too
+        if !matches!(claims.get("iss"), Some(Value::String(_))) {
+            return Err(AuthError::Unauthenticated(
+                "token iss must be a string".into(),
+            ));
+        }
         let tenant = if self.config.tenant_claim.is_empty() {
             None
         } else {
@@ -332,6 +338,7 @@ pub(crate) mod tests {
         let tenant_of = |tenant: Option<Value>| {
             let mut claims = Map::new();
             claims.insert("sub".into(), Value::String("svc".into()));
+            claims.insert("iss".into(), Value::String("i".into()));
             claims.insert("exp".into(), serde_json::json!(u32::MAX));
             if let Some(tenant) = tenant {
                 claims.insert("tenant".into(), tenant);
@@ -429,6 +436,10 @@ pub(crate) mod tests {
             (
                 serde_json::json!({"sub": "svc", "iss": "i", "aud": "a", "exp": past, "nbf": u32::MAX}),
                 "not valid yet",
+            ),
+            (
+                serde_json::json!({"sub": "svc", "iss": ["other", "i"], "aud": "a", "exp": past}),
+                "iss must be a string",
             ),
         ];
         for (claims, reason) in reasons {
