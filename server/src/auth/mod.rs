@@ -220,6 +220,9 @@ impl Auth {
             max_streams_per_principal: connections.max_streams_per_principal,
         });
         tokio::spawn(write_audit(store.clone(), audit_rx));
+        if auth.publish_rate.is_some() {
+            tokio::spawn(forget_rested_publishers(auth.clone(), shutdown.clone()));
+        }
         if !config.audit_retention.is_zero() {
             tokio::spawn(prune_audit(store, config.audit_retention, shutdown.clone()));
         }
@@ -397,6 +400,22 @@ impl Auth {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Forgets the publish rates of principals whose quota is full again, as if never seen: the
+    /// limiter keeps one per principal, and per-user tokens or tenant claims make them without end.
+    pub fn forget_rested_publishers(&self) {
+        if let Some(limiter) = &self.publish_rate {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+
+    /// How many principals' publish rates are kept.
+    pub fn publish_rates_kept(&self) -> usize {
+        self.publish_rate
+            .as_ref()
+            .map_or(0, |limiter| limiter.len())
     }
 
     /// Opens a stream for the principal, or refuses when it has the most it may have.
@@ -577,6 +596,19 @@ async fn prune_audit(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// How often the publish rates of rested principals are forgotten.
+const FORGET_RESTED_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn forget_rested_publishers(auth: Arc<Auth>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FORGET_RESTED_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        auth.forget_rested_publishers();
     }
 }
 
@@ -838,4 +870,53 @@ fn audit_text(text: &str, max: usize) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn publish_rates_of_rested_principals_are_forgotten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = crate::store::SqliteDb::open(&dir.path().join("t.db"))
+            .await
+            .expect("open");
+        let store = crate::store::SqliteStore::start(db).await.expect("store");
+        let connections = ConnectionsConfig {
+            publish_rate_per_principal: 1000,
+            publish_burst: 1,
+            ..ConnectionsConfig::default()
+        };
+        let auth = Auth::start(
+            &TlsConfig::default(),
+            &AuthConfig::default(),
+            &connections,
+            store,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("auth");
+        let principal = |i: usize| Principal {
+            id: format!("user-{i}"),
+            tenant: "t".into(),
+            unrestricted: true,
+            expires: None,
+        };
+        for i in 0..100 {
+            auth.check_publish_rate(&principal(i))
+                .expect("first publish");
+        }
+        assert_eq!(auth.publish_rates_kept(), 100);
+        // at 1,000 a second with a burst of one, each quota is full again a millisecond later
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while auth.publish_rates_kept() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            auth.forget_rested_publishers();
+        }
+        assert_eq!(auth.publish_rates_kept(), 0, "rested principals forgotten");
+        auth.check_publish_rate(&principal(0))
+            .expect("a forgotten principal publishes as a new one");
+        assert_eq!(auth.publish_rates_kept(), 1);
+    }
 }
