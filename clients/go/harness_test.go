@@ -242,17 +242,19 @@ func eventually[T any](t *testing.T, what string, check func() (T, bool)) T {
 	}
 }
 
-// proxy forwards TCP connections to a server until freeze.
+// proxy forwards TCP connections to a server; freeze silences the ones open at that moment.
 type proxy struct {
 	addr   string
-	frozen chan struct{}
-	freeze func()
 	closed chan struct{}
+	mu     sync.Mutex
+	// frozen is closed by freeze; connections accepted after it get a new one
+	frozen chan struct{}
 }
 
 // startProxy listens on 127.0.0.1:0 and forwards every connection to target; the listener and the
-// connections are closed when the test ends. freeze stops it forwarding, in both directions, without
-// closing anything: to either end, the connection dies silently (no FIN, no RST), as in a partition.
+// connections are closed when the test ends. freeze stops the connections open at that moment from
+// forwarding, in both directions, without closing anything: to either end, they die silently (no FIN,
+// no RST), as in a partition. Connections made after it forward as before, as to a host reached again.
 func startProxy(t *testing.T, target string) *proxy {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -260,7 +262,6 @@ func startProxy(t *testing.T, target string) *proxy {
 		t.Fatal(err)
 	}
 	p := &proxy{addr: ln.Addr().String(), frozen: make(chan struct{}), closed: make(chan struct{})}
-	p.freeze = sync.OnceFunc(func() { close(p.frozen) })
 	var mu sync.Mutex
 	var conns []net.Conn
 	t.Cleanup(func() {
@@ -286,21 +287,32 @@ func startProxy(t *testing.T, target string) *proxy {
 			mu.Lock()
 			conns = append(conns, client, server)
 			mu.Unlock()
-			go p.forward(server, client)
-			go p.forward(client, server)
+			p.mu.Lock()
+			frozen := p.frozen
+			p.mu.Unlock()
+			go p.forward(server, client, frozen)
+			go p.forward(client, server, frozen)
 		}
 	}()
 	return p
 }
 
+// freeze silences the connections open now.
+func (p *proxy) freeze() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	close(p.frozen)
+	p.frozen = make(chan struct{})
+}
+
 // forward copies from src to dst until either fails; once frozen it holds what it read, without writing
 // or closing, until the test ends.
-func (p *proxy) forward(dst, src net.Conn) {
+func (p *proxy) forward(dst, src net.Conn, frozen <-chan struct{}) {
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
 		select {
-		case <-p.frozen:
+		case <-frozen:
 			<-p.closed
 			return
 		default:

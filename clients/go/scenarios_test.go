@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 
 	nerve "github.com/nerve-bus/nerve/clients/go"
@@ -319,6 +320,57 @@ func TestReplayPagesWithResumeToken(t *testing.T) {
 	}
 	if !slices.Equal(seen, expected) {
 		t.Fatalf("saw %d events, want all 250 once in order", len(seen))
+	}
+}
+
+// After a connection went silent, Dial's keepalive replaces it: a Subscribe made before that fails with
+// Unavailable, and the next one goes out on a new connection. Without keepalive, it would wait on the
+// silent connection until the operating system gave up on it (about 15 minutes).
+func TestSubscribingAgainAfterASilentConnectionGetsANewOne(t *testing.T) {
+	ctx := testContext(t)
+	through := startProxy(t, startServer(t))
+	// Dial's own keepalive, shortened: grpc-go pings no more often than every 10 s
+	saved := *nerve.KeepaliveParams
+	t.Cleanup(func() { *nerve.KeepaliveParams = saved })
+	*nerve.KeepaliveParams = keepalive.ClientParameters{Time: 10 * time.Second, Timeout: time.Second, PermitWithoutStream: true}
+	client, err := nerve.Dial(through.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = client.Close() })
+	opts := nerve.SubscribeOptions{Types: []string{"again.x"}, HeartbeatInterval: 200 * time.Millisecond}
+	sub, err := client.Subscribe(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectIdle(t, sub, 2)
+	through.freeze()
+	waitCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	for err == nil {
+		_, err = sub.NextMessage(waitCtx)
+	}
+	if !errors.Is(err, nerve.ErrUnavailable) {
+		t.Fatalf("after the connection went silent: %v, want Unavailable", err)
+	}
+	_ = sub.Close()
+
+	// within the keepalive's 11 s, and a bound well short of the operating system's
+	againCtx, cancelAgain := context.WithTimeout(ctx, 30*time.Second)
+	defer cancelAgain()
+	var again *nerve.Subscription
+	for again == nil {
+		again, err = client.Subscribe(againCtx, opts)
+		if err != nil && !errors.Is(err, nerve.ErrUnavailable) {
+			t.Fatalf("subscribing again: %v, want it to work or fail with Unavailable", err)
+		}
+	}
+	defer again.Close()
+	if _, err := client.Publish(againCtx, ev("again-1", "again.x")); err != nil {
+		t.Fatal(err)
+	}
+	if d := next(t, again); d.Event.GetId() != "again-1" {
+		t.Fatalf("got %s, want again-1", d.Event.GetId())
 	}
 }
 

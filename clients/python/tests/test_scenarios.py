@@ -23,6 +23,8 @@ from nerve_client import (
     pb,
 )
 
+from nerve_client import _client
+
 from .conftest import WAIT, ServerProcess
 
 
@@ -47,14 +49,14 @@ async def expect_idle(sub: Subscription, heartbeats: int) -> pb.Heartbeat:
 
 
 class FreezableProxy:
-    """A TCP proxy to ``target`` on 127.0.0.1; :meth:`freeze` stops forwarding in both directions without
-    closing any socket, as a partition or a vanished host would: neither side hears anything, not even an end."""
+    """A TCP proxy to ``target`` on 127.0.0.1; :meth:`freeze` stops the connections open at that moment from
+    forwarding, in both directions, without closing any socket, as a partition or a vanished host would:
+    neither side hears anything, not even an end. Connections made after it forward as before."""
 
     def __init__(self, target: str) -> None:
         self._host, _, port = target.rpartition(":")
         self._port = int(port)
-        self._flowing = asyncio.Event()
-        self._flowing.set()
+        self._flowing: list[asyncio.Event] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
@@ -77,21 +79,26 @@ class FreezableProxy:
             writer.close()
 
     def freeze(self) -> None:
-        self._flowing.clear()
+        for flowing in self._flowing:
+            flowing.clear()
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         server_reader, server_writer = await asyncio.open_connection(self._host, self._port)
         self._writers += [client_writer, server_writer]
+        flowing = asyncio.Event()
+        flowing.set()
+        self._flowing.append(flowing)
         for source, sink in ((client_reader, server_writer), (server_reader, client_writer)):
-            task = asyncio.get_running_loop().create_task(self._forward(source, sink))
+            task = asyncio.get_running_loop().create_task(self._forward(source, sink, flowing))
             self._tasks.add(task)
 
-    async def _forward(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    @staticmethod
+    async def _forward(source: asyncio.StreamReader, sink: asyncio.StreamWriter, flowing: asyncio.Event) -> None:
         while data := await source.read(65536):
-            await self._flowing.wait()  # frozen: the data is held, and nothing more is read once buffers fill
+            await flowing.wait()  # frozen: the data is held, and nothing more is read once buffers fill
             sink.write(data)
             await sink.drain()
-        await self._flowing.wait()  # frozen: not even the end is passed on
+        await flowing.wait()  # frozen: not even the end is passed on
         sink.close()
 
 
@@ -233,6 +240,49 @@ async def test_replay_pages_with_resume_token(client: Client) -> None:
     seen = [e.sequence for p in pages for e in p.events] + [e.sequence for e in events]
     assert seen == expected, "all 250 once, in order"
     assert [e.id for p in pages for e in p.events][:3] == ["r0", "r1", "r2"]
+
+
+async def test_subscribing_again_after_a_silent_connection_gets_a_new_one(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's keepalive replaces a connection that went silent: a subscribe made before that raises
+    UnavailableError, and the next one goes out on a new connection. Without keepalive it would wait on the
+    silent one until the operating system gave up on it (about 15 minutes)."""
+    # the client's own keepalive options, shortened
+    shortened = {
+        "grpc.keepalive_time_ms": 1_000,
+        "grpc.keepalive_timeout_ms": 1_000,
+        "grpc.http2.ping_timeout_ms": 1_000,
+    }
+    options = tuple((name, shortened.get(name, value)) for name, value in _client._CHANNEL_OPTIONS)
+    assert [name for name, _ in options if name in shortened] == list(shortened)
+    monkeypatch.setattr(_client, "_CHANNEL_OPTIONS", options)
+    async with FreezableProxy(server.addr) as proxy, Client.connect(proxy.addr, ready_timeout=WAIT) as client:
+        async with client.subscribe("again.x", heartbeat_interval=0.2) as sub:
+            await expect_idle(sub, heartbeats=2)
+            proxy.freeze()
+
+            async def until_it_ends() -> None:
+                while True:
+                    await sub.next_message()
+
+            with pytest.raises(UnavailableError):
+                await asyncio.wait_for(until_it_ends(), 5)
+
+        async def subscribe_again() -> Subscription:
+            while True:
+                try:
+                    return await client.subscribe("again.x")
+                except UnavailableError:
+                    continue  # made on the silent connection before keepalive gave up on it
+
+        again = await asyncio.wait_for(subscribe_again(), 15)
+        try:
+            await client.publish(ev("again-1", "again.x"))
+            delivery = await again.next(timeout=WAIT)
+            assert delivery.event.id == "again-1"
+        finally:
+            await again.close()
 
 
 async def test_silent_connection_is_detected(server: ServerProcess) -> None:

@@ -28,8 +28,20 @@ _REQUEST_GRACE = 5.0
 
 #: Channel options the client sets unless the caller's ``options`` name them. gRPC receives at most 4 MiB a
 #: message by default, but a server page (Replay, ListDeadLetters) holds up to ``max_batch_bytes`` of events
-#: (4 MiB by default, configurable) plus framing; the server bounds its own messages, so no limit here.
-_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.max_receive_message_length", -1),)
+#: (4 MiB by default, configurable) plus framing; the server bounds its own messages, so no limit here. And
+#: the server's own keepalive: a ping after 30 s without anything received, the connection dead without an
+#: answer within 10 s, with or without calls open (and pings not limited to two without data sent), so a
+#: connection that died silently is replaced within about 40 s instead of when the operating system gives up.
+#: gRPC's C core (1.85) waited its ping timeout (60 s by default) for a keepalive ping's answer, not the
+#: keepalive timeout, so both are set.
+_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 
 class _Closable(Protocol):
@@ -94,7 +106,9 @@ class Client:
 
         Waits up to ``ready_timeout`` for the connection (None: connect lazily on the first call). Await the
         result, or use it with ``async with`` to close the client on exit. The channel receives messages of
-        any size (the server bounds its own) unless ``options`` set ``grpc.max_receive_message_length``;
+        any size (the server bounds its own) unless ``options`` set ``grpc.max_receive_message_length``, and
+        pings a connection after 30 s without anything received, replacing it when no answer comes within
+        10 s (``grpc.keepalive_time_ms``, ``grpc.keepalive_timeout_ms``, ``grpc.http2.ping_timeout_ms``);
         ``options`` win over every channel option the client sets.
         """
         given = list(options or ())
