@@ -434,7 +434,12 @@ impl Session {
             let wake_at = self.next_wake(next_due);
             tokio::select! {
                 biased;
-                _ = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
+                _ = self.bus.shutdown.cancelled() => {
+                    // what the subscriber sent before the shutdown still counts: acks among it are
+                    // saved on the way out, so those deliveries do not come back after the restart
+                    let _ = self.settle_before_cancel(&mut commands).await;
+                    return Err(BusError::ShuttingDown);
+                }
                 _ = self.tx.closed() => return self.settle_before_cancel(&mut commands).await,
                 command = commands.next(), if commands_open => {
                     let Some(command) = command else {
@@ -1401,6 +1406,85 @@ mod tests {
             .collect();
         lengths.extend(run.finish().map(|rest| rest.len()));
         lengths
+    }
+
+    /// An ack that reached the server with its shutdown, before the session looked, is saved: the
+    /// delivery is not handed back (counting an attempt) for another member after the restart.
+    #[tokio::test]
+    async fn an_ack_that_came_with_the_shutdown_is_saved() {
+        use crate::{
+            event::{Event, TypePattern},
+            store::{EventStore, SqliteDb, SqliteStore},
+            stream::{EmbeddedStreams, GroupKey, LiveStreams},
+        };
+        use futures::channel::mpsc as commands;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::start(
+            SqliteDb::open(&dir.path().join("t.db"))
+                .await
+                .expect("open"),
+        )
+        .await
+        .expect("store");
+        let streams = EmbeddedStreams::start(store.clone())
+            .await
+            .expect("streams");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let bus = Bus::start(
+            store.clone() as Arc<dyn EventStore>,
+            streams.clone() as Arc<dyn LiveStreams>,
+            crate::event::Limits::default(),
+            crate::bus::BusSettings::default(),
+            shutdown.clone(),
+        );
+        let spec = SubscribeSpec {
+            tenant: "t".into(),
+            selection: Selection {
+                types: vec![TypePattern::parse("job").expect("pattern")],
+                filter: None,
+            },
+            group: Some("g".into()),
+            start: Start::Earliest,
+            max_in_flight: None,
+            ack_deadline: None,
+            max_attempts: None,
+            heartbeat: None,
+        };
+        let (send, received) = commands::unbounded();
+        let mut out = bus.subscribe(spec, received).await.expect("subscribe");
+        let job = Event {
+            id: "j1".into(),
+            source: "test".into(),
+            event_type: "job".into(),
+            spec_version: "1.0".into(),
+            ..Event::default()
+        };
+        bus.publish("t", vec![job], None).await.expect("publish");
+        let delivery = loop {
+            match out.recv().await.expect("open").expect("no error") {
+                Outbound::Deliveries(mut run) => break run.remove(0),
+                _ => continue,
+            }
+        };
+        // both before the session runs again (this runtime has one thread): the shutdown, then the ack
+        shutdown.cancel();
+        send.unbounded_send(Ok(Command::Ack(vec![delivery.delivery_id.clone()])))
+            .expect("send");
+        while let Some(message) = out.recv().await {
+            if let Err(e) = message {
+                assert!(matches!(e, BusError::ShuttingDown), "{e:?}");
+            }
+        }
+        let key = GroupKey {
+            tenant: "t".into(),
+            name: "g".into(),
+        };
+        let stats = streams
+            .groups(&key.tenant, std::slice::from_ref(&key.name))
+            .await
+            .expect("groups");
+        assert_eq!(stats[0].pending, 0, "the ack was saved");
     }
 
     #[test]
