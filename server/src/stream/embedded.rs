@@ -693,7 +693,8 @@ impl LiveStreams for EmbeddedStreams {
             // No event of the level and types past the cursor: nothing to lease, and the cursor need
             // not move (the group's lag counts none there), so no writer's lock, which would wait for
             // the event commit in flight. The read-ahead keeps how far this claim looked.
-            let more = ahead.scanned_to < until;
+            // what the last page read is still to be looked at
+            let more = !ahead.ready.is_empty() || ahead.scanned_to < until;
             if ahead.ready.is_empty()
                 && ahead.scanned_to >= cursors[index].saturating_add(RECORD_LOOK)
             {
@@ -739,13 +740,20 @@ impl LiveStreams for EmbeddedStreams {
         // another consumer of the group may have claimed part of what was read: what it took is
         // not handed out again (committed history never changes, so the rest of the page stands)
         let (_, now) = self.group_snapshot(key)?;
+        // A claim that lost the cursor to another member's, or to a group made again, says there
+        // is more: the next one goes on from the cursor as it is now. With no more, the session
+        // would take the level for drained and wait for the next commit.
+        let lost = NewClaim {
+            entries: Vec::new(),
+            more: true,
+        };
         if now[index] < cursors[index] {
             // the group was deleted and made again meanwhile: claim from its new cursor next time
-            return Ok(NewClaim::default());
+            return Ok(lost);
         }
         taken.retain(|event| event.sequence > now[index]);
         if cursor <= now[index] {
-            return Ok(NewClaim::default());
+            return Ok(lost);
         }
         let tx = conn.transaction().map_err(write_err)?;
         // a row per run leases the claim: acks then update its bitmap, not a row per event
@@ -1564,6 +1572,55 @@ mod tests {
             .await
             .expect("claim");
         let claimed: Vec<u64> = second.entries.iter().map(|c| c.sequence).collect();
+        assert_eq!(claimed, [n]);
+    }
+
+    #[tokio::test]
+    async fn a_claim_whose_last_span_holds_its_level_says_there_is_more() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // 29,999 events of the high level, then one of the normal level at the head, in the eighth
+        // span a claim of 100 over every type reads (4,096 sequences each): read, not yet looked at
+        let n: u64 = 30_000;
+        let store = stored_jobs(dir.path(), n as usize, |i| {
+            if i as u64 + 1 == n {
+                Priority::Normal
+            } else {
+                Priority::High
+            }
+        })
+        .await;
+        let streams = EmbeddedStreams::start(store.clone())
+            .await
+            .expect("streams");
+        let key = GroupKey {
+            tenant: "t".into(),
+            name: "every".into(),
+        };
+        let config = GroupConfig {
+            selection: Selection {
+                types: vec![TypePattern::parse("*").expect("pattern")],
+                filter: None,
+            },
+            max_attempts: 5,
+        };
+        streams.ensure_group(&key, &config, 0).await.expect("group");
+        let lease = Utc::now() + chrono::Duration::seconds(30);
+        let first = streams
+            .claim_new(&key, "a", Priority::Normal, 100, lease)
+            .await
+            .expect("claim");
+        assert!(
+            !first.entries.is_empty() || first.more,
+            "a claim that read the event says there is more"
+        );
+        let mut claimed: Vec<u64> = first.entries.iter().map(|c| c.sequence).collect();
+        if claimed.is_empty() {
+            let second = streams
+                .claim_new(&key, "a", Priority::Normal, 100, lease)
+                .await
+                .expect("claim");
+            claimed = second.entries.iter().map(|c| c.sequence).collect();
+        }
         assert_eq!(claimed, [n]);
     }
 
