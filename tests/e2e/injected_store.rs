@@ -32,6 +32,8 @@ pub struct Injection {
     pub after_put_dead_letter: Gate,
     /// Stops a `remove_dead_letters` before it removes anything.
     pub before_remove_dead_letters: Gate,
+    /// Stops a `remove_dead_letters` after it removed what it did.
+    pub after_remove_dead_letters: Gate,
     /// Fails the next `read_sequences` with UNAVAILABLE.
     pub fail_next_read_sequences: AtomicBool,
     /// Fails the next `put_dead_letter` with UNAVAILABLE, recording nothing.
@@ -183,7 +185,7 @@ impl EventStore for InjectedStore {
         self.check()?;
         self.inner.event_types(tenant, after, limit).await
     }
-    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<bool> {
+    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
         self.check()?;
         self.injection.before_put_dead_letter.pass().await;
         if self
@@ -195,9 +197,9 @@ impl EventStore for InjectedStore {
                 "dead letter not recorded (injected)".into(),
             ));
         }
-        let replaced = self.inner.put_dead_letter(dl).await?;
+        self.inner.put_dead_letter(dl).await?;
         self.injection.after_put_dead_letter.pass().await;
-        Ok(replaced)
+        Ok(())
     }
     async fn dead_letters(
         &self,
@@ -225,7 +227,9 @@ impl EventStore for InjectedStore {
     ) -> StoreResult<u64> {
         self.check()?;
         self.injection.before_remove_dead_letters.pass().await;
-        self.inner.remove_dead_letters(tenant, group, letters).await
+        let removed = self.inner.remove_dead_letters(tenant, group, letters).await;
+        self.injection.after_remove_dead_letters.pass().await;
+        removed
     }
     async fn clear_dead_letters(&self, tenant: &str, group: &str) -> StoreResult<u64> {
         self.check()?;

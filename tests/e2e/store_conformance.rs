@@ -677,22 +677,18 @@ async fn dead_letters_are_recorded_once_listed_and_removed(b: Backend) {
     s.append("t", vec![new_event("d", "x.y"), new_event("e", "x.y")])
         .await
         .expect("append");
-    for (seq, attempts, replaces) in [(1, 3, false), (1, 4, true), (2, 1, false)] {
-        let replaced = s
-            .put_dead_letter(&DeadLetter {
-                tenant: "t".into(),
-                group: "g".into(),
-                sequence: seq,
-                attempts,
-                reason: format!("attempt {attempts}"),
-                dead_lettered_at: chrono::Utc::now(),
-            })
-            .await
-            .expect("put");
-        assert_eq!(
-            replaced, replaces,
-            "whether {seq} at {attempts} replaced a letter"
-        );
+    // a later attempt's letter replaces an earlier one's, not the other way round
+    for (seq, attempts) in [(1, 3), (1, 4), (1, 2), (2, 1)] {
+        s.put_dead_letter(&DeadLetter {
+            tenant: "t".into(),
+            group: "g".into(),
+            sequence: seq,
+            attempts,
+            reason: format!("attempt {attempts}"),
+            dead_lettered_at: chrono::Utc::now(),
+        })
+        .await
+        .expect("put");
     }
     let letters = s.dead_letters("t", "g", 0, 10).await.expect("list");
     assert_eq!(

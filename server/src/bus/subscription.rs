@@ -1076,10 +1076,9 @@ impl Session {
     /// Records a dead letter, then takes the entry out of the group if it is still at this attempt.
     /// The letter comes first: a crash in between leaves it both pending and dead-lettered, never
     /// neither. An entry that moved on meanwhile (its lease ran out and another member holds the
-    /// next attempt, or it was settled) keeps going, and its letter is taken back, unless it replaced
-    /// a letter of the same event: that one may be of a member that took the entry out after
-    /// dead-lettering it, and removing ours would leave the event neither pending nor
-    /// dead-lettered.
+    /// next attempt, or it was settled) keeps going, and its letter is taken back: only its own, since
+    /// a letter of a later attempt is never replaced by this one (that member may have taken the entry
+    /// out after dead-lettering it).
     async fn dead_letter(
         &self,
         key: &GroupKey,
@@ -1099,7 +1098,7 @@ impl Session {
             reason,
             dead_lettered_at: Utc::now(),
         };
-        let replaced = self.bus.store.put_dead_letter(&letter).await?;
+        self.bus.store.put_dead_letter(&letter).await?;
         let removed = self
             .bus
             .streams
@@ -1110,16 +1109,14 @@ impl Session {
                 .increment(1);
         } else {
             bump(&self.bus.counters.stale_settlements);
-            if !replaced {
-                self.bus
-                    .store
-                    .remove_dead_letters(
-                        &key.tenant,
-                        &key.name,
-                        &[(letter.sequence, letter.dead_lettered_at)],
-                    )
-                    .await?;
-            }
+            self.bus
+                .store
+                .remove_dead_letters(
+                    &key.tenant,
+                    &key.name,
+                    &[(letter.sequence, letter.dead_lettered_at)],
+                )
+                .await?;
         }
         Ok(())
     }

@@ -407,9 +407,10 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<EventTypeStats>>;
 
-    /// Records a dead letter; recording the same (group, sequence) again replaces it. Returns whether
-    /// it replaced one.
-    async fn put_dead_letter(&self, dead_letter: &DeadLetter) -> StoreResult<bool>;
+    /// Records a dead letter; recording the same (group, sequence) again replaces it, unless the letter
+    /// there is of a later attempt: that is a member's whose claim came after this one's lease ran
+    /// out, and it may have taken the entry out of the group already.
+    async fn put_dead_letter(&self, dead_letter: &DeadLetter) -> StoreResult<()>;
 
     /// Lists a group's dead letters after a sequence, oldest first.
     async fn dead_letters(

@@ -857,12 +857,11 @@ impl EventStore for PostgresStore {
             .collect()
     }
 
-    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<bool> {
-        // a row the upsert updated has the updating transaction in its xmax, an inserted one has 0
-        let replaced: bool = sqlx::query_scalar(
+    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
+        sqlx::query(
             "INSERT INTO dead_letters (tenant, grp, seq, attempts, reason, dead_ns) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (tenant, grp, seq) DO UPDATE SET attempts = excluded.attempts, reason = excluded.reason, dead_ns = excluded.dead_ns \
-             RETURNING xmax::text <> '0'",
+             WHERE dead_letters.attempts <= excluded.attempts",
         )
         .bind(&dl.tenant)
         .bind(&dl.group)
@@ -870,10 +869,10 @@ impl EventStore for PostgresStore {
         .bind(dl.attempts as i32)
         .bind(&dl.reason)
         .bind(super::sqlite::to_ns(dl.dead_lettered_at))
-        .fetch_one(&self.pool)
+        .execute(&self.pool)
         .await
         .map_err(map_err)?;
-        Ok(replaced)
+        Ok(())
     }
 
     async fn dead_letters(

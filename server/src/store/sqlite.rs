@@ -1057,21 +1057,12 @@ impl EventStore for SqliteStore {
         Ok(stats)
     }
 
-    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<bool> {
+    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
         let mut conn = self.db.writer.lock().await;
-        // both under the writer's lock: no other write comes between them
-        let replaced: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM dead_letters WHERE tenant = ? AND grp = ? AND seq = ?)",
-        )
-        .bind(&dl.tenant)
-        .bind(&dl.group)
-        .bind(seq_i64(dl.sequence))
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(map_err)?;
         sqlx::query(
             "INSERT INTO dead_letters (tenant, grp, seq, attempts, reason, dead_ns) VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (tenant, grp, seq) DO UPDATE SET attempts = excluded.attempts, reason = excluded.reason, dead_ns = excluded.dead_ns",
+             ON CONFLICT (tenant, grp, seq) DO UPDATE SET attempts = excluded.attempts, reason = excluded.reason, dead_ns = excluded.dead_ns \
+             WHERE dead_letters.attempts <= excluded.attempts",
         )
         .bind(&dl.tenant)
         .bind(&dl.group)
@@ -1082,7 +1073,7 @@ impl EventStore for SqliteStore {
         .execute(&mut *conn)
         .await
         .map_err(map_err)?;
-        Ok(replaced)
+        Ok(())
     }
 
     async fn dead_letters(
