@@ -435,9 +435,17 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = self.bus.shutdown.cancelled() => {
-                    // what the subscriber sent before the shutdown still counts: acks among it are
-                    // saved on the way out, so those deliveries do not come back after the restart
-                    let _ = self.settle_before_cancel(&mut commands).await;
+                    // what the subscriber had sent when the shutdown came still counts: acks among
+                    // it are saved on the way out, so those deliveries do not come back after the
+                    // restart (a batch at most: a subscriber still sending must not hold the shutdown)
+                    for _ in 0..COMMAND_BATCH {
+                        let Some(Some(Ok(command))) = commands.next().now_or_never() else {
+                            break;
+                        };
+                        if !matches!(self.handle(command).await, Ok(Flow::Go)) {
+                            break;
+                        }
+                    }
                     return Err(BusError::ShuttingDown);
                 }
                 _ = self.tx.closed() => return self.settle_before_cancel(&mut commands).await,
