@@ -348,11 +348,35 @@ async fn a_request_with_many_problems_gets_a_status_listing_the_first() {
     );
     assert_eq!(named[0], "events[0].extensions[\"Bad_00\"]");
     assert_eq!(named[20], "...");
+    // the message lists fewer, by bytes, and counts the rest too
     assert!(
-        status.message().ends_with("; and 44 more"),
+        status
+            .message()
+            .starts_with("events[0].extensions[\"Bad_00\"]")
+            && status.message().contains("; and ")
+            && status.message().ends_with(" more"),
         "{}",
         status.message()
     );
+
+    // long names are cut, and fewer are listed, so that the status fits in the headers clients take
+    let mut long = event("long", "t.created");
+    for i in 0..32 {
+        long.extensions
+            .insert(format!("{i:02}{}", "X".repeat(500)), empty());
+    }
+    let status = bus
+        .publish(pb::PublishRequest { events: vec![long] })
+        .await
+        .expect_err("bad extensions are refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.details().len() + status.message().len() < 4096,
+        "{} bytes of details, {} of message",
+        status.details().len(),
+        status.message().len()
+    );
+    assert_eq!(violations(&status).last().map(String::as_str), Some("..."));
 
     // past the limit, the count is the one problem named, not each of thousands
     let mut crowded = event("crowded", "t.created");

@@ -330,8 +330,9 @@ type PublishError struct {
 	Code    int32  `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
 	Message string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
 	// The whole status with its details, a serialized google.rpc.Status (what the grpc-status-details-bin
-	// trailer of a failed Publish call carries): a google.rpc.BadRequest naming each bad field, a
-	// google.rpc.ErrorInfo. Empty when the status has no details.
+	// trailer of a failed Publish call carries): a google.rpc.BadRequest naming the bad fields (the first
+	// 20 that fit, then one entry with the field "..." counting the rest), a google.rpc.ErrorInfo. Empty
+	// when the status has no details.
 	Details       []byte `protobuf:"bytes,3,opt,name=details,proto3" json:"details,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

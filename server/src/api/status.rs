@@ -5,8 +5,15 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{bus::BusError, event::LISTED_VIOLATIONS};
 
-/// Most bytes of a status message; a violation's field and description get a quarter each.
-const MAX_MESSAGE: usize = 2048;
+/// Most bytes of a status message. It goes into the response's headers twice (`grpc-message`, and
+/// the `grpc-status-details-bin` status, base64-encoded, with the violations), and gRPC's C core, the
+/// Python client's, refuses headers past 8 KiB at random and past 16 KiB always.
+const MAX_MESSAGE: usize = 1024;
+/// Most bytes of a listed violation's field, and of its description.
+const MAX_FIELD: usize = 128;
+const MAX_DESCRIPTION: usize = 256;
+/// Most bytes of the violations listed in a status; those past it are counted.
+const MAX_LISTED_BYTES: usize = 2048;
 
 /// `text` when it has at most `max` bytes, else its head (cut at a character) and its length. What a
 /// caller sent is quoted in messages and audit records before it is validated, and a message of
@@ -71,18 +78,24 @@ pub fn invalid(field: &str, description: &str) -> Status {
     )))
 }
 
-/// A status whose `BadRequest` detail names the fields of `input`, the first [`LISTED_VIOLATIONS`] of
-/// them, with one more entry (field "...") counting the rest.
+/// A status whose `BadRequest` detail names the fields of `input`: the first [`LISTED_VIOLATIONS`], as
+/// many as fit in [`MAX_LISTED_BYTES`], and one more entry (field "...") counting the rest.
 fn violations(code: Code, message: String, input: &crate::event::InvalidInput) -> Status {
     let mut details = ErrorDetails::new();
+    let (mut listed, mut listed_bytes) = (0, 0);
     for v in input.violations.iter().take(LISTED_VIOLATIONS) {
-        details.add_bad_request_violation(
-            bounded(&v.field, MAX_MESSAGE / 4),
-            bounded(&v.description, MAX_MESSAGE / 4),
-        );
+        let field = bounded(&v.field, MAX_FIELD);
+        let description = bounded(&v.description, MAX_DESCRIPTION);
+        listed_bytes += field.len() + description.len();
+        if listed > 0 && listed_bytes > MAX_LISTED_BYTES {
+            break;
+        }
+        details.add_bad_request_violation(field, description);
+        listed += 1;
     }
-    if input.unlisted() > 0 {
-        details.add_bad_request_violation("...", format!("{} more not listed", input.unlisted()));
+    let unlisted = input.violations.len() - listed;
+    if unlisted > 0 {
+        details.add_bad_request_violation("...", format!("{unlisted} more not listed"));
     }
     Status::with_error_details(code, message, details)
 }

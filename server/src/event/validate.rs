@@ -9,9 +9,10 @@ pub struct Violation {
     pub description: String,
 }
 
-/// Most violations an error lists; the rest are counted. One request can hold thousands (a bad name
-/// per extension, per event of a batch), and each listed one goes into the response's headers, where
-/// clients refuse more than 8-16 KiB and would see a protocol error instead of the status.
+/// Most violations an error lists (in its message, and in a status' details); the rest are counted.
+/// One request can hold dozens (a bad name and value per extension), and each listed one goes into the
+/// response's headers, where clients refuse more than 8-16 KiB and would see a protocol error instead
+/// of the status.
 pub const LISTED_VIOLATIONS: usize = 20;
 
 /// Bad input: what is wrong and whether it is malformed or merely too large.
@@ -22,15 +23,27 @@ pub struct InvalidInput {
     pub too_large: bool,
 }
 
+/// Most bytes of the violations an error's message lists (at least one is): the message goes into
+/// response headers too, where status messages are cut at 1 KiB.
+const LISTED_MESSAGE_BYTES: usize = 768;
+
 impl std::fmt::Display for InvalidInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, v) in self.violations.iter().take(LISTED_VIOLATIONS).enumerate() {
-            if i > 0 {
+        let mut written = 0;
+        let mut listed = 0;
+        for v in self.violations.iter().take(LISTED_VIOLATIONS) {
+            let line = format!("{}: {}", v.field, v.description);
+            if listed > 0 && written + line.len() > LISTED_MESSAGE_BYTES {
+                break;
+            }
+            if listed > 0 {
                 f.write_str("; ")?;
             }
-            write!(f, "{}: {}", v.field, v.description)?;
+            f.write_str(&line)?;
+            written += line.len() + 2;
+            listed += 1;
         }
-        match self.unlisted() {
+        match self.violations.len() - listed {
             0 => Ok(()),
             more => write!(f, "; and {more} more"),
         }
@@ -57,11 +70,6 @@ impl InvalidInput {
             too_large: true,
             ..InvalidInput::field(field, description)
         }
-    }
-
-    /// How many violations are past the [`LISTED_VIOLATIONS`] an error lists.
-    pub fn unlisted(&self) -> usize {
-        self.violations.len().saturating_sub(LISTED_VIOLATIONS)
     }
 }
 

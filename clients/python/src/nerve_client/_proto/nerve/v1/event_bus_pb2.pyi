@@ -169,8 +169,9 @@ class PublishError(_message.Message):
     message: _builtins.str
     details: _builtins.bytes
     """The whole status with its details, a serialized google.rpc.Status (what the grpc-status-details-bin
-    trailer of a failed Publish call carries): a google.rpc.BadRequest naming each bad field, a
-    google.rpc.ErrorInfo. Empty when the status has no details.
+    trailer of a failed Publish call carries): a google.rpc.BadRequest naming the bad fields (the first
+    20 that fit, then one entry with the field "..." counting the rest), a google.rpc.ErrorInfo. Empty
+    when the status has no details.
     """
     def __init__(
         self,
