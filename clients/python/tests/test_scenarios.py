@@ -242,12 +242,42 @@ async def test_replay_pages_with_resume_token(client: Client) -> None:
     assert [e.id for p in pages for e in p.events][:3] == ["r0", "r1", "r2"]
 
 
+async def _subscribe_again_after_a_freeze(proxy: FreezableProxy, client: Client, within: float) -> None:
+    """Freezes the connection under a subscription, then subscribes again within ``within`` seconds and
+    receives an event there: a subscribe made before keepalive gave up on the frozen connection raises
+    UnavailableError, and the next one goes out on a new connection."""
+    async with client.subscribe("again.x", heartbeat_interval=0.2) as sub:
+        await expect_idle(sub, heartbeats=2)
+        proxy.freeze()
+
+        async def until_it_ends() -> None:
+            while True:
+                await sub.next_message()
+
+        with pytest.raises(UnavailableError):
+            await asyncio.wait_for(until_it_ends(), 5)
+
+    async def subscribe_again() -> Subscription:
+        while True:
+            try:
+                return await client.subscribe("again.x")
+            except UnavailableError:
+                continue  # made on the silent connection before keepalive gave up on it
+
+    again = await asyncio.wait_for(subscribe_again(), within)
+    try:
+        await client.publish(ev("again-1", "again.x"))
+        delivery = await again.next(timeout=WAIT)
+        assert delivery.event.id == "again-1"
+    finally:
+        await again.close()
+
+
 async def test_subscribing_again_after_a_silent_connection_gets_a_new_one(
     server: ServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The client's keepalive replaces a connection that went silent: a subscribe made before that raises
-    UnavailableError, and the next one goes out on a new connection. Without keepalive it would wait on the
-    silent one until the operating system gave up on it (about 15 minutes)."""
+    """The client's keepalive replaces a connection that went silent. Without keepalive a subscribe would
+    wait on the silent one until the operating system gave up on it (about 15 minutes)."""
     # the client's own keepalive options, shortened
     shortened = {
         "grpc.keepalive_time_ms": 1_000,
@@ -258,31 +288,17 @@ async def test_subscribing_again_after_a_silent_connection_gets_a_new_one(
     assert [name for name, _ in options if name in shortened] == list(shortened)
     monkeypatch.setattr(_client, "_CHANNEL_OPTIONS", options)
     async with FreezableProxy(server.addr) as proxy, Client.connect(proxy.addr, ready_timeout=WAIT) as client:
-        async with client.subscribe("again.x", heartbeat_interval=0.2) as sub:
-            await expect_idle(sub, heartbeats=2)
-            proxy.freeze()
+        await _subscribe_again_after_a_freeze(proxy, client, within=15)
 
-            async def until_it_ends() -> None:
-                while True:
-                    await sub.next_message()
 
-            with pytest.raises(UnavailableError):
-                await asyncio.wait_for(until_it_ends(), 5)
-
-        async def subscribe_again() -> Subscription:
-            while True:
-                try:
-                    return await client.subscribe("again.x")
-                except UnavailableError:
-                    continue  # made on the silent connection before keepalive gave up on it
-
-        again = await asyncio.wait_for(subscribe_again(), 15)
-        try:
-            await client.publish(ev("again-1", "again.x"))
-            delivery = await again.next(timeout=WAIT)
-            assert delivery.event.id == "again-1"
-        finally:
-            await again.close()
+async def test_a_keepalive_timeout_given_alone_sets_the_ping_timeout_too(server: ServerProcess) -> None:
+    """gRPC's C core waits its ping timeout for a keepalive ping's answer: without it following the caller's
+    keepalive timeout, the client's default (10 s) would hold the new connection back past the bound."""
+    options = [("grpc.keepalive_time_ms", 1_000), ("grpc.keepalive_timeout_ms", 1_000)]
+    async with FreezableProxy(server.addr) as proxy, Client.connect(
+        proxy.addr, options=options, ready_timeout=WAIT
+    ) as client:
+        await _subscribe_again_after_a_freeze(proxy, client, within=7)
 
 
 async def test_silent_connection_is_detected(server: ServerProcess) -> None:

@@ -113,6 +113,11 @@ class Client:
         """
         given = list(options or ())
         named = {name for name, _ in given}
+        # a keepalive timeout given without a ping timeout is the ping timeout too: that is the one C core waits
+        keepalive_timeout = [value for name, value in given if name == "grpc.keepalive_timeout_ms"]
+        if keepalive_timeout and "grpc.http2.ping_timeout_ms" not in named:
+            given.append(("grpc.http2.ping_timeout_ms", keepalive_timeout[-1]))
+            named.add("grpc.http2.ping_timeout_ms")
         channel_options = [option for option in _CHANNEL_OPTIONS if option[0] not in named] + given
 
         async def open() -> Client:
