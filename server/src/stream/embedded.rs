@@ -1507,13 +1507,15 @@ mod tests {
         assert_eq!(pending(&streams, &key).await, 4);
     }
 
-    #[tokio::test]
-    async fn a_claim_that_looked_far_for_its_level_moves_the_cursor_there() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        // 40,000 events of the high level, then one of the normal level, which has no index of its
-        // own: a claim of it over every type reads spans of sequences along the primary key
-        let n: u64 = 40_001;
-        let store = stored_jobs(dir.path(), n as usize, |i| {
+    /// Streams over `n - 1` events of the high level and then one of the normal level (sequence `n`),
+    /// their tail holding only the last ten (so claims read the store), and group `every` of tenant
+    /// `t` over every type: a claim of the normal level, which has no index of its own, reads spans
+    /// of sequences along the primary key.
+    async fn one_normal_after_high(
+        dir: &std::path::Path,
+        n: u64,
+    ) -> (Arc<EmbeddedStreams>, GroupKey) {
+        let store = stored_jobs(dir, n as usize, |i| {
             if i as u64 + 1 == n {
                 Priority::Normal
             } else {
@@ -1524,7 +1526,6 @@ mod tests {
         let streams = EmbeddedStreams::start(store.clone())
             .await
             .expect("streams");
-        // the tail holds only the last events, so the claims read the store
         let last = store
             .read(&ReadQuery {
                 tenant: "t".into(),
@@ -1547,6 +1548,15 @@ mod tests {
             max_attempts: 5,
         };
         streams.ensure_group(&key, &config, 0).await.expect("group");
+        (streams, key)
+    }
+
+    #[tokio::test]
+    async fn a_claim_that_looked_far_for_its_level_moves_the_cursor_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // 40,000 events of the high level, then one of the normal level
+        let n: u64 = 40_001;
+        let (streams, key) = one_normal_after_high(dir.path(), n).await;
         let lease = Utc::now() + chrono::Duration::seconds(30);
         let normal = level_index(Priority::Normal);
 
@@ -1581,29 +1591,7 @@ mod tests {
         // 29,999 events of the high level, then one of the normal level at the head, in the eighth
         // span a claim of 100 over every type reads (4,096 sequences each): read, not yet looked at
         let n: u64 = 30_000;
-        let store = stored_jobs(dir.path(), n as usize, |i| {
-            if i as u64 + 1 == n {
-                Priority::Normal
-            } else {
-                Priority::High
-            }
-        })
-        .await;
-        let streams = EmbeddedStreams::start(store.clone())
-            .await
-            .expect("streams");
-        let key = GroupKey {
-            tenant: "t".into(),
-            name: "every".into(),
-        };
-        let config = GroupConfig {
-            selection: Selection {
-                types: vec![TypePattern::parse("*").expect("pattern")],
-                filter: None,
-            },
-            max_attempts: 5,
-        };
-        streams.ensure_group(&key, &config, 0).await.expect("group");
+        let (streams, key) = one_normal_after_high(dir.path(), n).await;
         let lease = Utc::now() + chrono::Duration::seconds(30);
         let first = streams
             .claim_new(&key, "a", Priority::Normal, 100, lease)
