@@ -879,10 +879,7 @@ mod tests {
     #[tokio::test]
     async fn publish_rates_of_rested_principals_are_forgotten() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = crate::store::SqliteDb::open(&dir.path().join("t.db"))
-            .await
-            .expect("open");
-        let store = crate::store::SqliteStore::start(db).await.expect("store");
+        let store = crate::store::SqliteStore::started(&dir.path().join("t.db")).await;
         let connections = ConnectionsConfig {
             publish_rate_per_principal: 1000,
             publish_burst: 1,

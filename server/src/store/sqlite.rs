@@ -1330,6 +1330,16 @@ impl EventStore for SqliteStore {
 }
 
 #[cfg(test)]
+impl SqliteStore {
+    /// A store started on a new database file at `path`, for tests.
+    pub(crate) async fn started(path: &Path) -> Arc<SqliteStore> {
+        SqliteStore::start(SqliteDb::open(path).await.expect("open"))
+            .await
+            .expect("store")
+    }
+}
+
+#[cfg(test)]
 mod tests {
     #[test]
     fn postgres_codes_of_a_database_away_or_busy_are_told_from_faults_of_the_statement() {
@@ -1393,13 +1403,6 @@ mod tests {
                 NewEvent::new(event, hash)
             })
             .collect()
-    }
-
-    /// A store started on a new database file at `path`.
-    async fn started(path: &Path) -> Arc<SqliteStore> {
-        SqliteStore::start(SqliteDb::open(path).await.expect("open"))
-            .await
-            .expect("store")
     }
 
     #[tokio::test]
@@ -1653,7 +1656,7 @@ mod tests {
     async fn the_log_is_checkpointed_into_the_database_file_beside_the_writer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("checkpoint.db");
-        let store = started(&path).await;
+        let store = SqliteStore::started(&path).await;
         store
             .append("t", new_events(0, &[("job", Priority::Normal); 10]))
             .await
@@ -1673,7 +1676,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_of_literal_types_merges_their_priority_levels_in_sequence_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = started(&dir.path().join("levels.db")).await;
+        let store = SqliteStore::started(&dir.path().join("levels.db")).await;
         // "a" at every level in turn, "b" between them
         let kinds: Vec<(&str, Priority)> = (0..40)
             .map(|i| match i % 2 {
@@ -1726,7 +1729,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_of_a_rare_normal_level_looks_at_a_span_and_goes_on_from_its_end() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = started(&dir.path().join("normal.db")).await;
+        let store = SqliteStore::started(&dir.path().join("normal.db")).await;
         // 10,000 events of the high level, then one of the normal level, then five of the normal
         // level of another tenant
         let span = normal_level_span(64);
@@ -1797,7 +1800,7 @@ mod tests {
         // correctness on both stores: tests/e2e/store_conformance.rs; here, that a lookup seeks
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("times.db");
-        let store = started(&path).await;
+        let store = SqliteStore::started(&path).await;
         // 200 commits of 50 events: each commit's events share one recorded time
         for commit in 0..200 {
             let kinds = vec![("job", Priority::Normal); 50];
@@ -1867,7 +1870,7 @@ mod tests {
     #[tokio::test]
     async fn a_lag_of_literal_types_counts_their_index_ranges_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = started(&dir.path().join("lag.db")).await;
+        let store = SqliteStore::started(&dir.path().join("lag.db")).await;
         // 60 events: "a" at every level in turn, "b" at every other level, "c" in between
         let kinds: Vec<(&str, Priority)> = (0..60)
             .map(|i| match i % 3 {

@@ -1270,7 +1270,7 @@ impl LiveStreams for EmbeddedStreams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{NewEvent, sqlite::SqliteDb};
+    use crate::store::NewEvent;
 
     /// A store holding `n` events of type `job` of tenant `t`, event `i` at `priority(i)` (sequence `i + 1`).
     async fn stored_jobs(
@@ -1278,9 +1278,7 @@ mod tests {
         n: usize,
         priority: impl Fn(usize) -> Priority,
     ) -> Arc<SqliteStore> {
-        let store = SqliteStore::start(SqliteDb::open(&dir.join("t.db")).await.expect("open"))
-            .await
-            .expect("store");
+        let store = SqliteStore::started(&dir.join("t.db")).await;
         let events = (0..n)
             .map(|i| {
                 let event = Event {
@@ -1378,13 +1376,7 @@ mod tests {
     #[tokio::test]
     async fn claim_pages_from_the_tail_hold_what_the_store_reads() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::start(
-            SqliteDb::open(&dir.path().join("t.db"))
-                .await
-                .expect("open"),
-        )
-        .await
-        .expect("store");
+        let store = SqliteStore::started(&dir.path().join("t.db")).await;
         let streams = EmbeddedStreams::start(store.clone())
             .await
             .expect("streams");
