@@ -3,7 +3,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{bus::BusError, event::LISTED_VIOLATIONS};
+use crate::bus::BusError;
 
 /// Most bytes of a status message. It goes into the response's headers twice (`grpc-message`, and
 /// the `grpc-status-details-bin` status, base64-encoded, with the violations), and gRPC's C core, the
@@ -78,22 +78,20 @@ pub fn invalid(field: &str, description: &str) -> Status {
     )))
 }
 
-/// A status whose `BadRequest` detail names the fields of `input`: the first [`LISTED_VIOLATIONS`], as
-/// many as fit in [`MAX_LISTED_BYTES`], and one more entry (field "...") counting the rest.
+/// A status whose `BadRequest` detail names the fields of `input` that fit in [`MAX_LISTED_BYTES`]
+/// ([`crate::event::InvalidInput::listed`]), and one more entry (field "...") counting the rest.
 fn violations(code: Code, message: String, input: &crate::event::InvalidInput) -> Status {
     let mut details = ErrorDetails::new();
-    let (mut listed, mut listed_bytes) = (0, 0);
-    for v in input.violations.iter().take(LISTED_VIOLATIONS) {
-        let field = bounded(&v.field, MAX_FIELD);
-        let description = bounded(&v.description, MAX_DESCRIPTION);
-        listed_bytes += field.len() + description.len();
-        if listed > 0 && listed_bytes > MAX_LISTED_BYTES {
-            break;
-        }
-        details.add_bad_request_violation(field, description);
-        listed += 1;
+    let listed = input.listed(MAX_LISTED_BYTES, |v| {
+        v.field.len().min(MAX_FIELD) + v.description.len().min(MAX_DESCRIPTION)
+    });
+    for v in listed {
+        details.add_bad_request_violation(
+            bounded(&v.field, MAX_FIELD),
+            bounded(&v.description, MAX_DESCRIPTION),
+        );
     }
-    let unlisted = input.violations.len() - listed;
+    let unlisted = input.violations.len() - listed.len();
     if unlisted > 0 {
         details.add_bad_request_violation("...", format!("{unlisted} more not listed"));
     }

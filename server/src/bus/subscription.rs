@@ -425,7 +425,7 @@ impl Session {
                 Ok(next_due) => next_due,
                 // the subscriber went away while something was sent to it
                 Err(_) if self.tx.is_closed() => {
-                    return self.settle_before_cancel(&mut commands).await;
+                    return self.settle_received(&mut commands, usize::MAX).await;
                 }
                 Err(e) => return Err(e),
             };
@@ -438,17 +438,10 @@ impl Session {
                     // what the subscriber had sent when the shutdown came still counts: acks among
                     // it are saved on the way out, so those deliveries do not come back after the
                     // restart (a batch at most: a subscriber still sending must not hold the shutdown)
-                    for _ in 0..COMMAND_BATCH {
-                        let Some(Some(Ok(command))) = commands.next().now_or_never() else {
-                            break;
-                        };
-                        if !matches!(self.handle(command).await, Ok(Flow::Go)) {
-                            break;
-                        }
-                    }
+                    let _ = self.settle_received(&mut commands, COMMAND_BATCH).await;
                     return Err(BusError::ShuttingDown);
                 }
-                _ = self.tx.closed() => return self.settle_before_cancel(&mut commands).await,
+                _ = self.tx.closed() => return self.settle_received(&mut commands, usize::MAX).await,
                 command = commands.next(), if commands_open => {
                     let Some(command) = command else {
                         commands_open = false;
@@ -492,13 +485,17 @@ impl Session {
         }
     }
 
-    /// Settles what a subscriber that cancelled sent before (acks, most often): it arrived ahead of the
-    /// cancel and still counts, instead of coming back as failed attempts.
-    async fn settle_before_cancel<S>(&mut self, commands: &mut S) -> BusResult<()>
+    /// Settles up to `at_most` commands already received (acks, most often), when the subscriber
+    /// cancelled or the server shuts down: they arrived ahead of that and still count, instead of
+    /// coming back as failed attempts.
+    async fn settle_received<S>(&mut self, commands: &mut S, at_most: usize) -> BusResult<()>
     where
         S: Stream<Item = BusResult<Command>> + Unpin,
     {
-        while let Some(Some(Ok(command))) = commands.next().now_or_never() {
+        for _ in 0..at_most {
+            let Some(Some(Ok(command))) = commands.next().now_or_never() else {
+                break;
+            };
             if self.handle(command).await? == Flow::Close {
                 break;
             }
@@ -1419,19 +1416,13 @@ mod tests {
     async fn an_ack_that_came_with_the_shutdown_is_saved() {
         use crate::{
             event::{Event, TypePattern},
-            store::{EventStore, SqliteDb, SqliteStore},
+            store::{EventStore, SqliteStore},
             stream::{EmbeddedStreams, GroupKey, LiveStreams},
         };
         use futures::channel::mpsc as commands;
 
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::start(
-            SqliteDb::open(&dir.path().join("t.db"))
-                .await
-                .expect("open"),
-        )
-        .await
-        .expect("store");
+        let store = SqliteStore::started(&dir.path().join("t.db")).await;
         let streams = EmbeddedStreams::start(store.clone())
             .await
             .expect("streams");

@@ -13,7 +13,7 @@ pub struct Violation {
 /// One request can hold dozens (a bad name and value per extension), and each listed one goes into the
 /// response's headers, where clients refuse more than 8-16 KiB and would see a protocol error instead
 /// of the status.
-pub const LISTED_VIOLATIONS: usize = 20;
+const LISTED_VIOLATIONS: usize = 20;
 
 /// Bad input: what is wrong and whether it is malformed or merely too large.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,21 +29,16 @@ const LISTED_MESSAGE_BYTES: usize = 768;
 
 impl std::fmt::Display for InvalidInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut written = 0;
-        let mut listed = 0;
-        for v in self.violations.iter().take(LISTED_VIOLATIONS) {
-            let line = format!("{}: {}", v.field, v.description);
-            if listed > 0 && written + line.len() > LISTED_MESSAGE_BYTES {
-                break;
-            }
-            if listed > 0 {
+        let listed = self.listed(LISTED_MESSAGE_BYTES, |v| {
+            v.field.len() + v.description.len() + 4
+        });
+        for (i, v) in listed.iter().enumerate() {
+            if i > 0 {
                 f.write_str("; ")?;
             }
-            f.write_str(&line)?;
-            written += line.len() + 2;
-            listed += 1;
+            write!(f, "{}: {}", v.field, v.description)?;
         }
-        match self.violations.len() - listed {
+        match self.violations.len() - listed.len() {
             0 => Ok(()),
             more => write!(f, "; and {more} more"),
         }
@@ -53,6 +48,22 @@ impl std::fmt::Display for InvalidInput {
 impl std::error::Error for InvalidInput {}
 
 impl InvalidInput {
+    /// The violations to list: the first [`LISTED_VIOLATIONS`] whose sizes (by `size`) fit in
+    /// `budget` bytes, and at least one.
+    pub fn listed(&self, budget: usize, size: impl Fn(&Violation) -> usize) -> &[Violation] {
+        let mut total = 0;
+        let fitting = self
+            .violations
+            .iter()
+            .take(LISTED_VIOLATIONS)
+            .take_while(|v| {
+                total += size(v);
+                total <= budget
+            })
+            .count();
+        &self.violations[..fitting.max(self.violations.len().min(1))]
+    }
+
     /// Builds a malformed-input error for one field.
     pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
         InvalidInput {
