@@ -79,8 +79,27 @@ const LEDGERS: &[&str] = &["due", "att", "err", "pos", "runs", "bits"];
 /// Bound of the sequence -> stream cache used to route acks.
 const LOCATIONS_MAX: usize = 200_000;
 
+/// Redis' answers that the server cannot serve now but will: loading its data after a restart, a
+/// primary demoted to replica in a failover, a script running too long, out of memory. A caller
+/// retries these as any other outage (UNAVAILABLE), not as a bug of the bus (INTERNAL).
+const PASSING_REDIS_ERRORS: &[&str] = &[
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "BUSY",
+    "OOM",
+];
+
 fn redis_err(e: redis::RedisError) -> StreamError {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+    if e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.code()
+            .is_some_and(|code| PASSING_REDIS_ERRORS.contains(&code))
+    {
         StreamError::Unavailable(format!("redis: {e}"))
     } else {
         StreamError::Internal(format!("redis: {e}"))
@@ -2349,7 +2368,44 @@ impl LiveStreams for RedisStreams {
 
 #[cfg(test)]
 mod tests {
-    use super::seq_ranges;
+    use super::{redis_err, seq_ranges};
+    use crate::stream::StreamError;
+
+    /// The error Redis answers with `line` (as sent: "-CODE message").
+    fn answered(line: &str) -> redis::RedisError {
+        let reply =
+            redis::parse_redis_value(format!("{line}\r\n").as_bytes()).expect("a RESP error line");
+        match reply.extract_error() {
+            Err(error) => error,
+            Ok(value) => panic!("{line:?} parsed as {value:?}, not an error"),
+        }
+    }
+
+    #[test]
+    fn redis_answers_that_pass_are_unavailable_others_internal() {
+        for line in [
+            "-LOADING Redis is loading the dataset in memory",
+            "-READONLY You can't write against a read only replica.",
+            "-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "-BUSY Redis is busy running a script.",
+            "-OOM command not allowed when used memory > 'maxmemory'.",
+        ] {
+            assert!(
+                matches!(redis_err(answered(line)), StreamError::Unavailable(_)),
+                "{line}"
+            );
+        }
+        for line in [
+            "-ERR unknown command 'NOPE'",
+            "-WRONGTYPE Operation against a key holding the wrong kind of value",
+            "-NOSCRIPT No matching script.",
+        ] {
+            assert!(
+                matches!(redis_err(answered(line)), StreamError::Internal(_)),
+                "{line}"
+            );
+        }
+    }
 
     #[test]
     fn sequences_become_ranges_of_consecutive_ones() {
