@@ -9,7 +9,9 @@ use futures::StreamExt;
 use nerve::{
     event::{Event, Priority, Selection, TypePattern},
     store::{EventStore, NewEvent, PostgresStore, ReadQuery, SqliteDb, SqliteStore},
-    stream::{EmbeddedStreams, GroupConfig, GroupKey, LiveStreams, RedisSettings, RedisStreams},
+    stream::{
+        EmbeddedStreams, GroupConfig, GroupKey, Interest, LiveStreams, RedisSettings, RedisStreams,
+    },
 };
 use redis::AsyncCommands;
 
@@ -60,6 +62,15 @@ async fn redis_deployment() -> (Arc<PostgresStore>, String) {
 
 /// A replica of a deployment: Redis streams of its own over the deployment's store and keys.
 async fn redis_replica(store: Arc<PostgresStore>, prefix: &str) -> Backend {
+    Backend {
+        streams: redis_streams(store.clone(), prefix).await,
+        store,
+        _dir: None,
+    }
+}
+
+/// The Redis streams of a replica, as their own type.
+async fn redis_streams(store: Arc<PostgresStore>, prefix: &str) -> Arc<RedisStreams> {
     let settings = RedisSettings {
         url: redis_url(),
         key_prefix: prefix.to_owned(),
@@ -68,13 +79,9 @@ async fn redis_replica(store: Arc<PostgresStore>, prefix: &str) -> Backend {
         // a stream wrongly passed over as quiet stays so for the whole test
         quiet_ttl: Duration::from_secs(3600),
     };
-    Backend {
-        streams: RedisStreams::start(&settings, store.clone())
-            .await
-            .expect("start redis streams"),
-        store,
-        _dir: None,
-    }
+    RedisStreams::start(&settings, store)
+        .await
+        .expect("start redis streams")
 }
 
 /// Stores events of tenant "t" (id, type), hands them to the streams and waits until groups can
@@ -357,6 +364,49 @@ async fn redis_group_claims_from_the_store_a_stream_redis_lost() {
     rest.extend(b2);
     rest.sort_unstable();
     assert_eq!(claim_and_ack(&b, &key, 100).await, rest);
+}
+
+/// A replica read its group's position in Redis for the store's checkpoint, and the group was
+/// deleted and created again from the start before it wrote it: the position is not written for
+/// the new group, whose consumer group, made at its first claim, starts at its own start and not
+/// where the deleted one had got to.
+#[tokio::test]
+async fn redis_checkpoint_of_a_deleted_group_is_not_written_for_one_made_again() {
+    let (store, prefix) = redis_deployment().await;
+    let streams = redis_streams(store.clone(), &prefix).await;
+    let b = Backend {
+        streams: streams.clone(),
+        store,
+        _dir: None,
+    };
+    let key = group(&b, "g", &["job"]).await;
+    let events: Vec<(String, &str)> = (0..3).map(|i| (format!("e{i}"), "job")).collect();
+    let sequences = stored(&b, &events).await;
+    assert_eq!(claim_and_ack(&b, &key, 100).await, sequences);
+    // only groups with a member here are checkpointed
+    let interest = Interest {
+        tenant: "t".into(),
+        selection: Selection {
+            types: vec![TypePattern::parse("job").expect("pattern")],
+            filter: None,
+        },
+    };
+    b.streams
+        .join("m", Some(&key), interest)
+        .await
+        .expect("join");
+    let read = streams.checkpoint_rows().await.expect("checkpoint rows");
+    assert!(b.streams.delete_group(&key).await.expect("delete"));
+    group(&b, "g", &["job"]).await;
+    streams
+        .write_checkpoints(read)
+        .await
+        .expect("write checkpoints");
+    assert_eq!(
+        claim_and_ack(&b, &key, 100).await,
+        sequences,
+        "the group made again from the start gets every event"
+    );
 }
 
 /// Redis came back from an older snapshot or log: its relayed position and a stream went back. The

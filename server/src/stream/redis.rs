@@ -304,6 +304,19 @@ struct GroupRow {
 
 type InboxEntry = (Inbox, mpsc::Sender<Arc<StoredEvent>>);
 
+/// A group's position on one stream, read from Redis to be written to the store.
+struct GroupCheckpoint {
+    key: GroupKey,
+    /// The creation of the group the position was read for.
+    created_ns: i64,
+    stream: StreamId,
+    position: u64,
+}
+
+/// Group positions read from Redis ([`RedisStreams::checkpoint_rows`]).
+#[doc(hidden)]
+pub struct GroupCheckpoints(Vec<GroupCheckpoint>);
+
 /// Live streams on Redis Streams.
 pub struct RedisStreams {
     conn: ConnectionManager,
@@ -328,8 +341,8 @@ pub struct RedisStreams {
     subscribers: SyncMutex<HashMap<String, Subscriber>>,
     inboxes: SyncMutex<HashMap<String, InboxEntry>>,
     wakeups: SyncMutex<HashMap<GroupKey, watch::Sender<u64>>>,
-    /// Last checkpoint written per (group, stream), to skip unchanged ones.
-    checkpoints: SyncMutex<HashMap<(GroupKey, StreamId), u64>>,
+    /// Last checkpoint written per (group, stream), with its group's creation, to skip unchanged ones.
+    checkpoints: SyncMutex<HashMap<(GroupKey, StreamId), (i64, u64)>>,
     /// The last sequence this replica added to each (tenant, stream): a stream that ends before it
     /// lost entries (Redis came back from an older snapshot or log), and the relay goes back for them.
     added: SyncMutex<HashMap<(String, StreamId), u64>>,
@@ -1093,6 +1106,14 @@ impl RedisStreams {
     /// Writes changed group positions to Postgres: for each group with consumers here, the position at or
     /// below which its stream has nothing unsettled.
     async fn checkpoint(&self) -> StreamResult<()> {
+        let rows = self.checkpoint_rows().await?;
+        self.write_checkpoints(rows).await
+    }
+
+    /// The positions of this replica's groups in Redis that changed since last written. Public
+    /// only so that a test can delete and create a group again between reading and writing them.
+    #[doc(hidden)]
+    pub async fn checkpoint_rows(&self) -> StreamResult<GroupCheckpoints> {
         let groups: HashSet<GroupKey> = self
             .subscribers
             .lock()
@@ -1100,7 +1121,7 @@ impl RedisStreams {
             .values()
             .filter_map(|s| s.group.clone())
             .collect();
-        let mut rows: Vec<(GroupKey, StreamId, u64)> = Vec::new();
+        let mut rows = Vec::new();
         for key in groups {
             let Ok(row) = self.group_row(&key).await else {
                 continue;
@@ -1132,32 +1153,49 @@ impl RedisStreams {
                 };
                 let id = (key.clone(), s.clone());
                 let mut written = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
-                if written.get(&id) != Some(&position) {
-                    written.insert(id, position);
-                    rows.push((key.clone(), s, position));
+                if written.get(&id) != Some(&(row.created_ns, position)) {
+                    written.insert(id, (row.created_ns, position));
+                    rows.push(GroupCheckpoint {
+                        key: key.clone(),
+                        created_ns: row.created_ns,
+                        stream: s,
+                        position,
+                    });
                 }
             }
         }
+        Ok(GroupCheckpoints(rows))
+    }
+
+    /// Writes group positions to the store, for the groups that still exist as they were when the
+    /// positions were read.
+    #[doc(hidden)]
+    pub async fn write_checkpoints(&self, rows: GroupCheckpoints) -> StreamResult<()> {
+        let rows = rows.0;
         if rows.is_empty() {
             return Ok(());
         }
-        let tenants: Vec<&str> = rows.iter().map(|r| r.0.tenant.as_str()).collect();
-        let groups: Vec<&str> = rows.iter().map(|r| r.0.name.as_str()).collect();
-        let types: Vec<&str> = rows.iter().map(|r| r.1.event_type.as_str()).collect();
-        let levels: Vec<i16> = rows.iter().map(|r| r.1.level as i16).collect();
-        let positions: Vec<i64> = rows.iter().map(|r| r.2 as i64).collect();
+        let tenants: Vec<&str> = rows.iter().map(|r| r.key.tenant.as_str()).collect();
+        let groups: Vec<&str> = rows.iter().map(|r| r.key.name.as_str()).collect();
+        let created: Vec<i64> = rows.iter().map(|r| r.created_ns).collect();
+        let types: Vec<&str> = rows.iter().map(|r| r.stream.event_type.as_str()).collect();
+        let levels: Vec<i16> = rows.iter().map(|r| r.stream.level as i16).collect();
+        let positions: Vec<i64> = rows.iter().map(|r| r.position as i64).collect();
         let written = sqlx::query(
-            // only for groups that still exist: the row lock waits out a delete in flight, so a group
-            // created again under the same name never starts from a deleted one's checkpoint
+            // only for groups that still exist as they were read: the row lock waits out a delete in
+            // flight, and a group deleted and created again under the same name since (another
+            // created_ns) never starts from the deleted one's position
             "INSERT INTO nerve_group_checkpoints (tenant, grp, type, priority, position) \
-             SELECT c.* FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::SMALLINT[], $5::BIGINT[]) \
-               AS c(tenant, grp, type, priority, position) \
+             SELECT c.tenant, c.grp, c.type, c.priority, c.position \
+             FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::SMALLINT[], $6::BIGINT[]) \
+               AS c(tenant, grp, created_ns, type, priority, position) \
              WHERE EXISTS (SELECT 1 FROM nerve_groups g WHERE g.tenant = c.tenant AND g.name = c.grp \
-               FOR KEY SHARE) \
+               AND g.created_ns = c.created_ns FOR KEY SHARE) \
              ON CONFLICT (tenant, grp, type, priority) DO UPDATE SET position = excluded.position",
         )
         .bind(&tenants)
         .bind(&groups)
+        .bind(&created)
         .bind(&types)
         .bind(&levels)
         .bind(&positions)
