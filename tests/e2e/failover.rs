@@ -1561,6 +1561,95 @@ async fn entries_held_within_a_claim_survive_redis_restarted_empty() {
     }
 }
 
+/// 10. An event dead-lettered, then redriven while the group has no member, when Redis dies and comes
+///     back empty: the redrive put the group's checkpoint below it (no replica with a member wrote
+///     one since), so the group made again at its checkpoint delivers it.
+#[tokio::test]
+async fn a_redriven_dead_letter_survives_redis_restarted_empty() {
+    let mut redis = RedisProcess::start(false).await;
+    let deployment = Deployment::new(redis.url()).await;
+    let server = deployment.replica(&[]).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let mut admin = nerve::api::pb::admin_client::AdminClient::new(server.channel().await);
+    let ids: Vec<String> = (0..5).map(|i| format!("r{i}")).collect();
+    bus.publish(pb::PublishRequest {
+        events: ids.iter().map(|id| event(id, "redriven.event")).collect(),
+    })
+    .await
+    .expect("publish");
+    let mut o = open(&["redriven.event"], "redrivers");
+    o.start = earliest();
+    let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    let mut got = first.deliveries(5).await;
+    got.sort_by_key(seq);
+    first
+        .send(pb::subscribe_request::Action::Nack(pb::Nack {
+            delivery_ids: vec![got[0].delivery_id.clone()],
+            retry_delay: None,
+            dead_letter: true,
+            reason: "unreadable".into(),
+        }))
+        .await;
+    first
+        .ack(
+            &got[1..]
+                .iter()
+                .map(|d| d.delivery_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    let last = seq(&got[4]) as i64;
+    eventually("a checkpoint past every event", || {
+        let url = deployment.database_url.clone();
+        async move {
+            use sqlx::Connection as _;
+            let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
+            let position: Option<i64> = sqlx::query_scalar(
+                "SELECT position FROM nerve_group_checkpoints WHERE grp = 'redrivers'",
+            )
+            .fetch_optional(&mut conn)
+            .await
+            .ok()?;
+            position.filter(|p| *p >= last)
+        }
+    })
+    .await;
+    first.close_gracefully().await.expect("closed");
+    let redriven = eventually("the letter redriven", || {
+        let mut admin = admin.clone();
+        async move {
+            let redriven = admin
+                .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+                    group: "redrivers".into(),
+                    sequences: vec![],
+                    all: true,
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .redriven;
+            (redriven == 1).then_some(redriven)
+        }
+    })
+    .await;
+    assert_eq!(redriven, 1);
+    let letters = admin
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            group: "redrivers".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(letters.dead_letters.is_empty(), "{letters:?}");
+    redis.kill9().await;
+    redis.restart().await;
+
+    let mut second = reopen_after_a_redis_restart(&bus, o).await;
+    let again = second.deliveries(1).await;
+    assert_eq!(crate::harness::id(&again[0]), "r0", "the redriven event");
+}
+
 /// The commit listener holds one connection of the pool for good: a pool of one would leave none for
 /// reads, so every read timed out. The server refuses it at start, naming the setting.
 #[tokio::test]

@@ -2006,6 +2006,8 @@ impl LiveStreams for RedisStreams {
         }
         let now = ms(Utc::now());
         let mut added = Vec::new();
+        // per stream, the position below the first entry put back
+        let mut lowered: Vec<(StreamId, u64)> = Vec::new();
         for (stream, seqs) in by_stream {
             let mut call = lua::REQUEUE.prepare_invoke();
             call.key(
@@ -2020,6 +2022,9 @@ impl LiveStreams for RedisStreams {
                 .invoke_async(&mut self.conn())
                 .await
                 .map_err(redis_err)?;
+            if let Some(first) = put_back.iter().min() {
+                lowered.push((stream.clone(), first - 1));
+            }
             added.extend(put_back);
             self.remember(&key.tenant, seqs.into_iter(), &stream);
             self.streams
@@ -2029,6 +2034,35 @@ impl LiveStreams for RedisStreams {
                 .or_default()
                 .streams
                 .insert(stream);
+        }
+        // What was put back is unsettled again, below the group's checkpoints: they go below it
+        // before the caller removes the letters, so a Redis that comes back empty (groups made again
+        // at their checkpoints) still has it to deliver. Replicas with members of the group write
+        // them from Redis each second; with none, nothing else would.
+        if !lowered.is_empty() {
+            let types: Vec<&str> = lowered.iter().map(|l| l.0.event_type.as_str()).collect();
+            let levels: Vec<i16> = lowered.iter().map(|l| l.0.level as i16).collect();
+            let positions: Vec<i64> = lowered.iter().map(|l| l.1 as i64).collect();
+            sqlx::query(
+                "INSERT INTO nerve_group_checkpoints (tenant, grp, type, priority, position) \
+                 SELECT $1, $2, c.type, c.priority, c.position \
+                 FROM UNNEST($3::TEXT[], $4::SMALLINT[], $5::BIGINT[]) AS c(type, priority, position) \
+                 ON CONFLICT (tenant, grp, type, priority) \
+                 DO UPDATE SET position = LEAST(nerve_group_checkpoints.position, excluded.position)",
+            )
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .bind(&types)
+            .bind(&levels)
+            .bind(&positions)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            // this replica's next checkpoint of them is written, even if it equals its last
+            let mut written = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+            for (stream, _) in &lowered {
+                written.remove(&(key.clone(), stream.clone()));
+            }
         }
         tx.commit().await.map_err(db_err)?;
         Ok(added)
