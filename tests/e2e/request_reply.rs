@@ -281,3 +281,65 @@ async fn a_bad_reply_event_is_refused_by_its_own_name_whether_or_not_anyone_wait
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_eq!(violations(&status), ["event.type"], "{status:?}");
 }
+
+/// An event of `id` whose size ([`nerve::event::Event::size`]: its attributes and data) is exactly
+/// the limit of 1 MiB.
+fn event_of_the_limit(id: &str, event_type: &str) -> pb::Event {
+    let mut e = event(id, event_type);
+    let attributes = e.id.len() + e.source.len() + e.r#type.len() + e.spec_version.len();
+    e.data = Some(pb::event::Data::BinaryData(vec![7; (1 << 20) - attributes]));
+    e
+}
+
+/// A request and a reply as large as the event limit go through: the inbox, correlation and
+/// causation ids the server sets on them do not count against the caller's limit.
+#[tokio::test]
+async fn a_request_and_a_reply_of_the_event_limit_go_through() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut responder = Subscriber::open(&mut bus, open(&["planner.plan.requested"], "planners"))
+        .await
+        .expect("open");
+    let mut requester = server.bus();
+    let call = tokio::spawn(async move {
+        requester
+            .request(pb::RequestRequest {
+                event: Some(event_of_the_limit("q-full", "planner.plan.requested")),
+                timeout: millis(5000),
+            })
+            .await
+    });
+    let d = responder.next_delivery().await;
+    let asked = d.event.clone().expect("event");
+    let reply = bus
+        .reply(pb::ReplyRequest {
+            reply_to: asked.reply_to,
+            event: Some(event_of_the_limit("a-full", "planner.plan.ready")),
+        })
+        .await
+        .expect("a reply of the limit is taken")
+        .into_inner();
+    assert!(reply.delivered);
+    let answer = call
+        .await
+        .expect("join")
+        .expect("a request of the limit is taken")
+        .into_inner();
+    let got = answer.reply.expect("reply");
+    assert_eq!(
+        (got.id.as_str(), got.causation_id.as_str()),
+        ("a-full", "q-full")
+    );
+    // one byte more is over the limit, named as the caller sent it
+    let mut over = event_of_the_limit("q-over", "planner.plan.requested");
+    over.id.push('x');
+    let status = bus
+        .request(pb::RequestRequest {
+            event: Some(over),
+            timeout: millis(5000),
+        })
+        .await
+        .expect_err("one byte over the limit");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(violations(&status), ["event.data"], "{status:?}");
+}

@@ -1548,6 +1548,40 @@ async fn publish_rate_is_limited_per_principal() {
     }
 }
 
+/// A request and a reply store an event each, as a publish does: they count against the same rate.
+#[tokio::test]
+async fn requests_and_replies_count_against_the_publish_rate() {
+    let server = TestServer::start_with(|c| {
+        c.connections.publish_rate_per_principal = 1;
+        c.connections.publish_burst = 1;
+    })
+    .await;
+    let mut bus = server.bus();
+    bus.publish(pb::PublishRequest {
+        events: vec![event("first", "a.b")],
+    })
+    .await
+    .expect("the burst passes");
+    let request = bus
+        .request(pb::RequestRequest {
+            event: Some(event("asked", "a.b")),
+            timeout: None,
+        })
+        .await
+        .expect_err("a request past the rate");
+    let reply = bus
+        .reply(pb::ReplyRequest {
+            reply_to: format!("_inbox.{}", "0".repeat(32)),
+            event: Some(event("answered", "a.b")),
+        })
+        .await
+        .expect_err("a reply past the rate");
+    for status in [request, reply] {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("rate limit"), "{status:?}");
+    }
+}
+
 #[tokio::test]
 async fn one_subject_in_two_tenants_has_a_publish_rate_in_each() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -143,9 +143,9 @@ pub struct ConnectionsConfig {
     pub max_concurrent_streams: u32,
     /// Open Subscribe, Replay and PublishStream streams per principal, over all connections.
     pub max_streams_per_principal: usize,
-    /// Publish calls and PublishStream requests per second per principal; 0 = unlimited.
+    /// Publish, Request and Reply calls and PublishStream requests per second per principal; 0 = unlimited.
     pub publish_rate_per_principal: u32,
-    /// Publish calls and PublishStream requests a principal may make at once above the rate.
+    /// Publish, Request and Reply calls and PublishStream requests a principal may make at once above the rate.
     pub publish_burst: u32,
     /// A Subscribe stream must send its open message within this time.
     #[serde(with = "humantime_serde")]

@@ -388,7 +388,7 @@ impl Auth {
         self.decide(principal, decide).is_ok()
     }
 
-    /// Counts a publish call against the principal's rate in its tenant: one subject that tokens put
+    /// Counts a call that stores events against the principal's rate in its tenant: one subject that tokens put
     /// in several tenants is a principal in each, as for open streams.
     pub fn check_publish_rate(&self, principal: &Principal) -> Result<(), AuthError> {
         match &self.publish_rate {
@@ -659,7 +659,13 @@ pub struct AuthService<S> {
 }
 
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
-const PUBLISH_PATH: &str = "/nerve.v1.EventBus/Publish";
+/// The unary calls that store events, which the publish rate counts (PublishStream counts each of its
+/// requests where it reads them).
+const STORING_PATHS: &[&str] = &[
+    "/nerve.v1.EventBus/Publish",
+    "/nerve.v1.EventBus/Request",
+    "/nerve.v1.EventBus/Reply",
+];
 
 impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
 where
@@ -681,7 +687,7 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let path = request.uri().path();
         if !path.starts_with(HEALTH_PREFIX) {
-            let publish = path == PUBLISH_PATH;
+            let publish = STORING_PATHS.contains(&path);
             let identified = self
                 .auth
                 .authenticate(request.extensions().get::<ConnInfo>(), request.headers())

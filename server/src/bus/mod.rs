@@ -174,6 +174,31 @@ impl Bus {
             record_publish(started, types, Err(&error));
             return Err(error);
         }
+        self.queue_checked(tenant, events, trace, started).await
+    }
+
+    /// Publishes one event its caller checked as it was sent, before the server set fields of its
+    /// own (a request's inbox and correlation id, a reply's): those do not count against the limits
+    /// the caller is held to, as a publish's traceparent and time do not.
+    pub(crate) async fn publish_checked(
+        &self,
+        tenant: &str,
+        event: Event,
+        trace: Option<String>,
+    ) -> BusResult<Vec<Appended>> {
+        self.queue_checked(tenant, vec![event], trace, std::time::Instant::now())
+            .await?
+            .committed()
+            .await
+    }
+
+    async fn queue_checked(
+        &self,
+        tenant: &str,
+        events: Vec<Event>,
+        trace: Option<String>,
+        started: std::time::Instant,
+    ) -> BusResult<QueuedPublish> {
         let types: Vec<String> = events
             .iter()
             .map(|e| crate::metrics::type_label(&e.event_type))

@@ -123,7 +123,7 @@ impl Bus {
             .await?;
         let source = event.source.clone();
         let id = event.id.clone();
-        let appended = self.publish(tenant, vec![event], None).await?;
+        let appended = self.publish_checked(tenant, event, None).await?;
         let Some(Appended {
             sequence,
             duplicate,
@@ -214,7 +214,7 @@ impl Bus {
         event.reply_to = None;
         // stamped after hashing: a retry under another span is the same reply
         let trace = trace.or(inbox.traceparent);
-        let appended = self.publish(tenant, vec![event], trace).await?;
+        let appended = self.publish_checked(tenant, event, trace).await?;
         let sequence = appended.first().map(|a| a.sequence).unwrap_or_default();
         let stored = self
             .store
