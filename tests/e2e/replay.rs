@@ -493,3 +493,46 @@ async fn a_pattern_that_matches_nothing_reads_history_in_large_reads() {
     let reads = injection.reads.load(SeqCst) - before;
     assert!(reads < 100, "{reads} reads for 20,000 events");
 }
+
+/// A replay whose limit ends on the last event that matches says it ended the history, though
+/// events of other types (or tenants) come after it: by literal type, and by a pattern.
+#[tokio::test]
+async fn a_limit_that_ends_on_the_last_match_ends_the_history() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    publish(
+        &mut bus,
+        vec![
+            event("a1", "limit.a"),
+            event("a2", "limit.a"),
+            event("a3", "limit.a"),
+            event("b1", "other.b"),
+        ],
+    )
+    .await;
+    for types in [vec!["limit.a".to_owned()], vec!["limit.*".to_owned()]] {
+        let pages = replay_pages(
+            &mut bus,
+            pb::ReplayRequest {
+                types: types.clone(),
+                limit: 3,
+                ..Default::default()
+            },
+        )
+        .await;
+        let last = pages.last().expect("a page");
+        assert_eq!(pages.iter().map(|p| p.events.len()).sum::<usize>(), 3);
+        assert!(last.end_of_history, "{types:?}: {last:?}");
+        // and a limit short of the last match does not
+        let pages = replay_pages(
+            &mut bus,
+            pb::ReplayRequest {
+                types: types.clone(),
+                limit: 2,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(!pages.last().expect("a page").end_of_history, "{types:?}");
+    }
+}

@@ -19,6 +19,9 @@ const SCAN_PAGE: usize = 1000;
 /// Sequences one read looks at when the replay filters by source or subject, which no index
 /// answers: unbounded, such a read would scan on until it found a page of matches.
 const FILTERED_SPAN: u64 = 4096;
+/// Events of any type the look past a limit's last match reads for a type pattern: where the next
+/// match, or the head, is further, the replay's last page does not say it ended the history.
+const END_PROBE_ROWS: usize = 64;
 
 /// A replay: the history query plus paging.
 #[derive(Debug, Clone)]
@@ -203,21 +206,30 @@ impl Bus {
         rx
     }
 
-    /// Whether no stored event after `query.after`, up to `bound` (or the store's head), matches:
-    /// one read of one event looks.
+    /// Whether no stored event after `query.after`, up to `bound` (or the store's head of now, up to
+    /// which every event is committed), matches. One read looks: at one event of each literal type,
+    /// or at [`END_PROBE_ROWS`] events of any type for a pattern, which may not reach the end, and
+    /// then says not.
     async fn history_ends_after(&self, query: &ReadQuery, bound: Option<u64>) -> BusResult<bool> {
+        let until = match bound {
+            Some(bound) => bound,
+            None => self.store.head().await?,
+        };
+        if until <= query.after {
+            return Ok(true);
+        }
+        let limit = if crate::store::literal_types(&query.types).is_some() {
+            1
+        } else {
+            END_PROBE_ROWS
+        };
         let probe = ReadQuery {
-            until: bound,
-            limit: 1,
+            until: Some(until),
+            limit,
             ..query.clone()
         };
         let read = self.store.read(&probe).await?;
-        if !read.events.is_empty() || !read.exhausted {
-            return Ok(false);
-        }
-        // without a bound, the read ended at this replica's view of the head, which other
-        // replicas' commits may have passed
-        Ok(bound.is_some() || self.store.head().await? <= read.scanned_to.max(query.after))
+        Ok(read.events.is_empty() && read.exhausted)
     }
 
     /// Narrows a query's sequence range to a time range. Recorded time never goes backwards with the

@@ -837,7 +837,9 @@ class ReplayResponse(_message.Message):
     """Passing this back continues after this page."""
     end_of_history: _builtins.bool
     """True on the last page when no more stored events match, also when the limit ended the replay on
-    the last match (unless it filters by source or subject: then false, as when more may match).
+    the last match. Then it looks a short way past it: false when it filters by source or subject,
+    or by a type pattern with more than 64 stored events after the last match, as when more may
+    match (the next call answers an empty page saying true).
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]: ...
