@@ -238,7 +238,8 @@ type GroupInfo struct {
 	Types []string               `protobuf:"bytes,2,rep,name=types,proto3" json:"types,omitempty"`
 	// Deliveries handed out or waiting for redelivery, not yet acked.
 	Pending uint64 `protobuf:"varint,3,opt,name=pending,proto3" json:"pending,omitempty"`
-	// Matching events stored but not yet handed to the group.
+	// Events of the group's types stored but not yet handed to the group. Its filter is not applied:
+	// events it will pass over count until the group's members have read past them.
 	Lag uint64 `protobuf:"varint,4,opt,name=lag,proto3" json:"lag,omitempty"`
 	// Subscribers connected now.
 	Consumers     uint32 `protobuf:"varint,5,opt,name=consumers,proto3" json:"consumers,omitempty"`

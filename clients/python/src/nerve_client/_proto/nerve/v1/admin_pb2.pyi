@@ -138,7 +138,9 @@ class GroupInfo(_message.Message):
     pending: _builtins.int
     """Deliveries handed out or waiting for redelivery, not yet acked."""
     lag: _builtins.int
-    """Matching events stored but not yet handed to the group."""
+    """Events of the group's types stored but not yet handed to the group. Its filter is not applied:
+    events it will pass over count until the group's members have read past them.
+    """
     consumers: _builtins.int
     """Subscribers connected now."""
     dead_letters: _builtins.int
