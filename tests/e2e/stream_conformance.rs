@@ -87,33 +87,42 @@ async fn redis_streams(store: Arc<PostgresStore>, prefix: &str) -> Arc<RedisStre
 /// Stores events of tenant "t" (id, type), hands them to the streams and waits until groups can
 /// claim them; returns their sequences.
 async fn stored(b: &Backend, events: &[(String, &str)]) -> Vec<u64> {
-    let before = b.store.head().await.expect("head");
-    let new = events
+    let events = events
         .iter()
-        .map(|(id, event_type)| {
-            let event = Event {
-                id: id.clone(),
-                source: "//conformance".into(),
-                event_type: (*event_type).into(),
-                spec_version: "1.0".into(),
-                ..Event::default()
-            };
+        .map(|(id, event_type)| Event {
+            id: id.clone(),
+            source: "//conformance".into(),
+            event_type: (*event_type).into(),
+            spec_version: "1.0".into(),
+            ..Event::default()
+        })
+        .collect();
+    stored_events(b, events).await
+}
+
+/// Stores events of tenant "t" as [`stored`] does.
+async fn stored_events(b: &Backend, events: Vec<Event>) -> Vec<u64> {
+    let before = b.store.head().await.expect("head");
+    let new: Vec<NewEvent> = events
+        .into_iter()
+        .map(|event| {
             let hash = event.content_hash();
             NewEvent::new(event, hash)
         })
         .collect();
+    let count = new.len();
     b.store.append("t", new).await.expect("append");
     let stored = b
         .store
         .read(&ReadQuery {
             tenant: "t".into(),
             after: before,
-            limit: events.len(),
+            limit: count,
             ..ReadQuery::default()
         })
         .await
         .expect("read");
-    assert_eq!(stored.events.len(), events.len());
+    assert_eq!(stored.events.len(), count);
     let mut claimable = b.streams.group_head();
     b.streams.append(&stored.events).await.expect("tail");
     let last = stored.events.last().map_or(0, |e| e.sequence);
@@ -364,6 +373,72 @@ async fn redis_group_claims_from_the_store_a_stream_redis_lost() {
     rest.extend(b2);
     rest.sort_unstable();
     assert_eq!(claim_and_ack(&b, &key, 100).await, rest);
+}
+
+/// A claim counts every entry it read, those its filter passed over too, with their events' bytes:
+/// the session sizes its next claim from them, so that large events a filter passes over do not
+/// make the next read of a stream (on Redis, a count of entries) hold thousands of them.
+async fn a_claim_counts_what_its_filter_passed_over(b: Backend) {
+    let key = GroupKey {
+        tenant: "t".into(),
+        name: "small-only".into(),
+    };
+    let config = GroupConfig {
+        selection: Selection {
+            types: vec![TypePattern::parse("doc").expect("pattern")],
+            filter: Some(nerve::event::Filter(nerve::event::FilterKind::Exact(
+                [("subject".to_owned(), "small".to_owned())].into(),
+            ))),
+        },
+        max_attempts: 5,
+    };
+    b.streams
+        .ensure_group(&key, &config, 0)
+        .await
+        .expect("group");
+    let doc = |id: &str, subject: &str, bytes: usize| Event {
+        id: id.into(),
+        source: "//conformance".into(),
+        event_type: "doc".into(),
+        spec_version: "1.0".into(),
+        subject: Some(subject.into()),
+        data: nerve::event::Data::Binary(vec![7; bytes]),
+        ..Event::default()
+    };
+    let sequences = stored_events(
+        &b,
+        vec![
+            doc("big1", "big", 300_000),
+            doc("big2", "big", 300_000),
+            doc("big3", "big", 300_000),
+            doc("small1", "small", 100),
+        ],
+    )
+    .await;
+    let lease = Utc::now() + chrono::Duration::seconds(30);
+    let claim = b
+        .streams
+        .claim_new(&key, "a", Priority::Normal, 100, lease)
+        .await
+        .expect("claim");
+    let taken: Vec<u64> = claim.entries.iter().map(|c| c.sequence).collect();
+    assert_eq!(taken, sequences[3..]);
+    assert_eq!(claim.rows_read, 4);
+    assert!(
+        (900_000..1_000_000).contains(&claim.bytes_read),
+        "{} bytes read",
+        claim.bytes_read
+    );
+}
+
+#[tokio::test]
+async fn embedded_claim_counts_what_its_filter_passed_over() {
+    a_claim_counts_what_its_filter_passed_over(embedded().await).await;
+}
+
+#[tokio::test]
+async fn redis_claim_counts_what_its_filter_passed_over() {
+    a_claim_counts_what_its_filter_passed_over(redis().await).await;
 }
 
 /// A replica read its group's position in Redis for the store's checkpoint, and the group was

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::{
     event::{Limits, StoredEvent},
     store::ReadPage,
+    stream::NewClaim,
 };
 
 /// Store reads a history scan makes before it answers with what it found (a Replay page, possibly
@@ -14,9 +15,11 @@ use crate::{
 pub(super) const HISTORY_READS_PER_TURN: usize = 16;
 
 /// Sizes history reads and group claims by bytes as well as by count: each asks for no more rows
-/// than an answer page's bytes ([`Limits::page_bytes`]) of the rows last read (matching or not) or
-/// events last claimed, or, before any, of the largest event allowed. Where sizes change from one read to the next, a store read still holds
-/// at most [`crate::store::READ_BYTES`]; a claim, one page's count of the events claimed last.
+/// than an answer page's bytes ([`Limits::page_bytes`]) of the rows last read (matching or not),
+/// entries a claim last read (its filter matching them or not) or events last claimed, or, before
+/// any, of the largest event allowed. Where sizes change from one read to the next, a store read still
+/// holds at most [`crate::store::READ_BYTES`]; a claim on Redis, which cannot stop reading a stream
+/// at a number of bytes, one page's count of the entries the claim before it read.
 #[derive(Debug, Clone)]
 pub(super) struct ReadSizer {
     budget: usize,
@@ -52,6 +55,11 @@ impl ReadSizer {
     /// not (a selection filtered after reading may match none of them).
     pub(super) fn observe_read(&mut self, page: &ReadPage) {
         self.learn(page.rows_read, page.bytes_read);
+    }
+
+    /// Learns from a group claim: from every entry it read, its filter matching them or not.
+    pub(super) fn observe_claim(&mut self, claim: &NewClaim) {
+        self.learn(claim.rows_read, claim.bytes_read);
     }
 
     fn learn(&mut self, count: usize, bytes: usize) {

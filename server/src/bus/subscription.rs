@@ -903,6 +903,7 @@ impl Session {
                 let claim = streams
                     .claim_new(key, &self.id, level, share[index] as usize, lease)
                     .await?;
+                self.sizer.observe_claim(&claim);
                 if claim.entries.len() < share[index] as usize {
                     backlogged[index] = false;
                     if claim.more {
@@ -912,7 +913,6 @@ impl Session {
                     }
                 }
                 let claimed = self.events_or_release(key, claim.entries).await?;
-                self.sizer.observe(claimed.iter().map(|(_, event)| event));
                 delivered += self
                     .deliver_group(key, claimed, lease, max_attempts)
                     .await?;

@@ -438,9 +438,10 @@ impl EmbeddedStreams {
         })?;
         Some(ReadPage {
             exhausted: events.len() < limit,
+            rows_read: events.len(),
+            bytes_read: events.iter().map(|e| e.event.size()).sum(),
             events,
             scanned_to,
-            ..ReadPage::default()
         })
     }
 
@@ -655,6 +656,7 @@ impl LiveStreams for EmbeddedStreams {
         let mut taken = Vec::new();
         // whether the range read holds any event of the level and types
         let mut passed_any = false;
+        let (mut rows_read, mut bytes_read) = (0, 0);
         // bounded, so a group whose selection matches little answers its consumer in time
         for _ in 0..8 {
             while taken.len() < max
@@ -686,6 +688,8 @@ impl LiveStreams for EmbeddedStreams {
                     }
                 }
             };
+            rows_read += page.rows_read;
+            bytes_read += page.bytes_read;
             ahead.ready.extend(page.events);
             ahead.scanned_to = page.scanned_to;
         }
@@ -734,6 +738,8 @@ impl LiveStreams for EmbeddedStreams {
             return Ok(NewClaim {
                 entries: Vec::new(),
                 more,
+                rows_read,
+                bytes_read,
             });
         }
         let mut conn = self.store.db().lock_delivery_writer().await;
@@ -746,6 +752,8 @@ impl LiveStreams for EmbeddedStreams {
         let lost = NewClaim {
             entries: Vec::new(),
             more: true,
+            rows_read,
+            bytes_read,
         };
         if now[index] < cursors[index] {
             // the group was deleted and made again meanwhile: claim from its new cursor next time
@@ -842,6 +850,8 @@ impl LiveStreams for EmbeddedStreams {
                 .collect(),
             // the bound on pages read stopped it before the head
             more: cursor < until,
+            rows_read,
+            bytes_read,
         })
     }
 

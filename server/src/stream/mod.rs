@@ -110,6 +110,11 @@ pub struct NewClaim {
     /// Whether the claim stopped reading before the head (a bound on one claim's reading): fewer
     /// entries than asked then does not mean the level has no more.
     pub more: bool,
+    /// Entries the claim read, its selection's filter matching them or not, and their events' bytes:
+    /// what the next claim's count is sized from, as a filter may pass over events larger than
+    /// those it hands out.
+    pub rows_read: usize,
+    pub bytes_read: usize,
 }
 
 /// Backlog of one group.

@@ -866,7 +866,7 @@ impl RedisStreams {
     /// Claims new entries of one stream that `selection` matches: from Redis, or from the store for
     /// what Redis lacks. Entries it does not match are passed over (the cursor moves past them), never
     /// leased, so no member can be handed one, whatever fails afterwards. Every entry returned has its
-    /// event.
+    /// event. `read_count` counts the entries read, matching or not, and their events' bytes.
     async fn claim_stream(
         &self,
         key: &GroupKey,
@@ -874,6 +874,7 @@ impl RedisStreams {
         selection: &Selection,
         max: usize,
         lease: chrono::Duration,
+        read_count: &mut (usize, usize),
     ) -> StreamResult<(Vec<StreamEntry>, bool)> {
         // each call leases for the whole time from when it runs: a claim of several round trips
         // must not write a lease end already past (ack deadlines go down to 10 ms), which another
@@ -947,6 +948,8 @@ impl RedisStreams {
                             ..ReadQuery::default()
                         })
                         .await?;
+                    read_count.0 += page.rows_read;
+                    read_count.1 += page.bytes_read;
                     let moved_to = if page.exhausted {
                         until
                     } else {
@@ -1000,6 +1003,12 @@ impl RedisStreams {
                         .iter()
                         .filter_map(|entry| self.stream_entry(&key.tenant, entry))
                         .collect();
+                    read_count.0 += page;
+                    read_count.1 += entries
+                        .iter()
+                        .filter_map(|e| e.1.as_ref())
+                        .map(|e| e.event.size())
+                        .sum::<usize>();
                     let to = last_read.or(entries.last().map(|e| e.0)).ok_or_else(|| {
                         StreamError::Internal(format!(
                             "stream {skey}: no entry id in a page of {page}"
@@ -1775,6 +1784,8 @@ impl LiveStreams for RedisStreams {
             .streams_with_new(key, row.created_ns, streams, asked)
             .await?;
         let mut taken = Vec::new();
+        // entries read, matching or not, and their events' bytes
+        let mut read_count = (0, 0);
         // every entry this claim leased, taken or not yet: if the claim fails part way, they go back
         let mut leased: Vec<(u64, u32)> = Vec::new();
         // start at a different stream each time so one busy type cannot starve the others
@@ -1792,7 +1803,14 @@ impl LiveStreams for RedisStreams {
                         break;
                     }
                     let (events, more) = self
-                        .claim_stream(key, stream, &row.config.selection, want, lease)
+                        .claim_stream(
+                            key,
+                            stream,
+                            &row.config.selection,
+                            want,
+                            lease,
+                            &mut read_count,
+                        )
                         .await?;
                     self.remember(&key.tenant, events.iter().map(|e| e.0), stream);
                     leased.extend(events.iter().map(|e| (e.0, 1)));
@@ -1827,6 +1845,8 @@ impl LiveStreams for RedisStreams {
             Ok(more) => Ok(NewClaim {
                 entries: taken,
                 more,
+                rows_read: read_count.0,
+                bytes_read: read_count.1,
             }),
             Err(error) => {
                 self.hand_back(key, &leased).await;
