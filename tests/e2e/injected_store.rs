@@ -155,9 +155,10 @@ impl EventStore for InjectedStore {
         tenant: &str,
         id: &str,
         source: Option<&str>,
+        after: u64,
     ) -> StoreResult<Vec<Arc<StoredEvent>>> {
         self.check()?;
-        self.inner.find(tenant, id, source).await
+        self.inner.find(tenant, id, source, after).await
     }
     async fn head(&self) -> StoreResult<u64> {
         self.check()?;

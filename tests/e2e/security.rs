@@ -917,6 +917,50 @@ async fn refusals_of_unidentified_callers_are_audited_within_a_rate() {
     );
 }
 
+/// GetEvent without a source finds the one event of an id the admin may see, however many events of
+/// other sources under that id it may not see come before it.
+#[tokio::test]
+async fn get_event_finds_the_visible_event_behind_many_hidden_of_its_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = r#"
+[[principal]]
+id = "writer"
+tenant = "acme"
+sources = ["//source-*", "//shop"]
+allow = { publish = [">"] }
+
+[[principal]]
+id = "orders-admin"
+tenant = "acme"
+allow = { admin = ["types/orders.*"] }
+"#;
+    let server = server_with_policy(dir.path(), policy, |_| {}).await;
+    let writer = hs_token(&claims("writer"));
+    let mut events: Vec<pb::Event> = (0..20)
+        .map(|i| sourced("1", "secret.kept", &format!("//source-{i:02}")))
+        .collect();
+    events.push(sourced("1", "orders.placed", "//shop"));
+    publish_as(&server, &writer, events).await.expect("publish");
+    let admin = hs_token(&claims("orders-admin"));
+    let found = server
+        .admin()
+        .get_event(authorized(
+            pb::GetEventRequest {
+                id: "1".into(),
+                source: String::new(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("the one event of id 1 the admin may see")
+        .into_inner();
+    let event = found.event.expect("event");
+    assert_eq!(
+        (event.r#type.as_str(), event.source.as_str()),
+        ("orders.placed", "//shop")
+    );
+}
+
 #[tokio::test]
 async fn tenants_never_see_each_other() {
     let dir = tempfile::tempdir().expect("tempdir");

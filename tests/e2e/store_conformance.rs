@@ -490,8 +490,11 @@ async fn reads_filter_by_type_source_subject_correlation_priority_and_range(b: B
         .await
         .expect("read");
     assert_eq!(wild.scanned_to, 3, "non-matching rows are scanned past");
-    let found = s.find("t", "b", None).await.expect("find");
+    let found = s.find("t", "b", None, 0).await.expect("find");
     assert_eq!(found[0].sequence, 2);
+    // a find after an event's sequence goes on past it
+    assert!(s.find("t", "b", None, 2).await.expect("find").is_empty());
+    assert_eq!(s.find("t", "b", None, 1).await.expect("find").len(), 1);
     let recorded = found[0].recorded_at;
     assert_eq!(
         s.sequence_before(recorded + chrono::Duration::seconds(1))
@@ -547,7 +550,7 @@ async fn reads_filter_by_type_source_subject_correlation_priority_and_range(b: B
     )
     .await
     .expect("append");
-    let later = s.find("t", "e", None).await.expect("find")[0].recorded_at;
+    let later = s.find("t", "e", None, 0).await.expect("find")[0].recorded_at;
     assert!(later >= recorded, "recorded time never goes backwards");
     let before_later = s.sequence_before(later).await.expect("before");
     if later > recorded {
@@ -1159,7 +1162,7 @@ async fn json_bodies_from_before_read_back_unchanged(b: Backend) {
         expected
     );
     assert_eq!(
-        events(&s.find("t", "legacy", None).await.expect("find")),
+        events(&s.find("t", "legacy", None, 0).await.expect("find")),
         expected[..1]
     );
     // a retry of the JSON-stored event is still recognized as the same event

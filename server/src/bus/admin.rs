@@ -80,24 +80,47 @@ impl Bus {
         source: Option<&str>,
         may_see: impl Fn(&StoredEvent) -> bool,
     ) -> BusResult<Arc<StoredEvent>> {
-        let mut found = self.store.find(tenant, id, source).await?;
         // an event the caller may not see is answered as missing: nothing of it (its type, its
-        // sources, that it exists) shows
-        found.retain(|e| may_see(e));
+        // sources, that it exists) shows; those it may see are looked for past any number of others
+        let mut found = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.store.find(tenant, id, source, after).await?;
+            let Some(last) = page.last() else { break };
+            after = last.sequence;
+            let full = page.len() == crate::store::FIND_PAGE;
+            found.extend(page.into_iter().filter(|e| may_see(e)));
+            if !full || found.len() > crate::store::FIND_PAGE {
+                break;
+            }
+        }
         match found.len() {
             0 => Err(BusError::NotFound(match source {
                 Some(s) => format!("no event with id {id:?} from source {s:?}"),
                 None => format!("no event with id {id:?}"),
             })),
             1 => Ok(found.remove(0)),
-            _ => Err(BusError::FailedPrecondition(format!(
-                "several sources used id {id:?} ({}); pass source to choose",
-                found
-                    .iter()
-                    .map(|e| e.event.source.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
+            _ => {
+                // named within a status message clients take (sources may be long)
+                let mut named = String::new();
+                let mut left = found.len();
+                for e in &found {
+                    if !named.is_empty() && named.len() + e.event.source.len() > 512 {
+                        break;
+                    }
+                    if !named.is_empty() {
+                        named.push_str(", ");
+                    }
+                    named.push_str(&e.event.source);
+                    left -= 1;
+                }
+                if left > 0 {
+                    named.push_str(", and more");
+                }
+                Err(BusError::FailedPrecondition(format!(
+                    "several sources used id {id:?} ({named}); pass source to choose"
+                )))
+            }
         }
     }
 

@@ -201,6 +201,9 @@ pub struct ReadPage {
     pub bytes_read: usize,
 }
 
+/// Most events with one id one [`EventStore::find`] returns (each from another source).
+pub const FIND_PAGE: usize = 16;
+
 /// Most event bytes ([`Event::size`]) one read holds: it stops before the event that would take it
 /// past them, keeping at least one, and is then not exhausted. Readers size their reads to fit
 /// (`bus::history`); this bounds a read whose events are larger than its reader expected.
@@ -375,12 +378,14 @@ pub trait EventStore: Send + Sync + 'static {
     /// Reads every event after `after` up to `limit`, of all tenants: the relay's and group readers' feed.
     async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<Arc<StoredEvent>>>;
 
-    /// Finds events by id, optionally narrowed to one source.
+    /// Finds events by id, optionally narrowed to one source: those after sequence `after`, at most
+    /// [`FIND_PAGE`], in sequence order.
     async fn find(
         &self,
         tenant: &str,
         id: &str,
         source: Option<&str>,
+        after: u64,
     ) -> StoreResult<Vec<Arc<StoredEvent>>>;
 
     /// Returns the highest committed sequence (0 when empty).

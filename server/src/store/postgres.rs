@@ -737,16 +737,18 @@ impl EventStore for PostgresStore {
         tenant: &str,
         id: &str,
         source: Option<&str>,
+        after: u64,
     ) -> StoreResult<Vec<Arc<StoredEvent>>> {
         let query = match source {
             Some(source) => sqlx::query(concat!(
                 "SELECT ",
                 event_columns!(),
-                " FROM events WHERE tenant = $1 AND source = $2 AND id = $3"
+                " FROM events WHERE tenant = $1 AND source = $2 AND id = $3 AND seq > $4"
             ))
             .bind(tenant)
             .bind(source)
-            .bind(id),
+            .bind(id)
+            .bind(after as i64),
             // each source of the tenant found with one seek of events_key, then the id under it:
             // Postgres 15 does not skip over the key's leading source by itself, so a lookup by id
             // alone read every event of the tenant
@@ -758,10 +760,12 @@ impl EventStore for PostgresStore {
                  SELECT ",
                 event_columns!(),
                 " FROM sources JOIN events e ON e.tenant = $1 AND e.source = sources.source AND e.id = $2 \
-                 ORDER BY seq LIMIT 16"
+                 AND e.seq > $3 ORDER BY seq LIMIT $4"
             ))
             .bind(tenant)
-            .bind(id),
+            .bind(id)
+            .bind(after as i64)
+            .bind(super::FIND_PAGE as i64),
         };
         let rows = query.fetch_all(&self.pool).await.map_err(map_err)?;
         rows.iter().map(|r| decode(r).map(Arc::new)).collect()

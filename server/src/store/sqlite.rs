@@ -615,7 +615,8 @@ fn start_checkpoints(path: &Path, committed: watch::Receiver<u64>) -> StoreResul
     Ok(())
 }
 
-/// Events of a tenant with an id, from any source (`?1` tenant, `?2` id, `?3` the committed head): each
+/// Events of a tenant with an id, from any source (`?1` tenant, `?2` id, `?3` the committed head, `?4`
+/// the sequence they come after, `?5` how many): each
 /// source of the tenant found with one seek of `events_key`, then the id looked up under it. The key
 /// leads with the source, and SQLite does not skip over a leading column by itself: a lookup by id
 /// alone read every event of the tenant (70-100 ms at 300,000 events, against 0.5 ms this way).
@@ -624,7 +625,7 @@ const FIND_IN_EVERY_SOURCE: &str = "WITH RECURSIVE sources(source) AS (\
      UNION ALL SELECT (SELECT MIN(source) FROM events WHERE tenant = ?1 AND source > sources.source) \
      FROM sources WHERE sources.source IS NOT NULL) \
      SELECT e.* FROM sources JOIN events e ON e.tenant = ?1 AND e.source = sources.source AND e.id = ?2 \
-     AND e.seq <= ?3 ORDER BY e.seq LIMIT 16";
+     AND e.seq <= ?3 AND e.seq > ?4 ORDER BY e.seq LIMIT ?5";
 
 /// Translates errors of the rusqlite writers (events, delivery state): a full or failing disk is worth
 /// a retry.
@@ -941,20 +942,24 @@ impl EventStore for SqliteStore {
         tenant: &str,
         id: &str,
         source: Option<&str>,
+        after: u64,
     ) -> StoreResult<Vec<Arc<StoredEvent>>> {
         let durable = seq_i64(self.durable());
         let query = match source {
             Some(source) => sqlx::query(
-                "SELECT * FROM events WHERE tenant = ? AND source = ? AND id = ? AND seq <= ?",
+                "SELECT * FROM events WHERE tenant = ? AND source = ? AND id = ? AND seq <= ? AND seq > ?",
             )
             .bind(tenant)
             .bind(source)
             .bind(id)
-            .bind(durable),
+            .bind(durable)
+            .bind(seq_i64(after)),
             None => sqlx::query(FIND_IN_EVERY_SOURCE)
                 .bind(tenant)
                 .bind(id)
-                .bind(durable),
+                .bind(durable)
+                .bind(seq_i64(after))
+                .bind(super::FIND_PAGE as i64),
         };
         let rows = query.fetch_all(&self.db.pool).await.map_err(map_err)?;
         rows.iter().map(|r| decode(r).map(Arc::new)).collect()
@@ -1563,12 +1568,18 @@ mod tests {
         );
         assert!(
             store
-                .find("t", "e0", Some("test"))
+                .find("t", "e0", Some("test"), 0)
                 .await
                 .expect("find")
                 .is_empty()
         );
-        assert!(store.find("t", "e0", None).await.expect("find").is_empty());
+        assert!(
+            store
+                .find("t", "e0", None, 0)
+                .await
+                .expect("find")
+                .is_empty()
+        );
         let lag = store
             .count_after("t", [0; 4], &Selection::default())
             .await
@@ -1636,7 +1647,7 @@ mod tests {
         release.send(()).expect("release");
         assert_eq!(second.committed().await.expect("committed")[0].sequence, 2);
         assert_eq!(store.head().await.expect("head"), 2);
-        assert_eq!(store.find("t", "e1", None).await.expect("find").len(), 1);
+        assert_eq!(store.find("t", "e1", None, 0).await.expect("find").len(), 1);
         let page = store.read(&from_start(&["a"])).await.expect("read");
         assert_eq!(page.events.len(), 2);
     }
