@@ -1615,6 +1615,21 @@ async fn a_redriven_dead_letter_survives_redis_restarted_empty() {
     })
     .await;
     first.close_gracefully().await.expect("closed");
+    // with a member left, this replica would write the checkpoint below the redriven event itself
+    eventually("the group without members", || {
+        let mut admin = admin.clone();
+        async move {
+            let group = admin
+                .get_group(pb::GetGroupRequest {
+                    group: "redrivers".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (group.group?.consumers == 0).then_some(())
+        }
+    })
+    .await;
     let redriven = eventually("the letter redriven", || {
         let mut admin = admin.clone();
         async move {

@@ -93,12 +93,20 @@ const PASSING_REDIS_ERRORS: &[&str] = &[
 ];
 
 fn redis_err(e: redis::RedisError) -> StreamError {
+    // a pipeline's error gives its code only for the kinds the client knows (not BUSY or OOM)
+    let passing = e
+        .code()
+        .is_some_and(|code| PASSING_REDIS_ERRORS.contains(&code))
+        || e.clone().into_server_errors().is_some_and(|errors| {
+            errors
+                .iter()
+                .any(|(_, error)| PASSING_REDIS_ERRORS.contains(&error.code()))
+        });
     if e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
-        || e.code()
-            .is_some_and(|code| PASSING_REDIS_ERRORS.contains(&code))
+        || passing
     {
         StreamError::Unavailable(format!("redis: {e}"))
     } else {
@@ -316,6 +324,13 @@ struct GroupCheckpoint {
 /// Group positions read from Redis ([`RedisStreams::checkpoint_rows`]).
 #[doc(hidden)]
 pub struct GroupCheckpoints(Vec<GroupCheckpoint>);
+
+impl GroupCheckpoints {
+    /// Whether no position changed since it was last written.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 /// Live streams on Redis Streams.
 pub struct RedisStreams {
@@ -2058,17 +2073,17 @@ impl LiveStreams for RedisStreams {
         // What was put back is unsettled again, below the group's checkpoints: they go below it
         // before the caller removes the letters, so a Redis that comes back empty (groups made again
         // at their checkpoints) still has it to deliver. Replicas with members of the group write
-        // them from Redis each second; with none, nothing else would.
+        // them from Redis each second; with none, nothing else would. A stream with no checkpoint
+        // starts again at the group's start, below anything delivered: none is made (one made here
+        // would start it past entries still leased below the redriven ones).
         if !lowered.is_empty() {
             let types: Vec<&str> = lowered.iter().map(|l| l.0.event_type.as_str()).collect();
             let levels: Vec<i16> = lowered.iter().map(|l| l.0.level as i16).collect();
             let positions: Vec<i64> = lowered.iter().map(|l| l.1 as i64).collect();
             sqlx::query(
-                "INSERT INTO nerve_group_checkpoints (tenant, grp, type, priority, position) \
-                 SELECT $1, $2, c.type, c.priority, c.position \
+                "UPDATE nerve_group_checkpoints k SET position = LEAST(k.position, c.position) \
                  FROM UNNEST($3::TEXT[], $4::SMALLINT[], $5::BIGINT[]) AS c(type, priority, position) \
-                 ON CONFLICT (tenant, grp, type, priority) \
-                 DO UPDATE SET position = LEAST(nerve_group_checkpoints.position, excluded.position)",
+                 WHERE k.tenant = $1 AND k.grp = $2 AND k.type = c.type AND k.priority = c.priority",
             )
             .bind(&key.tenant)
             .bind(&key.name)
@@ -2470,6 +2485,36 @@ mod tests {
         match reply.extract_error() {
             Err(error) => error,
             Ok(value) => panic!("{line:?} parsed as {value:?}, not an error"),
+        }
+    }
+
+    /// A pipeline's error of a code the client does not know (BUSY, OOM) passes as well. Needs
+    /// NERVE_TEST_REDIS_URL (scripts/test.sh starts Redis and sets it).
+    #[tokio::test]
+    async fn a_pipelines_passing_answer_is_unavailable() {
+        let url = std::env::var("NERVE_TEST_REDIS_URL")
+            .expect("NERVE_TEST_REDIS_URL is not set: run scripts/test.sh");
+        let client = redis::Client::open(url).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        for (code, passes) in [("BUSY", true), ("OOM", true), ("WRONGTYPE", false)] {
+            let mut pipe = redis::pipe();
+            pipe.cmd("PING").ignore();
+            pipe.cmd("EVAL")
+                .arg(format!("return redis.error_reply('{code} pretended')"))
+                .arg(0);
+            let error = pipe
+                .query_async::<Vec<redis::Value>>(&mut conn)
+                .await
+                .expect_err("the script answers an error");
+            let mapped = redis_err(error);
+            assert_eq!(
+                matches!(mapped, StreamError::Unavailable(_)),
+                passes,
+                "{code}: {mapped:?}"
+            );
         }
     }
 
