@@ -57,9 +57,22 @@ impl ReadSizer {
         self.learn(page.rows_read, page.bytes_read);
     }
 
-    /// Learns from a group claim: from every entry it read, its filter matching them or not.
+    /// Learns from a group claim the larger of two means: of every entry it read, its filter
+    /// matching them or not, and of the events it took. So neither a filter that passes over large
+    /// events nor one that takes rare large ones among small ones sizes the next claim from the
+    /// small ones.
     pub(super) fn observe_claim(&mut self, claim: &NewClaim) {
-        self.learn(claim.rows_read, claim.bytes_read);
+        let (taken, taken_bytes) = claim
+            .entries
+            .iter()
+            .filter_map(|c| c.event.as_ref())
+            .fold((0usize, 0usize), |(count, bytes), e| {
+                (count + 1, bytes + e.event.size())
+            });
+        let read = claim.bytes_read.checked_div(claim.rows_read);
+        if let Some(mean) = read.max(taken_bytes.checked_div(taken)) {
+            self.event_bytes = Some(mean);
+        }
     }
 
     fn learn(&mut self, count: usize, bytes: usize) {
@@ -83,6 +96,43 @@ mod tests {
                 ..Default::default()
             },
         })
+    }
+
+    fn claim(rows_read: usize, bytes_read: usize, taken: &[usize]) -> NewClaim {
+        NewClaim {
+            entries: taken
+                .iter()
+                .map(|bytes| crate::stream::Claimed {
+                    sequence: 1,
+                    attempt: 1,
+                    event: Some(stored(*bytes)),
+                    priority: crate::event::Priority::Normal,
+                    last_error: None,
+                })
+                .collect(),
+            more: false,
+            rows_read,
+            bytes_read,
+        }
+    }
+
+    #[test]
+    fn claims_are_sized_from_the_larger_of_what_they_read_and_what_they_took() {
+        let limits = Limits::default();
+        let mut sizer = ReadSizer::new(&limits);
+        // a filter passed over three events of 300 KB to take one small one
+        sizer.observe_claim(&claim(4, 900_100, &[100]));
+        assert_eq!(sizer.fit(), limits.page_bytes() / 225_025);
+        // a filter took one large event among 99 small ones it passed over
+        sizer.observe_claim(&claim(100, 99_000 + (512 << 10), &[512 << 10]));
+        let large = sizer.fit();
+        assert!((7..=8).contains(&large), "{large} events of 512 KiB");
+        // small ones read and taken
+        sizer.observe_claim(&claim(2, 2_048, &[1000, 1048]));
+        assert!(sizer.fit() > 3000, "{}", sizer.fit());
+        // a claim that read nothing teaches nothing
+        sizer.observe_claim(&claim(0, 0, &[]));
+        assert!(sizer.fit() > 3000, "{}", sizer.fit());
     }
 
     #[test]

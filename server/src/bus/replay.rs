@@ -184,7 +184,7 @@ impl Bus {
                 // a replay that reached its limit ends the history too when nothing after its last
                 // event matches; a filtered one's span may stop the look short, and it then says not
                 if remaining == 0 && !filtered && !page.end_of_history {
-                    match bus.history_ends_after(&query, bound).await {
+                    match bus.history_ends_after(&query, bound, sizer.fit()).await {
                         Ok(ends) => page.end_of_history = ends,
                         Err(e) => {
                             let _ = tx.send(Err(e)).await;
@@ -208,9 +208,14 @@ impl Bus {
 
     /// Whether no stored event after `query.after`, up to `bound` (or the store's head of now, up to
     /// which every event is committed), matches. One read looks: at one event of each literal type,
-    /// or at [`END_PROBE_ROWS`] events of any type for a pattern, which may not reach the end, and
-    /// then says not.
-    async fn history_ends_after(&self, query: &ReadQuery, bound: Option<u64>) -> BusResult<bool> {
+    /// or for a pattern at [`END_PROBE_ROWS`] events of any type (fewer where `fit`, the replay's
+    /// read sizing, holds fewer), which may not reach the end, and then says not.
+    async fn history_ends_after(
+        &self,
+        query: &ReadQuery,
+        bound: Option<u64>,
+        fit: usize,
+    ) -> BusResult<bool> {
         let until = match bound {
             Some(bound) => bound,
             None => self.store.head().await?,
@@ -221,7 +226,7 @@ impl Bus {
         let limit = if crate::store::literal_types(&query.types).is_some() {
             1
         } else {
-            END_PROBE_ROWS
+            END_PROBE_ROWS.min(fit)
         };
         let probe = ReadQuery {
             until: Some(until),

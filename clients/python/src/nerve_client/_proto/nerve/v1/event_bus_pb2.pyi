@@ -838,8 +838,9 @@ class ReplayResponse(_message.Message):
     end_of_history: _builtins.bool
     """True on the last page when no more stored events match, also when the limit ended the replay on
     the last match. Then it looks a short way past it: false when it filters by source or subject,
-    or by a type pattern with more than 64 stored events after the last match, as when more may
-    match (the next call answers an empty page saying true).
+    or by a type pattern with 64 or more stored events of the tenant after the last match (fewer
+    for large events), as when more may match; a call from the token then ends with pages saying
+    true, after empty ones while it scans.
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]: ...
