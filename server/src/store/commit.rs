@@ -570,7 +570,7 @@ fn start_syncs(
 
 /// Ends the process when commits can no longer be synced, shown and answered: it cannot tell which
 /// of those in flight reached the disk, nor go on without them.
-fn stop_process(why: &str) -> ! {
+pub(crate) fn stop_process(why: &str) -> ! {
     error!(reason = why, "stopping the process");
     eprintln!("nerve: {why}; stopping the process");
     std::process::abort()

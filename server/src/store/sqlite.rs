@@ -597,6 +597,9 @@ fn start_checkpoints(path: &Path, committed: watch::Receiver<u64>) -> StoreResul
                 std::thread::sleep(CHECKPOINT_EVERY);
                 // PASSIVE copies what no reader still needs and never waits for a lock
                 match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    Err(e) if checkpoint_failure_is_fatal(&e) => commit::stop_process(&format!(
+                        "checkpointing the log into {path} failed ({e})"
+                    )),
                     // once per failure, not every 50 ms; commits still checkpoint past the backstop
                     Err(e) if !failing => {
                         tracing::warn!(database = %path, error = %e, "checkpointing the log failed");
@@ -613,6 +616,15 @@ fn start_checkpoints(path: &Path, committed: watch::Receiver<u64>) -> StoreResul
         })
         .map_err(|e| StoreError::Internal(format!("starting the checkpoints: {e}")))?;
     Ok(())
+}
+
+/// Whether a checkpoint's failure leaves the database file in doubt: an I/O error writing or syncing
+/// it. A checkpoint that does not reach the log's end records its progress without syncing the file,
+/// and the kernel may mark pages it failed to write back clean; the next checkpoint copies only what
+/// follows, its sync then succeeds, and the log starts over without the only good copy of those
+/// pages. The process stops instead, as for a failed sync of the log.
+fn checkpoint_failure_is_fatal(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code & 0xff == rusqlite::ffi::SQLITE_IOERR)
 }
 
 /// Events of a tenant with an id, from any source (`?1` tenant, `?2` id, `?3` the committed head, `?4`
@@ -1357,6 +1369,29 @@ mod tests {
         // faults of the statement (invalid text, unique and check violations), some all digits
         for code in ["22021", "23505", "23514", "42P01", "57014", "XX000"] {
             assert!(!away(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn only_io_errors_of_a_checkpoint_stop_the_process() {
+        let failure =
+            |code: i32| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        for code in [
+            rusqlite::ffi::SQLITE_IOERR,
+            rusqlite::ffi::SQLITE_IOERR_FSYNC,
+            rusqlite::ffi::SQLITE_IOERR_WRITE,
+        ] {
+            assert!(super::checkpoint_failure_is_fatal(&failure(code)), "{code}");
+        }
+        for code in [
+            rusqlite::ffi::SQLITE_BUSY,
+            rusqlite::ffi::SQLITE_LOCKED,
+            rusqlite::ffi::SQLITE_FULL,
+        ] {
+            assert!(
+                !super::checkpoint_failure_is_fatal(&failure(code)),
+                "{code}"
+            );
         }
     }
 
