@@ -595,6 +595,43 @@ async fn a_type_asked_for_twice_reads_its_events_once(b: Backend) {
 
 /// A read of large events holds no more than [`READ_BYTES`] of them (whatever its limit), is then not
 /// exhausted, and the next read goes on after them.
+/// The relay's feed read from the database (past the events the store keeps of its fresh commits,
+/// 32 MiB) holds at most its bytes of large events, and the next read goes on after them.
+async fn the_feed_read_from_the_database_holds_at_most_its_bytes(b: Backend) {
+    let s = &b.store;
+    let large = |i: usize| {
+        let mut e = event(&format!("feed-{i}"), "feed.x");
+        e.data = Data::Binary(vec![7; 1 << 20]);
+        prepared(e)
+    };
+    let mut stored = Vec::new();
+    for first in (0..40).step_by(4) {
+        let appended = s
+            .append("t", (first..first + 4).map(large).collect())
+            .await
+            .expect("append");
+        stored.extend(appended.iter().map(|a| a.sequence));
+    }
+    let size = large(0).event().size();
+    // the first events are no longer among the fresh commits kept: this read is the database's
+    let first = s.read_all(0, 1000).await.expect("read_all");
+    assert!(
+        (1..=READ_BYTES / size + 1).contains(&first.len()),
+        "the read held {} events of {size} bytes",
+        first.len()
+    );
+    let mut fed: Vec<u64> = first.iter().map(|e| e.sequence).collect();
+    loop {
+        let after = fed.last().copied().unwrap_or_default();
+        let events = s.read_all(after, 1000).await.expect("read_all");
+        if events.is_empty() {
+            break;
+        }
+        fed.extend(events.iter().map(|e| e.sequence));
+    }
+    assert_eq!(fed, stored, "every event once, in order");
+}
+
 async fn a_read_holds_at_most_its_bytes_and_the_next_goes_on_after_them(b: Backend) {
     let s = &b.store;
     // 100 events of 200 KB: each read holds about 40, cut inside SQLite's groups of 64 sequences
@@ -1204,6 +1241,7 @@ conformance!(
     reads_filter_by_type_source_subject_correlation_priority_and_range,
     a_type_asked_for_twice_reads_its_events_once,
     a_read_holds_at_most_its_bytes_and_the_next_goes_on_after_them,
+    the_feed_read_from_the_database_holds_at_most_its_bytes,
     each_time_is_the_position_before_the_first_event_recorded_at_it,
     dead_letters_are_recorded_once_listed_and_removed,
     publishers_are_registered_once_updated_and_removed,

@@ -201,6 +201,30 @@ pub struct ReadPage {
     pub bytes_read: usize,
 }
 
+/// Decodes rows of events in order until they hold [`READ_BYTES`] (at least one): a read of large
+/// events the caller asked for by count alone (the relay's) stays bounded in bytes. The rows not
+/// taken are not decoded.
+pub(crate) async fn collect_within_read_bytes<R, S>(
+    rows: S,
+    decode: impl Fn(&R) -> StoreResult<StoredEvent>,
+) -> StoreResult<Vec<Arc<StoredEvent>>>
+where
+    S: futures::Stream<Item = Result<R, StoreError>>,
+{
+    use futures::TryStreamExt as _;
+    let mut rows = std::pin::pin!(rows);
+    let mut events = Vec::new();
+    let mut bytes = 0;
+    while bytes < READ_BYTES
+        && let Some(row) = rows.try_next().await?
+    {
+        let event = decode(&row)?;
+        bytes += event.event.size();
+        events.push(Arc::new(event));
+    }
+    Ok(events)
+}
+
 /// Most events with one id one [`EventStore::find`] returns (each from another source).
 pub const FIND_PAGE: usize = 16;
 
@@ -376,6 +400,8 @@ pub trait EventStore: Send + Sync + 'static {
     async fn read_sequences(&self, sequences: &[u64]) -> StoreResult<Vec<Arc<StoredEvent>>>;
 
     /// Reads every event after `after` up to `limit`, of all tenants: the relay's and group readers' feed.
+    /// A read from the database stops once it holds [`READ_BYTES`] of events (callers read on from
+    /// the last one returned).
     async fn read_all(&self, after: u64, limit: usize) -> StoreResult<Vec<Arc<StoredEvent>>>;
 
     /// Finds events by id, optionally narrowed to one source: those after sequence `after`, at most

@@ -726,10 +726,9 @@ impl EventStore for PostgresStore {
         ))
         .bind(seq_i64(after))
         .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
-        rows.iter().map(|r| decode(r).map(Arc::new)).collect()
+        .fetch(&self.pool)
+        .map_err(map_err);
+        super::collect_within_read_bytes(rows, decode).await
     }
 
     async fn find(

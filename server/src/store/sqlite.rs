@@ -943,10 +943,9 @@ impl EventStore for SqliteStore {
                 .bind(seq_i64(after))
                 .bind(seq_i64(self.durable()))
                 .bind(limit as i64)
-                .fetch_all(&self.db.pool)
-                .await
-                .map_err(map_err)?;
-        rows.iter().map(|r| decode(r).map(Arc::new)).collect()
+                .fetch(&self.db.pool)
+                .map_err(map_err);
+        super::collect_within_read_bytes(rows, decode).await
     }
 
     async fn find(
