@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::{Appended, NewEvent, StoreError, StoreResult};
@@ -26,12 +26,46 @@ const MAX_GROUP_COMMIT_EVENTS: usize = 10_000;
 const MAX_GROUP_COMMIT_BYTES: usize = 64 << 20;
 /// How often an unavailable database is probed.
 const PROBE_EVERY: Duration = Duration::from_millis(200);
+/// Most requests queued for the writer.
+const QUEUED_REQUESTS: usize = 1024;
+/// Most bytes of publishes (each event and its encoding) queued for the writer and not yet answered;
+/// a publish past them waits for room. By count alone the queue held up to 1,024 requests of 4 MiB
+/// batches, about 8 GiB with their encodings.
+pub(crate) const QUEUED_BYTES: usize = 256 << 20;
+/// The bytes one permit of the queue's room stands for.
+const ROOM_UNIT: usize = 1 << 10;
 
 /// One publish waiting to be committed.
 pub(crate) struct CommitRequest {
     pub tenant: String,
     pub events: Vec<NewEvent>,
     pub reply: oneshot::Sender<StoreResult<Vec<Appended>>>,
+    /// Its bytes' share of the queue's room, given back when the request is answered (dropped).
+    pub _room: OwnedSemaphorePermit,
+}
+
+/// Where publishes go to the writer: its queue and the room left in it, in bytes.
+#[derive(Clone)]
+pub(crate) struct CommitQueue {
+    requests: mpsc::Sender<CommitRequest>,
+    room: Arc<Semaphore>,
+}
+
+impl CommitQueue {
+    /// A queue of at most [`QUEUED_REQUESTS`] requests and `bytes` of their events.
+    fn new(bytes: usize) -> (Self, mpsc::Receiver<CommitRequest>) {
+        let (requests, rx) = mpsc::channel(QUEUED_REQUESTS);
+        let room = Arc::new(Semaphore::new(bytes / ROOM_UNIT));
+        (CommitQueue { requests, room }, rx)
+    }
+}
+
+/// Room in no queue, for tests that build requests themselves.
+#[cfg(test)]
+pub(crate) fn unqueued_room() -> OwnedSemaphorePermit {
+    Arc::new(Semaphore::new(1))
+        .try_acquire_owned()
+        .expect("a permit")
 }
 
 /// A stored row's sequence and content hash, keyed by (tenant, source, id).
@@ -430,8 +464,8 @@ pub(crate) fn start<W: BatchWriter>(
     mut writer: W,
     committed: watch::Sender<u64>,
     recent: Arc<RecentCommits>,
-) -> StoreResult<mpsc::Sender<CommitRequest>> {
-    let (tx, mut rx) = mpsc::channel::<CommitRequest>(1024);
+) -> StoreResult<CommitQueue> {
+    let (tx, mut rx) = CommitQueue::new(QUEUED_BYTES);
     let finishing = match writer.log_sync() {
         None => Finishing::AtOnce {
             recent: recent.clone(),
@@ -790,25 +824,74 @@ impl Queued {
 
 /// Queues a publish for the writer; it is committed in queue order.
 pub(crate) async fn queue(
-    commits: &mpsc::Sender<CommitRequest>,
+    commits: &CommitQueue,
     tenant: &str,
     events: Vec<NewEvent>,
 ) -> StoreResult<Queued> {
+    let stopped = || StoreError::Unavailable("store writer stopped".into());
+    let bytes: usize = events
+        .iter()
+        .map(|e| e.body().len() + e.event().size())
+        .sum();
+    let units = u32::try_from(bytes.div_ceil(ROOM_UNIT).max(1))
+        .unwrap_or(u32::MAX)
+        .min(u32::try_from(QUEUED_BYTES / ROOM_UNIT).unwrap_or(u32::MAX));
+    let room = commits
+        .room
+        .clone()
+        .acquire_many_owned(units)
+        .await
+        .map_err(|_| stopped())?;
     let (reply, rx) = oneshot::channel();
     commits
+        .requests
         .send(CommitRequest {
             tenant: tenant.to_owned(),
             events,
             reply,
+            _room: room,
         })
         .await
-        .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+        .map_err(|_| stopped())?;
     Ok(Queued(rx))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request_of(bytes: usize) -> Vec<NewEvent> {
+        let event = crate::event::Event {
+            id: "e".into(),
+            data: crate::event::Data::Binary(vec![7; bytes]),
+            ..Default::default()
+        };
+        let hash = event.content_hash();
+        vec![NewEvent::new(event, hash)]
+    }
+
+    #[tokio::test]
+    async fn a_publish_waits_for_room_in_the_queue_until_one_before_it_is_answered() {
+        let (queue, mut writer) = CommitQueue::new(4 << 20);
+        // an event and its encoding: about 3 MiB of the queue's 4 MiB
+        let first = super::queue(&queue, "t", request_of(1_500_000))
+            .await
+            .expect("room for the first");
+        let mut second = Box::pin(super::queue(&queue, "t", request_of(1_500_000)));
+        assert!(
+            futures::FutureExt::now_or_never(&mut second).is_none(),
+            "the second waits for room"
+        );
+        // the writer takes the first and answers it, which gives its room back
+        let CommitRequest {
+            reply, _room: room, ..
+        } = writer.recv().await.expect("the first request");
+        let _ = reply.send(Ok(Vec::new()));
+        drop(room);
+        first.committed().await.expect("answered");
+        second.await.expect("room for the second");
+        assert!(writer.recv().await.is_some(), "the second was queued");
+    }
 
     fn stored(sequence: u64) -> (Arc<StoredEvent>, usize) {
         let event = StoredEvent {

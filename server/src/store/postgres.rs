@@ -10,7 +10,7 @@ use sqlx::{
     Connection, PgConnection, Postgres, QueryBuilder, Row,
     postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow},
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::warn;
 
 use super::{
@@ -79,7 +79,7 @@ fn decode_audit(row: &PgRow) -> StoreResult<AuditRecord> {
 /// The Postgres event store.
 pub struct PostgresStore {
     pool: PgPool,
-    commits: mpsc::Sender<CommitRequest>,
+    commits: commit::CommitQueue,
     committed: watch::Receiver<u64>,
     /// Raised by [`EventStore::head`] as well: a head read from the database is committed.
     committed_tx: watch::Sender<u64>,
@@ -1223,6 +1223,7 @@ mod tests {
                 tenant: "t".into(),
                 events,
                 reply,
+                _room: commit::unqueued_room(),
             }];
             assert!(
                 write_batch(&mut conn, &batch, false, "plans").await.is_ok(),

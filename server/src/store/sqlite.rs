@@ -20,7 +20,7 @@ use sqlx::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
     },
 };
-use tokio::sync::{Mutex, MutexGuard, mpsc, watch};
+use tokio::sync::{Mutex, MutexGuard, watch};
 
 use super::{
     AuditPruned, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent,
@@ -402,7 +402,7 @@ fn decode_audit(row: &sqlx::sqlite::SqliteRow) -> StoreResult<AuditRecord> {
 /// The embedded event store.
 pub struct SqliteStore {
     db: SqliteDb,
-    commits: mpsc::Sender<CommitRequest>,
+    commits: commit::CommitQueue,
     committed: watch::Receiver<u64>,
     recent: Arc<RecentCommits>,
 }
