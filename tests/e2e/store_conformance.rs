@@ -1250,6 +1250,57 @@ conformance!(
     audit_records_are_pruned_oldest_first_before_a_time,
 );
 
+/// The database closed the writer's connection while it was unused (an idle timeout, a pooler, a
+/// restart): the next publish still commits, on a connection made again, instead of failing.
+#[tokio::test]
+async fn postgres_writer_reconnects_when_its_unused_connection_was_closed() {
+    use sqlx::Connection as _;
+    let name = format!("nerve-idle-{}", uuid::Uuid::new_v4().simple());
+    let url = format!("{}&application_name={name}", fresh_schema_url().await);
+    let store = PostgresStore::connect(&url, 8).await.expect("connect");
+    store
+        .append("t", vec![new_event("before", "x.y")])
+        .await
+        .expect("append");
+    let admin_url = url.split('?').next().expect("url").to_owned();
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .expect("connect");
+    let ended: Vec<i32> =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+            .bind(&name)
+            .fetch_all(&mut admin)
+            .await
+            .expect("the store's connections");
+    assert!(!ended.is_empty(), "no connection of the store was found");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid")
+        .bind(&ended)
+        .execute(&mut admin)
+        .await
+        .expect("terminate");
+    eventually("the store's connections gone", || {
+        let (admin_url, ended) = (admin_url.clone(), ended.clone());
+        async move {
+            let mut admin = sqlx::PgConnection::connect(&admin_url).await.ok()?;
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+                    .bind(&ended)
+                    .fetch_one(&mut admin)
+                    .await
+                    .ok()?;
+            (left == 0).then_some(())
+        }
+    })
+    .await;
+    // the writer checks a connection unused for a second before it commits on it
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let appended = store
+        .append("t", vec![new_event("after", "x.y")])
+        .await
+        .expect("a publish after the database closed the writer's connection");
+    assert_eq!(appended[0].sequence, 2);
+}
+
 /// Two replicas commit into one database while a follower on the first tails the log: it learns of the
 /// second replica's commits through the database's notifications and skips none of 20,000 events.
 #[tokio::test]

@@ -30,6 +30,10 @@ use crate::{
 const COMMIT_CHANNEL: &str = "nerve_commits";
 /// Longest a commit waits for a connection, and a probe of an unavailable database for its answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the writer's connection may go unused before a commit checks it first (one round trip):
+/// the database, a pooler or a NAT may have closed it meanwhile, and the commit would then fail
+/// (UNAVAILABLE) or wait out the commit timeout, though the database answers.
+const WRITER_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Longest one commit may take before its connection is given up on. The writer's connection is kept
 /// from commit to commit, so a database that stops answering without closing it (a network partition)
 /// would otherwise hold every publish until TCP gives up.
@@ -179,6 +183,7 @@ impl PostgresStore {
             PostgresWriter {
                 options,
                 conn: None,
+                used: std::time::Instant::now(),
                 channel,
             },
             committed_tx.clone(),
@@ -316,7 +321,21 @@ struct PostgresWriter {
     /// until the next commit connects again. A commit never queues behind readers for it, so failing
     /// to connect means the database is unreachable, not busy.
     conn: Option<PgConnection>,
+    /// When the connection last finished a commit.
+    used: std::time::Instant,
     channel: String,
+}
+
+impl PostgresWriter {
+    /// A new connection, or UNAVAILABLE at once when the database does not take one.
+    async fn connect(&self) -> StoreResult<PgConnection> {
+        tokio::time::timeout(PROBE_TIMEOUT, PgConnection::connect_with(&self.options))
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!("no database connection within {PROBE_TIMEOUT:?}"))
+            })?
+            .map_err(map_err)
+    }
 }
 
 impl BatchWriter for PostgresWriter {
@@ -347,16 +366,18 @@ impl BatchWriter for PostgresWriter {
         look_up_keys: bool,
     ) -> Result<Committed, Attempt> {
         let mut conn = match self.conn.take() {
+            Some(mut conn) if self.used.elapsed() >= WRITER_IDLE_CHECK => {
+                match tokio::time::timeout(PROBE_TIMEOUT, conn.ping()).await {
+                    Ok(Ok(())) => conn,
+                    _ => {
+                        warn!("the commit connection went away while unused; connecting again");
+                        self.connect().await?
+                    }
+                }
+            }
             Some(conn) => conn,
             // fail fast when the database is gone rather than wait out connection attempts
-            None => tokio::time::timeout(PROBE_TIMEOUT, PgConnection::connect_with(&self.options))
-                .await
-                .map_err(|_| {
-                    StoreError::Unavailable(format!(
-                        "no database connection within {PROBE_TIMEOUT:?}"
-                    ))
-                })?
-                .map_err(map_err)?,
+            None => self.connect().await?,
         };
         let written = tokio::time::timeout(
             COMMIT_TIMEOUT,
@@ -373,6 +394,7 @@ impl BatchWriter for PostgresWriter {
         if !matches!(written, Err(Attempt::Failed(_))) {
             self.conn = Some(conn);
         }
+        self.used = std::time::Instant::now();
         written
     }
 }
