@@ -441,6 +441,54 @@ async fn redis_claim_counts_what_its_filter_passed_over() {
     a_claim_counts_what_its_filter_passed_over(redis().await).await;
 }
 
+/// A redrive puts a group's checkpoints below what it put back only where the group has one: a stream
+/// with none starts again at the group's start, and one made there would start it past entries still
+/// leased below the redriven one.
+#[tokio::test]
+async fn redis_redrive_lowers_only_the_checkpoints_a_group_has() {
+    use sqlx::Connection as _;
+    let url = fresh_schema_url().await;
+    let store = PostgresStore::connect(&url, 8)
+        .await
+        .expect("connect postgres store");
+    let prefix = format!("nerve-test:{}", uuid::Uuid::new_v4().simple());
+    let b = Backend {
+        streams: redis_streams(store.clone(), &prefix).await,
+        store,
+        _dir: None,
+    };
+    let key = group(&b, "g", &["a", "b"]).await;
+    let ev = |id: &str, t: &'static str| (id.to_owned(), t);
+    let seqs = stored(&b, &[ev("a1", "a"), ev("a2", "a"), ev("b1", "b")]).await;
+    assert_eq!(claim_and_ack(&b, &key, 100).await, seqs);
+    // a checkpoint of stream a past both its events; none of stream b
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::query(
+        "INSERT INTO nerve_group_checkpoints (tenant, grp, type, priority, position) \
+         VALUES ('t', 'g', 'a', $1, $2)",
+    )
+    .bind(Priority::Normal.as_i64() as i16)
+    .bind(seqs[1] as i64)
+    .execute(&mut conn)
+    .await
+    .expect("checkpoint of a");
+    let events = b
+        .store
+        .read_sequences(&[seqs[0], seqs[2]])
+        .await
+        .expect("read");
+    let mut put_back = b.streams.requeue(&key, &events).await.expect("requeue");
+    put_back.sort_unstable();
+    assert_eq!(put_back, [seqs[0], seqs[2]]);
+    let checkpoints: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT type, position FROM nerve_group_checkpoints WHERE grp = 'g' ORDER BY type",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("checkpoints");
+    assert_eq!(checkpoints, [("a".to_owned(), seqs[0] as i64 - 1)]);
+}
+
 /// A replica read its group's position in Redis for the store's checkpoint, and the group was
 /// deleted and created again from the start before it wrote it: the position is not written for
 /// the new group, whose consumer group, made at its first claim, starts at its own start and not

@@ -1814,9 +1814,9 @@ type ReplayResponse struct {
 	ResumeToken string `protobuf:"bytes,2,opt,name=resume_token,json=resumeToken,proto3" json:"resume_token,omitempty"`
 	// True on the last page when no more stored events match, also when the limit ended the replay on
 	// the last match. Then it looks a short way past it: false when it filters by source or subject,
-	// or by a type pattern with 64 or more stored events of the tenant after the last match (fewer
-	// for large events), as when more may match; a call from the token then ends with pages saying
-	// true, after empty ones while it scans.
+	// or by a type pattern with 64 or more stored events of the tenant after the last match, up to the
+	// replay's end (fewer for large events), as when more may match; a call from the token then ends
+	// with a page saying true, after empty ones while it scans.
 	EndOfHistory  bool `protobuf:"varint,3,opt,name=end_of_history,json=endOfHistory,proto3" json:"end_of_history,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

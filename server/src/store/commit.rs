@@ -49,14 +49,24 @@ pub(crate) struct CommitRequest {
 pub(crate) struct CommitQueue {
     requests: mpsc::Sender<CommitRequest>,
     room: Arc<Semaphore>,
+    /// All the room there is, in permits: a request larger than the queue waits for all of it.
+    units: u32,
 }
 
 impl CommitQueue {
     /// A queue of at most [`QUEUED_REQUESTS`] requests and `bytes` of their events.
     fn new(bytes: usize) -> (Self, mpsc::Receiver<CommitRequest>) {
         let (requests, rx) = mpsc::channel(QUEUED_REQUESTS);
-        let room = Arc::new(Semaphore::new(bytes / ROOM_UNIT));
-        (CommitQueue { requests, room }, rx)
+        let units = u32::try_from(bytes / ROOM_UNIT).unwrap_or(u32::MAX).max(1);
+        let room = Arc::new(Semaphore::new(units as usize));
+        (
+            CommitQueue {
+                requests,
+                room,
+                units,
+            },
+            rx,
+        )
     }
 }
 
@@ -835,7 +845,7 @@ pub(crate) async fn queue(
         .sum();
     let units = u32::try_from(bytes.div_ceil(ROOM_UNIT).max(1))
         .unwrap_or(u32::MAX)
-        .min(u32::try_from(QUEUED_BYTES / ROOM_UNIT).unwrap_or(u32::MAX));
+        .min(commits.units);
     let room = commits
         .room
         .clone()

@@ -201,9 +201,9 @@ pub struct ReadPage {
     pub bytes_read: usize,
 }
 
-/// Decodes rows of events in order until they hold [`READ_BYTES`] (at least one): a read of large
-/// events the caller asked for by count alone (the relay's) stays bounded in bytes. The rows not
-/// taken are not decoded.
+/// Decodes rows of events in order up to [`READ_BYTES`], stopping before the event that would take
+/// it past them (keeping at least one), as [`PageFill`] does: a read of large events the caller
+/// asked for by count alone (the relay's) stays bounded in bytes.
 pub(crate) async fn collect_within_read_bytes<R, S>(
     rows: S,
     decode: impl Fn(&R) -> StoreResult<StoredEvent>,
@@ -215,11 +215,13 @@ where
     let mut rows = std::pin::pin!(rows);
     let mut events = Vec::new();
     let mut bytes = 0;
-    while bytes < READ_BYTES
-        && let Some(row) = rows.try_next().await?
-    {
+    while let Some(row) = rows.try_next().await? {
         let event = decode(&row)?;
-        bytes += event.event.size();
+        let size = event.event.size();
+        if !events.is_empty() && bytes + size > READ_BYTES {
+            break;
+        }
+        bytes += size;
         events.push(Arc::new(event));
     }
     Ok(events)

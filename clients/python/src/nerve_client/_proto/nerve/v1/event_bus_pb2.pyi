@@ -838,9 +838,9 @@ class ReplayResponse(_message.Message):
     end_of_history: _builtins.bool
     """True on the last page when no more stored events match, also when the limit ended the replay on
     the last match. Then it looks a short way past it: false when it filters by source or subject,
-    or by a type pattern with 64 or more stored events of the tenant after the last match (fewer
-    for large events), as when more may match; a call from the token then ends with pages saying
-    true, after empty ones while it scans.
+    or by a type pattern with 64 or more stored events of the tenant after the last match, up to the
+    replay's end (fewer for large events), as when more may match; a call from the token then ends
+    with a page saying true, after empty ones while it scans.
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]: ...
