@@ -897,6 +897,54 @@ async fn health_status(server: &ServerProcess, service: &str) -> i32 {
         .unwrap_or_default()
 }
 
+/// 5a. The replica's Redis became a replica of another (a primary demoted in a failover) while the
+///     connection stayed open: it answers a PING but takes no writes, so health says NOT_SERVING
+///     until it takes writes again, and then SERVING with group work going on.
+#[tokio::test]
+async fn a_redis_that_takes_no_writes_is_not_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let redis = RedisProcess::start(false).await;
+    let other = RedisProcess::start(false).await;
+    let deployment = Deployment::new(redis.url()).await;
+    let server = deployment.replica(&[]).await;
+    overall_health_becomes(&server, ServingStatus::Serving, "SERVING at first").await;
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(other.port)
+        .query_async(&mut conn)
+        .await
+        .expect("replicaof");
+    overall_health_becomes(
+        &server,
+        ServingStatus::NotServing,
+        "NOT_SERVING while redis takes no writes",
+    )
+    .await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut conn)
+        .await
+        .expect("replicaof no one");
+    overall_health_becomes(
+        &server,
+        ServingStatus::Serving,
+        "SERVING once redis takes writes again",
+    )
+    .await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let mut o = open(&["promoted.x"], "promoted");
+    o.start = earliest();
+    let mut member = Subscriber::open(&mut bus, o).await.expect("open");
+    publish_n(&mut bus, "p", "promoted.x", 1).await;
+    assert_eq!(crate::harness::id(&member.next_delivery().await), "p-0");
+}
+
 /// 5b. While Redis is down, publishes and private streams go on: the tail that private streams read is
 ///     fed from the store, and adding the events to Redis is retried behind it. 2,500 events are more
 ///     than one relay step takes (1,000), so a tail that waited for Redis would stop short of them.

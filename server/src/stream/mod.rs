@@ -308,6 +308,6 @@ pub trait LiveStreams: Send + Sync + 'static {
     /// Closes an inbox.
     async fn close_inbox(&self, inbox: &str) -> StreamResult<()>;
 
-    /// Answers when the backend is reachable.
+    /// Answers when the backend is reachable and takes writes.
     async fn ping(&self) -> StreamResult<()>;
 }

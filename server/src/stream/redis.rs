@@ -271,6 +271,9 @@ impl Keys {
     fn wake_channel(&self) -> String {
         format!("{}:wake", self.prefix)
     }
+    fn health(&self) -> String {
+        format!("{}:health", self.prefix)
+    }
     fn reply_channel(&self, replica: &str) -> String {
         format!("{}:replies:{replica}", self.prefix)
     }
@@ -334,7 +337,10 @@ impl GroupCheckpoints {
 
 /// Live streams on Redis Streams.
 pub struct RedisStreams {
-    conn: ConnectionManager,
+    /// Replaced when the server it reaches turned out to be a replica (a primary demoted in a
+    /// failover while the connection stayed open): the client reconnects only after a broken one.
+    conn: std::sync::RwLock<ConnectionManager>,
+    conn_config: redis::aio::ConnectionManagerConfig,
     client: redis::Client,
     store: Arc<PostgresStore>,
     keys: Keys,
@@ -391,7 +397,7 @@ impl RedisStreams {
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let mut conn = ConnectionManager::new_with_config(client.clone(), config)
+        let mut conn = ConnectionManager::new_with_config(client.clone(), config.clone())
             .await
             .map_err(redis_err)?;
         let keys = Keys {
@@ -403,7 +409,8 @@ impl RedisStreams {
         // groups read what Redis lacks from the store
         let start = relayed.map_or(head, |r| r.min(head));
         let streams = Arc::new(RedisStreams {
-            conn,
+            conn: std::sync::RwLock::new(conn),
+            conn_config: config,
             client,
             store,
             keys,
@@ -431,7 +438,7 @@ impl RedisStreams {
     }
 
     fn conn(&self) -> ConnectionManager {
-        self.conn.clone()
+        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn quiet(&self) -> std::sync::MutexGuard<'_, QuietStreams<StreamId>> {
@@ -2465,11 +2472,30 @@ impl LiveStreams for RedisStreams {
     }
 
     async fn ping(&self) -> StreamResult<()> {
-        let _: String = redis::cmd("PING")
+        // a write: a replica answers a PING, but not the writes every group and relay step make
+        let written: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(self.keys.health())
+            .arg(&self.replica)
+            .arg("PX")
+            .arg(60_000)
             .query_async(&mut self.conn())
-            .await
-            .map_err(redis_err)?;
-        Ok(())
+            .await;
+        match written {
+            Err(e) if e.code() == Some("READONLY") => {
+                // a connection made again reaches whatever the address leads to now (a DNS name or
+                // proxy that follows the primary)
+                let conn = ConnectionManager::new_with_config(
+                    self.client.clone(),
+                    self.conn_config.clone(),
+                )
+                .await
+                .map_err(redis_err)?;
+                *self.conn.write().unwrap_or_else(|p| p.into_inner()) = conn;
+                warn!(error = %e, "redis takes no writes (a replica); connected again");
+                Err(redis_err(e))
+            }
+            other => other.map_err(redis_err),
+        }
     }
 }
 
