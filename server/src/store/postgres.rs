@@ -1,11 +1,7 @@
 //! The production event store on Postgres: pooled connections, embedded migrations applied under
 //! sqlx's advisory lock, group commit, and commit notifications for the other replicas.
 
-use std::{
-    str::FromStr,
-    sync::{Arc, atomic::Ordering::Relaxed},
-    time::Duration,
-};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -34,13 +30,6 @@ use crate::{
 const COMMIT_CHANNEL: &str = "nerve_commits";
 /// Longest a commit waits for a connection, and a probe of an unavailable database for its answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Rows a feed read asks Postgres for: `limit`, within [`READ_BYTES`](super::READ_BYTES) of events of
-/// `mean_bytes` (before any read, of the largest event allowed by default, 1 MiB), and at least one.
-fn feed_rows(limit: usize, mean_bytes: usize) -> usize {
-    let mean = if mean_bytes == 0 { 1 << 20 } else { mean_bytes };
-    limit.min(super::READ_BYTES / mean + 1).max(1)
-}
-
 /// How long the writer's connection may go unused before a commit checks it first (one round trip):
 /// the database, a pooler or a NAT may have closed it meanwhile, and the commit would then fail
 /// (UNAVAILABLE) or wait out the commit timeout, though the database answers.
@@ -99,10 +88,6 @@ pub struct PostgresStore {
     /// Raised by [`EventStore::head`] as well: a head read from the database is committed.
     committed_tx: watch::Sender<u64>,
     recent: Arc<RecentCommits>,
-    /// The mean size of the events the last feed read from the database returned (0 before any):
-    /// the next asks for no more rows than [`READ_BYTES`](super::READ_BYTES) of them, since Postgres
-    /// sends every row a query asks for, also those a read stopped at its bytes leaves.
-    feed_event_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl PostgresStore {
@@ -210,7 +195,6 @@ impl PostgresStore {
             committed,
             committed_tx,
             recent,
-            feed_event_bytes: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 }
@@ -757,21 +741,23 @@ impl EventStore for PostgresStore {
         if let Some(events) = self.recent.read_after_settled(after, limit).await {
             return Ok(events);
         }
+        // Postgres sends every row a query asks for, also those a read stopped at its bytes leaves:
+        // the rows starting past READ_BYTES of stored bodies are left out in the query (their sizes
+        // come from the rows' headers, without reading the bodies)
         let rows = sqlx::query(concat!(
-            "SELECT ",
+            "SELECT seq, tenant, recorded_ns, body FROM (SELECT ",
             event_columns!(),
-            " FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
+            ", coalesce(octet_length(body_binary), octet_length(body)) AS size, \
+             sum(coalesce(octet_length(body_binary), octet_length(body))) OVER (ORDER BY seq) AS upto \
+             FROM events WHERE seq > $1 ORDER BY seq LIMIT $2) feed \
+             WHERE upto - size < $3 ORDER BY seq"
         ))
         .bind(seq_i64(after))
-        .bind(feed_rows(limit, self.feed_event_bytes.load(Relaxed)) as i64)
+        .bind(limit as i64)
+        .bind(super::READ_BYTES as i64)
         .fetch(&self.pool)
         .map_err(map_err);
-        let events = super::collect_within_read_bytes(rows, decode).await?;
-        let bytes: usize = events.iter().map(|e| e.event.size()).sum();
-        if let Some(mean) = bytes.checked_div(events.len()) {
-            self.feed_event_bytes.store(mean, Relaxed);
-        }
-        Ok(events)
+        super::collect_within_read_bytes(rows, decode).await
     }
 
     async fn find(
@@ -1156,15 +1142,6 @@ impl EventStore for PostgresStore {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn feed_reads_ask_for_the_rows_their_bytes_hold() {
-        // before any read: events of the largest size allowed
-        assert_eq!(feed_rows(1000, 0), super::super::READ_BYTES / (1 << 20) + 1);
-        assert_eq!(feed_rows(1000, 200), 1000);
-        assert_eq!(feed_rows(1000, 1 << 20), 9);
-        assert_eq!(feed_rows(1000, 64 << 20), 1);
-        assert_eq!(feed_rows(0, 200), 1);
-    }
 
     use super::*;
     use crate::event::Event;

@@ -341,6 +341,8 @@ pub struct RedisStreams {
     /// failover while the connection stayed open): the client reconnects only after a broken one.
     conn: std::sync::RwLock<ConnectionManager>,
     conn_config: redis::aio::ConnectionManagerConfig,
+    /// Tells the pub/sub listener to connect again, when `conn` was made again.
+    listener_again: Arc<tokio::sync::Notify>,
     client: redis::Client,
     store: Arc<PostgresStore>,
     keys: Keys,
@@ -411,6 +413,7 @@ impl RedisStreams {
         let streams = Arc::new(RedisStreams {
             conn: std::sync::RwLock::new(conn),
             conn_config: config,
+            listener_again: Arc::new(tokio::sync::Notify::new()),
             client,
             store,
             keys,
@@ -1258,6 +1261,7 @@ async fn listen(streams: Weak<RedisStreams>) {
         let client = this.client.clone();
         let wake = this.keys.wake_channel();
         let replies = this.keys.reply_channel(&this.replica);
+        let again = this.listener_again.clone();
         drop(this);
         let session = async {
             let mut pubsub = client.get_async_pubsub().await.map_err(redis_err)?;
@@ -1283,7 +1287,14 @@ async fn listen(streams: Weak<RedisStreams>) {
                 }
             }
             let mut messages = pubsub.into_on_message();
-            while let Some(message) = messages.next().await {
+            loop {
+                let message = tokio::select! {
+                    message = messages.next() => message,
+                    // the command connection was made again (its server took no writes): this
+                    // one goes where it went, and the new session looks for lost entries
+                    () = again.notified() => None,
+                };
+                let Some(message) = message else { break };
                 let Some(this) = streams.upgrade() else {
                     return Ok(());
                 };
@@ -2491,6 +2502,7 @@ impl LiveStreams for RedisStreams {
                 .await
                 .map_err(redis_err)?;
                 *self.conn.write().unwrap_or_else(|p| p.into_inner()) = conn;
+                self.listener_again.notify_one();
                 warn!(error = %e, "redis takes no writes (a replica); connected again");
                 Err(redis_err(e))
             }
