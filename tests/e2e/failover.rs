@@ -1535,6 +1535,29 @@ async fn trimmed_stream_entries_come_from_the_store() {
     assert_eq!(got.get("other-0"), Some(&1));
 }
 
+/// Waits until the deployment's checkpoint of `group` (one stream) reaches `at_least`; returns it.
+async fn checkpoint_reaching(deployment: &Deployment, group: &str, at_least: i64) -> i64 {
+    eventually(
+        &format!("a checkpoint of {group} at {at_least} or past"),
+        || {
+            let (url, group) = (deployment.database_url.clone(), group.to_owned());
+            async move {
+                use sqlx::Connection as _;
+                let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
+                let position: Option<i64> = sqlx::query_scalar(
+                    "SELECT position FROM nerve_group_checkpoints WHERE grp = $1",
+                )
+                .bind(group)
+                .fetch_optional(&mut conn)
+                .await
+                .ok()?;
+                position.filter(|p| *p >= at_least)
+            }
+        },
+    )
+    .await
+}
+
 /// 9. A member acks the first and last entries of one claim and holds the middle ones when Redis dies
 ///    and comes back empty: the group's checkpoint stopped below the held entries, so they are
 ///    delivered again.
@@ -1570,21 +1593,7 @@ async fn entries_held_within_a_claim_survive_redis_restarted_empty() {
         )
         .await;
     let below_held = seq(&got[4]) as i64;
-    let position = crate::harness::eventually("a checkpoint after the acks", || {
-        let url = deployment.database_url.clone();
-        async move {
-            use sqlx::Connection as _;
-            let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
-            let position: Option<i64> = sqlx::query_scalar(
-                "SELECT position FROM nerve_group_checkpoints WHERE grp = 'keepers'",
-            )
-            .fetch_optional(&mut conn)
-            .await
-            .ok()?;
-            position.filter(|p| *p >= below_held)
-        }
-    })
-    .await;
+    let position = checkpoint_reaching(&deployment, "keepers", below_held).await;
     assert_eq!(
         position, below_held,
         "the checkpoint stops before the first held entry"
@@ -1646,22 +1655,7 @@ async fn a_redriven_dead_letter_survives_redis_restarted_empty() {
                 .collect::<Vec<_>>(),
         )
         .await;
-    let last = seq(&got[4]) as i64;
-    eventually("a checkpoint past every event", || {
-        let url = deployment.database_url.clone();
-        async move {
-            use sqlx::Connection as _;
-            let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
-            let position: Option<i64> = sqlx::query_scalar(
-                "SELECT position FROM nerve_group_checkpoints WHERE grp = 'redrivers'",
-            )
-            .fetch_optional(&mut conn)
-            .await
-            .ok()?;
-            position.filter(|p| *p >= last)
-        }
-    })
-    .await;
+    checkpoint_reaching(&deployment, "redrivers", seq(&got[4]) as i64).await;
     first.close_gracefully().await.expect("closed");
     // with a member left, this replica would write the checkpoint below the redriven event itself
     eventually("the group without members", || {
