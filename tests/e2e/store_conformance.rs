@@ -593,24 +593,39 @@ async fn a_type_asked_for_twice_reads_its_events_once(b: Backend) {
     assert_eq!(ids, ["r1", "r2", "r3"]);
 }
 
-/// The relay's feed read from the database (past the events the store keeps of its fresh commits,
-/// 32 MiB) holds at most its bytes of large events, and the next read goes on after them.
-async fn the_feed_read_from_the_database_holds_at_most_its_bytes(b: Backend) {
-    let s = &b.store;
+/// Stores `count` events of `event_type` with `data_bytes` of data, `batch` to a commit; returns
+/// their sequences and the size of one event.
+async fn store_large(
+    s: &Arc<dyn EventStore>,
+    event_type: &str,
+    data_bytes: usize,
+    count: usize,
+    batch: usize,
+) -> (Vec<u64>, usize) {
     let large = |i: usize| {
-        let mut e = event(&format!("feed-{i}"), "feed.x");
-        e.data = Data::Binary(vec![7; 1 << 20]);
+        let mut e = event(&format!("{event_type}-{i}"), event_type);
+        e.data = Data::Binary(vec![7; data_bytes]);
         prepared(e)
     };
     let mut stored = Vec::new();
-    for first in (0..40).step_by(4) {
+    for first in (0..count).step_by(batch) {
         let appended = s
-            .append("t", (first..first + 4).map(large).collect())
+            .append(
+                "t",
+                (first..(first + batch).min(count)).map(large).collect(),
+            )
             .await
             .expect("append");
         stored.extend(appended.iter().map(|a| a.sequence));
     }
-    let size = large(0).event().size();
+    (stored, large(0).event().size())
+}
+
+/// The relay's feed read from the database (past the events the store keeps of its fresh commits,
+/// 32 MiB) holds at most its bytes of large events, and the next read goes on after them.
+async fn the_feed_read_from_the_database_holds_at_most_its_bytes(b: Backend) {
+    let s = &b.store;
+    let (stored, size) = store_large(s, "feed.x", 1 << 20, 40, 4).await;
     // the first events are no longer among the fresh commits kept: this read is the database's
     let first = s.read_all(0, 1000).await.expect("read_all");
     assert!(
@@ -635,20 +650,7 @@ async fn the_feed_read_from_the_database_holds_at_most_its_bytes(b: Backend) {
 async fn a_read_holds_at_most_its_bytes_and_the_next_goes_on_after_them(b: Backend) {
     let s = &b.store;
     // 100 events of 200 KB: each read holds about 40, cut inside SQLite's groups of 64 sequences
-    let large = |i: usize| {
-        let mut e = event(&format!("large-{i}"), "large.x");
-        e.data = Data::Binary(vec![7; 200_000]);
-        prepared(e)
-    };
-    let mut stored = Vec::new();
-    for first in (0..100).step_by(10) {
-        let appended = s
-            .append("t", (first..first + 10).map(large).collect())
-            .await
-            .expect("append");
-        stored.extend(appended.iter().map(|a| a.sequence));
-    }
-    let size = large(0).event().size();
+    let (stored, size) = store_large(s, "large.x", 200_000, 100, 10).await;
     let mut read = Vec::new();
     let mut after = 0;
     let exhausted = loop {
