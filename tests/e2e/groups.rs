@@ -1069,6 +1069,39 @@ async fn every_dead_letter(server: &TestServer, group: &str, page_size: u32) -> 
     }
 }
 
+/// Dead letters come a page at a time, and a last page that is exactly full has no token: the
+/// reader is not sent for an empty page.
+#[tokio::test]
+async fn an_exactly_full_last_page_of_dead_letters_has_no_token() {
+    const EVENTS: usize = 4;
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["paged.x"], "paged");
+    o.max_in_flight = EVENTS as u32;
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    let seqs = publish_n(&mut bus, "paged", "paged.x", EVENTS).await;
+    let ds = sub.deliveries(EVENTS).await;
+    sub.send(Action::Nack(pb::Nack {
+        delivery_ids: ds.iter().map(|d| d.delivery_id.clone()).collect(),
+        retry_delay: None,
+        dead_letter: true,
+        reason: "paged".into(),
+    }))
+    .await;
+    eventually("every dead letter listed", || async {
+        let (listed, _) = every_dead_letter(&server, "paged", 0).await;
+        (listed.len() == EVENTS).then_some(())
+    })
+    .await;
+    for (page_size, pages) in [(2, 2), (4, 1), (3, 2), (5, 1)] {
+        assert_eq!(
+            every_dead_letter(&server, "paged", page_size).await,
+            (seqs.clone(), pages),
+            "pages of {page_size}"
+        );
+    }
+}
+
 /// Long reasons end a page of dead letters early too, even when its events are small: each NUL of
 /// a reason is kept escaped (5 bytes), so 1 KiB of them outweighs a small event fifty times.
 #[tokio::test]

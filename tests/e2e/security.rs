@@ -1965,6 +1965,70 @@ async fn admin_text_with_control_characters_is_invalid_argument_naming_the_field
     );
 }
 
+/// Audit records come a page at a time in the order recorded, and a last page that is exactly full
+/// has no token.
+#[tokio::test]
+async fn an_exactly_full_last_page_of_audit_records_has_no_token() {
+    const DENIALS: usize = 4;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = server_with_policy(dir.path(), POLICY, |_| {}).await;
+    let (planner, admin) = (hs_token(&claims("planner")), hs_token(&claims("admin")));
+    for _ in 0..DENIALS {
+        assert_status(
+            server
+                .admin()
+                .get_group(authorized(
+                    pb::GetGroupRequest {
+                        group: "planners".into(),
+                    },
+                    &planner,
+                ))
+                .await,
+            Code::PermissionDenied,
+            "may not administer",
+        );
+    }
+    // the ids of the planner's denials, following the tokens, and how many pages that took
+    let pages = |page_size: u32| {
+        let (server, admin) = (&server, &admin);
+        async move {
+            let (mut ids, mut pages, mut page_token) = (Vec::new(), 0, String::new());
+            loop {
+                let page = server
+                    .admin()
+                    .list_audit_records(authorized(
+                        pb::ListAuditRecordsRequest {
+                            principal: "planner".into(),
+                            outcome: "denied".into(),
+                            page_size,
+                            page_token,
+                        },
+                        admin,
+                    ))
+                    .await
+                    .expect("admin reads the audit log")
+                    .into_inner();
+                pages += 1;
+                ids.extend(page.records.iter().map(|r| r.id));
+                if page.next_page_token.is_empty() {
+                    return (ids, pages);
+                }
+                assert!(pages < 20, "the pages never end: {ids:?}");
+                page_token = page.next_page_token;
+            }
+        }
+    };
+    let (all, _) = pages(0).await;
+    assert_eq!(all.len(), DENIALS, "{all:?}");
+    for (page_size, count) in [(2, 2), (4, 1), (3, 2), (5, 1), (1, 4)] {
+        assert_eq!(
+            pages(page_size).await,
+            (all.clone(), count),
+            "pages of {page_size}"
+        );
+    }
+}
+
 /// The admin lists (ListEventTypes, ListGroups, ListPublishers) come a page at a time in name order,
 /// each page starting after the last name of the one before, with only what the caller may
 /// administer: hidden names between shown ones neither shorten a page nor show. The last page has no

@@ -227,12 +227,11 @@ impl pb::admin_server::Admin for AdminApi {
                 .parse()
                 .map_err(|_| invalid("page_token", "is not a token returned by ListDeadLetters"))?
         };
-        let letters = self
+        let (letters, more) = self
             .bus
             .dead_letters(&principal.tenant, &r.group, after, limit)
             .await
             .map_err(to_status)?;
-        let full = letters.len() == limit;
         let mut letters: Vec<(u64, pb::DeadLetter)> = letters
             .into_iter()
             .map(|(d, e)| {
@@ -252,9 +251,9 @@ impl pb::admin_server::Admin for AdminApi {
             .bus
             .limits()
             .page_fits(letters.iter().map(|(_, l)| l.encoded_len()));
-        let full = full || fits < letters.len();
+        let more = more || fits < letters.len();
         letters.truncate(fits);
-        let next_page_token = if full {
+        let next_page_token = if more {
             letters
                 .last()
                 .map(|(sequence, _)| sequence.to_string())
@@ -451,18 +450,21 @@ impl pb::admin_server::Admin for AdminApi {
         if principal.tenant == DEFAULT_TENANT {
             tenants.push(String::new());
         }
-        let records = self
+        let mut records = self
             .auth
             .audit_records(&AuditQuery {
                 tenants,
                 after_id,
                 principal: (!r.principal.is_empty()).then_some(r.principal),
                 outcome: (!r.outcome.is_empty()).then_some(r.outcome),
-                limit,
+                // one more than the page, so an exactly full last page says no more follow
+                limit: limit + 1,
             })
             .await
             .map_err(|e| to_status(e.into()))?;
-        let next_page_token = if records.len() == limit {
+        let more = records.len() > limit;
+        records.truncate(limit);
+        let next_page_token = if more {
             records.last().map(|a| a.id.to_string()).unwrap_or_default()
         } else {
             String::new()

@@ -194,15 +194,21 @@ impl Bus {
         Ok(deleted || cleared > 0)
     }
 
-    /// Lists a group's dead letters after a sequence, with their events.
+    /// Lists a group's dead letters after a sequence, with their events, and whether more follow.
     pub async fn dead_letters(
         &self,
         tenant: &str,
         group: &str,
         after: u64,
         limit: usize,
-    ) -> BusResult<Vec<(DeadLetter, Arc<StoredEvent>)>> {
-        let letters = self.store.dead_letters(tenant, group, after, limit).await?;
+    ) -> BusResult<(Vec<(DeadLetter, Arc<StoredEvent>)>, bool)> {
+        // one more than the page, so an exactly full last page says no more follow
+        let mut letters = self
+            .store
+            .dead_letters(tenant, group, after, limit + 1)
+            .await?;
+        let more = letters.len() > limit;
+        letters.truncate(limit);
         let sequences: Vec<u64> = letters.iter().map(|d| d.sequence).collect();
         let events: HashMap<u64, Arc<StoredEvent>> = self
             .store
@@ -211,10 +217,11 @@ impl Bus {
             .into_iter()
             .map(|e| (e.sequence, e))
             .collect();
-        Ok(letters
+        let letters = letters
             .into_iter()
             .filter_map(|d| events.get(&d.sequence).cloned().map(|e| (d, e)))
-            .collect())
+            .collect();
+        Ok((letters, more))
     }
 
     /// Sends dead letters back to their group only, due at once with fresh attempts; returns how many.
