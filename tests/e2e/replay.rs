@@ -265,6 +265,58 @@ async fn bad_replay_requests_are_invalid_argument() {
     }
 }
 
+/// A replay that starts past the stored head is refused, as Subscribe refuses such a start: a
+/// position kept from a store since wiped would otherwise look like a finished history, and skip
+/// the events up to it once they came. At the head itself the history simply ends.
+#[tokio::test]
+async fn a_replay_that_starts_past_the_head_is_out_of_range() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let head = *publish_n(&mut bus, "past", "past.x", 3)
+        .await
+        .last()
+        .expect("published");
+    let at_head = replay_pages(
+        &mut bus,
+        pb::ReplayRequest {
+            after_sequence: head,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(page_sequences(&at_head).is_empty(), "{at_head:?}");
+    assert!(at_head.last().expect("a page").end_of_history);
+    for (request, field) in [
+        (
+            pb::ReplayRequest {
+                after_sequence: head + 1,
+                ..Default::default()
+            },
+            "after_sequence",
+        ),
+        (
+            pb::ReplayRequest {
+                resume_token: nerve::bus::encode_resume_token(head + 5),
+                ..Default::default()
+            },
+            "resume_token",
+        ),
+    ] {
+        // the refusal may come as the call's answer or as its stream's first message
+        let first = match bus.replay(request).await {
+            Ok(stream) => stream.into_inner().message().await,
+            Err(status) => Err(status),
+        };
+        let status = assert_status(first, Code::OutOfRange, field);
+        assert!(
+            status
+                .message()
+                .contains(&format!("past the last stored sequence, {head}")),
+            "{status:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn pages_are_full_even_when_matches_are_sparse() {
     let server = TestServer::start().await;

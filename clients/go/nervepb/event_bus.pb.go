@@ -1683,7 +1683,7 @@ type ReplayRequest struct {
 	// Events recorded before this time; not before start_time. The time range becomes a sequence range
 	// when the call starts: an end time still to come ends the replay at the newest event stored then.
 	EndTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
-	// Events after this sequence.
+	// Events after this sequence; past the last stored sequence the call fails with OUT_OF_RANGE.
 	AfterSequence uint64 `protobuf:"varint,7,opt,name=after_sequence,json=afterSequence,proto3" json:"after_sequence,omitempty"`
 	// Events up to and including this sequence; zero means no bound.
 	UntilSequence uint64 `protobuf:"varint,8,opt,name=until_sequence,json=untilSequence,proto3" json:"until_sequence,omitempty"`
@@ -1691,7 +1691,8 @@ type ReplayRequest struct {
 	Limit uint32 `protobuf:"varint,9,opt,name=limit,proto3" json:"limit,omitempty"`
 	// Events per response message; default 100, at most 1000.
 	PageSize uint32 `protobuf:"varint,10,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
-	// Continues an earlier replay; overrides after_sequence.
+	// Continues an earlier replay; overrides after_sequence. A token past the last stored sequence (from
+	// a store since wiped) fails the call with OUT_OF_RANGE.
 	ResumeToken   string `protobuf:"bytes,11,opt,name=resume_token,json=resumeToken,proto3" json:"resume_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

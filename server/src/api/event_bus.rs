@@ -525,10 +525,13 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         let permit = self.auth.open_stream(&principal).map_err(denied)?;
         let r = request.into_inner();
         let bad = |e: InvalidInput| to_status(e.into());
-        let after = if r.resume_token.is_empty() {
-            r.after_sequence
+        let (after, after_field) = if r.resume_token.is_empty() {
+            (r.after_sequence, "after_sequence")
         } else {
-            decode_resume_token(&r.resume_token).map_err(bad)?
+            (
+                decode_resume_token(&r.resume_token).map_err(bad)?,
+                "resume_token",
+            )
         };
         let page_size = match r.page_size {
             0 => 100,
@@ -579,6 +582,7 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         }
         let pages = self.bus.replay(ReplayRequest {
             query,
+            after_field,
             recorded_from,
             recorded_before,
             limit: (r.limit != 0).then_some(u64::from(r.limit)),

@@ -27,6 +27,9 @@ const END_PROBE_ROWS: usize = 64;
 #[derive(Debug, Clone)]
 pub struct ReplayRequest {
     pub query: ReadQuery,
+    /// The request field `query.after` came from (`after_sequence` or `resume_token`), named when
+    /// it lies past the stored head.
+    pub after_field: &'static str,
     /// Only events recorded at or after this time.
     pub recorded_from: Option<DateTime<Utc>>,
     /// Only events recorded before this time.
@@ -78,6 +81,7 @@ impl Bus {
             let mut query = match bus
                 .sequence_range(
                     request.query,
+                    request.after_field,
                     request.recorded_from,
                     request.recorded_before,
                 )
@@ -237,16 +241,30 @@ impl Bus {
         Ok(read.events.is_empty() && read.exhausted)
     }
 
-    /// Narrows a query's sequence range to a time range. Recorded time never goes backwards with the
-    /// sequence, so the range is exact, and the reads walk only the events inside it: a time filter
-    /// in the reads let the database pick the recorded-time index and sort what followed for each
-    /// page, or scan all history before the start (docs/benchmarks.md, cause 7).
+    /// Checks that a query starts at or before the stored head, and narrows its sequence range to a
+    /// time range. Recorded time never goes backwards with the sequence, so the range is exact, and
+    /// the reads walk only the events inside it: a time filter in the reads let the database pick
+    /// the recorded-time index and sort what followed for each page, or scan all history before the
+    /// start (docs/benchmarks.md, cause 7).
     async fn sequence_range(
         &self,
         mut query: ReadQuery,
+        after_field: &'static str,
         from: Option<DateTime<Utc>>,
         before: Option<DateTime<Utc>>,
     ) -> BusResult<ReadQuery> {
+        // past the committed head the replay would end at once and look complete, skipping the
+        // events up to that position once they come (a position kept from a store since wiped, or
+        // from another deployment); Subscribe refuses such a start alike
+        if query.after > 0 {
+            let head = self.store.head().await?;
+            if query.after > head {
+                return Err(BusError::OutOfRange(InvalidInput::field(
+                    after_field,
+                    format!("{} is past the last stored sequence, {head}", query.after),
+                )));
+            }
+        }
         if let Some(from) = from {
             query.after = query.after.max(self.store.sequence_before(from).await?);
         }

@@ -775,7 +775,7 @@ class ReplayRequest(_message.Message):
     subject: _builtins.str
     correlation_id: _builtins.str
     after_sequence: _builtins.int
-    """Events after this sequence."""
+    """Events after this sequence; past the last stored sequence the call fails with OUT_OF_RANGE."""
     until_sequence: _builtins.int
     """Events up to and including this sequence; zero means no bound."""
     limit: _builtins.int
@@ -783,7 +783,9 @@ class ReplayRequest(_message.Message):
     page_size: _builtins.int
     """Events per response message; default 100, at most 1000."""
     resume_token: _builtins.str
-    """Continues an earlier replay; overrides after_sequence."""
+    """Continues an earlier replay; overrides after_sequence. A token past the last stored sequence (from
+    a store since wiped) fails the call with OUT_OF_RANGE.
+    """
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Type patterns; empty means all types."""
