@@ -195,7 +195,9 @@ async fn free_port() -> u16 {
 /// bring back on the same port: to the server it is exactly a database that stopped and restarted.
 struct Proxy {
     port: u16,
-    upstream: SocketAddr,
+    /// Where new connections go; those open stay where they went (a DNS name or a proxy that
+    /// follows a primary after a failover).
+    upstream: Arc<Mutex<SocketAddr>>,
     task: Option<JoinHandle<()>>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     /// While true, connections stay open (and new ones are accepted) but no byte is forwarded: a
@@ -207,7 +209,7 @@ impl Proxy {
     async fn start(upstream: SocketAddr) -> Self {
         let mut proxy = Proxy {
             port: free_port().await,
-            upstream,
+            upstream: Arc::new(Mutex::new(upstream)),
             task: None,
             connections: Arc::default(),
             frozen: tokio::sync::watch::channel(false).0,
@@ -220,12 +222,13 @@ impl Proxy {
         let listener = TcpListener::bind(("127.0.0.1", self.port))
             .await
             .expect("rebind proxy port");
-        let upstream = self.upstream;
+        let upstream = self.upstream.clone();
         let connections = self.connections.clone();
         let frozen = self.frozen.clone();
         self.task = Some(tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let frozen = frozen.clone();
+                let upstream = *upstream.lock().expect("lock");
                 let handle = tokio::spawn(async move {
                     if let Ok(outbound) = TcpStream::connect(upstream).await {
                         let (from_client, to_client) = inbound.into_split();
@@ -239,6 +242,11 @@ impl Proxy {
                 connections.lock().expect("lock").push(handle);
             }
         }));
+    }
+
+    /// Sends new connections to `upstream`; those open stay where they are.
+    fn retarget(&self, upstream: SocketAddr) {
+        *self.upstream.lock().expect("lock") = upstream;
     }
 
     /// Stops forwarding (true) or forwards again (false), keeping every connection open.
@@ -943,6 +951,110 @@ async fn a_redis_that_takes_no_writes_is_not_serving() {
     let mut member = Subscriber::open(&mut bus, o).await.expect("open");
     publish_n(&mut bus, "p", "promoted.x", 1).await;
     assert_eq!(crate::harness::id(&member.next_delivery().await), "p-0");
+}
+
+/// 5a'. A failover to another Redis: the primary is demoted (here to a replica of a third server, so
+///     nothing written to the new primary reaches it) and the address the replicas use moves to the
+///     promoted one only afterwards, as a DNS name or proxy that follows the primary does. Each
+///     replica is NOT_SERVING while the address leads to the demoted server, then connects to the new
+///     primary, for its commands and for the messages it listens to: a reply made on one replica
+///     reaches a requester waiting on the other.
+#[tokio::test]
+async fn a_failover_to_another_redis_moves_commands_and_messages_to_it() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let (old, new, elsewhere) = tokio::join!(
+        RedisProcess::start(false),
+        RedisProcess::start(false),
+        RedisProcess::start(false)
+    );
+    let command = |redis: &RedisProcess, args: &[&str]| {
+        let (url, args) = (
+            redis.url(),
+            args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        );
+        async move {
+            let client = redis::Client::open(url).expect("redis url");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            redis::cmd(&args[0])
+                .arg(&args[1..])
+                .query_async::<redis::Value>(&mut conn)
+                .await
+                .expect("redis command")
+        }
+    };
+    let port = |redis: &RedisProcess| redis.port.to_string();
+    command(&new, &["REPLICAOF", "127.0.0.1", &port(&old)]).await;
+    let proxy = Proxy::start(([127, 0, 0, 1], old.port).into()).await;
+    let deployment = Deployment::new(format!("redis://127.0.0.1:{}", proxy.port)).await;
+    let (a, b) = (deployment.replica(&[]).await, deployment.replica(&[]).await);
+    for server in [&a, &b] {
+        overall_health_becomes(server, ServingStatus::Serving, "SERVING at first").await;
+    }
+    eventually("the new primary in sync with the old", || async {
+        let info = command(&new, &["INFO", "replication"]).await;
+        let info = redis::from_redis_value::<String>(info).expect("text");
+        info.contains("master_link_status:up").then_some(())
+    })
+    .await;
+
+    command(&new, &["REPLICAOF", "NO", "ONE"]).await;
+    command(&old, &["REPLICAOF", "127.0.0.1", &port(&elsewhere)]).await;
+    for server in [&a, &b] {
+        overall_health_becomes(
+            server,
+            ServingStatus::NotServing,
+            "NOT_SERVING while the address leads to the demoted server",
+        )
+        .await;
+    }
+    proxy.retarget(([127, 0, 0, 1], new.port).into());
+    for server in [&a, &b] {
+        overall_health_becomes(
+            server,
+            ServingStatus::Serving,
+            "SERVING once the address leads to the new primary",
+        )
+        .await;
+    }
+
+    // replica a waits on its channel for the reply; replica b publishes it on the new primary
+    let (mut bus_a, mut bus_b) = (
+        EventBusClient::new(a.channel().await),
+        EventBusClient::new(b.channel().await),
+    );
+    let mut responder = Subscriber::open(&mut bus_b, open(&["moved.ask"], ""))
+        .await
+        .expect("responder");
+    let call = tokio::spawn(async move {
+        bus_a
+            .request(pb::RequestRequest {
+                event: Some(event("question", "moved.ask")),
+                timeout: millis(5000),
+            })
+            .await
+    });
+    let asked = responder.next_delivery().await;
+    let replied = bus_b
+        .reply(pb::ReplyRequest {
+            reply_to: asked.event.expect("event").reply_to,
+            event: Some(event("answer", "moved.ask.answer")),
+        })
+        .await
+        .expect("reply")
+        .into_inner();
+    assert!(
+        replied.delivered,
+        "replica a listens on the new primary, where replica b published the reply"
+    );
+    let answer = call
+        .await
+        .expect("join")
+        .expect("request answered")
+        .into_inner();
+    assert_eq!(answer.reply.expect("reply").id, "answer");
 }
 
 /// 5b. While Redis is down, publishes and private streams go on: the tail that private streams read is
