@@ -131,6 +131,57 @@ fn es_token(key: &KeyPair, kid: &str, claims: &serde_json::Value) -> String {
     )
 }
 
+/// PEM keys of one family but other curves are each tried for a token without a kid: a P-384 key
+/// listed first does not keep an ES256 token from the P-256 key after it (curves rotated).
+#[tokio::test]
+async fn a_token_without_kid_is_checked_against_each_curve_of_its_family() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("P-384 key");
+    let p256 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key");
+    let p384_pub = write(dir.path(), "p384.pub.pem", &p384.public_key_pem());
+    let p256_pub = write(dir.path(), "p256.pub.pem", &p256.public_key_pem());
+    let policy = write(dir.path(), "policy.toml", PUBLISHER_POLICY);
+    let server = TestServer::start_with(|c| {
+        c.auth.jwt.issuer = ISSUER.into();
+        c.auth.jwt.audience = AUDIENCE.into();
+        c.auth.jwt.algorithms = vec!["ES256".into(), "ES384".into()];
+        c.auth.jwt.public_key_files = vec![p384_pub.clone(), p256_pub.clone()];
+        c.auth.policy_file = policy.clone();
+    })
+    .await;
+    let token = |key: &KeyPair, alg: Algorithm| {
+        let pem = key.serialize_pem();
+        let key = EncodingKey::from_ec_pem(pem.as_bytes()).expect("ec key");
+        sign(&claims("svc"), alg, &key, None)
+    };
+    publish_as(
+        &server,
+        &token(&p256, Algorithm::ES256),
+        vec![event("p256", "t.created")],
+    )
+    .await
+    .expect("ES256 verified by the second key");
+    publish_as(
+        &server,
+        &token(&p384, Algorithm::ES384),
+        vec![event("p384", "t.created")],
+    )
+    .await
+    .expect("ES384 verified by the first key");
+    // a key of the right curve that did not sign it: the refusal names the signature
+    let stranger = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    assert_status(
+        publish_as(
+            &server,
+            &token(&stranger, Algorithm::ES256),
+            vec![event("stranger", "t.created")],
+        )
+        .await,
+        Code::Unauthenticated,
+        "signature does not verify",
+    );
+}
+
 const PUBLISHER_POLICY: &str = r#"
 [[principal]]
 id = "svc"

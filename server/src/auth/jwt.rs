@@ -208,9 +208,21 @@ impl JwtVerifier {
             match decode::<Map<String, Value>>(token, key, &validation) {
                 Ok(data) => return self.claims(data.claims),
                 Err(e) => {
+                    // a key of another curve or size (P-384 for an ES256 token) cannot check the
+                    // signature at all: the next key of the family may
+                    let unfit = matches!(
+                        e.kind(),
+                        ErrorKind::InvalidEcdsaKey
+                            | ErrorKind::InvalidRsaKey(_)
+                            | ErrorKind::InvalidEddsaKey
+                            | ErrorKind::InvalidKeyFormat
+                    );
                     let signature = matches!(e.kind(), ErrorKind::InvalidSignature);
-                    last = Some(e);
-                    if !signature {
+                    // a signature that does not verify says more than a key that does not fit
+                    if !(unfit && last.is_some()) {
+                        last = Some(e);
+                    }
+                    if !(signature || unfit) {
                         break;
                     }
                 }
