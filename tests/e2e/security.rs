@@ -984,6 +984,11 @@ allow = { publish = [">"] }
 id = "orders-admin"
 tenant = "acme"
 allow = { admin = ["types/orders.*"] }
+
+[[principal]]
+id = "auditor"
+tenant = "acme"
+allow = { admin = ["audit"] }
 "#;
     let server = server_with_policy(dir.path(), policy, |_| {}).await;
     let writer = hs_token(&claims("writer"));
@@ -991,6 +996,7 @@ allow = { admin = ["types/orders.*"] }
         .map(|i| sourced("1", "secret.kept", &format!("//source-{i:02}")))
         .collect();
     events.push(sourced("1", "orders.placed", "//shop"));
+    events.extend((0..20).map(|i| sourced("2", "secret.kept", &format!("//source-{i:02}"))));
     publish_as(&server, &writer, events).await.expect("publish");
     let admin = hs_token(&claims("orders-admin"));
     let found = server
@@ -1010,6 +1016,82 @@ allow = { admin = ["types/orders.*"] }
         (event.r#type.as_str(), event.source.as_str()),
         ("orders.placed", "//shop")
     );
+    // an id of hidden events only is not found, and that refusal is one audit record, not one per
+    // hidden event; the call that found its event was no refusal
+    assert_status(
+        server
+            .admin()
+            .get_event(authorized(
+                pb::GetEventRequest {
+                    id: "2".into(),
+                    source: String::new(),
+                },
+                &admin,
+            ))
+            .await,
+        Code::NotFound,
+        "no event with id \"2\"",
+    );
+    let refusals: Vec<String> = audit_records(&server, &hs_token(&claims("auditor")))
+        .await
+        .into_iter()
+        .filter(|r| r.principal == "orders-admin" && r.outcome == "denied")
+        .map(|r| format!("{} {}", r.action, r.resource))
+        .collect();
+    assert_eq!(refusals, ["admin.get_event types/secret.kept"]);
+}
+
+/// The refusals of one identified principal are recorded at most `auth.denied_audit_rate` a second
+/// (bursts of ten times that), each principal on its own: a caller with no grant cannot fill the
+/// audit log, nor crowd out the records of others.
+#[tokio::test]
+async fn refusals_of_one_principal_are_recorded_within_its_rate() {
+    const REFUSALS: usize = 40;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = server_with_policy(dir.path(), POLICY, |c| c.auth.denied_audit_rate = 1).await;
+    let (planner, tool, admin) = (
+        hs_token(&claims("planner")),
+        hs_token(&claims("tool")),
+        hs_token(&claims("admin")),
+    );
+    let get_group = |token: &str| {
+        let request = authorized(
+            pb::GetGroupRequest {
+                group: "planners".into(),
+            },
+            token,
+        );
+        let mut admin = server.admin();
+        async move { admin.get_group(request).await }
+    };
+    let started = std::time::Instant::now();
+    for _ in 0..REFUSALS {
+        assert_status(
+            get_group(&planner).await,
+            Code::PermissionDenied,
+            "may not administer",
+        );
+    }
+    let seconds = started.elapsed().as_secs() as usize;
+    assert_status(
+        get_group(&tool).await,
+        Code::PermissionDenied,
+        "may not administer",
+    );
+    let records = audit_records(&server, &admin).await;
+    let denied = |principal: &str| {
+        records
+            .iter()
+            .filter(|r| r.principal == principal && r.outcome == "denied")
+            .count()
+    };
+    // a burst of ten, and one more for each second the calls took
+    let recorded = denied("planner");
+    assert!(
+        (10..=11 + seconds).contains(&recorded),
+        "{recorded} of {REFUSALS} refusals in {seconds} s recorded"
+    );
+    assert_eq!(denied("tool"), 1, "another principal's refusal is recorded");
 }
 
 #[tokio::test]

@@ -12,7 +12,9 @@ use super::{
 };
 use crate::{
     auth::{Auth, AuthError, Principal},
-    bus::{Bus, DEFAULT_TENANT, GroupSummary, Page, RedriveSelection, validate_group_name},
+    bus::{
+        Bus, BusError, DEFAULT_TENANT, GroupSummary, Page, RedriveSelection, validate_group_name,
+    },
     event::check_text,
     store::{AuditQuery, Publisher},
 };
@@ -130,15 +132,28 @@ impl pb::admin_server::Admin for AdminApi {
             check_text(field, value).map_err(|e| to_status(e.into()))?;
         }
         let source = (!r.source.is_empty()).then_some(r.source.as_str());
-        // a denial is audited, and answered as NOT_FOUND
+        // an event the caller may not see is answered as NOT_FOUND; a call that found only such
+        // events is audited once, not once for each of them (any number may share the id)
+        let hidden = std::sync::Mutex::new(None);
         let event = self
             .bus
             .get_event(&principal.tenant, &r.id, source, |e| {
                 let resource = format!("types/{}", e.event.event_type);
-                self.allow(&principal, "admin.get_event", &resource).is_ok()
+                let visible = self.auth.permits(&principal, |e| e.admin(&resource));
+                if !visible {
+                    hidden
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(resource);
+                }
+                visible
             })
-            .await
-            .map_err(to_status)?;
+            .await;
+        let hidden = hidden.into_inner().unwrap_or_else(|p| p.into_inner());
+        if let (Err(BusError::NotFound(_)), Some(resource)) = (&event, hidden) {
+            let _ = self.allow(&principal, "admin.get_event", &resource);
+        }
+        let event = event.map_err(to_status)?;
         Ok(Response::new(pb::GetEventResponse {
             event: Some(convert::stored_to_pb(&event)),
         }))

@@ -116,6 +116,9 @@ pub struct AuthConfig {
     /// Audit records per second of calls whose caller could not be identified (bursts of ten times
     /// as many); the rest are counted, not recorded. 0 records them all.
     pub unidentified_audit_rate: u32,
+    /// Audit records per second of each identified principal's refused calls (bursts of ten times
+    /// as many); the rest are counted, not recorded. 0 records them all.
+    pub denied_audit_rate: u32,
     /// How long audit records are kept (0: for good); older ones are deleted as they age out.
     #[serde(with = "humantime_serde")]
     pub audit_retention: Duration,
@@ -129,6 +132,7 @@ impl Default for AuthConfig {
             reload_check_interval: Duration::from_secs(1),
             registry_refresh_interval: Duration::from_secs(5),
             unidentified_audit_rate: 100,
+            denied_audit_rate: 10,
             audit_retention: Duration::from_secs(30 * 24 * 3600),
             jwt: JwtConfig::default(),
         }

@@ -119,6 +119,11 @@ pub struct Auth {
     unidentified_audit: Option<DefaultDirectRateLimiter>,
     /// Such records not made since the last warning about them.
     unidentified_suppressed: std::sync::atomic::AtomicU64,
+    /// Bounds the audit records of each identified principal's refusals: a caller with no grant at
+    /// all can make those in a loop, each a row written beside every tenant's commits.
+    denied_audit: Option<DefaultKeyedRateLimiter<String>>,
+    /// Such records not made since the last warning about them.
+    denied_suppressed: std::sync::atomic::AtomicU64,
     streams: Arc<Mutex<HashMap<String, usize>>>,
     max_streams_per_principal: usize,
 }
@@ -216,12 +221,17 @@ impl Auth {
                 DefaultDirectRateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
             }),
             unidentified_suppressed: std::sync::atomic::AtomicU64::new(0),
+            denied_audit: NonZeroU32::new(config.denied_audit_rate).map(|rate| {
+                let burst = NonZeroU32::new(rate.get().saturating_mul(10)).unwrap_or(rate);
+                DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+            }),
+            denied_suppressed: std::sync::atomic::AtomicU64::new(0),
             streams: Arc::new(Mutex::new(HashMap::new())),
             max_streams_per_principal: connections.max_streams_per_principal,
         });
         tokio::spawn(write_audit(store.clone(), audit_rx));
-        if auth.publish_rate.is_some() {
-            tokio::spawn(forget_rested_publishers(auth.clone(), shutdown.clone()));
+        if auth.publish_rate.is_some() || auth.denied_audit.is_some() {
+            tokio::spawn(forget_rested_principals(auth.clone(), shutdown.clone()));
         }
         if !config.audit_retention.is_zero() {
             tokio::spawn(prune_audit(store, config.audit_retention, shutdown.clone()));
@@ -374,7 +384,7 @@ impl Auth {
         decide: impl FnOnce(&Evaluator<'_>) -> policy::Decision,
     ) -> Result<(), AuthError> {
         self.decide(principal, decide).map_err(|reason| {
-            self.record(principal, action, resource, "denied", &reason);
+            self.record_denied(principal, action, resource, &reason);
             AuthError::PermissionDenied(format!("permission denied: {reason}"))
         })
     }
@@ -402,10 +412,14 @@ impl Auth {
         }
     }
 
-    /// Forgets the publish rates of principals whose quota is full again, as if never seen: the
-    /// limiter keeps one per principal, and per-user tokens or tenant claims make them without end.
-    pub fn forget_rested_publishers(&self) {
-        if let Some(limiter) = &self.publish_rate {
+    /// Forgets the publish and refusal rates of principals whose quota is full again, as if never
+    /// seen: each limiter keeps one per principal, and per-user tokens or tenant claims make them
+    /// without end.
+    pub fn forget_rested_principals(&self) {
+        for limiter in [&self.publish_rate, &self.denied_audit]
+            .into_iter()
+            .flatten()
+        {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
@@ -485,6 +499,25 @@ impl Auth {
         };
         if self.audit.try_send(AuditMessage::Record(record)).is_err() {
             warn!(target: "nerve::audit", "audit queue full; the record above is only in the log");
+        }
+    }
+
+    /// Records a refused call of an identified principal, within the rate allowed for each; beyond
+    /// it the records are only counted, and the count is logged with the next one made.
+    fn record_denied(&self, principal: &Principal, action: &str, resource: &str, reason: &str) {
+        use std::sync::atomic::Ordering;
+        if self
+            .denied_audit
+            .as_ref()
+            .is_none_or(|limit| limit.check_key(&principal.key()).is_ok())
+        {
+            let suppressed = self.denied_suppressed.swap(0, Ordering::Relaxed);
+            if suppressed > 0 {
+                warn!(target: "nerve::audit", suppressed, "audit records of refusals over auth.denied_audit_rate were not made");
+            }
+            self.record(principal, action, resource, "denied", reason);
+        } else {
+            self.denied_suppressed.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -599,16 +632,16 @@ async fn prune_audit(
     }
 }
 
-/// How often the publish rates of rested principals are forgotten.
+/// How often the publish and refusal rates of rested principals are forgotten.
 const FORGET_RESTED_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-async fn forget_rested_publishers(auth: Arc<Auth>, shutdown: CancellationToken) {
+async fn forget_rested_principals(auth: Arc<Auth>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(FORGET_RESTED_EVERY) => {}
             _ = shutdown.cancelled() => return,
         }
-        auth.forget_rested_publishers();
+        auth.forget_rested_principals();
     }
 }
 
@@ -915,7 +948,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while auth.publish_rates_kept() > 0 && std::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            auth.forget_rested_publishers();
+            auth.forget_rested_principals();
         }
         assert_eq!(auth.publish_rates_kept(), 0, "rested principals forgotten");
         auth.check_publish_rate(&principal(0))
