@@ -323,6 +323,64 @@ async fn redis_group_claims_what_comes_to_streams_it_found_quiet() {
     a_group_claims_what_comes_to_streams_it_found_quiet(redis().await).await;
 }
 
+/// A member's selection change reaches only the group it joined: after that group was deleted and
+/// created again under its name with other types, the change is refused as the group being gone,
+/// and the new group keeps its types (its members receive no type they were not checked for).
+async fn a_selection_change_does_not_reach_a_group_made_again(b: Backend) {
+    let config = |types: &[&str]| GroupConfig {
+        selection: Selection {
+            types: types
+                .iter()
+                .map(|t| TypePattern::parse(t).expect("pattern"))
+                .collect(),
+            filter: None,
+        },
+        max_attempts: 5,
+    };
+    let key = GroupKey {
+        tenant: "t".into(),
+        name: "remade".into(),
+    };
+    let old = b
+        .streams
+        .ensure_group(&key, &config(&["task.>"]), 0)
+        .await
+        .expect("group");
+    assert!(b.streams.delete_group(&key).await.expect("delete"));
+    let new = b
+        .streams
+        .ensure_group(&key, &config(&["plan.>"]), 0)
+        .await
+        .expect("group made again");
+    assert_ne!(old.created_ns, new.created_ns);
+    let stale = b
+        .streams
+        .set_group_selection(&key, old.created_ns, &config(&["task.>"]).selection)
+        .await;
+    assert!(
+        matches!(stale, Err(nerve::stream::StreamError::NoSuchGroup(_))),
+        "{stale:?}"
+    );
+    b.streams
+        .ensure_group(&key, &config(&["plan.>"]), 0)
+        .await
+        .expect("the new group keeps its types");
+    b.streams
+        .set_group_selection(&key, new.created_ns, &config(&["plan.>"]).selection)
+        .await
+        .expect("its own member's change");
+}
+
+#[tokio::test]
+async fn embedded_selection_change_does_not_reach_a_group_made_again() {
+    a_selection_change_does_not_reach_a_group_made_again(embedded().await).await;
+}
+
+#[tokio::test]
+async fn redis_selection_change_does_not_reach_a_group_made_again() {
+    a_selection_change_does_not_reach_a_group_made_again(redis().await).await;
+}
+
 /// A connection to the test Redis, and the keys of tenant "t"'s stream of `event_type` (the stream
 /// itself ends with `}`; the others are its groups' ledgers).
 async fn stream_keys(

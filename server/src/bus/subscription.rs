@@ -1318,7 +1318,7 @@ impl Session {
                 if let Some(key) = &self.group {
                     self.bus
                         .streams
-                        .set_group_selection(key, &self.selection)
+                        .set_group_selection(key, self.group_created_ns, &self.selection)
                         .await?;
                 }
                 self.bus

@@ -602,22 +602,30 @@ impl LiveStreams for EmbeddedStreams {
             .ok_or_else(|| StreamError::NoSuchGroup(key.name.clone()))
     }
 
-    async fn set_group_selection(&self, key: &GroupKey, selection: &Selection) -> StreamResult<()> {
+    async fn set_group_selection(
+        &self,
+        key: &GroupKey,
+        created_ns: i64,
+        selection: &Selection,
+    ) -> StreamResult<()> {
         let mut conn = self.store.db().writer.lock().await;
-        sqlx::query("UPDATE groups SET selection = ? WHERE tenant = ? AND name = ?")
-            .bind(selection.to_json())
-            .bind(&key.tenant)
-            .bind(&key.name)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
+        let updated = sqlx::query(
+            "UPDATE groups SET selection = ? WHERE tenant = ? AND name = ? AND created_ns = ?",
+        )
+        .bind(selection.to_json())
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .bind(created_ns)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
         let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
         match groups.get_mut(key) {
-            Some(g) => {
+            Some(g) if updated.rows_affected() > 0 && g.created_ns == created_ns => {
                 g.config.selection = selection.clone();
                 Ok(())
             }
-            None => Err(StreamError::NoSuchGroup(key.name.clone())),
+            _ => Err(StreamError::NoSuchGroup(key.name.clone())),
         }
     }
 

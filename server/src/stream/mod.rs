@@ -202,8 +202,15 @@ pub trait LiveStreams: Send + Sync + 'static {
     /// What a member reads of its group at each fill.
     async fn group_settings(&self, key: &GroupKey) -> StreamResult<GroupSettings>;
 
-    /// Replaces the selection of an existing group.
-    async fn set_group_selection(&self, key: &GroupKey, selection: &Selection) -> StreamResult<()>;
+    /// Replaces the selection of the group created at `created_ns`, [`StreamError::NoSuchGroup`]
+    /// when it is gone: a member's change must not reach a group created again under the name,
+    /// whose types may differ.
+    async fn set_group_selection(
+        &self,
+        key: &GroupKey,
+        created_ns: i64,
+        selection: &Selection,
+    ) -> StreamResult<()>;
 
     /// Hands out up to `max` new entries of one priority level under a lease until `lease_until`.
     async fn claim_new(

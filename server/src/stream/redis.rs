@@ -1781,15 +1781,23 @@ impl LiveStreams for RedisStreams {
         })
     }
 
-    async fn set_group_selection(&self, key: &GroupKey, selection: &Selection) -> StreamResult<()> {
-        let updated =
-            sqlx::query("UPDATE nerve_groups SET selection = $1 WHERE tenant = $2 AND name = $3")
-                .bind(selection.to_json())
-                .bind(&key.tenant)
-                .bind(&key.name)
-                .execute(self.store.pool())
-                .await
-                .map_err(db_err)?;
+    async fn set_group_selection(
+        &self,
+        key: &GroupKey,
+        created_ns: i64,
+        selection: &Selection,
+    ) -> StreamResult<()> {
+        let updated = sqlx::query(
+            "UPDATE nerve_groups SET selection = $1 \
+             WHERE tenant = $2 AND name = $3 AND created_ns = $4",
+        )
+        .bind(selection.to_json())
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .bind(created_ns)
+        .execute(self.store.pool())
+        .await
+        .map_err(db_err)?;
         if updated.rows_affected() == 0 {
             return Err(StreamError::NoSuchGroup(key.name.clone()));
         }
