@@ -254,6 +254,50 @@ async fn nack_with_delay_redelivers_after_the_delay() {
     sub.ack_one(&again).await;
 }
 
+/// A nack's delay or an extension past the server's max_ack_deadline is cut to it, not refused: a
+/// refusal would end the stream and cost every delivery in flight an attempt.
+#[tokio::test]
+async fn a_delay_or_extension_past_the_longest_deadline_is_cut_to_it() {
+    let server =
+        TestServer::start_with(|c| c.bus.max_ack_deadline = Duration::from_millis(400)).await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["cut.x"], "g");
+    o.ack_deadline = millis(400);
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    publish(&mut bus, vec![event("c1", "cut.x"), event("c2", "cut.x")]).await;
+    let (first, second) = (sub.next_delivery().await, sub.next_delivery().await);
+    let an_hour = Some(prost_types::Duration {
+        seconds: 3600,
+        nanos: 0,
+    });
+    sub.send(Action::Nack(pb::Nack {
+        delivery_ids: vec![first.delivery_id.clone()],
+        retry_delay: an_hour,
+        dead_letter: false,
+        reason: "later".into(),
+    }))
+    .await;
+    sub.send(Action::Extend(pb::ExtendDeadline {
+        delivery_ids: vec![second.delivery_id.clone()],
+        extension: an_hour,
+    }))
+    .await;
+    // both come back on the same stream within the longest deadline, not in an hour
+    let mut again = vec![sub.next_delivery().await, sub.next_delivery().await];
+    again.sort_by_key(seq);
+    assert_eq!(
+        again
+            .iter()
+            .map(|d| (id(d).to_owned(), d.attempt))
+            .collect::<Vec<_>>(),
+        [("c1".to_owned(), 2), ("c2".to_owned(), 2)]
+    );
+    for d in &again {
+        sub.ack_one(d).await;
+    }
+    await_pending(&server, "g", 0).await;
+}
+
 async fn dead_letters(server: &TestServer, group: &str) -> Vec<pb::DeadLetter> {
     server
         .admin()

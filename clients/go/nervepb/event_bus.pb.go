@@ -831,7 +831,8 @@ func (x *Ack) GetDeliveryIds() []string {
 type Nack struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	DeliveryIds []string               `protobuf:"bytes,1,rep,name=delivery_ids,json=deliveryIds,proto3" json:"delivery_ids,omitempty"`
-	// Wait before redelivery; zero redelivers at once.
+	// Wait before redelivery; zero redelivers at once. A longer delay than the server's
+	// max_ack_deadline (10 minutes by default) is cut to it.
 	RetryDelay *durationpb.Duration `protobuf:"bytes,2,opt,name=retry_delay,json=retryDelay,proto3" json:"retry_delay,omitempty"`
 	// Dead-letter now instead of retrying.
 	DeadLetter bool `protobuf:"varint,3,opt,name=dead_letter,json=deadLetter,proto3" json:"dead_letter,omitempty"`
@@ -903,7 +904,8 @@ func (x *Nack) GetReason() string {
 type ExtendDeadline struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	DeliveryIds []string               `protobuf:"bytes,1,rep,name=delivery_ids,json=deliveryIds,proto3" json:"delivery_ids,omitempty"`
-	// New deadline measured from now.
+	// New deadline measured from now; positive. A longer one than the server's max_ack_deadline
+	// (10 minutes by default) is cut to it: extend again for more.
 	Extension     *durationpb.Duration `protobuf:"bytes,2,opt,name=extension,proto3" json:"extension,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

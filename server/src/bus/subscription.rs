@@ -1200,13 +1200,9 @@ impl Session {
                 reason,
             } => {
                 let ids = Self::parse_ids(&delivery_ids, "nack")?;
-                if retry_delay > self.bus.settings.max_ack_deadline {
-                    return Err(InvalidInput::field(
-                        "nack.retry_delay",
-                        format!("must be at most {:?}", self.bus.settings.max_ack_deadline),
-                    )
-                    .into());
-                }
+                // cut, not refused: a refusal would end the stream and cost every delivery in
+                // flight an attempt, for a backoff a consumer computed
+                let retry_delay = retry_delay.min(self.bus.settings.max_ack_deadline);
                 let Some(key) = self.group.clone() else {
                     for (seq, attempt) in ids {
                         self.settle(seq, attempt);
@@ -1257,16 +1253,11 @@ impl Session {
                 extension,
             } => {
                 let ids = Self::parse_ids(&delivery_ids, "extend")?;
-                if extension.is_zero() || extension > self.bus.settings.max_ack_deadline {
-                    return Err(InvalidInput::field(
-                        "extend.extension",
-                        format!(
-                            "must be positive and at most {:?}",
-                            self.bus.settings.max_ack_deadline
-                        ),
-                    )
-                    .into());
+                if extension.is_zero() {
+                    return Err(InvalidInput::field("extend.extension", "must be positive").into());
                 }
+                // cut, not refused, as a nack's delay: the member may extend again
+                let extension = extension.min(self.bus.settings.max_ack_deadline);
                 let Some(key) = self.group.clone() else {
                     return Ok(Flow::Go);
                 };

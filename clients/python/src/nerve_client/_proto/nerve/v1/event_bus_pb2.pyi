@@ -381,7 +381,9 @@ class Nack(_message.Message):
     def delivery_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def retry_delay(self) -> _duration_pb2.Duration:
-        """Wait before redelivery; zero redelivers at once."""
+        """Wait before redelivery; zero redelivers at once. A longer delay than the server's
+        max_ack_deadline (10 minutes by default) is cut to it.
+        """
 
     def __init__(
         self,
@@ -411,7 +413,9 @@ class ExtendDeadline(_message.Message):
     def delivery_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def extension(self) -> _duration_pb2.Duration:
-        """New deadline measured from now."""
+        """New deadline measured from now; positive. A longer one than the server's max_ack_deadline
+        (10 minutes by default) is cut to it: extend again for more.
+        """
 
     def __init__(
         self,
