@@ -4,11 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
+	"unicode/utf8"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 )
 
 // FieldViolation is one invalid field of a request, from the google.rpc.BadRequest detail
@@ -55,7 +59,7 @@ var (
 	ErrTokenExpired = &Error{Code: codes.Unauthenticated, Reason: "TOKEN_EXPIRED", sentinel: true}
 )
 
-// ErrClosed is returned by a Subscription that this side closed.
+// ErrClosed is returned by a Subscription that this side closed (settling after CloseSend too).
 var ErrClosed = errors.New("nerve: subscription closed")
 
 func (e *Error) Error() string {
@@ -129,6 +133,66 @@ func invalidArgument(field, description string) error {
 		Message:         field + ": " + description,
 		FieldViolations: []FieldViolation{{Field: field, Description: description}},
 	}
+}
+
+// checkUTF8 refuses req when one of its strings is not valid UTF-8: protobuf-go cannot marshal it, and
+// grpc-go then ends the whole stream it was to go on, with every call pending there. The refusal is this
+// call's only, and names the string's field ("events[0].subject").
+func checkUTF8(req proto.Message) error {
+	if path, bad := badUTF8(req.ProtoReflect()); bad {
+		return invalidArgument(strings.TrimPrefix(path, "."), "must be valid UTF-8")
+	}
+	return nil
+}
+
+// badUTF8 finds the first string of m, in field order (map entries in key order), that is not valid UTF-8,
+// and returns its path (".subject", `.extensions["k"].string_value`).
+func badUTF8(m protoreflect.Message) (path string, bad bool) {
+	fields := m.Descriptor().Fields()
+	for i := range fields.Len() {
+		fd := fields.Get(i)
+		if !m.Has(fd) {
+			continue
+		}
+		name := "." + string(fd.Name())
+		switch v := m.Get(fd); {
+		case fd.IsList():
+			for j, list := 0, v.List(); j < list.Len(); j++ {
+				if path, bad := badUTF8Value(fd, list.Get(j)); bad {
+					return fmt.Sprintf("%s[%d]%s", name, j, path), true
+				}
+			}
+		case fd.IsMap():
+			var keys []protoreflect.MapKey
+			v.Map().Range(func(k protoreflect.MapKey, _ protoreflect.Value) bool { keys = append(keys, k); return true })
+			sort.Slice(keys, func(a, b int) bool { return keys[a].String() < keys[b].String() })
+			for _, k := range keys {
+				entry := fmt.Sprintf("%s[%q]", name, k.String())
+				if _, bad := badUTF8Value(fd.MapKey(), k.Value()); bad {
+					return entry, true
+				}
+				if path, bad := badUTF8Value(fd.MapValue(), v.Map().Get(k)); bad {
+					return entry + path, true
+				}
+			}
+		default:
+			if path, bad := badUTF8Value(fd, v); bad {
+				return name + path, true
+			}
+		}
+	}
+	return "", false
+}
+
+// badUTF8Value is badUTF8 for one value of fd's kind: a string that is not valid UTF-8 is bad itself ("").
+func badUTF8Value(fd protoreflect.FieldDescriptor, v protoreflect.Value) (path string, bad bool) {
+	switch fd.Kind() {
+	case protoreflect.StringKind:
+		return "", !utf8.ValidString(v.String())
+	case protoreflect.MessageKind, protoreflect.GroupKind:
+		return badUTF8(v.Message())
+	}
+	return "", false
 }
 
 // wrap turns a failed RPC, or a context error, into an *Error (the context error stays its cause); nil and

@@ -78,12 +78,17 @@ func (c *Client) AdminStub() nervepb.AdminClient { return c.admin }
 
 // Publish commits the events atomically and returns one result (id, sequence, duplicate) per event, in
 // order. Publishing the same (source, id) again returns the original sequence with Duplicate set; the same
-// (source, id) with different content fails with codes.AlreadyExists.
+// (source, id) with different content fails with codes.AlreadyExists. An event with a string that is not
+// valid UTF-8 is refused before sending, with ErrInvalidArgument naming the field.
 func (c *Client) Publish(ctx context.Context, events ...*nervepb.Event) ([]*nervepb.PublishResult, error) {
 	if len(events) == 0 {
 		return nil, errNoEvents
 	}
-	resp, err := c.bus.Publish(ctx, &nervepb.PublishRequest{Events: events})
+	req := &nervepb.PublishRequest{Events: events}
+	if err := checkUTF8(req); err != nil { // refused as Publisher.Publish refuses it
+		return nil, err
+	}
+	resp, err := c.bus.Publish(ctx, req)
 	if err != nil {
 		return nil, wrap(err)
 	}

@@ -93,7 +93,8 @@ func opened(stream nervepb.EventBus_PublishStreamClient) error {
 
 // Publish commits the events atomically, like Client.Publish, and returns one result per event, in order.
 // A refused batch (an invalid event, a conflicting id, permission denied, a rate limit, ...) returns the
-// same *Error that Client.Publish would, field violations and reason included, and the stream goes on. A
+// same *Error that Client.Publish would, field violations and reason included, and the stream goes on; so
+// does an event with a string that is not valid UTF-8, refused before sending (ErrInvalidArgument). A
 // batch whose message is over the server's message limit (max_batch_bytes + 1 MiB) cannot be read: the
 // server answers the requests before it and ends the stream with codes.ResourceExhausted, which this call,
 // every later one and Close return.
@@ -104,6 +105,10 @@ func opened(stream nervepb.EventBus_PublishStreamClient) error {
 func (p *Publisher) Publish(ctx context.Context, events ...*nervepb.Event) ([]*nervepb.PublishResult, error) {
 	if len(events) == 0 {
 		return nil, errNoEvents
+	}
+	req := &nervepb.PublishStreamRequest{Events: events}
+	if err := checkUTF8(req); err != nil { // sent, it would end the stream
+		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, wrap(err)
@@ -120,12 +125,13 @@ func (p *Publisher) Publish(ctx context.Context, events ...*nervepb.Event) ([]*n
 		return nil, err
 	}
 	p.nextID++
+	req.RequestId = p.nextID
 	w := &publishWaiter{id: p.nextID, answer: make(chan publishOutcome, 1)}
 	p.pending = append(p.pending, w)
 	p.mu.Unlock()
 	// A failed Send ends the stream (io.EOF: the server ended it; otherwise the client did): either way the
 	// receiver stops and answers w with the stream's error.
-	_ = p.stream.Send(&nervepb.PublishStreamRequest{RequestId: w.id, Events: events})
+	_ = p.stream.Send(req)
 	<-p.sendLock
 
 	select {

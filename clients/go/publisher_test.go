@@ -439,3 +439,33 @@ func TestPublisherReturnsTheContextsError(t *testing.T) {
 		t.Fatalf("publish after calls that gave up: %v", err)
 	}
 }
+
+func TestPublisherRefusesAStringThatIsNotUTF8AndKeepsTheStream(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	pub := openPublisher(t, client, ctx)
+	for field, bad := range map[string]*nervepb.Event{
+		"events[1].subject":   nerve.NewEvent("//tests", "utf8.x").ID("bad-subject").Subject("eu-\xff").MustBuild(),
+		"events[1].text_data": nerve.NewEvent("//tests", "utf8.x").ID("bad-data").Text("\xff").MustBuild(),
+		`events[1].extensions["tenant"].string_value`: nerve.NewEvent("//tests", "utf8.x").ID("bad-extension").
+			Extension("tenant", "eu-\xff").MustBuild(),
+	} {
+		// protobuf cannot encode it: sent, it would end the stream and fail every call pending on it
+		_, err := pub.Publish(ctx, ev("good", "utf8.x"), bad)
+		e := wantViolation(t, err, field)
+		_, direct := client.Publish(ctx, ev("good", "utf8.x"), bad)
+		var de *nerve.Error
+		if !errors.As(direct, &de) || de.Code != e.Code || de.Message != e.Message ||
+			!slices.Equal(de.FieldViolations, e.FieldViolations) {
+			t.Fatalf("stream refusal %v differs from Client.Publish %v", err, direct)
+		}
+	}
+	if _, err := pub.Publish(ctx, ev("after", "utf8.x")); err != nil {
+		t.Fatalf("publish after the refusals: %v", err)
+	}
+	if _, err := client.GetEvent(ctx, "good", "//tests"); !errors.Is(err, nerve.ErrNotFound) {
+		t.Fatalf("a refused batch was stored in part: want NotFound, got %v", err)
+	}
+	if err := pub.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -139,13 +140,17 @@ func (c *Client) Subscribe(ctx context.Context, opts SubscribeOptions) (*Subscri
 	if opts.HeartbeatInterval > 0 {
 		open.HeartbeatInterval = durationpb.New(opts.HeartbeatInterval)
 	}
+	req := &nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Open{Open: open}}
+	if err := checkUTF8(req); err != nil {
+		return nil, err
+	}
 	streamCtx, cancel := context.WithCancel(ctx)
 	stream, err := c.bus.Subscribe(streamCtx)
 	if err != nil {
 		cancel()
 		return nil, wrap(err)
 	}
-	if err := stream.Send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Open{Open: open}}); err != nil && !errors.Is(err, io.EOF) {
+	if err := stream.Send(req); err != nil && !errors.Is(err, io.EOF) {
 		cancel()
 		return nil, wrap(err)
 	}
@@ -403,7 +408,7 @@ func (s *Subscription) AckIDs(deliveryIDs ...string) error {
 
 // Nack settles deliveries as failed: a group redelivers each after delay (zero: at once); on a private
 // stream, which has no redelivery, a nack only frees the delivery's window slot. A negative delay is
-// ErrInvalidArgument, returned without sending.
+// ErrInvalidArgument, returned without sending; the server cuts one above its max_ack_deadline to it.
 func (s *Subscription) Nack(delay time.Duration, ds ...*Delivery) error {
 	if delay < 0 { // the server would end the whole stream for it
 		return invalidArgument("nack.retry_delay", "must be a non-negative duration")
@@ -413,14 +418,18 @@ func (s *Subscription) Nack(delay time.Duration, ds ...*Delivery) error {
 }
 
 // DeadLetter settles deliveries as failed for good: a group dead-letters them now, with reason; on a
-// private stream, which has no dead letters, it only frees their window slots.
+// private stream, which has no dead letters, it only frees their window slots. Invalid UTF-8 in reason
+// is replaced by U+FFFD.
 func (s *Subscription) DeadLetter(reason string, ds ...*Delivery) error {
+	// a reason is what a failing consumer had at hand (bad input's text, say): the server takes any (its
+	// first 1 KiB), so it is mended here rather than refused, which would leave the deliveries unsettled
+	reason = strings.ToValidUTF8(reason, "\uFFFD")
 	nack := &nervepb.Nack{DeliveryIds: ids(ds), DeadLetter: true, Reason: reason}
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Nack{Nack: nack}})
 }
 
 // Extend moves the ack deadline of deliveries to by from now. A by that is not positive is
-// ErrInvalidArgument, returned without sending.
+// ErrInvalidArgument, returned without sending; the server cuts one above its max_ack_deadline to it.
 func (s *Subscription) Extend(by time.Duration, ds ...*Delivery) error {
 	if by <= 0 { // the server would end the whole stream for it
 		return invalidArgument("extend.extension", "must be positive")
@@ -439,7 +448,13 @@ func (s *Subscription) SetFilter(filter *nervepb.Filter) error {
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_SetFilter{SetFilter: &nervepb.SetFilter{Filter: filter}}})
 }
 
+// errHalfClosed is what sending returns after CloseSend.
+var errHalfClosed = fmt.Errorf("%w: CloseSend half-closed it, nothing more can be sent", ErrClosed)
+
 func (s *Subscription) send(req *nervepb.SubscribeRequest) error {
+	if err := checkUTF8(req); err != nil {
+		return err
+	}
 	if s.closed.Load() {
 		return ErrClosed
 	}
@@ -447,6 +462,10 @@ func (s *Subscription) send(req *nervepb.SubscribeRequest) error {
 	if s.closed.Load() { // Close came first: its message ends what the server reads, so this would be lost
 		s.sendMu.Unlock()
 		return ErrClosed
+	}
+	if s.sendClosed { // grpc-go would end the whole call for a Send after CloseSend
+		s.sendMu.Unlock()
+		return errHalfClosed
 	}
 	err := s.stream.Send(req)
 	s.sendMu.Unlock()
@@ -468,8 +487,9 @@ func (s *Subscription) send(req *nervepb.SubscribeRequest) error {
 	return fmt.Errorf("nerve: subscription stream ended: %w", io.EOF)
 }
 
-// CloseSend half-closes: nothing more can be sent, deliveries keep coming until Close (which then
-// cancels the stream at once, as it can no longer ask the server to end it).
+// CloseSend half-closes: nothing more can be sent (settling, Credit and SetFilter return ErrClosed),
+// deliveries keep coming until Close (which then cancels the stream at once, as it can no longer ask the
+// server to end it).
 func (s *Subscription) CloseSend() error {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()

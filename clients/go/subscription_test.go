@@ -366,3 +366,95 @@ func TestBadSettleArgumentsAreRefusedWithoutEndingTheStream(t *testing.T) {
 		t.Fatalf("in flight after the ack: %d", beat.GetInFlight())
 	}
 }
+
+// wantViolation fails the test unless err is an InvalidArgument *nerve.Error naming field.
+func wantViolation(t *testing.T, err error, field string) *nerve.Error {
+	t.Helper()
+	var e *nerve.Error
+	if !errors.As(err, &e) || !errors.Is(err, nerve.ErrInvalidArgument) {
+		t.Fatalf("%s: want InvalidArgument, got %v", field, err)
+	}
+	if _, ok := e.Violation(field); !ok {
+		t.Fatalf("%s: violations %v", field, e.FieldViolations)
+	}
+	return e
+}
+
+func TestStringsThatAreNotUTF8DoNotEndTheStream(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	// protobuf cannot encode them: sent, they would end the whole stream
+	_, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"utf8.\xff"}})
+	wantViolation(t, err, "open.types[0]")
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{
+		Types: []string{"utf8.x"}, Group: "menders", MaxInFlight: 2, HeartbeatInterval: 200 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	if _, err := client.Publish(ctx, ev("u1", "utf8.x"), ev("u2", "utf8.x")); err != nil {
+		t.Fatal(err)
+	}
+	dead, kept := next(t, sub), next(t, sub)
+	// a reason is mended rather than refused, as the server takes any
+	if err := dead.DeadLetter("bad input: \xff"); err != nil {
+		t.Fatalf("dead letter with a reason that is not UTF-8: %v", err)
+	}
+	wantViolation(t, sub.SetFilter(nerve.Exact(map[string]string{"subject": "eu-\xff"})), `set_filter.filter.exact.attributes["subject"]`)
+	wantViolation(t, sub.AckIDs("\xff"), "ack.delivery_ids[0]")
+	// the stream went on: the other delivery is still in flight, and settles
+	if err := kept.Ack(); err != nil {
+		t.Fatal(err)
+	}
+	if beat := expectIdle(t, sub, 2); beat.GetInFlight() != 0 {
+		t.Fatalf("in flight after the ack: %d", beat.GetInFlight())
+	}
+	var letters []*nervepb.DeadLetter
+	for letter, err := range client.DeadLetters(ctx, "menders", 0) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		letters = append(letters, letter)
+	}
+	if len(letters) != 1 || letters[0].GetEvent().GetId() != dead.Event.GetId() || letters[0].GetReason() != "bad input: \uFFFD" {
+		t.Fatalf("dead letters: %v", letters)
+	}
+}
+
+func TestSettlingAfterCloseSendIsRefusedAndDeliveriesGoOn(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"half.x"}, Group: "halves", MaxInFlight: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	if _, err := client.Publish(ctx, ev("h1", "half.x")); err != nil {
+		t.Fatal(err)
+	}
+	d := next(t, sub)
+	if err := sub.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	for name, call := range map[string]func() error{
+		"ack":         d.Ack,
+		"nack":        func() error { return d.Nack(0) },
+		"dead letter": func() error { return d.DeadLetter("late") },
+		"extend":      func() error { return d.Extend(time.Second) },
+		"credit":      func() error { return sub.Credit(1) },
+		"set filter":  func() error { return sub.SetFilter(nil) },
+	} {
+		if err := call(); !errors.Is(err, nerve.ErrClosed) {
+			t.Fatalf("%s after CloseSend: want ErrClosed, got %v", name, err)
+		}
+	}
+	// nothing was sent: the stream goes on, deliveries keep coming
+	if _, err := client.Publish(ctx, ev("h2", "half.x")); err != nil {
+		t.Fatal(err)
+	}
+	if later := next(t, sub); later.Event.GetId() != "h2" || later.Attempt != 1 {
+		t.Fatalf("after CloseSend: delivery %s, attempt %d", later.Event.GetId(), later.Attempt)
+	}
+	if err := within(t, "close after CloseSend", sub.Close); err != nil {
+		t.Fatal(err)
+	}
+}
