@@ -1055,8 +1055,7 @@ impl Session {
             if replaced.is_some() {
                 self.credits += 1;
             }
-            self.deadlines
-                .push(Reverse((deadline, entry.sequence, entry.attempt)));
+            self.track_deadline(deadline, entry.sequence, entry.attempt);
             delivered += 1;
             runs.extend(run.push(Delivery {
                 delivery_id: delivery_id(entry.sequence, entry.attempt),
@@ -1126,8 +1125,10 @@ impl Session {
         Ok(())
     }
 
-    fn parse_ids(ids: &[String], field: &str) -> BusResult<Vec<(u64, u32)>> {
-        ids.iter()
+    fn parse_ids(&self, ids: &[String], field: &str) -> BusResult<Vec<(u64, u32)>> {
+        self.check_id_count(ids, field)?;
+        let mut parsed = ids
+            .iter()
             .enumerate()
             .map(|(i, id)| {
                 parse_delivery_id(id).ok_or_else(|| {
@@ -1138,7 +1139,43 @@ impl Session {
                     .into()
                 })
             })
-            .collect()
+            .collect::<BusResult<Vec<_>>>()?;
+        // one backend change per delivery, however often it was named
+        parsed.sort_unstable();
+        parsed.dedup();
+        Ok(parsed)
+    }
+
+    /// Refuses a command naming more deliveries than a stream may hold: each id is a change made
+    /// under the store's writer lock, and one message could name hundreds of thousands.
+    fn check_id_count(&self, ids: &[String], field: &str) -> BusResult<()> {
+        if ids.len() > self.window_limit as usize {
+            return Err(InvalidInput::field(
+                format!("{field}.delivery_ids"),
+                format!(
+                    "names {} deliveries, more than a stream may hold ({})",
+                    ids.len(),
+                    self.window_limit
+                ),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Keeps a lease's deadline for [`Self::expire_leases`]. Settled deliveries leave their entries
+    /// until those come due; past twice the outstanding deliveries, the heap keeps only current
+    /// ones, so it stays within the window however long the deadlines.
+    fn track_deadline(&mut self, deadline: Instant, seq: u64, attempt: u32) {
+        self.deadlines.push(Reverse((deadline, seq, attempt)));
+        if self.deadlines.len() > 2 * self.outstanding.len() + 64 {
+            let outstanding = &self.outstanding;
+            self.deadlines.retain(|Reverse((deadline, seq, attempt))| {
+                outstanding
+                    .get(seq)
+                    .is_some_and(|o| o.attempt == *attempt && o.deadline == Some(*deadline))
+            });
+        }
     }
 
     /// Forgets an outstanding delivery and returns its credit; false when it was not outstanding.
@@ -1178,19 +1215,23 @@ impl Session {
             // the acks before it are saved above; `run` releases the rest as at any end
             Command::Close => return Ok(Flow::Close),
             Command::Ack(ids) => {
+                self.check_id_count(&ids, "ack")?;
                 // the ids that parse are settled even beside one that does not: its error ends the
                 // stream, and deliveries already processed must not come back as attempts
-                let valid: Vec<(u64, u32)> =
+                let mut valid: Vec<(u64, u32)> =
                     ids.iter().filter_map(|id| parse_delivery_id(id)).collect();
+                let parsed = valid.len();
+                valid.sort_unstable();
+                valid.dedup();
                 for (seq, attempt) in &valid {
                     self.settle(*seq, *attempt);
                 }
-                let refused = valid.len() < ids.len();
+                let refused = parsed < ids.len();
                 if self.group.is_some() {
                     self.unsaved_acks.extend(valid);
                 }
                 if refused {
-                    Self::parse_ids(&ids, "ack")?;
+                    self.parse_ids(&ids, "ack")?;
                 }
             }
             Command::Nack {
@@ -1199,7 +1240,7 @@ impl Session {
                 dead_letter,
                 reason,
             } => {
-                let ids = Self::parse_ids(&delivery_ids, "nack")?;
+                let ids = self.parse_ids(&delivery_ids, "nack")?;
                 // cut, not refused: a refusal would end the stream and cost every delivery in
                 // flight an attempt, for a backoff a consumer computed
                 let retry_delay = retry_delay.min(self.bus.settings.max_ack_deadline);
@@ -1252,7 +1293,7 @@ impl Session {
                 delivery_ids,
                 extension,
             } => {
-                let ids = Self::parse_ids(&delivery_ids, "extend")?;
+                let ids = self.parse_ids(&delivery_ids, "extend")?;
                 if extension.is_zero() {
                     return Err(InvalidInput::field("extend.extension", "must be positive").into());
                 }
@@ -1281,7 +1322,7 @@ impl Session {
                 for ((seq, attempt), moved) in current.into_iter().zip(moved) {
                     if let (true, Some(o)) = (moved, self.outstanding.get_mut(&seq)) {
                         o.deadline = Some(deadline);
-                        self.deadlines.push(Reverse((deadline, seq, attempt)));
+                        self.track_deadline(deadline, seq, attempt);
                     }
                 }
             }
