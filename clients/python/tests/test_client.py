@@ -21,7 +21,9 @@ from nerve_client import (
     Client,
     ClosedError,
     DeadlineExceededError,
+    Delivery,
     InvalidArgumentError,
+    NerveError,
     NotFoundError,
     OutOfRangeError,
     PermissionDeniedError,
@@ -40,10 +42,10 @@ from nerve_client import (
 )
 from nerve_client._errors import from_status
 from nerve_client._proto.nerve.v1 import admin_pb2, admin_pb2_grpc
-from nerve_client._subscription import _watchdog
+from nerve_client._subscription import _BEYOND_WINDOW, _watchdog
 
 from .conftest import WAIT, JwtServer, ServerProcess, server_binary
-from .test_scenarios import ev, expect_idle
+from .test_scenarios import FreezableProxy, ev, expect_idle
 
 T = TypeVar("T")
 
@@ -370,6 +372,173 @@ async def test_close_from_several_tasks_ends_a_waiting_reader(client: Client) ->
     with pytest.raises(ClosedError):
         await asyncio.wait_for(reading, WAIT)
     await sub.close()  # closing again does nothing
+
+
+async def test_close_raises_when_the_server_does_not_end_the_stream(server: ServerProcess) -> None:
+    async with FreezableProxy(server.addr) as proxy, Client.connect(proxy.addr, ready_timeout=WAIT) as client:
+        # no watchdog: nothing ends the stream but the server, which the frozen connection never lets answer
+        sub = await client.subscribe("frozen.x", heartbeat_interval=0.2, heartbeat_timeout=0)
+        await expect_idle(sub, heartbeats=1)
+        proxy.freeze()
+        with pytest.raises(DeadlineExceededError) as info:
+            await asyncio.wait_for(sub.close(timeout=0.5), WAIT)
+        assert "within 0.5s of the Close message" in info.value.message, info.value
+        with pytest.raises(DeadlineExceededError) as again:
+            await sub.close()
+        assert again.value is info.value, "closing again raises the same"
+        assert await sub.next_message() is None, "closed: reading ends at once"
+
+
+async def test_close_raises_the_error_the_stream_ended_with(server: ServerProcess) -> None:
+    async with FreezableProxy(server.addr) as proxy, Client.connect(proxy.addr, ready_timeout=WAIT) as client:
+        # the watchdog (3 heartbeat intervals, 0.6s) ends the stream while close waits for the server's end
+        sub = await client.subscribe("cut.x", heartbeat_interval=0.2)
+        await expect_idle(sub, heartbeats=1)
+        proxy.freeze()
+        with pytest.raises(UnavailableError) as info:
+            await asyncio.wait_for(sub.close(), WAIT)
+        assert "heartbeats" in info.value.message, info.value
+
+    async with FreezableProxy(server.addr) as proxy, Client.connect(proxy.addr, ready_timeout=WAIT) as client:
+        # leaving `async with` closes as close() does, and raises as it does
+        with pytest.raises(UnavailableError):
+            async with client.subscribe("cut.y", heartbeat_interval=0.2) as sub:
+                await expect_idle(sub, heartbeats=1)
+                proxy.freeze()
+
+    async with FreezableProxy(server.addr) as proxy, Client.connect(proxy.addr, ready_timeout=WAIT) as client:
+        # but an exception leaving the block is the one raised: how the stream ended after it would hide it
+        with pytest.raises(KeyError):
+            async with client.subscribe("cut.z", heartbeat_interval=0.2) as sub:
+                await expect_idle(sub, heartbeats=1)
+                proxy.freeze()
+                raise KeyError("the body's own error")
+
+
+async def test_until_caught_up_keeps_what_it_read_when_it_raises(client: Client) -> None:
+    await client.publish(*(ev(f"w{i}", "window.x") for i in range(3)))
+    # a window of 2 for a backlog of 3: the server sends two, then neither more nor the caught-up marker
+    async with client.subscribe("window.x", start="earliest", max_in_flight=2) as sub:
+        history: list[Delivery] = []
+
+        async def read_the_window() -> None:
+            while len(history) < 2:  # the short timeout may come before the server's deliveries do
+                with pytest.raises(TimeoutError):
+                    await sub.until_caught_up(timeout=0.2, into=history)
+
+        await asyncio.wait_for(read_the_window(), WAIT)
+        assert [d.event.id for d in history] == ["w0", "w1"] and not sub.caught_up
+        # what it read before raising is there to settle: the window opens again and the stream goes on
+        await sub.ack(*history)
+        rest = await sub.until_caught_up(timeout=WAIT)
+        assert [d.event.id for d in rest] == ["w2"] and sub.caught_up
+
+
+async def test_a_reader_that_falls_behind_holds_the_server_back(server: ServerProcess) -> None:
+    # small HTTP/2 windows, so that the transport takes in few of the 4 KB deliveries beyond what the
+    # subscription buffers, and flow control holds the server back soon
+    async with Client.connect(server.addr, options=_SMALL_WINDOWS, ready_timeout=WAIT) as client:
+        async with client.subscribe(
+            "behind.x", group="behind", max_in_flight=1, ack_deadline=0.02, max_attempts=1000, heartbeat_interval=0.1
+        ) as sub:
+            await client.publish(event("//tests", "behind.x", bytes(4096), id="b1"))
+            first = await sub.next(timeout=WAIT)
+            assert first.attempt == 1
+            # the application busy elsewhere (this is the slow reader, not a wait for something), for 200 ack
+            # deadlines: each expired lease frees the window slot and the group hands the event out again,
+            # attempt + 1, to this member. Read on regardless, the copies pile up here, about 45 a second; held
+            # back, the server stops at what the buffers on the way take (about 60). It is also 13 heartbeat
+            # timeouts (0.3s) without reading: the watchdog must not take that for a dead connection
+            await asyncio.sleep(4)
+
+            async def settle() -> list[int]:
+                attempts = []
+                while True:
+                    message = await sub.next_message(timeout=WAIT)
+                    assert message is not None, "the stream ended"
+                    if isinstance(message, Delivery):
+                        attempts.append(message.attempt)
+                        await message.ack()  # stale copies' acks are ignored; the current one's settles it
+                    elif isinstance(message, pb.Heartbeat) and message.in_flight == 0:
+                        return attempts
+
+            attempts = await asyncio.wait_for(settle(), WAIT)
+    assert attempts == list(range(2, len(attempts) + 2)), "every copy once, in order"
+    assert len(attempts) < 100, f"{len(attempts)} copies piled up while the reader was behind"
+
+
+async def test_a_stream_ended_with_its_window_unread_keeps_its_deliveries_and_status(client: Client) -> None:
+    # a reader behind by its whole window, as one working through a backlog is: the subscription still reads
+    # all of it off the stream, and so the server's status too, which grpcio gives only after every message
+    # before it. A send that fails on the ended stream before that makes grpcio report INTERNAL ("Internal
+    # error from Core") instead and drop what it had not handed out; the sooner the status is read, the
+    # less likely that is
+    window = 64
+    sub = await client.subscribe("hoard.x", group="hoarders", max_in_flight=window)
+    await client.publish(*(ev(f"h{i}", "hoard.x") for i in range(window)))
+    first = await sub.next(timeout=WAIT)
+
+    async def all_handed_out() -> pb.GroupInfo | None:
+        group = await client.group("hoarders")
+        return group if group is not None and group.pending == window and group.lag == 0 else None
+
+    await eventually("every event to be handed out", all_handed_out)
+    assert await client.delete_group("hoarders")  # the server ends the stream with NOT_FOUND
+
+    async def end_read() -> bool | None:
+        return True if sub._stream_end.done() else None
+
+    await eventually("the subscription to read the stream's end, past the deliveries unread", end_read)
+    with pytest.raises(NotFoundError):
+        await first.ack()
+    # what was received before the end is still handed out, then the stream's error
+    seen = {first.sequence}
+    with pytest.raises(NotFoundError):
+        while True:
+            d = await sub.next(timeout=WAIT)
+            assert d.sequence not in seen, f"sequence {d.sequence} delivered twice"
+            seen.add(d.sequence)
+    assert len(seen) == window
+    await asyncio.wait_for(sub.close(), WAIT)  # the stream had ended: nothing to wait for
+
+
+async def _fall_behind(client: Client, name: str) -> Subscription:
+    """A group subscription (window 1) whose reader takes nothing while the group hands its one event out
+    again every 20ms: returned once the pump waits for room, having read as much beyond the window as it does."""
+    sub = await client.subscribe(f"{name}.x", group=name, max_in_flight=1, ack_deadline=0.02, max_attempts=1000)
+    await client.publish(ev(f"{name}-1", f"{name}.x"))
+
+    async def waiting() -> bool | None:
+        return True if sub._inbox._deliveries >= 1 + _BEYOND_WINDOW else None
+
+    await eventually("the pump to wait for room", waiting)
+    return sub
+
+
+async def test_close_reads_on_while_the_reader_is_behind(client: Client) -> None:
+    sub = await _fall_behind(client, "stuck")
+    # the server's end after the Close message comes behind what the pump has not read: it must read on
+    await asyncio.wait_for(sub.close(), WAIT)  # raises unless the server ended the stream with OK
+    group = await client.group("stuck")
+    assert group is not None and group.consumers == 0 and group.pending == 1, "the event is back in the group"
+
+
+async def test_a_send_on_a_broken_stream_returns_while_the_reader_is_behind(server: ServerProcess) -> None:
+    async with Client.connect(server.addr, ready_timeout=WAIT) as client:
+        sub = await _fall_behind(client, "broken")
+        server.process.kill()  # the connection breaks
+        server.process.wait()
+
+        async def ack_until_refused() -> None:
+            while True:
+                await sub.ack("broken-1")
+                await asyncio.sleep(0.01)  # polls for the break, which only a refused ack shows here
+
+        # a refused ack waits for the stream's status, which the pump reads only after the messages still
+        # unread, while nobody takes them: it must read on without a reader
+        with pytest.raises(NerveError):
+            await asyncio.wait_for(ack_until_refused(), WAIT)
+        await asyncio.wait_for(sub.close(), WAIT)  # the stream had ended: nothing to wait for
 
 
 async def test_zero_settings_take_the_server_defaults(client: Client) -> None:

@@ -13,6 +13,7 @@ from nerve_client import (
     AlreadyExistsError,
     Client,
     ClosedError,
+    DeadlineExceededError,
     InvalidArgumentError,
     NerveError,
     Publisher,
@@ -25,7 +26,7 @@ from nerve_client._publisher import _refused
 
 from .conftest import WAIT, ServerProcess, server_binary
 from .test_client import eventually
-from .test_scenarios import ev
+from .test_scenarios import FreezableProxy, ev
 
 TASKS = 20
 CALLS = 25
@@ -114,6 +115,22 @@ async def test_publisher_close_waits_for_outstanding_answers(client: Client) -> 
     assert stored == {"close.x": 50}
 
 
+async def test_publisher_close_raises_when_the_answers_do_not_come_in_time(server: ServerProcess) -> None:
+    async with FreezableProxy(server.addr) as proxy, Client.connect(proxy.addr, ready_timeout=WAIT) as client:
+        publisher = await client.publisher()
+        await publisher.publish(ev("before", "late.x"))
+        proxy.freeze()  # nothing more gets through, nor any answer back
+        outstanding = asyncio.ensure_future(publisher.publish(ev("held", "late.x")))
+        with pytest.raises(DeadlineExceededError) as info:
+            await asyncio.wait_for(publisher.close(timeout=0.5), WAIT)
+        assert "unanswered after 0.5s" in info.value.message, info.value
+        with pytest.raises(DeadlineExceededError):
+            await outstanding
+        with pytest.raises(DeadlineExceededError) as again:
+            await publisher.close()
+        assert again.value is info.value, "closing again raises the same"
+
+
 async def test_a_broken_stream_fails_outstanding_and_later_calls(client: Client) -> None:
     publisher = await client.publisher()
     await publisher.publish(ev("before", "broken.x"))
@@ -123,7 +140,8 @@ async def test_a_broken_stream_fails_outstanding_and_later_calls(client: Client)
     assert publisher.closed
     with pytest.raises(ClosedError):
         await publisher.publish(ev("later", "broken.x"))
-    await asyncio.wait_for(publisher.close(), WAIT)
+    with pytest.raises(ClosedError):  # close reports the stream's end, as the calls did
+        await asyncio.wait_for(publisher.close(), WAIT)
 
 
 async def test_server_going_away_fails_the_publisher(server: ServerProcess) -> None:
@@ -136,7 +154,8 @@ async def test_server_going_away_fails_the_publisher(server: ServerProcess) -> N
             await asyncio.wait_for(publisher.publish(ev("after", "gone.x")), WAIT)
         with pytest.raises(type(info.value)):
             await publisher.publish(ev("later", "gone.x"))
-        await asyncio.wait_for(publisher.close(), WAIT)
+        with pytest.raises(type(info.value)):
+            await asyncio.wait_for(publisher.close(), WAIT)
 
 
 async def test_opening_a_publisher_over_the_stream_limit_raises() -> None:
@@ -229,7 +248,8 @@ async def test_an_answer_out_of_order_fails_the_stream() -> None:
     assert call.cancelled and publisher.closed
     with pytest.raises(NerveError, match="where request 1 was next"):
         await publisher.publish(ev("y", "misorder.x"))
-    await asyncio.wait_for(publisher.close(), WAIT)
+    with pytest.raises(NerveError, match="where request 1 was next"):
+        await asyncio.wait_for(publisher.close(), WAIT)
 
 
 def test_a_refusal_with_code_ok_raises_unknown() -> None:
@@ -242,24 +262,27 @@ async def test_a_message_over_the_limit_ends_the_publisher(client: Client) -> No
     # a refused request, the stream goes on. 6 MiB: a message the server cannot read at all
     fits = [event("//tests", "limit.x", bytes(900_000), id=f"fits-{i}") for i in range(5)]
     big = [event("//tests", "limit.x", bytes((1 << 20) - 100), id=f"big-{i}") for i in range(6)]
-    async with client.publisher() as publisher:
-        with pytest.raises(ResourceExhaustedError):
-            await asyncio.wait_for(publisher.publish(*fits), WAIT)
-        before, over, after = await asyncio.wait_for(
-            asyncio.gather(
-                publisher.publish(ev("before", "limit.x")),
-                publisher.publish(*big),
-                publisher.publish(ev("after", "limit.x")),
-                return_exceptions=True,
-            ),
-            WAIT,
-        )
-        assert isinstance(before, list) and [r.id for r in before] == ["before"], "answered before the end"
-        assert _ended_by_the_oversized_message(over), over
-        assert _ended_by_the_oversized_message(after), "the stream ended with the oversized message"
-        with pytest.raises(NerveError) as later:
-            await publisher.publish(ev("later", "limit.x"))
-        assert _ended_by_the_oversized_message(later.value), later.value
+    publisher = await client.publisher()
+    with pytest.raises(ResourceExhaustedError):
+        await asyncio.wait_for(publisher.publish(*fits), WAIT)
+    before, over, after = await asyncio.wait_for(
+        asyncio.gather(
+            publisher.publish(ev("before", "limit.x")),
+            publisher.publish(*big),
+            publisher.publish(ev("after", "limit.x")),
+            return_exceptions=True,
+        ),
+        WAIT,
+    )
+    assert isinstance(before, list) and [r.id for r in before] == ["before"], "answered before the end"
+    assert _ended_by_the_oversized_message(over), over
+    assert _ended_by_the_oversized_message(after), "the stream ended with the oversized message"
+    with pytest.raises(NerveError) as later:
+        await publisher.publish(ev("later", "limit.x"))
+    assert _ended_by_the_oversized_message(later.value), later.value
+    with pytest.raises(NerveError) as closed:  # close reports how the stream ended, as the calls do
+        await asyncio.wait_for(publisher.close(), WAIT)
+    assert _ended_by_the_oversized_message(closed.value), closed.value
     assert {t.type: t.count for t in await client.list_event_types()} == {"limit.x": 1}
 
 

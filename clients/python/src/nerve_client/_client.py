@@ -45,7 +45,9 @@ _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 
 
 class _Closable(Protocol):
-    async def close(self) -> None: ...
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
 
 
 class Opening(Generic[_C]):
@@ -66,7 +68,8 @@ class Opening(Generic[_C]):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._value is not None:
-            await self._value.close()
+            # as the value's own ``async with`` closes it: its close raises only when the body did not
+            await self._value.__aexit__(exc_type, exc, tb)
 
 
 async def _call(awaitable: Awaitable[_T]) -> _T:

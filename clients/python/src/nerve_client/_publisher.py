@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 from google.rpc import status_pb2
 
-from ._errors import ClosedError, NerveError, from_rpc_error, from_status
+from ._errors import ClosedError, DeadlineExceededError, NerveError, from_rpc_error, from_status
 from ._events import Seconds, seconds
 from ._proto.nerve.v1 import event_bus_pb2, event_bus_pb2_grpc, event_pb2
 
@@ -49,7 +49,8 @@ class Publisher:
     answer; calls in flight at once are pipelined. The server commits requests in the order they were sent,
     so sequences follow send order, and answers them in that order. A refused request raises like
     :meth:`nerve_client.Client.publish` would and the stream goes on; a broken stream fails every outstanding
-    and later call. Close it (``async with``, or :meth:`close`) to wait for outstanding answers.
+    and later call. Close it (``async with``, or :meth:`close`) to wait for outstanding answers; closing raises
+    when the stream did not end with OK.
     """
 
     def __init__(self, call: _Call) -> None:
@@ -208,8 +209,11 @@ class Publisher:
     async def close(self, timeout: Seconds | None = None) -> None:
         """Ends the send side and waits for the answers to every outstanding call, then the stream's end.
 
-        Later calls raise :class:`ClosedError` at once. After ``timeout`` (None: no limit), or when the task
-        closing it is cancelled, the stream is cancelled and calls still outstanding raise.
+        Later calls raise :class:`ClosedError` at once. Returns once the server ended the stream with OK, every
+        call answered; raises the stream's error when it ended with one (the error its calls raise). After
+        ``timeout`` (None: no limit) the stream is cancelled, and calls still outstanding and ``close`` raise
+        :class:`DeadlineExceededError`; when the task closing it is cancelled, the stream is cancelled and calls
+        still outstanding raise :class:`ClosedError`. Closing again raises the same.
         """
         if not self._closing:
             self._closing = True
@@ -218,12 +222,19 @@ class Publisher:
         try:
             await asyncio.wait_for(self._ended_event.wait(), wait)
         except asyncio.TimeoutError:
-            self._fail_stream(ClosedError(f"publisher closed with requests unanswered after {wait}s"))
+            self._fail_stream(
+                DeadlineExceededError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"publisher closed with requests unanswered after {wait:g}s"
+                )
+            )
             await self._ended_event.wait()
         except asyncio.CancelledError:
             self._fail_stream(ClosedError("publisher closed with requests unanswered"))
             raise
         await asyncio.wait([self._writer])
+        # what the calls were told: a caller that closes to know everything was answered learns it here too
+        if self._failure is not None:
+            raise self._failure
 
     async def __aenter__(self) -> Publisher:
         return self
@@ -231,7 +242,12 @@ class Publisher:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        if exc is None:
+            await self.close()
+            return
+        # the body's exception is the one to see: how the stream ended after it would only hide it
+        with contextlib.suppress(NerveError):
+            await self.close()
 
     def __repr__(self) -> str:
         return f"Publisher(in_flight={self.in_flight}, closed={self.closed})"

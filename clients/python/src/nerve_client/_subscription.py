@@ -1,5 +1,5 @@
-"""Subscriptions: one bidirectional Subscribe stream, read by a background task into a queue and written by
-another from an outbox."""
+"""Subscriptions: one bidirectional Subscribe stream, read by a background task into a bounded inbox and
+written by another from an outbox."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import grpc
 
-from ._errors import ClosedError, NerveError, UnavailableError, from_rpc_error
+from ._errors import ClosedError, DeadlineExceededError, NerveError, UnavailableError, from_rpc_error
 from ._events import Seconds, data_of, duration, seconds
 from ._proto.nerve.v1 import event_bus_pb2, event_pb2
 
@@ -32,6 +32,17 @@ _CLOSE_TIMEOUT = 5.0
 
 #: The default heartbeat timeout, in heartbeat intervals: one late heartbeat is no proof of a dead connection.
 _HEARTBEATS_MISSED = 3
+
+#: The window of a subscription that asks for none: the server's default ``max_in_flight`` (a server configured
+#: otherwise tells its window in heartbeats).
+_DEFAULT_WINDOW = 64
+
+#: Deliveries read beyond the window and not taken by a reader yet, at most: past that the pump stops reading,
+#: so that a reader that falls behind holds the server back by HTTP/2 flow control. The server sends no more
+#: than the window while its leases hold, so what comes beyond are copies a group handed out again (attempt
+#: + 1) after their ack deadline passed, the first copy still unread here: unbounded, they would pile up for
+#: as long as the reader lags.
+_BEYOND_WINDOW = 16
 
 
 class Delivery:
@@ -107,6 +118,73 @@ class _DoneWriting:
     """Queued after the last message: the writer half-closes the stream when it gets here."""
 
 
+class _Inbox:
+    """What the pump read and no reader took yet, in order, then the stream's end (an :class:`_End`).
+
+    The pump waits for :meth:`room` before each read: it reads on while at most the window and
+    ``_BEYOND_WINDOW`` more deliveries are unread. Up to the window it always reads on, as grpcio's asyncio
+    layer keeps the stream's status until every message before it was read, and a send that fails on a
+    stream the server ended sets the call's status to INTERNAL ("Internal error from Core") and drops those
+    messages: a reader behind by its window, as one working through a backlog is, still gets every delivery
+    and the server's own status. Heartbeats and the caught-up marker do not count: one comes per heartbeat
+    interval at most. The bound goes when a send found the stream ended (:meth:`unbound`): the sender waits
+    for its status while the reader may be waiting for the sender. Once closed, the inbox drops what the pump
+    reads, so that the pump reads on and the server's end after the Close message gets through.
+    """
+
+    def __init__(self, window: int) -> None:
+        self._items: asyncio.Queue[Any] = asyncio.Queue()
+        self._deliveries = 0  # unread, among the items
+        self._window = window
+        self._taken = asyncio.Event()
+        self._bounded = True
+        self._closed = False
+
+    async def room(self) -> None:
+        """Returns once the pump may read another message."""
+        while self._bounded and self._deliveries >= self._window + _BEYOND_WINDOW:
+            self._taken.clear()
+            await self._taken.wait()
+
+    def put(self, item: Any) -> None:
+        """Queues a message, or the end, for the reader (dropped once closed)."""
+        if self._closed:
+            return
+        kind = None if isinstance(item, _End) else item.WhichOneof("message")
+        if kind == "delivery":
+            self._deliveries += 1
+        elif kind == "heartbeat":  # the window in effect, when it is wider than this side knows
+            self.widen(item.heartbeat.in_flight + item.heartbeat.credits - self._window)
+        self._items.put_nowait(item)
+
+    async def get(self) -> Any:
+        """The next message, or the end, waiting for it."""
+        item = await self._items.get()
+        if not isinstance(item, _End) and item.WhichOneof("message") == "delivery":
+            self._deliveries -= 1
+        self._taken.set()
+        return item
+
+    def widen(self, credits: int) -> None:
+        """Counts ``credits`` more deliveries the server may have outstanding with this subscriber."""
+        if credits > 0:
+            self._window += credits
+            self._taken.set()
+
+    def unbound(self) -> None:
+        """Lets the pump read on without a reader taking anything."""
+        self._bounded = False
+        self._taken.set()
+
+    def close(self) -> None:
+        """Drops what is unread, wakes a reader waiting now with the end, and drops what comes later."""
+        self.unbound()
+        while not self._items.empty():
+            self._items.get_nowait()
+        self._items.put_nowait(_End(None))
+        self._closed = True
+
+
 _Outgoing = Union[event_bus_pb2.SubscribeRequest, _DoneWriting]
 
 
@@ -122,7 +200,8 @@ class Subscription:
     its wait; the message is still sent and the stream goes on.
 
     :meth:`close` (or leaving ``async with``) ends the stream gracefully: the server settles everything sent
-    before it, so the last acks are not lost.
+    before it, so the last acks are not lost; it raises when the stream does not end so (an error, no end in
+    time).
 
     A connection that dies silently (no FIN, no RST) is noticed by the heartbeat timeout: when the server sends
     nothing for that long (heartbeats come at least every heartbeat interval), the call is cancelled and the
@@ -133,12 +212,12 @@ class Subscription:
         self,
         call: Any,
         subscribed: event_bus_pb2.Subscribed,
-        queue: asyncio.Queue[Any],
+        inbox: _Inbox,
         pump: asyncio.Task[None],
         stream_end: asyncio.Future[NerveError | None],
     ) -> None:
         self._call = call
-        self._queue = queue
+        self._inbox = inbox
         self._pump = pump
         #: Set by the pump when the stream ends: the error it ended with, None after a clean end.
         self._stream_end = stream_end
@@ -150,6 +229,8 @@ class Subscription:
         self._closed = False
         self._half_closed = False
         self._ended: _End | None = None
+        #: What close() raises, every time, once set: the stream did not end as the Close message asks.
+        self._close_error: NerveError | None = None
         self.subscribed = subscribed
         #: Sequence of the caught-up marker once it arrived: history is delivered, live delivery goes on.
         self.caught_up_sequence: int | None = None
@@ -167,11 +248,11 @@ class Subscription:
         heartbeat_timeout: Seconds | None = None,
     ) -> Subscription:
         call = stub.Subscribe()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        inbox = _Inbox(request.max_in_flight or _DEFAULT_WINDOW)
         loop = asyncio.get_running_loop()
         stream_end: asyncio.Future[NerveError | None] = loop.create_future()
         asked = request.heartbeat_interval if request.HasField("heartbeat_interval") else None
-        pump = loop.create_task(_pump(call, queue, stream_end, lambda s: _watchdog(s, asked, heartbeat_timeout)))
+        pump = loop.create_task(_pump(call, inbox, stream_end, lambda s: _watchdog(s, asked, heartbeat_timeout)))
         try:
             try:
                 await call.write(event_bus_pb2.SubscribeRequest(open=request))
@@ -179,7 +260,7 @@ class Subscription:
                 pass  # the stream failed already: the pump reports its status
             except asyncio.InvalidStateError:
                 pass
-            first = await asyncio.wait_for(queue.get(), open_timeout)
+            first = await asyncio.wait_for(inbox.get(), open_timeout)
         except BaseException:
             call.cancel()
             pump.cancel()
@@ -191,7 +272,7 @@ class Subscription:
             call.cancel()
             pump.cancel()
             raise NerveError(grpc.StatusCode.INTERNAL, f"expected subscribed first, got {first.WhichOneof('message')}")
-        return cls(call, first.subscribed, queue, pump, stream_end)
+        return cls(call, first.subscribed, inbox, pump, stream_end)
 
     # --- what the server said -------------------------------------------------------------------------------
 
@@ -229,10 +310,10 @@ class Subscription:
             self._finish()
             return None
         if timeout is None:
-            item = await self._queue.get()
+            item = await self._inbox.get()
         else:
             try:
-                item = await asyncio.wait_for(self._queue.get(), _secs(timeout))
+                item = await asyncio.wait_for(self._inbox.get(), _secs(timeout))
             except asyncio.TimeoutError:
                 raise TimeoutError(f"no message from the subscription within {_secs(timeout)}s") from None
         if isinstance(item, _End):
@@ -295,15 +376,21 @@ class Subscription:
             if isinstance(message, Delivery):
                 return message
 
-    async def until_caught_up(self, timeout: Seconds | None = None) -> list[Delivery]:
+    async def until_caught_up(
+        self, timeout: Seconds | None = None, *, into: list[Delivery] | None = None
+    ) -> list[Delivery]:
         """Reads until the caught-up marker and returns the deliveries before it (unsettled).
 
         With a window of ``max_in_flight`` deliveries, settle them as they come instead when the backlog may be
-        larger than the window; this is for small backlogs. ``timeout`` bounds the whole wait.
+        larger than the window; this is for small backlogs. ``timeout`` bounds the whole wait. Each delivery is
+        appended to ``into`` as it is read, and ``into`` is what is returned (a new list when None): when this
+        raises (:class:`TimeoutError`, :class:`ClosedError` when the stream ended first, the stream's
+        :class:`NerveError`), the deliveries read before are there, unsettled, holding their window slots.
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + _secs(timeout)
-        out: list[Delivery] = []
+        # the caller's list, so that what was read is not lost with the return value when this raises
+        out: list[Delivery] = [] if into is None else into
         while not self.caught_up:
             left = None if deadline is None else max(0.0, deadline - loop.time())
             message = await self.next_message(left)
@@ -348,6 +435,7 @@ class Subscription:
 
     async def credit(self, credits: int) -> None:
         """Widens the window: the server may send ``credits`` more deliveries."""
+        self._inbox.widen(credits)  # first: the server may send them as soon as it reads the message
         await self._send(event_bus_pb2.SubscribeRequest(credit=event_bus_pb2.Credit(credits=credits)))
 
     async def set_filter(self, filter: event_pb2.Filter | None) -> None:
@@ -397,7 +485,10 @@ class Subscription:
             else:
                 await self._call.write(item)
         except (grpc.RpcError, asyncio.InvalidStateError):
-            # the stream has ended (writing to it raises InvalidStateError): the pump reads why
+            # the stream has ended (writing to it raises InvalidStateError): the pump reads why, after the
+            # messages still unread, so it must not wait for a reader to take them (that reader may be waiting
+            # for this very send)
+            self._inbox.unbound()
             await asyncio.wait([self._stream_end])
             return self._end_error()
         except Exception as e:
@@ -436,34 +527,56 @@ class Subscription:
         Sends a Close message behind everything already sent or queued: the server settles all of that (the
         last acks are saved), hands back what is still unacked (a group redelivers it at once, counting an
         attempt) and ends the stream. ``close`` waits up to ``timeout`` seconds (5 by default) for that end,
-        then cancels the call in any case, so it never hangs. A ``timeout`` of 0, or a stream half-closed
-        by :meth:`done_writing`, skips the Close message and cancels at once: the server still handles what
-        reached it before the cancel, but a message still on its way is lost (an ack lost so comes back as a
-        redelivery).
+        then cancels the call in any case, so it never hangs. It returns once the server ended the stream
+        with OK; it raises :class:`DeadlineExceededError` when no end came within ``timeout``, and the stream's
+        :class:`NerveError` when it ended with one (:class:`UnavailableError` from the heartbeat timeout, ...):
+        then settlements sent just before may not have been saved, and come back as redeliveries.
+
+        A ``timeout`` of 0, or a stream half-closed by :meth:`done_writing`, skips the Close message and
+        cancels at once: the server still handles what reached it before the cancel, but a message still on
+        its way is lost (an ack lost so comes back as a redelivery). That returns, as closing a stream that
+        had already ended does (reading and sending raise how it ended): there is no end to wait for.
 
         Later sends raise :class:`ClosedError`, as do queued messages the stream ended before writing.
         Reading returns the end at once: deliveries still queued or arriving meanwhile are discarded (the
-        server releases them). Closing again, or from several tasks, waits for the same end. Cancelling the
-        closing task cancels the call at once and raises in that task.
+        server releases them). Closing again, or from several tasks, waits for the same end and raises the
+        same. Cancelling the closing task cancels the call at once and raises in that task (later closes
+        raise :class:`ClosedError`).
         """
         wait = seconds(timeout)
         if wait < 0:
             raise ValueError(f"negative timeout {timeout}")
         if not self._closed:
             self._closed = True
-            self._queue.put_nowait(_End(None))  # wakes a reader waiting now
+            self._inbox.close()  # wakes a reader waiting now; the pump reads on to the end, dropping
             try:
                 if wait > 0 and not self._half_closed and not self._stream_end.done():
                     # behind whatever is queued: the writer sends it last, and the server settles all before it
                     sent = self._enqueue(event_bus_pb2.SubscribeRequest(close=event_bus_pb2.Close()))
                     sent.add_done_callback(_retrieve)  # nobody awaits it: the stream's end is what counts
                     await asyncio.wait([self._stream_end], timeout=wait)
+                    self._close_error = self._close_outcome(wait)
+            except asyncio.CancelledError:
+                self._close_error = ClosedError("closing was cancelled: the call was cancelled before the stream ended")
+                raise
             finally:
                 self._call.cancel()
                 self._pump.cancel()
                 self._stop_writer()
         # asyncio.wait neither raises the tasks' own cancellation nor swallows one of the task closing
         await asyncio.wait([self._pump, self._writer])
+        if self._close_error is not None:
+            raise self._close_error
+
+    def _close_outcome(self, waited: float) -> NerveError | None:
+        """What close() raises once it waited ``waited`` seconds for the end: None after an end with OK."""
+        if not self._stream_end.done():
+            return DeadlineExceededError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the server did not end the subscription within {waited:g}s of the Close message; "
+                "settlements sent just before may come back",
+            )
+        return self._stream_end.result()
 
     @property
     def closed(self) -> bool:
@@ -475,7 +588,12 @@ class Subscription:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()  # graceful, as close() is
+        if exc is None:
+            await self.close()  # graceful, and raising, as close() is
+            return
+        # the body's exception is the one to see: how the stream ended after it would only hide it
+        with contextlib.suppress(NerveError):
+            await self.close()
 
     def __repr__(self) -> str:
         return f"Subscription(id={self.subscription_id!r}, group={self.group!r}, caught_up={self.caught_up})"
@@ -483,21 +601,24 @@ class Subscription:
 
 async def _pump(
     call: Any,
-    queue: asyncio.Queue[Any],
+    inbox: _Inbox,
     stream_end: asyncio.Future[NerveError | None],
     watchdog: Callable[[event_bus_pb2.Subscribed], tuple[float, str] | None],
 ) -> None:
-    """Reads the stream into the queue so that a reader's timeout never cancels the call itself; when the
+    """Reads the stream into the inbox so that a reader's timeout never cancels the call itself; when the
     stream ends, queues its end and sets ``stream_end`` to the error it ended with (None: cleanly).
 
-    Once the confirmation arrived, ``watchdog`` says how long each read may wait (the heartbeat timeout) and
-    what the stream ends with when one waits longer. The queue is unbounded, so that wait is on the network
-    only, never on a reader that is slow to take the next message.
+    Each read waits for room in the inbox first, so a reader that falls behind by more than its window holds
+    the server back (HTTP/2 flow control) instead of this side buffering without bound. Once the confirmation arrived, ``watchdog``
+    says how long each read may wait (the heartbeat timeout) and what the stream ends with when one waits
+    longer. That timer runs only while the read waits on the network, never while the pump waits for room:
+    a reader slow to take the next message is no sign of a dead connection.
     """
     error: NerveError | None = None
     watch: tuple[float, str] | None = None  # none before the confirmation: the open's own timeout bounds that
     try:
         while True:
+            await inbox.room()
             if watch is None:
                 message = await call.read()
             else:
@@ -512,7 +633,7 @@ async def _pump(
                 return
             if message.WhichOneof("message") == "subscribed":
                 watch = watchdog(message.subscribed)
-            queue.put_nowait(message)
+            inbox.put(message)
     except grpc.RpcError as e:
         error = from_rpc_error(e)
     except asyncio.CancelledError:
@@ -520,8 +641,8 @@ async def _pump(
         raise
     except Exception as e:
         error = NerveError(grpc.StatusCode.UNKNOWN, f"subscription stream failed: {e!r}")
-    finally:  # never leave a reader waiting on a queue nobody fills, nor a writer on an end nobody sets
-        queue.put_nowait(_End(error))
+    finally:  # never leave a reader waiting on an inbox nobody fills, nor a writer on an end nobody sets
+        inbox.put(_End(error))
         if not stream_end.done():
             stream_end.set_result(error)
 
