@@ -1019,6 +1019,14 @@ async fn a_failover_to_another_redis_moves_commands_and_messages_to_it() {
         )
         .await;
     }
+    // each replica's listener moves with its commands (it stays on the demoted server otherwise)
+    let pattern = format!("{}:replies:*", deployment.prefix);
+    eventually("both replicas listening on the new primary", || async {
+        let channels = command(&new, &["PUBSUB", "CHANNELS", &pattern]).await;
+        let channels = redis::from_redis_value::<Vec<String>>(channels).expect("channels");
+        (channels.len() == 2).then_some(())
+    })
+    .await;
 
     // replica a waits on its channel for the reply; replica b publishes it on the new primary
     let (mut bus_a, mut bus_b) = (

@@ -341,8 +341,10 @@ pub struct RedisStreams {
     /// failover while the connection stayed open): the client reconnects only after a broken one.
     conn: std::sync::RwLock<ConnectionManager>,
     conn_config: redis::aio::ConnectionManagerConfig,
-    /// Tells the pub/sub listener to connect again, when `conn` was made again.
-    listener_again: Arc<tokio::sync::Notify>,
+    /// Counts the times `conn` was made again: the pub/sub listener connects again when it moves
+    /// past what the listener's session started with (a count, not a notification, so one made
+    /// before the session connected does not end it once more).
+    listener_again: tokio::sync::watch::Sender<u64>,
     client: redis::Client,
     store: Arc<PostgresStore>,
     keys: Keys,
@@ -413,7 +415,7 @@ impl RedisStreams {
         let streams = Arc::new(RedisStreams {
             conn: std::sync::RwLock::new(conn),
             conn_config: config,
-            listener_again: Arc::new(tokio::sync::Notify::new()),
+            listener_again: tokio::sync::watch::channel(0).0,
             client,
             store,
             keys,
@@ -1261,12 +1263,17 @@ async fn listen(streams: Weak<RedisStreams>) {
         let client = this.client.clone();
         let wake = this.keys.wake_channel();
         let replies = this.keys.reply_channel(&this.replica);
-        let again = this.listener_again.clone();
+        // marked seen before connecting: a connection made again from here on is one this
+        // session may have missed, and ends it
+        let mut again = this.listener_again.subscribe();
+        again.borrow_and_update();
         drop(this);
+        let mut subscribed = false;
         let session = async {
             let mut pubsub = client.get_async_pubsub().await.map_err(redis_err)?;
             pubsub.subscribe(&wake).await.map_err(redis_err)?;
             pubsub.subscribe(&replies).await.map_err(redis_err)?;
+            subscribed = true;
             // a Redis that went away may be back from an older snapshot, holding streams shorter
             // than what was added to them: a stream that gets no new event would keep its hole
             if let Some(this) = streams.upgrade().filter(|_| reconnected) {
@@ -1291,12 +1298,15 @@ async fn listen(streams: Weak<RedisStreams>) {
                 let message = tokio::select! {
                     message = messages.next() => message,
                     // the command connection was made again (its server took no writes): this
-                    // one goes where it went, and the new session looks for lost entries
-                    () = again.notified() => None,
+                    // one goes where it went at once, and the new session looks for lost entries
+                    changed = again.changed() => match changed {
+                        Ok(()) => return Ok(Ended::Again),
+                        Err(_) => return Ok(Ended::Lost),
+                    },
                 };
                 let Some(message) = message else { break };
                 let Some(this) = streams.upgrade() else {
-                    return Ok(());
+                    return Ok(Ended::Lost);
                 };
                 let payload: String = message.get_payload().unwrap_or_default();
                 let Some((a, b)) = payload.split_once('\n') else {
@@ -1320,18 +1330,35 @@ async fn listen(streams: Weak<RedisStreams>) {
                     deliver_reply(&this, a, seq).await;
                 }
             }
-            Ok::<(), StreamError>(())
+            Ok::<Ended, StreamError>(Ended::Lost)
         };
-        let wait = backoff.next_wait();
         let ended = session.await;
         reconnected = true;
-        match ended {
-            Ok(()) if streams.strong_count() == 0 => return,
-            Ok(()) => {}
-            Err(error) => warn!(%error, retry_in = ?wait, "redis pub/sub connection lost"),
+        // waits grow only while connecting fails: replies to this replica's requesters are lost
+        // while it is not subscribed
+        if subscribed {
+            backoff.reset();
         }
+        let wait = match ended {
+            _ if streams.strong_count() == 0 => return,
+            Ok(Ended::Again) => continue,
+            Ok(Ended::Lost) => backoff.next_wait(),
+            Err(error) => {
+                let wait = backoff.next_wait();
+                warn!(%error, retry_in = ?wait, "redis pub/sub connection lost");
+                wait
+            }
+        };
         tokio::time::sleep(wait).await;
     }
+}
+
+/// Why a session of the pub/sub listener ended without an error.
+enum Ended {
+    /// The command connection was made again: connect again at once.
+    Again,
+    /// Its connection closed.
+    Lost,
 }
 
 async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
@@ -2510,7 +2537,7 @@ impl LiveStreams for RedisStreams {
                 .await
                 .map_err(redis_err)?;
                 *self.conn.write().unwrap_or_else(|p| p.into_inner()) = conn;
-                self.listener_again.notify_one();
+                self.listener_again.send_modify(|made| *made += 1);
                 warn!(error = %e, "redis takes no writes (a replica); connected again");
                 Err(redis_err(e))
             }
