@@ -783,8 +783,8 @@ func (*StartPosition_AfterSequence) isStartPosition_Position() {}
 func (*StartPosition_Time) isStartPosition_Position() {}
 
 // Ack settles deliveries as processed. Ack, Nack and ExtendDeadline each name at most the server's
-// bus.max_in_flight_limit (10,000 by default) delivery ids, or the stream ends with INVALID_ARGUMENT;
-// an id named twice counts once.
+// bus.max_in_flight_limit (10,000 by default) deliveries, an id named twice counted once, or the stream
+// ends with INVALID_ARGUMENT.
 type Ack struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	DeliveryIds   []string               `protobuf:"bytes,1,rep,name=delivery_ids,json=deliveryIds,proto3" json:"delivery_ids,omitempty"`

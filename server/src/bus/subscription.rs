@@ -1126,7 +1126,6 @@ impl Session {
     }
 
     fn parse_ids(&self, ids: &[String], field: &str) -> BusResult<Vec<(u64, u32)>> {
-        self.check_id_count(ids, field)?;
         let mut parsed = ids
             .iter()
             .enumerate()
@@ -1143,18 +1142,19 @@ impl Session {
         // one backend change per delivery, however often it was named
         parsed.sort_unstable();
         parsed.dedup();
+        self.check_id_count(parsed.len(), field)?;
         Ok(parsed)
     }
 
-    /// Refuses a command naming more deliveries than a stream may hold: each id is a change made
-    /// under the store's writer lock, and one message could name hundreds of thousands.
-    fn check_id_count(&self, ids: &[String], field: &str) -> BusResult<()> {
-        if ids.len() > self.window_limit as usize {
+    /// Refuses a command naming more deliveries (each counted once) than a stream may hold: each
+    /// is a change made under the store's writer lock, and one message could name hundreds of
+    /// thousands.
+    fn check_id_count(&self, deliveries: usize, field: &str) -> BusResult<()> {
+        if deliveries > self.window_limit as usize {
             return Err(InvalidInput::field(
                 format!("{field}.delivery_ids"),
                 format!(
-                    "names {} deliveries, more than a stream may hold ({})",
-                    ids.len(),
+                    "names {deliveries} deliveries, more than a stream may hold ({})",
                     self.window_limit
                 ),
             )
@@ -1215,7 +1215,6 @@ impl Session {
             // the acks before it are saved above; `run` releases the rest as at any end
             Command::Close => return Ok(Flow::Close),
             Command::Ack(ids) => {
-                self.check_id_count(&ids, "ack")?;
                 // the ids that parse are settled even beside one that does not: its error ends the
                 // stream, and deliveries already processed must not come back as attempts
                 let mut valid: Vec<(u64, u32)> =
@@ -1223,6 +1222,7 @@ impl Session {
                 let parsed = valid.len();
                 valid.sort_unstable();
                 valid.dedup();
+                self.check_id_count(valid.len(), "ack")?;
                 for (seq, attempt) in &valid {
                     self.settle(*seq, *attempt);
                 }

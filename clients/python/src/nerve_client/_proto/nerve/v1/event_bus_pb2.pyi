@@ -344,8 +344,8 @@ Global___StartPosition: _TypeAlias = StartPosition  # noqa: Y015
 @_typing.final
 class Ack(_message.Message):
     """Ack settles deliveries as processed. Ack, Nack and ExtendDeadline each name at most the server's
-    bus.max_in_flight_limit (10,000 by default) delivery ids, or the stream ends with INVALID_ARGUMENT;
-    an id named twice counts once.
+    bus.max_in_flight_limit (10,000 by default) deliveries, an id named twice counted once, or the stream
+    ends with INVALID_ARGUMENT.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
