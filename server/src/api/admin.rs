@@ -242,7 +242,7 @@ impl pb::admin_server::Admin for AdminApi {
                 .parse()
                 .map_err(|_| invalid("page_token", "is not a token returned by ListDeadLetters"))?
         };
-        let (letters, more) = self
+        let (letters, next_after) = self
             .bus
             .dead_letters(&principal.tenant, &r.group, after, limit)
             .await
@@ -266,16 +266,13 @@ impl pb::admin_server::Admin for AdminApi {
             .bus
             .limits()
             .page_fits(letters.iter().map(|(_, l)| l.encoded_len()));
-        let more = more || fits < letters.len();
-        letters.truncate(fits);
-        let next_page_token = if more {
-            letters
-                .last()
-                .map(|(sequence, _)| sequence.to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
+        // a page cut short goes on after its last letter (a page holds at least one)
+        let next_after = match fits.checked_sub(1).and_then(|last| letters.get(last)) {
+            Some((sequence, _)) if fits < letters.len() => Some(*sequence),
+            _ => next_after,
         };
+        letters.truncate(fits);
+        let next_page_token = next_after.map(|s| s.to_string()).unwrap_or_default();
         Ok(Response::new(pb::ListDeadLettersResponse {
             dead_letters: letters.into_iter().map(|(_, l)| l).collect(),
             next_page_token,

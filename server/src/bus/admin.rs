@@ -194,14 +194,15 @@ impl Bus {
         Ok(deleted || cleared > 0)
     }
 
-    /// Lists a group's dead letters after a sequence, with their events, and whether more follow.
+    /// Lists a group's dead letters after a sequence, with their events, and the sequence the next
+    /// page starts after when more follow.
     pub async fn dead_letters(
         &self,
         tenant: &str,
         group: &str,
         after: u64,
         limit: usize,
-    ) -> BusResult<(Vec<(DeadLetter, Arc<StoredEvent>)>, bool)> {
+    ) -> BusResult<(Vec<(DeadLetter, Arc<StoredEvent>)>, Option<u64>)> {
         // one more than the page, so an exactly full last page says no more follow
         let mut letters = self
             .store
@@ -209,6 +210,8 @@ impl Bus {
             .await?;
         let more = letters.len() > limit;
         letters.truncate(limit);
+        // the page's own last letter, even when its event is not there to show
+        let next_after = letters.last().map(|d| d.sequence).filter(|_| more);
         let sequences: Vec<u64> = letters.iter().map(|d| d.sequence).collect();
         let events: HashMap<u64, Arc<StoredEvent>> = self
             .store
@@ -221,7 +224,7 @@ impl Bus {
             .into_iter()
             .filter_map(|d| events.get(&d.sequence).cloned().map(|e| (d, e)))
             .collect();
-        Ok((letters, more))
+        Ok((letters, next_after))
     }
 
     /// Sends dead letters back to their group only, due at once with fresh attempts; returns how many.
