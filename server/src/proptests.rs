@@ -5,7 +5,7 @@ use proptest::prelude::*;
 
 use crate::{
     api::{convert, pb},
-    auth::{jwt::JwtVerifier, policy::Policy, tls::certificate_identity},
+    auth::{jwt::JwtVerifier, policy::Policy, tls::peer_certificate},
     event::{TypePattern, validate_type},
 };
 
@@ -135,7 +135,7 @@ proptest! {
 
     #[test]
     fn certificate_parsing_never_panics(der in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = certificate_identity(&der);
+        let _ = peer_certificate(&der);
     }
 
     #[test]

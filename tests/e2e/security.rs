@@ -314,10 +314,21 @@ impl Pki {
 
     /// A certificate and key (PEM) with these SANs and common name.
     fn issue(&self, sans: Vec<SanType>, cn: &str) -> (String, String) {
+        self.issue_with(sans, cn, |_| {})
+    }
+
+    /// A certificate and key (PEM) with these SANs and common name, its parameters adjusted.
+    fn issue_with(
+        &self,
+        sans: Vec<SanType>,
+        cn: &str,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> (String, String) {
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.subject_alt_names = sans;
         params.distinguished_name.push(DnType::CommonName, cn);
+        adjust(&mut params);
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
         (cert.pem(), key.serialize_pem())
     }
@@ -494,6 +505,59 @@ allow = { publish = ["t.>"] }
         .await
         .expect_err("only health on the health port");
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+}
+
+/// A client certificate's validity is checked at every call, not only at the handshake: a
+/// connection outlives its certificate for as long as keepalives hold it open.
+#[tokio::test]
+async fn calls_on_a_connection_whose_certificate_expired_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new("nerve test ca");
+    let policy = write(
+        dir.path(),
+        "policy.toml",
+        r#"
+[[principal]]
+id = "spiffe://nerve.test/planner"
+sources = ["//planner"]
+allow = { publish = ["t.>"] }
+"#,
+    );
+    let server = TestServer::start_with(|c| {
+        tls_config(c, dir.path(), &pki);
+        c.auth.policy_file = policy.clone();
+    })
+    .await;
+    // X.509 keeps whole seconds
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("second");
+    let expires = now + time::Duration::seconds(2);
+    let planner = pki.issue_with(vec![uri("spiffe://nerve.test/planner")], "planner", |p| {
+        p.not_after = expires;
+    });
+    let channel = tls_channel(server.addr(), &pki.ca_pem, Some(&planner))
+        .await
+        .expect("connects while the certificate is valid");
+    let mut bus = pb::event_bus_client::EventBusClient::new(channel);
+    let publish = || pb::PublishRequest {
+        events: vec![sourced(
+            &uuid::Uuid::new_v4().to_string(),
+            "t.created",
+            "//planner",
+        )],
+    };
+    bus.publish(publish())
+        .await
+        .expect("a call while the certificate is valid");
+    // nothing but the clock ends a certificate
+    let left = expires - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(100);
+    tokio::time::sleep(left.try_into().unwrap_or_default()).await;
+    assert_status(
+        bus.publish(publish()).await,
+        Code::Unauthenticated,
+        "the client certificate has expired",
+    );
 }
 
 #[tokio::test]

@@ -62,7 +62,8 @@ pub struct Principal {
     /// True when auth is off: every action is allowed.
     pub unrestricted: bool,
     /// When the bearer token that identified the caller stops being accepted; its streams end then.
-    /// `None` without a token (a certificate is checked once, at the handshake, as TLS does).
+    /// `None` without a token (a certificate's validity is checked at the start of each call: a
+    /// stream opened before it expired goes on).
     pub expires: Option<SystemTime>,
 }
 
@@ -279,7 +280,14 @@ impl Auth {
         }
         let unauthenticated = |m: &str| AuthError::Unauthenticated(m.to_owned());
         let certificate = match conn.and_then(|c| c.peer.clone()) {
-            Some(Ok(id)) => Some(id),
+            // checked at every call, not only at the handshake: a connection outlives its
+            // certificate for as long as keepalives hold it open
+            Some(Ok(peer)) if peer.not_after.is_some_and(|at| at <= SystemTime::now()) => {
+                return Err(unauthenticated(
+                    "the client certificate has expired; connect again with a renewed one",
+                ));
+            }
+            Some(Ok(peer)) => Some(peer.identity),
             Some(Err(reason)) => return Err(AuthError::Unauthenticated(reason)),
             None => None,
         };

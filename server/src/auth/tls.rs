@@ -7,7 +7,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier};
@@ -28,8 +28,17 @@ use super::{config::TlsConfig, watched::Watched};
 /// What a connection tells about its peer; every request of the connection carries it.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// The client certificate's identity: None without a certificate, Err when it has no usable one.
-    pub peer: Option<Result<String, String>>,
+    /// The client certificate: None without one, Err when it has no usable identity.
+    pub peer: Option<Result<PeerCertificate, String>>,
+}
+
+/// A client certificate the handshake verified.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate {
+    /// The identity it gives (see [`certificate_identity`]).
+    pub identity: String,
+    /// When it stops being valid: calls on its connection are refused from then on.
+    pub not_after: Option<SystemTime>,
 }
 
 /// One accepted connection.
@@ -140,10 +149,21 @@ fn server_config(config: &TlsConfig) -> Result<ServerConfig, String> {
     Ok(server)
 }
 
-/// The identity of a client certificate: its one URI SAN (SPIFFE style), else its one DNS SAN.
-pub fn certificate_identity(der: &[u8]) -> Result<String, String> {
+/// A client certificate's identity and the end of its validity.
+pub fn peer_certificate(der: &[u8]) -> Result<PeerCertificate, String> {
     let (_, cert) = X509Certificate::from_der(der)
         .map_err(|e| format!("client certificate does not parse: {e}"))?;
+    let not_after = u64::try_from(cert.validity().not_after.timestamp())
+        .ok()
+        .and_then(|secs| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs)));
+    Ok(PeerCertificate {
+        identity: certificate_identity(&cert)?,
+        not_after,
+    })
+}
+
+/// The identity of a client certificate: its one URI SAN (SPIFFE style), else its one DNS SAN.
+pub fn certificate_identity(cert: &X509Certificate<'_>) -> Result<String, String> {
     let names = cert
         .subject_alternative_name()
         .map_err(|e| format!("client certificate SAN extension is invalid: {e}"))?
@@ -259,7 +279,7 @@ pub fn incoming(
                             .1
                             .peer_certificates()
                             .and_then(|chain| chain.first())
-                            .map(|leaf| certificate_identity(leaf));
+                            .map(|leaf| peer_certificate(leaf));
                         let conn = Conn {
                             io: Either::Right(stream),
                             info: ConnInfo { peer },
