@@ -245,21 +245,24 @@ async fn malformed_ack_ends_the_stream_with_invalid_argument() {
 
 /// Heartbeats come at the interval asked for (the harness asks for 200 ms), which the server confirms
 /// on open, so that a client can tell a quiet stream from a dead connection; without one asked for,
-/// the confirmation names the default.
+/// the confirmation names the default. The window in effect is confirmed alike.
 #[tokio::test]
 async fn heartbeats_flow_while_idle() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|c| c.bus.default_max_in_flight = 300).await;
     let mut bus = server.bus();
-    let mut sub = Subscriber::open(&mut bus, open(&["quiet.>"], ""))
-        .await
-        .expect("open");
+    let mut o = open(&["quiet.>"], "");
+    o.max_in_flight = 7;
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
     assert_eq!(sub.subscribed.heartbeat_interval, millis(200));
+    assert_eq!(sub.subscribed.max_in_flight, 7);
     let defaults = pb::SubscriptionOpen {
         heartbeat_interval: None,
+        max_in_flight: 0,
         ..open(&["quiet.>"], "")
     };
     let default = Subscriber::open(&mut bus, defaults).await.expect("open");
     assert_eq!(default.subscribed.heartbeat_interval, millis(10_000));
+    assert_eq!(default.subscribed.max_in_flight, 300);
     sub.expect_idle(3).await;
     assert!(
         sub.caught_up.is_some(),

@@ -1211,8 +1211,11 @@ type Subscribed struct {
 	// The heartbeat interval in effect: while nothing else is sent, a heartbeat comes at least this
 	// often, so a subscriber that hears nothing for a few intervals can take its connection for dead.
 	HeartbeatInterval *durationpb.Duration `protobuf:"bytes,4,opt,name=heartbeat_interval,json=heartbeatInterval,proto3" json:"heartbeat_interval,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The window in effect: the deliveries the server may have outstanding with this subscriber
+	// before acks or credits (the open's max_in_flight, else the server's default).
+	MaxInFlight   uint32 `protobuf:"varint,5,opt,name=max_in_flight,json=maxInFlight,proto3" json:"max_in_flight,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Subscribed) Reset() {
@@ -1271,6 +1274,13 @@ func (x *Subscribed) GetHeartbeatInterval() *durationpb.Duration {
 		return x.HeartbeatInterval
 	}
 	return nil
+}
+
+func (x *Subscribed) GetMaxInFlight() uint32 {
+	if x != nil {
+		return x.MaxInFlight
+	}
+	return 0
 }
 
 // Delivery hands one event to the subscriber.
@@ -1955,13 +1965,14 @@ const file_nerve_v1_event_bus_proto_rawDesc = "" +
 	"\bdelivery\x18\x02 \x01(\v2\x12.nerve.v1.DeliveryH\x00R\bdelivery\x123\n" +
 	"\theartbeat\x18\x03 \x01(\v2\x13.nerve.v1.HeartbeatH\x00R\theartbeat\x121\n" +
 	"\tcaught_up\x18\x04 \x01(\v2\x12.nerve.v1.CaughtUpH\x00R\bcaughtUpB\t\n" +
-	"\amessage\"\xba\x01\n" +
+	"\amessage\"\xde\x01\n" +
 	"\n" +
 	"Subscribed\x12'\n" +
 	"\x0fsubscription_id\x18\x01 \x01(\tR\x0esubscriptionId\x12\x14\n" +
 	"\x05group\x18\x02 \x01(\tR\x05group\x12#\n" +
 	"\rhead_sequence\x18\x03 \x01(\x04R\fheadSequence\x12H\n" +
-	"\x12heartbeat_interval\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x11heartbeatInterval\"\xab\x01\n" +
+	"\x12heartbeat_interval\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x11heartbeatInterval\x12\"\n" +
+	"\rmax_in_flight\x18\x05 \x01(\rR\vmaxInFlight\"\xab\x01\n" +
 	"\bDelivery\x12%\n" +
 	"\x05event\x18\x01 \x01(\v2\x0f.nerve.v1.EventR\x05event\x12\x1f\n" +
 	"\vdelivery_id\x18\x02 \x01(\tR\n" +

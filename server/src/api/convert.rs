@@ -375,11 +375,13 @@ pub fn outbound(message: Outbound) -> Vec<pb::SubscribeResponse> {
             group,
             head_sequence,
             heartbeat,
+            max_in_flight,
         } => one(Message::Subscribed(pb::Subscribed {
             subscription_id,
             group: group.unwrap_or_default(),
             head_sequence,
             heartbeat_interval: prost_types::Duration::try_from(heartbeat).ok(),
+            max_in_flight,
         })),
         Outbound::Deliveries(all) => all
             .into_iter()

@@ -96,6 +96,8 @@ pub enum Outbound {
         head_sequence: u64,
         /// The heartbeat interval in effect.
         heartbeat: Duration,
+        /// The window in effect.
+        max_in_flight: u32,
     },
     /// Deliveries in order, handed over at once; each goes out as its own message.
     Deliveries(Vec<Delivery>),
@@ -368,6 +370,7 @@ impl Bus {
             group: spec.group,
             head_sequence: head,
             heartbeat,
+            max_in_flight,
         };
         tokio::spawn(session.run(opened, commands));
         Ok(rx)

@@ -543,10 +543,15 @@ class Subscribed(_message.Message):
     GROUP_FIELD_NUMBER: _builtins.int
     HEAD_SEQUENCE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.str
     group: _builtins.str
     head_sequence: _builtins.int
     """Sequence the store had committed when the subscription opened."""
+    max_in_flight: _builtins.int
+    """The window in effect: the deliveries the server may have outstanding with this subscriber
+    before acks or credits (the open's max_in_flight, else the server's default).
+    """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """The heartbeat interval in effect: while nothing else is sent, a heartbeat comes at least this
@@ -560,10 +565,11 @@ class Subscribed(_message.Message):
         group: _builtins.str = ...,
         head_sequence: _builtins.int = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
+        max_in_flight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "head_sequence", b"head_sequence", "heartbeat_interval", b"heartbeat_interval", "subscription_id", b"subscription_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "head_sequence", b"head_sequence", "heartbeat_interval", b"heartbeat_interval", "max_in_flight", b"max_in_flight", "subscription_id", b"subscription_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
