@@ -864,3 +864,52 @@ async def test_group_falls_back_to_the_list_on_a_server_without_get_group() -> N
             assert await client.group("third") is None
     finally:
         await server.stop(None)
+
+
+async def test_close_raises_an_error_end_nothing_had_told(client: Client) -> None:
+    # the server ends the member's stream when its group is deleted; nothing here reads that end
+    sub = await client.subscribe("told.x", group="told", heartbeat_interval=0.2)
+    assert await client.delete_group("told")
+    await asyncio.wait_for(asyncio.wait([sub._stream_end]), WAIT)
+    with pytest.raises(NotFoundError):
+        await sub.close()
+    # an end reading already raised is not raised again
+    read = await client.subscribe("told.y", group="told-read", heartbeat_interval=0.2)
+    assert await client.delete_group("told-read")
+
+    async def drain() -> None:
+        while await read.next_message() is not None:
+            pass
+
+    with pytest.raises(NotFoundError):
+        await asyncio.wait_for(drain(), WAIT)
+    await read.close()
+
+
+async def test_every_waiting_reader_gets_the_end(client: Client) -> None:
+    # several worker tasks reading one subscription, all waiting for a delivery when it closes
+    sub = await client.subscribe("readers.x", group="readers")
+    readers = [asyncio.create_task(sub.next()) for _ in range(3)]
+    await asyncio.sleep(0)
+    await asyncio.wait_for(sub.close(), WAIT)
+    ended = await asyncio.wait_for(asyncio.gather(*readers, return_exceptions=True), WAIT)
+    assert all(isinstance(e, ClosedError) for e in ended), ended
+
+
+async def test_the_read_ahead_takes_the_window_the_server_confirms() -> None:
+    # a server whose default window is not the usual 64: a subscription that asks for none learns it on open,
+    # and reads ahead all of it without the application taking any
+    server = ServerProcess(server_binary(), {"NERVE_BUS__DEFAULT_MAX_IN_FLIGHT": "200"})
+    try:
+        async with Client.connect(server.addr, ready_timeout=WAIT) as client:
+            await client.publish(*(ev(f"r{i}", "wide.x") for i in range(150)))
+            async with client.subscribe("wide.x", start="earliest") as sub:
+                assert sub.subscribed.max_in_flight == 200
+
+                async def all_read_ahead() -> bool | None:
+                    return True if sub._inbox._deliveries == 150 else None
+
+                await eventually("every delivery read ahead", all_read_ahead)
+                assert [(await sub.next(timeout=WAIT)).event.id for _ in range(150)] == [f"r{i}" for i in range(150)]
+    finally:
+        server.stop()

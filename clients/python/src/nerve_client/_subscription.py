@@ -33,8 +33,8 @@ _CLOSE_TIMEOUT = 5.0
 #: The default heartbeat timeout, in heartbeat intervals: one late heartbeat is no proof of a dead connection.
 _HEARTBEATS_MISSED = 3
 
-#: The window of a subscription that asks for none: the server's default ``max_in_flight`` (a server configured
-#: otherwise tells its window in heartbeats).
+#: The window of a subscription that asks for none, until the server confirms the one in effect on open (an
+#: older server that confirms none tells it in heartbeats).
 _DEFAULT_WINDOW = 64
 
 #: Deliveries read beyond the window and not taken by a reader yet, at most: past that the pump stops reading,
@@ -158,12 +158,18 @@ class _Inbox:
         self._items.put_nowait(item)
 
     async def get(self) -> Any:
-        """The next message, or the end, waiting for it."""
+        """The next message, or the end, waiting for it; the end stays for every reader after."""
         item = await self._items.get()
-        if not isinstance(item, _End) and item.WhichOneof("message") == "delivery":
+        if isinstance(item, _End):
+            self._items.put_nowait(item)  # several tasks may read one subscription: each gets the end
+        elif item.WhichOneof("message") == "delivery":
             self._deliveries -= 1
         self._taken.set()
         return item
+
+    def window_is(self, window: int) -> None:
+        """The window the server confirmed on open, when it is wider than this side assumed."""
+        self.widen(window - self._window)
 
     def widen(self, credits: int) -> None:
         """Counts ``credits`` more deliveries the server may have outstanding with this subscriber."""
@@ -231,6 +237,8 @@ class Subscription:
         self._ended: _End | None = None
         #: What close() raises, every time, once set: the stream did not end as the Close message asks.
         self._close_error: NerveError | None = None
+        #: Whether reading or sending already gave the application how the stream ended.
+        self._end_seen = False
         self.subscribed = subscribed
         #: Sequence of the caught-up marker once it arrived: history is delivered, live delivery goes on.
         self.caught_up_sequence: int | None = None
@@ -272,6 +280,7 @@ class Subscription:
             call.cancel()
             pump.cancel()
             raise NerveError(grpc.StatusCode.INTERNAL, f"expected subscribed first, got {first.WhichOneof('message')}")
+        inbox.window_is(first.subscribed.max_in_flight)  # the server's default when none was asked for
         return cls(call, first.subscribed, inbox, pump, stream_end)
 
     # --- what the server said -------------------------------------------------------------------------------
@@ -337,6 +346,7 @@ class Subscription:
     def _finish(self) -> None:
         """Raises the error the stream ended with, unless this side closed it."""
         assert self._ended is not None
+        self._end_seen = True
         if self._ended.error is not None and not self._closed:
             raise self._ended.error
 
@@ -499,6 +509,7 @@ class Subscription:
         """What sending raises once the stream ended: the error the server ended it with, as reading raises."""
         if self._closed:
             return ClosedError()
+        self._end_seen = True
         error = self._stream_end.result() if self._stream_end.done() else None
         return error or ClosedError("the subscription stream ended")
 
@@ -534,8 +545,9 @@ class Subscription:
 
         A ``timeout`` of 0, or a stream half-closed by :meth:`done_writing`, skips the Close message and
         cancels at once: the server still handles what reached it before the cancel, but a message still on
-        its way is lost (an ack lost so comes back as a redelivery). That returns, as closing a stream that
-        had already ended does (reading and sending raise how it ended): there is no end to wait for.
+        its way is lost (an ack lost so comes back as a redelivery): there is no end to wait for. Closing a
+        stream that had already ended returns when reading or sending already raised how it ended, and
+        raises the error it ended with otherwise, whenever that end came.
 
         Later sends raise :class:`ClosedError`, as do queued messages the stream ended before writing.
         Reading returns the end at once: deliveries still queued or arriving meanwhile are discarded (the
@@ -556,6 +568,10 @@ class Subscription:
                     sent.add_done_callback(_retrieve)  # nobody awaits it: the stream's end is what counts
                     await asyncio.wait([self._stream_end], timeout=wait)
                     self._close_error = self._close_outcome(wait)
+                elif self._stream_end.done() and not self._end_seen:
+                    # it ended before, and nothing told the application how: an error end is told now,
+                    # whenever it came
+                    self._close_error = self._stream_end.result()
             except asyncio.CancelledError:
                 self._close_error = ClosedError("closing was cancelled: the call was cancelled before the stream ended")
                 raise
