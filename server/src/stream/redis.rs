@@ -1273,7 +1273,6 @@ async fn listen(streams: Weak<RedisStreams>) {
             let mut pubsub = client.get_async_pubsub().await.map_err(redis_err)?;
             pubsub.subscribe(&wake).await.map_err(redis_err)?;
             pubsub.subscribe(&replies).await.map_err(redis_err)?;
-            subscribed = true;
             // a Redis that went away may be back from an older snapshot, holding streams shorter
             // than what was added to them: a stream that gets no new event would keep its hole
             if let Some(this) = streams.upgrade().filter(|_| reconnected) {
@@ -1293,6 +1292,8 @@ async fn listen(streams: Weak<RedisStreams>) {
                     this.bump_wakeup(&key);
                 }
             }
+            // the session got as far as listening: a connection that fails later starts the waits over
+            subscribed = true;
             let mut messages = pubsub.into_on_message();
             loop {
                 let message = tokio::select! {
