@@ -83,6 +83,10 @@ pub struct Config {
     /// the wait. 0s = stop at once.
     #[serde(with = "humantime_serde")]
     pub shutdown_delay: Duration,
+    /// Once the listeners close, how long open calls get to end; then the process stops without
+    /// them (a subscriber that does not read holds its stream's end back for good).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
     pub limits: Limits,
     pub bus: BusSettings,
     /// Allow listening on a non-loopback address without authentication (logged as a warning).
@@ -109,6 +113,7 @@ impl Default for Config {
             log_level: "info".into(),
             health_check_interval: Duration::from_secs(2),
             shutdown_delay: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(20),
             limits: Limits::default(),
             bus: BusSettings::default(),
             insecure: false,

@@ -20,7 +20,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     bus::Bus,
@@ -264,7 +264,7 @@ pub async fn run(
     config: Config,
     mut signals: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<()> {
-    let delay = config.shutdown_delay;
+    let (delay, stop_within) = (config.shutdown_delay, config.shutdown_timeout);
     // a signal while starting (migrations waiting on another replica's lock, a slow open) stops
     // there: the ports never open
     let server = tokio::select! {
@@ -289,7 +289,15 @@ pub async fn run(
     }
     info!("shutting down");
     server.shutdown();
-    server.wait().await?;
+    // an acknowledged publish is durable whatever comes after, and streams were ended: what is
+    // left is sending their ends, which a client that does not read holds back
+    match tokio::time::timeout(stop_within, server.wait()).await {
+        Ok(stopped) => stopped?,
+        Err(_) => warn!(
+            timeout = %humantime::format_duration(stop_within),
+            "calls still open after shutdown_timeout (a subscriber not reading, say); stopping without them"
+        ),
+    }
     info!("stopped");
     Ok(())
 }

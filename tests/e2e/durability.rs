@@ -214,6 +214,49 @@ async fn sigterm_ends_streams_with_a_status_and_exits_zero() {
     assert_eq!((id(&d), d.attempt), ("s1".to_owned(), 2));
 }
 
+/// A subscriber that does not read holds its stream's end back for good (its deliveries fill every
+/// buffer on the way): the server stops without it after `shutdown_timeout`, exits 0, and the
+/// deliveries it held come back after the restart.
+#[tokio::test]
+async fn a_subscriber_that_does_not_read_holds_the_shutdown_back_only_so_long() {
+    const EVENTS: usize = 96;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = HashMap::from([("NERVE_SHUTDOWN_TIMEOUT", "1s")]);
+    let mut server = ServerProcess::spawn(dir.path(), &env).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let mut o = open(&["stuck.>"], "stuck");
+    o.max_in_flight = EVENTS as u32;
+    let _stuck = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    // 48 MB of deliveries, far past what HTTP/2 lets through to a reader that takes none
+    let mut ids = Vec::new();
+    for b in 0..EVENTS / 6 {
+        let events: Vec<pb::Event> = (0..6)
+            .map(|i| {
+                let mut e = event(&format!("stuck-{b}-{i}"), "stuck.x");
+                e.data = Some(pb::event::Data::BinaryData(vec![7; 512 << 10]));
+                e
+            })
+            .collect();
+        ids.extend(events.iter().map(|e| e.id.clone()));
+        publish(&mut bus, events).await;
+    }
+    server.signal(15);
+    server.exits_zero().await;
+
+    let restarted = ServerProcess::spawn(dir.path(), &HashMap::new()).await;
+    let mut bus = EventBusClient::new(restarted.channel().await);
+    let mut member = Subscriber::open(&mut bus, o).await.expect("reopen");
+    let mut again: Vec<String> = member
+        .deliveries(EVENTS)
+        .await
+        .iter()
+        .map(|d| id(d).to_owned())
+        .collect();
+    again.sort();
+    ids.sort();
+    assert_eq!(again, ids, "every held delivery came back");
+}
+
 /// With a shutdown delay the first SIGTERM only takes readiness away: calls are still served (a new
 /// connection publishes, an open subscription receives it) until a second signal stops the server.
 #[tokio::test]

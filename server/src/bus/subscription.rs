@@ -430,20 +430,19 @@ impl Session {
                 Err(_) if self.tx.is_closed() => {
                     return self.settle_received(&mut commands, usize::MAX).await;
                 }
+                // while it waited for a subscriber that does not read
+                Err(BusError::ShuttingDown) => return self.shut_down(&mut commands).await,
                 Err(e) => return Err(e),
             };
             self.report_window();
-            self.heartbeat_if_due().await?;
+            match self.heartbeat_if_due().await {
+                Err(BusError::ShuttingDown) => return self.shut_down(&mut commands).await,
+                sent => sent?,
+            }
             let wake_at = self.next_wake(next_due);
             tokio::select! {
                 biased;
-                _ = self.bus.shutdown.cancelled() => {
-                    // what the subscriber had sent when the shutdown came still counts: acks among
-                    // it are saved on the way out, so those deliveries do not come back after the
-                    // restart (a batch at most: a subscriber still sending must not hold the shutdown)
-                    let _ = self.settle_received(&mut commands, COMMAND_BATCH).await;
-                    return Err(BusError::ShuttingDown);
-                }
+                _ = self.bus.shutdown.cancelled() => return self.shut_down(&mut commands).await,
                 _ = self.tx.closed() => return self.settle_received(&mut commands, usize::MAX).await,
                 command = commands.next(), if commands_open => {
                     let Some(command) = command else {
@@ -491,6 +490,17 @@ impl Session {
     /// Settles up to `at_most` commands already received (acks, most often), when the subscriber
     /// cancelled or the server shuts down: they arrived ahead of that and still count, instead of
     /// coming back as failed attempts.
+    /// Ends the session for a shutdown. What the subscriber had sent when it came still counts: acks
+    /// among it are saved on the way out, so those deliveries do not come back after the restart (a
+    /// batch at most: a subscriber still sending must not hold the shutdown).
+    async fn shut_down<S>(&mut self, commands: &mut S) -> BusResult<()>
+    where
+        S: Stream<Item = BusResult<Command>> + Unpin,
+    {
+        let _ = self.settle_received(commands, COMMAND_BATCH).await;
+        Err(BusError::ShuttingDown)
+    }
+
     async fn settle_received<S>(&mut self, commands: &mut S, at_most: usize) -> BusResult<()>
     where
         S: Stream<Item = BusResult<Command>> + Unpin,
@@ -550,12 +560,14 @@ impl Session {
     }
 
     async fn send(&mut self, message: Outbound) -> BusResult<()> {
-        // a place in the queue first: deliveries a gone subscriber never got are not counted as sent
-        let permit = self
-            .tx
-            .reserve()
-            .await
-            .map_err(|_| BusError::FailedPrecondition("subscriber went away".into()))?;
+        // a place in the queue first: deliveries a gone subscriber never got are not counted as sent;
+        // a subscriber that does not read must not hold the session past a shutdown
+        let permit = tokio::select! {
+            permit = self.tx.reserve() => {
+                permit.map_err(|_| BusError::FailedPrecondition("subscriber went away".into()))?
+            }
+            () = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
+        };
         if let Outbound::Deliveries(all) = &message {
             self.record_deliveries(all);
         }
