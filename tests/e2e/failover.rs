@@ -464,31 +464,40 @@ async fn two_replicas_share_a_group_and_route_replies() {
     }
 
     // a responder on replica b answers a request made on replica a
-    let mut responder = Subscriber::open(&mut bus_b, open(&["ask.plan"], ""))
+    answer_across(bus_a.clone(), bus_b, "ask.plan").await;
+}
+
+/// A request of `request_type` made on the requester's replica, answered by a responder on the
+/// other's: asserts the reply reached the waiting requester.
+async fn answer_across(
+    mut requester: EventBusClient<Channel>,
+    mut responder_bus: EventBusClient<Channel>,
+    request_type: &str,
+) {
+    let mut responder = Subscriber::open(&mut responder_bus, open(&[request_type], ""))
         .await
         .expect("responder");
-    let mut requester = bus_a.clone();
+    let asked = event("question", request_type);
     let call = tokio::spawn(async move {
         requester
             .request(pb::RequestRequest {
-                event: Some(event("question", "ask.plan")),
+                event: Some(asked),
                 timeout: millis(5000),
             })
             .await
     });
     let asked = responder.next_delivery().await;
-    let reply_to = asked.event.expect("event").reply_to;
-    let replied = bus_b
+    let replied = responder_bus
         .reply(pb::ReplyRequest {
-            reply_to,
-            event: Some(event("answer", "ask.plan.answer")),
+            reply_to: asked.event.expect("event").reply_to,
+            event: Some(event("answer", &format!("{request_type}.answer"))),
         })
         .await
         .expect("reply")
         .into_inner();
     assert!(
         replied.delivered,
-        "the reply reached replica a's waiting requester"
+        "the reply reached the requester waiting on the other replica"
     );
     let answer = call
         .await
@@ -1029,40 +1038,12 @@ async fn a_failover_to_another_redis_moves_commands_and_messages_to_it() {
     .await;
 
     // replica a waits on its channel for the reply; replica b publishes it on the new primary
-    let (mut bus_a, mut bus_b) = (
+    answer_across(
         EventBusClient::new(a.channel().await),
         EventBusClient::new(b.channel().await),
-    );
-    let mut responder = Subscriber::open(&mut bus_b, open(&["moved.ask"], ""))
-        .await
-        .expect("responder");
-    let call = tokio::spawn(async move {
-        bus_a
-            .request(pb::RequestRequest {
-                event: Some(event("question", "moved.ask")),
-                timeout: millis(5000),
-            })
-            .await
-    });
-    let asked = responder.next_delivery().await;
-    let replied = bus_b
-        .reply(pb::ReplyRequest {
-            reply_to: asked.event.expect("event").reply_to,
-            event: Some(event("answer", "moved.ask.answer")),
-        })
-        .await
-        .expect("reply")
-        .into_inner();
-    assert!(
-        replied.delivered,
-        "replica a listens on the new primary, where replica b published the reply"
-    );
-    let answer = call
-        .await
-        .expect("join")
-        .expect("request answered")
-        .into_inner();
-    assert_eq!(answer.reply.expect("reply").id, "answer");
+        "moved.ask",
+    )
+    .await;
 }
 
 /// 5b. While Redis is down, publishes and private streams go on: the tail that private streams read is

@@ -392,20 +392,19 @@ async fn tls_publish(
         .map(tonic::Response::into_inner)
 }
 
-#[tokio::test]
-async fn client_certificates_are_verified_and_give_the_identity() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new("nerve test ca");
-    let policy = write(
-        dir.path(),
-        "policy.toml",
-        r#"
+/// A policy for the planner identified by its client certificate's URI SAN.
+const PLANNER_CERT_POLICY: &str = r#"
 [[principal]]
 id = "spiffe://nerve.test/planner"
 sources = ["//planner"]
 allow = { publish = ["t.>"] }
-"#,
-    );
+"#;
+
+#[tokio::test]
+async fn client_certificates_are_verified_and_give_the_identity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new("nerve test ca");
+    let policy = write(dir.path(), "policy.toml", PLANNER_CERT_POLICY);
     let rsa_pub = write(dir.path(), "rsa.pub.pem", RSA_PUB);
     let server = TestServer::start_with(|c| {
         tls_config(c, dir.path(), &pki);
@@ -513,16 +512,7 @@ allow = { publish = ["t.>"] }
 async fn calls_on_a_connection_whose_certificate_expired_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new("nerve test ca");
-    let policy = write(
-        dir.path(),
-        "policy.toml",
-        r#"
-[[principal]]
-id = "spiffe://nerve.test/planner"
-sources = ["//planner"]
-allow = { publish = ["t.>"] }
-"#,
-    );
+    let policy = write(dir.path(), "policy.toml", PLANNER_CERT_POLICY);
     let server = TestServer::start_with(|c| {
         tls_config(c, dir.path(), &pki);
         c.auth.policy_file = policy.clone();

@@ -139,7 +139,16 @@ async fn group(b: &Backend, name: &str, types: &[&str]) -> GroupKey {
         tenant: "t".into(),
         name: name.into(),
     };
-    let config = GroupConfig {
+    b.streams
+        .ensure_group(&key, &group_config(types), 0)
+        .await
+        .expect("group");
+    key
+}
+
+/// A group of `types`, no filter, five attempts.
+fn group_config(types: &[&str]) -> GroupConfig {
+    GroupConfig {
         selection: Selection {
             types: types
                 .iter()
@@ -148,12 +157,7 @@ async fn group(b: &Backend, name: &str, types: &[&str]) -> GroupKey {
             filter: None,
         },
         max_attempts: 5,
-    };
-    b.streams
-        .ensure_group(&key, &config, 0)
-        .await
-        .expect("group");
-    key
+    }
 }
 
 /// Stores `n` events of type "job" and hands them to the streams; returns group "g" (created from
@@ -327,16 +331,7 @@ async fn redis_group_claims_what_comes_to_streams_it_found_quiet() {
 /// created again under its name with other types, the change is refused as the group being gone,
 /// and the new group keeps its types (its members receive no type they were not checked for).
 async fn a_selection_change_does_not_reach_a_group_made_again(b: Backend) {
-    let config = |types: &[&str]| GroupConfig {
-        selection: Selection {
-            types: types
-                .iter()
-                .map(|t| TypePattern::parse(t).expect("pattern"))
-                .collect(),
-            filter: None,
-        },
-        max_attempts: 5,
-    };
+    let config = group_config;
     let key = GroupKey {
         tenant: "t".into(),
         name: "remade".into(),
