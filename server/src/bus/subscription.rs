@@ -413,6 +413,18 @@ impl Session {
     where
         S: Stream<Item = BusResult<Command>> + Send + Unpin + 'static,
     {
+        // however the shutdown reached the session (waiting for commands, or for room to send to a
+        // subscriber that does not read), what the subscriber had sent by then still counts
+        match self.serve_until_end(opened, &mut commands).await {
+            Err(BusError::ShuttingDown) => self.shut_down(&mut commands).await,
+            outcome => outcome,
+        }
+    }
+
+    async fn serve_until_end<S>(&mut self, opened: Outbound, commands: &mut S) -> BusResult<()>
+    where
+        S: Stream<Item = BusResult<Command>> + Send + Unpin + 'static,
+    {
         self.send(opened).await?;
         // a group consumer wakes when its group can claim more, a private one when the tail grew
         let mut head = match self.group {
@@ -428,22 +440,17 @@ impl Session {
                 Ok(next_due) => next_due,
                 // the subscriber went away while something was sent to it
                 Err(_) if self.tx.is_closed() => {
-                    return self.settle_received(&mut commands, usize::MAX).await;
+                    return self.settle_received(commands, usize::MAX).await;
                 }
-                // while it waited for a subscriber that does not read
-                Err(BusError::ShuttingDown) => return self.shut_down(&mut commands).await,
                 Err(e) => return Err(e),
             };
             self.report_window();
-            match self.heartbeat_if_due().await {
-                Err(BusError::ShuttingDown) => return self.shut_down(&mut commands).await,
-                sent => sent?,
-            }
+            self.heartbeat_if_due().await?;
             let wake_at = self.next_wake(next_due);
             tokio::select! {
                 biased;
-                _ = self.bus.shutdown.cancelled() => return self.shut_down(&mut commands).await,
-                _ = self.tx.closed() => return self.settle_received(&mut commands, usize::MAX).await,
+                _ = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
+                _ = self.tx.closed() => return self.settle_received(commands, usize::MAX).await,
                 command = commands.next(), if commands_open => {
                     let Some(command) = command else {
                         commands_open = false;
@@ -487,9 +494,6 @@ impl Session {
         }
     }
 
-    /// Settles up to `at_most` commands already received (acks, most often), when the subscriber
-    /// cancelled or the server shuts down: they arrived ahead of that and still count, instead of
-    /// coming back as failed attempts.
     /// Ends the session for a shutdown. What the subscriber had sent when it came still counts: acks
     /// among it are saved on the way out, so those deliveries do not come back after the restart (a
     /// batch at most: a subscriber still sending must not hold the shutdown).
@@ -501,6 +505,9 @@ impl Session {
         Err(BusError::ShuttingDown)
     }
 
+    /// Settles up to `at_most` commands already received (acks, most often), when the subscriber
+    /// cancelled or the server shuts down: they arrived ahead of that and still count, instead of
+    /// coming back as failed attempts.
     async fn settle_received<S>(&mut self, commands: &mut S, at_most: usize) -> BusResult<()>
     where
         S: Stream<Item = BusResult<Command>> + Unpin,
@@ -1514,6 +1521,87 @@ mod tests {
         shutdown.cancel();
         send.unbounded_send(Ok(Command::Ack(vec![delivery.delivery_id.clone()])))
             .expect("send");
+        while let Some(message) = out.recv().await {
+            if let Err(e) = message {
+                assert!(matches!(e, BusError::ShuttingDown), "{e:?}");
+            }
+        }
+        let key = GroupKey {
+            tenant: "t".into(),
+            name: "g".into(),
+        };
+        let stats = streams
+            .groups(&key.tenant, std::slice::from_ref(&key.name))
+            .await
+            .expect("groups");
+        assert_eq!(stats[0].pending, 0, "the ack was saved");
+    }
+
+    /// An ack sent while the session waited for room to send to a subscriber that reads nothing (its
+    /// queue full of heartbeats) is saved at the shutdown, as one the session had in hand is.
+    #[tokio::test]
+    async fn an_ack_sent_while_the_session_waited_for_room_is_saved_at_the_shutdown() {
+        use crate::{
+            event::{Event, TypePattern},
+            store::{EventStore, SqliteStore},
+            stream::{EmbeddedStreams, GroupKey, LiveStreams},
+        };
+        use futures::channel::mpsc as commands;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::started(&dir.path().join("t.db")).await;
+        let streams = EmbeddedStreams::start(store.clone())
+            .await
+            .expect("streams");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let bus = Bus::start(
+            store.clone() as Arc<dyn EventStore>,
+            streams.clone() as Arc<dyn LiveStreams>,
+            crate::event::Limits::default(),
+            crate::bus::BusSettings::default(),
+            shutdown.clone(),
+        );
+        let spec = SubscribeSpec {
+            tenant: "t".into(),
+            selection: Selection {
+                types: vec![TypePattern::parse("job").expect("pattern")],
+                filter: None,
+            },
+            group: Some("g".into()),
+            start: Start::Earliest,
+            max_in_flight: None,
+            ack_deadline: None,
+            max_attempts: None,
+            heartbeat: Some(Duration::from_millis(100)),
+        };
+        let (send, received) = commands::unbounded();
+        let mut out = bus.subscribe(spec, received).await.expect("subscribe");
+        let job = Event {
+            id: "j1".into(),
+            source: "test".into(),
+            event_type: "job".into(),
+            spec_version: "1.0".into(),
+            ..Event::default()
+        };
+        bus.publish("t", vec![job], None).await.expect("publish");
+        let delivery = loop {
+            match out.recv().await.expect("open").expect("no error") {
+                Outbound::Deliveries(mut run) => break run.remove(0),
+                _ => continue,
+            }
+        };
+        // read no more: heartbeats fill the queue, and the session waits for room to send the next
+        let full = tokio::time::Instant::now() + Duration::from_secs(30);
+        while out.len() < out.max_capacity() {
+            assert!(tokio::time::Instant::now() < full, "the queue never filled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // past the next heartbeat's time, so the session waits in its send, not between heartbeats
+        // (nothing tells from outside which it is in)
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send.unbounded_send(Ok(Command::Ack(vec![delivery.delivery_id.clone()])))
+            .expect("send");
+        shutdown.cancel();
         while let Some(message) = out.recv().await {
             if let Err(e) = message {
                 assert!(matches!(e, BusError::ShuttingDown), "{e:?}");
