@@ -84,7 +84,10 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub shutdown_delay: Duration,
     /// Once the listeners close, how long open calls get to end; then the process stops without
-    /// them (a subscriber that does not read holds its stream's end back for good).
+    /// them (a subscriber that does not read holds its stream's end back for good). A publish cut
+    /// then was not acknowledged (a retry of it is answered as a duplicate if it was stored); 0s
+    /// stops at once, before sessions hand their deliveries back (they come back after their ack
+    /// deadline).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     pub limits: Limits,
