@@ -168,8 +168,10 @@ class _Inbox:
         return item
 
     def window_is(self, window: int) -> None:
-        """The window the server confirmed on open, when it is wider than this side assumed."""
-        self.widen(window - self._window)
+        """The window the server confirmed on open (0 from an older server, which confirms none)."""
+        if window > 0:
+            self._window = window
+            self._taken.set()
 
     def widen(self, credits: int) -> None:
         """Counts ``credits`` more deliveries the server may have outstanding with this subscriber."""
@@ -463,9 +465,14 @@ class Subscription:
             raise ClosedError()
         if self._half_closed:
             raise ClosedError("the subscription is half-closed: nothing more can be sent")
-        if self._stream_end.done():
-            raise self._end_error()
-        await self._enqueue(request)
+        try:
+            if self._stream_end.done():
+                raise self._end_error()
+            await self._enqueue(request)
+        except NerveError:
+            # told here, to a sender still waiting: close() need not tell it again
+            self._end_seen = True
+            raise
 
     def _enqueue(self, item: _Outgoing) -> asyncio.Future[None]:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -509,7 +516,6 @@ class Subscription:
         """What sending raises once the stream ended: the error the server ended it with, as reading raises."""
         if self._closed:
             return ClosedError()
-        self._end_seen = True
         error = self._stream_end.result() if self._stream_end.done() else None
         return error or ClosedError("the subscription stream ended")
 
