@@ -470,8 +470,10 @@ class Subscription:
                 raise self._end_error()
             await self._enqueue(request)
         except NerveError:
-            # told here, to a sender still waiting: close() need not tell it again
-            self._end_seen = True
+            # the end, told here to a sender still waiting: close() need not tell it again (a failed
+            # write of a stream still open is not its end)
+            if self._stream_end.done():
+                self._end_seen = True
             raise
 
     def _enqueue(self, item: _Outgoing) -> asyncio.Future[None]:
