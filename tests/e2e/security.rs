@@ -641,6 +641,23 @@ async fn server_with_policy(
     .await
 }
 
+/// Asserts `token`'s GetGroup of "planners" is refused by the policy.
+async fn refused_get_group(server: &TestServer, token: &str) {
+    assert_status(
+        server
+            .admin()
+            .get_group(authorized(
+                pb::GetGroupRequest {
+                    group: "planners".into(),
+                },
+                token,
+            ))
+            .await,
+        Code::PermissionDenied,
+        "may not administer \"groups/planners\"",
+    );
+}
+
 async fn audit_records(server: &TestServer, admin: &str) -> Vec<pb::AuditRecord> {
     server
         .admin()
@@ -871,19 +888,7 @@ async fn policy_denies_what_it_does_not_grant_and_audits_it() {
         "may not administer \"groups/planners\"",
     );
     // a member may not read the group's admin view either
-    assert_status(
-        server
-            .admin()
-            .get_group(authorized(
-                pb::GetGroupRequest {
-                    group: "planners".into(),
-                },
-                &planner,
-            ))
-            .await,
-        Code::PermissionDenied,
-        "may not administer \"groups/planners\"",
-    );
+    refused_get_group(&server, &planner).await;
     assert_status(
         server
             .admin()
@@ -1108,30 +1113,12 @@ async fn refusals_of_one_principal_are_recorded_within_its_rate() {
         hs_token(&claims("tool")),
         hs_token(&claims("admin")),
     );
-    let get_group = |token: &str| {
-        let request = authorized(
-            pb::GetGroupRequest {
-                group: "planners".into(),
-            },
-            token,
-        );
-        let mut admin = server.admin();
-        async move { admin.get_group(request).await }
-    };
     let started = std::time::Instant::now();
     for _ in 0..REFUSALS {
-        assert_status(
-            get_group(&planner).await,
-            Code::PermissionDenied,
-            "may not administer",
-        );
+        refused_get_group(&server, &planner).await;
     }
     let seconds = started.elapsed().as_secs() as usize;
-    assert_status(
-        get_group(&tool).await,
-        Code::PermissionDenied,
-        "may not administer",
-    );
+    refused_get_group(&server, &tool).await;
     let records = audit_records(&server, &admin).await;
     let denied = |principal: &str| {
         records
@@ -2161,19 +2148,7 @@ async fn an_exactly_full_last_page_of_audit_records_has_no_token() {
     let server = server_with_policy(dir.path(), POLICY, |_| {}).await;
     let (planner, admin) = (hs_token(&claims("planner")), hs_token(&claims("admin")));
     for _ in 0..DENIALS {
-        assert_status(
-            server
-                .admin()
-                .get_group(authorized(
-                    pb::GetGroupRequest {
-                        group: "planners".into(),
-                    },
-                    &planner,
-                ))
-                .await,
-            Code::PermissionDenied,
-            "may not administer",
-        );
+        refused_get_group(&server, &planner).await;
     }
     // the ids of the planner's denials, following the tokens, and how many pages that took
     let pages = |page_size: u32| {

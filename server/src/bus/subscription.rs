@@ -1464,158 +1464,129 @@ mod tests {
         lengths
     }
 
+    /// A member of group "g" of type "job" on a fresh embedded store, with `heartbeat`, holding the
+    /// delivery of the one event published: the shutdown token, the store's streams, the command
+    /// sender, the session's queue and the delivery.
+    struct HeldDelivery {
+        shutdown: tokio_util::sync::CancellationToken,
+        streams: Arc<crate::stream::EmbeddedStreams>,
+        send: futures::channel::mpsc::UnboundedSender<BusResult<Command>>,
+        out: mpsc::Receiver<BusResult<Outbound>>,
+        delivery: Delivery,
+        _dir: tempfile::TempDir,
+    }
+
+    impl HeldDelivery {
+        async fn start(heartbeat: Option<Duration>) -> Self {
+            use crate::{
+                event::{Event, TypePattern},
+                store::{EventStore, SqliteStore},
+                stream::{EmbeddedStreams, LiveStreams},
+            };
+
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = SqliteStore::started(&dir.path().join("t.db")).await;
+            let streams = EmbeddedStreams::start(store.clone())
+                .await
+                .expect("streams");
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let bus = Bus::start(
+                store.clone() as Arc<dyn EventStore>,
+                streams.clone() as Arc<dyn LiveStreams>,
+                crate::event::Limits::default(),
+                crate::bus::BusSettings::default(),
+                shutdown.clone(),
+            );
+            let spec = SubscribeSpec {
+                tenant: "t".into(),
+                selection: Selection {
+                    types: vec![TypePattern::parse("job").expect("pattern")],
+                    filter: None,
+                },
+                group: Some("g".into()),
+                start: Start::Earliest,
+                max_in_flight: None,
+                ack_deadline: None,
+                max_attempts: None,
+                heartbeat,
+            };
+            let (send, received) = futures::channel::mpsc::unbounded();
+            let mut out = bus.subscribe(spec, received).await.expect("subscribe");
+            let job = Event {
+                id: "j1".into(),
+                source: "test".into(),
+                event_type: "job".into(),
+                spec_version: "1.0".into(),
+                ..Event::default()
+            };
+            bus.publish("t", vec![job], None).await.expect("publish");
+            let delivery = loop {
+                match out.recv().await.expect("open").expect("no error") {
+                    Outbound::Deliveries(mut run) => break run.remove(0),
+                    _ => continue,
+                }
+            };
+            HeldDelivery {
+                shutdown,
+                streams,
+                send,
+                out,
+                delivery,
+                _dir: dir,
+            }
+        }
+
+        fn ack(&self) {
+            self.send
+                .unbounded_send(Ok(Command::Ack(vec![self.delivery.delivery_id.clone()])))
+                .expect("send");
+        }
+
+        /// Reads the session to its end, which must be the shutdown's, and asserts the ack was saved.
+        async fn assert_saved_after_the_shutdown(mut self) {
+            use crate::stream::LiveStreams as _;
+            while let Some(message) = self.out.recv().await {
+                if let Err(e) = message {
+                    assert!(matches!(e, BusError::ShuttingDown), "{e:?}");
+                }
+            }
+            let stats = self
+                .streams
+                .groups("t", &["g".to_owned()])
+                .await
+                .expect("groups");
+            assert_eq!(stats[0].pending, 0, "the ack was saved");
+        }
+    }
+
     /// An ack that reached the server with its shutdown, before the session looked, is saved: the
     /// delivery is not handed back (counting an attempt) for another member after the restart.
     #[tokio::test]
     async fn an_ack_that_came_with_the_shutdown_is_saved() {
-        use crate::{
-            event::{Event, TypePattern},
-            store::{EventStore, SqliteStore},
-            stream::{EmbeddedStreams, GroupKey, LiveStreams},
-        };
-        use futures::channel::mpsc as commands;
-
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::started(&dir.path().join("t.db")).await;
-        let streams = EmbeddedStreams::start(store.clone())
-            .await
-            .expect("streams");
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let bus = Bus::start(
-            store.clone() as Arc<dyn EventStore>,
-            streams.clone() as Arc<dyn LiveStreams>,
-            crate::event::Limits::default(),
-            crate::bus::BusSettings::default(),
-            shutdown.clone(),
-        );
-        let spec = SubscribeSpec {
-            tenant: "t".into(),
-            selection: Selection {
-                types: vec![TypePattern::parse("job").expect("pattern")],
-                filter: None,
-            },
-            group: Some("g".into()),
-            start: Start::Earliest,
-            max_in_flight: None,
-            ack_deadline: None,
-            max_attempts: None,
-            heartbeat: None,
-        };
-        let (send, received) = commands::unbounded();
-        let mut out = bus.subscribe(spec, received).await.expect("subscribe");
-        let job = Event {
-            id: "j1".into(),
-            source: "test".into(),
-            event_type: "job".into(),
-            spec_version: "1.0".into(),
-            ..Event::default()
-        };
-        bus.publish("t", vec![job], None).await.expect("publish");
-        let delivery = loop {
-            match out.recv().await.expect("open").expect("no error") {
-                Outbound::Deliveries(mut run) => break run.remove(0),
-                _ => continue,
-            }
-        };
+        let held = HeldDelivery::start(None).await;
         // both before the session runs again (this runtime has one thread): the shutdown, then the ack
-        shutdown.cancel();
-        send.unbounded_send(Ok(Command::Ack(vec![delivery.delivery_id.clone()])))
-            .expect("send");
-        while let Some(message) = out.recv().await {
-            if let Err(e) = message {
-                assert!(matches!(e, BusError::ShuttingDown), "{e:?}");
-            }
-        }
-        let key = GroupKey {
-            tenant: "t".into(),
-            name: "g".into(),
-        };
-        let stats = streams
-            .groups(&key.tenant, std::slice::from_ref(&key.name))
-            .await
-            .expect("groups");
-        assert_eq!(stats[0].pending, 0, "the ack was saved");
+        held.shutdown.cancel();
+        held.ack();
+        held.assert_saved_after_the_shutdown().await;
     }
 
     /// An ack sent while the session waited for room to send to a subscriber that reads nothing (its
     /// queue full of heartbeats) is saved at the shutdown, as one the session had in hand is.
     #[tokio::test]
     async fn an_ack_sent_while_the_session_waited_for_room_is_saved_at_the_shutdown() {
-        use crate::{
-            event::{Event, TypePattern},
-            store::{EventStore, SqliteStore},
-            stream::{EmbeddedStreams, GroupKey, LiveStreams},
-        };
-        use futures::channel::mpsc as commands;
-
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::started(&dir.path().join("t.db")).await;
-        let streams = EmbeddedStreams::start(store.clone())
-            .await
-            .expect("streams");
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let bus = Bus::start(
-            store.clone() as Arc<dyn EventStore>,
-            streams.clone() as Arc<dyn LiveStreams>,
-            crate::event::Limits::default(),
-            crate::bus::BusSettings::default(),
-            shutdown.clone(),
-        );
-        let spec = SubscribeSpec {
-            tenant: "t".into(),
-            selection: Selection {
-                types: vec![TypePattern::parse("job").expect("pattern")],
-                filter: None,
-            },
-            group: Some("g".into()),
-            start: Start::Earliest,
-            max_in_flight: None,
-            ack_deadline: None,
-            max_attempts: None,
-            heartbeat: Some(Duration::from_millis(100)),
-        };
-        let (send, received) = commands::unbounded();
-        let mut out = bus.subscribe(spec, received).await.expect("subscribe");
-        let job = Event {
-            id: "j1".into(),
-            source: "test".into(),
-            event_type: "job".into(),
-            spec_version: "1.0".into(),
-            ..Event::default()
-        };
-        bus.publish("t", vec![job], None).await.expect("publish");
-        let delivery = loop {
-            match out.recv().await.expect("open").expect("no error") {
-                Outbound::Deliveries(mut run) => break run.remove(0),
-                _ => continue,
-            }
-        };
+        let held = HeldDelivery::start(Some(Duration::from_millis(100))).await;
         // read no more: heartbeats fill the queue, and the session waits for room to send the next
         let full = tokio::time::Instant::now() + Duration::from_secs(30);
-        while out.len() < out.max_capacity() {
+        while held.out.len() < held.out.max_capacity() {
             assert!(tokio::time::Instant::now() < full, "the queue never filled");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // past the next heartbeat's time, so the session waits in its send, not between heartbeats
         // (nothing tells from outside which it is in)
         tokio::time::sleep(Duration::from_millis(300)).await;
-        send.unbounded_send(Ok(Command::Ack(vec![delivery.delivery_id.clone()])))
-            .expect("send");
-        shutdown.cancel();
-        while let Some(message) = out.recv().await {
-            if let Err(e) = message {
-                assert!(matches!(e, BusError::ShuttingDown), "{e:?}");
-            }
-        }
-        let key = GroupKey {
-            tenant: "t".into(),
-            name: "g".into(),
-        };
-        let stats = streams
-            .groups(&key.tenant, std::slice::from_ref(&key.name))
-            .await
-            .expect("groups");
-        assert_eq!(stats[0].pending, 0, "the ack was saved");
+        held.ack();
+        held.shutdown.cancel();
+        held.assert_saved_after_the_shutdown().await;
     }
 
     #[test]
