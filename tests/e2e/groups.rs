@@ -1119,6 +1119,32 @@ async fn large_events_replay_and_list_as_dead_letters_in_pages_that_fit_a_messag
     assert_eq!(listed, seqs);
 }
 
+/// Publishes `n` events of type `<group>.x` to a new group `group` and has its member dead-letter
+/// them all with `reason`; returns the member (kept open until the letters are made) and the
+/// events' sequences.
+async fn dead_letter_new(
+    server: &TestServer,
+    group: &str,
+    n: usize,
+    reason: &str,
+) -> (Subscriber, Vec<u64>) {
+    let mut bus = server.bus();
+    let event_type = format!("{group}.x");
+    let mut o = group_open(&[event_type.as_str()], group);
+    o.max_in_flight = n as u32;
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    let seqs = publish_n(&mut bus, group, &event_type, n).await;
+    let ds = sub.deliveries(n).await;
+    sub.send(Action::Nack(pb::Nack {
+        delivery_ids: ds.iter().map(|d| d.delivery_id.clone()).collect(),
+        retry_delay: None,
+        dead_letter: true,
+        reason: reason.into(),
+    }))
+    .await;
+    (sub, seqs)
+}
+
 /// The sequences of a group's dead letters, read page by page, and how many pages that took.
 async fn every_dead_letter(server: &TestServer, group: &str, page_size: u32) -> (Vec<u64>, usize) {
     let mut token = String::new();
@@ -1154,19 +1180,7 @@ async fn every_dead_letter(server: &TestServer, group: &str, page_size: u32) -> 
 async fn an_exactly_full_last_page_of_dead_letters_has_no_token() {
     const EVENTS: usize = 4;
     let server = TestServer::start().await;
-    let mut bus = server.bus();
-    let mut o = group_open(&["paged.x"], "paged");
-    o.max_in_flight = EVENTS as u32;
-    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
-    let seqs = publish_n(&mut bus, "paged", "paged.x", EVENTS).await;
-    let ds = sub.deliveries(EVENTS).await;
-    sub.send(Action::Nack(pb::Nack {
-        delivery_ids: ds.iter().map(|d| d.delivery_id.clone()).collect(),
-        retry_delay: None,
-        dead_letter: true,
-        reason: "paged".into(),
-    }))
-    .await;
+    let (_sub, seqs) = dead_letter_new(&server, "paged", EVENTS, "paged").await;
     eventually("every dead letter listed", || async {
         let (listed, _) = every_dead_letter(&server, "paged", 0).await;
         (listed.len() == EVENTS).then_some(())
@@ -1188,19 +1202,7 @@ async fn dead_letters_with_long_reasons_come_in_pages_that_fit_a_message() {
     const EVENTS: usize = 300;
     // message limit: 64 KiB + 1 MiB; 300 letters with 5 KiB reasons are 1.5 MB, their events 50 KB
     let server = TestServer::start_with(|c| c.limits.max_batch_bytes = 64 << 10).await;
-    let mut bus = server.bus();
-    let mut o = group_open(&["reasons.x"], "reasons");
-    o.max_in_flight = EVENTS as u32;
-    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
-    let seqs = publish_n(&mut bus, "why", "reasons.x", EVENTS).await;
-    let ds = sub.deliveries(EVENTS).await;
-    sub.send(Action::Nack(pb::Nack {
-        delivery_ids: ds.iter().map(|d| d.delivery_id.clone()).collect(),
-        retry_delay: None,
-        dead_letter: true,
-        reason: "\0".repeat(1024),
-    }))
-    .await;
+    let (_sub, seqs) = dead_letter_new(&server, "reasons", EVENTS, &"\0".repeat(1024)).await;
     let (listed, pages) = eventually("every dead letter, page by page", || async {
         let (listed, pages) = every_dead_letter(&server, "reasons", EVENTS as u32).await;
         (listed.len() == EVENTS).then_some((listed, pages))
