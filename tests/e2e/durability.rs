@@ -228,18 +228,8 @@ async fn a_subscriber_that_does_not_read_holds_the_shutdown_back_only_so_long() 
     o.max_in_flight = EVENTS as u32;
     let _stuck = Subscriber::open(&mut bus, o.clone()).await.expect("open");
     // 48 MB of deliveries, far past what HTTP/2 lets through to a reader that takes none
-    let mut ids = Vec::new();
-    for b in 0..EVENTS / 6 {
-        let events: Vec<pb::Event> = (0..6)
-            .map(|i| {
-                let mut e = event(&format!("stuck-{b}-{i}"), "stuck.x");
-                e.data = Some(pb::event::Data::BinaryData(vec![7; 512 << 10]));
-                e
-            })
-            .collect();
-        ids.extend(events.iter().map(|e| e.id.clone()));
-        publish(&mut bus, events).await;
-    }
+    publish_sized(&mut bus, "stuck", "stuck.x", EVENTS, 512 << 10).await;
+    let mut ids: Vec<String> = (0..EVENTS).map(|i| format!("stuck-{i}")).collect();
     server.signal(15);
     server.exits_zero().await;
 
@@ -459,23 +449,7 @@ async fn group_claims_of_large_events_take_a_page_of_bytes_at_a_time() {
     use std::sync::atomic::Ordering::SeqCst;
     let (server, injection) = crate::injected_store::start_injected().await;
     let mut bus = server.bus();
-    let large = |id: String, event_type: &str| {
-        let mut e = event(&id, event_type);
-        e.data = Some(pb::event::Data::BinaryData(vec![7; 900 << 10]));
-        e
-    };
-    let publish_large = |prefix: &'static str, event_type: &'static str, n: usize| {
-        let mut bus = server.bus();
-        async move {
-            for first in (0..n).step_by(4) {
-                let events = (first..(first + 4).min(n))
-                    .map(|i| large(format!("{prefix}-{i}"), event_type))
-                    .collect();
-                publish(&mut bus, events).await;
-            }
-        }
-    };
-    publish_large("claimed", "claimed.x", 30).await;
+    publish_sized(&mut bus, "claimed", "claimed.x", 30, 900 << 10).await;
     let mut o = open(&["claimed.x"], "claimed");
     o.start = earliest();
     o.max_in_flight = 1000;
@@ -487,7 +461,7 @@ async fn group_claims_of_large_events_take_a_page_of_bytes_at_a_time() {
     // away without acking, so they are due again at once
     let mut first = Subscriber::open(&mut bus, o.clone()).await.expect("open");
     first.deliveries(30).await;
-    publish_large("filler", "filler.x", 80).await;
+    publish_sized(&mut bus, "filler", "filler.x", 80, 900 << 10).await;
     drop(first);
     let mut next = Subscriber::open(&mut bus, o).await.expect("open");
     let again = next.deliveries(30).await;

@@ -204,6 +204,59 @@ async fn extending_the_deadline_prevents_redelivery() {
     await_pending(&server, "g", 0).await;
 }
 
+/// A member that reads slowly keeps a delivery it extends: the server takes its commands while it
+/// waits for room to send to it. Here the member reads one delivery and no more, with far more
+/// waiting for it than HTTP/2 and the server's queue hold; it extends that one while another member
+/// gets every other event (their leases run out), and never that one.
+#[tokio::test]
+async fn a_member_that_reads_slowly_keeps_the_delivery_it_extends() {
+    const EVENTS: usize = 60;
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    // just over 512 KiB each, so each goes to the response stream alone: 31 MB in all
+    publish_sized(&mut bus, "slow", "slow.x", EVENTS, (512 << 10) + 1).await;
+    let mut o = group_open(&["slow.x"], "g");
+    o.max_in_flight = EVENTS as u32;
+    o.ack_deadline = millis(1000);
+    let mut slow = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    let held = slow.next_delivery().await;
+    let mut other = Subscriber::open(&mut bus, o).await.expect("open");
+    let extending = async {
+        loop {
+            slow.send(Action::Extend(pb::ExtendDeadline {
+                delivery_ids: vec![held.delivery_id.clone()],
+                extension: millis(1000),
+            }))
+            .await;
+            // the member's own pace of extending, well within the extension
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let every_other = async {
+        let mut got = BTreeSet::new();
+        while got.len() < EVENTS - 1 {
+            let d = other.next_delivery().await;
+            assert_ne!(
+                id(&d),
+                id(&held),
+                "the extended delivery went to another member"
+            );
+            got.insert(seq(&d));
+            other.ack_one(&d).await;
+        }
+    };
+    tokio::select! {
+        () = every_other => {}
+        _ = extending => unreachable!("extending goes on"),
+    }
+    // the slow member's ack is taken while it still reads nothing
+    slow.ack_one(&held).await;
+    await_pending(&server, "g", 0).await;
+    // and so is its Close: the stream ends once the member has read what was queued for it
+    let closed = tokio::time::timeout(WAIT, slow.close_gracefully()).await;
+    assert!(matches!(closed, Ok(Ok(()))), "{closed:?}");
+}
+
 #[tokio::test]
 async fn an_extended_delivery_is_settled_by_its_ack_beside_its_claims_open_ones() {
     let server = TestServer::start().await;
@@ -1019,17 +1072,8 @@ async fn deliveries_claimed_but_never_sent_go_to_the_next_member_at_once_on_thei
     const EVENTS: usize = 5000;
     let server = TestServer::start().await;
     let mut bus = server.bus();
-    for b in 0..EVENTS / 1000 {
-        // 2 KiB each: more than the connection's flow-control windows hold, so sending takes reading
-        let events = (0..1000)
-            .map(|i| {
-                let mut e = event(&format!("handoff-{b}-{i}"), "handoff.x");
-                e.data = Some(pb::event::Data::BinaryData(vec![7; 2048]));
-                e
-            })
-            .collect();
-        publish(&mut bus, events).await;
-    }
+    // 2 KiB each: more than the connection's flow-control windows hold, so sending takes reading
+    publish_sized(&mut bus, "handoff", "handoff.x", EVENTS, 2048).await;
     let mut o = open(&["handoff.x"], "handoff");
     o.start = earliest();
     o.max_in_flight = EVENTS as u32;

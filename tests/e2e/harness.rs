@@ -222,6 +222,32 @@ pub async fn publish_n(
     seqs
 }
 
+/// Publishes `n` events of one type with ids `{prefix}-{i}`, each carrying `bytes` of binary data,
+/// in requests of at most 3 MiB of data and 500 events.
+pub async fn publish_sized(
+    bus: &mut EventBusClient<Channel>,
+    prefix: &str,
+    event_type: &str,
+    n: usize,
+    bytes: usize,
+) -> Vec<u64> {
+    let per_request = ((3 << 20) / bytes.max(1)).clamp(1, 500);
+    let mut seqs = Vec::new();
+    let ids: Vec<usize> = (0..n).collect();
+    for chunk in ids.chunks(per_request) {
+        let events = chunk
+            .iter()
+            .map(|i| {
+                let mut e = event(&format!("{prefix}-{i}"), event_type);
+                e.data = Some(pb::event::Data::BinaryData(vec![7; bytes]));
+                e
+            })
+            .collect();
+        seqs.extend(publish(bus, events).await);
+    }
+    seqs
+}
+
 /// Builds an open message.
 pub fn open(types: &[&str], group: &str) -> pb::SubscriptionOpen {
     pb::SubscriptionOpen {

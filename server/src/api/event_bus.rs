@@ -386,7 +386,7 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             .filter_map(ready);
         let outbound = self
             .bus
-            .subscribe(spec, Box::pin(commands))
+            .subscribe(spec, commands)
             .await
             .map_err(to_status)?;
         // the permit counts the stream until the response stream is dropped

@@ -70,6 +70,11 @@ pub enum Command {
     Close,
 }
 
+/// What the subscriber sends, read by the session both while it waits for work and while it waits
+/// for room to send. Only the session reads it, through `&mut`: the wrapper lets the session be
+/// shared (`&Session`) across awaits, as a stream of the transport is not `Sync`.
+type Commands = sync_wrapper::SyncWrapper<futures::stream::BoxStream<'static, BusResult<Command>>>;
+
 /// Whether a session goes on after a command.
 #[derive(Debug, PartialEq, Eq)]
 enum Flow {
@@ -138,6 +143,10 @@ struct Session {
     tenant: String,
     selection: Selection,
     group: Option<GroupKey>,
+    /// None once the subscriber half-closed its side.
+    commands: Option<Commands>,
+    /// A Close came while the session waited for room to send: it ends once that send is done.
+    closing: bool,
     /// The group's wakeups (see [`LiveStreams::group_wakeups`]), watched since before the open.
     wakeups: Option<tokio::sync::watch::Receiver<u64>>,
     /// When the group it joined was created: one created again under the name is another group.
@@ -243,7 +252,7 @@ impl Bus {
         commands: S,
     ) -> BusResult<mpsc::Receiver<BusResult<Outbound>>>
     where
-        S: Stream<Item = BusResult<Command>> + Send + Unpin + 'static,
+        S: Stream<Item = BusResult<Command>> + Send + 'static,
     {
         let s = &self.settings;
         let max_in_flight = spec.max_in_flight.unwrap_or(s.default_max_in_flight);
@@ -345,6 +354,8 @@ impl Bus {
             tenant: spec.tenant,
             selection: spec.selection,
             group,
+            commands: Some(sync_wrapper::SyncWrapper::new(commands.boxed())),
+            closing: false,
             wakeups,
             group_created_ns: group_created_ns.unwrap_or_default(),
             ack_deadline,
@@ -372,23 +383,28 @@ impl Bus {
             heartbeat,
             max_in_flight,
         };
-        tokio::spawn(session.run(opened, commands));
+        tokio::spawn(session.run(opened));
         Ok(rx)
     }
 }
 
+/// The subscriber's next command, None at its half-close; never, after it.
+async fn next_command(commands: &mut Option<Commands>) -> Option<BusResult<Command>> {
+    match commands {
+        Some(commands) => commands.get_mut().next().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Session {
-    async fn run<S>(mut self, opened: Outbound, commands: S)
-    where
-        S: Stream<Item = BusResult<Command>> + Send + Unpin + 'static,
-    {
+    async fn run(mut self, opened: Outbound) {
         let kind = if self.group.is_some() {
             "group"
         } else {
             "private"
         };
         ::metrics::gauge!(names::SUBSCRIPTIONS, "kind" => kind).increment(1.0);
-        let outcome = self.serve(opened, commands).await;
+        let outcome = self.serve(opened).await;
         // acks read before an error or the end still count
         if let Err(error) = self.save_acks().await {
             warn!(subscription = %self.id, %error, "acks not saved; those deliveries will be redelivered");
@@ -409,22 +425,16 @@ impl Session {
         }
     }
 
-    async fn serve<S>(&mut self, opened: Outbound, mut commands: S) -> BusResult<()>
-    where
-        S: Stream<Item = BusResult<Command>> + Send + Unpin + 'static,
-    {
+    async fn serve(&mut self, opened: Outbound) -> BusResult<()> {
         // however the shutdown reached the session (waiting for commands, or for room to send to a
         // subscriber that does not read), what the subscriber had sent by then still counts
-        match self.serve_until_end(opened, &mut commands).await {
-            Err(BusError::ShuttingDown) => self.shut_down(&mut commands).await,
+        match self.serve_until_end(opened).await {
+            Err(BusError::ShuttingDown) => self.shut_down().await,
             outcome => outcome,
         }
     }
 
-    async fn serve_until_end<S>(&mut self, opened: Outbound, commands: &mut S) -> BusResult<()>
-    where
-        S: Stream<Item = BusResult<Command>> + Send + Unpin + 'static,
-    {
+    async fn serve_until_end(&mut self, opened: Outbound) -> BusResult<()> {
         self.send(opened).await?;
         // a group consumer wakes when its group can claim more, a private one when the tail grew
         let mut head = match self.group {
@@ -433,49 +443,30 @@ impl Session {
         };
         let mut wakeups = self.wakeups.take();
         // after the subscriber half-closes, deliveries go on until it cancels the call (as grpcurl does)
-        let mut commands_open = true;
         loop {
             self.expire_leases();
             let next_due = match self.fill().await {
                 Ok(next_due) => next_due,
                 // the subscriber went away while something was sent to it
-                Err(_) if self.tx.is_closed() => {
-                    return self.settle_received(commands, usize::MAX).await;
-                }
+                Err(_) if self.tx.is_closed() => return self.settle_received(usize::MAX).await,
                 Err(e) => return Err(e),
             };
             self.report_window();
             self.heartbeat_if_due().await?;
+            if self.closing {
+                return Ok(());
+            }
             let wake_at = self.next_wake(next_due);
             tokio::select! {
                 biased;
                 _ = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
-                _ = self.tx.closed() => return self.settle_received(commands, usize::MAX).await,
-                command = commands.next(), if commands_open => {
-                    let Some(command) = command else {
-                        commands_open = false;
-                        continue;
-                    };
-                    if self.handle(command?).await? == Flow::Close {
+                _ = self.tx.closed() => return self.settle_received(usize::MAX).await,
+                command = next_command(&mut self.commands) => match command {
+                    None => self.commands = None,
+                    Some(command) => if self.handle_received(command).await? == Flow::Close {
                         return Ok(());
-                    }
-                    // settle everything already queued before looking for more work
-                    for _ in 0..COMMAND_BATCH {
-                        match commands.next().now_or_never() {
-                            Some(Some(command)) => {
-                                if self.handle(command?).await? == Flow::Close {
-                                    return Ok(());
-                                }
-                            }
-                            Some(None) => {
-                                commands_open = false;
-                                break;
-                            }
-                            None => break,
-                        }
-                    }
-                    self.save_acks().await?;
-                }
+                    },
+                },
                 changed = head.changed() => if changed.is_err() {
                     return Err(BusError::Unavailable("live stream closed".into()));
                 },
@@ -497,23 +488,21 @@ impl Session {
     /// Ends the session for a shutdown. What the subscriber had sent when it came still counts: acks
     /// among it are saved on the way out, so those deliveries do not come back after the restart (a
     /// batch at most: a subscriber still sending must not hold the shutdown).
-    async fn shut_down<S>(&mut self, commands: &mut S) -> BusResult<()>
-    where
-        S: Stream<Item = BusResult<Command>> + Unpin,
-    {
-        let _ = self.settle_received(commands, COMMAND_BATCH).await;
+    async fn shut_down(&mut self) -> BusResult<()> {
+        let _ = self.settle_received(COMMAND_BATCH).await;
         Err(BusError::ShuttingDown)
     }
 
     /// Settles up to `at_most` commands already received (acks, most often), when the subscriber
     /// cancelled or the server shuts down: they arrived ahead of that and still count, instead of
     /// coming back as failed attempts.
-    async fn settle_received<S>(&mut self, commands: &mut S, at_most: usize) -> BusResult<()>
-    where
-        S: Stream<Item = BusResult<Command>> + Unpin,
-    {
+    async fn settle_received(&mut self, at_most: usize) -> BusResult<()> {
         for _ in 0..at_most {
-            let Some(Some(Ok(command))) = commands.next().now_or_never() else {
+            // nothing after a Close counts
+            let Some(commands) = self.commands.as_mut().filter(|_| !self.closing) else {
+                break;
+            };
+            let Some(Some(Ok(command))) = commands.get_mut().next().now_or_never() else {
                 break;
             };
             if self.handle(command).await? == Flow::Close {
@@ -566,14 +555,51 @@ impl Session {
         self.reported = now;
     }
 
-    async fn send(&mut self, message: Outbound) -> BusResult<()> {
-        // a place in the queue first: deliveries a gone subscriber never got are not counted as sent;
-        // a subscriber that does not read must not hold the session past a shutdown
-        let permit = tokio::select! {
-            permit = self.tx.reserve() => {
-                permit.map_err(|_| BusError::FailedPrecondition("subscriber went away".into()))?
+    /// Handles `first` and what else the subscriber has sent meanwhile (a batch at most), then saves
+    /// the acks among them in one backend call.
+    async fn handle_received(&mut self, first: BusResult<Command>) -> BusResult<Flow> {
+        if self.handle(first?).await? == Flow::Close {
+            return Ok(Flow::Close);
+        }
+        for _ in 0..COMMAND_BATCH {
+            let Some(commands) = self.commands.as_mut() else {
+                break;
+            };
+            match commands.get_mut().next().now_or_never() {
+                Some(Some(command)) => {
+                    if self.handle(command?).await? == Flow::Close {
+                        return Ok(Flow::Close);
+                    }
+                }
+                Some(None) => self.commands = None,
+                None => break,
             }
-            () = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
+        }
+        self.save_acks().await?;
+        Ok(Flow::Go)
+    }
+
+    async fn send(&mut self, message: Outbound) -> BusResult<()> {
+        // A place in the queue first: deliveries a gone subscriber never got are not counted as sent.
+        // A subscriber that reads slowly keeps settling meanwhile (an extension it sends for a
+        // delivery it works on must not wait until it reads again: the lease would run out), and one
+        // that does not read must not hold the session past a shutdown.
+        // reserved through a handle of its own, so commands can be handled while it waits
+        let tx = self.tx.clone();
+        let permit = loop {
+            tokio::select! {
+                biased;
+                permit = tx.reserve() => break permit.map_err(|_| {
+                    BusError::FailedPrecondition("subscriber went away".into())
+                })?,
+                () = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
+                command = next_command(&mut self.commands), if !self.closing => match command {
+                    None => self.commands = None,
+                    Some(command) => if self.handle_received(command).await? == Flow::Close {
+                        self.closing = true;
+                    },
+                },
+            }
         };
         if let Outbound::Deliveries(all) = &message {
             self.record_deliveries(all);
@@ -673,7 +699,7 @@ impl Session {
         let mut pages = 0;
         // a selection that matches little reads history for a while without sending: not for a
         // subscriber gone meanwhile (`serve` then sees the closed stream)
-        while self.credits > 0 && !self.tx.is_closed() {
+        while self.credits > 0 && !self.tx.is_closed() && !self.closing {
             let tail = self
                 .bus
                 .streams
@@ -898,7 +924,7 @@ impl Session {
         // What is due again goes first, a claim's budget at a time, before anything new. A claim
         // that delivered nothing (its entries were dead-lettered) ends the run of claims: the next
         // fill goes on after the session's commands.
-        while self.credits > 0 && !self.tx.is_closed() {
+        while self.credits > 0 && !self.tx.is_closed() && !self.closing {
             let budget = self.claim_budget() as usize;
             let lease = Utc::now() + self.ack_deadline;
             let due = streams.claim_due(key, &self.id, budget, lease).await?;
@@ -915,7 +941,7 @@ impl Session {
         // a claim stopped reading before the head (a selection that matches little of a long
         // backlog): the session goes on with it after its other work, not at the next commit
         let mut scanning = false;
-        while self.credits > 0 && backlogged.iter().any(|b| *b) {
+        while self.credits > 0 && backlogged.iter().any(|b| *b) && !self.closing {
             let share = self.scheduler.allocate(self.claim_budget(), backlogged);
             for (index, level) in Priority::ALL.into_iter().enumerate() {
                 if share[index] == 0 {
