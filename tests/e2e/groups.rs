@@ -217,7 +217,7 @@ async fn a_member_that_reads_slowly_keeps_the_delivery_it_extends() {
     publish_sized(&mut bus, "slow", "slow.x", EVENTS, (512 << 10) + 1).await;
     let mut o = group_open(&["slow.x"], "g");
     o.max_in_flight = EVENTS as u32;
-    o.ack_deadline = millis(1000);
+    o.ack_deadline = millis(2000);
     let mut slow = Subscriber::open(&mut bus, o.clone()).await.expect("open");
     let held = slow.next_delivery().await;
     let mut other = Subscriber::open(&mut bus, o).await.expect("open");
@@ -225,7 +225,7 @@ async fn a_member_that_reads_slowly_keeps_the_delivery_it_extends() {
         loop {
             slow.send(Action::Extend(pb::ExtendDeadline {
                 delivery_ids: vec![held.delivery_id.clone()],
-                extension: millis(1000),
+                extension: millis(2000),
             }))
             .await;
             // the member's own pace of extending, well within the extension

@@ -145,7 +145,8 @@ struct Session {
     group: Option<GroupKey>,
     /// None once the subscriber half-closed its side.
     commands: Option<Commands>,
-    /// A Close came while the session waited for room to send: it ends once that send is done.
+    /// A Close came while the session waited for room to send: nothing more is sent, and the
+    /// session ends once its current turn unwinds.
     closing: bool,
     /// The group's wakeups (see [`LiveStreams::group_wakeups`]), watched since before the open.
     wakeups: Option<tokio::sync::watch::Receiver<u64>>,
@@ -579,7 +580,12 @@ impl Session {
         Ok(Flow::Go)
     }
 
+    /// Queues a message for the subscriber, unless a Close came before it could be: the stream ends
+    /// after what was sent before the Close, so then nothing is sent (see [`Self::deliver_group`]).
     async fn send(&mut self, message: Outbound) -> BusResult<()> {
+        if self.closing {
+            return Ok(());
+        }
         // A place in the queue first: deliveries a gone subscriber never got are not counted as sent.
         // A subscriber that reads slowly keeps settling meanwhile (an extension it sends for a
         // delivery it works on must not wait until it reads again: the lease would run out), and one
@@ -597,6 +603,7 @@ impl Session {
                     None => self.commands = None,
                     Some(command) => if self.handle_received(command).await? == Flow::Close {
                         self.closing = true;
+                        return Ok(());
                     },
                 },
             }
@@ -944,7 +951,7 @@ impl Session {
         while self.credits > 0 && backlogged.iter().any(|b| *b) && !self.closing {
             let share = self.scheduler.allocate(self.claim_budget(), backlogged);
             for (index, level) in Priority::ALL.into_iter().enumerate() {
-                if share[index] == 0 {
+                if share[index] == 0 || self.closing {
                     continue;
                 }
                 let lease = Utc::now() + self.ack_deadline;
@@ -1116,6 +1123,10 @@ impl Session {
         for run in runs {
             let sequences: Vec<u64> = run.iter().map(|d| d.event.sequence).collect();
             self.send(Outbound::Deliveries(run)).await?;
+            // a Close came first: this run and the rest were not sent, and go back uncounted
+            if self.closing {
+                break;
+            }
             for seq in sequences {
                 if let Some(o) = self.outstanding.get_mut(&seq) {
                     o.sent = true;
@@ -1247,7 +1258,14 @@ impl Session {
             return Ok(());
         }
         let ids = std::mem::take(&mut self.unsaved_acks);
-        let acked = self.bus.streams.ack(key, &ids).await?;
+        let acked = match self.bus.streams.ack(key, &ids).await {
+            Ok(acked) => acked,
+            Err(error) => {
+                // kept for the session's last try on the way out, which warns if that fails too
+                self.unsaved_acks = ids;
+                return Err(error.into());
+            }
+        };
         for _ in acked.iter().filter(|a| !**a) {
             bump(&self.bus.counters.stale_settlements);
         }
@@ -1490,6 +1508,73 @@ mod tests {
         lengths
     }
 
+    /// A bus on a fresh embedded store: the bus, its shutdown token, its streams and the directory.
+    async fn embedded_bus() -> (
+        Arc<Bus>,
+        tokio_util::sync::CancellationToken,
+        Arc<crate::stream::EmbeddedStreams>,
+        tempfile::TempDir,
+    ) {
+        use crate::{
+            store::{EventStore, SqliteStore},
+            stream::{EmbeddedStreams, LiveStreams},
+        };
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::started(&dir.path().join("t.db")).await;
+        let streams = EmbeddedStreams::start(store.clone())
+            .await
+            .expect("streams");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let bus = Bus::start(
+            store.clone() as Arc<dyn EventStore>,
+            streams.clone() as Arc<dyn LiveStreams>,
+            crate::event::Limits::default(),
+            crate::bus::BusSettings::default(),
+            shutdown.clone(),
+        );
+        (bus, shutdown, streams, dir)
+    }
+
+    /// Opens a member of group "g" of type "job" on `bus`, from the earliest event.
+    async fn join_g(
+        bus: &Arc<Bus>,
+        max_in_flight: Option<u32>,
+        heartbeat: Option<Duration>,
+    ) -> (
+        futures::channel::mpsc::UnboundedSender<BusResult<Command>>,
+        mpsc::Receiver<BusResult<Outbound>>,
+    ) {
+        let spec = SubscribeSpec {
+            tenant: "t".into(),
+            selection: Selection {
+                types: vec![crate::event::TypePattern::parse("job").expect("pattern")],
+                filter: None,
+            },
+            group: Some("g".into()),
+            start: Start::Earliest,
+            max_in_flight,
+            ack_deadline: None,
+            max_attempts: None,
+            heartbeat,
+        };
+        let (send, received) = futures::channel::mpsc::unbounded();
+        let out = bus.subscribe(spec, received).await.expect("subscribe");
+        (send, out)
+    }
+
+    /// An event of type "job" with `data_bytes` of data.
+    fn job(id: &str, data_bytes: usize) -> crate::event::Event {
+        crate::event::Event {
+            id: id.into(),
+            source: "test".into(),
+            event_type: "job".into(),
+            spec_version: "1.0".into(),
+            data: crate::event::Data::Binary(vec![0; data_bytes]),
+            ..Default::default()
+        }
+    }
+
     /// A member of group "g" of type "job" on a fresh embedded store, with `heartbeat`, holding the
     /// delivery of the one event published: the shutdown token, the store's streams, the command
     /// sender, the session's queue and the delivery.
@@ -1504,48 +1589,11 @@ mod tests {
 
     impl HeldDelivery {
         async fn start(heartbeat: Option<Duration>) -> Self {
-            use crate::{
-                event::{Event, TypePattern},
-                store::{EventStore, SqliteStore},
-                stream::{EmbeddedStreams, LiveStreams},
-            };
-
-            let dir = tempfile::tempdir().expect("tempdir");
-            let store = SqliteStore::started(&dir.path().join("t.db")).await;
-            let streams = EmbeddedStreams::start(store.clone())
+            let (bus, shutdown, streams, dir) = embedded_bus().await;
+            let (send, mut out) = join_g(&bus, None, heartbeat).await;
+            bus.publish("t", vec![job("j1", 0)], None)
                 .await
-                .expect("streams");
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            let bus = Bus::start(
-                store.clone() as Arc<dyn EventStore>,
-                streams.clone() as Arc<dyn LiveStreams>,
-                crate::event::Limits::default(),
-                crate::bus::BusSettings::default(),
-                shutdown.clone(),
-            );
-            let spec = SubscribeSpec {
-                tenant: "t".into(),
-                selection: Selection {
-                    types: vec![TypePattern::parse("job").expect("pattern")],
-                    filter: None,
-                },
-                group: Some("g".into()),
-                start: Start::Earliest,
-                max_in_flight: None,
-                ack_deadline: None,
-                max_attempts: None,
-                heartbeat,
-            };
-            let (send, received) = futures::channel::mpsc::unbounded();
-            let mut out = bus.subscribe(spec, received).await.expect("subscribe");
-            let job = Event {
-                id: "j1".into(),
-                source: "test".into(),
-                event_type: "job".into(),
-                spec_version: "1.0".into(),
-                ..Event::default()
-            };
-            bus.publish("t", vec![job], None).await.expect("publish");
+                .expect("publish");
             let delivery = loop {
                 match out.recv().await.expect("open").expect("no error") {
                     Outbound::Deliveries(mut run) => break run.remove(0),
@@ -1613,6 +1661,66 @@ mod tests {
         held.ack();
         held.shutdown.cancel();
         held.assert_saved_after_the_shutdown().await;
+    }
+
+    /// A Close read while the session waits for room to send ends the stream after what was queued
+    /// before it: the runs still waiting are not sent, and go back to the group without counting an
+    /// attempt.
+    #[tokio::test]
+    async fn a_close_read_while_waiting_for_room_sends_nothing_more() {
+        use crate::stream::LiveStreams as _;
+        const EVENTS: usize = 40;
+        let (bus, _shutdown, streams, _dir) = embedded_bus().await;
+        // over half of a run's bytes each, so each is a run of its own
+        for chunk in 0..EVENTS / 4 {
+            let events = (0..4)
+                .map(|i| job(&format!("j{chunk}-{i}"), (512 << 10) + 1))
+                .collect();
+            bus.publish("t", events, None).await.expect("publish");
+        }
+        let (send, mut out) = join_g(&bus, Some(EVENTS as u32), None).await;
+        // nothing read: the queue fills, and the session waits for room to send the next run
+        let full = tokio::time::Instant::now() + Duration::from_secs(30);
+        while out.len() < out.max_capacity() {
+            assert!(tokio::time::Instant::now() < full, "the queue never filled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        send.unbounded_send(Ok(Command::Close)).expect("send");
+        // the session ends (and leaves the group) while its queue is still full
+        loop {
+            let stats = streams
+                .groups("t", &["g".to_owned()])
+                .await
+                .expect("groups");
+            if stats[0].consumers == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < full,
+                "the session never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut queued = Vec::new();
+        while let Some(message) = out.recv().await {
+            if let Outbound::Deliveries(run) = message.expect("no error") {
+                queued.extend(run.into_iter().map(|d| d.event.sequence));
+            }
+        }
+        // the queue held the confirmation and one run of one event in each other place
+        assert_eq!(queued.len(), out.max_capacity() - 1, "sent after the Close");
+        let (_next, mut again) = join_g(&bus, Some(EVENTS as u32), None).await;
+        let mut attempts = HashMap::new();
+        while attempts.len() < EVENTS {
+            if let Outbound::Deliveries(run) = again.recv().await.expect("open").expect("no error")
+            {
+                attempts.extend(run.into_iter().map(|d| (d.event.sequence, d.attempt)));
+            }
+        }
+        for (sequence, attempt) in attempts {
+            let expected = if queued.contains(&sequence) { 2 } else { 1 };
+            assert_eq!(attempt, expected, "sequence {sequence}");
+        }
     }
 
     #[test]
