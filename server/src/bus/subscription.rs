@@ -590,16 +590,13 @@ impl Session {
         // A subscriber that reads slowly keeps settling meanwhile (an extension it sends for a
         // delivery it works on must not wait until it reads again: the lease would run out), and one
         // that does not read must not hold the session past a shutdown.
-        // reserved through a handle of its own, so commands can be handled while it waits
-        let tx = self.tx.clone();
-        let permit = loop {
+        while self.tx.capacity() == 0 && !self.tx.is_closed() {
             tokio::select! {
                 biased;
-                permit = tx.reserve() => break permit.map_err(|_| {
-                    BusError::FailedPrecondition("subscriber went away".into())
-                })?,
+                // room (kept: this is the queue's only sender), or the subscriber gone
+                _ = self.tx.reserve().map(drop) => {}
                 () = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
-                command = next_command(&mut self.commands), if !self.closing => match command {
+                command = next_command(&mut self.commands) => match command {
                     None => self.commands = None,
                     Some(command) => if self.handle_received(command).await? == Flow::Close {
                         self.closing = true;
@@ -607,7 +604,11 @@ impl Session {
                     },
                 },
             }
-        };
+        }
+        let permit = self
+            .tx
+            .try_reserve()
+            .map_err(|_| BusError::FailedPrecondition("subscriber went away".into()))?;
         if let Outbound::Deliveries(all) = &message {
             self.record_deliveries(all);
         }
