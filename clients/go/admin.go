@@ -13,9 +13,9 @@ import (
 // GetEvent returns a stored event by id; source is needed only when several sources used the id. A
 // missing event is ErrNotFound.
 func (c *Client) GetEvent(ctx context.Context, id, source string) (*nervepb.Event, error) {
-	resp, err := c.admin.GetEvent(ctx, &nervepb.GetEventRequest{Id: id, Source: source})
+	resp, err := unary(ctx, c.admin.GetEvent, &nervepb.GetEventRequest{Id: id, Source: source})
 	if err != nil {
-		return nil, wrap(err)
+		return nil, err
 	}
 	return resp.GetEvent(), nil
 }
@@ -35,8 +35,8 @@ func (c *Client) ListGroups(ctx context.Context) ([]*nervepb.GroupInfo, error) {
 
 // Group returns one group's info, or nil when it does not exist.
 func (c *Client) Group(ctx context.Context, name string) (*nervepb.GroupInfo, error) {
-	resp, err := c.admin.GetGroup(ctx, &nervepb.GetGroupRequest{Group: name})
-	switch err := wrap(err); {
+	resp, err := unary(ctx, c.admin.GetGroup, &nervepb.GetGroupRequest{Group: name})
+	switch {
 	case err == nil:
 		return resp.GetGroup(), nil
 	case errors.Is(err, ErrNotFound):
@@ -65,7 +65,7 @@ func (c *Client) listedGroup(ctx context.Context, name string) (*nervepb.GroupIn
 // groups ranges over the groups page by page.
 func (c *Client) groups(ctx context.Context) iter.Seq2[*nervepb.GroupInfo, error] {
 	return pages(func(token string) ([]*nervepb.GroupInfo, string, error) {
-		resp, err := c.admin.ListGroups(ctx, &nervepb.ListGroupsRequest{PageToken: token})
+		resp, err := unary(ctx, c.admin.ListGroups, &nervepb.ListGroupsRequest{PageToken: token})
 		return resp.GetGroups(), resp.GetNextPageToken(), err
 	})
 }
@@ -96,9 +96,9 @@ func pages[T any](page func(token string) ([]T, string, error)) iter.Seq2[T, err
 
 // DeleteGroup removes a group with its pending deliveries and dead letters; false when it did not exist.
 func (c *Client) DeleteGroup(ctx context.Context, group string) (bool, error) {
-	resp, err := c.admin.DeleteGroup(ctx, &nervepb.DeleteGroupRequest{Group: group})
+	resp, err := unary(ctx, c.admin.DeleteGroup, &nervepb.DeleteGroupRequest{Group: group})
 	if err != nil {
-		return false, wrap(err)
+		return false, err
 	}
 	return resp.GetDeleted(), nil
 }
@@ -107,7 +107,7 @@ func (c *Client) DeleteGroup(ctx context.Context, group string) (bool, error) {
 // the server's default). A failure is yielded once as the error.
 func (c *Client) DeadLetters(ctx context.Context, group string, pageSize uint32) iter.Seq2[*nervepb.DeadLetter, error] {
 	return pages(func(token string) ([]*nervepb.DeadLetter, string, error) {
-		resp, err := c.admin.ListDeadLetters(ctx, &nervepb.ListDeadLettersRequest{Group: group, PageSize: pageSize, PageToken: token})
+		resp, err := unary(ctx, c.admin.ListDeadLetters, &nervepb.ListDeadLettersRequest{Group: group, PageSize: pageSize, PageToken: token})
 		return resp.GetDeadLetters(), resp.GetNextPageToken(), err
 	})
 }
@@ -124,9 +124,9 @@ func (c *Client) RedriveAllDeadLetters(ctx context.Context, group string) (uint6
 }
 
 func (c *Client) redrive(ctx context.Context, req *nervepb.RedriveDeadLettersRequest) (uint64, error) {
-	resp, err := c.admin.RedriveDeadLetters(ctx, req)
+	resp, err := unary(ctx, c.admin.RedriveDeadLetters, req)
 	if err != nil {
-		return 0, wrap(err)
+		return 0, err
 	}
 	return resp.GetRedriven(), nil
 }
@@ -136,7 +136,7 @@ func (c *Client) redrive(ctx context.Context, req *nervepb.RedriveDeadLettersReq
 func (c *Client) ListEventTypes(ctx context.Context) ([]*nervepb.EventTypeInfo, error) {
 	var all []*nervepb.EventTypeInfo
 	for t, err := range pages(func(token string) ([]*nervepb.EventTypeInfo, string, error) {
-		resp, err := c.admin.ListEventTypes(ctx, &nervepb.ListEventTypesRequest{PageToken: token})
+		resp, err := unary(ctx, c.admin.ListEventTypes, &nervepb.ListEventTypesRequest{PageToken: token})
 		return resp.GetTypes(), resp.GetNextPageToken(), err
 	}) {
 		if err != nil {

@@ -466,3 +466,46 @@ func TestAReplayThatBreaksAfterItsLastPageEndsCleanly(t *testing.T) {
 		})
 	}
 }
+
+func TestAdminCallsAndReplayRefuseAStringThatIsNotUTF8(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	if _, err := client.Publish(ctx, ev("kept", "utf8.x")); err != nil {
+		t.Fatal(err)
+	}
+	replay := func(opts nerve.ReplayOptions) error {
+		_, err := client.Replay(ctx, opts).Next()
+		return err
+	}
+	// protobuf cannot encode them: sent, grpc-go would fail each call with INTERNAL, naming no field
+	for _, c := range []struct {
+		name, field string
+		call        func() error
+	}{
+		{"GetEvent", "id", func() error { _, err := client.GetEvent(ctx, "kept\xff", ""); return err }},
+		{"GetEvent", "source", func() error { _, err := client.GetEvent(ctx, "kept", "//tests\xff"); return err }},
+		{"Group", "group", func() error { _, err := client.Group(ctx, "g\xff"); return err }},
+		{"DeleteGroup", "group", func() error { _, err := client.DeleteGroup(ctx, "g\xff"); return err }},
+		{"DeadLetters", "group", func() error {
+			for _, err := range client.DeadLetters(ctx, "g\xff", 0) {
+				return err
+			}
+			return nil
+		}},
+		{"RedriveDeadLetters", "group", func() error { _, err := client.RedriveDeadLetters(ctx, "g\xff", 1); return err }},
+		{"RedriveAllDeadLetters", "group", func() error { _, err := client.RedriveAllDeadLetters(ctx, "g\xff"); return err }},
+		{"Replay", "types[1]", func() error { return replay(nerve.ReplayOptions{Types: []string{"utf8.x", "utf8.\xff"}}) }},
+		{"Replay", "resume_token", func() error { return replay(nerve.ReplayOptions{ResumeToken: "\xff"}) }},
+	} {
+		t.Run(c.name+" "+c.field, func(t *testing.T) { wantViolation(t, c.call(), c.field) })
+	}
+	// the connection goes on: valid calls succeed
+	if got, err := client.GetEvent(ctx, "kept", "//tests"); err != nil || got.GetId() != "kept" {
+		t.Fatalf("get event after the refusals: %v, %v", got, err)
+	}
+	if g, err := client.Group(ctx, "nobody"); err != nil || g != nil {
+		t.Fatalf("group after the refusals: %v, %v", g, err)
+	}
+	if got, err := client.Replay(ctx, nerve.ReplayOptions{Types: []string{"utf8.x"}}).Next(); err != nil || got.GetId() != "kept" {
+		t.Fatalf("replay after the refusals: %v, %v", got, err)
+	}
+}

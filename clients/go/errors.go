@@ -9,6 +9,7 @@ import (
 	"unicode/utf8"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -143,6 +144,18 @@ func checkUTF8(req proto.Message) error {
 		return invalidArgument(strings.TrimPrefix(path, "."), "must be valid UTF-8")
 	}
 	return nil
+}
+
+// unary makes a unary call with req, refused before sending as checkUTF8 refuses it (sent, grpc-go would
+// fail the call with codes.Internal, naming no field); a failed call's error is an *Error. Every unary call
+// of the Client goes through it.
+func unary[Req proto.Message, Resp any](ctx context.Context, call func(context.Context, Req, ...grpc.CallOption) (Resp, error), req Req) (Resp, error) {
+	if err := checkUTF8(req); err != nil {
+		var zero Resp
+		return zero, err
+	}
+	resp, err := call(ctx, req)
+	return resp, wrap(err)
 }
 
 // badUTF8 finds the first string of m, in field order (map entries in key order), that is not valid UTF-8,

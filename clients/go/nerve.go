@@ -10,7 +10,9 @@
 //	results, err := client.Publish(ctx, ev)
 //
 // The generated messages and stubs are in the nervepb package. Every error a call returns for a failed
-// RPC is an *Error carrying the gRPC code and the BadRequest field violations the server sent.
+// RPC is an *Error carrying the gRPC code and the BadRequest field violations the server sent. A request
+// with a string that is not valid UTF-8, which protobuf cannot encode, is refused before sending by every
+// call and stream of this package (not the raw stubs) with ErrInvalidArgument naming the field ("group").
 package nerve
 
 import (
@@ -84,13 +86,10 @@ func (c *Client) Publish(ctx context.Context, events ...*nervepb.Event) ([]*nerv
 	if len(events) == 0 {
 		return nil, errNoEvents
 	}
-	req := &nervepb.PublishRequest{Events: events}
-	if err := checkUTF8(req); err != nil { // refused as Publisher.Publish refuses it
-		return nil, err
-	}
-	resp, err := c.bus.Publish(ctx, req)
+	// refused as Publisher.Publish refuses it
+	resp, err := unary(ctx, c.bus.Publish, &nervepb.PublishRequest{Events: events})
 	if err != nil {
-		return nil, wrap(err)
+		return nil, err
 	}
 	return resp.GetResults(), nil
 }
@@ -114,11 +113,7 @@ func (c *Client) Request(ctx context.Context, ev *nervepb.Event, timeout time.Du
 			defer cancel()
 		}
 	}
-	resp, err := c.bus.Request(ctx, req)
-	if err != nil {
-		return nil, wrap(err)
-	}
-	return resp, nil
+	return unary(ctx, c.bus.Request, req)
 }
 
 // Reply answers a request: replyTo is the request's inbox (Delivery.ReplyTo). The response says whether
@@ -127,9 +122,5 @@ func (c *Client) Reply(ctx context.Context, replyTo string, ev *nervepb.Event) (
 	if replyTo == "" {
 		return nil, errors.New("nerve: reply_to is empty: the event is not a request")
 	}
-	resp, err := c.bus.Reply(ctx, &nervepb.ReplyRequest{ReplyTo: replyTo, Event: ev})
-	if err != nil {
-		return nil, wrap(err)
-	}
-	return resp, nil
+	return unary(ctx, c.bus.Reply, &nervepb.ReplyRequest{ReplyTo: replyTo, Event: ev})
 }

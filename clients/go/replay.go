@@ -64,7 +64,9 @@ type Replay struct {
 	err     error
 }
 
-// Replay starts a replay; nothing is sent until the first Next. ctx bounds the whole replay.
+// Replay starts a replay; nothing is sent until the first Next. ctx bounds the whole replay. Options with a
+// string that is not valid UTF-8 send nothing: the first Next returns ErrInvalidArgument naming the field
+// ("types[0]"), as Client.Publish does.
 func (c *Client) Replay(ctx context.Context, opts ReplayOptions) *Replay {
 	req := &nervepb.ReplayRequest{
 		Types:         opts.Types,
@@ -89,6 +91,7 @@ func (c *Client) Replay(ctx context.Context, opts ReplayOptions) *Replay {
 	}
 	return &Replay{
 		ctx: ctx, bus: c.bus, req: req, maxResumes: maxResumes, limit: uint64(opts.Limit), resumeToken: opts.ResumeToken,
+		err: checkUTF8(req), // a reopening changes only the server's resume token and the limit
 	}
 }
 

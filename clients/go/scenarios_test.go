@@ -407,3 +407,48 @@ func TestSilentConnectionIsDetected(t *testing.T) {
 		t.Fatalf("after the connection went silent: %v, want Unavailable naming the heartbeats", err)
 	}
 }
+
+func TestRequestAndReplyRefuseAStringThatIsNotUTF8(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	responder, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"utf8.asked"}, Group: "utf8-planners"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer responder.Close()
+	// protobuf cannot encode it: sent, grpc-go would fail the call with INTERNAL, naming no field
+	_, err = client.Request(ctx, nerve.NewEvent("//tests", "utf8.asked").ID("bad").Subject("eu-\xff").MustBuild(), wait)
+	wantViolation(t, err, "event.subject")
+
+	answered := make(chan error, 1)
+	go func() {
+		resp, err := client.Request(ctx, ev("q1", "utf8.asked"), wait)
+		if err == nil && resp.GetReply().GetId() != "a1" {
+			err = fmt.Errorf("reply %v", resp.GetReply())
+		}
+		answered <- err
+	}()
+	d := next(t, responder)
+	if d.Event.GetId() != "q1" {
+		t.Fatalf("request delivery %s: the refused request was sent", d.Event.GetId())
+	}
+	_, err = client.Reply(ctx, d.ReplyTo(), nerve.NewEvent("//tests", "utf8.ready\xff").ID("a0").MustBuild())
+	wantViolation(t, err, "event.type")
+	_, err = client.Reply(ctx, d.ReplyTo()+"\xff", ev("a0", "utf8.ready"))
+	wantViolation(t, err, "reply_to")
+	// the connection and the request go on: a valid reply is delivered
+	sent, err := client.Reply(ctx, d.ReplyTo(), ev("a1", "utf8.ready"))
+	if err != nil || !sent.GetDelivered() {
+		t.Fatalf("reply after the refusals: %v, %v", sent, err)
+	}
+	if err := d.Ack(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-answered:
+		if err != nil {
+			t.Fatalf("request after the refusal: %v", err)
+		}
+	case <-time.After(wait):
+		t.Fatal("no answer to the request in time")
+	}
+}
