@@ -247,6 +247,38 @@ async fn a_subscriber_that_does_not_read_holds_the_shutdown_back_only_so_long() 
     assert_eq!(again, ids, "every held delivery came back");
 }
 
+/// A second server started on a data directory another one has open (a pod's replacement started
+/// before it stopped) waits for it to stop instead of numbering events from the same head; then it
+/// starts with everything the first stored, and numbers on from there.
+#[tokio::test]
+async fn a_second_server_on_one_data_directory_waits_for_the_first_to_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut first = ServerProcess::spawn(dir.path(), &HashMap::new()).await;
+    let mut bus = EventBusClient::new(first.channel().await);
+    publish(&mut bus, vec![event("before", "lock.x")]).await;
+    let mut second = ServerProcess::start(dir.path(), &HashMap::new());
+    second
+        .logged("another process has the database open; waiting for it to stop")
+        .await;
+    // the first goes on storing meanwhile
+    let seqs = publish(&mut bus, vec![event("while", "lock.x")]).await;
+    first.signal(15);
+    first.exits_zero().await;
+    let second = second.listening().await;
+    let mut bus = EventBusClient::new(second.channel().await);
+    let next = publish(&mut bus, vec![event("after", "lock.x")]).await;
+    assert_eq!(
+        next,
+        [seqs[0] + 1],
+        "numbered on from the first's last event"
+    );
+    let mut o = open(&["lock.x"], "");
+    o.start = earliest();
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
+    let ids: Vec<String> = sub.deliveries(3).await.iter().map(id).collect();
+    assert_eq!(ids, ["before", "while", "after"]);
+}
+
 /// With a shutdown delay the first SIGTERM only takes readiness away: calls are still served (a new
 /// connection publishes, an open subscription receives it) until a second signal stops the server.
 #[tokio::test]

@@ -545,16 +545,53 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `nerve-server` on a free port with the given data directory and extra environment.
     pub async fn spawn(data_dir: &Path, env: &HashMap<&str, &str>) -> Self {
+        Self::start(data_dir, env).listening().await
+    }
+
+    /// Starts `nerve-server` as [`ServerProcess::spawn`] does, returning before it listens.
+    pub fn start(data_dir: &Path, env: &HashMap<&str, &str>) -> Starting {
         let mut child = Self::command(data_dir, env)
             .spawn()
             .expect("spawn nerve-server");
         let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
+        Starting {
+            child,
+            lines: BufReader::new(stderr).lines(),
+        }
+    }
+}
+
+/// A `nerve-server` child process that has not listened yet, with its log.
+pub struct Starting {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+}
+
+impl Starting {
+    /// Reads the log up to a line containing `text`; panics when the server listens first.
+    pub async fn logged(&mut self, text: &str) {
+        tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.lines.next_line().await.expect("read stderr") {
+                assert!(
+                    listen_addr(&line).is_none(),
+                    "listened before logging {text:?}"
+                );
+                if line.contains(text) {
+                    return;
+                }
+            }
+            panic!("nerve-server exited before logging {text:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{text:?} logged in time"));
+    }
+
+    /// Waits until the server listens.
+    pub async fn listening(mut self) -> ServerProcess {
         let addr = tokio::time::timeout(WAIT, async {
-            while let Some(line) = lines.next_line().await.expect("read stderr") {
-                if let Some(rest) = line.split("addr=").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
-                    return addr.parse().expect("listen address");
+            while let Some(line) = self.lines.next_line().await.expect("read stderr") {
+                if let Some(addr) = listen_addr(&line) {
+                    return addr;
                 }
             }
             panic!("nerve-server exited before listening");
@@ -563,6 +600,7 @@ impl ServerProcess {
         .expect("server listens in time");
         // keep draining stderr so the child never blocks on a full pipe; NERVE_TEST_SERVER_LOGS=1 shows it
         let show = std::env::var_os("NERVE_TEST_SERVER_LOGS").is_some();
+        let mut lines = self.lines;
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 if show {
@@ -570,9 +608,21 @@ impl ServerProcess {
                 }
             }
         });
-        ServerProcess { child, addr }
+        ServerProcess {
+            child: self.child,
+            addr,
+        }
     }
+}
 
+/// The address of the server's "listening" log line, if `line` is one.
+fn listen_addr(line: &str) -> Option<std::net::SocketAddr> {
+    let rest = line.split("addr=").nth(1)?;
+    let addr = rest.split_whitespace().next().unwrap_or_default();
+    Some(addr.parse().expect("listen address"))
+}
+
+impl ServerProcess {
     /// The command [`ServerProcess::spawn`] runs: on a free port, logging to a pipe.
     pub fn command(data_dir: &Path, env: &HashMap<&str, &str>) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nerve-server"));

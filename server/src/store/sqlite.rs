@@ -21,6 +21,7 @@ use sqlx::{
     },
 };
 use tokio::sync::{Mutex, MutexGuard, watch};
+use tracing::{info, warn};
 
 use super::{
     AuditPruned, AuditQuery, AuditRecord, DeadLetter, EventStore, EventTypeStats, NewEvent,
@@ -48,11 +49,14 @@ pub struct SqliteDb {
     delivery_writer: Arc<Mutex<rusqlite::Connection>>,
     /// The database file.
     path: PathBuf,
+    /// Held while the database is open ([`lock_database`]).
+    _lock: Arc<std::fs::File>,
 }
 
 impl SqliteDb {
     /// Opens (creating when missing) the database file and applies the migrations.
     pub async fn open(path: &Path) -> StoreResult<Self> {
+        let lock = lock_database(path).await?;
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
             .create_if_missing(true)
@@ -79,6 +83,7 @@ impl SqliteDb {
             writer: Arc::new(Mutex::new(writer)),
             delivery_writer: Arc::new(Mutex::new(delivery_writer)),
             path: path.to_owned(),
+            _lock: Arc::new(lock),
         })
     }
 
@@ -523,6 +528,47 @@ fn open_rusqlite(path: &Path) -> StoreResult<rusqlite::Connection> {
 /// do not sync the log, and it never checkpoints, since its statements run on the server's runtime
 /// (the log sync thread syncs; the checkpoint thread, and the event writer past the backstop,
 /// checkpoint).
+/// How often an open waits to look again whether the process holding the database let it go.
+const LOCK_RETRY: Duration = Duration::from_millis(200);
+
+/// Takes the exclusive lock of the database (`<database>.lock`), waiting while another process holds
+/// it. Two processes writing one file would number events from the same head: a pod's replacement
+/// started before it stopped (an eviction, a deleted pod), or a second server started by hand. A
+/// file system that cannot lock is warned about, and the database opened all the same.
+async fn lock_database(path: &Path) -> StoreResult<std::fs::File> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Unavailable(format!("opening {}: {e}", lock_path.display())))?;
+    let mut waiting = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => {
+                if waiting {
+                    info!(database = %path.display(), "the other process let the database go; opening it");
+                }
+                return Ok(file);
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if !waiting {
+                    warn!(database = %path.display(), "another process has the database open; waiting for it to stop");
+                    waiting = true;
+                }
+                tokio::time::sleep(LOCK_RETRY).await;
+            }
+            Err(std::fs::TryLockError::Error(error)) => {
+                warn!(lock = %lock_path.display(), %error, "cannot lock the database; two servers on this data directory would number events alike");
+                return Ok(file);
+            }
+        }
+    }
+}
+
 fn open_delivery_writer(path: &Path) -> StoreResult<rusqlite::Connection> {
     let unopened = unopened(path);
     let conn = open_rusqlite(path)?;
