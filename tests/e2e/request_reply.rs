@@ -137,14 +137,20 @@ async fn reply_and_expect_answer(
     assert_eq!(answer.into_inner().reply.expect("reply").id, reply_id);
 }
 
+/// A responder counts by its filter on what the server adds to a request: its inbox, and its time
+/// when the requester left it unset (as `request` does).
 #[tokio::test]
-async fn a_responder_that_filters_on_the_inbox_counts_as_one() {
+async fn a_responder_that_filters_on_the_inbox_and_time_counts_as_one() {
     let server = TestServer::start().await;
     let mut bus = server.bus();
-    // takes only requests: events whose replyto is a server-made inbox
+    // takes only requests (events whose replyto is a server-made inbox) stamped in this millennium
     let only_requests = pb::Filter {
         filter: Some(pb::filter::Filter::Prefix(pb::AttributeValues {
-            attributes: [("replyto".to_owned(), "_inbox.".to_owned())].into(),
+            attributes: [
+                ("replyto".to_owned(), "_inbox.".to_owned()),
+                ("time".to_owned(), "2".to_owned()),
+            ]
+            .into(),
         })),
     };
     let mut responder = Subscriber::open(

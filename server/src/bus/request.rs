@@ -94,9 +94,16 @@ impl Bus {
             .clone();
         let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
         event.reply_to = Some(inbox.clone());
-        // asked of the request as subscribers will see it (with its inbox and correlation id), so a
-        // responder whose filter looks at those counts
-        if !self.streams.has_interest(tenant, &event).await? {
+        // asked of the request as subscribers will see it (with its inbox, correlation id and time),
+        // so a responder whose filter looks at those counts; the time is left unset again for the
+        // publish, which hashes the event as sent
+        let unset_time = event.time.is_none();
+        event.time.get_or_insert_with(chrono::Utc::now);
+        let interest = self.streams.has_interest(tenant, &event).await;
+        if unset_time {
+            event.time = None;
+        }
+        if !interest? {
             return Err(BusError::NoResponders {
                 event_type: event.event_type,
             });
@@ -137,23 +144,26 @@ impl Bus {
                 id,
             });
         }
-        tokio::select! {
-            reply = replies.recv() => match reply {
+        let ended = tokio::select! {
+            biased;
+            reply = replies.recv() => return match reply {
                 Some(reply) => Ok(RequestOutcome { reply, request_sequence: sequence }),
                 None => Err(BusError::Unavailable("reply inbox closed".into())),
             },
-            _ = tokio::time::sleep(timeout) => {
-                // closed first, so no reply gets in from here on; one that got in as the time ran
-                // out (its responder was told it was delivered) is still the answer
-                replies.close();
-                match replies.try_recv() {
-                    Ok(reply) => Ok(RequestOutcome { reply, request_sequence: sequence }),
-                    Err(_) => Err(BusError::DeadlineExceeded(format!(
-                        "no reply to request {id:?} within {timeout:?}"
-                    ))),
-                }
-            }
-            _ = self.shutdown.cancelled() => Err(BusError::ShuttingDown),
+            _ = tokio::time::sleep(timeout) => BusError::DeadlineExceeded(format!(
+                "no reply to request {id:?} within {timeout:?}"
+            )),
+            _ = self.shutdown.cancelled() => BusError::ShuttingDown,
+        };
+        // closed first, so no reply gets in from here on; one that got in as the wait ended (its
+        // responder was told it was delivered) is still the answer
+        replies.close();
+        match replies.try_recv() {
+            Ok(reply) => Ok(RequestOutcome {
+                reply,
+                request_sequence: sequence,
+            }),
+            Err(_) => Err(ended),
         }
     }
 

@@ -1328,7 +1328,10 @@ async fn listen(streams: Weak<RedisStreams>) {
                     this.forget_config(&key);
                     this.bump_wakeup(&key);
                 } else if let Ok(seq) = b.parse::<u64>() {
-                    deliver_reply(&this, a, seq).await;
+                    // read beside the listener: a slow store must hold back neither the other
+                    // replies nor the groups' wake-ups behind this one
+                    let inbox = a.to_owned();
+                    tokio::spawn(async move { deliver_reply(&this, &inbox, seq).await });
                 }
             }
             Ok::<Ended, StreamError>(Ended::Lost)
@@ -1362,6 +1365,7 @@ enum Ended {
     Lost,
 }
 
+/// Hands a reply stored by another replica, read from the store, to the requester waiting here.
 async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
     let sender = this
         .inboxes
@@ -1369,7 +1373,8 @@ async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
         .unwrap_or_else(|p| p.into_inner())
         .get(inbox)
         .map(|(_, tx)| tx.clone());
-    let Some(sender) = sender else {
+    // the requester stopped waiting: nothing to read
+    let Some(sender) = sender.filter(|s| !s.is_closed()) else {
         return;
     };
     match this.store.read_sequences(&[seq]).await {
