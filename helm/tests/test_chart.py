@@ -524,6 +524,14 @@ def test_topology_spread_gets_the_selector() -> None:
         ([*PROD_SETS, "autoscaling.enabled=true", "resources.requests=null"], "set resources.requests.cpu"),
         ([*PROD_SETS, "metrics.enabled=true", "metrics.port=50051"], "metrics.port must differ"),
         (["healthPort=50051"], "healthPort must differ from containerPort"),
+        (
+            ["config.shutdownTimeout=1m"],
+            "config.shutdownDelay (5s) + config.shutdownTimeout (1m) must stay under terminationGracePeriodSeconds (30)",
+        ),
+        (
+            ["config.shutdownDelay=10s", "config.shutdownTimeout=19s500ms", "terminationGracePeriodSeconds=29"],
+            "must stay under terminationGracePeriodSeconds (29)",
+        ),
         (["metrics.enabled=true", "metrics.port=8081"], "metrics.port must differ from healthPort"),
         (["metrics.serviceMonitor.enabled=true"], "metrics.serviceMonitor.enabled needs metrics.enabled=true"),
         (["tls.enabled=true"], "tls.enabled needs tls.existingSecret"),

@@ -121,8 +121,33 @@ which would print as 1e+06), everything else as is.
 Checks that the values describe a deployment that can work; fails rendering with a message naming the
 values otherwise.
 */}}
+{{/*
+Seconds in a duration written as units summed ("5s", "1m30s", "500ms", "2h"); empty for any other
+form humantime takes ("30 sec"), which the grace period check then leaves alone.
+*/}}
+{{- define "nerve.seconds" -}}
+{{- $d := toString . -}}
+{{- if regexMatch "^([0-9]+(ms|s|m|h))+$" $d -}}
+  {{- $total := 0.0 -}}
+  {{- range regexFindAll "[0-9]+(ms|s|m|h)" $d -1 -}}
+    {{- $n := float64 (regexFind "^[0-9]+" .) -}}
+    {{- $unit := regexReplaceAll "^[0-9]+" . "" -}}
+    {{- $scale := get (dict "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0) $unit -}}
+    {{- $total = addf $total (mulf $n $scale) -}}
+  {{- end -}}
+  {{- $total -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "nerve.validate" -}}
 {{- $v := .Values }}
+{{- $delay := include "nerve.seconds" $v.config.shutdownDelay }}
+{{- $timeout := include "nerve.seconds" $v.config.shutdownTimeout }}
+{{- if and $delay $timeout $v.terminationGracePeriodSeconds }}
+  {{- if ge (addf $delay $timeout) (float64 $v.terminationGracePeriodSeconds) }}
+    {{- fail (printf "\n\nconfig.shutdownDelay (%s) + config.shutdownTimeout (%s) must stay under terminationGracePeriodSeconds (%v): Kubernetes kills the pod when the grace period ends, cutting the hand-back of group deliveries and in-flight publishes. Raise terminationGracePeriodSeconds, or lower the two." (toString $v.config.shutdownDelay) (toString $v.config.shutdownTimeout) $v.terminationGracePeriodSeconds) }}
+  {{- end }}
+{{- end }}
 {{- if eq $v.mode "embedded" }}
   {{- if gt (int $v.replicaCount) 1 }}
     {{- fail (printf "\n\nmode=embedded keeps the event store in one SQLite file, so it runs exactly one replica, but replicaCount is %d.\nSet replicaCount=1, or use mode=production with Postgres and Redis (postgres.existingSecret, redis.existingSecret) for several replicas." (int $v.replicaCount)) }}
