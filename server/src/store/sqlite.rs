@@ -524,10 +524,6 @@ fn open_rusqlite(path: &Path) -> StoreResult<rusqlite::Connection> {
     Ok(conn)
 }
 
-/// Opens the connection of groups' delivery state ([`SqliteDb::lock_delivery_writer`]): its commits
-/// do not sync the log, and it never checkpoints, since its statements run on the server's runtime
-/// (the log sync thread syncs; the checkpoint thread, and the event writer past the backstop,
-/// checkpoint).
 /// How often an open waits to look again whether the process holding the database let it go.
 const LOCK_RETRY: Duration = Duration::from_millis(200);
 
@@ -569,6 +565,10 @@ async fn lock_database(path: &Path) -> StoreResult<std::fs::File> {
     }
 }
 
+/// Opens the connection of groups' delivery state ([`SqliteDb::lock_delivery_writer`]): its commits
+/// do not sync the log, and it never checkpoints, since its statements run on the server's runtime
+/// (the log sync thread syncs; the checkpoint thread, and the event writer past the backstop,
+/// checkpoint).
 fn open_delivery_writer(path: &Path) -> StoreResult<rusqlite::Connection> {
     let unopened = unopened(path);
     let conn = open_rusqlite(path)?;
