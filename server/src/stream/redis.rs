@@ -373,6 +373,9 @@ pub struct RedisStreams {
     added: SyncMutex<HashMap<(String, StreamId), u64>>,
     /// Held by each relay step: the relay task and a check after a reconnect both step.
     relaying: tokio::sync::Mutex<()>,
+    /// Store reads of replies routed here from other replicas, [`ROUTED_REPLY_READS`] at once: a
+    /// burst of them must not take every pooled connection from the subscriptions' reads.
+    reply_reads: tokio::sync::Semaphore,
     /// Streams where a group's claims found nothing new, passed over until an event is relayed there.
     quiet: SyncMutex<QuietStreams<StreamId>>,
 }
@@ -434,6 +437,7 @@ impl RedisStreams {
             checkpoints: SyncMutex::new(HashMap::new()),
             added: SyncMutex::new(HashMap::new()),
             relaying: tokio::sync::Mutex::new(()),
+            reply_reads: tokio::sync::Semaphore::new(ROUTED_REPLY_READS),
             quiet: SyncMutex::new(QuietStreams::new(settings.quiet_ttl)),
         });
         tokio::spawn(listen(Arc::downgrade(&streams)));
@@ -1365,6 +1369,9 @@ enum Ended {
     Lost,
 }
 
+/// Most routed replies read from the store at once ([`RedisStreams::reply_reads`]).
+const ROUTED_REPLY_READS: usize = 4;
+
 /// Hands a reply stored by another replica, read from the store, to the requester waiting here.
 async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
     let sender = this
@@ -1375,6 +1382,10 @@ async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
         .map(|(_, tx)| tx.clone());
     // the requester stopped waiting: nothing to read
     let Some(sender) = sender.filter(|s| !s.is_closed()) else {
+        return;
+    };
+    // never closed
+    let Ok(_reading) = this.reply_reads.acquire().await else {
         return;
     };
     match this.store.read_sequences(&[seq]).await {
