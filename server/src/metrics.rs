@@ -189,7 +189,7 @@ fn describe() {
     );
     describe_counter!(
         REQUESTS,
-        "Request calls, by outcome (answered, no_responders, timeout, failed)."
+        "Request calls, by outcome (answered, no_responders, timeout, failed, cancelled: the call's deadline passed or its caller went away first)."
     );
 }
 

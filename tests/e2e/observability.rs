@@ -2,7 +2,7 @@
 
 use nerve::api::pb;
 
-use crate::harness::{Subscriber, TestServer, event, open, publish};
+use crate::harness::{Subscriber, TestServer, event, millis, open, publish};
 
 /// The value of the series `name{labels}` where every given label matches, or 0.
 pub(crate) fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -123,6 +123,32 @@ async fn metrics_count_publishes_deliveries_failures_and_dead_letters() {
         let text = server.scrape().await;
         text.contains("nerve_group_pending{group=\"metered\"}")
             .then_some(())
+    })
+    .await;
+}
+
+/// A request that its call's deadline ends before the bus answers is counted too, as cancelled: the
+/// transport drops the call, and with it the wait for a reply.
+#[tokio::test]
+async fn a_request_its_call_deadline_ends_is_counted() {
+    let server = TestServer::start_with(|c| c.metrics.listen = "127.0.0.1:0".into()).await;
+    let mut bus = server.bus();
+    let cancelled = [("outcome", "cancelled")];
+    // the recorder is the process's: other tests' requests count in it too
+    let before = value(&server.scrape().await, "nerve_requests_total", &cancelled);
+    // a responder that never answers
+    let _responder = Subscriber::open(&mut bus, open(&["metrics.asked"], ""))
+        .await
+        .expect("open");
+    let mut request = tonic::Request::new(pb::RequestRequest {
+        event: Some(event("asked-1", "metrics.asked")),
+        timeout: millis(60_000),
+    });
+    request.set_timeout(std::time::Duration::from_millis(300));
+    bus.request(request).await.expect_err("no reply comes");
+    crate::harness::eventually("the request counted", || async {
+        let text = server.scrape().await;
+        (value(&text, "nerve_requests_total", &cancelled) > before).then_some(())
     })
     .await;
 }

@@ -31,6 +31,17 @@ impl Drop for InboxGuard<'_> {
     }
 }
 
+/// Counts a request by its outcome when dropped, however its call ended.
+struct Counted(Option<&'static str>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(outcome) = self.0.take() {
+            ::metrics::counter!(crate::metrics::names::REQUESTS, "outcome" => outcome).increment(1);
+        }
+    }
+}
+
 impl Bus {
     /// Publishes a request and waits for its reply, at most `timeout` (the request's field, or the
     /// default) and at most the call's `deadline`; fails at once when nobody could receive it.
@@ -41,14 +52,16 @@ impl Bus {
         timeout: Option<Duration>,
         deadline: Option<Duration>,
     ) -> BusResult<RequestOutcome> {
+        // the call's deadline (the transport's timer, which runs from before this wait) or the
+        // caller's going away drops this future: counted then as cancelled
+        let mut counted = Counted(Some("cancelled"));
         let outcome = self.ask(tenant, event, timeout, deadline).await;
-        let label = match &outcome {
+        counted.0 = Some(match &outcome {
             Ok(_) => "answered",
             Err(BusError::NoResponders { .. }) => "no_responders",
             Err(BusError::DeadlineExceeded(_)) => "timeout",
             Err(_) => "failed",
-        };
-        ::metrics::counter!(crate::metrics::names::REQUESTS, "outcome" => label).increment(1);
+        });
         outcome
     }
 
