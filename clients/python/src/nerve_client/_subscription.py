@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timezone
@@ -36,6 +37,8 @@ _HEARTBEATS_MISSED = 3
 #: The window of a subscription that asks for none, until the server confirms the one in effect on open (an
 #: older server that confirms none tells it in heartbeats).
 _DEFAULT_WINDOW = 64
+# what protobuf cannot encode as UTF-8 in a str
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 #: Deliveries read beyond the window and not taken by a reader yet, at most: past that the pump stops reading,
 #: so that a reader that falls behind holds the server back by HTTP/2 flow control. The server sends no more
@@ -431,8 +434,12 @@ class Subscription:
 
     async def dead_letter(self, *deliveries: DeliveryRef, reason: str = "") -> None:
         """Settles deliveries as failed for good: a group dead-letters them now, with ``reason``; a private
-        stream only frees their window slots. None: does nothing."""
+        stream only frees their window slots. None: does nothing. A lone surrogate in ``reason``, which
+        protobuf cannot encode, becomes U+FFFD."""
         if ids := _ids(deliveries):
+            # a reason is what a failing consumer had at hand (bad input's text, say): refusing it would
+            # raise while the consumer handles a failure, and the server takes any reason
+            reason = _LONE_SURROGATE.sub("\ufffd", reason)
             nack = event_bus_pb2.Nack(delivery_ids=ids, dead_letter=True, reason=reason)
             await self._send(event_bus_pb2.SubscribeRequest(nack=nack))
 
