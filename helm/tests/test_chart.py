@@ -526,12 +526,14 @@ def test_topology_spread_gets_the_selector() -> None:
         (["healthPort=50051"], "healthPort must differ from containerPort"),
         (
             ["config.shutdownTimeout=1m"],
-            "config.shutdownDelay (5s) + config.shutdownTimeout (1m) must stay under terminationGracePeriodSeconds (30)",
+            "config.shutdownDelay (5s) + config.shutdownTimeout (1m) must leave at least 5s of"
+            " terminationGracePeriodSeconds (30)",
         ),
         (
-            ["config.shutdownDelay=10s", "config.shutdownTimeout=19s500ms", "terminationGracePeriodSeconds=29"],
-            "must stay under terminationGracePeriodSeconds (29)",
+            ["config.shutdownDelay=10s", "config.shutdownTimeout=14s500ms", "terminationGracePeriodSeconds=29"],
+            "must leave at least 5s of terminationGracePeriodSeconds (29)",
         ),
+        (["terminationGracePeriodSeconds=0"], "must leave at least 5s of terminationGracePeriodSeconds (0)"),
         (["metrics.enabled=true", "metrics.port=8081"], "metrics.port must differ from healthPort"),
         (["metrics.serviceMonitor.enabled=true"], "metrics.serviceMonitor.enabled needs metrics.enabled=true"),
         (["tls.enabled=true"], "tls.enabled needs tls.existingSecret"),

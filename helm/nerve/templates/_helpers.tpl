@@ -118,10 +118,6 @@ which would print as 1e+06), everything else as is.
 {{- end }}
 
 {{/*
-Checks that the values describe a deployment that can work; fails rendering with a message naming the
-values otherwise.
-*/}}
-{{/*
 Seconds in a duration written as units summed ("5s", "1m30s", "500ms", "2h"); empty for any other
 form humantime takes ("30 sec"), which the grace period check then leaves alone.
 */}}
@@ -139,13 +135,19 @@ form humantime takes ("30 sec"), which the grace period check then leaves alone.
 {{- end -}}
 {{- end -}}
 
+{{/*
+Checks that the values describe a deployment that can work; fails rendering with a message naming the
+values otherwise.
+*/}}
 {{- define "nerve.validate" -}}
 {{- $v := .Values }}
 {{- $delay := include "nerve.seconds" $v.config.shutdownDelay }}
 {{- $timeout := include "nerve.seconds" $v.config.shutdownTimeout }}
-{{- if and $delay $timeout $v.terminationGracePeriodSeconds }}
-  {{- if ge (addf $delay $timeout) (float64 $v.terminationGracePeriodSeconds) }}
-    {{- fail (printf "\n\nconfig.shutdownDelay (%s) + config.shutdownTimeout (%s) must stay under terminationGracePeriodSeconds (%v): Kubernetes kills the pod when the grace period ends, cutting the hand-back of group deliveries and in-flight publishes. Raise terminationGracePeriodSeconds, or lower the two." (toString $v.config.shutdownDelay) (toString $v.config.shutdownTimeout) $v.terminationGracePeriodSeconds) }}
+{{- $grace := $v.terminationGracePeriodSeconds }}
+{{- /* 5 s left after both for the server's exit (the spans' last export) */}}
+{{- if and $delay $timeout (not (kindIs "invalid" $grace)) }}
+  {{- if gt (addf $delay $timeout 5) (float64 $grace) }}
+    {{- fail (printf "\n\nconfig.shutdownDelay (%s) + config.shutdownTimeout (%s) must leave at least 5s of terminationGracePeriodSeconds (%v): Kubernetes kills the pod when the grace period ends, cutting the hand-back of group deliveries and in-flight publishes. Raise terminationGracePeriodSeconds, or lower the two." (toString $v.config.shutdownDelay) (toString $v.config.shutdownTimeout) $grace) }}
   {{- end }}
 {{- end }}
 {{- if eq $v.mode "embedded" }}
