@@ -962,6 +962,78 @@ async fn a_redis_that_takes_no_writes_is_not_serving() {
     assert_eq!(crate::harness::id(&member.next_delivery().await), "p-0");
 }
 
+/// Runs a command on a Redis server on a connection of its own.
+async fn redis_command(redis: &RedisProcess, args: &[&str]) -> redis::Value {
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    redis::cmd(args[0])
+        .arg(&args[1..])
+        .query_async::<redis::Value>(&mut conn)
+        .await
+        .expect("redis command")
+}
+
+/// What a failover starts from: two replicas SERVING on a proxy to `old`, and `new` a replica of
+/// `old` in sync with it.
+struct BeforeFailover {
+    old: RedisProcess,
+    new: RedisProcess,
+    proxy: Proxy,
+    deployment: Deployment,
+    replicas: [ServerProcess; 2],
+}
+
+impl BeforeFailover {
+    async fn start() -> Self {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let (old, new) = tokio::join!(RedisProcess::start(false), RedisProcess::start(false));
+        let old_port = old.port.to_string();
+        redis_command(&new, &["REPLICAOF", "127.0.0.1", &old_port]).await;
+        let proxy = Proxy::start(([127, 0, 0, 1], old.port).into()).await;
+        let deployment = Deployment::new(format!("redis://127.0.0.1:{}", proxy.port)).await;
+        let replicas = [deployment.replica(&[]).await, deployment.replica(&[]).await];
+        for server in &replicas {
+            overall_health_becomes(server, ServingStatus::Serving, "SERVING at first").await;
+        }
+        eventually("the new primary in sync with the old", || async {
+            let info = redis_command(&new, &["INFO", "replication"]).await;
+            let info = redis::from_redis_value::<String>(info).expect("text");
+            info.contains("master_link_status:up").then_some(())
+        })
+        .await;
+        BeforeFailover {
+            old,
+            new,
+            proxy,
+            deployment,
+            replicas,
+        }
+    }
+
+    /// Waits until both replicas listen on the new primary, then has a reply made on one reach a
+    /// requester waiting on the other there.
+    async fn both_follow_to_the_new_primary(&self, event_type: &str) {
+        let pattern = format!("{}:replies:*", self.deployment.prefix);
+        eventually("both replicas listening on the new primary", || async {
+            let channels = redis_command(&self.new, &["PUBSUB", "CHANNELS", &pattern]).await;
+            let channels = redis::from_redis_value::<Vec<String>>(channels).expect("channels");
+            (channels.len() == 2).then_some(())
+        })
+        .await;
+        // replica a waits on its channel for the reply; replica b publishes it on the new primary
+        let [a, b] = &self.replicas;
+        answer_across(
+            EventBusClient::new(a.channel().await),
+            EventBusClient::new(b.channel().await),
+            event_type,
+        )
+        .await;
+    }
+}
+
 /// 5a'. A failover to another Redis: the primary is demoted (here to a replica of a third server, so
 ///     nothing written to the new primary reaches it) and the address the replicas use moves to the
 ///     promoted one only afterwards, as a DNS name or proxy that follows the primary does. Each
@@ -971,47 +1043,11 @@ async fn a_redis_that_takes_no_writes_is_not_serving() {
 #[tokio::test]
 async fn a_failover_to_another_redis_moves_commands_and_messages_to_it() {
     use tonic_health::pb::health_check_response::ServingStatus;
-    let (old, new, elsewhere) = tokio::join!(
-        RedisProcess::start(false),
-        RedisProcess::start(false),
-        RedisProcess::start(false)
-    );
-    let command = |redis: &RedisProcess, args: &[&str]| {
-        let (url, args) = (
-            redis.url(),
-            args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-        );
-        async move {
-            let client = redis::Client::open(url).expect("redis url");
-            let mut conn = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("connect");
-            redis::cmd(&args[0])
-                .arg(&args[1..])
-                .query_async::<redis::Value>(&mut conn)
-                .await
-                .expect("redis command")
-        }
-    };
-    let port = |redis: &RedisProcess| redis.port.to_string();
-    command(&new, &["REPLICAOF", "127.0.0.1", &port(&old)]).await;
-    let proxy = Proxy::start(([127, 0, 0, 1], old.port).into()).await;
-    let deployment = Deployment::new(format!("redis://127.0.0.1:{}", proxy.port)).await;
-    let (a, b) = (deployment.replica(&[]).await, deployment.replica(&[]).await);
-    for server in [&a, &b] {
-        overall_health_becomes(server, ServingStatus::Serving, "SERVING at first").await;
-    }
-    eventually("the new primary in sync with the old", || async {
-        let info = command(&new, &["INFO", "replication"]).await;
-        let info = redis::from_redis_value::<String>(info).expect("text");
-        info.contains("master_link_status:up").then_some(())
-    })
-    .await;
-
-    command(&new, &["REPLICAOF", "NO", "ONE"]).await;
-    command(&old, &["REPLICAOF", "127.0.0.1", &port(&elsewhere)]).await;
-    for server in [&a, &b] {
+    let (failover, elsewhere) = tokio::join!(BeforeFailover::start(), RedisProcess::start(false));
+    let elsewhere_port = elsewhere.port.to_string();
+    redis_command(&failover.new, &["REPLICAOF", "NO", "ONE"]).await;
+    redis_command(&failover.old, &["REPLICAOF", "127.0.0.1", &elsewhere_port]).await;
+    for server in &failover.replicas {
         overall_health_becomes(
             server,
             ServingStatus::NotServing,
@@ -1019,8 +1055,10 @@ async fn a_failover_to_another_redis_moves_commands_and_messages_to_it() {
         )
         .await;
     }
-    proxy.retarget(([127, 0, 0, 1], new.port).into());
-    for server in [&a, &b] {
+    failover
+        .proxy
+        .retarget(([127, 0, 0, 1], failover.new.port).into());
+    for server in &failover.replicas {
         overall_health_becomes(
             server,
             ServingStatus::Serving,
@@ -1029,21 +1067,24 @@ async fn a_failover_to_another_redis_moves_commands_and_messages_to_it() {
         .await;
     }
     // each replica's listener moves with its commands (it stays on the demoted server otherwise)
-    let pattern = format!("{}:replies:*", deployment.prefix);
-    eventually("both replicas listening on the new primary", || async {
-        let channels = command(&new, &["PUBSUB", "CHANNELS", &pattern]).await;
-        let channels = redis::from_redis_value::<Vec<String>>(channels).expect("channels");
-        (channels.len() == 2).then_some(())
-    })
-    .await;
+    failover.both_follow_to_the_new_primary("moved.ask").await;
+}
 
-    // replica a waits on its channel for the reply; replica b publishes it on the new primary
-    answer_across(
-        EventBusClient::new(a.channel().await),
-        EventBusClient::new(b.channel().await),
-        "moved.ask",
-    )
-    .await;
+/// 5a''. A failover that ends the old primary's normal clients (Sentinel's `CLIENT KILL TYPE
+///     normal`) while the address already leads to the new one: the command connections come back
+///     by themselves to the new primary, with no write refused on the way. The listeners' pub/sub
+///     connections are not normal clients and stay on the old server, which here takes nothing the
+///     new one is sent; each replica moves its listener when it sees its command connection made
+///     again.
+#[tokio::test]
+async fn a_failover_that_ends_only_normal_clients_moves_the_listeners_too() {
+    let failover = BeforeFailover::start().await;
+    redis_command(&failover.new, &["REPLICAOF", "NO", "ONE"]).await;
+    failover
+        .proxy
+        .retarget(([127, 0, 0, 1], failover.new.port).into());
+    redis_command(&failover.old, &["CLIENT", "KILL", "TYPE", "normal"]).await;
+    failover.both_follow_to_the_new_primary("killed.ask").await;
 }
 
 /// 5b. While Redis is down, publishes and private streams go on: the tail that private streams read is

@@ -345,6 +345,10 @@ pub struct RedisStreams {
     /// past what the listener's session started with (a count, not a notification, so one made
     /// before the session connected does not end it once more).
     listener_again: tokio::sync::watch::Sender<u64>,
+    /// The command connection's `CLIENT ID` at the last health check (0: not known yet). It changes
+    /// when the connection was made again by itself: a failover that ends normal clients only
+    /// (Sentinel's `CLIENT KILL TYPE normal`) leaves the listener's connection where it was.
+    command_client: AtomicU64,
     client: redis::Client,
     store: Arc<PostgresStore>,
     keys: Keys,
@@ -419,6 +423,7 @@ impl RedisStreams {
             conn: std::sync::RwLock::new(conn),
             conn_config: config,
             listener_again: tokio::sync::watch::channel(0).0,
+            command_client: AtomicU64::new(0),
             client,
             store,
             keys,
@@ -448,6 +453,26 @@ impl RedisStreams {
 
     fn conn(&self) -> ConnectionManager {
         self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Moves the listener when the command connection was made again by itself since the last
+    /// check: the address may lead to another server now.
+    async fn follow_command_connection(&self) {
+        let id: redis::RedisResult<u64> = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut self.conn())
+            .await;
+        match id {
+            Ok(id) => {
+                let before = self.command_client.swap(id, Ordering::SeqCst);
+                if before != 0 && before != id {
+                    self.listener_again.send_modify(|made| *made += 1);
+                    debug!("redis command connection made again; the listener connects again too");
+                }
+            }
+            // a server that does not answer it (renamed or refused) leaves the listener to READONLY
+            Err(error) => debug!(%error, "CLIENT ID failed; the listener moves only on READONLY"),
+        }
     }
 
     fn quiet(&self) -> std::sync::MutexGuard<'_, QuietStreams<StreamId>> {
@@ -1384,10 +1409,13 @@ async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
     let Some(sender) = sender.filter(|s| !s.is_closed()) else {
         return;
     };
-    // never closed
+    // never closed; the requester may have stopped waiting meanwhile
     let Ok(_reading) = this.reply_reads.acquire().await else {
         return;
     };
+    if sender.is_closed() {
+        return;
+    }
     match this.store.read_sequences(&[seq]).await {
         Ok(mut events) => {
             if let Some(reply) = events.pop() {
@@ -2554,11 +2582,17 @@ impl LiveStreams for RedisStreams {
                 .await
                 .map_err(redis_err)?;
                 *self.conn.write().unwrap_or_else(|p| p.into_inner()) = conn;
+                // told here: the next check's new client id is this connection's
+                self.command_client.store(0, Ordering::SeqCst);
                 self.listener_again.send_modify(|made| *made += 1);
                 warn!(error = %e, "redis takes no writes (a replica); connected again");
                 Err(redis_err(e))
             }
-            other => other.map_err(redis_err),
+            Err(e) => Err(redis_err(e)),
+            Ok(()) => {
+                self.follow_command_connection().await;
+                Ok(())
+            }
         }
     }
 }
