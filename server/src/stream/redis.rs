@@ -30,7 +30,7 @@ use redis::{AsyncCommands, aio::ConnectionManager};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     Claimed, GroupConfig, GroupKey, GroupSettings, GroupStats, Inbox, Interest, LiveStreams,
@@ -345,10 +345,11 @@ pub struct RedisStreams {
     /// past what the listener's session started with (a count, not a notification, so one made
     /// before the session connected does not end it once more).
     listener_again: tokio::sync::watch::Sender<u64>,
-    /// The command connection's `CLIENT ID` at the last health check (0: not known yet). It changes
-    /// when the connection was made again by itself: a failover that ends normal clients only
-    /// (Sentinel's `CLIENT KILL TYPE normal`) leaves the listener's connection where it was.
-    command_client: AtomicU64,
+    /// The `run_id` of the server the address led to when the listener's session started listening
+    /// (None: not known). The health check compares it with the server its command connection
+    /// reaches: a failover that ends normal clients only (Sentinel's `CLIENT KILL TYPE normal`) moves
+    /// that connection by itself and leaves the listener's where it was.
+    listener_server: SyncMutex<Option<String>>,
     client: redis::Client,
     store: Arc<PostgresStore>,
     keys: Keys,
@@ -423,7 +424,7 @@ impl RedisStreams {
             conn: std::sync::RwLock::new(conn),
             conn_config: config,
             listener_again: tokio::sync::watch::channel(0).0,
-            command_client: AtomicU64::new(0),
+            listener_server: SyncMutex::new(None),
             client,
             store,
             keys,
@@ -455,23 +456,47 @@ impl RedisStreams {
         self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Moves the listener when the command connection was made again by itself since the last
-    /// check: the address may lead to another server now.
-    async fn follow_command_connection(&self) {
-        let id: redis::RedisResult<u64> = redis::cmd("CLIENT")
-            .arg("ID")
+    /// The `run_id` of the server the command connection reaches.
+    async fn server_run_id(&self) -> redis::RedisResult<Option<String>> {
+        let info: String = redis::cmd("INFO")
+            .arg("server")
             .query_async(&mut self.conn())
-            .await;
-        match id {
-            Ok(id) => {
-                let before = self.command_client.swap(id, Ordering::SeqCst);
-                if before != 0 && before != id {
-                    self.listener_again.send_modify(|made| *made += 1);
-                    debug!("redis command connection made again; the listener connects again too");
-                }
+            .await?;
+        Ok(info
+            .lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned()))
+    }
+
+    /// Records the server the listener's session listens on ([`Self::listener_server`]).
+    fn listening_on(&self, server: Option<String>) {
+        *self
+            .listener_server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = server;
+    }
+
+    /// Moves the listener when the command connection reaches another server than the one the
+    /// listener's session started on.
+    async fn follow_command_connection(&self) {
+        let now = match self.server_run_id().await {
+            Ok(Some(now)) => now,
+            // a server that answers no run id, or refuses INFO, leaves the listener to READONLY
+            Ok(None) => return,
+            Err(error) => {
+                debug!(%error, "INFO server failed; the listener moves only on READONLY");
+                return;
             }
-            // a server that does not answer it (renamed or refused) leaves the listener to READONLY
-            Err(error) => debug!(%error, "CLIENT ID failed; the listener moves only on READONLY"),
+        };
+        let mut listening = self
+            .listener_server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if listening.as_ref().is_some_and(|was| *was != now) {
+            // told once: the listener's next session records where it listens
+            *listening = None;
+            self.listener_again.send_modify(|made| *made += 1);
+            info!(server = %now, "redis commands reach another server; the listener connects again");
         }
     }
 
@@ -1323,6 +1348,11 @@ async fn listen(streams: Weak<RedisStreams>) {
             }
             // the session got as far as listening: a connection that fails later starts the waits over
             subscribed = true;
+            // where it listens, as far as the address tells now: the health check compares its
+            // commands' server with it
+            if let Some(this) = streams.upgrade() {
+                this.listening_on(this.server_run_id().await.ok().flatten());
+            }
             let mut messages = pubsub.into_on_message();
             loop {
                 let message = tokio::select! {
@@ -1367,6 +1397,10 @@ async fn listen(streams: Weak<RedisStreams>) {
         };
         let ended = session.await;
         reconnected = true;
+        // listening nowhere until the next session says where: a check meanwhile has nothing to move
+        if let Some(this) = streams.upgrade() {
+            this.listening_on(None);
+        }
         // waits grow only while connecting fails: replies to this replica's requesters are lost
         // while it is not subscribed
         if subscribed {
@@ -2582,8 +2616,6 @@ impl LiveStreams for RedisStreams {
                 .await
                 .map_err(redis_err)?;
                 *self.conn.write().unwrap_or_else(|p| p.into_inner()) = conn;
-                // told here: the next check's new client id is this connection's
-                self.command_client.store(0, Ordering::SeqCst);
                 self.listener_again.send_modify(|made| *made += 1);
                 warn!(error = %e, "redis takes no writes (a replica); connected again");
                 Err(redis_err(e))
