@@ -1324,6 +1324,24 @@ async fn listen(streams: Weak<RedisStreams>) {
         drop(this);
         let mut subscribed = false;
         let session = async {
+            // Where the address leads, read before connecting: a failover between this read and
+            // the connection then costs the check one needless move, where a read after it could
+            // record the new server while this session listens on the old one for good. A server
+            // that refuses INFO (an ACL) leaves the listener to the READONLY case; a read that
+            // fails otherwise fails the session, which starts over.
+            let server = match streams.upgrade() {
+                Some(this) => match this.server_run_id().await {
+                    Ok(server) => server,
+                    Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                        return Err(redis_err(e));
+                    }
+                    Err(error) => {
+                        debug!(%error, "INFO server refused; the listener moves only on READONLY");
+                        None
+                    }
+                },
+                None => return Ok(Ended::Lost),
+            };
             let mut pubsub = client.get_async_pubsub().await.map_err(redis_err)?;
             pubsub.subscribe(&wake).await.map_err(redis_err)?;
             pubsub.subscribe(&replies).await.map_err(redis_err)?;
@@ -1348,10 +1366,9 @@ async fn listen(streams: Weak<RedisStreams>) {
             }
             // the session got as far as listening: a connection that fails later starts the waits over
             subscribed = true;
-            // where it listens, as far as the address tells now: the health check compares its
-            // commands' server with it
+            // the health check compares its commands' server with it from here on
             if let Some(this) = streams.upgrade() {
-                this.listening_on(this.server_run_id().await.ok().flatten());
+                this.listening_on(server);
             }
             let mut messages = pubsub.into_on_message();
             loop {
