@@ -345,9 +345,9 @@ pub struct RedisStreams {
     /// past what the listener's session started with (a count, not a notification, so one made
     /// before the session connected does not end it once more).
     listener_again: tokio::sync::watch::Sender<u64>,
-    /// The `run_id` of the server the address led to when the listener's session started listening
-    /// (None: not known). The health check compares it with the server its command connection
-    /// reaches: a failover that ends normal clients only (Sentinel's `CLIENT KILL TYPE normal`) moves
+    /// The `run_id` of the server the address led to just before the listener's session connected
+    /// (None: between sessions, or not known). The health check compares it with the server its
+    /// command connection reaches: a failover that ends normal clients only (Sentinel's `CLIENT KILL TYPE normal`) moves
     /// that connection by itself and leaves the listener's where it was.
     listener_server: SyncMutex<Option<String>>,
     client: redis::Client,
@@ -476,8 +476,8 @@ impl RedisStreams {
             .unwrap_or_else(|p| p.into_inner()) = server;
     }
 
-    /// Moves the listener when the command connection reaches another server than the one the
-    /// listener's session started on.
+    /// Moves the listener when the command connection reaches another server than the one its
+    /// session recorded ([`Self::listener_server`]).
     async fn follow_command_connection(&self) {
         let now = match self.server_run_id().await {
             Ok(Some(now)) => now,
