@@ -140,17 +140,54 @@ async fn a_request_its_call_deadline_ends_is_counted() {
     let _responder = Subscriber::open(&mut bus, open(&["metrics.asked"], ""))
         .await
         .expect("open");
-    let mut request = tonic::Request::new(pb::RequestRequest {
-        event: Some(event("asked-1", "metrics.asked")),
-        timeout: millis(60_000),
-    });
-    request.set_timeout(std::time::Duration::from_millis(300));
+    let request = asked_with_a_nearer_call_deadline("asked-1");
     bus.request(request).await.expect_err("no reply comes");
     crate::harness::eventually("the request counted", || async {
         let text = server.scrape().await;
         (value(&text, "nerve_requests_total", &cancelled) > before).then_some(())
     })
     .await;
+}
+
+/// A request whose call's deadline is the nearer bound is counted as cancelled even when the bus's own
+/// wait sees the time pass first: both timers end at that deadline, and which of the two runs first
+/// decides nothing.
+#[tokio::test]
+async fn a_request_its_call_deadline_ends_is_cancelled_whichever_timer_runs_first() {
+    let server = TestServer::start_with(|c| c.metrics.listen = "127.0.0.1:0".into()).await;
+    let mut bus = server.bus();
+    let cancelled = [("outcome", "cancelled")];
+    let before = value(&server.scrape().await, "nerve_requests_total", &cancelled);
+    let mut responder = Subscriber::open(&mut bus, open(&["metrics.asked"], ""))
+        .await
+        .expect("open");
+    let request = asked_with_a_nearer_call_deadline("asked-2");
+    let mut requester = bus.clone();
+    let asked = tokio::spawn(async move { requester.request(request).await });
+    // delivered, so stored: the bus waits for a reply now
+    responder.next_delivery().await;
+    // the server runs on this test's thread: held past the deadline, both timers are due when it
+    // runs again, and the transport's polls the bus's wait first, which then sees its time passed
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    asked
+        .await
+        .expect("the request task")
+        .expect_err("no reply comes");
+    crate::harness::eventually("the request counted as cancelled", || async {
+        let text = server.scrape().await;
+        (value(&text, "nerve_requests_total", &cancelled) > before).then_some(())
+    })
+    .await;
+}
+
+/// A request whose call's deadline (300 ms) comes long before its own timeout.
+fn asked_with_a_nearer_call_deadline(id: &str) -> tonic::Request<pb::RequestRequest> {
+    let mut request = tonic::Request::new(pb::RequestRequest {
+        event: Some(event(id, "metrics.asked")),
+        timeout: millis(60_000),
+    });
+    request.set_timeout(std::time::Duration::from_millis(300));
+    request
 }
 
 /// Holds the lock the store's writer commits under (SQLite's write lock, or Postgres' sequence row),

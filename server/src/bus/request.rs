@@ -55,10 +55,16 @@ impl Bus {
         // the call's deadline (the transport's timer, which runs from before this wait) or the
         // caller's going away drops this future: counted then as cancelled
         let mut counted = Counted(Some("cancelled"));
+        // when the call's deadline is the nearer bound, the bus's own timer and the transport's end
+        // the call in the same instant, and either may run first: counted alike whichever does
+        let call_bounds_the_wait = deadline.is_some_and(|deadline| {
+            deadline <= timeout.unwrap_or(self.settings.default_request_timeout)
+        });
         let outcome = self.ask(tenant, event, timeout, deadline).await;
         counted.0 = Some(match &outcome {
             Ok(_) => "answered",
             Err(BusError::NoResponders { .. }) => "no_responders",
+            Err(BusError::DeadlineExceeded(_)) if call_bounds_the_wait => "cancelled",
             Err(BusError::DeadlineExceeded(_)) => "timeout",
             Err(_) => "failed",
         });
