@@ -63,11 +63,9 @@ pub async fn events_table_shape(
     Ok(shape)
 }
 
-/// One row as Nerve's store writes it.
+/// One row as Nerve's store writes it, but for its sequence and id.
 pub struct RawRow {
-    seq: i64,
     source: String,
-    id: String,
     event_type: String,
     subject: Option<String>,
     correlation_id: Option<String>,
@@ -78,15 +76,13 @@ pub struct RawRow {
 
 /// Turns a protobuf event into the row Nerve would store: the server's own conversion, the content hash
 /// over the event as sent, then the commit time filled in and the stored body.
-pub fn raw_row(e: pb::Event, seq: i64) -> Result<RawRow> {
+pub fn raw_row(e: pb::Event) -> Result<RawRow> {
     let mut event = nerve::api::convert::event_from_pb(e, "events[0]")
         .map_err(|e| anyhow!("converting a benchmark event: {e}"))?;
     let hash = event.content_hash().to_vec();
     event.time.get_or_insert(chrono::Utc::now());
     Ok(RawRow {
-        seq,
         source: event.source.clone(),
-        id: event.id.clone(),
         event_type: event.event_type.clone(),
         subject: event.subject.clone(),
         correlation_id: event.correlation_id.clone(),
@@ -133,6 +129,12 @@ impl Pg {
             .context("running Nerve's migrations in the baseline's schema")?;
         let shape = events_table_shape(&mut *pool.acquire().await?, &schema).await?;
         let (sync, fsync) = commit_settings(&pool).await?;
+        // a baseline that never flushes would make every ratio against it look worse than it is
+        anyhow::ensure!(
+            sync == "on" && fsync == "on",
+            "the raw Postgres baseline needs synchronous_commit=on and fsync=on, as Nerve's writer \
+             does; this Postgres has synchronous_commit={sync} fsync={fsync}"
+        );
         Ok(Pg {
             pool,
             database_url: database_url.to_owned(),
@@ -149,46 +151,69 @@ impl Pg {
         drop_schema(&self.database_url, &self.schema).await
     }
 
-    /// A call that builds `batch` rows (as Nerve would) and inserts them in one autocommit statement:
-    /// a plain INSERT for one row, Nerve's UNNEST insert for more.
-    pub fn insert_call(&self, batch: usize, payload_size: usize, ids: Ids, tag: String) -> Call {
+    /// A call that inserts `batch` rows, in one autocommit statement: a plain INSERT for one row,
+    /// Nerve's UNNEST insert for more. The rows' content hashes and bodies (the server's work, not the
+    /// database's) are made before the cell starts, one per subject the tool's events take; each call
+    /// gives its rows their own ids and sequences, so only the insert is timed.
+    pub fn insert_call(
+        &self,
+        batch: usize,
+        payload_size: usize,
+        ids: Ids,
+        tag: String,
+    ) -> Result<Call> {
         let pool = self.pool.clone();
         let seq = self.seq.clone();
-        Arc::new(move |w, k| {
-            let pool = pool.clone();
-            let seq = seq.clone();
-            let tag = tag.clone();
-            Box::pin(async move {
-                let first = seq.fetch_add(batch as i64, Ordering::Relaxed) + 1;
-                let stamp = now_ns();
-                let mut rows = Vec::with_capacity(batch);
-                for j in 0..batch {
+        let stamp = now_ns();
+        let templates: Arc<Vec<RawRow>> = Arc::new(
+            (0..SUBJECTS)
+                .map(|n| {
                     let e = event(
-                        ids.name(|| format!("{tag}-{w}-{k}-{j}")),
+                        ids.name(|| format!("{tag}-0-{n}-0")),
                         "bench.publish.v1",
-                        k,
+                        n,
                         payload_size,
                         stamp,
                     );
-                    rows.push(raw_row(e, first + j as i64)?);
-                }
-                insert(&pool, &rows).await?;
+                    raw_row(e)
+                })
+                .collect::<Result<_>>()?,
+        );
+        Ok(Arc::new(move |w, k| {
+            let pool = pool.clone();
+            let seq = seq.clone();
+            let tag = tag.clone();
+            let templates = templates.clone();
+            Box::pin(async move {
+                let first = seq.fetch_add(batch as i64, Ordering::Relaxed) + 1;
+                let keys: Vec<(i64, String)> = (0..batch)
+                    .map(|j| {
+                        let id = ids.name(|| format!("{tag}-{w}-{k}-{j}"));
+                        (first + j as i64, id)
+                    })
+                    .collect();
+                insert(&pool, &templates[(k % SUBJECTS) as usize], &keys).await?;
                 Ok(batch as u64)
             })
-        })
+        }))
     }
 }
 
-async fn insert(pool: &PgPool, rows: &[RawRow]) -> Result<()> {
+/// How many subjects the tool's events take (`bench/<n % 16>`).
+const SUBJECTS: u64 = 16;
+
+/// Inserts `keys` (sequence and id) as rows otherwise like `template`.
+async fn insert(pool: &PgPool, template: &RawRow, keys: &[(i64, String)]) -> Result<()> {
     let recorded_ns: i64 = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
-    if let [r] = rows {
+    let r = template;
+    if let [(seq, id)] = keys {
         sqlx::query(
             "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body_binary) \
              VALUES ($1, 'default', $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
-        .bind(r.seq)
+        .bind(seq)
         .bind(&r.source)
-        .bind(&r.id)
+        .bind(id)
         .bind(&r.event_type)
         .bind(&r.subject)
         .bind(&r.correlation_id)
@@ -200,17 +225,17 @@ async fn insert(pool: &PgPool, rows: &[RawRow]) -> Result<()> {
         .await?;
         return Ok(());
     }
-    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    let tenants: Vec<&str> = rows.iter().map(|_| "default").collect();
-    let sources: Vec<&str> = rows.iter().map(|r| r.source.as_str()).collect();
-    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-    let types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
-    let subjects: Vec<Option<&str>> = rows.iter().map(|r| r.subject.as_deref()).collect();
-    let correlations: Vec<Option<&str>> =
-        rows.iter().map(|r| r.correlation_id.as_deref()).collect();
-    let priorities: Vec<i16> = rows.iter().map(|r| r.priority).collect();
-    let hashes: Vec<&[u8]> = rows.iter().map(|r| r.hash.as_slice()).collect();
-    let bodies: Vec<&[u8]> = rows.iter().map(|r| r.body.as_slice()).collect();
+    let n = keys.len();
+    let seqs: Vec<i64> = keys.iter().map(|(seq, _)| *seq).collect();
+    let ids: Vec<&str> = keys.iter().map(|(_, id)| id.as_str()).collect();
+    let tenants = vec!["default"; n];
+    let sources = vec![r.source.as_str(); n];
+    let types = vec![r.event_type.as_str(); n];
+    let subjects = vec![r.subject.as_deref(); n];
+    let correlations = vec![r.correlation_id.as_deref(); n];
+    let priorities = vec![r.priority; n];
+    let hashes = vec![r.hash.as_slice(); n];
+    let bodies = vec![r.body.as_slice(); n];
     sqlx::query(
         "INSERT INTO events (seq, tenant, source, id, type, subject, correlation_id, priority, recorded_ns, content_hash, body_binary) \
          SELECT s, t, so, i, ty, su, c, p, $9, h, b FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
@@ -256,7 +281,7 @@ async fn measure_inserts(
 
 /// Raw insert rates for every batch size x publisher count of the publish matrix, then the ceiling
 /// of one ordered writer.
-pub async fn postgres_matrix(pg: &Pg, args: &Args, run: &str, rows: &mut Vec<Row>) {
+pub async fn postgres_matrix(pg: &Pg, args: &Args, run: &str, rows: &mut Vec<Row>) -> Result<()> {
     let insert =
         |batch: usize, tag: String| pg.insert_call(batch, args.payload_size, args.ids, tag);
     for &batch in &args.batch_sizes {
@@ -268,7 +293,7 @@ pub async fn postgres_matrix(pg: &Pg, args: &Args, run: &str, rows: &mut Vec<Row
                     "{batch}-row UNNEST INSERT per autocommit transaction, synchronous_commit=on"
                 )
             };
-            let call = insert(batch, format!("{run}-raw-b{batch}-w{w}"));
+            let call = insert(batch, format!("{run}-raw-b{batch}-w{w}"))?;
             rows.push(measure_inserts("postgres (raw)", batch, w, args.duration, call, note).await);
         }
     }
@@ -277,18 +302,19 @@ pub async fn postgres_matrix(pg: &Pg, args: &Args, run: &str, rows: &mut Vec<Row
     // that size is the ceiling of any design that keeps commit order = sequence order.
     let (Some(&batch), Some(&w)) = (args.batch_sizes.iter().max(), args.publishers.iter().max())
     else {
-        return;
+        return Ok(());
     };
     let group = batch * w;
     if group <= 1 {
-        return;
+        return Ok(());
     }
     let note = format!(
         "one connection, {group}-row UNNEST INSERT per transaction (a full group commit of the \
          largest cell): the ceiling of one ordered writer"
     );
-    let call = insert(group, format!("{run}-raw-serial-b{group}"));
+    let call = insert(group, format!("{run}-raw-serial-b{group}"))?;
     rows.push(measure_inserts(PG_SERIAL, group, 1, args.duration, call, note).await);
+    Ok(())
 }
 
 /// System name of the raw Redis rows.
@@ -321,7 +347,7 @@ impl RedisBase {
             payload_size,
             stamp,
         );
-        Ok(raw_row(e, 0)?.body)
+        Ok(raw_row(e)?.body)
     }
 
     /// Pipelined XADD: `workers` tasks, each sending pipelines of `depth` XADDs.

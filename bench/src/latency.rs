@@ -57,9 +57,19 @@ struct Cell {
 }
 
 impl Cell {
-    /// Adds a warm-up: its figures are not kept, but what went wrong in it is.
+    /// Adds a warm-up: its figures are not kept, but what went wrong in it is, a shortfall of its
+    /// plan (the system did not keep up) included.
     fn add_warm_up(&mut self, s: &Slice) {
         self.count_errors(s);
+        if s.load.sent < s.load.planned {
+            self.errors += 1;
+            self.first_error.get_or_insert_with(|| {
+                format!(
+                    "the warm-up sent {} of {} planned",
+                    s.load.sent, s.load.planned
+                )
+            });
+        }
     }
 
     fn add(&mut self, s: Slice) {

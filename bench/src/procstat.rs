@@ -31,12 +31,12 @@ pub fn cpu_ticks(pid: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// Resident set size in MiB (VmRSS).
+/// Resident set size in MB of 10^6 bytes, the unit of the slow-consumer target (VmRSS, in KiB).
 pub fn rss_mb(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    Some(kb * 1024.0 / 1e6)
 }
 
 /// (steal, total) ticks of all CPUs from the first line of /proc/stat. Total is user + nice + system +
@@ -55,7 +55,9 @@ fn read_host_ticks() -> Option<(u64, u64)> {
     host_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
 }
 
-fn infra_ticks() -> HashMap<u32, u64> {
+/// CPU ticks of every backing service's process but `server` (the measured one, reported apart: a
+/// nats-server measured as the system counts as server CPU, not infra).
+fn infra_ticks(server: Option<u32>) -> HashMap<u32, u64> {
     let mut out = HashMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -65,6 +67,9 @@ fn infra_ticks() -> HashMap<u32, u64> {
         let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
+        if Some(pid) == server {
+            continue;
+        }
         let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
             continue;
         };
@@ -82,7 +87,7 @@ fn infra_ticks() -> HashMap<u32, u64> {
 pub struct Usage {
     /// Server CPU, percent of one core (200 = two cores busy).
     pub server_cpu_pct: Option<f64>,
-    /// Server resident memory at the end of the phase, MiB.
+    /// Server resident memory at the end of the phase, MB.
     pub server_rss_mb: Option<f64>,
     /// postgres + redis-server + nats-server processes, percent of one core.
     pub infra_cpu_pct: f64,
@@ -133,7 +138,7 @@ impl Meter {
         Meter {
             started: Instant::now(),
             server: server_pid.and_then(|p| cpu_ticks(&p.to_string()).map(|t| (p, t))),
-            infra: infra_ticks(),
+            infra: infra_ticks(server_pid),
             own: cpu_ticks("self").unwrap_or(0),
             host: read_host_ticks(),
         }
@@ -149,7 +154,7 @@ impl Meter {
             ),
             None => (None, None),
         };
-        let infra: u64 = infra_ticks()
+        let infra: u64 = infra_ticks(self.server.map(|(pid, _)| pid))
             .into_iter()
             .map(|(pid, t)| t.saturating_sub(self.infra.get(&pid).copied().unwrap_or(0)))
             .sum();

@@ -37,10 +37,10 @@ pub struct Row {
     pub first_error: Option<String>,
     /// Comparisons with baseline figures of the same run.
     pub ratios: Vec<Ratio>,
-    /// Slow-consumer scenario: server RSS the slow consumers added, MiB (signed: below zero when
+    /// Slow-consumer scenario: server RSS the slow consumers added, MB (signed: below zero when
     /// the second phase's peak was lower).
     pub rss_added_mb: Option<f64>,
-    /// Slow-consumer scenario: server RSS over the phase, (seconds since its start, MiB), every 100 ms.
+    /// Slow-consumer scenario: server RSS over the phase, (seconds since its start, MB), every 100 ms.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rss_over_time: Vec<(f64, f64)>,
     /// Extra facts (RSS growth, lost events, ...).
