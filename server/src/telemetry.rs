@@ -116,7 +116,9 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
     }
 }
 
-/// The traceparent of `span` while spans are exported; otherwise the caller's own, passed through.
+/// The traceparent of `span` while spans are exported; otherwise the caller's own, passed through when
+/// it is one an event's own field may hold (the propagator alone takes a header of any length whose
+/// version is not 00, and it is stored on every event of the call).
 pub fn traceparent_of(span: &tracing::Span, fallback: Option<&str>) -> Option<String> {
     if exporting() {
         let cx = span.context();
@@ -126,5 +128,6 @@ pub fn traceparent_of(span: &tracing::Span, fallback: Option<&str>) -> Option<St
             return out.0;
         }
     }
-    parse_traceparent(fallback).and(fallback.map(str::to_owned))
+    let fallback = fallback.filter(|t| crate::event::valid_traceparent(t))?;
+    parse_traceparent(Some(fallback)).map(|_| fallback.to_owned())
 }

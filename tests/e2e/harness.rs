@@ -725,3 +725,51 @@ pub fn violations(status: &Status) -> Vec<String> {
         .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
         .unwrap_or_default()
 }
+
+/// Sends one uncompressed gRPC message of raw `bytes` to `path` over a bare HTTP/2 stream, with
+/// `headers`, closes the request, and returns the `grpc-status` and the (percent-decoded)
+/// `grpc-message` the server answered: what a client that is not tonic would see.
+pub async fn raw_grpc_call(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    bytes: Vec<u8>,
+) -> (String, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let mut head = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        head = head.header(*name, *value);
+    }
+    let (response, mut body) = client
+        .send_request(head.body(()).expect("request"), false)
+        .expect("send");
+    // flag, length, bytes
+    let mut frame = vec![0];
+    frame.extend(u32::try_from(bytes.len()).expect("small").to_be_bytes());
+    frame.extend(bytes);
+    body.send_data(frame.into(), true)
+        .expect("send the message");
+    let response = response.await.expect("response");
+    let status = |headers: &http::HeaderMap| {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .map(|v| v.to_str().expect("ascii").replace("%20", " "))
+        };
+        text("grpc-status").map(|status| (status, text("grpc-message").unwrap_or_default()))
+    };
+    if let Some(status) = status(response.headers()) {
+        return status; // trailers only
+    }
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        data.expect("data");
+    }
+    let trailers = body.trailers().await.expect("trailers");
+    status(&trailers.expect("trailers")).expect("grpc-status")
+}

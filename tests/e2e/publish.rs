@@ -97,6 +97,42 @@ async fn batch_is_atomic_when_one_event_conflicts() {
     assert_status(get, Code::NotFound, "fresh-1");
 }
 
+/// One event named twice in a batch is stored once; two different events under one name are refused
+/// as the caller's input, naming the second, and nothing of the batch is stored.
+#[tokio::test]
+async fn a_batch_naming_two_events_alike_is_invalid_and_the_same_event_twice_is_stored_once() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let twice = publish(
+        &mut bus,
+        vec![event("twice", "t.created"), event("twice", "t.created")],
+    )
+    .await;
+    assert_eq!(twice[0], twice[1], "stored once: {twice:?}");
+    let mut other = event("named-twice", "t.created");
+    other.subject = "other".into();
+    let status = bus
+        .publish(pb::PublishRequest {
+            events: vec![
+                event("fresh-3", "t.created"),
+                event("named-twice", "t.created"),
+                other,
+            ],
+        })
+        .await
+        .expect_err("two events under one name");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(violations(&status), ["events[2].id"], "{status:?}");
+    let get = server
+        .admin()
+        .get_event(pb::GetEventRequest {
+            id: "fresh-3".into(),
+            source: String::new(),
+        })
+        .await;
+    assert_status(get, Code::NotFound, "fresh-3");
+}
+
 #[tokio::test]
 async fn server_fills_time_and_keeps_client_time() {
     let server = TestServer::start().await;
@@ -574,6 +610,27 @@ async fn a_publish_stream_message_over_the_limit_ends_the_stream_after_the_answe
         .expect("the stream ends in time");
     let status = end.expect_err("the stream ends with an error, not OK");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+/// A message that is not protobuf is the caller's bad input, on a unary call as on a stream:
+/// INVALID_ARGUMENT saying it could not be read, never INTERNAL.
+#[tokio::test]
+async fn a_message_that_is_not_protobuf_is_invalid_argument() {
+    let server = TestServer::start().await;
+    // a field of 5 bytes that holds 1
+    let garbage = vec![0x0a, 0x05, 0x01];
+    for path in [
+        "/nerve.v1.EventBus/Publish",
+        "/nerve.v1.EventBus/PublishStream",
+    ] {
+        let (status, message) =
+            crate::harness::raw_grpc_call(server.addr(), path, &[], garbage.clone()).await;
+        assert_eq!(status, "3", "{path}: {message}");
+        assert!(
+            message.contains("decode") || message.contains("could not be read"),
+            "{path}: {message}"
+        );
+    }
 }
 
 #[tokio::test]

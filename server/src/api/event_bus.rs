@@ -137,11 +137,12 @@ impl EventBusApi {
                             }
                         }
                         Ok(None) => reading = false,
-                        // a message that could not be read (over the size limit, not protobuf);
-                        // when the publisher went away, sending the answers fails and ends this
+                        // a message that could not be read (over the size limit, not protobuf),
+                        // answered as a subscriber's is; when the publisher went away, sending the
+                        // answers fails and ends this
                         Err(status) => {
                             reading = false;
-                            ending = Some(status);
+                            ending = Some(unreadable(&status).map_or(status, to_status));
                         }
                     }
                 }

@@ -1,8 +1,11 @@
-//! Reports tonic's message size limit as RESOURCE_EXHAUSTED, the code gRPC specifies for it.
+//! Reports a request message tonic could not read with the codes Nerve gives bad input: over the
+//! message size limit as RESOURCE_EXHAUSTED, the code gRPC specifies for it, and one that is not
+//! protobuf as INVALID_ARGUMENT.
 //!
-//! tonic rejects an over-limit message before any handler runs, with OUT_OF_RANGE; clients should see
-//! the same code as for Nerve's own size limits. The status travels in the headers of a trailers-only
-//! response or in the trailers of a body, so both are checked.
+//! tonic refuses such a message before any handler runs, with OUT_OF_RANGE or INTERNAL; clients should
+//! see the same codes as for Nerve's own checks (a Subscribe or PublishStream message is answered so by
+//! its handler). The status travels in the headers of a trailers-only response or in the trailers of a
+//! body, so both are checked.
 
 use std::{
     pin::Pin,
@@ -13,31 +16,40 @@ use http::{HeaderMap, HeaderValue, Response};
 use http_body::{Body, Frame, SizeHint};
 
 const OUT_OF_RANGE: &[u8] = b"11";
+const INTERNAL: &[u8] = b"13";
 const RESOURCE_EXHAUSTED: &str = "8";
+const INVALID_ARGUMENT: &str = "3";
 
 fn rewrite(headers: &mut HeaderMap) {
-    let too_large = headers.get("grpc-status").map(HeaderValue::as_bytes) == Some(OUT_OF_RANGE)
-        && headers
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            // grpc-message is percent-encoded on the wire
-            .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
-    if too_large {
-        headers.insert("grpc-status", HeaderValue::from_static(RESOURCE_EXHAUSTED));
-    }
+    let status = headers.get("grpc-status").map(HeaderValue::as_bytes);
+    // grpc-message is percent-encoded on the wire
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .map(|m| m.replace("%20", " "))
+        .unwrap_or_default();
+    let code = match status {
+        Some(OUT_OF_RANGE) if message.contains("message length too large") => RESOURCE_EXHAUSTED,
+        // prost's DecodeError, which tonic reports as INTERNAL
+        Some(INTERNAL) if message.starts_with("failed to decode Protobuf message") => {
+            INVALID_ARGUMENT
+        }
+        _ => return,
+    };
+    headers.insert("grpc-status", HeaderValue::from_static(code));
 }
 
 /// Rewrites the status of responses that report an over-limit message.
-pub fn size_limit_status<B>(response: Response<B>) -> Response<SizeLimitBody<B>> {
+pub fn unreadable_message_status<B>(response: Response<B>) -> Response<UnreadableMessageBody<B>> {
     let (mut parts, body) = response.into_parts();
     rewrite(&mut parts.headers);
-    Response::from_parts(parts, SizeLimitBody(body))
+    Response::from_parts(parts, UnreadableMessageBody(body))
 }
 
 /// A response body whose trailers get the same rewrite.
-pub struct SizeLimitBody<B>(B);
+pub struct UnreadableMessageBody<B>(B);
 
-impl<B: Body + Unpin> Body for SizeLimitBody<B> {
+impl<B: Body + Unpin> Body for UnreadableMessageBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 

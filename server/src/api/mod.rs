@@ -129,7 +129,7 @@ pub async fn serve(
     let incoming = crate::auth::tls::incoming(listener, settings.tls, shutdown.clone());
     tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
-            limits::size_limit_status,
+            limits::unreadable_message_status,
         ))
         .layer(AuthLayer::new(auth))
         .http2_keepalive_interval(Some(connections.keepalive_interval))

@@ -112,6 +112,26 @@ impl Default for Limits {
     }
 }
 
+/// Highest `max_attribute_bytes` the server starts with: tenant, source and id are one key of
+/// Postgres' `events_key` b-tree, whose entries hold at most 2,704 bytes, so two attributes of this
+/// size and a 64-byte tenant fit it; above it, a publish could fail in the database instead of being
+/// refused as too large.
+pub const MAX_ATTRIBUTE_BYTES_CAP: usize = 1280;
+
+impl Limits {
+    /// Refuses limits the server cannot hold events to.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_attribute_bytes > MAX_ATTRIBUTE_BYTES_CAP {
+            return Err(format!(
+                "limits.max_attribute_bytes is {}, above the {MAX_ATTRIBUTE_BYTES_CAP} bytes a \
+                 source and an id can take together in the store's key",
+                self.max_attribute_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Names that are context or bus attributes in the CloudEvents formats, so not free for extensions.
 pub(crate) const RESERVED_EXTENSIONS: &[&str] = &[
     "id",
@@ -158,7 +178,9 @@ fn valid_extension_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
-fn valid_traceparent(value: &str) -> bool {
+/// A W3C traceparent of the version-00 shape: four fields of 2, 32, 16 and 2 hex digits, the version
+/// not ff and neither id all zeros.
+pub fn valid_traceparent(value: &str) -> bool {
     let parts: Vec<&str> = value.split('-').collect();
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     parts.len() == 4
@@ -364,6 +386,35 @@ impl Limits {
         for (i, event) in events.iter().enumerate() {
             self.check_event(event, &format!("events[{i}]"))?;
         }
-        Ok(())
+        check_repeated_ids(events)
     }
+}
+
+/// An event named twice in one batch must be the same event both times (sent twice, it is stored
+/// once): two different events under one source and id are the caller's mistake, not an event that
+/// already exists.
+fn check_repeated_ids(events: &[Event]) -> Result<(), InvalidInput> {
+    if events.len() < 2 {
+        return Ok(());
+    }
+    let mut first = std::collections::HashMap::with_capacity(events.len());
+    for (i, event) in events.iter().enumerate() {
+        let key = (event.source.as_str(), event.id.as_str());
+        match first.entry(key) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(i);
+            }
+            std::collections::hash_map::Entry::Occupied(at) if events[*at.get()] != *event => {
+                return Err(InvalidInput::field(
+                    format!("events[{i}].id"),
+                    format!(
+                        "repeats the source and id of events[{}] with other content",
+                        at.get()
+                    ),
+                ));
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {}
+        }
+    }
+    Ok(())
 }
