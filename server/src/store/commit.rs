@@ -19,10 +19,12 @@ use tracing::{debug, error, info, warn};
 use super::{Appended, NewEvent, StoreError, StoreResult};
 use crate::event::StoredEvent;
 
-/// Most events one group commit takes in.
+/// Events after which a group commit takes in no more requests: it holds at most this many plus one
+/// request's (`limits.max_batch_events`), since a request is not split.
 const MAX_GROUP_COMMIT_EVENTS: usize = 10_000;
-/// Most event bytes one group commit takes in (more requests wait for the next): Postgres binds all
-/// bodies as one array, and refuses one over 1 GiB, which 256 concurrent 4 MiB publishes reached.
+/// Event bytes after which a group commit takes in no more requests (at most one request's more):
+/// Postgres binds all bodies as one array, and refuses one over 1 GiB, which 256 concurrent 4 MiB
+/// publishes reached.
 const MAX_GROUP_COMMIT_BYTES: usize = 64 << 20;
 /// How often an unavailable database is probed.
 const PROBE_EVERY: Duration = Duration::from_millis(200);

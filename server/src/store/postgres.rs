@@ -177,7 +177,7 @@ impl PostgresStore {
             channel.clone(),
             committed_tx.clone(),
         ));
-        let options = writer_options(url)?;
+        let options = writer_options(url, commit_durability(&pool).await?)?;
         let recent = Arc::new(RecentCommits::default());
         let commits = commit::start(
             PostgresWriter {
@@ -230,10 +230,42 @@ fn commit_channel(schema: &str) -> String {
     format!("{COMMIT_CHANNEL}_{hex}")
 }
 
-/// Where the group-commit writer connects: the store's URL with the settings its commit statement needs.
-fn writer_options(url: &str) -> StoreResult<PgConnectOptions> {
+/// Reads how the database makes commits durable, warns where it does not, and returns what the
+/// writer's connection must set so that a commit it answers is durable: `synchronous_commit=on` where
+/// the database or role turned it off (a common tuning, under which COMMIT answers before the WAL is
+/// flushed). Any other value flushes the WAL before COMMIT answers and is left as the database has it.
+async fn commit_durability<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+) -> StoreResult<Option<(&'static str, &'static str)>> {
+    let (sync, fsync): (String, String) =
+        sqlx::query_as("SELECT current_setting('synchronous_commit'), current_setting('fsync')")
+            .fetch_one(conn)
+            .await
+            .map_err(map_err)?;
+    if fsync == "off" {
+        warn!(
+            "postgres runs with fsync=off: a crash of its host can lose events it has acknowledged"
+        );
+    }
+    if sync == "off" {
+        warn!(
+            "postgres has synchronous_commit=off for this server's connections; its commits set it \
+             on, so that no publish is answered before it is durable"
+        );
+        return Ok(Some(("synchronous_commit", "on")));
+    }
+    Ok(None)
+}
+
+/// Where the group-commit writer connects: the store's URL with the settings its commit statement
+/// needs, and `durability` ([`commit_durability`]).
+fn writer_options(
+    url: &str,
+    durability: Option<(&'static str, &'static str)>,
+) -> StoreResult<PgConnectOptions> {
     Ok(PgConnectOptions::from_str(url)
         .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?
+        .options(durability)
         .options([
             // Without statistics (a new deployment) the commit statement's estimates cross the JIT
             // threshold, and compiling it cost ~15 ms per commit; it never pays off for one commit.
@@ -1226,13 +1258,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_writer_commits_durably_where_the_database_does_not() {
+        let url = fresh_schema_url().await;
+        let lax = format!("{url}%20-c%20synchronous_commit%3Doff");
+        let setting = |options: PgConnectOptions| async move {
+            let mut conn = PgConnection::connect_with(&options).await.expect("connect");
+            sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+                .fetch_one(&mut conn)
+                .await
+                .expect("show")
+        };
+        for (url, database, writer) in [(&url, "on", "on"), (&lax, "off", "on")] {
+            let options = PgConnectOptions::from_str(url).expect("options");
+            assert_eq!(setting(options.clone()).await, database, "{url}");
+            let mut conn = PgConnection::connect_with(&options).await.expect("connect");
+            let durability = commit_durability(&mut conn).await.expect("settings");
+            let writer_options = writer_options(url, durability).expect("options");
+            assert_eq!(setting(writer_options).await, writer, "{url}");
+        }
+    }
+
+    #[tokio::test]
     async fn the_writer_plans_its_commit_statement_once_not_per_commit() {
         let url = fresh_schema_url().await;
         // migrates the schema
         let _store = PostgresStore::connect(&url, 2)
             .await
             .expect("connect store");
-        let mut conn = PgConnection::connect_with(&writer_options(&url).expect("options"))
+        let mut conn = PgConnection::connect_with(&writer_options(&url, None).expect("options"))
             .await
             .expect("connect writer");
         for commit in 0..8 {
