@@ -343,6 +343,22 @@ func TestRequestWithoutTimeoutLeavesTheWaitToTheServer(t *testing.T) {
 	}
 }
 
+func TestRequestRefusesANegativeTimeout(t *testing.T) {
+	// a short server default: sent as no timeout at all, the request would wait that long for a reply
+	client, ctx := connect(t, "NERVE_BUS__DEFAULT_REQUEST_TIMEOUT=300ms"), testContext(t)
+	responder, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"negative.requested"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer responder.Close()
+	_, err = client.Request(ctx, ev("negative", "negative.requested"), -time.Second)
+	wantViolation(t, err, "timeout")
+	// nothing was sent: the server stores every request a subscriber could receive
+	if _, err := client.GetEvent(ctx, "negative", "//tests"); !errors.Is(err, nerve.ErrNotFound) {
+		t.Fatalf("the refused request was stored: want NotFound, got %v", err)
+	}
+}
+
 func TestReplayReceivesAPageOverGRPCsDefaultLimit(t *testing.T) {
 	addr := startServer(t)
 	client, err := nerve.Dial(addr)
@@ -507,5 +523,50 @@ func TestAdminCallsAndReplayRefuseAStringThatIsNotUTF8(t *testing.T) {
 	}
 	if got, err := client.Replay(ctx, nerve.ReplayOptions{Types: []string{"utf8.x"}}).Next(); err != nil || got.GetId() != "kept" {
 		t.Fatalf("replay after the refusals: %v, %v", got, err)
+	}
+}
+
+// cancelOnBreak is a client stream that cancels the caller's context as soon as a read from it fails: a
+// caller that gives up right as the stream breaks, before anything could reopen it.
+type cancelOnBreak struct {
+	grpc.ClientStream
+	cancel context.CancelFunc
+}
+
+func (s cancelOnBreak) RecvMsg(m any) error {
+	err := s.ClientStream.RecvMsg(m)
+	if err != nil {
+		s.cancel()
+	}
+	return err
+}
+
+func TestAReplayWhoseContextEndsWhileItBacksOffReturnsTheContextsError(t *testing.T) {
+	bus := &brokenReplay{}
+	ctx, cancel := context.WithCancel(testContext(t))
+	defer cancel()
+	giveUp := grpc.WithStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn,
+		method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		stream, err := streamer(ctx, desc, cc, method, opts...)
+		if err != nil {
+			return nil, err
+		}
+		return cancelOnBreak{ClientStream: stream, cancel: cancel}, nil
+	})
+	client := connectServing(t, func(s *grpc.Server) { nervepb.RegisterEventBusServer(s, bus) }, giveUp)
+	replay := client.Replay(ctx, nerve.ReplayOptions{})
+	for _, want := range []string{"r1", "r2"} {
+		if e, err := replay.Next(); err != nil || e.GetId() != want {
+			t.Fatalf("want %s, got %v, %v", want, e.GetId(), err)
+		}
+	}
+	// the stream breaks with Unavailable, mid-history: the replay backs off to reopen it, and its context
+	// has ended by then
+	_, err := replay.Next()
+	if !errors.Is(err, context.Canceled) || nerve.Code(err) != codes.Canceled {
+		t.Fatalf("a replay whose context ended while it backed off: %v, want the context's error", err)
+	}
+	if calls := bus.calls.Load(); calls != 1 {
+		t.Fatalf("%d calls: the replay reopened after its context ended", calls)
 	}
 }

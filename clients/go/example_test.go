@@ -91,7 +91,9 @@ func ExampleClient_Subscribe() {
 		log.Fatal(err)
 	}
 	defer sub.Close()
-	history, err := sub.UntilCaughtUp(ctx)
+	historyCtx, cancelHistory := context.WithTimeout(ctx, 30*time.Second) // a full window holds the marker back
+	defer cancelHistory()
+	history, err := sub.UntilCaughtUp(historyCtx) // deliveries before the caught-up marker
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -7,3 +7,7 @@ var CloseWait = &closeWait
 // KeepaliveParams is the keepalive Dial sets, for tests that cannot wait its full length; it applies to
 // clients dialed after it is set.
 var KeepaliveParams = &keepaliveParams
+
+// Ended is closed once the subscription's stream ended and its end was read off the network, for tests
+// that need the end to have come before they act, without reading it as Next would.
+func Ended(s *Subscription) <-chan struct{} { return s.done }

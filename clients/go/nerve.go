@@ -100,8 +100,11 @@ func (c *Client) Publish(ctx context.Context, events ...*nervepb.Event) ([]*nerv
 // subscriber could receive the request, and with codes.DeadlineExceeded when no reply came in time. A
 // deadline of ctx shortens the wait. When ctx has none, the call gets timeout plus a few seconds as its
 // deadline, so that the server's answer comes first; with a zero timeout it gets none, and the server
-// answers at its own timeout.
+// answers at its own timeout. A negative timeout is ErrInvalidArgument, returned without sending.
 func (c *Client) Request(ctx context.Context, ev *nervepb.Event, timeout time.Duration) (*nervepb.RequestResponse, error) {
+	if timeout < 0 { // sent as none, it would wait the server's default instead
+		return nil, invalidArgument("timeout", "must be a non-negative duration")
+	}
 	req := &nervepb.RequestRequest{Event: ev}
 	if timeout > 0 {
 		req.Timeout = durationpb.New(timeout)

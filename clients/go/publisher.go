@@ -39,7 +39,7 @@ type Publisher struct {
 	pending []*publishWaiter // sent and unanswered, in send order
 	closed  bool             // Close was called
 	ended   bool             // the receiver stopped
-	err     error            // the stream's final error; nil when it ended OK
+	err     error            // the stream's final error (nil: ended OK), or the context's of a Close that gave up
 }
 
 // publishWaiter is one sent request waiting for its answer.
@@ -228,18 +228,46 @@ func (p *Publisher) end(err error) {
 
 // Close closes the send side, waits for the answers to every call already sent (those calls return
 // them), and ends the stream. It returns the stream's final error, nil when it ended OK. Close again
-// returns the same; Publish after Close returns ErrPublisherClosed.
-func (p *Publisher) Close() error {
-	p.sendLock <- struct{}{} // no Send is in progress while the send side closes
-	p.mu.Lock()
-	already := p.closed
-	p.closed = true
-	p.mu.Unlock()
-	if !already {
-		_ = p.stream.CloseSend()
+// returns the same; Publish after Close returns ErrPublisherClosed. It waits as long as the stream lasts
+// (the context given to OpenPublisher bounds it), so a server that stops reading holds it; CloseContext
+// bounds the wait.
+func (p *Publisher) Close() error { return p.CloseContext(context.Background()) }
+
+// CloseContext is Close, waiting only until ctx ends: then it cancels the stream, which ends a Publish held
+// in sending by flow control and fails the calls still unanswered with codes.Canceled (their batches,
+// once sent, may still be committed), and returns ctx's error (errors.Is matches context.Canceled or
+// context.DeadlineExceeded), as every Close after it does.
+func (p *Publisher) CloseContext(ctx context.Context) error {
+	select {
+	case p.sendLock <- struct{}{}: // no Send is in progress while the send side closes
+		p.mu.Lock()
+		already := p.closed
+		p.closed = true
+		p.mu.Unlock()
+		if !already {
+			_ = p.stream.CloseSend()
+		}
+		<-p.sendLock
+		select {
+		case <-p.done:
+		case <-ctx.Done():
+		}
+	case <-ctx.Done(): // a Send holds the lock: only the cancel below ends it
+		p.mu.Lock()
+		p.closed = true // the calls waiting for the lock are refused
+		p.mu.Unlock()
 	}
-	<-p.sendLock
-	<-p.done
+	select {
+	case <-p.done:
+	default: // ctx ended first
+		p.cancel()
+		<-p.done // the receiver ends at once: its call is cancelled
+		p.mu.Lock()
+		p.err = wrap(ctx.Err()) // what every later Close returns; Publish returns ErrPublisherClosed
+		p.mu.Unlock()
+	}
 	p.cancel()
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	return p.err
 }

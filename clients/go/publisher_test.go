@@ -269,12 +269,14 @@ func TestPublisherFailsOnceTheStreamBroke(t *testing.T) {
 }
 
 // fakeBus serves PublishStream in a way the real server never does: refusing the stream at once with
-// refuse, never answering the opening (silent), answering each request with a refusal whose code is OK
-// (okRefusal), or else answering each request with the wrong request id.
+// refuse, never answering the opening (silent), answering it and then reading nothing (deaf), answering
+// each request with a refusal whose code is OK (okRefusal), or else answering each request with the wrong
+// request id.
 type fakeBus struct {
 	nervepb.UnimplementedEventBusServer
 	refuse    error
 	silent    bool
+	deaf      bool
 	okRefusal bool
 }
 
@@ -289,6 +291,10 @@ func (b fakeBus) PublishStream(stream grpc.BidiStreamingServer[nervepb.PublishSt
 	// like the real server, answer the opening at once (grpc-go would send the headers with the first answer)
 	if err := stream.SendHeader(metadata.MD{}); err != nil {
 		return err
+	}
+	if b.deaf { // HTTP/2 flow control holds the client's sending once the window is full
+		<-stream.Context().Done()
+		return stream.Context().Err()
 	}
 	for {
 		req, err := stream.Recv()
@@ -316,8 +322,8 @@ func connectFake(t *testing.T, bus fakeBus) *nerve.Client {
 }
 
 // connectServing serves what register adds on a local port for this test and returns a client connected
-// to it.
-func connectServing(t *testing.T, register func(*grpc.Server)) *nerve.Client {
+// to it, dialed with opts.
+func connectServing(t *testing.T, register func(*grpc.Server), opts ...grpc.DialOption) *nerve.Client {
 	t.Helper()
 	listener, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -327,12 +333,78 @@ func connectServing(t *testing.T, register func(*grpc.Server)) *nerve.Client {
 	register(server)
 	go func() { _ = server.Serve(listener) }()
 	t.Cleanup(server.Stop)
-	client, err := nerve.Dial(listener.Addr().String())
+	client, err := nerve.Dial(listener.Addr().String(), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = client.Close() })
 	return client
+}
+
+// signalSends is a client stream that tells sending of each message as it starts to send it.
+type signalSends struct {
+	grpc.ClientStream
+	sending chan<- struct{}
+}
+
+func (s signalSends) SendMsg(m any) error {
+	s.sending <- struct{}{}
+	return s.ClientStream.SendMsg(m)
+}
+
+func TestPublisherCloseContextEndsAPublishHeldInSending(t *testing.T) {
+	sending := make(chan struct{}, 2)
+	signal := grpc.WithStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn,
+		method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		stream, err := streamer(ctx, desc, cc, method, opts...)
+		if err != nil {
+			return nil, err
+		}
+		return signalSends{ClientStream: stream, sending: sending}, nil
+	})
+	ctx := testContext(t)
+	client := connectServing(t, func(s *grpc.Server) { nervepb.RegisterEventBusServer(s, fakeBus{deaf: true}) }, signal)
+	pub, err := client.OpenPublisher(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sent := func(what string) {
+		t.Helper()
+		select {
+		case <-sending:
+		case <-time.After(wait):
+			t.Fatalf("%s did not start sending within %s", what, wait)
+		}
+	}
+	// a first batch of 32 MiB: grpc-go takes it in whole, but a server that reads nothing lets through 16
+	// MiB at most (its flow control window, grown to the most), so a second one is held in sending
+	big := make([]*nervepb.Event, 8)
+	for i := range big {
+		big[i] = nerve.NewEvent("//tests", "deaf.x").ID(fmt.Sprintf("big-%d", i)).Text(strings.Repeat("x", 4<<20)).MustBuild()
+	}
+	answers := make(chan error, 2)
+	go func() { _, err := pub.Publish(ctx, big...); answers <- err }()
+	sent("the first publish")
+	go func() { _, err := pub.Publish(ctx, ev("held", "deaf.x")); answers <- err }()
+	sent("the second publish")
+
+	closeCtx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancel()
+	closed := within(t, "close with a publish held in sending", func() error { return pub.CloseContext(closeCtx) })
+	if !errors.Is(closed, context.DeadlineExceeded) || !errors.Is(closed, nerve.ErrDeadlineExceeded) {
+		t.Fatalf("close that gave up: %v, want its context's error", closed)
+	}
+	for range 2 {
+		if err := within(t, "a publish on the cancelled stream", func() error { return <-answers }); nerve.Code(err) != codes.Canceled {
+			t.Fatalf("a publish unanswered when close gave up: %v, want Canceled", err)
+		}
+	}
+	if again := within(t, "a second close", pub.Close); again != closed {
+		t.Fatalf("second close: %v, first: %v", again, closed)
+	}
+	if _, err := pub.Publish(ctx, ev("after", "deaf.x")); !errors.Is(err, nerve.ErrPublisherClosed) {
+		t.Fatalf("publish after close: %v", err)
+	}
 }
 
 func TestPublisherFailsTheStreamOnAMisnumberedAnswer(t *testing.T) {

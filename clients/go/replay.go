@@ -64,9 +64,10 @@ type Replay struct {
 	err     error
 }
 
-// Replay starts a replay; nothing is sent until the first Next. ctx bounds the whole replay. Options with a
-// string that is not valid UTF-8 send nothing: the first Next returns ErrInvalidArgument naming the field
-// ("types[0]"), as Client.Publish does.
+// Replay starts a replay; nothing is sent until the first Next. ctx bounds the whole replay: when it ends
+// while a broken stream waits to be reopened, Next returns its error (errors.Is matches context.Canceled or
+// context.DeadlineExceeded) rather than the break's. Options with a string that is not valid UTF-8 send
+// nothing: the first Next returns ErrInvalidArgument naming the field ("types[0]"), as Client.Publish does.
 func (c *Client) Replay(ctx context.Context, opts ReplayOptions) *Replay {
 	req := &nervepb.ReplayRequest{
 		Types:         opts.Types,
@@ -115,7 +116,7 @@ func (r *Replay) NextPage() (*nervepb.ReplayResponse, error) {
 			stream, err := r.bus.Replay(ctx, r.req)
 			if err != nil {
 				cancel()
-				if r.retry(err) {
+				if err = r.retry(err); err == nil {
 					continue
 				}
 				return nil, r.fail(err)
@@ -137,7 +138,7 @@ func (r *Replay) NextPage() (*nervepb.ReplayResponse, error) {
 			r.err = io.EOF
 			return nil, io.EOF
 		}
-		if r.retry(err) {
+		if err = r.retry(err); err == nil {
 			continue
 		}
 		return nil, r.fail(err)
@@ -145,21 +146,23 @@ func (r *Replay) NextPage() (*nervepb.ReplayResponse, error) {
 }
 
 // retry prepares a reconnect from the last token after an Unavailable error or an expired token (the new
-// call asks the per-RPC credentials again), backing off a little. An expired token right after another,
-// with no page between, is not retried: the credentials gave the same or another expired token.
-func (r *Replay) retry(err error) bool {
+// call asks the per-RPC credentials again), backing off a little, and returns nil; else the error the
+// replay ends with: err, or the context's when it ends during the backoff. An expired token right after
+// another, with no page between, is not retried: the credentials gave the same or another expired token.
+func (r *Replay) retry(err error) error {
 	err = wrap(err)
 	expired := errors.Is(err, ErrTokenExpired)
 	resumable := Code(err) == codes.Unavailable || (expired && !r.expired)
 	if !resumable || r.failures >= r.maxResumes {
-		return false
+		return err
 	}
 	r.failures++
 	r.expired = r.expired || expired
 	select {
 	case <-time.After(time.Duration(100<<r.failures) * time.Millisecond):
 	case <-r.ctx.Done():
-		return false
+		// the caller gave up, not the server: errors.Is matches the context's error (context.Canceled)
+		return wrap(r.ctx.Err())
 	}
 	req := proto.Clone(r.req).(*nervepb.ReplayRequest)
 	req.ResumeToken = r.resumeToken
@@ -167,7 +170,7 @@ func (r *Replay) retry(err error) bool {
 		req.Limit = uint32(r.limit - r.count)
 	}
 	r.req = req
-	return true
+	return nil
 }
 
 func (r *Replay) fail(err error) error {

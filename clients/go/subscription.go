@@ -101,6 +101,7 @@ type Subscription struct {
 	endOnce sync.Once
 	done    chan struct{} // closed when the receiver stopped; err and rest are set before
 	err     error
+	endSeen atomic.Bool // Next or a send returned err to the application: Close need not tell it again
 	closed  atomic.Bool
 
 	// the watchdog: a stream silent for silence (zero: no watchdog) while the receiver waits on the
@@ -377,15 +378,29 @@ func (s *Subscription) unread() *nervepb.SubscribeResponse {
 	return m
 }
 
+// endErr is what reading and sending return once the stream ended (done is closed): it records that the
+// application was told the stream's error, so that Close does not return it again.
 func (s *Subscription) endErr() error {
 	switch {
 	case s.closed.Load():
 		return ErrClosed
 	case s.err != nil:
+		// after the check of closed: a Close that starts meanwhile returns the error too, rather than
+		// neither telling it
+		s.endSeen.Store(true)
 		return s.err
 	default:
 		return io.EOF
 	}
+}
+
+// unseenEnd is the error the stream ended with (nil: OK), unless Next or a send already returned it; done
+// is closed.
+func (s *Subscription) unseenEnd() error {
+	if s.endSeen.Load() {
+		return nil
+	}
+	return s.err
 }
 
 func ids(ds []*Delivery) []string {
@@ -500,10 +515,12 @@ func (s *Subscription) CloseSend() error {
 // Close ends the stream gracefully: it sends a Close message, so that the server saves every settlement
 // sent before it, hands the unsettled deliveries back (as an attempt) and ends the stream; it waits for that
 // end, at most 5s, dropping deliveries that arrive meanwhile, then cancels the call. It returns nil once the
-// server ended the stream with OK, or when there was nothing to send the message on (the stream had ended,
-// or CloseSend half-closed it: it cancels at once); else ErrDeadlineExceeded (no end in time) or the
-// stream's *Error, and settlements sent just before may come back. Safe from any goroutine; later calls
-// return the same.
+// server ended the stream with OK; else ErrDeadlineExceeded (no end in time) or the stream's *Error, and
+// settlements sent just before may come back. On a stream still open after CloseSend there is nothing to
+// send the message on: it cancels at once and returns nil. A stream that had already ended (before Close,
+// or under its message) leaves it only the cancel: it returns the error the stream ended with, whenever
+// that end came, unless Next or a send already returned it (nil then, as for an end with OK). Safe from any
+// goroutine; later calls return the same.
 func (s *Subscription) Close() error {
 	s.closeOnce.Do(func() { s.closeErr = s.closeGracefully() })
 	return s.closeErr
@@ -515,7 +532,9 @@ func (s *Subscription) closeGracefully() error {
 	defer s.cancel()
 	select {
 	case <-s.done:
-		return nil // the stream had ended: nothing reads a Close message
+		// the stream had ended: nothing reads a Close message, and how it ended is told here unless
+		// reading or sending already told it
+		return s.unseenEnd()
 	default:
 	}
 	// the bound covers the send too: a server that reads nothing holds it (and any settle under sendMu) by
@@ -528,7 +547,8 @@ func (s *Subscription) closeGracefully() error {
 	defer timer.Stop()
 	sent := false
 	s.sendMu.Lock()
-	if !s.sendClosed { // after CloseSend the server reads nothing more; it ends the stream only on a cancel
+	halfClosed := s.sendClosed // the server reads nothing more; it ends the stream only on a cancel
+	if !halfClosed {
 		sent = s.stream.Send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Close{Close: &nervepb.Close{}}}) == nil
 	}
 	s.sendMu.Unlock()
@@ -541,8 +561,11 @@ func (s *Subscription) closeGracefully() error {
 	case timedOut.Load():
 		return &Error{Code: codes.DeadlineExceeded, Message: fmt.Sprintf(
 			"the server did not end the subscription within %s of Close; settlements sent just before may come back", s.closeWait)}
-	case !sent:
+	case halfClosed:
 		return nil
+	case !sent:
+		// io.EOF: it ended before the message went out, with the status the cancel above leaves as it was
+		return s.unseenEnd()
 	default:
 		return s.err // nil when the server ended the stream with OK, after the settlements before the Close
 	}

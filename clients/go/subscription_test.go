@@ -119,11 +119,62 @@ func TestCloseReturnsWhileASettleWaitsOnAnEndedStream(t *testing.T) {
 	acked := make(chan error, 1)
 	go func() { acked <- ackUntilRefused(first) }()
 	time.Sleep(200 * time.Millisecond) // let the acks reach the end of the stream
-	if err := within(t, "close with unread deliveries and an ack in progress", sub.Close); err != nil {
-		t.Fatal(err)
-	}
-	if err := within(t, "the ack after close", func() error { return <-acked }); err == nil {
+	closed := within(t, "close with unread deliveries and an ack in progress", sub.Close)
+	ackErr := within(t, "the ack after close", func() error { return <-acked })
+	if ackErr == nil {
 		t.Fatal("an ack on an ended stream succeeded")
+	}
+	// the NOT_FOUND end is told once at least: by the ack that met it, else by Close
+	switch {
+	case closed != nil && !errors.Is(closed, nerve.ErrNotFound):
+		t.Fatalf("close: %v, want nil or the stream's NotFound", closed)
+	case closed == nil && !errors.Is(ackErr, nerve.ErrNotFound):
+		t.Fatalf("close returned nil and the ack %v: nothing told the stream's NotFound", ackErr)
+	}
+}
+
+func TestCloseReturnsAnErrorEndNothingHadTold(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	// the server ends a member's stream (NOT_FOUND) when its group is deleted
+	endedGroup := func(group string) *nerve.Subscription {
+		t.Helper()
+		sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{group + ".x"}, Group: group})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = sub.Close() })
+		if deleted, err := client.DeleteGroup(ctx, group); err != nil || !deleted {
+			t.Fatalf("delete %s = %v, %v", group, deleted, err)
+		}
+		select {
+		case <-nerve.Ended(sub):
+		case <-time.After(wait):
+			t.Fatalf("the stream of %s did not end within %s of deleting its group", group, wait)
+		}
+		return sub
+	}
+	// nothing read or sent since: Close tells the end, though it came before Close
+	unread := endedGroup("untold")
+	if err := within(t, "close of a stream that ended unread", unread.Close); !errors.Is(err, nerve.ErrNotFound) {
+		t.Fatalf("close of a stream that ended with NotFound, unread: %v", err)
+	}
+	if again := within(t, "a second close", unread.Close); !errors.Is(again, nerve.ErrNotFound) {
+		t.Fatalf("second close: %v", again)
+	}
+	// an end that reading returned, or a send, is not told again
+	read := endedGroup("told-by-next")
+	if _, err := read.Next(ctx); !errors.Is(err, nerve.ErrNotFound) {
+		t.Fatalf("next on the ended stream: %v", err)
+	}
+	if err := within(t, "close of a stream whose end was read", read.Close); err != nil {
+		t.Fatalf("close after next returned the end: %v", err)
+	}
+	sent := endedGroup("told-by-send")
+	if err := sent.Credit(1); !errors.Is(err, nerve.ErrNotFound) {
+		t.Fatalf("credit on the ended stream: %v", err)
+	}
+	if err := within(t, "close of a stream whose end a send met", sent.Close); err != nil {
+		t.Fatalf("close after a send returned the end: %v", err)
 	}
 }
 
