@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import socket
@@ -28,6 +29,7 @@ from nerve_client import (
     OutOfRangeError,
     PermissionDeniedError,
     Priority,
+    Replay,
     ResourceExhaustedError,
     Subscription,
     TokenExpiredError,
@@ -819,22 +821,131 @@ async def test_a_replay_that_breaks_after_its_last_page_ends_cleanly(end_of_hist
         )
         await context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost after the last page")
 
-    server = grpc.aio.server()
-    handler = grpc.unary_stream_rpc_method_handler(
-        broken,
-        request_deserializer=pb.ReplayRequest.FromString,
-        response_serializer=pb.ReplayResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("nerve.v1.EventBus", {"Replay": handler}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with Client.connect(f"127.0.0.1:{port}", ready_timeout=WAIT) as client:
+    async with _event_bus(Replay=_replay_handler(broken)) as target:
+        async with Client.connect(target, ready_timeout=WAIT) as client:
             replay = client.replay(limit=limit)
             events = await asyncio.wait_for(replay.collect(), WAIT)
             assert [e.id for e in events] == ["r1", "r2"] and calls == 1, calls
+
+
+@contextlib.asynccontextmanager
+async def _event_bus(**methods: grpc.RpcMethodHandler[Any, Any]) -> AsyncIterator[str]:
+    """A gRPC server on a loopback port serving ``methods`` of nerve.v1.EventBus (the others UNIMPLEMENTED),
+    as a server that misbehaves on purpose; yields its address."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("nerve.v1.EventBus", methods),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+def _replay_handler(
+    handler: Callable[[pb.ReplayRequest, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[pb.ReplayResponse]],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    return grpc.unary_stream_rpc_method_handler(
+        handler,
+        request_deserializer=pb.ReplayRequest.FromString,
+        response_serializer=pb.ReplayResponse.SerializeToString,
+    )
+
+
+async def test_aclose_while_a_replay_backs_off_reopens_nothing() -> None:
+    calls = 0
+
+    async def breaking(
+        request: pb.ReplayRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ReplayResponse]:
+        # a page, then the stream breaks, every time: a replay reopens it after a backoff
+        nonlocal calls
+        calls += 1
+        yield pb.ReplayResponse(events=[ev(f"r{calls}", "history.x")], resume_token=f"after-r{calls}")
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")
+
+    async with _event_bus(Replay=_replay_handler(breaking)) as target:
+        async with Client.connect(target, ready_timeout=WAIT) as client:
+            replay = client.replay()
+            pages = replay.pages()
+            first = await asyncio.wait_for(anext(pages), WAIT)
+            call = replay._call
+            seen = [e.sequence for e in first.events]
+            reading = asyncio.create_task(_read(pages, seen))  # reads on to the break, then backs off
+            # the first call has ended: cancelling it stops nothing, and aclose() must keep the replay from
+            # reopening it, whether the reader already backs off or has yet to see the break
+            assert await asyncio.wait_for(call.code(), WAIT) == grpc.StatusCode.UNAVAILABLE
+            await replay.aclose()
+            await asyncio.wait_for(reading, WAIT)  # ends cleanly, raising nothing
+            assert calls == 1, f"the replay was reopened after aclose(): {calls} calls"
+            assert replay.count == 1 and replay.resume_token == "after-r1"
+
+
+async def test_aclose_ends_the_iteration_of_a_replay_another_task_waits_on() -> None:
+    async def stalled(
+        request: pb.ReplayRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ReplayResponse]:
+        yield pb.ReplayResponse(events=[ev("r1", "history.x")], resume_token="after-r1")
+        await asyncio.Event().wait()  # the next page never comes
+
+    async def read(replay: Replay, seen: list[str], first: asyncio.Event) -> None:
+        async for page in replay.pages():
+            seen.extend(e.id for e in page.events)
+            first.set()  # from here the task goes on to wait for the next page
+
+    async with _event_bus(Replay=_replay_handler(stalled)) as target:
+        async with Client.connect(target, ready_timeout=WAIT) as client:
+            # a task nobody cancels, waiting for a page when the replay is closed: its iteration ends
+            seen: list[str] = []
+            replay, first = client.replay(), asyncio.Event()
+            reading = asyncio.create_task(read(replay, seen, first))
+            await asyncio.wait_for(first.wait(), WAIT)
+            await replay.aclose()
+            await asyncio.wait([reading], timeout=WAIT)
+            assert reading.done(), "the iteration did not end at aclose()"
+            assert not reading.cancelled(), "aclose() raised CancelledError in a task nobody cancelled"
+            reading.result()
+            assert seen == ["r1"]
+            # a task that is cancelled itself, as its replay is closed, still raises CancelledError
+            seen.clear()
+            replay, first = client.replay(), asyncio.Event()
+            reading = asyncio.create_task(read(replay, seen, first))
+            await asyncio.wait_for(first.wait(), WAIT)
+            reading.cancel()
+            await replay.aclose()
+            await asyncio.wait([reading], timeout=WAIT)
+            assert reading.cancelled(), "the task's own cancellation was swallowed"
+            # a replay closed before it is iterated opens no call
+            closed = client.replay()
+            await closed.aclose()
+            assert await asyncio.wait_for(closed.collect(), WAIT) == [] and closed._call is None
+
+
+async def test_an_open_the_server_does_not_confirm_raises_timeout_error() -> None:
+    ended = asyncio.Event()
+
+    async def unconfirmed(
+        requests: AsyncIterator[pb.SubscribeRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        try:
+            await context.read()  # the open, never confirmed
+            await asyncio.Event().wait()
+        finally:
+            ended.set()
+
+    handler = grpc.stream_stream_rpc_method_handler(
+        unconfirmed,
+        request_deserializer=pb.SubscribeRequest.FromString,
+        response_serializer=pb.SubscribeResponse.SerializeToString,
+    )
+    async with _event_bus(Subscribe=handler) as target:
+        async with Client.connect(target, ready_timeout=WAIT) as client:
+            # the builtin TimeoutError, as next() and until_caught_up() raise (asyncio's is another class
+            # before Python 3.11), saying what timed out
+            with pytest.raises(TimeoutError, match="did not confirm the subscription within 0.2s") as info:
+                await asyncio.wait_for(client.subscribe("silent.x", open_timeout=0.2), WAIT)
+            assert type(info.value) is TimeoutError and not isinstance(info.value, NerveError)
+            await asyncio.wait_for(ended.wait(), WAIT)  # and the call was cancelled
 
 
 class _OlderAdmin(admin_pb2_grpc.AdminServicer):

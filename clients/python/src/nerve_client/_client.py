@@ -202,8 +202,9 @@ class Client:
         ``types`` are patterns (``*`` one segment, ``>`` the rest; empty: all). Without ``group`` the stream is
         private and in sequence order; with one, the group's members share its events. ``start``: "latest"
         (default), "earliest", a sequence to continue after, or a datetime. Zero/None settings take the
-        server's defaults (``open_timeout`` excepted: it is this side's wait for the confirmation). Await the
-        result, or use it with ``async with`` to close the stream on exit.
+        server's defaults (``open_timeout`` excepted: it is this side's wait for the confirmation; with none
+        within it the call is cancelled and :class:`TimeoutError` raised). Await the result, or use it with
+        ``async with`` to close the stream on exit.
 
         ``heartbeat_timeout`` is this side's watchdog: when the server sends nothing (no heartbeat, delivery or
         marker) for that long, the connection is taken for dead (it may have died silently, with no reset)

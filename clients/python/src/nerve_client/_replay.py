@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +28,9 @@ class Replay:
     and that refusal is raised: a second :class:`TokenExpiredError` with no page between is not retried.
     A stream that breaks after the last page (:attr:`end_of_history`, or ``limit`` reached) ends the
     replay cleanly: nothing was left to read. Iterate a Replay once.
+
+    :meth:`aclose` stops the replay from any task: an iteration waiting for a page, or backing off before
+    it reopens the stream, ends cleanly (it raises no CancelledError), and nothing is reopened after it.
     """
 
     def __init__(self, stub: Any, request: event_bus_pb2.ReplayRequest, *, max_resumes: int = 3) -> None:
@@ -34,6 +39,8 @@ class Replay:
         self._max_resumes = max_resumes
         self._started = False
         self._call: Any = None
+        #: Set by aclose(): the iteration ends, and no call is opened after it.
+        self._stopped = asyncio.Event()
         #: Continues after the last page received; empty before the first page.
         self.resume_token: str = request.resume_token
         #: True once the server said no more stored events match.
@@ -51,7 +58,7 @@ class Replay:
         limit = request.limit
         failures = 0
         expired = False  # a failure since the last page was an expired token
-        while True:
+        while not self._stopped.is_set():
             call = self._call = self._stub.Replay(request)
             try:
                 async for page in call:
@@ -61,7 +68,15 @@ class Replay:
                     self.count += len(page.events)
                     yield page
                 return
+            except asyncio.CancelledError:
+                # grpc.aio raises CancelledError from a call cancelled on this side: aclose() did that, and
+                # ends the iteration; a cancelled task still raises
+                if self._stopped.is_set() and not _cancelling():
+                    return
+                raise
             except grpc.RpcError as e:
+                if self._stopped.is_set():
+                    return  # the call's end after aclose() cancelled it
                 left = limit - self.count if limit else 0
                 if self.end_of_history or (limit and left <= 0):
                     return  # after the last page only the server's OK was missing
@@ -71,7 +86,9 @@ class Replay:
                     raise error from e
                 expired = expired or token_expired
                 failures += 1
-                await asyncio.sleep(0.1 * 2**failures)  # back off before reconnecting
+                # back off before reconnecting; aclose() ends the wait, and the loop with it
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), 0.1 * 2**failures)
                 request.resume_token = self.resume_token
                 request.limit = left
             finally:
@@ -87,7 +104,12 @@ class Replay:
         return self.events()
 
     async def aclose(self) -> None:
-        """Stops the replay early (breaking out of the iteration leaves the stream to the garbage collector)."""
+        """Stops the replay early (breaking out of the iteration leaves the stream to the garbage collector).
+
+        An iteration in another task ends cleanly: the page it waits for, or its backoff before reopening,
+        ends, and no call is opened after this. Iterating a stopped replay yields nothing more.
+        """
+        self._stopped.set()
         if self._call is not None:
             self._call.cancel()
 
@@ -100,6 +122,22 @@ class Replay:
     async def collect(self) -> list[event_pb2.Event]:
         """All events of the replay as a list (for small histories)."""
         return [e async for e in self.events()]
+
+
+if sys.version_info >= (3, 11):
+
+    def _cancelling() -> bool:
+        """Whether the running task is being cancelled (and not only the call it awaited)."""
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+
+else:
+
+    def _cancelling() -> bool:
+        """Python 3.10 does not tell a task's own cancellation from a cancelled call's CancelledError: after
+        aclose() it is taken for the call's, so a task cancelled at that very moment ends its iteration
+        instead of raising."""
+        return False
 
 
 def _resumable(error: NerveError) -> bool:

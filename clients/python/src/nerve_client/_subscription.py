@@ -273,7 +273,10 @@ class Subscription:
                 pass  # the stream failed already: the pump reports its status
             except asyncio.InvalidStateError:
                 pass
-            first = await asyncio.wait_for(inbox.get(), open_timeout)
+            try:
+                first = await asyncio.wait_for(inbox.get(), open_timeout)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                raise TimeoutError(f"the server did not confirm the subscription within {open_timeout:g}s") from None
         except BaseException:
             call.cancel()
             pump.cancel()
