@@ -113,6 +113,9 @@ pub struct Auth {
     jwt: Option<jwt::JwtVerifier>,
     policy: Option<Watched<Policy>>,
     registry: RwLock<Arc<Registry>>,
+    /// Held from a refresh's read of the store to its swap: refreshes run one at a time, so an older
+    /// read never replaces a newer one (a registry change applies at once on its replica).
+    registry_refresh: tokio::sync::Mutex<()>,
     store: Arc<dyn EventStore>,
     audit: mpsc::Sender<AuditMessage>,
     publish_rate: Option<DefaultKeyedRateLimiter<String>>,
@@ -214,6 +217,7 @@ impl Auth {
             jwt,
             policy,
             registry: RwLock::new(Arc::new(Registry::default())),
+            registry_refresh: tokio::sync::Mutex::new(()),
             store: store.clone(),
             audit,
             publish_rate,
@@ -258,6 +262,7 @@ impl Auth {
 
     /// Re-reads the publisher registry from the store.
     pub async fn refresh_registry(&self) -> Result<(), String> {
+        let _one_at_a_time = self.registry_refresh.lock().await;
         let publishers = self.store.publishers().await.map_err(|e| e.to_string())?;
         *self.registry.write().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(Registry::new(&publishers));
