@@ -280,16 +280,31 @@ async fn bad_tokens_are_unauthenticated_and_rotated_keys_work_without_restart() 
         "credentials required",
     );
 
-    // rotation: k2 added and k1 removed in the JWKS file, no restart
-    std::fs::write(&jwks, json!({"keys": [ec_jwk(&k2, "k2")]}).to_string()).expect("jwks");
+    // rotation: k2 added and k1 removed in the JWKS file, no restart; beside it, keys the server
+    // cannot verify with are left out, without keeping the removed key in service
+    let k3 = KeyPair::generate().expect("key");
+    let mut for_encryption = ec_jwk(&k3, "k3");
+    for_encryption["use"] = json!("enc");
+    let mut no_kid = ec_jwk(&k3, "none");
+    no_kid.as_object_mut().expect("object").remove("kid");
+    let mut key_agreement = ec_jwk(&k3, "k5");
+    key_agreement["alg"] = json!("ECDH-ES");
+    key_agreement.as_object_mut().expect("object").remove("use");
+    std::fs::write(
+        &jwks,
+        json!({"keys": [for_encryption, no_kid, ec_jwk(&k2, "k2"), key_agreement]}).to_string(),
+    )
+    .expect("jwks");
     publish_as(&server, &es_token(&k2, "k2", &claims("svc")), ok("k2"))
         .await
         .expect("a newly added key is accepted");
-    assert_status(
-        publish_as(&server, &es_token(&k1, "k1", &claims("svc")), ok("k1")).await,
-        Code::Unauthenticated,
-        "unknown key id",
-    );
+    for (key, kid) in [(&k1, "k1"), (&k3, "k3"), (&k3, "k5")] {
+        assert_status(
+            publish_as(&server, &es_token(key, kid, &claims("svc")), ok(kid)).await,
+            Code::Unauthenticated,
+            "unknown key id",
+        );
+    }
 }
 
 // ---- mTLS ----
@@ -675,8 +690,9 @@ async fn audit_records(server: &TestServer, admin: &str) -> Vec<pb::AuditRecord>
 }
 
 /// `deny.replay` keeps a type's history from a principal through private subscriptions too: one that
-/// starts before the latest event reads history. From the latest on, the subscribe grant is enough; a
-/// group's backlog is the group's (its grant decides).
+/// starts before the latest event reads history, and so does a group it creates, whose start it
+/// picks. From the latest on, the subscribe grant is enough; an existing group's backlog is the
+/// group's (its grant decides).
 #[tokio::test]
 async fn a_subscription_that_starts_in_history_is_held_to_replay_denials() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -684,8 +700,13 @@ async fn a_subscription_that_starts_in_history_is_held_to_replay_denials() {
 [[principal]]
 id = "planner"
 tenant = "acme"
-allow = { subscribe = ["task.>"], groups = ["auditors"] }
+allow = { subscribe = ["task.>"], groups = ["auditors", "own-*"] }
 deny = { replay = ["task.audit.>"] }
+
+[[principal]]
+id = "auditor"
+tenant = "acme"
+allow = { subscribe = ["task.>"], groups = ["auditors"] }
 "#;
     let server = server_with_policy(dir.path(), policy, |_| {}).await;
     let planner = hs_token(&claims("planner"));
@@ -712,11 +733,33 @@ deny = { replay = ["task.audit.>"] }
     Subscriber::open_as(&mut bus, o, Some(&planner))
         .await
         .expect("history of types not denied");
-    let mut o = open(&["task.audit.>"], "auditors");
-    o.start = earliest();
-    Subscriber::open_as(&mut bus, o, Some(&planner))
+    let in_group = |group: &str| {
+        let mut o = open(&["task.audit.>"], group);
+        o.start = earliest();
+        o
+    };
+    // creating a group from the earliest event would read the history the caller may not replay
+    assert_status(
+        Subscriber::open_as(&mut bus, in_group("own-1"), Some(&planner))
+            .await
+            .map(|_| ()),
+        Code::PermissionDenied,
+        "replay of task.audit.> is denied by task.audit.>",
+    );
+    Subscriber::open_as(&mut bus, in_group("own-1"), Some(&planner))
         .await
-        .expect("a group's start is the group's");
+        .map(|_| ())
+        .expect_err("the refused open created no group: it is refused again");
+    // a group another created is joined at its own start: its backlog is the group's
+    let auditor = hs_token(&claims("auditor"));
+    drop(
+        Subscriber::open_as(&mut bus, in_group("auditors"), Some(&auditor))
+            .await
+            .expect("the auditor may read history"),
+    );
+    Subscriber::open_as(&mut bus, in_group("auditors"), Some(&planner))
+        .await
+        .expect("an existing group's start is the group's");
 }
 
 /// A request is stored as an event of its type, so `deny.publish` applies to it as to a reply.

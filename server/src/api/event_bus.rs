@@ -358,20 +358,30 @@ impl pb::event_bus_server::EventBus for EventBusApi {
                 e.read(Action::Subscribe, &patterns)
             })
             .map_err(denied)?;
+        if let Some(group) = &spec.group {
+            self.auth
+                .check(&principal, "subscribe.group", group, |e| e.group(group))
+                .map_err(denied)?;
+        }
         // a private stream that starts before the latest event reads history: what `deny.replay`
         // keeps from the caller stays kept (the subscribe grant covers history otherwise, as a
-        // consumer's does elsewhere). A group's start is its creator's, and its backlog is shared:
-        // that falls under the group grant.
-        if spec.group.is_none() && !matches!(spec.start, Start::Latest) {
+        // consumer's does elsewhere). So does a group this open creates, since its creator picks its
+        // start; an existing group's backlog is shared, and falls under the group grant.
+        let reads_history = !principal.unrestricted
+            && !matches!(spec.start, Start::Latest)
+            && match &spec.group {
+                None => true,
+                Some(group) => !self
+                    .bus
+                    .group_exists(&principal.tenant, group)
+                    .await
+                    .map_err(to_status)?,
+            };
+        if reads_history {
             self.auth
                 .check(&principal, "subscribe.history", &resource, |e| {
                     e.read_not_denied(Action::Replay, &patterns)
                 })
-                .map_err(denied)?;
-        }
-        if let Some(group) = &spec.group {
-            self.auth
-                .check(&principal, "subscribe.group", group, |e| e.group(group))
                 .map_err(denied)?;
         }
         // A message that cannot be read (over the size limit, not a SubscribeRequest) ends the

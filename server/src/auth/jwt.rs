@@ -10,9 +10,10 @@ use std::{
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation, decode, decode_header,
     errors::ErrorKind,
-    jwk::{Jwk, JwkSet},
+    jwk::{Jwk, KeyOperations, PublicKeyUse},
 };
 use serde_json::{Map, Value};
+use tracing::warn;
 
 use super::{AuthError, config::JwtConfig, watched::Watched};
 
@@ -76,25 +77,60 @@ fn load_keys(config: &JwtConfig) -> Result<Keys, String> {
         keys.static_keys.push(key);
     }
     if let Some(path) = super::config::path(&config.jwks_file) {
+        /// The document, each key read on its own: one this server cannot use is left out, not the
+        /// whole set (which would keep the previous keys, removed ones too, in service).
+        #[derive(serde::Deserialize)]
+        struct Document {
+            keys: Vec<Value>,
+        }
         let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let set: JwkSet = serde_json::from_slice(&text)
+        let document: Document = serde_json::from_slice(&text)
             .map_err(|e| format!("{}: not a JWKS document: {e}", path.display()))?;
-        for jwk in set.keys {
-            let Some(kid) = jwk.common.key_id.clone() else {
-                return Err(format!("{}: every key needs a kid", path.display()));
-            };
-            let alg = jwk_algorithm(&jwk);
-            let key = DecodingKey::from_jwk(&jwk)
-                .map_err(|e| format!("{}: key {kid:?}: {e}", path.display()))?;
-            keys.by_kid.insert(kid, (key, alg));
+        for (index, key) in document.keys.into_iter().enumerate() {
+            match verifying_key(key) {
+                Ok((kid, key, alg)) => {
+                    keys.by_kid.insert(kid, (key, alg));
+                }
+                Err(why) => {
+                    warn!(file = %path.display(), index, "a JWKS key is not used: {why}");
+                }
+            }
         }
     }
     Ok(keys)
 }
 
-fn jwk_algorithm(jwk: &Jwk) -> Option<Algorithm> {
-    let alg = jwk.common.key_algorithm?;
-    Algorithm::from_str(&alg.to_string()).ok()
+/// A JWKS entry as a key that verifies signatures: its kid, the key, and the algorithm it is pinned
+/// to, if any. Refused: no kid, a key meant for something else (`use` other than `sig`, `key_ops`
+/// without `verify`, an `alg` that is not a signing algorithm), or one the token library cannot load.
+fn verifying_key(key: Value) -> Result<(String, DecodingKey, Option<Algorithm>), String> {
+    let jwk: Jwk = serde_json::from_value(key).map_err(|e| format!("not a key: {e}"))?;
+    let kid = jwk.common.key_id.clone().ok_or("it has no kid")?;
+    if let Some(key_use) = &jwk.common.public_key_use
+        && *key_use != PublicKeyUse::Signature
+    {
+        return Err(format!(
+            "key {kid:?} is not for signatures (use {key_use:?})"
+        ));
+    }
+    if let Some(ops) = &jwk.common.key_operations
+        && !ops.contains(&KeyOperations::Verify)
+    {
+        return Err(format!(
+            "key {kid:?} is not for verifying (key_ops {ops:?})"
+        ));
+    }
+    let alg =
+        match jwk.common.key_algorithm {
+            None => None,
+            // the library names its algorithms as JWA does; an encryption one (RSA-OAEP) is not among
+            // the signing ones
+            Some(alg) => Some(Algorithm::from_str(&alg.to_string()).map_err(|_| {
+                format!("key {kid:?} is pinned to {alg:?}, not a signing algorithm")
+            })?),
+        };
+    let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("key {kid:?}: {e}"))?;
+    Ok((kid, key, alg))
 }
 
 impl JwtVerifier {

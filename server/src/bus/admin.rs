@@ -9,7 +9,7 @@ use super::{Bus, BusError, BusResult};
 use crate::{
     event::StoredEvent,
     store::{DeadLetter, EventTypeStats},
-    stream::{GroupKey, GroupStats},
+    stream::{GroupKey, GroupStats, StreamError},
 };
 
 /// A group with its backlog.
@@ -154,6 +154,19 @@ impl Bus {
             .await?
             .pop()
             .ok_or_else(|| BusError::NotFound(format!("group {name:?} does not exist")))
+    }
+
+    /// Whether a durable group of that name exists in the tenant.
+    pub async fn group_exists(&self, tenant: &str, name: &str) -> BusResult<bool> {
+        let key = GroupKey {
+            tenant: tenant.to_owned(),
+            name: name.to_owned(),
+        };
+        match self.streams.group_settings(&key).await {
+            Ok(_) => Ok(true),
+            Err(StreamError::NoSuchGroup(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The summaries of the named groups that exist.
