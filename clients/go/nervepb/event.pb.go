@@ -92,7 +92,8 @@ type Event struct {
 	SpecVersion string `protobuf:"bytes,4,opt,name=spec_version,json=specVersion,proto3" json:"spec_version,omitempty"`
 	// Subject of the event in the context of the source.
 	Subject string `protobuf:"bytes,5,opt,name=subject,proto3" json:"subject,omitempty"`
-	// When the occurrence happened; the server fills in the commit time when unset.
+	// When the occurrence happened; when unset, the server fills in the time it accepted the publish (the
+	// commit time is the stored event's recorded_time).
 	Time *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=time,proto3" json:"time,omitempty"`
 	// Content type of data, e.g. "application/json".
 	DataContentType string `protobuf:"bytes,7,opt,name=data_content_type,json=dataContentType,proto3" json:"data_content_type,omitempty"`

@@ -119,7 +119,9 @@ class Event(_message.Message):
     """Output only: global position in the event store, assigned at commit."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """When the occurrence happened; the server fills in the commit time when unset."""
+        """When the occurrence happened; when unset, the server fills in the time it accepted the publish (the
+        commit time is the stored event's recorded_time).
+        """
 
     @_builtins.property
     def proto_data(self) -> _any_pb2.Any: ...
