@@ -9,6 +9,8 @@ mod replay;
 mod request;
 mod scheduler;
 mod subscription;
+#[cfg(test)]
+mod test_support;
 
 use std::{
     collections::{HashMap, HashSet},

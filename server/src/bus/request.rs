@@ -259,3 +259,66 @@ impl Bus {
         Ok((delivered, Some(sequence)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::bus::test_support::{embedded_bus, job, join_g};
+
+    /// The counted outcomes of requests made by `asks` on a bus of its own, with a recorder of its
+    /// own (the process' one is shared with every other test).
+    fn outcomes<F: std::future::Future<Output = ()>>(
+        asks: impl FnOnce(std::sync::Arc<crate::bus::Bus>) -> F,
+    ) -> String {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(async {
+                    let (bus, _shutdown, _streams, _dir) = embedded_bus().await;
+                    // a responder that never answers
+                    let _member = join_g(&bus, None, None).await;
+                    asks(bus).await;
+                });
+        });
+        handle
+            .render()
+            .lines()
+            .filter(|l| l.starts_with(crate::metrics::names::REQUESTS))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The call's deadline, nearer than the request's timeout, ends the wait through the bus' own
+    /// timer when the transport's has not dropped the call first (both come due together): counted as
+    /// cancelled either way, as the transport's drop is. A request's own timeout is a timeout.
+    #[test]
+    fn the_nearer_bound_names_the_outcome_whichever_timer_ends_the_wait() {
+        let counted = outcomes(|bus| async move {
+            let by_call = bus
+                .request(
+                    "t",
+                    job("by-call", 0),
+                    Some(Duration::from_secs(60)),
+                    Some(Duration::from_millis(50)),
+                )
+                .await;
+            assert!(by_call.is_err(), "{by_call:?}");
+            let by_timeout = bus
+                .request(
+                    "t",
+                    job("by-timeout", 0),
+                    Some(Duration::from_millis(50)),
+                    Some(Duration::from_secs(60)),
+                )
+                .await;
+            assert!(by_timeout.is_err(), "{by_timeout:?}");
+        });
+        assert!(counted.contains("outcome=\"cancelled\"} 1"), "{counted}");
+        assert!(counted.contains("outcome=\"timeout\"} 1"), "{counted}");
+    }
+}

@@ -1479,6 +1479,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::test_support::{embedded_bus, job, join_g};
 
     fn delivery(data_bytes: usize) -> Delivery {
         Delivery {
@@ -1507,73 +1508,6 @@ mod tests {
             .collect();
         lengths.extend(run.finish().map(|rest| rest.len()));
         lengths
-    }
-
-    /// A bus on a fresh embedded store: the bus, its shutdown token, its streams and the directory.
-    async fn embedded_bus() -> (
-        Arc<Bus>,
-        tokio_util::sync::CancellationToken,
-        Arc<crate::stream::EmbeddedStreams>,
-        tempfile::TempDir,
-    ) {
-        use crate::{
-            store::{EventStore, SqliteStore},
-            stream::{EmbeddedStreams, LiveStreams},
-        };
-
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::started(&dir.path().join("t.db")).await;
-        let streams = EmbeddedStreams::start(store.clone())
-            .await
-            .expect("streams");
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let bus = Bus::start(
-            store.clone() as Arc<dyn EventStore>,
-            streams.clone() as Arc<dyn LiveStreams>,
-            crate::event::Limits::default(),
-            crate::bus::BusSettings::default(),
-            shutdown.clone(),
-        );
-        (bus, shutdown, streams, dir)
-    }
-
-    /// Opens a member of group "g" of type "job" on `bus`, from the earliest event.
-    async fn join_g(
-        bus: &Arc<Bus>,
-        max_in_flight: Option<u32>,
-        heartbeat: Option<Duration>,
-    ) -> (
-        futures::channel::mpsc::UnboundedSender<BusResult<Command>>,
-        mpsc::Receiver<BusResult<Outbound>>,
-    ) {
-        let spec = SubscribeSpec {
-            tenant: "t".into(),
-            selection: Selection {
-                types: vec![crate::event::TypePattern::parse("job").expect("pattern")],
-                filter: None,
-            },
-            group: Some("g".into()),
-            start: Start::Earliest,
-            max_in_flight,
-            ack_deadline: None,
-            max_attempts: None,
-            heartbeat,
-        };
-        let (send, received) = futures::channel::mpsc::unbounded();
-        let out = bus.subscribe(spec, received).await.expect("subscribe");
-        (send, out)
-    }
-
-    /// An event of type "job" with `data_bytes` of data.
-    fn job(id: &str, data_bytes: usize) -> crate::event::Event {
-        crate::event::Event {
-            id: id.into(),
-            source: "test".into(),
-            event_type: "job".into(),
-            spec_version: "1.0".into(),
-            data: crate::event::Data::Binary(vec![0; data_bytes]),
-            ..Default::default()
-        }
     }
 
     /// A member of group "g" of type "job" on a fresh embedded store, with `heartbeat`, holding the
