@@ -158,7 +158,6 @@ async fn bind(
 
 /// Binds the listen address and starts serving on the given backends.
 pub async fn start(config: Config, backends: Backends) -> Result<Server> {
-    config.limits.check().map_err(Error::Config)?;
     let authenticated = auth::Auth::configured(&config.tls, &config.auth);
     if !authenticated && !config.listen.ip().is_loopback() {
         if !config.insecure {

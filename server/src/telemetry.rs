@@ -116,18 +116,16 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
     }
 }
 
-/// The traceparent of `span` while spans are exported; otherwise the caller's own, passed through when
-/// it is one an event's own field may hold (the propagator alone takes a header of any length whose
-/// version is not 00, and it is stored on every event of the call).
+/// The traceparent of `span` while spans are exported; otherwise the caller's own trace context,
+/// written again as version 00 writes it: the header as sent may be of a later version, with more
+/// fields and of any length, and it is stored on every event of the call, as an event's own
+/// traceparent must be.
 pub fn traceparent_of(span: &tracing::Span, fallback: Option<&str>) -> Option<String> {
-    if exporting() {
-        let cx = span.context();
-        if cx.span().span_context().is_valid() {
-            let mut out = Out(None);
-            TraceContextPropagator::new().inject_context(&cx, &mut out);
-            return out.0;
-        }
-    }
-    let fallback = fallback.filter(|t| crate::event::valid_traceparent(t))?;
-    parse_traceparent(Some(fallback)).map(|_| fallback.to_owned())
+    let cx = match exporting().then(|| span.context()) {
+        Some(cx) if cx.span().span_context().is_valid() => cx,
+        _ => parse_traceparent(fallback)?,
+    };
+    let mut out = Out(None);
+    TraceContextPropagator::new().inject_context(&cx, &mut out);
+    out.0
 }

@@ -431,22 +431,6 @@ async fn unknown_config_keys_refuse_to_start() {
     assert!(text.contains("max_batch_evnts"), "{text}");
 }
 
-/// Attribute limits the store's key could not hold refuse to start, naming the setting, rather than
-/// let a publish fail in the database.
-#[tokio::test]
-async fn an_attribute_limit_the_store_key_cannot_hold_refuses_to_start() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = crate::harness::test_config(dir.path());
-    config.limits.max_attribute_bytes = 2000;
-    let backends = nerve::open_backends(&config).await.expect("backends");
-    let error = nerve::start(config, backends)
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(error.contains("limits.max_attribute_bytes"), "{error}");
-}
-
 /// A signal while the server starts (here its store accepts the connection and never answers, as a
 /// replica waiting for another's migration lock would see) stops it there, cleanly and at once, not
 /// when the start gives up or finishes and opens the ports.

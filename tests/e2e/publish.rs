@@ -429,6 +429,28 @@ async fn a_request_with_many_problems_gets_a_status_listing_the_first() {
     assert_eq!(violations(&status), ["events[0].extensions"]);
 }
 
+/// With attributes allowed to be long, a source and an id that together would not fit the store's
+/// key are refused as too large, naming the id, on either backend; one byte less is stored.
+#[tokio::test]
+async fn a_source_and_id_too_long_together_are_resource_exhausted() {
+    let server = TestServer::start_with(|c| c.limits.max_attribute_bytes = 2000).await;
+    let mut bus = server.bus();
+    let keyed = |source_bytes: usize, id_bytes: usize| {
+        let mut e = event(&"i".repeat(id_bytes), "t.created");
+        e.source = "s".repeat(source_bytes);
+        e
+    };
+    let status = bus
+        .publish(pb::PublishRequest {
+            events: vec![keyed(1500, 1061)],
+        })
+        .await
+        .expect_err("2,561 bytes of key");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(violations(&status), ["events[0].id"], "{status:?}");
+    publish(&mut bus, vec![keyed(1500, 1060)]).await;
+}
+
 #[tokio::test]
 async fn oversized_input_is_resource_exhausted() {
     let server = TestServer::start_with(|c| {

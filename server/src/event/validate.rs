@@ -112,25 +112,10 @@ impl Default for Limits {
     }
 }
 
-/// Highest `max_attribute_bytes` the server starts with: tenant, source and id are one key of
-/// Postgres' `events_key` b-tree, whose entries hold at most 2,704 bytes, so two attributes of this
-/// size and a 64-byte tenant fit it; above it, a publish could fail in the database instead of being
-/// refused as too large.
-pub const MAX_ATTRIBUTE_BYTES_CAP: usize = 1280;
-
-impl Limits {
-    /// Refuses limits the server cannot hold events to.
-    pub fn check(&self) -> Result<(), String> {
-        if self.max_attribute_bytes > MAX_ATTRIBUTE_BYTES_CAP {
-            return Err(format!(
-                "limits.max_attribute_bytes is {}, above the {MAX_ATTRIBUTE_BYTES_CAP} bytes a \
-                 source and an id can take together in the store's key",
-                self.max_attribute_bytes
-            ));
-        }
-        Ok(())
-    }
-}
+/// Most bytes a source and an id take together: with the tenant they are one key of Postgres'
+/// `events_key` b-tree, whose entries hold at most 2,704 bytes. A longer key is refused as too large
+/// on either backend, so that events move between them, rather than failing in the database.
+pub const MAX_KEY_BYTES: usize = 2560;
 
 /// Names that are context or bus attributes in the CloudEvents formats, so not free for extensions.
 pub(crate) const RESERVED_EXTENSIONS: &[&str] = &[
@@ -178,9 +163,7 @@ fn valid_extension_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
-/// A W3C traceparent of the version-00 shape: four fields of 2, 32, 16 and 2 hex digits, the version
-/// not ff and neither id all zeros.
-pub fn valid_traceparent(value: &str) -> bool {
+fn valid_traceparent(value: &str) -> bool {
     let parts: Vec<&str> = value.split('-').collect();
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     parts.len() == 4
@@ -326,6 +309,21 @@ impl Limits {
             } else if let Some(reason) = value.and_then(|v| control_character(v)) {
                 push(name, reason);
             }
+        }
+        // each within its own limit, yet too long together (a raised max_attribute_bytes)
+        let key_bytes = event.source.len() + event.id.len();
+        if key_bytes > MAX_KEY_BYTES
+            && event.source.len() <= self.max_attribute_bytes
+            && event.id.len() <= self.max_attribute_bytes
+        {
+            push(
+                "id",
+                format!(
+                    "source and id are {key_bytes} bytes together, more than the {MAX_KEY_BYTES} \
+                     an event's key may take"
+                ),
+            );
+            size_count += 1;
         }
         let size = event.size();
         if size > self.max_event_bytes {
