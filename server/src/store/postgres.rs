@@ -150,10 +150,11 @@ impl PostgresStore {
 
     /// Connects, applies the migrations and starts the group-commit writer and the commit listener.
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Arc<Self>> {
+        let options = connect_options(url).await?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?;
         writable(&pool).await?;
@@ -177,11 +178,10 @@ impl PostgresStore {
             channel.clone(),
             committed_tx.clone(),
         ));
-        let options = writer_options(url, commit_durability(&pool).await?)?;
         let recent = Arc::new(RecentCommits::default());
         let commits = commit::start(
             PostgresWriter {
-                options,
+                options: writer_options(options),
                 conn: None,
                 used: std::time::Instant::now(),
                 channel,
@@ -230,56 +230,58 @@ fn commit_channel(schema: &str) -> String {
     format!("{COMMIT_CHANNEL}_{hex}")
 }
 
-/// Reads how the database makes commits durable, warns where it does not, and returns what the
-/// writer's connection must set so that a commit it answers is durable: `synchronous_commit=on` where
-/// the database or role turned it off (a common tuning, under which COMMIT answers before the WAL is
-/// flushed). Any other value flushes the WAL before COMMIT answers and is left as the database has it.
-async fn commit_durability<'c>(
-    conn: impl sqlx::PgExecutor<'c>,
-) -> StoreResult<Option<(&'static str, &'static str)>> {
+/// The options of every connection of the store: the URL's, with `synchronous_commit` pinned to the
+/// value the database gives this server now, or `on` where that is `off` (a common tuning, under
+/// which COMMIT answers before the WAL is flushed, so a publish, a dead letter or a registry change
+/// would be answered before it is durable). Pinned, a later `ALTER ROLE ... SET` or reload does not
+/// turn it off under a running server. Warns about either, and about `fsync=off`, which cannot be
+/// undone per connection.
+async fn connect_options(url: &str) -> StoreResult<PgConnectOptions> {
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?;
+    let mut conn = PgConnection::connect_with(&options)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?;
     let (sync, fsync): (String, String) =
         sqlx::query_as("SELECT current_setting('synchronous_commit'), current_setting('fsync')")
-            .fetch_one(conn)
+            .fetch_one(&mut conn)
             .await
             .map_err(map_err)?;
+    let _ = conn.close().await;
     if fsync == "off" {
         warn!(
             "postgres runs with fsync=off: a crash of its host can lose events it has acknowledged"
         );
     }
-    if sync == "off" {
+    let sync = if sync == "off" {
         warn!(
-            "postgres has synchronous_commit=off for this server's connections; its commits set it \
-             on, so that no publish is answered before it is durable"
+            "postgres has synchronous_commit=off for this server's connections; they set it on, so \
+             that nothing is answered before it is durable"
         );
-        return Ok(Some(("synchronous_commit", "on")));
-    }
-    Ok(None)
+        "on".to_owned()
+    } else {
+        sync
+    };
+    Ok(options.options([("synchronous_commit", sync)]))
 }
 
-/// Where the group-commit writer connects: the store's URL with the settings its commit statement
-/// needs, and `durability` ([`commit_durability`]).
-fn writer_options(
-    url: &str,
-    durability: Option<(&'static str, &'static str)>,
-) -> StoreResult<PgConnectOptions> {
-    Ok(PgConnectOptions::from_str(url)
-        .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?
-        .options(durability)
-        .options([
-            // Without statistics (a new deployment) the commit statement's estimates cross the JIT
-            // threshold, and compiling it cost ~15 ms per commit; it never pays off for one commit.
-            ("jit", "off"),
-            // The commit statement's plan does not depend on its parameters (arrays unnested into
-            // inserts, one locked row), yet Postgres' default chose a custom plan for every commit:
-            // planning its five CTEs was about a quarter of the writer backend's CPU (docs/benchmarks.md,
-            // cause 4). The key lookup, whose plan does depend on the table, sets the default back.
-            ("plan_cache_mode", "force_generic_plan"),
-            // A replica that dies or is cut off inside the key lookup's explicit transaction would
-            // hold the sequence lock, and so every replica's commits, until the server's TCP
-            // keepalive notices (hours); the transaction never idles this long otherwise.
-            ("idle_in_transaction_session_timeout", "10s"),
-        ]))
+/// Where the group-commit writer connects: the store's connection options ([`connect_options`]) with
+/// the settings its commit statement needs.
+fn writer_options(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([
+        // Without statistics (a new deployment) the commit statement's estimates cross the JIT
+        // threshold, and compiling it cost ~15 ms per commit; it never pays off for one commit.
+        ("jit", "off"),
+        // The commit statement's plan does not depend on its parameters (arrays unnested into
+        // inserts, one locked row), yet Postgres' default chose a custom plan for every commit:
+        // planning its five CTEs was about a quarter of the writer backend's CPU (docs/benchmarks.md,
+        // cause 4). The key lookup, whose plan does depend on the table, sets the default back.
+        ("plan_cache_mode", "force_generic_plan"),
+        // A replica that dies or is cut off inside the key lookup's explicit transaction would
+        // hold the sequence lock, and so every replica's commits, until the server's TCP
+        // keepalive notices (hours); the transaction never idles this long otherwise.
+        ("idle_in_transaction_session_timeout", "10s"),
+    ])
 }
 
 /// How often the head is re-read whatever the commit listener heard: a connection dropped silently (an
@@ -1258,7 +1260,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_writer_commits_durably_where_the_database_does_not() {
+    async fn every_connection_commits_durably_where_the_database_does_not() {
         let url = fresh_schema_url().await;
         let lax = format!("{url}%20-c%20synchronous_commit%3Doff");
         let setting = |options: PgConnectOptions| async move {
@@ -1268,14 +1270,26 @@ mod tests {
                 .await
                 .expect("show")
         };
-        for (url, database, writer) in [(&url, "on", "on"), (&lax, "off", "on")] {
-            let options = PgConnectOptions::from_str(url).expect("options");
-            assert_eq!(setting(options.clone()).await, database, "{url}");
-            let mut conn = PgConnection::connect_with(&options).await.expect("connect");
-            let durability = commit_durability(&mut conn).await.expect("settings");
-            let writer_options = writer_options(url, durability).expect("options");
-            assert_eq!(setting(writer_options).await, writer, "{url}");
+        for (url, database) in [(&url, "on"), (&lax, "off")] {
+            let given = PgConnectOptions::from_str(url).expect("options");
+            assert_eq!(setting(given).await, database, "{url}");
+            let options = connect_options(url).await.expect("options");
+            assert_eq!(setting(options.clone()).await, "on", "the pool's: {url}");
+            assert_eq!(
+                setting(writer_options(options)).await,
+                "on",
+                "the writer's: {url}"
+            );
         }
+        // and the store's pool, which dead letters, registry changes and audit records commit on
+        let store = PostgresStore::connect(&lax, 2)
+            .await
+            .expect("connect store");
+        let pooled: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&store.pool)
+            .await
+            .expect("show");
+        assert_eq!(pooled, "on");
     }
 
     #[tokio::test]
@@ -1285,9 +1299,11 @@ mod tests {
         let _store = PostgresStore::connect(&url, 2)
             .await
             .expect("connect store");
-        let mut conn = PgConnection::connect_with(&writer_options(&url, None).expect("options"))
-            .await
-            .expect("connect writer");
+        let mut conn = PgConnection::connect_with(&writer_options(
+            connect_options(&url).await.expect("options"),
+        ))
+        .await
+        .expect("connect writer");
         for commit in 0..8 {
             let (reply, _) = tokio::sync::oneshot::channel();
             let events = (0..3)
