@@ -39,7 +39,8 @@ type Publisher struct {
 	pending []*publishWaiter // sent and unanswered, in send order
 	closed  bool             // Close was called
 	ended   bool             // the receiver stopped
-	err     error            // the stream's final error (nil: ended OK), or the context's of a Close that gave up
+	err     error            // the stream's final error (nil: ended OK)
+	gaveUp  error            // the context's error of a Close that gave up: what every Close returns then
 }
 
 // publishWaiter is one sent request waiting for its answer.
@@ -260,14 +261,20 @@ func (p *Publisher) CloseContext(ctx context.Context) error {
 	select {
 	case <-p.done:
 	default: // ctx ended first
+		// recorded before the cancel: a Close waiting meanwhile sees it once the stream ends
+		p.mu.Lock()
+		if p.gaveUp == nil {
+			p.gaveUp = wrap(ctx.Err())
+		}
+		p.mu.Unlock()
 		p.cancel()
 		<-p.done // the receiver ends at once: its call is cancelled
-		p.mu.Lock()
-		p.err = wrap(ctx.Err()) // what every later Close returns; Publish returns ErrPublisherClosed
-		p.mu.Unlock()
 	}
 	p.cancel()
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.gaveUp != nil {
+		return p.gaveUp // Publish returns ErrPublisherClosed
+	}
 	return p.err
 }

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -907,14 +908,16 @@ async def test_aclose_ends_the_iteration_of_a_replay_another_task_waits_on() -> 
             reading.result()
             assert seen == ["r1"]
             # a task that is cancelled itself, as its replay is closed, still raises CancelledError
-            seen.clear()
-            replay, first = client.replay(), asyncio.Event()
-            reading = asyncio.create_task(read(replay, seen, first))
-            await asyncio.wait_for(first.wait(), WAIT)
-            reading.cancel()
-            await replay.aclose()
-            await asyncio.wait([reading], timeout=WAIT)
-            assert reading.cancelled(), "the task's own cancellation was swallowed"
+            # (Python 3.10 cannot tell that from the call's cancellation: the iteration ends there)
+            if sys.version_info >= (3, 11):
+                seen.clear()
+                replay, first = client.replay(), asyncio.Event()
+                reading = asyncio.create_task(read(replay, seen, first))
+                await asyncio.wait_for(first.wait(), WAIT)
+                reading.cancel()
+                await replay.aclose()
+                await asyncio.wait([reading], timeout=WAIT)
+                assert reading.cancelled(), "the task's own cancellation was swallowed"
             # a replay closed before it is iterated opens no call
             closed = client.replay()
             await closed.aclose()
