@@ -345,6 +345,16 @@ async fn a_trace_header_of_a_later_version_is_stored_as_version_00() {
     .expect("publish");
     let stored = server.stored_event("later-1").await;
     assert_eq!(stored.traceparent, CALLER_TRACE);
+    // ids of other lengths are not a trace context: nothing is made up from them
+    bus.publish(with_trace_header(
+        pb::PublishRequest {
+            events: vec![event("odd-1", "traced.later")],
+        },
+        "00-1-1-01",
+    ))
+    .await
+    .expect("publish");
+    assert_eq!(server.stored_event("odd-1").await.traceparent, "");
     // what is stored can be published again as it is
     let mut again = stored;
     again.id = "later-2".into();

@@ -430,10 +430,11 @@ async fn a_request_with_many_problems_gets_a_status_listing_the_first() {
 }
 
 /// With attributes allowed to be long, a source and an id that together would not fit the store's
-/// key are refused as too large, naming the id, on either backend; one byte less is stored.
+/// key are refused as too large, naming the id, on either backend (one byte less is stored), and so
+/// is a correlation id too long for its index.
 #[tokio::test]
 async fn a_source_and_id_too_long_together_are_resource_exhausted() {
-    let server = TestServer::start_with(|c| c.limits.max_attribute_bytes = 2000).await;
+    let server = TestServer::start_with(|c| c.limits.max_attribute_bytes = 4096).await;
     let mut bus = server.bus();
     let keyed = |source_bytes: usize, id_bytes: usize| {
         let mut e = event(&"i".repeat(id_bytes), "t.created");
@@ -449,6 +450,29 @@ async fn a_source_and_id_too_long_together_are_resource_exhausted() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(violations(&status), ["events[0].id"], "{status:?}");
     publish(&mut bus, vec![keyed(1500, 1060)]).await;
+    // a source too long for the key by itself is the one named
+    let status = bus
+        .publish(pb::PublishRequest {
+            events: vec![keyed(2600, 10)],
+        })
+        .await
+        .expect_err("2,610 bytes of key");
+    assert_eq!(violations(&status), ["events[0].source"], "{status:?}");
+    // a correlation id is an index entry of its own
+    let mut correlated = event("correlated", "t.created");
+    correlated.correlation_id = "c".repeat(2561);
+    let status = bus
+        .publish(pb::PublishRequest {
+            events: vec![correlated],
+        })
+        .await
+        .expect_err("2,561 bytes of correlation id");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        violations(&status),
+        ["events[0].correlation_id"],
+        "{status:?}"
+    );
 }
 
 #[tokio::test]

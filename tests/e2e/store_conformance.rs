@@ -146,8 +146,8 @@ async fn a_conflicting_request_fails_alone_and_leaves_no_gap(b: Backend) {
 }
 
 /// A request the database refuses for a reason of its own (on Postgres: an idempotency key longer than
-/// its index takes, which settings allow with a raised `limits.max_attribute_bytes`) fails alone: the
-/// requests committed with it are stored.
+/// its index takes, which the API refuses before, but the store is not to rely on that) fails alone:
+/// the requests committed with it are stored.
 async fn a_request_the_database_refuses_fails_alone(b: Backend) {
     let s = b.store.clone();
     // random text compresses little: a key of several KiB even after Postgres compresses it

@@ -12,4 +12,4 @@ pub use cloudevents_json::{from_cloudevents_json, to_cloudevents_json};
 pub use filter::{Filter, FilterKind, MAX_FILTER_DEPTH, MAX_FILTER_NODES, Selection};
 pub use model::{Data, Event, ExtensionValue, Priority, StoredEvent};
 pub use pattern::{TypePattern, validate_type};
-pub use validate::{InvalidInput, Limits, Violation, check_text};
+pub use validate::{InvalidInput, Limits, Violation, check_text, traceparent_header_shape};

@@ -112,9 +112,10 @@ impl Default for Limits {
     }
 }
 
-/// Most bytes a source and an id take together: with the tenant they are one key of Postgres'
-/// `events_key` b-tree, whose entries hold at most 2,704 bytes. A longer key is refused as too large
-/// on either backend, so that events move between them, rather than failing in the database.
+/// Most bytes a source and an id take together, and a correlation id alone: with the tenant (and a
+/// sequence) each is one entry of a Postgres b-tree (`events_key`, `events_correlation`), which holds
+/// at most 2,704 bytes. Longer is refused as too large on either backend, so that events move between
+/// them, rather than failing in the database.
 pub const MAX_KEY_BYTES: usize = 2560;
 
 /// Names that are context or bus attributes in the CloudEvents formats, so not free for extensions.
@@ -161,6 +162,15 @@ fn valid_extension_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// Whether a call's `traceparent` header has W3C's shape: the four fields of version 00, followed by
+/// more only under a later version (which a version-00 reader ignores).
+pub fn traceparent_header_shape(value: &str) -> bool {
+    let mut fields = value.split('-');
+    let first: Vec<&str> = fields.by_ref().take(4).collect();
+    let more = fields.next().is_some();
+    first.len() == 4 && valid_traceparent(&first.join("-")) && !(more && first[0] == "00")
 }
 
 fn valid_traceparent(value: &str) -> bool {
@@ -310,18 +320,34 @@ impl Limits {
                 push(name, reason);
             }
         }
-        // each within its own limit, yet too long together (a raised max_attribute_bytes)
+        // each within its own limit, yet too long for an index entry (a raised max_attribute_bytes)
         let key_bytes = event.source.len() + event.id.len();
         if key_bytes > MAX_KEY_BYTES
             && event.source.len() <= self.max_attribute_bytes
             && event.id.len() <= self.max_attribute_bytes
         {
+            // the one to shorten: the source when it alone is too long
+            let field = if event.source.len() > MAX_KEY_BYTES {
+                "source"
+            } else {
+                "id"
+            };
             push(
-                "id",
+                field,
                 format!(
                     "source and id are {key_bytes} bytes together, more than the {MAX_KEY_BYTES} \
                      an event's key may take"
                 ),
+            );
+            size_count += 1;
+        }
+        if let Some(correlation) = &event.correlation_id
+            && correlation.len() > MAX_KEY_BYTES
+            && correlation.len() <= self.max_attribute_bytes
+        {
+            push(
+                "correlation_id",
+                format!("longer than the {MAX_KEY_BYTES} bytes its index entry may take"),
             );
             size_count += 1;
         }
