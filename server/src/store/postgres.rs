@@ -239,15 +239,26 @@ fn commit_channel(schema: &str) -> String {
 async fn connect_options(url: &str) -> StoreResult<PgConnectOptions> {
     let options = PgConnectOptions::from_str(url)
         .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?;
-    let mut conn = PgConnection::connect_with(&options)
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?;
-    let (sync, fsync): (String, String) =
-        sqlx::query_as("SELECT current_setting('synchronous_commit'), current_setting('fsync')")
-            .fetch_one(&mut conn)
+    // bounded as the pool's first connection is: a store that takes the connection and never
+    // answers fails the start instead of holding it
+    let read = async {
+        let mut conn = PgConnection::connect_with(&options)
             .await
-            .map_err(map_err)?;
-    let _ = conn.close().await;
+            .map_err(|e| StoreError::Unavailable(format!("connecting to postgres: {e}")))?;
+        let settings: (String, String) = sqlx::query_as(
+            "SELECT current_setting('synchronous_commit'), current_setting('fsync')",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(map_err)?;
+        let _ = conn.close().await;
+        Ok::<_, StoreError>(settings)
+    };
+    let (sync, fsync) = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable("connecting to postgres: no answer within 5s".into())
+        })??;
     if fsync == "off" {
         warn!(
             "postgres runs with fsync=off: a crash of its host can lose events it has acknowledged"
