@@ -263,7 +263,7 @@ func (p *Publisher) CloseContext(ctx context.Context) error {
 	default: // ctx ended first
 		// recorded before the cancel: a Close waiting meanwhile sees it once the stream ends
 		p.mu.Lock()
-		if p.gaveUp == nil {
+		if p.gaveUp == nil && !p.ended { // a stream that ended meanwhile ended by itself
 			p.gaveUp = wrap(ctx.Err())
 		}
 		p.mu.Unlock()
