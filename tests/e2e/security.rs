@@ -407,12 +407,22 @@ async fn tls_publish(
         .map(tonic::Response::into_inner)
 }
 
-/// A policy for the planner identified by its client certificate's URI SAN.
+/// A policy for the planner identified by its client certificate's URI SAN, and its tenant's auditor.
 const PLANNER_CERT_POLICY: &str = r#"
 [[principal]]
 id = "spiffe://nerve.test/planner"
+tenant = "acme"
 sources = ["//planner"]
 allow = { publish = ["t.>"] }
+
+[[principal]]
+id = "spiffe://nerve.test/acme-auditor"
+tenant = "acme"
+allow = { admin = ["audit"] }
+
+[[principal]]
+id = "spiffe://nerve.test/root-auditor"
+allow = { admin = ["audit"] }
 "#;
 
 #[tokio::test]
@@ -472,6 +482,42 @@ async fn client_certificates_are_verified_and_give_the_identity() {
         tls_publish(&server, &pki.ca_pem, Some(&planner), Some(&other)).await,
         Code::PermissionDenied,
         "does not match",
+    );
+    // recorded as the certificate's principal's refusal, in its tenant: not as an unidentified
+    // caller's, which auditors of every other tenant's default one would read
+    let auditor = |id: &str| {
+        let identity = pki.issue(vec![uri(&format!("spiffe://nerve.test/{id}"))], id);
+        let (server, ca_pem) = (&server, &pki.ca_pem);
+        async move {
+            let channel = tls_channel(server.addr(), ca_pem, Some(&identity))
+                .await
+                .expect("the auditor connects");
+            pb::admin_client::AdminClient::new(channel)
+                .list_audit_records(pb::ListAuditRecordsRequest {
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .expect("the auditor reads its tenant's records")
+                .into_inner()
+                .records
+        }
+    };
+    let mismatch = |r: &pb::AuditRecord| r.reason.contains("does not match");
+    let acme = crate::harness::eventually("the refusal recorded", || async {
+        let records = auditor("acme-auditor").await;
+        records.iter().any(mismatch).then_some(records)
+    })
+    .await;
+    let record = acme.iter().find(|r| mismatch(r)).expect("recorded");
+    assert_eq!(
+        record.principal, "spiffe://nerve.test/planner",
+        "{record:?}"
+    );
+    assert_eq!(record.outcome, "denied", "{record:?}");
+    assert!(
+        !auditor("root-auditor").await.iter().any(mismatch),
+        "another tenant's auditor reads it"
     );
     let same = sign(
         &claims("spiffe://nerve.test/planner"),

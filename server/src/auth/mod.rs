@@ -51,6 +51,13 @@ pub enum AuthError {
     /// A per-principal limit is reached.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The caller's certificate identifies a principal, and its token another: refused (permission
+    /// denied), and recorded as a refusal of the certificate's principal, in its tenant.
+    #[error("{reason}")]
+    SubjectMismatch {
+        certified: Box<Principal>,
+        reason: String,
+    },
 }
 
 /// The verified caller of a request.
@@ -333,10 +340,24 @@ impl Auth {
                 ));
             }
             (Some(cert), Some(claims)) if claims.subject != cert => {
-                return Err(AuthError::PermissionDenied(format!(
+                let reason = format!(
                     "token subject {:?} does not match the client certificate identity {cert:?}",
                     claims.subject
-                )));
+                );
+                // the certificate is the verified identity here: its tenant is the policy's, as the
+                // token's claim is not to be trusted
+                let tenant = self
+                    .policy
+                    .as_ref()
+                    .and_then(|p| p.get(false).principal(&cert).and_then(|e| e.tenant.clone()))
+                    .unwrap_or_else(|| DEFAULT_TENANT.to_owned());
+                let certified = Box::new(Principal {
+                    id: cert,
+                    tenant,
+                    unrestricted: false,
+                    expires: None,
+                });
+                return Err(AuthError::SubjectMismatch { certified, reason });
             }
             (Some(cert), claims) => (cert, claims.and_then(|c| c.tenant)),
             (None, Some(claims)) => (claims.subject, claims.tenant),
@@ -748,20 +769,24 @@ where
                     request.extensions_mut().insert(principal);
                 }
                 Err(error) => {
-                    let outcome = match &error {
+                    let path = request.uri().path();
+                    match &error {
                         AuthError::Unauthenticated(_) | AuthError::TokenExpired(_) => {
-                            Some("unauthenticated")
+                            self.auth.record_unidentified(
+                                path,
+                                "unauthenticated",
+                                &error.to_string(),
+                            );
                         }
-                        AuthError::PermissionDenied(_) => Some("denied"),
+                        AuthError::PermissionDenied(_) => {
+                            self.auth
+                                .record_unidentified(path, "denied", &error.to_string());
+                        }
+                        AuthError::SubjectMismatch { certified, reason } => {
+                            self.auth.record_denied(certified, "call", path, reason);
+                        }
                         // rate limiting is not an access decision
-                        AuthError::ResourceExhausted(_) => None,
-                    };
-                    if let Some(outcome) = outcome {
-                        self.auth.record_unidentified(
-                            request.uri().path(),
-                            outcome,
-                            &error.to_string(),
-                        );
+                        AuthError::ResourceExhausted(_) => {}
                     }
                     let status = crate::api::status::to_status(error.into());
                     return Box::pin(async move { Ok(status.into_http()) });

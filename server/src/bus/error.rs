@@ -72,6 +72,7 @@ impl From<crate::auth::AuthError> for BusError {
             AuthError::Unauthenticated(m) => BusError::Unauthenticated(m),
             AuthError::TokenExpired(m) => BusError::TokenExpired(m),
             AuthError::PermissionDenied(m) => BusError::PermissionDenied(m),
+            AuthError::SubjectMismatch { reason, .. } => BusError::PermissionDenied(reason),
             AuthError::ResourceExhausted(m) => BusError::ResourceExhausted(m),
         }
     }
