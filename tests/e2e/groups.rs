@@ -1340,3 +1340,48 @@ async fn a_nack_reason_is_kept_as_text_every_store_takes() {
     // the stream is still open
     member.expect_idle(1).await;
 }
+
+/// A tenant keeps at most `bus.max_groups_per_tenant` durable groups: an open that would create one
+/// more is refused, saying so, while the groups it keeps open as before, and a deleted one makes room.
+#[tokio::test]
+async fn a_tenant_keeps_at_most_its_limit_of_groups() {
+    let server = TestServer::start_with(|c| c.bus.max_groups_per_tenant = 2).await;
+    let mut bus = server.bus();
+    for name in ["kept-1", "kept-2"] {
+        drop(
+            Subscriber::open(&mut bus, group_open(&["limited.t"], name))
+                .await
+                .expect("within the limit"),
+        );
+    }
+    let refused = Subscriber::open(&mut bus, group_open(&["limited.t"], "third"))
+        .await
+        .map(|_| ())
+        .expect_err("one group more than the limit");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("bus.max_groups_per_tenant"),
+        "{refused:?}"
+    );
+    drop(
+        Subscriber::open(&mut bus, group_open(&["limited.t"], "kept-1"))
+            .await
+            .expect("a group the tenant keeps opens as before"),
+    );
+    server
+        .admin()
+        .delete_group(pb::DeleteGroupRequest {
+            group: "kept-2".into(),
+        })
+        .await
+        .expect("delete");
+    drop(
+        Subscriber::open(&mut bus, group_open(&["limited.t"], "third"))
+            .await
+            .expect("a deleted group makes room"),
+    );
+}

@@ -169,6 +169,24 @@ impl Bus {
         }
     }
 
+    /// Refuses to open a group that does not exist yet when its tenant already keeps
+    /// `bus.max_groups_per_tenant` of them. Opens racing to create groups may pass it together.
+    pub(crate) async fn room_for_group(&self, key: &GroupKey) -> BusResult<()> {
+        if self.group_exists(&key.tenant, &key.name).await? {
+            return Ok(());
+        }
+        let kept = self.streams.group_names(&key.tenant).await?.len();
+        let most = self.settings.max_groups_per_tenant;
+        if kept >= most {
+            return Err(BusError::ResourceExhausted(format!(
+                "the tenant keeps {kept} durable groups, the most bus.max_groups_per_tenant \
+                 ({most}) allows: delete one (Admin.DeleteGroup) before opening group {:?}",
+                key.name
+            )));
+        }
+        Ok(())
+    }
+
     /// The summaries of the named groups that exist.
     async fn group_summaries(
         &self,

@@ -71,6 +71,9 @@ pub struct BusSettings {
     /// Longest request timeout accepted.
     #[serde(with = "humantime_serde")]
     pub max_request_timeout: Duration,
+    /// Most durable groups one tenant keeps: an open that would create one more is refused (each
+    /// group is kept, with its cursors, until it is deleted, and checked and sampled on every replica).
+    pub max_groups_per_tenant: usize,
 }
 
 impl Default for BusSettings {
@@ -84,6 +87,7 @@ impl Default for BusSettings {
             default_heartbeat: Duration::from_secs(10),
             default_request_timeout: Duration::from_secs(30),
             max_request_timeout: Duration::from_secs(300),
+            max_groups_per_tenant: 1000,
         }
     }
 }

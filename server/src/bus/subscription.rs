@@ -319,6 +319,7 @@ impl Bus {
                     selection: spec.selection.clone(),
                     max_attempts,
                 };
+                self.room_for_group(&key).await?;
                 // watched before the group is looked up: a delete after that ends this member, so it
                 // never goes on in a group created again under the name meanwhile
                 let wakeups = self.streams.group_wakeups(&key);
