@@ -20,7 +20,9 @@ use crate::{
     procstat::Meter,
     report::Row,
     server::{create_schema, drop_schema, url_with_options},
-    util::{Call, Hist, Send1, closed_loop, event, load_row, now_ns, open_loop, pacing_note},
+    util::{
+        Call, Hist, SUBJECTS, Send1, closed_loop, event, load_row, now_ns, open_loop, pacing_note,
+    },
 };
 
 /// Nerve's own Postgres migrations (`server/migrations/postgres`, embedded at build time as the server
@@ -198,9 +200,6 @@ impl Pg {
         }))
     }
 }
-
-/// How many subjects the tool's events take (`bench/<n % 16>`).
-const SUBJECTS: u64 = 16;
 
 /// Inserts `keys` (sequence and id) as rows otherwise like `template`.
 async fn insert(pool: &PgPool, template: &RawRow, keys: &[(i64, String)]) -> Result<()> {

@@ -772,14 +772,15 @@ fn best<'a>(
     system: &str,
     pred: impl Fn(&Row) -> bool,
 ) -> Option<&'a Row> {
-    let matching = || {
-        rows.iter()
-            .filter(|r| r.scenario == scenario && r.system == system && pred(r))
-    };
-    let fastest =
-        |cells: &mut dyn Iterator<Item = &'a Row>| cells.max_by(|a, b| a.rate.total_cmp(&b.rate));
-    fastest(&mut matching().filter(|r| incomplete(r).is_none()))
-        .or_else(|| fastest(&mut matching()))
+    let matching = rows
+        .iter()
+        .filter(|r| r.scenario == scenario && r.system == system && pred(r));
+    let by_rate = |a: &&Row, b: &&Row| a.rate.total_cmp(&b.rate);
+    matching
+        .clone()
+        .filter(|r| incomplete(r).is_none())
+        .max_by(by_rate)
+        .or_else(|| matching.max_by(by_rate))
 }
 
 fn batch_of(r: &Row) -> Option<usize> {

@@ -187,6 +187,9 @@ pub fn event(
     scheduled_event(id, event_type, n, payload_size, stamp_ns, stamp_ns)
 }
 
+/// How many subjects the tool's events take (`bench/<n % SUBJECTS>`).
+pub const SUBJECTS: u64 = 16;
+
 /// [`event`] sent by an open loop: bytes 8..16 of its data are the time its schedule planned the send
 /// (`scheduled_ns`, at or before `stamp_ns`), so a reader can measure latency from either.
 pub fn scheduled_event(
@@ -202,7 +205,7 @@ pub fn scheduled_event(
         source: SOURCE.to_owned(),
         r#type: event_type.to_owned(),
         spec_version: "1.0".to_owned(),
-        subject: format!("bench/{}", n % 16),
+        subject: format!("bench/{}", n % SUBJECTS),
         data_content_type: "application/octet-stream".to_owned(),
         data: Some(pb::event::Data::BinaryData(payload(
             payload_size,

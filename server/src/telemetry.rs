@@ -103,9 +103,11 @@ impl Injector for Out {
     }
 }
 
-/// Parses a W3C traceparent; None when absent or malformed.
+/// Parses a W3C traceparent; None when absent or malformed. The shape is checked first: the
+/// propagator alone reads ids of any length, and would make up a trace out of `00-1-1-01`.
 pub fn parse_traceparent(traceparent: Option<&str>) -> Option<Context> {
-    let cx = TraceContextPropagator::new().extract(&One(traceparent));
+    let traceparent = traceparent.filter(|t| crate::event::traceparent_header_shape(t))?;
+    let cx = TraceContextPropagator::new().extract(&One(Some(traceparent)));
     cx.span().span_context().is_valid().then_some(cx)
 }
 
@@ -119,12 +121,11 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
 /// The traceparent of `span` while spans are exported; otherwise the caller's own trace context,
 /// written again as version 00 writes it: the header as sent may be of a later version, with more
 /// fields and of any length, and it is stored on every event of the call, as an event's own
-/// traceparent must be. A header without W3C's shape is ignored (the propagator alone reads ids of
-/// any length, and would make up a trace out of `00-1-1-01`).
+/// traceparent must be.
 pub fn traceparent_of(span: &tracing::Span, fallback: Option<&str>) -> Option<String> {
     let cx = match exporting().then(|| span.context()) {
         Some(cx) if cx.span().span_context().is_valid() => cx,
-        _ => parse_traceparent(fallback.filter(|t| crate::event::traceparent_header_shape(t)))?,
+        _ => parse_traceparent(fallback)?,
     };
     let mut out = Out(None);
     TraceContextPropagator::new().inject_context(&cx, &mut out);

@@ -55,11 +55,10 @@ impl Bus {
         // the call's deadline (the transport's timer, which runs from before this wait) or the
         // caller's going away drops this future: counted then as cancelled
         let mut counted = Counted(Some("cancelled"));
+        let timeout = timeout.unwrap_or(self.settings.default_request_timeout);
         // when the call's deadline is the nearer bound, the bus's own timer and the transport's end
         // the call in the same instant, and either may run first: counted alike whichever does
-        let call_bounds_the_wait = deadline.is_some_and(|deadline| {
-            deadline <= timeout.unwrap_or(self.settings.default_request_timeout)
-        });
+        let call_bounds_the_wait = deadline.is_some_and(|deadline| deadline <= timeout);
         let outcome = self.ask(tenant, event, timeout, deadline).await;
         counted.0 = Some(match &outcome {
             Ok(_) => "answered",
@@ -75,10 +74,9 @@ impl Bus {
         &self,
         tenant: &str,
         mut event: Event,
-        timeout: Option<Duration>,
+        timeout: Duration,
         deadline: Option<Duration>,
     ) -> BusResult<RequestOutcome> {
-        let timeout = timeout.unwrap_or(self.settings.default_request_timeout);
         if timeout.is_zero() || timeout > self.settings.max_request_timeout {
             return Err(InvalidInput::field(
                 "timeout",
