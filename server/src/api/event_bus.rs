@@ -2,7 +2,7 @@
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
-use futures::{Stream, StreamExt, future::ready};
+use futures::{FutureExt, Stream, StreamExt, future::ready};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -41,6 +41,11 @@ impl EventBusApi {
 /// Requests of one PublishStream queued for commit and not yet answered; beyond this the stream is not
 /// read until answers go out, so a publisher cannot queue without bound.
 const PUBLISH_STREAM_IN_FLIGHT: usize = 1024;
+/// Events of one PublishStream's unanswered requests: each holds its id and type label until its
+/// answer goes out, so this bounds what a publisher that does not read its answers keeps in memory
+/// (about 16 MiB of ids and types at the attribute limit's defaults). A request is read whenever
+/// nothing is in flight, whatever its size.
+const PUBLISH_STREAM_EVENTS_IN_FLIGHT: usize = 8 * 1024;
 /// Answers of one PublishStream waiting for the publisher to read them.
 const PUBLISH_STREAM_ANSWERS: usize = 256;
 
@@ -108,6 +113,8 @@ impl EventBusApi {
         answers: tokio::sync::mpsc::Sender<Result<pb::PublishStreamResponse, Status>>,
     ) {
         let mut queued = futures::stream::FuturesOrdered::new();
+        // events of the requests in `queued`
+        let mut events_in_flight = 0usize;
         let mut reading = true;
         // why the stream ends, when not at the publisher's close: it is sent once the requests read
         // before are answered
@@ -125,11 +132,13 @@ impl EventBusApi {
                     reading = false;
                     ending = Some(denied(principal.token_expired()));
                 }
-                message = inbound.message(), if reading && queued.len() < PUBLISH_STREAM_IN_FLIGHT => {
+                message = inbound.message(), if reading && has_room(queued.len(), events_in_flight) => {
                     match message {
                         Ok(Some(request)) => {
+                            let events = request.events.len();
                             let answer = self.queue_stream_request(&principal, header.as_deref(), request).await;
-                            queued.push_back(answer);
+                            events_in_flight += events;
+                            queued.push_back(answer.map(move |answer| (events, answer)));
                             // the wall clock may pass the expiry before the stream's timer does
                             if principal.token_has_expired() {
                                 reading = false;
@@ -146,7 +155,8 @@ impl EventBusApi {
                         }
                     }
                 }
-                Some(answer) = queued.next() => {
+                Some((events, answer)) = queued.next() => {
+                    events_in_flight -= events;
                     if answers.send(Ok(answer)).await.is_err() {
                         return;
                     }
@@ -201,6 +211,13 @@ impl EventBusApi {
             answer(outcome)
         })
     }
+}
+
+/// Whether a PublishStream with `requests` unanswered requests of `events` events in all reads the
+/// next request.
+fn has_room(requests: usize, events: usize) -> bool {
+    requests == 0
+        || (requests < PUBLISH_STREAM_IN_FLIGHT && events < PUBLISH_STREAM_EVENTS_IN_FLIGHT)
 }
 
 /// The answer to a committed batch: one result per event, in order.
@@ -676,5 +693,22 @@ mod tests {
         assert_eq!(with("5x"), None);
         assert_eq!(with("m"), None);
         assert_eq!(grpc_timeout(&Request::new(())), None);
+    }
+
+    #[test]
+    fn a_publish_stream_reads_on_while_its_unanswered_requests_and_events_are_under_their_bounds() {
+        // one request is read whatever its size, so a stream never stalls with nothing in flight
+        assert!(has_room(0, 0));
+        assert!(has_room(1, PUBLISH_STREAM_EVENTS_IN_FLIGHT - 1));
+        assert!(has_room(
+            PUBLISH_STREAM_IN_FLIGHT - 1,
+            PUBLISH_STREAM_IN_FLIGHT - 1
+        ));
+        // a thousand-event batch each: a few of them fill the event bound long before the request one
+        assert!(!has_room(9, 9_000));
+        assert!(!has_room(
+            PUBLISH_STREAM_IN_FLIGHT,
+            PUBLISH_STREAM_IN_FLIGHT
+        ));
     }
 }
