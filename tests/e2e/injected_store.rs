@@ -40,6 +40,8 @@ pub struct Injection {
     pub fail_next_put_dead_letter: AtomicBool,
     /// Stops a `read` before it reads.
     pub before_read: Gate,
+    /// Stops a `queue` (a publish) before it reaches the commit queue.
+    pub before_queue: Gate,
     /// Milliseconds each `read` takes first, as a slow store's do.
     pub read_delay_ms: AtomicU64,
     /// How many `read` calls reached the store.
@@ -116,6 +118,7 @@ impl InjectedStore {
 impl EventStore for InjectedStore {
     async fn queue(&self, tenant: &str, events: Vec<NewEvent>) -> StoreResult<Queued> {
         self.check()?;
+        self.injection.before_queue.pass().await;
         self.inner.queue(tenant, events).await
     }
     async fn read(&self, query: &ReadQuery) -> StoreResult<ReadPage> {

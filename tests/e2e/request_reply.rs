@@ -228,6 +228,36 @@ async fn request_times_out_with_deadline_exceeded_and_late_reply_is_dropped() {
     assert_eq!(late.sequence, 0, "a late reply is not stored");
 }
 
+/// A request's timeout runs from the server's receipt of the call, as its deadline does: a publish
+/// held up on its way to the store takes from the wait for the reply, so a request stored after its
+/// timeout fails as soon as it is stored, not a whole timeout later.
+#[tokio::test]
+async fn a_request_timeout_counts_the_time_its_publish_took() {
+    let (server, injection) = crate::injected_store::start_injected().await;
+    let mut bus = server.bus();
+    let _responder = Subscriber::open(&mut bus, open(&["planner.>"], ""))
+        .await
+        .expect("open");
+    let (reached, go) = injection.before_queue.arm();
+    let mut requester = server.bus();
+    let call = tokio::spawn(async move { requester.request(request("held", 2000)).await });
+    reached
+        .await
+        .expect("the request's publish reaches the store");
+    // the condition under test is the timeout passing while the publish is held, not an event
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let released = Instant::now();
+    drop(go);
+    let result = call.await.expect("join");
+    assert_status(result, Code::DeadlineExceeded, "held");
+    // a wait that began at the commit would end 2 s after it
+    assert!(
+        released.elapsed() < Duration::from_millis(1500),
+        "the request waited {:?} after its publish was let through",
+        released.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn reply_validation() {
     let server = TestServer::start().await;

@@ -1473,7 +1473,8 @@ func (x *CaughtUp) GetSequence() uint64 {
 type RequestRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Event *Event                 `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
-	// How long to wait for the reply; the call deadline applies too. Default 30s.
+	// How long to wait for the reply, from the server's receipt of the call (the request's commit
+	// included); the call deadline applies too. Default 30s.
 	Timeout       *durationpb.Duration `protobuf:"bytes,2,opt,name=timeout,proto3" json:"timeout,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -44,7 +44,8 @@ impl Drop for Counted {
 
 impl Bus {
     /// Publishes a request and waits for its reply, at most `timeout` (the request's field, or the
-    /// default) and at most the call's `deadline`; fails at once when nobody could receive it.
+    /// default) and at most the call's `deadline`, both from now; fails at once when nobody could
+    /// receive it.
     pub async fn request(
         &self,
         tenant: &str,
@@ -97,6 +98,9 @@ impl Bus {
             Some(deadline) => timeout.min(deadline),
             None => timeout,
         };
+        // from the call's receipt, as the transport's deadline runs: a commit that waits (a busy or
+        // failing store) takes from the wait for the reply, not beyond it
+        let until = tokio::time::Instant::now() + timeout;
         if event.reply_to.is_some() {
             return Err(InvalidInput::field(
                 "event.reply_to",
@@ -167,7 +171,7 @@ impl Bus {
                 Some(reply) => Ok(RequestOutcome { reply, request_sequence: sequence }),
                 None => Err(BusError::Unavailable("reply inbox closed".into())),
             },
-            _ = tokio::time::sleep(timeout) => BusError::DeadlineExceeded(format!(
+            _ = tokio::time::sleep_until(until) => BusError::DeadlineExceeded(format!(
                 "no reply to request {id:?} within {timeout:?}"
             )),
             _ = self.shutdown.cancelled() => BusError::ShuttingDown,

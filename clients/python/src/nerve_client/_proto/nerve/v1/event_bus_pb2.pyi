@@ -675,7 +675,9 @@ class RequestRequest(_message.Message):
     def event(self) -> _event_pb2.Event: ...
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """How long to wait for the reply; the call deadline applies too. Default 30s."""
+        """How long to wait for the reply, from the server's receipt of the call (the request's commit
+        included); the call deadline applies too. Default 30s.
+        """
 
     def __init__(
         self,
