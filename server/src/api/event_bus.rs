@@ -1,6 +1,13 @@
 //! The EventBus service: thin handlers that convert, call the bus and convert back.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::{FutureExt, Stream, StreamExt, future::ready};
 use tokio_stream::wrappers::ReceiverStream;
@@ -41,10 +48,11 @@ impl EventBusApi {
 /// Requests of one PublishStream queued for commit and not yet answered; beyond this the stream is not
 /// read until answers go out, so a publisher cannot queue without bound.
 const PUBLISH_STREAM_IN_FLIGHT: usize = 1024;
-/// Events of one PublishStream's unanswered requests: each holds its id and type label until its
-/// answer goes out, so this bounds what a publisher that does not read its answers keeps in memory
-/// (about 16 MiB of ids and types at the attribute limit's defaults). A request is read whenever
-/// nothing is in flight, whatever its size.
+/// Events of one PublishStream's requests whose answers the transport has not taken yet: each holds
+/// its id (and, until committed, its type label), so once this many are unanswered the stream is not
+/// read, which bounds what a publisher that does not read its answers keeps in memory (at the
+/// default limits, 1 KiB ids, about 12 MB: this bound plus one batch). A request is read whenever
+/// it holds nothing, whatever its size.
 const PUBLISH_STREAM_EVENTS_IN_FLIGHT: usize = 8 * 1024;
 /// Answers of one PublishStream waiting for the publisher to read them.
 const PUBLISH_STREAM_ANSWERS: usize = 256;
@@ -110,11 +118,10 @@ impl EventBusApi {
         principal: Principal,
         header: Option<String>,
         mut inbound: Streaming<pb::PublishStreamRequest>,
-        answers: tokio::sync::mpsc::Sender<Result<pb::PublishStreamResponse, Status>>,
+        answers: tokio::sync::mpsc::Sender<(usize, Result<pb::PublishStreamResponse, Status>)>,
+        in_flight: Arc<EventsInFlight>,
     ) {
         let mut queued = futures::stream::FuturesOrdered::new();
-        // events of the requests in `queued`
-        let mut events_in_flight = 0usize;
         let mut reading = true;
         // why the stream ends, when not at the publisher's close: it is sent once the requests read
         // before are answered
@@ -132,12 +139,12 @@ impl EventBusApi {
                     reading = false;
                     ending = Some(denied(principal.token_expired()));
                 }
-                message = inbound.message(), if reading && has_room(queued.len(), events_in_flight) => {
+                message = inbound.message(), if reading && has_room(queued.len(), in_flight.events()) => {
                     match message {
                         Ok(Some(request)) => {
                             let events = request.events.len();
                             let answer = self.queue_stream_request(&principal, header.as_deref(), request).await;
-                            events_in_flight += events;
+                            in_flight.events.fetch_add(events, Ordering::Relaxed);
                             queued.push_back(answer.map(move |answer| (events, answer)));
                             // the wall clock may pass the expiry before the stream's timer does
                             if principal.token_has_expired() {
@@ -155,9 +162,10 @@ impl EventBusApi {
                         }
                     }
                 }
+                // the transport took answers the bound was waiting for
+                () = in_flight.taken.notified(), if reading && !has_room(queued.len(), in_flight.events()) => {}
                 Some((events, answer)) = queued.next() => {
-                    events_in_flight -= events;
-                    if answers.send(Ok(answer)).await.is_err() {
+                    if answers.send((events, Ok(answer))).await.is_err() {
                         return;
                     }
                 }
@@ -165,7 +173,7 @@ impl EventBusApi {
             }
         }
         if let Some(status) = ending {
-            let _ = answers.send(Err(status)).await;
+            let _ = answers.send((0, Err(status))).await;
         }
     }
 
@@ -213,10 +221,32 @@ impl EventBusApi {
     }
 }
 
-/// Whether a PublishStream with `requests` unanswered requests of `events` events in all reads the
-/// next request.
+/// Events of one PublishStream read and not yet taken by the transport: its reader counts a
+/// request's in, and its outbound stream counts an answer's out as it takes the answer.
+#[derive(Default)]
+struct EventsInFlight {
+    events: AtomicUsize,
+    /// Wakes a reader held by the bound.
+    taken: tokio::sync::Notify,
+}
+
+impl EventsInFlight {
+    fn events(&self) -> usize {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, events: usize) {
+        if events > 0 {
+            self.events.fetch_sub(events, Ordering::Relaxed);
+            self.taken.notify_one();
+        }
+    }
+}
+
+/// Whether a PublishStream with `requests` requests queued and `events` events read and not yet
+/// taken by the transport reads the next request: always when it holds nothing.
 fn has_room(requests: usize, events: usize) -> bool {
-    requests == 0
+    (requests == 0 && events == 0)
         || (requests < PUBLISH_STREAM_IN_FLIGHT && events < PUBLISH_STREAM_EVENTS_IN_FLIGHT)
 }
 
@@ -330,12 +360,19 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         let permit = self.auth.open_stream(&principal).map_err(denied)?;
         let api = self.clone();
         let (answers, outbound) = tokio::sync::mpsc::channel(PUBLISH_STREAM_ANSWERS);
+        let in_flight = Arc::new(EventsInFlight::default());
+        let taken = in_flight.clone();
         tokio::spawn(async move {
             let _open = permit;
-            api.serve_publish_stream(principal, header, request.into_inner(), answers)
+            let inbound = request.into_inner();
+            api.serve_publish_stream(principal, header, inbound, answers, in_flight)
                 .await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
+        let outbound = ReceiverStream::new(outbound).map(move |(events, answer)| {
+            taken.take(events);
+            answer
+        });
+        Ok(Response::new(Box::pin(outbound)))
     }
 
     type SubscribeStream = ResponseStream<pb::SubscribeResponse>;
@@ -699,6 +736,9 @@ mod tests {
     fn a_publish_stream_reads_on_while_its_unanswered_requests_and_events_are_under_their_bounds() {
         // one request is read whatever its size, so a stream never stalls with nothing in flight
         assert!(has_room(0, 0));
+        // answers the transport has not taken count: a publisher that does not read them is not
+        // read either
+        assert!(!has_room(0, PUBLISH_STREAM_EVENTS_IN_FLIGHT));
         assert!(has_room(1, PUBLISH_STREAM_EVENTS_IN_FLIGHT - 1));
         assert!(has_room(
             PUBLISH_STREAM_IN_FLIGHT - 1,
