@@ -16,6 +16,23 @@ pub struct RequestOutcome {
     pub request_sequence: u64,
 }
 
+/// Runs a step a request takes before its wait for the reply, ended at `until` as that wait is.
+async fn before<T>(
+    until: tokio::time::Instant,
+    id: &str,
+    timeout: Duration,
+    step: impl std::future::Future<Output = BusResult<T>>,
+) -> BusResult<T> {
+    tokio::time::timeout_at(until, step)
+        .await
+        .unwrap_or_else(|_| Err(no_reply(id, timeout)))
+}
+
+/// The request's timeout passed without a reply.
+fn no_reply(id: &str, timeout: Duration) -> BusError {
+    BusError::DeadlineExceeded(format!("no reply to request {id:?} within {timeout:?}"))
+}
+
 struct InboxGuard<'a> {
     bus: &'a Bus,
     inbox: String,
@@ -98,8 +115,8 @@ impl Bus {
             Some(deadline) => timeout.min(deadline),
             None => timeout,
         };
-        // from the call's receipt, as the transport's deadline runs: a commit that waits (a busy or
-        // failing store) takes from the wait for the reply, not beyond it
+        // from the call's receipt, as the transport's deadline runs: the steps before the wait for
+        // the reply (Redis, a busy or failing store) take from it, and end with it
         let until = tokio::time::Instant::now() + timeout;
         if event.reply_to.is_some() {
             return Err(InvalidInput::field(
@@ -120,7 +137,11 @@ impl Bus {
         // publish, which hashes the event as sent
         let unset_time = event.time.is_none();
         event.time.get_or_insert_with(chrono::Utc::now);
-        let interest = self.streams.has_interest(tenant, &event).await;
+        let id = event.id.clone();
+        let interest = before(until, &id, timeout, async {
+            Ok(self.streams.has_interest(tenant, &event).await?)
+        })
+        .await;
         if unset_time {
             event.time = None;
         }
@@ -135,23 +156,28 @@ impl Bus {
             bus: self,
             inbox: inbox.clone(),
         };
-        let mut replies = self
-            .streams
-            .open_inbox(
-                &inbox,
-                Inbox {
-                    tenant: tenant.to_owned(),
-                    correlation_id,
-                    request_id: event.id.clone(),
-                    request_source: event.source.clone(),
-                    request_type: event.event_type.clone(),
-                    traceparent: event.traceparent.clone(),
-                },
-            )
-            .await?;
+        let inbox_of = Inbox {
+            tenant: tenant.to_owned(),
+            correlation_id,
+            request_id: event.id.clone(),
+            request_source: event.source.clone(),
+            request_type: event.event_type.clone(),
+            traceparent: event.traceparent.clone(),
+        };
+        let mut replies = before(until, &id, timeout, async {
+            Ok(self.streams.open_inbox(&inbox, inbox_of).await?)
+        })
+        .await?;
         let source = event.source.clone();
-        let id = event.id.clone();
-        let appended = self.publish_checked(tenant, event, None).await?;
+        // a request whose commit ends after its timeout may still be stored (a commit is not called
+        // back), as when the call's deadline ends it
+        let appended = before(
+            until,
+            &id,
+            timeout,
+            self.publish_checked(tenant, event, None),
+        )
+        .await?;
         let Some(Appended {
             sequence,
             duplicate,
@@ -171,9 +197,7 @@ impl Bus {
                 Some(reply) => Ok(RequestOutcome { reply, request_sequence: sequence }),
                 None => Err(BusError::Unavailable("reply inbox closed".into())),
             },
-            _ = tokio::time::sleep_until(until) => BusError::DeadlineExceeded(format!(
-                "no reply to request {id:?} within {timeout:?}"
-            )),
+            _ = tokio::time::sleep_until(until) => no_reply(&id, timeout),
             _ = self.shutdown.cancelled() => BusError::ShuttingDown,
         };
         // closed first, so no reply gets in from here on; one that got in as the wait ended (its
