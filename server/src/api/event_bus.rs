@@ -164,6 +164,9 @@ impl EventBusApi {
                 }
                 // the transport took answers the bound was waiting for
                 () = in_flight.taken.notified(), if reading && !has_room(queued.len(), in_flight.events()) => {}
+                // the publisher went away while the bound held the reader, so neither its requests
+                // nor the transport's taking of answers would wake it
+                () = answers.closed(), if reading => return,
                 Some((events, answer)) = queued.next() => {
                     if answers.send((events, Ok(answer))).await.is_err() {
                         return;
