@@ -25,7 +25,11 @@ async fn before<T>(
 ) -> BusResult<T> {
     tokio::time::timeout_at(until, step)
         .await
-        .unwrap_or_else(|_| Err(no_reply(id, timeout)))
+        .unwrap_or_else(|_| {
+            Err(BusError::DeadlineExceeded(format!(
+                "request {id:?} was not published within its timeout {timeout:?}"
+            )))
+        })
 }
 
 /// The request's timeout passed without a reply.
