@@ -187,7 +187,7 @@ async fn a_history_that_matches_nothing_is_read_in_turns_with_the_commands() {
     o.filter = Some(filter(F::Exact(values(&[("subject", "never")]))));
     let (reached, go) = injection.before_read.arm();
     let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
-    reached.await.expect("the stream reads its history");
+    reached.wait("the stream reads its history").await;
     let before = injection.reads.load(SeqCst);
     sub.send(Action::Close(pb::Close {})).await;
     drop(go);

@@ -505,7 +505,7 @@ async fn a_redrive_while_a_member_dead_letters_the_event_keeps_the_letter() {
     let d = sub.next_delivery().await;
     let (reached, go) = injection.after_put_dead_letter.arm();
     nack_to_dead_letter(&sub, &d, "unreadable").await;
-    reached.await.expect("the member records the letter");
+    reached.wait("the member records the letter").await;
     // the letter is recorded, and the event is still in the group: the member takes it out next
     assert_eq!(
         redrive_all(&server, "g").await,
@@ -550,7 +550,7 @@ async fn a_redriven_event_dead_lettered_again_at_once_keeps_its_new_letter() {
             .into_inner()
             .redriven
     });
-    reached.await.expect("the redrive requeues the event");
+    reached.wait("the redrive requeues the event").await;
     // the redrive has put the event back but not yet removed its letter; a commit wakes the member
     publish(&mut bus, vec![event("nudge", "race.x")]).await;
     for d in sub.deliveries(2).await {
@@ -597,7 +597,7 @@ async fn a_late_dead_letter_of_an_attempt_another_member_holds_is_taken_back() {
     let mut other = Subscriber::open(&mut bus, short).await.expect("open other");
     let (reached, go) = injection.after_put_dead_letter.arm();
     nack_to_dead_letter(&slow, &d, "too late").await;
-    reached.await.expect("the slow member records the letter");
+    reached.wait("the slow member records the letter").await;
     // between recording its letter and taking the event out, the slow member's lease ends and the
     // other member gets the next attempt
     let again = other.next_delivery().await;
@@ -630,8 +630,8 @@ async fn a_stale_dead_letter_does_not_replace_a_later_attempts() {
     let (reached, go) = injection.before_put_dead_letter.arm();
     let _stalled = Subscriber::open(&mut bus, o.clone()).await.expect("open");
     reached
-        .await
-        .expect("the stalled member is about to record its letter");
+        .wait("the stalled member is about to record its letter")
+        .await;
     // its lease runs out: the member after it claims the next attempt, dead-letters it and takes it
     // out of the group
     let _last = Subscriber::open(&mut bus, o).await.expect("open");
@@ -644,9 +644,7 @@ async fn a_stale_dead_letter_does_not_replace_a_later_attempts() {
     // the stalled member records its letter, finds its attempt gone and takes its letter back
     let (removed, removed_go) = injection.after_remove_dead_letters.arm();
     drop(go);
-    removed
-        .await
-        .expect("the stale member takes its letter back");
+    removed.wait("the stale member takes its letter back").await;
     drop(removed_go);
     assert_eq!(
         dead_letters(&server, "g").await,

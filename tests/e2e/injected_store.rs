@@ -59,11 +59,11 @@ pub struct Gate(Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>);
 impl Gate {
     /// Arms the gate for the next call: returns what fires when a call reaches it, and what lets
     /// that call go on (dropping it does too).
-    pub fn arm(&self) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
+    pub fn arm(&self) -> (Reached, oneshot::Sender<()>) {
         let (reached_tx, reached) = oneshot::channel();
         let (go, go_rx) = oneshot::channel();
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((reached_tx, go_rx));
-        (reached, go)
+        (Reached(reached), go)
     }
 
     async fn pass(&self) {
@@ -71,6 +71,20 @@ impl Gate {
         if let Some((reached, go)) = armed {
             let _ = reached.send(());
             let _ = go.await;
+        }
+    }
+}
+
+/// Fires when a call reaches an armed [`Gate`].
+pub struct Reached(oneshot::Receiver<()>);
+
+impl Reached {
+    /// Waits, at most [`WAIT`], for a call to reach the gate; fails naming `what` was awaited.
+    pub async fn wait(self, what: &str) {
+        match tokio::time::timeout(WAIT, self.0).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("{what}: the gate was dropped before a call reached it"),
+            Err(_) => panic!("{what}: no call reached the gate within {WAIT:?}"),
         }
     }
 }
