@@ -100,6 +100,13 @@ def test_event_helper_builds_cloudevents() -> None:
         event("//s", "t", extensions={"big": 2**31})
     with pytest.raises(ValueError):
         event("//s", "t", priority="urgent")
+    # named by field, where protobuf would say only "bad argument type for built-in operation"
+    with pytest.raises(TypeError, match="event subject must be a str, not int"):
+        event("//s", "t", subject=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="event source must be a str, not bytes"):
+        event(b"//s", "t")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="event time must be a datetime, not str"):
+        event("//s", "t", time="2026-12-07T00:00:00Z")  # type: ignore[arg-type]
     assert json.loads(event("//s", "t", [1, 2]).text_data) == [1, 2]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import enum
 import json
 import os
@@ -94,6 +95,24 @@ def event(
 
     >>> e = event("//billing", "invoice.paid.v1", {"amount": 12}, priority="high", correlation_id="order-7")
     """
+    # protobuf's own TypeError ("bad argument type for built-in operation") names no field
+    texts = {
+        "source": source,
+        "type": type,
+        "id": id,
+        "subject": subject,
+        "correlation_id": correlation_id,
+        "causation_id": causation_id,
+        "traceparent": traceparent,
+        "data_content_type": data_content_type,
+        "data_schema": data_schema,
+    }
+    for field, text in texts.items():
+        # None leaves a field unset, as protobuf takes it
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"event {field} must be a str, not {builtins.type(text).__name__}")
+    if time is not None and not isinstance(time, datetime):
+        raise TypeError(f"event time must be a datetime, not {builtins.type(time).__name__}")
     e = event_pb2.Event(
         id=id if id is not None else _uuid7(),
         source=source,
