@@ -103,8 +103,9 @@ def test_event_helper_builds_cloudevents() -> None:
     # named by field, where protobuf would say only "bad argument type for built-in operation"
     with pytest.raises(TypeError, match="event subject must be a str, not int"):
         event("//s", "t", subject=5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="event source must be a str, not bytes"):
-        event(b"//s", "t")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="event source must be a str, not list"):
+        event(["//s"], "t")  # type: ignore[arg-type]
+    assert event(b"//s", "t").source == "//s"  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="event time must be a datetime, not str"):
         event("//s", "t", time="2026-12-07T00:00:00Z")  # type: ignore[arg-type]
     assert json.loads(event("//s", "t", [1, 2]).text_data) == [1, 2]

@@ -108,8 +108,8 @@ def event(
         "data_schema": data_schema,
     }
     for field, text in texts.items():
-        # None leaves a field unset, as protobuf takes it
-        if text is not None and not isinstance(text, str):
+        # as protobuf takes them: None as unset (or its default), UTF-8 bytes as their text
+        if text is not None and not isinstance(text, (str, bytes)):
             raise TypeError(f"event {field} must be a str, not {builtins.type(text).__name__}")
     if time is not None and not isinstance(time, datetime):
         raise TypeError(f"event time must be a datetime, not {builtins.type(time).__name__}")
