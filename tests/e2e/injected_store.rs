@@ -83,7 +83,9 @@ impl Reached {
     pub async fn wait(self, what: &str) {
         match tokio::time::timeout(WAIT, self.0).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => panic!("{what}: the gate was dropped before a call reached it"),
+            Ok(Err(_)) => {
+                panic!("{what}: the gate was re-armed or dropped before a call reached it")
+            }
             Err(_) => panic!("{what}: no call reached the gate within {WAIT:?}"),
         }
     }

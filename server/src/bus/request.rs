@@ -16,20 +16,16 @@ pub struct RequestOutcome {
     pub request_sequence: u64,
 }
 
-/// Runs a step a request takes before its wait for the reply, ended at `until` as that wait is.
+/// Runs a step a request takes before its wait for the reply, ended at `until` as that wait is;
+/// `unfinished` says where that left the request.
 async fn before<T>(
     until: tokio::time::Instant,
-    id: &str,
-    timeout: Duration,
     step: impl std::future::Future<Output = BusResult<T>>,
+    unfinished: impl FnOnce() -> String,
 ) -> BusResult<T> {
     tokio::time::timeout_at(until, step)
         .await
-        .unwrap_or_else(|_| {
-            Err(BusError::DeadlineExceeded(format!(
-                "request {id:?} was not published within its timeout {timeout:?}"
-            )))
-        })
+        .unwrap_or_else(|_| Err(BusError::DeadlineExceeded(unfinished())))
 }
 
 /// The request's timeout passed without a reply.
@@ -142,9 +138,12 @@ impl Bus {
         let unset_time = event.time.is_none();
         event.time.get_or_insert_with(chrono::Utc::now);
         let id = event.id.clone();
-        let interest = before(until, &id, timeout, async {
-            Ok(self.streams.has_interest(tenant, &event).await?)
-        })
+        let unpublished = || format!("request {id:?} was not published within {timeout:?}");
+        let interest = before(
+            until,
+            async { Ok(self.streams.has_interest(tenant, &event).await?) },
+            unpublished,
+        )
         .await;
         if unset_time {
             event.time = None;
@@ -168,19 +167,21 @@ impl Bus {
             request_type: event.event_type.clone(),
             traceparent: event.traceparent.clone(),
         };
-        let mut replies = before(until, &id, timeout, async {
-            Ok(self.streams.open_inbox(&inbox, inbox_of).await?)
-        })
+        let mut replies = before(
+            until,
+            async { Ok(self.streams.open_inbox(&inbox, inbox_of).await?) },
+            unpublished,
+        )
         .await?;
         let source = event.source.clone();
         // a request whose commit ends after its timeout may still be stored (a commit is not called
         // back), as when the call's deadline ends it
-        let appended = before(
-            until,
-            &id,
-            timeout,
-            self.publish_checked(tenant, event, None),
-        )
+        let appended = before(until, self.publish_checked(tenant, event, None), || {
+            format!(
+                "request {id:?} was not committed within {timeout:?}; it may still be stored and \
+                 delivered"
+            )
+        })
         .await?;
         let Some(Appended {
             sequence,
