@@ -321,6 +321,8 @@ pub fn subscribe_spec(open: pb::SubscriptionOpen, tenant: &str) -> Result<Subscr
             .heartbeat_interval
             .map(|d| duration_from_pb(&d, "open.heartbeat_interval"))
             .transpose()?,
+        // the caller's grants decide it (api::event_bus)
+        may_read_history: false,
     })
 }
 

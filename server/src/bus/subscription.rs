@@ -48,6 +48,9 @@ pub struct SubscribeSpec {
     pub ack_deadline: Option<Duration>,
     pub max_attempts: Option<u32>,
     pub heartbeat: Option<Duration>,
+    /// Whether the caller may read events from before the latest one; when not, a group this open
+    /// creates starts at the latest event, whatever `start` says.
+    pub may_read_history: bool,
 }
 
 /// What the subscriber sends after opening.
@@ -323,9 +326,16 @@ impl Bus {
                 // watched before the group is looked up: a delete after that ends this member, so it
                 // never goes on in a group created again under the name meanwhile
                 let wakeups = self.streams.group_wakeups(&key);
+                // a caller held to `deny.replay` joins an existing group at its position, and may
+                // only create one that starts now
+                let created_after = if spec.may_read_history {
+                    start_after
+                } else {
+                    head
+                };
                 let settings = self
                     .streams
-                    .ensure_group(&key, &config, start_after)
+                    .ensure_group(&key, &config, created_after)
                     .await?;
                 Some((key, (wakeups, settings.created_ns)))
             }
@@ -1480,7 +1490,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::test_support::{embedded_bus, job, join_g};
+    use crate::bus::test_support::{embedded_bus, group_g_spec, job, join_g};
 
     fn delivery(data_bytes: usize) -> Delivery {
         Delivery {
@@ -1567,6 +1577,36 @@ mod tests {
                 .expect("groups");
             assert_eq!(stats[0].pending, 0, "the ack was saved");
         }
+    }
+
+    /// A group that an open without leave to read history creates starts at the latest event,
+    /// whatever the open's start: such an open skips the `deny.replay` check for a group that
+    /// exists, and the group may be deleted before the bus opens it.
+    #[tokio::test]
+    async fn a_group_an_open_without_history_creates_starts_at_the_latest_event() {
+        let (bus, _shutdown, _streams, _dir) = embedded_bus().await;
+        bus.publish("t", vec![job("before", 0)], None)
+            .await
+            .expect("publish");
+        let spec = SubscribeSpec {
+            may_read_history: false,
+            ..group_g_spec(None, None)
+        };
+        let (_send, received) = futures::channel::mpsc::unbounded();
+        let mut out = bus.subscribe(spec, received).await.expect("subscribe");
+        bus.publish("t", vec![job("after", 0)], None)
+            .await
+            .expect("publish");
+        let first = loop {
+            match out.recv().await.expect("open").expect("no error") {
+                Outbound::Deliveries(mut run) => break run.remove(0),
+                _ => continue,
+            }
+        };
+        assert_eq!(
+            first.event.event.id, "after",
+            "the group starts after `before`"
+        );
     }
 
     /// An ack that reached the server with its shutdown, before the session looked, is saved: the

@@ -47,7 +47,19 @@ pub(crate) async fn join_g(
     futures::channel::mpsc::UnboundedSender<BusResult<Command>>,
     mpsc::Receiver<BusResult<Outbound>>,
 ) {
-    let spec = SubscribeSpec {
+    let spec = group_g_spec(max_in_flight, heartbeat);
+    let (send, received) = futures::channel::mpsc::unbounded();
+    let out = bus.subscribe(spec, received).await.expect("subscribe");
+    (send, out)
+}
+
+/// The open of a member of group "g" of type "job", from the earliest event, by a caller that may
+/// read history.
+pub(crate) fn group_g_spec(
+    max_in_flight: Option<u32>,
+    heartbeat: Option<Duration>,
+) -> SubscribeSpec {
+    SubscribeSpec {
         tenant: "t".into(),
         selection: Selection {
             types: vec![crate::event::TypePattern::parse("job").expect("pattern")],
@@ -59,10 +71,8 @@ pub(crate) async fn join_g(
         ack_deadline: None,
         max_attempts: None,
         heartbeat,
-    };
-    let (send, received) = futures::channel::mpsc::unbounded();
-    let out = bus.subscribe(spec, received).await.expect("subscribe");
-    (send, out)
+        may_read_history: true,
+    }
 }
 
 /// An event of type "job" with `data_bytes` of data.
