@@ -443,10 +443,9 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         }
         // the group found above may be gone by the time the bus opens it: should this open create
         // it again, it starts where a caller held to `deny.replay` may start
-        spec.may_read_history = principal.unrestricted
-            || self
-                .auth
-                .permits(&principal, |e| e.read_not_denied(Action::Replay, &patterns));
+        spec.may_read_history = self
+            .auth
+            .permits(&principal, |e| e.read_not_denied(Action::Replay, &patterns));
         // A message that cannot be read (over the size limit, not a SubscribeRequest) ends the
         // stream with the reason, after the commands before it: dropping it silently would lose its
         // acks, and every later one. Any other read error means the subscriber went away: the

@@ -1597,12 +1597,16 @@ mod tests {
         bus.publish("t", vec![job("after", 0)], None)
             .await
             .expect("publish");
-        let first = loop {
-            match out.recv().await.expect("open").expect("no error") {
-                Outbound::Deliveries(mut run) => break run.remove(0),
-                _ => continue,
+        let first = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match out.recv().await.expect("open").expect("no error") {
+                    Outbound::Deliveries(mut run) => break run.remove(0),
+                    _ => continue,
+                }
             }
-        };
+        })
+        .await
+        .expect("a delivery within 10 s");
         assert_eq!(
             first.event.event.id, "after",
             "the group starts after `before`"
