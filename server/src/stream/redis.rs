@@ -999,11 +999,15 @@ impl RedisStreams {
                     let row = self.group_row(key).await?;
                     self.create_group(key, stream, row.start_after).await?;
                     self.forget_config(key);
-                    if let Err(e) = self.group_row(key).await {
-                        if matches!(e, StreamError::NoSuchGroup(_)) {
+                    match self.group_row(key).await {
+                        Ok(now) if now.created_ns == row.created_ns => {}
+                        // deleted meanwhile, and maybe created again: what this call created holds
+                        // the old group's position, which a new group must not take over
+                        Ok(_) | Err(StreamError::NoSuchGroup(_)) => {
                             self.destroy_on(key, std::slice::from_ref(stream)).await?;
+                            return Err(StreamError::NoSuchGroup(key.name.clone()));
                         }
-                        return Err(e);
+                        Err(e) => return Err(e),
                     }
                 }
                 Some(b"GAP") => {
@@ -1864,7 +1868,15 @@ impl LiveStreams for RedisStreams {
         .map_err(db_err)?
         .rows_affected()
             == 1;
-        if !created {
+        if created {
+            // a DeleteGroup that failed on Redis after the row went (or is still clearing it) leaves
+            // consumer groups and ledgers under the name: the new group must not take over their
+            // cursors and entries. Cleared before the commit, so no member of the new group (here
+            // or on another replica, whose insert waits for this one) claims before.
+            let streams: Vec<StreamId> =
+                self.known_streams(&key.tenant).await?.into_iter().collect();
+            self.destroy_on(key, &streams).await?;
+        } else {
             // locked until the update: an open with other types cannot slip in between
             let (stored, created): (String, i64) = sqlx::query_as(
                 "SELECT selection, created_ns FROM nerve_groups WHERE tenant = $1 AND name = $2 FOR UPDATE",
