@@ -28,9 +28,9 @@ async fn before<T>(
         .unwrap_or_else(|_| Err(BusError::DeadlineExceeded(unfinished())))
 }
 
-/// The request's timeout passed without a reply.
-fn no_reply(id: &str, timeout: Duration) -> BusError {
-    BusError::DeadlineExceeded(format!("no reply to request {id:?} within {timeout:?}"))
+/// The nearer bound of the wait (`bound`, see [`Bus::ask`]) passed without a reply.
+fn no_reply(id: &str, bound: &str) -> BusError {
+    BusError::DeadlineExceeded(format!("no reply to request {id:?} within {bound}"))
 }
 
 struct InboxGuard<'a> {
@@ -105,15 +105,18 @@ impl Bus {
             )
             .into());
         }
-        // the call's deadline is not a field the client set: it only shortens the wait
-        let timeout = match deadline {
+        // the call's deadline is not a field the client set: it only shortens the wait, and the
+        // messages say which of the two ended it
+        let (timeout, bound) = match deadline {
             Some(deadline) if deadline.is_zero() => {
                 return Err(BusError::DeadlineExceeded(
                     "the call's deadline passed before the request was published".into(),
                 ));
             }
-            Some(deadline) => timeout.min(deadline),
-            None => timeout,
+            Some(deadline) if deadline < timeout => {
+                (deadline, format!("{deadline:?} (the call's deadline)"))
+            }
+            _ => (timeout, format!("{timeout:?}")),
         };
         // from the call's receipt, as the transport's deadline runs: the steps before the wait for
         // the reply (Redis, a busy or failing store) take from it, and end with it
@@ -138,7 +141,7 @@ impl Bus {
         let unset_time = event.time.is_none();
         event.time.get_or_insert_with(chrono::Utc::now);
         let id = event.id.clone();
-        let unpublished = || format!("request {id:?} was not published within {timeout:?}");
+        let unpublished = || format!("request {id:?} was not published within {bound}");
         let interest = before(
             until,
             async { Ok(self.streams.has_interest(tenant, &event).await?) },
@@ -178,7 +181,7 @@ impl Bus {
         // back), as when the call's deadline ends it
         let appended = before(until, self.publish_checked(tenant, event, None), || {
             format!(
-                "request {id:?} was not committed within {timeout:?}; it may still be stored and \
+                "request {id:?} was not committed within {bound}; it may still be stored and \
                  delivered"
             )
         })
@@ -202,7 +205,7 @@ impl Bus {
                 Some(reply) => Ok(RequestOutcome { reply, request_sequence: sequence }),
                 None => Err(BusError::Unavailable("reply inbox closed".into())),
             },
-            _ = tokio::time::sleep_until(until) => no_reply(&id, timeout),
+            _ = tokio::time::sleep_until(until) => no_reply(&id, &bound),
             _ = self.shutdown.cancelled() => BusError::ShuttingDown,
         };
         // closed first, so no reply gets in from here on; one that got in as the wait ended (its
@@ -327,6 +330,7 @@ mod tests {
     /// The call's deadline, nearer than the request's timeout, ends the wait through the bus' own
     /// timer when the transport's has not dropped the call first (both come due together): counted as
     /// cancelled either way, as the transport's drop is. A request's own timeout is a timeout.
+    /// The message names the bound that ended it.
     #[test]
     fn the_nearer_bound_names_the_outcome_whichever_timer_ends_the_wait() {
         let counted = outcomes(|bus| async move {
@@ -338,7 +342,11 @@ mod tests {
                     Some(Duration::from_millis(50)),
                 )
                 .await;
-            assert!(by_call.is_err(), "{by_call:?}");
+            let message = by_call.expect_err("no reply").to_string();
+            assert!(
+                message.contains("within 50ms (the call's deadline)"),
+                "{message}"
+            );
             let by_timeout = bus
                 .request(
                     "t",
@@ -347,7 +355,8 @@ mod tests {
                     Some(Duration::from_secs(60)),
                 )
                 .await;
-            assert!(by_timeout.is_err(), "{by_timeout:?}");
+            let message = by_timeout.expect_err("no reply").to_string();
+            assert!(message.ends_with("within 50ms"), "{message}");
         });
         assert!(counted.contains("outcome=\"cancelled\"} 1"), "{counted}");
         assert!(counted.contains("outcome=\"timeout\"} 1"), "{counted}");
