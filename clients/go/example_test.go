@@ -97,7 +97,7 @@ func ExampleClient_Subscribe() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	_ = sub.Ack(history...)
+	_ = sub.Ack(history...) // naming no delivery sends nothing
 	seq, caughtUp := sub.CaughtUp()
 	fmt.Println(len(history), seq, caughtUp)
 

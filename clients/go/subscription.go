@@ -411,22 +411,30 @@ func ids(ds []*Delivery) []string {
 	return out
 }
 
-// Ack settles deliveries as processed.
+// Ack settles deliveries as processed; none: nothing is sent, and it returns nil.
 func (s *Subscription) Ack(ds ...*Delivery) error {
 	return s.AckIDs(ids(ds)...)
 }
 
-// AckIDs settles deliveries, named by delivery id, as processed.
+// AckIDs settles deliveries, named by delivery id, as processed; none: nothing is sent, and it returns
+// nil.
 func (s *Subscription) AckIDs(deliveryIDs ...string) error {
+	if len(deliveryIDs) == 0 {
+		return nil
+	}
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Ack{Ack: &nervepb.Ack{DeliveryIds: deliveryIDs}}})
 }
 
 // Nack settles deliveries as failed: a group redelivers each after delay (zero: at once); on a private
 // stream, which has no redelivery, a nack only frees the delivery's window slot. A negative delay is
-// ErrInvalidArgument, returned without sending; the server cuts one above its max_ack_deadline to it.
+// ErrInvalidArgument, returned without sending, with or without deliveries; the server cuts one above its
+// max_ack_deadline to it. No deliveries (and a valid delay): nothing is sent, and it returns nil.
 func (s *Subscription) Nack(delay time.Duration, ds ...*Delivery) error {
 	if delay < 0 { // the server would end the whole stream for it
 		return invalidArgument("nack.retry_delay", "must be a non-negative duration")
+	}
+	if len(ds) == 0 {
+		return nil
 	}
 	nack := &nervepb.Nack{DeliveryIds: ids(ds), RetryDelay: durationpb.New(delay)}
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Nack{Nack: nack}})
@@ -434,8 +442,11 @@ func (s *Subscription) Nack(delay time.Duration, ds ...*Delivery) error {
 
 // DeadLetter settles deliveries as failed for good: a group dead-letters them now, with reason; on a
 // private stream, which has no dead letters, it only frees their window slots. Invalid UTF-8 in reason
-// is replaced by U+FFFD.
+// is replaced by U+FFFD. No deliveries: nothing is sent, and it returns nil.
 func (s *Subscription) DeadLetter(reason string, ds ...*Delivery) error {
+	if len(ds) == 0 { // any reason is valid (see below): there is nothing to check first
+		return nil
+	}
 	// a reason is what a failing consumer had at hand (bad input's text, say): the server takes any (its
 	// first 1 KiB), so it is mended here rather than refused, which would leave the deliveries unsettled
 	reason = strings.ToValidUTF8(reason, "\uFFFD")
@@ -444,10 +455,14 @@ func (s *Subscription) DeadLetter(reason string, ds ...*Delivery) error {
 }
 
 // Extend moves the ack deadline of deliveries to by from now. A by that is not positive is
-// ErrInvalidArgument, returned without sending; the server cuts one above its max_ack_deadline to it.
+// ErrInvalidArgument, returned without sending, with or without deliveries; the server cuts one above its
+// max_ack_deadline to it. No deliveries (and a valid by): nothing is sent, and it returns nil.
 func (s *Subscription) Extend(by time.Duration, ds ...*Delivery) error {
 	if by <= 0 { // the server would end the whole stream for it
 		return invalidArgument("extend.extension", "must be positive")
+	}
+	if len(ds) == 0 {
+		return nil
 	}
 	extend := &nervepb.ExtendDeadline{DeliveryIds: ids(ds), Extension: durationpb.New(by)}
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_Extend{Extend: extend}})
@@ -502,9 +517,9 @@ func (s *Subscription) send(req *nervepb.SubscribeRequest) error {
 	return fmt.Errorf("nerve: subscription stream ended: %w", io.EOF)
 }
 
-// CloseSend half-closes: nothing more can be sent (settling, Credit and SetFilter return ErrClosed),
-// deliveries keep coming until Close (which then cancels the stream at once, as it can no longer ask the
-// server to end it).
+// CloseSend half-closes: nothing more can be sent (settling deliveries, Credit and SetFilter return
+// ErrClosed; settling none still returns nil, as it sends nothing), deliveries keep coming until Close
+// (which then cancels the stream at once, as it can no longer ask the server to end it).
 func (s *Subscription) CloseSend() error {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()

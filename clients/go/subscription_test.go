@@ -2,12 +2,13 @@ package nerve_test
 
 // The Subscription beyond the shared scenarios: a stream that ends with deliveries unread, acks sent just
 // before the end (Close, a cancel), Close's bound, concurrent readers of its state, the heartbeat timeout
-// with an application that does not read, settle arguments checked before sending.
+// with an application that does not read, settle arguments checked before sending, settling no delivery.
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -415,6 +416,130 @@ func TestBadSettleArgumentsAreRefusedWithoutEndingTheStream(t *testing.T) {
 	}
 	if beat := expectIdle(t, sub, 2); beat.GetInFlight() != 0 {
 		t.Fatalf("in flight after the ack: %d", beat.GetInFlight())
+	}
+}
+
+// recordingBus confirms a subscription, then passes each request it reads after the opening to sent, in
+// order; like the real server, it ends the stream with OK on a Close message or the client's half-close.
+type recordingBus struct {
+	nervepb.UnimplementedEventBusServer
+	sent chan *nervepb.SubscribeRequest
+}
+
+func (b recordingBus) Subscribe(stream grpc.BidiStreamingServer[nervepb.SubscribeRequest, nervepb.SubscribeResponse]) error {
+	if _, err := stream.Recv(); err != nil {
+		return err
+	}
+	subscribed := &nervepb.SubscribeResponse_Subscribed{Subscribed: &nervepb.Subscribed{SubscriptionId: "recorded"}}
+	if err := stream.Send(&nervepb.SubscribeResponse{Message: subscribed}); err != nil {
+		return err
+	}
+	for {
+		req, err := stream.Recv()
+		if err != nil {
+			return nil
+		}
+		b.sent <- req
+		if req.GetClose() != nil {
+			return nil
+		}
+	}
+}
+
+// received returns the next request bus read, failing the test if none comes within wait.
+func (b recordingBus) received(t *testing.T, what string) *nervepb.SubscribeRequest {
+	t.Helper()
+	select {
+	case req := <-b.sent:
+		return req
+	case <-time.After(wait):
+		t.Fatalf("the server read no %s within %s", what, wait)
+		return nil
+	}
+}
+
+func TestSettlingNoDeliverySendsNothing(t *testing.T) {
+	bus := recordingBus{sent: make(chan *nervepb.SubscribeRequest, 64)}
+	client, ctx := connectServing(t, func(s *grpc.Server) { nervepb.RegisterEventBusServer(s, bus) }), testContext(t)
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"empty.x"}, Group: "empties"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	var none []*nerve.Delivery // an empty history, as UntilCaughtUp returns when there was none
+	empty := map[string]func() error{
+		"ack":           func() error { return sub.Ack() },
+		"ack of none":   func() error { return sub.Ack(none...) },
+		"ack ids":       func() error { return sub.AckIDs() },
+		"nack":          func() error { return sub.Nack(0) },
+		"delayed nack":  func() error { return sub.Nack(time.Second, none...) },
+		"dead letter":   func() error { return sub.DeadLetter("bad input: \xff") },
+		"extend":        func() error { return sub.Extend(time.Second) },
+		"extend (none)": func() error { return sub.Extend(time.Minute, none...) },
+	}
+	// argument checks come first: a bad call is refused the same with or without deliveries
+	invalid := map[string]struct {
+		field string
+		call  func() error
+	}{
+		"negative nack delay": {"nack.retry_delay", func() error { return sub.Nack(-time.Second) }},
+		"zero extension":      {"extend.extension", func() error { return sub.Extend(0) }},
+		"negative extension":  {"extend.extension", func() error { return sub.Extend(-time.Second, none...) }},
+	}
+	check := func(when string) {
+		t.Helper()
+		for name, call := range empty {
+			if err := call(); err != nil {
+				t.Fatalf("%s of no delivery %s: %v", name, when, err)
+			}
+		}
+		for _, bad := range invalid {
+			wantViolation(t, bad.call(), bad.field)
+		}
+	}
+	check("on an open stream")
+	// a settlement that names a delivery is sent, and is the first thing the server reads: nothing went before
+	if err := sub.AckIDs("named"); err != nil {
+		t.Fatal(err)
+	}
+	if req := bus.received(t, "ack"); !slices.Equal(req.GetAck().GetDeliveryIds(), []string{"named"}) {
+		t.Fatalf("the server read %v first, want the ack of \"named\"", req)
+	}
+	// once closed, settling no delivery still returns nil (it sends nothing), where settling one is refused
+	if err := within(t, "close", sub.Close); err != nil {
+		t.Fatal(err)
+	}
+	check("after Close")
+	if req := bus.received(t, "close"); req.GetClose() == nil {
+		t.Fatalf("the server read %v, want the Close message", req)
+	}
+	if err := sub.Ack(&nerve.Delivery{DeliveryID: "late"}); !errors.Is(err, nerve.ErrClosed) {
+		t.Fatalf("ack of a delivery after Close: %v, want ErrClosed", err)
+	}
+
+	// half-closed: settling no delivery returns nil too, where settling one returns ErrClosed
+	sub, err = client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{"empty.x"}, Group: "empties"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	if err := sub.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	check("after CloseSend")
+	if err := sub.Nack(0, &nerve.Delivery{DeliveryID: "late"}); !errors.Is(err, nerve.ErrClosed) {
+		t.Fatalf("nack of a delivery after CloseSend: %v, want ErrClosed", err)
+	}
+	// the server ends the stream once it read the half-close: by then it read whatever was sent before it
+	select {
+	case <-nerve.Ended(sub):
+	case <-time.After(wait):
+		t.Fatalf("the server did not end the half-closed stream within %s", wait)
+	}
+	select {
+	case req := <-bus.sent:
+		t.Fatalf("the server read %v from a stream that sent nothing before its half-close", req)
+	default:
 	}
 }
 
