@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 
 from ._errors import NerveError, NotFoundError, UnavailableError, from_rpc_error
-from ._events import Seconds, Start, optional_duration, seconds, start_position, timestamp
+from ._events import Seconds, Start, check_text, optional_duration, seconds, start_position, timestamp
 from ._proto.nerve.v1 import admin_pb2, admin_pb2_grpc, event_bus_pb2, event_bus_pb2_grpc, event_pb2
 from ._publisher import Publisher
 from ._replay import Replay
@@ -79,8 +79,26 @@ async def _call(awaitable: Awaitable[_T]) -> _T:
         raise from_rpc_error(e) from e
 
 
-def _types(types: str | Iterable[str]) -> list[str]:
-    return [types] if isinstance(types, str) else list(types)
+def _types(call: str, types: str | Iterable[str]) -> list[str]:
+    """``types`` as a list of patterns; what protobuf would not take raises TypeError naming ``call``'s types."""
+    if isinstance(types, str):
+        return [types]
+    # bytes is an iterable too, but of ints: not the one pattern it may be meant as
+    if isinstance(types, (bytes, bytearray)) or not _iterable(types):
+        raise TypeError(f"{call} types must be a str or an iterable of str, not {type(types).__name__}")
+    listed = list(types)
+    for i, pattern in enumerate(listed):
+        check_text(f"{call} types[{i}]", pattern, unset=False)
+    return listed
+
+
+def _iterable(value: object) -> bool:
+    """Whether ``list(value)`` can iterate ``value`` (``__iter__``, or the older ``__getitem__`` protocol)."""
+    try:
+        iter(value)  # type: ignore[call-overload]
+    except TypeError:
+        return False
+    return True
 
 
 class Client:
@@ -215,8 +233,9 @@ class Client:
         """
         if heartbeat_timeout is not None and seconds(heartbeat_timeout) < 0:
             raise ValueError(f"negative heartbeat_timeout {heartbeat_timeout}")
+        check_text("subscribe group", group)
         request = event_bus_pb2.SubscriptionOpen(
-            types=_types(types),
+            types=_types("subscribe", types),
             group=group,
             filter=filter,
             start=start_position(start),
@@ -262,6 +281,7 @@ class Client:
             reply_to = reply_to.event.reply_to
         elif isinstance(reply_to, event_pb2.Event):
             reply_to = reply_to.reply_to
+        check_text("reply_to", reply_to, expected="a str, Delivery or Event")
         if not reply_to:
             raise ValueError("reply_to is empty: the event is not a request")
         return await _call(self.event_bus_stub.Reply(event_bus_pb2.ReplyRequest(reply_to=reply_to, event=event)))
@@ -287,8 +307,16 @@ class Client:
         A stream that breaks with UNAVAILABLE or ends with :class:`TokenExpiredError` is reopened from its last
         resume token, up to ``max_resumes`` times in a row (0: never).
         """
+        texts = {
+            "source": source,
+            "subject": subject,
+            "correlation_id": correlation_id,
+            "resume_token": resume_token,
+        }
+        for name, text in texts.items():
+            check_text(f"replay {name}", text)
         request = event_bus_pb2.ReplayRequest(
-            types=_types(types),
+            types=_types("replay", types),
             source=source,
             subject=subject,
             correlation_id=correlation_id,
@@ -306,6 +334,8 @@ class Client:
 
     async def get_event(self, id: str, source: str = "") -> event_pb2.Event:
         """A stored event by id (and source, when several sources used the id). Raises NotFoundError."""
+        check_text("get_event id", id)
+        check_text("get_event source", source)
         response = await _call(self.admin_stub.GetEvent(admin_pb2.GetEventRequest(id=id, source=source)))
         return response.event
 
@@ -316,6 +346,7 @@ class Client:
 
     async def group(self, name: str) -> admin_pb2.GroupInfo | None:
         """One group's info, or None if it does not exist."""
+        check_text("group name", name)
         try:
             response = await _call(self.admin_stub.GetGroup(admin_pb2.GetGroupRequest(group=name)))
         except NotFoundError:
@@ -342,11 +373,13 @@ class Client:
 
     async def delete_group(self, group: str) -> bool:
         """Removes a group with its pending deliveries and dead letters; False if it did not exist."""
+        check_text("delete_group group", group)
         response = await _call(self.admin_stub.DeleteGroup(admin_pb2.DeleteGroupRequest(group=group)))
         return response.deleted
 
     async def dead_letters(self, group: str, *, page_size: int = 0) -> AsyncIterator[admin_pb2.DeadLetter]:
         """A group's dead letters, oldest first, following page tokens."""
+        check_text("dead_letters group", group)
         token = ""
         while True:
             response = await _call(
@@ -362,6 +395,7 @@ class Client:
 
     async def redrive_dead_letters(self, group: str, sequences: Iterable[int] = (), *, all: bool = False) -> int:
         """Sends dead letters (by sequence, or ``all``) back to their group, and only to it; returns how many."""
+        check_text("redrive_dead_letters group", group)
         response = await _call(
             self.admin_stub.RedriveDeadLetters(
                 admin_pb2.RedriveDeadLettersRequest(group=group, sequences=list(sequences), all=all)

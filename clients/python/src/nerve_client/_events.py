@@ -95,7 +95,6 @@ def event(
 
     >>> e = event("//billing", "invoice.paid.v1", {"amount": 12}, priority="high", correlation_id="order-7")
     """
-    # protobuf's own TypeError ("bad argument type for built-in operation") names no field
     texts = {
         "source": source,
         "type": type,
@@ -108,9 +107,9 @@ def event(
         "data_schema": data_schema,
     }
     for field, text in texts.items():
-        # as protobuf takes them: None as unset (or its default), UTF-8 bytes as their text
-        if text is not None and not isinstance(text, (str, bytes)):
-            raise TypeError(f"event {field} must be a str, not {builtins.type(text).__name__}")
+        check_text(f"event {field}", text)
+    for name in extensions or {}:
+        check_text("event extension name", name, unset=False)
     if time is not None and not isinstance(time, datetime):
         raise TypeError(f"event time must be a datetime, not {builtins.type(time).__name__}")
     e = event_pb2.Event(
@@ -136,6 +135,15 @@ def event(
     if time is not None:
         e.time.CopyFrom(_timestamp(time))
     return e
+
+
+def check_text(what: str, value: object, *, unset: bool = True, expected: str = "a str") -> None:
+    """Raises TypeError naming ``what`` unless ``value`` is text as protobuf takes it: a str, UTF-8 bytes (as
+    their text) or, where ``unset`` (a string field; not a map's key or value, nor a repeated field's item),
+    None, which leaves the field unset. ``expected`` is what the message says ``what`` must be."""
+    # protobuf's own TypeError ("bad argument type for built-in operation") names no field
+    if not isinstance(value, (str, bytes)) and not (unset and value is None):
+        raise TypeError(f"{what} must be {expected}, not {builtins.type(value).__name__}")
 
 
 def _set_data(e: event_pb2.Event, data: Data) -> str:
@@ -219,17 +227,28 @@ def extensions_of(e: event_pb2.Event) -> dict[str, str | bool | int | bytes | da
 
 def exact(attributes: Mapping[str, str] | None = None, /, **kwargs: str) -> event_pb2.Filter:
     """Every named attribute (or extension) equals its value."""
-    return event_pb2.Filter(exact=event_pb2.AttributeValues(attributes={**(attributes or {}), **kwargs}))
+    return event_pb2.Filter(exact=_attribute_values("exact", attributes, kwargs))
 
 
 def prefix(attributes: Mapping[str, str] | None = None, /, **kwargs: str) -> event_pb2.Filter:
     """Every named attribute starts with its value."""
-    return event_pb2.Filter(prefix=event_pb2.AttributeValues(attributes={**(attributes or {}), **kwargs}))
+    return event_pb2.Filter(prefix=_attribute_values("prefix", attributes, kwargs))
 
 
 def suffix(attributes: Mapping[str, str] | None = None, /, **kwargs: str) -> event_pb2.Filter:
     """Every named attribute ends with its value."""
-    return event_pb2.Filter(suffix=event_pb2.AttributeValues(attributes={**(attributes or {}), **kwargs}))
+    return event_pb2.Filter(suffix=_attribute_values("suffix", attributes, kwargs))
+
+
+def _attribute_values(
+    builder: str, attributes: Mapping[str, str] | None, kwargs: Mapping[str, str]
+) -> event_pb2.AttributeValues:
+    merged = {**(attributes or {}), **kwargs}
+    for name, value in merged.items():
+        # a map takes no None: neither for a name nor for a value
+        check_text(f"{builder} attribute name", name, unset=False)
+        check_text(f"{builder} attribute {name}", value, unset=False)
+    return event_pb2.AttributeValues(attributes=merged)
 
 
 def all_of(*filters: event_pb2.Filter) -> event_pb2.Filter:

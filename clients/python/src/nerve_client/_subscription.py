@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Union
 import grpc
 
 from ._errors import ClosedError, DeadlineExceededError, NerveError, UnavailableError, from_rpc_error
-from ._events import Seconds, data_of, duration, seconds
+from ._events import Seconds, check_text, data_of, duration, seconds
 from ._proto.nerve.v1 import event_bus_pb2, event_pb2
 
 if TYPE_CHECKING:
@@ -438,11 +438,15 @@ class Subscription:
     async def dead_letter(self, *deliveries: DeliveryRef, reason: str = "") -> None:
         """Settles deliveries as failed for good: a group dead-letters them now, with ``reason``; a private
         stream only frees their window slots. None: does nothing. A lone surrogate in ``reason``, which
-        protobuf cannot encode, becomes U+FFFD."""
+        protobuf cannot encode, becomes U+FFFD, as does each invalid sequence of a ``reason`` given as UTF-8
+        bytes (as protobuf takes text); None is no reason."""
+        check_text("dead_letter reason", reason)  # first, as nack and extend check theirs: even with no delivery
         if ids := _ids(deliveries):
             # a reason is what a failing consumer had at hand (bad input's text, say): refusing it would
             # raise while the consumer handles a failure, and the server takes any reason
-            reason = _LONE_SURROGATE.sub("\ufffd", reason)
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
+            reason = _LONE_SURROGATE.sub("\ufffd", reason or "")
             nack = event_bus_pb2.Nack(delivery_ids=ids, dead_letter=True, reason=reason)
             await self._send(event_bus_pb2.SubscribeRequest(nack=nack))
 
