@@ -60,7 +60,7 @@ var (
 	ErrTokenExpired = &Error{Code: codes.Unauthenticated, Reason: "TOKEN_EXPIRED", sentinel: true}
 )
 
-// ErrClosed is returned by a Subscription that this side closed (settling after CloseSend too).
+// ErrClosed is returned by a Subscription that this side closed (settling a delivery after CloseSend too).
 var ErrClosed = errors.New("nerve: subscription closed")
 
 func (e *Error) Error() string {

@@ -113,7 +113,7 @@ impl Bus {
                     "the call's deadline passed before the request was published".into(),
                 ));
             }
-            Some(deadline) if deadline < timeout => {
+            Some(deadline) if deadline <= timeout => {
                 (deadline, format!("{deadline:?} (the call's deadline)"))
             }
             _ => (timeout, format!("{timeout:?}")),

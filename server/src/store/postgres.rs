@@ -96,14 +96,15 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// Lists a tenant's event types with the priority levels each has used.
-    pub(crate) async fn type_levels(
-        &self,
+    /// Lists a tenant's event types with the priority levels each has used, read through `conn` (a
+    /// transaction of the caller's, or the pool).
+    pub(crate) async fn type_levels<'c>(
+        conn: impl sqlx::PgExecutor<'c>,
         tenant: &str,
     ) -> StoreResult<Vec<(String, Vec<Priority>)>> {
         let rows = sqlx::query("SELECT type, levels FROM event_types WHERE tenant = $1")
             .bind(tenant)
-            .fetch_all(&self.pool)
+            .fetch_all(conn)
             .await
             .map_err(map_err)?;
         rows.iter()

@@ -515,9 +515,18 @@ impl RedisStreams {
         {
             return Ok(known.streams.clone());
         }
-        let seeded: BTreeSet<StreamId> = self
-            .store
-            .type_levels(tenant)
+        self.every_stream(self.store.pool(), tenant).await
+    }
+
+    /// Every stream of a tenant: the store's statistics read now through `conn`, with what this
+    /// replica knows besides. What clears a group's consumer groups needs this, not the streams known
+    /// here: other replicas' members may have claimed from streams this replica has not relayed yet.
+    async fn every_stream<'c>(
+        &self,
+        conn: impl sqlx::PgExecutor<'c>,
+        tenant: &str,
+    ) -> StreamResult<BTreeSet<StreamId>> {
+        let seeded: BTreeSet<StreamId> = PostgresStore::type_levels(conn, tenant)
             .await?
             .into_iter()
             .flat_map(|(event_type, levels)| {
@@ -778,13 +787,14 @@ impl RedisStreams {
         Ok(by_stream)
     }
 
-    /// Creates the consumer group on a stream at its checkpoint (or its start).
+    /// Creates the consumer group on a stream at its checkpoint (or its start); false when it
+    /// existed.
     async fn create_group(
         &self,
         key: &GroupKey,
         stream: &StreamId,
         start_after: u64,
-    ) -> StreamResult<()> {
+    ) -> StreamResult<bool> {
         let checkpoint: Option<i64> = sqlx::query_scalar(
             "SELECT position FROM nerve_group_checkpoints WHERE tenant = $1 AND grp = $2 AND type = $3 AND priority = $4",
         )
@@ -809,7 +819,7 @@ impl RedisStreams {
         if created == 1 {
             debug!(group = %key.name, stream = %stream.event_type, start, "consumer group created");
         }
-        Ok(())
+        Ok(created == 1)
     }
 
     /// The streams among `streams` where a claim of new entries could find anything: those not
@@ -944,15 +954,16 @@ impl RedisStreams {
             .collect())
     }
 
-    /// Claims new entries of one stream that `selection` matches: from Redis, or from the store for
-    /// what Redis lacks. Entries it does not match are passed over (the cursor moves past them), never
-    /// leased, so no member can be handed one, whatever fails afterwards. Every entry returned has its
-    /// event. `read_count` counts the entries read, matching or not, and their events' bytes.
+    /// Claims new entries of one stream that the selection of `group` (the row the claim serves)
+    /// matches: from Redis, or from the store for what Redis lacks. Entries it does not match are
+    /// passed over (the cursor moves past them), never leased, so no member can be handed one,
+    /// whatever fails afterwards. Every entry returned has its event. `read_count` counts the
+    /// entries read, matching or not, and their events' bytes.
     async fn claim_stream(
         &self,
         key: &GroupKey,
+        group: &GroupRow,
         stream: &StreamId,
-        selection: &Selection,
         max: usize,
         lease: chrono::Duration,
         read_count: &mut (usize, usize),
@@ -993,18 +1004,26 @@ impl RedisStreams {
             };
             match word(0) {
                 Some(b"NOGROUP") => {
-                    // a group deleted meanwhile must stay deleted: ask the store (not the cache)
-                    // before creating, and after, in case the delete cleared Redis in between
+                    // a group deleted meanwhile must stay deleted, and one created again under the
+                    // name (another creation time) is not the one this claim serves: ask the store
+                    // (not the cache) before creating, and after, in case the delete cleared Redis
+                    // in between
                     self.forget_config(key);
-                    let row = self.group_row(key).await?;
-                    self.create_group(key, stream, row.start_after).await?;
+                    let stored = self.group_row(key).await?;
+                    if stored.created_ns != group.created_ns {
+                        return Err(StreamError::NoSuchGroup(key.name.clone()));
+                    }
+                    let created = self.create_group(key, stream, stored.start_after).await?;
                     self.forget_config(key);
                     match self.group_row(key).await {
-                        Ok(now) if now.created_ns == row.created_ns => {}
-                        // deleted meanwhile, and maybe created again: what this call created holds
-                        // the old group's position, which a new group must not take over
+                        Ok(now) if now.created_ns == group.created_ns => {}
+                        // what this call created holds the deleted group's position, which a group
+                        // created again must not take over; a consumer group found there instead
+                        // may be the new group's own
                         Ok(_) | Err(StreamError::NoSuchGroup(_)) => {
-                            self.destroy_on(key, std::slice::from_ref(stream)).await?;
+                            if created {
+                                self.destroy_on(key, std::slice::from_ref(stream)).await?;
+                            }
                             return Err(StreamError::NoSuchGroup(key.name.clone()));
                         }
                         Err(e) => return Err(e),
@@ -1041,7 +1060,7 @@ impl RedisStreams {
                         page.scanned_to.min(until)
                     };
                     let mut wanted = page.events;
-                    wanted.retain(|e| selection.matches(&e.event));
+                    wanted.retain(|e| group.config.selection.matches(&e.event));
                     let mut call = lua::CLAIM_GAP.prepare_invoke();
                     call.key(&skey)
                         .key(self.keys.ledgers(key, stream, &["due", "runs", "bits"]))
@@ -1102,7 +1121,7 @@ impl RedisStreams {
                     read = Some(Read {
                         after,
                         to,
-                        wanted: self.wanted(selection, entries).await?,
+                        wanted: self.wanted(&group.config.selection, entries).await?,
                         page,
                     });
                 }
@@ -1872,9 +1891,13 @@ impl LiveStreams for RedisStreams {
             // a DeleteGroup that failed on Redis after the row went (or is still clearing it) leaves
             // consumer groups and ledgers under the name: the new group must not take over their
             // cursors and entries. Cleared before the commit, so no member of the new group (here
-            // or on another replica, whose insert waits for this one) claims before.
-            let streams: Vec<StreamId> =
-                self.known_streams(&key.tenant).await?.into_iter().collect();
+            // or on another replica, whose insert waits for this one) claims before. Read through
+            // the transaction: a second connection could wait for a pool this open holds.
+            let streams: Vec<StreamId> = self
+                .every_stream(&mut *tx, &key.tenant)
+                .await?
+                .into_iter()
+                .collect();
             self.destroy_on(key, &streams).await?;
         } else {
             // locked until the update: an open with other types cannot slip in between
@@ -1979,14 +2002,7 @@ impl LiveStreams for RedisStreams {
                         break;
                     }
                     let (events, more) = self
-                        .claim_stream(
-                            key,
-                            stream,
-                            &row.config.selection,
-                            want,
-                            lease,
-                            &mut read_count,
-                        )
+                        .claim_stream(key, &row, stream, want, lease, &mut read_count)
                         .await?;
                     self.remember(&key.tenant, events.iter().map(|e| e.0), stream);
                     leased.extend(events.iter().map(|e| (e.0, 1)));
@@ -2390,10 +2406,14 @@ impl LiveStreams for RedisStreams {
         // every stream of the tenant, not only those of the group's types: a member that opened
         // with other types left consumer groups and pending entries there, which a group created
         // again under the name would otherwise take over
-        let streams: Vec<StreamId> = self.known_streams(&key.tenant).await?.into_iter().collect();
         // the store's row first: a member that then finds its consumer group gone does not create it
         // again (claim_stream asks the store), so no ledger outlives the group
         let mut tx = self.store.pool().begin().await.map_err(db_err)?;
+        let streams: Vec<StreamId> = self
+            .every_stream(&mut *tx, &key.tenant)
+            .await?
+            .into_iter()
+            .collect();
         let deleted = sqlx::query("DELETE FROM nerve_groups WHERE tenant = $1 AND name = $2")
             .bind(&key.tenant)
             .bind(&key.name)
