@@ -2403,17 +2403,9 @@ impl LiveStreams for RedisStreams {
     async fn delete_group(&self, key: &GroupKey) -> StreamResult<bool> {
         // no early return for a group the store no longer has: a delete that failed on Redis after
         // the store's row went is retried, and must still clear what Redis holds of the group
-        // every stream of the tenant, not only those of the group's types: a member that opened
-        // with other types left consumer groups and pending entries there, which a group created
-        // again under the name would otherwise take over
         // the store's row first: a member that then finds its consumer group gone does not create it
         // again (claim_stream asks the store), so no ledger outlives the group
         let mut tx = self.store.pool().begin().await.map_err(db_err)?;
-        let streams: Vec<StreamId> = self
-            .every_stream(&mut *tx, &key.tenant)
-            .await?
-            .into_iter()
-            .collect();
         let deleted = sqlx::query("DELETE FROM nerve_groups WHERE tenant = $1 AND name = $2")
             .bind(&key.tenant)
             .bind(&key.name)
@@ -2429,6 +2421,16 @@ impl LiveStreams for RedisStreams {
             .await
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
+        // every stream of the tenant, not only those of the group's types (a member that opened
+        // with other types left consumer groups and pending entries there, which a group created
+        // again under the name would otherwise take over), read after the commit: a member that
+        // creates a consumer group on a stream the read does not know yet finds the row gone
+        // and removes it
+        let streams: Vec<StreamId> = self
+            .every_stream(self.store.pool(), &key.tenant)
+            .await?
+            .into_iter()
+            .collect();
         self.forget_config(key);
         // the members, here and on the other replicas, read the group at once: it is gone (or
         // another group, created again since), and they end. Nobody is ended here directly: an
