@@ -861,6 +861,16 @@ def _replay_handler(
     )
 
 
+def _subscribe_handler(
+    handler: Callable[[AsyncIterator[pb.SubscribeRequest], grpc.aio.ServicerContext[Any, Any]], Awaitable[None]],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    return grpc.stream_stream_rpc_method_handler(
+        handler,
+        request_deserializer=pb.SubscribeRequest.FromString,
+        response_serializer=pb.SubscribeResponse.SerializeToString,
+    )
+
+
 async def test_aclose_while_a_replay_backs_off_reopens_nothing() -> None:
     calls = 0
 
@@ -944,12 +954,7 @@ async def test_an_open_the_server_does_not_confirm_raises_timeout_error() -> Non
         finally:
             ended.set()
 
-    handler = grpc.stream_stream_rpc_method_handler(
-        unconfirmed,
-        request_deserializer=pb.SubscribeRequest.FromString,
-        response_serializer=pb.SubscribeResponse.SerializeToString,
-    )
-    async with _event_bus(Subscribe=handler) as target:
+    async with _event_bus(Subscribe=_subscribe_handler(unconfirmed)) as target:
         async with Client.connect(target, ready_timeout=WAIT) as client:
             # the builtin TimeoutError, as next() and until_caught_up() raise (asyncio's is another class
             # before Python 3.11), saying what timed out

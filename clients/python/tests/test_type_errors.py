@@ -14,7 +14,7 @@ import pytest
 from nerve_client import Client, event, exact, pb, prefix, suffix
 
 from .conftest import WAIT
-from .test_client import _event_bus
+from .test_client import _event_bus, _subscribe_handler
 
 
 def test_filter_builders_name_a_value_of_the_wrong_type() -> None:
@@ -103,12 +103,7 @@ async def test_dead_letter_names_its_reason_and_takes_bytes_and_none() -> None:
                 return
             received.put_nowait(request)
 
-    handler = grpc.stream_stream_rpc_method_handler(
-        confirms,
-        request_deserializer=pb.SubscribeRequest.FromString,
-        response_serializer=pb.SubscribeResponse.SerializeToString,
-    )
-    async with _event_bus(Subscribe=handler) as target:
+    async with _event_bus(Subscribe=_subscribe_handler(confirms)) as target:
         async with Client.connect(target, ready_timeout=WAIT) as client:
             async with await asyncio.wait_for(client.subscribe("a.x"), WAIT) as sub:
                 with pytest.raises(TypeError, match="^dead_letter reason must be a str, not int$"):
