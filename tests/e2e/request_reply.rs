@@ -203,6 +203,56 @@ async fn a_group_member_counts_as_a_responder_by_its_groups_filter() {
     reply_and_expect_answer(&mut bus, asked, call, "a-g").await;
 }
 
+/// Two responders answer one request: the first reply is the answer, and the second is told it
+/// was not delivered, and is not stored.
+#[tokio::test]
+async fn of_two_replies_to_one_request_only_the_first_is_delivered() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut responders = Vec::new();
+    for _ in 0..2 {
+        responders.push(
+            Subscriber::open(&mut bus, open(&["planner.plan.requested"], ""))
+                .await
+                .expect("open"),
+        );
+    }
+    let mut requester = server.bus();
+    let call = tokio::spawn(async move { requester.request(request("both", 5000)).await });
+    let mut inboxes = Vec::new();
+    for responder in &mut responders {
+        inboxes.push(
+            responder
+                .next_delivery()
+                .await
+                .event
+                .expect("event")
+                .reply_to,
+        );
+    }
+    let mut answered = Vec::new();
+    for (inbox, id) in inboxes.into_iter().zip(["first", "second"]) {
+        answered.push(
+            bus.reply(pb::ReplyRequest {
+                reply_to: inbox,
+                event: Some(event(id, "planner.plan.ready")),
+            })
+            .await
+            .expect("a second reply is not an error")
+            .into_inner(),
+        );
+    }
+    assert!(answered[0].delivered);
+    assert!(!answered[1].delivered, "the second reply was delivered too");
+    assert_eq!(answered[1].sequence, 0, "the second reply was stored");
+    let answer = call.await.expect("join").expect("request succeeds");
+    let reply = answer.into_inner().reply.expect("reply event");
+    assert_eq!(
+        (reply.id.as_str(), reply.sequence),
+        ("first", answered[0].sequence)
+    );
+}
+
 #[tokio::test]
 async fn request_times_out_with_deadline_exceeded_and_late_reply_is_dropped() {
     let server = TestServer::start().await;

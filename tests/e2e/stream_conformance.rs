@@ -10,12 +10,13 @@ use nerve::{
     event::{Event, Priority, Selection, TypePattern},
     store::{EventStore, NewEvent, PostgresStore, ReadQuery, SqliteDb, SqliteStore},
     stream::{
-        EmbeddedStreams, GroupConfig, GroupKey, Interest, LiveStreams, RedisSettings, RedisStreams,
+        EmbeddedStreams, GroupConfig, GroupKey, Inbox, Interest, LiveStreams, RedisSettings,
+        RedisStreams,
     },
 };
 use redis::AsyncCommands;
 
-use crate::harness::{WAIT, fresh_schema_url, redis_url};
+use crate::harness::{WAIT, eventually, fresh_schema_url, redis_url};
 
 /// Live streams plus the store they read and whatever must live as long as they do.
 struct Backend {
@@ -792,4 +793,106 @@ async fn redis_relay_goes_on_past_entries_deleted_from_a_streams_top() {
     let mut held = kept;
     held.extend(next);
     assert_eq!(held_ids(&mut conn, &stream).await, entry_ids(&held));
+}
+
+/// A request's inbox takes one reply: the first, wherever it comes from. A later one, on the
+/// requester's replica or another, is not delivered and finds no inbox (the bus then drops it
+/// unstored), also once the requester read the first and is still waiting to close the inbox.
+async fn only_the_first_reply_reaches_an_inbox(requester: &Backend, responder: &Backend) {
+    let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
+    let info = Inbox {
+        tenant: "t".into(),
+        correlation_id: "c".into(),
+        request_id: "r".into(),
+        request_source: "//conformance".into(),
+        request_type: "ask".into(),
+        traceparent: None,
+    };
+    let mut replies = requester
+        .streams
+        .open_inbox(&inbox, info)
+        .await
+        .expect("open inbox");
+    let sequences = stored(
+        requester,
+        &[("first".into(), "answer"), ("second".into(), "answer")],
+    )
+    .await;
+    let events = requester
+        .store
+        .read_sequences(&sequences)
+        .await
+        .expect("read replies");
+    assert!(
+        responder
+            .streams
+            .send_reply(&inbox, events[0].clone())
+            .await
+            .expect("first reply"),
+        "the first reply is delivered"
+    );
+    let first = tokio::time::timeout(WAIT, replies.recv())
+        .await
+        .expect("the first reply arrives")
+        .expect("the inbox is open");
+    assert_eq!(first.sequence, sequences[0]);
+    for (side, b) in [("requester's", requester), ("responder's", responder)] {
+        assert!(
+            b.streams.inbox(&inbox).await.expect("inbox").is_none(),
+            "the {side} replica still finds the inbox a reply took"
+        );
+        assert!(
+            !b.streams
+                .send_reply(&inbox, events[1].clone())
+                .await
+                .expect("second reply"),
+            "a second reply on the {side} replica is reported delivered"
+        );
+    }
+    assert!(
+        replies.try_recv().is_err(),
+        "a second reply reached the requester"
+    );
+}
+
+#[tokio::test]
+async fn embedded_only_the_first_reply_reaches_an_inbox() {
+    let b = embedded().await;
+    only_the_first_reply_reaches_an_inbox(&b, &b).await;
+}
+
+#[tokio::test]
+async fn redis_only_the_first_reply_reaches_an_inbox() {
+    let b = redis().await;
+    only_the_first_reply_reaches_an_inbox(&b, &b).await;
+}
+
+/// As above, the first reply made on another replica than the requester's.
+#[tokio::test]
+async fn redis_only_the_first_reply_reaches_an_inbox_across_replicas() {
+    let (store, prefix) = redis_deployment().await;
+    let requester = redis_replica(store.clone(), &prefix).await;
+    let responder = redis_replica(store, &prefix).await;
+    // a reply goes to the requester's replica over pub/sub: both must be listening
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let pattern = format!("{prefix}:replies:*");
+    eventually("both replicas listening for replies", || {
+        let mut conn = conn.clone();
+        let pattern = pattern.clone();
+        async move {
+            let channels: Vec<String> = redis::cmd("PUBSUB")
+                .arg("CHANNELS")
+                .arg(&pattern)
+                .query_async(&mut conn)
+                .await
+                .expect("pubsub channels");
+            (channels.len() == 2).then_some(())
+        }
+    })
+    .await;
+    only_the_first_reply_reaches_an_inbox(&requester, &responder).await;
 }

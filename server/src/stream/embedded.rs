@@ -1257,16 +1257,13 @@ impl LiveStreams for EmbeddedStreams {
     }
 
     async fn send_reply(&self, inbox: &str, reply: Arc<StoredEvent>) -> StreamResult<bool> {
-        let sender = self
+        // the first reply takes the inbox: a later one finds nobody waiting
+        let taken = self
             .inboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(inbox)
-            .map(|(_, tx)| tx.clone());
-        Ok(match sender {
-            Some(tx) => tx.try_send(reply).is_ok(),
-            None => false,
-        })
+            .remove(inbox);
+        Ok(taken.is_some_and(|(_, tx)| tx.try_send(reply).is_ok()))
     }
 
     async fn close_inbox(&self, inbox: &str) -> StreamResult<()> {

@@ -309,7 +309,9 @@ pub trait LiveStreams: Send + Sync + 'static {
     /// Looks up a waiting inbox.
     async fn inbox(&self, inbox: &str) -> StreamResult<Option<Inbox>>;
 
-    /// Delivers a reply to a waiting inbox; false when nobody waits any more.
+    /// Delivers a reply to a waiting inbox, which only the first reply does: the reply takes the
+    /// inbox, so [`LiveStreams::inbox`] finds it no more. False when nobody waits any more, or
+    /// another reply took it.
     async fn send_reply(&self, inbox: &str, reply: Arc<StoredEvent>) -> StreamResult<bool>;
 
     /// Closes an inbox.

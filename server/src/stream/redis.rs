@@ -1472,13 +1472,15 @@ enum Ended {
 const ROUTED_REPLY_READS: usize = 4;
 
 /// Hands a reply stored by another replica, read from the store, to the requester waiting here.
+/// The reply took the inbox's record there; it takes the inbox here too, so a reply that comes here
+/// later is dropped unstored.
 async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
     let sender = this
         .inboxes
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .get(inbox)
-        .map(|(_, tx)| tx.clone());
+        .remove(inbox)
+        .map(|(_, tx)| tx);
     // the requester stopped waiting: nothing to read
     let Some(sender) = sender.filter(|s| !s.is_closed()) else {
         return;
@@ -2606,23 +2608,32 @@ impl LiveStreams for RedisStreams {
     }
 
     async fn send_reply(&self, inbox: &str, reply: Arc<StoredEvent>) -> StreamResult<bool> {
-        let local = self
-            .inboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(inbox)
-            .map(|(_, tx)| tx.clone());
-        if let Some(tx) = local {
-            return Ok(tx.try_send(reply).is_ok());
-        }
-        let raw: Option<String> = self
-            .conn()
-            .get(self.keys.inbox(inbox))
+        // The first reply takes the inbox's record, on whichever replica it comes: a later one,
+        // here or elsewhere, finds nobody waiting. (GET and DEL in one transaction, as GETDEL does
+        // from Redis 6.2 on.)
+        let key = self.keys.inbox(inbox);
+        let (raw, _): (Option<String>, i64) = redis::pipe()
+            .atomic()
+            .get(&key)
+            .del(&key)
+            .query_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
         let Some(record) = raw.and_then(|r| serde_json::from_str::<InboxRecord>(&r).ok()) else {
             return Ok(false);
         };
+        let local = self
+            .inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(inbox);
+        if let Some((_, tx)) = local {
+            return Ok(tx.try_send(reply).is_ok());
+        }
+        // this replica's requester stopped waiting: its record is being deleted
+        if record.replica == self.replica {
+            return Ok(false);
+        }
         let receivers: i64 = self
             .conn()
             .publish(
