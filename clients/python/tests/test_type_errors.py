@@ -24,6 +24,9 @@ def test_filter_builders_name_a_value_of_the_wrong_type() -> None:
         prefix({"type": None})  # type: ignore[dict-item]
     with pytest.raises(TypeError, match="^suffix attribute name must be a str, not int$"):
         suffix({7: "x"})  # type: ignore[dict-item]
+    # a name given as bytes is named as its text
+    with pytest.raises(TypeError, match="^exact attribute subject must be a str, not int$"):
+        exact({b"subject": 5})  # type: ignore[dict-item]
     # as protobuf takes them: UTF-8 bytes as their text
     built = exact({b"subject": b"invoice-7"})  # type: ignore[dict-item]
     assert dict(built.exact.attributes) == {"subject": "invoice-7"}

@@ -247,7 +247,9 @@ def _attribute_values(
     for name, value in merged.items():
         # a map takes no None: neither for a name nor for a value
         check_text(f"{builder} attribute name", name, unset=False)
-        check_text(f"{builder} attribute {name}", value, unset=False)
+        # named as its text: a name given as bytes is stored as that text
+        shown = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+        check_text(f"{builder} attribute {shown}", value, unset=False)
     return event_pb2.AttributeValues(attributes=merged)
 
 
