@@ -5,11 +5,11 @@ use std::{io::IsTerminal, sync::OnceLock};
 
 use opentelemetry::{
     Context,
-    propagation::{Extractor, Injector, TextMapPropagator},
-    trace::{TraceContextExt, TracerProvider as _},
+    trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+    },
 };
 use opentelemetry_sdk::{
-    propagation::TraceContextPropagator,
     runtime,
     trace::{SdkTracerProvider, span_processor_with_async_runtime::BatchSpanProcessor},
 };
@@ -82,33 +82,34 @@ pub fn exporting() -> bool {
     EXPORTING.get().is_some()
 }
 
-struct One<'a>(Option<&'a str>);
+/// The trace flags W3C Trace Context defines (level 2): sampled (01) and random trace id (02). The
+/// other bits are reserved, written as zero.
+const KNOWN_TRACE_FLAGS: u8 = 0x03;
 
-impl Extractor for One<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        (key == "traceparent").then_some(self.0).flatten()
-    }
-    fn keys(&self) -> Vec<&str> {
-        vec!["traceparent"]
-    }
-}
-
-struct Out(Option<String>);
-
-impl Injector for Out {
-    fn set(&mut self, key: &str, value: String) {
-        if key == "traceparent" {
-            self.0 = Some(value);
-        }
-    }
-}
-
-/// Parses a W3C traceparent; None when absent or malformed. The shape is checked first: the
-/// propagator alone reads ids of any length, and would make up a trace out of `00-1-1-01`.
+/// Parses a W3C traceparent; None when absent or malformed. Read here rather than by the SDK's
+/// propagator, which refuses version 00 with both defined flags set (`-03`, what level-2 tracers
+/// send) and drops the random flag, which must travel with its trace id. The shape is checked
+/// first, and the ids must be lowercase, as W3C writes them.
 pub fn parse_traceparent(traceparent: Option<&str>) -> Option<Context> {
-    let traceparent = traceparent.filter(|t| crate::event::traceparent_header_shape(t))?;
-    let cx = TraceContextPropagator::new().extract(&One(Some(traceparent)));
-    cx.span().span_context().is_valid().then_some(cx)
+    let header = traceparent.filter(|t| crate::event::traceparent_header_shape(t))?;
+    let fields: Vec<&str> = header.split('-').take(4).collect();
+    if fields[1..3]
+        .iter()
+        .any(|f| f.bytes().any(|b| b.is_ascii_uppercase()))
+    {
+        return None;
+    }
+    let flags = u8::from_str_radix(fields[3], 16).ok()? & KNOWN_TRACE_FLAGS;
+    let parent = SpanContext::new(
+        TraceId::from_hex(fields[1]).ok()?,
+        SpanId::from_hex(fields[2]).ok()?,
+        TraceFlags::new(flags),
+        true,
+        TraceState::NONE,
+    );
+    parent
+        .is_valid()
+        .then(|| Context::new().with_remote_span_context(parent))
 }
 
 /// Makes `span` a child of the given traceparent, when it is valid.
@@ -121,13 +122,18 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
 /// The traceparent of `span` while spans are exported; otherwise the caller's own trace context,
 /// written again as version 00 writes it: the header as sent may be of a later version, with more
 /// fields and of any length, and it is stored on every event of the call, as an event's own
-/// traceparent must be.
+/// traceparent must be. Both defined flags are kept (a span keeps its parent's random flag).
 pub fn traceparent_of(span: &tracing::Span, fallback: Option<&str>) -> Option<String> {
     let cx = match exporting().then(|| span.context()) {
         Some(cx) if cx.span().span_context().is_valid() => cx,
         _ => parse_traceparent(fallback)?,
     };
-    let mut out = Out(None);
-    TraceContextPropagator::new().inject_context(&cx, &mut out);
-    out.0
+    let span = cx.span();
+    let context = span.span_context();
+    Some(format!(
+        "00-{}-{}-{:02x}",
+        context.trace_id(),
+        context.span_id(),
+        context.trace_flags().to_u8() & KNOWN_TRACE_FLAGS
+    ))
 }

@@ -355,6 +355,39 @@ async fn a_trace_header_of_a_later_version_is_stored_as_version_00() {
     .await
     .expect("publish");
     assert_eq!(server.stored_event("odd-1").await.traceparent, "");
+    // Level 2's random-trace-id flag (02) travels with its trace id, also beside sampled (03, what
+    // tracers of that level send); the reserved bits of a later version's flags are not written
+    for (id, header, stored) in [
+        (
+            "flags-02",
+            format!("00-{CALLER_TRACE_ID}-00f067aa0ba902b7-02"),
+            "02",
+        ),
+        (
+            "flags-03",
+            format!("00-{CALLER_TRACE_ID}-00f067aa0ba902b7-03"),
+            "03",
+        ),
+        (
+            "flags-ff",
+            format!("01-{CALLER_TRACE_ID}-00f067aa0ba902b7-ff-x"),
+            "03",
+        ),
+    ] {
+        bus.publish(with_trace_header(
+            pb::PublishRequest {
+                events: vec![event(id, "traced.later")],
+            },
+            &header,
+        ))
+        .await
+        .expect("publish");
+        assert_eq!(
+            server.stored_event(id).await.traceparent,
+            format!("00-{CALLER_TRACE_ID}-00f067aa0ba902b7-{stored}"),
+            "{header}"
+        );
+    }
     // what is stored can be published again as it is
     let mut again = stored;
     again.id = "later-2".into();
@@ -542,5 +575,23 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
     assert_eq!(
         publish.2, "00f067aa0ba902b7",
         "the publish span is a child of the caller's span"
+    );
+    // a caller's random-trace-id flag is kept on the server's span, beside sampled
+    let random = "0af7651916cd43dd8448eb211c80319c";
+    bus.publish(with_trace_header(
+        pb::PublishRequest {
+            events: vec![event("x2", "exported.x")],
+        },
+        &format!("00-{random}-b7ad6b7169203331-03"),
+    ))
+    .await
+    .expect("publish");
+    let delivered = sub.next_delivery().await.event.expect("event");
+    assert!(
+        delivered.traceparent.starts_with(&format!("00-{random}-"))
+            && delivered.traceparent.ends_with("-03")
+            && !delivered.traceparent.contains("b7ad6b7169203331"),
+        "{}",
+        delivered.traceparent
     );
 }
