@@ -63,7 +63,9 @@ impl SqliteDb {
             .journal_mode(SqliteJournalMode::Wal)
             // what this connection writes is answered once it is on disk, not in the OS cache
             .synchronous(SqliteSynchronous::Full)
-            .pragma("wal_autocheckpoint", WAL_BACKSTOP_PAGES.to_string())
+            // never by itself: SQLite ignores the outcome of a commit's own checkpoint, so only the
+            // event writer (`checkpoint_past_the_backstop`) and the checkpoint thread make them
+            .pragma("wal_autocheckpoint", "0")
             .busy_timeout(Duration::from_secs(10));
         let mut writer = SqliteConnection::connect_with(&options)
             .await
@@ -598,10 +600,10 @@ fn open_event_writer(path: &Path) -> StoreResult<rusqlite::Connection> {
     let conn = open_rusqlite(path)?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(unopened)?;
-    conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)
-        .map_err(unopened)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
         .map_err(unopened)?;
+    // in place of `wal_autocheckpoint`, whose checkpoint's outcome SQLite ignores
+    conn.wal_hook(Some(checkpoint_past_the_backstop));
     let journal: String = conn
         .pragma_query_value(None, "journal_mode", |row| row.get(0))
         .map_err(unopened)?;
@@ -623,6 +625,26 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 pub const WAL_BACKSTOP_PAGES: i64 = 10_000;
 /// Bytes the log file is cut back to when it starts over after growing past them.
 pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
+/// The event writer's commit hook: past [`WAL_BACKSTOP_PAGES`] in the log, the commit checkpoints
+/// it by itself (passively), as SQLite's `wal_autocheckpoint` would. Made here because SQLite ignores
+/// the outcome of its own: an I/O error stops the process, as one of the background checkpoints does
+/// ([`checkpoint_failure_is_fatal`]). Any other failure (busy) is left for the next commit, and the
+/// hook never fails the commit, which was made before it runs.
+fn checkpoint_past_the_backstop(
+    wal: &rusqlite::hooks::Wal,
+    pages: std::ffi::c_int,
+) -> rusqlite::Result<()> {
+    if i64::from(pages) >= WAL_BACKSTOP_PAGES
+        && let Err(e) = wal.checkpoint()
+        && checkpoint_failure_is_fatal(&e)
+    {
+        commit::stop_process(&format!(
+            "checkpointing the event log past {WAL_BACKSTOP_PAGES} pages failed ({e})"
+        ));
+    }
+    Ok(())
+}
 
 /// Starts a thread that checkpoints the log every [`CHECKPOINT_EVERY`] on a connection of its own,
 /// until the writer stops (`committed` closes).
@@ -1415,6 +1437,54 @@ mod tests {
         for code in ["22021", "23505", "23514", "42P01", "57014", "XX000"] {
             assert!(!away(code), "{code}");
         }
+    }
+
+    /// The event writer's own backstop does what SQLite's automatic checkpoint did: the commit that
+    /// takes the log past it copies the log, so the next commit starts the log over.
+    #[test]
+    fn the_event_writer_checkpoints_the_log_past_the_backstop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("backstop.db");
+        let other = rusqlite::Connection::open(&path).expect("create");
+        let mode: String = other
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .expect("journal mode");
+        assert_eq!(mode, "wal");
+        other
+            .execute_batch("PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (b BLOB)")
+            .expect("table");
+        let writer = super::open_event_writer(&path).expect("event writer");
+        // 1 MiB rows fill ~257 pages each: 12 commits of 4 cross the backstop in their 10th
+        let row = vec![7u8; 1 << 20];
+        for commit in 1..=12 {
+            writer.execute_batch("BEGIN").expect("begin");
+            for _ in 0..4 {
+                writer
+                    .execute("INSERT INTO t (b) VALUES (?1)", [&row])
+                    .expect("insert");
+            }
+            writer.execute_batch("COMMIT").expect("commit");
+            if commit == 9 {
+                // not before it (SQLite's own default is 1,000 pages): a log started over would be
+                // written again from the file's start
+                let log = std::fs::metadata(dir.path().join("backstop.db-wal"))
+                    .expect("log file")
+                    .len();
+                assert!(
+                    log > (9 * 4) << 20,
+                    "the log file has {log} bytes: checkpointed before the backstop"
+                );
+            }
+        }
+        let (_, log, _): (i64, i64, i64) = other
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("checkpoint");
+        assert!(
+            (1..super::WAL_BACKSTOP_PAGES).contains(&log),
+            "the log holds {log} pages: it never started over"
+        );
     }
 
     #[test]
