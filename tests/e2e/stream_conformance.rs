@@ -795,22 +795,26 @@ async fn redis_relay_goes_on_past_entries_deleted_from_a_streams_top() {
     assert_eq!(held_ids(&mut conn, &stream).await, entry_ids(&held));
 }
 
-/// A request's inbox takes one reply: the first, wherever it comes from. A later one, on the
-/// requester's replica or another, is not delivered and finds no inbox (the bus then drops it
-/// unstored), also once the requester read the first and is still waiting to close the inbox.
-async fn only_the_first_reply_reaches_an_inbox(requester: &Backend, responder: &Backend) {
-    let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
-    let info = Inbox {
+/// The information of an inbox the tests open.
+fn inbox_info() -> Inbox {
+    Inbox {
         tenant: "t".into(),
         correlation_id: "c".into(),
         request_id: "r".into(),
         request_source: "//conformance".into(),
         request_type: "ask".into(),
         traceparent: None,
-    };
+    }
+}
+
+/// A request's inbox takes one reply: the first, wherever it comes from. A later one, on the
+/// requester's replica or another, is not delivered and finds no inbox (the bus then drops it
+/// unstored), also once the requester read the first and is still waiting to close the inbox.
+async fn only_the_first_reply_reaches_an_inbox(requester: &Backend, responder: &Backend) {
+    let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
     let mut replies = requester
         .streams
-        .open_inbox(&inbox, info)
+        .open_inbox(&inbox, inbox_info())
         .await
         .expect("open inbox");
     let sequences = stored(
@@ -870,10 +874,15 @@ async fn redis_only_the_first_reply_reaches_an_inbox() {
 /// As above, the first reply made on another replica than the requester's.
 #[tokio::test]
 async fn redis_only_the_first_reply_reaches_an_inbox_across_replicas() {
+    let (requester, responder, _) = two_listening_replicas().await;
+    only_the_first_reply_reaches_an_inbox(&requester, &responder).await;
+}
+
+/// Two replicas of one deployment, each listening for the replies routed to it.
+async fn two_listening_replicas() -> (Backend, Backend, String) {
     let (store, prefix) = redis_deployment().await;
-    let requester = redis_replica(store.clone(), &prefix).await;
-    let responder = redis_replica(store, &prefix).await;
-    // a reply goes to the requester's replica over pub/sub: both must be listening
+    let a = redis_replica(store.clone(), &prefix).await;
+    let b = redis_replica(store, &prefix).await;
     let client = redis::Client::open(redis_url()).expect("redis url");
     let conn = client
         .get_multiplexed_async_connection()
@@ -894,5 +903,95 @@ async fn redis_only_the_first_reply_reaches_an_inbox_across_replicas() {
         }
     })
     .await;
-    only_the_first_reply_reaches_an_inbox(&requester, &responder).await;
+    (a, b, prefix)
+}
+
+/// A reply's call failed after it took the inbox (its answer from Redis was lost): its retry, the
+/// same stored reply, finds the inbox its own and hands the reply over; another reply still finds
+/// it taken. And a requester whose inbox record Redis lost (restarted without its data) still gets
+/// a reply made on its own replica, once.
+#[tokio::test]
+async fn redis_a_reply_retried_after_its_take_is_handed_over_and_a_lost_record_is_no_loss() {
+    let (requester, responder, prefix) = two_listening_replicas().await;
+    let mut conn = redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let sequences = stored(
+        &requester,
+        &[
+            ("retried".into(), "answer"),
+            ("other".into(), "answer"),
+            ("local".into(), "answer"),
+        ],
+    )
+    .await;
+    let events = requester
+        .store
+        .read_sequences(&sequences)
+        .await
+        .expect("read replies");
+
+    let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
+    let mut replies = requester
+        .streams
+        .open_inbox(&inbox, inbox_info())
+        .await
+        .expect("open inbox");
+    // the take of the first call, whose answer never came back
+    let key = format!("{prefix}:inbox:{inbox}");
+    let record: String = conn.get(&key).await.expect("record");
+    let _: () = conn
+        .set_ex(&key, format!("taken:{}\n{record}", sequences[0]), 60)
+        .await
+        .expect("mark taken");
+    assert!(
+        !responder
+            .streams
+            .send_reply(&inbox, events[1].clone())
+            .await
+            .expect("another reply"),
+        "another reply got the inbox the first took"
+    );
+    assert!(
+        responder
+            .streams
+            .send_reply(&inbox, events[0].clone())
+            .await
+            .expect("retry"),
+        "the retry of the reply that took the inbox was not delivered"
+    );
+    let got = tokio::time::timeout(WAIT, replies.recv())
+        .await
+        .expect("the retried reply arrives")
+        .expect("the inbox is open");
+    assert_eq!(got.sequence, sequences[0]);
+
+    let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
+    let mut replies = requester
+        .streams
+        .open_inbox(&inbox, inbox_info())
+        .await
+        .expect("open inbox");
+    let _: i64 = conn
+        .del(format!("{prefix}:inbox:{inbox}"))
+        .await
+        .expect("lose the record");
+    for (n, delivered) in [(1, true), (2, false)] {
+        assert_eq!(
+            requester
+                .streams
+                .send_reply(&inbox, events[2].clone())
+                .await
+                .expect("local reply"),
+            delivered,
+            "reply {n} on the requester's replica, its record lost"
+        );
+    }
+    let got = tokio::time::timeout(WAIT, replies.recv())
+        .await
+        .expect("the local reply arrives")
+        .expect("the inbox is open");
+    assert_eq!(got.sequence, sequences[2]);
 }

@@ -386,6 +386,17 @@ pub struct RedisStreams {
 }
 
 impl RedisStreams {
+    /// Hands a reply to the requester waiting here on `inbox`, taking the inbox here, so a later
+    /// reply finds none: false when nobody waits here (closed, or another reply got it).
+    fn hand_over(&self, inbox: &str, reply: Arc<StoredEvent>) -> bool {
+        let waiting = self
+            .inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(inbox);
+        waiting.is_some_and(|(_, tx)| tx.try_send(reply).is_ok())
+    }
+
     /// Connects to Redis and starts the background tasks (pub/sub, presence refresh, checkpoints).
     pub async fn start(
         settings: &RedisSettings,
@@ -1472,15 +1483,14 @@ enum Ended {
 const ROUTED_REPLY_READS: usize = 4;
 
 /// Hands a reply stored by another replica, read from the store, to the requester waiting here.
-/// The reply took the inbox's record there; it takes the inbox here too, so a reply that comes here
-/// later is dropped unstored.
+/// The reply took the inbox's record there.
 async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
     let sender = this
         .inboxes
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .remove(inbox)
-        .map(|(_, tx)| tx);
+        .get(inbox)
+        .map(|(_, tx)| tx.clone());
     // the requester stopped waiting: nothing to read
     let Some(sender) = sender.filter(|s| !s.is_closed()) else {
         return;
@@ -1495,7 +1505,7 @@ async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
     match this.store.read_sequences(&[seq]).await {
         Ok(mut events) => {
             if let Some(reply) = events.pop() {
-                let _ = sender.try_send(reply);
+                this.hand_over(inbox, reply);
             }
         }
         Err(error) => warn!(%error, inbox, seq, "could not read a routed reply"),
@@ -2595,6 +2605,7 @@ impl LiveStreams for RedisStreams {
             .get(self.keys.inbox(inbox))
             .await
             .map_err(redis_err)?;
+        // a taken record does not parse: a reply took the inbox
         Ok(raw
             .and_then(|r| serde_json::from_str::<InboxRecord>(&r).ok())
             .map(|r| Inbox {
@@ -2608,31 +2619,30 @@ impl LiveStreams for RedisStreams {
     }
 
     async fn send_reply(&self, inbox: &str, reply: Arc<StoredEvent>) -> StreamResult<bool> {
-        // The first reply takes the inbox's record, on whichever replica it comes: a later one,
-        // here or elsewhere, finds nobody waiting. (GET and DEL in one transaction, as GETDEL does
-        // from Redis 6.2 on.)
-        let key = self.keys.inbox(inbox);
-        let (raw, _): (Option<String>, i64) = redis::pipe()
-            .atomic()
-            .get(&key)
-            .del(&key)
-            .query_async(&mut self.conn())
+        // The first reply takes the inbox's record, on whichever replica it comes: a later one, here
+        // or elsewhere, finds it taken. A retry of the same reply (its call failed after the take)
+        // finds it its own, and hands the reply over again.
+        let taken: Option<String> = lua::TAKE_INBOX
+            .key(self.keys.inbox(inbox))
+            .arg(reply.sequence)
+            .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
-        let Some(record) = raw.and_then(|r| serde_json::from_str::<InboxRecord>(&r).ok()) else {
+        let Some(taken) = taken else {
+            // Closed, or lost by Redis (restarted without its data): only a requester still waiting
+            // here is reached, since closing forgets the inbox here before it deletes the record.
+            return Ok(self.hand_over(inbox, reply));
+        };
+        let record = taken
+            .strip_prefix(lua::TAKEN)
+            .and_then(|rest| rest.split_once('\n'))
+            .filter(|(by, _)| *by == reply.sequence.to_string())
+            .and_then(|(_, record)| serde_json::from_str::<InboxRecord>(record).ok());
+        let Some(record) = record else {
             return Ok(false);
         };
-        let local = self
-            .inboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(inbox);
-        if let Some((_, tx)) = local {
-            return Ok(tx.try_send(reply).is_ok());
-        }
-        // this replica's requester stopped waiting: its record is being deleted
         if record.replica == self.replica {
-            return Ok(false);
+            return Ok(self.hand_over(inbox, reply));
         }
         let receivers: i64 = self
             .conn()

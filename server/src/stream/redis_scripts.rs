@@ -661,3 +661,33 @@ return {last, oldest or '', tostring(pending)}
 ",
     )
 });
+
+/// What an inbox's record becomes once a reply took it: `taken:<reply's sequence>`, a line feed, then
+/// the record as it was. Replicas that find it take it for no inbox (an older one fails to parse it).
+pub(super) const TAKEN: &str = "taken:";
+
+/// Takes a request's inbox for a reply: marks its record [`TAKEN`] by the reply's sequence, keeping
+/// its expiry, unless a reply took it already. KEYS: the inbox's record. ARGV: the reply's sequence.
+/// Returns the record as it is now (marked), or nil when there is none (closed, or lost by Redis).
+/// The mark, not a delete, lets a retry of the same reply find the inbox its own.
+pub(super) static TAKE_INBOX: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local record = redis.call('GET', KEYS[1])
+if not record then
+  return false
+end
+if string.sub(record, 1, 6) == 'taken:' then
+  return record
+end
+local ttl = redis.call('PTTL', KEYS[1])
+record = 'taken:' .. ARGV[1] .. '\n' .. record
+if ttl > 0 then
+  redis.call('SET', KEYS[1], record, 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], record)
+end
+return record
+",
+    )
+});
