@@ -355,6 +355,16 @@ async fn a_trace_header_of_a_later_version_is_stored_as_version_00() {
     .await
     .expect("publish");
     assert_eq!(server.stored_event("odd-1").await.traceparent, "");
+    // nor is version ff, in either case
+    bus.publish(with_trace_header(
+        pb::PublishRequest {
+            events: vec![event("ff-1", "traced.later")],
+        },
+        &format!("FF-{CALLER_TRACE_ID}-00f067aa0ba902b7-01"),
+    ))
+    .await
+    .expect("publish");
+    assert_eq!(server.stored_event("ff-1").await.traceparent, "");
     // Level 2's random-trace-id flag (02) travels with its trace id, also beside sampled (03, what
     // tracers of that level send); the reserved bits of a later version's flags are not written
     for (id, header, stored) in [

@@ -178,7 +178,8 @@ fn valid_traceparent(value: &str) -> bool {
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     parts.len() == 4
         && hex(parts[0], 2)
-        && parts[0] != "ff"
+        // version ff is invalid, in either case
+        && !parts[0].eq_ignore_ascii_case("ff")
         && hex(parts[1], 32)
         && parts[1] != "0".repeat(32)
         && hex(parts[2], 16)
