@@ -120,7 +120,8 @@ func (c *Client) Request(ctx context.Context, ev *nervepb.Event, timeout time.Du
 }
 
 // Reply answers a request: replyTo is the request's inbox (Delivery.ReplyTo). The response says whether
-// the requester was still waiting (Delivered) and the stored reply's sequence.
+// the reply reached the requester (Delivered: false when it had stopped waiting, or another
+// responder's reply came first) and the stored reply's sequence (zero when none was stored).
 func (c *Client) Reply(ctx context.Context, replyTo string, ev *nervepb.Event) (*nervepb.ReplyResponse, error) {
 	if replyTo == "" {
 		return nil, errors.New("nerve: reply_to is empty: the event is not a request")

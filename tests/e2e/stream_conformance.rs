@@ -808,8 +808,10 @@ fn inbox_info() -> Inbox {
 }
 
 /// A request's inbox takes one reply: the first, wherever it comes from. A later one, on the
-/// requester's replica or another, is not delivered and finds no inbox (the bus then drops it
-/// unstored), also once the requester read the first and is still waiting to close the inbox.
+/// requester's replica or another, still finds the inbox (the bus stores it) but is not delivered,
+/// also once the requester read the first and has not closed the inbox yet; a retry of the first
+/// (the same stored reply) is told it was delivered, and is not handed over twice. Once closed,
+/// the inbox is found nowhere.
 async fn only_the_first_reply_reaches_an_inbox(requester: &Backend, responder: &Backend) {
     let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
     let mut replies = requester
@@ -842,8 +844,8 @@ async fn only_the_first_reply_reaches_an_inbox(requester: &Backend, responder: &
     assert_eq!(first.sequence, sequences[0]);
     for (side, b) in [("requester's", requester), ("responder's", responder)] {
         assert!(
-            b.streams.inbox(&inbox).await.expect("inbox").is_none(),
-            "the {side} replica still finds the inbox a reply took"
+            b.streams.inbox(&inbox).await.expect("inbox").is_some(),
+            "the {side} replica finds no inbox before it is closed"
         );
         assert!(
             !b.streams
@@ -854,9 +856,28 @@ async fn only_the_first_reply_reaches_an_inbox(requester: &Backend, responder: &
         );
     }
     assert!(
-        replies.try_recv().is_err(),
-        "a second reply reached the requester"
+        responder
+            .streams
+            .send_reply(&inbox, events[0].clone())
+            .await
+            .expect("retry"),
+        "a retry of the delivered reply is reported not delivered"
     );
+    assert!(
+        replies.try_recv().is_err(),
+        "a second reply, or the first again, reached the requester"
+    );
+    requester
+        .streams
+        .close_inbox(&inbox)
+        .await
+        .expect("close inbox");
+    for (side, b) in [("requester's", requester), ("responder's", responder)] {
+        assert!(
+            b.streams.inbox(&inbox).await.expect("inbox").is_none(),
+            "the {side} replica finds the inbox after it was closed"
+        );
+    }
 }
 
 #[tokio::test]
@@ -907,8 +928,8 @@ async fn two_listening_replicas() -> (Backend, Backend, String) {
 }
 
 /// A reply's call failed after it took the inbox (its answer from Redis was lost): its retry, the
-/// same stored reply, finds the inbox its own and hands the reply over; another reply still finds
-/// it taken. And a requester whose inbox record Redis lost (restarted without its data) still gets
+/// same stored reply, on another replica than the requester's, finds the inbox and the take its own,
+/// and hands the reply over; another reply finds it taken. And a requester whose inbox record Redis lost (restarted without its data) still gets
 /// a reply made on its own replica, once.
 #[tokio::test]
 async fn redis_a_reply_retried_after_its_take_is_handed_over_and_a_lost_record_is_no_loss() {
@@ -946,6 +967,15 @@ async fn redis_a_reply_retried_after_its_take_is_handed_over_and_a_lost_record_i
         .set_ex(&key, format!("taken:{}\n{record}", sequences[0]), 60)
         .await
         .expect("mark taken");
+    assert!(
+        responder
+            .streams
+            .inbox(&inbox)
+            .await
+            .expect("inbox")
+            .is_some(),
+        "a taken inbox is not found for the retry"
+    );
     assert!(
         !responder
             .streams

@@ -1636,7 +1636,8 @@ func (x *ReplyRequest) GetEvent() *Event {
 type ReplyResponse struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Delivered bool                   `protobuf:"varint,1,opt,name=delivered,proto3" json:"delivered,omitempty"`
-	// Sequence of the stored reply; zero when the reply was dropped.
+	// Sequence of the stored reply; zero when this call stored none (the requester had stopped
+	// waiting).
 	Sequence      uint64 `protobuf:"varint,2,opt,name=sequence,proto3" json:"sequence,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

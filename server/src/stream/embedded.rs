@@ -30,7 +30,16 @@ fn db_err(e: sqlx::Error) -> StreamError {
     map_err(e).into()
 }
 
-type InboxEntry = (Inbox, mpsc::Sender<Arc<StoredEvent>>);
+/// A waiting requester's inbox: its reply channel until a reply takes it, then that reply's sequence.
+type InboxEntry = (Inbox, Taken);
+
+/// Whether a reply took an inbox.
+enum Taken {
+    /// Not yet: where the first reply goes.
+    No(mpsc::Sender<Arc<StoredEvent>>),
+    /// By the reply of this sequence.
+    By(u64),
+}
 
 /// Sequences past its cursor a claim that found no event of its level must have looked at before it
 /// moves the cursor there (taking the writer's lock, which waits for the event commit in flight).
@@ -1243,7 +1252,7 @@ impl LiveStreams for EmbeddedStreams {
         self.inboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(inbox.to_owned(), (info, tx));
+            .insert(inbox.to_owned(), (info, Taken::No(tx)));
         Ok(rx)
     }
 
@@ -1257,13 +1266,23 @@ impl LiveStreams for EmbeddedStreams {
     }
 
     async fn send_reply(&self, inbox: &str, reply: Arc<StoredEvent>) -> StreamResult<bool> {
-        // the first reply takes the inbox: a later one finds nobody waiting
-        let taken = self
-            .inboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(inbox);
-        Ok(taken.is_some_and(|(_, tx)| tx.try_send(reply).is_ok()))
+        // the first reply takes the channel: a later one finds the inbox and nobody to hand it to,
+        // and a retry of the first (the same stored reply) finds it delivered
+        let mut inboxes = self.inboxes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((_, taken)) = inboxes.get_mut(inbox) else {
+            return Ok(false);
+        };
+        Ok(match taken {
+            Taken::By(sequence) => *sequence == reply.sequence,
+            Taken::No(tx) => {
+                let sequence = reply.sequence;
+                let delivered = tx.try_send(reply).is_ok();
+                if delivered {
+                    *taken = Taken::By(sequence);
+                }
+                delivered
+            }
+        })
     }
 
     async fn close_inbox(&self, inbox: &str) -> StreamResult<()> {

@@ -309,9 +309,9 @@ pub trait LiveStreams: Send + Sync + 'static {
     /// Looks up a waiting inbox.
     async fn inbox(&self, inbox: &str) -> StreamResult<Option<Inbox>>;
 
-    /// Delivers a reply to a waiting inbox, which only the first reply does: the reply takes the
-    /// inbox, so [`LiveStreams::inbox`] finds it no more. False when nobody waits any more, or
-    /// another reply took it.
+    /// Delivers a reply to a waiting inbox, which only the first reply does (or a retry of it, the
+    /// same stored reply): [`LiveStreams::inbox`] still finds the inbox until it is closed, but a
+    /// later reply is not delivered. False when nobody waits any more, or another reply took it.
     async fn send_reply(&self, inbox: &str, reply: Arc<StoredEvent>) -> StreamResult<bool>;
 
     /// Closes an inbox.

@@ -1499,16 +1499,23 @@ async fn deliver_reply(this: &RedisStreams, inbox: &str, seq: u64) {
     let Ok(_reading) = this.reply_reads.acquire().await else {
         return;
     };
-    if sender.is_closed() {
-        return;
-    }
-    match this.store.read_sequences(&[seq]).await {
-        Ok(mut events) => {
-            if let Some(reply) = events.pop() {
-                this.hand_over(inbox, reply);
+    // the reply is committed, and its responder was told it was delivered: read again while the
+    // requester waits
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+    while !sender.is_closed() {
+        match this.store.read_sequences(&[seq]).await {
+            Ok(mut events) => {
+                if let Some(reply) = events.pop() {
+                    this.hand_over(inbox, reply);
+                }
+                return;
+            }
+            Err(error) => {
+                let wait = backoff.next_wait();
+                warn!(%error, inbox, seq, retry_in = ?wait, "could not read a routed reply");
+                tokio::time::sleep(wait).await;
             }
         }
-        Err(error) => warn!(%error, inbox, seq, "could not read a routed reply"),
     }
 }
 
@@ -2605,9 +2612,16 @@ impl LiveStreams for RedisStreams {
             .get(self.keys.inbox(inbox))
             .await
             .map_err(redis_err)?;
-        // a taken record does not parse: a reply took the inbox
+        // one a reply took is still the inbox: a retry of that reply, on any replica, is handed
+        // over again, and a later one is stored and told it was not delivered
         Ok(raw
-            .and_then(|r| serde_json::from_str::<InboxRecord>(&r).ok())
+            .and_then(|r| {
+                let record = match r.strip_prefix(lua::TAKEN) {
+                    Some(taken) => taken.split_once('\n')?.1,
+                    None => &r,
+                };
+                serde_json::from_str::<InboxRecord>(record).ok()
+            })
             .map(|r| Inbox {
                 tenant: r.tenant,
                 correlation_id: r.correlation_id,
@@ -2622,13 +2636,13 @@ impl LiveStreams for RedisStreams {
         // The first reply takes the inbox's record, on whichever replica it comes: a later one, here
         // or elsewhere, finds it taken. A retry of the same reply (its call failed after the take)
         // finds it its own, and hands the reply over again.
-        let taken: Option<String> = lua::TAKE_INBOX
+        let taken: Option<(String, i64)> = lua::TAKE_INBOX
             .key(self.keys.inbox(inbox))
             .arg(reply.sequence)
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
-        let Some(taken) = taken else {
+        let Some((taken, now)) = taken else {
             // Closed, or lost by Redis (restarted without its data): only a requester still waiting
             // here is reached, since closing forgets the inbox here before it deletes the record.
             return Ok(self.hand_over(inbox, reply));
@@ -2641,8 +2655,11 @@ impl LiveStreams for RedisStreams {
         let Some(record) = record else {
             return Ok(false);
         };
+        let retry = now == 0;
         if record.replica == self.replica {
-            return Ok(self.hand_over(inbox, reply));
+            // a retry whose first call's answer was lost hands the reply over now; one whose first
+            // call handed it over finds nothing to do, and was delivered
+            return Ok(self.hand_over(inbox, reply) || retry);
         }
         let receivers: i64 = self
             .conn()

@@ -663,13 +663,15 @@ return {last, oldest or '', tostring(pending)}
 });
 
 /// What an inbox's record becomes once a reply took it: `taken:<reply's sequence>`, a line feed, then
-/// the record as it was. Replicas that find it take it for no inbox (an older one fails to parse it).
+/// the record as it was. It is still the inbox (a later reply is stored, and told it was not
+/// delivered); an older replica fails to parse it, and takes it for no inbox.
 pub(super) const TAKEN: &str = "taken:";
 
 /// Takes a request's inbox for a reply: marks its record [`TAKEN`] by the reply's sequence, keeping
 /// its expiry, unless a reply took it already. KEYS: the inbox's record. ARGV: the reply's sequence.
-/// Returns the record as it is now (marked), or nil when there is none (closed, or lost by Redis).
-/// The mark, not a delete, lets a retry of the same reply find the inbox its own.
+/// Returns {the record as it is now (marked), 1 when this call marked it, else 0}, or nil when there
+/// is none (closed, or lost by Redis). The mark, not a delete, lets a retry of the same reply find
+/// the inbox its own.
 pub(super) static TAKE_INBOX: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -678,16 +680,19 @@ if not record then
   return false
 end
 if string.sub(record, 1, 6) == 'taken:' then
-  return record
+  return {record, 0}
 end
 local ttl = redis.call('PTTL', KEYS[1])
 record = 'taken:' .. ARGV[1] .. '\n' .. record
 if ttl > 0 then
   redis.call('SET', KEYS[1], record, 'PX', ttl)
-else
+elseif ttl == -1 then
   redis.call('SET', KEYS[1], record)
+else
+  -- expiring this millisecond: gone
+  return false
 end
-return record
+return {record, 1}
 ",
     )
 });

@@ -275,7 +275,8 @@ class Client:
     ) -> event_bus_pb2.ReplyResponse:
         """Answers a request: ``reply_to`` is the request's inbox, or the delivery (or event) of the request.
 
-        ``.delivered`` is False when the requester had stopped waiting (the reply is then dropped).
+        ``.delivered`` is False when the requester had stopped waiting (the reply is then dropped), or
+        another responder's reply came first (the reply is then stored, ``.sequence`` says where).
         """
         if isinstance(reply_to, Delivery):
             reply_to = reply_to.event.reply_to

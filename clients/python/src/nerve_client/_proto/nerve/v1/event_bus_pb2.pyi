@@ -755,7 +755,9 @@ class ReplyResponse(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     delivered: _builtins.bool
     sequence: _builtins.int
-    """Sequence of the stored reply; zero when the reply was dropped."""
+    """Sequence of the stored reply; zero when this call stored none (the requester had stopped
+    waiting).
+    """
     def __init__(
         self,
         *,
