@@ -42,6 +42,8 @@ pub struct Injection {
     pub before_read: Gate,
     /// Stops a `queue` (a publish) before it reaches the commit queue.
     pub before_queue: Gate,
+    /// Stops a `head` before it reads the committed head (a subscription's open reads it first).
+    pub before_head: Gate,
     /// Milliseconds each `read` takes first, as a slow store's do.
     pub read_delay_ms: AtomicU64,
     /// How many `read` calls reached the store.
@@ -93,11 +95,19 @@ impl Reached {
 
 /// Starts a server (on the backend the tests run on) whose store the returned [`Injection`] controls.
 pub async fn start_injected() -> (TestServer, Arc<Injection>) {
+    start_injected_with(|_| {}).await
+}
+
+/// [`start_injected`], with its configuration adjusted first.
+pub async fn start_injected_with(
+    adjust: impl FnOnce(&mut nerve::config::Config),
+) -> (TestServer, Arc<Injection>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = test_config(dir.path());
     if redis_backend() {
         use_production_backend(&mut config).await;
     }
+    adjust(&mut config);
     let real = nerve::open_backends(&config).await.expect("backends");
     let injection = Arc::new(Injection::default());
     let store: Arc<dyn EventStore> = Arc::new(InjectedStore {
@@ -181,6 +191,7 @@ impl EventStore for InjectedStore {
     }
     async fn head(&self) -> StoreResult<u64> {
         self.check()?;
+        self.injection.before_head.pass().await;
         self.inner.head().await
     }
     async fn sequence_before(&self, time: DateTime<Utc>) -> StoreResult<u64> {

@@ -688,18 +688,26 @@ async fn server_with_policy(
     policy: &str,
     adjust: impl FnOnce(&mut Config),
 ) -> TestServer {
+    let with_policy = policy_settings(dir, policy);
+    TestServer::start_with(|c| {
+        with_policy(c);
+        adjust(c);
+    })
+    .await
+}
+
+/// Writes `policy` and the HS256 secret into `dir`; the settings that make a server use them.
+fn policy_settings(dir: &Path, policy: &str) -> impl FnOnce(&mut Config) {
     let policy = write(dir, "policy.toml", policy);
     let secret = write(dir, "hs.secret", HS_SECRET);
-    TestServer::start_with(|c| {
+    move |c| {
         c.auth.jwt.issuer = ISSUER.into();
         c.auth.jwt.audience = AUDIENCE.into();
         c.auth.jwt.algorithms = vec!["HS256".into()];
         c.auth.jwt.hs_secret_file = secret;
         c.auth.jwt.tenant_claim = "tenant".into();
         c.auth.policy_file = policy;
-        adjust(c);
-    })
-    .await
+    }
 }
 
 /// Asserts `token`'s GetGroup of "planners" is refused by the policy.
@@ -733,6 +741,74 @@ async fn audit_records(server: &TestServer, admin: &str) -> Vec<pb::AuditRecord>
         .expect("admin reads the audit log")
         .into_inner()
         .records
+}
+
+/// An open of an existing group skips the `deny.replay` check (the backlog is the group's). When
+/// the group is deleted after that check and before the bus opens it, the open creates it again:
+/// for a caller denied replay, at the latest event, so the old backlog does not reach it.
+#[tokio::test]
+async fn a_group_deleted_while_a_caller_denied_replay_opens_it_starts_at_the_latest_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = r#"
+[[principal]]
+id = "planner"
+tenant = "acme"
+allow = { subscribe = ["task.>"], groups = ["shared"] }
+deny = { replay = ["task.audit.>"] }
+
+[[principal]]
+id = "auditor"
+tenant = "acme"
+sources = ["//tests"]
+allow = { publish = ["task.>"], subscribe = ["task.>"], groups = ["shared"], admin = ["groups/shared"] }
+"#;
+    let (server, injection) =
+        crate::injected_store::start_injected_with(policy_settings(dir.path(), policy)).await;
+    let planner = hs_token(&claims("planner"));
+    let auditor = hs_token(&claims("auditor"));
+    let mut bus = server.bus();
+    // the group, and history in its backlog
+    let mut made = Subscriber::open_as(&mut bus, open(&["task.audit.>"], "shared"), Some(&auditor))
+        .await
+        .expect("the auditor makes the group");
+    made.close_gracefully().await.expect("closed");
+    publish_as(&server, &auditor, vec![event("old", "task.audit.x")])
+        .await
+        .expect("publish");
+
+    // the planner's open passes the API's check, then stops where the bus reads the head
+    let (reached, go) = injection.before_head.arm();
+    let mut opening = server.bus();
+    let token = planner.clone();
+    let opened = tokio::spawn(async move {
+        let mut o = open(&["task.audit.>"], "shared");
+        o.start = earliest();
+        Subscriber::open_as(&mut opening, o, Some(&token)).await
+    });
+    reached.wait("the planner's open reading the head").await;
+    server
+        .admin()
+        .delete_group(authorized(
+            pb::DeleteGroupRequest {
+                group: "shared".into(),
+            },
+            &auditor,
+        ))
+        .await
+        .expect("delete the group");
+    drop(go);
+    let mut planner_sub = opened
+        .await
+        .expect("join")
+        .expect("the open makes the group again");
+    publish_as(&server, &auditor, vec![event("new", "task.audit.x")])
+        .await
+        .expect("publish");
+    let first = planner_sub.next_delivery().await.event.expect("event");
+    assert_eq!(
+        first.id, "new",
+        "a caller denied replay read history through a group made again"
+    );
 }
 
 /// `deny.replay` keeps a type's history from a principal through private subscriptions too: one that
