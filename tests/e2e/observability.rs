@@ -326,7 +326,9 @@ async fn trace_context_travels_from_publish_to_delivery_and_from_request_to_repl
 
 /// A header of a later version (more fields, any length) is stored as version 00 writes the same trace
 /// context: an event's own field must have that shape, and a consumer republishing the event would be
-/// refused otherwise. It would also carry any number of bytes past the event size limit.
+/// refused otherwise. It would also carry any number of bytes past the event size limit. Headers
+/// without W3C's shape (odd id lengths, version ff in either case) are ignored; level 2's flags are
+/// kept, a later version's reserved bits zeroed.
 #[tokio::test]
 async fn a_trace_header_of_a_later_version_is_stored_as_version_00() {
     let server = TestServer::start().await;

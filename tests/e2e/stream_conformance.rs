@@ -807,28 +807,54 @@ fn inbox_info() -> Inbox {
     }
 }
 
+/// Opens an inbox of a new name on `b`: its name and where its replies arrive.
+async fn opened_inbox(
+    b: &Backend,
+) -> (
+    String,
+    tokio::sync::mpsc::Receiver<Arc<nerve::event::StoredEvent>>,
+) {
+    let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
+    let replies = b
+        .streams
+        .open_inbox(&inbox, inbox_info())
+        .await
+        .expect("open inbox");
+    (inbox, replies)
+}
+
+/// Stores replies of the given ids on `b`: their sequences, and the replies as read back.
+async fn stored_replies(
+    b: &Backend,
+    ids: &[&str],
+) -> (Vec<u64>, Vec<Arc<nerve::event::StoredEvent>>) {
+    let events: Vec<(String, &str)> = ids.iter().map(|id| ((*id).to_owned(), "answer")).collect();
+    let sequences = stored(b, &events).await;
+    let read = b
+        .store
+        .read_sequences(&sequences)
+        .await
+        .expect("read replies");
+    (sequences, read)
+}
+
+/// A connection of the test's own to Redis.
+async fn redis_connection() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
 /// A request's inbox takes one reply: the first, wherever it comes from. A later one, on the
 /// requester's replica or another, still finds the inbox (the bus stores it) but is not delivered,
 /// also once the requester read the first and has not closed the inbox yet; a retry of the first
 /// (the same stored reply) is told it was delivered, and is not handed over twice. Once closed,
 /// the inbox is found nowhere.
 async fn only_the_first_reply_reaches_an_inbox(requester: &Backend, responder: &Backend) {
-    let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
-    let mut replies = requester
-        .streams
-        .open_inbox(&inbox, inbox_info())
-        .await
-        .expect("open inbox");
-    let sequences = stored(
-        requester,
-        &[("first".into(), "answer"), ("second".into(), "answer")],
-    )
-    .await;
-    let events = requester
-        .store
-        .read_sequences(&sequences)
-        .await
-        .expect("read replies");
+    let (inbox, mut replies) = opened_inbox(requester).await;
+    let (sequences, events) = stored_replies(requester, &["first", "second"]).await;
     assert!(
         responder
             .streams
@@ -863,8 +889,13 @@ async fn only_the_first_reply_reaches_an_inbox(requester: &Backend, responder: &
             .expect("retry"),
         "a retry of the delivered reply is reported not delivered"
     );
+    // a routed reply comes over pub/sub: what would come does within this wait (the channel
+    // ends at once where the reply handed over was its last)
     assert!(
-        replies.try_recv().is_err(),
+        !matches!(
+            tokio::time::timeout(Duration::from_millis(300), replies.recv()).await,
+            Ok(Some(_))
+        ),
         "a second reply, or the first again, reached the requester"
     );
     requester
@@ -904,11 +935,7 @@ async fn two_listening_replicas() -> (Backend, Backend, String) {
     let (store, prefix) = redis_deployment().await;
     let a = redis_replica(store.clone(), &prefix).await;
     let b = redis_replica(store, &prefix).await;
-    let client = redis::Client::open(redis_url()).expect("redis url");
-    let conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let conn = redis_connection().await;
     let pattern = format!("{prefix}:replies:*");
     eventually("both replicas listening for replies", || {
         let mut conn = conn.clone();
@@ -934,32 +961,10 @@ async fn two_listening_replicas() -> (Backend, Backend, String) {
 #[tokio::test]
 async fn redis_a_reply_retried_after_its_take_is_handed_over_and_a_lost_record_is_no_loss() {
     let (requester, responder, prefix) = two_listening_replicas().await;
-    let mut conn = redis::Client::open(redis_url())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let sequences = stored(
-        &requester,
-        &[
-            ("retried".into(), "answer"),
-            ("other".into(), "answer"),
-            ("local".into(), "answer"),
-        ],
-    )
-    .await;
-    let events = requester
-        .store
-        .read_sequences(&sequences)
-        .await
-        .expect("read replies");
+    let mut conn = redis_connection().await;
+    let (sequences, events) = stored_replies(&requester, &["retried", "other", "local"]).await;
 
-    let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
-    let mut replies = requester
-        .streams
-        .open_inbox(&inbox, inbox_info())
-        .await
-        .expect("open inbox");
+    let (inbox, mut replies) = opened_inbox(&requester).await;
     // the take of the first call, whose answer never came back
     let key = format!("{prefix}:inbox:{inbox}");
     let record: String = conn.get(&key).await.expect("record");
@@ -998,12 +1003,7 @@ async fn redis_a_reply_retried_after_its_take_is_handed_over_and_a_lost_record_i
         .expect("the inbox is open");
     assert_eq!(got.sequence, sequences[0]);
 
-    let inbox = format!("_inbox.{}", uuid::Uuid::new_v4().simple());
-    let mut replies = requester
-        .streams
-        .open_inbox(&inbox, inbox_info())
-        .await
-        .expect("open inbox");
+    let (inbox, mut replies) = opened_inbox(&requester).await;
     let _: i64 = conn
         .del(format!("{prefix}:inbox:{inbox}"))
         .await
@@ -1024,4 +1024,54 @@ async fn redis_a_reply_retried_after_its_take_is_handed_over_and_a_lost_record_i
         .expect("the local reply arrives")
         .expect("the inbox is open");
     assert_eq!(got.sequence, sequences[2]);
+}
+
+/// A reply routed to a requester's replica that is not listening (its pub/sub connection being made
+/// again) reached nobody: it is told so, and gives the inbox back, so a reply made once the replica
+/// listens again still reaches the requester.
+#[tokio::test]
+async fn redis_a_take_whose_reply_reached_nobody_is_given_back() {
+    let (requester, responder, prefix) = two_listening_replicas().await;
+    let mut conn = redis_connection().await;
+    let (sequences, events) = stored_replies(&requester, &["unheard", "heard"]).await;
+    let (inbox, mut replies) = opened_inbox(&requester).await;
+    // the record names a replica nobody listens for, as while the requester's is away
+    let key = format!("{prefix}:inbox:{inbox}");
+    let record: String = conn.get(&key).await.expect("record");
+    let mut away: serde_json::Value = serde_json::from_str(&record).expect("record json");
+    let replica = away["replica"].as_str().expect("replica").to_owned();
+    away["replica"] = "away".into();
+    let _: () = conn
+        .set_ex(&key, away.to_string(), 60)
+        .await
+        .expect("record of a replica away");
+    assert!(
+        !responder
+            .streams
+            .send_reply(&inbox, events[0].clone())
+            .await
+            .expect("reply while away"),
+        "a reply that reached nobody is reported delivered"
+    );
+    // the replica listens again: its name back in the record, as it now is (taken or not)
+    let now: String = conn.get(&key).await.expect("record");
+    let back = now.replace(
+        "\"replica\":\"away\"",
+        &format!("\"replica\":\"{replica}\""),
+    );
+    assert_ne!(back, now, "the record names the replica away");
+    let _: () = conn.set_ex(&key, back, 60).await.expect("replica back");
+    assert!(
+        responder
+            .streams
+            .send_reply(&inbox, events[1].clone())
+            .await
+            .expect("reply once back"),
+        "the inbox a reply that reached nobody took was not given back"
+    );
+    let got = tokio::time::timeout(WAIT, replies.recv())
+        .await
+        .expect("the reply arrives")
+        .expect("the inbox is open");
+    assert_eq!(got.sequence, sequences[1]);
 }

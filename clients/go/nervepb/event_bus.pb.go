@@ -1632,12 +1632,13 @@ func (x *ReplyRequest) GetEvent() *Event {
 	return nil
 }
 
-// ReplyResponse tells whether the requester was still waiting.
+// ReplyResponse tells whether the reply reached the requester.
 type ReplyResponse struct {
-	state     protoimpl.MessageState `protogen:"open.v1"`
-	Delivered bool                   `protobuf:"varint,1,opt,name=delivered,proto3" json:"delivered,omitempty"`
-	// Sequence of the stored reply; zero when this call stored none (the requester had stopped
-	// waiting).
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// False when the requester had stopped waiting, or another reply to the request came first.
+	Delivered bool `protobuf:"varint,1,opt,name=delivered,proto3" json:"delivered,omitempty"`
+	// Sequence of the stored reply (also one stored by an earlier try of the same reply); zero when
+	// it was not stored, nobody waiting on the inbox any more.
 	Sequence      uint64 `protobuf:"varint,2,opt,name=sequence,proto3" json:"sequence,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -573,9 +573,9 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             .instrument(span)
             .await
             .map_err(to_status)?;
-        // no inbox (its requester gone): nothing was stored, but a type the replier may not reply
-        // with is refused all the same, not answered as merely undelivered
-        if !delivered {
+        // no inbox (its requester gone): nothing was stored, and `authorize` never ran, but a type
+        // the replier may not reply with is refused all the same, not answered as merely undelivered
+        if sequence.is_none() {
             self.auth
                 .check(&principal, "reply", &reply_type, |e| {
                     e.reply_type(&reply_type)

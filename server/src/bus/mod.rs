@@ -95,7 +95,7 @@ impl Default for BusSettings {
 /// Counters the bus keeps about itself.
 #[derive(Debug, Default)]
 pub struct BusCounters {
-    /// Replies that arrived after their requester stopped waiting.
+    /// Replies not delivered: their requester had stopped waiting, or another reply came first.
     pub late_replies: AtomicU64,
     /// Acks or nacks for a delivery that had already been redelivered or settled.
     pub stale_settlements: AtomicU64,

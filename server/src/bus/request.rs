@@ -221,7 +221,8 @@ impl Bus {
     }
 
     /// Stores a reply and hands it to the waiting requester. Returns whether it was delivered and its
-    /// sequence; a reply for a requester that stopped waiting is dropped unstored and counted.
+    /// sequence; a reply for a requester that stopped waiting is dropped unstored and counted, and
+    /// one that another reply beat to the inbox is stored, not delivered, and counted.
     /// `authorize` sees the waiting request before anything is stored. A reply without a traceparent
     /// gets `trace` (the call's), else the request's, after its content is hashed, as a publish does.
     pub async fn reply(

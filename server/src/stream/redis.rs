@@ -386,8 +386,8 @@ pub struct RedisStreams {
 }
 
 impl RedisStreams {
-    /// Hands a reply to the requester waiting here on `inbox`, taking the inbox here, so a later
-    /// reply finds none: false when nobody waits here (closed, or another reply got it).
+    /// Hands a reply to the requester waiting here on `inbox`, forgetting its channel here, so no
+    /// reply is handed over twice: false when nobody waits here (closed, or a reply was handed over).
     fn hand_over(&self, inbox: &str, reply: Arc<StoredEvent>) -> bool {
         let waiting = self
             .inboxes
@@ -2639,6 +2639,7 @@ impl LiveStreams for RedisStreams {
         let taken: Option<(String, i64)> = lua::TAKE_INBOX
             .key(self.keys.inbox(inbox))
             .arg(reply.sequence)
+            .arg(lua::TAKEN)
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_err)?;
@@ -2647,29 +2648,43 @@ impl LiveStreams for RedisStreams {
             // here is reached, since closing forgets the inbox here before it deletes the record.
             return Ok(self.hand_over(inbox, reply));
         };
-        let record = taken
+        let Some((raw, record)) = taken
             .strip_prefix(lua::TAKEN)
             .and_then(|rest| rest.split_once('\n'))
             .filter(|(by, _)| *by == reply.sequence.to_string())
-            .and_then(|(_, record)| serde_json::from_str::<InboxRecord>(record).ok());
-        let Some(record) = record else {
+            .and_then(|(_, raw)| Some((raw, serde_json::from_str::<InboxRecord>(raw).ok()?)))
+        else {
             return Ok(false);
         };
+        // A take that reached nobody is given back (below), so a take found standing from an
+        // earlier call of this reply got it through, or that call's answer was lost before it
+        // could: handed over now where nothing is left to hand, it was delivered.
         let retry = now == 0;
-        if record.replica == self.replica {
-            // a retry whose first call's answer was lost hands the reply over now; one whose first
-            // call handed it over finds nothing to do, and was delivered
-            return Ok(self.hand_over(inbox, reply) || retry);
+        let reached = if record.replica == self.replica {
+            self.hand_over(inbox, reply) || retry
+        } else {
+            let receivers: i64 = self
+                .conn()
+                .publish(
+                    self.keys.reply_channel(&record.replica),
+                    format!("{inbox}\n{}", reply.sequence),
+                )
+                .await
+                .map_err(redis_err)?;
+            receivers > 0
+        };
+        if !reached {
+            // nobody waits here, or the requester's replica is not listening: another reply may
+            // still reach the requester
+            let _: i64 = lua::UNTAKE_INBOX
+                .key(self.keys.inbox(inbox))
+                .arg(&taken)
+                .arg(raw)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(redis_err)?;
         }
-        let receivers: i64 = self
-            .conn()
-            .publish(
-                self.keys.reply_channel(&record.replica),
-                format!("{inbox}\n{}", reply.sequence),
-            )
-            .await
-            .map_err(redis_err)?;
-        Ok(receivers > 0)
+        Ok(reached)
     }
 
     async fn close_inbox(&self, inbox: &str) -> StreamResult<()> {

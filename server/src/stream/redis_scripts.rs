@@ -668,7 +668,8 @@ return {last, oldest or '', tostring(pending)}
 pub(super) const TAKEN: &str = "taken:";
 
 /// Takes a request's inbox for a reply: marks its record [`TAKEN`] by the reply's sequence, keeping
-/// its expiry, unless a reply took it already. KEYS: the inbox's record. ARGV: the reply's sequence.
+/// its expiry, unless a reply took it already. KEYS: the inbox's record. ARGV: the reply's sequence,
+/// [`TAKEN`].
 /// Returns {the record as it is now (marked), 1 when this call marked it, else 0}, or nil when there
 /// is none (closed, or lost by Redis). The mark, not a delete, lets a retry of the same reply find
 /// the inbox its own.
@@ -679,11 +680,11 @@ local record = redis.call('GET', KEYS[1])
 if not record then
   return false
 end
-if string.sub(record, 1, 6) == 'taken:' then
+if string.sub(record, 1, #ARGV[2]) == ARGV[2] then
   return {record, 0}
 end
 local ttl = redis.call('PTTL', KEYS[1])
-record = 'taken:' .. ARGV[1] .. '\n' .. record
+record = ARGV[2] .. ARGV[1] .. '\n' .. record
 if ttl > 0 then
   redis.call('SET', KEYS[1], record, 'PX', ttl)
 elseif ttl == -1 then
@@ -693,6 +694,28 @@ else
   return false
 end
 return {record, 1}
+",
+    )
+});
+
+/// Gives back a take whose reply reached nobody ([`TAKE_INBOX`]), so another reply may still reach
+/// the requester: puts the record back as it was, keeping its expiry, while it is still this take's.
+/// KEYS: the inbox's record. ARGV: the record as marked, the record as it was.
+pub(super) static UNTAKE_INBOX: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+elseif ttl == -1 then
+  redis.call('SET', KEYS[1], ARGV[2])
+else
+  return 0
+end
+return 1
 ",
     )
 });

@@ -275,8 +275,9 @@ class Client:
     ) -> event_bus_pb2.ReplyResponse:
         """Answers a request: ``reply_to`` is the request's inbox, or the delivery (or event) of the request.
 
-        ``.delivered`` is False when the requester had stopped waiting (the reply is then dropped), or
-        another responder's reply came first (the reply is then stored, ``.sequence`` says where).
+        ``.delivered`` says whether the reply reached the requester: False when it had stopped waiting,
+        or another responder's reply came first. ``.sequence`` is the stored reply's, zero when it was
+        not stored (nobody waited on the inbox any more).
         """
         if isinstance(reply_to, Delivery):
             reply_to = reply_to.event.reply_to

@@ -747,16 +747,17 @@ Global___ReplyRequest: _TypeAlias = ReplyRequest  # noqa: Y015
 
 @_typing.final
 class ReplyResponse(_message.Message):
-    """ReplyResponse tells whether the requester was still waiting."""
+    """ReplyResponse tells whether the reply reached the requester."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DELIVERED_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     delivered: _builtins.bool
+    """False when the requester had stopped waiting, or another reply to the request came first."""
     sequence: _builtins.int
-    """Sequence of the stored reply; zero when this call stored none (the requester had stopped
-    waiting).
+    """Sequence of the stored reply (also one stored by an earlier try of the same reply); zero when
+    it was not stored, nobody waiting on the inbox any more.
     """
     def __init__(
         self,
