@@ -838,6 +838,26 @@ async fn stored_replies(
     (sequences, read)
 }
 
+/// Sends `reply` to `inbox` on `b`: whether it was delivered.
+async fn reply_to(b: &Backend, inbox: &str, reply: &Arc<nerve::event::StoredEvent>) -> bool {
+    b.streams
+        .send_reply(inbox, reply.clone())
+        .await
+        .expect("send a reply")
+}
+
+/// The sequence of the next reply to arrive at an inbox; fails naming `what` if none comes.
+async fn next_reply(
+    replies: &mut tokio::sync::mpsc::Receiver<Arc<nerve::event::StoredEvent>>,
+    what: &str,
+) -> u64 {
+    tokio::time::timeout(WAIT, replies.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no reply within {WAIT:?}"))
+        .unwrap_or_else(|| panic!("{what}: the inbox closed"))
+        .sequence
+}
+
 /// A connection of the test's own to Redis.
 async fn redis_connection() -> redis::aio::MultiplexedConnection {
     redis::Client::open(redis_url())
@@ -856,37 +876,25 @@ async fn only_the_first_reply_reaches_an_inbox(requester: &Backend, responder: &
     let (inbox, mut replies) = opened_inbox(requester).await;
     let (sequences, events) = stored_replies(requester, &["first", "second"]).await;
     assert!(
-        responder
-            .streams
-            .send_reply(&inbox, events[0].clone())
-            .await
-            .expect("first reply"),
+        reply_to(responder, &inbox, &events[0]).await,
         "the first reply is delivered"
     );
-    let first = tokio::time::timeout(WAIT, replies.recv())
-        .await
-        .expect("the first reply arrives")
-        .expect("the inbox is open");
-    assert_eq!(first.sequence, sequences[0]);
+    assert_eq!(
+        next_reply(&mut replies, "the first reply arrives").await,
+        sequences[0]
+    );
     for (side, b) in [("requester's", requester), ("responder's", responder)] {
         assert!(
             b.streams.inbox(&inbox).await.expect("inbox").is_some(),
             "the {side} replica finds no inbox before it is closed"
         );
         assert!(
-            !b.streams
-                .send_reply(&inbox, events[1].clone())
-                .await
-                .expect("second reply"),
+            !reply_to(b, &inbox, &events[1]).await,
             "a second reply on the {side} replica is reported delivered"
         );
     }
     assert!(
-        responder
-            .streams
-            .send_reply(&inbox, events[0].clone())
-            .await
-            .expect("retry"),
+        reply_to(responder, &inbox, &events[0]).await,
         "a retry of the delivered reply is reported not delivered"
     );
     // a routed reply comes over pub/sub: what would come does within this wait (the channel
@@ -982,26 +990,17 @@ async fn redis_a_reply_retried_after_its_take_is_handed_over_and_a_lost_record_i
         "a taken inbox is not found for the retry"
     );
     assert!(
-        !responder
-            .streams
-            .send_reply(&inbox, events[1].clone())
-            .await
-            .expect("another reply"),
+        !reply_to(&responder, &inbox, &events[1]).await,
         "another reply got the inbox the first took"
     );
     assert!(
-        responder
-            .streams
-            .send_reply(&inbox, events[0].clone())
-            .await
-            .expect("retry"),
+        reply_to(&responder, &inbox, &events[0]).await,
         "the retry of the reply that took the inbox was not delivered"
     );
-    let got = tokio::time::timeout(WAIT, replies.recv())
-        .await
-        .expect("the retried reply arrives")
-        .expect("the inbox is open");
-    assert_eq!(got.sequence, sequences[0]);
+    assert_eq!(
+        next_reply(&mut replies, "the retried reply arrives").await,
+        sequences[0]
+    );
 
     let (inbox, mut replies) = opened_inbox(&requester).await;
     let _: i64 = conn
@@ -1010,20 +1009,15 @@ async fn redis_a_reply_retried_after_its_take_is_handed_over_and_a_lost_record_i
         .expect("lose the record");
     for (n, delivered) in [(1, true), (2, false)] {
         assert_eq!(
-            requester
-                .streams
-                .send_reply(&inbox, events[2].clone())
-                .await
-                .expect("local reply"),
+            reply_to(&requester, &inbox, &events[2]).await,
             delivered,
             "reply {n} on the requester's replica, its record lost"
         );
     }
-    let got = tokio::time::timeout(WAIT, replies.recv())
-        .await
-        .expect("the local reply arrives")
-        .expect("the inbox is open");
-    assert_eq!(got.sequence, sequences[2]);
+    assert_eq!(
+        next_reply(&mut replies, "the local reply arrives").await,
+        sequences[2]
+    );
 }
 
 /// A reply routed to a requester's replica that is not listening (its pub/sub connection being made
@@ -1046,11 +1040,7 @@ async fn redis_a_take_whose_reply_reached_nobody_is_given_back() {
         .await
         .expect("record of a replica away");
     assert!(
-        !responder
-            .streams
-            .send_reply(&inbox, events[0].clone())
-            .await
-            .expect("reply while away"),
+        !reply_to(&responder, &inbox, &events[0]).await,
         "a reply that reached nobody is reported delivered"
     );
     // the replica listens again: its name back in the record, as it now is (taken or not)
@@ -1062,16 +1052,11 @@ async fn redis_a_take_whose_reply_reached_nobody_is_given_back() {
     assert_ne!(back, now, "the record names the replica away");
     let _: () = conn.set_ex(&key, back, 60).await.expect("replica back");
     assert!(
-        responder
-            .streams
-            .send_reply(&inbox, events[1].clone())
-            .await
-            .expect("reply once back"),
+        reply_to(&responder, &inbox, &events[1]).await,
         "the inbox a reply that reached nobody took was not given back"
     );
-    let got = tokio::time::timeout(WAIT, replies.recv())
-        .await
-        .expect("the reply arrives")
-        .expect("the inbox is open");
-    assert_eq!(got.sequence, sequences[1]);
+    assert_eq!(
+        next_reply(&mut replies, "the reply arrives").await,
+        sequences[1]
+    );
 }
