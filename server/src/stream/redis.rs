@@ -2616,10 +2616,7 @@ impl LiveStreams for RedisStreams {
         // over again, and a later one is stored and told it was not delivered
         Ok(raw
             .and_then(|r| {
-                let record = match r.strip_prefix(lua::TAKEN) {
-                    Some(taken) => taken.split_once('\n')?.1,
-                    None => &r,
-                };
+                let record = lua::taken_by(&r).map_or(r.as_str(), |(_, record)| record);
                 serde_json::from_str::<InboxRecord>(record).ok()
             })
             .map(|r| Inbox {
@@ -2648,9 +2645,7 @@ impl LiveStreams for RedisStreams {
             // here is reached, since closing forgets the inbox here before it deletes the record.
             return Ok(self.hand_over(inbox, reply));
         };
-        let Some((raw, record)) = taken
-            .strip_prefix(lua::TAKEN)
-            .and_then(|rest| rest.split_once('\n'))
+        let Some((raw, record)) = lua::taken_by(&taken)
             .filter(|(by, _)| *by == reply.sequence.to_string())
             .and_then(|(_, raw)| Some((raw, serde_json::from_str::<InboxRecord>(raw).ok()?)))
         else {

@@ -667,6 +667,12 @@ return {last, oldest or '', tostring(pending)}
 /// delivered); an older replica fails to parse it, and takes it for no inbox.
 pub(super) const TAKEN: &str = "taken:";
 
+/// A record [`TAKEN`] by a reply: that reply's sequence (as written) and the record as it was; None
+/// for a record no reply took.
+pub(super) fn taken_by(value: &str) -> Option<(&str, &str)> {
+    value.strip_prefix(TAKEN)?.split_once('\n')
+}
+
 /// Takes a request's inbox for a reply: marks its record [`TAKEN`] by the reply's sequence, keeping
 /// its expiry, unless a reply took it already. KEYS: the inbox's record. ARGV: the reply's sequence,
 /// [`TAKEN`].
