@@ -34,6 +34,8 @@ pub mod names {
     pub const GROUP_CONSUMERS: &str = "nerve_group_consumers";
     pub const BACKEND_UP: &str = "nerve_backend_up";
     pub const REQUESTS: &str = "nerve_requests_total";
+    pub const REPLIES: &str = "nerve_replies_total";
+    pub const STALE_SETTLEMENTS: &str = "nerve_stale_settlements_total";
 }
 
 /// Metrics settings.
@@ -190,6 +192,14 @@ fn describe() {
     describe_counter!(
         REQUESTS,
         "Request calls, by outcome (answered, no_responders, timeout, failed, cancelled: the call's deadline passed or its caller went away first)."
+    );
+    describe_counter!(
+        REPLIES,
+        "Reply calls that passed their checks, by outcome (delivered; not_delivered: stored, but another reply came first or the requester left; late: the request was over, nothing stored)."
+    );
+    describe_counter!(
+        STALE_SETTLEMENTS,
+        "Acks and nacks of deliveries already redelivered or settled (their lease ran out first), by group."
     );
 }
 

@@ -127,6 +127,79 @@ async fn metrics_count_publishes_deliveries_failures_and_dead_letters() {
     .await;
 }
 
+/// Replies are counted by whether they reached the requester, and an ack of a delivery already
+/// redelivered (its lease ran out first) is counted as stale: both tell an operator that deadlines are
+/// too short.
+#[tokio::test]
+async fn replies_and_stale_acks_are_counted() {
+    let server = TestServer::start_with(|c| c.metrics.listen = "127.0.0.1:0".into()).await;
+    let mut bus = server.bus();
+    // the recorder is the process's: other tests' replies count in it too
+    let replies =
+        |text: &str, outcome: &str| value(text, "nerve_replies_total", &[("outcome", outcome)]);
+    let before = server.scrape().await;
+    let mut responder = Subscriber::open(&mut bus, open(&["metrics.asked-twice"], ""))
+        .await
+        .expect("open");
+    let mut requester = server.bus();
+    let call = tokio::spawn(async move {
+        requester
+            .request(pb::RequestRequest {
+                event: Some(event("twice", "metrics.asked-twice")),
+                timeout: millis(10_000),
+            })
+            .await
+    });
+    let inbox = responder
+        .next_delivery()
+        .await
+        .event
+        .expect("event")
+        .reply_to;
+    for id in ["first", "second"] {
+        bus.reply(pb::ReplyRequest {
+            reply_to: inbox.clone(),
+            event: Some(event(id, "metrics.answered")),
+        })
+        .await
+        .expect("reply");
+    }
+    call.await.expect("join").expect("answered");
+    let mut o = open(&["metrics.leased"], "stale-metered");
+    o.ack_deadline = millis(1_000);
+    let mut member = Subscriber::open(&mut bus, o).await.expect("open");
+    publish(&mut bus, vec![event("leased", "metrics.leased")]).await;
+    let first = member.next_delivery().await;
+    // not acked: it comes again once its lease runs out, and the first attempt's ack is too late
+    let again = member.next_delivery().await;
+    assert_eq!((first.attempt, again.attempt), (1, 2));
+    member.ack_one(&first).await;
+    member.ack_one(&again).await;
+    let after = crate::harness::eventually("the late ack counted", || async {
+        let text = server.scrape().await;
+        let stale = value(
+            &text,
+            "nerve_stale_settlements_total",
+            &[("group", "stale-metered")],
+        );
+        (stale >= 1.0).then_some(text)
+    })
+    .await;
+    assert_eq!(
+        value(
+            &after,
+            "nerve_stale_settlements_total",
+            &[("group", "stale-metered")]
+        ),
+        1.0,
+        "only the first attempt's ack was stale"
+    );
+    assert!(replies(&after, "delivered") > replies(&before, "delivered"));
+    // the second reply finds the inbox taken, or already closed
+    let undelivered = |text: &str| replies(text, "not_delivered") + replies(text, "late");
+    assert!(undelivered(&after) > undelivered(&before));
+}
+
 /// A request that its call's deadline ends before the bus answers is counted too, as cancelled: the
 /// transport drops the call, and with it the wait for a reply.
 #[tokio::test]

@@ -14,10 +14,7 @@ mod test_support;
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -92,15 +89,6 @@ impl Default for BusSettings {
     }
 }
 
-/// Counters the bus keeps about itself.
-#[derive(Debug, Default)]
-pub struct BusCounters {
-    /// Replies not delivered: their requester had stopped waiting, or another reply came first.
-    pub late_replies: AtomicU64,
-    /// Acks or nacks for a delivery that had already been redelivered or settled.
-    pub stale_settlements: AtomicU64,
-}
-
 /// The event bus.
 pub struct Bus {
     store: Arc<dyn EventStore>,
@@ -108,7 +96,6 @@ pub struct Bus {
     limits: Limits,
     settings: BusSettings,
     shutdown: CancellationToken,
-    counters: BusCounters,
 }
 
 impl Bus {
@@ -126,15 +113,9 @@ impl Bus {
             limits,
             settings,
             shutdown,
-            counters: BusCounters::default(),
         });
         tokio::spawn(relay(bus.clone()));
         bus
-    }
-
-    /// Returns the counters.
-    pub fn counters(&self) -> &BusCounters {
-        &self.counters
     }
 
     /// Completes when the server begins to shut down.
@@ -455,8 +436,4 @@ impl Drop for Bus {
     fn drop(&mut self) {
         info!("bus stopped");
     }
-}
-
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
 }

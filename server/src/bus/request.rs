@@ -2,7 +2,7 @@ use std::{sync::Arc, time::Duration};
 
 use tracing::debug;
 
-use super::{Bus, BusError, BusResult, bump};
+use super::{Bus, BusError, BusResult};
 use crate::{
     event::{Event, InvalidInput, StoredEvent},
     store::Appended,
@@ -57,6 +57,10 @@ impl Drop for Counted {
             ::metrics::counter!(crate::metrics::names::REQUESTS, "outcome" => outcome).increment(1);
         }
     }
+}
+
+fn count_reply(outcome: &'static str) {
+    ::metrics::counter!(crate::metrics::names::REPLIES, "outcome" => outcome).increment(1);
 }
 
 impl Bus {
@@ -255,7 +259,7 @@ impl Bus {
                 inbox
             }
             _ => {
-                bump(&self.counters.late_replies);
+                count_reply("late");
                 debug!(reply_to, "late reply dropped");
                 return Ok((false, None));
             }
@@ -288,9 +292,11 @@ impl Bus {
             .next()
             .ok_or_else(|| BusError::Internal("stored reply not found".into()))?;
         let delivered = self.streams.send_reply(reply_to, stored).await?;
-        if !delivered {
-            bump(&self.counters.late_replies);
-        }
+        count_reply(if delivered {
+            "delivered"
+        } else {
+            "not_delivered"
+        });
         Ok((delivered, Some(sequence)))
     }
 }

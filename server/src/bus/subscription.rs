@@ -14,7 +14,7 @@ use tokio::{sync::mpsc, time::Instant};
 use tracing::{debug, warn};
 
 use super::{
-    Bus, BusError, BusResult, PriorityScheduler, bump,
+    Bus, BusError, BusResult, PriorityScheduler,
     history::{HISTORY_READS_PER_TURN, ReadSizer},
     validate_group_name,
 };
@@ -1183,7 +1183,7 @@ impl Session {
             ::metrics::counter!(names::DEAD_LETTERS, "group" => self.group_label.clone())
                 .increment(1);
         } else {
-            bump(&self.bus.counters.stale_settlements);
+            self.count_stale(1);
             self.bus
                 .store
                 .remove_dead_letters(
@@ -1249,6 +1249,14 @@ impl Session {
         }
     }
 
+    /// Counts acks and nacks that came too late: their deliveries were redelivered or settled.
+    fn count_stale(&self, settlements: usize) {
+        if settlements > 0 {
+            ::metrics::counter!(names::STALE_SETTLEMENTS, "group" => self.group_label.clone())
+                .increment(settlements as u64);
+        }
+    }
+
     /// Forgets an outstanding delivery and returns its credit; false when it was not outstanding.
     fn settle(&mut self, seq: u64, attempt: u32) -> bool {
         match self.outstanding.get(&seq) {
@@ -1278,9 +1286,7 @@ impl Session {
                 return Err(error.into());
             }
         };
-        for _ in acked.iter().filter(|a| !**a) {
-            bump(&self.bus.counters.stale_settlements);
-        }
+        self.count_stale(acked.iter().filter(|a| !**a).count());
         Ok(())
     }
 
@@ -1334,7 +1340,7 @@ impl Session {
                     let was_outstanding = self.settle(seq, attempt);
                     if dead_letter {
                         if !was_outstanding {
-                            bump(&self.bus.counters.stale_settlements);
+                            self.count_stale(1);
                             continue;
                         }
                         let claimed = Claimed {
@@ -1361,9 +1367,7 @@ impl Session {
                         .streams
                         .set_visible_at(&key, &retries, Utc::now() + retry_delay, reason.as_deref())
                         .await?;
-                    for _ in moved.iter().filter(|m| !**m) {
-                        bump(&self.bus.counters.stale_settlements);
-                    }
+                    self.count_stale(moved.iter().filter(|m| !**m).count());
                 }
                 self.bus.streams.wake_group(&key).await?;
             }
