@@ -743,6 +743,28 @@ async fn audit_records(server: &TestServer, admin: &str) -> Vec<pb::AuditRecord>
         .records
 }
 
+/// A restricted caller's open of a group that may not exist yet looks the group up (to know whether it
+/// reads history). A name no backend stores (Postgres refuses a NUL) is refused as the caller's
+/// mistake first, not passed to the database to come back as an internal error.
+#[tokio::test]
+async fn a_group_name_the_backend_cannot_store_is_invalid_for_a_restricted_caller() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = r#"
+[[principal]]
+id = "planner"
+tenant = "acme"
+allow = { subscribe = ["task.>"], groups = ["own-*"] }
+"#;
+    let server = server_with_policy(dir.path(), policy, |_| {}).await;
+    let mut bus = server.bus();
+    let mut o = open(&["task.>"], "own-\u{0}");
+    o.start = earliest();
+    let refused = Subscriber::open_as(&mut bus, o, Some(&hs_token(&claims("planner")))).await;
+    let status = refused.err().expect("refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("open.group"), "{status:?}");
+}
+
 /// An open of an existing group skips the `deny.replay` check (the backlog is the group's). When
 /// the group is deleted after that check and before the bus opens it, the open creates it again:
 /// for a caller denied replay, at the latest event, so the old backlog does not reach it.

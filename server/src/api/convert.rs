@@ -305,11 +305,17 @@ pub fn subscribe_spec(open: pb::SubscriptionOpen, tenant: &str) -> Result<Subscr
         Some(Position::AfterSequence(s)) => Start::AfterSequence(s),
         Some(Position::Time(t)) => Start::Time(time_from_pb(&t, "open.start.time")?),
     };
+    let group = opt(open.group);
+    // before the API looks the group up for the caller's grants: a name no backend can store is the
+    // caller's mistake, not the database's error
+    if let Some(name) = &group {
+        crate::bus::validate_group_name(name, "open.group")?;
+    }
     let nonzero = |v: u32| (v != 0).then_some(v);
     Ok(SubscribeSpec {
         tenant: tenant.to_owned(),
         selection,
-        group: opt(open.group),
+        group,
         start,
         max_in_flight: nonzero(open.max_in_flight),
         ack_deadline: open
