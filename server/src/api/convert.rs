@@ -49,10 +49,16 @@ pub fn time_to_pb(t: DateTime<Utc>) -> prost_types::Timestamp {
 
 /// Converts a protobuf duration, rejecting negative values.
 pub fn duration_from_pb(d: &prost_types::Duration, field: &str) -> Result<Duration> {
-    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+    if d.seconds < 0 || d.nanos < 0 {
         return Err(InvalidInput::field(
             field,
             "must be a non-negative duration",
+        ));
+    }
+    if d.nanos >= 1_000_000_000 {
+        return Err(InvalidInput::field(
+            field,
+            "nanos must be below 1,000,000,000 (carry whole seconds into seconds)",
         ));
     }
     Ok(Duration::new(d.seconds as u64, d.nanos as u32))
@@ -603,6 +609,26 @@ mod tests {
             e.extensions.insert(k.into(), v);
         }
         e
+    }
+
+    #[test]
+    fn a_duration_is_refused_for_what_is_wrong_with_it() {
+        let refused = |seconds, nanos| {
+            duration_from_pb(&prost_types::Duration { seconds, nanos }, "d")
+                .expect_err("refused")
+                .to_string()
+        };
+        assert!(refused(-1, 0).contains("non-negative"));
+        assert!(refused(0, -1).contains("non-negative"));
+        assert!(refused(1, 1_000_000_000).contains("nanos must be below 1,000,000,000"));
+        let most = prost_types::Duration {
+            seconds: 1,
+            nanos: 999_999_999,
+        };
+        assert_eq!(
+            duration_from_pb(&most, "d").expect("valid"),
+            Duration::new(1, 999_999_999)
+        );
     }
 
     #[test]
