@@ -260,6 +260,14 @@ async fn bad_replay_requests_are_invalid_argument() {
             },
             "end_time",
         ),
+        (
+            pb::ReplayRequest {
+                after_sequence: 5,
+                until_sequence: 4,
+                ..Default::default()
+            },
+            "until_sequence",
+        ),
     ] {
         assert_status(bus.replay(r).await, Code::InvalidArgument, needle);
     }

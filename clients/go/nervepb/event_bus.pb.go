@@ -1703,7 +1703,8 @@ type ReplayRequest struct {
 	EndTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
 	// Events after this sequence; past the last stored sequence the call fails with OUT_OF_RANGE.
 	AfterSequence uint64 `protobuf:"varint,7,opt,name=after_sequence,json=afterSequence,proto3" json:"after_sequence,omitempty"`
-	// Events up to and including this sequence; zero means no bound.
+	// Events up to and including this sequence; zero means no bound. Below after_sequence (without a
+	// resume_token) is INVALID_ARGUMENT.
 	UntilSequence uint64 `protobuf:"varint,8,opt,name=until_sequence,json=untilSequence,proto3" json:"until_sequence,omitempty"`
 	// Most events to return in this call; zero means all.
 	Limit uint32 `protobuf:"varint,9,opt,name=limit,proto3" json:"limit,omitempty"`

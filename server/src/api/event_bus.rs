@@ -606,6 +606,12 @@ impl pb::event_bus_server::EventBus for EventBusApi {
                 "resume_token",
             )
         };
+        // as end_time before start_time is: a range that ends before it starts is the caller's mistake
+        // (a resume token's position is the server's, and ends such a range's replay as it should)
+        if r.resume_token.is_empty() && r.until_sequence != 0 && r.until_sequence < r.after_sequence
+        {
+            return Err(invalid("until_sequence", "is before after_sequence"));
+        }
         let page_size = match r.page_size {
             0 => 100,
             n @ 1..=1000 => n as usize,

@@ -796,7 +796,9 @@ class ReplayRequest(_message.Message):
     after_sequence: _builtins.int
     """Events after this sequence; past the last stored sequence the call fails with OUT_OF_RANGE."""
     until_sequence: _builtins.int
-    """Events up to and including this sequence; zero means no bound."""
+    """Events up to and including this sequence; zero means no bound. Below after_sequence (without a
+    resume_token) is INVALID_ARGUMENT.
+    """
     limit: _builtins.int
     """Most events to return in this call; zero means all."""
     page_size: _builtins.int
