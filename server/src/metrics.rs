@@ -199,7 +199,7 @@ fn describe() {
     );
     describe_counter!(
         STALE_SETTLEMENTS,
-        "Acks and nacks of deliveries already redelivered or settled (their lease ran out first), by group."
+        "Acks and nacks of deliveries no longer outstanding (redelivered after their lease ran out, or settled already), by group."
     );
 }
 

@@ -173,8 +173,9 @@ async fn replies_and_stale_acks_are_counted() {
     // not acked: it comes again once its lease runs out, and the first attempt's ack is too late
     let again = member.next_delivery().await;
     assert_eq!((first.attempt, again.attempt), (1, 2));
+    // (`again` stays unacked: under a slow run its own lease could run out before its ack, which
+    // would then be stale too)
     member.ack_one(&first).await;
-    member.ack_one(&again).await;
     let after = crate::harness::eventually("the late ack counted", || async {
         let text = server.scrape().await;
         let stale = value(
@@ -192,7 +193,7 @@ async fn replies_and_stale_acks_are_counted() {
             &[("group", "stale-metered")]
         ),
         1.0,
-        "only the first attempt's ack was stale"
+        "one stale ack, counted once"
     );
     assert!(replies(&after, "delivered") > replies(&before, "delivered"));
     // the second reply finds the inbox taken, or already closed

@@ -557,15 +557,19 @@ impl pb::event_bus_server::EventBus for EventBusApi {
                 trace,
                 |inbox| {
                     // only a principal allowed to answer this request type may reply to it, and only
-                    // with a type it may store (subscribers of that type receive the reply)
-                    self.auth
-                        .check(&principal, "reply", &inbox.request_type, |e| {
-                            e.typed(Action::Reply, &inbox.request_type)
-                        })
-                        .and_then(|()| {
-                            self.auth.check(&principal, "reply", &reply_type, |e| {
-                                e.reply_type(&reply_type)
+                    // with a type it may store (subscribers of that type receive the reply); with no
+                    // inbox (its requester gone) nothing is stored, but a type the replier may not
+                    // reply with is refused all the same, not answered as merely undelivered
+                    if let Some(inbox) = inbox {
+                        self.auth
+                            .check(&principal, "reply", &inbox.request_type, |e| {
+                                e.typed(Action::Reply, &inbox.request_type)
                             })
+                            .map_err(BusError::from)?;
+                    }
+                    self.auth
+                        .check(&principal, "reply", &reply_type, |e| {
+                            e.reply_type(&reply_type)
                         })
                         .map_err(BusError::from)
                 },
@@ -573,15 +577,6 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             .instrument(span)
             .await
             .map_err(to_status)?;
-        // no inbox (its requester gone): nothing was stored, and `authorize` never ran, but a type
-        // the replier may not reply with is refused all the same, not answered as merely undelivered
-        if sequence.is_none() {
-            self.auth
-                .check(&principal, "reply", &reply_type, |e| {
-                    e.reply_type(&reply_type)
-                })
-                .map_err(denied)?;
-        }
         Ok(Response::new(pb::ReplyResponse {
             delivered,
             sequence: sequence.unwrap_or_default(),

@@ -227,7 +227,8 @@ impl Bus {
     /// Stores a reply and hands it to the waiting requester. Returns whether it was delivered and its
     /// sequence; a reply for a requester that stopped waiting is dropped unstored and counted, and
     /// one that another reply beat to the inbox is stored, not delivered, and counted.
-    /// `authorize` sees the waiting request before anything is stored. A reply without a traceparent
+    /// `authorize` sees the waiting request before anything is stored, or none when no request waits
+    /// (a reply the caller may not make is refused either way). A reply without a traceparent
     /// gets `trace` (the call's), else the request's, after its content is hashed, as a publish does.
     pub async fn reply(
         &self,
@@ -235,7 +236,7 @@ impl Bus {
         reply_to: &str,
         mut event: Event,
         trace: Option<String>,
-        authorize: impl FnOnce(&Inbox) -> BusResult<()>,
+        authorize: impl FnOnce(Option<&Inbox>) -> BusResult<()>,
     ) -> BusResult<(bool, Option<u64>)> {
         if reply_to.is_empty() {
             return Err(InvalidInput::field("reply_to", "is required").into());
@@ -255,10 +256,11 @@ impl Bus {
         self.limits.check_event(&event, "event")?;
         let inbox = match self.streams.inbox(reply_to).await? {
             Some(inbox) if inbox.tenant == tenant => {
-                authorize(&inbox)?;
+                authorize(Some(&inbox))?;
                 inbox
             }
             _ => {
+                authorize(None)?;
                 count_reply("late");
                 debug!(reply_to, "late reply dropped");
                 return Ok((false, None));
@@ -307,10 +309,17 @@ mod tests {
 
     use crate::bus::test_support::{embedded_bus, job, join_g};
 
-    /// The counted outcomes of requests made by `asks` on a bus of its own, with a recorder of its
-    /// own (the process' one is shared with every other test).
-    fn outcomes<F: std::future::Future<Output = ()>>(
-        asks: impl FnOnce(std::sync::Arc<crate::bus::Bus>) -> F,
+    /// A member of group "g" of type "job": its commands, and what it receives.
+    type Member = (
+        futures::channel::mpsc::UnboundedSender<crate::bus::BusResult<crate::bus::Command>>,
+        tokio::sync::mpsc::Receiver<crate::bus::BusResult<crate::bus::Outbound>>,
+    );
+
+    /// The series of `metric` that `asks` moved on a bus of its own, with a recorder of its own (the
+    /// process' one is shared with every other test); `asks` gets a member that reads requests.
+    fn counted<F: std::future::Future<Output = ()>>(
+        metric: &str,
+        asks: impl FnOnce(std::sync::Arc<crate::bus::Bus>, Member) -> F,
     ) -> String {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
@@ -321,17 +330,83 @@ mod tests {
                 .expect("runtime")
                 .block_on(async {
                     let (bus, _shutdown, _streams, _dir) = embedded_bus().await;
-                    // a responder that never answers
-                    let _member = join_g(&bus, None, None).await;
-                    asks(bus).await;
+                    let member = join_g(&bus, None, None).await;
+                    asks(bus, member).await;
                 });
         });
         handle
             .render()
             .lines()
-            .filter(|l| l.starts_with(crate::metrics::names::REQUESTS))
+            .filter(|l| l.starts_with(metric))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// The counted outcomes of requests made by `asks`, to a responder that never answers.
+    fn outcomes<F: std::future::Future<Output = ()>>(
+        asks: impl FnOnce(std::sync::Arc<crate::bus::Bus>) -> F,
+    ) -> String {
+        counted(crate::metrics::names::REQUESTS, |bus, member| async move {
+            let _member = member;
+            asks(bus).await
+        })
+    }
+
+    /// Each reply that passes its checks is counted once, by whether it reached the requester; one
+    /// refused is not counted at all.
+    #[test]
+    fn replies_are_counted_by_whether_they_reached_the_requester() {
+        let counted = counted(
+            crate::metrics::names::REPLIES,
+            |bus, (_send, mut out)| async move {
+                let asking = tokio::spawn({
+                    let bus = bus.clone();
+                    async move {
+                        bus.request("t", job("asked", 0), Some(Duration::from_secs(10)), None)
+                            .await
+                    }
+                });
+                let reply_to = loop {
+                    match out
+                        .recv()
+                        .await
+                        .expect("the member is open")
+                        .expect("no error")
+                    {
+                        crate::bus::Outbound::Deliveries(d) => {
+                            break d[0].event.event.reply_to.clone().expect("a request");
+                        }
+                        _ => continue,
+                    }
+                };
+                let reply = |id: &'static str, to: String| {
+                    let bus = bus.clone();
+                    async move { bus.reply("t", &to, job(id, 0), None, |_| Ok(())).await }
+                };
+                let first = reply("first", reply_to.clone()).await.expect("reply");
+                // found open (the requester has not run since), and taken: stored, not delivered
+                let second = reply("second", reply_to).await.expect("reply");
+                assert_eq!((first.0, second.0), (true, false));
+                asking.await.expect("join").expect("answered");
+                let nobody = format!("_inbox.{}", "0".repeat(32));
+                assert_eq!(
+                    reply("late", nobody.clone()).await.expect("reply"),
+                    (false, None)
+                );
+                let refused = bus
+                    .reply("t", &nobody, job("refused", 0), None, |_| {
+                        Err(crate::bus::BusError::PermissionDenied("no".into()))
+                    })
+                    .await;
+                assert!(refused.is_err());
+            },
+        );
+        for outcome in ["delivered", "not_delivered", "late"] {
+            assert!(
+                counted.contains(&format!("outcome=\"{outcome}\"}} 1")),
+                "{outcome}: {counted}"
+            );
+        }
     }
 
     /// The call's deadline, nearer than the request's timeout, ends the wait through the bus' own

@@ -1153,14 +1153,14 @@ impl Session {
     /// neither. An entry that moved on meanwhile (its lease ran out and another member holds the
     /// next attempt, or it was settled) keeps going, and its letter is taken back: only its own, since
     /// a letter of a later attempt is never replaced by this one (that member may have taken the entry
-    /// out after dead-lettering it).
+    /// out after dead-lettering it). Returns whether the entry was still at this attempt.
     async fn dead_letter(
         &self,
         key: &GroupKey,
         claimed: &Claimed,
         attempts: u32,
         reason: Option<String>,
-    ) -> BusResult<()> {
+    ) -> BusResult<bool> {
         let reason = reason.unwrap_or_else(|| match &claimed.last_error {
             Some(e) => format!("gave up after {attempts} attempts; last error: {e}"),
             None => format!("gave up after {attempts} attempts without an ack"),
@@ -1179,11 +1179,11 @@ impl Session {
             .streams
             .ack(key, &[(claimed.sequence, claimed.attempt)])
             .await?;
-        if removed.first().copied().unwrap_or(false) {
+        let removed = removed.first().copied().unwrap_or(false);
+        if removed {
             ::metrics::counter!(names::DEAD_LETTERS, "group" => self.group_label.clone())
                 .increment(1);
         } else {
-            self.count_stale(1);
             self.bus
                 .store
                 .remove_dead_letters(
@@ -1193,7 +1193,7 @@ impl Session {
                 )
                 .await?;
         }
-        Ok(())
+        Ok(removed)
     }
 
     fn parse_ids(&self, ids: &[String], field: &str) -> BusResult<Vec<(u64, u32)>> {
@@ -1277,7 +1277,10 @@ impl Session {
         if self.unsaved_acks.is_empty() {
             return Ok(());
         }
-        let ids = std::mem::take(&mut self.unsaved_acks);
+        let mut ids = std::mem::take(&mut self.unsaved_acks);
+        // an id acked again in a later command is one ack, not a stale second one
+        ids.sort_unstable();
+        ids.dedup();
         let acked = match self.bus.streams.ack(key, &ids).await {
             Ok(acked) => acked,
             Err(error) => {
@@ -1353,8 +1356,12 @@ impl Session {
                         let reason = reason
                             .clone()
                             .unwrap_or_else(|| "dead-lettered by the subscriber".into());
-                        self.dead_letter(&key, &claimed, attempt, Some(reason))
-                            .await?;
+                        if !self
+                            .dead_letter(&key, &claimed, attempt, Some(reason))
+                            .await?
+                        {
+                            self.count_stale(1);
+                        }
                     } else {
                         retries.push((seq, attempt));
                     }
