@@ -49,16 +49,17 @@ pub fn time_to_pb(t: DateTime<Utc>) -> prost_types::Timestamp {
 
 /// Converts a protobuf duration, rejecting negative values.
 pub fn duration_from_pb(d: &prost_types::Duration, field: &str) -> Result<Duration> {
-    if d.seconds < 0 || d.nanos < 0 {
+    if d.seconds < 0 || (d.seconds == 0 && d.nanos < 0) {
         return Err(InvalidInput::field(
             field,
             "must be a non-negative duration",
         ));
     }
-    if d.nanos >= 1_000_000_000 {
+    // protobuf's own rule: nanos within a second, with the sign of seconds
+    if !(0..1_000_000_000).contains(&d.nanos) {
         return Err(InvalidInput::field(
             field,
-            "nanos must be below 1,000,000,000 (carry whole seconds into seconds)",
+            "nanos must be 0 to 999,999,999 (whole seconds go into seconds)",
         ));
     }
     Ok(Duration::new(d.seconds as u64, d.nanos as u32))
@@ -620,7 +621,8 @@ mod tests {
         };
         assert!(refused(-1, 0).contains("non-negative"));
         assert!(refused(0, -1).contains("non-negative"));
-        assert!(refused(1, 1_000_000_000).contains("nanos must be below 1,000,000,000"));
+        assert!(refused(5, -1).contains("nanos must be 0 to 999,999,999"));
+        assert!(refused(1, 1_000_000_000).contains("nanos must be 0 to 999,999,999"));
         let most = prost_types::Duration {
             seconds: 1,
             nanos: 999_999_999,
