@@ -470,7 +470,7 @@ async fn two_replicas_share_a_group_and_route_replies() {
 /// A request of `request_type` made on the requester's replica, answered by a responder on the
 /// other's: asserts the reply reached the waiting requester.
 async fn answer_across(
-    mut requester: EventBusClient<Channel>,
+    requester: EventBusClient<Channel>,
     mut responder_bus: EventBusClient<Channel>,
     request_type: &str,
 ) {
@@ -478,14 +478,7 @@ async fn answer_across(
         .await
         .expect("responder");
     let asked = event("question", request_type);
-    let call = tokio::spawn(async move {
-        requester
-            .request(pb::RequestRequest {
-                event: Some(asked),
-                timeout: millis(5000),
-            })
-            .await
-    });
+    let call = crate::harness::request_in_background(requester, asked, 5000);
     let asked = responder.next_delivery().await;
     let replied = responder_bus
         .reply(pb::ReplyRequest {

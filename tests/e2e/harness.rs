@@ -281,6 +281,22 @@ pub fn millis(ms: i32) -> Option<prost_types::Duration> {
     })
 }
 
+/// Sends a Request of `event` from `requester` in the background, so the test can answer it meanwhile.
+pub fn request_in_background(
+    mut requester: EventBusClient<Channel>,
+    event: pb::Event,
+    timeout_ms: i32,
+) -> tokio::task::JoinHandle<Result<tonic::Response<pb::RequestResponse>, Status>> {
+    tokio::spawn(async move {
+        requester
+            .request(pb::RequestRequest {
+                event: Some(event),
+                timeout: millis(timeout_ms),
+            })
+            .await
+    })
+}
+
 /// A subscriber on a real Subscribe stream.
 pub struct Subscriber {
     tx: Option<mpsc::Sender<pb::SubscribeRequest>>,

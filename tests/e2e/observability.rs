@@ -141,15 +141,11 @@ async fn replies_and_stale_acks_are_counted() {
     let mut responder = Subscriber::open(&mut bus, open(&["metrics.asked-twice"], ""))
         .await
         .expect("open");
-    let mut requester = server.bus();
-    let call = tokio::spawn(async move {
-        requester
-            .request(pb::RequestRequest {
-                event: Some(event("twice", "metrics.asked-twice")),
-                timeout: millis(10_000),
-            })
-            .await
-    });
+    let call = crate::harness::request_in_background(
+        server.bus(),
+        event("twice", "metrics.asked-twice"),
+        10_000,
+    );
     let inbox = responder
         .next_delivery()
         .await
@@ -554,15 +550,8 @@ async fn a_reply_retried_under_another_span_is_the_same_reply() {
     let mut responder = Subscriber::open(&mut bus, open(&["svc.ask"], ""))
         .await
         .expect("open");
-    let mut requester = server.bus();
-    let call = tokio::spawn(async move {
-        requester
-            .request(pb::RequestRequest {
-                event: Some(event("ask-r", "svc.ask")),
-                timeout: crate::harness::millis(10_000),
-            })
-            .await
-    });
+    let call =
+        crate::harness::request_in_background(server.bus(), event("ask-r", "svc.ask"), 10_000);
     let asked = responder.next_delivery().await.event.expect("event");
     let reply = |traceparent: &str| {
         let mut bus = server.bus();

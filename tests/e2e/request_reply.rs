@@ -384,15 +384,11 @@ async fn a_request_and_a_reply_of_the_event_limit_go_through() {
     let mut responder = Subscriber::open(&mut bus, open(&["planner.plan.requested"], "planners"))
         .await
         .expect("open");
-    let mut requester = server.bus();
-    let call = tokio::spawn(async move {
-        requester
-            .request(pb::RequestRequest {
-                event: Some(event_of_the_limit("q-full", "planner.plan.requested")),
-                timeout: millis(5000),
-            })
-            .await
-    });
+    let call = crate::harness::request_in_background(
+        server.bus(),
+        event_of_the_limit("q-full", "planner.plan.requested"),
+        5000,
+    );
     let d = responder.next_delivery().await;
     let asked = d.event.clone().expect("event");
     let reply = bus
