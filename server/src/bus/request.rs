@@ -307,13 +307,7 @@ impl Bus {
 mod tests {
     use std::time::Duration;
 
-    use crate::bus::test_support::{embedded_bus, job, join_g};
-
-    /// A member of group "g" of type "job": its commands, and what it receives.
-    type Member = (
-        futures::channel::mpsc::UnboundedSender<crate::bus::BusResult<crate::bus::Command>>,
-        tokio::sync::mpsc::Receiver<crate::bus::BusResult<crate::bus::Outbound>>,
-    );
+    use crate::bus::test_support::{Member, embedded_bus, job, join_g};
 
     /// The series of `metric` that `asks` moved on a bus of its own, with a recorder of its own (the
     /// process' one is shared with every other test); `asks` gets a member that reads requests.

@@ -1249,7 +1249,7 @@ impl Session {
         }
     }
 
-    /// Counts acks and nacks that came too late: their deliveries were redelivered or settled.
+    /// Counts acks and nacks of deliveries no longer outstanding: redelivered, or settled already.
     fn count_stale(&self, settlements: usize) {
         if settlements > 0 {
             ::metrics::counter!(names::STALE_SETTLEMENTS, "group" => self.group_label.clone())

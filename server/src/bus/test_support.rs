@@ -38,15 +38,18 @@ pub(crate) async fn embedded_bus() -> (
     (bus, shutdown, streams, dir)
 }
 
+/// A member of a group: what it sends, and what it receives.
+pub(crate) type Member = (
+    futures::channel::mpsc::UnboundedSender<BusResult<Command>>,
+    mpsc::Receiver<BusResult<Outbound>>,
+);
+
 /// Opens a member of group "g" of type "job" on `bus`, from the earliest event.
 pub(crate) async fn join_g(
     bus: &Arc<Bus>,
     max_in_flight: Option<u32>,
     heartbeat: Option<Duration>,
-) -> (
-    futures::channel::mpsc::UnboundedSender<BusResult<Command>>,
-    mpsc::Receiver<BusResult<Outbound>>,
-) {
+) -> Member {
     let spec = group_g_spec(max_in_flight, heartbeat);
     let (send, received) = futures::channel::mpsc::unbounded();
     let out = bus.subscribe(spec, received).await.expect("subscribe");
