@@ -524,6 +524,9 @@ async fn a_redrive_while_a_member_dead_letters_the_event_keeps_the_letter() {
     await_pending(&server, "g", 0).await;
 }
 
+/// The first letter is of a second attempt and the new one of a first (attempts start again after a
+/// redrive): the new letter must replace it all the same, or the redrive would remove the only
+/// letter of an event the member has taken out of the group.
 #[tokio::test]
 async fn a_redriven_event_dead_lettered_again_at_once_keeps_its_new_letter() {
     let (server, injection) = start_injected().await;
@@ -533,8 +536,17 @@ async fn a_redriven_event_dead_lettered_again_at_once_keeps_its_new_letter() {
         .expect("open");
     publish(&mut bus, vec![event("r2", "race.x")]).await;
     let d = sub.next_delivery().await;
+    sub.send(Action::Nack(pb::Nack {
+        delivery_ids: vec![d.delivery_id.clone()],
+        retry_delay: None,
+        dead_letter: false,
+        reason: "retry".into(),
+    }))
+    .await;
+    let d = sub.next_delivery().await;
+    assert_eq!(d.attempt, 2);
     nack_to_dead_letter(&sub, &d, "first").await;
-    await_dead_letters(&server, "g").await;
+    assert_eq!(await_dead_letters(&server, "g").await[0].attempts, 2);
 
     let (reached, go) = injection.before_remove_dead_letters.arm();
     let mut admin = server.admin();
@@ -612,10 +624,11 @@ async fn a_late_dead_letter_of_an_attempt_another_member_holds_is_taken_back() {
 }
 
 /// Two members dead-letter the same event at successive attempts, the later one first, and it takes
-/// the entry out: the earlier one's letter does not replace its, and taking its own letter back
-/// leaves the later one's in place. Otherwise the event would end neither pending nor dead-lettered.
+/// the entry out: the earlier one's letter replaces its only until the earlier member finds its
+/// attempt gone and puts back what it replaced. Otherwise the event would end neither pending nor
+/// dead-lettered.
 #[tokio::test]
-async fn a_stale_dead_letter_does_not_replace_a_later_attempts() {
+async fn a_stale_dead_letter_puts_back_a_later_attempts() {
     let (server, injection) = start_injected().await;
     let mut bus = server.bus();
     let mut o = group_open(&["twice.x"], "g");
@@ -642,15 +655,60 @@ async fn a_stale_dead_letter_does_not_replace_a_later_attempts() {
     .await;
     await_pending(&server, "g", 0).await;
     // the stalled member records its letter, finds its attempt gone and takes its letter back
-    let (removed, removed_go) = injection.after_remove_dead_letters.arm();
+    let (restored, restored_go) = injection.after_restore_dead_letter.arm();
     drop(go);
-    removed.wait("the stale member takes its letter back").await;
-    drop(removed_go);
+    restored
+        .wait("the stale member takes its letter back")
+        .await;
+    drop(restored_go);
     assert_eq!(
         dead_letters(&server, "g").await,
         current,
-        "the later attempt's letter stays"
+        "the later attempt's letter is back"
     );
+    await_pending(&server, "g", 0).await;
+}
+
+/// A member nacks a delivery to dead-letter it as its lease runs out, and the next member's claim,
+/// past `maxAttempts`, dead-letters the event after as many attempts and takes it out. The late
+/// letter replaces that one until its member finds its attempt gone and puts it back; removing it
+/// instead would leave the event neither pending nor dead-lettered.
+#[tokio::test]
+async fn a_late_nack_to_dead_letter_puts_back_the_letter_it_replaced() {
+    let (server, injection) = start_injected().await;
+    let mut bus = server.bus();
+    let mut o = group_open(&["tie.x"], "g");
+    o.max_attempts = 1;
+    o.ack_deadline = millis(300);
+    let mut slow = Subscriber::open(&mut bus, o.clone())
+        .await
+        .expect("open slow");
+    publish(&mut bus, vec![event("tie-1", "tie.x")]).await;
+    let d = slow.next_delivery().await;
+    let (reached, go) = injection.before_put_dead_letter.arm();
+    nack_to_dead_letter(&slow, &d, "too late").await;
+    reached
+        .wait("the slow member is about to record its letter")
+        .await;
+    // its lease runs out; the next member's claim is past the one attempt: it records a letter
+    // after 1 attempt, as the slow member's says, and takes the event out of the group
+    let _last = Subscriber::open(&mut bus, o).await.expect("open last");
+    let current = eventually("the next member's letter", || async {
+        let letters = dead_letters(&server, "g").await;
+        (letters.len() == 1).then_some(letters)
+    })
+    .await;
+    assert_eq!(current[0].attempts, 1);
+    await_pending(&server, "g", 0).await;
+    let (recorded, recorded_go) = injection.after_put_dead_letter.arm();
+    drop(go);
+    recorded.wait("the slow member records its letter").await;
+    assert_eq!(dead_letters(&server, "g").await[0].reason, "too late");
+    drop(recorded_go);
+    eventually("the replaced letter back", || async {
+        (dead_letters(&server, "g").await == current).then_some(())
+    })
+    .await;
     await_pending(&server, "g", 0).await;
 }
 

@@ -34,6 +34,8 @@ pub struct Injection {
     pub before_remove_dead_letters: Gate,
     /// Stops a `remove_dead_letters` after it removed what it did.
     pub after_remove_dead_letters: Gate,
+    /// Stops a `restore_dead_letter` after it put back what it did.
+    pub after_restore_dead_letter: Gate,
     /// Fails the next `read_sequences` with UNAVAILABLE.
     pub fail_next_read_sequences: AtomicBool,
     /// Fails the next `put_dead_letter` with UNAVAILABLE, recording nothing.
@@ -216,7 +218,7 @@ impl EventStore for InjectedStore {
         self.check()?;
         self.inner.event_types(tenant, after, limit).await
     }
-    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
+    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<Option<DeadLetter>> {
         self.check()?;
         self.injection.before_put_dead_letter.pass().await;
         if self
@@ -228,9 +230,19 @@ impl EventStore for InjectedStore {
                 "dead letter not recorded (injected)".into(),
             ));
         }
-        self.inner.put_dead_letter(dl).await?;
+        let replaced = self.inner.put_dead_letter(dl).await?;
         self.injection.after_put_dead_letter.pass().await;
-        Ok(())
+        Ok(replaced)
+    }
+    async fn restore_dead_letter(
+        &self,
+        replaced: &DeadLetter,
+        recorded_at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        self.check()?;
+        let restored = self.inner.restore_dead_letter(replaced, recorded_at).await;
+        self.injection.after_restore_dead_letter.pass().await;
+        restored
     }
     async fn dead_letters(
         &self,

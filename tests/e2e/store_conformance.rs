@@ -719,19 +719,24 @@ async fn dead_letters_are_recorded_once_listed_and_removed(b: Backend) {
     s.append("t", vec![new_event("d", "x.y"), new_event("e", "x.y")])
         .await
         .expect("append");
-    // a later attempt's letter replaces an earlier one's, not the other way round
-    for (seq, attempts) in [(1, 3), (1, 4), (1, 2), (2, 1)] {
-        s.put_dead_letter(&DeadLetter {
-            tenant: "t".into(),
-            group: "g".into(),
-            sequence: seq,
-            attempts,
-            reason: format!("attempt {attempts}"),
-            dead_lettered_at: chrono::Utc::now(),
-        })
-        .await
-        .expect("put");
+    let letter = |seq: u64, attempts: u32| DeadLetter {
+        tenant: "t".into(),
+        group: "g".into(),
+        sequence: seq,
+        attempts,
+        reason: format!("attempt {attempts}"),
+        dead_lettered_at: chrono::Utc::now(),
+    };
+    // a letter recorded again replaces the one there, and says which it replaced
+    let mut replaced = Vec::new();
+    for (seq, attempts) in [(1, 3), (1, 4), (2, 1)] {
+        let put = s
+            .put_dead_letter(&letter(seq, attempts))
+            .await
+            .expect("put");
+        replaced.push(put.map(|d| (d.sequence, d.attempts)));
     }
+    assert_eq!(replaced, [None, Some((1, 3)), None]);
     let letters = s.dead_letters("t", "g", 0, 10).await.expect("list");
     assert_eq!(
         letters
@@ -740,6 +745,29 @@ async fn dead_letters_are_recorded_once_listed_and_removed(b: Backend) {
             .collect::<Vec<_>>(),
         [(1, 4), (2, 1)],
         "one entry per event"
+    );
+    // what a letter replaced goes back, as it was, only where that letter still stands
+    let stale = letter(1, 2);
+    let fourth = s
+        .put_dead_letter(&stale)
+        .await
+        .expect("put stale")
+        .expect("it replaced the fourth attempt's");
+    assert!(
+        s.restore_dead_letter(&fourth, stale.dead_lettered_at)
+            .await
+            .expect("restore")
+    );
+    assert!(
+        !s.restore_dead_letter(&letter(1, 9), stale.dead_lettered_at)
+            .await
+            .expect("restore again"),
+        "the stale letter is gone: nothing to put back over"
+    );
+    assert_eq!(
+        s.dead_letters("t", "g", 0, 10).await.expect("list"),
+        letters,
+        "the fourth attempt's letter is back as it was"
     );
     assert_eq!(
         s.dead_letter_counts("t", &["g".to_owned(), "none".to_owned()])
@@ -759,12 +787,8 @@ async fn dead_letters_are_recorded_once_listed_and_removed(b: Backend) {
         .map(|d| (d.sequence, d.dead_lettered_at))
         .collect();
     s.put_dead_letter(&DeadLetter {
-        tenant: "t".into(),
-        group: "g".into(),
-        sequence: 2,
-        attempts: 2,
         reason: "again".into(),
-        dead_lettered_at: chrono::Utc::now(),
+        ..letter(2, 2)
     })
     .await
     .expect("put again");

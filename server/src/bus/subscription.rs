@@ -1150,10 +1150,11 @@ impl Session {
 
     /// Records a dead letter, then takes the entry out of the group if it is still at this attempt.
     /// The letter comes first: a crash in between leaves it both pending and dead-lettered, never
-    /// neither. An entry that moved on meanwhile (its lease ran out and another member holds the
-    /// next attempt, or it was settled) keeps going, and its letter is taken back: only its own, since
-    /// a letter of a later attempt is never replaced by this one (that member may have taken the entry
-    /// out after dead-lettering it). Returns whether the entry was still at this attempt.
+    /// neither. It replaces any letter of the event, so a redrive that listed an older one removes
+    /// that one only. An entry that moved on meanwhile (its lease ran out and another member holds
+    /// the next attempt, or it was settled) keeps going, and what this letter replaced is put back
+    /// (the letter of a member that dead-lettered a later attempt and took the entry out), or the
+    /// letter is removed if it replaced none. Returns whether the entry was still at this attempt.
     async fn dead_letter(
         &self,
         key: &GroupKey,
@@ -1173,7 +1174,7 @@ impl Session {
             reason,
             dead_lettered_at: Utc::now(),
         };
-        self.bus.store.put_dead_letter(&letter).await?;
+        let replaced = self.bus.store.put_dead_letter(&letter).await?;
         let removed = self
             .bus
             .streams
@@ -1183,6 +1184,11 @@ impl Session {
         if removed {
             ::metrics::counter!(names::DEAD_LETTERS, "group" => self.group_label.clone())
                 .increment(1);
+        } else if let Some(replaced) = replaced {
+            self.bus
+                .store
+                .restore_dead_letter(&replaced, letter.dead_lettered_at)
+                .await?;
         } else {
             self.bus
                 .store

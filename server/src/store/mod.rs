@@ -308,7 +308,7 @@ pub struct EventTypeStats {
 }
 
 /// An event a group gave up on.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
     pub tenant: String,
     pub group: String,
@@ -440,10 +440,18 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<EventTypeStats>>;
 
-    /// Records a dead letter; recording the same (group, sequence) again replaces it, unless the letter
-    /// there is of a later attempt: that is a member's whose claim came after this one's lease ran
-    /// out, and it may have taken the entry out of the group already.
-    async fn put_dead_letter(&self, dead_letter: &DeadLetter) -> StoreResult<()>;
+    /// Records a dead letter, replacing the group's letter of the same event; returns the one it
+    /// replaced, for [`EventStore::restore_dead_letter`] if the entry turns out to be another
+    /// member's by now.
+    async fn put_dead_letter(&self, dead_letter: &DeadLetter) -> StoreResult<Option<DeadLetter>>;
+
+    /// Puts `replaced` back where the letter of its event recorded at `recorded_at` still stands
+    /// (a letter recorded since stays); returns whether it did.
+    async fn restore_dead_letter(
+        &self,
+        replaced: &DeadLetter,
+        recorded_at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
 
     /// Lists a group's dead letters after a sequence, oldest first.
     async fn dead_letters(

@@ -67,6 +67,31 @@ fn decode_publisher(row: &PgRow) -> StoreResult<Publisher> {
     })
 }
 
+fn decode_dead_letter(row: &PgRow) -> StoreResult<DeadLetter> {
+    Ok(DeadLetter {
+        tenant: row.try_get("tenant").map_err(map_err)?,
+        group: row.try_get("grp").map_err(map_err)?,
+        sequence: row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
+        attempts: row.try_get::<i32, _>("attempts").map_err(map_err)? as u32,
+        reason: row.try_get("reason").map_err(map_err)?,
+        dead_lettered_at: from_ns(row.try_get("dead_ns").map_err(map_err)?),
+    })
+}
+
+/// Binds a dead letter as `$1` to `$6`: tenant, group, sequence, attempts, reason, time.
+fn bind_dead_letter<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    dl: &'q DeadLetter,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(&dl.tenant)
+        .bind(&dl.group)
+        .bind(seq_i64(dl.sequence))
+        .bind(dl.attempts as i32)
+        .bind(&dl.reason)
+        .bind(super::sqlite::to_ns(dl.dead_lettered_at))
+}
+
 fn decode_audit(row: &PgRow) -> StoreResult<AuditRecord> {
     Ok(AuditRecord {
         id: row.try_get::<i64, _>("id").map_err(map_err)? as u64,
@@ -935,22 +960,68 @@ impl EventStore for PostgresStore {
             .collect()
     }
 
-    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO dead_letters (tenant, grp, seq, attempts, reason, dead_ns) VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (tenant, grp, seq) DO UPDATE SET attempts = excluded.attempts, reason = excluded.reason, dead_ns = excluded.dead_ns \
-             WHERE dead_letters.attempts <= excluded.attempts",
+    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<Option<DeadLetter>> {
+        // Each statement of a read-committed transaction sees what committed before it: the letter
+        // there is locked and read, or a concurrent insert makes the insert find it and look again.
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let replaced = loop {
+            let there = sqlx::query(
+                "SELECT * FROM dead_letters WHERE tenant = $1 AND grp = $2 AND seq = $3 FOR UPDATE",
+            )
+            .bind(&dl.tenant)
+            .bind(&dl.group)
+            .bind(seq_i64(dl.sequence))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if let Some(row) = there {
+                bind_dead_letter(
+                    sqlx::query(
+                        "UPDATE dead_letters SET attempts = $4, reason = $5, dead_ns = $6 \
+                         WHERE tenant = $1 AND grp = $2 AND seq = $3",
+                    ),
+                    dl,
+                )
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                break Some(decode_dead_letter(&row)?);
+            }
+            let inserted = bind_dead_letter(
+                sqlx::query(
+                    "INSERT INTO dead_letters (tenant, grp, seq, attempts, reason, dead_ns) VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (tenant, grp, seq) DO NOTHING",
+                ),
+                dl,
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if inserted.rows_affected() == 1 {
+                break None;
+            }
+        };
+        tx.commit().await.map_err(map_err)?;
+        Ok(replaced)
+    }
+
+    async fn restore_dead_letter(
+        &self,
+        replaced: &DeadLetter,
+        recorded_at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let done = bind_dead_letter(
+            sqlx::query(
+                "UPDATE dead_letters SET attempts = $4, reason = $5, dead_ns = $6 \
+                 WHERE tenant = $1 AND grp = $2 AND seq = $3 AND dead_ns = $7",
+            ),
+            replaced,
         )
-        .bind(&dl.tenant)
-        .bind(&dl.group)
-        .bind(seq_i64(dl.sequence))
-        .bind(dl.attempts as i32)
-        .bind(&dl.reason)
-        .bind(super::sqlite::to_ns(dl.dead_lettered_at))
+        .bind(super::sqlite::to_ns(recorded_at))
         .execute(&self.pool)
         .await
         .map_err(map_err)?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     async fn dead_letters(
@@ -970,18 +1041,7 @@ impl EventStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        rows.iter()
-            .map(|r| {
-                Ok(DeadLetter {
-                    tenant: r.try_get("tenant").map_err(map_err)?,
-                    group: r.try_get("grp").map_err(map_err)?,
-                    sequence: r.try_get::<i64, _>("seq").map_err(map_err)? as u64,
-                    attempts: r.try_get::<i32, _>("attempts").map_err(map_err)? as u32,
-                    reason: r.try_get("reason").map_err(map_err)?,
-                    dead_lettered_at: from_ns(r.try_get("dead_ns").map_err(map_err)?),
-                })
-            })
-            .collect()
+        rows.iter().map(decode_dead_letter).collect()
     }
 
     async fn dead_letter_counts(

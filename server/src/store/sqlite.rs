@@ -393,6 +393,31 @@ fn decode_publisher(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Publisher> {
     })
 }
 
+fn decode_dead_letter(row: &sqlx::sqlite::SqliteRow) -> StoreResult<DeadLetter> {
+    Ok(DeadLetter {
+        tenant: row.try_get("tenant").map_err(map_err)?,
+        group: row.try_get("grp").map_err(map_err)?,
+        sequence: row.try_get::<i64, _>("seq").map_err(map_err)? as u64,
+        attempts: row.try_get::<i64, _>("attempts").map_err(map_err)? as u32,
+        reason: row.try_get("reason").map_err(map_err)?,
+        dead_lettered_at: from_ns(row.try_get("dead_ns").map_err(map_err)?),
+    })
+}
+
+/// Binds a dead letter as `?1` to `?6`: tenant, group, sequence, attempts, reason, time.
+fn bind_dead_letter<'q>(
+    query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
+    dl: &'q DeadLetter,
+) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments> {
+    query
+        .bind(&dl.tenant)
+        .bind(&dl.group)
+        .bind(seq_i64(dl.sequence))
+        .bind(i64::from(dl.attempts))
+        .bind(&dl.reason)
+        .bind(to_ns(dl.dead_lettered_at))
+}
+
 fn decode_audit(row: &sqlx::sqlite::SqliteRow) -> StoreResult<AuditRecord> {
     Ok(AuditRecord {
         id: row.try_get::<i64, _>("id").map_err(map_err)? as u64,
@@ -1141,23 +1166,51 @@ impl EventStore for SqliteStore {
         Ok(stats)
     }
 
-    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<()> {
+    async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<Option<DeadLetter>> {
+        // the writer's lock keeps every other write out between the read and the upsert
         let mut conn = self.db.writer.lock().await;
-        sqlx::query(
-            "INSERT INTO dead_letters (tenant, grp, seq, attempts, reason, dead_ns) VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (tenant, grp, seq) DO UPDATE SET attempts = excluded.attempts, reason = excluded.reason, dead_ns = excluded.dead_ns \
-             WHERE dead_letters.attempts <= excluded.attempts",
+        let replaced =
+            sqlx::query("SELECT * FROM dead_letters WHERE tenant = ? AND grp = ? AND seq = ?")
+                .bind(&dl.tenant)
+                .bind(&dl.group)
+                .bind(seq_i64(dl.sequence))
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(map_err)?
+                .as_ref()
+                .map(decode_dead_letter)
+                .transpose()?;
+        bind_dead_letter(
+            sqlx::query(
+                "INSERT INTO dead_letters (tenant, grp, seq, attempts, reason, dead_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (tenant, grp, seq) DO UPDATE SET attempts = excluded.attempts, reason = excluded.reason, dead_ns = excluded.dead_ns",
+            ),
+            dl,
         )
-        .bind(&dl.tenant)
-        .bind(&dl.group)
-        .bind(seq_i64(dl.sequence))
-        .bind(i64::from(dl.attempts))
-        .bind(&dl.reason)
-        .bind(to_ns(dl.dead_lettered_at))
         .execute(&mut *conn)
         .await
         .map_err(map_err)?;
-        Ok(())
+        Ok(replaced)
+    }
+
+    async fn restore_dead_letter(
+        &self,
+        replaced: &DeadLetter,
+        recorded_at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut conn = self.db.writer.lock().await;
+        let done = bind_dead_letter(
+            sqlx::query(
+                "UPDATE dead_letters SET attempts = ?4, reason = ?5, dead_ns = ?6 \
+                 WHERE tenant = ?1 AND grp = ?2 AND seq = ?3 AND dead_ns = ?7",
+            ),
+            replaced,
+        )
+        .bind(to_ns(recorded_at))
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn dead_letters(
@@ -1177,18 +1230,7 @@ impl EventStore for SqliteStore {
         .fetch_all(&self.db.pool)
         .await
         .map_err(map_err)?;
-        rows.iter()
-            .map(|r| {
-                Ok(DeadLetter {
-                    tenant: r.try_get("tenant").map_err(map_err)?,
-                    group: r.try_get("grp").map_err(map_err)?,
-                    sequence: r.try_get::<i64, _>("seq").map_err(map_err)? as u64,
-                    attempts: r.try_get::<i64, _>("attempts").map_err(map_err)? as u32,
-                    reason: r.try_get("reason").map_err(map_err)?,
-                    dead_lettered_at: from_ns(r.try_get("dead_ns").map_err(map_err)?),
-                })
-            })
-            .collect()
+        rows.iter().map(decode_dead_letter).collect()
     }
 
     async fn dead_letter_counts(
