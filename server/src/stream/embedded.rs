@@ -45,6 +45,7 @@ enum Taken {
 /// moves the cursor there (taking the writer's lock, which waits for the event commit in flight).
 const RECORD_LOOK: u64 = 4096;
 
+#[derive(Clone)]
 struct GroupState {
     config: GroupConfig,
     cursors: [u64; 4],
@@ -492,11 +493,11 @@ impl EmbeddedStreams {
             .is_some_and(|due| due <= now))
     }
 
-    fn group_snapshot(&self, key: &GroupKey) -> StreamResult<(GroupConfig, [u64; 4])> {
+    fn group_snapshot(&self, key: &GroupKey) -> StreamResult<GroupState> {
         let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
         groups
             .get(key)
-            .map(|g| (g.config.clone(), g.cursors))
+            .cloned()
             .ok_or_else(|| StreamError::NoSuchGroup(key.name.clone()))
     }
 }
@@ -649,7 +650,11 @@ impl LiveStreams for EmbeddedStreams {
         let index = level_index(level);
         // pages are read without the writer lock, so acks and commits go on meanwhile; the lock
         // then makes check-cursor, insert-pending, move-cursor one step for all consumers
-        let (config, cursors) = self.group_snapshot(key)?;
+        let GroupState {
+            config,
+            cursors,
+            created_ns,
+        } = self.group_snapshot(key)?;
         let until = self.last_appended().await?;
         let mut cursor = cursors[index];
         let query = |after: u64, limit: usize| ReadQuery {
@@ -723,8 +728,9 @@ impl LiveStreams for EmbeddedStreams {
                 // no read-ahead while this one holds it, or the next after the last member left,
                 // does not look at the same sequences again (no event of the level is in between).
                 let conn = self.store.db().lock_delivery_writer().await;
-                let (_, now) = self.group_snapshot(key)?;
-                if now[index] == cursors[index] {
+                let now = self.group_snapshot(key)?;
+                // not in a group made again meanwhile, whose selection may differ
+                if now.created_ns == created_ns && now.cursors[index] == cursors[index] {
                     conn.prepare_cached(
                         "UPDATE group_cursors SET cursor = ?1 WHERE tenant = ?2 AND grp = ?3 AND priority = ?4",
                     )
@@ -762,7 +768,7 @@ impl LiveStreams for EmbeddedStreams {
         let mut conn = self.store.db().lock_delivery_writer().await;
         // another consumer of the group may have claimed part of what was read: what it took is
         // not handed out again (committed history never changes, so the rest of the page stands)
-        let (_, now) = self.group_snapshot(key)?;
+        let now = self.group_snapshot(key)?;
         // A claim that lost the cursor to another member's, or to a group made again, says there
         // is more: the next one goes on from the cursor as it is now. With no more, the session
         // would take the level for drained and wait for the next commit.
@@ -772,12 +778,14 @@ impl LiveStreams for EmbeddedStreams {
             rows_read,
             bytes_read,
         };
-        if now[index] < cursors[index] {
-            // the group was deleted and made again meanwhile: claim from its new cursor next time
+        if now.created_ns != created_ns {
+            // the group was deleted and made again meanwhile, maybe with another selection or
+            // start: what was read for the old one is not claimed for it
             return Ok(lost);
         }
-        taken.retain(|event| event.sequence > now[index]);
-        if cursor <= now[index] {
+        let cursor_now = now.cursors[index];
+        taken.retain(|event| event.sequence > cursor_now);
+        if cursor <= cursor_now {
             return Ok(lost);
         }
         let tx = conn.transaction().map_err(write_err)?;
@@ -1407,6 +1415,43 @@ mod tests {
         sequences
     }
 
+    /// A claim whose group is deleted and made again between its read and the writer's lock leases
+    /// nothing in the new group and leaves its cursor: the new group's selection or start may
+    /// differ, and moving its cursor past what was read for the old one would skip its events.
+    #[tokio::test]
+    async fn a_claim_leases_nothing_in_a_group_made_again_meanwhile() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (streams, key, _) = group_with_backlog(dir.path(), 10, |_| Priority::Normal).await;
+        let writing = streams.store.db().writer.lock().await;
+        let claim = tokio::spawn({
+            let (streams, key) = (streams.clone(), key.clone());
+            async move {
+                let lease = Utc::now() + chrono::Duration::seconds(30);
+                streams
+                    .claim_new(&key, "a", Priority::Normal, 100, lease)
+                    .await
+            }
+        });
+        // on this one-threaded runtime the claim runs until it waits for the writer's lock: its
+        // page comes from the tail, with nothing to wait for before the lock
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!claim.is_finished());
+        // what a delete and a create under the name leave in memory: another creation time
+        streams
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&key)
+            .expect("group")
+            .created_ns += 1;
+        drop(writing);
+        let claimed = claim.await.expect("claim task").expect("claim");
+        assert!(claimed.entries.is_empty() && claimed.more, "{claimed:?}");
+        assert_eq!(streams.group_snapshot(&key).expect("group").cursors, [0; 4]);
+    }
+
     #[tokio::test]
     async fn claim_pages_from_the_tail_hold_what_the_store_reads() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1594,7 +1639,7 @@ mod tests {
             first.entries.is_empty() && first.more,
             "eight spans hold no event of the level"
         );
-        let (_, cursors) = streams.group_snapshot(&key).expect("group");
+        let cursors = streams.group_snapshot(&key).expect("group").cursors;
         assert!(
             cursors[normal] >= RECORD_LOOK && cursors[normal] < n,
             "the cursor moved to where the claim looked: {}",
