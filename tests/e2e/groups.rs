@@ -628,7 +628,7 @@ async fn a_late_dead_letter_of_an_attempt_another_member_holds_is_taken_back() {
 /// attempt gone and puts back what it replaced. Otherwise the event would end neither pending nor
 /// dead-lettered.
 #[tokio::test]
-async fn a_stale_dead_letter_puts_back_a_later_attempts() {
+async fn a_stale_dead_letter_puts_back_a_later_attempts_letter() {
     let (server, injection) = start_injected().await;
     let mut bus = server.bus();
     let mut o = group_open(&["twice.x"], "g");
@@ -654,11 +654,11 @@ async fn a_stale_dead_letter_puts_back_a_later_attempts() {
     })
     .await;
     await_pending(&server, "g", 0).await;
-    // the stalled member records its letter, finds its attempt gone and takes its letter back
+    // the stalled member records its letter, finds its attempt gone and puts back what it replaced
     let (restored, restored_go) = injection.after_restore_dead_letter.arm();
     drop(go);
     restored
-        .wait("the stale member takes its letter back")
+        .wait("the stale member puts back the letter it replaced")
         .await;
     drop(restored_go);
     assert_eq!(
@@ -679,7 +679,9 @@ async fn a_late_nack_to_dead_letter_puts_back_the_letter_it_replaced() {
     let mut bus = server.bus();
     let mut o = group_open(&["tie.x"], "g");
     o.max_attempts = 1;
-    o.ack_deadline = millis(300);
+    // long enough for the slow member's session to take the nack before the lease runs out (else
+    // it would dead-letter the event itself), short enough for the next member to get it soon
+    o.ack_deadline = millis(1_000);
     let mut slow = Subscriber::open(&mut bus, o.clone())
         .await
         .expect("open slow");

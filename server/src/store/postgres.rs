@@ -962,8 +962,13 @@ impl EventStore for PostgresStore {
 
     async fn put_dead_letter(&self, dl: &DeadLetter) -> StoreResult<Option<DeadLetter>> {
         // Each statement of a read-committed transaction sees what committed before it: the letter
-        // there is locked and read, or a concurrent insert makes the insert find it and look again.
+        // there is locked and read, or a concurrent insert makes the insert find it and look again
+        // (a loop only while other letters of the event come and go between the two statements).
         let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         let replaced = loop {
             let there = sqlx::query(
                 "SELECT * FROM dead_letters WHERE tenant = $1 AND grp = $2 AND seq = $3 FOR UPDATE",

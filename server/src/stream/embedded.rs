@@ -1432,8 +1432,8 @@ mod tests {
                     .await
             }
         });
-        // on this one-threaded runtime the claim runs until it waits for the writer's lock: its
-        // page comes from the tail, with nothing to wait for before the lock
+        // on this one-threaded runtime the claim runs until it waits for the writer's lock (its
+        // page comes from the tail); it reads the group's creation time before its first wait
         for _ in 0..3 {
             tokio::task::yield_now().await;
         }
