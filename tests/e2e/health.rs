@@ -22,6 +22,23 @@ async fn status_of(
     ServingStatus::try_from(response.status).expect("known status")
 }
 
+/// Health checks need no credentials, so one larger than a service name is refused when its length
+/// arrives, before the server holds room for it (a caller could otherwise hold 4 MiB per stream).
+#[tokio::test]
+async fn a_health_check_larger_than_a_service_name_is_refused() {
+    let server = TestServer::start().await;
+    let mut health = HealthClient::new(server.channel.clone());
+    let large = health
+        .check(HealthCheckRequest {
+            service: "x".repeat(64 * 1024),
+        })
+        .await
+        .expect_err("a 64 KiB service name");
+    assert_eq!(large.code(), Code::ResourceExhausted, "{large:?}");
+    // the connection stays usable
+    status_of(&mut health, "").await;
+}
+
 #[tokio::test]
 async fn health_is_serving_per_service_and_reflection_lists_services() {
     let server = TestServer::start().await;

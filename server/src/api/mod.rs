@@ -50,6 +50,11 @@ pub const LIVENESS: &str = "nerve.v1.Liveness";
 /// Redis, so a Redis outage must not take every replica out of a load balancer.
 pub const READINESS: &str = "nerve.v1.Readiness";
 
+/// Largest health check decoded, in bytes: it names one service. Callers without credentials reach
+/// it, and tonic reserves room for a message as soon as its length arrives, so a larger one is
+/// refused before anything is held.
+const HEALTH_MESSAGE_LIMIT: usize = 4 * 1024;
+
 /// How the gRPC listener is served.
 #[derive(Debug)]
 pub struct ServeSettings {
@@ -77,7 +82,8 @@ pub async fn serve(
     let health = tonic_health::pb::health_server::HealthServer::new(health::HealthService::new(
         reporter.clone(),
         shutdown.clone(),
-    ));
+    ))
+    .max_decoding_message_size(HEALTH_MESSAGE_LIMIT);
     // every service has a status from the first call on; the watcher flips it to SERVING
     report(&reporter, Backends::DOWN).await;
     reporter
@@ -95,6 +101,9 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
+                .layer(tower::util::MapResponseLayer::new(
+                    limits::unreadable_message_status,
+                ))
                 .add_service(health)
                 .serve_with_incoming_shutdown(
                     TcpListenerStream::new(health_listener),
