@@ -648,11 +648,8 @@ async fn a_stale_dead_letter_puts_back_a_later_attempts_letter() {
     // its lease runs out: the member after it claims the next attempt, dead-letters it and takes it
     // out of the group
     let _last = Subscriber::open(&mut bus, o).await.expect("open");
-    let current = eventually("the current letter", || async {
-        let letters = dead_letters(&server, "g").await;
-        (letters.len() == 1).then_some(letters)
-    })
-    .await;
+    // the group's one event: its one letter
+    let current = await_dead_letters(&server, "g").await;
     await_pending(&server, "g", 0).await;
     // the stalled member records its letter, finds its attempt gone and puts back what it replaced
     let (restored, restored_go) = injection.after_restore_dead_letter.arm();
@@ -695,11 +692,8 @@ async fn a_late_nack_to_dead_letter_puts_back_the_letter_it_replaced() {
     // its lease runs out; the next member's claim is past the one attempt: it records a letter
     // after 1 attempt, as the slow member's says, and takes the event out of the group
     let _last = Subscriber::open(&mut bus, o).await.expect("open last");
-    let current = eventually("the next member's letter", || async {
-        let letters = dead_letters(&server, "g").await;
-        (letters.len() == 1).then_some(letters)
-    })
-    .await;
+    // the group's one event: its one letter
+    let current = await_dead_letters(&server, "g").await;
     assert_eq!(current[0].attempts, 1);
     await_pending(&server, "g", 0).await;
     let (recorded, recorded_go) = injection.after_put_dead_letter.arm();
