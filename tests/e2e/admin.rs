@@ -276,6 +276,60 @@ async fn a_member_of_a_deleted_group_never_joins_a_group_created_again_under_its
     }
 }
 
+/// An open racing a delete of the group it joins either joined the group the delete removed, and
+/// ends NOT_FOUND, or made the group again after the delete, and is its member: it never ends while
+/// the group it made stands.
+#[tokio::test]
+async fn an_open_racing_a_delete_ends_only_when_its_group_is_gone() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut admin = server.admin();
+    let (mut stayed, mut ended) = (0, 0);
+    for round in 0..50 {
+        let (name, event_type) = (format!("raced{round}"), format!("raced.t{round}"));
+        Subscriber::open(&mut bus, open(&[event_type.as_str()], &name))
+            .await
+            .expect("create")
+            .close();
+        let mut racing_bus = server.bus();
+        let delete = admin.delete_group(pb::DeleteGroupRequest {
+            group: name.clone(),
+        });
+        let join = Subscriber::open(&mut racing_bus, open(&[event_type.as_str()], &name));
+        // sent in either order, so both outcomes come up
+        let (deleted, member) = if round % 2 == 0 {
+            tokio::join!(delete, join)
+        } else {
+            let (member, deleted) = tokio::join!(join, delete);
+            (deleted, member)
+        };
+        assert!(deleted.expect("delete").into_inner().deleted, "{name}");
+        let mut member = member.expect("open");
+        let groups = admin
+            .list_groups(pb::ListGroupsRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .groups;
+        if groups.iter().any(|g| g.name == name) {
+            // the open made the group after the delete: its only member gets the group's events
+            publish(&mut bus, vec![event(&format!("e{round}"), &event_type)]).await;
+            match member.next_message(WAIT).await {
+                Ok(Some(d)) => assert_eq!(id(&d), format!("e{round}")),
+                other => panic!("{name} stands, but its member got {other:?}"),
+            }
+            stayed += 1;
+        } else {
+            match member.next_message(WAIT).await {
+                Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+                other => panic!("{name} is gone, but its member got {other:?}"),
+            }
+            ended += 1;
+        }
+    }
+    eprintln!("opens that made the group again: {stayed}; that joined the deleted one: {ended}");
+}
+
 #[tokio::test]
 async fn delete_group_removes_it_and_redrive_of_unknown_group_is_not_found() {
     let server = TestServer::start().await;

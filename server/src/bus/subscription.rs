@@ -323,8 +323,8 @@ impl Bus {
                     max_attempts,
                 };
                 self.room_for_group(&key).await?;
-                // watched before the group is looked up: a delete after that ends this member, so it
-                // never goes on in a group created again under the name meanwhile
+                // watched before the group is looked up: a delete after that wakes this member, which
+                // then finds the group gone or created again (another `created_ns`) and ends
                 let wakeups = self.streams.group_wakeups(&key);
                 // a caller held to `deny.replay` joins an existing group at its position, and may
                 // only create one that starts now
@@ -488,7 +488,7 @@ impl Session {
                         None => std::future::pending().await,
                     }
                 } => if deleted {
-                    // a group created again under the name is another group
+                    // the backend let go of the group's wakeups (none does while they are watched)
                     let name = self.group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
                     return Err(crate::stream::StreamError::NoSuchGroup(name).into());
                 },

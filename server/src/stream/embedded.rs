@@ -1046,9 +1046,10 @@ impl LiveStreams for EmbeddedStreams {
     }
 
     fn group_wakeups(&self, key: &GroupKey) -> watch::Receiver<u64> {
-        self.wakeups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut wakeups = self.wakeups.lock().unwrap_or_else(|p| p.into_inner());
+        // groups every member left (or deleted ones): nobody to wake
+        wakeups.retain(|k, tx| k == key || tx.receiver_count() > 0);
+        wakeups
             .entry(key.clone())
             .or_insert_with(|| watch::channel(0).0)
             .subscribe()
@@ -1179,11 +1180,9 @@ impl LiveStreams for EmbeddedStreams {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
-        // ends the members' streams (see `group_wakeups`)
-        self.wakeups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        // the members end when they read the group again (see `group_wakeups`); the channel stays:
+        // an open that watched it before this delete and made the group again is that group's member
+        self.wake_group(key).await?;
         Ok(deleted)
     }
 

@@ -263,7 +263,8 @@ pub trait LiveStreams: Send + Sync + 'static {
     /// Watches a counter that moves whenever pending entries of the group became due early (release, nack,
     /// redrive, delete). A delete wakes the members, which end when they read the group again (gone,
     /// or created again: another `created_ns`), so a member never goes on in a group created again
-    /// under the name (whose types it may not read); a backend may also drop the sender to end them.
+    /// under the name (whose types it may not read). The sender stays while anyone watches: an open
+    /// that watched before a delete and then made the group again is a member of the group it made.
     fn group_wakeups(&self, key: &GroupKey) -> watch::Receiver<u64>;
 
     /// Tells every consumer of the group (on every replica) to look for due entries now.

@@ -1890,45 +1890,51 @@ impl LiveStreams for RedisStreams {
     ) -> StreamResult<GroupSettings> {
         let mut tx = self.store.pool().begin().await.map_err(db_err)?;
         let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or_default();
-        let mut created_ns = now_ns;
-        let created = sqlx::query(
-            "INSERT INTO nerve_groups (tenant, name, selection, max_attempts, start_after, created_ns) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, name) DO NOTHING",
-        )
-        .bind(&key.tenant)
-        .bind(&key.name)
-        .bind(config.selection.to_json())
-        .bind(config.max_attempts as i32)
-        .bind(start_after as i64)
-        .bind(now_ns)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?
-        .rows_affected()
-            == 1;
-        if created {
-            // a DeleteGroup that failed on Redis after the row went (or is still clearing it) leaves
-            // consumer groups and ledgers under the name: the new group must not take over their
-            // cursors and entries. Cleared before the commit, so no member of the new group (here
-            // or on another replica, whose insert waits for this one) claims before. Read through
-            // the transaction: a second connection could wait for a pool this open holds.
-            let streams: Vec<StreamId> = self
-                .every_stream(&mut *tx, &key.tenant)
-                .await?
-                .into_iter()
-                .collect();
-            self.destroy_on(key, &streams).await?;
-        } else {
+        // a loop only while a DeleteGroup removes the row between the insert that found it and the
+        // lock (each statement sees what committed before it)
+        let created_ns = loop {
+            let created = sqlx::query(
+                "INSERT INTO nerve_groups (tenant, name, selection, max_attempts, start_after, created_ns) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, name) DO NOTHING",
+            )
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .bind(config.selection.to_json())
+            .bind(config.max_attempts as i32)
+            .bind(start_after as i64)
+            .bind(now_ns)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected()
+                == 1;
+            if created {
+                // a DeleteGroup that failed on Redis after the row went (or is still clearing it)
+                // leaves consumer groups and ledgers under the name: the new group must not take
+                // over their cursors and entries. Cleared before the commit, so no member of the new
+                // group (here or on another replica, whose insert waits for this one) claims before.
+                // Read through the transaction: a second connection could wait for a pool this open
+                // holds.
+                let streams: Vec<StreamId> = self
+                    .every_stream(&mut *tx, &key.tenant)
+                    .await?
+                    .into_iter()
+                    .collect();
+                self.destroy_on(key, &streams).await?;
+                break now_ns;
+            }
             // locked until the update: an open with other types cannot slip in between
-            let (stored, created): (String, i64) = sqlx::query_as(
+            let Some((stored, created)): Option<(String, i64)> = sqlx::query_as(
                 "SELECT selection, created_ns FROM nerve_groups WHERE tenant = $1 AND name = $2 FOR UPDATE",
             )
             .bind(&key.tenant)
             .bind(&key.name)
-            .fetch_one(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await
-            .map_err(db_err)?;
-            created_ns = created;
+            .map_err(db_err)?
+            else {
+                continue;
+            };
             super::check_group_types(key, &stored, &config.selection)?;
             sqlx::query(
                 "UPDATE nerve_groups SET selection = $3, max_attempts = $4 WHERE tenant = $1 AND name = $2",
@@ -1940,7 +1946,8 @@ impl LiveStreams for RedisStreams {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        }
+            break created;
+        };
         tx.commit().await.map_err(db_err)?;
         self.forget_config(key);
         self.wake_group(key).await?;
