@@ -283,6 +283,7 @@ pub fn load(
     if args.insecure {
         config.insecure = true;
     }
+    config.bus.check().map_err(Error::Config)?;
     Ok((config, warnings))
 }
 
@@ -364,6 +365,66 @@ mod tests {
         std::fs::write(&file, "[limits]\nmax_batch_event = 7\n").expect("write");
         let err = load(&args, []).expect_err("unknown key");
         assert!(err.to_string().contains("max_batch_event"), "{err}");
+    }
+
+    #[test]
+    fn bus_defaults_their_own_bounds_refuse_are_refused_naming_the_setting() {
+        let refused = |name: &str, value: &str, named: &str| {
+            let env = [(name.to_owned(), value.to_owned())];
+            let err = load(&Args::default(), env).expect_err(name).to_string();
+            assert!(err.contains(named), "{name}={value}: {err}");
+        };
+        refused(
+            "NERVE_BUS__DEFAULT_REQUEST_TIMEOUT",
+            "10m",
+            "bus.default_request_timeout must be positive and at most bus.max_request_timeout (300s)",
+        );
+        refused(
+            "NERVE_BUS__MAX_REQUEST_TIMEOUT",
+            "0s",
+            "bus.max_request_timeout",
+        );
+        refused(
+            "NERVE_BUS__MAX_REQUEST_TIMEOUT",
+            "1000years",
+            "bus.max_request_timeout",
+        );
+        refused(
+            "NERVE_BUS__DEFAULT_ACK_DEADLINE",
+            "11m",
+            "bus.default_ack_deadline",
+        );
+        refused("NERVE_BUS__MAX_ACK_DEADLINE", "1ms", "bus.max_ack_deadline");
+        refused(
+            "NERVE_BUS__DEFAULT_MAX_IN_FLIGHT",
+            "10001",
+            "bus.default_max_in_flight",
+        );
+        refused(
+            "NERVE_BUS__MAX_IN_FLIGHT_LIMIT",
+            "0",
+            "bus.max_in_flight_limit",
+        );
+        refused(
+            "NERVE_BUS__DEFAULT_MAX_ATTEMPTS",
+            "0",
+            "bus.default_max_attempts",
+        );
+        refused(
+            "NERVE_BUS__DEFAULT_HEARTBEAT",
+            "10ms",
+            "bus.default_heartbeat",
+        );
+        // a bound raised with its default is taken
+        let env = [
+            ("NERVE_BUS__MAX_REQUEST_TIMEOUT".to_owned(), "1h".to_owned()),
+            (
+                "NERVE_BUS__DEFAULT_REQUEST_TIMEOUT".to_owned(),
+                "10m".to_owned(),
+            ),
+        ];
+        let (config, _) = load(&Args::default(), env).expect("loads");
+        assert_eq!(config.bus.default_request_timeout, Duration::from_secs(600));
     }
 
     #[test]

@@ -89,6 +89,87 @@ impl Default for BusSettings {
     }
 }
 
+/// Shortest ack deadline a subscriber may ask for.
+pub const SHORTEST_ACK_DEADLINE: Duration = Duration::from_millis(10);
+/// Heartbeat intervals a subscriber may ask for.
+pub const HEARTBEAT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(300);
+/// Most deliveries of one event a group may allow before it is dead-lettered.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
+/// Longest `max_ack_deadline` and `max_request_timeout` a server takes: deadlines are timed as
+/// instants and Redis expiries, which a far larger bound would overflow.
+pub const LONGEST_BOUND: Duration = Duration::from_secs(24 * 60 * 60);
+
+impl BusSettings {
+    /// Fails naming the first setting out of bounds: a bound the server cannot time, or a default
+    /// its own bound refuses (every call leaving the field unset would fail, naming a field the
+    /// caller never set).
+    pub fn check(&self) -> Result<(), String> {
+        let fail = |setting: &str, bound: String| Err(format!("bus.{setting} must be {bound}"));
+        if self.max_in_flight_limit == 0 {
+            return fail("max_in_flight_limit", "at least 1".into());
+        }
+        if !(1..=self.max_in_flight_limit).contains(&self.default_max_in_flight) {
+            return fail(
+                "default_max_in_flight",
+                format!(
+                    "between 1 and bus.max_in_flight_limit ({})",
+                    self.max_in_flight_limit
+                ),
+            );
+        }
+        if !(SHORTEST_ACK_DEADLINE..=LONGEST_BOUND).contains(&self.max_ack_deadline) {
+            return fail(
+                "max_ack_deadline",
+                format!("between {SHORTEST_ACK_DEADLINE:?} and {LONGEST_BOUND:?}"),
+            );
+        }
+        if !(SHORTEST_ACK_DEADLINE..=self.max_ack_deadline).contains(&self.default_ack_deadline) {
+            return fail(
+                "default_ack_deadline",
+                format!(
+                    "between {SHORTEST_ACK_DEADLINE:?} and bus.max_ack_deadline ({:?})",
+                    self.max_ack_deadline
+                ),
+            );
+        }
+        if !(1..=MAX_ATTEMPTS_LIMIT).contains(&self.default_max_attempts) {
+            return fail(
+                "default_max_attempts",
+                format!("between 1 and {MAX_ATTEMPTS_LIMIT}"),
+            );
+        }
+        if !HEARTBEAT_RANGE.contains(&self.default_heartbeat) {
+            return fail(
+                "default_heartbeat",
+                format!(
+                    "between {:?} and {:?}",
+                    HEARTBEAT_RANGE.start(),
+                    HEARTBEAT_RANGE.end()
+                ),
+            );
+        }
+        if self.max_request_timeout.is_zero() || self.max_request_timeout > LONGEST_BOUND {
+            return fail(
+                "max_request_timeout",
+                format!("positive and at most {LONGEST_BOUND:?}"),
+            );
+        }
+        if self.default_request_timeout.is_zero()
+            || self.default_request_timeout > self.max_request_timeout
+        {
+            return fail(
+                "default_request_timeout",
+                format!(
+                    "positive and at most bus.max_request_timeout ({:?})",
+                    self.max_request_timeout
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The event bus.
 pub struct Bus {
     store: Arc<dyn EventStore>,

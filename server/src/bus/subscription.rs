@@ -268,24 +268,34 @@ impl Bus {
             .into());
         }
         let ack_deadline = spec.ack_deadline.unwrap_or(s.default_ack_deadline);
-        if ack_deadline < Duration::from_millis(10) || ack_deadline > s.max_ack_deadline {
+        if !(super::SHORTEST_ACK_DEADLINE..=s.max_ack_deadline).contains(&ack_deadline) {
             return Err(InvalidInput::field(
                 "open.ack_deadline",
-                format!("must be between 10ms and {:?}", s.max_ack_deadline),
+                format!(
+                    "must be between {:?} and {:?}",
+                    super::SHORTEST_ACK_DEADLINE,
+                    s.max_ack_deadline
+                ),
             )
             .into());
         }
         let max_attempts = spec.max_attempts.unwrap_or(s.default_max_attempts);
-        if max_attempts == 0 || max_attempts > 1000 {
-            return Err(
-                InvalidInput::field("open.max_attempts", "must be between 1 and 1000").into(),
-            );
+        if !(1..=super::MAX_ATTEMPTS_LIMIT).contains(&max_attempts) {
+            return Err(InvalidInput::field(
+                "open.max_attempts",
+                format!("must be between 1 and {}", super::MAX_ATTEMPTS_LIMIT),
+            )
+            .into());
         }
         let heartbeat = spec.heartbeat.unwrap_or(s.default_heartbeat);
-        if heartbeat < Duration::from_millis(100) || heartbeat > Duration::from_secs(300) {
+        if !super::HEARTBEAT_RANGE.contains(&heartbeat) {
             return Err(InvalidInput::field(
                 "open.heartbeat_interval",
-                "must be between 100ms and 300s",
+                format!(
+                    "must be between {:?} and {:?}",
+                    super::HEARTBEAT_RANGE.start(),
+                    super::HEARTBEAT_RANGE.end()
+                ),
             )
             .into());
         }
