@@ -1281,6 +1281,55 @@ async fn postgres_partition_fails_a_waiting_publish_within_the_commit_timeout() 
     assert_eq!(stored.get("before"), Some(&1));
 }
 
+/// A commit held up past the writer's commit timeout (5 s) by the sequence lock is answered
+/// UNAVAILABLE saying it may still finish: its statement was sent, and Postgres runs it once the lock
+/// goes, though the writer dropped the connection. Publishing it again is answered with its sequence.
+#[tokio::test]
+async fn a_commit_past_the_timeout_may_still_finish_and_a_retry_gets_its_sequence() {
+    use sqlx::Connection as _;
+    let deployment = Deployment::new(redis_url()).await;
+    let server = deployment.replica(&[]).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let publish = || pb::PublishRequest {
+        events: vec![event("held", "pg.held")],
+    };
+    let mut holder = deployment.postgres().await;
+    let mut lock = holder.begin().await.expect("begin");
+    sqlx::query("SELECT seq FROM nerve_sequence FOR UPDATE")
+        .execute(&mut *lock)
+        .await
+        .expect("take the sequence lock");
+    let status = bus
+        .publish(publish())
+        .await
+        .expect_err("nothing commits while the lock is held");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("may still finish it")
+            && status.message().contains("same event ids"),
+        "{status:?}"
+    );
+    lock.commit().await.expect("let the lock go");
+    let stored = eventually("the timed-out commit to finish", || async {
+        let mut conn = deployment.postgres().await;
+        sqlx::query_scalar::<_, i64>("SELECT seq FROM events WHERE id = 'held'")
+            .fetch_optional(&mut conn)
+            .await
+            .expect("read")
+    })
+    .await;
+    // the writer answers UNAVAILABLE at once until its probe reaches the database again
+    let answer = eventually("publishing works again", || {
+        let mut bus = bus.clone();
+        async move { bus.publish(publish()).await.ok() }
+    })
+    .await
+    .into_inner();
+    assert_eq!(answer.results[0].sequence, stored as u64);
+    assert!(answer.results[0].duplicate, "{answer:?}");
+    assert_eq!(deployment.stored_ids().await.get("held"), Some(&1));
+}
+
 /// Postgres ends the replica's connections (a restart, a failover, `pg_terminate_backend`): the next
 /// commit reads the server's FATAL message instead of an I/O error, and publishes say UNAVAILABLE (a
 /// retry will do) until the writer is connected again, never INTERNAL.

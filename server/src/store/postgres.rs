@@ -457,11 +457,14 @@ impl BatchWriter for PostgresWriter {
         .await
         .unwrap_or_else(|_| {
             Err(Attempt::Failed(StoreError::Unavailable(format!(
-                "the database did not finish a commit within {COMMIT_TIMEOUT:?}"
+                "the database did not finish a commit within {COMMIT_TIMEOUT:?}, and may still \
+                 finish it: publish again with the same event ids, which are answered with their \
+                 sequences if it did"
             ))))
         });
         // After a failure the connection may be broken, or still inside the transaction: dropping it
-        // ends both (Postgres rolls back what the transaction held, the sequence lock with it).
+        // ends both. Not always before the commit: a backend waiting (for the sequence lock) with the
+        // whole statement sent does not see the socket close, and commits when the wait ends.
         if !matches!(written, Err(Attempt::Failed(_))) {
             self.conn = Some(conn);
         }
