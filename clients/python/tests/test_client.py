@@ -297,6 +297,11 @@ async def test_negative_durations_are_refused_locally(client: Client) -> None:
         client.subscribe("negative.x", heartbeat_timeout=-1)
     with pytest.raises(ValueError):
         await client.request(ev("q", "negative.x"), timeout=timedelta(seconds=-1))
+    # positive, but a zero once in nanoseconds: the server refuses a set zero
+    with pytest.raises(ValueError, match="it must be positive"):
+        await client.request(ev("q", "negative.x"), timeout=1e-10)
+    with pytest.raises(ValueError, match="it must be positive"):
+        client.subscribe("negative.x", ack_deadline=1e-10)
     async with client.subscribe("negative.x", group="negative", heartbeat_interval=0.2) as sub:
         await client.publish(ev("n1", "negative.x"))
         d = await sub.next(timeout=WAIT)

@@ -301,8 +301,9 @@ def duration(value: Seconds, *, positive: bool = False) -> duration_pb2.Duration
 
 def optional_duration(value: Seconds | None) -> duration_pb2.Duration | None:
     """A setting with a server default: None or zero leaves the field unset, so that default applies (the
-    server refuses a set zero); negative raises ValueError."""
-    return duration(value) if value else None
+    server refuses a set zero); negative, or positive but under half a nanosecond (a set zero), raises
+    ValueError."""
+    return duration(value, positive=True) if value else None
 
 
 def seconds(value: Seconds) -> float:
