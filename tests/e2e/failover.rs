@@ -868,12 +868,26 @@ async fn delete_group_while_redis_is_down(retried: bool) {
     let delete = || pb::DeleteGroupRequest {
         group: "undead".into(),
     };
-    // an entry the old group handed out and got back unacked: a group created again must not get it
+    // an entry the old group handed out and got back unacked, and one it dead-lettered: a group
+    // created again must get neither
     let mut member = Subscriber::open(&mut bus, open(&["undead.x"], "undead"))
         .await
         .expect("open");
-    publish_n(&mut bus, "old", "undead.x", 1).await;
-    let _unacked = member.next_delivery().await;
+    publish_n(&mut bus, "old", "undead.x", 2).await;
+    let deliveries = member.deliveries(2).await;
+    member
+        .send(pb::subscribe_request::Action::Nack(pb::Nack {
+            delivery_ids: vec![deliveries[1].delivery_id.clone()],
+            retry_delay: None,
+            dead_letter: true,
+            reason: "old".into(),
+        }))
+        .await;
+    eventually("the old group's dead letter", || {
+        let mut admin = admin.clone();
+        async move { (dead_letters(&mut admin, "undead").await.ok()?.len() == 1).then_some(()) }
+    })
+    .await;
     member.close_gracefully().await.expect("closed");
 
     redis.kill9().await;
@@ -892,9 +906,37 @@ async fn delete_group_while_redis_is_down(retried: bool) {
     }
 
     let mut member = reopen_after_a_redis_restart(&bus, open(&["undead.x"], "undead")).await;
+    assert_eq!(dead_letters(&mut admin, "undead").await.expect("list"), []);
+    let redriven = admin
+        .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+            group: "undead".into(),
+            sequences: vec![],
+            all: true,
+        })
+        .await
+        .expect("redrive")
+        .into_inner()
+        .redriven;
+    assert_eq!(redriven, 0);
     publish_n(&mut bus, "new", "undead.x", 1).await;
     let d = member.next_delivery().await;
     assert_eq!((crate::harness::id(&d).as_str(), d.attempt), ("new-0", 1));
+}
+
+/// A group's dead letters, or the status listing them failed with.
+async fn dead_letters(
+    admin: &mut pb::admin_client::AdminClient<Channel>,
+    group: &str,
+) -> Result<Vec<pb::DeadLetter>, tonic::Status> {
+    Ok(admin
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            group: group.into(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await?
+        .into_inner()
+        .dead_letters)
 }
 
 /// Waits until a replica's overall health reports `status` (`what` names the wait in a failure).

@@ -311,8 +311,11 @@ async fn nack_with_delay_redelivers_after_the_delay() {
 /// refusal would end the stream and cost every delivery in flight an attempt.
 #[tokio::test]
 async fn a_delay_or_extension_past_the_longest_deadline_is_cut_to_it() {
-    let server =
-        TestServer::start_with(|c| c.bus.max_ack_deadline = Duration::from_millis(400)).await;
+    let server = TestServer::start_with(|c| {
+        c.bus.max_ack_deadline = Duration::from_millis(400);
+        c.bus.default_ack_deadline = Duration::from_millis(400);
+    })
+    .await;
     let mut bus = server.bus();
     let mut o = group_open(&["cut.x"], "g");
     o.ack_deadline = millis(400);
@@ -356,7 +359,11 @@ async fn a_delay_or_extension_past_the_longest_deadline_is_cut_to_it() {
 /// named twice counts once.
 #[tokio::test]
 async fn a_settlement_naming_more_deliveries_than_a_stream_may_hold_is_refused() {
-    let server = TestServer::start_with(|c| c.bus.max_in_flight_limit = 8).await;
+    let server = TestServer::start_with(|c| {
+        c.bus.max_in_flight_limit = 8;
+        c.bus.default_max_in_flight = 8;
+    })
+    .await;
     let mut bus = server.bus();
     let mut o = group_open(&["many.x"], "g");
     o.max_in_flight = 8;

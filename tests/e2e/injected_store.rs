@@ -274,10 +274,6 @@ impl EventStore for InjectedStore {
         self.injection.after_remove_dead_letters.pass().await;
         removed
     }
-    async fn clear_dead_letters(&self, tenant: &str, group: &str) -> StoreResult<u64> {
-        self.check()?;
-        self.inner.clear_dead_letters(tenant, group).await
-    }
     async fn insert_publisher(&self, publisher: &Publisher) -> StoreResult<bool> {
         self.check()?;
         self.inner.insert_publisher(publisher).await

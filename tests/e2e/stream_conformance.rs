@@ -377,6 +377,55 @@ async fn redis_selection_change_does_not_reach_a_group_made_again() {
     a_selection_change_does_not_reach_a_group_made_again(redis().await).await;
 }
 
+/// A redrive puts letters back only into the group it read them from: after that group was deleted
+/// and created again under its name, its requeue is refused as the group being gone, and the new
+/// group has nothing due.
+async fn a_requeue_does_not_reach_a_group_made_again(b: Backend) {
+    let key = GroupKey {
+        tenant: "t".into(),
+        name: "redriven".into(),
+    };
+    let old = b
+        .streams
+        .ensure_group(&key, &group_config(&["job"]), 0)
+        .await
+        .expect("group");
+    let seqs = stored(&b, &[("j1".to_owned(), "job")]).await;
+    let events = b.store.read_sequences(&seqs).await.expect("read");
+    assert!(b.streams.delete_group(&key).await.expect("delete"));
+    // made again past the event, which it never gets
+    let new = b
+        .streams
+        .ensure_group(&key, &group_config(&["job"]), seqs[0])
+        .await
+        .expect("group made again");
+    assert_ne!(old.created_ns, new.created_ns);
+    let stale = b.streams.requeue(&key, old.created_ns, &events).await;
+    assert!(
+        matches!(stale, Err(nerve::stream::StreamError::NoSuchGroup(_))),
+        "{stale:?}"
+    );
+    let lease = Utc::now() + chrono::Duration::seconds(30);
+    assert_eq!(claim_due(&b, &key, lease).await, []);
+    let put_back = b
+        .streams
+        .requeue(&key, new.created_ns, &events)
+        .await
+        .expect("its own redrive");
+    assert_eq!(put_back, seqs);
+    assert_eq!(claim_due(&b, &key, lease).await, [(seqs[0], 1)]);
+}
+
+#[tokio::test]
+async fn embedded_requeue_does_not_reach_a_group_made_again() {
+    a_requeue_does_not_reach_a_group_made_again(embedded().await).await;
+}
+
+#[tokio::test]
+async fn redis_requeue_does_not_reach_a_group_made_again() {
+    a_requeue_does_not_reach_a_group_made_again(redis().await).await;
+}
+
 /// A connection to the test Redis, and the keys of tenant "t"'s stream of `event_type` (the stream
 /// itself ends with `}`; the others are its groups' ledgers).
 async fn stream_keys(
@@ -531,7 +580,17 @@ async fn redis_redrive_lowers_only_the_checkpoints_a_group_has() {
         .read_sequences(&[seqs[0], seqs[2]])
         .await
         .expect("read");
-    let mut put_back = b.streams.requeue(&key, &events).await.expect("requeue");
+    let created_ns = b
+        .streams
+        .group_settings(&key)
+        .await
+        .expect("group")
+        .created_ns;
+    let mut put_back = b
+        .streams
+        .requeue(&key, created_ns, &events)
+        .await
+        .expect("requeue");
     put_back.sort_unstable();
     assert_eq!(put_back, [seqs[0], seqs[2]]);
     let checkpoints: Vec<(String, i64)> = sqlx::query_as(

@@ -220,9 +220,7 @@ impl Bus {
             tenant: tenant.to_owned(),
             name: group.to_owned(),
         };
-        let deleted = self.streams.delete_group(&key).await?;
-        let cleared = self.store.clear_dead_letters(tenant, group).await?;
-        Ok(deleted || cleared > 0)
+        Ok(self.streams.delete_group(&key).await?)
     }
 
     /// Lists a group's dead letters after a sequence, with their events, and the sequence the next
@@ -269,12 +267,14 @@ impl Bus {
             tenant: tenant.to_owned(),
             name: group.to_owned(),
         };
-        let Some(group_selection) = self
+        // the group as it is now: letters go back only into it, not into one created again under
+        // the name while the pages are read
+        let Some((group_selection, created_ns)) = self
             .streams
             .groups(tenant, std::slice::from_ref(&key.name))
             .await?
             .pop()
-            .map(|g| g.config.selection)
+            .map(|g| (g.config.selection, g.created_ns))
         else {
             return Err(BusError::NotFound(format!(
                 "group {group:?} does not exist"
@@ -314,7 +314,7 @@ impl Bus {
                 // once) stays.
                 let requeued: HashSet<u64> = self
                     .streams
-                    .requeue(&key, &events)
+                    .requeue(&key, created_ns, &events)
                     .await?
                     .into_iter()
                     .collect();

@@ -479,9 +479,6 @@ pub trait EventStore: Send + Sync + 'static {
         letters: &[(u64, DateTime<Utc>)],
     ) -> StoreResult<u64>;
 
-    /// Removes all dead letters of a group.
-    async fn clear_dead_letters(&self, tenant: &str, group: &str) -> StoreResult<u64>;
-
     /// Registers a publisher; false when (tenant, principal) is already registered.
     async fn insert_publisher(&self, publisher: &Publisher) -> StoreResult<bool>;
     /// Replaces a registered publisher's types, sources and description; false when it is not registered.

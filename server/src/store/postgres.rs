@@ -1099,16 +1099,6 @@ impl EventStore for PostgresStore {
         Ok(done.rows_affected())
     }
 
-    async fn clear_dead_letters(&self, tenant: &str, group: &str) -> StoreResult<u64> {
-        let done = sqlx::query("DELETE FROM dead_letters WHERE tenant = $1 AND grp = $2")
-            .bind(tenant)
-            .bind(group)
-            .execute(&self.pool)
-            .await
-            .map_err(map_err)?;
-        Ok(done.rows_affected())
-    }
-
     async fn insert_publisher(&self, p: &Publisher) -> StoreResult<bool> {
         let done = sqlx::query(
             "INSERT INTO publishers (tenant, principal, types, sources, description, updated_ns) VALUES ($1, $2, $3, $4, $5, $6) \

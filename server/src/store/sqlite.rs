@@ -1286,17 +1286,6 @@ impl EventStore for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn clear_dead_letters(&self, tenant: &str, group: &str) -> StoreResult<u64> {
-        let mut conn = self.db.writer.lock().await;
-        let done = sqlx::query("DELETE FROM dead_letters WHERE tenant = ? AND grp = ?")
-            .bind(tenant)
-            .bind(group)
-            .execute(&mut *conn)
-            .await
-            .map_err(map_err)?;
-        Ok(done.rows_affected())
-    }
-
     async fn insert_publisher(&self, p: &Publisher) -> StoreResult<bool> {
         let (types, sources) = (encode_patterns(&p.types)?, encode_patterns(&p.sources)?);
         let mut conn = self.db.writer.lock().await;

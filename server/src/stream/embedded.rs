@@ -552,6 +552,14 @@ impl LiveStreams for EmbeddedStreams {
             == 1;
         let mut created_ns = now_ns;
         if created {
+            // letters a delete of an older build left under the name (it cleared them on their own)
+            // are not this group's
+            sqlx::query("DELETE FROM dead_letters WHERE tenant = ? AND grp = ?")
+                .bind(&key.tenant)
+                .bind(&key.name)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
             for level in Priority::ALL {
                 sqlx::query(
                     "INSERT INTO group_cursors (tenant, grp, priority, cursor) VALUES (?, ?, ?, ?)",
@@ -1012,12 +1020,19 @@ impl LiveStreams for EmbeddedStreams {
         self.moved(key, deliveries, change).await
     }
 
-    async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>> {
+    async fn requeue(
+        &self,
+        key: &GroupKey,
+        created_ns: i64,
+        events: &[Arc<StoredEvent>],
+    ) -> StreamResult<Vec<u64>> {
         let now = to_ns(Utc::now());
         let mut conn = self.store.db().writer.lock().await;
         // under the writer lock, which a delete holds until the group is gone: no pending rows are
-        // written for a group deleted meanwhile
-        self.group_snapshot(key)?;
+        // written for a group deleted (or deleted and created again) meanwhile
+        if self.group_snapshot(key)?.created_ns != created_ns {
+            return Err(StreamError::NoSuchGroup(key.name.clone()));
+        }
         // an entry still leased in a run is pending already, as a `pending` row would be
         let (_, leased) = self.take_from_runs(key, events.iter().map(|e| e.sequence));
         let leased: HashSet<u64> = leased.into_iter().map(|(seq, _)| seq).collect();
@@ -1132,18 +1147,19 @@ impl LiveStreams for EmbeddedStreams {
                         .flat_map(|level| level.values().map(LeasedRun::open))
                         .sum()
                 });
-            let Some((config, cursors)) = self
+            let Some((config, cursors, created_ns)) = self
                 .groups
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&key)
-                .map(|g| (g.config.clone(), g.cursors))
+                .map(|g| (g.config.clone(), g.cursors, g.created_ns))
             else {
                 continue;
             };
             out.push(GroupStats {
                 consumers: consumers.get(&key).copied().unwrap_or(0),
                 key,
+                created_ns,
                 pending: stored.get(name).copied().unwrap_or(0) + leased as u64,
                 positions: vec![(config.selection.clone(), cursors)],
                 config,
@@ -1162,6 +1178,9 @@ impl LiveStreams for EmbeddedStreams {
             "DELETE FROM group_cursors WHERE tenant = ? AND grp = ?",
             "DELETE FROM pending WHERE tenant = ? AND grp = ?",
             "DELETE FROM leased_runs WHERE tenant = ? AND grp = ?",
+            // in the same transaction: a delete that failed part-way leaves none to a group made
+            // again under the name
+            "DELETE FROM dead_letters WHERE tenant = ? AND grp = ?",
         ] {
             let done = sqlx::query(table)
                 .bind(&key.tenant)

@@ -122,6 +122,8 @@ pub struct NewClaim {
 pub struct GroupStats {
     pub key: GroupKey,
     pub config: GroupConfig,
+    /// When the group was created: a group created again under the name has another.
+    pub created_ns: i64,
     pub pending: u64,
     /// How far the group has handed out events: per selection, the last sequence per priority level
     /// (as in [`Priority::ALL`]; `u64::MAX` for a level the selection does not cover there). One for
@@ -256,9 +258,16 @@ pub trait LiveStreams: Send + Sync + 'static {
         deliveries: &[(u64, u32)],
     ) -> StreamResult<Vec<bool>>;
 
-    /// Puts events back into the group's pending list, due now, with their attempts reset (redrive);
-    /// returns the sequences put back. One still pending (leased, or due) is left as it is.
-    async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>>;
+    /// Puts events back into the pending list of the group created at `created_ns`, due now, with
+    /// their attempts reset (redrive); returns the sequences put back. One still pending (leased, or
+    /// due) is left as it is. [`StreamError::NoSuchGroup`] when that group is gone: a redrive that
+    /// read the letters of a group deleted and created again meanwhile puts nothing in the new one.
+    async fn requeue(
+        &self,
+        key: &GroupKey,
+        created_ns: i64,
+        events: &[Arc<StoredEvent>],
+    ) -> StreamResult<Vec<u64>>;
 
     /// Watches a counter that moves whenever pending entries of the group became due early (release, nack,
     /// redrive, delete). A delete wakes the members, which end when they read the group again (gone,
@@ -280,7 +289,9 @@ pub trait LiveStreams: Send + Sync + 'static {
     /// The tenants that have durable groups.
     async fn group_tenants(&self) -> StreamResult<Vec<String>>;
 
-    /// Deletes a group and its pending entries.
+    /// Deletes a group, its pending entries and its dead letters (with the group's row, in one
+    /// transaction); true when any of them was there. A group created anew under a name starts
+    /// without letters recorded there before.
     async fn delete_group(&self, key: &GroupKey) -> StreamResult<bool>;
 
     /// Registers a connected subscriber; `group` counts it as a consumer of that group.

@@ -1909,6 +1909,15 @@ impl LiveStreams for RedisStreams {
             .rows_affected()
                 == 1;
             if created {
+                // letters recorded under the name after the delete's transaction (a member of the
+                // deleted group whose ack went through before the delete reached Redis), or left by
+                // an older build's delete, are not this group's
+                sqlx::query("DELETE FROM dead_letters WHERE tenant = $1 AND grp = $2")
+                    .bind(&key.tenant)
+                    .bind(&key.name)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
                 // a DeleteGroup that failed on Redis after the row went (or is still clearing it)
                 // leaves consumer groups and ledgers under the name: the new group must not take
                 // over their cursors and entries. Cleared before the commit, so no member of the new
@@ -2220,15 +2229,21 @@ impl LiveStreams for RedisStreams {
             .await
     }
 
-    async fn requeue(&self, key: &GroupKey, events: &[Arc<StoredEvent>]) -> StreamResult<Vec<u64>> {
+    async fn requeue(
+        &self,
+        key: &GroupKey,
+        created_ns: i64,
+        events: &[Arc<StoredEvent>],
+    ) -> StreamResult<Vec<u64>> {
         // the group's row held (FOR SHARE) while Redis is written: a delete waits for it, and then
         // clears what this put back, instead of leaving it to a group created again under the name
         let mut tx = self.store.pool().begin().await.map_err(db_err)?;
         let exists: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM nerve_groups WHERE tenant = $1 AND name = $2 FOR SHARE",
+            "SELECT 1 FROM nerve_groups WHERE tenant = $1 AND name = $2 AND created_ns = $3 FOR SHARE",
         )
         .bind(&key.tenant)
         .bind(&key.name)
+        .bind(created_ns)
         .fetch_optional(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -2419,6 +2434,7 @@ impl LiveStreams for RedisStreams {
                 consumers: consumers.get(&key.name).copied().unwrap_or(0),
                 key,
                 config: row.config,
+                created_ns: row.created_ns,
                 pending,
                 positions,
             });
@@ -2446,7 +2462,16 @@ impl LiveStreams for RedisStreams {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
+        // with the row: a delete that then fails on Redis leaves no letters to a group created again
+        let letters = sqlx::query("DELETE FROM dead_letters WHERE tenant = $1 AND grp = $2")
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected();
         tx.commit().await.map_err(db_err)?;
+        let deleted = deleted || letters > 0;
         // every stream of the tenant, not only those of the group's types (a member that opened
         // with other types left consumer groups and pending entries there, which a group created
         // again under the name would otherwise take over), read after the commit: a member that
