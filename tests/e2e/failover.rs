@@ -857,6 +857,83 @@ async fn a_group_created_again_after_its_delete_failed_on_redis_takes_nothing_ov
     delete_group_while_redis_is_down(false).await;
 }
 
+/// A Subscribe whose caller went away while the replica wrote its presence to Redis (Redis slow: a
+/// failover, here a pause of writes) leaves no subscriber behind: a request of its types then finds
+/// no responder at once instead of waiting out its timeout for one that is not there.
+#[tokio::test]
+async fn an_open_cancelled_while_its_presence_is_written_leaves_no_subscriber() {
+    let redis = RedisProcess::start(false).await;
+    let deployment = Deployment::new(redis.url()).await;
+    let server = deployment.replica(&[]).await;
+    let mut bus = EventBusClient::new(server.channel().await);
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let presence = format!("{}:presence:{{default}}", deployment.prefix);
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(30000)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .expect("pause writes");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::SubscribeRequest {
+        action: Some(pb::subscribe_request::Action::Open(open(&["ghost.x"], ""))),
+    })
+    .await
+    .expect("queue the open");
+    let mut opening = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    opening.set_timeout(Duration::from_millis(300));
+    let status = bus
+        .subscribe(opening)
+        .await
+        .expect_err("the open cannot finish while Redis takes no writes");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    drop(tx);
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut conn)
+        .await
+        .expect("unpause");
+    // the presence write the cancelled open sent goes through now; it expires by itself, but is
+    // taken away here so that only the replica's own subscribers count
+    eventually("the cancelled open's presence write", || {
+        let mut conn = conn.clone();
+        let presence = presence.clone();
+        async move {
+            let held: i64 = redis::cmd("HLEN")
+                .arg(&presence)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (held == 1).then_some(())
+        }
+    })
+    .await;
+    let _: () = redis::cmd("DEL")
+        .arg(&presence)
+        .query_async(&mut conn)
+        .await
+        .expect("remove the presence");
+    let started = Instant::now();
+    let status = bus
+        .request(pb::RequestRequest {
+            event: Some(event("lonely", "ghost.x")),
+            timeout: millis(3000),
+        })
+        .await
+        .expect_err("nobody subscribes to ghost.x");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("no responders"), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{status:?}");
+}
+
 async fn delete_group_while_redis_is_down(retried: bool) {
     // append-only, so the consumer group comes back with Redis
     let mut redis = RedisProcess::start(true).await;

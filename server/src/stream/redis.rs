@@ -1858,6 +1858,24 @@ impl RedisStreams {
     }
 }
 
+/// A subscriber being joined: removed from `subscribers` when dropped before it has joined.
+struct Joining<'a> {
+    subscribers: &'a SyncMutex<HashMap<String, Subscriber>>,
+    id: &'a str,
+    joined: bool,
+}
+
+impl Drop for Joining<'_> {
+    fn drop(&mut self) {
+        if !self.joined {
+            self.subscribers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(self.id);
+        }
+    }
+}
+
 #[async_trait]
 impl LiveStreams for RedisStreams {
     async fn append(&self, events: &[Arc<StoredEvent>]) -> StreamResult<()> {
@@ -2515,16 +2533,17 @@ impl LiveStreams for RedisStreams {
                     interest,
                 },
             );
-        let published = self.publish_presence(id).await;
-        if published.is_err() {
-            // the open fails and the session never starts, so nothing else would remove it; kept, it
-            // would count as a consumer and have its presence refreshed for ever
-            self.subscribers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(id);
-        }
-        published
+        // Until the presence is written, a failure, or the caller going away (a cancelled open:
+        // this future dropped), removes the subscriber again: the session that would remove it
+        // never starts, and kept it would count as a consumer and responder, refreshed for ever.
+        let mut joining = Joining {
+            subscribers: &self.subscribers,
+            id,
+            joined: false,
+        };
+        self.publish_presence(id).await?;
+        joining.joined = true;
+        Ok(())
     }
 
     async fn update_interest(&self, id: &str, interest: Interest) -> StreamResult<()> {
