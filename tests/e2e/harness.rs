@@ -111,6 +111,12 @@ impl TestServer {
         }
     }
 
+    /// Shuts the server down gracefully and waits until it has stopped.
+    pub async fn stop(self) {
+        self._server.shutdown();
+        self._server.wait().await.expect("the server stops cleanly");
+    }
+
     /// The gRPC address.
     pub fn addr(&self) -> std::net::SocketAddr {
         self._server.local_addr()

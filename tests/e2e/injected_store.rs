@@ -46,6 +46,8 @@ pub struct Injection {
     pub before_queue: Gate,
     /// Stops a `head` before it reads the committed head (a subscription's open reads it first).
     pub before_head: Gate,
+    /// Stops an `append_audit` before it writes the records.
+    pub before_append_audit: Gate,
     /// Milliseconds each `read` takes first, as a slow store's do.
     pub read_delay_ms: AtomicU64,
     /// How many `read` calls reached the store.
@@ -292,6 +294,7 @@ impl EventStore for InjectedStore {
     }
     async fn append_audit(&self, records: &[AuditRecord]) -> StoreResult<()> {
         self.check()?;
+        self.injection.before_append_audit.pass().await;
         self.inner.append_audit(records).await
     }
     async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {

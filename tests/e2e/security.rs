@@ -2610,3 +2610,32 @@ async fn audit_records_older_than_the_retention_are_deleted() {
         "a record younger than the retention stays"
     );
 }
+
+/// A graceful shutdown waits until the audit records of the calls before it are in the store: they
+/// are queued for a writer of their own, which the process' end would otherwise cut short.
+#[tokio::test]
+async fn a_shutdown_waits_for_the_audit_records_queued_before_it() {
+    let (server, injection) = crate::injected_store::start_injected().await;
+    let (reached, go) = injection.before_append_audit.arm();
+    server
+        .admin()
+        .delete_group(pb::DeleteGroupRequest {
+            group: "audited".into(),
+        })
+        .await
+        .expect("delete");
+    reached.wait("the delete's audit record written").await;
+    let mut stopping = tokio::spawn(server.stop());
+    // a stop cannot be seen not to happen: it is given half a second with the record held
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut stopping)
+            .await
+            .is_err(),
+        "the server stopped with an audit record not yet in the store"
+    );
+    drop(go);
+    tokio::time::timeout(crate::harness::WAIT, stopping)
+        .await
+        .expect("the server stops once the record is written")
+        .expect("stop");
+}

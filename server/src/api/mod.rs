@@ -136,7 +136,8 @@ pub async fn serve(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let incoming = crate::auth::tls::incoming(listener, settings.tls, shutdown.clone());
-    tonic::transport::Server::builder()
+    let audit = auth.clone();
+    let served = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             limits::unreadable_message_status,
         ))
@@ -150,7 +151,10 @@ pub async fn serve(
         .add_service(event_bus)
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await?;
+        .await;
+    // the records of the last calls are still queued for the store: the process ends after this
+    audit.flush_audit().await;
+    served?;
     Ok(())
 }
 
