@@ -669,4 +669,37 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
         "{}",
         delivered.traceparent
     );
+    // a reply whose traceparent header is not one continues its request's trace, as a reply
+    // without a header does, instead of a trace of its own
+    let mut responder = Subscriber::open(&mut bus, open(&["exported.ask"], ""))
+        .await
+        .expect("open");
+    let call =
+        crate::harness::request_in_background(bus.clone(), event("ask-1", "exported.ask"), 10_000);
+    let asked = responder.next_delivery().await.event.expect("event");
+    bus.reply(with_trace_header(
+        pb::ReplyRequest {
+            reply_to: asked.reply_to.clone(),
+            event: Some(event("answer-1", "exported.answer")),
+        },
+        "not-a-traceparent",
+    ))
+    .await
+    .expect("reply");
+    let reply = call
+        .await
+        .expect("join")
+        .expect("answered")
+        .into_inner()
+        .reply
+        .expect("reply");
+    let trace_id = |traceparent: &str| traceparent.split('-').nth(1).map(str::to_owned);
+    assert!(trace_id(&asked.traceparent).is_some(), "{asked:?}");
+    assert_eq!(
+        trace_id(&reply.traceparent),
+        trace_id(&asked.traceparent),
+        "{} against the request's {}",
+        reply.traceparent,
+        asked.traceparent
+    );
 }
