@@ -7,7 +7,7 @@
 use std::{
     os::unix::fs::MetadataExt,
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, RwLock, TryLockError},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -65,11 +65,22 @@ impl<T> Watched<T> {
     }
 
     /// The current value, reloaded first when the check interval has passed (or `force`) and a
-    /// file changed.
+    /// file changed. Only `force` waits for a check another caller is making: the rest take the
+    /// value in service, so a flood of forced checks (tokens naming unknown keys) holds up no one
+    /// else.
     pub fn get(&self, force: bool) -> Arc<T> {
-        let changed = {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if force || state.1.elapsed() >= self.interval {
+        let state = if force {
+            Some(self.state.lock().unwrap_or_else(|p| p.into_inner()))
+        } else {
+            match self.state.try_lock() {
+                Ok(state) => Some(state),
+                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            }
+        };
+        let changed = match state {
+            None => false,
+            Some(mut state) if force || state.1.elapsed() >= self.interval => {
                 state.1 = Instant::now();
                 let print = fingerprint(&self.files);
                 if print != state.0 {
@@ -78,9 +89,8 @@ impl<T> Watched<T> {
                 } else {
                     false
                 }
-            } else {
-                false
             }
+            Some(_) => false,
         };
         if changed {
             match (self.load)() {
@@ -97,5 +107,37 @@ impl<T> Watched<T> {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lookup does not wait while another caller checks the files (under the check's lock): it
+    /// takes the value in service, and the next lookup after the check sees the change.
+    #[test]
+    fn a_lookup_takes_the_value_in_service_while_a_check_is_made() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("key");
+        std::fs::write(&file, "a").expect("write");
+        let read = file.clone();
+        let watched = Arc::new(
+            Watched::new("test key", vec![file.clone()], Duration::ZERO, move || {
+                std::fs::read_to_string(&read).map_err(|e| e.to_string())
+            })
+            .expect("loads"),
+        );
+        std::fs::write(&file, "bb").expect("rewrite");
+        let checking = watched.state.lock().expect("the check's lock");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let looking = watched.clone();
+        std::thread::spawn(move || tx.send(looking.get(false)).expect("send"));
+        let got = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the lookup waited for the check in progress");
+        assert_eq!(*got, "a");
+        drop(checking);
+        assert_eq!(*watched.get(false), "bb");
     }
 }
