@@ -62,9 +62,12 @@ pub fn to_cloudevents_json(event: &Event, stored: Option<&StoredEvent>) -> Value
             let as_json = is_json_content_type(event.data_content_type.as_deref())
                 .then(|| serde_json::from_str::<Value>(text).ok())
                 .flatten()
-                // only when it renders back to the very same text, so the round trip is exact
+                // only when it renders back to the very same text, so the round trip is exact; a
+                // `null` reads back as no data
                 .filter(|v| {
-                    !v.is_string() && serde_json::to_string(v).ok().as_deref() == Some(text)
+                    !v.is_string()
+                        && !v.is_null()
+                        && serde_json::to_string(v).ok().as_deref() == Some(text)
                 });
             put(
                 "data",
@@ -229,7 +232,7 @@ mod tests {
         assert_eq!(json["data"]["a"], 1);
         assert_eq!(from_cloudevents_json(&json).expect("parses"), event);
 
-        for text in [r#"{"a": 1}"#, "\"quoted\"", "plain"] {
+        for text in [r#"{"a": 1}"#, "\"quoted\"", "plain", "null"] {
             let e = Event {
                 data: Data::Text(text.into()),
                 ..event.clone()
