@@ -141,3 +141,39 @@ async fn health_turns_not_serving_while_the_store_is_down_and_recovers() {
     );
     publish(&mut bus, vec![event("after", "a.b")]).await;
 }
+
+/// A reflection stream the client keeps open (grpcui, a reflection client kept for a session)
+/// ends with UNAVAILABLE at shutdown instead of holding the server's stop.
+#[tokio::test]
+async fn an_open_reflection_stream_ends_unavailable_at_shutdown() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let server = TestServer::start().await;
+    let mut reflection = ServerReflectionClient::new(server.channel.clone());
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    })
+    .await
+    .expect("queue");
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("reflection")
+        .into_inner();
+    responses.next().await.expect("a response").expect("ok");
+    // the request side stays open (tx is kept)
+    tokio::time::timeout(WAIT, server.stop())
+        .await
+        .expect("the server stops with a reflection stream open");
+    let end = responses
+        .next()
+        .await
+        .expect("the stream ends with a status")
+        .expect_err("ended by the shutdown");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    drop(tx);
+}

@@ -5,6 +5,7 @@ pub mod convert;
 mod event_bus;
 mod health;
 mod limits;
+mod shutdown;
 pub mod status;
 
 use std::{sync::Arc, time::Duration};
@@ -146,8 +147,14 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(connections.keepalive_timeout))
         .max_concurrent_streams(Some(connections.max_concurrent_streams))
         .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(shutdown::EndsAtShutdown::new(
+            reflection_v1,
+            shutdown.clone(),
+        ))
+        .add_service(shutdown::EndsAtShutdown::new(
+            reflection_v1alpha,
+            shutdown.clone(),
+        ))
         .add_service(event_bus)
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

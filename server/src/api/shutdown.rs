@@ -1,0 +1,117 @@
+//! Ends a service's streams at shutdown: the response with UNAVAILABLE, as every other stream
+//! ends, and the request as at the client's half-close, so the handler lets go of it (HTTP/2 keeps
+//! a stream, and so the graceful shutdown, until both sides are done).
+//!
+//! For services whose streams never end by themselves and whose handler type cannot be wrapped:
+//! tonic-reflection builds its service as an opaque `impl ServerReflection`, and a reflection stream
+//! ends only when the client half-closes, so an open one (grpcui, a reflection client kept for a
+//! session) held the graceful shutdown until `shutdown_timeout`. The health service's Watch is
+//! ended in its own handler (`health.rs`).
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use http_body::{Frame, SizeHint};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::{body::Body, codegen::Bytes, server::NamedService};
+
+use super::status::to_status;
+use crate::bus::BusError;
+
+/// A service whose request bodies end, and whose response bodies end with UNAVAILABLE, once
+/// `shutdown` is cancelled.
+#[derive(Clone)]
+pub(super) struct EndsAtShutdown<S> {
+    inner: S,
+    shutdown: CancellationToken,
+}
+
+impl<S> EndsAtShutdown<S> {
+    pub(super) fn new(inner: S, shutdown: CancellationToken) -> Self {
+        EndsAtShutdown { inner, shutdown }
+    }
+}
+
+impl<S: NamedService> NamedService for EndsAtShutdown<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<Body>> for EndsAtShutdown<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let shutdown = self.shutdown.clone();
+        let ending = move |body, unavailable| {
+            Body::new(Ending {
+                body,
+                shutdown: Box::pin(shutdown.clone().cancelled_owned()),
+                unavailable,
+                ended: false,
+            })
+        };
+        let response = self.inner.call(request.map(|body| ending(body, false)));
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| ending(body, true)))
+        })
+    }
+}
+
+/// A body that ends at shutdown, if it has not ended before: with UNAVAILABLE trailers when
+/// `unavailable` (a response), else as at its sender's end (a request).
+struct Ending {
+    body: Body,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    unavailable: bool,
+    ended: bool,
+}
+
+impl http_body::Body for Ending {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            self.ended = frame.is_none();
+            return Poll::Ready(frame);
+        }
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            self.ended = true;
+            if !self.unavailable {
+                return Poll::Ready(None);
+            }
+            let mut trailers = http::HeaderMap::new();
+            to_status(BusError::ShuttingDown).add_header(&mut trailers)?;
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
