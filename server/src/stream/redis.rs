@@ -1858,20 +1858,35 @@ impl RedisStreams {
     }
 }
 
-/// A subscriber being joined: removed from `subscribers` when dropped before it has joined.
+/// A subscriber being joined: when dropped before it has joined, removed from `subscribers`, and
+/// its presence record from Redis.
 struct Joining<'a> {
-    subscribers: &'a SyncMutex<HashMap<String, Subscriber>>,
+    streams: &'a RedisStreams,
     id: &'a str,
+    presence_key: String,
     joined: bool,
 }
 
 impl Drop for Joining<'_> {
     fn drop(&mut self) {
-        if !self.joined {
-            self.subscribers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(self.id);
+        if self.joined {
+            return;
+        }
+        self.streams
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.id);
+        // a presence write already sent still goes through (a cancelled call does not recall it);
+        // sent after it on the same connection, this removes it, instead of leaving a responder
+        // for every replica to count until it expires
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let mut conn = self.streams.conn();
+            let key = std::mem::take(&mut self.presence_key);
+            let id = self.id.to_owned();
+            runtime.spawn(async move {
+                let _: redis::RedisResult<i64> = conn.hdel(key, id).await;
+            });
         }
     }
 }
@@ -2523,6 +2538,7 @@ impl LiveStreams for RedisStreams {
         group: Option<&GroupKey>,
         interest: Interest,
     ) -> StreamResult<()> {
+        let presence_key = self.keys.presence(&interest.tenant);
         self.subscribers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -2534,11 +2550,13 @@ impl LiveStreams for RedisStreams {
                 },
             );
         // Until the presence is written, a failure, or the caller going away (a cancelled open:
-        // this future dropped), removes the subscriber again: the session that would remove it
-        // never starts, and kept it would count as a consumer and responder, refreshed for ever.
+        // this future dropped), removes the subscriber again (and its presence): the session that
+        // would remove it never starts, and kept it would count as a consumer and responder,
+        // refreshed for ever.
         let mut joining = Joining {
-            subscribers: &self.subscribers,
+            streams: self,
             id,
+            presence_key,
             joined: false,
         };
         self.publish_presence(id).await?;
