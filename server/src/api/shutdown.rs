@@ -1,6 +1,7 @@
 //! Ends a service's streams at shutdown: the response with UNAVAILABLE, as every other stream
-//! ends, and the request as at the client's half-close, so the handler lets go of it (HTTP/2 keeps
-//! a stream, and so the graceful shutdown, until both sides are done).
+//! ends, and then the request as at the client's half-close, so the handler lets go of it (HTTP/2
+//! keeps a stream, and so the graceful shutdown, until both sides are done). The request ends after
+//! the response: a handler that ended first would end the response with OK.
 //!
 //! For services whose streams never end by themselves and whose handler type cannot be wrapped:
 //! tonic-reflection builds its service as an opaque `impl ServerReflection`, and a reflection stream
@@ -54,30 +55,57 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let shutdown = self.shutdown.clone();
-        let ending = move |body, unavailable| {
+        let responded = CancellationToken::new();
+        let request = request.map(|body| {
             Body::new(Ending {
                 body,
-                shutdown: Box::pin(shutdown.clone().cancelled_owned()),
-                unavailable,
+                end_at: Box::pin(responded.clone().cancelled_owned()),
+                unavailable: false,
                 ended: false,
+                on_end: None,
             })
-        };
-        let response = self.inner.call(request.map(|body| ending(body, false)));
+        });
+        let response = self.inner.call(request);
+        let shutdown = self.shutdown.clone();
         Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|body| ending(body, true)))
+            let Ok(response) = response.await;
+            Ok(response.map(|body| {
+                Body::new(Ending {
+                    body,
+                    end_at: Box::pin(shutdown.cancelled_owned()),
+                    unavailable: true,
+                    ended: false,
+                    on_end: Some(responded),
+                })
+            }))
         })
     }
 }
 
-/// A body that ends at shutdown, if it has not ended before: with UNAVAILABLE trailers when
-/// `unavailable` (a response), else as at its sender's end (a request).
+/// A body that ends when `end_at` fires, if it has not ended before: with UNAVAILABLE trailers when
+/// `unavailable` (a response), else as at its sender's end (a request). `on_end` is cancelled once
+/// it has ended, or is dropped.
 struct Ending {
     body: Body,
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    end_at: Pin<Box<WaitForCancellationFutureOwned>>,
     unavailable: bool,
     ended: bool,
+    on_end: Option<CancellationToken>,
+}
+
+impl Ending {
+    fn end(&mut self) {
+        self.ended = true;
+        if let Some(on_end) = &self.on_end {
+            on_end.cancel();
+        }
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 impl http_body::Body for Ending {
@@ -92,11 +120,16 @@ impl http_body::Body for Ending {
             return Poll::Ready(None);
         }
         if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
-            self.ended = frame.is_none();
+            if frame
+                .as_ref()
+                .is_none_or(|f| f.as_ref().is_ok_and(Frame::is_trailers))
+            {
+                self.end();
+            }
             return Poll::Ready(frame);
         }
-        if self.shutdown.as_mut().poll(cx).is_ready() {
-            self.ended = true;
+        if self.end_at.as_mut().poll(cx).is_ready() {
+            self.end();
             if !self.unavailable {
                 return Poll::Ready(None);
             }
