@@ -570,3 +570,17 @@ func TestAReplayWhoseContextEndsWhileItBacksOffReturnsTheContextsError(t *testin
 		t.Fatalf("%d calls: the replay reopened after its context ended", calls)
 	}
 }
+
+// A replay's wait before reopening doubles from 0.2 s and stops at 5 s, so a server back after a
+// restart is used within 5 s whatever MaxResumes allows, and a large MaxResumes never overflows it.
+func TestReplayReopeningWaitsAtMostFiveSeconds(t *testing.T) {
+	want := map[int]time.Duration{
+		1: 200 * time.Millisecond, 2: 400 * time.Millisecond, 5: 3200 * time.Millisecond,
+		6: 5 * time.Second, 10: 5 * time.Second, 40: 5 * time.Second, 100: 5 * time.Second,
+	}
+	for n, wait := range want {
+		if got := nerve.ResumeBackoff(n); got != wait {
+			t.Errorf("wait before reopening %d = %v, want %v", n, got, wait)
+		}
+	}
+}

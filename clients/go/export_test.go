@@ -11,3 +11,6 @@ var KeepaliveParams = &keepaliveParams
 // Ended is closed once the subscription's stream ended and its end was read off the network, for tests
 // that need the end to have come before they act, without reading it as Next would.
 func Ended(s *Subscription) <-chan struct{} { return s.done }
+
+// ResumeBackoff is the wait before a replay's n-th reopening in a row.
+var ResumeBackoff = resumeBackoff

@@ -96,7 +96,8 @@ func (c *Client) Replay(ctx context.Context, opts ReplayOptions) *Replay {
 	}
 }
 
-// ResumeToken continues after the last page received (empty before the first page).
+// ResumeToken continues after the last page received (before the first page, the ResumeToken the
+// replay was opened with).
 func (r *Replay) ResumeToken() string { return r.resumeToken }
 
 // EndOfHistory is true once the server said no more stored events match.
@@ -146,7 +147,7 @@ func (r *Replay) NextPage() (*nervepb.ReplayResponse, error) {
 }
 
 // retry prepares a reconnect from the last token after an Unavailable error or an expired token (the new
-// call asks the per-RPC credentials again), backing off a little, and returns nil; else the error the
+// call asks the per-RPC credentials again), backing off (resumeBackoff), and returns nil; else the error the
 // replay ends with: err, or the context's when it ends during the backoff. An expired token right after
 // another, with no page between, is not retried: the credentials gave the same or another expired token.
 func (r *Replay) retry(err error) error {
@@ -159,7 +160,7 @@ func (r *Replay) retry(err error) error {
 	r.failures++
 	r.expired = r.expired || expired
 	select {
-	case <-time.After(time.Duration(100<<r.failures) * time.Millisecond):
+	case <-time.After(resumeBackoff(r.failures)):
 	case <-r.ctx.Done():
 		// the caller gave up, not the server: errors.Is matches the context's error (context.Canceled)
 		return wrap(r.ctx.Err())
@@ -217,4 +218,17 @@ func (r *Replay) Close() {
 	if r.err == nil {
 		r.err = io.EOF
 	}
+}
+
+// maxResumeBackoff bounds the wait before a reopening: a server back after a restart is used within it,
+// whatever MaxResumes allows.
+const maxResumeBackoff = 5 * time.Second
+
+// resumeBackoff is the wait before the n-th reopening in a row: 0.2 s, doubling, at most
+// maxResumeBackoff.
+func resumeBackoff(n int) time.Duration {
+	if n >= 6 {
+		return maxResumeBackoff
+	}
+	return min(time.Duration(100<<n)*time.Millisecond, maxResumeBackoff)
 }

@@ -46,6 +46,7 @@ from nerve_client import (
 from nerve_client._errors import from_status
 from nerve_client._proto.nerve.v1 import admin_pb2, admin_pb2_grpc
 from nerve_client._subscription import _BEYOND_WINDOW, _watchdog
+from nerve_client._replay import _resume_backoff
 
 from .conftest import WAIT, JwtServer, ServerProcess, server_binary
 from .test_scenarios import FreezableProxy, ev, expect_idle
@@ -1046,3 +1047,9 @@ async def test_the_read_ahead_takes_the_window_the_server_confirms() -> None:
                 assert [(await sub.next(timeout=WAIT)).event.id for _ in range(150)] == [f"r{i}" for i in range(150)]
     finally:
         server.stop()
+
+
+def test_a_replay_waits_at_most_five_seconds_before_reopening() -> None:
+    # doubling from 0.2 s: a server back after a restart is used within 5 s, whatever max_resumes allows
+    waits = {n: _resume_backoff(n) for n in (1, 2, 5, 6, 10, 100, 2000)}
+    assert waits == {1: 0.2, 2: 0.4, 5: 3.2, 6: 5.0, 10: 5.0, 100: 5.0, 2000: 5.0}, waits

@@ -88,7 +88,7 @@ class Replay:
                 failures += 1
                 # back off before reconnecting; aclose() ends the wait, and the loop with it
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stopped.wait(), 0.1 * 2**failures)
+                    await asyncio.wait_for(self._stopped.wait(), _resume_backoff(failures))
                 request.resume_token = self.resume_token
                 request.limit = left
             finally:
@@ -145,3 +145,14 @@ def _resumable(error: NerveError) -> bool:
     broke or the server is going away (UNAVAILABLE), or the call's token expired (a refreshing credential
     brings a fresh one)."""
     return error.code == grpc.StatusCode.UNAVAILABLE or isinstance(error, TokenExpiredError)
+
+
+_MAX_RESUME_BACKOFF = 5.0
+"""Longest wait before a reopening, in seconds: a server back after a restart is used within it, whatever
+``max_resumes`` allows."""
+
+
+def _resume_backoff(failures: int) -> float:
+    """The wait before the ``failures``-th reopening in a row: 0.2 s, doubling, at most
+    :data:`_MAX_RESUME_BACKOFF`."""
+    return min(0.1 * float(2 ** min(failures, 6)), _MAX_RESUME_BACKOFF)
