@@ -85,10 +85,13 @@ pub async fn open_backends(config: &Config) -> Result<Backends> {
             ));
         }
     }
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::Io {
-        context: format!("creating data directory {}", config.data_dir.display()),
-        source,
-    })?;
+    // what it makes, for this user only (an existing directory keeps its mode: a volume's, say)
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&config.data_dir)
+        .map_err(|source| Error::Io {
+            context: format!("creating data directory {}", config.data_dir.display()),
+            source,
+        })?;
     let db = SqliteDb::open(&config.data_dir.join("nerve.db")).await?;
     let store = SqliteStore::start(db).await?;
     let streams = EmbeddedStreams::start(store.clone()).await?;

@@ -540,3 +540,18 @@ async fn claims_whose_events_cannot_be_read_go_back_at_once_uncounted() {
     let d = next.next_delivery().await;
     assert_eq!((id(&d).as_str(), d.attempt), ("unread-1", 2));
 }
+
+/// The embedded backend makes its data directory for its own user only: the events of every
+/// tenant, the audit log and the registry are in it (the files' modes: the store's unit tests).
+#[tokio::test]
+async fn the_data_directory_the_embedded_backend_makes_is_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.data_dir = dir.path().join("made").join("here");
+    let _backends = nerve::open_backends(&config).await.expect("backends");
+    for made in [dir.path().join("made"), config.data_dir.clone()] {
+        let mode = std::fs::metadata(&made).expect("made").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", made.display());
+    }
+}

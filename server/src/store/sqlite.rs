@@ -5,8 +5,8 @@
 
 use std::{
     ops::{Deref, DerefMut},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
-    str::FromStr,
     sync::Arc,
     time::Duration,
 };
@@ -57,8 +57,12 @@ impl SqliteDb {
     /// Opens (creating when missing) the database file and applies the migrations.
     pub async fn open(path: &Path) -> StoreResult<Self> {
         let lock = lock_database(path).await?;
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        // made here, readable by this user only (SQLite makes its log and shared-memory files with
+        // the database's mode): the events of every tenant, the audit log and the registry are in it
+        private_file(path)?;
+        // the path as it is, not a URL: `?` and `%` are path characters here
+        let options = SqliteConnectOptions::new()
+            .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // what this connection writes is answered once it is on disk, not in the OS cache
@@ -554,6 +558,24 @@ fn open_rusqlite(path: &Path) -> StoreResult<rusqlite::Connection> {
 /// How often an open waits to look again whether the process holding the database let it go.
 const LOCK_RETRY: Duration = Duration::from_millis(200);
 
+/// Creates `path` empty, readable and writable by this user only, when it is missing (an empty file
+/// is a new SQLite database); an existing file keeps its mode.
+fn private_file(path: &Path) -> StoreResult<()> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Unavailable(format!(
+            "creating {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 /// Takes the exclusive lock of the database (`<database>.lock`), waiting while another process holds
 /// it. Two processes writing one file would number events from the same head: a pod's replacement
 /// started before it stopped (an eviction, a deleted pod), or a second server started by hand. A
@@ -566,6 +588,7 @@ async fn lock_database(path: &Path) -> StoreResult<std::fs::File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&lock_path)
         .map_err(|e| StoreError::Unavailable(format!("opening {}: {e}", lock_path.display())))?;
     let mut waiting = false;
@@ -1589,6 +1612,51 @@ mod tests {
                 NewEvent::new(event, hash)
             })
             .collect()
+    }
+
+    /// A data directory whose name has URL characters (`?`, `%`) is used as it is, by every
+    /// connection; the files made there are readable by this user only.
+    #[tokio::test]
+    async fn a_database_path_is_a_path_not_a_url_and_its_files_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("50%41 ?x=1");
+        std::fs::create_dir(&data).expect("data dir");
+        let path = data.join("nerve.db");
+        let db = SqliteDb::open(&path).await.expect("open");
+        let store = SqliteStore::start(db).await.expect("start");
+        let event = crate::event::Event {
+            id: "e1".into(),
+            source: "//test".into(),
+            event_type: "path.test".into(),
+            spec_version: "1.0".into(),
+            ..Default::default()
+        };
+        let hash = event.content_hash();
+        store
+            .append("t", vec![NewEvent::new(event, hash)])
+            .await
+            .expect("append");
+        assert_eq!(store.head().await.expect("head"), 1);
+        let mut made: Vec<String> = std::fs::read_dir(&data)
+            .expect("list")
+            .map(|e| {
+                let e = e.expect("entry");
+                let mode = e.metadata().expect("metadata").permissions().mode() & 0o777;
+                format!("{} {mode:o}", e.file_name().to_string_lossy())
+            })
+            .collect();
+        made.sort();
+        assert_eq!(
+            made,
+            [
+                "nerve.db 600",
+                "nerve.db-shm 600",
+                "nerve.db-wal 600",
+                "nerve.db.lock 600"
+            ]
+        );
+        assert!(!dir.path().join("50A ").exists());
     }
 
     #[tokio::test]
