@@ -776,14 +776,8 @@ async fn fail_fast_until_available<W: BatchWriter>(
     let mut why = "the database does not answer".to_owned();
     loop {
         tokio::select! {
-            request = rx.recv() => match request {
-                Some(request) => {
-                    let _ = request.reply.send(Err(StoreError::Unavailable(format!(
-                        "{why}; not accepting publishes until it takes commits again"
-                    ))));
-                }
-                None => return false,
-            },
+            // the probe first: one that answered at once lets the request beside it be tried
+            biased;
             answered = &mut probe => {
                 match answered {
                     Ok(()) => {
@@ -798,6 +792,14 @@ async fn fail_fast_until_available<W: BatchWriter>(
                 tokio::time::sleep(PROBE_EVERY).await;
                 probe = Box::pin(writer.probe());
             }
+            request = rx.recv() => match request {
+                Some(request) => {
+                    let _ = request.reply.send(Err(StoreError::Unavailable(format!(
+                        "{why}; not accepting publishes until it takes commits again"
+                    ))));
+                }
+                None => return false,
+            },
         }
     }
 }
