@@ -283,8 +283,29 @@ pub fn load(
     if args.insecure {
         config.insecure = true;
     }
-    config.bus.check().map_err(Error::Config)?;
+    check(&config).map_err(Error::Config)?;
     Ok((config, warnings))
+}
+
+/// Fails naming the first setting the server cannot run with as given.
+fn check(config: &Config) -> Result<(), String> {
+    config.bus.check()?;
+    // a zero interval checks (or samples) in a loop without a pause, against the backends
+    if config.health_check_interval.is_zero() {
+        return Err("health_check_interval must be positive".into());
+    }
+    if config.metrics.group_sample_interval.is_zero() {
+        return Err("metrics.group_sample_interval must be positive".into());
+    }
+    let endpoint = &config.tracing.otlp_endpoint;
+    if !endpoint.is_empty() && !endpoint.starts_with("http://") {
+        // an https:// one would be dialled in plaintext, and every span lost without an error
+        return Err(format!(
+            "tracing.otlp_endpoint must be an http:// URL ({endpoint:?}): this build exports over \
+             plaintext gRPC only (for TLS to the collector, an agent or sidecar in between)"
+        ));
+    }
+    Ok(())
 }
 
 fn merge(base: &mut toml::Table, over: toml::Table) {
@@ -368,7 +389,7 @@ mod tests {
     }
 
     #[test]
-    fn bus_defaults_their_own_bounds_refuse_are_refused_naming_the_setting() {
+    fn settings_the_server_cannot_run_with_are_refused_naming_them() {
         let refused = |name: &str, value: &str, named: &str| {
             let env = [(name.to_owned(), value.to_owned())];
             let err = load(&Args::default(), env).expect_err(name).to_string();
@@ -414,6 +435,21 @@ mod tests {
             "NERVE_BUS__DEFAULT_HEARTBEAT",
             "10ms",
             "bus.default_heartbeat",
+        );
+        refused(
+            "NERVE_HEALTH_CHECK_INTERVAL",
+            "0s",
+            "health_check_interval must be positive",
+        );
+        refused(
+            "NERVE_METRICS__GROUP_SAMPLE_INTERVAL",
+            "0s",
+            "metrics.group_sample_interval must be positive",
+        );
+        refused(
+            "NERVE_TRACING__OTLP_ENDPOINT",
+            "https://collector:4317",
+            "tracing.otlp_endpoint must be an http:// URL",
         );
         // a bound raised with its default is taken
         let env = [
