@@ -1074,3 +1074,16 @@ def test_notes_jwt_without_tls(tmp_path: Path) -> None:
     lines = _grpcurl_lines(notes)
     assert all(line.startswith('grpcurl -plaintext -H "authorization: Bearer $TOKEN"') for line in lines)
     assert "JWTs travel in plaintext" in notes
+
+
+def test_notes_warn_about_authentication_without_a_policy(tmp_path: Path) -> None:
+    # every grant comes from the policy: authentication without one refuses every call
+    without = render_notes(tmp_path / "without", HA, sets=["auth.policy.inline="])
+    assert "authentication is on without a policy" in without
+    assert "authentication is on without a policy" not in render_notes(tmp_path / "with", HA)
+
+
+def test_an_otlp_endpoint_must_be_plaintext(tmp_path: Path) -> None:
+    # the server's exporter has no TLS: an https:// endpoint would lose every span without an error
+    message = render_error(sets=["tracing.otlpEndpoint=https://collector:4317"])
+    assert "otlpEndpoint" in message, message
