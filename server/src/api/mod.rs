@@ -3,7 +3,6 @@
 mod admin;
 pub mod convert;
 mod event_bus;
-mod health;
 mod limits;
 mod shutdown;
 pub mod status;
@@ -80,11 +79,15 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), crate::error::Error> {
     let reporter = HealthReporter::new();
-    let health = tonic_health::pb::health_server::HealthServer::new(health::HealthService::new(
-        reporter.clone(),
+    // tonic-health's Watch streams never end: an open one (grpcurl, a mesh's health checker) would
+    // hold the graceful shutdown
+    let health = shutdown::EndsAtShutdown::new(
+        tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        )
+        .max_decoding_message_size(HEALTH_MESSAGE_LIMIT),
         shutdown.clone(),
-    ))
-    .max_decoding_message_size(HEALTH_MESSAGE_LIMIT);
+    );
     // every service has a status from the first call on; the watcher flips it to SERVING
     report(&reporter, Backends::DOWN).await;
     reporter

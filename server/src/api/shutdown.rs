@@ -3,11 +3,11 @@
 //! keeps a stream, and so the graceful shutdown, until both sides are done). The request ends after
 //! the response: a handler that ended first would end the response with OK.
 //!
-//! For services whose streams never end by themselves and whose handler type cannot be wrapped:
-//! tonic-reflection builds its service as an opaque `impl ServerReflection`, and a reflection stream
-//! ends only when the client half-closes, so an open one (grpcui, a reflection client kept for a
-//! session) held the graceful shutdown until `shutdown_timeout`. The health service's Watch is
-//! ended in its own handler (`health.rs`).
+//! For services whose streams never end by themselves: tonic-health's Watch (grpcurl, a mesh's
+//! health checker) and tonic-reflection's stream, which ends only when the client half-closes
+//! (grpcui, a reflection client kept for a session). Open, they held the graceful shutdown until
+//! `shutdown_timeout`. Both services are built by their crates, so the wrapper is around the service,
+//! not the handler.
 
 use std::{
     convert::Infallible,
