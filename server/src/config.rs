@@ -283,29 +283,32 @@ pub fn load(
     if args.insecure {
         config.insecure = true;
     }
-    check(&config).map_err(Error::Config)?;
+    config.check().map_err(Error::Config)?;
     Ok((config, warnings))
 }
 
-/// Fails naming the first setting the server cannot run with as given.
-fn check(config: &Config) -> Result<(), String> {
-    config.bus.check()?;
-    // a zero interval checks (or samples) in a loop without a pause, against the backends
-    if config.health_check_interval.is_zero() {
-        return Err("health_check_interval must be positive".into());
+impl Config {
+    /// Fails naming the first setting the server cannot run with as given. `load` and `start` both
+    /// run it: in-process servers are configured without `load`.
+    pub fn check(&self) -> Result<(), String> {
+        self.bus.check()?;
+        // a zero interval checks (or samples) in a loop without a pause, against the backends
+        if self.health_check_interval.is_zero() {
+            return Err("health_check_interval must be positive".into());
+        }
+        if self.metrics.group_sample_interval.is_zero() {
+            return Err("metrics.group_sample_interval must be positive".into());
+        }
+        let endpoint = &self.tracing.otlp_endpoint;
+        if !endpoint.is_empty() && !endpoint.starts_with("http://") {
+            // an https:// one would be dialled in plaintext, and every span lost without an error
+            return Err(format!(
+                "tracing.otlp_endpoint must be an http:// URL ({endpoint:?}): this build exports over \
+                 plaintext gRPC only (for TLS to the collector, an agent or sidecar in between)"
+            ));
+        }
+        Ok(())
     }
-    if config.metrics.group_sample_interval.is_zero() {
-        return Err("metrics.group_sample_interval must be positive".into());
-    }
-    let endpoint = &config.tracing.otlp_endpoint;
-    if !endpoint.is_empty() && !endpoint.starts_with("http://") {
-        // an https:// one would be dialled in plaintext, and every span lost without an error
-        return Err(format!(
-            "tracing.otlp_endpoint must be an http:// URL ({endpoint:?}): this build exports over \
-             plaintext gRPC only (for TLS to the collector, an agent or sidecar in between)"
-        ));
-    }
-    Ok(())
 }
 
 fn merge(base: &mut toml::Table, over: toml::Table) {

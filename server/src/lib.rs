@@ -159,8 +159,10 @@ async fn bind(
     Ok((listener, bound))
 }
 
-/// Binds the listen address and starts serving on the given backends.
+/// Checks the settings as `config::load` does, binds the listen address and starts serving on the
+/// given backends.
 pub async fn start(config: Config, backends: Backends) -> Result<Server> {
+    config.check().map_err(Error::Config)?;
     let authenticated = auth::Auth::configured(&config.tls, &config.auth);
     if !authenticated && !config.listen.ip().is_loopback() {
         if !config.insecure {

@@ -423,3 +423,19 @@ async fn a_request_and_a_reply_of_the_event_limit_go_through() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(violations(&status), ["event.data"], "{status:?}");
 }
+
+/// An in-process server checks its settings as `nerve-server` does: a default request timeout above
+/// its own bound would refuse every request that leaves the timeout unset.
+#[tokio::test]
+async fn an_in_process_server_with_a_default_its_bound_refuses_does_not_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    config.bus.max_request_timeout = Duration::from_secs(1);
+    config.bus.default_request_timeout = Duration::from_secs(2);
+    let backends = nerve::open_backends(&config).await.expect("backends");
+    let err = nerve::start(config, backends).await.err().expect("refused");
+    assert!(
+        err.to_string().contains("bus.default_request_timeout"),
+        "{err}"
+    );
+}
