@@ -105,6 +105,7 @@ pub struct Server {
     metrics_addr: Option<SocketAddr>,
     draining: CancellationToken,
     shutdown: CancellationToken,
+    calls_ended: CancellationToken,
     task: JoinHandle<Result<()>>,
 }
 
@@ -200,6 +201,7 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
     let (listener, addr) = bind("the gRPC listener", config.listen).await?;
     let shutdown = CancellationToken::new();
     let draining = shutdown.child_token();
+    let calls_ended = CancellationToken::new();
     let metrics_addr = if config.metrics.listen.is_empty() {
         None
     } else {
@@ -239,6 +241,7 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
             tls: tls.clone(),
             health_listener,
             draining: draining.clone(),
+            calls_ended: calls_ended.clone(),
         },
         shutdown.clone(),
     ));
@@ -259,6 +262,7 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
         metrics_addr,
         draining,
         shutdown,
+        calls_ended,
         task,
     })
 }
@@ -294,10 +298,16 @@ pub async fn run(
     }
     info!("shutting down");
     server.shutdown();
+    let calls_ended = server.calls_ended.clone();
     // an acknowledged publish is durable whatever comes after, and streams were ended: what is
-    // left is sending their ends, which a client that does not read holds back
+    // left is sending their ends, which a client that does not read holds back, then storing the
+    // last audit records
     match tokio::time::timeout(stop_within, server.wait()).await {
         Ok(stopped) => stopped?,
+        Err(_) if calls_ended.is_cancelled() => warn!(
+            timeout = %humantime::format_duration(stop_within),
+            "audit records still being stored after shutdown_timeout (the store is slow or down); stopping without them: each is in the log"
+        ),
         Err(_) => warn!(
             timeout = %humantime::format_duration(stop_within),
             "calls still open after shutdown_timeout (a subscriber not reading, say); stopping without them"

@@ -231,6 +231,8 @@ async fn a_subscriber_that_does_not_read_holds_the_shutdown_back_only_so_long() 
     publish_sized(&mut bus, "stuck", "stuck.x", EVENTS, 512 << 10).await;
     let mut ids: Vec<String> = (0..EVENTS).map(|i| format!("stuck-{i}")).collect();
     server.signal(15);
+    let line = server.logged("after shutdown_timeout").await;
+    assert!(line.contains("calls still open"), "{line}");
     server.exits_zero().await;
 
     let restarted = ServerProcess::spawn(dir.path(), &HashMap::new()).await;

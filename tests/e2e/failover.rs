@@ -1453,6 +1453,35 @@ async fn a_commit_past_the_timeout_may_still_finish_and_a_retry_gets_its_sequenc
     assert_eq!(deployment.stored_ids().await.get("held"), Some(&1));
 }
 
+/// A shutdown whose last audit records cannot be stored (the table is locked here; a slow or
+/// unreachable store alike) stops after `shutdown_timeout` and says that is what it waited for,
+/// not that calls were still open: every call had ended.
+#[tokio::test]
+async fn a_shutdown_held_by_the_audit_records_says_so() {
+    use sqlx::Connection as _;
+    let deployment = Deployment::new(redis_url()).await;
+    let mut server = deployment
+        .replica(&[("NERVE_SHUTDOWN_TIMEOUT", "1s")])
+        .await;
+    let mut holder = deployment.postgres().await;
+    let mut lock = holder.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE audit_log IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock the audit table");
+    pb::admin_client::AdminClient::new(server.channel().await)
+        .delete_group(pb::DeleteGroupRequest {
+            group: "audited".into(),
+        })
+        .await
+        .expect("a delete is audited");
+    server.signal(15);
+    let line = server.logged("after shutdown_timeout").await;
+    assert!(line.contains("audit records still being stored"), "{line}");
+    server.exits_zero().await;
+    lock.rollback().await.expect("let the table go");
+}
+
 /// Postgres ends the replica's connections (a restart, a failover, `pg_terminate_backend`): the next
 /// commit reads the server's FATAL message instead of an I/O error, and publishes say UNAVAILABLE (a
 /// retry will do) until the writer is connected again, never INTERNAL.

@@ -562,6 +562,8 @@ pub fn id(d: &pb::Delivery) -> String {
 pub struct ServerProcess {
     pub child: tokio::process::Child,
     pub addr: std::net::SocketAddr,
+    /// Its log lines after the one that said it listens.
+    log: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 impl ServerProcess {
@@ -623,16 +625,20 @@ impl Starting {
         // keep draining stderr so the child never blocks on a full pipe; NERVE_TEST_SERVER_LOGS=1 shows it
         let show = std::env::var_os("NERVE_TEST_SERVER_LOGS").is_some();
         let mut lines = self.lines;
+        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 if show {
                     eprintln!("[{addr}] {line}");
                 }
+                // a test that never reads the log lets it go
+                let _ = tx.send(line);
             }
         });
         ServerProcess {
             child: self.child,
             addr,
+            log,
         }
     }
 }
@@ -666,6 +672,20 @@ impl ServerProcess {
 
     pub async fn channel(&self) -> Channel {
         connect(self.addr).await
+    }
+
+    /// Reads the log up to a line containing `text` (up to [`WAIT`]), and returns that line.
+    pub async fn logged(&mut self, text: &str) -> String {
+        tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.log.recv().await {
+                if line.contains(text) {
+                    return line;
+                }
+            }
+            panic!("nerve-server's log ended before {text:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{text:?} logged in time"))
     }
 
     /// Kills the process with SIGKILL and reaps it.

@@ -68,6 +68,8 @@ pub struct ServeSettings {
     pub health_listener: Option<TcpListener>,
     /// Cancelled when the server stops being ready before it shuts down (a child of `shutdown`).
     pub draining: CancellationToken,
+    /// Cancelled once every call has ended, when what is left is storing the last audit records.
+    pub calls_ended: CancellationToken,
 }
 
 /// Serves EventBus, Admin, health and reflection (v1 and v1alpha) on the listener until `shutdown`.
@@ -141,6 +143,7 @@ pub async fn serve(
         .max_encoding_message_size(limit);
     let incoming = crate::auth::tls::incoming(listener, settings.tls, shutdown.clone());
     let audit = auth.clone();
+    let calls_ended = settings.calls_ended.clone();
     let served = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             limits::unreadable_message_status,
@@ -162,6 +165,7 @@ pub async fn serve(
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await;
+    calls_ended.cancel();
     // the records of the last calls are still queued for the store: the process ends after this
     audit.flush_audit().await;
     served?;
