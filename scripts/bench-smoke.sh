@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Smoke run of the benchmark tool: every scenario and baseline for about a second each, with tiny counts,
-# on both backends (embedded and Postgres + Redis; the latency scenario in 2 interleaved rounds). Proves nerve-bench works end to end; it exits
-# non-zero when a scenario errors or a row of results counted no events, never because a performance
-# target is missed.
+# Smoke run of the benchmark tool: every scenario and baseline for about a second each, with tiny
+# counts, on both backends (embedded and Postgres + Redis; the latency scenario in 2 interleaved
+# rounds). Proves nerve-bench works end to end; it exits non-zero when a scenario errors or a row of
+# results counted no events, never because a performance target is missed.
 #
 # Assumes scripts/services.sh already ran (NERVE_TEST_DATABASE_URL and NERVE_TEST_REDIS_URL set):
 #   eval "$(scripts/services.sh)" && scripts/bench-smoke.sh
-# Uses ${CARGO_TARGET_DIR:-target}/debug/{nerve-server,nerve-bench}, building them when needed. The NATS
-# comparison needs a nats-server: the tool looks on PATH, in /usr/sbin and in ~/.cache/nerve-tools/bin
-# (or takes NERVE_BENCH_NATS_SERVER); when there is none, this script installs Debian's package as root,
-# as scripts/services.sh installs Postgres and Redis. The end of the output says whether NATS ran.
+# Uses ${CARGO_TARGET_DIR:-target}/debug/{nerve-server,nerve-bench}, building them (with the tests)
+# when needed. The NATS comparison needs a nats-server: the tool looks on PATH, in /usr/sbin and in
+# ~/.cache/nerve-tools/bin (or takes NERVE_BENCH_NATS_SERVER); when there is none, this script
+# installs Debian's package as root, as scripts/services.sh installs Postgres and Redis. The end of
+# the output says whether NATS ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +32,10 @@ if ! nats_found; then
 fi
 
 target=${CARGO_TARGET_DIR:-target}
-cargo build --quiet -p nerve -p nerve-bench
+# every target, as `cargo test --workspace` builds them: the test dependencies' features (tonic's TLS
+# client) are then the same, so after scripts/test.sh's cargo test this compiles only nerve-bench's
+# binary instead of tonic and everything above it again
+cargo build --quiet --locked --workspace --all-targets
 
 out="$target/bench-smoke.json"
 rm -f "$out"
