@@ -19,7 +19,9 @@ step() { printf '\n==> %s\n' "$*"; }
 fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
 
 step "tools"
-if [ ! -x "$TOOLS/bin/grpcurl" ]; then
+# go install leaves grpcurl's --version unset: the module version is in the binary's build info
+if [ ! -x "$TOOLS/bin/grpcurl" ] \
+  || ! go version -m "$TOOLS/bin/grpcurl" | grep -q "github.com/fullstorydev/grpcurl[[:space:]]*$GRPCURL_VERSION[[:space:]]"; then
   echo "installing grpcurl $GRPCURL_VERSION into $TOOLS/bin"
   GOBIN="$TOOLS/bin" go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION" \
     || fail "could not install grpcurl (needs Go and the Go module proxy)"
