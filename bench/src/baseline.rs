@@ -119,12 +119,27 @@ impl Pg {
     pub async fn create(database_url: &str, connections: u32) -> Result<Pg> {
         let schema = create_schema(database_url, "nerve_bench_raw").await?;
         let url = url_with_options(database_url, &schema, &[("synchronous_commit", "on")]);
+        let connections = connections.max(1);
         let pool = PgPoolOptions::new()
-            .max_connections(connections.max(1))
+            .max_connections(connections)
+            // sqlx pings a pooled connection before handing it out: a round trip per insert that
+            // Nerve's writer, holding its own connection, does not make
+            .test_before_acquire(false)
+            .idle_timeout(None)
             .acquire_timeout(Duration::from_secs(30))
             .connect(&url)
             .await
             .context("connecting the baseline pool")?;
+        // every connection opened now, not inside the measured cells that first need it
+        let mut opened = Vec::new();
+        for _ in 0..connections {
+            opened.push(
+                pool.acquire()
+                    .await
+                    .context("opening the baseline's connections")?,
+            );
+        }
+        drop(opened);
         NERVE_MIGRATIONS
             .run(&pool)
             .await
@@ -670,7 +685,10 @@ mod tests {
     async fn the_raw_baseline_table_is_the_one_nerve_server_migrates() {
         let url = std::env::var("NERVE_TEST_DATABASE_URL")
             .expect("NERVE_TEST_DATABASE_URL is not set: run scripts/test.sh");
-        let pg = Pg::create(&url, 1).await.expect("the baseline's schema");
+        let pg = Pg::create(&url, 3).await.expect("the baseline's schema");
+        // its connections are open before any cell, and taken without the ping Nerve's writer skips
+        assert_eq!(pg.pool.size(), 3);
+        assert!(!pg.pool.options().get_test_before_acquire());
         // Nerve's store migrates a schema of its own, as nerve-server does when it starts
         let schema = create_schema(&url, "nerve_bench_test")
             .await
