@@ -667,6 +667,26 @@ impl DiskBase {
 }
 
 /// How the disk baseline measures, for its rows' notes.
+/// Refuses a directory in memory (tmpfs, ramfs), where an `fdatasync` writes nothing: the embedded
+/// server, NATS' fsync-always mode and the disk and floor baselines keep their files in the temporary
+/// directory, and would be measured without the durability they claim. Returns the filesystem's name.
+pub fn on_a_disk(dir: &std::path::Path) -> Result<&'static str> {
+    const TMPFS_MAGIC: i128 = 0x0102_1994;
+    const RAMFS_MAGIC: i128 = 0x8584_58f6;
+    let stat = rustix::fs::statfs(dir).with_context(|| format!("statfs {}", dir.display()))?;
+    let kind = match i128::from(stat.f_type) {
+        TMPFS_MAGIC => "tmpfs",
+        RAMFS_MAGIC => "ramfs",
+        _ => return Ok("on a disk"),
+    };
+    anyhow::bail!(
+        "{} is in memory ({kind}): an fdatasync there writes nothing, so the embedded server, NATS' \
+         fsync-always mode and the disk and floor baselines would be measured without durability; \
+         set TMPDIR to a directory on a disk",
+        dir.display()
+    )
+}
+
 pub fn disk_note() -> String {
     format!(
         "one 4 KiB pwrite + fdatasync, back to back, in {} (where the embedded server keeps its data): the least a durable commit adds",
@@ -679,6 +699,15 @@ mod tests {
     use sqlx::Connection as _;
 
     use super::*;
+
+    #[test]
+    fn a_directory_in_memory_is_refused() {
+        let shm = std::path::Path::new("/dev/shm");
+        let err = on_a_disk(shm).expect_err("/dev/shm is tmpfs on Linux");
+        assert!(err.to_string().contains("in memory (tmpfs)"), "{err}");
+        on_a_disk(std::path::Path::new(env!("CARGO_MANIFEST_DIR")))
+            .expect("the checkout is on a disk");
+    }
 
     /// Needs NERVE_TEST_DATABASE_URL (scripts/test.sh starts Postgres and sets it).
     #[tokio::test]

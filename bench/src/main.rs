@@ -352,6 +352,12 @@ async fn run(args: Args) -> Result<ExitCode> {
         settings: settings_json(&args),
         ..Report::default()
     };
+    let temp_dir = std::env::temp_dir();
+    let filesystem = baseline::on_a_disk(&temp_dir)?;
+    report.environment.push((
+        "temporary directory (embedded data, NATS store, disk and floor files)".into(),
+        format!("{} ({filesystem})", temp_dir.display()),
+    ));
     environment(&mut report, &args).await;
     // the raw baseline's events table, to compare with the one nerve-server migrates in this run
     let mut baseline_shape = None;
