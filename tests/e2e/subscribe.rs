@@ -362,13 +362,39 @@ async fn heartbeats_come_while_a_group_claims_a_backlog_that_matches_nothing() {
 async fn half_closing_the_request_side_keeps_deliveries_coming() {
     let server = TestServer::start().await;
     let mut bus = server.bus();
-    let mut sub = Subscriber::open(&mut bus, open(&["half.x"], ""))
-        .await
-        .expect("open");
+    let mut o = open(&["half.x"], "");
+    o.max_in_flight = 3;
+    let mut sub = Subscriber::open(&mut bus, o).await.expect("open");
     sub.half_close();
     sub.until_caught_up().await;
-    publish(&mut bus, vec![event("h1", "half.x")]).await;
-    assert_eq!(id(&sub.next_delivery().await), "h1");
+    // more than the window: a subscriber that can no longer ack frees no slot, so none is held
+    let stored = publish_n(&mut bus, "h", "half.x", 5).await;
+    let delivered: Vec<u64> = sub.deliveries(5).await.iter().map(seq).collect();
+    assert_eq!(delivered, stored);
+}
+
+/// A group member that half-closes could settle nothing it receives: every event it took would come
+/// back as a failed attempt until healthy events were dead-lettered. Its stream ends naming the
+/// cause, and what it held goes to another member at once, not when its lease runs out.
+#[tokio::test]
+async fn a_group_member_that_half_closes_ends_and_hands_back_what_it_held() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut o = open(&["halfg.x"], "halves");
+    o.ack_deadline = millis(60_000);
+    let mut held = Subscriber::open(&mut bus, o.clone()).await.expect("open");
+    publish(&mut bus, vec![event("h1", "halfg.x")]).await;
+    assert_eq!(id(&held.next_delivery().await), "h1");
+    let mut other = Subscriber::open(&mut bus, o).await.expect("open");
+    held.half_close();
+    // heartbeats would keep `final_status` reading a stream that goes on
+    let status = tokio::time::timeout(WAIT, held.final_status())
+        .await
+        .expect("the half-closed member's stream ended")
+        .expect_err("ended");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("half-closed"), "{status:?}");
+    assert_eq!(id(&other.next_delivery().await), "h1");
 }
 
 #[tokio::test]

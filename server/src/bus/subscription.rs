@@ -464,7 +464,8 @@ impl Session {
             None => self.bus.streams.head(),
         };
         let mut wakeups = self.wakeups.take();
-        // after the subscriber half-closes, deliveries go on until it cancels the call (as grpcurl does)
+        // after the subscriber half-closes, a private stream's deliveries go on until it cancels the
+        // call (as grpcurl does); a group member's stream ends ([`Session::half_closed`])
         loop {
             self.expire_leases();
             let next_due = match self.fill().await {
@@ -484,7 +485,7 @@ impl Session {
                 _ = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
                 _ = self.tx.closed() => return self.settle_received(usize::MAX).await,
                 command = next_command(&mut self.commands) => match command {
-                    None => self.commands = None,
+                    None => self.half_closed()?,
                     Some(command) => if self.handle_received(command).await? == Flow::Close {
                         return Ok(());
                     },
@@ -505,6 +506,25 @@ impl Session {
                 _ = tokio::time::sleep_until(wake_at) => self.heartbeat_if_due().await?,
             }
         }
+    }
+
+    /// The subscriber half-closed its side: it can settle nothing from now on. A private stream's
+    /// deliveries then stop holding window slots (it has no redelivery, and its window would stay full
+    /// after `max_in_flight` events). A group member would take events only to lose them when their
+    /// leases expire, each a counted attempt, until healthy events are dead-lettered: its stream ends,
+    /// and what it holds goes back to the group.
+    fn half_closed(&mut self) -> BusResult<()> {
+        self.commands = None;
+        if self.group.is_some() {
+            return Err(BusError::FailedPrecondition(
+                "the request side was half-closed: a group member acks there, so it could settle \
+                 nothing more it received; keep it open, or send close to end the subscription"
+                    .into(),
+            ));
+        }
+        self.credits += self.outstanding.len() as u32;
+        self.outstanding.clear();
+        Ok(())
     }
 
     /// Ends the session for a shutdown. What the subscriber had sent when it came still counts: acks
@@ -593,7 +613,7 @@ impl Session {
                         return Ok(Flow::Close);
                     }
                 }
-                Some(None) => self.commands = None,
+                Some(None) => self.half_closed()?,
                 None => break,
             }
         }
@@ -618,7 +638,7 @@ impl Session {
                 _ = self.tx.reserve().map(drop) => {}
                 () = self.bus.shutdown.cancelled() => return Err(BusError::ShuttingDown),
                 command = next_command(&mut self.commands) => match command {
-                    None => self.commands = None,
+                    None => self.half_closed()?,
                     Some(command) => if self.handle_received(command).await? == Flow::Close {
                         self.closing = true;
                         return Ok(());
@@ -883,15 +903,18 @@ impl Session {
                     consumed = false;
                     break;
                 }
-                self.credits -= 1;
-                self.outstanding.insert(
-                    event.sequence,
-                    Outstanding {
-                        attempt: 1,
-                        deadline: None,
-                        sent: true,
-                    },
-                );
+                // half-closed, the subscriber can free no slot: a delivery holds none
+                if self.commands.is_some() {
+                    self.credits -= 1;
+                    self.outstanding.insert(
+                        event.sequence,
+                        Outstanding {
+                            attempt: 1,
+                            deadline: None,
+                            sent: true,
+                        },
+                    );
+                }
                 self.position = event.sequence;
                 let full = run.push(Delivery {
                     delivery_id: delivery_id(event.sequence, 1),
