@@ -205,6 +205,37 @@ async def test_next_times_out_and_the_stream_stays_usable(client: Client) -> Non
         assert d.event.id == "p1"
 
 
+async def test_no_time_left_still_takes_what_is_queued(client: Client) -> None:
+    await client.publish(*(ev(f"q{i}", "queued.x") for i in range(4)))
+    async with client.subscribe("queued.x", start="earliest") as sub:
+
+        async def all_read_ahead() -> bool | None:  # the four deliveries and the caught-up marker
+            return True if sub._inbox._items.qsize() == 5 else None
+
+        await eventually("the history to be read ahead", all_read_ahead)
+        first = await sub.next_message(timeout=0)
+        assert isinstance(first, Delivery) and first.event.id == "q0"
+        assert (await sub.next(timeout=0)).event.id == "q1"
+        assert (await sub.next(timeout=-1)).event.id == "q2", "a timeout already past is no time left, too"
+        rest = await sub.until_caught_up(timeout=0)
+        assert [d.event.id for d in rest] == ["q3"] and sub.caught_up
+        with pytest.raises(TimeoutError):  # nothing queued any more
+            await sub.next(timeout=0)
+
+
+async def test_a_credit_protobuf_refuses_leaves_the_window_as_it_was(client: Client) -> None:
+    async with client.subscribe("credit.x", max_in_flight=4, heartbeat_interval=0.2) as sub:
+        window = sub._inbox._window
+        for refused, error in ((2**32, ValueError), (-1, ValueError), (1.5, TypeError)):
+            with pytest.raises(error):
+                await sub.credit(refused)  # type: ignore[arg-type]
+            assert sub._inbox._window == window, f"credit({refused}) widened the read-ahead"
+        await sub.credit(2)
+        assert sub._inbox._window == window + 2
+        beat = await expect_idle(sub, heartbeats=1)  # the stream is still open, with the credit granted
+        assert beat.credits == window + 2
+
+
 async def test_cancelling_an_ack_keeps_the_subscription(client: Client) -> None:
     async with client.subscribe("cancel.x", group="cancellers", heartbeat_interval=0.2) as sub:
         await client.publish(ev("c1", "cancel.x"))
@@ -431,6 +462,29 @@ async def test_close_raises_the_error_the_stream_ended_with(server: ServerProces
                 await expect_idle(sub, heartbeats=1)
                 proxy.freeze()
                 raise KeyError("the body's own error")
+
+
+async def test_cancelling_the_block_of_a_subscription_cancels_the_stream_at_once(server: ServerProcess) -> None:
+    async with FreezableProxy(server.addr) as proxy, Client.connect(proxy.addr, ready_timeout=WAIT) as client:
+        opened: list[Subscription] = []
+
+        async def read_in_the_block() -> None:
+            # no watchdog: nothing ends the stream but the server, which the frozen connection never lets answer
+            async with client.subscribe("left.x", heartbeat_interval=0.2, heartbeat_timeout=0) as sub:
+                opened.append(sub)
+                await expect_idle(sub, heartbeats=1)
+                proxy.freeze()
+                await sub.next()
+
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(read_in_the_block(), 1.0)
+        waited = loop.time() - started
+        assert waited < 3, f"a cancelled task waited {waited:.1f}s for the stream's end"
+        [sub] = opened
+        assert sub.closed
+        assert await asyncio.wait_for(sub._call.code(), WAIT) == grpc.StatusCode.CANCELLED
 
 
 async def test_until_caught_up_keeps_what_it_read_when_it_raises(client: Client) -> None:
@@ -946,6 +1000,81 @@ async def test_aclose_ends_the_iteration_of_a_replay_another_task_waits_on() -> 
             closed = client.replay()
             await closed.aclose()
             assert await asyncio.wait_for(closed.collect(), WAIT) == [] and closed._call is None
+
+
+async def test_closing_the_client_fails_a_call_in_flight_with_closed_error(client: Client) -> None:
+    responder = await client.subscribe("unanswered.asked", group="silent")  # never answers
+    asking = asyncio.create_task(client.request(ev("q1", "unanswered.asked"), timeout=30))
+    await responder.next(timeout=WAIT)  # the request is in flight
+    # and a task that is cancelled itself as the client closes still raises CancelledError
+    # (Python 3.10 cannot tell that from the call's cancellation)
+    cancelled = asyncio.create_task(client.request(ev("q2", "unanswered.asked"), timeout=30))
+    await responder.next(timeout=WAIT)
+    if sys.version_info >= (3, 11):
+        cancelled.cancel()
+    await client.close()
+    with pytest.raises(ClosedError):
+        await asyncio.wait_for(asking, WAIT)
+    await asyncio.wait([cancelled], timeout=WAIT)
+    if sys.version_info >= (3, 11):
+        assert cancelled.cancelled(), "the task's own cancellation was swallowed"
+    else:
+        cancelled.cancel()
+
+
+async def test_calls_after_the_client_closed_raise_closed_error(client: Client) -> None:
+    await client.close()
+    with pytest.raises(ClosedError):
+        await client.publish(ev("late", "late.x"))
+    with pytest.raises(ClosedError):
+        await client.request(ev("late-q", "late.x"), timeout=1)
+    with pytest.raises(ClosedError):
+        await client.reply("inbox", ev("late-a", "late.x"))
+    with pytest.raises(ClosedError):
+        await client.get_event("late")
+    with pytest.raises(ClosedError):
+        await client.group("late")
+    with pytest.raises(ClosedError):
+        await client.list_groups()
+    with pytest.raises(ClosedError):
+        await client.list_event_types()
+    with pytest.raises(ClosedError):
+        await client.delete_group("late")
+    with pytest.raises(ClosedError):
+        await client.redrive_dead_letters("late", all=True)
+    with pytest.raises(ClosedError):
+        [d async for d in client.dead_letters("late")]
+    with pytest.raises(ClosedError):
+        await client.replay().collect()
+    with pytest.raises(ClosedError):
+        await client.subscribe("late.x")
+    with pytest.raises(ClosedError):
+        async with client.subscribe("late.x"):
+            pass
+    with pytest.raises(ClosedError):
+        await client.publisher()
+
+
+async def test_closing_the_client_ends_a_replay_in_flight_with_closed_error() -> None:
+    async def stalled(
+        request: pb.ReplayRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ReplayResponse]:
+        yield pb.ReplayResponse(events=[ev("r1", "history.x")], resume_token="after-r1")
+        await asyncio.Event().wait()  # the next page never comes
+
+    async with _event_bus(Replay=_replay_handler(stalled)) as target:
+        async with Client.connect(target, ready_timeout=WAIT) as client:
+            pages = client.replay().pages()
+            first = await asyncio.wait_for(anext(pages), WAIT)
+            seen = [e.sequence for e in first.events]
+            reading = asyncio.create_task(_read(pages, seen))  # waits for the next page
+            await asyncio.sleep(0.1)
+            await client.close()
+            await asyncio.wait([reading], timeout=WAIT)
+            assert reading.done(), "the iteration did not end when the client closed"
+            assert not reading.cancelled(), "closing the client raised CancelledError in a task nobody cancelled"
+            with pytest.raises(ClosedError):
+                reading.result()
 
 
 async def test_an_open_the_server_does_not_confirm_raises_timeout_error() -> None:

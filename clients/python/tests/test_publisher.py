@@ -131,6 +131,56 @@ async def test_publisher_close_raises_when_the_answers_do_not_come_in_time(serve
         assert again.value is info.value, "closing again raises the same"
 
 
+class _BodyFailed(Exception):
+    """An error of the code in an ``async with`` block, not of the publisher."""
+
+
+@pytest.mark.parametrize("leaving", ["cancelled", "raising"])
+async def test_leaving_the_block_by_an_exception_cancels_the_stream_at_once(
+    server: ServerProcess, leaving: str
+) -> None:
+    async with FreezableProxy(server.addr) as proxy, Client.connect(proxy.addr, ready_timeout=WAIT) as client:
+        opened: list[Publisher] = []
+        outstanding: list[asyncio.Future[list[pb.PublishResult]]] = []
+
+        async def publish_in_the_block() -> None:
+            async with client.publisher() as publisher:
+                opened.append(publisher)
+                await publisher.publish(ev("before", "left.x"))
+                proxy.freeze()  # no answer comes back, nor any end, until keepalive gives up (about 40 s)
+                outstanding.append(asyncio.ensure_future(publisher.publish(ev("other", "left.x"))))
+                if leaving == "raising":
+                    await asyncio.sleep(0.1)  # the request is sent
+                    raise _BodyFailed()
+                await publisher.publish(ev("held", "left.x"))
+
+        # a caller's deadline cancels the task in the block; bounded, so that a wait for answers fails the test
+        leaving_the_block = asyncio.ensure_future(asyncio.wait_for(publish_in_the_block(), 0.5))
+        await asyncio.wait([leaving_the_block], timeout=WAIT)
+        if not leaving_the_block.done():
+            leaving_the_block.cancel()
+            pytest.fail("leaving the block waited for answers that the silent connection never brings")
+        expected = asyncio.TimeoutError if leaving == "cancelled" else _BodyFailed
+        with pytest.raises(expected):
+            await leaving_the_block  # the body's exception, not the stream's end
+        [publisher] = opened
+        assert publisher.closed
+        with pytest.raises(ClosedError):  # it may have committed or not: a retry with the same id is safe
+            await asyncio.wait_for(outstanding[0], WAIT)
+        with pytest.raises(ClosedError):
+            await publisher.publish(ev("later", "left.x"))
+
+
+async def test_closing_a_stream_that_ended_cleanly_with_no_time_left_returns(client: Client) -> None:
+    publisher = await client.publisher()
+    await publisher.publish(ev("p1", "ended.x"))
+    await asyncio.wait_for(publisher.close(), WAIT)  # the server ended the stream with OK
+    await publisher.close(timeout=0)  # nothing left to wait for: no deadline to exceed
+    await publisher.close()
+    with pytest.raises(ClosedError):
+        await publisher.publish(ev("p2", "ended.x"))
+
+
 async def test_a_broken_stream_fails_outstanding_and_later_calls(client: Client) -> None:
     publisher = await client.publisher()
     await publisher.publish(ev("before", "broken.x"))

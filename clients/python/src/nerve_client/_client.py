@@ -11,11 +11,11 @@ from typing import Any, Generic, Protocol, TypeVar
 import grpc
 import grpc.aio
 
-from ._errors import NerveError, NotFoundError, UnavailableError, from_rpc_error
+from ._errors import ClosedError, NerveError, NotFoundError, UnavailableError, from_rpc_error
 from ._events import Seconds, Start, check_text, optional_duration, seconds, start_position, timestamp
 from ._proto.nerve.v1 import admin_pb2, admin_pb2_grpc, event_bus_pb2, event_bus_pb2_grpc, event_pb2
 from ._publisher import Publisher
-from ._replay import Replay
+from ._replay import Replay, _cancelling
 from ._subscription import Delivery, Subscription
 
 __all__ = ["Client"]
@@ -72,13 +72,6 @@ class Opening(Generic[_C]):
             await self._value.__aexit__(exc_type, exc, tb)
 
 
-async def _call(awaitable: Awaitable[_T]) -> _T:
-    try:
-        return await awaitable
-    except grpc.RpcError as e:
-        raise from_rpc_error(e) from e
-
-
 def _types(call: str, types: str | Iterable[str]) -> list[str]:
     """``types`` as a list of patterns; what protobuf would not take raises TypeError naming ``call``'s types."""
     if isinstance(types, str):
@@ -110,6 +103,8 @@ class Client:
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
+        #: Set by close(): calls raise ClosedError, those in flight then too.
+        self._closed = False
         #: The generated stubs, for anything this layer does not cover.
         self.event_bus_stub: event_bus_pb2_grpc.EventBusAsyncStub = event_bus_pb2_grpc.EventBusStub(channel)
         self.admin_stub: admin_pb2_grpc.AdminAsyncStub = admin_pb2_grpc.AdminStub(channel)
@@ -157,8 +152,37 @@ class Client:
         return Opening(open)
 
     async def close(self) -> None:
-        """Closes the channel; open calls are cancelled."""
+        """Closes the channel: calls in flight, and every call after, raise :class:`ClosedError`; open
+        subscriptions and publishers end with it."""
+        self._closed = True
         await self.channel.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        """Raises :class:`ClosedError` once the client is closed (grpc.aio would raise its UsageError)."""
+        if self._closed:
+            raise ClosedError("the client is closed")
+
+    def _closed_by_this_side(self) -> bool:
+        """Whether a CancelledError a call raised is this client's close, not the running task's cancellation."""
+        return self._closed and not _cancelling()
+
+    async def _call(self, make: Callable[[], Awaitable[_T]]) -> _T:
+        """Makes a call with ``make`` and awaits it, raising a :class:`NerveError` for a failure."""
+        self._check_open()  # a closed channel refuses to make the call at all
+        try:
+            return await make()
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError from a call the closing channel cancelled: not this task's
+            if self._closed_by_this_side():
+                raise ClosedError("the client was closed with the call in flight") from None
+            raise
 
     async def __aenter__(self) -> Client:
         return self
@@ -179,8 +203,8 @@ class Client:
         """
         if not events:
             raise ValueError("publish needs at least one event")
-        response = await _call(
-            self.event_bus_stub.Publish(
+        response = await self._call(
+            lambda: self.event_bus_stub.Publish(
                 event_bus_pb2.PublishRequest(events=events),
                 timeout=None if timeout is None else seconds(timeout),
             )
@@ -197,9 +221,10 @@ class Client:
         server's message limit (``max_batch_bytes`` + 1 MiB) ends the stream instead: it and every call after
         it raise :class:`ResourceExhaustedError` (or, when the end interrupts grpcio's write of the message,
         the INTERNAL "Internal error from Core" grpcio makes of it). Await the result, or use it with
-        ``async with`` to close it on exit (waiting for outstanding answers).
+        ``async with`` to close it on exit (waiting for outstanding answers; when an exception, a cancellation
+        too, leaves the block, the stream is cancelled at once and outstanding calls raise :class:`ClosedError`).
         """
-        return Opening(lambda: Publisher._open(self.event_bus_stub))
+        return Opening(lambda: self._call(lambda: Publisher._open(self.event_bus_stub)))
 
     def subscribe(
         self,
@@ -246,7 +271,9 @@ class Client:
             heartbeat_interval=optional_duration(heartbeat_interval),
         )
         return Opening(
-            lambda: Subscription._open(self.event_bus_stub, request, seconds(open_timeout), heartbeat_timeout)
+            lambda: self._call(
+                lambda: Subscription._open(self.event_bus_stub, request, seconds(open_timeout), heartbeat_timeout)
+            )
         )
 
     async def request(
@@ -266,9 +293,8 @@ class Client:
         # without a timeout no deadline: the server's default is its own setting, and it always answers once that
         # has passed; a deadline guessed here would cut short a server configured to wait longer
         deadline = seconds(timeout) + _REQUEST_GRACE if timeout else None
-        return await _call(
-            self.event_bus_stub.Request(event_bus_pb2.RequestRequest(event=event, timeout=asked), timeout=deadline)
-        )
+        request = event_bus_pb2.RequestRequest(event=event, timeout=asked)
+        return await self._call(lambda: self.event_bus_stub.Request(request, timeout=deadline))
 
     async def reply(
         self, reply_to: str | Delivery | event_pb2.Event, event: event_pb2.Event
@@ -286,7 +312,8 @@ class Client:
         check_text("reply_to", reply_to, expected="a str, Delivery or Event")
         if not reply_to:
             raise ValueError("reply_to is empty: the event is not a request")
-        return await _call(self.event_bus_stub.Reply(event_bus_pb2.ReplyRequest(reply_to=reply_to, event=event)))
+        request = event_bus_pb2.ReplyRequest(reply_to=reply_to, event=event)
+        return await self._call(lambda: self.event_bus_stub.Reply(request))
 
     def replay(
         self,
@@ -330,7 +357,7 @@ class Client:
             page_size=page_size,
             resume_token=resume_token,
         )
-        return Replay(self.event_bus_stub, request, max_resumes=max_resumes)
+        return Replay(self.event_bus_stub, request, max_resumes=max_resumes, client_closed=lambda: self._closed)
 
     # --- Admin ----------------------------------------------------------------------------------------------
 
@@ -338,7 +365,7 @@ class Client:
         """A stored event by id (and source, when several sources used the id). Raises NotFoundError."""
         check_text("get_event id", id)
         check_text("get_event source", source)
-        response = await _call(self.admin_stub.GetEvent(admin_pb2.GetEventRequest(id=id, source=source)))
+        response = await self._call(lambda: self.admin_stub.GetEvent(admin_pb2.GetEventRequest(id=id, source=source)))
         return response.event
 
     async def list_groups(self) -> list[admin_pb2.GroupInfo]:
@@ -350,7 +377,7 @@ class Client:
         """One group's info, or None if it does not exist."""
         check_text("group name", name)
         try:
-            response = await _call(self.admin_stub.GetGroup(admin_pb2.GetGroupRequest(group=name)))
+            response = await self._call(lambda: self.admin_stub.GetGroup(admin_pb2.GetGroupRequest(group=name)))
         except NotFoundError:
             return None
         except NerveError as e:
@@ -366,7 +393,8 @@ class Client:
     async def _groups(self) -> AsyncIterator[admin_pb2.GroupInfo]:
         token = ""
         while True:
-            response = await _call(self.admin_stub.ListGroups(admin_pb2.ListGroupsRequest(page_token=token)))
+            request = admin_pb2.ListGroupsRequest(page_token=token)
+            response = await self._call(lambda: self.admin_stub.ListGroups(request))
             for g in response.groups:
                 yield g
             token = response.next_page_token
@@ -376,7 +404,7 @@ class Client:
     async def delete_group(self, group: str) -> bool:
         """Removes a group with its pending deliveries and dead letters; False if it did not exist."""
         check_text("delete_group group", group)
-        response = await _call(self.admin_stub.DeleteGroup(admin_pb2.DeleteGroupRequest(group=group)))
+        response = await self._call(lambda: self.admin_stub.DeleteGroup(admin_pb2.DeleteGroupRequest(group=group)))
         return response.deleted
 
     async def dead_letters(self, group: str, *, page_size: int = 0) -> AsyncIterator[admin_pb2.DeadLetter]:
@@ -384,8 +412,8 @@ class Client:
         check_text("dead_letters group", group)
         token = ""
         while True:
-            response = await _call(
-                self.admin_stub.ListDeadLetters(
+            response = await self._call(
+                lambda: self.admin_stub.ListDeadLetters(
                     admin_pb2.ListDeadLettersRequest(group=group, page_size=page_size, page_token=token)
                 )
             )
@@ -398,8 +426,8 @@ class Client:
     async def redrive_dead_letters(self, group: str, sequences: Iterable[int] = (), *, all: bool = False) -> int:
         """Sends dead letters (by sequence, or ``all``) back to their group, and only to it; returns how many."""
         check_text("redrive_dead_letters group", group)
-        response = await _call(
-            self.admin_stub.RedriveDeadLetters(
+        response = await self._call(
+            lambda: self.admin_stub.RedriveDeadLetters(
                 admin_pb2.RedriveDeadLettersRequest(group=group, sequences=list(sequences), all=all)
             )
         )
@@ -411,7 +439,8 @@ class Client:
         types: list[admin_pb2.EventTypeInfo] = []
         token = ""
         while True:
-            response = await _call(self.admin_stub.ListEventTypes(admin_pb2.ListEventTypesRequest(page_token=token)))
+            request = admin_pb2.ListEventTypesRequest(page_token=token)
+            response = await self._call(lambda: self.admin_stub.ListEventTypes(request))
             types.extend(response.types)
             token = response.next_page_token
             if not token:

@@ -129,7 +129,7 @@ class TokenExpiredError(UnauthenticatedError):
 
 
 class ClosedError(NerveError):
-    """The subscription (or client) was closed by this side; nothing more can be sent on it."""
+    """The subscription, publisher or client was closed by this side; nothing more can be sent on it."""
 
     def __init__(self, message: str = "subscription is closed") -> None:
         super().__init__(grpc.StatusCode.CANCELLED, message)

@@ -50,7 +50,8 @@ class Publisher:
     so sequences follow send order, and answers them in that order. A refused request raises like
     :meth:`nerve_client.Client.publish` would and the stream goes on; a broken stream fails every outstanding
     and later call. Close it (``async with``, or :meth:`close`) to wait for outstanding answers; closing raises
-    when the stream did not end with OK.
+    when the stream did not end with OK. Leaving ``async with`` by an exception (a cancellation too) cancels
+    the stream instead: calls still outstanding raise :class:`ClosedError`.
     """
 
     def __init__(self, call: _Call) -> None:
@@ -220,7 +221,9 @@ class Publisher:
             self._outbox.put_nowait(_DoneWriting())
         wait = None if timeout is None else seconds(timeout)
         try:
-            await asyncio.wait_for(self._ended_event.wait(), wait)
+            # an end already there is no wait: wait_for(..., 0) would time out without looking at it
+            if not self._ended_event.is_set():
+                await asyncio.wait_for(self._ended_event.wait(), wait)
         except asyncio.TimeoutError:
             self._fail_stream(
                 DeadlineExceededError(
@@ -245,6 +248,10 @@ class Publisher:
         if exc is None:
             await self.close()
             return
+        # a task being cancelled (or failing) must not wait for answers a silent connection may never bring:
+        # the stream is cancelled, and calls still outstanding raise ClosedError (committed or not)
+        if not self._ended:
+            self._fail_stream(ClosedError("the publish stream was cancelled: an exception left its block"))
         # the body's exception is the one to see: how the stream ended after it would only hide it
         with contextlib.suppress(NerveError):
             await self.close()

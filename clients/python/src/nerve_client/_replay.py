@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
-from ._errors import NerveError, TokenExpiredError, from_rpc_error
+from ._errors import ClosedError, NerveError, TokenExpiredError, from_rpc_error
 from ._proto.nerve.v1 import event_bus_pb2, event_pb2
 
 __all__ = ["Replay"]
@@ -31,12 +31,22 @@ class Replay:
 
     :meth:`aclose` stops the replay from any task: an iteration waiting for a page, or backing off before
     it reopens the stream, ends cleanly (it raises no CancelledError), and nothing is reopened after it.
+    Closing the client instead ends it with :class:`ClosedError`.
     """
 
-    def __init__(self, stub: Any, request: event_bus_pb2.ReplayRequest, *, max_resumes: int = 3) -> None:
+    def __init__(
+        self,
+        stub: Any,
+        request: event_bus_pb2.ReplayRequest,
+        *,
+        max_resumes: int = 3,
+        client_closed: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._stub = stub
         self._request = request
         self._max_resumes = max_resumes
+        #: Whether the client was closed: its calls then fail with ClosedError, not CancelledError.
+        self._client_closed = client_closed
         self._started = False
         self._call: Any = None
         #: Set by aclose(): the iteration ends, and no call is opened after it.
@@ -59,6 +69,8 @@ class Replay:
         failures = 0
         expired = False  # a failure since the last page was an expired token
         while not self._stopped.is_set():
+            if self._client_closed():  # a closed channel refuses to make the call at all
+                raise ClosedError("the client is closed")
             call = self._call = self._stub.Replay(request)
             try:
                 async for page in call:
@@ -73,6 +85,9 @@ class Replay:
                 # ends the iteration; a cancelled task still raises
                 if self._stopped.is_set() and not _cancelling():
                     return
+                # or the client's close did: the replay did not end, and says so as every call does then
+                if self._client_closed() and not _cancelling():
+                    raise ClosedError("the client was closed with the replay in flight") from None
                 raise
             except grpc.RpcError as e:
                 if self._stopped.is_set():

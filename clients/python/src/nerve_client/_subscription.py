@@ -162,7 +162,14 @@ class _Inbox:
 
     async def get(self) -> Any:
         """The next message, or the end, waiting for it; the end stays for every reader after."""
-        item = await self._items.get()
+        return self._took(await self._items.get())
+
+    def get_nowait(self) -> Any:
+        """The next message, or the end, when one is queued; raises :class:`asyncio.QueueEmpty` otherwise."""
+        return self._took(self._items.get_nowait())
+
+    def _took(self, item: Any) -> Any:
+        """Counts ``item`` as taken by a reader, and returns it."""
         if isinstance(item, _End):
             self._items.put_nowait(item)  # several tasks may read one subscription: each gets the end
         elif item.WhichOneof("message") == "delivery":
@@ -212,7 +219,8 @@ class Subscription:
 
     :meth:`close` (or leaving ``async with``) ends the stream gracefully: the server settles everything sent
     before it, so the last acks are not lost; it raises when the stream does not end so (an error, no end in
-    time).
+    time). Leaving ``async with`` by a cancellation (any BaseException that is no Exception) closes with
+    ``timeout=0`` instead: the call is cancelled at once, and acks still on their way may come back.
 
     A connection that dies silently (no FIN, no RST) is noticed by the heartbeat timeout: when the server sends
     nothing for that long (heartbeats come at least every heartbeat interval), the call is cancelled and the
@@ -316,10 +324,11 @@ class Subscription:
     async def next_message(self, timeout: Seconds | None = None) -> Message | None:
         """The next message of any kind, or None once the stream ended cleanly.
 
-        Raises :class:`TimeoutError` if nothing arrives within ``timeout`` seconds (the stream stays usable)
-        and :class:`NerveError` if the stream failed (:class:`UnavailableError` when the heartbeat timeout
-        took the connection for dead). After :meth:`close` it returns None: what is still
-        queued, or arrives while the stream ends, is discarded (the server releases it).
+        Raises :class:`TimeoutError` if nothing arrives within ``timeout`` seconds (the stream stays usable;
+        with 0, or less, a message already received is still returned) and :class:`NerveError` if the stream
+        failed (:class:`UnavailableError` when the heartbeat timeout took the connection for dead). After
+        :meth:`close` it returns None: what is still queued, or arrives while the stream ends, is discarded
+        (the server releases it).
         """
         if self._closed:
             return None
@@ -329,10 +338,15 @@ class Subscription:
         if timeout is None:
             item = await self._inbox.get()
         else:
+            wait = _secs(timeout)
             try:
-                item = await asyncio.wait_for(self._inbox.get(), _secs(timeout))
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"no message from the subscription within {_secs(timeout)}s") from None
+                if wait <= 0:
+                    # no time left: what is queued still counts, and wait_for(..., 0) would not look at it
+                    item = self._inbox.get_nowait()
+                else:
+                    item = await asyncio.wait_for(self._inbox.get(), wait)
+            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                raise TimeoutError(f"no message from the subscription within {max(wait, 0.0):g}s") from None
         if isinstance(item, _End):
             self._ended = item
             self._finish()
@@ -460,9 +474,11 @@ class Subscription:
             await self._send(event_bus_pb2.SubscribeRequest(extend=extend))
 
     async def credit(self, credits: int) -> None:
-        """Widens the window: the server may send ``credits`` more deliveries."""
-        self._inbox.widen(credits)  # first: the server may send them as soon as it reads the message
-        await self._send(event_bus_pb2.SubscribeRequest(credit=event_bus_pb2.Credit(credits=credits)))
+        """Widens the window: the server may send ``credits`` more deliveries (a uint32: 0 to 2**32 - 1)."""
+        # built first: a count protobuf refuses (ValueError, TypeError) must not widen the read-ahead
+        request = event_bus_pb2.SubscribeRequest(credit=event_bus_pb2.Credit(credits=credits))
+        self._inbox.widen(credits)  # before sending: the server may send them as soon as it reads the message
+        await self._send(request)
 
     async def set_filter(self, filter: event_pb2.Filter | None) -> None:
         """Replaces the server-side filter (for a group: the group's filter); None clears it."""
@@ -629,9 +645,12 @@ class Subscription:
         if exc is None:
             await self.close()  # graceful, and raising, as close() is
             return
+        # an error of the body still gets the graceful close (its acks saved); a task being cancelled (or
+        # interrupted) must end now, not after the server's end, which a silent connection never brings
+        timeout = _CLOSE_TIMEOUT if isinstance(exc, Exception) else 0
         # the body's exception is the one to see: how the stream ended after it would only hide it
         with contextlib.suppress(NerveError):
-            await self.close()
+            await self.close(timeout)
 
     def __repr__(self) -> str:
         return f"Subscription(id={self.subscription_id!r}, group={self.group!r}, caught_up={self.caught_up})"
