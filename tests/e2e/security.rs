@@ -528,6 +528,49 @@ async fn client_certificates_are_verified_and_give_the_identity() {
     tls_publish(&server, &pki.ca_pem, Some(&planner), Some(&same))
         .await
         .expect("matching token and certificate");
+    // expiry is checked last: an expired token naming another principal is refused for that, and
+    // not with TOKEN_EXPIRED, which would only send its caller for a fresh one
+    let mut expired_other = claims("spiffe://nerve.test/tester");
+    expired_other["exp"] = json!(now() - 120);
+    let refused = tls_publish(
+        &server,
+        &pki.ca_pem,
+        Some(&planner),
+        Some(&sign(&expired_other, Algorithm::RS256, &rsa, None)),
+    )
+    .await
+    .expect_err("another principal's expired token");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("does not match"), "{refused:?}");
+    assert_eq!(token_expired_reason(&refused), None, "{refused:?}");
+    // a token refused beside a valid certificate is the certificate's principal's refusal too
+    assert_status(
+        tls_publish(
+            &server,
+            &pki.ca_pem,
+            Some(&planner),
+            Some(&hs_token(&claims("spiffe://nerve.test/planner"))),
+        )
+        .await,
+        Code::Unauthenticated,
+        "not accepted",
+    );
+    let bad_token = |r: &pb::AuditRecord| r.reason.contains("HS256");
+    let acme = crate::harness::eventually("the bad token's refusal recorded", || async {
+        let records = auditor("acme-auditor").await;
+        records.iter().any(bad_token).then_some(records)
+    })
+    .await;
+    let record = acme.iter().find(|r| bad_token(r)).expect("recorded");
+    assert_eq!(
+        (record.principal.as_str(), record.outcome.as_str()),
+        ("spiffe://nerve.test/planner", "unauthenticated"),
+        "{record:?}"
+    );
+    assert!(
+        !auditor("root-auditor").await.iter().any(bad_token),
+        "another tenant's auditor reads it"
+    );
 
     // health needs no credentials: over TLS without a client certificate, and on the plaintext port
     let channel = tls_channel(server.addr(), &pki.ca_pem, None)

@@ -32,6 +32,16 @@ pub struct TokenClaims {
     pub expires: Option<SystemTime>,
 }
 
+impl TokenClaims {
+    /// Refuses the token once its `exp` plus the leeway has passed.
+    pub fn unexpired(&self) -> Result<(), AuthError> {
+        if self.expires.is_some_and(|at| at <= SystemTime::now()) {
+            return Err(AuthError::TokenExpired("token has expired".into()));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Default)]
 struct Keys {
     /// Keys for tokens without `kid`; each serves the algorithm family it belongs to.
@@ -181,6 +191,15 @@ impl JwtVerifier {
 
     /// Verifies a token and returns its claims.
     pub fn verify(&self, token: &str) -> Result<TokenClaims, AuthError> {
+        let claims = self.verify_but_expiry(token)?;
+        claims.unexpired()?;
+        Ok(claims)
+    }
+
+    /// Verifies everything of a token but its expiry, which the caller checks last
+    /// ([`TokenClaims::unexpired`]): a token that also fails another check is refused for that, not
+    /// as expired, which would have its caller fetch a fresh token only to be refused again.
+    pub fn verify_but_expiry(&self, token: &str) -> Result<TokenClaims, AuthError> {
         let bad = |m: String| AuthError::Unauthenticated(m);
         if token.len() > self.config.max_token_bytes {
             return Err(bad(format!(
@@ -338,9 +357,6 @@ impl JwtVerifier {
         let expires = SystemTime::UNIX_EPOCH
             .checked_add(exp)
             .and_then(|exp| exp.checked_add(self.config.leeway));
-        if expires.is_some_and(|at| at <= SystemTime::now()) {
-            return Err(AuthError::TokenExpired("token has expired".into()));
-        }
         Ok(TokenClaims {
             subject,
             tenant,

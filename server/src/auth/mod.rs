@@ -330,9 +330,11 @@ impl Auth {
                     "bearer tokens are not accepted here: no JWT keys are configured",
                 ));
             }
-            (Some(token), Some(jwt)) => Some(jwt.verify(token)?),
+            (Some(token), Some(jwt)) => Some(jwt.verify_but_expiry(token)?),
         };
         let expires = claims.as_ref().and_then(|c| c.expires);
+        // checked last: a token refused for something else must not send its caller for a new one
+        let unexpired = claims.as_ref().map_or(Ok(()), jwt::TokenClaims::unexpired);
         let (id, token_tenant) = match (certificate, claims) {
             (None, None) => {
                 return Err(unauthenticated(
@@ -344,19 +346,7 @@ impl Auth {
                     "token subject {:?} does not match the client certificate identity {cert:?}",
                     claims.subject
                 );
-                // the certificate is the verified identity here: its tenant is the policy's, as the
-                // token's claim is not to be trusted
-                let tenant = self
-                    .policy
-                    .as_ref()
-                    .and_then(|p| p.get(false).principal(&cert).and_then(|e| e.tenant.clone()))
-                    .unwrap_or_else(|| DEFAULT_TENANT.to_owned());
-                let certified = Box::new(Principal {
-                    id: cert,
-                    tenant,
-                    unrestricted: false,
-                    expires: None,
-                });
+                let certified = Box::new(self.certified_principal(cert));
                 return Err(AuthError::SubjectMismatch { certified, reason });
             }
             (Some(cert), claims) => (cert, claims.and_then(|c| c.tenant)),
@@ -374,6 +364,7 @@ impl Auth {
             }
             (None, None) => DEFAULT_TENANT.to_owned(),
         };
+        unexpired?;
         Ok(Principal {
             id,
             tenant,
@@ -484,6 +475,33 @@ impl Auth {
         })
     }
 
+    /// The principal a connection's valid client certificate identifies, when it has one: whose
+    /// refusal a call is when the token beside the certificate is refused.
+    pub fn certified(&self, conn: Option<&ConnInfo>) -> Option<Principal> {
+        match conn.and_then(|c| c.peer.as_ref()) {
+            Some(Ok(peer)) if peer.not_after.is_none_or(|at| at > SystemTime::now()) => {
+                Some(self.certified_principal(peer.identity.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The certificate identity `id` as a principal: its tenant is the policy's, as a token's claim
+    /// beside the certificate is not to be trusted.
+    fn certified_principal(&self, id: String) -> Principal {
+        let tenant = self
+            .policy
+            .as_ref()
+            .and_then(|p| p.get(false).principal(&id).and_then(|e| e.tenant.clone()))
+            .unwrap_or_else(|| DEFAULT_TENANT.to_owned());
+        Principal {
+            id,
+            tenant,
+            unrestricted: false,
+            expires: None,
+        }
+    }
+
     /// Records an audit entry: a log line now, a store row soon after.
     pub fn record(
         &self,
@@ -539,6 +557,19 @@ impl Auth {
     /// Records a refused call of an identified principal, within the rate allowed for each; beyond
     /// it the records are only counted, and the count is logged with the next one made.
     fn record_denied(&self, principal: &Principal, action: &str, resource: &str, reason: &str) {
+        self.record_refused(principal, action, resource, "denied", reason);
+    }
+
+    /// Records a refused call of an identified principal with its outcome, within the rate allowed
+    /// for each (see [`Self::record_denied`]).
+    fn record_refused(
+        &self,
+        principal: &Principal,
+        action: &str,
+        resource: &str,
+        outcome: &str,
+        reason: &str,
+    ) {
         use std::sync::atomic::Ordering;
         if self
             .denied_audit
@@ -549,7 +580,7 @@ impl Auth {
             if suppressed > 0 {
                 warn!(target: "nerve::audit", suppressed, "audit records of refusals over auth.denied_audit_rate were not made");
             }
-            self.record(principal, action, resource, "denied", reason);
+            self.record(principal, action, resource, outcome, reason);
         } else {
             self.denied_suppressed.fetch_add(1, Ordering::Relaxed);
         }
@@ -772,11 +803,22 @@ where
                     let path = request.uri().path();
                     match &error {
                         AuthError::Unauthenticated(_) | AuthError::TokenExpired(_) => {
-                            self.auth.record_unidentified(
-                                path,
-                                "unauthenticated",
-                                &error.to_string(),
-                            );
+                            // a valid certificate identified the caller, whose token was refused:
+                            // its refusal, in its tenant, not an unidentified caller's
+                            match self.auth.certified(request.extensions().get::<ConnInfo>()) {
+                                Some(certified) => self.auth.record_refused(
+                                    &certified,
+                                    "call",
+                                    path,
+                                    "unauthenticated",
+                                    &error.to_string(),
+                                ),
+                                None => self.auth.record_unidentified(
+                                    path,
+                                    "unauthenticated",
+                                    &error.to_string(),
+                                ),
+                            }
                         }
                         AuthError::PermissionDenied(_) => {
                             self.auth
