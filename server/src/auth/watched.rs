@@ -65,9 +65,10 @@ impl<T> Watched<T> {
     }
 
     /// The current value, reloaded first when the check interval has passed (or `force`) and a
-    /// file changed. Only `force` waits for a check another caller is making: the rest take the
-    /// value in service, so a flood of forced checks (tokens naming unknown keys) holds up no one
-    /// else.
+    /// file changed. Only `force` waits for a check another caller is making, its load included (so
+    /// it gets what that load found, and loads never overwrite each other out of order): the rest
+    /// take the value in service, so a flood of forced checks (tokens naming unknown keys) holds up
+    /// no one else.
     pub fn get(&self, force: bool) -> Arc<T> {
         let state = if force {
             Some(self.state.lock().unwrap_or_else(|p| p.into_inner()))
@@ -78,28 +79,22 @@ impl<T> Watched<T> {
                 Err(TryLockError::WouldBlock) => None,
             }
         };
-        let changed = match state {
-            None => false,
-            Some(mut state) if force || state.1.elapsed() >= self.interval => {
-                state.1 = Instant::now();
-                let print = fingerprint(&self.files);
-                if print != state.0 {
-                    state.0 = print;
-                    true
-                } else {
-                    false
-                }
-            }
-            Some(_) => false,
-        };
-        if changed {
-            match (self.load)() {
-                Ok(value) => {
-                    tracing::info!(what = self.what, files = ?self.files, "reloaded");
-                    *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(value);
-                }
-                Err(error) => {
-                    tracing::error!(what = self.what, %error, "reload failed; keeping the previous version");
+        if let Some(mut state) = state
+            && (force || state.1.elapsed() >= self.interval)
+        {
+            state.1 = Instant::now();
+            let print = fingerprint(&self.files);
+            if print != state.0 {
+                state.0 = print;
+                // under the check's lock: a forced check waiting for it then sees the new value
+                match (self.load)() {
+                    Ok(value) => {
+                        tracing::info!(what = self.what, files = ?self.files, "reloaded");
+                        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(value);
+                    }
+                    Err(error) => {
+                        tracing::error!(what = self.what, %error, "reload failed; keeping the previous version");
+                    }
                 }
             }
         }
@@ -139,5 +134,53 @@ mod tests {
         assert_eq!(*got, "a");
         drop(checking);
         assert_eq!(*watched.get(false), "bb");
+    }
+
+    /// A forced check (a token naming a key just published) made while another caller loads the
+    /// changed files waits for that load and gets what it found, instead of finding the files
+    /// checked already and taking the old value.
+    #[test]
+    fn a_forced_check_waits_for_a_load_in_progress_and_gets_its_value() {
+        use std::sync::mpsc;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("key");
+        std::fs::write(&file, "a").expect("write");
+        type Gate = Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>;
+        let gate: Arc<Mutex<Gate>> = Arc::new(Mutex::new(None));
+        let (read, held) = (file.clone(), gate.clone());
+        let watched = Arc::new(
+            Watched::new("test key", vec![file.clone()], Duration::ZERO, move || {
+                let taken = held.lock().expect("gate").take();
+                if let Some((loading, go)) = taken {
+                    loading.send(()).expect("loading");
+                    go.recv().expect("go");
+                }
+                std::fs::read_to_string(&read).map_err(|e| e.to_string())
+            })
+            .expect("loads"),
+        );
+        let (loading_tx, loading) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel();
+        *gate.lock().expect("gate") = Some((loading_tx, go_rx));
+        std::fs::write(&file, "bb").expect("rewrite");
+        let first = watched.clone();
+        std::thread::spawn(move || first.get(false));
+        loading
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the first check loads the change");
+        let (tx, forced) = mpsc::channel();
+        let second = watched.clone();
+        std::thread::spawn(move || tx.send(second.get(true)).expect("send"));
+        // a wait cannot be seen not to end: the forced check is given 300 ms with the load held
+        let early = forced.recv_timeout(Duration::from_millis(300));
+        assert!(
+            early.is_err(),
+            "the forced check answered during the load: {early:?}"
+        );
+        go.send(()).expect("go");
+        let got = forced
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the forced check answers once the load ends");
+        assert_eq!(*got, "bb");
     }
 }
