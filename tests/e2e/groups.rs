@@ -1093,6 +1093,31 @@ async fn a_group_over_many_types_catches_up() {
     assert_eq!(delivered, published);
 }
 
+/// The caught-up marker follows the fill that delivered the rest of the backlog: a member that
+/// waits for it before acking is not left until a heartbeat wakes its session (or, under steady
+/// traffic, for good).
+#[tokio::test]
+async fn a_group_member_is_told_it_caught_up_right_after_its_backlog() {
+    let server = TestServer::start().await;
+    let mut bus = server.bus();
+    let mut published = publish_n(&mut bus, "backlog", "caught.x", 3).await;
+    let mut o = open(&["caught.x"], "caught");
+    o.start = earliest();
+    o.heartbeat_interval = Some(prost_types::Duration {
+        seconds: 5,
+        nanos: 0,
+    });
+    let mut member = Subscriber::open(&mut bus, o).await.expect("open");
+    let mut delivered: Vec<u64> = member.until_caught_up().await.iter().map(seq).collect();
+    assert_eq!(
+        member.heartbeats, 0,
+        "a heartbeat came before the caught-up marker"
+    );
+    delivered.sort_unstable();
+    published.sort_unstable();
+    assert_eq!(delivered, published);
+}
+
 #[tokio::test]
 async fn a_sparse_group_reads_its_backlog_without_waiting_for_a_commit() {
     let server = TestServer::start().await;

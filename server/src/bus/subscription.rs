@@ -972,7 +972,6 @@ impl Session {
             return Err(crate::stream::StreamError::NoSuchGroup(key.name.clone()).into());
         }
         let max_attempts = settings.max_attempts;
-        let mut delivered = 0;
         // What is due again goes first, a claim's budget at a time, before anything new. A claim
         // that delivered nothing (its entries were dead-lettered) ends the run of claims: the next
         // fill goes on after the session's commands.
@@ -984,7 +983,6 @@ impl Session {
             let due = self.events_or_release(key, due).await?;
             self.sizer.observe(due.iter().map(|(_, event)| event));
             let sent = self.deliver_group(key, due, lease, max_attempts).await?;
-            delivered += sent;
             if !more || sent == 0 {
                 break;
             }
@@ -1013,16 +1011,15 @@ impl Session {
                     }
                 }
                 let claimed = self.events_or_release(key, claim.entries).await?;
-                delivered += self
-                    .deliver_group(key, claimed, lease, max_attempts)
+                self.deliver_group(key, claimed, lease, max_attempts)
                     .await?;
             }
         }
-        // caught up only once the relay has brought the group everything already committed
+        // caught up once every level's claim came back short of its share in this fill (what it
+        // delivered included) and the relay has brought the group everything already committed
         if !self.caught_up
-            && delivered == 0
             && !scanning
-            && self.credits > 0
+            && !backlogged.iter().any(|b| *b)
             && self.claimable() >= self.bus.store.head().await?
         {
             self.mark_caught_up().await?;
