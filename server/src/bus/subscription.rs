@@ -1352,6 +1352,12 @@ impl Session {
                 let refused = parsed < ids.len();
                 if self.group.is_some() {
                     self.unsaved_acks.extend(valid);
+                    // a batch of commands is saved in one call, but not one of more settlements
+                    // than a stream may hold (`check_id_count`'s reason): many messages of many
+                    // ids each would make it one long hold of the store's writer, or of Redis
+                    if self.unsaved_acks.len() >= self.window_limit as usize {
+                        self.save_acks().await?;
+                    }
                 }
                 if refused {
                     self.parse_ids(&ids, "ack")?;
