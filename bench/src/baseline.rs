@@ -484,14 +484,16 @@ impl RedisBase {
                     let mut ids = Vec::new();
                     for k in reply.keys {
                         for entry in k.ids {
-                            if let Some(v) = entry.map.get("t") {
-                                let t: u64 = redis::from_redis_value_ref(v)?;
-                                hist.record_ns(now.saturating_sub(t));
-                            }
-                            if let Some(v) = entry.map.get("s") {
-                                let s: u64 = redis::from_redis_value_ref(v)?;
-                                from_schedule.record_ns(now.saturating_sub(s));
-                            }
+                            // an entry counted but not timed would leave the figures to the rest
+                            let stamp = |field: &str| {
+                                entry.map.get(field).ok_or_else(|| {
+                                    anyhow!("entry {} has no {field:?} stamp: its latency is not measured", entry.id)
+                                })
+                            };
+                            let t: u64 = redis::from_redis_value_ref(stamp("t")?)?;
+                            hist.record_ns(now.saturating_sub(t));
+                            let s: u64 = redis::from_redis_value_ref(stamp("s")?)?;
+                            from_schedule.record_ns(now.saturating_sub(s));
                             ids.push(entry.id);
                         }
                     }

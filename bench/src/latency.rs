@@ -154,6 +154,8 @@ struct DiskCell {
     samples: u64,
     seconds: f64,
     hist: Hist,
+    errors: u64,
+    first_error: Option<String>,
 }
 
 impl DiskCell {
@@ -171,6 +173,8 @@ impl DiskCell {
         row.seconds = self.seconds;
         row.rate = per_second(self.samples, self.seconds);
         row.latency = self.hist.summary();
+        row.errors = self.errors;
+        row.first_error = self.first_error;
         row.note = format!(
             "{}; {} interleaved slices of {} in the rounds of {rate}/s, no warm-up",
             baseline::disk_note(),
@@ -195,6 +199,28 @@ pub enum System {
 enum Measured {
     Loop(Box<Cell>),
     Disk(DiskCell),
+}
+
+impl Measured {
+    /// Counts a round that could not be measured (no rounds follow it): the row stays, with the
+    /// error, so a target judged on it reads MISS, or n/a for a baseline, with the reason, instead of
+    /// "not measured".
+    fn failed(&mut self, error: &anyhow::Error) {
+        let (errors, first_error) = match self {
+            Measured::Loop(cell) => (&mut cell.errors, &mut cell.first_error),
+            Measured::Disk(cell) => (&mut cell.errors, &mut cell.first_error),
+        };
+        *errors += 1;
+        first_error.get_or_insert_with(|| format!("{error:#}"));
+    }
+
+    /// The row of what was measured.
+    fn row(self, system: &System, rate: u64, args: &Args) -> Row {
+        match self {
+            Measured::Loop(cell) => cell.row(system.name(), rate, &system.how(args), args),
+            Measured::Disk(cell) => cell.row(rate, args),
+        }
+    }
 }
 
 impl System {
@@ -411,6 +437,7 @@ async fn interleave(args: &Args, systems: &[System], report: &mut Report) {
                 settles.settle().await;
                 if let Err(e) = system.measure(args, rate, round, &mut cells[i]).await {
                     failed[i] = true;
+                    cells[i].failed(&e);
                     fail(report, "latency", system.name(), e);
                 }
             }
@@ -418,14 +445,8 @@ async fn interleave(args: &Args, systems: &[System], report: &mut Report) {
         report
             .notes
             .extend(settles.note(&format!("the latency slices at {rate}/s (one before each)")));
-        for (i, cell) in cells.into_iter().enumerate() {
-            if !failed[i] {
-                let system = &systems[i];
-                report.rows.push(match cell {
-                    Measured::Loop(cell) => cell.row(system.name(), rate, &system.how(args), args),
-                    Measured::Disk(cell) => cell.row(rate, args),
-                });
-            }
+        for (cell, system) in cells.into_iter().zip(systems) {
+            report.rows.push(cell.row(system, rate, args));
         }
     }
 }
@@ -557,6 +578,29 @@ mod tests {
             .collect();
         assert_eq!(before_0, [1, 3].into(), "{rounds:?}");
         assert_eq!(round_order(1, 3).collect::<Vec<_>>(), [0]);
+    }
+
+    /// A round that failed (an open no Subscribed answered, say) keeps the system's row, with the
+    /// error: a target judged on it is a MISS naming why, not a target "not measured".
+    #[test]
+    fn a_failed_round_keeps_the_row_and_its_error() {
+        let mut cell = Measured::Loop(Box::default());
+        if let Measured::Loop(c) = &mut cell {
+            c.add(slice(100, 100, 0, 1_000_000_000, &[1]));
+        }
+        cell.failed(&anyhow::anyhow!("no Subscribed answer within 10 s"));
+        let row = match cell {
+            Measured::Loop(c) => c.row("embedded", 100, "how", &args()),
+            Measured::Disk(_) => unreachable!("a loop cell"),
+        };
+        assert_eq!(row.errors, 1);
+        assert_eq!(
+            row.first_error.as_deref(),
+            Some("no Subscribed answer within 10 s")
+        );
+        let (pass, why) = crate::judged(Some(true), Some(&row), &[]);
+        assert_eq!(pass, Some(false), "{why}");
+        assert!(why.contains("1 errors"), "{why}");
     }
 
     #[test]

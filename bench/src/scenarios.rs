@@ -221,6 +221,11 @@ pub fn spawn_reader(
                                 {
                                     out.hist.record_ns(now.saturating_sub(stamp));
                                     out.from_schedule.record_ns(now.saturating_sub(scheduled));
+                                } else {
+                                    // counted but not timed: the figures would come from the rest
+                                    out.error.get_or_insert_with(|| {
+                                        "a delivery without the tool's send stamps: its latency is not measured".into()
+                                    });
                                 }
                                 out.last_ns = now;
                                 out.delivered += 1;
@@ -857,6 +862,7 @@ pub async fn drain(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
         let (stop_tx, stop) = watch::channel(false);
         let meter = Meter::start(ctx.pid);
         let started = Instant::now();
+        let started_ns = now_ns();
         let sub = Sub::open(
             ctx.bus(0),
             open_msg(
@@ -885,14 +891,19 @@ pub async fn drain(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<()> {
             },
         );
         row.events = out.delivered;
-        row.seconds = elapsed.as_secs_f64();
-        row.rate = out.delivered as f64 / elapsed.as_secs_f64().max(1e-9);
+        // to the last delivery, not to when the counter's poll (every 2 ms) saw it
+        row.seconds = if out.last_ns > started_ns {
+            (out.last_ns - started_ns) as f64 / 1e9
+        } else {
+            elapsed.as_secs_f64()
+        };
+        row.rate = out.delivered as f64 / row.seconds.max(1e-9);
         row.usage = usage;
         row.errors = u64::from(out.error.is_some()) + u64::from(!complete);
         row.first_error = out.error.or_else(|| {
             (!complete).then(|| format!("only {} of {n} delivered in 300 s", out_count(&counter)))
         });
-        row.note = "rate = backlog / time from open to last delivery; latency column n/a".into();
+        row.note = "rate = deliveries / time from open to last delivery; latency column n/a".into();
         rows.push(row);
         if !group.is_empty() {
             let _ = ctx
