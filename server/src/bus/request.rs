@@ -352,7 +352,9 @@ mod tests {
     fn replies_are_counted_by_whether_they_reached_the_requester() {
         let counted = counted(
             crate::metrics::names::REPLIES,
-            |bus, (_send, mut out)| async move {
+            |bus, (send, mut out)| async move {
+                // held: a member whose command stream ends (half-closed) ends too
+                let _send = send;
                 let asking = tokio::spawn({
                     let bus = bus.clone();
                     async move {
