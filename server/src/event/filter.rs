@@ -67,6 +67,17 @@ impl Filter {
                 if map.is_empty() {
                     return Err((path, "names no attribute".into()));
                 }
+                // each attribute counts as a node: one `exact` of 400,000 names would otherwise fill
+                // the message limit, and be stored and copied with the group and its presence
+                *nodes += map.len() - 1;
+                if *nodes > MAX_FILTER_NODES {
+                    return Err((
+                        path,
+                        format!(
+                            "filter has more than {MAX_FILTER_NODES} nodes (each attribute counts as one)"
+                        ),
+                    ));
+                }
                 for (name, value) in map {
                     if !valid_attribute_name(name) {
                         return Err((
@@ -220,5 +231,25 @@ mod tests {
                 .validate()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn each_attribute_counts_as_a_node() {
+        let attributes = |n: usize| -> BTreeMap<String, String> {
+            (0..n).map(|i| (format!("a{i}"), "x".to_owned())).collect()
+        };
+        Filter(FilterKind::Exact(attributes(MAX_FILTER_NODES)))
+            .validate()
+            .expect("as many attributes as nodes");
+        let (path, reason) = Filter(FilterKind::Exact(attributes(MAX_FILTER_NODES + 1)))
+            .validate()
+            .expect_err("one more");
+        assert_eq!(path, ".exact");
+        assert!(reason.contains("each attribute counts as one"), "{reason}");
+        // with the nodes around it
+        let nested = Filter(FilterKind::All(vec![Filter(FilterKind::Prefix(
+            attributes(MAX_FILTER_NODES),
+        ))]));
+        assert!(nested.validate().is_err());
     }
 }
