@@ -11,7 +11,13 @@ use super::{Data, Event, ExtensionValue, InvalidInput, Priority, StoredEvent};
 
 fn is_json_content_type(ct: Option<&str>) -> bool {
     ct.is_none_or(|ct| {
-        let mime = ct.split(';').next().unwrap_or("").trim();
+        // media types are case-insensitive
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         mime == "application/json" || mime.ends_with("+json") || mime == "text/json"
     })
 }
@@ -137,14 +143,16 @@ pub fn from_cloudevents_json(value: &Value) -> Result<Event, InvalidInput> {
         })?;
     }
     let proto_type = string("protodatatype")?;
-    event.data = match (obj.get("data"), string("data_base64")?, proto_type) {
+    // a null attribute is an absent one (CloudEvents' JSON format, type system mapping)
+    let data = obj.get("data").filter(|d| !d.is_null());
+    event.data = match (data, string("data_base64")?, proto_type) {
         (Some(_), Some(_), _) => {
             return Err(InvalidInput::field(
                 "data",
                 "data and data_base64 are mutually exclusive",
             ));
         }
-        (None | Some(Value::Null), None, _) => Data::None,
+        (None, None, _) => Data::None,
         (None, Some(encoded), Some(type_url)) => Data::Proto {
             type_url,
             value: decode("data_base64", &encoded)?,
@@ -174,7 +182,7 @@ pub fn from_cloudevents_json(value: &Value) -> Result<Event, InvalidInput> {
         "recordedtime",
     ];
     for (name, value) in obj {
-        if SKIP.contains(&name.as_str()) {
+        if SKIP.contains(&name.as_str()) || value.is_null() {
             continue;
         }
         let ext = match value {
@@ -202,6 +210,34 @@ pub fn from_cloudevents_json(value: &Value) -> Result<Event, InvalidInput> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The format's own example carries `"unsetextension": null`: a null attribute is absent.
+    #[test]
+    fn a_null_attribute_is_absent() {
+        let event = from_cloudevents_json(&serde_json::json!({
+            "specversion": "1.0", "id": "1", "source": "/s", "type": "a.b",
+            "unsetextension": null, "subject": null,
+            "data": null, "data_base64": "AAE=",
+        }))
+        .expect("parses");
+        assert!(event.extensions.is_empty(), "{:?}", event.extensions);
+        assert_eq!(event.subject, None);
+        assert_eq!(event.data, Data::Binary(vec![0, 1]));
+    }
+
+    #[test]
+    fn a_json_content_type_is_recognised_in_any_case() {
+        let event = Event {
+            id: "1".into(),
+            source: "/s".into(),
+            event_type: "a.b".into(),
+            spec_version: "1.0".into(),
+            data_content_type: Some("Application/JSON; charset=utf-8".into()),
+            data: Data::Text(r#"{"a":1}"#.into()),
+            ..Event::default()
+        };
+        assert_eq!(to_cloudevents_json(&event, None)["data"]["a"], 1);
+    }
 
     #[test]
     fn json_round_trip_is_exact() {
