@@ -596,3 +596,33 @@ async fn a_limit_that_ends_on_the_last_match_ends_the_history() {
         assert!(!pages.last().expect("a page").end_of_history, "{types:?}");
     }
 }
+
+/// A start time not reached yet selects nothing: an event committed while the replay reads was
+/// recorded before it, and is not returned (the replay's read is held until one is committed).
+#[tokio::test]
+async fn a_start_time_not_reached_yet_returns_nothing_committed_meanwhile() {
+    let (server, injection) = crate::injected_store::start_injected().await;
+    let mut bus = server.bus();
+    publish(&mut bus, vec![event("old", "ahead.x")]).await;
+    let (reached, go) = injection.before_read.arm();
+    let in_an_hour = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    let request = pb::ReplayRequest {
+        start_time: Some(prost_types::Timestamp::from(in_an_hour)),
+        ..Default::default()
+    };
+    let mut replaying = tokio::spawn({
+        let mut bus = server.bus();
+        async move { replay_pages(&mut bus, request).await }
+    });
+    // the replay may end without reading at all; if it reads, an event commits before its read
+    let pages = tokio::select! {
+        () = reached.wait("the replay's read") => {
+            publish(&mut bus, vec![event("late", "ahead.x")]).await;
+            drop(go);
+            replaying.await.expect("replay")
+        }
+        pages = &mut replaying => pages.expect("replay"),
+    };
+    assert_eq!(page_sequences(&pages), Vec::<u64>::new());
+    assert!(pages.last().is_some_and(|p| p.end_of_history), "{pages:?}");
+}

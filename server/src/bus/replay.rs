@@ -267,6 +267,11 @@ impl Bus {
         }
         if let Some(from) = from {
             query.after = query.after.max(self.store.sequence_before(from).await?);
+            // not reached yet: no event is recorded at or after it, and what commits while the
+            // replay reads is recorded before it, so the replay ends where it starts
+            if from > Utc::now() {
+                query.until = Some(query.after);
+            }
         }
         if let Some(before) = before {
             let last = self.store.sequence_before(before).await?;
