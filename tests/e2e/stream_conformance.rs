@@ -232,6 +232,62 @@ async fn a_release_of_deliveries_never_sent_takes_their_attempt_back(b: Backend)
     assert_eq!(pending(&b, &key).await, 0);
 }
 
+/// Within a level, what has been due longest is claimed first: one entry failing again at once (a
+/// poison event nacked without delay) does not keep another type's due entry behind it.
+async fn a_due_entry_is_not_passed_over_by_one_failing_again(b: Backend) {
+    let key = group(&b, "g", &["a", "b"]).await;
+    let [a1, b1] = stored(&b, &[("a1".into(), "a"), ("b1".into(), "b")]).await[..] else {
+        panic!("two events")
+    };
+    let lease = Utc::now() + chrono::Duration::seconds(30);
+    let new = b
+        .streams
+        .claim_new(&key, "m", Priority::Normal, 10, lease)
+        .await
+        .expect("claim new");
+    assert_eq!(new.entries.len(), 2);
+    // b1 (the later sequence, the other type) has been due longer
+    let due_since = |secs| Utc::now() - chrono::Duration::seconds(secs);
+    for (seq, since) in [(b1, 2), (a1, 1)] {
+        b.streams
+            .set_visible_at(&key, &[(seq, 1)], due_since(since), Some("x"))
+            .await
+            .expect("nack");
+    }
+    let mut handed = Vec::new();
+    for _ in 0..2 {
+        let claimed = b
+            .streams
+            .claim_due(&key, "m", 1, lease)
+            .await
+            .expect("claim due");
+        let [c] = &claimed[..] else {
+            panic!("one due entry: {claimed:?}")
+        };
+        handed.push(c.sequence);
+        // it fails again at once: due now, after the other
+        b.streams
+            .set_visible_at(&key, &[(c.sequence, c.attempt)], Utc::now(), Some("x"))
+            .await
+            .expect("nack");
+    }
+    assert_eq!(
+        handed,
+        [b1, a1],
+        "the entry due longest first, then the other"
+    );
+}
+
+#[tokio::test]
+async fn embedded_a_due_entry_is_not_passed_over_by_one_failing_again() {
+    a_due_entry_is_not_passed_over_by_one_failing_again(embedded().await).await;
+}
+
+#[tokio::test]
+async fn redis_a_due_entry_is_not_passed_over_by_one_failing_again() {
+    a_due_entry_is_not_passed_over_by_one_failing_again(redis().await).await;
+}
+
 /// The group's pending entries, as ListGroups reports them.
 async fn pending(b: &Backend, key: &GroupKey) -> u64 {
     b.streams

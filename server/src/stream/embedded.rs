@@ -923,12 +923,13 @@ impl LiveStreams for EmbeddedStreams {
             tx.commit().map_err(write_err)?;
             self.apply_runs(key, runs);
         }
-        // one statement (so one transaction), not a read plus an update per entry
+        // one statement (so one transaction), not a read plus an update per entry; within a level,
+        // what has been due longest first: an entry failing again at once goes behind the others
         let rows = conn
             .prepare_cached(
                 "UPDATE pending SET attempts = attempts + 1, visible_ns = ?1, consumer = ?2 \
                  WHERE tenant = ?3 AND grp = ?4 AND seq IN (SELECT seq FROM pending \
-                 WHERE tenant = ?3 AND grp = ?4 AND visible_ns <= ?5 ORDER BY priority DESC, seq LIMIT ?6) \
+                 WHERE tenant = ?3 AND grp = ?4 AND visible_ns <= ?5 ORDER BY priority DESC, visible_ns, seq LIMIT ?6) \
                  RETURNING seq, priority, attempts, last_error",
             )
             .and_then(|mut claim| {

@@ -873,26 +873,37 @@ impl RedisStreams {
         Ok(with_new)
     }
 
-    /// The streams among `streams` where an entry of the group is due by `now` (ms), asked of all in
-    /// one round trip; one stream is claimed from without asking.
+    /// The streams among `streams` where an entry of the group is due by `now` (ms), each with when
+    /// its longest-due entry became due, asked of all in one round trip; one stream is claimed from
+    /// without asking.
     async fn streams_with_due(
         &self,
         key: &GroupKey,
         streams: Vec<StreamId>,
         now: i64,
-    ) -> StreamResult<Vec<StreamId>> {
+    ) -> StreamResult<Vec<(StreamId, i64)>> {
         if streams.len() < 2 {
-            return Ok(streams);
+            return Ok(streams.into_iter().map(|s| (s, 0)).collect());
         }
         let mut pipe = redis::pipe();
         for stream in &streams {
-            pipe.zcount(
+            pipe.zrangebyscore_limit_withscores(
                 self.keys.ledger(&key.tenant, stream, "due", &key.name),
                 "-inf",
                 now,
+                0,
+                1,
             );
         }
-        Ok(self.streams_answering(streams, pipe).await?.0)
+        let earliest: Vec<Vec<(String, f64)>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        Ok(streams
+            .into_iter()
+            .zip(earliest)
+            .filter_map(|(stream, first)| first.first().map(|(_, due)| (stream, *due as i64)))
+            .collect())
     }
 
     /// Runs `pipe`, which asks one number of each of `streams` in order, and parts the streams whose
@@ -2127,11 +2138,12 @@ impl LiveStreams for RedisStreams {
         let row = self.group_row(key).await?;
         let streams = self.group_streams(key, &row.config.selection, None).await?;
         let now = ms(Utc::now());
+        // most urgent level first; within a level, the stream whose entry has been due longest, so
+        // one type's entry failing again at once does not keep the others' behind it
         let mut streams = self.streams_with_due(key, streams, now).await?;
-        // most urgent level first
-        streams.sort_by_key(|s| std::cmp::Reverse(s.level));
+        streams.sort_by_key(|(s, due)| (std::cmp::Reverse(s.level), *due));
         let mut claimed: Vec<Claimed> = Vec::new();
-        for stream in streams {
+        for (stream, _) in streams {
             if claimed.len() >= max {
                 break;
             }
