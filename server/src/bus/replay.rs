@@ -266,10 +266,13 @@ impl Bus {
             }
         }
         if let Some(from) = from {
-            query.after = query.after.max(self.store.sequence_before(from).await?);
-            // not reached yet: no event is recorded at or after it, and what commits while the
-            // replay reads is recorded before it, so the replay ends where it starts
-            if from > Utc::now() {
+            let head = self.store.head().await?;
+            let before = self.store.sequence_before(from).await?;
+            query.after = query.after.max(before);
+            // nothing stored is recorded at or after it, and it is not reached yet: what commits
+            // while the replay reads is recorded before it, so the replay ends where it starts.
+            // (Events stored at or after it, when this clock is behind the store's, are still read.)
+            if before >= head && from > Utc::now() {
                 query.until = Some(query.after);
             }
         }
