@@ -279,6 +279,15 @@ pub fn parse_publisher(
 /// A decision with the reason for a denial.
 pub type Decision = Result<(), String>;
 
+/// Whether `source` is the id's own by default: the id, or what lies under it (`<id>/...`), taken
+/// literally.
+fn owns(id: &str, source: &str) -> bool {
+    source == id
+        || source
+            .strip_prefix(id)
+            .is_some_and(|under| under.starts_with('/'))
+}
+
 /// Evaluates requests of one principal against the policy and the registry.
 #[derive(Debug)]
 pub struct Evaluator<'a> {
@@ -355,11 +364,15 @@ impl Evaluator<'_> {
         // literally (an id is no glob: a certificate for *.agents.example must not own every agent's)
         let own = match self.file().and_then(|f| f.sources.as_ref()) {
             Some(list) => list.iter().any(|g| g.matches(source)),
+            // what lies under another principal's id of the file is that one's, though it lies
+            // under this id too (`svc` must not publish as `svc/worker`)
             None => {
-                source == self.id
-                    || source
-                        .strip_prefix(self.id)
-                        .is_some_and(|under| under.starts_with('/'))
+                owns(self.id, source)
+                    && !self
+                        .policy
+                        .principals
+                        .keys()
+                        .any(|other| other.len() > self.id.len() && owns(other, source))
             }
         };
         let source_ok = own
@@ -597,6 +610,27 @@ deny = { reply = ["tool.admin.>"] }
         assert!(e.source("planner.agents.example").is_err());
         assert!(e.source("x/planner.agents.example/y").is_err());
         assert!(e.source("*.agents.examplex").is_err());
+    }
+
+    /// Without `sources`, an id owns what lies under it, but not what is another principal's:
+    /// `svc` may not publish as `svc/worker`, which owns its own and what lies under it.
+    #[test]
+    fn an_id_does_not_own_the_sources_of_a_principal_under_it() {
+        let policy =
+            Policy::parse("[[principal]]\nid = \"svc\"\n[[principal]]\nid = \"svc/worker\"")
+                .expect("parses");
+        let registry = Registry::new(&[]);
+        let e = |id| Evaluator {
+            id,
+            tenant: "default",
+            policy: &policy,
+            registry: &registry,
+        };
+        assert!(e("svc").source("svc/other").is_ok());
+        assert!(e("svc").source("svc/worker").is_err());
+        assert!(e("svc").source("svc/worker/1").is_err());
+        assert!(e("svc").source("svc/workers").is_ok());
+        assert!(e("svc/worker").source("svc/worker/1").is_ok());
     }
 
     #[test]
