@@ -409,7 +409,7 @@ impl Auth {
         decide: impl FnOnce(&Evaluator<'_>) -> policy::Decision,
     ) -> Result<(), AuthError> {
         self.decide(principal, decide).map_err(|reason| {
-            self.record_denied(principal, action, resource, &reason);
+            self.record_refused(principal, action, resource, "denied", &reason);
             AuthError::PermissionDenied(format!("permission denied: {reason}"))
         })
     }
@@ -554,14 +554,9 @@ impl Auth {
         }
     }
 
-    /// Records a refused call of an identified principal, within the rate allowed for each; beyond
-    /// it the records are only counted, and the count is logged with the next one made.
-    fn record_denied(&self, principal: &Principal, action: &str, resource: &str, reason: &str) {
-        self.record_refused(principal, action, resource, "denied", reason);
-    }
-
-    /// Records a refused call of an identified principal with its outcome, within the rate allowed
-    /// for each (see [`Self::record_denied`]).
+    /// Records a refused call of an identified principal with its outcome (`denied`,
+    /// `unauthenticated`), within the rate allowed for each; beyond it the records are only counted,
+    /// and the count is logged with the next one made.
     fn record_refused(
         &self,
         principal: &Principal,
@@ -825,7 +820,8 @@ where
                                 .record_unidentified(path, "denied", &error.to_string());
                         }
                         AuthError::SubjectMismatch { certified, reason } => {
-                            self.auth.record_denied(certified, "call", path, reason);
+                            self.auth
+                                .record_refused(certified, "call", path, "denied", reason);
                         }
                         // rate limiting is not an access decision
                         AuthError::ResourceExhausted(_) => {}
