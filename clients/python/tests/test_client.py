@@ -960,19 +960,21 @@ async def test_aclose_while_a_replay_backs_off_reopens_nothing() -> None:
             assert replay.count == 1 and replay.resume_token == "after-r1"
 
 
-async def test_aclose_ends_the_iteration_of_a_replay_another_task_waits_on() -> None:
-    async def stalled(
-        request: pb.ReplayRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.ReplayResponse]:
-        yield pb.ReplayResponse(events=[ev("r1", "history.x")], resume_token="after-r1")
-        await asyncio.Event().wait()  # the next page never comes
+async def _stalled_replay(
+    request: pb.ReplayRequest, context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[pb.ReplayResponse]:
+    """A Replay handler that sends one page, then never the next."""
+    yield pb.ReplayResponse(events=[ev("r1", "history.x")], resume_token="after-r1")
+    await asyncio.Event().wait()
 
+
+async def test_aclose_ends_the_iteration_of_a_replay_another_task_waits_on() -> None:
     async def read(replay: Replay, seen: list[str], first: asyncio.Event) -> None:
         async for page in replay.pages():
             seen.extend(e.id for e in page.events)
             first.set()  # from here the task goes on to wait for the next page
 
-    async with _event_bus(Replay=_replay_handler(stalled)) as target:
+    async with _event_bus(Replay=_replay_handler(_stalled_replay)) as target:
         async with Client.connect(target, ready_timeout=WAIT) as client:
             # a task nobody cancels, waiting for a page when the replay is closed: its iteration ends
             seen: list[str] = []
@@ -1056,13 +1058,7 @@ async def test_calls_after_the_client_closed_raise_closed_error(client: Client) 
 
 
 async def test_closing_the_client_ends_a_replay_in_flight_with_closed_error() -> None:
-    async def stalled(
-        request: pb.ReplayRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.ReplayResponse]:
-        yield pb.ReplayResponse(events=[ev("r1", "history.x")], resume_token="after-r1")
-        await asyncio.Event().wait()  # the next page never comes
-
-    async with _event_bus(Replay=_replay_handler(stalled)) as target:
+    async with _event_bus(Replay=_replay_handler(_stalled_replay)) as target:
         async with Client.connect(target, ready_timeout=WAIT) as client:
             pages = client.replay().pages()
             first = await asyncio.wait_for(anext(pages), WAIT)

@@ -885,24 +885,35 @@ impl RedisStreams {
         if streams.len() < 2 {
             return Ok(streams.into_iter().map(|s| (s, 0)).collect());
         }
-        let mut pipe = redis::pipe();
-        for stream in &streams {
-            pipe.zrangebyscore_limit_withscores(
-                self.keys.ledger(&key.tenant, stream, "due", &key.name),
-                "-inf",
-                now,
-                0,
-                1,
-            );
-        }
-        let earliest: Vec<Vec<(String, f64)>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(redis_err)?;
+        let earliest = self.earliest_due(key, &streams).await?;
         Ok(streams
             .into_iter()
             .zip(earliest)
-            .filter_map(|(stream, first)| first.first().map(|(_, due)| (stream, *due as i64)))
+            .filter_map(|(stream, due)| due.filter(|due| *due <= now).map(|due| (stream, due)))
+            .collect())
+    }
+
+    /// When the longest-due entry of the group in each of `streams` is due (ms), in one round trip.
+    async fn earliest_due(
+        &self,
+        key: &GroupKey,
+        streams: &[StreamId],
+    ) -> StreamResult<Vec<Option<i64>>> {
+        let mut pipe = redis::pipe();
+        for s in streams {
+            pipe.cmd("ZRANGE")
+                .arg(self.keys.ledger(&key.tenant, s, "due", &key.name))
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES");
+        }
+        let firsts: Vec<Vec<(String, f64)>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_err)?;
+        Ok(firsts
+            .into_iter()
+            .map(|first| first.first().map(|(_, score)| *score as i64))
             .collect())
     }
 
@@ -2193,22 +2204,11 @@ impl LiveStreams for RedisStreams {
         if streams.is_empty() {
             return Ok(None);
         }
-        let mut pipe = redis::pipe();
-        for s in &streams {
-            pipe.cmd("ZRANGE")
-                .arg(self.keys.ledger(&key.tenant, s, "due", &key.name))
-                .arg(0)
-                .arg(0)
-                .arg("WITHSCORES");
-        }
-        let firsts: Vec<Vec<(String, f64)>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(redis_err)?;
-        Ok(firsts
+        Ok(self
+            .earliest_due(key, &streams)
+            .await?
             .into_iter()
             .flatten()
-            .map(|(_, score)| score as i64)
             .min()
             .and_then(DateTime::from_timestamp_millis))
     }
