@@ -88,17 +88,11 @@ const KNOWN_TRACE_FLAGS: u8 = 0x03;
 
 /// Parses a W3C traceparent; None when absent or malformed. Read here rather than by the SDK's
 /// propagator, which refuses version 00 with both defined flags set (`-03`, what level-2 tracers
-/// send) and drops the random flag, which must travel with its trace id. The shape is checked
-/// first, and the ids must be lowercase, as W3C writes them.
+/// send) and drops the random flag, which must travel with its trace id. The shape (lowercase hex, as
+/// W3C writes it) is checked first.
 pub fn parse_traceparent(traceparent: Option<&str>) -> Option<Context> {
     let header = traceparent.filter(|t| crate::event::traceparent_header_shape(t))?;
     let fields: Vec<&str> = header.split('-').take(4).collect();
-    if fields[1..3]
-        .iter()
-        .any(|f| f.bytes().any(|b| b.is_ascii_uppercase()))
-    {
-        return None;
-    }
     let flags = u8::from_str_radix(fields[3], 16).ok()? & KNOWN_TRACE_FLAGS;
     let parent = SpanContext::new(
         TraceId::from_hex(fields[1]).ok()?,

@@ -427,16 +427,27 @@ async fn a_trace_header_of_a_later_version_is_stored_as_version_00() {
     .await
     .expect("publish");
     assert_eq!(server.stored_event("odd-1").await.traceparent, "");
-    // nor is version ff, in either case
-    bus.publish(with_trace_header(
-        pb::PublishRequest {
-            events: vec![event("ff-1", "traced.later")],
-        },
-        &format!("FF-{CALLER_TRACE_ID}-00f067aa0ba902b7-01"),
-    ))
-    .await
-    .expect("publish");
-    assert_eq!(server.stored_event("ff-1").await.traceparent, "");
+    // nor is version ff, nor uppercase hex (W3C writes lowercase; tracers compare ids as written)
+    for (id, header) in [
+        ("ff-1", format!("ff-{CALLER_TRACE_ID}-00f067aa0ba902b7-01")),
+        (
+            "upper-1",
+            format!(
+                "00-{}-00F067AA0BA902B7-01",
+                CALLER_TRACE_ID.to_ascii_uppercase()
+            ),
+        ),
+    ] {
+        bus.publish(with_trace_header(
+            pb::PublishRequest {
+                events: vec![event(id, "traced.later")],
+            },
+            &header,
+        ))
+        .await
+        .expect("publish");
+        assert_eq!(server.stored_event(id).await.traceparent, "", "{header}");
+    }
     // Level 2's random-trace-id flag (02) travels with its trace id, also beside sampled (03, what
     // tracers of that level send); the reserved bits of a later version's flags are not written
     for (id, header, stored) in [

@@ -190,6 +190,13 @@ async fn invalid_events_are_rejected_naming_the_field() {
             "events[0].traceparent",
             Box::new(|e| e.traceparent = "nope".into()),
         ),
+        // W3C writes ids in lowercase; an uppercase one would not continue the trace it names
+        (
+            "events[0].traceparent",
+            Box::new(|e| {
+                e.traceparent = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01".into()
+            }),
+        ),
         // an inbox is the server's to give, on Request
         (
             "events[0].reply_to",

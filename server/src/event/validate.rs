@@ -173,13 +173,18 @@ pub fn traceparent_header_shape(value: &str) -> bool {
     first.len() == 4 && valid_traceparent(&first.join("-")) && !(more && first[0] == "00")
 }
 
+/// W3C's grammar is lowercase hex throughout; tracers compare ids as written, so an uppercase id would
+/// not be the trace it names.
 fn valid_traceparent(value: &str) -> bool {
     let parts: Vec<&str> = value.split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
     parts.len() == 4
         && hex(parts[0], 2)
-        // version ff is invalid, in either case
-        && !parts[0].eq_ignore_ascii_case("ff")
+        && parts[0] != "ff"
         && hex(parts[1], 32)
         && parts[1] != "0".repeat(32)
         && hex(parts[2], 16)
@@ -258,7 +263,7 @@ impl Limits {
         {
             push(
                 "traceparent",
-                "is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)".into(),
+                "is not a W3C traceparent (00-<32 lowercase hex>-<16 lowercase hex>-<2 lowercase hex>)".into(),
             );
         }
         let too_many_extensions = event.extensions.len() > self.max_extensions;
