@@ -173,6 +173,38 @@ async fn bad_filters_are_rejected() {
     );
 }
 
+/// A filter value may be as long as an event's attribute may be: with `limits.max_attribute_bytes`
+/// raised, a long subject is selected by its whole value, and a value longer than any attribute can
+/// be is refused naming it.
+#[tokio::test]
+async fn a_filter_value_may_be_as_long_as_the_attribute_limit() {
+    let server = TestServer::start_with(|c| c.limits.max_attribute_bytes = 4096).await;
+    let mut bus = server.bus();
+    let long = "s".repeat(3000);
+    publish(
+        &mut bus,
+        vec![
+            tagged("long", &long, "//x", "eu"),
+            tagged("short", "s", "//x", "eu"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        received_ids(&server, filter(F::Exact(values(&[("subject", &long)])))).await,
+        ["long"]
+    );
+    let mut o = open(&["filter.x"], "");
+    o.filter = Some(filter(F::Prefix(values(&[("subject", &"s".repeat(4097))]))));
+    let status = Subscriber::open(&mut bus, o).await.err().expect("rejected");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        violations(&status),
+        [r#"open.filter.prefix.attributes["subject"]"#],
+        "{status:?}"
+    );
+    assert!(status.message().contains("4096 bytes"), "{status:?}");
+}
+
 /// A private stream whose filter matches nothing of a long history still hears its commands while it
 /// reads that history: a close sent during the read ends it long before the history is read through.
 #[tokio::test]

@@ -300,9 +300,11 @@ impl Bus {
             .into());
         }
         if let Some(filter) = &spec.selection.filter {
-            filter.validate().map_err(|(path, reason)| {
-                InvalidInput::field(format!("open.filter{path}"), reason)
-            })?;
+            filter
+                .validate(self.limits.max_attribute_bytes)
+                .map_err(|(path, reason)| {
+                    InvalidInput::field(format!("open.filter{path}"), reason)
+                })?;
         }
         // the committed head, not the relay's progress: an acknowledged publish is always "before" this open
         let head = self.store.head().await?;
@@ -1473,9 +1475,10 @@ impl Session {
             }
             Command::SetFilter(filter) => {
                 if let Some(f) = &filter {
-                    f.validate().map_err(|(path, reason)| {
-                        InvalidInput::field(format!("set_filter.filter{path}"), reason)
-                    })?;
+                    f.validate(self.bus.limits.max_attribute_bytes)
+                        .map_err(|(path, reason)| {
+                            InvalidInput::field(format!("set_filter.filter{path}"), reason)
+                        })?;
                 }
                 self.selection.filter = filter;
                 if let Some(key) = &self.group {

@@ -8,7 +8,6 @@ use super::{Event, TypePattern};
 pub const MAX_FILTER_DEPTH: usize = 8;
 /// Most filter nodes accepted in one filter.
 pub const MAX_FILTER_NODES: usize = 64;
-const MAX_VALUE_LEN: usize = 1024;
 
 /// A server-side filter in the dialects of the CloudEvents Subscriptions API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,13 +34,21 @@ fn valid_attribute_name(name: &str) -> bool {
 }
 
 impl Filter {
-    /// Checks names, values, depth and size; returns the offending path and reason.
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    /// Checks names, values, depth and size; returns the offending path and reason. A value may be as
+    /// long as an event's attribute may be (`max_value_bytes`, `limits.max_attribute_bytes`): a longer
+    /// one could match no event.
+    pub fn validate(&self, max_value_bytes: usize) -> Result<(), (String, String)> {
         let mut nodes = 0;
-        self.check(String::new(), 1, &mut nodes)
+        self.check(String::new(), 1, &mut nodes, max_value_bytes)
     }
 
-    fn check(&self, path: String, depth: usize, nodes: &mut usize) -> Result<(), (String, String)> {
+    fn check(
+        &self,
+        path: String,
+        depth: usize,
+        nodes: &mut usize,
+        max_value_bytes: usize,
+    ) -> Result<(), (String, String)> {
         *nodes += 1;
         if *nodes > MAX_FILTER_NODES {
             return Err((
@@ -85,10 +92,13 @@ impl Filter {
                             "attribute names are [a-z0-9]{1,20}".into(),
                         ));
                     }
-                    if value.len() > MAX_VALUE_LEN {
+                    if value.len() > max_value_bytes {
                         return Err((
                             format!("{path}.attributes[{name:?}]"),
-                            format!("value longer than {MAX_VALUE_LEN} bytes"),
+                            format!(
+                                "value longer than {max_value_bytes} bytes \
+                                 (limits.max_attribute_bytes: no attribute is longer)"
+                            ),
                         ));
                     }
                 }
@@ -99,11 +109,16 @@ impl Filter {
                     return Err((path, "needs at least one nested filter".into()));
                 }
                 for (i, f) in list.iter().enumerate() {
-                    f.check(format!("{path}.filters[{i}]"), depth + 1, nodes)?;
+                    f.check(
+                        format!("{path}.filters[{i}]"),
+                        depth + 1,
+                        nodes,
+                        max_value_bytes,
+                    )?;
                 }
                 Ok(())
             }
-            FilterKind::Not(inner) => inner.check(path, depth + 1, nodes),
+            FilterKind::Not(inner) => inner.check(path, depth + 1, nodes, max_value_bytes),
         }
     }
 
@@ -218,17 +233,28 @@ mod tests {
         assert!(!not.matches(&e));
     }
 
+    const LIMIT: usize = 1024;
+
+    #[test]
+    fn a_value_may_be_as_long_as_an_attribute() {
+        let long = |n: usize| Filter(FilterKind::Exact(map("subject", &"s".repeat(n))));
+        long(4096).validate(4096).expect("as long as the limit");
+        let (path, reason) = long(4097).validate(4096).expect_err("one byte more");
+        assert_eq!(path, r#".exact.attributes["subject"]"#);
+        assert!(reason.contains("longer than 4096 bytes"), "{reason}");
+    }
+
     #[test]
     fn rejects_deep_and_empty_filters() {
         let mut f = Filter(FilterKind::Exact(map("subject", "x")));
         for _ in 0..MAX_FILTER_DEPTH {
             f = Filter(FilterKind::Not(Box::new(f)));
         }
-        assert!(f.validate().is_err());
-        assert!(Filter(FilterKind::All(vec![])).validate().is_err());
+        assert!(f.validate(LIMIT).is_err());
+        assert!(Filter(FilterKind::All(vec![])).validate(LIMIT).is_err());
         assert!(
             Filter(FilterKind::Exact(map("Bad-Name", "x")))
-                .validate()
+                .validate(LIMIT)
                 .is_err()
         );
     }
@@ -239,10 +265,10 @@ mod tests {
             (0..n).map(|i| (format!("a{i}"), "x".to_owned())).collect()
         };
         Filter(FilterKind::Exact(attributes(MAX_FILTER_NODES)))
-            .validate()
+            .validate(LIMIT)
             .expect("as many attributes as nodes");
         let (path, reason) = Filter(FilterKind::Exact(attributes(MAX_FILTER_NODES + 1)))
-            .validate()
+            .validate(LIMIT)
             .expect_err("one more");
         assert_eq!(path, ".exact");
         assert!(reason.contains("each attribute counts as one"), "{reason}");
@@ -250,6 +276,6 @@ mod tests {
         let nested = Filter(FilterKind::All(vec![Filter(FilterKind::Prefix(
             attributes(MAX_FILTER_NODES),
         ))]));
-        assert!(nested.validate().is_err());
+        assert!(nested.validate(LIMIT).is_err());
     }
 }
