@@ -197,6 +197,42 @@ async fn replies_and_stale_acks_are_counted() {
     assert!(undelivered(&after) > undelivered(&before));
 }
 
+/// A nack of a delivery acked already is a stale settlement, not a failure: one nack counts in one
+/// series.
+#[tokio::test]
+async fn a_nack_of_an_acked_delivery_is_stale_and_no_failure() {
+    let server = TestServer::start_with(|c| c.metrics.listen = "127.0.0.1:0".into()).await;
+    let mut bus = server.bus();
+    let mut member = Subscriber::open(&mut bus, open(&["metrics.nacked-late"], "stale-nack"))
+        .await
+        .expect("open");
+    publish(&mut bus, vec![event("nacked-late", "metrics.nacked-late")]).await;
+    let delivery = member.next_delivery().await;
+    member.ack_one(&delivery).await;
+    member
+        .send(pb::subscribe_request::Action::Nack(pb::Nack {
+            delivery_ids: vec![delivery.delivery_id.clone()],
+            ..Default::default()
+        }))
+        .await;
+    let group = [("group", "stale-nack")];
+    let after = crate::harness::eventually("the late nack counted", || async {
+        let text = server.scrape().await;
+        (value(&text, "nerve_stale_settlements_total", &group) >= 1.0).then_some(text)
+    })
+    .await;
+    assert_eq!(value(&after, "nerve_stale_settlements_total", &group), 1.0);
+    assert_eq!(
+        value(
+            &after,
+            "nerve_delivery_failures_total",
+            &[("group", "stale-nack"), ("reason", "nack")]
+        ),
+        0.0,
+        "{after}"
+    );
+}
+
 /// A request that its call's deadline ends before the bus answers is counted too, as cancelled: the
 /// transport drops the call, and with it the wait for a reply.
 #[tokio::test]

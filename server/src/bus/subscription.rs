@@ -1381,8 +1381,10 @@ impl Session {
                     }
                     return Ok(Flow::Go);
                 };
-                // one backend call for every delivery to retry later
+                // one backend call for every delivery to retry later; whether each was outstanding
+                // here (one whose lease ran out was counted as expired already)
                 let mut retries = Vec::new();
+                let mut outstanding = Vec::new();
                 for (seq, attempt) in ids {
                     let was_outstanding = self.settle(seq, attempt);
                     if dead_letter {
@@ -1408,16 +1410,19 @@ impl Session {
                         }
                     } else {
                         retries.push((seq, attempt));
+                        outstanding.push(was_outstanding);
                     }
                 }
                 if !retries.is_empty() {
-                    ::metrics::counter!(names::DELIVERY_FAILURES, "group" => self.group_label.clone(), "reason" => "nack")
-                        .increment(retries.len() as u64);
                     let moved = self
                         .bus
                         .streams
                         .set_visible_at(&key, &retries, Utc::now() + retry_delay, reason.as_deref())
                         .await?;
+                    // a failure is a delivery this nack moved; one it could not move is stale
+                    let failed = moved.iter().zip(&outstanding).filter(|(m, o)| **m && **o);
+                    ::metrics::counter!(names::DELIVERY_FAILURES, "group" => self.group_label.clone(), "reason" => "nack")
+                        .increment(failed.count() as u64);
                     self.count_stale(moved.iter().filter(|m| !**m).count());
                 }
                 self.bus.streams.wake_group(&key).await?;
