@@ -749,4 +749,14 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
         reply.traceparent,
         asked.traceparent
     );
+    // and so does the reply's span: one trace shows the request, its delivery and the reply
+    let request_trace = trace_id(&asked.traceparent).expect("a trace id");
+    crate::harness::eventually("the reply span in the request's trace", || async {
+        let spans = collector.0.lock().expect("lock").clone();
+        spans
+            .iter()
+            .any(|(name, trace, _)| name == "nerve.reply" && *trace == request_trace)
+            .then_some(())
+    })
+    .await;
 }

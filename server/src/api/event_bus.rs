@@ -542,19 +542,14 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         let reply_type = event.event_type.clone();
         let span =
             tracing::info_span!("nerve.reply", otel.kind = "server", r#type = %event.event_type);
-        // a reply without its own context continues the caller's; else the bus gives it the request's
-        telemetry::continue_trace(&span, header.as_deref().or(event.traceparent.as_deref()));
-        let trace = header
-            .is_some()
-            .then(|| telemetry::traceparent_of(&span, header.as_deref()))
-            .flatten();
         let (delivered, sequence) = self
             .bus
             .reply(
                 &principal.tenant,
                 &request.reply_to,
                 event,
-                trace,
+                header.as_deref(),
+                span,
                 |inbox| {
                     // only a principal allowed to answer this request type may reply to it, and only
                     // with a type it may store (subscribers of that type receive the reply); with no
@@ -574,7 +569,6 @@ impl pb::event_bus_server::EventBus for EventBusApi {
                         .map_err(BusError::from)
                 },
             )
-            .instrument(span)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ReplyResponse {

@@ -1,12 +1,13 @@
 use std::{sync::Arc, time::Duration};
 
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use super::{Bus, BusError, BusResult};
 use crate::{
     event::{Event, InvalidInput, StoredEvent},
     store::Appended,
     stream::Inbox,
+    telemetry,
 };
 
 /// The answer to a request.
@@ -228,14 +229,18 @@ impl Bus {
     /// sequence; a reply for a requester that stopped waiting is dropped unstored and counted, and
     /// one that another reply beat to the inbox is stored, not delivered, and counted.
     /// `authorize` sees the waiting request before anything is stored, or none when no request waits
-    /// (a reply the caller may not make is refused either way). A reply without a traceparent
-    /// gets `trace` (the call's), else the request's, after its content is hashed, as a publish does.
+    /// (a reply the caller may not make is refused either way). The reply's work runs in `span`, in
+    /// the trace of the call's `header` (a valid W3C traceparent), else of the reply's own
+    /// traceparent, else of the request's: so the span is entered only once the inbox is read. A
+    /// reply without a traceparent gets the call's trace, else the request's, after its content is
+    /// hashed, as a publish does.
     pub async fn reply(
         &self,
         tenant: &str,
         reply_to: &str,
-        mut event: Event,
-        trace: Option<String>,
+        event: Event,
+        header: Option<&str>,
+        span: tracing::Span,
         authorize: impl FnOnce(Option<&Inbox>) -> BusResult<()>,
     ) -> BusResult<(bool, Option<u64>)> {
         if reply_to.is_empty() {
@@ -261,11 +266,37 @@ impl Bus {
             }
             _ => {
                 authorize(None)?;
+                telemetry::continue_trace(&span, header.or(event.traceparent.as_deref()));
+                let _entered = span.enter();
                 count_reply("late");
                 debug!(reply_to, "late reply dropped");
                 return Ok((false, None));
             }
         };
+        telemetry::continue_trace(
+            &span,
+            header
+                .or(event.traceparent.as_deref())
+                .or(inbox.traceparent.as_deref()),
+        );
+        let trace = header
+            .and_then(|h| telemetry::traceparent_of(&span, Some(h)))
+            .or(inbox.traceparent.clone());
+        self.reply_to_inbox(reply_to, event, inbox, trace)
+            .instrument(span)
+            .await
+    }
+
+    /// Stores a reply to the request of `inbox`, stamped with `trace` when it carries none, and hands
+    /// it over.
+    async fn reply_to_inbox(
+        &self,
+        reply_to: &str,
+        mut event: Event,
+        inbox: Inbox,
+        trace: Option<String>,
+    ) -> BusResult<(bool, Option<u64>)> {
+        let tenant = inbox.tenant.as_str();
         match &event.correlation_id {
             None => event.correlation_id = Some(inbox.correlation_id.clone()),
             Some(c) if *c != inbox.correlation_id => {
@@ -283,7 +314,6 @@ impl Bus {
         event.causation_id.get_or_insert(inbox.request_id);
         event.reply_to = None;
         // stamped after hashing: a retry under another span is the same reply
-        let trace = trace.or(inbox.traceparent);
         let appended = self.publish_checked(tenant, event, trace).await?;
         let sequence = appended.first().map(|a| a.sequence).unwrap_or_default();
         let stored = self
@@ -350,53 +380,65 @@ mod tests {
     /// refused is not counted at all.
     #[test]
     fn replies_are_counted_by_whether_they_reached_the_requester() {
-        let counted = counted(
-            crate::metrics::names::REPLIES,
-            |bus, (send, mut out)| async move {
-                // held: a member whose command stream ends (half-closed) ends too
-                let _send = send;
-                let asking = tokio::spawn({
-                    let bus = bus.clone();
-                    async move {
-                        bus.request("t", job("asked", 0), Some(Duration::from_secs(10)), None)
-                            .await
-                    }
-                });
-                let reply_to = loop {
-                    match out
-                        .recv()
-                        .await
-                        .expect("the member is open")
-                        .expect("no error")
-                    {
-                        crate::bus::Outbound::Deliveries(d) => {
-                            break d[0].event.event.reply_to.clone().expect("a request");
+        let counted =
+            counted(
+                crate::metrics::names::REPLIES,
+                |bus, (send, mut out)| async move {
+                    // held: a member whose command stream ends (half-closed) ends too
+                    let _send = send;
+                    let asking = tokio::spawn({
+                        let bus = bus.clone();
+                        async move {
+                            bus.request("t", job("asked", 0), Some(Duration::from_secs(10)), None)
+                                .await
                         }
-                        _ => continue,
-                    }
-                };
-                let reply = |id: &'static str, to: String| {
-                    let bus = bus.clone();
-                    async move { bus.reply("t", &to, job(id, 0), None, |_| Ok(())).await }
-                };
-                let first = reply("first", reply_to.clone()).await.expect("reply");
-                // found open (the requester has not run since), and taken: stored, not delivered
-                let second = reply("second", reply_to).await.expect("reply");
-                assert_eq!((first.0, second.0), (true, false));
-                asking.await.expect("join").expect("answered");
-                let nobody = format!("_inbox.{}", "0".repeat(32));
-                assert_eq!(
-                    reply("late", nobody.clone()).await.expect("reply"),
-                    (false, None)
-                );
-                let refused = bus
-                    .reply("t", &nobody, job("refused", 0), None, |_| {
-                        Err(crate::bus::BusError::PermissionDenied("no".into()))
-                    })
-                    .await;
-                assert!(refused.is_err());
-            },
-        );
+                    });
+                    let reply_to = loop {
+                        match out
+                            .recv()
+                            .await
+                            .expect("the member is open")
+                            .expect("no error")
+                        {
+                            crate::bus::Outbound::Deliveries(d) => {
+                                break d[0].event.event.reply_to.clone().expect("a request");
+                            }
+                            _ => continue,
+                        }
+                    };
+                    let reply =
+                        |id: &'static str, to: String| {
+                            let bus = bus.clone();
+                            async move {
+                                bus.reply("t", &to, job(id, 0), None, tracing::Span::none(), |_| {
+                                    Ok(())
+                                })
+                                .await
+                            }
+                        };
+                    let first = reply("first", reply_to.clone()).await.expect("reply");
+                    // found open (the requester has not run since), and taken: stored, not delivered
+                    let second = reply("second", reply_to).await.expect("reply");
+                    assert_eq!((first.0, second.0), (true, false));
+                    asking.await.expect("join").expect("answered");
+                    let nobody = format!("_inbox.{}", "0".repeat(32));
+                    assert_eq!(
+                        reply("late", nobody.clone()).await.expect("reply"),
+                        (false, None)
+                    );
+                    let refused = bus
+                        .reply(
+                            "t",
+                            &nobody,
+                            job("refused", 0),
+                            None,
+                            tracing::Span::none(),
+                            |_| Err(crate::bus::BusError::PermissionDenied("no".into())),
+                        )
+                        .await;
+                    assert!(refused.is_err());
+                },
+            );
         for outcome in ["delivered", "not_delivered", "late"] {
             assert!(
                 counted.contains(&format!("outcome=\"{outcome}\"}} 1")),
