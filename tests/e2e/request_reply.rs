@@ -384,13 +384,27 @@ async fn a_request_and_a_reply_of_the_event_limit_go_through() {
     let mut responder = Subscriber::open(&mut bus, open(&["planner.plan.requested"], "planners"))
         .await
         .expect("open");
-    let call = crate::harness::request_in_background(
-        server.bus(),
-        event_of_the_limit("q-full", "planner.plan.requested"),
-        5000,
-    );
+    // with the caller's trace context, which the server records on the request: it does not count
+    let mut requester = server.bus();
+    let call = tokio::spawn(async move {
+        let mut request = tonic::Request::new(pb::RequestRequest {
+            event: Some(event_of_the_limit("q-full", "planner.plan.requested")),
+            timeout: millis(5000),
+        });
+        request.metadata_mut().insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .expect("ascii"),
+        );
+        requester.request(request).await
+    });
     let d = responder.next_delivery().await;
     let asked = d.event.clone().expect("event");
+    assert!(
+        asked.traceparent.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{asked:?}"
+    );
     let reply = bus
         .reply(pb::ReplyRequest {
             reply_to: asked.reply_to,

@@ -499,12 +499,7 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             .map_err(denied)?;
         let span =
             tracing::info_span!("nerve.request", otel.kind = "server", r#type = %event.event_type);
-        let mut event = event;
-        // a request's inbox differs on every call, so its content does too: the stamp may be part of it
         let trace = trace_events(&span, header.as_deref(), std::slice::from_ref(&event));
-        if event.traceparent.is_none() {
-            event.traceparent = trace;
-        }
         let asked = request
             .timeout
             .map(|d| convert::duration_from_pb(&d, "timeout"))
@@ -512,7 +507,7 @@ impl pb::event_bus_server::EventBus for EventBusApi {
             .map_err(|e| to_status(e.into()))?;
         let outcome = self
             .bus
-            .request(&principal.tenant, event, asked, deadline)
+            .request(&principal.tenant, event, trace, asked, deadline)
             .instrument(span)
             .await
             .map_err(to_status)?;

@@ -67,11 +67,13 @@ fn count_reply(outcome: &'static str) {
 impl Bus {
     /// Publishes a request and waits for its reply, at most `timeout` (the request's field, or the
     /// default) and at most the call's `deadline`, both from now; fails at once when nobody could
-    /// receive it.
+    /// receive it. A request without a traceparent gets `trace` (the call's), after the limits are
+    /// checked: a context the server records does not count against them.
     pub async fn request(
         &self,
         tenant: &str,
         event: Event,
+        trace: Option<String>,
         timeout: Option<Duration>,
         deadline: Option<Duration>,
     ) -> BusResult<RequestOutcome> {
@@ -82,7 +84,7 @@ impl Bus {
         // when the call's deadline is the nearer bound, the bus's own timer and the transport's end
         // the call in the same instant, and either may run first: counted alike whichever does
         let call_bounds_the_wait = deadline.is_some_and(|deadline| deadline <= timeout);
-        let outcome = self.ask(tenant, event, timeout, deadline).await;
+        let outcome = self.ask(tenant, event, trace, timeout, deadline).await;
         counted.0 = Some(match &outcome {
             Ok(_) => "answered",
             Err(BusError::NoResponders { .. }) => "no_responders",
@@ -97,6 +99,7 @@ impl Bus {
         &self,
         tenant: &str,
         mut event: Event,
+        trace: Option<String>,
         timeout: Duration,
         deadline: Option<Duration>,
     ) -> BusResult<RequestOutcome> {
@@ -134,6 +137,10 @@ impl Bus {
             .into());
         }
         self.limits.check_event(&event, "event")?;
+        // a request's inbox differs on every call, so its content does too: the stamp may be part of it
+        if event.traceparent.is_none() {
+            event.traceparent = trace;
+        }
         let correlation_id = event
             .correlation_id
             .get_or_insert_with(|| event.id.clone())
@@ -389,8 +396,14 @@ mod tests {
                     let asking = tokio::spawn({
                         let bus = bus.clone();
                         async move {
-                            bus.request("t", job("asked", 0), Some(Duration::from_secs(10)), None)
-                                .await
+                            bus.request(
+                                "t",
+                                job("asked", 0),
+                                None,
+                                Some(Duration::from_secs(10)),
+                                None,
+                            )
+                            .await
                         }
                     });
                     let reply_to = loop {
