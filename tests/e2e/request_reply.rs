@@ -275,6 +275,18 @@ async fn request_times_out_with_deadline_exceeded_and_late_reply_is_dropped() {
         .into_inner();
     assert!(!late.delivered);
     assert_eq!(late.sequence, 0, "a late reply is not stored");
+    // the request was stored: asked again under its id, it is refused saying why (not "different
+    // content": the caller sent the same)
+    let status = requester
+        .request(request("slow", 300))
+        .await
+        .expect_err("a request's id is taken");
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert!(status.message().contains("new id"), "{status:?}");
+    assert!(
+        !status.message().contains("different content"),
+        "{status:?}"
+    );
 }
 
 /// A request's timeout runs from the server's receipt of the call, as its deadline does: a publish
@@ -327,6 +339,18 @@ async fn reply_validation() {
         .await
         .expect_err("reply_to is the server's");
     assert_eq!(status.code(), Code::InvalidArgument);
+    // nor does a reply carry one, as a publish does not: refused, not dropped unsaid
+    let mut replying_to = event("r", "a.b");
+    replying_to.reply_to = format!("_inbox.{}", "1".repeat(32));
+    let status = bus
+        .reply(pb::ReplyRequest {
+            reply_to: format!("_inbox.{}", "0".repeat(32)),
+            event: Some(replying_to),
+        })
+        .await
+        .expect_err("a reply's reply_to");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(violations(&status), ["event.reply_to"], "{status:?}");
 }
 
 /// A reply's event is checked before its inbox is looked up, and named as the caller sent it
@@ -402,7 +426,9 @@ async fn a_request_and_a_reply_of_the_event_limit_go_through() {
     let d = responder.next_delivery().await;
     let asked = d.event.clone().expect("event");
     assert!(
-        asked.traceparent.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+        asked
+            .traceparent
+            .contains("4bf92f3577b34da6a3ce929d0e0e4736"),
         "{asked:?}"
     );
     let reply = bus

@@ -191,13 +191,25 @@ impl Bus {
         let source = event.source.clone();
         // a request whose commit ends after its timeout may still be stored (a commit is not called
         // back), as when the call's deadline ends it
+        // its inbox is part of its content, so a request asked again under the same (source, id) is
+        // a conflict, never a duplicate: the message says why, not "different content"
+        let taken = || {
+            BusError::Exists(format!(
+                "event {id:?} from source {source:?} is stored already: a request is a new event \
+                 on every call (its reply inbox differs), so ask again with a new id"
+            ))
+        };
         let appended = before(until, self.publish_checked(tenant, event, None), || {
             format!(
                 "request {id:?} was not committed within {bound}; it may still be stored and \
                  delivered"
             )
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            BusError::AlreadyExists { .. } => taken(),
+            e => e,
+        })?;
         let Some(Appended {
             sequence,
             duplicate,
@@ -206,10 +218,7 @@ impl Bus {
             return Err(BusError::Internal("publish returned no result".into()));
         };
         if duplicate {
-            return Err(BusError::AlreadyExists {
-                event_source: source,
-                id,
-            });
+            return Err(taken());
         }
         let ended = tokio::select! {
             biased;
@@ -261,6 +270,15 @@ impl Bus {
             return Err(InvalidInput::field(
                 "reply_to",
                 "is not an inbox of a request (take it from the request's reply_to)",
+            )
+            .into());
+        }
+        // an inbox is the server's to give, on Request; a reply stored with one would look like a
+        // request to whoever reads it (a publish that sets it is refused alike)
+        if event.reply_to.is_some() {
+            return Err(InvalidInput::field(
+                "event.reply_to",
+                "is set by the server on requests; a reply carries none",
             )
             .into());
         }
@@ -319,7 +337,6 @@ impl Bus {
             Some(_) => {}
         }
         event.causation_id.get_or_insert(inbox.request_id);
-        event.reply_to = None;
         // stamped after hashing: a retry under another span is the same reply
         let appended = self.publish_checked(tenant, event, trace).await?;
         let sequence = appended.first().map(|a| a.sequence).unwrap_or_default();
