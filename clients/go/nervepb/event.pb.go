@@ -115,9 +115,9 @@ type Event struct {
 	CorrelationId string `protobuf:"bytes,14,opt,name=correlation_id,json=correlationId,proto3" json:"correlation_id,omitempty"`
 	// Id of the event that caused this one.
 	CausationId string `protobuf:"bytes,15,opt,name=causation_id,json=causationId,proto3" json:"causation_id,omitempty"`
-	// W3C trace context of the producer.
+	// W3C trace context of the producer, in lowercase hex.
 	Traceparent string `protobuf:"bytes,16,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
-	// Inbox a reply goes to; set by the server on requests.
+	// Inbox a reply goes to; set by the server on requests (a publish or reply that sets it is refused).
 	ReplyTo string `protobuf:"bytes,17,opt,name=reply_to,json=replyTo,proto3" json:"reply_to,omitempty"`
 	// Output only: global position in the event store, assigned at commit.
 	Sequence uint64 `protobuf:"varint,18,opt,name=sequence,proto3" json:"sequence,omitempty"`

@@ -1474,8 +1474,9 @@ type RequestRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Event *Event                 `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
 	// How long to wait for the reply, from the server's receipt of the call (the request's commit
-	// included); the call deadline applies too. Default 30s. A request whose commit was under way when
-	// it passed may still be stored and delivered; its replies are dropped.
+	// included); the call deadline applies too. Unset: the server's bus.default_request_timeout (30s
+	// unless configured); zero, negative or past bus.max_request_timeout is refused. A request whose
+	// commit was under way when it passed may still be stored and delivered; its replies are dropped.
 	Timeout       *durationpb.Duration `protobuf:"bytes,2,opt,name=timeout,proto3" json:"timeout,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -676,8 +676,9 @@ class RequestRequest(_message.Message):
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """How long to wait for the reply, from the server's receipt of the call (the request's commit
-        included); the call deadline applies too. Default 30s. A request whose commit was under way when
-        it passed may still be stored and delivered; its replies are dropped.
+        included); the call deadline applies too. Unset: the server's bus.default_request_timeout (30s
+        unless configured); zero, negative or past bus.max_request_timeout is refused. A request whose
+        commit was under way when it passed may still be stored and delivered; its replies are dropped.
         """
 
     def __init__(

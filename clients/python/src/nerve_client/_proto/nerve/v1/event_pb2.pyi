@@ -112,9 +112,9 @@ class Event(_message.Message):
     causation_id: _builtins.str
     """Id of the event that caused this one."""
     traceparent: _builtins.str
-    """W3C trace context of the producer."""
+    """W3C trace context of the producer, in lowercase hex."""
     reply_to: _builtins.str
-    """Inbox a reply goes to; set by the server on requests."""
+    """Inbox a reply goes to; set by the server on requests (a publish or reply that sets it is refused)."""
     sequence: _builtins.int
     """Output only: global position in the event store, assigned at commit."""
     @_builtins.property
