@@ -1890,6 +1890,58 @@ async fn streams_per_principal_are_capped() {
     assert!(reopened.is_ok(), "a closed stream's place was not freed");
 }
 
+/// A waiting Request holds an inbox until its reply or timeout: it counts as a stream does.
+#[tokio::test]
+async fn waiting_requests_count_among_a_principals_streams() {
+    let server = TestServer::start_with(|c| c.connections.max_streams_per_principal = 3).await;
+    let mut bus = server.bus();
+    // a responder that never answers: one of the three places
+    let mut responder = Subscriber::open(&mut bus, open(&["cap.asked"], ""))
+        .await
+        .expect("open");
+    let mut waiting = Vec::new();
+    for i in 0..2 {
+        waiting.push(crate::harness::request_in_background(
+            server.bus(),
+            event(&format!("asked-{i}"), "cap.asked"),
+            60_000,
+        ));
+        // waiting once its request is delivered
+        responder.next_delivery().await;
+    }
+    let refused = bus
+        .request(pb::RequestRequest {
+            event: Some(event("asked-2", "cap.asked")),
+            timeout: millis(60_000),
+        })
+        .await;
+    assert_status(
+        refused.map(|_| ()),
+        Code::ResourceExhausted,
+        "open streams and waiting requests",
+    );
+    // a request that ends frees its place
+    waiting.pop().expect("a request").abort();
+    let asked = tokio::time::timeout(WAIT, async {
+        loop {
+            match bus
+                .request(pb::RequestRequest {
+                    event: Some(event("asked-3", "cap.asked")),
+                    timeout: millis(100),
+                })
+                .await
+            {
+                // the server notices the cancelled call a moment after the client drops it
+                Err(s) if s.code() == Code::ResourceExhausted => tokio::task::yield_now().await,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("a cancelled request's place was not freed");
+    assert_status(asked.map(|_| ()), Code::DeadlineExceeded, "asked-3");
+}
+
 #[tokio::test]
 async fn concurrent_streams_per_connection_are_capped() {
     let server = TestServer::start_with(|c| c.connections.max_concurrent_streams = 4).await;

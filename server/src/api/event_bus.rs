@@ -484,6 +484,8 @@ impl pb::event_bus_server::EventBus for EventBusApi {
         let deadline = grpc_timeout(&request);
         let header = call_traceparent(&request);
         let principal = principal(&request)?;
+        // a waiting request holds an inbox for up to bus.max_request_timeout: bounded as streams are
+        let _permit = self.auth.open_stream(&principal).map_err(denied)?;
         let request = request.into_inner();
         let event = request
             .event

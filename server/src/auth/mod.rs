@@ -457,14 +457,16 @@ impl Auth {
             .map_or(0, |limiter| limiter.len())
     }
 
-    /// Opens a stream for the principal, or refuses when it has the most it may have.
+    /// Opens a stream (or a waiting Request: a long call that holds an inbox) for the principal, or
+    /// refuses when it has the most it may have.
     pub fn open_stream(&self, principal: &Principal) -> Result<StreamPermit, AuthError> {
         let key = principal.key();
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         let open = streams.entry(key.clone()).or_default();
         if *open >= self.max_streams_per_principal {
             return Err(AuthError::ResourceExhausted(format!(
-                "{:?} already has {} open streams, the most allowed per principal",
+                "{:?} already has {} open streams and waiting requests, the most allowed per \
+                 principal (connections.max_streams_per_principal)",
                 principal.id, self.max_streams_per_principal
             )));
         }
