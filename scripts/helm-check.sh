@@ -8,7 +8,11 @@
 #      kubernetes-validate has no schema for CRDs; pytest checks their shape instead;
 #   3. pytest in helm/tests: assertions on the rendered manifests (probes, security context, secret
 #      wiring, TLS/JWT/policy mounts, refused configurations, optional resources, the ServiceMonitor,
-#      README values table, schema coverage).
+#      README values table, schema coverage), and that every NERVE_* setting the chart renders is one the
+#      server lists in `nerve-server --help`.
+# Needs a nerve-server binary for that: NERVE_SERVER_BIN (scripts/test.sh sets it to the one it built),
+# else target/debug/nerve-server or target/release/nerve-server (under CARGO_TARGET_DIR when set); fails
+# at once, saying how to build one, when there is none.
 # Installs what it needs once, into ~/.cache/nerve-tools (NERVE_TOOLS overrides): helm (go install, needs
 # Go and the Go module proxy) and a Python venv with helm/tests/requirements.txt (needs PyPI).
 # Exits non-zero, naming the failed step, on the first failure.
@@ -39,6 +43,21 @@ step() {
 fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
 
 step "tools"
+# the server binary first: without it the chart's settings cannot be checked against the server's
+if [ -n "${NERVE_SERVER_BIN:-}" ]; then
+  [ -f "$NERVE_SERVER_BIN" ] && [ -x "$NERVE_SERVER_BIN" ] \
+    || fail "NERVE_SERVER_BIN=$NERVE_SERVER_BIN is not an executable file"
+else
+  target="${CARGO_TARGET_DIR:-target}"
+  for candidate in "$target/debug/nerve-server" "$target/release/nerve-server"; do
+    if [ -f "$candidate" ] && [ -x "$candidate" ]; then NERVE_SERVER_BIN="$candidate"; break; fi
+  done
+  [ -n "${NERVE_SERVER_BIN:-}" ] || fail "no nerve-server binary: the chart tests compare the chart's NERVE_* settings \
+with \`nerve-server --help\`. Build one (cargo build --bin nerve-server) or name one with \
+NERVE_SERVER_BIN=/path/to/nerve-server (looked for $target/debug/nerve-server and $target/release/nerve-server)"
+fi
+NERVE_SERVER_BIN=$(cd "$(dirname "$NERVE_SERVER_BIN")" && pwd)/$(basename "$NERVE_SERVER_BIN")
+export NERVE_SERVER_BIN
 HELM="$TOOLS/bin/helm"
 HELM_STAMP="$TOOLS/bin/.helm-version"
 # `go install` leaves the version out of `helm version`, so a stamp file records what was installed
@@ -57,6 +76,7 @@ if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQUIREMENTS" "$REQ_STAMP"; then
     || fail "could not install $REQUIREMENTS (needs PyPI)"
   cp "$REQUIREMENTS" "$REQ_STAMP"
 fi
+echo "nerve-server: $NERVE_SERVER_BIN"
 echo "helm: $HELM_VERSION ($HELM)"
 echo "kubernetes-validate: $("$VENV/bin/kubernetes-validate" --version)"
 echo "pytest: $("$VENV/bin/python" -m pytest --version 2>&1)"
@@ -123,7 +143,7 @@ for set in "${sets[@]}"; do
 done
 
 step "pytest helm/tests"
-HELM="$HELM" KUBE_VERSION=1.30.0 "$VENV/bin/python" -m pytest helm/tests -q \
+HELM="$HELM" KUBE_VERSION=1.30.0 NERVE_SERVER_BIN="$NERVE_SERVER_BIN" "$VENV/bin/python" -m pytest helm/tests -q \
   || fail "chart tests failed (the first failure is above)"
 
 step "helm chart checks passed"

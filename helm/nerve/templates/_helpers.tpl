@@ -36,6 +36,25 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: nerve
 {{- end }}
 
+{{/* The metrics Service (ClusterIP, metrics port only) and the labels the ServiceMonitor selects it by. */}}
+{{- define "nerve.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "nerve.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "nerve.metricsSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "nerve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: metrics
+{{- end }}
+
+{{- define "nerve.metricsLabels" -}}
+helm.sh/chart: {{ include "nerve.chart" . }}
+{{ include "nerve.metricsSelectorLabels" . }}
+app.kubernetes.io/version: {{ include "nerve.imageTag" . | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: nerve
+{{- end }}
+
 {{- define "nerve.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "nerve.fullname" .) .Values.serviceAccount.name }}
@@ -195,18 +214,64 @@ values otherwise.
   {{- end }}
 {{- end }}
 {{- if $v.podDisruptionBudget.enabled }}
-  {{- if and (kindIs "invalid" $v.podDisruptionBudget.minAvailable) (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable) }}
+  {{- $p := $v.podDisruptionBudget }}
+  {{- if and (kindIs "invalid" $p.minAvailable) (kindIs "invalid" $p.maxUnavailable) }}
     {{- fail "\n\npodDisruptionBudget.enabled needs podDisruptionBudget.minAvailable or podDisruptionBudget.maxUnavailable." }}
   {{- end }}
+  {{- /* a budget no eviction can meet blocks every node drain; percentages other than 100% / 0% depend on
+  the replica count at the time and are left alone */}}
+  {{- $floorName := ternary "autoscaling.minReplicas" "replicaCount" (eq $v.autoscaling.enabled true) }}
+  {{- $floor := int64 (ternary $v.autoscaling.minReplicas $v.replicaCount (eq $v.autoscaling.enabled true)) }}
+  {{- $fix := "Lower podDisruptionBudget.minAvailable, or use podDisruptionBudget.maxUnavailable (e.g. 1) with minAvailable unset (null)." }}
+  {{- if not (kindIs "invalid" $p.minAvailable) }}
+    {{- if kindIs "string" $p.minAvailable }}
+      {{- if ge (int64 (trimSuffix "%" $p.minAvailable)) 100 }}
+        {{- fail (printf "\n\npodDisruptionBudget.minAvailable is %s: no pod may ever be evicted, so every node drain is blocked.\n%s" $p.minAvailable $fix) }}
+      {{- end }}
+    {{- else if and (gt (int64 $p.minAvailable) 0) (ge (int64 $p.minAvailable) $floor) }}
+      {{- fail (printf "\n\npodDisruptionBudget.minAvailable (%d) is not below %s (%d): with that many replicas no pod may be evicted, so every node drain is blocked.\n%s" (int64 $p.minAvailable) $floorName $floor $fix) }}
+    {{- end }}
+  {{- else if or (and (kindIs "string" $p.maxUnavailable) (regexMatch "^0+%$" (toString $p.maxUnavailable))) (and (not (kindIs "string" $p.maxUnavailable)) (eq (int64 $p.maxUnavailable) 0)) }}
+    {{- fail (printf "\n\npodDisruptionBudget.maxUnavailable is %v: no pod may ever be evicted, so every node drain is blocked. Set it to 1 or more." $p.maxUnavailable) }}
+  {{- end }}
 {{- end }}
+{{- /* every pair of the container's ports (the gRPC Service port and the metrics port are on separate Services) */}}
 {{- if and $v.metrics.enabled (eq (int $v.metrics.port) (int $v.containerPort)) }}
-  {{- fail "\n\nmetrics.port must differ from containerPort (gRPC)." }}
+  {{- fail (printf "\n\nmetrics.port (%d) must differ from containerPort (%d) (gRPC)." (int $v.metrics.port) (int $v.containerPort)) }}
 {{- end }}
 {{- if eq (int $v.healthPort) (int $v.containerPort) }}
-  {{- fail "\n\nhealthPort must differ from containerPort: the health listener is a separate plaintext port for the kubelet's probes." }}
+  {{- fail (printf "\n\nhealthPort (%d) must differ from containerPort (%d): the health listener is a separate plaintext port for the kubelet's probes." (int $v.healthPort) (int $v.containerPort)) }}
 {{- end }}
 {{- if and $v.metrics.enabled (eq (int $v.metrics.port) (int $v.healthPort)) }}
-  {{- fail "\n\nmetrics.port must differ from healthPort." }}
+  {{- fail (printf "\n\nmetrics.port (%d) must differ from healthPort (%d)." (int $v.metrics.port) (int $v.healthPort)) }}
+{{- end }}
+{{- /* intervals the server refuses when zero (Config::check): it would check or sample in a loop without a pause */}}
+{{- range $interval := list (list "config.healthCheckInterval" $v.config.healthCheckInterval "health_check_interval") (list "metrics.groupSampleInterval" $v.metrics.groupSampleInterval "metrics.group_sample_interval") }}
+  {{- if not (regexMatch "[1-9]" (toString (index $interval 1))) }}
+    {{- fail (printf "\n\n%s (%s) must be positive: the server refuses a zero interval (\"%s must be positive\") and would not start." (index $interval 0) (toString (index $interval 1)) (index $interval 2)) }}
+  {{- end }}
+{{- end }}
+{{- /* the data volume must not share a path with the chart's other mounts */}}
+{{- $dataDir := clean (toString $v.persistence.mountPath) | trimSuffix "/" }}
+{{- range $mount := list (list "/tmp" "SQLite's temporary files") (list (include "nerve.tlsDir" .) "TLS") (list (include "nerve.clientCADir" .) "client CA") (list (include "nerve.jwtDir" .) "JWT keys") (list (include "nerve.policyDir" .) "policy") }}
+  {{- $other := index $mount 0 }}
+  {{- if or (eq $dataDir $other) (hasPrefix (printf "%s/" $dataDir) $other) (hasPrefix (printf "%s/" $other) $dataDir) }}
+    {{- fail (printf "\n\npersistence.mountPath (%s) overlaps the chart's mount %s (%s): give the data directory a path of its own, e.g. /var/lib/nerve." (toString $v.persistence.mountPath) $other (index $mount 1)) }}
+  {{- end }}
+{{- end }}
+{{- /* the API refuses a rolling update that may neither add nor remove a pod */}}
+{{- if and (eq $v.mode "production") (ne $v.updateStrategy.type "Recreate") }}
+  {{- $zero := list }}
+  {{- range $x := list $v.updateStrategy.maxSurge $v.updateStrategy.maxUnavailable }}
+    {{- if kindIs "string" $x }}
+      {{- $zero = append $zero (regexMatch "^0+%$" $x) }}
+    {{- else }}
+      {{- $zero = append $zero (eq (int64 $x) 0) }}
+    {{- end }}
+  {{- end }}
+  {{- if and (index $zero 0) (index $zero 1) }}
+    {{- fail (printf "\n\nupdateStrategy.maxSurge (%v) and updateStrategy.maxUnavailable (%v) are both zero: Kubernetes refuses a rolling update that can neither add nor remove a pod.\nSet one of them above zero, or updateStrategy.type=Recreate to stop every old pod before new ones start." $v.updateStrategy.maxSurge $v.updateStrategy.maxUnavailable) }}
+  {{- end }}
 {{- end }}
 {{- if and $v.metrics.serviceMonitor.enabled (not $v.metrics.enabled) }}
   {{- fail "\n\nmetrics.serviceMonitor.enabled needs metrics.enabled=true (the ServiceMonitor scrapes the Service's metrics port)." }}
