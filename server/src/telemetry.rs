@@ -60,11 +60,17 @@ pub fn init(config: &Config) -> Result<(), String> {
             .build();
         let tracer = provider.tracer("nerve");
         let _ = EXPORTING.set(provider);
-        Some(tracing_opentelemetry::layer().with_tracer(tracer))
+        // the server's own spans, whatever the log filter: a quieter log must not end the export
+        let spans = tracing_subscriber::filter::Targets::new()
+            .with_target(env!("CARGO_CRATE_NAME"), tracing::Level::INFO);
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(spans),
+        )
     };
     let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(otel)
         .try_init();
     Ok(())

@@ -558,6 +558,55 @@ async fn a_retry_under_another_span_is_the_same_event() {
     );
 }
 
+/// A collector, and a nerve-server in a directory of its own exporting its spans to it (with `env`
+/// besides).
+async fn exporting_server(
+    env: &[(&str, &str)],
+) -> (Collector, crate::harness::ServerProcess, tempfile::TempDir) {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let service = opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(collector.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = format!("http://{addr}");
+    let mut vars = std::collections::HashMap::from([
+        ("NERVE_TRACING__OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]);
+    vars.extend(env.iter().copied());
+    let server = crate::harness::ServerProcess::spawn(dir.path(), &vars).await;
+    (collector, server, dir)
+}
+
+/// Spans are exported whatever the log filter says: a quieter log (here the API's module at `warn`,
+/// where its call spans are `info`) does not end the export.
+#[tokio::test]
+async fn spans_are_exported_whatever_the_log_level() {
+    let (collector, server, _dir) =
+        exporting_server(&[("NERVE_LOG_LEVEL", "warn,nerve=info,nerve::api=warn")]).await;
+    let mut bus = nerve::api::pb::event_bus_client::EventBusClient::new(server.channel().await);
+    bus.publish(with_traceparent(pb::PublishRequest {
+        events: vec![event("quiet-1", "exported.quiet")],
+    }))
+    .await
+    .expect("publish");
+    crate::harness::eventually("the publish span exported", || async {
+        let spans = collector.0.lock().expect("lock").clone();
+        spans
+            .iter()
+            .any(|(name, trace, _)| name == "nerve.publish" && trace == CALLER_TRACE_ID)
+            .then_some(())
+    })
+    .await;
+}
+
 /// Collects exported spans as (name, trace id hex, parent span id hex).
 #[derive(Clone, Default)]
 struct Collector(std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>);
@@ -632,27 +681,7 @@ async fn a_reply_retried_under_another_span_is_the_same_reply() {
 
 #[tokio::test]
 async fn spans_are_exported_over_otlp_in_the_callers_trace() {
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let service = opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(collector.clone());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let endpoint = format!("http://{addr}");
-    let server = crate::harness::ServerProcess::spawn(
-        dir.path(),
-        &std::collections::HashMap::from([
-            ("NERVE_TRACING__OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ]),
-    )
-    .await;
+    let (collector, server, _dir) = exporting_server(&[]).await;
     let mut bus = nerve::api::pb::event_bus_client::EventBusClient::new(server.channel().await);
     let mut sub = Subscriber::open(&mut bus, open(&["exported.x"], ""))
         .await
