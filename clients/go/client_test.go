@@ -359,6 +359,30 @@ func TestRequestRefusesANegativeTimeout(t *testing.T) {
 	}
 }
 
+func TestArgumentsRefusedBeforeSendingAreInvalidArgument(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	pub := openPublisher(t, client, ctx)
+	for field, call := range map[string]func() error{
+		"reply_to": func() error { _, err := client.Reply(ctx, "", ev("not-a-request", "args.x")); return err },
+		"events":   func() error { _, err := client.Publish(ctx); return err },
+	} {
+		wantViolation(t, call(), field)
+	}
+	_, err := pub.Publish(ctx)
+	wantViolation(t, err, "events")
+	// the server refuses both the same way: the client only saves the round trip
+	if _, err := client.EventBusStub().Publish(ctx, &nervepb.PublishRequest{}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("the server's answer to a publish without events: %v", err)
+	}
+	if _, err := client.EventBusStub().Reply(ctx, &nervepb.ReplyRequest{Event: ev("not-a-request", "args.x")}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("the server's answer to a reply without reply_to: %v", err)
+	}
+	// nothing ended the stream
+	if _, err := pub.Publish(ctx, ev("after", "args.x")); err != nil {
+		t.Fatalf("publish after the refusal: %v", err)
+	}
+}
+
 func TestReplayReceivesAPageOverGRPCsDefaultLimit(t *testing.T) {
 	addr := startServer(t)
 	client, err := nerve.Dial(addr)

@@ -106,7 +106,7 @@ func ExampleClient_Subscribe() {
 	for {
 		d, err := sub.Next(waitCtx) // ctx errors leave the stream usable
 		if err != nil {
-			break // context.DeadlineExceeded, io.EOF, nerve.ErrClosed or the stream's *nerve.Error
+			break // the context's error (a *nerve.Error), io.EOF, nerve.ErrClosed or the stream's *nerve.Error
 		}
 		_ = d.Ack()
 	}

@@ -14,3 +14,15 @@ func Ended(s *Subscription) <-chan struct{} { return s.done }
 
 // ResumeBackoff is the wait before a replay's n-th reopening in a row.
 var ResumeBackoff = resumeBackoff
+
+// HoldSendsThatFindTheEnd makes every send of a Subscription (a settle, Credit, SetFilter) whose Send finds
+// the stream ended signal held, then wait until release is closed, before it lets the receiver know the
+// stream ended. The returned func undoes it.
+func HoldSendsThatFindTheEnd(held chan<- struct{}, release <-chan struct{}) (restore func()) {
+	hook := func() {
+		held <- struct{}{}
+		<-release
+	}
+	sendFoundEnd.Store(&hook)
+	return func() { sendFoundEnd.Store(nil) }
+}

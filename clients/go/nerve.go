@@ -17,7 +17,6 @@ package nerve
 
 import (
 	"context"
-	"errors"
 	"math"
 	"time"
 
@@ -81,10 +80,11 @@ func (c *Client) AdminStub() nervepb.AdminClient { return c.admin }
 // Publish commits the events atomically and returns one result (id, sequence, duplicate) per event, in
 // order. Publishing the same (source, id) again returns the original sequence with Duplicate set; the same
 // (source, id) with different content fails with codes.AlreadyExists. An event with a string that is not
-// valid UTF-8 is refused before sending, with ErrInvalidArgument naming the field.
+// valid UTF-8 is refused before sending, with ErrInvalidArgument naming the field, and so is a call
+// without events (naming "events").
 func (c *Client) Publish(ctx context.Context, events ...*nervepb.Event) ([]*nervepb.PublishResult, error) {
 	if len(events) == 0 {
-		return nil, errNoEvents
+		return nil, errNoEvents()
 	}
 	// refused as Publisher.Publish refuses it
 	resp, err := unary(ctx, c.bus.Publish, &nervepb.PublishRequest{Events: events})
@@ -121,10 +121,11 @@ func (c *Client) Request(ctx context.Context, ev *nervepb.Event, timeout time.Du
 
 // Reply answers a request: replyTo is the request's inbox (Delivery.ReplyTo). The response says whether
 // the reply reached the requester (Delivered: false when it had stopped waiting, or another
-// responder's reply came first) and the stored reply's sequence (zero when none was stored).
+// responder's reply came first) and the stored reply's sequence (zero when none was stored). An empty
+// replyTo (the event was not a request) is ErrInvalidArgument naming "reply_to", returned without sending.
 func (c *Client) Reply(ctx context.Context, replyTo string, ev *nervepb.Event) (*nervepb.ReplyResponse, error) {
-	if replyTo == "" {
-		return nil, errors.New("nerve: reply_to is empty: the event is not a request")
+	if replyTo == "" { // the server's own refusal, made without sending
+		return nil, invalidArgument("reply_to", "is required: the event is not a request")
 	}
 	return unary(ctx, c.bus.Reply, &nervepb.ReplyRequest{ReplyTo: replyTo, Event: ev})
 }

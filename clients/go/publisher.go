@@ -18,8 +18,9 @@ import (
 // ErrPublisherClosed is returned by Publisher.Publish after Close.
 var ErrPublisherClosed = errors.New("nerve: publisher closed")
 
-// errNoEvents is Client.Publish's and Publisher.Publish's answer to a call without events.
-var errNoEvents = errors.New("nerve: publish needs at least one event")
+// errNoEvents is Client.Publish's and Publisher.Publish's answer to a call without events: the server's
+// own refusal (ErrInvalidArgument naming "events"), made without sending.
+func errNoEvents() error { return invalidArgument("events", "at least one event is required") }
 
 // Publisher publishes batch after batch on one PublishStream, without a call per batch. It is safe for
 // concurrent use: calls from many goroutines are pipelined on the one stream. Each Publish is one atomic
@@ -99,13 +100,15 @@ func opened(stream nervepb.EventBus_PublishStreamClient) error {
 // batch whose message is over the server's message limit (max_batch_bytes + 1 MiB) cannot be read: the
 // server answers the requests before it and ends the stream with codes.ResourceExhausted, which this call,
 // every later one and Close return.
-// When ctx ends first, Publish stops waiting and returns its error, but the batch, once sent, may still
-// be committed; a request being written while the server holds the stream (flow control, beyond its 1024
-// unanswered requests) finishes writing first.
+// When ctx ends first, Publish stops waiting and returns its error (an *Error that errors.Is matches to
+// context.Canceled or context.DeadlineExceeded), but the batch, once sent, may still be committed; a
+// request being written while the server holds the stream (flow control, beyond its 1024 unanswered
+// requests) finishes writing first. A call whose ctx ended while it waited for its turn to send sends
+// nothing, and an answer that came before ctx's end is returned.
 // After Close it returns ErrPublisherClosed; after the stream broke, the stream's error.
 func (p *Publisher) Publish(ctx context.Context, events ...*nervepb.Event) ([]*nervepb.PublishResult, error) {
 	if len(events) == 0 {
-		return nil, errNoEvents
+		return nil, errNoEvents()
 	}
 	req := &nervepb.PublishStreamRequest{Events: events}
 	if err := checkUTF8(req); err != nil { // sent, it would end the stream
@@ -118,6 +121,12 @@ func (p *Publisher) Publish(ctx context.Context, events ...*nervepb.Event) ([]*n
 	case p.sendLock <- struct{}{}:
 	case <-ctx.Done():
 		return nil, wrap(ctx.Err())
+	}
+	// the lock and ctx's end may have come together, and a select takes either: a call whose ctx ended
+	// while it waited sends nothing
+	if err := ctx.Err(); err != nil {
+		<-p.sendLock
+		return nil, wrap(err)
 	}
 	p.mu.Lock()
 	if err := p.unusableLocked(); err != nil {
@@ -135,6 +144,12 @@ func (p *Publisher) Publish(ctx context.Context, events ...*nervepb.Event) ([]*n
 	_ = p.stream.Send(req)
 	<-p.sendLock
 
+	// an answer that already came wins over ctx's end (a select would take either)
+	select {
+	case out := <-w.answer:
+		return out.results, out.err
+	default:
+	}
 	select {
 	case out := <-w.answer:
 		return out.results, out.err

@@ -541,3 +541,181 @@ func TestPublisherRefusesAStringThatIsNotUTF8AndKeepsTheStream(t *testing.T) {
 		t.Fatalf("close: %v", err)
 	}
 }
+
+// heldSends is a client stream that tells sending of each publish request it is asked to send, then
+// sends it only once proceed lets it, stop is closed or the stream ended.
+type heldSends struct {
+	grpc.ClientStream
+	sending       chan<- *nervepb.PublishStreamRequest
+	proceed, stop <-chan struct{}
+}
+
+func (s heldSends) SendMsg(m any) error {
+	if req, ok := m.(*nervepb.PublishStreamRequest); ok {
+		s.sending <- req
+		select {
+		case <-s.proceed:
+		case <-s.stop:
+		case <-s.Context().Done():
+		}
+	}
+	return s.ClientStream.SendMsg(m)
+}
+
+// pausedContext is a context whose first Err call, which Publish makes before it waits for its turn to
+// send, finds the context's state, tells paused and returns what it found only once resume is closed:
+// as if the calling goroutine were descheduled right after that check.
+type pausedContext struct {
+	context.Context
+	paused, resume chan struct{}
+	once           sync.Once
+}
+
+func (c *pausedContext) Err() error {
+	err := c.Context.Err()
+	c.once.Do(func() {
+		close(c.paused)
+		<-c.resume
+	})
+	return err
+}
+
+func TestPublisherSendsNothingForACallWhoseContextEndedWhileItWaitedToSend(t *testing.T) {
+	sending, proceed, stop := make(chan *nervepb.PublishStreamRequest, 1), make(chan struct{}), make(chan struct{})
+	hold := grpc.WithStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn,
+		method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		stream, err := streamer(ctx, desc, cc, method, opts...)
+		if err != nil {
+			return nil, err
+		}
+		return heldSends{ClientStream: stream, sending: sending, proceed: proceed, stop: stop}, nil
+	})
+	client, ctx := dialWith(t, startServer(t), hold), testContext(t)
+	pub := openPublisher(t, client, ctx)
+	t.Cleanup(func() { close(stop) }) // before the publisher's Close: a send still held goes on
+	sent := func(what string) *nervepb.PublishStreamRequest {
+		t.Helper()
+		select {
+		case req := <-sending:
+			return req
+		case <-time.After(wait):
+			t.Fatalf("%s did not start sending within %s", what, wait)
+			return nil
+		}
+	}
+	// Each round: a call held in sending keeps the send turn; a second call checks its context (live) and
+	// waits for the turn; its context ends, and the first call's turn ends, before it looks again. Both are
+	// there when it does: a select would take either, so without the check after taking the turn, a round
+	// sends the late batch with probability 1/2, and all rounds pass by luck with 2^-30, about 1e-9.
+	const rounds = 30
+	for r := range rounds {
+		first := make(chan error, 1)
+		go func() { _, err := pub.Publish(ctx, ev(fmt.Sprintf("turn-%d", r), "turn.x")); first <- err }()
+		if req := sent("the first publish"); req.GetEvents()[0].GetId() != fmt.Sprintf("turn-%d", r) {
+			t.Fatalf("round %d: sending %v, want the first publish", r, req)
+		}
+		lateCtx, cancel := context.WithCancel(ctx)
+		late := &pausedContext{Context: lateCtx, paused: make(chan struct{}), resume: make(chan struct{})}
+		lateErr := make(chan error, 1)
+		go func() { _, err := pub.Publish(late, ev(fmt.Sprintf("late-%d", r), "turn.x")); lateErr <- err }()
+		select {
+		case <-late.paused:
+		case <-time.After(wait):
+			t.Fatalf("round %d: the late publish did not check its context within %s", r, wait)
+		}
+		cancel()
+		proceed <- struct{}{}
+		// the first call gives the send turn up before it waits for its answer
+		if err := within(t, "the first publish", func() error { return <-first }); err != nil {
+			t.Fatalf("round %d: first publish: %v", r, err)
+		}
+		close(late.resume)
+		select {
+		case req := <-sending:
+			t.Fatalf("round %d: a call whose context ended while it waited to send sent %v", r, req)
+		case err := <-lateErr:
+			if !errors.Is(err, context.Canceled) || nerve.Code(err) != codes.Canceled {
+				t.Fatalf("round %d: a call whose context ended while it waited to send: %v", r, err)
+			}
+		case <-time.After(wait):
+			t.Fatalf("round %d: the late publish did not return within %s", r, wait)
+		}
+	}
+	if err := pub.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.GetEvent(ctx, "late-0", "//tests"); !errors.Is(err, nerve.ErrNotFound) {
+		t.Fatalf("a batch whose call gave up before sending was stored: want NotFound, got %v", err)
+	}
+}
+
+// answeredSends is a client stream that, for a send armed with a cancel func, returns from sending only
+// once the answer to that request was handed to its Publish call, after calling the cancel.
+type answeredSends struct {
+	grpc.ClientStream
+	*answers
+}
+
+// answers is what the streams of answeredSends count: their sends and receives.
+type answers struct {
+	armed   chan context.CancelFunc
+	entered chan struct{} // one per RecvMsg call, as it starts
+	// only SendMsg uses these, and Publish sends one request at a time
+	sends, receives int
+}
+
+func (s answeredSends) RecvMsg(m any) error {
+	s.entered <- struct{}{}
+	return s.ClientStream.RecvMsg(m)
+}
+
+func (s answeredSends) SendMsg(m any) error {
+	err := s.ClientStream.SendMsg(m)
+	s.sends++
+	select {
+	case cancel := <-s.armed:
+		// the Publisher's receiver asks for the next message only after it handed over the answer it
+		// read: the n-th answer is handed over once the receive after it, the (n+1)-th, started
+		for s.receives < s.sends+1 {
+			select {
+			case <-s.entered:
+				s.receives++
+			case <-s.Context().Done():
+				return err
+			}
+		}
+		cancel()
+	default:
+	}
+	return err
+}
+
+func TestPublisherReturnsAnAnswerThatCameBeforeItsContextEnded(t *testing.T) {
+	const rounds = 30
+	counts := &answers{armed: make(chan context.CancelFunc, 1), entered: make(chan struct{}, 2*rounds)}
+	answered := grpc.WithStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn,
+		method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		stream, err := streamer(ctx, desc, cc, method, opts...)
+		if err != nil {
+			return nil, err
+		}
+		return answeredSends{ClientStream: stream, answers: counts}, nil
+	})
+	client, ctx := dialWith(t, startServer(t), answered), testContext(t)
+	pub := openPublisher(t, client, ctx)
+	// each call's answer has come and its context has ended when it looks for either: a select would take
+	// either, so without looking at the answer first, a round fails with probability 1/2, and all rounds
+	// pass by luck with 2^-30, about 1e-9
+	for r := range rounds {
+		callCtx, cancel := context.WithCancel(ctx)
+		counts.armed <- cancel
+		results, err := pub.Publish(callCtx, ev(fmt.Sprintf("answered-%d", r), "answered.x"))
+		cancel()
+		if err != nil || len(results) != 1 || results[0].GetSequence() != uint64(r+1) {
+			t.Fatalf("round %d: a publish answered before its context ended: %v, %v", r, results, err)
+		}
+	}
+	if err := pub.Close(); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -38,7 +38,9 @@ type SubscribeOptions struct {
 	HeartbeatInterval time.Duration
 	// HeartbeatTimeout is how long the subscription waits for anything from the server before it takes the
 	// connection for dead and ends with ErrUnavailable. Zero: 3 heartbeat intervals (none when an older
-	// server does not confirm its interval and HeartbeatInterval is unset); negative: never.
+	// server does not confirm its interval and HeartbeatInterval is unset); negative: never. Only a whole
+	// message counts as something, so it must also cover the transfer of the largest message (an event
+	// of up to 1 MiB by default) at the link's rate: raise it on a slow link.
 	HeartbeatTimeout time.Duration
 }
 
@@ -290,24 +292,33 @@ func (s *Subscription) Heartbeats() uint64 { return s.heartbeats.Load() }
 // LastHeartbeat is the latest heartbeat read (nil before the first).
 func (s *Subscription) LastHeartbeat() *nervepb.Heartbeat { return s.lastHeartbeat.Load() }
 
-// NextMessage returns the next message of any kind. At the end of the stream it returns io.EOF (ended
-// cleanly), ErrClosed (closed by this side: at once, also while Close waits) or the stream's *Error; when
-// ctx ends first, ctx's error (the stream stays usable).
+// NextMessage returns the next message of any kind. A message already received comes first, even when
+// ctx has ended (an ended ctx takes what is queued without waiting). At the end of the stream it returns
+// io.EOF (ended cleanly), ErrClosed (closed by this side: at once, also while Close waits) or the stream's
+// *Error; when ctx ends first, ctx's error as an *Error (errors.Is matches context.Canceled or
+// context.DeadlineExceeded), and the stream stays usable.
 func (s *Subscription) NextMessage(ctx context.Context) (Message, error) {
 	for {
 		if s.closed.Load() { // what is still buffered goes back to the server with the end of the stream
 			return Message{}, ErrClosed
 		}
-		var m *nervepb.SubscribeResponse
-		select {
-		case m = <-s.messages:
-		case <-ctx.Done():
-			return Message{}, ctx.Err()
-		case <-s.closing:
-			return Message{}, ErrClosed
-		case <-s.done:
-			if m = s.unread(); m == nil {
-				return Message{}, s.endErr()
+		m, ended := s.queued()
+		if m == nil && ended {
+			return Message{}, s.endErr()
+		}
+		if m == nil {
+			// nothing queued: wait. (A select picks at random among the cases ready, so what is queued and
+			// the end of the stream are taken above, before ctx is looked at.)
+			select {
+			case m = <-s.messages:
+			case <-ctx.Done():
+				return Message{}, wrap(ctx.Err())
+			case <-s.closing:
+				return Message{}, ErrClosed
+			case <-s.done:
+				if m = s.unread(); m == nil {
+					return Message{}, s.endErr()
+				}
 			}
 		}
 		switch msg := m.GetMessage().(type) {
@@ -332,8 +343,8 @@ func (s *Subscription) NextMessage(ctx context.Context) (Message, error) {
 	}
 }
 
-// Next returns the next delivery, reading past heartbeats and recording the caught-up marker. Errors are
-// those of NextMessage.
+// Next returns the next delivery, reading past heartbeats and recording the caught-up marker. What is
+// queued comes first, even when ctx has ended; errors are those of NextMessage.
 func (s *Subscription) Next(ctx context.Context) (*Delivery, error) {
 	for {
 		m, err := s.NextMessage(ctx)
@@ -360,6 +371,23 @@ func (s *Subscription) UntilCaughtUp(ctx context.Context) ([]*Delivery, error) {
 		}
 	}
 	return out, nil
+}
+
+// queued returns the next message received, or nil when none is queued now, without waiting; ended is
+// true once the stream ended and nothing received is left (the end is then endErr's to tell).
+func (s *Subscription) queued() (m *nervepb.SubscribeResponse, ended bool) {
+	select {
+	case m = <-s.messages:
+		return m, false
+	default:
+	}
+	select {
+	case <-s.done:
+		m = s.unread()
+		return m, m == nil
+	default:
+		return nil, false
+	}
 }
 
 // unread returns the next message received before the stream ended, or nil; only once done is closed.
@@ -478,6 +506,10 @@ func (s *Subscription) SetFilter(filter *nervepb.Filter) error {
 	return s.send(&nervepb.SubscribeRequest{Action: &nervepb.SubscribeRequest_SetFilter{SetFilter: &nervepb.SetFilter{Filter: filter}}})
 }
 
+// sendFoundEnd, when set (only by tests, through export_test.go), runs in a send whose Send found the
+// stream ended (io.EOF), before it lets the receiver know: a test holds the send there.
+var sendFoundEnd atomic.Pointer[func()]
+
 // errHalfClosed is what sending returns after CloseSend.
 var errHalfClosed = fmt.Errorf("%w: CloseSend half-closed it, nothing more can be sent", ErrClosed)
 
@@ -509,6 +541,9 @@ func (s *Subscription) send(req *nervepb.SubscribeRequest) error {
 	}
 	// io.EOF: the stream ended and its status comes from the receiver, which must not wait for room in
 	// messages to read it (Next may be called from this very goroutine, after this returns)
+	if hook := sendFoundEnd.Load(); hook != nil {
+		(*hook)()
+	}
 	s.endOnce.Do(func() { close(s.ended) })
 	<-s.done
 	if err := s.endErr(); !errors.Is(err, io.EOF) {

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	nerve "github.com/nerve-bus/nerve/clients/go"
 	"github.com/nerve-bus/nerve/clients/go/nervepb"
@@ -115,22 +117,34 @@ func TestSettleReturnsWhenTheStreamEndsWithDeliveriesUnread(t *testing.T) {
 }
 
 func TestCloseReturnsWhileASettleWaitsOnAnEndedStream(t *testing.T) {
+	held, release := make(chan struct{}, 1), make(chan struct{})
+	defer nerve.HoldSendsThatFindTheEnd(held, release)()
+	released := false
+	defer func() {
+		if !released {
+			close(release)
+		}
+	}()
 	client, ctx := connect(t), testContext(t)
 	sub, first := endWithDeliveriesUnread(t, client, ctx, "closers")
 	acked := make(chan error, 1)
 	go func() { acked <- ackUntilRefused(first) }()
-	time.Sleep(200 * time.Millisecond) // let the acks reach the end of the stream
-	closed := within(t, "close with unread deliveries and an ack in progress", sub.Close)
-	ackErr := within(t, "the ack after close", func() error { return <-acked })
-	if ackErr == nil {
-		t.Fatal("an ack on an ended stream succeeded")
+	select {
+	case <-held:
+	case <-time.After(wait):
+		t.Fatalf("no ack met the end of the stream within %s", wait)
 	}
-	// the NOT_FOUND end is told once at least: by the ack that met it, else by Close
-	switch {
-	case closed != nil && !errors.Is(closed, nerve.ErrNotFound):
-		t.Fatalf("close: %v, want nil or the stream's NotFound", closed)
-	case closed == nil && !errors.Is(ackErr, nerve.ErrNotFound):
-		t.Fatalf("close returned nil and the ack %v: nothing told the stream's NotFound", ackErr)
+	// an ack met the end and is held before it lets the receiver know, so the receiver still waits for room
+	// to queue the deliveries it read: Close must end the stream without the ack's help
+	closed := within(t, "close with unread deliveries and an ack held on the ended stream", sub.Close)
+	if !errors.Is(closed, nerve.ErrNotFound) {
+		t.Fatalf("close: %v, want the stream's NotFound, which nothing had told", closed)
+	}
+	released = true
+	close(release)
+	// the ack goes on once Close started: it returns ErrClosed, the end being Close's to tell
+	if err := within(t, "the held ack", func() error { return <-acked }); !errors.Is(err, nerve.ErrClosed) {
+		t.Fatalf("the held ack: %v, want ErrClosed", err)
 	}
 }
 
@@ -633,5 +647,115 @@ func TestSettlingAfterCloseSendIsRefusedAndDeliveriesGoOn(t *testing.T) {
 	}
 	if err := within(t, "close after CloseSend", sub.Close); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestNextTakesWhatIsQueuedBeforeAnEndedContext(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	ended, cancel := context.WithCancel(ctx)
+	cancel()
+	// queued deliveries, with the caught-up marker, fit in what a Subscription buffers (16 messages), so
+	// that its receiver reads the end of the stream after them without anyone reading
+	const rounds, queued = 4, 14
+	for r := range rounds {
+		group := fmt.Sprintf("queued-%d", r)
+		events := make([]*nervepb.Event, queued)
+		for i := range events {
+			events[i] = ev(fmt.Sprintf("%s-%d", group, i), group+".x")
+		}
+		if _, err := client.Publish(ctx, events...); err != nil {
+			t.Fatal(err)
+		}
+		sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{Types: []string{group + ".x"}, Group: group, Start: nerve.StartEarliest()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "every event to be handed out", func() (bool, bool) {
+			g, err := client.Group(ctx, group)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return true, g != nil && g.GetPending() == queued && g.GetLag() == 0
+		})
+		// the server ends a group member's stream that half-closes, after what it sent before
+		if err := sub.CloseSend(); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-nerve.Ended(sub):
+		case <-time.After(wait):
+			t.Fatalf("round %d: the half-closed member's stream did not end within %s", r, wait)
+		}
+		// everything received is queued now, and comes before the ended context. A select among the
+		// queue, the end and the context would take the context with probability 1/3 while deliveries are
+		// queued and 1/2 at the end: all 4 rounds would pass by luck with ((2/3)^14 * 1/2)^4, below 1e-11
+		seen := map[string]bool{}
+		for i := range queued {
+			d, err := sub.Next(ended)
+			if err != nil {
+				t.Fatalf("round %d: next with an ended context, after %d of %d queued deliveries: %v", r, i, queued, err)
+			}
+			seen[d.Event.GetId()] = true
+		}
+		if len(seen) != queued {
+			t.Fatalf("round %d: %d distinct deliveries, want %d", r, len(seen), queued)
+		}
+		if _, err := sub.Next(ended); !errors.Is(err, nerve.ErrFailedPrecondition) {
+			t.Fatalf("round %d: next with an ended context, once the queue is empty: %v, want the stream's end", r, err)
+		}
+		if err := within(t, "close", sub.Close); err != nil {
+			t.Fatalf("round %d: close after next returned the end: %v", r, err)
+		}
+	}
+}
+
+func TestNextReturnsItsContextsErrorAsAnError(t *testing.T) {
+	client, ctx := connect(t), testContext(t)
+	// a window of one with a second event stored: once the first delivery is read, nothing more comes (not
+	// even the caught-up marker) but heartbeats
+	if _, err := client.Publish(ctx, ev("w1", "waiting.x"), ev("w2", "waiting.x")); err != nil {
+		t.Fatal(err)
+	}
+	sub, err := client.Subscribe(ctx, nerve.SubscribeOptions{
+		Types: []string{"waiting.x"}, Group: "waiters", Start: nerve.StartEarliest(), MaxInFlight: 1,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	d := next(t, sub)
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	expired, cancelExpired := context.WithDeadline(ctx, time.Now().Add(-time.Second))
+	defer cancelExpired()
+	for name, call := range map[string]func() error{
+		"next":            func() error { _, err := sub.Next(cancelled); return err },
+		"next message":    func() error { _, err := sub.NextMessage(cancelled); return err },
+		"until caught up": func() error { _, err := sub.UntilCaughtUp(cancelled); return err },
+	} {
+		err := call()
+		var e *nerve.Error
+		if !errors.As(err, &e) || !errors.Is(err, context.Canceled) || nerve.Code(err) != codes.Canceled ||
+			status.Code(err) != codes.Canceled {
+			t.Fatalf("%s with a cancelled context: %v, want an *nerve.Error with code Canceled", name, err)
+		}
+	}
+	for name, call := range map[string]func() error{
+		"next":            func() error { _, err := sub.Next(expired); return err },
+		"until caught up": func() error { _, err := sub.UntilCaughtUp(expired); return err },
+	} {
+		err := call()
+		var e *nerve.Error
+		if !errors.As(err, &e) || !errors.Is(err, context.DeadlineExceeded) || !errors.Is(err, nerve.ErrDeadlineExceeded) ||
+			status.Code(err) != codes.DeadlineExceeded {
+			t.Fatalf("%s with an expired context: %v, want an *nerve.Error with code DeadlineExceeded", name, err)
+		}
+	}
+	// the stream is still usable
+	if err := d.Ack(); err != nil {
+		t.Fatal(err)
+	}
+	if d := next(t, sub); d.Event.GetId() != "w2" {
+		t.Fatalf("after the calls that gave up: delivery %s, want w2", d.Event.GetId())
 	}
 }
