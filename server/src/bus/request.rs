@@ -488,6 +488,7 @@ mod tests {
                 .request(
                     "t",
                     job("by-call", 0),
+                    None,
                     Some(Duration::from_secs(60)),
                     Some(Duration::from_millis(50)),
                 )
@@ -501,6 +502,7 @@ mod tests {
                 .request(
                     "t",
                     job("by-timeout", 0),
+                    None,
                     Some(Duration::from_millis(50)),
                     Some(Duration::from_secs(60)),
                 )
