@@ -99,6 +99,14 @@ impl TestServer {
 
     /// Starts a server on given backends (for fault injection).
     pub async fn start_on(config: Config, backends: Backends, dir: tempfile::TempDir) -> Self {
+        // The recorder is the process's, shared by every test's server: installed before the first
+        // one starts, so that a gauge a session raised is the gauge it lowers (a session started
+        // before a later install would lower what it never raised). Label values are not capped
+        // here: every test's types and groups share the process's labels.
+        static RECORDER: std::sync::Once = std::sync::Once::new();
+        RECORDER.call_once(|| {
+            nerve::metrics::install(usize::MAX).expect("the metrics recorder");
+        });
         let server = nerve::start(config, backends).await.expect("server starts");
         // lazy: a TLS server refuses a plaintext connection, and its tests make their own channels
         let channel = Channel::from_shared(format!("http://{}", server.local_addr()))

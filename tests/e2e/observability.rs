@@ -607,6 +607,29 @@ async fn spans_are_exported_whatever_the_log_level() {
     .await;
 }
 
+/// Deliveries are logged with their group's name: logs have no label cap (and without metrics every
+/// group's label is `other`).
+#[tokio::test]
+async fn a_delivery_is_logged_with_its_groups_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = crate::harness::ServerProcess::spawn(
+        dir.path(),
+        &std::collections::HashMap::from([(
+            "NERVE_LOG_LEVEL",
+            "info,nerve::bus::subscription=debug",
+        )]),
+    )
+    .await;
+    let mut bus = nerve::api::pb::event_bus_client::EventBusClient::new(server.channel().await);
+    let mut member = Subscriber::open(&mut bus, open(&["logged.x"], "logged-group"))
+        .await
+        .expect("open");
+    publish(&mut bus, vec![event("logged-1", "logged.x")]).await;
+    member.next_delivery().await;
+    let line = server.logged("delivering").await;
+    assert!(line.contains("group=logged-group"), "{line}");
+}
+
 /// Collects exported spans as (name, trace id hex, parent span id hex).
 #[derive(Clone, Default)]
 struct Collector(std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>);

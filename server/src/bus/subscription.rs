@@ -170,8 +170,8 @@ struct Session {
     scheduler: PriorityScheduler,
     tx: mpsc::Sender<BusResult<Outbound>>,
     last_sent: Instant,
-    /// Credits and in-flight count last added to the process-wide gauges.
-    reported: (u32, usize),
+    /// What this session added to the process-wide gauges.
+    gauged: Gauged,
     /// The group's metric label ("" for a private stream).
     group_label: String,
     /// Group acks settled here and not yet written to the backend: one write per batch of commands.
@@ -397,7 +397,11 @@ impl Bus {
             sizer: ReadSizer::new(&self.limits),
             tx,
             last_sent: Instant::now(),
-            reported: (0, 0),
+            gauged: Gauged::new(if spec.group.is_some() {
+                "group"
+            } else {
+                "private"
+            }),
             group_label: crate::metrics::group_label(spec.group.as_deref().unwrap_or_default()),
         };
         let opened = Outbound::Subscribed {
@@ -420,14 +424,40 @@ async fn next_command(commands: &mut Option<Commands>) -> Option<BusResult<Comma
     }
 }
 
+/// A session's share of the process-wide gauges (one subscription of its kind, its credits and
+/// deliveries in flight), taken back when it is dropped, however the session ends: a panic included.
+struct Gauged {
+    kind: &'static str,
+    /// Credits and in-flight count last added.
+    window: (u32, usize),
+}
+
+impl Gauged {
+    fn new(kind: &'static str) -> Self {
+        ::metrics::gauge!(names::SUBSCRIPTIONS, "kind" => kind).increment(1.0);
+        Gauged {
+            kind,
+            window: (0, 0),
+        }
+    }
+
+    /// Moves the window gauges to `now` (credits, in flight).
+    fn window(&mut self, now: (u32, usize)) {
+        ::metrics::gauge!(names::CREDITS).increment(f64::from(now.0) - f64::from(self.window.0));
+        ::metrics::gauge!(names::IN_FLIGHT).increment(now.1 as f64 - self.window.1 as f64);
+        self.window = now;
+    }
+}
+
+impl Drop for Gauged {
+    fn drop(&mut self) {
+        self.window((0, 0));
+        ::metrics::gauge!(names::SUBSCRIPTIONS, "kind" => self.kind).decrement(1.0);
+    }
+}
+
 impl Session {
     async fn run(mut self, opened: Outbound) {
-        let kind = if self.group.is_some() {
-            "group"
-        } else {
-            "private"
-        };
-        ::metrics::gauge!(names::SUBSCRIPTIONS, "kind" => kind).increment(1.0);
         let outcome = self.serve(opened).await;
         // acks read before an error or the end still count
         if let Err(error) = self.save_acks().await {
@@ -435,11 +465,8 @@ impl Session {
         }
         self.release_all().await;
         let _ = self.bus.streams.leave(&self.id).await;
-        ::metrics::gauge!(names::SUBSCRIPTIONS, "kind" => kind).decrement(1.0);
-        // a private stream's unacked deliveries are not released anywhere: they leave the gauges too
-        self.outstanding.clear();
-        self.credits = 0;
-        self.report_window();
+        // the session leaves the gauges when it is dropped (`Gauged`), a private stream's unacked
+        // deliveries too: they are not released anywhere
         match outcome {
             Ok(()) => debug!(subscription = %self.id, "subscriber cancelled the stream"),
             Err(error) => {
@@ -593,10 +620,7 @@ impl Session {
 
     /// Moves the process-wide credit and in-flight gauges by what changed since the last report.
     fn report_window(&mut self) {
-        let now = (self.credits, self.outstanding.len());
-        ::metrics::gauge!(names::CREDITS).increment(f64::from(now.0) - f64::from(self.reported.0));
-        ::metrics::gauge!(names::IN_FLIGHT).increment(now.1 as f64 - self.reported.1 as f64);
-        self.reported = now;
+        self.gauged.window((self.credits, self.outstanding.len()));
     }
 
     /// Handles `first` and what else the subscriber has sent meanwhile (a batch at most), then saves
@@ -669,6 +693,8 @@ impl Session {
         let mut redelivered = 0;
         // runs are usually of one type: count consecutive deliveries of a type under one label lookup
         let mut counted: Option<(&str, u64)> = None;
+        // logs and spans name the group itself: they have no label cap
+        let group = self.group.as_ref().map_or("", |g| g.name.as_str());
         for d in all {
             let event = &d.event.event;
             if exporting {
@@ -676,13 +702,13 @@ impl Session {
                     "nerve.deliver",
                     otel.kind = "producer",
                     r#type = %event.event_type,
-                    group = %self.group_label,
+                    group = %group,
                     sequence = d.event.sequence,
                     attempt = d.attempt,
                 );
                 crate::telemetry::continue_trace(&span, event.traceparent.as_deref());
             }
-            debug!(subscription = %self.id, r#type = %event.event_type, group = %self.group_label, sequence = d.event.sequence, attempt = d.attempt, "delivering");
+            debug!(subscription = %self.id, r#type = %event.event_type, group = %group, sequence = d.event.sequence, attempt = d.attempt, "delivering");
             match &mut counted {
                 Some((t, n)) if *t == event.event_type => *n += 1,
                 _ => {
