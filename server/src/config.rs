@@ -292,12 +292,64 @@ impl Config {
     /// run it: in-process servers are configured without `load`.
     pub fn check(&self) -> Result<(), String> {
         self.bus.check()?;
-        // a zero interval checks (or samples) in a loop without a pause, against the backends
-        if self.health_check_interval.is_zero() {
-            return Err("health_check_interval must be positive".into());
+        self.backends()?;
+        check_log_filter(&self.log_level)?;
+        // zero checks (or samples, or pings) in a loop without a pause, or refuses every call
+        let positive = [
+            ("health_check_interval", self.health_check_interval),
+            (
+                "metrics.group_sample_interval",
+                self.metrics.group_sample_interval,
+            ),
+            (
+                "auth.registry_refresh_interval",
+                self.auth.registry_refresh_interval,
+            ),
+            ("tls.handshake_timeout", self.tls.handshake_timeout),
+            (
+                "connections.stream_open_timeout",
+                self.connections.stream_open_timeout,
+            ),
+            (
+                "connections.keepalive_interval",
+                self.connections.keepalive_interval,
+            ),
+            (
+                "connections.keepalive_timeout",
+                self.connections.keepalive_timeout,
+            ),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
+            return Err(format!("{key} must be positive"));
         }
-        if self.metrics.group_sample_interval.is_zero() {
-            return Err("metrics.group_sample_interval must be positive".into());
+        for (key, n) in [
+            (
+                "connections.max_concurrent_streams",
+                self.connections.max_concurrent_streams as usize,
+            ),
+            (
+                "connections.max_streams_per_principal",
+                self.connections.max_streams_per_principal,
+            ),
+        ] {
+            if n == 0 {
+                return Err(format!("{key} must be at least 1: 0 refuses every call"));
+            }
+        }
+        // checked before the backends open: a replica configured so would otherwise connect, apply
+        // migrations (or wait for another process's database lock) and only then refuse
+        let authenticated = crate::auth::Auth::configured(&self.tls, &self.auth);
+        if !authenticated && !self.listen.ip().is_loopback() && !self.insecure {
+            return Err(format!(
+                "refusing to listen on {} without authentication: configure tls.client_ca_file or \
+                 auth.jwt keys, or pass --insecure (NERVE_INSECURE=true) to accept anyone who can connect",
+                self.listen
+            ));
+        }
+        if !self.tls.enabled()
+            && (!self.tls.client_ca_file.is_empty() || !self.tls.key_file.is_empty())
+        {
+            return Err("tls.cert_file is required with tls.key_file or tls.client_ca_file".into());
         }
         let endpoint = &self.tracing.otlp_endpoint;
         if !endpoint.is_empty() && !endpoint.starts_with("http://") {
@@ -309,6 +361,71 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Which backends the settings name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// SQLite in `data_dir`, in-process streams.
+    Embedded,
+    /// A Postgres store and Redis streams.
+    Production,
+}
+
+impl Config {
+    /// The backends `store` and `streams` name together, or why they cannot run.
+    pub fn backends(&self) -> Result<BackendKind, String> {
+        let postgres =
+            self.store.starts_with("postgres://") || self.store.starts_with("postgresql://");
+        let redis = self.streams.starts_with("redis://");
+        if self.store != EMBEDDED && !postgres {
+            return Err(format!(
+                "store must be \"{EMBEDDED}\" or a postgres:// URL, not {:?}",
+                self.store
+            ));
+        }
+        if self.streams != EMBEDDED && !redis {
+            return Err(format!(
+                "streams must be \"{EMBEDDED}\" or a redis:// URL, not {:?} (rediss:// is not \
+                 supported: TLS to Redis is not built yet)",
+                self.streams
+            ));
+        }
+        match (postgres, redis) {
+            (false, false) if self.data_dir.as_os_str().is_empty() => {
+                Err("data_dir must name a directory for the embedded store".into())
+            }
+            (false, false) => Ok(BackendKind::Embedded),
+            (true, true) if self.postgres.max_connections < 2 => Err(
+                "postgres.max_connections must be at least 2: the commit listener holds one".into(),
+            ),
+            (true, true) => Ok(BackendKind::Production),
+            (false, true) => {
+                Err("Redis streams need the Postgres store: set store to a postgres:// URL".into())
+            }
+            (true, false) => {
+                Err("the Postgres store needs Redis streams: set streams to a redis:// URL".into())
+            }
+        }
+    }
+}
+
+/// Refuses a log filter tracing would take in a way nobody means: a bare word that is not a level
+/// (`warning`) is a target name to it, which silences every other line, a failed start's included.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains('=') && !directive.contains('[');
+        if bare && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "log_level: {directive:?} is not a level ({}) nor a target=level directive",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(|_| ())
+        .map_err(|e| format!("log_level {filter:?}: {e}"))
 }
 
 fn merge(base: &mut toml::Table, over: toml::Table) {
@@ -453,6 +570,94 @@ mod tests {
             "NERVE_TRACING__OTLP_ENDPOINT",
             "https://collector:4317",
             "tracing.otlp_endpoint must be an http:// URL",
+        );
+        // zero would loop without a pause, or refuse every call
+        for (name, key) in [
+            (
+                "NERVE_AUTH__REGISTRY_REFRESH_INTERVAL",
+                "auth.registry_refresh_interval",
+            ),
+            ("NERVE_TLS__HANDSHAKE_TIMEOUT", "tls.handshake_timeout"),
+            (
+                "NERVE_CONNECTIONS__STREAM_OPEN_TIMEOUT",
+                "connections.stream_open_timeout",
+            ),
+            (
+                "NERVE_CONNECTIONS__KEEPALIVE_INTERVAL",
+                "connections.keepalive_interval",
+            ),
+            (
+                "NERVE_CONNECTIONS__KEEPALIVE_TIMEOUT",
+                "connections.keepalive_timeout",
+            ),
+        ] {
+            refused(name, "0s", &format!("{key} must be positive"));
+        }
+        refused(
+            "NERVE_CONNECTIONS__MAX_CONCURRENT_STREAMS",
+            "0",
+            "connections.max_concurrent_streams must be at least 1",
+        );
+        refused(
+            "NERVE_CONNECTIONS__MAX_STREAMS_PER_PRINCIPAL",
+            "0",
+            "connections.max_streams_per_principal must be at least 1",
+        );
+        // flag settings (clap reads their variables): refused before anything connects or listens
+        let refused_args = |args: Args, named: &str| {
+            let err = load(&args, []).expect_err(named).to_string();
+            assert!(err.contains(named), "{args:?}: {err}");
+        };
+        let store = |store: &str| Args {
+            store: Some(store.into()),
+            ..Args::default()
+        };
+        refused_args(
+            store("embeded"),
+            r#"store must be "embedded" or a postgres:// URL, not "embeded""#,
+        );
+        refused_args(
+            Args {
+                streams: Some("rediss://r:6379".into()),
+                ..store("postgres://nerve@db/nerve")
+            },
+            "rediss:// is not supported",
+        );
+        refused_args(
+            store("postgres://nerve@db/nerve"),
+            "the Postgres store needs Redis streams",
+        );
+        refused_args(
+            Args {
+                data_dir: Some(PathBuf::new()),
+                ..Args::default()
+            },
+            "data_dir must name a directory",
+        );
+        // a log filter that would silence every line, a failed start's included
+        let level = |level: &str| Args {
+            log_level: Some(level.into()),
+            ..Args::default()
+        };
+        refused_args(level("warning"), r#"log_level: "warning" is not a level"#);
+        refused_args(level("info,nerve=loud"), "log_level");
+        for taken in [
+            "warn",
+            "INFO",
+            "nerve=debug,info",
+            "off",
+            "nerve::bus[session]=trace",
+        ] {
+            load(&level(taken), []).unwrap_or_else(|e| panic!("{taken}: {e}"));
+        }
+        // so is a listener beyond loopback without authentication, unless --insecure
+        let exposed = Args {
+            listen: Some("0.0.0.0:50051".parse().expect("address")),
+            ..Args::default()
+        };
+        refused_args(
+            exposed,
+            "refusing to listen on 0.0.0.0:50051 without authentication",
         );
         // a bound raised with its default is taken
         let env = [

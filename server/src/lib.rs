@@ -39,51 +39,21 @@ pub struct Backends {
 
 /// Opens the configured backends: embedded (SQLite in `data_dir`, in-process streams) or Postgres + Redis.
 pub async fn open_backends(config: &Config) -> Result<Backends> {
-    let embedded_store = config.store == config::EMBEDDED;
-    let embedded_streams = config.streams == config::EMBEDDED;
-    match (embedded_store, embedded_streams) {
-        (true, true) => {}
-        (false, false) => {
-            if !config.store.starts_with("postgres://")
-                && !config.store.starts_with("postgresql://")
-            {
-                return Err(Error::Config(format!(
-                    "store must be \"{}\" or a postgres:// URL",
-                    config::EMBEDDED
-                )));
-            }
-            if config.postgres.max_connections < 2 {
-                return Err(Error::Config(
-                    "postgres.max_connections must be at least 2: the commit listener holds one"
-                        .into(),
-                ));
-            }
-            let store =
-                PostgresStore::connect(&config.store, config.postgres.max_connections).await?;
-            let streams = RedisStreams::start(
-                &RedisSettings {
-                    url: config.streams.clone(),
-                    key_prefix: config.redis.key_prefix.clone(),
-                    stream_max_len: config.redis.stream_max_len,
-                    // a request waits at most this long: its inbox must outlive the wait
-                    inbox_ttl: config.bus.max_request_timeout + std::time::Duration::from_secs(60),
-                    quiet_ttl: crate::stream::QUIET_TTL,
-                },
-                store.clone(),
-            )
-            .await?;
-            return Ok(Backends { store, streams });
-        }
-        (true, false) => {
-            return Err(Error::Config(
-                "Redis streams need the Postgres store: set store to a postgres:// URL".into(),
-            ));
-        }
-        (false, true) => {
-            return Err(Error::Config(
-                "the Postgres store needs Redis streams: set streams to a redis:// URL".into(),
-            ));
-        }
+    if config.backends().map_err(Error::Config)? == config::BackendKind::Production {
+        let store = PostgresStore::connect(&config.store, config.postgres.max_connections).await?;
+        let streams = RedisStreams::start(
+            &RedisSettings {
+                url: config.streams.clone(),
+                key_prefix: config.redis.key_prefix.clone(),
+                stream_max_len: config.redis.stream_max_len,
+                // a request waits at most this long: its inbox must outlive the wait
+                inbox_ttl: config.bus.max_request_timeout + std::time::Duration::from_secs(60),
+                quiet_ttl: crate::stream::QUIET_TTL,
+            },
+            store.clone(),
+        )
+        .await?;
+        return Ok(Backends { store, streams });
     }
     // what it makes, for this user only (an existing directory keeps its mode: a volume's, say)
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
@@ -166,13 +136,7 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
     config.check().map_err(Error::Config)?;
     let authenticated = auth::Auth::configured(&config.tls, &config.auth);
     if !authenticated && !config.listen.ip().is_loopback() {
-        if !config.insecure {
-            return Err(Error::Config(format!(
-                "refusing to listen on {} without authentication: configure tls.client_ca_file or \
-                 auth.jwt keys, or pass --insecure (NERVE_INSECURE=true) to accept anyone who can connect",
-                config.listen
-            )));
-        }
+        // refused by `check` unless --insecure
         tracing::warn!(listen = %config.listen, "listening without authentication (--insecure): anyone who can connect may publish, read and administer");
     }
     // not refused: TLS may end before the server (a mesh sidecar, a proxy), which the server cannot see
@@ -184,10 +148,6 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
             auth::Tls::new(&config.tls, config.auth.reload_check_interval)
                 .map_err(Error::Config)?,
         ))
-    } else if !config.tls.client_ca_file.is_empty() || !config.tls.key_file.is_empty() {
-        return Err(Error::Config(
-            "tls.cert_file is required with tls.key_file or tls.client_ca_file".into(),
-        ));
     } else {
         None
     };

@@ -433,6 +433,42 @@ async fn unknown_config_keys_refuse_to_start() {
     assert!(text.contains("max_batch_evnts"), "{text}");
 }
 
+/// Settings the server cannot run with stop it before it opens anything, saying which: a log level
+/// tracing would take for a target name (it silenced every line, the error's too), and a listener
+/// beyond loopback without authentication, refused at once, not after waiting for the database
+/// another server holds.
+#[tokio::test]
+async fn bad_settings_stop_the_server_before_it_opens_anything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |env: Vec<(&'static str, String)>, args: Vec<&'static str>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nerve-server"));
+        command
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .envs(env)
+            .kill_on_drop(true);
+        async move {
+            let output = tokio::time::timeout(WAIT, command.output())
+                .await
+                .expect("the server stops at once")
+                .expect("run");
+            assert!(!output.status.success(), "{output:?}");
+            String::from_utf8_lossy(&output.stderr).into_owned()
+        }
+    };
+    let text = run(vec![("NERVE_LOG_LEVEL", "warning".into())], vec![]).await;
+    assert!(
+        text.contains("log_level: \"warning\" is not a level"),
+        "{text}"
+    );
+    // another server holds the data directory's database
+    let _holder = ServerProcess::spawn(dir.path(), &HashMap::new()).await;
+    let text = run(vec![], vec!["--listen", "0.0.0.0:0"]).await;
+    assert!(text.contains("refusing to listen on 0.0.0.0:0"), "{text}");
+}
+
 /// A signal while the server starts (here its store accepts the connection and never answers, as a
 /// replica waiting for another's migration lock would see) stops it there, cleanly and at once, not
 /// when the start gives up or finishes and opens the ports.
