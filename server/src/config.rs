@@ -142,10 +142,11 @@ pub struct Args {
     #[arg(long, env = "NERVE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Event store: "embedded" or a postgres:// URL.
-    #[arg(long, env = "NERVE_STORE")]
+    // a URL may hold a password: --help does not print the variable's value
+    #[arg(long, env = "NERVE_STORE", hide_env_values = true)]
     pub store: Option<String>,
     /// Live streams: "embedded" or a redis:// URL.
-    #[arg(long, env = "NERVE_STREAMS")]
+    #[arg(long, env = "NERVE_STREAMS", hide_env_values = true)]
     pub streams: Option<String>,
     /// Log line format.
     #[arg(long, env = "NERVE_LOG_FORMAT")]

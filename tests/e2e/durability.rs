@@ -403,6 +403,9 @@ async fn dead_letters_survive_a_restart() {
 async fn help_lists_the_environment_variables() {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_nerve-server"))
         .arg("--help")
+        // set in the environment (a pod's Secret, say): the passwords are not printed
+        .env("NERVE_STORE", "postgres://nerve:s3cret-store@db/nerve")
+        .env("NERVE_STREAMS", "redis://:s3cret-streams@redis:6379")
         .output()
         .await
         .expect("run --help");
@@ -415,6 +418,7 @@ async fn help_lists_the_environment_variables() {
     ] {
         assert!(text.contains(name), "--help should list {name}:\n{text}");
     }
+    assert!(!text.contains("s3cret"), "{text}");
 }
 
 #[tokio::test]
