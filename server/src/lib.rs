@@ -262,7 +262,16 @@ pub async fn run(
     // an acknowledged publish is durable whatever comes after, and streams were ended: what is
     // left is sending their ends, which a client that does not read holds back, then storing the
     // last audit records
-    match tokio::time::timeout(stop_within, server.wait()).await {
+    // a further signal ends the wait, as an operator's second Ctrl-C means
+    let stopped = tokio::select! {
+        stopped = tokio::time::timeout(stop_within, server.wait()) => stopped,
+        Some(()) = signals.recv() => {
+            warn!("another signal: stopping now, without the calls still open and the audit records not yet stored (each is in the log)");
+            info!("stopped");
+            return Ok(());
+        }
+    };
+    match stopped {
         Ok(stopped) => stopped?,
         Err(_) if calls_ended.is_cancelled() => warn!(
             timeout = %humantime::format_duration(stop_within),

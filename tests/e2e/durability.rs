@@ -219,9 +219,37 @@ async fn sigterm_ends_streams_with_a_status_and_exits_zero() {
 /// deliveries it held come back after the restart.
 #[tokio::test]
 async fn a_subscriber_that_does_not_read_holds_the_shutdown_back_only_so_long() {
+    stopped_with_a_subscriber_that_does_not_read("1s", |server| async {
+        (server, "after shutdown_timeout")
+    })
+    .await;
+}
+
+/// A second signal during the graceful stop ends it there, as an operator's second Ctrl-C means,
+/// without waiting out `shutdown_timeout`; what the stuck subscriber held comes back all the same.
+#[tokio::test]
+async fn a_second_signal_ends_the_graceful_stop_at_once() {
+    stopped_with_a_subscriber_that_does_not_read("1h", |mut server| async move {
+        server.logged("shutting down").await;
+        server.signal(15);
+        (server, "another signal")
+    })
+    .await;
+}
+
+/// Stops a server (`NERVE_SHUTDOWN_TIMEOUT` = `timeout`) with a signal while a subscriber that does
+/// not read holds its stream's end back, then `more` (which gives back the server and what its log
+/// says when it stops without that stream); checks that it exits 0 within the harness' wait, and
+/// that the deliveries held come back after a restart.
+async fn stopped_with_a_subscriber_that_does_not_read<F>(
+    timeout: &str,
+    more: impl FnOnce(ServerProcess) -> F,
+) where
+    F: std::future::Future<Output = (ServerProcess, &'static str)>,
+{
     const EVENTS: usize = 96;
     let dir = tempfile::tempdir().expect("tempdir");
-    let env = HashMap::from([("NERVE_SHUTDOWN_TIMEOUT", "1s")]);
+    let env = HashMap::from([("NERVE_SHUTDOWN_TIMEOUT", timeout)]);
     let mut server = ServerProcess::spawn(dir.path(), &env).await;
     let mut bus = EventBusClient::new(server.channel().await);
     let mut o = open(&["stuck.>"], "stuck");
@@ -231,7 +259,8 @@ async fn a_subscriber_that_does_not_read_holds_the_shutdown_back_only_so_long() 
     publish_sized(&mut bus, "stuck", "stuck.x", EVENTS, 512 << 10).await;
     let mut ids: Vec<String> = (0..EVENTS).map(|i| format!("stuck-{i}")).collect();
     server.signal(15);
-    let line = server.logged("after shutdown_timeout").await;
+    let (mut server, stopping_without) = more(server).await;
+    let line = server.logged(stopping_without).await;
     assert!(line.contains("calls still open"), "{line}");
     server.exits_zero().await;
 
