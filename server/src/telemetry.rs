@@ -1,7 +1,7 @@
 //! Logging (human-readable or JSON lines on stderr) and tracing: spans continue the W3C trace context of
 //! each call and event, and are exported over OTLP/gRPC when an endpoint is configured.
 
-use std::{io::IsTerminal, sync::OnceLock};
+use std::{io::IsTerminal, sync::OnceLock, time::Duration};
 
 use opentelemetry::{
     Context,
@@ -76,10 +76,28 @@ pub fn init(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Flushes and stops span export.
+/// Longest the last spans' export may hold the exit: the batch exporter waits for an export under
+/// way and a final one, each up to the OTLP timeout (10 s), and a collector that does not answer
+/// must not keep the process past its `shutdown_timeout` (and a pod past its grace period).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Flushes and stops span export, waiting at most [`FLUSH_TIMEOUT`] (on a thread of its own, since
+/// the exporter's shutdown blocks until the collector answers). Call it while the runtime still runs.
 pub fn shutdown() {
-    if let Some(provider) = EXPORTING.get() {
-        let _ = provider.shutdown();
+    if let Some(provider) = EXPORTING.get().cloned() {
+        let (done, flushed) = std::sync::mpsc::channel();
+        let flushing = std::thread::Builder::new()
+            .name("nerve-span-flush".into())
+            .spawn(move || {
+                let _ = provider.shutdown();
+                let _ = done.send(());
+            });
+        if flushing.is_ok() && flushed.recv_timeout(FLUSH_TIMEOUT).is_err() {
+            tracing::warn!(
+                timeout = ?FLUSH_TIMEOUT,
+                "the trace collector did not take the last spans in time; exiting without them"
+            );
+        }
     }
 }
 

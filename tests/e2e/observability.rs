@@ -585,6 +585,37 @@ async fn exporting_server(
     (collector, server, dir)
 }
 
+/// A trace collector that takes connections and never answers does not hold the exit past
+/// `shutdown_timeout` by much: the last spans' export is given up after a short wait.
+#[tokio::test]
+async fn a_collector_that_does_not_answer_does_not_hold_the_exit() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", silent.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            held.push(connection);
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = crate::harness::ServerProcess::spawn(
+        dir.path(),
+        &std::collections::HashMap::from([
+            ("NERVE_TRACING__OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("NERVE_SHUTDOWN_TIMEOUT", "1s"),
+        ]),
+    )
+    .await;
+    let mut bus = nerve::api::pb::event_bus_client::EventBusClient::new(server.channel().await);
+    publish(&mut bus, vec![event("unexported", "exported.silent")]).await;
+    server.signal(15);
+    // within the harness' wait (10 s), where the exporter alone would wait 10 s twice
+    server.exits_zero().await;
+}
+
 /// Spans are exported whatever the log filter says: a quieter log (here the API's module at `warn`,
 /// where its call spans are `info`) does not end the export.
 #[tokio::test]
