@@ -160,6 +160,8 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
     let health_listener = health.map(|(listener, _)| listener);
     let (listener, addr) = bind("the gRPC listener", config.listen).await?;
     let shutdown = CancellationToken::new();
+    // a start that fails from here on stops what it started (the metrics listener, auth's tasks)
+    let stopped_unless_started = shutdown.clone().drop_guard();
     let draining = shutdown.child_token();
     let calls_ended = CancellationToken::new();
     let metrics_addr = if config.metrics.listen.is_empty() {
@@ -216,6 +218,7 @@ pub async fn start(config: Config, backends: Backends) -> Result<Server> {
             shutdown.clone(),
         ));
     }
+    stopped_unless_started.disarm();
     Ok(Server {
         addr,
         health_addr,

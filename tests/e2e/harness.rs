@@ -79,6 +79,18 @@ pub async fn use_production_backend(config: &mut Config) {
     config.redis.key_prefix = format!("nerve-test:{}", uuid::Uuid::new_v4().simple());
 }
 
+/// Installs the process's metrics recorder, shared by every test's server, before the first one
+/// starts: a gauge a session raised is then the gauge it lowers (a session started before a later
+/// install would lower what it never raised). Label values are not capped here: every test's types
+/// and groups share the process's labels. In-process servers started without [`TestServer`] call it
+/// first too.
+pub fn install_recorder() {
+    static RECORDER: std::sync::Once = std::sync::Once::new();
+    RECORDER.call_once(|| {
+        nerve::metrics::install(usize::MAX).expect("the metrics recorder");
+    });
+}
+
 impl TestServer {
     /// Starts a server with default test settings.
     pub async fn start() -> Self {
@@ -99,14 +111,7 @@ impl TestServer {
 
     /// Starts a server on given backends (for fault injection).
     pub async fn start_on(config: Config, backends: Backends, dir: tempfile::TempDir) -> Self {
-        // The recorder is the process's, shared by every test's server: installed before the first
-        // one starts, so that a gauge a session raised is the gauge it lowers (a session started
-        // before a later install would lower what it never raised). Label values are not capped
-        // here: every test's types and groups share the process's labels.
-        static RECORDER: std::sync::Once = std::sync::Once::new();
-        RECORDER.call_once(|| {
-            nerve::metrics::install(usize::MAX).expect("the metrics recorder");
-        });
+        install_recorder();
         let server = nerve::start(config, backends).await.expect("server starts");
         // lazy: a TLS server refuses a plaintext connection, and its tests make their own channels
         let channel = Channel::from_shared(format!("http://{}", server.local_addr()))

@@ -585,6 +585,34 @@ async fn exporting_server(
     (collector, server, dir)
 }
 
+/// An in-process start that fails after opening its metrics listener (here the policy file cannot
+/// be read) closes it again: an embedder that retries finds the port free.
+#[tokio::test]
+async fn a_start_that_fails_lets_go_of_its_metrics_listener() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut config = crate::harness::test_config(dir.path());
+    config.metrics.listen = format!("127.0.0.1:{port}");
+    config.auth.policy_file = dir.path().join("missing.toml").display().to_string();
+    config.auth.jwt.hs_secret_file = dir.path().join("missing.key").display().to_string();
+    let backends = nerve::open_backends(&config).await.expect("backends");
+    crate::harness::install_recorder();
+    let failed = nerve::start(config, backends).await;
+    assert!(failed.is_err(), "a policy that cannot be read");
+    // the listener's task sees its end at its next poll
+    crate::harness::eventually("the metrics port let go", || async {
+        tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await;
+}
+
 /// A trace collector that takes connections and never answers does not hold the exit past
 /// `shutdown_timeout` by much: the last spans' export is given up after a short wait.
 #[tokio::test]
