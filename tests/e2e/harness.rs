@@ -124,6 +124,11 @@ impl TestServer {
         }
     }
 
+    /// Makes the server not ready while it still serves (the first signal of a drain).
+    pub fn drain(&self) {
+        self._server.drain();
+    }
+
     /// Shuts the server down gracefully and waits until it has stopped.
     pub async fn stop(self) {
         self._server.shutdown();

@@ -142,6 +142,45 @@ async fn health_turns_not_serving_while_the_store_is_down_and_recovers() {
     publish(&mut bus, vec![event("after", "a.b")]).await;
 }
 
+/// A drain makes the server not ready at once, also while a backend check hangs (a store that takes
+/// connections and never answers): not when the check gives up, a whole interval later.
+#[tokio::test]
+async fn a_drain_is_not_held_up_by_a_backend_check_that_hangs() {
+    let (server, injection) = crate::injected_store::start_injected_with(|c| {
+        c.health_check_interval = std::time::Duration::from_secs(8)
+    })
+    .await;
+    let mut health = HealthClient::new(server.channel.clone());
+    // the first check answered: ready
+    eventually("ready", || async {
+        let mut health = HealthClient::new(server.channel.clone());
+        (status_of(&mut health, nerve::api::READINESS).await == ServingStatus::Serving)
+            .then_some(())
+    })
+    .await;
+    // the next one (an interval later) hangs in the store until the check's own timeout
+    let (reached, go) = injection.before_ping.arm();
+    reached.wait("the next backend check").await;
+    server.drain();
+    // the hanging check gives up at its timeout, the interval (8 s): half of it is "at once" enough
+    tokio::time::timeout(std::time::Duration::from_secs(4), async {
+        loop {
+            let mut health = health.clone();
+            if status_of(&mut health, nerve::api::READINESS).await == ServingStatus::NotServing {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("not ready only once the hanging check gave up");
+    drop(go);
+    assert_eq!(
+        status_of(&mut health, nerve::api::LIVENESS).await,
+        ServingStatus::Serving
+    );
+}
+
 /// A reflection stream the client keeps open (grpcui, a reflection client kept for a session)
 /// ends with UNAVAILABLE at shutdown instead of holding the server's stop.
 #[tokio::test]

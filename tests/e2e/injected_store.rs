@@ -48,6 +48,8 @@ pub struct Injection {
     pub before_head: Gate,
     /// Stops an `append_audit` before it writes the records.
     pub before_append_audit: Gate,
+    /// Stops a `ping` (the health check's) before it reaches the store.
+    pub before_ping: Gate,
     /// Milliseconds each `read` takes first, as a slow store's do.
     pub read_delay_ms: AtomicU64,
     /// How many `read` calls reached the store.
@@ -311,6 +313,7 @@ impl EventStore for InjectedStore {
         self.inner.prune_audit(before, after_id, max).await
     }
     async fn ping(&self) -> StoreResult<()> {
+        self.injection.before_ping.pass().await;
         self.check()?;
         self.inner.ping().await
     }

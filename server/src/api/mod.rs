@@ -207,7 +207,12 @@ async fn watch_health(
 ) {
     let mut last: Option<Backends> = None;
     loop {
-        let (store, streams) = bus.check_backends(interval.max(MIN_CHECK_TIMEOUT)).await;
+        // a drain is seen at once, also while a backend that hangs holds a check up
+        let checked = tokio::select! {
+            checked = bus.check_backends(interval.max(MIN_CHECK_TIMEOUT)) => checked,
+            _ = draining.cancelled() => break,
+        };
+        let (store, streams) = checked;
         let now = Backends {
             store: store.is_ok(),
             streams: streams.is_ok(),
@@ -226,15 +231,15 @@ async fn watch_health(
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            // shutdown cancels draining too
-            _ = draining.cancelled() => {
-                report(&reporter, Backends::DOWN).await;
-                shutdown.cancelled().await;
-                reporter.set_service_status(LIVENESS, ServingStatus::NotServing).await;
-                return;
-            }
+            _ = draining.cancelled() => break,
         }
     }
+    // draining (shutdown cancels draining too)
+    report(&reporter, Backends::DOWN).await;
+    shutdown.cancelled().await;
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::NotServing)
+        .await;
 }
 
 async fn report(reporter: &HealthReporter, backends: Backends) {
