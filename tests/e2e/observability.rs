@@ -463,6 +463,20 @@ async fn a_trace_header_of_a_later_version_is_stored_as_version_00() {
     .await
     .expect("publish");
     assert_eq!(server.stored_event("odd-1").await.traceparent, "");
+    // nor are two headers: which parent is meant cannot be told
+    let mut twice = tonic::Request::new(pb::PublishRequest {
+        events: vec![event("twice-1", "traced.later")],
+    });
+    for header in [
+        CALLER_TRACE.to_owned(),
+        format!("00-{CALLER_TRACE_ID}-b7ad6b7169203331-01"),
+    ] {
+        twice
+            .metadata_mut()
+            .append("traceparent", header.parse().expect("ascii"));
+    }
+    bus.publish(twice).await.expect("publish");
+    assert_eq!(server.stored_event("twice-1").await.traceparent, "");
     // nor is version ff, nor uppercase hex (W3C writes lowercase; tracers compare ids as written)
     for (id, header) in [
         ("ff-1", format!("ff-{CALLER_TRACE_ID}-00f067aa0ba902b7-01")),

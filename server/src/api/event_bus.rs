@@ -696,12 +696,17 @@ fn until_token_expires<T: Send + 'static>(
 }
 
 /// The caller's W3C `traceparent` header, if any; one that is not a valid traceparent counts as
-/// none, so the event's own (or a reply's request's) context is continued instead.
+/// none, so the event's own (or a reply's request's) context is continued instead, and so do two
+/// (W3C: a parent that cannot be told counts as none).
 fn call_traceparent<T>(request: &Request<T>) -> Option<String> {
-    request
-        .metadata()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
+    let mut headers = request.metadata().get_all("traceparent").iter();
+    let header = headers.next()?;
+    if headers.next().is_some() {
+        return None;
+    }
+    header
+        .to_str()
+        .ok()
         .filter(|header| telemetry::parse_traceparent(Some(header)).is_some())
         .map(str::to_owned)
 }
