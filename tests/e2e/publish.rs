@@ -366,6 +366,67 @@ async fn control_characters_in_text_are_refused_naming_the_field_while_other_pub
     assert_status(get, Code::InvalidArgument, "id");
 }
 
+/// Every refused event of a batch is named, not only the first: a caller fixes them all at once.
+/// Bad content makes it INVALID_ARGUMENT though another event is only too large. Fields that do not
+/// convert (an unknown priority) are named before the rest is checked.
+#[tokio::test]
+async fn every_refused_event_of_a_batch_is_named() {
+    let server = TestServer::start_with(|c| c.limits.max_event_bytes = 10_000).await;
+    let mut bus = server.bus();
+    let mut bad_type = event("bad-type", "t.created");
+    bad_type.r#type = "not a type".into();
+    let mut bad_type_too = event("bad-type-too", "t.created");
+    bad_type_too.r#type = "a.*".into();
+    let mut big = event("big", "t.created");
+    big.data = Some(pb::event::Data::BinaryData(vec![0; 20_000]));
+    let batch = vec![
+        bad_type,
+        event("fine", "t.created"),
+        bad_type_too,
+        big.clone(),
+    ];
+    let status = bus
+        .publish(pb::PublishRequest { events: batch })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        violations(&status),
+        ["events[0].type", "events[2].type", "events[3].data"],
+        "{status:?}"
+    );
+    // fields that do not convert are named, every one, before the rest is checked
+    let unknown_priority = |id: &str| {
+        let mut e = event(id, "t.created");
+        e.priority = 42;
+        e
+    };
+    let status = bus
+        .publish(pb::PublishRequest {
+            events: vec![unknown_priority("p1"), unknown_priority("p2")],
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        violations(&status),
+        ["events[0].priority", "events[1].priority"],
+        "{status:?}"
+    );
+    // only sizes: RESOURCE_EXHAUSTED, each named
+    let status = bus
+        .publish(pb::PublishRequest {
+            events: vec![big.clone(), event("fine", "t.created"), big],
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        violations(&status),
+        ["events[0].data", "events[2].data"],
+        "{status:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_request_with_many_problems_gets_a_status_listing_the_first() {
     let server = TestServer::start().await;

@@ -71,12 +71,10 @@ impl EventBusApi {
             .limits()
             .check_batch_count(events.len())
             .map_err(|e| to_status(e.into()))?;
-        let events = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| convert::event_from_pb(e, &format!("events[{i}]")))
-            .collect::<Result<Vec<_>, InvalidInput>>()
-            .map_err(|e| to_status(e.into()))?;
+        let events = InvalidInput::gather(events, |i, e| {
+            convert::event_from_pb(e, &format!("events[{i}]"))
+        })
+        .map_err(|e| to_status(e.into()))?;
         // an inbox in a published event would route a responder's answer into someone else's waiting
         // Request: inboxes are the server's to give, on Request (which publishes through the bus)
         if let Some(i) = events.iter().position(|e| e.reply_to.is_some()) {

@@ -75,6 +75,27 @@ impl InvalidInput {
         }
     }
 
+    /// Checks every item with `check`, gathering the violations of all (a size error only when every
+    /// one is): a caller hears of every bad field at once, not of one per attempt.
+    pub fn gather<T, U>(
+        items: impl IntoIterator<Item = T>,
+        mut check: impl FnMut(usize, T) -> Result<U, InvalidInput>,
+    ) -> Result<Vec<U>, InvalidInput> {
+        let mut checked = Vec::new();
+        let mut invalid: Option<InvalidInput> = None;
+        for (i, item) in items.into_iter().enumerate() {
+            match (check(i, item), &mut invalid) {
+                (Ok(u), _) => checked.push(u),
+                (Err(e), None) => invalid = Some(e),
+                (Err(e), Some(all)) => {
+                    all.too_large &= e.too_large;
+                    all.violations.extend(e.violations);
+                }
+            }
+        }
+        invalid.map_or(Ok(checked), Err)
+    }
+
     /// Builds a size-limit error for one field.
     pub fn too_large(field: impl Into<String>, description: impl Into<String>) -> Self {
         InvalidInput {
@@ -413,9 +434,9 @@ impl Limits {
                 ),
             ));
         }
-        for (i, event) in events.iter().enumerate() {
-            self.check_event(event, &format!("events[{i}]"))?;
-        }
+        InvalidInput::gather(events, |i, event| {
+            self.check_event(event, &format!("events[{i}]"))
+        })?;
         check_repeated_ids(events)
     }
 }
