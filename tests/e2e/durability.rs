@@ -250,7 +250,7 @@ async fn stopped_with_a_subscriber_that_does_not_read<F>(
     const EVENTS: usize = 96;
     let dir = tempfile::tempdir().expect("tempdir");
     let env = HashMap::from([("NERVE_SHUTDOWN_TIMEOUT", timeout)]);
-    let mut server = ServerProcess::spawn(dir.path(), &env).await;
+    let server = ServerProcess::spawn(dir.path(), &env).await;
     let mut bus = EventBusClient::new(server.channel().await);
     let mut o = open(&["stuck.>"], "stuck");
     o.max_in_flight = EVENTS as u32;
