@@ -457,7 +457,7 @@ func TestOpenPublisherReturnsTheStreamLimitRefusal(t *testing.T) {
 	second, err := client.OpenPublisher(ctx)
 	var e *nerve.Error
 	if second != nil || !errors.As(err, &e) || !errors.Is(err, nerve.ErrResourceExhausted) ||
-		!strings.Contains(e.Message, "open streams, the most allowed per principal") {
+		!strings.Contains(e.Message, "open streams and waiting requests, the most allowed per principal") {
 		t.Fatalf("a second stream over a limit of one: publisher %t, error %v", second != nil, err)
 	}
 	if _, err := first.Publish(ctx, ev("held", "limit.x")); err != nil {

@@ -213,7 +213,7 @@ async def test_opening_a_publisher_over_the_stream_limit_raises() -> None:
     try:
         async with Client.connect(server.addr, ready_timeout=WAIT) as client:
             async with client.subscribe("limit.x"):  # the one stream the principal may have
-                with pytest.raises(ResourceExhaustedError, match="open streams, the most allowed per principal"):
+                with pytest.raises(ResourceExhaustedError, match="open streams and waiting requests, the most allowed per principal"):
                     await asyncio.wait_for(client.publisher(), WAIT)
 
             async def reopened() -> Publisher | None:
