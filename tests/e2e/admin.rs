@@ -361,6 +361,17 @@ async fn delete_group_removes_it_and_redrive_of_unknown_group_is_not_found() {
         Code::NotFound,
         "nope",
     );
+    // and so is listing its dead letters: a typo is not an empty list
+    assert_status(
+        admin
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                group: "nope".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::NotFound,
+        "nope",
+    );
     assert_status(
         admin
             .redrive_dead_letters(pb::RedriveDeadLettersRequest {

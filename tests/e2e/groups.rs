@@ -602,6 +602,67 @@ async fn a_redriven_event_dead_lettered_again_at_once_keeps_its_new_letter() {
     await_pending(&server, "g", 0).await;
 }
 
+/// A redrive whose caller goes away between putting the letters back and removing them (its
+/// deadline) runs to its end all the same: the event is delivered once and its letter is gone, not
+/// kept for a second redrive to deliver again; and the change is in the audit log.
+#[tokio::test]
+async fn a_redrive_its_caller_gives_up_on_still_removes_what_it_put_back() {
+    let (server, injection) = start_injected().await;
+    let mut bus = server.bus();
+    let mut sub = Subscriber::open(&mut bus, group_open(&["cut.x"], "g"))
+        .await
+        .expect("open");
+    publish(&mut bus, vec![event("cut-1", "cut.x")]).await;
+    let d = sub.next_delivery().await;
+    nack_to_dead_letter(&sub, &d, "bad").await;
+    await_dead_letters(&server, "g").await;
+
+    let (reached, go) = injection.before_remove_dead_letters.arm();
+    let mut request = tonic::Request::new(pb::RedriveDeadLettersRequest {
+        group: "g".into(),
+        sequences: vec![],
+        all: true,
+    });
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let mut admin = server.admin();
+    let redrive = tokio::spawn(async move { admin.redrive_dead_letters(request).await });
+    reached.wait("the redrive puts the event back").await;
+    let cut = redrive.await.expect("redrive task").expect_err("cut off");
+    assert!(
+        matches!(
+            cut.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{cut:?}"
+    );
+    drop(go);
+    let again = sub.next_delivery().await;
+    assert_eq!(id(&again), "cut-1");
+    sub.ack_one(&again).await;
+    eventually("the letter removed", || async {
+        dead_letters(&server, "g").await.is_empty().then_some(())
+    })
+    .await;
+    // audit records are stored in batches, off the call's path
+    eventually("the redrive audited", || async {
+        let records = server
+            .admin()
+            .list_audit_records(pb::ListAuditRecordsRequest {
+                outcome: "allowed".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("audit")
+            .into_inner()
+            .records;
+        records
+            .iter()
+            .any(|r| r.action == "admin.redrive_dead_letters" && r.resource == "groups/g")
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_late_dead_letter_of_an_attempt_another_member_holds_is_taken_back() {
     let (server, injection) = start_injected().await;

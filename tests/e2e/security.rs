@@ -2421,6 +2421,47 @@ async fn admin_text_with_control_characters_is_invalid_argument_naming_the_field
     );
 }
 
+/// A page of audit records ends early when its records would not fit one answer's share of the
+/// message limit (`limits.max_batch_bytes`), as pages of events do; the next page goes on from it.
+#[tokio::test]
+async fn audit_records_too_large_for_one_page_end_it_early() {
+    const DENIALS: usize = 4;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // about two of these records fit 300 bytes
+    let server = server_with_policy(dir.path(), POLICY, |c| c.limits.max_batch_bytes = 300).await;
+    let (planner, admin) = (hs_token(&claims("planner")), hs_token(&claims("admin")));
+    for _ in 0..DENIALS {
+        refused_get_group(&server, &planner).await;
+    }
+    let (mut ids, mut page_token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let page = server
+            .admin()
+            .list_audit_records(authorized(
+                pb::ListAuditRecordsRequest {
+                    principal: "planner".into(),
+                    outcome: "denied".into(),
+                    page_size: 0,
+                    page_token,
+                },
+                &admin,
+            ))
+            .await
+            .expect("admin reads the audit log")
+            .into_inner();
+        pages += 1;
+        ids.extend(page.records.iter().map(|r| r.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        assert!(pages < 20, "the pages never end: {ids:?}");
+        page_token = page.next_page_token;
+    }
+    assert_eq!(ids.len(), DENIALS, "{ids:?}");
+    assert!(pages > 1, "one page of {DENIALS} records over 300 bytes");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in order: {ids:?}");
+}
+
 /// Audit records come a page at a time in the order recorded, and a last page that is exactly full
 /// has no token.
 #[tokio::test]

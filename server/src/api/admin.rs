@@ -58,9 +58,29 @@ impl AdminApi {
             .map_err(|e: AuthError| to_status(e.into()))
     }
 
-    /// Records a change an admin made.
-    fn audit(&self, principal: &Principal, action: &str, resource: &str) {
-        self.auth.record(principal, action, resource, "allowed", "");
+    /// Runs an admin change (allowed already) to its end on a task of its own, and records it in the
+    /// audit log once it has run, with the error as the reason when it failed. A caller that goes
+    /// away (its deadline, a reset) no longer cuts a change between its steps, such as a redrive
+    /// between putting letters back and removing them, nor leaves one that took effect unrecorded.
+    async fn change<T: Send + 'static>(
+        &self,
+        principal: &Principal,
+        action: &'static str,
+        resource: String,
+        work: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+    ) -> Result<T, Status> {
+        let (auth, principal) = (self.auth.clone(), principal.clone());
+        tokio::spawn(async move {
+            let done = work.await;
+            let reason = match &done {
+                Ok(_) => String::new(),
+                Err(status) => format!("failed: {:?}: {}", status.code(), status.message()),
+            };
+            auth.record(&principal, action, &resource, "allowed", &reason);
+            done
+        })
+        .await
+        .unwrap_or_else(|e| Err(Status::internal(format!("{action} did not finish: {e}"))))
     }
 }
 
@@ -213,12 +233,12 @@ impl pb::admin_server::Admin for AdminApi {
         group_name(&r.group)?;
         let resource = format!("groups/{}", r.group);
         self.allow(&principal, "admin.delete_group", &resource)?;
+        let (bus, tenant) = (self.bus.clone(), principal.tenant.clone());
         let deleted = self
-            .bus
-            .delete_group(&principal.tenant, &r.group)
-            .await
-            .map_err(to_status)?;
-        self.audit(&principal, "admin.delete_group", &resource);
+            .change(&principal, "admin.delete_group", resource, async move {
+                bus.delete_group(&tenant, &r.group).await.map_err(to_status)
+            })
+            .await?;
         Ok(Response::new(pb::DeleteGroupResponse { deleted }))
     }
 
@@ -299,12 +319,19 @@ impl pb::admin_server::Admin for AdminApi {
                 ));
             }
         };
+        let (bus, tenant) = (self.bus.clone(), principal.tenant.clone());
         let redriven = self
-            .bus
-            .redrive(&principal.tenant, &r.group, selection)
-            .await
-            .map_err(to_status)?;
-        self.audit(&principal, "admin.redrive_dead_letters", &resource);
+            .change(
+                &principal,
+                "admin.redrive_dead_letters",
+                resource,
+                async move {
+                    bus.redrive(&tenant, &r.group, selection)
+                        .await
+                        .map_err(to_status)
+                },
+            )
+            .await?;
         Ok(Response::new(pb::RedriveDeadLettersResponse { redriven }))
     }
 
@@ -349,11 +376,20 @@ impl pb::admin_server::Admin for AdminApi {
         let publisher = publisher_from_pb(request.into_inner().publisher, &principal.tenant)?;
         let resource = format!("publishers/{}", publisher.principal);
         self.allow(&principal, "admin.register_publisher", &resource)?;
-        self.auth
-            .put_publisher(&publisher, false)
-            .await
-            .map_err(|e| to_status(e.into()))?;
-        self.audit(&principal, "admin.register_publisher", &resource);
+        let auth = self.auth.clone();
+        let publisher = self
+            .change(
+                &principal,
+                "admin.register_publisher",
+                resource,
+                async move {
+                    auth.put_publisher(&publisher, false)
+                        .await
+                        .map_err(|e| to_status(e.into()))?;
+                    Ok(publisher)
+                },
+            )
+            .await?;
         Ok(Response::new(pb::RegisterPublisherResponse {
             publisher: Some(publisher_to_pb(publisher)),
         }))
@@ -367,11 +403,15 @@ impl pb::admin_server::Admin for AdminApi {
         let publisher = publisher_from_pb(request.into_inner().publisher, &principal.tenant)?;
         let resource = format!("publishers/{}", publisher.principal);
         self.allow(&principal, "admin.update_publisher", &resource)?;
-        self.auth
-            .put_publisher(&publisher, true)
-            .await
-            .map_err(|e| to_status(e.into()))?;
-        self.audit(&principal, "admin.update_publisher", &resource);
+        let auth = self.auth.clone();
+        let publisher = self
+            .change(&principal, "admin.update_publisher", resource, async move {
+                auth.put_publisher(&publisher, true)
+                    .await
+                    .map_err(|e| to_status(e.into()))?;
+                Ok(publisher)
+            })
+            .await?;
         Ok(Response::new(pb::UpdatePublisherResponse {
             publisher: Some(publisher_to_pb(publisher)),
         }))
@@ -422,12 +462,14 @@ impl pb::admin_server::Admin for AdminApi {
         // authorized first, so a refusal is audited whatever was sent
         self.allow(&principal, "admin.remove_publisher", &resource)?;
         check_text("principal", &r.principal).map_err(|e| to_status(e.into()))?;
+        let (auth, tenant) = (self.auth.clone(), principal.tenant.clone());
         let removed = self
-            .auth
-            .remove_publisher(&principal.tenant, &r.principal)
-            .await
-            .map_err(|e| to_status(e.into()))?;
-        self.audit(&principal, "admin.remove_publisher", &resource);
+            .change(&principal, "admin.remove_publisher", resource, async move {
+                auth.remove_publisher(&tenant, &r.principal)
+                    .await
+                    .map_err(|e| to_status(e.into()))
+            })
+            .await?;
         Ok(Response::new(pb::RemovePublisherResponse { removed }))
     }
 
@@ -474,26 +516,35 @@ impl pb::admin_server::Admin for AdminApi {
             })
             .await
             .map_err(|e| to_status(e.into()))?;
-        let more = records.len() > limit;
+        let mut more = records.len() > limit;
         records.truncate(limit);
+        let mut records: Vec<pb::AuditRecord> = records
+            .into_iter()
+            .map(|a| pb::AuditRecord {
+                id: a.id,
+                time: Some(convert::time_to_pb(a.time)),
+                principal: a.principal,
+                action: a.action,
+                resource: a.resource,
+                outcome: a.outcome,
+                reason: a.reason,
+            })
+            .collect();
+        // large records end a page early, so it fits one message: a refused type is recorded as sent
+        // (cut, with control characters escaped), several KiB each
+        let fits = self
+            .bus
+            .limits()
+            .page_fits(records.iter().map(|r| r.encoded_len()));
+        more |= fits < records.len();
+        records.truncate(fits);
         let next_page_token = if more {
             records.last().map(|a| a.id.to_string()).unwrap_or_default()
         } else {
             String::new()
         };
         Ok(Response::new(pb::ListAuditRecordsResponse {
-            records: records
-                .into_iter()
-                .map(|a| pb::AuditRecord {
-                    id: a.id,
-                    time: Some(convert::time_to_pb(a.time)),
-                    principal: a.principal,
-                    action: a.action,
-                    resource: a.resource,
-                    outcome: a.outcome,
-                    reason: a.reason,
-                })
-                .collect(),
+            records,
             next_page_token,
         }))
     }

@@ -237,6 +237,13 @@ impl Bus {
             .store
             .dead_letters(tenant, group, after, limit + 1)
             .await?;
+        // a name that is no group (a typo) is not an empty list; letters a deleted group left (a
+        // late one, on Redis) are still listed, so that they can be seen and deleted
+        if letters.is_empty() && !self.group_exists(tenant, group).await? {
+            return Err(BusError::NotFound(format!(
+                "group {group:?} does not exist"
+            )));
+        }
         let more = letters.len() > limit;
         letters.truncate(limit);
         // the page's own last letter, even when its event is not there to show
