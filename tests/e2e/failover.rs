@@ -23,8 +23,8 @@ use tokio::{
 use tonic::{Code, transport::Channel};
 
 use crate::harness::{
-    ServerProcess, Subscriber, WAIT, earliest, event, eventually, fresh_schema_url, millis, open,
-    publish_n, redis_url, seq,
+    ServerProcess, Subscriber, WAIT, assert_status, earliest, event, eventually, fresh_schema_url,
+    millis, open, publish, publish_n, redis_url, seq,
 };
 
 /// A deployment: one Postgres schema and one Redis key prefix shared by its replicas.
@@ -59,6 +59,18 @@ impl Deployment {
         ]);
         env.extend(extra.iter().copied());
         ServerProcess::spawn(self.dir.path(), &env).await
+    }
+
+    /// Starts a replica as [`Deployment::replica`] does, returning before it listens.
+    fn starting(&self) -> crate::harness::Starting {
+        ServerProcess::start(
+            self.dir.path(),
+            &HashMap::from([
+                ("NERVE_STORE", self.database_url.as_str()),
+                ("NERVE_STREAMS", self.redis_url.as_str()),
+                ("NERVE_REDIS__KEY_PREFIX", self.prefix.as_str()),
+            ]),
+        )
     }
 
     /// A connection to the deployment's Postgres schema, to read or change it behind the replicas.
@@ -622,6 +634,70 @@ async fn crash_between_commit_and_stream_write_delivers_after_restart() {
         .expect("delivered within 2 s of the restart");
     assert_eq!(crate::harness::id(&d), "fragile");
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// A store that went back (restored to an earlier point, or failed over to a standby that missed
+/// the last commits) is not served as if nothing happened: events past its new head were delivered,
+/// and new ones would take their sequences, which the relay would take for added and subscribers
+/// resuming after them would skip. A running replica stops taking publishes and turns not ready,
+/// saying why; a replica started on it refuses to start.
+#[tokio::test]
+async fn a_store_that_went_back_is_refused_not_served() {
+    let deployment = Deployment::new(redis_url()).await;
+    let mut replica = deployment.replica(&[]).await;
+    let mut bus = EventBusClient::new(replica.channel().await);
+    let mut sub = Subscriber::open(&mut bus, open(&["back.x"], ""))
+        .await
+        .expect("open");
+    for i in 0..10 {
+        publish(&mut bus, vec![event(&format!("back-{i}"), "back.x")]).await;
+    }
+    sub.deliveries(10).await;
+    // the store goes back to sequence 7 behind the replica's back
+    let mut pg = deployment.postgres().await;
+    for statement in [
+        "DELETE FROM events WHERE seq > 7",
+        "UPDATE nerve_sequence SET seq = 7",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut pg)
+            .await
+            .expect(statement);
+    }
+    let health = tonic_health::pb::health_client::HealthClient::new(replica.channel().await);
+    eventually("the replica not ready", || async {
+        let status = health
+            .clone()
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: nerve::api::READINESS.into(),
+            })
+            .await
+            .expect("check")
+            .into_inner()
+            .status;
+        (status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32)
+            .then_some(())
+    })
+    .await;
+    let refused = bus
+        .publish(pb::PublishRequest {
+            events: vec![event("after", "back.x")],
+        })
+        .await;
+    assert_status(refused, Code::Unavailable, "the event store went back");
+    replica
+        .logged("the event store went back from sequence 10 to 7")
+        .await;
+    drop(health);
+    drop(sub);
+    replica.signal(15);
+    replica.exits_zero().await;
+
+    let mut starting = deployment.starting();
+    starting
+        .logged("holds events up to sequence 10, past the event store's last, 7")
+        .await;
+    starting.fails().await;
 }
 
 /// 4. 16 publishers on two replicas whose commits are delayed at random (test-only fault), so

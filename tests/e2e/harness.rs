@@ -610,6 +610,15 @@ pub struct Starting {
 }
 
 impl Starting {
+    /// Waits (up to [`WAIT`]) for the process to exit without listening, and asserts it failed.
+    pub async fn fails(mut self) {
+        let exit = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("exits in time")
+            .expect("wait");
+        assert!(!exit.success(), "exit status {exit:?}");
+    }
+
     /// Reads the log up to a line containing `text`; panics when the server listens first.
     pub async fn logged(&mut self, text: &str) {
         tokio::time::timeout(WAIT, async {

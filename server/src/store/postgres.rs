@@ -113,6 +113,44 @@ pub struct PostgresStore {
     /// Raised by [`EventStore::head`] as well: a head read from the database is committed.
     committed_tx: watch::Sender<u64>,
     recent: Arc<RecentCommits>,
+    went_back: WentBack,
+}
+
+/// Set once the database's head is found below one this store saw committed: the database went back
+/// (restored to an earlier point, or failed over to a standby that had not received the last
+/// commits). Events after that point, delivered already, are gone from it, and the next commits
+/// would be numbered with their sequences again: subscribers that resume after those would skip the
+/// new events, and the relay to Redis would take them for added. So from then on the store refuses
+/// commits and its health check fails, saying so; a replica started on such a database refuses to
+/// start (`RedisStreams::start`).
+#[derive(Clone, Default)]
+struct WentBack(Arc<std::sync::OnceLock<String>>);
+
+impl WentBack {
+    /// Records the going back when `head`, read from the database, is below `seen`.
+    fn check(&self, seen: u64, head: u64) {
+        if head < seen {
+            self.0.get_or_init(|| {
+                let why = format!(
+                    "the event store went back from sequence {seen} to {head} (restored, or failed \
+                     over to a standby that missed commits): events after {head} were delivered and \
+                     are gone from it, and new ones would reuse their sequences. Commits are refused; \
+                     clear this deployment's Redis keys (redis.key_prefix) and restart the replicas \
+                     to serve the store as it is"
+                );
+                tracing::error!("{why}");
+                why
+            });
+        }
+    }
+
+    /// UNAVAILABLE, saying why, once the store went back.
+    fn refused(&self) -> StoreResult<()> {
+        match self.0.get() {
+            Some(why) => Err(StoreError::Unavailable(why.clone())),
+            None => Ok(()),
+        }
+    }
 }
 
 impl PostgresStore {
@@ -199,10 +237,12 @@ impl PostgresStore {
             .map_err(map_err)?;
         let channel = commit_channel(&schema);
         let (committed_tx, committed) = watch::channel(head as u64);
+        let went_back = WentBack::default();
         tokio::spawn(listen_for_commits(
             pool.clone(),
             channel.clone(),
             committed_tx.clone(),
+            went_back.clone(),
         ));
         let recent = Arc::new(RecentCommits::default());
         let commits = commit::start(
@@ -211,6 +251,7 @@ impl PostgresStore {
                 conn: None,
                 used: std::time::Instant::now(),
                 channel,
+                went_back: went_back.clone(),
             },
             committed_tx.clone(),
             recent.clone(),
@@ -221,6 +262,7 @@ impl PostgresStore {
             committed,
             committed_tx,
             recent,
+            went_back,
         }))
     }
 }
@@ -326,27 +368,41 @@ fn writer_options(options: PgConnectOptions) -> PgConnectOptions {
 /// was away are gone.
 const HEAD_REREAD: Duration = Duration::from_secs(1);
 
-/// Reads the head from the database and raises `committed` to it; returns it.
-async fn read_head(pool: &PgPool, committed: &watch::Sender<u64>) -> Result<u64, sqlx::Error> {
+/// Reads the head from the database and raises `committed` to it; returns it. A head below the one
+/// watched is the database going back ([`WentBack`]).
+async fn read_head(
+    pool: &PgPool,
+    committed: &watch::Sender<u64>,
+    went_back: &WentBack,
+) -> Result<u64, sqlx::Error> {
+    // what was known committed before the read began: the read sees all of it (a commit raises the
+    // watch once it is visible), while a commit during the read may raise the watch past what it reads
+    let seen = *committed.borrow();
     let head: i64 = sqlx::query_scalar("SELECT seq FROM nerve_sequence")
         .fetch_one(pool)
         .await?;
+    went_back.check(seen, head as u64);
     commit::advance(committed, head as u64);
     Ok(head as u64)
 }
 
 /// Follows other replicas' commits; after a lost connection, and every [`HEAD_REREAD`], the head is
 /// re-read, so nothing is missed for long.
-async fn listen_for_commits(pool: PgPool, channel: String, committed: watch::Sender<u64>) {
+async fn listen_for_commits(
+    pool: PgPool,
+    channel: String,
+    committed: watch::Sender<u64>,
+    went_back: WentBack,
+) {
     tokio::spawn({
-        let (pool, committed) = (pool.clone(), committed.clone());
+        let (pool, committed, went_back) = (pool.clone(), committed.clone(), went_back.clone());
         async move {
             let mut reread = tokio::time::interval(HEAD_REREAD);
             reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !committed.is_closed() {
                 reread.tick().await;
                 // a failure shows in the listener's log and the health checks
-                let _ = read_head(&pool, &committed).await;
+                let _ = read_head(&pool, &committed, &went_back).await;
             }
         }
     });
@@ -355,7 +411,7 @@ async fn listen_for_commits(pool: PgPool, channel: String, committed: watch::Sen
         let session = async {
             let mut listener = PgListener::connect_with(&pool).await?;
             listener.listen(&channel).await?;
-            read_head(&pool, &committed).await?;
+            read_head(&pool, &committed, &went_back).await?;
             loop {
                 match listener.try_recv().await? {
                     Some(note) => {
@@ -366,7 +422,7 @@ async fn listen_for_commits(pool: PgPool, channel: String, committed: watch::Sen
                     // the connection was lost (the next call reconnects), and with it whatever
                     // was sent meanwhile
                     None => {
-                        read_head(&pool, &committed).await?;
+                        read_head(&pool, &committed, &went_back).await?;
                     }
                 }
             }
@@ -395,6 +451,7 @@ struct PostgresWriter {
     /// When the connection last finished a commit.
     used: std::time::Instant,
     channel: String,
+    went_back: WentBack,
 }
 
 impl PostgresWriter {
@@ -412,7 +469,9 @@ impl PostgresWriter {
 impl BatchWriter for PostgresWriter {
     fn probe(&self) -> impl std::future::Future<Output = StoreResult<()>> + Send + 'static {
         let options = self.options.clone();
+        let went_back = self.went_back.clone();
         async move {
+            went_back.refused()?;
             // answered, and by a database that takes writes: a standby answers too
             let answer = async {
                 let mut conn = PgConnection::connect_with(&options)
@@ -436,6 +495,7 @@ impl BatchWriter for PostgresWriter {
         batch: &[CommitRequest],
         look_up_keys: bool,
     ) -> Result<Committed, Attempt> {
+        self.went_back.refused()?;
         let mut conn = match self.conn.take() {
             Some(mut conn) if self.used.elapsed() >= WRITER_IDLE_CHECK => {
                 match tokio::time::timeout(PROBE_TIMEOUT, conn.ping()).await {
@@ -877,7 +937,7 @@ impl EventStore for PostgresStore {
         // Raised here too: a read bounds what it reports scanned by the watched head, so a reader
         // that caught up to a head the watch did not have yet (other replicas' commits, their
         // notification on its way) would read the same range again and again until it came
-        read_head(&self.pool, &self.committed_tx)
+        read_head(&self.pool, &self.committed_tx, &self.went_back)
             .await
             .map_err(map_err)
     }
@@ -1236,6 +1296,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
+        self.went_back.refused()?;
         writable(&self.pool).await
     }
 

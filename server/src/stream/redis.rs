@@ -428,9 +428,22 @@ impl RedisStreams {
         };
         let head = store.head().await?;
         let relayed: Option<u64> = conn.get(keys.relayed()).await.map_err(redis_err)?;
+        // Redis holds events past the store's last: the store went back (restored, or failed over
+        // to a standby that missed commits). Those events were delivered and are gone from the
+        // store, and new ones would be numbered with their sequences, which the relay would take
+        // for added and subscribers resuming after them would skip: refused, saying what to do.
+        if let Some(relayed) = relayed.filter(|r| *r > head) {
+            return Err(StreamError::Unavailable(format!(
+                "Redis (key prefix {:?}) holds events up to sequence {relayed}, past the event \
+                 store's last, {head}: the store went back (restored, or failed over to a standby \
+                 that missed commits), or another deployment's store uses this prefix. Delete this \
+                 prefix's keys to serve the store as it is, or point the replica at its own store",
+                keys.prefix
+            )));
+        }
         // resume where this deployment last added to Redis; an empty Redis starts at the head, and
         // groups read what Redis lacks from the store
-        let start = relayed.map_or(head, |r| r.min(head));
+        let start = relayed.unwrap_or(head);
         let streams = Arc::new(RedisStreams {
             conn: std::sync::RwLock::new(conn),
             conn_config: config,
