@@ -636,6 +636,30 @@ async fn crash_between_commit_and_stream_write_delivers_after_restart() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// A Redis whose memory policy may evict keys is named at start: group ledgers and streams have no
+/// expiry, and an evicted one loses the deliveries it held.
+#[tokio::test]
+async fn a_redis_that_may_evict_keys_is_warned_of() {
+    let redis = RedisProcess::start(false).await;
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("set the policy");
+    let deployment = Deployment::new(redis.url()).await;
+    let mut starting = deployment.starting();
+    starting.logged("policy=allkeys-lru").await;
+    // a warning: the replica starts all the same
+    starting.listening().await;
+}
+
 /// A store that went back (restored to an earlier point, or failed over to a standby that missed
 /// the last commits) is not served as if nothing happened: events past its new head were delivered,
 /// and new ones would take their sequences, which the relay would take for added and subscribers

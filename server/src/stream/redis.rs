@@ -426,6 +426,24 @@ impl RedisStreams {
         let keys = Keys {
             prefix: settings.key_prefix.clone(),
         };
+        // Group ledgers and streams have no expiry, inboxes and presence do: a policy that evicts
+        // keys under memory pressure can drop leased deliveries for good (or answer requests "no
+        // responders"). Said, not refused: a managed Redis may not show its policy (CONFIG refused).
+        if let Ok(reply) = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async::<Vec<String>>(&mut conn)
+            .await
+            && let Some(policy) = reply.get(1).filter(|p| *p != "noeviction")
+        {
+            warn!(
+                policy = %policy,
+                "Redis' maxmemory-policy is not noeviction: under memory pressure Redis may evict \
+                 group ledgers, streams, inboxes or presence, losing the deliveries they hold; set \
+                 maxmemory-policy noeviction (at its memory limit Redis then refuses writes, and \
+                 Nerve answers UNAVAILABLE)"
+            );
+        }
         let head = store.head().await?;
         let relayed: Option<u64> = conn.get(keys.relayed()).await.map_err(redis_err)?;
         // Redis holds events past the store's last: the store went back (restored, or failed over
