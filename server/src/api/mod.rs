@@ -208,11 +208,10 @@ async fn watch_health(
     let mut last: Option<Backends> = None;
     loop {
         // a drain is seen at once, also while a backend that hangs holds a check up
-        let checked = tokio::select! {
+        let (store, streams) = tokio::select! {
             checked = bus.check_backends(interval.max(MIN_CHECK_TIMEOUT)) => checked,
             _ = draining.cancelled() => break,
         };
-        let (store, streams) = checked;
         let now = Backends {
             store: store.is_ok(),
             streams: streams.is_ok(),

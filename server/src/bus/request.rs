@@ -189,8 +189,6 @@ impl Bus {
         )
         .await?;
         let source = event.source.clone();
-        // a request whose commit ends after its timeout may still be stored (a commit is not called
-        // back), as when the call's deadline ends it
         // its inbox is part of its content, so a request asked again under the same (source, id) is
         // a conflict, never a duplicate: the message says why, not "different content"
         let taken = || {
@@ -199,6 +197,8 @@ impl Bus {
                  on every call (its reply inbox differs), so ask again with a new id"
             ))
         };
+        // a request whose commit ends after its timeout may still be stored (a commit is not called
+        // back), as when the call's deadline ends it
         let appended = before(until, self.publish_checked(tenant, event, None), || {
             format!(
                 "request {id:?} was not committed within {bound}; it may still be stored and \
