@@ -2421,6 +2421,35 @@ async fn admin_text_with_control_characters_is_invalid_argument_naming_the_field
     );
 }
 
+/// The ids of the planner's denials in the audit log, read as `admin` in pages of `page_size`
+/// following the tokens, and how many pages that took.
+async fn planner_denials(server: &TestServer, admin: &str, page_size: u32) -> (Vec<u64>, usize) {
+    let (mut ids, mut pages, mut page_token) = (Vec::new(), 0, String::new());
+    loop {
+        let page = server
+            .admin()
+            .list_audit_records(authorized(
+                pb::ListAuditRecordsRequest {
+                    principal: "planner".into(),
+                    outcome: "denied".into(),
+                    page_size,
+                    page_token,
+                },
+                admin,
+            ))
+            .await
+            .expect("admin reads the audit log")
+            .into_inner();
+        pages += 1;
+        ids.extend(page.records.iter().map(|r| r.id));
+        if page.next_page_token.is_empty() {
+            return (ids, pages);
+        }
+        assert!(pages < 20, "the pages never end: {ids:?}");
+        page_token = page.next_page_token;
+    }
+}
+
 /// A page of audit records ends early when its records would not fit one answer's share of the
 /// message limit (`limits.max_batch_bytes`), as pages of events do; the next page goes on from it.
 #[tokio::test]
@@ -2433,30 +2462,7 @@ async fn audit_records_too_large_for_one_page_end_it_early() {
     for _ in 0..DENIALS {
         refused_get_group(&server, &planner).await;
     }
-    let (mut ids, mut page_token, mut pages) = (Vec::new(), String::new(), 0);
-    loop {
-        let page = server
-            .admin()
-            .list_audit_records(authorized(
-                pb::ListAuditRecordsRequest {
-                    principal: "planner".into(),
-                    outcome: "denied".into(),
-                    page_size: 0,
-                    page_token,
-                },
-                &admin,
-            ))
-            .await
-            .expect("admin reads the audit log")
-            .into_inner();
-        pages += 1;
-        ids.extend(page.records.iter().map(|r| r.id));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        assert!(pages < 20, "the pages never end: {ids:?}");
-        page_token = page.next_page_token;
-    }
+    let (ids, pages) = planner_denials(&server, &admin, 0).await;
     assert_eq!(ids.len(), DENIALS, "{ids:?}");
     assert!(pages > 1, "one page of {DENIALS} records over 300 bytes");
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "in order: {ids:?}");
@@ -2473,36 +2479,7 @@ async fn an_exactly_full_last_page_of_audit_records_has_no_token() {
     for _ in 0..DENIALS {
         refused_get_group(&server, &planner).await;
     }
-    // the ids of the planner's denials, following the tokens, and how many pages that took
-    let pages = |page_size: u32| {
-        let (server, admin) = (&server, &admin);
-        async move {
-            let (mut ids, mut pages, mut page_token) = (Vec::new(), 0, String::new());
-            loop {
-                let page = server
-                    .admin()
-                    .list_audit_records(authorized(
-                        pb::ListAuditRecordsRequest {
-                            principal: "planner".into(),
-                            outcome: "denied".into(),
-                            page_size,
-                            page_token,
-                        },
-                        admin,
-                    ))
-                    .await
-                    .expect("admin reads the audit log")
-                    .into_inner();
-                pages += 1;
-                ids.extend(page.records.iter().map(|r| r.id));
-                if page.next_page_token.is_empty() {
-                    return (ids, pages);
-                }
-                assert!(pages < 20, "the pages never end: {ids:?}");
-                page_token = page.next_page_token;
-            }
-        }
-    };
+    let pages = |page_size| planner_denials(&server, &admin, page_size);
     let (all, _) = pages(0).await;
     assert_eq!(all.len(), DENIALS, "{all:?}");
     for (page_size, count) in [(2, 2), (4, 1), (3, 2), (5, 1), (1, 4)] {
